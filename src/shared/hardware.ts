@@ -1,0 +1,43 @@
+/**
+ * What a node is and can hold — the TypeScript twin of `orchard.v1.HardwareProfile`.
+ * Produced by the node agent's probe (src/node/hardware), consumed by the planner and the
+ * coordinator. Bytes and bytes/second everywhere; plain numbers (all sizes fit in 2^53).
+ */
+export interface NetworkInterfaceInfo {
+  readonly name: string;
+  readonly addresses: readonly string[];
+  readonly thunderbolt: boolean;
+  readonly rdma: boolean;
+}
+
+export interface HardwareProfile {
+  readonly nodeId: string;
+  readonly name: string;
+  readonly hostname: string;
+  readonly os: 'macos' | 'linux';
+  readonly osVersion: string;
+  readonly chip: string;
+  readonly performanceCores: number;
+  readonly efficiencyCores: number;
+  readonly gpuCores: number;
+  readonly memoryBytes: number;
+  readonly bandwidthBytesPerSecond: number;
+  /** GPU wired-memory limit; on macOS with `iogpu.wired_limit_mb` = 0 this is the modelled OS default. */
+  readonly wiredLimitBytes: number;
+  /** Model-memory budget the planner may use on this node. */
+  readonly usableBytes: number;
+  readonly engines: readonly string[];
+  readonly interfaces: readonly NetworkInterfaceInfo[];
+  readonly protocolVersion: string;
+  readonly agentVersion: string;
+}
+
+export interface LiveStats {
+  readonly availableBytes: number;
+  readonly memoryPressure: 'normal' | 'warn' | 'critical' | 'unknown';
+  readonly thermalState: 'nominal' | 'fair' | 'serious' | 'critical' | 'unknown';
+  readonly timestampSeconds: number;
+}
+
+/** Bumped when the control-plane contract changes incompatibly; advertised in Bonjour TXT. */
+export const PROTOCOL_VERSION = '1';
