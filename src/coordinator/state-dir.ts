@@ -1,0 +1,102 @@
+import { randomUUID } from 'node:crypto';
+import { chmod, mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { OrchardError } from '../shared/errors.ts';
+import { generateJoinToken, validateJoinToken } from './join-token.ts';
+
+/**
+ * The coordinator's state directory: its cluster id, its join token (0600) and the agents
+ * that joined statically (so a restarted coordinator finds them again without Bonjour).
+ * Default `$ORCHARD_HOME/coordinator` (ORCHARD_HOME defaults to ~/.orchard); `--state-dir` wins.
+ */
+export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
+  return join(env.ORCHARD_HOME ?? join(homedir(), '.orchard'), 'coordinator');
+}
+
+const ClusterFile = z.object({
+  clusterId: z.string().min(1),
+  /** host:port of agents that joined statically; re-dialled on start. */
+  agents: z.array(z.string()).default([]),
+});
+export type ClusterState = z.infer<typeof ClusterFile>;
+
+export class StateDir {
+  constructor(readonly dir: string) {}
+
+  get tokenPath(): string {
+    return join(this.dir, 'join-token');
+  }
+
+  get clusterPath(): string {
+    return join(this.dir, 'cluster.json');
+  }
+
+  async ensure(): Promise<void> {
+    await mkdir(this.dir, { recursive: true, mode: 0o700 });
+  }
+
+  /**
+   * The join token: an explicit one (flag/env) is stored so `orchard coordinator token` prints
+   * what is in force; otherwise the stored one; otherwise a fresh one is generated and stored.
+   */
+  async joinToken(explicit?: string | undefined): Promise<{ token: string; created: boolean }> {
+    await this.ensure();
+    if (explicit !== undefined) {
+      const token = validateJoinToken(explicit, '--join-token/ORCHARD_JOIN_TOKEN');
+      await this.#writePrivate(this.tokenPath, `${token}\n`);
+      return { token, created: false };
+    }
+    const stored = await this.readJoinToken();
+    if (stored) return { token: stored, created: false };
+    const token = generateJoinToken();
+    await this.#writePrivate(this.tokenPath, `${token}\n`);
+    return { token, created: true };
+  }
+
+  async readJoinToken(): Promise<string | undefined> {
+    try {
+      const t = (await readFile(this.tokenPath, 'utf8')).trim();
+      return t || undefined;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+  }
+
+  async cluster(): Promise<ClusterState> {
+    await this.ensure();
+    let text: string;
+    try {
+      text = await readFile(this.clusterPath, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      const fresh: ClusterState = { clusterId: randomUUID(), agents: [] };
+      await this.saveCluster(fresh);
+      return fresh;
+    }
+    let json: unknown;
+    try {
+      json = JSON.parse(text);
+    } catch {
+      throw new OrchardError(`${this.clusterPath} is not valid JSON; fix or delete it`);
+    }
+    const parsed = ClusterFile.safeParse(json);
+    if (!parsed.success) throw new OrchardError(`${this.clusterPath} is malformed: ${parsed.error.issues[0]?.message ?? 'invalid'}`);
+    return parsed.data;
+  }
+
+  async saveCluster(state: ClusterState): Promise<void> {
+    await this.ensure();
+    await this.#writePrivate(this.clusterPath, `${JSON.stringify(state, null, 2)}\n`);
+  }
+
+  async #writePrivate(path: string, text: string): Promise<void> {
+    // write-then-rename so a crash never leaves a half-written token or state file
+    const tmp = `${path}.${process.pid}.tmp`;
+    await writeFile(tmp, text, { mode: 0o600 });
+    await chmod(tmp, 0o600);
+    await rename(tmp, path);
+  }
+}
