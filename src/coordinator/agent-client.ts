@@ -1,0 +1,149 @@
+import * as grpc from '@grpc/grpc-js';
+import { orchardV1 } from '../shared/proto.ts';
+import { type EngineInfo, type EngineKindName, engineFromWire, liveFromWire, profileFromWire } from './wire.ts';
+import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
+
+/** What a node agent's Watch stream says, already converted. */
+export type AgentEvent =
+  | { readonly kind: 'stats'; readonly live: LiveStats }
+  | { readonly kind: 'engine-started'; readonly engine: EngineInfo }
+  | {
+      readonly kind: 'engine-exited';
+      readonly engineId: string;
+      readonly engineKind: EngineKindName;
+      readonly exitCode: number;
+      readonly signal: string;
+      readonly expected: boolean;
+      readonly lastStderrLines: readonly string[];
+    }
+  | { readonly kind: 'profile'; readonly profile: HardwareProfile };
+
+export interface StartEngineOptions {
+  readonly kind: 'ENGINE_KIND_RPC_SERVER' | 'ENGINE_KIND_LLAMA_SERVER';
+  readonly engineId: string;
+  readonly bindHost?: string;
+  readonly port?: number;
+  readonly threads?: number;
+  readonly devices?: readonly string[];
+  readonly cacheDir?: string;
+  readonly args?: readonly string[];
+  readonly model?: string;
+  readonly readyTimeoutSeconds?: number;
+  readonly env?: Readonly<Record<string, string>>;
+}
+
+export interface AgentGenerateRequest {
+  readonly engineId: string;
+  readonly prompt: string;
+  readonly maxTokens: number;
+  readonly temperature: number;
+  readonly topP: number;
+  readonly seed: number;
+  readonly stop: readonly string[];
+  readonly requestId: string;
+}
+
+type Wire = Record<string, unknown>;
+type Unary = (req: Wire, md: grpc.Metadata, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: Wire) => void) => grpc.ClientUnaryCall;
+type ServerStream = (req: Wire, md?: grpc.Metadata, opts?: grpc.CallOptions) => grpc.ClientReadableStream<Wire>;
+
+/**
+ * A typed client of one node agent (`orchard.v1.NodeAgent`). Thin: deadlines and conversion
+ * only; policy (retries, liveness) lives in node-link.ts and the runtime.
+ */
+export class AgentClient {
+  readonly #client: grpc.Client & Record<string, unknown>;
+
+  constructor(readonly address: string) {
+    const Ctor = orchardV1().NodeAgent!;
+    this.#client = new Ctor(address, grpc.credentials.createInsecure(), {
+      // Agents restart; reconnect quickly rather than with grpc's long default backoff.
+      'grpc.initial_reconnect_backoff_ms': 200,
+      'grpc.max_reconnect_backoff_ms': 2000,
+      'grpc.keepalive_time_ms': 10_000,
+      'grpc.keepalive_timeout_ms': 5000,
+    }) as grpc.Client & Record<string, unknown>;
+  }
+
+  #unary(method: string, req: Wire, timeoutMs: number): Promise<Wire> {
+    const fn = (this.#client[method] as Unary).bind(this.#client);
+    return new Promise((resolve, reject) => {
+      fn(req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(err) : resolve(res)));
+    });
+  }
+
+  async describe(timeoutMs = 3000): Promise<{ profile: HardwareProfile; live: LiveStats | undefined; engines: EngineInfo[] }> {
+    const r = await this.#unary('describe', {}, timeoutMs);
+    return {
+      profile: profileFromWire(r.profile as Wire),
+      live: liveFromWire(r.live as Wire),
+      engines: Array.isArray(r.engines) ? (r.engines as Wire[]).map(engineFromWire) : [],
+    };
+  }
+
+  watch(intervalSeconds: number): grpc.ClientReadableStream<Wire> {
+    return (this.#client.watch as ServerStream).call(this.#client, { intervalSeconds });
+  }
+
+  async startEngine(o: StartEngineOptions, timeoutMs: number): Promise<EngineInfo> {
+    const r = await this.#unary(
+      'startEngine',
+      {
+        kind: o.kind,
+        engineId: o.engineId,
+        bindHost: o.bindHost ?? '',
+        port: o.port ?? 0,
+        threads: o.threads ?? 0,
+        devices: [...(o.devices ?? [])],
+        cacheDir: o.cacheDir ?? '',
+        args: [...(o.args ?? [])],
+        model: o.model ?? '',
+        readyTimeoutSeconds: o.readyTimeoutSeconds ?? timeoutMs / 1000,
+        env: { ...(o.env ?? {}) },
+      },
+      timeoutMs,
+    );
+    return engineFromWire(r.engine as Wire);
+  }
+
+  async stopEngine(engineId: string, timeoutMs = 10_000): Promise<boolean> {
+    const r = await this.#unary('stopEngine', { engineId }, timeoutMs);
+    return r.stopped === true;
+  }
+
+  generate(req: AgentGenerateRequest): grpc.ClientReadableStream<Wire> {
+    return (this.#client.generate as ServerStream).call(this.#client, { ...req, seed: String(req.seed), stop: [...req.stop] });
+  }
+
+  close(): void {
+    this.#client.close();
+  }
+}
+
+/** Convert one Watch message (oneof `event`). Unknown kinds are ignored by returning undefined. */
+export function agentEventFromWire(m: Wire): AgentEvent | undefined {
+  switch (m.event) {
+    case 'stats': {
+      const live = liveFromWire(m.stats as Wire);
+      return live ? { kind: 'stats', live } : undefined;
+    }
+    case 'engineStarted':
+      return { kind: 'engine-started', engine: engineFromWire(m.engineStarted as Wire) };
+    case 'engineExited': {
+      const e = (m.engineExited ?? {}) as Wire;
+      return {
+        kind: 'engine-exited',
+        engineId: String(e.engineId ?? ''),
+        engineKind: (String(e.kind ?? '') || 'ENGINE_KIND_UNSPECIFIED') as EngineKindName,
+        exitCode: Number(e.exitCode ?? 0),
+        signal: String(e.signal ?? ''),
+        expected: e.expected === true,
+        lastStderrLines: Array.isArray(e.lastStderrLines) ? e.lastStderrLines.map(String) : [],
+      };
+    }
+    case 'profileChanged':
+      return { kind: 'profile', profile: profileFromWire(m.profileChanged as Wire) };
+    default:
+      return undefined;
+  }
+}

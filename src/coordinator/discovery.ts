@@ -1,0 +1,61 @@
+import { Bonjour, type Browser, type Service, type ServiceConfig } from 'bonjour-service';
+import type { Logger } from '../shared/log.ts';
+
+export const ORCHARD_SERVICE_TYPE = 'orchard';
+
+export interface DiscoveryOptions {
+  /**
+   * IPv4 address of the interface to browse on. When set, the socket binds 0.0.0.0 and sends
+   * via this interface (binding the unicast address never sees multicast; see notes/bonjour.md).
+   */
+  readonly interface?: string | undefined;
+}
+
+/**
+ * Which address of a Bonjour sighting to dial: the address the answer came from when the
+ * service lists it (that path demonstrably works), else the first IPv4, else the first any.
+ * Pure, so the choice is tested without multicast.
+ */
+export function pickServiceAddress(s: { addresses?: readonly string[] | undefined; referer?: { address: string } | undefined; port: number }): string | undefined {
+  const addrs = s.addresses ?? [];
+  const ref = s.referer?.address;
+  let host: string | undefined;
+  if (ref && addrs.includes(ref)) host = ref;
+  else host = addrs.find((a) => /^\d+\.\d+\.\d+\.\d+$/.test(a)) ?? addrs[0] ?? ref;
+  if (!host || !(s.port > 0)) return undefined;
+  return host.includes(':') ? `[${host}]:${s.port}` : `${host}:${s.port}`;
+}
+
+/** Browse `_orchard._tcp` and report every agent address seen (repeated sightings included). */
+export class Discovery {
+  readonly #bonjour: Bonjour;
+  readonly #browser: Browser;
+
+  constructor(onAgent: (address: string, txt: Record<string, string>) => void, log: Logger, options: DiscoveryOptions = {}) {
+    // bonjour-service passes these through to multicast-dns, whose options its types omit.
+    const mdnsOptions = (options.interface ? { interface: options.interface, bind: '0.0.0.0' } : {}) as Partial<ServiceConfig>;
+    this.#bonjour = new Bonjour(mdnsOptions, (err: unknown) =>
+      log.warn({ err: String(err) }, 'mDNS error'),
+    );
+    const seen = (s: Service) => {
+      const address = pickServiceAddress(s);
+      if (!address) return;
+      const txt: Record<string, string> = {};
+      for (const [k, v] of Object.entries((s.txt ?? {}) as Record<string, unknown>)) txt[k] = String(v);
+      log.debug({ name: s.name, address, txt }, 'mDNS sighting');
+      onAgent(address, txt);
+    };
+    this.#browser = this.#bonjour.find({ type: ORCHARD_SERVICE_TYPE, protocol: 'tcp' }, seen);
+    this.#browser.on('srv-update', seen);
+  }
+
+  /** Ask again (agents that came up since are answered). */
+  refresh(): void {
+    this.#browser.update();
+  }
+
+  close(): Promise<void> {
+    this.#browser.stop();
+    return new Promise((resolve) => this.#bonjour.destroy(() => resolve()));
+  }
+}

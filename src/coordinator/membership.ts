@@ -1,0 +1,156 @@
+import { randomUUID } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import type * as grpc from '@grpc/grpc-js';
+import type { Logger } from '../shared/log.ts';
+import { errorMessage } from '../shared/errors.ts';
+import { AgentClient, type AgentEvent, agentEventFromWire } from './agent-client.ts';
+import { type DiscoveredBy, type NodeEntry, Registry, type RegistryChange, type RegistryOptions } from './registry.ts';
+
+export interface MembershipEvents {
+  change: [change: RegistryChange];
+  'agent-event': [nodeId: string, event: AgentEvent];
+}
+
+interface Link {
+  readonly address: string;
+  readonly client: AgentClient;
+  discoveredBy: DiscoveredBy;
+  session: string | undefined;
+  nodeId: string | undefined;
+  stream: grpc.ClientReadableStream<Record<string, unknown>> | undefined;
+  retry: NodeJS.Timeout | undefined;
+  attempt: number;
+  closed: boolean;
+}
+
+/**
+ * Keeps one Watch stream per known agent address and drives the pure Registry with what the
+ * streams say. Addresses come from Bonjour, static joins and the state dir. A broken stream
+ * is re-dialled with a capped backoff (200 ms → 2 s) for as long as the address is known, so a
+ * restarted agent is found again within ~2 s and replaces its own entry.
+ */
+export class Membership extends EventEmitter<MembershipEvents> {
+  readonly registry: Registry;
+  readonly #links = new Map<string, Link>();
+  readonly #log: Logger;
+  readonly #timer: NodeJS.Timeout;
+  readonly #watchIntervalSeconds: number;
+
+  constructor(options: RegistryOptions, log: Logger) {
+    super();
+    this.registry = new Registry(options);
+    this.#log = log;
+    // Stats arrive at 4× the suspect rate so one lost message never makes a node suspect.
+    this.#watchIntervalSeconds = Math.max(0.1, options.suspectAfterMs / 4000);
+    this.#timer = setInterval(() => this.#apply(this.registry.tick(Date.now())), Math.min(250, options.suspectAfterMs / 4));
+    this.#timer.unref();
+  }
+
+  /** The agent client for a node that is in the registry (any state). */
+  client(nodeId: string): AgentClient | undefined {
+    const n = this.registry.get(nodeId);
+    return n ? this.#links.get(n.address)?.client : undefined;
+  }
+
+  addresses(by?: DiscoveredBy): string[] {
+    return [...this.#links.values()].filter((l) => !by || l.discoveredBy === by).map((l) => l.address);
+  }
+
+  /**
+   * Add an agent address and return once it has been described (or failed). Idempotent: a known
+   * address keeps its stream. `join` wins over `mdns` for how a node is labelled.
+   */
+  async add(address: string, by: DiscoveredBy): Promise<NodeEntry> {
+    let link = this.#links.get(address);
+    if (!link) {
+      link = { address, client: new AgentClient(address), discoveredBy: by, session: undefined, nodeId: undefined, stream: undefined, retry: undefined, attempt: 0, closed: false };
+      this.#links.set(address, link);
+      try {
+        return await this.#connect(link);
+      } catch (err) {
+        // A static join must reach the agent now; a Bonjour sighting keeps retrying.
+        if (by === 'join') this.#drop(link);
+        throw err;
+      }
+    }
+    if (by === 'join') link.discoveredBy = 'join';
+    const known = link.nodeId ? this.registry.get(link.nodeId) : undefined;
+    if (known && known.state === 'up') return known;
+    return this.#connect(link);
+  }
+
+  #drop(link: Link): void {
+    link.closed = true;
+    if (link.retry) clearTimeout(link.retry);
+    link.stream?.cancel();
+    link.client.close();
+    this.#links.delete(link.address);
+  }
+
+  async #connect(link: Link): Promise<NodeEntry> {
+    if (link.retry) {
+      clearTimeout(link.retry);
+      link.retry = undefined;
+    }
+    const d = await link.client.describe();
+    if (link.closed) throw new Error('membership closed');
+    const session = randomUUID();
+    const previousStream = link.stream;
+    link.session = session;
+    link.nodeId = d.profile.nodeId;
+    link.attempt = 0;
+    this.#apply(this.registry.connected({ profile: d.profile, live: d.live, address: link.address, discoveredBy: link.discoveredBy, session }, Date.now()));
+    previousStream?.cancel();
+    const nodeId = d.profile.nodeId;
+    const stream = link.client.watch(this.#watchIntervalSeconds);
+    link.stream = stream;
+    let ended = false;
+    const end = (why: string) => {
+      if (ended) return;
+      ended = true;
+      this.#apply(this.registry.disconnected(nodeId, session, Date.now(), why));
+      if (link.session === session) this.#scheduleReconnect(link);
+    };
+    stream.on('data', (m: Record<string, unknown>) => {
+      const ev = agentEventFromWire(m);
+      this.#apply(this.registry.seen(nodeId, session, Date.now(), ev?.kind === 'stats' ? ev.live : undefined));
+      if (ev) this.emit('agent-event', nodeId, ev);
+    });
+    stream.on('error', (err) => end(`watch stream failed: ${errorMessage(err)}`));
+    stream.on('end', () => end('watch stream ended'));
+    return this.registry.get(nodeId)!;
+  }
+
+  #scheduleReconnect(link: Link): void {
+    if (link.closed || link.retry) return;
+    const delay = Math.min(2000, 200 * 2 ** link.attempt);
+    link.attempt++;
+    link.retry = setTimeout(() => {
+      link.retry = undefined;
+      this.#connect(link).catch((err) => {
+        this.#log.debug({ address: link.address, err: errorMessage(err) }, 'agent not reachable yet');
+        this.#scheduleReconnect(link);
+      });
+    }, delay);
+    link.retry.unref();
+  }
+
+  #apply(changes: RegistryChange[]): void {
+    for (const c of changes) {
+      if (c.kind === 'removed') {
+        // forget the link too when the registry forgets the node (unless the address now belongs to another node)
+        const link = this.#links.get(c.node.address);
+        if (link && link.nodeId === c.node.nodeId && link.discoveredBy === 'mdns') this.#drop(link);
+      }
+      const n = c.node;
+      if (c.kind === 'state') this.#log.info({ node: n.profile.name, nodeId: n.nodeId, from: c.from, to: c.to, reason: c.reason }, 'node state');
+      else this.#log.info({ node: n.profile.name, nodeId: n.nodeId, address: n.address, reason: c.kind === 'removed' ? c.reason : undefined }, `node ${c.kind}`);
+      this.emit('change', c);
+    }
+  }
+
+  close(): void {
+    clearInterval(this.#timer);
+    for (const link of [...this.#links.values()]) this.#drop(link);
+  }
+}
