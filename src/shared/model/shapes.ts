@@ -1,0 +1,135 @@
+import { type GgmlTypeName, ggmlType, tensorBytes } from '../gguf/ggml-types.ts';
+import type { GgufHeader, GgufTensorInfo, GgufValue } from '../gguf/types.ts';
+import { gv } from '../gguf/types.ts';
+
+/**
+ * Header-only model shapes of real published models, for tests and the placement benchmark.
+ * Dimensions are the models' published configs (config.json of the HF repos); the quant mixes
+ * follow llama.cpp's llama-quant.cpp rules for the *_M presets in simplified form (Q4_K_M: Q6_K
+ * for attn_v, ffn_down and output in the "use more bits" layers — here every layer, which
+ * overestimates by ~2 %). Tensor infos carry exact byte counts for the chosen types.
+ */
+export interface ModelShape {
+  readonly name: string;
+  readonly arch: 'llama' | 'qwen2' | 'gemma2';
+  readonly layers: number;
+  readonly embd: number;
+  readonly ffn: number;
+  readonly heads: number;
+  readonly kvHeads: number;
+  readonly vocab: number;
+  readonly ctx: number;
+  readonly experts?: number;
+  readonly expertsUsed?: number;
+  readonly tiedOutput?: boolean;
+}
+
+export const SHAPES: Readonly<Record<string, ModelShape>> = {
+  'llama-3-8b': { name: 'llama-3-8b', arch: 'llama', layers: 32, embd: 4096, ffn: 14336, heads: 32, kvHeads: 8, vocab: 128256, ctx: 8192 },
+  'llama-3-70b': { name: 'llama-3-70b', arch: 'llama', layers: 80, embd: 8192, ffn: 28672, heads: 64, kvHeads: 8, vocab: 128256, ctx: 8192 },
+  'llama-3.1-405b': {
+    name: 'llama-3.1-405b',
+    arch: 'llama',
+    layers: 126,
+    embd: 16384,
+    ffn: 53248,
+    heads: 128,
+    kvHeads: 8,
+    vocab: 128256,
+    ctx: 131072,
+  },
+  'qwen2.5-32b': { name: 'qwen2.5-32b', arch: 'qwen2', layers: 64, embd: 5120, ffn: 27648, heads: 40, kvHeads: 8, vocab: 152064, ctx: 32768 },
+  'mixtral-8x7b': {
+    name: 'mixtral-8x7b',
+    arch: 'llama',
+    layers: 32,
+    embd: 4096,
+    ffn: 14336,
+    heads: 32,
+    kvHeads: 8,
+    vocab: 32000,
+    ctx: 32768,
+    experts: 8,
+    expertsUsed: 2,
+  },
+  'gemma-2-27b': {
+    name: 'gemma-2-27b',
+    arch: 'gemma2',
+    layers: 46,
+    embd: 4608,
+    ffn: 36864,
+    heads: 32,
+    kvHeads: 16,
+    vocab: 256000,
+    ctx: 8192,
+    tiedOutput: true,
+  },
+};
+
+export type QuantMix = 'f16' | 'q8_0' | 'q4_k_m' | 'q6_k';
+
+function types(q: QuantMix): { main: GgmlTypeName; more: GgmlTypeName; output: GgmlTypeName; embd: GgmlTypeName } {
+  switch (q) {
+    case 'f16':
+      return { main: 'F16', more: 'F16', output: 'F16', embd: 'F16' };
+    case 'q8_0':
+      return { main: 'Q8_0', more: 'Q8_0', output: 'Q8_0', embd: 'Q8_0' };
+    case 'q6_k':
+      return { main: 'Q6_K', more: 'Q6_K', output: 'Q6_K', embd: 'Q6_K' };
+    case 'q4_k_m':
+      return { main: 'Q4_K', more: 'Q6_K', output: 'Q6_K', embd: 'Q4_K' };
+  }
+}
+
+/** A GGUF header (no data) for `shape` quantised as `quant`. */
+export function shapeHeader(shape: ModelShape, quant: QuantMix): GgufHeader {
+  const t = types(quant);
+  const headDim = shape.embd / shape.heads;
+  const kv = headDim * shape.kvHeads;
+  const tensors: GgufTensorInfo[] = [];
+  let offset = 0;
+  const add = (name: string, dims: number[], type: GgmlTypeName) => {
+    const bytes = tensorBytes(type, dims);
+    tensors.push({ name, dims, type: ggmlType(type), offset, bytes });
+    offset += Math.ceil(bytes / 32) * 32;
+  };
+  add('token_embd.weight', [shape.embd, shape.vocab], t.embd);
+  for (let il = 0; il < shape.layers; il++) {
+    const b = `blk.${il}`;
+    add(`${b}.attn_norm.weight`, [shape.embd], 'F32');
+    add(`${b}.attn_q.weight`, [shape.embd, shape.embd], t.main);
+    add(`${b}.attn_k.weight`, [shape.embd, kv], t.main);
+    add(`${b}.attn_v.weight`, [shape.embd, kv], t.more);
+    add(`${b}.attn_output.weight`, [shape.embd, shape.embd], t.main);
+    add(`${b}.ffn_norm.weight`, [shape.embd], 'F32');
+    if (shape.experts) {
+      add(`${b}.ffn_gate_inp.weight`, [shape.embd, shape.experts], 'F32');
+      add(`${b}.ffn_gate_exps.weight`, [shape.embd, shape.ffn, shape.experts], t.main);
+      add(`${b}.ffn_up_exps.weight`, [shape.embd, shape.ffn, shape.experts], t.main);
+      add(`${b}.ffn_down_exps.weight`, [shape.ffn, shape.embd, shape.experts], t.more);
+    } else {
+      add(`${b}.ffn_gate.weight`, [shape.embd, shape.ffn], t.main);
+      add(`${b}.ffn_up.weight`, [shape.embd, shape.ffn], t.main);
+      add(`${b}.ffn_down.weight`, [shape.ffn, shape.embd], t.more);
+    }
+  }
+  add('output_norm.weight', [shape.embd], 'F32');
+  if (!shape.tiedOutput) add('output.weight', [shape.embd, shape.vocab], t.output);
+  const a = shape.arch;
+  const metadata = new Map<string, GgufValue>([
+    ['general.architecture', gv.str(a)],
+    ['general.name', gv.str(shape.name)],
+    [`${a}.block_count`, gv.u32(shape.layers)],
+    [`${a}.context_length`, gv.u32(shape.ctx)],
+    [`${a}.embedding_length`, gv.u32(shape.embd)],
+    [`${a}.feed_forward_length`, gv.u32(shape.ffn)],
+    [`${a}.attention.head_count`, gv.u32(shape.heads)],
+    [`${a}.attention.head_count_kv`, gv.u32(shape.kvHeads)],
+  ]);
+  if (shape.experts) {
+    metadata.set(`${a}.expert_count`, gv.u32(shape.experts));
+    metadata.set(`${a}.expert_used_count`, gv.u32(shape.expertsUsed ?? 2));
+  }
+  if (a === 'gemma2') metadata.set(`${a}.attention.sliding_window`, gv.u32(4096));
+  return { version: 3, metadata, tensors, alignment: 32, dataOffset: 0, dataSize: offset };
+}

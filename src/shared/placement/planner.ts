@@ -1,0 +1,367 @@
+import { UsageError } from '../errors.ts';
+import type { CacheType } from '../memory/kv.ts';
+import { computeBufferBytes, hostComputeBufferBytes } from '../memory/compute.ts';
+import {
+  HEAD_OVERHEAD_BYTES,
+  type MemoryModel,
+  type StageBytes,
+  WORKER_OVERHEAD_BYTES,
+  memoryModel,
+  stageBytes,
+} from '../memory/stage.ts';
+import type { ModelProfile } from '../model/profile.ts';
+import { formatBytes } from '../units.ts';
+import { DEFAULT_PLACEMENT_OPTIONS, type Plan, type PlacementNode, type PlacementOptions, type PlanStage } from './types.ts';
+
+/**
+ * The placement planner: which node holds which contiguous layer range so that the model fits
+ * and a decoded token takes the least predicted time.
+ *
+ * Cost model (DESIGN "Placement"): at batch 1 decode is memory-bandwidth bound, so a token costs
+ *   Σ_stages bytes_read(stage) / bandwidth(node) + Σ_boundaries hop + head overhead,
+ * and stage order does not change the sum. Memory of a stage is Σ its layers' (weights + KV)
+ * plus a per-stage constant (compute buffer, engine overhead; on the head also the output head,
+ * token embeddings and host buffers), so a node's capacity is a bound on a contiguous range.
+ *
+ * Algorithm (exact for the cost model, given the node order): for every choice of head node h
+ * (the last stage — see memory/stage.ts for why the head is last), a dynamic program over the
+ * other nodes in bandwidth order: f[i][k] = least cost to place layers [0, k) on a subset of the
+ * first i nodes, each taking one contiguous block or being skipped. The transition over the
+ * block start j is a sliding-window minimum (the feasible j for a given k form a window whose
+ * left end only moves right), so each node costs O(L) and the whole plan O(N²·L): 64 nodes ×
+ * 126 layers is ~0.5 M steps. Fastest-first filling, single-node preference and "add a node only
+ * when capacity demands or it lowers the time" all fall out of minimising the same cost; ties go
+ * to fewer stages (skips win ties) and to the earlier node in (bandwidth desc, name) order, so
+ * the result is deterministic.
+ */
+
+export interface PlanInput {
+  readonly profile: ModelProfile;
+  readonly nodes: readonly PlacementNode[];
+  readonly options?: Partial<PlacementOptions>;
+}
+
+interface Assignment {
+  /** In pipeline order; the last one is the head. */
+  readonly stages: readonly { node: number; first: number; end: number }[];
+  readonly seconds: number;
+}
+
+interface Prepared {
+  readonly mm: MemoryModel;
+  readonly nodes: readonly PlacementNode[];
+  readonly order: readonly number[];
+  readonly budgets: readonly number[];
+  readonly memPrefix: Float64Array;
+  readonly readPrefix: Float64Array;
+  readonly workerConst: number;
+  readonly headConst: number;
+  readonly headRead: number;
+  readonly pinned: ReadonlySet<number>;
+  readonly o: PlacementOptions;
+}
+
+function validate(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): void {
+  if (nodes.length === 0) throw new UsageError('no nodes to plan for');
+  const seen = new Set<string>();
+  for (const n of nodes) {
+    if (seen.has(n.name)) throw new UsageError(`node name "${n.name}" appears twice`);
+    seen.add(n.name);
+    if (!(n.budgetBytes >= 0) || !Number.isFinite(n.budgetBytes)) throw new UsageError(`node ${n.name}: budget must be a non-negative number of bytes`);
+    if (!(n.bandwidthBytesPerSecond > 0) || !Number.isFinite(n.bandwidthBytesPerSecond)) {
+      throw new UsageError(`node ${n.name}: bandwidth must be positive`);
+    }
+    if (n.hopSeconds !== undefined && !(n.hopSeconds >= 0)) throw new UsageError(`node ${n.name}: hop cost must be ≥ 0`);
+  }
+  for (const p of o.pinned) if (!seen.has(p)) throw new UsageError(`pinned node "${p}" is not among the nodes`);
+  if (!Number.isSafeInteger(o.ctx) || o.ctx < 1) throw new UsageError(`invalid context ${o.ctx}`);
+  if (!Number.isSafeInteger(o.parallel) || o.parallel < 1) throw new UsageError(`invalid parallel ${o.parallel}`);
+  if (profile.layerCount < 1) throw new UsageError('model has no layers');
+}
+
+function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): Prepared {
+  const mm = memoryModel(
+    profile,
+    { ctx: o.ctx, cacheType: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch, flashAttention: o.flashAttention },
+    o.kvFill,
+  );
+  const L = profile.layerCount;
+  const memPrefix = new Float64Array(L + 1);
+  const readPrefix = new Float64Array(L + 1);
+  for (let l = 0; l < L; l++) {
+    memPrefix[l + 1] = memPrefix[l]! + mm.layerWeights[l]! + mm.layerKv[l]!;
+    readPrefix[l + 1] = readPrefix[l]! + mm.layerRead[l]!;
+  }
+  // Per-stage constants use the widest layer's compute buffer: a bound for any range.
+  const workerConst = computeBufferBytes(mm, profile.layers, false) + WORKER_OVERHEAD_BYTES;
+  const headConst =
+    computeBufferBytes(mm, profile.layers, true) + mm.outputWeights + mm.hostWeights + hostComputeBufferBytes(mm) + HEAD_OVERHEAD_BYTES;
+  const order = nodes
+    .map((_, i) => i)
+    .sort((a, b) => nodes[b]!.bandwidthBytesPerSecond - nodes[a]!.bandwidthBytesPerSecond || cmp(nodes[a]!.name, nodes[b]!.name));
+  const pinnedNames = new Set(o.pinned);
+  const pinned = new Set(nodes.flatMap((n, i) => (pinnedNames.has(n.name) ? [i] : [])));
+  return {
+    mm,
+    nodes,
+    order,
+    budgets: nodes.map((n) => n.budgetBytes - o.safetyMarginBytes),
+    memPrefix,
+    readPrefix,
+    workerConst,
+    headConst,
+    // The head reads the output head in full and one token_embd row per token.
+    headRead: profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes,
+    pinned,
+    o,
+  };
+}
+
+const cmp = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
+const EPS = 1e-12;
+
+function hopOf(p: Prepared, i: number): number {
+  return p.nodes[i]!.hopSeconds ?? p.o.hopSeconds;
+}
+
+/** The DP. Returns the best assignment or undefined when nothing fits. */
+function solve(p: Prepared): Assignment | undefined {
+  const L = p.mm.profile.layerCount;
+  const N = p.nodes.length;
+  let best: Assignment | undefined;
+  const f = new Float64Array(L + 1);
+  const g = new Float64Array(L + 1);
+  const deque = new Int32Array(L + 1);
+  // choice[step][k]: -1 skip, else block start j.
+  const choice: Int32Array[] = [];
+  for (let s = 0; s < N; s++) choice.push(new Int32Array(L + 1));
+
+  for (const h of p.order) {
+    const headCap = p.budgets[h]! - p.headConst;
+    if (headCap < 0) continue;
+    // Smallest j such that the head can hold layers [j, L).
+    let jMin = 0;
+    while (jMin <= L && p.memPrefix[L]! - p.memPrefix[jMin]! > headCap) jMin++;
+    if (jMin > L) continue;
+    f.fill(Number.POSITIVE_INFINITY);
+    f[0] = 0;
+    const steps: number[] = [];
+    for (const i of p.order) {
+      if (i === h) continue;
+      const step = steps.length;
+      steps.push(i);
+      const ch = choice[step]!;
+      const cap = p.budgets[i]! - p.workerConst;
+      const bw = p.nodes[i]!.bandwidthBytesPerSecond;
+      const hop = hopOf(p, i);
+      const mustUse = p.pinned.has(i);
+      for (let k = 0; k <= L; k++) g[k] = f[k]! - p.readPrefix[k]! / bw;
+      // new f in place is unsafe (window reads old f); compute into a fresh array.
+      const nf = new Float64Array(L + 1).fill(Number.POSITIVE_INFINITY);
+      let head = 0;
+      let tail = 0;
+      let lo = 0;
+      for (let k = 0; k <= L; k++) {
+        // Skip this node (not allowed when pinned).
+        if (!mustUse) {
+          nf[k] = f[k]!;
+          ch[k] = -1;
+        } else ch[k] = -2;
+        if (cap >= 0 && k > 0) {
+          // Candidate starts j ∈ [lo, k-1] with mem(j..k) ≤ cap.
+          const j = k - 1;
+          if (Number.isFinite(g[j]!)) {
+            while (tail > head && g[deque[tail - 1]!]! >= g[j]!) tail--;
+            deque[tail++] = j;
+          }
+          while (lo < k && p.memPrefix[k]! - p.memPrefix[lo]! > cap) lo++;
+          while (tail > head && deque[head]! < lo) head++;
+          if (tail > head) {
+            const jb = deque[head]!;
+            const cost = g[jb]! + p.readPrefix[k]! / bw + hop;
+            if (cost < nf[k]! - EPS) {
+              nf[k] = cost;
+              ch[k] = jb;
+            }
+          }
+        }
+      }
+      f.set(nf);
+    }
+    const bwH = p.nodes[h]!.bandwidthBytesPerSecond;
+    let bestJ = -1;
+    let bestCost = Number.POSITIVE_INFINITY;
+    // Prefer the head holding more layers on ties (fewer stages): scan j ascending, strict <.
+    for (let j = jMin; j <= L; j++) {
+      if (!Number.isFinite(f[j]!)) continue;
+      const cost = f[j]! + (p.readPrefix[L]! - p.readPrefix[j]!) / bwH;
+      if (cost < bestCost - EPS) {
+        bestCost = cost;
+        bestJ = j;
+      }
+    }
+    if (bestJ < 0) continue;
+    const total = bestCost + (p.headRead / bwH) + p.o.headOverheadSeconds;
+    if (best && total >= best.seconds - EPS) continue;
+    // Reconstruct.
+    const stages: { node: number; first: number; end: number }[] = [{ node: h, first: bestJ, end: L }];
+    let k = bestJ;
+    for (let s = steps.length - 1; s >= 0; s--) {
+      const c = choice[s]![k]!;
+      if (c === -1) continue;
+      stages.push({ node: steps[s]!, first: c, end: k });
+      k = c;
+    }
+    if (k !== 0) throw new Error(`planner reconstruction ended at layer ${k}`);
+    stages.reverse();
+    best = { stages, seconds: total };
+  }
+  return best;
+}
+
+function resolveOptions(options: Partial<PlacementOptions> | undefined): PlacementOptions {
+  return { ...DEFAULT_PLACEMENT_OPTIONS, ...options };
+}
+
+/** Plan a placement. Pure and deterministic. Throws UsageError on invalid input. */
+export function planPlacement(profile: ModelProfile, nodes: readonly PlacementNode[], options?: Partial<PlacementOptions>): Plan {
+  const o = resolveOptions(options);
+  validate(profile, nodes, o);
+  const p = prepare(profile, nodes, o);
+  const a = solve(p);
+  if (!a) return noFit(p);
+  return describe(p, a);
+}
+
+function describe(p: Prepared, a: Assignment): Plan {
+  const profile = p.mm.profile;
+  const stages: PlanStage[] = a.stages.map((s, idx) => {
+    const isHead = idx === a.stages.length - 1;
+    const node = p.nodes[s.node]!;
+    const bytes = stageBytes(p.mm, s.first, s.end - 1, isHead);
+    const read = p.readPrefix[s.end]! - p.readPrefix[s.first]! + (isHead ? p.headRead : 0);
+    const budget = p.budgets[s.node]!;
+    return {
+      node: node.name,
+      firstLayer: s.first,
+      lastLayer: s.end - 1,
+      role: isHead ? 'head' : 'worker',
+      bytes,
+      budgetBytes: budget,
+      headroomBytes: budget - bytes.total,
+      bandwidthBytesPerSecond: node.bandwidthBytesPerSecond,
+      readBytesPerToken: read,
+      secondsPerToken: read / node.bandwidthBytesPerSecond,
+    };
+  });
+  const used = new Set(a.stages.map((s) => s.node));
+  const hopSeconds = a.stages.slice(0, -1).reduce((t, s) => t + hopOf(p, s.node), 0);
+  const unusedNodes = p.order.filter((i) => !used.has(i)).map((i) => p.nodes[i]!.name);
+  const reasons: string[] = [];
+  const gib = (b: number) => formatBytes(b);
+  if (stages.length === 1) {
+    const s = stages[0]!;
+    reasons.push(
+      `${s.node} holds the whole model (${gib(s.bytes.total)} of ${gib(s.budgetBytes)} budget): one node needs no network hops`,
+    );
+  } else {
+    const fastest = p.nodes[p.order[0]!]!;
+    reasons.push(
+      `${stages.length} stages: no single node both fits the model and is faster (${gib(stages.reduce((t, s) => t + s.bytes.total, 0))} needed)`,
+    );
+    for (const s of stages) {
+      const share = (100 * (s.lastLayer - s.firstLayer + 1)) / profile.layerCount;
+      const why = s.node === fastest.name ? 'fastest node' : s.role === 'head' ? 'head (output layer, token embeddings)' : 'next-fastest with room';
+      reasons.push(
+        `${s.node}: layers ${s.firstLayer}–${s.lastLayer} (${share.toFixed(0)}%), ${why}, ${(s.bandwidthBytesPerSecond / 1e9).toFixed(0)} GB/s, headroom ${gib(s.headroomBytes)}`,
+      );
+    }
+  }
+  for (const name of unusedNodes) reasons.push(`${name} unused: adding it would not lower the predicted time per token`);
+  const secondsPerToken = a.seconds;
+  return {
+    fits: true,
+    stages,
+    predicted: { secondsPerToken, tokensPerSecond: 1 / secondsPerToken, hopSeconds },
+    reasons,
+    unusedNodes,
+  };
+}
+
+function sumStage(a: StageBytes, b: StageBytes): StageBytes {
+  return {
+    weights: a.weights + b.weights,
+    kv: a.kv + b.kv,
+    compute: a.compute + b.compute,
+    overhead: a.overhead + b.overhead,
+    total: a.total + b.total,
+  };
+}
+
+/** Does it fit with these option changes? (For remedies; reuses the same DP.) */
+function fitsWith(p: Prepared, change: Partial<PlacementOptions>): boolean {
+  const o = { ...p.o, ...change };
+  return solve(prepare(p.mm.profile, p.nodes, o)) !== undefined;
+}
+
+function noFit(p: Prepared): Plan {
+  const L = p.mm.profile.layerCount;
+  const n = p.nodes.length;
+  // Demand if every node held a stage: all layers, one head, n−1 workers.
+  let need = stageBytes(p.mm, 0, L - 1, true);
+  const worker: StageBytes = {
+    weights: 0,
+    kv: 0,
+    compute: p.workerConst - WORKER_OVERHEAD_BYTES,
+    overhead: WORKER_OVERHEAD_BYTES,
+    total: p.workerConst,
+  };
+  for (let i = 1; i < n; i++) need = sumStage(need, worker);
+  const capacity = p.budgets.reduce((t, b) => t + Math.max(0, b), 0);
+  const shortfallBytes = need.total - capacity;
+  const reasons = [
+    `does not fit: needs ${formatBytes(need.total)} (weights ${formatBytes(need.weights)}, KV ${formatBytes(need.kv)}, compute ${formatBytes(need.compute)}, overhead ${formatBytes(need.overhead)}) across ${n} node(s) with ${formatBytes(capacity)} of budget`,
+  ];
+  if (shortfallBytes <= 0) {
+    reasons.push('the total would fit, but no contiguous split does: a node is too small for its share of fixed per-stage costs or a layer');
+  }
+  const remedies: string[] = [];
+  // Largest context that fits (granularity 256, as llama.cpp pads it).
+  if (p.o.ctx > 256) {
+    let lo = 0;
+    let hi = Math.floor((p.o.ctx - 1) / 256);
+    while (lo < hi) {
+      const mid = Math.ceil((lo + hi) / 2);
+      if (fitsWith(p, { ctx: mid * 256 })) lo = mid;
+      else hi = mid - 1;
+    }
+    if (lo > 0) remedies.push(`shorter context: --ctx ${lo * 256} fits (asked ${p.o.ctx})`);
+  }
+  const cheaper: CacheType[] = p.o.cacheType === 'f16' || p.o.cacheType === 'f32' || p.o.cacheType === 'bf16' ? ['q8_0', 'q4_0'] : p.o.cacheType === 'q8_0' ? ['q4_0'] : [];
+  for (const t of cheaper) {
+    if (fitsWith(p, { cacheType: t })) {
+      remedies.push(`quantized KV cache: --cache-type ${t} fits`);
+      break;
+    }
+  }
+  if (shortfallBytes > 0) {
+    const target = p.mm.profile.fileTensorBytes - shortfallBytes;
+    if (target > 0) {
+      remedies.push(
+        `smaller quant: weights must shrink by ≥ ${formatBytes(shortfallBytes)} — a file of ≤ ${formatBytes(target)} (now ${formatBytes(p.mm.profile.fileTensorBytes)}, ${p.mm.profile.weightType})`,
+      );
+    }
+    remedies.push(`another node with ≥ ${formatBytes(shortfallBytes + p.workerConst)} usable memory`);
+  } else {
+    remedies.push(`a node with ≥ ${formatBytes(p.headConst + p.mm.layerWeights[0]! + p.mm.layerKv[0]!)} usable memory to act as head`);
+  }
+  return {
+    fits: false,
+    stages: [],
+    predicted: { secondsPerToken: Number.POSITIVE_INFINITY, tokensPerSecond: 0, hopSeconds: 0 },
+    reasons,
+    shortfall: { need, capacityBytes: capacity, shortfallBytes },
+    remedies,
+    unusedNodes: p.order.map((i) => p.nodes[i]!.name),
+  };
+}

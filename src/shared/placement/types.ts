@@ -1,0 +1,86 @@
+import type { CacheType } from '../memory/kv.ts';
+import type { StageBytes } from '../memory/stage.ts';
+
+/** A node as the planner sees it: what it may hold and how fast it reads memory. */
+export interface PlacementNode {
+  readonly name: string;
+  /** Bytes the planner may fill on this node (already net of OS reserve and safety margin). */
+  readonly budgetBytes: number;
+  readonly bandwidthBytesPerSecond: number;
+  /** Seconds one token spends crossing from this node's stage to the next; default from options. */
+  readonly hopSeconds?: number;
+}
+
+export interface PlacementOptions {
+  /** `-c`: KV cells (llama.cpp semantics: shared by all slots when the cache is unified). */
+  readonly ctx: number;
+  readonly cacheType: CacheType;
+  readonly parallel: number;
+  readonly unified: boolean;
+  readonly ubatch: number;
+  readonly flashAttention: boolean;
+  /** Extra bytes kept free on every node on top of its budget. */
+  readonly safetyMarginBytes: number;
+  /** Nodes that must hold a stage (e.g. where the model file already is). */
+  readonly pinned: readonly string[];
+  /**
+   * Default per-hop cost. llama.cpp RPC does several round trips per stage per token (set input,
+   * graph compute, get output), so ~1 ms on 10 GbE/Thunderbolt TCP; measured RTTs can override.
+   */
+  readonly hopSeconds: number;
+  /** Per-token fixed cost of the head (sampling, detokenising, HTTP): 0.5 ms. */
+  readonly headOverheadSeconds: number;
+  /** Average fraction of the KV cache a token attends to, for read costs (0.5). */
+  readonly kvFill: number;
+}
+
+export const DEFAULT_PLACEMENT_OPTIONS: PlacementOptions = {
+  ctx: 4096,
+  cacheType: 'f16',
+  parallel: 1,
+  unified: true,
+  ubatch: 512,
+  flashAttention: true,
+  safetyMarginBytes: 0,
+  pinned: [],
+  hopSeconds: 0.001,
+  headOverheadSeconds: 0.0005,
+  kvFill: 0.5,
+};
+
+export interface PlanStage {
+  readonly node: string;
+  /** Inclusive, 0-based. A head stage may hold no layers (firstLayer = lastLayer + 1). */
+  readonly firstLayer: number;
+  readonly lastLayer: number;
+  /** The head runs llama-server: it holds the output head and token embeddings. */
+  readonly role: 'worker' | 'head';
+  readonly bytes: StageBytes;
+  readonly budgetBytes: number;
+  readonly headroomBytes: number;
+  readonly bandwidthBytesPerSecond: number;
+  readonly readBytesPerToken: number;
+  readonly secondsPerToken: number;
+}
+
+export interface Shortfall {
+  /** Bytes needed by kind if every node held a stage. */
+  readonly need: StageBytes;
+  readonly capacityBytes: number;
+  /** need.total − capacity (≤ 0 when the total would fit but no layer split does). */
+  readonly shortfallBytes: number;
+}
+
+export interface Plan {
+  readonly fits: boolean;
+  readonly stages: readonly PlanStage[];
+  readonly predicted: {
+    readonly secondsPerToken: number;
+    readonly tokensPerSecond: number;
+    readonly hopSeconds: number;
+  };
+  readonly reasons: readonly string[];
+  readonly shortfall?: Shortfall;
+  readonly remedies?: readonly string[];
+  readonly unusedNodes: readonly string[];
+}
