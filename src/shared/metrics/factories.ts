@@ -1,0 +1,112 @@
+import { Counter, Gauge, Histogram, type Registry, collectDefaultMetrics } from 'prom-client';
+import type { HardwareProfile, LiveStats } from '../hardware.ts';
+import {
+  type AnyMetricDef,
+  COORDINATOR_METRICS,
+  type CounterDef,
+  type GaugeDef,
+  type HistogramDef,
+  MEMORY_PRESSURE_LEVELS,
+  NODE_METRICS,
+} from './catalogue.ts';
+
+/**
+ * prom-client metrics built from catalogue declarations, on a Registry the caller owns (never
+ * prom-client's global one: several agents in one test process must not mix series).
+ */
+export type MetricOf<D> = D extends HistogramDef<infer L>
+  ? Histogram<L>
+  : D extends CounterDef<infer L>
+    ? Counter<L>
+    : D extends GaugeDef<infer L>
+      ? Gauge<L>
+      : never;
+
+export type MetricSet<C> = { readonly [K in keyof C]: MetricOf<C[K]> };
+
+/**
+ * Scrape-time hooks: a gauge whose value lives elsewhere (the hardware profile, the registry)
+ * reads it in `collect`, so it is never stale. `this` is the metric being collected.
+ */
+export type CollectHooks<C> = { readonly [K in keyof C]?: (this: MetricOf<C[K]>) => void | Promise<void> };
+
+export function createMetric<D extends AnyMetricDef>(registry: Registry, def: D, collect?: (this: MetricOf<D>) => void | Promise<void>): MetricOf<D> {
+  const base = { name: def.name, help: def.help, labelNames: [...def.labelNames], registers: [registry] };
+  switch (def.type) {
+    case 'gauge':
+      return new Gauge({ ...base, ...(collect ? { collect: collect as never } : {}) }) as MetricOf<D>;
+    case 'counter':
+      return new Counter({ ...base, ...(collect ? { collect: collect as never } : {}) }) as MetricOf<D>;
+    case 'histogram':
+      return new Histogram({ ...base, buckets: [...def.buckets], ...(collect ? { collect: collect as never } : {}) }) as MetricOf<D>;
+  }
+}
+
+export function createMetrics<C extends Record<string, AnyMetricDef>>(registry: Registry, defs: C, hooks: CollectHooks<C> = {}): MetricSet<C> {
+  const out: Record<string, unknown> = {};
+  for (const [key, def] of Object.entries(defs)) out[key] = createMetric(registry, def, hooks[key] as never);
+  return out as MetricSet<C>;
+}
+
+export interface CreateOptions<C> {
+  /** Also export prom-client's process_* and nodejs_* metrics (default true). */
+  readonly processMetrics?: boolean;
+  readonly collect?: CollectHooks<C>;
+}
+
+export type NodeMetricSet = MetricSet<typeof NODE_METRICS>;
+export type CoordinatorMetricSet = MetricSet<typeof COORDINATOR_METRICS>;
+
+/** Every metric a node agent exports, registered on `registry`. */
+export function createNodeMetrics(registry: Registry, options: CreateOptions<typeof NODE_METRICS> = {}): NodeMetricSet {
+  if (options.processMetrics ?? true) collectDefaultMetrics({ register: registry });
+  return createMetrics(registry, NODE_METRICS, options.collect);
+}
+
+/** Every metric the coordinator exports, registered on `registry`; sets build info at once. */
+export function createCoordinatorMetrics(
+  registry: Registry,
+  version: string,
+  options: CreateOptions<typeof COORDINATOR_METRICS> = {},
+): CoordinatorMetricSet {
+  if (options.processMetrics ?? true) collectDefaultMetrics({ register: registry });
+  const m = createMetrics(registry, COORDINATOR_METRICS, options.collect);
+  m.buildInfo.set({ version, nodejs_version: process.versions.node }, 1);
+  for (const state of ['up', 'suspect', 'down'] as const) m.nodes.set({ state }, 0);
+  return m;
+}
+
+/** Set the node gauges from the probe's profile and live stats (call from a collect hook or on change). */
+export function recordNodeProfile(m: NodeMetricSet, profile: HardwareProfile, live: LiveStats | undefined): void {
+  m.info.reset();
+  m.info.set({ os: profile.os, os_version: profile.osVersion, agent_version: profile.agentVersion, protocol_version: profile.protocolVersion }, 1);
+  m.memoryBytes.set(profile.memoryBytes);
+  m.usableMemoryBytes.set(profile.usableBytes);
+  m.bandwidthBytesPerSecond.set(profile.bandwidthBytesPerSecond);
+  m.wiredLimitBytes.set(profile.wiredLimitBytes);
+  if (live) {
+    m.availableMemoryBytes.set(live.availableBytes);
+    for (const level of MEMORY_PRESSURE_LEVELS) m.memoryPressure.set({ level }, level === live.memoryPressure ? 1 : 0);
+  }
+}
+
+/**
+ * Replace every series of a gauge with `series` in one step. For state that is recomputed as a
+ * whole (placement per model and node, node counts): series that are no longer in the list
+ * disappear instead of lingering with their last value.
+ */
+export function replaceGaugeSeries<L extends string>(g: Gauge<L>, series: readonly { labels: Partial<Record<L, string>>; value: number }[]): void {
+  g.reset();
+  for (const s of series) g.set(s.labels, s.value);
+}
+
+/** Count nodes per liveness state, with every state present (0 when none) so panels never go blank. */
+export function nodeStateCounts(states: readonly string[]): { labels: { state: string }; value: number }[] {
+  const counts = new Map<string, number>([
+    ['up', 0],
+    ['suspect', 0],
+    ['down', 0],
+  ]);
+  for (const s of states) counts.set(s, (counts.get(s) ?? 0) + 1);
+  return [...counts].map(([state, value]) => ({ labels: { state }, value }));
+}
