@@ -1,5 +1,6 @@
 import { Command, CommanderError, Option } from 'commander';
 import { OrchardError, UsageError } from '../shared/errors.ts';
+import { registerNode } from './commands/node.ts';
 import { registerSetup } from './commands/setup.ts';
 import { registerTestmodel } from './commands/testmodel.ts';
 
@@ -18,6 +19,7 @@ export function buildProgram(): Command {
   program.exitOverride();
   registerSetup(program);
   registerTestmodel(program);
+  registerNode(program);
   for (const cmd of program.commands) inheritConventions(cmd);
   return program;
 }

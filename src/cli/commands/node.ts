@@ -1,0 +1,155 @@
+import { isIP } from 'node:net';
+import Table from 'cli-table3';
+import { type Command, Option } from 'commander';
+import { UsageError } from '../../shared/errors.ts';
+import { createLogger } from '../../shared/log.ts';
+import { formatBandwidth, formatBytes, parseBandwidth, parsePort, parseSize } from '../../shared/units.ts';
+import { type AgentReady, NodeAgent } from '../../node/agent.ts';
+import { probeHardware, readLiveStats } from '../../node/hardware/probe.ts';
+import { defaultStateDir } from '../../node/identity.ts';
+import { findLlamaBinaries } from '../../node/llama/binaries.ts';
+
+export const DEFAULT_GRPC_PORT = 50151;
+export const DEFAULT_METRICS_PORT = 9151;
+
+interface NodeFlags {
+  name?: string;
+  grpcPort: string;
+  metricsPort: string;
+  stateDir?: string;
+  memoryLimit?: string;
+  budget?: string;
+  bandwidth?: string;
+  mdns: boolean;
+  mdnsInterface?: string;
+  bind: string;
+  json?: boolean;
+}
+
+/** `orchard node`: run this machine's node agent until SIGTERM/SIGINT. */
+export function registerNode(program: Command): void {
+  program
+    .command('node')
+    .description('run the node agent: probe this machine, advertise it over Bonjour, run engines for the coordinator')
+    .addOption(new Option('--name <name>', 'node name (Bonjour instance name); default: the hostname').env('ORCHARD_NODE_NAME'))
+    .addOption(new Option('--grpc-port <port>', 'NodeAgent gRPC port (0 = pick a free one)').default(String(DEFAULT_GRPC_PORT)).env('ORCHARD_NODE_GRPC_PORT'))
+    .addOption(new Option('--metrics-port <port>', 'Prometheus /metrics and /healthz port (0 = pick)').default(String(DEFAULT_METRICS_PORT)).env('ORCHARD_NODE_METRICS_PORT'))
+    .addOption(new Option('--state-dir <dir>', 'where the stable node id is kept (default ~/.orchard/node or $XDG_STATE_HOME/orchard/node)').env('ORCHARD_NODE_STATE_DIR'))
+    .addOption(new Option('--memory-limit <size>', 'pretend total RAM, e.g. 16GiB').env('ORCHARD_NODE_MEMORY_LIMIT'))
+    .addOption(new Option('--budget <size>', 'usable model-memory budget, e.g. 12GiB (skips the computation)').env('ORCHARD_NODE_BUDGET'))
+    .addOption(new Option('--bandwidth <GBps>', 'memory bandwidth in GB/s, e.g. 400').env('ORCHARD_NODE_BANDWIDTH'))
+    .addOption(new Option('--no-mdns', 'do not advertise over Bonjour (use `cluster join` instead)').env('ORCHARD_NODE_NO_MDNS'))
+    .addOption(new Option('--mdns-interface <ip>', 'advertise on the interface with this IPv4 address only').env('ORCHARD_NODE_MDNS_INTERFACE'))
+    .addOption(new Option('--bind <host>', 'address the gRPC and metrics servers listen on').default('0.0.0.0').env('ORCHARD_NODE_BIND'))
+    .option('--json', 'print a machine-readable ready line ({"event":"ready",…}) instead of the profile table')
+    .action(async (flags: NodeFlags) => {
+      await runNode(flags);
+    });
+}
+
+/** Flags → agent options; every check here is a UsageError (exit 2) before anything starts. */
+function parseFlags(flags: NodeFlags) {
+  const bind = flags.bind.trim();
+  if (isIP(bind) === 0) throw new UsageError(`invalid --bind "${flags.bind}": give an IP address such as 0.0.0.0 or 127.0.0.1`);
+  if (flags.mdnsInterface !== undefined && isIP(flags.mdnsInterface) !== 4) {
+    throw new UsageError(`invalid --mdns-interface "${flags.mdnsInterface}": give the interface's IPv4 address`);
+  }
+  if (flags.name !== undefined && !/^[^.\p{Cc}]{1,63}$/u.test(flags.name)) {
+    throw new UsageError(`invalid --name "${flags.name}": 1–63 characters, no dots (it becomes the Bonjour instance name)`);
+  }
+  if (flags.name !== undefined && Buffer.byteLength(flags.name) > 63) throw new UsageError(`invalid --name "${flags.name}": at most 63 bytes`);
+  const mdnsEnv = process.env.ORCHARD_NODE_NO_MDNS;
+  // commander treats any value of a --no-* option's env var as "set"; honour 0/false as "keep mDNS".
+  const mdns = flags.mdns || mdnsEnv === '0' || mdnsEnv === 'false';
+  return {
+    name: flags.name,
+    grpcPort: parsePort(flags.grpcPort, '--grpc-port'),
+    metricsPort: parsePort(flags.metricsPort, '--metrics-port'),
+    stateDir: flags.stateDir ?? defaultStateDir(),
+    memoryLimitBytes: flags.memoryLimit !== undefined ? positive(parseSize(flags.memoryLimit, '--memory-limit'), '--memory-limit') : undefined,
+    budgetBytes: flags.budget !== undefined ? positive(parseSize(flags.budget, '--budget'), '--budget') : undefined,
+    bandwidthBytesPerSecond: flags.bandwidth !== undefined ? parseBandwidth(flags.bandwidth) : undefined,
+    bindHost: bind,
+    mdns,
+    mdnsInterface: flags.mdnsInterface,
+  };
+}
+
+function positive(n: number, what: string): number {
+  if (n <= 0) throw new UsageError(`invalid ${what}: must be more than 0 bytes`);
+  return n;
+}
+
+async function runNode(flags: NodeFlags): Promise<void> {
+  const parsed = parseFlags(flags);
+  const log = createLogger('orchard-node', process.env.ORCHARD_DEBUG ? 'debug' : undefined);
+  const agent = new NodeAgent({
+    ...parsed,
+    probe: probeHardware,
+    readLive: readLiveStats,
+    binaries: () => findLlamaBinaries(),
+    log,
+  });
+
+  // Signals are handled before start so a TERM during start-up still stops cleanly.
+  let signalled = 0;
+  let stopRequested: () => void = () => {};
+  const stopped = new Promise<void>((resolve) => {
+    stopRequested = resolve;
+  });
+  const onSignal = (sig: NodeJS.Signals) => {
+    signalled += 1;
+    if (signalled === 1) {
+      log.info({ signal: sig }, 'stopping: engines get SIGTERM, then SIGKILL after the grace period');
+      stopRequested();
+    } else {
+      log.warn({ signal: sig }, 'second signal: killing engines now');
+      agent.killEngines();
+      process.exit(130);
+    }
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+
+  try {
+    const ready = await agent.start();
+    printReady(ready, parsed.bindHost, !!flags.json);
+    log.info({ nodeId: ready.nodeId, grpcPort: ready.grpcPort, metricsPort: ready.metricsPort }, 'node agent ready');
+    await stopped;
+    await agent.stop();
+    if (flags.json) process.stdout.write(`${JSON.stringify({ event: 'stopped', nodeId: ready.nodeId })}\n`);
+  } finally {
+    await agent.stop();
+    process.off('SIGTERM', onSignal);
+    process.off('SIGINT', onSignal);
+  }
+}
+
+function printReady(ready: AgentReady, bind: string, json: boolean): void {
+  const p = ready.profile;
+  if (json) {
+    process.stdout.write(
+      `${JSON.stringify({ event: 'ready', nodeId: ready.nodeId, name: ready.name, grpcPort: ready.grpcPort, metricsPort: ready.metricsPort, bind, pid: process.pid })}\n`,
+    );
+    return;
+  }
+  if (!process.stdout.isTTY) {
+    process.stdout.write(`orchard node ${ready.name} (${ready.nodeId}) ready: gRPC ${bind}:${ready.grpcPort}, metrics ${bind}:${ready.metricsPort}\n`);
+    return;
+  }
+  const t = new Table({ head: ['node', ready.name] });
+  t.push(
+    ['id', ready.nodeId],
+    ['chip', p.chip],
+    ['cores', `${p.performanceCores}P + ${p.efficiencyCores}E${p.gpuCores ? `, ${p.gpuCores} GPU` : ''}`],
+    ['memory', formatBytes(p.memoryBytes)],
+    ['wired limit', formatBytes(p.wiredLimitBytes)],
+    ['usable budget', formatBytes(p.usableBytes)],
+    ['bandwidth', formatBandwidth(p.bandwidthBytesPerSecond)],
+    ['os', `${p.os} ${p.osVersion}`],
+    ['engines', p.engines.length > 0 ? p.engines.join(', ') : 'none (run `orchard setup`)'],
+    ['gRPC', `${bind}:${ready.grpcPort}`],
+    ['metrics', `http://${bind}:${ready.metricsPort}/metrics`],
+  );
+  process.stdout.write(`${t.toString()}\n`);
+}

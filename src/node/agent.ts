@@ -1,0 +1,228 @@
+import { EventEmitter } from 'node:events';
+import type { Server as HttpServer } from 'node:http';
+import type * as grpc from '@grpc/grpc-js';
+import { OrchardError, errorMessage } from '../shared/errors.ts';
+import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
+import type { Logger } from '../shared/log.ts';
+import { NodeAdvertiser } from './advertise.ts';
+import type { EngineBinaries } from './engine-spec.ts';
+import { type AgentState, serveNodeAgent } from './grpc-server.ts';
+import type { ProbeOptions } from './hardware/probe.ts';
+import { loadOrCreateIdentity } from './identity.ts';
+import { NodeMetrics, serveMetrics } from './metrics.ts';
+import { EngineSupervisor } from './supervisor.ts';
+
+/**
+ * The node agent's lifecycle: identity → hardware profile → gRPC + metrics servers → Bonjour.
+ * Shutdown runs in reverse: goodbye on mDNS first (coordinators stop sending work), then the
+ * engines (TERM, KILL after a grace period), then the servers.
+ *
+ * Every I/O dependency (probe, live stats, engine binaries) is injected so tests can run the
+ * agent in-process; the CLI wires in the real ones.
+ */
+export interface NodeAgentOptions {
+  readonly stateDir: string;
+  readonly name?: string | undefined;
+  /** Address the gRPC and metrics servers listen on (default 0.0.0.0: coordinators are remote). */
+  readonly bindHost: string;
+  readonly grpcPort: number;
+  readonly metricsPort: number;
+  readonly memoryLimitBytes?: number | undefined;
+  readonly budgetBytes?: number | undefined;
+  readonly bandwidthBytesPerSecond?: number | undefined;
+  readonly mdns: boolean;
+  /** IPv4 address of the interface to advertise on; undefined = the OS default route. */
+  readonly mdnsInterface?: string | undefined;
+  readonly probe: (opts: ProbeOptions) => Promise<HardwareProfile>;
+  readonly readLive: () => Promise<LiveStats>;
+  readonly binaries: () => Promise<EngineBinaries>;
+  readonly log: Logger;
+  /** How often the profile is re-probed to notice changes (wired limit raised, …). 0 = never. */
+  readonly profileRefreshMs?: number;
+  /** Grace between SIGTERM and SIGKILL for engines (default 5 s). */
+  readonly engineStopGraceMs?: number;
+}
+
+export interface AgentReady {
+  readonly nodeId: string;
+  readonly name: string;
+  readonly grpcPort: number;
+  readonly metricsPort: number;
+  readonly profile: HardwareProfile;
+  readonly createdIdentity: boolean;
+}
+
+interface AgentEvents {
+  profile: [HardwareProfile];
+  shutdown: [];
+}
+
+export class NodeAgent {
+  private readonly events = new EventEmitter<AgentEvents>();
+  private currentProfile: HardwareProfile | undefined;
+  private liveCache: { at: number; value: Promise<LiveStats> } | undefined;
+  private lastLive: LiveStats | undefined;
+  private supervisor: EngineSupervisor | undefined;
+  private grpcServer: grpc.Server | undefined;
+  private metricsServer: HttpServer | undefined;
+  private advertiser: NodeAdvertiser | undefined;
+  private refreshTimer: NodeJS.Timeout | undefined;
+  private grpcPort = 0;
+  private stopping: Promise<void> | undefined;
+
+  constructor(private readonly options: NodeAgentOptions) {
+    this.events.setMaxListeners(0); // one listener per Watch stream
+  }
+
+  get engines(): EngineSupervisor {
+    if (!this.supervisor) throw new Error('agent not started');
+    return this.supervisor;
+  }
+
+  profile(): HardwareProfile {
+    if (!this.currentProfile) throw new Error('agent not started');
+    return this.currentProfile;
+  }
+
+  async start(): Promise<AgentReady> {
+    const { options: o, log } = { options: this.options, log: this.options.log };
+    const identity = await loadOrCreateIdentity(o.stateDir);
+    log.info({ nodeId: identity.nodeId, stateDir: o.stateDir, created: identity.created }, 'node identity');
+    this.currentProfile = await this.probe(identity.nodeId);
+
+    const supervisor = new EngineSupervisor({ binaries: o.binaries, log: log.child({ part: 'supervisor' }), stopGraceMs: o.engineStopGraceMs });
+    this.supervisor = supervisor;
+    const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list() });
+    supervisor.on('started', (info) => metrics.engineStarted(info, supervisor.restartsOf(info.engineId) > 0));
+    supervisor.on('exited', (exit) => metrics.engineExited(exit));
+    // Sample once so the first scrape has available memory.
+    await this.live().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'live stats failed'));
+
+    try {
+      const state: AgentState = {
+        profile: () => this.profile(),
+        live: () => this.live(),
+        supervisor,
+        onProfileChange: (fn) => {
+          this.events.on('profile', fn);
+          return () => this.events.off('profile', fn);
+        },
+        onShutdown: (fn) => {
+          this.events.on('shutdown', fn);
+          return () => this.events.off('shutdown', fn);
+        },
+      };
+      const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }));
+      this.grpcServer = g.server;
+      this.grpcPort = g.port;
+      const m = await serveMetrics(metrics, o.bindHost, o.metricsPort, () => this.stopping === undefined).catch((err: unknown) => {
+        const inUse = (err as NodeJS.ErrnoException).code === 'EADDRINUSE';
+        throw new OrchardError(inUse ? `metrics port ${o.metricsPort} on ${o.bindHost} is already in use` : `cannot serve metrics on ${o.bindHost}:${o.metricsPort}: ${errorMessage(err)}`);
+      });
+      this.metricsServer = m.server;
+
+      if (o.mdns) {
+        this.advertiser = new NodeAdvertiser({ interfaceAddress: o.mdnsInterface, log: log.child({ part: 'mdns' }) });
+        this.advertiser.start(this.profile(), this.grpcPort);
+      }
+      const refreshMs = o.profileRefreshMs ?? 60_000;
+      if (refreshMs > 0) {
+        this.refreshTimer = setInterval(() => void this.refreshProfile(), refreshMs);
+        this.refreshTimer.unref();
+      }
+      return {
+        nodeId: identity.nodeId,
+        name: this.profile().name,
+        grpcPort: this.grpcPort,
+        metricsPort: m.port,
+        profile: this.profile(),
+        createdIdentity: identity.created,
+      };
+    } catch (err) {
+      await this.stop();
+      throw err;
+    }
+  }
+
+  private probe(nodeId: string): Promise<HardwareProfile> {
+    const o = this.options;
+    return o.probe({
+      nodeId,
+      ...(o.name !== undefined ? { name: o.name } : {}),
+      ...(o.memoryLimitBytes !== undefined ? { memoryLimitBytes: o.memoryLimitBytes } : {}),
+      ...(o.budgetBytes !== undefined ? { budgetBytes: o.budgetBytes } : {}),
+      ...(o.bandwidthBytesPerSecond !== undefined ? { bandwidthBytesPerSecond: o.bandwidthBytesPerSecond } : {}),
+    });
+  }
+
+  /** Re-probe; when anything changed, tell Watch streams and re-announce on mDNS. */
+  async refreshProfile(): Promise<boolean> {
+    if (!this.currentProfile || this.stopping) return false;
+    let next: HardwareProfile;
+    try {
+      next = await this.probe(this.currentProfile.nodeId);
+    } catch (err) {
+      this.options.log.warn({ err: errorMessage(err) }, 'profile refresh failed');
+      return false;
+    }
+    if (JSON.stringify(next) === JSON.stringify(this.currentProfile)) return false;
+    this.currentProfile = next;
+    this.options.log.info({ profile: next }, 'hardware profile changed');
+    this.advertiser?.update(next, this.grpcPort);
+    this.events.emit('profile', next);
+    return true;
+  }
+
+  /** Live stats, sampled at most every 200 ms however many Watch streams ask. */
+  live(): Promise<LiveStats> {
+    const now = Date.now();
+    if (this.liveCache && now - this.liveCache.at < 200) return this.liveCache.value;
+    const value = this.options.readLive().then((l) => {
+      this.lastLive = l;
+      return l;
+    });
+    value.catch(() => {
+      this.liveCache = undefined;
+    });
+    this.liveCache = { at: now, value };
+    return value;
+  }
+
+  /** Orderly shutdown; safe to call more than once. */
+  stop(): Promise<void> {
+    this.stopping ??= this.doStop();
+    return this.stopping;
+  }
+
+  private async doStop(): Promise<void> {
+    const log = this.options.log;
+    if (this.refreshTimer) clearInterval(this.refreshTimer);
+    this.events.emit('shutdown');
+    await this.advertiser?.stop().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'mDNS goodbye failed'));
+    await this.supervisor?.shutdown();
+    const grpcServer = this.grpcServer;
+    if (grpcServer) {
+      await new Promise<void>((resolve) => {
+        const force = setTimeout(() => {
+          grpcServer.forceShutdown();
+          resolve();
+        }, 2000);
+        grpcServer.tryShutdown(() => {
+          clearTimeout(force);
+          resolve();
+        });
+      });
+    }
+    const metricsServer = this.metricsServer;
+    if (metricsServer) {
+      metricsServer.closeAllConnections();
+      await new Promise<void>((resolve) => metricsServer.close(() => resolve()));
+    }
+    log.info('node agent stopped');
+  }
+
+  /** Second Ctrl-C: no grace, SIGKILL the engines now. */
+  killEngines(): void {
+    this.supervisor?.killAll();
+  }
+}

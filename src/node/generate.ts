@@ -1,0 +1,252 @@
+import { z } from 'zod';
+
+/**
+ * Generate relay: turns a NodeAgent.Generate request into a streaming call of the local
+ * llama-server's native `/completion` endpoint and its SSE stream back into TokenChunk /
+ * GenerateDone. The native endpoint (not /v1/completions) is used because it returns the token
+ * ids (`return_tokens`), which the coordinator needs for exact usage counts and for checking
+ * distributed output against single-node output token by token.
+ *
+ * Cancellation: aborting the fetch closes the HTTP connection; llama-server notices the closed
+ * socket on its next write and releases the slot.
+ */
+
+export interface GenerateParams {
+  readonly prompt: string;
+  readonly maxTokens: number;
+  readonly temperature: number;
+  readonly topP: number;
+  /** 0 = not set (proto3 cannot tell unset from 0): the engine picks a random seed. */
+  readonly seed: number;
+  readonly stop: readonly string[];
+}
+
+export interface TokenChunk {
+  readonly text: string;
+  readonly tokenIds: readonly number[];
+}
+
+export interface Timings {
+  readonly promptMs: number;
+  readonly predictedMs: number;
+  readonly promptTokensPerSecond: number;
+  readonly predictedTokensPerSecond: number;
+  readonly firstTokenMs: number;
+}
+
+export interface GenerateDone {
+  readonly finishReason: 'stop' | 'length';
+  readonly promptTokens: number;
+  readonly completionTokens: number;
+  readonly timings: Timings;
+}
+
+export class GenerateError extends Error {
+  override readonly name = 'GenerateError';
+  constructor(
+    readonly code: 'INVALID_ARGUMENT' | 'UNAVAILABLE' | 'INTERNAL' | 'CANCELLED' | 'RESOURCE_EXHAUSTED',
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export const generateRequestSchema = z.object({
+  engineId: z.string().default(''),
+  prompt: z.string().default(''),
+  maxTokens: z.number().int().nonnegative().default(0),
+  temperature: z.number().default(0),
+  topP: z.number().default(0),
+  seed: z.union([z.string(), z.number()]).default('0'),
+  stop: z.array(z.string()).default([]),
+  requestId: z.string().default(''),
+});
+
+/** Check a proto-loader GenerateRequest (int64 seed arrives as a string). */
+export function generateParamsFromRequest(raw: unknown): GenerateParams & { engineId: string; requestId: string } {
+  const parsed = generateRequestSchema.safeParse(raw ?? {});
+  if (!parsed.success) throw new GenerateError('INVALID_ARGUMENT', `malformed Generate request: ${parsed.error.issues[0]?.message}`);
+  const r = parsed.data;
+  if (r.prompt === '') throw new GenerateError('INVALID_ARGUMENT', 'prompt is empty');
+  if (!Number.isFinite(r.temperature) || r.temperature < 0 || r.temperature > 10) {
+    throw new GenerateError('INVALID_ARGUMENT', `invalid temperature ${r.temperature}: 0–10 (0 = greedy)`);
+  }
+  if (!Number.isFinite(r.topP) || r.topP < 0 || r.topP > 1) throw new GenerateError('INVALID_ARGUMENT', `invalid top_p ${r.topP}: 0–1 (0 = engine default)`);
+  const seed = Number(r.seed);
+  if (!Number.isSafeInteger(seed) || seed < 0 || seed > 0xffffffff) {
+    throw new GenerateError('INVALID_ARGUMENT', `invalid seed ${r.seed}: 0–4294967295 (0 = random)`);
+  }
+  return { engineId: r.engineId, requestId: r.requestId, prompt: r.prompt, maxTokens: r.maxTokens, temperature: r.temperature, topP: r.topP, seed, stop: r.stop };
+}
+
+/** The JSON body for llama-server `POST /completion`. */
+export function completionBody(p: GenerateParams): Record<string, unknown> {
+  const body: Record<string, unknown> = {
+    prompt: p.prompt,
+    stream: true,
+    return_tokens: true,
+    // 0 means "until a stop condition or the context is full", llama.cpp's -1.
+    n_predict: p.maxTokens > 0 ? p.maxTokens : -1,
+    temperature: p.temperature,
+    cache_prompt: true,
+  };
+  // Greedy must be exactly argmax so distributed output can be compared with single-node
+  // output token by token: temperature 0 plus top_k 1 leaves no sampler any choice.
+  if (p.temperature === 0) body.top_k = 1;
+  if (p.topP > 0) body.top_p = p.topP;
+  if (p.seed !== 0) body.seed = p.seed;
+  if (p.stop.length > 0) body.stop = p.stop;
+  return body;
+}
+
+/**
+ * Split an SSE byte stream (as text) into the payloads of complete `data:` events; returns the
+ * unfinished remainder to prepend to the next chunk.
+ */
+export function splitSse(buffer: string): { payloads: string[]; rest: string } {
+  const payloads: string[] = [];
+  const normalized = buffer.replace(/\r\n/g, '\n');
+  const events = normalized.split('\n\n');
+  const rest = events.pop() ?? '';
+  for (const event of events) {
+    const data = event
+      .split('\n')
+      .filter((l) => l.startsWith('data:'))
+      .map((l) => l.slice(5).replace(/^ /, ''))
+      .join('\n');
+    if (data !== '') payloads.push(data);
+  }
+  return { payloads, rest };
+}
+
+const timingsSchema = z
+  .object({
+    prompt_n: z.number().optional(),
+    prompt_ms: z.number().optional(),
+    prompt_per_second: z.number().optional(),
+    predicted_n: z.number().optional(),
+    predicted_ms: z.number().optional(),
+    predicted_per_second: z.number().optional(),
+  })
+  .loose();
+
+const completionChunkSchema = z
+  .object({
+    content: z.string().optional(),
+    tokens: z.array(z.number().int()).optional(),
+    stop: z.boolean().optional(),
+    stop_type: z.string().optional(),
+    tokens_predicted: z.number().optional(),
+    tokens_evaluated: z.number().optional(),
+    timings: timingsSchema.optional(),
+    error: z.unknown().optional(),
+  })
+  .loose();
+
+export type CompletionEvent = { kind: 'token'; chunk: TokenChunk } | { kind: 'done'; done: Omit<GenerateDone, 'timings'> & { timings: Omit<Timings, 'firstTokenMs'> } };
+
+/** Interpret one `/completion` SSE payload. A chunk may carry both the last tokens and `stop`. */
+export function parseCompletionPayload(payload: string): CompletionEvent[] {
+  let json: unknown;
+  try {
+    json = JSON.parse(payload);
+  } catch {
+    throw new GenerateError('INTERNAL', `llama-server sent a stream event that is not JSON: ${payload.slice(0, 120)}`);
+  }
+  const parsed = completionChunkSchema.safeParse(json);
+  if (!parsed.success) throw new GenerateError('INTERNAL', 'llama-server sent an unexpected stream event');
+  const c = parsed.data;
+  if (c.error !== undefined) throw engineError(c.error);
+  const events: CompletionEvent[] = [];
+  const text = c.content ?? '';
+  const tokenIds = c.tokens ?? [];
+  if (text !== '' || tokenIds.length > 0) events.push({ kind: 'token', chunk: { text, tokenIds } });
+  if (c.stop) {
+    const t = c.timings ?? {};
+    events.push({
+      kind: 'done',
+      done: {
+        // eos and stop words are "stop"; the n_predict limit (and a full context) is "length".
+        finishReason: c.stop_type === 'limit' ? 'length' : 'stop',
+        promptTokens: c.tokens_evaluated ?? t.prompt_n ?? 0,
+        completionTokens: c.tokens_predicted ?? t.predicted_n ?? 0,
+        timings: {
+          promptMs: t.prompt_ms ?? 0,
+          predictedMs: t.predicted_ms ?? 0,
+          promptTokensPerSecond: t.prompt_per_second ?? 0,
+          predictedTokensPerSecond: t.predicted_per_second ?? 0,
+        },
+      },
+    });
+  }
+  return events;
+}
+
+function engineError(error: unknown): GenerateError {
+  const e = (typeof error === 'object' && error !== null ? error : { message: String(error) }) as { message?: unknown; type?: unknown; code?: unknown };
+  const message = typeof e.message === 'string' ? e.message : JSON.stringify(error);
+  // llama-server uses HTTP-like codes: 400 bad request (e.g. prompt over context), 503 busy/loading.
+  if (e.code === 400 || e.type === 'invalid_request_error' || e.type === 'exceed_context_size_error') return new GenerateError('INVALID_ARGUMENT', message);
+  if (e.code === 503 || e.type === 'unavailable_error') return new GenerateError('UNAVAILABLE', message);
+  return new GenerateError('INTERNAL', `llama-server: ${message}`);
+}
+
+export interface RelayOptions {
+  readonly baseUrl: string;
+  readonly params: GenerateParams;
+  readonly signal: AbortSignal;
+  readonly onToken: (chunk: TokenChunk) => void;
+  readonly now?: () => number;
+}
+
+/** Stream one completion from llama-server; resolves with the final GenerateDone. */
+export async function relayCompletion(opts: RelayOptions): Promise<GenerateDone> {
+  const now = opts.now ?? (() => performance.now());
+  const t0 = now();
+  let firstTokenMs = 0;
+  let res: Response;
+  try {
+    res = await fetch(`${opts.baseUrl}/completion`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', accept: 'text/event-stream' },
+      body: JSON.stringify(completionBody(opts.params)),
+      signal: opts.signal,
+    });
+  } catch (err) {
+    if (opts.signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
+    throw new GenerateError('UNAVAILABLE', `llama-server at ${opts.baseUrl} is not reachable: ${(err as Error).message}`);
+  }
+  if (!res.ok || !res.body) {
+    const text = await res.text().catch(() => '');
+    let error: unknown = { message: text || `HTTP ${res.status}`, code: res.status };
+    try {
+      error = (JSON.parse(text) as { error?: unknown }).error ?? error;
+    } catch {}
+    throw engineError(error);
+  }
+  const decoder = new TextDecoder();
+  let buffer = '';
+  try {
+    for await (const bytes of res.body as AsyncIterable<Uint8Array>) {
+      buffer += decoder.decode(bytes, { stream: true });
+      const { payloads, rest } = splitSse(buffer);
+      buffer = rest;
+      for (const payload of payloads) {
+        for (const ev of parseCompletionPayload(payload)) {
+          if (ev.kind === 'token') {
+            if (firstTokenMs === 0 && ev.chunk.tokenIds.length > 0) firstTokenMs = now() - t0;
+            opts.onToken(ev.chunk);
+          } else {
+            return { ...ev.done, timings: { ...ev.done.timings, firstTokenMs } };
+          }
+        }
+      }
+    }
+  } catch (err) {
+    if (opts.signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
+    if (err instanceof GenerateError) throw err;
+    throw new GenerateError('UNAVAILABLE', `stream from llama-server broke: ${(err as Error).message}`);
+  }
+  if (opts.signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
+  throw new GenerateError('UNAVAILABLE', 'llama-server ended the stream without a final event (did the engine die?)');
+}

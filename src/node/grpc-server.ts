@@ -1,0 +1,187 @@
+import * as grpc from '@grpc/grpc-js';
+import { OrchardError, errorMessage } from '../shared/errors.ts';
+import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
+import type { Logger } from '../shared/log.ts';
+import { orchardV1 } from '../shared/proto.ts';
+import { EngineRequestError, engineSpecFromRequest } from './engine-spec.ts';
+import { GenerateError, generateParamsFromRequest, relayCompletion } from './generate.ts';
+import type { EngineExit, EngineInfo, EngineSupervisor } from './supervisor.ts';
+import { doneToWire, engineToWire, exitToWire, liveToWire, profileToWire, tokenToWire } from './wire.ts';
+
+/**
+ * `orchard.v1.NodeAgent` over gRPC. Thin: every handler validates its request at the edge and
+ * delegates to the supervisor / generate relay; domain errors become gRPC statuses with the
+ * same one-line message the CLI would print. A failing request never takes the agent down.
+ */
+export interface AgentState {
+  profile(): HardwareProfile;
+  /** Fresh enough live stats (the agent samples on demand, at most every ~200 ms). */
+  live(): Promise<LiveStats>;
+  readonly supervisor: EngineSupervisor;
+  /** Subscribe to profile changes; returns the unsubscribe function. */
+  onProfileChange(fn: (p: HardwareProfile) => void): () => void;
+  /** Subscribe to the agent shutting down (Watch streams end cleanly); returns unsubscribe. */
+  onShutdown(fn: () => void): () => void;
+}
+
+type Status = keyof typeof grpc.status;
+
+function toServiceError(err: unknown, log: Logger): grpc.ServiceError | Partial<grpc.StatusObject> {
+  if (err instanceof EngineRequestError || err instanceof GenerateError) {
+    return { code: grpc.status[err.code as Status], details: err.message };
+  }
+  if (err instanceof OrchardError) return { code: grpc.status.FAILED_PRECONDITION, details: err.message };
+  log.error({ err }, 'unexpected error in a gRPC handler');
+  return { code: grpc.status.INTERNAL, details: `node agent internal error: ${errorMessage(err)}` };
+}
+
+export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedServiceImplementation {
+  const { supervisor } = state;
+  return {
+    Describe(_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      state.live().then(
+        (live) => cb(null, { profile: profileToWire(state.profile()), live: liveToWire(live), engines: supervisor.list().map(engineToWire) }),
+        (err: unknown) => cb(toServiceError(err, log)),
+      );
+    },
+
+    Watch(call: grpc.ServerWritableStream<{ intervalSeconds?: number }, unknown>) {
+      const requested = Number(call.request?.intervalSeconds ?? 0);
+      // 0 = default 1 s; clamp so a client can neither flood the agent nor starve liveness.
+      const intervalMs = requested > 0 ? Math.min(60_000, Math.max(100, requested * 1000)) : 1000;
+      let open = true;
+      const send = (msg: unknown) => {
+        if (open) call.write(msg);
+      };
+      const sendStats = () => {
+        state.live().then(
+          (live) => send({ stats: liveToWire(live) }),
+          (err: unknown) => log.warn({ err: errorMessage(err) }, 'live stats failed'),
+        );
+      };
+      const onStarted = (info: EngineInfo) => send({ engineStarted: engineToWire(info) });
+      const onExited = (exit: EngineExit) => send({ engineExited: exitToWire(exit) });
+      supervisor.on('started', onStarted);
+      supervisor.on('exited', onExited);
+      const offProfile = state.onProfileChange((p) => send({ profileChanged: profileToWire(p) }));
+      const timer = setInterval(sendStats, intervalMs);
+      sendStats();
+      const close = () => {
+        if (!open) return;
+        open = false;
+        clearInterval(timer);
+        supervisor.off('started', onStarted);
+        supervisor.off('exited', onExited);
+        offProfile();
+        offShutdown();
+      };
+      const offShutdown = state.onShutdown(() => {
+        close();
+        call.end();
+      });
+      call.on('cancelled', close);
+      call.on('close', close);
+      call.on('error', close);
+    },
+
+    StartEngine(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      let spec: ReturnType<typeof engineSpecFromRequest>;
+      try {
+        spec = engineSpecFromRequest(call.request);
+      } catch (err) {
+        cb(toServiceError(err, log));
+        return;
+      }
+      supervisor.start(spec).then(
+        (info) => cb(null, { engine: engineToWire(info) }),
+        (err: unknown) => {
+          log.warn({ err: errorMessage(err), kind: spec.kind }, 'StartEngine failed');
+          cb(toServiceError(err, log));
+        },
+      );
+    },
+
+    StopEngine(call: grpc.ServerUnaryCall<{ engineId?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      const engineId = String(call.request?.engineId ?? '');
+      if (engineId === '') {
+        cb({ code: grpc.status.INVALID_ARGUMENT, details: 'engine_id is required' });
+        return;
+      }
+      supervisor.stop(engineId).then(
+        (exit) => {
+          if (!exit) cb({ code: grpc.status.NOT_FOUND, details: `no engine ${engineId} runs on this node` });
+          else cb(null, { stopped: true });
+        },
+        (err: unknown) => cb(toServiceError(err, log)),
+      );
+    },
+
+    Generate(call: grpc.ServerWritableStream<unknown, unknown>) {
+      const fail = (err: unknown) => {
+        const e = toServiceError(err, log);
+        call.emit('error', e);
+      };
+      let params: ReturnType<typeof generateParamsFromRequest>;
+      try {
+        params = generateParamsFromRequest(call.request);
+      } catch (err) {
+        fail(err);
+        return;
+      }
+      const heads = supervisor.list().filter((e) => e.kind === 'llama-server');
+      const engine = params.engineId === '' && heads.length === 1 ? heads[0] : supervisor.get(params.engineId);
+      if (!engine) {
+        const why = params.engineId === '' ? `engine_id is required (${heads.length} head engines run here)` : `no engine ${params.engineId} runs on this node`;
+        fail(new EngineRequestError('NOT_FOUND', why));
+        return;
+      }
+      if (engine.kind !== 'llama-server') {
+        fail(new EngineRequestError('FAILED_PRECONDITION', `engine ${engine.engineId} is an ${engine.kind}; Generate needs a llama-server head`));
+        return;
+      }
+      const abort = new AbortController();
+      // The client went away (or the coordinator cancelled): drop the HTTP request so the
+      // llama-server slot stops decoding instead of finishing a generation nobody reads.
+      call.on('cancelled', () => abort.abort());
+      const rlog = log.child({ engineId: engine.engineId, requestId: params.requestId || undefined });
+      relayCompletion({
+        baseUrl: `http://127.0.0.1:${engine.port}`,
+        params,
+        signal: abort.signal,
+        onToken: (chunk) => {
+          if (!abort.signal.aborted) call.write(tokenToWire(chunk));
+        },
+      }).then(
+        (done) => {
+          rlog.debug({ done }, 'generation done');
+          call.write(doneToWire(done));
+          call.end();
+        },
+        (err: unknown) => {
+          if (abort.signal.aborted) {
+            rlog.info('generation cancelled by the client');
+            return;
+          }
+          rlog.warn({ err: errorMessage(err) }, 'generation failed');
+          fail(err);
+        },
+      );
+    },
+  };
+}
+
+/** Bind the gRPC server; `port` 0 picks one. Rejects with a one-line OrchardError when the port is taken. */
+export async function serveNodeAgent(state: AgentState, host: string, port: number, log: Logger): Promise<{ server: grpc.Server; port: number }> {
+  const server = new grpc.Server();
+  server.addService(orchardV1().NodeAgent!.service, nodeAgentHandlers(state, log));
+  const addr = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+  const bound = await new Promise<number>((resolve, reject) => {
+    server.bindAsync(addr, grpc.ServerCredentials.createInsecure(), (err, p) => {
+      if (err) {
+        const inUse = /EADDRINUSE|address already in use/i.test(err.message);
+        reject(new OrchardError(inUse ? `gRPC port ${port} on ${host} is already in use` : `cannot listen on ${addr}: ${err.message}`));
+      } else resolve(p);
+    });
+  });
+  return { server, port: bound };
+}

@@ -1,0 +1,303 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { errorMessage } from '../shared/errors.ts';
+import type { Logger } from '../shared/log.ts';
+import { type EngineBinaries, type EngineKind, EngineRequestError, type EngineSpec, engineCommand, readinessHost, sameEngineRequest } from './engine-spec.ts';
+import { LineTail } from './line-tail.ts';
+import { canConnect, pickFreePort, portBindError } from './ports.ts';
+import { EngineWatchdog } from './watchdog.ts';
+
+/**
+ * Engine supervisor: starts llama.cpp engines as children of the agent, decides when they are
+ * ready, stops them (TERM, then KILL after a grace period), and reports every exit with the
+ * last lines of the engine's stderr. It never restarts an engine on its own: a dead RPC worker
+ * already aborted its head (llama.cpp has no recovery), so re-placement is the coordinator's
+ * decision; it learns about the exit from the `exited` event (gRPC Watch).
+ */
+
+export interface EngineInfo {
+  readonly engineId: string;
+  readonly kind: EngineKind;
+  readonly host: string;
+  readonly port: number;
+  readonly pid: number;
+  readonly model: string;
+  readonly startedAtSeconds: number;
+  readonly argv: readonly string[];
+}
+
+export interface EngineExit {
+  readonly engineId: string;
+  readonly kind: EngineKind;
+  readonly port: number;
+  /** -1 when the engine was ended by a signal. */
+  readonly exitCode: number;
+  readonly signal: string;
+  /** true when StopEngine or the agent's shutdown asked for it. */
+  readonly expected: boolean;
+  readonly lastStderrLines: readonly string[];
+}
+
+export interface SupervisorEvents {
+  started: [EngineInfo];
+  exited: [EngineExit];
+}
+
+export interface SupervisorOptions {
+  /** Resolves the engine binaries; rejects with a one-line reason when they are missing. */
+  readonly binaries: () => Promise<EngineBinaries>;
+  readonly log: Logger;
+  /** Time between SIGTERM and SIGKILL when stopping (default 5 s). */
+  readonly stopGraceMs?: number;
+  readonly watchdog?: EngineWatchdog;
+}
+
+interface Running {
+  readonly spec: EngineSpec; // port resolved
+  readonly info: EngineInfo;
+  readonly child: ChildProcess;
+  readonly tail: LineTail;
+  readonly exited: Promise<EngineExit>;
+  ready: boolean;
+  stopping: boolean;
+}
+
+export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
+  private readonly running = new Map<string, Running>();
+  private readonly starting = new Map<string, Promise<EngineInfo>>();
+  private readonly watchdog: EngineWatchdog;
+  private readonly stopGraceMs: number;
+  private shuttingDown = false;
+  /** Starts per engine id, so a second start of the same id counts as a restart. */
+  private readonly startCounts = new Map<string, number>();
+
+  constructor(private readonly options: SupervisorOptions) {
+    super();
+    this.watchdog = options.watchdog ?? new EngineWatchdog({ log: options.log });
+    this.stopGraceMs = options.stopGraceMs ?? 5000;
+  }
+
+  get watchdogPid(): number | undefined {
+    return this.watchdog.pid;
+  }
+
+  list(): EngineInfo[] {
+    return [...this.running.values()].filter((r) => r.ready).map((r) => r.info);
+  }
+
+  get(engineId: string): EngineInfo | undefined {
+    const r = this.running.get(engineId);
+    return r?.ready ? r.info : undefined;
+  }
+
+  /** Engine ids started more than once (a coordinator restarting a stage). */
+  restartsOf(engineId: string): number {
+    return Math.max(0, (this.startCounts.get(engineId) ?? 0) - 1);
+  }
+
+  /**
+   * Start an engine and resolve once it accepts connections. Idempotent per engine id: the
+   * same request again returns the running engine; a different request for a running id is
+   * ALREADY_EXISTS.
+   */
+  start(spec: EngineSpec): Promise<EngineInfo> {
+    if (this.shuttingDown) return Promise.reject(new EngineRequestError('FAILED_PRECONDITION', 'the node agent is shutting down'));
+    const engineId = spec.engineId || `${spec.kind}-${randomUUID().slice(0, 8)}`;
+    const pending = this.starting.get(engineId);
+    if (pending && !this.running.has(engineId)) return pending; // still resolving binaries/port
+    const existing = this.running.get(engineId);
+    if (existing) {
+      if (!sameEngineRequest(existing.spec, spec)) {
+        return Promise.reject(new EngineRequestError('ALREADY_EXISTS', `engine ${engineId} is already running with different settings; stop it first`));
+      }
+      return pending ?? Promise.resolve(existing.info);
+    }
+    const promise = this.launch(engineId, spec).finally(() => this.starting.delete(engineId));
+    this.starting.set(engineId, promise);
+    return promise;
+  }
+
+  private async launch(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
+    let bins: EngineBinaries;
+    try {
+      bins = await this.options.binaries();
+    } catch (err) {
+      throw new EngineRequestError('FAILED_PRECONDITION', errorMessage(err));
+    }
+    const probeHost = readinessHost(spec.bindHost);
+    let port = spec.port;
+    if (port === 0) {
+      port = await pickFreePort(spec.bindHost).catch((err: unknown) => {
+        throw new EngineRequestError('INVALID_ARGUMENT', `cannot bind ${spec.bindHost}: ${errorMessage(err)}`);
+      });
+    } else {
+      const taken = [...this.running.values()].find((r) => r.info.port === port);
+      if (taken) throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} is in use by engine ${taken.info.engineId}`);
+      const code = await portBindError(spec.bindHost, port);
+      if (code === 'EADDRINUSE') throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} on ${spec.bindHost} is already in use`);
+      if (code === 'EADDRNOTAVAIL') throw new EngineRequestError('INVALID_ARGUMENT', `bind_host ${spec.bindHost} is not an address of this node`);
+      if (code) throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${spec.bindHost}:${port} (${code})`);
+    }
+    const cmd = engineCommand(spec, port, bins);
+    const log = this.options.log.child({ engineId, kind: spec.kind, port });
+    log.info({ file: cmd.file, argv: cmd.argv }, 'starting engine');
+
+    const child = spawn(cmd.file, cmd.argv, {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, ...cmd.env },
+    });
+    const spawnError = await new Promise<Error | undefined>((resolve) => {
+      child.once('spawn', () => resolve(undefined));
+      child.once('error', (err) => resolve(err));
+    });
+    if (spawnError || child.pid === undefined) {
+      throw new EngineRequestError('FAILED_PRECONDITION', `cannot start ${cmd.file}: ${errorMessage(spawnError)}`);
+    }
+    const pid = child.pid;
+    this.watchdog.add(pid);
+    this.startCounts.set(engineId, (this.startCounts.get(engineId) ?? 0) + 1);
+
+    const tail = new LineTail(20);
+    child.stderr?.setEncoding('utf8').on('data', (s: string) => tail.push(s));
+    // llama.cpp logs to stderr; stdout is drained so a chatty engine never blocks on a full pipe.
+    child.stdout?.on('data', () => {});
+
+    const info: EngineInfo = {
+      engineId,
+      kind: spec.kind,
+      host: spec.bindHost,
+      port,
+      pid,
+      model: spec.model,
+      startedAtSeconds: Date.now() / 1000,
+      argv: [cmd.file, ...cmd.argv],
+    };
+    const exited = new Promise<EngineExit>((resolve) => {
+      // 'close' (not 'exit') so the stderr tail is complete.
+      child.once('close', (code, signal) => {
+        this.watchdog.remove(pid);
+        const r = this.running.get(engineId);
+        const expected = (r?.stopping ?? false) || this.shuttingDown;
+        if (r?.child === child) this.running.delete(engineId);
+        const exit: EngineExit = {
+          engineId,
+          kind: spec.kind,
+          port,
+          exitCode: code ?? -1,
+          signal: signal ?? '',
+          expected,
+          lastStderrLines: tail.snapshot(),
+        };
+        (expected ? log.info.bind(log) : log.warn.bind(log))({ code, signal, lastStderrLines: exit.lastStderrLines }, 'engine exited');
+        if (r?.ready) this.emit('exited', exit);
+        resolve(exit);
+      });
+    });
+    const entry: Running = { spec: { ...spec, engineId, port }, info, child, tail, exited, ready: false, stopping: false };
+    this.running.set(engineId, entry);
+
+    try {
+      await this.waitReady(entry, probeHost);
+    } catch (err) {
+      entry.stopping = true;
+      await this.terminate(entry);
+      throw err;
+    }
+    entry.ready = true;
+    log.info({ pid }, 'engine ready');
+    this.emit('started', info);
+    return info;
+  }
+
+  private async waitReady(entry: Running, host: string): Promise<void> {
+    const { spec, info } = entry;
+    const deadline = Date.now() + spec.readyTimeoutMs;
+    let exit: EngineExit | undefined;
+    void entry.exited.then((e) => {
+      exit = e;
+    });
+    let delay = 50;
+    while (true) {
+      if (exit) {
+        const how = exit.signal ? `signal ${exit.signal}` : `code ${exit.exitCode}`;
+        throw new EngineRequestError(
+          'FAILED_PRECONDITION',
+          `${spec.kind} ${info.engineId} exited with ${how} before it was ready: ${lastLines(exit.lastStderrLines)}`,
+        );
+      }
+      if (entry.stopping) throw new EngineRequestError('FAILED_PRECONDITION', `${spec.kind} ${info.engineId} was stopped before it was ready`);
+      if (await this.isAccepting(spec.kind, host, info.port)) return;
+      if (Date.now() >= deadline) {
+        throw new EngineRequestError(
+          'DEADLINE_EXCEEDED',
+          `${spec.kind} ${info.engineId} did not accept connections within ${spec.readyTimeoutMs / 1000} s: ${lastLines(entry.tail.snapshot())}`,
+        );
+      }
+      await sleep(Math.min(delay, Math.max(0, deadline - Date.now())));
+      delay = Math.min(500, delay * 2);
+    }
+  }
+
+  private async isAccepting(kind: EngineKind, host: string, port: number): Promise<boolean> {
+    if (kind === 'rpc-server') return canConnect(host, port);
+    // llama-server answers /health with 503 while loading the model, 200 once it can serve.
+    try {
+      const res = await fetch(`http://${host}:${port}/health`, { signal: AbortSignal.timeout(2000) });
+      await res.body?.cancel();
+      return res.status === 200;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Stop one engine. Resolves with its exit, or undefined when no such engine runs. */
+  async stop(engineId: string): Promise<EngineExit | undefined> {
+    const entry = this.running.get(engineId);
+    if (!entry) return undefined;
+    entry.stopping = true;
+    return this.terminate(entry);
+  }
+
+  /** SIGTERM, then SIGKILL after the grace period. */
+  private async terminate(entry: Running): Promise<EngineExit> {
+    const { child } = entry;
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+    const timer = setTimeout(() => {
+      if (child.exitCode === null && child.signalCode === null) {
+        this.options.log.warn({ engineId: entry.info.engineId, pid: entry.info.pid }, 'engine ignored SIGTERM; sending SIGKILL');
+        child.kill('SIGKILL');
+      }
+    }, this.stopGraceMs);
+    try {
+      return await entry.exited;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Stop every engine (agent shutdown) and retire the watchdog. */
+  async shutdown(): Promise<void> {
+    this.shuttingDown = true;
+    await Promise.all([...this.running.values()].map((e) => {
+      e.stopping = true;
+      return this.terminate(e);
+    }));
+    this.watchdog.close();
+  }
+
+  /** Last resort on a second Ctrl-C: SIGKILL everything now. */
+  killAll(): void {
+    this.shuttingDown = true;
+    for (const e of this.running.values()) e.child.kill('SIGKILL');
+  }
+}
+
+function lastLines(lines: readonly string[]): string {
+  const picked = lines.slice(-3).join(' | ');
+  return picked === '' ? '(no output on stderr)' : picked;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}

@@ -1,0 +1,59 @@
+import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
+import { ENGINE_KIND_TO_PROTO } from './engine-spec.ts';
+import type { GenerateDone, TokenChunk } from './generate.ts';
+import type { EngineExit, EngineInfo } from './supervisor.ts';
+
+/**
+ * Agent-side conversion to proto-loader objects (camelCase, enums as names, uint64 as decimal
+ * strings so no size ever passes through a lossy double on the wire side).
+ */
+type Wire = Record<string, unknown>;
+
+export function profileToWire(p: HardwareProfile): Wire {
+  return {
+    ...p,
+    memoryBytes: String(p.memoryBytes),
+    bandwidthBytesPerSecond: String(p.bandwidthBytesPerSecond),
+    wiredLimitBytes: String(p.wiredLimitBytes),
+    usableBytes: String(p.usableBytes),
+    engines: [...p.engines],
+    interfaces: p.interfaces.map((i) => ({ name: i.name, addresses: [...i.addresses], thunderbolt: i.thunderbolt, rdma: i.rdma })),
+  };
+}
+
+export function liveToWire(l: LiveStats): Wire {
+  return { ...l, availableBytes: String(l.availableBytes) };
+}
+
+export function engineToWire(e: EngineInfo): Wire {
+  return {
+    engineId: e.engineId,
+    kind: ENGINE_KIND_TO_PROTO[e.kind],
+    host: e.host,
+    port: e.port,
+    pid: e.pid,
+    model: e.model,
+    startedAtSeconds: e.startedAtSeconds,
+    argv: [...e.argv],
+  };
+}
+
+export function exitToWire(e: EngineExit): Wire {
+  return {
+    engineId: e.engineId,
+    kind: ENGINE_KIND_TO_PROTO[e.kind],
+    exitCode: e.exitCode,
+    signal: e.signal,
+    expected: e.expected,
+    lastStderrLines: [...e.lastStderrLines],
+    port: e.port,
+  };
+}
+
+export function tokenToWire(c: TokenChunk): Wire {
+  return { token: { text: c.text, tokenIds: [...c.tokenIds] } };
+}
+
+export function doneToWire(d: GenerateDone): Wire {
+  return { done: { finishReason: d.finishReason, promptTokens: d.promptTokens, completionTokens: d.completionTokens, timings: { ...d.timings } } };
+}
