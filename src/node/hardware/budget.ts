@@ -68,6 +68,8 @@ export interface Budget {
  * side only, not from the wired limit too: the wired limit caps GPU allocations, other programs'
  * pages cap physical room; subtracting them from both would double count (64 GiB machine, 10 GiB
  * used by apps: room is 64 − 4 − 10 = 50 GiB, the wired cap 48 GiB still binds, usable ≈ 48 − margin).
+ * Note the algebra: once programs use more than the reserve, RAM − reserve − others = RAM − in use
+ * = available memory, so the reserve only matters on an idle machine — intended: it is a floor.
  */
 export function usableBudget(input: BudgetInput): Budget {
   const reserveBytes = input.reserveBytes ?? osReserveBytes(input.memoryBytes);

@@ -250,7 +250,8 @@ export function macInterfaces(out: MacOutputs): NetworkInterfaceInfo[] {
     const thunderbolt = isTbPort(i.name) || (i.members.length > 0 && i.members.every(isTbPort));
     const addresses = [...i.ipv4, ...i.ipv6.filter((a) => !isLinkLocal6(a))];
     if (addresses.length === 0 && !thunderbolt) continue;
-    const rdma = rdmaEnabled && (rdmaDevs.has(i.name) || i.members.some((m) => rdmaDevs.has(m)));
+    // RDMA is per Thunderbolt port (rdma_enN); the bridge over those ports only carries TCP.
+    const rdma = rdmaEnabled && rdmaDevs.has(i.name);
     result.push({ name: i.name, addresses, thunderbolt, rdma });
   }
   return result;
