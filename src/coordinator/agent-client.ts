@@ -86,6 +86,11 @@ export class AgentClient {
   }
 
   async startEngine(o: StartEngineOptions, timeoutMs: number): Promise<EngineInfo> {
+    return (await this.startEngineWithLog(o, timeoutMs)).engine;
+  }
+
+  /** StartEngine, also returning the engine's startup log lines when the agent sends them. */
+  async startEngineWithLog(o: StartEngineOptions, timeoutMs: number): Promise<{ engine: EngineInfo; logLines: string[] }> {
     const r = await this.#unary(
       'startEngine',
       {
@@ -103,7 +108,7 @@ export class AgentClient {
       },
       timeoutMs,
     );
-    return engineFromWire(r.engine as Wire);
+    return { engine: engineFromWire(r.engine as Wire), logLines: Array.isArray(r.logLines) ? r.logLines.map(String) : [] };
   }
 
   async stopEngine(engineId: string, timeoutMs = 10_000): Promise<boolean> {

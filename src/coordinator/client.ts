@@ -1,0 +1,71 @@
+import * as grpc from '@grpc/grpc-js';
+import { OrchardError, UsageError } from '../shared/errors.ts';
+import { orchardV1 } from '../shared/proto.ts';
+
+/** Where the CLI finds the coordinator: --coordinator, ORCHARD_COORDINATOR, or this machine. */
+export const DEFAULT_COORDINATOR_GRPC_PORT = 7420;
+export const DEFAULT_COORDINATOR_HTTP_PORT = 8420;
+
+export function coordinatorAddress(flag: string | undefined, env: NodeJS.ProcessEnv = process.env): string {
+  const a = flag ?? env.ORCHARD_COORDINATOR ?? `127.0.0.1:${DEFAULT_COORDINATOR_GRPC_PORT}`;
+  if (!/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$/.test(a)) throw new UsageError(`invalid coordinator address "${a}": use HOST:PORT`);
+  return /:\d+$/.test(a) && !a.endsWith(']') ? a : `${a}:${DEFAULT_COORDINATOR_GRPC_PORT}`;
+}
+
+type Wire = Record<string, unknown>;
+
+/** A gRPC failure as the one-line CLI error it should be. */
+export function cliError(err: unknown, address: string): OrchardError {
+  const e = err as grpc.ServiceError;
+  const details = e?.details || e?.message || String(err);
+  switch (e?.code) {
+    case grpc.status.UNAVAILABLE:
+      if (/No connection established|ECONNREFUSED|connect|Name resolution/i.test(details)) {
+        return new OrchardError(`cannot reach the coordinator at ${address}: ${details} (is \`orchard coordinator\` running? use --coordinator HOST:PORT)`);
+      }
+      return new OrchardError(details);
+    case grpc.status.INVALID_ARGUMENT:
+      return new UsageError(details);
+    case grpc.status.PERMISSION_DENIED:
+      return new OrchardError(details);
+    case grpc.status.DEADLINE_EXCEEDED:
+      return new OrchardError(`the coordinator at ${address} did not answer in time: ${details}`);
+    default:
+      return new OrchardError(details);
+  }
+}
+
+export class CoordinatorClient {
+  readonly #c: grpc.Client & Record<string, unknown>;
+
+  constructor(readonly address: string) {
+    const Ctor = orchardV1().Coordinator!;
+    this.#c = new Ctor(address, grpc.credentials.createInsecure()) as grpc.Client & Record<string, unknown>;
+  }
+
+  unary(method: string, req: Wire, timeoutMs = 15_000): Promise<Wire> {
+    const fn = this.#c[method] as (r: Wire, md: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, r: Wire) => void) => void;
+    return new Promise((resolve, reject) =>
+      fn.call(this.#c, req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(cliError(err, this.address)) : resolve(res))),
+    );
+  }
+
+  /** Server stream as an async iterable; errors become one-line CLI errors. */
+  async *stream(method: string, req: Wire, signal?: AbortSignal): AsyncGenerator<Wire> {
+    const call = (this.#c[method] as (r: Wire) => grpc.ClientReadableStream<Wire>).call(this.#c, req);
+    const onAbort = () => call.cancel();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      for await (const m of call as AsyncIterable<Wire>) yield m;
+    } catch (err) {
+      throw cliError(err, this.address);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      call.cancel();
+    }
+  }
+
+  close(): void {
+    this.#c.close();
+  }
+}

@@ -1,0 +1,162 @@
+import { createServer, type Server } from 'node:http';
+import type * as grpc from '@grpc/grpc-js';
+import { errorMessage } from '../shared/errors.ts';
+import type { Logger } from '../shared/log.ts';
+import { Discovery } from './discovery.ts';
+import { modelStatusToWire, nodeStatusToWire, startCoordinatorGrpc } from './grpc-server.ts';
+import { Membership } from './membership.ts';
+import { createPlanner } from './planner-adapter.ts';
+import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './registry.ts';
+import { Runtime, type Planner } from './runtime.ts';
+import { StateDir } from './state-dir.ts';
+
+export interface CoordinatorOptions {
+  readonly stateDir: string;
+  /** Address the gRPC server binds (default 0.0.0.0: agents join from other machines). */
+  readonly host?: string | undefined;
+  readonly grpcPort: number;
+  /** HTTP port for /health and /status (and, next, the OpenAI API); undefined = no HTTP. */
+  readonly httpPort?: number | undefined;
+  readonly httpHost?: string | undefined;
+  readonly mdns: boolean;
+  /** IPv4 of the interface to browse Bonjour on (binds 0.0.0.0; see notes/bonjour.md). */
+  readonly mdnsInterface?: string | undefined;
+  readonly joinToken?: string | undefined;
+  readonly registry?: Partial<RegistryOptions> | undefined;
+  readonly maxQueue?: number | undefined;
+  readonly extraHeadArgs?: readonly string[] | undefined;
+  readonly rpcThreads?: number | undefined;
+  readonly planner?: Planner | undefined;
+  readonly version?: string | undefined;
+  readonly log: Logger;
+}
+
+export interface CoordinatorHandle {
+  readonly clusterId: string;
+  readonly grpcPort: number;
+  readonly httpPort: number | undefined;
+  readonly joinToken: string;
+  readonly tokenCreated: boolean;
+  readonly runtime: Runtime;
+  readonly membership: Membership;
+  /** The HTTP server, so the OpenAI API can add its routes (`server.on('request', …)` is taken; use `httpRoutes`). */
+  readonly httpRoutes: Map<string, (req: import('node:http').IncomingMessage, res: import('node:http').ServerResponse) => void>;
+  close(): Promise<void>;
+}
+
+/**
+ * Start a coordinator: state dir (cluster id, join token, statically joined agents), membership
+ * (Watch streams), Bonjour browsing, the runtime and the gRPC server. `close()` unloads every
+ * model (stopping the engines on the agents) before the servers go down.
+ */
+export async function startCoordinator(o: CoordinatorOptions): Promise<CoordinatorHandle> {
+  const log = o.log;
+  const state = new StateDir(o.stateDir);
+  const { token, created } = await state.joinToken(o.joinToken);
+  let cluster = await state.cluster();
+  const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log);
+  // Budgets for a second model subtract what loaded models already hold on each node.
+  let runtimeRef: Runtime | undefined;
+  const reserved = (nodeId: string) =>
+    (runtimeRef?.models() ?? []).filter((m) => m.state !== 'failed').flatMap((m) => m.stages).filter((s) => s.nodeId === nodeId).reduce((t, s) => t + s.bytes.total, 0);
+  const runtime = new Runtime({
+    membership,
+    planner: o.planner ?? createPlanner(reserved),
+    clusterId: cluster.clusterId,
+    log,
+    maxQueue: o.maxQueue,
+    extraHeadArgs: o.extraHeadArgs,
+    rpcThreads: o.rpcThreads,
+  });
+  runtimeRef = runtime;
+
+  let saving = Promise.resolve();
+  const rememberAgent = (address: string) => {
+    saving = saving.then(async () => {
+      if (cluster.agents.includes(address)) return;
+      cluster = { ...cluster, agents: [...cluster.agents, address] };
+      await state.saveCluster(cluster);
+    });
+    return saving;
+  };
+
+  const { server, port } = await startCoordinatorGrpc(
+    { membership, runtime, joinToken: () => token, clusterId: cluster.clusterId, version: o.version ?? '0.1.0', log, rememberAgent },
+    o.host ?? '0.0.0.0',
+    o.grpcPort,
+  );
+
+  // Agents that joined statically before a restart: dial them again (they keep retrying).
+  for (const a of cluster.agents) {
+    membership.add(a, 'join').catch((err) => log.warn({ address: a, err: errorMessage(err) }, 'remembered agent not reachable yet; retrying'));
+  }
+
+  let discovery: Discovery | undefined;
+  if (o.mdns) {
+    discovery = new Discovery(
+      (address) => {
+        membership.add(address, 'mdns').catch((err) => log.debug({ address, err: errorMessage(err) }, 'mDNS sighting not reachable'));
+      },
+      log,
+      { interface: o.mdnsInterface },
+    );
+  }
+
+  const httpRoutes: CoordinatorHandle['httpRoutes'] = new Map();
+  httpRoutes.set('GET /health', (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ ok: true, nodesUp: membership.registry.upNodes().length, models: runtime.models().map((m) => ({ name: m.name, state: m.state })) }));
+  });
+  httpRoutes.set('GET /status', (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ clusterId: cluster.clusterId, nodes: membership.registry.nodes().map((n) => nodeStatusToWire(n)), models: runtime.models().map(modelStatusToWire) }));
+  });
+  let http: Server | undefined;
+  let httpPort: number | undefined;
+  if (o.httpPort !== undefined) {
+    http = createServer((req, res) => {
+      const route = httpRoutes.get(`${req.method} ${(req.url ?? '/').split('?')[0]}`);
+      if (route) return route(req, res);
+      res.writeHead(404, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: { message: `no route ${req.method} ${req.url}`, type: 'not_found' } }));
+    });
+    const h = http;
+    httpPort = await new Promise<number>((resolve, reject) => {
+      h.once('error', reject);
+      h.listen(o.httpPort, o.httpHost ?? '127.0.0.1', () => {
+        const a = h.address();
+        resolve(typeof a === 'object' && a ? a.port : 0);
+      });
+    });
+  }
+
+  log.info({ grpcPort: port, httpPort, clusterId: cluster.clusterId, mdns: o.mdns, stateDir: o.stateDir }, 'coordinator ready');
+
+  let closed = false;
+  return {
+    clusterId: cluster.clusterId,
+    grpcPort: port,
+    httpPort,
+    joinToken: token,
+    tokenCreated: created,
+    runtime,
+    membership,
+    httpRoutes,
+    async close() {
+      if (closed) return;
+      closed = true;
+      await runtime.close();
+      await discovery?.close();
+      membership.close();
+      await new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
+      server.forceShutdown();
+      if (http) {
+        http.closeAllConnections();
+        await new Promise<void>((resolve) => http.close(() => resolve()));
+      }
+      await saving;
+    },
+  };
+}
+
+export type { grpc };

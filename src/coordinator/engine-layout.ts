@@ -1,0 +1,76 @@
+import type { MemoryOptions } from '../shared/memory/stage.ts';
+import { llamaDeviceArgs, llamaMemoryArgs } from '../shared/placement/llama-args.ts';
+import type { PlannedDevice } from './engine-verify.ts';
+
+/**
+ * From a plan's stages to the llama-server arguments that pin each stage's layer range to its
+ * device, and the devices verification expects. Pure. The split arithmetic is the planner's
+ * (`llamaDeviceArgs`, src/shared/placement/llama-args.ts); this adds what the coordinator owns:
+ * * Device names. RPC devices are `RPC<dev>[host:port]` (one device per server here, so
+ *   `RPC0[…]`); the head's Metal GPU is `MTL0`. `--device` names them in stage order so the
+ *   order never depends on registration order (llama.cpp: RPC first, then local GPUs).
+ * * On a CPU-only build (Linux here) the CPU is not a device for -ngl/--tensor-split, so the
+ *   head's own layers (and the output layer) need a ggml-rpc-server on the head node's
+ *   127.0.0.1; on macOS the head's Metal device holds them directly.
+ * * `-lv 4` so the engine prints its per-layer assignment for engine-verify.ts.
+ */
+export interface LayoutStage {
+  readonly nodeId: string;
+  readonly nodeName: string;
+  readonly firstLayer: number;
+  readonly lastLayer: number;
+  readonly predicted?: PlannedDevice['predicted'];
+  readonly budgetBytes?: number;
+}
+
+export interface HeadOptions {
+  readonly modelPath: string;
+  readonly nLayer: number;
+  readonly memory: MemoryOptions;
+  /** The head's llama-server has a GPU device (macOS Metal) for the head stage. */
+  readonly headHasGpu: boolean;
+  /** Extra llama-server arguments (tests, tuning), appended last. */
+  readonly extraArgs?: readonly string[] | undefined;
+}
+
+export function stageDevice(endpoint: string | undefined, isHeadGpu: boolean): string {
+  if (isHeadGpu) return 'MTL0';
+  if (!endpoint) throw new Error('an RPC stage needs an endpoint');
+  return `RPC0[${endpoint}]`;
+}
+
+/**
+ * @param endpoints host:port of each stage's rpc-server in stage order; for a GPU head the last
+ *   entry is undefined (no rpc-server there).
+ */
+export function headLayout(stages: readonly LayoutStage[], endpoints: readonly (string | undefined)[], o: HeadOptions): { args: string[]; devices: PlannedDevice[] } {
+  if (endpoints.length !== stages.length) throw new Error('one endpoint per stage');
+  const last = stages.length - 1;
+  const dev = llamaDeviceArgs(
+    stages.map((s, i) => ({ firstLayer: s.firstLayer, lastLayer: s.lastLayer, ...(i === last && o.headHasGpu ? {} : { rpc: endpoints[i]! }) })),
+    o.nLayer,
+  );
+  const devices: PlannedDevice[] = stages.map((s, i) => ({
+    device: stageDevice(endpoints[i], i === last && o.headHasGpu),
+    nodeName: s.nodeName,
+    firstLayer: s.firstLayer,
+    lastLayer: s.lastLayer,
+    holdsOutput: i === last,
+    predicted: s.predicted,
+    budgetBytes: s.budgetBytes,
+  }));
+  const args: string[] = ['-m', o.modelPath, ...llamaMemoryArgs(o.memory)];
+  // --rpc registers the RPC devices while arguments are parsed, so it must precede --device.
+  if (dev.rpc.length > 0) args.push('--rpc', dev.rpc.join(','));
+  args.push(
+    '--device', devices.map((d) => d.device).join(','),
+    '--split-mode', 'layer',
+    '-ngl', String(dev.nGpuLayers),
+    '--tensor-split', dev.tensorSplit.join(','),
+    '-lv', '4',
+    '--metrics',
+    '--no-webui',
+    ...(o.extraArgs ?? []),
+  );
+  return { args, devices };
+}

@@ -1,0 +1,206 @@
+import * as grpc from '@grpc/grpc-js';
+import { z } from 'zod';
+import { errorMessage } from '../shared/errors.ts';
+import type { Logger } from '../shared/log.ts';
+import { orchardV1 } from '../shared/proto.ts';
+import { CoordinatorError, toServiceError } from './errors.ts';
+import { joinTokenMatches } from './join-token.ts';
+import type { Membership } from './membership.ts';
+import type { NodeEntry } from './registry.ts';
+import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from './runtime.ts';
+import { liveToWire, profileToWire } from './wire.ts';
+
+/**
+ * `orchard.v1.Coordinator` over gRPC: validates at the edge (zod), delegates to membership and
+ * the runtime, maps domain errors to statuses. Join is the only call that needs the token;
+ * everything else is for the operator's CLI — bind the port accordingly (default 127.0.0.1
+ * is not enough for joins from other machines, so `orchard coordinator` binds 0.0.0.0 only
+ * when asked with --host).
+ */
+export interface CoordinatorServices {
+  readonly membership: Membership;
+  readonly runtime: Runtime;
+  readonly joinToken: () => string;
+  readonly clusterId: string;
+  readonly version: string;
+  readonly log: Logger;
+  /** Persist a statically joined agent so a restarted coordinator dials it again. */
+  readonly rememberAgent: (address: string) => Promise<void>;
+}
+
+const ADDRESS = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/;
+
+const joinSchema = z.object({ token: z.string().default(''), agentAddress: z.string().default('') });
+const planOptionsSchema = z
+  .object({
+    ctx: z.number().int().nonnegative().default(0),
+    cacheType: z.string().default(''),
+    parallel: z.number().int().nonnegative().default(0),
+    pinnedNodes: z.array(z.string()).default([]),
+  })
+  .nullish();
+const loadSchema = z.object({ modelPath: z.string().default(''), name: z.string().default(''), options: planOptionsSchema, engine: z.string().default('') });
+const planSchema = z.object({ modelPath: z.string().default(''), options: planOptionsSchema });
+const generateSchema = z.object({
+  model: z.string().default(''),
+  prompt: z.string().default(''),
+  maxTokens: z.number().int().nonnegative().default(0),
+  temperature: z.number().default(0),
+  topP: z.number().default(0),
+  seed: z.union([z.string(), z.number()]).default('0'),
+  stop: z.array(z.string()).default([]),
+});
+
+function parse<T>(schema: z.ZodType<T>, raw: unknown, what: string): T {
+  const r = schema.safeParse(raw ?? {});
+  if (!r.success) throw new CoordinatorError('INVALID_ARGUMENT', `malformed ${what} request: ${r.error.issues[0]?.message ?? 'invalid'}`);
+  return r.data;
+}
+
+function options(o: z.infer<typeof planOptionsSchema>) {
+  return { ctx: o?.ctx ?? 0, cacheType: o?.cacheType ?? '', parallel: o?.parallel ?? 0, pinnedNodes: o?.pinnedNodes ?? [] };
+}
+
+export function nodeStatusToWire(n: NodeEntry, now = Date.now()): Record<string, unknown> {
+  return {
+    profile: profileToWire(n.profile),
+    live: liveToWire(n.live),
+    state: `NODE_STATE_${n.state.toUpperCase()}`,
+    address: n.address,
+    discoveredBy: n.discoveredBy,
+    lastSeenSeconds: (now - n.lastSeenMs) / 1000,
+  };
+}
+
+export function modelStatusToWire(m: ModelStatus): Record<string, unknown> {
+  return {
+    name: m.name,
+    path: m.path,
+    state: m.state,
+    engine: m.engine,
+    error: m.error,
+    predictedTokensPerSecond: m.predictedTokensPerSecond,
+    stages: m.stages.map((s) => ({
+      nodeId: s.nodeId,
+      nodeName: s.nodeName,
+      firstLayer: s.firstLayer,
+      lastLayer: s.lastLayer,
+      bytes: Object.fromEntries(Object.entries(s.bytes).map(([k, v]) => [k, String(v)])),
+      budgetBytes: String(s.budgetBytes),
+      endpoint: s.endpoint,
+    })),
+  };
+}
+
+function progressToWire(p: LoadProgress): Record<string, unknown> {
+  return {
+    phase: p.phase,
+    message: p.message,
+    bytesDone: String(p.bytesDone),
+    bytesTotal: String(p.bytesTotal),
+    elapsedSeconds: p.elapsedSeconds,
+    model: p.model ? modelStatusToWire(p.model) : undefined,
+  };
+}
+
+export function generateEventToWire(e: GenerateEvent): Record<string, unknown> {
+  if (e.kind === 'token') return { token: { text: e.text, tokenIds: [...e.tokenIds] } };
+  return { done: { finishReason: e.finishReason, promptTokens: e.promptTokens, completionTokens: e.completionTokens, timings: e.timings } };
+}
+
+export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedServiceImplementation {
+  const fail = (err: unknown) => {
+    if (!(err instanceof CoordinatorError)) s.log.debug({ err: errorMessage(err) }, 'request failed');
+    return toServiceError(err);
+  };
+  return {
+    Join(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      (async () => {
+        const req = parse(joinSchema, call.request, 'Join');
+        if (!joinTokenMatches(s.joinToken(), req.token)) {
+          s.log.warn({ peer: call.getPeer(), agentAddress: req.agentAddress }, 'join refused: wrong token');
+          throw new CoordinatorError('PERMISSION_DENIED', 'wrong join token (see `orchard coordinator token` on the coordinator)');
+        }
+        if (!ADDRESS.test(req.agentAddress)) {
+          throw new CoordinatorError('INVALID_ARGUMENT', `agent_address must be host:port, got "${req.agentAddress}"`);
+        }
+        let node: NodeEntry;
+        try {
+          node = await s.membership.add(req.agentAddress, 'join');
+        } catch (err) {
+          throw new CoordinatorError('UNAVAILABLE', `cannot reach the node agent at ${req.agentAddress}: ${(err as { details?: string }).details || errorMessage(err)}`);
+        }
+        await s.rememberAgent(req.agentAddress);
+        return { nodeId: node.nodeId, clusterId: s.clusterId };
+      })().then((r) => cb(null, r), (err) => cb(fail(err)));
+    },
+
+    Status(_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      const now = Date.now();
+      cb(null, {
+        nodes: s.membership.registry.nodes().map((n) => nodeStatusToWire(n, now)),
+        models: s.runtime.models().map(modelStatusToWire),
+        clusterId: s.clusterId,
+        version: s.version,
+      });
+    },
+
+    Plan(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      (async () => {
+        const req = parse(planSchema, call.request, 'Plan');
+        const plan = await s.runtime.plan(req.modelPath, options(req.options));
+        return { planJson: JSON.stringify(plan.raw) };
+      })().then((r) => cb(null, r), (err) => cb(fail(err)));
+    },
+
+    Load(call: grpc.ServerWritableStream<unknown, unknown>) {
+      (async () => {
+        const req = parse(loadSchema, call.request, 'Load');
+        if (req.engine && req.engine !== 'llama') throw new CoordinatorError('INVALID_ARGUMENT', `engine "${req.engine}" is not available in this coordinator (llama only)`);
+        await s.runtime.load({ modelPath: req.modelPath, name: req.name, options: options(req.options) }, (p) => {
+          if (!call.cancelled) call.write(progressToWire(p));
+        });
+      })().then(
+        () => call.end(),
+        (err) => call.destroy(fail(err) as grpc.ServiceError),
+      );
+    },
+
+    Unload(call: grpc.ServerUnaryCall<{ name?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      s.runtime.unload(String(call.request?.name ?? '')).then((unloaded) => cb(null, { unloaded }), (err) => cb(fail(err)));
+    },
+
+    Generate(call: grpc.ServerWritableStream<unknown, unknown>) {
+      const ac = new AbortController();
+      call.on('cancelled', () => ac.abort());
+      (async () => {
+        const req = parse(generateSchema, call.request, 'Generate');
+        const seed = Number(req.seed);
+        if (!Number.isSafeInteger(seed) || seed < 0 || seed > 0xffffffff) throw new CoordinatorError('INVALID_ARGUMENT', `invalid seed ${req.seed}: 0–4294967295 (0 = random)`);
+        if (!(req.temperature >= 0 && req.temperature <= 10)) throw new CoordinatorError('INVALID_ARGUMENT', `invalid temperature ${req.temperature}: 0–10`);
+        for await (const ev of s.runtime.generate(
+          { model: req.model || undefined, prompt: req.prompt, maxTokens: req.maxTokens, temperature: req.temperature, topP: req.topP, seed, stop: req.stop },
+          ac.signal,
+        )) {
+          if (call.cancelled) break;
+          // Respect back-pressure: a slow client slows the relay instead of buffering unboundedly.
+          if (!call.write(generateEventToWire(ev))) await new Promise((r) => call.once('drain', r));
+        }
+      })().then(
+        () => call.end(),
+        (err) => {
+          if (!call.cancelled) call.destroy(fail(err) as grpc.ServiceError);
+        },
+      );
+    },
+  };
+}
+
+export async function startCoordinatorGrpc(s: CoordinatorServices, host: string, port: number): Promise<{ server: grpc.Server; port: number }> {
+  const server = new grpc.Server();
+  server.addService(orchardV1().Coordinator!.service, coordinatorHandlers(s));
+  const bound = await new Promise<number>((resolve, reject) =>
+    server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+  );
+  return { server, port: bound };
+}

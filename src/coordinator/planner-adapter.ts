@@ -1,0 +1,77 @@
+import { isAbsolute } from 'node:path';
+import { readGgufHeader } from '../shared/gguf/reader.ts';
+import type { CacheType } from '../shared/memory/kv.ts';
+import { deviceBytes, memoryModel, type MemoryOptions } from '../shared/memory/stage.ts';
+import { modelProfile } from '../shared/model/profile.ts';
+import { planPlacement } from '../shared/placement/planner.ts';
+import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode } from '../shared/placement/types.ts';
+import { UsageError } from '../shared/errors.ts';
+import { CoordinatorError } from './errors.ts';
+import type { NodeEntry } from './registry.ts';
+import type { LoadOptions, PlacementResult, Planner } from './runtime.ts';
+
+/**
+ * The runtime's planner: read the GGUF header (never the weights), build the model profile,
+ * and run the shared placement planner over the live nodes. Node budgets are each node's
+ * usable bytes minus what instances already loaded on it hold (`reservedBytes`).
+ */
+export function memoryOptionsOf(o: LoadOptions): MemoryOptions {
+  return {
+    ctx: o.ctx,
+    cacheType: o.cacheType as CacheType,
+    parallel: o.parallel,
+    unified: DEFAULT_PLACEMENT_OPTIONS.unified,
+    ubatch: DEFAULT_PLACEMENT_OPTIONS.ubatch,
+    flashAttention: DEFAULT_PLACEMENT_OPTIONS.flashAttention,
+  };
+}
+
+/** Planner names must be unique; node names usually are, ids always are. */
+export function plannerNames(nodes: readonly NodeEntry[]): Map<string, NodeEntry> {
+  const count = new Map<string, number>();
+  for (const n of nodes) count.set(n.profile.name, (count.get(n.profile.name) ?? 0) + 1);
+  const out = new Map<string, NodeEntry>();
+  for (const n of nodes) out.set(count.get(n.profile.name) === 1 && n.profile.name ? n.profile.name : `${n.profile.name || 'node'}#${n.nodeId.slice(0, 8)}`, n);
+  return out;
+}
+
+export function createPlanner(reservedBytes: (nodeId: string) => number = () => 0): Planner {
+  return async (modelPath, nodes, options): Promise<PlacementResult> => {
+    if (!isAbsolute(modelPath)) throw new UsageError(`model path must be absolute (it is opened on the head node): ${modelPath}`);
+    const header = await readGgufHeader(modelPath);
+    const profile = modelProfile(header);
+    if (nodes.length === 0) throw new CoordinatorError('FAILED_PRECONDITION', 'no live nodes: start `orchard node` on each machine (or check `orchard status`)');
+    const byName = plannerNames(nodes);
+    const placementNodes: PlacementNode[] = [...byName].map(([name, n]) => ({
+      name,
+      budgetBytes: Math.max(0, n.profile.usableBytes - reservedBytes(n.nodeId)),
+      bandwidthBytesPerSecond: n.profile.bandwidthBytesPerSecond || 100e9,
+    }));
+    const mo = memoryOptionsOf(options);
+    const plan = planPlacement(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel });
+    if (!plan.fits) {
+      const parts = [`${modelPath} does not fit on ${nodes.length} live node(s)`, ...plan.reasons];
+      if (plan.remedies?.length) parts.push(`try: ${plan.remedies.join('; ')}`);
+      throw new CoordinatorError('FAILED_PRECONDITION', parts.join('; '));
+    }
+    const mm = memoryModel(profile, mo);
+    const last = plan.stages.length - 1;
+    return {
+      nLayer: profile.layerCount,
+      predictedTokensPerSecond: plan.predicted.tokensPerSecond,
+      raw: plan,
+      stages: plan.stages.map((s, i) => {
+        const n = byName.get(s.node)!;
+        return {
+          nodeId: n.nodeId,
+          nodeName: n.profile.name,
+          firstLayer: s.firstLayer,
+          lastLayer: s.lastLayer,
+          bytes: s.bytes,
+          budgetBytes: s.budgetBytes,
+          device: deviceBytes(mm, s.firstLayer, s.lastLayer, i === last),
+        };
+      }),
+    };
+  };
+}
