@@ -132,7 +132,7 @@ export function buildMacProfile(out: MacOutputs, ctx: ProfileContext, nowSeconds
   const inUse = ctx.memoryLimitBytes === undefined && realMemory !== undefined && realAvailable !== undefined ? realMemory - realAvailable : undefined;
   const { bandwidth, source } = chooseBandwidth(ctx, chip, variant, notes);
 
-  const gpuCores = sp?.gpuCores ?? uniqueGpuCores(chip);
+  const gpuCores = sp?.gpuCores ?? gpuCoresFromCpu(chip, perfCores, sys.effCores ?? sp?.effCores);
   const result = finish(ctx, notes, memoryBytes, wired, inUse);
   return {
     profile: {
@@ -168,9 +168,15 @@ export function buildMacProfile(out: MacOutputs, ctx: ProfileContext, nowSeconds
   };
 }
 
-/** GPU cores when system_profiler is missing but every configuration of the chip has one count. */
-function uniqueGpuCores(chip: string): number | undefined {
-  const counts = new Set(chipVariants(chip).flatMap((v) => v.gpuCores));
+/**
+ * GPU cores when system_profiler is missing: known only when every configuration of the chip with
+ * these CPU core counts ships with one GPU count (16-core M3 Max → 40; M4 4P+6E → 8 or 10: unknown).
+ */
+function gpuCoresFromCpu(chip: string, perfCores: number | undefined, effCores: number | undefined): number | undefined {
+  const matching = chipVariants(chip).filter(
+    (v) => (perfCores === undefined || v.perfCores === perfCores) && (effCores === undefined || v.effCores === effCores),
+  );
+  const counts = new Set(matching.flatMap((v) => v.gpuCores));
   return counts.size === 1 ? [...counts][0] : undefined;
 }
 
