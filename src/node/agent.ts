@@ -1,5 +1,4 @@
 import { EventEmitter } from 'node:events';
-import type { Server as HttpServer } from 'node:http';
 import type * as grpc from '@grpc/grpc-js';
 import { OrchardError, errorMessage } from '../shared/errors.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
@@ -9,7 +8,8 @@ import type { EngineBinaries } from './engine-spec.ts';
 import { type AgentState, serveNodeAgent } from './grpc-server.ts';
 import type { ProbeOptions } from './hardware/probe.ts';
 import { loadOrCreateIdentity } from './identity.ts';
-import { NodeMetrics, serveMetrics } from './metrics.ts';
+import { type MetricsServer, serveMetrics } from '../shared/metrics/http.ts';
+import { NodeMetrics } from './metrics.ts';
 import { EngineSupervisor } from './supervisor.ts';
 
 /**
@@ -64,7 +64,7 @@ export class NodeAgent {
   private lastLive: LiveStats | undefined;
   private supervisor: EngineSupervisor | undefined;
   private grpcServer: grpc.Server | undefined;
-  private metricsServer: HttpServer | undefined;
+  private metricsServer: MetricsServer | undefined;
   private advertiser: NodeAdvertiser | undefined;
   private refreshTimer: NodeJS.Timeout | undefined;
   private grpcPort = 0;
@@ -115,11 +115,16 @@ export class NodeAgent {
       const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }));
       this.grpcServer = g.server;
       this.grpcPort = g.port;
-      const m = await serveMetrics(metrics, o.bindHost, o.metricsPort, () => this.stopping === undefined).catch((err: unknown) => {
+      const m = await serveMetrics({
+        registry: metrics.registry,
+        host: o.bindHost,
+        port: o.metricsPort,
+        health: () => (this.stopping === undefined ? { ok: true } : { ok: false, detail: 'shutting down' }),
+      }).catch((err: unknown) => {
         const inUse = (err as NodeJS.ErrnoException).code === 'EADDRINUSE';
         throw new OrchardError(inUse ? `metrics port ${o.metricsPort} on ${o.bindHost} is already in use` : `cannot serve metrics on ${o.bindHost}:${o.metricsPort}: ${errorMessage(err)}`);
       });
-      this.metricsServer = m.server;
+      this.metricsServer = m;
 
       if (o.mdns) {
         this.advertiser = new NodeAdvertiser({ interfaceAddress: o.mdnsInterface, log: log.child({ part: 'mdns' }) });
@@ -213,11 +218,7 @@ export class NodeAgent {
         });
       });
     }
-    const metricsServer = this.metricsServer;
-    if (metricsServer) {
-      metricsServer.closeAllConnections();
-      await new Promise<void>((resolve) => metricsServer.close(() => resolve()));
-    }
+    await this.metricsServer?.close();
     log.info('node agent stopped');
   }
 

@@ -1,13 +1,14 @@
-import { type Server, createServer } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { MEMORY_PRESSURE_LEVELS, NODE_METRICS } from '../shared/metrics/catalogue.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { EngineExit, EngineInfo } from './supervisor.ts';
 
 /**
  * The node agent's Prometheus metrics, on their own Registry (never prom-client's global one,
- * so several agents in one test process cannot mix their series). Gauges read the agent's
- * current state at scrape time through `collect`, so they are never stale.
+ * so several agents in one test process cannot mix their series). Names and help come from the
+ * shared catalogue (src/shared/metrics/catalogue.ts); gauges read the agent's current state at
+ * scrape time through `collect`, so they are never stale. orchard_rpc_bytes_total is not
+ * exported: this agent does not relay RPC traffic (engines talk to each other directly).
  */
 export interface NodeMetricsSource {
   profile(): HardwareProfile;
@@ -23,34 +24,42 @@ export class NodeMetrics {
 
   constructor(source: NodeMetricsSource) {
     const r = this.registry;
+    const M = NODE_METRICS;
     collectDefaultMetrics({ register: r });
+    // Labels: the issue's id/name/chip/os/version (so a scrape alone identifies the node, and a
+    // restart with the same state dir shows the same id) plus the catalogue's platform labels.
+    // When Prometheus scrapes through the coordinator's HTTP-SD, its `chip` target label wins and
+    // this one shows up as `exported_chip` with the same value.
     new Gauge({
-      name: 'orchard_node_info',
+      name: M.info.name,
       help: 'Node identity and platform; value is always 1',
-      labelNames: ['id', 'name', 'chip', 'os', 'version'],
+      labelNames: ['id', 'name', 'chip', 'os', 'version', ...M.info.labelNames],
       registers: [r],
       collect() {
         const p = source.profile();
         this.reset();
-        this.set({ id: p.nodeId, name: p.name, chip: p.chip, os: p.os, version: p.agentVersion }, 1);
+        this.set(
+          { id: p.nodeId, name: p.name, chip: p.chip, os: p.os, version: p.agentVersion, os_version: p.osVersion, agent_version: p.agentVersion, protocol_version: p.protocolVersion },
+          1,
+        );
       },
     });
-    const fromProfile = (name: string, help: string, pick: (p: HardwareProfile) => number) =>
+    const fromProfile = (def: { name: string; help: string }, pick: (p: HardwareProfile) => number) =>
       new Gauge({
-        name,
-        help,
+        name: def.name,
+        help: def.help,
         registers: [r],
         collect() {
           this.set(pick(source.profile()));
         },
       });
-    fromProfile('orchard_node_memory_bytes', 'Total RAM (or the --memory-limit override)', (p) => p.memoryBytes);
-    fromProfile('orchard_node_usable_memory_bytes', 'Model-memory budget the planner may use on this node', (p) => p.usableBytes);
-    fromProfile('orchard_node_bandwidth_bytes_per_second', 'Memory bandwidth used for placement', (p) => p.bandwidthBytesPerSecond);
-    fromProfile('orchard_node_wired_limit_bytes', 'GPU wired-memory limit (modelled macOS default when unset)', (p) => p.wiredLimitBytes);
+    fromProfile(M.memoryBytes, (p) => p.memoryBytes);
+    fromProfile(M.usableMemoryBytes, (p) => p.usableBytes);
+    fromProfile(M.bandwidthBytesPerSecond, (p) => p.bandwidthBytesPerSecond);
+    fromProfile(M.wiredLimitBytes, (p) => p.wiredLimitBytes);
     new Gauge({
-      name: 'orchard_node_available_memory_bytes',
-      help: 'Memory available to new allocations now',
+      name: M.availableMemoryBytes.name,
+      help: M.availableMemoryBytes.help,
       registers: [r],
       collect() {
         const live = source.live();
@@ -58,36 +67,29 @@ export class NodeMetrics {
       },
     });
     new Gauge({
-      name: 'orchard_engine_up',
-      help: 'Engines this agent runs (1 while ready); labels name the kind and the port it serves',
-      labelNames: ['engine', 'port', 'engine_id'],
+      name: M.memoryPressure.name,
+      help: M.memoryPressure.help,
+      labelNames: ['level'],
       registers: [r],
       collect() {
-        this.reset();
-        for (const e of source.engines()) this.set({ engine: e.kind, port: String(e.port), engine_id: e.engineId }, 1);
+        const live = source.live();
+        if (!live) return;
+        for (const level of MEMORY_PRESSURE_LEVELS) this.set({ level }, level === live.memoryPressure ? 1 : 0);
       },
     });
     new Gauge({
-      name: 'orchard_engines_running',
-      help: 'Number of engines this agent runs',
+      name: M.engineUp.name,
+      help: 'Engines this agent runs: 1 while ready; labels name the kind, the port it serves and its model',
+      labelNames: ['engine', 'port', 'model'],
       registers: [r],
       collect() {
-        this.set(source.engines().length);
+        this.reset();
+        for (const e of source.engines()) this.set({ engine: e.kind, port: String(e.port), model: e.model }, 1);
       },
     });
-    this.starts = new Counter({ name: 'orchard_engine_starts_total', help: 'Engines started and ready', labelNames: ['engine'], registers: [r] });
-    this.restarts = new Counter({
-      name: 'orchard_engine_restarts_total',
-      help: 'Starts of an engine id that had run before (a stage restarted by the coordinator)',
-      labelNames: ['engine'],
-      registers: [r],
-    });
-    this.exits = new Counter({
-      name: 'orchard_engine_exits_total',
-      help: 'Engine exits; expected="false" are crashes or kills the agent did not ask for',
-      labelNames: ['engine', 'expected'],
-      registers: [r],
-    });
+    this.starts = new Counter({ name: M.engineStartsTotal.name, help: M.engineStartsTotal.help, labelNames: ['engine'], registers: [r] });
+    this.restarts = new Counter({ name: M.engineRestartsTotal.name, help: M.engineRestartsTotal.help, labelNames: ['engine'], registers: [r] });
+    this.exits = new Counter({ name: M.engineExitsTotal.name, help: M.engineExitsTotal.help, labelNames: ['engine', 'expected'], registers: [r] });
   }
 
   engineStarted(info: EngineInfo, isRestart: boolean): void {
@@ -98,36 +100,4 @@ export class NodeMetrics {
   engineExited(exit: EngineExit): void {
     this.exits.inc({ engine: exit.kind, expected: String(exit.expected) });
   }
-}
-
-/** `/metrics` and `/healthz` on host:port (0 = pick); resolves with the bound port. */
-export async function serveMetrics(metrics: NodeMetrics, host: string, port: number, healthy: () => boolean): Promise<{ server: Server; port: number }> {
-  const server = createServer((req, res) => {
-    const path = (req.url ?? '/').split('?')[0];
-    if (req.method !== 'GET' && req.method !== 'HEAD') {
-      res.writeHead(405, { allow: 'GET, HEAD' }).end();
-      return;
-    }
-    if (path === '/metrics') {
-      metrics.registry.metrics().then(
-        (text) => res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text),
-        (err: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`metrics collection failed: ${(err as Error).message}\n`),
-      );
-      return;
-    }
-    if (path === '/healthz') {
-      const ok = healthy();
-      res.writeHead(ok ? 200 : 503, { 'content-type': 'text/plain' }).end(ok ? 'ok\n' : 'shutting down\n');
-      return;
-    }
-    res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics or /healthz\n');
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen({ host, port }, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
-  return { server, port: (server.address() as AddressInfo).port };
 }

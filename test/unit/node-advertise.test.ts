@@ -1,0 +1,55 @@
+import { describe, expect, it } from 'vitest';
+import { decodeTxt, encodeTxt } from '../../src/node/advertise.ts';
+import { type HardwareProfile, PROTOCOL_VERSION } from '../../src/shared/hardware.ts';
+
+const profile: HardwareProfile = {
+  nodeId: '0b7c4f1e-1111-4222-8333-444455556666',
+  name: 'studio',
+  hostname: 'studio.local',
+  os: 'macos',
+  osVersion: '15.1',
+  chip: 'Apple M2 Ultra',
+  performanceCores: 16,
+  efficiencyCores: 8,
+  gpuCores: 76,
+  memoryBytes: 192 * 2 ** 30,
+  bandwidthBytesPerSecond: 800e9,
+  wiredLimitBytes: 144 * 2 ** 30,
+  usableBytes: 140 * 2 ** 30,
+  engines: ['llama-rpc', 'llama-server'],
+  interfaces: [],
+  protocolVersion: PROTOCOL_VERSION,
+  agentVersion: '0.1.0',
+};
+
+describe('Bonjour TXT record', () => {
+  it('round-trips the essentials as decimal strings', () => {
+    const txt = encodeTxt(profile, 50151);
+    expect(txt).toEqual({
+      id: profile.nodeId,
+      pv: PROTOCOL_VERSION,
+      chip: 'Apple M2 Ultra',
+      ram: String(192 * 2 ** 30),
+      bw: '800000000000',
+      wired: String(144 * 2 ** 30),
+      usable: String(140 * 2 ** 30),
+      grpc: '50151',
+    });
+    expect(decodeTxt(txt)).toEqual({ id: profile.nodeId, pv: '1', chip: 'Apple M2 Ultra', ram: 192 * 2 ** 30, bw: 800e9, wired: 144 * 2 ** 30, usable: 140 * 2 ** 30, grpc: 50151 });
+  });
+
+  it('stays small: every string fits a TXT entry and the record is well under one packet', () => {
+    const txt = encodeTxt({ ...profile, chip: 'x'.repeat(500) }, 65535);
+    for (const [k, v] of Object.entries(txt)) expect(Buffer.byteLength(`${k}=${v}`)).toBeLessThan(256);
+    expect(Object.entries(txt).reduce((n, [k, v]) => n + k.length + v.length + 2, 0)).toBeLessThan(400);
+  });
+
+  it('decodes Buffer values and rejects records that are not Orchard nodes', () => {
+    expect(decodeTxt({ id: Buffer.from('abc'), grpc: Buffer.from('7') })?.grpc).toBe(7);
+    expect(decodeTxt({ grpc: '7' })).toBeUndefined();
+    expect(decodeTxt({ id: 'a', grpc: 'x' })).toBeUndefined();
+    expect(decodeTxt({ id: 'a', grpc: '70000' })).toBeUndefined();
+    expect(decodeTxt(null)).toBeUndefined();
+    expect(decodeTxt({ id: 'a', grpc: '1', ram: '-5' })?.ram).toBe(0);
+  });
+});

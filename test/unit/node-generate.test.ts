@@ -1,0 +1,70 @@
+import { describe, expect, it } from 'vitest';
+import { GenerateError, completionBody, generateParamsFromRequest, parseCompletionPayload, splitSse } from '../../src/node/generate.ts';
+
+describe('Generate request → llama-server /completion body', () => {
+  it('greedy at temperature 0, stream with token ids, seed/stop only when set', () => {
+    const p = generateParamsFromRequest({ prompt: 'Hi', maxTokens: 16, temperature: 0, seed: '0', stop: [] });
+    expect(completionBody(p)).toEqual({ prompt: 'Hi', stream: true, return_tokens: true, n_predict: 16, temperature: 0, top_k: 1, cache_prompt: true });
+  });
+
+  it('sampling settings pass through; max_tokens 0 means no limit', () => {
+    const p = generateParamsFromRequest({ prompt: 'Hi', temperature: 0.7, topP: 0.9, seed: '42', stop: ['\n'] });
+    expect(completionBody(p)).toEqual({ prompt: 'Hi', stream: true, return_tokens: true, n_predict: -1, temperature: 0.7, top_p: 0.9, seed: 42, stop: ['\n'], cache_prompt: true });
+  });
+
+  it.each([
+    [{ prompt: '' }, /prompt is empty/],
+    [{ prompt: 'x', temperature: -1 }, /invalid temperature/],
+    [{ prompt: 'x', topP: 2 }, /invalid top_p/],
+    [{ prompt: 'x', seed: '99999999999' }, /invalid seed/],
+    [{ prompt: 'x', maxTokens: -3 }, /malformed/],
+  ])('refuses %j', (req, message) => {
+    expect(() => generateParamsFromRequest(req)).toThrow(message);
+  });
+});
+
+describe('llama-server SSE stream', () => {
+  it('splits complete events and keeps the remainder', () => {
+    const { payloads, rest } = splitSse('data: {"a":1}\n\ndata: {"b":2}\r\n\r\ndata: {"c"');
+    expect(payloads).toEqual(['{"a":1}', '{"b":2}']);
+    expect(rest).toBe('data: {"c"');
+    expect(splitSse(`${rest}:3}\n\n`).payloads).toEqual(['{"c":3}']);
+  });
+
+  it('token chunks carry text and ids; the final chunk maps stop_type to a finish reason', () => {
+    expect(parseCompletionPayload('{"content":" the","tokens":[278],"stop":false}')).toEqual([{ kind: 'token', chunk: { text: ' the', tokenIds: [278] } }]);
+    const final = JSON.stringify({
+      content: '',
+      tokens: [],
+      stop: true,
+      stop_type: 'limit',
+      tokens_predicted: 8,
+      tokens_evaluated: 5,
+      timings: { prompt_n: 5, prompt_ms: 12.5, prompt_per_second: 400, predicted_n: 8, predicted_ms: 80, predicted_per_second: 100 },
+    });
+    expect(parseCompletionPayload(final)).toEqual([
+      {
+        kind: 'done',
+        done: { finishReason: 'length', promptTokens: 5, completionTokens: 8, timings: { promptMs: 12.5, predictedMs: 80, promptTokensPerSecond: 400, predictedTokensPerSecond: 100 } },
+      },
+    ]);
+    expect(parseCompletionPayload('{"stop":true,"stop_type":"eos"}')[0]).toMatchObject({ kind: 'done', done: { finishReason: 'stop' } });
+    expect(parseCompletionPayload('{"stop":true,"stop_type":"word"}')[0]).toMatchObject({ kind: 'done', done: { finishReason: 'stop' } });
+  });
+
+  it('a chunk with both the last token and stop yields both, token first', () => {
+    const evs = parseCompletionPayload('{"content":"!","tokens":[0],"stop":true,"stop_type":"eos"}');
+    expect(evs.map((e) => e.kind)).toEqual(['token', 'done']);
+  });
+
+  it('engine errors become gRPC-shaped errors', () => {
+    const over = () => parseCompletionPayload('{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error"}}');
+    expect(over).toThrow(GenerateError);
+    try {
+      over();
+    } catch (e) {
+      expect((e as GenerateError).code).toBe('INVALID_ARGUMENT');
+    }
+    expect(() => parseCompletionPayload('not json')).toThrow(/not JSON/);
+  });
+});
