@@ -1,6 +1,7 @@
 import { Command, CommanderError, Option } from 'commander';
 import { OrchardError, UsageError } from '../shared/errors.ts';
 import { registerNode } from './commands/node.ts';
+import { registerService } from './commands/service.ts';
 import { registerSetup } from './commands/setup.ts';
 import { registerTestmodel } from './commands/testmodel.ts';
 
@@ -19,6 +20,7 @@ export function buildProgram(): Command {
   program.exitOverride();
   registerSetup(program);
   registerTestmodel(program);
+  registerService(program);
   registerNode(program);
   for (const cmd of program.commands) inheritConventions(cmd);
   return program;
