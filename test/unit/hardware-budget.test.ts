@@ -60,6 +60,14 @@ describe('usable budget', () => {
     expect(b.usableBytes).toBe(13 * GiB - Math.floor(13 * GiB * 0.05));
   });
 
+  it("others' memory is rounded up to 512 MiB steps, so small fluctuations do not change the budget", () => {
+    const a = usableBudget({ memoryBytes: 64 * GiB, wiredLimitBytes: 64 * GiB, inUseBytes: 30 * GiB + 1 });
+    const b = usableBudget({ memoryBytes: 64 * GiB, wiredLimitBytes: 64 * GiB, inUseBytes: 30 * GiB + 300 * MiB });
+    expect(a.othersBytes).toBe(26 * GiB + 512 * MiB);
+    expect(b).toEqual(a);
+    expect(usableBudget({ memoryBytes: 64 * GiB, wiredLimitBytes: 64 * GiB, inUseBytes: 30 * GiB }).othersBytes).toBe(26 * GiB);
+  });
+
   it('never negative; explicit reserve and margin are honoured', () => {
     expect(usableBudget({ memoryBytes: 4 * GiB, wiredLimitBytes: 2 * GiB, inUseBytes: 4 * GiB }).usableBytes).toBe(0);
     const b = usableBudget({ memoryBytes: 32 * GiB, wiredLimitBytes: 32 * GiB, reserveBytes: 8 * GiB, marginBytes: GiB });

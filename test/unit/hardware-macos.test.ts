@@ -88,20 +88,24 @@ describe('macOS profile from recorded command output', () => {
     expect(live.memoryPressure).toBe('warn'); // kern.memorystatus_vm_pressure_level: 2
     expect(live.thermalState).toBe('serious'); // CPU_Speed_Limit = 78 (fanless Air throttling)
     expect(live.timestampSeconds).toBe(1000);
-    // In use (8 GiB − available) exceeds the 3 GiB reserve, so the room left is exactly `available`
-    // (below the 5.33 GiB wired limit); the margin is the 512 MiB floor.
-    expect(details.budget).toMatchObject({ limitedBy: 'ram', reserveBytes: 3 * GiB, marginBytes: 512 * MiB });
-    expect(profile.usableBytes).toBe(available - 512 * MiB);
+    // In use (8 GiB − available) exceeds the 3 GiB reserve; the excess, rounded up to 512 MiB, is
+    // "others"; the room left (below the 5.33 GiB wired limit) binds; the margin is the 512 MiB floor.
+    const others = Math.ceil((8 * GiB - available - 3 * GiB) / (512 * MiB)) * 512 * MiB;
+    expect(details.budget).toMatchObject({ limitedBy: 'ram', reserveBytes: 3 * GiB, marginBytes: 512 * MiB, othersBytes: others });
+    expect(profile.usableBytes).toBe(8 * GiB - 3 * GiB - others - 512 * MiB);
+    expect(profile.usableBytes).toBeLessThanOrEqual(available - 512 * MiB);
   });
 
   it('M3 Ultra 512 GB: sysctl wired limit binds, Thunderbolt 5 RDMA ports flagged', () => {
     const { profile, details } = buildMacProfile(outputs('m3-ultra-512gb'), ctx, 1000);
     // 40.4 GiB in use (anonymous 1342177 − purgeable 33554 + wired 1342177 pages) is above the
-    // 32 GiB reserve (1/16 of 512 GiB), so the room is the available memory, just under the
+    // 32 GiB reserve (1/16 of 512 GiB), so the room is about the available memory, just under the
     // 480 GiB wired limit set by sysctl; margin 5%.
-    const available = 512 * GiB - (1342177 - 33554 + 1342177) * 16384;
-    expect(details.budget).toMatchObject({ limitedBy: 'ram', reserveBytes: 32 * GiB });
-    expect(profile.usableBytes).toBe(available - Math.floor(available * 0.05));
+    const inUse = (1342177 - 33554 + 1342177) * 16384;
+    const others = Math.ceil((inUse - 32 * GiB) / (512 * MiB)) * 512 * MiB;
+    const room = 512 * GiB - 32 * GiB - others;
+    expect(details.budget).toMatchObject({ limitedBy: 'ram', reserveBytes: 32 * GiB, othersBytes: others });
+    expect(profile.usableBytes).toBe(room - Math.floor(room * 0.05));
     const rdma = profile.interfaces.filter((i) => i.rdma).map((i) => i.name);
     expect(rdma).toEqual(['en2', 'en3', 'en4', 'en5', 'en6', 'en7']);
     const bridge = profile.interfaces.find((i) => i.name === 'bridge0');
@@ -161,6 +165,13 @@ describe('macOS overrides', () => {
     expect(details.bandwidthSource).toBe('override');
     expect(profile.name).toBe('studio-a');
     expect(profile.hostname).toBe('studio-m4max.local');
+    expect(buildMacProfile(out, ctx, 0).profile.name).toBe('studio-m4max');
+  });
+
+  it('--memory-limit above the real RAM is kept but noted', () => {
+    const { profile, details } = buildMacProfile(out, { ...ctx, memoryLimitBytes: 256 * GiB }, 0);
+    expect(profile.memoryBytes).toBe(256 * GiB);
+    expect(details.notes.join(' ')).toMatch(/above the real RAM/);
   });
 });
 

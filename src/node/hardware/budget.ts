@@ -42,6 +42,17 @@ export function safetyMarginBytes(capacityBytes: number): number {
   return Math.max(512 * MiB, Math.floor(capacityBytes * 0.05));
 }
 
+/**
+ * Other programs' memory is rounded up to 512 MiB steps: conservative, and a re-probe then only
+ * changes the advertised budget (and re-announces the node) when usage moves by a real amount,
+ * not on every page the browser touches.
+ */
+export const OTHERS_GRANULARITY = 512 * MiB;
+
+function roundUp(n: number, step: number): number {
+  return Math.ceil(n / step) * step;
+}
+
 export interface BudgetInput {
   readonly memoryBytes: number;
   readonly wiredLimitBytes: number;
@@ -55,7 +66,7 @@ export interface Budget {
   readonly usableBytes: number;
   readonly reserveBytes: number;
   readonly marginBytes: number;
-  /** Memory used by other programs beyond the OS reserve (0 when unknown). */
+  /** Memory used by other programs beyond the OS reserve, rounded up to 512 MiB (0 when unknown). */
   readonly othersBytes: number;
   /** Which cap decided: the GPU wired limit or the RAM left after the OS and other programs. */
   readonly limitedBy: 'wired-limit' | 'ram';
@@ -68,12 +79,13 @@ export interface Budget {
  * side only, not from the wired limit too: the wired limit caps GPU allocations, other programs'
  * pages cap physical room; subtracting them from both would double count (64 GiB machine, 10 GiB
  * used by apps: room is 64 − 4 − 10 = 50 GiB, the wired cap 48 GiB still binds, usable ≈ 48 − margin).
- * Note the algebra: once programs use more than the reserve, RAM − reserve − others = RAM − in use
- * = available memory, so the reserve only matters on an idle machine — intended: it is a floor.
+ * Note the algebra: once programs use more than the reserve, RAM − reserve − others ≈ RAM − in use
+ * = available memory (less the 512 MiB rounding), so the reserve only matters on an idle machine —
+ * intended: it is a floor.
  */
 export function usableBudget(input: BudgetInput): Budget {
   const reserveBytes = input.reserveBytes ?? osReserveBytes(input.memoryBytes);
-  const othersBytes = input.inUseBytes === undefined ? 0 : Math.max(0, input.inUseBytes - reserveBytes);
+  const othersBytes = input.inUseBytes === undefined ? 0 : roundUp(Math.max(0, input.inUseBytes - reserveBytes), OTHERS_GRANULARITY);
   const ramRoom = Math.max(0, input.memoryBytes - reserveBytes - othersBytes);
   const limitedBy = input.wiredLimitBytes <= ramRoom ? 'wired-limit' : 'ram';
   const capacity = Math.min(input.wiredLimitBytes, ramRoom);

@@ -121,6 +121,9 @@ export function buildMacProfile(out: MacOutputs, ctx: ProfileContext, nowSeconds
   const realMemory = sys.memoryBytes ?? sp?.memoryBytes;
   if (realMemory === undefined) notes.push('RAM size unknown (no hw.memsize); pass --memory-limit');
   const memoryBytes = ctx.memoryLimitBytes ?? realMemory ?? 0;
+  if (ctx.memoryLimitBytes !== undefined && realMemory !== undefined && ctx.memoryLimitBytes > realMemory) {
+    notes.push('--memory-limit is above the real RAM; the budget may promise memory this machine does not have');
+  }
 
   const wiredFromSysctl = sys.wiredLimitSettingBytes !== undefined && sys.wiredLimitSettingBytes > 0;
   const wired = wiredLimitBytes(memoryBytes, sys.wiredLimitSettingBytes);
@@ -137,7 +140,7 @@ export function buildMacProfile(out: MacOutputs, ctx: ProfileContext, nowSeconds
   return {
     profile: {
       nodeId: ctx.nodeId,
-      name: ctx.name ?? ctx.hostname,
+      name: ctx.name ?? defaultName(sys.hostname ?? ctx.hostname),
       hostname: sys.hostname ?? ctx.hostname,
       os: 'macos',
       osVersion: sys.osVersion ?? 'unknown',
@@ -166,6 +169,11 @@ export function buildMacProfile(out: MacOutputs, ctx: ProfileContext, nowSeconds
       notes,
     },
   };
+}
+
+/** Default node name: the hostname without macOS's ".local" (the Bonjour domain is added back by mDNS). */
+export function defaultName(hostname: string): string {
+  return hostname.replace(/\.local\.?$/i, '') || hostname;
 }
 
 /**
@@ -281,7 +289,7 @@ export function buildLinuxProfile(inp: LinuxInputs, ctx: ProfileContext, nowSeco
   return {
     profile: {
       nodeId: ctx.nodeId,
-      name: ctx.name ?? inp.hostname,
+      name: ctx.name ?? defaultName(inp.hostname),
       hostname: inp.hostname,
       os: 'linux',
       osVersion: inp.osVersion,
