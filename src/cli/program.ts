@@ -1,9 +1,15 @@
 import { Command, CommanderError, Option } from 'commander';
 import { OrchardError, UsageError } from '../shared/errors.ts';
+import { registerCluster } from './commands/cluster.ts';
+import { registerCoordinator } from './commands/coordinator.ts';
+import { registerGenerate } from './commands/generate.ts';
+import { registerLoad } from './commands/load.ts';
 import { registerNode } from './commands/node.ts';
 import { registerService } from './commands/service.ts';
 import { registerSetup } from './commands/setup.ts';
+import { registerStatus } from './commands/status.ts';
 import { registerTestmodel } from './commands/testmodel.ts';
+import { registerUnload } from './commands/unload.ts';
 
 /**
  * The `orchard` command tree. Each command lives in `commands/<name>.ts` and exports
@@ -22,6 +28,12 @@ export function buildProgram(): Command {
   registerTestmodel(program);
   registerService(program);
   registerNode(program);
+  registerCoordinator(program);
+  registerCluster(program);
+  registerStatus(program);
+  registerLoad(program);
+  registerUnload(program);
+  registerGenerate(program);
   for (const cmd of program.commands) inheritConventions(cmd);
   return program;
 }

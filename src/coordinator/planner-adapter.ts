@@ -69,7 +69,7 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
           lastLayer: s.lastLayer,
           bytes: s.bytes,
           budgetBytes: s.budgetBytes,
-          device: deviceBytes(mm, s.firstLayer, s.lastLayer, i === last),
+          device: deviceBytes(mm, s.firstLayer, s.lastLayer, i === last, plan.stages.length > 1),
         };
       }),
     };

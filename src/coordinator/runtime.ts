@@ -285,8 +285,8 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       inst.predictedTokensPerSecond = plan.predictedTokensPerSecond;
       const nodes = plan.stages.map((s) => {
         const n = this.#o.membership.registry.get(s.nodeId);
-        if (!n || n.state !== 'up') throw new CoordinatorError('UNAVAILABLE', `node ${s.nodeName} (${s.nodeId}) is no longer up`);
-        return n;
+        if (n?.state !== 'up') throw new CoordinatorError('UNAVAILABLE', `node ${s.nodeName} (${s.nodeId}) is no longer up`);
+        return n!;
       });
       const last = plan.stages.length - 1;
       const headNode = nodes[last]!;
@@ -297,7 +297,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       // 1. rpc-servers: every worker stage, plus the head's own stage on a CPU-only head.
       progress('starting-workers', `starting ${headHasGpu ? last : last + 1} rpc-server(s)`);
       const endpoints = await Promise.all(
-        plan.stages.map(async (s, i) => {
+        plan.stages.map(async (_s, i) => {
           if (i === last && headHasGpu) return undefined;
           const node = nodes[i]!;
           // Workers listen on the address the coordinator reaches their agent at (the cluster
@@ -320,7 +320,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       this.#assertLoading(inst);
 
       // 2. llama-server on the head node, pinned to the plan.
-      const layoutStages: LayoutStage[] = plan.stages.map((s, i) => ({
+      const layoutStages: LayoutStage[] = plan.stages.map((s) => ({
         nodeId: s.nodeId,
         nodeName: s.nodeName,
         firstLayer: s.firstLayer,

@@ -11,8 +11,14 @@ describe('Slots', () => {
     const r2 = await s.acquire();
     expect(s.running).toBe(2);
     const order: number[] = [];
-    const q1 = s.acquire().then((r) => (order.push(1), r));
-    const q2 = s.acquire().then((r) => (order.push(2), r));
+    const q1 = s.acquire().then((r) => {
+      order.push(1);
+      return r;
+    });
+    const q2 = s.acquire().then((r) => {
+      order.push(2);
+      return r;
+    });
     expect(s.queued).toBe(2);
     const refused = await s.acquire().catch((e: unknown) => e);
     expect(refused).toBeInstanceOf(CoordinatorError);

@@ -1,0 +1,101 @@
+import { isIP } from 'node:net';
+import { type Command, Option } from 'commander';
+import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/client.ts';
+import { startCoordinator } from '../../coordinator/coordinator.ts';
+import { defaultStateDir, StateDir } from '../../coordinator/state-dir.ts';
+import { OrchardError, UsageError } from '../../shared/errors.ts';
+import { createLogger } from '../../shared/log.ts';
+import { parseInteger, parsePort } from '../../shared/units.ts';
+
+interface CoordinatorFlags {
+  grpcPort: string;
+  httpPort: string;
+  host: string;
+  stateDir?: string;
+  mdns: boolean;
+  mdnsInterface?: string;
+  joinToken?: string;
+  suspectAfter: string;
+  downAfter: string;
+  maxQueue?: string;
+  json?: boolean;
+}
+
+/** `orchard coordinator`: run the coordinator; `orchard coordinator token`: print the join token. */
+export function registerCoordinator(program: Command): void {
+  const cmd = program
+    .command('coordinator')
+    .description('run the coordinator: discover nodes, load models across them, stream tokens')
+    .addOption(new Option('--grpc-port <port>', 'Coordinator gRPC port (0 = pick a free one)').default(String(DEFAULT_COORDINATOR_GRPC_PORT)).env('ORCHARD_COORDINATOR_GRPC_PORT'))
+    .addOption(new Option('--http-port <port>', 'HTTP port for /health and /status (0 = pick)').default(String(DEFAULT_COORDINATOR_HTTP_PORT)).env('ORCHARD_COORDINATOR_HTTP_PORT'))
+    .addOption(new Option('--host <ip>', 'address the gRPC server listens on (agents join through it)').default('0.0.0.0').env('ORCHARD_COORDINATOR_HOST'))
+    .addOption(new Option('--state-dir <dir>', `cluster id, join token, joined agents (default ${defaultStateDir()})`).env('ORCHARD_COORDINATOR_STATE_DIR'))
+    .addOption(new Option('--no-mdns', 'do not browse Bonjour (nodes join with `orchard cluster join`)'))
+    .addOption(new Option('--mdns-interface <ip>', 'browse Bonjour via the interface with this IPv4 address').env('ORCHARD_COORDINATOR_MDNS_INTERFACE'))
+    .addOption(new Option('--join-token <token>', 'set the join token instead of the generated one').env('ORCHARD_JOIN_TOKEN'))
+    .option('--suspect-after <ms>', 'node silence before it is suspect', '2000')
+    .option('--down-after <ms>', 'node silence before it is down', '5000')
+    .option('--max-queue <n>', 'requests that may wait per model beyond its --parallel slots (default 4 × parallel)')
+    .option('--json', 'print a machine-readable ready line ({"event":"ready",…})')
+    .action(async (flags: CoordinatorFlags) => {
+      await runCoordinator(flags);
+    });
+  cmd
+    .command('token')
+    .description('print the join token nodes need (`orchard cluster join … --token T`)')
+    .addOption(new Option('--state-dir <dir>', 'the coordinator state dir').env('ORCHARD_COORDINATOR_STATE_DIR'))
+    .action(async (flags: { stateDir?: string }) => {
+      const state = new StateDir(flags.stateDir ?? cmd.opts<CoordinatorFlags>().stateDir ?? defaultStateDir());
+      // Creating it here is fine: the coordinator would generate the same file on first start.
+      const { token } = await state.joinToken(process.env.ORCHARD_JOIN_TOKEN || undefined);
+      process.stdout.write(`${token}\n`);
+    });
+}
+
+async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
+  if (isIP(flags.host) === 0) throw new UsageError(`invalid --host "${flags.host}": give an IP address such as 0.0.0.0 or 127.0.0.1`);
+  if (flags.mdnsInterface !== undefined && isIP(flags.mdnsInterface) !== 4) throw new UsageError(`invalid --mdns-interface "${flags.mdnsInterface}": give an IPv4 address`);
+  const suspectAfterMs = parseInteger(flags.suspectAfter, '--suspect-after', 100, 600_000);
+  const downAfterMs = parseInteger(flags.downAfter, '--down-after', 200, 3_600_000);
+  if (downAfterMs <= suspectAfterMs) throw new UsageError('--down-after must be greater than --suspect-after');
+  const log = createLogger('orchard-coordinator', process.env.ORCHARD_DEBUG ? 'debug' : undefined);
+  const stateDir = flags.stateDir ?? defaultStateDir();
+  const handle = await startCoordinator({
+    stateDir,
+    host: flags.host,
+    grpcPort: parsePort(flags.grpcPort, '--grpc-port'),
+    httpPort: parsePort(flags.httpPort, '--http-port'),
+    mdns: flags.mdns,
+    mdnsInterface: flags.mdnsInterface,
+    joinToken: flags.joinToken,
+    registry: { suspectAfterMs, downAfterMs, forgetAfterMs: Math.max(10 * 60_000, downAfterMs + 1) },
+    maxQueue: flags.maxQueue !== undefined ? parseInteger(flags.maxQueue, '--max-queue', 0, 100_000) : undefined,
+    extraHeadArgs: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS?.split(/\s+/).filter(Boolean),
+    rpcThreads: process.env.ORCHARD_RPC_THREADS ? parseInteger(process.env.ORCHARD_RPC_THREADS, 'ORCHARD_RPC_THREADS', 0, 1024) : undefined,
+    log,
+  }).catch((err: unknown) => {
+    if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE' || /address already in use|No address added/i.test(String(err))) {
+      throw new OrchardError(`cannot listen: ${(err as Error).message} (another coordinator running? use --grpc-port/--http-port)`);
+    }
+    throw err;
+  });
+  if (flags.json) {
+    process.stdout.write(`${JSON.stringify({ event: 'ready', clusterId: handle.clusterId, grpcPort: handle.grpcPort, httpPort: handle.httpPort, pid: process.pid, stateDir })}\n`);
+  } else {
+    process.stdout.write(`orchard coordinator ready: gRPC ${flags.host}:${handle.grpcPort}, HTTP 127.0.0.1:${handle.httpPort}, cluster ${handle.clusterId}\n`);
+    if (handle.tokenCreated) process.stdout.write(`join token (kept in ${stateDir}/join-token): ${handle.joinToken}\n`);
+  }
+  await new Promise<void>((resolve) => {
+    let n = 0;
+    const onSignal = (sig: NodeJS.Signals) => {
+      n++;
+      if (n > 1) process.exit(130);
+      log.info({ signal: sig }, 'stopping: unloading models (engines on the agents stop)');
+      resolve();
+    };
+    process.on('SIGTERM', onSignal);
+    process.on('SIGINT', onSignal);
+  });
+  await handle.close();
+  if (flags.json) process.stdout.write(`${JSON.stringify({ event: 'stopped' })}\n`);
+}

@@ -1,0 +1,63 @@
+import { resolve } from 'node:path';
+import type { Command } from 'commander';
+import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
+import { OrchardError } from '../../shared/errors.ts';
+import { formatBytes, parseInteger } from '../../shared/units.ts';
+
+interface LoadFlags {
+  ctx: string;
+  cacheType: string;
+  parallel: string;
+  name?: string;
+  pin?: string[];
+  coordinator?: string;
+  json?: boolean;
+}
+
+/** `orchard load MODEL.gguf`: returns when the model is ready (exit 0) or failed (exit 1, reason). */
+export function registerLoad(program: Command): void {
+  program
+    .command('load')
+    .description('load a GGUF model across the cluster (plan, start engines, verify); waits until ready')
+    .argument('<model>', 'GGUF file (absolute path as seen on the head node; relative paths resolve here)')
+    .option('--ctx <n>', 'context size in tokens', '4096')
+    .option('--cache-type <t>', 'KV cache type: f16, q8_0, q4_0, f32, bf16', 'f16')
+    .option('--parallel <n>', 'parallel sequences (llama-server slots)', '1')
+    .option('--name <alias>', 'model name for generate/unload (default: the file name)')
+    .option('--pin <node...>', 'nodes that must hold a stage (names or ids)')
+    .option('--coordinator <host:port>', 'coordinator gRPC address (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
+    .option('--json', 'print progress events as JSON lines')
+    .action(async (model: string, flags: LoadFlags) => {
+      const address = coordinatorAddress(flags.coordinator);
+      const options = {
+        ctx: parseInteger(flags.ctx, '--ctx', 16, 16_777_216),
+        cacheType: flags.cacheType,
+        parallel: parseInteger(flags.parallel, '--parallel', 1, 256),
+        pinnedNodes: flags.pin ?? [],
+      };
+      const client = new CoordinatorClient(address);
+      const ac = new AbortController();
+      const onSig = () => ac.abort();
+      process.once('SIGINT', onSig);
+      let last: Record<string, unknown> | undefined;
+      try {
+        for await (const p of client.stream('load', { modelPath: resolve(model), name: flags.name ?? '', options, engine: '' }, ac.signal)) {
+          last = p;
+          if (flags.json) process.stdout.write(`${JSON.stringify(p)}\n`);
+          else {
+            const total = Number(p.bytesTotal ?? 0);
+            const size = total ? ` [${formatBytes(Number(p.bytesDone ?? 0))}/${formatBytes(total)}]` : '';
+            process.stderr.write(`${Number(p.elapsedSeconds ?? 0).toFixed(1).padStart(6)} s  ${String(p.phase).padEnd(16)} ${String(p.message)}${size}\n`);
+          }
+        }
+      } finally {
+        process.off('SIGINT', onSig);
+        client.close();
+      }
+      if (last?.phase !== 'ready') throw new OrchardError(`load failed: ${String(last?.message ?? 'no result from the coordinator')}`);
+      if (!flags.json) {
+        const m = last!.model as Record<string, unknown>;
+        process.stdout.write(`${String(m.name)} ready on ${(m.stages as unknown[]).length} stage(s)\n`);
+      }
+    });
+}

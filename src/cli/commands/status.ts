@@ -1,0 +1,87 @@
+import Table from 'cli-table3';
+import type { Command } from 'commander';
+import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
+import { formatBandwidth, formatBytes } from '../../shared/units.ts';
+
+type Wire = Record<string, unknown>;
+const num = (v: unknown) => Number(v ?? 0);
+
+/** Proto status → the stable JSON shape of `orchard status --json` (sizes as numbers). */
+export function statusJson(s: Wire): Wire {
+  const nodes = ((s.nodes ?? []) as Wire[]).map((n) => {
+    const p = (n.profile ?? {}) as Wire;
+    return {
+      id: p.nodeId,
+      name: p.name,
+      state: String(n.state ?? '').replace('NODE_STATE_', '').toLowerCase(),
+      address: n.address,
+      discoveredBy: n.discoveredBy,
+      lastSeenSeconds: n.lastSeenSeconds,
+      hardware: {
+        chip: p.chip,
+        os: p.os,
+        memoryBytes: num(p.memoryBytes),
+        usableBytes: num(p.usableBytes),
+        bandwidthBytesPerSecond: num(p.bandwidthBytesPerSecond),
+        wiredLimitBytes: num(p.wiredLimitBytes),
+        engines: p.engines,
+      },
+      live: n.live ? { availableBytes: num((n.live as Wire).availableBytes), memoryPressure: (n.live as Wire).memoryPressure } : undefined,
+    };
+  });
+  const models = ((s.models ?? []) as Wire[]).map((m) => ({
+    name: m.name,
+    path: m.path,
+    state: m.state,
+    engine: m.engine,
+    error: m.error || undefined,
+    predictedTokensPerSecond: m.predictedTokensPerSecond,
+    stages: ((m.stages ?? []) as Wire[]).map((st) => ({
+      nodeId: st.nodeId,
+      nodeName: st.nodeName,
+      firstLayer: st.firstLayer,
+      lastLayer: st.lastLayer,
+      endpoint: st.endpoint,
+      budgetBytes: num(st.budgetBytes),
+      bytes: Object.fromEntries(Object.entries((st.bytes ?? {}) as Wire).map(([k, v]) => [k, num(v)])),
+    })),
+  }));
+  return { clusterId: s.clusterId, version: s.version, nodes, models };
+}
+
+export function registerStatus(program: Command): void {
+  program
+    .command('status')
+    .description('show the cluster: nodes (state, hardware) and loaded models with their stages')
+    .option('--coordinator <host:port>', 'coordinator gRPC address (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
+    .option('--json', 'print JSON on stdout')
+    .action(async (flags: { coordinator?: string; json?: boolean }) => {
+      const address = coordinatorAddress(flags.coordinator);
+      const client = new CoordinatorClient(address);
+      try {
+        const s = statusJson(await client.unary('status', {}, 5000));
+        if (flags.json) {
+          process.stdout.write(`${JSON.stringify(s)}\n`);
+          return;
+        }
+        const nodes = s.nodes as ReturnType<typeof statusJson>[];
+        const t = new Table({ head: ['node', 'state', 'address', 'chip', 'memory', 'usable', 'bandwidth', 'via'] });
+        for (const n of nodes as Wire[]) {
+          const h = n.hardware as Wire;
+          t.push([String(n.name), String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.usableBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), String(n.discoveredBy)]);
+        }
+        process.stdout.write(`cluster ${String(s.clusterId)}\n${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
+        for (const m of s.models as Wire[]) {
+          process.stdout.write(`\nmodel ${String(m.name)} [${String(m.state)}] ${String(m.path)}${m.error ? ` — ${String(m.error)}` : ''}\n`);
+          const mt = new Table({ head: ['stage', 'node', 'layers', 'weights', 'kv', 'total', 'budget', 'endpoint'] });
+          ((m.stages ?? []) as Wire[]).forEach((st, i) => {
+            const b = st.bytes as Wire;
+            mt.push([String(i), String(st.nodeName), `${String(st.firstLayer)}-${String(st.lastLayer)}`, formatBytes(num(b.weights)), formatBytes(num(b.kv)), formatBytes(num(b.total)), formatBytes(num(st.budgetBytes)), String(st.endpoint || '-')]);
+          });
+          process.stdout.write(`${mt.toString()}\n`);
+        }
+      } finally {
+        client.close();
+      }
+    });
+}

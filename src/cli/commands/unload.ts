@@ -1,0 +1,19 @@
+import type { Command } from 'commander';
+import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
+
+export function registerUnload(program: Command): void {
+  program
+    .command('unload')
+    .description('unload a model: stop every engine it started')
+    .argument('<name>', 'model name (see `orchard status`)')
+    .option('--coordinator <host:port>', 'coordinator gRPC address (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
+    .action(async (name: string, flags: { coordinator?: string }) => {
+      const client = new CoordinatorClient(coordinatorAddress(flags.coordinator));
+      try {
+        await client.unary('unload', { name }, 60_000);
+        process.stdout.write(`${name} unloaded\n`);
+      } finally {
+        client.close();
+      }
+    });
+}
