@@ -1,7 +1,9 @@
 import { type Command, Option } from 'commander';
 import { UsageError } from '../../shared/errors.ts';
 import { writeGguf } from '../../shared/gguf/writer.ts';
-import { DEFAULT_LLAMA_TEST_SHAPE as D, type LlamaTestShape, llamaTestModelSpec, parameterCount } from '../../shared/testmodel/llama.ts';
+import { DEFAULT_LLAMA_TEST_SHAPE as D, type LlamaTestShape, llamaTestModelSpec, parameterCount, validateLlamaShape } from '../../shared/testmodel/llama.ts';
+import { PRESETS, PRESET_QUANTS, findPreset, presetSpec } from '../../shared/testmodel/presets.ts';
+import type { PresetQuant } from '../../shared/testmodel/quant-mix.ts';
 import type { TestModelType } from '../../shared/testmodel/quantize.ts';
 import { loadVocab } from '../../shared/testmodel/vocab.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
@@ -16,28 +18,72 @@ interface GgufFlags {
   type: TestModelType;
   seed: string;
   ctx: string;
+  shape?: string;
+  quant?: PresetQuant;
+  headerOnly?: boolean;
   json?: boolean;
 }
 
-/** Largest sizes accepted for generated (data-carrying) models: keeps typos from filling a disk. */
+/** Largest sizes accepted for generated models: keeps a typo from filling a disk. */
 const MAX_DIM = 65536;
+const SHAPE_FLAGS = ['layers', 'dim', 'ffn', 'heads', 'kvHeads', 'type', 'seed', 'ctx'] as const;
 
 export function registerTestmodel(program: Command): void {
   const testmodel = program.command('testmodel').description('write deterministic test models');
   testmodel
     .command('gguf')
-    .description('write a llama-architecture GGUF with seeded random weights and a real tokenizer (same arguments → same bytes)')
-    .requiredOption('--out <file>', 'GGUF file to write (replaced atomically)')
+    .description(
+      'write a llama-architecture GGUF with seeded random weights and a real tokenizer (same arguments → same bytes), ' +
+        'or with --shape a header-only GGUF shaped like a real model',
+    )
+    .requiredOption('--out <file>', 'GGUF file to write (replaced atomically; nothing is left behind on error)')
     .option('--layers <n>', 'transformer blocks', String(D.layers))
     .option('--dim <n>', 'embedding width', String(D.dim))
     .option('--ffn <n>', 'feed-forward width', String(D.ffn))
     .option('--heads <n>', 'attention heads', String(D.heads))
     .option('--kv-heads <n>', 'key/value heads (grouped-query attention)', String(D.kvHeads))
     .addOption(new Option('--type <type>', 'weight type').choices(['f32', 'f16', 'q8_0']).default(D.type))
-    .option('--seed <n>', 'random seed (uint32)', String(D.seed))
+    .option('--seed <n>', 'random seed (0..4294967295)', String(D.seed))
     .option('--ctx <n>', 'context length written into the metadata', String(D.ctx))
+    .addOption(new Option('--shape <preset>', `real model family (header-only): ${PRESETS.map((p) => p.id).join(', ')}`))
+    .addOption(new Option('--quant <quant>', 'quantisation of a --shape preset (default q4_k_m)').choices([...PRESET_QUANTS]))
+    .option('--header-only', 'write metadata and tensor infos only, no tensor data')
     .option('--json', 'print the result as JSON')
-    .action(async (flags: GgufFlags) => {
+    .action(async (flags: GgufFlags, cmd: Command) => {
+      const explicit = (k: string) => cmd.getOptionValueSource(k) === 'cli';
+      if (flags.shape !== undefined) {
+        const preset = findPreset(flags.shape);
+        if (!flags.headerOnly) throw new UsageError('--shape presets are header-only (real sizes are gigabytes): add --header-only');
+        const conflicting = SHAPE_FLAGS.filter(explicit);
+        if (conflicting.length > 0) {
+          throw new UsageError(`--shape sets the model's shape; drop ${conflicting.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(', ')}`);
+        }
+        const quant = flags.quant ?? 'q4_k_m';
+        const spec = presetSpec(preset, quant);
+        const result = await writeGguf(flags.out, spec, { headerOnly: true });
+        report(flags.json, {
+          path: result.path,
+          sha256: result.sha256,
+          bytes: result.bytes,
+          parameters: parameterCount(spec),
+          tensorBytes: result.header.dataSize,
+          tensors: spec.tensors.length,
+          headerOnly: true,
+          preset: preset.id,
+          source: preset.source,
+          quant,
+          architecture: preset.architecture,
+          layers: preset.layers,
+          dim: preset.dim,
+          ffn: preset.ffn,
+          heads: preset.heads,
+          kvHeads: preset.kvHeads,
+          ctx: preset.ctx,
+          vocabSize: preset.vocab,
+        });
+        return;
+      }
+      if (explicit('quant')) throw new UsageError('--quant applies to --shape presets; generated models take --type');
       const shape: LlamaTestShape = {
         layers: parseInteger(flags.layers, '--layers', 1, 1024),
         dim: parseInteger(flags.dim, '--dim', 1, MAX_DIM),
@@ -48,25 +94,41 @@ export function registerTestmodel(program: Command): void {
         seed: parseInteger(flags.seed, '--seed', 0, 0xffffffff),
         type: flags.type,
       };
+      validateLlamaShape(shape); // before the vocabulary is loaded or any file is touched
       const vocab = await loadVocab();
-      const spec = llamaTestModelSpec(shape, vocab); // validates the shape before any I/O
-      const result = await writeGguf(flags.out, spec);
-      const summary = {
+      const spec = llamaTestModelSpec(shape, vocab);
+      const result = await writeGguf(flags.out, spec, { headerOnly: !!flags.headerOnly });
+      report(flags.json, {
         path: result.path,
         sha256: result.sha256,
         bytes: result.bytes,
         parameters: parameterCount(spec),
+        tensorBytes: result.header.dataSize,
         tensors: spec.tensors.length,
+        headerOnly: !!flags.headerOnly,
         architecture: 'llama',
         ...shape,
         vocabSize: vocab.size,
-      };
-      if (flags.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
-      else {
-        process.stdout.write(
-          `wrote ${result.path}: ${formatBytes(result.bytes)}, ${(summary.parameters / 1e6).toFixed(1)} M parameters, sha256 ${result.sha256}\n`,
-        );
-      }
+      });
     });
-  if (!testmodel.commands.length) throw new UsageError('testmodel has no subcommands');
+}
+
+interface Summary {
+  readonly path: string;
+  readonly bytes: number;
+  readonly parameters: number;
+  readonly sha256: string;
+  readonly headerOnly: boolean;
+  readonly [more: string]: unknown;
+}
+
+function report(json: boolean | undefined, summary: Summary): void {
+  if (json) {
+    process.stdout.write(`${JSON.stringify(summary)}\n`);
+    return;
+  }
+  const kind = summary.headerOnly ? ' (header only)' : '';
+  process.stdout.write(
+    `wrote ${summary.path}${kind}: ${formatBytes(summary.bytes)}, ${(summary.parameters / 1e9).toFixed(3)} B parameters, sha256 ${summary.sha256}\n`,
+  );
 }

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { open, rename, unlink } from 'node:fs/promises';
+import { open, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { OrchardError, UsageError, errorMessage } from '../errors.ts';
 import { type GgmlType, type GgmlTypeName, ggmlType, tensorBytes } from './ggml-types.ts';
@@ -327,6 +327,15 @@ class FileSink {
   }
 }
 
+function describeFsError(err: unknown, dir: string): string {
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === 'ENOENT') return `directory ${dir} does not exist`;
+  if (code === 'ENOTDIR') return `${dir} is not a directory`;
+  if (code === 'EACCES' || code === 'EPERM') return `permission denied in ${dir}`;
+  if (code === 'EROFS') return `${dir} is on a read-only file system`;
+  return errorMessage(err);
+}
+
 /**
  * Write a GGUF v3 file. Data is streamed tensor by tensor into a temp file next to `path`,
  * checked against each tensor's exact size, and renamed over `path` only when complete, so a
@@ -340,12 +349,14 @@ export async function writeGguf(path: string, spec: GgufSpec, opts: { headerOnly
       if (t.data === undefined) throw new UsageError(`tensor ${t.name} has no data (only header-only files may omit it)`);
     }
   }
+  const existing = await stat(path).catch(() => undefined);
+  if (existing?.isDirectory()) throw new UsageError(`cannot write ${path}: it is a directory`);
   const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
   let fh: import('node:fs/promises').FileHandle;
   try {
     fh = await open(tmp, 'wx');
   } catch (err) {
-    throw new UsageError(`cannot write ${path}: ${errorMessage(err)}`);
+    throw new UsageError(`cannot write ${path}: ${describeFsError(err, dirname(path))}`);
   }
   let ok = false;
   try {
@@ -373,7 +384,8 @@ export async function writeGguf(path: string, spec: GgufSpec, opts: { headerOnly
     await sink.flush();
     await fh.close();
     await rename(tmp, path).catch((err: unknown) => {
-      throw new UsageError(`cannot write ${path}: ${errorMessage(err)}`);
+      // e.g. `path` is an existing directory
+      throw new UsageError(`cannot write ${path}: ${(err as NodeJS.ErrnoException).code === 'EISDIR' ? 'it is a directory' : errorMessage(err)}`);
     });
     ok = true;
     return { path, bytes: sink.written, sha256: sink.digest(), header: layout.header };
