@@ -108,7 +108,7 @@ export class AgentClient {
       },
       timeoutMs,
     );
-    return { engine: engineFromWire(r.engine as Wire), logLines: Array.isArray(r.logLines) ? r.logLines.map(String) : [] };
+    return { engine: engineFromWire(r.engine as Wire), logLines: Array.isArray(r.startupLog) ? r.startupLog.map(String) : [] };
   }
 
   async stopEngine(engineId: string, timeoutMs = 10_000): Promise<boolean> {

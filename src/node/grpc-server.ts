@@ -93,7 +93,7 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
         return;
       }
       supervisor.start(spec).then(
-        (info) => cb(null, { engine: engineToWire(info) }),
+        (info) => cb(null, { engine: engineToWire(info), startupLog: [...(info.startupLog ?? [])] }),
         (err: unknown) => {
           log.warn({ err: errorMessage(err), kind: spec.kind }, 'StartEngine failed');
           cb(toServiceError(err, log));

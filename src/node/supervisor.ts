@@ -8,6 +8,9 @@ import { LineTail } from './line-tail.ts';
 import { canConnect, pickFreePort, portBindError } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
 
+/** Start-up lines worth returning: llama.cpp's layer → device assignment and buffer sizes. */
+const STARTUP_LOG = /assigned to device|buffer size|memory_breakdown|projected memory/;
+
 /**
  * Engine supervisor: starts llama.cpp engines as children of the agent, decides when they are
  * ready, stops them (TERM, then KILL after a grace period), and reports every exit with the
@@ -25,6 +28,8 @@ export interface EngineInfo {
   readonly model: string;
   readonly startedAtSeconds: number;
   readonly argv: readonly string[];
+  /** Start-up log lines about placement and memory (see STARTUP_LOG); only on start()'s result. */
+  readonly startupLog?: readonly string[];
 }
 
 export interface EngineExit {
@@ -160,6 +165,13 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
 
     const tail = new LineTail(20);
     child.stderr?.setEncoding('utf8').on('data', (s: string) => tail.push(s));
+    // Until ready, also keep the lines the coordinator verifies placement with (bounded).
+    const startup = new LineTail(50_000);
+    const collectStartup = (s: string) => {
+      if (this.running.get(engineId)?.ready) child.stderr?.off('data', collectStartup);
+      else startup.push(s);
+    };
+    child.stderr?.on('data', collectStartup);
     // llama.cpp logs to stderr; stdout is drained so a chatty engine never blocks on a full pipe.
     child.stdout?.on('data', () => {});
 
@@ -207,7 +219,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     entry.ready = true;
     log.info({ pid }, 'engine ready');
     this.emit('started', info);
-    return info;
+    return { ...info, startupLog: startup.snapshot().filter((l) => STARTUP_LOG.test(l)) };
   }
 
   private async waitReady(entry: Running, host: string): Promise<void> {
