@@ -172,6 +172,13 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
 
 /** Bind the gRPC server; `port` 0 picks one. Rejects with a one-line OrchardError when the port is taken. */
 export async function serveNodeAgent(state: AgentState, host: string, port: number, log: Logger): Promise<{ server: grpc.Server; port: number }> {
+  // grpc-js prints its own diagnostics to stderr ("E No address added …"); route them into
+  // the structured log so stderr stays pino JSON and the CLI's error stays one line.
+  grpc.setLogger({
+    error: (...a: unknown[]) => log.debug({ grpc: a.map(String).join(' ') }, 'grpc-js'),
+    info: (...a: unknown[]) => log.debug({ grpc: a.map(String).join(' ') }, 'grpc-js'),
+    debug: (...a: unknown[]) => log.trace({ grpc: a.map(String).join(' ') }, 'grpc-js'),
+  } as Partial<Console> as Console);
   const server = new grpc.Server();
   server.addService(orchardV1().NodeAgent!.service, nodeAgentHandlers(state, log));
   const addr = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
