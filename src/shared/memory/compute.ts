@@ -24,21 +24,44 @@ import type { MemoryModel } from './stage.ts';
  * (bench/memory.ts); the structure is from the source, the constants are measured.
  */
 export const CALIBRATION = {
-  /** f32 vectors of width n_embd alive at the peak. */
-  embdVectors: 4,
-  /** f32 vectors of width n_ff alive at the peak. */
-  ffnVectors: 2,
+  /** f32 vectors of width n_embd alive at the peak (f16 KV cache). */
+  embdVectors: 3,
+  /** One fewer with a quantized KV cache (measured: −T·n_embd·4 bytes on every device). */
+  embdVectorsQuantizedCache: 2,
+  /** f32 vectors of width n_ff alive at the peak: gate, up and their product. */
+  ffnVectors: 3,
 };
 
-function layerPeak(mm: MemoryModel, layer: LayerProfile, tokens: number, nKv: number): number {
+/**
+ * GGML_SCHED_MAX_COPIES: with pipeline parallelism (llama_context: more than one device, all
+ * layers offloaded, every device async + events — true for RPC and Metal) the scheduler keeps 4
+ * copies of every split's inputs, so each device holds 4 copies of the hidden state it receives
+ * and of the KQ mask.
+ */
+export const SCHED_COPIES = 4;
+
+function ffnWidth(mm: MemoryModel): number {
   const p = mm.profile;
-  const ffnWidth = p.moe ? (p.ffn || p.embd) * p.moe.expertsUsed : p.ffn || 4 * p.embd;
-  const vectors = CALIBRATION.embdVectors * p.embd + CALIBRATION.ffnVectors * ffnWidth;
-  let bytes = 4 * tokens * vectors;
+  // MoE: T tokens × n_expert_used experts through n_ff_exp-wide gate/up (structure only; not
+  // calibrated against a real MoE run here).
+  return p.moe ? (p.ffn || p.embd) * p.moe.expertsUsed : p.ffn || 4 * p.embd;
+}
+
+function quantizedCache(mm: MemoryModel): boolean {
+  return mm.options.cacheType !== 'f16' && mm.options.cacheType !== 'f32' && mm.options.cacheType !== 'bf16';
+}
+
+function layerPeak(mm: MemoryModel, tokens: number, nKv: number, copies: number): number {
+  const p = mm.profile;
+  const embdVectors = quantizedCache(mm) ? CALIBRATION.embdVectorsQuantizedCache : CALIBRATION.embdVectors;
+  let bytes = 4 * tokens * (embdVectors * p.embd + CALIBRATION.ffnVectors * ffnWidth(mm));
+  // Without flash attention KQ (n_kv × T × n_head, f32) is materialised; structure from the
+  // source, not calibrated here (Orchard always runs llama-server with -fa on).
   if (!mm.options.flashAttention) bytes = Math.max(bytes, 4 * tokens * nKv * p.heads + 4 * tokens * 2 * p.embd);
-  // The KQ mask (f16 with FA, f32 without), one per attention kind present.
-  bytes += tokens * nKv * (mm.options.flashAttention ? 2 : 4);
-  void layer;
+  // KQ mask: f16 with FA, f32 without; one per scheduler copy.
+  bytes += copies * tokens * nKv * (mm.options.flashAttention ? 2 : 4);
+  // Hidden state received from the previous device, one per copy.
+  if (copies > 1) bytes += copies * 4 * tokens * p.embd;
   return bytes;
 }
 
@@ -46,20 +69,37 @@ function reserveTokens(mm: MemoryModel): number {
   return Math.min(mm.geometry.nCtx, mm.options.ubatch);
 }
 
-/** Compute buffer of a device holding `layers` (and the output layer when `holdsOutput`). */
-export function computeBufferBytes(mm: MemoryModel, layers: readonly LayerProfile[], holdsOutput: boolean): number {
+/**
+ * Compute buffer of a device holding `layers` (and the output layer when `holdsOutput`).
+ * `pipeline`: the model is split over more than one device.
+ */
+export function computeBufferBytes(mm: MemoryModel, layers: readonly LayerProfile[], holdsOutput: boolean, pipeline: boolean): number {
   const tokens = reserveTokens(mm);
+  const copies = pipeline ? SCHED_COPIES : 1;
   let peak = 0;
+  let seenFull = false;
+  let seenSwa = false;
   for (const l of layers) {
-    const nKv = l.swa ? mm.geometry.cellsSwa * mm.geometry.streams : mm.geometry.cellsFull * mm.geometry.streams;
-    peak = Math.max(peak, layerPeak(mm, l, tokens, nKv));
+    if (l.swa ? seenSwa : seenFull) continue;
+    if (l.swa) seenSwa = true;
+    else seenFull = true;
+    const nKv = (l.swa ? mm.geometry.cellsSwa : mm.geometry.cellsFull) * mm.geometry.streams;
+    peak = Math.max(peak, layerPeak(mm, tokens, nKv, copies));
   }
-  if (holdsOutput) peak = Math.max(peak, 4 * tokens * (mm.profile.vocab + 2 * mm.profile.embd));
+  // Logits: llama-server reserves n_outputs = min(n_ubatch, n_outputs_max) rows, and sets
+  // n_outputs_max to its slot count.
+  if (holdsOutput) peak += 4 * Math.min(tokens, mm.options.parallel) * mm.profile.vocab;
   return peak;
 }
 
-/** The head process's CPU compute buffer: token embedding lookup output and graph inputs. */
-export function hostComputeBufferBytes(mm: MemoryModel): number {
+/**
+ * The head process's CPU compute buffer: the token_embd lookup output and the graph inputs built
+ * on the CPU — two T × n_embd f32 tensors and the KQ mask (T × n_kv), one mask per scheduler copy.
+ * Fitted on bench/memory.ts host rows: exact to ~0.2 MiB over 36 runs.
+ */
+export function hostComputeBufferBytes(mm: MemoryModel, pipeline: boolean): number {
   const tokens = reserveTokens(mm);
-  return 4 * tokens * mm.profile.embd;
+  const copies = pipeline ? SCHED_COPIES : 1;
+  const nKv = mm.geometry.cellsFull * mm.geometry.streams;
+  return 2 * 4 * tokens * mm.profile.embd + copies * tokens * nKv * (mm.options.flashAttention ? 2 : 4);
 }

@@ -96,8 +96,11 @@ export function memoryModel(profile: ModelProfile, options: MemoryOptions, kvFil
   };
 }
 
-/** What llama.cpp will report for a device holding layers [first, last] (inclusive). */
-export function deviceBytes(mm: MemoryModel, first: number, last: number, holdsOutput: boolean): DeviceBytes {
+/**
+ * What llama.cpp will report for a device holding layers [first, last] (inclusive).
+ * `pipeline`: the model spans more than one device (changes the compute buffer).
+ */
+export function deviceBytes(mm: MemoryModel, first: number, last: number, holdsOutput: boolean, pipeline: boolean): DeviceBytes {
   let model = 0;
   let kv = 0;
   for (let il = first; il <= last; il++) {
@@ -106,18 +109,18 @@ export function deviceBytes(mm: MemoryModel, first: number, last: number, holdsO
   }
   if (holdsOutput) model += mm.outputWeights;
   const layers = mm.profile.layers.slice(first, last + 1);
-  return { model, kv, compute: computeBufferBytes(mm, layers, holdsOutput) };
+  return { model, kv, compute: computeBufferBytes(mm, layers, holdsOutput, pipeline) };
 }
 
 /** Host (CPU) buffers of the head process: token_embd (CPU_Mapped) and the CPU compute buffer. */
-export function hostBytes(mm: MemoryModel): DeviceBytes {
-  return { model: mm.hostWeights, kv: 0, compute: hostComputeBufferBytes(mm) };
+export function hostBytes(mm: MemoryModel, pipeline: boolean): DeviceBytes {
+  return { model: mm.hostWeights, kv: 0, compute: hostComputeBufferBytes(mm, pipeline) };
 }
 
 /** Stage total: device buffers, plus the head's host buffers when this is the last stage. */
-export function stageBytes(mm: MemoryModel, first: number, last: number, isHead: boolean): StageBytes {
-  const d = deviceBytes(mm, first, last, isHead);
-  const h = isHead ? hostBytes(mm) : { model: 0, kv: 0, compute: 0 };
+export function stageBytes(mm: MemoryModel, first: number, last: number, isHead: boolean, pipeline: boolean): StageBytes {
+  const d = deviceBytes(mm, first, last, isHead, pipeline);
+  const h = isHead ? hostBytes(mm, pipeline) : { model: 0, kv: 0, compute: 0 };
   const overhead = isHead ? HEAD_OVERHEAD_BYTES : WORKER_OVERHEAD_BYTES;
   const weights = d.model + h.model;
   const compute = d.compute + h.compute;

@@ -55,7 +55,10 @@ interface Prepared {
   readonly memPrefix: Float64Array;
   readonly readPrefix: Float64Array;
   readonly workerConst: number;
+  /** Head of a multi-stage plan (pipeline-parallel compute buffers). */
   readonly headConst: number;
+  /** A single node holding everything (no pipeline copies). */
+  readonly headConstSingle: number;
   readonly headRead: number;
   readonly pinned: ReadonlySet<number>;
   readonly o: PlacementOptions;
@@ -93,9 +96,10 @@ function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: Plac
     readPrefix[l + 1] = readPrefix[l]! + mm.layerRead[l]!;
   }
   // Per-stage constants use the widest layer's compute buffer: a bound for any range.
-  const workerConst = computeBufferBytes(mm, profile.layers, false) + WORKER_OVERHEAD_BYTES;
-  const headConst =
-    computeBufferBytes(mm, profile.layers, true) + mm.outputWeights + mm.hostWeights + hostComputeBufferBytes(mm) + HEAD_OVERHEAD_BYTES;
+  const workerConst = computeBufferBytes(mm, profile.layers, false, true) + WORKER_OVERHEAD_BYTES;
+  const headFixed = mm.outputWeights + mm.hostWeights + HEAD_OVERHEAD_BYTES;
+  const headConst = computeBufferBytes(mm, profile.layers, true, true) + hostComputeBufferBytes(mm, true) + headFixed;
+  const headConstSingle = computeBufferBytes(mm, profile.layers, true, false) + hostComputeBufferBytes(mm, false) + headFixed;
   const order = nodes
     .map((_, i) => i)
     .sort((a, b) => nodes[b]!.bandwidthBytesPerSecond - nodes[a]!.bandwidthBytesPerSecond || cmp(nodes[a]!.name, nodes[b]!.name));
@@ -110,6 +114,7 @@ function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: Plac
     readPrefix,
     workerConst,
     headConst,
+    headConstSingle,
     // The head reads the output head in full and one token_embd row per token.
     headRead: profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes,
     pinned,
@@ -137,12 +142,13 @@ function solve(p: Prepared): Assignment | undefined {
   for (let s = 0; s < N; s++) choice.push(new Int32Array(L + 1));
 
   for (const h of p.order) {
+    // j = 0 means the head holds everything alone (no pipeline); j > 0 means workers before it.
+    const singleFits = p.memPrefix[L]! + p.headConstSingle <= p.budgets[h]!;
     const headCap = p.budgets[h]! - p.headConst;
-    if (headCap < 0) continue;
-    // Smallest j such that the head can hold layers [j, L).
-    let jMin = 0;
+    // Smallest j ≥ 1 such that the head can hold layers [j, L) in a multi-stage plan.
+    let jMin = 1;
     while (jMin <= L && p.memPrefix[L]! - p.memPrefix[jMin]! > headCap) jMin++;
-    if (jMin > L) continue;
+    if (jMin > L && !singleFits) continue;
     f.fill(Number.POSITIVE_INFINITY);
     f[0] = 0;
     const steps: number[] = [];
@@ -192,7 +198,8 @@ function solve(p: Prepared): Assignment | undefined {
     let bestJ = -1;
     let bestCost = Number.POSITIVE_INFINITY;
     // Prefer the head holding more layers on ties (fewer stages): scan j ascending, strict <.
-    for (let j = jMin; j <= L; j++) {
+    for (let j = singleFits ? 0 : jMin; j <= L; j++) {
+      if (j > 0 && j < jMin) continue;
       if (!Number.isFinite(f[j]!)) continue;
       const cost = f[j]! + (p.readPrefix[L]! - p.readPrefix[j]!) / bwH;
       if (cost < bestCost - EPS) {
@@ -238,7 +245,7 @@ function describe(p: Prepared, a: Assignment): Plan {
   const stages: PlanStage[] = a.stages.map((s, idx) => {
     const isHead = idx === a.stages.length - 1;
     const node = p.nodes[s.node]!;
-    const bytes = stageBytes(p.mm, s.first, s.end - 1, isHead);
+    const bytes = stageBytes(p.mm, s.first, s.end - 1, isHead, a.stages.length > 1);
     const read = p.readPrefix[s.end]! - p.readPrefix[s.first]! + (isHead ? p.headRead : 0);
     const budget = p.budgets[s.node]!;
     return {
@@ -308,7 +315,7 @@ function noFit(p: Prepared): Plan {
   const L = p.mm.profile.layerCount;
   const n = p.nodes.length;
   // Demand if every node held a stage: all layers, one head, n−1 workers.
-  let need = stageBytes(p.mm, 0, L - 1, true);
+  let need = stageBytes(p.mm, 0, L - 1, true, n > 1);
   const worker: StageBytes = {
     weights: 0,
     kv: 0,

@@ -1,0 +1,136 @@
+import { readFile } from 'node:fs/promises';
+import Table from 'cli-table3';
+import type { Command } from 'commander';
+import { UsageError } from '../../shared/errors.ts';
+import { readGgufHeader } from '../../shared/gguf/reader.ts';
+import { CACHE_TYPES, type CacheType } from '../../shared/memory/kv.ts';
+import { modelProfile } from '../../shared/model/profile.ts';
+import { parseNodesFile } from '../../shared/placement/nodes-file.ts';
+import { planPlacement } from '../../shared/placement/planner.ts';
+import type { Plan } from '../../shared/placement/types.ts';
+import { parseInteger } from '../../shared/units.ts';
+
+interface PlanFlags {
+  nodes?: string;
+  coordinator?: string;
+  ctx?: string;
+  cacheType?: string;
+  parallel?: string;
+  pin?: string[];
+  json?: boolean;
+}
+
+const GiB = 2 ** 30;
+const gib = (b: number) => (b / GiB).toFixed(1);
+
+export function registerPlan(program: Command): void {
+  program
+    .command('plan')
+    .description('plan which node holds which layers of a GGUF model (memory math + bandwidth cost model)')
+    .argument('<model>', 'GGUF model file (only the header is read; header-only files work)')
+    .option('--nodes <file>', 'NODES.json: [{name, memoryBytes, bandwidthBytesPerSecond | chip, wiredLimitBytes?, usableBytes?}]')
+    .option('--coordinator <url>', 'plan for the live cluster of this coordinator')
+    .option('--ctx <n>', 'context size in tokens (KV cells, as llama.cpp -c)', '4096')
+    .option('--cache-type <t>', `KV cache type: ${CACHE_TYPES.join(', ')}`, 'f16')
+    .option('--parallel <n>', 'parallel sequences (server slots, unified KV cache)', '1')
+    .option('--pin <node...>', 'nodes that must hold a stage')
+    .option('--json', 'print the plan as JSON on stdout')
+    .action(async (modelPath: string, flags: PlanFlags) => {
+      const ctx = parseInteger(flags.ctx ?? '4096', '--ctx', 1, 16 * 1024 * 1024);
+      const parallel = parseInteger(flags.parallel ?? '1', '--parallel', 1, 4096);
+      const cacheType = (flags.cacheType ?? 'f16').toLowerCase();
+      if (!(CACHE_TYPES as readonly string[]).includes(cacheType)) {
+        throw new UsageError(`invalid --cache-type "${flags.cacheType}": use one of ${CACHE_TYPES.join(', ')}`);
+      }
+      if (!flags.nodes) {
+        throw new UsageError(
+          'planning for the live cluster needs --coordinator (not available yet); give the nodes with --nodes NODES.json',
+        );
+      }
+      let text: string;
+      try {
+        text = await readFile(flags.nodes, 'utf8');
+      } catch (err) {
+        throw new UsageError(`cannot read nodes file ${flags.nodes}: ${(err as Error).message}`);
+      }
+      const nodes = parseNodesFile(text, flags.nodes);
+      const header = await readGgufHeader(modelPath);
+      const profile = modelProfile(header);
+      const plan = planPlacement(profile, nodes, {
+        ctx,
+        cacheType: cacheType as CacheType,
+        parallel,
+        pinned: flags.pin ?? [],
+      });
+      if (flags.json) {
+        process.stdout.write(`${JSON.stringify(toJson(plan, profile.name ?? modelPath))}\n`);
+      } else {
+        process.stdout.write(render(plan, `${profile.name ?? modelPath} (${profile.arch}, ${profile.layerCount} layers, ${profile.weightType}), ctx ${ctx}, KV ${cacheType}`));
+      }
+      if (!plan.fits) process.exitCode = 1;
+    });
+}
+
+function toJson(plan: Plan, model: string): unknown {
+  return {
+    model,
+    fits: plan.fits,
+    stages: plan.stages.map((s) => ({
+      node: s.node,
+      role: s.role,
+      firstLayer: s.firstLayer,
+      lastLayer: s.lastLayer,
+      bytes: s.bytes,
+      budgetBytes: s.budgetBytes,
+      headroomBytes: s.headroomBytes,
+      bandwidthBytesPerSecond: s.bandwidthBytesPerSecond,
+      readBytesPerToken: s.readBytesPerToken,
+    })),
+    predicted: {
+      tokensPerSecond: plan.predicted.tokensPerSecond,
+      secondsPerToken: plan.fits ? plan.predicted.secondsPerToken : null,
+      hopSeconds: plan.predicted.hopSeconds,
+    },
+    reasons: plan.reasons,
+    unusedNodes: plan.unusedNodes,
+    ...(plan.shortfall ? { shortfall: plan.shortfall, remedies: plan.remedies } : {}),
+  };
+}
+
+function render(plan: Plan, title: string): string {
+  const lines = [title];
+  if (plan.fits) {
+    const t = new Table({
+      head: ['stage', 'node', 'role', 'layers', 'weights GiB', 'KV GiB', 'compute GiB', 'overhead GiB', 'total GiB', 'budget GiB', 'headroom GiB', 'GB/s'],
+      colAligns: ['right', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
+      style: { head: [] },
+    });
+    plan.stages.forEach((s, i) => {
+      t.push([
+        String(i),
+        s.node,
+        s.role,
+        s.lastLayer >= s.firstLayer ? `${s.firstLayer}–${s.lastLayer}` : '—',
+        gib(s.bytes.weights),
+        gib(s.bytes.kv),
+        gib(s.bytes.compute),
+        gib(s.bytes.overhead),
+        gib(s.bytes.total),
+        gib(s.budgetBytes),
+        gib(s.headroomBytes),
+        (s.bandwidthBytesPerSecond / 1e9).toFixed(0),
+      ]);
+    });
+    lines.push(t.toString());
+    lines.push(`predicted: ${plan.predicted.tokensPerSecond.toFixed(1)} tok/s (${(plan.predicted.secondsPerToken * 1000).toFixed(1)} ms/token)`);
+  } else {
+    lines.push('DOES NOT FIT');
+    if (plan.shortfall && plan.shortfall.shortfallBytes > 0) lines.push(`shortfall: ${gib(plan.shortfall.shortfallBytes)} GiB`);
+  }
+  for (const r of plan.reasons) lines.push(`  · ${r}`);
+  if (plan.remedies?.length) {
+    lines.push('remedies:');
+    for (const r of plan.remedies) lines.push(`  → ${r}`);
+  }
+  return `${lines.join('\n')}\n`;
+}

@@ -1,0 +1,93 @@
+import { UsageError } from '../errors.ts';
+import type { MemoryOptions } from '../memory/stage.ts';
+
+/**
+ * Plan → llama-server arguments that pin each stage's layer range to its device.
+ *
+ * How this llama.cpp assigns layers (src/llama-model.cpp, `load_tensors`): devices are ordered
+ * RPC servers first (in `--rpc` order), then local GPUs (src/llama.cpp). With -ngl ≥ n_layer + 1
+ * every layer is offloaded and the split is over n_layer + 1 units — the output layer is unit
+ * n_layer. Layer il goes to the first device whose cumulative split fraction is > il/(n_layer+1)
+ * (`std::upper_bound` on float32). So `--tensor-split c0,c1,…,c_last+1` with c_i = layers of
+ * stage i puts exactly stage i's range on device i and the output layer on the last device.
+ * Integer counts keep the float32 arithmetic exact (sums and quotients of small integers).
+ */
+export interface StageEndpoint {
+  readonly firstLayer: number;
+  readonly lastLayer: number;
+  /** host:port of the stage's ggml-rpc-server; undefined for the head's local GPU. */
+  readonly rpc?: string;
+}
+
+export interface DeviceArgs {
+  readonly rpc: readonly string[];
+  readonly tensorSplit: readonly number[];
+  readonly nGpuLayers: number;
+  readonly args: readonly string[];
+}
+
+/**
+ * @param stages in pipeline order, covering every layer once; the last is the head. When the head
+ *   has a local GPU (Metal) its stage has no `rpc` and must be last; otherwise (a CPU-only head,
+ *   e.g. Linux CI) every stage is an RPC server.
+ */
+export function llamaDeviceArgs(stages: readonly StageEndpoint[], layerCount: number): DeviceArgs {
+  if (stages.length === 0) throw new UsageError('a plan needs at least one stage');
+  let next = 0;
+  stages.forEach((s, i) => {
+    if (s.firstLayer !== next) throw new UsageError(`stage ${i} starts at layer ${s.firstLayer}, expected ${next}`);
+    if (s.lastLayer < s.firstLayer - 1) throw new UsageError(`stage ${i} has a negative layer range`);
+    if (s.rpc === undefined && i !== stages.length - 1) throw new UsageError(`stage ${i} has no RPC endpoint but is not the head`);
+    next = s.lastLayer + 1;
+  });
+  if (next !== layerCount) throw new UsageError(`stages cover layers 0–${next - 1}, model has ${layerCount}`);
+  const rpc = stages.flatMap((s) => (s.rpc ? [s.rpc] : []));
+  const tensorSplit = stages.map((s, i) => s.lastLayer - s.firstLayer + 1 + (i === stages.length - 1 ? 1 : 0));
+  const nGpuLayers = layerCount + 1;
+  const args = ['-ngl', String(nGpuLayers), '--tensor-split', tensorSplit.join(',')];
+  if (rpc.length > 0) args.unshift('--rpc', rpc.join(','));
+  return { rpc, tensorSplit, nGpuLayers, args };
+}
+
+/** Which device llama.cpp gives each unit (layers 0..n-1, then the output layer n), float32 as in C++. */
+export function llamaLayerDevices(tensorSplit: readonly number[], layerCount: number): number[] {
+  const f = Math.fround;
+  const cum: number[] = [];
+  let sum = f(0);
+  for (const s of tensorSplit) {
+    sum = f(sum + f(s));
+    cum.push(sum);
+  }
+  const norm = cum.map((c) => f(c / sum));
+  const act = layerCount + 1;
+  const out: number[] = [];
+  for (let il = 0; il <= layerCount; il++) {
+    const x = f(il / act);
+    let d = norm.findIndex((c) => c > x);
+    if (d < 0) d = norm.length; // llama.cpp would index past the end; never happens for valid splits
+    out.push(d);
+  }
+  return out;
+}
+
+/** KV/context arguments matching the memory math's assumptions. */
+export function llamaMemoryArgs(o: MemoryOptions): string[] {
+  return [
+    '-c',
+    String(o.ctx),
+    '-np',
+    String(o.parallel),
+    o.unified ? '--kv-unified' : '--no-kv-unified',
+    '-ctk',
+    o.cacheType,
+    '-ctv',
+    o.cacheType,
+    '-ub',
+    String(o.ubatch),
+    '-fa',
+    o.flashAttention ? 'on' : 'off',
+    // llama.cpp's own fitting would change -c behind the plan's back.
+    '-fit',
+    'off',
+  ];
+}

@@ -1,0 +1,71 @@
+import { z } from 'zod';
+import { lookupChip } from '../chips.ts';
+import { UsageError } from '../errors.ts';
+// Pure budget arithmetic shared with the node agent's probe (no I/O in that module).
+import { usableBudget, wiredLimitBytes } from '../../node/hardware/budget.ts';
+import type { PlacementNode } from './types.ts';
+
+/**
+ * NODES.json: an array of node profiles for planning without a live cluster. Validated once,
+ * here, at the edge. `usableBytes` wins when given; otherwise the budget is computed the way the
+ * node agent computes it (min(wired limit, RAM − OS reserve) − margin), with the macOS default
+ * wired limit modelled when `wiredLimitBytes` is absent. `chip` fills the bandwidth from the chip
+ * table when `bandwidthBytesPerSecond` is absent (slowest configuration of that chip unless
+ * `gpuCores` says which one).
+ */
+const byteCount = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+export const NodeFileEntry = z
+  .object({
+    name: z.string().min(1),
+    memoryBytes: byteCount.positive(),
+    bandwidthBytesPerSecond: z.number().positive().finite().optional(),
+    chip: z.string().min(1).optional(),
+    gpuCores: z.number().int().positive().optional(),
+    wiredLimitBytes: byteCount.optional(),
+    usableBytes: byteCount.optional(),
+    hopSeconds: z.number().nonnegative().finite().optional(),
+  })
+  .strict();
+export const NodesFile = z.array(NodeFileEntry).min(1, 'the nodes file lists no nodes');
+export type NodeFileEntry = z.infer<typeof NodeFileEntry>;
+
+export function resolveNode(e: NodeFileEntry): PlacementNode {
+  let bandwidth = e.bandwidthBytesPerSecond;
+  if (bandwidth === undefined) {
+    if (e.chip === undefined) throw new UsageError(`node ${e.name}: give bandwidthBytesPerSecond or a chip name`);
+    const chip = lookupChip(e.chip, e.gpuCores === undefined ? {} : { gpuCores: e.gpuCores });
+    if (!chip) throw new UsageError(`node ${e.name}: unknown chip "${e.chip}"; give bandwidthBytesPerSecond`);
+    bandwidth = chip.bandwidthBytesPerSecond;
+  }
+  const budget =
+    e.usableBytes ?? usableBudget({ memoryBytes: e.memoryBytes, wiredLimitBytes: wiredLimitBytes(e.memoryBytes, e.wiredLimitBytes) }).usableBytes;
+  if (budget > e.memoryBytes) throw new UsageError(`node ${e.name}: usableBytes exceeds memoryBytes`);
+  return {
+    name: e.name,
+    budgetBytes: budget,
+    bandwidthBytesPerSecond: bandwidth,
+    ...(e.hopSeconds === undefined ? {} : { hopSeconds: e.hopSeconds }),
+  };
+}
+
+/** Parse and validate the text of a NODES.json file; errors name the file and the field. */
+export function parseNodesFile(text: string, source: string): PlacementNode[] {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    throw new UsageError(`${source}: not valid JSON (${(err as Error).message})`);
+  }
+  const r = NodesFile.safeParse(raw);
+  if (!r.success) {
+    const issue = r.error.issues[0]!;
+    const where = issue.path.length ? ` at ${issue.path.join('.')}` : '';
+    throw new UsageError(`${source}: invalid nodes file${where}: ${issue.message}`);
+  }
+  const names = new Set<string>();
+  for (const n of r.data) {
+    if (names.has(n.name)) throw new UsageError(`${source}: node name "${n.name}" appears twice`);
+    names.add(n.name);
+  }
+  return r.data.map(resolveNode);
+}
