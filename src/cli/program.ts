@@ -5,6 +5,7 @@ import { registerCoordinator } from './commands/coordinator.ts';
 import { registerGenerate } from './commands/generate.ts';
 import { registerLoad } from './commands/load.ts';
 import { registerNode } from './commands/node.ts';
+import { registerPlan } from './commands/plan.ts';
 import { registerService } from './commands/service.ts';
 import { registerSetup } from './commands/setup.ts';
 import { registerStatus } from './commands/status.ts';
@@ -34,6 +35,7 @@ export function buildProgram(): Command {
   registerLoad(program);
   registerUnload(program);
   registerGenerate(program);
+  registerPlan(program);
   for (const cmd of program.commands) inheritConventions(cmd);
   return program;
 }
