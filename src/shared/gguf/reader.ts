@@ -323,8 +323,9 @@ export interface ReadGgufOptions {
 }
 
 /**
- * Read just the header of a GGUF file: starts with a small read and grows it while the parser
- * needs more, never touching tensor data. Errors name the file.
+ * Read just the header of a GGUF file: starts with a small read and doubles it while the parser
+ * needs more, so at most max(initialBytes, 2 × header size) bytes are read whatever the size of
+ * the tensor data. Errors name the file.
  */
 export async function readGgufHeader(path: string, options: ReadGgufOptions = {}): Promise<GgufFileHeader> {
   const maxHeader = options.maxHeaderBytes ?? 512 * 1024 * 1024;
