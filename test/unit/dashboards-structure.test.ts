@@ -33,7 +33,7 @@ describe('dashboards', () => {
     expect(files.sort()).toEqual(['cluster-overview.json', 'model-performance.json', 'node-detail.json']);
   });
 
-  describe.each(dashboards)('$file', ({ file, raw }) => {
+  describe.each(dashboards)('$file', ({ raw }) => {
     const parsed = dashboardSchema.safeParse(raw);
     const d = parsed.data as Dashboard;
 
@@ -130,7 +130,8 @@ describe('dashboards', () => {
 describe('variable substitution', () => {
   it('escapes regex metacharacters and joins multi values like Grafana', () => {
     expect(substituteVariables('m{node=~"$node"}[$__rate_interval]', { node: ['a.b', 'c'] })).toBe('m{node=~"(a\\\\.b|c)"}[1m]');
-    expect(substituteVariables('m{model=~"${model}"}', { model: ['q'] })).toBe('m{model=~"q"}');
+    const braced = 'm{model=~"$' + '{model}"}'; // Grafana's ${model} form
+    expect(substituteVariables(braced, { model: ['q'] })).toBe('m{model=~"q"}');
     expect(substituteVariables('m{model=~"$model"}', { model: '.*' })).toBe('m{model=~".*"}');
     expect(() => substituteVariables('m{x=~"$nope"}', {})).toThrow(/nope/);
   });

@@ -57,9 +57,20 @@ export interface CreateOptions<C> {
 export type NodeMetricSet = MetricSet<typeof NODE_METRICS>;
 export type CoordinatorMetricSet = MetricSet<typeof COORDINATOR_METRICS>;
 
+/**
+ * prom-client's process_* and nodejs_* metrics, minus the three gauges it names `*_total`
+ * (nodejs_active_{handles,requests,resources}_total), which break the Prometheus naming rule
+ * promtool lints for (only counters end in _total). The per-type gauges without the suffix stay,
+ * so `sum(nodejs_active_handles)` gives the same number.
+ */
+export function collectProcessMetrics(registry: Registry): void {
+  collectDefaultMetrics({ register: registry });
+  for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) registry.removeSingleMetric(name);
+}
+
 /** Every metric a node agent exports, registered on `registry`. */
 export function createNodeMetrics(registry: Registry, options: CreateOptions<typeof NODE_METRICS> = {}): NodeMetricSet {
-  if (options.processMetrics ?? true) collectDefaultMetrics({ register: registry });
+  if (options.processMetrics ?? true) collectProcessMetrics(registry);
   return createMetrics(registry, NODE_METRICS, options.collect);
 }
 
@@ -69,7 +80,7 @@ export function createCoordinatorMetrics(
   version: string,
   options: CreateOptions<typeof COORDINATOR_METRICS> = {},
 ): CoordinatorMetricSet {
-  if (options.processMetrics ?? true) collectDefaultMetrics({ register: registry });
+  if (options.processMetrics ?? true) collectProcessMetrics(registry);
   const m = createMetrics(registry, COORDINATOR_METRICS, options.collect);
   m.buildInfo.set({ version, nodejs_version: process.versions.node }, 1);
   for (const state of ['up', 'suspect', 'down'] as const) m.nodes.set({ state }, 0);
