@@ -111,10 +111,26 @@ print({ event: 'browsing' });
 process.on('SIGTERM', () => { browser.stop(); bonjour.destroy(() => process.exit(0)); });
 `;
 
+// A bare advertiser (no agent) whose profile changes on SIGUSR2: the re-announce path.
+const ADVERTISER_SCRIPT = (root: string) => `
+import { NodeAdvertiser } from ${JSON.stringify(join(root, 'src/node/advertise.ts'))};
+import { createLogger } from ${JSON.stringify(join(root, 'src/shared/log.ts'))};
+const print = (o) => process.stdout.write(JSON.stringify(o) + '\\n');
+const profile = { nodeId: 'readvertise-${tag}', name: 'readvertise-${tag}', hostname: 'h', os: 'linux', osVersion: '6', chip: 'test chip',
+  performanceCores: 1, efficiencyCores: 0, gpuCores: 0, memoryBytes: 1000, bandwidthBytesPerSecond: 1, wiredLimitBytes: 1000,
+  usableBytes: 111, engines: [], interfaces: [], protocolVersion: '1', agentVersion: '0' };
+const adv = new NodeAdvertiser({ interfaceAddress: ${JSON.stringify(AGENT_IP)}, log: createLogger('adv', 'warn') });
+adv.start(profile, 4242);
+print({ event: 'ready' });
+process.on('SIGUSR2', () => print({ event: 'updated', changed: adv.update({ ...profile, usableBytes: 222 }, 4242), again: adv.update({ ...profile, usableBytes: 222 }, 4242) }));
+process.on('SIGTERM', () => adv.stop().then(() => process.exit(0)));
+`;
+
 beforeAll(async () => {
   if (skipReason) return;
   tmp = await mkdtemp(join(tmpdir(), 'orchard-mdns-'));
   await writeFile(join(tmp, 'browse.ts'), BROWSER_SCRIPT(ROOT));
+  await writeFile(join(tmp, 'advertise.ts'), ADVERTISER_SCRIPT(ROOT));
   ip('netns', 'add', NS_AGENT);
   ip('netns', 'add', NS_BROWSER);
   nsCreated = true;
@@ -229,6 +245,31 @@ describe.skipIf(!!skipReason)('Bonjour advertisement between network namespaces'
       b.child.kill('SIGTERM');
       await b.exited;
     }
+  });
+
+  it('a changed profile is re-announced: browsers get the new TXT within 1 s', async () => {
+    const browser = spawnInNs(NS_BROWSER, ['--import', 'tsx', join(tmp, 'browse.ts')]);
+    await waitLine(browser.lines, (l) => l.event === 'browsing', 'browser start', 20_000, browser.stderr);
+    const adv = spawnInNs(NS_AGENT, ['--import', 'tsx', join(tmp, 'advertise.ts')]);
+    await waitLine(adv.lines, (l) => l.event === 'ready', 'advertiser ready', 20_000, adv.stderr);
+    const usable = (l: Line) => (l.txt as Record<string, string> | undefined)?.usable;
+    await waitLine(browser.lines, (l) => l.event === 'up' && usable(l) === '111', 'first announcement', 5000, browser.stderr);
+    adv.child.kill('SIGUSR2');
+    const updated = await waitLine(adv.lines, (l) => l.event === 'updated', 'update', 5000, adv.stderr);
+    // The second identical update is a no-op (nothing changed, nothing sent).
+    expect(updated).toMatchObject({ changed: true, again: false });
+    const reannounced = await waitLine(browser.lines, (l) => l.event === 'up' && usable(l) === '222', 're-announcement', 5000, browser.stderr);
+    console.info(`mDNS: re-announced TXT seen ${reannounced.t - updated.t} ms after the change`);
+    expect(reannounced.t - updated.t).toBeLessThan(1000);
+    // The service is known once with the new TXT: whatever went down came back up.
+    const ups = browser.lines.filter((l) => l.event === 'up').length;
+    const downs = browser.lines.filter((l) => l.event === 'down').length;
+    expect(ups - downs).toBe(1);
+    adv.child.kill('SIGTERM');
+    expect(await adv.exited).toBe(0);
+    await waitLine(browser.lines, (l) => l.event === 'down' && browser.lines.filter((x) => x.event === 'down').length > downs, 'goodbye', 5000);
+    browser.child.kill('SIGTERM');
+    await browser.exited;
   });
 
   it('--no-mdns advertises nothing', async () => {

@@ -7,7 +7,10 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NodeAgent } from '../../src/node/agent.ts';
+import { probeHardware, readLiveStats } from '../../src/node/hardware/probe.ts';
 import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { createLogger } from '../../src/shared/log.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
 
 /*
@@ -274,6 +277,49 @@ describe('orchard node CLI', () => {
     expect(other.ready.nodeId).not.toBe(ids[0]);
     other.child.kill('SIGTERM');
     await other.exited;
+  });
+});
+
+describe('profile changes (agent in-process)', () => {
+  it('a re-probe that finds a change is pushed to Watch streams and metrics; shutdown ends the streams', async () => {
+    // Hardware cannot change under a test, so the probe is the real one plus a mutable override.
+    let budget = 6 * 2 ** 30;
+    const agent = new NodeAgent({
+      stateDir: join(tmp, 'inproc'),
+      name: 'inproc',
+      bindHost: '127.0.0.1',
+      grpcPort: 0,
+      metricsPort: 0,
+      mdns: false,
+      probe: (o) => probeHardware({ ...o, budgetBytes: budget }),
+      readLive: readLiveStats,
+      binaries: () => findLlamaBinaries(binEnv),
+      log: createLogger('test', 'warn'),
+      profileRefreshMs: 0,
+    });
+    const ready = await agent.start();
+    const NodeAgentClient = orchardV1().NodeAgent!;
+    const client = new NodeAgentClient(`127.0.0.1:${ready.grpcPort}`, grpc.credentials.createInsecure()) as unknown as Agent['client'];
+    try {
+      const events: { event: string; profileChanged?: { usableBytes: string } }[] = [];
+      const watch = client.watch!({ intervalSeconds: 0.1 }) as grpc.ClientReadableStream<{ event: string }>;
+      const ended = new Promise<void>((resolve) => watch.on('end', () => resolve()));
+      watch.on('error', () => {});
+      watch.on('data', (e: { event: string }) => events.push(e));
+      await waitFor('first stats', () => events.length > 0 || undefined);
+      expect(await agent.refreshProfile()).toBe(false); // nothing changed: no event
+      budget = 5 * 2 ** 30;
+      expect(await agent.refreshProfile()).toBe(true);
+      const changed = await waitFor('profileChanged', () => events.find((e) => e.event === 'profileChanged'));
+      expect(changed.profileChanged!.usableBytes).toBe(String(5 * 2 ** 30));
+      const text = await (await fetch(`http://127.0.0.1:${ready.metricsPort}/metrics`)).text();
+      expect(text).toMatch(/^orchard_node_usable_memory_bytes 5368709120$/m);
+      await agent.stop();
+      await ended; // the stream ends cleanly instead of erroring out
+    } finally {
+      client.close();
+      await agent.stop();
+    }
   });
 });
 
