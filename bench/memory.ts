@@ -37,10 +37,13 @@ interface Shape {
   heads: number;
   kvHeads: number;
   type: GgmlTypeName;
+  /** Not used to fit the compute-buffer constants: checks the formula on an unseen shape. */
+  heldOut: boolean;
 }
 const SHAPES: Shape[] = [
-  { name: 'llama-8L-512d-f16', layers: 8, embd: 512, ffn: 1408, heads: 8, kvHeads: 4, type: 'F16' },
-  { name: 'llama-12L-768d-q8', layers: 12, embd: 768, ffn: 2048, heads: 12, kvHeads: 4, type: 'Q8_0' },
+  { name: 'llama-8L-512d-f16', layers: 8, embd: 512, ffn: 1408, heads: 8, kvHeads: 4, type: 'F16', heldOut: false },
+  { name: 'llama-12L-768d-q8', layers: 12, embd: 768, ffn: 2048, heads: 12, kvHeads: 4, type: 'Q8_0', heldOut: false },
+  { name: 'llama-6L-1024d-f16', layers: 6, embd: 1024, ffn: 3584, heads: 16, kvHeads: 8, type: 'F16', heldOut: true },
 ];
 
 async function writeModel(dir: string, s: Shape): Promise<string> {
@@ -193,6 +196,9 @@ function splitLayers(n: number, stages: number): [number, number][] {
 
 interface DeviceCase {
   model: string;
+  heldOut: boolean;
+  parallel: number;
+  unified: boolean;
   ctx: number;
   cache: CacheType;
   stages: number;
@@ -213,10 +219,12 @@ async function runCase(
   ctx: number,
   cache: CacheType,
   stages: number,
+  parallel = 1,
+  unified = true,
 ): Promise<DeviceCase[]> {
   const header = await readGgufHeader(modelPath);
   const profile = modelProfile(header);
-  const options: MemoryOptions = { ...DEFAULT_MEMORY_OPTIONS, ctx, cacheType: cache, parallel: 1, unified: true, flashAttention: true };
+  const options: MemoryOptions = { ...DEFAULT_MEMORY_OPTIONS, ctx, cacheType: cache, parallel, unified, flashAttention: true };
   const mm = memoryModel(profile, options);
   const ranges = splitLayers(profile.layerCount, stages);
   const rpcs: ReturnType<typeof start>[] = [];
@@ -280,6 +288,9 @@ async function runCase(
         const rel = r > 0 ? err / r : p > 0 ? 1 : 0;
         cases.push({
           model: shape.name,
+          heldOut: shape.heldOut,
+          parallel,
+          unified,
           ctx,
           cache,
           stages,
@@ -316,26 +327,31 @@ async function main(): Promise<void> {
   try {
     const cases: DeviceCase[] = [];
     const ctxs = quick ? [4096] : [512, 4096, 16384];
+    const report = (c: DeviceCase[]) => {
+      cases.push(...c);
+      if (json) return;
+      for (const x of c.filter((y) => y.kind === 'total')) {
+        process.stderr.write(
+          `${x.model} ctx=${x.ctx} ${x.cache} np=${x.parallel}${x.unified ? '' : ' split-kv'} ${x.stages}st ${x.device} ${x.layers}: predicted ${(x.predicted / MiB).toFixed(2)} reported ${(x.reported / MiB).toFixed(2)} MiB\n`,
+        );
+      }
+    };
     for (const shape of SHAPES) {
       const path = await writeModel(dir, shape);
       for (const ctx of ctxs) {
         for (const cache of quick ? (['f16'] as const) : (['f16', 'q8_0'] as const)) {
-          for (const stages of quick ? [2] : [1, 2, 3]) {
-            const c = await runCase(bins, path, shape, ctx, cache, stages);
-            cases.push(...c);
-            if (!json) {
-              for (const x of c.filter((y) => y.kind === 'total')) {
-                process.stderr.write(
-                  `${shape.name} ctx=${ctx} ${cache} ${stages}st ${x.device} ${x.layers}: predicted ${(x.predicted / MiB).toFixed(2)} reported ${(x.reported / MiB).toFixed(2)} MiB\n`,
-                );
-              }
-            }
-          }
+          for (const stages of quick ? [2] : [1, 2, 3]) report(await runCase(bins, path, shape, ctx, cache, stages));
         }
+      }
+      // Parallel slots: unified (llama-server's auto mode) and per-slot streams.
+      if (!quick && shape.heldOut) {
+        report(await runCase(bins, path, shape, 4096, 'f16', 2, 4, true));
+        report(await runCase(bins, path, shape, 4096, 'f16', 2, 3, false));
       }
     }
     const totals = cases.filter((c) => c.kind === 'total');
-    const configs = new Set(totals.map((c) => `${c.model}/${c.ctx}/${c.cache}/${c.stages}`)).size;
+    const configs = new Set(totals.map((c) => `${c.model}/${c.ctx}/${c.cache}/${c.stages}/${c.parallel}/${c.unified}`)).size;
+    const heldOut = totals.filter((c) => c.heldOut);
     const worst = [...cases].sort((a, b) => b.relativeError - a.relativeError).slice(0, 8);
     const out = {
       configurations: configs,
@@ -343,6 +359,10 @@ async function main(): Promise<void> {
       maxRelativeError: Math.max(...totals.map((c) => c.relativeError)),
       maxErrorBytes: Math.max(...totals.map((c) => c.errorBytes)),
       devicesWithinGoal: totals.filter((c) => c.withinGoal).length,
+      heldOutMaxRelativeError: heldOut.length ? Math.max(...heldOut.map((c) => c.relativeError)) : null,
+      maxRelativeErrorByKind: Object.fromEntries(
+        (['model', 'kv', 'compute'] as const).map((k) => [k, Math.max(...cases.filter((c) => c.kind === k).map((c) => c.relativeError))]),
+      ),
       goal: 'every device total within 5 % or 32 MiB',
       goalMet: totals.every((c) => c.withinGoal),
       worstCases: worst,

@@ -129,19 +129,93 @@ function hopOf(p: Prepared, i: number): number {
   return p.nodes[i]!.hopSeconds ?? p.o.hopSeconds;
 }
 
+/**
+ * One DP step: node i may take one contiguous block [j, k) after layers [0, j) are placed
+ * (`f` = least cost so far per k), or be skipped unless pinned. Writes the choice per k
+ * (-1 skip, -2 unreachable, else j) into `ch` and returns the new cost array.
+ */
+function step(p: Prepared, i: number, f: Float64Array, ch: Int32Array, g: Float64Array, deque: Int32Array): Float64Array {
+  const L = p.mm.profile.layerCount;
+  const memPrefix = p.memPrefix;
+  const readPrefix = p.readPrefix;
+  const cap = p.budgets[i]! - p.workerConst;
+  const bw = p.nodes[i]!.bandwidthBytesPerSecond;
+  const hop = hopOf(p, i);
+  const mustUse = p.pinned.has(i);
+  const nf = new Float64Array(L + 1);
+  if (mustUse) {
+    nf.fill(Number.POSITIVE_INFINITY);
+    ch.fill(-2);
+  } else {
+    nf.set(f);
+    ch.fill(-1);
+  }
+  if (cap < 0) return nf;
+  for (let k = 0; k <= L; k++) g[k] = f[k]! - readPrefix[k]! / bw;
+  let head = 0;
+  let tail = 0;
+  let lo = 0;
+  for (let k = 1; k <= L; k++) {
+    // Candidate block starts j ∈ [lo, k−1] with mem(j..k) ≤ cap; sliding-window minimum of g.
+    const j = k - 1;
+    const gj = g[j]!;
+    if (gj !== Number.POSITIVE_INFINITY) {
+      while (tail > head && g[deque[tail - 1]!]! >= gj) tail--;
+      deque[tail++] = j;
+    }
+    const mk = memPrefix[k]!;
+    while (lo < k && mk - memPrefix[lo]! > cap) lo++;
+    while (tail > head && deque[head]! < lo) head++;
+    if (tail > head) {
+      const jb = deque[head]!;
+      const cost = g[jb]! + readPrefix[k]! / bw + hop;
+      if (cost < nf[k]! - EPS) {
+        nf[k] = cost;
+        ch[k] = jb;
+      }
+    }
+  }
+  return nf;
+}
+
 /** The DP. Returns the best assignment or undefined when nothing fits. */
 function solve(p: Prepared): Assignment | undefined {
   const L = p.mm.profile.layerCount;
   const N = p.nodes.length;
-  let best: Assignment | undefined;
-  const f = new Float64Array(L + 1);
   const g = new Float64Array(L + 1);
   const deque = new Int32Array(L + 1);
-  // choice[step][k]: -1 skip, else block start j.
-  const choice: Int32Array[] = [];
-  for (let s = 0; s < N; s++) choice.push(new Int32Array(L + 1));
+  const order = p.order;
+  // Shared prefix: prefixF[t] = costs after the first t nodes of `order` (none excluded);
+  // prefixCh[t] = the choices of node order[t] in that prefix. A head at position t starts
+  // from prefixF[t] and continues over positions t+1.. — half the work of recomputing.
+  const prefixF: Float64Array[] = [];
+  const prefixCh: Int32Array[] = [];
+  let f0: Float64Array = new Float64Array(L + 1).fill(Number.POSITIVE_INFINITY);
+  f0[0] = 0;
+  prefixF.push(f0);
+  for (let t = 0; t < N; t++) {
+    const ch = new Int32Array(L + 1);
+    f0 = step(p, order[t]!, f0, ch, g, deque);
+    prefixCh.push(ch);
+    prefixF.push(f0);
+  }
+  const tailCh: Int32Array[] = Array.from({ length: N }, () => new Int32Array(L + 1));
 
-  for (const h of p.order) {
+  let best: Assignment | undefined;
+  // Interchangeable nodes (same budget, bandwidth, hop, pin) give the same cost as head, so only
+  // the first of each class is tried: exact, and real clusters repeat SKUs a lot.
+  const triedHeads = new Set<string>();
+  const bwMax = p.nodes[order[0]!]!.bandwidthBytesPerSecond;
+  for (let t = 0; t < N; t++) {
+    const h = order[t]!;
+    const node = p.nodes[h]!;
+    const cls = `${p.budgets[h]}|${node.bandwidthBytesPerSecond}|${hopOf(p, h)}|${p.pinned.has(h)}`;
+    if (triedHeads.has(cls)) continue;
+    triedHeads.add(cls);
+    const bwH = node.bandwidthBytesPerSecond;
+    // Lower bound for this head: its own output read, and every layer read at the best bandwidth.
+    // A head that cannot beat the best plan so far strictly is skipped (ties keep the earlier one).
+    if (best && p.headRead / bwH + p.readPrefix[L]! / bwMax + p.o.headOverheadSeconds >= best.seconds - EPS) continue;
     // j = 0 means the head holds everything alone (no pipeline); j > 0 means workers before it.
     const singleFits = p.memPrefix[L]! + p.headConstSingle <= p.budgets[h]!;
     const headCap = p.budgets[h]! - p.headConst;
@@ -149,58 +223,14 @@ function solve(p: Prepared): Assignment | undefined {
     let jMin = 1;
     while (jMin <= L && p.memPrefix[L]! - p.memPrefix[jMin]! > headCap) jMin++;
     if (jMin > L && !singleFits) continue;
-    f.fill(Number.POSITIVE_INFINITY);
-    f[0] = 0;
-    const steps: number[] = [];
-    for (const i of p.order) {
-      if (i === h) continue;
-      const step = steps.length;
-      steps.push(i);
-      const ch = choice[step]!;
-      const cap = p.budgets[i]! - p.workerConst;
-      const bw = p.nodes[i]!.bandwidthBytesPerSecond;
-      const hop = hopOf(p, i);
-      const mustUse = p.pinned.has(i);
-      for (let k = 0; k <= L; k++) g[k] = f[k]! - p.readPrefix[k]! / bw;
-      // new f in place is unsafe (window reads old f); compute into a fresh array.
-      const nf = new Float64Array(L + 1).fill(Number.POSITIVE_INFINITY);
-      let head = 0;
-      let tail = 0;
-      let lo = 0;
-      for (let k = 0; k <= L; k++) {
-        // Skip this node (not allowed when pinned).
-        if (!mustUse) {
-          nf[k] = f[k]!;
-          ch[k] = -1;
-        } else ch[k] = -2;
-        if (cap >= 0 && k > 0) {
-          // Candidate starts j ∈ [lo, k-1] with mem(j..k) ≤ cap.
-          const j = k - 1;
-          if (Number.isFinite(g[j]!)) {
-            while (tail > head && g[deque[tail - 1]!]! >= g[j]!) tail--;
-            deque[tail++] = j;
-          }
-          while (lo < k && p.memPrefix[k]! - p.memPrefix[lo]! > cap) lo++;
-          while (tail > head && deque[head]! < lo) head++;
-          if (tail > head) {
-            const jb = deque[head]!;
-            const cost = g[jb]! + p.readPrefix[k]! / bw + hop;
-            if (cost < nf[k]! - EPS) {
-              nf[k] = cost;
-              ch[k] = jb;
-            }
-          }
-        }
-      }
-      f.set(nf);
-    }
-    const bwH = p.nodes[h]!.bandwidthBytesPerSecond;
+    let f: Float64Array = prefixF[t]!;
+    for (let s = t + 1; s < N; s++) f = step(p, order[s]!, f, tailCh[s]!, g, deque);
     let bestJ = -1;
     let bestCost = Number.POSITIVE_INFINITY;
-    // Prefer the head holding more layers on ties (fewer stages): scan j ascending, strict <.
+    // Scan j ascending with strict <: on ties the head keeps more layers (fewer stages).
     for (let j = singleFits ? 0 : jMin; j <= L; j++) {
       if (j > 0 && j < jMin) continue;
-      if (!Number.isFinite(f[j]!)) continue;
+      if (f[j] === Number.POSITIVE_INFINITY) continue;
       const cost = f[j]! + (p.readPrefix[L]! - p.readPrefix[j]!) / bwH;
       if (cost < bestCost - EPS) {
         bestCost = cost;
@@ -208,15 +238,17 @@ function solve(p: Prepared): Assignment | undefined {
       }
     }
     if (bestJ < 0) continue;
-    const total = bestCost + (p.headRead / bwH) + p.o.headOverheadSeconds;
+    const total = bestCost + p.headRead / bwH + p.o.headOverheadSeconds;
     if (best && total >= best.seconds - EPS) continue;
-    // Reconstruct.
+    // Reconstruct, walking positions backwards and skipping the head's own position.
     const stages: { node: number; first: number; end: number }[] = [{ node: h, first: bestJ, end: L }];
     let k = bestJ;
-    for (let s = steps.length - 1; s >= 0; s--) {
-      const c = choice[s]![k]!;
+    for (let s = N - 1; s >= 0 && k > 0; s--) {
+      if (s === t) continue;
+      const c = (s > t ? tailCh[s]! : prefixCh[s]!)[k]!;
       if (c === -1) continue;
-      stages.push({ node: steps[s]!, first: c, end: k });
+      if (c === -2) throw new Error(`planner reconstruction hit an unreachable state at layer ${k}`);
+      stages.push({ node: order[s]!, first: c, end: k });
       k = c;
     }
     if (k !== 0) throw new Error(`planner reconstruction ended at layer ${k}`);
