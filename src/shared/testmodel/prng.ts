@@ -39,6 +39,16 @@ export class Prng {
     if ((this.a | this.b | this.c | this.d) === 0) this.d = 1; // the all-zero state is a fixed point
   }
 
+  /** A generator with an explicit xoshiro128** state (to check against the reference vectors). */
+  static fromState(a: number, b: number, c: number, d: number): Prng {
+    const p = new Prng(0);
+    p.a = a | 0;
+    p.b = b | 0;
+    p.c = c | 0;
+    p.d = d | 0;
+    return p;
+  }
+
   /** Next uint32. */
   next(): number {
     const result = Math.imul(rotl(Math.imul(this.b, 5), 7), 9) >>> 0;
