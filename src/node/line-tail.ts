@@ -10,6 +10,8 @@ export class LineTail {
     private readonly limit = 20,
     // A single line longer than this is cut: engines sometimes print progress bars without newlines.
     private readonly maxLineChars = 2000,
+    /** Keep only lines this accepts (decided per complete line, so memory stays bounded by `limit`). */
+    private readonly keep: (line: string) => boolean = () => true,
   ) {}
 
   push(chunk: string): void {
@@ -21,12 +23,12 @@ export class LineTail {
 
   /** The kept lines, oldest first, including an unterminated last line. Blank lines are skipped. */
   snapshot(): string[] {
-    const all = this.partial.trim() === '' ? [...this.lines] : [...this.lines, this.partial];
+    const all = this.partial.trim() === '' || !this.keep(this.partial) ? [...this.lines] : [...this.lines, this.partial];
     return all.slice(-this.limit);
   }
 
   private add(line: string): void {
-    if (line.trim() === '') return;
+    if (line.trim() === '' || !this.keep(line)) return;
     this.lines.push(line.length > this.maxLineChars ? line.slice(0, this.maxLineChars) : line);
     if (this.lines.length > this.limit) this.lines.shift();
   }

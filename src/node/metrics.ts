@@ -1,5 +1,6 @@
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry } from 'prom-client';
 import { MEMORY_PRESSURE_LEVELS, NODE_METRICS } from '../shared/metrics/catalogue.ts';
+import { collectProcessMetrics } from '../shared/metrics/factories.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { EngineExit, EngineInfo } from './supervisor.ts';
 
@@ -25,7 +26,8 @@ export class NodeMetrics {
   constructor(source: NodeMetricsSource) {
     const r = this.registry;
     const M = NODE_METRICS;
-    collectDefaultMetrics({ register: r });
+    // prom-client's process/nodejs metrics minus the *_total gauges promtool rejects.
+    collectProcessMetrics(r);
     // Labels: the issue's id/name/chip/os/version (so a scrape alone identifies the node, and a
     // restart with the same state dir shows the same id) plus the catalogue's platform labels.
     // When Prometheus scrapes through the coordinator's HTTP-SD, its `chip` target label wins and

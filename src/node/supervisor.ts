@@ -166,7 +166,8 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     const tail = new LineTail(20);
     child.stderr?.setEncoding('utf8').on('data', (s: string) => tail.push(s));
     // Until ready, also keep the lines the coordinator verifies placement with (bounded).
-    const startup = new LineTail(50_000);
+    // Filtered as lines arrive, so a chatty start-up cannot grow this beyond 4000 short lines.
+    const startup = new LineTail(4000, 2000, (l) => STARTUP_LOG.test(l));
     const collectStartup = (s: string) => {
       if (this.running.get(engineId)?.ready) child.stderr?.off('data', collectStartup);
       else startup.push(s);
@@ -219,7 +220,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     entry.ready = true;
     log.info({ pid }, 'engine ready');
     this.emit('started', info);
-    return { ...info, startupLog: startup.snapshot().filter((l) => STARTUP_LOG.test(l)) };
+    return { ...info, startupLog: startup.snapshot() };
   }
 
   private async waitReady(entry: Running, host: string): Promise<void> {

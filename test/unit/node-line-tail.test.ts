@@ -25,3 +25,11 @@ describe('LineTail', () => {
     expect(t.snapshot()[0]!.length).toBeLessThanOrEqual(10);
   });
 });
+
+describe('LineTail with a filter', () => {
+  it('keeps only accepted lines, so the limit counts only those', () => {
+    const t = new LineTail(2, 100, (l) => l.includes('buffer size'));
+    t.push('noise\nCPU buffer size = 1 MiB\nnoise\nRPC0 buffer size = 2 MiB\nmore noise\nRPC1 buffer size = 3 MiB\npartial noise');
+    expect(t.snapshot()).toEqual(['RPC0 buffer size = 2 MiB', 'RPC1 buffer size = 3 MiB']);
+  });
+});
