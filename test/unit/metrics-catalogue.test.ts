@@ -1,5 +1,7 @@
+import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { resolve } from 'node:path';
 import { Registry } from 'prom-client';
 import { afterEach, describe, expect, it } from 'vitest';
 import { agentHost, prometheusTargets, prometheusTargetsHandler, sdNodeFromEntry } from '../../src/coordinator/prometheus-sd.ts';
@@ -103,6 +105,16 @@ describe('metric catalogue', () => {
     const itl = COORDINATOR_METRICS.interTokenLatencySeconds.buckets;
     // Decode on Apple Silicon: 7-200 ms per token must be resolved by several buckets.
     expect(itl.filter((x) => x >= 0.007 && x <= 0.2).length).toBeGreaterThanOrEqual(6);
+  });
+
+  it('docs/metrics.md documents every metric with its type and labels', () => {
+    const doc = readFileSync(resolve(import.meta.dirname, '..', '..', 'docs', 'metrics.md'), 'utf8');
+    for (const d of CATALOGUE) {
+      const row = doc.split('\n').find((l) => l.startsWith(`| \`${d.name}\` |`));
+      expect(row, `${d.name} missing from docs/metrics.md`).toBeDefined();
+      expect(row).toContain(`| ${d.type} |`);
+      for (const l of d.labelNames) expect(row, `${d.name} label ${l}`).toContain(`\`${l}\``);
+    }
   });
 
   it('maps series names (including histogram series) back to declarations', () => {
