@@ -41,6 +41,8 @@ export interface NodeAgentOptions {
   readonly profileRefreshMs?: number;
   /** Grace between SIGTERM and SIGKILL for engines (default 5 s). */
   readonly engineStopGraceMs?: number;
+  /** When set, every gRPC call must carry `authorization: Bearer <token>`. */
+  readonly authToken?: string | undefined;
 }
 
 export interface AgentReady {
@@ -112,7 +114,7 @@ export class NodeAgent {
           return () => this.events.off('shutdown', fn);
         },
       };
-      const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }));
+      const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }), o.authToken);
       this.grpcServer = g.server;
       this.grpcPort = g.port;
       const m = await serveMetrics({

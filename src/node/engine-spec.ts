@@ -59,6 +59,10 @@ const MAX_READY_TIMEOUT_MS = 3_600_000;
 // coordinator reaches tokens through the agent's Generate stream, never directly).
 const RESERVED_LLAMA_SERVER_FLAGS = new Set(['--host', '--port', '--api-key', '--api-key-file', '--path', '--reuse-port']);
 
+// Flags that make llama-server write files chosen by the caller: the control plane must not be
+// a way to write arbitrary paths on a node. (The agent already captures the engine's stderr.)
+const FILE_WRITING_LLAMA_SERVER_FLAGS = new Set(['--log-file', '--slot-save-path']);
+
 const ENGINE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const DEVICE = /^[A-Za-z0-9][A-Za-z0-9_:.-]{0,63}$/;
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
@@ -127,6 +131,9 @@ export function engineSpecFromRequest(raw: unknown): EngineSpec {
     const flag = a.split('=', 1)[0]!;
     if (RESERVED_LLAMA_SERVER_FLAGS.has(flag)) {
       throw new EngineRequestError('INVALID_ARGUMENT', `llama-server argument ${flag} is set by the agent (it binds 127.0.0.1 on a port it picks)`);
+    }
+    if (FILE_WRITING_LLAMA_SERVER_FLAGS.has(flag)) {
+      throw new EngineRequestError('INVALID_ARGUMENT', `llama-server argument ${flag} writes files on the node and is not allowed through the agent`);
     }
     if (a.includes('\0')) throw new EngineRequestError('INVALID_ARGUMENT', 'arguments must not contain NUL bytes');
   }

@@ -1,3 +1,4 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { OrchardError, errorMessage } from '../shared/errors.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
@@ -170,8 +171,42 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
   };
 }
 
+/** True when `metadata` carries `authorization: Bearer <token>` (compared in constant time). */
+export function bearerMatches(metadata: grpc.Metadata, token: string): boolean {
+  const got = metadata.get('authorization')[0];
+  if (typeof got !== 'string') return false;
+  const digest = (t: string) => createHash('sha256').update(t).digest();
+  return timingSafeEqual(digest(got), digest(`Bearer ${token}`));
+}
+
+/**
+ * Require the bearer token on every call. The control plane can start processes on the node,
+ * so a node reachable beyond a trusted segment must run with a token.
+ */
+export function requireToken(handlers: grpc.UntypedServiceImplementation, token: string): grpc.UntypedServiceImplementation {
+  const out: grpc.UntypedServiceImplementation = {};
+  for (const [name, handler] of Object.entries(handlers)) {
+    out[name] = ((call: { metadata: grpc.Metadata; emit(e: string, v: unknown): void }, cb?: grpc.sendUnaryData<unknown>) => {
+      if (!bearerMatches(call.metadata, token)) {
+        const err = { code: grpc.status.UNAUTHENTICATED, details: 'this node agent requires `authorization: Bearer <token>`' };
+        if (typeof cb === 'function') cb(err);
+        else call.emit('error', err);
+        return;
+      }
+      (handler as (c: unknown, cb?: unknown) => void)(call, cb);
+    }) as grpc.UntypedHandleCall;
+  }
+  return out;
+}
+
 /** Bind the gRPC server; `port` 0 picks one. Rejects with a one-line OrchardError when the port is taken. */
-export async function serveNodeAgent(state: AgentState, host: string, port: number, log: Logger): Promise<{ server: grpc.Server; port: number }> {
+export async function serveNodeAgent(
+  state: AgentState,
+  host: string,
+  port: number,
+  log: Logger,
+  authToken?: string,
+): Promise<{ server: grpc.Server; port: number }> {
   // grpc-js prints its own diagnostics to stderr ("E No address added …"); route them into
   // the structured log so stderr stays pino JSON and the CLI's error stays one line.
   grpc.setLogger({
@@ -180,7 +215,8 @@ export async function serveNodeAgent(state: AgentState, host: string, port: numb
     debug: (...a: unknown[]) => log.trace({ grpc: a.map(String).join(' ') }, 'grpc-js'),
   } as Partial<Console> as Console);
   const server = new grpc.Server();
-  server.addService(orchardV1().NodeAgent!.service, nodeAgentHandlers(state, log));
+  const handlers = nodeAgentHandlers(state, log);
+  server.addService(orchardV1().NodeAgent!.service, authToken ? requireToken(handlers, authToken) : handlers);
   const addr = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
   const bound = await new Promise<number>((resolve, reject) => {
     server.bindAsync(addr, grpc.ServerCredentials.createInsecure(), (err, p) => {

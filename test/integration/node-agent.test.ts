@@ -251,6 +251,33 @@ describe('orchard node CLI', () => {
     }
   });
 
+  it('with --token (ORCHARD_NODE_TOKEN) every call needs the bearer token', async () => {
+    const token = 'orchard-test-token-0123456789';
+    const agent = await startAgent(join(tmp, 'token'), [], { ...binEnv, ORCHARD_NODE_TOKEN: token });
+    try {
+      const denied = await grpcError(unary(agent, 'describe', {}));
+      expect(denied.code).toBe(grpc.status.UNAUTHENTICATED);
+      const wrong = new grpc.Metadata();
+      wrong.set('authorization', 'Bearer nope');
+      const deniedWrong = await grpcError(
+        new Promise((resolve, reject) => agent.client.describe!({}, wrong, (e: Error | null, r: unknown) => (e ? reject(e) : resolve(r)))),
+      );
+      expect(deniedWrong.code).toBe(grpc.status.UNAUTHENTICATED);
+      const streamDenied = await grpcError(generate(agent, { engineId: 'x', prompt: 'x' }));
+      expect(streamDenied.code).toBe(grpc.status.UNAUTHENTICATED);
+      const md = new grpc.Metadata();
+      md.set('authorization', `Bearer ${token}`);
+      const ok = await new Promise<{ profile: { nodeId: string } }>((resolve, reject) =>
+        agent.client.describe!({}, md, (e: Error | null, r: { profile: { nodeId: string } }) => (e ? reject(e) : resolve(r))),
+      );
+      expect(ok.profile.nodeId).toBe(agent.ready.nodeId);
+    } finally {
+      agent.client.close();
+      agent.child.kill('SIGTERM');
+      await agent.exited;
+    }
+  });
+
   it('a restart with the same state dir keeps the node id (seen in orchard_node_info)', async () => {
     const dir = join(tmp, 'restart');
     const ids: string[] = [];

@@ -60,6 +60,8 @@ describe('StartEngine request → engine spec', () => {
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER', bindHost: '0.0.0.0' }, 'INVALID_ARGUMENT', /always binds 127.0.0.1/],
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--host', '0.0.0.0'] }, 'INVALID_ARGUMENT', /--host is set by the agent/],
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--port=9'] }, 'INVALID_ARGUMENT', /--port is set by the agent/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--log-file', '/etc/passwd'] }, 'INVALID_ARGUMENT', /writes files/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--slot-save-path=/tmp'] }, 'INVALID_ARGUMENT', /writes files/],
     [{ kind: 'ENGINE_KIND_RPC_SERVER', args: ['-x'] }, 'INVALID_ARGUMENT', /args apply to llama-server only/],
     [{ kind: 'ENGINE_KIND_RPC_SERVER', cacheDir: 'rel/dir' }, 'INVALID_ARGUMENT', /absolute path/],
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER', cacheDir: '/c' }, 'INVALID_ARGUMENT', /rpc-server only/],

@@ -23,6 +23,7 @@ interface NodeFlags {
   mdns: boolean;
   mdnsInterface?: string;
   bind: string;
+  token?: string;
   json?: boolean;
 }
 
@@ -41,6 +42,7 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--no-mdns', 'do not advertise over Bonjour (use `cluster join` instead)').env('ORCHARD_NODE_NO_MDNS'))
     .addOption(new Option('--mdns-interface <ip>', 'advertise on the interface with this IPv4 address only').env('ORCHARD_NODE_MDNS_INTERFACE'))
     .addOption(new Option('--bind <host>', 'address the gRPC and metrics servers listen on').default('0.0.0.0').env('ORCHARD_NODE_BIND'))
+    .addOption(new Option('--token <token>', 'require `authorization: Bearer <token>` on every gRPC call').env('ORCHARD_NODE_TOKEN'))
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…}) instead of the profile table')
     .action(async (flags: NodeFlags) => {
       await runNode(flags);
@@ -72,7 +74,14 @@ function parseFlags(flags: NodeFlags) {
     bindHost: bind,
     mdns,
     mdnsInterface: flags.mdnsInterface,
+    authToken: token(flags.token),
   };
+}
+
+function token(t: string | undefined): string | undefined {
+  if (t === undefined) return undefined;
+  if (!/^[\x21-\x7e]{16,512}$/.test(t)) throw new UsageError('invalid --token: 16–512 printable characters without spaces');
+  return t;
 }
 
 function positive(n: number, what: string): number {
