@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ensureMlxEnv, type MlxEnv } from '../../src/node/mlx/env.ts';
 import { collect, MlxGroup, MlxGroupError, type MlxGroupOptions } from '../../src/node/mlx/group.ts';
+import { rankOfStage } from '../../src/node/mlx/launch.ts';
 import { localRingEndpoints } from '../../src/node/mlx/ports.ts';
 import type { MlxRequest } from '../../src/node/mlx/protocol.ts';
 import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
@@ -81,14 +82,14 @@ describe('MLX pipeline split equals a single process', () => {
   ]) {
     it(`${split.length} ranks, split ${split.join('+')}: identical greedy tokens`, async () => {
       const g = await start({ model: llama, mode: 'pipeline', split, launch: await ring(split.length) });
+      // Stage s (first layers first) runs on rank N-1-s; rank 0 holds the last layers.
       let first = 0;
-      expect(g.ready.map((r) => r.layers)).toEqual(
-        split.map((n) => {
-          const range = [first, first + n];
-          first += n;
-          return range;
-        }),
-      );
+      const ranges = split.map((n) => {
+        const range = [first, first + n];
+        first += n;
+        return range;
+      });
+      expect(g.ready.map((r) => r.layers)).toEqual(ranges.map((_, r) => ranges[rankOfStage(r, split.length)]));
       for (const req of [promptA, promptB]) {
         const out = await collect(g.generate(req));
         expect(out.tokens).toEqual(reference.get(req.id));

@@ -27,7 +27,10 @@ export interface MlxGroupOptions {
   /** MLX model directory (config.json, safetensors, tokenizer). */
   model: string;
   mode: MlxMode;
-  /** Pipeline: layers per rank in rank order (rank 0 = first layers). Default: even split. */
+  /**
+   * Pipeline: layers per plan stage, first layers first. As in mlx-lm, stage s runs on rank
+   * N-1-s, so rank 0 holds the last layers and the output: the head. Default: even split.
+   */
   split?: number[];
   /** How the ranks connect; undefined = one process, no distributed env. */
   launch?: MlxLaunch;

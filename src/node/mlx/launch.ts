@@ -97,7 +97,13 @@ export function rankEnv(launch: MlxLaunch | undefined, rank: number, filePath?: 
   return env;
 }
 
-/** Layer counts per rank for an even split, low ranks taking the remainder. */
+/** Which rank runs plan stage `stage` of `size` (mlx-lm's order: rank 0 runs the last layers). */
+export function rankOfStage(stage: number, size: number): number {
+  if (!Number.isInteger(stage) || stage < 0 || stage >= size) throw new UsageError(`stage ${stage} is outside 0..${size - 1}`);
+  return size - 1 - stage;
+}
+
+/** Layer counts per stage for an even split, the first stages taking the remainder. */
 export function evenSplit(layers: number, ranks: number): number[] {
   if (ranks < 1 || layers < ranks) throw new UsageError(`cannot split ${layers} layers over ${ranks} ranks`);
   const base = Math.floor(layers / ranks);
@@ -106,8 +112,9 @@ export function evenSplit(layers: number, ranks: number): number[] {
 }
 
 /**
- * Layer counts per rank from a plan's stage ranges (stage i = rank i, rank 0 holds the first
- * layers). Ranges must be contiguous from 0 and cover every layer.
+ * Layer counts per stage from a plan's stage ranges, in plan order (first layers first; the
+ * worker runs stage s on rank N-1-s, so the plan's head stage is rank 0). Ranges must be
+ * contiguous from 0 and cover every layer.
  */
 export function splitFromRanges(ranges: readonly { start: number; end: number }[], layers: number): number[] {
   let next = 0;
@@ -125,7 +132,7 @@ export function splitFromRanges(ranges: readonly { start: number; end: number }[
 export interface WorkerArgs {
   model: string;
   mode: MlxMode;
-  /** Layers per rank (pipeline only), rank order. */
+  /** Layers per stage (pipeline only), plan order: first layers first. */
   split?: number[];
   backend?: 'ring' | 'jaccl';
 }

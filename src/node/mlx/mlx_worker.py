@@ -6,10 +6,11 @@ Distributed set-up comes from the environment, exactly as `mlx.launch` would lea
   one rank: none of them.
 
 Arguments: --model DIR --mode single|pipeline|tensor [--split N0,N1,...] [--backend ring|jaccl]
-  pipeline: rank r runs its contiguous layer range, rank 0 the FIRST layers (plan order: stage r
-            = rank r). Hidden states go r -> r+1 with send/recv (ring neighbours); the last
-            rank's output is all_gathered so every rank computes identical logits and samples
-            the same token. Works for any llama-family model whose layers sit in
+  pipeline: rank r runs one contiguous layer range. As in mlx-lm, rank N-1 holds the FIRST
+            layers and rank 0 the LAST, so rank 0 is the plan's head stage (last layers +
+            output) and the one that emits: plan stage s = rank N-1-s. Hidden states go
+            r -> r-1 with send/recv (ring neighbours); rank 0's output is all_gathered so
+            every rank computes identical logits and samples the same token. Works for any llama-family model whose layers sit in
             model.model.layers (llama, mistral, qwen2, qwen3, ministral3, ...), unlike mlx-lm's
             own pipeline which only a few architectures have.
   tensor  : mlx-lm's Model.shard(group) (heads, KV heads and MLP split across ranks).
@@ -116,7 +117,7 @@ def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--mode", choices=["single", "pipeline", "tensor"], default="pipeline")
-    ap.add_argument("--split", default="", help="layers per rank in rank order, rank 0 = first layers")
+    ap.add_argument("--split", default="", help="layers per plan stage, first layers first (stage s = rank N-1-s)")
     ap.add_argument("--backend", choices=["ring", "jaccl", "any"], default="ring")
     return ap.parse_args()
 
@@ -131,8 +132,6 @@ def init_group(args, mx):
 
 def make_pipeline_layer(nn, mx, layer, group, recv_from, send_to, gather):
     """Wrap one local layer: receive before it and/or send + all_gather after it."""
-    rank_size = group.size()
-
     class PipelineLayer(nn.Module):
         def __init__(self):
             super().__init__()
@@ -154,10 +153,10 @@ def make_pipeline_layer(nn, mx, layer, group, recv_from, send_to, gather):
                 if cache is not None and getattr(cache, "keys", None) is not None:
                     cache.keys = mx.depends(cache.keys, x)
             if gather:
-                # Every rank contributes its h; the last rank's (last in rank order) is the
-                # true output of the stack. Keeping it in the graph also forces the send.
+                # Every rank contributes its h; rank 0's (first in rank order) is the true
+                # output of the stack.
                 b = x.shape[0]
-                x = mx.distributed.all_gather(x, group=group)[(rank_size - 1) * b : rank_size * b]
+                x = mx.distributed.all_gather(x, group=group)[:b]
             return x
 
     return PipelineLayer()
@@ -172,15 +171,18 @@ def apply_pipeline(model, group, split, nn, mx):
     total = len(layers)
     if not split:
         base, extra = divmod(total, n)
-        split = [base + (1 if r < extra else 0) for r in range(n)]
+        split = [base + (1 if s < extra else 0) for s in range(n)]
     if len(split) != n or sum(split) != total or any(s <= 0 for s in split):
         raise ValueError(f"split {split} must have {n} positive entries summing to {total} layers")
-    start = sum(split[:rank])
-    end = start + split[rank]
+    stage = n - 1 - rank
+    start = sum(split[:stage])
+    end = start + split[stage]
     local = []
     for i in range(start, end):
-        recv_from = rank - 1 if (i == start and rank > 0) else None
-        send_to = rank + 1 if (i == end - 1 and rank < n - 1) else None
+        # Input comes from the rank holding the layers before ours (rank + 1), output goes to
+        # the rank holding the layers after ours (rank - 1).
+        recv_from = rank + 1 if (i == start and rank < n - 1) else None
+        send_to = rank - 1 if (i == end - 1 and rank > 0) else None
         local.append(make_pipeline_layer(nn, mx, layers[i], group, recv_from, send_to, gather=(i == end - 1)))
     inner.layers = local
     # Models that index the cache by their first full/sliding attention layer must index the
