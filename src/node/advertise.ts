@@ -13,6 +13,12 @@ import type { Logger } from '../shared/log.ts';
  *   chip   chip name                 ram   total RAM bytes
  *   bw     memory bandwidth B/s      wired GPU wired-memory limit bytes
  *   grpc   gRPC port (same as SRV)   usable model-memory budget bytes
+ *   tb     comma-separated IPv4 addresses on Thunderbolt interfaces (absent when none): the
+ *          addresses a coordinator should prefer for the engines' data path (RPC, MLX ring/RDMA)
+ *
+ * mDNS goes out on the OS's default multicast interface unless `--mdns-interface` names one;
+ * the A/AAAA records list every non-loopback address of the node, so a coordinator can reach it
+ * on whichever network it shares, and `tb` tells it which of those is the fast link.
  */
 export const SERVICE_TYPE = 'orchard';
 
@@ -25,10 +31,17 @@ export interface NodeTxt {
   readonly wired: number;
   readonly usable: number;
   readonly grpc: number;
+  readonly thunderbolt: readonly string[];
 }
 
 export function encodeTxt(profile: HardwareProfile, grpcPort: number): Record<string, string> {
+  const tb = profile.interfaces
+    .filter((i) => i.thunderbolt)
+    .flatMap((i) => i.addresses.filter((a) => /^\d+\.\d+\.\d+\.\d+$/.test(a)))
+    .join(',')
+    .slice(0, 200);
   return {
+    ...(tb !== '' ? { tb } : {}),
     id: profile.nodeId,
     pv: PROTOCOL_VERSION,
     // One TXT string is at most 255 bytes; chip names are short, but never let one break the record.
@@ -61,7 +74,10 @@ export function decodeTxt(txt: unknown): NodeTxt | undefined {
   const id = str('id');
   const grpc = num('grpc');
   if (id === '' || grpc === 0 || grpc > 65535) return undefined;
-  return { id, pv: str('pv'), chip: str('chip'), ram: num('ram'), bw: num('bw'), wired: num('wired'), usable: num('usable'), grpc };
+  const thunderbolt = str('tb')
+    .split(',')
+    .filter((a) => /^\d+\.\d+\.\d+\.\d+$/.test(a));
+  return { id, pv: str('pv'), chip: str('chip'), ram: num('ram'), bw: num('bw'), wired: num('wired'), usable: num('usable'), grpc, thunderbolt };
 }
 
 export interface AdvertiserOptions {

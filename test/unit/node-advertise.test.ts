@@ -35,7 +35,31 @@ describe('Bonjour TXT record', () => {
       usable: String(140 * 2 ** 30),
       grpc: '50151',
     });
-    expect(decodeTxt(txt)).toEqual({ id: profile.nodeId, pv: '1', chip: 'Apple M2 Ultra', ram: 192 * 2 ** 30, bw: 800e9, wired: 144 * 2 ** 30, usable: 140 * 2 ** 30, grpc: 50151 });
+    expect(decodeTxt(txt)).toEqual({
+      id: profile.nodeId,
+      pv: '1',
+      chip: 'Apple M2 Ultra',
+      ram: 192 * 2 ** 30,
+      bw: 800e9,
+      wired: 144 * 2 ** 30,
+      usable: 140 * 2 ** 30,
+      grpc: 50151,
+      thunderbolt: [],
+    });
+  });
+
+  it('names the Thunderbolt IPv4 addresses so a coordinator can pick the fast link', () => {
+    const tbProfile: HardwareProfile = {
+      ...profile,
+      interfaces: [
+        { name: 'en0', addresses: ['192.168.1.20', 'fe80::1'], thunderbolt: false, rdma: false },
+        { name: 'bridge0', addresses: ['169.254.10.2', 'fe80::2'], thunderbolt: true, rdma: true },
+        { name: 'en5', addresses: ['10.10.0.2'], thunderbolt: true, rdma: false },
+      ],
+    };
+    const txt = encodeTxt(tbProfile, 50151);
+    expect(txt.tb).toBe('169.254.10.2,10.10.0.2');
+    expect(decodeTxt(txt)?.thunderbolt).toEqual(['169.254.10.2', '10.10.0.2']);
   });
 
   it('stays small: every string fits a TXT entry and the record is well under one packet', () => {
@@ -51,5 +75,6 @@ describe('Bonjour TXT record', () => {
     expect(decodeTxt({ id: 'a', grpc: '70000' })).toBeUndefined();
     expect(decodeTxt(null)).toBeUndefined();
     expect(decodeTxt({ id: 'a', grpc: '1', ram: '-5' })?.ram).toBe(0);
+    expect(decodeTxt({ id: 'a', grpc: '1', tb: 'x,1.2.3.4' })?.thunderbolt).toEqual(['1.2.3.4']);
   });
 });

@@ -146,7 +146,7 @@ function printReady(ready: AgentReady, bind: string, json: boolean): void {
     process.stdout.write(`orchard node ${ready.name} (${ready.nodeId}) ready: gRPC ${bind}:${ready.grpcPort}, metrics ${bind}:${ready.metricsPort}\n`);
     return;
   }
-  const t = new Table({ head: ['node', ready.name] });
+  const t = new Table({ head: ['node', ready.name], style: { compact: true } });
   t.push(
     ['id', ready.nodeId],
     ['chip', p.chip],
