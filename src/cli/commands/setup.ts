@@ -4,12 +4,14 @@ import type { Command } from 'commander';
 import { createLogger, type Logger } from '../../shared/log.ts';
 import { parseInteger } from '../../shared/units.ts';
 import { type BuildEvents, type BuildProgress, checkExternalBinaries, progressFraction, setupLlama } from '../../node/llama/build.ts';
+import { describeMlx, setupMlx } from './setup-mlx.ts';
 
 interface SetupFlags {
   json?: boolean;
   force?: boolean;
   binDir?: string;
   jobs?: string;
+  mlx?: boolean;
 }
 
 interface SetupOutput {
@@ -32,6 +34,7 @@ export function registerSetup(program: Command): void {
     .option('--force', 'rebuild even if a cached build exists')
     .option('--bin-dir <dir>', 'use existing llama.cpp binaries from DIR after checking they support RPC (env: ORCHARD_LLAMA_BIN_DIR)')
     .option('--jobs <n>', 'parallel compile jobs (default: number of CPUs)')
+    .option('--mlx', 'also create the pinned MLX Python venv (mlx, mlx-lm) for the MLX engine')
     .addHelpText(
       'after',
       '\nBuilds from the llama.cpp source shipped inside node-llama-cpp into a per-user cache\n' +
@@ -55,14 +58,16 @@ export function registerSetup(program: Command): void {
           reporter.stop();
         }
       }
+      const mlx = await setupMlx(!!flags.mlx, !!flags.force && !!flags.mlx, log);
       if (flags.json) {
-        process.stdout.write(`${JSON.stringify(out)}\n`);
+        process.stdout.write(`${JSON.stringify({ ...out, mlx })}\n`);
         return;
       }
       const how = out.source === 'external' ? 'existing binaries, RPC supported' : out.cached ? 'cached' : `built in ${formatSeconds(out.buildSeconds)}`;
       process.stdout.write(
         `llama.cpp ${out.llamaCppVersion} (${how})\n` + `  llama-server     ${out.llamaServer}\n` + `  ggml-rpc-server  ${out.rpcServer}\n`,
       );
+      process.stdout.write(describeMlx(mlx));
     });
 }
 

@@ -7,6 +7,7 @@ import type { PresetQuant } from '../../shared/testmodel/quant-mix.ts';
 import type { TestModelType } from '../../shared/testmodel/quantize.ts';
 import { loadVocab } from '../../shared/testmodel/vocab.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
+import { registerTestmodelMlx } from './testmodel-mlx.ts';
 
 interface GgufFlags {
   out: string;
@@ -111,6 +112,7 @@ export function registerTestmodel(program: Command): void {
         vocabSize: vocab.size,
       });
     });
+  registerTestmodelMlx(testmodel);
 }
 
 interface Summary {
