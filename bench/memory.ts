@@ -43,7 +43,10 @@ interface Shape {
 const SHAPES: Shape[] = [
   { name: 'llama-8L-512d-f16', layers: 8, embd: 512, ffn: 1408, heads: 8, kvHeads: 4, type: 'F16', heldOut: false },
   { name: 'llama-12L-768d-q8', layers: 12, embd: 768, ffn: 2048, heads: 12, kvHeads: 4, type: 'Q8_0', heldOut: false },
-  { name: 'llama-6L-1024d-f16', layers: 6, embd: 1024, ffn: 3584, heads: 16, kvHeads: 8, type: 'F16', heldOut: true },
+  // Was held out in the first calibration round; it exposed the final-layer and per-stream rules,
+  // so it is calibration data now and 5L-1536d is the unseen check.
+  { name: 'llama-6L-1024d-f16', layers: 6, embd: 1024, ffn: 3584, heads: 16, kvHeads: 8, type: 'F16', heldOut: false },
+  { name: 'llama-5L-1536d-q8', layers: 5, embd: 1536, ffn: 4096, heads: 12, kvHeads: 4, type: 'Q8_0', heldOut: true },
 ];
 
 async function writeModel(dir: string, s: Shape): Promise<string> {
@@ -344,7 +347,7 @@ async function main(): Promise<void> {
         }
       }
       // Parallel slots: unified (llama-server's auto mode) and per-slot streams.
-      if (!quick && shape.heldOut) {
+      if (!quick && shape.layers <= 6) {
         report(await runCase(bins, path, shape, 4096, 'f16', 2, 4, true));
         report(await runCase(bins, path, shape, 4096, 'f16', 2, 3, false));
       }

@@ -103,7 +103,7 @@ function render(plan: Plan, title: string): string {
     const t = new Table({
       head: ['stage', 'node', 'role', 'layers', 'weights GiB', 'KV GiB', 'compute GiB', 'overhead GiB', 'total GiB', 'budget GiB', 'headroom GiB', 'GB/s'],
       colAligns: ['right', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
-      style: { head: [] },
+      style: { head: [], border: [] },
     });
     plan.stages.forEach((s, i) => {
       t.push([

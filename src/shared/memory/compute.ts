@@ -51,14 +51,20 @@ function quantizedCache(mm: MemoryModel): boolean {
   return mm.options.cacheType !== 'f16' && mm.options.cacheType !== 'f32' && mm.options.cacheType !== 'bf16';
 }
 
-function layerPeak(mm: MemoryModel, tokens: number, nKv: number, copies: number): number {
+function layerPeak(mm: MemoryModel, tokens: number, nKv: number, copies: number, finalLayer: boolean): number {
   const p = mm.profile;
   const embdVectors = quantizedCache(mm) ? CALIBRATION.embdVectorsQuantizedCache : CALIBRATION.embdVectors;
-  let bytes = 4 * tokens * (embdVectors * p.embd + CALIBRATION.ffnVectors * ffnWidth(mm));
+  // The final layer keeps only the output rows (ggml_get_rows on inp_out_ids) before its FFN, so
+  // its FFN runs on n_outputs tokens, not T: only the attention-side vectors remain (measured:
+  // a device holding just the last layer + output reports 3 n_embd vectors, no n_ff ones).
+  const ffnTokens = finalLayer ? Math.min(tokens, mm.options.parallel) : tokens;
+  let bytes = 4 * tokens * CALIBRATION.embdVectors * p.embd;
+  bytes = Math.max(bytes, 4 * tokens * embdVectors * p.embd + 4 * ffnTokens * CALIBRATION.ffnVectors * ffnWidth(mm));
   // Without flash attention KQ (n_kv × T × n_head, f32) is materialised; structure from the
   // source, not calibrated here (Orchard always runs llama-server with -fa on).
   if (!mm.options.flashAttention) bytes = Math.max(bytes, 4 * tokens * nKv * p.heads + 4 * tokens * 2 * p.embd);
-  // KQ mask: f16 with FA, f32 without; one per scheduler copy.
+  // KQ mask: f16 with FA, f32 without; one per scheduler copy. Its size is T × n_kv where n_kv
+  // is the cells of ONE stream (non-unified caches split the T tokens across streams).
   bytes += copies * tokens * nKv * (mm.options.flashAttention ? 2 : 4);
   // Hidden state received from the previous device, one per copy.
   if (copies > 1) bytes += copies * 4 * tokens * p.embd;
@@ -79,12 +85,16 @@ export function computeBufferBytes(mm: MemoryModel, layers: readonly LayerProfil
   let peak = 0;
   let seenFull = false;
   let seenSwa = false;
+  const finalIndex = mm.profile.layerCount - 1;
   for (const l of layers) {
-    if (l.swa ? seenSwa : seenFull) continue;
-    if (l.swa) seenSwa = true;
-    else seenFull = true;
-    const nKv = (l.swa ? mm.geometry.cellsSwa : mm.geometry.cellsFull) * mm.geometry.streams;
-    peak = Math.max(peak, layerPeak(mm, tokens, nKv, copies));
+    const final = l.index === finalIndex;
+    if (!final) {
+      if (l.swa ? seenSwa : seenFull) continue;
+      if (l.swa) seenSwa = true;
+      else seenFull = true;
+    }
+    const nKv = l.swa ? mm.geometry.cellsSwa : mm.geometry.cellsFull;
+    peak = Math.max(peak, layerPeak(mm, tokens, nKv, copies, final));
   }
   // Logits: llama-server reserves n_outputs = min(n_ubatch, n_outputs_max) rows, and sets
   // n_outputs_max to its slot count.
@@ -100,6 +110,6 @@ export function computeBufferBytes(mm: MemoryModel, layers: readonly LayerProfil
 export function hostComputeBufferBytes(mm: MemoryModel, pipeline: boolean): number {
   const tokens = reserveTokens(mm);
   const copies = pipeline ? SCHED_COPIES : 1;
-  const nKv = mm.geometry.cellsFull * mm.geometry.streams;
+  const nKv = mm.geometry.cellsFull;
   return 2 * 4 * tokens * mm.profile.embd + copies * tokens * nKv * (mm.options.flashAttention ? 2 : 4);
 }

@@ -305,8 +305,12 @@ function describe(p: Prepared, a: Assignment): Plan {
     );
   } else {
     const fastest = p.nodes[p.order[0]!]!;
+    const alone = stageBytes(p.mm, 0, profile.layerCount - 1, true, false).total;
+    const roomiest = p.order.reduce((a, i) => (p.budgets[i]! > p.budgets[a]! ? i : a), p.order[0]!);
     reasons.push(
-      `${stages.length} stages: no single node both fits the model and is faster (${gib(stages.reduce((t, s) => t + s.bytes.total, 0))} needed)`,
+      alone > p.budgets[roomiest]!
+        ? `${stages.length} stages: no single node can hold the model (${gib(alone)} alone; largest budget ${gib(p.budgets[roomiest]!)} on ${p.nodes[roomiest]!.name})`
+        : `${stages.length} stages: a single node could hold the model (${gib(alone)}), but only slower ones; splitting onto faster nodes is predicted faster`,
     );
     for (const s of stages) {
       const share = (100 * (s.lastLayer - s.firstLayer + 1)) / profile.layerCount;

@@ -1,0 +1,170 @@
+import { execFile } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { gv } from '../../src/shared/gguf/types.ts';
+import { writeGguf } from '../../src/shared/gguf/writer.ts';
+import { SHAPES, shapeHeader } from '../../src/shared/model/shapes.ts';
+
+const run = promisify(execFile);
+const BIN = new URL('../../bin/orchard.js', import.meta.url).pathname;
+const GiB = 2 ** 30;
+
+async function orchard(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await run(process.execPath, [BIN, ...args]);
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+let dir: string;
+let model70b: string;
+let nodesFile: string;
+
+async function headerOnly(path: string, name: string, quant: 'q4_k_m' | 'f16', meta: Record<string, ReturnType<typeof gv.str>> = {}): Promise<void> {
+  const h = shapeHeader(SHAPES[name]!, quant);
+  const metadata = new Map(h.metadata);
+  for (const [k, v] of Object.entries(meta)) metadata.set(k, v);
+  await writeGguf(path, { metadata, tensors: h.tensors.map((t) => ({ name: t.name, dims: t.dims, type: t.type })) }, { headerOnly: true });
+}
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'orchard-plan-cli-'));
+  model70b = join(dir, '70b.gguf');
+  await headerOnly(model70b, 'llama-3-70b', 'q4_k_m');
+  nodesFile = join(dir, 'nodes.json');
+  await writeFile(
+    nodesFile,
+    JSON.stringify([
+      { name: 'air', chip: 'Apple M3', memoryBytes: 24 * GiB },
+      { name: 'max-1', chip: 'Apple M4 Max', gpuCores: 40, memoryBytes: 128 * GiB },
+      { name: 'max-2', chip: 'Apple M4 Max', gpuCores: 40, memoryBytes: 128 * GiB },
+      { name: 'ultra', chip: 'Apple M2 Ultra', memoryBytes: 192 * GiB },
+    ]),
+  );
+});
+afterAll(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe('orchard plan', () => {
+  it('--json prints the issue shape: 70B Q4_K_M at 8k on the Ultra alone', async () => {
+    const r = await orchard('plan', model70b, '--nodes', nodesFile, '--ctx', '8192', '--json');
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    const plan = JSON.parse(r.stdout);
+    expect(plan.fits).toBe(true);
+    expect(plan.stages).toHaveLength(1);
+    expect(plan.stages[0]).toMatchObject({ node: 'ultra', firstLayer: 0, lastLayer: 79 });
+    for (const k of ['weights', 'kv', 'compute', 'overhead', 'total']) expect(plan.stages[0].bytes[k]).toBeGreaterThan(0);
+    expect(plan.stages[0].budgetBytes).toBeGreaterThan(plan.stages[0].bytes.total);
+    expect(plan.predicted.tokensPerSecond).toBeGreaterThan(0);
+    expect(plan.reasons.length).toBeGreaterThan(0);
+  });
+
+  it('prints a readable table', async () => {
+    const r = await orchard('plan', model70b, '--nodes', nodesFile, '--ctx', '8192');
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/llama-3-70b \(llama, 80 layers, Q4_K\)/);
+    expect(r.stdout).toMatch(/ultra/);
+    expect(r.stdout).toMatch(/total GiB/);
+    expect(r.stdout).toMatch(/predicted: [\d.]+ tok\/s/);
+  });
+
+  it('does not fit → exit 1 with shortfall and remedies', async () => {
+    const big = join(dir, '405b-f16.gguf');
+    await headerOnly(big, 'llama-3.1-405b', 'f16');
+    const r = await orchard('plan', big, '--nodes', nodesFile, '--json');
+    expect(r.code).toBe(1);
+    const plan = JSON.parse(r.stdout);
+    expect(plan.fits).toBe(false);
+    expect(plan.shortfall.shortfallBytes).toBeGreaterThan(0);
+    expect(plan.remedies.length).toBeGreaterThan(0);
+  });
+
+  const bad: [string, () => Promise<string[]>, RegExp][] = [
+    ['without --nodes', async () => ['plan', model70b], /needs --coordinator/],
+    ['missing model', async () => ['plan', join(dir, 'nope.gguf'), '--nodes', nodesFile], /nope\.gguf/],
+    [
+      'garbled GGUF',
+      async () => {
+        const p = join(dir, 'garbage.gguf');
+        await writeFile(p, 'this is not a gguf file at all');
+        return ['plan', p, '--nodes', nodesFile];
+      },
+      /garbage\.gguf|magic|GGUF/i,
+    ],
+    [
+      'truncated GGUF',
+      async () => {
+        const { readFile } = await import('node:fs/promises');
+        const p = join(dir, 'trunc.gguf');
+        const bytes = await readFile(model70b);
+        await writeFile(p, bytes.subarray(0, 4000));
+        return ['plan', p, '--nodes', nodesFile];
+      },
+      /trunc|end of file|truncated|short/i,
+    ],
+    [
+      'unsupported architecture',
+      async () => {
+        const p = join(dir, 'rwkv.gguf');
+        await headerOnly(p, 'llama-3-8b', 'q4_k_m', { 'general.architecture': gv.str('rwkv7') });
+        return ['plan', p, '--nodes', nodesFile];
+      },
+      /unsupported model architecture "rwkv7"/,
+    ],
+    [
+      'empty nodes file',
+      async () => {
+        const p = join(dir, 'empty.json');
+        await writeFile(p, '[]');
+        return ['plan', model70b, '--nodes', p];
+      },
+      /lists no nodes/,
+    ],
+    [
+      'invalid JSON',
+      async () => {
+        const p = join(dir, 'bad.json');
+        await writeFile(p, '{nope');
+        return ['plan', model70b, '--nodes', p];
+      },
+      /not valid JSON/,
+    ],
+    [
+      'negative size',
+      async () => {
+        const p = join(dir, 'neg.json');
+        await writeFile(p, JSON.stringify([{ name: 'a', memoryBytes: -5, bandwidthBytesPerSecond: 1e11 }]));
+        return ['plan', model70b, '--nodes', p];
+      },
+      /at 0\.memoryBytes/,
+    ],
+    [
+      'unknown chip without bandwidth',
+      async () => {
+        const p = join(dir, 'chip.json');
+        await writeFile(p, JSON.stringify([{ name: 'a', memoryBytes: 1e10, chip: 'Pentium 4' }]));
+        return ['plan', model70b, '--nodes', p];
+      },
+      /unknown chip "Pentium 4"/,
+    ],
+    ['bad --cache-type', async () => ['plan', model70b, '--nodes', nodesFile, '--cache-type', 'q3'], /invalid --cache-type/],
+    ['bad --ctx', async () => ['plan', model70b, '--nodes', nodesFile, '--ctx', '-1'], /invalid --ctx/],
+  ];
+  for (const [what, args, msg] of bad) {
+    it(`bad input (${what}) → one line, exit 2`, async () => {
+      const r = await orchard(...(await args()));
+      expect(r.code).toBe(2);
+      expect(r.stdout).toBe('');
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).toMatch(msg);
+    });
+  }
+});
