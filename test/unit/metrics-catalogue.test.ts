@@ -8,7 +8,16 @@ import { agentHost, prometheusTargets, prometheusTargetsHandler, sdNodeFromEntry
 import type { NodeEntry } from '../../src/coordinator/registry.ts';
 import type { HardwareProfile } from '../../src/shared/hardware.ts';
 import { CATALOGUE, COORDINATOR_METRICS, findMetric, NODE_METRICS, TARGET_LABELS } from '../../src/shared/metrics/catalogue.ts';
-import { createCoordinatorMetrics, createNodeMetrics, nodeStateCounts, recordNodeProfile, replaceGaugeSeries } from '../../src/shared/metrics/factories.ts';
+import {
+  createCoordinatorMetrics,
+  createNodeMetrics,
+  enumeratedLabelSets,
+  initModelSeries,
+  nodeStateCounts,
+  recordNodeProfile,
+  removeModelSeries,
+  replaceGaugeSeries,
+} from '../../src/shared/metrics/factories.ts';
 import { hostPort, metricsRoutes, serveMetrics } from '../../src/shared/metrics/http.ts';
 import { metricNamesInExpr } from '../../src/shared/metrics/promql.ts';
 
@@ -209,6 +218,36 @@ describe('metric factories', () => {
     const text = await r.metrics();
     expect(text).not.toContain('model="a"');
     expect(text).toContain('orchard_stage_layers{model="b",node="n2"} 12');
+  });
+
+  it('enumerated counters start at 0 for every label combination; open-ended ones do not', async () => {
+    const r = new Registry();
+    createNodeMetrics(r, { processMetrics: false });
+    const text = await r.metrics();
+    for (const engine of ['llama-server', 'rpc-server', 'mlx']) {
+      expect(text).toContain(`orchard_engine_restarts_total{engine="${engine}"} 0`);
+      for (const expected of ['true', 'false']) expect(text).toContain(`orchard_engine_exits_total{engine="${engine}",expected="${expected}"} 0`);
+    }
+    expect(text).not.toMatch(/^orchard_rpc_bytes_total\{/m);
+    expect(enumeratedLabelSets(COORDINATOR_METRICS.requestsTotal)).toEqual([]);
+    expect(enumeratedLabelSets(COORDINATOR_METRICS.discoveryEventsTotal)).toHaveLength(4);
+    expect(enumeratedLabelSets(COORDINATOR_METRICS.generatedTokensTotal)).toEqual([]);
+  });
+
+  it('initModelSeries gives a new model zeroed series; removeModelSeries drops them', async () => {
+    const r = new Registry();
+    const c = createCoordinatorMetrics(r, '0', { processMetrics: false });
+    initModelSeries(c, 'm1');
+    initModelSeries(c, 'm2');
+    c.modelLoaded.set({ model: 'm1', engine: 'llama.cpp' }, 1);
+    let text = await r.metrics();
+    for (const o of ['ok', 'error', 'cancelled', 'rejected']) expect(text).toContain(`orchard_requests_total{model="m1",outcome="${o}"} 0`);
+    expect(text).toContain('orchard_time_to_first_token_seconds_count{model="m1"} 0');
+    expect(text).toContain('orchard_queue_depth{model="m1"} 0');
+    removeModelSeries(c, 'm1');
+    text = await r.metrics();
+    expect(text).not.toContain('model="m1"');
+    expect(text).toContain('orchard_generated_tokens_total{model="m2"} 0');
   });
 
   it('nodeStateCounts always reports every state', () => {

@@ -8,6 +8,7 @@ import {
   type HistogramDef,
   MEMORY_PRESSURE_LEVELS,
   NODE_METRICS,
+  REQUEST_OUTCOMES,
 } from './catalogue.ts';
 
 /**
@@ -44,8 +45,54 @@ export function createMetric<D extends AnyMetricDef>(registry: Registry, def: D,
 
 export function createMetrics<C extends Record<string, AnyMetricDef>>(registry: Registry, defs: C, hooks: CollectHooks<C> = {}): MetricSet<C> {
   const out: Record<string, unknown> = {};
-  for (const [key, def] of Object.entries(defs)) out[key] = createMetric(registry, def, hooks[key] as never);
+  for (const [key, def] of Object.entries(defs)) {
+    const metric = createMetric(registry, def, hooks[key] as never);
+    if (def.type === 'counter') for (const labels of enumeratedLabelSets(def)) (metric as Counter<string>).inc(labels, 0);
+    out[key] = metric;
+  }
   return out as MetricSet<C>;
+}
+
+/**
+ * Every label combination of a metric whose labels are all enumerated in the catalogue (e.g.
+ * orchard_engine_restarts_total{engine}). Counters start at 0 for each, so a restart or a crash
+ * shows up as an increase from 0 instead of a series that appears out of nothing (which
+ * rate()/increase() miss), and dashboards have data before the first event. Returns nothing when
+ * a label is open-ended (model, node): those series start when the model or node appears.
+ */
+export function enumeratedLabelSets(def: AnyMetricDef): Record<string, string>[] {
+  let sets: Record<string, string>[] = [{}];
+  for (const label of def.labelNames) {
+    const values = (def.labelValues as Record<string, readonly string[] | undefined> | undefined)?.[label];
+    if (!values) return [];
+    sets = sets.flatMap((s) => values.map((v) => ({ ...s, [label]: v })));
+  }
+  return def.labelNames.length === 0 ? [] : sets;
+}
+
+/**
+ * Start every per-model series at zero when a model is loaded: request outcomes, token
+ * counters, histograms, queue. Same reason as above — the first request is then an increase
+ * that rate() sees, and the model's panels have data from the moment it serves.
+ */
+export function initModelSeries(c: CoordinatorMetricSet, model: string): void {
+  for (const outcome of REQUEST_OUTCOMES) c.requestsTotal.inc({ model, outcome }, 0);
+  c.promptTokensTotal.inc({ model }, 0);
+  c.generatedTokensTotal.inc({ model }, 0);
+  c.timeToFirstTokenSeconds.zero({ model });
+  c.interTokenLatencySeconds.zero({ model });
+  c.requestDurationSeconds.zero({ model });
+  c.queueDepth.set({ model }, 0);
+  c.requestsInFlight.set({ model }, 0);
+}
+
+/** Drop a model's request series when it is unloaded (placement series go with replaceGaugeSeries). */
+export function removeModelSeries(c: CoordinatorMetricSet, model: string): void {
+  for (const outcome of REQUEST_OUTCOMES) c.requestsTotal.remove({ model, outcome });
+  for (const metric of [c.promptTokensTotal, c.generatedTokensTotal, c.timeToFirstTokenSeconds, c.interTokenLatencySeconds, c.requestDurationSeconds, c.queueDepth, c.requestsInFlight, c.modelPredictedTokensPerSecond]) {
+    metric.remove({ model });
+  }
+  for (const engine of ['llama.cpp', 'mlx']) c.modelLoaded.remove({ model, engine });
 }
 
 export interface CreateOptions<C> {
