@@ -440,7 +440,7 @@ describe.skipIf(!engines)('node agent with real llama.cpp engines', () => {
     const head = await startEngine(agent, {
       kind: 'ENGINE_KIND_LLAMA_SERVER',
       engineId: 'head',
-      args: ['-m', model, '--rpc', `127.0.0.1:${rpc.port}`, '-ngl', '99', '-c', '8192', '-np', '1', '-t', '1', '--no-warmup'],
+      args: ['-m', model, '--rpc', `127.0.0.1:${rpc.port}`, '-ngl', '99', '-c', '8192', '-np', '1', '-t', '1', '--no-warmup', '--metrics'],
       model: 'tiny',
     });
     expect(head.host).toBe('127.0.0.1');
@@ -468,6 +468,13 @@ describe.skipIf(!engines)('node agent with real llama.cpp engines', () => {
 
   it('client cancellation stops decoding: the llama-server slot goes idle', async () => {
     const head = (await unary<{ engines: EngineInfo[] }>(agent, 'describe', {})).engines.find((e) => e.engineId === 'head')!;
+    // llama.cpp counts every llama_decode() call (one per generated token at batch 1), cancelled
+    // requests included; /slots resets its per-slot counters when a slot is released.
+    const decodes = async () => {
+      const text = await (await fetch(`http://127.0.0.1:${head.port}/metrics`)).text();
+      return Number(/^llamacpp:n_decode_total (\d+)/m.exec(text)![1]);
+    };
+    const before = await decodes();
     const call = agent.client.generate!({ engineId: 'head', prompt: 'Once upon a time', maxTokens: 7000, temperature: 0 }) as grpc.ClientReadableStream<{ event: string }>;
     let got = 0;
     call.on('error', () => {});
@@ -475,20 +482,22 @@ describe.skipIf(!engines)('node agent with real llama.cpp engines', () => {
     const slotsBusy = (await (await fetch(`http://127.0.0.1:${head.port}/slots`)).json()) as { is_processing: boolean }[];
     expect(slotsBusy[0]!.is_processing).toBe(true);
     call.cancel();
-    const idle = await waitFor(
+    await waitFor(
       'slot idle after cancel',
       async () => {
-        const slots = (await (await fetch(`http://127.0.0.1:${head.port}/slots`)).json()) as { is_processing: boolean; next_token?: { n_decoded?: number }[] | { n_decoded?: number } }[];
-        return slots[0]!.is_processing ? undefined : slots[0]!;
+        const slots = (await (await fetch(`http://127.0.0.1:${head.port}/slots`)).json()) as { is_processing: boolean }[];
+        return slots[0]!.is_processing ? undefined : true;
       },
       5000,
     );
-    const nt = idle.next_token;
-    const decoded = Array.isArray(nt) ? nt[0]?.n_decoded : nt?.n_decoded;
-    // It stopped because of the cancel, far before the 7000-token budget.
+    const atIdle = await decodes();
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await decodes()).toBe(atIdle); // nothing decodes any more
+    const decoded = atIdle - before;
     expect(decoded).toBeGreaterThanOrEqual(5);
+    // It stopped because of the cancel, far before the 7000-token budget.
     expect(decoded).toBeLessThan(7000);
-    console.info(`cancelled generation stopped after ${decoded} of 7000 tokens`);
+    console.info(`cancelled generation stopped after ${decoded} llama_decode calls (budget 7000 tokens)`);
   });
 
   it('bad requests get clear gRPC statuses and the agent stays up', async () => {
