@@ -129,6 +129,9 @@ export class NodeAgent {
       this.metricsServer = m;
 
       if (o.mdns) {
+        if (o.bindHost === '127.0.0.1' || o.bindHost === '::1') {
+          log.warn({ bind: o.bindHost }, 'advertising on mDNS while gRPC listens on loopback only: other machines will find this node but cannot reach it');
+        }
         this.advertiser = new NodeAdvertiser({ interfaceAddress: o.mdnsInterface, log: log.child({ part: 'mdns' }) });
         this.advertiser.start(this.profile(), this.grpcPort);
       }
