@@ -12,7 +12,7 @@ import type { PlannedDevice } from './engine-verify.ts';
  * * On a CPU-only build (Linux here) the CPU is not a device for -ngl/--tensor-split, so the
  *   head's own layers (and the output layer) need a ggml-rpc-server on the head node's
  *   127.0.0.1; on macOS the head's Metal device holds them directly.
- * * `-lv 4` so the engine prints its per-layer assignment for engine-verify.ts.
+ * * `-lv 5` so the engine prints its per-layer assignment for engine-verify.ts.
  */
 export interface LayoutStage {
   readonly nodeId: string;
@@ -63,11 +63,15 @@ export function headLayout(stages: readonly LayoutStage[], endpoints: readonly (
   // --rpc registers the RPC devices while arguments are parsed, so it must precede --device.
   if (dev.rpc.length > 0) args.push('--rpc', dev.rpc.join(','));
   args.push(
-    '--device', devices.map((d) => d.device).join(','),
+    // `--device` takes the registered device names: llama.cpp numbers RPC devices globally in
+    // --rpc order (RPC0, RPC1, …; checked with --list-devices on this version), while its buffer
+    // log lines say RPC<index within the server>[endpoint] — the names verification matches.
+    '--device', stages.map((_s, i) => (i === last && o.headHasGpu ? 'MTL0' : `RPC${dev.rpc.indexOf(endpoints[i]!)}`)).join(','),
     '--split-mode', 'layer',
     '-ngl', String(dev.nGpuLayers),
     '--tensor-split', dev.tensorSplit.join(','),
-    '-lv', '4',
+    // Layer → device lines are DEBUG (verbosity 5) in this llama.cpp; verification needs them.
+    '-lv', '5',
     '--metrics',
     '--no-webui',
     ...(o.extraArgs ?? []),

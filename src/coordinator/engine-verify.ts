@@ -1,14 +1,19 @@
 /**
- * Proof that llama-server did what the plan said: parse its startup log (`-lv 4`) into the
+ * Proof that llama-server did what the plan said: parse its startup log (`-lv 5`) into the
  * per-layer device assignment and per-device buffer sizes, and compare them with the plan.
  * Pure; the runtime feeds it the log lines the head agent returns.
  *
- * Lines used (llama.cpp src/llama-model.cpp, src/llama-kv-cache.cpp, src/llama-context.cpp):
- *   load_tensors: layer   3 assigned to device RPC0[127.0.0.1:50062], is_swa = 0   (DEBUG)
+ * Lines used (llama.cpp src/llama.cpp, src/llama-model.cpp, src/llama-kv-cache.cpp, src/llama-context.cpp):
+ *   llama_prepare_model_devices: using device RPC1 (127.0.0.1:50063) (unknown id) - 24105 MiB free
+ *   load_tensors: layer   3 assigned to device RPC1, is_swa = 0      (DEBUG: needs -lv 5 here)
  *   load_tensors: RPC0[127.0.0.1:50062] model buffer size =   292.60 MiB
  *   llama_kv_cache: RPC0[127.0.0.1:50062] KV buffer size =   104.00 MiB
  *   sched_reserve: RPC0[127.0.0.1:50062] compute buffer size =    46.54 MiB
  * The "layer n_layer" line is the output layer (llama.cpp treats it as one more unit).
+ * Device names differ between the two kinds of line: the assignment says the registered device
+ * name (RPC devices are numbered across servers in --rpc order: RPC0, RPC1, …) while buffer lines
+ * say the buffer type (`RPC<device within its server>[endpoint]`). The "using device" lines tie
+ * them together; everything is reported under the buffer-type name (`RPC0[host:port]`, `MTL0`).
  */
 export interface EngineReport {
   /** device name per layer index; index n_layer is the output layer. */
@@ -20,6 +25,8 @@ export interface EngineReport {
 
 const MIB = 2 ** 20;
 const LAYER = /load_tensors:\s+layer\s+(\d+) assigned to device (\S+?),/;
+/** `llama_prepare_model_devices: using device RPC1 (127.0.0.1:50062) …`: registered name → endpoint. */
+const USING = /using device (RPC\d+) \(([^)\s]+)\)/;
 const BUFFER = /(load_tensors|llama_kv_cache|sched_reserve|llama_context):\s+(\S+)\s+(model|KV|compute) buffer size =\s+([\d.]+) MiB/;
 
 export function parseEngineLog(lines: readonly string[]): EngineReport {
@@ -27,7 +34,16 @@ export function parseEngineLog(lines: readonly string[]): EngineReport {
   const modelBytes = new Map<string, number>();
   const kvBytes = new Map<string, number>();
   const computeBytes = new Map<string, number>();
+  const alias = new Map<string, string>();
   for (const line of lines) {
+    const u = USING.exec(line);
+    if (u) {
+      // Layer lines use the registered device name (RPC0, RPC1, … numbered across servers);
+      // buffer lines say RPC<index within its server>[endpoint]. One device per server here,
+      // so both become RPC0[endpoint].
+      alias.set(u[1]!, `RPC0[${u[2]!}]`);
+      continue;
+    }
     const l = LAYER.exec(line);
     if (l) {
       layerDevice.set(Number(l[1]), l[2]!);
@@ -41,6 +57,7 @@ export function parseEngineLog(lines: readonly string[]): EngineReport {
       target.set(b[2]!, (target.get(b[2]!) ?? 0) + bytes);
     }
   }
+  for (const [il, dev] of layerDevice) layerDevice.set(il, alias.get(dev) ?? dev);
   return { layerDevice, modelBytes, kvBytes, computeBytes };
 }
 
@@ -95,7 +112,7 @@ function ranges(layers: number[]): string {
 export function verifyEngineReport(report: EngineReport, planned: readonly PlannedDevice[], nLayer: number): VerifyResult {
   const problems: string[] = [];
   if (report.layerDevice.size === 0) {
-    problems.push('the engine log has no layer assignment lines (was llama-server started with -lv 4?)');
+    problems.push('the engine log has no layer assignment lines (was llama-server started with -lv 5?)');
   }
   const wanted = new Map<number, PlannedDevice>();
   for (const d of planned) {

@@ -9,7 +9,7 @@ import { canConnect, pickFreePort, portBindError } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
 
 /** Start-up lines worth returning: llama.cpp's layer → device assignment and buffer sizes. */
-const STARTUP_LOG = /assigned to device|buffer size|memory_breakdown|projected memory/;
+const STARTUP_LOG = /assigned to device|buffer size|memory_breakdown|projected memory|using device/;
 
 /**
  * Engine supervisor: starts llama.cpp engines as children of the agent, decides when they are
