@@ -41,6 +41,8 @@ export interface AgentGenerateRequest {
   readonly seed: number;
   readonly stop: readonly string[];
   readonly requestId: string;
+  /** Chat messages as JSON; the head agent applies the chat template (prompt must be empty). */
+  readonly messagesJson?: string | undefined;
 }
 
 type Wire = Record<string, unknown>;

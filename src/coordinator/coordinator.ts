@@ -5,6 +5,7 @@ import type { Logger } from '../shared/log.ts';
 import { Discovery } from './discovery.ts';
 import { modelStatusToWire, nodeStatusToWire, startCoordinatorGrpc } from './grpc-server.ts';
 import { Membership } from './membership.ts';
+import { installApi } from './openai/api.ts';
 import { createPlanner } from './planner-adapter.ts';
 import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './registry.ts';
 import { Runtime, type Planner } from './runtime.ts';
@@ -28,6 +29,8 @@ export interface CoordinatorOptions {
   readonly rpcThreads?: number | undefined;
   readonly planner?: Planner | undefined;
   readonly version?: string | undefined;
+  /** OpenAI/management HTTP API: optional API key (401 without it) and request body limit. */
+  readonly api?: { readonly apiKey?: string | undefined; readonly maxBodyBytes?: number | undefined } | undefined;
   readonly log: Logger;
 }
 
@@ -111,11 +114,22 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     res.writeHead(200, { 'content-type': 'application/json' });
     res.end(JSON.stringify({ clusterId: cluster.clusterId, nodes: membership.registry.nodes().map((n) => nodeStatusToWire(n)), models: runtime.models().map(modelStatusToWire) }));
   });
+  installApi(httpRoutes, { runtime, membership, clusterId: cluster.clusterId, log }, o.api);
   let http: Server | undefined;
   let httpPort: number | undefined;
   if (o.httpPort !== undefined) {
     http = createServer((req, res) => {
-      const route = httpRoutes.get(`${req.method} ${(req.url ?? '/').split('?')[0]}`);
+      const path = (req.url ?? '/').split('?')[0] ?? '/';
+      // Exact "METHOD /path" first, then the longest "METHOD /prefix/*" (path parameters).
+      let route = httpRoutes.get(`${req.method} ${path}`);
+      if (!route) {
+        let best = -1;
+        for (const [key, r] of httpRoutes) {
+          if (!key.endsWith('*') || !`${req.method} ${path}`.startsWith(key.slice(0, -1)) || key.length <= best) continue;
+          best = key.length;
+          route = r;
+        }
+      }
       if (route) return route(req, res);
       res.writeHead(404, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ error: { message: `no route ${req.method} ${req.url}`, type: 'not_found' } }));

@@ -105,6 +105,13 @@ export interface GenerateRequest {
   readonly topP?: number | undefined;
   readonly seed?: number | undefined;
   readonly stop?: readonly string[] | undefined;
+  /** Chat: the head applies the model's chat template to these instead of taking `prompt`. */
+  readonly messages?: readonly ChatMessage[] | undefined;
+}
+
+export interface ChatMessage {
+  readonly role: string;
+  readonly content: string;
 }
 
 export interface Timings {
@@ -451,7 +458,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
    */
   async *generate(req: GenerateRequest, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
     const inst = this.#pick(req.model);
-    if (!req.prompt) throw new UsageError('prompt is empty');
+    if (!req.prompt && !req.messages?.length) throw new UsageError('prompt is empty');
     const ctl = new AbortController();
     const onCallerAbort = () => ctl.abort(new CoordinatorError('CANCELLED', 'request cancelled by the client'));
     if (signal?.aborted) onCallerAbort();
@@ -472,6 +479,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
         seed: req.seed ?? 0,
         stop: req.stop ?? [],
         requestId: randomUUID(),
+        messagesJson: req.messages?.length ? JSON.stringify(req.messages.map((m) => ({ role: m.role, content: m.content }))) : '',
       });
       const stream = call;
       ctl.signal.addEventListener('abort', () => stream.cancel(), { once: true });
@@ -483,6 +491,11 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
         }
       } catch (err) {
         if (ctl.signal.aborted) throw ctl.signal.reason;
+        // The engine refused the request itself (e.g. a prompt longer than the context): the
+        // caller's fault, not a broken stage.
+        const code = (err as { code?: unknown }).code;
+        if (code === 3) throw new CoordinatorError('INVALID_ARGUMENT', grpcMessage(err));
+        if (code === 8) throw new CoordinatorError('RESOURCE_EXHAUSTED', grpcMessage(err));
         // The head's stream broke. Usually a stage died; give membership a moment to say which.
         const reason = await Promise.race([inst.failed, new Promise<undefined>((r) => setTimeout(r, 1000))]);
         if (reason) throw new CoordinatorError('UNAVAILABLE', reason);

@@ -19,6 +19,8 @@ export interface GenerateParams {
   /** 0 = not set (proto3 cannot tell unset from 0): the engine picks a random seed. */
   readonly seed: number;
   readonly stop: readonly string[];
+  /** Chat messages as JSON ([{role, content}]): the prompt comes from the model's chat template. */
+  readonly messagesJson?: string | undefined;
 }
 
 export interface TokenChunk {
@@ -60,14 +62,26 @@ export const generateRequestSchema = z.object({
   seed: z.union([z.string(), z.number()]).default('0'),
   stop: z.array(z.string()).default([]),
   requestId: z.string().default(''),
+  messagesJson: z.string().default(''),
 });
+
+const chatMessagesSchema = z.array(z.object({ role: z.string().min(1), content: z.string() }).loose()).min(1);
 
 /** Check a proto-loader GenerateRequest (int64 seed arrives as a string). */
 export function generateParamsFromRequest(raw: unknown): GenerateParams & { engineId: string; requestId: string } {
   const parsed = generateRequestSchema.safeParse(raw ?? {});
   if (!parsed.success) throw new GenerateError('INVALID_ARGUMENT', `malformed Generate request: ${parsed.error.issues[0]?.message}`);
   const r = parsed.data;
-  if (r.prompt === '') throw new GenerateError('INVALID_ARGUMENT', 'prompt is empty');
+  if (r.messagesJson !== '') {
+    if (r.prompt !== '') throw new GenerateError('INVALID_ARGUMENT', 'give either prompt or messages_json, not both');
+    let messages: unknown;
+    try {
+      messages = JSON.parse(r.messagesJson);
+    } catch {
+      throw new GenerateError('INVALID_ARGUMENT', 'messages_json is not JSON');
+    }
+    if (!chatMessagesSchema.safeParse(messages).success) throw new GenerateError('INVALID_ARGUMENT', 'messages_json must be a non-empty array of {role, content}');
+  } else if (r.prompt === '') throw new GenerateError('INVALID_ARGUMENT', 'prompt is empty');
   if (!Number.isFinite(r.temperature) || r.temperature < 0 || r.temperature > 10) {
     throw new GenerateError('INVALID_ARGUMENT', `invalid temperature ${r.temperature}: 0–10 (0 = greedy)`);
   }
@@ -76,7 +90,17 @@ export function generateParamsFromRequest(raw: unknown): GenerateParams & { engi
   if (!Number.isSafeInteger(seed) || seed < 0 || seed > 0xffffffff) {
     throw new GenerateError('INVALID_ARGUMENT', `invalid seed ${r.seed}: 0–4294967295 (0 = random)`);
   }
-  return { engineId: r.engineId, requestId: r.requestId, prompt: r.prompt, maxTokens: r.maxTokens, temperature: r.temperature, topP: r.topP, seed, stop: r.stop };
+  return {
+    engineId: r.engineId,
+    requestId: r.requestId,
+    prompt: r.prompt,
+    maxTokens: r.maxTokens,
+    temperature: r.temperature,
+    topP: r.topP,
+    seed,
+    stop: r.stop,
+    ...(r.messagesJson !== '' ? { messagesJson: r.messagesJson } : {}),
+  };
 }
 
 /** The JSON body for llama-server `POST /completion`. */
@@ -204,12 +228,14 @@ export async function relayCompletion(opts: RelayOptions): Promise<GenerateDone>
   const now = opts.now ?? (() => performance.now());
   const t0 = now();
   let firstTokenMs = 0;
+  let params = opts.params;
+  if (params.messagesJson) params = { ...params, prompt: await applyChatTemplate(opts.baseUrl, params.messagesJson, opts.signal), messagesJson: undefined };
   let res: Response;
   try {
     res = await fetch(`${opts.baseUrl}/completion`, {
       method: 'POST',
       headers: { 'content-type': 'application/json', accept: 'text/event-stream' },
-      body: JSON.stringify(completionBody(opts.params)),
+      body: JSON.stringify(completionBody(params)),
       signal: opts.signal,
     });
   } catch (err) {
@@ -249,4 +275,38 @@ export async function relayCompletion(opts: RelayOptions): Promise<GenerateDone>
   }
   if (opts.signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
   throw new GenerateError('UNAVAILABLE', 'llama-server ended the stream without a final event (did the engine die?)');
+}
+
+/**
+ * Chat messages → prompt with the model's own chat template (llama-server `/apply-template`,
+ * which uses the GGUF's template or llama.cpp's fallback), so the chat prompt is byte-identical
+ * to what llama-server's own /v1/chat/completions would build.
+ */
+export async function applyChatTemplate(baseUrl: string, messagesJson: string, signal: AbortSignal): Promise<string> {
+  let res: Response;
+  try {
+    res = await fetch(`${baseUrl}/apply-template`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: `{"messages":${messagesJson}}`,
+      signal,
+    });
+  } catch (err) {
+    if (signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
+    throw new GenerateError('UNAVAILABLE', `llama-server at ${baseUrl} is not reachable: ${(err as Error).message}`);
+  }
+  const text = await res.text().catch(() => '');
+  if (!res.ok) {
+    let error: unknown = { message: text || `HTTP ${res.status}`, code: res.status };
+    try {
+      error = (JSON.parse(text) as { error?: unknown }).error ?? error;
+    } catch {}
+    throw engineError(error);
+  }
+  let prompt: unknown;
+  try {
+    prompt = (JSON.parse(text) as { prompt?: unknown }).prompt;
+  } catch {}
+  if (typeof prompt !== 'string' || prompt === '') throw new GenerateError('INTERNAL', 'llama-server /apply-template returned no prompt');
+  return prompt;
 }

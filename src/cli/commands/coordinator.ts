@@ -5,7 +5,7 @@ import { startCoordinator } from '../../coordinator/coordinator.ts';
 import { defaultStateDir, StateDir } from '../../coordinator/state-dir.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
-import { parseInteger, parsePort } from '../../shared/units.ts';
+import { parseInteger, parsePort, parseSize } from '../../shared/units.ts';
 
 interface CoordinatorFlags {
   grpcPort: string;
@@ -18,6 +18,8 @@ interface CoordinatorFlags {
   suspectAfter: string;
   downAfter: string;
   maxQueue?: string;
+  apiKey?: string;
+  maxBody: string;
   json?: boolean;
 }
 
@@ -36,6 +38,8 @@ export function registerCoordinator(program: Command): void {
     .option('--suspect-after <ms>', 'node silence before it is suspect', '2000')
     .option('--down-after <ms>', 'node silence before it is down', '5000')
     .option('--max-queue <n>', 'requests that may wait per model beyond its --parallel slots (default 4 × parallel)')
+    .addOption(new Option('--api-key <key>', 'require "Authorization: Bearer KEY" on the HTTP API (401 without it)').env('ORCHARD_API_KEY'))
+    .addOption(new Option('--max-body <size>', 'largest HTTP request body (413 beyond it)').default('4MiB').env('ORCHARD_MAX_BODY'))
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…})')
     .action(async (flags: CoordinatorFlags) => {
       await runCoordinator(flags);
@@ -71,6 +75,7 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
     registry: { suspectAfterMs, downAfterMs, forgetAfterMs: Math.max(10 * 60_000, downAfterMs + 1) },
     maxQueue: flags.maxQueue !== undefined ? parseInteger(flags.maxQueue, '--max-queue', 0, 100_000) : undefined,
     extraHeadArgs: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS?.split(/\s+/).filter(Boolean),
+    api: { apiKey: flags.apiKey || undefined, maxBodyBytes: parseSize(flags.maxBody, '--max-body') },
     rpcThreads: process.env.ORCHARD_RPC_THREADS ? parseInteger(process.env.ORCHARD_RPC_THREADS, 'ORCHARD_RPC_THREADS', 0, 1024) : undefined,
     log,
   }).catch((err: unknown) => {

@@ -1,0 +1,148 @@
+import type { GenerateEvent, ModelStatus } from '../runtime.ts';
+
+/**
+ * OpenAI response objects, built from runtime events. Pure: the HTTP layer decides when to send
+ * them; these functions only decide what they look like. Shapes follow the OpenAI API reference
+ * (chat.completion, chat.completion.chunk, text_completion, model list).
+ */
+
+export type Kind = 'chat' | 'completion';
+
+export interface Usage {
+  readonly prompt_tokens: number;
+  readonly completion_tokens: number;
+  readonly total_tokens: number;
+}
+
+export interface ResponseMeta {
+  readonly id: string;
+  readonly created: number;
+  readonly model: string;
+}
+
+type Done = Extract<GenerateEvent, { kind: 'done' }>;
+
+export function usageOf(done: Done): Usage {
+  return { prompt_tokens: done.promptTokens, completion_tokens: done.completionTokens, total_tokens: done.promptTokens + done.completionTokens };
+}
+
+/** OpenAI knows "stop", "length", "content_filter", "tool_calls"; map anything else to "stop". */
+export function finishReasonOf(done: Done): 'stop' | 'length' {
+  return done.finishReason === 'length' ? 'length' : 'stop';
+}
+
+/** Orchard's timings as an extension field (clients ignore unknown fields). */
+function timingsOf(done: Done) {
+  return {
+    prompt_ms: done.timings.promptMs,
+    predicted_ms: done.timings.predictedMs,
+    prompt_tokens_per_second: done.timings.promptTokensPerSecond,
+    predicted_tokens_per_second: done.timings.predictedTokensPerSecond,
+    first_token_ms: done.timings.firstTokenMs,
+  };
+}
+
+/** The whole answer of a non-streaming request. */
+export function completionResponse(kind: Kind, meta: ResponseMeta, text: string, done: Done): Record<string, unknown> {
+  const finish_reason = finishReasonOf(done);
+  const choice =
+    kind === 'chat'
+      ? { index: 0, message: { role: 'assistant', content: text, refusal: null }, logprobs: null, finish_reason }
+      : { index: 0, text, logprobs: null, finish_reason };
+  return {
+    id: meta.id,
+    object: kind === 'chat' ? 'chat.completion' : 'text_completion',
+    created: meta.created,
+    model: meta.model,
+    system_fingerprint: 'orchard',
+    choices: [choice],
+    usage: usageOf(done),
+    orchard: { timings: timingsOf(done) },
+  };
+}
+
+/**
+ * One streamed chunk. `text` undefined + `finish` set = the final chunk (empty delta);
+ * `first` adds the assistant role to a chat delta, as OpenAI does on the first chunk. With
+ * `include_usage`, every chunk carries `usage: null` and a last extra chunk carries the usage.
+ */
+export function streamChunk(
+  kind: Kind,
+  meta: ResponseMeta,
+  part: { text?: string | undefined; first?: boolean; finish?: 'stop' | 'length' | undefined },
+  includeUsage: boolean,
+): Record<string, unknown> {
+  const finish_reason = part.finish ?? null;
+  let choice: Record<string, unknown>;
+  if (kind === 'chat') {
+    const delta: Record<string, unknown> = {};
+    if (part.first) delta.role = 'assistant';
+    if (part.text !== undefined) delta.content = part.text;
+    choice = { index: 0, delta, logprobs: null, finish_reason };
+  } else {
+    choice = { index: 0, text: part.text ?? '', logprobs: null, finish_reason };
+  }
+  return {
+    id: meta.id,
+    object: kind === 'chat' ? 'chat.completion.chunk' : 'text_completion',
+    created: meta.created,
+    model: meta.model,
+    system_fingerprint: 'orchard',
+    choices: [choice],
+    ...(includeUsage ? { usage: null } : {}),
+  };
+}
+
+/** The extra last chunk of `stream_options.include_usage`: no choices, the usage. */
+export function usageChunk(kind: Kind, meta: ResponseMeta, done: Done): Record<string, unknown> {
+  return {
+    id: meta.id,
+    object: kind === 'chat' ? 'chat.completion.chunk' : 'text_completion',
+    created: meta.created,
+    model: meta.model,
+    system_fingerprint: 'orchard',
+    choices: [],
+    usage: usageOf(done),
+    orchard: { timings: timingsOf(done) },
+  };
+}
+
+/** One SSE event. JSON.stringify never emits a raw newline, so one `data:` line suffices. */
+export function sseData(payload: unknown): string {
+  return `data: ${typeof payload === 'string' ? payload : JSON.stringify(payload)}\n\n`;
+}
+
+/** Where a loaded model lives: the `orchard` extension field of /v1/models entries. */
+export function placementOf(m: ModelStatus) {
+  return {
+    state: m.state,
+    engine: m.engine,
+    path: m.path,
+    ctx: m.options.ctx,
+    parallel: m.options.parallel,
+    cache_type: m.options.cacheType,
+    predicted_tokens_per_second: m.predictedTokensPerSecond,
+    error: m.error || null,
+    stages: m.stages.map((s, i) => ({
+      stage: i,
+      role: i === m.stages.length - 1 ? 'head' : 'worker',
+      node: s.nodeName,
+      node_id: s.nodeId,
+      first_layer: s.firstLayer,
+      last_layer: s.lastLayer,
+      endpoint: s.endpoint || null,
+      bytes: s.bytes,
+      budget_bytes: s.budgetBytes,
+    })),
+  };
+}
+
+export function modelObject(m: ModelStatus): Record<string, unknown> {
+  return {
+    id: m.name,
+    object: 'model',
+    created: Math.floor((m.loadedAtMs ?? Date.now()) / 1000),
+    owned_by: 'orchard',
+    orchard: placementOf(m),
+  };
+}
