@@ -192,3 +192,43 @@ describe('deploy/ files', () => {
     expect(compose).toMatch(/^ {2}prometheus:$/m);
   });
 });
+
+describe('orchard service (CLI)', () => {
+  const cli = (args: string[]) =>
+    spawnSync(process.execPath, [join(ROOT, 'bin', 'orchard.js'), 'service', ...args], {
+      encoding: 'utf8',
+      env: { ...process.env, HOME: tmp, XDG_CONFIG_HOME: join(tmp, 'cfg') },
+      timeout: 60_000,
+    });
+
+  it('install --dry-run prints the unit and the commands, passes arguments after --, writes nothing', () => {
+    const r = cli(['install', 'coordinator', '--dry-run', '--manager', 'systemd', '--', '--http-port', '9150']);
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    const file = join(tmp, 'cfg', 'systemd', 'user', 'orchard-coordinator.service');
+    expect(r.stdout).toContain(`# would write ${file}`);
+    expect(r.stdout).toMatch(/^ExecStart=\S+ \S+bin\/orchard\.js coordinator --http-port 9150$/m);
+    expect(r.stdout).toContain('# would run: systemctl --user enable --now orchard-coordinator.service');
+    expect(existsSync(file)).toBe(false);
+  });
+
+  it('install with only -- arguments means the node service', () => {
+    const r = cli(['install', '--dry-run', '--manager', 'launchd', '--', '--join', '10.0.0.1:50150']);
+    expect(r.status).toBe(0);
+    const plist = r.stdout.slice(r.stdout.indexOf('<?xml'), r.stdout.indexOf('</plist>') + '</plist>'.length);
+    expect(parsePlist(plist)).toMatchObject({ Label: 'org.orchard.node', ProgramArguments: [process.execPath, join(ROOT, 'bin', 'orchard.js'), 'node', '--join', '10.0.0.1:50150'] });
+  });
+
+  it('rejects an unknown role or manager with a usage error', () => {
+    const bad = cli(['install', 'worker', '--dry-run']);
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toContain('unknown service "worker"');
+    expect(cli(['install', '--dry-run', '--manager', 'upstart']).status).toBe(2);
+  });
+
+  it('uninstall of a service that is not installed fails clearly and changes nothing', () => {
+    const r = cli(['uninstall', 'node', '--manager', 'systemd']);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain('no node service installed');
+  });
+});
