@@ -43,6 +43,15 @@ async function ring(n: number) {
 // A prompt of bytes, long enough that prefill is a real multi-token step.
 const promptA: MlxRequest = { id: 'a', tokens: [...Buffer.from('The orchard has apples and pears.')], maxTokens: 24, ignoreEos: true };
 const promptB: MlxRequest = { id: 'b', prompt: 'hello world', maxTokens: 16, ignoreEos: true };
+// Chat template applied in the worker; sampling with temperature: same seed → same tokens on every rank.
+const promptC: MlxRequest = {
+  id: 'c',
+  messages: [{ role: 'user', content: 'Which fruit?' }],
+  maxTokens: 16,
+  temperature: 0.9,
+  seed: 1234,
+  ignoreEos: true,
+};
 
 const reference = new Map<string, number[]>();
 
@@ -54,7 +63,7 @@ beforeAll(async () => {
   await writeMlxTestModel(env.python, { out: llama, arch: 'llama', layers: 4, hidden: 64, seed: 7 });
   await writeMlxTestModel(env.python, { out: ministral, arch: 'ministral3', layers: 4, hidden: 64, seed: 7 });
   const single = await start({ model: llama, mode: 'single' });
-  for (const req of [promptA, promptB]) reference.set(req.id, (await collect(single.generate(req))).tokens);
+  for (const req of [promptA, promptB, promptC]) reference.set(req.id, (await collect(single.generate(req))).tokens);
   await single.close();
 }, 600_000);
 
@@ -73,6 +82,15 @@ describe('MLX pipeline split equals a single process', () => {
     expect(a).toHaveLength(24);
     // A constant stream would make "identical" meaningless.
     expect(new Set(a).size).toBeGreaterThan(8);
+    // The sampled chat reference ran to its full length (pipeline runs must match it exactly).
+    expect(reference.get('c')).toHaveLength(16);
+  });
+
+  it('queued requests run one after another, each stall clock starting on its own turn', async () => {
+    const g = await start({ model: llama, mode: 'pipeline', split: [2, 2], launch: await ring(2) });
+    const [a, b] = await Promise.all([collect(g.generate(promptA)), collect(g.generate(promptB))]);
+    expect(a.tokens).toEqual(reference.get('a'));
+    expect(b.tokens).toEqual(reference.get('b'));
   });
 
   for (const split of [
@@ -90,7 +108,7 @@ describe('MLX pipeline split equals a single process', () => {
         return range;
       });
       expect(g.ready.map((r) => r.layers)).toEqual(ranges.map((_, r) => ranges[rankOfStage(r, split.length)]));
-      for (const req of [promptA, promptB]) {
+      for (const req of [promptA, promptB, promptC]) {
         const out = await collect(g.generate(req));
         expect(out.tokens).toEqual(reference.get(req.id));
         expect(out.done.ranks).toBe(split.length);

@@ -80,6 +80,9 @@ export class MlxGroup {
   private closing = false;
   private readonly failureListeners = new Set<(err: MlxGroupError) => void>();
   private readonly active = new Set<string>();
+  /** Workers serve one request at a time; so does generate(), so a queued request's stall clock
+   * does not run while it waits behind another. */
+  private turn: Promise<void> = Promise.resolve();
 
   private constructor(
     private readonly opts: MlxGroupOptions,
@@ -325,10 +328,23 @@ export class MlxGroup {
     };
     const offFailure = this.onFailure((err) => push(err));
     const onAbort = () => this.cancel(req.id);
-    head.listeners.add(onMsg);
-    opts.signal?.addEventListener('abort', onAbort, { once: true });
     this.active.add(req.id);
+    const previous = this.turn;
+    let release = () => {};
+    this.turn = new Promise<void>((resolve) => {
+      release = resolve;
+    });
     try {
+      let offWait = () => {};
+      await Promise.race([
+        previous,
+        new Promise<void>((_, reject) => {
+          offWait = this.onFailure(reject);
+        }),
+      ]).finally(() => offWait());
+      if (opts.signal?.aborted) throw new OrchardError(`MLX request ${req.id} was cancelled before it started`);
+      head.listeners.add(onMsg);
+      opts.signal?.addEventListener('abort', onAbort, { once: true });
       this.submit(req);
       armStall();
       if (opts.signal?.aborted) onAbort();
@@ -351,6 +367,7 @@ export class MlxGroup {
       offFailure();
       opts.signal?.removeEventListener('abort', onAbort);
       this.active.delete(req.id);
+      release();
     }
   }
 
