@@ -14,6 +14,7 @@ import { createCoordinatorMetrics, createNodeMetrics, initModelSeries, nodeState
 import { hostPort, metricsRoutes, serveMetrics } from '../../src/shared/metrics/http.ts';
 import { metricNamesInExpr } from '../../src/shared/metrics/promql.ts';
 import { NodeMetrics } from '../../src/node/metrics.ts';
+import { EngineWatchdog } from '../../src/node/watchdog.ts';
 
 /**
  * A REAL Prometheus (Debian's `prometheus` binary) on 127.0.0.1, configured only with an
@@ -222,6 +223,8 @@ type Sample = { metric: Record<string, string>; value: [number, string] };
 
 let cluster: ScrapedCluster | undefined;
 let prometheus: ChildProcess | undefined;
+// The node agent's sentinel: if this test process is SIGKILLed, Prometheus is killed too.
+let watchdog: EngineWatchdog | undefined;
 let promUrl = '';
 let promLog = '';
 const workDir = mkdtempSync(join(tmpdir(), 'orchard-prometheus-'));
@@ -260,6 +263,7 @@ function stopPrometheus(): Promise<void> {
     }, 5000);
     p.once('exit', () => {
       clearTimeout(kill);
+      watchdog?.remove(p.pid!); // never signal a recycled pid
       resolveStop();
     });
     try {
@@ -311,9 +315,13 @@ beforeAll(async () => {
       spawned.once('spawn', ok);
       spawned.once('error', fail);
     });
-    await until('prometheus ready', 30_000, async () => ((await fetch(`${promUrl}/-/ready`)).ok ? true : undefined));
+    watchdog = new EngineWatchdog();
+    watchdog.add(spawned.pid!);
+    await until('prometheus ready', 60_000, async () => ((await fetch(`${promUrl}/-/ready`)).ok ? true : undefined));
   } catch (err) {
     await stopPrometheus();
+    watchdog?.close();
+    watchdog = undefined;
     await cluster?.stop();
     throw err;
   }
@@ -321,6 +329,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await stopPrometheus();
+  watchdog?.close();
   await cluster?.stop();
   rmSync(workDir, { recursive: true, force: true });
 });
@@ -340,7 +349,7 @@ describe('a real Prometheus scraping Orchard', () => {
   });
 
   it('discovers the coordinator and every node through HTTP-SD and scrapes them all', async () => {
-    const targets = await until('all targets up', 30_000, async () => {
+    const targets = await until('all targets up', 60_000, async () => {
       const d = await api<{ activeTargets: { labels: Record<string, string>; health: string; scrapeUrl: string }[] }>('/api/v1/targets?state=active');
       return d.activeTargets.length === cluster!.targets && d.activeTargets.every((t) => t.health === 'up') ? d.activeTargets : undefined;
     });
@@ -357,7 +366,7 @@ describe('a real Prometheus scraping Orchard', () => {
 
   it('evaluates every PromQL expression of every dashboard panel with data', async () => {
     // rate()/increase() need two samples in the window, histogram_quantile a non-zero rate.
-    await until('two scrapes of the request counters', 30_000, async () => {
+    await until('two scrapes of the request counters', 60_000, async () => {
       const r = await api<{ result: Sample[] }>(`/api/v1/query?query=${encodeURIComponent('sum(rate(orchard_requests_total[1m])) > 0')}`);
       return r.result.length > 0 ? true : undefined;
     });
