@@ -207,9 +207,10 @@ export class NodeAgent {
   private async doStop(): Promise<void> {
     const log = this.options.log;
     if (this.refreshTimer) clearInterval(this.refreshTimer);
-    this.events.emit('shutdown');
     await this.advertiser?.stop().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'mDNS goodbye failed'));
     await this.supervisor?.shutdown();
+    // Watch streams end only now, so a watcher sees every engine's (expected) exit first.
+    this.events.emit('shutdown');
     const grpcServer = this.grpcServer;
     if (grpcServer) {
       await new Promise<void>((resolve) => {

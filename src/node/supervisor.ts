@@ -149,6 +149,10 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     log.info({ file: cmd.file, argv: cmd.argv }, 'starting engine');
 
     const child = spawn(cmd.file, cmd.argv, {
+      // Own process group: a Ctrl-C on the agent's terminal reaches only the agent, which then
+      // stops the engine in order (and reports the exit as expected); if the agent dies instead,
+      // the watchdog ends the engine.
+      detached: true,
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, ...cmd.env },
     });

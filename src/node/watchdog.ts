@@ -13,8 +13,9 @@ import type { Logger } from '../shared/log.ts';
  * real parent, so it gets the true exit code/signal and the engine's own stderr, and the pid it
  * reports is the engine's.
  *
- * The sentinel ignores SIGINT/SIGHUP so a Ctrl-C on the terminal (sent to the whole process
- * group) cannot remove it before the agent's orderly shutdown has finished.
+ * The sentinel runs in its own process group (as do the engines), so a signal to the agent's
+ * group — Ctrl-C on the terminal, `kill -9 -PGID` — reaches neither; it also ignores
+ * SIGINT/SIGHUP for good measure.
  */
 export const WATCHDOG_SCRIPT = `
 trap '' INT HUP
@@ -85,6 +86,9 @@ export class EngineWatchdog {
   private spawn(): void {
     const child = spawn('/bin/sh', ['-c', WATCHDOG_SCRIPT, 'orchard-engine-watchdog', String(this.options.graceTicks ?? 10)], {
       stdio: ['pipe', 'ignore', 'ignore'],
+      // Own process group, so killing the agent's whole group (kill -9 -PGID, a service
+      // manager) cannot take the sentinel down with it.
+      detached: true,
     });
     this.child = child;
     child.stdin?.on('error', () => {}); // EPIPE if it died; the exit handler respawns it

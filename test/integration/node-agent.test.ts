@@ -592,6 +592,38 @@ describe.skipIf(!engines)('node agent with real llama.cpp engines', () => {
     expect(alive(rpc.pid)).toBe(false);
   });
 
+  it("SIGKILL of the agent's whole process group: engines (own groups) are still ended by the watchdog", async () => {
+    const victim = await startAgent(join(tmp, 'sigkill-group'));
+    try {
+      const w = await startEngine(victim, { kind: 'ENGINE_KIND_RPC_SERVER', threads: 1 });
+      victim.client.close();
+      process.kill(-victim.ready.pid, 'SIGKILL'); // the agent was spawned as a group leader
+      await victim.exited;
+      await waitFor('engine gone', () => !alive(w.pid) || undefined, 5000);
+    } finally {
+      killGroup(victim.child);
+    }
+  });
+
+  it('SIGINT (Ctrl-C) stops the engines in order: their exits are expected', async () => {
+    const a = await startAgent(join(tmp, 'sigint'));
+    const seen: { event: string; engineExited?: { expected: boolean } }[] = [];
+    try {
+      const w = await startEngine(a, { kind: 'ENGINE_KIND_RPC_SERVER', threads: 1 });
+      const watch = a.client.watch!({}) as grpc.ClientReadableStream<{ event: string }>;
+      watch.on('data', (e: { event: string }) => seen.push(e));
+      watch.on('error', () => {});
+      await waitFor('watch open', () => seen.length > 0 || undefined);
+      process.kill(-a.ready.pid, 'SIGINT'); // what a terminal sends: the whole foreground group
+      expect(await a.exited).toEqual({ code: 0, signal: null });
+      expect(alive(w.pid)).toBe(false);
+      expect(seen.filter((e) => e.event === 'engineExited').map((e) => e.engineExited!.expected)).toEqual([true]);
+    } finally {
+      a.client.close();
+      killGroup(a.child);
+    }
+  });
+
   it('SIGKILL of the agent: its engines are gone within 5 s (watchdog)', async () => {
     const victim = await startAgent(join(tmp, 'sigkill'));
     try {

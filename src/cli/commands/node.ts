@@ -119,6 +119,7 @@ async function runNode(flags: NodeFlags): Promise<void> {
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  process.on('SIGHUP', onSignal); // terminal closed: stop in order rather than die at once
 
   try {
     const ready = await agent.start();
@@ -131,6 +132,7 @@ async function runNode(flags: NodeFlags): Promise<void> {
     await agent.stop();
     process.off('SIGTERM', onSignal);
     process.off('SIGINT', onSignal);
+    process.off('SIGHUP', onSignal);
   }
 }
 
