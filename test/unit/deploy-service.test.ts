@@ -207,7 +207,7 @@ describe('orchard service (CLI)', () => {
     expect(r.status).toBe(0);
     const file = join(tmp, 'cfg', 'systemd', 'user', 'orchard-coordinator.service');
     expect(r.stdout).toContain(`# would write ${file}`);
-    expect(r.stdout).toMatch(/^ExecStart=\S+ \S+bin\/orchard\.js coordinator --http-port 9150$/m);
+    expect(r.stdout).toMatch(/^ExecStart=\S+ \S+bin\/orchard\.js coordinator --http-port 8420$/m);
     expect(r.stdout).toContain('# would run: systemctl --user enable --now orchard-coordinator.service');
     expect(existsSync(file)).toBe(false);
   });
