@@ -162,7 +162,7 @@ export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedService
         });
       })().then(
         () => call.end(),
-        (err) => call.destroy(fail(err) as grpc.ServiceError),
+        (err) => call.emit('error', fail(err)),
       );
     },
 
@@ -189,7 +189,7 @@ export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedService
       })().then(
         () => call.end(),
         (err) => {
-          if (!call.cancelled) call.destroy(fail(err) as grpc.ServiceError);
+          if (!call.cancelled) call.emit('error', fail(err));
         },
       );
     },

@@ -521,7 +521,11 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     }
     const ready = [...this.#instances.values()].filter((i) => i.state === 'ready');
     if (ready.length === 1) return ready[0]!;
-    if (ready.length === 0) throw new CoordinatorError('FAILED_PRECONDITION', 'no model is loaded: run `orchard load MODEL.gguf` first');
+    if (ready.length === 0) {
+      const failed = [...this.#instances.values()].find((i) => i.state === 'failed');
+      if (failed) throw new CoordinatorError('UNAVAILABLE', `model "${failed.name}" failed: ${failed.error}`);
+      throw new CoordinatorError('FAILED_PRECONDITION', 'no model is loaded: run `orchard load MODEL.gguf` first');
+    }
     throw new CoordinatorError('INVALID_ARGUMENT', `several models are loaded (${ready.map((i) => i.name).join(', ')}): choose one with --model`);
   }
 

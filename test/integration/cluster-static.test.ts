@@ -1,0 +1,299 @@
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer, Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CoordinatorClient } from '../../src/coordinator/client.ts';
+import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { modelProfile } from '../../src/shared/model/profile.ts';
+import { planPlacement } from '../../src/shared/placement/planner.ts';
+
+/*
+ * The coordinator end to end, with real processes on 127.0.0.1 (static join): one coordinator,
+ * three `orchard node` agents whose budgets force a multi-stage plan, a generated 8-layer GGUF,
+ * real ggml-rpc-server / llama-server engines. The oracle: greedy token ids through the cluster
+ * equal those of one plain llama-server on the same file. Then a worker agent is SIGKILLed
+ * mid-stream: the client must get UNAVAILABLE naming the node within 2 s, no engine may be left
+ * after 5 s, status must show the node down, and a new load on the two survivors must work and
+ * give the same tokens again.
+ */
+
+const execFileP = promisify(execFile);
+const ROOT = new URL('../../', import.meta.url).pathname;
+const BIN = join(ROOT, 'bin/orchard.js');
+const CTX = 2048;
+const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
+const N_PREDICT = 48;
+
+interface Proc {
+  readonly child: ChildProcess;
+  readonly name: string;
+  out: string;
+  err: string;
+  readonly exited: Promise<void>;
+}
+
+const procs: Proc[] = [];
+
+function start(name: string, args: string[], env: NodeJS.ProcessEnv, file = process.execPath): Proc {
+  // Own process group: cleanup reaches the engines an agent forked, even if the agent is gone.
+  const child = spawn(file, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
+  const p: Proc = { child, name, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
+  child.stdout?.on('data', (c: Buffer) => {
+    p.out += c.toString('utf8');
+  });
+  child.stderr?.on('data', (c: Buffer) => {
+    p.err += c.toString('utf8');
+    if (p.err.length > 2_000_000) p.err = p.err.slice(-1_000_000);
+  });
+  procs.push(p);
+  return p;
+}
+
+async function killGroup(p: Proc): Promise<void> {
+  if (p.child.exitCode === null && p.child.signalCode === null && p.child.pid) {
+    try {
+      process.kill(-p.child.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  await p.exited;
+}
+
+async function readyLine(p: Proc, timeoutMs = 60_000): Promise<Record<string, unknown>> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const line = p.out.split('\n').find((l) => l.includes('"event":"ready"'));
+    if (line) return JSON.parse(line) as Record<string, unknown>;
+    if (p.child.exitCode !== null) throw new Error(`${p.name} exited early: ${p.err.slice(-2000)}`);
+    await sleep(100);
+  }
+  throw new Error(`${p.name} not ready in time: ${p.err.slice(-2000)}`);
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function orchard(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await execFileP(process.execPath, [BIN, ...args], { env, maxBuffer: 32 * 2 ** 20 });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const a = srv.address();
+      srv.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
+    });
+  });
+}
+
+function canConnect(hostPort: string): Promise<boolean> {
+  const i = hostPort.lastIndexOf(':');
+  return new Promise((resolve) => {
+    const s = new Socket();
+    s.setTimeout(1000);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+    s.once('timeout', () => {
+      s.destroy();
+      resolve(false);
+    });
+    s.connect(Number(hostPort.slice(i + 1)), hostPort.slice(0, i));
+  });
+}
+
+/** The oracle: one plain llama-server, no RPC, same file and context; greedy token ids. */
+async function plainTokens(bins: LlamaBinaries, model: string): Promise<number[]> {
+  const port = await freePort();
+  const p = start('oracle llama-server', ['-m', model, '-c', String(CTX), '-np', '1', '--port', String(port), '--host', '127.0.0.1', '-t', '2'], process.env, bins.llamaServer);
+  try {
+    const deadline = Date.now() + 60_000;
+    while (Date.now() < deadline) {
+      const ok = await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.status === 200, () => false);
+      if (ok) break;
+      await sleep(200);
+    }
+    const res = await fetch(`http://127.0.0.1:${port}/completion`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: PROMPT, n_predict: N_PREDICT, temperature: 0, return_tokens: true, cache_prompt: false }),
+    });
+    const body = (await res.json()) as { tokens: number[] };
+    return body.tokens;
+  } finally {
+    await killGroup(p);
+  }
+}
+
+describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () => {
+  let dir: string;
+  let bins: LlamaBinaries;
+  let env: NodeJS.ProcessEnv;
+  let model: string;
+  let coordinator: Proc;
+  let coordAddr: string;
+  let token: string;
+  const agents = new Map<string, { proc: Proc; address: string; nodeId: string }>();
+  let oracle: number[];
+
+  beforeAll(async () => {
+    bins = await findLlamaBinaries();
+    dir = await mkdtemp(join(tmpdir(), 'orchard-cluster-'));
+    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+    model = join(dir, 'm8.gguf');
+    const made = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '7'], env);
+    expect(made.code, made.stderr).toBe(0);
+
+    // Budgets: a hair below what one node needs for the whole model, so the planner must split.
+    const profile = modelProfile(await readGgufHeader(model));
+    const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
+    const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
+
+    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
+    const ready = await readyLine(coordinator);
+    coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
+    for (const name of ['alpha', 'bravo', 'charlie']) {
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--json'], env);
+      const r = await readyLine(proc);
+      agents.set(name, { proc, address: `127.0.0.1:${String(r.grpcPort)}`, nodeId: String(r.nodeId) });
+    }
+    const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env);
+    expect(t.code).toBe(0);
+    token = t.stdout.trim();
+    oracle = await plainTokens(bins, model);
+  });
+
+  afterAll(async () => {
+    await Promise.all(procs.splice(0).map(killGroup));
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  const status = async () => {
+    const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
+    expect(r.code, r.stderr).toBe(0);
+    return JSON.parse(r.stdout) as {
+      nodes: { id: string; name: string; state: string; hardware: { usableBytes: number; memoryBytes: number } }[];
+      models: { name: string; state: string; error?: string; stages: { nodeId: string; nodeName: string; firstLayer: number; lastLayer: number; endpoint: string }[] }[];
+    };
+  };
+
+  it('refuses a wrong join token with a clear error and joins with the right one', async () => {
+    const bad = await orchard(['cluster', 'join', coordAddr, '--token', 'not-the-token-1234567', '--agent', agents.get('alpha')!.address], env);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/wrong join token/);
+    for (const [name, a] of agents) {
+      const r = await orchard(['cluster', 'join', coordAddr, '--token', token, '--agent', a.address, '--json'], env);
+      expect(r.code, `${name}: ${r.stderr}`).toBe(0);
+      expect(JSON.parse(r.stdout).nodeId).toBe(a.nodeId);
+    }
+    const s = await status();
+    expect(s.nodes.map((n) => [n.name, n.state]).sort()).toEqual([
+      ['alpha', 'up'],
+      ['bravo', 'up'],
+      ['charlie', 'up'],
+    ]);
+    expect(s.nodes[0]!.hardware.usableBytes).toBeGreaterThan(0);
+  });
+
+  it('rejects bad loads with clear errors and leaves nothing behind', async () => {
+    const missing = await orchard(['load', join(dir, 'nope.gguf'), '--coordinator', coordAddr], env);
+    expect(missing.code).not.toBe(0);
+    expect(missing.stderr).toMatch(/nope\.gguf/);
+    const huge = await orchard(['load', model, '--ctx', '1048576', '--name', 'huge', '--coordinator', coordAddr], env);
+    expect(huge.code).toBe(1);
+    expect(huge.stderr).toMatch(/does not fit/);
+    expect((await status()).models).toEqual([]);
+  });
+
+  it('loads across ≥ 2 stages, verified, and greedy tokens equal one plain llama-server', async () => {
+    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
+    expect(load.code, load.stderr).toBe(0);
+    const m = (await status()).models.find((x) => x.name === 'm8')!;
+    expect(m.state).toBe('ready');
+    expect(m.stages.length).toBeGreaterThanOrEqual(2);
+    expect(new Set(m.stages.map((s) => s.nodeId)).size).toBe(m.stages.length);
+    // the coordinator logged the engine's own assignment next to the plan, and they agree
+    expect(coordinator.err).toMatch(/"msg":"stage verification"/);
+
+    const again = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toMatch(/already loaded/);
+
+    const g = await orchard(['generate', '--prompt', PROMPT, '--max-tokens', String(N_PREDICT), '--temperature', '0', '--json', '--coordinator', coordAddr], env);
+    expect(g.code, g.stderr).toBe(0);
+    const out = JSON.parse(g.stdout) as { tokens: number[]; text: string; timings: { predictedTokensPerSecond: number } };
+    expect(out.tokens).toHaveLength(N_PREDICT);
+    expect(new Set(out.tokens).size).toBeGreaterThan(5); // varied output, or equality would prove little
+    expect(out.tokens).toEqual(oracle);
+    expect(out.timings.predictedTokensPerSecond).toBeGreaterThan(0);
+  });
+
+  it('a worker agent SIGKILLed mid-stream: UNAVAILABLE naming it within 2 s, no engines left, node down, reload works', async () => {
+    const before = (await status()).models.find((x) => x.name === 'm8')!;
+    const workerStage = before.stages[0]!; // the last stage is the head; the first is a worker
+    const worker = [...agents.values()].find((a) => a.nodeId === workerStage.nodeId)!;
+    const endpoints = before.stages.map((s) => s.endpoint).filter(Boolean);
+
+    const client = new CoordinatorClient(coordAddr);
+    let tokens = 0;
+    let killedAt = 0;
+    let error: (Error & { message: string }) | undefined;
+    try {
+      for await (const ev of client.stream('generate', { model: 'm8', prompt: PROMPT, maxTokens: 100_000, temperature: 0, seed: '1' })) {
+        if (ev.event === 'token') tokens++;
+        if (tokens === 3 && !killedAt) {
+          killedAt = Date.now();
+          process.kill(worker.proc.child.pid!, 'SIGKILL');
+        }
+      }
+    } catch (err) {
+      error = err as Error;
+    } finally {
+      client.close();
+    }
+    const errorAfterMs = Date.now() - killedAt;
+    expect(killedAt).toBeGreaterThan(0);
+    expect(error, 'the stream must end with an error, not quietly').toBeDefined();
+    expect(error!.message).toMatch(new RegExp(workerStage.nodeName));
+    expect(errorAfterMs).toBeLessThan(2000);
+
+    // No engine left after 5 s: every endpoint of the instance refuses connections, and the
+    // surviving agents report no engines.
+    await sleep(5000);
+    for (const e of endpoints) expect(await canConnect(e), `${e} still accepting`).toBe(false);
+    const s = await status();
+    expect(s.nodes.find((n) => n.id === worker.nodeId)!.state).toBe('down');
+    const failed = s.models.find((x) => x.name === 'm8')!;
+    expect(failed.state).toBe('failed');
+    expect(failed.error).toMatch(new RegExp(workerStage.nodeName));
+
+    // Reload on the remaining two nodes; same tokens as the oracle.
+    const reload = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
+    expect(reload.code, reload.stderr).toBe(0);
+    const m = (await status()).models.find((x) => x.name === 'm8')!;
+    expect(m.state).toBe('ready');
+    expect(m.stages.length).toBeGreaterThanOrEqual(2);
+    expect(m.stages.some((st) => st.nodeId === worker.nodeId)).toBe(false);
+    const g = await orchard(['generate', '--prompt', PROMPT, '--max-tokens', String(N_PREDICT), '--temperature', '0', '--json', '--model', 'm8', '--coordinator', coordAddr], env);
+    expect(g.code, g.stderr).toBe(0);
+    expect((JSON.parse(g.stdout) as { tokens: number[] }).tokens).toEqual(oracle);
+
+    const u = await orchard(['unload', 'm8', '--coordinator', coordAddr], env);
+    expect(u.code, u.stderr).toBe(0);
+    for (const st of m.stages) if (st.endpoint) expect(await canConnect(st.endpoint)).toBe(false);
+  });
+});
