@@ -1,4 +1,4 @@
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { type Server, createServer } from 'node:net';
@@ -621,6 +621,35 @@ describe.skipIf(!engines)('node agent with real llama.cpp engines', () => {
     } finally {
       a.client.close();
       killGroup(a.child);
+    }
+  });
+
+  it('a killed watchdog is replaced and still guards the engines', async () => {
+    const victim = await startAgent(join(tmp, 'watchdog-respawn'));
+    try {
+      const w = await startEngine(victim, { kind: 'ENGINE_KIND_RPC_SERVER', threads: 1 });
+      const watchdogs = () =>
+        execFileSync('pgrep', ['-P', String(victim.ready.pid), '-f', 'orchard-engine-watchdog'], { encoding: 'utf8' })
+          .split('\n')
+          .filter(Boolean)
+          .map(Number);
+      const [first] = watchdogs();
+      expect(first).toBeGreaterThan(0);
+      process.kill(first!, 'SIGKILL');
+      const second = await waitFor('a new watchdog', () => {
+        try {
+          return watchdogs().find((p) => p !== first);
+        } catch {
+          return undefined; // pgrep exits 1 while none runs
+        }
+      });
+      expect(second).not.toBe(first);
+      victim.client.close();
+      process.kill(victim.ready.pid, 'SIGKILL');
+      await victim.exited;
+      await waitFor('engine gone', () => !alive(w.pid) || undefined, 5000);
+    } finally {
+      killGroup(victim.child);
     }
   });
 
