@@ -2,6 +2,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { OrchardError, UsageError } from '../shared/errors.ts';
 import { registerCluster } from './commands/cluster.ts';
 import { registerCoordinator } from './commands/coordinator.ts';
+import { registerDemo } from './commands/demo.ts';
 import { registerGenerate } from './commands/generate.ts';
 import { registerLoad } from './commands/load.ts';
 import { registerNode } from './commands/node.ts';
@@ -36,6 +37,7 @@ export function buildProgram(): Command {
   registerUnload(program);
   registerGenerate(program);
   registerPlan(program);
+  registerDemo(program);
   for (const cmd of program.commands) inheritConventions(cmd);
   return program;
 }

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import type { ChatMessage, GenerateRequest } from '../runtime.ts';
-import { ApiError, invalid } from './errors.ts';
+import { type ApiError, invalid } from './errors.ts';
 
 /**
  * OpenAI request bodies → the runtime's GenerateRequest. Validated once, here, with zod; every

@@ -134,6 +134,21 @@ export function placementOf(m: ModelStatus) {
       bytes: s.bytes,
       budget_bytes: s.budgetBytes,
     })),
+    // What llama.cpp itself reported per device after the load (checked against the plan).
+    verification: m.verification
+      ? {
+          ok: m.verification.ok,
+          problems: m.verification.problems,
+          devices: m.verification.devices.map((d) => ({
+            device: d.device,
+            node: d.nodeName,
+            planned_layers: d.plannedLayers,
+            actual_layers: d.actualLayers,
+            predicted_bytes: d.predicted ?? null,
+            actual_bytes: d.actual,
+          })),
+        }
+      : null,
   };
 }
 

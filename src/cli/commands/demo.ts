@@ -1,0 +1,248 @@
+import { spawn } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import type { Command } from 'commander';
+import { CoordinatorClient } from '../../coordinator/client.ts';
+import { findLlamaBinaries } from '../../node/llama/binaries.ts';
+import { OrchardError } from '../../shared/errors.ts';
+import { readGgufHeader } from '../../shared/gguf/reader.ts';
+import { modelProfile } from '../../shared/model/profile.ts';
+import { formatBytes, parseInteger } from '../../shared/units.ts';
+import { apiJson, apiSse } from '../api-client.ts';
+import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../demo-model.ts';
+import { type LocalCluster, ORCHARD_BIN, startLocalCluster } from '../local-cluster.ts';
+import { createProgress } from '../progress.ts';
+import { placementJsonSchema, planJsonSchema, renderPlacementTable, renderPlanTable } from '../tables.ts';
+
+interface DemoFlags {
+  model?: string;
+  keep?: boolean;
+  prompt: string;
+  maxTokens: string;
+  nodes: string;
+}
+
+const LOAD_PHASES = ['planning', 'starting-workers', 'starting-head', 'verifying', 'ready'];
+
+/**
+ * `orchard demo`: the whole system on one machine, no model download and no network. Builds the
+ * engines if they are missing, generates (once; cached) a demo GGUF, starts a coordinator and
+ * three node agents as child processes on 127.0.0.1 with memory limits that leave no choice but
+ * a three-stage split, shows the plan, loads, streams a completion through the OpenAI API,
+ * reports tokens/s and where the bytes went, and stops everything — also on Ctrl-C.
+ */
+export function registerDemo(program: Command): void {
+  program
+    .command('demo')
+    .description('run a three-node cluster on this machine: plan, load, stream a completion through the OpenAI API, shut down')
+    .option('--model <path>', 'use this GGUF instead of the generated demo model')
+    .option('--keep', 'keep the cluster running after the demo (Ctrl-C stops it)')
+    .option('--prompt <text>', 'completion prompt', 'Once upon a time')
+    .option('--max-tokens <n>', 'tokens to generate', '48')
+    .option('--nodes <n>', 'node agents to start (2–6)', '3')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  $ orchard demo                       # generated model, three nodes
+  $ orchard demo --model ~/models/llama-3.2-1b-q4_k_m.gguf --keep
+  $ orchard demo --nodes 2 --max-tokens 16
+
+Nothing outlives the demo: on exit or Ctrl-C the coordinator unloads the model, the agents stop
+their engines and every process is gone. State lives in a temporary folder that is removed.`,
+    )
+    .action(async (flags: DemoFlags) => {
+      await runDemo(flags);
+    });
+}
+
+async function ensureEngines(): Promise<void> {
+  try {
+    await findLlamaBinaries();
+    return;
+  } catch {}
+  process.stderr.write('llama.cpp engines are not built yet: running `orchard setup` (one time, a few minutes)…\n');
+  const code = await new Promise<number | null>((res) => {
+    const child = spawn(process.execPath, [ORCHARD_BIN, 'setup'], { stdio: ['ignore', 'inherit', 'inherit'] });
+    child.once('exit', (c) => res(c));
+  });
+  if (code !== 0) throw new OrchardError(`orchard setup failed (exit ${code}); run it by hand to see why`);
+  await findLlamaBinaries();
+}
+
+async function waitForNodes(baseUrl: string, n: number, timeoutMs: number): Promise<void> {
+  const t0 = Date.now();
+  for (;;) {
+    const c = await apiJson<{ nodes: { state: string }[] }>({ baseUrl }, 'GET', '/v1/cluster');
+    if (c.nodes.filter((x) => x.state === 'up').length >= n) return;
+    if (Date.now() - t0 > timeoutMs) throw new OrchardError(`only ${c.nodes.length} of ${n} nodes joined within ${timeoutMs / 1000} s`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function runDemo(flags: DemoFlags): Promise<void> {
+  const nodeCount = parseInteger(flags.nodes, '--nodes', 2, 6);
+  const maxTokens = parseInteger(flags.maxTokens, '--max-tokens', 1, 4096);
+  const t0 = Date.now();
+  const out = (s: string) => process.stdout.write(s);
+  const step = (s: string) => process.stderr.write(`\n▸ ${s}\n`);
+
+  let cluster: LocalCluster | undefined;
+  let stateRoot: string | undefined;
+  // Ctrl-C / SIGTERM: stop whatever step runs, then the same clean shutdown as a normal exit.
+  const abort = new AbortController();
+  let signals = 0;
+  const onSignal = (sig: NodeJS.Signals) => {
+    signals++;
+    if (signals > 1) {
+      process.stderr.write('second signal: killing the cluster now\n');
+      for (const pid of cluster?.pids() ?? []) {
+        try {
+          process.kill(-pid, 'SIGKILL');
+        } catch {}
+      }
+      process.exit(130);
+    }
+    process.stderr.write(`\n${sig}: stopping the demo cluster…\n`);
+    abort.abort(new OrchardError(`interrupted by ${sig}`));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const interrupted = new Promise<never>((_, reject) => abort.signal.addEventListener('abort', () => reject(abort.signal.reason), { once: true }));
+  interrupted.catch(() => {});
+  const orAbort = <T>(p: Promise<T>) => Promise.race([p, interrupted]);
+
+  try {
+    step('engines');
+    await orAbort(ensureEngines());
+    const bins = await findLlamaBinaries();
+    process.stderr.write(`llama.cpp ${bins.llamaCppVersion}: ${bins.binDir}\n`);
+
+    step('model');
+    let modelPath: string;
+    if (flags.model) {
+      modelPath = resolve(flags.model);
+    } else {
+      const m = await orAbort(ensureDemoModel());
+      modelPath = m.path;
+    }
+    const profile = modelProfile(await readGgufHeader(modelPath));
+    const ctx = Math.min(DEMO_CTX, profile.contextLength || DEMO_CTX);
+    process.stderr.write(`${modelPath}: ${profile.arch}, ${profile.layerCount} layers, ${profile.weightType}\n`);
+    const budgets = demoBudgets(profile, nodeCount, { ctx, cacheType: 'f16' });
+
+    step(`cluster: a coordinator and ${nodeCount} node agents on 127.0.0.1`);
+    stateRoot = await mkdtemp(join(tmpdir(), 'orchard-demo-'));
+    // Every engine shares this machine's cores: one thread each keeps them from fighting.
+    const threads = String(Math.max(1, Math.floor(availableParallelism() / (nodeCount + 1))));
+    const env: NodeJS.ProcessEnv = {
+      ORCHARD_RPC_THREADS: process.env.ORCHARD_RPC_THREADS ?? threads,
+      ORCHARD_LLAMA_SERVER_EXTRA_ARGS: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS ?? `-t ${threads}`,
+      ORCHARD_API_KEY: '',
+    };
+    cluster = await orAbort(startLocalCluster({ nodes: budgets, stateRoot, env }));
+    for (const [i, n] of cluster.nodes.entries()) {
+      process.stderr.write(`  ${n.name}: memory limit ${formatBytes(budgets[i]!.budgetBytes)}, gRPC 127.0.0.1:${String(n.ready.grpcPort)}, pid ${n.pid}\n`);
+    }
+    process.stderr.write(`  coordinator: OpenAI API ${cluster.httpUrl}/v1, gRPC ${cluster.grpcAddress}, pid ${cluster.coordinator.pid}\n`);
+    const api = { baseUrl: cluster.httpUrl };
+    await orAbort(waitForNodes(cluster.httpUrl, nodeCount, 20_000));
+
+    step('plan');
+    const client = new CoordinatorClient(cluster.grpcAddress);
+    let planText: string;
+    try {
+      const r = await orAbort(client.unary('plan', { modelPath, options: { ctx, cacheType: 'f16', parallel: 1, pinnedNodes: [] } }));
+      planText = String(r.planJson ?? '');
+    } finally {
+      client.close();
+    }
+    const plan = planJsonSchema.parse(JSON.parse(planText));
+    out(`\nPlan for ${profile.name ?? modelPath} (${profile.layerCount} layers, ctx ${ctx}) on ${nodeCount} nodes:\n${renderPlanTable(plan)}`);
+
+    step('load');
+    const bar = createProgress('load', LOAD_PHASES.length - 1);
+    const tLoad = Date.now();
+    let loaded: Record<string, unknown> | undefined;
+    try {
+      for await (const p of apiSse(api, '/v1/cluster/models', { model: modelPath, name: 'orchard-demo', ctx }, abort.signal)) {
+        if (p.phase === 'done') loaded = p.model as Record<string, unknown>;
+        else bar.update(Math.max(0, LOAD_PHASES.indexOf(String(p.phase))), String(p.message ?? p.phase));
+      }
+    } finally {
+      bar.stop(loaded ? `ready in ${((Date.now() - tLoad) / 1000).toFixed(1)} s` : 'failed');
+    }
+    if (!loaded) throw new OrchardError('the load ended without a result');
+
+    step(`generate: POST /v1/completions (stream), ${maxTokens} tokens`);
+    out(`\n${flags.prompt}`);
+    const tGen = Date.now();
+    let firstAt = 0;
+    let chunks = 0;
+    let usage: Record<string, unknown> | undefined;
+    let timings: Record<string, unknown> | undefined;
+    let finish = '';
+    for await (const c of apiSse(api, '/v1/completions', { model: 'orchard-demo', prompt: flags.prompt, max_tokens: maxTokens, temperature: 0, stream: true, stream_options: { include_usage: true } }, abort.signal)) {
+      const choice = (c.choices as { text?: string; finish_reason?: string | null }[])[0];
+      if (choice?.text) {
+        if (!firstAt) firstAt = Date.now();
+        chunks++;
+        out(choice.text);
+      }
+      if (choice?.finish_reason) finish = choice.finish_reason;
+      if (c.usage) {
+        usage = c.usage as Record<string, unknown>;
+        timings = (c.orchard as { timings?: Record<string, unknown> } | undefined)?.timings;
+      }
+    }
+    const tEnd = Date.now();
+    out('\n\n');
+    const completion = Number(usage?.completion_tokens ?? chunks);
+    const wallRate = firstAt && tEnd > firstAt && completion > 1 ? (completion - 1) / ((tEnd - firstAt) / 1000) : 0;
+    out(
+      `${completion} tokens (finish: ${finish || '?'}), prompt ${String(usage?.prompt_tokens ?? '?')} tokens; ` +
+        `decode ${Number(timings?.predicted_tokens_per_second ?? 0).toFixed(1)} tok/s (engine), ${wallRate.toFixed(1)} tok/s (client, after the first token); ` +
+        `first token after ${firstAt ? firstAt - tGen : 0} ms\n`,
+    );
+
+    step('where the bytes went');
+    const models = await apiJson<{ data: { id: string; orchard: unknown }[] }>(api, 'GET', '/v1/models');
+    const demo = models.data.find((m) => m.id === 'orchard-demo');
+    if (demo) out(renderPlacementTable(placementJsonSchema.parse(demo.orchard)));
+
+    if (flags.keep) {
+      out(
+        `\nThe cluster keeps running (Ctrl-C stops it):\n` +
+          `  curl ${cluster.httpUrl}/v1/completions -H 'content-type: application/json' -d '{"model":"orchard-demo","prompt":"Hello","max_tokens":16}'\n` +
+          `  orchard chat --url ${cluster.httpUrl} --model orchard-demo\n` +
+          `  orchard status --coordinator ${cluster.grpcAddress}\n`,
+      );
+      await interrupted.catch(() => {});
+    }
+  } catch (err) {
+    if (!abort.signal.aborted) throw err;
+  } finally {
+    const pids = cluster?.pids() ?? [];
+    if (cluster) {
+      process.stderr.write('\n▸ shutdown: unloading, stopping engines and agents\n');
+      await cluster.stop();
+    }
+    if (stateRoot) await rm(stateRoot, { recursive: true, force: true });
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    const left = pids.filter(alive);
+    if (left.length > 0) process.stderr.write(`warning: processes still running: ${left.join(', ')}\n`);
+    else if (cluster) process.stderr.write(`stopped ${pids.length} processes; total ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+  }
+  if (abort.signal.aborted) process.exitCode = 130;
+}

@@ -1,0 +1,183 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { OrchardError } from '../shared/errors.ts';
+import { joinCluster } from './commands/cluster.ts';
+
+/**
+ * A whole cluster on this machine: one `orchard coordinator` and N `orchard node` child
+ * processes on 127.0.0.1 with free ports, no mDNS, joined statically. Used by `orchard demo`
+ * (and by tests that need a real multi-stage cluster). Every child runs in its own process
+ * group; `stop()` sends SIGTERM (the coordinator unloads its models, agents stop their engines),
+ * waits, and SIGKILLs the groups of whatever is still alive — nothing outlives the caller.
+ */
+
+export const ORCHARD_BIN = fileURLToPath(new URL('../../bin/orchard.js', import.meta.url));
+
+export interface LocalNodeSpec {
+  readonly name: string;
+  readonly budgetBytes: number;
+  /** Memory bandwidth in GB/s to advertise (default: the node's probe). */
+  readonly bandwidthGBps?: number | undefined;
+}
+
+export interface LocalClusterOptions {
+  readonly nodes: readonly LocalNodeSpec[];
+  /** Folder for state dirs (coordinator + one per node); the caller owns and removes it. */
+  readonly stateRoot: string;
+  readonly env?: NodeJS.ProcessEnv | undefined;
+  readonly coordinatorArgs?: readonly string[] | undefined;
+  /** Lines the children print on stderr (logs), with the process name; default: dropped. */
+  readonly onLog?: ((who: string, line: string) => void) | undefined;
+  readonly readyTimeoutMs?: number | undefined;
+}
+
+export interface LocalProcess {
+  readonly name: string;
+  readonly pid: number;
+  readonly ready: Record<string, unknown>;
+}
+
+export interface LocalCluster {
+  readonly grpcAddress: string;
+  readonly httpUrl: string;
+  readonly joinToken: string;
+  readonly coordinator: LocalProcess;
+  readonly nodes: readonly LocalProcess[];
+  /** Every pid started (coordinator and agents; engines are the agents' children). */
+  pids(): number[];
+  stop(): Promise<void>;
+}
+
+interface Child {
+  readonly name: string;
+  readonly proc: ChildProcess;
+  readonly exited: Promise<void>;
+  readonly stderrTail: string[];
+}
+
+function startChild(name: string, args: readonly string[], env: NodeJS.ProcessEnv, onLog: LocalClusterOptions['onLog']): Child {
+  const proc = spawn(process.execPath, [ORCHARD_BIN, ...args], { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
+  const stderrTail: string[] = [];
+  let buf = '';
+  proc.stderr!.setEncoding('utf8');
+  proc.stderr!.on('data', (d: string) => {
+    buf += d;
+    const lines = buf.split('\n');
+    buf = lines.pop() ?? '';
+    for (const l of lines) {
+      stderrTail.push(l);
+      if (stderrTail.length > 20) stderrTail.shift();
+      onLog?.(name, l);
+    }
+  });
+  const exited = new Promise<void>((resolve) => {
+    if (proc.exitCode !== null || proc.signalCode !== null) resolve();
+    else proc.once('exit', () => resolve());
+  });
+  return { name, proc, exited, stderrTail };
+}
+
+/** The first JSON line with `"event":"ready"` on the child's stdout. */
+function readyLine(c: Child, timeoutMs: number): Promise<Record<string, unknown>> {
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    const timer = setTimeout(() => fail(`${c.name} was not ready after ${timeoutMs / 1000} s`), timeoutMs);
+    const onData = (d: string) => {
+      buf += d;
+      for (const line of buf.split('\n').slice(0, -1)) {
+        try {
+          const j = JSON.parse(line) as Record<string, unknown>;
+          if (j.event === 'ready') {
+            cleanup();
+            resolve(j);
+            return;
+          }
+        } catch {}
+      }
+    };
+    const onExit = (code: number | null, sig: string | null) => fail(`${c.name} exited (${sig ?? `code ${code}`}) before it was ready`);
+    const cleanup = () => {
+      clearTimeout(timer);
+      c.proc.stdout!.off('data', onData);
+      c.proc.off('exit', onExit);
+    };
+    const fail = (why: string) => {
+      cleanup();
+      const last = c.stderrTail.filter((l) => l.trim()).slice(-3).join(' | ');
+      reject(new OrchardError(`${why}${last ? `: ${last.slice(0, 600)}` : ''}`));
+    };
+    c.proc.stdout!.setEncoding('utf8');
+    c.proc.stdout!.on('data', onData);
+    c.proc.once('exit', onExit);
+  });
+}
+
+async function stopChildren(children: readonly Child[], graceMs: number): Promise<void> {
+  // The coordinator first: it unloads models, which stops the engines on the agents cleanly.
+  const [first, ...rest] = children;
+  const term = async (c: Child) => {
+    if (c.proc.exitCode !== null || c.proc.signalCode !== null) return;
+    try {
+      process.kill(c.proc.pid!, 'SIGTERM');
+    } catch {}
+    const timedOut = await Promise.race([c.exited.then(() => false), new Promise<boolean>((r) => setTimeout(() => r(true), graceMs))]);
+    if (timedOut) {
+      try {
+        process.kill(-c.proc.pid!, 'SIGKILL');
+      } catch {}
+      await c.exited;
+    }
+  };
+  if (first) await term(first);
+  await Promise.all(rest.map(term));
+  // Anything left in the groups (an engine whose agent was SIGKILLed) goes too.
+  for (const c of children) {
+    try {
+      process.kill(-c.proc.pid!, 'SIGKILL');
+    } catch {}
+  }
+}
+
+export async function startLocalCluster(o: LocalClusterOptions): Promise<LocalCluster> {
+  const env = { ...process.env, ...o.env };
+  const timeout = o.readyTimeoutMs ?? 30_000;
+  const children: Child[] = [];
+  let stopped: Promise<void> | undefined;
+  const stop = () => {
+    stopped ??= stopChildren(children, 15_000);
+    return stopped;
+  };
+  try {
+    const coord = startChild(
+      'coordinator',
+      ['coordinator', '--json', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--no-mdns', '--state-dir', `${o.stateRoot}/coordinator`, ...(o.coordinatorArgs ?? [])],
+      env,
+      o.onLog,
+    );
+    children.push(coord);
+    const nodeChildren = o.nodes.map((n, i) => {
+      const args = ['node', '--json', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--no-mdns', '--name', n.name, '--budget', String(n.budgetBytes), '--state-dir', `${o.stateRoot}/node-${i}`];
+      if (n.bandwidthGBps !== undefined) args.push('--bandwidth', String(n.bandwidthGBps));
+      const c = startChild(n.name, args, env, o.onLog);
+      children.push(c);
+      return c;
+    });
+    const [coordReady, ...nodeReady] = await Promise.all([readyLine(coord, timeout), ...nodeChildren.map((c) => readyLine(c, timeout))]);
+    const grpcAddress = `127.0.0.1:${String(coordReady!.grpcPort)}`;
+    const { readFile } = await import('node:fs/promises');
+    const joinToken = (await readFile(`${o.stateRoot}/coordinator/join-token`, 'utf8')).trim();
+    for (const r of nodeReady) await joinCluster(grpcAddress, joinToken, `127.0.0.1:${String(r.grpcPort)}`);
+    return {
+      grpcAddress,
+      httpUrl: `http://127.0.0.1:${String(coordReady!.httpPort)}`,
+      joinToken,
+      coordinator: { name: 'coordinator', pid: coord.proc.pid!, ready: coordReady! },
+      nodes: nodeChildren.map((c, i) => ({ name: c.name, pid: c.proc.pid!, ready: nodeReady[i]! })),
+      pids: () => children.map((c) => c.proc.pid!),
+      stop,
+    };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
