@@ -10,6 +10,7 @@ import {
   renderSystemdUnit,
   type ServiceSpec,
   serviceSpec,
+  servicePath,
   systemdQuote,
   uninstallPlan,
   unitFile,
@@ -148,6 +149,13 @@ describe('systemd user unit', () => {
     expect(uninstallPlan('node', 'systemd', '/f', 1000).commands[0]!.argv).toEqual(['systemctl', '--user', 'disable', '--now', 'orchard-node.service']);
   });
 
+  it('the service PATH drops npm/npx per-command directories and duplicates', () => {
+    expect(servicePath('/w/node_modules/.bin:/usr/lib/node_modules/npm/node_modules/@npmcli/run-script/lib/node-gyp-bin:/opt/homebrew/bin:/usr/bin:/usr/bin')).toBe(
+      '/opt/homebrew/bin:/usr/bin',
+    );
+    expect(servicePath(undefined)).toBe('/usr/local/bin:/usr/bin:/bin');
+  });
+
   it('refuses a relative command', () => {
     expect(() => serviceSpec({ role: 'node', manager: 'systemd', orchardCommand: ['orchard'], extraArgs: [], home: '/h', path: '/bin' })).toThrow(/absolute/);
   });
@@ -202,7 +210,7 @@ describe('orchard service (CLI)', () => {
     });
 
   it('install --dry-run prints the unit and the commands, passes arguments after --, writes nothing', () => {
-    const r = cli(['install', 'coordinator', '--dry-run', '--manager', 'systemd', '--', '--http-port', '9150']);
+    const r = cli(['install', 'coordinator', '--dry-run', '--manager', 'systemd', '--', '--http-port', '8420']);
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);
     const file = join(tmp, 'cfg', 'systemd', 'user', 'orchard-coordinator.service');

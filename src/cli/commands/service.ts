@@ -203,6 +203,16 @@ export function uninstallPlan(role: ServiceRole, manager: ServiceManager, file: 
   return { file, commands: [{ argv: ['systemctl', '--user', 'disable', '--now', unit], mayFail: true }] };
 }
 
+/**
+ * PATH for the service: the installing shell's, minus what npm/npx prepend for the duration of
+ * one command (node_modules/.bin, node-gyp-bin), which would be stale or gone at the next boot.
+ */
+export function servicePath(path: string | undefined): string {
+  const dirs = (path ?? '').split(':').filter((d) => d && !/node_modules[\\/]/.test(d) && !d.includes('node-gyp-bin'));
+  const unique = [...new Set(dirs)];
+  return unique.length > 0 ? unique.join(':') : '/usr/local/bin:/usr/bin:/bin';
+}
+
 export function defaultManager(platform: NodeJS.Platform): ServiceManager {
   if (platform === 'darwin') return 'launchd';
   if (platform === 'linux') return 'systemd';
@@ -277,7 +287,7 @@ export function registerService(program: Command): void {
         orchardCommand: currentOrchardCommand(),
         extraArgs: args,
         home,
-        path: process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin',
+        path: servicePath(process.env.PATH),
       });
       const file = unitFile(role, manager, home, process.env.XDG_CONFIG_HOME);
       const plan = installPlan(spec, manager, file, userInfo().uid);
