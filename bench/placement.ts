@@ -12,7 +12,8 @@ import { lookupChip } from '../src/shared/chips.ts';
 import { osReserveBytes, usableBudget, wiredLimitBytes } from '../src/node/hardware/budget.ts';
 import type { CacheType } from '../src/shared/memory/kv.ts';
 import { type ModelProfile, modelProfile } from '../src/shared/model/profile.ts';
-import { type QuantMix, SHAPES, shapeHeader } from '../src/shared/model/shapes.ts';
+import { presetHeader } from '../src/shared/model/shapes.ts';
+import type { PresetQuant } from '../src/shared/testmodel/quant-mix.ts';
 import { freeMemoryProportionalPlan, ramProportionalPlan } from '../src/shared/placement/baselines.ts';
 import { planPlacement } from '../src/shared/placement/planner.ts';
 import type { PlacementNode } from '../src/shared/placement/types.ts';
@@ -84,9 +85,9 @@ function clusters(): ClusterNode[][] {
   return out;
 }
 
-const MODELS: { shape: string; quant: QuantMix; ctx: number; cache: CacheType }[] = [
+const MODELS: { shape: string; quant: PresetQuant; ctx: number; cache: CacheType }[] = [
   { shape: 'llama-3-8b', quant: 'f16', ctx: 8192, cache: 'f16' },
-  { shape: 'qwen2.5-32b', quant: 'q6_k', ctx: 32768, cache: 'f16' },
+  { shape: 'qwen2.5-32b', quant: 'q8_0', ctx: 32768, cache: 'f16' },
   { shape: 'mixtral-8x7b', quant: 'q4_k_m', ctx: 32768, cache: 'q8_0' },
   { shape: 'gemma-2-27b', quant: 'q8_0', ctx: 8192, cache: 'f16' },
   { shape: 'llama-3-70b', quant: 'q4_k_m', ctx: 8192, cache: 'f16' },
@@ -122,11 +123,11 @@ function plannerSpeed(profile: ModelProfile, distinct: boolean): { medianMs: num
 function main(): void {
   const json = process.argv.includes('--json');
   const profiles = new Map<string, ModelProfile>();
-  const profileOf = (shape: string, quant: QuantMix) => {
+  const profileOf = (shape: string, quant: PresetQuant) => {
     const key = `${shape}/${quant}`;
     let p = profiles.get(key);
     if (!p) {
-      p = modelProfile(shapeHeader(SHAPES[shape]!, quant));
+      p = modelProfile(presetHeader(shape, quant));
       profiles.set(key, p);
     }
     return p;

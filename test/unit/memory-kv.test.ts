@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { kvGeometry, layerKvBytes } from '../../src/shared/memory/kv.ts';
 import { DEFAULT_MEMORY_OPTIONS, deviceBytes, hostBytes, memoryModel, stageBytes } from '../../src/shared/memory/stage.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
-import { SHAPES, shapeHeader } from '../../src/shared/model/shapes.ts';
+import { presetHeader } from '../../src/shared/model/shapes.ts';
 
 const MiB = 2 ** 20;
 const kvo = (o: Partial<Parameters<typeof kvGeometry>[1]>) => ({
@@ -60,7 +60,7 @@ describe('KV bytes match what this llama.cpp allocated (bench/memory.ts runs)', 
 });
 
 describe('stage memory', () => {
-  const p = modelProfile(shapeHeader(SHAPES['llama-3-8b']!, 'q8_0'));
+  const p = modelProfile(presetHeader('llama-3-8b', 'q8_0'));
   const mm = memoryModel(p, { ...DEFAULT_MEMORY_OPTIONS, ctx: 8192 });
   it('the head holds the output layer on its device and token_embd on its CPU', () => {
     const dev = deviceBytes(mm, 16, 31, true, true);

@@ -6,7 +6,12 @@ import type { GgufHeader, GgufValue } from '../../src/shared/gguf/types.ts';
 import { gv } from '../../src/shared/gguf/types.ts';
 import { encodeGgufHeader } from '../../src/shared/gguf/writer.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
-import { SHAPES, shapeHeader } from '../../src/shared/model/shapes.ts';
+import { type ModelShape, presetHeader, shapeHeader } from '../../src/shared/model/shapes.ts';
+
+// Synthetic shapes with a known, simple quant mix (see shapes.ts), so bytes can be recomputed here.
+const L70: ModelShape = { name: 'llama-3-70b', arch: 'llama', layers: 80, embd: 8192, ffn: 28672, heads: 64, kvHeads: 8, vocab: 128256, ctx: 8192 };
+const L8: ModelShape = { name: 'llama-3-8b', arch: 'llama', layers: 32, embd: 4096, ffn: 14336, heads: 32, kvHeads: 8, vocab: 128256, ctx: 8192 };
+const G2: ModelShape = { name: 'g', arch: 'gemma2', layers: 12, embd: 256, ffn: 512, heads: 4, kvHeads: 2, vocab: 256, ctx: 8192, tiedOutput: true };
 
 function withMeta(h: GgufHeader, changes: Record<string, GgufValue | undefined>): GgufHeader {
   const metadata = new Map(h.metadata);
@@ -19,7 +24,7 @@ function withMeta(h: GgufHeader, changes: Record<string, GgufValue | undefined>)
 
 describe('model profile from a GGUF header', () => {
   it('llama-3-70b Q4_K_M: exact per-layer bytes from tensor infos', () => {
-    const h = shapeHeader(SHAPES['llama-3-70b']!, 'q4_k_m');
+    const h = shapeHeader(L70, 'q4_k_m');
     const p = modelProfile(h);
     expect(p.arch).toBe('llama');
     expect(p.layerCount).toBe(80);
@@ -46,19 +51,19 @@ describe('model profile from a GGUF header', () => {
   });
 
   it('tied output: output head duplicates token_embd on the output device', () => {
-    const p = modelProfile(shapeHeader(SHAPES['gemma-2-27b']!, 'q8_0'));
+    const p = modelProfile(presetHeader('gemma-2-27b', 'q8_0'));
     expect(p.outputTied).toBe(true);
     expect(p.outputBytes).toBe(p.tokenEmbdBytes);
   });
 
   it('gemma-2: every other layer is SWA with the window from the header', () => {
-    const p = modelProfile(shapeHeader(SHAPES['gemma-2-27b']!, 'q8_0'));
+    const p = modelProfile(presetHeader('gemma-2-27b', 'q8_0'));
     expect(p.swa).toEqual({ window: 4096, layers: 23 });
     expect(p.layers.slice(0, 4).map((l) => l.swa)).toEqual([true, false, true, false]);
   });
 
   it('gemma-3: pattern 6 by default, explicit bool pattern wins, no window means no SWA', () => {
-    const base = shapeHeader({ ...SHAPES['gemma-2-27b']!, layers: 12 }, 'q8_0');
+    const base = shapeHeader(G2, 'q8_0');
     const g3 = (extra: Record<string, GgufValue | undefined>) => {
       const m = new Map<string, GgufValue>();
       for (const [k, v] of base.metadata) m.set(k.replace(/^gemma2\./, 'gemma3.'), k === 'general.architecture' ? gv.str('gemma3') : v);
@@ -73,7 +78,7 @@ describe('model profile from a GGUF header', () => {
   });
 
   it('mixtral (llama arch with experts): a token reads only the routed experts', () => {
-    const p = modelProfile(shapeHeader(SHAPES['mixtral-8x7b']!, 'q4_k_m'));
+    const p = modelProfile(presetHeader('mixtral-8x7b', 'q4_k_m'));
     expect(p.moe).toEqual({ experts: 8, expertsUsed: 2 });
     const l = p.layers[0]!;
     expect(l.readBytesPerToken).toBeLessThan(l.weightBytes * 0.4);
@@ -81,7 +86,7 @@ describe('model profile from a GGUF header', () => {
   });
 
   it('qwen2 / phi3 / qwen3 / qwen MoE archs are accepted; phi3 SWA is ignored like llama.cpp does', () => {
-    const s = { ...SHAPES['llama-3-8b']!, layers: 2 };
+    const s = { ...L8, layers: 2 };
     const h = shapeHeader(s, 'q8_0');
     for (const arch of ['qwen2', 'qwen3', 'phi3']) {
       const m = new Map<string, GgufValue>();
@@ -100,13 +105,13 @@ describe('model profile from a GGUF header', () => {
   });
 
   it('per-layer head_count_kv arrays are honoured', () => {
-    const h = shapeHeader({ ...SHAPES['llama-3-8b']!, layers: 3 }, 'q8_0');
+    const h = shapeHeader({ ...L8, layers: 3 }, 'q8_0');
     const p = modelProfile(withMeta(h, { 'llama.attention.head_count_kv': gv.arr('uint32', [8, 0, 4]) }));
     expect(p.layers.map((l) => l.kEmbdGqa)).toEqual([1024, 0, 512]);
   });
 
   it('rejects what llama.cpp would refuse, naming the problem', () => {
-    const h = shapeHeader({ ...SHAPES['llama-3-8b']!, layers: 2 }, 'q8_0');
+    const h = shapeHeader({ ...L8, layers: 2 }, 'q8_0');
     const bad: [Record<string, GgufValue | undefined>, RegExp][] = [
       [{ 'general.architecture': gv.str('rwkv7') }, /unsupported model architecture "rwkv7"/],
       [{ 'general.architecture': undefined }, /lacks general.architecture/],
@@ -141,7 +146,7 @@ function rng(seed: number): () => number {
 
 describe('fuzz: mutated GGUF headers through reader + profile', () => {
   it('10,000 mutations: only clean UsageErrors or valid profiles, never a crash or hang', () => {
-    const shape = { ...SHAPES['llama-3-8b']!, layers: 3, vocab: 256, embd: 256, ffn: 512, heads: 4, kvHeads: 2 };
+    const shape = { ...L8, layers: 3, vocab: 256, embd: 256, ffn: 512, heads: 4, kvHeads: 2 };
     const spec = shapeHeader(shape, 'q8_0');
     const { headerBytes } = encodeGgufHeader({
       metadata: spec.metadata,

@@ -6,7 +6,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { gv } from '../../src/shared/gguf/types.ts';
 import { writeGguf } from '../../src/shared/gguf/writer.ts';
-import { SHAPES, shapeHeader } from '../../src/shared/model/shapes.ts';
+import { findPreset, presetSpec } from '../../src/shared/testmodel/presets.ts';
 
 const run = promisify(execFile);
 const BIN = new URL('../../bin/orchard.js', import.meta.url).pathname;
@@ -27,10 +27,10 @@ let model70b: string;
 let nodesFile: string;
 
 async function headerOnly(path: string, name: string, quant: 'q4_k_m' | 'f16', meta: Record<string, ReturnType<typeof gv.str>> = {}): Promise<void> {
-  const h = shapeHeader(SHAPES[name]!, quant);
-  const metadata = new Map(h.metadata);
+  const spec = presetSpec(findPreset(name), quant);
+  const metadata = new Map(spec.metadata);
   for (const [k, v] of Object.entries(meta)) metadata.set(k, v);
-  await writeGguf(path, { metadata, tensors: h.tensors.map((t) => ({ name: t.name, dims: t.dims, type: t.type })) }, { headerOnly: true });
+  await writeGguf(path, { metadata, tensors: spec.tensors }, { headerOnly: true });
 }
 
 beforeAll(async () => {
@@ -70,7 +70,7 @@ describe('orchard plan', () => {
   it('prints a readable table', async () => {
     const r = await orchard('plan', model70b, '--nodes', nodesFile, '--ctx', '8192');
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/llama-3-70b \(llama, 80 layers, Q4_K\)/);
+    expect(r.stdout).toMatch(/\(llama, 80 layers, Q4_K\)/);
     expect(r.stdout).toMatch(/ultra/);
     expect(r.stdout).toMatch(/total GiB/);
     expect(r.stdout).toMatch(/predicted: [\d.]+ tok\/s/);

@@ -1,7 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { stageBytes, memoryModel } from '../../src/shared/memory/stage.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
-import { SHAPES, shapeHeader } from '../../src/shared/model/shapes.ts';
+import { presetHeader } from '../../src/shared/model/shapes.ts';
+import { PRESETS } from '../../src/shared/testmodel/presets.ts';
 import { resolveNode } from '../../src/shared/placement/nodes-file.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import type { PlacementNode, Plan } from '../../src/shared/placement/types.ts';
@@ -15,7 +16,7 @@ const CLUSTER: PlacementNode[] = [
   resolveNode({ name: 'ultra', chip: 'Apple M2 Ultra', memoryBytes: 192 * GiB }),
   resolveNode({ name: 'max-2', chip: 'Apple M4 Max', gpuCores: 40, memoryBytes: 128 * GiB }),
 ];
-const profile = (name: string, quant: 'q4_k_m' | 'f16' | 'q8_0' = 'q4_k_m') => modelProfile(shapeHeader(SHAPES[name]!, quant));
+const profile = (name: string, quant: 'q4_k_m' | 'f16' | 'q8_0' = 'q4_k_m') => modelProfile(presetHeader(name, quant));
 
 function expectCoverage(plan: Plan, layers: number): void {
   let next = 0;
@@ -126,7 +127,7 @@ function rng(seed: number): () => number {
 }
 
 describe('planner invariants over random inputs', () => {
-  const shapes = Object.keys(SHAPES);
+  const shapes = PRESETS.map((p) => p.id);
   it('every plan covers each layer exactly once, contiguously, within every budget; deterministic', () => {
     const r = rng(42);
     let fits = 0;

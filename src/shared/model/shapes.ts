@@ -1,13 +1,23 @@
 import { type GgmlTypeName, ggmlType, tensorBytes } from '../gguf/ggml-types.ts';
 import type { GgufHeader, GgufTensorInfo, GgufValue } from '../gguf/types.ts';
 import { gv } from '../gguf/types.ts';
+import { encodeGgufHeader } from '../gguf/writer.ts';
+import { findPreset, presetSpec } from '../testmodel/presets.ts';
+import type { PresetQuant } from '../testmodel/quant-mix.ts';
+
+/** The header of a foundation preset (`orchard testmodel gguf --shape ID --quant Q --header-only`). */
+export function presetHeader(id: string, quant: PresetQuant): GgufHeader {
+  return encodeGgufHeader(presetSpec(findPreset(id), quant)).header;
+}
 
 /**
- * Header-only model shapes of real published models, for tests and the placement benchmark.
- * Dimensions are the models' published configs (config.json of the HF repos); the quant mixes
- * follow llama.cpp's llama-quant.cpp rules for the *_M presets in simplified form (Q4_K_M: Q6_K
- * for attn_v, ffn_down and output in the "use more bits" layers — here every layer, which
- * overestimates by ~2 %). Tensor infos carry exact byte counts for the chosen types.
+ * Model headers for tests and benchmarks.
+ *
+ * - `presetHeader`: the foundation's header-only presets of real models (src/shared/testmodel:
+ *   published shapes, llama.cpp's per-tensor quant mix, checked against real files).
+ * - `shapeHeader`: a synthetic llama-style header of any shape with a fixed, simple quant mix
+ *   (Q4_K_M here = Q4_K everywhere except Q6_K for attn_v, ffn_down and output in every layer),
+ *   for tests that need to know every tensor's type to compute bytes independently.
  */
 export interface ModelShape {
   readonly name: string;
@@ -23,48 +33,6 @@ export interface ModelShape {
   readonly expertsUsed?: number;
   readonly tiedOutput?: boolean;
 }
-
-export const SHAPES: Readonly<Record<string, ModelShape>> = {
-  'llama-3-8b': { name: 'llama-3-8b', arch: 'llama', layers: 32, embd: 4096, ffn: 14336, heads: 32, kvHeads: 8, vocab: 128256, ctx: 8192 },
-  'llama-3-70b': { name: 'llama-3-70b', arch: 'llama', layers: 80, embd: 8192, ffn: 28672, heads: 64, kvHeads: 8, vocab: 128256, ctx: 8192 },
-  'llama-3.1-405b': {
-    name: 'llama-3.1-405b',
-    arch: 'llama',
-    layers: 126,
-    embd: 16384,
-    ffn: 53248,
-    heads: 128,
-    kvHeads: 8,
-    vocab: 128256,
-    ctx: 131072,
-  },
-  'qwen2.5-32b': { name: 'qwen2.5-32b', arch: 'qwen2', layers: 64, embd: 5120, ffn: 27648, heads: 40, kvHeads: 8, vocab: 152064, ctx: 32768 },
-  'mixtral-8x7b': {
-    name: 'mixtral-8x7b',
-    arch: 'llama',
-    layers: 32,
-    embd: 4096,
-    ffn: 14336,
-    heads: 32,
-    kvHeads: 8,
-    vocab: 32000,
-    ctx: 32768,
-    experts: 8,
-    expertsUsed: 2,
-  },
-  'gemma-2-27b': {
-    name: 'gemma-2-27b',
-    arch: 'gemma2',
-    layers: 46,
-    embd: 4608,
-    ffn: 36864,
-    heads: 32,
-    kvHeads: 16,
-    vocab: 256000,
-    ctx: 8192,
-    tiedOutput: true,
-  },
-};
 
 export type QuantMix = 'f16' | 'q8_0' | 'q4_k_m' | 'q6_k';
 
