@@ -1,0 +1,117 @@
+import { spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ORCHARD_BIN } from '../../src/cli/local-cluster.ts';
+import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
+
+/*
+ * `orchard demo` end to end through a plain pipe: exit code, the plan table and the streamed
+ * text on stdout, and no process left behind. Every process the demo starts inherits a marker
+ * in its environment (engines included: agents pass their environment on), so "nothing left"
+ * is checked by scanning /proc for the marker — not by trusting the demo's own report.
+ */
+
+const MANUAL_BIN_DIR = '/tmp/llsrc/src/build/bin';
+const baseEnv: NodeJS.ProcessEnv = { ...process.env };
+if (!baseEnv.ORCHARD_LLAMA_BIN_DIR && existsSync(join(MANUAL_BIN_DIR, 'ggml-rpc-server'))) baseEnv.ORCHARD_LLAMA_BIN_DIR = MANUAL_BIN_DIR;
+const engines = await findLlamaBinaries(baseEnv).then(
+  () => true,
+  (err: Error) => {
+    console.warn(`skipping demo test: ${err.message}`);
+    return false;
+  },
+);
+
+let tmp = '';
+const started: number[] = [];
+
+async function pidsWithMarker(marker: string): Promise<number[]> {
+  const out: number[] = [];
+  for (const d of await readdir('/proc')) {
+    if (!/^\d+$/.test(d) || Number(d) === process.pid) continue;
+    try {
+      if ((await readFile(`/proc/${d}/environ`, 'latin1')).includes(marker)) out.push(Number(d));
+    } catch {}
+  }
+  return out;
+}
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+  ms: number;
+}
+
+function runDemo(args: string[], marker: string, onStderr?: (all: string, kill: () => void) => void): Promise<Run> {
+  const t0 = Date.now();
+  const child = spawn(process.execPath, [ORCHARD_BIN, 'demo', ...args], {
+    env: { ...baseEnv, ORCHARD_CACHE_DIR: join(tmp, 'cache'), TMPDIR: tmp, ORCHARD_TEST_MARKER: marker },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  started.push(child.pid!);
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => {
+    stdout += d;
+  });
+  child.stderr.setEncoding('utf8').on('data', (d: string) => {
+    stderr += d;
+    onStderr?.(stderr, () => child.kill('SIGINT'));
+  });
+  return new Promise((resolve) => child.once('close', (code) => resolve({ code, stdout, stderr, ms: Date.now() - t0 })));
+}
+
+describe.skipIf(!engines)('orchard demo', () => {
+  beforeAll(async () => {
+    tmp = await mkdtemp(join(tmpdir(), 'orchard-demo-test-'));
+  });
+  afterAll(async () => {
+    // Whatever happened above, nothing carrying a marker of ours survives the file.
+    for (const pid of await pidsWithMarker('ORCHARD_TEST_MARKER=demo-')) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {}
+    }
+    if (tmp) await rm(tmp, { recursive: true, force: true });
+  });
+
+  it('runs end to end in a pipe: plan, streamed text, exit 0, no process left', async () => {
+    const marker = `demo-${randomUUID()}`;
+    const r = await runDemo(['--max-tokens', '12'], marker);
+    console.log(`orchard demo wall time: ${(r.ms / 1000).toFixed(1)} s (first run generates the model)`);
+    expect(r.code, r.stderr.slice(-2000)).toBe(0);
+    // The plan: three stages, one per node, contiguous layers, the head last.
+    expect(r.stdout).toMatch(/Plan for .* on 3 nodes/);
+    const rows = r.stdout.split('\n').filter((l) => /│\s+\d+ │ node-[abc]/.test(l));
+    expect(rows.length).toBeGreaterThanOrEqual(3);
+    expect(r.stdout).toMatch(/│\s+2 │ node-a\s+│ head/);
+    // Streamed text follows the prompt, then the numbers.
+    expect(r.stdout).toMatch(/Once upon a time\S*.+\n\n12 tokens \(finish: length\)/s);
+    expect(r.stdout).toMatch(/\d+\.\d tok\/s \(engine\)/);
+    expect(r.stdout).toMatch(/RPC0\[127\.0\.0\.1:\d+\]/);
+    // No ANSI colours in a pipe.
+    expect(r.stdout.includes('\u001b[')).toBe(false);
+    expect(r.stderr).toMatch(/stopped 4 processes/);
+    expect(await pidsWithMarker(marker)).toEqual([]);
+  });
+
+  it('Ctrl-C during the load stops everything and exits 130', async () => {
+    const marker = `demo-${randomUUID()}`;
+    let sent = false;
+    const r = await runDemo(['--max-tokens', '400'], marker, (all, kill) => {
+      if (!sent && /▸ (load|generate)/.test(all)) {
+        sent = true;
+        kill();
+      }
+    });
+    expect(sent).toBe(true);
+    expect(r.code, r.stderr.slice(-2000)).toBe(130);
+    expect(r.stderr).toMatch(/SIGINT: stopping the demo cluster/);
+    expect(await pidsWithMarker(marker)).toEqual([]);
+  });
+});
