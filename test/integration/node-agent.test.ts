@@ -523,6 +523,14 @@ describe.skipIf(!engines)('node agent with real llama.cpp engines', () => {
     expect(broken.code).toBe(grpc.status.FAILED_PRECONDITION);
     expect(broken.details).toMatch(/llama-server .* exited with code \d+ before it was ready: .+/);
 
+    // Not ready within the timeout: DEADLINE_EXCEEDED, and the half-started engine is stopped.
+    const slow = await grpcError(
+      unary(agent, 'startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', engineId: 'too-slow', args: ['-m', model, '-c', '512', '-t', '1'], readyTimeoutSeconds: 0.001 }),
+    );
+    expect(slow.code).toBe(grpc.status.DEADLINE_EXCEEDED);
+    expect(slow.details).toMatch(/^llama-server too-slow did not accept connections within 0.001 s/);
+    expect(() => execFileSync('pgrep', ['-f', `llama-server -m ${model} -c 512 -t 1 --host`])).toThrow(); // pgrep: no match
+
     const conflict = await grpcError(unary(agent, 'startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'worker-0', threads: 2 }));
     expect(conflict.code).toBe(grpc.status.ALREADY_EXISTS);
 
