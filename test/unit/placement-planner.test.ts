@@ -61,6 +61,10 @@ describe('planner acceptance scenarios', () => {
     // The Ultra is filled: too little room left for even one more layer.
     const oneLayer = p.layers[0]!.weightBytes;
     expect(ultra.headroomBytes).toBeLessThan(oneLayer + 2 ** 30);
+    // The two equal M4 Max nodes share the rest evenly instead of one packed to the brim.
+    const maxes = plan.stages.filter((s) => s.node.startsWith('max'));
+    expect(maxes).toHaveLength(2);
+    expect(Math.abs(maxes[0]!.headroomBytes - maxes[1]!.headroomBytes)).toBeLessThan(4 * GiB);
     // The slow Air is not needed.
     expect(plan.stages.map((s) => s.node)).not.toContain('air');
     // Predicted time is the bandwidth cost model.

@@ -272,8 +272,41 @@ export function planPlacement(profile: ModelProfile, nodes: readonly PlacementNo
   return describe(p, a);
 }
 
-function describe(p: Prepared, a: Assignment): Plan {
+/**
+ * Equal-cost tie-break: where two neighbouring stages read at the same bandwidth (and the first's
+ * hop is the same wherever the boundary is), moving layers between them leaves the predicted
+ * time unchanged, so put the boundary where the smaller headroom is largest instead of packing
+ * one node to the brim. Workers keep ≥ 1 layer; the original boundary is a candidate, so the
+ * result stays within every budget.
+ */
+function rebalance(p: Prepared, a: Assignment): Assignment {
+  const stages = a.stages.map((s) => ({ ...s }));
+  const pipeline = stages.length > 1;
+  const headroom = (i: number, first: number, end: number) =>
+    p.budgets[stages[i]!.node]! - stageBytes(p.mm, first, end - 1, i === stages.length - 1, pipeline).total;
+  for (let i = 0; i + 1 < stages.length; i++) {
+    const x = stages[i]!;
+    const y = stages[i + 1]!;
+    if (p.nodes[x.node]!.bandwidthBytesPerSecond !== p.nodes[y.node]!.bandwidthBytesPerSecond) continue;
+    const yIsHead = i + 1 === stages.length - 1;
+    let bestK = x.end;
+    let bestMin = Math.min(headroom(i, x.first, x.end), headroom(i + 1, y.first, y.end));
+    for (let k = x.first + 1; k <= (yIsHead ? y.end : y.end - 1); k++) {
+      const m = Math.min(headroom(i, x.first, k), headroom(i + 1, k, y.end));
+      if (m > bestMin) {
+        bestMin = m;
+        bestK = k;
+      }
+    }
+    x.end = bestK;
+    y.first = bestK;
+  }
+  return { stages, seconds: a.seconds };
+}
+
+function describe(p: Prepared, solved: Assignment): Plan {
   const profile = p.mm.profile;
+  const a = rebalance(p, solved);
   const stages: PlanStage[] = a.stages.map((s, idx) => {
     const isHead = idx === a.stages.length - 1;
     const node = p.nodes[s.node]!;
