@@ -202,6 +202,9 @@ describe('generated weights', () => {
     const std = (v: Float32Array) => Math.sqrt(v.reduce((s, x) => s + x * x, 0) / v.length);
     expect(std(await floats('blk.0.attn_q.weight'))).toBeCloseTo(1 / 8, 2); // 1/sqrt(64)
     expect(std(await floats('token_embd.weight'))).toBeCloseTo(1, 1);
+    // residual writers are scaled by 1/sqrt(2 · layers) on top of 1/sqrt(fan_in): layers = 1
+    expect(std(await floats('blk.0.attn_output.weight'))).toBeCloseTo(1 / 8 / Math.sqrt(2), 2);
+    expect(std(await floats('blk.0.ffn_down.weight'))).toBeCloseTo(1 / Math.sqrt(96) / Math.sqrt(2), 2);
     const out = await floats('output.weight');
     const row = (t: number) => out.subarray(t * 64, (t + 1) * 64);
     const types = vocab.tokenTypes;
