@@ -157,6 +157,7 @@ describe('orchard plan', () => {
     ],
     ['bad --cache-type', async () => ['plan', model70b, '--nodes', nodesFile, '--cache-type', 'q3'], /invalid --cache-type/],
     ['bad --ctx', async () => ['plan', model70b, '--nodes', nodesFile, '--ctx', '-1'], /invalid --ctx/],
+    ['bad --hop-ms', async () => ['plan', model70b, '--nodes', nodesFile, '--hop-ms', '-3'], /invalid --hop-ms/],
   ];
   for (const [what, args, msg] of bad) {
     it(`bad input (${what}) → one line, exit 2`, async () => {

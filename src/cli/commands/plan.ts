@@ -17,6 +17,7 @@ interface PlanFlags {
   cacheType?: string;
   parallel?: string;
   pin?: string[];
+  hopMs?: string;
   json?: boolean;
 }
 
@@ -34,11 +35,16 @@ export function registerPlan(program: Command): void {
     .option('--cache-type <t>', `KV cache type: ${CACHE_TYPES.join(', ')}`, 'f16')
     .option('--parallel <n>', 'parallel sequences (server slots, unified KV cache)', '1')
     .option('--pin <node...>', 'nodes that must hold a stage')
+    .option('--hop-ms <ms>', 'cost of one stage boundary per token in ms (nodes may override with hopSeconds)', '1')
     .option('--json', 'print the plan as JSON on stdout')
     .action(async (modelPath: string, flags: PlanFlags) => {
       const ctx = parseInteger(flags.ctx ?? '4096', '--ctx', 1, 16 * 1024 * 1024);
       const parallel = parseInteger(flags.parallel ?? '1', '--parallel', 1, 4096);
       const cacheType = (flags.cacheType ?? 'f16').toLowerCase();
+      const hopMs = Number(flags.hopMs ?? '1');
+      if (!/^\s*\d+(\.\d+)?\s*$/.test(flags.hopMs ?? '1') || !Number.isFinite(hopMs)) {
+        throw new UsageError(`invalid --hop-ms "${flags.hopMs}": give milliseconds ≥ 0, e.g. 1 or 0.3`);
+      }
       if (!(CACHE_TYPES as readonly string[]).includes(cacheType)) {
         throw new UsageError(`invalid --cache-type "${flags.cacheType}": use one of ${CACHE_TYPES.join(', ')}`);
       }
@@ -61,6 +67,7 @@ export function registerPlan(program: Command): void {
         cacheType: cacheType as CacheType,
         parallel,
         pinned: flags.pin ?? [],
+        hopSeconds: hopMs / 1000,
       });
       if (flags.json) {
         process.stdout.write(`${JSON.stringify(toJson(plan, profile.name ?? modelPath))}\n`);
