@@ -56,7 +56,14 @@ type ServerStream = (req: Wire, md?: grpc.Metadata, opts?: grpc.CallOptions) => 
 export class AgentClient {
   readonly #client: grpc.Client & Record<string, unknown>;
 
-  constructor(readonly address: string) {
+  readonly #token: string | undefined;
+
+  /** @param token the cluster token, sent as `authorization: Bearer …` (agents started with --token require it). */
+  constructor(
+    readonly address: string,
+    token?: string,
+  ) {
+    this.#token = token || undefined;
     const Ctor = orchardV1().NodeAgent!;
     this.#client = new Ctor(address, grpc.credentials.createInsecure(), {
       // Agents restart; reconnect quickly rather than with grpc's long default backoff.
@@ -67,10 +74,16 @@ export class AgentClient {
     }) as grpc.Client & Record<string, unknown>;
   }
 
+  #metadata(): grpc.Metadata {
+    const md = new grpc.Metadata();
+    if (this.#token) md.set('authorization', `Bearer ${this.#token}`);
+    return md;
+  }
+
   #unary(method: string, req: Wire, timeoutMs: number): Promise<Wire> {
     const fn = (this.#client[method] as Unary).bind(this.#client);
     return new Promise((resolve, reject) => {
-      fn(req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(err) : resolve(res)));
+      fn(req, this.#metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(err) : resolve(res)));
     });
   }
 
@@ -84,7 +97,7 @@ export class AgentClient {
   }
 
   watch(intervalSeconds: number): grpc.ClientReadableStream<Wire> {
-    return (this.#client.watch as ServerStream).call(this.#client, { intervalSeconds });
+    return (this.#client.watch as ServerStream).call(this.#client, { intervalSeconds }, this.#metadata());
   }
 
   async startEngine(o: StartEngineOptions, timeoutMs: number): Promise<EngineInfo> {
@@ -119,7 +132,7 @@ export class AgentClient {
   }
 
   generate(req: AgentGenerateRequest): grpc.ClientReadableStream<Wire> {
-    return (this.#client.generate as ServerStream).call(this.#client, { ...req, seed: String(req.seed), stop: [...req.stop] });
+    return (this.#client.generate as ServerStream).call(this.#client, { ...req, seed: String(req.seed), stop: [...req.stop] }, this.#metadata());
   }
 
   close(): void {

@@ -57,7 +57,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   const state = new StateDir(o.stateDir);
   const { token, created } = await state.joinToken(o.joinToken);
   let cluster = await state.cluster();
-  const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log);
+  // Agents started with --token (the same cluster token) require it as a bearer token.
+  const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log, token);
   // Budgets for a second model subtract what loaded models already hold on each node.
   let runtimeRef: Runtime | undefined;
   const reserved = (nodeId: string) =>

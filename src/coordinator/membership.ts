@@ -36,8 +36,12 @@ export class Membership extends EventEmitter<MembershipEvents> {
   readonly #timer: NodeJS.Timeout;
   readonly #watchIntervalSeconds: number;
 
-  constructor(options: RegistryOptions, log: Logger) {
+  readonly #agentToken: string | undefined;
+
+  /** @param agentToken sent to every agent as a bearer token (the cluster's join token). */
+  constructor(options: RegistryOptions, log: Logger, agentToken?: string) {
     super();
+    this.#agentToken = agentToken;
     this.registry = new Registry(options);
     this.#log = log;
     // Stats arrive at 4× the suspect rate so one lost message never makes a node suspect.
@@ -63,7 +67,7 @@ export class Membership extends EventEmitter<MembershipEvents> {
   async add(address: string, by: DiscoveredBy): Promise<NodeEntry> {
     let link = this.#links.get(address);
     if (!link) {
-      link = { address, client: new AgentClient(address), discoveredBy: by, session: undefined, nodeId: undefined, stream: undefined, retry: undefined, attempt: 0, closed: false };
+      link = { address, client: new AgentClient(address, this.#agentToken), discoveredBy: by, session: undefined, nodeId: undefined, stream: undefined, retry: undefined, attempt: 0, closed: false };
       this.#links.set(address, link);
       try {
         return await this.#connect(link);

@@ -1,4 +1,5 @@
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -163,17 +164,23 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
     const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
 
-    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
+    // An explicit cluster token (--join-token); `coordinator token` must print the one in force.
+    const explicitToken = `test-token-${randomBytes(12).toString('hex')}`;
+    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', explicitToken, '--json'], env);
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
+    const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], { ...env, ORCHARD_JOIN_TOKEN: '' });
+    expect(t.code).toBe(0);
+    token = t.stdout.trim();
+    expect(token).toBe(explicitToken);
     for (const name of ['alpha', 'bravo', 'charlie']) {
-      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--json'], env);
+      // charlie joins by itself (`orchard node --join … --token …`) and then requires the token
+      // as a bearer on every call; alpha and bravo are joined with `orchard cluster join`.
+      const joinArgs = name === 'charlie' ? ['--join', coordAddr, '--token', token] : [];
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--json', ...joinArgs], env);
       const r = await readyLine(proc);
       agents.set(name, { proc, address: `127.0.0.1:${String(r.grpcPort)}`, nodeId: String(r.nodeId) });
     }
-    const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env);
-    expect(t.code).toBe(0);
-    token = t.stdout.trim();
     oracle = await plainTokens(bins, model);
   });
 
@@ -196,11 +203,16 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     expect(bad.code).toBe(1);
     expect(bad.stderr).toMatch(/wrong join token/);
     for (const [name, a] of agents) {
+      if (name === 'charlie') continue; // joined by itself
       const r = await orchard(['cluster', 'join', coordAddr, '--token', token, '--agent', a.address, '--json'], env);
       expect(r.code, `${name}: ${r.stderr}`).toBe(0);
       expect(JSON.parse(r.stdout).nodeId).toBe(a.nodeId);
     }
-    const s = await status();
+    let s = await status();
+    for (let i = 0; i < 50 && s.nodes.length < 3; i++) {
+      await sleep(200);
+      s = await status();
+    }
     expect(s.nodes.map((n) => [n.name, n.state]).sort()).toEqual([
       ['alpha', 'up'],
       ['bravo', 'up'],

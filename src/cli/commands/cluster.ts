@@ -1,3 +1,4 @@
+import { networkInterfaces } from 'node:os';
 import type { Command } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
 import { UsageError } from '../../shared/errors.ts';
@@ -29,4 +30,45 @@ export function registerCluster(program: Command): void {
       if (flags.json) process.stdout.write(`${JSON.stringify(r)}\n`);
       else process.stdout.write(`joined cluster ${r.clusterId} as node ${r.nodeId}\n`);
     });
+}
+
+/**
+ * The address a coordinator should dial for an agent bound to `bind`: the bind address itself,
+ * or — when bound to all interfaces — the first non-internal IPv4 (a Thunderbolt bridge first,
+ * since that is the fast data path between Macs).
+ */
+export function agentAdvertiseAddress(bind: string, port: number, interfaces = networkInterfaces()): string {
+  if (bind !== '0.0.0.0' && bind !== '::') return bind.includes(':') ? `[${bind}]:${port}` : `${bind}:${port}`;
+  const candidates = Object.entries(interfaces).flatMap(([name, addrs]) =>
+    (addrs ?? []).filter((a) => a.family === 'IPv4' && !a.internal).map((a) => ({ name, address: a.address })),
+  );
+  const tb = candidates.find((c) => /^bridge\d+$/.test(c.name));
+  const pick = tb ?? candidates[0];
+  return `${pick?.address ?? '127.0.0.1'}:${port}`;
+}
+
+/**
+ * `orchard node --join`: keep asking the coordinator to take this agent in until it answers
+ * (it may start later). A wrong token is final: retrying would not fix it.
+ */
+export async function joinWithRetry(
+  coordinator: string,
+  token: string,
+  agent: string,
+  o: { signal: AbortSignal; onError: (message: string, final: boolean) => void },
+): Promise<{ nodeId: string; clusterId: string } | undefined> {
+  let delay = 500;
+  while (!o.signal.aborted) {
+    try {
+      return await joinCluster(coordinator, token, agent, 10_000);
+    } catch (err) {
+      const message = err instanceof Error ? err.message : String(err);
+      const final = /wrong join token|invalid|must be/i.test(message);
+      o.onError(message, final);
+      if (final) return undefined;
+      await new Promise((r) => setTimeout(r, delay));
+      delay = Math.min(5000, delay * 2);
+    }
+  }
+  return undefined;
 }

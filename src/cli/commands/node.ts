@@ -5,6 +5,7 @@ import { UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { formatBandwidth, formatBytes, parseBandwidth, parsePort, parseSize } from '../../shared/units.ts';
 import { type AgentReady, NodeAgent } from '../../node/agent.ts';
+import { agentAdvertiseAddress, joinWithRetry } from './cluster.ts';
 import { probeHardware, readLiveStats } from '../../node/hardware/probe.ts';
 import { defaultStateDir } from '../../node/identity.ts';
 import { findLlamaBinaries } from '../../node/llama/binaries.ts';
@@ -24,6 +25,7 @@ interface NodeFlags {
   mdnsInterface?: string;
   bind: string;
   token?: string;
+  join?: string;
   json?: boolean;
 }
 
@@ -43,6 +45,7 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--mdns-interface <ip>', 'advertise on the interface with this IPv4 address only').env('ORCHARD_NODE_MDNS_INTERFACE'))
     .addOption(new Option('--bind <host>', 'address the gRPC and metrics servers listen on').default('0.0.0.0').env('ORCHARD_NODE_BIND'))
     .addOption(new Option('--token <token>', 'require `authorization: Bearer <token>` on every gRPC call').env('ORCHARD_NODE_TOKEN'))
+    .addOption(new Option('--join <host:port>', 'join this coordinator (static join, no Bonjour needed); needs --token').env('ORCHARD_JOIN'))
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…}) instead of the profile table')
     .action(async (flags: NodeFlags) => {
       await runNode(flags);
@@ -122,8 +125,24 @@ async function runNode(flags: NodeFlags): Promise<void> {
   process.on('SIGHUP', onSignal); // terminal closed: stop in order rather than die at once
 
   try {
+    if (flags.join !== undefined && !flags.token) throw new UsageError('--join needs --token (the cluster token: `orchard coordinator token`)');
     const ready = await agent.start();
     printReady(ready, parsed.bindHost, !!flags.json);
+    if (flags.join !== undefined) {
+      // Static join (coordinator side: src/coordinator); retried until the coordinator answers.
+      const joinAbort = new AbortController();
+      void stopped.then(() => joinAbort.abort());
+      void joinWithRetry(flags.join, flags.token!, agentAdvertiseAddress(parsed.bindHost, ready.grpcPort), {
+        signal: joinAbort.signal,
+        onError: (message, final) => {
+          (final ? log.error.bind(log) : log.warn.bind(log))({ coordinator: flags.join, err: message }, final ? 'join refused' : 'join failed; retrying');
+          if (final) {
+            process.exitCode = 1;
+            stopRequested();
+          }
+        },
+      }).then((r) => r && log.info({ coordinator: flags.join, clusterId: r.clusterId }, 'joined the cluster'));
+    }
     log.info({ nodeId: ready.nodeId, grpcPort: ready.grpcPort, metricsPort: ready.metricsPort }, 'node agent ready');
     await stopped;
     await agent.stop();
