@@ -365,10 +365,12 @@ describe('a real Prometheus scraping Orchard', () => {
   });
 
   it('evaluates every PromQL expression of every dashboard panel with data', async () => {
-    // rate()/increase() need two samples in the window, histogram_quantile a non-zero rate.
-    await until('two scrapes of the request counters', 60_000, async () => {
-      const r = await api<{ result: Sample[] }>(`/api/v1/query?query=${encodeURIComponent('sum(rate(orchard_requests_total[1m])) > 0')}`);
-      return r.result.length > 0 ? true : undefined;
+    // rate()/increase() need two samples of every series in the window (targets are scraped at
+    // different offsets), histogram_quantile a non-zero rate.
+    await until('three scrapes of every target and moving request counters', 60_000, async () => {
+      const scrapes = await api<{ result: Sample[] }>(`/api/v1/query?query=${encodeURIComponent('count_over_time(up[1m]) >= 3')}`);
+      const moving = await api<{ result: Sample[] }>(`/api/v1/query?query=${encodeURIComponent('sum(rate(orchard_requests_total[1m])) > 0')}`);
+      return scrapes.result.length === cluster!.targets && moving.result.length > 0 ? true : undefined;
     });
     const files = readdirSync(join(ROOT, 'dashboards')).filter((f) => f.endsWith('.json'));
     expect(files.length).toBeGreaterThanOrEqual(3);
