@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { Prng, hashName } from '../../src/shared/testmodel/prng.ts';
-import { encodeValues, fp16BitsToFp32, fp32ToFp16Bits, quantizeQ8_0 } from '../../src/shared/testmodel/quantize.ts';
+import { encodeValues, fp16BitsToFp32, fp32BitsToFp16Bits, fp32ToFp16Bits, quantizeQ8_0 } from '../../src/shared/testmodel/quantize.ts';
 
 /** The fuzz-style input the golden hashes below were computed from. */
 function goldenInput(): { raw: Float32Array; finite: Float32Array } {
@@ -122,5 +122,27 @@ describe('seeded PRNG', () => {
     const a = 0.5 * Math.sqrt(3);
     expect(min).toBeGreaterThanOrEqual(1 - a - 1e-6);
     expect(max).toBeLessThan(1 + a);
+  });
+});
+
+describe('integer fp16 conversion', () => {
+  it('equals the float-arithmetic port on 4 million bit patterns and every exponent boundary', () => {
+    const p = new Prng(99, 'fp16-sweep');
+    const f = new Float32Array(1);
+    const u = new Uint32Array(f.buffer);
+    const check = (w: number) => {
+      u[0] = w;
+      const want = fp32ToFp16Bits(f[0]!);
+      const got = fp32BitsToFp16Bits(u[0]!);
+      if (want !== got) throw new Error(`0x${u[0]!.toString(16)}: ${want.toString(16)} vs ${got.toString(16)}`);
+    };
+    for (let i = 0; i < 4_000_000; i++) check(p.next());
+    for (let e = 0; e < 256; e++) {
+      for (const m of [0, 1, 0xfff, 0x1000, 0x1001, 0x2000, 0x3fff, 0x7fffff, 0x400000, 0x7ff000]) {
+        for (const s of [0, 0x80000000]) {
+          for (const d of [-1, 0, 1]) check((s | (e << 23) | m) + d);
+        }
+      }
+    }
   });
 });
