@@ -2,6 +2,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { OrchardError, UsageError } from '../shared/errors.ts';
 import { registerCluster } from './commands/cluster.ts';
 import { registerCoordinator } from './commands/coordinator.ts';
+import { registerChat } from './commands/chat.ts';
 import { registerDemo } from './commands/demo.ts';
 import { registerGenerate } from './commands/generate.ts';
 import { registerLoad } from './commands/load.ts';
@@ -12,6 +13,7 @@ import { registerSetup } from './commands/setup.ts';
 import { registerStatus } from './commands/status.ts';
 import { registerTestmodel } from './commands/testmodel.ts';
 import { registerUnload } from './commands/unload.ts';
+import { registerUp } from './commands/up.ts';
 
 /**
  * The `orchard` command tree. Each command lives in `commands/<name>.ts` and exports
@@ -38,6 +40,8 @@ export function buildProgram(): Command {
   registerGenerate(program);
   registerPlan(program);
   registerDemo(program);
+  registerUp(program);
+  registerChat(program);
   for (const cmd of program.commands) inheritConventions(cmd);
   return program;
 }

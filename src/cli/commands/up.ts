@@ -1,0 +1,153 @@
+import { isIP } from 'node:net';
+import { networkInterfaces } from 'node:os';
+import { type Command, Option } from 'commander';
+import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/client.ts';
+import { startCoordinator } from '../../coordinator/coordinator.ts';
+import { defaultStateDir as coordinatorStateDir } from '../../coordinator/state-dir.ts';
+import { NodeAgent } from '../../node/agent.ts';
+import { probeHardware, readLiveStats } from '../../node/hardware/probe.ts';
+import { defaultStateDir as nodeStateDir } from '../../node/identity.ts';
+import { findLlamaBinaries } from '../../node/llama/binaries.ts';
+import { OrchardError, UsageError } from '../../shared/errors.ts';
+import { createLogger } from '../../shared/log.ts';
+import { formatBytes, parseBandwidth, parsePort, parseSize } from '../../shared/units.ts';
+
+interface UpFlags {
+  grpcPort: string;
+  httpPort: string;
+  agentPort: string;
+  metricsPort: string;
+  host: string;
+  httpHost: string;
+  agentAddress?: string;
+  name?: string;
+  memoryLimit?: string;
+  budget?: string;
+  bandwidth?: string;
+  mdns: boolean;
+  apiKey?: string;
+  json?: boolean;
+}
+
+/** The address other machines (and this coordinator) reach this Mac's agent at. */
+export function defaultAgentAddress(ifaces = networkInterfaces()): string {
+  for (const list of Object.values(ifaces)) {
+    for (const a of list ?? []) if (a.family === 'IPv4' && !a.internal) return a.address;
+  }
+  return '127.0.0.1';
+}
+
+/**
+ * `orchard up`: the single-Mac default — a coordinator and this machine's node agent in one
+ * process. The agent joins its own coordinator statically (at a LAN address, so that a remote
+ * head can reach the rpc-server this node runs when the model spans several Macs); other Macs
+ * join with `orchard node` (Bonjour) or `orchard cluster join`.
+ */
+export function registerUp(program: Command): void {
+  program
+    .command('up')
+    .description('run a coordinator and this machine’s node agent in one process (others can still join)')
+    .addOption(new Option('--grpc-port <port>', 'coordinator gRPC port').default(String(DEFAULT_COORDINATOR_GRPC_PORT)).env('ORCHARD_COORDINATOR_GRPC_PORT'))
+    .addOption(new Option('--http-port <port>', 'OpenAI + management HTTP port').default(String(DEFAULT_COORDINATOR_HTTP_PORT)).env('ORCHARD_COORDINATOR_HTTP_PORT'))
+    .addOption(new Option('--agent-port <port>', 'local node agent gRPC port').default('50151').env('ORCHARD_NODE_GRPC_PORT'))
+    .addOption(new Option('--metrics-port <port>', 'local node agent metrics port').default('9151').env('ORCHARD_NODE_METRICS_PORT'))
+    .addOption(new Option('--host <ip>', 'address the coordinator gRPC and agent listen on').default('0.0.0.0').env('ORCHARD_COORDINATOR_HOST'))
+    .addOption(new Option('--http-host <ip>', 'address the HTTP API listens on (0.0.0.0 to serve the LAN; set --api-key)').default('127.0.0.1').env('ORCHARD_HTTP_HOST'))
+    .addOption(new Option('--agent-address <ip>', 'address the local agent is reached at (default: first non-loopback IPv4)').env('ORCHARD_AGENT_ADDRESS'))
+    .addOption(new Option('--name <name>', 'this node’s name').env('ORCHARD_NODE_NAME'))
+    .addOption(new Option('--memory-limit <size>', 'pretend total RAM, e.g. 16GiB').env('ORCHARD_NODE_MEMORY_LIMIT'))
+    .addOption(new Option('--budget <size>', 'usable model-memory budget of this node').env('ORCHARD_NODE_BUDGET'))
+    .addOption(new Option('--bandwidth <GBps>', 'memory bandwidth in GB/s').env('ORCHARD_NODE_BANDWIDTH'))
+    .option('--no-mdns', 'do not browse Bonjour for other nodes')
+    .addOption(new Option('--api-key <key>', 'require this key on the HTTP API').env('ORCHARD_API_KEY'))
+    .option('--json', 'print a machine-readable ready line')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  $ orchard up                                  # then: orchard load model.gguf; orchard chat
+  $ orchard up --http-host 0.0.0.0 --api-key s3cret
+  $ orchard up --no-mdns --budget 24GiB         # others join with: orchard cluster join`,
+    )
+    .action(async (flags: UpFlags) => {
+      await runUp(flags);
+    });
+}
+
+async function runUp(flags: UpFlags): Promise<void> {
+  for (const [k, v] of [['--host', flags.host], ['--http-host', flags.httpHost]] as const) {
+    if (isIP(v) === 0) throw new UsageError(`invalid ${k} "${v}": give an IP address`);
+  }
+  const agentAddress = flags.agentAddress ?? defaultAgentAddress();
+  if (isIP(agentAddress) === 0) throw new UsageError(`invalid --agent-address "${agentAddress}": give an IP address`);
+  const log = createLogger('orchard-up', process.env.ORCHARD_DEBUG ? 'debug' : undefined);
+  const agent = new NodeAgent({
+    name: flags.name,
+    stateDir: nodeStateDir(),
+    bindHost: flags.host,
+    grpcPort: parsePort(flags.agentPort, '--agent-port'),
+    metricsPort: parsePort(flags.metricsPort, '--metrics-port'),
+    memoryLimitBytes: flags.memoryLimit ? parseSize(flags.memoryLimit, '--memory-limit') : undefined,
+    budgetBytes: flags.budget ? parseSize(flags.budget, '--budget') : undefined,
+    bandwidthBytesPerSecond: flags.bandwidth ? parseBandwidth(flags.bandwidth) : undefined,
+    // The coordinator is in this process: it is joined directly, Bonjour is not needed for it.
+    mdns: false,
+    probe: probeHardware,
+    readLive: readLiveStats,
+    binaries: () => findLlamaBinaries(),
+    log: log.child({ part: 'node' }),
+  });
+  let stop: () => void = () => {};
+  const stopped = new Promise<void>((r) => {
+    stop = r;
+  });
+  let signals = 0;
+  const onSignal = () => {
+    signals++;
+    if (signals > 1) {
+      agent.killEngines();
+      process.exit(130);
+    }
+    stop();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const ready = await agent.start();
+  let coordinator: Awaited<ReturnType<typeof startCoordinator>> | undefined;
+  try {
+    coordinator = await startCoordinator({
+      stateDir: coordinatorStateDir(),
+      host: flags.host,
+      grpcPort: parsePort(flags.grpcPort, '--grpc-port'),
+      httpPort: parsePort(flags.httpPort, '--http-port'),
+      httpHost: flags.httpHost,
+      mdns: flags.mdns,
+      api: { apiKey: flags.apiKey || undefined },
+      log: log.child({ part: 'coordinator' }),
+    }).catch((err: unknown) => {
+      throw new OrchardError(`cannot start the coordinator: ${(err as Error).message} (another one running? use --grpc-port/--http-port)`);
+    });
+    await coordinator.membership.add(`${agentAddress}:${ready.grpcPort}`, 'join');
+    const url = `http://${flags.httpHost === '0.0.0.0' ? agentAddress : flags.httpHost}:${coordinator.httpPort}`;
+    if (flags.json) {
+      process.stdout.write(
+        `${JSON.stringify({ event: 'ready', clusterId: coordinator.clusterId, grpcPort: coordinator.grpcPort, httpPort: coordinator.httpPort, nodeId: ready.nodeId, agentPort: ready.grpcPort, pid: process.pid })}\n`,
+      );
+    } else {
+      process.stdout.write(
+        `orchard up: cluster ${coordinator.clusterId}\n` +
+          `  this node: ${ready.name} (${formatBytes(ready.profile.usableBytes)} usable), agent ${agentAddress}:${ready.grpcPort}\n` +
+          `  OpenAI API: ${url}/v1    gRPC: ${flags.host}:${coordinator.grpcPort}\n` +
+          `  other Macs: \`orchard node\` (Bonjour${flags.mdns ? '' : ' is off here'}) or \`orchard cluster join ${agentAddress}:${coordinator.grpcPort} --token ${coordinator.joinToken} --agent THEIR_IP:50151\`\n` +
+          `  next: orchard load MODEL.gguf, then orchard chat --url ${url}\n`,
+      );
+    }
+    await stopped;
+    log.info('stopping: unloading models, stopping engines');
+  } finally {
+    await coordinator?.close();
+    await agent.stop();
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}

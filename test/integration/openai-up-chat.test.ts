@@ -1,0 +1,130 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ensureDemoModel } from '../../src/cli/demo-model.ts';
+import { ORCHARD_BIN } from '../../src/cli/local-cluster.ts';
+import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
+
+/*
+ * `orchard up` (coordinator + local agent in one process) and `orchard chat` over its OpenAI
+ * API: a scripted two-turn chat must send the history (the second answer equals a direct API
+ * call with the same messages), and SIGTERM must leave no process behind.
+ */
+
+const MANUAL_BIN_DIR = '/tmp/llsrc/src/build/bin';
+const env: NodeJS.ProcessEnv = { ...process.env };
+if (!env.ORCHARD_LLAMA_BIN_DIR && existsSync(join(MANUAL_BIN_DIR, 'ggml-rpc-server'))) env.ORCHARD_LLAMA_BIN_DIR = MANUAL_BIN_DIR;
+const engines = await findLlamaBinaries(env).then(
+  () => true,
+  () => false,
+);
+
+const marker = `up-${randomUUID()}`;
+let tmp = '';
+let up: ChildProcess | undefined;
+let upExit: Promise<number | null> | undefined;
+let url = '';
+
+async function pidsWithMarker(): Promise<number[]> {
+  const out: number[] = [];
+  for (const d of await readdir('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      if ((await readFile(`/proc/${d}/environ`, 'latin1')).includes(marker)) out.push(Number(d));
+    } catch {}
+  }
+  return out;
+}
+
+function run(args: string[], input: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const c = spawn(process.execPath, [ORCHARD_BIN, ...args], { env: { ...env, ORCHARD_TEST_MARKER: marker }, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    c.stdout.setEncoding('utf8').on('data', (d: string) => {
+      stdout += d;
+    });
+    c.stderr.setEncoding('utf8').on('data', (d: string) => {
+      stderr += d;
+    });
+    c.stdin.end(input);
+    c.once('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+describe.skipIf(!engines)('orchard up + orchard chat', () => {
+  beforeAll(async () => {
+    tmp = await mkdtemp(join(tmpdir(), 'orchard-up-'));
+    Object.assign(env, { HOME: tmp, XDG_STATE_HOME: join(tmp, 'state'), ORCHARD_CACHE_DIR: join(tmp, 'cache'), ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' });
+    up = spawn(process.execPath, [ORCHARD_BIN, 'up', '--json', '--grpc-port', '0', '--http-port', '0', '--agent-port', '0', '--metrics-port', '0', '--no-mdns', '--agent-address', '127.0.0.1', '--budget', '2GiB'], {
+      env: { ...env, ORCHARD_TEST_MARKER: marker },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
+    });
+    upExit = new Promise((r) => up!.once('exit', (code) => r(code)));
+    const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
+      let buf = '';
+      up!.stdout!.setEncoding('utf8').on('data', (d: string) => {
+        buf += d;
+        const line = buf.split('\n').find((l) => l.includes('"ready"'));
+        if (line) resolve(JSON.parse(line) as Record<string, unknown>);
+      });
+      up!.once('exit', (code) => reject(new Error(`orchard up exited with ${code}`)));
+    });
+    url = `http://127.0.0.1:${String(ready.httpPort)}`;
+    const model = (await ensureDemoModel(env)).path;
+    const res = await fetch(`${url}/v1/cluster/models`, { method: 'POST', body: JSON.stringify({ model, name: 'tiny', ctx: 1024 }) });
+    expect(res.status, await res.clone().text()).toBe(200);
+  });
+
+  afterAll(async () => {
+    if (up?.pid && up.exitCode === null) {
+      try {
+        process.kill(-up.pid, 'SIGKILL');
+      } catch {}
+    }
+    for (const pid of await pidsWithMarker()) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {}
+    }
+    if (tmp) await rm(tmp, { recursive: true, force: true });
+  });
+
+  it('chat keeps the history across turns and exits on /exit', async () => {
+    const r = await run(['chat', '--url', url, '--temperature', '0', '--max-tokens', '8'], 'Hello there\nTell me more\n/exit\nnot sent\n');
+    expect(r.code, r.stderr).toBe(0);
+    const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: 'none', maxRetries: 0 });
+    const first = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hello there' }], max_tokens: 8, temperature: 0 });
+    const firstText = first.choices[0]!.message.content!;
+    const second = await client.chat.completions.create({
+      model: 'tiny',
+      messages: [
+        { role: 'user', content: 'Hello there' },
+        { role: 'assistant', content: firstText },
+        { role: 'user', content: 'Tell me more' },
+      ],
+      max_tokens: 8,
+      temperature: 0,
+    });
+    expect(r.stdout).toBe(`${firstText}\n${second.choices[0]!.message.content}\n`);
+  });
+
+  it('chat with an unknown model fails with one line and exit 1', async () => {
+    const r = await run(['chat', '--url', url, '--model', 'nope'], '');
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/^orchard: no model named "nope" \(loaded: tiny\)\n$/);
+  });
+
+  it('SIGTERM stops the coordinator, the agent and its engines', async () => {
+    process.kill(up!.pid!, 'SIGTERM');
+    expect(await upExit).toBe(0);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await pidsWithMarker()).toEqual([]);
+  });
+});
