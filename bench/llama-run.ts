@@ -10,6 +10,7 @@ import { existsSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import type { LlamaBinaries } from '../src/node/llama/binaries.ts';
+import { EngineWatchdog } from '../src/node/watchdog.ts';
 import { type GgmlTypeName, tensorBytes } from '../src/shared/gguf/ggml-types.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import type { GgufValue } from '../src/shared/gguf/types.ts';
@@ -99,6 +100,9 @@ export async function freePort(): Promise<number> {
 }
 
 const children = new Set<ChildProcess>();
+// Engines must not outlive this process even if it is SIGKILLed (the sentinel sees its stdin
+// pipe close and kills them). Created on first use.
+let watchdog: EngineWatchdog | undefined;
 export function killAll(): void {
   for (const c of children) {
     try {
@@ -108,12 +112,20 @@ export function killAll(): void {
     }
   }
   children.clear();
+  watchdog?.close();
+  watchdog = undefined;
 }
 process.on('exit', killAll);
 
 function start(cmd: string, args: string[]): { proc: ChildProcess; log: () => string; exited: Promise<number | null> } {
   const proc = spawn(cmd, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
   children.add(proc);
+  watchdog ??= new EngineWatchdog({ graceTicks: 5 });
+  const pid = proc.pid;
+  if (pid !== undefined) {
+    watchdog.add(pid);
+    proc.on('exit', () => watchdog?.remove(pid));
+  }
   let log = '';
   proc.stdout?.on('data', (d: Buffer) => {
     log += d.toString();
