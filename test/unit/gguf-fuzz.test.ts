@@ -1,5 +1,8 @@
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { GgufError, parseGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { GgufError, parseGgufHeader, readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { type GgufValue, gv } from '../../src/shared/gguf/types.ts';
 import { encodeGgufHeader } from '../../src/shared/gguf/writer.ts';
 import { findPreset, presetSpec } from '../../src/shared/testmodel/presets.ts';
@@ -121,5 +124,41 @@ describe('GGUF reader fuzz', () => {
     expect(rejected).toBeGreaterThan(CASES / 2);
     expect(messages.size).toBeGreaterThan(15);
     expect(slowest).toBeLessThan(1000); // a hang guard, not a benchmark
+  });
+});
+
+describe('GGUF file reader fuzz', () => {
+  it('reading a file through growing prefixes gives exactly what parsing the whole buffer gives (600 cases)', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'orchard-gguf-fuzz-'));
+    try {
+      const bases = seeds();
+      const prng = new Prng(7, 'gguf-file-fuzz');
+      const path = join(dir, 'case.gguf');
+      const outcome = (f: () => unknown) => {
+        try {
+          const h = f() as { tensors: unknown[]; metadata: Map<string, unknown>; dataOffset: number };
+          return `ok ${h.tensors.length} ${h.metadata.size} ${h.dataOffset}`;
+        } catch (err) {
+          if (!(err instanceof GgufError)) throw err;
+          return `error ${err.message.replace(`${path}: `, '')}`;
+        }
+      };
+      for (let i = 0; i < 600; i++) {
+        const input = mutate(bases[i % bases.length]!, prng);
+        await writeFile(path, input);
+        const whole = outcome(() => parseGgufHeader(input));
+        let viaFile: string;
+        try {
+          const h = await readGgufHeader(path, { initialBytes: 1 + (i % 97) });
+          viaFile = `ok ${h.tensors.length} ${h.metadata.size} ${h.dataOffset}`;
+        } catch (err) {
+          if (!(err instanceof GgufError)) throw new Error(`case ${i}: ${String(err)}`);
+          viaFile = `error ${err.message.replace(`${path}: `, '')}`;
+        }
+        expect(viaFile, `case ${i}`).toBe(whole);
+      }
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -166,6 +166,7 @@ describe('GGUF file reading', () => {
     await writeFile(path, 'hello world, not a model');
     await expect(readGgufHeader(path)).rejects.toThrow(`${path}: not a valid GGUF file: bad magic "hell"`);
     await expect(readGgufHeader(join(dir, 'missing.gguf'))).rejects.toThrow(/cannot read GGUF file .*missing\.gguf/);
+    await expect(readGgufHeader(dir)).rejects.toThrow(/not a regular file/);
     const big = join(dir, 'big-header.gguf');
     await writeGguf(big, { metadata: [['k', gv.str('x'.repeat(100_000))]], tensors: [] });
     await expect(readGgufHeader(big, { maxHeaderBytes: 10_000, initialBytes: 1000 })).rejects.toThrow(/header needs more than 10000 bytes/);

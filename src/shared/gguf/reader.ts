@@ -336,7 +336,9 @@ export async function readGgufHeader(path: string, options: ReadGgufOptions = {}
     throw new UsageError(`cannot read GGUF file ${path}: ${errorMessage(err)}`);
   }
   try {
-    const { size: fileSize } = await fh.stat();
+    const st = await fh.stat();
+    if (!st.isFile()) throw new UsageError(`cannot read GGUF file ${path}: not a regular file`);
+    const fileSize = st.size;
     let buf = Buffer.alloc(Math.min(fileSize, options.initialBytes ?? 256 * 1024, maxHeader));
     let filled = 0;
     for (;;) {
