@@ -92,7 +92,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
 
   // Agents that joined statically before a restart: dial them again (they keep retrying).
   for (const a of cluster.agents) {
-    membership.add(a, 'join').catch((err) => log.warn({ address: a, err: errorMessage(err) }, 'remembered agent not reachable yet; retrying'));
+    membership.add(a, 'join', true).catch((err) => log.warn({ address: a, err: errorMessage(err) }, 'remembered agent not reachable yet; retrying'));
   }
 
   let discovery: Discovery | undefined;

@@ -64,7 +64,7 @@ export class Membership extends EventEmitter<MembershipEvents> {
    * Add an agent address and return once it has been described (or failed). Idempotent: a known
    * address keeps its stream. `join` wins over `mdns` for how a node is labelled.
    */
-  async add(address: string, by: DiscoveredBy): Promise<NodeEntry> {
+  async add(address: string, by: DiscoveredBy, keepTrying = by === 'mdns'): Promise<NodeEntry> {
     let link = this.#links.get(address);
     if (!link) {
       link = { address, client: new AgentClient(address, this.#agentToken), discoveredBy: by, session: undefined, nodeId: undefined, stream: undefined, retry: undefined, attempt: 0, closed: false };
@@ -72,8 +72,10 @@ export class Membership extends EventEmitter<MembershipEvents> {
       try {
         return await this.#connect(link);
       } catch (err) {
-        // A static join must reach the agent now; a Bonjour sighting keeps retrying.
-        if (by === 'join') this.#drop(link);
+        // A static join must reach the agent now; a Bonjour sighting or a remembered agent
+        // (coordinator restart) keeps retrying in the background.
+        if (keepTrying) this.#scheduleReconnect(link);
+        else this.#drop(link);
         throw err;
       }
     }

@@ -166,7 +166,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
 
     // An explicit cluster token (--join-token); `coordinator token` must print the one in force.
     const explicitToken = `test-token-${randomBytes(12).toString('hex')}`;
-    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', explicitToken, '--json'], env);
+    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', explicitToken, '--max-queue', '1', '--json'], env);
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
     const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], { ...env, ORCHARD_JOIN_TOKEN: '' });
@@ -304,8 +304,74 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     expect(g.code, g.stderr).toBe(0);
     expect((JSON.parse(g.stdout) as { tokens: number[] }).tokens).toEqual(oracle);
 
+  });
+
+  it('cancellation frees the engine slot; beyond --parallel + --max-queue a request gets RESOURCE_EXHAUSTED busy', async () => {
+    // m8 is loaded with --parallel 1 and the coordinator runs with --max-queue 1.
+    const a = new CoordinatorClient(coordAddr);
+    const b = new CoordinatorClient(coordAddr);
+    const c = new CoordinatorClient(coordAddr);
+    const cancelA = new AbortController();
+    const long = { model: 'm8', prompt: PROMPT, maxTokens: 100_000, temperature: 0, seed: '1' };
+    try {
+      const aStream = a.stream('generate', long, cancelA.signal);
+      await aStream.next(); // A holds the only slot
+      let bFirstTokenAt = 0;
+      const bDone = (async () => {
+        for await (const ev of b.stream('generate', { ...long, maxTokens: 4 })) {
+          if (ev.event === 'token' && !bFirstTokenAt) bFirstTokenAt = Date.now();
+        }
+      })();
+      await sleep(300); // B is queued now
+      const busy = await (async () => {
+        for await (const _ of c.stream('generate', { ...long, maxTokens: 4 })) return undefined;
+        return undefined;
+      })().catch((e: Error) => e);
+      expect(busy).toBeInstanceOf(Error);
+      expect((busy as Error).message).toMatch(/^busy/);
+      expect(bFirstTokenAt).toBe(0);
+      // Cancel A: its engine slot must go idle, so B starts long before A could have finished
+      // (A alone would run to the 2048-token context, tens of seconds here).
+      const cancelledAt = Date.now();
+      cancelA.abort();
+      await aStream.return(undefined);
+      await bDone;
+      expect(bFirstTokenAt).toBeGreaterThan(0);
+      expect(bFirstTokenAt - cancelledAt).toBeLessThan(5000);
+    } finally {
+      a.close();
+      b.close();
+      c.close();
+    }
+  });
+
+  it('a restarted coordinator cleans up the engines its predecessor left on the agents', async () => {
+    const m = (await status()).models.find((x) => x.name === 'm8')!;
+    const endpoints = m.stages.map((s) => s.endpoint).filter(Boolean);
+    for (const e of endpoints) expect(await canConnect(e)).toBe(true);
+    // A crash, not a clean stop: nothing gets to unload.
+    await killGroup(coordinator);
+    coordinator = start('coordinator 2', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], { ...env, ORCHARD_JOIN_TOKEN: '' });
+    const ready = await readyLine(coordinator);
+    coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
+    // It finds the agents that joined before (state dir) and stops the orphaned engines.
+    const deadline = Date.now() + 15_000;
+    let open = endpoints.length;
+    while (Date.now() < deadline && open > 0) {
+      await sleep(250);
+      open = 0;
+      for (const e of endpoints) if (await canConnect(e)) open++;
+    }
+    expect(open).toBe(0);
+    const s = await status();
+    expect(s.models).toEqual([]);
+    expect(s.nodes.filter((n) => n.state === 'up').length).toBe(2);
+    // and it can load again
+    const reload = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
+    expect(reload.code, reload.stderr).toBe(0);
     const u = await orchard(['unload', 'm8', '--coordinator', coordAddr], env);
     expect(u.code, u.stderr).toBe(0);
-    for (const st of m.stages) if (st.endpoint) expect(await canConnect(st.endpoint)).toBe(false);
+    const after = (await status()).models;
+    expect(after).toEqual([]);
   });
 });

@@ -71,7 +71,7 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
     httpPort: parsePort(flags.httpPort, '--http-port'),
     mdns: flags.mdns,
     mdnsInterface: flags.mdnsInterface,
-    joinToken: flags.joinToken,
+    joinToken: flags.joinToken || undefined,
     registry: { suspectAfterMs, downAfterMs, forgetAfterMs: Math.max(10 * 60_000, downAfterMs + 1) },
     maxQueue: flags.maxQueue !== undefined ? parseInteger(flags.maxQueue, '--max-queue', 0, 100_000) : undefined,
     extraHeadArgs: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS?.split(/\s+/).filter(Boolean),
