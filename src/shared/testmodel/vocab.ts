@@ -44,7 +44,7 @@ export async function vocabPath(env: NodeJS.ProcessEnv = process.env): Promise<s
     await git(['init', '--quiet', '--bare']);
     await git(['fetch', '--quiet', '--no-tags', source.bundle, source.commit]);
     const { stdout } = await git(['show', `${source.commit}:models/${VOCAB_FILE}`]);
-    const tmp = join(dir, `.${VOCAB_FILE}.${process.pid}.tmp`);
+    const tmp = join(scratch, VOCAB_FILE); // same file system as `file`: the rename is atomic
     await writeFile(tmp, stdout);
     await rename(tmp, file); // atomic: concurrent extractions race harmlessly
   } catch (err) {
@@ -63,9 +63,21 @@ async function isFile(p: string): Promise<boolean> {
   }
 }
 
-/** Read the tokenizer out of the vocab GGUF. */
+const loaded = new Map<string, Promise<Vocab>>();
+
+/** Read the tokenizer out of the vocab GGUF (once per file and process). */
 export async function loadVocab(env: NodeJS.ProcessEnv = process.env): Promise<Vocab> {
   const path = await vocabPath(env);
+  let vocab = loaded.get(path);
+  if (!vocab) {
+    vocab = readVocab(path);
+    loaded.set(path, vocab);
+    vocab.catch(() => loaded.delete(path));
+  }
+  return vocab;
+}
+
+async function readVocab(path: string): Promise<Vocab> {
   const header = await readGgufHeader(path);
   const metadata = new Map<string, GgufValue>();
   for (const [k, v] of header.metadata) if (k.startsWith('tokenizer.')) metadata.set(k, v);
