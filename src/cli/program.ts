@@ -1,5 +1,6 @@
 import { Command, CommanderError, Option } from 'commander';
 import { OrchardError, UsageError } from '../shared/errors.ts';
+import { loadConfig } from './config.ts';
 import { registerCluster } from './commands/cluster.ts';
 import { registerCoordinator } from './commands/coordinator.ts';
 import { registerChat } from './commands/chat.ts';
@@ -25,6 +26,7 @@ export function buildProgram(): Command {
     .description('Run one large language model across several Apple Silicon Macs.')
     .version(process.env.npm_package_version ?? '0.1.0', '-V, --version')
     .addOption(new Option('--debug', 'print stack traces and debug logs').env('ORCHARD_DEBUG'))
+    .addOption(new Option('--config <file>', 'config file (default ~/.config/orchard/config.json; precedence: flags > ORCHARD_* env > file > defaults)').env('ORCHARD_CONFIG'))
     .showSuggestionAfterError(true)
     .configureHelp({ sortSubcommands: false });
   program.exitOverride();
@@ -63,6 +65,7 @@ export async function runCli(argv: string[]): Promise<number> {
   const program = buildProgram();
   const debug = argv.includes('--debug') || !!process.env.ORCHARD_DEBUG;
   try {
+    await loadConfig(program, argv);
     await program.parseAsync(argv, { from: 'user' });
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {
