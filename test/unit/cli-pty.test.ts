@@ -1,0 +1,140 @@
+import { execFileSync, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ORCHARD_BIN } from '../../src/cli/local-cluster.ts';
+import { DEMO_SHAPE } from '../../src/cli/demo-model.ts';
+import { encodeGgufHeader } from '../../src/shared/gguf/writer.ts';
+import { llamaTestModelSpec } from '../../src/shared/testmodel/llama.ts';
+import { loadVocab } from '../../src/shared/testmodel/vocab.ts';
+
+/*
+ * The CLI as a person sees it: commands run in a real pseudo-terminal (tmux, on a private
+ * socket this file owns and kills), the screen captured and checked for layout and exit codes.
+ */
+
+const hasTmux = (() => {
+  try {
+    execFileSync('tmux', ['-V']);
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+const socket = `orchard-test-${randomUUID().slice(0, 8)}`;
+let tmp = '';
+let n = 0;
+const children: number[] = [];
+
+/** Run `orchard ARGS` in a 160×50 terminal; return the screen text and the exit code. */
+async function inPty(args: string[], env: Record<string, string> = {}): Promise<{ screen: string; code: number }> {
+  const name = `s${n++}`;
+  const envs = Object.entries({ ORCHARD_CONFIG: join(tmp, 'none.json'), ...env }).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(' ');
+  const cmd = `env ${envs} ${JSON.stringify(process.execPath)} ${JSON.stringify(ORCHARD_BIN)} ${args.map((a) => JSON.stringify(a)).join(' ')}; echo "EXIT:$?"; sleep 60`;
+  execFileSync('tmux', ['-L', socket, 'new-session', '-d', '-s', name, '-x', '160', '-y', '50', cmd]);
+  const t0 = Date.now();
+  for (;;) {
+    const screen = execFileSync('tmux', ['-L', socket, 'capture-pane', '-p', '-J', '-S', '-', '-t', name], { encoding: 'utf8' });
+    const m = /EXIT:(\d+)/.exec(screen);
+    if (m) {
+      execFileSync('tmux', ['-L', socket, 'kill-session', '-t', name]);
+      return { screen: screen.slice(0, m.index).trimEnd(), code: Number(m[1]) };
+    }
+    if (Date.now() - t0 > 30_000) throw new Error(`timed out: ${screen}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+describe.skipIf(!hasTmux)('CLI in a pseudo-terminal', () => {
+  beforeAll(async () => {
+    tmp = await mkdtemp(join(tmpdir(), 'orchard-pty-'));
+    await writeFile(join(tmp, 'none.json'), '{}');
+  });
+  afterAll(async () => {
+    try {
+      execFileSync('tmux', ['-L', socket, 'kill-server'], { stdio: 'ignore' });
+    } catch {}
+    for (const pid of children) {
+      try {
+        process.kill(-pid, 'SIGKILL');
+      } catch {}
+    }
+    if (tmp) await rm(tmp, { recursive: true, force: true });
+  });
+
+  it('--help lists every command, exit 0', async () => {
+    const { screen, code } = await inPty(['--help']);
+    expect(code).toBe(0);
+    for (const c of ['setup', 'node', 'coordinator', 'status', 'load', 'plan', 'demo', 'up', 'chat']) expect(screen).toMatch(new RegExp(`^\\s+${c}\\b`, 'm'));
+    expect(screen).toMatch(/--config <file>/);
+  });
+
+  it.each(['demo', 'up', 'chat'])('%s --help shows examples, exit 0', async (c) => {
+    const { screen, code } = await inPty([c, '--help']);
+    expect(code).toBe(0);
+    expect(screen).toMatch(new RegExp(`^Usage: orchard ${c}`, 'm'));
+    expect(screen).toMatch(/^Examples:\n\s+\$ orchard /m);
+  });
+
+  it('an unknown flag is a usage error: exit 2', async () => {
+    const { screen, code } = await inPty(['demo', '--frobnicate']);
+    expect(code).toBe(2);
+    expect(screen).toMatch(/unknown option '--frobnicate'/);
+  });
+
+  it('plan prints an aligned table with human units; a plan that does not fit exits 1', async () => {
+    const model = join(tmp, 'demo.gguf');
+    await writeFile(model, encodeGgufHeader(llamaTestModelSpec(DEMO_SHAPE, await loadVocab())).headerBytes);
+    const nodes = join(tmp, 'nodes.json');
+    const GiB = 2 ** 30;
+    await writeFile(nodes, JSON.stringify([{ name: 'studio', memoryBytes: 64 * GiB, usableBytes: 48 * GiB, bandwidthBytesPerSecond: 800e9 }]));
+    const ok = await inPty(['plan', model, '--nodes', nodes, '--ctx', '1024']);
+    expect(ok.code).toBe(0);
+    const rows = ok.screen.split('\n').filter((l) => /^[┌│├└]/.test(l));
+    expect(rows.length).toBeGreaterThanOrEqual(5);
+    expect(new Set(rows.map((l) => [...l].length)).size).toBe(1);
+    expect(ok.screen).toMatch(/│\s+0 │ studio\s+│ head/);
+    expect(ok.screen).toMatch(/predicted: \d+\.\d tok\/s/);
+    await writeFile(nodes, JSON.stringify([{ name: 'tiny', memoryBytes: GiB, usableBytes: 100 * 2 ** 20, bandwidthBytesPerSecond: 100e9 }]));
+    const no = await inPty(['plan', model, '--nodes', nodes, '--ctx', '1024']);
+    expect(no.code).toBe(1);
+    expect(no.screen).toMatch(/DOES NOT FIT/);
+  });
+
+  it('status shows the node table; an unreachable coordinator is one line and exit 1', async () => {
+    const coord = spawn(process.execPath, [ORCHARD_BIN, 'coordinator', '--json', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--no-mdns', '--state-dir', join(tmp, 'c')], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+      detached: true,
+    });
+    children.push(coord.pid!);
+    const ready = await new Promise<{ grpcPort: number }>((resolve) => {
+      coord.stdout.setEncoding('utf8').on('data', (d: string) => resolve(JSON.parse(d.split('\n')[0]!) as { grpcPort: number }));
+    });
+    const node = spawn(process.execPath, [ORCHARD_BIN, 'node', '--json', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--no-mdns', '--name', 'pty-node', '--budget', '3GiB', '--state-dir', join(tmp, 'n')], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+      detached: true,
+    });
+    children.push(node.pid!);
+    const nodeReady = await new Promise<{ grpcPort: number }>((resolve) => {
+      node.stdout.setEncoding('utf8').on('data', (d: string) => resolve(JSON.parse(d.split('\n')[0]!) as { grpcPort: number }));
+    });
+    const { readFile } = await import('node:fs/promises');
+    const token = (await readFile(join(tmp, 'c', 'join-token'), 'utf8')).trim();
+    const join_ = await inPty(['cluster', 'join', `127.0.0.1:${ready.grpcPort}`, '--token', token, '--agent', `127.0.0.1:${nodeReady.grpcPort}`]);
+    expect(join_.code).toBe(0);
+    const st = await inPty(['status', '--coordinator', `127.0.0.1:${ready.grpcPort}`]);
+    expect(st.code).toBe(0);
+    expect(st.screen).toMatch(/^cluster [0-9a-f-]{36}$/m);
+    const rows = st.screen.split('\n').filter((l) => /^[┌│├└]/.test(l));
+    expect(new Set(rows.map((l) => [...l].length)).size).toBe(1);
+    expect(st.screen).toMatch(/│ pty-node │ up\s+│ 127\.0\.0\.1:\d+ │.*│ 3\.0 GiB │ [\d.]+ GB\/s │ join │/);
+    for (const pid of [node.pid!, coord.pid!]) process.kill(pid, 'SIGTERM');
+    const down = await inPty(['status', '--coordinator', '127.0.0.1:1']);
+    expect(down.code).toBe(1);
+    expect(down.screen.split('\n').filter(Boolean)).toHaveLength(1);
+    expect(down.screen).toMatch(/^orchard: cannot reach the coordinator at 127\.0\.0\.1:1/);
+  });
+});
