@@ -47,6 +47,12 @@ export interface MlxGroupOptions {
   stallTimeoutMs?: number;
   /** Extra environment for the workers. */
   env?: Record<string, string>;
+  /**
+   * Called when a local rank has finished its imports and is about to listen/dial. Across
+   * agents, the coordinator should start the agent holding rank N-1 only after every other
+   * rank reported this (rank N-1 dials with ~31 s of retries; the others wait without limit).
+   */
+  onRankStarting?: (rank: number) => void;
   log?: Logger;
 }
 
@@ -67,7 +73,19 @@ interface Rank {
 const STDERR_LINES = 30;
 
 /**
- * Driver for the local ranks of one MLX model instance. Spawns `mlx_worker.py` per rank with the
+ * Driver for the local ranks of one MLX model instance.
+ *
+ * Use from a node agent (ranks spread over agents): every agent calls
+ * `MlxGroup.start({ python, model, mode, split, launch, localRanks: [its ranks] })` with the same
+ * launch (the coordinator picks fresh ports); agents holding ranks 0..N-2 first, the one holding
+ * N-1 once the others reported `onRankStarting`. Every agent then `submit()`s each request to its
+ * ranks; the agent holding rank 0 uses `generate()` instead, which submits and streams tokens.
+ * `cancel(id)` must reach every agent too (ranks agree collectively on the step to stop at). On
+ * `onFailure` the agent reports the error upstream; the coordinator restarts the whole instance.
+ *
+ * Single host (tests, benches): omit localRanks and the group starts every rank itself.
+ *
+ * Details: Spawns `mlx_worker.py` per rank with the
  * exact MLX env (no ssh, no mlx.launch), starts rank N-1 last, waits for every "ready", speaks
  * the JSON-lines protocol, and enforces the watchdogs: a start-up timeout, a per-request stall
  * timeout, and "any rank dies → kill every local rank". After a failure the group is dead; the
@@ -196,6 +214,7 @@ export class MlxGroup {
         this.opts.log?.debug({ rank, line }, 'mlx worker stdout (not protocol)');
         return;
       }
+      if (msg.type === 'starting') this.opts.onRankStarting?.(rank);
       if (msg.type === 'error' && msg.fatal) {
         this.fail(new MlxGroupError(`MLX rank ${rank} failed: ${msg.message}`));
       }

@@ -108,6 +108,10 @@ class Inbox:
         # stdin closed: the agent is gone (or wants us gone). Other ranks notice the broken ring.
         os._exit(0)
 
+    def forget(self, rid):
+        with self.lock:
+            self.cancelled.discard(rid)
+
     def is_cancelled(self, rid):
         with self.lock:
             return rid in self.cancelled
@@ -342,6 +346,7 @@ def serve(model, tokenizer, config, group, inbox):
             if cancelled:
                 finish = "cancelled"
                 break
+        inbox.forget(rid)
         if rank == 0:
             detok.finalize()
             elapsed = (time.monotonic() - started) * 1000
