@@ -103,11 +103,6 @@ export const gv = {
   },
 };
 
-/** Plain JS value of a metadata entry (bigints stay bigints). */
-export function plainValue(v: GgufValue): unknown {
-  return v.value;
-}
-
 /** A number-valued key (any integer or float type; 64-bit ints must fit 2^53), or undefined. */
 export function metaNumber(header: Pick<GgufHeader, 'metadata'>, key: string): number | undefined {
   const v = header.metadata.get(key);
