@@ -43,6 +43,14 @@ export interface Shape {
   type: GgmlTypeName;
   /** Not used to fit the compute-buffer constants: checks the formula on an unseen shape. */
   heldOut?: boolean;
+  /** Run only a few configurations (large shapes: keeps the bench bounded). */
+  spot?: boolean;
+}
+
+const ZERO_CHUNK = new Uint8Array(8 * MiB);
+/** `n` zero bytes as chunks of one shared buffer, so big models never sit in memory. */
+function* zeros(n: number): Iterable<Uint8Array> {
+  for (let left = n; left > 0; left -= ZERO_CHUNK.length) yield left >= ZERO_CHUNK.length ? ZERO_CHUNK : ZERO_CHUNK.subarray(0, left);
 }
 
 export async function writeModel(dir: string, s: Shape, vocabPath: string): Promise<string> {
@@ -83,7 +91,7 @@ export async function writeModel(dir: string, s: Shape, vocabPath: string): Prom
   // Zero weights: memory use does not depend on the values.
   await writeGguf(path, {
     metadata,
-    tensors: tensors.map((t) => ({ ...t, data: new Uint8Array(tensorBytes(t.type, t.dims)) })),
+    tensors: tensors.map((t) => ({ ...t, data: () => zeros(tensorBytes(t.type, t.dims)) })),
   });
   return path;
 }
