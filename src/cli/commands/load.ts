@@ -3,6 +3,9 @@ import type { Command } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
 import { OrchardError } from '../../shared/errors.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
+import { createProgress } from '../progress.ts';
+
+const LOAD_PHASES = ['planning', 'starting-workers', 'starting-head', 'verifying', 'ready'];
 
 interface LoadFlags {
   ctx: string;
@@ -40,10 +43,13 @@ export function registerLoad(program: Command): void {
       const onSig = () => ac.abort();
       process.once('SIGINT', onSig);
       let last: Record<string, unknown> | undefined;
+      // A bar over the load phases on a terminal; plain lines in pipes and logs.
+      const bar = !flags.json && process.stderr.isTTY ? createProgress('load', LOAD_PHASES.length - 1) : undefined;
       try {
         for await (const p of client.stream('load', { modelPath: resolve(model), name: flags.name ?? '', options, engine: '' }, ac.signal)) {
           last = p;
           if (flags.json) process.stdout.write(`${JSON.stringify(p)}\n`);
+          else if (bar) bar.update(Math.max(0, LOAD_PHASES.indexOf(String(p.phase))), String(p.message));
           else {
             const total = Number(p.bytesTotal ?? 0);
             const size = total ? ` [${formatBytes(Number(p.bytesDone ?? 0))}/${formatBytes(total)}]` : '';
@@ -51,6 +57,7 @@ export function registerLoad(program: Command): void {
           }
         }
       } finally {
+        bar?.stop(last?.phase === 'ready' ? `ready in ${Number(last.elapsedSeconds ?? 0).toFixed(1)} s` : 'failed');
         process.off('SIGINT', onSig);
         client.close();
       }

@@ -4,6 +4,8 @@ import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.
 import { formatBandwidth, formatBytes } from '../../shared/units.ts';
 
 type Wire = Record<string, unknown>;
+/** Colours only on a terminal: pipes and logs get plain text. */
+const tableStyle = () => (process.stdout.isTTY ? {} : { head: [], border: [] });
 const num = (v: unknown) => Number(v ?? 0);
 
 /** Proto status → the stable JSON shape of `orchard status --json` (sizes as numbers). */
@@ -65,7 +67,7 @@ export function registerStatus(program: Command): void {
           return;
         }
         const nodes = s.nodes as ReturnType<typeof statusJson>[];
-        const t = new Table({ head: ['node', 'state', 'address', 'chip', 'memory', 'usable', 'bandwidth', 'via'] });
+        const t = new Table({ head: ['node', 'state', 'address', 'chip', 'memory', 'usable', 'bandwidth', 'via'], style: tableStyle() });
         for (const n of nodes as Wire[]) {
           const h = n.hardware as Wire;
           t.push([String(n.name), String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.usableBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), String(n.discoveredBy)]);
@@ -73,7 +75,7 @@ export function registerStatus(program: Command): void {
         process.stdout.write(`cluster ${String(s.clusterId)}\n${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
         for (const m of s.models as Wire[]) {
           process.stdout.write(`\nmodel ${String(m.name)} [${String(m.state)}] ${String(m.path)}${m.error ? ` — ${String(m.error)}` : ''}\n`);
-          const mt = new Table({ head: ['stage', 'node', 'layers', 'weights', 'kv', 'total', 'budget', 'endpoint'] });
+          const mt = new Table({ head: ['stage', 'node', 'layers', 'weights', 'kv', 'total', 'budget', 'endpoint'], style: tableStyle() });
           ((m.stages ?? []) as Wire[]).forEach((st, i) => {
             const b = st.bytes as Wire;
             mt.push([String(i), String(st.nodeName), `${String(st.firstLayer)}-${String(st.lastLayer)}`, formatBytes(num(b.weights)), formatBytes(num(b.kv)), formatBytes(num(b.total)), formatBytes(num(st.budgetBytes)), String(st.endpoint || '-')]);
