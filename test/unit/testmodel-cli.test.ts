@@ -191,6 +191,22 @@ describe('generated weights', () => {
     }
   });
 
+  it('is byte-identical across machines: a pinned digest (update only with an intended recipe change)', async () => {
+    // Everything that shapes the bytes — PRNG, seeding, recipe, quantisers, metadata order, the
+    // bundled vocabulary — feeds this digest, recorded on x86-64 Linux; CI on another machine
+    // must reproduce it exactly.
+    const vocab = await loadVocab();
+    const pinned: Array<[LlamaTestShape['type'], string]> = [
+      ['f16', '880ee589300a4abde36926be606e47b9fc9b16fc41fff686d95b6748ae18d61b'],
+      ['q8_0', '858f19b94f9fa0c43ef947d49fc552ff9c528bca4f8e5c2eaf2b95a226de982e'],
+    ];
+    for (const [type, digest] of pinned) {
+      const path = join(dir, `pinned-${type}.gguf`);
+      const r = await writeGguf(path, llamaTestModelSpec({ ...shape(type), seed: 12345 }, vocab));
+      expect(r.sha256, type).toBe(digest);
+    }
+  });
+
   it('scales weights as documented and silences control tokens in the output head', async () => {
     const vocab = await loadVocab();
     const path = join(dir, 'scales.gguf');
