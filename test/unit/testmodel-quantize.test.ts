@@ -28,6 +28,13 @@ describe('quantisation is bit-exact with ggml', () => {
   // node-llama-cpp 3.22.1, v0.5.0+de3ff815ea7d): `ggml_fp32_to_fp16` over every value and
   // `ggml_quantize_chunk(GGML_TYPE_Q8_0, …)` over the finite copy, via a 20-line C harness,
   // on x86-64. Any difference in rounding, subnormals, NaN handling or the PRNG changes them.
+  // To reproduce: feed goldenInput().raw (as little-endian float32 bytes) on stdin to
+  //   int main(){ static float b[1<<20]; size_t n=fread(b,4,1<<20,stdin);
+  //     for(size_t i=0;i<n;i++){ ggml_fp16_t h=ggml_fp32_to_fp16(b[i]); fwrite(&h,2,1,stdout); }
+  //     void*q=malloc(n/32*34); ggml_quantize_chunk(GGML_TYPE_Q8_0,b,q,0,n/32,32,NULL);
+  //     fwrite(q,34,n/32,stdout); }
+  // built with `gcc -Iggml/include -Lbuild/bin -lggml-base`; hash the fp16 part of the output
+  // for the first digest, and the q8_0 part of a second run over goldenInput().finite.
   it('F16 matches ggml_fp32_to_fp16 on 262,144 values incl. NaN, ±inf, overflow and subnormals', () => {
     const { raw } = goldenInput();
     expect(sha(encodeValues('f16', raw))).toBe('a6844a787c3be96bedb85412aa25b55698cc312c632c6c4f05f99e6a25ebb34f');
