@@ -40,6 +40,19 @@ describe('MLX test models', () => {
     expect(config).toMatchObject({ model_type: 'llama', num_hidden_layers: 3, hidden_size: 32, vocab_size: 258, eos_token_id: 257 });
   });
 
+  it('`orchard testmodel mlx` writes the same bytes as the API and refuses bad flags with exit 2', async () => {
+    const cli = join(process.cwd(), 'bin', 'orchard.js');
+    const { stdout } = await run(process.execPath, [cli, 'testmodel', 'mlx', '--out', join(dir, 'cli'), '--layers', '3', '--hidden', '32', '--seed', '5', '--json']);
+    const viaCli = JSON.parse(stdout.trim());
+    const viaApi = await writeMlxTestModel(env.python, { out: join(dir, 'api'), layers: 3, hidden: 32, seed: 5 });
+    expect(viaCli.files).toEqual(viaApi.files);
+    const bad = await run(process.execPath, [cli, 'testmodel', 'mlx', '--out', join(dir, 'bad'), '--hidden', '30', '--heads', '4']).catch(
+      (e: { code?: number; stderr?: string }) => e,
+    );
+    expect((bad as { code?: number }).code).toBe(2);
+    expect((bad as { stderr?: string }).stderr).toMatch(/divisible/);
+  });
+
   it('the tokenizer is byte-level: every byte round-trips through transformers offline', async () => {
     const model = join(dir, 'a');
     const script = [
