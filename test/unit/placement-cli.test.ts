@@ -88,7 +88,8 @@ describe('orchard plan', () => {
   });
 
   const bad: [string, () => Promise<string[]>, RegExp][] = [
-    ['without --nodes', async () => ['plan', model70b], /needs --coordinator/],
+    ['without --nodes', async () => ['plan', model70b], /give --nodes NODES\.json.*needs --coordinator/],
+    ['--coordinator without --nodes', async () => ['plan', model70b, '--coordinator', 'http://127.0.0.1:1'], /live cluster at http/],
     ['missing model', async () => ['plan', join(dir, 'nope.gguf'), '--nodes', nodesFile], /nope\.gguf/],
     [
       'garbled GGUF',
