@@ -1,0 +1,214 @@
+import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { modelProfile } from '../../src/shared/model/profile.ts';
+import { planPlacement } from '../../src/shared/placement/planner.ts';
+
+/*
+ * The Bonjour variant of the cluster test: nodes are found by mDNS, never joined by hand. Two
+ * network namespaces this test creates (and deletes) joined by a veth pair: the coordinator in
+ * one, three node agents in the other, each advertising `_orchard._tcp` on the veth address.
+ * Nothing runs mDNS on the host's interfaces. Greedy tokens through the cluster must equal one
+ * plain llama-server on the same file (run on the host's loopback, no mDNS involved).
+ */
+
+const execFileP = promisify(execFile);
+const ROOT = new URL('../../', import.meta.url).pathname;
+const BIN = join(ROOT, 'bin/orchard.js');
+const CTX = 2048;
+const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
+const N_PREDICT = 32;
+
+function netnsUnavailable(): string | undefined {
+  if (process.getuid?.() !== 0) return 'not root (ip netns needs CAP_SYS_ADMIN)';
+  try {
+    execFileSync('ip', ['netns', 'list'], { stdio: 'ignore' });
+  } catch {
+    return 'the `ip` command (iproute2) cannot list namespaces';
+  }
+  return undefined;
+}
+const skipReason = netnsUnavailable();
+if (skipReason) console.warn(`skipping the Bonjour cluster test: ${skipReason}`);
+
+const tag = randomBytes(3).toString('hex');
+const NS_COORD = `orch-cc-${tag}`;
+const NS_NODES = `orch-cn-${tag}`;
+const VETH_COORD = `cc${tag}`;
+const VETH_NODES = `cn${tag}`;
+const NODES_IP = '10.78.0.1';
+const COORD_IP = '10.78.0.2';
+
+const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+interface Proc {
+  readonly child: ChildProcess;
+  out: string;
+  err: string;
+  readonly exited: Promise<void>;
+}
+const procs: Proc[] = [];
+
+function startIn(ns: string | undefined, file: string, args: string[], env: NodeJS.ProcessEnv): Proc {
+  const [cmd, argv] = ns ? ['ip', ['netns', 'exec', ns, file, ...args]] : [file, args];
+  const child = spawn(cmd as string, argv as string[], { cwd: ROOT, detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
+  const p: Proc = { child, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
+  child.stdout?.on('data', (b: Buffer) => {
+    p.out += b.toString();
+  });
+  child.stderr?.on('data', (b: Buffer) => {
+    p.err += b.toString();
+    if (p.err.length > 1_000_000) p.err = p.err.slice(-500_000);
+  });
+  procs.push(p);
+  return p;
+}
+
+async function readyLine(p: Proc): Promise<Record<string, unknown>> {
+  for (let i = 0; i < 600; i++) {
+    const line = p.out.split('\n').find((l) => l.includes('"event":"ready"'));
+    if (line) return JSON.parse(line) as Record<string, unknown>;
+    if (p.child.exitCode !== null) throw new Error(`exited early: ${p.err.slice(-2000)}`);
+    await sleep(100);
+  }
+  throw new Error(`not ready: ${p.err.slice(-2000)}`);
+}
+
+async function orchardIn(ns: string, args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await execFileP('ip', ['netns', 'exec', ns, process.execPath, BIN, ...args], { cwd: ROOT, env, maxBuffer: 16 * 2 ** 20 });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
+    });
+  });
+}
+
+describe.skipIf(!!skipReason)('cluster over Bonjour inside network namespaces', () => {
+  let dir = '';
+  let nsCreated = false;
+  let bins: LlamaBinaries;
+  let env: NodeJS.ProcessEnv;
+  let model = '';
+  let coordLocal = '';
+  let oracle: number[] = [];
+
+  beforeAll(async () => {
+    bins = await findLlamaBinaries();
+    dir = await mkdtemp(join(tmpdir(), 'orchard-cluster-mdns-'));
+    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+    delete env.ORCHARD_COORDINATOR;
+    model = join(dir, 'm8.gguf');
+    await execFileP(process.execPath, [BIN, 'testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '11'], { env });
+
+    ip('netns', 'add', NS_COORD);
+    ip('netns', 'add', NS_NODES);
+    nsCreated = true;
+    ip('link', 'add', VETH_COORD, 'type', 'veth', 'peer', 'name', VETH_NODES);
+    ip('link', 'set', VETH_COORD, 'netns', NS_COORD);
+    ip('link', 'set', VETH_NODES, 'netns', NS_NODES);
+    ip('-n', NS_COORD, 'addr', 'add', `${COORD_IP}/24`, 'dev', VETH_COORD);
+    ip('-n', NS_NODES, 'addr', 'add', `${NODES_IP}/24`, 'dev', VETH_NODES);
+    for (const [ns, dev] of [[NS_COORD, VETH_COORD], [NS_NODES, VETH_NODES]] as const) {
+      ip('-n', ns, 'link', 'set', 'lo', 'up');
+      ip('-n', ns, 'link', 'set', dev, 'up');
+    }
+
+    const profile = modelProfile(await readGgufHeader(model));
+    const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
+    const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
+
+    const coord = startIn(NS_COORD, process.execPath, [BIN, 'coordinator', '--grpc-port', '0', '--http-port', '0', '--mdns-interface', COORD_IP, '--state-dir', join(dir, 'coord'), '--json'], env);
+    coordLocal = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;
+    for (const name of ['mdns-a', 'mdns-b', 'mdns-c']) {
+      const n = startIn(NS_NODES, process.execPath, [BIN, 'node', '--grpc-port', '0', '--metrics-port', '0', '--bind', NODES_IP, '--mdns-interface', NODES_IP, '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--json'], env);
+      await readyLine(n);
+    }
+
+    // the oracle, on the host's loopback
+    const port = await freePort();
+    const plain = startIn(undefined, bins.llamaServer, ['-m', model, '-c', String(CTX), '-np', '1', '--port', String(port), '--host', '127.0.0.1', '-t', '2'], env);
+    for (let i = 0; i < 300; i++) {
+      if (await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.status === 200, () => false)) break;
+      await sleep(200);
+    }
+    const res = await fetch(`http://127.0.0.1:${port}/completion`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: PROMPT, n_predict: N_PREDICT, temperature: 0, return_tokens: true }),
+    });
+    oracle = ((await res.json()) as { tokens: number[] }).tokens;
+    if (plain.child.pid) process.kill(-plain.child.pid, 'SIGKILL');
+  });
+
+  afterAll(async () => {
+    for (const p of procs.splice(0)) {
+      try {
+        if (p.child.pid && p.child.exitCode === null) process.kill(-p.child.pid, 'SIGKILL');
+      } catch {
+        // gone
+      }
+      await p.exited;
+    }
+    if (nsCreated) {
+      for (const ns of [NS_COORD, NS_NODES]) {
+        try {
+          ip('netns', 'del', ns);
+        } catch {
+          // already gone
+        }
+      }
+    }
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('finds the three agents by Bonjour, loads over ≥ 2 stages and matches one plain llama-server', async () => {
+    let nodes: { name: string; state: string; address: string; discoveredBy: string }[] = [];
+    for (let i = 0; i < 60; i++) {
+      const s = await orchardIn(NS_COORD, ['status', '--json', '--coordinator', coordLocal], env);
+      expect(s.code, s.stderr).toBe(0);
+      nodes = (JSON.parse(s.stdout) as { nodes: typeof nodes }).nodes;
+      if (nodes.filter((n) => n.state === 'up').length === 3) break;
+      await sleep(500);
+    }
+    expect(nodes.map((n) => n.name).sort()).toEqual(['mdns-a', 'mdns-b', 'mdns-c']);
+    for (const n of nodes) {
+      expect(n.discoveredBy).toBe('mdns');
+      expect(n.address.startsWith(`${NODES_IP}:`)).toBe(true);
+    }
+    const load = await orchardIn(NS_COORD, ['load', model, '--ctx', String(CTX), '--coordinator', coordLocal], env);
+    expect(load.code, load.stderr).toBe(0);
+    const s = JSON.parse((await orchardIn(NS_COORD, ['status', '--json', '--coordinator', coordLocal], env)).stdout) as {
+      models: { state: string; stages: { endpoint: string }[] }[];
+    };
+    expect(s.models[0]!.state).toBe('ready');
+    expect(s.models[0]!.stages.length).toBeGreaterThanOrEqual(2);
+    // the worker's rpc-server listens on the cluster (veth) address, not on loopback
+    expect(s.models[0]!.stages[0]!.endpoint.startsWith(`${NODES_IP}:`)).toBe(true);
+    const g = await orchardIn(NS_COORD, ['generate', '--prompt', PROMPT, '--max-tokens', String(N_PREDICT), '--temperature', '0', '--json', '--coordinator', coordLocal], env);
+    expect(g.code, g.stderr).toBe(0);
+    const tokens = (JSON.parse(g.stdout) as { tokens: number[] }).tokens;
+    expect(new Set(tokens).size).toBeGreaterThan(5);
+    expect(tokens).toEqual(oracle);
+    const u = await orchardIn(NS_COORD, ['unload', 'm8', '--coordinator', coordLocal], env);
+    expect(u.code, u.stderr).toBe(0);
+  });
+});
