@@ -49,8 +49,11 @@ export function registerPlan(program: Command): void {
         throw new UsageError(`invalid --cache-type "${flags.cacheType}": use one of ${CACHE_TYPES.join(', ')}`);
       }
       if (!flags.nodes) {
+        // The live-cluster mode (nodes from a running coordinator) is wired by the coordinator work.
         throw new UsageError(
-          'planning for the live cluster needs --coordinator (not available yet); give the nodes with --nodes NODES.json',
+          flags.coordinator
+            ? `planning against the live cluster at ${flags.coordinator} is not available yet; give the nodes with --nodes NODES.json`
+            : 'no nodes: give --nodes NODES.json (planning for the live cluster needs --coordinator, not available yet)',
         );
       }
       let text: string;
