@@ -100,6 +100,21 @@ describe.skipIf(!engines)('orchard demo', () => {
     expect(await pidsWithMarker(marker)).toEqual([]);
   });
 
+  it('--json: one summary object on stdout, the story on stderr', async () => {
+    const marker = `demo-${randomUUID()}`;
+    const r = await runDemo(['--json', '--max-tokens', '6', '--nodes', '2'], marker);
+    expect(r.code, r.stderr.slice(-2000)).toBe(0);
+    const s = JSON.parse(r.stdout) as { plan: { stages: unknown[] }; usage: { completion_tokens: number }; finishReason: string; text: string; placement: { verification: { ok: boolean } }; totalSeconds: number };
+    expect(s.plan.stages).toHaveLength(2);
+    expect(s.usage.completion_tokens).toBe(6);
+    expect(s.finishReason).toBe('length');
+    expect(s.text.length).toBeGreaterThan(0);
+    expect(r.stderr).toContain(s.text);
+    expect(s.placement.verification.ok).toBe(true);
+    console.log(`orchard demo --nodes 2 (model cached): ${s.totalSeconds.toFixed(1)} s`);
+    expect(await pidsWithMarker(marker)).toEqual([]);
+  });
+
   it('Ctrl-C during the load stops everything and exits 130', async () => {
     const marker = `demo-${randomUUID()}`;
     let sent = false;

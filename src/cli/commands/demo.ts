@@ -21,6 +21,7 @@ interface DemoFlags {
   prompt: string;
   maxTokens: string;
   nodes: string;
+  json?: boolean;
 }
 
 const LOAD_PHASES = ['planning', 'starting-workers', 'starting-head', 'verifying', 'ready'];
@@ -41,6 +42,7 @@ export function registerDemo(program: Command): void {
     .option('--prompt <text>', 'completion prompt', 'Once upon a time')
     .option('--max-tokens <n>', 'tokens to generate', '48')
     .option('--nodes <n>', 'node agents to start (2–6)', '3')
+    .option('--json', 'human output to stderr; one JSON summary (plan, placement, tokens/s, timings) on stdout')
     .addHelpText(
       'after',
       `
@@ -94,7 +96,9 @@ async function runDemo(flags: DemoFlags): Promise<void> {
   const nodeCount = parseInteger(flags.nodes, '--nodes', 2, 6);
   const maxTokens = parseInteger(flags.maxTokens, '--max-tokens', 1, 4096);
   const t0 = Date.now();
-  const out = (s: string) => process.stdout.write(s);
+  // With --json the human-readable story goes to stderr and stdout carries one summary object.
+  const out = (s: string) => (flags.json ? process.stderr : process.stdout).write(s);
+  const summary: Record<string, unknown> = {};
   const step = (s: string) => process.stderr.write(`\n▸ ${s}\n`);
 
   let cluster: LocalCluster | undefined;
@@ -168,6 +172,9 @@ async function runDemo(flags: DemoFlags): Promise<void> {
       client.close();
     }
     const plan = planJsonSchema.parse(JSON.parse(planText));
+    summary.model = modelPath;
+    summary.budgets = budgets;
+    summary.plan = plan;
     out(`\nPlan for ${profile.name ?? modelPath} (${profile.layerCount} layers, ctx ${ctx}) on ${nodeCount} nodes:\n${renderPlanTable(plan)}`);
 
     step('load');
@@ -183,6 +190,7 @@ async function runDemo(flags: DemoFlags): Promise<void> {
       bar.stop(loaded ? `ready in ${((Date.now() - tLoad) / 1000).toFixed(1)} s` : 'failed');
     }
     if (!loaded) throw new OrchardError('the load ended without a result');
+    summary.loadSeconds = (Date.now() - tLoad) / 1000;
 
     step(`generate: POST /v1/completions (stream), ${maxTokens} tokens`);
     out(`\n${flags.prompt}`);
@@ -192,12 +200,14 @@ async function runDemo(flags: DemoFlags): Promise<void> {
     let usage: Record<string, unknown> | undefined;
     let timings: Record<string, unknown> | undefined;
     let finish = '';
+    let text = '';
     for await (const c of apiSse(api, '/v1/completions', { model: 'orchard-demo', prompt: flags.prompt, max_tokens: maxTokens, temperature: 0, stream: true, stream_options: { include_usage: true } }, abort.signal)) {
       const choice = (c.choices as { text?: string; finish_reason?: string | null }[])[0];
       if (choice?.text) {
         if (!firstAt) firstAt = Date.now();
         chunks++;
         out(choice.text);
+        text += choice.text;
       }
       if (choice?.finish_reason) finish = choice.finish_reason;
       if (c.usage) {
@@ -215,10 +225,15 @@ async function runDemo(flags: DemoFlags): Promise<void> {
         `first token after ${firstAt ? firstAt - tGen : 0} ms\n`,
     );
 
+    Object.assign(summary, { text, finishReason: finish, usage, timings, clientTokensPerSecond: wallRate, firstTokenMs: firstAt ? firstAt - tGen : null });
     step('where the bytes went');
     const models = await apiJson<{ data: { id: string; orchard: unknown }[] }>(api, 'GET', '/v1/models');
     const demo = models.data.find((m) => m.id === 'orchard-demo');
-    if (demo) out(renderPlacementTable(placementJsonSchema.parse(demo.orchard)));
+    if (demo) {
+      const placement = placementJsonSchema.parse(demo.orchard);
+      summary.placement = placement;
+      out(renderPlacementTable(placement));
+    }
 
     if (flags.keep) {
       out(
@@ -245,4 +260,5 @@ async function runDemo(flags: DemoFlags): Promise<void> {
     else if (cluster) process.stderr.write(`stopped ${pids.length} processes; total ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
   }
   if (abort.signal.aborted) process.exitCode = 130;
+  else if (flags.json) process.stdout.write(`${JSON.stringify({ ...summary, totalSeconds: (Date.now() - t0) / 1000 })}\n`);
 }
