@@ -147,6 +147,10 @@ export class Membership extends EventEmitter<MembershipEvents> {
         // forget the link too when the registry forgets the node (unless the address now belongs to another node)
         const link = this.#links.get(c.node.address);
         if (link && link.nodeId === c.node.nodeId && link.discoveredBy === 'mdns') this.#drop(link);
+      } else if (c.kind === 'replaced' && c.previous.address !== c.node.address) {
+        // The node came back at a new address (e.g. a new port): stop dialling the old one.
+        const old = this.#links.get(c.previous.address);
+        if (old && old.discoveredBy === 'mdns') this.#drop(old);
       }
       const n = c.node;
       if (c.kind === 'state') this.#log.info({ node: n.profile.name, nodeId: n.nodeId, from: c.from, to: c.to, reason: c.reason }, 'node state');
