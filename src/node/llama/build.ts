@@ -1,4 +1,4 @@
-import { execFile, spawn } from 'node:child_process';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { constants, createWriteStream } from 'node:fs';
 import { access, chmod, copyFile, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
@@ -377,7 +377,7 @@ export async function setupLlama(req: BuildRequest = {}): Promise<SetupResult> {
       if (hit) return resultFrom(dir, hit, true);
     }
     await removeStaleBuildDirs(root);
-    const manifest = await buildInto(dir, source, defines, toolchain, req.jobs ?? availableParallelism(), events);
+    const manifest = await buildInto(dir, source, defines, toolchain, req.jobs ?? availableParallelism(), events, `${dir}.lock`);
     return resultFrom(dir, manifest, false);
   } finally {
     await lock.release();
@@ -403,6 +403,7 @@ async function buildInto(
   tools: Toolchain,
   jobs: number,
   events: BuildEvents,
+  lockPath: string,
 ): Promise<Manifest> {
   const root = dirname(finalDir);
   const started = Date.now();
@@ -413,9 +414,33 @@ async function buildInto(
   const logPath = join(logsDir, `${new Date().toISOString().replace(/[:.]/g, '-')}-${process.pid}.log`);
   const logFile = createWriteStream(logPath);
   const cleanup = () => rm(work, { recursive: true, force: true });
+  // The running tool (git, cmake → ninja → compilers) sits in its own process group, so an
+  // interrupt can stop the whole tree before the half-built folder and the lock are removed;
+  // removing the folder while compilers still write into it would fail and leave it behind.
+  const running: { child?: ChildProcess } = {};
   const onSignal = (sig: NodeJS.Signals) => {
-    // Children in our process group get the signal too; remove the half-built tree before dying.
-    void cleanup().finally(() => process.kill(process.pid, sig));
+    void (async () => {
+      const child = running.child;
+      if (child?.pid && child.exitCode === null && child.signalCode === null) {
+        const gone = new Promise((r) => child.once('close', r));
+        try {
+          process.kill(-child.pid, 'SIGTERM');
+        } catch {
+          // already gone
+        }
+        const timer = setTimeout(() => {
+          try {
+            process.kill(-child.pid!, 'SIGKILL');
+          } catch {
+            // already gone
+          }
+        }, 3000);
+        await gone;
+        clearTimeout(timer);
+      }
+      await cleanup().catch(() => undefined);
+      await rm(lockPath, { force: true }).catch(() => undefined);
+    })().finally(() => process.kill(process.pid, sig));
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
@@ -423,18 +448,27 @@ async function buildInto(
     const src = join(work, 'src');
     const build = join(work, 'build');
     events.phase?.('clone', `${source.version} from ${source.bundle}`);
-    await runLogged(tools.git, ['-c', 'advice.detachedHead=false', 'clone', '--quiet', source.bundle, src], logFile, logPath, 'git clone of the llama.cpp bundle');
+    await runLogged(tools.git, ['-c', 'advice.detachedHead=false', 'clone', '--quiet', source.bundle, src], logFile, logPath, 'git clone of the llama.cpp bundle', process.env, undefined, running);
 
     const generator: Generator = tools.ninja ? 'Ninja' : 'Unix Makefiles';
     events.phase?.('configure', `cmake (${generator})`);
     const cmakeEnv = { ...process.env, CXX: tools.cxx };
-    await runLogged(tools.cmake, cmakeConfigureArgs(src, build, defines, generator), logFile, logPath, 'cmake configure', cmakeEnv);
+    await runLogged(tools.cmake, cmakeConfigureArgs(src, build, defines, generator), logFile, logPath, 'cmake configure', cmakeEnv, undefined, running);
 
     events.phase?.('build', `${ENGINE_TARGETS.join(' ')} with ${jobs} jobs`);
-    await runLogged(tools.cmake, cmakeBuildArgs(build, jobs), logFile, logPath, 'cmake build', cmakeEnv, (line) => {
-      const p = parseProgressLine(line);
-      if (p) events.progress?.(p);
-    });
+    await runLogged(
+      tools.cmake,
+      cmakeBuildArgs(build, jobs),
+      logFile,
+      logPath,
+      'cmake build',
+      cmakeEnv,
+      (line) => {
+        const p = parseProgressLine(line);
+        if (p) events.progress?.(p);
+      },
+      running,
+    );
 
     events.phase?.('install', finalDir);
     const dist = join(work, 'dist');
@@ -482,10 +516,12 @@ function runLogged(
   what: string,
   env: NodeJS.ProcessEnv = process.env,
   onLine?: (line: string) => void,
+  running?: { child?: ChildProcess },
 ): Promise<void> {
   log.write(`\n$ ${cmd} ${args.join(' ')}\n`);
   return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(cmd, args, { env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    if (running) running.child = child;
     const tail: string[] = [];
     const feed = (stream: NodeJS.ReadableStream) => {
       let rest = '';
