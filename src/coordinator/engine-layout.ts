@@ -12,7 +12,7 @@ import type { PlannedDevice } from './engine-verify.ts';
  * * On a CPU-only build (Linux here) the CPU is not a device for -ngl/--tensor-split, so the
  *   head's own layers (and the output layer) need a ggml-rpc-server on the head node's
  *   127.0.0.1; on macOS the head's Metal device holds them directly.
- * * `-lv 5` so the engine prints its per-layer assignment for engine-verify.ts.
+ * * `-lv 4` (llama.cpp's INFO: devices and buffer sizes); `-lv 5` on request (`debugLog`).
  */
 export interface LayoutStage {
   readonly nodeId: string;
@@ -31,6 +31,12 @@ export interface HeadOptions {
   readonly headHasGpu: boolean;
   /** Extra llama-server arguments (tests, tuning), appended last. */
   readonly extraArgs?: readonly string[] | undefined;
+  /**
+   * Start the engine at DEBUG verbosity (`-lv 5`) so it prints every layer's device. Off by
+   * default: the debug log also prints per token and slows decode; verification then derives
+   * the ranges from the KV buffer sizes (engine-verify.ts `layersFromKv`).
+   */
+  readonly debugLog?: boolean | undefined;
 }
 
 export function stageDevice(endpoint: string | undefined, isHeadGpu: boolean): string {
@@ -70,10 +76,11 @@ export function headLayout(stages: readonly LayoutStage[], endpoints: readonly (
     '--split-mode', 'layer',
     '-ngl', String(dev.nGpuLayers),
     '--tensor-split', dev.tensorSplit.join(','),
-    // Layer → device lines are DEBUG (verbosity 5) in this llama.cpp; verification needs them.
-    '-lv', '5',
     '--metrics',
     '--no-webui',
+    // llama.cpp's own INFO lines (devices, buffer sizes) need -lv 4 in this version (the server's
+    // default 3 hides them); DEBUG (5) adds "layer N assigned to device …" and per-token lines.
+    '-lv', o.debugLog ? '5' : '4',
     ...(o.extraArgs ?? []),
   );
   return { args, devices };

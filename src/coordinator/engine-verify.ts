@@ -109,10 +109,46 @@ function ranges(layers: number[]): string {
   return out.join(',');
 }
 
-export function verifyEngineReport(report: EngineReport, planned: readonly PlannedDevice[], nLayer: number): VerifyResult {
+/** The engine prints KV sizes in MiB with two decimals: ±0.005 MiB of rounding. */
+const KV_ROUNDING = 0.0051 * MIB;
+
+/**
+ * Without the DEBUG assignment lines, recover each device's layers from its INFO-level KV buffer
+ * size: llama.cpp gives every device one contiguous range, in device order (the split points are
+ * monotonic), and each layer's KV bytes are known exactly from the GGUF. Walking the devices in
+ * order and taking layers until their KV adds up to what the device reports gives the ranges;
+ * a device whose size no whole number of layers matches is reported. The output layer goes to
+ * the last device (llama.cpp's rule); the model-buffer check then proves its weights are there.
+ * Returns undefined when the sizes do not tile the model.
+ */
+export function layersFromKv(report: EngineReport, devices: readonly string[], layerKvBytes: readonly number[]): { map: Map<number, string>; problems: string[] } {
+  const map = new Map<number, string>();
   const problems: string[] = [];
+  let cursor = 0;
+  for (const dev of devices) {
+    const kv = report.kvBytes.get(dev) ?? 0;
+    let sum = 0;
+    while (cursor < layerKvBytes.length && sum + layerKvBytes[cursor]! <= kv + KV_ROUNDING) {
+      sum += layerKvBytes[cursor]!;
+      map.set(cursor, dev);
+      cursor++;
+    }
+    if (Math.abs(sum - kv) > KV_ROUNDING) problems.push(`${dev}: KV buffer ${(kv / MIB).toFixed(2)} MiB is not a whole number of layers`);
+  }
+  if (cursor !== layerKvBytes.length) problems.push(`the devices' KV buffers cover ${cursor} of ${layerKvBytes.length} layers`);
+  if (devices.length > 0) map.set(layerKvBytes.length, devices[devices.length - 1]!);
+  return { map, problems };
+}
+
+export function verifyEngineReport(report: EngineReport, planned: readonly PlannedDevice[], nLayer: number, layerKvBytes?: readonly number[]): VerifyResult {
+  const problems: string[] = [];
+  if (report.layerDevice.size === 0 && layerKvBytes && layerKvBytes.length === nLayer) {
+    const derived = layersFromKv(report, planned.map((d) => d.device), layerKvBytes);
+    problems.push(...derived.problems);
+    report = { ...report, layerDevice: derived.map };
+  }
   if (report.layerDevice.size === 0) {
-    problems.push('the engine log has no layer assignment lines (was llama-server started with -lv 5?)');
+    problems.push('the engine log has no layer assignment lines (was llama-server started with -lv 5?) and no per-layer KV sizes to derive them from');
   }
   const wanted = new Map<number, PlannedDevice>();
   for (const d of planned) {

@@ -59,6 +59,7 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
     return {
       nLayer: profile.layerCount,
       predictedTokensPerSecond: plan.predicted.tokensPerSecond,
+      layerKvBytes: mm.layerKv,
       raw: plan,
       stages: plan.stages.map((s, i) => {
         const n = byName.get(s.node)!;

@@ -56,6 +56,8 @@ export interface PlacementResult {
   readonly stages: readonly PlannedStage[];
   readonly nLayer: number;
   readonly predictedTokensPerSecond: number;
+  /** KV bytes of every layer as the engine will allocate them (verification without -lv 5). */
+  readonly layerKvBytes?: readonly number[] | undefined;
   /** The planner's full result, for `Plan` / `orchard plan --json`. */
   readonly raw: unknown;
 }
@@ -145,6 +147,8 @@ export interface RuntimeOptions {
   readonly extraHeadArgs?: readonly string[] | undefined;
   /** Threads for each rpc-server (0 = its default). */
   readonly rpcThreads?: number | undefined;
+  /** Start llama-server with -lv 5 (every layer's device in its log); default ORCHARD_ENGINE_DEBUG_LOG=1. */
+  readonly engineDebugLog?: boolean | undefined;
 }
 
 interface StartedEngine {
@@ -340,6 +344,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
         nLayer: plan.nLayer,
         memory: memoryOptionsOf(options),
         headHasGpu,
+        debugLog: this.#o.engineDebugLog ?? process.env.ORCHARD_ENGINE_DEBUG_LOG === '1',
         extraArgs: this.#o.extraHeadArgs,
       };
       const layout = headLayout(layoutStages, endpoints, headOpts);
@@ -364,7 +369,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       // 3. verify what the engine actually did.
       progress('verifying', 'checking the engine’s device assignment against the plan', bytesTotal);
       const report = parseEngineLog(head.logLines);
-      const v = verifyEngineReport(report, layout.devices, plan.nLayer);
+      const v = verifyEngineReport(report, layout.devices, plan.nLayer, plan.layerKvBytes);
       inst.verification = v;
       for (const d of v.devices) {
         this.#log.info({ model: name, device: d.device, node: d.nodeName, planned: d.plannedLayers, actual: d.actualLayers, predicted: d.predicted, bytes: d.actual }, 'stage verification');

@@ -116,6 +116,9 @@ describe.skipIf(!!skipReason)('cluster over Bonjour inside network namespaces', 
     dir = await mkdtemp(join(tmpdir(), 'orchard-cluster-mdns-'));
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     delete env.ORCHARD_COORDINATOR;
+    // This variant runs llama-server at DEBUG verbosity, so verification reads the engine's own
+    // per-layer assignment lines (the static-join test covers the default: ranges from KV sizes).
+    env.ORCHARD_ENGINE_DEBUG_LOG = '1';
     model = join(dir, 'm8.gguf');
     await execFileP(process.execPath, [BIN, 'testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '11'], { env });
 

@@ -88,10 +88,33 @@ describe('verifyEngineReport', () => {
     expect(small.problems.join()).toMatch(/exceed the stage budget/);
   });
 
-  it('fails without assignment lines rather than passing blindly', () => {
+  it('fails without assignment lines and without KV sizes to derive them, rather than passing blindly', () => {
     const v = verifyEngineReport(parseEngineLog(LOG.filter((l) => !l.includes('assigned'))), planned(), 8);
     expect(v.ok).toBe(false);
     expect(v.problems[0]).toMatch(/no layer assignment lines/);
+  });
+
+  // The same engine at INFO verbosity: no "assigned" lines, ranges derived from KV buffer sizes.
+  const INFO = LOG.filter((l) => !l.includes('assigned'));
+  const KV_PER_LAYER = Array.from({ length: 8 }, () => 1 * MIB);
+
+  it('derives the ranges from KV buffer sizes when the debug lines are absent', () => {
+    const v = verifyEngineReport(parseEngineLog(INFO), planned(), 8, KV_PER_LAYER);
+    expect(v.problems).toEqual([]);
+    expect(v.devices.map((d) => d.actualLayers)).toEqual(['0-6', '7+output']);
+  });
+
+  it('derived ranges still catch a split that differs from the plan', () => {
+    const v = verifyEngineReport(parseEngineLog(INFO), planned([{ lastLayer: 5 }, { firstLayer: 6 }]), 8, KV_PER_LAYER);
+    expect(v.ok).toBe(false);
+    expect(v.problems).toContain(`layer 6: planned on ${B} (alpha), engine put it on ${A}`);
+  });
+
+  it('KV sizes that are no whole number of layers are reported', () => {
+    const odd = INFO.map((l) => l.replace('KV buffer size =     7.00 MiB', 'KV buffer size =     6.50 MiB'));
+    const v = verifyEngineReport(parseEngineLog(odd), planned(), 8, KV_PER_LAYER);
+    expect(v.ok).toBe(false);
+    expect(v.problems.join()).toMatch(/not a whole number of layers/);
   });
 });
 
@@ -108,8 +131,10 @@ describe('headLayout', () => {
     expect(args.indexOf('--rpc')).toBeLessThan(args.indexOf('--device'));
     expect(at('--tensor-split')).toBe('7,2');
     expect(at('-ngl')).toBe('9');
-    expect(at('-lv')).toBe('5');
+    expect(at('-lv')).toBe('4'); // INFO (buffer sizes); DEBUG slows decode, only on request
     expect(at('-m')).toBe('/m.gguf');
+    const dbg = headLayout(stages, ['10.0.0.2:5000', '127.0.0.1:5001'], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false, debugLog: true });
+    expect(dbg.args[dbg.args.indexOf('-lv') + 1]).toBe('5');
     expect(devices.map((d) => d.device)).toEqual(['RPC0[10.0.0.2:5000]', 'RPC0[127.0.0.1:5001]']);
     expect(devices.map((d) => d.holdsOutput)).toEqual([false, true]);
   });
