@@ -11,6 +11,7 @@ import { loadOrCreateIdentity } from './identity.ts';
 import { type MetricsServer, serveMetrics } from '../shared/metrics/http.ts';
 import { NodeMetrics } from './metrics.ts';
 import { EngineSupervisor } from './supervisor.ts';
+import { findMlxEnv } from './mlx/env.ts';
 
 /**
  * The node agent's lifecycle: identity → hardware profile → gRPC + metrics servers → Bonjour.
@@ -92,7 +93,16 @@ export class NodeAgent {
     log.info({ nodeId: identity.nodeId, stateDir: o.stateDir, created: identity.created }, 'node identity');
     this.currentProfile = await this.probe(identity.nodeId);
 
-    const supervisor = new EngineSupervisor({ binaries: o.binaries, log: log.child({ part: 'supervisor' }), stopGraceMs: o.engineStopGraceMs });
+    const supervisor = new EngineSupervisor({
+      binaries: o.binaries,
+      log: log.child({ part: 'supervisor' }),
+      stopGraceMs: o.engineStopGraceMs,
+      mlxPython: async () => {
+        const env = await findMlxEnv();
+        if (!env) throw new Error('MLX is not set up on this node: run `orchard setup --mlx` (or set ORCHARD_MLX_PYTHON)');
+        return env.python;
+      },
+    });
     this.supervisor = supervisor;
     const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list() });
     supervisor.on('started', (info) => metrics.engineStarted(info, supervisor.restartsOf(info.engineId) > 0));

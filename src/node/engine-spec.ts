@@ -1,22 +1,26 @@
 import { isIP } from 'node:net';
 import { isAbsolute } from 'node:path';
 import { z } from 'zod';
+import { UsageError } from '../shared/errors.ts';
+import { type MlxRankSpec, mlxRankSpecFromRequest, sameMlxRank } from './mlx/rank-spec.ts';
 
 /**
  * What an engine is, checked once at the gRPC edge, and the exact command line that runs it.
  * Pure: no I/O here, so every rule is unit-tested.
  */
 
-export type EngineKind = 'rpc-server' | 'llama-server';
+export type EngineKind = 'rpc-server' | 'llama-server' | 'mlx-rank';
 
 /** proto enum name ↔ the short name used in logs, metrics labels and the README. */
 export const ENGINE_KIND_FROM_PROTO: Readonly<Record<string, EngineKind>> = {
   ENGINE_KIND_RPC_SERVER: 'rpc-server',
   ENGINE_KIND_LLAMA_SERVER: 'llama-server',
+  ENGINE_KIND_MLX_RANK: 'mlx-rank',
 };
 export const ENGINE_KIND_TO_PROTO: Readonly<Record<EngineKind, string>> = {
   'rpc-server': 'ENGINE_KIND_RPC_SERVER',
   'llama-server': 'ENGINE_KIND_LLAMA_SERVER',
+  'mlx-rank': 'ENGINE_KIND_MLX_RANK',
 };
 
 export interface EngineSpec {
@@ -33,6 +37,8 @@ export interface EngineSpec {
   readonly model: string;
   readonly readyTimeoutMs: number;
   readonly env: Readonly<Record<string, string>>;
+  /** mlx-rank only: the rank, its group's launch and the model directory. */
+  readonly mlx?: MlxRankSpec | undefined;
 }
 
 /** A request the agent refuses; `code` is the gRPC status name the server answers with. */
@@ -52,6 +58,8 @@ export class EngineRequestError extends Error {
 export const DEFAULT_READY_TIMEOUT_MS: Readonly<Record<EngineKind, number>> = {
   'rpc-server': 30_000,
   'llama-server': 600_000,
+  // Imports + loading the weights + the ring handshake of every rank.
+  'mlx-rank': 300_000,
 };
 const MAX_READY_TIMEOUT_MS = 3_600_000;
 
@@ -80,6 +88,7 @@ export const startEngineRequestSchema = z.object({
   model: z.string().default(''),
   readyTimeoutSeconds: z.number().default(0),
   env: z.record(z.string(), z.string()).default({}),
+  mlx: z.unknown().optional(),
 });
 export type StartEngineRequest = z.input<typeof startEngineRequestSchema>;
 
@@ -89,13 +98,11 @@ export function engineSpecFromRequest(raw: unknown): EngineSpec {
   if (!parsed.success) throw new EngineRequestError('INVALID_ARGUMENT', `malformed StartEngine request: ${parsed.error.issues[0]?.message}`);
   const req = parsed.data;
 
-  if (req.kind === 'ENGINE_KIND_MLX_RANK') {
-    throw new EngineRequestError('UNIMPLEMENTED', 'engine kind ENGINE_KIND_MLX_RANK is not supported by this node agent yet (llama.cpp engines only)');
-  }
   const kind = ENGINE_KIND_FROM_PROTO[req.kind];
   if (!kind) {
-    throw new EngineRequestError('INVALID_ARGUMENT', `unknown engine kind "${req.kind}": use ENGINE_KIND_RPC_SERVER or ENGINE_KIND_LLAMA_SERVER`);
+    throw new EngineRequestError('INVALID_ARGUMENT', `unknown engine kind "${req.kind}": use ENGINE_KIND_RPC_SERVER, ENGINE_KIND_LLAMA_SERVER or ENGINE_KIND_MLX_RANK`);
   }
+  if (kind === 'mlx-rank') return mlxEngineSpec(req);
   if (req.engineId !== '' && !ENGINE_ID.test(req.engineId)) {
     throw new EngineRequestError('INVALID_ARGUMENT', `invalid engine_id "${req.engineId}": 1–64 of A-Z a-z 0-9 . _ -`);
   }
@@ -161,6 +168,47 @@ export function engineSpecFromRequest(raw: unknown): EngineSpec {
   };
 }
 
+/** An MLX rank: only engine_id, model, ready_timeout_seconds, env and the mlx field apply. */
+function mlxEngineSpec(req: z.output<typeof startEngineRequestSchema>): EngineSpec {
+  if (req.engineId !== '' && !ENGINE_ID.test(req.engineId)) {
+    throw new EngineRequestError('INVALID_ARGUMENT', `invalid engine_id "${req.engineId}": 1–64 of A-Z a-z 0-9 . _ -`);
+  }
+  if (req.args.length > 0 || req.devices.length > 0 || req.cacheDir !== '' || req.port !== 0 || req.bindHost !== '') {
+    throw new EngineRequestError('INVALID_ARGUMENT', 'an MLX rank is configured by the mlx field only (no args, devices, cache_dir, port or bind_host)');
+  }
+  for (const name of Object.keys(req.env)) {
+    if (!ENV_NAME.test(name)) throw new EngineRequestError('INVALID_ARGUMENT', `invalid environment variable name "${name}"`);
+    // The distributed set-up is the agent's job, from the mlx field; a stray one would break it.
+    if (name.startsWith('MLX_')) throw new EngineRequestError('INVALID_ARGUMENT', `environment variable ${name} is set by the agent from the mlx field`);
+  }
+  if (!Number.isFinite(req.readyTimeoutSeconds) || req.readyTimeoutSeconds < 0) {
+    throw new EngineRequestError('INVALID_ARGUMENT', `invalid ready_timeout_seconds ${req.readyTimeoutSeconds}`);
+  }
+  let mlx: MlxRankSpec;
+  try {
+    mlx = mlxRankSpecFromRequest(req.mlx);
+  } catch (err) {
+    if (err instanceof UsageError) throw new EngineRequestError('INVALID_ARGUMENT', err.message);
+    throw err;
+  }
+  const readyTimeoutMs =
+    req.readyTimeoutSeconds === 0 ? DEFAULT_READY_TIMEOUT_MS['mlx-rank'] : Math.min(MAX_READY_TIMEOUT_MS, Math.round(req.readyTimeoutSeconds * 1000));
+  return {
+    kind: 'mlx-rank',
+    engineId: req.engineId,
+    bindHost: '',
+    port: 0,
+    threads: req.threads,
+    devices: [],
+    cacheDir: '',
+    args: [],
+    model: req.model,
+    readyTimeoutMs,
+    env: req.env,
+    mlx,
+  };
+}
+
 export interface EngineBinaries {
   readonly llamaServer: string;
   readonly rpcServer: string;
@@ -209,6 +257,7 @@ export function sameEngineRequest(a: EngineSpec, b: EngineSpec): boolean {
     a.cacheDir === b.cacheDir &&
     a.model === b.model &&
     a.devices.join('\0') === b.devices.join('\0') &&
-    a.args.join('\0') === b.args.join('\0')
+    a.args.join('\0') === b.args.join('\0') &&
+    (a.mlx === undefined || b.mlx === undefined ? a.mlx === b.mlx : sameMlxRank(a.mlx, b.mlx))
   );
 }

@@ -6,6 +6,7 @@ import type { Logger } from '../shared/log.ts';
 import { orchardV1 } from '../shared/proto.ts';
 import { EngineRequestError, engineSpecFromRequest } from './engine-spec.ts';
 import { GenerateError, generateParamsFromRequest, relayCompletion } from './generate.ts';
+import { relayMlx } from './mlx/relay.ts';
 import type { EngineExit, EngineInfo, EngineSupervisor } from './supervisor.ts';
 import { doneToWire, engineToWire, exitToWire, liveToWire, profileToWire, tokenToWire } from './wire.ts';
 
@@ -136,6 +137,10 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
         fail(new EngineRequestError('NOT_FOUND', why));
         return;
       }
+      if (engine.kind === 'mlx-rank') {
+        generateMlx(call, supervisor, engine, params, log);
+        return;
+      }
       if (engine.kind !== 'llama-server') {
         fail(new EngineRequestError('FAILED_PRECONDITION', `engine ${engine.engineId} is an ${engine.kind}; Generate needs a llama-server head`));
         return;
@@ -169,6 +174,47 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
       );
     },
   };
+}
+
+/** Generate on an MLX rank (see mlx/relay.ts: rank 0 streams, other ranks only take the request). */
+function generateMlx(
+  call: grpc.ServerWritableStream<unknown, unknown>,
+  supervisor: EngineSupervisor,
+  engine: EngineInfo,
+  params: ReturnType<typeof generateParamsFromRequest>,
+  log: Logger,
+): void {
+  const found = supervisor.mlxGroup(engine.engineId);
+  if (!found?.spec.mlx) {
+    call.emit('error', { code: grpc.status.UNAVAILABLE, details: `MLX rank ${engine.engineId} is not running (its group failed)` });
+    return;
+  }
+  const abort = new AbortController();
+  call.on('cancelled', () => abort.abort());
+  const rlog = log.child({ engineId: engine.engineId, requestId: params.requestId || undefined });
+  relayMlx({
+    group: found.group,
+    spec: found.spec.mlx,
+    params,
+    requestId: params.requestId,
+    signal: abort.signal,
+    onToken: (chunk) => {
+      if (!abort.signal.aborted) call.write(tokenToWire(chunk));
+    },
+  }).then(
+    (done) => {
+      call.write({ done: { finishReason: done.finishReason, promptTokens: done.promptTokens, completionTokens: done.completionTokens, timings: { ...done.timings } } });
+      call.end();
+    },
+    (err: unknown) => {
+      if (abort.signal.aborted) {
+        rlog.info('MLX generation cancelled by the client');
+        return;
+      }
+      rlog.warn({ err: errorMessage(err) }, 'MLX generation failed');
+      call.emit('error', toServiceError(err, log));
+    },
+  );
 }
 
 /** True when `metadata` carries `authorization: Bearer <token>` (compared in constant time). */

@@ -7,6 +7,9 @@ import { type EngineBinaries, type EngineKind, EngineRequestError, type EngineSp
 import { LineTail } from './line-tail.ts';
 import { canConnect, pickFreePort, portBindError } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
+import type { MlxGroup } from './mlx/group.ts';
+import { MlxRankEngine } from './mlx/rank-engine.ts';
+import { mlxRankPort } from './mlx/rank-spec.ts';
 
 /** Start-up lines worth returning: llama.cpp's layer → device assignment and buffer sizes. */
 const STARTUP_LOG = /assigned to device|buffer size|memory_breakdown|projected memory|using device/;
@@ -56,6 +59,19 @@ export interface SupervisorOptions {
   /** Time between SIGTERM and SIGKILL when stopping (default 5 s). */
   readonly stopGraceMs?: number;
   readonly watchdog?: EngineWatchdog;
+  /** The MLX venv's Python; rejects with a one-line reason when MLX is not set up. */
+  readonly mlxPython?: () => Promise<string>;
+}
+
+/** An MLX rank (`src/node/mlx/`): driven by MlxRankEngine, reported like any other engine. */
+interface MlxRunning {
+  readonly spec: EngineSpec;
+  readonly info: EngineInfo;
+  readonly engine: MlxRankEngine;
+  readonly ready: Promise<EngineInfo>;
+  isReady: boolean;
+  stopping: boolean;
+  readonly exited: Promise<EngineExit>;
 }
 
 interface Running {
@@ -70,6 +86,7 @@ interface Running {
 
 export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   private readonly running = new Map<string, Running>();
+  private readonly mlx = new Map<string, MlxRunning>();
   private readonly starting = new Map<string, Promise<EngineInfo>>();
   private readonly watchdog: EngineWatchdog;
   private readonly stopGraceMs: number;
@@ -88,12 +105,24 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   }
 
   list(): EngineInfo[] {
-    return [...this.running.values()].filter((r) => r.ready).map((r) => r.info);
+    return [
+      ...[...this.running.values()].filter((r) => r.ready).map((r) => r.info),
+      ...[...this.mlx.values()].filter((r) => r.isReady).map((r) => r.info),
+    ];
   }
 
   get(engineId: string): EngineInfo | undefined {
+    const m = this.mlx.get(engineId);
+    if (m) return m.isReady ? m.info : undefined;
     const r = this.running.get(engineId);
     return r?.ready ? r.info : undefined;
+  }
+
+  /** The live MLX group of a ready mlx-rank engine (for Generate). */
+  mlxGroup(engineId: string): { group: MlxGroup; spec: EngineSpec } | undefined {
+    const m = this.mlx.get(engineId);
+    const group = m?.isReady ? m.engine.running : undefined;
+    return m && group ? { group, spec: m.spec } : undefined;
   }
 
   /** Engine ids started more than once (a coordinator restarting a stage). */
@@ -109,6 +138,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   start(spec: EngineSpec): Promise<EngineInfo> {
     if (this.shuttingDown) return Promise.reject(new EngineRequestError('FAILED_PRECONDITION', 'the node agent is shutting down'));
     const engineId = spec.engineId || `${spec.kind}-${randomUUID().slice(0, 8)}`;
+    if (spec.kind === 'mlx-rank') return this.startMlx(engineId, spec);
     const pending = this.starting.get(engineId);
     if (pending && !this.running.has(engineId)) return pending; // still resolving binaries/port
     const existing = this.running.get(engineId);
@@ -121,6 +151,108 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     const promise = this.launch(engineId, spec).finally(() => this.starting.delete(engineId));
     this.starting.set(engineId, promise);
     return promise;
+  }
+
+  /**
+   * MLX rank: resolves at "ready" (the whole group is up), or at "starting" when the request asks
+   * for it (so the coordinator can start rank N-1 last); the same request again then waits for
+   * "ready". Idempotent per engine id like the llama.cpp engines.
+   */
+  private startMlx(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
+    const mlx = spec.mlx;
+    if (!mlx) return Promise.reject(new EngineRequestError('INVALID_ARGUMENT', 'an MLX rank needs the mlx field'));
+    const existing = this.mlx.get(engineId);
+    if (existing) {
+      if (!sameEngineRequest(existing.spec, spec)) {
+        return Promise.reject(new EngineRequestError('ALREADY_EXISTS', `engine ${engineId} is already running with different settings; stop it first`));
+      }
+      return mlx.returnWhenStarting ? existing.engine.starting.then(() => existing.info) : existing.ready;
+    }
+    if (this.running.has(engineId)) {
+      return Promise.reject(new EngineRequestError('ALREADY_EXISTS', `engine ${engineId} is already running as another kind; stop it first`));
+    }
+    return this.launchMlx(engineId, spec);
+  }
+
+  private async launchMlx(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
+    const mlx = spec.mlx!;
+    let python: string;
+    try {
+      if (!this.options.mlxPython) throw new Error('this node agent has no MLX environment configured');
+      python = await this.options.mlxPython();
+    } catch (err) {
+      throw new EngineRequestError('FAILED_PRECONDITION', errorMessage(err));
+    }
+    // Another call may have started it while we looked for Python.
+    if (this.mlx.has(engineId)) return this.startMlx(engineId, spec);
+    const log = this.options.log.child({ engineId, kind: spec.kind, rank: mlx.rank, size: mlx.worldSize });
+    log.info({ model: mlx.modelDir, mode: mlx.mode, backend: mlx.launch?.backend ?? 'none', split: mlx.split }, 'starting MLX rank');
+    const engine = new MlxRankEngine({
+      engineId,
+      spec: mlx,
+      python,
+      env: spec.env,
+      readyTimeoutMs: spec.readyTimeoutMs,
+      log,
+      onPid: (pid) => this.watchdog.add(pid),
+      onPidGone: (pid) => this.watchdog.remove(pid),
+    });
+    this.startCounts.set(engineId, (this.startCounts.get(engineId) ?? 0) + 1);
+    const info: EngineInfo = {
+      engineId,
+      kind: 'mlx-rank',
+      host: mlx.launch?.backend === 'ring' ? (mlx.launch.endpoints[mlx.rank]?.[0] ?? '').replace(/:\d+$/, '') : '127.0.0.1',
+      port: mlxRankPort(mlx),
+      pid: 0,
+      model: spec.model,
+      startedAtSeconds: Date.now() / 1000,
+      argv: [python, 'mlx_worker.py', '--model', mlx.modelDir, '--mode', mlx.mode, `rank ${mlx.rank}/${mlx.worldSize}`],
+    };
+    const entry: MlxRunning = {
+      spec,
+      info,
+      engine,
+      isReady: false,
+      stopping: false,
+      ready: engine.ready.then(
+        (group) => {
+          const withPid = { ...info, pid: group.pids.get(mlx.rank) ?? engine.pid };
+          (entry as { info: EngineInfo }).info = withPid;
+          entry.isReady = true;
+          log.info({ pid: withPid.pid }, 'MLX rank ready');
+          this.emit('started', withPid);
+          return withPid;
+        },
+        (err: unknown) => {
+          const msg = errorMessage(err);
+          throw new EngineRequestError(/did not start within/.test(msg) ? 'DEADLINE_EXCEEDED' : 'FAILED_PRECONDITION', msg);
+        },
+      ),
+      exited: engine.exited.then((x) => {
+        const expected = entry.stopping || this.shuttingDown;
+        if (this.mlx.get(engineId) === entry) this.mlx.delete(engineId);
+        const exit: EngineExit = {
+          engineId,
+          kind: 'mlx-rank',
+          port: info.port,
+          exitCode: x.exitCode,
+          signal: x.signal,
+          expected,
+          lastStderrLines: [x.reason],
+        };
+        (expected ? log.info.bind(log) : log.warn.bind(log))({ reason: x.reason }, 'MLX rank exited');
+        if (entry.isReady) this.emit('exited', exit);
+        return exit;
+      }),
+    };
+    entry.ready.catch(() => {});
+    this.mlx.set(engineId, entry);
+    if (mlx.returnWhenStarting) {
+      await Promise.race([engine.starting, entry.ready]);
+      if (engine.failedReason !== undefined) return entry.ready; // rejects with the reason
+      return entry.info;
+    }
+    return entry.ready;
   }
 
   private async launch(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
@@ -270,6 +402,12 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
 
   /** Stop one engine. Resolves with its exit, or undefined when no such engine runs. */
   async stop(engineId: string): Promise<EngineExit | undefined> {
+    const m = this.mlx.get(engineId);
+    if (m) {
+      m.stopping = true;
+      await m.engine.close();
+      return m.exited;
+    }
     const entry = this.running.get(engineId);
     if (!entry) return undefined;
     entry.stopping = true;
@@ -296,10 +434,17 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   /** Stop every engine (agent shutdown) and retire the watchdog. */
   async shutdown(): Promise<void> {
     this.shuttingDown = true;
-    await Promise.all([...this.running.values()].map((e) => {
-      e.stopping = true;
-      return this.terminate(e);
-    }));
+    await Promise.all([
+      ...[...this.running.values()].map((e) => {
+        e.stopping = true;
+        return this.terminate(e);
+      }),
+      ...[...this.mlx.values()].map(async (m) => {
+        m.stopping = true;
+        await m.engine.close();
+        await m.exited;
+      }),
+    ]);
     this.watchdog.close();
   }
 
@@ -307,6 +452,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   killAll(): void {
     this.shuttingDown = true;
     for (const e of this.running.values()) e.child.kill('SIGKILL');
+    for (const m of this.mlx.values()) void m.engine.close();
   }
 }
 

@@ -7,6 +7,7 @@
  * macOS paths cannot run on the Linux CI machine; they are exercised through fixtures of the
  * same commands' output (test/fixtures/hardware/).
  */
+import { findMlxEnv } from '../mlx/env.ts';
 import { execFile } from 'node:child_process';
 import { readdir, readFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -167,12 +168,17 @@ async function packageVersion(): Promise<string> {
 }
 
 async function detectEngines(): Promise<string[]> {
+  const engines: string[] = [];
   try {
     await findLlamaBinaries();
-    return ['llama-rpc', 'llama-server'];
+    engines.push('llama-rpc', 'llama-server');
   } catch {
-    return [];
+    // no llama.cpp binaries with RPC here
   }
+  // MLX: the project venv (orchard setup --mlx) or ORCHARD_MLX_PYTHON; ring needs distributed.
+  const mlx = await findMlxEnv().catch(() => undefined);
+  if (mlx) engines.push(mlx.distributed ? 'mlx' : 'mlx-single');
+  return engines;
 }
 
 /** Profile, first live sample and how every number was derived (notes for the start-up summary). */

@@ -53,6 +53,10 @@ export interface MlxGroupOptions {
    * rank reported this (rank N-1 dials with ~31 s of retries; the others wait without limit).
    */
   onRankStarting?: (rank: number) => void;
+  /** A local rank's process exists (pid known): register it with a watchdog right away. */
+  onRankSpawned?: (rank: number, pid: number) => void;
+  /** A local rank's process has exited (forget its pid so a recycled one is never signalled). */
+  onRankExited?: (rank: number, pid: number) => void;
   log?: Logger;
 }
 
@@ -208,6 +212,11 @@ export class MlxGroup {
     };
     child.stdin?.on('error', () => {}); // EPIPE after the worker died is reported via exit
     this.ranks.set(rank, entry);
+    const pid = child.pid;
+    if (pid !== undefined) {
+      opts.onRankSpawned?.(rank, pid);
+      void entry.exited.then(() => opts.onRankExited?.(rank, pid));
+    }
     createInterface({ input: child.stdout as NodeJS.ReadableStream }).on('line', (line) => {
       const msg = parseWorkerLine(line);
       if (!msg) {

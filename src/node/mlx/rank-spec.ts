@@ -1,0 +1,180 @@
+import { isAbsolute } from 'node:path';
+import { z } from 'zod';
+import { UsageError } from '../../shared/errors.ts';
+import { launchFiles, type MlxLaunch, type MlxMode } from './launch.ts';
+import type { MlxRequest } from './protocol.ts';
+
+/**
+ * An `ENGINE_KIND_MLX_RANK` StartEngine request, checked once at the agent's gRPC edge. Pure.
+ */
+export interface MlxRankSpec {
+  readonly modelDir: string;
+  readonly rank: number;
+  readonly worldSize: number;
+  readonly mode: MlxMode;
+  /** undefined for a single process (world size 1). */
+  readonly launch: MlxLaunch | undefined;
+  /** Pipeline: layers per plan stage, first layers first; empty = even split. */
+  readonly split: readonly number[];
+  /** Cap for a Generate that asks for "until stop" (max_tokens 0). */
+  readonly maxTokens: number;
+  readonly stallTimeoutMs: number;
+  readonly returnWhenStarting: boolean;
+}
+
+export const DEFAULT_MLX_MAX_TOKENS = 4096;
+export const DEFAULT_MLX_STALL_TIMEOUT_MS = 30_000;
+
+export const mlxRankRequestSchema = z.object({
+  modelDir: z.string().default(''),
+  rank: z.number().int().default(0),
+  worldSize: z.number().int().default(0),
+  backend: z.string().default(''),
+  hosts: z.array(z.object({ endpoints: z.array(z.string()).default([]) })).default([]),
+  jacclDevices: z.array(z.object({ devices: z.array(z.string()).default([]) })).default([]),
+  jacclCoordinator: z.string().default(''),
+  split: z.array(z.number().int()).default([]),
+  mode: z.string().default(''),
+  maxTokens: z.number().int().default(0),
+  stallTimeoutSeconds: z.number().default(0),
+  returnWhenStarting: z.boolean().default(false),
+});
+
+/** Validate the `mlx` field of a StartEngine request; throws UsageError with a one-line reason. */
+export function mlxRankSpecFromRequest(raw: unknown): MlxRankSpec {
+  if (raw === null || raw === undefined) throw new UsageError('ENGINE_KIND_MLX_RANK needs the mlx field (model_dir, rank, world_size, …)');
+  const parsed = mlxRankRequestSchema.safeParse(raw);
+  if (!parsed.success) throw new UsageError(`malformed mlx rank spec: ${parsed.error.issues[0]?.message}`);
+  const r = parsed.data;
+  if (r.modelDir === '' || !isAbsolute(r.modelDir)) throw new UsageError(`mlx.model_dir must be an absolute path, got "${r.modelDir}"`);
+  if (r.modelDir.includes('\0')) throw new UsageError('mlx.model_dir must not contain NUL bytes');
+  const worldSize = r.worldSize === 0 ? 1 : r.worldSize;
+  if (worldSize < 1 || worldSize > 64) throw new UsageError(`mlx.world_size ${worldSize} is outside 1..64`);
+  if (r.rank < 0 || r.rank >= worldSize) throw new UsageError(`mlx.rank ${r.rank} is outside 0..${worldSize - 1}`);
+  const mode = (r.mode === '' ? (worldSize === 1 ? 'single' : 'pipeline') : r.mode) as MlxMode;
+  if (!['single', 'pipeline', 'tensor'].includes(mode)) throw new UsageError(`mlx.mode "${r.mode}": pipeline, tensor or single`);
+  if (mode === 'single' && worldSize !== 1) throw new UsageError(`mlx.mode single needs world_size 1, got ${worldSize}`);
+  let launch: MlxLaunch | undefined;
+  if (worldSize > 1) {
+    if (r.backend === 'ring') {
+      if (r.hosts.length !== worldSize) throw new UsageError(`ring needs ${worldSize} hosts entries (one per rank), got ${r.hosts.length}`);
+      launch = { backend: 'ring', endpoints: r.hosts.map((h) => h.endpoints) };
+    } else if (r.backend === 'jaccl') {
+      // proto has no null inside a repeated string: "" marks the diagonal on the wire.
+      const devices = r.jacclDevices.map((row, i) => row.devices.map((d, j) => (i === j && d === '' ? null : d)));
+      if (devices.length !== worldSize) throw new UsageError(`jaccl needs a ${worldSize}×${worldSize} device matrix, got ${devices.length} rows`);
+      launch = { backend: 'jaccl', devices, coordinator: r.jacclCoordinator };
+    } else {
+      throw new UsageError(`mlx.backend "${r.backend}": ring or jaccl (world_size ${worldSize})`);
+    }
+    launchFiles(launch); // validates endpoints / matrix (literal IPv4, no duplicates, null diagonal)
+  } else if (r.backend !== '' || r.hosts.length > 0) {
+    throw new UsageError('a single MLX process (world_size 1) takes no backend or hosts');
+  }
+  if (r.split.length > 0) {
+    if (mode !== 'pipeline') throw new UsageError('mlx.split applies to pipeline mode only');
+    if (r.split.length !== worldSize || r.split.some((n) => n < 1)) {
+      throw new UsageError(`mlx.split needs ${worldSize} positive layer counts, got [${r.split.join(',')}]`);
+    }
+  }
+  if (r.maxTokens < 0 || r.maxTokens > 1_000_000) throw new UsageError(`mlx.max_tokens ${r.maxTokens} is outside 0..1000000`);
+  if (!Number.isFinite(r.stallTimeoutSeconds) || r.stallTimeoutSeconds < 0 || r.stallTimeoutSeconds > 3600) {
+    throw new UsageError(`mlx.stall_timeout_seconds ${r.stallTimeoutSeconds} is outside 0..3600`);
+  }
+  return {
+    modelDir: r.modelDir,
+    rank: r.rank,
+    worldSize,
+    mode,
+    launch,
+    split: r.split,
+    maxTokens: r.maxTokens || DEFAULT_MLX_MAX_TOKENS,
+    stallTimeoutMs: r.stallTimeoutSeconds > 0 ? Math.round(r.stallTimeoutSeconds * 1000) : DEFAULT_MLX_STALL_TIMEOUT_MS,
+    returnWhenStarting: r.returnWhenStarting,
+  };
+}
+
+/** Same launch twice (a retry, or the second "wait for ready" call) → the same rank. */
+export function sameMlxRank(a: MlxRankSpec, b: MlxRankSpec): boolean {
+  const strip = (s: MlxRankSpec) => JSON.stringify({ ...s, returnWhenStarting: false });
+  return strip(a) === strip(b);
+}
+
+/** The port this rank listens on (ring), for reports; 0 when it has none of its own. */
+export function mlxRankPort(spec: MlxRankSpec): number {
+  if (spec.launch?.backend !== 'ring') return 0;
+  const ep = spec.launch.endpoints[spec.rank]?.[0] ?? '';
+  return Number(ep.slice(ep.lastIndexOf(':') + 1)) || 0;
+}
+
+/**
+ * The Generate request every agent of a group turns into the same worker request, byte for byte
+ * (ranks check a digest of it): so only fields every agent receives identically may go in.
+ * llama.cpp semantics of the Generate fields: max_tokens 0 = until stop (capped here), top_p 0 =
+ * engine default (1), temperature 0 = greedy.
+ */
+export function mlxRequestOf(
+  p: { prompt: string; messagesJson?: string | undefined; maxTokens: number; temperature: number; topP: number; seed: number },
+  requestId: string,
+  maxTokensCap: number,
+): MlxRequest {
+  const req: MlxRequest = {
+    id: requestId,
+    maxTokens: p.maxTokens > 0 ? Math.min(p.maxTokens, maxTokensCap) : maxTokensCap,
+    temperature: p.temperature,
+    topP: p.topP > 0 ? p.topP : 1,
+    seed: p.seed,
+  };
+  if (p.messagesJson) req.messages = JSON.parse(p.messagesJson) as { role: string; content: string }[];
+  else req.prompt = p.prompt;
+  return req;
+}
+
+/**
+ * Stop strings for MLX (the worker has none): text is held back while it could still be the
+ * start of a stop string, and cut at the first one found. Pure; one instance per request.
+ */
+export class StopScanner {
+  private held = '';
+  private readonly longest: number;
+
+  constructor(private readonly stops: readonly string[]) {
+    this.longest = Math.max(0, ...stops.map((s) => s.length));
+  }
+
+  /** Feed the next text; returns what may be released now and whether a stop string was hit. */
+  push(text: string): { release: string; stopped: boolean } {
+    if (this.stops.length === 0) return { release: text, stopped: false };
+    this.held += text;
+    let cut = -1;
+    for (const s of this.stops) {
+      if (s === '') continue;
+      const i = this.held.indexOf(s);
+      if (i >= 0 && (cut < 0 || i < cut)) cut = i;
+    }
+    if (cut >= 0) {
+      const release = this.held.slice(0, cut);
+      this.held = '';
+      return { release, stopped: true };
+    }
+    // Keep the longest tail that is a proper prefix of some stop string.
+    let keep = 0;
+    for (let k = Math.min(this.longest - 1, this.held.length); k > 0; k--) {
+      const tail = this.held.slice(this.held.length - k);
+      if (this.stops.some((s) => s.startsWith(tail))) {
+        keep = k;
+        break;
+      }
+    }
+    const release = this.held.slice(0, this.held.length - keep);
+    this.held = this.held.slice(this.held.length - keep);
+    return { release, stopped: false };
+  }
+
+  /** At the end of the generation: whatever is still held back. */
+  flush(): string {
+    const rest = this.held;
+    this.held = '';
+    return rest;
+  }
+}
