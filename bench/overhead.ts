@@ -219,7 +219,7 @@ async function main(): Promise<void> {
       byHand: { tokensPerSecondP50: median(b.map((r) => r.tokensPerSecond)), engineTokensPerSecondP50: median(b.map((r) => r.engineTokensPerSecond)), ttftMsP50: median(b.map((r) => r.ttftMs)), tokens: b.map((r) => r.tokens), args: handArgs.slice(2).join(' ') },
       ratio: median(a.map((r) => r.tokensPerSecond)) / median(b.map((r) => r.tokensPerSecond)),
       addedTtftMsP50: median(a.map((r) => r.ttftMs)) - median(b.map((r) => r.ttftMs)),
-      note: 'both paths share one 2-core machine; Orchard adds -lv 5 (for verification) and the gRPC relay',
+      note: 'both paths share one 2-core machine; Orchard adds -lv 4 (buffer-size lines for verification) and the gRPC relay',
     };
     process.stdout.write(JSON_OUT ? `${JSON.stringify(result)}\n` : `${JSON.stringify(result, null, 2)}\n`);
   } finally {
