@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
@@ -23,6 +23,15 @@ const engines = await findLlamaBinaries(env).then(
   () => true,
   () => false,
 );
+
+const hasTmux = (() => {
+  try {
+    execFileSync('tmux', ['-V']);
+    return true;
+  } catch {
+    return false;
+  }
+})();
 
 const marker = `up-${randomUUID()}`;
 let tmp = '';
@@ -113,6 +122,33 @@ describe.skipIf(!engines)('orchard up + orchard chat', () => {
       temperature: 0,
     });
     expect(r.stdout).toBe(`${firstText}\n${second.choices[0]!.message.content}\n`);
+  });
+
+  it.skipIf(!hasTmux)('chat in a terminal: prompt, streamed answer, /exit', async () => {
+    const socket = `orchard-chat-${randomUUID().slice(0, 8)}`;
+    const tmux = (...a: string[]) => execFileSync('tmux', ['-L', socket, ...a], { encoding: 'utf8' });
+    const screen = () => tmux('capture-pane', '-p', '-J', '-S', '-', '-t', 'c');
+    const until = async (re: RegExp) => {
+      const t0 = Date.now();
+      while (!re.test(screen())) {
+        if (Date.now() - t0 > 30_000) throw new Error(`timed out waiting for ${re}: ${screen()}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    };
+    const envs = Object.entries({ ORCHARD_TEST_MARKER: marker, HOME: tmp }).map(([k, v]) => `${k}=${v}`).join(' ');
+    tmux('new-session', '-d', '-s', 'c', '-x', '120', '-y', '40', `env ${envs} ${process.execPath} ${ORCHARD_BIN} chat --url ${url} --temperature 0 --max-tokens 6; echo EXIT:$?; sleep 30`);
+    try {
+      await until(/chatting with tiny at http:\/\/127\.0\.0\.1:\d+ — \/exit to leave/);
+      await until(/^› $/m);
+      tmux('send-keys', '-t', 'c', 'Hello there', 'Enter');
+      await until(/^› Hello there\n.+\n\n› $/m);
+      tmux('send-keys', '-t', 'c', '/exit', 'Enter');
+      await until(/EXIT:0/);
+    } finally {
+      try {
+        tmux('kill-server');
+      } catch {}
+    }
   });
 
   it('chat with an unknown model fails with one line and exit 1', async () => {
