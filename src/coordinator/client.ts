@@ -17,7 +17,8 @@ type Wire = Record<string, unknown>;
 /** A gRPC failure as the one-line CLI error it should be. */
 export function cliError(err: unknown, address: string): OrchardError {
   const e = err as grpc.ServiceError;
-  const details = e?.details || e?.message || String(err);
+  // grpc-js appends resolver notes to connection errors; the user needs the first sentence.
+  const details = (e?.details || e?.message || String(err)).replace(/\.?\s*Resolution note:.*$/s, '').replace(/\. Last error: Error:/, ':');
   switch (e?.code) {
     case grpc.status.UNAVAILABLE:
       if (/No connection established|ECONNREFUSED|connect|Name resolution/i.test(details)) {
