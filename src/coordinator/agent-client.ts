@@ -126,6 +126,19 @@ export class AgentClient {
     return { engine: engineFromWire(r.engine as Wire), logLines: Array.isArray(r.startupLog) ? r.startupLog.map(String) : [] };
   }
 
+  /** StartEngine for one MLX rank (`mlx` is the MlxRankSpec, camelCase, see mlx-launch.ts). */
+  async startMlxRank(
+    o: { engineId: string; model: string; readyTimeoutSeconds: number; mlx: Record<string, unknown> },
+    timeoutMs: number,
+  ): Promise<EngineInfo> {
+    const r = await this.#unary(
+      'startEngine',
+      { kind: 'ENGINE_KIND_MLX_RANK', engineId: o.engineId, model: o.model, readyTimeoutSeconds: o.readyTimeoutSeconds, mlx: o.mlx },
+      timeoutMs,
+    );
+    return engineFromWire(r.engine as Wire);
+  }
+
   async stopEngine(engineId: string, timeoutMs = 10_000): Promise<boolean> {
     const r = await this.#unary('stopEngine', { engineId }, timeoutMs);
     return r.stopped === true;

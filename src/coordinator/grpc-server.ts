@@ -156,8 +156,7 @@ export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedService
     Load(call: grpc.ServerWritableStream<unknown, unknown>) {
       (async () => {
         const req = parse(loadSchema, call.request, 'Load');
-        if (req.engine && req.engine !== 'llama') throw new CoordinatorError('INVALID_ARGUMENT', `engine "${req.engine}" is not available in this coordinator (llama only)`);
-        await s.runtime.load({ modelPath: req.modelPath, name: req.name, options: options(req.options) }, (p) => {
+        await s.runtime.load({ modelPath: req.modelPath, name: req.name, options: options(req.options), engine: req.engine }, (p) => {
           if (!call.cancelled) call.write(progressToWire(p));
         });
       })().then(

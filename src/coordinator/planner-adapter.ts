@@ -3,6 +3,7 @@ import { readGgufHeader } from '../shared/gguf/reader.ts';
 import type { CacheType } from '../shared/memory/kv.ts';
 import { deviceBytes, memoryModel, type MemoryOptions } from '../shared/memory/stage.ts';
 import { modelProfile } from '../shared/model/profile.ts';
+import { isMlxModelDir, readMlxModelProfile } from '../shared/model/mlx-profile.ts';
 import { planPlacement } from '../shared/placement/planner.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode } from '../shared/placement/types.ts';
 import { UsageError } from '../shared/errors.ts';
@@ -38,8 +39,8 @@ export function plannerNames(nodes: readonly NodeEntry[]): Map<string, NodeEntry
 export function createPlanner(reservedBytes: (nodeId: string) => number = () => 0): Planner {
   return async (modelPath, nodes, options): Promise<PlacementResult> => {
     if (!isAbsolute(modelPath)) throw new UsageError(`model path must be absolute (it is opened on the head node): ${modelPath}`);
-    const header = await readGgufHeader(modelPath);
-    const profile = modelProfile(header);
+    // An MLX model directory (config.json + safetensors) gets the same profile shape as a GGUF.
+    const profile = (await isMlxModelDir(modelPath)) ? await readMlxModelProfile(modelPath) : modelProfile(await readGgufHeader(modelPath));
     if (nodes.length === 0) throw new CoordinatorError('FAILED_PRECONDITION', 'no live nodes: start `orchard node` on each machine (or check `orchard status`)');
     const byName = plannerNames(nodes);
     const placementNodes: PlacementNode[] = [...byName].map(([name, n]) => ({

@@ -12,6 +12,9 @@ import type { Membership } from './membership.ts';
 import type { NodeEntry, RegistryChange } from './registry.ts';
 import { memoryOptionsOf } from './planner-adapter.ts';
 import { Slots } from './slots.ts';
+import { isMlxModelDir } from '../shared/model/mlx-profile.ts';
+import { engineForModel, mlxInstanceLaunch } from './mlx-launch.ts';
+import { type MlxRankEngine, startMlxRanks, submitToFollowers } from './mlx-instance.ts';
 
 /**
  * The runtime: model instances across the cluster. Load = plan against live nodes → start the
@@ -75,7 +78,7 @@ export interface ModelStatus {
   readonly name: string;
   readonly path: string;
   readonly state: ModelState;
-  readonly engine: 'llama';
+  readonly engine: 'llama' | 'mlx';
   readonly stages: readonly ModelStage[];
   readonly error: string;
   readonly predictedTokensPerSecond: number;
@@ -88,6 +91,8 @@ export interface LoadRequest {
   readonly modelPath: string;
   readonly name?: string | undefined;
   readonly options?: Partial<LoadOptions> | undefined;
+  /** "mlx" | "llama" | "auto"/"" (by format: a directory with config.json → mlx, .gguf → llama). */
+  readonly engine?: string | undefined;
 }
 
 export interface LoadProgress {
@@ -147,6 +152,12 @@ export interface RuntimeOptions {
   readonly extraHeadArgs?: readonly string[] | undefined;
   /** Threads for each rpc-server (0 = its default). */
   readonly rpcThreads?: number | undefined;
+  /** MLX: every rank must be ready within this (each agent's start-up watchdog; default 300 s). */
+  readonly mlxReadyTimeoutMs?: number | undefined;
+  /** MLX: rank 0 must emit at least this often during a request (default 30 s). */
+  readonly mlxStallTimeoutSeconds?: number | undefined;
+  /** MLX: random source for fresh ring ports (tests may seed it). */
+  readonly random?: (() => number) | undefined;
   /** Start llama-server with -lv 5 (every layer's device in its log); default ORCHARD_ENGINE_DEBUG_LOG=1. */
   readonly engineDebugLog?: boolean | undefined;
 }
@@ -154,13 +165,16 @@ export interface RuntimeOptions {
 interface StartedEngine {
   readonly nodeId: string;
   readonly engineId: string;
-  readonly kind: 'ENGINE_KIND_RPC_SERVER' | 'ENGINE_KIND_LLAMA_SERVER';
+  readonly kind: 'ENGINE_KIND_RPC_SERVER' | 'ENGINE_KIND_LLAMA_SERVER' | 'ENGINE_KIND_MLX_RANK';
 }
 
 interface Instance {
   readonly id: string;
   readonly name: string;
   readonly path: string;
+  readonly engine: 'llama' | 'mlx';
+  /** MLX: the ranks in rank order (rank 0 = head, it emits; the others get each request first). */
+  mlxRanks: MlxRankEngine[];
   state: ModelState;
   stages: ModelStage[];
   readonly engines: StartedEngine[];
@@ -254,7 +268,13 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     if (!req.modelPath) throw new UsageError('model path is required');
     const name = req.name || defaultModelName(req.modelPath);
     if (!NAME.test(name)) throw new UsageError(`invalid model name "${name}": 1–128 of A-Z a-z 0-9 . _ : - (use --name)`);
-    const options = resolveLoadOptions(req.options);
+    const engine = engineForModel(req.modelPath, await isMlxModelDir(req.modelPath), req.engine);
+    let options = resolveLoadOptions(req.options);
+    // MLX ranks serve one request at a time in lockstep and must see requests in the same order.
+    if (engine === 'mlx' && options.parallel !== 1) {
+      this.#log.info({ model: name, parallel: options.parallel }, 'MLX serves one request at a time: parallel set to 1');
+      options = { ...options, parallel: 1 };
+    }
     const existing = this.#instances.get(name);
     if (existing && existing.state !== 'failed') {
       throw new CoordinatorError('ALREADY_EXISTS', `model "${name}" is already ${existing.state === 'ready' ? 'loaded' : existing.state}; unload it first or pick another --name`);
@@ -267,6 +287,8 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       id: randomUUID().replace(/-/g, '').slice(0, 8),
       name,
       path: req.modelPath,
+      engine,
+      mlxRanks: [],
       state: 'loading',
       stages: [],
       engines: [],
@@ -304,6 +326,14 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       const headHasGpu = headNode.profile.os === 'macos';
       inst.stages = plan.stages.map((s) => ({ ...s, endpoint: '' }));
       this.#assertLoading(inst);
+      if (engine === 'mlx') {
+        await this.#startMlx(inst, plan, nodes, (m) => progress('starting-workers', m));
+        inst.state = 'ready';
+        inst.loadedAtMs = Date.now();
+        progress('ready', `${name} ready on ${plan.stages.length} MLX rank(s) in ${elapsed().toFixed(1)} s`, bytesTotal);
+        this.emit('model', this.#status(inst));
+        return this.#status(inst);
+      }
 
       // 1. rpc-servers: every worker stage, plus the head's own stage on a CPU-only head.
       progress('starting-workers', `starting ${headHasGpu ? last : last + 1} rpc-server(s)`);
@@ -392,6 +422,41 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     }
   }
 
+  /** MLX: lay the ranks out over the plan's nodes and start them in the order the ring needs. */
+  async #startMlx(inst: Instance, plan: PlacementResult, nodes: readonly NodeEntry[], say: (m: string) => void): Promise<void> {
+    const launch = mlxInstanceLaunch(
+      plan.stages.map((s, i) => ({
+        nodeId: s.nodeId,
+        nodeName: s.nodeName,
+        agentAddress: nodes[i]!.address,
+        interfaces: nodes[i]!.profile.interfaces,
+        layers: s.lastLayer - s.firstLayer + 1,
+      })),
+      {
+        modelDir: inst.path,
+        maxTokens: inst.options.ctx,
+        stallTimeoutSeconds: this.#o.mlxStallTimeoutSeconds ?? 30,
+        random: this.#o.random ?? Math.random,
+      },
+    );
+    this.#log.info({ model: inst.name, backend: launch.backend, reason: launch.reason, ranks: launch.ranks.map((r) => ({ rank: r.rank, node: r.nodeName, stage: r.stage, hosts: r.mlx.hosts })) }, 'MLX launch');
+    inst.mlxRanks = await startMlxRanks(
+      {
+        client: (id) => this.#client(id),
+        record: (e) => {
+          const rec: StartedEngine = { nodeId: e.nodeId, engineId: e.engineId, kind: 'ENGINE_KIND_MLX_RANK' };
+          inst.engines.push(rec);
+          if (e.rank === 0) inst.head = rec;
+        },
+        assertLoading: () => this.#assertLoading(inst),
+        progress: say,
+      },
+      launch,
+      { engineIdPrefix: `${this.#prefix}${inst.id}`, model: inst.name, readyTimeoutMs: this.#o.mlxReadyTimeoutMs ?? 300_000 },
+    );
+    for (const r of launch.ranks) inst.stages[r.stage] = { ...inst.stages[r.stage]!, endpoint: r.mlx.hosts[r.rank]?.endpoints[0] ?? r.mlx.jacclCoordinator };
+  }
+
   #assertLoading(inst: Instance): void {
     if (inst.state !== 'loading') throw new CoordinatorError('UNAVAILABLE', inst.error || `load of ${inst.name} was aborted`);
   }
@@ -475,8 +540,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       release = await inst.slots.acquire(ctl.signal);
       if (inst.state !== 'ready' || !inst.head) throw new CoordinatorError('UNAVAILABLE', inst.error || `model "${inst.name}" is not ready`);
       const client = this.#client(inst.head.nodeId);
-      call = client.generate({
-        engineId: inst.head.engineId,
+      const agentReq = {
         prompt: req.prompt,
         maxTokens: req.maxTokens,
         temperature: req.temperature,
@@ -485,7 +549,15 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
         stop: req.stop ?? [],
         requestId: randomUUID(),
         messagesJson: req.messages?.length ? JSON.stringify(req.messages.map((m) => ({ role: m.role, content: m.content }))) : '',
-      });
+      };
+      // MLX: every other rank takes the identical request first (ranks step in lockstep).
+      if (inst.engine === 'mlx' && inst.mlxRanks.length > 1) {
+        await Promise.race([
+          submitToFollowers(inst.mlxRanks.slice(1), (id) => this.#client(id), agentReq),
+          new Promise<never>((_, reject) => ctl.signal.addEventListener('abort', () => reject(ctl.signal.reason), { once: true })),
+        ]);
+      }
+      call = client.generate({ engineId: inst.head.engineId, ...agentReq });
       const stream = call;
       ctl.signal.addEventListener('abort', () => stream.cancel(), { once: true });
       try {
@@ -576,7 +648,8 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       const node = this.#o.membership.registry.get(nodeId);
       const how = ev.signal ? `signal ${ev.signal}` : `exit code ${ev.exitCode}`;
       const last = ev.lastStderrLines.filter((l) => l.trim()).slice(-1)[0];
-      this.#fail(i, `${e.kind === 'ENGINE_KIND_RPC_SERVER' ? 'rpc-server' : 'llama-server'} on node ${node?.profile.name ?? nodeId} (${nodeId}) exited (${how})${last ? `: ${last.trim()}` : ''}`);
+      const label = e.kind === 'ENGINE_KIND_RPC_SERVER' ? 'rpc-server' : e.kind === 'ENGINE_KIND_MLX_RANK' ? `MLX rank ${i.mlxRanks.find((r) => r.engineId === e.engineId)?.rank ?? '?'}` : 'llama-server';
+      this.#fail(i, `${label} on node ${node?.profile.name ?? nodeId} (${nodeId}) exited (${how})${last ? `: ${last.trim()}` : ''}`);
     }
   }
 
@@ -603,7 +676,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       name: i.name,
       path: i.path,
       state: i.state,
-      engine: 'llama',
+      engine: i.engine,
       stages: i.stages.map((s) => ({ ...s })),
       error: i.error,
       predictedTokensPerSecond: i.predictedTokensPerSecond,

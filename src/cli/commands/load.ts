@@ -1,7 +1,7 @@
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
-import { OrchardError } from '../../shared/errors.ts';
+import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
 import { createProgress } from '../progress.ts';
 
@@ -15,23 +15,26 @@ interface LoadFlags {
   pin?: string[];
   coordinator?: string;
   json?: boolean;
+  engine: string;
 }
 
 /** `orchard load MODEL.gguf`: returns when the model is ready (exit 0) or failed (exit 1, reason). */
 export function registerLoad(program: Command): void {
   program
     .command('load')
-    .description('load a GGUF model across the cluster (plan, start engines, verify); waits until ready')
-    .argument('<model>', 'GGUF file (absolute path as seen on the head node; relative paths resolve here)')
+    .description('load a model across the cluster (plan, start engines, verify); waits until ready')
+    .argument('<model>', 'GGUF file or MLX model directory (absolute path as seen on the nodes; relative paths resolve here)')
     .option('--ctx <n>', 'context size in tokens', '4096')
     .option('--cache-type <t>', 'KV cache type: f16, q8_0, q4_0, f32, bf16', 'f16')
     .option('--parallel <n>', 'parallel sequences (llama-server slots)', '1')
     .option('--name <alias>', 'model name for generate/unload (default: the file name)')
     .option('--pin <node...>', 'nodes that must hold a stage (names or ids)')
+    .option('--engine <e>', 'mlx, llama or auto (a directory with config.json → mlx, .gguf → llama)', 'auto')
     .option('--coordinator <host:port>', 'coordinator gRPC address (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
     .option('--json', 'print progress events as JSON lines')
     .action(async (model: string, flags: LoadFlags) => {
       const address = coordinatorAddress(flags.coordinator);
+      if (!['auto', 'mlx', 'llama'].includes(flags.engine)) throw new UsageError(`--engine must be mlx, llama or auto, got "${flags.engine}"`);
       const options = {
         ctx: parseInteger(flags.ctx, '--ctx', 16, 16_777_216),
         cacheType: flags.cacheType,
@@ -46,7 +49,7 @@ export function registerLoad(program: Command): void {
       // A bar over the load phases on a terminal; plain lines in pipes and logs.
       const bar = !flags.json && process.stderr.isTTY ? createProgress('load', LOAD_PHASES.length - 1) : undefined;
       try {
-        for await (const p of client.stream('load', { modelPath: resolve(model), name: flags.name ?? '', options, engine: '' }, ac.signal)) {
+        for await (const p of client.stream('load', { modelPath: resolve(model), name: flags.name ?? '', options, engine: flags.engine === 'auto' ? '' : flags.engine }, ac.signal)) {
           last = p;
           if (flags.json) process.stdout.write(`${JSON.stringify(p)}\n`);
           else if (bar) bar.update(Math.max(0, LOAD_PHASES.indexOf(String(p.phase))), String(p.message));

@@ -1,0 +1,216 @@
+import { isIPv4 } from 'node:net';
+import { UsageError } from '../shared/errors.ts';
+import type { NetworkInterfaceInfo } from '../shared/hardware.ts';
+
+/**
+ * How the coordinator lays out one MLX model instance over its nodes. Pure: the runtime hands in
+ * the plan's stages (plan order, first layers first), each node's reachable address and
+ * interfaces, and a random source; out come the per-rank StartEngine `mlx` fields.
+ *
+ * Rank order follows mlx-lm: plan stage s runs on rank N-1-s, so rank 0 holds the LAST layers
+ * (the plan's head stage, with the output) and is the one that emits tokens; Generate goes to
+ * rank 0's agent. Start order: ranks 0..N-2 first, rank N-1 once they all reported "starting"
+ * (rank N-1 dials with ~31 s of retries; the others accept without a timeout).
+ *
+ * Backend: JACCL (RDMA over Thunderbolt 5) when every pair of nodes is linked by RDMA-capable
+ * Thunderbolt interfaces, else the TCP ring. JACCL cannot run on Linux: only this generation is
+ * tested here. Link detection is by IPv4 subnet: macOS gives each Thunderbolt cable its own
+ * bridge interface, and two ends of one cable share a subnet (self-assigned 169.254/16 or a
+ * configured /24); we compare /24 prefixes, or 169.254/16 as a whole, which is a heuristic a user
+ * with odd addressing can sidestep with the ring. RDMA device names follow macOS: `rdma_<if>`.
+ */
+export interface MlxStageNode {
+  readonly nodeId: string;
+  readonly nodeName: string;
+  /** The agent's address as the coordinator reaches it ("ip:port" or "[v6]:port"). */
+  readonly agentAddress: string;
+  readonly interfaces: readonly NetworkInterfaceInfo[];
+  /** Layers of this plan stage. */
+  readonly layers: number;
+}
+
+export interface MlxRankWire {
+  readonly modelDir: string;
+  readonly rank: number;
+  readonly worldSize: number;
+  readonly backend: string;
+  readonly hosts: { endpoints: string[] }[];
+  readonly jacclDevices: { devices: string[] }[];
+  readonly jacclCoordinator: string;
+  readonly split: number[];
+  readonly mode: string;
+  readonly maxTokens: number;
+  readonly stallTimeoutSeconds: number;
+  readonly returnWhenStarting: boolean;
+}
+
+export interface MlxRankLaunch {
+  readonly rank: number;
+  /** Plan stage index (rank = N-1-stage). */
+  readonly stage: number;
+  readonly nodeId: string;
+  readonly nodeName: string;
+  readonly mlx: MlxRankWire;
+}
+
+export interface MlxInstanceLaunch {
+  readonly backend: 'ring' | 'jaccl' | 'none';
+  /** Why this backend (for logs and the load progress). */
+  readonly reason: string;
+  /** Rank order: ranks[r] is rank r. */
+  readonly ranks: readonly MlxRankLaunch[];
+}
+
+export interface MlxLaunchOptions {
+  readonly modelDir: string;
+  readonly mode?: 'pipeline' | 'tensor';
+  readonly maxTokens: number;
+  readonly stallTimeoutSeconds: number;
+  /** In [0, 1); Math.random in production, seeded in tests. */
+  readonly random: () => number;
+  /** Port range for fresh ring/JACCL ports (default 20000–59999, below Linux's ephemeral range). */
+  readonly portRange?: readonly [number, number];
+}
+
+/** Literal IPv4 of an agent address ("127.0.0.1:50151" → "127.0.0.1"); the ring takes nothing else. */
+export function ipv4Of(agentAddress: string): string {
+  const h = agentAddress.startsWith('[')
+    ? agentAddress.slice(1, agentAddress.indexOf(']'))
+    : agentAddress.includes(':')
+      ? agentAddress.slice(0, agentAddress.lastIndexOf(':'))
+      : agentAddress;
+  if (!isIPv4(h)) throw new UsageError(`MLX ring needs literal IPv4 node addresses; this node is reached at "${agentAddress}" (join it by IPv4)`);
+  return h;
+}
+
+/** `count` distinct random ports in the range. Fresh per launch: ring sockets use SO_REUSEPORT. */
+export function freshPorts(count: number, random: () => number, range: readonly [number, number] = [20000, 59999]): number[] {
+  const [lo, hi] = range;
+  if (hi - lo + 1 < count) throw new UsageError(`port range ${lo}–${hi} is too small for ${count} ports`);
+  const out = new Set<number>();
+  while (out.size < count) out.add(lo + Math.floor(random() * (hi - lo + 1)));
+  return [...out];
+}
+
+function subnetKey(ip: string): string | undefined {
+  if (!isIPv4(ip)) return undefined;
+  const [a, b, c] = ip.split('.');
+  return a === '169' && b === '254' ? '169.254' : `${a}.${b}.${c}`;
+}
+
+/**
+ * The RDMA device on node `from` that reaches node `to`, or undefined: an RDMA-capable
+ * Thunderbolt interface of `from` sharing a subnet with a Thunderbolt interface of `to`.
+ */
+export function rdmaDeviceBetween(from: readonly NetworkInterfaceInfo[], to: readonly NetworkInterfaceInfo[]): { device: string; address: string } | undefined {
+  const theirs = new Set(to.filter((i) => i.thunderbolt).flatMap((i) => i.addresses.map(subnetKey).filter((k): k is string => !!k)));
+  for (const i of from) {
+    if (!i.thunderbolt || !i.rdma) continue;
+    for (const a of i.addresses) {
+      const k = subnetKey(a);
+      if (k && theirs.has(k)) return { device: `rdma_${i.name}`, address: a };
+    }
+  }
+  return undefined;
+}
+
+/** The N×N JACCL device matrix (rank order), or undefined when some pair has no RDMA link. */
+export function jacclMatrix(nodesByRank: readonly { interfaces: readonly NetworkInterfaceInfo[] }[]): (string | null)[][] | undefined {
+  const n = nodesByRank.length;
+  const m: (string | null)[][] = [];
+  for (let i = 0; i < n; i++) {
+    const row: (string | null)[] = [];
+    for (let j = 0; j < n; j++) {
+      if (i === j) {
+        row.push(null);
+        continue;
+      }
+      const d = rdmaDeviceBetween(nodesByRank[i]!.interfaces, nodesByRank[j]!.interfaces);
+      if (!d) return undefined;
+      row.push(d.device);
+    }
+    m.push(row);
+  }
+  return m;
+}
+
+/**
+ * The ring address of each rank: a Thunderbolt address shared (by subnet) with both ring
+ * neighbours when there is one (faster than the LAN), else the agent's own IPv4 address.
+ */
+export function ringAddresses(nodesByRank: readonly MlxStageNode[]): string[] {
+  const n = nodesByRank.length;
+  return nodesByRank.map((node, r) => {
+    const neighbours = [nodesByRank[(r + n - 1) % n]!, nodesByRank[(r + 1) % n]!].filter((x) => x !== node);
+    for (const i of node.interfaces) {
+      if (!i.thunderbolt) continue;
+      for (const a of i.addresses) {
+        const k = subnetKey(a);
+        if (!k) continue;
+        const sharedByAll = neighbours.every((nb) => nb.interfaces.some((j) => j.thunderbolt && j.addresses.some((b) => subnetKey(b) === k)));
+        if (sharedByAll && neighbours.length > 0) return a;
+      }
+    }
+    return ipv4Of(node.agentAddress);
+  });
+}
+
+/** Lay out one instance: ranks in plan order reversed, backend, fresh ports, per-rank wire spec. */
+export function mlxInstanceLaunch(stages: readonly MlxStageNode[], o: MlxLaunchOptions): MlxInstanceLaunch {
+  const n = stages.length;
+  if (n === 0) throw new UsageError('an MLX instance needs at least one stage');
+  const ids = new Set(stages.map((s) => s.nodeId));
+  // The ring takes one listening endpoint per rank; two ranks of one node are fine (distinct
+  // ports), but the planner gives each node one stage anyway.
+  const byRank = stages.map((_, r) => ({ ...stages[n - 1 - r]!, stage: n - 1 - r }));
+  const split = stages.map((s) => s.layers);
+  const mode = o.mode ?? 'pipeline';
+  const base = (rank: number): Omit<MlxRankWire, 'backend' | 'hosts' | 'jacclDevices' | 'jacclCoordinator'> => ({
+    modelDir: o.modelDir,
+    rank,
+    worldSize: n,
+    split: n > 1 && mode === 'pipeline' ? split : [],
+    mode: n === 1 ? 'single' : mode,
+    maxTokens: o.maxTokens,
+    stallTimeoutSeconds: o.stallTimeoutSeconds,
+    returnWhenStarting: false,
+  });
+  const rankOf = (r: number, mlx: MlxRankWire): MlxRankLaunch => ({ rank: r, stage: byRank[r]!.stage, nodeId: byRank[r]!.nodeId, nodeName: byRank[r]!.nodeName, mlx });
+  if (n === 1) {
+    return {
+      backend: 'none',
+      reason: 'one stage: a single MLX process',
+      ranks: [rankOf(0, { ...base(0), backend: '', hosts: [], jacclDevices: [], jacclCoordinator: '' })],
+    };
+  }
+  const matrix = ids.size === n ? jacclMatrix(byRank) : undefined;
+  if (matrix) {
+    const [port] = freshPorts(1, o.random, o.portRange);
+    const coordinator = `${ipv4Of(byRank[0]!.agentAddress)}:${port}`;
+    const devices = matrix.map((row) => ({ devices: row.map((d) => d ?? '') }));
+    return {
+      backend: 'jaccl',
+      reason: 'every pair of nodes has an RDMA-capable Thunderbolt link',
+      ranks: byRank.map((_, r) => rankOf(r, { ...base(r), backend: 'jaccl', hosts: [], jacclDevices: devices, jacclCoordinator: coordinator })),
+    };
+  }
+  const addrs = ringAddresses(byRank);
+  const ports = freshPorts(n, o.random, o.portRange);
+  const hosts = addrs.map((a, r) => ({ endpoints: [`${a}:${ports[r]}`] }));
+  const why = ids.size < n ? 'a node holds more than one rank' : 'not every pair of nodes has an RDMA Thunderbolt link';
+  return {
+    backend: 'ring',
+    reason: `TCP ring (${why})`,
+    ranks: byRank.map((_, r) => rankOf(r, { ...base(r), backend: 'ring', hosts, jacclDevices: [], jacclCoordinator: '' })),
+  };
+}
+
+/** Model format → engine: a directory with config.json is MLX, a .gguf file is llama.cpp. */
+export function engineForModel(path: string, isMlxDir: boolean, requested: string | undefined): 'mlx' | 'llama' {
+  const r = (requested ?? '').trim();
+  if (r !== '' && r !== 'auto' && r !== 'mlx' && r !== 'llama') throw new UsageError(`unknown engine "${requested}": mlx, llama or auto`);
+  const auto = isMlxDir ? 'mlx' : 'llama';
+  if (r === 'mlx' && !isMlxDir) throw new UsageError(`--engine mlx needs an MLX model directory (config.json + safetensors): ${path}`);
+  if (r === 'llama' && isMlxDir) throw new UsageError(`--engine llama needs a .gguf file; ${path} is an MLX model directory`);
+  return r === 'mlx' || r === 'llama' ? r : auto;
+}
