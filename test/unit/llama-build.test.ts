@@ -1,18 +1,17 @@
 import { describe, expect, it } from 'vitest';
 import {
   cacheKey,
-  cacheRoot,
   cmakeBuildArgs,
   cmakeConfigureArgs,
   cmakeDefines,
-  formatLlamaCppVersion,
   helpListsRpc,
   missingToolMessage,
-  parseBundleHead,
   parseProgressLine,
   parseServerVersion,
   progressFraction,
 } from '../../src/node/llama/build.ts';
+import { cacheRoot } from '../../src/shared/cache-dir.ts';
+import { formatLlamaCppVersion, parseBundleHead } from '../../src/shared/llama-source.ts';
 
 const linux = { platform: 'linux' as const, arch: 'x64', cuda: false };
 const mac = { platform: 'darwin' as const, arch: 'arm64', cuda: false };

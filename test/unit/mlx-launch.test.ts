@@ -1,7 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { UsageError } from '../../src/shared/errors.ts';
 import { evenSplit, jacclDevicesFile, launchFiles, rankEnv, ringHostfile, splitFromRanges, workerArgs } from '../../src/node/mlx/launch.ts';
-import { mlxPins, mlxProcessEnv, mlxVenvDir, orchardCacheRoot } from '../../src/node/mlx/env.ts';
+import { mlxPins, mlxProcessEnv, mlxVenvDir } from '../../src/node/mlx/env.ts';
+import { cacheRoot } from '../../src/shared/cache-dir.ts';
 
 describe('ring hostfile', () => {
   it('is a JSON array of ip:port arrays in rank order', () => {
@@ -96,10 +97,10 @@ describe('MLX venv location and environment', () => {
     expect(mlxPins('darwin')).toEqual(['mlx==0.32.4', 'mlx-lm==0.32.2']);
   });
   it('lives under the Orchard cache root, named by a hash of the pins', () => {
-    expect(orchardCacheRoot({ ORCHARD_CACHE_DIR: '/c' }, 'linux', '/home/u')).toBe('/c');
-    expect(orchardCacheRoot({ XDG_CACHE_HOME: '/x' }, 'linux', '/home/u')).toBe('/x/orchard');
-    expect(orchardCacheRoot({}, 'linux', '/home/u')).toBe('/home/u/.cache/orchard');
-    expect(orchardCacheRoot({}, 'darwin', '/Users/u')).toBe('/Users/u/Library/Caches/orchard');
+    expect(cacheRoot({ ORCHARD_CACHE_DIR: '/c' }, 'linux', '/home/u')).toBe('/c');
+    expect(cacheRoot({ XDG_CACHE_HOME: '/x' }, 'linux', '/home/u')).toBe('/x/orchard');
+    expect(cacheRoot({}, 'linux', '/home/u')).toBe('/home/u/.cache/orchard');
+    expect(cacheRoot({}, 'darwin', '/Users/u')).toBe('/Users/u/Library/Caches/orchard');
     const linux = mlxVenvDir({ ORCHARD_CACHE_DIR: '/c' }, 'linux');
     const mac = mlxVenvDir({ ORCHARD_CACHE_DIR: '/c' }, 'darwin');
     expect(linux).toMatch(/^\/c\/mlx-venv-[0-9a-f]{12}$/);

@@ -6,6 +6,7 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { OrchardError } from '../../shared/errors.ts';
+import { cacheRoot } from '../../shared/cache-dir.ts';
 
 const run = promisify(execFile);
 
@@ -26,16 +27,9 @@ export function mlxPins(platform: NodeJS.Platform = process.platform): string[] 
   return [`mlx[cpu]==${MLX_VERSION}`, `mlx-lm[cpu]==${MLX_LM_VERSION}`];
 }
 
-/** Root of Orchard's per-user cache (same rule as the llama.cpp engine cache). */
-export function orchardCacheRoot(env: NodeJS.ProcessEnv, platform: NodeJS.Platform, home: string): string {
-  if (env.ORCHARD_CACHE_DIR) return env.ORCHARD_CACHE_DIR;
-  if (platform === 'darwin') return join(home, 'Library', 'Caches', 'orchard');
-  return join(env.XDG_CACHE_HOME || join(home, '.cache'), 'orchard');
-}
-
 export function mlxVenvDir(env: NodeJS.ProcessEnv = process.env, platform: NodeJS.Platform = process.platform): string {
   const digest = createHash('sha256').update(mlxPins(platform).join('\n')).digest('hex').slice(0, 12);
-  return join(orchardCacheRoot(env, platform, homedir()), `mlx-venv-${digest}`);
+  return join(cacheRoot(env, platform, homedir()), `mlx-venv-${digest}`);
 }
 
 export interface MlxEnv {
