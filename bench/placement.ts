@@ -9,7 +9,7 @@
  * measurements on Macs (none are available here).
  */
 import { lookupChip } from '../src/shared/chips.ts';
-import { osReserveBytes, usableBudget, wiredLimitBytes } from '../src/node/hardware/budget.ts';
+import { osReserveBytes, usableBudget, wiredLimitBytes } from '../src/shared/budget.ts';
 import type { CacheType } from '../src/shared/memory/kv.ts';
 import { type ModelProfile, modelProfile } from '../src/shared/model/profile.ts';
 import { presetHeader } from '../src/shared/model/shapes.ts';

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { defaultWiredLimitBytes, osReserveBytes, safetyMarginBytes, usableBudget, wiredLimitBytes } from '../../src/node/hardware/budget.ts';
+import { defaultWiredLimitBytes, osReserveBytes, safetyMarginBytes, usableBudget, wiredLimitBytes } from '../../src/shared/budget.ts';
 
 const GiB = 2 ** 30;
 const MiB = 2 ** 20;

@@ -5,7 +5,7 @@
 import type { NetworkInterfaceInfo as OsInterfaceInfo } from 'node:os';
 import { type ChipVariant, chipVariants, estimateUnknownChipBandwidth, lookupChip } from '../../shared/chips.ts';
 import { type HardwareProfile, type LiveStats, type NetworkInterfaceInfo, PROTOCOL_VERSION } from '../../shared/hardware.ts';
-import { type Budget, usableBudget, wiredLimitBytes } from './budget.ts';
+import { type Budget, usableBudget, wiredLimitBytes } from '../../shared/budget.ts';
 import { parseCpuinfo, parseMeminfo, parsePsiMemory } from './linux.ts';
 import {
   parseHardwarePorts,

@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { lookupChip } from '../chips.ts';
 import { UsageError } from '../errors.ts';
 // Pure budget arithmetic shared with the node agent's probe (no I/O in that module).
-import { usableBudget, wiredLimitBytes } from '../../node/hardware/budget.ts';
+import { usableBudget, wiredLimitBytes } from '../budget.ts';
 import type { PlacementNode } from './types.ts';
 
 /**
