@@ -1,7 +1,6 @@
-import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { mkdir, stat } from 'node:fs/promises';
-import { cacheRoot } from '../node/llama/build.ts';
+import { llamaCacheDir } from '../node/llama/build.ts';
 import { OrchardError } from '../shared/errors.ts';
 import { writeGguf } from '../shared/gguf/writer.ts';
 import type { ModelProfile } from '../shared/model/profile.ts';
@@ -26,7 +25,8 @@ export const DEMO_CTX = 1024;
 
 export function demoModelPath(env: NodeJS.ProcessEnv = process.env): string {
   const s = DEMO_SHAPE;
-  return join(cacheRoot(env, process.platform, homedir()), 'demo', `orchard-demo-l${s.layers}-d${s.dim}-f${s.ffn}-${s.type}-s${s.seed}.gguf`);
+  // Next to the engine builds: llamaCacheDir is <orchard cache>/llama, the model goes to <orchard cache>/demo.
+  return join(dirname(llamaCacheDir(env)), 'demo', `orchard-demo-l${s.layers}-d${s.dim}-f${s.ffn}-${s.type}-s${s.seed}.gguf`);
 }
 
 /** The cached demo GGUF, written on first use (atomically: a crash leaves no half file). */
