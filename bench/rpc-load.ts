@@ -1,0 +1,170 @@
+/**
+ * One model load through a ggml-rpc-server with a byte-counting TCP proxy in front of it: how many
+ * bytes llama-server sends to the rpc-server until /health is ready, and how long that takes.
+ * Shared by `bench/rpc-cache.ts` and `test/integration/rpc-cache.test.ts`.
+ *
+ * Layout (CPU-only build here): llama-server's only offload device is the RPC device, so every
+ * layer and the output layer live on the one rpc-server — the stage is "all layers + output".
+ * `--no-warmup` so the count is the load (weights + buffer set-up), not a warm-up decode.
+ * Every process is started in its own process group and killed (group) before returning.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { type Server, type Socket, connect, createServer } from 'node:net';
+
+export interface RpcLoadOptions {
+  readonly rpcServer: string;
+  readonly llamaServer: string;
+  readonly model: string;
+  /** LLAMA_CACHE for the rpc-server (`-c`); entries in `<dir>/rpc/`. */
+  readonly llamaCacheDir: string;
+  readonly threads?: number;
+  readonly timeoutMs?: number;
+}
+
+export interface RpcLoadResult {
+  /** Bytes llama-server sent to the rpc-server (head → worker) until ready. */
+  readonly bytesToServer: number;
+  readonly bytesFromServer: number;
+  /** From spawning llama-server until /health answers 200. */
+  readonly loadSeconds: number;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
+    });
+  });
+}
+
+function killGroup(c: ChildProcess): Promise<void> {
+  if (c.exitCode !== null || c.signalCode !== null || !c.pid) return Promise.resolve();
+  const gone = new Promise<void>((r) => c.once('exit', () => r()));
+  try {
+    process.kill(-c.pid, 'SIGKILL');
+  } catch {
+    return Promise.resolve();
+  }
+  return gone;
+}
+
+async function waitPort(port: number, deadline: number, child: ChildProcess, what: string, log: () => string): Promise<void> {
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`${what} exited (${child.exitCode}): ${log().slice(-2000)}`);
+    const ok = await new Promise<boolean>((r) => {
+      const s = connect(port, '127.0.0.1');
+      s.once('connect', () => {
+        s.destroy();
+        r(true);
+      });
+      s.once('error', () => r(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`${what} not listening on ${port}`);
+    await sleep(50);
+  }
+}
+
+/** A TCP proxy that counts bytes each way. */
+async function countingProxy(target: number): Promise<{ port: number; up: () => number; down: () => number; close: () => Promise<void> }> {
+  let up = 0;
+  let down = 0;
+  const sockets = new Set<Socket>();
+  const server: Server = createServer((client) => {
+    const upstream = connect(target, '127.0.0.1');
+    client.setNoDelay(true);
+    upstream.setNoDelay(true);
+    sockets.add(client);
+    sockets.add(upstream);
+    client.on('data', (d: Buffer) => {
+      up += d.length;
+    });
+    upstream.on('data', (d: Buffer) => {
+      down += d.length;
+    });
+    client.pipe(upstream);
+    upstream.pipe(client);
+    const end = () => {
+      client.destroy();
+      upstream.destroy();
+      sockets.delete(client);
+      sockets.delete(upstream);
+    };
+    client.on('error', end).on('close', end);
+    upstream.on('error', end).on('close', end);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const a = server.address();
+  const port = typeof a === 'object' && a ? a.port : 0;
+  return {
+    port,
+    up: () => up,
+    down: () => down,
+    close: () =>
+      new Promise<void>((r) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => r());
+      }),
+  };
+}
+
+export async function measureRpcLoad(o: RpcLoadOptions): Promise<RpcLoadResult> {
+  const threads = String(o.threads ?? 1);
+  const deadline = Date.now() + (o.timeoutMs ?? 300_000);
+  const children: ChildProcess[] = [];
+  let proxy: Awaited<ReturnType<typeof countingProxy>> | undefined;
+  let rpcLog = '';
+  let headLog = '';
+  try {
+    const rpcPort = await freePort();
+    const rpc = spawn(o.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', threads, '-c'], {
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, LLAMA_CACHE: o.llamaCacheDir, GGML_RPC_NO_RDMA: '1' },
+    });
+    children.push(rpc);
+    rpc.stdout?.on('data', (d: Buffer) => {
+      rpcLog += d.toString();
+    });
+    rpc.stderr?.on('data', (d: Buffer) => {
+      rpcLog += d.toString();
+    });
+    await waitPort(rpcPort, deadline, rpc, 'ggml-rpc-server', () => rpcLog);
+    proxy = await countingProxy(rpcPort);
+    const httpPort = await freePort();
+    const t0 = performance.now();
+    const head = spawn(
+      o.llamaServer,
+      ['-m', o.model, '--rpc', `127.0.0.1:${proxy.port}`, '-ngl', '99', '-c', '512', '-t', threads, '--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)],
+      { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, GGML_RPC_NO_RDMA: '1' } },
+    );
+    children.push(head);
+    head.stdout?.on('data', (d: Buffer) => {
+      headLog += d.toString();
+    });
+    head.stderr?.on('data', (d: Buffer) => {
+      headLog = (headLog + d.toString()).slice(-20_000);
+    });
+    for (;;) {
+      if (head.exitCode !== null) throw new Error(`llama-server exited (${head.exitCode}): ${headLog.slice(-2000)}`);
+      try {
+        const r = await fetch(`http://127.0.0.1:${httpPort}/health`);
+        if (r.status === 200) break;
+      } catch {
+        // not listening yet
+      }
+      if (Date.now() > deadline) throw new Error(`llama-server not ready: ${headLog.slice(-2000)}`);
+      await sleep(50);
+    }
+    const loadSeconds = (performance.now() - t0) / 1000;
+    return { bytesToServer: proxy.up(), bytesFromServer: proxy.down(), loadSeconds };
+  } finally {
+    for (const c of children.reverse()) await killGroup(c);
+    await proxy?.close();
+  }
+}

@@ -1,0 +1,154 @@
+import { createReadStream } from 'node:fs';
+import { mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { readGgufHeader } from '../../shared/gguf/reader.ts';
+import { Fnv1a64 } from '../../shared/rpc-cache/fnv.ts';
+import { type CacheStage, HASH_THRESHOLD_BYTES, cacheEntryName, rpcCacheDir, stageCachePlan } from '../../shared/rpc-cache/plan.ts';
+
+/**
+ * Pre-seeding a ggml-rpc-server tensor cache from a local copy of the model file, so the head
+ * offers these tensors by hash (RPC_CMD_SET_TENSOR_HASH) and the server finds them on disk
+ * instead of receiving the bytes. The entries are exactly what the rpc-server would have
+ * written itself after receiving them: file `<LLAMA_CACHE>/rpc/<fnv1a64 hex>` holding the raw
+ * tensor bytes.
+ *
+ * I/O shape: each tensor is streamed once from the GGUF file (chunks of `chunkBytes`), hashed
+ * and written to a temporary file in the cache dir as it goes, then renamed to its hash name
+ * (atomic, so a half-written entry is never visible to the server). A manifest
+ * (`orchard-seeded.json`, not a hash name so the server ignores it) remembers, per model file
+ * (path, size, mtime) and tensor offset, the hash already written; a repeated seed then skips
+ * those tensors without reading them.
+ */
+
+export interface SeedProgress {
+  readonly tensorsDone: number;
+  readonly tensorsTotal: number;
+  readonly bytesDone: number;
+  readonly bytesTotal: number;
+  /** Bytes that had to be read and written (not already present). */
+  readonly bytesWritten: number;
+}
+
+export interface SeedOptions {
+  readonly modelPath: string;
+  /** The LLAMA_CACHE dir given to the rpc-server (entries go into `<dir>/rpc/`). */
+  readonly llamaCacheDir: string;
+  readonly stage: CacheStage;
+  readonly thresholdBytes?: number;
+  readonly chunkBytes?: number;
+  readonly onProgress?: (p: SeedProgress) => void;
+  readonly signal?: AbortSignal;
+}
+
+export interface SeedResult extends SeedProgress {
+  readonly cacheDir: string;
+  /** Tensor name → 16-hex hash of every cache entry this stage needs. */
+  readonly entries: Readonly<Record<string, string>>;
+  /** Bytes of the stage's tensors at or under the threshold: these still cross the network. */
+  readonly sentBytes: number;
+  readonly sentTensors: readonly string[];
+  readonly seconds: number;
+}
+
+const MANIFEST = 'orchard-seeded.json';
+
+interface Manifest {
+  /** key `${path}\0${size}\0${mtimeMs}\0${fileOffset}\0${bytes}` → hash hex */
+  readonly entries: Record<string, string>;
+}
+
+async function readManifest(dir: string): Promise<Manifest> {
+  try {
+    const j = JSON.parse(await readFile(join(dir, MANIFEST), 'utf8')) as Partial<Manifest>;
+    return { entries: typeof j.entries === 'object' && j.entries ? { ...j.entries } : {} };
+  } catch {
+    return { entries: {} };
+  }
+}
+
+async function fileHasSize(path: string, bytes: number): Promise<boolean> {
+  try {
+    const st = await stat(path);
+    return st.isFile() && st.size === bytes;
+  } catch {
+    return false;
+  }
+}
+
+/** Stream `bytes` from `start` of `path` into `tmp`, returning the FNV-1a hash of what was copied. */
+async function copyHashing(path: string, start: number, bytes: number, tmp: string, chunkBytes: number, signal?: AbortSignal): Promise<string> {
+  const hash = new Fnv1a64();
+  const out = await open(tmp, 'w');
+  let copied = 0;
+  try {
+    const src = createReadStream(path, { start, end: start + bytes - 1, highWaterMark: chunkBytes, ...(signal ? { signal } : {}) });
+    for await (const chunk of src as AsyncIterable<Buffer>) {
+      hash.update(chunk);
+      await out.write(chunk);
+      copied += chunk.length;
+    }
+  } finally {
+    await out.close();
+  }
+  if (copied !== bytes) throw new Error(`short read from ${path}: ${copied} of ${bytes} bytes at offset ${start}`);
+  return hash.hex();
+}
+
+export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
+  const t0 = performance.now();
+  const header = await readGgufHeader(o.modelPath);
+  if (!header.hasData) throw new Error(`${o.modelPath} holds no tensor data (header-only file)`);
+  const st = await stat(o.modelPath);
+  const plan = stageCachePlan(header, o.stage, o.thresholdBytes ?? HASH_THRESHOLD_BYTES);
+  const dir = rpcCacheDir(o.llamaCacheDir);
+  await mkdir(dir, { recursive: true });
+  const manifest = await readManifest(dir);
+  const chunk = o.chunkBytes ?? 4 * 1024 * 1024;
+  const entries: Record<string, string> = {};
+  let bytesDone = 0;
+  let bytesWritten = 0;
+  let tensorsDone = 0;
+  const total = plan.cachedBytes;
+  const report = () =>
+    o.onProgress?.({ tensorsDone, tensorsTotal: plan.cached.length, bytesDone, bytesTotal: total, bytesWritten });
+  report();
+  for (const t of plan.cached) {
+    o.signal?.throwIfAborted();
+    const key = `${o.modelPath}\0${st.size}\0${st.mtimeMs}\0${t.fileOffset}\0${t.bytes}`;
+    const known = manifest.entries[key];
+    if (known && (await fileHasSize(join(dir, known), t.bytes))) {
+      entries[t.name] = known;
+    } else {
+      const tmp = join(dir, `.orchard-seed-${process.pid}-${tensorsDone}.tmp`);
+      try {
+        const hex = cacheEntryName(await copyHashing(o.modelPath, t.fileOffset, t.bytes, tmp, chunk, o.signal));
+        const target = join(dir, hex);
+        if (await fileHasSize(target, t.bytes)) await rm(tmp, { force: true });
+        else await rename(tmp, target);
+        entries[t.name] = hex;
+        manifest.entries[key] = hex;
+        bytesWritten += t.bytes;
+      } finally {
+        await rm(tmp, { force: true });
+      }
+    }
+    tensorsDone++;
+    bytesDone += t.bytes;
+    report();
+  }
+  const mtmp = join(dir, `.${MANIFEST}.${process.pid}.tmp`);
+  await writeFile(mtmp, JSON.stringify(manifest));
+  await rename(mtmp, join(dir, MANIFEST));
+  return {
+    cacheDir: dir,
+    entries,
+    tensorsDone,
+    tensorsTotal: plan.cached.length,
+    bytesDone,
+    bytesTotal: total,
+    bytesWritten,
+    sentBytes: plan.sentBytes,
+    sentTensors: plan.sent.map((t) => t.name),
+    seconds: (performance.now() - t0) / 1000,
+  };
+}

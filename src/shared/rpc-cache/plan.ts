@@ -1,0 +1,87 @@
+import type { GgufHeader } from '../gguf/types.ts';
+
+/**
+ * Which tensors of a GGUF file a ggml-rpc-server will be offered by hash, and where their bytes
+ * are. Pure. Rules from ggml/src/ggml-rpc/ggml-rpc.cpp (this llama.cpp version):
+ * * `rpc_use_hash_cache`: `size > HASH_THRESHOLD` (10 MiB, strictly greater) and the buffer is a
+ *   weights buffer. With mmap (llama.cpp's default, and Orchard never passes --no-mmap) the model
+ *   loader uploads each tensor in one `ggml_backend_tensor_set(cur, data, 0, ggml_nbytes)`, so
+ *   "size" is the whole tensor and the hash covers exactly the tensor's bytes in the file.
+ *   (Without mmap the loader may upload in chunks through a staging buffer; then each chunk
+ *   would be hashed separately and this plan would not match — hence the mmap assumption.)
+ * * A stage holding layers a..b gets every `blk.N.*` tensor with a ≤ N ≤ b; the stage holding
+ *   the output layer (the last in llama.cpp's split) also gets `output.weight` — or, for models
+ *   with tied embeddings (no `output.weight`), a duplicate of `token_embd.weight`.
+ *   Non-layer tensors other than those (norms, rope factors) are tiny and always sent.
+ */
+export const HASH_THRESHOLD_BYTES = 10 * 1024 * 1024;
+
+export interface CacheStage {
+  readonly firstLayer: number;
+  /** Inclusive. */
+  readonly lastLayer: number;
+  /** This stage holds llama.cpp's output layer (the last stage of the split). */
+  readonly holdsOutput: boolean;
+}
+
+export interface CachedTensor {
+  readonly name: string;
+  /** Absolute offset in the GGUF file. */
+  readonly fileOffset: number;
+  readonly bytes: number;
+}
+
+export interface StageCachePlan {
+  /** Tensors the head will offer by hash: these are what pre-seeding writes. */
+  readonly cached: readonly CachedTensor[];
+  /** Tensors of the stage at or under the threshold: always sent over the wire. */
+  readonly sent: readonly CachedTensor[];
+  readonly cachedBytes: number;
+  readonly sentBytes: number;
+}
+
+const LAYER_RE = /^blk\.(\d+)\./;
+
+export function stageTensors(header: Pick<GgufHeader, 'tensors' | 'dataOffset'>, stage: CacheStage): CachedTensor[] {
+  const names = new Set(header.tensors.map((t) => t.name));
+  const out: CachedTensor[] = [];
+  for (const t of header.tensors) {
+    const m = LAYER_RE.exec(t.name);
+    let mine = false;
+    if (m) {
+      const layer = Number(m[1]);
+      mine = layer >= stage.firstLayer && layer <= stage.lastLayer;
+    } else if (stage.holdsOutput) {
+      mine = t.name === 'output.weight' || t.name === 'output_norm.weight' || t.name === 'output_norm.bias' ||
+        (t.name === 'token_embd.weight' && !names.has('output.weight'));
+    }
+    if (mine) out.push({ name: t.name, fileOffset: header.dataOffset + t.offset, bytes: t.bytes });
+  }
+  return out;
+}
+
+export function stageCachePlan(
+  header: Pick<GgufHeader, 'tensors' | 'dataOffset'>,
+  stage: CacheStage,
+  thresholdBytes: number = HASH_THRESHOLD_BYTES,
+): StageCachePlan {
+  const cached: CachedTensor[] = [];
+  const sent: CachedTensor[] = [];
+  for (const t of stageTensors(header, stage)) (t.bytes > thresholdBytes ? cached : sent).push(t);
+  const sum = (xs: CachedTensor[]) => xs.reduce((a, t) => a + t.bytes, 0);
+  return { cached, sent, cachedBytes: sum(cached), sentBytes: sum(sent) };
+}
+
+/**
+ * Where ggml-rpc-server looks for a cache entry: `<LLAMA_CACHE>/rpc/<16 hex digits>`. Orchard's
+ * supervisor starts `ggml-rpc-server -c` with LLAMA_CACHE set to the StartEngine cache_dir, so
+ * the entries live in `<cache_dir>/rpc/`.
+ */
+export function rpcCacheDir(llamaCacheDir: string): string {
+  return `${llamaCacheDir.replace(/\/+$/, '')}/rpc`;
+}
+
+export function cacheEntryName(hashHex: string): string {
+  if (!/^[0-9a-f]{16}$/.test(hashHex)) throw new Error(`not a 16-hex-digit FNV-1a hash: ${hashHex}`);
+  return hashHex;
+}
