@@ -245,6 +245,11 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     return i ? this.#status(i) : undefined;
   }
 
+  /** Requests generating and waiting for a slot, per model (the metrics read it at scrape time). */
+  slotUsage(): { readonly model: string; readonly running: number; readonly queued: number }[] {
+    return [...this.#instances.values()].map((i) => ({ model: i.name, running: i.slots.running, queued: i.slots.queued }));
+  }
+
   async plan(modelPath: string, options?: Partial<LoadOptions>): Promise<PlacementResult> {
     const opts = resolveLoadOptions(options);
     return this.#o.planner(modelPath, this.#plannableNodes(opts), opts);
