@@ -1,0 +1,61 @@
+import { execFile } from 'node:child_process';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { measureRpcLoad } from '../../bench/rpc-load.ts';
+import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
+import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
+
+/**
+ * A real llama-server loading through a real ggml-rpc-server (-c), with a byte-counting proxy in
+ * between: with the cache pre-seeded by Orchard from the local file, the bytes sent during the
+ * load are ≤ 1 % of the shard's weight bytes; cold, they are ~100 %. The model (dim 2304, 8 KV
+ * heads, f16, 1 layer) has every matrix above ggml-rpc's 10 MiB hash threshold; only norms cross.
+ */
+const ROOT = new URL('../../', import.meta.url).pathname;
+let work = '';
+let model = '';
+let bins: Awaited<ReturnType<typeof findLlamaBinaries>>;
+
+beforeAll(async () => {
+  bins = await findLlamaBinaries();
+  work = await mkdtemp(join(tmpdir(), 'orchard-rpc-cache-it-'));
+  model = join(work, 'wide.gguf');
+  await promisify(execFile)(process.execPath, [
+    join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', '--out', model,
+    '--layers', '1', '--dim', '2304', '--ffn', '5632', '--heads', '8', '--kv-heads', '8', '--type', 'f16',
+  ]);
+}, 120_000);
+
+afterAll(async () => {
+  if (work) await rm(work, { recursive: true, force: true });
+});
+
+describe('pre-seeded rpc-server tensor cache', () => {
+  it('cuts the bytes sent during a load to ≤ 1 % of the shard (cold: ≥ 99 %), with the same entries the server writes', async () => {
+    const header = await readGgufHeader(model);
+    const stage = { firstLayer: 0, lastLayer: 0, holdsOutput: true };
+    const plan = stageCachePlan(header, stage);
+    const shard = plan.cachedBytes + plan.sentBytes;
+    expect(plan.sent.every((t) => t.name.includes('norm'))).toBe(true);
+
+    const seedDir = join(work, 'seeded');
+    const seed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage });
+    expect(seed.bytesWritten).toBe(plan.cachedBytes);
+    const seeded = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: seedDir });
+    expect(seeded.bytesToServer).toBeLessThanOrEqual(0.01 * shard);
+
+    const coldDir = join(work, 'cold');
+    const cold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir });
+    expect(cold.bytesToServer).toBeGreaterThanOrEqual(0.99 * shard);
+
+    // The real rpc-server, on the cold load, wrote its cache with its own fnv_hash: same names.
+    const names = async (d: string) => (await readdir(join(d, 'rpc'))).filter((n) => /^[0-9a-f]{16}$/.test(n)).sort();
+    expect(await names(seedDir)).toEqual(await names(coldDir));
+    expect((await names(seedDir)).length).toBe(plan.cached.length);
+  }, 240_000);
+});
