@@ -5,7 +5,10 @@ import type { Logger } from '../shared/log.ts';
 import { Discovery } from './discovery.ts';
 import { modelStatusToWire, nodeStatusToWire, startCoordinatorGrpc } from './grpc-server.ts';
 import { Membership } from './membership.ts';
+import { metricsRoutes } from '../shared/metrics/http.ts';
+import { CoordinatorMetrics, MeteredRuntime } from './metrics.ts';
 import { installApi } from './openai/api.ts';
+import { prometheusTargetsHandler, sdNodeFromEntry } from './prometheus-sd.ts';
 import { createPlanner } from './planner-adapter.ts';
 import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './registry.ts';
 import { Runtime, type Planner } from './runtime.ts';
@@ -42,6 +45,8 @@ export interface CoordinatorHandle {
   readonly tokenCreated: boolean;
   readonly runtime: Runtime;
   readonly membership: Membership;
+  /** Prometheus registry and metrics (served at GET /metrics on the HTTP port). */
+  readonly metrics: CoordinatorMetrics;
   /** The HTTP server, so the OpenAI API can add its routes (`server.on('request', …)` is taken; use `httpRoutes`). */
   readonly httpRoutes: Map<string, (req: import('node:http').IncomingMessage, res: import('node:http').ServerResponse) => void>;
   close(): Promise<void>;
@@ -63,7 +68,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   let runtimeRef: Runtime | undefined;
   const reserved = (nodeId: string) =>
     (runtimeRef?.models() ?? []).filter((m) => m.state !== 'failed').flatMap((m) => m.stages).filter((s) => s.nodeId === nodeId).reduce((t, s) => t + s.bytes.total, 0);
-  const runtime = new Runtime({
+  const metrics = new CoordinatorMetrics({ version: o.version ?? '0.1.0', membership, runtime: () => runtimeRef });
+  const runtime = new MeteredRuntime({
     membership,
     planner: o.planner ?? createPlanner(reserved),
     clusterId: cluster.clusterId,
@@ -71,7 +77,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     maxQueue: o.maxQueue,
     extraHeadArgs: o.extraHeadArgs,
     rpcThreads: o.rpcThreads,
-  });
+  }, metrics);
   runtimeRef = runtime;
 
   let saving = Promise.resolve();
@@ -106,6 +112,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     );
   }
 
+  let closed = false;
   const httpRoutes: CoordinatorHandle['httpRoutes'] = new Map();
   httpRoutes.set('GET /health', (_req, res) => {
     res.writeHead(200, { 'content-type': 'application/json' });
@@ -116,6 +123,19 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     res.end(JSON.stringify({ clusterId: cluster.clusterId, nodes: membership.registry.nodes().map((n) => nodeStatusToWire(n)), models: runtime.models().map(modelStatusToWire) }));
   });
   installApi(httpRoutes, { runtime, membership, clusterId: cluster.clusterId, log }, o.api);
+  // Prometheus: the coordinator's own /metrics, and HTTP-SD listing it and every node agent's
+  // /metrics (agent host as the coordinator reaches it + the metrics port from its profile).
+  const serveMetricsRoute = metricsRoutes({ registry: metrics.registry, health: () => (closed ? { ok: false, detail: 'shutting down' } : { ok: true }) });
+  httpRoutes.set('GET /metrics', (req, res) => void serveMetricsRoute(req, res));
+  httpRoutes.set('HEAD /metrics', (req, res) => void serveMetricsRoute(req, res));
+  httpRoutes.set('GET /v1/prometheus/targets', (req, res) =>
+    prometheusTargetsHandler(() => ({
+      // The coordinator's own target is the address Prometheus just used to reach it (Host
+      // header), which is right even when the HTTP server listens on 0.0.0.0.
+      coordinatorAddress: scrapeAddress(req.headers.host) ?? `${o.httpHost ?? '127.0.0.1'}:${httpPort ?? 0}`,
+      nodes: membership.registry.nodes().map((n) => sdNodeFromEntry(n, (e) => e.profile.metricsPort)),
+    }))(req, res),
+  );
   let http: Server | undefined;
   let httpPort: number | undefined;
   if (o.httpPort !== undefined) {
@@ -147,7 +167,6 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
 
   log.info({ grpcPort: port, httpPort, clusterId: cluster.clusterId, mdns: o.mdns, stateDir: o.stateDir }, 'coordinator ready');
 
-  let closed = false;
   return {
     clusterId: cluster.clusterId,
     grpcPort: port,
@@ -156,6 +175,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     tokenCreated: created,
     runtime,
     membership,
+    metrics,
     httpRoutes,
     async close() {
       if (closed) return;
@@ -172,6 +192,11 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
       await saving;
     },
   };
+}
+
+/** A Host header usable as a Prometheus target ("host:port", "[v6]:port"), else undefined. */
+export function scrapeAddress(host: string | undefined): string | undefined {
+  return host && /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(host) ? host : undefined;
 }
 
 export type { grpc };

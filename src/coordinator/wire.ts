@@ -41,6 +41,7 @@ export function profileFromWire(p: Wire | undefined | null): HardwareProfile {
       : [],
     protocolVersion: str(w.protocolVersion),
     agentVersion: str(w.agentVersion),
+    metricsPort: num(w.metricsPort) || undefined,
   };
 }
 

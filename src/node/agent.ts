@@ -84,7 +84,9 @@ export class NodeAgent {
 
   profile(): HardwareProfile {
     if (!this.currentProfile) throw new Error('agent not started');
-    return this.currentProfile;
+    // The metrics port is the agent's, not the hardware's: added here so Describe, Watch
+    // profile events and the coordinator's Prometheus SD all see it once the server listens.
+    return this.metricsServer ? { ...this.currentProfile, metricsPort: this.metricsServer.port } : this.currentProfile;
   }
 
   async start(): Promise<AgentReady> {

@@ -1,15 +1,16 @@
-import { Counter, Gauge, Registry } from 'prom-client';
-import { MEMORY_PRESSURE_LEVELS, NODE_METRICS } from '../shared/metrics/catalogue.ts';
-import { collectProcessMetrics } from '../shared/metrics/factories.ts';
+import { Registry } from 'prom-client';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
+import { createNodeMetrics, type NodeMetricSet, recordNodeProfile } from '../shared/metrics/factories.ts';
 import type { EngineExit, EngineInfo } from './supervisor.ts';
 
 /**
- * The node agent's Prometheus metrics, on their own Registry (never prom-client's global one,
- * so several agents in one test process cannot mix their series). Names and help come from the
- * shared catalogue (src/shared/metrics/catalogue.ts); gauges read the agent's current state at
- * scrape time through `collect`, so they are never stale. orchard_rpc_bytes_total is not
- * exported: this agent does not relay RPC traffic (engines talk to each other directly).
+ * The node agent's Prometheus metrics, built from the shared catalogue
+ * (src/shared/metrics/catalogue.ts → createNodeMetrics) on their own Registry (never
+ * prom-client's global one, so several agents in one test process cannot mix their series).
+ * Gauges read the agent's current state at scrape time through `collect`, so they are never
+ * stale; counters start at 0 for every engine kind so the first crash is an increase rate() sees.
+ * orchard_rpc_bytes_total is declared but not exported: this agent does not relay RPC traffic
+ * (llama-server talks to the rpc-servers directly), so it has no honest number to give.
  */
 export interface NodeMetricsSource {
   profile(): HardwareProfile;
@@ -19,87 +20,41 @@ export interface NodeMetricsSource {
 
 export class NodeMetrics {
   readonly registry = new Registry();
-  private readonly starts: Counter<'engine'>;
-  private readonly restarts: Counter<'engine'>;
-  private readonly exits: Counter<'engine' | 'expected'>;
+  readonly metrics: NodeMetricSet;
 
   constructor(source: NodeMetricsSource) {
-    const r = this.registry;
-    const M = NODE_METRICS;
-    // prom-client's process/nodejs metrics minus the *_total gauges promtool rejects.
-    collectProcessMetrics(r);
-    // Labels: the issue's id/name/chip/os/version (so a scrape alone identifies the node, and a
-    // restart with the same state dir shows the same id) plus the catalogue's platform labels.
-    // When Prometheus scrapes through the coordinator's HTTP-SD, its `chip` target label wins and
-    // this one shows up as `exported_chip` with the same value.
-    new Gauge({
-      name: M.info.name,
-      help: 'Node identity and platform; value is always 1',
-      labelNames: ['id', 'name', 'chip', 'os', 'version', ...M.info.labelNames],
-      registers: [r],
-      collect() {
-        const p = source.profile();
-        this.reset();
-        this.set(
-          { id: p.nodeId, name: p.name, chip: p.chip, os: p.os, version: p.agentVersion, os_version: p.osVersion, agent_version: p.agentVersion, protocol_version: p.protocolVersion },
-          1,
-        );
-      },
-    });
-    const fromProfile = (def: { name: string; help: string }, pick: (p: HardwareProfile) => number) =>
-      new Gauge({
-        name: def.name,
-        help: def.help,
-        registers: [r],
-        collect() {
-          this.set(pick(source.profile()));
+    let set: NodeMetricSet | undefined;
+    // Every profile-derived gauge runs the same cheap refresh: prom-client collects metrics one
+    // by one and any of them can be read alone (getSingleMetricAsString), so none may rely on
+    // another's hook having run first.
+    const refresh = () => {
+      if (set) recordNodeProfile(set, source.profile(), source.live());
+    };
+    set = createNodeMetrics(this.registry, {
+      collect: {
+        info: refresh,
+        memoryBytes: refresh,
+        usableMemoryBytes: refresh,
+        availableMemoryBytes: refresh,
+        bandwidthBytesPerSecond: refresh,
+        wiredLimitBytes: refresh,
+        memoryPressure: refresh,
+        engineUp() {
+          // No port label (a restart on a new port would start a new series): kind and model.
+          this.reset();
+          for (const e of source.engines()) this.set({ engine: e.kind, model: e.model }, 1);
         },
-      });
-    fromProfile(M.memoryBytes, (p) => p.memoryBytes);
-    fromProfile(M.usableMemoryBytes, (p) => p.usableBytes);
-    fromProfile(M.bandwidthBytesPerSecond, (p) => p.bandwidthBytesPerSecond);
-    fromProfile(M.wiredLimitBytes, (p) => p.wiredLimitBytes);
-    new Gauge({
-      name: M.availableMemoryBytes.name,
-      help: M.availableMemoryBytes.help,
-      registers: [r],
-      collect() {
-        const live = source.live();
-        if (live) this.set(live.availableBytes);
       },
     });
-    new Gauge({
-      name: M.memoryPressure.name,
-      help: M.memoryPressure.help,
-      labelNames: ['level'],
-      registers: [r],
-      collect() {
-        const live = source.live();
-        if (!live) return;
-        for (const level of MEMORY_PRESSURE_LEVELS) this.set({ level }, level === live.memoryPressure ? 1 : 0);
-      },
-    });
-    new Gauge({
-      name: M.engineUp.name,
-      help: 'Engines this agent runs: 1 while ready; labels name the kind, the port it serves and its model',
-      labelNames: ['engine', 'port', 'model'],
-      registers: [r],
-      collect() {
-        this.reset();
-        for (const e of source.engines()) this.set({ engine: e.kind, port: String(e.port), model: e.model }, 1);
-      },
-    });
-    this.starts = new Counter({ name: M.engineStartsTotal.name, help: M.engineStartsTotal.help, labelNames: ['engine'], registers: [r] });
-    this.restarts = new Counter({ name: M.engineRestartsTotal.name, help: M.engineRestartsTotal.help, labelNames: ['engine'], registers: [r] });
-    this.exits = new Counter({ name: M.engineExitsTotal.name, help: M.engineExitsTotal.help, labelNames: ['engine', 'expected'], registers: [r] });
+    this.metrics = set;
   }
 
   engineStarted(info: EngineInfo, isRestart: boolean): void {
-    this.starts.inc({ engine: info.kind });
-    if (isRestart) this.restarts.inc({ engine: info.kind });
+    this.metrics.engineStartsTotal.inc({ engine: info.kind });
+    if (isRestart) this.metrics.engineRestartsTotal.inc({ engine: info.kind });
   }
 
   engineExited(exit: EngineExit): void {
-    this.exits.inc({ engine: exit.kind, expected: String(exit.expected) });
+    this.metrics.engineExitsTotal.inc({ engine: exit.kind, expected: String(exit.expected) });
   }
 }

@@ -30,6 +30,12 @@ export interface HardwareProfile {
   readonly interfaces: readonly NetworkInterfaceInfo[];
   readonly protocolVersion: string;
   readonly agentVersion: string;
+  /**
+   * Port of the agent's Prometheus `/metrics`, served on the same host as its gRPC API (the
+   * coordinator lists `<agent host>:<metricsPort>` in its HTTP-SD answer). Absent until the
+   * metrics server listens, and from agents that predate the field.
+   */
+  readonly metricsPort?: number | undefined;
 }
 
 export interface LiveStats {

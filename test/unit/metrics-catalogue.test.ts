@@ -7,7 +7,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { agentHost, prometheusTargets, prometheusTargetsHandler, sdNodeFromEntry } from '../../src/coordinator/prometheus-sd.ts';
 import type { NodeEntry } from '../../src/coordinator/registry.ts';
 import type { HardwareProfile } from '../../src/shared/hardware.ts';
-import { CATALOGUE, COORDINATOR_METRICS, findMetric, NODE_METRICS, TARGET_LABELS } from '../../src/shared/metrics/catalogue.ts';
+import { CATALOGUE, COORDINATOR_METRICS, findMetric, NODE_METRICS, TARGET_LABELS, TARGET_LABELS_ALLOWED } from '../../src/shared/metrics/catalogue.ts';
 import {
   createCoordinatorMetrics,
   createNodeMetrics,
@@ -83,11 +83,14 @@ describe('metric catalogue', () => {
     for (const d of CATALOGUE) {
       for (const l of d.labelNames) {
         expect(l).toMatch(/^[a-z][a-z0-9_]*$/);
-        expect(l, `${d.name}{${l}} is unbounded`).not.toMatch(FORBIDDEN_LABELS);
+        // orchard_node_info{id}: the node's stable id, one value per node (bounded by the cluster).
+        if (!(d.name === 'orchard_node_info' && l === 'id')) expect(l, `${d.name}{${l}} is unbounded`).not.toMatch(FORBIDDEN_LABELS);
         expect(l).not.toMatch(/^(le|quantile|job|instance|__.*)$/);
         // Node series get node/node_id/chip/role from HTTP-SD; the same label on the metric would become exported_*.
-        if (d.exportedBy === 'node') expect(TARGET_LABELS as readonly string[], `${d.name}{${l}}`).not.toContain(l);
-        else expect(['node_id', 'chip', 'role'], `${d.name}{${l}}`).not.toContain(l);
+        // Exception: orchard_node_info's chip (same value as the target label, honor_labels in deploy/prometheus.yml).
+        if (d.exportedBy === 'node') {
+          if (!TARGET_LABELS_ALLOWED[d.name]?.includes(l)) expect(TARGET_LABELS as readonly string[], `${d.name}{${l}}`).not.toContain(l);
+        } else expect(['node_id', 'chip', 'role'], `${d.name}{${l}}`).not.toContain(l);
       }
       for (const [label, values] of Object.entries(d.labelValues ?? {})) {
         expect(d.labelNames, `${d.name}: labelValues for an undeclared label`).toContain(label);
@@ -165,7 +168,7 @@ describe('metric factories', () => {
     expect(text).toContain(`orchard_node_memory_bytes ${192 * 2 ** 30}`);
     expect(text).toContain('orchard_node_memory_pressure{level="warn"} 1');
     expect(text).toContain('orchard_node_memory_pressure{level="normal"} 0');
-    expect(text).toContain('orchard_node_info{os="macos",os_version="15.1",agent_version="0.1.0",protocol_version="1"} 1');
+    expect(text).toContain('orchard_node_info{id="n-1",name="studio",chip="Apple M2 Ultra",os="macos",os_version="15.1",version="0.1.0",protocol_version="1"} 1');
     expect(text).not.toContain('process_cpu');
     const { register } = await import('prom-client');
     expect(await register.getSingleMetric('orchard_node_memory_bytes')).toBeUndefined();
@@ -224,7 +227,7 @@ describe('metric factories', () => {
     const r = new Registry();
     createNodeMetrics(r, { processMetrics: false });
     const text = await r.metrics();
-    for (const engine of ['llama-server', 'rpc-server', 'mlx']) {
+    for (const engine of ['llama-server', 'rpc-server', 'mlx-rank']) {
       expect(text).toContain(`orchard_engine_restarts_total{engine="${engine}"} 0`);
       for (const expected of ['true', 'false']) expect(text).toContain(`orchard_engine_exits_total{engine="${engine}",expected="${expected}"} 0`);
     }

@@ -7,9 +7,15 @@
  *
  * Label rules (why): Prometheus keeps one series per label combination, so labels are bounded
  * enumerations or cluster-sized sets (nodes, models, engines) — never request ids, prompts or
- * user text. Metrics a node exports never carry `node`, `node_id`, `chip` or `role`: those are
- * the target labels Prometheus attaches from the coordinator's HTTP-SD answer, and a metric
- * label with the same name would be renamed to `exported_<name>` at scrape time.
+ * user text. Metrics a node exports never carry `node`, `node_id` or `role`: those are target
+ * labels Prometheus attaches from the coordinator's HTTP-SD answer, and a metric label with the
+ * same name would be renamed to `exported_<name>` at scrape time. One deliberate exception:
+ * `orchard_node_info` carries the node's identity (id, name, chip, os, version) so a bare scrape
+ * of an agent, without SD, still says which machine it is. Its `chip` equals the SD target label
+ * `chip` (both come from the same hardware profile); deploy/prometheus.yml scrapes with
+ * `honor_labels: true`, so the series keeps one `chip` label (without it Prometheus would add an
+ * `exported_chip` with the same value — harmless, just noise). `id`/`name` are not target label
+ * names, so they never collide.
  * Coordinator-exported metrics may carry `node` (the coordinator's own target has no `node`
  * label, see prometheus-sd.ts), which is how per-node placement series are told apart.
  */
@@ -54,7 +60,7 @@ const histogram = <L extends string = never>(d: DefInput<L> & { readonly buckets
 });
 
 /** Engine kinds as the node agent names them (src/node/engine-spec.ts) plus MLX ranks. */
-export const ENGINE_KINDS = ['llama-server', 'rpc-server', 'mlx'] as const;
+export const ENGINE_KINDS = ['llama-server', 'rpc-server', 'mlx-rank'] as const;
 /** Memory categories of a stage, the same split the planner predicts and the engine reports. */
 export const STAGE_MEMORY_KINDS = ['weights', 'kv_cache', 'compute', 'overhead'] as const;
 /** How a request ended. `rejected`: refused before generation (bad input, over context, no model). */
@@ -82,8 +88,8 @@ export const REQUEST_DURATION_BUCKETS_SECONDS = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 export const NODE_METRICS = {
   info: gauge({
     name: 'orchard_node_info',
-    help: 'Node platform and agent version; value is always 1 (node, node_id and chip come from the target labels)',
-    labelNames: ['os', 'os_version', 'agent_version', 'protocol_version'],
+    help: 'Node identity, platform and agent version; value is always 1',
+    labelNames: ['id', 'name', 'chip', 'os', 'os_version', 'version', 'protocol_version'],
     unit: '1',
     exportedBy: 'node',
   }),
@@ -297,6 +303,12 @@ export const CATALOGUE: readonly AnyMetricDef[] = [...Object.values(NODE_METRICS
 
 /** Labels Prometheus attaches to every series of a target from the HTTP-SD answer. */
 export const TARGET_LABELS = ['node', 'node_id', 'chip', 'role'] as const;
+
+/**
+ * Target labels a node metric may still carry, by metric: the info metric's `chip` (same value
+ * as the target label; see the label rules at the top).
+ */
+export const TARGET_LABELS_ALLOWED: Readonly<Record<string, readonly string[]>> = { orchard_node_info: ['chip'] };
 
 /**
  * Series names a metric produces in the exposition: histograms add _bucket, _sum and _count.

@@ -137,7 +137,10 @@ export function createCoordinatorMetrics(
 /** Set the node gauges from the probe's profile and live stats (call from a collect hook or on change). */
 export function recordNodeProfile(m: NodeMetricSet, profile: HardwareProfile, live: LiveStats | undefined): void {
   m.info.reset();
-  m.info.set({ os: profile.os, os_version: profile.osVersion, agent_version: profile.agentVersion, protocol_version: profile.protocolVersion }, 1);
+  m.info.set(
+    { id: profile.nodeId, name: profile.name, chip: profile.chip, os: profile.os, os_version: profile.osVersion, version: profile.agentVersion, protocol_version: profile.protocolVersion },
+    1,
+  );
   m.memoryBytes.set(profile.memoryBytes);
   m.usableMemoryBytes.set(profile.usableBytes);
   m.bandwidthBytesPerSecond.set(profile.bandwidthBytesPerSecond);

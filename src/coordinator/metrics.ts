@@ -1,0 +1,287 @@
+import { Registry } from 'prom-client';
+import { UsageError } from '../shared/errors.ts';
+import { REQUEST_OUTCOMES, type STAGE_MEMORY_KINDS } from '../shared/metrics/catalogue.ts';
+import {
+  type CoordinatorMetricSet,
+  createCoordinatorMetrics,
+  initModelSeries,
+  nodeStateCounts,
+  removeModelSeries,
+  replaceGaugeSeries,
+} from '../shared/metrics/factories.ts';
+import { CoordinatorError } from './errors.ts';
+import type { Membership } from './membership.ts';
+import type { NodeEntry } from './registry.ts';
+import { type GenerateEvent, type GenerateRequest, type ModelStatus, Runtime, type RuntimeOptions } from './runtime.ts';
+
+/**
+ * The coordinator's Prometheus metrics (catalogue: COORDINATOR_METRICS), on its own Registry and
+ * served at `GET /metrics` on its HTTP port. Three sources:
+ *   · scrape time (collect hooks): nodes by state (registry), placement per model/node/kind and
+ *     models loaded (runtime.models(): the plan's predicted bytes, the engine's verified bytes),
+ *     queue depth and requests in flight (runtime.slotUsage()) — never stale, nothing to update;
+ *   · events: membership changes → orchard_discovery_events_total; a model becoming ready/leaving
+ *     → its request series start at 0 / disappear;
+ *   · requests: MeteredRuntime wraps Runtime.generate and times every request (TTFT, inter-token
+ *     latency, duration, tokens, outcome).
+ * Engine up/restarts are exported by each node agent (the process that watches them); the
+ * coordinator does not repeat them under the same names, which would double every sum().
+ */
+
+type StageKind = (typeof STAGE_MEMORY_KINDS)[number];
+type RequestOutcome = (typeof REQUEST_OUTCOMES)[number];
+interface Series<L extends string> {
+  readonly labels: Record<L, string>;
+  value: number;
+}
+
+export interface PlacementSeries {
+  readonly loaded: Series<'model' | 'engine'>[];
+  readonly layers: Series<'model' | 'node'>[];
+  readonly predicted: Series<'model' | 'node' | 'kind'>[];
+  readonly actual: Series<'model' | 'node' | 'kind'>[];
+  readonly predictedTokensPerSecond: Series<'model'>[];
+}
+
+/** Accumulates values per label set (several stages of one model on one node add up). */
+function summing<L extends string>(): { add(labels: Record<L, string>, v: number): void; list: Series<L>[] } {
+  const byKey = new Map<string, Series<L>>();
+  const list: Series<L>[] = [];
+  return {
+    list,
+    add(labels, v) {
+      const key = JSON.stringify(labels);
+      const s = byKey.get(key);
+      if (s) s.value += v;
+      else {
+        const n = { labels, value: v };
+        byKey.set(key, n);
+        list.push(n);
+      }
+    },
+  };
+}
+
+/**
+ * Placement gauges of the models the runtime holds. Loading models show their plan (loaded=0,
+ * predicted bytes) so a slow load is visible; actual bytes exist once the head's log was verified
+ * (llama.cpp: model/KV/compute buffers per device, summed per node — the engine reports no
+ * "overhead", so that kind is predicted only). Failed and unloading models have no series.
+ */
+export function placementSeries(models: readonly ModelStatus[]): PlacementSeries {
+  const loaded = summing<'model' | 'engine'>();
+  const layers = summing<'model' | 'node'>();
+  const predicted = summing<'model' | 'node' | 'kind'>();
+  const actual = summing<'model' | 'node' | 'kind'>();
+  const tps = summing<'model'>();
+  for (const m of models) {
+    if (m.state !== 'ready' && m.state !== 'loading') continue;
+    const model = m.name;
+    loaded.add({ model, engine: m.engine === 'mlx' ? 'mlx' : 'llama.cpp' }, m.state === 'ready' ? 1 : 0);
+    if (m.predictedTokensPerSecond > 0) tps.add({ model }, m.predictedTokensPerSecond);
+    for (const s of m.stages) {
+      const node = s.nodeName;
+      layers.add({ model, node }, s.lastLayer - s.firstLayer + 1);
+      const kinds: [StageKind, number][] = [
+        ['weights', s.bytes.weights],
+        ['kv_cache', s.bytes.kv],
+        ['compute', s.bytes.compute],
+        ['overhead', s.bytes.overhead],
+      ];
+      for (const [kind, v] of kinds) predicted.add({ model, node, kind }, v);
+    }
+    for (const d of m.verification?.devices ?? []) {
+      const node = d.nodeName;
+      actual.add({ model, node, kind: 'weights' }, d.actual.model);
+      actual.add({ model, node, kind: 'kv_cache' }, d.actual.kv);
+      actual.add({ model, node, kind: 'compute' }, d.actual.compute);
+    }
+  }
+  return { loaded: loaded.list, layers: layers.list, predicted: predicted.list, actual: actual.list, predictedTokensPerSecond: tps.list };
+}
+
+/**
+ * How a request that threw ended. Refusals before the first token (bad input, unknown or
+ * not-ready model, busy) are "rejected"; a client that went away is "cancelled"; anything else —
+ * a stage failing, an engine error, a failure after tokens were already sent — is "error".
+ */
+export function requestOutcome(err: unknown, tokensSent: boolean): RequestOutcome {
+  if (err instanceof CoordinatorError && err.code === 'CANCELLED') return 'cancelled';
+  if (tokensSent) return 'error';
+  if (err instanceof UsageError) return 'rejected';
+  if (err instanceof CoordinatorError && ['INVALID_ARGUMENT', 'NOT_FOUND', 'FAILED_PRECONDITION', 'RESOURCE_EXHAUSTED', 'ALREADY_EXISTS', 'PERMISSION_DENIED'].includes(err.code)) return 'rejected';
+  return 'error';
+}
+
+/**
+ * The `model` label of a request: the model it names when that model exists, the only ready
+ * model when it names none (what the runtime picks), otherwise "" — never the client's string
+ * for an unknown model, which would let any caller mint new series.
+ */
+export function requestModelLabel(requested: string | undefined, models: readonly Pick<ModelStatus, 'name' | 'state'>[]): string {
+  if (requested) return models.some((m) => m.name === requested) ? requested : '';
+  const ready = models.filter((m) => m.state === 'ready');
+  return ready.length === 1 ? ready[0]!.name : '';
+}
+
+/**
+ * One request's timing. `now` is milliseconds on a monotonic clock (performance.now in
+ * production; tests pass their own). TTFT = arrival → first token event (queue + prefill);
+ * inter-token latency = gap between consecutive token events (llama-server streams one token
+ * per event); duration = arrival → end, for every outcome but "rejected" (nothing ran).
+ */
+export class RequestObservation {
+  readonly #m: CoordinatorMetricSet;
+  readonly #model: string;
+  readonly #now: () => number;
+  readonly #start: number;
+  #last: number | undefined;
+  #streamedTokens = 0;
+  #done: Extract<GenerateEvent, { kind: 'done' }> | undefined;
+  #finished = false;
+
+  constructor(m: CoordinatorMetricSet, model: string, now: () => number) {
+    this.#m = m;
+    this.#model = model;
+    this.#now = now;
+    this.#start = now();
+  }
+
+  get tokensSent(): boolean {
+    return this.#last !== undefined;
+  }
+
+  event(ev: GenerateEvent): void {
+    if (ev.kind === 'done') {
+      this.#done = ev;
+      return;
+    }
+    const t = this.#now();
+    const labels = { model: this.#model };
+    if (this.#last === undefined) this.#m.timeToFirstTokenSeconds.observe(labels, (t - this.#start) / 1000);
+    else this.#m.interTokenLatencySeconds.observe(labels, (t - this.#last) / 1000);
+    this.#last = t;
+    this.#streamedTokens += Math.max(1, ev.tokenIds.length);
+  }
+
+  /** Record the end once; later calls are ignored (finally blocks may run after a catch). */
+  finish(outcome: RequestOutcome): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    const model = this.#model;
+    this.#m.requestsTotal.inc({ model, outcome });
+    if (outcome === 'rejected') return;
+    this.#m.requestDurationSeconds.observe({ model }, (this.#now() - this.#start) / 1000);
+    // The engine's own counts when it said them; else what reached the client before the end.
+    if (this.#done) this.#m.promptTokensTotal.inc({ model }, this.#done.promptTokens);
+    const generated = this.#done ? this.#done.completionTokens : this.#streamedTokens;
+    if (generated > 0) this.#m.generatedTokensTotal.inc({ model }, generated);
+  }
+}
+
+/** Wrap a generation stream so it is observed; the stream itself passes through unchanged. */
+export async function* observeGeneration(
+  m: CoordinatorMetricSet,
+  model: string,
+  stream: AsyncIterable<GenerateEvent>,
+  now: () => number = () => performance.now(),
+): AsyncGenerator<GenerateEvent> {
+  const obs = new RequestObservation(m, model, now);
+  let ended = false;
+  try {
+    for await (const ev of stream) {
+      obs.event(ev);
+      yield ev;
+    }
+    ended = true;
+    obs.finish('ok');
+  } catch (err) {
+    ended = true;
+    obs.finish(requestOutcome(err, obs.tokensSent));
+    throw err;
+  } finally {
+    // The consumer stopped reading (client disconnected, `return()` on the generator).
+    if (!ended) obs.finish('cancelled');
+  }
+}
+
+export interface CoordinatorMetricsSource {
+  readonly version: string;
+  readonly membership: Membership;
+  /** The runtime, once it exists (the runtime is built with these metrics, so it comes later). */
+  readonly runtime: () => Pick<Runtime, 'models' | 'slotUsage'> | undefined;
+  /** Export process_* and nodejs_* too (default true; the bench turns them off to time ours). */
+  readonly processMetrics?: boolean | undefined;
+}
+
+/** The coordinator's registry and metric set, fed by the registry, the runtime and requests. */
+export class CoordinatorMetrics {
+  readonly registry = new Registry();
+  readonly metrics: CoordinatorMetricSet;
+
+  constructor(src: CoordinatorMetricsSource) {
+    const models = (): ModelStatus[] => src.runtime()?.models() ?? [];
+    // All placement gauges come from one pure computation per scrape; each hook recomputes it
+    // (cheap: models × stages) rather than share a cache that could go stale between hooks.
+    this.metrics = createCoordinatorMetrics(this.registry, src.version, {
+      processMetrics: src.processMetrics ?? true,
+      collect: {
+        nodes() {
+          replaceGaugeSeries(this, nodeStateCounts(src.membership.registry.nodes().map((n: NodeEntry) => n.state)));
+        },
+        modelLoaded() {
+          replaceGaugeSeries(this, placementSeries(models()).loaded);
+        },
+        stageLayers() {
+          replaceGaugeSeries(this, placementSeries(models()).layers);
+        },
+        stagePredictedBytes() {
+          replaceGaugeSeries(this, placementSeries(models()).predicted);
+        },
+        stageActualBytes() {
+          replaceGaugeSeries(this, placementSeries(models()).actual);
+        },
+        modelPredictedTokensPerSecond() {
+          replaceGaugeSeries(this, placementSeries(models()).predictedTokensPerSecond);
+        },
+        queueDepth() {
+          replaceGaugeSeries(this, (src.runtime()?.slotUsage() ?? []).map((u) => ({ labels: { model: u.model }, value: u.queued })));
+        },
+        requestsInFlight() {
+          replaceGaugeSeries(this, (src.runtime()?.slotUsage() ?? []).map((u) => ({ labels: { model: u.model }, value: u.running })));
+        },
+      },
+    });
+    src.membership.on('change', (c) => this.metrics.discoveryEventsTotal.inc({ kind: c.kind }));
+  }
+
+  /** Follow a runtime's models: request series start at 0 when a model is ready, go when it leaves. */
+  follow(runtime: Runtime): void {
+    runtime.on('model', (s) => {
+      if (s.state === 'ready') initModelSeries(this.metrics, s.name);
+      // "unloading" is emitted once the instance is gone; a failed instance keeps its series
+      // (its errors stay visible) until it is unloaded or replaced by a new load.
+      else if (s.state === 'unloading' && !runtime.model(s.name)) removeModelSeries(this.metrics, s.name);
+    });
+  }
+}
+
+/**
+ * The runtime with every generation observed. A subclass rather than a hook inside
+ * Runtime.generate so the request path there stays as it is; everything that calls
+ * `runtime.generate` (OpenAI HTTP API, gRPC Coordinator.Generate, the CLI) is measured alike.
+ */
+export class MeteredRuntime extends Runtime {
+  readonly #metrics: CoordinatorMetricSet;
+
+  constructor(o: RuntimeOptions, metrics: CoordinatorMetrics) {
+    super(o);
+    this.#metrics = metrics.metrics;
+    metrics.follow(this);
+  }
+
+  override async *generate(req: GenerateRequest, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
+    const model = requestModelLabel(req.model, this.models());
+    yield* observeGeneration(this.#metrics, model, super.generate(req, signal));
+  }
+}
