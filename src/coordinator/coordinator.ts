@@ -30,6 +30,9 @@ export interface CoordinatorOptions {
   readonly maxQueue?: number | undefined;
   readonly extraHeadArgs?: readonly string[] | undefined;
   readonly rpcThreads?: number | undefined;
+  /** MLX engine watchdogs: start-up (every rank ready) and per-request stall. */
+  readonly mlxReadyTimeoutMs?: number | undefined;
+  readonly mlxStallTimeoutSeconds?: number | undefined;
   readonly planner?: Planner | undefined;
   readonly version?: string | undefined;
   /** OpenAI/management HTTP API: optional API key (401 without it) and request body limit. */
@@ -77,6 +80,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     maxQueue: o.maxQueue,
     extraHeadArgs: o.extraHeadArgs,
     rpcThreads: o.rpcThreads,
+    mlxReadyTimeoutMs: o.mlxReadyTimeoutMs,
+    mlxStallTimeoutSeconds: o.mlxStallTimeoutSeconds,
   }, metrics);
   runtimeRef = runtime;
 

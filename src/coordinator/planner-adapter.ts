@@ -36,11 +36,20 @@ export function plannerNames(nodes: readonly NodeEntry[]): Map<string, NodeEntry
   return out;
 }
 
+/**
+ * MLX pipeline ranks each load the embedding, final norm and output head (mlx-lm builds the whole
+ * model and the worker only drops the other ranks' layers), and every rank must run ≥ 1 layer.
+ */
+export function mlxPlacementOptions(profile: { tokenEmbdBytes: number; outputNormBytes: number; outputBytes: number }): { stageExtraBytes: number; headMinLayers: number } {
+  return { stageExtraBytes: profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes, headMinLayers: 1 };
+}
+
 export function createPlanner(reservedBytes: (nodeId: string) => number = () => 0): Planner {
   return async (modelPath, nodes, options): Promise<PlacementResult> => {
     if (!isAbsolute(modelPath)) throw new UsageError(`model path must be absolute (it is opened on the head node): ${modelPath}`);
     // An MLX model directory (config.json + safetensors) gets the same profile shape as a GGUF.
-    const profile = (await isMlxModelDir(modelPath)) ? await readMlxModelProfile(modelPath) : modelProfile(await readGgufHeader(modelPath));
+    const mlx = await isMlxModelDir(modelPath);
+    const profile = mlx ? await readMlxModelProfile(modelPath) : modelProfile(await readGgufHeader(modelPath));
     if (nodes.length === 0) throw new CoordinatorError('FAILED_PRECONDITION', 'no live nodes: start `orchard node` on each machine (or check `orchard status`)');
     const byName = plannerNames(nodes);
     const placementNodes: PlacementNode[] = [...byName].map(([name, n]) => ({
@@ -49,7 +58,7 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
       bandwidthBytesPerSecond: n.profile.bandwidthBytesPerSecond || 100e9,
     }));
     const mo = memoryOptionsOf(options);
-    const plan = planPlacement(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel });
+    const plan = planPlacement(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...(mlx ? mlxPlacementOptions(profile) : {}) });
     if (!plan.fits) {
       const parts = [`${modelPath} does not fit on ${nodes.length} live node(s)`, ...plan.reasons];
       if (plan.remedies?.length) parts.push(`try: ${plan.remedies.join('; ')}`);

@@ -77,6 +77,9 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
     extraHeadArgs: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS?.split(/\s+/).filter(Boolean),
     api: { apiKey: flags.apiKey || undefined, maxBodyBytes: parseSize(flags.maxBody, '--max-body') },
     rpcThreads: process.env.ORCHARD_RPC_THREADS ? parseInteger(process.env.ORCHARD_RPC_THREADS, 'ORCHARD_RPC_THREADS', 0, 1024) : undefined,
+    // MLX watchdogs, in seconds: every rank ready within (default 300), rank 0 silent at most (30).
+    mlxReadyTimeoutMs: process.env.ORCHARD_MLX_READY_TIMEOUT ? 1000 * parseInteger(process.env.ORCHARD_MLX_READY_TIMEOUT, 'ORCHARD_MLX_READY_TIMEOUT', 1, 3600) : undefined,
+    mlxStallTimeoutSeconds: process.env.ORCHARD_MLX_STALL_TIMEOUT ? parseInteger(process.env.ORCHARD_MLX_STALL_TIMEOUT, 'ORCHARD_MLX_STALL_TIMEOUT', 1, 3600) : undefined,
     log,
   }).catch((err: unknown) => {
     if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE' || /address already in use|No address added/i.test(String(err))) {

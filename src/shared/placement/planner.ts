@@ -96,7 +96,7 @@ function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: Plac
     readPrefix[l + 1] = readPrefix[l]! + mm.layerRead[l]!;
   }
   // Per-stage constants use the widest layer's compute buffer: a bound for any range.
-  const workerConst = computeBufferBytes(mm, profile.layers, false, true) + WORKER_OVERHEAD_BYTES;
+  const workerConst = computeBufferBytes(mm, profile.layers, false, true) + WORKER_OVERHEAD_BYTES + (o.stageExtraBytes ?? 0);
   const headFixed = mm.outputWeights + mm.hostWeights + HEAD_OVERHEAD_BYTES;
   const headConst = computeBufferBytes(mm, profile.layers, true, true) + hostComputeBufferBytes(mm, true) + headFixed;
   const headConstSingle = computeBufferBytes(mm, profile.layers, true, false) + hostComputeBufferBytes(mm, false) + headFixed;
@@ -228,7 +228,8 @@ function solve(p: Prepared): Assignment | undefined {
     let bestJ = -1;
     let bestCost = Number.POSITIVE_INFINITY;
     // Scan j ascending with strict <: on ties the head keeps more layers (fewer stages).
-    for (let j = singleFits ? 0 : jMin; j <= L; j++) {
+    const jMax = L - (p.o.headMinLayers ?? 0);
+    for (let j = singleFits ? 0 : jMin; j <= jMax; j++) {
       if (j > 0 && j < jMin) continue;
       if (f[j] === Number.POSITIVE_INFINITY) continue;
       const cost = f[j]! + (p.readPrefix[L]! - p.readPrefix[j]!) / bwH;
@@ -283,7 +284,7 @@ function rebalance(p: Prepared, a: Assignment): Assignment {
   const stages = a.stages.map((s) => ({ ...s }));
   const pipeline = stages.length > 1;
   const headroom = (i: number, first: number, end: number) =>
-    p.budgets[stages[i]!.node]! - stageBytes(p.mm, first, end - 1, i === stages.length - 1, pipeline).total;
+    p.budgets[stages[i]!.node]! - planStageBytes(p, first, end - 1, i === stages.length - 1, pipeline).total;
   for (let i = 0; i + 1 < stages.length; i++) {
     const x = stages[i]!;
     const y = stages[i + 1]!;
@@ -291,7 +292,7 @@ function rebalance(p: Prepared, a: Assignment): Assignment {
     const yIsHead = i + 1 === stages.length - 1;
     let bestK = x.end;
     let bestMin = Math.min(headroom(i, x.first, x.end), headroom(i + 1, y.first, y.end));
-    for (let k = x.first + 1; k <= (yIsHead ? y.end : y.end - 1); k++) {
+    for (let k = x.first + 1; k <= (yIsHead ? y.end - (p.o.headMinLayers ?? 0) : y.end - 1); k++) {
       const m = Math.min(headroom(i, x.first, k), headroom(i + 1, k, y.end));
       if (m > bestMin) {
         bestMin = m;
@@ -304,13 +305,20 @@ function rebalance(p: Prepared, a: Assignment): Assignment {
   return { stages, seconds: a.seconds };
 }
 
+/** stageBytes plus what the engine keeps on every non-head stage (options.stageExtraBytes). */
+function planStageBytes(p: Prepared, first: number, last: number, isHead: boolean, pipeline: boolean): StageBytes {
+  const b = stageBytes(p.mm, first, last, isHead, pipeline);
+  const extra = isHead ? 0 : (p.o.stageExtraBytes ?? 0);
+  return extra === 0 ? b : { ...b, weights: b.weights + extra, total: b.total + extra };
+}
+
 function describe(p: Prepared, solved: Assignment): Plan {
   const profile = p.mm.profile;
   const a = rebalance(p, solved);
   const stages: PlanStage[] = a.stages.map((s, idx) => {
     const isHead = idx === a.stages.length - 1;
     const node = p.nodes[s.node]!;
-    const bytes = stageBytes(p.mm, s.first, s.end - 1, isHead, a.stages.length > 1);
+    const bytes = planStageBytes(p, s.first, s.end - 1, isHead, a.stages.length > 1);
     const read = p.readPrefix[s.end]! - p.readPrefix[s.first]! + (isHead ? p.headRead : 0);
     const budget = p.budgets[s.node]!;
     return {

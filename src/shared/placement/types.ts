@@ -32,6 +32,14 @@ export interface PlacementOptions {
   readonly headOverheadSeconds: number;
   /** Average fraction of the KV cache a token attends to, for read costs (0.5). */
   readonly kvFill: number;
+  /**
+   * Bytes every non-head stage holds on top of its layers. llama.cpp: 0 (the output head and
+   * token embeddings live on the head only). MLX pipeline: every rank loads the embedding, the
+   * final norm and the output head, so pass their size here.
+   */
+  readonly stageExtraBytes?: number;
+  /** Fewest layers the head stage may hold (llama.cpp: 0; an MLX rank needs at least 1). */
+  readonly headMinLayers?: number;
 }
 
 export const DEFAULT_PLACEMENT_OPTIONS: PlacementOptions = {

@@ -1,0 +1,320 @@
+import { describe, expect, it } from 'vitest';
+import {
+  engineForModel,
+  freshPorts,
+  ipv4Of,
+  jacclMatrix,
+  type MlxStageNode,
+  mlxInstanceLaunch,
+  rdmaDeviceBetween,
+  ringAddresses,
+} from '../../src/coordinator/mlx-launch.ts';
+import { mlxPlacementOptions } from '../../src/coordinator/planner-adapter.ts';
+import { jacclDevicesFile, rankEnv } from '../../src/node/mlx/launch.ts';
+import { DEFAULT_MLX_MAX_TOKENS, mlxRankSpecFromRequest, mlxRequestOf, sameMlxRank, StopScanner } from '../../src/node/mlx/rank-spec.ts';
+import { requestLine } from '../../src/node/mlx/protocol.ts';
+import type { NetworkInterfaceInfo } from '../../src/shared/hardware.ts';
+import { planPlacement } from '../../src/shared/placement/planner.ts';
+
+/** A seeded LCG so port picks are reproducible. */
+function seeded(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    return s / 2 ** 32;
+  };
+}
+
+const lan = (ip: string): NetworkInterfaceInfo => ({ name: 'en0', addresses: [ip], thunderbolt: false, rdma: false });
+const tb = (name: string, ip: string, rdma = true): NetworkInterfaceInfo => ({ name, addresses: [ip], thunderbolt: true, rdma });
+
+function node(id: string, address: string, interfaces: NetworkInterfaceInfo[], layers = 2): MlxStageNode {
+  return { nodeId: id, nodeName: id, agentAddress: address, interfaces, layers };
+}
+
+const opts = { modelDir: '/models/m', maxTokens: 4096, stallTimeoutSeconds: 30, random: seeded(1) };
+
+describe('mlxInstanceLaunch: ranks, backend, ports', () => {
+  it('assigns ranks in reverse plan order: rank 0 runs the last stage (head), split stays in plan order', () => {
+    const stages = [node('a', '10.0.0.1:50151', [lan('10.0.0.1')], 3), node('b', '10.0.0.2:50151', [lan('10.0.0.2')], 2), node('c', '10.0.0.3:50151', [lan('10.0.0.3')], 1)];
+    const l = mlxInstanceLaunch(stages, opts);
+    expect(l.backend).toBe('ring');
+    expect(l.ranks.map((r) => [r.rank, r.stage, r.nodeId])).toEqual([
+      [0, 2, 'c'],
+      [1, 1, 'b'],
+      [2, 0, 'a'],
+    ]);
+    for (const r of l.ranks) {
+      expect(r.mlx.split).toEqual([3, 2, 1]);
+      expect(r.mlx.worldSize).toBe(3);
+      expect(r.mlx.mode).toBe('pipeline');
+      expect(r.mlx.returnWhenStarting).toBe(false);
+    }
+    // hostfile: one entry per rank in rank order, each rank at its own node's IPv4
+    const hosts = l.ranks[0]!.mlx.hosts.map((h) => h.endpoints[0]!.split(':')[0]);
+    expect(hosts).toEqual(['10.0.0.3', '10.0.0.2', '10.0.0.1']);
+    // the same hostfile for every rank, and distinct ports
+    for (const r of l.ranks) expect(r.mlx.hosts).toEqual(l.ranks[0]!.mlx.hosts);
+    const ports = l.ranks[0]!.mlx.hosts.map((h) => Number(h.endpoints[0]!.split(':')[1]));
+    expect(new Set(ports).size).toBe(3);
+    for (const p of ports) expect(p).toBeGreaterThanOrEqual(20000);
+  });
+
+  it('every launch gets fresh ports', () => {
+    const stages = [node('a', '127.0.0.1:1', []), node('b', '127.0.0.1:2', [])];
+    const random = seeded(7);
+    const a = mlxInstanceLaunch(stages, { ...opts, random });
+    const b = mlxInstanceLaunch(stages, { ...opts, random });
+    expect(a.ranks[0]!.mlx.hosts).not.toEqual(b.ranks[0]!.mlx.hosts);
+  });
+
+  it('one stage is a single process with no distributed environment', () => {
+    const l = mlxInstanceLaunch([node('a', '127.0.0.1:1', [], 6)], opts);
+    expect(l.backend).toBe('none');
+    expect(l.ranks).toHaveLength(1);
+    expect(l.ranks[0]!.mlx).toMatchObject({ rank: 0, worldSize: 1, mode: 'single', backend: '', hosts: [], split: [] });
+  });
+
+  it('uses JACCL when every pair of nodes has an RDMA Thunderbolt link, with an N×N matrix and rank 0 as coordinator', () => {
+    // a–b on 169.254.1/…, a–c and b–c on configured /24s: a full mesh of cables.
+    const a = node('a', '192.168.1.10:50151', [lan('192.168.1.10'), tb('en2', '169.254.1.1'), tb('en3', '10.10.1.1')]);
+    const b = node('b', '192.168.1.11:50151', [lan('192.168.1.11'), tb('en2', '169.254.1.2'), tb('en4', '10.10.2.1')]);
+    const c = node('c', '192.168.1.12:50151', [lan('192.168.1.12'), tb('en3', '10.10.1.2'), tb('en5', '10.10.2.2')]);
+    const l = mlxInstanceLaunch([a, b, c], opts);
+    expect(l.backend).toBe('jaccl');
+    // rank order is c, b, a
+    const m = l.ranks[0]!.mlx.jacclDevices.map((r) => r.devices);
+    expect(m).toEqual([
+      ['', 'rdma_en5', 'rdma_en3'],
+      ['rdma_en4', '', 'rdma_en2'],
+      ['rdma_en3', 'rdma_en2', ''],
+    ]);
+    expect(l.ranks[0]!.mlx.jacclCoordinator).toMatch(/^192\.168\.1\.12:\d+$/);
+    // what the agent will write and export (the wire's "" diagonal becomes null)
+    const spec = mlxRankSpecFromRequest({ ...l.ranks[1]!.mlx });
+    expect(spec.launch).toMatchObject({ backend: 'jaccl' });
+    expect(JSON.parse(jacclDevicesFile((spec.launch as { devices: (string | null)[][] }).devices))).toEqual([
+      [null, 'rdma_en5', 'rdma_en3'],
+      ['rdma_en4', null, 'rdma_en2'],
+      ['rdma_en3', 'rdma_en2', null],
+    ]);
+    expect(rankEnv(spec.launch, 1, '/tmp/d.json')).toEqual({ MLX_RANK: '1', MLX_IBV_DEVICES: '/tmp/d.json', MLX_JACCL_COORDINATOR: l.ranks[0]!.mlx.jacclCoordinator });
+  });
+
+  it('falls back to the ring when one pair lacks RDMA (and says why); ring prefers a shared Thunderbolt subnet', () => {
+    const a = node('a', '192.168.1.10:1', [lan('192.168.1.10'), tb('en2', '10.9.0.1', false)]);
+    const b = node('b', '192.168.1.11:1', [lan('192.168.1.11'), tb('en2', '10.9.0.2', true)]);
+    const l = mlxInstanceLaunch([a, b], opts);
+    expect(l.backend).toBe('ring');
+    expect(l.reason).toMatch(/RDMA/);
+    // both ends share 10.9.0/24 over Thunderbolt: the ring runs there instead of the LAN
+    expect(l.ranks[0]!.mlx.hosts.map((h) => h.endpoints[0]!.split(':')[0])).toEqual(['10.9.0.2', '10.9.0.1']);
+  });
+
+  it('a node with two ranks forces the ring', () => {
+    const a = node('a', '127.0.0.1:1', [tb('en2', '169.254.0.1')]);
+    const l = mlxInstanceLaunch([a, a], opts);
+    expect(l.backend).toBe('ring');
+    expect(l.reason).toMatch(/more than one rank/);
+  });
+});
+
+describe('link detection', () => {
+  it('rdmaDeviceBetween needs RDMA on the sending side and a shared subnet', () => {
+    expect(rdmaDeviceBetween([tb('en2', '169.254.3.4')], [tb('en7', '169.254.200.1')])).toEqual({ device: 'rdma_en2', address: '169.254.3.4' });
+    expect(rdmaDeviceBetween([tb('en2', '10.1.1.1', false)], [tb('en2', '10.1.1.2')])).toBeUndefined();
+    expect(rdmaDeviceBetween([tb('en2', '10.1.1.1')], [tb('en2', '10.1.2.2')])).toBeUndefined();
+    expect(rdmaDeviceBetween([tb('en2', '10.1.1.1')], [lan('10.1.1.2')])).toBeUndefined();
+  });
+
+  it('jacclMatrix is undefined when any pair is unlinked', () => {
+    expect(jacclMatrix([{ interfaces: [tb('en2', '10.0.0.1')] }, { interfaces: [tb('en2', '10.0.0.2')] }, { interfaces: [lan('10.0.0.3')] }])).toBeUndefined();
+    expect(jacclMatrix([{ interfaces: [tb('en2', '10.0.0.1')] }, { interfaces: [tb('en3', '10.0.0.2')] }])).toEqual([
+      [null, 'rdma_en2'],
+      ['rdma_en3', null],
+    ]);
+  });
+
+  it('ringAddresses uses the agent address without a common Thunderbolt subnet', () => {
+    expect(ringAddresses([node('a', '10.0.0.1:9', [tb('en2', '10.5.0.1')]), node('b', '10.0.0.2:9', [lan('10.0.0.2')])])).toEqual(['10.0.0.1', '10.0.0.2']);
+  });
+
+  it('ipv4Of takes literal IPv4 only', () => {
+    expect(ipv4Of('127.0.0.1:50151')).toBe('127.0.0.1');
+    expect(() => ipv4Of('[::1]:50151')).toThrow(/literal IPv4/);
+    expect(() => ipv4Of('studio.local:50151')).toThrow(/literal IPv4/);
+  });
+
+  it('freshPorts: distinct, in range, refuses an impossible range', () => {
+    const p = freshPorts(50, seeded(3), [30000, 30060]);
+    expect(new Set(p).size).toBe(50);
+    for (const x of p) expect(x >= 30000 && x <= 30060).toBe(true);
+    expect(() => freshPorts(3, seeded(1), [1000, 1001])).toThrow(/too small/);
+  });
+});
+
+describe('engineForModel', () => {
+  it('auto by format, explicit choices checked against it', () => {
+    expect(engineForModel('/m', true, '')).toBe('mlx');
+    expect(engineForModel('/m.gguf', false, undefined)).toBe('llama');
+    expect(engineForModel('/m', true, 'auto')).toBe('mlx');
+    expect(engineForModel('/m', true, 'mlx')).toBe('mlx');
+    expect(() => engineForModel('/m.gguf', false, 'mlx')).toThrow(/needs an MLX model directory/);
+    expect(() => engineForModel('/m', true, 'llama')).toThrow(/needs a \.gguf/);
+    expect(() => engineForModel('/m', true, 'vllm')).toThrow(/unknown engine/);
+  });
+});
+
+describe('mlxRankSpecFromRequest (agent edge)', () => {
+  const ring = { modelDir: '/m', rank: 1, worldSize: 2, backend: 'ring', hosts: [{ endpoints: ['127.0.0.1:41000'] }, { endpoints: ['127.0.0.1:41001'] }], split: [3, 3], mode: 'pipeline' };
+
+  it('accepts a ring rank and fills defaults', () => {
+    const s = mlxRankSpecFromRequest(ring);
+    expect(s).toMatchObject({ rank: 1, worldSize: 2, mode: 'pipeline', split: [3, 3], maxTokens: DEFAULT_MLX_MAX_TOKENS, stallTimeoutMs: 30_000, returnWhenStarting: false });
+    expect(s.launch).toEqual({ backend: 'ring', endpoints: [['127.0.0.1:41000'], ['127.0.0.1:41001']] });
+  });
+
+  it.each([
+    [{ ...ring, modelDir: 'rel/m' }, /absolute path/],
+    [{ ...ring, rank: 2 }, /outside 0\.\.1/],
+    [{ ...ring, backend: 'tcp' }, /ring or jaccl/],
+    [{ ...ring, hosts: [{ endpoints: ['127.0.0.1:41000'] }] }, /2 hosts entries/],
+    [{ ...ring, hosts: [{ endpoints: ['localhost:41000'] }, { endpoints: ['127.0.0.1:41001'] }] }, /literal IPv4/],
+    [{ ...ring, hosts: [{ endpoints: ['127.0.0.1:41000'] }, { endpoints: ['127.0.0.1:41000'] }] }, /used twice/],
+    [{ ...ring, split: [6] }, /2 positive layer counts/],
+    [{ ...ring, split: [6, 0] }, /2 positive layer counts/],
+    [{ ...ring, mode: 'tensor' }, /pipeline mode only/],
+    [{ ...ring, mode: 'expert' }, /pipeline, tensor or single/],
+    [{ modelDir: '/m', worldSize: 1, backend: 'ring' }, /takes no backend/],
+    [{ modelDir: '/m', worldSize: 2, rank: 0, mode: 'single', backend: 'ring', hosts: ring.hosts }, /single needs world_size 1/],
+    [{ ...ring, stallTimeoutSeconds: -1 }, /stall_timeout_seconds/],
+    [{ ...ring, backend: 'jaccl', jacclDevices: [{ devices: ['', 'x'] }, { devices: ['y', 'z'] }], jacclCoordinator: '10.0.0.1:1' }, /diagonal/],
+  ])('refuses %j', (req, msg) => {
+    expect(() => mlxRankSpecFromRequest(req)).toThrow(msg);
+  });
+
+  it('needs the mlx field', () => {
+    expect(() => mlxRankSpecFromRequest(null)).toThrow(/needs the mlx field/);
+  });
+
+  it('the "wait for ready" repeat is the same rank; another launch is not', () => {
+    const a = mlxRankSpecFromRequest({ ...ring, returnWhenStarting: true });
+    const b = mlxRankSpecFromRequest(ring);
+    expect(sameMlxRank(a, b)).toBe(true);
+    const c = mlxRankSpecFromRequest({ ...ring, hosts: [{ endpoints: ['127.0.0.1:42000'] }, { endpoints: ['127.0.0.1:42001'] }] });
+    expect(sameMlxRank(b, c)).toBe(false);
+  });
+});
+
+describe('mlxRequestOf: every agent builds the identical worker request', () => {
+  it('maps llama semantics (0 = until stop, top_p 0 = default) and is deterministic', () => {
+    const p = { prompt: 'hi', maxTokens: 0, temperature: 0, topP: 0, seed: 5 };
+    const a = mlxRequestOf(p, 'r1', 512);
+    expect(a).toEqual({ id: 'r1', prompt: 'hi', maxTokens: 512, temperature: 0, topP: 1, seed: 5 });
+    expect(requestLine(a)).toBe(requestLine(mlxRequestOf({ ...p }, 'r1', 512)));
+    expect(mlxRequestOf({ ...p, maxTokens: 9000 }, 'r', 512).maxTokens).toBe(512);
+    expect(mlxRequestOf({ ...p, maxTokens: 7 }, 'r', 512).maxTokens).toBe(7);
+  });
+
+  it('chat messages replace the prompt', () => {
+    const r = mlxRequestOf({ prompt: '', messagesJson: '[{"role":"user","content":"x"}]', maxTokens: 4, temperature: 0, topP: 0, seed: 0 }, 'c', 64);
+    expect(r.messages).toEqual([{ role: 'user', content: 'x' }]);
+    expect(r.prompt).toBeUndefined();
+  });
+});
+
+describe('StopScanner', () => {
+  const run = (stops: string[], pieces: string[]) => {
+    const s = new StopScanner(stops);
+    let out = '';
+    for (const p of pieces) {
+      const r = s.push(p);
+      out += r.release;
+      if (r.stopped) return { out, stopped: true };
+    }
+    return { out: out + s.flush(), stopped: false };
+  };
+
+  it('passes text through without stop strings', () => {
+    expect(run([], ['a', 'b'])).toEqual({ out: 'ab', stopped: false });
+  });
+
+  it('cuts at a stop string split over tokens and holds back possible prefixes', () => {
+    expect(run(['END'], ['hello E', 'N', 'D more'])).toEqual({ out: 'hello ', stopped: true });
+    const s = new StopScanner(['END']);
+    expect(s.push('abcE')).toEqual({ release: 'abc', stopped: false });
+    expect(s.push('x')).toEqual({ release: 'Ex', stopped: false });
+  });
+
+  it('the earliest of several stop strings wins; a false start is released at the end', () => {
+    expect(run(['yz', 'b'], ['a', 'bxyz'])).toEqual({ out: 'a', stopped: true });
+    expect(run(['END'], ['x', 'EN'])).toEqual({ out: 'xEN', stopped: false });
+  });
+});
+
+describe('placement options for MLX', () => {
+  it('mlxPlacementOptions charges embedding + norm + output head to every rank and keeps ≥ 1 layer on the head', () => {
+    expect(mlxPlacementOptions({ tokenEmbdBytes: 10, outputNormBytes: 1, outputBytes: 20 })).toEqual({ stageExtraBytes: 31, headMinLayers: 1 });
+  });
+});
+
+// Direct planner checks with a hand-made profile that the planner accepts.
+describe('planPlacement with MLX options', () => {
+  it('adds stageExtraBytes to workers only and honours headMinLayers', async () => {
+    const { readMlxModelProfile } = await import('../../src/shared/model/mlx-profile.ts');
+    const { mkdtemp, writeFile, rm } = await import('node:fs/promises');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const dir = await mkdtemp(join(tmpdir(), 'orchard-mlx-plan-'));
+    try {
+      // A safetensors header-only "model": 6 layers of 64 MiB f32 each, embedding 32 MiB, untied head 32 MiB.
+      const hidden = 4096;
+      const tensors: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }> = {};
+      let off = 0;
+      const add = (name: string, shape: number[]) => {
+        const bytes = shape.reduce((a, b) => a * b, 1) * 4;
+        tensors[name] = { dtype: 'F32', shape, data_offsets: [off, off + bytes] };
+        off += bytes;
+      };
+      add('model.embed_tokens.weight', [2048, hidden]);
+      for (let l = 0; l < 6; l++) {
+        add(`model.layers.${l}.self_attn.q_proj.weight`, [hidden, hidden]);
+        add(`model.layers.${l}.input_layernorm.weight`, [hidden]);
+      }
+      add('model.norm.weight', [hidden]);
+      add('lm_head.weight', [2048, hidden]);
+      const json = Buffer.from(JSON.stringify(tensors));
+      const lenBuf = Buffer.alloc(8);
+      lenBuf.writeBigUInt64LE(BigInt(json.length));
+      // Only the header is read; the data region is sparse (truncate) so the file stays tiny on disk.
+      const { open } = await import('node:fs/promises');
+      const f = await open(join(dir, 'model.safetensors'), 'w');
+      await f.write(Buffer.concat([lenBuf, json]));
+      await f.truncate(8 + json.length + off);
+      await f.close();
+      await writeFile(
+        join(dir, 'config.json'),
+        JSON.stringify({ model_type: 'llama', hidden_size: hidden, num_hidden_layers: 6, num_attention_heads: 32, num_key_value_heads: 8, intermediate_size: 4 * hidden, vocab_size: 2048, max_position_embeddings: 4096, rms_norm_eps: 1e-5, tie_word_embeddings: false }),
+      );
+      const profile = await readMlxModelProfile(dir);
+      const mo = mlxPlacementOptions(profile);
+      expect(mo.stageExtraBytes).toBe(profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes);
+      expect(mo.stageExtraBytes).toBeGreaterThan(60 * 2 ** 20);
+      const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 1e11 }], { ctx: 256, ...mo });
+      const budget = single.stages[0]!.bytes.total - 2 ** 20;
+      const nodes = ['a', 'b', 'c'].map((name) => ({ name, budgetBytes: budget, bandwidthBytesPerSecond: 1e11 }));
+      const plain = planPlacement(profile, nodes, { ctx: 256 });
+      const withMlx = planPlacement(profile, nodes, { ctx: 256, ...mo });
+      expect(withMlx.fits).toBe(true);
+      const head = withMlx.stages.at(-1)!;
+      expect(head.lastLayer - head.firstLayer + 1).toBeGreaterThanOrEqual(1);
+      for (const s of withMlx.stages.slice(0, -1)) {
+        const same = plain.stages.find((p) => p.firstLayer === s.firstLayer && p.lastLayer === s.lastLayer && p.role === 'worker');
+        if (same) expect(s.bytes.total - same.bytes.total).toBe(mo.stageExtraBytes);
+        expect(s.bytes.total).toBeLessThanOrEqual(s.budgetBytes);
+      }
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
