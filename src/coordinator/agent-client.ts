@@ -32,6 +32,38 @@ export interface StartEngineOptions {
   readonly env?: Readonly<Record<string, string>>;
 }
 
+export interface AgentModelFile {
+  readonly path: string;
+  readonly sizeBytes: number;
+  readonly sha256: string;
+}
+
+export interface PrepareCacheOptions {
+  readonly modelSha256: string;
+  readonly modelSizeBytes: number;
+  readonly firstLayer: number;
+  readonly lastLayer: number;
+  readonly holdsOutput: boolean;
+  readonly cacheDir?: string;
+}
+
+export interface PrepareCacheProgress {
+  readonly tensorsDone: number;
+  readonly tensorsTotal: number;
+  readonly bytesDone: number;
+  readonly bytesTotal: number;
+}
+
+export interface PrepareCacheDone {
+  readonly cacheDir: string;
+  readonly modelPath: string;
+  readonly entries: number;
+  readonly cachedBytes: number;
+  readonly bytesWritten: number;
+  readonly sentBytes: number;
+  readonly seconds: number;
+}
+
 export interface AgentGenerateRequest {
   readonly engineId: string;
   readonly prompt: string;
@@ -87,13 +119,59 @@ export class AgentClient {
     });
   }
 
-  async describe(timeoutMs = 3000): Promise<{ profile: HardwareProfile; live: LiveStats | undefined; engines: EngineInfo[] }> {
+  async describe(timeoutMs = 3000): Promise<{ profile: HardwareProfile; live: LiveStats | undefined; engines: EngineInfo[]; modelFiles: AgentModelFile[] }> {
     const r = await this.#unary('describe', {}, timeoutMs);
     return {
       profile: profileFromWire(r.profile as Wire),
       live: liveFromWire(r.live as Wire),
       engines: Array.isArray(r.engines) ? (r.engines as Wire[]).map(engineFromWire) : [],
+      modelFiles: Array.isArray(r.modelFiles)
+        ? (r.modelFiles as Wire[]).map((f) => ({ path: String(f.path ?? ''), sizeBytes: Number(f.sizeBytes ?? 0), sha256: String(f.sha256 ?? '') }))
+        : [],
     };
+  }
+
+  /**
+   * PrepareCache: the agent seeds an rpc-server tensor cache from its own copy of the model.
+   * Resolves with the done message (cacheDir to pass to StartEngine); rejects with the gRPC
+   * error (NOT_FOUND when the node does not hold the file, UNIMPLEMENTED on older agents).
+   */
+  prepareCache(req: PrepareCacheOptions, onProgress: (p: PrepareCacheProgress) => void, timeoutMs: number): Promise<PrepareCacheDone> {
+    const stream = (this.#client.prepareCache as ServerStream).call(
+      this.#client,
+      {
+        modelSha256: req.modelSha256,
+        modelSizeBytes: String(req.modelSizeBytes),
+        firstLayer: req.firstLayer,
+        lastLayer: req.lastLayer,
+        holdsOutput: req.holdsOutput,
+        cacheDir: req.cacheDir ?? '',
+      },
+      this.#metadata(),
+      { deadline: Date.now() + timeoutMs },
+    );
+    return new Promise((resolve, reject) => {
+      let done: PrepareCacheDone | undefined;
+      stream.on('data', (m: Wire) => {
+        if (m.progress) {
+          const p = m.progress as Wire;
+          onProgress({ tensorsDone: Number(p.tensorsDone ?? 0), tensorsTotal: Number(p.tensorsTotal ?? 0), bytesDone: Number(p.bytesDone ?? 0), bytesTotal: Number(p.bytesTotal ?? 0) });
+        } else if (m.done) {
+          const d = m.done as Wire;
+          done = {
+            cacheDir: String(d.cacheDir ?? ''),
+            modelPath: String(d.modelPath ?? ''),
+            entries: Number(d.entries ?? 0),
+            cachedBytes: Number(d.cachedBytes ?? 0),
+            bytesWritten: Number(d.bytesWritten ?? 0),
+            sentBytes: Number(d.sentBytes ?? 0),
+            seconds: Number(d.seconds ?? 0),
+          };
+        }
+      });
+      stream.on('error', reject);
+      stream.on('end', () => (done ? resolve(done) : reject(new Error('PrepareCache ended without a result'))));
+    });
   }
 
   watch(intervalSeconds: number): grpc.ClientReadableStream<Wire> {

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
+import { stat } from 'node:fs/promises';
 import { basename } from 'node:path';
 import type * as grpc from '@grpc/grpc-js';
 import { errorMessage, OrchardError, UsageError } from '../shared/errors.ts';
@@ -12,6 +13,7 @@ import type { Membership } from './membership.ts';
 import type { NodeEntry, RegistryChange } from './registry.ts';
 import { memoryOptionsOf } from './planner-adapter.ts';
 import { Slots } from './slots.ts';
+import { ModelIdentity, defaultModelHashDir, seedStageCache } from './tensor-cache.ts';
 import { isMlxModelDir } from '../shared/model/mlx-profile.ts';
 import { engineForModel, mlxInstanceLaunch } from './mlx-launch.ts';
 import { type MlxRankEngine, startMlxRanks, submitToFollowers } from './mlx-instance.ts';
@@ -152,6 +154,13 @@ export interface RuntimeOptions {
   readonly extraHeadArgs?: readonly string[] | undefined;
   /** Threads for each rpc-server (0 = its default). */
   readonly rpcThreads?: number | undefined;
+  /**
+   * Pre-seed each rpc-server's tensor cache from the node's own copy of the model when it has
+   * one (tensor-cache.ts). Default on; false sends every weight over the network.
+   */
+  readonly tensorCache?: boolean | undefined;
+  /** Where the coordinator caches model files' SHA-256 (default ~/.cache/orchard). */
+  readonly modelHashDir?: string | undefined;
   /** MLX: every rank must be ready within this (each agent's start-up watchdog; default 300 s). */
   readonly mlxReadyTimeoutMs?: number | undefined;
   /** MLX: rank 0 must emit at least this often during a request (default 30 s). */
@@ -342,6 +351,9 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
 
       // 1. rpc-servers: every worker stage, plus the head's own stage on a CPU-only head.
       progress('starting-workers', `starting ${headHasGpu ? last : last + 1} rpc-server(s)`);
+      const identity = new ModelIdentity(req.modelPath, this.#o.modelHashDir ?? defaultModelHashDir());
+      // The planner already read this file; -1 (no pre-seeding) if it is not readable here.
+      const modelSize = await stat(req.modelPath).then((st) => st.size, () => -1);
       const endpoints = await Promise.all(
         plan.stages.map(async (_s, i) => {
           if (i === last && headHasGpu) return undefined;
@@ -350,10 +362,24 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
           // network); the head's own rpc-server only on loopback.
           const bindHost = i === last ? '127.0.0.1' : hostOf(node.address);
           const engineId = `${this.#prefix}${inst.id}-s${i}-rpc`;
+          const seeded =
+            this.#o.tensorCache === false || modelSize < 0
+              ? undefined
+              : await seedStageCache({
+                  client: this.#client(node.nodeId),
+                  nodeName: node.profile.name,
+                  model: identity,
+                  modelSizeBytes: modelSize,
+                  stage: { firstLayer: plan.stages[i]!.firstLayer, lastLayer: plan.stages[i]!.lastLayer, holdsOutput: i === last },
+                  log: this.#log,
+                  onProgress: (m) => progress('starting-workers', m),
+                });
+          this.#assertLoading(inst);
           const e = await this.#startEngine(inst, node, {
             kind: 'ENGINE_KIND_RPC_SERVER',
             engineId,
             bindHost,
+            ...(seeded ? { cacheDir: seeded.cacheDir } : {}),
             threads: this.#o.rpcThreads ?? 0,
             model: name,
             readyTimeoutSeconds: 60,

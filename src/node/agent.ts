@@ -12,6 +12,7 @@ import { type MetricsServer, serveMetrics } from '../shared/metrics/http.ts';
 import { NodeMetrics } from './metrics.ts';
 import { EngineSupervisor } from './supervisor.ts';
 import { findMlxEnv } from './mlx/env.ts';
+import { ModelLibrary } from './model-library.ts';
 
 /**
  * The node agent's lifecycle: identity → hardware profile → gRPC + metrics servers → Bonjour.
@@ -44,6 +45,8 @@ export interface NodeAgentOptions {
   readonly engineStopGraceMs?: number;
   /** When set, every gRPC call must carry `authorization: Bearer <token>`. */
   readonly authToken?: string | undefined;
+  /** Where this node's model files live (`--models-dir`): reported in Describe, used by PrepareCache. */
+  readonly modelsDirs?: readonly string[] | undefined;
 }
 
 export interface AgentReady {
@@ -113,7 +116,11 @@ export class NodeAgent {
     await this.live().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'live stats failed'));
 
     try {
+      const models = new ModelLibrary({ dirs: o.modelsDirs ?? [], stateDir: o.stateDir, log: log.child({ part: 'models' }) });
+      // In the background: hashing a new multi-GB file must not delay the agent's readiness.
+      if ((o.modelsDirs ?? []).length > 0) void models.scan();
       const state: AgentState = {
+        models,
         profile: () => this.profile(),
         live: () => this.live(),
         supervisor,

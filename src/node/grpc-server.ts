@@ -7,6 +7,7 @@ import { orchardV1 } from '../shared/proto.ts';
 import { EngineRequestError, engineSpecFromRequest } from './engine-spec.ts';
 import { GenerateError, generateParamsFromRequest, relayCompletion } from './generate.ts';
 import { relayMlx } from './mlx/relay.ts';
+import { type ModelLibrary, PrepareCacheError } from './model-library.ts';
 import type { EngineExit, EngineInfo, EngineSupervisor } from './supervisor.ts';
 import { doneToWire, engineToWire, exitToWire, liveToWire, profileToWire, tokenToWire } from './wire.ts';
 
@@ -24,12 +25,14 @@ export interface AgentState {
   onProfileChange(fn: (p: HardwareProfile) => void): () => void;
   /** Subscribe to the agent shutting down (Watch streams end cleanly); returns unsubscribe. */
   onShutdown(fn: () => void): () => void;
+  /** Model files under --models-dir and the rpc tensor-cache seeding over them. */
+  readonly models?: ModelLibrary | undefined;
 }
 
 type Status = keyof typeof grpc.status;
 
 function toServiceError(err: unknown, log: Logger): grpc.ServiceError | Partial<grpc.StatusObject> {
-  if (err instanceof EngineRequestError || err instanceof GenerateError) {
+  if (err instanceof EngineRequestError || err instanceof GenerateError || err instanceof PrepareCacheError) {
     return { code: grpc.status[err.code as Status], details: err.message };
   }
   if (err instanceof OrchardError) return { code: grpc.status.FAILED_PRECONDITION, details: err.message };
@@ -42,7 +45,13 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
   return {
     Describe(_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
       state.live().then(
-        (live) => cb(null, { profile: profileToWire(state.profile()), live: liveToWire(live), engines: supervisor.list().map(engineToWire) }),
+        (live) =>
+          cb(null, {
+            profile: profileToWire(state.profile()),
+            live: liveToWire(live),
+            engines: supervisor.list().map(engineToWire),
+            modelFiles: (state.models?.files() ?? []).map((f) => ({ path: f.path, sizeBytes: String(f.sizeBytes), sha256: f.sha256 })),
+          }),
         (err: unknown) => cb(toServiceError(err, log)),
       );
     },
@@ -116,6 +125,60 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
         },
         (err: unknown) => cb(toServiceError(err, log)),
       );
+    },
+
+    PrepareCache(call: grpc.ServerWritableStream<Record<string, unknown>, unknown>) {
+      const r = call.request ?? {};
+      const models = state.models;
+      if (!models) {
+        call.emit('error', { code: grpc.status.NOT_FOUND, details: 'this node was started without --models-dir: it holds no model files' });
+        return;
+      }
+      const abort = new AbortController();
+      call.on('cancelled', () => abort.abort());
+      let lastSent = 0;
+      models
+        .prepareCache(
+          {
+            modelSha256: String(r.modelSha256 ?? ''),
+            modelSizeBytes: Number(r.modelSizeBytes ?? 0),
+            firstLayer: Number(r.firstLayer ?? 0),
+            lastLayer: Number(r.lastLayer ?? 0),
+            holdsOutput: r.holdsOutput === true,
+            cacheDir: String(r.cacheDir ?? ''),
+          },
+          (p) => {
+            // at most ~4 progress messages a second, plus the last one
+            const now = Date.now();
+            if (now - lastSent < 250 && p.tensorsDone !== p.tensorsTotal) return;
+            lastSent = now;
+            if (!abort.signal.aborted) {
+              call.write({ progress: { tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesDone: String(p.bytesDone), bytesTotal: String(p.bytesTotal) } });
+            }
+          },
+          abort.signal,
+        )
+        .then(
+          (d) => {
+            call.write({
+              done: {
+                cacheDir: d.llamaCacheDir,
+                modelPath: d.modelPath,
+                entries: d.tensorsTotal,
+                cachedBytes: String(d.bytesTotal),
+                bytesWritten: String(d.bytesWritten),
+                sentBytes: String(d.sentBytes),
+                seconds: d.seconds,
+              },
+            });
+            call.end();
+          },
+          (err: unknown) => {
+            if (abort.signal.aborted) return;
+            log.warn({ err: errorMessage(err) }, 'PrepareCache failed');
+            call.emit('error', toServiceError(err, log));
+          },
+        );
     },
 
     Generate(call: grpc.ServerWritableStream<unknown, unknown>) {

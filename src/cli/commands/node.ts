@@ -1,3 +1,4 @@
+import { statSync } from 'node:fs';
 import { isIP } from 'node:net';
 import Table from 'cli-table3';
 import { type Command, Option } from 'commander';
@@ -9,6 +10,7 @@ import { agentAdvertiseAddress, joinWithRetry } from './cluster.ts';
 import { probeHardware, readLiveStats } from '../../node/hardware/probe.ts';
 import { defaultStateDir } from '../../node/identity.ts';
 import { findLlamaBinaries } from '../../node/llama/binaries.ts';
+import { parseModelsDirs } from '../../node/model-files.ts';
 
 export const DEFAULT_GRPC_PORT = 50151;
 export const DEFAULT_METRICS_PORT = 9151;
@@ -27,6 +29,7 @@ interface NodeFlags {
   token?: string;
   join?: string;
   json?: boolean;
+  modelsDir: string[];
 }
 
 /** `orchard node`: run this machine's node agent until SIGTERM/SIGINT. */
@@ -46,6 +49,12 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--bind <host>', 'address the gRPC and metrics servers listen on').default('0.0.0.0').env('ORCHARD_NODE_BIND'))
     .addOption(new Option('--token <token>', 'require `authorization: Bearer <token>` on every gRPC call').env('ORCHARD_NODE_TOKEN'))
     .addOption(new Option('--join <host:port>', 'join this coordinator (static join, no Bonjour needed); needs --token').env('ORCHARD_JOIN'))
+    .option(
+      '--models-dir <dirs>',
+      'where model files live (repeatable, or a path list a:b); reported to the coordinator so it can pre-seed engine caches from local copies [env: ORCHARD_NODE_MODELS_DIR]',
+      (v: string, prev: string[]) => [...prev, v],
+      [] as string[],
+    )
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…}) instead of the profile table')
     .action(async (flags: NodeFlags) => {
       await runNode(flags);
@@ -78,7 +87,22 @@ function parseFlags(flags: NodeFlags) {
     mdns,
     mdnsInterface: flags.mdnsInterface,
     authToken: token(flags.token),
+    modelsDirs: modelsDirs(flags.modelsDir ?? []),
   };
+}
+
+function modelsDirs(flagValues: readonly string[]): string[] {
+  const dirs = parseModelsDirs(flagValues, process.env.ORCHARD_NODE_MODELS_DIR);
+  for (const d of dirs) {
+    let ok = false;
+    try {
+      ok = statSync(d).isDirectory();
+    } catch {
+      // reported below
+    }
+    if (!ok) throw new UsageError(`invalid --models-dir "${d}": not a directory`);
+  }
+  return dirs;
 }
 
 function token(t: string | undefined): string | undefined {
