@@ -1,0 +1,315 @@
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { chmod, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { AgentClient } from '../../src/coordinator/agent-client.ts';
+import { CoordinatorClient } from '../../src/coordinator/client.ts';
+import { type MlxRankEngine, startMlxRanks, submitToFollowers } from '../../src/coordinator/mlx-instance.ts';
+import { mlxInstanceLaunch } from '../../src/coordinator/mlx-launch.ts';
+import { mlxPlacementOptions } from '../../src/coordinator/planner-adapter.ts';
+import { ensureMlxEnv, type MlxEnv } from '../../src/node/mlx/env.ts';
+import { collect, MlxGroup } from '../../src/node/mlx/group.ts';
+import { mlxRequestOf } from '../../src/node/mlx/rank-spec.ts';
+import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
+import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
+import { planPlacement } from '../../src/shared/placement/planner.ts';
+
+/*
+ * MLX through `orchard node` agents and the coordinator, real processes on 127.0.0.1 (static
+ * join), real MLX CPU wheels. The oracle: greedy tokens of a pipeline split across ranks equal a
+ * single-process MLX run of the same directory. Then: a rank killed mid-stream → client error
+ * within 5 s, every rank of the group gone, agents healthy, reload works; a rank that never comes
+ * up → the load fails with a clear message within the watchdog timeout, nothing left running.
+ */
+
+const execFileP = promisify(execFile);
+const ROOT = new URL('../../', import.meta.url).pathname;
+const BIN = join(ROOT, 'bin/orchard.js');
+const CTX = 2048;
+const PROMPT = 'The orchard has apples and pears. Once upon a time';
+const N = 24;
+const READY_TIMEOUT_S = 40;
+
+interface Proc {
+  readonly child: ChildProcess;
+  readonly name: string;
+  out: string;
+  err: string;
+  readonly exited: Promise<void>;
+}
+const procs: Proc[] = [];
+
+function start(name: string, args: string[], env: NodeJS.ProcessEnv): Proc {
+  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
+  const p: Proc = { child, name, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
+  child.stdout?.on('data', (c: Buffer) => {
+    p.out += c.toString('utf8');
+  });
+  child.stderr?.on('data', (c: Buffer) => {
+    p.err += c.toString('utf8');
+    if (p.err.length > 2_000_000) p.err = p.err.slice(-1_000_000);
+  });
+  procs.push(p);
+  return p;
+}
+
+async function killGroup(p: Proc): Promise<void> {
+  if (p.child.exitCode === null && p.child.signalCode === null && p.child.pid) {
+    try {
+      process.kill(-p.child.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  await p.exited;
+}
+
+async function readyLine(p: Proc, timeoutMs = 60_000): Promise<Record<string, unknown>> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const line = p.out.split('\n').find((l) => l.includes('"event":"ready"'));
+    if (line) return JSON.parse(line) as Record<string, unknown>;
+    if (p.child.exitCode !== null) throw new Error(`${p.name} exited early: ${p.err.slice(-2000)}`);
+    await sleep(100);
+  }
+  throw new Error(`${p.name} not ready in time: ${p.err.slice(-2000)}`);
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function orchard(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await execFileP(process.execPath, [BIN, ...args], { env, maxBuffer: 32 * 2 ** 20 });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Pids of MLX rank workers serving `modelDir` (any agent), from /proc. */
+async function workerPids(modelDir: string): Promise<number[]> {
+  const { stdout } = await execFileP('pgrep', ['-f', `mlx_worker.py --model ${modelDir}`]).catch(() => ({ stdout: '' }));
+  return stdout.split('\n').filter(Boolean).map(Number);
+}
+
+describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU wheels)', () => {
+  let dir: string;
+  let mlx: MlxEnv;
+  let model: string;
+  let env: NodeJS.ProcessEnv;
+  let coordAddr: string;
+  let coordinator: Proc;
+  const agents = new Map<string, { proc: Proc; address: string; nodeId: string }>();
+  let oracle: number[];
+
+  beforeAll(async () => {
+    mlx = await ensureMlxEnv();
+    dir = await mkdtemp(join(tmpdir(), 'orchard-mlx-cluster-'));
+    model = join(dir, 'm6');
+    // hidden 512: big enough that the planner splits it when one node is a hair too small.
+    await writeMlxTestModel(mlx.python, { out: model, arch: 'llama', layers: 6, hidden: 512, heads: 8, seed: 7 });
+
+    // The oracle: one MLX process, the exact request the agents build from a Generate.
+    const single = await MlxGroup.start({ python: mlx.python, model, mode: 'single', startupTimeoutMs: 120_000 });
+    try {
+      const req = mlxRequestOf({ prompt: PROMPT, maxTokens: N, temperature: 0, topP: 0, seed: 0 }, 'oracle', CTX);
+      oracle = (await collect(single.generate(req))).tokens;
+    } finally {
+      await single.close();
+    }
+
+    const profile = await readMlxModelProfile(model);
+    const opts = { ctx: CTX, ...mlxPlacementOptions(profile) };
+    const one = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], opts);
+    const budget = Math.floor(one.stages[0]!.bytes.total) - 2 * 2 ** 20;
+    const check = planPlacement(profile, ['a', 'b'].map((name) => ({ name, budgetBytes: budget, bandwidthBytesPerSecond: 100e9 })), opts);
+    expect(check.stages.length).toBe(2); // the budgets really force a 2-rank split
+
+    env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: String(READY_TIMEOUT_S), ORCHARD_MLX_STALL_TIMEOUT: '20' };
+    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
+    coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
+    const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env);
+    const token = t.stdout.trim();
+
+    // charlie's "Python" answers the MLX probe but never starts a rank: a rank that never comes up.
+    // (findMlxEnv probes <venv>/bin/python of ORCHARD_MLX_PYTHON's venv, so it sits in one.)
+    await mkdir(join(dir, 'hanging-venv', 'bin'), { recursive: true });
+    const fakePython = join(dir, 'hanging-venv', 'bin', 'python');
+    await writeFile(fakePython, `#!/bin/sh\ncase "$1" in -c) exec "${mlx.python}" "$@";; esac\nexec sleep 3600\n`);
+    await chmod(fakePython, 0o755);
+    for (const name of ['alpha', 'bravo', 'charlie']) {
+      const agentEnv = name === 'charlie' ? { ...env, ORCHARD_MLX_PYTHON: fakePython } : env;
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--json'], agentEnv);
+      const r = await readyLine(proc);
+      const address = `127.0.0.1:${String(r.grpcPort)}`;
+      agents.set(name, { proc, address, nodeId: String(r.nodeId) });
+      const j = await orchard(['cluster', 'join', coordAddr, '--token', token, '--agent', address, '--json'], env);
+      expect(j.code, j.stderr).toBe(0);
+    }
+  }, 600_000);
+
+  afterAll(async () => {
+    await Promise.all(procs.splice(0).map(killGroup));
+    if (dir) {
+      for (const pid of await workerPids(model)) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {}
+      }
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  const status = async () => {
+    const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
+    expect(r.code, r.stderr).toBe(0);
+    return JSON.parse(r.stdout) as {
+      nodes: { id: string; name: string; state: string; hardware: { engines: string[] } }[];
+      models: { name: string; state: string; engine: string; error?: string; stages: { nodeId: string; nodeName: string; firstLayer: number; lastLayer: number; endpoint: string }[] }[];
+    };
+  };
+
+  const generate = async (model?: string) => {
+    const g = await orchard(['generate', '--prompt', PROMPT, '--max-tokens', String(N), '--temperature', '0', '--json', '--coordinator', coordAddr, ...(model ? ['--model', model] : [])], env);
+    expect(g.code, g.stderr).toBe(0);
+    return JSON.parse(g.stdout) as { tokens: number[]; text: string; finishReason?: string };
+  };
+
+  it('agents report MLX in their profile', async () => {
+    let s = await status();
+    for (let i = 0; i < 50 && s.nodes.length < 3; i++) {
+      await sleep(200);
+      s = await status();
+    }
+    expect(s.nodes.map((n) => n.state)).toEqual(['up', 'up', 'up']);
+    for (const n of s.nodes) expect(n.hardware.engines).toContain('mlx');
+  });
+
+  it('has a non-trivial oracle', () => {
+    expect(oracle.length).toBeGreaterThan(5);
+    expect(new Set(oracle).size).toBeGreaterThan(3);
+  });
+
+  it('2 ranks via the planner (auto engine by format): greedy tokens equal one MLX process', async () => {
+    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm6', '--pin', 'alpha', 'bravo', '--coordinator', coordAddr], env);
+    expect(load.code, load.stderr + coordinator.err.slice(-3000)).toBe(0);
+    const m = (await status()).models.find((x) => x.name === 'm6')!;
+    expect(m.engine).toBe('mlx');
+    expect(m.stages).toHaveLength(2);
+    expect(new Set(m.stages.map((s) => s.nodeId)).size).toBe(2);
+    for (const s of m.stages) expect(s.endpoint).toMatch(/^127\.0\.0\.1:\d+$/);
+    const out = await generate('m6');
+    expect(out.tokens).toEqual(oracle);
+    // a second request on the same group (ranks agree on each request in turn)
+    expect((await generate('m6')).tokens).toEqual(oracle);
+  }, 300_000);
+
+  it('killing a rank mid-stream: client error within 5 s, the whole group gone, agents healthy, reload works', async () => {
+    const before = await workerPids(model);
+    expect(before).toHaveLength(2);
+    const client = new CoordinatorClient(coordAddr);
+    const stream = client.stream('generate', { model: 'm6', prompt: PROMPT, maxTokens: CTX, temperature: 0, seed: '0' });
+    let tokens = 0;
+    let killedAt = 0;
+    let error: Error | undefined;
+    // The rank that does not emit (rank 1, the first layers): stage 0's agent holds it.
+    const m = (await status()).models.find((x) => x.name === 'm6')!;
+    const follower = [...agents.values()].find((a) => a.nodeId === m.stages[0]!.nodeId)!;
+    const engines = (await new AgentClient(follower.address).describe()).engines.filter((e) => e.kind === 'ENGINE_KIND_MLX_RANK');
+    expect(engines).toHaveLength(1);
+    try {
+      for await (const ev of stream) {
+        if (ev.event === 'token') tokens++;
+        if (tokens === 3 && killedAt === 0) {
+          killedAt = Date.now();
+          process.kill(engines[0]!.pid, 'SIGKILL');
+        }
+      }
+    } catch (err) {
+      error = err as Error;
+    } finally {
+      client.close();
+    }
+    expect(killedAt).toBeGreaterThan(0);
+    expect(error?.message).toMatch(/MLX|rank|unavailable/i);
+    expect(Date.now() - killedAt).toBeLessThan(5000);
+    // every rank of that group is gone, on both agents
+    const deadline = Date.now() + 5000;
+    while (Date.now() < deadline && before.some(alive)) await sleep(100);
+    expect(before.filter(alive)).toEqual([]);
+    // agents healthy: they answer and run no engine
+    for (const a of agents.values()) expect((await new AgentClient(a.address).describe()).engines).toEqual([]);
+    expect((await status()).models.find((x) => x.name === 'm6')?.state ?? 'gone').toMatch(/failed|gone/);
+    // a reload succeeds (fresh ports) and gives the same tokens
+    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm6', '--pin', 'alpha', 'bravo', '--coordinator', coordAddr], env);
+    expect(load.code, load.stderr).toBe(0);
+    expect((await generate('m6')).tokens).toEqual(oracle);
+    const un = await orchard(['unload', 'm6', '--coordinator', coordAddr], env);
+    expect(un.code, un.stderr).toBe(0);
+  }, 300_000);
+
+  it('a rank that never comes up: the load fails clearly within the watchdog timeout, nothing left running', async () => {
+    const t0 = Date.now();
+    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'hang', '--pin', 'alpha', 'charlie', '--coordinator', coordAddr], env);
+    const took = (Date.now() - t0) / 1000;
+    expect(load.code).toBe(1);
+    expect(load.stderr).toMatch(/MLX rank \d on (alpha|charlie) failed to start: .*(did not start within|never reported)/);
+    expect(took).toBeLessThan(READY_TIMEOUT_S + 20);
+    expect((await status()).models).toEqual([]);
+    for (const a of agents.values()) expect((await new AgentClient(a.address).describe()).engines).toEqual([]);
+    const deadline = Date.now() + 5000;
+    while (Date.now() < deadline && (await workerPids(model)).length > 0) await sleep(100);
+    expect(await workerPids(model)).toEqual([]);
+    const { stdout } = await execFileP('pgrep', ['-f', 'sleep 3600']).catch(() => ({ stdout: '' }));
+    const hanging = stdout.split('\n').filter(Boolean).map(Number);
+    expect(hanging.filter(alive)).toEqual([]);
+  }, 300_000);
+
+  it('3 ranks through the agents with the coordinator’s launch code: tokens equal one MLX process', async () => {
+    // The planner does not split this tiny model three ways (per-stage overheads dwarf its
+    // layers), so the layout is given: 2+2+2 layers on alpha, bravo, charlie→bravo (charlie
+    // never starts ranks). Same functions the runtime uses: mlxInstanceLaunch, startMlxRanks,
+    // submitToFollowers; two ranks share bravo's agent (distinct ports).
+    const nodes = [agents.get('alpha')!, agents.get('bravo')!, agents.get('bravo')!];
+    const clients = new Map<string, AgentClient>();
+    for (const a of agents.values()) clients.set(a.nodeId, new AgentClient(a.address));
+    const launch = mlxInstanceLaunch(
+      nodes.map((a, i) => ({ nodeId: a.nodeId, nodeName: `n${i}`, agentAddress: a.address, interfaces: [], layers: 2 })),
+      { modelDir: model, maxTokens: CTX, stallTimeoutSeconds: 20, random: Math.random },
+    );
+    expect(launch.backend).toBe('ring');
+    expect(launch.ranks.map((r) => r.stage)).toEqual([2, 1, 0]);
+    const started: MlxRankEngine[] = [];
+    try {
+      const ranks = await startMlxRanks(
+        { client: (id) => clients.get(id)!, record: (e) => started.push(e), assertLoading: () => {}, progress: () => {} },
+        launch,
+        { engineIdPrefix: 'otest-three', model: 'three', readyTimeoutMs: 120_000 },
+      );
+      const req = { prompt: PROMPT, maxTokens: N, temperature: 0, topP: 0, seed: 0, stop: [], requestId: 'three-1', messagesJson: '' };
+      await submitToFollowers(ranks.slice(1), (id) => clients.get(id)!, req);
+      const call = clients.get(ranks[0]!.nodeId)!.generate({ ...req, engineId: ranks[0]!.engineId });
+      const tokens: number[] = [];
+      for await (const m of call as AsyncIterable<Record<string, unknown>>) {
+        if (m.event === 'token') tokens.push(...((m.token as { tokenIds: number[] }).tokenIds ?? []).map(Number));
+      }
+      expect(tokens).toEqual(oracle);
+    } finally {
+      await Promise.all(started.map((e) => clients.get(e.nodeId)!.stopEngine(e.engineId).catch(() => false)));
+      for (const c of clients.values()) c.close();
+    }
+    expect(await workerPids(model)).toEqual([]);
+  }, 300_000);
+});
