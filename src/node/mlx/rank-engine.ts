@@ -39,7 +39,7 @@ export class MlxRankEngine {
   private stopRequested = false;
   private resolveExit: (e: MlxRankExit) => void = () => {};
 
-  constructor(private readonly o: MlxRankEngineOptions) {
+  constructor(o: MlxRankEngineOptions) {
     let markStarting: () => void = () => {};
     this.starting = new Promise<void>((resolve) => {
       markStarting = resolve;
