@@ -1,0 +1,193 @@
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { modelProfile } from '../../src/shared/model/profile.ts';
+import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
+
+/*
+ * Pre-seeding through the whole product path on 127.0.0.1: a coordinator and two `orchard node`
+ * agents started with `--models-dir` holding the model; budgets force two stages. The load must
+ * pre-seed each stage's rpc-server cache (PrepareCache), so the bytes each rpc-server received
+ * (kernel TCP counters of its established connections, `ss -ti` bytes_received) stay ≤ 1 % of
+ * that stage's weight bytes; and greedy tokens still equal one plain llama-server (the weights
+ * served from the cache are the right ones).
+ */
+const execFileP = promisify(execFile);
+const ROOT = new URL('../../', import.meta.url).pathname;
+const BIN = join(ROOT, 'bin/orchard.js');
+const CTX = 1024;
+const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
+const N_PREDICT = 16;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+interface Proc {
+  readonly child: ChildProcess;
+  readonly name: string;
+  out: string;
+  err: string;
+  readonly exited: Promise<void>;
+}
+const procs: Proc[] = [];
+
+function start(name: string, args: string[], env: NodeJS.ProcessEnv, file = process.execPath): Proc {
+  const child = spawn(file, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
+  const p: Proc = { child, name, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
+  child.stdout?.on('data', (c: Buffer) => {
+    p.out += c.toString('utf8');
+  });
+  child.stderr?.on('data', (c: Buffer) => {
+    p.err = (p.err + c.toString('utf8')).slice(-1_000_000);
+  });
+  procs.push(p);
+  return p;
+}
+
+async function killGroup(p: Proc): Promise<void> {
+  if (p.child.exitCode === null && p.child.signalCode === null && p.child.pid) {
+    try {
+      process.kill(-p.child.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  await p.exited;
+}
+
+async function readyLine(p: Proc, timeoutMs = 60_000): Promise<Record<string, unknown>> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const line = p.out.split('\n').find((l) => l.includes('"event":"ready"'));
+    if (line) return JSON.parse(line) as Record<string, unknown>;
+    if (p.child.exitCode !== null) throw new Error(`${p.name} exited early: ${p.err.slice(-2000)}`);
+    await sleep(100);
+  }
+  throw new Error(`${p.name} not ready in time: ${p.err.slice(-2000)}`);
+}
+
+async function orchard(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await execFileP(process.execPath, [BIN, ...args], { env, maxBuffer: 32 * 2 ** 20 });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const a = srv.address();
+      srv.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
+    });
+  });
+}
+
+/** Bytes received so far by the server side of every established TCP connection on `port`. */
+async function bytesReceivedOnPort(port: number): Promise<number> {
+  const { stdout } = await execFileP('ss', ['-tinH', 'state', 'established', `( sport = :${port} )`]);
+  let sum = 0;
+  for (const m of stdout.matchAll(/bytes_received:(\d+)/g)) sum += Number(m[1]);
+  return sum;
+}
+
+async function plainTokens(bins: LlamaBinaries, model: string): Promise<number[]> {
+  const port = await freePort();
+  const p = start('oracle', ['-m', model, '-c', String(CTX), '-np', '1', '--port', String(port), '--host', '127.0.0.1', '-t', '1'], process.env, bins.llamaServer);
+  try {
+    const deadline = Date.now() + 120_000;
+    while (Date.now() < deadline) {
+      if (await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.status === 200, () => false)) break;
+      await sleep(200);
+    }
+    const res = await fetch(`http://127.0.0.1:${port}/completion`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: PROMPT, n_predict: N_PREDICT, temperature: 0, return_tokens: true, cache_prompt: false }),
+    });
+    return ((await res.json()) as { tokens: number[] }).tokens;
+  } finally {
+    await killGroup(p);
+  }
+}
+
+describe('cluster: rpc-server caches pre-seeded from the nodes’ own model files', () => {
+  let dir: string;
+  let env: NodeJS.ProcessEnv;
+  let model: string;
+  let coordAddr: string;
+  let bins: LlamaBinaries;
+  const stateDirs = new Map<string, string>();
+
+  beforeAll(async () => {
+    bins = await findLlamaBinaries();
+    dir = await mkdtemp(join(tmpdir(), 'orchard-cluster-cache-'));
+    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1', XDG_CACHE_HOME: join(dir, 'xdg') };
+    const models = join(dir, 'models');
+    await mkdir(models);
+    model = join(models, 'wide.gguf');
+    // every matrix above ggml-rpc's 10 MiB hash threshold (dim 2304, 8 KV heads, f16)
+    const made = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '2', '--dim', '2304', '--ffn', '5632', '--heads', '8', '--kv-heads', '8', '--seed', '3'], env);
+    expect(made.code, made.stderr).toBe(0);
+    const profile = modelProfile(await readGgufHeader(model));
+    const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
+    const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
+
+    const token = `test-token-${randomBytes(12).toString('hex')}`;
+    const coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', token, '--json'], env);
+    coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
+    for (const name of ['alpha', 'bravo']) {
+      const stateDir = join(dir, name);
+      stateDirs.set(name, stateDir);
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', stateDir, '--models-dir', models, '--json', '--join', coordAddr, '--token', token], env);
+      await readyLine(proc);
+    }
+    for (let i = 0; i < 100; i++) {
+      const s = await orchard(['status', '--json', '--coordinator', coordAddr], env);
+      if (s.code === 0 && (JSON.parse(s.stdout) as { nodes: { state: string }[] }).nodes.filter((n) => n.state === 'up').length === 2) break;
+      await sleep(200);
+    }
+  }, 180_000);
+
+  afterAll(async () => {
+    await Promise.all(procs.splice(0).map(killGroup));
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('sends ≤ 1 % of each stage’s weight bytes during the load, and the tokens equal one plain llama-server', async () => {
+    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'wide', '--coordinator', coordAddr], env);
+    expect(load.code, load.stderr).toBe(0);
+    const s = JSON.parse((await orchard(['status', '--json', '--coordinator', coordAddr], env)).stdout) as {
+      models: { name: string; stages: { nodeName: string; firstLayer: number; lastLayer: number; endpoint: string }[] }[];
+    };
+    const stages = s.models.find((m) => m.name === 'wide')!.stages;
+    expect(stages.length).toBe(2);
+    const header = await readGgufHeader(model);
+    for (const [i, st] of stages.entries()) {
+      const plan = stageCachePlan(header, { firstLayer: st.firstLayer, lastLayer: st.lastLayer, holdsOutput: i === stages.length - 1 });
+      const shard = plan.cachedBytes + plan.sentBytes;
+      const port = Number(st.endpoint.slice(st.endpoint.lastIndexOf(':') + 1));
+      const received = await bytesReceivedOnPort(port);
+      expect(received, `${st.nodeName} rpc-server received ${received} of ${shard} shard bytes`).toBeGreaterThan(0);
+      expect(received, `${st.nodeName} rpc-server received ${received} of ${shard} shard bytes`).toBeLessThanOrEqual(0.01 * shard);
+      // the entries sit in the agent's default cache dir, one per hashed tensor of the stage
+      const entries = (await readdir(join(stateDirs.get(st.nodeName)!, 'llama-cache', 'rpc'))).filter((n) => /^[0-9a-f]{16}$/.test(n));
+      expect(entries.length).toBe(plan.cached.length);
+    }
+    const g = await orchard(['generate', '--prompt', PROMPT, '--max-tokens', String(N_PREDICT), '--temperature', '0', '--json', '--coordinator', coordAddr], env);
+    expect(g.code, g.stderr).toBe(0);
+    const out = JSON.parse(g.stdout) as { tokens: number[] };
+    expect(new Set(out.tokens).size).toBeGreaterThan(3);
+    expect(out.tokens).toEqual(await plainTokens(bins, model));
+  }, 300_000);
+});
