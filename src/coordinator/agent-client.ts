@@ -208,13 +208,13 @@ export class AgentClient {
   async startMlxRank(
     o: { engineId: string; model: string; readyTimeoutSeconds: number; mlx: Record<string, unknown> },
     timeoutMs: number,
-  ): Promise<EngineInfo> {
+  ): Promise<{ engine: EngineInfo; logLines: string[] }> {
     const r = await this.#unary(
       'startEngine',
       { kind: 'ENGINE_KIND_MLX_RANK', engineId: o.engineId, model: o.model, readyTimeoutSeconds: o.readyTimeoutSeconds, mlx: o.mlx },
       timeoutMs,
     );
-    return engineFromWire(r.engine as Wire);
+    return { engine: engineFromWire(r.engine as Wire), logLines: Array.isArray(r.startupLog) ? r.startupLog.map(String) : [] };
   }
 
   async stopEngine(engineId: string, timeoutMs = 10_000): Promise<boolean> {

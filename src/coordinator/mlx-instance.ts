@@ -60,8 +60,14 @@ export async function startMlxRanks(deps: MlxStartDeps, launch: MlxInstanceLaunc
     deps.assertLoading();
   }
   deps.progress(n > 1 ? `starting MLX rank ${n - 1} and waiting for all ${n} ranks to be ready` : 'starting the MLX process');
-  await Promise.all(launch.ranks.map((r) => start(r, false)));
+  const started = await Promise.all(launch.ranks.map((r) => start(r, false)));
   deps.assertLoading();
+  // Each worker reports the layer range it really runs; it must be the plan's.
+  const problems = launch.ranks.flatMap((r, i) => {
+    const problem = checkRankReport(r, started[i]!.logLines);
+    return problem ? [problem] : [];
+  });
+  if (problems.length > 0) throw new CoordinatorError('INTERNAL', `the MLX ranks do not match the plan: ${problems.join('; ')}`);
   return engines;
 }
 
@@ -107,6 +113,29 @@ export async function submitToFollowers(
         }),
     ),
   );
+}
+
+/**
+ * Compare a rank's "mlx-ready" report with its launch: rank, world size and, in pipeline mode,
+ * the layer range [first, end) its plan stage holds. Returns the problem, or undefined.
+ */
+export function checkRankReport(r: MlxRankLaunch, logLines: readonly string[]): string | undefined {
+  const line = logLines.find((l) => l.startsWith('mlx-ready '));
+  if (!line) return `rank ${r.rank} on ${r.nodeName} sent no ready report`;
+  let rep: { rank?: unknown; size?: unknown; layers?: unknown; mode?: unknown };
+  try {
+    rep = JSON.parse(line.slice('mlx-ready '.length)) as typeof rep;
+  } catch {
+    return `rank ${r.rank} on ${r.nodeName} sent an unreadable ready report`;
+  }
+  if (rep.rank !== r.rank || rep.size !== r.mlx.worldSize) return `rank ${r.rank} on ${r.nodeName} reports rank ${String(rep.rank)} of ${String(rep.size)}`;
+  if (r.mlx.mode === 'pipeline') {
+    const first = r.mlx.split.slice(0, r.stage).reduce((a, b) => a + b, 0);
+    const want = [first, first + r.mlx.split[r.stage]!];
+    const got = Array.isArray(rep.layers) ? rep.layers : [];
+    if (got[0] !== want[0] || got[1] !== want[1]) return `rank ${r.rank} on ${r.nodeName} runs layers [${got.join(', ')}), the plan says [${want.join(', ')})`;
+  }
+  return undefined;
 }
 
 function grpcDetails(err: unknown): string {

@@ -219,9 +219,12 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
           const withPid = { ...info, pid: group.pids.get(mlx.rank) ?? engine.pid };
           (entry as { info: EngineInfo }).info = withPid;
           entry.isReady = true;
-          log.info({ pid: withPid.pid }, 'MLX rank ready');
+          const r = group.ready[0];
+          log.info({ pid: withPid.pid, layers: r?.layers, loadMs: r?.load_ms }, 'MLX rank ready');
           this.emit('started', withPid);
-          return withPid;
+          // What the worker itself reports (its layer range), so the coordinator can check the plan.
+          const report = r ? { rank: r.rank, size: r.size, mode: r.mode, layers: r.layers, device: r.device, mlx: r.mlx, loadMs: r.load_ms } : undefined;
+          return { ...withPid, startupLog: report ? [`mlx-ready ${JSON.stringify(report)}`] : [] };
         },
         (err: unknown) => {
           const msg = errorMessage(err);

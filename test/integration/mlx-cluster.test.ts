@@ -3,6 +3,7 @@ import { chmod, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../../src/coordinator/agent-client.ts';
 import { CoordinatorClient } from '../../src/coordinator/client.ts';
@@ -113,6 +114,10 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
   let coordinator: Proc;
   const agents = new Map<string, { proc: Proc; address: string; nodeId: string }>();
   let oracle: number[];
+  let oracleText: string;
+  let chatOracle: { tokens: number[]; text: string };
+  let httpBase: string;
+  const CHAT = [{ role: 'user', content: 'Which fruit grows in the orchard?' }];
 
   beforeAll(async () => {
     mlx = await ensureMlxEnv();
@@ -125,7 +130,13 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     const single = await MlxGroup.start({ python: mlx.python, model, mode: 'single', startupTimeoutMs: 120_000 });
     try {
       const req = mlxRequestOf({ prompt: PROMPT, maxTokens: N, temperature: 0, topP: 0, seed: 0 }, 'oracle', CTX);
-      oracle = (await collect(single.generate(req))).tokens;
+      const o = await collect(single.generate(req));
+      oracle = o.tokens;
+      oracleText = o.text;
+      // Chat: the worker applies the tokenizer's chat template.
+      const chatReq = mlxRequestOf({ prompt: '', messagesJson: JSON.stringify(CHAT), maxTokens: 16, temperature: 0, topP: 0, seed: 0 }, 'chat', CTX);
+      const c = await collect(single.generate(chatReq));
+      chatOracle = { tokens: c.tokens, text: c.text };
     } finally {
       await single.close();
     }
@@ -139,7 +150,9 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
 
     env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: String(READY_TIMEOUT_S), ORCHARD_MLX_STALL_TIMEOUT: '20' };
     coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
-    coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
+    const cr = await readyLine(coordinator);
+    coordAddr = `127.0.0.1:${String(cr.grpcPort)}`;
+    httpBase = `http://127.0.0.1:${String(cr.httpPort)}`;
     const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env);
     const token = t.stdout.trim();
 
@@ -213,6 +226,40 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     const out = await generate('m6');
     expect(out.tokens).toEqual(oracle);
     // a second request on the same group (ranks agree on each request in turn)
+    expect((await generate('m6')).tokens).toEqual(oracle);
+  }, 300_000);
+
+  it('the OpenAI API (official client) serves the MLX model: completions, chat, streaming, stop, usage', async () => {
+    const client = new OpenAI({ baseURL: `${httpBase}/v1`, apiKey: 'unused', maxRetries: 0 });
+    const models = await client.models.list();
+    expect(models.data.map((m) => m.id)).toContain('m6');
+    const r = await client.completions.create({ model: 'm6', prompt: PROMPT, max_tokens: N, temperature: 0 });
+    expect(r.choices[0]!.text).toBe(oracleText);
+    expect(r.usage!.completion_tokens).toBe(oracle.length);
+    expect(r.usage!.prompt_tokens).toBeGreaterThan(0);
+    let streamed = '';
+    let finish: string | null = null;
+    for await (const c of await client.completions.create({ model: 'm6', prompt: PROMPT, max_tokens: N, temperature: 0, stream: true })) {
+      streamed += c.choices[0]?.text ?? '';
+      finish = c.choices[0]?.finish_reason ?? finish;
+    }
+    expect(streamed).toBe(oracleText);
+    expect(finish).toMatch(/length|stop/);
+    const chat = await client.chat.completions.create({ model: 'm6', messages: CHAT as OpenAI.ChatCompletionMessageParam[], max_tokens: 16, temperature: 0 });
+    expect(chat.choices[0]!.message.content).toBe(chatOracle.text);
+    expect(chat.usage!.completion_tokens).toBe(chatOracle.tokens.length);
+    let chatStreamed = '';
+    for await (const c of await client.chat.completions.create({ model: 'm6', messages: CHAT as OpenAI.ChatCompletionMessageParam[], max_tokens: 16, temperature: 0, stream: true })) {
+      chatStreamed += c.choices[0]?.delta?.content ?? '';
+    }
+    expect(chatStreamed).toBe(chatOracle.text);
+    // a stop string cuts the text before it (the agent scans for it; ranks cancel collectively)
+    const stop = oracleText.slice(6, 9);
+    expect(stop.length).toBe(3);
+    const cut = await client.completions.create({ model: 'm6', prompt: PROMPT, max_tokens: N, temperature: 0, stop: [stop] });
+    expect(cut.choices[0]!.text).toBe(oracleText.slice(0, oracleText.indexOf(stop)));
+    expect(cut.choices[0]!.finish_reason).toBe('stop');
+    // the group still serves after a collective cancel
     expect((await generate('m6')).tokens).toEqual(oracle);
   }, 300_000);
 

@@ -9,6 +9,7 @@ import {
   rdmaDeviceBetween,
   ringAddresses,
 } from '../../src/coordinator/mlx-launch.ts';
+import { checkRankReport } from '../../src/coordinator/mlx-instance.ts';
 import { mlxPlacementOptions } from '../../src/coordinator/planner-adapter.ts';
 import { jacclDevicesFile, rankEnv } from '../../src/node/mlx/launch.ts';
 import { DEFAULT_MLX_MAX_TOKENS, mlxRankSpecFromRequest, mlxRequestOf, sameMlxRank, StopScanner } from '../../src/node/mlx/rank-spec.ts';
@@ -316,5 +317,22 @@ describe('planPlacement with MLX options', () => {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('checkRankReport: the worker’s own layer range against the plan', () => {
+  const l = mlxInstanceLaunch([node('a', '127.0.0.1:1', [], 4), node('b', '127.0.0.1:2', [], 2)], opts);
+  const report = (o: Record<string, unknown>) => [`mlx-ready ${JSON.stringify(o)}`];
+
+  it('accepts the planned ranges (rank 0 = last layers)', () => {
+    expect(checkRankReport(l.ranks[0]!, report({ rank: 0, size: 2, mode: 'pipeline', layers: [4, 6] }))).toBeUndefined();
+    expect(checkRankReport(l.ranks[1]!, report({ rank: 1, size: 2, mode: 'pipeline', layers: [0, 4] }))).toBeUndefined();
+  });
+
+  it('names a rank that runs other layers, the wrong rank, or sent nothing', () => {
+    expect(checkRankReport(l.ranks[0]!, report({ rank: 0, size: 2, layers: [3, 6] }))).toMatch(/runs layers \[3, 6\), the plan says \[4, 6\)/);
+    expect(checkRankReport(l.ranks[1]!, report({ rank: 0, size: 2, layers: [0, 4] }))).toMatch(/reports rank 0 of 2/);
+    expect(checkRankReport(l.ranks[1]!, [])).toMatch(/no ready report/);
+    expect(checkRankReport(l.ranks[1]!, ['mlx-ready {'])).toMatch(/unreadable/);
   });
 });
