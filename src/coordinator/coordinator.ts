@@ -11,7 +11,7 @@ import { installApi } from './openai/api.ts';
 import { prometheusTargetsHandler, sdNodeFromEntry } from './prometheus-sd.ts';
 import { createPlanner } from './planner-adapter.ts';
 import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './registry.ts';
-import { Runtime, type Planner } from './runtime.ts';
+import type { Planner, Runtime } from './runtime.ts';
 import { StateDir } from './state-dir.ts';
 
 export interface CoordinatorOptions {
