@@ -1,3 +1,4 @@
+import { existsSync, readdirSync } from 'node:fs';
 import { isIPv4 } from 'node:net';
 import { UsageError } from '../shared/errors.ts';
 import type { NetworkInterfaceInfo } from '../shared/hardware.ts';
@@ -203,6 +204,20 @@ export function mlxInstanceLaunch(stages: readonly MlxStageNode[], o: MlxLaunchO
     reason: `TCP ring (${why})`,
     ranks: byRank.map((_, r) => rankOf(r, { ...base(r), backend: 'ring', hosts, jacclDevices: [], jacclCoordinator: '' })),
   };
+}
+
+/**
+ * Same test as `isMlxModelDir` (config.json + a .safetensors file), synchronous so the runtime
+ * can pick the engine without yielding between "is the name free" and reserving it.
+ */
+export function looksLikeMlxModelDir(path: string): boolean {
+  try {
+    if (!existsSync(path)) return false;
+    const names = readdirSync(path);
+    return names.includes('config.json') && names.some((n) => n.endsWith('.safetensors'));
+  } catch {
+    return false; // not a directory (a .gguf file) or unreadable
+  }
 }
 
 /** Model format → engine: a directory with config.json is MLX, a .gguf file is llama.cpp. */

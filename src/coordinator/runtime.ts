@@ -14,8 +14,7 @@ import type { NodeEntry, RegistryChange } from './registry.ts';
 import { memoryOptionsOf } from './planner-adapter.ts';
 import { Slots } from './slots.ts';
 import { ModelIdentity, defaultModelHashDir, seedStageCache } from './tensor-cache.ts';
-import { isMlxModelDir } from '../shared/model/mlx-profile.ts';
-import { engineForModel, mlxInstanceLaunch } from './mlx-launch.ts';
+import { engineForModel, looksLikeMlxModelDir, mlxInstanceLaunch } from './mlx-launch.ts';
 import { type MlxRankEngine, startMlxRanks, submitToFollowers } from './mlx-instance.ts';
 
 /**
@@ -282,7 +281,8 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     if (!req.modelPath) throw new UsageError('model path is required');
     const name = req.name || defaultModelName(req.modelPath);
     if (!NAME.test(name)) throw new UsageError(`invalid model name "${name}": 1–128 of A-Z a-z 0-9 . _ : - (use --name)`);
-    const engine = engineForModel(req.modelPath, await isMlxModelDir(req.modelPath), req.engine);
+    // Synchronous on purpose: the name must be reserved below without yielding in between.
+    const engine = engineForModel(req.modelPath, looksLikeMlxModelDir(req.modelPath), req.engine);
     let options = resolveLoadOptions(req.options);
     // MLX ranks serve one request at a time in lockstep and must see requests in the same order.
     if (engine === 'mlx' && options.parallel !== 1) {

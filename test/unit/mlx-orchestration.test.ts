@@ -4,6 +4,7 @@ import {
   freshPorts,
   ipv4Of,
   jacclMatrix,
+  looksLikeMlxModelDir,
   type MlxStageNode,
   mlxInstanceLaunch,
   rdmaDeviceBetween,
@@ -334,5 +335,25 @@ describe('checkRankReport: the worker’s own layer range against the plan', () 
     expect(checkRankReport(l.ranks[1]!, report({ rank: 0, size: 2, layers: [0, 4] }))).toMatch(/reports rank 0 of 2/);
     expect(checkRankReport(l.ranks[1]!, [])).toMatch(/no ready report/);
     expect(checkRankReport(l.ranks[1]!, ['mlx-ready {'])).toMatch(/unreadable/);
+  });
+});
+
+describe('looksLikeMlxModelDir', () => {
+  it('needs a directory with config.json and a .safetensors file', async () => {
+    const { mkdtemp, writeFile, rm } = await import('node:fs/promises');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const dir = await mkdtemp(join(tmpdir(), 'orchard-mlx-dir-'));
+    try {
+      expect(looksLikeMlxModelDir(dir)).toBe(false);
+      await writeFile(join(dir, 'config.json'), '{}');
+      expect(looksLikeMlxModelDir(dir)).toBe(false);
+      await writeFile(join(dir, 'model.safetensors'), '');
+      expect(looksLikeMlxModelDir(dir)).toBe(true);
+      expect(looksLikeMlxModelDir(join(dir, 'config.json'))).toBe(false);
+      expect(looksLikeMlxModelDir(join(dir, 'missing'))).toBe(false);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
