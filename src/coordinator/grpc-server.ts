@@ -2,6 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
 import { errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
+import { createGrpcServer } from '../shared/grpc-server.ts';
 import { orchardV1 } from '../shared/proto.ts';
 import { CoordinatorError, toServiceError } from './errors.ts';
 import { joinTokenMatches } from './join-token.ts';
@@ -196,7 +197,7 @@ export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedService
 }
 
 export async function startCoordinatorGrpc(s: CoordinatorServices, host: string, port: number): Promise<{ server: grpc.Server; port: number }> {
-  const server = new grpc.Server();
+  const server = createGrpcServer();
   server.addService(orchardV1().Coordinator!.service, coordinatorHandlers(s));
   const bound = await new Promise<number>((resolve, reject) =>
     server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),

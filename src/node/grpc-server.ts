@@ -3,6 +3,7 @@ import * as grpc from '@grpc/grpc-js';
 import { OrchardError, errorMessage } from '../shared/errors.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { Logger } from '../shared/log.ts';
+import { createGrpcServer } from '../shared/grpc-server.ts';
 import { orchardV1 } from '../shared/proto.ts';
 import { EngineRequestError, engineSpecFromRequest } from './engine-spec.ts';
 import { GenerateError, generateParamsFromRequest, relayCompletion } from './generate.ts';
@@ -323,7 +324,7 @@ export async function serveNodeAgent(
     info: (...a: unknown[]) => log.debug({ grpc: a.map(String).join(' ') }, 'grpc-js'),
     debug: (...a: unknown[]) => log.trace({ grpc: a.map(String).join(' ') }, 'grpc-js'),
   } as Partial<Console> as Console);
-  const server = new grpc.Server();
+  const server = createGrpcServer();
   const handlers = nodeAgentHandlers(state, log);
   server.addService(orchardV1().NodeAgent!.service, authToken ? requireToken(handlers, authToken) : handlers);
   const addr = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
