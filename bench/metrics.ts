@@ -1,111 +1,163 @@
 /**
- * `npm run bench:metrics`: how long a coordinator's `/metrics` takes to answer with 64
+ * `npm run bench:metrics`: how long the coordinator's `/metrics` takes to answer with 64
  * registered nodes and 8 loaded models (goal from issue 8: < 20 ms), over real HTTP on
  * 127.0.0.1, printing JSON.
  *
+ * What runs is the coordinator's own metrics code: `CoordinatorMetrics` (src/coordinator/
+ * metrics.ts) on a real `Membership` whose registry holds 64 connected nodes (3 of them
+ * suspect), served by the same `metricsRoutes` handler the coordinator mounts. Placement, queue
+ * and in-flight gauges are recomputed from the runtime's model list at every scrape, exactly as
+ * in the coordinator. The one stand-in: the model list is `ModelStatus` objects shaped like
+ * Runtime.models() returns for verified llama.cpp loads, because 8 real loads over 64 real agents
+ * cannot run on this machine. Request histograms hold observations for every model (through the
+ * same observeGeneration wrapper MeteredRuntime uses); process metrics are included.
+ *
  * Two placements: `spread8` (each model over 8 nodes: 64 stages, a realistic big cluster) and
  * `all64` (each model over all 64 nodes: 512 stages, a worst case no planner would choose).
- * Placement gauges either set when the placement changes (`static`, what the coordinator should
- * do: placement changes on load/unload, not per scrape) or recomputed at every scrape in collect
- * hooks (`collect`). Request histograms hold observations for every model; process metrics are
- * included. Round trips use node:http with keep-alive (Prometheus keeps its connection too); the
+ * Round trips use node:http with keep-alive (Prometheus keeps its connection too); the
  * server-side time is measured from request arrival to the end of the response. The load
  * average is printed because the machine may be shared: read the numbers relative to it.
  */
-import { Agent, get } from 'node:http';
+import { createServer, Agent, get } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { loadavg, cpus } from 'node:os';
 import { performance } from 'node:perf_hooks';
-import { Registry } from 'prom-client';
-import { NODE_STATES, REQUEST_OUTCOMES, STAGE_MEMORY_KINDS } from '../src/shared/metrics/catalogue.ts';
-import { createCoordinatorMetrics, nodeStateCounts, replaceGaugeSeries } from '../src/shared/metrics/factories.ts';
-import { serveMetrics } from '../src/shared/metrics/http.ts';
+import { Membership } from '../src/coordinator/membership.ts';
+import { CoordinatorMetrics, observeGeneration } from '../src/coordinator/metrics.ts';
+import type { GenerateEvent, ModelStatus } from '../src/coordinator/runtime.ts';
+import type { HardwareProfile } from '../src/shared/hardware.ts';
+import { createLogger } from '../src/shared/log.ts';
+import { initModelSeries } from '../src/shared/metrics/factories.ts';
+import { metricsRoutes } from '../src/shared/metrics/http.ts';
 
 const NODES = 64;
 const MODELS = 8;
 const WARMUP = 30;
 const SAMPLES = 300;
+const MiB = 2 ** 20;
 
-interface Stage {
-  model: string;
-  node: string;
-  layers: number;
-  bytes: Record<string, number>;
+function profile(i: number): HardwareProfile {
+  const name = `node-${String(i).padStart(2, '0')}`;
+  return {
+    nodeId: `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`,
+    name,
+    hostname: `${name}.local`,
+    os: 'macos',
+    osVersion: '15.2',
+    chip: ['Apple M2 Ultra', 'Apple M4 Pro', 'Apple M3 Max'][i % 3]!,
+    performanceCores: 12,
+    efficiencyCores: 4,
+    gpuCores: 40,
+    memoryBytes: 128 * 2 ** 30,
+    bandwidthBytesPerSecond: 400e9,
+    wiredLimitBytes: 96 * 2 ** 30,
+    usableBytes: 90 * 2 ** 30,
+    engines: ['llama-rpc', 'llama-server'],
+    interfaces: [],
+    protocolVersion: '1',
+    agentVersion: '0.1.0',
+    metricsPort: 9151,
+  };
 }
 
-function placement(nodesPerModel: number): Stage[] {
-  const stages: Stage[] = [];
-  for (let m = 0; m < MODELS; m++) {
-    for (let k = 0; k < nodesPerModel; k++) {
-      const node = `node-${String((m * nodesPerModel + k) % NODES).padStart(2, '0')}`;
-      stages.push({ model: `model-${m}`, node, layers: 80 / nodesPerModel, bytes: { weights: 4e9 + k, kv_cache: 5e8, compute: 3e8, overhead: 2e8 } });
-    }
-  }
-  return stages;
+/** Verified llama.cpp models as Runtime.models() reports them: each over `nodesPerModel` nodes. */
+function models(nodesPerModel: number): ModelStatus[] {
+  const layersPer = 80 / nodesPerModel;
+  return Array.from({ length: MODELS }, (_, m) => {
+    const stages = Array.from({ length: nodesPerModel }, (_, k) => {
+      const p = profile((m * nodesPerModel + k) % NODES);
+      const weights = 4e9 / nodesPerModel + k;
+      return {
+        nodeId: p.nodeId,
+        nodeName: p.name,
+        firstLayer: Math.floor(k * layersPer),
+        lastLayer: Math.floor((k + 1) * layersPer) - 1,
+        bytes: { weights, kv: 5e8, compute: 3e8, overhead: 2e8, total: weights + 1e9 },
+        budgetBytes: 90 * 2 ** 30,
+        endpoint: `10.0.0.${k}:50052`,
+      };
+    });
+    return {
+      name: `model-${m}`,
+      path: `/models/model-${m}.gguf`,
+      state: 'ready' as const,
+      engine: 'llama' as const,
+      stages,
+      error: '',
+      predictedTokensPerSecond: 20,
+      options: { ctx: 8192, cacheType: 'f16', parallel: 4, pinnedNodes: [] },
+      verification: {
+        ok: true,
+        problems: [],
+        devices: stages.map((s, k) => ({
+          device: `RPC0[${s.endpoint}]`,
+          nodeName: s.nodeName,
+          plannedLayers: `${s.firstLayer}-${s.lastLayer}`,
+          actualLayers: `${s.firstLayer}-${s.lastLayer}`,
+          actual: { model: s.bytes.weights * 1.01, kv: s.bytes.kv, compute: s.bytes.compute + k * MiB },
+        })),
+      },
+    };
+  });
 }
 
 function quantile(sorted: number[], q: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
 }
 
-async function scenario(name: string, nodesPerModel: number, atScrape: boolean) {
-  const registry = new Registry();
-  const stages = placement(nodesPerModel);
-  const nodeStates = Array.from({ length: NODES }, (_, i) => NODE_STATES[i % 17 === 0 ? 1 : 0]!);
-  const stageSeries = () => ({
-    layers: stages.map((s) => ({ labels: { model: s.model, node: s.node }, value: s.layers })),
-    predicted: stages.flatMap((s) => STAGE_MEMORY_KINDS.map((kind) => ({ labels: { model: s.model, node: s.node, kind }, value: s.bytes[kind]! }))),
-    actual: stages.flatMap((s) => STAGE_MEMORY_KINDS.map((kind) => ({ labels: { model: s.model, node: s.node, kind }, value: s.bytes[kind]! * 1.02 }))),
-  });
-  const m = createCoordinatorMetrics(registry, '0.1.0', {
-    collect: !atScrape ? {} : {
-      nodes() {
-        replaceGaugeSeries(this, nodeStateCounts(nodeStates));
-      },
-      stageLayers() {
-        replaceGaugeSeries(
-          this,
-          stages.map((s) => ({ labels: { model: s.model, node: s.node }, value: s.layers })),
-        );
-      },
-      stagePredictedBytes() {
-        replaceGaugeSeries(
-          this,
-          stages.flatMap((s) => STAGE_MEMORY_KINDS.map((kind) => ({ labels: { model: s.model, node: s.node, kind }, value: s.bytes[kind]! }))),
-        );
-      },
-      stageActualBytes() {
-        replaceGaugeSeries(
-          this,
-          stages.flatMap((s) => STAGE_MEMORY_KINDS.map((kind) => ({ labels: { model: s.model, node: s.node, kind }, value: s.bytes[kind]! * 1.02 }))),
-        );
-      },
-    },
-  });
-  if (!atScrape) {
-    const ss = stageSeries();
-    replaceGaugeSeries(m.nodes, nodeStateCounts(nodeStates));
-    replaceGaugeSeries(m.stageLayers, ss.layers);
-    replaceGaugeSeries(m.stagePredictedBytes, ss.predicted);
-    replaceGaugeSeries(m.stageActualBytes, ss.actual);
+async function scenario(name: string, nodesPerModel: number) {
+  const log = createLogger('bench', 'silent');
+  const membership = new Membership({ suspectAfterMs: 60_000, downAfterMs: 120_000 }, log);
+  for (let i = 0; i < NODES; i++) {
+    membership.registry.connected({ profile: profile(i), address: `10.0.${i >> 8}.${i & 255}:7070`, discoveredBy: 'join', session: `s${i}` }, Date.now());
+    if (i % 17 === 0) membership.registry.disconnected(profile(i).nodeId, `s${i}`, Date.now());
   }
-  for (let i = 0; i < MODELS; i++) {
-    const model = `model-${i}`;
-    m.modelLoaded.set({ model, engine: 'llama.cpp' }, 1);
-    m.modelPredictedTokensPerSecond.set({ model }, 20);
-    m.queueDepth.set({ model }, 1);
-    m.requestsInFlight.set({ model }, 2);
-    for (const outcome of REQUEST_OUTCOMES) m.requestsTotal.inc({ model, outcome }, 10);
-    m.promptTokensTotal.inc({ model }, 1000);
-    m.generatedTokensTotal.inc({ model }, 5000);
+  const list = models(nodesPerModel);
+  const stages = list.reduce((t, m) => t + m.stages.length, 0);
+  const cm = new CoordinatorMetrics({
+    version: '0.1.0',
+    membership,
+    runtime: () => ({ models: () => list, slotUsage: () => list.map((m, i) => ({ model: m.name, running: i % 4, queued: i % 3 })) }),
+  });
+  const m = cm.metrics;
+  for (const kind of ['added', 'state', 'replaced', 'removed'] as const) m.discoveryEventsTotal.inc({ kind });
+  // Requests through the same wrapper MeteredRuntime uses, on a synthetic clock: 200 per model,
+  // 20 tokens each, so every histogram bucket series exists.
+  for (const model of list) {
+    initModelSeries(m, model.name);
     for (let r = 0; r < 200; r++) {
-      m.timeToFirstTokenSeconds.observe({ model }, 0.05 + (r % 40) * 0.05);
-      m.requestDurationSeconds.observe({ model }, 1 + (r % 30));
-      for (let t = 0; t < 20; t++) m.interTokenLatencySeconds.observe({ model }, 0.01 + ((r + t) % 25) * 0.008);
+      let t = 0;
+      const events: GenerateEvent[] = Array.from({ length: 20 }, (_, k) => ({ kind: 'token', text: 'x', tokenIds: [k] }));
+      const stream = (async function* () {
+        t += 50 + (r % 40) * 50;
+        for (const [k, ev] of events.entries()) {
+          yield ev;
+          t += 10 + ((r + k) % 25) * 8;
+        }
+        yield { kind: 'done', finishReason: 'length', promptTokens: 30, completionTokens: 20, timings: { promptMs: 0, predictedMs: 0, promptTokensPerSecond: 0, predictedTokensPerSecond: 0, firstTokenMs: 0 } } as GenerateEvent;
+      })();
+      for await (const _ of observeGeneration(m, model.name, stream, () => t)) {
+        // drain
+      }
     }
   }
-  for (const kind of ['added', 'state', 'replaced', 'removed']) m.discoveryEventsTotal.inc({ kind });
 
-  const server = await serveMetrics({ registry, host: '127.0.0.1', port: 0 });
+  // The coordinator mounts exactly this handler at GET /metrics on its HTTP port.
+  const routes = metricsRoutes({ registry: cm.registry });
+  const registry = cm.registry;
+  const httpServer = createServer((req, res) => {
+    if (!routes(req, res)) res.writeHead(404).end();
+  });
+  await new Promise<void>((r) => httpServer.listen(0, '127.0.0.1', r));
+  const server = {
+    server: httpServer,
+    url: `http://127.0.0.1:${(httpServer.address() as AddressInfo).port}`,
+    close: () =>
+      new Promise<void>((r) => {
+        httpServer.closeAllConnections();
+        httpServer.close(() => r());
+      }),
+  };
   const serverSide: number[] = [];
   server.server.prependListener('request', (_req, res) => {
     const t0 = performance.now();
@@ -154,11 +206,11 @@ async function scenario(name: string, nodesPerModel: number, atScrape: boolean) 
       scenario: name,
       nodes: NODES,
       models: MODELS,
-      stages: stages.length,
+      stages,
       series,
       bytes,
       samples: SAMPLES,
-      placementSetAt: atScrape ? 'every scrape (collect hooks)' : 'on change',
+      placementSetAt: 'every scrape (collect hooks, as the coordinator does)',
       roundTripMs: { p50: r(quantile(http, 0.5)), p95: r(quantile(http, 0.95)), p99: r(quantile(http, 0.99)), max: r(http.at(-1)!) },
       serverMs: { p50: r(quantile(serverSide, 0.5)), p95: r(quantile(serverSide, 0.95)) },
       registryMetricsMs: { p50: r(quantile(collect, 0.5)), p95: r(quantile(collect, 0.95)), cpuPerRender: r(cpuMsPerRender) },
@@ -168,11 +220,12 @@ async function scenario(name: string, nodesPerModel: number, atScrape: boolean) 
   } finally {
     agent.destroy();
     await server.close();
+    membership.close();
   }
 }
 
 const loadBefore = loadavg()[0];
-const results = [await scenario('spread8', 8, false), await scenario('spread8-collect', 8, true), await scenario('all64', 64, false)];
+const results = [await scenario('spread8', 8), await scenario('all64', 64)];
 process.stdout.write(
   `${JSON.stringify({ bench: 'metrics', node: process.version, cpus: cpus().length, loadAverage1m: { before: loadBefore, after: loadavg()[0] }, results }, null, 2)}\n`,
 );

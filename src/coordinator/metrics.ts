@@ -1,6 +1,6 @@
 import { Registry } from 'prom-client';
 import { UsageError } from '../shared/errors.ts';
-import { REQUEST_OUTCOMES, type STAGE_MEMORY_KINDS } from '../shared/metrics/catalogue.ts';
+import type { REQUEST_OUTCOMES, STAGE_MEMORY_KINDS } from '../shared/metrics/catalogue.ts';
 import {
   type CoordinatorMetricSet,
   createCoordinatorMetrics,
@@ -220,9 +220,20 @@ export class CoordinatorMetrics {
   readonly metrics: CoordinatorMetricSet;
 
   constructor(src: CoordinatorMetricsSource) {
-    const models = (): ModelStatus[] => src.runtime()?.models() ?? [];
-    // All placement gauges come from one pure computation per scrape; each hook recomputes it
-    // (cheap: models × stages) rather than share a cache that could go stale between hooks.
+    // All placement gauges come from one pure computation per scrape. prom-client runs every
+    // collect hook synchronously in one pass when a scrape starts (each metric's get() calls its
+    // hook before its first await), so a result cached until the next microtask is shared by the
+    // five hooks of one scrape and can never leak into the next one.
+    let cached: PlacementSeries | undefined;
+    const placement = (): PlacementSeries => {
+      if (!cached) {
+        cached = placementSeries(src.runtime()?.models() ?? []);
+        queueMicrotask(() => {
+          cached = undefined;
+        });
+      }
+      return cached;
+    };
     this.metrics = createCoordinatorMetrics(this.registry, src.version, {
       processMetrics: src.processMetrics ?? true,
       collect: {
@@ -230,19 +241,19 @@ export class CoordinatorMetrics {
           replaceGaugeSeries(this, nodeStateCounts(src.membership.registry.nodes().map((n: NodeEntry) => n.state)));
         },
         modelLoaded() {
-          replaceGaugeSeries(this, placementSeries(models()).loaded);
+          replaceGaugeSeries(this, placement().loaded);
         },
         stageLayers() {
-          replaceGaugeSeries(this, placementSeries(models()).layers);
+          replaceGaugeSeries(this, placement().layers);
         },
         stagePredictedBytes() {
-          replaceGaugeSeries(this, placementSeries(models()).predicted);
+          replaceGaugeSeries(this, placement().predicted);
         },
         stageActualBytes() {
-          replaceGaugeSeries(this, placementSeries(models()).actual);
+          replaceGaugeSeries(this, placement().actual);
         },
         modelPredictedTokensPerSecond() {
-          replaceGaugeSeries(this, placementSeries(models()).predictedTokensPerSecond);
+          replaceGaugeSeries(this, placement().predictedTokensPerSecond);
         },
         queueDepth() {
           replaceGaugeSeries(this, (src.runtime()?.slotUsage() ?? []).map((u) => ({ labels: { model: u.model }, value: u.queued })));

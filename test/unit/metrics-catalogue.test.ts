@@ -168,7 +168,7 @@ describe('metric factories', () => {
     expect(text).toContain(`orchard_node_memory_bytes ${192 * 2 ** 30}`);
     expect(text).toContain('orchard_node_memory_pressure{level="warn"} 1');
     expect(text).toContain('orchard_node_memory_pressure{level="normal"} 0');
-    expect(text).toContain('orchard_node_info{id="n-1",name="studio",chip="Apple M2 Ultra",os="macos",os_version="15.1",version="0.1.0",protocol_version="1"} 1');
+    expect(text).toContain('orchard_node_info{id="n-1",name="studio",chip="Apple M2 Ultra",os="macos",version="0.1.0",os_version="15.1",protocol_version="1"} 1');
     expect(text).not.toContain('process_cpu');
     const { register } = await import('prom-client');
     expect(await register.getSingleMetric('orchard_node_memory_bytes')).toBeUndefined();

@@ -89,7 +89,7 @@ export const NODE_METRICS = {
   info: gauge({
     name: 'orchard_node_info',
     help: 'Node identity, platform and agent version; value is always 1',
-    labelNames: ['id', 'name', 'chip', 'os', 'os_version', 'version', 'protocol_version'],
+    labelNames: ['id', 'name', 'chip', 'os', 'version', 'os_version', 'protocol_version'],
     unit: '1',
     exportedBy: 'node',
   }),

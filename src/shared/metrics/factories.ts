@@ -138,7 +138,7 @@ export function createCoordinatorMetrics(
 export function recordNodeProfile(m: NodeMetricSet, profile: HardwareProfile, live: LiveStats | undefined): void {
   m.info.reset();
   m.info.set(
-    { id: profile.nodeId, name: profile.name, chip: profile.chip, os: profile.os, os_version: profile.osVersion, version: profile.agentVersion, protocol_version: profile.protocolVersion },
+    { id: profile.nodeId, name: profile.name, chip: profile.chip, os: profile.os, version: profile.agentVersion, os_version: profile.osVersion, protocol_version: profile.protocolVersion },
     1,
   );
   m.memoryBytes.set(profile.memoryBytes);
