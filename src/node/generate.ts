@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { type EngineResponse, postToEngine } from './engine-http.ts';
 
 /**
  * Generate relay: turns a NodeAgent.Generate request into a streaming call of the local
@@ -230,19 +231,14 @@ export async function relayCompletion(opts: RelayOptions): Promise<GenerateDone>
   let firstTokenMs = 0;
   let params = opts.params;
   if (params.messagesJson) params = { ...params, prompt: await applyChatTemplate(opts.baseUrl, params.messagesJson, opts.signal), messagesJson: undefined };
-  let res: Response;
+  let res: EngineResponse;
   try {
-    res = await fetch(`${opts.baseUrl}/completion`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json', accept: 'text/event-stream' },
-      body: JSON.stringify(completionBody(params)),
-      signal: opts.signal,
-    });
+    res = await postToEngine(`${opts.baseUrl}/completion`, JSON.stringify(completionBody(params)), opts.signal, { accept: 'text/event-stream' });
   } catch (err) {
     if (opts.signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
     throw new GenerateError('UNAVAILABLE', `llama-server at ${opts.baseUrl} is not reachable: ${(err as Error).message}`);
   }
-  if (!res.ok || !res.body) {
+  if (res.status < 200 || res.status > 299) {
     const text = await res.text().catch(() => '');
     let error: unknown = { message: text || `HTTP ${res.status}`, code: res.status };
     try {
@@ -253,7 +249,7 @@ export async function relayCompletion(opts: RelayOptions): Promise<GenerateDone>
   const decoder = new TextDecoder();
   let buffer = '';
   try {
-    for await (const bytes of res.body as AsyncIterable<Uint8Array>) {
+    for await (const bytes of res.body as AsyncIterable<Buffer>) {
       buffer += decoder.decode(bytes, { stream: true });
       const { payloads, rest } = splitSse(buffer);
       buffer = rest;
