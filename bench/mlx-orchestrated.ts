@@ -36,7 +36,7 @@ function arg(name: string, fallback: number): number {
 const TOKENS = arg('tokens', 128);
 const HIDDEN = arg('hidden', 512);
 const LAYERS = arg('layers', 6);
-const ROUNDS = arg('rounds', 3);
+const ROUNDS = arg('rounds', 5);
 const CTX = 2048;
 const PROMPT = 'Benchmarks measure; they do not assert. The orchard';
 

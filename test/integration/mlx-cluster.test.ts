@@ -7,8 +7,6 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../../src/coordinator/agent-client.ts';
 import { CoordinatorClient } from '../../src/coordinator/client.ts';
-import { type MlxRankEngine, startMlxRanks, submitToFollowers } from '../../src/coordinator/mlx-instance.ts';
-import { mlxInstanceLaunch } from '../../src/coordinator/mlx-launch.ts';
 import { mlxPlacementOptions } from '../../src/coordinator/planner-adapter.ts';
 import { ensureMlxEnv, type MlxEnv } from '../../src/node/mlx/env.ts';
 import { collect, MlxGroup } from '../../src/node/mlx/group.ts';
@@ -28,7 +26,9 @@ import { planPlacement } from '../../src/shared/placement/planner.ts';
 const execFileP = promisify(execFile);
 const ROOT = new URL('../../', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
-const CTX = 2048;
+// Two contexts: at CTX_2 the budgets below need 2 ranks, at CTX_3 they need 3 (the KV cache grows).
+const CTX = 512;
+const CTX_3 = 2048;
 const PROMPT = 'The orchard has apples and pears. Once upon a time';
 const N = 24;
 const READY_TIMEOUT_S = 40;
@@ -117,6 +117,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
   let oracleText: string;
   let chatOracle: { tokens: number[]; text: string };
   let httpBase: string;
+  let budgets: Record<string, number> | undefined;
   const CHAT = [{ role: 'user', content: 'Which fruit grows in the orchard?' }];
 
   beforeAll(async () => {
@@ -142,11 +143,25 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     }
 
     const profile = await readMlxModelProfile(model);
-    const opts = { ctx: CTX, ...mlxPlacementOptions(profile) };
-    const one = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], opts);
-    const budget = Math.floor(one.stages[0]!.bytes.total) - 2 * 2 ** 20;
-    const check = planPlacement(profile, ['a', 'b'].map((name) => ({ name, budgetBytes: budget, bandwidthBytesPerSecond: 100e9 })), opts);
-    expect(check.stages.length).toBe(2); // the budgets really force a 2-rank split
+    // Budgets (alpha: head-sized, the others worker-sized) for which the real planner splits the
+    // model over alpha+bravo at CTX and over alpha+bravo+charlie at CTX_3, found with the same
+    // pure planner the coordinator runs (so the test follows memory-model changes).
+    const mo = mlxPlacementOptions(profile);
+    const MiB = 2 ** 20;
+    const plan = (names: string[], b: Record<string, number>, ctx: number) =>
+      planPlacement(profile, names.map((name) => ({ name, budgetBytes: b[name]!, bandwidthBytesPerSecond: 100e9 })), { ctx, ...mo });
+    search: for (let w = 260; w <= 1200; w += 5) {
+      for (let h = w; h <= 1600; h += 5) {
+        const b = { alpha: h * MiB, bravo: w * MiB, charlie: w * MiB };
+        const two = plan(['alpha', 'bravo'], b, CTX);
+        const three = plan(['alpha', 'bravo', 'charlie'], b, CTX_3);
+        if (two.fits && two.stages.length === 2 && three.fits && three.stages.length === 3) {
+          budgets = { ...b, delta: w * MiB };
+          break search;
+        }
+      }
+    }
+    expect(budgets, 'no budgets make the planner split 2 and 3 ways').toBeDefined();
 
     env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: String(READY_TIMEOUT_S), ORCHARD_MLX_STALL_TIMEOUT: '20' };
     coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
@@ -156,15 +171,15 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env);
     const token = t.stdout.trim();
 
-    // charlie's "Python" answers the MLX probe but never starts a rank: a rank that never comes up.
+    // delta's "Python" answers the MLX probe but never starts a rank: a rank that never comes up.
     // (findMlxEnv probes <venv>/bin/python of ORCHARD_MLX_PYTHON's venv, so it sits in one.)
     await mkdir(join(dir, 'hanging-venv', 'bin'), { recursive: true });
     const fakePython = join(dir, 'hanging-venv', 'bin', 'python');
     await writeFile(fakePython, `#!/bin/sh\ncase "$1" in -c) exec "${mlx.python}" "$@";; esac\nexec sleep 3600\n`);
     await chmod(fakePython, 0o755);
-    for (const name of ['alpha', 'bravo', 'charlie']) {
-      const agentEnv = name === 'charlie' ? { ...env, ORCHARD_MLX_PYTHON: fakePython } : env;
-      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--json'], agentEnv);
+    for (const name of ['alpha', 'bravo', 'charlie', 'delta']) {
+      const agentEnv = name === 'delta' ? { ...env, ORCHARD_MLX_PYTHON: fakePython } : env;
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budgets![name]), '--state-dir', join(dir, name), '--json'], agentEnv);
       const r = await readyLine(proc);
       const address = `127.0.0.1:${String(r.grpcPort)}`;
       agents.set(name, { proc, address, nodeId: String(r.nodeId) });
@@ -202,11 +217,11 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
 
   it('agents report MLX in their profile', async () => {
     let s = await status();
-    for (let i = 0; i < 50 && s.nodes.length < 3; i++) {
+    for (let i = 0; i < 50 && s.nodes.length < 4; i++) {
       await sleep(200);
       s = await status();
     }
-    expect(s.nodes.map((n) => n.state)).toEqual(['up', 'up', 'up']);
+    expect(s.nodes.map((n) => n.state)).toEqual(['up', 'up', 'up', 'up']);
     for (const n of s.nodes) expect(n.hardware.engines).toContain('mlx');
   });
 
@@ -309,10 +324,10 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
 
   it('a rank that never comes up: the load fails clearly within the watchdog timeout, nothing left running', async () => {
     const t0 = Date.now();
-    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'hang', '--pin', 'alpha', 'charlie', '--coordinator', coordAddr], env);
+    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'hang', '--pin', 'alpha', 'delta', '--coordinator', coordAddr], env);
     const took = (Date.now() - t0) / 1000;
     expect(load.code).toBe(1);
-    expect(load.stderr).toMatch(/MLX rank \d on (alpha|charlie) failed to start: .*(did not start within|never reported)/);
+    expect(load.stderr).toMatch(/MLX rank \d on (alpha|delta) failed to start: .*(did not start within|never reported)/);
     expect(took).toBeLessThan(READY_TIMEOUT_S + 20);
     expect((await status()).models).toEqual([]);
     for (const a of agents.values()) expect((await new AgentClient(a.address).describe()).engines).toEqual([]);
@@ -324,39 +339,20 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     expect(hanging.filter(alive)).toEqual([]);
   }, 300_000);
 
-  it('3 ranks through the agents with the coordinator’s launch code: tokens equal one MLX process', async () => {
-    // The planner does not split this tiny model three ways (per-stage overheads dwarf its
-    // layers), so the layout is given: 2+2+2 layers on alpha, bravo, charlie→bravo (charlie
-    // never starts ranks). Same functions the runtime uses: mlxInstanceLaunch, startMlxRanks,
-    // submitToFollowers; two ranks share bravo's agent (distinct ports).
-    const nodes = [agents.get('alpha')!, agents.get('bravo')!, agents.get('bravo')!];
-    const clients = new Map<string, AgentClient>();
-    for (const a of agents.values()) clients.set(a.nodeId, new AgentClient(a.address));
-    const launch = mlxInstanceLaunch(
-      nodes.map((a, i) => ({ nodeId: a.nodeId, nodeName: `n${i}`, agentAddress: a.address, interfaces: [], layers: 2 })),
-      { modelDir: model, maxTokens: CTX, stallTimeoutSeconds: 20, random: Math.random },
-    );
-    expect(launch.backend).toBe('ring');
-    expect(launch.ranks.map((r) => r.stage)).toEqual([2, 1, 0]);
-    const started: MlxRankEngine[] = [];
-    try {
-      const ranks = await startMlxRanks(
-        { client: (id) => clients.get(id)!, record: (e) => started.push(e), assertLoading: () => {}, progress: () => {} },
-        launch,
-        { engineIdPrefix: 'otest-three', model: 'three', readyTimeoutMs: 120_000 },
-      );
-      const req = { prompt: PROMPT, maxTokens: N, temperature: 0, topP: 0, seed: 0, stop: [], requestId: 'three-1', messagesJson: '' };
-      await submitToFollowers(ranks.slice(1), (id) => clients.get(id)!, req);
-      const call = clients.get(ranks[0]!.nodeId)!.generate({ ...req, engineId: ranks[0]!.engineId });
-      const tokens: number[] = [];
-      for await (const m of call as AsyncIterable<Record<string, unknown>>) {
-        if (m.event === 'token') tokens.push(...((m.token as { tokenIds: number[] }).tokenIds ?? []).map(Number));
-      }
-      expect(tokens).toEqual(oracle);
-    } finally {
-      await Promise.all(started.map((e) => clients.get(e.nodeId)!.stopEngine(e.engineId).catch(() => false)));
-      for (const c of clients.values()) c.close();
-    }
+  it('3 ranks via the planner (larger context): greedy tokens equal one MLX process', async () => {
+    const load = await orchard(['load', model, '--ctx', String(CTX_3), '--name', 'm6x3', '--pin', 'alpha', 'bravo', 'charlie', '--coordinator', coordAddr], env);
+    expect(load.code, load.stderr).toBe(0);
+    const m = (await status()).models.find((x) => x.name === 'm6x3')!;
+    expect(m.engine).toBe('mlx');
+    expect(m.stages).toHaveLength(3);
+    expect(new Set(m.stages.map((s) => s.nodeId)).size).toBe(3);
+    for (const s of m.stages) expect(s.lastLayer).toBeGreaterThanOrEqual(s.firstLayer); // every rank runs ≥ 1 layer
+    expect(await workerPids(model)).toHaveLength(3);
+    expect((await generate('m6x3')).tokens).toEqual(oracle);
+    const un = await orchard(['unload', 'm6x3', '--coordinator', coordAddr], env);
+    expect(un.code, un.stderr).toBe(0);
+    const deadline = Date.now() + 5000;
+    while (Date.now() < deadline && (await workerPids(model)).length > 0) await sleep(100);
     expect(await workerPids(model)).toEqual([]);
   }, 300_000);
 });
