@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { GgufTensorInfo } from '../../src/shared/gguf/types.ts';
 import { writeGguf } from '../../src/shared/gguf/writer.ts';
 import { seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
-import { Fnv1a64, fnv1a64Hex } from '../../src/shared/rpc-cache/fnv.ts';
+import { Fnv1a64, Fnv1a64Js, fnv1a64Hex } from '../../src/shared/rpc-cache/fnv.ts';
 import { HASH_THRESHOLD_BYTES, cacheEntryName, rpcCacheDir, stageCachePlan, stageTensors } from '../../src/shared/rpc-cache/plan.ts';
 
 let dir = '';
@@ -66,6 +66,9 @@ describe('FNV-1a 64 (ggml-rpc fnv_hash)', () => {
       expect(h.hex()).toBe(whole);
     }
     expect(new Fnv1a64().update(b).value()).toBe(BigInt(`0x${whole}`));
+    // the WebAssembly and the JS implementations agree, across the wasm copy window too
+    const big = randomBytes(4 * 1024 * 1024 + 12_345);
+    expect(new Fnv1a64Js().update(big).hex()).toBe(fnv1a64Hex(big));
   });
 
   it.runIf(haveCompiler())('equals the C implementation on random buffers (compiled from the llama.cpp source)', async () => {
@@ -85,6 +88,7 @@ describe('FNV-1a 64 (ggml-rpc fnv_hash)', () => {
     }
     const out = execFileSync(join(dir, 'fnv'), files, { encoding: 'utf8' }).trim().split('\n');
     expect(out).toEqual(buffers.map((b) => fnv1a64Hex(b)));
+    expect(out).toEqual(buffers.map((b) => new Fnv1a64Js().update(b).hex()));
   });
 });
 
