@@ -87,6 +87,12 @@ export interface VerifyResult {
   readonly ok: boolean;
   readonly problems: readonly string[];
   readonly devices: readonly DeviceCheck[];
+  /**
+   * Buffers the engine reported outside the planned devices, summed: host memory of the head's
+   * node (llama.cpp keeps token embeddings in `CPU_Mapped`, plus a `CPU` compute buffer). The
+   * planner counts the embeddings in the head stage, so metrics add these to the head's node.
+   */
+  readonly host?: { readonly model: number; readonly kv: number; readonly compute: number } | undefined;
 }
 
 /** Weights are known exactly from the GGUF; llama.cpp only pads tensors. */
@@ -192,5 +198,8 @@ export function verifyEngineReport(report: EngineReport, planned: readonly Plann
       actual,
     };
   });
-  return { ok: problems.length === 0, problems, devices };
+  const plannedNames = new Set(planned.map((d) => d.device));
+  const elsewhere = (m: ReadonlyMap<string, number>) => [...m].filter(([dev]) => !plannedNames.has(dev)).reduce((t, [, v]) => t + v, 0);
+  const host = { model: elsewhere(report.modelBytes), kv: elsewhere(report.kvBytes), compute: elsewhere(report.computeBytes) };
+  return { ok: problems.length === 0, problems, devices, host };
 }

@@ -65,8 +65,8 @@ function summing<L extends string>(): { add(labels: Record<L, string>, v: number
 /**
  * Placement gauges of the models the runtime holds. Loading models show their plan (loaded=0,
  * predicted bytes) so a slow load is visible; actual bytes exist once the head's log was verified
- * (llama.cpp: model/KV/compute buffers per device, summed per node — the engine reports no
- * "overhead", so that kind is predicted only). Failed and unloading models have no series.
+ * (llama.cpp: model/KV/compute buffers per device, summed per node, plus its host buffers on the
+ * head's node — the engine reports no "overhead", so that kind is predicted only). Failed and unloading models have no series.
  */
 export function placementSeries(models: readonly ModelStatus[]): PlacementSeries {
   const loaded = summing<'model' | 'engine'>();
@@ -90,11 +90,21 @@ export function placementSeries(models: readonly ModelStatus[]): PlacementSeries
       ];
       for (const [kind, v] of kinds) predicted.add({ model, node, kind }, v);
     }
-    for (const d of m.verification?.devices ?? []) {
+    const v = m.verification;
+    for (const d of v?.devices ?? []) {
       const node = d.nodeName;
       actual.add({ model, node, kind: 'weights' }, d.actual.model);
       actual.add({ model, node, kind: 'kv_cache' }, d.actual.kv);
       actual.add({ model, node, kind: 'compute' }, d.actual.compute);
+    }
+    // Host buffers of llama-server (token embeddings, CPU compute) live on the head's node — the
+    // last stage — where the planner counts the embeddings too.
+    const head = m.stages.at(-1);
+    if (v?.host && head && v.devices.length > 0) {
+      const node = head.nodeName;
+      actual.add({ model, node, kind: 'weights' }, v.host.model);
+      actual.add({ model, node, kind: 'kv_cache' }, v.host.kv);
+      actual.add({ model, node, kind: 'compute' }, v.host.compute);
     }
   }
   return { loaded: loaded.list, layers: layers.list, predicted: predicted.list, actual: actual.list, predictedTokensPerSecond: tps.list };
@@ -151,6 +161,11 @@ export class RequestObservation {
     return this.#last !== undefined;
   }
 
+  /** The engine said the request is complete (a consumer may stop reading right after). */
+  get completed(): boolean {
+    return this.#done !== undefined;
+  }
+
   event(ev: GenerateEvent): void {
     if (ev.kind === 'done') {
       this.#done = ev;
@@ -200,8 +215,9 @@ export async function* observeGeneration(
     obs.finish(requestOutcome(err, obs.tokensSent));
     throw err;
   } finally {
-    // The consumer stopped reading (client disconnected, `return()` on the generator).
-    if (!ended) obs.finish('cancelled');
+    // The consumer stopped reading (`return()` on the generator): after the engine's "done" that
+    // is a finished request (callers may stop at "done"), before it the client went away.
+    if (!ended) obs.finish(obs.completed ? 'ok' : 'cancelled');
   }
 }
 

@@ -135,8 +135,8 @@ function runCli(args: string[], env: NodeJS.ProcessEnv): { status: number | null
  * processes, static join with the cluster token), budgets a hair below what one node needs so
  * the planner must split a generated 8-layer GGUF over both, the model loaded through the CLI
  * (real ggml-rpc-server + llama-server), and completions through the OpenAI API for as long as
- * the cluster runs (plus one request for an unknown model, a "rejected"), so the rate() and
- * histogram_quantile() panels see moving counters.
+ * the cluster runs (plus a burst beyond the single slot with --max-queue 0: "rejected" as busy),
+ * so the rate() and histogram_quantile() panels see moving counters.
  */
 async function startLiveCluster(): Promise<ScrapedCluster> {
   const bins = await findLlamaBinaries();
@@ -158,7 +158,7 @@ async function startLiveCluster(): Promise<ScrapedCluster> {
     const single = planPlacement(modelProfile(await readGgufHeader(model)), [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: 2048 });
     const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
     const token = `prom-${randomBytes(8).toString('hex')}`;
-    const coordinator = startProc('coordinator', ['coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', token, '--json'], env);
+    const coordinator = startProc('coordinator', ['coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', token, '--max-queue', '0', '--json'], env);
     procs.push(coordinator);
     const ready = await readyLine(coordinator);
     const coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
@@ -179,7 +179,12 @@ async function startLiveCluster(): Promise<ScrapedCluster> {
       fetch(`http://${http}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }).then((r) => r.text().then(() => r.status));
     const first = await complete({ model: 'm8', prompt: 'Once upon a time', max_tokens: 12, temperature: 0 });
     if (first !== 200) throw new Error(`completion: HTTP ${first}`);
+    // The OpenAI layer refuses an unknown model itself (404, before the runtime); with one slot
+    // and --max-queue 0, concurrent requests beyond the first are refused by the runtime (429):
+    // those are the "rejected" outcome.
     if ((await complete({ model: 'no-such-model', prompt: 'x', max_tokens: 4 })) !== 404) throw new Error('unknown model was not refused');
+    const burst = await Promise.all([0, 1, 2, 3].map((i) => complete({ model: 'm8', prompt: `Burst ${i}`, max_tokens: 32, temperature: 0 })));
+    if (!burst.includes(429)) throw new Error(`no request was refused as busy: ${burst.join(', ')}`);
     traffic = (async () => {
       for (let i = 0; running; i++) {
         await complete({ model: 'm8', prompt: `Request ${i}: the quick brown fox`, max_tokens: 12, temperature: 0 }).catch(() => 0);
@@ -395,6 +400,29 @@ describe('a real Prometheus scraping Orchard', () => {
     // And Prometheus parsed the exposition types the catalogue declares.
     const meta = await api<Record<string, { type: string }[]>>('/api/v1/metadata');
     for (const d of expected) expect(meta[d.name]?.[0]?.type, d.name).toBe(d.type);
+  });
+
+  it('the live model is placed on both nodes, and the engine-verified bytes sit next to the prediction', async () => {
+    if (process.env.ORCHARD_PROMETHEUS_SD_URL) return; // an external cluster has other models
+    const q = async (expr: string) => (await api<{ result: Sample[] }>(`/api/v1/query?query=${encodeURIComponent(expr)}`)).result;
+    const layers = await q('orchard_stage_layers{model="m8"}');
+    expect(layers.map((s) => s.metric['node']).sort()).toEqual(['mini', 'studio']);
+    expect(layers.reduce((t, s) => t + Number(s.value[1]), 0)).toBe(8);
+    // Weights are exact from the GGUF; llama.cpp pads tensors a little (engine-verify: 2 % / 1 MiB).
+    const ratio = await q('orchard_stage_actual_bytes{model="m8",kind="weights"} / on (model, node, kind) orchard_stage_predicted_bytes{model="m8",kind="weights"}');
+    expect(ratio).toHaveLength(2);
+    for (const s of ratio) expect(Math.abs(Number(s.value[1]) - 1), JSON.stringify(s.metric)).toBeLessThan(0.05);
+    const outcomes = Object.fromEntries((await q('sum by (outcome) (orchard_requests_total{model="m8"})')).map((s) => [s.metric['outcome'], Number(s.value[1])]));
+    expect(outcomes['ok'], JSON.stringify(outcomes)).toBeGreaterThanOrEqual(2);
+    expect(outcomes['error'], JSON.stringify(outcomes)).toBe(0);
+    // The burst beyond the slot was refused as busy; the unknown model minted no series.
+    expect(outcomes['rejected'], JSON.stringify(outcomes)).toBeGreaterThanOrEqual(1);
+    expect(await q('orchard_requests_total{model="no-such-model"}')).toEqual([]);
+    expect(Number((await q('sum(orchard_time_to_first_token_seconds_count{model="m8"})'))[0]?.value[1]), 'TTFT observations').toBeGreaterThanOrEqual(2);
+    expect(Number((await q('sum(orchard_nodes{state="up"})'))[0]?.value[1])).toBe(2);
+    expect(Number((await q('orchard_discovery_events_total{kind="added"}'))[0]?.value[1])).toBe(2);
+    // Node identity on the node's own info series agrees with the SD target labels.
+    for (const s of await q('orchard_node_info')) expect(s.metric['name']).toBe(s.metric['node']);
   });
 
   it('the SD answer Prometheus read is exactly prometheusTargets() of the cluster', async () => {

@@ -62,6 +62,8 @@ describe('parseEngineLog', () => {
 describe('verifyEngineReport', () => {
   it('accepts the engine doing exactly what the plan says', () => {
     const v = verifyEngineReport(parseEngineLog(LOG), planned(), 8);
+    // Host buffers (token embeddings in CPU_Mapped, the CPU compute buffer) are reported apart.
+    expect(v.host).toEqual({ model: Math.round(15.62 * MIB), kv: 0, compute: Math.round(9.05 * MIB) });
     expect(v.problems).toEqual([]);
     expect(v.ok).toBe(true);
     expect(v.devices.map((d) => [d.plannedLayers, d.actualLayers])).toEqual([

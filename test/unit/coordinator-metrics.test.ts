@@ -65,6 +65,8 @@ describe('placementSeries', () => {
           { device: 'RPC0[127.0.0.1:1]', nodeName: 'mini', plannedLayers: '0-2', actualLayers: '0-2', actual: { model: 101 * MiB, kv: 2 * MiB, compute: 5 * MiB } },
           { device: 'RPC0[127.0.0.1:2]', nodeName: 'studio', plannedLayers: '3-7', actualLayers: '3-7', actual: { model: 202 * MiB, kv: 3 * MiB, compute: 6 * MiB } },
         ],
+        // llama-server's own host buffers (token embeddings, CPU compute): on the head = last stage.
+        host: { model: 15 * MiB, kv: 0, compute: 9 * MiB },
       },
     });
     const p = placementSeries([m]);
@@ -78,7 +80,9 @@ describe('placementSeries', () => {
     expect(p.predicted).toContainEqual({ labels: { model: 'm8', node: 'mini', kind: 'overhead' }, value: 4 * MiB });
     expect(p.predicted).toHaveLength(8);
     expect(p.actual).toContainEqual({ labels: { model: 'm8', node: 'mini', kind: 'weights' }, value: 101 * MiB });
-    expect(p.actual).toContainEqual({ labels: { model: 'm8', node: 'studio', kind: 'compute' }, value: 6 * MiB });
+    expect(p.actual).toContainEqual({ labels: { model: 'm8', node: 'studio', kind: 'compute' }, value: 15 * MiB });
+    expect(p.actual).toContainEqual({ labels: { model: 'm8', node: 'studio', kind: 'weights' }, value: 217 * MiB });
+    expect(p.actual).toContainEqual({ labels: { model: 'm8', node: 'mini', kind: 'compute' }, value: 5 * MiB });
     // The engine reports no overhead: that kind is predicted only.
     expect(p.actual.filter((s) => s.labels.kind === 'overhead')).toEqual([]);
     expect(p.actual).toHaveLength(6);
@@ -197,6 +201,17 @@ describe('observeGeneration', () => {
     expect(text).toContain('orchard_requests_total{model="m8",outcome="cancelled"} 1');
     expect(text).not.toContain('outcome="ok"} 1');
     expect(text).toContain('orchard_generated_tokens_total{model="m8"} 2');
+  });
+
+  it('a consumer that stops right after "done" finished the request: "ok"', async () => {
+    const r = new Registry();
+    const m = createCoordinatorMetrics(r, '1.0.0', { processMetrics: false });
+    const clock = { t: 0 };
+    const gen = observeGeneration(m, 'm8', scripted(clock, [[10, tok(1)], [11, done(4, 1)], [12, tok(2)]]), () => clock.t);
+    for await (const ev of gen) if (ev.kind === 'done') break;
+    const text = await r.metrics();
+    expect(text).toContain('orchard_requests_total{model="m8",outcome="ok"} 1');
+    expect(text).toContain('orchard_prompt_tokens_total{model="m8"} 4');
   });
 
   it('a refusal before the first token is "rejected" with no duration; a failure after tokens is "error"', async () => {
