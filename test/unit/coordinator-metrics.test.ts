@@ -7,6 +7,7 @@ import {
   MeteredRuntime,
   observeGeneration,
   placementSeries,
+  placementSignature,
   requestModelLabel,
   requestOutcome,
 } from '../../src/coordinator/metrics.ts';
@@ -105,6 +106,19 @@ describe('placementSeries', () => {
     ]);
     expect(p.predicted.find((s) => s.labels.model === 'a' && s.labels.kind === 'weights')?.value).toBe(30);
     expect(p.actual).toEqual([]);
+  });
+});
+
+describe('placementSignature', () => {
+  it('changes with state, verification, stages and load time; not otherwise', () => {
+    const base = model({ name: 'a', state: 'loading', stages: [stage('n', 0, 3, 10)] });
+    const sig = placementSignature([base]);
+    expect(placementSignature([{ ...base }])).toBe(sig);
+    expect(placementSignature([{ ...base, state: 'ready', loadedAtMs: 5 }])).not.toBe(sig);
+    expect(placementSignature([{ ...base, verification: { ok: true, problems: [], devices: [] } }])).not.toBe(sig);
+    expect(placementSignature([{ ...base, stages: [stage('n', 0, 2, 10)] }])).not.toBe(sig);
+    expect(placementSignature([{ ...base, stages: [stage('m', 0, 3, 10)] }])).not.toBe(sig);
+    expect(placementSignature([])).not.toBe(sig);
   });
 });
 
@@ -275,6 +289,11 @@ describe('CoordinatorMetrics', () => {
     expect(text).toContain(`orchard_stage_predicted_bytes{model="m8",node="alpha",kind="weights"} ${5 * MiB}`);
     expect(text).toContain('orchard_queue_depth{model="m8"} 2');
     expect(text).toContain('orchard_requests_in_flight{model="m8"} 1');
+    // A new placement (another plan under the same name) replaces the series at the next scrape.
+    models = [model({ name: 'm8', stages: [stage('alpha', 0, 3, 5 * MiB), stage('bravo', 4, 7, 5 * MiB)] })];
+    const moved = await cm.registry.metrics();
+    expect(moved).toContain('orchard_stage_layers{model="m8",node="alpha"} 4');
+    expect(moved).toContain('orchard_stage_layers{model="m8",node="bravo"} 4');
     // The model leaves: its placement series go at the next scrape.
     models = [];
     expect(await cm.registry.metrics()).not.toContain('orchard_stage_layers{');
