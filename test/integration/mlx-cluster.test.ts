@@ -349,10 +349,54 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     for (const s of m.stages) expect(s.lastLayer).toBeGreaterThanOrEqual(s.firstLayer); // every rank runs ≥ 1 layer
     expect(await workerPids(model)).toHaveLength(3);
     expect((await generate('m6x3')).tokens).toEqual(oracle);
+  }, 300_000);
+
+  it('SIGKILL of a rank’s agent mid-stream: client error within 5 s, every rank gone, the others healthy, reload after rejoin', async () => {
+    const before = await workerPids(model);
+    expect(before).toHaveLength(3);
+    const charlie = agents.get('charlie')!;
+    const client = new CoordinatorClient(coordAddr);
+    let tokens = 0;
+    let killedAt = 0;
+    let error: Error | undefined;
+    try {
+      for await (const ev of client.stream('generate', { model: 'm6x3', prompt: PROMPT, maxTokens: CTX_3, temperature: 0, seed: '0' })) {
+        if (ev.event === 'token') tokens++;
+        if (tokens === 3 && killedAt === 0) {
+          killedAt = Date.now();
+          process.kill(charlie.proc.child.pid!, 'SIGKILL'); // the agent only; its watchdog ends its rank
+        }
+      }
+    } catch (err) {
+      error = err as Error;
+    } finally {
+      client.close();
+    }
+    expect(killedAt).toBeGreaterThan(0);
+    expect(error?.message).toMatch(/charlie|MLX|rank|unavailable/i);
+    expect(Date.now() - killedAt).toBeLessThan(5000);
+    const deadline = Date.now() + 8000;
+    while (Date.now() < deadline && before.some(alive)) await sleep(100);
+    expect(before.filter(alive)).toEqual([]);
+    for (const name of ['alpha', 'bravo', 'delta']) expect((await new AgentClient(agents.get(name)!.address).describe()).engines).toEqual([]);
+    // charlie comes back (same identity), joins again, and the 3-rank model loads and matches again
+    await charlie.proc.exited;
+    const proc = start('node charlie (restarted)', [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', 'charlie', '--budget', String(budgets!.charlie), '--state-dir', join(dir, 'charlie'), '--json'], env);
+    const r = await readyLine(proc);
+    const address = `127.0.0.1:${String(r.grpcPort)}`;
+    agents.set('charlie', { proc, address, nodeId: String(r.nodeId) });
+    const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env);
+    const j = await orchard(['cluster', 'join', coordAddr, '--token', t.stdout.trim(), '--agent', address, '--json'], env);
+    expect(j.code, j.stderr).toBe(0);
+    for (let i = 0; i < 50 && (await status()).nodes.find((n) => n.name === 'charlie')?.state !== 'up'; i++) await sleep(200);
+    await orchard(['unload', 'm6x3', '--coordinator', coordAddr], env); // the failed entry, if still listed
+    const load = await orchard(['load', model, '--ctx', String(CTX_3), '--name', 'm6x3', '--pin', 'alpha', 'bravo', 'charlie', '--coordinator', coordAddr], env);
+    expect(load.code, load.stderr).toBe(0);
+    expect((await generate('m6x3')).tokens).toEqual(oracle);
     const un = await orchard(['unload', 'm6x3', '--coordinator', coordAddr], env);
     expect(un.code, un.stderr).toBe(0);
-    const deadline = Date.now() + 5000;
-    while (Date.now() < deadline && (await workerPids(model)).length > 0) await sleep(100);
+    const gone = Date.now() + 5000;
+    while (Date.now() < gone && (await workerPids(model)).length > 0) await sleep(100);
     expect(await workerPids(model)).toEqual([]);
   }, 300_000);
 });
