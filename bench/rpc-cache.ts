@@ -8,7 +8,11 @@
  * Shapes: `gqa` is the brief's `--dim 2048 --ffn 5632 --type f16` with 4 KV heads of 8 — its
  * attn_q/attn_output (8 MiB) and attn_k/attn_v (4 MiB) are under ggml-rpc's 10 MiB
  * HASH_THRESHOLD and always cross; `wide` (dim 2304, 8 KV heads) puts every matrix above it.
- * Usage: npm run bench:rpc-cache -- [--json] [--layers 4]
+ * Usage: npm run bench:rpc-cache -- [--json] [--layers 4] [--patched-rpc-lib DIR --patched-threshold BYTES]
+ * With --patched-rpc-lib, also a `patched` run: llama-server loads libggml-rpc.so.0 from DIR
+ * (LD_LIBRARY_PATH; built from ggml-rpc.cpp with -DGGML_RPC_HASH_THRESHOLD=BYTES after turning
+ * the `const` into an overridable define — the source has no such define) and Orchard seeds
+ * with the same threshold. Only the head side checks the threshold; the rpc-server is stock.
  * Needs ORCHARD_LLAMA_BIN_DIR (or `orchard setup`). Processes are killed by measureRpcLoad.
  */
 import { execFile } from 'node:child_process';
@@ -30,6 +34,8 @@ const flag = (name: string, def: string) => {
 };
 const JSON_OUT = argv.includes('--json');
 const LAYERS = flag('--layers', '4');
+const PATCHED_LIB = flag('--patched-rpc-lib', '');
+const PATCHED_THRESHOLD = Number(flag('--patched-threshold', '0'));
 
 const SHAPES = {
   gqa: ['--dim', '2048', '--ffn', '5632', '--heads', '8', '--kv-heads', '4'],
@@ -60,6 +66,25 @@ async function main(): Promise<void> {
       const seed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage });
       const reseed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage });
       const seeded = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: seedDir });
+      let patched: Record<string, unknown> | undefined;
+      if (PATCHED_LIB && PATCHED_THRESHOLD > 0) {
+        const pDir = join(work, `${shape}-patched`);
+        const pPlan = stageCachePlan(header, stage, PATCHED_THRESHOLD);
+        const pSeed = await seedTensorCache({ modelPath: model, llamaCacheDir: pDir, stage, thresholdBytes: PATCHED_THRESHOLD });
+        const headEnv = { LD_LIBRARY_PATH: `${PATCHED_LIB}:${process.env.LD_LIBRARY_PATH ?? ''}` };
+        const pCold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: join(work, `${shape}-patched-cold`), headEnv });
+        const pLoad = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: pDir, headEnv });
+        patched = {
+          thresholdBytes: PATCHED_THRESHOLD,
+          belowThresholdBytes: pPlan.sentBytes,
+          seedingSeconds: pSeed.seconds,
+          cold: { ...pCold, fractionOfShard: pCold.bytesToServer / shardBytes },
+          seeded: { ...pLoad, fractionOfShard: pLoad.bytesToServer / shardBytes },
+          acceptance1Percent: pLoad.bytesToServer <= 0.01 * shardBytes,
+        };
+        await rm(pDir, { recursive: true, force: true });
+        await rm(join(work, `${shape}-patched-cold`), { recursive: true, force: true });
+      }
       const serverNames = await hexNames(join(coldDir, 'rpc'));
       const seededNames = await hexNames(join(seedDir, 'rpc'));
       const sentByKind: Record<string, number> = {};
@@ -81,6 +106,7 @@ async function main(): Promise<void> {
         seeded: { ...seeded, fractionOfShard: seeded.bytesToServer / shardBytes },
         seededEntriesEqualServerWritten: serverNames.length > 0 && serverNames.join() === seededNames.join(),
         acceptance1Percent: seeded.bytesToServer <= 0.01 * shardBytes,
+        ...(patched ? { patched } : {}),
       });
       await rm(model, { force: true });
       await rm(coldDir, { recursive: true, force: true });

@@ -19,6 +19,8 @@ export interface RpcLoadOptions {
   readonly llamaCacheDir: string;
   readonly threads?: number;
   readonly timeoutMs?: number;
+  /** Extra environment for llama-server only (e.g. LD_LIBRARY_PATH to a patched libggml-rpc). */
+  readonly headEnv?: Readonly<Record<string, string>>;
 }
 
 export interface RpcLoadResult {
@@ -141,7 +143,7 @@ export async function measureRpcLoad(o: RpcLoadOptions): Promise<RpcLoadResult> 
     const head = spawn(
       o.llamaServer,
       ['-m', o.model, '--rpc', `127.0.0.1:${proxy.port}`, '-ngl', '99', '-c', '512', '-t', threads, '--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)],
-      { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, GGML_RPC_NO_RDMA: '1' } },
+      { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, GGML_RPC_NO_RDMA: '1', ...(o.headEnv ?? {}) } },
     );
     children.push(head);
     head.stdout?.on('data', (d: Buffer) => {
