@@ -582,11 +582,16 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
         messagesJson: req.messages?.length ? JSON.stringify(req.messages.map((m) => ({ role: m.role, content: m.content }))) : '',
       };
       // MLX: every other rank takes the identical request first (ranks step in lockstep).
+      // Not raced against the caller's abort: once some ranks hold the request, rank 0 must get it
+      // too (its agent cancels it at once), or the group falls out of step. A rank that cannot
+      // take it leaves the group inconsistent: fail the instance (a reload restarts it).
       if (inst.engine === 'mlx' && inst.mlxRanks.length > 1) {
-        await Promise.race([
-          submitToFollowers(inst.mlxRanks.slice(1), (id) => this.#client(id), agentReq),
-          new Promise<never>((_, reject) => ctl.signal.addEventListener('abort', () => reject(ctl.signal.reason), { once: true })),
-        ]);
+        try {
+          await submitToFollowers(inst.mlxRanks.slice(1), (id) => this.#client(id), agentReq);
+        } catch (err) {
+          this.#fail(inst, errorMessage(err));
+          throw new CoordinatorError('UNAVAILABLE', inst.error || errorMessage(err));
+        }
       }
       call = client.generate({ engineId: inst.head.engineId, ...agentReq });
       const stream = call;

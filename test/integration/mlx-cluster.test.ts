@@ -278,6 +278,26 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     expect((await generate('m6')).tokens).toEqual(oracle);
   }, 300_000);
 
+  it('a client cancelling mid-stream (or before the first token) keeps the group in step', async () => {
+    for (const after of [2, 0]) {
+      const client = new CoordinatorClient(coordAddr);
+      const ac = new AbortController();
+      let tokens = 0;
+      if (after === 0) setImmediate(() => ac.abort());
+      try {
+        for await (const ev of client.stream('generate', { model: 'm6', prompt: PROMPT, maxTokens: CTX, temperature: 0, seed: '0' }, ac.signal)) {
+          if (ev.event === 'token' && ++tokens === after) ac.abort();
+        }
+      } catch {
+        // the cancelled call ends with CANCELLED
+      } finally {
+        client.close();
+      }
+      expect(tokens).toBeLessThan(CTX);
+      expect((await generate('m6')).tokens).toEqual(oracle);
+    }
+  }, 300_000);
+
   it('killing a rank mid-stream: client error within 5 s, the whole group gone, agents healthy, reload works', async () => {
     const before = await workerPids(model);
     expect(before).toHaveLength(2);

@@ -55,24 +55,17 @@ export async function relayMlx(o: MlxRelayOptions): Promise<MlxDone> {
     }
     return { finishReason: 'submitted', promptTokens: 0, completionTokens: 0, timings: zero };
   }
-  if (o.signal.aborted) {
-    // The other ranks may already hold this request: hand it to rank 0 too and cancel it, so
-    // the group stays in step (the ranks agree on the cancel at the first step).
-    try {
-      o.group.submit(req);
-      o.group.cancel(req.id);
-    } catch {
-      // the group is dead anyway
-    }
-    throw new GenerateError('CANCELLED', 'generation cancelled by the client');
-  }
+  // A cancel never keeps the request from reaching rank 0: the other ranks may already hold it,
+  // and a request they hold that rank 0 never saw would put the group out of step for good. So
+  // the request always goes in, and a cancel is a cancel line (the worker notes it even before
+  // the request arrives; the ranks then agree to stop at the first step).
   const stops = new StopScanner(params.stop);
-  const ctl = new AbortController();
-  const onAbort = () => ctl.abort();
-  o.signal.addEventListener('abort', onAbort, { once: true });
+  const onAbort = () => o.group.cancel(req.id);
   let stoppedByString = false;
   let pendingIds: number[] = [];
-  const gen = o.group.generate(req, { signal: ctl.signal });
+  const gen = o.group.generate(req);
+  o.signal.addEventListener('abort', onAbort, { once: true });
+  if (o.signal.aborted) onAbort();
   try {
     for (;;) {
       const next = await gen.next();
@@ -103,7 +96,7 @@ export async function relayMlx(o: MlxRelayOptions): Promise<MlxDone> {
       const { release, stopped } = stops.push(t.text);
       if (stopped) {
         stoppedByString = true;
-        ctl.abort(); // collective cancel: every rank stops at the same step
+        o.group.cancel(req.id); // collective cancel: every rank stops at the same step
       }
       if (release !== '' || stopped) {
         o.onToken({ text: release, tokenIds: pendingIds });
