@@ -80,8 +80,7 @@ const PROBE = [
 const probeSchema = (v: unknown): v is { mlx: string; mlx_lm: string; python: string; distributed: boolean; device: string } =>
   typeof v === 'object' && v !== null && 'mlx' in v && 'mlx_lm' in v && 'python' in v;
 
-async function probe(dir: string, platform: NodeJS.Platform): Promise<MlxEnv> {
-  const python = venvPython(dir, platform);
+async function probe(dir: string, platform: NodeJS.Platform, python = venvPython(dir, platform)): Promise<MlxEnv> {
   const { stdout } = await run(python, ['-c', PROBE], {
     env: { ...process.env, ...mlxProcessEnv(platform) },
     timeout: 120_000,
@@ -118,9 +117,8 @@ export async function findMlxEnv(
   if (env.ORCHARD_MLX_PYTHON) {
     const python = env.ORCHARD_MLX_PYTHON;
     try {
-      const dir = join(python, '..', '..');
-      const found = await probe(dir, platform);
-      return { ...found, python };
+      // Verify the interpreter the user named, not whatever sits in a guessed venv folder.
+      return await probe(join(python, '..', '..'), platform, python);
     } catch (err) {
       throw new OrchardError(`ORCHARD_MLX_PYTHON=${python} cannot import mlx/mlx_lm: ${firstLine(err)}`);
     }
