@@ -127,7 +127,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     res.writeHead(200, { 'content-type': 'application/json' });
     res.end(JSON.stringify({ clusterId: cluster.clusterId, nodes: membership.registry.nodes().map((n) => nodeStatusToWire(n)), models: runtime.models().map(modelStatusToWire) }));
   });
-  installApi(httpRoutes, { runtime, membership, clusterId: cluster.clusterId, log }, o.api);
+  installApi(httpRoutes, { runtime, membership, clusterId: cluster.clusterId, log, onRefused: (model, status) => metrics.refused(model, status) }, o.api);
   // Prometheus: the coordinator's own /metrics, and HTTP-SD listing it and every node agent's
   // /metrics (agent host as the coordinator reaches it + the metrics port from its profile).
   const serveMetricsRoute = metricsRoutes({ registry: metrics.registry, health: () => (closed ? { ok: false, detail: 'shutting down' } : { ok: true }) });

@@ -138,6 +138,19 @@ export function requestOutcome(err: unknown, tokensSent: boolean): RequestOutcom
 }
 
 /**
+ * The outcome of a generation request the HTTP API refused (by status) before it reached the
+ * runtime. A model that is not ready (503) or a busy answer (429) is what the runtime itself
+ * counts as "rejected", so the edge uses the same value; any other client error is "invalid".
+ */
+export function refusalOutcome(status: number): RequestOutcome {
+  if (status === 401 || status === 403) return 'unauthorized';
+  if (status === 404) return 'not_found';
+  if (status === 413) return 'too_large';
+  if (status === 429 || status === 503) return 'rejected';
+  return status >= 500 ? 'error' : 'invalid';
+}
+
+/**
  * The `model` label of a request: the model it names when that model exists, the only ready
  * model when it names none (what the runtime picks), otherwise "" — never the client's string
  * for an unknown model, which would let any caller mint new series.
@@ -248,8 +261,10 @@ export interface CoordinatorMetricsSource {
 export class CoordinatorMetrics {
   readonly registry = new Registry();
   readonly metrics: CoordinatorMetricSet;
+  readonly #src: CoordinatorMetricsSource;
 
   constructor(src: CoordinatorMetricsSource) {
+    this.#src = src;
     // All placement gauges come from one pure computation per scrape. prom-client runs every
     // collect hook synchronously in one pass when a scrape starts (each metric's get() calls its
     // hook before its first await), so a result cached until the next microtask is shared by the
@@ -306,6 +321,18 @@ export class CoordinatorMetrics {
       },
     });
     src.membership.on('change', (c) => this.metrics.discoveryEventsTotal.inc({ kind: c.kind }));
+  }
+
+  /**
+   * Count a generation request the HTTP API refused before it reached the runtime (which would
+   * have counted it in MeteredRuntime). `requestedModel`: the body's `model` ("" when the body
+   * names none: the runtime would pick the only ready model), undefined when no body was read
+   * (401, 413, not JSON) — then the model is unknown and the label is "". A named model becomes
+   * a label only when it exists (bounded label set).
+   */
+  refused(requestedModel: string | undefined, status: number): void {
+    const model = requestedModel === undefined ? '' : requestModelLabel(requestedModel, this.#src.runtime()?.models() ?? []);
+    this.metrics.requestsTotal.inc({ model, outcome: refusalOutcome(status) });
   }
 
   /** Follow a runtime's models: request series start at 0 when a model is ready, go when it leaves. */

@@ -34,6 +34,19 @@ export interface ApiDeps {
   readonly membership: Membership;
   readonly clusterId: string;
   readonly log: Logger;
+  /**
+   * A generation request (chat/completions) refused before it reached the runtime, with the HTTP
+   * status: the coordinator counts it in orchard_requests_total (`CoordinatorMetrics.refused`);
+   * requests that reach the runtime are counted by MeteredRuntime, never here. `requestedModel`
+   * is the body's `model` ("" if it names none), undefined when no JSON body was read.
+   */
+  readonly onRefused?: ((requestedModel: string | undefined, status: number) => void) | undefined;
+}
+
+/** How far a generation request got: refusals before the runtime are counted by the API. */
+interface GenerationProgress {
+  requestedModel: string | undefined;
+  reachedRuntime: boolean;
 }
 
 export interface ApiOptions {
@@ -46,13 +59,14 @@ type Handler = (req: IncomingMessage, res: ServerResponse) => Promise<void>;
 
 export function installApi(routes: RouteTable, deps: ApiDeps, options: ApiOptions = {}): void {
   const limit = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
-  const guarded = (h: Handler) => (req: IncomingMessage, res: ServerResponse) => {
+  const guarded = (h: Handler, onError?: (e: ApiError) => void) => (req: IncomingMessage, res: ServerResponse) => {
     const run = async () => {
       checkApiKey(req, options.apiKey);
       await h(req, res);
     };
     run().catch((err: unknown) => {
       const e = apiErrorOf(err);
+      onError?.(e);
       if (e.status >= 500) deps.log.warn({ url: req.url, status: e.status, err: e.message }, 'API request failed');
       else deps.log.debug({ url: req.url, status: e.status, err: e.message }, 'API request refused');
       sendError(res, e);
@@ -69,8 +83,15 @@ export function installApi(routes: RouteTable, deps: ApiDeps, options: ApiOption
     if (!m) throw modelNotFound(name, deps.runtime);
     sendJson(res, 200, modelObject(m));
   }));
-  routes.set('POST /v1/chat/completions', guarded((req, res) => generate('chat', req, res, deps, limit)));
-  routes.set('POST /v1/completions', guarded((req, res) => generate('completion', req, res, deps, limit)));
+  const generation = (kind: Kind) => (req: IncomingMessage, res: ServerResponse) => {
+    const progress: GenerationProgress = { requestedModel: undefined, reachedRuntime: false };
+    const refused = (e: ApiError) => {
+      if (!progress.reachedRuntime) deps.onRefused?.(progress.requestedModel, e.status);
+    };
+    guarded((rq, rs) => generate(kind, rq, rs, deps, limit, progress), refused)(req, res);
+  };
+  routes.set('POST /v1/chat/completions', generation('chat'));
+  routes.set('POST /v1/completions', generation('completion'));
 
   routes.set('GET /v1/cluster', guarded(async (_req, res) => sendJson(res, 200, clusterJson(deps))));
   routes.set('POST /v1/cluster/models', guarded((req, res) => loadModel(req, res, deps, limit)));
@@ -122,12 +143,22 @@ function limitsFor(runtime: Runtime) {
   };
 }
 
-async function generate(kind: Kind, req: IncomingMessage, res: ServerResponse, deps: ApiDeps, limit: number): Promise<void> {
+/** The body's `model` as the metrics label source: "" when it names none, undefined if not a string. */
+export function requestedModelOf(body: unknown): string | undefined {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) return undefined;
+  const m = (body as Record<string, unknown>).model;
+  return m === undefined || m === null ? '' : typeof m === 'string' ? m : undefined;
+}
+
+async function generate(kind: Kind, req: IncomingMessage, res: ServerResponse, deps: ApiDeps, limit: number, progress: GenerationProgress): Promise<void> {
   const body = await readJsonBody(req, limit);
+  progress.requestedModel = requestedModelOf(body);
   const parsed: ParsedRequest = kind === 'chat' ? parseChatRequest(body, limitsFor(deps.runtime)) : parseCompletionRequest(body, limitsFor(deps.runtime));
   const meta: ResponseMeta = { id: `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replace(/-/g, '')}`, created: Math.floor(Date.now() / 1000), model: parsed.model };
   const signal = disconnectSignal(res);
   const events = deps.runtime.generate(parsed.generate, signal)[Symbol.asyncIterator]();
+  // From here on the runtime (MeteredRuntime) counts the request, whatever happens.
+  progress.reachedRuntime = true;
   try {
     // The first event decides the status: queue refusals, unknown models and engine refusals
     // (prompt over the context) become proper HTTP errors, not a 200 with an error inside.

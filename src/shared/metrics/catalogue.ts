@@ -63,8 +63,13 @@ const histogram = <L extends string = never>(d: DefInput<L> & { readonly buckets
 export const ENGINE_KINDS = ['llama-server', 'rpc-server', 'mlx-rank'] as const;
 /** Memory categories of a stage, the same split the planner predicts and the engine reports. */
 export const STAGE_MEMORY_KINDS = ['weights', 'kv_cache', 'compute', 'overhead'] as const;
-/** How a request ended. `rejected`: refused before generation (bad input, over context, no model). */
-export const REQUEST_OUTCOMES = ['ok', 'error', 'cancelled', 'rejected'] as const;
+/**
+ * How a generation request ended. `rejected`: the runtime refused it before generation (busy
+ * queue, model not ready, the engine refusing the prompt). The HTTP edge's own refusals, before a
+ * request reaches the runtime, say why: `invalid` (400: not JSON, bad fields, over the context),
+ * `unauthorized` (401), `not_found` (404: unknown model), `too_large` (413: body over the limit).
+ */
+export const REQUEST_OUTCOMES = ['ok', 'error', 'cancelled', 'rejected', 'invalid', 'unauthorized', 'not_found', 'too_large'] as const;
 export const NODE_STATES = ['up', 'suspect', 'down'] as const;
 /** Membership changes as the coordinator's registry reports them. */
 export const DISCOVERY_EVENT_KINDS = ['added', 'replaced', 'state', 'removed'] as const;
