@@ -24,8 +24,9 @@ const ROOT = new URL('../../', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 const MANUAL_BIN_DIR = '/tmp/llsrc/src/build/bin';
 
+// JSON logs whatever the caller's terminal or CI sets: the tests tell log lines from the one human error line.
+const binEnv: NodeJS.ProcessEnv = { ...process.env, ORCHARD_LOG_FORMAT: 'json' };
 // Engines: ORCHARD_LLAMA_BIN_DIR, else the manual build, else `orchard setup`'s cache.
-const binEnv: NodeJS.ProcessEnv = { ...process.env };
 if (!binEnv.ORCHARD_LLAMA_BIN_DIR && existsSync(join(MANUAL_BIN_DIR, 'ggml-rpc-server'))) binEnv.ORCHARD_LLAMA_BIN_DIR = MANUAL_BIN_DIR;
 const engines = await findLlamaBinaries(binEnv).then(
   () => true,
