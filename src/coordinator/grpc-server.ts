@@ -10,6 +10,7 @@ import type { Membership } from './membership.ts';
 import type { NodeEntry } from './registry.ts';
 import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from './runtime.ts';
 import { liveToWire, profileToWire } from './wire.ts';
+import { PlanDoesNotFitError } from './planner-adapter.ts';
 
 /**
  * `orchard.v1.Coordinator` over gRPC: validates at the edge (zod), delegates to membership and
@@ -149,8 +150,14 @@ export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedService
     Plan(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
       (async () => {
         const req = parse(planSchema, call.request, 'Plan');
-        const plan = await s.runtime.plan(req.modelPath, options(req.options));
-        return { planJson: JSON.stringify(plan.raw) };
+        try {
+          const plan = await s.runtime.plan(req.modelPath, options(req.options));
+          return { planJson: JSON.stringify(plan.raw) };
+        } catch (err) {
+          // "Does not fit" is an answer to Plan (fits: false, shortfall, remedies), not a failure.
+          if (err instanceof PlanDoesNotFitError) return { planJson: JSON.stringify(err.plan) };
+          throw err;
+        }
       })().then((r) => cb(null, r), (err) => cb(fail(err)));
     },
 

@@ -44,6 +44,20 @@ export function mlxPlacementOptions(profile: { tokenEmbdBytes: number; outputNor
   return { stageExtraBytes: profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes, headMinLayers: 1 };
 }
 
+/**
+ * The model does not fit the live nodes. Load fails with the message; the Plan RPC answers with
+ * the planner's full "does not fit" result (`plan`: shortfall per kind, remedies) instead.
+ */
+export class PlanDoesNotFitError extends CoordinatorError {
+  override readonly name: string = 'PlanDoesNotFitError';
+  constructor(
+    message: string,
+    readonly plan: unknown,
+  ) {
+    super('FAILED_PRECONDITION', message);
+  }
+}
+
 export function createPlanner(reservedBytes: (nodeId: string) => number = () => 0): Planner {
   return async (modelPath, nodes, options): Promise<PlacementResult> => {
     if (!isAbsolute(modelPath)) throw new UsageError(`model path must be absolute (it is opened on the head node): ${modelPath}`);
@@ -62,7 +76,7 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
     if (!plan.fits) {
       const parts = [`${modelPath} does not fit on ${nodes.length} live node(s)`, ...plan.reasons];
       if (plan.remedies?.length) parts.push(`try: ${plan.remedies.join('; ')}`);
-      throw new CoordinatorError('FAILED_PRECONDITION', parts.join('; '));
+      throw new PlanDoesNotFitError(parts.join('; '), plan);
     }
     const mm = memoryModel(profile, mo);
     const last = plan.stages.length - 1;

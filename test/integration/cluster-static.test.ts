@@ -221,6 +221,46 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     expect(s.nodes[0]!.hardware.usableBytes).toBeGreaterThan(0);
   });
 
+  it('`orchard plan` without --nodes plans for the live cluster through the coordinator', async () => {
+    const r = await orchard(['plan', model, '--ctx', String(CTX), '--json', '--coordinator', coordAddr], env);
+    expect(r.code, r.stderr).toBe(0);
+    const plan = JSON.parse(r.stdout) as { fits: boolean; stages: { node: string; firstLayer: number; lastLayer: number; bytes: { total: number }; budgetBytes: number }[]; predicted: { tokensPerSecond: number } };
+    expect(plan.fits).toBe(true);
+    // The agents' budgets are a hair below the whole model, so the live plan must split, and
+    // only over the live nodes, each stage within its node's budget.
+    expect(plan.stages.length).toBeGreaterThanOrEqual(2);
+    const live = new Set((await status()).nodes.filter((n) => n.state === 'up').map((n) => n.name));
+    for (const st of plan.stages) {
+      expect(live.has(st.node), `${st.node} is not a live node`).toBe(true);
+      expect(st.bytes.total).toBeLessThanOrEqual(st.budgetBytes);
+    }
+    expect(new Set(plan.stages.map((st) => st.node)).size).toBe(plan.stages.length);
+    expect(plan.stages[0]!.firstLayer).toBe(0);
+    for (let i = 1; i < plan.stages.length; i++) expect(plan.stages[i]!.firstLayer).toBe(plan.stages[i - 1]!.lastLayer + 1);
+    expect(plan.stages.at(-1)!.lastLayer).toBe(7);
+    expect(plan.predicted.tokensPerSecond).toBeGreaterThan(0);
+
+    // Human table: same renderer as --nodes, naming the live nodes.
+    const table = await orchard(['plan', model, '--ctx', String(CTX), '--coordinator', coordAddr], env);
+    expect(table.code, table.stderr).toBe(0);
+    for (const st of plan.stages) expect(table.stdout).toContain(st.node);
+    expect(table.stdout).toMatch(/predicted: [\d.]+ tok\/s/);
+
+    // Does not fit: the planner's answer (fits false, shortfall), exit 1.
+    const huge = await orchard(['plan', model, '--ctx', '1048576', '--json', '--coordinator', coordAddr], env);
+    expect(huge.code, huge.stderr).toBe(1);
+    const no = JSON.parse(huge.stdout) as { fits: boolean; shortfall?: { shortfallBytes: number } };
+    expect(no.fits).toBe(false);
+    expect(no.shortfall?.shortfallBytes).toBeGreaterThan(0);
+
+    // No coordinator there: one clear line, exit 1.
+    const nobody = await orchard(['plan', model, '--json', '--coordinator', `127.0.0.1:${await freePort()}`], env);
+    expect(nobody.code).toBe(1);
+    expect(nobody.stdout).toBe('');
+    expect(nobody.stderr.trim().split('\n')).toHaveLength(1);
+    expect(nobody.stderr).toMatch(/cannot reach the coordinator/);
+  });
+
   it('rejects bad loads with clear errors and leaves nothing behind', async () => {
     const missing = await orchard(['load', join(dir, 'nope.gguf'), '--coordinator', coordAddr], env);
     expect(missing.code).not.toBe(0);

@@ -1,7 +1,9 @@
 import { readFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import Table from 'cli-table3';
 import type { Command } from 'commander';
-import { UsageError } from '../../shared/errors.ts';
+import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
+import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
 import { CACHE_TYPES, type CacheType } from '../../shared/memory/kv.ts';
 import { modelProfile } from '../../shared/model/profile.ts';
@@ -9,6 +11,7 @@ import { parseNodesFile } from '../../shared/placement/nodes-file.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
 import type { Plan } from '../../shared/placement/types.ts';
 import { parseInteger } from '../../shared/units.ts';
+import { planJsonSchema } from '../tables.ts';
 
 interface PlanFlags {
   nodes?: string;
@@ -30,14 +33,14 @@ export function registerPlan(program: Command): void {
     .description('plan which node holds which layers of a GGUF model (memory math + bandwidth cost model)')
     .argument('<model>', 'GGUF model file (only the header is read; header-only files work)')
     .option('--nodes <file>', 'NODES.json: [{name, memoryBytes, bandwidthBytesPerSecond | chip, wiredLimitBytes?, usableBytes?}]')
-    .option('--coordinator <url>', 'plan for the live cluster of this coordinator')
+    .option('--coordinator <host:port>', 'without --nodes: plan for the live cluster of this coordinator (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
     .option('--ctx <n>', 'context size in tokens (KV cells, as llama.cpp -c)', '4096')
     .option('--cache-type <t>', `KV cache type: ${CACHE_TYPES.join(', ')}`, 'f16')
     .option('--parallel <n>', 'parallel sequences (server slots, unified KV cache)', '1')
     .option('--pin <node...>', 'nodes that must hold a stage')
     .option('--hop-ms <ms>', 'cost of one stage boundary per token in ms (nodes may override with hopSeconds)', '1')
     .option('--json', 'print the plan as JSON on stdout')
-    .action(async (modelPath: string, flags: PlanFlags) => {
+    .action(async (modelPath: string, flags: PlanFlags, cmd: Command) => {
       const ctx = parseInteger(flags.ctx ?? '4096', '--ctx', 1, 16 * 1024 * 1024);
       const parallel = parseInteger(flags.parallel ?? '1', '--parallel', 1, 4096);
       const cacheType = (flags.cacheType ?? 'f16').toLowerCase();
@@ -49,12 +52,21 @@ export function registerPlan(program: Command): void {
         throw new UsageError(`invalid --cache-type "${flags.cacheType}": use one of ${CACHE_TYPES.join(', ')}`);
       }
       if (!flags.nodes) {
-        // The live-cluster mode (nodes from a running coordinator) is wired by the coordinator work.
-        throw new UsageError(
-          flags.coordinator
-            ? `planning against the live cluster at ${flags.coordinator} is not available yet; give the nodes with --nodes NODES.json`
-            : 'no nodes: give --nodes NODES.json (planning for the live cluster needs --coordinator, not available yet)',
-        );
+        // The coordinator plans with its own hop cost; silently ignoring the flag would mislead.
+        if (cmd.getOptionValueSource('hopMs') === 'cli') throw new UsageError('--hop-ms applies to --nodes plans only; the live cluster is planned by the coordinator');
+        const address = coordinatorAddress(flags.coordinator);
+        const plan = await livePlan(address, resolve(modelPath), { ctx, cacheType, parallel, pinnedNodes: flags.pin ?? [] });
+        // The coordinator opens the model; the header here only names it when this machine has it too.
+        const profile = await readGgufHeader(resolve(modelPath)).then(modelProfile).catch(() => undefined);
+        const model = profile?.name ?? modelPath;
+        if (flags.json) {
+          process.stdout.write(`${JSON.stringify(toJson(plan, model))}\n`);
+        } else {
+          const what = profile ? `${model} (${profile.arch}, ${profile.layerCount} layers, ${profile.weightType})` : model;
+          process.stdout.write(render(plan, `${what}, ctx ${ctx}, KV ${cacheType} — live cluster at ${address}`));
+        }
+        if (!plan.fits) process.exitCode = 1;
+        return;
       }
       let text: string;
       try {
@@ -79,6 +91,29 @@ export function registerPlan(program: Command): void {
       }
       if (!plan.fits) process.exitCode = 1;
     });
+}
+
+/**
+ * The coordinator's Plan RPC: the planner's result over the nodes that are up (budgets net of
+ * models already loaded), or its "does not fit" result. Validated here, at the edge.
+ */
+async function livePlan(address: string, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pinnedNodes: string[] }): Promise<Plan> {
+  const client = new CoordinatorClient(address);
+  try {
+    const res = await client.unary('plan', { modelPath, options }, 30_000);
+    let raw: unknown;
+    try {
+      raw = JSON.parse(String(res.planJson ?? ''));
+    } catch {
+      throw new OrchardError(`the coordinator at ${address} answered Plan with malformed JSON`);
+    }
+    const parsed = planJsonSchema.safeParse(raw);
+    if (!parsed.success) throw new OrchardError(`the coordinator at ${address} answered Plan with an unexpected plan: ${parsed.error.issues[0]?.message ?? 'invalid'}`);
+    // The wire carries the planner's Plan as JSON (Infinity became null where it does not fit).
+    return parsed.data as unknown as Plan;
+  } finally {
+    client.close();
+  }
 }
 
 function toJson(plan: Plan, model: string): unknown {
