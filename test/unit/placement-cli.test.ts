@@ -88,8 +88,9 @@ describe('orchard plan', () => {
   });
 
   const bad: [string, () => Promise<string[]>, RegExp][] = [
-    ['without --nodes', async () => ['plan', model70b], /give --nodes NODES\.json.*needs --coordinator/],
-    ['--coordinator without --nodes', async () => ['plan', model70b, '--coordinator', 'http://127.0.0.1:1'], /live cluster at http/],
+    // Without --nodes the coordinator plans (test/integration/cluster-static.test.ts); its flags are checked first.
+    ['--hop-ms without --nodes', async () => ['plan', model70b, '--hop-ms', '2', '--coordinator', '127.0.0.1:1'], /--hop-ms applies to --nodes plans only/],
+    ['malformed --coordinator', async () => ['plan', model70b, '--coordinator', 'http://127.0.0.1:1'], /invalid coordinator address "http:\/\/127\.0\.0\.1:1"/],
     ['missing model', async () => ['plan', join(dir, 'nope.gguf'), '--nodes', nodesFile], /nope\.gguf/],
     [
       'garbled GGUF',
