@@ -1,14 +1,21 @@
 import { execFileSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
 
 /**
  * After the whole suite: no engine, server or agent a test started may still be alive. A leak
- * fails the run (the teardown throws) and names the processes. Processes already running when
- * the suite started (someone else's) are ignored.
+ * fails the run (the teardown throws) and names the processes.
+ *
+ * The suite sets ORCHARD_TEST_RUN to a fresh id; every process it starts inherits it (tests pass
+ * `...process.env` on), so on Linux only processes carrying this run's id count — another run on
+ * the same machine cannot fail this one. Without /proc, any matching process that was not there
+ * before the suite counts.
  */
 const PATTERN =
   '(^|/)(ggml-rpc-server|llama-server|nats-server|prometheus)( |$)|mlx_worker|orchard(\\.js)? (node|coordinator|up|demo)';
+const MARKER = 'ORCHARD_TEST_RUN';
 
-function survivors(): Map<number, string> {
+function matching(): Map<number, string> {
   try {
     const out = execFileSync('pgrep', ['-a', '-f', PATTERN], { encoding: 'utf8' });
     const found = new Map<number, string>();
@@ -22,16 +29,30 @@ function survivors(): Map<number, string> {
   }
 }
 
+function carriesRun(pid: number, id: string): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/environ`, 'latin1').split('\0').includes(`${MARKER}=${id}`);
+  } catch {
+    return false; // gone, or not ours to read
+  }
+}
+
 export function setup(): () => Promise<void> {
-  const before = new Set(survivors().keys());
+  const id = randomUUID();
+  process.env[MARKER] = id;
+  const procfs = existsSync('/proc/self/environ');
+  const before = new Set(matching().keys());
   return async () => {
-    const fresh = () => [...survivors()].filter(([pid]) => !before.has(pid)).map(([, line]) => line);
+    const ours = () =>
+      [...matching()]
+        .filter(([pid]) => (procfs ? carriesRun(pid, id) : !before.has(pid)))
+        .map(([, line]) => line);
     // Engines get up to 5 s to notice their parent is gone.
     const deadline = Date.now() + 6000;
-    let left = fresh();
+    let left = ours();
     while (left.length > 0 && Date.now() < deadline) {
       await new Promise((r) => setTimeout(r, 250));
-      left = fresh();
+      left = ours();
     }
     if (left.length > 0) throw new Error(`processes outlived the test run:\n${left.join('\n')}`);
   };
