@@ -1,4 +1,4 @@
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
@@ -11,6 +11,7 @@ import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
+import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 
 /*
  * Pre-seeding through the whole product path on 127.0.0.1: a coordinator and two `orchard node`
@@ -26,60 +27,13 @@ const BIN = join(ROOT, 'bin/orchard.js');
 const CTX = 1024;
 const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
 const N_PREDICT = 16;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-interface Proc {
-  readonly child: ChildProcess;
-  readonly name: string;
-  out: string;
-  err: string;
-  readonly exited: Promise<void>;
-}
 const procs: Proc[] = [];
 
 function start(name: string, args: string[], env: NodeJS.ProcessEnv, file = process.execPath): Proc {
-  const child = spawn(file, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
-  const p: Proc = { child, name, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
-  child.stdout?.on('data', (c: Buffer) => {
-    p.out += c.toString('utf8');
-  });
-  child.stderr?.on('data', (c: Buffer) => {
-    p.err = (p.err + c.toString('utf8')).slice(-1_000_000);
-  });
+  const p = spawnProc(name, args, env, file);
   procs.push(p);
   return p;
-}
-
-async function killGroup(p: Proc): Promise<void> {
-  if (p.child.exitCode === null && p.child.signalCode === null && p.child.pid) {
-    try {
-      process.kill(-p.child.pid, 'SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-  await p.exited;
-}
-
-async function readyLine(p: Proc, timeoutMs = 60_000): Promise<Record<string, unknown>> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    const line = p.out.split('\n').find((l) => l.includes('"event":"ready"'));
-    if (line) return JSON.parse(line) as Record<string, unknown>;
-    if (p.child.exitCode !== null) throw new Error(`${p.name} exited early: ${p.err.slice(-2000)}`);
-    await sleep(100);
-  }
-  throw new Error(`${p.name} not ready in time: ${p.err.slice(-2000)}`);
-}
-
-async function orchard(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFileP(process.execPath, [BIN, ...args], { env, maxBuffer: 32 * 2 ** 20 });
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
-  }
 }
 
 async function freePort(): Promise<number> {

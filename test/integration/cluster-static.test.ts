@@ -1,16 +1,15 @@
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CoordinatorClient } from '../../src/coordinator/client.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 
 /*
  * The coordinator end to end, with real processes on 127.0.0.1 (static join): one coordinator,
@@ -22,70 +21,18 @@ import { planPlacement } from '../../src/shared/placement/planner.ts';
  * give the same tokens again.
  */
 
-const execFileP = promisify(execFile);
 const ROOT = new URL('../../', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 const CTX = 2048;
 const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
 const N_PREDICT = 48;
 
-interface Proc {
-  readonly child: ChildProcess;
-  readonly name: string;
-  out: string;
-  err: string;
-  readonly exited: Promise<void>;
-}
-
 const procs: Proc[] = [];
 
 function start(name: string, args: string[], env: NodeJS.ProcessEnv, file = process.execPath): Proc {
-  // Own process group: cleanup reaches the engines an agent forked, even if the agent is gone.
-  const child = spawn(file, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
-  const p: Proc = { child, name, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
-  child.stdout?.on('data', (c: Buffer) => {
-    p.out += c.toString('utf8');
-  });
-  child.stderr?.on('data', (c: Buffer) => {
-    p.err += c.toString('utf8');
-    if (p.err.length > 2_000_000) p.err = p.err.slice(-1_000_000);
-  });
+  const p = spawnProc(name, args, env, file);
   procs.push(p);
   return p;
-}
-
-async function killGroup(p: Proc): Promise<void> {
-  if (p.child.exitCode === null && p.child.signalCode === null && p.child.pid) {
-    try {
-      process.kill(-p.child.pid, 'SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-  await p.exited;
-}
-
-async function readyLine(p: Proc, timeoutMs = 60_000): Promise<Record<string, unknown>> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    const line = p.out.split('\n').find((l) => l.includes('"event":"ready"'));
-    if (line) return JSON.parse(line) as Record<string, unknown>;
-    if (p.child.exitCode !== null) throw new Error(`${p.name} exited early: ${p.err.slice(-2000)}`);
-    await sleep(100);
-  }
-  throw new Error(`${p.name} not ready in time: ${p.err.slice(-2000)}`);
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function orchard(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFileP(process.execPath, [BIN, ...args], { env, maxBuffer: 32 * 2 ** 20 });
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
-  }
 }
 
 async function freePort(): Promise<number> {

@@ -1,4 +1,4 @@
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { chmod, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,6 +14,7 @@ import { mlxRequestOf } from '../../src/node/mlx/rank-spec.ts';
 import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
 import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 
 /*
  * MLX through `orchard node` agents and the coordinator, real processes on 127.0.0.1 (static
@@ -33,61 +34,12 @@ const PROMPT = 'The orchard has apples and pears. Once upon a time';
 const N = 24;
 const READY_TIMEOUT_S = 40;
 
-interface Proc {
-  readonly child: ChildProcess;
-  readonly name: string;
-  out: string;
-  err: string;
-  readonly exited: Promise<void>;
-}
 const procs: Proc[] = [];
 
 function start(name: string, args: string[], env: NodeJS.ProcessEnv): Proc {
-  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
-  const p: Proc = { child, name, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
-  child.stdout?.on('data', (c: Buffer) => {
-    p.out += c.toString('utf8');
-  });
-  child.stderr?.on('data', (c: Buffer) => {
-    p.err += c.toString('utf8');
-    if (p.err.length > 2_000_000) p.err = p.err.slice(-1_000_000);
-  });
+  const p = spawnProc(name, args, env);
   procs.push(p);
   return p;
-}
-
-async function killGroup(p: Proc): Promise<void> {
-  if (p.child.exitCode === null && p.child.signalCode === null && p.child.pid) {
-    try {
-      process.kill(-p.child.pid, 'SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-  await p.exited;
-}
-
-async function readyLine(p: Proc, timeoutMs = 60_000): Promise<Record<string, unknown>> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    const line = p.out.split('\n').find((l) => l.includes('"event":"ready"'));
-    if (line) return JSON.parse(line) as Record<string, unknown>;
-    if (p.child.exitCode !== null) throw new Error(`${p.name} exited early: ${p.err.slice(-2000)}`);
-    await sleep(100);
-  }
-  throw new Error(`${p.name} not ready in time: ${p.err.slice(-2000)}`);
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function orchard(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFileP(process.execPath, [BIN, ...args], { env, maxBuffer: 32 * 2 ** 20 });
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
-  }
 }
 
 function alive(pid: number): boolean {

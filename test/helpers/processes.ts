@@ -1,0 +1,67 @@
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { promisify } from 'node:util';
+
+/**
+ * Real child processes for the cluster tests (coordinators, agents): spawned in their own
+ * process group so a group kill reaches every engine an agent forked, even after the agent died.
+ */
+export interface Proc {
+  readonly child: ChildProcess;
+  readonly name: string;
+  out: string;
+  err: string;
+  readonly exited: Promise<void>;
+}
+
+export const ORCHARD_BIN = new URL('../../bin/orchard.js', import.meta.url).pathname;
+
+const execFileP = promisify(execFile);
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Spawn and capture output (stderr keeps its last ~1 MB). The caller registers it for cleanup. */
+export function spawnProc(name: string, args: string[], env: NodeJS.ProcessEnv, file = process.execPath): Proc {
+  const child = spawn(file, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
+  const p: Proc = { child, name, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
+  child.stdout?.on('data', (c: Buffer) => {
+    p.out += c.toString('utf8');
+  });
+  child.stderr?.on('data', (c: Buffer) => {
+    p.err = (p.err + c.toString('utf8')).slice(-1_000_000);
+  });
+  return p;
+}
+
+export async function killGroup(p: Proc): Promise<void> {
+  if (p.child.exitCode === null && p.child.signalCode === null && p.child.pid) {
+    try {
+      process.kill(-p.child.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  await p.exited;
+}
+
+/** The `{"event":"ready",…}` line `orchard node|coordinator --json` prints once listening. */
+export async function readyLine(p: Proc, timeoutMs = 60_000): Promise<Record<string, unknown>> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const line = p.out.split('\n').find((l) => l.includes('"event":"ready"'));
+    if (line) return JSON.parse(line) as Record<string, unknown>;
+    if (p.child.exitCode !== null) throw new Error(`${p.name} exited early: ${p.err.slice(-2000)}`);
+    await sleep(100);
+  }
+  throw new Error(`${p.name} not ready in time: ${p.err.slice(-2000)}`);
+}
+
+/** Run one `orchard …` command to completion. */
+export async function orchard(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await execFileP(process.execPath, [ORCHARD_BIN, ...args], { env, maxBuffer: 32 * 2 ** 20 });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
+  }
+}
