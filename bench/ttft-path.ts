@@ -15,8 +15,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { AgentClient } from '../src/coordinator/agent-client.ts';
-import { CoordinatorClient } from '../src/coordinator/client.ts';
+import { AgentClient } from '../src/coordinator/membership/agent-client.ts';
+import { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { completionBody } from '../src/node/generate.ts';
 

@@ -2,17 +2,17 @@ import { createServer, type Server } from 'node:http';
 import type * as grpc from '@grpc/grpc-js';
 import { errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
-import { Discovery } from './discovery.ts';
-import { modelStatusToWire, nodeStatusToWire, startCoordinatorGrpc } from './grpc-server.ts';
-import { Membership } from './membership.ts';
+import { Discovery } from './membership/discovery.ts';
+import { modelStatusToWire, nodeStatusToWire, startCoordinatorGrpc } from './api/grpc-server.ts';
+import { Membership } from './membership/membership.ts';
 import { metricsRoutes } from '../shared/metrics/http.ts';
-import { CoordinatorMetrics, MeteredRuntime } from './metrics.ts';
-import { installApi } from './openai/api.ts';
-import { prometheusTargetsHandler, sdNodeFromEntry } from './prometheus-sd.ts';
-import { createPlanner } from './planner-adapter.ts';
-import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './registry.ts';
-import type { Planner, Runtime } from './runtime.ts';
-import { StateDir } from './state-dir.ts';
+import { CoordinatorMetrics, MeteredRuntime } from './api/metrics.ts';
+import { installApi } from './api/openai/api.ts';
+import { prometheusTargetsHandler, sdNodeFromEntry } from './api/prometheus-sd.ts';
+import { createPlanner } from './instances/planner-adapter.ts';
+import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './membership/registry.ts';
+import type { Planner, Runtime } from './instances/runtime.ts';
+import { StateDir } from './state/state-dir.ts';
 
 export interface CoordinatorOptions {
   readonly stateDir: string;

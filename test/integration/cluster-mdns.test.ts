@@ -20,7 +20,7 @@ import { planPlacement } from '../../src/shared/placement/planner.ts';
  */
 
 const execFileP = promisify(execFile);
-const ROOT = new URL('../../', import.meta.url).pathname;
+const ROOT = new URL('../..', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 const CTX = 2048;
 const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';

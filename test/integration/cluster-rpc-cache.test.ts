@@ -22,7 +22,7 @@ import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../h
  * served from the cache are the right ones).
  */
 const execFileP = promisify(execFile);
-const ROOT = new URL('../../', import.meta.url).pathname;
+const ROOT = new URL('../..', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 const CTX = 1024;
 const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';

@@ -4,7 +4,7 @@ import { createServer, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CoordinatorClient } from '../../src/coordinator/client.ts';
+import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
@@ -21,7 +21,7 @@ import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../h
  * give the same tokens again.
  */
 
-const ROOT = new URL('../../', import.meta.url).pathname;
+const ROOT = new URL('../..', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 const CTX = 2048;
 const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';

@@ -16,7 +16,7 @@ import { expectedCacheEntry } from '../../src/node/llama/build.ts';
  */
 
 const execFileP = promisify(execFile);
-const ROOT = new URL('../../', import.meta.url).pathname;
+const ROOT = new URL('../..', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 
 // ───────────── process bookkeeping: every child dies, even when a test fails ─────────────

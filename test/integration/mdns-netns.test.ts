@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
  * no mDNS at all.
  */
 
-const ROOT = new URL('../../', import.meta.url).pathname;
+const ROOT = new URL('../..', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 
 function canUseNetns(): string | undefined {

@@ -5,9 +5,9 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AgentClient } from '../../src/coordinator/agent-client.ts';
-import { CoordinatorClient } from '../../src/coordinator/client.ts';
-import { mlxPlacementOptions } from '../../src/coordinator/planner-adapter.ts';
+import { AgentClient } from '../../src/coordinator/membership/agent-client.ts';
+import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import { mlxPlacementOptions } from '../../src/coordinator/instances/planner-adapter.ts';
 import { ensureMlxEnv, type MlxEnv } from '../../src/node/mlx/env.ts';
 import { collect, MlxGroup } from '../../src/node/mlx/group.ts';
 import { mlxRequestOf } from '../../src/node/mlx/rank-spec.ts';
@@ -25,7 +25,7 @@ import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../h
  */
 
 const execFileP = promisify(execFile);
-const ROOT = new URL('../../', import.meta.url).pathname;
+const ROOT = new URL('../..', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 // Two contexts: at CTX_2 the budgets below need 2 ranks, at CTX_3 they need 3 (the KV cache grows).
 const CTX = 512;

@@ -20,7 +20,7 @@ import { orchardV1 } from '../../src/shared/proto.ts';
  */
 
 const execFileP = promisify(execFile);
-const ROOT = new URL('../../', import.meta.url).pathname;
+const ROOT = new URL('../..', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 const MANUAL_BIN_DIR = '/tmp/llsrc/src/build/bin';
 

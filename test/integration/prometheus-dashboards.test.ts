@@ -5,7 +5,7 @@ import { type AddressInfo, createServer as createNetServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { prometheusTargets } from '../../src/coordinator/prometheus-sd.ts';
+import { prometheusTargets } from '../../src/coordinator/api/prometheus-sd.ts';
 import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { NodeMetrics } from '../../src/node/metrics.ts';
 import { EngineWatchdog } from '../../src/node/watchdog.ts';

@@ -16,7 +16,7 @@ import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
  * load are ≤ 1 % of the shard's weight bytes; cold, they are ~100 %. The model (dim 2304, 8 KV
  * heads, f16, 1 layer) has every matrix above ggml-rpc's 10 MiB hash threshold; only norms cross.
  */
-const ROOT = new URL('../../', import.meta.url).pathname;
+const ROOT = new URL('../..', import.meta.url).pathname;
 let work = '';
 let model = '';
 let bins: Awaited<ReturnType<typeof findLlamaBinaries>>;

@@ -1,11 +1,11 @@
 import { describe, expect, it } from 'vitest';
-import { pickServiceAddress } from '../../src/coordinator/discovery.ts';
-import { headLayout } from '../../src/coordinator/engine-layout.ts';
-import { parseEngineLog, type PlannedDevice, verifyEngineReport } from '../../src/coordinator/engine-verify.ts';
-import { plannerNames } from '../../src/coordinator/planner-adapter.ts';
-import type { NodeEntry } from '../../src/coordinator/registry.ts';
-import { enginePrefix, hostOf, resolveLoadOptions } from '../../src/coordinator/runtime.ts';
-import { profileFromWire, profileToWire } from '../../src/coordinator/wire.ts';
+import { pickServiceAddress } from '../../src/coordinator/membership/discovery.ts';
+import { headLayout } from '../../src/coordinator/instances/llama/layout.ts';
+import { parseEngineLog, type PlannedDevice, verifyEngineReport } from '../../src/coordinator/instances/llama/verify.ts';
+import { plannerNames } from '../../src/coordinator/instances/planner-adapter.ts';
+import type { NodeEntry } from '../../src/coordinator/membership/registry.ts';
+import { enginePrefix, hostOf, resolveLoadOptions } from '../../src/coordinator/instances/runtime.ts';
+import { profileFromWire, profileToWire } from '../../src/coordinator/membership/wire.ts';
 import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
 import { UsageError } from '../../src/shared/errors.ts';
 

@@ -2,8 +2,8 @@ import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { generateJoinToken, joinTokenMatches, validateJoinToken } from '../../src/coordinator/join-token.ts';
-import { StateDir } from '../../src/coordinator/state-dir.ts';
+import { generateJoinToken, joinTokenMatches, validateJoinToken } from '../../src/coordinator/membership/join-token.ts';
+import { StateDir } from '../../src/coordinator/state/state-dir.ts';
 import { OrchardError, UsageError } from '../../src/shared/errors.ts';
 
 describe('join token', () => {

@@ -1,7 +1,7 @@
 import { Registry } from 'prom-client';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CoordinatorError } from '../../src/coordinator/errors.ts';
-import { Membership } from '../../src/coordinator/membership.ts';
+import { Membership } from '../../src/coordinator/membership/membership.ts';
 import {
   CoordinatorMetrics,
   MeteredRuntime,
@@ -10,8 +10,8 @@ import {
   placementSignature,
   requestModelLabel,
   requestOutcome,
-} from '../../src/coordinator/metrics.ts';
-import type { GenerateEvent, ModelStatus, Planner } from '../../src/coordinator/runtime.ts';
+} from '../../src/coordinator/api/metrics.ts';
+import type { GenerateEvent, ModelStatus, Planner } from '../../src/coordinator/instances/runtime.ts';
 import { UsageError } from '../../src/shared/errors.ts';
 import type { HardwareProfile } from '../../src/shared/hardware.ts';
 import { createLogger } from '../../src/shared/log.ts';

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { Registry, type RegistryChange } from '../../src/coordinator/registry.ts';
+import { Registry, type RegistryChange } from '../../src/coordinator/membership/registry.ts';
 import type { HardwareProfile } from '../../src/shared/hardware.ts';
 
 function profile(nodeId: string, name = nodeId): HardwareProfile {

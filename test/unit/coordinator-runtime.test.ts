@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { CoordinatorError } from '../../src/coordinator/errors.ts';
-import { Membership } from '../../src/coordinator/membership.ts';
-import { Runtime, type Planner } from '../../src/coordinator/runtime.ts';
+import { Membership } from '../../src/coordinator/membership/membership.ts';
+import { Runtime, type Planner } from '../../src/coordinator/instances/runtime.ts';
 import { UsageError } from '../../src/shared/errors.ts';
 import { createLogger } from '../../src/shared/log.ts';
 

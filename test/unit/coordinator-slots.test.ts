@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { CoordinatorError } from '../../src/coordinator/errors.ts';
-import { Slots } from '../../src/coordinator/slots.ts';
+import { Slots } from '../../src/coordinator/instances/slots.ts';
 
 const tick = () => new Promise((r) => setImmediate(r));
 

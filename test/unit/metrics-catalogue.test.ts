@@ -4,8 +4,8 @@ import type { AddressInfo } from 'node:net';
 import { resolve } from 'node:path';
 import { Registry } from 'prom-client';
 import { afterEach, describe, expect, it } from 'vitest';
-import { agentHost, prometheusTargets, prometheusTargetsHandler, sdNodeFromEntry } from '../../src/coordinator/prometheus-sd.ts';
-import type { NodeEntry } from '../../src/coordinator/registry.ts';
+import { agentHost, prometheusTargets, prometheusTargetsHandler, sdNodeFromEntry } from '../../src/coordinator/api/prometheus-sd.ts';
+import type { NodeEntry } from '../../src/coordinator/membership/registry.ts';
 import type { HardwareProfile } from '../../src/shared/hardware.ts';
 import { CATALOGUE, COORDINATOR_METRICS, findMetric, NODE_METRICS, TARGET_LABELS, TARGET_LABELS_ALLOWED } from '../../src/shared/metrics/catalogue.ts';
 import {

@@ -9,9 +9,9 @@ import {
   mlxInstanceLaunch,
   rdmaDeviceBetween,
   ringAddresses,
-} from '../../src/coordinator/mlx-launch.ts';
-import { checkRankReport } from '../../src/coordinator/mlx-instance.ts';
-import { mlxPlacementOptions } from '../../src/coordinator/planner-adapter.ts';
+} from '../../src/coordinator/instances/mlx/launch.ts';
+import { checkRankReport } from '../../src/coordinator/instances/mlx/instance.ts';
+import { mlxPlacementOptions } from '../../src/coordinator/instances/planner-adapter.ts';
 import { jacclDevicesFile, rankEnv } from '../../src/node/mlx/launch.ts';
 import { DEFAULT_MLX_MAX_TOKENS, mlxRankSpecFromRequest, mlxRequestOf, sameMlxRank, StopScanner } from '../../src/node/mlx/rank-spec.ts';
 import { requestLine } from '../../src/node/mlx/protocol.ts';

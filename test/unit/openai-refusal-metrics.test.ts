@@ -1,10 +1,10 @@
 import { createServer, request, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Membership } from '../../src/coordinator/membership.ts';
-import { CoordinatorMetrics, observeGeneration, refusalOutcome } from '../../src/coordinator/metrics.ts';
-import { installApi, type RouteTable, requestedModelOf } from '../../src/coordinator/openai/api.ts';
-import type { GenerateEvent, GenerateRequest, ModelStatus, Runtime } from '../../src/coordinator/runtime.ts';
+import { Membership } from '../../src/coordinator/membership/membership.ts';
+import { CoordinatorMetrics, observeGeneration, refusalOutcome } from '../../src/coordinator/api/metrics.ts';
+import { installApi, type RouteTable, requestedModelOf } from '../../src/coordinator/api/openai/api.ts';
+import type { GenerateEvent, GenerateRequest, ModelStatus, Runtime } from '../../src/coordinator/instances/runtime.ts';
 import { createLogger } from '../../src/shared/log.ts';
 
 /**

@@ -1,8 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { CoordinatorError } from '../../src/coordinator/errors.ts';
-import { ApiError, apiErrorOf, errorBody } from '../../src/coordinator/openai/errors.ts';
-import { messageText, parseChatRequest, parseCompletionRequest } from '../../src/coordinator/openai/requests.ts';
-import { completionResponse, sseData, streamChunk, usageChunk } from '../../src/coordinator/openai/responses.ts';
+import { ApiError, apiErrorOf, errorBody } from '../../src/coordinator/api/openai/errors.ts';
+import { messageText, parseChatRequest, parseCompletionRequest } from '../../src/coordinator/api/openai/requests.ts';
+import { completionResponse, sseData, streamChunk, usageChunk } from '../../src/coordinator/api/openai/responses.ts';
 import { OrchardError, UsageError } from '../../src/shared/errors.ts';
 
 const limits = (model: string) => {

@@ -1,6 +1,6 @@
 import { createInterface } from 'node:readline/promises';
 import { type Command, Option } from 'commander';
-import { DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/client.ts';
+import { DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { parseInteger } from '../../shared/units.ts';
 import { type ApiClientOptions, apiJson, apiSse } from '../api-client.ts';

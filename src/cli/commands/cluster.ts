@@ -1,6 +1,6 @@
 import { networkInterfaces } from 'node:os';
 import type { Command } from 'commander';
-import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
+import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { UsageError } from '../../shared/errors.ts';
 
 /** Ask a coordinator to take in a node agent (static join, for networks without multicast). */

@@ -1,8 +1,8 @@
 import { isIP } from 'node:net';
 import { type Command, Option } from 'commander';
-import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/client.ts';
+import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/api/client.ts';
 import { startCoordinator } from '../../coordinator/coordinator.ts';
-import { defaultStateDir, StateDir } from '../../coordinator/state-dir.ts';
+import { defaultStateDir, StateDir } from '../../coordinator/state/state-dir.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { parseInteger, parsePort, parseSize } from '../../shared/units.ts';

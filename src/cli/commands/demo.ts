@@ -3,7 +3,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
-import { CoordinatorClient } from '../../coordinator/client.ts';
+import { CoordinatorClient } from '../../coordinator/api/client.ts';
 import { findLlamaBinaries } from '../../node/llama/binaries.ts';
 import { OrchardError } from '../../shared/errors.ts';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';

@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
+import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { parseInteger } from '../../shared/units.ts';
 

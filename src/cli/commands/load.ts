@@ -1,6 +1,6 @@
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
+import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
 import { createProgress } from '../progress.ts';

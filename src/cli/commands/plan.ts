@@ -2,7 +2,7 @@ import { readFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import Table from 'cli-table3';
 import type { Command } from 'commander';
-import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
+import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
 import { CACHE_TYPES, type CacheType } from '../../shared/memory/kv.ts';

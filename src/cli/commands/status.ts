@@ -1,6 +1,6 @@
 import Table from 'cli-table3';
 import type { Command } from 'commander';
-import { CoordinatorClient, coordinatorAddress } from '../../coordinator/client.ts';
+import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { formatBandwidth, formatBytes } from '../../shared/units.ts';
 
 type Wire = Record<string, unknown>;

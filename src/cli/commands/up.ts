@@ -1,9 +1,9 @@
 import { isIP } from 'node:net';
 import { networkInterfaces } from 'node:os';
 import { type Command, Option } from 'commander';
-import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/client.ts';
+import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/api/client.ts';
 import { startCoordinator } from '../../coordinator/coordinator.ts';
-import { defaultStateDir as coordinatorStateDir } from '../../coordinator/state-dir.ts';
+import { defaultStateDir as coordinatorStateDir } from '../../coordinator/state/state-dir.ts';
 import { NodeAgent } from '../../node/agent.ts';
 import { probeHardware, readLiveStats } from '../../node/hardware/probe.ts';
 import { defaultStateDir as nodeStateDir } from '../../node/identity.ts';

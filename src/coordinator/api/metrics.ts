@@ -1,6 +1,6 @@
 import { type Gauge, Registry } from 'prom-client';
-import { UsageError } from '../shared/errors.ts';
-import type { REQUEST_OUTCOMES, STAGE_MEMORY_KINDS } from '../shared/metrics/catalogue.ts';
+import { UsageError } from '../../shared/errors.ts';
+import type { REQUEST_OUTCOMES, STAGE_MEMORY_KINDS } from '../../shared/metrics/catalogue.ts';
 import {
   type CoordinatorMetricSet,
   createCoordinatorMetrics,
@@ -8,11 +8,11 @@ import {
   nodeStateCounts,
   removeModelSeries,
   replaceGaugeSeries,
-} from '../shared/metrics/factories.ts';
-import { CoordinatorError } from './errors.ts';
-import type { Membership } from './membership.ts';
-import type { NodeEntry } from './registry.ts';
-import { type GenerateEvent, type GenerateRequest, type ModelStatus, Runtime, type RuntimeOptions } from './runtime.ts';
+} from '../../shared/metrics/factories.ts';
+import { CoordinatorError } from '../errors.ts';
+import type { Membership } from '../membership/membership.ts';
+import type { NodeEntry } from '../membership/registry.ts';
+import { type GenerateEvent, type GenerateRequest, type ModelStatus, Runtime, type RuntimeOptions } from '../instances/runtime.ts';
 
 /**
  * The coordinator's Prometheus metrics (catalogue: COORDINATOR_METRICS), on its own Registry and

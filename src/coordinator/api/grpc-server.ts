@@ -1,16 +1,16 @@
 import * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
-import { errorMessage } from '../shared/errors.ts';
-import type { Logger } from '../shared/log.ts';
-import { createGrpcServer } from '../shared/grpc-server.ts';
-import { orchardV1 } from '../shared/proto.ts';
-import { CoordinatorError, toServiceError } from './errors.ts';
-import { joinTokenMatches } from './join-token.ts';
-import type { Membership } from './membership.ts';
-import type { NodeEntry } from './registry.ts';
-import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from './runtime.ts';
-import { liveToWire, profileToWire } from './wire.ts';
-import { PlanDoesNotFitError } from './planner-adapter.ts';
+import { errorMessage } from '../../shared/errors.ts';
+import type { Logger } from '../../shared/log.ts';
+import { createGrpcServer } from '../../shared/grpc-server.ts';
+import { orchardV1 } from '../../shared/proto.ts';
+import { CoordinatorError, toServiceError } from '../errors.ts';
+import { joinTokenMatches } from '../membership/join-token.ts';
+import type { Membership } from '../membership/membership.ts';
+import type { NodeEntry } from '../membership/registry.ts';
+import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from '../instances/runtime.ts';
+import { liveToWire, profileToWire } from '../membership/wire.ts';
+import { PlanDoesNotFitError } from '../instances/planner-adapter.ts';
 
 /**
  * `orchard.v1.Coordinator` over gRPC: validates at the edge (zod), delegates to membership and

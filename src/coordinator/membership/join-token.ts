@@ -1,5 +1,5 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import { UsageError } from '../shared/errors.ts';
+import { UsageError } from '../../shared/errors.ts';
 
 /**
  * The cluster's join token: the shared secret a node presents to `Coordinator.Join`.

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
-import { orchardV1 } from '../shared/proto.ts';
+import { orchardV1 } from '../../shared/proto.ts';
 import { type EngineInfo, type EngineKindName, engineFromWire, liveFromWire, profileFromWire } from './wire.ts';
-import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
+import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
 
 /** What a node agent's Watch stream says, already converted. */
 export type AgentEvent =

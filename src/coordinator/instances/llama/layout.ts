@@ -1,6 +1,6 @@
-import type { MemoryOptions } from '../shared/memory/stage.ts';
-import { llamaDeviceArgs, llamaMemoryArgs } from '../shared/placement/llama-args.ts';
-import type { PlannedDevice } from './engine-verify.ts';
+import type { MemoryOptions } from '../../../shared/memory/stage.ts';
+import { llamaDeviceArgs, llamaMemoryArgs } from '../../../shared/placement/llama-args.ts';
+import type { PlannedDevice } from './verify.ts';
 
 /**
  * From a plan's stages to the llama-server arguments that pin each stage's layer range to its

@@ -3,8 +3,8 @@ import { chmod, mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { OrchardError } from '../shared/errors.ts';
-import { generateJoinToken, validateJoinToken } from './join-token.ts';
+import { OrchardError } from '../../shared/errors.ts';
+import { generateJoinToken, validateJoinToken } from '../membership/join-token.ts';
 
 /**
  * The coordinator's state directory: its cluster id, its join token (0600) and the agents

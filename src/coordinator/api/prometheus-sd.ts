@@ -1,6 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { hostPort } from '../shared/metrics/http.ts';
-import type { NodeEntry } from './registry.ts';
+import { hostPort } from '../../shared/metrics/http.ts';
+import type { NodeEntry } from '../membership/registry.ts';
 
 /**
  * Prometheus HTTP service discovery: the coordinator answers `GET /v1/prometheus/targets` with

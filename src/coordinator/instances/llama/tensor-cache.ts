@@ -1,10 +1,10 @@
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import type { Logger } from '../shared/log.ts';
-import { errorMessage } from '../shared/errors.ts';
-import type { CacheStage } from '../shared/rpc-cache/plan.ts';
-import { identifyModelFile } from '../node/model-files.ts';
-import type { AgentClient, PrepareCacheDone } from './agent-client.ts';
+import type { Logger } from '../../../shared/log.ts';
+import { errorMessage } from '../../../shared/errors.ts';
+import type { CacheStage } from '../../../shared/rpc-cache/plan.ts';
+import { identifyModelFile } from '../../../node/model-files.ts';
+import type { AgentClient, PrepareCacheDone } from '../../membership/agent-client.ts';
 
 /**
  * Coordinator side of "no weight bytes over the network when nodes have the file": before a

@@ -1,4 +1,4 @@
-import { CoordinatorError } from './errors.ts';
+import { CoordinatorError } from '../errors.ts';
 
 /**
  * Admission control for one model instance: `capacity` requests run at once (llama-server's

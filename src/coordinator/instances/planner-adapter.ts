@@ -1,14 +1,14 @@
 import { isAbsolute } from 'node:path';
-import { readGgufHeader } from '../shared/gguf/reader.ts';
-import type { CacheType } from '../shared/memory/kv.ts';
-import { deviceBytes, memoryModel, type MemoryOptions } from '../shared/memory/stage.ts';
-import { modelProfile } from '../shared/model/profile.ts';
-import { isMlxModelDir, readMlxModelProfile } from '../shared/model/mlx-profile.ts';
-import { planPlacement } from '../shared/placement/planner.ts';
-import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode } from '../shared/placement/types.ts';
-import { UsageError } from '../shared/errors.ts';
-import { CoordinatorError } from './errors.ts';
-import type { NodeEntry } from './registry.ts';
+import { readGgufHeader } from '../../shared/gguf/reader.ts';
+import type { CacheType } from '../../shared/memory/kv.ts';
+import { deviceBytes, memoryModel, type MemoryOptions } from '../../shared/memory/stage.ts';
+import { modelProfile } from '../../shared/model/profile.ts';
+import { isMlxModelDir, readMlxModelProfile } from '../../shared/model/mlx-profile.ts';
+import { planPlacement } from '../../shared/placement/planner.ts';
+import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode } from '../../shared/placement/types.ts';
+import { UsageError } from '../../shared/errors.ts';
+import { CoordinatorError } from '../errors.ts';
+import type { NodeEntry } from '../membership/registry.ts';
 import type { LoadOptions, PlacementResult, Planner } from './runtime.ts';
 
 /**

@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type * as grpc from '@grpc/grpc-js';
-import type { Logger } from '../shared/log.ts';
-import { errorMessage } from '../shared/errors.ts';
+import type { Logger } from '../../shared/log.ts';
+import { errorMessage } from '../../shared/errors.ts';
 import { AgentClient, type AgentEvent, agentEventFromWire } from './agent-client.ts';
 import { type DiscoveredBy, type NodeEntry, Registry, type RegistryChange, type RegistryOptions } from './registry.ts';
 

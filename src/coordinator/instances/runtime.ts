@@ -3,19 +3,19 @@ import { EventEmitter } from 'node:events';
 import { stat } from 'node:fs/promises';
 import { basename } from 'node:path';
 import type * as grpc from '@grpc/grpc-js';
-import { errorMessage, OrchardError, UsageError } from '../shared/errors.ts';
-import type { Logger } from '../shared/log.ts';
-import type { AgentClient, AgentEvent } from './agent-client.ts';
-import { type HeadOptions, headLayout, type LayoutStage } from './engine-layout.ts';
-import { parseEngineLog, type VerifyResult, verifyEngineReport } from './engine-verify.ts';
-import { CoordinatorError } from './errors.ts';
-import type { Membership } from './membership.ts';
-import type { NodeEntry, RegistryChange } from './registry.ts';
+import { errorMessage, OrchardError, UsageError } from '../../shared/errors.ts';
+import type { Logger } from '../../shared/log.ts';
+import type { AgentClient, AgentEvent } from '../membership/agent-client.ts';
+import { type HeadOptions, headLayout, type LayoutStage } from './llama/layout.ts';
+import { parseEngineLog, type VerifyResult, verifyEngineReport } from './llama/verify.ts';
+import { CoordinatorError } from '../errors.ts';
+import type { Membership } from '../membership/membership.ts';
+import type { NodeEntry, RegistryChange } from '../membership/registry.ts';
 import { memoryOptionsOf } from './planner-adapter.ts';
 import { Slots } from './slots.ts';
-import { ModelIdentity, defaultModelHashDir, seedStageCache } from './tensor-cache.ts';
-import { engineForModel, looksLikeMlxModelDir, mlxInstanceLaunch } from './mlx-launch.ts';
-import { type MlxRankEngine, startMlxRanks, submitToFollowers } from './mlx-instance.ts';
+import { ModelIdentity, defaultModelHashDir, seedStageCache } from './llama/tensor-cache.ts';
+import { engineForModel, looksLikeMlxModelDir, mlxInstanceLaunch } from './mlx/launch.ts';
+import { type MlxRankEngine, startMlxRanks, submitToFollowers } from './mlx/instance.ts';
 
 /**
  * The runtime: model instances across the cluster. Load = plan against live nodes → start the

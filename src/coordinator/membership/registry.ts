@@ -1,4 +1,4 @@
-import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
+import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
 
 /**
  * The coordinator's view of cluster membership: a pure state machine keyed by the node's

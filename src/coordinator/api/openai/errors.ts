@@ -1,5 +1,5 @@
-import { OrchardError, UsageError } from '../../shared/errors.ts';
-import { type CoordinatorCode, CoordinatorError } from '../errors.ts';
+import { OrchardError, UsageError } from '../../../shared/errors.ts';
+import { type CoordinatorCode, CoordinatorError } from '../../errors.ts';
 
 /**
  * OpenAI-shaped errors: `{"error": {"message", "type", "code", "param"}}` with the HTTP status

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import type { ChatMessage, GenerateRequest } from '../runtime.ts';
+import type { ChatMessage, GenerateRequest } from '../../instances/runtime.ts';
 import { type ApiError, invalid } from './errors.ts';
 
 /**

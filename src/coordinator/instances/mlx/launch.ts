@@ -1,7 +1,7 @@
 import { existsSync, readdirSync } from 'node:fs';
 import { isIPv4 } from 'node:net';
-import { UsageError } from '../shared/errors.ts';
-import type { NetworkInterfaceInfo } from '../shared/hardware.ts';
+import { UsageError } from '../../../shared/errors.ts';
+import type { NetworkInterfaceInfo } from '../../../shared/hardware.ts';
 
 /**
  * How the coordinator lays out one MLX model instance over its nodes. Pure: the runtime hands in

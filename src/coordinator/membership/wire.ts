@@ -1,4 +1,4 @@
-import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
+import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
 
 /**
  * Conversions between proto-loader objects (longs as strings, enums as names, camelCase) and

@@ -1,5 +1,5 @@
 import { Bonjour, type Browser, type Service, type ServiceConfig } from 'bonjour-service';
-import type { Logger } from '../shared/log.ts';
+import type { Logger } from '../../shared/log.ts';
 
 export const ORCHARD_SERVICE_TYPE = 'orchard';
 

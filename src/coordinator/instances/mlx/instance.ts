@@ -1,8 +1,8 @@
 import type * as grpc from '@grpc/grpc-js';
-import { errorMessage } from '../shared/errors.ts';
-import type { AgentClient, AgentGenerateRequest } from './agent-client.ts';
-import { CoordinatorError } from './errors.ts';
-import type { MlxInstanceLaunch, MlxRankLaunch } from './mlx-launch.ts';
+import { errorMessage } from '../../../shared/errors.ts';
+import type { AgentClient, AgentGenerateRequest } from '../../membership/agent-client.ts';
+import { CoordinatorError } from '../../errors.ts';
+import type { MlxInstanceLaunch, MlxRankLaunch } from './launch.ts';
 
 /**
  * Starting and driving the ranks of one MLX instance through their node agents (I/O; the layout

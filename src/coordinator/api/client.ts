@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
-import { OrchardError, UsageError } from '../shared/errors.ts';
-import { orchardV1 } from '../shared/proto.ts';
+import { OrchardError, UsageError } from '../../shared/errors.ts';
+import { orchardV1 } from '../../shared/proto.ts';
 
 /** Where the CLI finds the coordinator: --coordinator, ORCHARD_COORDINATOR, or this machine. */
 export const DEFAULT_COORDINATOR_GRPC_PORT = 7420;

@@ -1,4 +1,4 @@
-import type { GenerateEvent, ModelStatus } from '../runtime.ts';
+import type { GenerateEvent, ModelStatus } from '../../instances/runtime.ts';
 
 /**
  * OpenAI response objects, built from runtime events. Pure: the HTTP layer decides when to send
