@@ -2,7 +2,8 @@ import { isAbsolute, join } from 'node:path';
 import type { Logger } from '../shared/log.ts';
 import { errorMessage } from '../shared/errors.ts';
 import { type SeedProgress, type SeedResult, seedTensorCache } from './llama/tensor-cache.ts';
-import { type ModelFile, findModelFile, scanModelFiles } from './model-files.ts';
+import type { ModelFile } from '../shared/model/file-identity.ts';
+import { findModelFile, scanModelFiles } from './model-files.ts';
 
 /**
  * The node's model files (from `--models-dir` / ORCHARD_NODE_MODELS_DIR) and the PrepareCache

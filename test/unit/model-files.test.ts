@@ -3,7 +3,8 @@ import { mkdir, mkdtemp, readFile, rm, utimes, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { findModelFile, identifyModelFile, listGgufFiles, parseModelsDirs, scanModelFiles } from '../../src/node/model-files.ts';
+import { findModelFile, listGgufFiles, parseModelsDirs, scanModelFiles } from '../../src/node/model-files.ts';
+import { identifyModelFile } from '../../src/shared/model/file-identity.ts';
 
 let dir = '';
 beforeAll(async () => {

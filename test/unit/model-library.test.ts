@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeGguf } from '../../src/shared/gguf/writer.ts';
 import { createLogger } from '../../src/shared/log.ts';
 import { ModelLibrary, PrepareCacheError } from '../../src/node/model-library.ts';
-import { sha256File } from '../../src/node/model-files.ts';
+import { sha256File } from '../../src/shared/model/file-identity.ts';
 
 const log = createLogger('test', 'silent');
 let dir = '';

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import type { Logger } from '../../../shared/log.ts';
 import { errorMessage } from '../../../shared/errors.ts';
 import type { CacheStage } from '../../../shared/rpc-cache/plan.ts';
-import { identifyModelFile } from '../../../node/model-files.ts';
+import { identifyModelFile } from '../../../shared/model/file-identity.ts';
 import type { AgentClient, PrepareCacheDone } from '../../membership/agent-client.ts';
 
 /**
