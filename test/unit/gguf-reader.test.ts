@@ -1,4 +1,5 @@
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { GgmlType as NlcGgmlType, readGgufFileInfo } from 'node-llama-cpp';
@@ -171,6 +172,27 @@ describe('GGUF file reading', () => {
     await writeGguf(big, { metadata: [['k', gv.str('x'.repeat(100_000))]], tensors: [] });
     await expect(readGgufHeader(big, { maxHeaderBytes: 10_000, initialBytes: 1000 })).rejects.toThrow(/header needs more than 10000 bytes/);
   });
+
+  it('refuses a FIFO at once instead of blocking on it', async () => {
+    const fifo = join(dir, 'model.fifo');
+    execFileSync('mkfifo', [fifo]);
+    const started = Date.now();
+    await expect(readGgufHeader(fifo)).rejects.toThrow(`cannot read GGUF file ${fifo}: not a regular file`);
+    expect(Date.now() - started).toBeLessThan(2000);
+  });
+
+  it('refuses a huge array before reading or allocating it, even when the file is large enough', async () => {
+    // A sparse 1 GiB file whose header claims a 512 Mi-element uint8 array: as JS numbers that
+    // would be 4 GiB, eight times the bytes that encode it.
+    const path = join(dir, 'huge-array.gguf');
+    const fh = await open(path, 'w');
+    await fh.write(Buffer.concat([head(3, 0, 1), str('k'), u32(9), u32(0), u64(2 ** 29)]));
+    await fh.truncate(2 ** 30);
+    await fh.close();
+    const err = await readGgufHeader(path).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(GgufError);
+    expect((err as Error).message).toMatch(/array of key 'k' would take about 4294967\d+ bytes of memory, more than 4 times/);
+  });
 });
 
 function sizeOf(t: GgufSpec['tensors'][number]): number {
@@ -239,6 +261,26 @@ describe('GGUF reader on hostile input', () => {
       expect((err as Error).message).not.toContain('\n');
     });
   }
+
+  it('bounds decoded memory by the header bytes: byte arrays past the slack are refused, a vocabulary is not', () => {
+    const bytes = (n: number) => Buffer.concat([head(3, 0, 1), str('k'), u32(9), u32(7), u64(n), Buffer.alloc(n)]);
+    expect(() => parseGgufHeader(bytes(1024 * 1024))).not.toThrow();
+    expect(() => parseGgufHeader(bytes(8 * 1024 * 1024))).toThrow(/array of key 'k' would take about \d+ bytes of memory/);
+    // Checked as soon as the count is read, though only a prefix of the file is at hand.
+    const claim = Buffer.concat([head(3, 0, 1), str('k'), u32(9), u32(0), u64(2 ** 29)]);
+    expect(() => parseGgufHeader(claim, { fileSize: 2 ** 40 })).toThrow(GgufError);
+    const vocab = Array.from({ length: 200_000 }, (_, i) => `tok${i}`);
+    const spec: GgufSpec = {
+      metadata: [
+        ['tokenizer.ggml.tokens', gv.arr('string', vocab)],
+        ['tokenizer.ggml.scores', gv.arr('float32', vocab.map((_, i) => -i))],
+        ['tokenizer.ggml.token_type', gv.arr('int32', vocab.map(() => 1))],
+      ],
+      tensors: [],
+    };
+    const h = parseGgufHeader(encodeGgufHeader(spec).headerBytes);
+    expect(metaArray(h, 'tokenizer.ggml.tokens')?.value.length).toBe(200_000);
+  });
 
   it('accepts the smallest valid file (no tensors, no metadata) and a GGUF v2 file', () => {
     expect(parseGgufHeader(head(3, 0, 0))).toMatchObject({ version: 3, tensors: [], dataOffset: 24, dataSize: 0 });

@@ -1,4 +1,5 @@
-import { open } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, stat } from 'node:fs/promises';
 import { UsageError, errorMessage } from '../errors.ts';
 import { type GgmlType, ggmlTypeById, removedGgmlTypeName } from './ggml-types.ts';
 import {
@@ -19,8 +20,9 @@ import {
  * GGUF header reader. The rules mirror llama.cpp's loader (`ggml/src/gguf.cpp`), so a file this
  * reader accepts is one llama.cpp would accept, and a file it rejects gets one clear line saying
  * why. Every length and count read from the file is checked against the bytes that remain
- * before anything is allocated, so hostile input cannot make it crash, hang or allocate more
- * than a small multiple of the input size.
+ * before anything is allocated, and the JavaScript values decoded from the header may take at
+ * most DECODED_PER_WIRE_BYTE times the header's own bytes (plus a fixed slack), so hostile input
+ * cannot make it crash, hang or allocate more than a small multiple of the input size.
  */
 
 /** A malformed or unsupported GGUF file (exit 2: bad input file). */
@@ -34,6 +36,31 @@ const MAX_ARRAY_ELEMENTS = 1024 * 1024 * 1024;
 /** Smallest encodings, used to refuse counts that cannot fit in the remaining bytes. */
 const MIN_KV_BYTES = 8 + 1 + 4 + 1; // key length, 1-byte key, type, 1-byte value
 const MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 4 + 8; // name length, 1-byte name, n_dims=0, type, offset
+
+/**
+ * Memory bound of the decoded header: JS heap bytes per header byte read. A JS array holds 8
+ * bytes per element whatever the wire type, so without it a header of uint8 or bool arrays
+ * would grow eightfold (a 512 MiB header, GBs of arrays). Strings, int32 and float32 arrays
+ * (a real vocabulary) stay under 4x; the slack covers small byte arrays such as a
+ * sentencepiece `precompiled_charsmap`.
+ */
+const DECODED_PER_WIRE_BYTE = 4;
+const DECODED_SLACK_BYTES = 16 * 1024 * 1024;
+/** Estimated V8 heap bytes of one decoded element (the array slot included). */
+const JS_BYTES_PER_ITEM: Record<GgufScalarType, number> = {
+  uint8: 8,
+  int8: 8,
+  uint16: 8,
+  int16: 8,
+  uint32: 8,
+  int32: 8,
+  float32: 8,
+  float64: 8,
+  bool: 8,
+  uint64: 32, // a heap BigInt and its slot
+  int64: 32,
+  string: 32, // a heap string header and its slot; its characters are counted as read
+};
 
 const SCALAR_SIZE: Record<GgufScalarType, number> = {
   uint8: 1,
@@ -61,6 +88,8 @@ const DECODER = new TextDecoder('utf-8');
 
 class Cursor {
   pos = 0;
+  /** Estimated JS heap bytes of the values decoded so far. */
+  private decoded = 0;
   private readonly buf: Buffer;
 
   constructor(
@@ -82,6 +111,20 @@ class Cursor {
       );
     }
     if (this.pos + n > this.buf.length) throw new NeedMoreBytes(this.pos + n);
+  }
+
+  /**
+   * Account for `jsBytes` of decoded values whose encoding ends `wireBytes` from here, refusing
+   * before anything is allocated when they would outgrow the memory bound.
+   */
+  charge(jsBytes: number, wireBytes: number, what: string): void {
+    const allowed = DECODED_PER_WIRE_BYTE * (this.pos + wireBytes) + DECODED_SLACK_BYTES;
+    if (this.decoded + jsBytes > allowed) {
+      throw new GgufError(
+        `not a valid GGUF file: ${what} would take about ${this.decoded + jsBytes} bytes of memory, more than ${DECODED_PER_WIRE_BYTE} times the ${this.pos + wireBytes} header bytes that encode it`,
+      );
+    }
+    this.decoded += jsBytes;
   }
 
   u8(): number {
@@ -106,6 +149,7 @@ class Cursor {
     if (len > BigInt(maxBytes)) throw new GgufError(`not a valid GGUF file: ${what} length ${len} exceeds the maximum ${maxBytes}`);
     const n = Number(len);
     this.need(n, what);
+    this.charge(2 * n, n, what); // at most two bytes per UTF-16 code unit, one unit per byte
     const s = DECODER.decode(this.buf.subarray(this.pos, this.pos + n));
     this.pos += n;
     return s;
@@ -113,6 +157,7 @@ class Cursor {
 
   /** Read `count` scalars of one type; caller has checked the count against the remaining bytes. */
   scalars(type: GgufScalarType, count: number, what: string): unknown[] {
+    this.charge(JS_BYTES_PER_ITEM[type] * count, SCALAR_SIZE[type] * count, what);
     if (type === 'string') {
       const out: string[] = new Array(count);
       for (let i = 0; i < count; i++) out[i] = this.str(what);
@@ -329,15 +374,20 @@ export interface ReadGgufOptions {
  */
 export async function readGgufHeader(path: string, options: ReadGgufOptions = {}): Promise<GgufFileHeader> {
   const maxHeader = options.maxHeaderBytes ?? 512 * 1024 * 1024;
+  const notRegular = new UsageError(`cannot read GGUF file ${path}: not a regular file`);
   let fh: import('node:fs/promises').FileHandle;
   try {
-    fh = await open(path, 'r');
+    // Opening a FIFO for reading blocks until a writer comes, so look before opening; O_NONBLOCK
+    // keeps a path swapped for a FIFO in between from blocking, and the fstat below catches it.
+    if (!(await stat(path)).isFile()) throw notRegular;
+    fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (err) {
+    if (err === notRegular) throw err;
     throw new UsageError(`cannot read GGUF file ${path}: ${errorMessage(err)}`);
   }
   try {
     const st = await fh.stat();
-    if (!st.isFile()) throw new UsageError(`cannot read GGUF file ${path}: not a regular file`);
+    if (!st.isFile()) throw notRegular;
     const fileSize = st.size;
     let buf = Buffer.alloc(Math.min(fileSize, options.initialBytes ?? 256 * 1024, maxHeader));
     let filled = 0;
