@@ -1,5 +1,5 @@
 import type { LayerProfile } from '../model/profile.ts';
-import type { MemoryModel } from './stage.ts';
+import type { MemoryModel } from './memory-model.ts';
 
 /**
  * Compute-buffer estimate per device, derived from how llama.cpp reserves it

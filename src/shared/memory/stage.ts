@@ -1,6 +1,10 @@
 import type { ModelProfile } from '../model/profile.ts';
 import { computeBufferBytes, hostComputeBufferBytes } from './compute.ts';
-import { type CacheType, type KvGeometry, type KvOptions, kvGeometry, layerKvBytes } from './kv.ts';
+import { type KvOptions, kvGeometry, layerKvBytes } from './kv.ts';
+import type { MemoryModel, MemoryOptions } from './memory-model.ts';
+
+// The types live in memory-model.ts so compute.ts can use them without importing this file back.
+export type { MemoryModel, MemoryOptions } from './memory-model.ts';
 
 /**
  * Memory per stage. A stage is one device holding a contiguous layer range. The LAST stage is
@@ -11,15 +15,6 @@ import { type CacheType, type KvGeometry, type KvOptions, kvGeometry, layerKvByt
  * `token_embd` (llama.cpp keeps the input layer on the CPU) plus a small host compute buffer.
  * On Apple Silicon both live in the same unified memory, so both count against the head's budget.
  */
-export interface MemoryOptions {
-  readonly ctx: number;
-  readonly cacheType: CacheType;
-  readonly parallel: number;
-  readonly unified: boolean;
-  readonly ubatch: number;
-  /** Flash attention on the devices (llama.cpp `-fa auto` turns it on where the backend supports it). */
-  readonly flashAttention: boolean;
-}
 
 export const DEFAULT_MEMORY_OPTIONS: MemoryOptions = {
   ctx: 4096,
@@ -53,21 +48,6 @@ export interface DeviceBytes {
   readonly model: number;
   readonly kv: number;
   readonly compute: number;
-}
-
-/** Everything per layer precomputed once, so planners can price ranges with prefix sums. */
-export interface MemoryModel {
-  readonly profile: ModelProfile;
-  readonly options: MemoryOptions;
-  readonly geometry: KvGeometry;
-  readonly layerWeights: readonly number[];
-  readonly layerKv: readonly number[];
-  /** Bytes a decoded token reads per layer: weights (routed experts only) + the KV it attends to. */
-  readonly layerRead: readonly number[];
-  /** Output-layer weights: output_norm + output (+ unclassified tensors). */
-  readonly outputWeights: number;
-  /** Host-side (CPU) bytes of the head process: token_embd. */
-  readonly hostWeights: number;
 }
 
 export function kvOptions(o: MemoryOptions): KvOptions {
