@@ -1,7 +1,7 @@
 import { Registry } from 'prom-client';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import { createNodeMetrics, type NodeMetricSet, recordNodeProfile } from '../shared/metrics/factories.ts';
-import type { EngineExit, EngineInfo } from './supervisor.ts';
+import type { EngineExit, EngineInfo, EngineSupervisor } from './supervisor.ts';
 
 /**
  * The node agent's Prometheus metrics, built from the shared catalogue
@@ -9,8 +9,8 @@ import type { EngineExit, EngineInfo } from './supervisor.ts';
  * prom-client's global one, so several agents in one test process cannot mix their series).
  * Gauges read the agent's current state at scrape time through `collect`, so they are never
  * stale; counters start at 0 for every engine kind so the first crash is an increase rate() sees.
- * orchard_rpc_bytes_total is declared but not exported: this agent does not relay RPC traffic
- * (llama-server talks to the rpc-servers directly), so it has no honest number to give.
+ * The agent restarts no engine and relays no RPC traffic (llama-server talks to the rpc-servers
+ * directly), so it counts neither: a crash is an exit with expected="false".
  */
 export interface NodeMetricsSource {
   profile(): HardwareProfile;
@@ -49,9 +49,14 @@ export class NodeMetrics {
     this.metrics = set;
   }
 
-  engineStarted(info: EngineInfo, isRestart: boolean): void {
+  /** Count the supervisor's engine starts and exits (the agent's one wiring, tested as is). */
+  follow(supervisor: Pick<EngineSupervisor, 'on'>): void {
+    supervisor.on('started', (info) => this.engineStarted(info));
+    supervisor.on('exited', (exit) => this.engineExited(exit));
+  }
+
+  engineStarted(info: EngineInfo): void {
     this.metrics.engineStartsTotal.inc({ engine: info.kind });
-    if (isRestart) this.metrics.engineRestartsTotal.inc({ engine: info.kind });
   }
 
   engineExited(exit: EngineExit): void {

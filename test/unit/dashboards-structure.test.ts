@@ -1,7 +1,8 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { findMetric } from '../../src/shared/metrics/catalogue.ts';
+import { type AnyMetricDef, CATALOGUE, findMetric } from '../../src/shared/metrics/catalogue.ts';
+import { idleMetrics, type MetricSample } from '../../src/shared/metrics/activity.ts';
 import {
   BUILTIN_VARIABLES,
   DATASOURCE_UID,
@@ -13,12 +14,15 @@ import {
   variablesIn,
 } from '../../src/shared/metrics/dashboards.ts';
 import { metricNamesInExpr } from '../../src/shared/metrics/promql.ts';
+import { exerciseCoordinatorMetrics, exerciseNodeMetrics } from '../helpers/metrics-exercise.ts';
 
 /**
  * Structural check of dashboards/*.json (an equivalent of validating against Grafana's
  * dashboard schema, see src/shared/metrics/dashboards.ts for why not @grafana/schema), datasource
  * consistency with the provisioned datasource, variables, and every query against the catalogue.
- * Whether the queries return data is the Prometheus integration test's job.
+ * Whether the queries return data is the Prometheus integration test's job; whether the metrics
+ * they read ever move is checked here against the code that sets them (a panel on a counter no
+ * code increments draws a flat 0 line that looks like "no crashes").
  */
 const ROOT = resolve(import.meta.dirname, '..', '..');
 const DIR = join(ROOT, 'dashboards');
@@ -124,6 +128,29 @@ describe('dashboards', () => {
     const badType = clone();
     (badType.panels[0] as { type: string }).type = 'graphh';
     expect(dashboardSchema.safeParse(badType).success).toBe(false);
+  });
+});
+
+/** Catalogue metrics the panels of `ds` read (Prometheus's own `up` aside). */
+function panelMetrics(ds: readonly Dashboard[]): AnyMetricDef[] {
+  const names = new Set(ds.flatMap((d) => dashboardQueries(d).flatMap((q) => metricNamesInExpr(q.expr))));
+  return CATALOGUE.filter((def) => [...names].some((n) => findMetric(n, [def])));
+}
+
+describe('dashboard panels read metrics that move', () => {
+  it('every metric a panel reads is set by the code a cluster runs (none idle)', async () => {
+    const samples: MetricSample[] = [...(await exerciseNodeMetrics()), ...(await exerciseCoordinatorMetrics())];
+    const read = panelMetrics(dashboards.map((x) => dashboardSchema.parse(x.raw)));
+    expect(read.length).toBeGreaterThanOrEqual(15);
+    expect(idleMetrics(samples, read)).toEqual([]);
+  }, 30_000);
+
+  it('a panel on a counter that stays at 0 fails the check (it can fail)', () => {
+    const d = JSON.parse(JSON.stringify(dashboards[0]!.raw)) as Dashboard;
+    d.panels[0]!.targets![0]!.expr = 'sum(increase(orchard_engine_exits_total[$__rate_interval]))';
+    const read = panelMetrics([d]);
+    const zeros: MetricSample[] = [{ name: 'orchard_engine_exits_total', labels: { engine: 'rpc-server', expected: 'false' }, value: 0 }];
+    expect(idleMetrics(zeros, read)).toContainEqual({ name: 'orchard_engine_exits_total', reason: 'never moved' });
   });
 });
 

@@ -152,28 +152,12 @@ export const NODE_METRICS = {
     unit: 'count',
     exportedBy: 'node',
   }),
-  engineRestartsTotal: counter({
-    name: 'orchard_engine_restarts_total',
-    help: 'Starts of an engine that had run before (crash recovery or a restart the coordinator asked for)',
-    labelNames: ['engine'],
-    labelValues: { engine: ENGINE_KINDS },
-    unit: 'count',
-    exportedBy: 'node',
-  }),
   engineExitsTotal: counter({
     name: 'orchard_engine_exits_total',
     help: 'Engine exits; expected="false" are crashes or kills the agent did not ask for',
     labelNames: ['engine', 'expected'],
     labelValues: { engine: ENGINE_KINDS, expected: ['true', 'false'] },
     unit: 'count',
-    exportedBy: 'node',
-  }),
-  rpcBytesTotal: counter({
-    name: 'orchard_rpc_bytes_total',
-    help: 'Bytes of engine RPC traffic between pipeline stages that pass through this agent (only where the agent relays the link; absent otherwise)',
-    labelNames: ['model', 'direction'],
-    labelValues: { direction: ['sent', 'received'] },
-    unit: 'bytes',
     exportedBy: 'node',
   }),
 } as const;

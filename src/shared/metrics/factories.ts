@@ -55,7 +55,7 @@ export function createMetrics<C extends Record<string, AnyMetricDef>>(registry: 
 
 /**
  * Every label combination of a metric whose labels are all enumerated in the catalogue (e.g.
- * orchard_engine_restarts_total{engine}). Counters start at 0 for each, so a restart or a crash
+ * orchard_engine_exits_total{engine,expected}). Counters start at 0 for each, so a restart or a crash
  * shows up as an increase from 0 instead of a series that appears out of nothing (which
  * rate()/increase() miss), and dashboards have data before the first event. Returns nothing when
  * a label is open-ended (model, node): those series start when the model or node appears.

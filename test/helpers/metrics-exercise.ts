@@ -1,0 +1,151 @@
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { CoordinatorMetrics, observeGeneration } from '../../src/coordinator/api/metrics.ts';
+import type { GenerateEvent, ModelStatus } from '../../src/coordinator/instances/runtime.ts';
+import { Membership } from '../../src/coordinator/membership/membership.ts';
+import type { EngineSpec } from '../../src/node/engine-spec.ts';
+import { NodeMetrics } from '../../src/node/metrics.ts';
+import { EngineSupervisor } from '../../src/node/supervisor.ts';
+import type { HardwareProfile } from '../../src/shared/hardware.ts';
+import { createLogger } from '../../src/shared/log.ts';
+import { type MetricSample, samplesFromRegistry } from '../../src/shared/metrics/activity.ts';
+
+/**
+ * Drive the code that sets Orchard's metrics the way a running cluster does, then read every
+ * sample back. Node side: the agent's NodeMetrics wired to a real EngineSupervisor (`follow`, as
+ * the agent does) that starts, stops and loses (SIGKILL) real child processes — a tiny TCP
+ * listener stands in for ggml-rpc-server, because the supervisor only needs "accepts
+ * connections". Coordinator side: CoordinatorMetrics on a real Membership whose registry sees
+ * nodes join and go suspect, a verified two-stage placement, requests through observeGeneration
+ * (what MeteredRuntime.generate wraps every request in) and a refusal at the HTTP edge.
+ * Used by the catalogue test (every metric set) and the dashboards test (no panel on an idle
+ * metric).
+ */
+
+const log = createLogger('metrics-exercise', 'silent');
+
+const PROFILE: HardwareProfile = {
+  nodeId: 'n-1',
+  name: 'studio',
+  hostname: 'studio.local',
+  os: 'macos',
+  osVersion: '15.1',
+  chip: 'Apple M2 Ultra',
+  performanceCores: 16,
+  efficiencyCores: 8,
+  gpuCores: 76,
+  memoryBytes: 192 * 2 ** 30,
+  bandwidthBytesPerSecond: 800e9,
+  wiredLimitBytes: 144 * 2 ** 30,
+  usableBytes: 140 * 2 ** 30,
+  engines: ['llama.cpp'],
+  interfaces: [],
+  protocolVersion: '1',
+  agentVersion: '0.1.0',
+};
+
+/** Stands in for ggml-rpc-server: listens where `-H host -p port` say until it is signalled. */
+const FAKE_RPC_SERVER = `#!${process.execPath}
+const a = process.argv;
+require('node:net').createServer((s) => s.destroy()).listen(Number(a[a.indexOf('-p') + 1]), a[a.indexOf('-H') + 1]);
+`;
+
+function rpcSpec(model: string): EngineSpec {
+  return { kind: 'rpc-server', engineId: '', bindHost: '127.0.0.1', port: 0, threads: 0, devices: [], cacheDir: '', args: [], model, readyTimeoutMs: 10_000, env: {} };
+}
+
+export async function exerciseNodeMetrics(): Promise<MetricSample[]> {
+  const dir = mkdtempSync(join(tmpdir(), 'orchard-metrics-'));
+  const rpcServer = join(dir, 'ggml-rpc-server');
+  writeFileSync(rpcServer, FAKE_RPC_SERVER);
+  chmodSync(rpcServer, 0o755);
+  const supervisor = new EngineSupervisor({ binaries: async () => ({ llamaServer: join(dir, 'absent'), rpcServer }), log, stopGraceMs: 2000 });
+  const metrics = new NodeMetrics({
+    profile: () => PROFILE,
+    live: () => ({ availableBytes: 100 * 2 ** 30, memoryPressure: 'warn', thermalState: 'nominal', timestampSeconds: 1 }),
+    engines: () => supervisor.list(),
+  });
+  metrics.follow(supervisor);
+  try {
+    const stopped = await supervisor.start(rpcSpec('m8'));
+    await supervisor.stop(stopped.engineId); // expected exit
+    const crashed = await supervisor.start(rpcSpec('m8'));
+    const crash = new Promise((r) => supervisor.once('exited', r));
+    process.kill(crashed.pid, 'SIGKILL'); // an exit the agent did not ask for
+    await crash;
+    await supervisor.start(rpcSpec('m8')); // running at scrape time: orchard_engine_up
+    return samplesFromRegistry(await metrics.registry.getMetricsAsJSON());
+  } finally {
+    await supervisor.shutdown();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const MiB = 2 ** 20;
+
+function placedModel(): ModelStatus {
+  const stage = (nodeName: string, firstLayer: number, lastLayer: number) => ({
+    nodeId: `id-${nodeName}`,
+    nodeName,
+    firstLayer,
+    lastLayer,
+    bytes: { weights: 100 * MiB, kv: 2 * MiB, compute: 3 * MiB, overhead: 4 * MiB, total: 109 * MiB },
+    budgetBytes: 1e9,
+    endpoint: '',
+  });
+  const device = (nodeName: string, layers: string) => ({ device: `RPC0[${nodeName}]`, nodeName, plannedLayers: layers, actualLayers: layers, actual: { model: 101 * MiB, kv: 2 * MiB, compute: 5 * MiB } });
+  return {
+    name: 'm8',
+    path: '/m/m8.gguf',
+    state: 'ready',
+    engine: 'llama',
+    stages: [stage('alpha', 0, 3), stage('bravo', 4, 7)],
+    error: '',
+    predictedTokensPerSecond: 42,
+    options: { ctx: 2048, cacheType: 'f16', parallel: 1, pinnedNodes: [] },
+    verification: { ok: true, problems: [], devices: [device('alpha', '0-3'), device('bravo', '4-7')], host: { model: 15 * MiB, kv: 0, compute: 9 * MiB } },
+  };
+}
+
+async function* stream(clock: { t: number }): AsyncGenerator<GenerateEvent> {
+  for (const [t, id] of [
+    [100, 1],
+    [130, 2],
+  ] as const) {
+    clock.t = t;
+    yield { kind: 'token', text: `t${id}`, tokenIds: [id] };
+  }
+  clock.t = 131;
+  yield { kind: 'done', finishReason: 'length', promptTokens: 5, completionTokens: 2, timings: { promptMs: 90, predictedMs: 30, promptTokensPerSecond: 55, predictedTokensPerSecond: 33, firstTokenMs: 100 } };
+}
+
+function profile(nodeId: string, name: string): HardwareProfile {
+  return { ...PROFILE, nodeId, name, hostname: name };
+}
+
+export async function exerciseCoordinatorMetrics(): Promise<MetricSample[]> {
+  const membership = new Membership({ suspectAfterMs: 2000, downAfterMs: 5000 }, log);
+  try {
+    const models = [placedModel()];
+    const cm = new CoordinatorMetrics({
+      version: '0.0.0',
+      membership,
+      processMetrics: false,
+      runtime: () => ({ models: () => models, slotUsage: () => [{ model: 'm8', running: 1, queued: 1 }] }),
+    });
+    // What Membership does with each registry change (its #apply): emit it.
+    const reg = membership.registry;
+    for (const c of reg.connected({ profile: profile('id-alpha', 'alpha'), address: '127.0.0.1:1', discoveredBy: 'join', session: 's1' }, 0)) membership.emit('change', c);
+    for (const c of reg.connected({ profile: profile('id-bravo', 'bravo'), address: '127.0.0.1:2', discoveredBy: 'join', session: 's2' }, 0)) membership.emit('change', c);
+    for (const c of reg.disconnected('id-bravo', 's2', 10)) membership.emit('change', c);
+    const clock = { t: 0 };
+    for await (const _ of observeGeneration(cm.metrics, 'm8', stream(clock), () => clock.t)) {
+      // drain: the client reads the whole stream
+    }
+    cm.refused('m8', 429);
+    return samplesFromRegistry(await cm.registry.getMetricsAsJSON());
+  } finally {
+    membership.close();
+  }
+}
