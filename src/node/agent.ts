@@ -110,8 +110,7 @@ export class NodeAgent {
     });
     this.supervisor = supervisor;
     const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list() });
-    supervisor.on('started', (info) => metrics.engineStarted(info, supervisor.restartsOf(info.engineId) > 0));
-    supervisor.on('exited', (exit) => metrics.engineExited(exit));
+    metrics.follow(supervisor);
     // Sample once so the first scrape has available memory.
     await this.live().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'live stats failed'));
 
