@@ -2,7 +2,7 @@ import { open, readFile, readdir } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { z } from 'zod';
 import { UsageError } from '../errors.ts';
-import type { LayerProfile, ModelProfile, SupportedArch } from './profile.ts';
+import { type LayerProfile, type ModelProfile, type SupportedArch, dominantType } from './profile.ts';
 
 /**
  * The planner's ModelProfile for an MLX model directory (config.json + safetensors), built from
@@ -146,9 +146,10 @@ const FAMILY: Readonly<Record<string, SupportedArch>> = {
 const LAYER_RE = /(?:^|\.)layers\.(\d+)\./;
 const EXPERT_RE = /\.(switch_mlp|experts)\./;
 
-/** Build the profile from a parsed config.json and every tensor of the checkpoint. Pure. */
-export function mlxModelProfile(configJson: unknown, tensors: readonly SafetensorsTensor[], files: readonly string[] = [], name?: string): MlxModelProfile {
-  // Vision-language checkpoints nest the language model's config.
+type MlxConfig = z.infer<typeof configSchema>;
+
+/** config.json validated (vision-language checkpoints nest the language model's config). */
+function parseConfig(configJson: unknown): MlxConfig {
   const merged =
     typeof configJson === 'object' && configJson !== null && 'text_config' in configJson && typeof configJson.text_config === 'object'
       ? { ...(configJson as Record<string, unknown>), ...(configJson.text_config as Record<string, unknown>) }
@@ -158,7 +159,11 @@ export function mlxModelProfile(configJson: unknown, tensors: readonly Safetenso
     const issue = parsed.error.issues[0];
     throw new UsageError(`config.json: ${issue ? `${issue.path.join('.') || '(root)'}: ${issue.message}` : 'invalid'}`);
   }
-  const c = parsed.data;
+  return parsed.data;
+}
+
+/** The attention and expert shape the config declares, checked as mlx-lm would load it. */
+function hyperparameters(c: MlxConfig) {
   const arch = FAMILY[c.model_type];
   if (!arch) {
     throw new UsageError(`unsupported MLX model_type "${c.model_type}" (supported: ${Object.keys(FAMILY).join(', ')})`);
@@ -185,7 +190,11 @@ export function mlxModelProfile(configJson: unknown, tensors: readonly Safetenso
     if (!swaMask.some(Boolean)) swaMask = undefined;
   }
   if (swaMask && !c.sliding_window) throw new UsageError('config.json: sliding layers without sliding_window');
+  return { arch, layerCount, heads, kvHeadCount, headDim, moe, swaMask };
+}
 
+/** Tensor bytes per layer (held, read per token, largest) and outside the layers. */
+function tensorBytes(tensors: readonly SafetensorsTensor[], layerCount: number, vocab: number, moe: ModelProfile['moe']) {
   const weight = new Array<number>(layerCount).fill(0);
   const read = new Array<number>(layerCount).fill(0);
   const largest = new Array<number>(layerCount).fill(0);
@@ -218,32 +227,35 @@ export function mlxModelProfile(configJson: unknown, tensors: readonly Safetenso
     else otherBytes += t.bytes;
   }
   if (embedBytes === 0) throw new UsageError('checkpoint has no embed_tokens weights');
-  if (embedRows !== c.vocab_size) {
-    throw new UsageError(`embed_tokens has ${embedRows} rows but config.json says vocab_size ${c.vocab_size}`);
+  if (embedRows !== vocab) {
+    throw new UsageError(`embed_tokens has ${embedRows} rows but config.json says vocab_size ${vocab}`);
   }
   for (let il = 0; il < layerCount; il++) {
     if (weight[il] === 0) throw new UsageError(`checkpoint has no tensors for layer ${il}`);
   }
+  return { weight, read, largest, dtypeBytes, embedBytes, headBytes, normBytes, otherBytes, total };
+}
+
+/** mlx-lm's quantization as a type name ("Q4g64"), else the dtype holding the most layer bytes. */
+function weightTypeOf(q: MlxConfig['quantization'], dtypeBytes: ReadonlyMap<string, number>): string {
+  if (q) return `${q.mode && q.mode !== 'affine' ? `${q.mode}-` : ''}Q${q.bits}g${q.group_size}`;
+  return dominantType(dtypeBytes);
+}
+
+/** Build the profile from a parsed config.json and every tensor of the checkpoint. Pure. */
+export function mlxModelProfile(configJson: unknown, tensors: readonly SafetensorsTensor[], files: readonly string[] = [], name?: string): MlxModelProfile {
+  const c = parseConfig(configJson);
+  const { arch, layerCount, heads, kvHeadCount, headDim, moe, swaMask } = hyperparameters(c);
+  const t = tensorBytes(tensors, layerCount, c.vocab_size, moe);
   const q = c.quantization;
-  let weightType = 'F32';
-  if (q) weightType = `${q.mode && q.mode !== 'affine' ? `${q.mode}-` : ''}Q${q.bits}g${q.group_size}`;
-  else {
-    let most = -1;
-    for (const [dtype, bytes] of dtypeBytes) {
-      if (bytes > most) {
-        most = bytes;
-        weightType = dtype;
-      }
-    }
-  }
-  const layers: LayerProfile[] = weight.map((w, il) => ({
+  const layers: LayerProfile[] = t.weight.map((w, il) => ({
     index: il,
     weightBytes: w,
-    readBytesPerToken: read[il]!,
+    readBytesPerToken: t.read[il]!,
     swa: swaMask?.[il] ?? false,
     kEmbdGqa: headDim * kvHeadCount,
     vEmbdGqa: headDim * kvHeadCount,
-    largestTensorBytes: largest[il]!,
+    largestTensorBytes: t.largest[il]!,
   }));
   return {
     arch,
@@ -260,14 +272,14 @@ export function mlxModelProfile(configJson: unknown, tensors: readonly Safetenso
     contextLength: c.max_position_embeddings ?? 4096,
     swa: swaMask ? { window: c.sliding_window ?? 0, layers: swaMask.filter(Boolean).length } : undefined,
     moe,
-    tokenEmbdBytes: embedBytes,
-    tokenEmbdRowBytes: embedBytes / c.vocab_size,
-    outputNormBytes: normBytes,
-    outputBytes: headBytes > 0 ? headBytes : embedBytes,
-    outputTied: headBytes === 0,
-    otherBytes,
-    fileTensorBytes: total,
-    weightType,
+    tokenEmbdBytes: t.embedBytes,
+    tokenEmbdRowBytes: t.embedBytes / c.vocab_size,
+    outputNormBytes: t.normBytes,
+    outputBytes: t.headBytes > 0 ? t.headBytes : t.embedBytes,
+    outputTied: t.headBytes === 0,
+    otherBytes: t.otherBytes,
+    fileTensorBytes: t.total,
+    weightType: weightTypeOf(q, t.dtypeBytes),
     tensorCount: tensors.length,
     format: 'mlx',
     mlx: {

@@ -141,8 +141,8 @@ function swaLayers(header: GgufHeader, arch: SupportedArch, layers: number): { w
   return { window, mask };
 }
 
-/** Build the profile. Throws UsageError naming the problem for anything llama.cpp would refuse. */
-export function modelProfile(header: GgufHeader): ModelProfile {
+/** The hyperparameters llama.cpp reads from the metadata, checked as its loader checks them. */
+function hyperparameters(header: GgufHeader) {
   const archName = metaString(header, 'general.architecture');
   if (archName === undefined) throw new UsageError('GGUF header lacks general.architecture');
   if (!isArch(archName)) {
@@ -173,7 +173,11 @@ export function modelProfile(header: GgufHeader): ModelProfile {
   }
   const moe = experts > 0 ? { experts, expertsUsed } : undefined;
   const swa = swaLayers(header, arch, layerCount);
+  return { arch, layerCount, embd, heads, kvHeads, headDimK, headDimV, contextLength, ffn, moe, swa };
+}
 
+/** Tensor bytes per layer (held, read per token, largest) and outside the layers. */
+function tensorBytes(header: GgufHeader, layerCount: number, embd: number, moe: ModelProfile['moe']) {
   const weight = new Array<number>(layerCount).fill(0);
   const read = new Array<number>(layerCount).fill(0);
   const largest = new Array<number>(layerCount).fill(0);
@@ -207,6 +211,11 @@ export function modelProfile(header: GgufHeader): ModelProfile {
   for (let il = 0; il < layerCount; il++) {
     if (weight[il] === 0) throw new UsageError(`GGUF has no tensors for layer ${il}`);
   }
+  return { weight, read, largest, tokenEmbd, vocab, output, outputNormBytes, otherBytes, fileTensorBytes, weightType: dominantType(typeBytes) };
+}
+
+/** The weight type holding the most layer bytes ("Q4_K" for a Q4_K_M file). */
+export function dominantType(typeBytes: ReadonlyMap<string, number>): string {
   let weightType = 'F32';
   let most = -1;
   for (const [name, bytes] of typeBytes) {
@@ -215,23 +224,29 @@ export function modelProfile(header: GgufHeader): ModelProfile {
       weightType = name;
     }
   }
+  return weightType;
+}
 
+/** Build the profile. Throws UsageError naming the problem for anything llama.cpp would refuse. */
+export function modelProfile(header: GgufHeader): ModelProfile {
+  const { arch, layerCount, embd, heads, kvHeads, headDimK, headDimV, contextLength, ffn, moe, swa } = hyperparameters(header);
+  const t = tensorBytes(header, layerCount, embd, moe);
+  const { tokenEmbd, output, vocab } = t;
   const layers: LayerProfile[] = [];
   for (let il = 0; il < layerCount; il++) {
     layers.push({
       index: il,
-      weightBytes: weight[il]!,
-      readBytesPerToken: read[il]!,
+      weightBytes: t.weight[il]!,
+      readBytesPerToken: t.read[il]!,
       swa: swa?.mask[il] ?? false,
       kEmbdGqa: headDimK * kvHeads[il]!,
       vEmbdGqa: headDimV * kvHeads[il]!,
-      largestTensorBytes: largest[il]!,
+      largestTensorBytes: t.largest[il]!,
     });
   }
-  const general = metaString(header, 'general.name');
   return {
     arch,
-    name: general,
+    name: metaString(header, 'general.name'),
     layerCount,
     layers,
     embd,
@@ -246,12 +261,12 @@ export function modelProfile(header: GgufHeader): ModelProfile {
     moe,
     tokenEmbdBytes: tokenEmbd.bytes,
     tokenEmbdRowBytes: tokenEmbd.bytes / vocab,
-    outputNormBytes,
+    outputNormBytes: t.outputNormBytes,
     outputBytes: output ? output.bytes : tokenEmbd.bytes,
     outputTied: !output,
-    otherBytes,
-    fileTensorBytes,
-    weightType,
+    otherBytes: t.otherBytes,
+    fileTensorBytes: t.fileTensorBytes,
+    weightType: t.weightType,
     tensorCount: header.tensors.length,
   };
 }
