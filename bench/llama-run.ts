@@ -6,7 +6,6 @@
  * process group and SIGKILLed (group) when the run ends, on error, and on exit.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import type { LlamaBinaries } from '../src/node/llama/binaries.ts';
@@ -20,18 +19,6 @@ import type { MemoryOptions } from '../src/shared/memory/stage.ts';
 import { llamaDeviceArgs, llamaMemoryArgs } from '../src/shared/placement/llama-args.ts';
 
 export const MiB = 2 ** 20;
-
-/** A real tokenizer for generated models: the vocab-only GGUFs of the llama.cpp source tree. */
-export function vocabFile(bins: Pick<LlamaBinaries, 'binDir'>): string {
-  const candidates = [
-    process.env.ORCHARD_VOCAB_GGUF,
-    join(bins.binDir, '../../models/ggml-vocab-llama-spm.gguf'),
-    '/tmp/llsrc/src/models/ggml-vocab-llama-spm.gguf',
-  ].filter((x): x is string => !!x);
-  const found = candidates.find((c) => existsSync(c));
-  if (!found) throw new Error(`no vocab GGUF found (set ORCHARD_VOCAB_GGUF); tried ${candidates.join(', ')}`);
-  return found;
-}
 
 export interface Shape {
   name: string;

@@ -18,7 +18,8 @@ import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import type { CacheType } from '../src/shared/memory/kv.ts';
 import { DEFAULT_MEMORY_OPTIONS, type MemoryOptions, deviceBytes, hostBytes, memoryModel } from '../src/shared/memory/stage.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
-import { MiB, type Shape, killAll, runLlama, vocabFile, writeModel } from './llama-run.ts';
+import { MiB, type Shape, killAll, runLlama, writeModel } from './llama-run.ts';
+import { vocabPath } from '../src/shared/testmodel/vocab.ts';
 
 const SHAPES: Shape[] = [
   { name: 'llama-8L-512d-f16', layers: 8, embd: 512, ffn: 1408, heads: 8, kvHeads: 4, type: 'F16', heldOut: false },
@@ -126,7 +127,7 @@ async function main(): Promise<void> {
   const json = process.argv.includes('--json');
   const quick = process.argv.includes('--quick');
   const bins = await findLlamaBinaries();
-  const vocab = vocabFile(bins);
+  const vocab = await vocabPath();
   const dir = await mkdtemp(join(tmpdir(), 'orchard-bench-memory-'));
   try {
     const cases: DeviceCase[] = [];

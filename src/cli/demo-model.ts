@@ -1,6 +1,6 @@
 import { dirname, join } from 'node:path';
 import { mkdir, stat } from 'node:fs/promises';
-import { llamaCacheDir } from '../node/llama/build.ts';
+import { llamaCacheDir } from '../node/llama/cache.ts';
 import { OrchardError } from '../shared/errors.ts';
 import { writeGguf } from '../shared/gguf/writer.ts';
 import type { ModelProfile } from '../shared/model/profile.ts';

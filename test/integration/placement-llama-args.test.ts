@@ -2,7 +2,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { killAll, MiB, runLlama, vocabFile, writeModel } from '../../bench/llama-run.ts';
+import { killAll, MiB, runLlama, writeModel } from '../../bench/llama-run.ts';
+import { vocabPath } from '../../src/shared/testmodel/vocab.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { DEFAULT_MEMORY_OPTIONS, type MemoryOptions, deviceBytes, memoryModel, stageBytes } from '../../src/shared/memory/stage.ts';
@@ -25,7 +26,7 @@ const options: MemoryOptions = { ...DEFAULT_MEMORY_OPTIONS, ctx: 1024 };
 beforeAll(async () => {
   bins = await findLlamaBinaries();
   dir = await mkdtemp(join(tmpdir(), 'orchard-llama-args-'));
-  model = await writeModel(dir, { name: 'map-test', layers: LAYERS, embd: 256, ffn: 4096, heads: 4, kvHeads: 2, type: 'F16' }, vocabFile(bins));
+  model = await writeModel(dir, { name: 'map-test', layers: LAYERS, embd: 256, ffn: 4096, heads: 4, kvHeads: 2, type: 'F16' }, await vocabPath());
   profile = modelProfile(await readGgufHeader(model));
 });
 afterAll(async () => {

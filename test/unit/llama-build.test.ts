@@ -1,3 +1,6 @@
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
   cacheKey,
@@ -9,9 +12,9 @@ import {
   parseProgressLine,
   parseServerVersion,
   progressFraction,
-} from '../../src/node/llama/build.ts';
+} from '../../src/node/llama/build-config.ts';
 import { cacheRoot } from '../../src/shared/cache-dir.ts';
-import { formatLlamaCppVersion, parseBundleHead } from '../../src/shared/llama-source.ts';
+import { findLlamaSource, formatLlamaCppVersion, keepLlamaSourceFiles, LLAMA_SOURCE_FILES, llamaSourceDir, parseBundleHead } from '../../src/shared/llama-source.ts';
 
 const linux = { platform: 'linux' as const, arch: 'x64', cuda: false };
 const mac = { platform: 'darwin' as const, arch: 'arm64', cuda: false };
@@ -167,5 +170,29 @@ describe('messages and probes of external binaries', () => {
     expect(parseServerVersion('version: 6672 (de3ff81)\nbuilt with cc for x86_64')).toBe('b6672+de3ff81');
     expect(parseServerVersion('version: 0.5.0-dev (build 1, commit de3ff81)\nbuilt with GNU 12.2.0 for Linux x86_64')).toBe('0.5.0-dev+de3ff81');
     expect(parseServerVersion('garbage')).toBeUndefined();
+  });
+});
+
+describe('source files kept next to the engines', () => {
+  it('a cache without them (built before they were kept) gets them from the bundle; a complete one is left alone', async () => {
+    const cache = await mkdtemp(join(tmpdir(), 'orchard-keep-'));
+    try {
+      const env = { ...process.env, ORCHARD_CACHE_DIR: cache };
+      const source = await findLlamaSource();
+      expect(await keepLlamaSourceFiles(source, env)).toEqual([...LLAMA_SOURCE_FILES]);
+      const rpc = await readFile(join(llamaSourceDir(source, env), 'ggml/src/ggml-rpc/ggml-rpc.cpp'), 'utf8');
+      expect(rpc).toContain('static uint64_t fnv_hash(');
+      expect(await keepLlamaSourceFiles(source, env)).toEqual([]);
+      // one file gone: only that one comes back, and from a checked-out tree when one is given
+      await rm(join(llamaSourceDir(source, env), 'ggml/src/ggml-rpc/ggml-rpc.cpp'));
+      const tree = join(cache, 'tree');
+      await mkdir(join(tree, 'ggml/src/ggml-rpc'), { recursive: true });
+      await writeFile(join(tree, 'ggml/src/ggml-rpc/ggml-rpc.cpp'), '// from the tree');
+      expect(await keepLlamaSourceFiles(source, env, tree)).toEqual(['ggml/src/ggml-rpc/ggml-rpc.cpp']);
+      expect(await readFile(join(llamaSourceDir(source, env), 'ggml/src/ggml-rpc/ggml-rpc.cpp'), 'utf8')).toBe('// from the tree');
+      expect(dirname(llamaSourceDir(source, env))).toBe(join(cache, 'llama-source'));
+    } finally {
+      await rm(cache, { recursive: true, force: true });
+    }
   });
 });

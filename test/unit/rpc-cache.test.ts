@@ -1,12 +1,12 @@
 import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { GgufTensorInfo } from '../../src/shared/gguf/types.ts';
 import { writeGguf } from '../../src/shared/gguf/writer.ts';
+import { llamaSourceFile } from '../../src/shared/llama-source.ts';
 import { seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
 import { Fnv1a64, Fnv1a64Js, fnv1a64Hex } from '../../src/shared/rpc-cache/fnv.ts';
 import { HASH_THRESHOLD_BYTES, cacheEntryName, rpcCacheDir, stageCachePlan, stageTensors } from '../../src/shared/rpc-cache/plan.ts';
@@ -19,35 +19,19 @@ afterAll(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-// The C function as in ggml/src/ggml-rpc/ggml-rpc.cpp (fnv_hash) — taken from the llama.cpp source
-// tree when it is present, so the test follows the real code; the copy below is the fallback.
-const C_FALLBACK = `static uint64_t fnv_hash(const uint8_t * data, size_t len, uint64_t hash = 0xcbf29ce484222325ULL) {
-    const uint64_t fnv_prime = 0x100000001b3ULL;
-
-    for (size_t i = 0; i < len; ++i) {
-        hash ^= data[i];
-        hash *= fnv_prime;
-    }
-    return hash;
-}`;
-const RPC_SRC = '/tmp/llsrc/src/ggml/src/ggml-rpc/ggml-rpc.cpp';
-
+/**
+ * ggml-rpc's `fnv_hash`, cut out of the ggml-rpc.cpp that `orchard setup` keeps from the llama.cpp
+ * source the engines are built from: the test compiles the real function, so a change upstream
+ * (another seed, another prime, another loop) fails here instead of silently disagreeing.
+ */
 async function cFnvFunction(): Promise<string> {
-  if (!existsSync(RPC_SRC)) return C_FALLBACK;
-  const src = await readFile(RPC_SRC, 'utf8');
+  const path = await llamaSourceFile('ggml/src/ggml-rpc/ggml-rpc.cpp');
+  const src = await readFile(path, 'utf8');
   const start = src.indexOf('static uint64_t fnv_hash(');
-  if (start < 0) return C_FALLBACK;
+  if (start < 0) throw new Error(`${path} has no fnv_hash function`);
   const end = src.indexOf('\n}\n', start);
+  if (end < 0) throw new Error(`${path}: fnv_hash has no closing brace at the start of a line`);
   return src.slice(start, end + 2);
-}
-
-function haveCompiler(): boolean {
-  try {
-    execFileSync('c++', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 describe('FNV-1a 64 (ggml-rpc fnv_hash)', () => {
@@ -71,7 +55,8 @@ describe('FNV-1a 64 (ggml-rpc fnv_hash)', () => {
     expect(new Fnv1a64Js().update(big).hex()).toBe(fnv1a64Hex(big));
   });
 
-  it.runIf(haveCompiler())('equals the C implementation on random buffers (compiled from the llama.cpp source)', async () => {
+  // c++ is what `orchard setup` builds with: a machine without it cannot run the engines either.
+  it('equals the C implementation on random buffers (compiled from the llama.cpp source)', async () => {
     const fn = await cFnvFunction();
     const prog = `#include <cstdint>\n#include <cstdio>\n#include <cinttypes>\n#include <vector>\n${fn}\nint main(int argc, char** argv) {\n  for (int a = 1; a < argc; a++) {\n    FILE* f = fopen(argv[a], "rb"); std::vector<uint8_t> d; int c; while ((c = fgetc(f)) != EOF) d.push_back((uint8_t)c); fclose(f);\n    char s[17]; snprintf(s, sizeof(s), "%016" PRIx64, fnv_hash(d.data(), d.size())); printf("%s\\n", s);\n  }\n  return 0;\n}\n`;
     await writeFile(join(dir, 'fnv.cpp'), prog);

@@ -23,13 +23,14 @@ describe('vocabulary for test models', () => {
     const env = { ...process.env, ORCHARD_CACHE_DIR: cache, ORCHARD_VOCAB_GGUF: '' };
     const [a, b] = await Promise.all([vocabPath(env), vocabPath(env)]); // concurrent extractions are safe
     expect(a).toBe(b);
-    expect(a.startsWith(join(cache, 'vocab'))).toBe(true);
+    expect(a.startsWith(join(cache, 'llama-source'))).toBe(true);
     // The file as llama.cpp ships it (models/ggml-vocab-llama-spm.gguf of the bundled release).
     const sha = createHash('sha256').update(await readFile(a)).digest('hex');
     expect(sha).toBe('16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69');
-    // Only the vocab file stays; scratch repositories are gone.
-    const [version] = await readdir(join(cache, 'vocab'));
-    expect(await readdir(join(cache, 'vocab', version!))).toEqual(['ggml-vocab-llama-spm.gguf']);
+    // Only the kept source files stay (at their tree paths); scratch repositories are gone.
+    const [version] = await readdir(join(cache, 'llama-source'));
+    expect((await readdir(join(cache, 'llama-source', version!))).sort()).toEqual(['ggml', 'models']);
+    expect(await readdir(join(cache, 'llama-source', version!, 'models'))).toEqual(['ggml-vocab-llama-spm.gguf']);
     expect(await vocabPath(env)).toBe(a);
   });
 

@@ -1,9 +1,11 @@
 import { availableParallelism } from 'node:os';
 import cliProgress from 'cli-progress';
-import type { Command } from 'commander';
+import { type Command, Option } from 'commander';
 import { createLogger, type Logger } from '../../shared/log.ts';
 import { parseInteger } from '../../shared/units.ts';
-import { type BuildEvents, type BuildProgress, checkExternalBinaries, progressFraction, setupLlama } from '../../node/llama/build.ts';
+import { type BuildEvents, setupLlama } from '../../node/llama/build.ts';
+import { type BuildProgress, progressFraction } from '../../node/llama/build-config.ts';
+import { checkExternalBinaries } from '../../node/llama/external.ts';
 import { describeMlx, setupMlx } from './setup-mlx.ts';
 
 interface SetupFlags {
@@ -32,7 +34,7 @@ export function registerSetup(program: Command): void {
     .description('build or locate the inference engines (llama.cpp llama-server and ggml-rpc-server with RPC)')
     .option('--json', 'print the result as JSON on stdout')
     .option('--force', 'rebuild even if a cached build exists')
-    .option('--bin-dir <dir>', 'use existing llama.cpp binaries from DIR after checking they support RPC (env: ORCHARD_LLAMA_BIN_DIR)')
+    .addOption(new Option('--bin-dir <dir>', 'use existing llama.cpp binaries from DIR after checking they support RPC').env('ORCHARD_LLAMA_BIN_DIR'))
     .option('--jobs <n>', 'parallel compile jobs (default: number of CPUs)')
     .option('--mlx', 'also create the pinned MLX Python venv (mlx, mlx-lm) for the MLX engine')
     .addHelpText(
@@ -44,7 +46,7 @@ export function registerSetup(program: Command): void {
     .action(async (flags: SetupFlags) => {
       const jobs = flags.jobs === undefined ? availableParallelism() : parseInteger(flags.jobs, '--jobs', 1, 1024);
       const log = createLogger('setup');
-      const binDir = flags.binDir ?? process.env.ORCHARD_LLAMA_BIN_DIR;
+      const binDir = flags.binDir;
       let out: SetupOutput;
       if (binDir) {
         const ext = await checkExternalBinaries(binDir);

@@ -1,5 +1,7 @@
 import { OrchardError } from '../../shared/errors.ts';
-import { expectedCacheEntry, listCacheEntries, llamaCacheDir, locateInDir, readCacheEntry } from './build.ts';
+import { expectedCacheEntry } from './build.ts';
+import { listCacheEntries, llamaCacheDir, readCacheEntry } from './cache.ts';
+import { locateInDir } from './external.ts';
 
 /** Paths of the llama.cpp engines Orchard runs. */
 export interface LlamaBinaries {

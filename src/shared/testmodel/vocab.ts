@@ -1,18 +1,10 @@
-import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { homedir } from 'node:os';
-import { join } from 'node:path';
-import { promisify } from 'node:util';
-import { cacheRoot } from '../cache-dir.ts';
-import { findLlamaSource } from '../llama-source.ts';
-import { OrchardError, errorMessage } from '../errors.ts';
+import { llamaSourceFile } from '../llama-source.ts';
+import { OrchardError } from '../errors.ts';
 import { readGgufHeader } from '../gguf/reader.ts';
 import type { GgufValue } from '../gguf/types.ts';
 
-const exec = promisify(execFile);
-
 /** The real tokenizer test models carry: LLaMA/SentencePiece, 32000 tokens. */
-export const VOCAB_FILE = 'ggml-vocab-llama-spm.gguf';
+export const VOCAB_FILE = 'ggml-vocab-llama-spm.gguf' as const;
 
 export interface Vocab {
   /** All `tokenizer.*` keys of the vocab file, in file order. */
@@ -25,43 +17,13 @@ export interface Vocab {
 }
 
 /**
- * Locate the vocab GGUF. Order: `ORCHARD_VOCAB_GGUF` (a file), the per-user cache
- * (`<cache>/vocab/<bundle commit>/…`), else extract it from the llama.cpp git bundle that
- * node-llama-cpp ships (`git fetch` of the bundle into a scratch bare repo, then `git show`),
- * store it in the cache atomically and use that. Works on a fresh machine with git and
- * node_modules only; no network.
+ * Locate the vocab GGUF: `ORCHARD_VOCAB_GGUF` (a file), else the copy kept in the per-user cache
+ * from the llama.cpp source bundle that node-llama-cpp ships (extracted on first use, see
+ * llamaSourceFile). Works on a fresh machine with git and node_modules only; no network.
  */
 export async function vocabPath(env: NodeJS.ProcessEnv = process.env): Promise<string> {
   if (env.ORCHARD_VOCAB_GGUF) return env.ORCHARD_VOCAB_GGUF;
-  const source = await findLlamaSource();
-  const dir = join(cacheRoot(env, process.platform, homedir()), 'vocab', source.commit.slice(0, 12));
-  const file = join(dir, VOCAB_FILE);
-  if (await isFile(file)) return file;
-  await mkdir(dir, { recursive: true });
-  const scratch = await mkdtemp(join(dir, '.extract-'));
-  try {
-    const git = (args: string[]) =>
-      exec('git', ['--git-dir', scratch, ...args], { maxBuffer: 64 * 1024 * 1024, encoding: 'buffer' });
-    await git(['init', '--quiet', '--bare']);
-    await git(['fetch', '--quiet', '--no-tags', source.bundle, source.commit]);
-    const { stdout } = await git(['show', `${source.commit}:models/${VOCAB_FILE}`]);
-    const tmp = join(scratch, VOCAB_FILE); // same file system as `file`: the rename is atomic
-    await writeFile(tmp, stdout);
-    await rename(tmp, file); // atomic: concurrent extractions race harmlessly
-  } catch (err) {
-    throw new OrchardError(`cannot extract ${VOCAB_FILE} from ${source.bundle} (is git installed?): ${errorMessage(err)}`);
-  } finally {
-    await rm(scratch, { recursive: true, force: true });
-  }
-  return file;
-}
-
-async function isFile(p: string): Promise<boolean> {
-  try {
-    return (await stat(p)).isFile();
-  } catch {
-    return false;
-  }
+  return llamaSourceFile(`models/${VOCAB_FILE}`, env);
 }
 
 const loaded = new Map<string, Promise<Vocab>>();
