@@ -42,202 +42,219 @@ function toServiceError(err: unknown, log: Logger): grpc.ServiceError | Partial<
 }
 
 export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedServiceImplementation {
-  const { supervisor } = state;
   return {
-    Describe(_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
-      state.live().then(
-        (live) =>
-          cb(null, {
-            profile: profileToWire(state.profile()),
-            live: liveToWire(live),
-            engines: supervisor.list().map(engineToWire),
-            modelFiles: (state.models?.files() ?? []).map((f) => ({ path: f.path, sizeBytes: String(f.sizeBytes), sha256: f.sha256 })),
-          }),
-        (err: unknown) => cb(toServiceError(err, log)),
-      );
-    },
-
-    Watch(call: grpc.ServerWritableStream<{ intervalSeconds?: number }, unknown>) {
-      const requested = Number(call.request?.intervalSeconds ?? 0);
-      // 0 = default 1 s; clamp so a client can neither flood the agent nor starve liveness.
-      const intervalMs = requested > 0 ? Math.min(60_000, Math.max(100, requested * 1000)) : 1000;
-      let open = true;
-      const send = (msg: unknown) => {
-        if (open) call.write(msg);
-      };
-      const sendStats = () => {
-        state.live().then(
-          (live) => send({ stats: liveToWire(live) }),
-          (err: unknown) => log.warn({ err: errorMessage(err) }, 'live stats failed'),
-        );
-      };
-      const onStarted = (info: EngineInfo) => send({ engineStarted: engineToWire(info) });
-      const onExited = (exit: EngineExit) => send({ engineExited: exitToWire(exit) });
-      supervisor.on('started', onStarted);
-      supervisor.on('exited', onExited);
-      const offProfile = state.onProfileChange((p) => send({ profileChanged: profileToWire(p) }));
-      const timer = setInterval(sendStats, intervalMs);
-      sendStats();
-      const close = () => {
-        if (!open) return;
-        open = false;
-        clearInterval(timer);
-        supervisor.off('started', onStarted);
-        supervisor.off('exited', onExited);
-        offProfile();
-        offShutdown();
-      };
-      const offShutdown = state.onShutdown(() => {
-        close();
-        call.end();
-      });
-      call.on('cancelled', close);
-      call.on('close', close);
-      call.on('error', close);
-    },
-
-    StartEngine(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
-      let spec: ReturnType<typeof engineSpecFromRequest>;
-      try {
-        spec = engineSpecFromRequest(call.request);
-      } catch (err) {
-        cb(toServiceError(err, log));
-        return;
-      }
-      supervisor.start(spec).then(
-        (info) => cb(null, { engine: engineToWire(info), startupLog: [...(info.startupLog ?? [])] }),
-        (err: unknown) => {
-          log.warn({ err: errorMessage(err), kind: spec.kind }, 'StartEngine failed');
-          cb(toServiceError(err, log));
-        },
-      );
-    },
-
-    StopEngine(call: grpc.ServerUnaryCall<{ engineId?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) {
-      const engineId = String(call.request?.engineId ?? '');
-      if (engineId === '') {
-        cb({ code: grpc.status.INVALID_ARGUMENT, details: 'engine_id is required' });
-        return;
-      }
-      supervisor.stop(engineId).then(
-        (exit) => {
-          if (!exit) cb({ code: grpc.status.NOT_FOUND, details: `no engine ${engineId} runs on this node` });
-          else cb(null, { stopped: true });
-        },
-        (err: unknown) => cb(toServiceError(err, log)),
-      );
-    },
-
-    PrepareCache(call: grpc.ServerWritableStream<Record<string, unknown>, unknown>) {
-      const r = call.request ?? {};
-      const models = state.models;
-      if (!models) {
-        call.emit('error', { code: grpc.status.NOT_FOUND, details: 'this node was started without --models-dir: it holds no model files' });
-        return;
-      }
-      const abort = new AbortController();
-      call.on('cancelled', () => abort.abort());
-      let lastSent = 0;
-      models
-        .prepareCache(
-          {
-            modelSha256: String(r.modelSha256 ?? ''),
-            modelSizeBytes: Number(r.modelSizeBytes ?? 0),
-            firstLayer: Number(r.firstLayer ?? 0),
-            lastLayer: Number(r.lastLayer ?? 0),
-            holdsOutput: r.holdsOutput === true,
-            cacheDir: String(r.cacheDir ?? ''),
-          },
-          (p) => {
-            // at most ~4 progress messages a second, plus the last one
-            const now = Date.now();
-            if (now - lastSent < 250 && p.tensorsDone !== p.tensorsTotal) return;
-            lastSent = now;
-            if (!abort.signal.aborted) {
-              call.write({ progress: { tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesDone: String(p.bytesDone), bytesTotal: String(p.bytesTotal) } });
-            }
-          },
-          abort.signal,
-        )
-        .then(
-          (d) => {
-            call.write({
-              done: {
-                cacheDir: d.llamaCacheDir,
-                modelPath: d.modelPath,
-                entries: d.tensorsTotal,
-                cachedBytes: String(d.bytesTotal),
-                bytesWritten: String(d.bytesWritten),
-                sentBytes: String(d.sentBytes),
-                seconds: d.seconds,
-              },
-            });
-            call.end();
-          },
-          (err: unknown) => {
-            if (abort.signal.aborted) return;
-            log.warn({ err: errorMessage(err) }, 'PrepareCache failed');
-            call.emit('error', toServiceError(err, log));
-          },
-        );
-    },
-
-    Generate(call: grpc.ServerWritableStream<unknown, unknown>) {
-      const fail = (err: unknown) => {
-        const e = toServiceError(err, log);
-        call.emit('error', e);
-      };
-      let params: ReturnType<typeof generateParamsFromRequest>;
-      try {
-        params = generateParamsFromRequest(call.request);
-      } catch (err) {
-        fail(err);
-        return;
-      }
-      const heads = supervisor.list().filter((e) => e.kind === 'llama-server');
-      const engine = params.engineId === '' && heads.length === 1 ? heads[0] : supervisor.get(params.engineId);
-      if (!engine) {
-        const why = params.engineId === '' ? `engine_id is required (${heads.length} head engines run here)` : `no engine ${params.engineId} runs on this node`;
-        fail(new EngineRequestError('NOT_FOUND', why));
-        return;
-      }
-      if (engine.kind === 'mlx-rank') {
-        generateMlx(call, supervisor, engine, params, log);
-        return;
-      }
-      if (engine.kind !== 'llama-server') {
-        fail(new EngineRequestError('FAILED_PRECONDITION', `engine ${engine.engineId} is an ${engine.kind}; Generate needs a llama-server head`));
-        return;
-      }
-      const abort = new AbortController();
-      // The client went away (or the coordinator cancelled): drop the HTTP request so the
-      // llama-server slot stops decoding instead of finishing a generation nobody reads.
-      call.on('cancelled', () => abort.abort());
-      const rlog = log.child({ engineId: engine.engineId, requestId: params.requestId || undefined });
-      relayCompletion({
-        baseUrl: `http://127.0.0.1:${engine.port}`,
-        params,
-        signal: abort.signal,
-        onToken: (chunk) => {
-          if (!abort.signal.aborted) call.write(tokenToWire(chunk));
-        },
-      }).then(
-        (done) => {
-          rlog.debug({ done }, 'generation done');
-          call.write(doneToWire(done));
-          call.end();
-        },
-        (err: unknown) => {
-          if (abort.signal.aborted) {
-            rlog.info('generation cancelled by the client');
-            return;
-          }
-          rlog.warn({ err: errorMessage(err) }, 'generation failed');
-          fail(err);
-        },
-      );
-    },
+    Describe: (_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => describe(state, log, _call, cb),
+    Watch: (call: grpc.ServerWritableStream<{ intervalSeconds?: number }, unknown>) => watch(state, log, call),
+    StartEngine: (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => startEngine(state, log, call, cb),
+    StopEngine: (call: grpc.ServerUnaryCall<{ engineId?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) => stopEngine(state, log, call, cb),
+    PrepareCache: (call: grpc.ServerWritableStream<Record<string, unknown>, unknown>) => prepareCache(state, log, call),
+    Generate: (call: grpc.ServerWritableStream<unknown, unknown>) => generate(state, log, call),
   };
+}
+
+/** The hardware profile, live stats, engines and model files of this node. */
+function describe(state: AgentState, log: Logger, _call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>): void {
+  const { supervisor } = state;
+  state.live().then(
+    (live) =>
+      cb(null, {
+        profile: profileToWire(state.profile()),
+        live: liveToWire(live),
+        engines: supervisor.list().map(engineToWire),
+        modelFiles: (state.models?.files() ?? []).map((f) => ({ path: f.path, sizeBytes: String(f.sizeBytes), sha256: f.sha256 })),
+      }),
+    (err: unknown) => cb(toServiceError(err, log)),
+  );
+}
+
+/** Live stats every interval, and engine and profile events as they happen, until the client or the agent goes. */
+function watch(state: AgentState, log: Logger, call: grpc.ServerWritableStream<{ intervalSeconds?: number }, unknown>): void {
+  const { supervisor } = state;
+  const requested = Number(call.request?.intervalSeconds ?? 0);
+  // 0 = default 1 s; clamp so a client can neither flood the agent nor starve liveness.
+  const intervalMs = requested > 0 ? Math.min(60_000, Math.max(100, requested * 1000)) : 1000;
+  let open = true;
+  const send = (msg: unknown) => {
+    if (open) call.write(msg);
+  };
+  const sendStats = () => {
+    state.live().then(
+      (live) => send({ stats: liveToWire(live) }),
+      (err: unknown) => log.warn({ err: errorMessage(err) }, 'live stats failed'),
+    );
+  };
+  const onStarted = (info: EngineInfo) => send({ engineStarted: engineToWire(info) });
+  const onExited = (exit: EngineExit) => send({ engineExited: exitToWire(exit) });
+  supervisor.on('started', onStarted);
+  supervisor.on('exited', onExited);
+  const offProfile = state.onProfileChange((p) => send({ profileChanged: profileToWire(p) }));
+  const timer = setInterval(sendStats, intervalMs);
+  sendStats();
+  const close = () => {
+    if (!open) return;
+    open = false;
+    clearInterval(timer);
+    supervisor.off('started', onStarted);
+    supervisor.off('exited', onExited);
+    offProfile();
+    offShutdown();
+  };
+  const offShutdown = state.onShutdown(() => {
+    close();
+    call.end();
+  });
+  call.on('cancelled', close);
+  call.on('close', close);
+  call.on('error', close);
+}
+
+/** Start one engine from a validated spec. */
+function startEngine(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>): void {
+  const { supervisor } = state;
+  let spec: ReturnType<typeof engineSpecFromRequest>;
+  try {
+    spec = engineSpecFromRequest(call.request);
+  } catch (err) {
+    cb(toServiceError(err, log));
+    return;
+  }
+  supervisor.start(spec).then(
+    (info) => cb(null, { engine: engineToWire(info), startupLog: [...(info.startupLog ?? [])] }),
+    (err: unknown) => {
+      log.warn({ err: errorMessage(err), kind: spec.kind }, 'StartEngine failed');
+      cb(toServiceError(err, log));
+    },
+  );
+}
+
+/** Stop one engine by id. */
+function stopEngine(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<{ engineId?: string }, unknown>, cb: grpc.sendUnaryData<unknown>): void {
+  const { supervisor } = state;
+  const engineId = String(call.request?.engineId ?? '');
+  if (engineId === '') {
+    cb({ code: grpc.status.INVALID_ARGUMENT, details: 'engine_id is required' });
+    return;
+  }
+  supervisor.stop(engineId).then(
+    (exit) => {
+      if (!exit) cb({ code: grpc.status.NOT_FOUND, details: `no engine ${engineId} runs on this node` });
+      else cb(null, { stopped: true });
+    },
+    (err: unknown) => cb(toServiceError(err, log)),
+  );
+}
+
+/** Seed llama.cpp's RPC tensor cache from a local model file, streaming progress. */
+function prepareCache(state: AgentState, log: Logger, call: grpc.ServerWritableStream<Record<string, unknown>, unknown>): void {
+  const r = call.request ?? {};
+  const models = state.models;
+  if (!models) {
+    call.emit('error', { code: grpc.status.NOT_FOUND, details: 'this node was started without --models-dir: it holds no model files' });
+    return;
+  }
+  const abort = new AbortController();
+  call.on('cancelled', () => abort.abort());
+  let lastSent = 0;
+  models
+    .prepareCache(
+      {
+        modelSha256: String(r.modelSha256 ?? ''),
+        modelSizeBytes: Number(r.modelSizeBytes ?? 0),
+        firstLayer: Number(r.firstLayer ?? 0),
+        lastLayer: Number(r.lastLayer ?? 0),
+        holdsOutput: r.holdsOutput === true,
+        cacheDir: String(r.cacheDir ?? ''),
+      },
+      (p) => {
+        // at most ~4 progress messages a second, plus the last one
+        const now = Date.now();
+        if (now - lastSent < 250 && p.tensorsDone !== p.tensorsTotal) return;
+        lastSent = now;
+        if (!abort.signal.aborted) {
+          call.write({ progress: { tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesDone: String(p.bytesDone), bytesTotal: String(p.bytesTotal) } });
+        }
+      },
+      abort.signal,
+    )
+    .then(
+      (d) => {
+        call.write({
+          done: {
+            cacheDir: d.llamaCacheDir,
+            modelPath: d.modelPath,
+            entries: d.tensorsTotal,
+            cachedBytes: String(d.bytesTotal),
+            bytesWritten: String(d.bytesWritten),
+            sentBytes: String(d.sentBytes),
+            seconds: d.seconds,
+          },
+        });
+        call.end();
+      },
+      (err: unknown) => {
+        if (abort.signal.aborted) return;
+        log.warn({ err: errorMessage(err) }, 'PrepareCache failed');
+        call.emit('error', toServiceError(err, log));
+      },
+    );
+}
+
+/** Relay one generation from a head engine (llama-server or MLX rank) as a token stream. */
+function generate(state: AgentState, log: Logger, call: grpc.ServerWritableStream<unknown, unknown>): void {
+  const { supervisor } = state;
+  const fail = (err: unknown) => {
+    const e = toServiceError(err, log);
+    call.emit('error', e);
+  };
+  let params: ReturnType<typeof generateParamsFromRequest>;
+  try {
+    params = generateParamsFromRequest(call.request);
+  } catch (err) {
+    fail(err);
+    return;
+  }
+  const heads = supervisor.list().filter((e) => e.kind === 'llama-server');
+  const engine = params.engineId === '' && heads.length === 1 ? heads[0] : supervisor.get(params.engineId);
+  if (!engine) {
+    const why = params.engineId === '' ? `engine_id is required (${heads.length} head engines run here)` : `no engine ${params.engineId} runs on this node`;
+    fail(new EngineRequestError('NOT_FOUND', why));
+    return;
+  }
+  if (engine.kind === 'mlx-rank') {
+    generateMlx(call, supervisor, engine, params, log);
+    return;
+  }
+  if (engine.kind !== 'llama-server') {
+    fail(new EngineRequestError('FAILED_PRECONDITION', `engine ${engine.engineId} is an ${engine.kind}; Generate needs a llama-server head`));
+    return;
+  }
+  const abort = new AbortController();
+  // The client went away (or the coordinator cancelled): drop the HTTP request so the
+  // llama-server slot stops decoding instead of finishing a generation nobody reads.
+  call.on('cancelled', () => abort.abort());
+  const rlog = log.child({ engineId: engine.engineId, requestId: params.requestId || undefined });
+  relayCompletion({
+    baseUrl: `http://127.0.0.1:${engine.port}`,
+    params,
+    signal: abort.signal,
+    onToken: (chunk) => {
+      if (!abort.signal.aborted) call.write(tokenToWire(chunk));
+    },
+  }).then(
+    (done) => {
+      rlog.debug({ done }, 'generation done');
+      call.write(doneToWire(done));
+      call.end();
+    },
+    (err: unknown) => {
+      if (abort.signal.aborted) {
+        rlog.info('generation cancelled by the client');
+        return;
+      }
+      rlog.warn({ err: errorMessage(err) }, 'generation failed');
+      fail(err);
+    },
+  );
 }
 
 /** Generate on an MLX rank (see mlx/relay.ts: rank 0 streams, other ranks only take the request). */
