@@ -10,7 +10,8 @@ import { GenerateError, generateParamsFromRequest, relayCompletion } from './gen
 import { relayMlx } from './mlx/relay.ts';
 import { type ModelLibrary, PrepareCacheError } from './model-library.ts';
 import type { EngineExit, EngineInfo, EngineSupervisor } from './supervisor.ts';
-import { doneToWire, engineToWire, exitToWire, liveToWire, profileToWire, tokenToWire } from './wire.ts';
+import { liveToWire, profileToWire } from '../shared/hardware-wire.ts';
+import { doneToWire, engineToWire, exitToWire, tokenToWire } from './wire.ts';
 
 /**
  * `orchard.v1.NodeAgent` over gRPC. Thin: every handler validates its request at the edge and

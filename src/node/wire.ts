@@ -1,29 +1,13 @@
-import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import { ENGINE_KIND_TO_PROTO } from './engine-spec.ts';
 import type { GenerateDone, TokenChunk } from './generate.ts';
 import type { EngineExit, EngineInfo } from './supervisor.ts';
 
 /**
  * Agent-side conversion to proto-loader objects (camelCase, enums as names, uint64 as decimal
- * strings so no size ever passes through a lossy double on the wire side).
+ * strings so no size ever passes through a lossy double on the wire side). Profiles and live
+ * stats: src/shared/hardware-wire.ts, shared with the coordinator that reads them.
  */
 type Wire = Record<string, unknown>;
-
-export function profileToWire(p: HardwareProfile): Wire {
-  return {
-    ...p,
-    memoryBytes: String(p.memoryBytes),
-    bandwidthBytesPerSecond: String(p.bandwidthBytesPerSecond),
-    wiredLimitBytes: String(p.wiredLimitBytes),
-    usableBytes: String(p.usableBytes),
-    engines: [...p.engines],
-    interfaces: p.interfaces.map((i) => ({ name: i.name, addresses: [...i.addresses], thunderbolt: i.thunderbolt, rdma: i.rdma })),
-  };
-}
-
-export function liveToWire(l: LiveStats): Wire {
-  return { ...l, availableBytes: String(l.availableBytes) };
-}
 
 export function engineToWire(e: EngineInfo): Wire {
   return {

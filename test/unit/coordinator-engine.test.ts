@@ -4,8 +4,9 @@ import { headLayout } from '../../src/coordinator/instances/llama/layout.ts';
 import { parseEngineLog, type PlannedDevice, verifyEngineReport } from '../../src/coordinator/instances/llama/verify.ts';
 import { plannerNames } from '../../src/coordinator/instances/planner-adapter.ts';
 import type { NodeEntry } from '../../src/coordinator/membership/registry.ts';
-import { enginePrefix, hostOf, resolveLoadOptions } from '../../src/coordinator/instances/runtime.ts';
-import { profileFromWire, profileToWire } from '../../src/coordinator/membership/wire.ts';
+import { hostOf } from '../../src/coordinator/instances/llama/driver.ts';
+import { enginePrefix, resolveLoadOptions } from '../../src/coordinator/instances/runtime.ts';
+import { profileFromWire, profileToWire } from '../../src/shared/hardware-wire.ts';
 import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
 import { UsageError } from '../../src/shared/errors.ts';
 

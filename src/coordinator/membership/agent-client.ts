@@ -1,6 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { orchardV1 } from '../../shared/proto.ts';
-import { type EngineInfo, type EngineKindName, engineFromWire, liveFromWire, profileFromWire } from './wire.ts';
+import { liveFromWire, profileFromWire } from '../../shared/hardware-wire.ts';
+import { type EngineInfo, type EngineKindName, engineFromWire } from './wire.ts';
 import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
 
 /** What a node agent's Watch stream says, already converted. */
