@@ -9,7 +9,7 @@ import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode } from '../../shared/plac
 import { UsageError } from '../../shared/errors.ts';
 import { CoordinatorError } from '../errors.ts';
 import type { NodeEntry } from '../membership/registry.ts';
-import type { LoadOptions, PlacementResult, Planner } from './runtime.ts';
+import type { LoadOptions, PlacementResult, Planner } from './types.ts';
 
 /**
  * The runtime's planner: read the GGUF header (never the weights), build the model profile,

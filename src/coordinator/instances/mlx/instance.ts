@@ -2,11 +2,12 @@ import type * as grpc from '@grpc/grpc-js';
 import { errorMessage } from '../../../shared/errors.ts';
 import type { AgentClient, AgentGenerateRequest } from '../../membership/agent-client.ts';
 import { CoordinatorError } from '../../errors.ts';
+import { grpcMessage } from '../driver.ts';
 import type { MlxInstanceLaunch, MlxRankLaunch } from './launch.ts';
 
 /**
  * Starting and driving the ranks of one MLX instance through their node agents (I/O; the layout
- * itself is pure, in mlx-launch.ts).
+ * itself is pure, in launch.ts).
  */
 export interface MlxRankEngine {
   readonly nodeId: string;
@@ -36,9 +37,14 @@ export interface MlxStartOptions {
  * then rank N-1 (it dials rank 0 with a bounded retry while the others accept without limit),
  * then wait for every rank's "ready" (the repeated StartEngine is idempotent and waits). A rank
  * that never comes up trips its agent's watchdog: the load fails with that agent's message.
- * Returns the ranks in rank order; ranks[0] is the head (Generate goes there).
+ * Returns the ranks in rank order (ranks[0] is the head: Generate goes there) and each rank's
+ * start-up log lines (its "mlx-ready" report, for `rankProblems`).
  */
-export async function startMlxRanks(deps: MlxStartDeps, launch: MlxInstanceLaunch, o: MlxStartOptions): Promise<MlxRankEngine[]> {
+export async function startMlxRanks(
+  deps: MlxStartDeps,
+  launch: MlxInstanceLaunch,
+  o: MlxStartOptions,
+): Promise<{ ranks: MlxRankEngine[]; startupLogs: string[][] }> {
   const n = launch.ranks.length;
   const engines = launch.ranks.map((r) => ({ nodeId: r.nodeId, nodeName: r.nodeName, engineId: `${o.engineIdPrefix}-r${r.rank}`, rank: r.rank }));
   for (const e of engines) deps.record(e);
@@ -51,7 +57,7 @@ export async function startMlxRanks(deps: MlxStartDeps, launch: MlxInstanceLaunc
         callTimeout,
       )
       .catch((err: unknown) => {
-        throw new CoordinatorError('UNAVAILABLE', `MLX rank ${r.rank} on ${r.nodeName} failed to start: ${grpcDetails(err)}`);
+        throw new CoordinatorError('UNAVAILABLE', `MLX rank ${r.rank} on ${r.nodeName} failed to start: ${grpcMessage(err)}`);
       });
   const early = launch.ranks.slice(0, Math.max(0, n - 1));
   if (n > 1) {
@@ -62,13 +68,15 @@ export async function startMlxRanks(deps: MlxStartDeps, launch: MlxInstanceLaunc
   deps.progress(n > 1 ? `starting MLX rank ${n - 1} and waiting for all ${n} ranks to be ready` : 'starting the MLX process');
   const started = await Promise.all(launch.ranks.map((r) => start(r, false)));
   deps.assertLoading();
-  // Each worker reports the layer range it really runs; it must be the plan's.
-  const problems = launch.ranks.flatMap((r, i) => {
-    const problem = checkRankReport(r, started[i]!.logLines);
+  return { ranks: engines, startupLogs: started.map((s) => s.logLines) };
+}
+
+/** Each worker reports the layer range it really runs; it must be the plan's. */
+export function rankProblems(launch: MlxInstanceLaunch, startupLogs: readonly (readonly string[])[]): string[] {
+  return launch.ranks.flatMap((r, i) => {
+    const problem = checkRankReport(r, startupLogs[i] ?? []);
     return problem ? [problem] : [];
   });
-  if (problems.length > 0) throw new CoordinatorError('INTERNAL', `the MLX ranks do not match the plan: ${problems.join('; ')}`);
-  return engines;
 }
 
 /**
@@ -103,7 +111,7 @@ export async function submitToFollowers(
           });
           call.on('error', (err) => {
             clearTimeout(timer);
-            reject(new CoordinatorError('UNAVAILABLE', `MLX rank ${f.rank} on ${f.nodeName}: ${grpcDetails(err)}`));
+            reject(new CoordinatorError('UNAVAILABLE', `MLX rank ${f.rank} on ${f.nodeName}: ${grpcMessage(err)}`));
           });
           call.on('end', () => {
             clearTimeout(timer);
@@ -136,9 +144,4 @@ export function checkRankReport(r: MlxRankLaunch, logLines: readonly string[]): 
     if (got[0] !== want[0] || got[1] !== want[1]) return `rank ${r.rank} on ${r.nodeName} runs layers [${got.join(', ')}), the plan says [${want.join(', ')})`;
   }
   return undefined;
-}
-
-function grpcDetails(err: unknown): string {
-  const e = err as { details?: string };
-  return e?.details || errorMessage(err);
 }

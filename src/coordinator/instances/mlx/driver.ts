@@ -1,0 +1,156 @@
+import { errorMessage } from '../../../shared/errors.ts';
+import { CoordinatorError } from '../../errors.ts';
+import {
+  type Cluster,
+  clientOf,
+  type EngineDriver,
+  type EngineExit,
+  type EngineGroup,
+  type EngineRef,
+  type EngineRequest,
+  EngineRoster,
+  type EngineStream,
+  headStream,
+  type InstanceSpec,
+  type LoadContext,
+} from '../driver.ts';
+import type { LoadOptions } from '../types.ts';
+import { type MlxRankEngine, rankProblems, startMlxRanks, submitToFollowers } from './instance.ts';
+import { type MlxInstanceLaunch, mlxInstanceLaunch } from './launch.ts';
+
+/**
+ * MLX distributed: one rank per plan stage (rank 0 = the head stage, it emits), laid out by
+ * launch.ts and started through the agents in the order the ring needs (instance.ts). Ranks step
+ * in lockstep and must see requests in the same order, so an instance serves one request at a
+ * time and every other rank takes each request before rank 0. Any rank exit is reported as gone;
+ * all ranks stop together.
+ */
+export interface MlxDriverOptions {
+  /** Every rank must be ready within this (each agent's start-up watchdog; default 300 s). */
+  readonly mlxReadyTimeoutMs?: number | undefined;
+  /** Rank 0 must emit at least this often during a request (default 30 s). */
+  readonly mlxStallTimeoutSeconds?: number | undefined;
+  /** Random source for fresh ring ports (tests may seed it). */
+  readonly random?: (() => number) | undefined;
+}
+
+export class MlxDriver implements EngineDriver {
+  readonly family = 'mlx';
+  readonly stageNoun = 'MLX rank(s)';
+
+  constructor(
+    private readonly cluster: Cluster,
+    private readonly o: MlxDriverOptions,
+  ) {}
+
+  fitOptions(options: LoadOptions, model: string): LoadOptions {
+    if (options.parallel === 1) return options;
+    this.cluster.log.info({ model, parallel: options.parallel }, 'MLX serves one request at a time: parallel set to 1');
+    return { ...options, parallel: 1 };
+  }
+
+  group(spec: InstanceSpec): EngineGroup {
+    return new MlxGroup(this.cluster, this.o, spec);
+  }
+}
+
+class MlxGroup implements EngineGroup {
+  readonly #roster: EngineRoster;
+  readonly #endpoints: string[] = [];
+  /** The ranks in rank order (rank 0 = head, it emits; the others get each request first). */
+  #ranks: MlxRankEngine[] = [];
+  #launch: MlxInstanceLaunch | undefined;
+  #startupLogs: string[][] = [];
+  readonly verification = undefined;
+
+  constructor(
+    private readonly cluster: Cluster,
+    private readonly o: MlxDriverOptions,
+    private readonly spec: InstanceSpec,
+  ) {
+    this.#roster = new EngineRoster(cluster, spec.gone);
+  }
+
+  get engines(): readonly EngineRef[] {
+    return this.#roster.list;
+  }
+
+  get head(): EngineRef | undefined {
+    return this.#roster.head;
+  }
+
+  endpoint(stage: number): string {
+    return this.#endpoints[stage] ?? '';
+  }
+
+  /** Lay the ranks out over the plan's nodes and start them in the order the ring needs. */
+  async start(load: LoadContext): Promise<void> {
+    const launch = mlxInstanceLaunch(
+      load.plan.stages.map((s, i) => ({
+        nodeId: s.nodeId,
+        nodeName: s.nodeName,
+        agentAddress: load.nodes[i]!.address,
+        interfaces: load.nodes[i]!.profile.interfaces,
+        layers: s.lastLayer - s.firstLayer + 1,
+      })),
+      {
+        modelDir: this.spec.path,
+        maxTokens: this.spec.options.ctx,
+        stallTimeoutSeconds: this.o.mlxStallTimeoutSeconds ?? 30,
+        random: this.o.random ?? Math.random,
+      },
+    );
+    this.#launch = launch;
+    this.cluster.log.info(
+      { model: this.spec.name, backend: launch.backend, reason: launch.reason, ranks: launch.ranks.map((r) => ({ rank: r.rank, node: r.nodeName, stage: r.stage, hosts: r.mlx.hosts })) },
+      'MLX launch',
+    );
+    const started = await startMlxRanks(
+      {
+        client: (id) => clientOf(this.cluster, id),
+        record: (e) => this.#roster.record({ nodeId: e.nodeId, engineId: e.engineId, label: `MLX rank ${e.rank}` }, e.rank === 0),
+        assertLoading: () => load.assertLoading(),
+        progress: (m) => load.progress('starting-workers', m),
+      },
+      launch,
+      { engineIdPrefix: this.spec.engineIdPrefix, model: this.spec.name, readyTimeoutMs: this.o.mlxReadyTimeoutMs ?? 300_000 },
+    );
+    this.#ranks = started.ranks;
+    this.#startupLogs = started.startupLogs;
+    for (const r of launch.ranks) this.#endpoints[r.stage] = r.mlx.hosts[r.rank]?.endpoints[0] ?? r.mlx.jacclCoordinator;
+  }
+
+  verify(): void {
+    const problems = this.#launch ? rankProblems(this.#launch, this.#startupLogs) : ['the MLX ranks were not started'];
+    if (problems.length > 0) throw new CoordinatorError('INTERNAL', `the MLX ranks do not match the plan: ${problems.join('; ')}`);
+  }
+
+  /**
+   * Every other rank takes the identical request first (ranks step in lockstep). Not raced against
+   * the caller's abort: once some ranks hold the request, rank 0 must get it too (its agent
+   * cancels it at once), or the group falls out of step. A rank that cannot take it leaves the
+   * group inconsistent: it is reported gone (a reload restarts it).
+   */
+  async generate(req: EngineRequest): Promise<EngineStream> {
+    const head = this.#ranks[0];
+    if (!head) throw new CoordinatorError('UNAVAILABLE', `model "${this.spec.name}" is not ready`);
+    const client = clientOf(this.cluster, head.nodeId);
+    if (this.#ranks.length > 1) {
+      try {
+        await submitToFollowers(this.#ranks.slice(1), (id) => clientOf(this.cluster, id), req);
+      } catch (err) {
+        this.spec.gone(errorMessage(err));
+        throw new CoordinatorError('UNAVAILABLE', errorMessage(err));
+      }
+    }
+    return headStream(client, head.engineId, req);
+  }
+
+  engineExited(nodeId: string, ev: EngineExit): void {
+    this.#roster.exited(nodeId, ev);
+  }
+
+  stop(): Promise<void> {
+    return this.#roster.stop();
+  }
+}

@@ -1,0 +1,116 @@
+import type { NodeEntry } from '../membership/registry.ts';
+import type { VerifyResult } from './llama/verify.ts';
+
+/**
+ * The vocabulary of model instances, shared by the runtime, the planner adapter, the engine
+ * drivers and the APIs built on them. Types only (and the load defaults): no module here depends
+ * on the runtime to speak about what it loads.
+ */
+
+/** The engine families; each has one driver (llama/driver.ts, mlx/driver.ts). */
+export type EngineFamily = 'llama' | 'mlx';
+
+export interface LoadOptions {
+  readonly ctx: number;
+  readonly cacheType: string;
+  readonly parallel: number;
+  readonly pinnedNodes: readonly string[];
+}
+
+export const DEFAULT_LOAD_OPTIONS: LoadOptions = { ctx: 4096, cacheType: 'f16', parallel: 1, pinnedNodes: [] };
+
+/** One stage as the planner returns it (the last stage is the head). */
+export interface PlannedStage {
+  readonly nodeId: string;
+  readonly nodeName: string;
+  readonly firstLayer: number;
+  readonly lastLayer: number;
+  readonly bytes: { readonly weights: number; readonly kv: number; readonly compute: number; readonly overhead: number; readonly total: number };
+  readonly budgetBytes: number;
+  /** What llama.cpp should report for this stage's device, when the planner predicts it. */
+  readonly device?: { readonly model: number; readonly kv: number; readonly compute: number } | undefined;
+}
+
+export interface PlacementResult {
+  readonly stages: readonly PlannedStage[];
+  readonly nLayer: number;
+  readonly predictedTokensPerSecond: number;
+  /** KV bytes of every layer as the engine will allocate them (verification without -lv 5). */
+  readonly layerKvBytes?: readonly number[] | undefined;
+  /** The planner's full result, for `Plan` / `orchard plan --json`. */
+  readonly raw: unknown;
+}
+
+/** Plans a model onto nodes; throws UsageError (bad file) or OrchardError ("does not fit …"). */
+export type Planner = (modelPath: string, nodes: readonly NodeEntry[], options: LoadOptions) => Promise<PlacementResult>;
+
+export type ModelState = 'loading' | 'ready' | 'failed' | 'unloading';
+
+export interface ModelStage extends PlannedStage {
+  readonly endpoint: string;
+}
+
+export interface ModelStatus {
+  readonly name: string;
+  readonly path: string;
+  readonly state: ModelState;
+  readonly engine: EngineFamily;
+  readonly stages: readonly ModelStage[];
+  readonly error: string;
+  readonly predictedTokensPerSecond: number;
+  readonly options: LoadOptions;
+  readonly verification?: VerifyResult | undefined;
+  readonly loadedAtMs?: number | undefined;
+}
+
+export interface LoadRequest {
+  readonly modelPath: string;
+  readonly name?: string | undefined;
+  readonly options?: Partial<LoadOptions> | undefined;
+  /** "mlx" | "llama" | "auto"/"" (by format: a directory with config.json → mlx, .gguf → llama). */
+  readonly engine?: string | undefined;
+}
+
+export interface LoadProgress {
+  readonly phase: 'planning' | 'starting-workers' | 'starting-head' | 'verifying' | 'ready' | 'failed';
+  readonly message: string;
+  readonly bytesDone: number;
+  readonly bytesTotal: number;
+  readonly elapsedSeconds: number;
+  readonly model?: ModelStatus | undefined;
+}
+
+export interface GenerateRequest {
+  readonly model?: string | undefined;
+  readonly prompt: string;
+  readonly maxTokens: number;
+  readonly temperature: number;
+  readonly topP?: number | undefined;
+  readonly seed?: number | undefined;
+  readonly stop?: readonly string[] | undefined;
+  /** Chat: the head applies the model's chat template to these instead of taking `prompt`. */
+  readonly messages?: readonly ChatMessage[] | undefined;
+}
+
+export interface ChatMessage {
+  readonly role: string;
+  readonly content: string;
+}
+
+export interface Timings {
+  readonly promptMs: number;
+  readonly predictedMs: number;
+  readonly promptTokensPerSecond: number;
+  readonly predictedTokensPerSecond: number;
+  readonly firstTokenMs: number;
+}
+
+export type GenerateEvent =
+  | { readonly kind: 'token'; readonly text: string; readonly tokenIds: readonly number[] }
+  | {
+      readonly kind: 'done';
+      readonly finishReason: string;
+      readonly promptTokens: number;
+      readonly completionTokens: number;
+      readonly timings: Timings;
+    };
