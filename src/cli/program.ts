@@ -1,6 +1,7 @@
-import { Command, CommanderError, Option } from 'commander';
+import { type Command, CommanderError, Option } from 'commander';
 import { OrchardError, UsageError } from '../shared/errors.ts';
 import { loadConfig } from './config.ts';
+import { honourFalseEnv, OrchardCommand } from './env.ts';
 import { registerCluster } from './commands/cluster.ts';
 import { registerCoordinator } from './commands/coordinator.ts';
 import { registerChat } from './commands/chat.ts';
@@ -22,13 +23,14 @@ import { registerUp } from './commands/up.ts';
  * exit 0 ok, 1 failure, 2 usage; one-line errors; stack traces only with --debug.
  */
 export function buildProgram(): Command {
-  const program = new Command('orchard')
+  const program = new OrchardCommand('orchard')
     .description('Run one large language model across several Apple Silicon Macs.')
     .version(process.env.npm_package_version ?? '0.1.0', '-V, --version')
     .addOption(new Option('--debug', 'print stack traces and debug logs').env('ORCHARD_DEBUG'))
     .addOption(new Option('--config <file>', 'config file (default ~/.config/orchard/config.json; precedence: flags > ORCHARD_* env > file > defaults)').env('ORCHARD_CONFIG'))
     .showSuggestionAfterError(true)
-    .configureHelp({ sortSubcommands: false });
+    .configureHelp({ sortSubcommands: false })
+    .hook('preAction', (_root, actionCommand) => honourFalseEnv(actionCommand));
   program.exitOverride();
   registerSetup(program);
   registerTestmodel(program);

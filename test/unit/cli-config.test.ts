@@ -79,3 +79,116 @@ describe('config location', () => {
     expect(defaultConfigPath({}, '/home/u')).toBe('/home/u/.config/orchard/config.json');
   });
 });
+
+/** Every command below the root, with its path (`['coordinator', 'token']`). */
+function commandsOf(root: Command): { cmd: Command; path: string[] }[] {
+  const out: { cmd: Command; path: string[] }[] = [];
+  const walk = (c: Command, path: string[]) => {
+    for (const sub of c.commands) {
+      out.push({ cmd: sub, path: [...path, sub.name()] });
+      walk(sub, [...path, sub.name()]);
+    }
+  };
+  walk(root, []);
+  return out;
+}
+
+/** A value the option accepts from the environment: its first choice, else a number as text. */
+function sampleValue(o: Option): string {
+  return o.argChoices?.[0] ?? '7';
+}
+
+/**
+ * Parse `orchard <path>` with `env` set and the command's action replaced by a recorder (so
+ * nothing starts); required arguments get placeholders. Returns the options the action saw.
+ */
+async function optionsFromEnv(path: string[], env: Record<string, string>): Promise<Record<string, unknown>> {
+  const program = buildProgram();
+  const target = commandsOf(program).find((c) => c.path.join(' ') === path.join(' '))!.cmd;
+  let seen: Record<string, unknown> | undefined;
+  target.action((...args: unknown[]) => {
+    seen = (args.at(-1) as Command).opts();
+  });
+  const placeholders = target.registeredArguments.filter((a) => a.required).map(() => 'arg');
+  const saved = { ...process.env };
+  Object.assign(process.env, env);
+  try {
+    await program.parseAsync([...path, ...placeholders], { from: 'user' });
+  } finally {
+    for (const k of Object.keys(env)) delete process.env[k];
+    Object.assign(process.env, saved);
+  }
+  return seen!;
+}
+
+describe('every option can come from the environment', () => {
+  const program = buildProgram();
+  const leaves = commandsOf(program).filter(({ cmd }) => cmd.commands.length === 0);
+
+  it('each option of each command names a variable, and --help shows it', () => {
+    let count = 0;
+    for (const { cmd, path } of commandsOf(program)) {
+      const help = cmd.helpInformation();
+      for (const o of cmd.options) {
+        count++;
+        expect(o.envVar, `orchard ${path.join(' ')} ${o.flags}`).toMatch(/^ORCHARD_[A-Z0-9_]+$/);
+        expect(help.replace(/\s+/g, ' '), `orchard ${path.join(' ')} --help`).toMatch(new RegExp(`[(,] ?env: ${o.envVar}\\)`));
+      }
+    }
+    for (const o of program.options) if (o.long !== '--version') expect(o.envVar, o.flags).toBeDefined();
+    expect(count).toBeGreaterThanOrEqual(100);
+  });
+
+  it('one variable means one option: a name shared by commands is the same flag everywhere', () => {
+    // Deliberate: one value under two flag names. The cluster join token is `coordinator
+    // --join-token` where it is set and `cluster join --token` where it is presented; the local
+    // agent's gRPC port is `node --grpc-port` and `up --agent-port` (up's --grpc-port is the coordinator's).
+    const SAME_VALUE: Record<string, readonly string[]> = {
+      ORCHARD_JOIN_TOKEN: ['--join-token', '--token'],
+      ORCHARD_NODE_GRPC_PORT: ['--grpc-port', '--agent-port'],
+    };
+    const byName = new Map<string, string>();
+    for (const { cmd } of commandsOf(program)) {
+      for (const o of cmd.options) {
+        const flag = byName.get(o.envVar!);
+        if (flag !== undefined && flag !== o.long) expect(SAME_VALUE[o.envVar!], `${o.envVar}: ${flag} and ${o.long}`).toEqual(expect.arrayContaining([flag, o.long]));
+        byName.set(o.envVar!, o.long!);
+      }
+    }
+  });
+
+  it('secrets (API keys, tokens) are read from the environment or the config file, not only argv', () => {
+    const secrets = commandsOf(program).flatMap(({ cmd, path }) => cmd.options.filter((o) => /key|token|secret|password/.test(o.long ?? '')).map((o) => ({ o, path })));
+    expect(secrets.length).toBeGreaterThanOrEqual(5);
+    for (const { o, path } of secrets) {
+      expect(o.envVar, `${path.join(' ')} ${o.long}`).toBeDefined();
+      expect(() => applyConfig(buildProgram(), { [path.join(' ')]: { [o.attributeName()]: 's3cret' } }, 'c')).not.toThrow();
+    }
+  });
+
+  it.each(leaves.map(({ path }) => [path.join(' '), path] as const))('orchard %s: setting each variable sets its option', async (_name, path) => {
+    const cmd = commandsOf(buildProgram()).find((c) => c.path.join(' ') === path.join(' '))!.cmd;
+    const valued = cmd.options.filter((o) => o.required || o.optional);
+    const booleans = cmd.options.filter((o) => !(o.required || o.optional));
+    const on = await optionsFromEnv(path, Object.fromEntries([...valued.map((o) => [o.envVar!, sampleValue(o)]), ...booleans.map((o) => [o.envVar!, '1'])]));
+    for (const o of valued) {
+      const expected = o.parseArg ? o.parseArg(sampleValue(o), o.defaultValue) : o.variadic ? [sampleValue(o)] : sampleValue(o);
+      expect(on[o.attributeName()], `${o.envVar}=${sampleValue(o)}`).toEqual(expected);
+    }
+    for (const o of booleans) expect(on[o.attributeName()], `${o.envVar}=1`).toBe(!o.negate);
+    if (booleans.length === 0) return;
+    // "0" / "false" mean off, although commander alone would treat any value as "set".
+    const required = Object.fromEntries(valued.filter((o) => o.mandatory).map((o) => [o.envVar!, sampleValue(o)]));
+    const off = await optionsFromEnv(path, { ...required, ...Object.fromEntries(booleans.map((o) => [o.envVar!, 'false'])) });
+    for (const o of booleans) expect(off[o.attributeName()] ?? false, `${o.envVar}=false`).toBe(!!o.negate);
+  });
+
+  it('the generated name follows the command path and the long flag', () => {
+    const find = (path: string, flag: string) => commandsOf(program).find((c) => c.path.join(' ') === path)!.cmd.options.find((o) => o.long === flag)!.envVar;
+    expect(find('testmodel gguf', '--kv-heads')).toBe('ORCHARD_TESTMODEL_GGUF_KV_HEADS');
+    expect(find('coordinator', '--no-mdns')).toBe('ORCHARD_COORDINATOR_NO_MDNS');
+    expect(find('node', '--budget')).toBe('ORCHARD_NODE_BUDGET');
+    expect(find('up', '--max-queue')).toBe('ORCHARD_COORDINATOR_MAX_QUEUE');
+    expect(find('status', '--coordinator')).toBe('ORCHARD_COORDINATOR');
+  });
+});

@@ -1,5 +1,5 @@
 import { networkInterfaces } from 'node:os';
-import type { Command } from 'commander';
+import { type Command, Option } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { UsageError } from '../../shared/errors.ts';
 
@@ -22,7 +22,7 @@ export function registerCluster(program: Command): void {
     .command('join')
     .description('join a node agent to a coordinator without Bonjour')
     .argument('<coordinator>', 'coordinator gRPC address HOST:PORT')
-    .requiredOption('--token <token>', 'the cluster join token (`orchard coordinator token`)')
+    .addOption(new Option('--token <token>', 'the cluster join token (`orchard coordinator token`)').env('ORCHARD_JOIN_TOKEN').makeOptionMandatory())
     .requiredOption('--agent <host:port>', 'the node agent address the coordinator should dial')
     .option('--json', 'print {nodeId, clusterId}')
     .action(async (coordinator: string, flags: { token: string; agent: string; json?: boolean }) => {

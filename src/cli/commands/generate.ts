@@ -1,4 +1,4 @@
-import type { Command } from 'commander';
+import { type Command, Option } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { parseInteger } from '../../shared/units.ts';
@@ -37,7 +37,7 @@ export function registerGenerate(program: Command): void {
     .option('--top-p <p>', 'nucleus sampling (0 = engine default)')
     .option('--seed <s>', 'sampling seed (0 = random)', '0')
     .option('--stop <text...>', 'stop strings')
-    .option('--coordinator <host:port>', 'coordinator gRPC address (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
+    .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .option('--json', 'print one JSON object at the end: {text, tokens, timings, ...}')
     .action(async (flags: GenerateFlags) => {
       const req = {

@@ -1,5 +1,5 @@
 import { resolve } from 'node:path';
-import type { Command } from 'commander';
+import { type Command, Option } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
@@ -30,7 +30,7 @@ export function registerLoad(program: Command): void {
     .option('--name <alias>', 'model name for generate/unload (default: the file name)')
     .option('--pin <node...>', 'nodes that must hold a stage (names or ids)')
     .option('--engine <e>', 'mlx, llama or auto (a directory with config.json → mlx, .gguf → llama)', 'auto')
-    .option('--coordinator <host:port>', 'coordinator gRPC address (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
+    .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .option('--json', 'print progress events as JSON lines')
     .action(async (model: string, flags: LoadFlags) => {
       const address = coordinatorAddress(flags.coordinator);

@@ -49,11 +49,10 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--bind <host>', 'address the gRPC and metrics servers listen on').default('0.0.0.0').env('ORCHARD_NODE_BIND'))
     .addOption(new Option('--token <token>', 'require `authorization: Bearer <token>` on every gRPC call').env('ORCHARD_NODE_TOKEN'))
     .addOption(new Option('--join <host:port>', 'join this coordinator (static join, no Bonjour needed); needs --token').env('ORCHARD_JOIN'))
-    .option(
-      '--models-dir <dirs>',
-      'where model files live (repeatable, or a path list a:b); reported to the coordinator so it can pre-seed engine caches from local copies [env: ORCHARD_NODE_MODELS_DIR]',
-      (v: string, prev: string[]) => [...prev, v],
-      [] as string[],
+    .addOption(
+      new Option('--models-dir <dirs>', 'where model files live (repeatable, or a path list a:b); reported to the coordinator so it can pre-seed engine caches from local copies')
+        .argParser((v: string, prev: string[] | undefined) => [...(prev ?? []), v])
+        .env('ORCHARD_NODE_MODELS_DIR'),
     )
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…}) instead of the profile table')
     .action(async (flags: NodeFlags) => {
@@ -72,9 +71,7 @@ function parseFlags(flags: NodeFlags) {
     throw new UsageError(`invalid --name "${flags.name}": 1–63 characters, no dots (it becomes the Bonjour instance name)`);
   }
   if (flags.name !== undefined && Buffer.byteLength(flags.name) > 63) throw new UsageError(`invalid --name "${flags.name}": at most 63 bytes`);
-  const mdnsEnv = process.env.ORCHARD_NODE_NO_MDNS;
-  // commander treats any value of a --no-* option's env var as "set"; honour 0/false as "keep mDNS".
-  const mdns = flags.mdns || mdnsEnv === '0' || mdnsEnv === 'false';
+  const mdns = flags.mdns; // ORCHARD_NODE_NO_MDNS=0/false keeps mDNS: honourFalseEnv (src/cli/env.ts)
   return {
     name: flags.name,
     grpcPort: parsePort(flags.grpcPort, '--grpc-port'),
@@ -92,7 +89,7 @@ function parseFlags(flags: NodeFlags) {
 }
 
 function modelsDirs(flagValues: readonly string[]): string[] {
-  const dirs = parseModelsDirs(flagValues, process.env.ORCHARD_NODE_MODELS_DIR);
+  const dirs = parseModelsDirs(flagValues, undefined); // the flag or ORCHARD_NODE_MODELS_DIR, via commander
   for (const d of dirs) {
     let ok = false;
     try {

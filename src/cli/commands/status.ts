@@ -1,5 +1,5 @@
 import Table from 'cli-table3';
-import type { Command } from 'commander';
+import { type Command, Option } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { formatBandwidth, formatBytes } from '../../shared/units.ts';
 
@@ -55,7 +55,7 @@ export function registerStatus(program: Command): void {
   program
     .command('status')
     .description('show the cluster: nodes (state, hardware) and loaded models with their stages')
-    .option('--coordinator <host:port>', 'coordinator gRPC address (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
+    .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .option('--json', 'print JSON on stdout')
     .action(async (flags: { coordinator?: string; json?: boolean }) => {
       const address = coordinatorAddress(flags.coordinator);

@@ -1,4 +1,4 @@
-import type { Command } from 'commander';
+import { type Command, Option } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 
 export function registerUnload(program: Command): void {
@@ -6,7 +6,7 @@ export function registerUnload(program: Command): void {
     .command('unload')
     .description('unload a model: stop every engine it started')
     .argument('<name>', 'model name (see `orchard status`)')
-    .option('--coordinator <host:port>', 'coordinator gRPC address (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
+    .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .action(async (name: string, flags: { coordinator?: string }) => {
       const client = new CoordinatorClient(coordinatorAddress(flags.coordinator));
       try {

@@ -10,7 +10,7 @@ import { defaultStateDir as nodeStateDir } from '../../node/identity.ts';
 import { findLlamaBinaries } from '../../node/llama/binaries.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
-import { formatBytes, parseBandwidth, parsePort, parseSize } from '../../shared/units.ts';
+import { formatBytes, parseBandwidth, parseInteger, parsePort, parseSize } from '../../shared/units.ts';
 
 interface UpFlags {
   grpcPort: string;
@@ -26,6 +26,7 @@ interface UpFlags {
   bandwidth?: string;
   mdns: boolean;
   apiKey?: string;
+  maxQueue?: string;
   json?: boolean;
 }
 
@@ -60,6 +61,9 @@ export function registerUp(program: Command): void {
     .addOption(new Option('--bandwidth <GBps>', 'memory bandwidth in GB/s').env('ORCHARD_NODE_BANDWIDTH'))
     .option('--no-mdns', 'do not browse Bonjour for other nodes')
     .addOption(new Option('--api-key <key>', 'require this key on the HTTP API').env('ORCHARD_API_KEY'))
+    .addOption(
+      new Option('--max-queue <n>', 'requests that may wait per model beyond its --parallel slots (default 4 × parallel)').env('ORCHARD_COORDINATOR_MAX_QUEUE'),
+    )
     .option('--json', 'print a machine-readable ready line')
     .addHelpText(
       'after',
@@ -78,6 +82,7 @@ async function runUp(flags: UpFlags): Promise<void> {
   for (const [k, v] of [['--host', flags.host], ['--http-host', flags.httpHost]] as const) {
     if (isIP(v) === 0) throw new UsageError(`invalid ${k} "${v}": give an IP address`);
   }
+  const maxQueue = flags.maxQueue !== undefined ? parseInteger(flags.maxQueue, '--max-queue', 0, 100_000) : undefined;
   const agentAddress = flags.agentAddress ?? defaultAgentAddress();
   if (isIP(agentAddress) === 0) throw new UsageError(`invalid --agent-address "${agentAddress}": give an IP address`);
   const log = createLogger('orchard-up', process.env.ORCHARD_DEBUG ? 'debug' : undefined);
@@ -123,6 +128,7 @@ async function runUp(flags: UpFlags): Promise<void> {
       httpHost: flags.httpHost,
       mdns: flags.mdns,
       api: { apiKey: flags.apiKey || undefined },
+      maxQueue,
       log: log.child({ part: 'coordinator' }),
     }).catch((err: unknown) => {
       throw new OrchardError(`cannot start the coordinator: ${(err as Error).message} (another one running? use --grpc-port/--http-port)`);
