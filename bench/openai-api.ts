@@ -17,10 +17,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../src/cli/demo-model.ts';
 import { type LocalCluster, startLocalCluster } from '../src/cli/local-cluster.ts';
-import { splitSse } from '../src/node/generate.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
+import { ssePayloads } from '../src/shared/sse.ts';
 
 const RUNS = 5;
 const TOKENS = 64;
@@ -51,24 +51,17 @@ async function measure(url: string, body: unknown, tokenOf: (j: Record<string, u
   let last = 0;
   let tokens = 0;
   let engine = 0;
-  let buf = '';
-  const dec = new TextDecoder();
-  for await (const b of res.body as AsyncIterable<Uint8Array>) {
-    buf += dec.decode(b, { stream: true });
-    const { payloads, rest } = splitSse(buf);
-    buf = rest;
-    for (const p of payloads) {
-      if (p === '[DONE]') continue;
-      const j = JSON.parse(p) as Record<string, unknown>;
-      const n = tokenOf(j);
-      if (n > 0) {
-        const now = performance.now();
-        if (!first) first = now;
-        last = now;
-        tokens += n;
-      }
-      engine = engineOf(j) ?? engine;
+  for await (const p of ssePayloads(res.body as AsyncIterable<Uint8Array>)) {
+    if (p === '[DONE]') continue;
+    const j = JSON.parse(p) as Record<string, unknown>;
+    const n = tokenOf(j);
+    if (n > 0) {
+      const now = performance.now();
+      if (!first) first = now;
+      last = now;
+      tokens += n;
     }
+    engine = engineOf(j) ?? engine;
   }
   return { ttftMs: first - t0, clientTps: tokens > 1 ? (tokens - 1) / ((last - first) / 1000) : 0, engineTps: engine };
 }

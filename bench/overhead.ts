@@ -25,6 +25,7 @@ import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
 import { llamaDeviceArgs, llamaMemoryArgs } from '../src/shared/placement/llama-args.ts';
 import { planPlacement } from '../src/shared/placement/planner.ts';
+import { ssePayloads } from '../src/shared/sse.ts';
 
 const ROOT = new URL('../', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
@@ -121,27 +122,17 @@ async function byHand(port: number): Promise<Run> {
   let first = 0;
   let last = 0;
   let n = 0;
-  let buf = '';
   let engine = 0;
-  const decoder = new TextDecoder();
-  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-    buf += decoder.decode(chunk, { stream: true });
-    let i = buf.indexOf('\n\n');
-    while (i >= 0) {
-      const event = buf.slice(0, i);
-      buf = buf.slice(i + 2);
-      i = buf.indexOf('\n\n');
-      const data = event.replace(/^data: /, '');
-      if (!data.startsWith('{')) continue;
-      const j = JSON.parse(data) as { content?: string; tokens?: number[]; stop?: boolean; timings?: { predicted_per_second?: number } };
-      if (j.stop) {
-        engine = j.timings?.predicted_per_second ?? 0;
-        continue;
-      }
-      last = performance.now();
-      if (!first) first = last;
-      n += j.tokens?.length || 1;
+  for await (const data of ssePayloads(res.body as unknown as AsyncIterable<Uint8Array>)) {
+    if (!data.startsWith('{')) continue;
+    const j = JSON.parse(data) as { content?: string; tokens?: number[]; stop?: boolean; timings?: { predicted_per_second?: number } };
+    if (j.stop) {
+      engine = j.timings?.predicted_per_second ?? 0;
+      continue;
     }
+    last = performance.now();
+    if (!first) first = last;
+    n += j.tokens?.length || 1;
   }
   return { ttftMs: first - t0, tokensPerSecond: (n - 1) / ((last - first) / 1000), tokens: n, engineTokensPerSecond: engine };
 }

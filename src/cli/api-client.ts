@@ -1,5 +1,5 @@
-import { splitSse } from '../node/generate.ts';
 import { OrchardError } from '../shared/errors.ts';
+import { ssePayloads } from '../shared/sse.ts';
 
 /**
  * A small client for the coordinator's HTTP API (what `orchard demo` and `orchard chat` use):
@@ -49,19 +49,12 @@ export async function apiJson<T = Record<string, unknown>>(o: ApiClientOptions, 
 export async function* apiSse(o: ApiClientOptions, path: string, body: unknown, signal?: AbortSignal): AsyncGenerator<Record<string, unknown>> {
   const res = await send(o, 'POST', path, body, signal, 'text/event-stream');
   if (!res.ok || !res.body) throw await failure(res, `POST ${path}`);
-  const decoder = new TextDecoder();
-  let buffer = '';
-  for await (const bytes of res.body as AsyncIterable<Uint8Array>) {
-    buffer += decoder.decode(bytes, { stream: true });
-    const { payloads, rest } = splitSse(buffer);
-    buffer = rest;
-    for (const p of payloads) {
-      if (p === '[DONE]') return;
-      const j = JSON.parse(p) as Record<string, unknown>;
-      const e = j.error as { message?: string } | undefined;
-      if (e) throw new OrchardError(`POST ${path}: ${e.message ?? JSON.stringify(e)}`);
-      yield j;
-    }
+  for await (const p of ssePayloads(res.body as AsyncIterable<Uint8Array>)) {
+    if (p === '[DONE]') return;
+    const j = JSON.parse(p) as Record<string, unknown>;
+    const e = j.error as { message?: string } | undefined;
+    if (e) throw new OrchardError(`POST ${path}: ${e.message ?? JSON.stringify(e)}`);
+    yield j;
   }
   throw new OrchardError(`POST ${path}: the stream ended without [DONE]`);
 }

@@ -1,4 +1,6 @@
 import { z } from 'zod';
+import { checkGenerateRequest, nodeGenerateRequestSchema, type Timings } from '../shared/generation.ts';
+import { ssePayloads } from '../shared/sse.ts';
 import { type EngineResponse, postToEngine } from './engine-http.ts';
 
 /**
@@ -29,14 +31,6 @@ export interface TokenChunk {
   readonly tokenIds: readonly number[];
 }
 
-export interface Timings {
-  readonly promptMs: number;
-  readonly predictedMs: number;
-  readonly promptTokensPerSecond: number;
-  readonly predictedTokensPerSecond: number;
-  readonly firstTokenMs: number;
-}
-
 export interface GenerateDone {
   readonly finishReason: 'stop' | 'length';
   readonly promptTokens: number;
@@ -54,25 +48,13 @@ export class GenerateError extends Error {
   }
 }
 
-export const generateRequestSchema = z.object({
-  engineId: z.string().default(''),
-  prompt: z.string().default(''),
-  maxTokens: z.number().int().nonnegative().default(0),
-  temperature: z.number().default(0),
-  topP: z.number().default(0),
-  seed: z.union([z.string(), z.number()]).default('0'),
-  stop: z.array(z.string()).default([]),
-  requestId: z.string().default(''),
-  messagesJson: z.string().default(''),
-});
-
 const chatMessagesSchema = z.array(z.object({ role: z.string().min(1), content: z.string() }).loose()).min(1);
 
 /** Check a proto-loader GenerateRequest (int64 seed arrives as a string). */
 export function generateParamsFromRequest(raw: unknown): GenerateParams & { engineId: string; requestId: string } {
-  const parsed = generateRequestSchema.safeParse(raw ?? {});
-  if (!parsed.success) throw new GenerateError('INVALID_ARGUMENT', `malformed Generate request: ${parsed.error.issues[0]?.message}`);
-  const r = parsed.data;
+  const checked = checkGenerateRequest(nodeGenerateRequestSchema, raw);
+  if (!checked.ok) throw new GenerateError('INVALID_ARGUMENT', checked.problem);
+  const r = checked.request;
   if (r.messagesJson !== '') {
     if (r.prompt !== '') throw new GenerateError('INVALID_ARGUMENT', 'give either prompt or messages_json, not both');
     let messages: unknown;
@@ -83,14 +65,6 @@ export function generateParamsFromRequest(raw: unknown): GenerateParams & { engi
     }
     if (!chatMessagesSchema.safeParse(messages).success) throw new GenerateError('INVALID_ARGUMENT', 'messages_json must be a non-empty array of {role, content}');
   } else if (r.prompt === '') throw new GenerateError('INVALID_ARGUMENT', 'prompt is empty');
-  if (!Number.isFinite(r.temperature) || r.temperature < 0 || r.temperature > 10) {
-    throw new GenerateError('INVALID_ARGUMENT', `invalid temperature ${r.temperature}: 0–10 (0 = greedy)`);
-  }
-  if (!Number.isFinite(r.topP) || r.topP < 0 || r.topP > 1) throw new GenerateError('INVALID_ARGUMENT', `invalid top_p ${r.topP}: 0–1 (0 = engine default)`);
-  const seed = Number(r.seed);
-  if (!Number.isSafeInteger(seed) || seed < 0 || seed > 0xffffffff) {
-    throw new GenerateError('INVALID_ARGUMENT', `invalid seed ${r.seed}: 0–4294967295 (0 = random)`);
-  }
   return {
     engineId: r.engineId,
     requestId: r.requestId,
@@ -98,7 +72,7 @@ export function generateParamsFromRequest(raw: unknown): GenerateParams & { engi
     maxTokens: r.maxTokens,
     temperature: r.temperature,
     topP: r.topP,
-    seed,
+    seed: r.seed,
     stop: r.stop,
     ...(r.messagesJson !== '' ? { messagesJson: r.messagesJson } : {}),
   };
@@ -122,26 +96,6 @@ export function completionBody(p: GenerateParams): Record<string, unknown> {
   if (p.seed !== 0) body.seed = p.seed;
   if (p.stop.length > 0) body.stop = p.stop;
   return body;
-}
-
-/**
- * Split an SSE byte stream (as text) into the payloads of complete `data:` events; returns the
- * unfinished remainder to prepend to the next chunk.
- */
-export function splitSse(buffer: string): { payloads: string[]; rest: string } {
-  const payloads: string[] = [];
-  const normalized = buffer.replace(/\r\n/g, '\n');
-  const events = normalized.split('\n\n');
-  const rest = events.pop() ?? '';
-  for (const event of events) {
-    const data = event
-      .split('\n')
-      .filter((l) => l.startsWith('data:'))
-      .map((l) => l.slice(5).replace(/^ /, ''))
-      .join('\n');
-    if (data !== '') payloads.push(data);
-  }
-  return { payloads, rest };
 }
 
 const timingsSchema = z
@@ -246,21 +200,14 @@ export async function relayCompletion(opts: RelayOptions): Promise<GenerateDone>
     } catch {}
     throw engineError(error);
   }
-  const decoder = new TextDecoder();
-  let buffer = '';
   try {
-    for await (const bytes of res.body as AsyncIterable<Buffer>) {
-      buffer += decoder.decode(bytes, { stream: true });
-      const { payloads, rest } = splitSse(buffer);
-      buffer = rest;
-      for (const payload of payloads) {
-        for (const ev of parseCompletionPayload(payload)) {
-          if (ev.kind === 'token') {
-            if (firstTokenMs === 0 && ev.chunk.tokenIds.length > 0) firstTokenMs = now() - t0;
-            opts.onToken(ev.chunk);
-          } else {
-            return { ...ev.done, timings: { ...ev.done.timings, firstTokenMs } };
-          }
+    for await (const payload of ssePayloads(res.body as AsyncIterable<Uint8Array>)) {
+      for (const ev of parseCompletionPayload(payload)) {
+        if (ev.kind === 'token') {
+          if (firstTokenMs === 0 && ev.chunk.tokenIds.length > 0) firstTokenMs = now() - t0;
+          opts.onToken(ev.chunk);
+        } else {
+          return { ...ev.done, timings: { ...ev.done.timings, firstTokenMs } };
         }
       }
     }

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { GenerateError, completionBody, generateParamsFromRequest, parseCompletionPayload, splitSse } from '../../src/node/generate.ts';
+import { GenerateError, completionBody, generateParamsFromRequest, parseCompletionPayload } from '../../src/node/generate.ts';
+import { checkGenerateRequest, coordinatorGenerateRequestSchema } from '../../src/shared/generation.ts';
 
 describe('Generate request → llama-server /completion body', () => {
   it('greedy at temperature 0, stream with token ids, seed/stop only when set', () => {
@@ -21,16 +22,29 @@ describe('Generate request → llama-server /completion body', () => {
   ])('refuses %j', (req, message) => {
     expect(() => generateParamsFromRequest(req)).toThrow(message);
   });
+
+  it.each([
+    [{ temperature: -1 }, /^invalid temperature -1: 0–10/],
+    [{ temperature: 11 }, /^invalid temperature 11/],
+    [{ topP: 2 }, /^invalid top_p 2: 0–1/],
+    [{ seed: '4294967296' }, /^invalid seed 4294967296/],
+    [{ seed: '-1' }, /^invalid seed -1/],
+    [{ maxTokens: 1.5 }, /^malformed Generate request/],
+  ])('Coordinator.Generate refuses %j with the words the agent uses', (fields, message) => {
+    const c = checkGenerateRequest(coordinatorGenerateRequestSchema, { model: 'm', prompt: 'x', ...fields });
+    expect(c.ok ? 'accepted' : c.problem).toMatch(message);
+    expect(() => generateParamsFromRequest({ prompt: 'x', ...fields })).toThrow(message);
+  });
+
+  it('Coordinator.Generate: int64 seed as a string becomes a number, defaults fill the rest', () => {
+    expect(checkGenerateRequest(coordinatorGenerateRequestSchema, { prompt: 'x', seed: '4294967295' })).toEqual({
+      ok: true,
+      request: { model: '', prompt: 'x', maxTokens: 0, temperature: 0, topP: 0, seed: 4294967295, stop: [] },
+    });
+  });
 });
 
 describe('llama-server SSE stream', () => {
-  it('splits complete events and keeps the remainder', () => {
-    const { payloads, rest } = splitSse('data: {"a":1}\n\ndata: {"b":2}\r\n\r\ndata: {"c"');
-    expect(payloads).toEqual(['{"a":1}', '{"b":2}']);
-    expect(rest).toBe('data: {"c"');
-    expect(splitSse(`${rest}:3}\n\n`).payloads).toEqual(['{"c":3}']);
-  });
-
   it('token chunks carry text and ids; the final chunk maps stop_type to a finish reason', () => {
     expect(parseCompletionPayload('{"content":" the","tokens":[278],"stop":false}')).toEqual([{ kind: 'token', chunk: { text: ' the', tokenIds: [278] } }]);
     const final = JSON.stringify({

@@ -1,4 +1,6 @@
 import { describe, expect, it } from 'vitest';
+import type { HardwareProfile, LiveStats } from '../../src/shared/hardware.ts';
+import { liveFromWire, liveToWire, profileFromWire, profileToWire } from '../../src/shared/hardware-wire.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
 
 describe('proto contracts', () => {
@@ -11,5 +13,58 @@ describe('proto contracts', () => {
       expect.arrayContaining(['Join', 'Status', 'Plan', 'Load', 'Unload', 'Generate']),
     );
     expect(v1.NodeAgent!.service.Watch!.responseStream).toBe(true);
+  });
+});
+
+describe('hardware profile on the wire (one converter, both sides)', () => {
+  const profile: HardwareProfile = {
+    nodeId: 'n1',
+    name: 'studio',
+    hostname: 'studio.local',
+    os: 'macos',
+    osVersion: '15.1',
+    chip: 'Apple M2 Ultra',
+    performanceCores: 16,
+    efficiencyCores: 8,
+    gpuCores: 76,
+    memoryBytes: 206_158_430_208,
+    bandwidthBytesPerSecond: 800_000_000_000,
+    wiredLimitBytes: 154_618_822_656,
+    usableBytes: 9_007_199_254_740_991,
+    engines: ['llama-rpc', 'mlx'],
+    interfaces: [{ name: 'en0', addresses: ['10.0.0.2', 'fe80::1'], thunderbolt: true, rdma: false }],
+    protocolVersion: '1',
+    agentVersion: '0.1.0',
+    metricsPort: 9151,
+  };
+  // The real contract: what the agent's Describe serializes is what the coordinator reads back.
+  const describe_ = orchardV1().NodeAgent!.service.Describe!;
+  const roundTrip = (wire: unknown) => describe_.responseDeserialize(describe_.responseSerialize({ profile: wire })) as { profile: Record<string, unknown> };
+
+  it('survives proto serialization exactly, 64-bit sizes as decimal strings', () => {
+    const wire = profileToWire(profile);
+    expect(wire.memoryBytes).toBe('206158430208');
+    const back = roundTrip(wire);
+    expect(back.profile.usableBytes).toBe('9007199254740991');
+    expect(profileFromWire(back.profile)).toEqual(profile);
+  });
+
+  it('puts only the message fields on the wire, whatever else the object carries', () => {
+    const extra = { ...profile, secret: 'x', interfaces: [{ ...profile.interfaces[0]!, driver: 'bridge' }] } as HardwareProfile;
+    const wire = profileToWire(extra);
+    expect(Object.keys(wire).sort()).toEqual(Object.keys(profile).sort());
+    expect(Object.keys((wire.interfaces as object[])[0]!).sort()).toEqual(['addresses', 'name', 'rdma', 'thunderbolt']);
+  });
+
+  it('no metrics port yet travels as 0 and reads back as absent', () => {
+    const { metricsPort: _, ...without } = profile;
+    expect(profileToWire(without).metricsPort).toBe(0);
+    expect(profileFromWire(roundTrip(profileToWire(without)).profile)).toEqual({ ...without, metricsPort: undefined });
+  });
+
+  it('live stats round-trip through NodeAgent.Describe', () => {
+    const live: LiveStats = { availableBytes: 68_719_476_736, memoryPressure: 'warn', thermalState: 'fair', timestampSeconds: 1_700_000_000.5 };
+    const back = describe_.responseDeserialize(describe_.responseSerialize({ live: liveToWire(live) })) as { live: Record<string, unknown> };
+    expect(liveFromWire(back.live)).toEqual(live);
   });
 });

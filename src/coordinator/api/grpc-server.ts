@@ -1,6 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
 import { errorMessage } from '../../shared/errors.ts';
+import { checkGenerateRequest, coordinatorGenerateRequestSchema } from '../../shared/generation.ts';
+import { liveToWire, profileToWire } from '../../shared/hardware-wire.ts';
 import type { Logger } from '../../shared/log.ts';
 import { createGrpcServer } from '../../shared/grpc-server.ts';
 import { orchardV1 } from '../../shared/proto.ts';
@@ -9,7 +11,6 @@ import { joinTokenMatches } from '../membership/join-token.ts';
 import type { Membership } from '../membership/membership.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from '../instances/runtime.ts';
-import { liveToWire, profileToWire } from '../membership/wire.ts';
 import { PlanDoesNotFitError } from '../instances/planner-adapter.ts';
 
 /**
@@ -43,15 +44,6 @@ const planOptionsSchema = z
   .nullish();
 const loadSchema = z.object({ modelPath: z.string().default(''), name: z.string().default(''), options: planOptionsSchema, engine: z.string().default('') });
 const planSchema = z.object({ modelPath: z.string().default(''), options: planOptionsSchema });
-const generateSchema = z.object({
-  model: z.string().default(''),
-  prompt: z.string().default(''),
-  maxTokens: z.number().int().nonnegative().default(0),
-  temperature: z.number().default(0),
-  topP: z.number().default(0),
-  seed: z.union([z.string(), z.number()]).default('0'),
-  stop: z.array(z.string()).default([]),
-});
 
 function parse<T>(schema: z.ZodType<T>, raw: unknown, what: string): T {
   const r = schema.safeParse(raw ?? {});
@@ -66,7 +58,7 @@ function options(o: z.infer<typeof planOptionsSchema>) {
 export function nodeStatusToWire(n: NodeEntry, now = Date.now()): Record<string, unknown> {
   return {
     profile: profileToWire(n.profile),
-    live: liveToWire(n.live),
+    live: n.live ? liveToWire(n.live) : undefined,
     state: `NODE_STATE_${n.state.toUpperCase()}`,
     address: n.address,
     discoveredBy: n.discoveredBy,
@@ -110,11 +102,18 @@ export function generateEventToWire(e: GenerateEvent): Record<string, unknown> {
   return { done: { finishReason: e.finishReason, promptTokens: e.promptTokens, completionTokens: e.completionTokens, timings: e.timings } };
 }
 
+type Fail = (err: unknown) => Partial<grpc.ServiceError>;
+
+/** The Coordinator service: membership calls (Join, Status) and model calls (Plan … Generate). */
 export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedServiceImplementation {
-  const fail = (err: unknown) => {
+  const fail: Fail = (err) => {
     if (!(err instanceof CoordinatorError)) s.log.debug({ err: errorMessage(err) }, 'request failed');
     return toServiceError(err);
   };
+  return { ...membershipHandlers(s, fail), ...modelHandlers(s, fail), Generate: generateHandler(s, fail) };
+}
+
+function membershipHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedServiceImplementation {
   return {
     Join(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
       (async () => {
@@ -146,7 +145,11 @@ export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedService
         version: s.version,
       });
     },
+  };
+}
 
+function modelHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedServiceImplementation {
+  return {
     Plan(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
       (async () => {
         const req = parse(planSchema, call.request, 'Plan');
@@ -176,30 +179,32 @@ export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedService
     Unload(call: grpc.ServerUnaryCall<{ name?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) {
       s.runtime.unload(String(call.request?.name ?? '')).then((unloaded) => cb(null, { unloaded }), (err) => cb(fail(err)));
     },
+  };
+}
 
-    Generate(call: grpc.ServerWritableStream<unknown, unknown>) {
-      const ac = new AbortController();
-      call.on('cancelled', () => ac.abort());
-      (async () => {
-        const req = parse(generateSchema, call.request, 'Generate');
-        const seed = Number(req.seed);
-        if (!Number.isSafeInteger(seed) || seed < 0 || seed > 0xffffffff) throw new CoordinatorError('INVALID_ARGUMENT', `invalid seed ${req.seed}: 0–4294967295 (0 = random)`);
-        if (!(req.temperature >= 0 && req.temperature <= 10)) throw new CoordinatorError('INVALID_ARGUMENT', `invalid temperature ${req.temperature}: 0–10`);
-        for await (const ev of s.runtime.generate(
-          { model: req.model || undefined, prompt: req.prompt, maxTokens: req.maxTokens, temperature: req.temperature, topP: req.topP, seed, stop: req.stop },
-          ac.signal,
-        )) {
-          if (call.cancelled) break;
-          // Respect back-pressure: a slow client slows the relay instead of buffering unboundedly.
-          if (!call.write(generateEventToWire(ev))) await new Promise((r) => call.once('drain', r));
-        }
-      })().then(
-        () => call.end(),
-        (err) => {
-          if (!call.cancelled) call.emit('error', fail(err));
-        },
-      );
-    },
+/** Coordinator.Generate: validated like NodeAgent.Generate (src/shared/generation.ts), streamed with back-pressure. */
+function generateHandler(s: CoordinatorServices, fail: Fail) {
+  return (call: grpc.ServerWritableStream<unknown, unknown>) => {
+    const ac = new AbortController();
+    call.on('cancelled', () => ac.abort());
+    (async () => {
+      const checked = checkGenerateRequest(coordinatorGenerateRequestSchema, call.request);
+      if (!checked.ok) throw new CoordinatorError('INVALID_ARGUMENT', checked.problem);
+      const req = checked.request;
+      for await (const ev of s.runtime.generate(
+        { model: req.model || undefined, prompt: req.prompt, maxTokens: req.maxTokens, temperature: req.temperature, topP: req.topP, seed: req.seed, stop: req.stop },
+        ac.signal,
+      )) {
+        if (call.cancelled) break;
+        // Respect back-pressure: a slow client slows the relay instead of buffering unboundedly.
+        if (!call.write(generateEventToWire(ev))) await new Promise((r) => call.once('drain', r));
+      }
+    })().then(
+      () => call.end(),
+      (err) => {
+        if (!call.cancelled) call.emit('error', fail(err));
+      },
+    );
   };
 }
 
