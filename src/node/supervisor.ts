@@ -1,9 +1,10 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import { type EngineBinaries, type EngineKind, EngineRequestError, type EngineSpec, engineCommand, readinessHost, sameEngineRequest } from './engine-spec.ts';
+import { spawnEngine } from './engine-process.ts';
 import { LineTail } from './line-tail.ts';
 import { canConnect, pickFreePort, portBindError } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
@@ -198,55 +199,14 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       onPidGone: (pid) => this.watchdog.remove(pid),
     });
     this.startCounts.set(engineId, (this.startCounts.get(engineId) ?? 0) + 1);
-    const info: EngineInfo = {
-      engineId,
-      kind: 'mlx-rank',
-      host: mlx.launch?.backend === 'ring' ? (mlx.launch.endpoints[mlx.rank]?.[0] ?? '').replace(/:\d+$/, '') : '127.0.0.1',
-      port: mlxRankPort(mlx),
-      pid: 0,
-      model: spec.model,
-      startedAtSeconds: Date.now() / 1000,
-      argv: [python, 'mlx_worker.py', '--model', mlx.modelDir, '--mode', mlx.mode, `rank ${mlx.rank}/${mlx.worldSize}`],
-    };
     const entry: MlxRunning = {
       spec,
-      info,
+      info: mlxRankInfo(engineId, spec, python),
       engine,
       isReady: false,
       stopping: false,
-      ready: engine.ready.then(
-        (group) => {
-          const withPid = { ...info, pid: group.pids.get(mlx.rank) ?? engine.pid };
-          (entry as { info: EngineInfo }).info = withPid;
-          entry.isReady = true;
-          const r = group.ready[0];
-          log.info({ pid: withPid.pid, layers: r?.layers, loadMs: r?.load_ms }, 'MLX rank ready');
-          this.emit('started', withPid);
-          // What the worker itself reports (its layer range), so the coordinator can check the plan.
-          const report = r ? { rank: r.rank, size: r.size, mode: r.mode, layers: r.layers, device: r.device, mlx: r.mlx, loadMs: r.load_ms } : undefined;
-          return { ...withPid, startupLog: report ? [`mlx-ready ${JSON.stringify(report)}`] : [] };
-        },
-        (err: unknown) => {
-          const msg = errorMessage(err);
-          throw new EngineRequestError(/did not start within/.test(msg) ? 'DEADLINE_EXCEEDED' : 'FAILED_PRECONDITION', msg);
-        },
-      ),
-      exited: engine.exited.then((x) => {
-        const expected = entry.stopping || this.shuttingDown;
-        if (this.mlx.get(engineId) === entry) this.mlx.delete(engineId);
-        const exit: EngineExit = {
-          engineId,
-          kind: 'mlx-rank',
-          port: info.port,
-          exitCode: x.exitCode,
-          signal: x.signal,
-          expected,
-          lastStderrLines: [x.reason],
-        };
-        (expected ? log.info.bind(log) : log.warn.bind(log))({ reason: x.reason }, 'MLX rank exited');
-        if (entry.isReady) this.emit('exited', exit);
-        return exit;
-      }),
+      ready: this.mlxReady(engine, () => entry, log),
+      exited: this.mlxExited(engine, () => entry, log),
     };
     entry.ready.catch(() => {});
     this.mlx.set(engineId, entry);
@@ -258,6 +218,51 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     return entry.ready;
   }
 
+  /** Resolves once the whole MLX group is up, with the rank's pid and its own report. */
+  private mlxReady(engine: MlxRankEngine, self: () => MlxRunning, log: Logger): Promise<EngineInfo> {
+    return engine.ready.then(
+      (group) => {
+        const entry = self();
+        const rank = entry.spec.mlx!.rank;
+        const withPid = { ...entry.info, pid: group.pids.get(rank) ?? engine.pid };
+        (entry as { info: EngineInfo }).info = withPid;
+        entry.isReady = true;
+        const r = group.ready[0];
+        log.info({ pid: withPid.pid, layers: r?.layers, loadMs: r?.load_ms }, 'MLX rank ready');
+        this.emit('started', withPid);
+        // What the worker itself reports (its layer range), so the coordinator can check the plan.
+        const report = r ? { rank: r.rank, size: r.size, mode: r.mode, layers: r.layers, device: r.device, mlx: r.mlx, loadMs: r.load_ms } : undefined;
+        return { ...withPid, startupLog: report ? [`mlx-ready ${JSON.stringify(report)}`] : [] };
+      },
+      (err: unknown) => {
+        const msg = errorMessage(err);
+        throw new EngineRequestError(/did not start within/.test(msg) ? 'DEADLINE_EXCEEDED' : 'FAILED_PRECONDITION', msg);
+      },
+    );
+  }
+
+  /** Resolves when the MLX rank is gone; reports the exit if the rank had been ready. */
+  private mlxExited(engine: MlxRankEngine, self: () => MlxRunning, log: Logger): Promise<EngineExit> {
+    return engine.exited.then((x) => {
+      const entry = self();
+      const { engineId, port } = entry.info;
+      const expected = entry.stopping || this.shuttingDown;
+      if (this.mlx.get(engineId) === entry) this.mlx.delete(engineId);
+      const exit: EngineExit = {
+        engineId,
+        kind: 'mlx-rank',
+        port,
+        exitCode: x.exitCode,
+        signal: x.signal,
+        expected,
+        lastStderrLines: [x.reason],
+      };
+      (expected ? log.info.bind(log) : log.warn.bind(log))({ reason: x.reason }, 'MLX rank exited');
+      if (entry.isReady) this.emit('exited', exit);
+      return exit;
+    });
+  }
+
   private async launch(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
     let bins: EngineBinaries;
     try {
@@ -265,40 +270,12 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     } catch (err) {
       throw new EngineRequestError('FAILED_PRECONDITION', errorMessage(err));
     }
-    const probeHost = readinessHost(spec.bindHost);
-    let port = spec.port;
-    if (port === 0) {
-      port = await pickFreePort(spec.bindHost).catch((err: unknown) => {
-        throw new EngineRequestError('INVALID_ARGUMENT', `cannot bind ${spec.bindHost}: ${errorMessage(err)}`);
-      });
-    } else {
-      const taken = [...this.running.values()].find((r) => r.info.port === port);
-      if (taken) throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} is in use by engine ${taken.info.engineId}`);
-      const code = await portBindError(spec.bindHost, port);
-      if (code === 'EADDRINUSE') throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} on ${spec.bindHost} is already in use`);
-      if (code === 'EADDRNOTAVAIL') throw new EngineRequestError('INVALID_ARGUMENT', `bind_host ${spec.bindHost} is not an address of this node`);
-      if (code) throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${spec.bindHost}:${port} (${code})`);
-    }
+    const port = await this.enginePort(spec);
     const cmd = engineCommand(spec, port, bins);
     const log = this.options.log.child({ engineId, kind: spec.kind, port });
     log.info({ file: cmd.file, argv: cmd.argv }, 'starting engine');
-
-    const child = spawn(cmd.file, cmd.argv, {
-      // Own process group: a Ctrl-C on the agent's terminal reaches only the agent, which then
-      // stops the engine in order (and reports the exit as expected); if the agent dies instead,
-      // the watchdog ends the engine.
-      detached: true,
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, ...cmd.env },
-    });
-    const spawnError = await new Promise<Error | undefined>((resolve) => {
-      child.once('spawn', () => resolve(undefined));
-      child.once('error', (err) => resolve(err));
-    });
-    if (spawnError || child.pid === undefined) {
-      throw new EngineRequestError('FAILED_PRECONDITION', `cannot start ${cmd.file}: ${errorMessage(spawnError)}`);
-    }
-    const pid = child.pid;
+    const child = await spawnEngine(cmd);
+    const pid = child.pid!;
     this.watchdog.add(pid);
     this.startCounts.set(engineId, (this.startCounts.get(engineId) ?? 0) + 1);
 
@@ -325,7 +302,44 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       startedAtSeconds: Date.now() / 1000,
       argv: [cmd.file, ...cmd.argv],
     };
-    const exited = new Promise<EngineExit>((resolve) => {
+    const exited = this.engineExited(info, child, tail, log);
+    const entry: Running = { spec: { ...spec, engineId, port }, info, child, tail, exited, ready: false, stopping: false };
+    this.running.set(engineId, entry);
+
+    try {
+      await this.waitReady(entry, readinessHost(spec.bindHost));
+    } catch (err) {
+      entry.stopping = true;
+      await this.terminate(entry);
+      throw err;
+    }
+    entry.ready = true;
+    log.info({ pid }, 'engine ready');
+    this.emit('started', info);
+    return { ...info, startupLog: startup.snapshot() };
+  }
+
+  /** The requested port checked free, or a free one when the request says 0. */
+  private async enginePort(spec: EngineSpec): Promise<number> {
+    const port = spec.port;
+    if (port === 0) {
+      return pickFreePort(spec.bindHost).catch((err: unknown) => {
+        throw new EngineRequestError('INVALID_ARGUMENT', `cannot bind ${spec.bindHost}: ${errorMessage(err)}`);
+      });
+    }
+    const taken = [...this.running.values()].find((r) => r.info.port === port);
+    if (taken) throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} is in use by engine ${taken.info.engineId}`);
+    const code = await portBindError(spec.bindHost, port);
+    if (code === 'EADDRINUSE') throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} on ${spec.bindHost} is already in use`);
+    if (code === 'EADDRNOTAVAIL') throw new EngineRequestError('INVALID_ARGUMENT', `bind_host ${spec.bindHost} is not an address of this node`);
+    if (code) throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${spec.bindHost}:${port} (${code})`);
+    return port;
+  }
+
+  /** Resolves when the engine process is gone; reports the exit if the engine had been ready. */
+  private engineExited(info: EngineInfo, child: ChildProcess, tail: LineTail, log: Logger): Promise<EngineExit> {
+    const { engineId, kind, port, pid } = info;
+    return new Promise<EngineExit>((resolve) => {
       // 'close' (not 'exit') so the stderr tail is complete.
       child.once('close', (code, signal) => {
         this.watchdog.remove(pid);
@@ -334,7 +348,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
         if (r?.child === child) this.running.delete(engineId);
         const exit: EngineExit = {
           engineId,
-          kind: spec.kind,
+          kind,
           port,
           exitCode: code ?? -1,
           signal: signal ?? '',
@@ -346,20 +360,6 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
         resolve(exit);
       });
     });
-    const entry: Running = { spec: { ...spec, engineId, port }, info, child, tail, exited, ready: false, stopping: false };
-    this.running.set(engineId, entry);
-
-    try {
-      await this.waitReady(entry, probeHost);
-    } catch (err) {
-      entry.stopping = true;
-      await this.terminate(entry);
-      throw err;
-    }
-    entry.ready = true;
-    log.info({ pid }, 'engine ready');
-    this.emit('started', info);
-    return { ...info, startupLog: startup.snapshot() };
   }
 
   private async waitReady(entry: Running, host: string): Promise<void> {
@@ -457,6 +457,21 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     for (const e of this.running.values()) e.child.kill('SIGKILL');
     for (const m of this.mlx.values()) void m.engine.close();
   }
+}
+
+/** What an MLX rank is known as before it is ready (its pid comes with "ready"). */
+function mlxRankInfo(engineId: string, spec: EngineSpec, python: string): EngineInfo {
+  const mlx = spec.mlx!;
+  return {
+    engineId,
+    kind: 'mlx-rank',
+    host: mlx.launch?.backend === 'ring' ? (mlx.launch.endpoints[mlx.rank]?.[0] ?? '').replace(/:\d+$/, '') : '127.0.0.1',
+    port: mlxRankPort(mlx),
+    pid: 0,
+    model: spec.model,
+    startedAtSeconds: Date.now() / 1000,
+    argv: [python, 'mlx_worker.py', '--model', mlx.modelDir, '--mode', mlx.mode, `rank ${mlx.rank}/${mlx.worldSize}`],
+  };
 }
 
 function lastLines(lines: readonly string[]): string {
