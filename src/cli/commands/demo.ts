@@ -92,25 +92,18 @@ function alive(pid: number): boolean {
   }
 }
 
-async function runDemo(flags: DemoFlags): Promise<void> {
-  const nodeCount = parseInteger(flags.nodes, '--nodes', 2, 6);
-  const maxTokens = parseInteger(flags.maxTokens, '--max-tokens', 1, 4096);
-  const t0 = Date.now();
-  // With --json the human-readable story goes to stderr and stdout carries one summary object.
-  const out = (s: string) => (flags.json ? process.stderr : process.stdout).write(s);
-  const summary: Record<string, unknown> = {};
-  const step = (s: string) => process.stderr.write(`\n▸ ${s}\n`);
-
-  let cluster: LocalCluster | undefined;
-  let stateRoot: string | undefined;
-  // Ctrl-C / SIGTERM: stop whatever step runs, then the same clean shutdown as a normal exit.
+/**
+ * Ctrl-C / SIGTERM during the demo: the first signal aborts whatever step runs (then the same
+ * clean shutdown as a normal exit), a second one SIGKILLs the cluster's process groups.
+ */
+function interruption(pids: () => readonly number[]) {
   const abort = new AbortController();
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {
     signals++;
     if (signals > 1) {
       process.stderr.write('second signal: killing the cluster now\n');
-      for (const pid of cluster?.pids() ?? []) {
+      for (const pid of pids()) {
         try {
           process.kill(-pid, 'SIGKILL');
         } catch {}
@@ -124,141 +117,188 @@ async function runDemo(flags: DemoFlags): Promise<void> {
   process.on('SIGTERM', onSignal);
   const interrupted = new Promise<never>((_, reject) => abort.signal.addEventListener('abort', () => reject(abort.signal.reason), { once: true }));
   interrupted.catch(() => {});
-  const orAbort = <T>(p: Promise<T>) => Promise.race([p, interrupted]);
+  return {
+    signal: abort.signal,
+    interrupted,
+    orAbort: <T>(p: Promise<T>) => Promise.race([p, interrupted]),
+    dispose() {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    },
+  };
+}
+type Interruption = ReturnType<typeof interruption>;
 
+/** What the demo tells: human story on stderr (stdout too without --json), facts for the JSON summary. */
+interface Story {
+  readonly out: (s: string) => void;
+  readonly summary: Record<string, unknown>;
+}
+
+async function demoModel(flags: DemoFlags, nodeCount: number, run: Interruption) {
+  step('model');
+  const modelPath = flags.model ? resolve(flags.model) : (await run.orAbort(ensureDemoModel())).path;
+  const profile = modelProfile(await readGgufHeader(modelPath));
+  const ctx = Math.min(DEMO_CTX, profile.contextLength || DEMO_CTX);
+  process.stderr.write(`${modelPath}: ${profile.arch}, ${profile.layerCount} layers, ${profile.weightType}\n`);
+  return { modelPath, profile, ctx, budgets: demoBudgets(profile, nodeCount, { ctx, cacheType: 'f16' }) };
+}
+type DemoModel = Awaited<ReturnType<typeof demoModel>>;
+
+function step(s: string): void {
+  process.stderr.write(`\n▸ ${s}\n`);
+}
+
+async function startDemoCluster(m: DemoModel, nodeCount: number, stateRoot: string, run: Interruption): Promise<LocalCluster> {
+  step(`cluster: a coordinator and ${nodeCount} node agents on 127.0.0.1`);
+  // Every engine shares this machine's cores: one thread each keeps them from fighting.
+  const threads = String(Math.max(1, Math.floor(availableParallelism() / (nodeCount + 1))));
+  const env: NodeJS.ProcessEnv = {
+    ORCHARD_RPC_THREADS: process.env.ORCHARD_RPC_THREADS ?? threads,
+    ORCHARD_LLAMA_SERVER_EXTRA_ARGS: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS ?? `-t ${threads}`,
+    ORCHARD_API_KEY: '',
+  };
+  const cluster = await run.orAbort(startLocalCluster({ nodes: m.budgets, stateRoot, env }));
+  for (const [i, n] of cluster.nodes.entries()) {
+    process.stderr.write(`  ${n.name}: memory limit ${formatBytes(m.budgets[i]!.budgetBytes)}, gRPC 127.0.0.1:${String(n.ready.grpcPort)}, pid ${n.pid}\n`);
+  }
+  process.stderr.write(`  coordinator: OpenAI API ${cluster.httpUrl}/v1, gRPC ${cluster.grpcAddress}, pid ${cluster.coordinator.pid}\n`);
+  await run.orAbort(waitForNodes(cluster.httpUrl, nodeCount, 20_000));
+  return cluster;
+}
+
+async function showPlan(cluster: LocalCluster, m: DemoModel, nodeCount: number, story: Story, run: Interruption): Promise<void> {
+  step('plan');
+  const client = new CoordinatorClient(cluster.grpcAddress);
+  let planText: string;
+  try {
+    const r = await run.orAbort(client.unary('plan', { modelPath: m.modelPath, options: { ctx: m.ctx, cacheType: 'f16', parallel: 1, pinnedNodes: [] } }));
+    planText = String(r.planJson ?? '');
+  } finally {
+    client.close();
+  }
+  const plan = planJsonSchema.parse(JSON.parse(planText));
+  Object.assign(story.summary, { model: m.modelPath, budgets: m.budgets, plan });
+  story.out(`\nPlan for ${m.profile.name ?? m.modelPath} (${m.profile.layerCount} layers, ctx ${m.ctx}) on ${nodeCount} nodes:\n${renderPlanTable(plan)}`);
+}
+
+async function loadDemo(cluster: LocalCluster, m: DemoModel, story: Story, run: Interruption): Promise<void> {
+  step('load');
+  const bar = createProgress('load', LOAD_PHASES.length - 1);
+  const tLoad = Date.now();
+  let loaded: Record<string, unknown> | undefined;
+  try {
+    for await (const p of apiSse({ baseUrl: cluster.httpUrl }, '/v1/cluster/models', { model: m.modelPath, name: 'orchard-demo', ctx: m.ctx }, run.signal)) {
+      if (p.phase === 'done') loaded = p.model as Record<string, unknown>;
+      else bar.update(Math.max(0, LOAD_PHASES.indexOf(String(p.phase))), String(p.message ?? p.phase));
+    }
+  } finally {
+    bar.stop(loaded ? `ready in ${((Date.now() - tLoad) / 1000).toFixed(1)} s` : 'failed');
+  }
+  if (!loaded) throw new OrchardError('the load ended without a result');
+  story.summary.loadSeconds = (Date.now() - tLoad) / 1000;
+}
+
+/** Stream a completion through the OpenAI API, printing tokens as they come; report the rates. */
+async function streamCompletion(cluster: LocalCluster, prompt: string, maxTokens: number, story: Story, run: Interruption): Promise<void> {
+  step(`generate: POST /v1/completions (stream), ${maxTokens} tokens`);
+  story.out(`\n${prompt}`);
+  const tGen = Date.now();
+  let firstAt = 0;
+  let chunks = 0;
+  let usage: Record<string, unknown> | undefined;
+  let timings: Record<string, unknown> | undefined;
+  let finish = '';
+  let text = '';
+  const body = { model: 'orchard-demo', prompt, max_tokens: maxTokens, temperature: 0, stream: true, stream_options: { include_usage: true } };
+  for await (const c of apiSse({ baseUrl: cluster.httpUrl }, '/v1/completions', body, run.signal)) {
+    const choice = (c.choices as { text?: string; finish_reason?: string | null }[])[0];
+    if (choice?.text) {
+      if (!firstAt) firstAt = Date.now();
+      chunks++;
+      story.out(choice.text);
+      text += choice.text;
+    }
+    if (choice?.finish_reason) finish = choice.finish_reason;
+    if (c.usage) {
+      usage = c.usage as Record<string, unknown>;
+      timings = (c.orchard as { timings?: Record<string, unknown> } | undefined)?.timings;
+    }
+  }
+  const tEnd = Date.now();
+  story.out('\n\n');
+  const completion = Number(usage?.completion_tokens ?? chunks);
+  const wallRate = firstAt && tEnd > firstAt && completion > 1 ? (completion - 1) / ((tEnd - firstAt) / 1000) : 0;
+  story.out(
+    `${completion} tokens (finish: ${finish || '?'}), prompt ${String(usage?.prompt_tokens ?? '?')} tokens; ` +
+      `decode ${Number(timings?.predicted_tokens_per_second ?? 0).toFixed(1)} tok/s (engine), ${wallRate.toFixed(1)} tok/s (client, after the first token); ` +
+      `first token after ${firstAt ? firstAt - tGen : 0} ms\n`,
+  );
+  Object.assign(story.summary, { text, finishReason: finish, usage, timings, clientTokensPerSecond: wallRate, firstTokenMs: firstAt ? firstAt - tGen : null });
+}
+
+async function showPlacement(cluster: LocalCluster, story: Story): Promise<void> {
+  step('where the bytes went');
+  const models = await apiJson<{ data: { id: string; orchard: unknown }[] }>({ baseUrl: cluster.httpUrl }, 'GET', '/v1/models');
+  const demo = models.data.find((m) => m.id === 'orchard-demo');
+  if (demo) {
+    const placement = placementJsonSchema.parse(demo.orchard);
+    story.summary.placement = placement;
+    story.out(renderPlacementTable(placement));
+  }
+}
+
+async function keepRunning(cluster: LocalCluster, story: Story, run: Interruption): Promise<void> {
+  story.out(
+    `\nThe cluster keeps running (Ctrl-C stops it):\n` +
+      `  curl ${cluster.httpUrl}/v1/completions -H 'content-type: application/json' -d '{"model":"orchard-demo","prompt":"Hello","max_tokens":16}'\n` +
+      `  orchard chat --url ${cluster.httpUrl} --model orchard-demo\n` +
+      `  orchard status --coordinator ${cluster.grpcAddress}\n`,
+  );
+  await run.interrupted.catch(() => {});
+}
+
+/** Stop the cluster, remove its state, and say whether any process outlived it. */
+async function shutdownDemo(cluster: LocalCluster | undefined, stateRoot: string | undefined, t0: number): Promise<void> {
+  const pids = cluster?.pids() ?? [];
+  if (cluster) {
+    process.stderr.write('\n▸ shutdown: unloading, stopping engines and agents\n');
+    await cluster.stop();
+  }
+  if (stateRoot) await rm(stateRoot, { recursive: true, force: true });
+  const left = pids.filter(alive);
+  if (left.length > 0) process.stderr.write(`warning: processes still running: ${left.join(', ')}\n`);
+  else if (cluster) process.stderr.write(`stopped ${pids.length} processes; total ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+}
+
+async function runDemo(flags: DemoFlags): Promise<void> {
+  const nodeCount = parseInteger(flags.nodes, '--nodes', 2, 6);
+  const maxTokens = parseInteger(flags.maxTokens, '--max-tokens', 1, 4096);
+  const t0 = Date.now();
+  // With --json the human-readable story goes to stderr and stdout carries one summary object.
+  const story: Story = { out: (s) => (flags.json ? process.stderr : process.stdout).write(s), summary: {} };
+  let cluster: LocalCluster | undefined;
+  let stateRoot: string | undefined;
+  const run = interruption(() => cluster?.pids() ?? []);
   try {
     step('engines');
-    await orAbort(ensureEngines());
+    await run.orAbort(ensureEngines());
     const bins = await findLlamaBinaries();
     process.stderr.write(`llama.cpp ${bins.llamaCppVersion}: ${bins.binDir}\n`);
-
-    step('model');
-    let modelPath: string;
-    if (flags.model) {
-      modelPath = resolve(flags.model);
-    } else {
-      const m = await orAbort(ensureDemoModel());
-      modelPath = m.path;
-    }
-    const profile = modelProfile(await readGgufHeader(modelPath));
-    const ctx = Math.min(DEMO_CTX, profile.contextLength || DEMO_CTX);
-    process.stderr.write(`${modelPath}: ${profile.arch}, ${profile.layerCount} layers, ${profile.weightType}\n`);
-    const budgets = demoBudgets(profile, nodeCount, { ctx, cacheType: 'f16' });
-
-    step(`cluster: a coordinator and ${nodeCount} node agents on 127.0.0.1`);
+    const model = await demoModel(flags, nodeCount, run);
     stateRoot = await mkdtemp(join(tmpdir(), 'orchard-demo-'));
-    // Every engine shares this machine's cores: one thread each keeps them from fighting.
-    const threads = String(Math.max(1, Math.floor(availableParallelism() / (nodeCount + 1))));
-    const env: NodeJS.ProcessEnv = {
-      ORCHARD_RPC_THREADS: process.env.ORCHARD_RPC_THREADS ?? threads,
-      ORCHARD_LLAMA_SERVER_EXTRA_ARGS: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS ?? `-t ${threads}`,
-      ORCHARD_API_KEY: '',
-    };
-    cluster = await orAbort(startLocalCluster({ nodes: budgets, stateRoot, env }));
-    for (const [i, n] of cluster.nodes.entries()) {
-      process.stderr.write(`  ${n.name}: memory limit ${formatBytes(budgets[i]!.budgetBytes)}, gRPC 127.0.0.1:${String(n.ready.grpcPort)}, pid ${n.pid}\n`);
-    }
-    process.stderr.write(`  coordinator: OpenAI API ${cluster.httpUrl}/v1, gRPC ${cluster.grpcAddress}, pid ${cluster.coordinator.pid}\n`);
-    const api = { baseUrl: cluster.httpUrl };
-    await orAbort(waitForNodes(cluster.httpUrl, nodeCount, 20_000));
-
-    step('plan');
-    const client = new CoordinatorClient(cluster.grpcAddress);
-    let planText: string;
-    try {
-      const r = await orAbort(client.unary('plan', { modelPath, options: { ctx, cacheType: 'f16', parallel: 1, pinnedNodes: [] } }));
-      planText = String(r.planJson ?? '');
-    } finally {
-      client.close();
-    }
-    const plan = planJsonSchema.parse(JSON.parse(planText));
-    summary.model = modelPath;
-    summary.budgets = budgets;
-    summary.plan = plan;
-    out(`\nPlan for ${profile.name ?? modelPath} (${profile.layerCount} layers, ctx ${ctx}) on ${nodeCount} nodes:\n${renderPlanTable(plan)}`);
-
-    step('load');
-    const bar = createProgress('load', LOAD_PHASES.length - 1);
-    const tLoad = Date.now();
-    let loaded: Record<string, unknown> | undefined;
-    try {
-      for await (const p of apiSse(api, '/v1/cluster/models', { model: modelPath, name: 'orchard-demo', ctx }, abort.signal)) {
-        if (p.phase === 'done') loaded = p.model as Record<string, unknown>;
-        else bar.update(Math.max(0, LOAD_PHASES.indexOf(String(p.phase))), String(p.message ?? p.phase));
-      }
-    } finally {
-      bar.stop(loaded ? `ready in ${((Date.now() - tLoad) / 1000).toFixed(1)} s` : 'failed');
-    }
-    if (!loaded) throw new OrchardError('the load ended without a result');
-    summary.loadSeconds = (Date.now() - tLoad) / 1000;
-
-    step(`generate: POST /v1/completions (stream), ${maxTokens} tokens`);
-    out(`\n${flags.prompt}`);
-    const tGen = Date.now();
-    let firstAt = 0;
-    let chunks = 0;
-    let usage: Record<string, unknown> | undefined;
-    let timings: Record<string, unknown> | undefined;
-    let finish = '';
-    let text = '';
-    for await (const c of apiSse(api, '/v1/completions', { model: 'orchard-demo', prompt: flags.prompt, max_tokens: maxTokens, temperature: 0, stream: true, stream_options: { include_usage: true } }, abort.signal)) {
-      const choice = (c.choices as { text?: string; finish_reason?: string | null }[])[0];
-      if (choice?.text) {
-        if (!firstAt) firstAt = Date.now();
-        chunks++;
-        out(choice.text);
-        text += choice.text;
-      }
-      if (choice?.finish_reason) finish = choice.finish_reason;
-      if (c.usage) {
-        usage = c.usage as Record<string, unknown>;
-        timings = (c.orchard as { timings?: Record<string, unknown> } | undefined)?.timings;
-      }
-    }
-    const tEnd = Date.now();
-    out('\n\n');
-    const completion = Number(usage?.completion_tokens ?? chunks);
-    const wallRate = firstAt && tEnd > firstAt && completion > 1 ? (completion - 1) / ((tEnd - firstAt) / 1000) : 0;
-    out(
-      `${completion} tokens (finish: ${finish || '?'}), prompt ${String(usage?.prompt_tokens ?? '?')} tokens; ` +
-        `decode ${Number(timings?.predicted_tokens_per_second ?? 0).toFixed(1)} tok/s (engine), ${wallRate.toFixed(1)} tok/s (client, after the first token); ` +
-        `first token after ${firstAt ? firstAt - tGen : 0} ms\n`,
-    );
-
-    Object.assign(summary, { text, finishReason: finish, usage, timings, clientTokensPerSecond: wallRate, firstTokenMs: firstAt ? firstAt - tGen : null });
-    step('where the bytes went');
-    const models = await apiJson<{ data: { id: string; orchard: unknown }[] }>(api, 'GET', '/v1/models');
-    const demo = models.data.find((m) => m.id === 'orchard-demo');
-    if (demo) {
-      const placement = placementJsonSchema.parse(demo.orchard);
-      summary.placement = placement;
-      out(renderPlacementTable(placement));
-    }
-
-    if (flags.keep) {
-      out(
-        `\nThe cluster keeps running (Ctrl-C stops it):\n` +
-          `  curl ${cluster.httpUrl}/v1/completions -H 'content-type: application/json' -d '{"model":"orchard-demo","prompt":"Hello","max_tokens":16}'\n` +
-          `  orchard chat --url ${cluster.httpUrl} --model orchard-demo\n` +
-          `  orchard status --coordinator ${cluster.grpcAddress}\n`,
-      );
-      await interrupted.catch(() => {});
-    }
+    cluster = await startDemoCluster(model, nodeCount, stateRoot, run);
+    await showPlan(cluster, model, nodeCount, story, run);
+    await loadDemo(cluster, model, story, run);
+    await streamCompletion(cluster, flags.prompt, maxTokens, story, run);
+    await showPlacement(cluster, story);
+    if (flags.keep) await keepRunning(cluster, story, run);
   } catch (err) {
-    if (!abort.signal.aborted) throw err;
+    if (!run.signal.aborted) throw err;
   } finally {
-    const pids = cluster?.pids() ?? [];
-    if (cluster) {
-      process.stderr.write('\n▸ shutdown: unloading, stopping engines and agents\n');
-      await cluster.stop();
-    }
-    if (stateRoot) await rm(stateRoot, { recursive: true, force: true });
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-    const left = pids.filter(alive);
-    if (left.length > 0) process.stderr.write(`warning: processes still running: ${left.join(', ')}\n`);
-    else if (cluster) process.stderr.write(`stopped ${pids.length} processes; total ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+    await shutdownDemo(cluster, stateRoot, t0);
+    run.dispose();
   }
-  if (abort.signal.aborted) process.exitCode = 130;
-  else if (flags.json) process.stdout.write(`${JSON.stringify({ ...summary, totalSeconds: (Date.now() - t0) / 1000 })}\n`);
+  if (run.signal.aborted) process.exitCode = 130;
+  else if (flags.json) process.stdout.write(`${JSON.stringify({ ...story.summary, totalSeconds: (Date.now() - t0) / 1000 })}\n`);
 }

@@ -51,68 +51,77 @@ export function registerTestmodel(program: Command): void {
     .option('--header-only', 'write metadata and tensor infos only, no tensor data')
     .option('--json', 'print the result as JSON')
     .action(async (flags: GgufFlags, cmd: Command) => {
-      const explicit = (k: string) => cmd.getOptionValueSource(k) === 'cli';
-      if (flags.shape !== undefined) {
-        const preset = findPreset(flags.shape);
-        if (!flags.headerOnly) throw new UsageError('--shape presets are header-only (real sizes are gigabytes): add --header-only');
-        const conflicting = SHAPE_FLAGS.filter(explicit);
-        if (conflicting.length > 0) {
-          throw new UsageError(`--shape sets the model's shape; drop ${conflicting.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(', ')}`);
-        }
-        const quant = flags.quant ?? 'q4_k_m';
-        const spec = presetSpec(preset, quant);
-        const result = await writeGguf(flags.out, spec, { headerOnly: true });
-        report(flags.json, {
-          path: result.path,
-          sha256: result.sha256,
-          bytes: result.bytes,
-          parameters: parameterCount(spec),
-          tensorBytes: result.header.dataSize,
-          tensors: spec.tensors.length,
-          headerOnly: true,
-          preset: preset.id,
-          source: preset.source,
-          quant,
-          architecture: preset.architecture,
-          layers: preset.layers,
-          dim: preset.dim,
-          ffn: preset.ffn,
-          heads: preset.heads,
-          kvHeads: preset.kvHeads,
-          ctx: preset.ctx,
-          vocabSize: preset.vocab,
-        });
-        return;
-      }
-      if (explicit('quant')) throw new UsageError('--quant applies to --shape presets; generated models take --type');
-      const shape: LlamaTestShape = {
-        layers: parseInteger(flags.layers, '--layers', 1, 1024),
-        dim: parseInteger(flags.dim, '--dim', 1, MAX_DIM),
-        ffn: parseInteger(flags.ffn, '--ffn', 1, 4 * MAX_DIM),
-        heads: parseInteger(flags.heads, '--heads', 1, 1024),
-        kvHeads: parseInteger(flags.kvHeads, '--kv-heads', 1, 1024),
-        ctx: parseInteger(flags.ctx, '--ctx', 1, 2 ** 24),
-        seed: parseInteger(flags.seed, '--seed', 0, 0xffffffff),
-        type: flags.type,
-      };
-      validateLlamaShape(shape); // before the vocabulary is loaded or any file is touched
-      const vocab = await loadVocab();
-      const spec = llamaTestModelSpec(shape, vocab);
-      const result = await writeGguf(flags.out, spec, { headerOnly: !!flags.headerOnly });
-      report(flags.json, {
-        path: result.path,
-        sha256: result.sha256,
-        bytes: result.bytes,
-        parameters: parameterCount(spec),
-        tensorBytes: result.header.dataSize,
-        tensors: spec.tensors.length,
-        headerOnly: !!flags.headerOnly,
-        architecture: 'llama',
-        ...shape,
-        vocabSize: vocab.size,
-      });
+      // Set for this run (flag or environment), as opposed to a default or the config file.
+      const explicit = (k: string) => ['cli', 'env'].includes(cmd.getOptionValueSource(k) ?? '');
+      if (flags.shape !== undefined) await writePresetModel(flags, flags.shape, explicit);
+      else await writeGeneratedModel(flags, explicit);
     });
   registerTestmodelMlx(testmodel);
+}
+
+/** --shape: a header-only GGUF shaped like a real model family. */
+async function writePresetModel(flags: GgufFlags, shapeId: string, explicit: (k: string) => boolean): Promise<void> {
+  const preset = findPreset(shapeId);
+  if (!flags.headerOnly) throw new UsageError('--shape presets are header-only (real sizes are gigabytes): add --header-only');
+  const conflicting = SHAPE_FLAGS.filter(explicit);
+  if (conflicting.length > 0) {
+    throw new UsageError(`--shape sets the model's shape; drop ${conflicting.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(', ')}`);
+  }
+  const quant = flags.quant ?? 'q4_k_m';
+  const spec = presetSpec(preset, quant);
+  const result = await writeGguf(flags.out, spec, { headerOnly: true });
+  const { id, source, architecture, layers, dim, ffn, heads, kvHeads, ctx, vocab } = preset;
+  report(flags.json, {
+    path: result.path,
+    sha256: result.sha256,
+    bytes: result.bytes,
+    parameters: parameterCount(spec),
+    tensorBytes: result.header.dataSize,
+    tensors: spec.tensors.length,
+    headerOnly: true,
+    preset: id,
+    source,
+    quant,
+    architecture,
+    layers,
+    dim,
+    ffn,
+    heads,
+    kvHeads,
+    ctx,
+    vocabSize: vocab,
+  });
+}
+
+/** A small llama GGUF with seeded random weights and the real tokenizer. */
+async function writeGeneratedModel(flags: GgufFlags, explicit: (k: string) => boolean): Promise<void> {
+  if (explicit('quant')) throw new UsageError('--quant applies to --shape presets; generated models take --type');
+  const shape: LlamaTestShape = {
+    layers: parseInteger(flags.layers, '--layers', 1, 1024),
+    dim: parseInteger(flags.dim, '--dim', 1, MAX_DIM),
+    ffn: parseInteger(flags.ffn, '--ffn', 1, 4 * MAX_DIM),
+    heads: parseInteger(flags.heads, '--heads', 1, 1024),
+    kvHeads: parseInteger(flags.kvHeads, '--kv-heads', 1, 1024),
+    ctx: parseInteger(flags.ctx, '--ctx', 1, 2 ** 24),
+    seed: parseInteger(flags.seed, '--seed', 0, 0xffffffff),
+    type: flags.type,
+  };
+  validateLlamaShape(shape); // before the vocabulary is loaded or any file is touched
+  const vocab = await loadVocab();
+  const spec = llamaTestModelSpec(shape, vocab);
+  const result = await writeGguf(flags.out, spec, { headerOnly: !!flags.headerOnly });
+  report(flags.json, {
+    path: result.path,
+    sha256: result.sha256,
+    bytes: result.bytes,
+    parameters: parameterCount(spec),
+    tensorBytes: result.header.dataSize,
+    tensors: spec.tensors.length,
+    headerOnly: !!flags.headerOnly,
+    architecture: 'llama',
+    ...shape,
+    vocabSize: vocab.size,
+  });
 }
 
 interface Summary {
