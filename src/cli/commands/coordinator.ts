@@ -29,7 +29,7 @@ export function registerCoordinator(program: Command): void {
     .command('coordinator')
     .description('run the coordinator: discover nodes, load models across them, stream tokens')
     .addOption(new Option('--grpc-port <port>', 'Coordinator gRPC port (0 = pick a free one)').default(String(DEFAULT_COORDINATOR_GRPC_PORT)).env('ORCHARD_COORDINATOR_GRPC_PORT'))
-    .addOption(new Option('--http-port <port>', 'HTTP port for /health and /status (0 = pick)').default(String(DEFAULT_COORDINATOR_HTTP_PORT)).env('ORCHARD_COORDINATOR_HTTP_PORT'))
+    .addOption(new Option('--http-port <port>', 'HTTP port: OpenAI API, /healthz, /status, /metrics (0 = pick)').default(String(DEFAULT_COORDINATOR_HTTP_PORT)).env('ORCHARD_COORDINATOR_HTTP_PORT'))
     .addOption(new Option('--host <ip>', 'address the gRPC server listens on (agents join through it)').default('0.0.0.0').env('ORCHARD_COORDINATOR_HOST'))
     .addOption(new Option('--state-dir <dir>', `cluster id, join token, joined agents (default ${defaultStateDir()})`).env('ORCHARD_COORDINATOR_STATE_DIR'))
     .addOption(new Option('--no-mdns', 'do not browse Bonjour (nodes join with `orchard cluster join`)'))
