@@ -317,7 +317,8 @@ describe('/metrics and /healthz', () => {
     ok = false;
     const h = await fetch(`${s.url}/healthz`);
     expect(h.status).toBe(503);
-    expect(await h.text()).toBe('shutting down\n');
+    expect(h.headers.get('content-type')).toBe('application/json');
+    expect(await h.json()).toEqual({ ok: false, detail: 'shutting down' });
     expect((await fetch(`${s.url}/nope`)).status).toBe(404);
     expect((await fetch(`${s.url}/metrics`, { method: 'POST' })).status).toBe(405);
   });

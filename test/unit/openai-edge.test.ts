@@ -1,7 +1,8 @@
 import type { IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { checkApiKey, readJsonBody } from '../../src/coordinator/api/openai/edge.ts';
+import { checkApiKey } from '../../src/coordinator/api/guard.ts';
+import { readJsonBody } from '../../src/coordinator/api/openai/edge.ts';
 import { ApiError } from '../../src/coordinator/api/openai/errors.ts';
 
 function req(chunks: string[], headers: Record<string, string> = {}): IncomingMessage {

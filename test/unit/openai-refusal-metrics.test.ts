@@ -3,7 +3,9 @@ import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Membership } from '../../src/coordinator/membership/membership.ts';
 import { CoordinatorMetrics, observeGeneration, refusalOutcome } from '../../src/coordinator/api/metrics.ts';
-import { installApi, type RouteTable, requestedModelOf } from '../../src/coordinator/api/openai/api.ts';
+import { apiKeyGuard } from '../../src/coordinator/api/guard.ts';
+import { installApi, requestedModelOf } from '../../src/coordinator/api/openai/api.ts';
+import { HttpRouter } from '../../src/coordinator/api/router.ts';
 import type { GenerateEvent, GenerateRequest, ModelStatus, Runtime } from '../../src/coordinator/instances/runtime.ts';
 import { createLogger } from '../../src/shared/log.ts';
 
@@ -42,7 +44,7 @@ function readyModel(name: string, state: ModelStatus['state'] = 'ready'): ModelS
   return { name, path: `/m/${name}.gguf`, state, engine: 'llama', stages: [], error: '', predictedTokensPerSecond: 0, options: { ctx: 512, cacheType: 'f16', parallel: 1, pinnedNodes: [] } };
 }
 
-describe('installApi onRefused → orchard_requests_total', () => {
+describe('installApi onRefused → orchard_requests_total (the router guard\'s 401 included)', () => {
   let server: Server;
   let base: string;
   let membership: Membership;
@@ -66,9 +68,9 @@ describe('installApi onRefused → orchard_requests_total', () => {
       },
     } as unknown as Runtime;
     metrics = new CoordinatorMetrics({ version: '1', membership, processMetrics: false, runtime: () => runtime });
-    const routes: RouteTable = new Map();
+    const router = new HttpRouter(apiKeyGuard(KEY), log);
     installApi(
-      routes,
+      router,
       {
         runtime,
         membership,
@@ -79,16 +81,9 @@ describe('installApi onRefused → orchard_requests_total', () => {
           metrics.refused(m, s);
         },
       },
-      { apiKey: KEY, maxBodyBytes: MAX_BODY },
+      { maxBodyBytes: MAX_BODY },
     );
-    server = createServer((req, res) => {
-      const route = routes.get(`${req.method} ${(req.url ?? '/').split('?')[0]}`);
-      if (route) route(req, res);
-      else {
-        res.writeHead(404);
-        res.end();
-      }
-    });
+    server = createServer(router.handle);
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   });

@@ -3,15 +3,52 @@ import type { AddressInfo } from 'node:net';
 import type { Registry } from 'prom-client';
 
 /**
- * `/metrics` and `/healthz` over plain node:http. Two shapes: `metricsRoutes` to mount on a
- * server that already exists (the coordinator's HTTP port), `serveMetrics` for a process that
- * has no HTTP server of its own (the node agent, whose API is gRPC).
+ * `/metrics` and `/healthz` over plain node:http. `sendMetrics` and `sendHealth` answer one
+ * request (the coordinator mounts them on its router); `metricsRoutes` answers both paths for a
+ * server of one's own, and `serveMetrics` is that server, for a process that has no HTTP server
+ * otherwise (the node agent, whose API is gRPC).
+ *
+ * `/healthz` is the one health route of every Orchard process, with one body:
+ * `{"ok": true, "detail": "ok"}` (200) or `{"ok": false, "detail": "shutting down"}` (503).
+ * `detail` is one line for humans; probes read the status.
  */
 
 export interface Health {
   readonly ok: boolean;
-  /** One line for humans and probes, e.g. "ok" or "shutting down". */
+  /** One line for humans and probes, e.g. "ok" or "shutting down"; default "ok" / "unhealthy". */
   readonly detail?: string;
+}
+
+/** The `/healthz` body every process sends. */
+export interface HealthBody {
+  readonly ok: boolean;
+  readonly detail: string;
+}
+
+export function healthBody(h: Health): HealthBody {
+  return { ok: h.ok, detail: h.detail ?? (h.ok ? 'ok' : 'unhealthy') };
+}
+
+/** Answer a GET or HEAD `/healthz`. */
+export function sendHealth(req: IncomingMessage, res: ServerResponse, h: Health): void {
+  const body = JSON.stringify(healthBody(h));
+  res.writeHead(h.ok ? 200 : 503, { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': String(Buffer.byteLength(body)) });
+  res.end(req.method === 'HEAD' ? undefined : body);
+}
+
+/** Answer a GET or HEAD `/metrics` from a registry; a failing collect hook is a 500, never a crash. */
+export function sendMetrics(req: IncomingMessage, res: ServerResponse, registry: Registry): void {
+  registry.metrics().then(
+    (text) => {
+      res.writeHead(200, { 'content-type': registry.contentType, 'cache-control': 'no-store' });
+      res.end(req.method === 'HEAD' ? undefined : text);
+    },
+    (err: unknown) => {
+      // Prometheus records the failed scrape; the process goes on.
+      if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
+      res.end(`metrics collection failed: ${err instanceof Error ? err.message : String(err)}\n`);
+    },
+  );
 }
 
 export interface MetricsRoutesOptions {
@@ -36,23 +73,8 @@ export function metricsRoutes(options: MetricsRoutesOptions): RouteHandler {
       res.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain' }).end('method not allowed\n');
       return true;
     }
-    if (path === '/healthz') {
-      const h = health();
-      res.writeHead(h.ok ? 200 : 503, { 'content-type': 'text/plain', 'cache-control': 'no-store' });
-      res.end(req.method === 'HEAD' ? undefined : `${h.detail ?? (h.ok ? 'ok' : 'unhealthy')}\n`);
-      return true;
-    }
-    registry.metrics().then(
-      (text) => {
-        res.writeHead(200, { 'content-type': registry.contentType, 'cache-control': 'no-store' });
-        res.end(req.method === 'HEAD' ? undefined : text);
-      },
-      (err: unknown) => {
-        // A failing collect hook must not take the process down; Prometheus records the failed scrape.
-        if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
-        res.end(`metrics collection failed: ${err instanceof Error ? err.message : String(err)}\n`);
-      },
-    );
+    if (path === '/healthz') sendHealth(req, res, health());
+    else sendMetrics(req, res, registry);
     return true;
   };
 }

@@ -6,28 +6,25 @@ import type { Logger } from '../../../shared/log.ts';
 import type { Membership } from '../../membership/membership.ts';
 import type { NodeEntry } from '../../membership/registry.ts';
 import type { GenerateEvent, LoadProgress, Runtime } from '../../instances/runtime.ts';
+import type { HttpRouter, RouteParams } from '../router.ts';
 import { ApiError, apiErrorOf, invalid } from './errors.ts';
-import { checkApiKey, DEFAULT_MAX_BODY_BYTES, disconnectSignal, readJsonBody, sendError, sendJson, startSse, write } from './edge.ts';
+import { DEFAULT_MAX_BODY_BYTES, disconnectSignal, readJsonBody, sendError, sendJson, startSse, write } from './edge.ts';
 import { type ModelLimits, type ParsedRequest, parseChatRequest, parseCompletionRequest } from './requests.ts';
 import { completionResponse, finishReasonOf, type Kind, modelObject, placementOf, type ResponseMeta, sseData, streamChunk, usageChunk } from './responses.ts';
 
 /**
  * The coordinator's HTTP API: OpenAI-compatible inference routes and the management routes,
- * installed into the coordinator's route table (`httpRoutes`, keyed "METHOD /path"; a key
- * ending in `*` matches a path prefix).
+ * added to the coordinator's router (which guards every one of them; see ../guard.ts).
  *
- *   GET  /v1/models, /v1/models/{id}          loaded models (+ placement in `orchard`)
- *   POST /v1/chat/completions, /v1/completions stream (SSE) or not
- *   GET  /v1/cluster                           nodes, models, stages
- *   POST /v1/cluster/models                    load (SSE progress with Accept: text/event-stream)
- *   DELETE /v1/cluster/models/{name}           unload
- *   GET  /healthz                              liveness (never needs the API key)
+ *   GET  /v1/models, /v1/models/{id}          inference  loaded models (+ placement in `orchard`)
+ *   POST /v1/chat/completions, /v1/completions inference  stream (SSE) or not
+ *   GET  /v1/cluster                           admin      nodes, models, stages
+ *   POST /v1/cluster/models                    admin      load (SSE progress with Accept: text/event-stream)
+ *   DELETE /v1/cluster/models/{name}           admin      unload
  *
  * Cancellation: the client's disconnect aborts the runtime's generate(), which cancels the head
  * agent's gRPC stream, which aborts its HTTP request to llama-server, which frees the slot.
  */
-
-export type RouteTable = Map<string, (req: IncomingMessage, res: ServerResponse) => void>;
 
 export interface ApiDeps {
   readonly runtime: Runtime;
@@ -50,83 +47,48 @@ interface GenerationProgress {
 }
 
 export interface ApiOptions {
-  /** When set, every route but /healthz needs `Authorization: Bearer <apiKey>`. */
-  readonly apiKey?: string | undefined;
   readonly maxBodyBytes?: number | undefined;
 }
 
-type Handler = (req: IncomingMessage, res: ServerResponse) => Promise<void>;
-
-export function installApi(routes: RouteTable, deps: ApiDeps, options: ApiOptions = {}): void {
+export function installApi(router: HttpRouter, deps: ApiDeps, options: ApiOptions = {}): void {
   const limit = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
-  const guarded = (h: Handler, onError?: (e: ApiError) => void) => (req: IncomingMessage, res: ServerResponse) => {
-    const run = async () => {
-      checkApiKey(req, options.apiKey);
-      await h(req, res);
-    };
-    run().catch((err: unknown) => {
-      const e = apiErrorOf(err);
-      onError?.(e);
-      if (e.status >= 500) deps.log.warn({ url: req.url, status: e.status, err: e.message }, 'API request failed');
-      else deps.log.debug({ url: req.url, status: e.status, err: e.message }, 'API request refused');
-      sendError(res, e);
-    });
-  };
-
-  routes.set('GET /v1/models', guarded(async (_req, res) => {
+  router.add('GET', '/v1/models', 'inference', (_req, res) => {
     const data = deps.runtime.models().filter((m) => m.state === 'ready' || m.state === 'loading').map(modelObject);
     sendJson(res, 200, { object: 'list', data });
-  }));
-  routes.set('GET /v1/models/*', guarded(async (req, res) => {
-    const name = pathTail(req, '/v1/models/');
+  });
+  router.add('GET', '/v1/models/*', 'inference', (_req, res, params) => {
+    const name = nameParam(params);
     const m = deps.runtime.model(name);
     if (!m) throw modelNotFound(name, deps.runtime);
     sendJson(res, 200, modelObject(m));
-  }));
+  });
+  // Refusals of a generation request are counted by how far it got (the router reports every
+  // error answer, its own 401 included; the request's progress is looked up by the request).
+  const progressOf = new WeakMap<IncomingMessage, GenerationProgress>();
+  const onError = (e: ApiError, req: IncomingMessage) => {
+    const progress = progressOf.get(req);
+    if (!progress?.reachedRuntime) deps.onRefused?.(progress?.requestedModel, e.status);
+  };
   const generation = (kind: Kind) => (req: IncomingMessage, res: ServerResponse) => {
     const progress: GenerationProgress = { requestedModel: undefined, reachedRuntime: false };
-    const refused = (e: ApiError) => {
-      if (!progress.reachedRuntime) deps.onRefused?.(progress.requestedModel, e.status);
-    };
-    guarded((rq, rs) => generate(kind, rq, rs, deps, limit, progress), refused)(req, res);
+    progressOf.set(req, progress);
+    return generate(kind, req, res, deps, limit, progress);
   };
-  routes.set('POST /v1/chat/completions', generation('chat'));
-  routes.set('POST /v1/completions', generation('completion'));
+  router.add('POST', '/v1/chat/completions', 'inference', generation('chat'), { onError });
+  router.add('POST', '/v1/completions', 'inference', generation('completion'), { onError });
 
-  routes.set('GET /v1/cluster', guarded(async (_req, res) => sendJson(res, 200, clusterJson(deps))));
-  routes.set('POST /v1/cluster/models', guarded((req, res) => loadModel(req, res, deps, limit)));
-  routes.set('DELETE /v1/cluster/models/*', guarded(async (req, res) => {
-    const name = pathTail(req, '/v1/cluster/models/');
+  router.add('GET', '/v1/cluster', 'admin', (_req, res) => sendJson(res, 200, clusterJson(deps)));
+  router.add('POST', '/v1/cluster/models', 'admin', (req, res) => loadModel(req, res, deps, limit));
+  router.add('DELETE', '/v1/cluster/models/*', 'admin', async (_req, res, params) => {
+    const name = nameParam(params);
     await deps.runtime.unload(name);
     sendJson(res, 200, { name, unloaded: true });
-  }));
-  routes.set('GET /healthz', (_req, res) => {
-    sendJson(res, 200, { ok: true, nodesUp: deps.membership.registry.upNodes().length, modelsReady: deps.runtime.models().filter((m) => m.state === 'ready').length });
   });
-  // Routes other modules installed before us (e.g. /status) expose the cluster too.
-  if (options.apiKey) {
-    for (const [key, route] of routes) {
-      if (key.includes(' /v1/') || key === 'GET /healthz' || key === 'GET /health' || key === 'GET /metrics') continue;
-      routes.set(key, (req, res) => {
-        try {
-          checkApiKey(req, options.apiKey);
-        } catch (err) {
-          sendError(res, apiErrorOf(err));
-          return;
-        }
-        route(req, res);
-      });
-    }
-  }
 }
 
-function pathTail(req: IncomingMessage, prefix: string): string {
-  const path = (req.url ?? '/').split('?')[0] ?? '/';
-  try {
-    return decodeURIComponent(path.slice(prefix.length));
-  } catch {
-    throw invalid('malformed model name in the path');
-  }
+/** The model name of a `/…/*` route (percent-decoded by the router; it may contain "/"). */
+function nameParam(params: RouteParams): string {
+  return params['*'] ?? '';
 }
 
 function modelNotFound(name: string, runtime: Runtime): ApiError {

@@ -1,8 +1,7 @@
-import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { ApiError, errorBody, invalid } from './errors.ts';
 
-/** HTTP edge helpers for the API routes: body limit, JSON parsing, API key, JSON/SSE replies. */
+/** HTTP edge helpers for the API routes: body limit, JSON parsing, JSON/SSE replies (the API key: ../guard.ts). */
 
 export const DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024;
 
@@ -29,17 +28,6 @@ export async function readJsonBody(req: IncomingMessage, limit: number): Promise
   } catch (err) {
     throw invalid(`request body is not valid JSON: ${(err as Error).message}`, null, 'invalid_json');
   }
-}
-
-const digest = (s: string) => createHash('sha256').update(s).digest();
-
-/** Constant-time API key check (`Authorization: Bearer KEY`, or `x-api-key: KEY`). */
-export function checkApiKey(req: IncomingMessage, apiKey: string | undefined): void {
-  if (!apiKey) return;
-  const auth = req.headers.authorization;
-  const given = auth?.startsWith('Bearer ') ? auth.slice(7).trim() : typeof req.headers['x-api-key'] === 'string' ? req.headers['x-api-key'] : undefined;
-  if (given === undefined) throw new ApiError(401, 'authentication_error', 'missing_api_key', 'missing API key: send "Authorization: Bearer KEY"');
-  if (!timingSafeEqual(digest(given), digest(apiKey))) throw new ApiError(401, 'authentication_error', 'invalid_api_key', 'incorrect API key');
 }
 
 export function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {

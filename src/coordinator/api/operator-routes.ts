@@ -1,0 +1,60 @@
+import type { Registry } from 'prom-client';
+import { type Health, sendHealth, sendMetrics } from '../../shared/metrics/http.ts';
+import type { Runtime } from '../instances/runtime.ts';
+import type { Membership } from '../membership/membership.ts';
+import { modelStatusToWire, nodeStatusToWire } from './grpc-server.ts';
+import { sendJson } from './openai/edge.ts';
+import { prometheusTargetsHandler, sdNodeFromEntry } from './prometheus-sd.ts';
+import type { HttpRouter } from './router.ts';
+
+/**
+ * The coordinator's routes for operators and their tools, next to the OpenAI API on the same
+ * router:
+ *
+ *   GET|HEAD /healthz                public  liveness, the body every Orchard process sends
+ *   GET|HEAD /metrics                public  Prometheus scrape of the coordinator's registry
+ *   GET      /status                 admin   cluster id, nodes and models as the gRPC Status has them
+ *   GET      /v1/prometheus/targets  admin   HTTP service discovery: the coordinator and every node
+ *                                            agent's /metrics (Prometheus sends the key with
+ *                                            `authorization: {credentials: KEY}` when one is set)
+ */
+
+export interface OperatorDeps {
+  readonly membership: Membership;
+  readonly runtime: Pick<Runtime, 'models'>;
+  readonly clusterId: string;
+  readonly registry: Registry;
+  /** False once the coordinator is shutting down (/healthz turns 503). */
+  readonly serving: () => boolean;
+  /** host:port of this HTTP server, for SD when the request's Host header is unusable. */
+  readonly ownAddress: () => string;
+}
+
+export function installOperatorRoutes(router: HttpRouter, d: OperatorDeps): void {
+  const health = (): Health => {
+    if (!d.serving()) return { ok: false, detail: 'shutting down' };
+    const up = d.membership.registry.upNodes().length;
+    const ready = d.runtime.models().filter((m) => m.state === 'ready').length;
+    return { ok: true, detail: `${up} node${up === 1 ? '' : 's'} up, ${ready} model${ready === 1 ? '' : 's'} ready` };
+  };
+  for (const method of ['GET', 'HEAD'] as const) {
+    router.add(method, '/healthz', 'public', (req, res) => sendHealth(req, res, health()));
+    router.add(method, '/metrics', 'public', (req, res) => sendMetrics(req, res, d.registry));
+  }
+  router.add('GET', '/status', 'admin', (_req, res) =>
+    sendJson(res, 200, { clusterId: d.clusterId, nodes: d.membership.registry.nodes().map((n) => nodeStatusToWire(n)), models: d.runtime.models().map(modelStatusToWire) }),
+  );
+  router.add('GET', '/v1/prometheus/targets', 'admin', (req, res) =>
+    prometheusTargetsHandler(() => ({
+      // The coordinator's own target is the address Prometheus just used to reach it (Host
+      // header), which is right even when the HTTP server listens on 0.0.0.0.
+      coordinatorAddress: scrapeAddress(req.headers.host) ?? d.ownAddress(),
+      nodes: d.membership.registry.nodes().map((n) => sdNodeFromEntry(n, (e) => e.profile.metricsPort)),
+    }))(req, res),
+  );
+}
+
+/** A Host header usable as a Prometheus target ("host:port", "[v6]:port"), else undefined. */
+export function scrapeAddress(host: string | undefined): string | undefined {
+  return host && /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(host) ? host : undefined;
+}
