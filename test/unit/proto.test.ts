@@ -50,7 +50,7 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
   });
 
   it('puts only the message fields on the wire, whatever else the object carries', () => {
-    const extra = { ...profile, secret: 'x', interfaces: [{ ...profile.interfaces[0]!, driver: 'bridge' }] } as HardwareProfile;
+    const extra = { ...profile, secret: 'x', interfaces: [{ ...profile.interfaces[0]!, driver: 'bridge' }] } as unknown as HardwareProfile;
     const wire = profileToWire(extra);
     expect(Object.keys(wire).sort()).toEqual(Object.keys(profile).sort());
     expect(Object.keys((wire.interfaces as object[])[0]!).sort()).toEqual(['addresses', 'name', 'rdma', 'thunderbolt']);
