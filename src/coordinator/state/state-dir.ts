@@ -1,14 +1,19 @@
 import { randomUUID } from 'node:crypto';
-import { chmod, mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { OrchardError } from '../../shared/errors.ts';
+import { type ClusterCa, certificateFingerprint } from '../../shared/pki/certificates.ts';
+import { writeFileAtomic } from '../../shared/pki/files.ts';
+import { loadOrCreateClusterCa } from '../../shared/pki/store.ts';
 import { generateJoinToken, validateJoinToken } from '../membership/join-token.ts';
+import { JoinTokenStore } from './join-token-store.ts';
 
 /**
- * The coordinator's state directory: its cluster id, its join token (0600) and the agents
- * that joined statically (so a restarted coordinator finds them again without Bonjour).
+ * The coordinator's state directory: its cluster id, its join token (0600), the agents that
+ * joined statically (so a restarted coordinator finds them again without Bonjour), the cluster
+ * CA (`pki/`, key 0600) and the join tokens that pin it (`join-tokens.json`, hashed, 0600).
  * Default `$ORCHARD_HOME/coordinator` (ORCHARD_HOME defaults to ~/.orchard); `--state-dir` wins.
  */
 export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -31,6 +36,22 @@ export class StateDir {
 
   get clusterPath(): string {
     return join(this.dir, 'cluster.json');
+  }
+
+  get joinTokensPath(): string {
+    return join(this.dir, 'join-tokens.json');
+  }
+
+  /** The cluster CA, created with the cluster on first start and kept for its lifetime. */
+  async clusterCa(): Promise<{ ca: ClusterCa; created: boolean }> {
+    const { clusterId } = await this.cluster();
+    return loadOrCreateClusterCa(this.dir, clusterId);
+  }
+
+  /** Join tokens bound to this cluster's CA (creating the CA if this is the first start). */
+  async joinTokens(): Promise<JoinTokenStore> {
+    const { ca } = await this.clusterCa();
+    return new JoinTokenStore(this.joinTokensPath, certificateFingerprint(ca.certPem));
   }
 
   async ensure(): Promise<void> {
@@ -93,10 +114,6 @@ export class StateDir {
   }
 
   async #writePrivate(path: string, text: string): Promise<void> {
-    // write-then-rename so a crash never leaves a half-written token or state file
-    const tmp = `${path}.${process.pid}.tmp`;
-    await writeFile(tmp, text, { mode: 0o600 });
-    await chmod(tmp, 0o600);
-    await rename(tmp, path);
+    await writeFileAtomic(path, text, 0o600);
   }
 }
