@@ -3,7 +3,8 @@ import { randomUUID } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { describeWith, program } from '../helpers/needs.ts';
 import { ORCHARD_BIN } from '../../src/cli/local-cluster.ts';
 import { DEMO_SHAPE } from '../../src/cli/demo-model.ts';
 import { encodeGgufHeader } from '../../src/shared/gguf/writer.ts';
@@ -14,15 +15,6 @@ import { loadVocab } from '../../src/shared/testmodel/vocab.ts';
  * The CLI as a person sees it: commands run in a real pseudo-terminal (tmux, on a private
  * socket this file owns and kills), the screen captured and checked for layout and exit codes.
  */
-
-const hasTmux = (() => {
-  try {
-    execFileSync('tmux', ['-V']);
-    return true;
-  } catch {
-    return false;
-  }
-})();
 
 const socket = `orchard-test-${randomUUID().slice(0, 8)}`;
 let tmp = '';
@@ -48,7 +40,7 @@ async function inPty(args: string[], env: Record<string, string> = {}): Promise<
   }
 }
 
-describe.skipIf(!hasTmux)('CLI in a pseudo-terminal', () => {
+describeWith([program('tmux')], 'CLI in a pseudo-terminal', () => {
   beforeAll(async () => {
     tmp = await mkdtemp(join(tmpdir(), 'orchard-pty-'));
     await writeFile(join(tmp, 'none.json'), '{}');

@@ -5,7 +5,8 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { describeWith, networkNamespaces } from '../helpers/needs.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
@@ -26,17 +27,7 @@ const CTX = 2048;
 const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
 const N_PREDICT = 32;
 
-function netnsUnavailable(): string | undefined {
-  if (process.getuid?.() !== 0) return 'not root (ip netns needs CAP_SYS_ADMIN)';
-  try {
-    execFileSync('ip', ['netns', 'list'], { stdio: 'ignore' });
-  } catch {
-    return 'the `ip` command (iproute2) cannot list namespaces';
-  }
-  return undefined;
-}
-const skipReason = netnsUnavailable();
-if (skipReason) console.warn(`skipping the Bonjour cluster test: ${skipReason}`);
+const netns = networkNamespaces();
 
 const tag = randomBytes(3).toString('hex');
 const NS_COORD = `orch-cc-${tag}`;
@@ -102,7 +93,7 @@ async function freePort(): Promise<number> {
   });
 }
 
-describe.skipIf(!!skipReason)('cluster over Bonjour inside network namespaces', () => {
+describeWith([netns], 'cluster over Bonjour inside network namespaces', () => {
   let dir = '';
   let nsCreated = false;
   let bins: LlamaBinaries;

@@ -1,12 +1,11 @@
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it } from 'vitest';
 import { ORCHARD_BIN } from '../../src/cli/local-cluster.ts';
-import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { describeWith, llamaEngines, SHARED_CACHE } from '../helpers/needs.ts';
 
 /*
  * `orchard demo` end to end through a plain pipe: exit code, the plan table and the streamed
@@ -15,16 +14,7 @@ import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
  * is checked by scanning /proc for the marker — not by trusting the demo's own report.
  */
 
-const MANUAL_BIN_DIR = '/tmp/llsrc/src/build/bin';
-const baseEnv: NodeJS.ProcessEnv = { ...process.env };
-if (!baseEnv.ORCHARD_LLAMA_BIN_DIR && existsSync(join(MANUAL_BIN_DIR, 'ggml-rpc-server'))) baseEnv.ORCHARD_LLAMA_BIN_DIR = MANUAL_BIN_DIR;
-const engines = await findLlamaBinaries(baseEnv).then(
-  () => true,
-  (err: Error) => {
-    console.warn(`skipping demo test: ${err.message}`);
-    return false;
-  },
-);
+const engines = await llamaEngines();
 
 let tmp = '';
 const started: number[] = [];
@@ -50,7 +40,8 @@ interface Run {
 function runDemo(args: string[], marker: string, onStderr?: (all: string, kill: () => void) => void): Promise<Run> {
   const t0 = Date.now();
   const child = spawn(process.execPath, [ORCHARD_BIN, 'demo', ...args], {
-    env: { ...baseEnv, ORCHARD_CACHE_DIR: join(tmp, 'cache'), TMPDIR: tmp, ORCHARD_TEST_MARKER: marker },
+    // The engines (and the demo model) come from the cache `orchard setup` filled; the rest is private.
+    env: { ...process.env, ORCHARD_CACHE_DIR: SHARED_CACHE, TMPDIR: tmp, ORCHARD_TEST_MARKER: marker },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   started.push(child.pid!);
@@ -66,7 +57,7 @@ function runDemo(args: string[], marker: string, onStderr?: (all: string, kill: 
   return new Promise((resolve) => child.once('close', (code) => resolve({ code, stdout, stderr, ms: Date.now() - t0 })));
 }
 
-describe.skipIf(!engines)('orchard demo', () => {
+describeWith([engines], 'orchard demo', () => {
   beforeAll(async () => {
     tmp = await mkdtemp(join(tmpdir(), 'orchard-demo-test-'));
   });
@@ -83,7 +74,7 @@ describe.skipIf(!engines)('orchard demo', () => {
   it('runs end to end in a pipe: plan, streamed text, exit 0, no process left', async () => {
     const marker = `demo-${randomUUID()}`;
     const r = await runDemo(['--max-tokens', '12'], marker);
-    console.log(`orchard demo wall time: ${(r.ms / 1000).toFixed(1)} s (first run generates the model)`);
+    console.log(`orchard demo wall time: ${(r.ms / 1000).toFixed(1)} s (generates the model if the cache has none)`);
     expect(r.code, r.stderr.slice(-2000)).toBe(0);
     // The plan: three stages, one per node, contiguous layers, the head last.
     expect(r.stdout).toMatch(/Plan for .* on 3 nodes/);

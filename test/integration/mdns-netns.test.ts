@@ -3,7 +3,8 @@ import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { describeWith, networkNamespaces } from '../helpers/needs.ts';
 
 /*
  * Real mDNS between two network namespaces this test creates and deletes: the node agent runs
@@ -15,17 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 const ROOT = new URL('../..', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 
-function canUseNetns(): string | undefined {
-  if (process.getuid?.() !== 0) return 'not root (ip netns needs CAP_SYS_ADMIN)';
-  try {
-    execFileSync('ip', ['netns', 'list'], { stdio: 'ignore' });
-  } catch {
-    return 'the `ip` command (iproute2) is missing or cannot list namespaces';
-  }
-  return undefined;
-}
-const skipReason = canUseNetns();
-if (skipReason) console.warn(`skipping mDNS namespace test: ${skipReason}`);
+const netns = networkNamespaces();
 
 const tag = randomBytes(3).toString('hex');
 const NS_AGENT = `orch-a-${tag}`;
@@ -127,7 +118,7 @@ process.on('SIGTERM', () => adv.stop().then(() => process.exit(0)));
 `;
 
 beforeAll(async () => {
-  if (skipReason) return;
+  if (!netns.ok) return;
   tmp = await mkdtemp(join(tmpdir(), 'orchard-mdns-'));
   await writeFile(join(tmp, 'browse.ts'), BROWSER_SCRIPT(ROOT));
   await writeFile(join(tmp, 'advertise.ts'), ADVERTISER_SCRIPT(ROOT));
@@ -171,7 +162,7 @@ afterAll(async () => {
   if (tmp) await rm(tmp, { recursive: true, force: true });
 });
 
-describe.skipIf(!!skipReason)('Bonjour advertisement between network namespaces', () => {
+describeWith([netns], 'Bonjour advertisement between network namespaces', () => {
   it('a browser in another namespace finds the agent with its TXT within 1 s, reaches its gRPC, and sees the goodbye', async () => {
     const early = spawnInNs(NS_BROWSER, ['--import', 'tsx', join(tmp, 'browse.ts')]);
     await waitLine(early.lines, (l) => l.event === 'browsing', 'browser start', 20_000, early.stderr);

@@ -1,14 +1,13 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import OpenAI from 'openai';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it } from 'vitest';
 import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../../src/cli/demo-model.ts';
 import { type LocalCluster, startLocalCluster } from '../../src/cli/local-cluster.ts';
-import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { describeWith, llamaEngines, SHARED_CACHE } from '../helpers/needs.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 
@@ -19,16 +18,8 @@ import { modelProfile } from '../../src/shared/model/profile.ts';
  * the reference llama-server even when a test fails.
  */
 
-const MANUAL_BIN_DIR = '/tmp/llsrc/src/build/bin';
-const env: NodeJS.ProcessEnv = { ...process.env };
-if (!env.ORCHARD_LLAMA_BIN_DIR && existsSync(join(MANUAL_BIN_DIR, 'ggml-rpc-server'))) env.ORCHARD_LLAMA_BIN_DIR = MANUAL_BIN_DIR;
-const engines = await findLlamaBinaries(env).then(
-  () => true,
-  (err: Error) => {
-    console.warn(`skipping OpenAI API tests: ${err.message}`);
-    return false;
-  },
-);
+const engines = await llamaEngines();
+const env: NodeJS.ProcessEnv = { ...process.env, ORCHARD_CACHE_DIR: SHARED_CACHE };
 
 const API_KEY = 'test-key-0123';
 const MODEL = 'tiny';
@@ -73,10 +64,9 @@ async function post(path: string, body: string, headers: Record<string, string> 
   return { status: res.status, json: (await res.json()) as Record<string, unknown> };
 }
 
-describe.skipIf(!engines)('OpenAI API on a 2-stage cluster', () => {
+describeWith([engines], 'OpenAI API on a 2-stage cluster', () => {
   beforeAll(async () => {
     tmp = await mkdtemp(join(tmpdir(), 'orchard-openai-'));
-    env.ORCHARD_CACHE_DIR = join(tmp, 'cache');
     modelPath = (await ensureDemoModel(env)).path;
     const profile = modelProfile(await readGgufHeader(modelPath));
     const budgets = demoBudgets(profile, 2, { ctx: DEMO_CTX, cacheType: 'f16' });
@@ -98,7 +88,8 @@ describe.skipIf(!engines)('OpenAI API on a 2-stage cluster', () => {
     client = new OpenAI({ baseURL: `${base}/v1`, apiKey: API_KEY, maxRetries: 0 });
 
     // The oracle: a plain llama-server on the same file, same context, one thread.
-    const bins = await findLlamaBinaries(env);
+    if (!engines.ok) throw new Error('unreachable: the suite is skipped without engines');
+    const bins = engines.value;
     const port = await freePort();
     reference = spawn(bins.llamaServer, ['-m', modelPath, '--host', '127.0.0.1', '--port', String(port), '-c', String(DEMO_CTX), '-np', '1', '-t', '1', '--no-webui'], {
       stdio: 'ignore',

@@ -1,14 +1,13 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import OpenAI from 'openai';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it } from 'vitest';
 import { ensureDemoModel } from '../../src/cli/demo-model.ts';
 import { ORCHARD_BIN } from '../../src/cli/local-cluster.ts';
-import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { describeWith, itWith, llamaEngines, program, SHARED_CACHE } from '../helpers/needs.ts';
 
 /*
  * `orchard up` (coordinator + local agent in one process) and `orchard chat` over its OpenAI
@@ -16,22 +15,9 @@ import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
  * call with the same messages), and SIGTERM must leave no process behind.
  */
 
-const MANUAL_BIN_DIR = '/tmp/llsrc/src/build/bin';
+const engines = await llamaEngines();
+const tmuxInstalled = program('tmux');
 const env: NodeJS.ProcessEnv = { ...process.env };
-if (!env.ORCHARD_LLAMA_BIN_DIR && existsSync(join(MANUAL_BIN_DIR, 'ggml-rpc-server'))) env.ORCHARD_LLAMA_BIN_DIR = MANUAL_BIN_DIR;
-const engines = await findLlamaBinaries(env).then(
-  () => true,
-  () => false,
-);
-
-const hasTmux = (() => {
-  try {
-    execFileSync('tmux', ['-V']);
-    return true;
-  } catch {
-    return false;
-  }
-})();
 
 const marker = `up-${randomUUID()}`;
 let tmp = '';
@@ -66,10 +52,10 @@ function run(args: string[], input: string): Promise<{ code: number | null; stdo
   });
 }
 
-describe.skipIf(!engines)('orchard up + orchard chat', () => {
+describeWith([engines], 'orchard up + orchard chat', () => {
   beforeAll(async () => {
     tmp = await mkdtemp(join(tmpdir(), 'orchard-up-'));
-    Object.assign(env, { HOME: tmp, XDG_STATE_HOME: join(tmp, 'state'), ORCHARD_CACHE_DIR: join(tmp, 'cache'), ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' });
+    Object.assign(env, { HOME: tmp, XDG_STATE_HOME: join(tmp, 'state'), ORCHARD_CACHE_DIR: SHARED_CACHE, ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' });
     up = spawn(process.execPath, [ORCHARD_BIN, 'up', '--json', '--grpc-port', '0', '--http-port', '0', '--agent-port', '0', '--metrics-port', '0', '--no-mdns', '--agent-address', '127.0.0.1', '--budget', '2GiB'], {
       env: { ...env, ORCHARD_TEST_MARKER: marker },
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -124,7 +110,7 @@ describe.skipIf(!engines)('orchard up + orchard chat', () => {
     expect(r.stdout).toBe(`${firstText}\n${second.choices[0]!.message.content}\n`);
   });
 
-  it.skipIf(!hasTmux)('chat in a terminal: prompt, streamed answer, /exit', async () => {
+  itWith([tmuxInstalled], 'chat in a terminal: prompt, streamed answer, /exit', async () => {
     const socket = `orchard-chat-${randomUUID().slice(0, 8)}`;
     const tmux = (...a: string[]) => execFileSync('tmux', ['-L', socket, ...a], { encoding: 'utf8' });
     const screen = () => tmux('capture-pane', '-p', '-J', '-S', '-', '-t', 'c');
