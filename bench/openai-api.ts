@@ -12,15 +12,17 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../src/cli/demo-model.ts';
 import { type LocalCluster, startLocalCluster } from '../src/cli/local-cluster.ts';
+import { completionBody } from '../src/node/generate.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
+import { pickFreePort } from '../src/node/ports.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
+import { median } from './lib/cluster.ts';
 
 const RUNS = 5;
 const TOKENS = 64;
@@ -30,16 +32,6 @@ interface Sample {
   ttftMs: number;
   clientTps: number;
   engineTps: number;
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
-    });
-  });
 }
 
 /** Stream one request; `tokenOf` says how many tokens an event carries, `engineOf` reads the engine rate. */
@@ -66,7 +58,6 @@ async function measure(url: string, body: unknown, tokenOf: (j: Record<string, u
   return { ttftMs: first - t0, clientTps: tokens > 1 ? (tokens - 1) / ((last - first) / 1000) : 0, engineTps: engine };
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 function summarize(samples: Sample[]) {
   return { ttftMs: median(samples.map((s) => s.ttftMs)), clientTokensPerSecond: median(samples.map((s) => s.clientTps)), engineTokensPerSecond: median(samples.map((s) => s.engineTps)) };
 }
@@ -84,7 +75,7 @@ const bins = await findLlamaBinaries(env);
 const model = (await ensureDemoModel(env)).path;
 const profile = modelProfile(await readGgufHeader(model));
 const clusters: LocalCluster[] = [];
-const port = await freePort();
+const port = await pickFreePort('127.0.0.1');
 const plain = spawn(bins.llamaServer, ['-m', model, '--host', '127.0.0.1', '--port', String(port), '-c', String(DEMO_CTX), '-np', '1', '-t', '1', '--no-webui'], { stdio: 'ignore', detached: true });
 try {
   for (let i = 0; i < 600; i++) {
@@ -94,7 +85,8 @@ try {
   const plainSamples = await series(() =>
     measure(
       `http://127.0.0.1:${port}/completion`,
-      { prompt: PROMPT, n_predict: TOKENS, temperature: 0, top_k: 1, stream: true },
+      // The body Orchard's agent sends for the same request (B and C below): same sampling, same cache use.
+      completionBody({ prompt: PROMPT, maxTokens: TOKENS, temperature: 0, topP: 0, seed: 0, stop: [] }),
       (j) => (typeof j.content === 'string' && j.content !== '' ? 1 : 0),
       (j) => (j.timings as { predicted_per_second?: number } | undefined)?.predicted_per_second,
     ),

@@ -9,74 +9,22 @@
  * first-token time is small, so the relay's share is visible.
  * Usage: npm run bench:ttft-path -- [--json] [--runs 40] [--tokens 4]
  */
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
+import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { AgentClient } from '../src/coordinator/membership/agent-client.ts';
-import { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
-import { completionBody } from '../src/node/generate.ts';
+import { completionBody, type GenerateParams } from '../src/node/generate.ts';
+import { BenchProcesses, benchEnv, flag, loadModel, median, quantile, startBenchCluster, writeTestModel } from './lib/cluster.ts';
 
-const ROOT = new URL('../', import.meta.url).pathname;
-const BIN = join(ROOT, 'bin/orchard.js');
 const argv = process.argv.slice(2);
-const flag = (name: string, def: string) => {
-  const i = argv.indexOf(name);
-  return i >= 0 && argv[i + 1] ? argv[i + 1]! : def;
-};
-const RUNS = Number(flag('--runs', '40'));
-const TOKENS = Number(flag('--tokens', '4'));
+const RUNS = Number(flag(argv, '--runs', '40'));
+const TOKENS = Number(flag(argv, '--tokens', '4'));
 const JSON_OUT = argv.includes('--json');
-const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const procs = new BenchProcesses();
 
-const procs: ChildProcess[] = [];
-function start(args: string[], env: NodeJS.ProcessEnv): ChildProcess & { out: string } {
-  const c = spawn(process.execPath, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env }) as ChildProcess & { out: string };
-  c.out = '';
-  c.stdout?.on('data', (d: Buffer) => {
-    c.out += d.toString();
-  });
-  c.stderr?.on('data', () => {});
-  procs.push(c);
-  return c;
-}
-function killAll(): void {
-  for (const c of procs.splice(0)) {
-    try {
-      if (c.pid) process.kill(-c.pid, 'SIGKILL');
-    } catch {
-      // gone
-    }
-  }
-}
-process.on('SIGINT', () => {
-  killAll();
-  process.exit(130);
-});
-async function ready(c: ChildProcess & { out: string }): Promise<Record<string, unknown>> {
-  for (let i = 0; i < 600; i++) {
-    const line = c.out.split('\n').find((l) => l.includes('"event":"ready"'));
-    if (line) return JSON.parse(line) as Record<string, unknown>;
-    await sleep(100);
-  }
-  throw new Error('not ready in 60 s');
-}
-
-const q = (xs: number[], p: number) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor(p * s.length))]!;
-};
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
-
-const params = { prompt: PROMPT, maxTokens: TOKENS, temperature: 0, topP: 0, seed: 1, stop: [] as string[] };
+const params: GenerateParams = { prompt: 'The quick brown fox jumps over the lazy dog. Once upon a time', maxTokens: TOKENS, temperature: 0, topP: 0, seed: 1, stop: [] };
 
 async function direct(port: number): Promise<number> {
   const t0 = performance.now();
@@ -107,7 +55,7 @@ async function viaAgent(agent: AgentClient, engineId: string): Promise<number> {
 async function viaCoordinator(client: CoordinatorClient): Promise<number> {
   const t0 = performance.now();
   let first = 0;
-  for await (const ev of client.stream('generate', { model: 'ttft', prompt: PROMPT, maxTokens: TOKENS, temperature: 0, seed: '1' })) {
+  for await (const ev of client.stream('generate', { model: 'ttft', ...params, seed: String(params.seed) })) {
     if (!first && ev.event === 'token') first = performance.now();
   }
   return first - t0;
@@ -117,22 +65,12 @@ async function main(): Promise<void> {
   const bins = await findLlamaBinaries();
   const dir = await mkdtemp(join(tmpdir(), 'orchard-bench-ttft-'));
   try {
-    const env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
-    const model = join(dir, 'm.gguf');
-    await promisify(execFile)(process.execPath, [BIN, 'testmodel', 'gguf', '--out', model, '--layers', '4', '--seed', '3'], { env });
-    const token = `bench-${randomBytes(12).toString('hex')}`;
-    const coord = start([BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', token, '--json'], env);
-    const addr = `127.0.0.1:${String((await ready(coord)).grpcPort)}`;
-    const node = start([BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', 'n1', '--state-dir', join(dir, 'n1'), '--join', addr, '--token', token, '--json'], env);
-    const agentAddr = `127.0.0.1:${String((await ready(node)).grpcPort)}`;
-    const client = new CoordinatorClient(addr);
-    for (let i = 0; i < 100; i++) {
-      if ((((await client.unary('status', {})).nodes ?? []) as unknown[]).length === 1) break;
-      await sleep(200);
-    }
-    for await (const p of client.stream('load', { modelPath: model, name: 'ttft', options: { ctx: 1024, cacheType: 'f16', parallel: 1, pinnedNodes: [] }, engine: '' })) {
-      if (p.phase === 'failed') throw new Error(String(p.message));
-    }
+    const env = benchEnv(bins.binDir);
+    const model = await writeTestModel(join(dir, 'm.gguf'), ['--layers', '4', '--seed', '3'], env);
+    const cluster = await startBenchCluster(procs, { dir, env, nodes: [{ name: 'n1' }] });
+    const { client, token } = cluster;
+    const agentAddr = cluster.agents[0]!;
+    await loadModel(client, model, 'ttft', 1024);
     const agent = new AgentClient(agentAddr, token);
     const head = (await agent.describe()).engines.find((e) => e.kind === 'ENGINE_KIND_LLAMA_SERVER');
     if (!head) throw new Error('no head engine on the node');
@@ -151,7 +89,7 @@ async function main(): Promise<void> {
     }
     client.close();
     agent.close();
-    const row = (xs: number[]) => ({ p50: median(xs), p90: q(xs, 0.9), min: Math.min(...xs) });
+    const row = (xs: number[]) => ({ p50: median(xs), p90: quantile(xs, 0.9), min: Math.min(...xs) });
     const result = {
       bench: 'ttft-path',
       runs: RUNS,
@@ -165,14 +103,13 @@ async function main(): Promise<void> {
     };
     process.stdout.write(JSON_OUT ? `${JSON.stringify(result)}\n` : `${JSON.stringify(result, null, 2)}\n`);
   } finally {
-    killAll();
-    await sleep(300);
+    await procs.killAll();
     await rm(dir, { recursive: true, force: true });
   }
 }
 
-main().catch((err: unknown) => {
-  killAll();
+main().catch(async (err: unknown) => {
+  await procs.killAll();
   process.stderr.write(`bench:ttft-path failed: ${err instanceof Error ? err.stack : String(err)}\n`);
   process.exit(1);
 });

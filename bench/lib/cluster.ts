@@ -1,0 +1,123 @@
+import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import { canConnect } from '../../src/node/ports.ts';
+import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../../test/helpers/processes.ts';
+
+/**
+ * What the benches that run a real cluster share: the tests' process helper
+ * (test/helpers/processes.ts: own process group, ready line, group kill) plus a registry that
+ * kills every group on exit, error and Ctrl-C, a coordinator with agents that join it, a model
+ * load, and the few statistics and flags the benches print.
+ */
+
+export { ORCHARD_BIN, sleep };
+
+/** `--name value` from argv, else the default. */
+export function flag(argv: readonly string[], name: string, def: string): string {
+  const i = argv.indexOf(name);
+  return i >= 0 && argv[i + 1] ? argv[i + 1]! : def;
+}
+
+export function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+/** The p-quantile by rank (no interpolation). */
+export function quantile(xs: readonly number[], p: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(p * s.length))]!;
+}
+
+/** Until `host:port` accepts connections (ggml-rpc-server prints nothing useful when piped). */
+export async function waitForPort(host: string, port: number, timeoutMs: number, what: string, alive: () => boolean = () => true): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await canConnect(host, port))) {
+    if (!alive()) throw new Error(`${what} exited before listening on ${port}`);
+    if (Date.now() > deadline) throw new Error(`${what} not listening on ${port} within ${timeoutMs / 1000} s`);
+    await sleep(50);
+  }
+}
+
+/** Every process a bench starts; `killAll` on every way out. */
+export class BenchProcesses {
+  readonly #procs: Proc[] = [];
+
+  constructor() {
+    process.once('SIGINT', () => {
+      void this.killAll().finally(() => process.exit(130));
+    });
+  }
+
+  start(name: string, args: string[], env: NodeJS.ProcessEnv = process.env, file = process.execPath): Proc {
+    const p = spawnProc(name, args, env, file);
+    this.#procs.push(p);
+    return p;
+  }
+
+  async killAll(): Promise<void> {
+    await Promise.all(this.#procs.splice(0).map(killGroup));
+  }
+}
+
+/** The environment the benches' agents and coordinators run with: these engines, one thread each. */
+export function benchEnv(binDir: string): NodeJS.ProcessEnv {
+  return { ...process.env, ORCHARD_LLAMA_BIN_DIR: binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+}
+
+/** `orchard testmodel gguf --out FILE …args`. */
+export async function writeTestModel(file: string, args: readonly string[], env: NodeJS.ProcessEnv): Promise<string> {
+  const r = await orchard(['testmodel', 'gguf', '--out', file, ...args], env);
+  if (r.code !== 0) throw new Error(`orchard testmodel gguf failed: ${r.stderr}`);
+  return file;
+}
+
+export interface BenchCluster {
+  readonly client: CoordinatorClient;
+  readonly coordinatorAddress: string;
+  readonly token: string;
+  /** Each agent's gRPC address, in the order of `nodes`. */
+  readonly agents: readonly string[];
+}
+
+/** A coordinator on 127.0.0.1 and one agent per node that joins it statically (no mDNS). */
+export async function startBenchCluster(
+  procs: BenchProcesses,
+  o: { readonly dir: string; readonly env: NodeJS.ProcessEnv; readonly nodes: readonly { name: string; budget?: string }[] },
+): Promise<BenchCluster> {
+  const token = `bench-${randomBytes(12).toString('hex')}`;
+  const common = ['--no-mdns', '--grpc-port', '0', '--json'];
+  const coord = procs.start('coordinator', [ORCHARD_BIN, 'coordinator', ...common, '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(o.dir, 'coord'), '--join-token', token], o.env);
+  const coordinatorAddress = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;
+  const agents: string[] = [];
+  for (const n of o.nodes) {
+    const budget = n.budget ? ['--budget', n.budget] : [];
+    const args = [ORCHARD_BIN, 'node', ...common, '--metrics-port', '0', '--bind', '127.0.0.1', '--name', n.name, ...budget, '--state-dir', join(o.dir, n.name), '--join', coordinatorAddress, '--token', token];
+    agents.push(`127.0.0.1:${String((await readyLine(procs.start(n.name, args, o.env))).grpcPort)}`);
+  }
+  const client = new CoordinatorClient(coordinatorAddress);
+  for (let i = 0; i < 100; i++) {
+    if ((((await client.unary('status', {})).nodes ?? []) as unknown[]).length === o.nodes.length) break;
+    await sleep(200);
+  }
+  return { client, coordinatorAddress, token, agents };
+}
+
+export interface LoadedStage {
+  readonly firstLayer: number;
+  readonly lastLayer: number;
+}
+
+/** Coordinator.Load, streamed to the end; the stages of the ready model. */
+export async function loadModel(client: CoordinatorClient, modelPath: string, name: string, ctx: number): Promise<LoadedStage[]> {
+  let stages: LoadedStage[] = [];
+  for await (const p of client.stream('load', { modelPath, name, options: { ctx, cacheType: 'f16', parallel: 1, pinnedNodes: [] }, engine: '' })) {
+    if (p.phase === 'failed') throw new Error(String(p.message));
+    if (p.phase === 'ready') {
+      stages = ((p.model as Record<string, unknown>).stages as LoadedStage[]).map((s) => ({ firstLayer: Number(s.firstLayer), lastLayer: Number(s.lastLayer) }));
+    }
+  }
+  return stages;
+}
