@@ -1,11 +1,16 @@
-import { execFile } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { execFile, execFileSync } from 'node:child_process';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { gv } from '../../src/shared/gguf/types.ts';
 import { writeGguf } from '../../src/shared/gguf/writer.ts';
+import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
+import { parseNodesFile } from '../../src/shared/placement/nodes-file.ts';
+import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
+import { writeMlxHeaderOnly } from '../../src/shared/testmodel/mlx.ts';
 import { findPreset, presetSpec } from '../../src/shared/testmodel/presets.ts';
 
 const run = promisify(execFile);
@@ -87,6 +92,34 @@ describe('orchard plan', () => {
     expect(plan.remedies.length).toBeGreaterThan(0);
   });
 
+  it('plans an MLX model directory offline, with the MLX rule (every rank holds embedding and head)', async () => {
+    const mlxDir = join(dir, 'llama-3-70b-4bit');
+    await writeMlxHeaderOnly(mlxDir, findPreset('llama-3-70b'), { quantization: { bits: 4, groupSize: 64 } });
+    const table = await orchard('plan', mlxDir, '--nodes', nodesFile, '--ctx', '8192');
+    expect(table.stderr).toBe('');
+    expect(table.code).toBe(0);
+    expect(table.stdout).toMatch(/llama-3-70b-4bit \(llama, 80 layers, Q4g64\)/);
+
+    // Two 40 GiB nodes: ~37 GiB of 4-bit weights must split, and the worker stage then also
+    // holds the embedding, final norm and output head, as the coordinator plans MLX.
+    const pair = join(dir, 'pair.json');
+    await writeFile(pair, JSON.stringify([0, 1].map((i) => ({ name: `m${i}`, chip: 'Apple M4 Max', gpuCores: 40, memoryBytes: 40 * GiB }))));
+    const r = await orchard('plan', mlxDir, '--nodes', pair, '--ctx', '8192', '--json');
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    const plan = JSON.parse(r.stdout);
+    expect(plan.model).toBe('llama-3-70b-4bit');
+    expect(plan.stages).toHaveLength(2);
+    const profile = await readMlxModelProfile(mlxDir);
+    const expected = planPlacement(profile, parseNodesFile(await readFile(pair, 'utf8'), pair), { ctx: 8192, ...mlxPlacementOptions(profile) });
+    expect(plan.stages.map((s: { node: string; firstLayer: number; lastLayer: number }) => [s.node, s.firstLayer, s.lastLayer])).toEqual(
+      expected.stages.map((s) => [s.node, s.firstLayer, s.lastLayer]),
+    );
+    const worker = plan.stages[0];
+    const layerWeights = profile.layers.slice(worker.firstLayer, worker.lastLayer + 1).reduce((a, l) => a + l.weightBytes, 0);
+    expect(worker.bytes.weights).toBe(layerWeights + profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes);
+  });
+
   const bad: [string, () => Promise<string[]>, RegExp][] = [
     // Without --nodes the coordinator plans (test/integration/cluster-static.test.ts); its flags are checked first.
     ['--hop-ms without --nodes', async () => ['plan', model70b, '--hop-ms', '2', '--coordinator', '127.0.0.1:1'], /--hop-ms applies to --nodes plans only/],
@@ -104,13 +137,26 @@ describe('orchard plan', () => {
     [
       'truncated GGUF',
       async () => {
-        const { readFile } = await import('node:fs/promises');
         const p = join(dir, 'trunc.gguf');
         const bytes = await readFile(model70b);
         await writeFile(p, bytes.subarray(0, 4000));
         return ['plan', p, '--nodes', nodesFile];
       },
       /trunc|end of file|truncated|short/i,
+    ],
+    [
+      'a FIFO instead of a model (fails at once, does not block)',
+      async () => {
+        const p = join(dir, 'model.fifo');
+        execFileSync('mkfifo', [p]);
+        return ['plan', p, '--nodes', nodesFile];
+      },
+      /model\.fifo: not a regular file/,
+    ],
+    [
+      'directory that is no model',
+      async () => ['plan', dir, '--nodes', nodesFile],
+      /not a regular file/,
     ],
     [
       'unsupported architecture',

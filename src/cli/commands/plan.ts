@@ -4,12 +4,11 @@ import Table from 'cli-table3';
 import type { Command } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
-import { readGgufHeader } from '../../shared/gguf/reader.ts';
 import { CACHE_TYPES, type CacheType } from '../../shared/memory/kv.ts';
-import { modelProfile } from '../../shared/model/profile.ts';
+import { readModelProfile } from '../../shared/model/read-profile.ts';
 import { parseNodesFile } from '../../shared/placement/nodes-file.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
-import type { Plan } from '../../shared/placement/types.ts';
+import { type Plan, familyPlacementOptions } from '../../shared/placement/types.ts';
 import { parseInteger } from '../../shared/units.ts';
 import { planJsonSchema } from '../tables.ts';
 
@@ -30,8 +29,8 @@ const gib = (b: number) => (b / GiB).toFixed(1);
 export function registerPlan(program: Command): void {
   program
     .command('plan')
-    .description('plan which node holds which layers of a GGUF model (memory math + bandwidth cost model)')
-    .argument('<model>', 'GGUF model file (only the header is read; header-only files work)')
+    .description('plan which node holds which layers of a model (memory math + bandwidth cost model)')
+    .argument('<model>', 'GGUF model file or MLX model directory (only headers are read; header-only files work)')
     .option('--nodes <file>', 'NODES.json: [{name, memoryBytes, bandwidthBytesPerSecond | chip, wiredLimitBytes?, usableBytes?}]')
     .option('--coordinator <host:port>', 'without --nodes: plan for the live cluster of this coordinator (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
     .option('--ctx <n>', 'context size in tokens (KV cells, as llama.cpp -c)', '4096')
@@ -57,7 +56,7 @@ export function registerPlan(program: Command): void {
         const address = coordinatorAddress(flags.coordinator);
         const plan = await livePlan(address, resolve(modelPath), { ctx, cacheType, parallel, pinnedNodes: flags.pin ?? [] });
         // The coordinator opens the model; the header here only names it when this machine has it too.
-        const profile = await readGgufHeader(resolve(modelPath)).then(modelProfile).catch(() => undefined);
+        const profile = await readModelProfile(resolve(modelPath)).catch(() => undefined);
         const model = profile?.name ?? modelPath;
         if (flags.json) {
           process.stdout.write(`${JSON.stringify(toJson(plan, model))}\n`);
@@ -75,9 +74,9 @@ export function registerPlan(program: Command): void {
         throw new UsageError(`cannot read nodes file ${flags.nodes}: ${(err as Error).message}`);
       }
       const nodes = parseNodesFile(text, flags.nodes);
-      const header = await readGgufHeader(modelPath);
-      const profile = modelProfile(header);
+      const profile = await readModelProfile(modelPath);
       const plan = planPlacement(profile, nodes, {
+        ...familyPlacementOptions(profile),
         ctx,
         cacheType: cacheType as CacheType,
         parallel,

@@ -5,7 +5,7 @@ import { deviceBytes, memoryModel, type MemoryOptions } from '../../shared/memor
 import { modelProfile } from '../../shared/model/profile.ts';
 import { isMlxModelDir, readMlxModelProfile } from '../../shared/model/mlx-profile.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
-import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode } from '../../shared/placement/types.ts';
+import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, mlxPlacementOptions } from '../../shared/placement/types.ts';
 import { UsageError } from '../../shared/errors.ts';
 import { CoordinatorError } from '../errors.ts';
 import type { NodeEntry } from '../membership/registry.ts';
@@ -36,13 +36,8 @@ export function plannerNames(nodes: readonly NodeEntry[]): Map<string, NodeEntry
   return out;
 }
 
-/**
- * MLX pipeline ranks each load the embedding, final norm and output head (mlx-lm builds the whole
- * model and the worker only drops the other ranks' layers), and every rank must run ≥ 1 layer.
- */
-export function mlxPlacementOptions(profile: { tokenEmbdBytes: number; outputNormBytes: number; outputBytes: number }): { stageExtraBytes: number; headMinLayers: number } {
-  return { stageExtraBytes: profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes, headMinLayers: 1 };
-}
+// In src/shared so `orchard plan` plans MLX directories offline with the same rule.
+export { mlxPlacementOptions };
 
 /**
  * The model does not fit the live nodes. Load fails with the message; the Plan RPC answers with

@@ -30,6 +30,10 @@ export interface MlxModelProfile extends ModelProfile {
   };
 }
 
+export function isMlxProfile(profile: ModelProfile): profile is MlxModelProfile {
+  return (profile as Partial<MlxModelProfile>).format === 'mlx';
+}
+
 /** One tensor as a safetensors header declares it. */
 export interface SafetensorsTensor {
   readonly name: string;

@@ -1,5 +1,7 @@
 import type { CacheType } from '../memory/kv.ts';
 import type { StageBytes } from '../memory/stage.ts';
+import type { ModelProfile } from '../model/profile.ts';
+import { isMlxProfile } from '../model/mlx-profile.ts';
 
 /** A node as the planner sees it: what it may hold and how fast it reads memory. */
 export interface PlacementNode {
@@ -40,6 +42,19 @@ export interface PlacementOptions {
   readonly stageExtraBytes?: number;
   /** Fewest layers the head stage may hold (llama.cpp: 0; an MLX rank needs at least 1). */
   readonly headMinLayers?: number;
+}
+
+/**
+ * MLX pipeline ranks each load the embedding, final norm and output head (mlx-lm builds the whole
+ * model and the worker only drops the other ranks' layers), and every rank must run ≥ 1 layer.
+ */
+export function mlxPlacementOptions(profile: Pick<ModelProfile, 'tokenEmbdBytes' | 'outputNormBytes' | 'outputBytes'>): { stageExtraBytes: number; headMinLayers: number } {
+  return { stageExtraBytes: profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes, headMinLayers: 1 };
+}
+
+/** The options the model's engine family needs on top of the caller's (none for llama.cpp). */
+export function familyPlacementOptions(profile: ModelProfile): Partial<PlacementOptions> {
+  return isMlxProfile(profile) ? mlxPlacementOptions(profile) : {};
 }
 
 export const DEFAULT_PLACEMENT_OPTIONS: PlacementOptions = {
