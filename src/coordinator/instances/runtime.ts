@@ -65,6 +65,8 @@ interface Instance {
 
 export interface RuntimeEvents {
   model: [status: ModelStatus];
+  /** Every load's progress, whoever asked for the load (the console shows it to every viewer). */
+  progress: [model: string, progress: LoadProgress];
 }
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
@@ -150,7 +152,9 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     let bytesTotal = 0;
     const progress = (phase: LoadProgress['phase'], message: string, bytesDone = 0) => {
       this.#log.info({ model: inst.name, phase, elapsed: elapsed() }, message);
-      onProgress({ phase, message, bytesDone, bytesTotal, elapsedSeconds: elapsed(), model: this.#status(inst) });
+      const p: LoadProgress = { phase, message, bytesDone, bytesTotal, elapsedSeconds: elapsed(), model: this.#status(inst) };
+      onProgress(p);
+      this.emit('progress', inst.name, p);
     };
     try {
       progress('planning', `planning ${inst.path} on ${this.#o.membership.registry.upNodes().length} live node(s)`);

@@ -11,8 +11,8 @@ import { type Bucket, type ConsoleSnapshot, consoleModel, consoleNode, histogram
  * when it differs from the last one sent — so N open consoles cost one snapshot computation per
  * change, and the browsers never poll.
  *
- * Changes arrive two ways: membership changes and runtime `model` events schedule a refresh at
- * once (a node going down reaches the page within one event-loop turn); a short tick catches
+ * Changes arrive two ways: membership changes and runtime `model`/`progress` events schedule a
+ * refresh at once (a node going down reaches the page within one event-loop turn); a short tick catches
  * what nobody announces (a load that starts, live memory stats, request counts).
  */
 
@@ -47,6 +47,7 @@ export class ConsoleFeed {
   #closed = false;
   readonly #onChange: (c: RegistryChange) => void;
   readonly #onModel: () => void;
+  readonly #onProgress: (model: string, p: LoadProgress) => void;
 
   constructor(o: FeedOptions) {
     this.#o = o;
@@ -56,8 +57,10 @@ export class ConsoleFeed {
       this.refresh();
     };
     this.#onModel = () => this.refresh();
+    this.#onProgress = (model, p) => this.#recordProgress(model, p);
     o.membership.on('change', this.#onChange);
     o.runtime.on('model', this.#onModel);
+    o.runtime.on('progress', this.#onProgress);
     this.#timer = setInterval(() => this.refresh(), o.tickMs ?? 250);
     this.#timer.unref();
   }
@@ -76,8 +79,8 @@ export class ConsoleFeed {
     return this.#subscribers.size;
   }
 
-  /** A load's progress (from whoever runs the load): shown on the model and in the events. */
-  recordProgress(model: string, p: LoadProgress): void {
+  /** A load's progress (any load: CLI, API or console): shown on the model and in the events. */
+  #recordProgress(model: string, p: LoadProgress): void {
     const prev = this.#progress.get(model);
     this.#progress.set(model, p);
     if (prev?.phase !== p.phase) this.#emit(progressEvent(model, p));
@@ -106,6 +109,7 @@ export class ConsoleFeed {
     clearInterval(this.#timer);
     this.#o.membership.off('change', this.#onChange);
     this.#o.runtime.off('model', this.#onModel);
+    this.#o.runtime.off('progress', this.#onProgress);
     this.#subscribers.clear();
   }
 
