@@ -1,3 +1,4 @@
+import type { Timings } from '../../shared/generation.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { VerifyResult } from './llama/verify.ts';
 
@@ -95,14 +96,6 @@ export interface GenerateRequest {
 export interface ChatMessage {
   readonly role: string;
   readonly content: string;
-}
-
-export interface Timings {
-  readonly promptMs: number;
-  readonly predictedMs: number;
-  readonly promptTokensPerSecond: number;
-  readonly predictedTokensPerSecond: number;
-  readonly firstTokenMs: number;
 }
 
 export type GenerateEvent =
