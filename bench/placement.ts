@@ -17,6 +17,7 @@ import type { PresetQuant } from '../src/shared/testmodel/quant-mix.ts';
 import { freeMemoryProportionalPlan, ramProportionalPlan } from '../src/shared/placement/baselines.ts';
 import { planPlacement } from '../src/shared/placement/planner.ts';
 import type { PlacementNode } from '../src/shared/placement/types.ts';
+import { uniformSource } from '../src/shared/testmodel/prng.ts';
 
 const GiB = 2 ** 30;
 
@@ -63,20 +64,9 @@ function node(sku: Sku, i: number): ClusterNode {
   };
 }
 
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** 24 clusters of 2–8 nodes, deterministic, in "discovery" order (not sorted by speed). */
 function clusters(): ClusterNode[][] {
-  const r = rng(2026);
+  const r = uniformSource(2026);
   const out: ClusterNode[][] = [];
   for (let c = 0; c < 24; c++) {
     const n = 2 + (c % 7);
@@ -106,7 +96,7 @@ function median(xs: number[]): number {
  * two interchangeable, the planner's worst case); otherwise real SKUs repeat as in a real fleet.
  */
 function plannerSpeed(profile: ModelProfile, distinct: boolean): { medianMs: number; runs: number; nodes: number; layers: number } {
-  const r = rng(64);
+  const r = uniformSource(64);
   const nodes: PlacementNode[] = Array.from({ length: 64 }, (_, i) => {
     const n = node(SKUS[Math.floor(r() * SKUS.length)]!, i);
     return distinct ? { ...n, budgetBytes: n.budgetBytes - i * 2 ** 20, bandwidthBytesPerSecond: n.bandwidthBytesPerSecond + i * 1e6 } : n;

@@ -7,6 +7,7 @@ import { gv } from '../../src/shared/gguf/types.ts';
 import { encodeGgufHeader } from '../../src/shared/gguf/writer.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { type ModelShape, presetHeader, shapeHeader } from '../../src/shared/model/shapes.ts';
+import { uniformSource } from '../../src/shared/testmodel/prng.ts';
 
 // Synthetic shapes with a known, simple quant mix (see shapes.ts), so bytes can be recomputed here.
 const L70: ModelShape = { name: 'llama-3-70b', arch: 'llama', layers: 80, embd: 8192, ffn: 28672, heads: 64, kvHeads: 8, vocab: 128256, ctx: 8192 };
@@ -132,18 +133,6 @@ describe('model profile from a GGUF header', () => {
   });
 });
 
-/** Deterministic PRNG so failures reproduce. */
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 describe('fuzz: mutated GGUF headers through reader + profile', () => {
   it('10,000 mutations: only clean UsageErrors or valid profiles, never a crash or hang', () => {
     const shape = { ...L8, layers: 3, vocab: 256, embd: 256, ffn: 512, heads: 4, kvHeads: 2 };
@@ -156,7 +145,7 @@ describe('fuzz: mutated GGUF headers through reader + profile', () => {
     // The unmutated header round-trips to the same profile.
     // A header-only file: the whole "file" is the header, as `orchard testmodel --header-only` writes.
     expect(modelProfile(parseGgufHeader(base))).toEqual(modelProfile(spec));
-    const r = rng(1234);
+    const r = uniformSource(1234);
     let valid = 0;
     let rejected = 0;
     const started = Date.now();

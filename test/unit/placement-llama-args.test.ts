@@ -1,17 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { llamaDeviceArgs, llamaLayerDevices, llamaMemoryArgs } from '../../src/shared/placement/llama-args.ts';
 import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
-
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { uniformSource } from '../../src/shared/testmodel/prng.ts';
 
 describe('plan → llama-server device arguments', () => {
   it('counts per stage, +1 unit for the output layer on the last device', () => {
@@ -32,7 +22,7 @@ describe('plan → llama-server device arguments', () => {
   });
 
   it('maps every layer to its planned stage for thousands of random plans (llama.cpp float32 rule)', () => {
-    const r = rng(99);
+    const r = uniformSource(99);
     for (let trial = 0; trial < 5000; trial++) {
       const layers = 1 + Math.floor(r() * 200);
       const n = 1 + Math.floor(r() * Math.min(16, layers));

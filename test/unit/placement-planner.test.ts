@@ -7,6 +7,7 @@ import { resolveNode } from '../../src/shared/placement/nodes-file.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import type { PlacementNode, Plan } from '../../src/shared/placement/types.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../../src/shared/placement/types.ts';
+import { uniformSource } from '../../src/shared/testmodel/prng.ts';
 
 const GB = 1e9;
 const GiB = 2 ** 30;
@@ -118,22 +119,10 @@ describe('planner acceptance scenarios', () => {
   });
 });
 
-/** Deterministic PRNG so failures reproduce. */
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 describe('planner invariants over random inputs', () => {
   const shapes = PRESETS.map((p) => p.id);
   it('every plan covers each layer exactly once, contiguously, within every budget; deterministic', () => {
-    const r = rng(42);
+    const r = uniformSource(42);
     let fits = 0;
     for (let trial = 0; trial < 300; trial++) {
       const p = profile(shapes[Math.floor(r() * shapes.length)]!, (['q4_k_m', 'q8_0', 'f16'] as const)[Math.floor(r() * 3)]!);
@@ -162,7 +151,7 @@ describe('planner invariants over random inputs', () => {
   });
 
   it('matches exhaustive search on small cases (optimal under the cost model)', () => {
-    const r = rng(7);
+    const r = uniformSource(7);
     const p = profile('llama-3-8b', 'q8_0');
     const L = p.layerCount;
     const mm = memoryModel(p, { ...DEFAULT_PLACEMENT_OPTIONS });

@@ -3,6 +3,7 @@ import type { CacheType, KvGeometry } from './kv.ts';
 
 /** What the memory math of a stage depends on besides the model: llama.cpp's context options. */
 export interface MemoryOptions {
+  /** `-c`: KV cells (llama.cpp semantics: shared by all slots when the cache is unified). */
   readonly ctx: number;
   readonly cacheType: CacheType;
   readonly parallel: number;

@@ -1,5 +1,4 @@
-import type { CacheType } from '../memory/kv.ts';
-import type { StageBytes } from '../memory/stage.ts';
+import { DEFAULT_MEMORY_OPTIONS, type MemoryOptions, type StageBytes } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
 import { isMlxProfile } from '../model/mlx-profile.ts';
 
@@ -13,14 +12,8 @@ export interface PlacementNode {
   readonly hopSeconds?: number;
 }
 
-export interface PlacementOptions {
-  /** `-c`: KV cells (llama.cpp semantics: shared by all slots when the cache is unified). */
-  readonly ctx: number;
-  readonly cacheType: CacheType;
-  readonly parallel: number;
-  readonly unified: boolean;
-  readonly ubatch: number;
-  readonly flashAttention: boolean;
+/** The memory options of every stage, and how the planner weighs nodes against each other. */
+export interface PlacementOptions extends MemoryOptions {
   /** Extra bytes kept free on every node on top of its budget. */
   readonly safetyMarginBytes: number;
   /** Nodes that must hold a stage (e.g. where the model file already is). */
@@ -58,12 +51,7 @@ export function familyPlacementOptions(profile: ModelProfile): Partial<Placement
 }
 
 export const DEFAULT_PLACEMENT_OPTIONS: PlacementOptions = {
-  ctx: 4096,
-  cacheType: 'f16',
-  parallel: 1,
-  unified: true,
-  ubatch: 512,
-  flashAttention: true,
+  ...DEFAULT_MEMORY_OPTIONS,
   safetyMarginBytes: 0,
   pinned: [],
   hopSeconds: 0.001,

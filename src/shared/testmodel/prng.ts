@@ -83,3 +83,9 @@ export class Prng {
 function rotl(x: number, k: number): number {
   return (x << k) | (x >>> (32 - k));
 }
+
+/** Uniform numbers in [0, 1) for `seed`, shaped like Math.random, for randomized tests and benches. */
+export function uniformSource(seed: number, stream = ''): () => number {
+  const p = new Prng(seed, stream);
+  return () => p.float();
+}
