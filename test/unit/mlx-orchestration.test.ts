@@ -17,15 +17,7 @@ import { DEFAULT_MLX_MAX_TOKENS, mlxRankSpecFromRequest, mlxRequestOf, sameMlxRa
 import { requestLine } from '../../src/node/mlx/protocol.ts';
 import type { NetworkInterfaceInfo } from '../../src/shared/hardware.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
-
-/** A seeded LCG so port picks are reproducible. */
-function seeded(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return s / 2 ** 32;
-  };
-}
+import { uniformSource } from '../../src/shared/testmodel/prng.ts';
 
 const lan = (ip: string): NetworkInterfaceInfo => ({ name: 'en0', addresses: [ip], thunderbolt: false, rdma: false });
 const tb = (name: string, ip: string, rdma = true): NetworkInterfaceInfo => ({ name, addresses: [ip], thunderbolt: true, rdma });
@@ -34,7 +26,7 @@ function node(id: string, address: string, interfaces: NetworkInterfaceInfo[], l
   return { nodeId: id, nodeName: id, agentAddress: address, interfaces, layers };
 }
 
-const opts = { modelDir: '/models/m', maxTokens: 4096, stallTimeoutSeconds: 30, random: seeded(1) };
+const opts = { modelDir: '/models/m', maxTokens: 4096, stallTimeoutSeconds: 30, random: uniformSource(1) };
 
 describe('mlxInstanceLaunch: ranks, backend, ports', () => {
   it('assigns ranks in reverse plan order: rank 0 runs the last stage (head), split stays in plan order', () => {
@@ -64,7 +56,7 @@ describe('mlxInstanceLaunch: ranks, backend, ports', () => {
 
   it('every launch gets fresh ports', () => {
     const stages = [node('a', '127.0.0.1:1', []), node('b', '127.0.0.1:2', [])];
-    const random = seeded(7);
+    const random = uniformSource(7);
     const a = mlxInstanceLaunch(stages, { ...opts, random });
     const b = mlxInstanceLaunch(stages, { ...opts, random });
     expect(a.ranks[0]!.mlx.hosts).not.toEqual(b.ranks[0]!.mlx.hosts);
@@ -148,10 +140,10 @@ describe('link detection', () => {
   });
 
   it('freshPorts: distinct, in range, refuses an impossible range', () => {
-    const p = freshPorts(50, seeded(3), [30000, 30060]);
+    const p = freshPorts(50, uniformSource(3), [30000, 30060]);
     expect(new Set(p).size).toBe(50);
     for (const x of p) expect(x >= 30000 && x <= 30060).toBe(true);
-    expect(() => freshPorts(3, seeded(1), [1000, 1001])).toThrow(/too small/);
+    expect(() => freshPorts(3, uniformSource(1), [1000, 1001])).toThrow(/too small/);
   });
 });
 
