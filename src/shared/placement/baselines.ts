@@ -1,4 +1,4 @@
-import { type MemoryModel, memoryModel, stageBytes } from '../memory/stage.ts';
+import { memoryModel, stageBytes } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
 import { llamaLayerDevices } from './llama-args.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
@@ -47,12 +47,13 @@ export function proportionalLayers(layerCount: number, shares: readonly number[]
 
 /** Evaluate contiguous per-node layer counts (in pipeline order, last = head) with Orchard's model. */
 export function evaluateCounts(
-  mm: MemoryModel,
+  p: ModelProfile,
   nodes: readonly PlacementNode[],
   counts: readonly number[],
-  o: PlacementOptions,
+  options?: Partial<PlacementOptions>,
 ): BaselinePlan {
-  const p = mm.profile;
+  const o = { ...DEFAULT_PLACEMENT_OPTIONS, ...options };
+  const mm = memoryModel(p, o, o.kvFill);
   const used = counts.map((c, i) => ({ c, i })).filter(({ c, i }) => c > 0 || i === counts.length - 1);
   const pipeline = used.length > 1;
   const stages: BaselineStage[] = [];
@@ -83,9 +84,7 @@ export function ramProportionalPlan(
   freeRamBytes: readonly number[],
   options?: Partial<PlacementOptions>,
 ): BaselinePlan {
-  const o = { ...DEFAULT_PLACEMENT_OPTIONS, ...options };
-  const mm = memoryModel(profile, o, o.kvFill);
-  return evaluateCounts(mm, nodes, proportionalLayers(profile.layerCount, freeRamBytes), o);
+  return evaluateCounts(profile, nodes, proportionalLayers(profile.layerCount, freeRamBytes), options);
 }
 
 /** llama.cpp default: n_layer + 1 units ∝ reported free device memory, llama.cpp's own mapping. */
@@ -95,12 +94,10 @@ export function freeMemoryProportionalPlan(
   freeDeviceBytes: readonly number[],
   options?: Partial<PlacementOptions>,
 ): BaselinePlan {
-  const o = { ...DEFAULT_PLACEMENT_OPTIONS, ...options };
-  const mm = memoryModel(profile, o, o.kvFill);
   const units = llamaLayerDevices(freeDeviceBytes, profile.layerCount);
   const counts = nodes.map(() => 0);
   for (let il = 0; il < profile.layerCount; il++) counts[units[il]!]!++;
   // The output layer (unit n_layer) lands on units[n_layer]; llama.cpp's head is that device.
   // With proportional shares it is always the last device with a non-zero share.
-  return evaluateCounts(mm, nodes, counts, o);
+  return evaluateCounts(profile, nodes, counts, options);
 }
