@@ -3,10 +3,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { GgufError, parseGgufHeader, readGgufHeader } from '../../src/shared/gguf/reader.ts';
-import { type GgufValue, gv } from '../../src/shared/gguf/types.ts';
+import { type GgufHeader, type GgufValue, gv } from '../../src/shared/gguf/types.ts';
 import { encodeGgufHeader } from '../../src/shared/gguf/writer.ts';
 import { findPreset, presetSpec } from '../../src/shared/testmodel/presets.ts';
 import { Prng } from '../../src/shared/testmodel/prng.ts';
+import { structuralEnd } from '../helpers/gguf-prefix.ts';
 
 /**
  * Fuzz the GGUF reader with mutated headers: bit flips, truncations, length/count fields set
@@ -50,9 +51,20 @@ function seeds(): Buffer[] {
 
 const INTERESTING_U64 = [0n, 1n, 2n, 31n, 32n, 63n, 64n, 255n, 256n, 4096n, 2n ** 31n - 1n, 2n ** 31n, 2n ** 32n - 1n, 2n ** 32n, 2n ** 53n, 2n ** 63n - 1n, 2n ** 63n, 2n ** 64n - 1n];
 
+const KINDS = ['bit flips', 'truncation', 'count/length set extreme', 'type id overwritten', 'chunk deleted', 'chunk duplicated'] as const;
+type Kind = (typeof KINDS)[number];
+
 function mutate(base: Buffer, prng: Prng): Buffer {
+  return mutation(base, prng).input;
+}
+
+function mutation(base: Buffer, prng: Prng): { kind: Kind; input: Buffer } {
   const pick = (n: number) => prng.next() % n;
-  const kind = pick(6);
+  const k = pick(6);
+  return { kind: KINDS[k]!, input: mutated(k, base, pick, prng) };
+}
+
+function mutated(kind: number, base: Buffer, pick: (n: number) => number, prng: Prng): Buffer {
   if (kind === 0) {
     const b = Buffer.from(base);
     for (let i = 0, n = 1 + pick(8); i < n; i++) {
@@ -89,39 +101,62 @@ function mutate(base: Buffer, prng: Prng): Buffer {
   return Buffer.concat([base.subarray(0, from + len), base.subarray(from)]);
 }
 
+/** What was accepted is a well-formed header: the writer takes it and it reads back the same. */
+function expectRoundTrip(h: GgufHeader, what: string): void {
+  const again = parseGgufHeader(encodeGgufHeader({ metadata: h.metadata, tensors: h.tensors.map((t) => ({ name: t.name, dims: t.dims, type: t.type.name })) }).headerBytes);
+  expect({ metadata: again.metadata, tensors: again.tensors, alignment: again.alignment, dataSize: again.dataSize }, what).toEqual({
+    metadata: h.metadata,
+    tensors: h.tensors,
+    alignment: h.alignment,
+    dataSize: h.dataSize,
+  });
+}
+
 describe('GGUF reader fuzz', () => {
-  it('survives 12,000 mutated headers with only GgufErrors, bounded time and bounded output', () => {
+  it('12,000 mutated headers: each mutation class gives what it must, in bounded time and output', () => {
     const bases = seeds();
+    const ends = bases.map(structuralEnd);
+    const originals = bases.map((b) => parseGgufHeader(b));
     const prng = new Prng(20261122, 'gguf-fuzz');
     const CASES = 12_000;
-    let accepted = 0;
-    let rejected = 0;
+    const outcomes = new Map<Kind, { accepted: number; rejected: number }>(KINDS.map((k) => [k, { accepted: 0, rejected: 0 }]));
     let slowest = 0;
     const messages = new Set<string>();
     for (let i = 0; i < CASES; i++) {
       const base = bases[i % bases.length]!;
-      const input = mutate(base, prng);
+      const end = ends[i % bases.length]!;
+      const { kind, input } = mutation(base, prng);
+      const what = `case ${i} (${kind}, input ${input.toString('base64').slice(0, 200)})`;
+      const count = outcomes.get(kind)!;
       const started = performance.now();
+      let h: GgufHeader | undefined;
       try {
-        const h = parseGgufHeader(input);
-        accepted++;
-        let elements = 0;
-        for (const v of h.metadata.values()) elements += v.type === 'array' ? v.value.length : 1;
-        expect(elements + h.tensors.length, `case ${i}`).toBeLessThanOrEqual(input.length);
-        expect(h.dataOffset, `case ${i}`).toBeLessThanOrEqual(input.length + h.alignment);
+        h = parseGgufHeader(input);
       } catch (err) {
-        if (!(err instanceof GgufError)) {
-          throw new Error(`case ${i}: ${String(err)} (input ${input.toString('base64')})`);
-        }
-        rejected++;
-        messages.add((err as Error).message.replace(/\d+/g, 'N').slice(0, 60));
+        if (!(err instanceof GgufError)) throw new Error(`${what}: ${String(err)}`);
+        count.rejected++;
+        messages.add(err.message.replace(/\d+/g, 'N').slice(0, 60));
+        // A prefix of a valid header can only be refused as too short: nothing else is wrong with it.
+        if (kind === 'truncation') expect(err.message, what).toMatch(/truncated|is impossible: the remaining/);
       }
       slowest = Math.max(slowest, performance.now() - started);
+      if (kind === 'truncation') {
+        // Exactly the prefixes that cut into the header are refused; the rest (padding cut) read the original.
+        expect(h === undefined, what).toBe(input.length < end);
+        if (h) expect({ metadata: h.metadata, tensors: h.tensors }, what).toEqual({ metadata: originals[i % bases.length]!.metadata, tensors: originals[i % bases.length]!.tensors });
+      }
+      if (!h) continue;
+      count.accepted++;
+      let elements = 0;
+      for (const v of h.metadata.values()) elements += v.type === 'array' ? v.value.length : 1;
+      expect(elements + h.tensors.length, what).toBeLessThanOrEqual(input.length);
+      expect(h.dataOffset, what).toBeLessThanOrEqual(input.length + h.alignment);
+      expectRoundTrip(h, what);
     }
-    expect(accepted + rejected).toBe(CASES);
-    // The mutations really exercise both paths and many distinct checks.
-    expect(accepted).toBeGreaterThan(200);
-    expect(rejected).toBeGreaterThan(CASES / 2);
+    // Every class reaches the reader's checks, and the checks are many and distinct.
+    for (const [kind, o] of outcomes) expect(o.rejected, kind).toBeGreaterThan(50);
+    // Flipped bits in names and values, and small counts, leave valid headers too.
+    for (const kind of ['bit flips', 'count/length set extreme', 'type id overwritten'] as const) expect(outcomes.get(kind)!.accepted, kind).toBeGreaterThan(20);
     expect(messages.size).toBeGreaterThan(15);
     expect(slowest).toBeLessThan(1000); // a hang guard, not a benchmark
   });

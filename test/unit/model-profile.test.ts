@@ -1,13 +1,14 @@
 import { describe, expect, it } from 'vitest';
 import { UsageError } from '../../src/shared/errors.ts';
 import { tensorBytes } from '../../src/shared/gguf/ggml-types.ts';
-import { parseGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { GgufError, parseGgufHeader } from '../../src/shared/gguf/reader.ts';
 import type { GgufHeader, GgufValue } from '../../src/shared/gguf/types.ts';
 import { gv } from '../../src/shared/gguf/types.ts';
 import { encodeGgufHeader } from '../../src/shared/gguf/writer.ts';
-import { modelProfile } from '../../src/shared/model/profile.ts';
+import { type ModelProfile, modelProfile } from '../../src/shared/model/profile.ts';
 import { type ModelShape, presetHeader, shapeHeader } from '../../src/shared/model/shapes.ts';
 import { uniformSource } from '../../src/shared/testmodel/prng.ts';
+import { structuralEnd } from '../helpers/gguf-prefix.ts';
 
 // Synthetic shapes with a known, simple quant mix (see shapes.ts), so bytes can be recomputed here.
 const L70: ModelShape = { name: 'llama-3-70b', arch: 'llama', layers: 80, embd: 8192, ffn: 28672, heads: 64, kvHeads: 8, vocab: 128256, ctx: 8192 };
@@ -134,7 +135,7 @@ describe('model profile from a GGUF header', () => {
 });
 
 describe('fuzz: mutated GGUF headers through reader + profile', () => {
-  it('10,000 mutations: only clean UsageErrors or valid profiles, never a crash or hang', () => {
+  it('10,000 mutations: truncations refused as too short, the rest a reader refusal, a named profile refusal or a profile that counts every byte once', () => {
     const shape = { ...L8, layers: 3, vocab: 256, embd: 256, ffn: 512, heads: 4, kvHeads: 2 };
     const spec = shapeHeader(shape, 'q8_0');
     const { headerBytes } = encodeGgufHeader({
@@ -145,21 +146,23 @@ describe('fuzz: mutated GGUF headers through reader + profile', () => {
     // The unmutated header round-trips to the same profile.
     // A header-only file: the whole "file" is the header, as `orchard testmodel --header-only` writes.
     expect(modelProfile(parseGgufHeader(base))).toEqual(modelProfile(spec));
+    const end = structuralEnd(base);
     const r = uniformSource(1234);
-    let valid = 0;
-    let rejected = 0;
+    const outcomes = { profile: 0, refusedByReader: 0, refusedByProfile: 0 };
+    let truncations = 0;
     const started = Date.now();
     for (let i = 0; i < 10_000; i++) {
       const bytes = base.slice();
       const kind = r();
+      const truncated = kind >= 0.5 && kind < 0.7;
       let buf: Uint8Array = bytes;
       if (kind < 0.5) {
         // Flip 1–4 random bytes.
         const n = 1 + Math.floor(r() * 4);
         for (let j = 0; j < n; j++) bytes[Math.floor(r() * bytes.length)] = Math.floor(r() * 256);
-      } else if (kind < 0.7) {
-        // Truncate.
+      } else if (truncated) {
         buf = bytes.subarray(0, Math.floor(r() * bytes.length));
+        truncations++;
       } else if (kind < 0.9) {
         // Overwrite a little-endian u32/u64 with an extreme value (counts, lengths, dims, types).
         const at = Math.floor(r() * (bytes.length - 8));
@@ -172,23 +175,48 @@ describe('fuzz: mutated GGUF headers through reader + profile', () => {
         const b = Math.min(bytes.length, a + Math.floor(r() * 64));
         buf = r() < 0.5 ? new Uint8Array([...bytes.subarray(0, a), ...bytes.subarray(b)]) : new Uint8Array([...bytes.subarray(0, b), ...bytes.subarray(a)]);
       }
+      const what = `mutation ${i}`;
+      let h: GgufHeader;
       try {
-        const h = parseGgufHeader(buf);
-        const p = modelProfile(h);
-        // Whatever survives must be self-consistent.
-        expect(p.layers).toHaveLength(p.layerCount);
-        for (const l of p.layers) expect(Number.isFinite(l.weightBytes) && l.weightBytes > 0).toBe(true);
-        valid++;
+        h = parseGgufHeader(buf);
       } catch (err) {
-        if (!(err instanceof UsageError)) throw new Error(`mutation ${i} threw a non-UsageError: ${String(err)}`);
-        expect((err as Error).message.length).toBeGreaterThan(0);
-        rejected++;
+        if (!(err instanceof GgufError)) throw new Error(`${what}: the reader threw a non-GgufError: ${String(err)}`);
+        outcomes.refusedByReader++;
+        if (truncated) {
+          // A prefix of a valid header has only one thing wrong with it: it is too short.
+          expect(buf.length, what).toBeLessThan(end);
+          expect(err.message, what).toMatch(/truncated|is impossible: the remaining/);
+        }
+        continue;
       }
+      // Only the alignment padding may be cut off a header and still parse.
+      if (truncated) expect(buf.length, what).toBeGreaterThanOrEqual(end);
+      let p: ModelProfile;
+      try {
+        p = modelProfile(h);
+      } catch (err) {
+        // The header parsed but does not describe a model Orchard can place: a named refusal.
+        if (!(err instanceof UsageError) || err instanceof GgufError) throw new Error(`${what}: modelProfile threw ${String(err)}`);
+        expect(err.message.length, what).toBeGreaterThan(10);
+        outcomes.refusedByProfile++;
+        continue;
+      }
+      outcomes.profile++;
+      // What survives is self-consistent: every tensor byte is counted once, in exactly one place.
+      expect(p.layers, what).toHaveLength(p.layerCount);
+      for (const l of p.layers) expect(Number.isFinite(l.weightBytes) && l.weightBytes > 0, what).toBe(true);
+      const fileBytes = h.tensors.reduce((s, t) => s + t.bytes, 0);
+      expect(p.fileTensorBytes, what).toBe(fileBytes);
+      const counted = p.layers.reduce((s, l) => s + l.weightBytes, 0) + p.tokenEmbdBytes + p.outputNormBytes + (p.outputTied ? 0 : p.outputBytes) + p.otherBytes;
+      expect(counted, what).toBe(fileBytes);
+      expect(p.tensorCount, what).toBe(h.tensors.length);
     }
-    expect(valid + rejected).toBe(10_000);
-    // Both paths are exercised (measured: ~1,200 valid, ~8,800 rejected with this seed).
-    expect(rejected).toBeGreaterThan(1000);
-    expect(valid).toBeGreaterThan(100);
+    // Each outcome is reached often with this seed (the counts are in the failure message).
+    const seen = JSON.stringify(outcomes);
+    expect(outcomes.profile, seen).toBeGreaterThan(100);
+    expect(outcomes.refusedByReader, seen).toBeGreaterThan(1000);
+    expect(outcomes.refusedByProfile, seen).toBeGreaterThan(20);
+    expect(truncations).toBeGreaterThan(1000);
     expect(Date.now() - started).toBeLessThan(120_000); // a hang would hit the test timeout first
   });
 });

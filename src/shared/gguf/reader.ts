@@ -259,6 +259,9 @@ function readTensorInfo(c: Cursor, index: number, alignment: number): Omit<GgufT
   for (let d = 0; d < nDims; d++) {
     const v = c.u64(`dimension ${d} of tensor '${name}'`);
     if (v >= 2n ** 63n) fail(`tensor '${name}' dimension ${d} is negative (${BigInt.asIntN(64, v)})`);
+    // With a zero dimension the element count stays 0, so a dimension past 2^53 would pass the
+    // count check below and then lose digits as a JS number.
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) fail(`tensor '${name}' dimension ${d} is ${v}, too large to be real`);
     elements *= v;
     dims.push(Number(v));
   }
