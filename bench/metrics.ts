@@ -29,6 +29,7 @@ import type { HardwareProfile } from '../src/shared/hardware.ts';
 import { createLogger } from '../src/shared/log.ts';
 import { initModelSeries } from '../src/shared/metrics/factories.ts';
 import { metricsRoutes } from '../src/shared/metrics/http.ts';
+import { quantile } from './lib/stats.ts';
 
 const NODES = 64;
 const MODELS = 8;
@@ -101,11 +102,8 @@ function models(nodesPerModel: number): ModelStatus[] {
   });
 }
 
-function quantile(sorted: number[], q: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
-}
-
-async function scenario(name: string, nodesPerModel: number) {
+/** A coordinator's metrics over NODES registered nodes and MODELS placed models (some nodes down). */
+function populatedMetrics(nodesPerModel: number) {
   const log = createLogger('bench', 'silent');
   const membership = new Membership({ suspectAfterMs: 60_000, downAfterMs: 120_000 }, log);
   for (let i = 0; i < NODES; i++) {
@@ -113,16 +111,20 @@ async function scenario(name: string, nodesPerModel: number) {
     if (i % 17 === 0) membership.registry.disconnected(profile(i).nodeId, `s${i}`, Date.now());
   }
   const list = models(nodesPerModel);
-  const stages = list.reduce((t, m) => t + m.stages.length, 0);
   const cm = new CoordinatorMetrics({
     version: '0.1.0',
     membership,
     runtime: () => ({ models: () => list, slotUsage: () => list.map((m, i) => ({ model: m.name, running: i % 4, queued: i % 3 })) }),
   });
-  const m = cm.metrics;
-  for (const kind of ['added', 'state', 'replaced', 'removed'] as const) m.discoveryEventsTotal.inc({ kind });
-  // Requests through the same wrapper MeteredRuntime uses, on a synthetic clock: 200 per model,
-  // 20 tokens each, so every histogram bucket series exists.
+  for (const kind of ['added', 'state', 'replaced', 'removed'] as const) cm.metrics.discoveryEventsTotal.inc({ kind });
+  return { cm, membership, list, stages: list.reduce((t, m) => t + m.stages.length, 0) };
+}
+
+/**
+ * Requests through the same wrapper MeteredRuntime uses, on a synthetic clock: 200 per model,
+ * 20 tokens each, so every histogram bucket series exists.
+ */
+async function observeRequests(m: CoordinatorMetrics['metrics'], list: readonly { name: string }[]): Promise<void> {
   for (const model of list) {
     initModelSeries(m, model.name);
     for (let r = 0; r < 200; r++) {
@@ -141,66 +143,75 @@ async function scenario(name: string, nodesPerModel: number) {
       }
     }
   }
+}
 
-  // The coordinator mounts exactly this handler at GET /metrics on its HTTP port.
-  const routes = metricsRoutes({ registry: cm.registry });
-  const registry = cm.registry;
+/** The handler the coordinator mounts at GET /metrics, served alone; records server-side time per request. */
+async function metricsServer(registry: CoordinatorMetrics['registry']) {
+  const routes = metricsRoutes({ registry });
   const httpServer = createServer((req, res) => {
     if (!routes(req, res)) res.writeHead(404).end();
   });
   await new Promise<void>((r) => httpServer.listen(0, '127.0.0.1', r));
-  const server = {
-    server: httpServer,
-    url: `http://127.0.0.1:${(httpServer.address() as AddressInfo).port}`,
-    close: () =>
-      new Promise<void>((r) => {
-        httpServer.closeAllConnections();
-        httpServer.close(() => r());
-      }),
-  };
   const serverSide: number[] = [];
-  server.server.prependListener('request', (_req, res) => {
+  httpServer.prependListener('request', (_req, res) => {
     const t0 = performance.now();
     res.once('finish', () => serverSide.push(performance.now() - t0));
   });
+  const url = `http://127.0.0.1:${(httpServer.address() as AddressInfo).port}`;
   const agent = new Agent({ keepAlive: true, maxSockets: 1 });
   const scrape = () =>
     new Promise<{ status: number; text: string }>((ok, fail) => {
-      get(`${server.url}/metrics`, { agent }, (res) => {
+      get(`${url}/metrics`, { agent }, (res) => {
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
         res.on('end', () => ok({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString('utf8') }));
         res.on('error', fail);
       }).on('error', fail);
     });
+  const close = () =>
+    new Promise<void>((r) => {
+      agent.destroy();
+      httpServer.closeAllConnections();
+      httpServer.close(() => r());
+    });
+  return { scrape, serverSide, close };
+}
+
+/** Scrape round trips over HTTP, then registry renders alone (wall clock and CPU). */
+async function measureScrapes(server: Awaited<ReturnType<typeof metricsServer>>, registry: CoordinatorMetrics['registry']) {
+  let bytes = 0;
+  let series = 0;
+  for (let i = 0; i < WARMUP; i++) await server.scrape();
+  server.serverSide.length = 0;
+  const http: number[] = [];
+  for (let i = 0; i < SAMPLES; i++) {
+    const t0 = performance.now();
+    const res = await server.scrape();
+    http.push(performance.now() - t0);
+    if (res.status !== 200) throw new Error(`/metrics answered ${res.status}`);
+    bytes = res.text.length;
+    series = res.text.split('\n').filter((l) => l && !l.startsWith('#')).length;
+  }
+  const collect: number[] = [];
+  // CPU time is what the scrape costs this process regardless of how busy the machine is;
+  // wall-clock latency also counts time spent waiting for a core.
+  const cpu0 = process.cpuUsage();
+  for (let i = 0; i < SAMPLES; i++) {
+    const t0 = performance.now();
+    await registry.metrics();
+    collect.push(performance.now() - t0);
+  }
+  const cpu = process.cpuUsage(cpu0);
+  const byValue = (a: number, b: number) => a - b;
+  return { bytes, series, http: http.sort(byValue), collect: collect.sort(byValue), serverSide: [...server.serverSide].sort(byValue), cpuMsPerRender: (cpu.user + cpu.system) / 1000 / SAMPLES };
+}
+
+async function scenario(name: string, nodesPerModel: number) {
+  const { cm, membership, list, stages } = populatedMetrics(nodesPerModel);
+  await observeRequests(cm.metrics, list);
+  const server = await metricsServer(cm.registry);
   try {
-    let bytes = 0;
-    let series = 0;
-    for (let i = 0; i < WARMUP; i++) await scrape();
-    serverSide.length = 0;
-    const http: number[] = [];
-    for (let i = 0; i < SAMPLES; i++) {
-      const t0 = performance.now();
-      const res = await scrape();
-      http.push(performance.now() - t0);
-      if (res.status !== 200) throw new Error(`/metrics answered ${res.status}`);
-      bytes = res.text.length;
-      series = res.text.split('\n').filter((l) => l && !l.startsWith('#')).length;
-    }
-    const collect: number[] = [];
-    // CPU time is what the scrape costs this process regardless of how busy the machine is;
-    // wall-clock latency also counts time spent waiting for a core.
-    const cpu0 = process.cpuUsage();
-    for (let i = 0; i < SAMPLES; i++) {
-      const t0 = performance.now();
-      await registry.metrics();
-      collect.push(performance.now() - t0);
-    }
-    const cpu = process.cpuUsage(cpu0);
-    const cpuMsPerRender = (cpu.user + cpu.system) / 1000 / SAMPLES;
-    http.sort((a, b) => a - b);
-    collect.sort((a, b) => a - b);
-    serverSide.sort((a, b) => a - b);
+    const { bytes, series, http, collect, serverSide, cpuMsPerRender } = await measureScrapes(server, cm.registry);
     const r = (x: number) => Math.round(x * 1000) / 1000;
     return {
       scenario: name,
@@ -218,7 +229,6 @@ async function scenario(name: string, nodesPerModel: number) {
       meetsGoalAtP95: quantile(http, 0.95) < 20,
     };
   } finally {
-    agent.destroy();
     await server.close();
     membership.close();
   }

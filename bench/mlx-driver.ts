@@ -21,18 +21,15 @@ import { collect, MlxGroup } from '../src/node/mlx/group.ts';
 import { localRingEndpoints } from '../src/node/mlx/ports.ts';
 import type { MlxRequest } from '../src/node/mlx/protocol.ts';
 import { writeMlxTestModel } from '../src/node/mlx/testmodel.ts';
+import { decodeTokensPerSecond, numberFlag } from './lib/stats.ts';
 
 const run = promisify(execFile);
 
-function arg(name: string, fallback: number): number {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 ? Number(process.argv[i + 1]) : fallback;
-}
-
-const TOKENS = arg('tokens', 200);
-const HIDDEN = arg('hidden', 256);
-const LAYERS = arg('layers', 6);
-const ROUNDS = arg('rounds', 3);
+const argv = process.argv.slice(2);
+const TOKENS = numberFlag(argv, '--tokens', 200);
+const HIDDEN = numberFlag(argv, '--hidden', 256);
+const LAYERS = numberFlag(argv, '--layers', 6);
+const ROUNDS = numberFlag(argv, '--rounds', 3);
 const PROMPT = [...Buffer.from('Benchmarks measure; they do not assert.')];
 
 const DIRECT = `
@@ -49,13 +46,6 @@ for rep in range(2):  # first pass warms up
 print(json.dumps({"ids": ids, "decode_tps": (len(times) - 1) / (times[-1] - times[0]),
                   "cpu_ms_per_token": (cpu[-1] - cpu[0]) * 1000 / (len(cpu) - 1)}))
 `;
-
-/** Decode tokens/s from token arrival times (first token excluded: it carries the prefill). */
-function decodeTps(arrivals: number[]): number {
-  const first = arrivals[0] ?? 0;
-  const last = arrivals.at(-1) ?? 0;
-  return ((arrivals.length - 1) * 1000) / (last - first);
-}
 
 /** CPU seconds (user + system) a process has used, from /proc (Linux; 0 elsewhere). */
 function cpuSeconds(pid: number): number {
@@ -83,7 +73,7 @@ async function viaGroup(g: MlxGroup, req: MlxRequest): Promise<{ ids: number[]; 
     ids.push(next.value.token);
   }
   const cpu = pids.reduce((a, p) => a + cpuSeconds(p), 0) - cpuAtFirst;
-  return { ids, tps: decodeTps(arrivals), cpuMsPerToken: (cpu * 1000) / (arrivals.length - 1) };
+  return { ids, tps: decodeTokensPerSecond(arrivals), cpuMsPerToken: (cpu * 1000) / (arrivals.length - 1) };
 }
 
 async function main(): Promise<void> {

@@ -22,7 +22,7 @@ import { pickFreePort } from '../src/node/ports.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
-import { median } from './lib/cluster.ts';
+import { median } from './lib/stats.ts';
 
 const RUNS = 5;
 const TOKENS = 64;

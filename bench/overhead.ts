@@ -26,7 +26,8 @@ import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
 import { planPlacement } from '../src/shared/placement/planner.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
-import { BenchProcesses, benchEnv, flag, type LoadedStage, loadModel, median, sleep, startBenchCluster, waitForPort, writeTestModel } from './lib/cluster.ts';
+import { BenchProcesses, benchEnv, type LoadedStage, loadModel, sleep, startBenchCluster, waitForPort, writeTestModel } from './lib/cluster.ts';
+import { flag, median } from './lib/stats.ts';
 
 const argv = process.argv.slice(2);
 const RUNS = Number(flag(argv, '--runs', '7'));

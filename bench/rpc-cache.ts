@@ -44,74 +44,83 @@ const SHAPES = {
 
 const hexNames = async (d: string) => (await readdir(d).catch(() => [] as string[])).filter((n) => /^[0-9a-f]{16}$/.test(n)).sort();
 
+type Bins = Awaited<ReturnType<typeof findLlamaBinaries>>;
+type Stage = { firstLayer: number; lastLayer: number; holdsOutput: boolean };
+
+/** --patched-rpc-lib: the same loads with a head whose libggml-rpc hashes tensors above PATCHED_THRESHOLD. */
+async function measurePatched(bins: Bins, model: string, work: string, shape: string, stage: Stage, shardBytes: number): Promise<Record<string, unknown>> {
+  const header = await readGgufHeader(model);
+  const pDir = join(work, `${shape}-patched`);
+  const coldDir = join(work, `${shape}-patched-cold`);
+  const pPlan = stageCachePlan(header, stage, PATCHED_THRESHOLD);
+  const pSeed = await seedTensorCache({ modelPath: model, llamaCacheDir: pDir, stage, thresholdBytes: PATCHED_THRESHOLD });
+  const headEnv = { LD_LIBRARY_PATH: `${PATCHED_LIB}:${process.env.LD_LIBRARY_PATH ?? ''}` };
+  const pCold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir, headEnv });
+  const pLoad = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: pDir, headEnv });
+  await rm(pDir, { recursive: true, force: true });
+  await rm(coldDir, { recursive: true, force: true });
+  return {
+    thresholdBytes: PATCHED_THRESHOLD,
+    belowThresholdBytes: pPlan.sentBytes,
+    seedingSeconds: pSeed.seconds,
+    cold: { ...pCold, fractionOfShard: pCold.bytesToServer / shardBytes },
+    seeded: { ...pLoad, fractionOfShard: pLoad.bytesToServer / shardBytes },
+    acceptance1Percent: pLoad.bytesToServer <= 0.01 * shardBytes,
+  };
+}
+
+/** One model shape: cold load, warm load, seeding, seeded load (and the patched head when asked). */
+async function measureShape(bins: Bins, work: string, shape: string, args: readonly string[]): Promise<Record<string, unknown>> {
+  const model = join(work, `${shape}.gguf`);
+  await promisify(execFile)(process.execPath, [join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', '--out', model, '--layers', LAYERS, '--type', 'f16', ...args]);
+  const header = await readGgufHeader(model);
+  const nLayer = Number(LAYERS);
+  // CPU-only head: the one rpc-server holds every layer and the output layer.
+  const stage: Stage = { firstLayer: 0, lastLayer: nLayer - 1, holdsOutput: true };
+  const plan = stageCachePlan(header, stage);
+  const shardBytes = plan.cachedBytes + plan.sentBytes;
+  const coldDir = join(work, `${shape}-cold`);
+  const cold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir });
+  const warm = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir });
+  const seedDir = join(work, `${shape}-seed`);
+  const seed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage });
+  const reseed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage });
+  const seeded = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: seedDir });
+  const patched = PATCHED_LIB && PATCHED_THRESHOLD > 0 ? await measurePatched(bins, model, work, shape, stage, shardBytes) : undefined;
+  const serverNames = await hexNames(join(coldDir, 'rpc'));
+  const seededNames = await hexNames(join(seedDir, 'rpc'));
+  const sentByKind: Record<string, number> = {};
+  for (const t of plan.sent) {
+    const kind = t.name.replace(/^blk\.\d+\./, 'blk.*.');
+    sentByKind[kind] = (sentByKind[kind] ?? 0) + t.bytes;
+  }
+  await rm(model, { force: true });
+  await rm(coldDir, { recursive: true, force: true });
+  await rm(seedDir, { recursive: true, force: true });
+  return {
+    shape,
+    layers: nLayer,
+    modelBytes: header.fileSize,
+    shardWeightBytes: shardBytes,
+    hashableBytes: plan.cachedBytes,
+    belowThresholdBytes: plan.sentBytes,
+    belowThresholdByTensor: sentByKind,
+    cold: { ...cold, fractionOfShard: cold.bytesToServer / shardBytes },
+    warmServerWritten: { ...warm, fractionOfShard: warm.bytesToServer / shardBytes },
+    seeding: { seconds: seed.seconds, bytesWritten: seed.bytesWritten, reseedSeconds: reseed.seconds, reseedBytesWritten: reseed.bytesWritten },
+    seeded: { ...seeded, fractionOfShard: seeded.bytesToServer / shardBytes },
+    seededEntriesEqualServerWritten: serverNames.length > 0 && serverNames.join() === seededNames.join(),
+    acceptance1Percent: seeded.bytesToServer <= 0.01 * shardBytes,
+    ...(patched ? { patched } : {}),
+  };
+}
+
 async function main(): Promise<void> {
   const bins = await findLlamaBinaries();
   const work = await mkdtemp(join(tmpdir(), 'orchard-bench-rpc-cache-'));
   const results: Record<string, unknown>[] = [];
   try {
-    for (const [shape, args] of Object.entries(SHAPES)) {
-      const model = join(work, `${shape}.gguf`);
-      await promisify(execFile)(process.execPath, [join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', '--out', model, '--layers', LAYERS, '--type', 'f16', ...args]);
-      const header = await readGgufHeader(model);
-      const nLayer = Number(LAYERS);
-      // CPU-only head: the one rpc-server holds every layer and the output layer.
-      const stage = { firstLayer: 0, lastLayer: nLayer - 1, holdsOutput: true };
-      const plan = stageCachePlan(header, stage);
-      const shardBytes = plan.cachedBytes + plan.sentBytes;
-
-      const coldDir = join(work, `${shape}-cold`);
-      const cold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir });
-      const warm = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir });
-      const seedDir = join(work, `${shape}-seed`);
-      const seed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage });
-      const reseed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage });
-      const seeded = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: seedDir });
-      let patched: Record<string, unknown> | undefined;
-      if (PATCHED_LIB && PATCHED_THRESHOLD > 0) {
-        const pDir = join(work, `${shape}-patched`);
-        const pPlan = stageCachePlan(header, stage, PATCHED_THRESHOLD);
-        const pSeed = await seedTensorCache({ modelPath: model, llamaCacheDir: pDir, stage, thresholdBytes: PATCHED_THRESHOLD });
-        const headEnv = { LD_LIBRARY_PATH: `${PATCHED_LIB}:${process.env.LD_LIBRARY_PATH ?? ''}` };
-        const pCold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: join(work, `${shape}-patched-cold`), headEnv });
-        const pLoad = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: pDir, headEnv });
-        patched = {
-          thresholdBytes: PATCHED_THRESHOLD,
-          belowThresholdBytes: pPlan.sentBytes,
-          seedingSeconds: pSeed.seconds,
-          cold: { ...pCold, fractionOfShard: pCold.bytesToServer / shardBytes },
-          seeded: { ...pLoad, fractionOfShard: pLoad.bytesToServer / shardBytes },
-          acceptance1Percent: pLoad.bytesToServer <= 0.01 * shardBytes,
-        };
-        await rm(pDir, { recursive: true, force: true });
-        await rm(join(work, `${shape}-patched-cold`), { recursive: true, force: true });
-      }
-      const serverNames = await hexNames(join(coldDir, 'rpc'));
-      const seededNames = await hexNames(join(seedDir, 'rpc'));
-      const sentByKind: Record<string, number> = {};
-      for (const t of plan.sent) {
-        const kind = t.name.replace(/^blk\.\d+\./, 'blk.*.');
-        sentByKind[kind] = (sentByKind[kind] ?? 0) + t.bytes;
-      }
-      results.push({
-        shape,
-        layers: nLayer,
-        modelBytes: header.fileSize,
-        shardWeightBytes: shardBytes,
-        hashableBytes: plan.cachedBytes,
-        belowThresholdBytes: plan.sentBytes,
-        belowThresholdByTensor: sentByKind,
-        cold: { ...cold, fractionOfShard: cold.bytesToServer / shardBytes },
-        warmServerWritten: { ...warm, fractionOfShard: warm.bytesToServer / shardBytes },
-        seeding: { seconds: seed.seconds, bytesWritten: seed.bytesWritten, reseedSeconds: reseed.seconds, reseedBytesWritten: reseed.bytesWritten },
-        seeded: { ...seeded, fractionOfShard: seeded.bytesToServer / shardBytes },
-        seededEntriesEqualServerWritten: serverNames.length > 0 && serverNames.join() === seededNames.join(),
-        acceptance1Percent: seeded.bytesToServer <= 0.01 * shardBytes,
-        ...(patched ? { patched } : {}),
-      });
-      await rm(model, { force: true });
-      await rm(coldDir, { recursive: true, force: true });
-      await rm(seedDir, { recursive: true, force: true });
-    }
+    for (const [shape, args] of Object.entries(SHAPES)) results.push(await measureShape(bins, work, shape, args));
   } finally {
     await rm(work, { recursive: true, force: true });
   }

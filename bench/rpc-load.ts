@@ -8,8 +8,10 @@
  * `--no-warmup` so the count is the load (weights + buffer set-up), not a warm-up decode.
  * Every process is started in its own process group and killed (group) before returning.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { type Server, type Socket, connect, createServer } from 'node:net';
+import { pickFreePort } from '../src/node/ports.ts';
+import { killGroup, type Proc, sleep, spawnProc } from '../test/helpers/processes.ts';
+import { waitForPort } from './lib/cluster.ts';
 
 export interface RpcLoadOptions {
   readonly rpcServer: string;
@@ -29,47 +31,6 @@ export interface RpcLoadResult {
   readonly bytesFromServer: number;
   /** From spawning llama-server until /health answers 200. */
   readonly loadSeconds: number;
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
-    });
-  });
-}
-
-function killGroup(c: ChildProcess): Promise<void> {
-  if (c.exitCode !== null || c.signalCode !== null || !c.pid) return Promise.resolve();
-  const gone = new Promise<void>((r) => c.once('exit', () => r()));
-  try {
-    process.kill(-c.pid, 'SIGKILL');
-  } catch {
-    return Promise.resolve();
-  }
-  return gone;
-}
-
-async function waitPort(port: number, deadline: number, child: ChildProcess, what: string, log: () => string): Promise<void> {
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`${what} exited (${child.exitCode}): ${log().slice(-2000)}`);
-    const ok = await new Promise<boolean>((r) => {
-      const s = connect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        r(true);
-      });
-      s.once('error', () => r(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`${what} not listening on ${port}`);
-    await sleep(50);
-  }
 }
 
 /** A TCP proxy that counts bytes each way. */
@@ -118,49 +79,26 @@ async function countingProxy(target: number): Promise<{ port: number; up: () => 
 export async function measureRpcLoad(o: RpcLoadOptions): Promise<RpcLoadResult> {
   const threads = String(o.threads ?? 1);
   const deadline = Date.now() + (o.timeoutMs ?? 300_000);
-  const children: ChildProcess[] = [];
+  const children: Proc[] = [];
   let proxy: Awaited<ReturnType<typeof countingProxy>> | undefined;
-  let rpcLog = '';
-  let headLog = '';
   try {
-    const rpcPort = await freePort();
-    const rpc = spawn(o.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', threads, '-c'], {
-      detached: true,
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, LLAMA_CACHE: o.llamaCacheDir, GGML_RPC_NO_RDMA: '1' },
-    });
+    const rpcPort = await pickFreePort('127.0.0.1');
+    const rpcEnv = { ...process.env, LLAMA_CACHE: o.llamaCacheDir, GGML_RPC_NO_RDMA: '1' };
+    const rpc = spawnProc('ggml-rpc-server', ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', threads, '-c'], rpcEnv, o.rpcServer);
     children.push(rpc);
-    rpc.stdout?.on('data', (d: Buffer) => {
-      rpcLog += d.toString();
+    await waitForPort('127.0.0.1', rpcPort, deadline - Date.now(), 'ggml-rpc-server', () => rpc.child.exitCode === null).catch((err: Error) => {
+      throw new Error(`${err.message}: ${(rpc.out + rpc.err).slice(-2000)}`);
     });
-    rpc.stderr?.on('data', (d: Buffer) => {
-      rpcLog += d.toString();
-    });
-    await waitPort(rpcPort, deadline, rpc, 'ggml-rpc-server', () => rpcLog);
     proxy = await countingProxy(rpcPort);
-    const httpPort = await freePort();
+    const httpPort = await pickFreePort('127.0.0.1');
     const t0 = performance.now();
-    const head = spawn(
-      o.llamaServer,
-      ['-m', o.model, '--rpc', `127.0.0.1:${proxy.port}`, '-ngl', '99', '-c', '512', '-t', threads, '--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)],
-      { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, GGML_RPC_NO_RDMA: '1', ...(o.headEnv ?? {}) } },
-    );
+    const headArgs = ['-m', o.model, '--rpc', `127.0.0.1:${proxy.port}`, '-ngl', '99', '-c', '512', '-t', threads, '--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)];
+    const head = spawnProc('llama-server', headArgs, { ...process.env, GGML_RPC_NO_RDMA: '1', ...(o.headEnv ?? {}) }, o.llamaServer);
     children.push(head);
-    head.stdout?.on('data', (d: Buffer) => {
-      headLog += d.toString();
-    });
-    head.stderr?.on('data', (d: Buffer) => {
-      headLog = (headLog + d.toString()).slice(-20_000);
-    });
     for (;;) {
-      if (head.exitCode !== null) throw new Error(`llama-server exited (${head.exitCode}): ${headLog.slice(-2000)}`);
-      try {
-        const r = await fetch(`http://127.0.0.1:${httpPort}/health`);
-        if (r.status === 200) break;
-      } catch {
-        // not listening yet
-      }
-      if (Date.now() > deadline) throw new Error(`llama-server not ready: ${headLog.slice(-2000)}`);
+      if (head.child.exitCode !== null) throw new Error(`llama-server exited (${head.child.exitCode}): ${head.err.slice(-2000)}`);
+      if (await fetch(`http://127.0.0.1:${httpPort}/health`).then((r) => r.status === 200, () => false)) break;
+      if (Date.now() > deadline) throw new Error(`llama-server not ready: ${head.err.slice(-2000)}`);
       await sleep(50);
     }
     const loadSeconds = (performance.now() - t0) / 1000;

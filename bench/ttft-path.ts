@@ -16,7 +16,8 @@ import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { AgentClient } from '../src/coordinator/membership/agent-client.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { completionBody, type GenerateParams } from '../src/node/generate.ts';
-import { BenchProcesses, benchEnv, flag, loadModel, median, quantile, startBenchCluster, writeTestModel } from './lib/cluster.ts';
+import { BenchProcesses, benchEnv, loadModel, startBenchCluster, writeTestModel } from './lib/cluster.ts';
+import { flag, median, quantile } from './lib/stats.ts';
 
 const argv = process.argv.slice(2);
 const RUNS = Number(flag(argv, '--runs', '40'));

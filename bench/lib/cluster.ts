@@ -8,28 +8,10 @@ import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc
  * What the benches that run a real cluster share: the tests' process helper
  * (test/helpers/processes.ts: own process group, ready line, group kill) plus a registry that
  * kills every group on exit, error and Ctrl-C, a coordinator with agents that join it, a model
- * load, and the few statistics and flags the benches print.
+ * load. Statistics and flags: ./stats.ts.
  */
 
 export { ORCHARD_BIN, sleep };
-
-/** `--name value` from argv, else the default. */
-export function flag(argv: readonly string[], name: string, def: string): string {
-  const i = argv.indexOf(name);
-  return i >= 0 && argv[i + 1] ? argv[i + 1]! : def;
-}
-
-export function median(xs: readonly number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
-/** The p-quantile by rank (no interpolation). */
-export function quantile(xs: readonly number[], p: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor(p * s.length))]!;
-}
 
 /** Until `host:port` accepts connections (ggml-rpc-server prints nothing useful when piped). */
 export async function waitForPort(host: string, port: number, timeoutMs: number, what: string, alive: () => boolean = () => true): Promise<void> {
