@@ -5,6 +5,7 @@ import type { Logger } from '../shared/log.ts';
 import { startCoordinatorGrpc } from './api/grpc-server.ts';
 import { apiKeyGuard } from './api/guard.ts';
 import { CoordinatorMetrics, MeteredRuntime } from './api/metrics.ts';
+import { createConsole } from './api/console/routes.ts';
 import { installApi } from './api/openai/api.ts';
 import { installOperatorRoutes } from './api/operator-routes.ts';
 import { HttpRouter, type RouteInfo } from './api/router.ts';
@@ -91,6 +92,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     serving: () => !closed,
     ownAddress: () => `${o.httpHost ?? '127.0.0.1'}:${httpPort ?? 0}`,
   });
+  const webConsole = createConsole({ runtime, membership, clusterId, metrics: metrics.metrics, log, maxBodyBytes: o.api?.maxBodyBytes });
+  for (const r of webConsole.routes) router.add(r.method, r.path, r.scope, r.handler);
   const http = o.httpPort === undefined ? undefined : await listenHttp(router, o.httpPort, o.httpHost ?? '127.0.0.1');
   httpPort = http?.port;
 
@@ -110,6 +113,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     async close() {
       if (closed) return;
       closed = true;
+      webConsole.close();
       await runtime.close();
       await discovery?.close();
       membership.close();

@@ -1,5 +1,6 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
+import { CONSOLE_ASSET_PATHS } from './console/static.ts';
 import { ApiError } from './openai/errors.ts';
 
 /**
@@ -17,7 +18,14 @@ export type RouteScope = 'public' | 'inference' | 'admin';
  * (neither can send a key by default, and neither reveals more than counters and "ok").
  * Everything else, including any route added later, needs the key.
  */
-export const PUBLIC_ROUTES: readonly string[] = ['GET /healthz', 'HEAD /healthz', 'GET /metrics', 'HEAD /metrics'];
+export const PUBLIC_ROUTES: readonly string[] = [
+  'GET /healthz',
+  'HEAD /healthz',
+  'GET /metrics',
+  'HEAD /metrics',
+  // The console's page and static modules: no data, and without a key the page shows only its login.
+  ...CONSOLE_ASSET_PATHS.flatMap((p) => [`GET ${p}`, `HEAD ${p}`]),
+];
 
 /** Lets a request through for a scope or throws the ApiError (401) that refuses it. */
 export type Guard = (req: IncomingMessage, scope: Exclude<RouteScope, 'public'>) => void;

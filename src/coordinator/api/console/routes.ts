@@ -9,7 +9,7 @@ import type { Runtime } from '../../instances/runtime.ts';
 import { DEFAULT_MAX_BODY_BYTES, readJsonBody, sendJson, startSse, write } from '../openai/edge.ts';
 import { invalid } from '../openai/errors.ts';
 import { ConsoleFeed } from './feed.ts';
-import { CONSOLE_PREFIX, ConsoleAssets } from './static.ts';
+import { CONSOLE_ASSET_PATHS, ConsoleAssets } from './static.ts';
 
 /**
  * The console's HTTP surface, as routes for the coordinator's router (its guard checks the key
@@ -72,13 +72,15 @@ export function createConsole(deps: ConsoleDeps): Console {
   const feed = new ConsoleFeed({ membership: deps.membership, runtime: deps.runtime, clusterId: deps.clusterId, metrics: deps.metrics });
   const assets = new ConsoleAssets();
   const streams = new Set<ServerResponse>();
-  const page: ConsoleRoute['handler'] = (req, res) => assets.serve(req, res, '/');
-  const file: ConsoleRoute['handler'] = (req, res, params) => assets.serve(req, res, `${CONSOLE_PREFIX}${params['*'] ?? ''}`);
+  const staticRoutes = CONSOLE_ASSET_PATHS.flatMap((path): ConsoleRoute[] => {
+    const handler: ConsoleRoute['handler'] = (req, res) => assets.serve(req, res, path);
+    return [
+      { method: 'GET', path, scope: 'public', handler },
+      { method: 'HEAD', path, scope: 'public', handler },
+    ];
+  });
   const routes: ConsoleRoute[] = [
-    { method: 'GET', path: '/', scope: 'public', handler: page },
-    { method: 'HEAD', path: '/', scope: 'public', handler: page },
-    { method: 'GET', path: `${CONSOLE_PREFIX}*`, scope: 'public', handler: file },
-    { method: 'HEAD', path: `${CONSOLE_PREFIX}*`, scope: 'public', handler: file },
+    ...staticRoutes,
     { method: 'GET', path: '/v1/console/session', scope: 'inference', handler: async (_req, res) => sendJson(res, 200, { scope: 'admin' satisfies ConsoleScope, clusterId: deps.clusterId }) },
     { method: 'GET', path: '/v1/console/stream', scope: 'inference', handler: (req, res) => stream(req, res, feed, streams, deps.heartbeatMs ?? 15_000) },
     { method: 'POST', path: '/v1/console/plan', scope: 'admin', handler: (req, res) => plan(req, res, deps) },

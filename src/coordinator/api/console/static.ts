@@ -27,13 +27,20 @@ const CONTENT_TYPES: Record<string, string> = {
   '.svg': 'image/svg+xml',
 };
 
+const OWN_FILES = ['index.html', 'app.js', 'api.js', 'html.js', 'format.js', 'cluster.js', 'models.js', 'load.js', 'chat.js', 'events.js', 'style.css'];
+const VENDOR = { 'vendor/preact.mjs': 'preact', 'vendor/hooks.mjs': 'preact/hooks', 'vendor/htm.mjs': 'htm' } as const;
+const urlOf = (file: string) => (file === 'index.html' ? '/' : `${CONSOLE_PREFIX}${file}`);
+
+/**
+ * Every URL path the console serves, listed one by one (no wildcard): they are the router's
+ * public routes, and anything else under /console/ is an unknown path like any other.
+ */
+export const CONSOLE_ASSET_PATHS: readonly string[] = [...OWN_FILES, ...Object.keys(VENDOR)].map(urlOf);
+
 /** URL path → file on disk. The page's own modules, then the libraries. */
 function assetFiles(): Map<string, string> {
-  const own = ['index.html', 'app.js', 'api.js', 'html.js', 'format.js', 'cluster.js', 'models.js', 'load.js', 'chat.js', 'events.js', 'style.css'];
-  const files = new Map(own.map((f) => [f === 'index.html' ? '/' : `${CONSOLE_PREFIX}${f}`, fileURLToPath(new URL(f, STATIC_DIR))]));
-  files.set(`${CONSOLE_PREFIX}vendor/preact.mjs`, fileURLToPath(import.meta.resolve('preact')));
-  files.set(`${CONSOLE_PREFIX}vendor/hooks.mjs`, fileURLToPath(import.meta.resolve('preact/hooks')));
-  files.set(`${CONSOLE_PREFIX}vendor/htm.mjs`, fileURLToPath(import.meta.resolve('htm')));
+  const files = new Map(OWN_FILES.map((f) => [urlOf(f), fileURLToPath(new URL(f, STATIC_DIR))]));
+  for (const [file, specifier] of Object.entries(VENDOR)) files.set(urlOf(file), fileURLToPath(import.meta.resolve(specifier)));
   return files;
 }
 
