@@ -229,32 +229,9 @@ function generate(state: AgentState, log: Logger, call: grpc.ServerWritableStrea
     fail(new EngineRequestError('FAILED_PRECONDITION', `engine ${engine.engineId} is an ${engine.kind}; Generate needs a llama-server head`));
     return;
   }
-  const abort = new AbortController();
-  // The client went away (or the coordinator cancelled): drop the HTTP request so the
-  // llama-server slot stops decoding instead of finishing a generation nobody reads.
-  call.on('cancelled', () => abort.abort());
   const rlog = log.child({ engineId: engine.engineId, requestId: params.requestId || undefined });
-  relayCompletion({
-    baseUrl: `http://127.0.0.1:${engine.port}`,
-    params,
-    signal: abort.signal,
-    onToken: (chunk) => {
-      if (!abort.signal.aborted) call.write(tokenToWire(chunk));
-    },
-  }).then(
-    (done) => {
-      rlog.debug({ done }, 'generation done');
-      call.write(doneToWire(done));
-      call.end();
-    },
-    (err: unknown) => {
-      if (abort.signal.aborted) {
-        rlog.info('generation cancelled by the client');
-        return;
-      }
-      rlog.warn({ err: errorMessage(err) }, 'generation failed');
-      fail(err);
-    },
+  streamRelay(call, rlog, log, 'generation', (signal, write) =>
+    relayCompletion({ baseUrl: `http://127.0.0.1:${engine.port}`, params, signal, onToken: (chunk) => write(tokenToWire(chunk)) }).then(doneToWire),
   );
 }
 
@@ -271,29 +248,44 @@ function generateMlx(
     call.emit('error', { code: grpc.status.UNAVAILABLE, details: `MLX rank ${engine.engineId} is not running (its group failed)` });
     return;
   }
+  const rlog = log.child({ engineId: engine.engineId, requestId: params.requestId || undefined });
+  const spec = found.spec.mlx;
+  streamRelay(call, rlog, log, 'MLX generation', (signal, write) =>
+    relayMlx({ group: found.group, spec, params, requestId: params.requestId, signal, onToken: (chunk) => write(tokenToWire(chunk)) }).then((done) => ({
+      done: { finishReason: done.finishReason, promptTokens: done.promptTokens, completionTokens: done.completionTokens, timings: { ...done.timings } },
+    })),
+  );
+}
+
+/**
+ * Stream one relayed generation to the call: tokens as they come, then the end. The client going
+ * away (or the coordinator cancelling) aborts the relay, so the engine stops decoding a
+ * generation nobody reads.
+ */
+function streamRelay(
+  call: grpc.ServerWritableStream<unknown, unknown>,
+  rlog: Logger,
+  log: Logger,
+  what: string,
+  relay: (signal: AbortSignal, write: (msg: unknown) => void) => Promise<unknown>,
+): void {
   const abort = new AbortController();
   call.on('cancelled', () => abort.abort());
-  const rlog = log.child({ engineId: engine.engineId, requestId: params.requestId || undefined });
-  relayMlx({
-    group: found.group,
-    spec: found.spec.mlx,
-    params,
-    requestId: params.requestId,
-    signal: abort.signal,
-    onToken: (chunk) => {
-      if (!abort.signal.aborted) call.write(tokenToWire(chunk));
-    },
-  }).then(
+  const write = (msg: unknown) => {
+    if (!abort.signal.aborted) call.write(msg);
+  };
+  relay(abort.signal, write).then(
     (done) => {
-      call.write({ done: { finishReason: done.finishReason, promptTokens: done.promptTokens, completionTokens: done.completionTokens, timings: { ...done.timings } } });
+      rlog.debug({ done }, `${what} done`);
+      call.write(done);
       call.end();
     },
     (err: unknown) => {
       if (abort.signal.aborted) {
-        rlog.info('MLX generation cancelled by the client');
+        rlog.info(`${what} cancelled by the client`);
         return;
       }
-      rlog.warn({ err: errorMessage(err) }, 'MLX generation failed');
+      rlog.warn({ err: errorMessage(err) }, `${what} failed`);
       call.emit('error', toServiceError(err, log));
     },
   );
