@@ -2,7 +2,7 @@ import { type GgmlTypeName, ggmlType, tensorBytes } from '../gguf/ggml-types.ts'
 import type { GgufHeader, GgufTensorInfo, GgufValue } from '../gguf/types.ts';
 import { gv } from '../gguf/types.ts';
 import { encodeGgufHeader } from '../gguf/writer.ts';
-import { findPreset, presetSpec } from '../testmodel/presets.ts';
+import { findPreset, hyperparameterMetadata, presetSpec } from '../testmodel/presets.ts';
 import type { PresetQuant } from '../testmodel/quant-mix.ts';
 
 /** The header of a foundation preset (`orchard testmodel gguf --shape ID --quant Q --header-only`). */
@@ -87,12 +87,7 @@ export function shapeHeader(shape: ModelShape, quant: QuantMix): GgufHeader {
   const metadata = new Map<string, GgufValue>([
     ['general.architecture', gv.str(a)],
     ['general.name', gv.str(shape.name)],
-    [`${a}.block_count`, gv.u32(shape.layers)],
-    [`${a}.context_length`, gv.u32(shape.ctx)],
-    [`${a}.embedding_length`, gv.u32(shape.embd)],
-    [`${a}.feed_forward_length`, gv.u32(shape.ffn)],
-    [`${a}.attention.head_count`, gv.u32(shape.heads)],
-    [`${a}.attention.head_count_kv`, gv.u32(shape.kvHeads)],
+    ...hyperparameterMetadata(a, shape),
   ]);
   if (shape.experts) {
     metadata.set(`${a}.expert_count`, gv.u32(shape.experts));

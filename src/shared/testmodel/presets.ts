@@ -238,18 +238,28 @@ export function presetTensorShapes(p: ModelPreset): TensorShape[] {
   return out;
 }
 
+/** The hyperparameter keys every llama.cpp architecture reads, under its own prefix. */
+export function hyperparameterMetadata(
+  a: string,
+  s: { layers: number; ctx: number; embd: number; ffn: number; heads: number; kvHeads: number },
+): Array<[string, GgufValue]> {
+  return [
+    [`${a}.block_count`, gv.u32(s.layers)],
+    [`${a}.context_length`, gv.u32(s.ctx)],
+    [`${a}.embedding_length`, gv.u32(s.embd)],
+    [`${a}.feed_forward_length`, gv.u32(s.ffn)],
+    [`${a}.attention.head_count`, gv.u32(s.heads)],
+    [`${a}.attention.head_count_kv`, gv.u32(s.kvHeads)],
+  ];
+}
+
 function presetMetadata(p: ModelPreset, quant: PresetQuant): Array<[string, GgufValue]> {
   const a = p.architecture;
   const m: Array<[string, GgufValue]> = [
     ['general.architecture', gv.str(a)],
     ['general.name', gv.str(`${p.id} (orchard header-only preset, ${quant})`)],
     ['general.basename', gv.str(p.source.split('/')[1] ?? p.id)],
-    [`${a}.block_count`, gv.u32(p.layers)],
-    [`${a}.context_length`, gv.u32(p.ctx)],
-    [`${a}.embedding_length`, gv.u32(p.dim)],
-    [`${a}.feed_forward_length`, gv.u32(p.ffn)],
-    [`${a}.attention.head_count`, gv.u32(p.heads)],
-    [`${a}.attention.head_count_kv`, gv.u32(p.kvHeads)],
+    ...hyperparameterMetadata(a, { ...p, embd: p.dim }),
     [`${a}.rope.freq_base`, gv.f32(p.ropeTheta)],
     [`${a}.attention.layer_norm_rms_epsilon`, gv.f32(p.rmsEps)],
   ];
