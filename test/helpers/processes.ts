@@ -1,4 +1,6 @@
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { readdir, readFile } from 'node:fs/promises';
+import { createServer } from 'node:net';
 import { promisify } from 'node:util';
 
 /**
@@ -64,4 +66,32 @@ export async function orchard(args: string[], env: NodeJS.ProcessEnv): Promise<{
     const err = e as { code: number; stdout: string; stderr: string };
     return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
   }
+}
+
+/** A TCP port on 127.0.0.1 that was free a moment ago (for servers that cannot take port 0). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const a = srv.address();
+      srv.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
+    });
+  });
+}
+
+/**
+ * Processes whose environment holds `marker` (Linux /proc): what a test started, engines
+ * included, since agents pass their environment on. "Nothing left" is checked this way rather
+ * than by trusting the program's own report.
+ */
+export async function pidsWithMarker(marker: string): Promise<number[]> {
+  const out: number[] = [];
+  for (const d of await readdir('/proc')) {
+    if (!/^\d+$/.test(d) || Number(d) === process.pid) continue;
+    try {
+      if ((await readFile(`/proc/${d}/environ`, 'latin1')).includes(marker)) out.push(Number(d));
+    } catch {}
+  }
+  return out;
 }

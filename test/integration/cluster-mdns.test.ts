@@ -1,7 +1,6 @@
 import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -11,6 +10,7 @@ import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/bina
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { freePort } from '../helpers/processes.ts';
 
 /*
  * The Bonjour variant of the cluster test: nodes are found by mDNS, never joined by hand. Two
@@ -81,16 +81,6 @@ async function orchardIn(ns: string, args: string[], env: NodeJS.ProcessEnv): Pr
     const err = e as { code: number; stdout: string; stderr: string };
     return { code: typeof err.code === 'number' ? err.code : 1, stdout: err.stdout, stderr: err.stderr };
   }
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
-    });
-  });
 }
 
 describeWith([netns], 'cluster over Bonjour inside network namespaces', () => {

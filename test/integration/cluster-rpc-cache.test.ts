@@ -1,7 +1,6 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -11,7 +10,7 @@ import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
-import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { freePort, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 
 /*
  * Pre-seeding through the whole product path on 127.0.0.1: a coordinator and two `orchard node`
@@ -34,17 +33,6 @@ function start(name: string, args: string[], env: NodeJS.ProcessEnv, file = proc
   const p = spawnProc(name, args, env, file);
   procs.push(p);
   return p;
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const a = srv.address();
-      srv.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
-    });
-  });
 }
 
 /** Bytes received so far by the server side of every established TCP connection on `port`. */

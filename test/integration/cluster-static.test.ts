@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer, Socket } from 'node:net';
+import { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -9,7 +9,7 @@ import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/bina
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
-import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { freePort, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 
 /*
  * The coordinator end to end, with real processes on 127.0.0.1 (static join): one coordinator,
@@ -33,17 +33,6 @@ function start(name: string, args: string[], env: NodeJS.ProcessEnv, file = proc
   const p = spawnProc(name, args, env, file);
   procs.push(p);
   return p;
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const a = srv.address();
-      srv.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
-    });
-  });
 }
 
 function canConnect(hostPort: string): Promise<boolean> {

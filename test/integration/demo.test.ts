@@ -1,11 +1,12 @@
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { ORCHARD_BIN } from '../../src/cli/local-cluster.ts';
 import { describeWith, llamaEngines, SHARED_CACHE } from '../helpers/needs.ts';
+import { pidsWithMarker } from '../helpers/processes.ts';
 
 /*
  * `orchard demo` end to end through a plain pipe: exit code, the plan table and the streamed
@@ -18,17 +19,6 @@ const engines = await llamaEngines();
 
 let tmp = '';
 const started: number[] = [];
-
-async function pidsWithMarker(marker: string): Promise<number[]> {
-  const out: number[] = [];
-  for (const d of await readdir('/proc')) {
-    if (!/^\d+$/.test(d) || Number(d) === process.pid) continue;
-    try {
-      if ((await readFile(`/proc/${d}/environ`, 'latin1')).includes(marker)) out.push(Number(d));
-    } catch {}
-  }
-  return out;
-}
 
 interface Run {
   code: number | null;

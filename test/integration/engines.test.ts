@@ -1,12 +1,13 @@
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { copyFile, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
-import { createServer, Socket } from 'node:net';
+import { Socket } from 'node:net';
 import { hostname, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { expectedCacheEntry } from '../../src/node/llama/build.ts';
+import { freePort } from '../helpers/processes.ts';
 
 /*
  * Real llama.cpp engines on a generated model. The oracle Orchard relies on everywhere: greedy
@@ -62,18 +63,6 @@ async function stop(p: Proc): Promise<void> {
 
 async function stopAll(): Promise<void> {
   await Promise.all(procs.splice(0).map(stop));
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const addr = srv.address();
-      const port = typeof addr === 'object' && addr ? addr.port : 0;
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 async function until<T>(what: string, p: Proc, probe: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {

@@ -1,6 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import OpenAI from 'openai';
@@ -10,6 +9,7 @@ import { type LocalCluster, startLocalCluster } from '../../src/cli/local-cluste
 import { describeWith, llamaEngines, SHARED_CACHE } from '../helpers/needs.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
+import { freePort } from '../helpers/processes.ts';
 
 /*
  * The OpenAI-compatible API against a real cluster: a coordinator and two `orchard node` child
@@ -33,18 +33,6 @@ let reference: ChildProcess | undefined;
 let referenceUrl = '';
 let client: OpenAI;
 let base = '';
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      const port = typeof a === 'object' && a ? a.port : 0;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 async function waitHealthy(url: string, timeoutMs: number): Promise<void> {
   const t0 = Date.now();

@@ -1,6 +1,6 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import OpenAI from 'openai';
@@ -8,6 +8,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { ensureDemoModel } from '../../src/cli/demo-model.ts';
 import { ORCHARD_BIN } from '../../src/cli/local-cluster.ts';
 import { describeWith, itWith, llamaEngines, program, SHARED_CACHE } from '../helpers/needs.ts';
+import { pidsWithMarker } from '../helpers/processes.ts';
 
 /*
  * `orchard up` (coordinator + local agent in one process) and `orchard chat` over its OpenAI
@@ -24,17 +25,6 @@ let tmp = '';
 let up: ChildProcess | undefined;
 let upExit: Promise<number | null> | undefined;
 let url = '';
-
-async function pidsWithMarker(): Promise<number[]> {
-  const out: number[] = [];
-  for (const d of await readdir('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      if ((await readFile(`/proc/${d}/environ`, 'latin1')).includes(marker)) out.push(Number(d));
-    } catch {}
-  }
-  return out;
-}
 
 function run(args: string[], input: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
@@ -83,7 +73,7 @@ describeWith([engines], 'orchard up + orchard chat', () => {
         process.kill(-up.pid, 'SIGKILL');
       } catch {}
     }
-    for (const pid of await pidsWithMarker()) {
+    for (const pid of await pidsWithMarker(marker)) {
       try {
         process.kill(pid, 'SIGKILL');
       } catch {}
@@ -147,6 +137,6 @@ describeWith([engines], 'orchard up + orchard chat', () => {
     process.kill(up!.pid!, 'SIGTERM');
     expect(await upExit).toBe(0);
     await new Promise((r) => setTimeout(r, 500));
-    expect(await pidsWithMarker()).toEqual([]);
+    expect(await pidsWithMarker(marker)).toEqual([]);
   });
 });

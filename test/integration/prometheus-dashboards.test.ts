@@ -1,7 +1,6 @@
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { type AddressInfo, createServer as createNetServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -16,6 +15,7 @@ import { dashboardQueries, dashboardSchema, labelValuesQuery, substituteVariable
 import { metricNamesInExpr } from '../../src/shared/metrics/promql.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { freePort, killGroup, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 
 /**
  * A REAL Prometheus (Debian's `prometheus` binary) on 127.0.0.1, configured only with an
@@ -49,14 +49,6 @@ async function externalCluster(sdUrl: string): Promise<ScrapedCluster> {
   return { sdUrl, targets: targets.length, metricsUrls: targets.map((t) => `http://${t}/metrics`), stop: async () => {} };
 }
 
-async function freePort(): Promise<number> {
-  const s = createNetServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as AddressInfo).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
-
 function profile(nodeId: string, name: string, chip: string, memGiB: number, bandwidthGBs: number): HardwareProfile {
   return {
     nodeId,
@@ -80,49 +72,10 @@ function profile(nodeId: string, name: string, chip: string, memGiB: number, ban
 }
 
 const BIN = join(ROOT, 'bin', 'orchard.js');
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-interface Proc {
-  readonly child: ChildProcess;
-  readonly name: string;
-  out: string;
-  err: string;
-  readonly exited: Promise<void>;
-}
-
-/** A child in its own process group, so stopping it also stops the engines an agent forked. */
+/** `orchard ARGS` in its own process group, so stopping it also stops the engines an agent forked. */
 function startProc(name: string, args: string[], env: NodeJS.ProcessEnv): Proc {
-  const child = spawn(process.execPath, [BIN, ...args], { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
-  const p: Proc = { child, name, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
-  child.stdout!.on('data', (c: Buffer) => {
-    p.out += c.toString('utf8');
-  });
-  child.stderr!.on('data', (c: Buffer) => {
-    p.err = (p.err + c.toString('utf8')).slice(-200_000);
-  });
-  return p;
-}
-
-async function killGroup(p: Proc): Promise<void> {
-  if (p.child.exitCode === null && p.child.signalCode === null && p.child.pid) {
-    try {
-      process.kill(-p.child.pid, 'SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-  await p.exited;
-}
-
-async function readyLine(p: Proc, timeoutMs = 60_000): Promise<Record<string, unknown>> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    const line = p.out.split('\n').find((l) => l.includes('"event":"ready"'));
-    if (line) return JSON.parse(line) as Record<string, unknown>;
-    if (p.child.exitCode !== null) throw new Error(`${p.name} exited early: ${p.err.slice(-2000)}`);
-    await sleep(100);
-  }
-  throw new Error(`${p.name} not ready in time: ${p.err.slice(-2000)}`);
+  return spawnProc(name, [BIN, ...args], env);
 }
 
 function runCli(args: string[], env: NodeJS.ProcessEnv): { status: number | null; stdout: string; stderr: string } {
