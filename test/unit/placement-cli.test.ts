@@ -1,8 +1,7 @@
-import { execFile, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { gv } from '../../src/shared/gguf/types.ts';
 import { writeGguf } from '../../src/shared/gguf/writer.ts';
@@ -12,20 +11,10 @@ import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
 import { writeMlxHeaderOnly } from '../../src/shared/testmodel/mlx.ts';
 import { findPreset, presetSpec } from '../../src/shared/testmodel/presets.ts';
+import { orchard as runOrchard } from '../helpers/processes.ts';
 
-const run = promisify(execFile);
-const BIN = new URL('../../bin/orchard.js', import.meta.url).pathname;
 const GiB = 2 ** 30;
-
-async function orchard(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await run(process.execPath, [BIN, ...args]);
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
-  }
-}
+const orchard = (...args: string[]) => runOrchard(args, process.env);
 
 let dir: string;
 let model70b: string;
