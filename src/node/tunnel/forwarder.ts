@@ -1,0 +1,123 @@
+import { type Socket, createServer } from 'node:net';
+import { type PeerCertificate, type TLSSocket, connect as tlsConnect } from 'node:tls';
+import type { Identity } from '../../shared/pki/identity.ts';
+import type { NodeCredentials } from '../../shared/pki/store.ts';
+import { certificateIdentity } from '../../shared/pki/verify.ts';
+import { encodeRequest, parseReply, readLine } from './preamble.ts';
+import { type TunnelBytes, relay } from './relay.ts';
+import { clientTlsOptions } from './tls-options.ts';
+
+export interface TunnelForwarderOptions {
+  /** The worker agent's tunnel listener. */
+  readonly remote: { readonly host: string; readonly port: number };
+  /** The engine port on the worker's 127.0.0.1 (as the worker registered it). */
+  readonly enginePort: number;
+  /** Who the worker must prove to be: always role `node`; the id when the caller knows it. */
+  readonly expectPeer: { readonly id?: string };
+  readonly credentials: NodeCredentials;
+  /** Local port for the engine to dial (`--rpc 127.0.0.1:<port>`); 0 = any free port. */
+  readonly localPort?: number;
+  readonly timeoutMs?: number;
+  readonly onError?: (message: string) => void;
+}
+
+export interface TunnelForwarder {
+  /** 127.0.0.1 port the head engine connects to. */
+  readonly port: number;
+  /** Cumulative payload bytes through this tunnel (all its connections). */
+  readonly bytes: Readonly<TunnelBytes>;
+  connections(): number;
+  close(): Promise<void>;
+}
+
+/** The worker's certificate must name a node (and the expected one): a coordinator or admin certificate is not a worker. */
+export function checkWorkerIdentity(expect: { id?: string }) {
+  return (_host: string, cert: PeerCertificate): Error | undefined => {
+    let identity: Identity;
+    try {
+      identity = certificateIdentity(cert.raw);
+    } catch (err) {
+      return err as Error;
+    }
+    if (identity.role !== 'node') return new Error(`tunnel peer is a ${identity.role}, not a node`);
+    if (expect.id !== undefined && identity.id !== expect.id) return new Error(`tunnel peer is node ${identity.id}, expected ${expect.id}`);
+    return undefined;
+  };
+}
+
+/**
+ * The head side: a listener on 127.0.0.1 only. Each accepted connection (one per ggml-rpc
+ * socket) becomes one TLS 1.3 session to the worker, which must present a node certificate of
+ * this cluster; the preamble names the engine port and the worker's yes arrives before any
+ * engine byte is sent. A refusal closes the local connection, so the engine sees a failed dial.
+ */
+export async function startTunnelForwarder(o: TunnelForwarderOptions): Promise<TunnelForwarder> {
+  const bytes: TunnelBytes = { toEngine: 0, fromEngine: 0 };
+  const sockets = new Set<Socket>();
+  let connections = 0;
+  const track = (s: Socket) => {
+    sockets.add(s);
+    s.once('close', () => sockets.delete(s));
+  };
+  const server = createServer({ allowHalfOpen: true, noDelay: true }, (local) => {
+    track(local);
+    void open(o, track)
+      .then((tls) => {
+        connections += 1;
+        return relay(local, tls, bytes);
+      })
+      .catch((err: Error) => {
+        o.onError?.(err.message);
+        local.destroy();
+      });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(o.localPort ?? 0, '127.0.0.1', () => resolve());
+  });
+  const address = server.address();
+  return {
+    port: typeof address === 'object' && address ? address.port : 0,
+    bytes,
+    connections: () => connections,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+/** One authenticated session to the worker, past the preamble, ready to carry engine bytes. */
+async function open(o: TunnelForwarderOptions, track: (s: Socket) => void): Promise<TLSSocket> {
+  const timeoutMs = o.timeoutMs ?? 10_000;
+  const tls = tlsConnect({
+    ...clientTlsOptions(o.credentials),
+    host: o.remote.host,
+    port: o.remote.port,
+    checkServerIdentity: checkWorkerIdentity(o.expectPeer),
+  });
+  track(tls);
+  tls.setNoDelay(true);
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`tunnel to ${o.remote.host}:${o.remote.port}: handshake timed out`)), timeoutMs);
+      tls.once('secureConnect', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      tls.once('error', (err) => {
+        clearTimeout(timer);
+        reject(new Error(`tunnel to ${o.remote.host}:${o.remote.port}: ${err.message}`));
+      });
+    });
+    tls.write(encodeRequest(o.enginePort));
+    const reply = parseReply(await readLine(tls, timeoutMs));
+    if (!reply) throw new Error(`tunnel to ${o.remote.host}:${o.remote.port}: malformed reply`);
+    if (!reply.ok) throw new Error(`tunnel to ${o.remote.host}:${o.remote.port} refused: ${reply.error}`);
+    return tls;
+  } catch (err) {
+    tls.destroy();
+    throw err;
+  }
+}

@@ -1,0 +1,125 @@
+import { type Socket, connect } from 'node:net';
+import { type TLSSocket, createServer } from 'node:tls';
+import type { Role } from '../../shared/pki/identity.ts';
+import type { NodeCredentials } from '../../shared/pki/store.ts';
+import { CertificateRejected, type VerifiedPeer, verifyCertificate } from '../../shared/pki/verify.ts';
+import type { EnginePorts } from './engine-ports.ts';
+import { encodeReply, parseRequest, readLine } from './preamble.ts';
+import { type TunnelBytes, relay } from './relay.ts';
+import { serverTlsOptions } from './tls-options.ts';
+
+export interface TunnelListenerOptions {
+  /** Where the listener is reachable by other nodes (the LAN address); 0 = any free port. */
+  readonly host: string;
+  readonly port: number;
+  readonly credentials: NodeCredentials;
+  readonly enginePorts: EnginePorts;
+  /** Revocation as the coordinator last announced it; asked on every new connection. */
+  readonly isRevoked?: (peer: VerifiedPeer) => boolean;
+  /** A handshake or preamble that takes longer is dropped (slow peers hold no sockets). */
+  readonly preambleTimeoutMs?: number;
+  readonly onRefused?: (reason: string, peer: VerifiedPeer | undefined) => void;
+}
+
+/** Roles that may carry engine traffic: heads (nodes) and the coordinator. Never an admin client. */
+export const TUNNEL_ROLES: readonly Role[] = ['node', 'coordinator'];
+
+export interface TunnelStats extends TunnelBytes {
+  readonly peer: string;
+  readonly enginePort: number;
+  connections: number;
+}
+
+export interface TunnelListener {
+  readonly port: number;
+  /** Byte counters per (peer id, engine port), cumulative since start. */
+  stats(): TunnelStats[];
+  close(): Promise<void>;
+}
+
+/**
+ * The worker side: accepts TLS 1.3 from certificates of this cluster only (OpenSSL checks the
+ * chain during the handshake), then checks role and revocation, reads the preamble, and splices
+ * the session to the named engine port on 127.0.0.1 if — and only if — that port is an engine
+ * this agent registered. Every refusal is one reply line and a close; nothing is forwarded.
+ */
+export async function startTunnelListener(o: TunnelListenerOptions): Promise<TunnelListener> {
+  const stats = new Map<string, TunnelStats>();
+  const sockets = new Set<Socket>();
+  const server = createServer({ ...serverTlsOptions(o.credentials), handshakeTimeout: o.preambleTimeoutMs ?? 10_000 }, (tls) => {
+    tls.setNoDelay(true);
+    void accept(tls, o, stats, sockets);
+  });
+  // the raw TCP sockets, from accept on: close() must also cut handshakes still in progress
+  server.on('connection', (raw: Socket) => track(sockets, raw));
+  server.on('tlsClientError', (_err, tls) => {
+    o.onRefused?.('TLS handshake failed (no certificate of this cluster)', undefined);
+    tls.destroy();
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(o.port, o.host, () => resolve());
+  });
+  const address = server.address();
+  return {
+    port: typeof address === 'object' && address ? address.port : o.port,
+    stats: () => [...stats.values()].map((s) => ({ ...s })),
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+function track(sockets: Set<Socket>, s: Socket): void {
+  sockets.add(s);
+  s.once('close', () => sockets.delete(s));
+}
+
+function authorize(tls: TLSSocket, o: TunnelListenerOptions): { peer: VerifiedPeer } | { error: string; peer?: VerifiedPeer } {
+  const cert = tls.getPeerX509Certificate();
+  if (!cert) return { error: 'no client certificate' };
+  let peer: VerifiedPeer;
+  try {
+    peer = verifyCertificate(cert.raw, o.credentials.caCertPem);
+  } catch (err) {
+    return { error: err instanceof CertificateRejected ? err.message : 'certificate rejected' };
+  }
+  if (!TUNNEL_ROLES.includes(peer.role)) return { error: `role ${peer.role} may not open tunnels`, peer };
+  if (o.isRevoked?.(peer)) return { error: 'this identity has been revoked', peer };
+  return { peer };
+}
+
+async function accept(tls: TLSSocket, o: TunnelListenerOptions, stats: Map<string, TunnelStats>, sockets: Set<Socket>): Promise<void> {
+  const refuse = (error: string, peer?: VerifiedPeer) => {
+    o.onRefused?.(error, peer);
+    tls.end(encodeReply({ ok: false, error }));
+  };
+  const auth = authorize(tls, o);
+  if ('error' in auth) return refuse(auth.error, auth.peer);
+  let line: string;
+  try {
+    line = await readLine(tls, o.preambleTimeoutMs ?? 10_000);
+  } catch (err) {
+    o.onRefused?.((err as Error).message, auth.peer);
+    tls.destroy();
+    return;
+  }
+  const request = parseRequest(line);
+  if (!request) return refuse('malformed preamble', auth.peer);
+  if (o.enginePorts.engine(request.port) === undefined) return refuse(`port ${request.port} is not an engine of this node`, auth.peer);
+  const engine = connect({ host: '127.0.0.1', port: request.port, allowHalfOpen: true, noDelay: true });
+  track(sockets, engine);
+  const ready = await new Promise<boolean>((resolve) => {
+    engine.once('connect', () => resolve(true));
+    engine.once('error', () => resolve(false));
+  });
+  if (!ready) return refuse(`engine on port ${request.port} is not accepting connections`, auth.peer);
+  const key = `${auth.peer.id}:${request.port}`;
+  const s = stats.get(key) ?? { peer: auth.peer.id, enginePort: request.port, toEngine: 0, fromEngine: 0, connections: 0 };
+  s.connections += 1;
+  stats.set(key, s);
+  tls.write(encodeReply({ ok: true }));
+  await relay(tls, engine, s);
+}
