@@ -94,9 +94,9 @@ describe.skipIf(!engines || !CHROMIUM)('cluster console in Chromium on a 3-node 
       nodes: demoBudgets(profile, 3, { ctx: DEMO_CTX, cacheType: 'f16' }),
       stateRoot: join(tmp, 'state'),
       env: { ...env, ORCHARD_RPC_THREADS: '1', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1' },
-      // A dead agent is down after 2.5 s of silence (default 5 s), inside the 3 s the console has
+      // A dead agent is down after 2 s of silence (default 5 s), inside the 3 s the console has
       // to show it; the page itself follows the registry within one event-loop turn.
-      coordinatorArgs: ['--api-key', API_KEY, '--suspect-after', '1000', '--down-after', '2500'],
+      coordinatorArgs: ['--api-key', API_KEY, '--suspect-after', '1000', '--down-after', '2000'],
     });
     base = cluster.httpUrl;
     for (let i = 0; i < 100; i++) {
@@ -234,6 +234,18 @@ describe.skipIf(!engines || !CHROMIUM)('cluster console in Chromium on a 3-node 
     expect(updates).toBeGreaterThan(1);
     console.log(`chat: ${api.usage.completion_tokens} tokens in ${updates} reply updates; TTFT ${await page.textContent('[data-field=ttft]')}, ${await page.textContent('[data-field=tps]')}`);
     await checkView('chat');
+    // Stop: the stream ends at once and the slot is free again (the engine was cancelled).
+    await page.fill('input[name=max_tokens]', '600');
+    await page.click('button[type=submit]');
+    await page.waitForFunction(() => (document.querySelector('.reply')?.textContent ?? '').length > 0);
+    await page.click('button:has-text("Stop")');
+    await page.waitForSelector('.reply[data-state="stopped"]');
+    // The models view now shows what the coordinator measured for those requests.
+    await show('models');
+    await page.waitForFunction(() => !['—', ''].includes(document.querySelector('[data-field=measured]')?.textContent ?? ''));
+    expect(await page.textContent('[data-field=ttft-p50]')).toMatch(/\d+ (ms|s)$/);
+    await page.waitForSelector(`.model-card[data-model="${MODEL}"] [data-field=running]:text-is("0")`, { timeout: 5000 });
+    await page.screenshot({ path: join(ARTIFACTS, 'models-serving.png'), fullPage: true });
   }, 90_000);
 
   it('a SIGKILLed agent turns its card down within 3 s and the model shows failed with the reason', async () => {

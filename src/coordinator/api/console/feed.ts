@@ -83,7 +83,8 @@ export class ConsoleFeed {
   #recordProgress(model: string, p: LoadProgress): void {
     const prev = this.#progress.get(model);
     this.#progress.set(model, p);
-    if (prev?.phase !== p.phase) this.#emit(progressEvent(model, p));
+    // "ready" and "failed" are announced by the model's own transition (modelTransitions).
+    if (prev?.phase !== p.phase && p.phase !== 'ready' && p.phase !== 'failed') this.#emit(progressEvent(model, p));
     this.refresh();
   }
 

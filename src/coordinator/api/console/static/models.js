@@ -57,8 +57,8 @@ function ModelCard({ model, colours, admin, onError }) {
       <dl class="figures">
         <div><dt>predicted</dt><dd>${tokPerSec(model.predictedTokensPerSecond)}</dd></div>
         <div><dt>measured</dt><dd data-field="measured">${tokPerSec(model.measuredTokensPerSecond)}</dd></div>
-        <div><dt>TTFT p50</dt><dd>${seconds(model.ttftP50Seconds)}</dd></div>
-        <div><dt>in flight</dt><dd>${model.running}</dd></div>
+        <div><dt>TTFT p50</dt><dd data-field="ttft-p50">${seconds(model.ttftP50Seconds)}</dd></div>
+        <div><dt>in flight</dt><dd data-field="running">${model.running}</dd></div>
         <div><dt>queued</dt><dd>${model.queued}</dd></div>
       </dl>
       ${admin ? html`<button type="button" class="danger" onClick=${unload} disabled=${busy}>Unload ${model.name}</button>` : ''}
