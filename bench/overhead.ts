@@ -12,8 +12,6 @@
  * Needs ORCHARD_LLAMA_BIN_DIR (or `orchard setup`). Every process is killed (process group) at
  * the end, on error and on SIGINT.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { headLayout } from '../src/coordinator/instances/llama/layout.ts';
@@ -26,7 +24,7 @@ import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
 import { planPlacement } from '../src/shared/placement/planner.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
-import { BenchProcesses, benchEnv, type LoadedStage, loadModel, sleep, startBenchCluster, waitForPort, writeTestModel } from './lib/cluster.ts';
+import { BenchProcesses, benchEnv, type LoadedStage, loadModel, sleep, runBench, startBenchCluster, waitForPort, writeTestModel } from './lib/cluster.ts';
 import { flag, median } from './lib/stats.ts';
 
 const argv = process.argv.slice(2);
@@ -131,52 +129,39 @@ function summary(runs: readonly Run[]) {
   };
 }
 
-async function main(): Promise<void> {
+await runBench('overhead', procs, JSON_OUT, async (dir) => {
   const bins = await findLlamaBinaries();
-  const dir = await mkdtemp(join(tmpdir(), 'orchard-bench-overhead-'));
-  try {
-    const env = benchEnv(bins.binDir);
-    const model = await writeTestModel(join(dir, 'm.gguf'), ['--layers', '8', '--dim', '512', '--ffn', '1536', '--seed', '3'], env);
-    const profile = modelProfile(await readGgufHeader(model));
-    // Budgets a little under the whole model: the planner must split it over both agents.
-    const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
-    const budget = String(Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20);
-    // (a) Orchard: coordinator + two agents that join by themselves.
-    const cluster = await startBenchCluster(procs, { dir, env, nodes: [{ name: 'n1', budget }, { name: 'n2', budget }] });
-    const { client } = cluster;
-    const stages = await loadModel(client, model, 'bench', CTX);
-    const hand = await startByHand(bins, model, profile.layerCount, stages);
-    // warm-up both, then alternate
-    await viaOrchard(client);
-    await byHand(hand.port);
-    const a: Run[] = [];
-    const b: Run[] = [];
-    for (let i = 0; i < RUNS; i++) {
-      a.push(await viaOrchard(client));
-      b.push(await byHand(hand.port));
-    }
-    client.close();
-    const result = {
-      bench: 'overhead',
-      model: { layers: profile.layerCount, embd: profile.embd, stages: stages.length, headHasGpu: HEAD_HAS_GPU },
-      runs: RUNS,
-      tokens: TOKENS,
-      requestBody: completionBody(PARAMS),
-      orchard: summary(a),
-      byHand: { ...summary(b), args: hand.args.slice(2).join(' ') },
-      ratio: median(a.map((r) => r.tokensPerSecond)) / median(b.map((r) => r.tokensPerSecond)),
-      addedTtftMsP50: median(a.map((r) => r.ttftMs)) - median(b.map((r) => r.ttftMs)),
-      note: 'both paths share one machine; same llama-server arguments (headLayout), same request body (completionBody); Orchard adds the agent and coordinator gRPC relay',
-    };
-    process.stdout.write(JSON_OUT ? `${JSON.stringify(result)}\n` : `${JSON.stringify(result, null, 2)}\n`);
-  } finally {
-    await procs.killAll();
-    await rm(dir, { recursive: true, force: true });
+  const env = benchEnv(bins.binDir);
+  const model = await writeTestModel(join(dir, 'm.gguf'), ['--layers', '8', '--dim', '512', '--ffn', '1536', '--seed', '3'], env);
+  const profile = modelProfile(await readGgufHeader(model));
+  // Budgets a little under the whole model: the planner must split it over both agents.
+  const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
+  const budget = String(Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20);
+  // (a) Orchard: coordinator + two agents that join by themselves.
+  const cluster = await startBenchCluster(procs, { dir, env, nodes: [{ name: 'n1', budget }, { name: 'n2', budget }] });
+  const { client } = cluster;
+  const stages = await loadModel(client, model, 'bench', CTX);
+  const hand = await startByHand(bins, model, profile.layerCount, stages);
+  // warm-up both, then alternate
+  await viaOrchard(client);
+  await byHand(hand.port);
+  const a: Run[] = [];
+  const b: Run[] = [];
+  for (let i = 0; i < RUNS; i++) {
+    a.push(await viaOrchard(client));
+    b.push(await byHand(hand.port));
   }
-}
-
-main().catch(async (err: unknown) => {
-  await procs.killAll();
-  process.stderr.write(`bench:overhead failed: ${err instanceof Error ? err.message : String(err)}\n`);
-  process.exit(1);
+  client.close();
+  return {
+    bench: 'overhead',
+    model: { layers: profile.layerCount, embd: profile.embd, stages: stages.length, headHasGpu: HEAD_HAS_GPU },
+    runs: RUNS,
+    tokens: TOKENS,
+    requestBody: completionBody(PARAMS),
+    orchard: summary(a),
+    byHand: { ...summary(b), args: hand.args.slice(2).join(' ') },
+    ratio: median(a.map((r) => r.tokensPerSecond)) / median(b.map((r) => r.tokensPerSecond)),
+    addedTtftMsP50: median(a.map((r) => r.ttftMs)) - median(b.map((r) => r.ttftMs)),
+    note: 'both paths share one machine; same llama-server arguments (headLayout), same request body (completionBody); Orchard adds the agent and coordinator gRPC relay',
+  };
 });

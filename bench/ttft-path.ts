@@ -9,14 +9,12 @@
  * first-token time is small, so the relay's share is visible.
  * Usage: npm run bench:ttft-path -- [--json] [--runs 40] [--tokens 4]
  */
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { AgentClient } from '../src/coordinator/membership/agent-client.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { completionBody, type GenerateParams } from '../src/node/generate.ts';
-import { BenchProcesses, benchEnv, loadModel, startBenchCluster, writeTestModel } from './lib/cluster.ts';
+import { BenchProcesses, benchEnv, loadModel, runBench, startBenchCluster, writeTestModel } from './lib/cluster.ts';
 import { flag, median, quantile } from './lib/stats.ts';
 
 const argv = process.argv.slice(2);
@@ -62,55 +60,42 @@ async function viaCoordinator(client: CoordinatorClient): Promise<number> {
   return first - t0;
 }
 
-async function main(): Promise<void> {
+await runBench('ttft-path', procs, JSON_OUT, async (dir) => {
   const bins = await findLlamaBinaries();
-  const dir = await mkdtemp(join(tmpdir(), 'orchard-bench-ttft-'));
-  try {
-    const env = benchEnv(bins.binDir);
-    const model = await writeTestModel(join(dir, 'm.gguf'), ['--layers', '4', '--seed', '3'], env);
-    const cluster = await startBenchCluster(procs, { dir, env, nodes: [{ name: 'n1' }] });
-    const { client, token } = cluster;
-    const agentAddr = cluster.agents[0]!;
-    await loadModel(client, model, 'ttft', 1024);
-    const agent = new AgentClient(agentAddr, token);
-    const head = (await agent.describe()).engines.find((e) => e.kind === 'ENGINE_KIND_LLAMA_SERVER');
-    if (!head) throw new Error('no head engine on the node');
-    const d: number[] = [];
-    const a: number[] = [];
-    const c: number[] = [];
-    for (let i = 0; i < 3; i++) {
-      await direct(head.port);
-      await viaAgent(agent, head.engineId);
-      await viaCoordinator(client);
-    }
-    for (let i = 0; i < RUNS; i++) {
-      d.push(await direct(head.port));
-      a.push(await viaAgent(agent, head.engineId));
-      c.push(await viaCoordinator(client));
-    }
-    client.close();
-    agent.close();
-    const row = (xs: number[]) => ({ p50: median(xs), p90: quantile(xs, 0.9), min: Math.min(...xs) });
-    const result = {
-      bench: 'ttft-path',
-      runs: RUNS,
-      tokens: TOKENS,
-      directMs: row(d),
-      agentMs: row(a),
-      coordinatorMs: row(c),
-      agentHopMsP50: median(a) - median(d),
-      coordinatorHopMsP50: median(c) - median(a),
-      addedTtftMsP50: median(c) - median(d),
-    };
-    process.stdout.write(JSON_OUT ? `${JSON.stringify(result)}\n` : `${JSON.stringify(result, null, 2)}\n`);
-  } finally {
-    await procs.killAll();
-    await rm(dir, { recursive: true, force: true });
+  const env = benchEnv(bins.binDir);
+  const model = await writeTestModel(join(dir, 'm.gguf'), ['--layers', '4', '--seed', '3'], env);
+  const cluster = await startBenchCluster(procs, { dir, env, nodes: [{ name: 'n1' }] });
+  const { client, token } = cluster;
+  const agentAddr = cluster.agents[0]!;
+  await loadModel(client, model, 'ttft', 1024);
+  const agent = new AgentClient(agentAddr, token);
+  const head = (await agent.describe()).engines.find((e) => e.kind === 'ENGINE_KIND_LLAMA_SERVER');
+  if (!head) throw new Error('no head engine on the node');
+  const d: number[] = [];
+  const a: number[] = [];
+  const c: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    await direct(head.port);
+    await viaAgent(agent, head.engineId);
+    await viaCoordinator(client);
   }
-}
-
-main().catch(async (err: unknown) => {
-  await procs.killAll();
-  process.stderr.write(`bench:ttft-path failed: ${err instanceof Error ? err.stack : String(err)}\n`);
-  process.exit(1);
+  for (let i = 0; i < RUNS; i++) {
+    d.push(await direct(head.port));
+    a.push(await viaAgent(agent, head.engineId));
+    c.push(await viaCoordinator(client));
+  }
+  client.close();
+  agent.close();
+  const row = (xs: number[]) => ({ p50: median(xs), p90: quantile(xs, 0.9), min: Math.min(...xs) });
+  return {
+    bench: 'ttft-path',
+    runs: RUNS,
+    tokens: TOKENS,
+    directMs: row(d),
+    agentMs: row(a),
+    coordinatorMs: row(c),
+    agentHopMsP50: median(a) - median(d),
+    coordinatorHopMsP50: median(c) - median(a),
+    addedTtftMsP50: median(c) - median(d),
+  };
 });

@@ -1,4 +1,6 @@
 import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
 import { canConnect } from '../../src/node/ports.ts';
@@ -102,4 +104,22 @@ export async function loadModel(client: CoordinatorClient, modelPath: string, na
     }
   }
   return stages;
+}
+
+/**
+ * Run a bench in a fresh temporary folder: print its result as JSON (one line with --json), and
+ * on every way out kill every process it started and remove the folder; a failure exits 1.
+ */
+export async function runBench(name: string, procs: BenchProcesses, jsonOut: boolean, body: (dir: string) => Promise<object>): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), `orchard-bench-${name}-`));
+  try {
+    const result = await body(dir);
+    process.stdout.write(jsonOut ? `${JSON.stringify(result)}\n` : `${JSON.stringify(result, null, 2)}\n`);
+  } catch (err) {
+    process.stderr.write(`bench:${name} failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    process.exitCode = 1;
+  } finally {
+    await procs.killAll();
+    await rm(dir, { recursive: true, force: true });
+  }
 }

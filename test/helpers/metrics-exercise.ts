@@ -25,7 +25,8 @@ import { type MetricSample, samplesFromRegistry } from '../../src/shared/metrics
 
 const log = createLogger('metrics-exercise', 'silent');
 
-const PROFILE: HardwareProfile = {
+/** The node the exercise reports (also the fixture of the catalogue's factory tests). */
+export const PROFILE: HardwareProfile = {
   nodeId: 'n-1',
   name: 'studio',
   hostname: 'studio.local',

@@ -6,7 +6,6 @@ import { Registry } from 'prom-client';
 import { afterEach, describe, expect, it } from 'vitest';
 import { agentHost, prometheusTargets, prometheusTargetsHandler, sdNodeFromEntry } from '../../src/coordinator/api/prometheus-sd.ts';
 import type { NodeEntry } from '../../src/coordinator/membership/registry.ts';
-import type { HardwareProfile } from '../../src/shared/hardware.ts';
 import { idleMetrics, type MetricSample } from '../../src/shared/metrics/activity.ts';
 import { CATALOGUE, COORDINATOR_METRICS, findMetric, NODE_METRICS, TARGET_LABELS, TARGET_LABELS_ALLOWED } from '../../src/shared/metrics/catalogue.ts';
 import {
@@ -21,7 +20,7 @@ import {
 } from '../../src/shared/metrics/factories.ts';
 import { hostPort, metricsRoutes, serveMetrics } from '../../src/shared/metrics/http.ts';
 import { metricNamesInExpr } from '../../src/shared/metrics/promql.ts';
-import { exerciseCoordinatorMetrics, exerciseNodeMetrics } from '../helpers/metrics-exercise.ts';
+import { exerciseCoordinatorMetrics, exerciseNodeMetrics, PROFILE } from '../helpers/metrics-exercise.ts';
 
 const UNIT_SUFFIX: Record<string, RegExp> = {
   bytes: /_bytes(_total)?$/,
@@ -140,25 +139,7 @@ describe('metric catalogue', () => {
   });
 });
 
-const profile: HardwareProfile = {
-  nodeId: 'n-1',
-  name: 'studio',
-  hostname: 'studio.local',
-  os: 'macos',
-  osVersion: '15.1',
-  chip: 'Apple M2 Ultra',
-  performanceCores: 16,
-  efficiencyCores: 8,
-  gpuCores: 76,
-  memoryBytes: 192 * 2 ** 30,
-  bandwidthBytesPerSecond: 800e9,
-  wiredLimitBytes: 144 * 2 ** 30,
-  usableBytes: 140 * 2 ** 30,
-  engines: ['llama.cpp'],
-  interfaces: [],
-  protocolVersion: '1',
-  agentVersion: '0.1.0',
-};
+const profile = PROFILE;
 
 describe('every catalogue metric is set by code', () => {
   it('the node agent and the coordinator, driven as a cluster drives them, move every metric they export', async () => {

@@ -72,12 +72,7 @@ async function writePresetModel(flags: GgufFlags, shapeId: string, explicit: (k:
   const result = await writeGguf(flags.out, spec, { headerOnly: true });
   const { id, source, architecture, layers, dim, ffn, heads, kvHeads, ctx, vocab } = preset;
   report(flags.json, {
-    path: result.path,
-    sha256: result.sha256,
-    bytes: result.bytes,
-    parameters: parameterCount(spec),
-    tensorBytes: result.header.dataSize,
-    tensors: spec.tensors.length,
+    ...written(result, spec),
     headerOnly: true,
     preset: id,
     source,
@@ -111,17 +106,17 @@ async function writeGeneratedModel(flags: GgufFlags, explicit: (k: string) => bo
   const spec = llamaTestModelSpec(shape, vocab);
   const result = await writeGguf(flags.out, spec, { headerOnly: !!flags.headerOnly });
   report(flags.json, {
-    path: result.path,
-    sha256: result.sha256,
-    bytes: result.bytes,
-    parameters: parameterCount(spec),
-    tensorBytes: result.header.dataSize,
-    tensors: spec.tensors.length,
+    ...written(result, spec),
     headerOnly: !!flags.headerOnly,
     architecture: 'llama',
     ...shape,
     vocabSize: vocab.size,
   });
+}
+
+/** What every summary says about the file written. */
+function written(result: Awaited<ReturnType<typeof writeGguf>>, spec: Parameters<typeof parameterCount>[0]) {
+  return { path: result.path, sha256: result.sha256, bytes: result.bytes, parameters: parameterCount(spec), tensorBytes: result.header.dataSize, tensors: spec.tensors.length };
 }
 
 interface Summary {
