@@ -1,7 +1,8 @@
 import { createReadStream } from 'node:fs';
-import { mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
+import { readJsonMap, writeJsonMap } from '../../shared/json-map-file.ts';
 import { Fnv1a64 } from '../../shared/rpc-cache/fnv.ts';
 import { type CacheStage, HASH_THRESHOLD_BYTES, cacheEntryName, rpcCacheDir, stageCachePlan } from '../../shared/rpc-cache/plan.ts';
 
@@ -50,21 +51,8 @@ export interface SeedResult extends SeedProgress {
   readonly seconds: number;
 }
 
+/** `${path}\0${size}\0${mtimeMs}\0${fileOffset}\0${bytes}` → cache entry name, so a re-seed copies nothing twice. */
 const MANIFEST = 'orchard-seeded.json';
-
-interface Manifest {
-  /** key `${path}\0${size}\0${mtimeMs}\0${fileOffset}\0${bytes}` → hash hex */
-  readonly entries: Record<string, string>;
-}
-
-async function readManifest(dir: string): Promise<Manifest> {
-  try {
-    const j = JSON.parse(await readFile(join(dir, MANIFEST), 'utf8')) as Partial<Manifest>;
-    return { entries: typeof j.entries === 'object' && j.entries ? { ...j.entries } : {} };
-  } catch {
-    return { entries: {} };
-  }
-}
 
 async function fileHasSize(path: string, bytes: number): Promise<boolean> {
   try {
@@ -102,7 +90,7 @@ export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
   const plan = stageCachePlan(header, o.stage, o.thresholdBytes ?? HASH_THRESHOLD_BYTES);
   const dir = rpcCacheDir(o.llamaCacheDir);
   await mkdir(dir, { recursive: true });
-  const manifest = await readManifest(dir);
+  const seeded = await readJsonMap(join(dir, MANIFEST));
   const chunk = o.chunkBytes ?? 4 * 1024 * 1024;
   const entries: Record<string, string> = {};
   let bytesDone = 0;
@@ -115,7 +103,7 @@ export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
   for (const t of plan.cached) {
     o.signal?.throwIfAborted();
     const key = `${o.modelPath}\0${st.size}\0${st.mtimeMs}\0${t.fileOffset}\0${t.bytes}`;
-    const known = manifest.entries[key];
+    const known = seeded[key];
     if (known && (await fileHasSize(join(dir, known), t.bytes))) {
       entries[t.name] = known;
     } else {
@@ -126,7 +114,7 @@ export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
         if (await fileHasSize(target, t.bytes)) await rm(tmp, { force: true });
         else await rename(tmp, target);
         entries[t.name] = hex;
-        manifest.entries[key] = hex;
+        seeded[key] = hex;
         bytesWritten += t.bytes;
       } finally {
         await rm(tmp, { force: true });
@@ -136,9 +124,7 @@ export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
     bytesDone += t.bytes;
     report();
   }
-  const mtmp = join(dir, `.${MANIFEST}.${process.pid}.tmp`);
-  await writeFile(mtmp, JSON.stringify(manifest));
-  await rename(mtmp, join(dir, MANIFEST));
+  await writeJsonMap(join(dir, MANIFEST), seeded);
   return {
     cacheDir: dir,
     entries,

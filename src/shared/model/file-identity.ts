@@ -1,7 +1,8 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { readJsonMap, writeJsonMap } from '../json-map-file.ts';
 
 /**
  * A model file's content identity, the same on every machine, so the coordinator can tell which
@@ -25,29 +26,9 @@ export interface ModelFile {
   readonly sha256: string;
 }
 
-interface HashCache {
-  /** `${path}\0${size}\0${mtimeMs}` → sha256 hex */
-  readonly entries: Record<string, string>;
-}
-
+/** `${path}\0${size}\0${mtimeMs}` → sha256 hex, in `<cacheDir>/model-hashes.json`. */
 const CACHE_FILE = 'model-hashes.json';
 const key = (path: string, size: number, mtimeMs: number) => `${path}\0${size}\0${mtimeMs}`;
-
-async function readCache(cacheDir: string): Promise<HashCache> {
-  try {
-    const j = JSON.parse(await readFile(join(cacheDir, CACHE_FILE), 'utf8')) as Partial<HashCache>;
-    return { entries: typeof j.entries === 'object' && j.entries ? { ...j.entries } : {} };
-  } catch {
-    return { entries: {} };
-  }
-}
-
-async function writeCache(cacheDir: string, cache: HashCache): Promise<void> {
-  await mkdir(cacheDir, { recursive: true });
-  const tmp = join(cacheDir, `.${CACHE_FILE}.${process.pid}.tmp`);
-  await writeFile(tmp, JSON.stringify(cache));
-  await rename(tmp, join(cacheDir, CACHE_FILE));
-}
 
 export async function sha256File(path: string): Promise<string> {
   const h = createHash('sha256');
@@ -61,18 +42,18 @@ export async function sha256File(path: string): Promise<string> {
  */
 export async function identifyModelFile(path: string, cacheDir: string): Promise<ModelFile> {
   const st = await stat(path);
-  const cache = await readCache(cacheDir);
+  const cacheFile = join(cacheDir, CACHE_FILE);
   const k = key(path, st.size, st.mtimeMs);
-  let sha = cache.entries[k];
+  let sha = (await readJsonMap(cacheFile))[k];
   if (!sha) {
     sha = await sha256File(path);
     const after = await stat(path);
     // changed while we read it: do not cache a hash of a moving target
     if (after.size === st.size && after.mtimeMs === st.mtimeMs) {
-      const fresh = await readCache(cacheDir);
-      for (const old of Object.keys(fresh.entries)) if (old.startsWith(`${path}\0`)) delete fresh.entries[old];
-      fresh.entries[k] = sha;
-      await writeCache(cacheDir, fresh);
+      const fresh = await readJsonMap(cacheFile);
+      for (const old of Object.keys(fresh)) if (old.startsWith(`${path}\0`)) delete fresh[old];
+      fresh[k] = sha;
+      await writeJsonMap(cacheFile, fresh);
     }
   }
   return { path, sizeBytes: st.size, mtimeMs: st.mtimeMs, sha256: sha };
