@@ -1,4 +1,4 @@
-import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -11,6 +11,7 @@ import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { freePort } from '../helpers/processes.ts';
+import { deleteNamespaces, linkNamespaces } from '../helpers/netns.ts';
 
 /*
  * The Bonjour variant of the cluster test: nodes are found by mDNS, never joined by hand. Two
@@ -37,7 +38,6 @@ const VETH_NODES = `cn${tag}`;
 const NODES_IP = '10.78.0.1';
 const COORD_IP = '10.78.0.2';
 
-const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 interface Proc {
@@ -103,18 +103,8 @@ describeWith([netns], 'cluster over Bonjour inside network namespaces', () => {
     model = join(dir, 'm8.gguf');
     await execFileP(process.execPath, [BIN, 'testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '11'], { env });
 
-    ip('netns', 'add', NS_COORD);
-    ip('netns', 'add', NS_NODES);
     nsCreated = true;
-    ip('link', 'add', VETH_COORD, 'type', 'veth', 'peer', 'name', VETH_NODES);
-    ip('link', 'set', VETH_COORD, 'netns', NS_COORD);
-    ip('link', 'set', VETH_NODES, 'netns', NS_NODES);
-    ip('-n', NS_COORD, 'addr', 'add', `${COORD_IP}/24`, 'dev', VETH_COORD);
-    ip('-n', NS_NODES, 'addr', 'add', `${NODES_IP}/24`, 'dev', VETH_NODES);
-    for (const [ns, dev] of [[NS_COORD, VETH_COORD], [NS_NODES, VETH_NODES]] as const) {
-      ip('-n', ns, 'link', 'set', 'lo', 'up');
-      ip('-n', ns, 'link', 'set', dev, 'up');
-    }
+    linkNamespaces({ ns: NS_COORD, veth: VETH_COORD, ip: COORD_IP }, { ns: NS_NODES, veth: VETH_NODES, ip: NODES_IP });
 
     const profile = modelProfile(await readGgufHeader(model));
     const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
@@ -152,15 +142,7 @@ describeWith([netns], 'cluster over Bonjour inside network namespaces', () => {
       }
       await p.exited;
     }
-    if (nsCreated) {
-      for (const ns of [NS_COORD, NS_NODES]) {
-        try {
-          ip('netns', 'del', ns);
-        } catch {
-          // already gone
-        }
-      }
-    }
+    if (nsCreated) deleteNamespaces(NS_COORD, NS_NODES);
     if (dir) await rm(dir, { recursive: true, force: true });
   });
 

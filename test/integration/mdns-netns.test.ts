@@ -1,10 +1,11 @@
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { describeWith, networkNamespaces } from '../helpers/needs.ts';
+import { deleteNamespaces, linkNamespaces } from '../helpers/netns.ts';
 
 /*
  * Real mDNS between two network namespaces this test creates and deletes: the node agent runs
@@ -29,10 +30,6 @@ const BROWSER_IP = '10.77.0.2';
 const children: ChildProcess[] = [];
 let tmp = '';
 let nsCreated = false;
-
-function ip(...args: string[]): void {
-  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-}
 
 interface Line {
   event: string;
@@ -122,21 +119,8 @@ beforeAll(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'orchard-mdns-'));
   await writeFile(join(tmp, 'browse.ts'), BROWSER_SCRIPT(ROOT));
   await writeFile(join(tmp, 'advertise.ts'), ADVERTISER_SCRIPT(ROOT));
-  ip('netns', 'add', NS_AGENT);
-  ip('netns', 'add', NS_BROWSER);
   nsCreated = true;
-  ip('link', 'add', VETH_AGENT, 'type', 'veth', 'peer', 'name', VETH_BROWSER);
-  ip('link', 'set', VETH_AGENT, 'netns', NS_AGENT);
-  ip('link', 'set', VETH_BROWSER, 'netns', NS_BROWSER);
-  ip('-n', NS_AGENT, 'addr', 'add', `${AGENT_IP}/24`, 'dev', VETH_AGENT);
-  ip('-n', NS_BROWSER, 'addr', 'add', `${BROWSER_IP}/24`, 'dev', VETH_BROWSER);
-  for (const [ns, dev] of [
-    [NS_AGENT, VETH_AGENT],
-    [NS_BROWSER, VETH_BROWSER],
-  ] as const) {
-    ip('-n', ns, 'link', 'set', 'lo', 'up');
-    ip('-n', ns, 'link', 'set', dev, 'up');
-  }
+  linkNamespaces({ ns: NS_AGENT, veth: VETH_AGENT, ip: AGENT_IP }, { ns: NS_BROWSER, veth: VETH_BROWSER, ip: BROWSER_IP });
 });
 
 afterAll(async () => {
@@ -149,16 +133,7 @@ afterAll(async () => {
       }
     }
   }
-  if (nsCreated) {
-    // Deleting a namespace also removes the veth end inside it (and so its peer).
-    for (const ns of [NS_AGENT, NS_BROWSER]) {
-      try {
-        ip('netns', 'del', ns);
-      } catch {
-        // already gone
-      }
-    }
-  }
+  if (nsCreated) deleteNamespaces(NS_AGENT, NS_BROWSER);
   if (tmp) await rm(tmp, { recursive: true, force: true });
 });
 

@@ -1,6 +1,6 @@
 import type { ChildProcess } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
-import { access, chmod, copyFile, mkdir, rename, rm, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import { OrchardError } from '../../shared/errors.ts';
@@ -195,11 +195,15 @@ async function collectEngines(build: string, dist: string, logPath: string): Pro
 
 /** Move `dist` to `finalDir`; an existing entry (--force) is moved aside first (rename is atomic, rm is not). */
 async function replaceEntry(dist: string, finalDir: string): Promise<void> {
-  if (await exists(finalDir)) {
-    const old = join(dirname(finalDir), `.old-${process.pid}-${Date.now().toString(36)}`);
-    await rename(finalDir, old);
-    await rm(old, { recursive: true, force: true });
-  }
+  const old = join(dirname(finalDir), `.old-${process.pid}-${Date.now().toString(36)}`);
+  const movedAside = await rename(finalDir, old).then(
+    () => true,
+    (err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return false; // no entry yet: the usual first build
+      throw err;
+    },
+  );
+  if (movedAside) await rm(old, { recursive: true, force: true });
   await rename(dist, finalDir);
 }
 
@@ -243,14 +247,5 @@ function killGroup(pid: number, sig: NodeJS.Signals): void {
     process.kill(-pid, sig);
   } catch {
     // already gone
-  }
-}
-
-async function exists(p: string): Promise<boolean> {
-  try {
-    await access(p);
-    return true;
-  } catch {
-    return false;
   }
 }
