@@ -205,6 +205,7 @@ describe.skipIf(!engines || !CHROMIUM)('cluster console in Chromium on a 3-node 
     await page.waitForFunction(() => [...document.querySelectorAll('.node-card')].every((e) => Number((e as HTMLElement).dataset.usedBytes) > 0));
     const used = await page.$$eval('.node-card', (els) => els.map((e) => [(e as HTMLElement).dataset.node, Number((e as HTMLElement).dataset.usedBytes)]));
     expect(Object.fromEntries(used)).toEqual(Object.fromEntries(full.stages.map((s) => [s.nodeName, s.bytes.total])));
+    await page.screenshot({ path: join(ARTIFACTS, 'cluster-loaded.png'), fullPage: true });
   });
 
   it('the chat streams a reply token by token whose text equals the API answer to the same greedy request', async () => {

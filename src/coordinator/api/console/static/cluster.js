@@ -14,12 +14,13 @@ function MemoryBar({ node }) {
   const label = `memory: engines use ${bytes(node.usedByEnginesBytes)} of a ${bytes(node.usableBytes)} budget; wired limit ${bytes(node.wiredLimitBytes)}; RAM ${bytes(ram)}`;
   return html`
     <div class="membar" role="img" aria-label=${label}>
+      <div class="membar-budget" style=${{ width: `${pct(node.usableBytes, ram)}%` }}></div>
       <div class="membar-used" style=${{ width: `${pct(node.usedByEnginesBytes, ram)}%` }}></div>
       <div class="membar-mark budget" style=${{ left: `${pct(node.usableBytes, ram)}%` }} title="budget"></div>
       <div class="membar-mark wired" style=${{ left: `${pct(node.wiredLimitBytes, ram)}%` }} title="wired limit"></div>
     </div>
     <dl class="figures">
-      <div><dt>engines</dt><dd data-field="used">${bytes(node.usedByEnginesBytes)}</dd></div>
+      <div><dt>engines</dt><dd data-field="used">${bytes(node.usedByEnginesBytes)}${node.usableBytes > 0 ? ` (${Math.round(pct(node.usedByEnginesBytes, node.usableBytes))}% of budget)` : ''}</dd></div>
       <div><dt>budget</dt><dd data-field="usable">${bytes(node.usableBytes)}</dd></div>
       <div><dt>wired limit</dt><dd data-field="wired">${bytes(node.wiredLimitBytes)}</dd></div>
       <div><dt>RAM</dt><dd data-field="memory">${bytes(ram)}</dd></div>
@@ -53,7 +54,7 @@ export function ClusterView({ snapshot }) {
       <ul class="cards">${nodes.map((n) => html`<${NodeCard} key=${n.id} node=${n} />`)}</ul>
       <p class="legend" aria-hidden="true">
         <span class="swatch used"></span> used by Orchard engines
-        <span class="swatch budget"></span> budget
+        <span class="swatch budget"></span> budget (shaded up to it)
         <span class="swatch wired"></span> wired limit · bar = RAM
       </p>
     </section>`;
