@@ -10,8 +10,8 @@ import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/bina
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
-import { freePort } from '../helpers/processes.ts';
 import { deleteNamespaces, linkNamespaces } from '../helpers/netns.ts';
+import { plainLlamaTokens } from '../helpers/oracle.ts';
 
 /*
  * The Bonjour variant of the cluster test: nodes are found by mDNS, never joined by hand. Two
@@ -118,19 +118,7 @@ describeWith([netns], 'cluster over Bonjour inside network namespaces', () => {
     }
 
     // the oracle, on the host's loopback
-    const port = await freePort();
-    const plain = startIn(undefined, bins.llamaServer, ['-m', model, '-c', String(CTX), '-np', '1', '--port', String(port), '--host', '127.0.0.1', '-t', '2'], env);
-    for (let i = 0; i < 300; i++) {
-      if (await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.status === 200, () => false)) break;
-      await sleep(200);
-    }
-    const res = await fetch(`http://127.0.0.1:${port}/completion`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ prompt: PROMPT, n_predict: N_PREDICT, temperature: 0, return_tokens: true }),
-    });
-    oracle = ((await res.json()) as { tokens: number[] }).tokens;
-    if (plain.child.pid) process.kill(-plain.child.pid, 'SIGKILL');
+    oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: PROMPT, nPredict: N_PREDICT, threads: 2 });
   });
 
   afterAll(async () => {

@@ -10,7 +10,8 @@ import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
-import { freePort, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { plainLlamaTokens } from '../helpers/oracle.ts';
 
 /*
  * Pre-seeding through the whole product path on 127.0.0.1: a coordinator and two `orchard node`
@@ -41,26 +42,6 @@ async function bytesReceivedOnPort(port: number): Promise<number> {
   let sum = 0;
   for (const m of stdout.matchAll(/bytes_received:(\d+)/g)) sum += Number(m[1]);
   return sum;
-}
-
-async function plainTokens(bins: LlamaBinaries, model: string): Promise<number[]> {
-  const port = await freePort();
-  const p = start('oracle', ['-m', model, '-c', String(CTX), '-np', '1', '--port', String(port), '--host', '127.0.0.1', '-t', '1'], process.env, bins.llamaServer);
-  try {
-    const deadline = Date.now() + 120_000;
-    while (Date.now() < deadline) {
-      if (await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.status === 200, () => false)) break;
-      await sleep(200);
-    }
-    const res = await fetch(`http://127.0.0.1:${port}/completion`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ prompt: PROMPT, n_predict: N_PREDICT, temperature: 0, return_tokens: true, cache_prompt: false }),
-    });
-    return ((await res.json()) as { tokens: number[] }).tokens;
-  } finally {
-    await killGroup(p);
-  }
 }
 
 describe('cluster: rpc-server caches pre-seeded from the nodes’ own model files', () => {
@@ -130,6 +111,6 @@ describe('cluster: rpc-server caches pre-seeded from the nodes’ own model file
     expect(g.code, g.stderr).toBe(0);
     const out = JSON.parse(g.stdout) as { tokens: number[] };
     expect(new Set(out.tokens).size).toBeGreaterThan(3);
-    expect(out.tokens).toEqual(await plainTokens(bins, model));
+    expect(out.tokens).toEqual(await plainLlamaTokens(bins, { model, ctx: CTX, prompt: PROMPT, nPredict: N_PREDICT, threads: 1 }));
   }, 300_000);
 });

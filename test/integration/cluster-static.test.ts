@@ -10,6 +10,7 @@ import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { freePort, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { plainLlamaTokens } from '../helpers/oracle.ts';
 
 /*
  * The coordinator end to end, with real processes on 127.0.0.1 (static join): one coordinator,
@@ -53,29 +54,6 @@ function canConnect(hostPort: string): Promise<boolean> {
   });
 }
 
-/** The oracle: one plain llama-server, no RPC, same file and context; greedy token ids. */
-async function plainTokens(bins: LlamaBinaries, model: string): Promise<number[]> {
-  const port = await freePort();
-  const p = start('oracle llama-server', ['-m', model, '-c', String(CTX), '-np', '1', '--port', String(port), '--host', '127.0.0.1', '-t', '2'], process.env, bins.llamaServer);
-  try {
-    const deadline = Date.now() + 60_000;
-    while (Date.now() < deadline) {
-      const ok = await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.status === 200, () => false);
-      if (ok) break;
-      await sleep(200);
-    }
-    const res = await fetch(`http://127.0.0.1:${port}/completion`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ prompt: PROMPT, n_predict: N_PREDICT, temperature: 0, return_tokens: true, cache_prompt: false }),
-    });
-    const body = (await res.json()) as { tokens: number[] };
-    return body.tokens;
-  } finally {
-    await killGroup(p);
-  }
-}
-
 describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () => {
   let dir: string;
   let bins: LlamaBinaries;
@@ -117,7 +95,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
       const r = await readyLine(proc);
       agents.set(name, { proc, address: `127.0.0.1:${String(r.grpcPort)}`, nodeId: String(r.nodeId) });
     }
-    oracle = await plainTokens(bins, model);
+    oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: PROMPT, nPredict: N_PREDICT, threads: 2 });
   });
 
   afterAll(async () => {

@@ -1,0 +1,40 @@
+import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { freePort, killGroup, sleep, spawnProc } from './processes.ts';
+
+export interface OracleRequest {
+  readonly model: string;
+  readonly ctx: number;
+  readonly prompt: string;
+  readonly nPredict: number;
+  readonly threads: number;
+  /** How long llama-server may take to load the model (2-core CI machines are slow under load). */
+  readonly readyTimeoutMs?: number;
+}
+
+/**
+ * The oracle the cluster tests compare with: one plain llama-server on 127.0.0.1, no RPC, same
+ * file and context, greedy decoding; returns its token ids and stops it (process group), also
+ * when the request fails.
+ */
+export async function plainLlamaTokens(bins: Pick<LlamaBinaries, 'llamaServer'>, req: OracleRequest): Promise<number[]> {
+  const port = await freePort();
+  const args = ['-m', req.model, '-c', String(req.ctx), '-np', '1', '--port', String(port), '--host', '127.0.0.1', '-t', String(req.threads)];
+  const p = spawnProc('oracle llama-server', args, process.env, bins.llamaServer);
+  try {
+    const deadline = Date.now() + (req.readyTimeoutMs ?? 120_000);
+    for (;;) {
+      if (await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.status === 200, () => false)) break;
+      if (p.child.exitCode !== null) throw new Error(`oracle llama-server exited: ${p.err.slice(-2000)}`);
+      if (Date.now() > deadline) throw new Error(`oracle llama-server not healthy in time: ${p.err.slice(-2000)}`);
+      await sleep(200);
+    }
+    const res = await fetch(`http://127.0.0.1:${port}/completion`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: req.prompt, n_predict: req.nPredict, temperature: 0, return_tokens: true, cache_prompt: false }),
+    });
+    return ((await res.json()) as { tokens: number[] }).tokens;
+  } finally {
+    await killGroup(p);
+  }
+}
