@@ -1,0 +1,301 @@
+/**
+ * bench:tunnel — what the TLS 1.3 engine tunnel costs llama.cpp RPC. The same 2-stage split
+ * (llama-server holds the first layers on its CPU, one ggml-rpc-server holds the last `--ngl`
+ * layers), with llama-server's `--rpc` pointing either straight at the rpc-server (direct) or at
+ * the head-side forwarder whose TLS session ends at the worker-side listener (tunnel), which
+ * forwards to the same rpc-server. Modes alternate trial by trial (ABBA…), each trial a fresh
+ * llama-server: load time (spawn → /health), then greedy completions with the prompt cache off:
+ * time to first token and decode tokens/s measured at the client, token ids compared.
+ * The two tunnel ends run in two processes, as on a cluster (the head's agent: this process;
+ * the worker's agent: a child running only the listener, credentials on its stdin), over
+ * 127.0.0.1 — the network round trip is the same in both modes, so the ratio is the tunnel's.
+ * Prints tunnelled ÷ direct: tokensPerSecondRatio (goal ≥ 0.97), ttftAddedMs p50 (goal < 2),
+ * loadSecondsRatio (goal ≤ 1.10), with every raw number.
+ * Usage: npm run bench:tunnel -- [--json] [--trials 4] [--requests 4] [--tokens 32] [--layers 8]
+ *        [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1]
+ */
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
+import { EnginePorts } from '../src/node/tunnel/engine-ports.ts';
+import { type TunnelForwarder, startTunnelForwarder } from '../src/node/tunnel/forwarder.ts';
+import { type TunnelListener, startTunnelListener } from '../src/node/tunnel/listener.ts';
+import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/shared/pki/certificates.ts';
+import type { NodeCredentials } from '../src/shared/pki/store.ts';
+import { ssePayloads } from '../src/shared/sse.ts';
+import { freePort } from './llama-run.ts';
+
+const ROOT = new URL('../', import.meta.url).pathname;
+const argv = process.argv.slice(2);
+const num = (name: string, def: number) => {
+  const i = argv.indexOf(`--${name}`);
+  return i >= 0 && argv[i + 1] ? Number(argv[i + 1]) : def;
+};
+const JSON_OUT = argv.includes('--json');
+const TRIALS = num('trials', 4);
+const REQUESTS = num('requests', 4);
+const TOKENS = num('tokens', 32);
+const LAYERS = num('layers', 8);
+const DIM = num('dim', 1024);
+const FFN = num('ffn', 2816);
+const NGL = num('ngl', 4);
+const THREADS = num('threads', 1);
+const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away, there lived';
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+type Mode = 'direct' | 'tunnel';
+const procs = new Set<ChildProcess>();
+function killAll(): void {
+  for (const c of procs) {
+    try {
+      if (c.pid) process.kill(-c.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  procs.clear();
+}
+process.on('exit', killAll);
+process.on('SIGINT', () => {
+  killAll();
+  process.exit(130);
+});
+
+function start(cmd: string, args: string[]): { proc: ChildProcess; log: () => string } {
+  const proc = spawn(cmd, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, GGML_RPC_NO_RDMA: '1' } });
+  procs.add(proc);
+  proc.once('exit', () => procs.delete(proc));
+  let log = '';
+  const keep = (d: Buffer) => {
+    log = (log + d.toString()).slice(-20_000);
+  };
+  proc.stdout?.on('data', keep);
+  proc.stderr?.on('data', keep);
+  return { proc, log: () => log };
+}
+
+async function stop(proc: ChildProcess): Promise<void> {
+  if (proc.exitCode !== null || proc.signalCode !== null || !proc.pid) return;
+  const gone = new Promise<void>((r) => proc.once('exit', () => r()));
+  process.kill(-proc.pid, 'SIGKILL');
+  await gone;
+}
+
+/** ggml-rpc-server's stdout is block-buffered when piped, so readiness = the port accepts. */
+async function waitPort(port: number, proc: ChildProcess, log: () => string): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`ggml-rpc-server exited: ${log().slice(-2000)}`);
+    const ok = await new Promise<boolean>((r) => {
+      const s = connect(port, '127.0.0.1');
+      s.once('connect', () => {
+        s.destroy();
+        r(true);
+      });
+      s.once('error', () => r(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`ggml-rpc-server not listening on ${port}`);
+    await sleep(50);
+  }
+}
+
+async function issue(ca: Awaited<ReturnType<typeof createClusterCa>>, id: string): Promise<NodeCredentials> {
+  const { keyPem, csrPem } = await createKeyAndCsr(id);
+  const { certPem } = await issueCertificate(ca, csrPem, { role: 'node' });
+  return { keyPem, certPem, caCertPem: ca.certPem };
+}
+
+/**
+ * The worker agent's half, run as `bench/tunnel.ts --worker-listener`: reads its credentials and
+ * the engine port from stdin (never argv: `ps` shows that), prints the listener port, and on
+ * stdin's end prints its byte counters and exits.
+ */
+async function workerListener(): Promise<void> {
+  let input = '';
+  for await (const d of process.stdin) {
+    input += d.toString();
+    if (input.includes('\n')) break;
+  }
+  const { credentials, rpcPort } = JSON.parse(input) as { credentials: NodeCredentials; rpcPort: number };
+  const enginePorts = new EnginePorts();
+  enginePorts.register(rpcPort, 'ggml-rpc-server');
+  const listener: TunnelListener = await startTunnelListener({ host: '127.0.0.1', port: 0, credentials, enginePorts });
+  process.stdout.write(`${JSON.stringify({ port: listener.port })}\n`);
+  process.stdin.resume();
+  await new Promise((r) => process.stdin.once('end', r));
+  process.stdout.write(`${JSON.stringify({ stats: listener.stats() })}\n`);
+  await listener.close();
+}
+
+/** Worker-side listener (child process) + head-side forwarder (here) for one rpc-server. */
+async function startTunnel(rpcPort: number): Promise<{ forwarder: TunnelForwarder; worker: ChildProcess }> {
+  const ca = await createClusterCa('bench-tunnel');
+  const worker = spawn(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--worker-listener'], { detached: true, stdio: ['pipe', 'pipe', 'inherit'] });
+  procs.add(worker);
+  worker.stdin?.write(`${JSON.stringify({ credentials: await issue(ca, 'worker'), rpcPort })}\n`);
+  const port = await new Promise<number>((resolve, reject) => {
+    worker.stdout?.once('data', (d: Buffer) => resolve((JSON.parse(d.toString()) as { port: number }).port));
+    worker.once('exit', (code) => reject(new Error(`tunnel listener exited (${code})`)));
+  });
+  const forwarder = await startTunnelForwarder({
+    remote: { host: '127.0.0.1', port },
+    enginePort: rpcPort,
+    expectPeer: { id: 'worker' },
+    credentials: await issue(ca, 'head'),
+    onError: (m) => process.stderr.write(`tunnel: ${m}\n`),
+  });
+  return { forwarder, worker };
+}
+
+interface Completion {
+  ttftMs: number;
+  decodeTokensPerSecond: number;
+  tokenIds: number[];
+}
+
+/** One greedy streamed completion, timed at the client; the prompt cache is off so every request prefills. */
+async function complete(httpPort: number): Promise<Completion> {
+  const t0 = performance.now();
+  const res = await fetch(`http://127.0.0.1:${httpPort}/completion`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ prompt: PROMPT, stream: true, return_tokens: true, n_predict: TOKENS, temperature: 0, top_k: 1, cache_prompt: false, ignore_eos: true }),
+  });
+  if (!res.ok || !res.body) throw new Error(`/completion answered ${res.status}`);
+  const tokenIds: number[] = [];
+  let first = 0;
+  let last = 0;
+  for await (const payload of ssePayloads(res.body)) {
+    const chunk = JSON.parse(payload) as { tokens?: number[] };
+    if (!chunk.tokens?.length) continue;
+    last = performance.now();
+    if (tokenIds.length === 0) first = last;
+    tokenIds.push(...chunk.tokens);
+  }
+  if (tokenIds.length < 2) throw new Error(`only ${tokenIds.length} tokens generated`);
+  return { ttftMs: first - t0, decodeTokensPerSecond: ((tokenIds.length - 1) * 1000) / (last - first), tokenIds };
+}
+
+interface Trial {
+  mode: Mode;
+  loadSeconds: number;
+  completions: Completion[];
+}
+
+/** A fresh head llama-server against `rpcPort` (the rpc-server itself or the forwarder). */
+async function trial(mode: Mode, rpcPort: number, model: string, llamaServer: string): Promise<Trial> {
+  const httpPort = await freePort();
+  const t0 = performance.now();
+  const head = start(llamaServer, [
+    ...['-m', model, '--rpc', `127.0.0.1:${rpcPort}`, '-ngl', String(NGL), '-c', '1024', '-t', String(THREADS)],
+    ...['--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)],
+  ]);
+  try {
+    const deadline = Date.now() + 300_000;
+    for (;;) {
+      if (head.proc.exitCode !== null) throw new Error(`llama-server exited: ${head.log().slice(-2000)}`);
+      const ok = await fetch(`http://127.0.0.1:${httpPort}/health`).then(
+        (r) => r.status === 200,
+        () => false,
+      );
+      if (ok) break;
+      if (Date.now() > deadline) throw new Error(`llama-server not ready: ${head.log().slice(-2000)}`);
+      await sleep(20);
+    }
+    const loadSeconds = (performance.now() - t0) / 1000;
+    await complete(httpPort); // first request pays one-time graph/buffer set-up: not counted
+    const completions: Completion[] = [];
+    for (let i = 0; i < REQUESTS; i++) completions.push(await complete(httpPort));
+    return { mode, loadSeconds, completions };
+  } finally {
+    await stop(head.proc);
+  }
+}
+
+function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
+}
+const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
+
+function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarder }) {
+  const of = (mode: Mode) => trials.filter((t) => t.mode === mode);
+  const stats = (mode: Mode) => {
+    const ts = of(mode);
+    const cs = ts.flatMap((t) => t.completions);
+    return {
+      loadSeconds: ts.map((t) => round(t.loadSeconds)),
+      ttftMs: cs.map((c) => round(c.ttftMs, 2)),
+      decodeTokensPerSecond: cs.map((c) => round(c.decodeTokensPerSecond, 2)),
+      loadSecondsMedian: round(median(ts.map((t) => t.loadSeconds))),
+      ttftMsP50: round(median(cs.map((c) => c.ttftMs)), 2),
+      decodeTokensPerSecondMedian: round(median(cs.map((c) => c.decodeTokensPerSecond)), 2),
+    };
+  };
+  const direct = stats('direct');
+  const tunnelled = stats('tunnel');
+  const ids = trials.flatMap((t) => t.completions.map((c) => c.tokenIds.join(',')));
+  return {
+    bench: 'tunnel',
+    tokensPerSecondRatio: round(tunnelled.decodeTokensPerSecondMedian / direct.decodeTokensPerSecondMedian),
+    ttftAddedMs: round(tunnelled.ttftMsP50 - direct.ttftMsP50, 2),
+    loadSecondsRatio: round(tunnelled.loadSecondsMedian / direct.loadSecondsMedian),
+    tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
+    goals: { tokensPerSecondRatio: '>= 0.97', ttftAddedMs: '< 2 (p50)', loadSecondsRatio: '<= 1.10' },
+    setup: { trials: TRIALS, requestsPerTrial: REQUESTS, tokens: TOKENS, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS },
+    tunnelBytes: { ...tunnel.forwarder.bytes, connections: tunnel.forwarder.connections() },
+    direct,
+    tunnel: tunnelled,
+  };
+}
+
+async function main(): Promise<void> {
+  const bins = await findLlamaBinaries();
+  const work = await mkdtemp(join(tmpdir(), 'orchard-bench-tunnel-'));
+  const model = join(work, 'split.gguf');
+  let tunnel: Awaited<ReturnType<typeof startTunnel>> | undefined;
+  try {
+    const gen = ['--out', model, '--layers', String(LAYERS), '--dim', String(DIM), '--ffn', String(FFN), '--type', 'f16'];
+    await promisify(execFile)(process.execPath, [join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', ...gen]);
+    const rpcPort = await freePort();
+    const rpc = start(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(THREADS)]);
+    await waitPort(rpcPort, rpc.proc, rpc.log);
+    tunnel = await startTunnel(rpcPort);
+    const trials: Trial[] = [];
+    for (let i = 0; i < TRIALS; i++) {
+      // ABBA order: drift (page cache, thermal, neighbours) lands on both modes alike
+      const order: Mode[] = i % 2 === 0 ? ['direct', 'tunnel'] : ['tunnel', 'direct'];
+      for (const mode of order) {
+        trials.push(await trial(mode, mode === 'direct' ? rpcPort : tunnel.forwarder.port, model, bins.llamaServer));
+        if (!JSON_OUT) process.stderr.write(`trial ${i + 1}/${TRIALS} ${mode}: load ${trials.at(-1)?.loadSeconds.toFixed(2)} s\n`);
+      }
+    }
+    const out = summarise(trials, tunnel);
+    if (JSON_OUT) process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
+    else {
+      const { direct: d, tunnel: t } = out;
+      process.stdout.write(
+        `tunnel ÷ direct: tokens/s ${out.tokensPerSecondRatio} (${t.decodeTokensPerSecondMedian} vs ${d.decodeTokensPerSecondMedian}), ` +
+          `TTFT +${out.ttftAddedMs} ms p50 (${t.ttftMsP50} vs ${d.ttftMsP50}), load ${out.loadSecondsRatio} (${t.loadSecondsMedian} s vs ${d.loadSecondsMedian} s), ` +
+          `token ids identical: ${out.tokenIdsIdentical}\n`,
+      );
+    }
+  } finally {
+    await tunnel?.forwarder.close();
+    tunnel?.worker.stdin?.end();
+    killAll();
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+(argv.includes('--worker-listener') ? workerListener() : main()).catch((err: unknown) => {
+  process.stderr.write(`${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+  killAll();
+  process.exit(1);
+});
