@@ -97,7 +97,15 @@ describe('console: static assets', () => {
       expect(r.status, url).toBe(200);
       expect(r.headers.get('content-type')).toBe('text/javascript; charset=utf-8');
     }
-    expect((await fetch(`${base}${CONSOLE_PREFIX}app.js`)).status).toBe(200);
+    // Everything the page links and every relative import of its modules is served.
+    const wanted = new Set([...html.matchAll(/(?:href|src)="(\/console\/[^"]+)"/g)].map((m) => m[1]!));
+    for (const url of [...wanted]) {
+      const r = await fetch(`${base}${url}`);
+      expect(r.status, url).toBe(200);
+      if (url.endsWith('.js')) for (const m of (await r.text()).matchAll(/from '\.\/([^']+)'/g)) wanted.add(`${CONSOLE_PREFIX}${m[1]}`);
+    }
+    for (const url of wanted) expect((await fetch(`${base}${url}`)).status, url).toBe(200);
+    expect(wanted.size).toBeGreaterThan(10);
   });
 
   it('revalidates with the ETag (304) and answers 404 for anything it does not ship', async () => {

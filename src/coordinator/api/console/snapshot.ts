@@ -76,6 +76,8 @@ export function usedByEngines(models: readonly ModelStatus[]): Map<string, numbe
   return used;
 }
 
+const AVAILABLE_QUANTUM = 64 * 2 ** 20;
+
 export function consoleNode(n: NodeEntry, usedBytes: number): ConsoleNode {
   const p = n.profile;
   return {
@@ -91,7 +93,9 @@ export function consoleNode(n: NodeEntry, usedBytes: number): ConsoleNode {
     wiredLimitBytes: p.wiredLimitBytes,
     bandwidthBytesPerSecond: p.bandwidthBytesPerSecond,
     usedByEnginesBytes: usedBytes,
-    availableBytes: n.live ? n.live.availableBytes : null,
+    // Quantized: the OS figure moves by kilobytes with every stats message, and each change would
+    // push a new snapshot to every open page; the page shows it to 0.1 GiB.
+    availableBytes: n.live ? Math.round(n.live.availableBytes / AVAILABLE_QUANTUM) * AVAILABLE_QUANTUM : null,
     memoryPressure: n.live ? n.live.memoryPressure : null,
   };
 }
