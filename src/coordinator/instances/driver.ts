@@ -217,3 +217,32 @@ export class EngineRoster {
     }
   }
 }
+
+/**
+ * What every family's group shares: the roster of engines it started, the endpoint per stage, and
+ * attributing an agent's exit report to its own engine. Families add start/verify/generate/stop.
+ */
+export abstract class RosterGroup {
+  protected readonly roster: EngineRoster;
+  protected readonly endpoints: string[] = [];
+
+  constructor(cluster: Cluster, spec: InstanceSpec) {
+    this.roster = new EngineRoster(cluster, spec.gone);
+  }
+
+  get engines(): readonly EngineRef[] {
+    return this.roster.list;
+  }
+
+  get head(): EngineRef | undefined {
+    return this.roster.head;
+  }
+
+  endpoint(stage: number): string {
+    return this.endpoints[stage] ?? '';
+  }
+
+  engineExited(nodeId: string, ev: EngineExit): void {
+    this.roster.exited(nodeId, ev);
+  }
+}

@@ -6,22 +6,20 @@ import {
   type Cluster,
   clientOf,
   type EngineDriver,
-  type EngineExit,
   type EngineGroup,
-  type EngineRef,
   type EngineRequest,
-  EngineRoster,
   type EngineStream,
   grpcMessage,
   headStream,
   type InstanceSpec,
   type LoadContext,
+  RosterGroup,
 } from '../driver.ts';
 import { memoryOptionsOf } from '../planner-adapter.ts';
 import type { LoadOptions } from '../types.ts';
 import { headLayout, type LayoutStage } from './layout.ts';
 import { defaultModelHashDir, ModelIdentity, seedStageCache } from './tensor-cache.ts';
-import { parseEngineLog, type PlannedDevice, type VerifyResult, verifyEngineReport } from './verify.ts';
+import { type PlannedDevice, parseEngineLog, type VerifyResult, verifyEngineReport } from './verify.ts';
 
 /**
  * llama.cpp over RPC: one ggml-rpc-server per worker stage (pre-seeded from the node's own copy
@@ -64,9 +62,7 @@ export class LlamaDriver implements EngineDriver {
   }
 }
 
-class LlamaGroup implements EngineGroup {
-  readonly #roster: EngineRoster;
-  readonly #endpoints: string[] = [];
+class LlamaGroup extends RosterGroup implements EngineGroup {
   #devices: PlannedDevice[] = [];
   #headLog: string[] = [];
   verification: VerifyResult | undefined;
@@ -76,19 +72,7 @@ class LlamaGroup implements EngineGroup {
     private readonly o: LlamaDriverOptions,
     private readonly spec: InstanceSpec,
   ) {
-    this.#roster = new EngineRoster(cluster, spec.gone);
-  }
-
-  get engines(): readonly EngineRef[] {
-    return this.#roster.list;
-  }
-
-  get head(): EngineRef | undefined {
-    return this.#roster.head;
-  }
-
-  endpoint(stage: number): string {
-    return this.#endpoints[stage] ?? '';
+    super(cluster, spec);
   }
 
   async start(load: LoadContext): Promise<void> {
@@ -174,7 +158,7 @@ class LlamaGroup implements EngineGroup {
           90_000,
         );
         const endpoint = `${i === last ? '127.0.0.1' : engine.host || bindHost}:${engine.port}`;
-        this.#endpoints[i] = endpoint;
+        this.endpoints[i] = endpoint;
         return endpoint;
       }),
     );
@@ -185,7 +169,7 @@ class LlamaGroup implements EngineGroup {
     const client = clientOf(this.cluster, node.nodeId);
     const head = o.kind === 'ENGINE_KIND_LLAMA_SERVER';
     const label = head ? 'llama-server' : 'rpc-server';
-    this.#roster.record({ nodeId: node.nodeId, engineId: o.engineId, label }, head);
+    this.roster.record({ nodeId: node.nodeId, engineId: o.engineId, label }, head);
     try {
       return await client.startEngineWithLog(o, timeoutMs);
     } catch (err) {
@@ -208,17 +192,13 @@ class LlamaGroup implements EngineGroup {
   }
 
   async generate(req: EngineRequest): Promise<EngineStream> {
-    const head = this.#roster.head;
+    const head = this.roster.head;
     if (!head) throw new CoordinatorError('UNAVAILABLE', `model "${this.spec.name}" is not ready`);
     return headStream(clientOf(this.cluster, head.nodeId), head.engineId, req);
   }
 
-  engineExited(nodeId: string, ev: EngineExit): void {
-    this.#roster.exited(nodeId, ev);
-  }
-
   stop(): Promise<void> {
-    return this.#roster.stop((e) => e === this.#roster.head);
+    return this.roster.stop((e) => e === this.roster.head);
   }
 }
 

@@ -4,15 +4,13 @@ import {
   type Cluster,
   clientOf,
   type EngineDriver,
-  type EngineExit,
   type EngineGroup,
-  type EngineRef,
   type EngineRequest,
-  EngineRoster,
   type EngineStream,
   headStream,
   type InstanceSpec,
   type LoadContext,
+  RosterGroup,
 } from '../driver.ts';
 import type { LoadOptions } from '../types.ts';
 import { type MlxRankEngine, rankProblems, startMlxRanks, submitToFollowers } from './instance.ts';
@@ -54,9 +52,7 @@ export class MlxDriver implements EngineDriver {
   }
 }
 
-class MlxGroup implements EngineGroup {
-  readonly #roster: EngineRoster;
-  readonly #endpoints: string[] = [];
+class MlxGroup extends RosterGroup implements EngineGroup {
   /** The ranks in rank order (rank 0 = head, it emits; the others get each request first). */
   #ranks: MlxRankEngine[] = [];
   #launch: MlxInstanceLaunch | undefined;
@@ -68,19 +64,7 @@ class MlxGroup implements EngineGroup {
     private readonly o: MlxDriverOptions,
     private readonly spec: InstanceSpec,
   ) {
-    this.#roster = new EngineRoster(cluster, spec.gone);
-  }
-
-  get engines(): readonly EngineRef[] {
-    return this.#roster.list;
-  }
-
-  get head(): EngineRef | undefined {
-    return this.#roster.head;
-  }
-
-  endpoint(stage: number): string {
-    return this.#endpoints[stage] ?? '';
+    super(cluster, spec);
   }
 
   /** Lay the ranks out over the plan's nodes and start them in the order the ring needs. */
@@ -108,7 +92,7 @@ class MlxGroup implements EngineGroup {
     const started = await startMlxRanks(
       {
         client: (id) => clientOf(this.cluster, id),
-        record: (e) => this.#roster.record({ nodeId: e.nodeId, engineId: e.engineId, label: `MLX rank ${e.rank}` }, e.rank === 0),
+        record: (e) => this.roster.record({ nodeId: e.nodeId, engineId: e.engineId, label: `MLX rank ${e.rank}` }, e.rank === 0),
         assertLoading: () => load.assertLoading(),
         progress: (m) => load.progress('starting-workers', m),
       },
@@ -117,7 +101,7 @@ class MlxGroup implements EngineGroup {
     );
     this.#ranks = started.ranks;
     this.#startupLogs = started.startupLogs;
-    for (const r of launch.ranks) this.#endpoints[r.stage] = r.mlx.hosts[r.rank]?.endpoints[0] ?? r.mlx.jacclCoordinator;
+    for (const r of launch.ranks) this.endpoints[r.stage] = r.mlx.hosts[r.rank]?.endpoints[0] ?? r.mlx.jacclCoordinator;
   }
 
   verify(): void {
@@ -146,11 +130,7 @@ class MlxGroup implements EngineGroup {
     return headStream(client, head.engineId, req);
   }
 
-  engineExited(nodeId: string, ev: EngineExit): void {
-    this.#roster.exited(nodeId, ev);
-  }
-
   stop(): Promise<void> {
-    return this.#roster.stop();
+    return this.roster.stop();
   }
 }
