@@ -194,6 +194,29 @@ describe('TLS tunnel: who gets in', () => {
     expect(t.errors.join('\n')).toMatch(/refused: this identity has been revoked/);
   });
 
+  it('disconnect(peer) cuts that peer’s open sessions at once, and only its own', async () => {
+    const revoked: string[] = [];
+    const t = await setup({ revoked });
+    const f = await t.forwarder();
+    const g = await t.forwarder(undefined, await credentials(ca, 'coord', 'coordinator'));
+    const open = (port: number) => {
+      const s = connect(port, '127.0.0.1');
+      s.on('error', () => {});
+      s.resume();
+      s.write('x');
+      return s;
+    };
+    const a = open(f.port);
+    const b = open(g.port);
+    await vi.waitFor(() => expect(t.listener.stats().map((x) => x.fromEngine)).toEqual([1, 1]));
+    revoked.push('head-1');
+    expect(t.listener.disconnect('head-1')).toBe(1);
+    await new Promise<void>((r) => a.once('close', () => r()));
+    expect(b.destroyed).toBe(false);
+    expect(t.listener.disconnect('nobody')).toBe(0);
+    b.destroy();
+  });
+
   it('lets the coordinator role through', async () => {
     const t = await setup();
     const f = await t.forwarder(undefined, await credentials(ca, 'coord', 'coordinator'));

@@ -34,6 +34,11 @@ export interface TunnelListener {
   readonly port: number;
   /** Byte counters per (peer id, engine port), cumulative since start. */
   stats(): TunnelStats[];
+  /**
+   * Cut every open session of `peerId` (call when the coordinator announces a revocation:
+   * isRevoked only guards new connections, and ggml-rpc keeps its connection for hours).
+   */
+  disconnect(peerId: string): number;
   close(): Promise<void>;
 }
 
@@ -46,9 +51,10 @@ export interface TunnelListener {
 export async function startTunnelListener(o: TunnelListenerOptions): Promise<TunnelListener> {
   const stats = new Map<string, TunnelStats>();
   const sockets = new Set<Socket>();
+  const byPeer = new Map<string, Set<Socket>>();
   const server = createServer({ ...serverTlsOptions(o.credentials), handshakeTimeout: o.preambleTimeoutMs ?? 10_000 }, (tls) => {
     tls.setNoDelay(true);
-    void accept(tls, o, stats, sockets);
+    void accept(tls, o, { stats, sockets, byPeer });
   });
   // the raw TCP sockets, from accept on: close() must also cut handshakes still in progress
   server.on('connection', (raw: Socket) => track(sockets, raw));
@@ -64,6 +70,11 @@ export async function startTunnelListener(o: TunnelListenerOptions): Promise<Tun
   return {
     port: typeof address === 'object' && address ? address.port : o.port,
     stats: () => [...stats.values()].map((s) => ({ ...s })),
+    disconnect: (peerId) => {
+      const open = [...(byPeer.get(peerId) ?? [])];
+      for (const s of open) s.destroy();
+      return open.length;
+    },
     close: () =>
       new Promise<void>((resolve) => {
         for (const s of sockets) s.destroy();
@@ -91,7 +102,13 @@ function authorize(tls: TLSSocket, o: TunnelListenerOptions): { peer: VerifiedPe
   return { peer };
 }
 
-async function accept(tls: TLSSocket, o: TunnelListenerOptions, stats: Map<string, TunnelStats>, sockets: Set<Socket>): Promise<void> {
+interface Sessions {
+  readonly stats: Map<string, TunnelStats>;
+  readonly sockets: Set<Socket>;
+  readonly byPeer: Map<string, Set<Socket>>;
+}
+
+async function accept(tls: TLSSocket, o: TunnelListenerOptions, { stats, sockets, byPeer }: Sessions): Promise<void> {
   const refuse = (error: string, peer?: VerifiedPeer) => {
     o.onRefused?.(error, peer);
     tls.end(encodeReply({ ok: false, error }));
@@ -116,7 +133,14 @@ async function accept(tls: TLSSocket, o: TunnelListenerOptions, stats: Map<strin
     engine.once('error', () => resolve(false));
   });
   if (!ready) return refuse(`engine on port ${request.port} is not accepting connections`, auth.peer);
-  const key = `${auth.peer.id}:${request.port}`;
+  const peerId = auth.peer.id;
+  const mine = byPeer.get(peerId) ?? new Set<Socket>();
+  byPeer.set(peerId, mine.add(tls));
+  tls.once('close', () => {
+    mine.delete(tls);
+    if (mine.size === 0 && byPeer.get(peerId) === mine) byPeer.delete(peerId);
+  });
+  const key = `${peerId}:${request.port}`;
   const s = stats.get(key) ?? { peer: auth.peer.id, enginePort: request.port, toEngine: 0, fromEngine: 0, connections: 0 };
   s.connections += 1;
   stats.set(key, s);
