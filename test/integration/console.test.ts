@@ -117,14 +117,22 @@ describe.skipIf(!engines || !CHROMIUM)('cluster console in Chromium on a 3-node 
   });
 
   it('without a key the page shows only the login, and the data routes refuse; first load is small', async () => {
-    // Twice, each in a fresh context (empty cache): the first also pays for Chromium's start-up.
-    let fresh = await browser!.newContext({ bypassCSP: true });
-    await measureLoad(await fresh.newPage(), base, '#api-key');
-    await fresh.close();
-    fresh = await browser!.newContext({ bypassCSP: true });
+    // Each load in a fresh context (empty cache); the first one also pays for Chromium's start-up
+    // and is not counted.
+    const times: number[] = [];
+    let m = { bytes: 0, interactiveMs: 0, files: 0 };
+    for (let i = 0; i < 4; i++) {
+      const ctx = await browser!.newContext({ bypassCSP: true });
+      m = await measureLoad(await ctx.newPage(), base, '#api-key');
+      if (i > 0) times.push(m.interactiveMs);
+      await ctx.close();
+    }
+    const median = [...times].sort((a, b) => a - b)[1]!;
+    console.log(`console first load (login, empty cache): ${m.files} files, ${(m.bytes / 1024).toFixed(1)} KiB transferred, interactive at ${times.map((t) => t.toFixed(0)).join('/')} ms (median ${median.toFixed(0)})`);
+    const fresh = await browser!.newContext({ bypassCSP: true });
     const p = await fresh.newPage();
-    const m = await measureLoad(p, base, '#api-key');
-    console.log(`console first load (login, empty cache): ${m.files} files, ${(m.bytes / 1024).toFixed(1)} KiB transferred, interactive at ${m.interactiveMs.toFixed(0)} ms`);
+    await p.goto(base);
+    await p.waitForSelector('#api-key');
     expect(m.bytes).toBeGreaterThan(0);
     expect(await p.locator('nav').count()).toBe(0);
     expect(await p.locator('.node-card').count()).toBe(0);
