@@ -48,6 +48,8 @@ function skipReason(test: TestCase): string {
   while (task) {
     const r = task.meta().skipReason;
     if (r) return r;
+    // A failed beforeAll leaves its tests skipped; the failure itself is reported above.
+    if (task.type !== 'test' && task.state() === 'failed') return 'did not run: a hook of its suite failed (see the errors above)';
     task = task.type === 'module' ? undefined : task.parent;
   }
   return 'no reason recorded (a bare .skip / .skipIf: use describeWith / itWith from test/helpers/needs.ts)';
