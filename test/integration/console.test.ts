@@ -94,9 +94,9 @@ describe.skipIf(!engines || !CHROMIUM)('cluster console in Chromium on a 3-node 
       nodes: demoBudgets(profile, 3, { ctx: DEMO_CTX, cacheType: 'f16' }),
       stateRoot: join(tmp, 'state'),
       env: { ...env, ORCHARD_RPC_THREADS: '1', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1' },
-      // A dead agent is down after 2 s of silence (default 5 s), inside the 3 s the console has
-      // to show it; the page itself follows the registry within one event-loop turn.
-      coordinatorArgs: ['--api-key', API_KEY, '--suspect-after', '1000', '--down-after', '2000'],
+      // Default liveness thresholds: a SIGKILLed agent is down as soon as re-dialling it is
+      // refused (not after the 5 s silence clock), and the page follows the registry at once.
+      coordinatorArgs: ['--api-key', API_KEY],
     });
     base = cluster.httpUrl;
     for (let i = 0; i < 100; i++) {

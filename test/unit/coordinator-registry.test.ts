@@ -91,6 +91,18 @@ describe('Registry', () => {
     expect(kinds(r.tick(5000))).toEqual(['a:suspect->down']);
   });
 
+  it('a refused re-dial after a broken stream is a death: down at once, with the reason', () => {
+    const r = new Registry(opts);
+    join(r, 'a', 'x:1', 's1', 0);
+    expect(r.refused('a', 50, 'refused')).toEqual([]); // an up node is not judged by one refused dial
+    r.disconnected('a', 's1', 100);
+    const c = r.refused('a', 150, 'agent not running at x:1 (connection refused)');
+    expect(kinds(c)).toEqual(['a:suspect->down']);
+    expect((c[0] as Extract<RegistryChange, { kind: 'state' }>).reason).toMatch(/connection refused/);
+    expect(r.refused('a', 200, 'again')).toEqual([]); // already down
+    expect(kinds(r.connected({ profile: profile('a'), address: 'x:1', discoveredBy: 'mdns', session: 's2' }, 300))).toContain('replaced:a');
+  });
+
   it('ignores events and disconnects from a stale session', () => {
     const r = new Registry(opts);
     join(r, 'a', 'x:1', 's1', 0);

@@ -134,7 +134,11 @@ export class Membership extends EventEmitter<MembershipEvents> {
     link.retry = setTimeout(() => {
       link.retry = undefined;
       this.#connect(link).catch((err) => {
-        this.#log.debug({ address: link.address, err: errorMessage(err) }, 'agent not reachable yet');
+        const why = errorMessage(err);
+        this.#log.debug({ address: link.address, err: why }, 'agent not reachable yet');
+        if (link.nodeId && /ECONNREFUSED|connection refused/i.test(why)) {
+          this.#apply(this.registry.refused(link.nodeId, Date.now(), `agent not running at ${link.address} (connection refused)`));
+        }
         this.#scheduleReconnect(link);
       });
     }, delay);

@@ -7,7 +7,7 @@ import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
  * returns. That keeps every transition testable with plain numbers.
  *
  *   up ──(no event for suspectAfterMs, or the stream broke)──► suspect
- *   suspect ──(no event for downAfterMs since last seen)──► down
+ *   suspect ──(no event for downAfterMs since last seen, or re-dialling it was refused)──► down
  *   suspect/down ──(an event from the same session)──► up
  *   any ──(a new session of the same node id = the agent restarted)──► replaced, up
  *   down ──(forgetAfterMs since last seen, when set)──► removed
@@ -165,6 +165,20 @@ export class Registry {
     const node: NodeEntry = { ...prev, state: 'suspect', stateSinceMs: nowMs };
     this.#nodes.set(nodeId, node);
     return [{ kind: 'state', node, from: 'up', to: 'suspect', reason }];
+  }
+
+  /**
+   * Re-dialling a suspect node's agent was refused: the host answered but nothing listens on the
+   * agent's port, so the agent process (and every engine it supervised) is gone. That is a death,
+   * not a blip, and need not wait out the silence clock. A stalled agent or a cut link times out
+   * instead of refusing, and keeps the usual clock.
+   */
+  refused(nodeId: string, nowMs: number, reason: string): RegistryChange[] {
+    const prev = this.#nodes.get(nodeId);
+    if (!prev || prev.state !== 'suspect') return [];
+    const node: NodeEntry = { ...prev, state: 'down', stateSinceMs: nowMs };
+    this.#nodes.set(nodeId, node);
+    return [{ kind: 'state', node, from: 'suspect', to: 'down', reason }];
   }
 
   /** Advance the clock: silence turns up → suspect → down, and old down entries are forgotten. */
