@@ -1,4 +1,6 @@
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
+import { llamaMemoryArgs } from '../../src/shared/placement/llama-args.ts';
 import { freePort, killGroup, sleep, spawnProc } from './processes.ts';
 
 export interface OracleRequest {
@@ -14,11 +16,15 @@ export interface OracleRequest {
 /**
  * The oracle the cluster tests compare with: one plain llama-server on 127.0.0.1, no RPC, same
  * file and context, greedy decoding; returns its token ids and stops it (process group), also
- * when the request fails.
+ * when the request fails. It gets the head's numerics-relevant arguments (llamaMemoryArgs with the
+ * load defaults the cluster tests use: -fa on, -ub, --kv-unified, -ctk/-ctv, --no-repack), so a
+ * difference is the split's, not a flag's: with llama.cpp's defaults the weights land in the AMX
+ * buffer type on CPUs that have it, which no ggml-rpc-server uses.
  */
 export async function plainLlamaTokens(bins: Pick<LlamaBinaries, 'llamaServer'>, req: OracleRequest): Promise<number[]> {
   const port = await freePort();
-  const args = ['-m', req.model, '-c', String(req.ctx), '-np', '1', '--port', String(port), '--host', '127.0.0.1', '-t', String(req.threads)];
+  const memory = llamaMemoryArgs({ ...DEFAULT_MEMORY_OPTIONS, ctx: req.ctx });
+  const args = ['-m', req.model, ...memory, '--port', String(port), '--host', '127.0.0.1', '-t', String(req.threads)];
   const p = spawnProc('oracle llama-server', args, process.env, bins.llamaServer);
   try {
     const deadline = Date.now() + (req.readyTimeoutMs ?? 120_000);

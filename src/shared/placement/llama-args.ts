@@ -70,7 +70,10 @@ export function llamaLayerDevices(tensorSplit: readonly number[], layerCount: nu
   return out;
 }
 
-/** KV/context arguments matching the memory math's assumptions. */
+/**
+ * KV/context/weight-buffer arguments matching the memory math's assumptions. Also the arguments
+ * that decide numerics, so a one-engine run given the same ones computes what a split does.
+ */
 export function llamaMemoryArgs(o: MemoryOptions): string[] {
   return [
     '-c',
@@ -89,5 +92,10 @@ export function llamaMemoryArgs(o: MemoryOptions): string[] {
     // llama.cpp's own fitting would change -c behind the plan's back.
     '-fit',
     'off',
+    // No CPU "extra" buffer types (repack, AMX): ggml-rpc-server only ever allocates the CPU
+    // backend's default buffer, so every stage runs the plain CPU kernels. Weights the head's CPU
+    // holds would otherwise get other kernels (AMX's f16 matmul accumulates in f32; the plain one,
+    // built with AVX512-FP16, in f16 — greedy tokens differ) and a second, repacked copy.
+    '--no-repack',
   ];
 }
