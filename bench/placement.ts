@@ -57,7 +57,7 @@ function node(sku: Sku, i: number): ClusterNode {
   const wired = wiredLimitBytes(memoryBytes, undefined);
   return {
     name: `${sku.label}#${i}`,
-    budgetBytes: usableBudget({ memoryBytes, wiredLimitBytes: wired }).usableBytes,
+    budgetBytes: usableBudget({ memoryBytes, wiredLimitBytes: wired }).budgetBytes,
     bandwidthBytesPerSecond: chip.bandwidthBytesPerSecond,
     memoryBytes,
     wiredBytes: wired,

@@ -97,7 +97,7 @@ export interface LoadedStage {
 /** Coordinator.Load, streamed to the end; the stages of the ready model. */
 export async function loadModel(client: CoordinatorClient, modelPath: string, name: string, ctx: number): Promise<LoadedStage[]> {
   let stages: LoadedStage[] = [];
-  for await (const p of client.stream('load', { modelPath, name, options: { ctx, cacheType: 'f16', parallel: 1, pinnedNodes: [] }, engine: '' })) {
+  for await (const p of client.stream('load', { modelPath, name, options: { ctx, cacheType: 'f16', parallel: 1, pin: [] }, engine: '' })) {
     if (p.phase === 'failed') throw new Error(String(p.message));
     if (p.phase === 'ready') {
       stages = ((p.model as Record<string, unknown>).stages as LoadedStage[]).map((s) => ({ firstLayer: Number(s.firstLayer), lastLayer: Number(s.lastLayer) }));

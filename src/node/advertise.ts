@@ -12,7 +12,7 @@ import type { Logger } from '../shared/log.ts';
  *   id     stable node id            pv    protocol version (PROTOCOL_VERSION)
  *   chip   chip name                 ram   total RAM bytes
  *   bw     memory bandwidth B/s      wired GPU wired-memory limit bytes
- *   grpc   gRPC port (same as SRV)   usable model-memory budget bytes
+ *   grpc   gRPC port (same as SRV)   model-memory budget bytes
  *   tb     comma-separated IPv4 addresses on Thunderbolt interfaces (absent when none): the
  *          addresses a coordinator should prefer for the engines' data path (RPC, MLX ring/RDMA)
  *
@@ -29,7 +29,7 @@ export interface NodeTxt {
   readonly ram: number;
   readonly bw: number;
   readonly wired: number;
-  readonly usable: number;
+  readonly budget: number;
   readonly grpc: number;
   readonly thunderbolt: readonly string[];
 }
@@ -49,7 +49,7 @@ export function encodeTxt(profile: HardwareProfile, grpcPort: number): Record<st
     ram: String(profile.memoryBytes),
     bw: String(profile.bandwidthBytesPerSecond),
     wired: String(profile.wiredLimitBytes),
-    usable: String(profile.usableBytes),
+    budget: String(profile.budgetBytes),
     grpc: String(grpcPort),
   };
 }
@@ -77,7 +77,7 @@ export function decodeTxt(txt: unknown): NodeTxt | undefined {
   const thunderbolt = str('tb')
     .split(',')
     .filter((a) => /^\d+\.\d+\.\d+\.\d+$/.test(a));
-  return { id, pv: str('pv'), chip: str('chip'), ram: num('ram'), bw: num('bw'), wired: num('wired'), usable: num('usable'), grpc, thunderbolt };
+  return { id, pv: str('pv'), chip: str('chip'), ram: num('ram'), bw: num('bw'), wired: num('wired'), budget: num('budget'), grpc, thunderbolt };
 }
 
 export interface AdvertiserOptions {

@@ -34,7 +34,7 @@ export class NodeMetrics {
       collect: {
         info: refresh,
         memoryBytes: refresh,
-        usableMemoryBytes: refresh,
+        budgetBytes: refresh,
         availableMemoryBytes: refresh,
         bandwidthBytesPerSecond: refresh,
         wiredLimitBytes: refresh,

@@ -63,7 +63,7 @@ export interface BudgetInput {
 }
 
 export interface Budget {
-  readonly usableBytes: number;
+  readonly budgetBytes: number;
   readonly reserveBytes: number;
   readonly marginBytes: number;
   /** Memory used by other programs beyond the OS reserve, rounded up to 512 MiB (0 when unknown). */
@@ -90,5 +90,5 @@ export function usableBudget(input: BudgetInput): Budget {
   const limitedBy = input.wiredLimitBytes <= ramRoom ? 'wired-limit' : 'ram';
   const capacity = Math.min(input.wiredLimitBytes, ramRoom);
   const marginBytes = input.marginBytes ?? safetyMarginBytes(capacity);
-  return { usableBytes: Math.max(0, capacity - marginBytes), reserveBytes, marginBytes, othersBytes, limitedBy };
+  return { budgetBytes: Math.max(0, capacity - marginBytes), reserveBytes, marginBytes, othersBytes, limitedBy };
 }

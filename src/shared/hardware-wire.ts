@@ -33,7 +33,7 @@ export function profileToWire(p: HardwareProfile): { [K in keyof Required<Hardwa
     memoryBytes: String(p.memoryBytes),
     bandwidthBytesPerSecond: String(p.bandwidthBytesPerSecond),
     wiredLimitBytes: String(p.wiredLimitBytes),
-    usableBytes: String(p.usableBytes),
+    budgetBytes: String(p.budgetBytes),
     engines: [...p.engines],
     interfaces: p.interfaces.map((i) => ({ name: i.name, addresses: [...i.addresses], thunderbolt: i.thunderbolt, rdma: i.rdma })),
     protocolVersion: p.protocolVersion,
@@ -58,7 +58,7 @@ export function profileFromWire(p: Wire | undefined | null): HardwareProfile {
     memoryBytes: num(w.memoryBytes),
     bandwidthBytesPerSecond: num(w.bandwidthBytesPerSecond),
     wiredLimitBytes: num(w.wiredLimitBytes),
-    usableBytes: num(w.usableBytes),
+    budgetBytes: num(w.budgetBytes),
     engines: Array.isArray(w.engines) ? w.engines.map(String) : [],
     interfaces: Array.isArray(w.interfaces)
       ? (w.interfaces as Wire[]).map((i) => ({

@@ -25,7 +25,7 @@ export interface HardwareProfile {
   /** GPU wired-memory limit; on macOS with `iogpu.wired_limit_mb` = 0 this is the modelled OS default. */
   readonly wiredLimitBytes: number;
   /** Model-memory budget the planner may use on this node. */
-  readonly usableBytes: number;
+  readonly budgetBytes: number;
   readonly engines: readonly string[];
   readonly interfaces: readonly NetworkInterfaceInfo[];
   readonly protocolVersion: string;

@@ -39,7 +39,7 @@ export const PROFILE: HardwareProfile = {
   memoryBytes: 192 * 2 ** 30,
   bandwidthBytesPerSecond: 800e9,
   wiredLimitBytes: 144 * 2 ** 30,
-  usableBytes: 140 * 2 ** 30,
+  budgetBytes: 140 * 2 ** 30,
   engines: ['llama.cpp'],
   interfaces: [],
   protocolVersion: '1',
@@ -104,7 +104,7 @@ function placedModel(): ModelStatus {
     stages: [stage('alpha', 0, 3), stage('bravo', 4, 7)],
     error: '',
     predictedTokensPerSecond: 42,
-    options: { ctx: 2048, cacheType: 'f16', parallel: 1, pinnedNodes: [] },
+    options: { ctx: 2048, cacheType: 'f16', parallel: 1, pin: [] },
     verification: { ok: true, problems: [], devices: [device('alpha', '0-3'), device('bravo', '4-7')], host: { model: 15 * MiB, kv: 0, compute: 9 * MiB } },
   };
 }

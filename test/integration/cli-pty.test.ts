@@ -82,7 +82,7 @@ describeWith([program('tmux')], 'CLI in a pseudo-terminal', () => {
     await writeFile(model, encodeGgufHeader(llamaTestModelSpec(DEMO_SHAPE, await loadVocab())).headerBytes);
     const nodes = join(tmp, 'nodes.json');
     const GiB = 2 ** 30;
-    await writeFile(nodes, JSON.stringify([{ name: 'studio', memoryBytes: 64 * GiB, usableBytes: 48 * GiB, bandwidthBytesPerSecond: 800e9 }]));
+    await writeFile(nodes, JSON.stringify([{ name: 'studio', memoryBytes: 64 * GiB, budgetBytes: 48 * GiB, bandwidthBytesPerSecond: 800e9 }]));
     const ok = await inPty(['plan', model, '--nodes', nodes, '--ctx', '1024']);
     expect(ok.code).toBe(0);
     const rows = ok.screen.split('\n').filter((l) => /^[┌│├└]/.test(l));
@@ -90,7 +90,7 @@ describeWith([program('tmux')], 'CLI in a pseudo-terminal', () => {
     expect(new Set(rows.map((l) => [...l].length)).size).toBe(1);
     expect(ok.screen).toMatch(/│\s+0 │ studio\s+│ head/);
     expect(ok.screen).toMatch(/predicted: \d+\.\d tok\/s/);
-    await writeFile(nodes, JSON.stringify([{ name: 'tiny', memoryBytes: GiB, usableBytes: 100 * 2 ** 20, bandwidthBytesPerSecond: 100e9 }]));
+    await writeFile(nodes, JSON.stringify([{ name: 'tiny', memoryBytes: GiB, budgetBytes: 100 * 2 ** 20, bandwidthBytesPerSecond: 100e9 }]));
     const no = await inPty(['plan', model, '--nodes', nodes, '--ctx', '1024']);
     expect(no.code).toBe(1);
     expect(no.screen).toMatch(/DOES NOT FIT/);

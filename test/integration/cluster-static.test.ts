@@ -107,7 +107,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
     expect(r.code, r.stderr).toBe(0);
     return JSON.parse(r.stdout) as {
-      nodes: { id: string; name: string; state: string; hardware: { usableBytes: number; memoryBytes: number } }[];
+      nodes: { id: string; name: string; state: string; hardware: { budgetBytes: number; memoryBytes: number } }[];
       models: { name: string; state: string; error?: string; stages: { nodeId: string; nodeName: string; firstLayer: number; lastLayer: number; endpoint: string }[] }[];
     };
   };
@@ -132,7 +132,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
       ['bravo', 'up'],
       ['charlie', 'up'],
     ]);
-    expect(s.nodes[0]!.hardware.usableBytes).toBeGreaterThan(0);
+    expect(s.nodes[0]!.hardware.budgetBytes).toBeGreaterThan(0);
   });
 
   it('`orchard plan` without --nodes plans for the live cluster through the coordinator', async () => {

@@ -157,7 +157,7 @@ describe.skipIf(!engines || !CHROMIUM)('cluster console in Chromium on a 3-node 
       expect(card, n.name).toBeDefined();
       expect(card!.state).toBe(n.state);
       expect(Number(card!.memoryBytes)).toBe(n.hardware.memoryBytes);
-      expect(Number(card!.usableBytes)).toBe(n.hardware.usableBytes);
+      expect(Number(card!.budgetBytes)).toBe(n.hardware.budgetBytes);
       expect(Number(card!.wiredLimitBytes)).toBe(n.hardware.wiredLimitBytes);
       expect(Number(card!.bandwidth)).toBe(n.hardware.bandwidthBytesPerSecond);
       expect(Number(card!.usedBytes)).toBe(0);

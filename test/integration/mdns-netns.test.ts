@@ -106,11 +106,11 @@ import { createLogger } from ${JSON.stringify(join(root, 'src/shared/log.ts'))};
 const print = (o) => process.stdout.write(JSON.stringify(o) + '\\n');
 const profile = { nodeId: 'readvertise-${tag}', name: 'readvertise-${tag}', hostname: 'h', os: 'linux', osVersion: '6', chip: 'test chip',
   performanceCores: 1, efficiencyCores: 0, gpuCores: 0, memoryBytes: 1000, bandwidthBytesPerSecond: 1, wiredLimitBytes: 1000,
-  usableBytes: 111, engines: [], interfaces: [], protocolVersion: '1', agentVersion: '0' };
+  budgetBytes: 111, engines: [], interfaces: [], protocolVersion: '1', agentVersion: '0' };
 const adv = new NodeAdvertiser({ interfaceAddress: ${JSON.stringify(AGENT_IP)}, log: createLogger('adv', 'warn') });
 adv.start(profile, 4242);
 print({ event: 'ready' });
-process.on('SIGUSR2', () => print({ event: 'updated', changed: adv.update({ ...profile, usableBytes: 222 }, 4242), again: adv.update({ ...profile, usableBytes: 222 }, 4242) }));
+process.on('SIGUSR2', () => print({ event: 'updated', changed: adv.update({ ...profile, budgetBytes: 222 }, 4242), again: adv.update({ ...profile, budgetBytes: 222 }, 4242) }));
 process.on('SIGTERM', () => adv.stop().then(() => process.exit(0)));
 `;
 
@@ -180,7 +180,7 @@ describeWith([netns], 'Bonjour advertisement between network namespaces', () => 
       ram: String(64 * 2 ** 30),
       bw: '546000000000',
       wired: expect.stringMatching(/^\d+$/),
-      usable: String(48 * 2 ** 30),
+      budget: String(48 * 2 ** 30),
       grpc: String(ready.grpcPort),
     });
     // …and the advertised address and port lead to the agent's gRPC service.
@@ -218,13 +218,13 @@ describeWith([netns], 'Bonjour advertisement between network namespaces', () => 
     await waitLine(browser.lines, (l) => l.event === 'browsing', 'browser start', 20_000, browser.stderr);
     const adv = spawnInNs(NS_AGENT, ['--import', 'tsx', join(tmp, 'advertise.ts')]);
     await waitLine(adv.lines, (l) => l.event === 'ready', 'advertiser ready', 20_000, adv.stderr);
-    const usable = (l: Line) => (l.txt as Record<string, string> | undefined)?.usable;
-    await waitLine(browser.lines, (l) => l.event === 'up' && usable(l) === '111', 'first announcement', 5000, browser.stderr);
+    const budget = (l: Line) => (l.txt as Record<string, string> | undefined)?.budget;
+    await waitLine(browser.lines, (l) => l.event === 'up' && budget(l) === '111', 'first announcement', 5000, browser.stderr);
     adv.child.kill('SIGUSR2');
     const updated = await waitLine(adv.lines, (l) => l.event === 'updated', 'update', 5000, adv.stderr);
     // The second identical update is a no-op (nothing changed, nothing sent).
     expect(updated).toMatchObject({ changed: true, again: false });
-    const reannounced = await waitLine(browser.lines, (l) => l.event === 'up' && usable(l) === '222', 're-announcement', 5000, browser.stderr);
+    const reannounced = await waitLine(browser.lines, (l) => l.event === 'up' && budget(l) === '222', 're-announcement', 5000, browser.stderr);
     console.info(`mDNS: re-announced TXT seen ${reannounced.t - updated.t} ms after the change`);
     expect(reannounced.t - updated.t).toBeLessThan(1000);
     // The service is known once with the new TXT: whatever went down came back up.

@@ -98,7 +98,7 @@ describe('orchard node CLI', () => {
       expect(m![1]).toBe(agent.ready.nodeId);
       // the overrides reach the profile and the gauges
       expect(text).toMatch(/^orchard_node_memory_bytes 8589934592$/m);
-      expect(text).toMatch(/^orchard_node_usable_memory_bytes 6442450944$/m);
+      expect(text).toMatch(/^orchard_node_budget_bytes 6442450944$/m);
       expect(text).toMatch(/^orchard_node_bandwidth_bytes_per_second 100000000000$/m);
       expect(text).toMatch(/^orchard_node_available_memory_bytes \d+/m);
       expect(text).toMatch(/^process_cpu_seconds_total /m);
@@ -136,7 +136,7 @@ describe('profile changes (agent in-process)', () => {
     const NodeAgentClient = orchardV1().NodeAgent!;
     const client = new NodeAgentClient(`127.0.0.1:${ready.grpcPort}`, grpc.credentials.createInsecure()) as unknown as Agent['client'];
     try {
-      const events: { event: string; profileChanged?: { usableBytes: string } }[] = [];
+      const events: { event: string; profileChanged?: { budgetBytes: string } }[] = [];
       const watch = client.watch!({ intervalSeconds: 0.1 }) as grpc.ClientReadableStream<{ event: string }>;
       const ended = new Promise<void>((resolve) => watch.on('end', () => resolve()));
       watch.on('error', () => {});
@@ -146,9 +146,9 @@ describe('profile changes (agent in-process)', () => {
       budget = 5 * 2 ** 30;
       expect(await agent.refreshProfile()).toBe(true);
       const changed = await waitFor('profileChanged', () => events.find((e) => e.event === 'profileChanged'));
-      expect(changed.profileChanged!.usableBytes).toBe(String(5 * 2 ** 30));
+      expect(changed.profileChanged!.budgetBytes).toBe(String(5 * 2 ** 30));
       const text = await (await fetch(`http://127.0.0.1:${ready.metricsPort}/metrics`)).text();
-      expect(text).toMatch(/^orchard_node_usable_memory_bytes 5368709120$/m);
+      expect(text).toMatch(/^orchard_node_budget_bytes 5368709120$/m);
       await agent.stop();
       await ended; // the stream ends cleanly instead of erroring out
     } finally {

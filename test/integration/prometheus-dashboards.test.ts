@@ -63,7 +63,7 @@ function profile(nodeId: string, name: string, chip: string, memGiB: number, ban
     memoryBytes: memGiB * 2 ** 30,
     bandwidthBytesPerSecond: bandwidthGBs * 1e9,
     wiredLimitBytes: memGiB * 0.75 * 2 ** 30,
-    usableBytes: memGiB * 0.7 * 2 ** 30,
+    budgetBytes: memGiB * 0.7 * 2 ** 30,
     engines: ['llama.cpp'],
     interfaces: [],
     protocolVersion: '1',

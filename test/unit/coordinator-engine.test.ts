@@ -171,8 +171,8 @@ describe('runtime helpers', () => {
   });
 
   it('load options: defaults, and usage errors for nonsense', () => {
-    expect(resolveLoadOptions(undefined)).toEqual({ ctx: 4096, cacheType: 'f16', parallel: 1, pinnedNodes: [] });
-    expect(resolveLoadOptions({ ctx: 0, cacheType: '', parallel: 0 })).toEqual({ ctx: 4096, cacheType: 'f16', parallel: 1, pinnedNodes: [] });
+    expect(resolveLoadOptions(undefined)).toEqual({ ctx: 4096, cacheType: 'f16', parallel: 1, pin: [] });
+    expect(resolveLoadOptions({ ctx: 0, cacheType: '', parallel: 0 })).toEqual({ ctx: 4096, cacheType: 'f16', parallel: 1, pin: [] });
     expect(() => resolveLoadOptions({ cacheType: 'q5_9' })).toThrow(UsageError);
     expect(() => resolveLoadOptions({ parallel: 1000 })).toThrow(UsageError);
     expect(() => resolveLoadOptions({ ctx: 8 })).toThrow(UsageError);
@@ -191,7 +191,7 @@ describe('runtime helpers', () => {
   });
 
   it('profiles survive the wire (64-bit sizes travel as strings)', () => {
-    const p = profileFromWire({ nodeId: 'n', name: 'a', os: 'linux', memoryBytes: '68719476736', usableBytes: '1', bandwidthBytesPerSecond: '400000000000', wiredLimitBytes: '0', engines: ['llama-rpc'], interfaces: [{ name: 'en0', addresses: ['10.0.0.1'], thunderbolt: true }] });
+    const p = profileFromWire({ nodeId: 'n', name: 'a', os: 'linux', memoryBytes: '68719476736', budgetBytes: '1', bandwidthBytesPerSecond: '400000000000', wiredLimitBytes: '0', engines: ['rpc-server'], interfaces: [{ name: 'en0', addresses: ['10.0.0.1'], thunderbolt: true }] });
     expect(p.memoryBytes).toBe(68719476736);
     expect(p.os).toBe('linux');
     expect(p.interfaces[0]).toEqual({ name: 'en0', addresses: ['10.0.0.1'], thunderbolt: true, rdma: false });

@@ -48,7 +48,7 @@ function model(over: Partial<ModelStatus> & { name: string }): ModelStatus {
     stages: [],
     error: '',
     predictedTokensPerSecond: 0,
-    options: { ctx: 2048, cacheType: 'f16', parallel: 1, pinnedNodes: [] },
+    options: { ctx: 2048, cacheType: 'f16', parallel: 1, pin: [] },
     ...over,
   };
 }
@@ -258,7 +258,7 @@ function profile(nodeId: string, name: string): HardwareProfile {
     memoryBytes: 8 * 2 ** 30,
     bandwidthBytesPerSecond: 20e9,
     wiredLimitBytes: 0,
-    usableBytes: 4 * 2 ** 30,
+    budgetBytes: 4 * 2 ** 30,
     engines: [],
     interfaces: [],
     protocolVersion: '1',

@@ -64,7 +64,7 @@ describe('Runtime', () => {
       throw new CoordinatorError('FAILED_PRECONDITION', 'no');
     });
     await rt.load({ modelPath: '/a/b.gguf', options: { ctx: 8192, cacheType: 'q8_0', parallel: 2 } }).catch(() => {});
-    expect(seen).toEqual({ path: '/a/b.gguf', nodes: 0, options: { ctx: 8192, cacheType: 'q8_0', parallel: 2, pinnedNodes: [] } });
+    expect(seen).toEqual({ path: '/a/b.gguf', nodes: 0, options: { ctx: 8192, cacheType: 'q8_0', parallel: 2, pin: [] } });
   });
 
   it('bad input is a usage error before anything starts', async () => {
@@ -74,7 +74,7 @@ describe('Runtime', () => {
     expect(await codeOf(rt.load({ modelPath: '' }))).toBe('USAGE');
     expect(await codeOf(rt.load({ modelPath: '/m.gguf', name: 'bad name!' }))).toBe('USAGE');
     expect(await codeOf(rt.load({ modelPath: '/m.gguf', options: { cacheType: 'q9' } }))).toBe('USAGE');
-    expect(await codeOf(rt.load({ modelPath: '/m.gguf', options: { pinnedNodes: ['ghost'] } }))).toBe('FAILED_PRECONDITION');
+    expect(await codeOf(rt.load({ modelPath: '/m.gguf', options: { pin: ['ghost'] } }))).toBe('FAILED_PRECONDITION');
     expect(rt.models()).toEqual([]);
   });
 

@@ -42,7 +42,7 @@ describe('OS reserve and margin', () => {
 describe('usable budget', () => {
   it('idle 64 GiB machine: the wired limit binds', () => {
     const b = usableBudget({ memoryBytes: 64 * GiB, wiredLimitBytes: 48 * GiB, inUseBytes: 2 * GiB });
-    expect(b).toEqual({ usableBytes: 48 * GiB - Math.floor(48 * GiB * 0.05), reserveBytes: 4 * GiB, marginBytes: Math.floor(48 * GiB * 0.05), othersBytes: 0, limitedBy: 'wired-limit' });
+    expect(b).toEqual({ budgetBytes: 48 * GiB - Math.floor(48 * GiB * 0.05), reserveBytes: 4 * GiB, marginBytes: Math.floor(48 * GiB * 0.05), othersBytes: 0, limitedBy: 'wired-limit' });
   });
 
   it('apps using 10 GiB beyond the reserve do not also shrink the wired cap (no double count)', () => {
@@ -51,13 +51,13 @@ describe('usable budget', () => {
     expect(b.limitedBy).toBe('wired-limit'); // room 64 − 4 − 10 = 50 GiB > 48
     const busy = usableBudget({ memoryBytes: 64 * GiB, wiredLimitBytes: 48 * GiB, inUseBytes: 24 * GiB });
     expect(busy.limitedBy).toBe('ram'); // room 40 GiB
-    expect(busy.usableBytes).toBe(40 * GiB - 2 * GiB);
+    expect(busy.budgetBytes).toBe(40 * GiB - 2 * GiB);
   });
 
   it('unknown usage takes only the reserve; Linux (no wired cap) is RAM − reserve − margin', () => {
     const b = usableBudget({ memoryBytes: 16 * GiB, wiredLimitBytes: 16 * GiB });
     expect(b.limitedBy).toBe('ram');
-    expect(b.usableBytes).toBe(13 * GiB - Math.floor(13 * GiB * 0.05));
+    expect(b.budgetBytes).toBe(13 * GiB - Math.floor(13 * GiB * 0.05));
   });
 
   it("others' memory is rounded up to 512 MiB steps, so small fluctuations do not change the budget", () => {
@@ -69,8 +69,8 @@ describe('usable budget', () => {
   });
 
   it('never negative; explicit reserve and margin are honoured', () => {
-    expect(usableBudget({ memoryBytes: 4 * GiB, wiredLimitBytes: 2 * GiB, inUseBytes: 4 * GiB }).usableBytes).toBe(0);
+    expect(usableBudget({ memoryBytes: 4 * GiB, wiredLimitBytes: 2 * GiB, inUseBytes: 4 * GiB }).budgetBytes).toBe(0);
     const b = usableBudget({ memoryBytes: 32 * GiB, wiredLimitBytes: 32 * GiB, reserveBytes: 8 * GiB, marginBytes: GiB });
-    expect(b.usableBytes).toBe(23 * GiB);
+    expect(b.budgetBytes).toBe(23 * GiB);
   });
 });

@@ -69,17 +69,17 @@ describe('Linux profile', () => {
     // in use (0.75 GiB) is under the 3 GiB reserve, so others = 0 and room = RAM − 3 GiB.
     expect(details.budget?.othersBytes).toBe(0);
     const room = total - 3 * GiB;
-    expect(profile.usableBytes).toBe(room - 512 * 2 ** 20);
+    expect(profile.budgetBytes).toBe(room - 512 * 2 ** 20);
     expect(live).toEqual({ availableBytes: available, memoryPressure: 'warn', thermalState: 'unknown', timestampSeconds: 5 });
   });
 
   it('overrides: memory limit, budget, bandwidth, name', () => {
     const { profile } = buildLinuxProfile(inputs, { ...ctx, memoryLimitBytes: 4 * GiB, bandwidthBytesPerSecond: 50e9, name: 'w1' }, 0);
     expect(profile.memoryBytes).toBe(4 * GiB);
-    expect(profile.usableBytes).toBe(GiB - 512 * 2 ** 20);
+    expect(profile.budgetBytes).toBe(GiB - 512 * 2 ** 20);
     expect(profile.bandwidthBytesPerSecond).toBe(50e9);
     expect(profile.name).toBe('w1');
-    expect(buildLinuxProfile(inputs, { ...ctx, budgetBytes: 2 * GiB }, 0).profile.usableBytes).toBe(2 * GiB);
+    expect(buildLinuxProfile(inputs, { ...ctx, budgetBytes: 2 * GiB }, 0).profile.budgetBytes).toBe(2 * GiB);
   });
 
   it('interfaces: skip internal and link-local-only, keep thunderbolt-net, flag RDMA', () => {
@@ -94,7 +94,7 @@ describe('Linux profile', () => {
     const { profile, live } = buildLinuxProfile({ osVersion: 'x', hostname: 'h', interfaces: {}, totalMemBytes: 2 * GiB, cpuModel: 'Neoverse' }, ctx, 0);
     expect(profile.memoryBytes).toBe(2 * GiB);
     expect(profile.chip).toBe('Neoverse');
-    expect(profile.usableBytes).toBe(0); // 2 GiB is all reserve
+    expect(profile.budgetBytes).toBe(0); // 2 GiB is all reserve
     expect(live.availableBytes).toBe(0);
   });
 });

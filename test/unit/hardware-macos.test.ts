@@ -75,9 +75,9 @@ describe('macOS profile from recorded command output', () => {
     expect(details.wiredLimitSource).toBe(wiredSource);
     expect(details.bandwidthSource).toBe('chip-table');
     expect(details.notes).toEqual([]);
-    expect(profile.usableBytes).toBeGreaterThan(0);
-    expect(profile.usableBytes).toBeLessThanOrEqual(wired);
-    expect(profile.usableBytes).toBe(details.budget!.usableBytes);
+    expect(profile.budgetBytes).toBeGreaterThan(0);
+    expect(profile.budgetBytes).toBeLessThanOrEqual(wired);
+    expect(profile.budgetBytes).toBe(details.budget!.budgetBytes);
   });
 
   it('M1 Air 8 GB: available memory as Activity Monitor counts it, budget bound by it', () => {
@@ -92,8 +92,8 @@ describe('macOS profile from recorded command output', () => {
     // "others"; the room left (below the 5.33 GiB wired limit) binds; the margin is the 512 MiB floor.
     const others = Math.ceil((8 * GiB - available - 3 * GiB) / (512 * MiB)) * 512 * MiB;
     expect(details.budget).toMatchObject({ limitedBy: 'ram', reserveBytes: 3 * GiB, marginBytes: 512 * MiB, othersBytes: others });
-    expect(profile.usableBytes).toBe(8 * GiB - 3 * GiB - others - 512 * MiB);
-    expect(profile.usableBytes).toBeLessThanOrEqual(available - 512 * MiB);
+    expect(profile.budgetBytes).toBe(8 * GiB - 3 * GiB - others - 512 * MiB);
+    expect(profile.budgetBytes).toBeLessThanOrEqual(available - 512 * MiB);
   });
 
   it('M3 Ultra 512 GB: sysctl wired limit binds, Thunderbolt 5 RDMA ports flagged', () => {
@@ -105,7 +105,7 @@ describe('macOS profile from recorded command output', () => {
     const others = Math.ceil((inUse - 32 * GiB) / (512 * MiB)) * 512 * MiB;
     const room = 512 * GiB - 32 * GiB - others;
     expect(details.budget).toMatchObject({ limitedBy: 'ram', reserveBytes: 32 * GiB, othersBytes: others });
-    expect(profile.usableBytes).toBe(room - Math.floor(room * 0.05));
+    expect(profile.budgetBytes).toBe(room - Math.floor(room * 0.05));
     const rdma = profile.interfaces.filter((i) => i.rdma).map((i) => i.name);
     expect(rdma).toEqual(['en2', 'en3', 'en4', 'en5', 'en6', 'en7']);
     const bridge = profile.interfaces.find((i) => i.name === 'bridge0');
@@ -147,14 +147,14 @@ describe('macOS overrides', () => {
     expect(details.realMemoryBytes).toBe(128 * GiB);
     expect(details.budget?.othersBytes).toBe(0); // real machine's usage says nothing about the pretend one
     const wired = Math.floor((16 * GiB * 2) / 3);
-    expect(profile.usableBytes).toBe(wired - Math.floor(wired * 0.05)); // margin 5% (> 512 MiB floor)
+    expect(profile.budgetBytes).toBe(wired - Math.floor(wired * 0.05)); // margin 5% (> 512 MiB floor)
     expect(live.availableBytes).toBeLessThanOrEqual(16 * GiB);
   });
 
   it('--budget sets usable directly; above the wired limit it is kept but noted', () => {
-    expect(buildMacProfile(out, { ...ctx, budgetBytes: 8 * GiB }, 0).profile.usableBytes).toBe(8 * GiB);
+    expect(buildMacProfile(out, { ...ctx, budgetBytes: 8 * GiB }, 0).profile.budgetBytes).toBe(8 * GiB);
     const over = buildMacProfile(out, { ...ctx, budgetBytes: 120 * GiB }, 0);
-    expect(over.profile.usableBytes).toBe(120 * GiB);
+    expect(over.profile.budgetBytes).toBe(120 * GiB);
     expect(over.details.budget).toBeUndefined();
     expect(over.details.notes.join(' ')).toMatch(/above the GPU wired limit/);
   });
@@ -188,7 +188,7 @@ describe('macOS probe degrades when commands are missing', () => {
 
   it('nothing at all: zeros and notes, never a throw', () => {
     const { profile, details } = buildMacProfile({}, ctx, 0);
-    expect(profile).toMatchObject({ chip: 'unknown', memoryBytes: 0, usableBytes: 0, osVersion: 'unknown', name: 'probe-host' });
+    expect(profile).toMatchObject({ chip: 'unknown', memoryBytes: 0, budgetBytes: 0, osVersion: 'unknown', name: 'probe-host' });
     expect(details.bandwidthSource).toBe('default');
     expect(details.notes.join(' ')).toMatch(/RAM size unknown/);
   });

@@ -21,10 +21,10 @@ describe('runCommand', () => {
 describe.runIf(process.platform === 'linux')('probe on this Linux machine', () => {
   it('reports RAM from /proc/meminfo, overrides and engines as given', async () => {
     const memTotal = Number(/^MemTotal:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'))![1]) * 1024;
-    const r = await probeHardwareDetailed({ nodeId: 'id-1', name: 'ci-node', engines: ['llama-rpc'], bandwidthBytesPerSecond: 30e9 });
-    expect(r.profile).toMatchObject({ nodeId: 'id-1', name: 'ci-node', os: 'linux', memoryBytes: memTotal, engines: ['llama-rpc'], bandwidthBytesPerSecond: 30e9 });
-    expect(r.profile.usableBytes).toBeGreaterThan(0);
-    expect(r.profile.usableBytes).toBeLessThan(memTotal);
+    const r = await probeHardwareDetailed({ nodeId: 'id-1', name: 'ci-node', engines: ['rpc-server'], bandwidthBytesPerSecond: 30e9 });
+    expect(r.profile).toMatchObject({ nodeId: 'id-1', name: 'ci-node', os: 'linux', memoryBytes: memTotal, engines: ['rpc-server'], bandwidthBytesPerSecond: 30e9 });
+    expect(r.profile.budgetBytes).toBeGreaterThan(0);
+    expect(r.profile.budgetBytes).toBeLessThan(memTotal);
     expect(r.profile.agentVersion).toMatch(/^\d+\.\d+\.\d+/);
     expect(r.live.availableBytes).toBeGreaterThan(0);
     expect(r.live.availableBytes).toBeLessThanOrEqual(memTotal);

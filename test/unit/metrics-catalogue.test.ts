@@ -36,7 +36,7 @@ describe('metric catalogue', () => {
     for (const n of [
       'orchard_node_info',
       'orchard_node_memory_bytes',
-      'orchard_node_usable_memory_bytes',
+      'orchard_node_budget_bytes',
       'orchard_node_available_memory_bytes',
       'orchard_node_bandwidth_bytes_per_second',
       'orchard_node_wired_limit_bytes',

@@ -15,8 +15,8 @@ const profile: HardwareProfile = {
   memoryBytes: 192 * 2 ** 30,
   bandwidthBytesPerSecond: 800e9,
   wiredLimitBytes: 144 * 2 ** 30,
-  usableBytes: 140 * 2 ** 30,
-  engines: ['llama-rpc', 'llama-server'],
+  budgetBytes: 140 * 2 ** 30,
+  engines: ['rpc-server', 'llama-server'],
   interfaces: [],
   protocolVersion: PROTOCOL_VERSION,
   agentVersion: '0.1.0',
@@ -32,7 +32,7 @@ describe('Bonjour TXT record', () => {
       ram: String(192 * 2 ** 30),
       bw: '800000000000',
       wired: String(144 * 2 ** 30),
-      usable: String(140 * 2 ** 30),
+      budget: String(140 * 2 ** 30),
       grpc: '50151',
     });
     expect(decodeTxt(txt)).toEqual({
@@ -42,7 +42,7 @@ describe('Bonjour TXT record', () => {
       ram: 192 * 2 ** 30,
       bw: 800e9,
       wired: 144 * 2 ** 30,
-      usable: 140 * 2 ** 30,
+      budget: 140 * 2 ** 30,
       grpc: 50151,
       thunderbolt: [],
     });

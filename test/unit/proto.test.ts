@@ -30,8 +30,8 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     memoryBytes: 206_158_430_208,
     bandwidthBytesPerSecond: 800_000_000_000,
     wiredLimitBytes: 154_618_822_656,
-    usableBytes: 9_007_199_254_740_991,
-    engines: ['llama-rpc', 'mlx'],
+    budgetBytes: 9_007_199_254_740_991,
+    engines: ['rpc-server', 'mlx'],
     interfaces: [{ name: 'en0', addresses: ['10.0.0.2', 'fe80::1'], thunderbolt: true, rdma: false }],
     protocolVersion: '1',
     agentVersion: '0.1.0',
@@ -45,7 +45,7 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     const wire = profileToWire(profile);
     expect(wire.memoryBytes).toBe('206158430208');
     const back = roundTrip(wire);
-    expect(back.profile.usableBytes).toBe('9007199254740991');
+    expect(back.profile.budgetBytes).toBe('9007199254740991');
     expect(profileFromWire(back.profile)).toEqual(profile);
   });
 

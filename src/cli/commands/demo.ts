@@ -172,7 +172,7 @@ async function showPlan(cluster: LocalCluster, m: DemoModel, nodeCount: number, 
   const client = new CoordinatorClient(cluster.grpcAddress);
   let planText: string;
   try {
-    const r = await run.orAbort(client.unary('plan', { modelPath: m.modelPath, options: { ctx: m.ctx, cacheType: 'f16', parallel: 1, pinnedNodes: [] } }));
+    const r = await run.orAbort(client.unary('plan', { modelPath: m.modelPath, options: { ctx: m.ctx, cacheType: 'f16', parallel: 1, pin: [] } }));
     planText = String(r.planJson ?? '');
   } finally {
     client.close();

@@ -39,7 +39,7 @@ export function registerLoad(program: Command): void {
         ctx: parseInteger(flags.ctx, '--ctx', 16, 16_777_216),
         cacheType: flags.cacheType,
         parallel: parseInteger(flags.parallel, '--parallel', 1, 256),
-        pinnedNodes: flags.pin ?? [],
+        pin: flags.pin ?? [],
       };
       const client = new CoordinatorClient(address);
       const ac = new AbortController();

@@ -195,7 +195,7 @@ function printReady(ready: AgentReady, bind: string, json: boolean): void {
     ['cores', `${p.performanceCores}P + ${p.efficiencyCores}E${p.gpuCores ? `, ${p.gpuCores} GPU` : ''}`],
     ['memory', formatBytes(p.memoryBytes)],
     ['wired limit', formatBytes(p.wiredLimitBytes)],
-    ['usable budget', formatBytes(p.usableBytes)],
+    ['usable budget', formatBytes(p.budgetBytes)],
     ['bandwidth', formatBandwidth(p.bandwidthBytesPerSecond)],
     ['os', `${p.os} ${p.osVersion}`],
     ['engines', p.engines.length > 0 ? p.engines.join(', ') : 'none (run `orchard setup`)'],

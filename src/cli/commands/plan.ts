@@ -31,7 +31,7 @@ export function registerPlan(program: Command): void {
     .command('plan')
     .description('plan which node holds which layers of a model (memory math + bandwidth cost model)')
     .argument('<model>', 'GGUF model file or MLX model directory (only headers are read; header-only files work)')
-    .option('--nodes <file>', 'NODES.json: [{name, memoryBytes, bandwidthBytesPerSecond | chip, wiredLimitBytes?, usableBytes?}]')
+    .option('--nodes <file>', 'NODES.json: [{name, memoryBytes, bandwidthBytesPerSecond | chip, wiredLimitBytes?, budgetBytes?}]')
     .option('--coordinator <host:port>', 'without --nodes: plan for the live cluster of this coordinator (default $ORCHARD_COORDINATOR or 127.0.0.1:7420)')
     .option('--ctx <n>', 'context size in tokens (KV cells, as llama.cpp -c)', '4096')
     .option('--cache-type <t>', `KV cache type: ${CACHE_TYPES.join(', ')}`, 'f16')
@@ -54,7 +54,7 @@ export function registerPlan(program: Command): void {
         // The coordinator plans with its own hop cost; silently ignoring the flag would mislead.
         if (cmd.getOptionValueSource('hopMs') === 'cli') throw new UsageError('--hop-ms applies to --nodes plans only; the live cluster is planned by the coordinator');
         const address = coordinatorAddress(flags.coordinator);
-        const plan = await livePlan(address, resolve(modelPath), { ctx, cacheType, parallel, pinnedNodes: flags.pin ?? [] });
+        const plan = await livePlan(address, resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [] });
         // The coordinator opens the model; the header here only names it when this machine has it too.
         const profile = await readModelProfile(resolve(modelPath)).catch(() => undefined);
         const model = profile?.name ?? modelPath;
@@ -96,7 +96,7 @@ export function registerPlan(program: Command): void {
  * The coordinator's Plan RPC: the planner's result over the nodes that are up (budgets net of
  * models already loaded), or its "does not fit" result. Validated here, at the edge.
  */
-async function livePlan(address: string, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pinnedNodes: string[] }): Promise<Plan> {
+async function livePlan(address: string, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pin: string[] }): Promise<Plan> {
   const client = new CoordinatorClient(address);
   try {
     const res = await client.unary('plan', { modelPath, options }, 30_000);

@@ -23,7 +23,7 @@ export function statusJson(s: Wire): Wire {
         chip: p.chip,
         os: p.os,
         memoryBytes: num(p.memoryBytes),
-        usableBytes: num(p.usableBytes),
+        budgetBytes: num(p.budgetBytes),
         bandwidthBytesPerSecond: num(p.bandwidthBytesPerSecond),
         wiredLimitBytes: num(p.wiredLimitBytes),
         engines: p.engines,
@@ -70,7 +70,7 @@ export function registerStatus(program: Command): void {
         const t = new Table({ head: ['node', 'state', 'address', 'chip', 'memory', 'usable', 'bandwidth', 'via'], style: tableStyle() });
         for (const n of nodes as Wire[]) {
           const h = n.hardware as Wire;
-          t.push([String(n.name), String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.usableBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), String(n.discoveredBy)]);
+          t.push([String(n.name), String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.budgetBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), String(n.discoveredBy)]);
         }
         process.stdout.write(`cluster ${String(s.clusterId)}\n${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
         for (const m of s.models as Wire[]) {

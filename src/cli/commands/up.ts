@@ -142,7 +142,7 @@ async function runUp(flags: UpFlags): Promise<void> {
     } else {
       process.stdout.write(
         `orchard up: cluster ${coordinator.clusterId}\n` +
-          `  this node: ${ready.name} (${formatBytes(ready.profile.usableBytes)} usable), agent ${agentAddress}:${ready.grpcPort}\n` +
+          `  this node: ${ready.name} (${formatBytes(ready.profile.budgetBytes)} usable), agent ${agentAddress}:${ready.grpcPort}\n` +
           `  OpenAI API: ${url}/v1    gRPC: ${flags.host}:${coordinator.grpcPort}\n` +
           `  other Macs: \`orchard node\` (Bonjour${flags.mdns ? '' : ' is off here'}) or \`orchard cluster join ${agentAddress}:${coordinator.grpcPort} --token ${coordinator.joinToken} --agent THEIR_IP:50151\`\n` +
           `  next: orchard load MODEL.gguf, then orchard chat --url ${url}\n`,

@@ -39,7 +39,7 @@ const planOptionsSchema = z
     ctx: z.number().int().nonnegative().default(0),
     cacheType: z.string().default(''),
     parallel: z.number().int().nonnegative().default(0),
-    pinnedNodes: z.array(z.string()).default([]),
+    pin: z.array(z.string()).default([]),
   })
   .nullish();
 const loadSchema = z.object({ modelPath: z.string().default(''), name: z.string().default(''), options: planOptionsSchema, engine: z.string().default('') });
@@ -52,7 +52,7 @@ function parse<T>(schema: z.ZodType<T>, raw: unknown, what: string): T {
 }
 
 function options(o: z.infer<typeof planOptionsSchema>) {
-  return { ctx: o?.ctx ?? 0, cacheType: o?.cacheType ?? '', parallel: o?.parallel ?? 0, pinnedNodes: o?.pinnedNodes ?? [] };
+  return { ctx: o?.ctx ?? 0, cacheType: o?.cacheType ?? '', parallel: o?.parallel ?? 0, pin: o?.pin ?? [] };
 }
 
 export function nodeStatusToWire(n: NodeEntry, now = Date.now()): Record<string, unknown> {

@@ -84,7 +84,7 @@ export function placementSeries(models: readonly ModelStatus[]): PlacementSeries
       layers.add({ model, node }, s.lastLayer - s.firstLayer + 1);
       const kinds: [StageKind, number][] = [
         ['weights', s.bytes.weights],
-        ['kv_cache', s.bytes.kv],
+        ['kv', s.bytes.kv],
         ['compute', s.bytes.compute],
         ['overhead', s.bytes.overhead],
       ];
@@ -94,7 +94,7 @@ export function placementSeries(models: readonly ModelStatus[]): PlacementSeries
     for (const d of v?.devices ?? []) {
       const node = d.nodeName;
       actual.add({ model, node, kind: 'weights' }, d.actual.model);
-      actual.add({ model, node, kind: 'kv_cache' }, d.actual.kv);
+      actual.add({ model, node, kind: 'kv' }, d.actual.kv);
       actual.add({ model, node, kind: 'compute' }, d.actual.compute);
     }
     // Host buffers of llama-server (token embeddings, CPU compute) live on the head's node — the
@@ -103,7 +103,7 @@ export function placementSeries(models: readonly ModelStatus[]): PlacementSeries
     if (v?.host && head && v.devices.length > 0) {
       const node = head.nodeName;
       actual.add({ model, node, kind: 'weights' }, v.host.model);
-      actual.add({ model, node, kind: 'kv_cache' }, v.host.kv);
+      actual.add({ model, node, kind: 'kv' }, v.host.kv);
       actual.add({ model, node, kind: 'compute' }, v.host.compute);
     }
   }

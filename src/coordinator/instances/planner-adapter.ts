@@ -63,7 +63,7 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
     const byName = plannerNames(nodes);
     const placementNodes: PlacementNode[] = [...byName].map(([name, n]) => ({
       name,
-      budgetBytes: Math.max(0, n.profile.usableBytes - reservedBytes(n.nodeId)),
+      budgetBytes: Math.max(0, n.profile.budgetBytes - reservedBytes(n.nodeId)),
       bandwidthBytesPerSecond: n.profile.bandwidthBytesPerSecond || 100e9,
     }));
     const mo = memoryOptionsOf(options);

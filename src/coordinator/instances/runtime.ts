@@ -80,7 +80,7 @@ export function resolveLoadOptions(o: Partial<LoadOptions> | undefined): LoadOpt
     ctx: o?.ctx || DEFAULT_LOAD_OPTIONS.ctx,
     cacheType: o?.cacheType || DEFAULT_LOAD_OPTIONS.cacheType,
     parallel: o?.parallel || DEFAULT_LOAD_OPTIONS.parallel,
-    pinnedNodes: o?.pinnedNodes ?? [],
+    pin: o?.pin ?? [],
   };
   if (!Number.isInteger(r.ctx) || r.ctx < 16 || r.ctx > 16_777_216) throw new UsageError(`invalid ctx ${r.ctx}: 16–16777216`);
   if (!Number.isInteger(r.parallel) || r.parallel < 1 || r.parallel > 256) throw new UsageError(`invalid parallel ${r.parallel}: 1–256`);
@@ -134,9 +134,9 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
 
   #plannableNodes(opts: LoadOptions): NodeEntry[] {
     const up = this.#o.membership.registry.upNodes();
-    if (opts.pinnedNodes.length === 0) return up;
-    const pinned = up.filter((n) => opts.pinnedNodes.includes(n.nodeId) || opts.pinnedNodes.includes(n.profile.name));
-    const missing = opts.pinnedNodes.filter((p) => !pinned.some((n) => n.nodeId === p || n.profile.name === p));
+    if (opts.pin.length === 0) return up;
+    const pinned = up.filter((n) => opts.pin.includes(n.nodeId) || opts.pin.includes(n.profile.name));
+    const missing = opts.pin.filter((p) => !pinned.some((n) => n.nodeId === p || n.profile.name === p));
     if (missing.length > 0) throw new CoordinatorError('FAILED_PRECONDITION', `pinned node(s) not up: ${missing.join(', ')}`);
     return pinned;
   }

@@ -15,10 +15,10 @@ export interface LoadOptions {
   readonly ctx: number;
   readonly cacheType: string;
   readonly parallel: number;
-  readonly pinnedNodes: readonly string[];
+  readonly pin: readonly string[];
 }
 
-export const DEFAULT_LOAD_OPTIONS: LoadOptions = { ctx: 4096, cacheType: 'f16', parallel: 1, pinnedNodes: [] };
+export const DEFAULT_LOAD_OPTIONS: LoadOptions = { ctx: 4096, cacheType: 'f16', parallel: 1, pin: [] };
 
 /** One stage as the planner returns it (the last stage is the head). */
 export interface PlannedStage {

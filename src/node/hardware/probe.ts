@@ -36,7 +36,7 @@ export interface ProbeOptions {
   /** Memory bandwidth override (bytes/s). */
   readonly bandwidthBytesPerSecond?: number;
   /**
-   * Engines available ("llama-rpc", "llama-server", "mlx"). When omitted the probe reports the
+   * Engines available ("rpc-server", "llama-server", "mlx"). When omitted the probe reports the
    * llama.cpp engines if `findLlamaBinaries()` finds them; MLX detection belongs to the MLX work.
    */
   readonly engines?: readonly string[];
@@ -171,7 +171,7 @@ async function detectEngines(): Promise<string[]> {
   const engines: string[] = [];
   try {
     await findLlamaBinaries();
-    engines.push('llama-rpc', 'llama-server');
+    engines.push('rpc-server', 'llama-server');
   } catch {
     // no llama.cpp binaries with RPC here
   }

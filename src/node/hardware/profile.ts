@@ -151,7 +151,7 @@ export function buildMacProfile(out: MacOutputs, ctx: ProfileContext, nowSeconds
       memoryBytes,
       bandwidthBytesPerSecond: bandwidth,
       wiredLimitBytes: wired,
-      usableBytes: result.usableBytes,
+      budgetBytes: result.budgetBytes,
       engines: [...(ctx.engines ?? [])],
       interfaces: macInterfaces(out),
       protocolVersion: PROTOCOL_VERSION,
@@ -214,13 +214,13 @@ function finish(
   memoryBytes: number,
   wired: number,
   inUseBytes: number | undefined,
-): { usableBytes: number; budget?: Budget } {
+): { budgetBytes: number; budget?: Budget } {
   if (ctx.budgetBytes !== undefined) {
     if (ctx.budgetBytes > wired) notes.push('--budget is above the GPU wired limit; allocations beyond it may fail or swap');
-    return { usableBytes: ctx.budgetBytes };
+    return { budgetBytes: ctx.budgetBytes };
   }
   const budget = usableBudget({ memoryBytes, wiredLimitBytes: wired, inUseBytes });
-  return { usableBytes: budget.usableBytes, budget };
+  return { budgetBytes: budget.budgetBytes, budget };
 }
 
 /** Available bytes on the real machine: vm_stat first, else memory_pressure's free percentage. */
@@ -300,7 +300,7 @@ export function buildLinuxProfile(inp: LinuxInputs, ctx: ProfileContext, nowSeco
       memoryBytes,
       bandwidthBytesPerSecond: bandwidth,
       wiredLimitBytes: memoryBytes,
-      usableBytes: result.usableBytes,
+      budgetBytes: result.budgetBytes,
       engines: [...(ctx.engines ?? [])],
       interfaces: linuxInterfaces(inp),
       protocolVersion: PROTOCOL_VERSION,

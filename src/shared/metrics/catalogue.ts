@@ -62,7 +62,7 @@ const histogram = <L extends string = never>(d: DefInput<L> & { readonly buckets
 /** Engine kinds as the node agent names them (src/node/engine-spec.ts) plus MLX ranks. */
 export const ENGINE_KINDS = ['llama-server', 'rpc-server', 'mlx-rank'] as const;
 /** Memory categories of a stage, the same split the planner predicts and the engine reports. */
-export const STAGE_MEMORY_KINDS = ['weights', 'kv_cache', 'compute', 'overhead'] as const;
+export const STAGE_MEMORY_KINDS = ['weights', 'kv', 'compute', 'overhead'] as const;
 /**
  * How a generation request ended. `rejected`: the runtime refused it before generation (busy
  * queue, model not ready, the engine refusing the prompt). The HTTP edge's own refusals, before a
@@ -104,8 +104,8 @@ export const NODE_METRICS = {
     unit: 'bytes',
     exportedBy: 'node',
   }),
-  usableMemoryBytes: gauge({
-    name: 'orchard_node_usable_memory_bytes',
+  budgetBytes: gauge({
+    name: 'orchard_node_budget_bytes',
     help: 'Model-memory budget the planner may use on this node: min(wired limit, RAM - OS reserve) minus margin',
     unit: 'bytes',
     exportedBy: 'node',

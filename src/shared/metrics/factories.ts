@@ -142,7 +142,7 @@ export function recordNodeProfile(m: NodeMetricSet, profile: HardwareProfile, li
     1,
   );
   m.memoryBytes.set(profile.memoryBytes);
-  m.usableMemoryBytes.set(profile.usableBytes);
+  m.budgetBytes.set(profile.budgetBytes);
   m.bandwidthBytesPerSecond.set(profile.bandwidthBytesPerSecond);
   m.wiredLimitBytes.set(profile.wiredLimitBytes);
   if (live) {

@@ -7,7 +7,7 @@ import type { PlacementNode } from './types.ts';
 
 /**
  * NODES.json: an array of node profiles for planning without a live cluster. Validated once,
- * here, at the edge. `usableBytes` wins when given; otherwise the budget is computed the way the
+ * here, at the edge. `budgetBytes` wins when given; otherwise the budget is computed the way the
  * node agent computes it (min(wired limit, RAM − OS reserve) − margin), with the macOS default
  * wired limit modelled when `wiredLimitBytes` is absent. `chip` fills the bandwidth from the chip
  * table when `bandwidthBytesPerSecond` is absent (slowest configuration of that chip unless
@@ -22,7 +22,7 @@ export const NodeFileEntry = z
     chip: z.string().min(1).optional(),
     gpuCores: z.number().int().positive().optional(),
     wiredLimitBytes: byteCount.optional(),
-    usableBytes: byteCount.optional(),
+    budgetBytes: byteCount.optional(),
     hopSeconds: z.number().nonnegative().finite().optional(),
   })
   .strict();
@@ -38,8 +38,8 @@ export function resolveNode(e: NodeFileEntry): PlacementNode {
     bandwidth = chip.bandwidthBytesPerSecond;
   }
   const budget =
-    e.usableBytes ?? usableBudget({ memoryBytes: e.memoryBytes, wiredLimitBytes: wiredLimitBytes(e.memoryBytes, e.wiredLimitBytes) }).usableBytes;
-  if (budget > e.memoryBytes) throw new UsageError(`node ${e.name}: usableBytes exceeds memoryBytes`);
+    e.budgetBytes ?? usableBudget({ memoryBytes: e.memoryBytes, wiredLimitBytes: wiredLimitBytes(e.memoryBytes, e.wiredLimitBytes) }).budgetBytes;
+  if (budget > e.memoryBytes) throw new UsageError(`node ${e.name}: budgetBytes exceeds memoryBytes`);
   return {
     name: e.name,
     budgetBytes: budget,

@@ -125,7 +125,7 @@ async function plan(req: IncomingMessage, res: ServerResponse, deps: ConsoleDeps
   }
   const b = parsed.data;
   if (!isAbsolute(b.model)) throw invalid(`model must be an absolute path on the head node: ${b.model}`, 'model');
-  const options = { ctx: b.ctx, cacheType: b.cache_type, parallel: b.parallel, pinnedNodes: b.pin ?? [] };
+  const options = { ctx: b.ctx, cacheType: b.cache_type, parallel: b.parallel, pin: b.pin ?? [] };
   try {
     const p = await deps.runtime.plan(b.model, options);
     sendJson(res, 200, { plan: p.raw });

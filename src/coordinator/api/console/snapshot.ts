@@ -20,7 +20,7 @@ export interface ConsoleNode {
   readonly stateSinceMs: number;
   readonly address: string;
   readonly memoryBytes: number;
-  readonly usableBytes: number;
+  readonly budgetBytes: number;
   readonly wiredLimitBytes: number;
   readonly bandwidthBytesPerSecond: number;
   readonly usedByEnginesBytes: number;
@@ -89,7 +89,7 @@ export function consoleNode(n: NodeEntry, usedBytes: number): ConsoleNode {
     stateSinceMs: n.stateSinceMs,
     address: n.address,
     memoryBytes: p.memoryBytes,
-    usableBytes: p.usableBytes,
+    budgetBytes: p.budgetBytes,
     wiredLimitBytes: p.wiredLimitBytes,
     bandwidthBytesPerSecond: p.bandwidthBytesPerSecond,
     usedByEnginesBytes: usedBytes,

@@ -199,7 +199,7 @@ async function loadModel(req: IncomingMessage, res: ServerResponse, deps: ApiDep
   }
   const b = parsed.data;
   if (!isAbsolute(b.model)) throw invalid(`model must be an absolute path on the head node: ${b.model}`, 'model');
-  const request = { modelPath: b.model, name: b.name, options: { ctx: b.ctx, cacheType: b.cache_type, parallel: b.parallel, pinnedNodes: b.pin ?? [] } };
+  const request = { modelPath: b.model, name: b.name, options: { ctx: b.ctx, cacheType: b.cache_type, parallel: b.parallel, pin: b.pin ?? [] } };
   const sse = String(req.headers.accept ?? '').includes('text/event-stream');
   if (!sse) {
     const m = await deps.runtime.load(request);
@@ -232,7 +232,7 @@ function nodeJson(n: NodeEntry, now: number) {
     chip: p.chip,
     os: `${p.os} ${p.osVersion}`,
     memory_bytes: p.memoryBytes,
-    usable_bytes: p.usableBytes,
+    budget_bytes: p.budgetBytes,
     wired_limit_bytes: p.wiredLimitBytes,
     bandwidth_bytes_per_second: p.bandwidthBytesPerSecond,
     engines: p.engines,

@@ -11,17 +11,17 @@ const pct = (part, whole) => (whole > 0 ? Math.min(100, (100 * part) / whole) : 
  */
 function MemoryBar({ node }) {
   const ram = node.memoryBytes;
-  const label = `memory: engines use ${bytes(node.usedByEnginesBytes)} of a ${bytes(node.usableBytes)} budget; wired limit ${bytes(node.wiredLimitBytes)}; RAM ${bytes(ram)}`;
+  const label = `memory: engines use ${bytes(node.usedByEnginesBytes)} of a ${bytes(node.budgetBytes)} budget; wired limit ${bytes(node.wiredLimitBytes)}; RAM ${bytes(ram)}`;
   return html`
     <div class="membar" role="img" aria-label=${label}>
-      <div class="membar-budget" style=${{ width: `${pct(node.usableBytes, ram)}%` }}></div>
+      <div class="membar-budget" style=${{ width: `${pct(node.budgetBytes, ram)}%` }}></div>
       <div class="membar-used" style=${{ width: `${pct(node.usedByEnginesBytes, ram)}%` }}></div>
-      <div class="membar-mark budget" style=${{ left: `${pct(node.usableBytes, ram)}%` }} title="budget"></div>
+      <div class="membar-mark budget" style=${{ left: `${pct(node.budgetBytes, ram)}%` }} title="budget"></div>
       <div class="membar-mark wired" style=${{ left: `${pct(node.wiredLimitBytes, ram)}%` }} title="wired limit"></div>
     </div>
     <dl class="figures">
-      <div><dt>engines</dt><dd data-field="used">${bytes(node.usedByEnginesBytes)}${node.usableBytes > 0 ? ` (${Math.round(pct(node.usedByEnginesBytes, node.usableBytes))}% of budget)` : ''}</dd></div>
-      <div><dt>budget</dt><dd data-field="usable">${bytes(node.usableBytes)}</dd></div>
+      <div><dt>engines</dt><dd data-field="used">${bytes(node.usedByEnginesBytes)}${node.budgetBytes > 0 ? ` (${Math.round(pct(node.usedByEnginesBytes, node.budgetBytes))}% of budget)` : ''}</dd></div>
+      <div><dt>budget</dt><dd data-field="budget">${bytes(node.budgetBytes)}</dd></div>
       <div><dt>wired limit</dt><dd data-field="wired">${bytes(node.wiredLimitBytes)}</dd></div>
       <div><dt>RAM</dt><dd data-field="memory">${bytes(ram)}</dd></div>
       <div><dt>bandwidth</dt><dd data-field="bandwidth">${bandwidth(node.bandwidthBytesPerSecond)}</dd></div>
@@ -32,7 +32,7 @@ function MemoryBar({ node }) {
 function NodeCard({ node }) {
   return html`
     <li class="card node-card" data-node=${node.name} data-state=${node.state}
-        data-memory-bytes=${node.memoryBytes} data-usable-bytes=${node.usableBytes}
+        data-memory-bytes=${node.memoryBytes} data-budget-bytes=${node.budgetBytes}
         data-wired-limit-bytes=${node.wiredLimitBytes} data-bandwidth=${node.bandwidthBytesPerSecond}
         data-used-bytes=${node.usedByEnginesBytes}>
       <div class="card-head">
