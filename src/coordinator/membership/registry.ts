@@ -175,7 +175,7 @@ export class Registry {
    */
   refused(nodeId: string, nowMs: number, reason: string): RegistryChange[] {
     const prev = this.#nodes.get(nodeId);
-    if (!prev || prev.state !== 'suspect') return [];
+    if (prev?.state !== 'suspect') return [];
     const node: NodeEntry = { ...prev, state: 'down', stateSinceMs: nowMs };
     this.#nodes.set(nodeId, node);
     return [{ kind: 'state', node, from: 'suspect', to: 'down', reason }];
