@@ -3,10 +3,10 @@ import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type Browser, type BrowserContext, chromium, type Page } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it } from 'vitest';
 import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../../src/cli/demo-model.ts';
 import { type LocalCluster, startLocalCluster } from '../../src/cli/local-cluster.ts';
-import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { describeWith, llamaEngines, type Need } from '../helpers/needs.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { orchard } from '../helpers/processes.ts';
@@ -21,15 +21,10 @@ import { orchard } from '../helpers/processes.ts';
  */
 
 const env: NodeJS.ProcessEnv = { ...process.env };
-const engines = await findLlamaBinaries(env).then(
-  () => true,
-  (err: Error) => {
-    console.warn(`skipping console tests: ${err.message}`);
-    return false;
-  },
-);
-const CHROMIUM = [process.env.ORCHARD_CHROMIUM, '/usr/bin/chromium', '/usr/bin/chromium-browser'].find((p): p is string => !!p && existsSync(p));
-if (!CHROMIUM) console.warn('skipping console tests: no chromium (apt-get install chromium)');
+const engines = await llamaEngines(env);
+const CHROMIUM_PATH = [process.env.ORCHARD_CHROMIUM, '/usr/bin/chromium', '/usr/bin/chromium-browser'].find((p): p is string => !!p && existsSync(p));
+const chromiumNeed: Need<string> = CHROMIUM_PATH ? { ok: true, value: CHROMIUM_PATH } : { ok: false, reason: 'no chromium (apt-get install chromium)' };
+const CHROMIUM = CHROMIUM_PATH ?? '';
 
 const API_KEY = 'console-key-0123';
 const MODEL = 'tiny';
@@ -83,7 +78,7 @@ async function measureLoad(p: Page, url: string, selector: string): Promise<{ by
   });
 }
 
-describe.skipIf(!engines || !CHROMIUM)('cluster console in Chromium on a 3-node cluster', () => {
+describeWith([engines, chromiumNeed], 'cluster console in Chromium on a 3-node cluster', () => {
   beforeAll(async () => {
     tmp = await mkdtemp(join(tmpdir(), 'orchard-console-'));
     await mkdir(ARTIFACTS, { recursive: true });
