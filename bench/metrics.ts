@@ -28,6 +28,7 @@ import type { GenerateEvent, ModelStatus } from '../src/coordinator/instances/ru
 import type { HardwareProfile } from '../src/shared/hardware.ts';
 import { createLogger } from '../src/shared/log.ts';
 import { initModelSeries } from '../src/shared/metrics/factories.ts';
+import { studioProfile } from '../test/helpers/profiles.ts';
 import { metricsRoutes } from '../src/shared/metrics/http.ts';
 import { quantile } from './lib/stats.ts';
 
@@ -39,11 +40,10 @@ const MiB = 2 ** 20;
 
 function profile(i: number): HardwareProfile {
   const name = `node-${String(i).padStart(2, '0')}`;
-  return {
+  return studioProfile({
     nodeId: `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`,
     name,
     hostname: `${name}.local`,
-    os: 'macos',
     osVersion: '15.2',
     chip: ['Apple M2 Ultra', 'Apple M4 Pro', 'Apple M3 Max'][i % 3]!,
     performanceCores: 12,
@@ -53,12 +53,9 @@ function profile(i: number): HardwareProfile {
     bandwidthBytesPerSecond: 400e9,
     wiredLimitBytes: 96 * 2 ** 30,
     budgetBytes: 90 * 2 ** 30,
-    engines: ['rpc-server', 'llama-server'],
-    interfaces: [],
     protocolVersion: '1',
-    agentVersion: '0.1.0',
     metricsPort: 9151,
-  };
+  });
 }
 
 /** Verified llama.cpp models as Runtime.models() reports them: each over `nodesPerModel` nodes. */

@@ -10,6 +10,7 @@ import { EngineSupervisor } from '../../src/node/supervisor.ts';
 import type { HardwareProfile } from '../../src/shared/hardware.ts';
 import { createLogger } from '../../src/shared/log.ts';
 import { type MetricSample, samplesFromRegistry } from '../../src/shared/metrics/activity.ts';
+import { studioProfile } from './profiles.ts';
 
 /**
  * Drive the code that sets Orchard's metrics the way a running cluster does, then read every
@@ -26,25 +27,7 @@ import { type MetricSample, samplesFromRegistry } from '../../src/shared/metrics
 const log = createLogger('metrics-exercise', 'silent');
 
 /** The node the exercise reports (also the fixture of the catalogue's factory tests). */
-export const PROFILE: HardwareProfile = {
-  nodeId: 'n-1',
-  name: 'studio',
-  hostname: 'studio.local',
-  os: 'macos',
-  osVersion: '15.1',
-  chip: 'Apple M2 Ultra',
-  performanceCores: 16,
-  efficiencyCores: 8,
-  gpuCores: 76,
-  memoryBytes: 192 * 2 ** 30,
-  bandwidthBytesPerSecond: 800e9,
-  wiredLimitBytes: 144 * 2 ** 30,
-  budgetBytes: 140 * 2 ** 30,
-  engines: ['llama.cpp'],
-  interfaces: [],
-  protocolVersion: '1',
-  agentVersion: '0.1.0',
-};
+export const PROFILE: HardwareProfile = studioProfile({ engines: ['llama.cpp'], protocolVersion: '1' });
 
 /** Stands in for ggml-rpc-server: listens where `-H host -p port` say until it is signalled. */
 const FAKE_RPC_SERVER = `#!${process.execPath}

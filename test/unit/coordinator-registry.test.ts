@@ -1,13 +1,13 @@
 import { describe, expect, it } from 'vitest';
 import { Registry, type RegistryChange } from '../../src/coordinator/membership/registry.ts';
 import type { HardwareProfile } from '../../src/shared/hardware.ts';
+import { studioProfile } from '../helpers/profiles.ts';
 
 function profile(nodeId: string, name = nodeId): HardwareProfile {
-  return {
+  return studioProfile({
     nodeId,
     name,
     hostname: name,
-    os: 'macos',
     osVersion: '15.0',
     chip: 'Apple M2 Max',
     performanceCores: 8,
@@ -18,10 +18,8 @@ function profile(nodeId: string, name = nodeId): HardwareProfile {
     wiredLimitBytes: 48 * 2 ** 30,
     budgetBytes: 44 * 2 ** 30,
     engines: ['rpc-server'],
-    interfaces: [],
     protocolVersion: '1',
-    agentVersion: '0.1.0',
-  };
+  });
 }
 
 const opts = { suspectAfterMs: 2000, downAfterMs: 5000, forgetAfterMs: 60_000 };

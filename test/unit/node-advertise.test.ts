@@ -1,26 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import { decodeTxt, encodeTxt } from '../../src/node/advertise.ts';
 import { type HardwareProfile, PROTOCOL_VERSION } from '../../src/shared/hardware.ts';
+import { studioProfile } from '../helpers/profiles.ts';
 
-const profile: HardwareProfile = {
-  nodeId: '0b7c4f1e-1111-4222-8333-444455556666',
-  name: 'studio',
-  hostname: 'studio.local',
-  os: 'macos',
-  osVersion: '15.1',
-  chip: 'Apple M2 Ultra',
-  performanceCores: 16,
-  efficiencyCores: 8,
-  gpuCores: 76,
-  memoryBytes: 192 * 2 ** 30,
-  bandwidthBytesPerSecond: 800e9,
-  wiredLimitBytes: 144 * 2 ** 30,
-  budgetBytes: 140 * 2 ** 30,
-  engines: ['rpc-server', 'llama-server'],
-  interfaces: [],
-  protocolVersion: PROTOCOL_VERSION,
-  agentVersion: '0.1.0',
-};
+const profile: HardwareProfile = studioProfile({ nodeId: '0b7c4f1e-1111-4222-8333-444455556666' });
 
 describe('Bonjour TXT record', () => {
   it('round-trips the essentials as decimal strings', () => {

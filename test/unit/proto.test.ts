@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import type { HardwareProfile, LiveStats } from '../../src/shared/hardware.ts';
 import { liveFromWire, liveToWire, profileFromWire, profileToWire } from '../../src/shared/hardware-wire.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
+import { studioProfile } from '../helpers/profiles.ts';
 
 describe('proto contracts', () => {
   it('load with proto-loader and expose both services', () => {
@@ -17,26 +18,16 @@ describe('proto contracts', () => {
 });
 
 describe('hardware profile on the wire (one converter, both sides)', () => {
-  const profile: HardwareProfile = {
+  const profile: HardwareProfile = studioProfile({
     nodeId: 'n1',
-    name: 'studio',
-    hostname: 'studio.local',
-    os: 'macos',
-    osVersion: '15.1',
-    chip: 'Apple M2 Ultra',
-    performanceCores: 16,
-    efficiencyCores: 8,
-    gpuCores: 76,
     memoryBytes: 206_158_430_208,
-    bandwidthBytesPerSecond: 800_000_000_000,
     wiredLimitBytes: 154_618_822_656,
     budgetBytes: 9_007_199_254_740_991,
     engines: ['rpc-server', 'mlx'],
     interfaces: [{ name: 'en0', addresses: ['10.0.0.2', 'fe80::1'], thunderbolt: true, rdma: false }],
     protocolVersion: '1',
-    agentVersion: '0.1.0',
     metricsPort: 9151,
-  };
+  });
   // The real contract: what the agent's Describe serializes is what the coordinator reads back.
   const describe_ = orchardV1().NodeAgent!.service.Describe!;
   const roundTrip = (wire: unknown) => describe_.responseDeserialize(describe_.responseSerialize({ profile: wire })) as { profile: Record<string, unknown> };
