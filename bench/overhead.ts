@@ -17,14 +17,15 @@ import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { headLayout } from '../src/coordinator/instances/llama/layout.ts';
 import { memoryOptionsOf } from '../src/coordinator/instances/planner-adapter.ts';
 import { resolveLoadOptions } from '../src/coordinator/instances/runtime.ts';
+import { completionBody } from '../src/node/generate.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
-import { completionBody, type GenerateParams } from '../src/node/generate.ts';
 import { pickFreePort } from '../src/node/ports.ts';
+import type { GenerateParams } from '../src/shared/generation.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
 import { planPlacement } from '../src/shared/placement/planner.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
-import { BenchProcesses, benchEnv, type LoadedStage, loadModel, sleep, runBench, startBenchCluster, waitForPort, writeTestModel } from './lib/cluster.ts';
+import { BenchProcesses, benchEnv, type LoadedStage, loadModel, runBench, sleep, startBenchCluster, waitForPort, writeTestModel } from './lib/cluster.ts';
 import { flag, median } from './lib/stats.ts';
 
 const argv = process.argv.slice(2);

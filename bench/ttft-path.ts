@@ -12,8 +12,9 @@
 import { join } from 'node:path';
 import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { AgentClient } from '../src/coordinator/membership/agent-client.ts';
+import { completionBody } from '../src/node/generate.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
-import { completionBody, type GenerateParams } from '../src/node/generate.ts';
+import type { GenerateParams } from '../src/shared/generation.ts';
 import { BenchProcesses, benchEnv, loadModel, runBench, startBenchCluster, writeTestModel } from './lib/cluster.ts';
 import { flag, median, quantile } from './lib/stats.ts';
 

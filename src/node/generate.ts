@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { checkGenerateRequest, nodeGenerateRequestSchema, type Timings } from '../shared/generation.ts';
+import { checkGenerateRequest, type GenerateParams, nodeGenerateRequestSchema, type Timings } from '../shared/generation.ts';
 import { ssePayloads } from '../shared/sse.ts';
 import { type EngineResponse, postToEngine } from './engine-http.ts';
 
@@ -13,18 +13,6 @@ import { type EngineResponse, postToEngine } from './engine-http.ts';
  * Cancellation: aborting the fetch closes the HTTP connection; llama-server notices the closed
  * socket on its next write and releases the slot.
  */
-
-export interface GenerateParams {
-  readonly prompt: string;
-  readonly maxTokens: number;
-  readonly temperature: number;
-  readonly topP: number;
-  /** 0 = not set (proto3 cannot tell unset from 0): the engine picks a random seed. */
-  readonly seed: number;
-  readonly stop: readonly string[];
-  /** Chat messages as JSON ([{role, content}]): the prompt comes from the model's chat template. */
-  readonly messagesJson?: string | undefined;
-}
 
 export interface TokenChunk {
   readonly text: string;

@@ -8,6 +8,19 @@ import { z } from 'zod';
  */
 
 /** Times and rates of one finished generation, as the engine measured them (proto `Timings`). */
+/** What one generation asks of an engine, on every hop (coordinator → agent → engine). */
+export interface GenerateParams {
+  readonly prompt: string;
+  readonly maxTokens: number;
+  readonly temperature: number;
+  readonly topP: number;
+  /** 0 = not set (proto3 cannot tell unset from 0): the engine picks a random seed. */
+  readonly seed: number;
+  readonly stop: readonly string[];
+  /** Chat messages as JSON ([{role, content}]): the prompt comes from the model's chat template. */
+  readonly messagesJson?: string | undefined;
+}
+
 export interface Timings {
   readonly promptMs: number;
   readonly predictedMs: number;

@@ -1,8 +1,9 @@
 import * as grpc from '@grpc/grpc-js';
-import { orchardV1 } from '../../shared/proto.ts';
-import { liveFromWire, profileFromWire } from '../../shared/hardware-wire.ts';
-import { type EngineInfo, type EngineKindName, engineFromWire } from './wire.ts';
+import type { GenerateParams } from '../../shared/generation.ts';
 import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
+import { liveFromWire, profileFromWire } from '../../shared/hardware-wire.ts';
+import { orchardV1 } from '../../shared/proto.ts';
+import { type EngineInfo, type EngineKindName, engineFromWire } from './wire.ts';
 
 /** What a node agent's Watch stream says, already converted. */
 export type AgentEvent =
@@ -65,17 +66,9 @@ export interface PrepareCacheDone {
   readonly seconds: number;
 }
 
-export interface AgentGenerateRequest {
+export interface AgentGenerateRequest extends GenerateParams {
   readonly engineId: string;
-  readonly prompt: string;
-  readonly maxTokens: number;
-  readonly temperature: number;
-  readonly topP: number;
-  readonly seed: number;
-  readonly stop: readonly string[];
   readonly requestId: string;
-  /** Chat messages as JSON; the head agent applies the chat template (prompt must be empty). */
-  readonly messagesJson?: string | undefined;
 }
 
 type Wire = Record<string, unknown>;

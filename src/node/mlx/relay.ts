@@ -1,8 +1,9 @@
 import { randomUUID } from 'node:crypto';
 import { errorMessage, OrchardError } from '../../shared/errors.ts';
-import { GenerateError, type GenerateParams, type TokenChunk } from '../generate.ts';
+import type { GenerateParams } from '../../shared/generation.ts';
+import { GenerateError, type TokenChunk } from '../generate.ts';
 import { type MlxGroup, MlxGroupError } from './group.ts';
-import { mlxRequestOf, type MlxRankSpec, StopScanner } from './rank-spec.ts';
+import { type MlxRankSpec, mlxRequestOf, StopScanner } from './rank-spec.ts';
 
 /**
  * NodeAgent.Generate for an MLX rank. Every rank of a group must receive the same request (the
