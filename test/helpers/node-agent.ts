@@ -1,10 +1,11 @@
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
-import { type Server, createServer } from 'node:net';
+import { createServer, type Server } from 'node:net';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { orchardV1 } from '../../src/shared/proto.ts';
-import { ORCHARD_BIN as BIN } from './processes.ts';
+import { alive, ORCHARD_BIN as BIN } from './processes.ts';
+
+export { alive };
 
 /*
  * The node agent as a real process (`orchard node --json`) driven over real gRPC: start it, call
@@ -56,21 +57,6 @@ export function killGroup(child: ChildProcess): void {
   }
 }
 
-/** True while the process exists and is not a zombie (an unreaped engine is dead for us). */
-export function alive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    if (existsSync('/proc/self')) return false;
-    try {
-      process.kill(pid, 0);
-      return true;
-    } catch {
-      return false;
-    }
-  }
-}
 
 export function runCli(args: string[], env: NodeJS.ProcessEnv = AGENT_ENV): Promise<{ code: number; stdout: string; stderr: string }> {
   return execFileP(process.execPath, [BIN, ...args], { env, timeout: 60_000 }).then(

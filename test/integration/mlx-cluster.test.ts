@@ -5,16 +5,16 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AgentClient } from '../../src/coordinator/membership/agent-client.ts';
 import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
 import { mlxPlacementOptions } from '../../src/coordinator/instances/planner-adapter.ts';
+import { AgentClient } from '../../src/coordinator/membership/agent-client.ts';
 import { ensureMlxEnv, type MlxEnv } from '../../src/node/mlx/env.ts';
 import { collect, MlxGroup } from '../../src/node/mlx/group.ts';
 import { mlxRequestOf } from '../../src/node/mlx/rank-spec.ts';
 import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
 import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
-import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { alive, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 
 /*
  * MLX through `orchard node` agents and the coordinator, real processes on 127.0.0.1 (static
@@ -42,14 +42,6 @@ function start(name: string, args: string[], env: NodeJS.ProcessEnv): Proc {
   return p;
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Pids of MLX rank workers serving `modelDir` (any agent), from /proc. */
 async function workerPids(modelDir: string): Promise<number[]> {

@@ -9,6 +9,7 @@ import { rankOfStage } from '../../src/node/mlx/launch.ts';
 import { localRingEndpoints } from '../../src/node/mlx/ports.ts';
 import type { MlxRequest } from '../../src/node/mlx/protocol.ts';
 import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
+import { alive } from '../helpers/processes.ts';
 
 /**
  * Real MLX (CPU wheels, project venv) ranks on 127.0.0.1 with fresh ports. The oracle: a
@@ -21,14 +22,6 @@ let llama: string;
 let ministral: string;
 const groups: MlxGroup[] = [];
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 async function start(opts: Omit<MlxGroupOptions, 'python'>): Promise<MlxGroup> {
   const g = await MlxGroup.start({ python: env.python, startupTimeoutMs: 90_000, stallTimeoutMs: 20_000, ...opts });
