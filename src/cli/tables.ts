@@ -39,7 +39,22 @@ export function layerRange(first: number, last: number): string {
   return last >= first ? `${first}–${last}` : '—';
 }
 
-export function renderPlanTable(plan: PlanJson): string {
+/** What the plan table reads: a planner Plan or its JSON (readonly, so both fit). */
+export interface PlanTableInput {
+  readonly stages: readonly {
+    readonly node: string;
+    readonly role: string;
+    readonly firstLayer: number;
+    readonly lastLayer: number;
+    readonly bytes: z.infer<typeof bytesSchema>;
+    readonly budgetBytes: number;
+    readonly headroomBytes: number;
+    readonly bandwidthBytesPerSecond: number;
+  }[];
+  readonly predicted: { readonly tokensPerSecond: number };
+}
+
+export function renderPlanTable(plan: PlanTableInput): string {
   const t = new Table({
     head: ['stage', 'node', 'role', 'layers', 'weights', 'KV', 'compute', 'overhead', 'total', 'budget', 'headroom', 'bandwidth'],
     colAligns: ['right', 'left', 'left', 'right', ...right(8)],

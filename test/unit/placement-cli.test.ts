@@ -66,7 +66,8 @@ describe('orchard plan', () => {
     expect(r.code).toBe(0);
     expect(r.stdout).toMatch(/\(llama, 80 layers, Q4_K\)/);
     expect(r.stdout).toMatch(/ultra/);
-    expect(r.stdout).toMatch(/total GiB/);
+    expect(r.stdout).toMatch(/│ +total │/);
+    expect(r.stdout).toMatch(/│ +42\.9 GiB │ +136\.8 GiB │/); // total and budget of the one stage, human units
     expect(r.stdout).toMatch(/predicted: [\d.]+ tok\/s/);
   });
 

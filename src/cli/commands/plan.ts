@@ -1,6 +1,5 @@
 import { readFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import Table from 'cli-table3';
 import type { Command } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
@@ -10,7 +9,7 @@ import { parseNodesFile } from '../../shared/placement/nodes-file.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
 import { type Plan, familyPlacementOptions } from '../../shared/placement/types.ts';
 import { parseInteger } from '../../shared/units.ts';
-import { planJsonSchema } from '../tables.ts';
+import { planJsonSchema, renderPlanTable } from '../tables.ts';
 
 interface PlanFlags {
   nodes?: string;
@@ -144,29 +143,8 @@ function toJson(plan: Plan, model: string): unknown {
 function render(plan: Plan, title: string): string {
   const lines = [title];
   if (plan.fits) {
-    const t = new Table({
-      head: ['stage', 'node', 'role', 'layers', 'weights GiB', 'KV GiB', 'compute GiB', 'overhead GiB', 'total GiB', 'budget GiB', 'headroom GiB', 'GB/s'],
-      colAligns: ['right', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
-      style: { head: [], border: [] },
-    });
-    plan.stages.forEach((s, i) => {
-      t.push([
-        String(i),
-        s.node,
-        s.role,
-        s.lastLayer >= s.firstLayer ? `${s.firstLayer}–${s.lastLayer}` : '—',
-        gib(s.bytes.weights),
-        gib(s.bytes.kv),
-        gib(s.bytes.compute),
-        gib(s.bytes.overhead),
-        gib(s.bytes.total),
-        gib(s.budgetBytes),
-        gib(s.headroomBytes),
-        (s.bandwidthBytesPerSecond / 1e9).toFixed(0),
-      ]);
-    });
-    lines.push(t.toString());
-    lines.push(`predicted: ${plan.predicted.tokensPerSecond.toFixed(1)} tok/s (${(plan.predicted.secondsPerToken * 1000).toFixed(1)} ms/token)`);
+    // The same table the demo and the live-cluster plan print; ms/token is this command's extra.
+    lines.push(renderPlanTable(plan).replace(/ tok\/s\n$/, ` tok/s (${(plan.predicted.secondsPerToken * 1000).toFixed(1)} ms/token)`));
   } else {
     lines.push('DOES NOT FIT');
     if (plan.shortfall && plan.shortfall.shortfallBytes > 0) lines.push(`shortfall: ${gib(plan.shortfall.shortfallBytes)} GiB`);
