@@ -42,6 +42,13 @@ function timingsOf(done: Done) {
   };
 }
 
+/** The fields every OpenAI response object and stream chunk starts with. */
+function envelope(meta: ResponseMeta, object: string) {
+  return { id: meta.id, object, created: meta.created, model: meta.model, system_fingerprint: 'orchard' };
+}
+
+const chunkObject = (kind: Kind) => (kind === 'chat' ? 'chat.completion.chunk' : 'text_completion');
+
 /** The whole answer of a non-streaming request. */
 export function completionResponse(kind: Kind, meta: ResponseMeta, text: string, done: Done): Record<string, unknown> {
   const finish_reason = finishReasonOf(done);
@@ -50,11 +57,7 @@ export function completionResponse(kind: Kind, meta: ResponseMeta, text: string,
       ? { index: 0, message: { role: 'assistant', content: text, refusal: null }, logprobs: null, finish_reason }
       : { index: 0, text, logprobs: null, finish_reason };
   return {
-    id: meta.id,
-    object: kind === 'chat' ? 'chat.completion' : 'text_completion',
-    created: meta.created,
-    model: meta.model,
-    system_fingerprint: 'orchard',
+    ...envelope(meta, kind === 'chat' ? 'chat.completion' : 'text_completion'),
     choices: [choice],
     usage: usageOf(done),
     orchard: { timings: timingsOf(done) },
@@ -83,11 +86,7 @@ export function streamChunk(
     choice = { index: 0, text: part.text ?? '', logprobs: null, finish_reason };
   }
   return {
-    id: meta.id,
-    object: kind === 'chat' ? 'chat.completion.chunk' : 'text_completion',
-    created: meta.created,
-    model: meta.model,
-    system_fingerprint: 'orchard',
+    ...envelope(meta, chunkObject(kind)),
     choices: [choice],
     ...(includeUsage ? { usage: null } : {}),
   };
@@ -96,11 +95,7 @@ export function streamChunk(
 /** The extra last chunk of `stream_options.include_usage`: no choices, the usage. */
 export function usageChunk(kind: Kind, meta: ResponseMeta, done: Done): Record<string, unknown> {
   return {
-    id: meta.id,
-    object: kind === 'chat' ? 'chat.completion.chunk' : 'text_completion',
-    created: meta.created,
-    model: meta.model,
-    system_fingerprint: 'orchard',
+    ...envelope(meta, chunkObject(kind)),
     choices: [],
     usage: usageOf(done),
     orchard: { timings: timingsOf(done) },
