@@ -10,14 +10,16 @@ import type { HardwareProfile, LiveStats } from './hardware.ts';
  * drifted exactly there), and the mapped type makes a field added to HardwareProfile a compile
  * error until it is put on the wire.
  */
-type Wire = Record<string, unknown>;
+export type Wire = Record<string, unknown>;
 
-const num = (v: unknown): number => {
+/** A proto-loader number field (uint64 arrives as a decimal string); unset reads as 0. */
+export const num = (v: unknown): number => {
   if (typeof v === 'number') return v;
   if (typeof v === 'string' && v !== '') return Number(v);
   return 0;
 };
-const str = (v: unknown): string => (typeof v === 'string' ? v : '');
+/** A proto-loader string field; unset reads as ''. */
+export const str = (v: unknown): string => (typeof v === 'string' ? v : '');
 
 export function profileToWire(p: HardwareProfile): { [K in keyof Required<HardwareProfile>]: unknown } {
   return {

@@ -3,14 +3,7 @@
  * Orchard's TypeScript types, at the edge, so nothing deeper sees strings for sizes. Profiles and
  * live stats are converted by src/shared/hardware-wire.ts (the agent sends what we read).
  */
-type Wire = Record<string, unknown>;
-
-const num = (v: unknown): number => {
-  if (typeof v === 'number') return v;
-  if (typeof v === 'string' && v !== '') return Number(v);
-  return 0;
-};
-const str = (v: unknown): string => (typeof v === 'string' ? v : '');
+import { num, str, type Wire } from '../../shared/hardware-wire.ts';
 
 export type EngineKindName = 'ENGINE_KIND_RPC_SERVER' | 'ENGINE_KIND_LLAMA_SERVER' | 'ENGINE_KIND_MLX_RANK' | 'ENGINE_KIND_UNSPECIFIED';
 
