@@ -5,9 +5,11 @@ import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { Logger } from '../shared/log.ts';
 import { NodeAdvertiser } from './advertise.ts';
 import type { EngineBinaries } from './engine-spec.ts';
-import { type AgentState, serveNodeAgent } from './grpc-server.ts';
+import { type AgentAuth, type AgentState, serveNodeAgent } from './grpc-server.ts';
 import type { ProbeOptions } from './hardware/probe.ts';
 import { loadOrCreateIdentity } from './identity.ts';
+import { loadNodeTls } from './identity-credentials.ts';
+import type { TlsCredentials } from '../shared/pki/grpc-tls.ts';
 import { type MetricsServer, serveMetrics } from '../shared/metrics/http.ts';
 import { NodeMetrics } from './metrics.ts';
 import { EngineSupervisor } from './supervisor.ts';
@@ -43,10 +45,20 @@ export interface NodeAgentOptions {
   readonly profileRefreshMs?: number;
   /** Grace between SIGTERM and SIGKILL for engines (default 5 s). */
   readonly engineStopGraceMs?: number;
-  /** When set, every gRPC call must carry `authorization: Bearer <token>`. */
+  /**
+   * Before the node holds cluster credentials: when set, every gRPC call must carry
+   * `authorization: Bearer <token>`. Once `<state>/pki/` holds its key and certificate the
+   * agent serves mutual TLS instead and this is not used.
+   */
   readonly authToken?: string | undefined;
   /** Where this node's model files live (`--models-dir`): reported in Describe, used by PrepareCache. */
   readonly modelsDirs?: readonly string[] | undefined;
+}
+
+/** Mutual TLS once the node holds cluster credentials; before that the optional bearer token. */
+function agentAuth(tls: TlsCredentials | undefined, token: string | undefined): AgentAuth {
+  if (tls) return { tls };
+  return token ? { token } : undefined;
 }
 
 export interface AgentReady {
@@ -95,7 +107,8 @@ export class NodeAgent {
   async start(): Promise<AgentReady> {
     const { options: o, log } = { options: this.options, log: this.options.log };
     const identity = await loadOrCreateIdentity(o.stateDir);
-    log.info({ nodeId: identity.nodeId, stateDir: o.stateDir, created: identity.created }, 'node identity');
+    const tls = await loadNodeTls(o.stateDir, identity.nodeId);
+    log.info({ nodeId: identity.nodeId, stateDir: o.stateDir, created: identity.created, mtls: tls !== undefined }, 'node identity');
     this.currentProfile = await this.probe(identity.nodeId);
 
     const supervisor = new EngineSupervisor({
@@ -132,7 +145,7 @@ export class NodeAgent {
           return () => this.events.off('shutdown', fn);
         },
       };
-      const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }), o.authToken);
+      const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }), agentAuth(tls, o.authToken));
       this.grpcServer = g.server;
       this.grpcPort = g.port;
       const m = await serveMetrics({

@@ -4,6 +4,8 @@ import { OrchardError, errorMessage } from '../shared/errors.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { Logger } from '../shared/log.ts';
 import { createGrpcServer } from '../shared/grpc-server.ts';
+import { type TlsCredentials, clusterServerCredentials, requirePeers } from '../shared/pki/grpc-tls.ts';
+import type { Role } from '../shared/pki/identity.ts';
 import { orchardV1 } from '../shared/proto.ts';
 import { EngineRequestError, engineSpecFromRequest } from './engine-spec.ts';
 import { GenerateError, generateParamsFromRequest, relayCompletion } from './generate.ts';
@@ -319,13 +321,30 @@ export function requireToken(handlers: grpc.UntypedServiceImplementation, token:
   return out;
 }
 
+/**
+ * Who may call what once the node holds cluster credentials: every NodeAgent method starts,
+ * stops, reads or feeds engines on this machine, so only the cluster's coordinator may call
+ * them. A node certificate (another member) is PERMISSION_DENIED, anything else
+ * UNAUTHENTICATED (src/shared/pki/grpc-tls.ts).
+ */
+export const NODE_AGENT_ROLES: readonly Role[] = ['coordinator'];
+
+/** How the agent authenticates callers: mutual TLS with the cluster's certificates, or (before it holds them) a bearer token. */
+export type AgentAuth = { readonly tls: TlsCredentials } | { readonly token: string } | undefined;
+
+function guarded(handlers: grpc.UntypedServiceImplementation, auth: AgentAuth): grpc.UntypedServiceImplementation {
+  if (auth === undefined) return handlers;
+  if ('token' in auth) return requireToken(handlers, auth.token);
+  return requirePeers(handlers, () => auth.tls.caCertPem, () => NODE_AGENT_ROLES);
+}
+
 /** Bind the gRPC server; `port` 0 picks one. Rejects with a one-line OrchardError when the port is taken. */
 export async function serveNodeAgent(
   state: AgentState,
   host: string,
   port: number,
   log: Logger,
-  authToken?: string,
+  auth?: AgentAuth,
 ): Promise<{ server: grpc.Server; port: number }> {
   // grpc-js prints its own diagnostics to stderr ("E No address added …"); route them into
   // the structured log so stderr stays pino JSON and the CLI's error stays one line.
@@ -336,10 +355,11 @@ export async function serveNodeAgent(
   } as Partial<Console> as Console);
   const server = createGrpcServer();
   const handlers = nodeAgentHandlers(state, log);
-  server.addService(orchardV1().NodeAgent!.service, authToken ? requireToken(handlers, authToken) : handlers);
+  server.addService(orchardV1().NodeAgent!.service, guarded(handlers, auth));
+  const credentials = auth !== undefined && 'tls' in auth ? clusterServerCredentials(auth.tls) : grpc.ServerCredentials.createInsecure();
   const addr = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
   const bound = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(addr, grpc.ServerCredentials.createInsecure(), (err, p) => {
+    server.bindAsync(addr, credentials, (err, p) => {
       if (err) {
         const inUse = /EADDRINUSE|address already in use/i.test(err.message);
         reject(new OrchardError(inUse ? `gRPC port ${port} on ${host} is already in use` : `cannot listen on ${addr}: ${err.message}`));

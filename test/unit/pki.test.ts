@@ -201,3 +201,23 @@ describe('credential files', () => {
     await expect(saveNodeCertificate(dir, issued.certPem, ca.certPem)).rejects.toThrow(/missing/);
   });
 });
+
+describe('authenticate (gRPC peer check)', () => {
+  const call = (raw: Buffer | undefined) => ({ getAuthContext: () => (raw ? { sslPeerCertificate: { raw } as never } : {}) });
+  const der = (pem: string) => new X509Certificate(pem).raw;
+  it('no certificate or a foreign one is UNAUTHENTICATED, a wrong role PERMISSION_DENIED, a revoked serial UNAUTHENTICATED', async () => {
+    const { authenticate } = await import('../../src/shared/pki/grpc-tls.ts');
+    const mk = async (c: ClusterCa, role: 'node' | 'coordinator') => {
+      const { csrPem } = await createKeyAndCsr('peer-1');
+      return issueCertificate(c, csrPem, { role });
+    };
+    const coord = await mk(ca, 'coordinator');
+    const node = await mk(ca, 'node');
+    const foreign = await mk(otherCa, 'coordinator');
+    expect(authenticate(call(undefined), ca.certPem, ['coordinator'])).toMatchObject({ ok: false, code: 16 });
+    expect(authenticate(call(der(foreign.certPem)), ca.certPem, ['coordinator'])).toMatchObject({ ok: false, code: 16, details: expect.stringMatching(/not issued by this cluster/) });
+    expect(authenticate(call(der(node.certPem)), ca.certPem, ['coordinator'])).toMatchObject({ ok: false, code: 7 });
+    expect(authenticate(call(der(coord.certPem)), ca.certPem, ['coordinator'])).toMatchObject({ ok: true, peer: { id: 'peer-1', role: 'coordinator' } });
+    expect(authenticate(call(der(coord.certPem)), ca.certPem, ['coordinator'], (s) => s === coord.serial)).toMatchObject({ ok: false, code: 16, details: expect.stringMatching(/revoked/) });
+  });
+});

@@ -1,5 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { GenerateParams } from '../../shared/generation.ts';
+import { CLUSTER_CHANNEL_OPTIONS, type TlsCredentials, clusterChannelCredentials } from '../../shared/pki/grpc-tls.ts';
+import type { VerifiedPeer } from '../../shared/pki/verify.ts';
 import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
 import { liveFromWire, profileFromWire } from '../../shared/hardware-wire.ts';
 import { orchardV1 } from '../../shared/proto.ts';
@@ -83,21 +85,38 @@ export class AgentClient {
   readonly #client: grpc.Client & Record<string, unknown>;
 
   readonly #token: string | undefined;
+  #peer: VerifiedPeer | undefined;
 
-  /** @param token the cluster token, sent as `authorization: Bearer …` (agents started with --token require it). */
+  /**
+   * @param auth the coordinator's cluster credentials (mutual TLS: the agent's certificate must
+   * name a node of this cluster, and `peer` then says which), or — for agents that have not
+   * joined with a certificate yet — the cluster token, sent as `authorization: Bearer …`.
+   */
   constructor(
     readonly address: string,
-    token?: string,
+    auth?: string | TlsCredentials,
   ) {
-    this.#token = token || undefined;
+    this.#token = typeof auth === 'string' && auth ? auth : undefined;
     const Ctor = orchardV1().NodeAgent!;
-    this.#client = new Ctor(address, grpc.credentials.createInsecure(), {
+    const credentials =
+      typeof auth === 'object'
+        ? clusterChannelCredentials(auth, { role: 'node' }, (p) => {
+            this.#peer = p;
+          })
+        : grpc.credentials.createInsecure();
+    this.#client = new Ctor(address, credentials, {
+      ...(typeof auth === 'object' ? CLUSTER_CHANNEL_OPTIONS : {}),
       // Agents restart; reconnect quickly rather than with grpc's long default backoff.
       'grpc.initial_reconnect_backoff_ms': 200,
       'grpc.max_reconnect_backoff_ms': 2000,
       'grpc.keepalive_time_ms': 10_000,
       'grpc.keepalive_timeout_ms': 5000,
     }) as grpc.Client & Record<string, unknown>;
+  }
+
+  /** The node the agent's certificate proves it is (mutual TLS only; set once a call connected). */
+  get peer(): VerifiedPeer | undefined {
+    return this.#peer;
   }
 
   #metadata(): grpc.Metadata {

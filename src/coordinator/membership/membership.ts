@@ -3,6 +3,7 @@ import { EventEmitter } from 'node:events';
 import type * as grpc from '@grpc/grpc-js';
 import type { Logger } from '../../shared/log.ts';
 import { errorMessage } from '../../shared/errors.ts';
+import type { TlsCredentials } from '../../shared/pki/grpc-tls.ts';
 import { AgentClient, type AgentEvent, agentEventFromWire } from './agent-client.ts';
 import { type DiscoveredBy, type NodeEntry, Registry, type RegistryChange, type RegistryOptions } from './registry.ts';
 
@@ -36,12 +37,12 @@ export class Membership extends EventEmitter<MembershipEvents> {
   readonly #timer: NodeJS.Timeout;
   readonly #watchIntervalSeconds: number;
 
-  readonly #agentToken: string | undefined;
+  readonly #agentAuth: string | TlsCredentials | undefined;
 
-  /** @param agentToken sent to every agent as a bearer token (the cluster's join token). */
-  constructor(options: RegistryOptions, log: Logger, agentToken?: string) {
+  /** @param agentAuth the coordinator's cluster credentials (mutual TLS), or a bearer token for agents without certificates. */
+  constructor(options: RegistryOptions, log: Logger, agentAuth?: string | TlsCredentials) {
     super();
-    this.#agentToken = agentToken;
+    this.#agentAuth = agentAuth;
     this.registry = new Registry(options);
     this.#log = log;
     // Stats arrive at 4× the suspect rate so one lost message never makes a node suspect.
@@ -67,7 +68,7 @@ export class Membership extends EventEmitter<MembershipEvents> {
   async add(address: string, by: DiscoveredBy, keepTrying = by === 'mdns'): Promise<NodeEntry> {
     let link = this.#links.get(address);
     if (!link) {
-      link = { address, client: new AgentClient(address, this.#agentToken), discoveredBy: by, session: undefined, nodeId: undefined, stream: undefined, retry: undefined, attempt: 0, closed: false };
+      link = { address, client: new AgentClient(address, this.#agentAuth), discoveredBy: by, session: undefined, nodeId: undefined, stream: undefined, retry: undefined, attempt: 0, closed: false };
       this.#links.set(address, link);
       try {
         return await this.#connect(link);
@@ -100,6 +101,9 @@ export class Membership extends EventEmitter<MembershipEvents> {
     }
     const d = await link.client.describe();
     if (link.closed) throw new Error('membership closed');
+    // With mutual TLS the node is who its certificate says, whatever its profile claims.
+    const proven = link.client.peer;
+    if (proven && proven.id !== d.profile.nodeId) throw new Error(`agent at ${link.address} claims node ${d.profile.nodeId} but its certificate names ${proven.id}`);
     const session = randomUUID();
     const previousStream = link.stream;
     link.session = session;
