@@ -40,20 +40,13 @@ const MiB = 2 ** 20;
 
 function profile(i: number): HardwareProfile {
   const name = `node-${String(i).padStart(2, '0')}`;
+  // Three chips so the node_info series differ; the rest is the fixture's (sizes do not change
+  // the cost of a scrape).
   return studioProfile({
     nodeId: `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`,
     name,
     hostname: `${name}.local`,
-    osVersion: '15.2',
     chip: ['Apple M2 Ultra', 'Apple M4 Pro', 'Apple M3 Max'][i % 3]!,
-    performanceCores: 12,
-    efficiencyCores: 4,
-    gpuCores: 40,
-    memoryBytes: 128 * 2 ** 30,
-    bandwidthBytesPerSecond: 400e9,
-    wiredLimitBytes: 96 * 2 ** 30,
-    budgetBytes: 90 * 2 ** 30,
-    protocolVersion: '1',
     metricsPort: 9151,
   });
 }
@@ -71,7 +64,7 @@ function models(nodesPerModel: number): ModelStatus[] {
         firstLayer: Math.floor(k * layersPer),
         lastLayer: Math.floor((k + 1) * layersPer) - 1,
         bytes: { weights, kv: 5e8, compute: 3e8, overhead: 2e8, total: weights + 1e9 },
-        budgetBytes: 90 * 2 ** 30,
+        budgetBytes: p.budgetBytes,
         endpoint: `10.0.0.${k}:50052`,
       };
     });

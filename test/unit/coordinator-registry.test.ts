@@ -4,22 +4,8 @@ import type { HardwareProfile } from '../../src/shared/hardware.ts';
 import { studioProfile } from '../helpers/profiles.ts';
 
 function profile(nodeId: string, name = nodeId): HardwareProfile {
-  return studioProfile({
-    nodeId,
-    name,
-    hostname: name,
-    osVersion: '15.0',
-    chip: 'Apple M2 Max',
-    performanceCores: 8,
-    efficiencyCores: 4,
-    gpuCores: 38,
-    memoryBytes: 64 * 2 ** 30,
-    bandwidthBytesPerSecond: 400e9,
-    wiredLimitBytes: 48 * 2 ** 30,
-    budgetBytes: 44 * 2 ** 30,
-    engines: ['rpc-server'],
-    protocolVersion: '1',
-  });
+  // The registry reads ids, names and addresses; the hardware is the fixture's.
+  return studioProfile({ nodeId, name, hostname: name });
 }
 
 const opts = { suspectAfterMs: 2000, downAfterMs: 5000, forgetAfterMs: 60_000 };
