@@ -1,14 +1,13 @@
-import { X509Certificate, createPrivateKey } from 'node:crypto';
-import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { x509 } from '../../src/shared/pki/x509.ts';
-import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { createPrivateKey, X509Certificate } from 'node:crypto';
+import { readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { OrchardError } from '../../src/shared/errors.ts';
 import { type ClusterCa, caClusterId, certificateFingerprint, createClusterCa, createCsr, createKeyAndCsr, issueCertificate } from '../../src/shared/pki/certificates.ts';
 import { identityUri, parseIdentityUri } from '../../src/shared/pki/identity.ts';
 import { loadNodeCredentials, loadOrCreateClusterCa, loadOrCreateNodeKey, pkiPaths, saveNodeCertificate } from '../../src/shared/pki/store.ts';
 import { CertificateRejected, certificateIdentity, certificateValidity, needsRenewal, verifyCertificate } from '../../src/shared/pki/verify.ts';
+import { x509 } from '../../src/shared/pki/x509.ts';
+import { tempDir } from '../helpers/temp-dir.ts';
 
 const DAY = 86_400_000;
 let ca: ClusterCa;
@@ -152,53 +151,47 @@ describe('renewal predicate', () => {
 });
 
 describe('credential files', () => {
-  let dir: string;
-  beforeEach(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'orchard-pki-'));
-  });
-  afterEach(async () => {
-    await rm(dir, { recursive: true, force: true });
-  });
+  const tmp = tempDir('orchard-pki-', 'each');
 
-  it('creates the CA once (key 0600, dir 0700) and loads the same one afterwards', async () => {
-    const first = await loadOrCreateClusterCa(dir, 'c1');
+  it('creates the CA once (key 0600, tmp.path 0700) and loads the same one afterwards', async () => {
+    const first = await loadOrCreateClusterCa(tmp.path, 'c1');
     expect(first.created).toBe(true);
-    const p = pkiPaths(dir);
+    const p = pkiPaths(tmp.path);
     expect((await stat(p.caKey)).mode & 0o777).toBe(0o600);
     expect((await stat(p.dir)).mode & 0o777).toBe(0o700);
-    const again = await loadOrCreateClusterCa(dir, 'c1');
+    const again = await loadOrCreateClusterCa(tmp.path, 'c1');
     expect(again).toEqual({ ca: first.ca, created: false });
   });
 
   it('refuses half a CA, a CA of another cluster and a key that does not match', async () => {
-    const { ca: c } = await loadOrCreateClusterCa(dir, 'c1');
-    await expect(loadOrCreateClusterCa(dir, 'c2')).rejects.toThrow(/belongs to cluster c1/);
-    const p = pkiPaths(dir);
+    const { ca: c } = await loadOrCreateClusterCa(tmp.path, 'c1');
+    await expect(loadOrCreateClusterCa(tmp.path, 'c2')).rejects.toThrow(/belongs to cluster c1/);
+    const p = pkiPaths(tmp.path);
     await writeFile(p.caKey, (await createClusterCa('c1')).keyPem);
-    await expect(loadOrCreateClusterCa(dir, 'c1')).rejects.toThrow(/do not belong together/);
+    await expect(loadOrCreateClusterCa(tmp.path, 'c1')).rejects.toThrow(/do not belong together/);
     await rm(p.caKey);
-    await expect(loadOrCreateClusterCa(dir, 'c1')).rejects.toThrow(OrchardError);
+    await expect(loadOrCreateClusterCa(tmp.path, 'c1')).rejects.toThrow(OrchardError);
     expect(await readFile(p.caCert, 'utf8')).toBe(c.certPem);
   });
 
   it('node key is made once (0600); the certificate is accepted only for that key; credentials load', async () => {
-    expect(await loadNodeCredentials(dir)).toBeUndefined();
-    const k = await loadOrCreateNodeKey(dir, 'node-8');
+    expect(await loadNodeCredentials(tmp.path)).toBeUndefined();
+    const k = await loadOrCreateNodeKey(tmp.path, 'node-8');
     expect(k.created).toBe(true);
-    expect((await stat(pkiPaths(dir).nodeKey)).mode & 0o777).toBe(0o600);
-    const k2 = await loadOrCreateNodeKey(dir, 'node-8');
+    expect((await stat(pkiPaths(tmp.path).nodeKey)).mode & 0o777).toBe(0o600);
+    const k2 = await loadOrCreateNodeKey(tmp.path, 'node-8');
     expect(k2.keyPem).toBe(k.keyPem);
     expect(k2.created).toBe(false);
     const stranger = await issueCertificate(ca, (await createKeyAndCsr('node-8')).csrPem, { role: 'node' });
-    await expect(saveNodeCertificate(dir, stranger.certPem, ca.certPem)).rejects.toThrow(/do not belong together/);
+    await expect(saveNodeCertificate(tmp.path, stranger.certPem, ca.certPem)).rejects.toThrow(/do not belong together/);
     const mine = await issueCertificate(ca, k2.csrPem, { role: 'node', expectId: 'node-8' });
-    await saveNodeCertificate(dir, mine.certPem, ca.certPem);
-    expect(await loadNodeCredentials(dir)).toEqual({ keyPem: k.keyPem, certPem: mine.certPem, caCertPem: ca.certPem });
+    await saveNodeCertificate(tmp.path, mine.certPem, ca.certPem);
+    expect(await loadNodeCredentials(tmp.path)).toEqual({ keyPem: k.keyPem, certPem: mine.certPem, caCertPem: ca.certPem });
   });
 
   it('a certificate without its key is refused', async () => {
     const issued = await issueCertificate(ca, (await createKeyAndCsr('node-9')).csrPem, { role: 'node' });
-    await expect(saveNodeCertificate(dir, issued.certPem, ca.certPem)).rejects.toThrow(/missing/);
+    await expect(saveNodeCertificate(tmp.path, issued.certPem, ca.certPem)).rejects.toThrow(/missing/);
   });
 });
 

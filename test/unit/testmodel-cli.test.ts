@@ -1,11 +1,10 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { readGgufFileInfo } from 'node-llama-cpp';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { runCli } from '../../src/cli/program.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { metaArray, metaNumber, metaString } from '../../src/shared/gguf/types.ts';
@@ -13,6 +12,7 @@ import { writeGguf } from '../../src/shared/gguf/writer.ts';
 import { type LlamaTestShape, llamaTestModelSpec } from '../../src/shared/testmodel/llama.ts';
 import { fp32ToFp16Bits, quantizeQ8_0 } from '../../src/shared/testmodel/quantize.ts';
 import { loadVocab } from '../../src/shared/testmodel/vocab.ts';
+import { tempDir } from '../helpers/temp-dir.ts';
 
 const run = promisify(execFile);
 const BIN = new URL('../../bin/orchard.js', import.meta.url).pathname;
@@ -54,38 +54,32 @@ async function orchardInProcess(...args: string[]): Promise<{ code: number; stdo
 
 const sha256 = async (p: string) => createHash('sha256').update(await readFile(p)).digest('hex');
 
-let dir: string;
-beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'orchard-testmodel-'));
-});
-afterAll(async () => {
-  await rm(dir, { recursive: true, force: true });
-});
+const tmp = tempDir('orchard-testmodel-', 'all');
 
 describe('orchard testmodel gguf', () => {
   it('writes byte-identical files for the same arguments and different ones for another seed', async () => {
     // One run in its own process, the others in this one: the bytes must not depend on either.
-    const a = await orchard('testmodel', 'gguf', ...SMALL, '--type', 'q8_0', '--seed', '7', '--out', join(dir, 'a.gguf'), '--json');
-    const b = await orchardInProcess('testmodel', 'gguf', ...SMALL, '--type', 'q8_0', '--seed', '7', '--out', join(dir, 'b.gguf'), '--json');
-    const c = await orchardInProcess('testmodel', 'gguf', ...SMALL, '--type', 'q8_0', '--seed', '8', '--out', join(dir, 'c.gguf'), '--json');
+    const a = await orchard('testmodel', 'gguf', ...SMALL, '--type', 'q8_0', '--seed', '7', '--out', join(tmp.path, 'a.gguf'), '--json');
+    const b = await orchardInProcess('testmodel', 'gguf', ...SMALL, '--type', 'q8_0', '--seed', '7', '--out', join(tmp.path, 'b.gguf'), '--json');
+    const c = await orchardInProcess('testmodel', 'gguf', ...SMALL, '--type', 'q8_0', '--seed', '8', '--out', join(tmp.path, 'c.gguf'), '--json');
     for (const r of [a, b, c]) expect(r.code, r.stderr).toBe(0);
     const ja = JSON.parse(a.stdout);
     const jb = JSON.parse(b.stdout);
     const jc = JSON.parse(c.stdout);
     expect(ja.sha256).toBe(jb.sha256);
-    expect(ja.sha256).toBe(await sha256(join(dir, 'a.gguf')));
-    expect(await sha256(join(dir, 'b.gguf'))).toBe(ja.sha256);
+    expect(ja.sha256).toBe(await sha256(join(tmp.path, 'a.gguf')));
+    expect(await sha256(join(tmp.path, 'b.gguf'))).toBe(ja.sha256);
     expect(jc.sha256).not.toBe(ja.sha256);
     // 2 layers × (4 projections + 3 FFN + 2 norms) + embeddings, output, output norm
     expect(ja).toMatchObject({ layers: 2, dim: 64, ffn: 128, heads: 4, kvHeads: 2, type: 'q8_0', seed: 7, tensors: 21, vocabSize: 32000 });
     expect(ja.parameters).toBe(2 * 64 * 32000 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64);
-    const header = await readGgufHeader(join(dir, 'a.gguf'));
+    const header = await readGgufHeader(join(tmp.path, 'a.gguf'));
     expect(header.fileSize).toBe(ja.bytes);
     expect(header.hasData).toBe(true);
   });
 
   it('writes a llama file llama.cpp can load: real tokenizer, right keys, right types (checked by node-llama-cpp)', async () => {
-    const path = join(dir, 'f16.gguf');
+    const path = join(tmp.path, 'f16.gguf');
     const r = await orchardInProcess('testmodel', 'gguf', ...SMALL, '--type', 'f16', '--ctx', '512', '--out', path);
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/^wrote .*f16\.gguf: .* parameters, sha256 [0-9a-f]{64}\n$/);
@@ -102,13 +96,13 @@ describe('orchard testmodel gguf', () => {
   });
 
   it('a real process exits 2 with one line on bad input', async () => {
-    const r = await orchard('testmodel', 'gguf', '--layers', 'abc', '--out', join(dir, 'never.gguf'));
+    const r = await orchard('testmodel', 'gguf', '--layers', 'abc', '--out', join(tmp.path, 'never.gguf'));
     expect(r.code).toBe(2);
     expect(r.stderr).toBe('orchard: invalid --layers "abc": expected an integer\n');
   });
 
   it('header-only generated models carry the same header without data', async () => {
-    const path = join(dir, 'header-only.gguf');
+    const path = join(tmp.path, 'header-only.gguf');
     const r = await orchardInProcess('testmodel', 'gguf', ...SMALL, '--header-only', '--out', path, '--json');
     expect(r.code, r.stderr).toBe(0);
     const h = await readGgufHeader(path);
@@ -133,7 +127,7 @@ describe('orchard testmodel gguf', () => {
     ['shape flags with a preset', ['--shape', 'llama-3-8b', '--header-only', '--layers', '4'], /drop --layers/],
   ];
   it.each(bad)('rejects %s: one line, exit 2, existing file untouched, nothing left behind', async (_what, args, message) => {
-    const sub = join(dir, `bad-${_what.replace(/\W+/g, '-')}`);
+    const sub = join(tmp.path, `bad-${_what.replace(/\W+/g, '-')}`);
     await mkdir(sub);
     const out = join(sub, 'model.gguf');
     await writeFile(out, 'keep me');
@@ -147,14 +141,14 @@ describe('orchard testmodel gguf', () => {
   });
 
   it('rejects unwritable paths with exit 2 and leaves no partial file', async () => {
-    const file = join(dir, 'plain-file');
+    const file = join(tmp.path, 'plain-file');
     await writeFile(file, 'x');
     const cases: Array<[string, RegExp]> = [
-      [join(dir, 'no-such-dir', 'm.gguf'), /directory .*no-such-dir does not exist/],
+      [join(tmp.path, 'no-such-tmp.path', 'm.gguf'), /directory .*no-such-tmp.path does not exist/],
       [join(file, 'm.gguf'), /plain-file is not a directory/],
-      [dir, /it is a directory/],
+      [tmp.path, /it is a directory/],
     ];
-    const before = (await readdir(dir)).sort();
+    const before = (await readdir(tmp.path)).sort();
     const results: Array<{ code: number; stdout: string; stderr: string }> = [];
     for (const [out] of cases) results.push(await orchardInProcess('testmodel', 'gguf', ...SMALL, '--out', out));
     results.forEach((r, i) => {
@@ -162,7 +156,7 @@ describe('orchard testmodel gguf', () => {
       expect(r.stderr).toMatch(cases[i]![1]);
       expect(r.stderr.trim().split('\n')).toHaveLength(1);
     });
-    expect((await readdir(dir)).sort()).toEqual(before);
+    expect((await readdir(tmp.path)).sort()).toEqual(before);
   });
 });
 
@@ -178,7 +172,7 @@ describe('generated weights', () => {
 
   it('f16 and q8_0 files hold exactly the f32 file’s values, converted the way ggml converts them', async () => {
     const vocab = await loadVocab();
-    const paths = { f32: join(dir, 'w-f32.gguf'), f16: join(dir, 'w-f16.gguf'), q8_0: join(dir, 'w-q8.gguf') };
+    const paths = { f32: join(tmp.path, 'w-f32.gguf'), f16: join(tmp.path, 'w-f16.gguf'), q8_0: join(tmp.path, 'w-q8.gguf') };
     for (const type of ['f32', 'f16', 'q8_0'] as const) await writeGguf(paths[type], llamaTestModelSpec(shape(type), vocab));
     for (const name of ['blk.0.ffn_down.weight', 'token_embd.weight']) {
       const raw = await tensorBytes(paths.f32, name);
@@ -201,7 +195,7 @@ describe('generated weights', () => {
       ['q8_0', '858f19b94f9fa0c43ef947d49fc552ff9c528bca4f8e5c2eaf2b95a226de982e'],
     ];
     for (const [type, digest] of pinned) {
-      const path = join(dir, `pinned-${type}.gguf`);
+      const path = join(tmp.path, `pinned-${type}.gguf`);
       const r = await writeGguf(path, llamaTestModelSpec({ ...shape(type), seed: 12345 }, vocab));
       expect(r.sha256, type).toBe(digest);
     }
@@ -209,7 +203,7 @@ describe('generated weights', () => {
 
   it('scales weights as documented and silences control tokens in the output head', async () => {
     const vocab = await loadVocab();
-    const path = join(dir, 'scales.gguf');
+    const path = join(tmp.path, 'scales.gguf');
     await writeGguf(path, llamaTestModelSpec(shape('f32'), vocab));
     const floats = async (name: string) => {
       const b = await tensorBytes(path, name);
@@ -236,7 +230,7 @@ describe('generated weights', () => {
   });
 
   it('a failure while writing leaves neither a partial file nor a temp file, and keeps the old file', async () => {
-    const sub = join(dir, 'failing');
+    const sub = join(tmp.path, 'failing');
     await mkdir(sub);
     const out = join(sub, 'm.gguf');
     await writeFile(out, 'old');

@@ -1,15 +1,15 @@
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+
 import { join } from 'node:path';
 import { readGgufFileInfo } from 'node-llama-cpp';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { runCli } from '../../src/cli/program.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { metaNumber, metaString } from '../../src/shared/gguf/types.ts';
 import { encodeGgufHeader } from '../../src/shared/gguf/writer.ts';
 import { parameterCount } from '../../src/shared/testmodel/llama.ts';
-import { PRESETS, findPreset, presetSpec } from '../../src/shared/testmodel/presets.ts';
+import { findPreset, PRESETS, presetSpec } from '../../src/shared/testmodel/presets.ts';
 import { type PresetQuant, useMoreBits } from '../../src/shared/testmodel/quant-mix.ts';
+import { tempDir } from '../helpers/temp-dir.ts';
 
 /**
  * Reference figures of the real model families. Parameter counts are the ones Hugging Face
@@ -153,13 +153,7 @@ describe('Q4_K_M per-tensor types follow llama.cpp’s mixing rule', () => {
 });
 
 describe('orchard testmodel gguf --shape', () => {
-  let dir: string;
-  beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'orchard-presets-'));
-  });
-  afterAll(async () => {
-    await rm(dir, { recursive: true, force: true });
-  });
+  const tmp = tempDir('orchard-presets-', 'all');
 
   async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
     let stdout = '';
@@ -182,7 +176,7 @@ describe('orchard testmodel gguf --shape', () => {
 
   it('writes every preset as a small, deterministic header-only file both readers accept', async () => {
     for (const preset of PRESETS) {
-      const out = join(dir, `${preset.id}.gguf`);
+      const out = join(tmp.path, `${preset.id}.gguf`);
       const r1 = await cli('testmodel', 'gguf', '--shape', preset.id, '--header-only', '--out', out, '--json');
       const r2 = await cli('testmodel', 'gguf', '--shape', preset.id, '--header-only', '--out', out, '--json');
       expect(r1.code, r1.stderr).toBe(0);
@@ -202,7 +196,7 @@ describe('orchard testmodel gguf --shape', () => {
   });
 
   it('honours --quant', async () => {
-    const out = join(dir, 'q8.gguf');
+    const out = join(tmp.path, 'q8.gguf');
     const r = await cli('testmodel', 'gguf', '--shape', 'qwen2.5-7b', '--header-only', '--quant', 'q8_0', '--out', out, '--json');
     expect(r.code, r.stderr).toBe(0);
     const h = await readGgufHeader(out);
