@@ -26,6 +26,8 @@ export interface LocalClusterOptions {
   readonly stateRoot: string;
   readonly env?: NodeJS.ProcessEnv | undefined;
   readonly coordinatorArgs?: readonly string[] | undefined;
+  /** An admin API key for the coordinator, passed in its environment (never its arguments: `ps`). */
+  readonly apiKey?: string | undefined;
   /** Lines the children print on stderr (logs), with the process name; default: dropped. */
   readonly onLog?: ((who: string, line: string) => void) | undefined;
   readonly readyTimeoutMs?: number | undefined;
@@ -41,6 +43,8 @@ export interface LocalCluster {
   readonly grpcAddress: string;
   readonly httpUrl: string;
   readonly joinToken: string;
+  /** The coordinator's local admin key (state dir `admin-key`): valid whether or not the API is locked. */
+  readonly adminKey: string;
   readonly coordinator: LocalProcess;
   readonly nodes: readonly LocalProcess[];
   /** Every pid started (coordinator and agents; engines are the agents' children). */
@@ -139,7 +143,7 @@ async function stopChildren(children: readonly Child[], graceMs: number): Promis
 }
 
 export async function startLocalCluster(o: LocalClusterOptions): Promise<LocalCluster> {
-  const env = { ...process.env, ...o.env };
+  const env = { ...process.env, ...o.env, ...(o.apiKey !== undefined ? { ORCHARD_API_KEY: o.apiKey } : {}) };
   const timeout = o.readyTimeoutMs ?? 30_000;
   const children: Child[] = [];
   let stopped: Promise<void> | undefined;
@@ -166,11 +170,13 @@ export async function startLocalCluster(o: LocalClusterOptions): Promise<LocalCl
     const grpcAddress = `127.0.0.1:${String(coordReady!.grpcPort)}`;
     const { readFile } = await import('node:fs/promises');
     const joinToken = (await readFile(`${o.stateRoot}/coordinator/join-token`, 'utf8')).trim();
+    const adminKey = (await readFile(`${o.stateRoot}/coordinator/admin-key`, 'utf8')).trim();
     for (const r of nodeReady) await joinCluster(grpcAddress, joinToken, `127.0.0.1:${String(r.grpcPort)}`);
     return {
       grpcAddress,
       httpUrl: `http://127.0.0.1:${String(coordReady!.httpPort)}`,
       joinToken,
+      adminKey,
       coordinator: { name: 'coordinator', pid: coord.proc.pid!, ready: coordReady! },
       nodes: nodeChildren.map((c, i) => ({ name: c.name, pid: c.proc.pid!, ready: nodeReady[i]! })),
       pids: () => children.map((c) => c.proc.pid!),

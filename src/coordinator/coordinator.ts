@@ -3,7 +3,8 @@ import type * as grpc from '@grpc/grpc-js';
 import { errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import { startCoordinatorGrpc } from './api/grpc-server.ts';
-import { apiKeyGuard } from './api/guard.ts';
+import { AccessControl } from './api/access.ts';
+import { accessGuard } from './api/guard.ts';
 import { CoordinatorMetrics, MeteredRuntime } from './api/metrics.ts';
 import { createConsole } from './api/console/routes.ts';
 import { installApi } from './api/openai/api.ts';
@@ -37,8 +38,12 @@ export interface CoordinatorOptions {
   readonly mlxStallTimeoutSeconds?: number | undefined;
   readonly planner?: Planner | undefined;
   readonly version?: string | undefined;
-  /** OpenAI/management HTTP API: optional API key (401 without it) and request body limit. */
-  readonly api?: { readonly apiKey?: string | undefined; readonly maxBodyBytes?: number | undefined } | undefined;
+  /**
+   * HTTP and gRPC access: an optional admin API key (locks the API: 401/UNAUTHENTICATED without a
+   * key), /metrics without a key (`metricsPublic`), and the HTTP request body limit. Keys made with
+   * `orchard coordinator keys create` lock it too (api/access.ts).
+   */
+  readonly api?: { readonly apiKey?: string | undefined; readonly maxBodyBytes?: number | undefined; readonly metricsPublic?: boolean | undefined } | undefined;
   readonly log: Logger;
 }
 
@@ -72,9 +77,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log, state.token);
   const clusterId = state.cluster().clusterId;
   const { runtime, metrics } = buildRuntime(o, membership, clusterId);
+  const stateDir = new StateDir(o.stateDir);
+  const access = new AccessControl({ adminKeys: [o.api?.apiKey, await stateDir.localAdminKey()], locked: !!o.api?.apiKey, store: stateDir.apiKeys() });
 
   const { server: grpcServer, port } = await startCoordinatorGrpc(
     { membership, runtime, joinToken: () => state.token, clusterId, version, log, rememberAgent: state.rememberAgent },
+    access,
     o.host ?? '0.0.0.0',
     o.grpcPort,
   );
@@ -82,7 +90,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
 
   let closed = false;
   let httpPort: number | undefined;
-  const router = new HttpRouter(apiKeyGuard(o.api?.apiKey), log.child({ part: 'http' }));
+  const router = new HttpRouter(accessGuard(access), log.child({ part: 'http' }), { metricsPublic: o.api?.metricsPublic });
   installApi(router, { runtime, membership, clusterId, log, onRefused: (model, status) => metrics.refused(model, status) }, { maxBodyBytes: o.api?.maxBodyBytes });
   installOperatorRoutes(router, {
     membership,

@@ -4,11 +4,11 @@ import { DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { parseInteger } from '../../shared/units.ts';
 import { type ApiClientOptions, apiJson, apiSse } from '../api-client.ts';
+import { addCredentialOptions, type CredentialFlags, resolveApiKey } from '../credentials.ts';
 
-interface ChatFlags {
+interface ChatFlags extends CredentialFlags {
   url: string;
   model?: string;
-  apiKey?: string;
   system?: string;
   temperature: string;
   maxTokens: string;
@@ -27,12 +27,10 @@ interface Message {
  * user turn per line from stdin, so it can be scripted.
  */
 export function registerChat(program: Command): void {
-  program
-    .command('chat')
+  addCredentialOptions(program.command('chat'))
     .description('chat with a loaded model (streaming, multi-turn) over the OpenAI API')
     .addOption(new Option('--url <url>', 'coordinator HTTP base URL').default(`http://127.0.0.1:${DEFAULT_COORDINATOR_HTTP_PORT}`).env('ORCHARD_URL'))
     .option('--model <name>', 'model to talk to (default: the only loaded one)')
-    .addOption(new Option('--api-key <key>', 'API key, if the coordinator requires one').env('ORCHARD_API_KEY'))
     .option('--system <text>', 'system prompt')
     .option('--temperature <t>', 'sampling temperature (0 = greedy)', '0.7')
     .option('--max-tokens <n>', 'longest answer in tokens', '512')
@@ -67,7 +65,7 @@ async function runChat(flags: ChatFlags): Promise<void> {
   const temperature = Number(flags.temperature);
   if (!Number.isFinite(temperature) || temperature < 0 || temperature > 2) throw new UsageError(`invalid --temperature "${flags.temperature}": 0–2`);
   const maxTokens = parseInteger(flags.maxTokens, '--max-tokens', 1, 1_000_000);
-  const api: ApiClientOptions = { baseUrl: flags.url.replace(/\/+$/, '').replace(/\/v1$/, ''), apiKey: flags.apiKey || undefined };
+  const api: ApiClientOptions = { baseUrl: flags.url.replace(/\/+$/, '').replace(/\/v1$/, ''), apiKey: await resolveApiKey(flags) };
   const model = await pickModel(api, flags.model);
   const tty = !!process.stdin.isTTY;
   const history: Message[] = flags.system ? [{ role: 'system', content: flags.system }] : [];

@@ -6,6 +6,8 @@ import { defaultStateDir, StateDir } from '../../coordinator/state/state-dir.ts'
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { parseInteger, parsePort, parseSize } from '../../shared/units.ts';
+import { readKeyFile } from '../credentials.ts';
+import { registerKeys } from './keys.ts';
 
 interface CoordinatorFlags {
   grpcPort: string;
@@ -19,6 +21,8 @@ interface CoordinatorFlags {
   downAfter: string;
   maxQueue?: string;
   apiKey?: string;
+  apiKeyFile?: string;
+  metricsPublic?: boolean;
   maxBody: string;
   json?: boolean;
 }
@@ -38,7 +42,9 @@ export function registerCoordinator(program: Command): void {
     .option('--suspect-after <ms>', 'node silence before it is suspect', '2000')
     .option('--down-after <ms>', 'node silence before it is down', '5000')
     .option('--max-queue <n>', 'requests that may wait per model beyond its --parallel slots (default 4 × parallel)')
-    .addOption(new Option('--api-key <key>', 'require "Authorization: Bearer KEY" on the HTTP API (401 without it)').env('ORCHARD_API_KEY'))
+    .addOption(new Option('--api-key <key>', 'an admin API key: HTTP and gRPC then need a key (prefer ORCHARD_API_KEY or --api-key-file: a flag shows in `ps`)').env('ORCHARD_API_KEY'))
+    .addOption(new Option('--api-key-file <file>', 'read the admin API key from this file (`-` = stdin)').env('ORCHARD_API_KEY_FILE'))
+    .addOption(new Option('--metrics-public', 'serve /metrics without a key (otherwise Prometheus sends an inference key)').env('ORCHARD_METRICS_PUBLIC'))
     .addOption(new Option('--max-body <size>', 'largest HTTP request body (413 beyond it)').default('4MiB').env('ORCHARD_MAX_BODY'))
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…})')
     .action(async (flags: CoordinatorFlags) => {
@@ -54,6 +60,7 @@ export function registerCoordinator(program: Command): void {
       const { token } = await state.joinToken(process.env.ORCHARD_JOIN_TOKEN || undefined);
       process.stdout.write(`${token}\n`);
     });
+  registerKeys(cmd, () => cmd.opts<CoordinatorFlags>().stateDir);
 }
 
 async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
@@ -75,7 +82,7 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
     registry: { suspectAfterMs, downAfterMs, forgetAfterMs: Math.max(10 * 60_000, downAfterMs + 1) },
     maxQueue: flags.maxQueue !== undefined ? parseInteger(flags.maxQueue, '--max-queue', 0, 100_000) : undefined,
     extraHeadArgs: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS?.split(/\s+/).filter(Boolean),
-    api: { apiKey: flags.apiKey || undefined, maxBodyBytes: parseSize(flags.maxBody, '--max-body') },
+    api: { apiKey: flags.apiKeyFile ? await readKeyFile(flags.apiKeyFile) : flags.apiKey || undefined, metricsPublic: !!flags.metricsPublic, maxBodyBytes: parseSize(flags.maxBody, '--max-body') },
     rpcThreads: process.env.ORCHARD_RPC_THREADS ? parseInteger(process.env.ORCHARD_RPC_THREADS, 'ORCHARD_RPC_THREADS', 0, 1024) : undefined,
     // MLX watchdogs, in seconds: every rank ready within (default 300), rank 0 silent at most (30).
     mlxReadyTimeoutMs: process.env.ORCHARD_MLX_READY_TIMEOUT ? 1000 * parseInteger(process.env.ORCHARD_MLX_READY_TIMEOUT, 'ORCHARD_MLX_READY_TIMEOUT', 1, 3600) : undefined,

@@ -157,6 +157,7 @@ async function startDemoCluster(m: DemoModel, nodeCount: number, stateRoot: stri
     ORCHARD_RPC_THREADS: process.env.ORCHARD_RPC_THREADS ?? threads,
     ORCHARD_LLAMA_SERVER_EXTRA_ARGS: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS ?? `-t ${threads}`,
     ORCHARD_API_KEY: '',
+    ORCHARD_API_KEY_FILE: '',
   };
   const cluster = await run.orAbort(startLocalCluster({ nodes: m.budgets, stateRoot, env }));
   for (const [i, n] of cluster.nodes.entries()) {

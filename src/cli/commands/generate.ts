@@ -1,9 +1,9 @@
 import { type Command, Option } from 'commander';
-import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
+import { addCredentialOptions, type CredentialFlags, coordinatorClient } from '../credentials.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { parseInteger } from '../../shared/units.ts';
 
-interface GenerateFlags {
+interface GenerateFlags extends CredentialFlags {
   prompt: string;
   model?: string;
   maxTokens: string;
@@ -27,8 +27,7 @@ function parseNumber(text: string, what: string, min: number, max: number): numb
  * and timings.
  */
 export function registerGenerate(program: Command): void {
-  program
-    .command('generate')
+  addCredentialOptions(program.command('generate'))
     .description('generate a raw completion from a loaded model (streams text)')
     .requiredOption('--prompt <text>', 'prompt text (no chat template)')
     .option('--model <name>', 'model name (default: the only loaded model)')
@@ -50,7 +49,7 @@ export function registerGenerate(program: Command): void {
         stop: flags.stop ?? [],
       };
       if (req.prompt === '') throw new UsageError('--prompt is empty');
-      const client = new CoordinatorClient(coordinatorAddress(flags.coordinator));
+      const client = await coordinatorClient(flags);
       const ac = new AbortController();
       const onSig = () => ac.abort();
       process.once('SIGINT', onSig);

@@ -1,13 +1,13 @@
 import { resolve } from 'node:path';
 import { type Command, Option } from 'commander';
-import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
+import { addCredentialOptions, type CredentialFlags, coordinatorClient } from '../credentials.ts';
 import { createProgress } from '../progress.ts';
 
 const LOAD_PHASES = ['planning', 'starting-workers', 'starting-head', 'verifying', 'ready'];
 
-interface LoadFlags {
+interface LoadFlags extends CredentialFlags {
   ctx: string;
   cacheType: string;
   parallel: string;
@@ -20,8 +20,7 @@ interface LoadFlags {
 
 /** `orchard load MODEL.gguf`: returns when the model is ready (exit 0) or failed (exit 1, reason). */
 export function registerLoad(program: Command): void {
-  program
-    .command('load')
+  addCredentialOptions(program.command('load'))
     .description('load a model across the cluster (plan, start engines, verify); waits until ready')
     .argument('<model>', 'GGUF file or MLX model directory (absolute path as seen on the nodes; relative paths resolve here)')
     .option('--ctx <n>', 'context size in tokens', '4096')
@@ -33,7 +32,6 @@ export function registerLoad(program: Command): void {
     .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .option('--json', 'print progress events as JSON lines')
     .action(async (model: string, flags: LoadFlags) => {
-      const address = coordinatorAddress(flags.coordinator);
       if (!['auto', 'mlx', 'llama'].includes(flags.engine)) throw new UsageError(`--engine must be mlx, llama or auto, got "${flags.engine}"`);
       const options = {
         ctx: parseInteger(flags.ctx, '--ctx', 16, 16_777_216),
@@ -41,7 +39,7 @@ export function registerLoad(program: Command): void {
         parallel: parseInteger(flags.parallel, '--parallel', 1, 256),
         pin: flags.pin ?? [],
       };
-      const client = new CoordinatorClient(address);
+      const client = await coordinatorClient(flags);
       const ac = new AbortController();
       const onSig = () => ac.abort();
       process.once('SIGINT', onSig);

@@ -2,6 +2,7 @@ import { readFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
+import { addCredentialOptions, type CredentialFlags, resolveApiKey } from '../credentials.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { CACHE_TYPES, type CacheType } from '../../shared/memory/kv.ts';
 import { readModelProfile } from '../../shared/model/read-profile.ts';
@@ -11,7 +12,7 @@ import { type Plan, familyPlacementOptions } from '../../shared/placement/types.
 import { parseInteger } from '../../shared/units.ts';
 import { planJsonSchema, renderPlanTable } from '../tables.ts';
 
-interface PlanFlags {
+interface PlanFlags extends CredentialFlags {
   nodes?: string;
   coordinator?: string;
   ctx?: string;
@@ -26,8 +27,7 @@ const GiB = 2 ** 30;
 const gib = (b: number) => (b / GiB).toFixed(1);
 
 export function registerPlan(program: Command): void {
-  program
-    .command('plan')
+  addCredentialOptions(program.command('plan'))
     .description('plan which node holds which layers of a model (memory math + bandwidth cost model)')
     .argument('<model>', 'GGUF model file or MLX model directory (only headers are read; header-only files work)')
     .option('--nodes <file>', 'NODES.json: [{name, memoryBytes, bandwidthBytesPerSecond | chip, wiredLimitBytes?, budgetBytes?}]')
@@ -53,7 +53,7 @@ export function registerPlan(program: Command): void {
         // The coordinator plans with its own hop cost; silently ignoring the flag would mislead.
         if (cmd.getOptionValueSource('hopMs') === 'cli') throw new UsageError('--hop-ms applies to --nodes plans only; the live cluster is planned by the coordinator');
         const address = coordinatorAddress(flags.coordinator);
-        const plan = await livePlan(address, resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [] });
+        const plan = await livePlan(address, await resolveApiKey(flags), resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [] });
         // The coordinator opens the model; the header here only names it when this machine has it too.
         const profile = await readModelProfile(resolve(modelPath)).catch(() => undefined);
         const model = profile?.name ?? modelPath;
@@ -95,8 +95,8 @@ export function registerPlan(program: Command): void {
  * The coordinator's Plan RPC: the planner's result over the nodes that are up (budgets net of
  * models already loaded), or its "does not fit" result. Validated here, at the edge.
  */
-async function livePlan(address: string, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pin: string[] }): Promise<Plan> {
-  const client = new CoordinatorClient(address);
+async function livePlan(address: string, apiKey: string | undefined, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pin: string[] }): Promise<Plan> {
+  const client = new CoordinatorClient(address, apiKey);
   try {
     const res = await client.unary('plan', { modelPath, options }, 30_000);
     let raw: unknown;

@@ -1,6 +1,6 @@
 import Table from 'cli-table3';
 import { type Command, Option } from 'commander';
-import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
+import { addCredentialOptions, type CredentialFlags, coordinatorClient } from '../credentials.ts';
 import { formatBandwidth, formatBytes } from '../../shared/units.ts';
 
 type Wire = Record<string, unknown>;
@@ -52,14 +52,12 @@ export function statusJson(s: Wire): Wire {
 }
 
 export function registerStatus(program: Command): void {
-  program
-    .command('status')
+  addCredentialOptions(program.command('status'))
     .description('show the cluster: nodes (state, hardware) and loaded models with their stages')
     .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .option('--json', 'print JSON on stdout')
-    .action(async (flags: { coordinator?: string; json?: boolean }) => {
-      const address = coordinatorAddress(flags.coordinator);
-      const client = new CoordinatorClient(address);
+    .action(async (flags: CredentialFlags & { coordinator?: string; json?: boolean }) => {
+      const client = await coordinatorClient(flags);
       try {
         const s = statusJson(await client.unary('status', {}, 5000));
         if (flags.json) {

@@ -11,6 +11,7 @@ import { findLlamaBinaries } from '../../node/llama/binaries.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { formatBytes, parseBandwidth, parseInteger, parsePort, parseSize } from '../../shared/units.ts';
+import { readKeyFile } from '../credentials.ts';
 
 interface UpFlags {
   grpcPort: string;
@@ -26,6 +27,8 @@ interface UpFlags {
   bandwidth?: string;
   mdns: boolean;
   apiKey?: string;
+  apiKeyFile?: string;
+  metricsPublic?: boolean;
   maxQueue?: string;
   json?: boolean;
 }
@@ -60,7 +63,9 @@ export function registerUp(program: Command): void {
     .addOption(new Option('--budget <size>', 'usable model-memory budget of this node').env('ORCHARD_NODE_BUDGET'))
     .addOption(new Option('--bandwidth <GBps>', 'memory bandwidth in GB/s').env('ORCHARD_NODE_BANDWIDTH'))
     .option('--no-mdns', 'do not browse Bonjour for other nodes')
-    .addOption(new Option('--api-key <key>', 'require this key on the HTTP API').env('ORCHARD_API_KEY'))
+    .addOption(new Option('--api-key <key>', 'an admin API key: HTTP and gRPC then need a key (prefer ORCHARD_API_KEY or --api-key-file)').env('ORCHARD_API_KEY'))
+    .addOption(new Option('--api-key-file <file>', 'read the admin API key from this file (`-` = stdin)').env('ORCHARD_API_KEY_FILE'))
+    .addOption(new Option('--metrics-public', 'serve /metrics without a key').env('ORCHARD_METRICS_PUBLIC'))
     .addOption(
       new Option('--max-queue <n>', 'requests that may wait per model beyond its --parallel slots (default 4 × parallel)').env('ORCHARD_COORDINATOR_MAX_QUEUE'),
     )
@@ -70,7 +75,7 @@ export function registerUp(program: Command): void {
       `
 Examples:
   $ orchard up                                  # then: orchard load model.gguf; orchard chat
-  $ orchard up --http-host 0.0.0.0 --api-key s3cret
+  $ orchard up --http-host 0.0.0.0 --api-key-file ~/.orchard/api-key
   $ orchard up --no-mdns --budget 24GiB         # others join with: orchard cluster join`,
     )
     .action(async (flags: UpFlags) => {
@@ -127,7 +132,7 @@ async function runUp(flags: UpFlags): Promise<void> {
       httpPort: parsePort(flags.httpPort, '--http-port'),
       httpHost: flags.httpHost,
       mdns: flags.mdns,
-      api: { apiKey: flags.apiKey || undefined },
+      api: { apiKey: flags.apiKeyFile ? await readKeyFile(flags.apiKeyFile) : flags.apiKey || undefined, metricsPublic: !!flags.metricsPublic },
       maxQueue,
       log: log.child({ part: 'coordinator' }),
     }).catch((err: unknown) => {

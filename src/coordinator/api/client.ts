@@ -29,6 +29,8 @@ export function cliError(err: unknown, address: string): OrchardError {
       return new UsageError(details);
     case grpc.status.PERMISSION_DENIED:
       return new OrchardError(details);
+    case grpc.status.UNAUTHENTICATED:
+      return new OrchardError(`the coordinator at ${address} refused the credential: ${details}`);
     case grpc.status.DEADLINE_EXCEEDED:
       return new OrchardError(`the coordinator at ${address} did not answer in time: ${details}`);
     default:
@@ -38,22 +40,34 @@ export function cliError(err: unknown, address: string): OrchardError {
 
 export class CoordinatorClient {
   readonly #c: grpc.Client & Record<string, unknown>;
+  readonly #apiKey: string | undefined;
 
-  constructor(readonly address: string) {
+  /** `apiKey`: sent as `authorization: Bearer KEY` metadata on every call (Join needs none). */
+  constructor(
+    readonly address: string,
+    apiKey?: string | undefined,
+  ) {
     const Ctor = orchardV1().Coordinator!;
     this.#c = new Ctor(address, grpc.credentials.createInsecure()) as grpc.Client & Record<string, unknown>;
+    this.#apiKey = apiKey;
+  }
+
+  #metadata(): grpc.Metadata {
+    const md = new grpc.Metadata();
+    if (this.#apiKey) md.set('authorization', `Bearer ${this.#apiKey}`);
+    return md;
   }
 
   unary(method: string, req: Wire, timeoutMs = 15_000): Promise<Wire> {
     const fn = this.#c[method] as (r: Wire, md: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, r: Wire) => void) => void;
     return new Promise((resolve, reject) =>
-      fn.call(this.#c, req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(cliError(err, this.address)) : resolve(res))),
+      fn.call(this.#c, req, this.#metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(cliError(err, this.address)) : resolve(res))),
     );
   }
 
   /** Server stream as an async iterable; errors become one-line CLI errors. */
   async *stream(method: string, req: Wire, signal?: AbortSignal): AsyncGenerator<Wire> {
-    const call = (this.#c[method] as (r: Wire) => grpc.ClientReadableStream<Wire>).call(this.#c, req);
+    const call = (this.#c[method] as (r: Wire, md: grpc.Metadata) => grpc.ClientReadableStream<Wire>).call(this.#c, req, this.#metadata());
     const onAbort = () => call.cancel();
     signal?.addEventListener('abort', onAbort, { once: true });
     try {

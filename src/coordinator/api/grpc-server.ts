@@ -12,13 +12,13 @@ import type { Membership } from '../membership/membership.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from '../instances/runtime.ts';
 import { PlanDoesNotFitError } from '../instances/planner-adapter.ts';
+import type { AccessControl } from './access.ts';
+import { guardService } from './grpc-access.ts';
 
 /**
  * `orchard.v1.Coordinator` over gRPC: validates at the edge (zod), delegates to membership and
- * the runtime, maps domain errors to statuses. Join is the only call that needs the token;
- * everything else is for the operator's CLI — bind the port accordingly (default 127.0.0.1
- * is not enough for joins from other machines, so `orchard coordinator` binds 0.0.0.0 only
- * when asked with --host).
+ * the runtime, maps domain errors to statuses. Join needs the join token; every other method an
+ * API key with its scope (grpc-access.ts, applied to the whole service table).
  */
 export interface CoordinatorServices {
   readonly membership: Membership;
@@ -208,9 +208,10 @@ function generateHandler(s: CoordinatorServices, fail: Fail) {
   };
 }
 
-export async function startCoordinatorGrpc(s: CoordinatorServices, host: string, port: number): Promise<{ server: grpc.Server; port: number }> {
+export async function startCoordinatorGrpc(s: CoordinatorServices, access: AccessControl, host: string, port: number): Promise<{ server: grpc.Server; port: number }> {
   const server = createGrpcServer();
-  server.addService(orchardV1().Coordinator!.service, coordinatorHandlers(s));
+  const service = orchardV1().Coordinator!.service;
+  server.addService(service, guardService(service, coordinatorHandlers(s), access));
   const bound = await new Promise<number>((resolve, reject) =>
     server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
   );

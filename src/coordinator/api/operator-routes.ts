@@ -12,11 +12,13 @@ import type { HttpRouter } from './router.ts';
  * router:
  *
  *   GET|HEAD /healthz                public  liveness, the body every Orchard process sends
- *   GET|HEAD /metrics                public  Prometheus scrape of the coordinator's registry
+ *   GET|HEAD /metrics                inference  Prometheus scrape of the coordinator's registry
+ *                                            (public with --metrics-public)
  *   GET      /status                 admin   cluster id, nodes and models as the gRPC Status has them
- *   GET      /v1/prometheus/targets  admin   HTTP service discovery: the coordinator and every node
- *                                            agent's /metrics (Prometheus sends the key with
- *                                            `authorization: {credentials: KEY}` when one is set)
+ *   GET      /v1/prometheus/targets  inference  HTTP service discovery: the coordinator and every node
+ *                                            agent's /metrics (Prometheus sends an inference key
+ *                                            with `authorization: {credentials_file: …}`, so the
+ *                                            scraper holds no key that can load or unload)
  */
 
 export interface OperatorDeps {
@@ -39,12 +41,12 @@ export function installOperatorRoutes(router: HttpRouter, d: OperatorDeps): void
   };
   for (const method of ['GET', 'HEAD'] as const) {
     router.add(method, '/healthz', 'public', (req, res) => sendHealth(req, res, health()));
-    router.add(method, '/metrics', 'public', (req, res) => sendMetrics(req, res, d.registry));
+    router.add(method, '/metrics', router.scopeFor(method, '/metrics', 'inference'), (req, res) => sendMetrics(req, res, d.registry));
   }
   router.add('GET', '/status', 'admin', (_req, res) =>
     sendJson(res, 200, { clusterId: d.clusterId, nodes: d.membership.registry.nodes().map((n) => nodeStatusToWire(n)), models: d.runtime.models().map(modelStatusToWire) }),
   );
-  router.add('GET', '/v1/prometheus/targets', 'admin', (req, res) =>
+  router.add('GET', '/v1/prometheus/targets', 'inference', (req, res) =>
     prometheusTargetsHandler(() => ({
       // The coordinator's own target is the address Prometheus just used to reach it (Host
       // header), which is right even when the HTTP server listens on 0.0.0.0.

@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import FindMyWay from 'find-my-way';
 import type { Logger } from '../../shared/log.ts';
-import { type Guard, PUBLIC_ROUTES, type RouteScope } from './guard.ts';
+import { type Guard, METRICS_ROUTES, PUBLIC_ROUTES, type RouteScope, recordGrantedScope } from './guard.ts';
 import { sendError } from './openai/edge.ts';
 import { ApiError, apiErrorOf, invalid } from './openai/errors.ts';
 
@@ -46,15 +46,28 @@ export class HttpRouter {
   readonly #routes: Route[] = [];
   readonly #guard: Guard;
   readonly #log: Logger;
+  readonly #public: readonly string[];
 
-  constructor(guard: Guard, log: Logger) {
+  /** `metricsPublic`: /metrics joins the public list (`--metrics-public`). */
+  constructor(guard: Guard, log: Logger, o: { metricsPublic?: boolean | undefined } = {}) {
     this.#guard = guard;
     this.#log = log;
+    this.#public = o.metricsPublic ? [...PUBLIC_ROUTES, ...METRICS_ROUTES] : PUBLIC_ROUTES;
   }
 
-  /** Register a route. `public` is accepted only for PUBLIC_ROUTES, and those must say `public`. */
+  /** The routes this router lets through without a key ("GET /healthz", …). */
+  publicRoutes(): readonly string[] {
+    return this.#public;
+  }
+
+  /** The scope a route gets: `public` when it is on this router's public list, else `otherwise`. */
+  scopeFor(method: HttpMethod, path: string, otherwise: Exclude<RouteScope, 'public'>): RouteScope {
+    return this.#public.includes(`${method} ${path}`) ? 'public' : otherwise;
+  }
+
+  /** Register a route. `public` is accepted only for the public list, and those must say `public`. */
   add(method: HttpMethod, path: string, scope: RouteScope, handler: RouteHandler, options: RouteOptions = {}): void {
-    const listed = PUBLIC_ROUTES.includes(`${method} ${path}`);
+    const listed = this.#public.includes(`${method} ${path}`);
     if (listed !== (scope === 'public')) {
       throw new Error(listed ? `${method} ${path} is in PUBLIC_ROUTES but declares scope ${scope}` : `${method} ${path} declares scope public but is not in PUBLIC_ROUTES`);
     }
@@ -75,7 +88,7 @@ export class HttpRouter {
     const route = (found?.store ?? undefined) as Route | undefined;
     const run = async () => {
       // Unknown paths are guarded like admin routes: without a key nobody learns which exist.
-      if (route?.scope !== 'public') this.#guard(req, route?.scope === 'inference' ? 'inference' : 'admin');
+      if (route?.scope !== 'public') recordGrantedScope(req, await this.#guard(req, route?.scope === 'inference' ? 'inference' : 'admin'));
       // find-my-way found the path but could not decode it (bad percent-encoding): no store.
       if (found && !route) throw invalid('malformed path: bad percent-encoding');
       if (!route || !found) throw new ApiError(404, 'not_found_error', 'not_found', `no route ${req.method} ${req.url}`);

@@ -8,12 +8,15 @@ import { type ClusterCa, certificateFingerprint } from '../../shared/pki/certifi
 import { writeFileAtomic } from '../../shared/pki/files.ts';
 import { loadOrCreateClusterCa } from '../../shared/pki/store.ts';
 import { generateJoinToken, validateJoinToken } from '../membership/join-token.ts';
+import { ApiKeyStore, loadOrCreateLocalAdminKey } from './api-key-store.ts';
 import { JoinTokenStore } from './join-token-store.ts';
 
 /**
  * The coordinator's state directory: its cluster id, its join token (0600), the agents that
  * joined statically (so a restarted coordinator finds them again without Bonjour), the cluster
- * CA (`pki/`, key 0600) and the join tokens that pin it (`join-tokens.json`, hashed, 0600).
+ * CA (`pki/`, key 0600), the join tokens that pin it (`join-tokens.json`, hashed, 0600), the API
+ * keys (`api-keys.json`, hashed, 0600) and the local admin key the CLI on this machine uses
+ * (`admin-key`, 0600).
  * Default `$ORCHARD_HOME/coordinator` (ORCHARD_HOME defaults to ~/.orchard); `--state-dir` wins.
  */
 export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -40,6 +43,24 @@ export class StateDir {
 
   get joinTokensPath(): string {
     return join(this.dir, 'join-tokens.json');
+  }
+
+  get apiKeysPath(): string {
+    return join(this.dir, 'api-keys.json');
+  }
+
+  get localAdminKeyPath(): string {
+    return join(this.dir, 'admin-key');
+  }
+
+  apiKeys(): ApiKeyStore {
+    return new ApiKeyStore(this.apiKeysPath);
+  }
+
+  /** The local admin key, created at first start (see api-key-store.ts). */
+  async localAdminKey(): Promise<string> {
+    await this.ensure();
+    return loadOrCreateLocalAdminKey(this.localAdminKeyPath);
   }
 
   /** The cluster CA, created with the cluster on first start and kept for its lifetime. */

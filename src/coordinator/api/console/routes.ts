@@ -7,6 +7,7 @@ import type { Membership } from '../../membership/membership.ts';
 import { PlanDoesNotFitError } from '../../instances/planner-adapter.ts';
 import type { Runtime } from '../../instances/runtime.ts';
 import { DEFAULT_MAX_BODY_BYTES, readJsonBody, sendJson, startSse, write } from '../openai/edge.ts';
+import { grantedScope } from '../guard.ts';
 import { invalid } from '../openai/errors.ts';
 import { ConsoleFeed } from './feed.ts';
 import { CONSOLE_ASSET_PATHS, ConsoleAssets } from './static.ts';
@@ -16,7 +17,7 @@ import { CONSOLE_ASSET_PATHS, ConsoleAssets } from './static.ts';
  * by each route's scope). Public: the page and its static modules (without a key the page shows
  * only the login). Everything with data needs a key:
  *
- *   GET  /v1/console/session      the key's scope ({scope}); today every valid key is admin
+ *   GET  /v1/console/session      the key's scope ({scope}: admin or inference)
  *   GET  /v1/console/stream       SSE: `events` (backlog), then `snapshot` and `event` as they happen
  *   POST /v1/console/plan         the live plan the gRPC Plan returns ({plan}; fits:false with remedies)
  *   GET  /v1/console/model-files  model files the nodes report (--models-dir), for the load form
@@ -53,7 +54,7 @@ export interface Console {
   close(): void;
 }
 
-/** Scopes arrive with the security work; until then a key that passed the guard is an admin key. */
+/** The scope of the key the console was opened with (see ../access.ts). */
 export type ConsoleScope = 'admin' | 'inference';
 
 const planSchema = z
@@ -81,7 +82,13 @@ export function createConsole(deps: ConsoleDeps): Console {
   });
   const routes: ConsoleRoute[] = [
     ...staticRoutes,
-    { method: 'GET', path: '/v1/console/session', scope: 'inference', handler: async (_req, res) => sendJson(res, 200, { scope: 'admin' satisfies ConsoleScope, clusterId: deps.clusterId }) },
+    {
+      method: 'GET',
+      path: '/v1/console/session',
+      scope: 'inference',
+      // The scope the guard granted this key: the page hides what it may not do (the API refuses it anyway).
+      handler: async (req, res) => sendJson(res, 200, { scope: (grantedScope(req) ?? 'inference') satisfies ConsoleScope, clusterId: deps.clusterId }),
+    },
     { method: 'GET', path: '/v1/console/stream', scope: 'inference', handler: (req, res) => stream(req, res, feed, streams, deps.heartbeatMs ?? 15_000) },
     { method: 'POST', path: '/v1/console/plan', scope: 'admin', handler: (req, res) => plan(req, res, deps) },
     { method: 'GET', path: '/v1/console/model-files', scope: 'admin', handler: (_req, res) => modelFiles(res, deps) },

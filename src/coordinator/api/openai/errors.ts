@@ -6,7 +6,7 @@ import { type CoordinatorCode, CoordinatorError } from '../../errors.ts';
  * clients (the openai SDKs, LangChain, Open WebUI) branch on. The SDKs retry 429 and 5xx by
  * themselves, so "busy" must be 429 and "try again later" must be 503 — never a 500.
  */
-export type ApiErrorType = 'invalid_request_error' | 'authentication_error' | 'not_found_error' | 'rate_limit_error' | 'server_error' | 'service_unavailable';
+export type ApiErrorType = 'invalid_request_error' | 'authentication_error' | 'permission_error' | 'not_found_error' | 'rate_limit_error' | 'server_error' | 'service_unavailable';
 
 export class ApiError extends Error {
   override readonly name = 'ApiError';
