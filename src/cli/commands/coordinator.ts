@@ -60,7 +60,7 @@ export function registerCoordinator(program: Command): void {
       const { token } = await state.joinToken(process.env.ORCHARD_JOIN_TOKEN || undefined);
       process.stdout.write(`${token}\n`);
     });
-  registerKeys(cmd, () => cmd.opts<CoordinatorFlags>().stateDir);
+  registerKeys(cmd);
 }
 
 async function runCoordinator(flags: CoordinatorFlags): Promise<void> {

@@ -11,10 +11,12 @@ import { OrchardError } from '../../shared/errors.ts';
  * stopped, and needs no bootstrap credential to make the first one. The running coordinator
  * re-reads the file when it changes, so a new key works and a revoked one fails at the next call.
  */
-export function registerKeys(coordinator: Command, parentStateDir: () => string | undefined): void {
+export function registerKeys(coordinator: Command): void {
+  // `orchard coordinator` has --state-dir and --json of its own; commander gives them to it wherever they stand.
+  const parent = () => coordinator.opts<{ stateDir?: string; json?: boolean }>();
   const keys = coordinator.command('keys').description('API keys with a scope: inference (generate, models) or admin (also load/unload)');
   const stateDirOption = () => new Option('--state-dir <dir>', 'the coordinator state dir').env('ORCHARD_COORDINATOR_STATE_DIR');
-  const store = (flags: { stateDir?: string }) => new StateDir(flags.stateDir ?? parentStateDir() ?? defaultStateDir()).apiKeys();
+  const store = (flags: { stateDir?: string }) => new StateDir(flags.stateDir || parent().stateDir || defaultStateDir()).apiKeys();
 
   keys
     .command('create')
@@ -25,7 +27,7 @@ export function registerKeys(coordinator: Command, parentStateDir: () => string 
     .option('--json', 'print {name, scope, key} as JSON')
     .action(async (flags: { scope: ApiKeyScope; name?: string; stateDir?: string; json?: boolean }) => {
       const { key, record } = await store(flags).create({ scope: flags.scope, name: flags.name });
-      if (flags.json) process.stdout.write(`${JSON.stringify({ name: record.name, scope: record.scope, key })}\n`);
+      if (flags.json || parent().json) process.stdout.write(`${JSON.stringify({ name: record.name, scope: record.scope, key })}\n`);
       else {
         process.stdout.write(`${key}\n`);
         process.stderr.write(`key "${record.name}" (${record.scope}) created; it is shown only now — store it in a file (0600) and pass it with --api-key-file or ORCHARD_API_KEY\n`);
@@ -39,7 +41,7 @@ export function registerKeys(coordinator: Command, parentStateDir: () => string 
     .option('--json', 'print JSON')
     .action(async (flags: { stateDir?: string; json?: boolean }) => {
       const list = (await store(flags).list()).map(({ name, scope, created }) => ({ name, scope, created }));
-      if (flags.json) process.stdout.write(`${JSON.stringify(list)}\n`);
+      if (flags.json || parent().json) process.stdout.write(`${JSON.stringify(list)}\n`);
       else if (list.length === 0) process.stdout.write('no API keys (create one with `orchard coordinator keys create --scope inference`)\n');
       else for (const k of list) process.stdout.write(`${k.name.padEnd(24)} ${k.scope.padEnd(9)} ${k.created}\n`);
     });
