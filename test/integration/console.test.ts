@@ -39,7 +39,8 @@ let context: BrowserContext;
 let page: Page;
 let base = '';
 
-const cli = (args: string[]) => orchard([...args, '--coordinator', cluster!.grpcAddress], env);
+// The CLI authenticates like an operator's shell would: the key in the environment.
+const cli = (args: string[]) => orchard([...args, '--coordinator', cluster!.grpcAddress], { ...env, ORCHARD_API_KEY: API_KEY });
 
 async function cliJson(args: string[]): Promise<Record<string, unknown>> {
   const r = await cli([...args, '--json']);
@@ -91,7 +92,8 @@ describeWith([engines, chromiumNeed], 'cluster console in Chromium on a 3-node c
       env: { ...env, ORCHARD_RPC_THREADS: '1', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1' },
       // Default liveness thresholds: a SIGKILLed agent is down as soon as re-dialling it is
       // refused (not after the 5 s silence clock), and the page follows the registry at once.
-      coordinatorArgs: ['--api-key', API_KEY],
+      // The admin key travels in the coordinator's environment, never its arguments (`ps`).
+      apiKey: API_KEY,
     });
     base = cluster.httpUrl;
     for (let i = 0; i < 100; i++) {
@@ -252,20 +254,33 @@ describeWith([engines, chromiumNeed], 'cluster console in Chromium on a 3-node c
     await page.screenshot({ path: join(ARTIFACTS, 'models-serving.png'), fullPage: true });
   }, 90_000);
 
-  it('a key whose scope is not admin sees no load or unload controls (UI side; scoped keys come with the security work)', async () => {
-    // Today every valid key is admin; the session's answer is replaced here to check the page.
+  it('an inference key (made with `orchard coordinator keys create`) sees no load or unload controls, and the API refuses it a load', async () => {
+    const made = await orchard(['coordinator', 'keys', 'create', '--scope', 'inference', '--json', '--state-dir', join(tmp, 'state', 'coordinator')], env);
+    expect(made.stderr).toBe('');
+    const inferenceKey = (JSON.parse(made.stdout) as { key: string }).key;
     // A new query string makes each goto a full page load (the session is asked again).
     const open = async (query: string, view: string, expected = view) => {
       await page.goto(`${base}/?${query}#${view}`);
       await page.waitForSelector(`main[data-view="${expected}"][data-ready="true"]`);
     };
-    await page.route('**/v1/console/session', (r) => r.fulfill({ json: { scope: 'inference' } }));
+    const signInWith = (key: string) => page.evaluate((k) => sessionStorage.setItem('orchard.apiKey', k), key);
+    await signInWith(inferenceKey);
     await open('as-inference', 'models');
+    expect(await page.evaluate(() => fetch('/v1/console/session', { headers: { authorization: `Bearer ${sessionStorage.getItem('orchard.apiKey')}` } }).then((r) => r.json()))).toMatchObject({ scope: 'inference' });
     await page.waitForSelector(`.model-card[data-model="${MODEL}"]`);
     expect(await page.locator('nav a[href="#load"]').count()).toBe(0);
     expect(await page.locator('.model-card button').count()).toBe(0);
     await open('as-inference-2', 'load', 'cluster');
-    await page.unroute('**/v1/console/session');
+    // The buttons are absent, and the API would refuse them anyway.
+    const refused = await fetch(`${base}/v1/cluster/models`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${inferenceKey}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: modelPath, name: 'not-allowed' }),
+    });
+    expect(refused.status).toBe(403);
+    expect(((await refused.json()) as { error: { code: string } }).error.code).toBe('insufficient_scope');
+    expect((await fetch(`${base}/v1/cluster/models/${MODEL}`, { method: 'DELETE', headers: { authorization: `Bearer ${inferenceKey}` } })).status).toBe(403);
+    await signInWith(API_KEY);
     await open('as-admin', 'models');
     await page.waitForSelector(`.model-card[data-model="${MODEL}"] button:has-text("Unload")`);
     expect(await page.locator('nav a[href="#load"]').count()).toBe(1);
