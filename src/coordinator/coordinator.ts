@@ -140,6 +140,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
 async function openState(dir: string, joinToken: string | undefined) {
   const state = new StateDir(dir);
   const { token, created } = await state.joinToken(joinToken);
+  // The cluster CA exists from the first start, so every join token made later pins the same one.
+  await state.clusterCa();
   let cluster: ClusterState = await state.cluster();
   let saving = Promise.resolve();
   const rememberAgent = (address: string): Promise<void> => {

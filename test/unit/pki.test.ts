@@ -211,6 +211,6 @@ describe('authenticate (gRPC peer check)', () => {
     expect(authenticate(call(der(foreign.certPem)), ca.certPem, ['coordinator'])).toMatchObject({ ok: false, code: 16, details: expect.stringMatching(/not issued by this cluster/) });
     expect(authenticate(call(der(node.certPem)), ca.certPem, ['coordinator'])).toMatchObject({ ok: false, code: 7 });
     expect(authenticate(call(der(coord.certPem)), ca.certPem, ['coordinator'])).toMatchObject({ ok: true, peer: { id: 'peer-1', role: 'coordinator' } });
-    expect(authenticate(call(der(coord.certPem)), ca.certPem, ['coordinator'], (s) => s === coord.serial)).toMatchObject({ ok: false, code: 16, details: expect.stringMatching(/revoked/) });
+    expect(authenticate(call(der(coord.certPem)), ca.certPem, ['coordinator'], (p) => p.serial === coord.serial)).toMatchObject({ ok: false, code: 16, details: expect.stringMatching(/revoked/) });
   });
 });

@@ -4,12 +4,14 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { OrchardError } from '../../shared/errors.ts';
-import { type ClusterCa, certificateFingerprint } from '../../shared/pki/certificates.ts';
+import { type ClusterCa, certificateFingerprint, createKeyAndCsr, issueCertificate } from '../../shared/pki/certificates.ts';
+import type { TlsCredentials } from '../../shared/pki/grpc-tls.ts';
 import { writeFileAtomic } from '../../shared/pki/files.ts';
 import { loadOrCreateClusterCa } from '../../shared/pki/store.ts';
 import { generateJoinToken, validateJoinToken } from '../membership/join-token.ts';
 import { ApiKeyStore, loadOrCreateLocalAdminKey } from './api-key-store.ts';
 import { JoinTokenStore } from './join-token-store.ts';
+import { RevocationList } from './revocations.ts';
 
 /**
  * The coordinator's state directory: its cluster id, its join token (0600), the agents that
@@ -67,6 +69,27 @@ export class StateDir {
   async clusterCa(): Promise<{ ca: ClusterCa; created: boolean }> {
     const { clusterId } = await this.cluster();
     return loadOrCreateClusterCa(this.dir, clusterId);
+  }
+
+  get revocationsPath(): string {
+    return join(this.dir, 'revoked.json');
+  }
+
+  /** Nodes revoked from this cluster (`orchard cluster revoke`). */
+  revocations(): Promise<RevocationList> {
+    return RevocationList.open(this.revocationsPath);
+  }
+
+  /**
+   * The coordinator's own certificate (role `coordinator`) from the cluster CA: what it
+   * presents to agents and to joining nodes. A fresh key and certificate every start, held in
+   * memory only, so there is no second long-lived key on disk beside the CA's.
+   */
+  async coordinatorCredentials(): Promise<TlsCredentials> {
+    const { ca } = await this.clusterCa();
+    const { keyPem, csrPem } = await createKeyAndCsr('coordinator');
+    const { certPem } = await issueCertificate(ca, csrPem, { role: 'coordinator', expectId: 'coordinator' });
+    return { keyPem, certPem, caCertPem: ca.certPem };
   }
 
   /** Join tokens bound to this cluster's CA (creating the CA if this is the first start). */

@@ -35,14 +35,14 @@ export type PeerCheck = { readonly ok: true; readonly peer: VerifiedPeer } | { r
 
 /**
  * Who called: the certificate the TLS layer saw, verified against this cluster's CA (signature,
- * validity, one Orchard identity) and the revocation list; then the role. No certificate or a
+ * validity, one Orchard identity) and the revocation list (by node id or serial); then the role. No certificate or a
  * foreign one → UNAUTHENTICATED; a cluster member in the wrong role → PERMISSION_DENIED.
  */
 export function authenticate(
   call: { getAuthContext?: () => { sslPeerCertificate?: PeerCertificate } | null },
   caCertPem: string,
   roles: readonly Role[],
-  revoked: (serial: string) => boolean = () => false,
+  revoked: (peer: VerifiedPeer) => boolean = () => false,
 ): PeerCheck {
   const cert = call.getAuthContext?.()?.sslPeerCertificate;
   if (!cert?.raw || cert.raw.length === 0) return { ok: false, code: grpc.status.UNAUTHENTICATED, details: 'a client certificate from this cluster is required' };
@@ -53,7 +53,7 @@ export function authenticate(
     const why = err instanceof CertificateRejected ? err.message : 'unreadable certificate';
     return { ok: false, code: grpc.status.UNAUTHENTICATED, details: `client certificate refused: ${why}` };
   }
-  if (revoked(peer.serial)) return { ok: false, code: grpc.status.UNAUTHENTICATED, details: `client certificate refused: ${peer.role} ${peer.id} is revoked` };
+  if (revoked(peer)) return { ok: false, code: grpc.status.UNAUTHENTICATED, details: `client certificate refused: ${peer.role} ${peer.id} is revoked` };
   if (!roles.includes(peer.role)) return { ok: false, code: grpc.status.PERMISSION_DENIED, details: `${peer.role} ${peer.id} may not call this method (needs ${roles.join(' or ')})` };
   return { ok: true, peer };
 }
@@ -67,7 +67,7 @@ export function requirePeers(
   handlers: grpc.UntypedServiceImplementation,
   caCertPem: () => string,
   policy: (method: string) => readonly Role[] | undefined,
-  revoked?: (serial: string) => boolean,
+  revoked?: (peer: VerifiedPeer) => boolean,
 ): grpc.UntypedServiceImplementation {
   const out: grpc.UntypedServiceImplementation = {};
   for (const [name, handler] of Object.entries(handlers)) {
