@@ -13,6 +13,7 @@
  * the end, on error and on SIGINT.
  */
 import { join } from 'node:path';
+import { engineSpecFromRequest, llamaServerArgs } from '../src/node/engine-spec.ts';
 import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { headLayout } from '../src/coordinator/instances/llama/layout.ts';
 import { memoryOptionsOf } from '../src/coordinator/instances/planner-adapter.ts';
@@ -110,9 +111,11 @@ async function startByHand(bins: { rpcServer: string; llamaServer: string }, mod
     endpoints.push(`127.0.0.1:${port}`);
   }
   const layoutStages = stages.map((s, i) => ({ nodeId: `n${i + 1}`, nodeName: `n${i + 1}`, ...s }));
-  const layout = headLayout(layoutStages, endpoints, { modelPath: model, nLayer, memory: memoryOptionsOf(resolveLoadOptions({ ctx: CTX })), headHasGpu: HEAD_HAS_GPU, extraArgs: HEAD_EXTRA_ARGS });
+  const layout = headLayout(layoutStages, endpoints, { modelPath: model, nLayer, memory: memoryOptionsOf(resolveLoadOptions({ ctx: CTX })), headHasGpu: HEAD_HAS_GPU });
   const port = await pickFreePort('127.0.0.1');
-  const args = [...layout.args, '--host', '127.0.0.1', '--port', String(port), ...(process.env.BENCH_HAND_EXTRA_ARGS?.split(/\s+/).filter(Boolean) ?? [])];
+  // The argv the agent builds from the typed request the coordinator sends.
+  const headArgs = llamaServerArgs(engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: layout.llama }).llama!);
+  const args = [...headArgs, ...HEAD_EXTRA_ARGS, '--host', '127.0.0.1', '--port', String(port), ...(process.env.BENCH_HAND_EXTRA_ARGS?.split(/\s+/).filter(Boolean) ?? [])];
   procs.start('llama-server', args, process.env, bins.llamaServer);
   for (let i = 0; i < 600; i++) {
     if (await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.status === 200, () => false)) break;

@@ -133,6 +133,7 @@ export class NodeAgent {
       if ((o.modelsDirs ?? []).length > 0) void models.scan();
       const state: AgentState = {
         models,
+        roots: { modelsDirs: o.modelsDirs ?? [], stateDir: o.stateDir },
         profile: () => this.profile(),
         live: () => this.live(),
         supervisor,

@@ -1,7 +1,9 @@
-import { isIP } from 'node:net';
 import { isAbsolute } from 'node:path';
 import { z } from 'zod';
 import { UsageError } from '../shared/errors.ts';
+import type { CacheType } from '../shared/memory/kv.ts';
+import type { MemoryOptions } from '../shared/memory/stage.ts';
+import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { type MlxRankSpec, mlxRankSpecFromRequest, sameMlxRank } from './mlx/rank-spec.ts';
 
 /**
@@ -23,20 +25,39 @@ export const ENGINE_KIND_TO_PROTO: Readonly<Record<EngineKind, string>> = {
   'mlx-rank': 'ENGINE_KIND_MLX_RANK',
 };
 
+/** Every engine listens here: engine protocols are unauthenticated (ggml-rpc must never face a network). */
+export const ENGINE_HOST = '127.0.0.1';
+
+/** What the coordinator decides about a head llama-server; the agent alone turns it into argv. */
+export interface LlamaServerOptions {
+  readonly modelPath: string;
+  readonly memory: MemoryOptions;
+  /** host:port of each rpc-server, in device order. */
+  readonly rpc: readonly string[];
+  /** --device names, one per stage (RPC<n>, MTL0, CPU). */
+  readonly devices: readonly string[];
+  readonly tensorSplit: readonly number[];
+  readonly gpuLayers: number;
+  readonly debugLog: boolean;
+}
+
 export interface EngineSpec {
   readonly kind: EngineKind;
   /** Empty when the caller lets the agent pick. */
   readonly engineId: string;
-  readonly bindHost: string;
   /** 0 = the agent picks a free port. */
   readonly port: number;
   readonly threads: number;
+  /** rpc-server backend devices (-d). */
   readonly devices: readonly string[];
+  /** rpc-server tensor cache (LLAMA_CACHE); '' = none. Confined to the agent's roots before start. */
   readonly cacheDir: string;
-  readonly args: readonly string[];
   readonly model: string;
   readonly readyTimeoutMs: number;
-  readonly env: Readonly<Record<string, string>>;
+  /** Who started it (the coordinator's cluster id); StopEngine must name the same. */
+  readonly owner: string;
+  /** llama-server only. */
+  readonly llama?: LlamaServerOptions | undefined;
   /** mlx-rank only: the rank, its group's launch and the model directory. */
   readonly mlx?: MlxRankSpec | undefined;
 }
@@ -45,7 +66,14 @@ export interface EngineSpec {
 export class EngineRequestError extends Error {
   override readonly name = 'EngineRequestError';
   constructor(
-    readonly code: 'INVALID_ARGUMENT' | 'UNIMPLEMENTED' | 'NOT_FOUND' | 'ALREADY_EXISTS' | 'FAILED_PRECONDITION' | 'DEADLINE_EXCEEDED',
+    readonly code:
+      | 'INVALID_ARGUMENT'
+      | 'UNIMPLEMENTED'
+      | 'NOT_FOUND'
+      | 'ALREADY_EXISTS'
+      | 'FAILED_PRECONDITION'
+      | 'DEADLINE_EXCEEDED'
+      | 'PERMISSION_DENIED',
     message: string,
   ) {
     super(message);
@@ -63,150 +91,114 @@ export const DEFAULT_READY_TIMEOUT_MS: Readonly<Record<EngineKind, number>> = {
 };
 const MAX_READY_TIMEOUT_MS = 3_600_000;
 
-// llama-server's network surface is owned by the agent: it always listens on loopback (the
-// coordinator reaches tokens through the agent's Generate stream, never directly).
-const RESERVED_LLAMA_SERVER_FLAGS = new Set(['--host', '--port', '--api-key', '--api-key-file', '--path', '--reuse-port']);
-
-// Flags that make llama-server write files chosen by the caller: the control plane must not be
-// a way to write arbitrary paths on a node. (The agent already captures the engine's stderr.)
-const FILE_WRITING_LLAMA_SERVER_FLAGS = new Set(['--log-file', '--slot-save-path']);
-
 const ENGINE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const DEVICE = /^[A-Za-z0-9][A-Za-z0-9_:.-]{0,63}$/;
-const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
+const OWNER = /^[A-Za-z0-9._-]{0,128}$/;
+// llama-server --rpc entries: a literal address and a port, nothing a shell or parser could widen.
+const RPC_ENDPOINT = /^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]):\d{1,5}$/;
+const CACHE_TYPES = ['f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_1', 'iq4_nl', 'q5_0', 'q5_1'] as const;
 
-/** The proto-loader shape of StartEngineRequest (longs as strings, enums as names). */
-export const startEngineRequestSchema = z.object({
-  kind: z.string().default('ENGINE_KIND_UNSPECIFIED'),
-  engineId: z.string().default(''),
-  bindHost: z.string().default(''),
-  port: z.number().int().default(0),
-  threads: z.number().int().default(0),
-  devices: z.array(z.string()).default([]),
-  cacheDir: z.string().default(''),
-  args: z.array(z.string()).default([]),
-  model: z.string().default(''),
-  readyTimeoutSeconds: z.number().default(0),
-  env: z.record(z.string(), z.string()).default({}),
-  mlx: z.unknown().optional(),
-});
+const llamaOptionsSchema = z
+  .object({
+    modelPath: z.string().min(1, 'llama.model_path is required'),
+    context: z.number().int().min(1).max(4_194_304),
+    parallel: z.number().int().min(0).max(256).default(1),
+    kvUnified: z.boolean().default(false),
+    cacheType: z.enum(CACHE_TYPES).default('f16'),
+    ubatch: z.number().int().min(0).max(65_536).default(512),
+    flashAttention: z.boolean().default(false),
+    rpc: z.array(z.string().regex(RPC_ENDPOINT, 'llama.rpc entries are literal host:port')).max(64).default([]),
+    devices: z.array(z.string().regex(DEVICE, 'invalid llama.devices name')).max(65).default([]),
+    tensorSplit: z.array(z.number().int().min(0).max(100_000)).max(65).default([]),
+    gpuLayers: z.number().int().min(0).max(100_000).default(0),
+    debugLog: z.boolean().default(false),
+  })
+  .strict();
+
+/**
+ * The proto-loader shape of StartEngineRequest (longs as strings, enums as names). Strict: a
+ * field this agent does not know (an old client's `args`/`env`) is refused, never ignored.
+ */
+export const startEngineRequestSchema = z
+  .object({
+    kind: z.string().default('ENGINE_KIND_UNSPECIFIED'),
+    engineId: z.string().regex(ENGINE_ID, 'invalid engine_id: 1–64 of A-Z a-z 0-9 . _ -').or(z.literal('')).default(''),
+    port: z.number().int().min(0).max(65535).default(0),
+    threads: z.number().int().min(0).max(1024).default(0),
+    devices: z.array(z.string().regex(DEVICE, 'invalid device name')).max(64).default([]),
+    cacheDir: z.string().default(''),
+    model: z.string().max(256).default(''),
+    readyTimeoutSeconds: z.number().finite().min(0).default(0),
+    owner: z.string().regex(OWNER, 'invalid owner').default(''),
+    llama: llamaOptionsSchema.nullish(),
+    mlx: z.unknown().optional(),
+  })
+  .strict();
 export type StartEngineRequest = z.input<typeof startEngineRequestSchema>;
 
-/** Validate a StartEngine request into an EngineSpec, or throw EngineRequestError. */
-export function engineSpecFromRequest(raw: unknown): EngineSpec {
-  const parsed = startEngineRequestSchema.safeParse(raw ?? {});
-  if (!parsed.success) throw new EngineRequestError('INVALID_ARGUMENT', `malformed StartEngine request: ${parsed.error.issues[0]?.message}`);
-  const req = parsed.data;
-
-  const kind = ENGINE_KIND_FROM_PROTO[req.kind];
-  if (!kind) {
-    throw new EngineRequestError('INVALID_ARGUMENT', `unknown engine kind "${req.kind}": use ENGINE_KIND_RPC_SERVER, ENGINE_KIND_LLAMA_SERVER or ENGINE_KIND_MLX_RANK`);
-  }
-  if (kind === 'mlx-rank') return mlxEngineSpec(req);
-  if (req.engineId !== '' && !ENGINE_ID.test(req.engineId)) {
-    throw new EngineRequestError('INVALID_ARGUMENT', `invalid engine_id "${req.engineId}": 1–64 of A-Z a-z 0-9 . _ -`);
-  }
-  if (req.port < 0 || req.port > 65535) throw new EngineRequestError('INVALID_ARGUMENT', `invalid port ${req.port}: 0–65535 (0 = pick a free port)`);
-  if (req.threads < 0 || req.threads > 1024) throw new EngineRequestError('INVALID_ARGUMENT', `invalid threads ${req.threads}`);
-
-  let bindHost = req.bindHost.trim();
-  if (kind === 'llama-server') {
-    if (bindHost !== '' && bindHost !== '127.0.0.1') {
-      throw new EngineRequestError('INVALID_ARGUMENT', `llama-server always binds 127.0.0.1; bind_host "${bindHost}" is not allowed`);
-    }
-    bindHost = '127.0.0.1';
-  } else {
-    // Loopback unless the caller names an address: the RPC protocol is unauthenticated.
-    if (bindHost === '') bindHost = '127.0.0.1';
-    if (isIP(bindHost) === 0) throw new EngineRequestError('INVALID_ARGUMENT', `invalid bind_host "${bindHost}": give an IP address`);
-  }
-
-  for (const d of req.devices) {
-    if (!DEVICE.test(d)) throw new EngineRequestError('INVALID_ARGUMENT', `invalid device "${d}"`);
-  }
-  if (kind === 'llama-server' && req.devices.length > 0) {
-    throw new EngineRequestError('INVALID_ARGUMENT', 'devices apply to rpc-server; pass --device in args for llama-server');
-  }
-  if (req.cacheDir !== '') {
-    if (kind !== 'rpc-server') throw new EngineRequestError('INVALID_ARGUMENT', 'cache_dir applies to rpc-server only');
-    if (!isAbsolute(req.cacheDir)) throw new EngineRequestError('INVALID_ARGUMENT', `cache_dir must be an absolute path, got "${req.cacheDir}"`);
-  }
-  if (kind === 'rpc-server' && req.args.length > 0) {
-    throw new EngineRequestError('INVALID_ARGUMENT', 'args apply to llama-server only; rpc-server is configured by bind_host, port, threads, devices, cache_dir');
-  }
-  for (const a of req.args) {
-    const flag = a.split('=', 1)[0]!;
-    if (RESERVED_LLAMA_SERVER_FLAGS.has(flag)) {
-      throw new EngineRequestError('INVALID_ARGUMENT', `llama-server argument ${flag} is set by the agent (it binds 127.0.0.1 on a port it picks)`);
-    }
-    if (FILE_WRITING_LLAMA_SERVER_FLAGS.has(flag)) {
-      throw new EngineRequestError('INVALID_ARGUMENT', `llama-server argument ${flag} writes files on the node and is not allowed through the agent`);
-    }
-    if (a.includes('\0')) throw new EngineRequestError('INVALID_ARGUMENT', 'arguments must not contain NUL bytes');
-  }
-  for (const name of Object.keys(req.env)) {
-    if (!ENV_NAME.test(name)) throw new EngineRequestError('INVALID_ARGUMENT', `invalid environment variable name "${name}"`);
-  }
-  if (!Number.isFinite(req.readyTimeoutSeconds) || req.readyTimeoutSeconds < 0) {
-    throw new EngineRequestError('INVALID_ARGUMENT', `invalid ready_timeout_seconds ${req.readyTimeoutSeconds}`);
-  }
-  const readyTimeoutMs =
-    req.readyTimeoutSeconds === 0 ? DEFAULT_READY_TIMEOUT_MS[kind] : Math.min(MAX_READY_TIMEOUT_MS, Math.round(req.readyTimeoutSeconds * 1000));
-
-  return {
-    kind,
-    engineId: req.engineId,
-    bindHost,
-    port: req.port,
-    threads: req.threads,
-    devices: req.devices,
-    cacheDir: req.cacheDir,
-    args: req.args,
-    model: req.model,
-    readyTimeoutMs,
-    env: req.env,
-  };
+function refuse(message: string): never {
+  throw new EngineRequestError('INVALID_ARGUMENT', message);
 }
 
-/** An MLX rank: only engine_id, model, ready_timeout_seconds, env and the mlx field apply. */
-function mlxEngineSpec(req: z.output<typeof startEngineRequestSchema>): EngineSpec {
-  if (req.engineId !== '' && !ENGINE_ID.test(req.engineId)) {
-    throw new EngineRequestError('INVALID_ARGUMENT', `invalid engine_id "${req.engineId}": 1–64 of A-Z a-z 0-9 . _ -`);
+/** An absolute path without NUL; where it resolves is checked against the roots later (engine-roots.ts). */
+function checkPath(what: string, p: string): void {
+  if (p.includes('\0')) refuse(`${what} must not contain NUL bytes`);
+  if (!isAbsolute(p)) refuse(`${what} must be an absolute path, got "${p}"`);
+}
+
+/** Validate a StartEngine request into an EngineSpec, or throw EngineRequestError. Pure. */
+export function engineSpecFromRequest(raw: unknown): EngineSpec {
+  const parsed = startEngineRequestSchema.safeParse(stripUnset(raw));
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    if (issue?.code === 'unrecognized_keys') {
+      const where = issue.path.length > 0 ? ` in ${issue.path.join('.')}` : '';
+      refuse(`StartEngine has no field ${issue.keys.join(', ')}${where}: engines take typed options only (the agent builds their command line and environment)`);
+    }
+    refuse(`invalid StartEngine request: ${issue?.path.join('.') || 'request'}: ${issue?.message}`);
   }
-  if (req.args.length > 0 || req.devices.length > 0 || req.cacheDir !== '' || req.port !== 0 || req.bindHost !== '') {
-    throw new EngineRequestError('INVALID_ARGUMENT', 'an MLX rank is configured by the mlx field only (no args, devices, cache_dir, port or bind_host)');
+  const req = parsed.data;
+  const kind = ENGINE_KIND_FROM_PROTO[req.kind];
+  if (!kind) refuse(`unknown engine kind "${req.kind}": use ENGINE_KIND_RPC_SERVER, ENGINE_KIND_LLAMA_SERVER or ENGINE_KIND_MLX_RANK`);
+  const readyTimeoutMs =
+    req.readyTimeoutSeconds === 0 ? DEFAULT_READY_TIMEOUT_MS[kind] : Math.min(MAX_READY_TIMEOUT_MS, Math.round(req.readyTimeoutSeconds * 1000));
+  const base = { kind, engineId: req.engineId, port: req.port, threads: req.threads, model: req.model, readyTimeoutMs, owner: req.owner };
+  if (kind !== 'llama-server' && req.llama) refuse('the llama field applies to ENGINE_KIND_LLAMA_SERVER only');
+  if (kind !== 'mlx-rank' && req.mlx !== undefined && req.mlx !== null) refuse('the mlx field applies to ENGINE_KIND_MLX_RANK only');
+  if (kind !== 'rpc-server' && (req.devices.length > 0 || req.cacheDir !== '')) refuse('devices and cache_dir apply to rpc-server only');
+  if (kind === 'rpc-server') {
+    if (req.cacheDir !== '') checkPath('cache_dir', req.cacheDir);
+    return { ...base, devices: req.devices, cacheDir: req.cacheDir };
   }
-  for (const name of Object.keys(req.env)) {
-    if (!ENV_NAME.test(name)) throw new EngineRequestError('INVALID_ARGUMENT', `invalid environment variable name "${name}"`);
-    // The distributed set-up is the agent's job, from the mlx field; a stray one would break it.
-    if (name.startsWith('MLX_')) throw new EngineRequestError('INVALID_ARGUMENT', `environment variable ${name} is set by the agent from the mlx field`);
+  if (kind === 'llama-server') {
+    const l = req.llama ?? refuse('ENGINE_KIND_LLAMA_SERVER needs the llama field (model_path, context, …)');
+    checkPath('llama.model_path', l.modelPath);
+    if (l.tensorSplit.length !== 0 && l.tensorSplit.length !== l.devices.length) refuse('llama.tensor_split needs one entry per llama.devices entry');
+    const memory: MemoryOptions = { ctx: l.context, parallel: l.parallel, unified: l.kvUnified, cacheType: l.cacheType as CacheType, ubatch: l.ubatch, flashAttention: l.flashAttention };
+    const llama = { modelPath: l.modelPath, memory, rpc: l.rpc, devices: l.devices, tensorSplit: l.tensorSplit, gpuLayers: l.gpuLayers, debugLog: l.debugLog };
+    return { ...base, devices: [], cacheDir: '', llama };
   }
-  if (!Number.isFinite(req.readyTimeoutSeconds) || req.readyTimeoutSeconds < 0) {
-    throw new EngineRequestError('INVALID_ARGUMENT', `invalid ready_timeout_seconds ${req.readyTimeoutSeconds}`);
-  }
+  if (req.port !== 0) refuse('an MLX rank is configured by the mlx field only (no port)');
   let mlx: MlxRankSpec;
   try {
     mlx = mlxRankSpecFromRequest(req.mlx);
   } catch (err) {
-    if (err instanceof UsageError) throw new EngineRequestError('INVALID_ARGUMENT', err.message);
+    if (err instanceof UsageError) refuse(err.message);
     throw err;
   }
-  const readyTimeoutMs =
-    req.readyTimeoutSeconds === 0 ? DEFAULT_READY_TIMEOUT_MS['mlx-rank'] : Math.min(MAX_READY_TIMEOUT_MS, Math.round(req.readyTimeoutSeconds * 1000));
-  return {
-    kind: 'mlx-rank',
-    engineId: req.engineId,
-    bindHost: '',
-    port: 0,
-    threads: req.threads,
-    devices: [],
-    cacheDir: '',
-    args: [],
-    model: req.model,
-    readyTimeoutMs,
-    env: req.env,
-    mlx,
-  };
+  checkPath('mlx.model_dir', mlx.modelDir);
+  // This rank listens on its own ring endpoints: loopback only, like every engine (peers on other
+  // machines reach it through the agents' TLS tunnel, never directly).
+  const own = mlx.launch?.backend === 'ring' ? (mlx.launch.endpoints[mlx.rank] ?? []) : [];
+  const open = own.find((ep) => !ep.startsWith(`${ENGINE_HOST}:`));
+  if (open !== undefined) refuse(`MLX ring rank ${mlx.rank} would listen on ${open}: engines bind ${ENGINE_HOST} only`);
+  return { ...base, devices: [], cacheDir: '', mlx };
+}
+
+/** proto-loader sends unset message fields as null; zod's strict object treats them as absent. */
+function stripUnset(raw: unknown): unknown {
+  if (raw === null || typeof raw !== 'object') return raw ?? {};
+  return Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== null && v !== undefined));
 }
 
 export interface EngineBinaries {
@@ -217,47 +209,64 @@ export interface EngineBinaries {
 export interface EngineCommand {
   readonly file: string;
   readonly argv: readonly string[];
-  /** Added to the agent's environment. */
+  /** The engine's whole environment: the allow-list below from the agent's own, plus the agent's settings. */
   readonly env: Readonly<Record<string, string>>;
 }
 
+// What an engine may inherit from the agent's environment. Nothing that loads code (LD_PRELOAD,
+// DYLD_*, PYTHON*), nothing that changes where llama.cpp reads or writes (LLAMA_ARG_*).
+const INHERITED_ENV = /^(PATH|HOME|USER|LOGNAME|LANG|LC_[A-Z]+|TMPDIR|TZ|TERM)$/;
+
+/** The allow-listed part of `from` (the agent's environment), plus `set`. */
+export function engineEnv(from: NodeJS.ProcessEnv, set: Readonly<Record<string, string>> = {}): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const [k, v] of Object.entries(from)) if (v !== undefined && INHERITED_ENV.test(k)) env[k] = v;
+  return { ...env, ...set };
+}
+
 /** The exact command line for `spec` listening on `port` (already resolved, never 0). */
-export function engineCommand(spec: EngineSpec, port: number, bins: EngineBinaries): EngineCommand {
+export function engineCommand(spec: EngineSpec, port: number, bins: EngineBinaries, agentEnv: NodeJS.ProcessEnv = process.env): EngineCommand {
   if (spec.kind === 'rpc-server') {
-    const argv = ['-H', spec.bindHost, '-p', String(port)];
+    const argv = ['-H', ENGINE_HOST, '-p', String(port)];
     if (spec.threads > 0) argv.push('-t', String(spec.threads));
     if (spec.devices.length > 0) argv.push('-d', spec.devices.join(','));
     // rpc-server keeps its tensor cache in $LLAMA_CACHE/rpc/; -c turns it on.
     if (spec.cacheDir !== '') argv.push('-c');
-    const env = spec.cacheDir !== '' ? { ...spec.env, LLAMA_CACHE: spec.cacheDir } : { ...spec.env };
-    return { file: bins.rpcServer, argv, env };
+    return { file: bins.rpcServer, argv, env: engineEnv(agentEnv, spec.cacheDir !== '' ? { LLAMA_CACHE: spec.cacheDir } : {}) };
   }
-  const argv = [...spec.args];
-  if (spec.threads > 0 && !spec.args.some((a) => a === '-t' || a === '--threads' || a.startsWith('--threads='))) {
-    argv.push('--threads', String(spec.threads));
-  }
-  argv.push('--host', '127.0.0.1', '--port', String(port));
-  return { file: bins.llamaServer, argv, env: { ...spec.env } };
+  const argv = llamaServerArgs(spec.llama!);
+  if (spec.threads > 0) argv.push('--threads', String(spec.threads));
+  argv.push('--host', ENGINE_HOST, '--port', String(port));
+  return { file: bins.llamaServer, argv, env: engineEnv(agentEnv) };
 }
 
-/** Where to knock to see whether the engine accepts connections. */
-export function readinessHost(bindHost: string): string {
-  if (bindHost === '0.0.0.0') return '127.0.0.1';
-  if (bindHost === '::') return '::1';
-  return bindHost;
+/**
+ * llama-server's arguments from the typed options: the model, the numerics the memory math assumed
+ * (llamaMemoryArgs, shared with the tests' oracle), then the layer pinning.
+ */
+export function llamaServerArgs(l: LlamaServerOptions): string[] {
+  const argv = ['-m', l.modelPath, ...llamaMemoryArgs(l.memory)];
+  // --rpc registers the RPC devices while arguments are parsed, so it must precede --device.
+  if (l.rpc.length > 0) argv.push('--rpc', l.rpc.join(','));
+  if (l.devices.length > 0) argv.push('--device', l.devices.join(','), '--split-mode', 'layer');
+  argv.push('-ngl', String(l.gpuLayers));
+  if (l.tensorSplit.length > 0) argv.push('--tensor-split', l.tensorSplit.join(','));
+  // llama.cpp's INFO lines (devices, buffer sizes) need -lv 4; DEBUG (5) adds every layer's device.
+  argv.push('--metrics', '--no-webui', '-lv', l.debugLog ? '5' : '4');
+  return argv;
 }
 
 /** Same request twice (a retry) → same engine; used for StartEngine idempotency. */
 export function sameEngineRequest(a: EngineSpec, b: EngineSpec): boolean {
   return (
     a.kind === b.kind &&
-    a.bindHost === b.bindHost &&
     (b.port === 0 || a.port === b.port) &&
     a.threads === b.threads &&
     a.cacheDir === b.cacheDir &&
     a.model === b.model &&
+    a.owner === b.owner &&
     a.devices.join('\0') === b.devices.join('\0') &&
-    a.args.join('\0') === b.args.join('\0') &&
+    JSON.stringify(a.llama ?? null) === JSON.stringify(b.llama ?? null) &&
     (a.mlx === undefined || b.mlx === undefined ? a.mlx === b.mlx : sameMlxRank(a.mlx, b.mlx))
   );
 }

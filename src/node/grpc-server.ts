@@ -7,7 +7,8 @@ import { createGrpcServer } from '../shared/grpc-server.ts';
 import { type TlsCredentials, clusterServerCredentials, requirePeers } from '../shared/pki/grpc-tls.ts';
 import type { Role } from '../shared/pki/identity.ts';
 import { orchardV1 } from '../shared/proto.ts';
-import { EngineRequestError, engineSpecFromRequest } from './engine-spec.ts';
+import { EngineRequestError, type EngineSpec, engineSpecFromRequest } from './engine-spec.ts';
+import { confineEngineSpec, confinePath, type EngineRoots } from './engine-roots.ts';
 import { GenerateError, generateParamsFromRequest, relayCompletion } from './generate.ts';
 import { relayMlx } from './mlx/relay.ts';
 import { type ModelLibrary, PrepareCacheError } from './model-library.ts';
@@ -31,6 +32,8 @@ export interface AgentState {
   onShutdown(fn: () => void): () => void;
   /** Model files under --models-dir and the rpc tensor-cache seeding over them. */
   readonly models?: ModelLibrary | undefined;
+  /** Where request paths may point (--models-dir, --state-dir, Orchard's cache). */
+  readonly roots: EngineRoots;
 }
 
 type Status = keyof typeof grpc.status;
@@ -49,7 +52,7 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
     Describe: (_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => describe(state, log, _call, cb),
     Watch: (call: grpc.ServerWritableStream<{ intervalSeconds?: number }, unknown>) => watch(state, log, call),
     StartEngine: (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => startEngine(state, log, call, cb),
-    StopEngine: (call: grpc.ServerUnaryCall<{ engineId?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) => stopEngine(state, log, call, cb),
+    StopEngine: (call: grpc.ServerUnaryCall<{ engineId?: string; owner?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) => stopEngine(state, log, call, cb),
     PrepareCache: (call: grpc.ServerWritableStream<Record<string, unknown>, unknown>) => prepareCache(state, log, call),
     Generate: (call: grpc.ServerWritableStream<unknown, unknown>) => generate(state, log, call),
   };
@@ -111,34 +114,39 @@ function watch(state: AgentState, log: Logger, call: grpc.ServerWritableStream<{
   call.on('error', close);
 }
 
-/** Start one engine from a validated spec. */
+/**
+ * Start one engine: the typed request validated (engine-spec.ts), its paths confined to the
+ * roots and the model held to the budget (engine-roots.ts) — all before anything is touched.
+ */
 function startEngine(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>): void {
   const { supervisor } = state;
-  let spec: ReturnType<typeof engineSpecFromRequest>;
+  let spec: EngineSpec;
   try {
     spec = engineSpecFromRequest(call.request);
   } catch (err) {
     cb(toServiceError(err, log));
     return;
   }
-  supervisor.start(spec).then(
-    (info) => cb(null, { engine: engineToWire(info), startupLog: [...(info.startupLog ?? [])] }),
-    (err: unknown) => {
-      log.warn({ err: errorMessage(err), kind: spec.kind }, 'StartEngine failed');
-      cb(toServiceError(err, log));
-    },
-  );
+  confineEngineSpec(spec, state.roots, state.profile().budgetBytes)
+    .then((confined) => supervisor.start(confined))
+    .then(
+      (info) => cb(null, { engine: engineToWire(info), startupLog: [...(info.startupLog ?? [])] }),
+      (err: unknown) => {
+        log.warn({ err: errorMessage(err), kind: spec.kind }, 'StartEngine failed');
+        cb(toServiceError(err, log));
+      },
+    );
 }
 
-/** Stop one engine by id. */
-function stopEngine(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<{ engineId?: string }, unknown>, cb: grpc.sendUnaryData<unknown>): void {
+/** Stop one engine by id, for the owner that started it only. */
+function stopEngine(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<{ engineId?: string; owner?: string }, unknown>, cb: grpc.sendUnaryData<unknown>): void {
   const { supervisor } = state;
   const engineId = String(call.request?.engineId ?? '');
   if (engineId === '') {
     cb({ code: grpc.status.INVALID_ARGUMENT, details: 'engine_id is required' });
     return;
   }
-  supervisor.stop(engineId).then(
+  supervisor.stop(engineId, String(call.request?.owner ?? '')).then(
     (exit) => {
       if (!exit) cb({ code: grpc.status.NOT_FOUND, details: `no engine ${engineId} runs on this node` });
       else cb(null, { stopped: true });
@@ -158,27 +166,9 @@ function prepareCache(state: AgentState, log: Logger, call: grpc.ServerWritableS
   const abort = new AbortController();
   call.on('cancelled', () => abort.abort());
   let lastSent = 0;
-  models
-    .prepareCache(
-      {
-        modelSha256: String(r.modelSha256 ?? ''),
-        modelSizeBytes: Number(r.modelSizeBytes ?? 0),
-        firstLayer: Number(r.firstLayer ?? 0),
-        lastLayer: Number(r.lastLayer ?? 0),
-        holdsOutput: r.holdsOutput === true,
-        cacheDir: String(r.cacheDir ?? ''),
-      },
-      (p) => {
-        // at most ~4 progress messages a second, plus the last one
-        const now = Date.now();
-        if (now - lastSent < 250 && p.tensorsDone !== p.tensorsTotal) return;
-        lastSent = now;
-        if (!abort.signal.aborted) {
-          call.write({ progress: { tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesDone: String(p.bytesDone), bytesTotal: String(p.bytesTotal) } });
-        }
-      },
-      abort.signal,
-    )
+  const cacheDir = String(r.cacheDir ?? '');
+  (cacheDir === '' ? Promise.resolve('') : confinePath('cache_dir', cacheDir, state.roots))
+    .then((confined) => seed(confined))
     .then(
       (d) => {
         call.write({
@@ -200,6 +190,29 @@ function prepareCache(state: AgentState, log: Logger, call: grpc.ServerWritableS
         call.emit('error', toServiceError(err, log));
       },
     );
+
+  function seed(confinedCacheDir: string) {
+    return models!.prepareCache(
+      {
+        modelSha256: String(r.modelSha256 ?? ''),
+        modelSizeBytes: Number(r.modelSizeBytes ?? 0),
+        firstLayer: Number(r.firstLayer ?? 0),
+        lastLayer: Number(r.lastLayer ?? 0),
+        holdsOutput: r.holdsOutput === true,
+        cacheDir: confinedCacheDir,
+      },
+      (p) => {
+        // at most ~4 progress messages a second, plus the last one
+        const now = Date.now();
+        if (now - lastSent < 250 && p.tensorsDone !== p.tensorsTotal) return;
+        lastSent = now;
+        if (!abort.signal.aborted) {
+          call.write({ progress: { tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesDone: String(p.bytesDone), bytesTotal: String(p.bytesTotal) } });
+        }
+      },
+      abort.signal,
+    );
+  }
 }
 
 /** Relay one generation from a head engine (llama-server or MLX rank) as a token stream. */

@@ -3,7 +3,8 @@ import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
-import { type EngineBinaries, type EngineKind, EngineRequestError, type EngineSpec, engineCommand, readinessHost, sameEngineRequest } from './engine-spec.ts';
+import { ENGINE_HOST, type EngineBinaries, type EngineKind, EngineRequestError, type EngineSpec, engineCommand, sameEngineRequest } from './engine-spec.ts';
+import { MAX_ENGINES } from './engine-roots.ts';
 import { spawnEngine } from './engine-process.ts';
 import { LineTail } from './line-tail.ts';
 import { canConnect, pickFreePort, portBindError } from './ports.ts';
@@ -139,6 +140,10 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   start(spec: EngineSpec): Promise<EngineInfo> {
     if (this.shuttingDown) return Promise.reject(new EngineRequestError('FAILED_PRECONDITION', 'the node agent is shutting down'));
     const engineId = spec.engineId || `${spec.kind}-${randomUUID().slice(0, 8)}`;
+    const known = this.running.has(engineId) || this.mlx.has(engineId) || this.starting.has(engineId);
+    if (!known && this.running.size + this.mlx.size + this.starting.size >= MAX_ENGINES) {
+      return Promise.reject(new EngineRequestError('INVALID_ARGUMENT', `this node already runs ${MAX_ENGINES} engines, the most it starts`));
+    }
     if (spec.kind === 'mlx-rank') return this.startMlx(engineId, spec);
     const pending = this.starting.get(engineId);
     if (pending && !this.running.has(engineId)) return pending; // still resolving binaries/port
@@ -192,7 +197,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       engineId,
       spec: mlx,
       python,
-      env: spec.env,
+      env: {},
       readyTimeoutMs: spec.readyTimeoutMs,
       log,
       onPid: (pid) => this.watchdog.add(pid),
@@ -295,7 +300,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     const info: EngineInfo = {
       engineId,
       kind: spec.kind,
-      host: spec.bindHost,
+      host: ENGINE_HOST,
       port,
       pid,
       model: spec.model,
@@ -307,7 +312,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     this.running.set(engineId, entry);
 
     try {
-      await this.waitReady(entry, readinessHost(spec.bindHost));
+      await this.waitReady(entry, ENGINE_HOST);
     } catch (err) {
       entry.stopping = true;
       await this.terminate(entry);
@@ -323,16 +328,15 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   private async enginePort(spec: EngineSpec): Promise<number> {
     const port = spec.port;
     if (port === 0) {
-      return pickFreePort(spec.bindHost).catch((err: unknown) => {
-        throw new EngineRequestError('INVALID_ARGUMENT', `cannot bind ${spec.bindHost}: ${errorMessage(err)}`);
+      return pickFreePort(ENGINE_HOST).catch((err: unknown) => {
+        throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${ENGINE_HOST}: ${errorMessage(err)}`);
       });
     }
     const taken = [...this.running.values()].find((r) => r.info.port === port);
     if (taken) throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} is in use by engine ${taken.info.engineId}`);
-    const code = await portBindError(spec.bindHost, port);
-    if (code === 'EADDRINUSE') throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} on ${spec.bindHost} is already in use`);
-    if (code === 'EADDRNOTAVAIL') throw new EngineRequestError('INVALID_ARGUMENT', `bind_host ${spec.bindHost} is not an address of this node`);
-    if (code) throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${spec.bindHost}:${port} (${code})`);
+    const code = await portBindError(ENGINE_HOST, port);
+    if (code === 'EADDRINUSE') throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} on ${ENGINE_HOST} is already in use`);
+    if (code) throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${ENGINE_HOST}:${port} (${code})`);
     return port;
   }
 
@@ -403,8 +407,15 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     }
   }
 
-  /** Stop one engine. Resolves with its exit, or undefined when no such engine runs. */
-  async stop(engineId: string): Promise<EngineExit | undefined> {
+  /**
+   * Stop one engine for `owner` (who started it). Resolves with its exit, or undefined when no
+   * such engine runs; PERMISSION_DENIED for somebody else's engine.
+   */
+  async stop(engineId: string, owner: string): Promise<EngineExit | undefined> {
+    const started = (this.mlx.get(engineId) ?? this.running.get(engineId))?.spec.owner;
+    if (started !== undefined && started !== owner) {
+      throw new EngineRequestError('PERMISSION_DENIED', `engine ${engineId} was not started by this caller`);
+    }
     const m = this.mlx.get(engineId);
     if (m) {
       m.stopping = true;

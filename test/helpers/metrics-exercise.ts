@@ -36,7 +36,7 @@ require('node:net').createServer((s) => s.destroy()).listen(Number(a[a.indexOf('
 `;
 
 function rpcSpec(model: string): EngineSpec {
-  return { kind: 'rpc-server', engineId: '', bindHost: '127.0.0.1', port: 0, threads: 0, devices: [], cacheDir: '', args: [], model, readyTimeoutMs: 10_000, env: {} };
+  return { kind: 'rpc-server', engineId: '', port: 0, threads: 0, devices: [], cacheDir: '', model, readyTimeoutMs: 10_000, owner: '' };
 }
 
 export async function exerciseNodeMetrics(): Promise<MetricSample[]> {
@@ -53,7 +53,7 @@ export async function exerciseNodeMetrics(): Promise<MetricSample[]> {
   metrics.follow(supervisor);
   try {
     const stopped = await supervisor.start(rpcSpec('m8'));
-    await supervisor.stop(stopped.engineId); // expected exit
+    await supervisor.stop(stopped.engineId, ''); // expected exit
     const crashed = await supervisor.start(rpcSpec('m8'));
     const crash = new Promise((r) => supervisor.once('exited', r));
     process.kill(crashed.pid, 'SIGKILL'); // an exit the agent did not ask for

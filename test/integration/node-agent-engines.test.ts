@@ -1,4 +1,5 @@
 import { execFileSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -49,13 +50,18 @@ afterAll(async () => {
   if (tmp) await rm(tmp, { recursive: true, force: true });
 });
 
+/** A typed head request (proto LlamaServerOptions): what the coordinator sends, defaults of a plain load. */
+function headOptions(modelPath: string, o: Record<string, unknown> = {}): Record<string, unknown> {
+  return { modelPath, context: 8192, parallel: 1, kvUnified: true, cacheType: 'f16', ubatch: 512, flashAttention: true, gpuLayers: 99, ...o };
+}
+
 describeWith([engines], 'node agent with real llama.cpp engines', () => {
   let agent: Agent;
   const events: { event: string; [k: string]: unknown }[] = [];
   let watch: grpc.ClientReadableStream<{ event: string }> | undefined;
 
   beforeAll(async () => {
-    agent = await startAgent(join(tmp, 'engines'), ['--name', 'engine-node']);
+    agent = await startAgent(join(tmp, 'engines'), ['--name', 'engine-node', '--models-dir', tmp]);
     watch = agent.client.watch!({ intervalSeconds: 0.2 }) as grpc.ClientReadableStream<{ event: string }>;
     watch.on('data', (ev: { event: string }) => events.push(ev));
     watch.on('error', () => {});
@@ -89,9 +95,11 @@ describeWith([engines], 'node agent with real llama.cpp engines', () => {
     const head = await startEngine(agent, {
       kind: 'ENGINE_KIND_LLAMA_SERVER',
       engineId: 'head',
-      args: ['-m', model, '--rpc', `127.0.0.1:${rpc.port}`, '-ngl', '99', '-c', '8192', '-np', '1', '-t', '1', '--no-warmup', '--metrics'],
+      llama: headOptions(model, { rpc: [`127.0.0.1:${rpc.port}`], devices: ['RPC0'] }),
+      threads: 1,
       model: 'tiny',
     });
+    expect(head.argv.slice(1, 3)).toEqual(['-m', model]);
     expect(head.host).toBe('127.0.0.1');
     expect(head.argv.slice(-4)).toEqual(['--host', '127.0.0.1', '--port', String(head.port)]);
     const health = await fetch(`http://127.0.0.1:${head.port}/health`);
@@ -167,22 +175,33 @@ describeWith([engines], 'node agent with real llama.cpp engines', () => {
 
     const host = await grpcError(unary(agent, 'startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--host', '0.0.0.0'] }));
     expect(host.code).toBe(grpc.status.INVALID_ARGUMENT);
+    const missingModel = await grpcError(unary(agent, 'startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: headOptions(join(tmp, 'no-such-model.gguf')) }));
+    expect(missingModel.code).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(missingModel.details).toMatch(/is not a file on this node/);
 
     // An engine that exits at once: the error carries its stderr.
-    const broken = await grpcError(unary(agent, 'startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['-m', join(tmp, 'no-such-model.gguf')] }));
+    const junk = join(tmp, 'junk.gguf');
+    writeFileSync(junk, 'not a gguf file');
+    const broken = await grpcError(unary(agent, 'startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: headOptions(junk) }));
     expect(broken.code).toBe(grpc.status.FAILED_PRECONDITION);
     expect(broken.details).toMatch(/llama-server .* exited with code \d+ before it was ready: .+/);
 
     // Not ready within the timeout: DEADLINE_EXCEEDED, and the half-started engine is stopped.
     const slow = await grpcError(
-      unary(agent, 'startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', engineId: 'too-slow', args: ['-m', model, '-c', '512', '-t', '1'], readyTimeoutSeconds: 0.001 }),
+      unary(agent, 'startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', engineId: 'too-slow', llama: headOptions(model, { context: 512 }), threads: 1, readyTimeoutSeconds: 0.001 }),
     );
     expect(slow.code).toBe(grpc.status.DEADLINE_EXCEEDED);
     expect(slow.details).toMatch(/^llama-server too-slow did not accept connections within 0.001 s/);
-    expect(() => execFileSync('pgrep', ['-f', `llama-server -m ${model} -c 512 -t 1 --host`])).toThrow(); // pgrep: no match
+    expect(() => execFileSync('pgrep', ['-f', `llama-server -m ${model} -c 512 `])).toThrow(); // pgrep: no match
 
     const conflict = await grpcError(unary(agent, 'startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'worker-0', threads: 2 }));
     expect(conflict.code).toBe(grpc.status.ALREADY_EXISTS);
+
+    // Somebody else's engine: only the owner that started it may stop it.
+    await startEngine(agent, { kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'owned', threads: 1, owner: 'cluster-a' });
+    const foreign = await grpcError(unary(agent, 'stopEngine', { engineId: 'owned', owner: 'cluster-b' }));
+    expect(foreign.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(await unary(agent, 'stopEngine', { engineId: 'owned', owner: 'cluster-a' })).toEqual({ stopped: true });
 
     const noEngine = await grpcError(unary(agent, 'stopEngine', { engineId: 'nope' }));
     expect(noEngine.code).toBe(grpc.status.NOT_FOUND);
@@ -315,7 +334,7 @@ describeWith([engines], 'node agent with real llama.cpp engines', () => {
     const victim = await startAgent(join(tmp, 'sigkill'));
     try {
       const w1 = await startEngine(victim, { kind: 'ENGINE_KIND_RPC_SERVER', threads: 1 });
-      const w2 = await startEngine(victim, { kind: 'ENGINE_KIND_RPC_SERVER', threads: 1, bindHost: '0.0.0.0' });
+      const w2 = await startEngine(victim, { kind: 'ENGINE_KIND_RPC_SERVER', threads: 1 });
       expect(alive(w1.pid) && alive(w2.pid)).toBe(true);
       victim.client.close();
       process.kill(victim.ready.pid, 'SIGKILL'); // the agent only, not its process group

@@ -1,4 +1,6 @@
 import { describe, expect, it } from 'vitest';
+import { engineSpecFromRequest, llamaServerArgs } from '../../src/node/engine-spec.ts';
+import type { LlamaServerOptions } from '../../src/coordinator/membership/agent-client.ts';
 import { pickServiceAddress } from '../../src/coordinator/membership/discovery.ts';
 import { headLayout } from '../../src/coordinator/instances/llama/layout.ts';
 import { parseEngineLog, type PlannedDevice, verifyEngineReport } from '../../src/coordinator/instances/llama/verify.ts';
@@ -121,13 +123,19 @@ describe('verifyEngineReport', () => {
   });
 });
 
+/** What the agent runs for the typed request the coordinator sends (the same path as StartEngine). */
+function agentArgv(llama: LlamaServerOptions): string[] {
+  return llamaServerArgs(engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama }).llama!);
+}
+
 describe('headLayout', () => {
   const stages = [
     { nodeId: 'b', nodeName: 'bravo', firstLayer: 0, lastLayer: 6 },
     { nodeId: 'a', nodeName: 'alpha', firstLayer: 7, lastLayer: 7 },
   ];
   it('CPU-only head: every stage is an RPC server; --rpc precedes --device; split counts the output unit', () => {
-    const { args, devices } = headLayout(stages, ['10.0.0.2:5000', '127.0.0.1:5001'], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false });
+    const { llama, devices } = headLayout(stages, ['10.0.0.2:5000', '127.0.0.1:5001'], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false });
+    const args = agentArgv(llama);
     const at = (f: string) => args[args.indexOf(f) + 1];
     expect(at('--rpc')).toBe('10.0.0.2:5000,127.0.0.1:5001');
     expect(at('--device')).toBe('RPC0,RPC1');
@@ -137,13 +145,15 @@ describe('headLayout', () => {
     expect(at('-lv')).toBe('4'); // INFO (buffer sizes); DEBUG slows decode, only on request
     expect(at('-m')).toBe('/m.gguf');
     const dbg = headLayout(stages, ['10.0.0.2:5000', '127.0.0.1:5001'], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false, debugLog: true });
-    expect(dbg.args[dbg.args.indexOf('-lv') + 1]).toBe('5');
+    const dbgArgs = agentArgv(dbg.llama);
+    expect(dbgArgs[dbgArgs.indexOf('-lv') + 1]).toBe('5');
     expect(devices.map((d) => d.device)).toEqual(['RPC0[10.0.0.2:5000]', 'RPC0[127.0.0.1:5001]']);
     expect(devices.map((d) => d.holdsOutput)).toEqual([false, true]);
   });
 
   it('Metal head: its stage is MTL0, last, with no rpc-server', () => {
-    const { args, devices } = headLayout(stages, ['10.0.0.2:5000', undefined], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: true });
+    const { llama, devices } = headLayout(stages, ['10.0.0.2:5000', undefined], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: true });
+    const args = agentArgv(llama);
     expect(args[args.indexOf('--rpc') + 1]).toBe('10.0.0.2:5000');
     expect(args[args.indexOf('--device') + 1]).toBe('RPC0,MTL0');
     expect(devices.map((d) => d.device)).toEqual(['RPC0[10.0.0.2:5000]', 'MTL0']);

@@ -44,7 +44,7 @@ describe('EngineRoster', () => {
   it('names the engine, its node and how it ended when one of its own exits, and ignores others', () => {
     const gone: string[] = [];
     const { cluster } = fakeCluster({ a: 'up', b: 'up' });
-    const r = new EngineRoster(cluster, (reason) => gone.push(reason));
+    const r = new EngineRoster(cluster, (reason) => gone.push(reason), 'cluster-1');
     r.record({ nodeId: 'a', engineId: 'x-s0-rpc', label: 'rpc-server' });
     r.record({ nodeId: 'b', engineId: 'x-head', label: 'llama-server' }, true);
     r.exited('a', exit('x-head')); // right id, wrong node
@@ -58,7 +58,7 @@ describe('EngineRoster', () => {
 
   it('stops the engines first chosen before the rest, skips nodes that are down, and forgets them all', async () => {
     const { cluster, stopped } = fakeCluster({ a: 'up', b: 'up', c: 'down' });
-    const r = new EngineRoster(cluster, () => {});
+    const r = new EngineRoster(cluster, () => {}, 'cluster-1');
     r.record({ nodeId: 'a', engineId: 'x-s0-rpc', label: 'rpc-server' });
     r.record({ nodeId: 'c', engineId: 'x-s1-rpc', label: 'rpc-server' });
     r.record({ nodeId: 'b', engineId: 'x-s2-rpc', label: 'rpc-server' });
@@ -81,7 +81,7 @@ describe('drivers before any engine starts', () => {
 
   it('a new group has no engines, no head and no endpoints, and refuses to generate', async () => {
     for (const d of [new LlamaDriver(cluster, {}), new MlxDriver(cluster, {})]) {
-      const g = d.group({ name: 'm', path: '/m', options: DEFAULT_LOAD_OPTIONS, engineIdPrefix: 'oc0ffee00-1234', gone: () => {} });
+      const g = d.group({ name: 'm', path: '/m', options: DEFAULT_LOAD_OPTIONS, engineIdPrefix: 'oc0ffee00-1234', owner: 'c0ffee00', gone: () => {} });
       expect([g.engines, g.head, g.endpoint(0), g.verification]).toEqual([[], undefined, '', undefined]);
       await expect(g.generate({ prompt: 'hi', maxTokens: 1, temperature: 0, topP: 0, seed: 0, stop: [], requestId: 'r' })).rejects.toThrow(/not ready/);
     }

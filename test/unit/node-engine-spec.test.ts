@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { EngineRequestError, engineCommand, engineSpecFromRequest, readinessHost, sameEngineRequest } from '../../src/node/engine-spec.ts';
+import { EngineRequestError, engineCommand, engineEnv, engineSpecFromRequest, sameEngineRequest } from '../../src/node/engine-spec.ts';
 
 const bins = { llamaServer: '/b/llama-server', rpcServer: '/b/ggml-rpc-server' };
 
@@ -13,75 +13,87 @@ function refusal(req: unknown): { code: string; message: string } {
   throw new Error('accepted');
 }
 
+const LLAMA = {
+  modelPath: '/m.gguf',
+  context: 2048,
+  parallel: 1,
+  kvUnified: true,
+  cacheType: 'f16',
+  ubatch: 512,
+  flashAttention: true,
+  rpc: ['127.0.0.1:6000', '127.0.0.1:6001'],
+  devices: ['RPC0', 'RPC1'],
+  tensorSplit: [4, 5],
+  gpuLayers: 9,
+  debugLog: false,
+};
+
 describe('StartEngine request → engine spec', () => {
-  it('rpc-server: loopback by default, defaults for timeout, exact command line', () => {
+  it('rpc-server: loopback always, defaults for timeout, exact command line, allow-listed environment', () => {
     const spec = engineSpecFromRequest({ kind: 'ENGINE_KIND_RPC_SERVER' });
-    expect(spec).toMatchObject({ kind: 'rpc-server', bindHost: '127.0.0.1', port: 0, readyTimeoutMs: 30_000 });
-    expect(engineCommand(spec, 50052, bins)).toEqual({ file: '/b/ggml-rpc-server', argv: ['-H', '127.0.0.1', '-p', '50052'], env: {} });
+    expect(spec).toMatchObject({ kind: 'rpc-server', port: 0, readyTimeoutMs: 30_000 });
+    const env = { PATH: '/bin', HOME: '/h', LD_PRELOAD: '/evil.so', DYLD_INSERT_LIBRARIES: '/e', PYTHONPATH: '/p', LLAMA_ARG_LOG_FILE: '/x', LC_ALL: 'C' };
+    expect(engineCommand(spec, 50052, bins, env)).toEqual({ file: '/b/ggml-rpc-server', argv: ['-H', '127.0.0.1', '-p', '50052'], env: { PATH: '/bin', HOME: '/h', LC_ALL: 'C' } });
   });
 
   it('rpc-server with threads, devices and a tensor cache dir', () => {
-    const spec = engineSpecFromRequest({
-      kind: 'ENGINE_KIND_RPC_SERVER',
-      bindHost: '10.0.0.2',
-      port: 6000,
-      threads: 4,
-      devices: ['MTL0', 'CPU'],
-      cacheDir: '/var/cache/orchard',
-      env: { GGML_RPC_NO_RDMA: '1' },
-      readyTimeoutSeconds: 2.5,
-    });
+    const spec = engineSpecFromRequest({ kind: 'ENGINE_KIND_RPC_SERVER', port: 6000, threads: 4, devices: ['MTL0', 'CPU'], cacheDir: '/var/cache/orchard', readyTimeoutSeconds: 2.5 });
     expect(spec.readyTimeoutMs).toBe(2500);
-    expect(engineCommand(spec, 6000, bins)).toEqual({
+    expect(engineCommand(spec, 6000, bins, {})).toEqual({
       file: '/b/ggml-rpc-server',
-      argv: ['-H', '10.0.0.2', '-p', '6000', '-t', '4', '-d', 'MTL0,CPU', '-c'],
+      argv: ['-H', '127.0.0.1', '-p', '6000', '-t', '4', '-d', 'MTL0,CPU', '-c'],
       // rpc-server keeps its cache in $LLAMA_CACHE/rpc/
-      env: { GGML_RPC_NO_RDMA: '1', LLAMA_CACHE: '/var/cache/orchard' },
+      env: { LLAMA_CACHE: '/var/cache/orchard' },
     });
   });
 
-  it('llama-server: caller args first, then the agent-owned loopback host and port', () => {
-    const spec = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['-m', '/m.gguf', '--rpc', '10.0.0.2:6000', '-ngl', '99'], threads: 2 });
-    expect(spec.bindHost).toBe('127.0.0.1');
+  it('llama-server: the agent builds every argument from the typed options, loopback host and port last', () => {
+    const spec = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: LLAMA, threads: 2 });
     expect(spec.readyTimeoutMs).toBe(600_000);
-    expect(engineCommand(spec, 8080, bins).argv).toEqual(['-m', '/m.gguf', '--rpc', '10.0.0.2:6000', '-ngl', '99', '--threads', '2', '--host', '127.0.0.1', '--port', '8080']);
-    // an explicit -t in args wins over the threads field
-    const own = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['-t', '1'], threads: 2 });
-    expect(engineCommand(own, 1, bins).argv).toEqual(['-t', '1', '--host', '127.0.0.1', '--port', '1']);
+    expect(engineCommand(spec, 8080, bins, {}).argv).toEqual([
+      ...['-m', '/m.gguf', '-c', '2048', '-np', '1', '--kv-unified', '-ctk', 'f16', '-ctv', 'f16', '-ub', '512', '-fa', 'on', '-fit', 'off', '--no-repack'],
+      ...['--rpc', '127.0.0.1:6000,127.0.0.1:6001', '--device', 'RPC0,RPC1', '--split-mode', 'layer', '-ngl', '9', '--tensor-split', '4,5'],
+      ...['--metrics', '--no-webui', '-lv', '4', '--threads', '2', '--host', '127.0.0.1', '--port', '8080'],
+    ]);
+  });
+
+  it('keeps LLAMA_ARG_*, LD_PRELOAD, DYLD_* and PYTHON* of the agent away from engines', () => {
+    expect(engineEnv({ PATH: '/bin', LD_PRELOAD: 'x', DYLD_INSERT_LIBRARIES: 'x', PYTHONSTARTUP: 'x', LLAMA_ARG_LOG_FILE: 'x', TMPDIR: '/t' })).toEqual({ PATH: '/bin', TMPDIR: '/t' });
   });
 
   it.each([
-    [{ kind: 'ENGINE_KIND_UNSPECIFIED' }, 'INVALID_ARGUMENT', /unknown engine kind/],
-    [{ kind: 'ENGINE_KIND_BOGUS' }, 'INVALID_ARGUMENT', /unknown engine kind "ENGINE_KIND_BOGUS"/],
-    [{}, 'INVALID_ARGUMENT', /unknown engine kind/],
-    [{ kind: 'ENGINE_KIND_MLX_RANK' }, 'INVALID_ARGUMENT', /needs the mlx field/],
-    [{ kind: 'ENGINE_KIND_MLX_RANK', args: ['-x'], mlx: { modelDir: '/m' } }, 'INVALID_ARGUMENT', /mlx field only/],
-    [{ kind: 'ENGINE_KIND_MLX_RANK', env: { MLX_RANK: '1' }, mlx: { modelDir: '/m' } }, 'INVALID_ARGUMENT', /set by the agent/],
-    [{ kind: 'ENGINE_KIND_RPC_SERVER', port: 70000 }, 'INVALID_ARGUMENT', /invalid port 70000/],
-    [{ kind: 'ENGINE_KIND_RPC_SERVER', bindHost: 'example.com' }, 'INVALID_ARGUMENT', /give an IP address/],
-    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', bindHost: '0.0.0.0' }, 'INVALID_ARGUMENT', /always binds 127.0.0.1/],
-    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--host', '0.0.0.0'] }, 'INVALID_ARGUMENT', /--host is set by the agent/],
-    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--port=9'] }, 'INVALID_ARGUMENT', /--port is set by the agent/],
-    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--log-file', '/etc/passwd'] }, 'INVALID_ARGUMENT', /writes files/],
-    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--slot-save-path=/tmp'] }, 'INVALID_ARGUMENT', /writes files/],
-    [{ kind: 'ENGINE_KIND_RPC_SERVER', args: ['-x'] }, 'INVALID_ARGUMENT', /args apply to llama-server only/],
-    [{ kind: 'ENGINE_KIND_RPC_SERVER', cacheDir: 'rel/dir' }, 'INVALID_ARGUMENT', /absolute path/],
-    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', cacheDir: '/c' }, 'INVALID_ARGUMENT', /rpc-server only/],
-    [{ kind: 'ENGINE_KIND_RPC_SERVER', devices: ['MTL0;rm'] }, 'INVALID_ARGUMENT', /invalid device/],
-    [{ kind: 'ENGINE_KIND_RPC_SERVER', engineId: '../x' }, 'INVALID_ARGUMENT', /invalid engine_id/],
-    [{ kind: 'ENGINE_KIND_RPC_SERVER', env: { 'A=B': 'c' } }, 'INVALID_ARGUMENT', /environment variable name/],
-    [{ kind: 'ENGINE_KIND_RPC_SERVER', readyTimeoutSeconds: -1 }, 'INVALID_ARGUMENT', /ready_timeout_seconds/],
-    [{ kind: 'ENGINE_KIND_RPC_SERVER', port: 'x' }, 'INVALID_ARGUMENT', /malformed/],
-  ])('refuses %j with %s', (req, code, message) => {
+    [{ kind: 'ENGINE_KIND_UNSPECIFIED' }, /unknown engine kind/],
+    [{ kind: 'ENGINE_KIND_BOGUS' }, /unknown engine kind "ENGINE_KIND_BOGUS"/],
+    [{}, /unknown engine kind/],
+    [{ kind: 'ENGINE_KIND_MLX_RANK' }, /needs the mlx field/],
+    [{ kind: 'ENGINE_KIND_MLX_RANK', port: 5, mlx: { modelDir: '/m' } }, /mlx field only/],
+    [{ kind: 'ENGINE_KIND_MLX_RANK', env: { MLX_RANK: '1' }, mlx: { modelDir: '/m' } }, /env/],
+    [{ kind: 'ENGINE_KIND_MLX_RANK', mlx: { modelDir: 'rel' } }, /absolute path/],
+    [{ kind: 'ENGINE_KIND_MLX_RANK', mlx: { modelDir: '/m', worldSize: 2, rank: 0, backend: 'ring', hosts: [{ endpoints: ['10.0.0.2:5000'] }, { endpoints: ['127.0.0.1:5001'] }] } }, /listen on 10\.0\.0\.2:5000/],
+    [{ kind: 'ENGINE_KIND_RPC_SERVER', port: 70000 }, /port/],
+    [{ kind: 'ENGINE_KIND_RPC_SERVER', bindHost: '0.0.0.0' }, /bindHost/],
+    [{ kind: 'ENGINE_KIND_RPC_SERVER', env: { LD_PRELOAD: '/evil.so' } }, /env/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--log-file', '/etc/passwd'] }, /args/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', env: { LLAMA_ARG_LOG_FILE: '/etc/passwd' }, llama: LLAMA }, /env/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER' }, /needs the llama field/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: 'm.gguf' } }, /absolute path/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, logFile: '/x' } }, /logFile/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, rpc: ['evil.example:1'] } }, /literal host:port/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, devices: ['RPC0 --log-file /x'] } }, /devices/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, cacheType: 'f16 -x' } }, /cacheType/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, tensorSplit: [1] } }, /one entry per/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: '/m\0' } }, /NUL/],
+    [{ kind: 'ENGINE_KIND_RPC_SERVER', cacheDir: 'rel/dir' }, /absolute path/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', cacheDir: '/c', llama: LLAMA }, /rpc-server only/],
+    [{ kind: 'ENGINE_KIND_RPC_SERVER', llama: LLAMA }, /LLAMA_SERVER only/],
+    [{ kind: 'ENGINE_KIND_RPC_SERVER', devices: ['MTL0;rm'] }, /device/],
+    [{ kind: 'ENGINE_KIND_RPC_SERVER', engineId: '../x' }, /engine_id/],
+    [{ kind: 'ENGINE_KIND_RPC_SERVER', readyTimeoutSeconds: -1 }, /readyTimeoutSeconds/],
+    [{ kind: 'ENGINE_KIND_RPC_SERVER', port: 'x' }, /port/],
+  ])('refuses %j with INVALID_ARGUMENT', (req, message) => {
     const r = refusal(req);
-    expect(r.code).toBe(code);
+    expect(r.code).toBe('INVALID_ARGUMENT');
     expect(r.message).toMatch(message);
-  });
-
-  it('readiness is probed on loopback when the engine binds a wildcard', () => {
-    expect(readinessHost('0.0.0.0')).toBe('127.0.0.1');
-    expect(readinessHost('::')).toBe('::1');
-    expect(readinessHost('10.0.0.2')).toBe('10.0.0.2');
   });
 
   it('a retry of the same request matches the running engine; a changed one does not', () => {
@@ -90,5 +102,6 @@ describe('StartEngine request → engine spec', () => {
     expect(sameEngineRequest(running, engineSpecFromRequest({ kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'w1', threads: 2, port: 6001 }))).toBe(true);
     expect(sameEngineRequest(running, engineSpecFromRequest({ kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'w1', threads: 3 }))).toBe(false);
     expect(sameEngineRequest(running, engineSpecFromRequest({ kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'w1', threads: 2, port: 7000 }))).toBe(false);
+    expect(sameEngineRequest(running, engineSpecFromRequest({ kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'w1', threads: 2, owner: 'other' }))).toBe(false);
   });
 });

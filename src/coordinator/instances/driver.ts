@@ -44,6 +44,8 @@ export interface InstanceSpec {
   readonly options: LoadOptions;
   /** Engine ids are `${engineIdPrefix}-<role>` (the runtime's cluster prefix and instance id). */
   readonly engineIdPrefix: string;
+  /** Who starts the engines (the cluster id): the agents let only the same owner stop them. */
+  readonly owner: string;
   /** An engine of the instance is gone, or the group can no longer serve: the reason names it. */
   gone(reason: string): void;
 }
@@ -183,6 +185,7 @@ export class EngineRoster {
   constructor(
     private readonly cluster: Cluster,
     private readonly gone: (reason: string) => void,
+    private readonly owner: string,
   ) {}
 
   record(e: EngineRef, isHead = false): void {
@@ -211,7 +214,7 @@ export class EngineRoster {
     const client = this.cluster.agent(e.nodeId);
     if (!node || !client || node.state === 'down') return; // a dead agent took its engines with it
     try {
-      await client.stopEngine(e.engineId, 8000);
+      await client.stopEngine(e.engineId, this.owner, 8000);
     } catch (err) {
       this.cluster.log.warn({ engineId: e.engineId, node: node.profile.name, err: grpcMessage(err) }, 'could not stop engine');
     }
@@ -227,7 +230,7 @@ export abstract class RosterGroup {
   protected readonly endpoints: string[] = [];
 
   constructor(cluster: Cluster, spec: InstanceSpec) {
-    this.roster = new EngineRoster(cluster, spec.gone);
+    this.roster = new EngineRoster(cluster, spec.gone, spec.owner);
   }
 
   get engines(): readonly EngineRef[] {

@@ -208,7 +208,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       name,
       path: req.modelPath,
       driver,
-      group: driver.group({ name, path: req.modelPath, options, engineIdPrefix: `${this.#prefix}${id}`, gone: (reason) => this.#fail(inst, reason) }),
+      group: driver.group({ name, path: req.modelPath, options, engineIdPrefix: `${this.#prefix}${id}`, owner: this.#o.clusterId, gone: (reason) => this.#fail(inst, reason) }),
       state: 'loading',
       stages: [],
       error: '',
@@ -351,7 +351,10 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
   }
 
   #onAgentEvent(nodeId: string, ev: AgentEvent): void {
-    if (ev.kind !== 'engine-exited' || ev.expected) return;
+    // Expected or not: an engine its own unload stops is already off its group's roster, so any
+    // exit that still matches one (a foreign StopEngine, the agent shutting down, an OOM kill)
+    // fails that instance at once instead of leaving it "ready" and broken.
+    if (ev.kind !== 'engine-exited') return;
     for (const i of this.#instancesOnNode(nodeId)) i.group.engineExited(nodeId, ev);
   }
 
@@ -365,7 +368,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       for (const e of d.engines) {
         if (e.engineId.startsWith(this.#prefix) && !owned.has(e.engineId)) {
           this.#log.warn({ node: d.profile.name, engineId: e.engineId }, 'stopping an engine no model owns (left by a previous coordinator)');
-          await client.stopEngine(e.engineId).catch(() => {});
+          await client.stopEngine(e.engineId, this.#o.clusterId).catch(() => {});
         }
       }
     } catch (err) {

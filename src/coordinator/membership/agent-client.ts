@@ -22,18 +22,35 @@ export type AgentEvent =
     }
   | { readonly kind: 'profile'; readonly profile: HardwareProfile };
 
+/** What a head llama-server runs (proto LlamaServerOptions); the agent builds the command line. */
+export interface LlamaServerOptions {
+  readonly modelPath: string;
+  readonly context: number;
+  readonly parallel: number;
+  readonly kvUnified: boolean;
+  readonly cacheType: string;
+  readonly ubatch: number;
+  readonly flashAttention: boolean;
+  readonly rpc: readonly string[];
+  readonly devices: readonly string[];
+  readonly tensorSplit: readonly number[];
+  readonly gpuLayers: number;
+  readonly debugLog: boolean;
+}
+
+/** A typed StartEngine: no argument list, no environment (the agent refuses both). */
 export interface StartEngineOptions {
   readonly kind: 'ENGINE_KIND_RPC_SERVER' | 'ENGINE_KIND_LLAMA_SERVER';
   readonly engineId: string;
-  readonly bindHost?: string;
   readonly port?: number;
   readonly threads?: number;
   readonly devices?: readonly string[];
   readonly cacheDir?: string;
-  readonly args?: readonly string[];
   readonly model?: string;
   readonly readyTimeoutSeconds?: number;
-  readonly env?: Readonly<Record<string, string>>;
+  /** The coordinator's cluster id: only the same owner may stop the engine. */
+  readonly owner?: string;
+  readonly llama?: LlamaServerOptions;
 }
 
 export interface AgentModelFile {
@@ -202,15 +219,14 @@ export class AgentClient {
       {
         kind: o.kind,
         engineId: o.engineId,
-        bindHost: o.bindHost ?? '',
         port: o.port ?? 0,
         threads: o.threads ?? 0,
         devices: [...(o.devices ?? [])],
         cacheDir: o.cacheDir ?? '',
-        args: [...(o.args ?? [])],
         model: o.model ?? '',
         readyTimeoutSeconds: o.readyTimeoutSeconds ?? timeoutMs / 1000,
-        env: { ...(o.env ?? {}) },
+        owner: o.owner ?? '',
+        ...(o.llama ? { llama: { ...o.llama, rpc: [...o.llama.rpc], devices: [...o.llama.devices], tensorSplit: [...o.llama.tensorSplit] } } : {}),
       },
       timeoutMs,
     );
@@ -219,19 +235,20 @@ export class AgentClient {
 
   /** StartEngine for one MLX rank (`mlx` is the MlxRankSpec, camelCase, see mlx-launch.ts). */
   async startMlxRank(
-    o: { engineId: string; model: string; readyTimeoutSeconds: number; mlx: Record<string, unknown> },
+    o: { engineId: string; model: string; readyTimeoutSeconds: number; owner?: string; mlx: Record<string, unknown> },
     timeoutMs: number,
   ): Promise<{ engine: EngineInfo; logLines: string[] }> {
     const r = await this.#unary(
       'startEngine',
-      { kind: 'ENGINE_KIND_MLX_RANK', engineId: o.engineId, model: o.model, readyTimeoutSeconds: o.readyTimeoutSeconds, mlx: o.mlx },
+      { kind: 'ENGINE_KIND_MLX_RANK', engineId: o.engineId, model: o.model, readyTimeoutSeconds: o.readyTimeoutSeconds, owner: o.owner ?? '', mlx: o.mlx },
       timeoutMs,
     );
     return { engine: engineFromWire(r.engine as Wire), logLines: Array.isArray(r.startupLog) ? r.startupLog.map(String) : [] };
   }
 
-  async stopEngine(engineId: string, timeoutMs = 10_000): Promise<boolean> {
-    const r = await this.#unary('stopEngine', { engineId }, timeoutMs);
+  /** `owner`: the cluster id the engine was started with (the agent refuses anyone else's stop). */
+  async stopEngine(engineId: string, owner: string, timeoutMs = 10_000): Promise<boolean> {
+    const r = await this.#unary('stopEngine', { engineId, owner }, timeoutMs);
     return r.stopped === true;
   }
 

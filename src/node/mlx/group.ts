@@ -6,6 +6,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { OrchardError } from '../../shared/errors.ts';
 import type { Logger } from '../../shared/log.ts';
+import { engineEnv } from '../engine-spec.ts';
 import { mlxProcessEnv } from './env.ts';
 import { launchFiles, launchSize, type MlxLaunch, type MlxMode, rankEnv, workerArgs } from './launch.ts';
 import {
@@ -173,8 +174,9 @@ export class MlxGroup {
 
   private spawnRank(rank: number, filePath: string | undefined): Rank {
     const { opts } = this;
-    const env = {
-      ...process.env,
+    // The allow-listed part of our environment only (no LD_PRELOAD, PYTHON*…), as for every engine.
+    const env: Record<string, string> = {
+      ...engineEnv(process.env),
       ...mlxProcessEnv(),
       ...opts.env,
       ...rankEnv(opts.launch, rank, filePath),

@@ -17,7 +17,7 @@ import {
 } from '../driver.ts';
 import { memoryOptionsOf } from '../planner-adapter.ts';
 import type { LoadOptions } from '../types.ts';
-import { headLayout, type LayoutStage } from './layout.ts';
+import { headLayout, headThreads, type LayoutStage } from './layout.ts';
 import { defaultModelHashDir, ModelIdentity, seedStageCache } from './tensor-cache.ts';
 import { type PlannedDevice, parseEngineLog, type VerifyResult, verifyEngineReport } from './verify.ts';
 
@@ -98,16 +98,30 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
       memory: memoryOptionsOf(this.spec.options),
       headHasGpu,
       debugLog: this.o.engineDebugLog ?? process.env.ORCHARD_ENGINE_DEBUG_LOG === '1',
-      extraArgs: this.o.extraHeadArgs,
     });
+    let threads: number;
+    try {
+      threads = headThreads(this.o.extraHeadArgs);
+    } catch (err) {
+      throw new CoordinatorError('INVALID_ARGUMENT', grpcMessage(err));
+    }
     this.#devices = layout.devices;
-    load.progress('starting-head', `starting llama-server on ${headNode.profile.name}: ${layout.args.join(' ')}`);
+    const l = layout.llama;
+    load.progress('starting-head', `starting llama-server on ${headNode.profile.name}: rpc ${l.rpc.join(',') || '-'}, devices ${l.devices.join(',')}, split ${l.tensorSplit.join(',')}`);
     const headTimeout = this.o.headReadyTimeoutMs ?? 600_000;
     const ticker = setInterval(() => load.progress('starting-head', `loading weights (${Math.round(load.elapsedSeconds())} s)`), 2000);
     try {
       const head = await this.#startEngine(
         headNode,
-        { kind: 'ENGINE_KIND_LLAMA_SERVER', engineId: `${this.spec.engineIdPrefix}-head`, args: layout.args, model: this.spec.name, readyTimeoutSeconds: headTimeout / 1000 },
+        {
+          kind: 'ENGINE_KIND_LLAMA_SERVER',
+          engineId: `${this.spec.engineIdPrefix}-head`,
+          llama: layout.llama,
+          threads,
+          model: this.spec.name,
+          owner: this.spec.owner,
+          readyTimeoutSeconds: headTimeout / 1000,
+        },
         headTimeout + 10_000,
       );
       this.#headLog = head.logLines;
@@ -128,9 +142,6 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
       plan.stages.map(async (s, i) => {
         if (i === last && headHasGpu) return undefined;
         const node = nodes[i]!;
-        // Workers listen on the address the coordinator reaches their agent at (the cluster
-        // network); the head's own rpc-server only on loopback.
-        const bindHost = i === last ? '127.0.0.1' : hostOf(node.address);
         const seeded =
           this.o.tensorCache === false || modelSize < 0
             ? undefined
@@ -149,7 +160,7 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
           {
             kind: 'ENGINE_KIND_RPC_SERVER',
             engineId: `${this.spec.engineIdPrefix}-s${i}-rpc`,
-            bindHost,
+            owner: this.spec.owner,
             ...(seeded ? { cacheDir: seeded.cacheDir } : {}),
             threads: this.o.rpcThreads ?? 0,
             model: this.spec.name,
@@ -157,7 +168,11 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
           },
           90_000,
         );
-        const endpoint = `${i === last ? '127.0.0.1' : engine.host || bindHost}:${engine.port}`;
+        // The endpoint the agent says peers dial. Every engine binds 127.0.0.1, so today that is
+        // 127.0.0.1:port: reachable from the head only on the same machine. The seam for other
+        // machines: the worker's agent returns its TLS tunnel listener here and the head's agent
+        // forwards a local port to it (src/node/tunnel/), not wired yet.
+        const endpoint = `${engine.host || '127.0.0.1'}:${engine.port}`;
         this.endpoints[i] = endpoint;
         return endpoint;
       }),

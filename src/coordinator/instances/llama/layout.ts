@@ -1,5 +1,6 @@
 import type { MemoryOptions } from '../../../shared/memory/stage.ts';
-import { llamaDeviceArgs, llamaMemoryArgs } from '../../../shared/placement/llama-args.ts';
+import { llamaDeviceArgs } from '../../../shared/placement/llama-args.ts';
+import type { LlamaServerOptions } from '../../membership/agent-client.ts';
 import type { PlannedDevice } from './verify.ts';
 
 /**
@@ -12,7 +13,8 @@ import type { PlannedDevice } from './verify.ts';
  * * On a CPU-only build (Linux here) the CPU is not a device for -ngl/--tensor-split, so the
  *   head's own layers (and the output layer) need a ggml-rpc-server on the head node's
  *   127.0.0.1; on macOS the head's Metal device holds them directly.
- * * `-lv 4` (llama.cpp's INFO: devices and buffer sizes); `-lv 5` on request (`debugLog`).
+ * * `debugLog`: the agent starts llama-server at -lv 5 instead of 4.
+ * The agent turns the typed options into argv (src/node/engine-spec.ts `llamaServerArgs`).
  */
 export interface LayoutStage {
   readonly nodeId: string;
@@ -29,8 +31,6 @@ export interface HeadOptions {
   readonly memory: MemoryOptions;
   /** The head's llama-server has a GPU device (macOS Metal) for the head stage. */
   readonly headHasGpu: boolean;
-  /** Extra llama-server arguments (tests, tuning), appended last. */
-  readonly extraArgs?: readonly string[] | undefined;
   /**
    * Start the engine at DEBUG verbosity (`-lv 5`) so it prints every layer's device. Off by
    * default: the debug log also prints per token and slows decode; verification then derives
@@ -49,7 +49,11 @@ export function stageDevice(endpoint: string | undefined, isHeadGpu: boolean): s
  * @param endpoints host:port of each stage's rpc-server in stage order; for a GPU head the last
  *   entry is undefined (no rpc-server there).
  */
-export function headLayout(stages: readonly LayoutStage[], endpoints: readonly (string | undefined)[], o: HeadOptions): { args: string[]; devices: PlannedDevice[] } {
+export function headLayout(
+  stages: readonly LayoutStage[],
+  endpoints: readonly (string | undefined)[],
+  o: HeadOptions,
+): { llama: LlamaServerOptions; devices: PlannedDevice[] } {
   if (endpoints.length !== stages.length) throw new Error('one endpoint per stage');
   const last = stages.length - 1;
   const dev = llamaDeviceArgs(
@@ -65,23 +69,36 @@ export function headLayout(stages: readonly LayoutStage[], endpoints: readonly (
     predicted: s.predicted,
     budgetBytes: s.budgetBytes,
   }));
-  const args: string[] = ['-m', o.modelPath, ...llamaMemoryArgs(o.memory)];
-  // --rpc registers the RPC devices while arguments are parsed, so it must precede --device.
-  if (dev.rpc.length > 0) args.push('--rpc', dev.rpc.join(','));
-  args.push(
+  const m = o.memory;
+  const llama: LlamaServerOptions = {
+    modelPath: o.modelPath,
+    context: m.ctx,
+    parallel: m.parallel,
+    kvUnified: m.unified,
+    cacheType: m.cacheType,
+    ubatch: m.ubatch,
+    flashAttention: m.flashAttention,
+    rpc: dev.rpc,
     // `--device` takes the registered device names: llama.cpp numbers RPC devices globally in
     // --rpc order (RPC0, RPC1, …; checked with --list-devices on this version), while its buffer
     // log lines say RPC<index within the server>[endpoint] — the names verification matches.
-    '--device', stages.map((_s, i) => (i === last && o.headHasGpu ? 'MTL0' : `RPC${dev.rpc.indexOf(endpoints[i]!)}`)).join(','),
-    '--split-mode', 'layer',
-    '-ngl', String(dev.nGpuLayers),
-    '--tensor-split', dev.tensorSplit.join(','),
-    '--metrics',
-    '--no-webui',
-    // llama.cpp's own INFO lines (devices, buffer sizes) need -lv 4 in this version (the server's
-    // default 3 hides them); DEBUG (5) adds "layer N assigned to device …" and per-token lines.
-    '-lv', o.debugLog ? '5' : '4',
-    ...(o.extraArgs ?? []),
-  );
-  return { args, devices };
+    devices: stages.map((_s, i) => (i === last && o.headHasGpu ? 'MTL0' : `RPC${dev.rpc.indexOf(endpoints[i]!)}`)),
+    tensorSplit: dev.tensorSplit,
+    gpuLayers: dev.nGpuLayers,
+    // llama.cpp's INFO lines (devices, buffer sizes) need -lv 4; DEBUG (5) adds every layer's device.
+    debugLog: o.debugLog === true,
+  };
+  return { llama, devices };
+}
+
+/** The llama-server threads named by ORCHARD_LLAMA_SERVER_EXTRA_ARGS (`-t N` / `--threads N`): the only tuning a typed StartEngine carries. */
+export function headThreads(extraArgs: readonly string[] | undefined): number {
+  const a = extraArgs ?? [];
+  if (a.length === 0) return 0;
+  const flag = a[0] === '-t' || a[0] === '--threads';
+  const n = Number(a[1]);
+  if (a.length !== 2 || !flag || !Number.isInteger(n) || n < 1) {
+    throw new Error(`extra llama-server arguments "${a.join(' ')}": only "-t N" is supported (the agent builds the command line)`);
+  }
+  return n;
 }

@@ -97,7 +97,7 @@ class MlxGroup extends RosterGroup implements EngineGroup {
         progress: (m) => load.progress('starting-workers', m),
       },
       launch,
-      { engineIdPrefix: this.spec.engineIdPrefix, model: this.spec.name, readyTimeoutMs: this.o.mlxReadyTimeoutMs ?? 300_000 },
+      { engineIdPrefix: this.spec.engineIdPrefix, owner: this.spec.owner, model: this.spec.name, readyTimeoutMs: this.o.mlxReadyTimeoutMs ?? 300_000 },
     );
     this.#ranks = started.ranks;
     this.#startupLogs = started.startupLogs;

@@ -27,6 +27,8 @@ export interface MlxStartDeps {
 
 export interface MlxStartOptions {
   readonly engineIdPrefix: string;
+  /** The cluster id: the agents let only it stop the ranks. */
+  readonly owner: string;
   readonly model: string;
   /** Each rank's start-up watchdog in its agent; the whole group must be ready within it. */
   readonly readyTimeoutMs: number;
@@ -53,7 +55,7 @@ export async function startMlxRanks(
     deps
       .client(r.nodeId)
       .startMlxRank(
-        { engineId: engines[r.rank]!.engineId, model: o.model, readyTimeoutSeconds: o.readyTimeoutMs / 1000, mlx: { ...r.mlx, returnWhenStarting } },
+        { engineId: engines[r.rank]!.engineId, model: o.model, readyTimeoutSeconds: o.readyTimeoutMs / 1000, owner: o.owner, mlx: { ...r.mlx, returnWhenStarting } },
         callTimeout,
       )
       .catch((err: unknown) => {

@@ -1,0 +1,280 @@
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, readdirSync, readFileSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { Socket } from 'node:net';
+import { networkInterfaces, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { modelProfile } from '../../src/shared/model/profile.ts';
+import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { type Agent, AGENT_ENV, alive, grpcError, startAgent, startEngine, stopAll, unary } from '../helpers/node-agent.ts';
+import { describeWith, llamaEngines } from '../helpers/needs.ts';
+import { plainLlamaTokens } from '../helpers/oracle.ts';
+import { killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
+
+/*
+ * Red team against StartEngine / PrepareCache / StopEngine with a real agent (issue #12, items 3,
+ * 4 and 6). The attacker is a gRPC client on 127.0.0.1 that can call the agent (authentication is
+ * another part's): it must not be able to write a file, load code into an engine, point an engine
+ * at a path outside the agent's roots, exceed the node's budget, or stop someone else's engine.
+ * Then a real two-stage cluster: no engine port answers on a non-loopback address of this machine,
+ * and greedy tokens through the cluster still equal one plain llama-server (the oracle).
+ */
+
+const engines = await llamaEngines();
+const CTX = 2048;
+const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
+const N_PREDICT = 24;
+
+let tmp: string;
+let outside: string; // a directory outside every root of the agent
+let canary: string;
+let canaryBytes: Buffer;
+let models: string;
+
+beforeAll(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'orchard-sec-engines-'));
+  outside = join(tmp, 'outside');
+  models = join(tmp, 'models');
+  mkdirSync(outside);
+  mkdirSync(models);
+  canary = join(outside, 'canary.txt');
+  canaryBytes = randomBytes(64);
+  writeFileSync(canary, canaryBytes);
+});
+
+afterAll(async () => {
+  stopAll();
+  if (tmp) await rm(tmp, { recursive: true, force: true });
+});
+
+const LLAMA = { context: 512, parallel: 1, kvUnified: true, cacheType: 'f16', ubatch: 512, flashAttention: true, gpuLayers: 99 };
+
+describeWith([engines], 'agent edge: typed engine requests, paths inside the roots, owners', () => {
+  let agent: Agent;
+  let model: string;
+
+  beforeAll(async () => {
+    model = join(models, 'tiny.gguf');
+    const r = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '2', '--dim', '64', '--ffn', '128', '--heads', '2', '--kv-heads', '2'], AGENT_ENV);
+    expect(r.code, r.stderr).toBe(0);
+    // A model bigger than the budget (sparse: no disk used).
+    truncateSync(join(models, 'huge.gguf'.replace('huge', 'huge')), 0);
+    // The agent's OWN environment carries what must never reach an engine: llama-server honours
+    // LLAMA_ARG_LOG_FILE, so an engine that inherited it would overwrite the canary.
+    const env = { ...AGENT_ENV, LLAMA_ARG_LOG_FILE: canary, PYTHONSTARTUP: canary, LD_PRELOAD: '' };
+    agent = await startAgent(join(tmp, 'state'), ['--models-dir', models, '--budget', String(8 * 2 ** 20)], env);
+    symlinkSync(outside, join(models, 'link-out'));
+    symlinkSync(canary, join(models, 'canary.gguf'));
+  });
+  afterAll(() => agent?.client.close());
+
+  const refused = async (method: string, req: unknown, message: RegExp) => {
+    const err = await grpcError(unary(agent, method, req));
+    expect(err.code, `${JSON.stringify(req)} → ${err.details}`).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(err.details).toMatch(message);
+  };
+
+  it('env and argument injection is refused with INVALID_ARGUMENT', async () => {
+    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', env: { LLAMA_ARG_LOG_FILE: canary } }, /no field env/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', env: { LD_PRELOAD: join(outside, 'evil.so') } }, /no field env/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', env: { DYLD_INSERT_LIBRARIES: join(outside, 'evil.dylib') } }, /no field env/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_MLX_RANK', env: { PYTHONSTARTUP: canary }, mlx: { modelDir: models } }, /no field env/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--log-file', canary], llama: { ...LLAMA, modelPath: model } }, /no field args/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', bindHost: '0.0.0.0' }, /no field bindHost/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, devices: [`RPC0 --log-file ${canary}`] } }, /devices/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, rpc: [`127.0.0.1:1 --log-file ${canary}`] } }, /host:port/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, cacheType: `f16 --log-file ${canary}` } }, /cacheType/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, logFile: canary } }, /no field logFile/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', devices: ['CPU;touch /tmp/x'] }, /device/);
+  });
+
+  it('paths outside the roots are refused: absolute, `..`, a symlink out, for every path field', async () => {
+    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', cacheDir: outside }, /outside this node's roots/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', cacheDir: join(models, '..', 'outside', 'c') }, /outside this node's roots/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', cacheDir: join(models, 'link-out', 'c') }, /resolves to/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: canary } }, /outside this node's roots/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: join(models, 'canary.gguf') } }, /resolves to/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_MLX_RANK', mlx: { modelDir: join(models, 'link-out') } }, /resolves to/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_MLX_RANK', mlx: { modelDir: '/etc' } }, /outside this node's roots/);
+    // PrepareCache would write tensor-cache entries under cache_dir.
+    const prep = await new Promise<grpc.ServiceError>((resolve) => {
+      const call = agent.client.prepareCache!({ modelSha256: 'a'.repeat(64), modelSizeBytes: '1', firstLayer: 0, lastLayer: 0, cacheDir: join(models, 'link-out') }) as grpc.ClientReadableStream<unknown>;
+      call.on('data', () => {});
+      call.on('error', resolve);
+    });
+    expect(prep.code).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(prep.details).toMatch(/outside this node's roots/);
+  });
+
+  it('a start over the node budget is refused', async () => {
+    const huge = join(models, 'huge.gguf');
+    truncateSync(huge, 64 * 2 ** 20); // sparse, 64 MiB > the 8 MiB budget
+    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: huge } }, /over this node's budget/);
+  });
+
+  it('an engine gets the allow-listed environment only; StopEngine of another owner is refused', async () => {
+    const rpc = await startEngine(agent, { kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'mine', threads: 1, owner: 'cluster-a', cacheDir: join(tmp, 'state', 'rpc-cache') });
+    const environ = readFileSync(`/proc/${rpc.pid}/environ`, 'utf8').split('\0').filter(Boolean);
+    const names = environ.map((kv) => kv.slice(0, kv.indexOf('=')));
+    expect(names).not.toContain('LLAMA_ARG_LOG_FILE');
+    expect(names).not.toContain('PYTHONSTARTUP');
+    expect(names).not.toContain('LD_PRELOAD');
+    expect(environ).toContain(`LLAMA_CACHE=${join(tmp, 'state', 'rpc-cache')}`);
+    expect(rpc.argv).toContain('127.0.0.1');
+
+    const foreign = await grpcError(unary(agent, 'stopEngine', { engineId: 'mine', owner: 'cluster-b' }));
+    expect(foreign.code).toBe(grpc.status.PERMISSION_DENIED);
+    const anonymous = await grpcError(unary(agent, 'stopEngine', { engineId: 'mine' }));
+    expect(anonymous.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(alive(rpc.pid)).toBe(true);
+
+    // A head that really runs, from a typed request, with the agent's LLAMA_ARG_LOG_FILE set.
+    const head = await startEngine(agent, { kind: 'ENGINE_KIND_LLAMA_SERVER', engineId: 'head', threads: 1, owner: 'cluster-a', llama: { ...LLAMA, modelPath: model, rpc: [`127.0.0.1:${rpc.port}`], devices: ['RPC0'] } });
+    expect(alive(head.pid)).toBe(true);
+    expect(await unary(agent, 'stopEngine', { engineId: 'head', owner: 'cluster-a' })).toEqual({ stopped: true });
+    expect(await unary(agent, 'stopEngine', { engineId: 'mine', owner: 'cluster-a' })).toEqual({ stopped: true });
+  });
+
+  it('nothing was started and nothing outside the roots was touched: the canary is byte-identical', async () => {
+    expect(readFileSync(canary).equals(canaryBytes)).toBe(true);
+    expect(readdirSync(outside)).toEqual(['canary.txt']);
+    const d = await unary<{ engines: unknown[] }>(agent, 'describe', {});
+    expect(d.engines).toEqual([]);
+  });
+});
+
+/** A non-loopback IPv4 address of this machine, if it has one. */
+function lanAddress(): string | undefined {
+  return Object.values(networkInterfaces())
+    .flat()
+    .find((a) => a && a.family === 'IPv4' && !a.internal)?.address;
+}
+
+function canConnect(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = new Socket();
+    s.setTimeout(1000);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+    s.once('timeout', () => {
+      s.destroy();
+      resolve(false);
+    });
+    s.connect(port, host);
+  });
+}
+
+const lan = lanAddress();
+const lanNeed = { ok: lan !== undefined, reason: 'this machine has no non-loopback IPv4 address' };
+
+describeWith([engines, lanNeed], 'cluster engines listen on loopback only; tokens unchanged', () => {
+  let bins: LlamaBinaries;
+  let env: NodeJS.ProcessEnv;
+  let dir: string;
+  let model: string;
+  let coordAddr: string;
+  const procs: Proc[] = [];
+  const agentPids: number[] = [];
+
+  beforeAll(async () => {
+    bins = await findLlamaBinaries();
+    dir = join(tmp, 'cluster');
+    mkdirSync(dir);
+    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+    model = join(dir, 'm8.gguf');
+    const made = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '7'], env);
+    expect(made.code, made.stderr).toBe(0);
+    const profile = modelProfile(await readGgufHeader(model));
+    const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
+    const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
+    const coord = spawnProc('coordinator', [join(process.cwd(), 'bin/orchard.js'), 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
+    procs.push(coord);
+    coordAddr = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;
+    const token = (await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env)).stdout.trim();
+    for (const name of ['alpha', 'bravo']) {
+      const args = [join(process.cwd(), 'bin/orchard.js'), 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name];
+      const p = spawnProc(`node ${name}`, [...args, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr, '--token', token], env);
+      procs.push(p);
+      agentPids.push(Number((await readyLine(p)).pid ?? p.child.pid));
+    }
+  });
+  afterAll(async () => {
+    await Promise.all(procs.splice(0).map(killGroup));
+  });
+
+  it('a two-stage load generates the oracle tokens, and no engine port answers on the LAN address', async () => {
+    const oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: PROMPT, nPredict: N_PREDICT, threads: 2 });
+    let load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
+    for (let i = 0; i < 20 && load.code !== 0 && /no node|not enough|does not fit/.test(load.stderr); i++) {
+      await new Promise((r) => setTimeout(r, 300)); // the agents' joins may still be settling
+      load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
+    }
+    expect(load.code, load.stderr).toBe(0);
+    const status = JSON.parse((await orchard(['status', '--json', '--coordinator', coordAddr], env)).stdout) as {
+      models: { name: string; state: string; stages: { endpoint: string }[] }[];
+    };
+    const m = status.models.find((x) => x.name === 'm8')!;
+    expect(m.state).toBe('ready');
+    expect(m.stages.length).toBeGreaterThanOrEqual(2);
+    const g = await orchard(['generate', '--prompt', PROMPT, '--max-tokens', String(N_PREDICT), '--temperature', '0', '--json', '--coordinator', coordAddr], env);
+    expect(g.code, g.stderr).toBe(0);
+    expect((JSON.parse(g.stdout) as { tokenIds: number[] }).tokenIds).toEqual(oracle);
+
+    // Every TCP port an engine of this cluster listens on, from /proc (children of the agents).
+    const ports = engineListenPorts(agentPids);
+    expect(ports.length).toBeGreaterThanOrEqual(3); // ≥ 2 rpc-servers + llama-server
+    for (const port of ports) {
+      expect(await canConnect('127.0.0.1', port), `127.0.0.1:${port}`).toBe(true);
+      expect(await canConnect(lan!, port), `${lan}:${port} must not accept`).toBe(false);
+    }
+    console.info(`${ports.length} engine ports: open on 127.0.0.1, closed on ${lan}`);
+  });
+});
+
+/** TCP ports in LISTEN of the agents' child processes (the engines), with their bound address. */
+function engineListenPorts(agentPids: readonly number[]): number[] {
+  const children = readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+    try {
+      const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      return agentPids.includes(ppid) && /rpc-server|llama-server/.test(readFileSync(`/proc/${p}/cmdline`, 'utf8'));
+    } catch {
+      return false;
+    }
+  });
+  const inodes = new Set<string>();
+  for (const pid of children) {
+    for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+      try {
+        const m = /^socket:\[(\d+)\]$/.exec(readlinkSafe(`/proc/${pid}/fd/${fd}`));
+        if (m) inodes.add(m[1]!);
+      } catch {
+        // fd closed meanwhile
+      }
+    }
+  }
+  const ports: number[] = [];
+  for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 10 || f[3] !== '0A' || !inodes.has(f[9]!)) continue; // 0A = LISTEN
+    const [addr, port] = f[1]!.split(':');
+    expect(addr, 'engine bound to a non-loopback address').toBe('0100007F'); // 127.0.0.1
+    ports.push(Number.parseInt(port!, 16));
+  }
+  return ports;
+}
+
+function readlinkSafe(p: string): string {
+  try {
+    return require('node:fs').readlinkSync(p) as string;
+  } catch {
+    return '';
+  }
+}
