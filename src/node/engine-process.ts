@@ -10,7 +10,9 @@ export async function spawnEngine(cmd: EngineCommand): Promise<ChildProcess> {
     // the watchdog ends the engine.
     detached: true,
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, ...cmd.env },
+    // Exactly the environment engine-spec.ts built (an allow-list): nothing of the agent's own
+    // LD_PRELOAD, DYLD_*, PYTHON* or LLAMA_ARG_* reaches an engine.
+    env: { ...cmd.env },
   });
   const spawnError = await new Promise<Error | undefined>((resolve) => {
     child.once('spawn', () => resolve(undefined));

@@ -9,6 +9,7 @@ import type { Role } from '../shared/pki/identity.ts';
 import { orchardV1 } from '../shared/proto.ts';
 import { EngineRequestError, type EngineSpec, engineSpecFromRequest } from './engine-spec.ts';
 import { confineEngineSpec, confinePath, type EngineRoots } from './engine-roots.ts';
+import { REMOVED_FIELDS, removedStartEngineFields } from './removed-fields.ts';
 import { GenerateError, generateParamsFromRequest, relayCompletion } from './generate.ts';
 import { relayMlx } from './mlx/relay.ts';
 import { type ModelLibrary, PrepareCacheError } from './model-library.ts';
@@ -122,6 +123,13 @@ function startEngine(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<
   const { supervisor } = state;
   let spec: EngineSpec;
   try {
+    const removed = (call.request as { [REMOVED_FIELDS]?: string[] } | null)?.[REMOVED_FIELDS] ?? [];
+    if (removed.length > 0) {
+      throw new EngineRequestError(
+        'INVALID_ARGUMENT',
+        `StartEngine has no field ${removed.join(', ')} any more: engines take typed options only (the agent builds their command line and environment)`,
+      );
+    }
     spec = engineSpecFromRequest(call.request);
   } catch (err) {
     cb(toServiceError(err, log));
@@ -351,6 +359,19 @@ function guarded(handlers: grpc.UntypedServiceImplementation, auth: AgentAuth): 
   return requirePeers(handlers, () => auth.tls.caCertPem, () => NODE_AGENT_ROLES);
 }
 
+/** The NodeAgent service definition, with StartEngine's decoder noting removed fields (removed-fields.ts). */
+export function nodeAgentService(): grpc.ServiceDefinition {
+  const service = orchardV1().NodeAgent!.service;
+  const start = service.StartEngine!;
+  const requestDeserialize = (buf: Buffer) => {
+    const req = start.requestDeserialize(buf) as Record<string | symbol, unknown>;
+    const removed = removedStartEngineFields(buf);
+    if (removed.length > 0) req[REMOVED_FIELDS] = removed;
+    return req;
+  };
+  return { ...service, StartEngine: { ...start, requestDeserialize } };
+}
+
 /** Bind the gRPC server; `port` 0 picks one. Rejects with a one-line OrchardError when the port is taken. */
 export async function serveNodeAgent(
   state: AgentState,
@@ -368,7 +389,7 @@ export async function serveNodeAgent(
   } as Partial<Console> as Console);
   const server = createGrpcServer();
   const handlers = nodeAgentHandlers(state, log);
-  server.addService(orchardV1().NodeAgent!.service, guarded(handlers, auth));
+  server.addService(nodeAgentService(), guarded(handlers, auth));
   const credentials = auth !== undefined && 'tls' in auth ? clusterServerCredentials(auth.tls) : grpc.ServerCredentials.createInsecure();
   const addr = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
   const bound = await new Promise<number>((resolve, reject) => {

@@ -1,17 +1,18 @@
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readdirSync, readFileSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, readlinkSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
+import protobuf from 'protobufjs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { type Agent, AGENT_ENV, alive, grpcError, startAgent, startEngine, stopAll, unary } from '../helpers/node-agent.ts';
-import { describeWith, llamaEngines } from '../helpers/needs.ts';
+import { describeWith, llamaEngines, type Need } from '../helpers/needs.ts';
 import { plainLlamaTokens } from '../helpers/oracle.ts';
 import { killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
 
@@ -61,8 +62,6 @@ describeWith([engines], 'agent edge: typed engine requests, paths inside the roo
     model = join(models, 'tiny.gguf');
     const r = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '2', '--dim', '64', '--ffn', '128', '--heads', '2', '--kv-heads', '2'], AGENT_ENV);
     expect(r.code, r.stderr).toBe(0);
-    // A model bigger than the budget (sparse: no disk used).
-    truncateSync(join(models, 'huge.gguf'.replace('huge', 'huge')), 0);
     // The agent's OWN environment carries what must never reach an engine: llama-server honours
     // LLAMA_ARG_LOG_FILE, so an engine that inherited it would overwrite the canary.
     const env = { ...AGENT_ENV, LLAMA_ARG_LOG_FILE: canary, PYTHONSTARTUP: canary, LD_PRELOAD: '' };
@@ -79,16 +78,21 @@ describeWith([engines], 'agent edge: typed engine requests, paths inside the roo
   };
 
   it('env and argument injection is refused with INVALID_ARGUMENT', async () => {
-    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', env: { LLAMA_ARG_LOG_FILE: canary } }, /no field env/);
-    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', env: { LD_PRELOAD: join(outside, 'evil.so') } }, /no field env/);
-    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', env: { DYLD_INSERT_LIBRARIES: join(outside, 'evil.dylib') } }, /no field env/);
-    await refused('startEngine', { kind: 'ENGINE_KIND_MLX_RANK', env: { PYTHONSTARTUP: canary }, mlx: { modelDir: models } }, /no field env/);
-    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', args: ['--log-file', canary], llama: { ...LLAMA, modelPath: model } }, /no field args/);
-    await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', bindHost: '0.0.0.0' }, /no field bindHost/);
+    // On the wire, as a client built on the old schema (or raw bytes) sends them.
+    const raw = async (req: Record<string, unknown>, message: RegExp) => {
+      const err = await rawStartEngine(agent.ready.grpcPort, req);
+      expect(err?.code, `${JSON.stringify(req)} → ${err?.details}`).toBe(grpc.status.INVALID_ARGUMENT);
+      expect(err?.details).toMatch(message);
+    };
+    await raw({ kind: 1, env: { LLAMA_ARG_LOG_FILE: canary } }, /no field env/);
+    await raw({ kind: 1, env: { LD_PRELOAD: join(outside, 'evil.so') } }, /no field env/);
+    await raw({ kind: 1, env: { DYLD_INSERT_LIBRARIES: join(outside, 'evil.dylib') } }, /no field env/);
+    await raw({ kind: 3, env: { PYTHONSTARTUP: canary } }, /no field env/);
+    await raw({ kind: 2, args: ['-m', model, '--log-file', canary] }, /no field args/);
+    await raw({ kind: 1, bindHost: '0.0.0.0' }, /no field bind_host/);
     await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, devices: [`RPC0 --log-file ${canary}`] } }, /devices/);
     await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, rpc: [`127.0.0.1:1 --log-file ${canary}`] } }, /host:port/);
     await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, cacheType: `f16 --log-file ${canary}` } }, /cacheType/);
-    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, logFile: canary } }, /no field logFile/);
     await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', devices: ['CPU;touch /tmp/x'] }, /device/);
   });
 
@@ -112,6 +116,7 @@ describeWith([engines], 'agent edge: typed engine requests, paths inside the roo
 
   it('a start over the node budget is refused', async () => {
     const huge = join(models, 'huge.gguf');
+    writeFileSync(huge, '');
     truncateSync(huge, 64 * 2 ** 20); // sparse, 64 MiB > the 8 MiB budget
     await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: huge } }, /over this node's budget/);
   });
@@ -147,6 +152,21 @@ describeWith([engines], 'agent edge: typed engine requests, paths inside the roo
   });
 });
 
+/** StartEngine as the old schema encoded it (bind_host 3, args 8, env 11), sent as raw bytes. */
+const OLD_SCHEMA = protobuf.parse(`syntax = "proto3";
+message OldStartEngineRequest { int32 kind = 1; string engine_id = 2; string bind_host = 3; repeated string args = 8; map<string, string> env = 11; }`).root.lookupType('OldStartEngineRequest');
+
+function rawStartEngine(port: number, req: Record<string, unknown>): Promise<grpc.ServiceError | undefined> {
+  const client = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
+  const bytes = Buffer.from(OLD_SCHEMA.encode(OLD_SCHEMA.fromObject(req)).finish());
+  return new Promise((resolve) => {
+    client.makeUnaryRequest('/orchard.v1.NodeAgent/StartEngine', (b: Buffer) => b, (b: Buffer) => b, bytes, { deadline: Date.now() + 30_000 }, (err) => {
+      client.close();
+      resolve(err ?? undefined);
+    });
+  });
+}
+
 /** A non-loopback IPv4 address of this machine, if it has one. */
 function lanAddress(): string | undefined {
   return Object.values(networkInterfaces())
@@ -172,7 +192,7 @@ function canConnect(host: string, port: number): Promise<boolean> {
 }
 
 const lan = lanAddress();
-const lanNeed = { ok: lan !== undefined, reason: 'this machine has no non-loopback IPv4 address' };
+const lanNeed: Need<unknown> = lan !== undefined ? { ok: true, value: lan } : { ok: false, reason: 'this machine has no non-loopback IPv4 address' };
 
 describeWith([engines, lanNeed], 'cluster engines listen on loopback only; tokens unchanged', () => {
   let bins: LlamaBinaries;
@@ -225,7 +245,7 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     expect(m.stages.length).toBeGreaterThanOrEqual(2);
     const g = await orchard(['generate', '--prompt', PROMPT, '--max-tokens', String(N_PREDICT), '--temperature', '0', '--json', '--coordinator', coordAddr], env);
     expect(g.code, g.stderr).toBe(0);
-    expect((JSON.parse(g.stdout) as { tokenIds: number[] }).tokenIds).toEqual(oracle);
+    expect((JSON.parse(g.stdout) as { tokens: number[] }).tokens).toEqual(oracle);
 
     // Every TCP port an engine of this cluster listens on, from /proc (children of the agents).
     const ports = engineListenPorts(agentPids);
@@ -273,7 +293,7 @@ function engineListenPorts(agentPids: readonly number[]): number[] {
 
 function readlinkSafe(p: string): string {
   try {
-    return require('node:fs').readlinkSync(p) as string;
+    return readlinkSync(p);
   } catch {
     return '';
   }
