@@ -8,6 +8,7 @@ import * as grpc from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { orchardV1 } from '../../src/shared/proto.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
@@ -202,6 +203,8 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
   let coordAddr: string;
   const procs: Proc[] = [];
   const agentPids: number[] = [];
+  const agentAddrs: string[] = [];
+  let token = '';
 
   beforeAll(async () => {
     bins = await findLlamaBinaries();
@@ -217,12 +220,14 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     const coord = spawnProc('coordinator', [join(process.cwd(), 'bin/orchard.js'), 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
     procs.push(coord);
     coordAddr = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;
-    const token = (await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env)).stdout.trim();
+    token = (await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env)).stdout.trim();
     for (const name of ['alpha', 'bravo']) {
       const args = [join(process.cwd(), 'bin/orchard.js'), 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name];
       const p = spawnProc(`node ${name}`, [...args, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr, '--token', token], env);
       procs.push(p);
-      agentPids.push(Number((await readyLine(p)).pid ?? p.child.pid));
+      const ready = await readyLine(p);
+      agentPids.push(Number(ready.pid ?? p.child.pid));
+      agentAddrs.push(`127.0.0.1:${String(ready.grpcPort)}`);
     }
   });
   afterAll(async () => {
@@ -256,7 +261,75 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     }
     console.info(`${ports.length} engine ports: open on 127.0.0.1, closed on ${lan}`);
   });
+
+  const modelState = async () => {
+    const st = JSON.parse((await orchard(['status', '--json', '--coordinator', coordAddr], env)).stdout) as { models: { name: string; state: string; error?: string }[] };
+    return st.models.find((x) => x.name === 'm8');
+  };
+
+  it('engine loss is noticed: a foreign StopEngine is refused; a stop its unload did not ask for fails the model at once', async () => {
+    const agents = await Promise.all(agentAddrs.map(async (address) => ({ address, engines: (await describeAt(address, token)).engines })));
+    const withRpc = agents.find((a) => a.engines.some((e) => e.kind === 'ENGINE_KIND_RPC_SERVER'))!;
+    const rpc = withRpc.engines.find((e) => e.kind === 'ENGINE_KIND_RPC_SERVER')!;
+    // Not its owner: refused, the engine and the model untouched.
+    const foreign = await stopAt(withRpc.address, token, rpc.engineId, 'someone-else').then(() => undefined, (e: grpc.ServiceError) => e);
+    expect(foreign?.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(alive(rpc.pid)).toBe(true);
+    expect((await modelState())?.state).toBe('ready');
+    // The owner's credential used by something other than the model's unload (an "expected" exit
+    // on the agent's side): the model must not stay "ready" with a stage gone.
+    const clusterId = (JSON.parse(readFileSync(join(dir, 'coord', 'cluster.json'), 'utf8')) as { clusterId: string }).clusterId;
+    await stopAt(withRpc.address, token, rpc.engineId, clusterId); // resolves once the engine exited
+    const t0 = Date.now();
+    let m = await modelState();
+    while (m?.state === 'ready' && Date.now() - t0 < 3000) {
+      await new Promise((r) => setTimeout(r, 100));
+      m = await modelState();
+    }
+    expect(m?.state).toBe('failed');
+    expect(m?.error).toMatch(/rpc-server .* exited/);
+    console.info(`model failed ${Date.now() - t0} ms after the engine's exit (a stop its unload did not ask for)`);
+  });
 });
+
+interface WireEngine {
+  engineId: string;
+  kind: string;
+  pid: number;
+}
+
+function agentClient(address: string): grpc.Client & Record<string, (...a: unknown[]) => unknown> {
+  return new (orchardV1().NodeAgent!)(address, grpc.credentials.createInsecure()) as unknown as grpc.Client & Record<string, (...a: unknown[]) => unknown>;
+}
+
+/** The agents joined with --token require it as a bearer (the caller here holds the cluster's token). */
+function bearer(token: string): grpc.Metadata {
+  const md = new grpc.Metadata();
+  md.set('authorization', `Bearer ${token}`);
+  return md;
+}
+
+function describeAt(address: string, token: string): Promise<{ engines: WireEngine[] }> {
+  const c = agentClient(address);
+  return new Promise((resolve, reject) =>
+    c.describe!({}, bearer(token), { deadline: Date.now() + 10_000 }, (err: grpc.ServiceError | null, res: { engines: WireEngine[] }) => {
+      c.close();
+      if (err) reject(err);
+      else resolve(res);
+    }),
+  );
+}
+
+function stopAt(address: string, token: string, engineId: string, owner: string): Promise<unknown> {
+  const c = agentClient(address);
+  return new Promise((resolve, reject) =>
+    c.stopEngine!({ engineId, owner }, bearer(token), { deadline: Date.now() + 15_000 }, (err: grpc.ServiceError | null, res: unknown) => {
+      c.close();
+      if (err) reject(err);
+      else resolve(res);
+    }),
+  );
+}
 
 /** TCP ports in LISTEN of the agents' child processes (the engines), with their bound address. */
 function engineListenPorts(agentPids: readonly number[]): number[] {
