@@ -113,7 +113,7 @@ describeWith([netns], 'cluster over Bonjour inside network namespaces', () => {
     const coord = startIn(NS_COORD, process.execPath, [BIN, 'coordinator', '--grpc-port', '0', '--http-port', '0', '--mdns-interface', COORD_IP, '--state-dir', join(dir, 'coord'), '--json'], env);
     coordLocal = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;
     for (const name of ['mdns-a', 'mdns-b', 'mdns-c']) {
-      const n = startIn(NS_NODES, process.execPath, [BIN, 'node', '--grpc-port', '0', '--metrics-port', '0', '--bind', NODES_IP, '--mdns-interface', NODES_IP, '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--json'], env);
+      const n = startIn(NS_NODES, process.execPath, [BIN, 'node', '--grpc-port', '0', '--metrics-port', '0', '--bind', NODES_IP, '--mdns-interface', NODES_IP, '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json'], env);
       await readyLine(n);
     }
 

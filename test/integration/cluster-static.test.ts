@@ -91,7 +91,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
       // charlie joins by itself (`orchard node --join … --token …`) and then requires the token
       // as a bearer on every call; alpha and bravo are joined with `orchard cluster join`.
       const joinArgs = name === 'charlie' ? ['--join', coordAddr, '--token', token] : [];
-      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--json', ...joinArgs], env);
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', ...joinArgs], env);
       const r = await readyLine(proc);
       agents.set(name, { proc, address: `127.0.0.1:${String(r.grpcPort)}`, nodeId: String(r.nodeId) });
     }

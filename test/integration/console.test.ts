@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { type Browser, type BrowserContext, chromium, type Page } from 'playwright-core';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../../src/cli/demo-model.ts';
@@ -89,7 +89,8 @@ describeWith([engines, chromiumNeed], 'cluster console in Chromium on a 3-node c
     cluster = await startLocalCluster({
       nodes: demoBudgets(profile, 3, { ctx: DEMO_CTX, cacheType: 'f16' }),
       stateRoot: join(tmp, 'state'),
-      env: { ...env, ORCHARD_RPC_THREADS: '1', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1' },
+      // The agents may only point engines inside their roots: the model's folder is one.
+      env: { ...env, ORCHARD_RPC_THREADS: '1', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_NODE_MODELS_DIR: dirname(modelPath) },
       // Default liveness thresholds: a SIGKILLed agent is down as soon as re-dialling it is
       // refused (not after the 5 s silence clock), and the page follows the registry at once.
       // The admin key travels in the coordinator's environment, never its arguments (`ps`).

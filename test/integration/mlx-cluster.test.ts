@@ -123,7 +123,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     await chmod(fakePython, 0o755);
     for (const name of ['alpha', 'bravo', 'charlie', 'delta']) {
       const agentEnv = name === 'delta' ? { ...env, ORCHARD_MLX_PYTHON: fakePython } : env;
-      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budgets![name]), '--state-dir', join(dir, name), '--json'], agentEnv);
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budgets![name]), '--state-dir', join(dir, name), '--models-dir', dir, '--json'], agentEnv);
       const r = await readyLine(proc);
       const address = `127.0.0.1:${String(r.grpcPort)}`;
       agents.set(name, { proc, address, nodeId: String(r.nodeId) });
@@ -345,7 +345,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     for (const name of ['alpha', 'bravo', 'delta']) expect((await new AgentClient(agents.get(name)!.address).describe()).engines).toEqual([]);
     // charlie comes back (same identity), joins again, and the 3-rank model loads and matches again
     await charlie.proc.exited;
-    const proc = start('node charlie (restarted)', [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', 'charlie', '--budget', String(budgets!.charlie), '--state-dir', join(dir, 'charlie'), '--json'], env);
+    const proc = start('node charlie (restarted)', [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', 'charlie', '--budget', String(budgets!.charlie), '--state-dir', join(dir, 'charlie'), '--models-dir', dir, '--json'], env);
     const r = await readyLine(proc);
     const address = `127.0.0.1:${String(r.grpcPort)}`;
     agents.set('charlie', { proc, address, nodeId: String(r.nodeId) });

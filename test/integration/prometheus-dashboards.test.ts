@@ -118,7 +118,7 @@ async function startLiveCluster(): Promise<ScrapedCluster> {
     const http = `127.0.0.1:${String(ready.httpPort)}`;
     const nodeMetrics: string[] = [];
     for (const name of ['studio', 'mini']) {
-      const p = startProc(`node ${name}`, ['node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--json', '--join', coordAddr, '--token', token], env);
+      const p = startProc(`node ${name}`, ['node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr, '--token', token], env);
       procs.push(p);
       nodeMetrics.push(`http://127.0.0.1:${String((await readyLine(p)).metricsPort)}/metrics`);
     }
