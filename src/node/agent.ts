@@ -129,11 +129,10 @@ export class NodeAgent {
 
     try {
       const models = new ModelLibrary({ dirs: o.modelsDirs ?? [], stateDir: o.stateDir, log: log.child({ part: 'models' }) });
-      // In the background: hashing a new multi-GB file must not delay the agent's readiness.
-      if ((o.modelsDirs ?? []).length > 0) void models.scan();
+      if (models.dirs.length > 0) void models.scan(); // in the background: hashing a multi-GB file must not delay readiness
       const state: AgentState = {
         models,
-        roots: { modelsDirs: o.modelsDirs ?? [], stateDir: o.stateDir },
+        roots: { modelsDirs: models.dirs, stateDir: o.stateDir },
         profile: () => this.profile(),
         live: () => this.live(),
         supervisor,
