@@ -288,7 +288,8 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     }
     expect(m?.state).toBe('failed');
     expect(m?.error).toMatch(/rpc-server .* exited/);
-    console.info(`model failed ${Date.now() - t0} ms after the engine's exit (a stop its unload did not ask for)`);
+    // Each status query is one `orchard status` process (seconds on a loaded 2-core machine).
+    console.info(`model seen failed ${Date.now() - t0} ms after the engine's exit, by status queries of ~1-4 s each`);
   });
 });
 
