@@ -1,16 +1,15 @@
-import { statSync } from 'node:fs';
 import { isIP } from 'node:net';
 import Table from 'cli-table3';
 import { type Command, Option } from 'commander';
-import { UsageError } from '../../shared/errors.ts';
-import { createLogger } from '../../shared/log.ts';
-import { formatBandwidth, formatBytes, parseBandwidth, parsePort, parseSize } from '../../shared/units.ts';
 import { type AgentReady, NodeAgent } from '../../node/agent.ts';
-import { agentAdvertiseAddress, joinWithRetry } from './cluster.ts';
 import { probeHardware, readLiveStats } from '../../node/hardware/probe.ts';
 import { defaultStateDir } from '../../node/identity.ts';
 import { findLlamaBinaries } from '../../node/llama/binaries.ts';
-import { parseModelsDirs } from '../../node/model-files.ts';
+import { UsageError } from '../../shared/errors.ts';
+import { createLogger } from '../../shared/log.ts';
+import { formatBandwidth, formatBytes, parseBandwidth, parsePort, parseSize } from '../../shared/units.ts';
+import { modelsDirOption, modelsDirs } from '../models-dir.ts';
+import { agentAdvertiseAddress, joinWithRetry } from './cluster.ts';
 
 export const DEFAULT_GRPC_PORT = 50151;
 export const DEFAULT_METRICS_PORT = 9151;
@@ -49,11 +48,7 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--bind <host>', 'address the gRPC and metrics servers listen on').default('0.0.0.0').env('ORCHARD_NODE_BIND'))
     .addOption(new Option('--token <token>', 'require `authorization: Bearer <token>` on every gRPC call').env('ORCHARD_NODE_TOKEN'))
     .addOption(new Option('--join <host:port>', 'join this coordinator (static join, no Bonjour needed); needs --token').env('ORCHARD_JOIN'))
-    .addOption(
-      new Option('--models-dir <dirs>', 'where model files live (repeatable, or a path list a:b); reported to the coordinator so it can pre-seed engine caches from local copies')
-        .argParser((v: string, prev: string[] | undefined) => [...(prev ?? []), v])
-        .env('ORCHARD_NODE_MODELS_DIR'),
-    )
+    .addOption(modelsDirOption())
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…}) instead of the profile table')
     .action(async (flags: NodeFlags) => {
       await runNode(flags);
@@ -86,20 +81,6 @@ function parseFlags(flags: NodeFlags) {
     authToken: token(flags.token),
     modelsDirs: modelsDirs(flags.modelsDir ?? []),
   };
-}
-
-function modelsDirs(flagValues: readonly string[]): string[] {
-  const dirs = parseModelsDirs(flagValues, undefined); // the flag or ORCHARD_NODE_MODELS_DIR, via commander
-  for (const d of dirs) {
-    let ok = false;
-    try {
-      ok = statSync(d).isDirectory();
-    } catch {
-      // reported below
-    }
-    if (!ok) throw new UsageError(`invalid --models-dir "${d}": not a directory`);
-  }
-  return dirs;
 }
 
 function token(t: string | undefined): string | undefined {

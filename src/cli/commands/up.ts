@@ -12,6 +12,7 @@ import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { formatBytes, parseBandwidth, parseInteger, parsePort, parseSize } from '../../shared/units.ts';
 import { readKeyFile } from '../credentials.ts';
+import { modelsDirOption, modelsDirs } from '../models-dir.ts';
 
 interface UpFlags {
   grpcPort: string;
@@ -25,6 +26,7 @@ interface UpFlags {
   memoryLimit?: string;
   budget?: string;
   bandwidth?: string;
+  modelsDir?: string[];
   mdns: boolean;
   apiKey?: string;
   apiKeyFile?: string;
@@ -62,6 +64,7 @@ export function registerUp(program: Command): void {
     .addOption(new Option('--memory-limit <size>', 'pretend total RAM, e.g. 16GiB').env('ORCHARD_NODE_MEMORY_LIMIT'))
     .addOption(new Option('--budget <size>', 'usable model-memory budget of this node').env('ORCHARD_NODE_BUDGET'))
     .addOption(new Option('--bandwidth <GBps>', 'memory bandwidth in GB/s').env('ORCHARD_NODE_BANDWIDTH'))
+    .addOption(modelsDirOption())
     .option('--no-mdns', 'do not browse Bonjour for other nodes')
     .addOption(new Option('--api-key <key>', 'an admin API key: HTTP and gRPC then need a key (prefer ORCHARD_API_KEY or --api-key-file)').env('ORCHARD_API_KEY'))
     .addOption(new Option('--api-key-file <file>', 'read the admin API key from this file (`-` = stdin)').env('ORCHARD_API_KEY_FILE'))
@@ -100,6 +103,7 @@ async function runUp(flags: UpFlags): Promise<void> {
     memoryLimitBytes: flags.memoryLimit ? parseSize(flags.memoryLimit, '--memory-limit') : undefined,
     budgetBytes: flags.budget ? parseSize(flags.budget, '--budget') : undefined,
     bandwidthBytesPerSecond: flags.bandwidth ? parseBandwidth(flags.bandwidth) : undefined,
+    modelsDirs: modelsDirs(flags.modelsDir ?? []),
     // The coordinator is in this process: it is joined directly, Bonjour is not needed for it.
     mdns: false,
     probe: probeHardware,
