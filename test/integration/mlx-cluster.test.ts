@@ -342,7 +342,11 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     const deadline = Date.now() + 8000;
     while (Date.now() < deadline && before.some(alive)) await sleep(100);
     expect(before.filter(alive)).toEqual([]);
-    for (const name of ['alpha', 'bravo', 'delta']) expect((await new AgentClient(agents.get(name)!.address).describe()).engines).toEqual([]);
+    // A dead rank is a zombie until its agent reaps it and drops it from its engine list: wait
+    // (same deadline) for every surviving agent to list no engine.
+    const listed = async () => (await Promise.all(['alpha', 'bravo', 'delta'].map((n) => new AgentClient(agents.get(n)!.address).describe()))).flatMap((d) => d.engines);
+    while (Date.now() < deadline && (await listed()).length > 0) await sleep(100);
+    expect(await listed()).toEqual([]);
     // charlie comes back (same identity), joins again, and the 3-rank model loads and matches again
     await charlie.proc.exited;
     const proc = start('node charlie (restarted)', [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', 'charlie', '--budget', String(budgets!.charlie), '--state-dir', join(dir, 'charlie'), '--models-dir', dir, '--json'], env);
