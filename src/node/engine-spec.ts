@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { UsageError } from '../shared/errors.ts';
 import type { CacheType } from '../shared/memory/kv.ts';
 import type { MemoryOptions } from '../shared/memory/stage.ts';
+import type { LlamaServerOptions } from '../shared/placement/llama-args.ts';
 import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { type MlxRankSpec, mlxRankSpecFromRequest, sameMlxRank } from './mlx/rank-spec.ts';
 
@@ -27,19 +28,6 @@ export const ENGINE_KIND_TO_PROTO: Readonly<Record<EngineKind, string>> = {
 
 /** Every engine listens here: engine protocols are unauthenticated (ggml-rpc must never face a network). */
 export const ENGINE_HOST = '127.0.0.1';
-
-/** What the coordinator decides about a head llama-server; the agent alone turns it into argv. */
-export interface LlamaServerOptions {
-  readonly modelPath: string;
-  readonly memory: MemoryOptions;
-  /** host:port of each rpc-server, in device order. */
-  readonly rpc: readonly string[];
-  /** --device names, one per stage (RPC<n>, MTL0, CPU). */
-  readonly devices: readonly string[];
-  readonly tensorSplit: readonly number[];
-  readonly gpuLayers: number;
-  readonly debugLog: boolean;
-}
 
 export interface EngineSpec {
   readonly kind: EngineKind;

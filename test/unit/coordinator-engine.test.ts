@@ -1,16 +1,17 @@
 import { describe, expect, it } from 'vitest';
-import { engineSpecFromRequest, llamaServerArgs } from '../../src/node/engine-spec.ts';
-import type { LlamaServerOptions } from '../../src/coordinator/membership/agent-client.ts';
-import { pickServiceAddress } from '../../src/coordinator/membership/discovery.ts';
-import { headLayout } from '../../src/coordinator/instances/llama/layout.ts';
-import { parseEngineLog, type PlannedDevice, verifyEngineReport } from '../../src/coordinator/instances/llama/verify.ts';
-import { plannerNames } from '../../src/coordinator/instances/planner-adapter.ts';
-import type { NodeEntry } from '../../src/coordinator/membership/registry.ts';
 import { hostOf } from '../../src/coordinator/instances/llama/driver.ts';
+import { headLayout } from '../../src/coordinator/instances/llama/layout.ts';
+import { type PlannedDevice, parseEngineLog, verifyEngineReport } from '../../src/coordinator/instances/llama/verify.ts';
+import { plannerNames } from '../../src/coordinator/instances/planner-adapter.ts';
 import { enginePrefix, resolveLoadOptions } from '../../src/coordinator/instances/runtime.ts';
+import { llamaServerToWire } from '../../src/coordinator/membership/agent-client.ts';
+import { pickServiceAddress } from '../../src/coordinator/membership/discovery.ts';
+import type { NodeEntry } from '../../src/coordinator/membership/registry.ts';
+import { engineSpecFromRequest, llamaServerArgs } from '../../src/node/engine-spec.ts';
+import { UsageError } from '../../src/shared/errors.ts';
 import { profileFromWire, profileToWire } from '../../src/shared/hardware-wire.ts';
 import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
-import { UsageError } from '../../src/shared/errors.ts';
+import type { LlamaServerOptions } from '../../src/shared/placement/llama-args.ts';
 
 // Recorded from this llama.cpp (llama-server -lv 5, two ggml-rpc-servers, --tensor-split 7,2,
 // 8-layer test model): the lines the agent returns in StartEngineResponse.startup_log.
@@ -125,7 +126,7 @@ describe('verifyEngineReport', () => {
 
 /** What the agent runs for the typed request the coordinator sends (the same path as StartEngine). */
 function agentArgv(llama: LlamaServerOptions): string[] {
-  return llamaServerArgs(engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama }).llama!);
+  return llamaServerArgs(engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: llamaServerToWire(llama) }).llama!);
 }
 
 describe('headLayout', () => {

@@ -1,9 +1,10 @@
 import * as grpc from '@grpc/grpc-js';
 import type { GenerateParams } from '../../shared/generation.ts';
-import { CLUSTER_CHANNEL_OPTIONS, type TlsCredentials, clusterChannelCredentials } from '../../shared/pki/grpc-tls.ts';
-import type { VerifiedPeer } from '../../shared/pki/verify.ts';
 import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
 import { liveFromWire, profileFromWire } from '../../shared/hardware-wire.ts';
+import { CLUSTER_CHANNEL_OPTIONS, clusterChannelCredentials, type TlsCredentials } from '../../shared/pki/grpc-tls.ts';
+import type { VerifiedPeer } from '../../shared/pki/verify.ts';
+import type { LlamaServerOptions } from '../../shared/placement/llama-args.ts';
 import { orchardV1 } from '../../shared/proto.ts';
 import { type EngineInfo, type EngineKindName, engineFromWire } from './wire.ts';
 
@@ -22,20 +23,23 @@ export type AgentEvent =
     }
   | { readonly kind: 'profile'; readonly profile: HardwareProfile };
 
-/** What a head llama-server runs (proto LlamaServerOptions); the agent builds the command line. */
-export interface LlamaServerOptions {
-  readonly modelPath: string;
-  readonly context: number;
-  readonly parallel: number;
-  readonly kvUnified: boolean;
-  readonly cacheType: string;
-  readonly ubatch: number;
-  readonly flashAttention: boolean;
-  readonly rpc: readonly string[];
-  readonly devices: readonly string[];
-  readonly tensorSplit: readonly number[];
-  readonly gpuLayers: number;
-  readonly debugLog: boolean;
+/** The typed head request as the proto carries it (flat memory fields). */
+export function llamaServerToWire(o: LlamaServerOptions): Record<string, unknown> {
+  const m = o.memory;
+  return {
+    modelPath: o.modelPath,
+    context: m.ctx,
+    parallel: m.parallel,
+    kvUnified: m.unified,
+    cacheType: m.cacheType,
+    ubatch: m.ubatch,
+    flashAttention: m.flashAttention,
+    rpc: [...o.rpc],
+    devices: [...o.devices],
+    tensorSplit: [...o.tensorSplit],
+    gpuLayers: o.gpuLayers,
+    debugLog: o.debugLog,
+  };
 }
 
 /** A typed StartEngine: no argument list, no environment (the agent refuses both). */
@@ -226,7 +230,7 @@ export class AgentClient {
         model: o.model ?? '',
         readyTimeoutSeconds: o.readyTimeoutSeconds ?? timeoutMs / 1000,
         owner: o.owner ?? '',
-        ...(o.llama ? { llama: { ...o.llama, rpc: [...o.llama.rpc], devices: [...o.llama.devices], tensorSplit: [...o.llama.tensorSplit] } } : {}),
+        ...(o.llama ? { llama: llamaServerToWire(o.llama) } : {}),
       },
       timeoutMs,
     );

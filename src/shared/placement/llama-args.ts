@@ -71,6 +71,22 @@ export function llamaLayerDevices(tensorSplit: readonly number[], layerCount: nu
 }
 
 /**
+ * What the coordinator decides about a head llama-server (the typed StartEngine's llama field,
+ * proto LlamaServerOptions); the agent alone turns it into argv.
+ */
+export interface LlamaServerOptions {
+  readonly modelPath: string;
+  readonly memory: MemoryOptions;
+  /** host:port of each rpc-server, in device order. */
+  readonly rpc: readonly string[];
+  /** --device names, one per stage (RPC<n>, MTL0, CPU). */
+  readonly devices: readonly string[];
+  readonly tensorSplit: readonly number[];
+  readonly gpuLayers: number;
+  readonly debugLog: boolean;
+}
+
+/**
  * KV/context/weight-buffer arguments matching the memory math's assumptions. Also the arguments
  * that decide numerics, so a one-engine run given the same ones computes what a split does.
  */

@@ -1,6 +1,5 @@
 import type { MemoryOptions } from '../../../shared/memory/stage.ts';
-import { llamaDeviceArgs } from '../../../shared/placement/llama-args.ts';
-import type { LlamaServerOptions } from '../../membership/agent-client.ts';
+import { type LlamaServerOptions, llamaDeviceArgs } from '../../../shared/placement/llama-args.ts';
 import type { PlannedDevice } from './verify.ts';
 
 /**
@@ -69,15 +68,9 @@ export function headLayout(
     predicted: s.predicted,
     budgetBytes: s.budgetBytes,
   }));
-  const m = o.memory;
   const llama: LlamaServerOptions = {
     modelPath: o.modelPath,
-    context: m.ctx,
-    parallel: m.parallel,
-    kvUnified: m.unified,
-    cacheType: m.cacheType,
-    ubatch: m.ubatch,
-    flashAttention: m.flashAttention,
+    memory: o.memory,
     rpc: dev.rpc,
     // `--device` takes the registered device names: llama.cpp numbers RPC devices globally in
     // --rpc order (RPC0, RPC1, …; checked with --list-devices on this version), while its buffer
