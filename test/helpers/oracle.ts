@@ -3,6 +3,9 @@ import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
 import { llamaMemoryArgs } from '../../src/shared/placement/llama-args.ts';
 import { freePort, killGroup, sleep, spawnProc } from './processes.ts';
 
+/** The prompt the cluster tests compare greedy tokens on (a short, ordinary English start). */
+export const ORACLE_PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
+
 export interface OracleRequest {
   readonly model: string;
   readonly ctx: number;

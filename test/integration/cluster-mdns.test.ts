@@ -5,13 +5,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { describeWith, networkNamespaces } from '../helpers/needs.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { describeWith, networkNamespaces } from '../helpers/needs.ts';
 import { deleteNamespaces, linkNamespaces } from '../helpers/netns.ts';
-import { plainLlamaTokens } from '../helpers/oracle.ts';
+import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 
 /*
  * The Bonjour variant of the cluster test: nodes are found by mDNS, never joined by hand. Two
@@ -25,7 +25,7 @@ const execFileP = promisify(execFile);
 const ROOT = new URL('../..', import.meta.url).pathname;
 const BIN = join(ROOT, 'bin/orchard.js');
 const CTX = 2048;
-const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
+const PROMPT = ORACLE_PROMPT;
 const N_PREDICT = 32;
 
 const netns = networkNamespaces();

@@ -7,11 +7,10 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
-import { modelProfile } from '../../src/shared/model/profile.ts';
-import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
-import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
-import { plainLlamaTokens } from '../helpers/oracle.ts';
+import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
+import { ORCHARD_BIN as BIN, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { modelThatMustSplit } from '../helpers/split-model.ts';
 
 /*
  * Pre-seeding through the whole product path on 127.0.0.1: a coordinator and two `orchard node`
@@ -22,10 +21,8 @@ import { plainLlamaTokens } from '../helpers/oracle.ts';
  * served from the cache are the right ones).
  */
 const execFileP = promisify(execFile);
-const ROOT = new URL('../..', import.meta.url).pathname;
-const BIN = join(ROOT, 'bin/orchard.js');
 const CTX = 1024;
-const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time';
+const PROMPT = ORACLE_PROMPT;
 const N_PREDICT = 16;
 
 const procs: Proc[] = [];
@@ -60,11 +57,7 @@ describe('cluster: rpc-server caches pre-seeded from the nodes’ own model file
     await mkdir(models);
     model = join(models, 'wide.gguf');
     // every matrix above ggml-rpc's 10 MiB hash threshold (dim 2304, 8 KV heads, f16)
-    const made = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '2', '--dim', '2304', '--ffn', '5632', '--heads', '8', '--kv-heads', '8', '--seed', '3'], env);
-    expect(made.code, made.stderr).toBe(0);
-    const profile = modelProfile(await readGgufHeader(model));
-    const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
-    const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
+    const budget = await modelThatMustSplit(model, ['--layers', '2', '--dim', '2304', '--ffn', '5632', '--heads', '8', '--kv-heads', '8', '--seed', '3'], env, CTX);
 
     const token = `test-token-${randomBytes(12).toString('hex')}`;
     const coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', token, '--json'], env);

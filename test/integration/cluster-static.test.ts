@@ -1,16 +1,13 @@
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
-import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
-import { modelProfile } from '../../src/shared/model/profile.ts';
-import { planPlacement } from '../../src/shared/placement/planner.ts';
-import { freePort, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 import { plainLlamaTokens } from '../helpers/oracle.ts';
+import { canConnect, freePort, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { modelThatMustSplit } from '../helpers/split-model.ts';
 
 /*
  * The coordinator end to end, with real processes on 127.0.0.1 (static join): one coordinator,
@@ -36,22 +33,10 @@ function start(name: string, args: string[], env: NodeJS.ProcessEnv, file = proc
   return p;
 }
 
-function canConnect(hostPort: string): Promise<boolean> {
+/** canConnect for an endpoint written host:port. */
+function endpointOpen(hostPort: string): Promise<boolean> {
   const i = hostPort.lastIndexOf(':');
-  return new Promise((resolve) => {
-    const s = new Socket();
-    s.setTimeout(1000);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-    s.once('timeout', () => {
-      s.destroy();
-      resolve(false);
-    });
-    s.connect(Number(hostPort.slice(i + 1)), hostPort.slice(0, i));
-  });
+  return canConnect(hostPort.slice(0, i), Number(hostPort.slice(i + 1)));
 }
 
 describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () => {
@@ -70,13 +55,8 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     dir = await mkdtemp(join(tmpdir(), 'orchard-cluster-'));
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     model = join(dir, 'm8.gguf');
-    const made = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '7'], env);
-    expect(made.code, made.stderr).toBe(0);
-
     // Budgets: a hair below what one node needs for the whole model, so the planner must split.
-    const profile = modelProfile(await readGgufHeader(model));
-    const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
-    const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
+    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
 
     // An explicit cluster token (--join-token); `coordinator token` must print the one in force.
     const explicitToken = `test-token-${randomBytes(12).toString('hex')}`;
@@ -240,7 +220,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     // No engine left after 5 s: every endpoint of the instance refuses connections, and the
     // surviving agents report no engines.
     await sleep(5000);
-    for (const e of endpoints) expect(await canConnect(e), `${e} still accepting`).toBe(false);
+    for (const e of endpoints) expect(await endpointOpen(e), `${e} still accepting`).toBe(false);
     const s = await status();
     expect(s.nodes.find((n) => n.id === worker.nodeId)!.state).toBe('down');
     const failed = s.models.find((x) => x.name === 'm8')!;
@@ -302,7 +282,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
   it('a restarted coordinator cleans up the engines its predecessor left on the agents', async () => {
     const m = (await status()).models.find((x) => x.name === 'm8')!;
     const endpoints = m.stages.map((s) => s.endpoint).filter(Boolean);
-    for (const e of endpoints) expect(await canConnect(e)).toBe(true);
+    for (const e of endpoints) expect(await endpointOpen(e)).toBe(true);
     // A crash, not a clean stop: nothing gets to unload.
     await killGroup(coordinator);
     coordinator = start('coordinator 2', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], { ...env, ORCHARD_JOIN_TOKEN: '' });
@@ -314,7 +294,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     while (Date.now() < deadline && open > 0) {
       await sleep(250);
       open = 0;
-      for (const e of endpoints) if (await canConnect(e)) open++;
+      for (const e of endpoints) if (await endpointOpen(e)) open++;
     }
     expect(open).toBe(0);
     const s = await status();

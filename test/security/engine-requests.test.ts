@@ -1,7 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, readlinkSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { Socket } from 'node:net';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
@@ -9,13 +8,11 @@ import protobuf from 'protobufjs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
-import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
-import { modelProfile } from '../../src/shared/model/profile.ts';
-import { planPlacement } from '../../src/shared/placement/planner.ts';
-import { type Agent, AGENT_ENV, alive, grpcError, startAgent, startEngine, stopAll, unary } from '../helpers/node-agent.ts';
 import { describeWith, llamaEngines, type Need } from '../helpers/needs.ts';
+import { AGENT_ENV, type Agent, alive, grpcError, startAgent, startEngine, stopAll, unary } from '../helpers/node-agent.ts';
 import { plainLlamaTokens } from '../helpers/oracle.ts';
-import { killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
+import { canConnect, killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
+import { modelThatMustSplit } from '../helpers/split-model.ts';
 
 /*
  * Red team against StartEngine / PrepareCache / StopEngine with a real agent (issue #12, items 3,
@@ -175,23 +172,6 @@ function lanAddress(): string | undefined {
     .find((a) => a && a.family === 'IPv4' && !a.internal)?.address;
 }
 
-function canConnect(host: string, port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = new Socket();
-    s.setTimeout(1000);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-    s.once('timeout', () => {
-      s.destroy();
-      resolve(false);
-    });
-    s.connect(port, host);
-  });
-}
-
 const lan = lanAddress();
 const lanNeed: Need<unknown> = lan !== undefined ? { ok: true, value: lan } : { ok: false, reason: 'this machine has no non-loopback IPv4 address' };
 
@@ -212,11 +192,7 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     mkdirSync(dir);
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     model = join(dir, 'm8.gguf');
-    const made = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '7'], env);
-    expect(made.code, made.stderr).toBe(0);
-    const profile = modelProfile(await readGgufHeader(model));
-    const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
-    const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
+    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
     const coord = spawnProc('coordinator', [join(process.cwd(), 'bin/orchard.js'), 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
     procs.push(coord);
     coordAddr = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;

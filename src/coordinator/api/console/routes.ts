@@ -2,14 +2,11 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { isAbsolute } from 'node:path';
 import { z } from 'zod';
 import type { Logger } from '../../../shared/log.ts';
-import type { CoordinatorMetricSet } from '../../../shared/metrics/factories.ts';
-import type { Membership } from '../../membership/membership.ts';
 import { PlanDoesNotFitError } from '../../instances/planner-adapter.ts';
-import type { Runtime } from '../../instances/runtime.ts';
 import { DEFAULT_MAX_BODY_BYTES, readJsonBody, sendJson, startSse, write } from '../openai/edge.ts';
 import { grantedScope } from '../guard.ts';
 import { invalid } from '../openai/errors.ts';
-import { ConsoleFeed } from './feed.ts';
+import { ConsoleFeed, type FeedOptions } from './feed.ts';
 import { CONSOLE_ASSET_PATHS, ConsoleAssets } from './static.ts';
 
 /**
@@ -26,11 +23,8 @@ import { CONSOLE_ASSET_PATHS, ConsoleAssets } from './static.ts';
  * /v1/chat/completions): one implementation, the console is just another client of it.
  */
 
-export interface ConsoleDeps {
-  readonly runtime: Runtime;
-  readonly membership: Membership;
-  readonly clusterId: string;
-  readonly metrics: CoordinatorMetricSet;
+/** The feed's sources plus what the routes need on their own. */
+export interface ConsoleDeps extends Pick<FeedOptions, 'runtime' | 'membership' | 'clusterId' | 'metrics'> {
   readonly log: Logger;
   readonly maxBodyBytes?: number | undefined;
   /** SSE keep-alive comment period (proxies drop idle streams). */
