@@ -39,7 +39,7 @@ describe('KV geometry follows llama.cpp padding rules', () => {
 });
 
 describe('KV bytes match what this llama.cpp allocated (bench/memory.ts runs)', () => {
-  const layer = { index: 0, weightBytes: 1, readBytesPerToken: 1, swa: false, kEmbdGqa: 256, vEmbdGqa: 256, largestTensorBytes: 1 };
+  const layer = { index: 0, weightBytes: 1, readBytesPerToken: 1, swa: false, routedExperts: false, kEmbdGqa: 256, vEmbdGqa: 256, largestTensorBytes: 1 };
   it('12 layers × 4096 cells × (256 + 256) f16 = 48 MiB (llama_kv_cache: size = 48.00 MiB)', () => {
     const g = kvGeometry({ swa: undefined }, kvo({}));
     expect(12 * layerKvBytes(layer, g, { cacheTypeK: 'f16', cacheTypeV: 'f16' })).toBe(48 * MiB);

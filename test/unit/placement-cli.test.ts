@@ -149,13 +149,13 @@ describe('orchard plan', () => {
       /not a regular file/,
     ],
     [
-      'unsupported architecture',
+      'architecture llama.cpp does not know',
       async () => {
-        const p = join(dir, 'rwkv.gguf');
-        await headerOnly(p, 'llama-3-8b', 'q4_k_m', { 'general.architecture': gv.str('rwkv7') });
+        const p = join(dir, 'unknown-arch.gguf');
+        await headerOnly(p, 'llama-3-8b', 'q4_k_m', { 'general.architecture': gv.str('nosuch') });
         return ['plan', p, '--nodes', nodesFile];
       },
-      /unsupported model architecture "rwkv7"/,
+      /llama.cpp cannot load this file: unknown model architecture: 'nosuch'/,
     ],
     [
       'empty nodes file',

@@ -40,18 +40,20 @@ export const CALIBRATION = {
  */
 export const SCHED_COPIES = 4;
 
-function ffnWidth(mm: MemoryModel): number {
+function ffnWidth(mm: MemoryModel, layer: LayerProfile): number {
   const p = mm.profile;
-  // MoE: T tokens × n_expert_used experts through n_ff_exp-wide gate/up (structure only; not
-  // calibrated against a real MoE run here).
-  return p.moe ? (p.ffn || p.embd) * p.moe.expertsUsed : p.ffn || 4 * p.embd;
+  if (!p.moe || !layer.routedExperts) return p.ffn || 4 * p.embd;
+  // MoE layer: T tokens × (n_expert_used routed + shared) experts through n_ff_exp-wide gate/up.
+  // Leading dense layers (deepseek2, glm4moe) and interleaved ones (llama4) use the dense n_ff.
+  const expertFfn = p.moe.expertFfn || p.ffn || p.embd;
+  return expertFfn * (p.moe.expertsUsed + p.moe.shared);
 }
 
 function quantizedCache(mm: MemoryModel): boolean {
   return mm.options.cacheType !== 'f16' && mm.options.cacheType !== 'f32' && mm.options.cacheType !== 'bf16';
 }
 
-function layerPeak(mm: MemoryModel, tokens: number, nKv: number, copies: number, finalLayer: boolean): number {
+function layerPeak(mm: MemoryModel, layer: LayerProfile, tokens: number, nKv: number, copies: number, finalLayer: boolean): number {
   const p = mm.profile;
   const embdVectors = quantizedCache(mm) ? CALIBRATION.embdVectorsQuantizedCache : CALIBRATION.embdVectors;
   // The final layer keeps only the output rows (ggml_get_rows on inp_out_ids) before its FFN, so
@@ -59,16 +61,21 @@ function layerPeak(mm: MemoryModel, tokens: number, nKv: number, copies: number,
   // a device holding just the last layer + output reports 3 n_embd vectors, no n_ff ones).
   const ffnTokens = finalLayer ? Math.min(tokens, mm.options.parallel) : tokens;
   let bytes = 4 * tokens * CALIBRATION.embdVectors * p.embd;
-  bytes = Math.max(bytes, 4 * tokens * embdVectors * p.embd + 4 * ffnTokens * CALIBRATION.ffnVectors * ffnWidth(mm));
+  bytes = Math.max(bytes, 4 * tokens * embdVectors * p.embd + 4 * ffnTokens * CALIBRATION.ffnVectors * ffnWidth(mm, layer));
   // Without flash attention KQ (n_kv × T × n_head, f32) is materialised; structure from the
   // source, not calibrated here (Orchard always runs llama-server with -fa on).
   if (!mm.options.flashAttention) bytes = Math.max(bytes, 4 * tokens * nKv * p.heads + 4 * tokens * 2 * p.embd);
-  // KQ mask: f16 with FA, f32 without; one per scheduler copy. Its size is T × n_kv where n_kv
-  // is the cells of ONE stream (non-unified caches split the T tokens across streams).
-  bytes += copies * tokens * nKv * (mm.options.flashAttention ? 2 : 4);
   // Hidden state received from the previous device, one per copy.
   if (copies > 1) bytes += copies * 4 * tokens * p.embd;
   return bytes;
+}
+
+/**
+ * KQ mask: f16 with FA, f32 without; one per scheduler copy. Its size is T × n_kv where n_kv is
+ * the cells of ONE stream (non-unified caches split the T tokens across streams).
+ */
+function maskBytes(mm: MemoryModel, tokens: number, nKv: number, copies: number): number {
+  return copies * tokens * nKv * (mm.options.flashAttention ? 2 : 4);
 }
 
 function reserveTokens(mm: MemoryModel): number {
@@ -83,19 +90,26 @@ export function computeBufferBytes(mm: MemoryModel, layers: readonly LayerProfil
   const tokens = reserveTokens(mm);
   const copies = pipeline ? SCHED_COPIES : 1;
   let peak = 0;
-  let seenFull = false;
-  let seenSwa = false;
+  // Layers of the same kind (attention window × dense/MoE FFN) peak alike: price each kind once.
+  const seen = new Set<string>();
+  let masks = 0;
   const finalIndex = mm.profile.layerCount - 1;
   for (const l of layers) {
     const final = l.index === finalIndex;
+    const kind = `${l.swa}/${l.routedExperts}`;
     if (!final) {
-      if (l.swa ? seenSwa : seenFull) continue;
-      if (l.swa) seenSwa = true;
-      else seenFull = true;
+      if (seen.has(kind)) continue;
+      seen.add(kind);
     }
     const nKv = l.swa ? mm.geometry.cellsSwa : mm.geometry.cellsFull;
-    peak = Math.max(peak, layerPeak(mm, tokens, nKv, copies, final));
+    peak = Math.max(peak, layerPeak(mm, l, tokens, nKv, copies, final));
   }
+  // KQ masks are graph inputs, alive for the whole graph: one per kind of layer the device holds
+  // (full attention; sliding/chunked attention has its own mask over its own cells — measured on
+  // llama4 and gpt-oss, bench/memory.ts), each once per scheduler copy.
+  if (layers.some((l) => !l.swa)) masks += maskBytes(mm, tokens, mm.geometry.cellsFull, copies);
+  if (layers.some((l) => l.swa)) masks += maskBytes(mm, tokens, mm.geometry.cellsSwa, copies);
+  peak += masks;
   // Logits: llama-server reserves n_outputs = min(n_ubatch, n_outputs_max) rows, and sets
   // n_outputs_max to its slot count.
   if (holdsOutput) peak += 4 * Math.min(tokens, mm.options.parallel) * mm.profile.vocab;
@@ -110,6 +124,7 @@ export function computeBufferBytes(mm: MemoryModel, layers: readonly LayerProfil
 export function hostComputeBufferBytes(mm: MemoryModel, pipeline: boolean): number {
   const tokens = reserveTokens(mm);
   const copies = pipeline ? SCHED_COPIES : 1;
-  const nKv = mm.geometry.cellsFull;
-  return 2 * 4 * tokens * mm.profile.embd + copies * tokens * nKv * (mm.options.flashAttention ? 2 : 4);
+  // Both masks are built on the CPU when the model has sliding/chunked layers (llama4, gpt-oss).
+  const swaMask = mm.profile.layers.some((l) => l.swa) ? maskBytes(mm, tokens, mm.geometry.cellsSwa, copies) : 0;
+  return 2 * 4 * tokens * mm.profile.embd + maskBytes(mm, tokens, mm.geometry.cellsFull, copies) + swaMask;
 }

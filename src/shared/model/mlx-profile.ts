@@ -2,7 +2,8 @@ import { open, readFile, readdir } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { z } from 'zod';
 import { UsageError } from '../errors.ts';
-import { type LayerProfile, type ModelProfile, type SupportedArch, dominantType } from './profile.ts';
+import { type LayerProfile, type ModelProfile, dominantType } from './profile.ts';
+import type { ExactArch } from './arch-rules.ts';
 
 /**
  * The planner's ModelProfile for an MLX model directory (config.json + safetensors), built from
@@ -134,7 +135,7 @@ const configSchema = z
   .passthrough();
 
 /** mlx-lm model_type → the memory-math family the rest of Orchard knows. */
-const FAMILY: Readonly<Record<string, SupportedArch>> = {
+const FAMILY: Readonly<Record<string, ExactArch>> = {
   llama: 'llama',
   mistral: 'llama',
   ministral3: 'llama',
@@ -184,7 +185,7 @@ function hyperparameters(c: MlxConfig) {
   if (experts > 0 && (expertsUsed === 0 || expertsUsed > experts)) {
     throw new UsageError(`config.json says ${expertsUsed} of ${experts} experts are used per token`);
   }
-  const moe = experts > 0 ? { experts, expertsUsed } : undefined;
+  const moe = experts > 0 ? { experts, expertsUsed, expertFfn: 0, shared: 0 } : undefined;
   let swaMask: boolean[] | undefined;
   if (c.layer_types) {
     if (c.layer_types.length !== layerCount) {
@@ -257,12 +258,15 @@ export function mlxModelProfile(configJson: unknown, tensors: readonly Safetenso
     weightBytes: w,
     readBytesPerToken: t.read[il]!,
     swa: swaMask?.[il] ?? false,
+    routedExperts: t.read[il]! < w,
     kEmbdGqa: headDim * kvHeadCount,
     vEmbdGqa: headDim * kvHeadCount,
     largestTensorBytes: t.largest[il]!,
   }));
   return {
     arch,
+    estimated: [],
+    skippedBytes: 0,
     name: name ?? c._name_or_path,
     layerCount,
     layers,

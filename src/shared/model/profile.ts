@@ -1,6 +1,8 @@
 import { UsageError } from '../errors.ts';
 import type { GgufHeader, GgufTensorInfo } from '../gguf/types.ts';
 import { metaArray, metaNumber, metaString } from '../gguf/types.ts';
+import { MOE_ONLY, isExactArch, isMla, nextnLayers, swaLayers } from './arch-rules.ts';
+import { llamaCppArchRefusal } from './llama-archs.ts';
 
 /**
  * What the planner needs to know about a model, derived from its GGUF header alone (no weights
@@ -25,6 +27,8 @@ export interface LayerProfile {
   readonly readBytesPerToken: number;
   /** Sliding-window attention layer (its KV cache holds a window, not the full context). */
   readonly swa: boolean;
+  /** The layer's FFN is routed experts (MoE layers; leading/interleaved dense layers are not). */
+  readonly routedExperts: boolean;
   /** n_embd_k_gqa = key_length × n_head_kv of this layer (0 when the layer has no KV). */
   readonly kEmbdGqa: number;
   readonly vEmbdGqa: number;
@@ -33,7 +37,15 @@ export interface LayerProfile {
 }
 
 export interface ModelProfile {
-  readonly arch: SupportedArch;
+  /** general.architecture: any architecture llama.cpp loads (see `estimated`). */
+  readonly arch: string;
+  /**
+   * Parts of the memory math that are estimates, empty for the architectures Orchard knows
+   * exactly (arch-rules.ts EXACT_ARCHS). Weights are always exact (the tensor table); for other
+   * architectures the KV cache comes from the standard keys and the compute buffer from the
+   * llama-style structure, which the architecture may not follow.
+   */
+  readonly estimated: readonly string[];
   readonly name: string | undefined;
   readonly layerCount: number;
   readonly layers: readonly LayerProfile[];
@@ -47,7 +59,18 @@ export interface ModelProfile {
   readonly headDimV: number;
   readonly contextLength: number;
   readonly swa: { readonly window: number; readonly layers: number } | undefined;
-  readonly moe: { readonly experts: number; readonly expertsUsed: number } | undefined;
+  readonly moe:
+    | {
+        readonly experts: number;
+        readonly expertsUsed: number;
+        /** Width of one expert's FFN (`expert_feed_forward_length`, else the tensor's). */
+        readonly expertFfn: number;
+        /** Always-active shared experts (`expert_shared_count`; DeepSeek, GLM, Kimi). */
+        readonly shared: number;
+      }
+    | undefined;
+  /** Bytes of tensors llama.cpp does not load (multi-token-prediction layers, arch-rules.ts nextnLayers). */
+  readonly skippedBytes: number;
   readonly tokenEmbdBytes: number;
   /** Bytes of one token_embd row: what a decoded token reads from the input layer. */
   readonly tokenEmbdRowBytes: number;
@@ -64,14 +87,7 @@ export interface ModelProfile {
   readonly tensorCount: number;
 }
 
-export const SUPPORTED_ARCHS = ['llama', 'qwen2', 'qwen3', 'gemma2', 'gemma3', 'qwen2moe', 'qwen3moe', 'phi3'] as const;
-export type SupportedArch = (typeof SUPPORTED_ARCHS)[number];
-
 const LAYER_RE = /^blk\.(\d+)\./;
-
-function isArch(a: string): a is SupportedArch {
-  return (SUPPORTED_ARCHS as readonly string[]).includes(a);
-}
 
 /** An integer key that must be present and positive. */
 function required(header: GgufHeader, key: string): number {
@@ -107,95 +123,87 @@ function perLayer(header: GgufHeader, key: string, layers: number, fallback: num
   return new Array<number>(layers).fill(n);
 }
 
-/**
- * Which layers use sliding-window attention, mirroring llama.cpp's `load_swa_pattern`:
- * an explicit bool array `<arch>.attention.sliding_window_pattern` wins; otherwise a period n
- * (key or the architecture's default) where layer il is SWA iff il % n < n − 1.
- */
-function swaLayers(header: GgufHeader, arch: SupportedArch, layers: number): { window: number; mask: boolean[] } | undefined {
-  let window: number | undefined;
-  let defaultPeriod: number;
-  if (arch === 'gemma2') {
-    // llama.cpp: gemma-2 always uses SWA, window 4096 unless the key says otherwise.
-    window = optionalInt(header, `${arch}.attention.sliding_window`) ?? 4096;
-    defaultPeriod = 2;
-  } else if (arch === 'gemma3') {
-    window = optionalInt(header, `${arch}.attention.sliding_window`);
-    defaultPeriod = 6;
-  } else {
-    // phi3's sliding_window key is ignored by this llama.cpp ("Phi SWA is currently disabled");
-    // llama/qwen families have no SWA.
-    return undefined;
-  }
-  if (!window) return undefined;
-  const key = `${arch}.attention.sliding_window_pattern`;
-  const v = header.metadata.get(key);
-  if (v?.type === 'array') {
-    if (v.itemType !== 'bool' || v.value.length < layers) {
-      throw new UsageError(`GGUF key ${key} must be a bool array with one entry per layer`);
-    }
-    return { window, mask: (v.value as readonly boolean[]).slice(0, layers) };
-  }
-  const period = optionalInt(header, key) ?? defaultPeriod;
-  const mask = Array.from({ length: layers }, (_, il) => period === 0 || il % period < period - 1);
-  return { window, mask };
-}
-
 /** The hyperparameters llama.cpp reads from the metadata, checked as its loader checks them. */
 function hyperparameters(header: GgufHeader) {
-  const archName = metaString(header, 'general.architecture');
-  if (archName === undefined) throw new UsageError('GGUF header lacks general.architecture');
-  if (!isArch(archName)) {
-    throw new UsageError(`unsupported model architecture "${archName}" (supported: ${SUPPORTED_ARCHS.join(', ')})`);
-  }
-  const arch = archName;
-  const layerCount = required(header, `${arch}.block_count`);
-  if (layerCount > 4096) throw new UsageError(`GGUF key ${arch}.block_count = ${layerCount} is implausible`);
+  const arch = metaString(header, 'general.architecture');
+  if (arch === undefined) throw new UsageError('GGUF header lacks general.architecture');
+  const refusal = llamaCppArchRefusal(arch);
+  if (refusal) throw new UsageError(refusal);
+  const exact = isExactArch(arch);
+  const blockCount = required(header, `${arch}.block_count`);
+  if (blockCount > 4096) throw new UsageError(`GGUF key ${arch}.block_count = ${blockCount} is implausible`);
+  const nextn = nextnLayers(header, arch);
+  if (nextn >= blockCount) throw new UsageError(`GGUF key ${arch}.nextn_predict_layers = ${nextn} leaves no layers of ${blockCount}`);
+  const layerCount = blockCount - nextn;
   const embd = required(header, `${arch}.embedding_length`);
-  const heads = required(header, `${arch}.attention.head_count`);
-  const kvHeads = perLayer(header, `${arch}.attention.head_count_kv`, layerCount, heads);
-  if (embd % heads !== 0 && metaNumber(header, `${arch}.attention.key_length`) === undefined) {
+  // Architectures without attention keys (recurrent ones) have no KV cache Orchard can size.
+  const headsKey = header.metadata.get(`${arch}.attention.head_count`);
+  if (exact || headsKey) required(header, `${arch}.attention.head_count`);
+  const headsPerLayer = headsKey ? perLayer(header, `${arch}.attention.head_count`, blockCount, 0) : new Array<number>(blockCount).fill(0);
+  const heads = Math.max(...headsPerLayer);
+  const kvHeads = perLayer(header, `${arch}.attention.head_count_kv`, blockCount, heads).slice(0, layerCount);
+  if (heads > 0 && embd % heads !== 0 && metaNumber(header, `${arch}.attention.key_length`) === undefined) {
     throw new UsageError(`embedding length ${embd} is not a multiple of head count ${heads}`);
   }
-  const headDimK = optionalInt(header, `${arch}.attention.key_length`) ?? embd / heads;
-  const headDimV = optionalInt(header, `${arch}.attention.value_length`) ?? embd / heads;
+  const headDimK = optionalInt(header, `${arch}.attention.key_length`) ?? (heads ? embd / heads : 0);
+  // MLA keeps no V cache: the latent in K is all there is (arch-rules.ts isMla).
+  const headDimV = isMla(header, arch) ? 0 : (optionalInt(header, `${arch}.attention.value_length`) ?? (heads ? embd / heads : 0));
   const contextLength = required(header, `${arch}.context_length`);
   const ffnKey = header.metadata.get(`${arch}.feed_forward_length`);
-  const ffn = ffnKey?.type === 'array' ? Math.max(...perLayer(header, `${arch}.feed_forward_length`, layerCount, 0)) : (optionalInt(header, `${arch}.feed_forward_length`) ?? 0);
+  const ffn = ffnKey?.type === 'array' ? Math.max(...perLayer(header, `${arch}.feed_forward_length`, blockCount, 0)) : (optionalInt(header, `${arch}.feed_forward_length`) ?? 0);
 
   const experts = optionalInt(header, `${arch}.expert_count`) ?? 0;
   const expertsUsed = optionalInt(header, `${arch}.expert_used_count`) ?? 0;
   if (experts > 0 && (expertsUsed === 0 || expertsUsed > experts)) {
     throw new UsageError(`GGUF says ${expertsUsed} of ${experts} experts are used per token`);
   }
-  if ((arch === 'qwen2moe' || arch === 'qwen3moe') && experts === 0) {
-    throw new UsageError(`${arch} model lacks ${arch}.expert_count`);
-  }
-  const moe = experts > 0 ? { experts, expertsUsed } : undefined;
+  if (MOE_ONLY.has(arch) && experts === 0) throw new UsageError(`${arch} model lacks ${arch}.expert_count`);
+  const moe =
+    experts > 0
+      ? {
+          experts,
+          expertsUsed,
+          expertFfn: optionalInt(header, `${arch}.expert_feed_forward_length`) ?? 0,
+          shared: optionalInt(header, `${arch}.expert_shared_count`) ?? 0,
+        }
+      : undefined;
   const swa = swaLayers(header, arch, layerCount);
-  return { arch, layerCount, embd, heads, kvHeads, headDimK, headDimV, contextLength, ffn, moe, swa };
+  const estimated = exact ? [] : heads > 0 ? ['KV cache (standard attention keys)', 'compute buffer'] : ['KV cache (no attention keys: counted as none)', 'compute buffer'];
+  return { arch, estimated, blockCount, layerCount, embd, heads, kvHeads, headDimK, headDimV, contextLength, ffn, moe, swa };
 }
 
 /** Tensor bytes per layer (held, read per token, largest) and outside the layers. */
-function tensorBytes(header: GgufHeader, layerCount: number, embd: number, moe: ModelProfile['moe']) {
+function tensorBytes(header: GgufHeader, blockCount: number, layerCount: number, embd: number, moe: ModelProfile['moe']) {
   const weight = new Array<number>(layerCount).fill(0);
   const read = new Array<number>(layerCount).fill(0);
   const largest = new Array<number>(layerCount).fill(0);
+  const experts = new Array<boolean>(layerCount).fill(false);
   const typeBytes = new Map<string, number>();
   let tokenEmbd: GgufTensorInfo | undefined;
   let output: GgufTensorInfo | undefined;
   let outputNormBytes = 0;
   let otherBytes = 0;
+  let skippedBytes = 0;
   let fileTensorBytes = 0;
+  let expertFfn = 0;
   for (const t of header.tensors) {
     fileTensorBytes += t.bytes;
     const m = LAYER_RE.exec(t.name);
     if (m) {
       const il = Number(m[1]);
-      if (il >= layerCount) throw new UsageError(`tensor ${t.name} names layer ${il} but the model has ${layerCount} layers`);
+      if (il >= blockCount) throw new UsageError(`tensor ${t.name} names layer ${il} but the model has ${blockCount} layers`);
+      if (il >= layerCount) {
+        skippedBytes += t.bytes;
+        continue;
+      }
       weight[il]! += t.bytes;
-      // Expert tensors (ffn_{gate,up,down}_exps) are read only for the routed experts.
-      read[il]! += moe && t.name.includes('_exps.') ? (t.bytes * moe.expertsUsed) / moe.experts : t.bytes;
+      // Routed expert tensors (ffn_{gate,up,down,gate_up}_exps, weights and biases) are read only
+      // for the experts a token is routed to; shared experts (_shexp), the router and attention
+      // are read in full.
+      const routed = moe && t.name.includes('_exps.');
+      read[il]! += routed ? (t.bytes * moe.expertsUsed) / moe.experts : t.bytes;
+      if (routed) experts[il] = true;
+      if (routed && t.name.includes('ffn_down_exps.weight')) expertFfn = t.dims[0] ?? 0;
       largest[il] = Math.max(largest[il]!, t.bytes);
       typeBytes.set(t.type.name, (typeBytes.get(t.type.name) ?? 0) + t.bytes);
     } else if (t.name === 'token_embd.weight') tokenEmbd = t;
@@ -211,7 +219,7 @@ function tensorBytes(header: GgufHeader, layerCount: number, embd: number, moe: 
   for (let il = 0; il < layerCount; il++) {
     if (weight[il] === 0) throw new UsageError(`GGUF has no tensors for layer ${il}`);
   }
-  return { weight, read, largest, tokenEmbd, vocab, output, outputNormBytes, otherBytes, fileTensorBytes, weightType: dominantType(typeBytes) };
+  return { weight, read, largest, experts, tokenEmbd, vocab, output, outputNormBytes, otherBytes, skippedBytes, fileTensorBytes, expertFfn, weightType: dominantType(typeBytes) };
 }
 
 /** The weight type holding the most layer bytes ("Q4_K" for a Q4_K_M file). */
@@ -229,8 +237,8 @@ export function dominantType(typeBytes: ReadonlyMap<string, number>): string {
 
 /** Build the profile. Throws UsageError naming the problem for anything llama.cpp would refuse. */
 export function modelProfile(header: GgufHeader): ModelProfile {
-  const { arch, layerCount, embd, heads, kvHeads, headDimK, headDimV, contextLength, ffn, moe, swa } = hyperparameters(header);
-  const t = tensorBytes(header, layerCount, embd, moe);
+  const { arch, estimated, blockCount, layerCount, embd, heads, kvHeads, headDimK, headDimV, contextLength, ffn, moe, swa } = hyperparameters(header);
+  const t = tensorBytes(header, blockCount, layerCount, embd, moe);
   const { tokenEmbd, output, vocab } = t;
   const layers: LayerProfile[] = [];
   for (let il = 0; il < layerCount; il++) {
@@ -239,6 +247,7 @@ export function modelProfile(header: GgufHeader): ModelProfile {
       weightBytes: t.weight[il]!,
       readBytesPerToken: t.read[il]!,
       swa: swa?.mask[il] ?? false,
+      routedExperts: t.experts[il]!,
       kEmbdGqa: headDimK * kvHeads[il]!,
       vEmbdGqa: headDimV * kvHeads[il]!,
       largestTensorBytes: t.largest[il]!,
@@ -246,6 +255,7 @@ export function modelProfile(header: GgufHeader): ModelProfile {
   }
   return {
     arch,
+    estimated,
     name: metaString(header, 'general.name'),
     layerCount,
     layers,
@@ -258,7 +268,8 @@ export function modelProfile(header: GgufHeader): ModelProfile {
     headDimV,
     contextLength,
     swa: swa ? { window: swa.window, layers: swa.mask.filter(Boolean).length } : undefined,
-    moe,
+    moe: moe && { ...moe, expertFfn: moe.expertFfn || t.expertFfn },
+    skippedBytes: t.skippedBytes,
     tokenEmbdBytes: tokenEmbd.bytes,
     tokenEmbdRowBytes: tokenEmbd.bytes / vocab,
     outputNormBytes: t.outputNormBytes,
@@ -269,4 +280,21 @@ export function modelProfile(header: GgufHeader): ModelProfile {
     weightType: t.weightType,
     tensorCount: header.tensors.length,
   };
+}
+
+/**
+ * Weight bytes a model holds against the weight bytes one decoded token reads. They differ for
+ * mixture-of-experts models: a token reads the routed experts it is sent to (expertsUsed of
+ * experts), the shared experts, attention, the router, the dense layers, one token_embd row and
+ * the output head — the figure decode speed follows on bandwidth-bound Macs.
+ */
+export function weightTraffic(p: ModelProfile): { heldBytes: number; readBytesPerToken: number } {
+  // Tied output: llama.cpp duplicates token_embd onto the output device, so it is held twice.
+  let held = p.tokenEmbdBytes + p.outputNormBytes + p.outputBytes + p.otherBytes;
+  let read = p.tokenEmbdRowBytes + p.outputNormBytes + p.outputBytes + p.otherBytes;
+  for (const l of p.layers) {
+    held += l.weightBytes;
+    read += l.readBytesPerToken;
+  }
+  return { heldBytes: held, readBytesPerToken: read };
 }
