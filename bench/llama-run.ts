@@ -36,7 +36,7 @@ export interface Shape {
 
 const ZERO_CHUNK = new Uint8Array(8 * MiB);
 /** `n` zero bytes as chunks of one shared buffer, so big models never sit in memory. */
-function* zeros(n: number): Iterable<Uint8Array> {
+export function* zeros(n: number): Iterable<Uint8Array> {
   for (let left = n; left > 0; left -= ZERO_CHUNK.length) yield left >= ZERO_CHUNK.length ? ZERO_CHUNK : ZERO_CHUNK.subarray(0, left);
 }
 

@@ -7,7 +7,7 @@
  * size` and `compute buffer size` lines from its `-lv 4` log, and compare with Orchard's
  * prediction for the same device. Goal: every device within 5 % or 32 MiB.
  *
- * Usage: node --import tsx bench/memory.ts [--json] [--quick]
+ * Usage: node --import tsx bench/memory.ts [--json] [--quick] [--families (only the MoE/newer families)]
  * Needs ORCHARD_LLAMA_BIN_DIR (or `orchard setup`). Every process started is killed on exit.
  */
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -18,8 +18,12 @@ import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import type { CacheType } from '../src/shared/memory/kv.ts';
 import { DEFAULT_MEMORY_OPTIONS, type MemoryOptions, deviceBytes, hostBytes, memoryModel } from '../src/shared/memory/stage.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
-import { MiB, type Shape, killAll, runLlama, writeModel } from './llama-run.ts';
-import { vocabPath } from '../src/shared/testmodel/vocab.ts';
+import { tensorBytes } from '../src/shared/gguf/ggml-types.ts';
+import { writeGguf } from '../src/shared/gguf/writer.ts';
+import { FAMILY_ARCHS } from '../src/shared/testmodel/families.ts';
+import { familyTestModelSpec, familyTestShape } from '../src/shared/testmodel/family-model.ts';
+import { loadVocab, vocabPath } from '../src/shared/testmodel/vocab.ts';
+import { MiB, type Shape, killAll, runLlama, writeModel, zeros } from './llama-run.ts';
 
 const SHAPES: Shape[] = [
   { name: 'llama-8L-512d-f16', layers: 8, embd: 512, ffn: 1408, heads: 8, kvHeads: 4, type: 'F16', heldOut: false },
@@ -66,7 +70,7 @@ interface DeviceCase {
 async function runCase(
   bins: { llamaServer: string; rpcServer: string },
   modelPath: string,
-  shape: Shape,
+  shape: Pick<Shape, 'name' | 'heldOut'>,
   ctx: number,
   cache: CacheType,
   stages: number,
@@ -122,6 +126,27 @@ async function runCase(
   return cases;
 }
 
+/**
+ * The llama.cpp families with their own memory rules (MLA, leading dense layers and shared
+ * experts, sliding/chunked layers, attention sinks): their small generated models (the real
+ * tensor tables, `orchard testmodel gguf --arch`) with zero weights, split 1/2/3 ways. None of
+ * them was used to fit the compute constants: all held out.
+ */
+async function familyCases(bins: { llamaServer: string; rpcServer: string }, dir: string, quick: boolean): Promise<DeviceCase[]> {
+  const vocab = await loadVocab();
+  const cases: DeviceCase[] = [];
+  for (const arch of FAMILY_ARCHS) {
+    const shape = familyTestShape(arch, 6);
+    const spec = familyTestModelSpec(shape, vocab, 'f16', 1);
+    const path = join(dir, `${arch}.gguf`);
+    await writeGguf(path, { metadata: spec.metadata, tensors: spec.tensors.map((t) => ({ ...t, data: () => zeros(tensorBytes(t.type, t.dims)) })) });
+    const label = { name: `${arch}-6L-${shape.dim}d-f16`, heldOut: true };
+    for (const stages of quick ? [2] : [1, 2, 3]) cases.push(...(await runCase(bins, path, label, 4096, 'f16', stages)));
+    if (!quick) cases.push(...(await runCase(bins, path, label, 16384, 'q8_0', 2)));
+  }
+  return cases;
+}
+
 async function main(): Promise<void> {
   for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => process.exit(130));
   const json = process.argv.includes('--json');
@@ -141,7 +166,7 @@ async function main(): Promise<void> {
         );
       }
     };
-    for (const shape of SHAPES) {
+    for (const shape of process.argv.includes('--families') ? [] : SHAPES) {
       if (quick && shape.spot) continue;
       const path = await writeModel(dir, shape, vocab);
       for (const ctx of ctxs) {
@@ -156,6 +181,7 @@ async function main(): Promise<void> {
         report(await runCase(bins, path, shape, 4096, 'f16', 2, 3, false));
       }
     }
+    report(await familyCases(bins, dir, quick));
     const totals = cases.filter((c) => c.kind === 'total');
     const configs = new Set(totals.map((c) => `${c.model}/${c.ctx}/${c.cache}/${c.stages}/${c.parallel}/${c.unified}`)).size;
     const heldOut = totals.filter((c) => c.heldOut);

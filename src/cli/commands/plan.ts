@@ -5,11 +5,12 @@ import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/cli
 import { addCredentialOptions, type CredentialFlags, resolveApiKey } from '../credentials.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { CACHE_TYPES, type CacheType } from '../../shared/memory/kv.ts';
+import { type ModelProfile, weightTraffic } from '../../shared/model/profile.ts';
 import { readModelProfile } from '../../shared/model/read-profile.ts';
 import { parseNodesFile } from '../../shared/placement/nodes-file.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
 import { type Plan, familyPlacementOptions } from '../../shared/placement/types.ts';
-import { parseInteger } from '../../shared/units.ts';
+import { formatBytes, parseInteger } from '../../shared/units.ts';
 import { planJsonSchema, renderPlanTable } from '../tables.ts';
 
 interface PlanFlags extends CredentialFlags {
@@ -58,10 +59,10 @@ export function registerPlan(program: Command): void {
         const profile = await readModelProfile(resolve(modelPath)).catch(() => undefined);
         const model = profile?.name ?? modelPath;
         if (flags.json) {
-          process.stdout.write(`${JSON.stringify(toJson(plan, model))}\n`);
+          process.stdout.write(`${JSON.stringify(toJson(plan, model, profile))}\n`);
         } else {
           const what = profile ? `${model} (${profile.arch}, ${profile.layerCount} layers, ${profile.weightType})` : model;
-          process.stdout.write(render(plan, `${what}, ctx ${ctx}, KV ${cacheType} — live cluster at ${address}`));
+          process.stdout.write(render(plan, `${what}, ctx ${ctx}, KV ${cacheType} — live cluster at ${address}`, profile));
         }
         if (!plan.fits) process.exitCode = 1;
         return;
@@ -83,9 +84,9 @@ export function registerPlan(program: Command): void {
         hopSeconds: hopMs / 1000,
       });
       if (flags.json) {
-        process.stdout.write(`${JSON.stringify(toJson(plan, profile.name ?? modelPath))}\n`);
+        process.stdout.write(`${JSON.stringify(toJson(plan, profile.name ?? modelPath, profile))}\n`);
       } else {
-        process.stdout.write(render(plan, `${profile.name ?? modelPath} (${profile.arch}, ${profile.layerCount} layers, ${profile.weightType}), ctx ${ctx}, KV ${cacheType}`));
+        process.stdout.write(render(plan, `${profile.name ?? modelPath} (${profile.arch}, ${profile.layerCount} layers, ${profile.weightType}), ctx ${ctx}, KV ${cacheType}`, profile));
       }
       if (!plan.fits) process.exitCode = 1;
     });
@@ -114,9 +115,41 @@ async function livePlan(address: string, apiKey: string | undefined, modelPath: 
   }
 }
 
-function toJson(plan: Plan, model: string): unknown {
+/** What the model itself weighs: held vs read per token (MoE) and which parts are estimates. */
+function modelJson(profile: ModelProfile | undefined) {
+  if (!profile) return {};
+  const { heldBytes, readBytesPerToken } = weightTraffic(profile);
+  return {
+    architecture: profile.arch,
+    weightBytes: heldBytes,
+    readBytesPerToken,
+    ...(profile.moe ? { experts: profile.moe.experts, expertsUsed: profile.moe.expertsUsed, sharedExperts: profile.moe.shared } : {}),
+    estimated: profile.estimated,
+  };
+}
+
+/** The lines under the table that say what the MoE traffic and the estimates are. */
+function modelLines(profile: ModelProfile | undefined): string[] {
+  if (!profile) return [];
+  const lines: string[] = [];
+  if (profile.moe) {
+    const { heldBytes, readBytesPerToken } = weightTraffic(profile);
+    const m = profile.moe;
+    const shared = m.shared ? ` + ${m.shared} shared` : '';
+    lines.push(
+      `mixture of experts: holds ${formatBytes(heldBytes)} of weights; a token reads ${formatBytes(readBytesPerToken)} of them (${m.expertsUsed} of ${m.experts} routed experts${shared}, attention, router, dense layers)`,
+    );
+  }
+  if (profile.estimated.length > 0) {
+    lines.push(`estimated: ${profile.estimated.join('; ')} — Orchard has no exact memory rules for "${profile.arch}" (weights are exact, from the tensor table)`);
+  }
+  return lines;
+}
+
+function toJson(plan: Plan, model: string, profile?: ModelProfile): unknown {
   return {
     model,
+    ...modelJson(profile),
     fits: plan.fits,
     stages: plan.stages.map((s) => ({
       node: s.node,
@@ -140,7 +173,7 @@ function toJson(plan: Plan, model: string): unknown {
   };
 }
 
-function render(plan: Plan, title: string): string {
+function render(plan: Plan, title: string, profile?: ModelProfile): string {
   const lines = [title];
   if (plan.fits) {
     // The same table the demo and the live-cluster plan print; ms/token is this command's extra.
@@ -149,6 +182,7 @@ function render(plan: Plan, title: string): string {
     lines.push('DOES NOT FIT');
     if (plan.shortfall && plan.shortfall.shortfallBytes > 0) lines.push(`shortfall: ${gib(plan.shortfall.shortfallBytes)} GiB`);
   }
+  lines.push(...modelLines(profile));
   for (const r of plan.reasons) lines.push(`  · ${r}`);
   if (plan.remedies?.length) {
     lines.push('remedies:');

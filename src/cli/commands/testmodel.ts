@@ -2,7 +2,9 @@ import { type Command, Option } from 'commander';
 import { UsageError } from '../../shared/errors.ts';
 import { writeGguf } from '../../shared/gguf/writer.ts';
 import { DEFAULT_LLAMA_TEST_SHAPE as D, type LlamaTestShape, llamaTestModelSpec, parameterCount, validateLlamaShape } from '../../shared/testmodel/llama.ts';
-import { PRESETS, PRESET_QUANTS, findPreset, presetSpec } from '../../shared/testmodel/presets.ts';
+import { FAMILY_ARCHS } from '../../shared/testmodel/families.ts';
+import { familyTestModelSpec, familyTestShape, parseFamilyArch } from '../../shared/testmodel/family-model.ts';
+import { PRESET_IDS, PRESET_QUANTS, anyPresetSpec } from '../../shared/testmodel/presets.ts';
 import type { PresetQuant } from '../../shared/testmodel/quant-mix.ts';
 import type { TestModelType } from '../../shared/testmodel/quantize.ts';
 import { loadVocab } from '../../shared/testmodel/vocab.ts';
@@ -20,6 +22,7 @@ interface GgufFlags {
   seed: string;
   ctx: string;
   shape?: string;
+  arch?: string;
   quant?: PresetQuant;
   headerOnly?: boolean;
   json?: boolean;
@@ -46,7 +49,8 @@ export function registerTestmodel(program: Command): void {
     .addOption(new Option('--type <type>', 'weight type').choices(['f32', 'f16', 'q8_0']).default(D.type))
     .option('--seed <n>', 'random seed (0..4294967295)', String(D.seed))
     .option('--ctx <n>', 'context length written into the metadata', String(D.ctx))
-    .addOption(new Option('--shape <preset>', `real model family (header-only): ${PRESETS.map((p) => p.id).join(', ')}`))
+    .addOption(new Option('--shape <preset>', `real model family (header-only): ${PRESET_IDS.join(', ')}`))
+    .addOption(new Option('--arch <family>', `generate a small runnable model of this llama.cpp family (with experts): ${FAMILY_ARCHS.join(', ')}`))
     .addOption(new Option('--quant <quant>', 'quantisation of a --shape preset (default q4_k_m)').choices([...PRESET_QUANTS]))
     .option('--header-only', 'write metadata and tensor infos only, no tensor data')
     .option('--json', 'print the result as JSON')
@@ -54,6 +58,7 @@ export function registerTestmodel(program: Command): void {
       // Set for this run (flag or environment), as opposed to a default or the config file.
       const explicit = (k: string) => ['cli', 'env'].includes(cmd.getOptionValueSource(k) ?? '');
       if (flags.shape !== undefined) await writePresetModel(flags, flags.shape, explicit);
+      else if (flags.arch !== undefined && flags.arch !== 'llama') await writeFamilyModel(flags, flags.arch, explicit);
       else await writeGeneratedModel(flags, explicit);
     });
   registerTestmodelMlx(testmodel);
@@ -61,16 +66,15 @@ export function registerTestmodel(program: Command): void {
 
 /** --shape: a header-only GGUF shaped like a real model family. */
 async function writePresetModel(flags: GgufFlags, shapeId: string, explicit: (k: string) => boolean): Promise<void> {
-  const preset = findPreset(shapeId);
+  const quant = flags.quant ?? 'q4_k_m';
+  const { summary, spec } = anyPresetSpec(shapeId, quant);
   if (!flags.headerOnly) throw new UsageError('--shape presets are header-only (real sizes are gigabytes): add --header-only');
   const conflicting = SHAPE_FLAGS.filter(explicit);
   if (conflicting.length > 0) {
     throw new UsageError(`--shape sets the model's shape; drop ${conflicting.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(', ')}`);
   }
-  const quant = flags.quant ?? 'q4_k_m';
-  const spec = presetSpec(preset, quant);
   const result = await writeGguf(flags.out, spec, { headerOnly: true });
-  const { id, source, architecture, layers, dim, ffn, heads, kvHeads, ctx, vocab } = preset;
+  const { id, source, architecture, layers, dim, ffn, heads, kvHeads, ctx, vocab, experts, expertsUsed } = summary;
   report(flags.json, {
     ...written(result, spec),
     headerOnly: true,
@@ -85,6 +89,7 @@ async function writePresetModel(flags: GgufFlags, shapeId: string, explicit: (k:
     kvHeads,
     ctx,
     vocabSize: vocab,
+    ...(experts ? { experts, expertsUsed } : {}),
   });
 }
 
@@ -112,6 +117,21 @@ async function writeGeneratedModel(flags: GgufFlags, explicit: (k: string) => bo
     ...shape,
     vocabSize: vocab.size,
   });
+}
+
+/** --arch: a small runnable model of a MoE (or newer dense) family, the real tensor table at toy size. */
+async function writeFamilyModel(flags: GgufFlags, archName: string, explicit: (k: string) => boolean): Promise<void> {
+  const arch = parseFamilyArch(archName);
+  const fixed = (['dim', 'ffn', 'heads', 'kvHeads', 'quant'] as const).filter(explicit);
+  if (fixed.length > 0) throw new UsageError(`--arch models have a fixed small shape; only --layers, --type, --seed and --ctx apply (drop --${fixed.join(', --')})`);
+  const layers = parseInteger(flags.layers, '--layers', 2, 64);
+  const seed = parseInteger(flags.seed, '--seed', 0, 0xffffffff);
+  const shape = { ...familyTestShape(arch, layers), ctx: parseInteger(flags.ctx, '--ctx', 1, 2 ** 24) };
+  const vocab = await loadVocab();
+  const spec = familyTestModelSpec(shape, vocab, flags.type, seed);
+  const result = await writeGguf(flags.out, spec, { headerOnly: !!flags.headerOnly });
+  const { dim, heads, kvHeads, experts, expertsUsed, sharedExperts, ctx } = shape;
+  report(flags.json, { ...written(result, spec), headerOnly: !!flags.headerOnly, architecture: arch, layers, dim, heads, kvHeads, experts, expertsUsed, sharedExperts, ctx, seed, type: flags.type, vocabSize: vocab.size });
 }
 
 /** What every summary says about the file written. */

@@ -2,12 +2,12 @@ import { type GgmlTypeName, ggmlType, tensorBytes } from '../gguf/ggml-types.ts'
 import type { GgufHeader, GgufTensorInfo, GgufValue } from '../gguf/types.ts';
 import { gv } from '../gguf/types.ts';
 import { encodeGgufHeader } from '../gguf/writer.ts';
-import { findPreset, hyperparameterMetadata, presetSpec } from '../testmodel/presets.ts';
+import { anyPresetSpec, hyperparameterMetadata } from '../testmodel/presets.ts';
 import type { PresetQuant } from '../testmodel/quant-mix.ts';
 
 /** The header of a foundation preset (`orchard testmodel gguf --shape ID --quant Q --header-only`). */
 export function presetHeader(id: string, quant: PresetQuant): GgufHeader {
-  return encodeGgufHeader(presetSpec(findPreset(id), quant)).header;
+  return encodeGgufHeader(anyPresetSpec(id, quant).spec).header;
 }
 
 /**

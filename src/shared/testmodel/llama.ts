@@ -55,10 +55,10 @@ export interface TestVocab {
 }
 
 /** llama_ftype values llama.cpp writes in general.file_type. */
-const FILE_TYPE: Record<TestModelType, number> = { f32: 0, f16: 1, q8_0: 7 };
-const GGML_NAME = { f32: 'F32', f16: 'F16', q8_0: 'Q8_0' } as const;
+export const FILE_TYPE: Record<TestModelType, number> = { f32: 0, f16: 1, q8_0: 7 };
+export const GGML_NAME = { f32: 'F32', f16: 'F16', q8_0: 'Q8_0' } as const;
 /** Token types whose output row is zeroed: unknown (2), control (3), unused (5). */
-const SILENT_TOKEN_TYPES = new Set([2, 3, 5]);
+export const SILENT_TOKEN_TYPES = new Set([2, 3, 5]);
 /** Elements generated per chunk: bounds memory whatever the model size. */
 const CHUNK_ELEMENTS = 1 << 16;
 
@@ -95,7 +95,7 @@ function flag(k: string): string {
   return `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
 }
 
-interface Recipe {
+export interface Recipe {
   readonly name: string;
   readonly dims: readonly number[];
   readonly type: TestModelType;
@@ -105,7 +105,7 @@ interface Recipe {
   readonly zeroRows?: ReadonlySet<number>;
 }
 
-function tensorData(r: Recipe, seed: number): () => Iterable<Uint8Array> {
+export function tensorData(r: Recipe, seed: number): () => Iterable<Uint8Array> {
   return function* () {
     const rowLength = r.dims[0]!;
     const rows = r.dims.slice(1).reduce((a, b) => a * b, 1);

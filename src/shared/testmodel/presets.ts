@@ -2,6 +2,7 @@ import { UsageError } from '../errors.ts';
 import type { GgmlTypeName } from '../gguf/ggml-types.ts';
 import { type GgufValue, gv } from '../gguf/types.ts';
 import type { GgufSpec, GgufTensorSpec } from '../gguf/writer.ts';
+import { FAMILY_PRESETS, familyPresetSpec, findFamilyPreset } from './family-presets.ts';
 import { FILE_TYPE, type PresetQuant, quantizedType } from './quant-mix.ts';
 
 /**
@@ -180,10 +181,41 @@ export const PRESETS: readonly ModelPreset[] = [
 
 export const PRESET_QUANTS: readonly PresetQuant[] = ['q4_k_m', 'q8_0', 'f16'];
 
+/** Every header-only preset id: the dense ones here and the mixture-of-experts families. */
+export const PRESET_IDS: readonly string[] = [...PRESETS.map((p) => p.id), ...FAMILY_PRESETS.map((p) => p.id)];
+
 export function findPreset(id: string): ModelPreset {
   const p = PRESETS.find((x) => x.id === id.toLowerCase());
-  if (!p) throw new UsageError(`unknown model preset "${id}"; known: ${PRESETS.map((x) => x.id).join(', ')}`);
+  if (!p) throw new UsageError(`unknown model preset "${id}"; known: ${PRESET_IDS.join(', ')}`);
   return p;
+}
+
+/** What `orchard testmodel gguf --shape` reports about any preset. */
+export interface PresetSummary {
+  readonly id: string;
+  readonly source: string;
+  readonly architecture: string;
+  readonly layers: number;
+  readonly dim: number;
+  readonly ffn: number;
+  readonly heads: number;
+  readonly kvHeads: number;
+  readonly ctx: number;
+  readonly vocab: number;
+  readonly experts?: number;
+  readonly expertsUsed?: number;
+}
+
+/** Any preset (dense or family) by id: its summary and header-only spec at a quantisation. */
+export function anyPresetSpec(id: string, quant: PresetQuant): { summary: PresetSummary; spec: GgufSpec } {
+  const f = findFamilyPreset(id);
+  if (f) {
+    const s = f.shape;
+    const summary = { id: f.id, source: f.source, architecture: s.arch, layers: s.layers, dim: s.dim, ffn: s.ffn, heads: s.heads, kvHeads: s.kvHeads, ctx: s.ctx, vocab: s.vocab, experts: s.experts, expertsUsed: s.expertsUsed };
+    return { summary, spec: familyPresetSpec(f, quant) };
+  }
+  const p = findPreset(id);
+  return { summary: { ...p, architecture: p.architecture }, spec: presetSpec(p, quant) };
 }
 
 interface TensorShape {
