@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type * as grpc from '@grpc/grpc-js';
 import { OrchardError, errorMessage } from '../shared/errors.ts';
@@ -110,7 +111,6 @@ export class NodeAgent {
     const tls = await loadNodeTls(o.stateDir, identity.nodeId);
     log.info({ nodeId: identity.nodeId, stateDir: o.stateDir, created: identity.created, mtls: tls !== undefined }, 'node identity');
     this.currentProfile = await this.probe(identity.nodeId);
-
     const supervisor = new EngineSupervisor({
       binaries: o.binaries,
       log: log.child({ part: 'supervisor' }),
@@ -131,6 +131,7 @@ export class NodeAgent {
       const models = new ModelLibrary({ dirs: o.modelsDirs ?? [], stateDir: o.stateDir, log: log.child({ part: 'models' }) });
       if (models.dirs.length > 0) void models.scan(); // in the background: hashing a multi-GB file must not delay readiness
       const state: AgentState = {
+        runId: randomUUID(),
         models,
         roots: { modelsDirs: models.dirs, stateDir: o.stateDir },
         profile: () => this.profile(),

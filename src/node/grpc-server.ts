@@ -23,6 +23,8 @@ import { doneToWire, engineToWire, exitToWire, tokenToWire } from './wire.ts';
  * same one-line message the CLI would print. A failing request never takes the agent down.
  */
 export interface AgentState {
+  /** This process's incarnation (random per start): Describe and heartbeats carry it. */
+  readonly runId: string;
   profile(): HardwareProfile;
   /** Fresh enough live stats (the agent samples on demand, at most every ~200 ms). */
   live(): Promise<LiveStats>;
@@ -51,7 +53,7 @@ function toServiceError(err: unknown, log: Logger): grpc.ServiceError | Partial<
 export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedServiceImplementation {
   return {
     Describe: (_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => describe(state, log, _call, cb),
-    Watch: (call: grpc.ServerWritableStream<{ intervalSeconds?: number }, unknown>) => watch(state, log, call),
+    Watch: (call: grpc.ServerWritableStream<WatchRequest, unknown>) => watch(state, log, call),
     StartEngine: (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => startEngine(state, log, call, cb),
     StopEngine: (call: grpc.ServerUnaryCall<{ engineId?: string; owner?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) => stopEngine(state, log, call, cb),
     PrepareCache: (call: grpc.ServerWritableStream<Record<string, unknown>, unknown>) => prepareCache(state, log, call),
@@ -69,17 +71,32 @@ function describe(state: AgentState, log: Logger, _call: grpc.ServerUnaryCall<un
         live: liveToWire(live),
         engines: supervisor.list().map(engineToWire),
         modelFiles: (state.models?.files() ?? []).map((f) => ({ path: f.path, sizeBytes: String(f.sizeBytes), sha256: f.sha256 })),
+        runId: state.runId,
       }),
     (err: unknown) => cb(toServiceError(err, log)),
   );
 }
 
-/** Live stats every interval, and engine and profile events as they happen, until the client or the agent goes. */
-function watch(state: AgentState, log: Logger, call: grpc.ServerWritableStream<{ intervalSeconds?: number }, unknown>): void {
+interface WatchRequest {
+  intervalSeconds?: number;
+  heartbeatIntervalSeconds?: number;
+}
+
+/** A requested interval in ms: 0 = `fallback`; clamped so a client can neither flood the agent nor starve liveness. */
+function clampInterval(seconds: unknown, fallback: number): number {
+  const s = Number(seconds ?? 0);
+  return s > 0 ? Math.min(60_000, Math.max(100, s * 1000)) : fallback;
+}
+
+/**
+ * Live stats every interval, a heartbeat on its own timer, and engine and profile events as they
+ * happen, until the client or the agent goes. The heartbeat needs no sampling, so a slow stats
+ * sample never reads as a dead agent.
+ */
+function watch(state: AgentState, log: Logger, call: grpc.ServerWritableStream<WatchRequest, unknown>): void {
   const { supervisor } = state;
-  const requested = Number(call.request?.intervalSeconds ?? 0);
-  // 0 = default 1 s; clamp so a client can neither flood the agent nor starve liveness.
-  const intervalMs = requested > 0 ? Math.min(60_000, Math.max(100, requested * 1000)) : 1000;
+  const intervalMs = clampInterval(call.request?.intervalSeconds, 1000);
+  const heartbeatMs = Number(call.request?.heartbeatIntervalSeconds ?? 0) > 0 ? clampInterval(call.request?.heartbeatIntervalSeconds, 0) : 0;
   let open = true;
   const send = (msg: unknown) => {
     if (open) call.write(msg);
@@ -96,11 +113,13 @@ function watch(state: AgentState, log: Logger, call: grpc.ServerWritableStream<{
   supervisor.on('exited', onExited);
   const offProfile = state.onProfileChange((p) => send({ profileChanged: profileToWire(p) }));
   const timer = setInterval(sendStats, intervalMs);
+  const beat = heartbeatMs > 0 ? setInterval(() => send({ heartbeat: { runId: state.runId } }), heartbeatMs) : undefined;
   sendStats();
   const close = () => {
     if (!open) return;
     open = false;
     clearInterval(timer);
+    clearInterval(beat);
     supervisor.off('started', onStarted);
     supervisor.off('exited', onExited);
     offProfile();

@@ -175,3 +175,35 @@ describe('Registry', () => {
     expect(() => join(r, '', 'x:1', 's', 0)).toThrow(RangeError);
   });
 });
+
+describe('Registry: agent runs (a reconnect is not a restart)', () => {
+  const conn = (r: Registry, session: string, runId: string, now: number) => r.connected({ profile: profile('a'), address: 'x:1', discoveredBy: 'join', session, runId }, now);
+
+  it('the same run re-dialled on a new stream is the same agent: up again, not replaced', () => {
+    const r = new Registry(opts);
+    conn(r, 's1', 'run1', 0);
+    r.disconnected('a', 's1', 100);
+    expect(kinds(conn(r, 's2', 'run1', 300))).toEqual(['a:suspect->up']);
+    expect(r.get('a')).toMatchObject({ state: 'up', session: 's2', runId: 'run1' });
+    // even from down (a link cut past the grace): its engines may still run, it is the same agent
+    r.tick(20_000);
+    expect(r.get('a')?.state).toBe('down');
+    expect(kinds(conn(r, 's3', 'run1', 20_100))).toEqual(['a:down->up']);
+  });
+
+  it('a new run of the same node id is a restart, whatever the state', () => {
+    const r = new Registry(opts);
+    conn(r, 's1', 'run1', 0);
+    expect(kinds(conn(r, 's2', 'run2', 50))).toEqual(['replaced:a']);
+  });
+
+  it('a late stats sample costs nothing while heartbeats arrive: liveness is any event', () => {
+    const r = new Registry(opts);
+    conn(r, 's1', 'run1', 0);
+    for (let t = 500; t <= 30_000; t += 500) {
+      r.seen('a', 's1', t); // heartbeats only, no stats
+      expect(r.tick(t + 10)).toEqual([]);
+    }
+    expect(r.get('a')?.live).toBeUndefined();
+  });
+});

@@ -350,6 +350,7 @@ function entry(over: Partial<NodeEntry> & { name: string; nodeId: string }): Nod
     discoveredBy: 'mdns',
     state: over.state ?? 'up',
     session: 's',
+    runId: '',
     lastSeenMs: 0,
     stateSinceMs: 0,
     joinedAtMs: 0,

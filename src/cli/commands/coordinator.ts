@@ -2,6 +2,7 @@ import { isIP } from 'node:net';
 import { type Command, Option } from 'commander';
 import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/api/client.ts';
 import { startCoordinator } from '../../coordinator/coordinator.ts';
+import { DEFAULT_REGISTRY_OPTIONS } from '../../coordinator/membership/registry.ts';
 import { defaultStateDir, StateDir } from '../../coordinator/state/state-dir.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
@@ -39,8 +40,8 @@ export function registerCoordinator(program: Command): void {
     .addOption(new Option('--no-mdns', 'do not browse Bonjour (nodes join with `orchard cluster join`)'))
     .addOption(new Option('--mdns-interface <ip>', 'browse Bonjour via the interface with this IPv4 address').env('ORCHARD_COORDINATOR_MDNS_INTERFACE'))
     .addOption(new Option('--join-token <token>', 'set the join token instead of the generated one').env('ORCHARD_JOIN_TOKEN'))
-    .option('--suspect-after <ms>', 'node silence before it is suspect', '2000')
-    .option('--down-after <ms>', 'node silence before it is down', '5000')
+    .option('--suspect-after <ms>', 'heartbeat silence before a node is suspect (its models wait, nothing fails)', String(DEFAULT_REGISTRY_OPTIONS.suspectAfterMs))
+    .option('--down-after <ms>', 'grace period: heartbeat silence before a node is down and its models are re-placed', String(DEFAULT_REGISTRY_OPTIONS.downAfterMs))
     .option('--max-queue <n>', 'requests that may wait per model beyond its --parallel slots (default 4 × parallel)')
     .addOption(new Option('--api-key <key>', 'an admin API key: HTTP and gRPC then need a key (prefer ORCHARD_API_KEY or --api-key-file: a flag shows in `ps`)').env('ORCHARD_API_KEY'))
     .addOption(new Option('--api-key-file <file>', 'read the admin API key from this file (`-` = stdin)').env('ORCHARD_API_KEY_FILE'))

@@ -38,6 +38,7 @@ export function statusJson(s: Wire): Wire {
     engine: m.engine,
     error: m.error || undefined,
     predictedTokensPerSecond: m.predictedTokensPerSecond,
+    loadedAtMs: num(m.loadedAtMs) || undefined,
     stages: ((m.stages ?? []) as Wire[]).map((st) => ({
       nodeId: st.nodeId,
       nodeName: st.nodeName,

@@ -74,6 +74,7 @@ export function modelStatusToWire(m: ModelStatus): Record<string, unknown> {
     engine: m.engine,
     error: m.error,
     predictedTokensPerSecond: m.predictedTokensPerSecond,
+    loadedAtMs: String(m.loadedAtMs ?? 0),
     stages: m.stages.map((s) => ({
       nodeId: s.nodeId,
       nodeName: s.nodeName,

@@ -339,15 +339,22 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
   #onMembership(c: RegistryChange): void {
     const n = c.node;
     const label = `node ${n.profile.name} (${n.nodeId})`;
-    if (c.kind === 'state' && c.to !== 'up') {
-      for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} is unavailable: ${c.reason}`);
+    // Suspect is a blip (a late heartbeat, a broken stream being re-dialled): the engines may well
+    // be fine, and requests on them simply wait. Only down — silent past the grace period, or its
+    // agent refused the re-dial — means the engines are gone.
+    if (c.kind === 'state' && c.to === 'down') {
+      for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} is down: ${c.reason}`);
+    } else if (c.kind === 'state' && c.to === 'suspect') {
+      const on = this.#instancesOnNode(n.nodeId);
+      if (on.length > 0) this.#log.warn({ node: n.profile.name, models: on.map((i) => i.name), reason: c.reason }, 'node suspect: its models wait out the grace period');
     } else if (c.kind === 'removed') {
       for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} left the cluster: ${c.reason}`);
     } else if (c.kind === 'replaced') {
       // The agent restarted: the engines it ran for us died with its previous process.
       for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} restarted`);
     }
-    if (c.kind === 'added' || c.kind === 'replaced') void this.#cleanUpOrphans(n.nodeId);
+    // A node back from down may still run engines of an instance failed meanwhile: stop them.
+    if (c.kind === 'added' || c.kind === 'replaced' || (c.kind === 'state' && c.to === 'up')) void this.#cleanUpOrphans(n.nodeId);
   }
 
   #onAgentEvent(nodeId: string, ev: AgentEvent): void {

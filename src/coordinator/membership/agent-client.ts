@@ -21,7 +21,8 @@ export type AgentEvent =
       readonly expected: boolean;
       readonly lastStderrLines: readonly string[];
     }
-  | { readonly kind: 'profile'; readonly profile: HardwareProfile };
+  | { readonly kind: 'profile'; readonly profile: HardwareProfile }
+  | { readonly kind: 'heartbeat'; readonly runId: string };
 
 /** The typed head request as the proto carries it (flat memory fields). */
 export function llamaServerToWire(o: LlamaServerOptions): Record<string, unknown> {
@@ -153,9 +154,10 @@ export class AgentClient {
     });
   }
 
-  async describe(timeoutMs = 3000): Promise<{ profile: HardwareProfile; live: LiveStats | undefined; engines: EngineInfo[]; modelFiles: AgentModelFile[] }> {
+  async describe(timeoutMs = 3000): Promise<{ profile: HardwareProfile; live: LiveStats | undefined; engines: EngineInfo[]; modelFiles: AgentModelFile[]; runId: string }> {
     const r = await this.#unary('describe', {}, timeoutMs);
     return {
+      runId: String(r.runId ?? ''),
       profile: profileFromWire(r.profile as Wire),
       live: liveFromWire(r.live as Wire),
       engines: Array.isArray(r.engines) ? (r.engines as Wire[]).map(engineFromWire) : [],
@@ -208,8 +210,8 @@ export class AgentClient {
     });
   }
 
-  watch(intervalSeconds: number): grpc.ClientReadableStream<Wire> {
-    return (this.#client.watch as ServerStream).call(this.#client, { intervalSeconds }, this.#metadata());
+  watch(intervalSeconds: number, heartbeatIntervalSeconds = 0): grpc.ClientReadableStream<Wire> {
+    return (this.#client.watch as ServerStream).call(this.#client, { intervalSeconds, heartbeatIntervalSeconds }, this.#metadata());
   }
 
   async startEngine(o: StartEngineOptions, timeoutMs: number): Promise<EngineInfo> {
@@ -288,6 +290,8 @@ export function agentEventFromWire(m: Wire): AgentEvent | undefined {
     }
     case 'profileChanged':
       return { kind: 'profile', profile: profileFromWire(m.profileChanged as Wire) };
+    case 'heartbeat':
+      return { kind: 'heartbeat', runId: String((m.heartbeat as Wire | undefined)?.runId ?? '') };
     default:
       return undefined;
   }

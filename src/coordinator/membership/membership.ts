@@ -35,7 +35,8 @@ export class Membership extends EventEmitter<MembershipEvents> {
   readonly #links = new Map<string, Link>();
   readonly #log: Logger;
   readonly #timer: NodeJS.Timeout;
-  readonly #watchIntervalSeconds: number;
+  readonly #statsIntervalSeconds: number;
+  readonly #heartbeatIntervalSeconds: number;
 
   readonly #agentAuth: string | TlsCredentials | undefined;
 
@@ -45,8 +46,10 @@ export class Membership extends EventEmitter<MembershipEvents> {
     this.#agentAuth = agentAuth;
     this.registry = new Registry(options);
     this.#log = log;
-    // Stats arrive at 4× the suspect rate so one lost message never makes a node suspect.
-    this.#watchIntervalSeconds = Math.max(0.1, options.suspectAfterMs / 4000);
+    // Heartbeats arrive at 4× the suspect rate so one lost message never makes a node suspect;
+    // stats (a sample of the machine, slower under memory pressure) keep their own pace.
+    this.#heartbeatIntervalSeconds = Math.max(0.1, options.suspectAfterMs / 4000);
+    this.#statsIntervalSeconds = Math.max(this.#heartbeatIntervalSeconds, 1);
     this.#timer = setInterval(() => this.#apply(this.registry.tick(Date.now())), Math.min(250, options.suspectAfterMs / 4));
     this.#timer.unref();
   }
@@ -109,10 +112,10 @@ export class Membership extends EventEmitter<MembershipEvents> {
     link.session = session;
     link.nodeId = d.profile.nodeId;
     link.attempt = 0;
-    this.#apply(this.registry.connected({ profile: d.profile, live: d.live, address: link.address, discoveredBy: link.discoveredBy, session }, Date.now()));
+    this.#apply(this.registry.connected({ profile: d.profile, live: d.live, address: link.address, discoveredBy: link.discoveredBy, session, runId: d.runId }, Date.now()));
     previousStream?.cancel();
     const nodeId = d.profile.nodeId;
-    const stream = link.client.watch(this.#watchIntervalSeconds);
+    const stream = link.client.watch(this.#statsIntervalSeconds, this.#heartbeatIntervalSeconds);
     link.stream = stream;
     let ended = false;
     const end = (why: string) => {
@@ -124,7 +127,7 @@ export class Membership extends EventEmitter<MembershipEvents> {
     stream.on('data', (m: Record<string, unknown>) => {
       const ev = agentEventFromWire(m);
       this.#apply(this.registry.seen(nodeId, session, Date.now(), ev?.kind === 'stats' ? ev.live : undefined));
-      if (ev) this.emit('agent-event', nodeId, ev);
+      if (ev && ev.kind !== 'heartbeat') this.emit('agent-event', nodeId, ev);
     });
     stream.on('error', (err) => end(`watch stream failed: ${errorMessage(err)}`));
     stream.on('end', () => end('watch stream ended'));

@@ -8,9 +8,13 @@ import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
  *
  *   up ──(no event for suspectAfterMs, or the stream broke)──► suspect
  *   suspect ──(no event for downAfterMs since last seen, or re-dialling it was refused)──► down
- *   suspect/down ──(an event from the same session)──► up
- *   any ──(a new session of the same node id = the agent restarted)──► replaced, up
+ *   suspect/down ──(an event from the same session, or the same agent run reconnected)──► up
+ *   any ──(a new run of the same node id = the agent restarted)──► replaced, up
  *   down ──(forgetAfterMs since last seen, when set)──► removed
+ *
+ * Suspect is a blip, not a verdict: the runtime keeps a suspect node's instances and acts only on
+ * down (downAfterMs is the grace period), replaced and removed. Liveness rides on the agent's
+ * heartbeats, so a stats sample that is late never counts against a node.
  *
  * No ghosts: a node id has exactly one entry, and an agent address has exactly one entry (a
  * node that comes back at the same address under a new id — e.g. its state dir was wiped —
@@ -29,8 +33,8 @@ export interface RegistryOptions {
 }
 
 export const DEFAULT_REGISTRY_OPTIONS: RegistryOptions = {
-  suspectAfterMs: 2000,
-  downAfterMs: 5000,
+  suspectAfterMs: 3000,
+  downAfterMs: 10_000,
   forgetAfterMs: 10 * 60_000,
 };
 
@@ -42,8 +46,10 @@ export interface NodeEntry {
   readonly address: string;
   readonly discoveredBy: DiscoveredBy;
   readonly state: NodeState;
-  /** Identifies one connection to one agent process; a new session of the same id = restart. */
+  /** Identifies one connection (Watch stream) to one agent process. */
   readonly session: string;
+  /** The agent process's incarnation; a new one of the same id = the agent restarted ('' = an agent that does not say). */
+  readonly runId: string;
   readonly lastSeenMs: number;
   readonly stateSinceMs: number;
   readonly joinedAtMs: number;
@@ -61,6 +67,17 @@ export interface ConnectedNode {
   readonly address: string;
   readonly discoveredBy: DiscoveredBy;
   readonly session: string;
+  readonly runId?: string | undefined;
+}
+
+/**
+ * A new connection is a restarted agent when its run id differs (its engines died with the old
+ * process); the same run re-dialled after a cut link is the same agent. Agents that send no run
+ * id are judged by the connection, as before run ids existed.
+ */
+function restarted(previous: NodeEntry, c: ConnectedNode): boolean {
+  if (previous.runId && c.runId) return previous.runId !== c.runId;
+  return previous.session !== c.session;
 }
 
 export function validateRegistryOptions(o: RegistryOptions): RegistryOptions {
@@ -125,13 +142,14 @@ export class Registry {
       discoveredBy: previous?.discoveredBy === 'join' ? 'join' : c.discoveredBy,
       state: 'up',
       session: c.session,
+      runId: c.runId ?? '',
       lastSeenMs: nowMs,
-      stateSinceMs: previous && previous.state === 'up' && previous.session === c.session ? previous.stateSinceMs : nowMs,
+      stateSinceMs: previous && previous.state === 'up' && !restarted(previous, c) ? previous.stateSinceMs : nowMs,
       joinedAtMs: previous?.joinedAtMs ?? nowMs,
     };
     this.#nodes.set(id, node);
     if (!previous) changes.push({ kind: 'added', node });
-    else if (previous.session !== c.session) changes.push({ kind: 'replaced', previous, node });
+    else if (restarted(previous, c)) changes.push({ kind: 'replaced', previous, node });
     else if (previous.state !== 'up') {
       changes.push({ kind: 'state', node, from: previous.state, to: 'up', reason: 'reconnected' });
     }

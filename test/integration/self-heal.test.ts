@@ -1,0 +1,144 @@
+import { execFileSync } from 'node:child_process';
+import { join } from 'node:path';
+import { afterAll, beforeAll, expect } from 'vitest';
+import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
+import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
+import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { modelThatMustSplit } from '../helpers/split-model.ts';
+import { tempDir } from '../helpers/temp-dir.ts';
+
+/*
+ * Self-healing, end to end with real processes on 127.0.0.1: a coordinator and three agents whose
+ * budgets force a 2-stage plan of a generated 8-layer GGUF, so one node is always spare. A blip
+ * (an agent and its engines frozen with SIGSTOP for 3 s) must cost nothing: the in-flight greedy
+ * stream pauses and ends with the oracle's tokens, nothing fails, nothing reloads.
+ */
+
+const CTX = 2048;
+const N_PREDICT = 48;
+const engines = await llamaEngines();
+const dir = tempDir('orchard-heal-', 'all');
+const procs: Proc[] = [];
+
+interface Status {
+  nodes: { id: string; name: string; state: string }[];
+  models: { name: string; state: string; error?: string; loadedAtMs?: number; stages: { nodeId: string; nodeName: string }[] }[];
+}
+
+/** The process and every descendant (an agent's engines run in their own process groups). */
+function processTree(pid: number): number[] {
+  const rows = execFileSync('ps', ['-eo', 'pid=,ppid='], { encoding: 'utf8' })
+    .trim()
+    .split('\n')
+    .map((l) => l.trim().split(/\s+/).map(Number) as [number, number]);
+  const out = [pid];
+  for (let i = 0; i < out.length; i++) for (const [p, pp] of rows) if (pp === out[i]) out.push(p);
+  return out;
+}
+
+function signalTree(pids: readonly number[], sig: NodeJS.Signals): void {
+  for (const p of pids) {
+    try {
+      process.kill(p, sig);
+    } catch {
+      // gone already
+    }
+  }
+}
+
+describeWith([engines], 'self-healing: liveness, re-placement, resumed streams', () => {
+  let env: NodeJS.ProcessEnv;
+  let model: string;
+  let coordAddr: string;
+  let oracle: number[];
+  const agents = new Map<string, { proc: Proc; nodeId: string }>();
+
+  const status = async (): Promise<Status> => {
+    const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
+    expect(r.code, r.stderr).toBe(0);
+    return JSON.parse(r.stdout) as Status;
+  };
+
+  beforeAll(async () => {
+    const bins = engines.ok ? (engines.value as LlamaBinaries) : undefined;
+    if (!bins) return;
+    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+    model = join(dir.path, 'm8.gguf');
+    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
+    const token = 'heal-test-token-0123456789';
+    // A short suspect threshold so the blip is surely seen as one; the grace (down-after) is the default.
+    const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--join-token', token, '--suspect-after', '1000', '--json'], env);
+    procs.push(coordinator);
+    coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
+    for (const name of ['alpha', 'bravo', 'charlie']) {
+      const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--join', coordAddr, '--token', token, '--json'], env);
+      procs.push(proc);
+      agents.set(name, { proc, nodeId: String((await readyLine(proc)).nodeId) });
+    }
+    oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
+    for (let i = 0; i < 50 && (await status()).nodes.filter((n) => n.state === 'up').length < 3; i++) await sleep(200);
+    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
+    expect(load.code, load.stderr).toBe(0);
+  }, 240_000);
+
+  afterAll(async () => {
+    await Promise.all(procs.splice(0).map(killGroup));
+  });
+
+  /** A greedy stream of N_PREDICT tokens; `onToken(n)` runs after the n-th token. */
+  async function stream(onToken: (n: number) => Promise<void> | void): Promise<{ tokens: number[]; maxGapMs: number; error?: Error }> {
+    const client = new CoordinatorClient(coordAddr);
+    const tokens: number[] = [];
+    let last = Date.now();
+    let maxGapMs = 0;
+    try {
+      for await (const ev of client.stream('generate', { model: 'm8', prompt: ORACLE_PROMPT, maxTokens: N_PREDICT, temperature: 0 })) {
+        if (ev.event !== 'token') continue;
+        const now = Date.now();
+        maxGapMs = Math.max(maxGapMs, now - last);
+        last = now;
+        tokens.push(...((ev.token as { tokenIds?: number[] }).tokenIds ?? []).map(Number));
+        await onToken(tokens.length);
+      }
+      return { tokens, maxGapMs };
+    } catch (err) {
+      return { tokens, maxGapMs, error: err as Error };
+    } finally {
+      client.close();
+    }
+  }
+
+  itWith([engines], 'a worker frozen for 3 s (SIGSTOP, agent and engines) is a blip: the stream pauses, nothing fails, nothing reloads', async () => {
+    const before = (await status()).models.find((m) => m.name === 'm8')!;
+    expect(before.state).toBe('ready');
+    const worker = [...agents.values()].find((a) => a.nodeId === before.stages[0]!.nodeId)!;
+    const frozen = processTree(worker.proc.child.pid!);
+    expect(frozen.length, 'the worker runs its rpc-server').toBeGreaterThan(1);
+    let sawSuspect = false;
+    const r = await stream(async (n) => {
+      if (n !== 3) return;
+      signalTree(frozen, 'SIGSTOP');
+      try {
+        const until = Date.now() + 3000;
+        while (Date.now() < until) {
+          if ((await status()).nodes.find((x) => x.id === worker.nodeId)?.state === 'suspect') sawSuspect = true;
+          await sleep(250);
+        }
+      } finally {
+        signalTree(frozen, 'SIGCONT');
+      }
+    });
+    expect(r.error).toBeUndefined();
+    expect(sawSuspect, 'the frozen node turned suspect: the blip was seen').toBe(true);
+    expect(r.maxGapMs, 'the stream paused across the freeze').toBeGreaterThan(2500);
+    expect(r.tokens).toEqual(oracle);
+    await sleep(1500);
+    const after = await status();
+    const m = after.models.find((x) => x.name === 'm8')!;
+    expect(m.state).toBe('ready');
+    expect(m.loadedAtMs, 'no reload').toBe(before.loadedAtMs);
+    expect(after.nodes.find((x) => x.id === worker.nodeId)?.state).toBe('up');
+  }, 60_000);
+});
