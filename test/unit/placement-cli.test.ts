@@ -61,6 +61,19 @@ describe('orchard plan', () => {
     expect(plan.reasons.length).toBeGreaterThan(0);
   });
 
+  it('--prompt-tokens predicts time to first token; --objective ttft is accepted only with a prompt', async () => {
+    const r = await orchard('plan', model70b, '--nodes', nodesFile, '--ctx', '8192', '--prompt-tokens', '4096', '--objective', 'balanced', '--json');
+    expect(r.code).toBe(0);
+    const plan = JSON.parse(r.stdout);
+    expect(plan.predicted).toMatchObject({ promptTokens: 4096, objective: 'balanced' });
+    // 4096 tokens × ~2 × 70e9 FLOPs on a Mac GPU: seconds, not milliseconds and not minutes.
+    expect(plan.predicted.ttftSeconds).toBeGreaterThan(1);
+    expect(plan.predicted.ttftSeconds).toBeLessThan(120);
+    const bad = await orchard('plan', model70b, '--nodes', nodesFile, '--objective', 'ttft');
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/--prompt-tokens/);
+  });
+
   it('prints a readable table', async () => {
     const r = await orchard('plan', model70b, '--nodes', nodesFile, '--ctx', '8192');
     expect(r.code).toBe(0);

@@ -9,7 +9,8 @@ import { type ModelProfile, weightTraffic } from '../../shared/model/profile.ts'
 import { readModelProfile } from '../../shared/model/read-profile.ts';
 import { parseNodesFile } from '../../shared/placement/nodes-file.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
-import { type Plan, familyPlacementOptions } from '../../shared/placement/types.ts';
+import { isMlxProfile } from '../../shared/model/mlx-profile.ts';
+import { OBJECTIVES, type Objective, type Plan, familyPlacementOptions } from '../../shared/placement/types.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
 import { planJsonSchema, renderPlanTable } from '../tables.ts';
 
@@ -21,6 +22,8 @@ interface PlanFlags extends CredentialFlags {
   parallel?: string;
   pin?: string[];
   hopMs?: string;
+  promptTokens?: string;
+  objective?: string;
   json?: boolean;
 }
 
@@ -38,6 +41,8 @@ export function registerPlan(program: Command): void {
     .option('--parallel <n>', 'parallel sequences (server slots, unified KV cache)', '1')
     .option('--pin <node...>', 'nodes that must hold a stage')
     .option('--hop-ms <ms>', 'cost of one stage boundary per token in ms (nodes may override with hopSeconds)', '1')
+    .option('--prompt-tokens <n>', 'also predict time to first token for a prompt of this many tokens (--nodes plans)', '0')
+    .option('--objective <o>', `what placement minimises: ${OBJECTIVES.join(', ')} (ttft and balanced need --prompt-tokens)`, 'decode')
     .option('--json', 'print the plan as JSON on stdout')
     .action(async (modelPath: string, flags: PlanFlags, cmd: Command) => {
       const ctx = parseInteger(flags.ctx ?? '4096', '--ctx', 1, 16 * 1024 * 1024);
@@ -50,9 +55,15 @@ export function registerPlan(program: Command): void {
       if (!(CACHE_TYPES as readonly string[]).includes(cacheType)) {
         throw new UsageError(`invalid --cache-type "${flags.cacheType}": use one of ${CACHE_TYPES.join(', ')}`);
       }
+      const promptTokens = parseInteger(flags.promptTokens ?? '0', '--prompt-tokens', 0, 16 * 1024 * 1024);
+      const objective = (flags.objective ?? 'decode') as Objective;
+      if (!OBJECTIVES.includes(objective)) throw new UsageError(`invalid --objective "${flags.objective}": use one of ${OBJECTIVES.join(', ')}`);
+      if (objective !== 'decode' && promptTokens === 0) throw new UsageError(`--objective ${objective} needs --prompt-tokens N (the prompt length to optimise for)`);
       if (!flags.nodes) {
-        // The coordinator plans with its own hop cost; silently ignoring the flag would mislead.
-        if (cmd.getOptionValueSource('hopMs') === 'cli') throw new UsageError('--hop-ms applies to --nodes plans only; the live cluster is planned by the coordinator');
+        // The coordinator plans with its own costs; silently ignoring these flags would mislead.
+        for (const f of ['hopMs', 'promptTokens', 'objective']) {
+          if (cmd.getOptionValueSource(f) === 'cli') throw new UsageError(`--${f.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} applies to --nodes plans only; the live cluster is planned by the coordinator`);
+        }
         const address = coordinatorAddress(flags.coordinator);
         const plan = await livePlan(address, await resolveApiKey(flags), resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [] });
         // The coordinator opens the model; the header here only names it when this machine has it too.
@@ -73,8 +84,8 @@ export function registerPlan(program: Command): void {
       } catch (err) {
         throw new UsageError(`cannot read nodes file ${flags.nodes}: ${(err as Error).message}`);
       }
-      const nodes = parseNodesFile(text, flags.nodes);
       const profile = await readModelProfile(modelPath);
+      const nodes = parseNodesFile(text, flags.nodes, isMlxProfile(profile) ? 'mlx' : 'llama.cpp');
       const plan = planPlacement(profile, nodes, {
         ...familyPlacementOptions(profile),
         ctx,
@@ -82,6 +93,8 @@ export function registerPlan(program: Command): void {
         parallel,
         pinned: flags.pin ?? [],
         hopSeconds: hopMs / 1000,
+        promptTokens,
+        objective,
       });
       if (flags.json) {
         process.stdout.write(`${JSON.stringify(toJson(plan, profile.name ?? modelPath, profile))}\n`);
@@ -166,6 +179,8 @@ function toJson(plan: Plan, model: string, profile?: ModelProfile): unknown {
       tokensPerSecond: plan.predicted.tokensPerSecond,
       secondsPerToken: plan.fits ? plan.predicted.secondsPerToken : null,
       hopSeconds: plan.predicted.hopSeconds,
+      ...(plan.predicted.promptTokens > 0 ? { promptTokens: plan.predicted.promptTokens, ttftSeconds: plan.predicted.ttftSeconds } : {}),
+      objective: plan.predicted.objective,
     },
     reasons: plan.reasons,
     unusedNodes: plan.unusedNodes,
@@ -177,7 +192,8 @@ function render(plan: Plan, title: string, profile?: ModelProfile): string {
   const lines = [title];
   if (plan.fits) {
     // The same table the demo and the live-cluster plan print; ms/token is this command's extra.
-    lines.push(renderPlanTable(plan).replace(/ tok\/s\n$/, ` tok/s (${(plan.predicted.secondsPerToken * 1000).toFixed(1)} ms/token)`));
+    const ttft = plan.predicted.promptTokens > 0 ? `; first token after ${(plan.predicted.ttftSeconds * 1000).toFixed(0)} ms for a ${plan.predicted.promptTokens}-token prompt` : '';
+    lines.push(renderPlanTable(plan).replace(/ tok\/s\n$/, ` tok/s (${(plan.predicted.secondsPerToken * 1000).toFixed(1)} ms/token)${ttft}`));
   } else {
     lines.push('DOES NOT FIT');
     if (plan.shortfall && plan.shortfall.shortfallBytes > 0) lines.push(`shortfall: ${gib(plan.shortfall.shortfallBytes)} GiB`);

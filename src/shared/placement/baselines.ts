@@ -1,5 +1,6 @@
 import { memoryModel, stageBytes } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
+import { boundarySeconds } from './cost.ts';
 import { llamaLayerDevices } from './llama-args.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
 
@@ -7,12 +8,18 @@ import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } 
  * The placements Orchard competes with, evaluated with Orchard's own cost model and memory math
  * so the comparison is like for like (bench/placement.ts).
  *
- * - exo-style: every node gets layers in proportion to its free RAM, counting weights only
- *   (no KV cache, no compute buffers, no wired limit) — exo's `get_shard_assignments`.
- * - llama.cpp default: every device gets a share of n_layer + 1 units in proportion to the free
- *   memory it reports (Metal: the wired limit), mapped with llama.cpp's own float32 rule.
+ * - exo (github.com/exo-explore/exo @ b5375f8, src/exo/master/placement.py `place_instance` and
+ *   placement_utils.py): candidate node sets are the topology's cycles (every subset on a full
+ *   mesh); `filter_cycles_by_memory` keeps those whose summed `ram_available` covers the model's
+ *   `storage_size` (weights only: no KV cache, no compute buffers, no wired limit);
+ *   `get_smallest_cycles` keeps the fewest nodes; the one with the most `ram_available` wins
+ *   (after a download-progress score, equal here); `allocate_layers_proportionally` splits layers
+ *   ∝ `ram_available` (largest remainder, ≥ 1 layer per node). Bandwidth plays no part.
+ * - llama.cpp default (src/llama-model.cpp `load_tensors`: without --tensor-split the split is
+ *   each device's free memory from `ggml_backend_dev_memory`; Metal reports the wired limit):
+ *   every device gets a share of n_layer + 1 units ∝ that, mapped with llama.cpp's float32 rule.
  *
- * Both use all nodes in the given order with the last as head (llama.cpp: local device last).
+ * Pipeline order is the given node order with the last as head (llama.cpp: local device last).
  */
 export interface BaselineStage {
   readonly node: string;
@@ -68,7 +75,7 @@ export function evaluateCounts(
     for (let l = first; l < first + c; l++) read += mm.layerRead[l]!;
     if (isHead) read += p.outputBytes + p.outputNormBytes + p.otherBytes + p.tokenEmbdRowBytes;
     seconds += read / node.bandwidthBytesPerSecond;
-    if (!isHead) seconds += node.hopSeconds ?? o.hopSeconds;
+    if (!isHead) seconds += boundarySeconds(p, node, o).decode;
     if (bytes.total > node.budgetBytes) violations++;
     stages.push({ node: node.name, firstLayer: first, lastLayer: first + c - 1, totalBytes: bytes.total, budgetBytes: node.budgetBytes });
     first += c;
@@ -77,14 +84,48 @@ export function evaluateCounts(
   return { stages, secondsPerToken: seconds, tokensPerSecond: 1 / seconds, budgetViolations: violations };
 }
 
-/** exo-style: layers ∝ free RAM, weights only, all nodes. */
-export function ramProportionalPlan(
+/**
+ * exo's rule (see the top of the file): the smallest node sets whose free RAM covers the weights,
+ * the one with the most free RAM, layers ∝ free RAM. Undefined when no set covers the weights
+ * (exo refuses to place). Exhaustive over subsets, so for the ≤ 16-node clusters of the bench.
+ */
+export function exoPlan(
   profile: ModelProfile,
   nodes: readonly PlacementNode[],
-  freeRamBytes: readonly number[],
+  ramAvailableBytes: readonly number[],
   options?: Partial<PlacementOptions>,
-): BaselinePlan {
-  return evaluateCounts(profile, nodes, proportionalLayers(profile.layerCount, freeRamBytes), options);
+): BaselinePlan | undefined {
+  const n = nodes.length;
+  if (n > 16) throw new Error('exoPlan enumerates node subsets; give it at most 16 nodes');
+  const storage = profile.fileTensorBytes;
+  let best: { members: number[]; ram: number } | undefined;
+  for (let mask = 1; mask < 1 << n; mask++) {
+    const members = [...Array(n).keys()].filter((i) => mask & (1 << i));
+    const ram = members.reduce((t, i) => t + ramAvailableBytes[i]!, 0);
+    if (ram < storage || members.length > profile.layerCount) continue;
+    // Fewest nodes first, then most RAM; ties keep the earlier set (exo's max() keeps the first).
+    if (!best || members.length < best.members.length || (members.length === best.members.length && ram > best.ram)) best = { members, ram };
+  }
+  if (!best) return undefined;
+  const chosen = best.members;
+  const counts = proportionalLayers(
+    profile.layerCount,
+    chosen.map((i) => ramAvailableBytes[i]!),
+  );
+  // allocate_layers_proportionally: every node of the cycle gets ≥ 1 layer, taken from the largest.
+  for (let i = 0; i < counts.length; i++) {
+    if (counts[i] === 0) {
+      const max = counts.indexOf(Math.max(...counts));
+      counts[max]!--;
+      counts[i] = 1;
+    }
+  }
+  return evaluateCounts(
+    profile,
+    chosen.map((i) => nodes[i]!),
+    counts,
+    options,
+  );
 }
 
 /** llama.cpp default: n_layer + 1 units ∝ reported free device memory, llama.cpp's own mapping. */

@@ -3,6 +3,7 @@ import { lookupChip } from '../chips.ts';
 import { UsageError } from '../errors.ts';
 // Pure budget arithmetic shared with the node agent's probe (no I/O in that module).
 import { usableBudget, wiredLimitBytes } from '../budget.ts';
+import { type EngineFamily, defaultPrefillFlops, effectiveBandwidth } from './cost.ts';
 import type { PlacementNode } from './types.ts';
 
 /**
@@ -11,7 +12,8 @@ import type { PlacementNode } from './types.ts';
  * node agent computes it (min(wired limit, RAM − OS reserve) − margin), with the macOS default
  * wired limit modelled when `wiredLimitBytes` is absent. `chip` fills the bandwidth from the chip
  * table when `bandwidthBytesPerSecond` is absent (slowest configuration of that chip unless
- * `gpuCores` says which one).
+ * `gpuCores` says which one). Both are spec (peak) figures: the planner gets them × the engine's
+ * decode efficiency (cost.ts) unless `effectiveBandwidthBytesPerSecond` gives a measurement.
  */
 const byteCount = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
 export const NodeFileEntry = z
@@ -24,12 +26,16 @@ export const NodeFileEntry = z
     wiredLimitBytes: byteCount.optional(),
     budgetBytes: byteCount.optional(),
     hopSeconds: z.number().nonnegative().finite().optional(),
+    /** Decode bandwidth the node measured with the engine (`orchard node --calibrate`); wins over the estimate. */
+    effectiveBandwidthBytesPerSecond: z.number().positive().finite().optional(),
+    prefillFlopsPerSecond: z.number().positive().finite().optional(),
+    linkBytesPerSecond: z.number().positive().finite().optional(),
   })
   .strict();
 export const NodesFile = z.array(NodeFileEntry).min(1, 'the nodes file lists no nodes');
 export type NodeFileEntry = z.infer<typeof NodeFileEntry>;
 
-export function resolveNode(e: NodeFileEntry): PlacementNode {
+export function resolveNode(e: NodeFileEntry, engine: EngineFamily = 'llama.cpp'): PlacementNode {
   let bandwidth = e.bandwidthBytesPerSecond;
   if (bandwidth === undefined) {
     if (e.chip === undefined) throw new UsageError(`node ${e.name}: give bandwidthBytesPerSecond or a chip name`);
@@ -40,16 +46,19 @@ export function resolveNode(e: NodeFileEntry): PlacementNode {
   const budget =
     e.budgetBytes ?? usableBudget({ memoryBytes: e.memoryBytes, wiredLimitBytes: wiredLimitBytes(e.memoryBytes, e.wiredLimitBytes) }).budgetBytes;
   if (budget > e.memoryBytes) throw new UsageError(`node ${e.name}: budgetBytes exceeds memoryBytes`);
+  const effective = effectiveBandwidth(bandwidth, engine, e.effectiveBandwidthBytesPerSecond);
   return {
     name: e.name,
     budgetBytes: budget,
-    bandwidthBytesPerSecond: bandwidth,
+    bandwidthBytesPerSecond: effective,
+    prefillFlopsPerSecond: e.prefillFlopsPerSecond ?? defaultPrefillFlops(effective, e.gpuCores),
     ...(e.hopSeconds === undefined ? {} : { hopSeconds: e.hopSeconds }),
+    ...(e.linkBytesPerSecond === undefined ? {} : { linkBytesPerSecond: e.linkBytesPerSecond }),
   };
 }
 
 /** Parse and validate the text of a NODES.json file; errors name the file and the field. */
-export function parseNodesFile(text: string, source: string): PlacementNode[] {
+export function parseNodesFile(text: string, source: string, engine: EngineFamily = 'llama.cpp'): PlacementNode[] {
   let raw: unknown;
   try {
     raw = JSON.parse(text);
@@ -67,5 +76,5 @@ export function parseNodesFile(text: string, source: string): PlacementNode[] {
     if (names.has(n.name)) throw new UsageError(`${source}: node name "${n.name}" appears twice`);
     names.add(n.name);
   }
-  return r.data.map(resolveNode);
+  return r.data.map((e) => resolveNode(e, engine));
 }

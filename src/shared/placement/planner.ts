@@ -11,15 +11,20 @@ import {
 } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
 import { formatBytes } from '../units.ts';
+import { boundarySeconds, headPrefillFlops, layerPrefillFlops, objectiveWeights, prefillFlopsOf } from './cost.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type Plan, type PlacementNode, type PlacementOptions, type PlanStage } from './types.ts';
 
 /**
  * The placement planner: which node holds which contiguous layer range so that the model fits
  * and a decoded token takes the least predicted time.
  *
- * Cost model (DESIGN "Placement"): at batch 1 decode is memory-bandwidth bound, so a token costs
- *   Σ_stages bytes_read(stage) / bandwidth(node) + Σ_boundaries hop + head overhead,
- * and stage order does not change the sum. Memory of a stage is Σ its layers' (weights + KV)
+ * Cost model (DESIGN "Placement", constants in cost.ts): at batch 1 decode is memory-bandwidth
+ * bound, so a token costs
+ *   Σ_stages bytes_read(stage) / bandwidth(node) + Σ_boundaries (hop + activations / link) + head overhead,
+ * and prefilling a prompt of P tokens costs
+ *   Σ_stages P × FLOPs(stage) / compute(node) + Σ_boundaries (⌈P / ubatch⌉ × hop + P activations / link).
+ * The objective is a weighted sum of both (options.objective); every term is a per-node linear
+ * function of the layer prefix sums, so stage order does not change the sum. Memory of a stage is Σ its layers' (weights + KV)
  * plus a per-stage constant (compute buffer, engine overhead; on the head also the output head,
  * token embeddings and host buffers), so a node's capacity is a bound on a contiguous range.
  *
@@ -54,6 +59,17 @@ interface Prepared {
   readonly budgets: readonly number[];
   readonly memPrefix: Float64Array;
   readonly readPrefix: Float64Array;
+  /** Σ prompt FLOPs of layers [0, k) (P × per-token FLOPs; all zero without a prompt). */
+  readonly flopPrefix: Float64Array;
+  /** Objective weights of decode seconds and prefill seconds. */
+  readonly wd: number;
+  readonly wt: number;
+  readonly invBw: readonly number[];
+  readonly invFlops: readonly number[];
+  /** Weighted cost of the boundary after a stage on node i (decode and prefill parts). */
+  readonly hopCost: readonly number[];
+  /** Weighted cost of the head's own work (output head read, last-position logits) on node i. */
+  readonly headCost: readonly number[];
   readonly workerConst: number;
   /** Head of a multi-stage plan (pipeline-parallel compute buffers). */
   readonly headConst: number;
@@ -91,10 +107,23 @@ function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: Plac
   const L = profile.layerCount;
   const memPrefix = new Float64Array(L + 1);
   const readPrefix = new Float64Array(L + 1);
+  const flopPrefix = new Float64Array(L + 1);
+  const P = o.promptTokens;
+  const flops = P > 0 ? layerPrefillFlops(profile, P) : [];
   for (let l = 0; l < L; l++) {
     memPrefix[l + 1] = memPrefix[l]! + mm.layerWeights[l]! + mm.layerKv[l]!;
     readPrefix[l + 1] = readPrefix[l]! + mm.layerRead[l]!;
+    flopPrefix[l + 1] = flopPrefix[l]! + P * (flops[l] ?? 0);
   }
+  const { wd, wt } = objectiveWeights(o);
+  const invBw = nodes.map((n) => 1 / n.bandwidthBytesPerSecond);
+  const invFlops = nodes.map((n) => 1 / prefillFlopsOf(n));
+  const headRead = profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes;
+  const hopCost = nodes.map((n) => {
+    const { decode, prefill } = boundarySeconds(profile, n, o);
+    return wd * decode + wt * prefill;
+  });
+  const headCost = nodes.map((_, i) => wd * headRead * invBw[i]! + wt * (P > 0 ? headPrefillFlops(profile) * invFlops[i]! : 0));
   // Per-stage constants use the widest layer's compute buffer: a bound for any range.
   const workerConst = computeBufferBytes(mm, profile.layers, false, true) + WORKER_OVERHEAD_BYTES + (o.stageExtraBytes ?? 0);
   const headFixed = mm.outputWeights + mm.hostWeights + HEAD_OVERHEAD_BYTES;
@@ -112,11 +141,18 @@ function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: Plac
     budgets: nodes.map((n) => n.budgetBytes - o.safetyMarginBytes),
     memPrefix,
     readPrefix,
+    flopPrefix,
+    wd,
+    wt,
+    invBw,
+    invFlops,
+    hopCost,
+    headCost,
     workerConst,
     headConst,
     headConstSingle,
     // The head reads the output head in full and one token_embd row per token.
-    headRead: profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes,
+    headRead,
     pinned,
     o,
   };
@@ -125,8 +161,14 @@ function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: Plac
 const cmp = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
 const EPS = 1e-12;
 
-function hopOf(p: Prepared, i: number): number {
-  return p.nodes[i]!.hopSeconds ?? p.o.hopSeconds;
+/** Weighted cost of layers [0, k) on node i, linear in the prefix sums. */
+function lin(p: Prepared, i: number, k: number): number {
+  return p.wd * p.readPrefix[k]! * p.invBw[i]! + p.wt * p.flopPrefix[k]! * p.invFlops[i]!;
+}
+
+/** Weighted fixed cost of a request (head overhead lands once on decode and once on TTFT). */
+function fixedCost(p: Prepared): number {
+  return (p.wd + (p.o.promptTokens > 0 ? p.wt : 0)) * p.o.headOverheadSeconds;
 }
 
 /**
@@ -136,11 +178,12 @@ function hopOf(p: Prepared, i: number): number {
  */
 function step(p: Prepared, i: number, f: Float64Array, ch: Int32Array, g: Float64Array, deque: Int32Array): Float64Array {
   const L = p.mm.profile.layerCount;
-  const memPrefix = p.memPrefix;
-  const readPrefix = p.readPrefix;
+  const { memPrefix, readPrefix, flopPrefix } = p;
   const cap = p.budgets[i]! - p.workerConst;
-  const bw = p.nodes[i]!.bandwidthBytesPerSecond;
-  const hop = hopOf(p, i);
+  const hop = p.hopCost[i]!;
+  // lin(p, i, k) inlined: this loop is the planner's hot path.
+  const a = p.wd * p.invBw[i]!;
+  const b = p.wt * p.invFlops[i]!;
   const mustUse = p.pinned.has(i);
   const nf = new Float64Array(L + 1);
   if (mustUse) {
@@ -151,7 +194,7 @@ function step(p: Prepared, i: number, f: Float64Array, ch: Int32Array, g: Float6
     ch.fill(-1);
   }
   if (cap < 0) return nf;
-  for (let k = 0; k <= L; k++) g[k] = f[k]! - readPrefix[k]! / bw;
+  for (let k = 0; k <= L; k++) g[k] = f[k]! - (a * readPrefix[k]! + b * flopPrefix[k]!);
   let head = 0;
   let tail = 0;
   let lo = 0;
@@ -168,7 +211,7 @@ function step(p: Prepared, i: number, f: Float64Array, ch: Int32Array, g: Float6
     while (tail > head && deque[head]! < lo) head++;
     if (tail > head) {
       const jb = deque[head]!;
-      const cost = g[jb]! + readPrefix[k]! / bw + hop;
+      const cost = g[jb]! + a * readPrefix[k]! + b * flopPrefix[k]! + hop;
       if (cost < nf[k]! - EPS) {
         nf[k] = cost;
         ch[k] = jb;
@@ -205,17 +248,18 @@ function solve(p: Prepared): Assignment | undefined {
   // Interchangeable nodes (same budget, bandwidth, hop, pin) give the same cost as head, so only
   // the first of each class is tried: exact, and real clusters repeat SKUs a lot.
   const triedHeads = new Set<string>();
-  const bwMax = p.nodes[order[0]!]!.bandwidthBytesPerSecond;
+  // Every layer at the cheapest node's rates: part of a lower bound for any head.
+  const minInvBw = Math.min(...p.invBw);
+  const minInvFlops = Math.min(...p.invFlops);
+  const L0 = p.wd * p.readPrefix[L]! * minInvBw + p.wt * p.flopPrefix[L]! * minInvFlops + fixedCost(p);
   for (let t = 0; t < N; t++) {
     const h = order[t]!;
-    const node = p.nodes[h]!;
-    const cls = `${p.budgets[h]}|${node.bandwidthBytesPerSecond}|${hopOf(p, h)}|${p.pinned.has(h)}`;
+    const cls = `${p.budgets[h]}|${p.invBw[h]}|${p.invFlops[h]}|${p.hopCost[h]}|${p.pinned.has(h)}`;
     if (triedHeads.has(cls)) continue;
     triedHeads.add(cls);
-    const bwH = node.bandwidthBytesPerSecond;
-    // Lower bound for this head: its own output read, and every layer read at the best bandwidth.
+    // Lower bound for this head: its own work, and every layer at the cheapest rates.
     // A head that cannot beat the best plan so far strictly is skipped (ties keep the earlier one).
-    if (best && p.headRead / bwH + p.readPrefix[L]! / bwMax + p.o.headOverheadSeconds >= best.seconds - EPS) continue;
+    if (best && p.headCost[h]! + L0 >= best.seconds - EPS) continue;
     // j = 0 means the head holds everything alone (no pipeline); j > 0 means workers before it.
     const singleFits = p.memPrefix[L]! + p.headConstSingle <= p.budgets[h]!;
     const headCap = p.budgets[h]! - p.headConst;
@@ -232,14 +276,14 @@ function solve(p: Prepared): Assignment | undefined {
     for (let j = singleFits ? 0 : jMin; j <= jMax; j++) {
       if (j > 0 && j < jMin) continue;
       if (f[j] === Number.POSITIVE_INFINITY) continue;
-      const cost = f[j]! + (p.readPrefix[L]! - p.readPrefix[j]!) / bwH;
+      const cost = f[j]! + lin(p, h, L) - lin(p, h, j);
       if (cost < bestCost - EPS) {
         bestCost = cost;
         bestJ = j;
       }
     }
     if (bestJ < 0) continue;
-    const total = bestCost + p.headRead / bwH + p.o.headOverheadSeconds;
+    const total = bestCost + p.headCost[h]! + fixedCost(p);
     if (best && total >= best.seconds - EPS) continue;
     // Reconstruct, walking positions backwards and skipping the head's own position.
     const stages: { node: number; first: number; end: number }[] = [{ node: h, first: bestJ, end: L }];
@@ -288,7 +332,7 @@ function rebalance(p: Prepared, a: Assignment): Assignment {
   for (let i = 0; i + 1 < stages.length; i++) {
     const x = stages[i]!;
     const y = stages[i + 1]!;
-    if (p.nodes[x.node]!.bandwidthBytesPerSecond !== p.nodes[y.node]!.bandwidthBytesPerSecond) continue;
+    if (p.invBw[x.node] !== p.invBw[y.node] || p.invFlops[x.node] !== p.invFlops[y.node]) continue;
     const yIsHead = i + 1 === stages.length - 1;
     let bestK = x.end;
     let bestMin = Math.min(headroom(i, x.first, x.end), headroom(i + 1, y.first, y.end));
@@ -320,6 +364,7 @@ function describe(p: Prepared, solved: Assignment): Plan {
     const node = p.nodes[s.node]!;
     const bytes = planStageBytes(p, s.first, s.end - 1, isHead, a.stages.length > 1);
     const read = p.readPrefix[s.end]! - p.readPrefix[s.first]! + (isHead ? p.headRead : 0);
+    const flops = p.flopPrefix[s.end]! - p.flopPrefix[s.first]! + (isHead && p.o.promptTokens > 0 ? headPrefillFlops(profile) : 0);
     const budget = p.budgets[s.node]!;
     return {
       node: node.name,
@@ -332,10 +377,12 @@ function describe(p: Prepared, solved: Assignment): Plan {
       bandwidthBytesPerSecond: node.bandwidthBytesPerSecond,
       readBytesPerToken: read,
       secondsPerToken: read / node.bandwidthBytesPerSecond,
+      prefillSeconds: flops * p.invFlops[s.node]!,
     };
   });
   const used = new Set(a.stages.map((s) => s.node));
-  const hopSeconds = a.stages.slice(0, -1).reduce((t, s) => t + hopOf(p, s.node), 0);
+  const boundaries = a.stages.slice(0, -1).map((s) => boundarySeconds(profile, p.nodes[s.node]!, p.o));
+  const hopSeconds = boundaries.reduce((t, b) => t + b.decode, 0);
   const unusedNodes = p.order.filter((i) => !used.has(i)).map((i) => p.nodes[i]!.name);
   const reasons: string[] = [];
   const gib = (b: number) => formatBytes(b);
@@ -361,26 +408,28 @@ function describe(p: Prepared, solved: Assignment): Plan {
       );
     }
   }
-  for (const name of unusedNodes) reasons.push(`${name} unused: adding it would not lower the predicted time per token`);
-  const secondsPerToken = a.seconds;
+  const goal = p.wt > 0 ? (p.o.objective === 'ttft' ? 'time to first token' : 'request time') : 'time per token';
+  for (const name of unusedNodes) reasons.push(`${name} unused: adding it would not lower the predicted ${goal}`);
+  // a.seconds is the objective; the predictions are recomputed in seconds.
+  const secondsPerToken = stages.reduce((t, s) => t + s.secondsPerToken, 0) + hopSeconds + p.o.headOverheadSeconds;
+  const P = p.o.promptTokens;
+  const ttftSeconds = P > 0 ? stages.reduce((t, s) => t + s.prefillSeconds, 0) + boundaries.reduce((t, b) => t + b.prefill, 0) + p.o.headOverheadSeconds : 0;
   return {
     fits: true,
     stages,
-    predicted: { secondsPerToken, tokensPerSecond: 1 / secondsPerToken, hopSeconds },
+    predicted: { secondsPerToken, tokensPerSecond: 1 / secondsPerToken, hopSeconds, ttftSeconds, promptTokens: P, objective: p.o.objective },
     reasons,
     unusedNodes,
   };
 }
 
-function sumStage(a: StageBytes, b: StageBytes): StageBytes {
-  return {
-    weights: a.weights + b.weights,
-    kv: a.kv + b.kv,
-    compute: a.compute + b.compute,
-    overhead: a.overhead + b.overhead,
-    total: a.total + b.total,
-  };
-}
+const sumStage = (a: StageBytes, b: StageBytes): StageBytes => ({
+  weights: a.weights + b.weights,
+  kv: a.kv + b.kv,
+  compute: a.compute + b.compute,
+  overhead: a.overhead + b.overhead,
+  total: a.total + b.total,
+});
 
 /** Does it fit with these option changes? (For remedies; reuses the same DP.) */
 function fitsWith(p: Prepared, change: Partial<PlacementOptions>): boolean {
@@ -442,7 +491,7 @@ function noFit(p: Prepared): Plan {
   return {
     fits: false,
     stages: [],
-    predicted: { secondsPerToken: Number.POSITIVE_INFINITY, tokensPerSecond: 0, hopSeconds: 0 },
+    predicted: { secondsPerToken: Number.POSITIVE_INFINITY, tokensPerSecond: 0, hopSeconds: 0, ttftSeconds: 0, promptTokens: p.o.promptTokens, objective: p.o.objective },
     reasons,
     shortfall: { need, capacityBytes: capacity, shortfallBytes },
     remedies,

@@ -10,7 +10,18 @@ export interface PlacementNode {
   readonly bandwidthBytesPerSecond: number;
   /** Seconds one token spends crossing from this node's stage to the next; default from options. */
   readonly hopSeconds?: number;
+  /** Prompt-processing FLOP/s (measured, or from cost.ts defaults); default bandwidth × 33. */
+  readonly prefillFlopsPerSecond?: number;
+  /** Payload bytes/s of this node's link to the next stage; default options.linkBytesPerSecond. */
+  readonly linkBytesPerSecond?: number;
 }
+
+/**
+ * What the planner minimises: seconds per decoded token, time to first token for a prompt of
+ * `promptTokens`, or the time of a whole request (TTFT + `outputTokens` × seconds per token).
+ */
+export const OBJECTIVES = ['decode', 'ttft', 'balanced'] as const;
+export type Objective = (typeof OBJECTIVES)[number];
 
 /** The memory options of every stage, and how the planner weighs nodes against each other. */
 export interface PlacementOptions extends MemoryOptions {
@@ -35,6 +46,13 @@ export interface PlacementOptions extends MemoryOptions {
   readonly stageExtraBytes?: number;
   /** Fewest layers the head stage may hold (llama.cpp: 0; an MLX rank needs at least 1). */
   readonly headMinLayers?: number;
+  /** Prompt length TTFT is predicted for (0: no prompt, TTFT not predicted). */
+  readonly promptTokens: number;
+  readonly objective: Objective;
+  /** Tokens a request generates, for the balanced objective. */
+  readonly outputTokens: number;
+  /** Default link payload rate (10 GbE) for nodes that carry none. */
+  readonly linkBytesPerSecond: number;
 }
 
 /**
@@ -57,6 +75,11 @@ export const DEFAULT_PLACEMENT_OPTIONS: PlacementOptions = {
   hopSeconds: 0.001,
   headOverheadSeconds: 0.0005,
   kvFill: 0.5,
+  promptTokens: 0,
+  objective: 'decode',
+  outputTokens: 256,
+  // 10 GbE payload rate until links are measured.
+  linkBytesPerSecond: 1.25e9,
 };
 
 export interface PlanStage {
@@ -72,6 +95,8 @@ export interface PlanStage {
   readonly bandwidthBytesPerSecond: number;
   readonly readBytesPerToken: number;
   readonly secondsPerToken: number;
+  /** This stage's share of prefilling the prompt (compute only; boundaries are in hop costs). */
+  readonly prefillSeconds: number;
 }
 
 export interface Shortfall {
@@ -89,6 +114,10 @@ export interface Plan {
     readonly secondsPerToken: number;
     readonly tokensPerSecond: number;
     readonly hopSeconds: number;
+    /** Time to first token for options.promptTokens (prefill + boundaries + head overhead); 0 without a prompt. */
+    readonly ttftSeconds: number;
+    readonly promptTokens: number;
+    readonly objective: Objective;
   };
   readonly reasons: readonly string[];
   readonly shortfall?: Shortfall;

@@ -1,0 +1,126 @@
+import { ggmlTypeByName } from '../gguf/ggml-types.ts';
+import type { ModelProfile } from '../model/profile.ts';
+import type { PlacementNode, PlacementOptions } from './types.ts';
+
+/**
+ * The cost model's calibration constants and per-token work, in one place so the planner, the
+ * baselines, `orchard plan` and the agent's self-measurement agree on what "bandwidth" and
+ * "compute" mean.
+ *
+ * Decode (batch 1) is memory-bound: a token reads every active weight once, so a stage costs
+ * bytes ÷ *effective* bandwidth. Prefill is compute-bound: a prompt of P tokens costs
+ * P × FLOPs per token ÷ compute throughput. A stage boundary costs its latency plus the
+ * activations that cross it ÷ link throughput (decode: one row of `embd` f32 values per token;
+ * prefill: P rows, in ⌈P ÷ ubatch⌉ round trips).
+ */
+
+export type EngineFamily = 'llama.cpp' | 'mlx';
+
+/**
+ * Fraction of the chip table's (spec) bandwidth that decode achieves, per engine, when the node
+ * has not measured itself. Derived from published decode figures (tokens/s × bytes per token ÷
+ * spec bandwidth):
+ * - llama.cpp Metal, LLaMA-2 7B Q4_0 (3.56 GiB) tg128, llama.cpp discussion #4167 ("Performance
+ *   of llama.cpp on Apple Silicon M-series"): M1 Max 400 GB/s ≈ 61 tok/s → 0.58; M2 Ultra 800 GB/s
+ *   ≈ 94 tok/s → 0.48; M3 Max 400 GB/s ≈ 66 tok/s → 0.63; M4 Max 546 GB/s ≈ 83 tok/s → 0.58.
+ * - 70B Q4_K_M (~40 GB) at "~10–14 tok/s" on an M2 Ultra (800 GB/s) and an M4 Max (546 GB/s)
+ *   (project seeds, /work/shared/seeds "Tok/s expectations"): 0.50–0.70 and 0.73–1.0.
+ * - "Real-world numbers hit 60-80% of theoretical" (seeds, "The Bandwidth Bottleneck").
+ * llama.cpp: 0.6 (the middle of these). MLX decodes 20–50 % faster than llama.cpp on small
+ * models (arXiv 2511.05502: ~230 vs ~150 tok/s) but converges on large bandwidth-bound ones;
+ * 0.7 is a conservative midpoint. A node's own measurement (`orchard node --calibrate`) replaces
+ * both.
+ */
+export const DECODE_EFFICIENCY: Readonly<Record<EngineFamily, number>> = { 'llama.cpp': 0.6, mlx: 0.7 };
+
+/**
+ * Prefill FLOP/s per Apple GPU core achieved by llama.cpp Metal, from the same discussion #4167
+ * (LLaMA-2 7B Q4_0, pp512; 2 × 6.74e9 FLOPs per token): M1 Max 32 cores ≈ 530 tok/s → 0.22 TFLOP/s
+ * per core; M2 Ultra 76 cores ≈ 1238 tok/s → 0.22; M3 Max 40 cores ≈ 760 tok/s → 0.26.
+ */
+export const PREFILL_FLOPS_PER_GPU_CORE = 0.22e12;
+
+/**
+ * Without GPU cores or a measurement: prefill FLOP/s per byte/s of effective decode bandwidth.
+ * The Apple figures above give ~20 FLOP per spec byte (M2 Ultra 16.6 TFLOP/s ÷ 800 GB/s) ≈ 33 per
+ * effective byte; used only until the node measures itself.
+ */
+export const PREFILL_FLOPS_PER_BANDWIDTH_BYTE = 33;
+
+/** Activations cross stage boundaries as f32 (llama.cpp RPC and MLX pipeline both). */
+export const ACTIVATION_BYTES_PER_VALUE = 4;
+
+/** Effective decode bandwidth: measured when the node has measured this engine, else spec × efficiency. */
+export function effectiveBandwidth(specBytesPerSecond: number, engine: EngineFamily, measured?: number): number {
+  return measured !== undefined && measured > 0 ? measured : specBytesPerSecond * DECODE_EFFICIENCY[engine];
+}
+
+/** Prefill compute: measured, else from GPU cores, else from the effective bandwidth. */
+export function defaultPrefillFlops(effectiveBytesPerSecond: number, gpuCores = 0): number {
+  return gpuCores > 0 ? gpuCores * PREFILL_FLOPS_PER_GPU_CORE : effectiveBytesPerSecond * PREFILL_FLOPS_PER_BANDWIDTH_BYTE;
+}
+
+/**
+ * Bytes one weight takes in the model's dominant type: ggml block geometry for GGUF types,
+ * mlx-lm's affine quantisation (bits + an f16 scale and bias per group) for "Q4g64", else 2.
+ */
+export function bytesPerWeight(weightType: string): number {
+  const t = ggmlTypeByName(weightType);
+  if (t) return t.bytesPerBlock / t.blockSize;
+  const mlx = /Q(\d+)g(\d+)$/.exec(weightType);
+  if (mlx) return (Number(mlx[1]) + 32 / Number(mlx[2])) / 8;
+  return 2;
+}
+
+/**
+ * FLOPs one prompt token costs in each layer when the prompt has `promptTokens` tokens:
+ * 2 per active weight (weights read per token ÷ bytes per weight — MoE layers count only routed
+ * experts, as readBytesPerToken does) plus attention over on average (P + 1) ÷ 2 earlier tokens
+ * (Q·K and A·V: 2 × heads × (headDimK + headDimV) per position; a sliding window caps it).
+ */
+export function layerPrefillFlops(profile: ModelProfile, promptTokens: number): number[] {
+  const bpw = bytesPerWeight(profile.weightType);
+  const avgCtx = (promptTokens + 1) / 2;
+  return profile.layers.map((l) => {
+    const ctx = l.swa && profile.swa ? Math.min(avgCtx, profile.swa.window) : avgCtx;
+    return (2 * l.readBytesPerToken) / bpw + 2 * profile.heads * (profile.headDimK + profile.headDimV) * ctx;
+  });
+}
+
+/** FLOPs of the head's output projection for the one position whose logits prefill needs. */
+export function headPrefillFlops(profile: ModelProfile): number {
+  return 2 * profile.embd * profile.vocab;
+}
+
+/** Bytes that cross one stage boundary: per decoded token, and for a whole prompt. */
+export function activationBytes(profile: ModelProfile, tokens: number): number {
+  return tokens * profile.embd * ACTIVATION_BYTES_PER_VALUE;
+}
+
+export function prefillFlopsOf(n: PlacementNode): number {
+  return n.prefillFlopsPerSecond ?? defaultPrefillFlops(n.bandwidthBytesPerSecond);
+}
+
+/**
+ * Seconds the boundary after a stage on `n` adds: per decoded token (latency + one activation
+ * row) and for the whole prompt (one latency per ubatch round trip + P rows).
+ */
+export function boundarySeconds(profile: ModelProfile, n: PlacementNode, o: PlacementOptions): { decode: number; prefill: number } {
+  const hop = n.hopSeconds ?? o.hopSeconds;
+  const link = n.linkBytesPerSecond ?? o.linkBytesPerSecond;
+  const P = o.promptTokens;
+  return {
+    decode: hop + activationBytes(profile, 1) / link,
+    prefill: P > 0 ? Math.ceil(P / o.ubatch) * hop + activationBytes(profile, P) / link : 0,
+  };
+}
+
+/**
+ * decode: seconds per token; ttft: time to first token (decode speed breaks near-ties); balanced:
+ * a whole request, TTFT + outputTokens × seconds per token. Without a prompt only decode is known.
+ */
+export function objectiveWeights(o: PlacementOptions): { wd: number; wt: number } {
+  if (o.promptTokens <= 0 || o.objective === 'decode') return { wd: 1, wt: 0 };
+  if (o.objective === 'ttft') return { wd: 1e-3, wt: 1 };
+  return { wd: o.outputTokens, wt: 1 };
+}
