@@ -4,6 +4,7 @@ import type { CacheType } from '../../shared/memory/kv.ts';
 import { deviceBytes, memoryModel, type MemoryOptions } from '../../shared/memory/stage.ts';
 import { modelProfile } from '../../shared/model/profile.ts';
 import { isMlxModelDir, readMlxModelProfile } from '../../shared/model/mlx-profile.ts';
+import { effectiveBandwidth } from '../../shared/placement/cost.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, mlxPlacementOptions } from '../../shared/placement/types.ts';
 import { UsageError } from '../../shared/errors.ts';
@@ -64,7 +65,8 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
     const placementNodes: PlacementNode[] = [...byName].map(([name, n]) => ({
       name,
       budgetBytes: Math.max(0, n.profile.budgetBytes - reservedBytes(n.nodeId)),
-      bandwidthBytesPerSecond: n.profile.bandwidthBytesPerSecond || 100e9,
+      // The profile carries the spec figure; decode reaches the engine's share of it (cost.ts).
+      bandwidthBytesPerSecond: effectiveBandwidth(n.profile.bandwidthBytesPerSecond || 100e9, mlx ? 'mlx' : 'llama.cpp'),
     }));
     const mo = memoryOptionsOf(options);
     const plan = planPlacement(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...(mlx ? mlxPlacementOptions(profile) : {}) });
