@@ -181,8 +181,7 @@ function step(p: Prepared, i: number, f: Float64Array, ch: Int32Array, g: Float6
   const { memPrefix, readPrefix, flopPrefix } = p;
   const cap = p.budgets[i]! - p.workerConst;
   const hop = p.hopCost[i]!;
-  // lin(p, i, k) inlined: this loop is the planner's hot path.
-  const a = p.wd * p.invBw[i]!;
+  const a = p.wd * p.invBw[i]!; // lin(p, i, k) inlined below: the hot path
   const b = p.wt * p.invFlops[i]!;
   const mustUse = p.pinned.has(i);
   const nf = new Float64Array(L + 1);
