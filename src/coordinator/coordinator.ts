@@ -10,6 +10,7 @@ import { createConsole } from './api/console/routes.ts';
 import { installApi } from './api/openai/api.ts';
 import { installOperatorRoutes } from './api/operator-routes.ts';
 import { HttpRouter, type RouteInfo } from './api/router.ts';
+import type { HealOptions } from './instances/healing.ts';
 import { createPlanner } from './instances/planner-adapter.ts';
 import type { Planner, Runtime } from './instances/runtime.ts';
 import { Discovery } from './membership/discovery.ts';
@@ -31,6 +32,8 @@ export interface CoordinatorOptions {
   readonly joinToken?: string | undefined;
   readonly registry?: Partial<RegistryOptions> | undefined;
   readonly maxQueue?: number | undefined;
+  /** Self-healing of model instances (default auto; a load may override the mode). */
+  readonly heal?: Partial<HealOptions> | undefined;
   readonly extraHeadArgs?: readonly string[] | undefined;
   readonly rpcThreads?: number | undefined;
   /** MLX engine watchdogs: start-up (every rank ready) and per-request stall. */
@@ -160,7 +163,8 @@ function buildRuntime(o: CoordinatorOptions, membership: Membership, clusterId: 
   let runtimeRef: Runtime | undefined;
   // Budgets for a second model subtract what loaded models already hold on each node.
   const reserved = (nodeId: string) =>
-    (runtimeRef?.models() ?? []).filter((m) => m.state !== 'failed').flatMap((m) => m.stages).filter((s) => s.nodeId === nodeId).reduce((t, s) => t + s.bytes.total, 0);
+    // A recovering model's old stages hold nothing (its engines are stopped): it is being re-planned.
+    (runtimeRef?.models() ?? []).filter((m) => m.state !== 'failed' && m.state !== 'recovering').flatMap((m) => m.stages).filter((s) => s.nodeId === nodeId).reduce((t, s) => t + s.bytes.total, 0);
   const metrics = new CoordinatorMetrics({ version: o.version ?? '0.1.0', membership, runtime: () => runtimeRef });
   const runtime = new MeteredRuntime({
     membership,
@@ -168,6 +172,7 @@ function buildRuntime(o: CoordinatorOptions, membership: Membership, clusterId: 
     clusterId,
     log: o.log,
     maxQueue: o.maxQueue,
+    heal: o.heal,
     extraHeadArgs: o.extraHeadArgs,
     rpcThreads: o.rpcThreads,
     mlxReadyTimeoutMs: o.mlxReadyTimeoutMs,

@@ -63,13 +63,16 @@ export function generateParamsFromRequest(raw: unknown): GenerateParams & { engi
     seed: r.seed,
     stop: r.stop,
     ...(r.messagesJson !== '' ? { messagesJson: r.messagesJson } : {}),
+    ...(r.continueTokenIds.length > 0 ? { continueTokenIds: r.continueTokenIds } : {}),
   };
 }
 
 /** The JSON body for llama-server `POST /completion`. */
 export function completionBody(p: GenerateParams): Record<string, unknown> {
   const body: Record<string, unknown> = {
-    prompt: p.prompt,
+    // A resumed stream: llama-server's mixed prompt tokenizes the text (with BOS) and takes the
+    // delivered ids as they are, so the context equals the lost engine's token for token.
+    prompt: p.continueTokenIds?.length ? [p.prompt, ...p.continueTokenIds] : p.prompt,
     stream: true,
     return_tokens: true,
     // 0 means "until a stop condition or the context is full", llama.cpp's -1.

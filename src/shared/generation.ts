@@ -19,6 +19,8 @@ export interface GenerateParams {
   readonly stop: readonly string[];
   /** Chat messages as JSON ([{role, content}]): the prompt comes from the model's chat template. */
   readonly messagesJson?: string | undefined;
+  /** Tokens already delivered by an engine that was lost: the prompt continues with them (a resumed stream). */
+  readonly continueTokenIds?: readonly number[] | undefined;
 }
 
 export interface Timings {
@@ -46,6 +48,7 @@ export const nodeGenerateRequestSchema = z.object({
   engineId: z.string().default(''),
   requestId: z.string().default(''),
   messagesJson: z.string().default(''),
+  continueTokenIds: z.array(z.number().int().nonnegative()).default([]),
 });
 
 /** `orchard.v1.CoordinatorGenerateRequest`: a loaded model by name ("" = the only one). */

@@ -128,6 +128,9 @@ export async function exerciseCoordinatorMetrics(): Promise<MetricSample[]> {
       // drain: the client reads the whole stream
     }
     cm.refused('m8', 429);
+    // What the runtime reports when an instance heals and a stream resumes (follow() wires these).
+    cm.recovered('m8', 'node-down', 12.5);
+    cm.streamResumed('m8');
     return samplesFromRegistry(await cm.registry.getMetricsAsJSON());
   } finally {
     membership.close();

@@ -16,7 +16,8 @@ import { modelThatMustSplit } from '../helpers/split-model.ts';
  * equal those of one plain llama-server on the same file. Then a worker agent is SIGKILLed
  * mid-stream: the client must get UNAVAILABLE naming the node within 2 s, no engine may be left
  * after 5 s, status must show the node down, and a new load on the two survivors must work and
- * give the same tokens again.
+ * give the same tokens again. The coordinator runs with --heal off: this is the path without
+ * self-healing (self-heal.test.ts has the one with it).
  */
 
 const ROOT = new URL('../..', import.meta.url).pathname;
@@ -60,7 +61,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
 
     // An explicit cluster token (--join-token); `coordinator token` must print the one in force.
     const explicitToken = `test-token-${randomBytes(12).toString('hex')}`;
-    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', explicitToken, '--max-queue', '1', '--json'], env);
+    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', explicitToken, '--max-queue', '1', '--heal', 'off', '--json'], env);
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
     const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], { ...env, ORCHARD_JOIN_TOKEN: '' });

@@ -299,7 +299,7 @@ describeWith([engines, chromiumNeed], 'cluster console in Chromium on a 3-node c
     await page.waitForSelector(`.model-card[data-model="${MODEL}"]:is([data-state="failed"], [data-state="recovering"])`, { timeout: 3000 });
     expect(await card.locator('[data-field=reason]').textContent()).toContain(victim.name);
     await show('events');
-    await page.waitForSelector(`.event[data-kind="model-failed"]`);
+    await page.waitForSelector(`.event:is([data-kind="model-failed"], [data-kind="model-recovering"])`);
     expect(await page.textContent('.events')).toContain(`${victim.name} up → `);
     await checkView('events');
   });

@@ -22,6 +22,7 @@ import { alive, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } fro
  * single-process MLX run of the same directory. Then: a rank killed mid-stream → client error
  * within 5 s, every rank of the group gone, agents healthy, reload works; a rank that never comes
  * up → the load fails with a clear message within the watchdog timeout, nothing left running.
+ * The coordinator runs with --heal off: these are the failure paths without self-healing.
  */
 
 const execFileP = promisify(execFile);
@@ -108,7 +109,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     expect(budgets, 'no budgets make the planner split 2 and 3 ways').toBeDefined();
 
     env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: String(READY_TIMEOUT_S), ORCHARD_MLX_STALL_TIMEOUT: '20' };
-    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
+    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--heal', 'off', '--json'], env);
     const cr = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(cr.grpcPort)}`;
     httpBase = `http://127.0.0.1:${String(cr.httpPort)}`;

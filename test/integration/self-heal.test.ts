@@ -13,10 +13,14 @@ import { tempDir } from '../helpers/temp-dir.ts';
  * Self-healing, end to end with real processes on 127.0.0.1: a coordinator and three agents whose
  * budgets force a 2-stage plan of a generated 8-layer GGUF, so one node is always spare. A blip
  * (an agent and its engines frozen with SIGSTOP for 3 s) must cost nothing: the in-flight greedy
- * stream pauses and ends with the oracle's tokens, nothing fails, nothing reloads.
+ * stream pauses and ends with the oracle's tokens, nothing fails, nothing reloads. A worker
+ * SIGKILLed mid-stream with room left: the instance recovers on the other two nodes and the
+ * stream resumes with the oracle's tokens. Two of three nodes lost: the model no longer fits, is
+ * failed naming the shortfall, and heals by itself when one node returns.
  */
 
 const CTX = 2048;
+const TOKEN = 'heal-test-token-0123456789';
 const N_PREDICT = 48;
 const engines = await llamaEngines();
 const dir = tempDir('orchard-heal-', 'all');
@@ -24,7 +28,7 @@ const procs: Proc[] = [];
 
 interface Status {
   nodes: { id: string; name: string; state: string }[];
-  models: { name: string; state: string; error?: string; loadedAtMs?: number; stages: { nodeId: string; nodeName: string }[] }[];
+  models: { name: string; state: string; error?: string; loadedAtMs?: number; recoveries?: number; stages: { nodeId: string; nodeName: string }[] }[];
 }
 
 /** The process and every descendant (an agent's engines run in their own process groups). */
@@ -52,6 +56,8 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
   let env: NodeJS.ProcessEnv;
   let model: string;
   let coordAddr: string;
+  let coordHttp: string;
+  let budget: number;
   let oracle: number[];
   const agents = new Map<string, { proc: Proc; nodeId: string }>();
 
@@ -66,17 +72,14 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
     if (!bins) return;
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     model = join(dir.path, 'm8.gguf');
-    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
-    const token = 'heal-test-token-0123456789';
+    budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
     // A short suspect threshold so the blip is surely seen as one; the grace (down-after) is the default.
-    const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--join-token', token, '--suspect-after', '1000', '--json'], env);
+    const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--join-token', TOKEN, '--suspect-after', '1000', '--json'], env);
     procs.push(coordinator);
-    coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
-    for (const name of ['alpha', 'bravo', 'charlie']) {
-      const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--join', coordAddr, '--token', token, '--json'], env);
-      procs.push(proc);
-      agents.set(name, { proc, nodeId: String((await readyLine(proc)).nodeId) });
-    }
+    const ready = await readyLine(coordinator);
+    coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
+    coordHttp = `127.0.0.1:${String(ready.httpPort)}`;
+    for (const name of ['alpha', 'bravo', 'charlie']) await startAgent(name);
     oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
     for (let i = 0; i < 50 && (await status()).nodes.filter((n) => n.state === 'up').length < 3; i++) await sleep(200);
     const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
@@ -141,4 +144,72 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
     expect(m.loadedAtMs, 'no reload').toBe(before.loadedAtMs);
     expect(after.nodes.find((x) => x.id === worker.nodeId)?.state).toBe('up');
   }, 60_000);
+  /** Start (or restart, same state dir = same node id) an agent that joins the coordinator. */
+  async function startAgent(name: string): Promise<void> {
+    const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--join', coordAddr, '--token', TOKEN, '--json'], env);
+    procs.push(proc);
+    agents.set(name, { proc, nodeId: String((await readyLine(proc)).nodeId) });
+  }
+
+  async function waitFor<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      const v = await fn();
+      if (v !== undefined) return v;
+      if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+      await sleep(300);
+    }
+  }
+
+  const metric = async (name: string): Promise<number> => {
+    const text = await (await fetch(`http://${coordHttp}/metrics`)).text();
+    return text
+      .split('\n')
+      .filter((l) => l.startsWith(`${name}{`) && l.includes('model="m8"'))
+      .reduce((t, l) => t + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
+  };
+
+  itWith([engines], 'a worker agent SIGKILLed mid-stream with room left: recovering → ready on the others, the stream resumes with the oracle tokens', async () => {
+    const before = (await status()).models.find((m) => m.name === 'm8')!;
+    const victimName = before.stages[0]!.nodeName; // a worker stage, not the head
+    const victim = agents.get(victimName)!;
+    let killedAt = 0;
+    const r = await stream((n) => {
+      if (n === 3) {
+        killedAt = Date.now();
+        process.kill(victim.proc.child.pid!, 'SIGKILL');
+      }
+    });
+    const resumedAfterS = (Date.now() - killedAt) / 1000;
+    expect(r.error, r.error?.message).toBeUndefined();
+    expect(r.tokens, 'greedy output after the resume equals an undisturbed run').toEqual(oracle);
+    const after = (await status()).models.find((m) => m.name === 'm8')!;
+    expect(after.state).toBe('ready');
+    expect(after.recoveries).toBe(1);
+    expect(after.stages.some((s) => s.nodeName === victimName)).toBe(false);
+    expect(await metric('orchard_streams_resumed_total')).toBe(1);
+    expect(await metric('orchard_instance_recoveries_total')).toBe(1);
+    console.info(`self-heal: ${victimName} SIGKILLed; stream finished ${resumedAfterS.toFixed(1)} s later, pause ${(r.maxGapMs / 1000).toFixed(1)} s`);
+    await startAgent(victimName); // back for the next test
+  }, 120_000);
+
+  itWith([engines], 'a model that no longer fits → failed naming the shortfall and the lost nodes; it heals by itself when a node returns', async () => {
+    await waitFor('3 nodes up', async () => ((await status()).nodes.filter((n) => n.state === 'up').length === 3 ? true : undefined), 20_000);
+    const before = (await status()).models.find((m) => m.name === 'm8')!;
+    const lost = before.stages.map((s) => s.nodeName);
+    for (const name of lost) process.kill(agents.get(name)!.proc.child.pid!, 'SIGKILL');
+    const failed = await waitFor('m8 failed', async () => (await status()).models.find((m) => m.name === 'm8' && m.state === 'failed'), 60_000);
+    expect(failed.error).toMatch(/needs [\d.]+ \w*B more: bring back/);
+    for (const name of lost) expect(failed.error).toContain(name);
+    const refused = await stream(() => {});
+    expect(refused.error?.message).toMatch(/needs [\d.]+ \w*B more/);
+
+    await startAgent(lost[0]!);
+    const healed = await waitFor('m8 ready again', async () => (await status()).models.find((m) => m.name === 'm8' && m.state === 'ready'), 90_000);
+    expect(healed.recoveries).toBe(2);
+    const r = await stream(() => {});
+    expect(r.error).toBeUndefined();
+    expect(r.tokens).toEqual(oracle);
+    await startAgent(lost[1]!);
+  }, 180_000);
 });

@@ -3,6 +3,7 @@ import { type Command, Option } from 'commander';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
 import { addCredentialOptions, type CredentialFlags, coordinatorClient } from '../credentials.ts';
+import { parseHealMode } from '../../coordinator/instances/healing.ts';
 import { createProgress } from '../progress.ts';
 
 const LOAD_PHASES = ['planning', 'starting-workers', 'starting-head', 'verifying', 'ready'];
@@ -16,6 +17,7 @@ interface LoadFlags extends CredentialFlags {
   coordinator?: string;
   json?: boolean;
   engine: string;
+  heal?: string;
 }
 
 /** `orchard load MODEL.gguf`: returns when the model is ready (exit 0) or failed (exit 1, reason). */
@@ -28,6 +30,7 @@ export function registerLoad(program: Command): void {
     .option('--parallel <n>', 'parallel sequences (llama-server slots)', '1')
     .option('--name <alias>', 'model name for generate/unload (default: the file name)')
     .option('--pin <node...>', 'nodes that must hold a stage (names or ids)')
+    .option('--heal <mode>', 'auto: re-place the model when a node or engine is lost; off: fail it (default: the coordinator\'s --heal)')
     .option('--engine <e>', 'mlx, llama or auto (a directory with config.json → mlx, .gguf → llama)', 'auto')
     .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .option('--json', 'print progress events as JSON lines')
@@ -47,7 +50,7 @@ export function registerLoad(program: Command): void {
       // A bar over the load phases on a terminal; plain lines in pipes and logs.
       const bar = !flags.json && process.stderr.isTTY ? createProgress('load', LOAD_PHASES.length - 1) : undefined;
       try {
-        for await (const p of client.stream('load', { modelPath: resolve(model), name: flags.name ?? '', options, engine: flags.engine === 'auto' ? '' : flags.engine }, ac.signal)) {
+        for await (const p of client.stream('load', { modelPath: resolve(model), name: flags.name ?? '', options, engine: flags.engine === 'auto' ? '' : flags.engine, heal: parseHealMode(flags.heal) ?? '' }, ac.signal)) {
           last = p;
           if (flags.json) process.stdout.write(`${JSON.stringify(p)}\n`);
           else if (bar) bar.update(Math.max(0, LOAD_PHASES.indexOf(String(p.phase))), String(p.message));

@@ -42,7 +42,7 @@ const planOptionsSchema = z
     pin: z.array(z.string()).default([]),
   })
   .nullish();
-const loadSchema = z.object({ modelPath: z.string().default(''), name: z.string().default(''), options: planOptionsSchema, engine: z.string().default('') });
+const loadSchema = z.object({ modelPath: z.string().default(''), name: z.string().default(''), options: planOptionsSchema, engine: z.string().default(''), heal: z.string().default('') });
 const planSchema = z.object({ modelPath: z.string().default(''), options: planOptionsSchema });
 
 function parse<T>(schema: z.ZodType<T>, raw: unknown, what: string): T {
@@ -75,6 +75,11 @@ export function modelStatusToWire(m: ModelStatus): Record<string, unknown> {
     error: m.error,
     predictedTokensPerSecond: m.predictedTokensPerSecond,
     loadedAtMs: String(m.loadedAtMs ?? 0),
+    recoveries: m.recoveries ?? 0,
+    heal: m.heal ?? '',
+    recovery: m.recovery
+      ? { cause: m.recovery.cause, attempt: m.recovery.attempt, maxAttempts: m.recovery.maxAttempts, phase: m.recovery.phase, message: m.recovery.message, sinceSeconds: (Date.now() - m.recovery.sinceMs) / 1000 }
+      : undefined,
     stages: m.stages.map((s) => ({
       nodeId: s.nodeId,
       nodeName: s.nodeName,
@@ -168,7 +173,7 @@ function modelHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedServiceI
     Load(call: grpc.ServerWritableStream<unknown, unknown>) {
       (async () => {
         const req = parse(loadSchema, call.request, 'Load');
-        await s.runtime.load({ modelPath: req.modelPath, name: req.name, options: options(req.options), engine: req.engine }, (p) => {
+        await s.runtime.load({ modelPath: req.modelPath, name: req.name, options: options(req.options), engine: req.engine, heal: req.heal || undefined }, (p) => {
           if (!call.cancelled) call.write(progressToWire(p));
         });
       })().then(

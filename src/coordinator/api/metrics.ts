@@ -1,6 +1,7 @@
 import { type Gauge, Registry } from 'prom-client';
 import { UsageError } from '../../shared/errors.ts';
 import type { REQUEST_OUTCOMES, STAGE_MEMORY_KINDS } from '../../shared/metrics/catalogue.ts';
+import type { RecoveryCause } from '../instances/healing.ts';
 import {
   type CoordinatorMetricSet,
   createCoordinatorMetrics,
@@ -335,8 +336,21 @@ export class CoordinatorMetrics {
     this.metrics.requestsTotal.inc({ model, outcome: refusalOutcome(status) });
   }
 
+  /** A model instance serves again after losing an engine. */
+  recovered(model: string, cause: RecoveryCause, seconds: number): void {
+    this.metrics.instanceRecoveriesTotal.inc({ model, cause });
+    this.metrics.instanceRecoverySeconds.observe({ model }, seconds);
+  }
+
+  /** An in-flight stream continued on a healed instance. */
+  streamResumed(model: string): void {
+    this.metrics.streamsResumedTotal.inc({ model });
+  }
+
   /** Follow a runtime's models: request series start at 0 when a model is ready, go when it leaves. */
   follow(runtime: Runtime): void {
+    runtime.on('recovered', (model, cause, seconds) => this.recovered(model, cause, seconds));
+    runtime.on('stream-resumed', (model) => this.streamResumed(model));
     runtime.on('model', (s) => {
       if (s.state === 'ready') initModelSeries(this.metrics, s.name);
       // "unloading" is emitted once the instance is gone; a failed instance keeps its series

@@ -7,12 +7,15 @@ import { CoordinatorError } from '../errors.ts';
 import type { AgentEvent } from '../membership/agent-client.ts';
 import type { Membership } from '../membership/membership.ts';
 import type { NodeEntry, RegistryChange } from '../membership/registry.ts';
-import { type Cluster, type EngineDriver, type EngineGroup, type EngineStream, engineRequest, grpcMessage, type LoadContext } from './driver.ts';
+import { type Cluster, type EngineDriver, type EngineGroup, grpcMessage, type LoadContext } from './driver.ts';
 import { LlamaDriver, type LlamaDriverOptions } from './llama/driver.ts';
 import { MlxDriver, type MlxDriverOptions } from './mlx/driver.ts';
 import { engineForModel, looksLikeMlxModelDir } from './mlx/launch.ts';
+import { attemptFailure, DEFAULT_HEAL_OPTIONS, type HealOptions, parseHealMode, type RecoveryCause } from './healing.ts';
+import { deferred, failureSignal, type Instance } from './instance.ts';
+import { type RequestContext, serveRequest } from './request.ts';
 import { Slots } from './slots.ts';
-import type { EngineFamily, GenerateEvent, GenerateRequest, LoadOptions, LoadProgress, LoadRequest, ModelState, ModelStatus, PlacementResult, PlannedStage, Planner } from './types.ts';
+import type { EngineFamily, GenerateEvent, GenerateRequest, LoadOptions, LoadProgress, LoadRequest, ModelStatus, PlacementResult, Planner } from './types.ts';
 import { DEFAULT_LOAD_OPTIONS } from './types.ts';
 
 // The APIs speak the instance vocabulary of the runtime they drive (types.ts keeps it free of cycles).
@@ -22,9 +25,13 @@ export type * from './types.ts';
  * The runtime: model instances across the cluster. Load = plan against live nodes → the engine
  * family's driver starts its engines on the plan's nodes and verifies them against the plan →
  * ready (driver.ts: the lifecycle; llama/driver.ts, mlx/driver.ts: the families). Generate takes
- * a slot and relays the head engine's token stream. Any failure of a node or engine an instance
- * uses fails the instance at once: in-flight streams end with UNAVAILABLE naming the node, and
- * the engines still alive are stopped (llama.cpp cannot recover from a lost RPC stage).
+ * a slot and relays the head engine's token stream. When an engine of a ready instance is really
+ * gone (its node down past the grace period, its agent restarted, an engine exit) the instance is
+ * `recovering`: its surviving engines stop (llama.cpp cannot recover from a lost RPC stage), it is
+ * planned again on the nodes that are up and reloaded (healing.ts: the policy), requests wait for
+ * it, and in-flight streams resume on the new engines with the tokens already delivered. With
+ * healing off, or once every attempt failed, it is `failed` and streams end with UNAVAILABLE
+ * naming the cause; a failed instance that may heal is tried again when a node joins or returns.
  *
  * This is the API the gRPC server, the CLI and the OpenAI HTTP API build on:
  *   load(request, onProgress) · unload(name) · generate(request, signal) · models() · plan(...)
@@ -42,31 +49,18 @@ export interface RuntimeOptions extends LlamaDriverOptions, MlxDriverOptions {
   readonly log: Logger;
   /** Requests that may wait per instance beyond its --parallel slots (default 4 × parallel). */
   readonly maxQueue?: number | undefined;
-}
-
-interface Instance {
-  readonly id: string;
-  readonly name: string;
-  readonly path: string;
-  readonly driver: EngineDriver;
-  readonly group: EngineGroup;
-  state: ModelState;
-  stages: PlannedStage[];
-  error: string;
-  predictedTokensPerSecond: number;
-  readonly options: LoadOptions;
-  readonly slots: Slots;
-  readonly active: Set<AbortController>;
-  loadedAtMs: number | undefined;
-  /** Resolves with the reason when the instance fails (used to name the culprit in errors). */
-  readonly failed: Promise<string>;
-  markFailed: (reason: string) => void;
+  /** Self-healing (the coordinator's --heal; a load may override the mode). */
+  readonly heal?: Partial<HealOptions> | undefined;
 }
 
 export interface RuntimeEvents {
   model: [status: ModelStatus];
   /** Every load's progress, whoever asked for the load (the console shows it to every viewer). */
   progress: [model: string, progress: LoadProgress];
+  /** An instance served again after losing an engine (orchard_instance_recoveries_total). */
+  recovered: [model: string, cause: RecoveryCause, seconds: number];
+  /** An in-flight stream continued on the healed instance (orchard_streams_resumed_total). */
+  'stream-resumed': [model: string];
 }
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
@@ -101,12 +95,21 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
   readonly #log: Logger;
   readonly #prefix: string;
   readonly #drivers: Readonly<Record<EngineFamily, EngineDriver>>;
+  readonly #heal: HealOptions;
+  readonly #requestContext: RequestContext;
 
   constructor(o: RuntimeOptions) {
     super();
     this.#o = o;
     this.#log = o.log;
     this.#prefix = enginePrefix(o.clusterId);
+    this.#heal = { ...DEFAULT_HEAL_OPTIONS, ...o.heal };
+    this.#requestContext = {
+      log: o.log,
+      waitMs: this.#heal.waitMs,
+      nodeName: (id) => o.membership.registry.get(id)?.profile.name ?? id,
+      resumed: (model) => this.emit('stream-resumed', model),
+    };
     const cluster: Cluster = { log: o.log, node: (id) => o.membership.registry.get(id), agent: (id) => o.membership.client(id) };
     this.#drivers = { llama: new LlamaDriver(cluster, o), mlx: new MlxDriver(cluster, o) };
     o.membership.on('change', (c) => this.#onMembership(c));
@@ -150,30 +153,14 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     const inst = this.#reserve(req);
     const elapsed = () => (Date.now() - t0) / 1000;
     let bytesTotal = 0;
-    const progress = (phase: LoadProgress['phase'], message: string, bytesDone = 0) => {
-      this.#log.info({ model: inst.name, phase, elapsed: elapsed() }, message);
-      const p: LoadProgress = { phase, message, bytesDone, bytesTotal, elapsedSeconds: elapsed(), model: this.#status(inst) };
-      onProgress(p);
-      this.emit('progress', inst.name, p);
-    };
     try {
-      progress('planning', `planning ${inst.path} on ${this.#o.membership.registry.upNodes().length} live node(s)`);
-      const plan = await this.#o.planner(inst.path, this.#plannableNodes(inst.options), inst.options);
-      bytesTotal = plan.stages.reduce((s, st) => s + st.bytes.weights, 0);
-      inst.predictedTokensPerSecond = plan.predictedTokensPerSecond;
-      const nodes = plan.stages.map((s) => {
-        const n = this.#o.membership.registry.get(s.nodeId);
-        if (n?.state !== 'up') throw new CoordinatorError('UNAVAILABLE', `node ${s.nodeName} (${s.nodeId}) is no longer up`);
-        return n;
+      await this.#place(inst, elapsed, (phase, message, bytesDone, total) => {
+        bytesTotal = total;
+        this.#log.info({ model: inst.name, phase, elapsed: elapsed() }, message);
+        const p: LoadProgress = { phase, message, bytesDone, bytesTotal, elapsedSeconds: elapsed(), model: this.#status(inst) };
+        onProgress(p);
+        this.emit('progress', inst.name, p);
       });
-      inst.stages = [...plan.stages];
-      this.#assertLoading(inst);
-      const load: LoadContext = { plan, nodes, bytesTotal, progress, assertLoading: () => this.#assertLoading(inst), elapsedSeconds: elapsed };
-      await inst.group.start(load);
-      inst.group.verify(load);
-      inst.state = 'ready';
-      inst.loadedAtMs = Date.now();
-      progress('ready', `${inst.name} ready on ${plan.stages.length} ${inst.driver.stageNoun} in ${elapsed().toFixed(1)} s`, bytesTotal);
       this.emit('model', this.#status(inst));
       return this.#status(inst);
     } catch (err) {
@@ -187,6 +174,30 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     }
   }
 
+  /** Plan on the nodes that are up, start the engines of `inst.group`, verify them: ready. */
+  async #place(inst: Instance, elapsed: () => number, report: (phase: LoadProgress['phase'], message: string, bytesDone: number, bytesTotal: number) => void): Promise<void> {
+    let bytesTotal = 0;
+    const progress = (phase: LoadProgress['phase'], message: string, bytesDone = 0) => report(phase, message, bytesDone, bytesTotal);
+    progress('planning', `planning ${inst.path} on ${this.#o.membership.registry.upNodes().length} live node(s)`);
+    const plan = await this.#o.planner(inst.path, this.#plannableNodes(inst.options), inst.options);
+    bytesTotal = plan.stages.reduce((s, st) => s + st.bytes.weights, 0);
+    inst.predictedTokensPerSecond = plan.predictedTokensPerSecond;
+    const nodes = plan.stages.map((s) => {
+      const n = this.#o.membership.registry.get(s.nodeId);
+      if (n?.state !== 'up') throw new CoordinatorError('UNAVAILABLE', `node ${s.nodeName} (${s.nodeId}) is no longer up`);
+      return n;
+    });
+    inst.stages = [...plan.stages];
+    this.#assertLoading(inst);
+    const load: LoadContext = { plan, nodes, bytesTotal, progress, assertLoading: () => this.#assertLoading(inst), elapsedSeconds: elapsed };
+    await inst.group.start(load);
+    inst.group.verify(load);
+    this.#assertLoading(inst);
+    inst.state = 'ready';
+    inst.loadedAtMs = Date.now();
+    progress('ready', `${inst.name} ready on ${plan.stages.length} ${inst.driver.stageNoun} in ${elapsed().toFixed(1)} s`, bytesTotal);
+  }
+
   /** Check a load request and reserve its name, synchronously so a concurrent load of the name is refused. */
   #reserve(req: LoadRequest): Instance {
     if (!req.modelPath) throw new UsageError('model path is required');
@@ -194,22 +205,27 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     if (!NAME.test(name)) throw new UsageError(`invalid model name "${name}": 1–128 of A-Z a-z 0-9 . _ : - (use --name)`);
     const driver = this.#drivers[engineForModel(req.modelPath, looksLikeMlxModelDir(req.modelPath), req.engine)];
     const options = driver.fitOptions(resolveLoadOptions(req.options), name);
+    const heal = parseHealMode(req.heal, 'heal') ?? this.#heal.mode;
     const existing = this.#instances.get(name);
     if (existing && existing.state !== 'failed') {
       throw new CoordinatorError('ALREADY_EXISTS', `model "${name}" is already ${existing.state === 'ready' ? 'loaded' : existing.state}; unload it first or pick another --name`);
     }
-    let markFailed: (reason: string) => void = () => {};
-    const failed = new Promise<string>((resolve) => {
-      markFailed = resolve;
-    });
-    const id = randomUUID().replace(/-/g, '').slice(0, 8);
+    if (existing) this.#forget(existing);
     const inst: Instance = {
-      id,
       name,
       path: req.modelPath,
       driver,
-      group: driver.group({ name, path: req.modelPath, options, engineIdPrefix: `${this.#prefix}${id}`, owner: this.#o.clusterId, gone: (reason) => this.#fail(inst, reason) }),
+      group: undefined as unknown as EngineGroup,
+      epoch: 0,
       state: 'loading',
+      heal,
+      recovery: undefined,
+      recoveries: 0,
+      lost: [],
+      serving: undefined,
+      pending: undefined,
+      abortReason: '',
+      calls: new Set(),
       stages: [],
       error: '',
       predictedTokensPerSecond: 0,
@@ -217,15 +233,26 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       slots: new Slots(options.parallel, this.#o.maxQueue ?? 4 * options.parallel),
       active: new Set(),
       loadedAtMs: undefined,
-      failed,
-      markFailed,
+      ...failureSignal(),
     };
+    inst.group = this.#newGroup(inst);
     this.#instances.set(name, inst);
     return inst;
   }
 
+  /** A fresh, empty engine group for the instance (own engine ids, so old and new never mix). */
+  #newGroup(inst: Instance): EngineGroup {
+    const id = randomUUID().replace(/-/g, '').slice(0, 8);
+    const epoch = inst.epoch;
+    const gone = (reason: string) => {
+      if (inst.epoch === epoch) this.#fail(inst, reason, 'engine-exit');
+    };
+    return inst.driver.group({ name: inst.name, path: inst.path, options: inst.options, engineIdPrefix: `${this.#prefix}${id}`, owner: this.#o.clusterId, gone });
+  }
+
   #assertLoading(inst: Instance): void {
-    if (inst.state !== 'loading') throw new CoordinatorError('UNAVAILABLE', inst.error || `load of ${inst.name} was aborted`);
+    if (inst.abortReason) throw new CoordinatorError('UNAVAILABLE', inst.abortReason);
+    if (inst.state !== 'loading' && inst.state !== 'recovering') throw new CoordinatorError('UNAVAILABLE', inst.error || `load of ${inst.name} was aborted`);
   }
 
   async unload(name: string): Promise<boolean> {
@@ -237,6 +264,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     inst.error = wasLoading ? `load of ${name} was cancelled by unload` : '';
     const err = new CoordinatorError('CANCELLED', `model "${name}" was unloaded`);
     inst.slots.failWaiting(err);
+    inst.serving?.reject(err);
     for (const a of inst.active) a.abort(err);
     await inst.group.stop();
     if (this.#instances.get(name) === inst) this.#instances.delete(name);
@@ -244,58 +272,23 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     return true;
   }
 
+  /** A failed instance replaced by a new load of its name: it must neither heal nor keep engines. */
+  #forget(inst: Instance): void {
+    inst.state = 'unloading';
+    inst.pending = undefined;
+    void inst.group.stop();
+  }
+
   /**
    * Stream a completion. Throws CoordinatorError: NOT_FOUND (no such model), FAILED_PRECONDITION
-   * (not ready), RESOURCE_EXHAUSTED (busy), UNAVAILABLE (a node or engine failed; names it),
-   * CANCELLED (the caller's signal aborted, or unload).
+   * (not ready), RESOURCE_EXHAUSTED (busy), UNAVAILABLE (a node or engine failed and it could not
+   * heal; names it), CANCELLED (the caller's signal aborted, or unload). A stream whose engines
+   * are lost while it runs continues on the healed instance (request.ts).
    */
   async *generate(req: GenerateRequest, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
     const inst = this.#pick(req.model);
     if (!req.prompt && !req.messages?.length) throw new UsageError('prompt is empty');
-    const ctl = new AbortController();
-    const onCallerAbort = () => ctl.abort(new CoordinatorError('CANCELLED', 'request cancelled by the client'));
-    if (signal?.aborted) onCallerAbort();
-    signal?.addEventListener('abort', onCallerAbort, { once: true });
-    let release: (() => void) | undefined;
-    let call: EngineStream | undefined;
-    inst.active.add(ctl);
-    try {
-      release = await inst.slots.acquire(ctl.signal);
-      const head = inst.group.head;
-      if (inst.state !== 'ready' || !head) throw new CoordinatorError('UNAVAILABLE', inst.error || `model "${inst.name}" is not ready`);
-      call = await inst.group.generate(engineRequest(req));
-      const stream = call;
-      ctl.signal.addEventListener('abort', () => stream.cancel(), { once: true });
-      try {
-        for await (const ev of stream) {
-          if (ctl.signal.aborted) break;
-          yield ev;
-        }
-      } catch (err) {
-        throw await this.#streamError(inst, head.nodeId, ctl.signal, err);
-      }
-      if (ctl.signal.aborted) throw ctl.signal.reason;
-    } finally {
-      signal?.removeEventListener('abort', onCallerAbort);
-      call?.cancel();
-      release?.();
-      inst.active.delete(ctl);
-    }
-  }
-
-  /** Why the head's token stream broke, as the caller should hear it. */
-  async #streamError(inst: Instance, headNodeId: string, signal: AbortSignal, err: unknown): Promise<unknown> {
-    if (signal.aborted) return signal.reason;
-    // The engine refused the request itself (e.g. a prompt longer than the context): the
-    // caller's fault, not a broken stage.
-    const code = (err as { code?: unknown }).code;
-    if (code === 3) return new CoordinatorError('INVALID_ARGUMENT', grpcMessage(err));
-    if (code === 8) return new CoordinatorError('RESOURCE_EXHAUSTED', grpcMessage(err));
-    // The head's stream broke. Usually a stage died; give membership a moment to say which.
-    const reason = await Promise.race([inst.failed, new Promise<undefined>((r) => setTimeout(r, 1000))]);
-    if (reason) return new CoordinatorError('UNAVAILABLE', reason);
-    const head = this.#o.membership.registry.get(headNodeId);
-    return new CoordinatorError('UNAVAILABLE', `generation on ${head?.profile.name ?? headNodeId} failed: ${grpcMessage(err)}`);
+    yield* serveRequest(inst, req, signal, this.#requestContext);
   }
 
   #pick(model: string | undefined): Instance {
@@ -303,10 +296,11 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       const i = this.#instances.get(model);
       if (!i) throw new CoordinatorError('NOT_FOUND', `no model named "${model}" (loaded: ${[...this.#instances.keys()].join(', ') || 'none'})`);
       if (i.state === 'failed') throw new CoordinatorError('UNAVAILABLE', `model "${model}" failed: ${i.error}`);
-      if (i.state !== 'ready') throw new CoordinatorError('FAILED_PRECONDITION', `model "${model}" is ${i.state}`);
+      // A recovering instance takes requests: they wait (bounded) for it to serve again.
+      if (i.state !== 'ready' && i.state !== 'recovering') throw new CoordinatorError('FAILED_PRECONDITION', `model "${model}" is ${i.state}`);
       return i;
     }
-    const ready = [...this.#instances.values()].filter((i) => i.state === 'ready');
+    const ready = [...this.#instances.values()].filter((i) => i.state === 'ready' || i.state === 'recovering');
     if (ready.length === 1) return ready[0]!;
     if (ready.length === 0) {
       const failed = [...this.#instances.values()].find((i) => i.state === 'failed');
@@ -316,20 +310,102 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     throw new CoordinatorError('INVALID_ARGUMENT', `several models are loaded (${ready.map((i) => i.name).join(', ')}): choose one with --model`);
   }
 
-  /** Fail an instance: streams end with UNAVAILABLE naming the cause; surviving engines stop. */
-  #fail(inst: Instance, reason: string): void {
+  /**
+   * An engine of the instance is gone. Loading: the load fails (load() cleans up). Recovering:
+   * the current attempt fails. Ready: with healing, the instance recovers (its streams resume);
+   * without, it fails — streams end with UNAVAILABLE naming the cause, surviving engines stop.
+   */
+  #fail(inst: Instance, reason: string, cause: RecoveryCause): void {
     if (inst.state === 'failed' || inst.state === 'unloading') return;
+    if (inst.state === 'recovering') {
+      inst.abortReason ||= reason;
+      return;
+    }
     const wasReady = inst.state === 'ready';
-    inst.state = 'failed';
+    this.#log.error({ model: inst.name, reason, heal: inst.heal }, 'model instance lost an engine');
     inst.error = reason;
+    inst.epoch++;
     inst.markFailed(reason);
-    this.#log.error({ model: inst.name, reason }, 'model instance failed');
-    const err = new CoordinatorError('UNAVAILABLE', reason);
-    inst.slots.failWaiting(err);
-    for (const a of inst.active) a.abort(err);
-    // A loading instance is cleaned up by load()'s own failure path.
+    Object.assign(inst, failureSignal());
     if (wasReady) void inst.group.stop();
+    if (wasReady && inst.heal === 'auto') {
+      inst.state = 'recovering';
+      inst.pending = { cause: reason, kind: cause, sinceMs: Date.now() };
+      inst.lost = this.#lostNodes(inst);
+      inst.serving = deferred();
+      for (const c of inst.calls) c.cancel(); // their streams resume once it serves again
+      void this.#recover(inst);
+    } else {
+      inst.state = 'failed';
+      const err = new CoordinatorError('UNAVAILABLE', reason);
+      inst.slots.failWaiting(err);
+      for (const a of inst.active) a.abort(err);
+    }
     this.emit('model', this.#status(inst));
+  }
+
+  /** Names of the plan's nodes that are not up now (what a shortfall asks to bring back). */
+  #lostNodes(inst: Instance): string[] {
+    const names = inst.stages.filter((s) => this.#o.membership.registry.get(s.nodeId)?.state !== 'up').map((s) => s.nodeName);
+    return [...new Set([...inst.lost, ...names])];
+  }
+
+  /** Re-place a recovering instance, a bounded number of times; then failed, until a node returns. */
+  async #recover(inst: Instance): Promise<void> {
+    const pending = inst.pending;
+    if (!pending) return;
+    const { maxAttempts, retryDelayMs } = this.#heal;
+    const elapsed = () => (Date.now() - pending.sinceMs) / 1000;
+    let why = '';
+    for (let attempt = 1; attempt <= maxAttempts && inst.state === 'recovering'; attempt++) {
+      inst.abortReason = '';
+      inst.recovery = { cause: pending.cause, attempt, maxAttempts, phase: 'planning', message: why, sinceMs: pending.sinceMs };
+      this.emit('model', this.#status(inst));
+      inst.group = this.#newGroup(inst);
+      try {
+        await this.#place(inst, elapsed, (phase, message, bytesDone, bytesTotal) => {
+          inst.recovery = { ...inst.recovery!, phase, message };
+          this.emit('progress', inst.name, { phase, message, bytesDone, bytesTotal, elapsedSeconds: elapsed(), model: this.#status(inst) });
+        });
+        inst.recoveries++;
+        inst.recovery = undefined;
+        inst.pending = undefined;
+        inst.error = '';
+        inst.lost = [];
+        inst.serving?.resolve();
+        inst.serving = undefined;
+        this.#log.info({ model: inst.name, cause: pending.cause, seconds: elapsed(), attempt }, 'model instance recovered');
+        this.emit('recovered', inst.name, pending.kind, elapsed());
+        this.emit('model', this.#status(inst));
+        return;
+      } catch (err) {
+        why = attemptFailure(err, this.#lostNodes(inst), inst.abortReason || errorMessage(err));
+        inst.epoch++; // whatever the failed attempt started is not this instance's any more
+        await inst.group.stop();
+        this.#log.warn({ model: inst.name, attempt, maxAttempts, err: why }, 're-placing the model failed');
+        if (attempt < maxAttempts && inst.state === 'recovering') await new Promise((r) => setTimeout(r, retryDelayMs));
+      }
+    }
+    if (inst.state !== 'recovering') return; // unloaded meanwhile
+    inst.state = 'failed';
+    inst.error = `${pending.cause}; could not re-place it: ${why}`;
+    inst.recovery = { cause: pending.cause, attempt: maxAttempts, maxAttempts, phase: 'failed', message: why, sinceMs: pending.sinceMs };
+    const err = new CoordinatorError('UNAVAILABLE', `model "${inst.name}" failed: ${inst.error}`);
+    inst.serving?.reject(err);
+    inst.serving = undefined;
+    inst.slots.failWaiting(err);
+    this.emit('model', this.#status(inst));
+  }
+
+  /** A node joined or came back: failed instances that may heal try again. */
+  #retryHealing(): void {
+    for (const inst of this.#instances.values()) {
+      if (inst.state !== 'failed' || !inst.pending) continue;
+      inst.state = 'recovering';
+      inst.serving = deferred();
+      this.emit('model', this.#status(inst));
+      void this.#recover(inst);
+    }
   }
 
   #instancesOnNode(nodeId: string): Instance[] {
@@ -343,16 +419,17 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     // be fine, and requests on them simply wait. Only down — silent past the grace period, or its
     // agent refused the re-dial — means the engines are gone.
     if (c.kind === 'state' && c.to === 'down') {
-      for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} is down: ${c.reason}`);
+      for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} is down: ${c.reason}`, 'node-down');
     } else if (c.kind === 'state' && c.to === 'suspect') {
       const on = this.#instancesOnNode(n.nodeId);
       if (on.length > 0) this.#log.warn({ node: n.profile.name, models: on.map((i) => i.name), reason: c.reason }, 'node suspect: its models wait out the grace period');
     } else if (c.kind === 'removed') {
-      for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} left the cluster: ${c.reason}`);
+      for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} left the cluster: ${c.reason}`, 'node-left');
     } else if (c.kind === 'replaced') {
       // The agent restarted: the engines it ran for us died with its previous process.
-      for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} restarted`);
+      for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} restarted`, 'node-restarted');
     }
+    if (c.kind === 'added' || c.kind === 'replaced' || (c.kind === 'state' && c.to === 'up')) this.#retryHealing();
     // A node back from down may still run engines of an instance failed meanwhile: stop them.
     if (c.kind === 'added' || c.kind === 'replaced' || (c.kind === 'state' && c.to === 'up')) void this.#cleanUpOrphans(n.nodeId);
   }
@@ -395,6 +472,9 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       options: i.options,
       verification: i.group.verification,
       loadedAtMs: i.loadedAtMs,
+      heal: i.heal,
+      recoveries: i.recoveries,
+      recovery: i.recovery,
     };
   }
 

@@ -45,7 +45,20 @@ export interface PlacementResult {
 /** Plans a model onto nodes; throws UsageError (bad file) or OrchardError ("does not fit …"). */
 export type Planner = (modelPath: string, nodes: readonly NodeEntry[], options: LoadOptions) => Promise<PlacementResult>;
 
-export type ModelState = 'loading' | 'ready' | 'failed' | 'unloading';
+export type ModelState = 'loading' | 'ready' | 'recovering' | 'failed' | 'unloading';
+
+/** Self-healing in progress (healing.ts), or how it ended when it gave up (state failed). */
+export interface Recovery {
+  /** What failed ("node bravo (…) is down: …"). */
+  readonly cause: string;
+  readonly attempt: number;
+  readonly maxAttempts: number;
+  /** The load phase of the current attempt, or "failed" once it gave up. */
+  readonly phase: string;
+  /** The latest progress line, or why the last attempt failed. */
+  readonly message: string;
+  readonly sinceMs: number;
+}
 
 export interface ModelStage extends PlannedStage {
   readonly endpoint: string;
@@ -62,6 +75,11 @@ export interface ModelStatus {
   readonly options: LoadOptions;
   readonly verification?: VerifyResult | undefined;
   readonly loadedAtMs?: number | undefined;
+  /** Self-healing of this instance: "auto" re-places it when an engine is lost. */
+  readonly heal?: 'auto' | 'off' | undefined;
+  /** How often it was re-placed since its load. */
+  readonly recoveries?: number | undefined;
+  readonly recovery?: Recovery | undefined;
 }
 
 export interface LoadRequest {
@@ -70,6 +88,8 @@ export interface LoadRequest {
   readonly options?: Partial<LoadOptions> | undefined;
   /** "mlx" | "llama" | "auto"/"" (by format: a directory with config.json → mlx, .gguf → llama). */
   readonly engine?: string | undefined;
+  /** "auto" | "off" | undefined (the coordinator's --heal). */
+  readonly heal?: string | undefined;
 }
 
 export interface LoadProgress {

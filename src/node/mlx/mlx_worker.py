@@ -239,7 +239,7 @@ def load(args, group):
 
 
 def request_digest(req):
-    canon = {k: req.get(k) for k in ("id", "prompt", "tokens", "messages", "max_tokens", "temperature", "top_p", "seed", "ignore_eos")}
+    canon = {k: req.get(k) for k in ("id", "prompt", "tokens", "messages", "continue_tokens", "max_tokens", "temperature", "top_p", "seed", "ignore_eos")}
     h = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).digest()
     return [int.from_bytes(h[i : i + 3], "little") for i in range(0, 12, 3)]  # fits exactly in int32/float32
 
@@ -256,7 +256,8 @@ def prompt_tokens(req, tokenizer):
         raise ValueError("request has none of tokens, messages, prompt")
     if not toks:
         raise ValueError("empty prompt")
-    return toks
+    # A resumed stream: the tokens a lost group already delivered continue the prompt.
+    return toks + [int(t) for t in (req.get("continue_tokens") or [])]
 
 
 def serve(model, tokenizer, config, group, inbox):

@@ -65,6 +65,8 @@ export interface MlxRequest {
   tokens?: number[];
   prompt?: string;
   messages?: { role: string; content: string }[];
+  /** Tokens already delivered by a lost group: appended after the prompt (a resumed stream). */
+  continueTokens?: number[];
   maxTokens?: number;
   temperature?: number;
   topP?: number;
@@ -85,6 +87,7 @@ export function requestLine(req: MlxRequest): string {
     tokens: req.tokens,
     prompt: req.prompt,
     messages: req.messages,
+    ...(req.continueTokens?.length ? { continue_tokens: req.continueTokens } : {}),
     max_tokens: req.maxTokens ?? 64,
     temperature: req.temperature ?? 0,
     top_p: req.topP ?? 1,

@@ -114,7 +114,7 @@ export function mlxRankPort(spec: MlxRankSpec): number {
  * engine default (1), temperature 0 = greedy.
  */
 export function mlxRequestOf(
-  p: { prompt: string; messagesJson?: string | undefined; maxTokens: number; temperature: number; topP: number; seed: number },
+  p: { prompt: string; messagesJson?: string | undefined; continueTokenIds?: readonly number[] | undefined; maxTokens: number; temperature: number; topP: number; seed: number },
   requestId: string,
   maxTokensCap: number,
 ): MlxRequest {
@@ -127,6 +127,7 @@ export function mlxRequestOf(
   };
   if (p.messagesJson) req.messages = JSON.parse(p.messagesJson) as { role: string; content: string }[];
   else req.prompt = p.prompt;
+  if (p.continueTokenIds?.length) req.continueTokens = [...p.continueTokenIds];
   return req;
 }
 

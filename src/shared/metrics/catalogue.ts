@@ -73,6 +73,10 @@ export const REQUEST_OUTCOMES = ['ok', 'error', 'cancelled', 'rejected', 'invali
 export const NODE_STATES = ['up', 'suspect', 'down'] as const;
 /** Membership changes as the coordinator's registry reports them. */
 export const DISCOVERY_EVENT_KINDS = ['added', 'replaced', 'state', 'removed'] as const;
+/** Why a model instance had to heal (the coordinator's instances/healing.ts). */
+export const RECOVERY_CAUSES = ['node-down', 'node-restarted', 'node-left', 'engine-exit'] as const;
+/** Seconds from losing an engine to serving again: a reload of a few seconds to minutes. */
+export const RECOVERY_BUCKETS_SECONDS = [1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640] as const;
 export const MEMORY_PRESSURE_LEVELS = ['normal', 'warn', 'critical', 'unknown'] as const;
 
 /**
@@ -269,6 +273,29 @@ export const COORDINATOR_METRICS = {
     labelNames: ['model'],
     buckets: REQUEST_DURATION_BUCKETS_SECONDS,
     unit: 'seconds',
+    exportedBy: 'coordinator',
+  }),
+  instanceRecoveriesTotal: counter({
+    name: 'orchard_instance_recoveries_total',
+    help: 'Model instances that lost an engine and were re-placed and serving again, by cause',
+    labelNames: ['model', 'cause'],
+    labelValues: { cause: RECOVERY_CAUSES },
+    unit: 'count',
+    exportedBy: 'coordinator',
+  }),
+  instanceRecoverySeconds: histogram({
+    name: 'orchard_instance_recovery_seconds',
+    help: 'Time from an instance losing an engine to serving again (re-plan + reload)',
+    labelNames: ['model'],
+    buckets: RECOVERY_BUCKETS_SECONDS,
+    unit: 'seconds',
+    exportedBy: 'coordinator',
+  }),
+  streamsResumedTotal: counter({
+    name: 'orchard_streams_resumed_total',
+    help: 'In-flight streams continued on a healed instance (prompt + delivered tokens resubmitted) instead of failing',
+    labelNames: ['model'],
+    unit: 'count',
     exportedBy: 'coordinator',
   }),
   queueDepth: gauge({

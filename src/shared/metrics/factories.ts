@@ -8,6 +8,7 @@ import {
   type HistogramDef,
   MEMORY_PRESSURE_LEVELS,
   NODE_METRICS,
+  RECOVERY_CAUSES,
   REQUEST_OUTCOMES,
 } from './catalogue.ts';
 
@@ -84,11 +85,17 @@ export function initModelSeries(c: CoordinatorMetricSet, model: string): void {
   c.requestDurationSeconds.zero({ model });
   c.queueDepth.set({ model }, 0);
   c.requestsInFlight.set({ model }, 0);
+  for (const cause of RECOVERY_CAUSES) c.instanceRecoveriesTotal.inc({ model, cause }, 0);
+  c.instanceRecoverySeconds.zero({ model });
+  c.streamsResumedTotal.inc({ model }, 0);
 }
 
 /** Drop a model's request series when it is unloaded (placement series go with replaceGaugeSeries). */
 export function removeModelSeries(c: CoordinatorMetricSet, model: string): void {
   for (const outcome of REQUEST_OUTCOMES) c.requestsTotal.remove({ model, outcome });
+  for (const cause of RECOVERY_CAUSES) c.instanceRecoveriesTotal.remove({ model, cause });
+  c.instanceRecoverySeconds.remove({ model });
+  c.streamsResumedTotal.remove({ model });
   for (const metric of [c.promptTokensTotal, c.generatedTokensTotal, c.timeToFirstTokenSeconds, c.interTokenLatencySeconds, c.requestDurationSeconds, c.queueDepth, c.requestsInFlight, c.modelPredictedTokensPerSecond]) {
     metric.remove({ model });
   }

@@ -17,6 +17,7 @@ export type ConsoleEventKind =
   | 'load-progress'
   | 'model-ready'
   | 'model-failed'
+  | 'model-recovering'
   | 'load-ended'
   | 'model-unloaded';
 
@@ -92,6 +93,7 @@ export function modelTransitions(before: ReadonlyMap<string, ModelSighting>, aft
     if (prev?.state === m.state) continue;
     if (m.state === 'loading') out.push({ kind: 'load-started', level: 'info', subject: name, message: `loading ${name}` });
     else if (m.state === 'ready') out.push({ kind: 'model-ready', level: 'info', subject: name, message: `${name} is ready` });
+    else if (m.state === 'recovering') out.push({ kind: 'model-recovering', level: 'warn', subject: name, message: `${name} lost an engine and is being re-placed${m.error ? `: ${m.error}` : ''}` });
     else if (m.state === 'failed') out.push({ kind: 'model-failed', level: 'error', subject: name, message: `${name} failed${m.error ? `: ${m.error}` : ''}` });
     else out.push({ kind: 'model-unloaded', level: 'info', subject: name, message: `unloading ${name}` });
   }

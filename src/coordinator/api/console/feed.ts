@@ -120,7 +120,7 @@ export class ConsoleFeed {
     const seen = new Map(models.map((m) => [m.name, { name: m.name, state: m.state, error: m.error }]));
     for (const e of modelTransitions(this.#models, seen)) this.#emit(e);
     this.#models = seen;
-    for (const name of this.#progress.keys()) if (seen.get(name)?.state !== 'loading') this.#progress.delete(name);
+    for (const name of this.#progress.keys()) if (seen.get(name)?.state !== 'loading' && seen.get(name)?.state !== 'recovering') this.#progress.delete(name);
     if (this.#subscribers.size === 0 && this.#last) return;
     const stats = await this.#stats();
     const used = usedByEngines(models);

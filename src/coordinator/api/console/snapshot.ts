@@ -70,7 +70,7 @@ export interface ConsoleSnapshot {
 export function usedByEngines(models: readonly ModelStatus[]): Map<string, number> {
   const used = new Map<string, number>();
   for (const m of models) {
-    if (m.state === 'failed') continue;
+    if (m.state === 'failed' || m.state === 'recovering') continue;
     for (const s of m.stages) used.set(s.nodeId, (used.get(s.nodeId) ?? 0) + s.bytes.total);
   }
   return used;
@@ -107,8 +107,8 @@ export function consoleModel(m: ModelStatus, stats: ModelStats, progress: LoadPr
     engine: m.engine,
     state: m.state,
     error: m.error,
-    // Progress belongs to a load in flight; a ready or failed model shows its state instead.
-    progress: progress && m.state === 'loading' ? { phase: progress.phase, message: progress.message, bytesDone: progress.bytesDone, bytesTotal: progress.bytesTotal, elapsedSeconds: progress.elapsedSeconds } : null,
+    // Progress belongs to a load in flight (or a recovery's reload); a ready or failed model shows its state instead.
+    progress: progress && (m.state === 'loading' || m.state === 'recovering') ? { phase: progress.phase, message: progress.message, bytesDone: progress.bytesDone, bytesTotal: progress.bytesTotal, elapsedSeconds: progress.elapsedSeconds } : null,
     stages: m.stages.map((s) => ({ nodeId: s.nodeId, nodeName: s.nodeName, firstLayer: s.firstLayer, lastLayer: s.lastLayer, totalBytes: s.bytes.total, budgetBytes: s.budgetBytes })),
     layerCount: m.stages.reduce((n, s) => Math.max(n, s.lastLayer + 1), 0),
     predictedTokensPerSecond: m.predictedTokensPerSecond,

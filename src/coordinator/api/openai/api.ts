@@ -53,7 +53,7 @@ export interface ApiOptions {
 export function installApi(router: HttpRouter, deps: ApiDeps, options: ApiOptions = {}): void {
   const limit = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
   router.add('GET', '/v1/models', 'inference', (_req, res) => {
-    const data = deps.runtime.models().filter((m) => m.state === 'ready' || m.state === 'loading').map(modelObject);
+    const data = deps.runtime.models().filter((m) => m.state === 'ready' || m.state === 'loading' || m.state === 'recovering').map(modelObject);
     sendJson(res, 200, { object: 'list', data });
   });
   router.add('GET', '/v1/models/*', 'inference', (_req, res, params) => {
@@ -100,7 +100,8 @@ function limitsFor(runtime: Runtime) {
   return (name: string): ModelLimits => {
     const m = runtime.model(name);
     if (!m) throw modelNotFound(name, runtime);
-    if (m.state !== 'ready') throw new ApiError(503, 'service_unavailable', 'model_not_ready', `model '${name}' is ${m.state}${m.error ? `: ${m.error}` : ''}`);
+    // A recovering model takes the request: it waits (bounded) for the healed instance.
+    if (m.state !== 'ready' && m.state !== 'recovering') throw new ApiError(503, 'service_unavailable', 'model_not_ready', `model '${name}' is ${m.state}${m.error ? `: ${m.error}` : ''}`);
     return { ctx: m.options.ctx };
   };
 }

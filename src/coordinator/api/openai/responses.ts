@@ -118,6 +118,11 @@ export function placementOf(m: ModelStatus) {
     cache_type: m.options.cacheType,
     predicted_tokens_per_second: m.predictedTokensPerSecond,
     error: m.error || null,
+    heal: m.heal ?? 'auto',
+    recoveries: m.recoveries ?? 0,
+    recovery: m.recovery
+      ? { cause: m.recovery.cause, attempt: m.recovery.attempt, max_attempts: m.recovery.maxAttempts, phase: m.recovery.phase, message: m.recovery.message, since_seconds: (Date.now() - m.recovery.sinceMs) / 1000 }
+      : null,
     stages: m.stages.map((s, i) => ({
       stage: i,
       role: i === m.stages.length - 1 ? 'head' : 'worker',

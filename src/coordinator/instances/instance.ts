@@ -1,0 +1,68 @@
+import type { EngineDriver, EngineGroup, EngineStream } from './driver.ts';
+import type { HealMode, RecoveryCause } from './healing.ts';
+import type { Slots } from './slots.ts';
+import type { LoadOptions, ModelState, PlannedStage, Recovery } from './types.ts';
+
+/**
+ * One model instance as the runtime keeps it: what the lifecycle (runtime.ts) and the request
+ * path (request.ts) share. Mutable on purpose — the runtime is its only writer; the request path
+ * reads it and waits on its promises.
+ */
+export interface Instance {
+  readonly name: string;
+  readonly path: string;
+  readonly driver: EngineDriver;
+  /** The current engines; a recovery replaces them with a new group (new engine ids). */
+  group: EngineGroup;
+  /** Bumped whenever the instance loses its engines: a stream on an older epoch resumes. */
+  epoch: number;
+  state: ModelState;
+  readonly heal: HealMode;
+  recovery: Recovery | undefined;
+  recoveries: number;
+  /** Names of the nodes whose loss started the current outage (named in a shortfall). */
+  lost: string[];
+  /** Waiters for the end of a recovery (resolve: ready again; reject: failed). */
+  serving: Deferred | undefined;
+  /** The outage being healed (kept while failed, so a returning node can still heal it). */
+  pending: { readonly cause: string; readonly kind: RecoveryCause; readonly sinceMs: number } | undefined;
+  /** Why the current recovery attempt must stop (an engine it started is gone). */
+  abortReason: string;
+  /** Head streams open now (cancelled when the instance loses its engines, so they resume). */
+  readonly calls: Set<EngineStream>;
+  stages: PlannedStage[];
+  error: string;
+  predictedTokensPerSecond: number;
+  readonly options: LoadOptions;
+  readonly slots: Slots;
+  readonly active: Set<AbortController>;
+  loadedAtMs: number | undefined;
+  /** Resolves with the reason when the current epoch's engines are lost (names the culprit in errors). */
+  failed: Promise<string>;
+  markFailed: (reason: string) => void;
+}
+
+export interface Deferred {
+  readonly promise: Promise<void>;
+  resolve(): void;
+  reject(err: unknown): void;
+}
+
+export function deferred(): Deferred {
+  let resolve: () => void = () => {};
+  let reject: (e: unknown) => void = () => {};
+  const promise = new Promise<void>((a, b) => {
+    resolve = a;
+    reject = b;
+  });
+  promise.catch(() => {}); // nobody may be waiting
+  return { promise, resolve, reject };
+}
+
+export function failureSignal(): { failed: Promise<string>; markFailed: (reason: string) => void } {
+  let markFailed: (reason: string) => void = () => {};
+  const failed = new Promise<string>((resolve) => {
+    markFailed = resolve;
+  });
+  return { failed, markFailed };
+}
