@@ -64,29 +64,41 @@ export interface BenchCluster {
   readonly token: string;
   /** Each agent's gRPC address, in the order of `nodes`. */
   readonly agents: readonly string[];
+  /** Each agent's process, in the order of `nodes` (for benches that inject faults). */
+  readonly agentProcs: readonly Proc[];
+  /** host:port of the coordinator's HTTP API (/metrics, /v1). */
+  readonly httpAddress: string;
 }
 
 /** A coordinator on 127.0.0.1 and one agent per node that joins it statically (no mDNS). */
 export async function startBenchCluster(
   procs: BenchProcesses,
-  o: { readonly dir: string; readonly env: NodeJS.ProcessEnv; readonly nodes: readonly { name: string; budget?: string }[] },
+  o: { readonly dir: string; readonly env: NodeJS.ProcessEnv; readonly nodes: readonly { name: string; budget?: string }[]; readonly coordinatorArgs?: readonly string[] },
 ): Promise<BenchCluster> {
   const token = `bench-${randomBytes(12).toString('hex')}`;
   const common = ['--no-mdns', '--grpc-port', '0', '--json'];
-  const coord = procs.start('coordinator', [ORCHARD_BIN, 'coordinator', ...common, '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(o.dir, 'coord'), '--join-token', token], o.env);
-  const coordinatorAddress = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;
+  const coord = procs.start('coordinator', [ORCHARD_BIN, 'coordinator', ...common, '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(o.dir, 'coord'), '--join-token', token, ...(o.coordinatorArgs ?? [])], o.env);
+  const ready = await readyLine(coord);
+  const coordinatorAddress = `127.0.0.1:${String(ready.grpcPort)}`;
   const agents: string[] = [];
+  const agentProcs: Proc[] = [];
   for (const n of o.nodes) {
-    const budget = n.budget ? ['--budget', n.budget] : [];
-    const args = [ORCHARD_BIN, 'node', ...common, '--metrics-port', '0', '--bind', '127.0.0.1', '--name', n.name, ...budget, '--state-dir', join(o.dir, n.name), '--join', coordinatorAddress, '--token', token];
-    agents.push(`127.0.0.1:${String((await readyLine(procs.start(n.name, args, o.env))).grpcPort)}`);
+    const p = procs.start(n.name, agentArgs(o.dir, n, coordinatorAddress, token), o.env);
+    agentProcs.push(p);
+    agents.push(`127.0.0.1:${String((await readyLine(p)).grpcPort)}`);
   }
   const client = new CoordinatorClient(coordinatorAddress);
   for (let i = 0; i < 100; i++) {
     if ((((await client.unary('status', {})).nodes ?? []) as unknown[]).length === o.nodes.length) break;
     await sleep(200);
   }
-  return { client, coordinatorAddress, token, agents };
+  return { client, coordinatorAddress, token, agents, agentProcs, httpAddress: `127.0.0.1:${String(ready.httpPort)}` };
+}
+
+/** `orchard node` joining the coordinator statically; the same state dir again = the same node id. */
+export function agentArgs(dir: string, n: { name: string; budget?: string }, coordinatorAddress: string, token: string): string[] {
+  const budget = n.budget ? ['--budget', n.budget] : [];
+  return [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--json', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', n.name, ...budget, '--state-dir', join(dir, n.name), '--models-dir', dir, '--join', coordinatorAddress, '--token', token];
 }
 
 export interface LoadedStage {
