@@ -42,6 +42,8 @@ export function profileToWire(p: HardwareProfile): { [K in keyof Required<Hardwa
     agentVersion: p.agentVersion,
     // proto3 has no "unset" for a scalar: 0 means "no metrics server yet" (read back as undefined).
     metricsPort: p.metricsPort ?? 0,
+    effectiveBandwidthBytesPerSecond: String(Math.round(p.effectiveBandwidthBytesPerSecond ?? 0)),
+    prefillFlopsPerSecond: String(Math.round(p.prefillFlopsPerSecond ?? 0)),
   };
 }
 
@@ -73,6 +75,8 @@ export function profileFromWire(p: Wire | undefined | null): HardwareProfile {
     protocolVersion: str(w.protocolVersion),
     agentVersion: str(w.agentVersion),
     metricsPort: num(w.metricsPort) || undefined,
+    effectiveBandwidthBytesPerSecond: num(w.effectiveBandwidthBytesPerSecond) || undefined,
+    prefillFlopsPerSecond: num(w.prefillFlopsPerSecond) || undefined,
   };
 }
 

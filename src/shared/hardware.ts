@@ -36,6 +36,13 @@ export interface HardwareProfile {
    * metrics server listens, and from agents that predate the field.
    */
   readonly metricsPort?: number | undefined;
+  /**
+   * What the node measured of its llama.cpp engine (`orchard node --calibrate`, cached): decode
+   * read bandwidth and prompt-processing FLOP/s in the cost model's accounting. Absent (0 on the
+   * wire) until measured; the planner then uses the spec bandwidth × the engine's efficiency.
+   */
+  readonly effectiveBandwidthBytesPerSecond?: number | undefined;
+  readonly prefillFlopsPerSecond?: number | undefined;
 }
 
 export interface LiveStats {

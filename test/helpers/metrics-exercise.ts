@@ -27,7 +27,8 @@ import { studioProfile } from './profiles.ts';
 const log = createLogger('metrics-exercise', 'silent');
 
 /** The node the exercise reports (also the fixture of the catalogue's factory tests). */
-export const PROFILE: HardwareProfile = studioProfile({ engines: ['llama.cpp'], protocolVersion: '1' });
+// A calibrated node (orchard node --calibrate): its measured rates are exported too.
+export const PROFILE: HardwareProfile = studioProfile({ engines: ['llama.cpp'], protocolVersion: '1', effectiveBandwidthBytesPerSecond: 512e9, prefillFlopsPerSecond: 16e12 });
 
 /** Stands in for ggml-rpc-server: listens where `-H host -p port` say until it is signalled. */
 const FAKE_RPC_SERVER = `#!${process.execPath}

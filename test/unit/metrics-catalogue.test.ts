@@ -39,6 +39,8 @@ describe('metric catalogue', () => {
       'orchard_node_budget_bytes',
       'orchard_node_available_memory_bytes',
       'orchard_node_bandwidth_bytes_per_second',
+      'orchard_node_effective_bandwidth_bytes_per_second',
+      'orchard_node_prefill_flops_per_second',
       'orchard_node_wired_limit_bytes',
       'orchard_engine_up',
       'orchard_engine_starts_total',

@@ -8,7 +8,8 @@ import { findLlamaBinaries } from '../../node/llama/binaries.ts';
 import { OrchardError } from '../../shared/errors.ts';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
 import { modelProfile } from '../../shared/model/profile.ts';
-import { formatBytes, parseInteger } from '../../shared/units.ts';
+import { formatBandwidth, formatBytes, parseInteger } from '../../shared/units.ts';
+import { loadCalibration, measureCalibration } from '../../node/calibrate.ts';
 import { apiJson, apiSse } from '../api-client.ts';
 import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../demo-model.ts';
 import { type LocalCluster, ORCHARD_BIN, startLocalCluster } from '../local-cluster.ts';
@@ -22,6 +23,7 @@ interface DemoFlags {
   maxTokens: string;
   nodes: string;
   json?: boolean;
+  calibrate?: boolean;
 }
 
 const LOAD_PHASES = ['planning', 'starting-workers', 'starting-head', 'verifying', 'ready'];
@@ -42,7 +44,8 @@ export function registerDemo(program: Command): void {
     .option('--prompt <text>', 'completion prompt', 'Once upon a time')
     .option('--max-tokens <n>', 'tokens to generate', '48')
     .option('--nodes <n>', 'node agents to start (2–6)', '3')
-    .option('--json', 'human output to stderr; one JSON summary (plan, placement, tokens/s, timings) on stdout')
+    .option('--json', 'human output to stderr; one JSON summary (predicted and measured tokens/s first, then plan, placement, timings) on stdout')
+    .option('--calibrate', 'measure this machine\'s engine again even when a measurement is cached')
     .addHelpText(
       'after',
       `
@@ -149,12 +152,35 @@ function step(s: string): void {
   process.stderr.write(`\n▸ ${s}\n`);
 }
 
+/** Every engine shares this machine's cores: one thread each keeps them from fighting. */
+function engineThreads(nodeCount: number): number {
+  const env = process.env.ORCHARD_RPC_THREADS;
+  return env ? parseInteger(env, 'ORCHARD_RPC_THREADS', 1, 1024) : Math.max(1, Math.floor(availableParallelism() / (nodeCount + 1)));
+}
+
+/**
+ * The agents plan with this machine's measured engine (cached per engine build and thread count,
+ * read by every agent at start): measure it once here so the demo's prediction is calibrated.
+ */
+async function ensureCalibration(nodeCount: number, force: boolean, story: Story, run: Interruption): Promise<void> {
+  step('engine calibration');
+  const threads = engineThreads(nodeCount);
+  let c = force ? undefined : await loadCalibration(threads);
+  if (!c) {
+    process.stderr.write(`measuring this machine's engine with ${threads} thread(s) (once; cached)…\n`);
+    c = await run.orAbort(measureCalibration(threads));
+  }
+  process.stderr.write(
+    `${threads} thread(s): decode ${formatBandwidth(c.effectiveBandwidthBytesPerSecond)} effective, prefill ${(c.prefillFlopsPerSecond / 1e9).toFixed(1)} GFLOP/s (measured ${new Date(c.measuredAtSeconds * 1000).toISOString()})\n`,
+  );
+  story.summary.calibration = c;
+}
+
 async function startDemoCluster(m: DemoModel, nodeCount: number, stateRoot: string, run: Interruption): Promise<LocalCluster> {
   step(`cluster: a coordinator and ${nodeCount} node agents on 127.0.0.1`);
-  // Every engine shares this machine's cores: one thread each keeps them from fighting.
-  const threads = String(Math.max(1, Math.floor(availableParallelism() / (nodeCount + 1))));
+  const threads = String(engineThreads(nodeCount));
   const env: NodeJS.ProcessEnv = {
-    ORCHARD_RPC_THREADS: process.env.ORCHARD_RPC_THREADS ?? threads,
+    ORCHARD_RPC_THREADS: threads,
     ORCHARD_LLAMA_SERVER_EXTRA_ARGS: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS ?? `-t ${threads}`,
     ORCHARD_API_KEY: '',
     ORCHARD_API_KEY_FILE: '',
@@ -179,7 +205,7 @@ async function showPlan(cluster: LocalCluster, m: DemoModel, nodeCount: number, 
     client.close();
   }
   const plan = planJsonSchema.parse(JSON.parse(planText));
-  Object.assign(story.summary, { model: m.modelPath, budgets: m.budgets, plan });
+  Object.assign(story.summary, { model: m.modelPath, budgets: m.budgets, plan, predictedTokensPerSecond: plan.predicted.tokensPerSecond });
   story.out(`\nPlan for ${m.profile.name ?? m.modelPath} (${m.profile.layerCount} layers, ctx ${m.ctx}) on ${nodeCount} nodes:\n${renderPlanTable(plan)}`);
 }
 
@@ -235,7 +261,12 @@ async function streamCompletion(cluster: LocalCluster, prompt: string, maxTokens
       `decode ${Number(timings?.predicted_tokens_per_second ?? 0).toFixed(1)} tok/s (engine), ${wallRate.toFixed(1)} tok/s (client, after the first token); ` +
       `first token after ${firstAt ? firstAt - tGen : 0} ms\n`,
   );
-  Object.assign(story.summary, { text, finishReason: finish, usage, timings, clientTokensPerSecond: wallRate, firstTokenMs: firstAt ? firstAt - tGen : null });
+  const measured = Number(timings?.predicted_tokens_per_second ?? 0);
+  const predicted = Number(story.summary.predictedTokensPerSecond ?? 0);
+  if (predicted > 0 && measured > 0) {
+    story.out(`predicted ${predicted.toFixed(1)} tok/s, measured ${measured.toFixed(1)} tok/s (${(((measured - predicted) / predicted) * 100).toFixed(0)}%)\n`);
+  }
+  Object.assign(story.summary, { measuredTokensPerSecond: measured, text, finishReason: finish, usage, timings, clientTokensPerSecond: wallRate, firstTokenMs: firstAt ? firstAt - tGen : null });
 }
 
 async function showPlacement(cluster: LocalCluster, story: Story): Promise<void> {
@@ -287,6 +318,7 @@ async function runDemo(flags: DemoFlags): Promise<void> {
     const bins = await findLlamaBinaries();
     process.stderr.write(`llama.cpp ${bins.llamaCppVersion}: ${bins.binDir}\n`);
     const model = await demoModel(flags, nodeCount, run);
+    await ensureCalibration(nodeCount, !!flags.calibrate, story, run);
     stateRoot = await mkdtemp(join(tmpdir(), 'orchard-demo-'));
     cluster = await startDemoCluster(model, nodeCount, stateRoot, run);
     await showPlan(cluster, model, nodeCount, story, run);
@@ -301,5 +333,9 @@ async function runDemo(flags: DemoFlags): Promise<void> {
     run.dispose();
   }
   if (run.signal.aborted) process.exitCode = 130;
-  else if (flags.json) process.stdout.write(`${JSON.stringify({ ...story.summary, totalSeconds: (Date.now() - t0) / 1000 })}\n`);
+  else if (flags.json) {
+    // The two numbers the demo is about come first: predicted (the plan) and measured (the engine).
+    const { predictedTokensPerSecond, measuredTokensPerSecond, ...rest } = story.summary;
+    process.stdout.write(`${JSON.stringify({ predictedTokensPerSecond, measuredTokensPerSecond, ...rest, totalSeconds: (Date.now() - t0) / 1000 })}\n`);
+  }
 }

@@ -5,9 +5,12 @@ import { type AgentReady, NodeAgent } from '../../node/agent.ts';
 import { probeHardware, readLiveStats } from '../../node/hardware/probe.ts';
 import { defaultStateDir } from '../../node/identity.ts';
 import { findLlamaBinaries } from '../../node/llama/binaries.ts';
+import { availableParallelism } from 'node:os';
+import { loadCalibration, measureCalibration, withCalibration } from '../../node/calibrate.ts';
 import { UsageError } from '../../shared/errors.ts';
+import type { Calibration } from '../../shared/placement/cost.ts';
 import { createLogger } from '../../shared/log.ts';
-import { formatBandwidth, formatBytes, parseBandwidth, parsePort, parseSize } from '../../shared/units.ts';
+import { formatBandwidth, formatBytes, parseBandwidth, parseInteger, parsePort, parseSize } from '../../shared/units.ts';
 import { modelsDirOption, modelsDirs } from '../models-dir.ts';
 import { agentAdvertiseAddress, joinWithRetry } from './cluster.ts';
 
@@ -27,6 +30,7 @@ interface NodeFlags {
   bind: string;
   token?: string;
   join?: string;
+  calibrate?: boolean;
   json?: boolean;
   modelsDir: string[];
 }
@@ -49,6 +53,7 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--token <token>', 'require `authorization: Bearer <token>` on every gRPC call').env('ORCHARD_NODE_TOKEN'))
     .addOption(new Option('--join <host:port>', 'join this coordinator (static join, no Bonjour needed); needs --token').env('ORCHARD_JOIN'))
     .addOption(modelsDirOption())
+    .option('--calibrate', 'measure this machine\'s engine (decode bandwidth, prompt FLOP/s) before starting; cached for later starts')
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…}) instead of the profile table')
     .action(async (flags: NodeFlags) => {
       await runNode(flags);
@@ -97,9 +102,10 @@ function positive(n: number, what: string): number {
 async function runNode(flags: NodeFlags): Promise<void> {
   const parsed = parseFlags(flags);
   const log = createLogger('orchard-node', process.env.ORCHARD_DEBUG ? 'debug' : undefined);
+  const calibration = await nodeCalibration(!!flags.calibrate, log);
   const agent = new NodeAgent({
     ...parsed,
-    probe: probeHardware,
+    probe: async (o) => withCalibration(await probeHardware(o), calibration),
     readLive: readLiveStats,
     binaries: () => findLlamaBinaries(),
     log,
@@ -157,6 +163,19 @@ async function runNode(flags: NodeFlags): Promise<void> {
   }
 }
 
+/**
+ * The engines run with ORCHARD_RPC_THREADS threads (the coordinator's setting, which local
+ * clusters pass to their agents too), else every core: the measurement is for that many.
+ */
+async function nodeCalibration(measure: boolean, log: ReturnType<typeof createLogger>): Promise<Calibration | undefined> {
+  const threads = process.env.ORCHARD_RPC_THREADS ? parseInteger(process.env.ORCHARD_RPC_THREADS, 'ORCHARD_RPC_THREADS', 1, 1024) : availableParallelism();
+  if (!measure) return loadCalibration(threads);
+  log.info({ threads }, 'calibrating: measuring this machine\'s engine (about a minute)');
+  const c = await measureCalibration(threads);
+  log.info({ calibration: c }, 'calibrated');
+  return c;
+}
+
 function printReady(ready: AgentReady, bind: string, json: boolean): void {
   const p = ready.profile;
   if (json) {
@@ -178,6 +197,7 @@ function printReady(ready: AgentReady, bind: string, json: boolean): void {
     ['wired limit', formatBytes(p.wiredLimitBytes)],
     ['usable budget', formatBytes(p.budgetBytes)],
     ['bandwidth', formatBandwidth(p.bandwidthBytesPerSecond)],
+    ['measured', p.effectiveBandwidthBytesPerSecond ? `${formatBandwidth(p.effectiveBandwidthBytesPerSecond)} decode, ${((p.prefillFlopsPerSecond ?? 0) / 1e9).toFixed(0)} GFLOP/s prefill` : 'not calibrated (orchard node --calibrate)'],
     ['os', `${p.os} ${p.osVersion}`],
     ['engines', p.engines.length > 0 ? p.engines.join(', ') : 'none (run `orchard setup`)'],
     ['gRPC', `${bind}:${ready.grpcPort}`],

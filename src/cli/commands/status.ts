@@ -25,6 +25,9 @@ export function statusJson(s: Wire): Wire {
         memoryBytes: num(p.memoryBytes),
         budgetBytes: num(p.budgetBytes),
         bandwidthBytesPerSecond: num(p.bandwidthBytesPerSecond),
+        // Measured by the node (orchard node --calibrate); null until then.
+        effectiveBandwidthBytesPerSecond: num(p.effectiveBandwidthBytesPerSecond) || null,
+        prefillFlopsPerSecond: num(p.prefillFlopsPerSecond) || null,
         wiredLimitBytes: num(p.wiredLimitBytes),
         engines: p.engines,
       },
@@ -55,6 +58,12 @@ export function statusJson(s: Wire): Wire {
   return { clusterId: s.clusterId, version: s.version, nodes, models };
 }
 
+/** The node's own measurement: decode bandwidth and prefill compute, or '-' before `--calibrate`. */
+function measured(h: Wire): string {
+  const bw = num(h.effectiveBandwidthBytesPerSecond);
+  return bw ? `${formatBandwidth(bw)}, ${(num(h.prefillFlopsPerSecond) / 1e9).toFixed(0)} GFLOP/s` : '-';
+}
+
 export function registerStatus(program: Command): void {
   addCredentialOptions(program.command('status'))
     .description('show the cluster: nodes (state, hardware) and loaded models with their stages')
@@ -69,10 +78,10 @@ export function registerStatus(program: Command): void {
           return;
         }
         const nodes = s.nodes as ReturnType<typeof statusJson>[];
-        const t = new Table({ head: ['node', 'state', 'address', 'chip', 'memory', 'usable', 'bandwidth', 'via'], style: tableStyle() });
+        const t = new Table({ head: ['node', 'state', 'address', 'chip', 'memory', 'usable', 'bandwidth', 'measured', 'via'], style: tableStyle() });
         for (const n of nodes as Wire[]) {
           const h = n.hardware as Wire;
-          t.push([String(n.name), String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.budgetBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), String(n.discoveredBy)]);
+          t.push([String(n.name), String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.budgetBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), measured(h), String(n.discoveredBy)]);
         }
         process.stdout.write(`cluster ${String(s.clusterId)}\n${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
         for (const m of s.models as Wire[]) {

@@ -65,8 +65,10 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
     const placementNodes: PlacementNode[] = [...byName].map(([name, n]) => ({
       name,
       budgetBytes: Math.max(0, n.profile.budgetBytes - reservedBytes(n.nodeId)),
-      // The profile carries the spec figure; decode reaches the engine's share of it (cost.ts).
-      bandwidthBytesPerSecond: effectiveBandwidth(n.profile.bandwidthBytesPerSecond || 100e9, mlx ? 'mlx' : 'llama.cpp'),
+      // The node's measurement of its llama.cpp engine when it has one, else the spec figure ×
+      // the engine's decode efficiency (cost.ts). The measurement is of llama.cpp, not MLX.
+      bandwidthBytesPerSecond: effectiveBandwidth(n.profile.bandwidthBytesPerSecond || 100e9, mlx ? 'mlx' : 'llama.cpp', mlx ? undefined : n.profile.effectiveBandwidthBytesPerSecond),
+      ...(!mlx && n.profile.prefillFlopsPerSecond ? { prefillFlopsPerSecond: n.profile.prefillFlopsPerSecond } : {}),
     }));
     const mo = memoryOptionsOf(options);
     const plan = planPlacement(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...(mlx ? mlxPlacementOptions(profile) : {}) });

@@ -122,8 +122,20 @@ export const NODE_METRICS = {
   }),
   bandwidthBytesPerSecond: gauge({
     name: 'orchard_node_bandwidth_bytes_per_second',
-    help: 'Memory bandwidth the planner uses for this node (chip table, override or measurement)',
+    help: 'Spec memory bandwidth of this node (chip table or override); the planner uses it × the engine efficiency until the node is calibrated',
     unit: 'bytes/s',
+    exportedBy: 'node',
+  }),
+  effectiveBandwidthBytesPerSecond: gauge({
+    name: 'orchard_node_effective_bandwidth_bytes_per_second',
+    help: 'Decode read bandwidth this node measured of its engine (orchard node --calibrate); absent until measured',
+    unit: 'bytes/s',
+    exportedBy: 'node',
+  }),
+  prefillFlopsPerSecond: gauge({
+    name: 'orchard_node_prefill_flops_per_second',
+    help: 'Prompt-processing FLOP/s this node measured of its engine (orchard node --calibrate); absent until measured',
+    unit: 'FLOP/s',
     exportedBy: 'node',
   }),
   wiredLimitBytes: gauge({

@@ -151,6 +151,9 @@ export function recordNodeProfile(m: NodeMetricSet, profile: HardwareProfile, li
   m.memoryBytes.set(profile.memoryBytes);
   m.budgetBytes.set(profile.budgetBytes);
   m.bandwidthBytesPerSecond.set(profile.bandwidthBytesPerSecond);
+  // No series until measured: a 0 would read as "measured zero".
+  if (profile.effectiveBandwidthBytesPerSecond) m.effectiveBandwidthBytesPerSecond.set(profile.effectiveBandwidthBytesPerSecond);
+  if (profile.prefillFlopsPerSecond) m.prefillFlopsPerSecond.set(profile.prefillFlopsPerSecond);
   m.wiredLimitBytes.set(profile.wiredLimitBytes);
   if (live) {
     m.availableMemoryBytes.set(live.availableBytes);

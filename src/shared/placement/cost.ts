@@ -124,3 +124,41 @@ export function objectiveWeights(o: PlacementOptions): { wd: number; wt: number 
   if (o.objective === 'ttft') return { wd: 1e-3, wt: 1 };
   return { wd: o.outputTokens, wt: 1 };
 }
+
+/** What a node measured of its own engine (`orchard node --calibrate`). */
+export interface Calibration {
+  readonly engine: EngineFamily;
+  /** Bytes the planner counts per decoded token ÷ (measured seconds per token − head overhead). */
+  readonly effectiveBandwidthBytesPerSecond: number;
+  /** layerPrefillFlops × prompt tokens ÷ measured prompt seconds. */
+  readonly prefillFlopsPerSecond: number;
+  readonly threads: number;
+  /** The engine build measured ("v0.5.0+de3ff815ea7d-…"); a different build measures again. */
+  readonly engineBuild: string;
+  readonly measuredAtSeconds: number;
+  readonly decodeTokensPerSecond: number;
+  readonly promptTokensPerSecond: number;
+  readonly modelBytes: number;
+}
+
+/**
+ * Turn an engine's reported rates on a known model into the cost model's two node numbers, with
+ * the planner's own byte and FLOP accounting, so that the planner's prediction for that model on
+ * that node reproduces the measurement (the rest is how well bytes and FLOPs extrapolate).
+ * `readBytesPerToken` is what the planner counts for one decoded token of the measured model
+ * (every layer's reads including the KV share, plus the head's).
+ */
+export function calibrationRates(
+  profile: ModelProfile,
+  measured: { readonly decodeTokensPerSecond: number; readonly promptTokensPerSecond: number; readonly promptTokens: number; readonly readBytesPerToken: number },
+  headOverheadSeconds: number,
+): { effectiveBandwidthBytesPerSecond: number; prefillFlopsPerSecond: number } {
+  const perToken = 1 / measured.decodeTokensPerSecond - headOverheadSeconds;
+  if (!(perToken > 0)) throw new Error(`decode rate ${measured.decodeTokensPerSecond} tok/s leaves no time for reading weights`);
+  const flopsPerToken = layerPrefillFlops(profile, measured.promptTokens).reduce((a, b) => a + b, 0);
+  const promptFlops = flopsPerToken * measured.promptTokens + headPrefillFlops(profile);
+  return {
+    effectiveBandwidthBytesPerSecond: measured.readBytesPerToken / perToken,
+    prefillFlopsPerSecond: (promptFlops * measured.promptTokensPerSecond) / measured.promptTokens,
+  };
+}

@@ -1,0 +1,47 @@
+import { describe, expect, it } from 'vitest';
+import { memoryModel } from '../../src/shared/memory/stage.ts';
+import { modelProfile } from '../../src/shared/model/profile.ts';
+import { presetHeader } from '../../src/shared/model/shapes.ts';
+import { DECODE_EFFICIENCY, bytesPerWeight, calibrationRates, effectiveBandwidth, layerPrefillFlops } from '../../src/shared/placement/cost.ts';
+import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { DEFAULT_PLACEMENT_OPTIONS } from '../../src/shared/placement/types.ts';
+
+describe('cost model', () => {
+  it('effective bandwidth: a measurement wins, else spec × the engine efficiency', () => {
+    expect(effectiveBandwidth(800e9, 'llama.cpp')).toBe(800e9 * DECODE_EFFICIENCY['llama.cpp']);
+    expect(effectiveBandwidth(800e9, 'mlx')).toBe(800e9 * DECODE_EFFICIENCY.mlx);
+    expect(effectiveBandwidth(800e9, 'llama.cpp', 123e9)).toBe(123e9);
+    // The published llama.cpp figures put decode at 50–75 % of spec; MLX a little higher.
+    expect(DECODE_EFFICIENCY['llama.cpp']).toBeGreaterThanOrEqual(0.5);
+    expect(DECODE_EFFICIENCY['llama.cpp']).toBeLessThanOrEqual(0.75);
+    expect(DECODE_EFFICIENCY.mlx).toBeGreaterThanOrEqual(DECODE_EFFICIENCY['llama.cpp']);
+  });
+
+  it('prefill FLOPs: ~2 per weight plus attention that grows with the prompt', () => {
+    const p = modelProfile(presetHeader('llama-3-8b', 'f16'));
+    expect(bytesPerWeight('F16')).toBe(2);
+    expect(bytesPerWeight('Q4_K')).toBe(144 / 256);
+    expect(bytesPerWeight('Q4g64')).toBe((4 + 0.5) / 8);
+    const short = layerPrefillFlops(p, 1).reduce((a, b) => a + b, 0);
+    const long = layerPrefillFlops(p, 8192).reduce((a, b) => a + b, 0);
+    // Llama-3 8B has ~7.0e9 weights in its layers (the rest is embeddings and the output head).
+    expect(short / 2).toBeGreaterThan(6.5e9);
+    expect(short / 2).toBeLessThan(7.5e9);
+    // At 8k tokens attention adds 32 layers × 2 × 32 heads × 256 × ~4096 positions ≈ 2.1e9 FLOPs per token.
+    expect(long - short).toBeGreaterThan(1.9e9);
+    expect(long - short).toBeLessThan(2.4e9);
+  });
+
+  it('a calibration reproduces its own measurement through the planner', () => {
+    const p = modelProfile(presetHeader('llama-3-8b', 'q8_0'));
+    const o = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: 1024, promptTokens: 128 };
+    const mm = memoryModel(p, o, o.kvFill);
+    const readBytesPerToken = mm.layerRead.reduce((a, b) => a + b, 0) + p.outputBytes + p.outputNormBytes + p.otherBytes + p.tokenEmbdRowBytes;
+    const measured = { decodeTokensPerSecond: 9.5, promptTokensPerSecond: 61, promptTokens: 128, readBytesPerToken };
+    const c = calibrationRates(p, measured, o.headOverheadSeconds);
+    const plan = planPlacement(p, [{ name: 'me', budgetBytes: 64 * 2 ** 30, bandwidthBytesPerSecond: c.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: c.prefillFlopsPerSecond }], o);
+    expect(plan.predicted.tokensPerSecond).toBeCloseTo(9.5, 9);
+    // TTFT = the measured prompt time + the head's fixed overhead.
+    expect(plan.predicted.ttftSeconds).toBeCloseTo(128 / 61 + o.headOverheadSeconds, 9);
+  });
+});
