@@ -20,6 +20,9 @@ describe('proto contracts', () => {
 describe('hardware profile on the wire (one converter, both sides)', () => {
   const profile: HardwareProfile = studioProfile({
     nodeId: 'n1',
+    // A calibrated node (orchard node --calibrate): the measurement travels too.
+    effectiveBandwidthBytesPerSecond: 512_000_000_000,
+    prefillFlopsPerSecond: 16_000_000_000_000,
     memoryBytes: 206_158_430_208,
     wiredLimitBytes: 154_618_822_656,
     budgetBytes: 9_007_199_254_740_991,
@@ -51,6 +54,13 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     const { metricsPort: _, ...without } = profile;
     expect(profileToWire(without).metricsPort).toBe(0);
     expect(profileFromWire(roundTrip(profileToWire(without)).profile)).toEqual({ ...without, metricsPort: undefined });
+  });
+
+  it('an uncalibrated node travels as 0 and reads back as not measured', () => {
+    const { effectiveBandwidthBytesPerSecond: _, prefillFlopsPerSecond: __, ...without } = profile;
+    const back = profileFromWire(roundTrip(profileToWire(without)).profile);
+    expect(back.effectiveBandwidthBytesPerSecond).toBeUndefined();
+    expect(back.prefillFlopsPerSecond).toBeUndefined();
   });
 
   it('live stats round-trip through NodeAgent.Describe', () => {
