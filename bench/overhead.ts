@@ -18,12 +18,14 @@ import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { headLayout } from '../src/coordinator/instances/llama/layout.ts';
 import { memoryOptionsOf } from '../src/coordinator/instances/planner-adapter.ts';
 import { resolveLoadOptions } from '../src/coordinator/instances/runtime.ts';
+import { llamaServerToWire } from '../src/coordinator/membership/agent-client.ts';
 import { completionBody } from '../src/node/generate.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { pickFreePort } from '../src/node/ports.ts';
 import type { GenerateParams } from '../src/shared/generation.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
+import type { RpcTarget } from '../src/shared/placement/llama-args.ts';
 import { planPlacement } from '../src/shared/placement/planner.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
 import { BenchProcesses, benchEnv, type LoadedStage, loadModel, runBench, sleep, startBenchCluster, waitForPort, writeTestModel } from './lib/cluster.ts';
@@ -99,22 +101,24 @@ async function byHand(port: number): Promise<Run> {
  */
 async function startByHand(bins: { rpcServer: string; llamaServer: string }, model: string, nLayer: number, stages: readonly LoadedStage[]): Promise<{ port: number; args: string[] }> {
   const last = stages.length - 1;
-  const endpoints: (string | undefined)[] = [];
+  const targets: (RpcTarget | undefined)[] = [];
   for (const [i] of stages.entries()) {
     if (i === last && HEAD_HAS_GPU) {
-      endpoints.push(undefined);
+      targets.push(undefined);
       continue;
     }
     const port = await pickFreePort('127.0.0.1');
     const p = procs.start(`rpc-server-${i}`, ['-H', '127.0.0.1', '-p', String(port), '-t', '1'], process.env, bins.rpcServer);
     await waitForPort('127.0.0.1', port, 30_000, `rpc-server ${i}`, () => p.child.exitCode === null);
-    endpoints.push(`127.0.0.1:${port}`);
+    targets.push({ nodeId: `n${i + 1}`, enginePort: port });
   }
   const layoutStages = stages.map((s, i) => ({ nodeId: `n${i + 1}`, nodeName: `n${i + 1}`, ...s }));
-  const layout = headLayout(layoutStages, endpoints, { modelPath: model, nLayer, memory: memoryOptionsOf(resolveLoadOptions({ ctx: CTX })), headHasGpu: HEAD_HAS_GPU });
+  const layout = headLayout(layoutStages, targets, { modelPath: model, nLayer, memory: memoryOptionsOf(resolveLoadOptions({ ctx: CTX })), headHasGpu: HEAD_HAS_GPU });
   const port = await pickFreePort('127.0.0.1');
   // The argv the agent builds from the typed request the coordinator sends.
-  const headArgs = llamaServerArgs(engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: layout.llama }).llama!);
+  // The argv the agent builds from the typed request the coordinator sends (all stages on this machine: direct loopback).
+  const llama = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: llamaServerToWire(layout.llama) }).llama!;
+  const headArgs = llamaServerArgs(llama, llama.rpc.map((t) => `127.0.0.1:${t.enginePort}`));
   const args = [...headArgs, ...HEAD_EXTRA_ARGS, '--host', '127.0.0.1', '--port', String(port), ...(process.env.BENCH_HAND_EXTRA_ARGS?.split(/\s+/).filter(Boolean) ?? [])];
   procs.start('llama-server', args, process.env, bins.llamaServer);
   for (let i = 0; i < 600; i++) {

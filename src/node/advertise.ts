@@ -13,6 +13,7 @@ import type { Logger } from '../shared/log.ts';
  *   chip   chip name                 ram   total RAM bytes
  *   bw     memory bandwidth B/s      wired GPU wired-memory limit bytes
  *   grpc   gRPC port (same as SRV)   model-memory budget bytes
+ *   tunnel TLS tunnel port for engine traffic (HardwareProfile.tunnelPort; absent without credentials)
  *   tb     comma-separated IPv4 addresses on Thunderbolt interfaces (absent when none): the
  *          addresses a coordinator should prefer for the engines' data path (RPC, MLX ring/RDMA)
  *
@@ -31,6 +32,8 @@ export interface NodeTxt {
   readonly wired: number;
   readonly budget: number;
   readonly grpc: number;
+  /** 0 when the node runs no tunnel. */
+  readonly tunnel: number;
   readonly thunderbolt: readonly string[];
 }
 
@@ -51,6 +54,7 @@ export function encodeTxt(profile: HardwareProfile, grpcPort: number): Record<st
     wired: String(profile.wiredLimitBytes),
     budget: String(profile.budgetBytes),
     grpc: String(grpcPort),
+    ...(profile.tunnelPort !== undefined ? { tunnel: String(profile.tunnelPort) } : {}),
   };
 }
 
@@ -77,7 +81,8 @@ export function decodeTxt(txt: unknown): NodeTxt | undefined {
   const thunderbolt = str('tb')
     .split(',')
     .filter((a) => /^\d+\.\d+\.\d+\.\d+$/.test(a));
-  return { id, pv: str('pv'), chip: str('chip'), ram: num('ram'), bw: num('bw'), wired: num('wired'), budget: num('budget'), grpc, thunderbolt };
+  const tunnel = num('tunnel') <= 65535 ? num('tunnel') : 0;
+  return { id, pv: str('pv'), chip: str('chip'), ram: num('ram'), bw: num('bw'), wired: num('wired'), budget: num('budget'), grpc, tunnel, thunderbolt };
 }
 
 export interface AdvertiserOptions {

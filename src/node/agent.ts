@@ -16,6 +16,8 @@ import { NodeMetrics } from './metrics.ts';
 import { EngineSupervisor } from './supervisor.ts';
 import { findMlxEnv } from './mlx/env.ts';
 import { ModelLibrary } from './model-library.ts';
+import { EngineTunnels } from './tunnel/engine-tunnels.ts';
+import type { VerifiedPeer } from '../shared/pki/verify.ts';
 
 /**
  * The node agent's lifecycle: identity → hardware profile → gRPC + metrics servers → Bonjour.
@@ -54,6 +56,10 @@ export interface NodeAgentOptions {
   readonly authToken?: string | undefined;
   /** Where this node's model files live (`--models-dir`): reported in Describe, used by PrepareCache. */
   readonly modelsDirs?: readonly string[] | undefined;
+  /** Port of the tunnel listener on bindHost (`--tunnel-port`; 0 = any free port). Only with credentials. */
+  readonly tunnelPort?: number | undefined;
+  /** Revocation as the coordinator announces it: asked for every new tunnel connection. */
+  readonly isRevoked?: ((peer: VerifiedPeer) => boolean) | undefined;
 }
 
 /** Mutual TLS once the node holds cluster credentials; before that the optional bearer token. */
@@ -67,6 +73,8 @@ export interface AgentReady {
   readonly name: string;
   readonly grpcPort: number;
   readonly metricsPort: number;
+  /** The tunnel listener's port; undefined without cluster credentials. */
+  readonly tunnelPort: number | undefined;
   readonly profile: HardwareProfile;
   readonly createdIdentity: boolean;
 }
@@ -82,6 +90,7 @@ export class NodeAgent {
   private liveCache: { at: number; value: Promise<LiveStats> } | undefined;
   private lastLive: LiveStats | undefined;
   private supervisor: EngineSupervisor | undefined;
+  private engineTunnels: EngineTunnels | undefined;
   private grpcServer: grpc.Server | undefined;
   private metricsServer: MetricsServer | undefined;
   private advertiser: NodeAdvertiser | undefined;
@@ -98,11 +107,22 @@ export class NodeAgent {
     return this.supervisor;
   }
 
+  /** Engine traffic to and from other nodes; `disconnect(peer)` is the revocation hook. */
+  get tunnels(): EngineTunnels {
+    if (!this.engineTunnels) throw new Error('agent not started');
+    return this.engineTunnels;
+  }
+
   profile(): HardwareProfile {
     if (!this.currentProfile) throw new Error('agent not started');
-    // The metrics port is the agent's, not the hardware's: added here so Describe, Watch
-    // profile events and the coordinator's Prometheus SD all see it once the server listens.
-    return this.metricsServer ? { ...this.currentProfile, metricsPort: this.metricsServer.port } : this.currentProfile;
+    // The metrics and tunnel ports are the agent's, not the hardware's: added here so Describe,
+    // Watch profile events, Bonjour and the coordinator all see them once the servers listen.
+    const tunnelPort = this.engineTunnels?.port;
+    return {
+      ...this.currentProfile,
+      ...(this.metricsServer ? { metricsPort: this.metricsServer.port } : {}),
+      ...(tunnelPort !== undefined ? { tunnelPort } : {}),
+    };
   }
 
   async start(): Promise<AgentReady> {
@@ -111,18 +131,8 @@ export class NodeAgent {
     const tls = await loadNodeTls(o.stateDir, identity.nodeId);
     log.info({ nodeId: identity.nodeId, stateDir: o.stateDir, created: identity.created, mtls: tls !== undefined }, 'node identity');
     this.currentProfile = await this.probe(identity.nodeId);
-    const supervisor = new EngineSupervisor({
-      binaries: o.binaries,
-      log: log.child({ part: 'supervisor' }),
-      stopGraceMs: o.engineStopGraceMs,
-      mlxPython: async () => {
-        const env = await findMlxEnv();
-        if (!env) throw new Error('MLX is not set up on this node: run `orchard setup --mlx` (or set ORCHARD_MLX_PYTHON)');
-        return env.python;
-      },
-    });
-    this.supervisor = supervisor;
-    const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list() });
+    const { supervisor, tunnels } = this.engineSide(identity.nodeId, tls);
+    const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list(), rpcBytes: () => tunnels.bytes() });
     metrics.follow(supervisor);
     // Sample once so the first scrape has available memory.
     await this.live().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'live stats failed'));
@@ -137,6 +147,7 @@ export class NodeAgent {
         profile: () => this.profile(),
         live: () => this.live(),
         supervisor,
+        tunnels,
         onProfileChange: (fn) => {
           this.events.on('profile', fn);
           return () => this.events.off('profile', fn);
@@ -146,6 +157,7 @@ export class NodeAgent {
           return () => this.events.off('shutdown', fn);
         },
       };
+      await tunnels.start();
       const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }), agentAuth(tls, o.authToken));
       this.grpcServer = g.server;
       this.grpcPort = g.port;
@@ -177,6 +189,7 @@ export class NodeAgent {
         name: this.profile().name,
         grpcPort: this.grpcPort,
         metricsPort: m.port,
+        tunnelPort: tunnels.port,
         profile: this.profile(),
         createdIdentity: identity.created,
       };
@@ -184,6 +197,26 @@ export class NodeAgent {
       await this.stop();
       throw err;
     }
+  }
+
+  /** The supervisor and the tunnels that carry its engines' traffic to other nodes. */
+  private engineSide(nodeId: string, tls: TlsCredentials | undefined): { supervisor: EngineSupervisor; tunnels: EngineTunnels } {
+    const { options: o, log } = { options: this.options, log: this.options.log };
+    const supervisor = new EngineSupervisor({
+      binaries: o.binaries,
+      log: log.child({ part: 'supervisor' }),
+      stopGraceMs: o.engineStopGraceMs,
+      mlxPython: async () => {
+        const env = await findMlxEnv();
+        if (!env) throw new Error('MLX is not set up on this node: run `orchard setup --mlx` (or set ORCHARD_MLX_PYTHON)');
+        return env.python;
+      },
+    });
+    const tunnels = new EngineTunnels({ nodeId, credentials: tls, host: o.bindHost, port: o.tunnelPort ?? 0, isRevoked: o.isRevoked, log: log.child({ part: 'tunnel' }) });
+    tunnels.follow(supervisor);
+    this.supervisor = supervisor;
+    this.engineTunnels = tunnels;
+    return { supervisor, tunnels };
   }
 
   private probe(nodeId: string): Promise<HardwareProfile> {
@@ -241,6 +274,7 @@ export class NodeAgent {
     if (this.refreshTimer) clearInterval(this.refreshTimer);
     await this.advertiser?.stop().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'mDNS goodbye failed'));
     await this.supervisor?.shutdown();
+    await this.engineTunnels?.close();
     // Watch streams end only now, so a watcher sees every engine's (expected) exit first.
     this.events.emit('shutdown');
     const grpcServer = this.grpcServer;

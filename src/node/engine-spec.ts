@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { UsageError } from '../shared/errors.ts';
 import type { CacheType } from '../shared/memory/kv.ts';
 import type { MemoryOptions } from '../shared/memory/stage.ts';
-import type { LlamaServerOptions } from '../shared/placement/llama-args.ts';
+import type { LlamaServerOptions, RpcTarget } from '../shared/placement/llama-args.ts';
 import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { type MlxRankSpec, mlxRankSpecFromRequest, sameMlxRank } from './mlx/rank-spec.ts';
 
@@ -48,6 +48,11 @@ export interface EngineSpec {
   readonly llama?: LlamaServerOptions | undefined;
   /** mlx-rank only: the rank, its group's launch and the model directory. */
   readonly mlx?: MlxRankSpec | undefined;
+  /**
+   * llama-server only, set by the agent (never by a caller): the 127.0.0.1 endpoint llama-server
+   * dials for each `llama.rpc` target, in order (src/node/tunnel/engine-tunnels.ts).
+   */
+  readonly rpcEndpoints?: readonly string[] | undefined;
 }
 
 /** A request the agent refuses; `code` is the gRPC status name the server answers with. */
@@ -82,8 +87,22 @@ const MAX_READY_TIMEOUT_MS = 3_600_000;
 const ENGINE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const DEVICE = /^[A-Za-z0-9][A-Za-z0-9_:.-]{0,63}$/;
 const OWNER = /^[A-Za-z0-9._-]{0,128}$/;
-// llama-server --rpc entries: a literal address and a port, nothing a shell or parser could widen.
-const RPC_ENDPOINT = /^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]):\d{1,5}$/;
+const NODE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+// A tunnel host: an IP literal or a DNS name, nothing a parser could widen (no scheme, no port).
+const TUNNEL_HOST = /^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9a-fA-F:]{2,39}|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)$/;
+const PORT = z.number().int().min(1).max(65535);
+
+/** proto RpcTarget: a node, its tunnel (tunnel_port 0 = none) and the rpc-server's loopback port there. */
+const rpcTargetSchema = z
+  .object({
+    nodeId: z.string().regex(NODE_ID, 'llama.rpc[].node_id: invalid node id'),
+    tunnelHost: z.string().regex(TUNNEL_HOST, 'llama.rpc[].tunnel_host: an IP address or host name').or(z.literal('')).default(''),
+    tunnelPort: z.number().int().min(0).max(65535).default(0),
+    enginePort: PORT,
+  })
+  .strict()
+  .refine((t) => (t.tunnelPort === 0) === (t.tunnelHost === ''), 'llama.rpc[]: tunnel_host and tunnel_port go together')
+  .transform((t): RpcTarget => ({ nodeId: t.nodeId, enginePort: t.enginePort, ...(t.tunnelPort > 0 ? { tunnel: { host: t.tunnelHost, port: t.tunnelPort } } : {}) }));
 const CACHE_TYPES = ['f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_1', 'iq4_nl', 'q5_0', 'q5_1'] as const;
 
 const llamaOptionsSchema = z
@@ -95,7 +114,7 @@ const llamaOptionsSchema = z
     cacheType: z.enum(CACHE_TYPES).default('f16'),
     ubatch: z.number().int().min(0).max(65_536).default(512),
     flashAttention: z.boolean().default(false),
-    rpc: z.array(z.string().regex(RPC_ENDPOINT, 'llama.rpc entries are literal host:port')).max(64).default([]),
+    rpc: z.array(rpcTargetSchema).max(64).default([]),
     devices: z.array(z.string().regex(DEVICE, 'invalid llama.devices name')).max(65).default([]),
     tensorSplit: z.array(z.number().int().min(0).max(100_000)).max(65).default([]),
     gpuLayers: z.number().int().min(0).max(100_000).default(0),
@@ -222,20 +241,22 @@ export function engineCommand(spec: EngineSpec, port: number, bins: EngineBinari
     if (spec.cacheDir !== '') argv.push('-c');
     return { file: bins.rpcServer, argv, env: engineEnv(agentEnv, spec.cacheDir !== '' ? { LLAMA_CACHE: spec.cacheDir } : {}) };
   }
-  const argv = llamaServerArgs(spec.llama!);
+  const argv = llamaServerArgs(spec.llama!, spec.rpcEndpoints ?? []);
   if (spec.threads > 0) argv.push('--threads', String(spec.threads));
   argv.push('--host', ENGINE_HOST, '--port', String(port));
   return { file: bins.llamaServer, argv, env: engineEnv(agentEnv) };
 }
 
 /**
- * llama-server's arguments from the typed options: the model, the numerics the memory math assumed
+ * llama-server's arguments from the typed options and the loopback endpoints the agent resolved
+ * for its rpc targets (direct or a tunnel forwarder): the model, the numerics the memory math assumed
  * (llamaMemoryArgs, shared with the tests' oracle), then the layer pinning.
  */
-export function llamaServerArgs(l: LlamaServerOptions): string[] {
+export function llamaServerArgs(l: LlamaServerOptions, rpcEndpoints: readonly string[]): string[] {
+  if (rpcEndpoints.length !== l.rpc.length) throw new Error(`${l.rpc.length} rpc target(s) but ${rpcEndpoints.length} endpoint(s)`);
   const argv = ['-m', l.modelPath, ...llamaMemoryArgs(l.memory)];
   // --rpc registers the RPC devices while arguments are parsed, so it must precede --device.
-  if (l.rpc.length > 0) argv.push('--rpc', l.rpc.join(','));
+  if (rpcEndpoints.length > 0) argv.push('--rpc', rpcEndpoints.join(','));
   if (l.devices.length > 0) argv.push('--device', l.devices.join(','), '--split-mode', 'layer');
   argv.push('-ngl', String(l.gpuLayers));
   if (l.tensorSplit.length > 0) argv.push('--tensor-split', l.tensorSplit.join(','));

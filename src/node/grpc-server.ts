@@ -1,4 +1,4 @@
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { OrchardError, errorMessage } from '../shared/errors.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
@@ -14,6 +14,7 @@ import { GenerateError, generateParamsFromRequest, relayCompletion } from './gen
 import { relayMlx } from './mlx/relay.ts';
 import { type ModelLibrary, PrepareCacheError } from './model-library.ts';
 import type { EngineExit, EngineInfo, EngineSupervisor } from './supervisor.ts';
+import type { EngineTunnels } from './tunnel/engine-tunnels.ts';
 import { liveToWire, profileToWire } from '../shared/hardware-wire.ts';
 import { doneToWire, engineToWire, exitToWire, tokenToWire } from './wire.ts';
 
@@ -37,6 +38,8 @@ export interface AgentState {
   readonly models?: ModelLibrary | undefined;
   /** Where request paths may point (--models-dir, --state-dir, Orchard's cache). */
   readonly roots: EngineRoots;
+  /** Engine traffic between nodes: the listener for our rpc-servers, forwarders for our heads. */
+  readonly tunnels: EngineTunnels;
 }
 
 type Status = keyof typeof grpc.status;
@@ -154,15 +157,30 @@ function startEngine(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<
     cb(toServiceError(err, log));
     return;
   }
+  // A head's id is fixed before its rpc tunnels open: they belong to it and close with it.
+  if (spec.kind === 'llama-server' && spec.engineId === '') spec = { ...spec, engineId: `llama-server-${randomUUID().slice(0, 8)}` };
+  const engineId = spec.engineId;
   confineEngineSpec(spec, state.roots, state.profile().budgetBytes)
-    .then((confined) => supervisor.start(confined))
+    .then(async (confined) => {
+      if (confined.kind !== 'llama-server') return supervisor.start(confined);
+      const rpcEndpoints = await state.tunnels.endpoints(engineId, confined.llama!.rpc);
+      return supervisor.start({ ...confined, rpcEndpoints });
+    })
     .then(
-      (info) => cb(null, { engine: engineToWire(info), startupLog: [...(info.startupLog ?? [])] }),
+      (info) => cb(null, { engine: engineToWire(info), startupLog: [...(info.startupLog ?? [])], rpcEndpoints: rpcEndpointsOf(info) }),
       (err: unknown) => {
         log.warn({ err: errorMessage(err), kind: spec.kind }, 'StartEngine failed');
+        // a head that did not start keeps no forwarders (a running one with this id keeps its own)
+        if (spec.kind === 'llama-server' && !supervisor.get(engineId)) void state.tunnels.release(engineId);
         cb(toServiceError(err, log));
       },
     );
+}
+
+/** The --rpc endpoints in a llama-server's argv (what its log lines name its RPC devices by). */
+function rpcEndpointsOf(info: EngineInfo): string[] {
+  const i = info.argv.indexOf('--rpc');
+  return info.kind === 'llama-server' && i >= 0 ? (info.argv[i + 1] ?? '').split(',') : [];
 }
 
 /** Stop one engine by id, for the owner that started it only. */

@@ -2,6 +2,7 @@ import { Registry } from 'prom-client';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import { createNodeMetrics, type NodeMetricSet, recordNodeProfile } from '../shared/metrics/factories.ts';
 import type { EngineExit, EngineInfo, EngineSupervisor } from './supervisor.ts';
+import type { PeerBytes } from './tunnel/engine-tunnels.ts';
 
 /**
  * The node agent's Prometheus metrics, built from the shared catalogue
@@ -9,13 +10,15 @@ import type { EngineExit, EngineInfo, EngineSupervisor } from './supervisor.ts';
  * prom-client's global one, so several agents in one test process cannot mix their series).
  * Gauges read the agent's current state at scrape time through `collect`, so they are never
  * stale; counters start at 0 for every engine kind so the first crash is an increase rate() sees.
- * The agent restarts no engine and relays no RPC traffic (llama-server talks to the rpc-servers
- * directly), so it counts neither: a crash is an exit with expected="false".
+ * The agent restarts no engine (a crash is an exit with expected="false"); it does relay engine
+ * traffic between nodes (its TLS tunnels), counted at scrape time from the tunnels' own counters.
  */
 export interface NodeMetricsSource {
   profile(): HardwareProfile;
   live(): LiveStats | undefined;
   engines(): readonly EngineInfo[];
+  /** Tunnel payload bytes per peer node (EngineTunnels.bytes); cumulative, so a counter. */
+  rpcBytes(): Promise<readonly PeerBytes[]>;
 }
 
 export class NodeMetrics {
@@ -43,6 +46,14 @@ export class NodeMetrics {
           // No port label (a restart on a new port would start a new series): kind and model.
           this.reset();
           for (const e of source.engines()) this.set({ engine: e.kind, model: e.model }, 1);
+        },
+        async rpcBytesTotal() {
+          // The tunnels keep the cumulative totals (closed forwarders included): copy them.
+          this.reset();
+          for (const b of await source.rpcBytes()) {
+            this.inc({ peer: b.peer, direction: 'sent' }, b.sent);
+            this.inc({ peer: b.peer, direction: 'received' }, b.received);
+          }
         },
       },
     });

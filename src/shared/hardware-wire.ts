@@ -44,6 +44,7 @@ export function profileToWire(p: HardwareProfile): { [K in keyof Required<Hardwa
     metricsPort: p.metricsPort ?? 0,
     effectiveBandwidthBytesPerSecond: String(Math.round(p.effectiveBandwidthBytesPerSecond ?? 0)),
     prefillFlopsPerSecond: String(Math.round(p.prefillFlopsPerSecond ?? 0)),
+    tunnelPort: p.tunnelPort ?? 0,
   };
 }
 
@@ -77,6 +78,7 @@ export function profileFromWire(p: Wire | undefined | null): HardwareProfile {
     metricsPort: num(w.metricsPort) || undefined,
     effectiveBandwidthBytesPerSecond: num(w.effectiveBandwidthBytesPerSecond) || undefined,
     prefillFlopsPerSecond: num(w.prefillFlopsPerSecond) || undefined,
+    tunnelPort: num(w.tunnelPort) || undefined,
   };
 }
 

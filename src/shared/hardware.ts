@@ -43,6 +43,12 @@ export interface HardwareProfile {
    */
   readonly effectiveBandwidthBytesPerSecond?: number | undefined;
   readonly prefillFlopsPerSecond?: number | undefined;
+  /**
+   * Port of the agent's TLS 1.3 tunnel listener, on the same host as its gRPC API: how engine
+   * traffic (a head's ggml-rpc connections) reaches this node's loopback-only engines. Absent
+   * while the node holds no cluster credentials (it then runs no tunnel).
+   */
+  readonly tunnelPort?: number | undefined;
 }
 
 export interface LiveStats {

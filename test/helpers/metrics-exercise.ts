@@ -7,6 +7,9 @@ import { Membership } from '../../src/coordinator/membership/membership.ts';
 import type { EngineSpec } from '../../src/node/engine-spec.ts';
 import { NodeMetrics } from '../../src/node/metrics.ts';
 import { EngineSupervisor } from '../../src/node/supervisor.ts';
+import { EngineTunnels } from '../../src/node/tunnel/engine-tunnels.ts';
+import { createClusterCa, createKeyAndCsr, issueCertificate } from '../../src/shared/pki/certificates.ts';
+import { connect, createServer } from 'node:net';
 import type { HardwareProfile } from '../../src/shared/hardware.ts';
 import { createLogger } from '../../src/shared/log.ts';
 import { type MetricSample, samplesFromRegistry } from '../../src/shared/metrics/activity.ts';
@@ -46,10 +49,12 @@ export async function exerciseNodeMetrics(): Promise<MetricSample[]> {
   writeFileSync(rpcServer, FAKE_RPC_SERVER);
   chmodSync(rpcServer, 0o755);
   const supervisor = new EngineSupervisor({ binaries: async () => ({ llamaServer: join(dir, 'absent'), rpcServer }), log, stopGraceMs: 2000 });
+  const tunnels = await tunnelledBytes();
   const metrics = new NodeMetrics({
     profile: () => PROFILE,
     live: () => ({ availableBytes: 100 * 2 ** 30, memoryPressure: 'warn', thermalState: 'nominal', timestampSeconds: 1 }),
     engines: () => supervisor.list(),
+    rpcBytes: () => tunnels.head.bytes(),
   });
   metrics.follow(supervisor);
   try {
@@ -63,8 +68,43 @@ export async function exerciseNodeMetrics(): Promise<MetricSample[]> {
     return samplesFromRegistry(await metrics.registry.getMetricsAsJSON());
   } finally {
     await supervisor.shutdown();
+    await tunnels.close();
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * A head agent's tunnels after one exchange with a worker agent's rpc-server (an echo server on
+ * 127.0.0.1 registered as an engine): real TLS 1.3 with cluster certificates, real counters.
+ */
+async function tunnelledBytes(): Promise<{ head: EngineTunnels; close(): Promise<void> }> {
+  const ca = await createClusterCa('metrics-exercise');
+  const creds = async (id: string) => {
+    const { keyPem, csrPem } = await createKeyAndCsr(id);
+    return { keyPem, certPem: (await issueCertificate(ca, csrPem, { role: 'node', expectId: id })).certPem, caCertPem: ca.certPem };
+  };
+  const worker = new EngineTunnels({ nodeId: 'worker', credentials: await creds('worker'), host: '127.0.0.1', port: 0, log });
+  const head = new EngineTunnels({ nodeId: PROFILE.nodeId, credentials: await creds(PROFILE.nodeId), host: '127.0.0.1', port: 0, log });
+  const engine = createServer((s) => s.pipe(s));
+  await new Promise<void>((r) => engine.listen(0, '127.0.0.1', () => r()));
+  const enginePort = (engine.address() as { port: number }).port;
+  await worker.start();
+  worker.enginePorts.register(enginePort, 'rpc-echo');
+  const [endpoint] = await head.endpoints('head', [{ nodeId: 'worker', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort }]);
+  await new Promise<void>((resolve, reject) => {
+    const s = connect({ host: '127.0.0.1', port: Number(endpoint!.split(':')[1]) });
+    s.once('data', () => s.end(resolve));
+    s.once('error', reject);
+    s.write('ggml-rpc hello');
+  });
+  return {
+    head,
+    close: async () => {
+      await head.close();
+      await worker.close();
+      await new Promise<void>((r) => engine.close(() => r()));
+    },
+  };
 }
 
 const MiB = 2 ** 20;

@@ -37,3 +37,24 @@ export function deleteNamespaces(...names: string[]): void {
     }
   }
 }
+
+/**
+ * One namespace linked to the host's own network by a veth pair (`host` end stays in the test's
+ * namespace): a machine "on the LAN" that can reach whatever listens on `host.ip`, and nothing on
+ * the host's loopback. `deleteNamespaces(ns.ns)` removes both ends.
+ */
+export function linkNamespaceToHost(host: { readonly veth: string; readonly ip: string }, ns: NetnsEnd): void {
+  ip('netns', 'add', ns.ns);
+  ip('link', 'add', host.veth, 'type', 'veth', 'peer', 'name', ns.veth);
+  ip('link', 'set', ns.veth, 'netns', ns.ns);
+  ip('addr', 'add', `${host.ip}/24`, 'dev', host.veth);
+  ip('link', 'set', host.veth, 'up');
+  ip('-n', ns.ns, 'addr', 'add', `${ns.ip}/24`, 'dev', ns.veth);
+  ip('-n', ns.ns, 'link', 'set', 'lo', 'up');
+  ip('-n', ns.ns, 'link', 'set', ns.veth, 'up');
+}
+
+/** Run `argv` inside namespace `ns` (ip netns exec) and return its stdout. */
+export function inNamespace(ns: string, argv: readonly string[]): string {
+  return execFileSync('ip', ['netns', 'exec', ns, ...argv], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}

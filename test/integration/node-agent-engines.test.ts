@@ -95,7 +95,7 @@ describeWith([engines], 'node agent with real llama.cpp engines', () => {
     const head = await startEngine(agent, {
       kind: 'ENGINE_KIND_LLAMA_SERVER',
       engineId: 'head',
-      llama: headOptions(model, { rpc: [`127.0.0.1:${rpc.port}`], devices: ['RPC0'] }),
+      llama: headOptions(model, { rpc: [{ nodeId: agent.ready.nodeId, enginePort: rpc.port }], devices: ['RPC0'] }),
       threads: 1,
       model: 'tiny',
     });

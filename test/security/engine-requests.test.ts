@@ -89,7 +89,7 @@ describeWith([engines], 'agent edge: typed engine requests, paths inside the roo
     await raw({ kind: 2, args: ['-m', model, '--log-file', canary] }, /no field args/);
     await raw({ kind: 1, bindHost: '0.0.0.0' }, /no field bind_host/);
     await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, devices: [`RPC0 --log-file ${canary}`] } }, /devices/);
-    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, rpc: [`127.0.0.1:1 --log-file ${canary}`] } }, /host:port/);
+    await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, rpc: [{ nodeId: 'n', tunnelHost: `10.0.0.2 --log-file ${canary}`, tunnelPort: 1, enginePort: 1 }] } }, /tunnel_host/);
     await refused('startEngine', { kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: model, cacheType: `f16 --log-file ${canary}` } }, /cacheType/);
     await refused('startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', devices: ['CPU;touch /tmp/x'] }, /device/);
   });
@@ -136,7 +136,7 @@ describeWith([engines], 'agent edge: typed engine requests, paths inside the roo
     expect(alive(rpc.pid)).toBe(true);
 
     // A head that really runs, from a typed request, with the agent's LLAMA_ARG_LOG_FILE set.
-    const head = await startEngine(agent, { kind: 'ENGINE_KIND_LLAMA_SERVER', engineId: 'head', threads: 1, owner: 'cluster-a', llama: { ...LLAMA, modelPath: model, rpc: [`127.0.0.1:${rpc.port}`], devices: ['RPC0'] } });
+    const head = await startEngine(agent, { kind: 'ENGINE_KIND_LLAMA_SERVER', engineId: 'head', threads: 1, owner: 'cluster-a', llama: { ...LLAMA, modelPath: model, rpc: [{ nodeId: agent.ready.nodeId, enginePort: rpc.port }], devices: ['RPC0'] } });
     expect(alive(head.pid)).toBe(true);
     expect(await unary(agent, 'stopEngine', { engineId: 'head', owner: 'cluster-a' })).toEqual({ stopped: true });
     expect(await unary(agent, 'stopEngine', { engineId: 'mine', owner: 'cluster-a' })).toEqual({ stopped: true });

@@ -124,9 +124,9 @@ describe('verifyEngineReport', () => {
   });
 });
 
-/** What the agent runs for the typed request the coordinator sends (the same path as StartEngine). */
-function agentArgv(llama: LlamaServerOptions): string[] {
-  return llamaServerArgs(engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: llamaServerToWire(llama) }).llama!);
+/** What the agent runs for the typed request the coordinator sends (the same path as StartEngine), given the endpoints it resolved. */
+function agentArgv(llama: LlamaServerOptions, rpcEndpoints: readonly string[]): string[] {
+  return llamaServerArgs(engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: llamaServerToWire(llama) }).llama!, rpcEndpoints);
 }
 
 describe('headLayout', () => {
@@ -134,34 +134,42 @@ describe('headLayout', () => {
     { nodeId: 'b', nodeName: 'bravo', firstLayer: 0, lastLayer: 6 },
     { nodeId: 'a', nodeName: 'alpha', firstLayer: 7, lastLayer: 7 },
   ];
+  const remote = { nodeId: 'b', tunnel: { host: '10.0.0.2', port: 7000 }, enginePort: 5000 };
+  const local = { nodeId: 'a', enginePort: 5001 };
   it('CPU-only head: every stage is an RPC server; --rpc precedes --device; split counts the output unit', () => {
-    const { llama, devices } = headLayout(stages, ['10.0.0.2:5000', '127.0.0.1:5001'], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false });
-    const args = agentArgv(llama);
+    const layout = headLayout(stages, [remote, local], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false });
+    // typed targets on the wire, in device order: the agent, not the coordinator, makes endpoints
+    expect(layout.llama.rpc).toEqual([remote, local]);
+    const args = agentArgv(layout.llama, ['127.0.0.1:41000', '127.0.0.1:5001']);
     const at = (f: string) => args[args.indexOf(f) + 1];
-    expect(at('--rpc')).toBe('10.0.0.2:5000,127.0.0.1:5001');
+    expect(at('--rpc')).toBe('127.0.0.1:41000,127.0.0.1:5001');
     expect(at('--device')).toBe('RPC0,RPC1');
     expect(args.indexOf('--rpc')).toBeLessThan(args.indexOf('--device'));
     expect(at('--tensor-split')).toBe('7,2');
     expect(at('-ngl')).toBe('9');
     expect(at('-lv')).toBe('4'); // INFO (buffer sizes); DEBUG slows decode, only on request
     expect(at('-m')).toBe('/m.gguf');
-    const dbg = headLayout(stages, ['10.0.0.2:5000', '127.0.0.1:5001'], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false, debugLog: true });
-    const dbgArgs = agentArgv(dbg.llama);
+    const dbg = headLayout(stages, [remote, local], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false, debugLog: true });
+    const dbgArgs = agentArgv(dbg.llama, ['127.0.0.1:1', '127.0.0.1:2']);
     expect(dbgArgs[dbgArgs.indexOf('-lv') + 1]).toBe('5');
-    expect(devices.map((d) => d.device)).toEqual(['RPC0[10.0.0.2:5000]', 'RPC0[127.0.0.1:5001]']);
+    // devices are named by the endpoints the head reports (a forwarder port for the remote stage)
+    const devices = layout.devices(['127.0.0.1:41000', '127.0.0.1:5001']);
+    expect(devices.map((d) => d.device)).toEqual(['RPC0[127.0.0.1:41000]', 'RPC0[127.0.0.1:5001]']);
     expect(devices.map((d) => d.holdsOutput)).toEqual([false, true]);
+    expect(() => layout.devices(['127.0.0.1:1'])).toThrow(/1 rpc endpoint/);
+    expect(() => agentArgv(layout.llama, ['127.0.0.1:1'])).toThrow(/2 rpc target/);
   });
 
   it('Metal head: its stage is MTL0, last, with no rpc-server', () => {
-    const { llama, devices } = headLayout(stages, ['10.0.0.2:5000', undefined], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: true });
-    const args = agentArgv(llama);
-    expect(args[args.indexOf('--rpc') + 1]).toBe('10.0.0.2:5000');
+    const layout = headLayout(stages, [remote, undefined], { modelPath: '/m.gguf', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: true });
+    const args = agentArgv(layout.llama, ['127.0.0.1:41000']);
+    expect(args[args.indexOf('--rpc') + 1]).toBe('127.0.0.1:41000');
     expect(args[args.indexOf('--device') + 1]).toBe('RPC0,MTL0');
-    expect(devices.map((d) => d.device)).toEqual(['RPC0[10.0.0.2:5000]', 'MTL0']);
+    expect(layout.devices(['127.0.0.1:41000']).map((d) => d.device)).toEqual(['RPC0[127.0.0.1:41000]', 'MTL0']);
   });
 
   it('refuses stages that do not tile the model', () => {
-    expect(() => headLayout([stages[0]!], ['h:1'], { modelPath: '/m', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false })).toThrow(/cover/);
+    expect(() => headLayout([stages[0]!], [local], { modelPath: '/m', nLayer: 8, memory: DEFAULT_MEMORY_OPTIONS, headHasGpu: false })).toThrow(/cover/);
   });
 });
 

@@ -27,8 +27,13 @@ describe('Bonjour TXT record', () => {
       wired: 144 * 2 ** 30,
       budget: 140 * 2 ** 30,
       grpc: 50151,
+      tunnel: 0,
       thunderbolt: [],
     });
+    // a node with cluster credentials advertises its tunnel port under the one name `tunnel`
+    const withTunnel = encodeTxt({ ...profile, tunnelPort: 50152 }, 50151);
+    expect(withTunnel.tunnel).toBe('50152');
+    expect(decodeTxt(withTunnel)?.tunnel).toBe(50152);
   });
 
   it('names the Thunderbolt IPv4 addresses so a coordinator can pick the fast link', () => {

@@ -40,8 +40,8 @@ describe('paths confined to the agent roots (after symlinks)', () => {
     const local = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama });
     await expect(confineEngineSpec(local, roots, 50)).rejects.toThrow(/over this node's budget of 50 bytes/);
     expect((await confineEngineSpec(local, roots, 100)).llama?.modelPath).toBe(join(models, 'm.gguf'));
-    const split = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...llama, rpc: ['127.0.0.1:1'] } });
-    expect((await confineEngineSpec(split, roots, 50)).llama?.rpc).toEqual(['127.0.0.1:1']);
+    const split = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...llama, rpc: [{ nodeId: 'w', enginePort: 1 }] } });
+    expect((await confineEngineSpec(split, roots, 50)).llama?.rpc).toEqual([{ nodeId: 'w', enginePort: 1 }]);
   });
 });
 

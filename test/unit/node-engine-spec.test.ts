@@ -21,7 +21,11 @@ const LLAMA = {
   cacheType: 'f16',
   ubatch: 512,
   flashAttention: true,
-  rpc: ['127.0.0.1:6000', '127.0.0.1:6001'],
+  // typed targets: one on this node (no tunnel), one on another node's tunnel
+  rpc: [
+    { nodeId: 'self', enginePort: 6000 },
+    { nodeId: 'worker-2', tunnelHost: '10.0.0.2', tunnelPort: 7000, enginePort: 6001 },
+  ],
   devices: ['RPC0', 'RPC1'],
   tensorSplit: [4, 5],
   gpuLayers: 9,
@@ -48,8 +52,14 @@ describe('StartEngine request → engine spec', () => {
   });
 
   it('llama-server: the agent builds every argument from the typed options, loopback host and port last', () => {
-    const spec = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: LLAMA, threads: 2 });
-    expect(spec.readyTimeoutMs).toBe(600_000);
+    const parsed = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: LLAMA, threads: 2 });
+    expect(parsed.readyTimeoutMs).toBe(600_000);
+    expect(parsed.llama?.rpc).toEqual([
+      { nodeId: 'self', enginePort: 6000 },
+      { nodeId: 'worker-2', tunnel: { host: '10.0.0.2', port: 7000 }, enginePort: 6001 },
+    ]);
+    // --rpc carries only the loopback endpoints the agent resolved (the second a forwarder), never a target's address
+    const spec = { ...parsed, rpcEndpoints: ['127.0.0.1:6000', '127.0.0.1:6001'] };
     expect(engineCommand(spec, 8080, bins, {}).argv).toEqual([
       ...['-m', '/m.gguf', '-c', '2048', '-np', '1', '--kv-unified', '-ctk', 'f16', '-ctv', 'f16', '-ub', '512', '-fa', 'on', '-fit', 'off', '--no-repack'],
       ...['--rpc', '127.0.0.1:6000,127.0.0.1:6001', '--device', 'RPC0,RPC1', '--split-mode', 'layer', '-ngl', '9', '--tensor-split', '4,5'],
@@ -78,7 +88,12 @@ describe('StartEngine request → engine spec', () => {
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER' }, /needs the llama field/],
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, modelPath: 'm.gguf' } }, /absolute path/],
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, logFile: '/x' } }, /logFile/],
-    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, rpc: ['evil.example:1'] } }, /literal host:port/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, rpc: ['evil.example:1'] } }, /llama\.rpc\.0/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, rpc: [{ nodeId: 'n', tunnelHost: 'h;rm -rf', tunnelPort: 1, enginePort: 2 }] } }, /tunnel_host/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, rpc: [{ nodeId: 'n', tunnelHost: '10.0.0.2', enginePort: 2 }] } }, /go together/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, rpc: [{ nodeId: 'n', enginePort: 0 }] } }, /enginePort/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, rpc: [{ nodeId: '../x', enginePort: 1 }] } }, /node id/],
+    [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, rpc: [{ nodeId: 'n', enginePort: 1, host: '1.2.3.4' }] } }, /host/],
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, devices: ['RPC0 --log-file /x'] } }, /devices/],
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, cacheType: 'f16 -x' } }, /cacheType/],
     [{ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, tensorSplit: [1] } }, /one entry per/],

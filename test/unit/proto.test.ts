@@ -30,6 +30,7 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     interfaces: [{ name: 'en0', addresses: ['10.0.0.2', 'fe80::1'], thunderbolt: true, rdma: false }],
     protocolVersion: '1',
     metricsPort: 9151,
+    tunnelPort: 9152,
   });
   // The real contract: what the agent's Describe serializes is what the coordinator reads back.
   const describe_ = orchardV1().NodeAgent!.service.Describe!;
@@ -61,6 +62,12 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     const back = profileFromWire(roundTrip(profileToWire(without)).profile);
     expect(back.effectiveBandwidthBytesPerSecond).toBeUndefined();
     expect(back.prefillFlopsPerSecond).toBeUndefined();
+  });
+
+  it('no tunnel (a node without cluster credentials) travels as 0 and reads back as absent', () => {
+    const { tunnelPort: _, ...without } = profile;
+    expect(profileToWire(without).tunnelPort).toBe(0);
+    expect(profileFromWire(roundTrip(profileToWire(without)).profile)).toEqual({ ...without, tunnelPort: undefined });
   });
 
   it('live stats round-trip through NodeAgent.Describe', () => {

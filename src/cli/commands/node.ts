@@ -21,6 +21,7 @@ interface NodeFlags {
   name?: string;
   grpcPort: string;
   metricsPort: string;
+  tunnelPort: string;
   stateDir?: string;
   memoryLimit?: string;
   budget?: string;
@@ -43,6 +44,7 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--name <name>', 'node name (Bonjour instance name); default: the hostname').env('ORCHARD_NODE_NAME'))
     .addOption(new Option('--grpc-port <port>', 'NodeAgent gRPC port (0 = pick a free one)').default(String(DEFAULT_GRPC_PORT)).env('ORCHARD_NODE_GRPC_PORT'))
     .addOption(new Option('--metrics-port <port>', 'Prometheus /metrics and /healthz port (0 = pick)').default(String(DEFAULT_METRICS_PORT)).env('ORCHARD_NODE_METRICS_PORT'))
+    .addOption(new Option('--tunnel-port <port>', 'TLS tunnel port for engine traffic between nodes, on the --bind host (0 = pick; only once the node holds cluster credentials)').default('0').env('ORCHARD_NODE_TUNNEL_PORT'))
     .addOption(new Option('--state-dir <dir>', 'where the stable node id is kept (default ~/.orchard/node or $XDG_STATE_HOME/orchard/node)').env('ORCHARD_NODE_STATE_DIR'))
     .addOption(new Option('--memory-limit <size>', 'pretend total RAM, e.g. 16GiB').env('ORCHARD_NODE_MEMORY_LIMIT'))
     .addOption(new Option('--budget <size>', 'usable model-memory budget, e.g. 12GiB (skips the computation)').env('ORCHARD_NODE_BUDGET'))
@@ -76,6 +78,7 @@ function parseFlags(flags: NodeFlags) {
     name: flags.name,
     grpcPort: parsePort(flags.grpcPort, '--grpc-port'),
     metricsPort: parsePort(flags.metricsPort, '--metrics-port'),
+    tunnelPort: parsePort(flags.tunnelPort, '--tunnel-port'),
     stateDir: flags.stateDir ?? defaultStateDir(),
     memoryLimitBytes: flags.memoryLimit !== undefined ? positive(parseSize(flags.memoryLimit, '--memory-limit'), '--memory-limit') : undefined,
     budgetBytes: flags.budget !== undefined ? positive(parseSize(flags.budget, '--budget'), '--budget') : undefined,
@@ -180,7 +183,7 @@ function printReady(ready: AgentReady, bind: string, json: boolean): void {
   const p = ready.profile;
   if (json) {
     process.stdout.write(
-      `${JSON.stringify({ event: 'ready', nodeId: ready.nodeId, name: ready.name, grpcPort: ready.grpcPort, metricsPort: ready.metricsPort, bind, pid: process.pid })}\n`,
+      `${JSON.stringify({ event: 'ready', nodeId: ready.nodeId, name: ready.name, grpcPort: ready.grpcPort, metricsPort: ready.metricsPort, tunnelPort: ready.tunnelPort ?? 0, bind, pid: process.pid })}\n`,
     );
     return;
   }
@@ -202,6 +205,7 @@ function printReady(ready: AgentReady, bind: string, json: boolean): void {
     ['engines', p.engines.length > 0 ? p.engines.join(', ') : 'none (run `orchard setup`)'],
     ['gRPC', `${bind}:${ready.grpcPort}`],
     ['metrics', `http://${bind}:${ready.metricsPort}/metrics`],
+    ['tunnel', ready.tunnelPort !== undefined ? `${bind}:${ready.tunnelPort} (TLS 1.3, cluster certificates)` : 'none (no cluster credentials yet)'],
   );
   process.stdout.write(`${t.toString()}\n`);
 }

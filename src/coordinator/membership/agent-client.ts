@@ -35,7 +35,7 @@ export function llamaServerToWire(o: LlamaServerOptions): Record<string, unknown
     cacheType: m.cacheType,
     ubatch: m.ubatch,
     flashAttention: m.flashAttention,
-    rpc: [...o.rpc],
+    rpc: o.rpc.map((t) => ({ nodeId: t.nodeId, tunnelHost: t.tunnel?.host ?? '', tunnelPort: t.tunnel?.port ?? 0, enginePort: t.enginePort })),
     devices: [...o.devices],
     tensorSplit: [...o.tensorSplit],
     gpuLayers: o.gpuLayers,
@@ -219,7 +219,7 @@ export class AgentClient {
   }
 
   /** StartEngine, also returning the engine's startup log lines when the agent sends them. */
-  async startEngineWithLog(o: StartEngineOptions, timeoutMs: number): Promise<{ engine: EngineInfo; logLines: string[] }> {
+  async startEngineWithLog(o: StartEngineOptions, timeoutMs: number): Promise<{ engine: EngineInfo; logLines: string[]; rpcEndpoints: string[] }> {
     const r = await this.#unary(
       'startEngine',
       {
@@ -236,7 +236,11 @@ export class AgentClient {
       },
       timeoutMs,
     );
-    return { engine: engineFromWire(r.engine as Wire), logLines: Array.isArray(r.startupLog) ? r.startupLog.map(String) : [] };
+    return {
+      engine: engineFromWire(r.engine as Wire),
+      logLines: Array.isArray(r.startupLog) ? r.startupLog.map(String) : [],
+      rpcEndpoints: Array.isArray(r.rpcEndpoints) ? r.rpcEndpoints.map(String) : [],
+    };
   }
 
   /** StartEngine for one MLX rank (`mlx` is the MlxRankSpec, camelCase, see mlx-launch.ts). */

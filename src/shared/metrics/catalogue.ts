@@ -61,6 +61,8 @@ const histogram = <L extends string = never>(d: DefInput<L> & { readonly buckets
 
 /** Engine kinds as the node agent names them (src/node/engine-spec.ts) plus MLX ranks. */
 export const ENGINE_KINDS = ['llama-server', 'rpc-server', 'mlx-rank'] as const;
+/** orchard_rpc_bytes_total: `sent` toward the peer node, `received` from it. */
+export const RPC_DIRECTIONS = ['sent', 'received'] as const;
 /** Memory categories of a stage, the same split the planner predicts and the engine reports. */
 export const STAGE_MEMORY_KINDS = ['weights', 'kv', 'compute', 'overhead'] as const;
 /**
@@ -174,6 +176,14 @@ export const NODE_METRICS = {
     labelNames: ['engine', 'expected'],
     labelValues: { engine: ENGINE_KINDS, expected: ['true', 'false'] },
     unit: 'count',
+    exportedBy: 'node',
+  }),
+  rpcBytesTotal: counter({
+    name: 'orchard_rpc_bytes_total',
+    help: 'Engine payload bytes through this agent\'s TLS tunnels (head forwarders and worker listener), by peer node id and direction from this node\'s view',
+    labelNames: ['peer', 'direction'],
+    labelValues: { direction: RPC_DIRECTIONS },
+    unit: 'bytes',
     exportedBy: 'node',
   }),
 } as const;

@@ -74,11 +74,24 @@ export function llamaLayerDevices(tensorSplit: readonly number[], layerCount: nu
  * What the coordinator decides about a head llama-server (the typed StartEngine's llama field,
  * proto LlamaServerOptions); the agent alone turns it into argv.
  */
+/**
+ * One rpc-server a head uses, typed (proto RpcTarget): the head's agent dials 127.0.0.1 itself
+ * when `nodeId` is its own, and otherwise opens a TLS forwarder to `tunnel` that must prove to be
+ * `nodeId` (src/node/tunnel/). No free-form address ever reaches llama-server's --rpc.
+ */
+export interface RpcTarget {
+  readonly nodeId: string;
+  /** That node's tunnel listener; undefined when it runs none (no cluster credentials: same machine only). */
+  readonly tunnel?: { readonly host: string; readonly port: number } | undefined;
+  /** The rpc-server's port on that node's 127.0.0.1. */
+  readonly enginePort: number;
+}
+
 export interface LlamaServerOptions {
   readonly modelPath: string;
   readonly memory: MemoryOptions;
-  /** host:port of each rpc-server, in device order. */
-  readonly rpc: readonly string[];
+  /** Each rpc-server, in device order. */
+  readonly rpc: readonly RpcTarget[];
   /** --device names, one per stage (RPC<n>, MTL0, CPU). */
   readonly devices: readonly string[];
   readonly tensorSplit: readonly number[];

@@ -15,6 +15,7 @@ import {
   type LoadContext,
   RosterGroup,
 } from '../driver.ts';
+import type { RpcTarget } from '../../../shared/placement/llama-args.ts';
 import { memoryOptionsOf } from '../planner-adapter.ts';
 import type { LoadOptions } from '../types.ts';
 import { headLayout, headThreads, type LayoutStage } from './layout.ts';
@@ -81,7 +82,7 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
     const headHasGpu = headNode.profile.os === 'macos';
     // 1. rpc-servers: every worker stage, plus the head's own stage on a CPU-only head.
     load.progress('starting-workers', `starting ${headHasGpu ? last : last + 1} rpc-server(s)`);
-    const endpoints = await this.#startRpcServers(load, headHasGpu);
+    const targets = await this.#startRpcServers(load, headHasGpu);
     load.assertLoading();
     // 2. llama-server on the head node, pinned to the plan.
     const layoutStages: LayoutStage[] = load.plan.stages.map((s) => ({
@@ -92,7 +93,7 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
       predicted: s.device,
       budgetBytes: s.budgetBytes,
     }));
-    const layout = headLayout(layoutStages, endpoints, {
+    const layout = headLayout(layoutStages, targets, {
       modelPath: this.spec.path,
       nLayer: load.plan.nLayer,
       memory: memoryOptionsOf(this.spec.options),
@@ -105,9 +106,9 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
     } catch (err) {
       throw new CoordinatorError('INVALID_ARGUMENT', grpcMessage(err));
     }
-    this.#devices = layout.devices;
     const l = layout.llama;
-    load.progress('starting-head', `starting llama-server on ${headNode.profile.name}: rpc ${l.rpc.join(',') || '-'}, devices ${l.devices.join(',')}, split ${l.tensorSplit.join(',')}`);
+    const via = (t: RpcTarget) => (t.nodeId === headNode.nodeId ? `local:${t.enginePort}` : `${nodeName(load, t.nodeId)} via tunnel`);
+    load.progress('starting-head', `starting llama-server on ${headNode.profile.name}: rpc ${l.rpc.map(via).join(',') || '-'}, devices ${l.devices.join(',')}, split ${l.tensorSplit.join(',')}`);
     const headTimeout = this.o.headReadyTimeoutMs ?? 600_000;
     const ticker = setInterval(() => load.progress('starting-head', `loading weights (${Math.round(load.elapsedSeconds())} s)`), 2000);
     try {
@@ -125,14 +126,19 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
         headTimeout + 10_000,
       );
       this.#headLog = head.logLines;
+      this.#devices = layout.devices(head.rpcEndpoints);
     } finally {
       clearInterval(ticker);
     }
     load.assertLoading();
   }
 
-  /** Each stage's rpc-server endpoint in stage order; undefined for a GPU head (no rpc-server). */
-  async #startRpcServers(load: LoadContext, headHasGpu: boolean): Promise<(string | undefined)[]> {
+  /**
+   * Each stage's rpc-server as a typed target in stage order (undefined for a GPU head, which has
+   * no rpc-server): the node, its tunnel listener (from its profile; the host is the address its
+   * agent answers at) and the engine's loopback port. The head agent decides the route.
+   */
+  async #startRpcServers(load: LoadContext, headHasGpu: boolean): Promise<(RpcTarget | undefined)[]> {
     const { plan, nodes } = load;
     const last = plan.stages.length - 1;
     const identity = new ModelIdentity(this.spec.path, this.o.modelHashDir ?? defaultModelHashDir());
@@ -168,13 +174,11 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
           },
           90_000,
         );
-        // The endpoint the agent says peers dial. Every engine binds 127.0.0.1, so today that is
-        // 127.0.0.1:port: reachable from the head only on the same machine. The seam for other
-        // machines: the worker's agent returns its TLS tunnel listener here and the head's agent
-        // forwards a local port to it (src/node/tunnel/), not wired yet.
-        const endpoint = `${engine.host || '127.0.0.1'}:${engine.port}`;
-        this.endpoints[i] = endpoint;
-        return endpoint;
+        // Engines bind 127.0.0.1 on their node; other nodes reach this one through its tunnel.
+        this.endpoints[i] = `${engine.host || '127.0.0.1'}:${engine.port}`;
+        const tunnelPort = node.profile.tunnelPort;
+        const target: RpcTarget = { nodeId: node.nodeId, enginePort: engine.port, ...(tunnelPort ? { tunnel: { host: hostOf(node.address), port: tunnelPort } } : {}) };
+        return target;
       }),
     );
   }
@@ -215,6 +219,10 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
   stop(): Promise<void> {
     return this.roster.stop((e) => e === this.roster.head);
   }
+}
+
+function nodeName(load: LoadContext, nodeId: string): string {
+  return load.nodes.find((n) => n.nodeId === nodeId)?.profile.name ?? nodeId;
 }
 
 export function hostOf(address: string): string {

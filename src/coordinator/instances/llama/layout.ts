@@ -1,5 +1,5 @@
 import type { MemoryOptions } from '../../../shared/memory/stage.ts';
-import { type LlamaServerOptions, llamaDeviceArgs } from '../../../shared/placement/llama-args.ts';
+import { type LlamaServerOptions, llamaDeviceArgs, type RpcTarget } from '../../../shared/placement/llama-args.ts';
 import type { PlannedDevice } from './verify.ts';
 
 /**
@@ -7,7 +7,8 @@ import type { PlannedDevice } from './verify.ts';
  * device, and the devices verification expects. Pure. The split arithmetic is the planner's
  * (`llamaDeviceArgs`, src/shared/placement/llama-args.ts); this adds what the coordinator owns:
  * * Device names. RPC devices are `RPC<dev>[host:port]` (one device per server here, so
- *   `RPC0[…]`); the head's Metal GPU is `MTL0`. `--device` names them in stage order so the
+ *   `RPC0[…]`, host:port being the 127.0.0.1 endpoint the head dials — the rpc-server itself on
+ *   the head's node, a tunnel forwarder for another node); the head's Metal GPU is `MTL0`. `--device` names them in stage order so the
  *   order never depends on registration order (llama.cpp: RPC first, then local GPUs).
  * * On a CPU-only build (Linux here) the CPU is not a device for -ngl/--tensor-split, so the
  *   head's own layers (and the output layer) need a ggml-rpc-server on the head node's
@@ -44,42 +45,56 @@ export function stageDevice(endpoint: string | undefined, isHeadGpu: boolean): s
   return `RPC0[${endpoint}]`;
 }
 
+const targetKey = (t: RpcTarget) => `${t.nodeId}/${t.enginePort}`;
+
+export interface HeadLayout {
+  readonly llama: LlamaServerOptions;
+  /**
+   * The devices verification expects, named as llama-server's log names them: by the 127.0.0.1
+   * endpoint it dials for each rpc target (direct, or a tunnel forwarder the head agent picked),
+   * which the agent reports in StartEngineResponse.rpc_endpoints, one per `llama.rpc` entry.
+   */
+  devices(rpcEndpoints: readonly string[]): PlannedDevice[];
+}
+
 /**
- * @param endpoints host:port of each stage's rpc-server in stage order; for a GPU head the last
- *   entry is undefined (no rpc-server there).
+ * @param targets each stage's rpc-server in stage order; for a GPU head the last entry is
+ *   undefined (no rpc-server there).
  */
-export function headLayout(
-  stages: readonly LayoutStage[],
-  endpoints: readonly (string | undefined)[],
-  o: HeadOptions,
-): { llama: LlamaServerOptions; devices: PlannedDevice[] } {
-  if (endpoints.length !== stages.length) throw new Error('one endpoint per stage');
+export function headLayout(stages: readonly LayoutStage[], targets: readonly (RpcTarget | undefined)[], o: HeadOptions): HeadLayout {
+  if (targets.length !== stages.length) throw new Error('one rpc target per stage');
   const last = stages.length - 1;
+  const rpcStage = (i: number) => !(i === last && o.headHasGpu);
   const dev = llamaDeviceArgs(
-    stages.map((s, i) => ({ firstLayer: s.firstLayer, lastLayer: s.lastLayer, ...(i === last && o.headHasGpu ? {} : { rpc: endpoints[i]! }) })),
+    stages.map((s, i) => ({ firstLayer: s.firstLayer, lastLayer: s.lastLayer, ...(rpcStage(i) ? { rpc: targetKey(targets[i]!) } : {}) })),
     o.nLayer,
   );
-  const devices: PlannedDevice[] = stages.map((s, i) => ({
-    device: stageDevice(endpoints[i], i === last && o.headHasGpu),
-    nodeName: s.nodeName,
-    firstLayer: s.firstLayer,
-    lastLayer: s.lastLayer,
-    holdsOutput: i === last,
-    predicted: s.predicted,
-    budgetBytes: s.budgetBytes,
-  }));
+  const byKey = new Map(targets.flatMap((t) => (t ? [[targetKey(t), t] as const] : [])));
+  const deviceIndex = (i: number) => dev.rpc.indexOf(targetKey(targets[i]!));
   const llama: LlamaServerOptions = {
     modelPath: o.modelPath,
     memory: o.memory,
-    rpc: dev.rpc,
+    rpc: dev.rpc.map((k) => byKey.get(k)!),
     // `--device` takes the registered device names: llama.cpp numbers RPC devices globally in
     // --rpc order (RPC0, RPC1, …; checked with --list-devices on this version), while its buffer
     // log lines say RPC<index within the server>[endpoint] — the names verification matches.
-    devices: stages.map((_s, i) => (i === last && o.headHasGpu ? 'MTL0' : `RPC${dev.rpc.indexOf(endpoints[i]!)}`)),
+    devices: stages.map((_s, i) => (rpcStage(i) ? `RPC${deviceIndex(i)}` : 'MTL0')),
     tensorSplit: dev.tensorSplit,
     gpuLayers: dev.nGpuLayers,
     // llama.cpp's INFO lines (devices, buffer sizes) need -lv 4; DEBUG (5) adds every layer's device.
     debugLog: o.debugLog === true,
+  };
+  const devices = (rpcEndpoints: readonly string[]): PlannedDevice[] => {
+    if (rpcEndpoints.length !== llama.rpc.length) throw new Error(`the head reported ${rpcEndpoints.length} rpc endpoint(s) for ${llama.rpc.length} target(s)`);
+    return stages.map((s, i) => ({
+      device: stageDevice(rpcStage(i) ? rpcEndpoints[deviceIndex(i)] : undefined, !rpcStage(i)),
+      nodeName: s.nodeName,
+      firstLayer: s.firstLayer,
+      lastLayer: s.lastLayer,
+      holdsOutput: i === last,
+      predicted: s.predicted,
+      budgetBytes: s.budgetBytes,
+    }));
   };
   return { llama, devices };
 }

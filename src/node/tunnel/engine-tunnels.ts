@@ -1,0 +1,200 @@
+import type { Logger } from '../../shared/log.ts';
+import type { RpcTarget } from '../../shared/placement/llama-args.ts';
+import type { NodeCredentials } from '../../shared/pki/store.ts';
+import type { VerifiedPeer } from '../../shared/pki/verify.ts';
+import { EngineRequestError } from '../engine-spec.ts';
+import type { EngineExit, EngineInfo } from '../supervisor.ts';
+import { EnginePorts } from './engine-ports.ts';
+import { type TunnelForwarder, startTunnelForwarder } from './forwarder.ts';
+import { type TunnelListener, startTunnelListener } from './listener.ts';
+
+/** How the head reaches one rpc target: its own loopback, or a forwarder to another node's tunnel. */
+export type RpcRoute = { readonly kind: 'direct'; readonly port: number } | { readonly kind: 'tunnel'; readonly target: RpcTarget & { readonly tunnel: { host: string; port: number } } };
+
+/**
+ * Pure: the route for `target` from node `self`. Same node → 127.0.0.1 directly (no TLS for a
+ * loopback hop). Another node → through its tunnel, which needs credentials on both ends. A node
+ * without a tunnel (no credentials yet, so not a member that proved itself) is reachable over
+ * loopback only, i.e. when it shares this machine — never by opening an engine to the network.
+ */
+export function rpcRoute(target: RpcTarget, self: { nodeId: string; hasCredentials: boolean }): RpcRoute {
+  if (target.nodeId === self.nodeId || target.tunnel === undefined) return { kind: 'direct', port: target.enginePort };
+  if (!self.hasCredentials) {
+    throw new EngineRequestError('FAILED_PRECONDITION', `this node holds no cluster credentials, so it cannot tunnel to node ${target.nodeId}: join the cluster (\`orchard node --token …\`)`);
+  }
+  return { kind: 'tunnel', target: target as RpcTarget & { tunnel: { host: string; port: number } } };
+}
+
+/** Payload bytes this node exchanged with one peer node through tunnels, both roles summed. */
+export interface PeerBytes {
+  readonly peer: string;
+  readonly sent: number;
+  readonly received: number;
+}
+
+export interface EngineTunnelsOptions {
+  readonly nodeId: string;
+  /** Without them the node runs no listener and opens no forwarder (it is not a proven member yet). */
+  readonly credentials: NodeCredentials | undefined;
+  /** The agent's bind host: the listener faces the network the gRPC API faces. */
+  readonly host: string;
+  readonly port: number;
+  /** Revocation as the coordinator announces it; asked on every new tunnel connection. */
+  readonly isRevoked?: ((peer: VerifiedPeer) => boolean) | undefined;
+  readonly log: Logger;
+}
+
+interface HeadTunnels {
+  readonly forwarders: readonly (TunnelForwarder & { readonly peer: string })[];
+  readonly endpoints: readonly string[];
+}
+
+/**
+ * The agent's tunnel side, both roles. Worker: one listener on the bind host that forwards only
+ * to the engine ports registered here (rpc-servers this agent started, unregistered at exit).
+ * Head: per head engine, one forwarder per remote target (checked to be that node), closed when
+ * the engine exits or fails to start. Byte totals per peer survive closed forwarders so
+ * `orchard_rpc_bytes_total` only ever grows.
+ */
+export class EngineTunnels {
+  readonly enginePorts = new EnginePorts();
+  readonly #o: EngineTunnelsOptions;
+  #listener: TunnelListener | undefined;
+  readonly #heads = new Map<string, Promise<HeadTunnels>>();
+  readonly #closedBytes = new Map<string, { sent: number; received: number }>();
+
+  constructor(o: EngineTunnelsOptions) {
+    this.#o = o;
+  }
+
+  /** Start the listener (when the node holds credentials); its port, or undefined. */
+  async start(): Promise<number | undefined> {
+    const o = this.#o;
+    if (!o.credentials) return undefined;
+    this.#listener = await startTunnelListener({
+      host: o.host,
+      port: o.port,
+      credentials: o.credentials,
+      enginePorts: this.enginePorts,
+      isRevoked: o.isRevoked,
+      onRefused: (reason, peer) => o.log.warn({ reason, peer: peer?.id }, 'tunnel connection refused'),
+    });
+    o.log.info({ host: o.host, port: this.#listener.port }, 'tunnel listener ready');
+    return this.#listener.port;
+  }
+
+  get port(): number | undefined {
+    return this.#listener?.port;
+  }
+
+  /** Register rpc-servers as they start, drop them (and a head's forwarders) as they exit. */
+  follow(supervisor: { on(e: 'started', f: (i: EngineInfo) => void): unknown; on(e: 'exited', f: (x: EngineExit) => void): unknown }): void {
+    supervisor.on('started', (info) => {
+      if (info.kind === 'rpc-server') this.enginePorts.register(info.port, info.engineId);
+    });
+    supervisor.on('exited', (exit) => {
+      if (this.enginePorts.engine(exit.port) === exit.engineId) this.enginePorts.unregister(exit.port);
+      void this.release(exit.engineId);
+    });
+  }
+
+  /**
+   * The 127.0.0.1 endpoints llama-server engine `engineId` dials for `targets`, opening one
+   * forwarder per remote target. Idempotent per engine id (a StartEngine retry reuses them).
+   */
+  endpoints(engineId: string, targets: readonly RpcTarget[]): Promise<readonly string[]> {
+    let head = this.#heads.get(engineId);
+    if (!head) {
+      head = this.#open(targets);
+      this.#heads.set(engineId, head);
+      head.catch(() => this.#heads.delete(engineId));
+    }
+    return head.then((h) => h.endpoints);
+  }
+
+  async #open(targets: readonly RpcTarget[]): Promise<HeadTunnels> {
+    const o = this.#o;
+    const self = { nodeId: o.nodeId, hasCredentials: o.credentials !== undefined };
+    const routes = targets.map((t) => rpcRoute(t, self));
+    const forwarders: (TunnelForwarder & { peer: string })[] = [];
+    try {
+      const endpoints: string[] = [];
+      for (const r of routes) {
+        if (r.kind === 'direct') {
+          endpoints.push(`127.0.0.1:${r.port}`);
+          continue;
+        }
+        const f = await startTunnelForwarder({
+          remote: r.target.tunnel,
+          enginePort: r.target.enginePort,
+          expectPeer: { id: r.target.nodeId },
+          credentials: o.credentials!,
+          onError: (message) => o.log.warn({ peer: r.target.nodeId, err: message }, 'tunnel to rpc-server failed'),
+        });
+        forwarders.push(Object.assign(f, { peer: r.target.nodeId }));
+        endpoints.push(`127.0.0.1:${f.port}`);
+      }
+      if (forwarders.length > 0) o.log.info({ tunnels: forwarders.map((f) => ({ peer: f.peer, port: f.port })) }, 'rpc tunnels open');
+      return { forwarders, endpoints };
+    } catch (err) {
+      await Promise.all(forwarders.map((f) => f.close()));
+      throw err;
+    }
+  }
+
+  /** Close the forwarders of head engine `engineId` (it exited or never started). */
+  async release(engineId: string): Promise<void> {
+    const head = this.#heads.get(engineId);
+    if (!head) return;
+    this.#heads.delete(engineId);
+    const h = await head.catch(() => undefined);
+    if (!h) return;
+    for (const f of h.forwarders) {
+      const c = this.#closedBytes.get(f.peer) ?? { sent: 0, received: 0 };
+      await f.close();
+      c.sent += f.bytes.toEngine;
+      c.received += f.bytes.fromEngine;
+      this.#closedBytes.set(f.peer, c);
+    }
+  }
+
+  /**
+   * Cut every tunnel session of `peerId` both ways (a revocation: isRevoked only guards new
+   * connections, and ggml-rpc keeps its connection for the engine's lifetime). Returns the count.
+   */
+  async disconnect(peerId: string): Promise<number> {
+    let n = this.#listener?.disconnect(peerId) ?? 0;
+    for (const [engineId, head] of [...this.#heads]) {
+      const h = await head.catch(() => undefined);
+      if (h?.forwarders.some((f) => f.peer === peerId)) {
+        n += h.forwarders.filter((f) => f.peer === peerId).reduce((a, f) => a + f.connections(), 0);
+        await this.release(engineId);
+      }
+    }
+    return n;
+  }
+
+  /** Bytes per peer node, this node's view: sent = toward the peer, received = from it. */
+  async bytes(): Promise<PeerBytes[]> {
+    const total = new Map<string, { sent: number; received: number }>();
+    const add = (peer: string, sent: number, received: number) => {
+      const t = total.get(peer) ?? { sent: 0, received: 0 };
+      t.sent += sent;
+      t.received += received;
+      total.set(peer, t);
+    };
+    for (const [peer, c] of this.#closedBytes) add(peer, c.sent, c.received);
+    for (const head of this.#heads.values()) {
+      const h = await head.catch(() => undefined);
+      for (const f of h?.forwarders ?? []) add(f.peer, f.bytes.toEngine, f.bytes.fromEngine);
+    }
+    // worker side: the peer (a head) sends toward our engine and receives what it answers
+    for (const s of this.#listener?.stats() ?? []) add(s.peer, s.fromEngine, s.toEngine);
+    return [...total].map(([peer, t]) => ({ peer, ...t }));
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.#heads.keys()].map((id) => this.release(id)));
+    await this.#listener?.close();
+  }
+}

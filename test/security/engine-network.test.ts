@@ -1,0 +1,199 @@
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type * as grpc from '@grpc/grpc-js';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { headLayout } from '../../src/coordinator/instances/llama/layout.ts';
+import { llamaServerToWire } from '../../src/coordinator/membership/agent-client.ts';
+import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
+import type { ClusterCa } from '../../src/shared/pki/certificates.ts';
+import { CLUSTER_CHANNEL_OPTIONS, type TlsCredentials, clusterChannelCredentials } from '../../src/shared/pki/grpc-tls.ts';
+import type { RpcTarget } from '../../src/shared/placement/llama-args.ts';
+import { orchardV1 } from '../../src/shared/proto.ts';
+import { clientCredentials, enrollNode, testCa } from '../helpers/cluster-pki.ts';
+import { deleteNamespaces, inNamespace, linkNamespaceToHost } from '../helpers/netns.ts';
+import { describeWith, llamaEngines, networkNamespaces } from '../helpers/needs.ts';
+import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
+import { ORCHARD_BIN, canConnect, killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
+
+/*
+ * Engine traffic never on the open network (issue #12, item 3), with real processes: three
+ * `orchard node` agents holding node certificates of one cluster CA listen on a veth address
+ * (10.77.0.1) that a second network namespace — the attacker "on the LAN", 10.77.0.2 — can reach.
+ * The test plays the coordinator (a `coordinator` certificate, mTLS): rpc-servers on all three
+ * nodes, a llama-server on alpha whose typed rpc targets name bravo's and charlie's tunnels, so
+ * two stages cross TLS tunnels and alpha's own stage stays direct on loopback. Then:
+ *   * generation returns the same greedy token ids as one plain llama-server (the oracle);
+ *   * from the attacker namespace no rpc-server, llama-server or forwarder port accepts a
+ *     connection, and the tunnel port yields nothing without a cluster certificate;
+ *   * orchard_rpc_bytes_total > 0 and equal on both ends of each tunnel.
+ */
+
+const needs = [await llamaEngines(), networkNamespaces()];
+const NS = `orch-att-${process.pid}`;
+const HOST = { veth: `orh${process.pid % 100000}`, ip: '10.77.0.1' };
+const ATTACKER = { ns: NS, veth: `ora${process.pid % 100000}`, ip: '10.77.0.2' };
+const CTX = 2048;
+const N_PREDICT = 32;
+const OWNER = 'engine-network-test';
+
+type Client = grpc.Client & Record<string, (...a: unknown[]) => unknown>;
+interface Node {
+  readonly name: string;
+  readonly proc: Proc;
+  readonly nodeId: string;
+  readonly tunnelPort: number;
+  readonly metricsPort: number;
+  readonly client: Client;
+}
+
+function unary<T>(c: Client, method: string, req: unknown, timeoutMs = 180_000): Promise<T> {
+  return new Promise((resolve, reject) => {
+    c[method]!(req, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: T) => (err ? reject(err) : resolve(res)));
+  });
+}
+
+function generateTokens(c: Client, engineId: string): Promise<number[]> {
+  return new Promise((resolve, reject) => {
+    const call = c.generate!({ engineId, prompt: ORACLE_PROMPT, maxTokens: N_PREDICT, temperature: 0 }) as grpc.ClientReadableStream<{ token?: { tokenIds: number[] } }>;
+    const tokens: number[] = [];
+    call.on('data', (ev) => tokens.push(...(ev.token?.tokenIds ?? [])));
+    call.on('error', reject);
+    call.on('end', () => resolve(tokens));
+  });
+}
+
+/** orchard_rpc_bytes_total{peer, direction} of one agent, from its real /metrics. */
+async function rpcBytes(n: Node, peer: string, direction: 'sent' | 'received'): Promise<number> {
+  const text = await (await fetch(`http://${HOST.ip}:${n.metricsPort}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`orchard_rpc_bytes_total{peer="${peer}",direction="${direction}"}`));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
+/** From inside the attacker namespace: which of host:ports accept a TCP connection. */
+function reachableFromAttacker(host: string, ports: readonly number[]): number[] {
+  const script = `const net=require('node:net');const ports=${JSON.stringify(ports)};let open=[];let left=ports.length;
+for(const p of ports){const s=net.connect({host:${JSON.stringify(host)},port:p,timeout:2000});
+const done=(ok)=>{if(ok)open.push(p);s.destroy();if(--left===0)console.log(JSON.stringify(open));};
+s.once('connect',()=>done(true));s.once('error',()=>done(false));s.once('timeout',()=>done(false));}`;
+  return JSON.parse(inNamespace(NS, [process.execPath, '-e', script]).trim()) as number[];
+}
+
+/** From the attacker namespace: a TLS client without a certificate asks the tunnel for `enginePort`; what comes back. */
+function tunnelWithoutCertificate(port: number, enginePort: number): string {
+  const script = `const tls=require('node:tls');let got='';const s=tls.connect({host:${JSON.stringify(HOST.ip)},port:${port},rejectUnauthorized:false,minVersion:'TLSv1.3'});
+s.on('secureConnect',()=>s.write(JSON.stringify({v:1,port:${enginePort}})+'\\n'));s.on('data',(d)=>{got+=d.toString('latin1')});
+const end=(why)=>{console.log(JSON.stringify({got,why}));process.exit(0)};s.on('error',(e)=>end('error: '+e.code));s.on('close',()=>end('closed'));setTimeout(()=>end('timeout'),5000);`;
+  return inNamespace(NS, [process.execPath, '-e', script]).trim();
+}
+
+describeWith(needs, 'engine network: tunnels between nodes, nothing reachable from the LAN', () => {
+  let dir: string;
+  let bins: LlamaBinaries;
+  let ca: ClusterCa;
+  let coordinator: TlsCredentials;
+  let model: string;
+  const nodes: Node[] = [];
+
+  beforeAll(async () => {
+    bins = needs[0]!.ok ? (needs[0] as { value: LlamaBinaries }).value : (undefined as never);
+    deleteNamespaces(NS);
+    linkNamespaceToHost(HOST, ATTACKER);
+    dir = await mkdtemp(join(tmpdir(), 'orchard-engine-net-'));
+    const env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json' };
+    model = join(dir, 'm8.gguf');
+    const made = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '7'], env);
+    expect(made.code, made.stderr).toBe(0);
+    ca = await testCa('engine-network');
+    coordinator = await clientCredentials(ca, 'coordinator', 'coordinator');
+    const NodeAgent = orchardV1().NodeAgent!;
+    for (const name of ['alpha', 'bravo', 'charlie']) {
+      const stateDir = join(dir, name);
+      const nodeId = await enrollNode(stateDir, ca);
+      const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', HOST.ip, '--name', name, '--state-dir', stateDir, '--models-dir', dir, '--json'], env);
+      const ready = await readyLine(proc);
+      expect(ready.tunnelPort, `${name} runs a tunnel listener once it holds credentials`).toBeGreaterThan(0);
+      const creds = clusterChannelCredentials(coordinator, { role: 'node', id: nodeId });
+      const client = new NodeAgent(`${HOST.ip}:${String(ready.grpcPort)}`, creds, CLUSTER_CHANNEL_OPTIONS) as unknown as Client;
+      nodes.push({ name, proc, nodeId, tunnelPort: Number(ready.tunnelPort), metricsPort: Number(ready.metricsPort), client });
+    }
+  }, 180_000);
+
+  afterAll(async () => {
+    for (const n of nodes) {
+      n.client.close();
+      await killGroup(n.proc);
+    }
+    deleteNamespaces(NS);
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('a split over three nodes crosses the tunnels, gives the oracle tokens, and no engine port faces the LAN', async () => {
+    const [alpha, bravo, charlie] = nodes as [Node, Node, Node];
+    // Describe carries the tunnel port under the one name it has everywhere (proto, TXT, ready line)
+    const described = await unary<{ profile: { tunnelPort: number } }>(bravo.client, 'describe', {});
+    expect(described.profile.tunnelPort).toBe(bravo.tunnelPort);
+
+    // stage order: bravo (layers 0-2), charlie (3-5), alpha (6-7, the head; CPU-only here, so its own rpc-server)
+    const order = [bravo, charlie, alpha];
+    const targets: RpcTarget[] = [];
+    for (const [i, n] of order.entries()) {
+      const r = await unary<{ engine: { port: number; host: string } }>(n.client, 'startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', engineId: `s${i}-rpc`, threads: 1, owner: OWNER });
+      expect(r.engine.host).toBe('127.0.0.1');
+      targets.push({ nodeId: n.nodeId, tunnel: { host: HOST.ip, port: n.tunnelPort }, enginePort: r.engine.port });
+    }
+    const stages = [
+      { nodeId: bravo.nodeId, nodeName: 'bravo', firstLayer: 0, lastLayer: 2 },
+      { nodeId: charlie.nodeId, nodeName: 'charlie', firstLayer: 3, lastLayer: 5 },
+      { nodeId: alpha.nodeId, nodeName: 'alpha', firstLayer: 6, lastLayer: 7 },
+    ];
+    const layout = headLayout(stages, targets, { modelPath: model, nLayer: 8, memory: { ...DEFAULT_MEMORY_OPTIONS, ctx: CTX }, headHasGpu: false });
+    const head = await unary<{ engine: { port: number }; rpcEndpoints: string[] }>(alpha.client, 'startEngine', {
+      kind: 'ENGINE_KIND_LLAMA_SERVER',
+      engineId: 'head',
+      threads: 1,
+      owner: OWNER,
+      llama: llamaServerToWire(layout.llama),
+    });
+    // bravo and charlie through local forwarders (never their engine ports), alpha's own stage direct
+    const [viaBravo, viaCharlie, own] = head.rpcEndpoints;
+    expect(own).toBe(`127.0.0.1:${targets[2]!.enginePort}`);
+    for (const [ep, t] of [[viaBravo, targets[0]!], [viaCharlie, targets[1]!]] as const) {
+      expect(ep).toMatch(/^127\.0\.0\.1:\d+$/);
+      expect(ep).not.toBe(`127.0.0.1:${t.enginePort}`);
+    }
+
+    const oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
+    const tokens = await generateTokens(alpha.client, 'head');
+    expect(tokens.length).toBeGreaterThan(0);
+    expect(tokens).toEqual(oracle);
+
+    // Every engine port and every forwarder port: open on the host's loopback (they are real and
+    // listening), closed to the attacker on the LAN address.
+    const forwarders = [viaBravo!, viaCharlie!].map((ep) => Number(ep.split(':')[1]));
+    const enginePorts = [...targets.map((t) => t.enginePort), head.engine.port, ...forwarders];
+    for (const p of enginePorts) expect(await canConnect('127.0.0.1', p), `port ${p} listens on loopback`).toBe(true);
+    expect(reachableFromAttacker(HOST.ip, enginePorts)).toEqual([]);
+    // the tunnel port is reachable (it is the one door) but opens nothing without a cluster certificate
+    expect(reachableFromAttacker(HOST.ip, [bravo.tunnelPort])).toEqual([bravo.tunnelPort]);
+    const attempt = JSON.parse(tunnelWithoutCertificate(bravo.tunnelPort, targets[0]!.enginePort)) as { got: string; why: string };
+    expect(attempt.got).not.toContain('"ok":true');
+
+    // bytes through each tunnel: > 0 and the same on both ends (head sent = worker received, and back)
+    for (const w of [bravo, charlie]) {
+      const sent = await rpcBytes(alpha, w.nodeId, 'sent');
+      const received = await rpcBytes(alpha, w.nodeId, 'received');
+      expect(sent, `alpha → ${w.name}`).toBeGreaterThan(0);
+      expect(received, `${w.name} → alpha`).toBeGreaterThan(0);
+      expect(await rpcBytes(w, alpha.nodeId, 'received')).toBe(sent);
+      expect(await rpcBytes(w, alpha.nodeId, 'sent')).toBe(received);
+    }
+    // alpha's own stage is not tunnelled: nothing counted toward alpha itself
+    expect(await rpcBytes(alpha, alpha.nodeId, 'sent')).toBe(0);
+
+    // stopping the head closes its forwarders with it
+    await unary(alpha.client, 'stopEngine', { engineId: 'head', owner: OWNER });
+    for (const p of forwarders) await expect.poll(() => canConnect('127.0.0.1', p), { timeout: 5000 }).toBe(false);
+  }, 600_000);
+});

@@ -1,0 +1,171 @@
+import { EventEmitter } from 'node:events';
+import { type Server, connect, createServer } from 'node:net';
+import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { EngineRequestError } from '../../src/node/engine-spec.ts';
+import type { EngineExit, EngineInfo, SupervisorEvents } from '../../src/node/supervisor.ts';
+import { EngineTunnels, rpcRoute } from '../../src/node/tunnel/engine-tunnels.ts';
+import { createLogger } from '../../src/shared/log.ts';
+import { type ClusterCa, createClusterCa, createKeyAndCsr, issueCertificate } from '../../src/shared/pki/certificates.ts';
+import type { NodeCredentials } from '../../src/shared/pki/store.ts';
+
+vi.setConfig({ testTimeout: 20_000, hookTimeout: 20_000 });
+
+const log = createLogger('test', 'silent');
+
+async function nodeCredentials(ca: ClusterCa, id: string): Promise<NodeCredentials> {
+  const { keyPem, csrPem } = await createKeyAndCsr(id);
+  const { certPem } = await issueCertificate(ca, csrPem, { role: 'node', expectId: id });
+  return { keyPem, certPem, caCertPem: ca.certPem };
+}
+
+/** An rpc-server stand-in on 127.0.0.1 that echoes. */
+async function echo(): Promise<{ server: Server; port: number }> {
+  const server = createServer((s) => {
+    s.pipe(s);
+    s.on('error', () => {});
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return { server, port: (server.address() as { port: number }).port };
+}
+
+/** One round trip through `port`; the bytes back, or undefined when the connection was cut. */
+function roundTrip(port: number, payload: Buffer): Promise<Buffer | undefined> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    const s = connect({ port, host: '127.0.0.1' });
+    s.on('data', (d: Buffer) => {
+      chunks.push(d);
+      if (Buffer.concat(chunks).length >= payload.length) {
+        s.end();
+        resolve(Buffer.concat(chunks));
+      }
+    });
+    s.on('error', () => resolve(undefined));
+    s.on('close', () => resolve(chunks.length > 0 ? Buffer.concat(chunks) : undefined));
+    s.write(payload);
+  });
+}
+
+const info = (engineId: string, kind: EngineInfo['kind'], port: number): EngineInfo => ({ engineId, kind, host: '127.0.0.1', port, pid: 1, model: 'm', startedAtSeconds: 0, argv: [] });
+const exit = (engineId: string, kind: EngineInfo['kind'], port: number): EngineExit => ({ engineId, kind, port, exitCode: 0, signal: '', expected: true, lastStderrLines: [] });
+
+let ca: ClusterCa;
+let workerCreds: NodeCredentials;
+let headCreds: NodeCredentials;
+const cleanup: (() => Promise<void> | void)[] = [];
+
+beforeAll(async () => {
+  ca = await createClusterCa('tunnels');
+  workerCreds = await nodeCredentials(ca, 'worker-1');
+  headCreds = await nodeCredentials(ca, 'head-1');
+});
+
+afterEach(async () => {
+  for (const c of cleanup.splice(0).reverse()) await c();
+});
+
+describe('rpcRoute (pure)', () => {
+  const self = { nodeId: 'head-1', hasCredentials: true };
+  const tunnel = { host: '10.0.0.2', port: 7000 };
+  it('same node: loopback directly, even when the target names a tunnel', () => {
+    expect(rpcRoute({ nodeId: 'head-1', tunnel, enginePort: 5000 }, self)).toEqual({ kind: 'direct', port: 5000 });
+  });
+  it('another node: through its tunnel, expecting that node', () => {
+    expect(rpcRoute({ nodeId: 'worker-1', tunnel, enginePort: 5000 }, self)).toEqual({ kind: 'tunnel', target: { nodeId: 'worker-1', tunnel, enginePort: 5000 } });
+  });
+  it('another node without a tunnel (no credentials): loopback only, so only on the same machine', () => {
+    expect(rpcRoute({ nodeId: 'worker-1', enginePort: 5000 }, self)).toEqual({ kind: 'direct', port: 5000 });
+  });
+  it('a head without credentials cannot tunnel', () => {
+    expect(() => rpcRoute({ nodeId: 'worker-1', tunnel, enginePort: 5000 }, { nodeId: 'head-1', hasCredentials: false })).toThrow(EngineRequestError);
+  });
+});
+
+describe('EngineTunnels: a head and a worker agent', () => {
+  async function pair() {
+    const workerEngines = new EventEmitter<SupervisorEvents>();
+    const worker = new EngineTunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log });
+    worker.follow(workerEngines);
+    const head = new EngineTunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, log });
+    await worker.start();
+    await head.start();
+    cleanup.push(() => worker.close(), () => head.close());
+    const engine = await echo();
+    cleanup.push(() => new Promise<void>((r) => engine.server.close(() => r())));
+    return { worker, head, workerEngines, engine };
+  }
+
+  it('forwards a head to a registered rpc-server of the named node; bytes agree on both ends', async () => {
+    const { worker, head, workerEngines, engine } = await pair();
+    workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
+    const target = { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port };
+    const [endpoint] = await head.endpoints('head-engine', [target]);
+    expect(endpoint).toMatch(/^127\.0\.0\.1:\d+$/);
+    expect(endpoint).not.toBe(`127.0.0.1:${engine.port}`);
+    // idempotent per engine id: a StartEngine retry reuses the forwarder
+    expect(await head.endpoints('head-engine', [target])).toEqual([endpoint]);
+    const payload = Buffer.from('ggml-rpc hello'.repeat(1000));
+    expect(await roundTrip(Number(endpoint!.split(':')[1]), payload)).toEqual(payload);
+    await vi.waitFor(async () => {
+      expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: payload.length, received: payload.length }]);
+      expect(await worker.bytes()).toEqual([{ peer: 'head-1', sent: payload.length, received: payload.length }]);
+    });
+    // the head engine exits: its forwarder closes, the counted bytes remain
+    await head.release('head-engine');
+    expect(await roundTrip(Number(endpoint!.split(':')[1]), payload)).toBeUndefined();
+    expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: payload.length, received: payload.length }]);
+  });
+
+  it('refuses an engine port the worker did not register, or one that exited', async () => {
+    const { worker, head, workerEngines, engine } = await pair();
+    const target = { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port };
+    const [never] = await head.endpoints('h1', [target]);
+    expect(await roundTrip(Number(never!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
+    workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
+    workerEngines.emit('exited', exit('rpc-1', 'rpc-server', engine.port));
+    const [gone] = await head.endpoints('h2', [target]);
+    expect(await roundTrip(Number(gone!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
+    // a llama-server is never reachable through the tunnel
+    workerEngines.emit('started', info('head-x', 'llama-server', engine.port));
+    const [llama] = await head.endpoints('h3', [target]);
+    expect(await roundTrip(Number(llama!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
+  });
+
+  it('the worker must be the node the target names', async () => {
+    const { worker, head, workerEngines, engine } = await pair();
+    workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
+    const [ep] = await head.endpoints('h', [{ nodeId: 'worker-2', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port }]);
+    expect(await roundTrip(Number(ep!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
+  });
+
+  it('disconnect(peer) cuts live sessions (revocation); isRevoked refuses new ones', async () => {
+    const revoked = new Set<string>();
+    const workerEngines = new EventEmitter<SupervisorEvents>();
+    const worker = new EngineTunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log, isRevoked: (p) => revoked.has(p.id) });
+    worker.follow(workerEngines);
+    await worker.start();
+    const head = new EngineTunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, log });
+    cleanup.push(() => worker.close(), () => head.close());
+    const engine = await echo();
+    cleanup.push(() => new Promise<void>((r) => engine.server.close(() => r())));
+    workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
+    const [ep] = await head.endpoints('h', [{ nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port }]);
+    const port = Number(ep!.split(':')[1]);
+    const live = connect({ port, host: '127.0.0.1' });
+    const closed = new Promise<void>((r) => live.on('close', () => r()));
+    live.on('error', () => {});
+    live.write('x');
+    await new Promise<void>((r) => live.once('data', () => r()));
+    revoked.add('head-1');
+    expect(await worker.disconnect('head-1')).toBe(1);
+    await closed;
+    expect(await roundTrip(port, Buffer.from('y'))).toBeUndefined();
+  });
+
+  it('a node without credentials runs no listener and reaches other nodes on loopback only', async () => {
+    const plain = new EngineTunnels({ nodeId: 'n', credentials: undefined, host: '127.0.0.1', port: 0, log });
+    expect(await plain.start()).toBeUndefined();
+    expect(await plain.endpoints('h', [{ nodeId: 'other', enginePort: 1234 }])).toEqual(['127.0.0.1:1234']);
+    await expect(plain.endpoints('h2', [{ nodeId: 'other', tunnel: { host: '10.0.0.2', port: 1 }, enginePort: 1 }])).rejects.toThrow(/no cluster credentials/);
+  });
+});
