@@ -76,7 +76,7 @@ function models(nodesPerModel: number): ModelStatus[] {
       stages,
       error: '',
       predictedTokensPerSecond: 20,
-      options: { ctx: 8192, cacheType: 'f16', parallel: 4, pin: [] },
+      options: { ctx: 8192, cacheType: 'f16', parallel: 4, pin: [], parallelism: 'auto' as const },
       verification: {
         ok: true,
         problems: [],

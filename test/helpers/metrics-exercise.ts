@@ -128,7 +128,7 @@ function placedModel(): ModelStatus {
     stages: [stage('alpha', 0, 3), stage('bravo', 4, 7)],
     error: '',
     predictedTokensPerSecond: 42,
-    options: { ctx: 2048, cacheType: 'f16', parallel: 1, pin: [] },
+    options: { ctx: 2048, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto' },
     verification: { ok: true, problems: [], devices: [device('alpha', '0-3'), device('bravo', '4-7')], host: { model: 15 * MiB, kv: 0, compute: 9 * MiB } },
   };
 }

@@ -75,6 +75,10 @@ describeWith([engines], 'MoE models (deepseek2 MLA + experts, qwen3moe) split ov
         if (s.code === 0 && (JSON.parse(s.stdout) as { nodes: { state: string }[] }).nodes.filter((n) => n.state === 'up').length === 2) break;
         await new Promise((r) => setTimeout(r, 200));
       }
+      // llama.cpp RPC only pipelines: a tensor-parallel request is refused before any engine starts.
+      const tp = await orchard(['load', model, '--ctx', String(CTX), '--name', arch, '--parallelism', 'tensor', '--coordinator', coordAddr], env);
+      expect(tp.code).toBe(2); // a usage error
+      expect(tp.stderr).toMatch(/--parallelism tensor is for MLX models/);
       const load = await orchard(['load', model, '--ctx', String(CTX), '--name', arch, '--coordinator', coordAddr], env);
       expect(load.code, load.stderr).toBe(0);
       const s = JSON.parse((await orchard(['status', '--json', '--coordinator', coordAddr], env)).stdout) as { models: { name: string; state: string; stages: { nodeId: string }[] }[] };

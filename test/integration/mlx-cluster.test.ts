@@ -368,4 +368,21 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     while (Date.now() < gone && (await workerPids(model)).length > 0) await sleep(100);
     expect(await workerPids(model)).toEqual([]);
   }, 300_000);
+  it('--parallelism tensor through the coordinator: 2 ranks, greedy tokens equal one process; auto on the loopback ring picks pipeline and says why', async () => {
+    const messages = (stdout: string) => stdout.split('\n').filter(Boolean).map((l) => String((JSON.parse(l) as { message?: string }).message ?? ''));
+    const tp = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm6tp', '--parallelism', 'tensor', '--pin', 'alpha', 'bravo', '--json', '--coordinator', coordAddr], env);
+    expect(tp.code, tp.stderr).toBe(0);
+    expect(messages(tp.stdout).some((m) => /MLX tensor parallel over 2 rank\(s\): tensor requested/.test(m))).toBe(true);
+    expect(await workerPids(model)).toHaveLength(2);
+    // Tensor parallel is close to, not bit-identical with, one process (mlx-group.test.ts checks
+    // logprobs within 1e-3); on this model greedy decoding lands on the same ids.
+    expect((await generate('m6tp')).tokens).toEqual(oracle);
+    expect((await orchard(['unload', 'm6tp', '--coordinator', coordAddr], env)).code).toBe(0);
+
+    const auto = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm6auto', '--pin', 'alpha', 'bravo', '--json', '--coordinator', coordAddr], env);
+    expect(auto.code, auto.stderr).toBe(0);
+    expect(messages(auto.stdout).some((m) => /MLX pipeline parallel over 2 rank\(s\): auto: pipeline, predicted [\d.]+ ms\/token pipeline vs [\d.]+ ms\/token tensor/.test(m))).toBe(true);
+    expect((await generate('m6auto')).tokens).toEqual(oracle);
+    expect((await orchard(['unload', 'm6auto', '--coordinator', coordAddr], env)).code).toBe(0);
+  }, 300_000);
 });

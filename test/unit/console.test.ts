@@ -32,7 +32,7 @@ describe('console: histogram quantile', () => {
 
 const stage = (nodeId: string, total: number) => ({ nodeId, nodeName: nodeId, firstLayer: 0, lastLayer: 1, bytes: { weights: total, kv: 0, compute: 0, overhead: 0, total }, budgetBytes: total, endpoint: '' });
 const model = (name: string, state: ModelStatus['state'], stages: ReturnType<typeof stage>[]): ModelStatus =>
-  ({ name, path: `/m/${name}.gguf`, state, engine: 'llama', stages, error: '', predictedTokensPerSecond: 1, options: { ctx: 16, cacheType: 'f16', parallel: 1, pin: [] } }) as ModelStatus;
+  ({ name, path: `/m/${name}.gguf`, state, engine: 'llama', stages, error: '', predictedTokensPerSecond: 1, options: { ctx: 16, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto' } }) as ModelStatus;
 
 describe('console: used by engines', () => {
   it('sums planned stage totals per node, leaving failed models out', () => {

@@ -48,7 +48,7 @@ function model(over: Partial<ModelStatus> & { name: string }): ModelStatus {
     stages: [],
     error: '',
     predictedTokensPerSecond: 0,
-    options: { ctx: 2048, cacheType: 'f16', parallel: 1, pin: [] },
+    options: { ctx: 2048, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto' },
     ...over,
   };
 }

@@ -41,7 +41,7 @@ const KEY = 'sekret';
 const MAX_BODY = 4096;
 
 function readyModel(name: string, state: ModelStatus['state'] = 'ready'): ModelStatus {
-  return { name, path: `/m/${name}.gguf`, state, engine: 'llama', stages: [], error: '', predictedTokensPerSecond: 0, options: { ctx: 512, cacheType: 'f16', parallel: 1, pin: [] } };
+  return { name, path: `/m/${name}.gguf`, state, engine: 'llama', stages: [], error: '', predictedTokensPerSecond: 0, options: { ctx: 512, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto' } };
 }
 
 describe('installApi onRefused → orchard_requests_total (the router guard\'s 401 included)', () => {

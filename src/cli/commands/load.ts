@@ -1,6 +1,7 @@
 import { resolve } from 'node:path';
 import { type Command, Option } from 'commander';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
+import { PARALLELISMS, type Parallelism } from '../../shared/placement/parallelism.ts';
 import { formatBytes, parseInteger } from '../../shared/units.ts';
 import { addCredentialOptions, type CredentialFlags, coordinatorClient } from '../credentials.ts';
 import { parseHealMode } from '../../coordinator/instances/healing.ts';
@@ -18,6 +19,7 @@ interface LoadFlags extends CredentialFlags {
   json?: boolean;
   engine: string;
   heal?: string;
+  parallelism: Parallelism;
 }
 
 /** `orchard load MODEL.gguf`: returns when the model is ready (exit 0) or failed (exit 1, reason). */
@@ -31,6 +33,7 @@ export function registerLoad(program: Command): void {
     .option('--name <alias>', 'model name for generate/unload (default: the file name)')
     .option('--pin <node...>', 'nodes that must hold a stage (names or ids)')
     .option('--heal <mode>', 'auto: re-place the model when a node or engine is lost; off: fail it (default: the coordinator\'s --heal)')
+    .addOption(new Option('--parallelism <p>', 'MLX layout over the ranks: pipeline, tensor (low-latency links only) or auto').choices([...PARALLELISMS]).default('auto'))
     .option('--engine <e>', 'mlx, llama or auto (a directory with config.json → mlx, .gguf → llama)', 'auto')
     .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .option('--json', 'print progress events as JSON lines')
@@ -41,6 +44,7 @@ export function registerLoad(program: Command): void {
         cacheType: flags.cacheType,
         parallel: parseInteger(flags.parallel, '--parallel', 1, 256),
         pin: flags.pin ?? [],
+        parallelism: flags.parallelism,
       };
       const client = await coordinatorClient(flags);
       const ac = new AbortController();

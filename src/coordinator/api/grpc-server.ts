@@ -11,6 +11,7 @@ import { joinTokenMatches } from '../membership/join-token.ts';
 import type { Membership } from '../membership/membership.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from '../instances/runtime.ts';
+import { parseParallelism } from '../../shared/placement/parallelism.ts';
 import { PlanDoesNotFitError } from '../instances/planner-adapter.ts';
 import type { AccessControl } from './access.ts';
 import { guardService } from './grpc-access.ts';
@@ -40,6 +41,7 @@ const planOptionsSchema = z
     cacheType: z.string().default(''),
     parallel: z.number().int().nonnegative().default(0),
     pin: z.array(z.string()).default([]),
+    parallelism: z.string().default(''),
   })
   .nullish();
 const loadSchema = z.object({ modelPath: z.string().default(''), name: z.string().default(''), options: planOptionsSchema, engine: z.string().default(''), heal: z.string().default('') });
@@ -52,7 +54,7 @@ function parse<T>(schema: z.ZodType<T>, raw: unknown, what: string): T {
 }
 
 function options(o: z.infer<typeof planOptionsSchema>) {
-  return { ctx: o?.ctx ?? 0, cacheType: o?.cacheType ?? '', parallel: o?.parallel ?? 0, pin: o?.pin ?? [] };
+  return { ctx: o?.ctx ?? 0, cacheType: o?.cacheType ?? '', parallel: o?.parallel ?? 0, pin: o?.pin ?? [], parallelism: parseParallelism(o?.parallelism) };
 }
 
 export function nodeStatusToWire(n: NodeEntry, now = Date.now()): Record<string, unknown> {

@@ -1,4 +1,5 @@
 import type { Timings } from '../../shared/generation.ts';
+import type { Parallelism } from '../../shared/placement/parallelism.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { VerifyResult } from './llama/verify.ts';
 
@@ -16,9 +17,11 @@ export interface LoadOptions {
   readonly cacheType: string;
   readonly parallel: number;
   readonly pin: readonly string[];
+  /** MLX layout over the ranks (parallelism.ts); llama.cpp RPC splits are pipelines only. */
+  readonly parallelism: Parallelism;
 }
 
-export const DEFAULT_LOAD_OPTIONS: LoadOptions = { ctx: 4096, cacheType: 'f16', parallel: 1, pin: [] };
+export const DEFAULT_LOAD_OPTIONS: LoadOptions = { ctx: 4096, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto' };
 
 /** One stage as the planner returns it (the last stage is the head). */
 export interface PlannedStage {

@@ -1,4 +1,5 @@
 import { stat } from 'node:fs/promises';
+import { UsageError } from '../../../shared/errors.ts';
 import { CoordinatorError } from '../../errors.ts';
 import type { StartEngineOptions } from '../../membership/agent-client.ts';
 import type { NodeEntry } from '../../membership/registry.ts';
@@ -55,6 +56,8 @@ export class LlamaDriver implements EngineDriver {
   ) {}
 
   fitOptions(options: LoadOptions): LoadOptions {
+    // llama.cpp RPC splits by layer ranges only (one device per range, activations passed on).
+    if (options.parallelism === 'tensor') throw new UsageError('--parallelism tensor is for MLX models; llama.cpp RPC splits a GGUF as a pipeline of layer ranges');
     return options;
   }
 

@@ -1,4 +1,7 @@
 import { errorMessage } from '../../../shared/errors.ts';
+import { readMlxModelProfile } from '../../../shared/model/mlx-profile.ts';
+import { type ParallelismChoice, chooseParallelism } from '../../../shared/placement/parallelism.ts';
+import { DEFAULT_PLACEMENT_OPTIONS, type Plan } from '../../../shared/placement/types.ts';
 import { CoordinatorError } from '../../errors.ts';
 import {
   type Cluster,
@@ -15,6 +18,31 @@ import {
 import type { LoadOptions } from '../types.ts';
 import { type MlxRankEngine, rankProblems, startMlxRanks, submitToFollowers } from './instance.ts';
 import { type MlxInstanceLaunch, mlxInstanceLaunch } from './launch.ts';
+
+/**
+ * Round trip of one all-reduce step per backend. JACCL over Thunderbolt 5 RDMA: a few µs
+ * (Apple's published figure is single-digit µs; not measurable here, so an assumption); the TCP
+ * ring: the planner's hop cost (1 ms default — a LAN or loopback-with-latency link).
+ */
+const LINK_SECONDS = { jaccl: 10e-6, ring: DEFAULT_PLACEMENT_OPTIONS.hopSeconds, none: 0 } as const;
+/** Link throughput for all-reduce payloads: TB5 ~ 80 Gb/s, a 10 GbE LAN ~ 10 Gb/s. */
+const LINK_BYTES_PER_SECOND = { jaccl: 10e9, ring: 1.25e9, none: Number.POSITIVE_INFINITY } as const;
+
+/** Pipeline or tensor for this load (parallelism.ts), from the model's shape and the plan's costs. */
+async function mlxParallelism(spec: InstanceSpec, load: LoadContext, backend: MlxInstanceLaunch['backend']): Promise<ParallelismChoice> {
+  const profile = await readMlxModelProfile(spec.path);
+  const raw = load.plan.raw as Plan | undefined;
+  const stages = raw?.stages ?? [];
+  return chooseParallelism({
+    requested: spec.options.parallelism,
+    ranks: load.plan.stages.length,
+    profile,
+    readBytesPerToken: stages.reduce((a, s) => a + s.readBytesPerToken, 0) || profile.fileTensorBytes,
+    bandwidthBytesPerSecond: Math.min(...stages.map((s) => s.bandwidthBytesPerSecond).filter((b) => b > 0), 100e9),
+    linkSeconds: LINK_SECONDS[backend],
+    linkBytesPerSecond: LINK_BYTES_PER_SECOND[backend],
+  });
+}
 
 /**
  * MLX distributed: one rank per plan stage (rank 0 = the head stage, it emits), laid out by
@@ -69,24 +97,21 @@ class MlxGroup extends RosterGroup implements EngineGroup {
 
   /** Lay the ranks out over the plan's nodes and start them in the order the ring needs. */
   async start(load: LoadContext): Promise<void> {
-    const launch = mlxInstanceLaunch(
-      load.plan.stages.map((s, i) => ({
-        nodeId: s.nodeId,
-        nodeName: s.nodeName,
-        agentAddress: load.nodes[i]!.address,
-        interfaces: load.nodes[i]!.profile.interfaces,
-        layers: s.lastLayer - s.firstLayer + 1,
-      })),
-      {
-        modelDir: this.spec.path,
-        maxTokens: this.spec.options.ctx,
-        stallTimeoutSeconds: this.o.mlxStallTimeoutSeconds ?? 30,
-        random: this.o.random ?? Math.random,
-      },
-    );
+    const ranks = load.plan.stages.map((s, i) => ({
+      nodeId: s.nodeId,
+      nodeName: s.nodeName,
+      agentAddress: load.nodes[i]!.address,
+      interfaces: load.nodes[i]!.profile.interfaces,
+      layers: s.lastLayer - s.firstLayer + 1,
+    }));
+    const base = { modelDir: this.spec.path, maxTokens: this.spec.options.ctx, stallTimeoutSeconds: this.o.mlxStallTimeoutSeconds ?? 30, random: this.o.random ?? Math.random };
+    // The link the ranks would all-reduce over decides whether tensor parallel can pay off.
+    const choice = await mlxParallelism(this.spec, load, mlxInstanceLaunch(ranks, base).backend);
+    load.progress('starting-workers', `MLX ${choice.mode} parallel over ${ranks.length} rank(s): ${choice.reason}`);
+    const launch = mlxInstanceLaunch(ranks, { ...base, mode: choice.mode });
     this.#launch = launch;
     this.cluster.log.info(
-      { model: this.spec.name, backend: launch.backend, reason: launch.reason, ranks: launch.ranks.map((r) => ({ rank: r.rank, node: r.nodeName, stage: r.stage, hosts: r.mlx.hosts })) },
+      { model: this.spec.name, parallelism: choice.mode, parallelismReason: choice.reason, backend: launch.backend, reason: launch.reason, ranks: launch.ranks.map((r) => ({ rank: r.rank, node: r.nodeName, stage: r.stage, hosts: r.mlx.hosts })) },
       'MLX launch',
     );
     const started = await startMlxRanks(

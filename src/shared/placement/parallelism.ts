@@ -1,0 +1,78 @@
+import { UsageError } from '../errors.ts';
+import type { ModelProfile } from '../model/profile.ts';
+
+/**
+ * How an MLX model is spread over its ranks. Pipeline: each rank holds a contiguous layer range
+ * and a token crosses each boundary once (ranks − 1 hops per token). Tensor: every rank holds
+ * 1/ranks of every layer and the ranks all-reduce twice per layer per token (mlx-lm
+ * `model.shard`: after attention and after the MLP) — it reads each rank's share of the weights
+ * in parallel, but pays 2 × layers link round trips per token, so it only pays off on
+ * low-latency links (Thunderbolt RDMA), never on a LAN.
+ */
+export const PARALLELISMS = ['pipeline', 'tensor', 'auto'] as const;
+export type Parallelism = (typeof PARALLELISMS)[number];
+
+export function parseParallelism(s: string | undefined): Parallelism {
+  const v = (s ?? '').trim() || 'auto';
+  if (!(PARALLELISMS as readonly string[]).includes(v)) throw new UsageError(`invalid parallelism "${s}": pipeline, tensor or auto`);
+  return v as Parallelism;
+}
+
+export interface ParallelismInput {
+  readonly requested: Parallelism;
+  readonly ranks: number;
+  readonly profile: Pick<ModelProfile, 'heads' | 'kvHeads' | 'moe' | 'ffn' | 'layerCount' | 'embd'>;
+  /** Weight + KV bytes one token reads (planner: Σ stage readBytesPerToken). */
+  readonly readBytesPerToken: number;
+  /** The slowest rank's memory bandwidth. */
+  readonly bandwidthBytesPerSecond: number;
+  /** One link round trip between ranks (the planner's hop cost). */
+  readonly linkSeconds: number;
+  /** Link throughput for the all-reduce payloads. */
+  readonly linkBytesPerSecond: number;
+}
+
+export interface ParallelismChoice {
+  readonly mode: 'pipeline' | 'tensor';
+  readonly reason: string;
+}
+
+/** What tensor parallel over `ranks` needs that this model breaks (mlx-lm shards these evenly). */
+export function tensorDivisibility(p: ParallelismInput['profile'], ranks: number): string[] {
+  const out: string[] = [];
+  if (p.heads % ranks !== 0) out.push(`${p.heads} attention heads are not divisible by ${ranks} ranks`);
+  const kv = Math.max(...p.kvHeads);
+  if (kv % ranks !== 0) out.push(`${kv} KV heads are not divisible by ${ranks} ranks`);
+  if (p.moe && p.moe.experts % ranks !== 0) out.push(`${p.moe.experts} experts are not divisible by ${ranks} ranks`);
+  if (p.ffn > 0 && p.ffn % ranks !== 0) out.push(`intermediate size ${p.ffn} is not divisible by ${ranks} ranks`);
+  return out;
+}
+
+/** Predicted seconds per decoded token under each layout (bandwidth-bound decode). */
+export function parallelismCosts(i: ParallelismInput): { pipeline: number; tensor: number } {
+  const n = i.ranks;
+  const read = i.readBytesPerToken / i.bandwidthBytesPerSecond;
+  // Two all-reduces of the hidden state (f32 here; bf16 models send half) per layer, each a
+  // round trip plus its payload over the ring's (n−1)/n share.
+  const allReduceBytes = 4 * i.profile.embd * ((2 * (n - 1)) / n);
+  const tensor = read / n + 2 * i.profile.layerCount * (i.linkSeconds + allReduceBytes / i.linkBytesPerSecond);
+  const pipeline = read + (n - 1) * i.linkSeconds;
+  return { pipeline, tensor };
+}
+
+const ms = (s: number) => `${(s * 1000).toFixed(2)} ms`;
+
+/** Pipeline or tensor for these ranks: the request if it is possible, else a refusal naming why. */
+export function chooseParallelism(i: ParallelismInput): ParallelismChoice {
+  if (i.ranks <= 1) return { mode: 'pipeline', reason: 'one rank: nothing to split' };
+  const broken = tensorDivisibility(i.profile, i.ranks);
+  if (i.requested === 'pipeline') return { mode: 'pipeline', reason: 'pipeline requested' };
+  if (i.requested === 'tensor') {
+    if (broken.length > 0) throw new UsageError(`tensor parallel over ${i.ranks} ranks is impossible: ${broken.join('; ')} (use --parallelism pipeline)`);
+    return { mode: 'tensor', reason: 'tensor requested' };
+  }
+  if (broken.length > 0) return { mode: 'pipeline', reason: `auto: pipeline, tensor parallel is impossible (${broken.join('; ')})` };
+  const c = parallelismCosts(i);
+  const why = `predicted ${ms(c.pipeline)}/token pipeline vs ${ms(c.tensor)}/token tensor (${2 * i.profile.layerCount} all-reduces per token at ${ms(i.linkSeconds)} per link round trip)`;
+  return c.tensor < c.pipeline ? { mode: 'tensor', reason: `auto: tensor, ${why}` } : { mode: 'pipeline', reason: `auto: pipeline, ${why}` };
+}

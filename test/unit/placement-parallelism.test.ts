@@ -1,0 +1,45 @@
+import { describe, expect, it } from 'vitest';
+import { UsageError } from '../../src/shared/errors.ts';
+import { chooseParallelism, parallelismCosts, parseParallelism, tensorDivisibility } from '../../src/shared/placement/parallelism.ts';
+
+// A small MLX-like model: 16 layers, 8 heads / 4 KV heads, hidden 512.
+const profile = { heads: 8, kvHeads: new Array<number>(16).fill(4), moe: undefined, ffn: 1024, layerCount: 16, embd: 512 };
+const base = { ranks: 2, profile, readBytesPerToken: 8e9, bandwidthBytesPerSecond: 400e9, linkBytesPerSecond: 1.25e9 };
+
+describe('MLX parallelism: pipeline or tensor', () => {
+  it('auto picks pipeline on a link with a millisecond round trip and says why with both predictions', () => {
+    const c = chooseParallelism({ ...base, requested: 'auto', linkSeconds: 1e-3 });
+    expect(c.mode).toBe('pipeline');
+    expect(c.reason).toMatch(/^auto: pipeline, predicted [\d.]+ ms\/token pipeline vs [\d.]+ ms\/token tensor \(32 all-reduces per token at 1\.00 ms/);
+  });
+
+  it('auto picks tensor on an RDMA-class link, where halving the bytes read wins', () => {
+    const c = chooseParallelism({ ...base, requested: 'auto', linkSeconds: 10e-6, linkBytesPerSecond: 10e9 });
+    const costs = parallelismCosts({ ...base, requested: 'auto', linkSeconds: 10e-6, linkBytesPerSecond: 10e9 });
+    expect(costs.tensor).toBeLessThan(costs.pipeline);
+    expect(c.mode).toBe('tensor');
+  });
+
+  it('divisibility: heads, KV heads, experts and intermediate size must divide by the rank count', () => {
+    expect(tensorDivisibility(profile, 2)).toEqual([]);
+    const odd = { ...profile, heads: 12, kvHeads: new Array<number>(16).fill(3), moe: { experts: 10, expertsUsed: 2, expertFfn: 64, shared: 0 }, ffn: 1000 };
+    // 12 heads and intermediate 1000 divide by 4; 3 KV heads and 10 experts do not.
+    expect(tensorDivisibility(odd, 4)).toEqual(['3 KV heads are not divisible by 4 ranks', '10 experts are not divisible by 4 ranks']);
+    expect(tensorDivisibility(odd, 3)).toEqual(['10 experts are not divisible by 3 ranks', 'intermediate size 1000 is not divisible by 3 ranks']);
+    // An explicit tensor request that breaks a rule is refused naming it; auto falls back to pipeline.
+    expect(() => chooseParallelism({ ...base, profile: odd, ranks: 4, requested: 'tensor', linkSeconds: 1e-6 })).toThrow(UsageError);
+    expect(() => chooseParallelism({ ...base, profile: odd, ranks: 4, requested: 'tensor', linkSeconds: 1e-6 })).toThrow(/3 KV heads are not divisible by 4 ranks/);
+    const auto = chooseParallelism({ ...base, profile: odd, ranks: 4, requested: 'auto', linkSeconds: 1e-6 });
+    expect(auto.mode).toBe('pipeline');
+    expect(auto.reason).toMatch(/tensor parallel is impossible \(3 KV heads/);
+  });
+
+  it('explicit requests are honoured; one rank is never split; the flag is validated', () => {
+    expect(chooseParallelism({ ...base, requested: 'tensor', linkSeconds: 1 }).mode).toBe('tensor');
+    expect(chooseParallelism({ ...base, requested: 'pipeline', linkSeconds: 0 }).mode).toBe('pipeline');
+    expect(chooseParallelism({ ...base, ranks: 1, requested: 'tensor', linkSeconds: 0 }).reason).toMatch(/one rank/);
+    expect(parseParallelism('')).toBe('auto');
+    expect(parseParallelism('tensor')).toBe('tensor');
+    expect(() => parseParallelism('data')).toThrow(/pipeline, tensor or auto/);
+  });
+});
