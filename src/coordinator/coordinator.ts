@@ -12,10 +12,12 @@ import { installOperatorRoutes } from './api/operator-routes.ts';
 import { HttpRouter, type RouteInfo } from './api/router.ts';
 import type { HealOptions } from './instances/healing.ts';
 import { createPlanner } from './instances/planner-adapter.ts';
+import { Readoption } from './instances/readoption.ts';
 import type { Planner, Runtime } from './instances/runtime.ts';
 import { Discovery } from './membership/discovery.ts';
 import { Membership } from './membership/membership.ts';
 import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './membership/registry.ts';
+import { FileInstanceStore, type InstanceStore } from './state/instance-store.ts';
 import { type ClusterState, StateDir } from './state/state-dir.ts';
 
 export interface CoordinatorOptions {
@@ -42,6 +44,13 @@ export interface CoordinatorOptions {
   readonly planner?: Planner | undefined;
   readonly version?: string | undefined;
   /**
+   * Where the instances and nodes the coordinator must resume from live (instance-store.ts):
+   * default `instances.json` in the state dir; the NATS KV store when the cluster has NATS.
+   */
+  readonly store?: InstanceStore | undefined;
+  /** How long a stored instance waits for its nodes after a restart before it is given up (default 30 s). */
+  readonly adoptGraceMs?: number | undefined;
+  /**
    * HTTP and gRPC access: an optional admin API key (locks the API: 401/UNAUTHENTICATED without a
    * key), /metrics without a key (`metricsPublic`), and the HTTP request body limit. Keys made with
    * `orchard coordinator keys create` lock it too (api/access.ts).
@@ -62,6 +71,9 @@ export interface CoordinatorHandle {
   readonly metrics: CoordinatorMetrics;
   /** The HTTP router: add routes with `router.add(method, path, scope, handler)`; the API-key guard covers them. */
   readonly router: HttpRouter;
+  /** The instance store and the re-adoption of stored instances. */
+  readonly store: InstanceStore;
+  readonly readoption: Readoption;
   /** Every HTTP route (method, path, scope), so tests can check each one's guard. */
   routes(): RouteInfo[];
   close(): Promise<void>;
@@ -80,6 +92,9 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log, state.token);
   const clusterId = state.cluster().clusterId;
   const { runtime, metrics } = buildRuntime(o, membership, clusterId);
+  const store = o.store ?? new FileInstanceStore(o.stateDir, (key, problem) => log.warn({ key, problem }, 'stored state skipped: it does not parse'));
+  // Before any agent is dialled: stored instances claim their engines before the orphan clean-up looks.
+  const readoption = await Readoption.open({ runtime, membership, store, clusterId, log, graceMs: o.adoptGraceMs });
   const stateDir = new StateDir(o.stateDir);
   const access = new AccessControl({ adminKeys: [o.api?.apiKey, await stateDir.localAdminKey()], locked: !!o.api?.apiKey, store: stateDir.apiKeys() });
 
@@ -120,12 +135,16 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     membership,
     metrics,
     router,
+    store,
+    readoption,
     routes: () => router.routes(),
     async close() {
       if (closed) return;
       closed = true;
       webConsole.close();
       await runtime.close();
+      await readoption.close();
+      await store.close();
       await discovery?.close();
       membership.close();
       await new Promise<void>((resolve) => grpcServer.tryShutdown(() => resolve()));

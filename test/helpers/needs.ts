@@ -1,6 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import { homedir } from 'node:os';
 import { describe, it } from 'vitest';
+import { findNatsServer } from '../../src/coordinator/nats/server.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { cacheRoot } from '../../src/shared/cache-dir.ts';
 
@@ -77,4 +78,10 @@ export function itWith(needs: readonly Need<unknown>[], name: string, fn: () => 
   const reason = reasons(needs);
   if (reason === undefined) it(name, fn, timeout);
   else it(name, { skip: true, meta: { skipReason: reason } }, fn);
+}
+
+/** A `nats-server` binary (PATH, ~/go/bin, $ORCHARD_NATS_SERVER), as the coordinator itself finds it. */
+export function natsServer(env: NodeJS.ProcessEnv = process.env): Need<string> {
+  const found = findNatsServer(env);
+  return found ? met(found) : unmet('`nats-server` is not installed (.ci/run installs it; or `orchard setup --nats`)');
 }

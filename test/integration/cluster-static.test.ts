@@ -280,12 +280,14 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     }
   });
 
-  it('a restarted coordinator cleans up the engines its predecessor left on the agents', async () => {
+  it('a restarted coordinator that lost its stored instances cleans up the engines its predecessor left on the agents', async () => {
     const m = (await status()).models.find((x) => x.name === 'm8')!;
     const endpoints = m.stages.map((s) => s.endpoint).filter(Boolean);
     for (const e of endpoints) expect(await endpointOpen(e)).toBe(true);
-    // A crash, not a clean stop: nothing gets to unload.
+    // A crash, not a clean stop: nothing gets to unload. Without instances.json nothing claims
+    // the engines (with it they are re-adopted: coordinator-restart.test.ts).
     await killGroup(coordinator);
+    await rm(join(dir, 'coord', 'instances.json'));
     coordinator = start('coordinator 2', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], { ...env, ORCHARD_JOIN_TOKEN: '' });
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;

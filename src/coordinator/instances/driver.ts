@@ -100,6 +100,21 @@ export interface EngineGroup {
   /** An agent reported an unexpected exit; the group calls `spec.gone` if the engine was its own. */
   engineExited(nodeId: string, ev: EngineExit): void;
   stop(): Promise<void>;
+  /**
+   * Take over engines a previous coordinator started and verified (re-adoption, adoption.ts
+   * checked them against the agents): nothing is started, stopped or reloaded.
+   */
+  adopt(a: AdoptedEngines): void;
+}
+
+/** What a group needs to serve engines it did not start itself. */
+export interface AdoptedEngines {
+  /** In the order they were recorded; exactly one is the head. */
+  readonly engines: readonly (EngineRef & { readonly head: boolean })[];
+  /** How each stage of the plan is reached, in stage order. */
+  readonly endpoints: readonly string[];
+  /** The verification the load did (llama.cpp), as stored. */
+  readonly verification?: unknown;
 }
 
 /** One engine process an instance owns, as its node agent knows it. */
@@ -247,5 +262,10 @@ export abstract class RosterGroup {
 
   engineExited(nodeId: string, ev: EngineExit): void {
     this.roster.exited(nodeId, ev);
+  }
+
+  adopt(a: AdoptedEngines): void {
+    for (const e of a.engines) this.roster.record({ nodeId: e.nodeId, engineId: e.engineId, label: e.label }, e.head);
+    this.endpoints.splice(0, this.endpoints.length, ...a.endpoints);
   }
 }

@@ -1,22 +1,24 @@
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { basename } from 'node:path';
 import { errorMessage, UsageError } from '../../shared/errors.ts';
 import type { Logger } from '../../shared/log.ts';
 import { CoordinatorError } from '../errors.ts';
 import type { AgentEvent } from '../membership/agent-client.ts';
 import type { Membership } from '../membership/membership.ts';
 import type { NodeEntry, RegistryChange } from '../membership/registry.ts';
-import { type Cluster, type EngineDriver, type EngineGroup, grpcMessage, type LoadContext } from './driver.ts';
+import type { InstanceRecord } from '../state/instance-store.ts';
+import type { Cluster, EngineDriver, EngineGroup, EngineRef, LoadContext } from './driver.ts';
 import { LlamaDriver, type LlamaDriverOptions } from './llama/driver.ts';
 import { MlxDriver, type MlxDriverOptions } from './mlx/driver.ts';
 import { engineForModel, looksLikeMlxModelDir } from './mlx/launch.ts';
 import { attemptFailure, DEFAULT_HEAL_OPTIONS, type HealOptions, parseHealMode, type RecoveryCause } from './healing.ts';
 import { deferred, failureSignal, type Instance } from './instance.ts';
 import { type RequestContext, serveRequest } from './request.ts';
+import { defaultModelName, enginePrefix, NAME, resolveLoadOptions } from './load-options.ts';
 import { Slots } from './slots.ts';
 import type { EngineFamily, GenerateEvent, GenerateRequest, LoadOptions, LoadProgress, LoadRequest, ModelStatus, PlacementResult, Planner } from './types.ts';
-import { DEFAULT_LOAD_OPTIONS } from './types.ts';
+
+export { defaultModelName, enginePrefix, resolveLoadOptions } from './load-options.ts';
 
 // The APIs speak the instance vocabulary of the runtime they drive (types.ts keeps it free of cycles).
 export type * from './types.ts';
@@ -36,11 +38,12 @@ export type * from './types.ts';
  * This is the API the gRPC server, the CLI and the OpenAI HTTP API build on:
  *   load(request, onProgress) · unload(name) · generate(request, signal) · models() · plan(...)
  *
- * Coordinator restart policy: clean up, not re-adopt. Engine ids carry the cluster id
+ * Coordinator restart: re-adopt, then clean up. Every ready instance is stored (instance-store.ts,
+ * written by readoption.ts); a restarted coordinator matches each stored instance against what
+ * the agents run (adoption.ts: same processes, same command lines, the head still wired to the
+ * same workers) and serves it again without reloading (`adopt`). Engine ids carry the cluster id
  * (`o<cluster8>-…`); when an agent (re)connects, any engine with this cluster's prefix that no
- * live instance owns is stopped. Re-adopting would mean trusting a split nobody verified in this
- * process and a head whose RPC peers may have changed; a reload from local files is cheap by
- * comparison, and "no orphan engines" then holds without persisted instance state.
+ * live instance owns and no stored instance still claims is stopped.
  */
 export interface RuntimeOptions extends LlamaDriverOptions, MlxDriverOptions {
   readonly membership: Membership;
@@ -53,6 +56,9 @@ export interface RuntimeOptions extends LlamaDriverOptions, MlxDriverOptions {
   readonly heal?: Partial<HealOptions> | undefined;
 }
 
+/** An instance as the store keeps it, before the agents' pids and command lines are added. */
+export type InstanceSnapshot = Omit<InstanceRecord, 'engines'> & { readonly engines: readonly (EngineRef & { readonly head: boolean })[] };
+
 export interface RuntimeEvents {
   model: [status: ModelStatus];
   /** Every load's progress, whoever asked for the load (the console shows it to every viewer). */
@@ -61,33 +67,6 @@ export interface RuntimeEvents {
   recovered: [model: string, cause: RecoveryCause, seconds: number];
   /** An in-flight stream continued on the healed instance (orchard_streams_resumed_total). */
   'stream-resumed': [model: string];
-}
-
-const NAME = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
-
-export function defaultModelName(path: string): string {
-  return basename(path).replace(/\.gguf$/i, '');
-}
-
-export function resolveLoadOptions(o: Partial<LoadOptions> | undefined): LoadOptions {
-  const r: LoadOptions = {
-    ctx: o?.ctx || DEFAULT_LOAD_OPTIONS.ctx,
-    cacheType: o?.cacheType || DEFAULT_LOAD_OPTIONS.cacheType,
-    parallel: o?.parallel || DEFAULT_LOAD_OPTIONS.parallel,
-    pin: o?.pin ?? [],
-    parallelism: o?.parallelism ?? DEFAULT_LOAD_OPTIONS.parallelism,
-  };
-  if (!Number.isInteger(r.ctx) || r.ctx < 16 || r.ctx > 16_777_216) throw new UsageError(`invalid ctx ${r.ctx}: 16–16777216`);
-  if (!Number.isInteger(r.parallel) || r.parallel < 1 || r.parallel > 256) throw new UsageError(`invalid parallel ${r.parallel}: 1–256`);
-  if (!['f16', 'q8_0', 'q4_0', 'f32', 'bf16'].includes(r.cacheType)) {
-    throw new UsageError(`invalid cache type "${r.cacheType}": f16, q8_0, q4_0, f32 or bf16`);
-  }
-  return r;
-}
-
-/** Short, engine-id-safe prefix of this cluster's engines (engine ids: ≤ 64 of [A-Za-z0-9._-]). */
-export function enginePrefix(clusterId: string): string {
-  return `o${clusterId.replace(/[^A-Za-z0-9]/g, '').slice(0, 8)}-`;
 }
 
 export class Runtime extends EventEmitter<RuntimeEvents> {
@@ -212,9 +191,16 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       throw new CoordinatorError('ALREADY_EXISTS', `model "${name}" is already ${existing.state === 'ready' ? 'loaded' : existing.state}; unload it first or pick another --name`);
     }
     if (existing) this.#forget(existing);
+    const inst = this.#instance(name, req.modelPath, driver, options, heal);
+    this.#instances.set(name, inst);
+    return inst;
+  }
+
+  /** A new instance in state `loading` (not registered yet); `groupId` names its first engine group. */
+  #instance(name: string, path: string, driver: EngineDriver, options: LoadOptions, heal: Instance['heal'], groupId?: string): Instance {
     const inst: Instance = {
       name,
-      path: req.modelPath,
+      path,
       driver,
       group: undefined as unknown as EngineGroup,
       epoch: 0,
@@ -236,19 +222,63 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       loadedAtMs: undefined,
       ...failureSignal(),
     };
-    inst.group = this.#newGroup(inst);
-    this.#instances.set(name, inst);
+    inst.group = this.#newGroup(inst, groupId);
     return inst;
   }
 
   /** A fresh, empty engine group for the instance (own engine ids, so old and new never mix). */
-  #newGroup(inst: Instance): EngineGroup {
-    const id = randomUUID().replace(/-/g, '').slice(0, 8);
+  #newGroup(inst: Instance, id = randomUUID().replace(/-/g, '').slice(0, 8)): EngineGroup {
     const epoch = inst.epoch;
     const gone = (reason: string) => {
       if (inst.epoch === epoch) this.#fail(inst, reason, 'engine-exit');
     };
     return inst.driver.group({ name: inst.name, path: inst.path, options: inst.options, engineIdPrefix: `${this.#prefix}${id}`, owner: this.#o.clusterId, gone });
+  }
+
+  /**
+   * Serve an instance a previous coordinator loaded, on the engines adoption.ts matched against
+   * the agents: nothing starts, nothing reloads. Refused when the name is taken meanwhile.
+   */
+  adopt(rec: InstanceRecord): ModelStatus {
+    const existing = this.#instances.get(rec.name);
+    if (existing && existing.state !== 'failed') throw new CoordinatorError('ALREADY_EXISTS', `model "${rec.name}" is already ${existing.state}`);
+    if (existing) this.#forget(existing);
+    const inst = this.#instance(rec.name, rec.path, this.#drivers[rec.family], rec.options, this.#heal.mode, rec.id);
+    inst.group.adopt({ engines: rec.engines, endpoints: rec.endpoints, verification: rec.verification });
+    inst.stages = rec.stages;
+    inst.predictedTokensPerSecond = rec.predictedTokensPerSecond;
+    inst.loadedAtMs = rec.loadedAtMs;
+    inst.state = 'ready';
+    this.#instances.set(rec.name, inst);
+    this.#log.info({ model: rec.name, engines: rec.engines.map((e) => e.engineId) }, 're-adopted a running instance');
+    this.emit('model', this.#status(inst));
+    return this.#status(inst);
+  }
+
+  /** What the instance store keeps of an instance (the agents add each engine's pid and command line). */
+  snapshot(name: string): InstanceSnapshot | undefined {
+    const i = this.#instances.get(name);
+    const head = i?.group.head;
+    if (!i || !head) return undefined;
+    return {
+      name: i.name,
+      // The group's id, from its engine ids (`<cluster prefix><id>-<role>`).
+      id: head.engineId.slice(this.#prefix.length).split('-')[0]!,
+      path: i.path,
+      family: i.driver.family,
+      options: { ...i.options, pin: [...i.options.pin] },
+      stages: [...i.stages],
+      endpoints: i.stages.map((_, k) => i.group.endpoint(k)),
+      engines: i.group.engines.map((e) => ({ nodeId: e.nodeId, engineId: e.engineId, label: e.label, head: e === head })),
+      predictedTokensPerSecond: i.predictedTokensPerSecond,
+      verification: i.group.verification,
+      loadedAtMs: i.loadedAtMs,
+    };
+  }
+
+  /** Whether a live instance owns the engine (re-adoption leaves those alone). */
+  ownsEngine(engineId: string): boolean {
+    return [...this.#instances.values()].some((i) => i.group.engines.some((e) => e.engineId === engineId));
   }
 
   #assertLoading(inst: Instance): void {
@@ -432,7 +462,6 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     }
     if (c.kind === 'added' || c.kind === 'replaced' || (c.kind === 'state' && c.to === 'up')) this.#retryHealing();
     // A node back from down may still run engines of an instance failed meanwhile: stop them.
-    if (c.kind === 'added' || c.kind === 'replaced' || (c.kind === 'state' && c.to === 'up')) void this.#cleanUpOrphans(n.nodeId);
   }
 
   #onAgentEvent(nodeId: string, ev: AgentEvent): void {
@@ -441,24 +470,6 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     // fails that instance at once instead of leaving it "ready" and broken.
     if (ev.kind !== 'engine-exited') return;
     for (const i of this.#instancesOnNode(nodeId)) i.group.engineExited(nodeId, ev);
-  }
-
-  /** Stop engines of this cluster that no instance owns (left over from a previous coordinator). */
-  async #cleanUpOrphans(nodeId: string): Promise<void> {
-    const client = this.#o.membership.client(nodeId);
-    if (!client) return;
-    try {
-      const d = await client.describe();
-      const owned = new Set([...this.#instances.values()].flatMap((i) => i.group.engines.map((e) => e.engineId)));
-      for (const e of d.engines) {
-        if (e.engineId.startsWith(this.#prefix) && !owned.has(e.engineId)) {
-          this.#log.warn({ node: d.profile.name, engineId: e.engineId }, 'stopping an engine no model owns (left by a previous coordinator)');
-          await client.stopEngine(e.engineId, this.#o.clusterId).catch(() => {});
-        }
-      }
-    } catch (err) {
-      this.#log.debug({ nodeId, err: grpcMessage(err) }, 'orphan check failed');
-    }
   }
 
   #status(i: Instance): ModelStatus {

@@ -15,6 +15,8 @@ export interface EngineInfo {
   readonly pid: number;
   readonly model: string;
   readonly startedAtSeconds: number;
+  /** The exact command line the agent ran (binary first). */
+  readonly argv: readonly string[];
 }
 
 export function engineFromWire(e: Wire | undefined | null): EngineInfo {
@@ -27,5 +29,6 @@ export function engineFromWire(e: Wire | undefined | null): EngineInfo {
     pid: num(w.pid),
     model: str(w.model),
     startedAtSeconds: num(w.startedAtSeconds),
+    argv: Array.isArray(w.argv) ? w.argv.map(String) : [],
   };
 }

@@ -4,6 +4,7 @@ import { CoordinatorError } from '../../errors.ts';
 import type { StartEngineOptions } from '../../membership/agent-client.ts';
 import type { NodeEntry } from '../../membership/registry.ts';
 import {
+  type AdoptedEngines,
   type Cluster,
   clientOf,
   type EngineDriver,
@@ -221,6 +222,11 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
 
   stop(): Promise<void> {
     return this.roster.stop((e) => e === this.roster.head);
+  }
+
+  override adopt(a: AdoptedEngines): void {
+    super.adopt(a);
+    this.verification = a.verification as VerifyResult | undefined;
   }
 }
 

@@ -4,6 +4,7 @@ import { type ParallelismChoice, chooseParallelism } from '../../../shared/place
 import { DEFAULT_PLACEMENT_OPTIONS, type Plan } from '../../../shared/placement/types.ts';
 import { CoordinatorError } from '../../errors.ts';
 import {
+  type AdoptedEngines,
   type Cluster,
   clientOf,
   type EngineDriver,
@@ -157,5 +158,13 @@ class MlxGroup extends RosterGroup implements EngineGroup {
 
   stop(): Promise<void> {
     return this.roster.stop();
+  }
+
+  /** The ranks come back in rank order from their ids (`…-r<rank>`). */
+  override adopt(a: AdoptedEngines): void {
+    super.adopt(a);
+    this.#ranks = a.engines
+      .map((e) => ({ nodeId: e.nodeId, nodeName: this.cluster.node(e.nodeId)?.profile.name ?? e.nodeId, engineId: e.engineId, rank: Number(/-r(\d+)$/.exec(e.engineId)?.[1] ?? -1) }))
+      .sort((x, y) => x.rank - y.rank);
   }
 }

@@ -1,0 +1,163 @@
+import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, expect } from 'vitest';
+import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
+import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
+import { canConnect, killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { modelThatMustSplit } from '../helpers/split-model.ts';
+import { tempDir } from '../helpers/temp-dir.ts';
+
+/*
+ * Coordinator restart without reload (file-backed instance store, no NATS): one coordinator,
+ * three agents (static join), a model split over ≥ 2 stages. SIGKILL the coordinator; a new one
+ * on the same state dir must serve the same model again within 5 s of listening, on the very
+ * same engine processes (pids unchanged: nothing reloaded), with greedy tokens equal to one plain
+ * llama-server. Then the negative: a stored instance that no longer matches what the agents run
+ * (here its stored head pid is altered) is not adopted, and its engines are stopped.
+ */
+
+const CTX = 2048;
+const N_PREDICT = 32;
+const engines = await llamaEngines();
+
+/** Engine processes (llama-server, rpc-server) that are children of `parent`, from /proc. */
+async function engineChildren(parent: number): Promise<number[]> {
+  const out: number[] = [];
+  for (const d of await readdir('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = await readFile(`/proc/${d}/stat`, 'utf8');
+      const comm = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (ppid === parent && /llama-server|rpc-server/.test(comm)) out.push(Number(d));
+    } catch {}
+  }
+  return out.sort((a, b) => a - b);
+}
+
+describeWith([engines], 'coordinator restart re-adopts running engines (file store)', () => {
+  const dir = tempDir('orchard-restart-', 'all');
+  const procs: Proc[] = [];
+  let env: NodeJS.ProcessEnv;
+  let model: string;
+  let coordinator: Proc;
+  let coordAddr: string;
+  let oracle: number[];
+  const agents: { proc: Proc; address: string }[] = [];
+
+  const start = (name: string, args: string[]) => {
+    const p = spawnProc(name, args, env);
+    procs.push(p);
+    return p;
+  };
+  const startCoordinator = async (label: string) => {
+    const p = start(label, [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--json']);
+    const ready = await readyLine(p);
+    return { p, addr: `127.0.0.1:${String(ready.grpcPort)}` };
+  };
+  const status = async () => {
+    const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
+    expect(r.code, r.stderr).toBe(0);
+    return JSON.parse(r.stdout) as { models: { name: string; state: string; stages: { endpoint: string }[] }[] };
+  };
+  const generate = async (): Promise<number[]> => {
+    const client = new CoordinatorClient(coordAddr);
+    const tokens: number[] = [];
+    try {
+      for await (const ev of client.stream('generate', { model: 'm8', prompt: ORACLE_PROMPT, maxTokens: N_PREDICT, temperature: 0 })) {
+        if (ev.event === 'token') tokens.push(...((ev.token as { tokenIds?: number[] }).tokenIds ?? []).map(Number));
+      }
+    } finally {
+      client.close();
+    }
+    return tokens;
+  };
+  const allEnginePids = async () => (await Promise.all(agents.map((a) => engineChildren(a.proc.child.pid!)))).flat().sort((a, b) => a - b);
+
+  beforeAll(async () => {
+    const bins = (engines as { value: LlamaBinaries }).value;
+    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1', ORCHARD_JOIN_TOKEN: '' };
+    model = join(dir.path, 'm8.gguf');
+    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '11'], env, CTX);
+    ({ p: coordinator, addr: coordAddr } = await startCoordinator('coordinator'));
+    const token = (await orchard(['coordinator', 'token', '--state-dir', join(dir.path, 'coord')], env)).stdout.trim();
+    for (const name of ['alpha', 'bravo', 'charlie']) {
+      const proc = start(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--json']);
+      const r = await readyLine(proc);
+      const address = `127.0.0.1:${String(r.grpcPort)}`;
+      agents.push({ proc, address });
+      const j = await orchard(['cluster', 'join', coordAddr, '--token', token, '--agent', address], env);
+      expect(j.code, j.stderr).toBe(0);
+    }
+    oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
+    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
+    expect(load.code, load.stderr).toBe(0);
+  }, 240_000);
+
+  afterAll(async () => {
+    await Promise.all(procs.splice(0).map(killGroup));
+  });
+
+  itWith([engines], 'SIGKILL → restart: the same model serves within 5 s of listening on the same engine processes, tokens equal the oracle', async () => {
+    const before = (await status()).models.find((m) => m.name === 'm8')!;
+    expect(before.state).toBe('ready');
+    expect(before.stages.length).toBeGreaterThanOrEqual(2);
+    expect(await generate()).toEqual(oracle);
+    const pids = await allEnginePids();
+    expect(pids.length).toBeGreaterThanOrEqual(2);
+    const stored = JSON.parse(await readFile(join(dir.path, 'coord', 'instances.json'), 'utf8')) as { instances: Record<string, unknown> };
+    expect(Object.keys(stored.instances)).toEqual(['m8']);
+
+    await killGroup(coordinator); // SIGKILL: nothing gets to unload
+    await sleep(1500); // agents notice the Watch streams drop; they must keep their engines
+    expect(await allEnginePids()).toEqual(pids);
+
+    const t0 = Date.now();
+    ({ p: coordinator, addr: coordAddr } = await startCoordinator('coordinator 2'));
+    const listeningAfterMs = Date.now() - t0;
+    let tokens: number[] = [];
+    for (;;) {
+      tokens = await generate().catch(() => []);
+      if (tokens.length > 0 || Date.now() - t0 > 15_000) break;
+      await sleep(100);
+    }
+    const servingAfterMs = Date.now() - t0;
+    console.log(`coordinator restart: listening after ${listeningAfterMs} ms, serving the re-adopted model after ${servingAfterMs} ms (both from the spawn)`);
+    expect(tokens).toEqual(oracle);
+    // The budget is the coordinator's own work (dial the agents, match, re-adopt). Node's start-up
+    // of the CLI comes on top and is not Orchard's re-adoption: ~3 s idle, 7 s on a loaded 2-core box.
+    expect(servingAfterMs - listeningAfterMs).toBeLessThan(5000);
+    expect(await allEnginePids(), 'engines were restarted: that is a reload').toEqual(pids);
+    const after = (await status()).models.find((m) => m.name === 'm8')!;
+    expect(after.state).toBe('ready');
+    expect(after.stages.map((s) => s.endpoint)).toEqual(before.stages.map((s) => s.endpoint));
+    expect(coordinator.err).toMatch(/re-adopted a running instance/);
+    expect(coordinator.err).not.toMatch(/stopping an engine no model owns/);
+  }, 60_000);
+
+  itWith([engines], 'a stored instance that no longer matches the agents is not adopted; its engines are stopped', async () => {
+    const endpoints = (await status()).models.find((m) => m.name === 'm8')!.stages.map((s) => s.endpoint).filter(Boolean);
+    await killGroup(coordinator);
+    const path = join(dir.path, 'coord', 'instances.json');
+    const file = JSON.parse(await readFile(path, 'utf8')) as { instances: Record<string, { value: { engines: { head: boolean; pid: number }[] } }> };
+    const head = file.instances.m8!.value.engines.find((e) => e.head)!;
+    head.pid += 100_000; // what a restarted head would look like
+    await writeFile(path, JSON.stringify(file));
+
+    ({ p: coordinator, addr: coordAddr } = await startCoordinator('coordinator 3'));
+    const deadline = Date.now() + 15_000;
+    while (Date.now() < deadline && (await allEnginePids()).length > 0) await sleep(250);
+    expect(await allEnginePids()).toEqual([]);
+    for (const e of endpoints) {
+      const i = e.lastIndexOf(':');
+      expect(await canConnect(e.slice(0, i), Number(e.slice(i + 1))), `${e} still accepting`).toBe(false);
+    }
+    expect((await status()).models).toEqual([]);
+    expect(coordinator.err).toMatch(/does not match what the agents run/);
+    const stored = JSON.parse(await readFile(path, 'utf8')) as { instances: Record<string, unknown> };
+    expect(stored.instances).toEqual({});
+    await rm(path, { force: true });
+  }, 60_000);
+});
