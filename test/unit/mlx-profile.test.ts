@@ -180,3 +180,25 @@ describe('MLX model profile', () => {
     expect(worker.weights).toBe(p.layers[0]!.weightBytes + p.layers[1]!.weightBytes);
   });
 });
+
+describe('deepseek_v3 (Multi-head Latent Attention, routed experts)', () => {
+  const ds = { model_type: 'deepseek_v3', n_routed_experts: 4, num_experts_per_tok: 2, kv_lora_rank: 16, qk_rope_head_dim: 8 };
+  const expertTensors = (layers: number) => [
+    ...llamaTensors(layers),
+    ...Array.from({ length: layers }, (_, l) => ({ name: `model.layers.${l}.mlp.switch_mlp.up_proj.weight`, dtype: 'F32', shape: [4, I, H] })),
+  ];
+
+  it('caches the latent and the shared rope key (one "head"), not per-head K and V', () => {
+    const p = mlxModelProfile(config(ds), parse(expertTensors(4)));
+    expect(p.arch).toBe('deepseek2');
+    expect(p.kvHeads).toEqual([1, 1, 1, 1]);
+    expect(p.layers.map((l) => [l.kEmbdGqa, l.vEmbdGqa])).toEqual(Array(4).fill([16, 8]));
+    expect(p.moe).toMatchObject({ experts: 4, expertsUsed: 2 });
+    // decode reads 2 of the 4 experts' bytes
+    expect(p.layers[0]!.readBytesPerToken).toBeLessThan(p.layers[0]!.weightBytes);
+  });
+
+  it('refuses a deepseek_v3 config without the latent sizes', () => {
+    expect(() => mlxModelProfile(config({ ...ds, kv_lora_rank: undefined }), parse(expertTensors(4)))).toThrow(UsageError);
+  });
+});

@@ -4,8 +4,12 @@ Same arguments -> same bytes: MLX's RNG is seeded, mlx-lm's own model class and 
 write the weights and index, and the tokenizer JSON is written by hand (byte-level BPE with the
 256 byte tokens plus <s>/</s>, no merges), so nothing depends on hash order or on the hub.
 
-Usage: python mlx_testmodel.py --out DIR [--arch llama|ministral3] [--layers N] [--hidden H]
-       [--heads A] [--kv-heads K] [--intermediate I] [--seed S]
+Usage: python mlx_testmodel.py --out DIR [--arch llama|ministral3|qwen3_moe|deepseek_v3] [--layers N]
+       [--hidden H] [--heads A] [--kv-heads K] [--intermediate I] [--experts E] [--active-experts K]
+       [--seed S]
+The MoE architectures get E routed experts of which K are active per token; deepseek_v3 also gets
+Multi-head Latent Attention (compressed q and kv), one shared expert and a leading dense layer,
+so every code path of the real family runs.
 Prints one JSON line describing what it wrote.
 """
 
@@ -67,10 +71,54 @@ def tokenizer_json():
     }
 
 
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "ministral3": "Ministral3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+MOE_ARCHS = ("qwen3_moe", "deepseek_v3")
+
+
+def moe_config(args, cfg):
+    """Expert (and, for deepseek_v3, MLA) keys on top of the dense base config."""
+    # --intermediate sizes the experts: tests make them wide so layer bytes, not fixed overheads,
+    # decide the placement of a tiny model.
+    moe_inter = args.intermediate or max(8, args.hidden // 2)
+    cfg["num_experts_per_tok"] = args.active_experts
+    cfg["moe_intermediate_size"] = moe_inter
+    cfg["norm_topk_prob"] = True
+    cfg["rope_theta"] = 10000.0
+    if args.arch == "qwen3_moe":
+        cfg.update({"num_experts": args.experts, "decoder_sparse_step": 1, "mlp_only_layers": []})
+        return cfg
+    head = args.hidden // args.heads
+    cfg.update({
+        "n_routed_experts": args.experts,
+        "n_shared_experts": 1,
+        "routed_scaling_factor": 1.0,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "n_group": 1,
+        "topk_group": 1,
+        "moe_layer_freq": 1,
+        # Layer 0 dense, the rest MoE: the real checkpoints lead with dense layers too.
+        "first_k_dense_replace": 1 if args.layers > 1 else 0,
+        "kv_lora_rank": max(8, args.hidden // 4),
+        "q_lora_rank": max(8, args.hidden // 2),
+        "qk_rope_head_dim": max(2, head // 2),
+        "qk_nope_head_dim": max(2, head // 2),
+        "v_head_dim": head,
+        "attention_bias": False,
+    })
+    return cfg
+
+
 def model_config(args):
     cfg = {
         "model_type": args.arch,
-        "architectures": ["LlamaForCausalLM" if args.arch == "llama" else "Ministral3ForCausalLM"],
+        "architectures": [ARCHITECTURES[args.arch]],
         "hidden_size": args.hidden,
         "num_hidden_layers": args.layers,
         "intermediate_size": args.intermediate or args.hidden * 2,
@@ -85,6 +133,8 @@ def model_config(args):
         "eos_token_id": EOS_ID,
         "torch_dtype": "float32",
     }
+    if args.arch in MOE_ARCHS:
+        return moe_config(args, cfg)
     if args.arch == "llama":
         cfg["rope_theta"] = 10000.0
     else:
@@ -100,16 +150,20 @@ def model_config(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--arch", default="llama", choices=["llama", "ministral3"])
+    ap.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=0)
     ap.add_argument("--intermediate", type=int, default=0)
+    ap.add_argument("--experts", type=int, default=4, help="routed experts (MoE architectures)")
+    ap.add_argument("--active-experts", type=int, default=2, help="experts per token (MoE architectures)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.hidden % args.heads != 0:
         sys.exit(f"--hidden {args.hidden} must be divisible by --heads {args.heads}")
+    if not 1 <= args.active_experts <= args.experts:
+        sys.exit(f"--active-experts {args.active_experts} must be 1..--experts {args.experts}")
 
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
@@ -152,8 +206,9 @@ def main():
         p = out / name
         if p.is_file():
             files[name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    experts = {"experts": args.experts, "active_experts": args.active_experts} if args.arch in MOE_ARCHS else {}
     print(json.dumps({"dir": str(out), "arch": args.arch, "layers": args.layers, "hidden": args.hidden,
-                      "vocab_size": VOCAB_SIZE, "files": files}))
+                      "vocab_size": VOCAB_SIZE, **experts, "files": files}))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Arguments: --model DIR --mode single|pipeline|tensor [--split N0,N1,...] [--back
             output) and the one that emits: plan stage s = rank N-1-s. Hidden states go
             r -> r-1 with send/recv (ring neighbours); rank 0's output is all_gathered so
             every rank computes identical logits and samples the same token. Works for any llama-family model whose layers sit in
-            model.model.layers (llama, mistral, qwen2, qwen3, ministral3, ...), unlike mlx-lm's
+            model.model.layers (llama, mistral, qwen2, qwen3, ministral3, qwen3_moe, deepseek_v3, ...), unlike mlx-lm's
             own pipeline which only a few architectures have.
   tensor  : mlx-lm's Model.shard(group) (heads, KV heads and MLP split across ranks).
 

@@ -8,13 +8,21 @@ import { mlxProcessEnv } from './env.ts';
 const run = promisify(execFile);
 const SCRIPT = join(dirname(fileURLToPath(import.meta.url)), 'mlx_testmodel.py');
 
+export const MLX_TEST_ARCHS = ['llama', 'ministral3', 'qwen3_moe', 'deepseek_v3'] as const;
+export type MlxTestArch = (typeof MLX_TEST_ARCHS)[number];
+
 export interface MlxTestModelOptions {
   out: string;
-  arch?: 'llama' | 'ministral3';
+  arch?: MlxTestArch;
   layers?: number;
   hidden?: number;
   heads?: number;
   kvHeads?: number;
+  /** FFN width (dense layers and, for the MoE architectures, each expert). */
+  intermediate?: number;
+  /** Routed experts and experts per token (qwen3_moe, deepseek_v3); default 4 and 2. */
+  experts?: number;
+  activeExperts?: number;
   seed?: number;
 }
 
@@ -24,6 +32,9 @@ export interface MlxTestModelResult {
   layers: number;
   hidden: number;
   vocab_size: number;
+  /** Present for the MoE architectures. */
+  experts?: number;
+  active_experts?: number;
   /** sha256 per written file: same options → same hashes. */
   files: Record<string, string>;
 }
@@ -56,6 +67,15 @@ export async function writeMlxTestModel(python: string, o: MlxTestModelOptions):
     String(o.seed ?? 0),
   ];
   if (o.kvHeads) args.push('--kv-heads', String(o.kvHeads));
+  if (o.intermediate !== undefined) {
+    if (!Number.isInteger(o.intermediate) || o.intermediate < 1 || o.intermediate > 65_536) throw new UsageError(`--intermediate must be 1..65536, got ${o.intermediate}`);
+    args.push('--intermediate', String(o.intermediate));
+  }
+  const experts = o.experts ?? 4;
+  const active = o.activeExperts ?? 2;
+  if (!Number.isInteger(experts) || experts < 1 || experts > 512) throw new UsageError(`--experts must be 1..512, got ${experts}`);
+  if (!Number.isInteger(active) || active < 1 || active > experts) throw new UsageError(`--active-experts must be 1..${experts}, got ${active}`);
+  args.push('--experts', String(experts), '--active-experts', String(active));
   try {
     const { stdout } = await run(python, args, { env: { ...process.env, ...mlxProcessEnv() }, timeout: 300_000 });
     return JSON.parse(stdout.trim().split('\n').pop() ?? '') as MlxTestModelResult;

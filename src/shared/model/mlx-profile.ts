@@ -126,6 +126,9 @@ const configSchema = z
     num_local_experts: z.number().int().nonnegative().optional(),
     num_experts: z.number().int().nonnegative().optional(),
     num_experts_per_tok: z.number().int().nonnegative().optional(),
+    n_routed_experts: z.number().int().nonnegative().nullish(),
+    kv_lora_rank: numberish.optional(),
+    qk_rope_head_dim: numberish.optional(),
     quantization: z
       .object({ bits: numberish, group_size: numberish, mode: z.string().optional() })
       .passthrough()
@@ -146,6 +149,7 @@ const FAMILY: Readonly<Record<string, ExactArch>> = {
   gemma2: 'gemma2',
   gemma3_text: 'gemma3',
   phi3: 'phi3',
+  deepseek_v3: 'deepseek2',
 };
 
 const LAYER_RE = /(?:^|\.)layers\.(\d+)\./;
@@ -180,7 +184,7 @@ function hyperparameters(c: MlxConfig) {
     throw new UsageError(`config.json: hidden_size ${c.hidden_size} is not a multiple of num_attention_heads ${heads}`);
   }
   const headDim = c.head_dim ?? c.hidden_size / heads;
-  const experts = c.num_local_experts ?? c.num_experts ?? 0;
+  const experts = c.num_local_experts ?? c.num_experts ?? c.n_routed_experts ?? 0;
   const expertsUsed = c.num_experts_per_tok ?? 0;
   if (experts > 0 && (expertsUsed === 0 || expertsUsed > experts)) {
     throw new UsageError(`config.json says ${expertsUsed} of ${experts} experts are used per token`);
@@ -195,7 +199,20 @@ function hyperparameters(c: MlxConfig) {
     if (!swaMask.some(Boolean)) swaMask = undefined;
   }
   if (swaMask && !c.sliding_window) throw new UsageError('config.json: sliding layers without sliding_window');
-  return { arch, layerCount, heads, kvHeadCount, headDim, moe, swaMask };
+  return { arch, layerCount, heads, kvHeadCount, headDim, moe, swaMask, kv: kvWidths(c, kvHeadCount, headDim) };
+}
+
+/**
+ * Cached elements per token and layer. mlx-lm's deepseek_v3 attention (Multi-head Latent
+ * Attention) caches the normed latent (kv_lora_rank) as keys and the shared rope key
+ * (qk_rope_head_dim) as values, one "head" each, not full per-head K and V.
+ */
+function kvWidths(c: MlxConfig, kvHeadCount: number, headDim: number): { k: number; v: number; heads: number } {
+  if (c.model_type === 'deepseek_v3') {
+    if (!c.kv_lora_rank || !c.qk_rope_head_dim) throw new UsageError('config.json: deepseek_v3 needs kv_lora_rank and qk_rope_head_dim');
+    return { k: c.kv_lora_rank, v: c.qk_rope_head_dim, heads: 1 };
+  }
+  return { k: headDim * kvHeadCount, v: headDim * kvHeadCount, heads: kvHeadCount };
 }
 
 /** Tensor bytes per layer (held, read per token, largest) and outside the layers. */
@@ -250,7 +267,7 @@ function weightTypeOf(q: MlxConfig['quantization'], dtypeBytes: ReadonlyMap<stri
 /** Build the profile from a parsed config.json and every tensor of the checkpoint. Pure. */
 export function mlxModelProfile(configJson: unknown, tensors: readonly SafetensorsTensor[], files: readonly string[] = [], name?: string): MlxModelProfile {
   const c = parseConfig(configJson);
-  const { arch, layerCount, heads, kvHeadCount, headDim, moe, swaMask } = hyperparameters(c);
+  const { arch, layerCount, heads, headDim, moe, swaMask, kv } = hyperparameters(c);
   const t = tensorBytes(tensors, layerCount, c.vocab_size, moe);
   const q = c.quantization;
   const layers: LayerProfile[] = t.weight.map((w, il) => ({
@@ -259,8 +276,8 @@ export function mlxModelProfile(configJson: unknown, tensors: readonly Safetenso
     readBytesPerToken: t.read[il]!,
     swa: swaMask?.[il] ?? false,
     routedExperts: t.read[il]! < w,
-    kEmbdGqa: headDim * kvHeadCount,
-    vEmbdGqa: headDim * kvHeadCount,
+    kEmbdGqa: kv.k,
+    vEmbdGqa: kv.v,
     largestTensorBytes: t.largest[il]!,
   }));
   return {
@@ -274,7 +291,7 @@ export function mlxModelProfile(configJson: unknown, tensors: readonly Safetenso
     ffn: c.intermediate_size ?? 0,
     vocab: c.vocab_size,
     heads,
-    kvHeads: new Array<number>(layerCount).fill(kvHeadCount),
+    kvHeads: new Array<number>(layerCount).fill(kv.heads),
     headDimK: headDim,
     headDimV: headDim,
     contextLength: c.max_position_embeddings ?? 4096,

@@ -470,12 +470,10 @@ function noFit(p: Prepared): Plan {
     if (lo > 0) remedies.push(`shorter context: --ctx ${lo * 256} fits (asked ${p.o.ctx})`);
   }
   const cheaper: CacheType[] = p.o.cacheType === 'f16' || p.o.cacheType === 'f32' || p.o.cacheType === 'bf16' ? ['q8_0', 'q4_0'] : p.o.cacheType === 'q8_0' ? ['q4_0'] : [];
-  for (const t of cheaper) {
-    if (fitsWith(p, { cacheType: t })) {
-      remedies.push(`quantized KV cache: --cache-type ${t} fits`);
-      break;
-    }
-  }
+  // A cache type whose block does not divide the K/V rows (a small MLA latent) is no remedy.
+  const fitsAs = (t: CacheType) => { try { return fitsWith(p, { cacheType: t }); } catch (err) { if (err instanceof UsageError) return false; throw err; } };
+  const cheaperFit = cheaper.find(fitsAs);
+  if (cheaperFit) remedies.push(`quantized KV cache: --cache-type ${cheaperFit} fits`);
   if (shortfallBytes > 0) {
     const target = p.mm.profile.fileTensorBytes - shortfallBytes;
     if (target > 0) {
