@@ -136,6 +136,12 @@ async function startLiveCluster(): Promise<ScrapedCluster> {
     // and --max-queue 0, concurrent requests beyond the first are refused by the runtime (429):
     // those are the "rejected" outcome.
     if ((await complete({ model: 'no-such-model', prompt: 'x', max_tokens: 4 })) !== 404) throw new Error('unknown model was not refused');
+    // One real recovery, so the self-healing panels have data: SIGKILL the worker's rpc-server;
+    // the model goes recovering, is re-placed and served again (the recovery histogram observes it).
+    const rpc = workerRpcServers(procs.map((q) => q.child.pid!));
+    if (rpc.length === 0) throw new Error('no rpc-server among the agents\' children');
+    for (const pid of rpc) process.kill(pid, 'SIGKILL');
+    await until('the model recovered', 90_000, async () => (coordinator.err.includes('model instance recovered') ? true : undefined));
     const burst = await Promise.all([0, 1, 2, 3].map((i) => complete({ model: 'm8', prompt: `Burst ${i}`, max_tokens: 32, temperature: 0 })));
     if (!burst.includes(429)) throw new Error(`no request was refused as busy: ${burst.join(', ')}`);
     traffic = (async () => {
@@ -150,6 +156,23 @@ async function startLiveCluster(): Promise<ScrapedCluster> {
     await stop();
     throw new Error(`${String(err)}\n${logs}`);
   }
+}
+
+/** Pids of the ggml rpc-servers below the given processes (the agents' engines). */
+function workerRpcServers(roots: number[]): number[] {
+  const rows = spawnSync('ps', ['-eo', 'pid=,ppid=,comm='], { encoding: 'utf8' }).stdout.trim().split('\n');
+  const procs = rows.map((r) => r.trim().split(/\s+/)).map(([pid, ppid, comm]) => ({ pid: Number(pid), ppid: Number(ppid), comm: comm ?? '' }));
+  const below = new Set(roots);
+  for (let grew = true; grew; ) {
+    grew = false;
+    for (const q of procs) {
+      if (below.has(q.ppid) && !below.has(q.pid)) {
+        below.add(q.pid);
+        grew = true;
+      }
+    }
+  }
+  return procs.filter((q) => below.has(q.pid) && /rpc-server/.test(q.comm)).map((q) => q.pid);
 }
 
 interface PromResponse<T> {

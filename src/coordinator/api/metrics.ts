@@ -351,11 +351,20 @@ export class CoordinatorMetrics {
   follow(runtime: Runtime): void {
     runtime.on('recovered', (model, cause, seconds) => this.recovered(model, cause, seconds));
     runtime.on('stream-resumed', (model) => this.streamResumed(model));
+    // A model turns ready again after every recovery: its series start at 0 only the first time,
+    // or the recovery just observed (and every latency histogram) would be zeroed with it.
+    const seeded = new Set<string>();
     runtime.on('model', (s) => {
-      if (s.state === 'ready') initModelSeries(this.metrics, s.name);
+      if (s.state === 'ready' && !seeded.has(s.name)) {
+        seeded.add(s.name);
+        initModelSeries(this.metrics, s.name);
+      }
       // "unloading" is emitted once the instance is gone; a failed instance keeps its series
       // (its errors stay visible) until it is unloaded or replaced by a new load.
-      else if (s.state === 'unloading' && !runtime.model(s.name)) removeModelSeries(this.metrics, s.name);
+      else if (s.state === 'unloading' && !runtime.model(s.name)) {
+        seeded.delete(s.name);
+        removeModelSeries(this.metrics, s.name);
+      }
     });
   }
 }
