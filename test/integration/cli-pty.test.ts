@@ -122,7 +122,7 @@ describeWith([program('tmux')], 'CLI in a pseudo-terminal', () => {
     expect(st.screen).toMatch(/^cluster [0-9a-f-]{36}$/m);
     const rows = st.screen.split('\n').filter((l) => /^[┌│├└]/.test(l));
     expect(new Set(rows.map((l) => [...l].length)).size).toBe(1);
-    expect(st.screen).toMatch(/│ pty-node │ up\s+│ 127\.0\.0\.1:\d+ │.*│ 3\.0 GiB │ [\d.]+ GB\/s │ join │/);
+    expect(st.screen).toMatch(/│ pty-node │ up\s+│ 127\.0\.0\.1:\d+ │.*│ 3\.0 GiB │ [\d.]+ GB\/s │ (?:[\d.]+ GB\/s|-)\s+│ join │/);
     for (const pid of [node.pid!, coord.pid!]) process.kill(pid, 'SIGTERM');
     const down = await inPty(['status', '--coordinator', '127.0.0.1:1']);
     expect(down.code).toBe(1);
