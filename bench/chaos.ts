@@ -1,6 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { CoordinatorClient } from '../src/coordinator/api/client.ts';
+import { localCoordinatorClient } from '../src/cli/credentials.ts';
+import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
@@ -103,8 +104,8 @@ async function metric(http: string, name: string): Promise<number> {
 }
 
 /** One client: greedy streams of TOKENS tokens until `stop` is set; every token's arrival in `arrivals`. */
-async function client(address: string, streams: Stream[], arrivals: number[], stop: { done: boolean }): Promise<void> {
-  const c = new CoordinatorClient(address);
+async function client(cluster: BenchCluster, streams: Stream[], arrivals: number[], stop: { done: boolean }): Promise<void> {
+  const c = await localCoordinatorClient(cluster.coordinatorAddress, cluster.coordinatorDir);
   try {
     while (!stop.done) {
       const s: Stream = { startMs: Date.now(), endMs: 0, tokens: [], failed: false };
@@ -171,7 +172,7 @@ const SCENARIOS: Scenario[] = [
 /** Bring a killed agent back (same state dir, same node id) once the model serves without it. */
 async function restartAfterRecovery(c: Chaos, i: number): Promise<void> {
   await waitReady(c.cluster.client, 90_000);
-  const p = c.procs.start(`${c.names[i]} (restarted)`, agentArgs(c.dir, { name: c.names[i]!, budget: c.budget }, c.cluster.coordinatorAddress, c.cluster.token), c.env);
+  const p = c.procs.start(`${c.names[i]} (restarted)`, agentArgs(c.dir, { name: c.names[i]!, budget: c.budget }, c.cluster.coordinatorAddress), c.env);
   await readyLine(p);
   (c.cluster.agentProcs as unknown[])[i] = p;
 }
@@ -189,7 +190,7 @@ async function runScenario(c: Chaos, s: Scenario, reference: readonly number[]):
   const arrivals: number[] = [];
   const stop = { done: false };
   const before = { resumed: await metric(c.cluster.httpAddress, 'orchard_streams_resumed_total'), reloads: (await status(c.cluster.client)).recoveries };
-  const clients = Array.from({ length: CLIENTS }, () => client(c.cluster.coordinatorAddress, streams, arrivals, stop));
+  const clients = Array.from({ length: CLIENTS }, () => client(c.cluster, streams, arrivals, stop));
   await sleep(2000);
   const faultMs = Date.now();
   await s.fault(c);

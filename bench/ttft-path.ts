@@ -11,6 +11,7 @@
  */
 import { join } from 'node:path';
 import type { CoordinatorClient } from '../src/coordinator/api/client.ts';
+import { StateDir } from '../src/coordinator/state/state-dir.ts';
 import { AgentClient } from '../src/coordinator/membership/agent-client.ts';
 import { completionBody } from '../src/node/generate.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
@@ -66,10 +67,11 @@ await runBench('ttft-path', procs, JSON_OUT, async (dir) => {
   const env = benchEnv(bins.binDir);
   const model = await writeTestModel(join(dir, 'm.gguf'), ['--layers', '4', '--seed', '3'], env);
   const cluster = await startBenchCluster(procs, { dir, env, nodes: [{ name: 'n1' }] });
-  const { client, token } = cluster;
+  const { client } = cluster;
   const agentAddr = cluster.agents[0]!;
   await loadModel(client, model, 'ttft', 1024);
-  const agent = new AgentClient(agentAddr, token);
+  // The agent serves the coordinator role only: the bench holds a coordinator certificate of the cluster.
+  const agent = new AgentClient(agentAddr, await new StateDir(cluster.coordinatorDir).coordinatorCredentials());
   const head = (await agent.describe()).engines.find((e) => e.kind === 'ENGINE_KIND_LLAMA_SERVER');
   if (!head) throw new Error('no head engine on the node');
   const d: number[] = [];

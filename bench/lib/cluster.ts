@@ -1,8 +1,9 @@
-import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import type { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import { StateDir } from '../../src/coordinator/state/state-dir.ts';
+import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import { canConnect } from '../../src/node/ports.ts';
 import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../../test/helpers/processes.ts';
 
@@ -62,6 +63,8 @@ export interface BenchCluster {
   readonly client: CoordinatorClient;
   readonly coordinatorAddress: string;
   readonly token: string;
+  /** The coordinator's state dir (CA, admin key): a bench that calls an agent directly issues itself coordinator credentials from it. */
+  readonly coordinatorDir: string;
   /** Each agent's gRPC address, in the order of `nodes`. */
   readonly agents: readonly string[];
   /** Each agent's process, in the order of `nodes` (for benches that inject faults). */
@@ -75,30 +78,35 @@ export async function startBenchCluster(
   procs: BenchProcesses,
   o: { readonly dir: string; readonly env: NodeJS.ProcessEnv; readonly nodes: readonly { name: string; budget?: string }[]; readonly coordinatorArgs?: readonly string[] },
 ): Promise<BenchCluster> {
-  const token = `bench-${randomBytes(12).toString('hex')}`;
   const common = ['--no-mdns', '--grpc-port', '0', '--json'];
-  const coord = procs.start('coordinator', [ORCHARD_BIN, 'coordinator', ...common, '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(o.dir, 'coord'), '--join-token', token, ...(o.coordinatorArgs ?? [])], o.env);
+  const coordDir = join(o.dir, 'coord');
+  const coord = procs.start('coordinator', [ORCHARD_BIN, 'coordinator', ...common, '--http-port', '0', '--host', '127.0.0.1', '--state-dir', coordDir, ...(o.coordinatorArgs ?? [])], o.env);
   const ready = await readyLine(coord);
   const coordinatorAddress = `127.0.0.1:${String(ready.grpcPort)}`;
+  // A real join: a token with one use per node, sent by the nodes themselves (pin, CSR, certificate).
+  const { token } = await (await new StateDir(coordDir).joinTokens()).create({ uses: o.nodes.length, ttlMs: 10 * 60_000 });
   const agents: string[] = [];
   const agentProcs: Proc[] = [];
   for (const n of o.nodes) {
-    const p = procs.start(n.name, agentArgs(o.dir, n, coordinatorAddress, token), o.env);
+    const p = procs.start(n.name, agentArgs(o.dir, n, coordinatorAddress), { ...o.env, ORCHARD_NODE_TOKEN: token });
     agentProcs.push(p);
     agents.push(`127.0.0.1:${String((await readyLine(p)).grpcPort)}`);
   }
-  const client = new CoordinatorClient(coordinatorAddress);
+  const client = await localCoordinatorClient(coordinatorAddress, coordDir);
   for (let i = 0; i < 100; i++) {
     if ((((await client.unary('status', {})).nodes ?? []) as unknown[]).length === o.nodes.length) break;
     await sleep(200);
   }
-  return { client, coordinatorAddress, token, agents, agentProcs, httpAddress: `127.0.0.1:${String(ready.httpPort)}` };
+  return { client, coordinatorAddress, token, coordinatorDir: coordDir, agents, agentProcs, httpAddress: `127.0.0.1:${String(ready.httpPort)}` };
 }
 
-/** `orchard node` joining the coordinator statically; the same state dir again = the same node id. */
-export function agentArgs(dir: string, n: { name: string; budget?: string }, coordinatorAddress: string, token: string): string[] {
+/**
+ * `orchard node` joining the coordinator statically; the same state dir again = the same node id
+ * and its certificate (a restart needs no token). The first start gets the token in ORCHARD_NODE_TOKEN.
+ */
+export function agentArgs(dir: string, n: { name: string; budget?: string }, coordinatorAddress: string): string[] {
   const budget = n.budget ? ['--budget', n.budget] : [];
-  return [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--json', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', n.name, ...budget, '--state-dir', join(dir, n.name), '--models-dir', dir, '--join', coordinatorAddress, '--token', token];
+  return [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--json', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', n.name, ...budget, '--state-dir', join(dir, n.name), '--models-dir', dir, '--join', coordinatorAddress];
 }
 
 export interface LoadedStage {

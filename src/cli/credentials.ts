@@ -1,8 +1,10 @@
 import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { type Command, Option } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../coordinator/api/client.ts';
 import { readLocalAdminKey } from '../coordinator/state/api-key-store.ts';
-import { defaultStateDir, StateDir } from '../coordinator/state/state-dir.ts';
+import { StateDir } from '../coordinator/state/state-dir.ts';
+import { localCoordinatorStateDir, resolveCoordinatorTrust, type TrustFlags } from './coordinator-trust.ts';
 import { UsageError } from '../shared/errors.ts';
 
 /**
@@ -15,7 +17,7 @@ import { UsageError } from '../shared/errors.ts';
  *                                       the operator on the coordinator's machine types nothing
  * Undefined when none exists (a coordinator without keys needs none).
  */
-export interface CredentialFlags {
+export interface CredentialFlags extends TrustFlags {
   apiKey?: string | undefined;
   apiKeyFile?: string | undefined;
 }
@@ -23,7 +25,9 @@ export interface CredentialFlags {
 export function addCredentialOptions(cmd: Command): Command {
   return cmd
     .addOption(new Option('--api-key-file <file>', 'read the API key from this file (`-` = stdin); default: ORCHARD_API_KEY, else the local admin key').env('ORCHARD_API_KEY_FILE'))
-    .addOption(new Option('--api-key <key>', 'API key (prefer ORCHARD_API_KEY or --api-key-file: a flag shows in `ps`)').env('ORCHARD_API_KEY'));
+    .addOption(new Option('--api-key <key>', 'API key (prefer ORCHARD_API_KEY or --api-key-file: a flag shows in `ps`)').env('ORCHARD_API_KEY'))
+    .addOption(new Option('--credentials <file>', 'admin bundle from `orchard coordinator credentials` (CA + client certificate)').env('ORCHARD_CREDENTIALS'))
+    .addOption(new Option('--ca-sha256 <hex>', 'trust the coordinator whose cluster CA has this sha256 (printed at its start)').env('ORCHARD_COORDINATOR_CA_SHA256'));
 }
 
 async function readStdin(): Promise<string> {
@@ -45,11 +49,24 @@ export async function readKeyFile(file: string): Promise<string> {
 export async function resolveApiKey(flags: CredentialFlags, env: NodeJS.ProcessEnv = process.env): Promise<string | undefined> {
   if (flags.apiKeyFile) return readKeyFile(flags.apiKeyFile);
   if (flags.apiKey) return flags.apiKey;
-  const dir = env.ORCHARD_COORDINATOR_STATE_DIR || defaultStateDir(env);
-  return readLocalAdminKey(new StateDir(dir).localAdminKeyPath);
+  return readLocalAdminKey(new StateDir(localCoordinatorStateDir(env)).localAdminKeyPath);
 }
 
-/** A gRPC client for the command's --coordinator with the resolved credential. */
+/**
+ * A gRPC client for the command's --coordinator: TLS to the cluster CA (coordinator-trust.ts)
+ * and the resolved credential — the admin certificate of a --credentials bundle, else the key.
+ */
 export async function coordinatorClient(flags: CredentialFlags & { coordinator?: string | undefined }): Promise<CoordinatorClient> {
-  return new CoordinatorClient(coordinatorAddress(flags.coordinator), await resolveApiKey(flags));
+  const address = coordinatorAddress(flags.coordinator);
+  const tls = await resolveCoordinatorTrust(address, flags);
+  return new CoordinatorClient(address, { tls, apiKey: tls.keyPem ? undefined : await resolveApiKey(flags) });
+}
+
+/**
+ * A client holding what a coordinator's own state dir has — its CA and the local admin key — for
+ * tools on the coordinator's machine that know the dir (local clusters, benches, tests).
+ */
+export async function localCoordinatorClient(address: string, stateDir: string): Promise<CoordinatorClient> {
+  const caCertPem = await readFile(join(stateDir, 'pki', 'ca.crt'), 'utf8');
+  return new CoordinatorClient(address, { tls: { caCertPem }, apiKey: await readLocalAdminKey(new StateDir(stateDir).localAdminKeyPath) });
 }

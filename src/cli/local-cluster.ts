@@ -1,11 +1,14 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { readFile } from 'node:fs/promises';
+import { CoordinatorClient } from '../coordinator/api/client.ts';
+import { StateDir } from '../coordinator/state/state-dir.ts';
 import { OrchardError } from '../shared/errors.ts';
-import { joinCluster } from './commands/cluster.ts';
 
 /**
  * A whole cluster on this machine: one `orchard coordinator` and N `orchard node` child
- * processes on 127.0.0.1 with free ports, no mDNS, joined statically. Used by `orchard demo`
+ * processes on 127.0.0.1 with free ports, no mDNS, joined statically with a real join token
+ * (`--join` + ORCHARD_NODE_TOKEN: pin the CA, CSR, certificate, announce). Used by `orchard demo`
  * (and by tests that need a real multi-stage cluster). Every child runs in its own process
  * group; `stop()` sends SIGTERM (the coordinator unloads its models, agents stop their engines),
  * waits, and SIGKILLs the groups of whatever is still alive — nothing outlives the caller.
@@ -42,9 +45,14 @@ export interface LocalProcess {
 export interface LocalCluster {
   readonly grpcAddress: string;
   readonly httpUrl: string;
+  /** The join token the nodes used (one use per node, spent). */
   readonly joinToken: string;
   /** The coordinator's local admin key (state dir `admin-key`): valid whether or not the API is locked. */
   readonly adminKey: string;
+  /** The cluster CA certificate (PEM): what a gRPC client trusts the coordinator by. */
+  readonly caCertPem: string;
+  /** A gRPC client of the coordinator (TLS to the cluster CA, the local admin key). */
+  client(): CoordinatorClient;
   readonly coordinator: LocalProcess;
   readonly nodes: readonly LocalProcess[];
   /** Every pid started (coordinator and agents; engines are the agents' children). */
@@ -152,32 +160,39 @@ export async function startLocalCluster(o: LocalClusterOptions): Promise<LocalCl
     return stopped;
   };
   try {
+    const coordDir = `${o.stateRoot}/coordinator`;
     const coord = startChild(
       'coordinator',
-      ['coordinator', '--json', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--no-mdns', '--state-dir', `${o.stateRoot}/coordinator`, ...(o.coordinatorArgs ?? [])],
+      ['coordinator', '--json', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--no-mdns', '--state-dir', coordDir, ...(o.coordinatorArgs ?? [])],
       env,
       o.onLog,
     );
     children.push(coord);
+    const coordReady = await readyLine(coord, timeout);
+    const grpcAddress = `127.0.0.1:${String(coordReady.grpcPort)}`;
+    const state = new StateDir(coordDir);
+    const { token: joinToken } = await (await state.joinTokens()).create({ uses: o.nodes.length, ttlMs: 10 * 60_000 });
+    const nodeEnv = { ...env, ORCHARD_NODE_TOKEN: joinToken };
     const nodeChildren = o.nodes.map((n, i) => {
-      const args = ['node', '--json', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--no-mdns', '--name', n.name, '--budget', String(n.budgetBytes), '--state-dir', `${o.stateRoot}/node-${i}`];
+      const args = ['node', '--json', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--no-mdns', '--join', grpcAddress, '--name', n.name, '--budget', String(n.budgetBytes), '--state-dir', `${o.stateRoot}/node-${i}`];
       if (n.bandwidthGBps !== undefined) args.push('--bandwidth', String(n.bandwidthGBps));
-      const c = startChild(n.name, args, env, o.onLog);
+      const c = startChild(n.name, args, nodeEnv, o.onLog);
       children.push(c);
       return c;
     });
-    const [coordReady, ...nodeReady] = await Promise.all([readyLine(coord, timeout), ...nodeChildren.map((c) => readyLine(c, timeout))]);
-    const grpcAddress = `127.0.0.1:${String(coordReady!.grpcPort)}`;
-    const { readFile } = await import('node:fs/promises');
-    const joinToken = (await readFile(`${o.stateRoot}/coordinator/join-token`, 'utf8')).trim();
-    const adminKey = (await readFile(`${o.stateRoot}/coordinator/admin-key`, 'utf8')).trim();
-    for (const r of nodeReady) await joinCluster(grpcAddress, joinToken, `127.0.0.1:${String(r.grpcPort)}`);
+    const nodeReady = await Promise.all(nodeChildren.map((c) => readyLine(c, timeout)));
+    const adminKey = (await readFile(state.localAdminKeyPath, 'utf8')).trim();
+    const caCertPem = await readFile(`${coordDir}/pki/ca.crt`, 'utf8');
+    const client = () => new CoordinatorClient(grpcAddress, { tls: { caCertPem }, apiKey: adminKey });
+    await untilNodes(client(), o.nodes.length, timeout);
     return {
       grpcAddress,
-      httpUrl: `http://127.0.0.1:${String(coordReady!.httpPort)}`,
+      httpUrl: `http://127.0.0.1:${String(coordReady.httpPort)}`,
       joinToken,
       adminKey,
-      coordinator: { name: 'coordinator', pid: coord.proc.pid!, ready: coordReady! },
+      caCertPem,
+      client,
+      coordinator: { name: 'coordinator', pid: coord.proc.pid!, ready: coordReady },
       nodes: nodeChildren.map((c, i) => ({ name: c.name, pid: c.proc.pid!, ready: nodeReady[i]! })),
       pids: () => children.map((c) => c.proc.pid!),
       stop,
@@ -185,5 +200,20 @@ export async function startLocalCluster(o: LocalClusterOptions): Promise<LocalCl
   } catch (err) {
     await stop();
     throw err;
+  }
+}
+
+/** The nodes announce themselves after their ready line: wait until the coordinator has them all. */
+async function untilNodes(client: CoordinatorClient, n: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  try {
+    for (;;) {
+      const nodes = ((await client.unary('status', {})).nodes ?? []) as unknown[];
+      if (nodes.length >= n) return;
+      if (Date.now() > deadline) throw new OrchardError(`only ${nodes.length} of ${n} nodes joined the coordinator within ${timeoutMs / 1000} s`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  } finally {
+    client.close();
   }
 }

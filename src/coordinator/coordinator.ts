@@ -14,7 +14,12 @@ import type { HealOptions } from './instances/healing.ts';
 import { createPlanner } from './instances/planner-adapter.ts';
 import { Readoption } from './instances/readoption.ts';
 import type { Planner, Runtime } from './instances/runtime.ts';
-import { Discovery } from './membership/discovery.ts';
+import { certificateFingerprint } from '../shared/pki/certificates.ts';
+import { CoordinatorAdvertiser, Discovery } from './membership/discovery.ts';
+import { enroll } from './membership/enroll.ts';
+import { CoordinatorError } from './errors.ts';
+import { IdentityId } from '../shared/pki/identity.ts';
+import type { RevocationList } from './state/revocations.ts';
 import { Membership } from './membership/membership.ts';
 import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './membership/registry.ts';
 import { FileInstanceStore, type InstanceStore } from './state/instance-store.ts';
@@ -31,7 +36,6 @@ export interface CoordinatorOptions {
   readonly mdns: boolean;
   /** IPv4 of the interface to browse Bonjour on (binds 0.0.0.0; see notes/bonjour.md). */
   readonly mdnsInterface?: string | undefined;
-  readonly joinToken?: string | undefined;
   readonly registry?: Partial<RegistryOptions> | undefined;
   readonly maxQueue?: number | undefined;
   /** Self-healing of model instances (default auto; a load may override the mode). */
@@ -63,8 +67,10 @@ export interface CoordinatorHandle {
   readonly clusterId: string;
   readonly grpcPort: number;
   readonly httpPort: number | undefined;
-  readonly joinToken: string;
-  readonly tokenCreated: boolean;
+  /** sha256 of the cluster CA certificate: what join tokens and CLI pins carry. */
+  readonly caFingerprint: string;
+  /** A new join token (printed once by the caller; only its hash is stored). */
+  createJoinToken(o?: { ttlMs?: number | undefined; uses?: number | undefined }): Promise<string>;
   readonly runtime: Runtime;
   readonly membership: Membership;
   /** Prometheus registry and metrics (served at GET /metrics on the HTTP port). */
@@ -80,31 +86,43 @@ export interface CoordinatorHandle {
 }
 
 /**
- * Start a coordinator: state dir (cluster id, join token, statically joined agents), membership
+ * Start a coordinator: state dir (cluster id, CA, join tokens, statically joined agents), membership
  * (Watch streams), Bonjour browsing, the runtime and the gRPC and HTTP servers. `close()` unloads
  * every model (stopping the engines on the agents) before the servers go down.
  */
 export async function startCoordinator(o: CoordinatorOptions): Promise<CoordinatorHandle> {
   const log = o.log;
   const version = o.version ?? '0.1.0';
-  const state = await openState(o.stateDir, o.joinToken);
-  // Agents started with --token (the same cluster token) require it as a bearer token.
-  const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log, state.token);
+  const state = await openState(o.stateDir);
+  const stateDir = new StateDir(o.stateDir);
+  const { caFingerprint, tls, tokens, revocations, enrollContext } = await openPki(stateDir);
+  const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log, tls, () => revocations.ids());
   const clusterId = state.cluster().clusterId;
   const { runtime, metrics } = buildRuntime(o, membership, clusterId);
   const store = o.store ?? new FileInstanceStore(o.stateDir, (key, problem) => log.warn({ key, problem }, 'stored state skipped: it does not parse'));
   // Before any agent is dialled: stored instances claim their engines before the orphan clean-up looks.
   const readoption = await Readoption.open({ runtime, membership, store, clusterId, log, graceMs: o.adoptGraceMs });
-  const stateDir = new StateDir(o.stateDir);
   const access = new AccessControl({ adminKeys: [o.api?.apiKey, await stateDir.localAdminKey()], locked: !!o.api?.apiKey, store: stateDir.apiKeys() });
 
   const { server: grpcServer, port } = await startCoordinatorGrpc(
-    { membership, runtime, joinToken: () => state.token, clusterId, version, log, rememberAgent: state.rememberAgent },
+    {
+      membership,
+      runtime,
+      enroll: (req) => enroll(enrollContext, req),
+      tls,
+      isRevoked: (id) => revocations.isRevoked(id),
+      revoke: (node) => revokeNode(node, membership, revocations, log),
+      clusterId,
+      version,
+      log,
+      rememberAgent: state.rememberAgent,
+    },
     access,
     o.host ?? '0.0.0.0',
     o.grpcPort,
   );
   const discovery = dialAgents(o, membership, state.cluster().agents);
+  const advertiser = o.mdns ? new CoordinatorAdvertiser({ port, clusterId, caFingerprint, interface: o.mdnsInterface }, log) : undefined;
 
   let closed = false;
   let httpPort: number | undefined;
@@ -129,8 +147,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     clusterId,
     grpcPort: port,
     httpPort,
-    joinToken: state.token,
-    tokenCreated: state.created,
+    caFingerprint,
+    createJoinToken: async (t = {}) => (await tokens.create({ ttlMs: t.ttlMs, uses: t.uses })).token,
     runtime,
     membership,
     metrics,
@@ -142,6 +160,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
       if (closed) return;
       closed = true;
       webConsole.close();
+      await advertiser?.close();
       await runtime.close();
       await readoption.close();
       await store.close();
@@ -158,10 +177,33 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   };
 }
 
-/** The state dir's cluster id, join token and remembered agents; `rememberAgent` persists one more. */
-async function openState(dir: string, joinToken: string | undefined) {
+/** The cluster CA, the coordinator's own certificate (what agents and joining nodes check it by), join tokens, revocations. */
+async function openPki(stateDir: StateDir) {
+  const { ca } = await stateDir.clusterCa();
+  const tls = await stateDir.coordinatorCredentials();
+  const tokens = await stateDir.joinTokens();
+  const revocations = await stateDir.revocations();
+  const enrollContext = { ca, redeem: (t: string) => tokens.redeem(t), isRevoked: (id: string) => revocations.isRevoked(id) };
+  return { caFingerprint: certificateFingerprint(ca.certPem), tls, tokens, revocations, enrollContext };
+}
+
+/**
+ * `orchard cluster revoke NODE` (by id or name): recorded first (so a Join racing it is refused),
+ * then the node's channels close and every agent hears the new list.
+ */
+async function revokeNode(node: string, membership: Membership, revocations: RevocationList, log: CoordinatorOptions['log']): Promise<{ nodeId: string; revoked: boolean }> {
+  const known = membership.registry.nodes().find((n) => n.nodeId === node || n.profile.name === node);
+  const id = IdentityId.safeParse(known?.nodeId ?? node);
+  if (!id.success) throw new CoordinatorError('NOT_FOUND', `no node named ${node} (give its name as \`orchard status\` shows it, or its id)`);
+  const revoked = await revocations.revoke(id.data);
+  membership.revoked(id.data);
+  log.warn({ nodeId: id.data, name: known?.profile.name }, 'node revoked');
+  return { nodeId: id.data, revoked };
+}
+
+/** The state dir's cluster id and remembered agents; `rememberAgent` persists one more. */
+async function openState(dir: string) {
   const state = new StateDir(dir);
-  const { token, created } = await state.joinToken(joinToken);
   // The cluster CA exists from the first start, so every join token made later pins the same one.
   await state.clusterCa();
   let cluster: ClusterState = await state.cluster();
@@ -174,7 +216,7 @@ async function openState(dir: string, joinToken: string | undefined) {
     });
     return saving;
   };
-  return { token, created, cluster: () => cluster, rememberAgent, saved: () => saving };
+  return { cluster: () => cluster, rememberAgent, saved: () => saving };
 }
 
 /** Metrics first (the runtime reports into them), then the metered runtime they read back. */

@@ -6,11 +6,11 @@ import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { Logger } from '../shared/log.ts';
 import { NodeAdvertiser } from './advertise.ts';
 import type { EngineBinaries } from './engine-spec.ts';
-import { type AgentAuth, type AgentState, serveNodeAgent } from './grpc-server.ts';
+import { type AgentState, serveNodeAgent } from './grpc-server.ts';
 import type { ProbeOptions } from './hardware/probe.ts';
 import { loadOrCreateIdentity } from './identity.ts';
 import { loadNodeTls } from './identity-credentials.ts';
-import type { TlsCredentials } from '../shared/pki/grpc-tls.ts';
+import { renewServerCredentials, type TlsCredentials } from '../shared/pki/grpc-tls.ts';
 import { type MetricsServer, serveMetrics } from '../shared/metrics/http.ts';
 import { NodeMetrics } from './metrics.ts';
 import { EngineSupervisor } from './supervisor.ts';
@@ -48,24 +48,12 @@ export interface NodeAgentOptions {
   readonly profileRefreshMs?: number;
   /** Grace between SIGTERM and SIGKILL for engines (default 5 s). */
   readonly engineStopGraceMs?: number;
-  /**
-   * Before the node holds cluster credentials: when set, every gRPC call must carry
-   * `authorization: Bearer <token>`. Once `<state>/pki/` holds its key and certificate the
-   * agent serves mutual TLS instead and this is not used.
-   */
-  readonly authToken?: string | undefined;
   /** Where this node's model files live (`--models-dir`): reported in Describe, used by PrepareCache. */
   readonly modelsDirs?: readonly string[] | undefined;
   /** Port of the tunnel listener on bindHost (`--tunnel-port`; 0 = any free port). Only with credentials. */
   readonly tunnelPort?: number | undefined;
   /** Revocation as the coordinator announces it: asked for every new tunnel connection. */
   readonly isRevoked?: ((peer: VerifiedPeer) => boolean) | undefined;
-}
-
-/** Mutual TLS once the node holds cluster credentials; before that the optional bearer token. */
-function agentAuth(tls: TlsCredentials | undefined, token: string | undefined): AgentAuth {
-  if (tls) return { tls };
-  return token ? { token } : undefined;
 }
 
 export interface AgentReady {
@@ -82,6 +70,7 @@ export interface AgentReady {
 interface AgentEvents {
   profile: [HardwareProfile];
   shutdown: [];
+  revocations: [ReadonlySet<string>];
 }
 
 export class NodeAgent {
@@ -92,6 +81,9 @@ export class NodeAgent {
   private supervisor: EngineSupervisor | undefined;
   private engineTunnels: EngineTunnels | undefined;
   private grpcServer: grpc.Server | undefined;
+  private serverCredentials: grpc.ServerCredentials | undefined;
+  private tls: TlsCredentials | undefined;
+  private revoked: ReadonlySet<string> = new Set();
   private metricsServer: MetricsServer | undefined;
   private advertiser: NodeAdvertiser | undefined;
   private refreshTimer: NodeJS.Timeout | undefined;
@@ -127,9 +119,7 @@ export class NodeAgent {
 
   async start(): Promise<AgentReady> {
     const { options: o, log } = { options: this.options, log: this.options.log };
-    const identity = await loadOrCreateIdentity(o.stateDir);
-    const tls = await loadNodeTls(o.stateDir, identity.nodeId);
-    log.info({ nodeId: identity.nodeId, stateDir: o.stateDir, created: identity.created, mtls: tls !== undefined }, 'node identity');
+    const { identity, tls } = await this.loadIdentity();
     this.currentProfile = await this.probe(identity.nodeId);
     const { supervisor, tunnels } = this.engineSide(identity.nodeId, tls);
     const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list(), rpcBytes: () => tunnels.bytes() });
@@ -156,10 +146,12 @@ export class NodeAgent {
           this.events.on('shutdown', fn);
           return () => this.events.off('shutdown', fn);
         },
+        setRevocations: (ids) => this.setRevocations(ids),
       };
       await tunnels.start();
-      const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }), agentAuth(tls, o.authToken));
+      const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }), tls);
       this.grpcServer = g.server;
+      this.serverCredentials = g.credentials;
       this.grpcPort = g.port;
       const m = await serveMetrics({
         registry: metrics.registry,
@@ -212,11 +204,60 @@ export class NodeAgent {
         return env.python;
       },
     });
-    const tunnels = new EngineTunnels({ nodeId, credentials: tls, host: o.bindHost, port: o.tunnelPort ?? 0, isRevoked: o.isRevoked, log: log.child({ part: 'tunnel' }) });
+    const tunnels = new EngineTunnels({ nodeId, credentials: tls, host: o.bindHost, port: o.tunnelPort ?? 0, isRevoked: (peer) => this.revoked.has(peer.id) || (o.isRevoked?.(peer) ?? false), log: log.child({ part: 'tunnel' }) });
     tunnels.follow(supervisor);
     this.supervisor = supervisor;
     this.engineTunnels = tunnels;
     return { supervisor, tunnels };
+  }
+
+  /** The node id and, once it joined, its cluster credentials (the certificate must name that id). */
+  private async loadIdentity() {
+    const { stateDir } = this.options;
+    const log = this.options.log;
+    const identity = await loadOrCreateIdentity(stateDir);
+    const tls = await loadNodeTls(stateDir, identity.nodeId);
+    this.tls = tls;
+    log.info({ nodeId: identity.nodeId, stateDir, created: identity.created, mtls: tls !== undefined }, 'node identity');
+    if (!tls) log.warn('this node has not joined a cluster: every gRPC call is refused until it holds a node certificate (start it with --token, see `orchard coordinator token`)');
+    return { identity, tls };
+  }
+
+  /**
+   * Nodes the cluster revoked (`orchard cluster revoke`), as the coordinator last sent them: a
+   * listener that authenticates peers by their node certificate (the tunnels) refuses these and
+   * drops their open connections on `onRevocations`.
+   */
+  revokedNodes(): ReadonlySet<string> {
+    return this.revoked;
+  }
+
+  onRevocations(fn: (revoked: ReadonlySet<string>) => void): () => void {
+    this.events.on('revocations', fn);
+    return () => this.events.off('revocations', fn);
+  }
+
+  private setRevocations(ids: readonly string[]): void {
+    const next = new Set(ids);
+    if (next.size === this.revoked.size && [...next].every((id) => this.revoked.has(id))) return;
+    const added = [...next].filter((id) => !this.revoked.has(id));
+    this.revoked = next;
+    this.options.log.info({ revoked: [...next] }, 'revocation list updated');
+    // isRevoked guards new tunnel sessions only; ggml-rpc keeps its connection for hours
+    for (const id of added) void this.engineTunnels?.disconnect(id);
+    this.events.emit('revocations', next);
+  }
+
+  /** The cluster credentials the agent serves with (undefined before it joined). */
+  credentials(): TlsCredentials | undefined {
+    return this.tls;
+  }
+
+  /** A renewed certificate (same key, same CA): new connections get it at once, no restart. */
+  renewCredentials(tls: TlsCredentials): void {
+    if (!this.serverCredentials || !this.tls) throw new Error('agent serves without cluster credentials: restart it to serve mutual TLS');
+    renewServerCredentials(this.serverCredentials, tls);
+    this.tls = tls;
   }
 
   private probe(nodeId: string): Promise<HardwareProfile> {

@@ -1,11 +1,11 @@
-import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { OrchardError, errorMessage } from '../shared/errors.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { Logger } from '../shared/log.ts';
 import { createGrpcServer } from '../shared/grpc-server.ts';
 import { type TlsCredentials, clusterServerCredentials, requirePeers } from '../shared/pki/grpc-tls.ts';
-import type { Role } from '../shared/pki/identity.ts';
+import { IdentityId, type Role } from '../shared/pki/identity.ts';
 import { orchardV1 } from '../shared/proto.ts';
 import { EngineRequestError, type EngineSpec, engineSpecFromRequest } from './engine-spec.ts';
 import { confineEngineSpec, confinePath, type EngineRoots } from './engine-roots.ts';
@@ -40,6 +40,8 @@ export interface AgentState {
   readonly roots: EngineRoots;
   /** Engine traffic between nodes: the listener for our rpc-servers, forwarders for our heads. */
   readonly tunnels: EngineTunnels;
+  /** The cluster's revoked node ids, as the coordinator last sent them (SetRevocations). */
+  setRevocations?(nodeIds: readonly string[]): void;
 }
 
 type Status = keyof typeof grpc.status;
@@ -61,6 +63,15 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
     StopEngine: (call: grpc.ServerUnaryCall<{ engineId?: string; owner?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) => stopEngine(state, log, call, cb),
     PrepareCache: (call: grpc.ServerWritableStream<Record<string, unknown>, unknown>) => prepareCache(state, log, call),
     Generate: (call: grpc.ServerWritableStream<unknown, unknown>) => generate(state, log, call),
+    SetRevocations: (call: grpc.ServerUnaryCall<{ nodeIds?: unknown }, unknown>, cb: grpc.sendUnaryData<unknown>) => {
+      const ids = Array.isArray(call.request?.nodeIds) ? call.request.nodeIds.map(String) : [];
+      if (ids.length > 100_000 || ids.some((id) => !IdentityId.safeParse(id).success)) {
+        cb({ code: grpc.status.INVALID_ARGUMENT, details: 'node_ids must be valid node ids (at most 100000)' });
+        return;
+      }
+      state.setRevocations?.(ids);
+      cb(null, {});
+    },
   };
 }
 
@@ -351,29 +362,17 @@ function streamRelay(
   );
 }
 
-/** True when `metadata` carries `authorization: Bearer <token>` (compared in constant time). */
-export function bearerMatches(metadata: grpc.Metadata, token: string): boolean {
-  const got = metadata.get('authorization')[0];
-  if (typeof got !== 'string') return false;
-  const digest = (t: string) => createHash('sha256').update(t).digest();
-  return timingSafeEqual(digest(got), digest(`Bearer ${token}`));
-}
-
 /**
- * Require the bearer token on every call. The control plane can start processes on the node,
- * so a node reachable beyond a trusted segment must run with a token.
+ * Before the node has joined a cluster it has no way to tell the coordinator from anyone else,
+ * so it serves no method at all: every call is UNAUTHENTICATED (and names the fix).
  */
-export function requireToken(handlers: grpc.UntypedServiceImplementation, token: string): grpc.UntypedServiceImplementation {
+export function refuseAll(handlers: grpc.UntypedServiceImplementation): grpc.UntypedServiceImplementation {
   const out: grpc.UntypedServiceImplementation = {};
-  for (const [name, handler] of Object.entries(handlers)) {
-    out[name] = ((call: { metadata: grpc.Metadata; emit(e: string, v: unknown): void }, cb?: grpc.sendUnaryData<unknown>) => {
-      if (!bearerMatches(call.metadata, token)) {
-        const err = { code: grpc.status.UNAUTHENTICATED, details: 'this node agent requires `authorization: Bearer <token>`' };
-        if (typeof cb === 'function') cb(err);
-        else call.emit('error', err);
-        return;
-      }
-      (handler as (c: unknown, cb?: unknown) => void)(call, cb);
+  for (const name of Object.keys(handlers)) {
+    out[name] = ((call: { emit(e: string, v: unknown): void }, cb?: grpc.sendUnaryData<unknown>) => {
+      const err = { code: grpc.status.UNAUTHENTICATED, details: 'this node has not joined a cluster: it serves nothing until it holds a node certificate (`orchard node --token T`)' };
+      if (typeof cb === 'function') cb(err);
+      else call.emit('error', err);
     }) as grpc.UntypedHandleCall;
   }
   return out;
@@ -387,13 +386,9 @@ export function requireToken(handlers: grpc.UntypedServiceImplementation, token:
  */
 export const NODE_AGENT_ROLES: readonly Role[] = ['coordinator'];
 
-/** How the agent authenticates callers: mutual TLS with the cluster's certificates, or (before it holds them) a bearer token. */
-export type AgentAuth = { readonly tls: TlsCredentials } | { readonly token: string } | undefined;
-
-function guarded(handlers: grpc.UntypedServiceImplementation, auth: AgentAuth): grpc.UntypedServiceImplementation {
-  if (auth === undefined) return handlers;
-  if ('token' in auth) return requireToken(handlers, auth.token);
-  return requirePeers(handlers, () => auth.tls.caCertPem, () => NODE_AGENT_ROLES);
+function guarded(handlers: grpc.UntypedServiceImplementation, tls: TlsCredentials | undefined): grpc.UntypedServiceImplementation {
+  if (tls === undefined) return refuseAll(handlers);
+  return requirePeers(handlers, () => tls.caCertPem, () => NODE_AGENT_ROLES);
 }
 
 /** The NodeAgent service definition, with StartEngine's decoder noting removed fields (removed-fields.ts). */
@@ -409,14 +404,19 @@ export function nodeAgentService(): grpc.ServiceDefinition {
   return { ...service, StartEngine: { ...start, requestDeserialize } };
 }
 
-/** Bind the gRPC server; `port` 0 picks one. Rejects with a one-line OrchardError when the port is taken. */
+/**
+ * Bind the gRPC server; `port` 0 picks one. Rejects with a one-line OrchardError when the port is
+ * taken. `tls`: the node's cluster credentials (mutual TLS, coordinator role only); without them
+ * every call is refused. `credentials` is returned so a renewed certificate can be swapped in
+ * without a restart (`renewServerCredentials`).
+ */
 export async function serveNodeAgent(
   state: AgentState,
   host: string,
   port: number,
   log: Logger,
-  auth?: AgentAuth,
-): Promise<{ server: grpc.Server; port: number }> {
+  tls?: TlsCredentials,
+): Promise<{ server: grpc.Server; port: number; credentials: grpc.ServerCredentials }> {
   // grpc-js prints its own diagnostics to stderr ("E No address added …"); route them into
   // the structured log so stderr stays pino JSON and the CLI's error stays one line.
   grpc.setLogger({
@@ -426,8 +426,8 @@ export async function serveNodeAgent(
   } as Partial<Console> as Console);
   const server = createGrpcServer();
   const handlers = nodeAgentHandlers(state, log);
-  server.addService(nodeAgentService(), guarded(handlers, auth));
-  const credentials = auth !== undefined && 'tls' in auth ? clusterServerCredentials(auth.tls) : grpc.ServerCredentials.createInsecure();
+  server.addService(nodeAgentService(), guarded(handlers, tls));
+  const credentials = tls ? clusterServerCredentials(tls) : grpc.ServerCredentials.createInsecure();
   const addr = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
   const bound = await new Promise<number>((resolve, reject) => {
     server.bindAsync(addr, credentials, (err, p) => {
@@ -437,5 +437,5 @@ export async function serveNodeAgent(
       } else resolve(p);
     });
   });
-  return { server, port: bound };
+  return { server, port: bound, credentials };
 }

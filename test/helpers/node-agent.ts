@@ -2,7 +2,10 @@ import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { createServer, type Server } from 'node:net';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
+import type { ClusterCa } from '../../src/shared/pki/certificates.ts';
+import { CLUSTER_CHANNEL_OPTIONS, clusterChannelCredentials, type TlsCredentials } from '../../src/shared/pki/grpc-tls.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
+import { clientCredentials, enrollNode, testCa } from './cluster-pki.ts';
 import { alive, ORCHARD_BIN as BIN } from './processes.ts';
 
 export { alive };
@@ -20,6 +23,8 @@ export const AGENT_ENV: NodeJS.ProcessEnv = { ...process.env, ORCHARD_LOG_FORMAT
 
 export interface Agent {
   readonly child: ChildProcess;
+  /** The CA the agent's certificate is from (undefined: started without joining). */
+  readonly ca: ClusterCa | undefined;
   readonly ready: { nodeId: string; name: string; grpcPort: number; metricsPort: number; pid: number };
   readonly client: grpc.Client & Record<string, (...a: unknown[]) => unknown>;
   stderr: string;
@@ -65,7 +70,36 @@ export function runCli(args: string[], env: NodeJS.ProcessEnv = AGENT_ENV): Prom
   );
 }
 
-export async function startAgent(stateDir: string, extra: string[] = [], env: NodeJS.ProcessEnv = AGENT_ENV): Promise<Agent> {
+let suiteCa: Promise<ClusterCa> | undefined;
+let suiteCoordinator: Promise<TlsCredentials> | undefined;
+
+/** One CA per test file for agents started here, and the coordinator credentials that call them. */
+export function agentCa(): Promise<ClusterCa> {
+  suiteCa ??= testCa('agent-tests');
+  return suiteCa;
+}
+
+export function coordinatorCredentials(): Promise<TlsCredentials> {
+  suiteCoordinator ??= agentCa().then((ca) => clientCredentials(ca, 'coordinator', 'coordinator'));
+  return suiteCoordinator;
+}
+
+/** A NodeAgent client with the coordinator's credentials (the only role an agent serves). */
+export async function agentClient(address: string, creds?: TlsCredentials): Promise<Agent['client']> {
+  const NodeAgent = orchardV1().NodeAgent!;
+  const c = creds ?? (await coordinatorCredentials());
+  return new NodeAgent(address, clusterChannelCredentials(c, { role: 'node' }), CLUSTER_CHANNEL_OPTIONS) as unknown as Agent['client'];
+}
+
+/**
+ * `orchard node` as a process. By default its state dir is enrolled first (a node certificate
+ * from this file's CA, written the way a join writes it: cluster-pki.ts) and the client calls it
+ * as the coordinator over mutual TLS; `{ joined: false }` starts an agent that never joined (it
+ * serves nothing; its client is plaintext).
+ */
+export async function startAgent(stateDir: string, extra: string[] = [], env: NodeJS.ProcessEnv = AGENT_ENV, o: { joined?: boolean } = {}): Promise<Agent> {
+  const ca = o.joined === false ? undefined : await agentCa();
+  if (ca) await enrollNode(stateDir, ca);
   const args = [BIN, 'node', '--grpc-port', '0', '--metrics-port', '0', '--json', '--no-mdns', '--bind', '127.0.0.1', '--state-dir', stateDir, ...extra];
   // Own process group so cleanup reaches the agent, its watchdog and its engines at once.
   const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
@@ -88,9 +122,10 @@ export async function startAgent(stateDir: string, extra: string[] = [], env: No
     });
     void exited.then(({ code }) => reject(new Error(`agent exited (${code}) before ready:\n${stderr}`)));
   });
-  const NodeAgent = orchardV1().NodeAgent!;
-  const client = new NodeAgent(`127.0.0.1:${ready.grpcPort}`, grpc.credentials.createInsecure()) as unknown as Agent['client'];
+  const address = `127.0.0.1:${ready.grpcPort}`;
+  const client = ca ? await agentClient(address) : (new (orchardV1().NodeAgent!)(address, grpc.credentials.createInsecure()) as unknown as Agent['client']);
   const agent: Agent = {
+    ca,
     child,
     ready,
     client,

@@ -105,26 +105,33 @@ describeWith([program('tmux')], 'CLI in a pseudo-terminal', () => {
     const ready = await new Promise<{ grpcPort: number }>((resolve) => {
       coord.stdout.setEncoding('utf8').on('data', (d: string) => resolve(JSON.parse(d.split('\n')[0]!) as { grpcPort: number }));
     });
-    const node = spawn(process.execPath, [ORCHARD_BIN, 'node', '--json', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--no-mdns', '--name', 'pty-node', '--budget', '3GiB', '--state-dir', join(tmp, 'n')], {
+    // The node joins with a real token (read from a file: never on a command line), then starts.
+    const { writeFile } = await import('node:fs/promises');
+    const tok = await inPty(['coordinator', 'token', '--uses', '1', '--state-dir', join(tmp, 'c')]);
+    expect(tok.code).toBe(0);
+    const token = /^orchard1\.\S+$/m.exec(tok.screen)![0];
+    await writeFile(join(tmp, 'token'), `${token}\n`, { mode: 0o600 });
+    const join_ = await inPty(['cluster', 'join', `127.0.0.1:${ready.grpcPort}`, '--token-file', join(tmp, 'token'), '--state-dir', join(tmp, 'n')]);
+    expect(join_.code).toBe(0);
+    expect(join_.screen).toMatch(/^joined cluster [0-9a-f-]{36} as node [0-9a-f-]{36}$/m);
+    const node = spawn(process.execPath, [ORCHARD_BIN, 'node', '--json', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--no-mdns', '--name', 'pty-node', '--budget', '3GiB', '--state-dir', join(tmp, 'n'), '--join', `127.0.0.1:${ready.grpcPort}`], {
       stdio: ['ignore', 'pipe', 'ignore'],
       detached: true,
     });
     children.push(node.pid!);
-    const nodeReady = await new Promise<{ grpcPort: number }>((resolve) => {
-      node.stdout.setEncoding('utf8').on('data', (d: string) => resolve(JSON.parse(d.split('\n')[0]!) as { grpcPort: number }));
+    await new Promise<void>((resolve) => {
+      node.stdout.setEncoding('utf8').on('data', () => resolve());
     });
-    const { readFile } = await import('node:fs/promises');
-    const token = (await readFile(join(tmp, 'c', 'join-token'), 'utf8')).trim();
-    const join_ = await inPty(['cluster', 'join', `127.0.0.1:${ready.grpcPort}`, '--token', token, '--agent', `127.0.0.1:${nodeReady.grpcPort}`]);
-    expect(join_.code).toBe(0);
-    const st = await inPty(['status', '--coordinator', `127.0.0.1:${ready.grpcPort}`]);
+    // The agent announces itself right after its ready line.
+    await new Promise((r) => setTimeout(r, 1500));
+    const st = await inPty(['status', '--coordinator', `127.0.0.1:${ready.grpcPort}`], { ORCHARD_COORDINATOR_STATE_DIR: join(tmp, 'c') });
     expect(st.code).toBe(0);
     expect(st.screen).toMatch(/^cluster [0-9a-f-]{36}$/m);
     const rows = st.screen.split('\n').filter((l) => /^[┌│├└]/.test(l));
     expect(new Set(rows.map((l) => [...l].length)).size).toBe(1);
     expect(st.screen).toMatch(/│ pty-node │ up\s+│ 127\.0\.0\.1:\d+ │.*│ 3\.0 GiB │ [\d.]+ GB\/s │ (?:[\d.]+ GB\/s|-)\s+│ join │/);
     for (const pid of [node.pid!, coord.pid!]) process.kill(pid, 'SIGTERM');
-    const down = await inPty(['status', '--coordinator', '127.0.0.1:1']);
+    const down = await inPty(['status', '--coordinator', '127.0.0.1:1'], { ORCHARD_COORDINATOR_STATE_DIR: join(tmp, 'c') });
     expect(down.code).toBe(1);
     expect(down.screen.split('\n').filter(Boolean)).toHaveLength(1);
     expect(down.screen).toMatch(/^orchard: cannot reach the coordinator at 127\.0\.0\.1:1/);

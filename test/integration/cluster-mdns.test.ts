@@ -10,6 +10,7 @@ import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { describeWith, networkNamespaces } from '../helpers/needs.ts';
+import { joinToken } from '../helpers/join.ts';
 import { deleteNamespaces, linkNamespaces } from '../helpers/netns.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 
@@ -110,10 +111,15 @@ describeWith([netns], 'cluster over Bonjour inside network namespaces', () => {
     const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX });
     const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
 
+    // The CLI in the coordinator's namespace trusts it by its state dir (CA, local admin key).
+    env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord');
     const coord = startIn(NS_COORD, process.execPath, [BIN, 'coordinator', '--grpc-port', '0', '--http-port', '0', '--mdns-interface', COORD_IP, '--state-dir', join(dir, 'coord'), '--json'], env);
     coordLocal = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;
+    // Zero-config join: each node finds the coordinator over Bonjour (_orchard-coord._tcp, the
+    // token's CA fingerprint), pins its CA, and joins with the token; no address is given.
+    const token = await joinToken(join(dir, 'coord'), 3);
     for (const name of ['mdns-a', 'mdns-b', 'mdns-c']) {
-      const n = startIn(NS_NODES, process.execPath, [BIN, 'node', '--grpc-port', '0', '--metrics-port', '0', '--bind', NODES_IP, '--mdns-interface', NODES_IP, '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json'], env);
+      const n = startIn(NS_NODES, process.execPath, [BIN, 'node', '--grpc-port', '0', '--metrics-port', '0', '--bind', NODES_IP, '--mdns-interface', NODES_IP, '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json'], { ...env, ORCHARD_NODE_TOKEN: token });
       await readyLine(n);
     }
 

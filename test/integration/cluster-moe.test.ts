@@ -37,7 +37,8 @@ describeWith([engines], 'MoE models (deepseek2 MLA + experts, qwen3moe) split ov
     const bins = engines.ok ? engines.value : undefined;
     if (!bins) throw new Error('unreachable: describeWith skips without engines');
     dir = await mkdtemp(join(tmpdir(), 'orchard-moe-cluster-'));
-    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+    // ORCHARD_COORDINATOR_STATE_DIR: the CLI trusts the coordinator by its state dir (CA, admin key).
+    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1', ORCHARD_COORDINATOR_STATE_DIR: join(dir, 'coord') };
     for (const arch of FAMILIES) {
       const path = join(dir, `${arch}.gguf`);
       budgets.push(await modelThatMustSplit(path, ['--arch', arch, '--layers', '24', '--seed', '11'], env, CTX));
@@ -48,10 +49,10 @@ describeWith([engines], 'MoE models (deepseek2 MLA + experts, qwen3moe) split ov
     const coordinator = spawnProc('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env, process.execPath);
     procs.push(coordinator);
     coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
-    const token = (await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], { ...env, ORCHARD_JOIN_TOKEN: '' })).stdout.trim();
+    const token = (await orchard(['coordinator', 'token', '--uses', '2'], env)).stdout.trim();
     for (const name of ['alpha', 'bravo']) {
-      const args = [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr, '--token', token];
-      const p = spawnProc(`node ${name}`, args, env, process.execPath);
+      const args = [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr];
+      const p = spawnProc(`node ${name}`, args, { ...env, ORCHARD_NODE_TOKEN: token }, process.execPath);
       procs.push(p);
       await readyLine(p);
     }

@@ -1,5 +1,4 @@
 import { execFile } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,6 +9,7 @@ import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 import { ORCHARD_BIN as BIN, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { joinToken } from '../helpers/join.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 
 /*
@@ -59,13 +59,14 @@ describe('cluster: rpc-server caches pre-seeded from the nodes’ own model file
     // every matrix above ggml-rpc's 10 MiB hash threshold (dim 2304, 8 KV heads, f16)
     const budget = await modelThatMustSplit(model, ['--layers', '2', '--dim', '2304', '--ffn', '5632', '--heads', '8', '--kv-heads', '8', '--seed', '3'], env, CTX);
 
-    const token = `test-token-${randomBytes(12).toString('hex')}`;
-    const coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', token, '--json'], env);
+    env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord'); // the CLI trusts the coordinator by its state dir
+    const coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
     coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
+    const token = await joinToken(join(dir, 'coord'), 2);
     for (const name of ['alpha', 'bravo']) {
       const stateDir = join(dir, name);
       stateDirs.set(name, stateDir);
-      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', stateDir, '--models-dir', models, '--json', '--join', coordAddr, '--token', token], env);
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', stateDir, '--models-dir', models, '--json', '--join', coordAddr], { ...env, ORCHARD_NODE_TOKEN: token });
       await readyLine(proc);
     }
     for (let i = 0; i < 100; i++) {

@@ -1,16 +1,16 @@
-import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { plainLlamaTokens } from '../helpers/oracle.ts';
 import { canConnect, freePort, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 
 /*
- * The coordinator end to end, with real processes on 127.0.0.1 (static join): one coordinator,
+ * The coordinator end to end, with real processes on 127.0.0.1 (static join with a real join
+ * token: pin, CSR, node certificate, announce): one coordinator,
  * three `orchard node` agents whose budgets force a multi-stage plan, a generated 8-layer GGUF,
  * real ggml-rpc-server / llama-server engines. The oracle: greedy token ids through the cluster
  * equal those of one plain llama-server on the same file. Then a worker agent is SIGKILLed
@@ -59,20 +59,25 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     // Budgets: a hair below what one node needs for the whole model, so the planner must split.
     const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
 
-    // An explicit cluster token (--join-token); `coordinator token` must print the one in force.
-    const explicitToken = `test-token-${randomBytes(12).toString('hex')}`;
-    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', explicitToken, '--max-queue', '1', '--heal', 'off', '--json'], env);
+    // The CLI on this machine trusts the coordinator by its state dir (CA, local admin key).
+    env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord');
+    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--max-queue', '1', '--heal', 'off', '--json'], env);
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
-    const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], { ...env, ORCHARD_JOIN_TOKEN: '' });
-    expect(t.code).toBe(0);
+    const t = await orchard(['coordinator', 'token', '--uses', '3', '--ttl', '10m'], env);
+    expect(t.code, t.stderr).toBe(0);
     token = t.stdout.trim();
-    expect(token).toBe(explicitToken);
+    expect(token).toMatch(/^orchard1\./);
+    expect(token.endsWith(String(ready.caFingerprint))).toBe(true);
     for (const name of ['alpha', 'bravo', 'charlie']) {
-      // charlie joins by itself (`orchard node --join … --token …`) and then requires the token
-      // as a bearer on every call; alpha and bravo are joined with `orchard cluster join`.
-      const joinArgs = name === 'charlie' ? ['--join', coordAddr, '--token', token] : [];
-      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', ...joinArgs], env);
+      // alpha and bravo join by themselves (`orchard node --join` + ORCHARD_NODE_TOKEN); charlie is
+      // enrolled first with `orchard cluster join` and started without a token.
+      if (name === 'charlie') {
+        const j = await orchard(['cluster', 'join', coordAddr, '--state-dir', join(dir, name), '--json'], { ...env, ORCHARD_NODE_TOKEN: token });
+        expect(j.code, j.stderr).toBe(0);
+      }
+      const nodeEnv = name === 'charlie' ? env : { ...env, ORCHARD_NODE_TOKEN: token };
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr], nodeEnv);
       const r = await readyLine(proc);
       agents.set(name, { proc, address: `127.0.0.1:${String(r.grpcPort)}`, nodeId: String(r.nodeId) });
     }
@@ -93,16 +98,21 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     };
   };
 
-  it('refuses a wrong join token with a clear error and joins with the right one', async () => {
-    const bad = await orchard(['cluster', 'join', coordAddr, '--token', 'not-the-token-1234567', '--agent', agents.get('alpha')!.address], env);
+  it('refuses a forged, a foreign and a used-up join token with one clear line; the three nodes are up', async () => {
+    const [v, id, secret, ca] = token.split('.') as [string, string, string, string];
+    const forged = [v, id, `${secret.slice(0, -1)}${secret.endsWith('A') ? 'B' : 'A'}`, ca].join('.');
+    const foreign = [v, id, secret, 'f'.repeat(64)].join('.');
+    const attempt = async (t: string, state: string) => orchard(['cluster', 'join', coordAddr, '--state-dir', join(dir, state)], { ...env, ORCHARD_NODE_TOKEN: t });
+    const bad = await attempt(forged, 'forged');
     expect(bad.code).toBe(1);
-    expect(bad.stderr).toMatch(/wrong join token/);
-    for (const [name, a] of agents) {
-      if (name === 'charlie') continue; // joined by itself
-      const r = await orchard(['cluster', 'join', coordAddr, '--token', token, '--agent', a.address, '--json'], env);
-      expect(r.code, `${name}: ${r.stderr}`).toBe(0);
-      expect(JSON.parse(r.stdout).nodeId).toBe(a.nodeId);
-    }
+    expect(bad.stderr.trim().split('\n')).toHaveLength(1);
+    expect(bad.stderr).toMatch(/join token is not valid for this cluster/);
+    const other = await attempt(foreign, 'foreign');
+    expect(other.code).toBe(1);
+    expect(other.stderr).toMatch(/not the cluster this token is for/);
+    const spent = await attempt(token, 'fourth');
+    expect(spent.code).toBe(1);
+    expect(spent.stderr).toMatch(/join token has no uses left/);
     let s = await status();
     for (let i = 0; i < 50 && s.nodes.length < 3; i++) {
       await sleep(200);
@@ -195,7 +205,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     const worker = [...agents.values()].find((a) => a.nodeId === workerStage.nodeId)!;
     const endpoints = before.stages.map((s) => s.endpoint).filter(Boolean);
 
-    const client = new CoordinatorClient(coordAddr);
+    const client = await localCoordinatorClient(coordAddr, join(dir, 'coord'));
     let tokens = 0;
     let killedAt = 0;
     let error: (Error & { message: string }) | undefined;
@@ -243,9 +253,8 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
 
   it('cancellation frees the engine slot; beyond --parallel + --max-queue a request gets RESOURCE_EXHAUSTED busy', async () => {
     // m8 is loaded with --parallel 1 and the coordinator runs with --max-queue 1.
-    const a = new CoordinatorClient(coordAddr);
-    const b = new CoordinatorClient(coordAddr);
-    const c = new CoordinatorClient(coordAddr);
+    const client = () => localCoordinatorClient(coordAddr, join(dir, 'coord'));
+    const [a, b, c] = [await client(), await client(), await client()];
     const cancelA = new AbortController();
     const long = { model: 'm8', prompt: PROMPT, maxTokens: 100_000, temperature: 0, seed: '1' };
     try {
@@ -288,7 +297,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     // the engines (with it they are re-adopted: coordinator-restart.test.ts).
     await killGroup(coordinator);
     await rm(join(dir, 'coord', 'instances.json'));
-    coordinator = start('coordinator 2', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], { ...env, ORCHARD_JOIN_TOKEN: '' });
+    coordinator = start('coordinator 2', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
     // It finds the agents that joined before (state dir) and stops the orphaned engines.

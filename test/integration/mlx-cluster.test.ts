@@ -5,9 +5,11 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import { mlxPlacementOptions } from '../../src/coordinator/instances/planner-adapter.ts';
 import { AgentClient } from '../../src/coordinator/membership/agent-client.ts';
+import { StateDir } from '../../src/coordinator/state/state-dir.ts';
+import type { TlsCredentials } from '../../src/shared/pki/grpc-tls.ts';
 import { ensureMlxEnv, type MlxEnv } from '../../src/node/mlx/env.ts';
 import { collect, MlxGroup } from '../../src/node/mlx/group.ts';
 import { mlxRequestOf } from '../../src/node/mlx/rank-spec.ts';
@@ -56,6 +58,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
   let model: string;
   let env: NodeJS.ProcessEnv;
   let coordAddr: string;
+  let agentTls: TlsCredentials;
   let coordinator: Proc;
   const agents = new Map<string, { proc: Proc; address: string; nodeId: string }>();
   let oracle: number[];
@@ -108,12 +111,13 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     }
     expect(budgets, 'no budgets make the planner split 2 and 3 ways').toBeDefined();
 
-    env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: String(READY_TIMEOUT_S), ORCHARD_MLX_STALL_TIMEOUT: '20' };
+    // ORCHARD_COORDINATOR_STATE_DIR: the CLI trusts the coordinator by its state dir (CA, admin key).
+    env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: String(READY_TIMEOUT_S), ORCHARD_MLX_STALL_TIMEOUT: '20', ORCHARD_COORDINATOR_STATE_DIR: join(dir, 'coord') };
     coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--heal', 'off', '--json'], env);
     const cr = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(cr.grpcPort)}`;
     httpBase = `http://127.0.0.1:${String(cr.httpPort)}`;
-    const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env);
+    const t = await orchard(['coordinator', 'token', '--uses', '4'], env);
     const token = t.stdout.trim();
 
     // delta's "Python" answers the MLX probe but never starts a rank: a rank that never comes up.
@@ -123,13 +127,17 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     await writeFile(fakePython, `#!/bin/sh\ncase "$1" in -c) exec "${mlx.python}" "$@";; esac\nexec sleep 3600\n`);
     await chmod(fakePython, 0o755);
     for (const name of ['alpha', 'bravo', 'charlie', 'delta']) {
-      const agentEnv = name === 'delta' ? { ...env, ORCHARD_MLX_PYTHON: fakePython } : env;
-      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budgets![name]), '--state-dir', join(dir, name), '--models-dir', dir, '--json'], agentEnv);
+      const agentEnv = { ...env, ORCHARD_NODE_TOKEN: token, ...(name === 'delta' ? { ORCHARD_MLX_PYTHON: fakePython } : {}) };
+      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budgets![name]), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr], agentEnv);
       const r = await readyLine(proc);
       const address = `127.0.0.1:${String(r.grpcPort)}`;
       agents.set(name, { proc, address, nodeId: String(r.nodeId) });
-      const j = await orchard(['cluster', 'join', coordAddr, '--token', token, '--agent', address, '--json'], env);
-      expect(j.code, j.stderr).toBe(0);
+    }
+    agentTls = await new StateDir(join(dir, 'coord')).coordinatorCredentials();
+    for (let i = 0; i < 100; i++) {
+      const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
+      if (r.code === 0 && (JSON.parse(r.stdout) as { nodes: { state: string }[] }).nodes.filter((n) => n.state === 'up').length === 4) break;
+      await sleep(200);
     }
   }, 600_000);
 
@@ -225,7 +233,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
 
   it('a client cancelling mid-stream (or before the first token) keeps the group in step', async () => {
     for (const after of [2, 0]) {
-      const client = new CoordinatorClient(coordAddr);
+      const client = await localCoordinatorClient(coordAddr, join(dir, 'coord'));
       const ac = new AbortController();
       let tokens = 0;
       if (after === 0) setImmediate(() => ac.abort());
@@ -246,7 +254,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
   it('killing a rank mid-stream: client error within 5 s, the whole group gone, agents healthy, reload works', async () => {
     const before = await workerPids(model);
     expect(before).toHaveLength(2);
-    const client = new CoordinatorClient(coordAddr);
+    const client = await localCoordinatorClient(coordAddr, join(dir, 'coord'));
     const stream = client.stream('generate', { model: 'm6', prompt: PROMPT, maxTokens: CTX, temperature: 0, seed: '0' });
     let tokens = 0;
     let killedAt = 0;
@@ -254,7 +262,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     // The rank that does not emit (rank 1, the first layers): stage 0's agent holds it.
     const m = (await status()).models.find((x) => x.name === 'm6')!;
     const follower = [...agents.values()].find((a) => a.nodeId === m.stages[0]!.nodeId)!;
-    const engines = (await new AgentClient(follower.address).describe()).engines.filter((e) => e.kind === 'ENGINE_KIND_MLX_RANK');
+    const engines = (await new AgentClient(follower.address, agentTls).describe()).engines.filter((e) => e.kind === 'ENGINE_KIND_MLX_RANK');
     expect(engines).toHaveLength(1);
     try {
       for await (const ev of stream) {
@@ -277,7 +285,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     while (Date.now() < deadline && before.some(alive)) await sleep(100);
     expect(before.filter(alive)).toEqual([]);
     // agents healthy: they answer and run no engine
-    for (const a of agents.values()) expect((await new AgentClient(a.address).describe()).engines).toEqual([]);
+    for (const a of agents.values()) expect((await new AgentClient(a.address, agentTls).describe()).engines).toEqual([]);
     expect((await status()).models.find((x) => x.name === 'm6')?.state ?? 'gone').toMatch(/failed|gone/);
     // a reload succeeds (fresh ports) and gives the same tokens
     const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm6', '--pin', 'alpha', 'bravo', '--coordinator', coordAddr], env);
@@ -295,7 +303,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     expect(load.stderr).toMatch(/MLX rank \d on (alpha|delta) failed to start: .*(did not start within|never reported)/);
     expect(took).toBeLessThan(READY_TIMEOUT_S + 20);
     expect((await status()).models).toEqual([]);
-    for (const a of agents.values()) expect((await new AgentClient(a.address).describe()).engines).toEqual([]);
+    for (const a of agents.values()) expect((await new AgentClient(a.address, agentTls).describe()).engines).toEqual([]);
     const deadline = Date.now() + 5000;
     while (Date.now() < deadline && (await workerPids(model)).length > 0) await sleep(100);
     expect(await workerPids(model)).toEqual([]);
@@ -320,7 +328,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     const before = await workerPids(model);
     expect(before).toHaveLength(3);
     const charlie = agents.get('charlie')!;
-    const client = new CoordinatorClient(coordAddr);
+    const client = await localCoordinatorClient(coordAddr, join(dir, 'coord'));
     let tokens = 0;
     let killedAt = 0;
     let error: Error | undefined;
@@ -345,18 +353,16 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     expect(before.filter(alive)).toEqual([]);
     // A dead rank is a zombie until its agent reaps it and drops it from its engine list: wait
     // (same deadline) for every surviving agent to list no engine.
-    const listed = async () => (await Promise.all(['alpha', 'bravo', 'delta'].map((n) => new AgentClient(agents.get(n)!.address).describe()))).flatMap((d) => d.engines);
+    const listed = async () => (await Promise.all(['alpha', 'bravo', 'delta'].map((n) => new AgentClient(agents.get(n)!.address, agentTls).describe()))).flatMap((d) => d.engines);
     while (Date.now() < deadline && (await listed()).length > 0) await sleep(100);
     expect(await listed()).toEqual([]);
     // charlie comes back (same identity), joins again, and the 3-rank model loads and matches again
     await charlie.proc.exited;
-    const proc = start('node charlie (restarted)', [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', 'charlie', '--budget', String(budgets!.charlie), '--state-dir', join(dir, 'charlie'), '--models-dir', dir, '--json'], env);
+    const proc = start('node charlie (restarted)', [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', 'charlie', '--budget', String(budgets!.charlie), '--state-dir', join(dir, 'charlie'), '--models-dir', dir, '--json', '--join', coordAddr], env);
     const r = await readyLine(proc);
     const address = `127.0.0.1:${String(r.grpcPort)}`;
     agents.set('charlie', { proc, address, nodeId: String(r.nodeId) });
-    const t = await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env);
-    const j = await orchard(['cluster', 'join', coordAddr, '--token', t.stdout.trim(), '--agent', address, '--json'], env);
-    expect(j.code, j.stderr).toBe(0);
+    // It holds its certificate already: restarted with --join it only announces its new address.
     for (let i = 0; i < 50 && (await status()).nodes.find((n) => n.name === 'charlie')?.state !== 'up'; i++) await sleep(200);
     await orchard(['unload', 'm6x3', '--coordinator', coordAddr], env); // the failed entry, if still listed
     const load = await orchard(['load', model, '--ctx', String(CTX_3), '--name', 'm6x3', '--pin', 'alpha', 'bravo', 'charlie', '--coordinator', coordAddr], env);

@@ -8,11 +8,11 @@ import { NodeAgent } from '../../src/node/agent.ts';
 import { probeHardware, readLiveStats } from '../../src/node/hardware/probe.ts';
 import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { createLogger } from '../../src/shared/log.ts';
-import { orchardV1 } from '../../src/shared/proto.ts';
-import { AGENT_ENV, type Agent, alive, freeListener, generate, grpcError, metricsText, runCli, startAgent, stopAll, track, unary, waitFor } from '../helpers/node-agent.ts';
+import { enrollNode } from '../helpers/cluster-pki.ts';
+import { AGENT_ENV, agentCa, agentClient, alive, freeListener, generate, grpcError, metricsText, runCli, startAgent, stopAll, track, unary, waitFor } from '../helpers/node-agent.ts';
 
 /*
- * The node agent without engines: its CLI (argument errors, a port in use, the bearer token,
+ * The node agent without engines: its CLI (argument errors, a port in use, an agent that never joined,
  * a stable id across restarts), profile changes pushed to Watch, and the watchdog that ends
  * engines when the agent is SIGKILLed. The engine half is node-agent-engines.test.ts.
  */
@@ -59,31 +59,22 @@ describe('orchard node CLI', () => {
     }
   });
 
-  it('with --token (ORCHARD_NODE_TOKEN) every call needs the bearer token', async () => {
-    const token = 'orchard-test-token-0123456789';
-    const agent = await startAgent(join(tmp, 'token'), [], { ...AGENT_ENV, ORCHARD_NODE_TOKEN: token });
+  it('an agent that never joined serves nothing: every call UNAUTHENTICATED; a malformed token is a usage error', async () => {
+    const agent = await startAgent(join(tmp, 'unjoined'), [], AGENT_ENV, { joined: false });
     try {
       const denied = await grpcError(unary(agent, 'describe', {}));
       expect(denied.code).toBe(grpc.status.UNAUTHENTICATED);
-      const wrong = new grpc.Metadata();
-      wrong.set('authorization', 'Bearer nope');
-      const deniedWrong = await grpcError(
-        new Promise((resolve, reject) => agent.client.describe!({}, wrong, (e: Error | null, r: unknown) => (e ? reject(e) : resolve(r)))),
-      );
-      expect(deniedWrong.code).toBe(grpc.status.UNAUTHENTICATED);
+      expect(denied.details).toMatch(/has not joined a cluster/);
       const streamDenied = await grpcError(generate(agent, { engineId: 'x', prompt: 'x' }));
       expect(streamDenied.code).toBe(grpc.status.UNAUTHENTICATED);
-      const md = new grpc.Metadata();
-      md.set('authorization', `Bearer ${token}`);
-      const ok = await new Promise<{ profile: { nodeId: string } }>((resolve, reject) =>
-        agent.client.describe!({}, md, (e: Error | null, r: { profile: { nodeId: string } }) => (e ? reject(e) : resolve(r))),
-      );
-      expect(ok.profile.nodeId).toBe(agent.ready.nodeId);
     } finally {
       agent.client.close();
       agent.child.kill('SIGTERM');
       await agent.exited;
     }
+    const bad = await runCli(['node', '--no-mdns', '--join', '127.0.0.1:1', '--state-dir', join(tmp, 'bad-token')], { ...AGENT_ENV, ORCHARD_NODE_TOKEN: 'orchard-test-token-0123456789' });
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/not an orchard1 join token/);
   });
 
   it('a restart with the same state dir keeps the node id (seen in orchard_node_info)', async () => {
@@ -119,6 +110,7 @@ describe('profile changes (agent in-process)', () => {
   it('a re-probe that finds a change is pushed to Watch streams and metrics; shutdown ends the streams', async () => {
     // Hardware cannot change under a test, so the probe is the real one plus a mutable override.
     let budget = 6 * 2 ** 30;
+    await enrollNode(join(tmp, 'inproc'), await agentCa());
     const agent = new NodeAgent({
       stateDir: join(tmp, 'inproc'),
       name: 'inproc',
@@ -133,8 +125,7 @@ describe('profile changes (agent in-process)', () => {
       profileRefreshMs: 0,
     });
     const ready = await agent.start();
-    const NodeAgentClient = orchardV1().NodeAgent!;
-    const client = new NodeAgentClient(`127.0.0.1:${ready.grpcPort}`, grpc.credentials.createInsecure()) as unknown as Agent['client'];
+    const client = await agentClient(`127.0.0.1:${ready.grpcPort}`);
     try {
       const events: { event: string; profileChanged?: { budgetBytes: string } }[] = [];
       const watch = client.watch!({ intervalSeconds: 0.1 }) as grpc.ClientReadableStream<{ event: string }>;

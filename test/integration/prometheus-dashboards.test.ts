@@ -1,5 +1,4 @@
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -15,6 +14,7 @@ import { dashboardQueries, dashboardSchema, labelValuesQuery, substituteVariable
 import { metricNamesInExpr } from '../../src/shared/metrics/promql.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { joinToken } from '../helpers/join.ts';
 import { freePort, killGroup, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 
 /**
@@ -110,15 +110,16 @@ async function startLiveCluster(): Promise<ScrapedCluster> {
     if (made.status !== 0) throw new Error(`testmodel: ${made.stderr}`);
     const single = planPlacement(modelProfile(await readGgufHeader(model)), [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: 2048 });
     const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
-    const token = `prom-${randomBytes(8).toString('hex')}`;
-    const coordinator = startProc('coordinator', ['coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--join-token', token, '--max-queue', '0', '--json'], env);
+    env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord'); // the CLI trusts the coordinator by its state dir
+    const coordinator = startProc('coordinator', ['coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--max-queue', '0', '--json'], env);
     procs.push(coordinator);
     const ready = await readyLine(coordinator);
+    const token = await joinToken(join(dir, 'coord'), 2);
     const coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
     const http = `127.0.0.1:${String(ready.httpPort)}`;
     const nodeMetrics: string[] = [];
     for (const name of ['studio', 'mini']) {
-      const p = startProc(`node ${name}`, ['node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr, '--token', token], env);
+      const p = startProc(`node ${name}`, ['node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr], { ...env, ORCHARD_NODE_TOKEN: token });
       procs.push(p);
       nodeMetrics.push(`http://127.0.0.1:${String((await readyLine(p)).metricsPort)}/metrics`);
     }

@@ -1,9 +1,10 @@
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
-import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
+import { joinToken } from '../helpers/join.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
@@ -20,7 +21,6 @@ import { tempDir } from '../helpers/temp-dir.ts';
  */
 
 const CTX = 2048;
-const TOKEN = 'heal-test-token-0123456789';
 const N_PREDICT = 48;
 const engines = await llamaEngines();
 const dir = tempDir('orchard-heal-', 'all');
@@ -58,6 +58,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
   let coordAddr: string;
   let coordHttp: string;
   let budget: number;
+  let token: string;
   let oracle: number[];
   const agents = new Map<string, { proc: Proc; nodeId: string }>();
 
@@ -73,12 +74,15 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     model = join(dir.path, 'm8.gguf');
     budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
+    env.ORCHARD_COORDINATOR_STATE_DIR = join(dir.path, 'coord'); // the CLI trusts the coordinator by its state dir
     // A short suspect threshold so the blip is surely seen as one; the grace (down-after) is the default.
-    const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--join-token', TOKEN, '--suspect-after', '1000', '--json'], env);
+    const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--suspect-after', '1000', '--json'], env);
     procs.push(coordinator);
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
     coordHttp = `127.0.0.1:${String(ready.httpPort)}`;
+    // Three first joins; an agent restarted later keeps its certificate and needs no token.
+    token = await joinToken(join(dir.path, 'coord'), 3);
     for (const name of ['alpha', 'bravo', 'charlie']) await startAgent(name);
     oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
     for (let i = 0; i < 50 && (await status()).nodes.filter((n) => n.state === 'up').length < 3; i++) await sleep(200);
@@ -92,7 +96,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
 
   /** A greedy stream of N_PREDICT tokens; `onToken(n)` runs after the n-th token. */
   async function stream(onToken: (n: number) => Promise<void> | void): Promise<{ tokens: number[]; maxGapMs: number; error?: Error }> {
-    const client = new CoordinatorClient(coordAddr);
+    const client = await localCoordinatorClient(coordAddr, join(dir.path, 'coord'));
     const tokens: number[] = [];
     let last = Date.now();
     let maxGapMs = 0;
@@ -146,7 +150,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
   }, 60_000);
   /** Start (or restart, same state dir = same node id) an agent that joins the coordinator. */
   async function startAgent(name: string): Promise<void> {
-    const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--join', coordAddr, '--token', TOKEN, '--json'], env);
+    const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--join', coordAddr, '--json'], { ...env, ORCHARD_NODE_TOKEN: token });
     procs.push(proc);
     agents.set(name, { proc, nodeId: String((await readyLine(proc)).nodeId) });
   }

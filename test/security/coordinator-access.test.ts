@@ -7,8 +7,11 @@ import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GRPC_METHOD_SCOPES } from '../../src/coordinator/api/grpc-access.ts';
 import { type CoordinatorHandle, startCoordinator } from '../../src/coordinator/coordinator.ts';
+import { createKeyAndCsr } from '../../src/shared/pki/certificates.ts';
+import { CLUSTER_CHANNEL_OPTIONS, clusterChannelCredentials, type TlsCredentials } from '../../src/shared/pki/grpc-tls.ts';
 import { createLogger } from '../../src/shared/log.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
+import { clientCredentials } from '../helpers/cluster-pki.ts';
 import { killGroup, ORCHARD_BIN, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
 
 /**
@@ -31,6 +34,8 @@ let stateDir: string;
 let coordinator: Proc;
 let base: string;
 let grpcAddress: string;
+let caFingerprint: string;
+let caCertPem: string;
 let table: CoordinatorHandle;
 /** Every key this test saw; none may show up in logs or process arguments. */
 const secrets = new Set<string>([ADMIN_KEY]);
@@ -47,8 +52,9 @@ async function recordArgs(pid: number | undefined): Promise<void> {
 function cli(args: string[], env: NodeJS.ProcessEnv = {}, stdin?: string): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     // Nothing from the environment running the tests: no key, no state dir, no home of its own.
-    const base: NodeJS.ProcessEnv = { ...process.env, ORCHARD_HOME: join(dir, 'home') };
-    for (const k of ['ORCHARD_API_KEY', 'ORCHARD_API_KEY_FILE', 'ORCHARD_COORDINATOR_STATE_DIR', 'ORCHARD_COORDINATOR']) delete base[k];
+    // A remote CLI: it trusts the coordinator by the CA fingerprint it printed (a pin), nothing else.
+    const base: NodeJS.ProcessEnv = { ...process.env, ORCHARD_HOME: join(dir, 'home'), ORCHARD_COORDINATOR_CA_SHA256: caFingerprint };
+    for (const k of ['ORCHARD_API_KEY', 'ORCHARD_API_KEY_FILE', 'ORCHARD_COORDINATOR_STATE_DIR', 'ORCHARD_COORDINATOR', 'ORCHARD_CREDENTIALS']) delete base[k];
     const child = spawn(process.execPath, [ORCHARD_BIN, ...args], { env: { ...base, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
@@ -75,11 +81,14 @@ const http = (method: string, path: string, key?: string) =>
 
 type Wire = Record<string, unknown>;
 
-/** Call one Coordinator method as a raw gRPC client; resolves to the status code it ends with. */
-function grpcCall(method: string, key: string | undefined, req: Wire = {}): Promise<{ code: grpc.status; details: string }> {
+/**
+ * Call one Coordinator method as a raw gRPC client over TLS to the cluster CA (the attacker
+ * knows the CA: it is public); `tls` adds a client certificate. Resolves to the status it ends with.
+ */
+function grpcCall(method: string, key: string | undefined, req: Wire = {}, tls?: TlsCredentials): Promise<{ code: grpc.status; details: string }> {
   const Ctor = orchardV1().Coordinator!;
   const def = Ctor.service[method]!;
-  const client = new Ctor(grpcAddress, grpc.credentials.createInsecure()) as grpc.Client;
+  const client = new Ctor(grpcAddress, clusterChannelCredentials(tls ?? { caCertPem }, { role: 'coordinator' }), CLUSTER_CHANNEL_OPTIONS) as grpc.Client;
   const md = new grpc.Metadata();
   if (key) md.set('authorization', `Bearer ${key}`);
   const deadline = Date.now() + 10_000;
@@ -123,6 +132,8 @@ beforeAll(async () => {
   await recordArgs(coordinator.child.pid);
   base = `http://127.0.0.1:${String(ready.httpPort)}`;
   grpcAddress = `127.0.0.1:${String(ready.grpcPort)}`;
+  caFingerprint = String(ready.caFingerprint);
+  caCertPem = await readFile(join(stateDir, 'pki', 'ca.crt'), 'utf8');
 });
 
 afterAll(async () => {
@@ -192,14 +203,41 @@ describe('gRPC: every Coordinator method of the proto', () => {
 
   it('UNAUTHENTICATED without a credential, for every method but Join (which checks its join token)', async () => {
     expect(methods.length).toBeGreaterThanOrEqual(6);
+    const { csrPem } = await createKeyAndCsr('intruder');
     for (const m of methods) {
-      const r = await grpcCall(m, undefined);
-      if (m === 'Join') expect(r.code, m).toBe(grpc.status.PERMISSION_DENIED);
-      else {
+      const r = await grpcCall(m, undefined, m === 'Join' ? { csr: csrPem } : {});
+      if (m === 'Join') {
+        expect(r.code, m).toBe(grpc.status.PERMISSION_DENIED);
+        expect(r.details).toMatch(/a join token is required/);
+      } else {
         expect(r.code, `${m}: ${r.details}`).toBe(grpc.status.UNAUTHENTICATED);
         expect((await grpcCall(m, 'orchard_sk_wrong')).code, m).toBe(grpc.status.UNAUTHENTICATED);
       }
     }
+  });
+
+  it('plaintext gRPC is not served at all; a node certificate is no admin credential', async () => {
+    const Ctor = orchardV1().Coordinator!;
+    const plain = new Ctor(grpcAddress, grpc.credentials.createInsecure()) as grpc.Client & Record<string, (...a: unknown[]) => unknown>;
+    const code = await new Promise<grpc.status>((resolve) => plain.status!({}, { deadline: Date.now() + 5000 }, (e: grpc.ServiceError | null) => resolve(e ? e.code : grpc.status.OK)));
+    plain.close();
+    expect(code).toBe(grpc.status.UNAVAILABLE);
+    const ca = { clusterId: 'x', certPem: caCertPem, keyPem: await readFile(join(stateDir, 'pki', 'ca.key'), 'utf8') };
+    const node = await clientCredentials(ca, 'node', 'some-node');
+    for (const m of methods.filter((x) => x !== 'Join')) expect((await grpcCall(m, undefined, {}, node)).code, m).toBe(grpc.status.UNAUTHENTICATED);
+  });
+
+  it('an admin certificate from `orchard coordinator credentials` passes every guard (CLI: --credentials)', async () => {
+    const bundle = join(dir, 'admin.json');
+    const made = await cli(['coordinator', 'credentials', '--out', bundle, '--state-dir', stateDir]);
+    expect(made.code, made.stderr).toBe(0);
+    expect((await stat(bundle)).mode & 0o777).toBe(0o600);
+    const admin = JSON.parse(await readFile(bundle, 'utf8')) as TlsCredentials;
+    secrets.add(admin.keyPem.trim());
+    // Past the guard: unloading an unknown model is the runtime's NOT_FOUND.
+    expect((await grpcCall('Unload', undefined, { name: 'nope' }, admin)).code).toBe(grpc.status.NOT_FOUND);
+    const st = await cli(['status', '--json', '--coordinator', grpcAddress, '--credentials', bundle], { ORCHARD_COORDINATOR_CA_SHA256: '' });
+    expect(st.code, st.stderr).toBe(0);
   });
 
   it('an inference key: PERMISSION_DENIED on Load and Unload (and every admin method), through on Status', async () => {
@@ -262,6 +300,10 @@ describe('keys through the CLI', () => {
     const remote = await cli(['status', '--coordinator', grpcAddress], { ORCHARD_HOME: join(dir, 'elsewhere') });
     expect(remote.code).not.toBe(0);
     expect(remote.stderr).toMatch(/missing credential/);
+    // No CA to check the server by (no local state dir, no pin, no bundle): the CLI sends nothing.
+    const blind = await cli(['status', '--coordinator', grpcAddress, '--api-key-file', join(dir, 'ops.key')], { ORCHARD_HOME: join(dir, 'elsewhere'), ORCHARD_COORDINATOR_CA_SHA256: '' });
+    expect(blind.code).toBe(1);
+    expect(blind.stderr).toMatch(/cannot verify the coordinator/);
   });
 
   it('no key in the coordinator logs or in the arguments of any process started', async () => {

@@ -7,9 +7,12 @@ import * as grpc from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { StateDir } from '../../src/coordinator/state/state-dir.ts';
+import { CLUSTER_CHANNEL_OPTIONS, clusterChannelCredentials, type TlsCredentials } from '../../src/shared/pki/grpc-tls.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
+import { joinToken } from '../helpers/join.ts';
 import { describeWith, llamaEngines, type Need } from '../helpers/needs.ts';
-import { AGENT_ENV, type Agent, alive, grpcError, startAgent, startEngine, stopAll, unary } from '../helpers/node-agent.ts';
+import { AGENT_ENV, type Agent, alive, coordinatorCredentials, grpcError, startAgent, startEngine, stopAll, unary } from '../helpers/node-agent.ts';
 import { plainLlamaTokens } from '../helpers/oracle.ts';
 import { canConnect, killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
@@ -154,8 +157,8 @@ describeWith([engines], 'agent edge: typed engine requests, paths inside the roo
 const OLD_SCHEMA = protobuf.parse(`syntax = "proto3";
 message OldStartEngineRequest { int32 kind = 1; string engine_id = 2; string bind_host = 3; repeated string args = 8; map<string, string> env = 11; }`).root.lookupType('OldStartEngineRequest');
 
-function rawStartEngine(port: number, req: Record<string, unknown>): Promise<grpc.ServiceError | undefined> {
-  const client = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
+async function rawStartEngine(port: number, req: Record<string, unknown>): Promise<grpc.ServiceError | undefined> {
+  const client = new grpc.Client(`127.0.0.1:${port}`, clusterChannelCredentials(await coordinatorCredentials(), { role: 'node' }), CLUSTER_CHANNEL_OPTIONS);
   const bytes = Buffer.from(OLD_SCHEMA.encode(OLD_SCHEMA.fromObject(req)).finish());
   return new Promise((resolve) => {
     client.makeUnaryRequest('/orchard.v1.NodeAgent/StartEngine', (b: Buffer) => b, (b: Buffer) => b, bytes, { deadline: Date.now() + 30_000 }, (err) => {
@@ -184,7 +187,7 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
   const procs: Proc[] = [];
   const agentPids: number[] = [];
   const agentAddrs: string[] = [];
-  let token = '';
+  let coordTls: TlsCredentials;
 
   beforeAll(async () => {
     bins = await findLlamaBinaries();
@@ -198,10 +201,12 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     const coord = spawnProc('coordinator', [join(process.cwd(), 'bin/orchard.js'), 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--heal', 'off', '--json'], env);
     procs.push(coord);
     coordAddr = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;
-    token = (await orchard(['coordinator', 'token', '--state-dir', join(dir, 'coord')], env)).stdout.trim();
+    const token = await joinToken(join(dir, 'coord'), 2);
+    env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord');
+    coordTls = await new StateDir(join(dir, 'coord')).coordinatorCredentials();
     for (const name of ['alpha', 'bravo']) {
       const args = [join(process.cwd(), 'bin/orchard.js'), 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name];
-      const p = spawnProc(`node ${name}`, [...args, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr, '--token', token], env);
+      const p = spawnProc(`node ${name}`, [...args, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr], { ...env, ORCHARD_NODE_TOKEN: token });
       procs.push(p);
       const ready = await readyLine(p);
       agentPids.push(Number(ready.pid ?? p.child.pid));
@@ -246,18 +251,18 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
   };
 
   it('engine loss is noticed: a foreign StopEngine is refused; a stop its unload did not ask for fails the model at once', async () => {
-    const agents = await Promise.all(agentAddrs.map(async (address) => ({ address, engines: (await describeAt(address, token)).engines })));
+    const agents = await Promise.all(agentAddrs.map(async (address) => ({ address, engines: (await describeAt(address, coordTls)).engines })));
     const withRpc = agents.find((a) => a.engines.some((e) => e.kind === 'ENGINE_KIND_RPC_SERVER'))!;
     const rpc = withRpc.engines.find((e) => e.kind === 'ENGINE_KIND_RPC_SERVER')!;
     // Not its owner: refused, the engine and the model untouched.
-    const foreign = await stopAt(withRpc.address, token, rpc.engineId, 'someone-else').then(() => undefined, (e: grpc.ServiceError) => e);
+    const foreign = await stopAt(withRpc.address, coordTls, rpc.engineId, 'someone-else').then(() => undefined, (e: grpc.ServiceError) => e);
     expect(foreign?.code).toBe(grpc.status.PERMISSION_DENIED);
     expect(alive(rpc.pid)).toBe(true);
     expect((await modelState())?.state).toBe('ready');
     // The owner's credential used by something other than the model's unload (an "expected" exit
     // on the agent's side): the model must not stay "ready" with a stage gone.
     const clusterId = (JSON.parse(readFileSync(join(dir, 'coord', 'cluster.json'), 'utf8')) as { clusterId: string }).clusterId;
-    await stopAt(withRpc.address, token, rpc.engineId, clusterId); // resolves once the engine exited
+    await stopAt(withRpc.address, coordTls, rpc.engineId, clusterId); // resolves once the engine exited
     const t0 = Date.now();
     let m = await modelState();
     while (m?.state === 'ready' && Date.now() - t0 < 3000) {
@@ -277,21 +282,15 @@ interface WireEngine {
   pid: number;
 }
 
-function agentClient(address: string): grpc.Client & Record<string, (...a: unknown[]) => unknown> {
-  return new (orchardV1().NodeAgent!)(address, grpc.credentials.createInsecure()) as unknown as grpc.Client & Record<string, (...a: unknown[]) => unknown>;
+/** The cluster's agents serve the coordinator role only: the test holds a coordinator certificate of that cluster. */
+function agentClient(address: string, tls: TlsCredentials): grpc.Client & Record<string, (...a: unknown[]) => unknown> {
+  return new (orchardV1().NodeAgent!)(address, clusterChannelCredentials(tls, { role: 'node' }), CLUSTER_CHANNEL_OPTIONS) as unknown as grpc.Client & Record<string, (...a: unknown[]) => unknown>;
 }
 
-/** The agents joined with --token require it as a bearer (the caller here holds the cluster's token). */
-function bearer(token: string): grpc.Metadata {
-  const md = new grpc.Metadata();
-  md.set('authorization', `Bearer ${token}`);
-  return md;
-}
-
-function describeAt(address: string, token: string): Promise<{ engines: WireEngine[] }> {
-  const c = agentClient(address);
+function describeAt(address: string, tls: TlsCredentials): Promise<{ engines: WireEngine[] }> {
+  const c = agentClient(address, tls);
   return new Promise((resolve, reject) =>
-    c.describe!({}, bearer(token), { deadline: Date.now() + 10_000 }, (err: grpc.ServiceError | null, res: { engines: WireEngine[] }) => {
+    c.describe!({}, { deadline: Date.now() + 10_000 }, (err: grpc.ServiceError | null, res: { engines: WireEngine[] }) => {
       c.close();
       if (err) reject(err);
       else resolve(res);
@@ -299,10 +298,10 @@ function describeAt(address: string, token: string): Promise<{ engines: WireEngi
   );
 }
 
-function stopAt(address: string, token: string, engineId: string, owner: string): Promise<unknown> {
-  const c = agentClient(address);
+function stopAt(address: string, tls: TlsCredentials, engineId: string, owner: string): Promise<unknown> {
+  const c = agentClient(address, tls);
   return new Promise((resolve, reject) =>
-    c.stopEngine!({ engineId, owner }, bearer(token), { deadline: Date.now() + 15_000 }, (err: grpc.ServiceError | null, res: unknown) => {
+    c.stopEngine!({ engineId, owner }, { deadline: Date.now() + 15_000 }, (err: grpc.ServiceError | null, res: unknown) => {
       c.close();
       if (err) reject(err);
       else resolve(res);

@@ -11,7 +11,7 @@ import { CLUSTER_CHANNEL_OPTIONS, type TlsCredentials, clusterChannelCredentials
 import { createLogger } from '../../src/shared/log.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
 import { clientCredentials, enrollNode, testCa } from '../helpers/cluster-pki.ts';
-import { type Agent, runCli, startAgent, stopAll } from '../helpers/node-agent.ts';
+import { type Agent, agentCa, runCli, startAgent, stopAll } from '../helpers/node-agent.ts';
 
 /*
  * Red team, cluster identity: an agent that holds cluster credentials answers nobody but this
@@ -62,9 +62,10 @@ let coordinator: TlsCredentials;
 
 beforeAll(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'orchard-identity-'));
-  ca = await testCa();
-  nodeId = await enrollNode(join(tmp, 'alpha'), ca);
+  // startAgent enrols the state dir with this file's CA (node-agent.ts), as a join would.
+  ca = await agentCa();
   agent = await startAgent(join(tmp, 'alpha'), ['--name', 'alpha']);
+  nodeId = agent.ready.nodeId;
   address = `127.0.0.1:${agent.ready.grpcPort}`;
   coordinator = await clientCredentials(ca, 'coordinator', 'coordinator-1');
 });
@@ -75,8 +76,8 @@ afterAll(async () => {
 });
 
 describe('agent gRPC: mutual TLS with the cluster CA', () => {
-  it('the proto lists the six NodeAgent methods this suite attacks', () => {
-    expect(METHODS.sort()).toEqual(['Describe', 'Generate', 'PrepareCache', 'StartEngine', 'StopEngine', 'Watch']);
+  it('the proto lists the seven NodeAgent methods this suite attacks', () => {
+    expect(METHODS.sort()).toEqual(['Describe', 'Generate', 'PrepareCache', 'SetRevocations', 'StartEngine', 'StopEngine', 'Watch']);
   });
 
   it('TLS without a client certificate: every method UNAUTHENTICATED', async () => {
@@ -124,7 +125,7 @@ describe('agent gRPC: mutual TLS with the cluster CA', () => {
     try {
       const d = await client.describe();
       expect(d.profile.nodeId).toBe(nodeId);
-      expect(client.peer).toMatchObject({ id: nodeId, role: 'node', clusterId: 'test-cluster' });
+      expect(client.peer).toMatchObject({ id: nodeId, role: 'node', clusterId: 'agent-tests' });
     } finally {
       client.close();
     }
@@ -140,7 +141,7 @@ describe('node identity comes from the certificate', () => {
       await mkdir(impostorDir, { recursive: true });
       await copyFile(join(tmp, 'alpha', 'identity.json'), join(impostorDir, 'identity.json'));
     });
-    const impostor = await startAgent(impostorDir, ['--name', 'impostor']);
+    const impostor = await startAgent(impostorDir, ['--name', 'impostor'], undefined, { joined: false });
     expect(impostor.ready.nodeId).toBe(nodeId); // it claims alpha's id…
     const membership = new Membership(DEFAULT_REGISTRY_OPTIONS, log, coordinator);
     try {

@@ -140,11 +140,9 @@ describe('every option can come from the environment', () => {
   });
 
   it('one variable means one option: a name shared by commands is the same flag everywhere', () => {
-    // Deliberate: one value under two flag names. The cluster join token is `coordinator
-    // --join-token` where it is set and `cluster join --token` where it is presented; the local
-    // agent's gRPC port is `node --grpc-port` and `up --agent-port` (up's --grpc-port is the coordinator's).
+    // Deliberate: one value under two flag names. The local agent's gRPC port is `node
+    // --grpc-port` and `up --agent-port` (up's --grpc-port is the coordinator's).
     const SAME_VALUE: Record<string, readonly string[]> = {
-      ORCHARD_JOIN_TOKEN: ['--join-token', '--token'],
       ORCHARD_NODE_GRPC_PORT: ['--grpc-port', '--agent-port'],
     };
     const byName = new Map<string, string>();

@@ -4,11 +4,12 @@ import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '..
 import { startCoordinator } from '../../coordinator/coordinator.ts';
 import { parseHealMode } from '../../coordinator/instances/healing.ts';
 import { DEFAULT_REGISTRY_OPTIONS } from '../../coordinator/membership/registry.ts';
-import { defaultStateDir, StateDir } from '../../coordinator/state/state-dir.ts';
+import { defaultStateDir } from '../../coordinator/state/state-dir.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { parseInteger, parsePort, parseSize } from '../../shared/units.ts';
 import { readKeyFile } from '../credentials.ts';
+import { registerClusterCredentials } from './cluster-credentials.ts';
 import { registerKeys } from './keys.ts';
 
 interface CoordinatorFlags {
@@ -18,7 +19,6 @@ interface CoordinatorFlags {
   stateDir?: string;
   mdns: boolean;
   mdnsInterface?: string;
-  joinToken?: string;
   suspectAfter: string;
   downAfter: string;
   heal: string;
@@ -30,7 +30,7 @@ interface CoordinatorFlags {
   json?: boolean;
 }
 
-/** `orchard coordinator`: run the coordinator; `orchard coordinator token`: print the join token. */
+/** `orchard coordinator`: run the coordinator; `token`, `credentials`, `keys`: its secrets, made in its state dir. */
 export function registerCoordinator(program: Command): void {
   const cmd = program
     .command('coordinator')
@@ -38,10 +38,9 @@ export function registerCoordinator(program: Command): void {
     .addOption(new Option('--grpc-port <port>', 'Coordinator gRPC port (0 = pick a free one)').default(String(DEFAULT_COORDINATOR_GRPC_PORT)).env('ORCHARD_COORDINATOR_GRPC_PORT'))
     .addOption(new Option('--http-port <port>', 'HTTP port: OpenAI API, /healthz, /status, /metrics (0 = pick)').default(String(DEFAULT_COORDINATOR_HTTP_PORT)).env('ORCHARD_COORDINATOR_HTTP_PORT'))
     .addOption(new Option('--host <ip>', 'address the gRPC server listens on (agents join through it)').default('0.0.0.0').env('ORCHARD_COORDINATOR_HOST'))
-    .addOption(new Option('--state-dir <dir>', `cluster id, join token, joined agents (default ${defaultStateDir()})`).env('ORCHARD_COORDINATOR_STATE_DIR'))
+    .addOption(new Option('--state-dir <dir>', `cluster id, CA, join tokens, joined agents (default ${defaultStateDir()})`).env('ORCHARD_COORDINATOR_STATE_DIR'))
     .addOption(new Option('--no-mdns', 'do not browse Bonjour (nodes join with `orchard cluster join`)'))
     .addOption(new Option('--mdns-interface <ip>', 'browse Bonjour via the interface with this IPv4 address').env('ORCHARD_COORDINATOR_MDNS_INTERFACE'))
-    .addOption(new Option('--join-token <token>', 'set the join token instead of the generated one').env('ORCHARD_JOIN_TOKEN'))
     .option('--suspect-after <ms>', 'heartbeat silence before a node is suspect (its models wait, nothing fails)', String(DEFAULT_REGISTRY_OPTIONS.suspectAfterMs))
     .option('--down-after <ms>', 'grace period: heartbeat silence before a node is down and its models are re-placed', String(DEFAULT_REGISTRY_OPTIONS.downAfterMs))
     .option('--heal <mode>', 'auto: re-place a model that lost a node or engine and resume its streams; off: fail it (a load may override)', 'auto')
@@ -54,16 +53,7 @@ export function registerCoordinator(program: Command): void {
     .action(async (flags: CoordinatorFlags) => {
       await runCoordinator(flags);
     });
-  cmd
-    .command('token')
-    .description('print the join token nodes need (`orchard cluster join … --token T`)')
-    .addOption(new Option('--state-dir <dir>', 'the coordinator state dir').env('ORCHARD_COORDINATOR_STATE_DIR'))
-    .action(async (flags: { stateDir?: string }) => {
-      const state = new StateDir(flags.stateDir ?? cmd.opts<CoordinatorFlags>().stateDir ?? defaultStateDir());
-      // Creating it here is fine: the coordinator would generate the same file on first start.
-      const { token } = await state.joinToken(process.env.ORCHARD_JOIN_TOKEN || undefined);
-      process.stdout.write(`${token}\n`);
-    });
+  registerClusterCredentials(cmd);
   registerKeys(cmd);
 }
 
@@ -82,7 +72,6 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
     httpPort: parsePort(flags.httpPort, '--http-port'),
     mdns: flags.mdns,
     mdnsInterface: flags.mdnsInterface,
-    joinToken: flags.joinToken || undefined,
     registry: { suspectAfterMs, downAfterMs, forgetAfterMs: Math.max(10 * 60_000, downAfterMs + 1) },
     heal: { mode: parseHealMode(flags.heal) ?? 'auto' },
     maxQueue: flags.maxQueue !== undefined ? parseInteger(flags.maxQueue, '--max-queue', 0, 100_000) : undefined,
@@ -100,10 +89,12 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
     throw err;
   });
   if (flags.json) {
-    process.stdout.write(`${JSON.stringify({ event: 'ready', clusterId: handle.clusterId, grpcPort: handle.grpcPort, httpPort: handle.httpPort, pid: process.pid, stateDir })}\n`);
+    process.stdout.write(
+      `${JSON.stringify({ event: 'ready', clusterId: handle.clusterId, grpcPort: handle.grpcPort, httpPort: handle.httpPort, caFingerprint: handle.caFingerprint, pid: process.pid, stateDir })}\n`,
+    );
   } else {
     process.stdout.write(`orchard coordinator ready: gRPC ${flags.host}:${handle.grpcPort}, HTTP 127.0.0.1:${handle.httpPort}, cluster ${handle.clusterId}\n`);
-    if (handle.tokenCreated) process.stdout.write(`join token (kept in ${stateDir}/join-token): ${handle.joinToken}\n`);
+    process.stdout.write(`  cluster CA sha256 ${handle.caFingerprint}\n  nodes join with a token from \`orchard coordinator token\`: ORCHARD_NODE_TOKEN=… orchard node\n`);
   }
   await new Promise<void>((resolve) => {
     let n = 0;

@@ -3,7 +3,6 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
-import { CoordinatorClient } from '../../coordinator/api/client.ts';
 import { findLlamaBinaries } from '../../node/llama/binaries.ts';
 import { OrchardError } from '../../shared/errors.ts';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
@@ -196,7 +195,7 @@ async function startDemoCluster(m: DemoModel, nodeCount: number, stateRoot: stri
 
 async function showPlan(cluster: LocalCluster, m: DemoModel, nodeCount: number, story: Story, run: Interruption): Promise<void> {
   step('plan');
-  const client = new CoordinatorClient(cluster.grpcAddress);
+  const client = cluster.client();
   let planText: string;
   try {
     const r = await run.orAbort(client.unary('plan', { modelPath: m.modelPath, options: { ctx: m.ctx, cacheType: 'f16', parallel: 1, pin: [] } }));

@@ -12,7 +12,9 @@ import type { Calibration } from '../../shared/placement/cost.ts';
 import { createLogger } from '../../shared/log.ts';
 import { formatBandwidth, formatBytes, parseBandwidth, parseInteger, parsePort, parseSize } from '../../shared/units.ts';
 import { modelsDirOption, modelsDirs } from '../models-dir.ts';
-import { agentAdvertiseAddress, joinWithRetry } from './cluster.ts';
+import { loadOrCreateIdentity } from '../../node/identity.ts';
+import { ensureJoined, keepMembership, readJoinToken, scrubArgv } from '../node-join.ts';
+import { agentAdvertiseAddress } from './cluster.ts';
 
 export const DEFAULT_GRPC_PORT = 50151;
 export const DEFAULT_METRICS_PORT = 9151;
@@ -30,8 +32,10 @@ interface NodeFlags {
   mdnsInterface?: string;
   bind: string;
   token?: string;
+  tokenFile?: string;
   join?: string;
   calibrate?: boolean;
+  renewCheck: string;
   json?: boolean;
   modelsDir: string[];
 }
@@ -52,8 +56,10 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--no-mdns', 'do not advertise over Bonjour (use `cluster join` instead)').env('ORCHARD_NODE_NO_MDNS'))
     .addOption(new Option('--mdns-interface <ip>', 'advertise on the interface with this IPv4 address only').env('ORCHARD_NODE_MDNS_INTERFACE'))
     .addOption(new Option('--bind <host>', 'address the gRPC and metrics servers listen on').default('0.0.0.0').env('ORCHARD_NODE_BIND'))
-    .addOption(new Option('--token <token>', 'require `authorization: Bearer <token>` on every gRPC call').env('ORCHARD_NODE_TOKEN'))
-    .addOption(new Option('--join <host:port>', 'join this coordinator (static join, no Bonjour needed); needs --token').env('ORCHARD_JOIN'))
+    .addOption(new Option('--token <token>', 'join token from `orchard coordinator token` (first start only; prefer ORCHARD_NODE_TOKEN or --token-file: a flag shows in `ps` until scrubbed)').env('ORCHARD_NODE_TOKEN'))
+    .addOption(new Option('--token-file <file>', 'read the join token from this file').env('ORCHARD_NODE_TOKEN_FILE'))
+    .addOption(new Option('--join <host:port>', 'the coordinator\'s gRPC address (static join, no Bonjour needed)').env('ORCHARD_JOIN'))
+    .addOption(new Option('--renew-check <seconds>', 'how often the node checks whether its certificate is due for renewal').default('3600').env('ORCHARD_NODE_RENEW_CHECK'))
     .addOption(modelsDirOption())
     .option('--calibrate', 'measure this machine\'s engine (decode bandwidth, prompt FLOP/s) before starting; cached for later starts')
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…}) instead of the profile table')
@@ -86,15 +92,9 @@ function parseFlags(flags: NodeFlags) {
     bindHost: bind,
     mdns,
     mdnsInterface: flags.mdnsInterface,
-    authToken: token(flags.token),
     modelsDirs: modelsDirs(flags.modelsDir ?? []),
+    renewCheckMs: 1000 * parseInteger(flags.renewCheck, '--renew-check', 1, 86_400),
   };
-}
-
-function token(t: string | undefined): string | undefined {
-  if (t === undefined) return undefined;
-  if (!/^[\x21-\x7e]{16,512}$/.test(t)) throw new UsageError('invalid --token: 16–512 printable characters without spaces');
-  return t;
 }
 
 function positive(n: number, what: string): number {
@@ -103,7 +103,9 @@ function positive(n: number, what: string): number {
 }
 
 async function runNode(flags: NodeFlags): Promise<void> {
+  scrubArgv();
   const parsed = parseFlags(flags);
+  const token = await readJoinToken(flags);
   const log = createLogger('orchard-node', process.env.ORCHARD_DEBUG ? 'debug' : undefined);
   const calibration = await nodeCalibration(!!flags.calibrate, log);
   const agent = new NodeAgent({
@@ -135,27 +137,33 @@ async function runNode(flags: NodeFlags): Promise<void> {
   process.on('SIGINT', onSignal);
   process.on('SIGHUP', onSignal); // terminal closed: stop in order rather than die at once
 
+  const membershipAbort = new AbortController();
+  void stopped.then(() => membershipAbort.abort());
   try {
-    if (flags.join !== undefined && !flags.token) throw new UsageError('--join needs --token (the cluster token: `orchard coordinator token`)');
+    const { nodeId } = await loadOrCreateIdentity(parsed.stateDir);
+    const plan = { stateDir: parsed.stateDir, nodeId, token, coordinator: flags.join, mdns: parsed.mdns, mdnsInterface: parsed.mdnsInterface, signal: membershipAbort.signal, log };
+    const joining = ensureJoined(plan);
+    joining.catch(() => undefined); // a refusal after a stop signal is nobody's business
+    // A signal while the node is still looking for its coordinator ends the search.
+    const tls = await Promise.race([joining, stopped.then(() => undefined)]);
+    if (membershipAbort.signal.aborted) return;
+    if (!tls && flags.join !== undefined) throw new UsageError('--join needs a join token the first time (ORCHARD_NODE_TOKEN or --token-file; `orchard coordinator token` prints one)');
     const ready = await agent.start();
     printReady(ready, parsed.bindHost, !!flags.json);
-    if (flags.join !== undefined) {
-      // Static join (coordinator side: src/coordinator); retried until the coordinator answers.
-      const joinAbort = new AbortController();
-      void stopped.then(() => joinAbort.abort());
-      void joinWithRetry(flags.join, flags.token!, agentAdvertiseAddress(parsed.bindHost, ready.grpcPort), {
-        signal: joinAbort.signal,
-        onError: (message, final) => {
-          (final ? log.error.bind(log) : log.warn.bind(log))({ coordinator: flags.join, err: message }, final ? 'join refused' : 'join failed; retrying');
-          if (final) {
-            process.exitCode = 1;
-            stopRequested();
-          }
-        },
-      }).then((r) => r && log.info({ coordinator: flags.join, clusterId: r.clusterId }, 'joined the cluster'));
-    }
+    void keepMembership({
+      ...plan,
+      agent,
+      agentAddress: flags.join !== undefined ? agentAdvertiseAddress(parsed.bindHost, ready.grpcPort) : undefined,
+      checkMs: parsed.renewCheckMs,
+      onRefused: (message) => {
+        log.error({ err: message }, 'the coordinator refused this node');
+        process.exitCode = 1;
+        stopRequested();
+      },
+    });
     log.info({ nodeId: ready.nodeId, grpcPort: ready.grpcPort, metricsPort: ready.metricsPort }, 'node agent ready');
     await stopped;
+    membershipAbort.abort();
     await agent.stop();
     if (flags.json) process.stdout.write(`${JSON.stringify({ event: 'stopped', nodeId: ready.nodeId })}\n`);
   } finally {

@@ -1,8 +1,8 @@
 import { readFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { CoordinatorClient, coordinatorAddress } from '../../coordinator/api/client.ts';
-import { addCredentialOptions, type CredentialFlags, resolveApiKey } from '../credentials.ts';
+import type { CoordinatorClient } from '../../coordinator/api/client.ts';
+import { addCredentialOptions, type CredentialFlags, coordinatorClient } from '../credentials.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { CACHE_TYPES, type CacheType } from '../../shared/memory/kv.ts';
 import { type ModelProfile, weightTraffic } from '../../shared/model/profile.ts';
@@ -64,8 +64,9 @@ export function registerPlan(program: Command): void {
         for (const f of ['hopMs', 'promptTokens', 'objective']) {
           if (cmd.getOptionValueSource(f) === 'cli') throw new UsageError(`--${f.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} applies to --nodes plans only; the live cluster is planned by the coordinator`);
         }
-        const address = coordinatorAddress(flags.coordinator);
-        const plan = await livePlan(address, await resolveApiKey(flags), resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [] });
+        const client = await coordinatorClient(flags);
+        const address = client.address;
+        const plan = await livePlan(client, resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [] });
         // The coordinator opens the model; the header here only names it when this machine has it too.
         const profile = await readModelProfile(resolve(modelPath)).catch(() => undefined);
         const model = profile?.name ?? modelPath;
@@ -109,8 +110,8 @@ export function registerPlan(program: Command): void {
  * The coordinator's Plan RPC: the planner's result over the nodes that are up (budgets net of
  * models already loaded), or its "does not fit" result. Validated here, at the edge.
  */
-async function livePlan(address: string, apiKey: string | undefined, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pin: string[] }): Promise<Plan> {
-  const client = new CoordinatorClient(address, apiKey);
+async function livePlan(client: CoordinatorClient, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pin: string[] }): Promise<Plan> {
+  const address = client.address;
   try {
     const res = await client.unary('plan', { modelPath, options }, 30_000);
     let raw: unknown;

@@ -271,7 +271,7 @@ export function registerService(program: Command): void {
     .command('install')
     .description('write the service file for node (default) or coordinator and start it; arguments after -- go to the service')
     .argument('[role]', 'node or coordinator', 'node')
-    .argument('[args...]', 'arguments for `orchard <role>`, after --, e.g. -- --join 10.0.0.1:7700 --token T')
+    .argument('[args...]', 'arguments for `orchard <role>`, after --, e.g. -- --join 10.0.0.1:7420 --token-file /etc/orchard/join-token')
     .option('--dry-run', 'print the file and the commands, change nothing')
     .option('--manager <launchd|systemd>', 'service manager (default: launchd on macOS, systemd on Linux)')
     .action(async (roleArg: string | undefined, rest: string[], flags: ServiceFlags) => {

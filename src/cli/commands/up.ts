@@ -3,8 +3,8 @@ import { networkInterfaces } from 'node:os';
 import { type Command, Option } from 'commander';
 import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/api/client.ts';
 import { startCoordinator } from '../../coordinator/coordinator.ts';
-import { defaultStateDir as coordinatorStateDir } from '../../coordinator/state/state-dir.ts';
-import { NodeAgent } from '../../node/agent.ts';
+import { defaultStateDir as coordinatorStateDir, StateDir } from '../../coordinator/state/state-dir.ts';
+import { type AgentReady, NodeAgent } from '../../node/agent.ts';
 import { probeHardware, readLiveStats } from '../../node/hardware/probe.ts';
 import { defaultStateDir as nodeStateDir } from '../../node/identity.ts';
 import { findLlamaBinaries } from '../../node/llama/binaries.ts';
@@ -12,6 +12,7 @@ import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { formatBytes, parseBandwidth, parseInteger, parsePort, parseSize } from '../../shared/units.ts';
 import { readKeyFile } from '../credentials.ts';
+import { enrollLocalNode } from '../local-enroll.ts';
 import { modelsDirOption, modelsDirs } from '../models-dir.ts';
 
 interface UpFlags {
@@ -45,9 +46,9 @@ export function defaultAgentAddress(ifaces = networkInterfaces()): string {
 
 /**
  * `orchard up`: the single-Mac default — a coordinator and this machine's node agent in one
- * process. The agent joins its own coordinator statically (at a LAN address, so that a remote
- * head can reach the rpc-server this node runs when the model spans several Macs); other Macs
- * join with `orchard node` (Bonjour) or `orchard cluster join`.
+ * process. The agent is certified directly from the cluster CA (local-enroll.ts) and added
+ * statically; up prints a join token for the other Macs (`orchard node` with it finds this
+ * coordinator over Bonjour, or `--join HOST:PORT`).
  */
 export function registerUp(program: Command): void {
   program
@@ -79,7 +80,7 @@ export function registerUp(program: Command): void {
 Examples:
   $ orchard up                                  # then: orchard load model.gguf; orchard chat
   $ orchard up --http-host 0.0.0.0 --api-key-file ~/.orchard/api-key
-  $ orchard up --no-mdns --budget 24GiB         # others join with: orchard cluster join`,
+  $ orchard up --no-mdns --budget 24GiB         # others: ORCHARD_NODE_TOKEN=T orchard node --join THIS_IP:7420`,
     )
     .action(async (flags: UpFlags) => {
       await runUp(flags);
@@ -94,6 +95,8 @@ async function runUp(flags: UpFlags): Promise<void> {
   const agentAddress = flags.agentAddress ?? defaultAgentAddress();
   if (isIP(agentAddress) === 0) throw new UsageError(`invalid --agent-address "${agentAddress}": give an IP address`);
   const log = createLogger('orchard-up', process.env.ORCHARD_DEBUG ? 'debug' : undefined);
+  const { ca } = await new StateDir(coordinatorStateDir()).clusterCa();
+  await enrollLocalNode(nodeStateDir(), ca);
   const agent = new NodeAgent({
     name: flags.name,
     stateDir: nodeStateDir(),
@@ -143,20 +146,8 @@ async function runUp(flags: UpFlags): Promise<void> {
       throw new OrchardError(`cannot start the coordinator: ${(err as Error).message} (another one running? use --grpc-port/--http-port)`);
     });
     await coordinator.membership.add(`${agentAddress}:${ready.grpcPort}`, 'join');
-    const url = `http://${flags.httpHost === '0.0.0.0' ? agentAddress : flags.httpHost}:${coordinator.httpPort}`;
-    if (flags.json) {
-      process.stdout.write(
-        `${JSON.stringify({ event: 'ready', clusterId: coordinator.clusterId, grpcPort: coordinator.grpcPort, httpPort: coordinator.httpPort, nodeId: ready.nodeId, agentPort: ready.grpcPort, pid: process.pid })}\n`,
-      );
-    } else {
-      process.stdout.write(
-        `orchard up: cluster ${coordinator.clusterId}\n` +
-          `  this node: ${ready.name} (${formatBytes(ready.profile.budgetBytes)} usable), agent ${agentAddress}:${ready.grpcPort}\n` +
-          `  OpenAI API: ${url}/v1    gRPC: ${flags.host}:${coordinator.grpcPort}\n` +
-          `  other Macs: \`orchard node\` (Bonjour${flags.mdns ? '' : ' is off here'}) or \`orchard cluster join ${agentAddress}:${coordinator.grpcPort} --token ${coordinator.joinToken} --agent THEIR_IP:50151\`\n` +
-          `  next: orchard load MODEL.gguf, then orchard chat --url ${url}\n`,
-      );
-    }
+    const joinToken = await coordinator.createJoinToken({ ttlMs: 24 * 3_600_000 });
+    printUpReady(flags, coordinator, ready, agentAddress, joinToken);
     await stopped;
     log.info('stopping: unloading models, stopping engines');
   } finally {
@@ -164,5 +155,23 @@ async function runUp(flags: UpFlags): Promise<void> {
     await agent.stop();
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
+  }
+}
+
+function printUpReady(flags: UpFlags, coordinator: Awaited<ReturnType<typeof startCoordinator>>, ready: AgentReady, agentAddress: string, joinToken: string): void {
+  const url = `http://${flags.httpHost === '0.0.0.0' ? agentAddress : flags.httpHost}:${coordinator.httpPort}`;
+  if (flags.json) {
+    process.stdout.write(
+      `${JSON.stringify({ event: 'ready', clusterId: coordinator.clusterId, grpcPort: coordinator.grpcPort, httpPort: coordinator.httpPort, caFingerprint: coordinator.caFingerprint, joinToken, nodeId: ready.nodeId, agentPort: ready.grpcPort, pid: process.pid })}\n`,
+    );
+  } else {
+    process.stdout.write(
+      `orchard up: cluster ${coordinator.clusterId}\n` +
+        `  this node: ${ready.name} (${formatBytes(ready.profile.budgetBytes)} usable), agent ${agentAddress}:${ready.grpcPort}\n` +
+        `  OpenAI API: ${url}/v1    gRPC: ${flags.host}:${coordinator.grpcPort}\n` +
+        `  join token (valid 24 h, shown once): ${joinToken}\n` +
+        `  other Macs: ORCHARD_NODE_TOKEN=<token> orchard node${flags.mdns ? '' : ` --join ${agentAddress}:${coordinator.grpcPort}`}   (Bonjour finds this coordinator${flags.mdns ? '' : '; it is off here'})\n` +
+        `  next: orchard load MODEL.gguf, then orchard chat --url ${url}\n`,
+    );
   }
 }

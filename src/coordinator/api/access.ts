@@ -34,9 +34,13 @@ export class AccessControl {
     return this.o.locked || ((await this.o.store?.current()) ?? []).length > 0;
   }
 
-  /** Decide one call: `presented` is the key the caller sent (undefined: none), `needed` the route's scope. */
-  async decide(presented: string | undefined, needed: ApiKeyScope): Promise<AccessDecision> {
-    if (!(await this.enforced())) return { ok: true, scope: 'admin', keyName: 'open' };
+  /**
+   * Decide one call: `presented` is the key the caller sent (undefined: none), `needed` the
+   * route's scope. `always`: enforce even while no operator key exists (the gRPC port, which
+   * faces the network by default; the CLI on this machine finds the local admin key itself).
+   */
+  async decide(presented: string | undefined, needed: ApiKeyScope, always = false): Promise<AccessDecision> {
+    if (!always && !(await this.enforced())) return { ok: true, scope: 'admin', keyName: 'open' };
     if (presented === undefined || presented === '') return { ok: false, why: 'missing' };
     const granted = await this.#identify(presented);
     if (!granted) return { ok: false, why: 'invalid' };

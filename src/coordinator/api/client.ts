@@ -1,5 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
+import { CLUSTER_CHANNEL_OPTIONS, clusterChannelCredentials } from '../../shared/pki/grpc-tls.ts';
 import { orchardV1 } from '../../shared/proto.ts';
 
 /** Where the CLI finds the coordinator: --coordinator, ORCHARD_COORDINATOR, or this machine. */
@@ -42,14 +43,18 @@ export class CoordinatorClient {
   readonly #c: grpc.Client & Record<string, unknown>;
   readonly #apiKey: string | undefined;
 
-  /** `apiKey`: sent as `authorization: Bearer KEY` metadata on every call (Join needs none). */
+  /**
+   * `tls`: the cluster CA the coordinator's certificate must chain to (and, for an admin, the
+   * client key and certificate); `apiKey`: sent as `authorization: Bearer KEY` metadata.
+   */
   constructor(
     readonly address: string,
-    apiKey?: string | undefined,
+    o: { readonly tls: { readonly caCertPem: string; readonly keyPem?: string | undefined; readonly certPem?: string | undefined }; readonly apiKey?: string | undefined },
   ) {
     const Ctor = orchardV1().Coordinator!;
-    this.#c = new Ctor(address, grpc.credentials.createInsecure()) as grpc.Client & Record<string, unknown>;
-    this.#apiKey = apiKey;
+    const tls = o.tls.keyPem && o.tls.certPem ? { caCertPem: o.tls.caCertPem, keyPem: o.tls.keyPem, certPem: o.tls.certPem } : { caCertPem: o.tls.caCertPem };
+    this.#c = new Ctor(address, clusterChannelCredentials(tls, { role: 'coordinator' }), CLUSTER_CHANNEL_OPTIONS) as grpc.Client & Record<string, unknown>;
+    this.#apiKey = o.apiKey;
   }
 
   #metadata(): grpc.Metadata {

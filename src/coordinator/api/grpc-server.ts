@@ -7,7 +7,8 @@ import type { Logger } from '../../shared/log.ts';
 import { createGrpcServer } from '../../shared/grpc-server.ts';
 import { orchardV1 } from '../../shared/proto.ts';
 import { CoordinatorError, toServiceError } from '../errors.ts';
-import { joinTokenMatches } from '../membership/join-token.ts';
+import { type TlsCredentials, authenticate, clusterServerCredentials } from '../../shared/pki/grpc-tls.ts';
+import type { EnrollRequest, Enrollment } from '../membership/enroll.ts';
 import type { Membership } from '../membership/membership.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from '../instances/runtime.ts';
@@ -18,13 +19,21 @@ import { guardService } from './grpc-access.ts';
 
 /**
  * `orchard.v1.Coordinator` over gRPC: validates at the edge (zod), delegates to membership and
- * the runtime, maps domain errors to statuses. Join needs the join token; every other method an
- * API key with its scope (grpc-access.ts, applied to the whole service table).
+ * the runtime, maps domain errors to statuses. Join needs a join token or the node's own
+ * certificate (enroll.ts); every other method an admin certificate or an API key with its scope
+ * (grpc-access.ts, applied to the whole service table). Served over TLS with the coordinator's
+ * cluster certificate.
  */
 export interface CoordinatorServices {
   readonly membership: Membership;
   readonly runtime: Runtime;
-  readonly joinToken: () => string;
+  /** Certify a node (token or node certificate → node certificate). */
+  readonly enroll: (req: EnrollRequest) => Promise<Enrollment>;
+  /** The coordinator's TLS credentials (cluster CA included). */
+  readonly tls: TlsCredentials;
+  readonly isRevoked: (nodeId: string) => boolean;
+  /** Revoke a node by id or name (`orchard cluster revoke`). */
+  readonly revoke: (node: string) => Promise<{ nodeId: string; revoked: boolean }>;
   readonly clusterId: string;
   readonly version: string;
   readonly log: Logger;
@@ -34,7 +43,7 @@ export interface CoordinatorServices {
 
 const ADDRESS = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/;
 
-const joinSchema = z.object({ token: z.string().default(''), agentAddress: z.string().default('') });
+const joinSchema = z.object({ token: z.string().default(''), agentAddress: z.string().default(''), csr: z.string().max(16_384).default('') });
 const planOptionsSchema = z
   .object({
     ctx: z.number().int().nonnegative().default(0),
@@ -124,24 +133,11 @@ export function coordinatorHandlers(s: CoordinatorServices): grpc.UntypedService
 function membershipHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedServiceImplementation {
   return {
     Join(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
-      (async () => {
-        const req = parse(joinSchema, call.request, 'Join');
-        if (!joinTokenMatches(s.joinToken(), req.token)) {
-          s.log.warn({ peer: call.getPeer(), agentAddress: req.agentAddress }, 'join refused: wrong token');
-          throw new CoordinatorError('PERMISSION_DENIED', 'wrong join token (see `orchard coordinator token` on the coordinator)');
-        }
-        if (!ADDRESS.test(req.agentAddress)) {
-          throw new CoordinatorError('INVALID_ARGUMENT', `agent_address must be host:port, got "${req.agentAddress}"`);
-        }
-        let node: NodeEntry;
-        try {
-          node = await s.membership.add(req.agentAddress, 'join');
-        } catch (err) {
-          throw new CoordinatorError('UNAVAILABLE', `cannot reach the node agent at ${req.agentAddress}: ${(err as { details?: string }).details || errorMessage(err)}`);
-        }
-        await s.rememberAgent(req.agentAddress);
-        return { nodeId: node.nodeId, clusterId: s.clusterId };
-      })().then((r) => cb(null, r), (err) => cb(fail(err)));
+      join(s, call).then((r) => cb(null, r), (err) => cb(fail(err)));
+    },
+
+    Revoke(call: grpc.ServerUnaryCall<{ node?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      s.revoke(String(call.request?.node ?? '').trim()).then((r) => cb(null, r), (err) => cb(fail(err)));
     },
 
     Status(_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
@@ -154,6 +150,40 @@ function membershipHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedSer
       });
     },
   };
+}
+
+/**
+ * Join: certify the CSR (token, or the node certificate the caller presents), then — when the
+ * node announces the address its agent serves on — dial that agent and check that it proves the
+ * same node id before remembering the address. A presented certificate that is refused (foreign,
+ * expired, revoked) is an answer on its own: no token fallback.
+ */
+async function join(s: CoordinatorServices, call: grpc.ServerUnaryCall<unknown, unknown>): Promise<Record<string, unknown>> {
+  const req = parse(joinSchema, call.request, 'Join');
+  const presented = call.getAuthContext?.()?.sslPeerCertificate?.raw;
+  let peer: EnrollRequest['peer'];
+  if (presented && presented.length > 0) {
+    const check = authenticate(call, s.tls.caCertPem, ['node'], (p) => s.isRevoked(p.id));
+    if (!check.ok) throw new CoordinatorError(check.code === grpc.status.PERMISSION_DENIED ? 'PERMISSION_DENIED' : 'UNAUTHENTICATED', check.details);
+    peer = check.peer;
+  }
+  if (req.agentAddress !== '') {
+    if (!peer) throw new CoordinatorError('INVALID_ARGUMENT', 'agent_address is announced with the node certificate: join with the token first, then start the agent');
+    if (!ADDRESS.test(req.agentAddress)) throw new CoordinatorError('INVALID_ARGUMENT', `agent_address must be host:port, got "${req.agentAddress}"`);
+  }
+  const e = await s.enroll({ csrPem: req.csr, token: req.token || undefined, peer });
+  s.log.info({ nodeId: e.nodeId, renewal: e.renewal, peer: call.getPeer() }, e.renewal ? 'node certificate renewed' : 'node joined');
+  if (req.agentAddress !== '') {
+    let node: NodeEntry;
+    try {
+      node = await s.membership.add(req.agentAddress, 'join');
+    } catch (err) {
+      throw new CoordinatorError('UNAVAILABLE', `cannot reach the node agent at ${req.agentAddress}: ${(err as { details?: string }).details || errorMessage(err)}`);
+    }
+    if (node.nodeId !== e.nodeId) throw new CoordinatorError('PERMISSION_DENIED', `the agent at ${req.agentAddress} is node ${node.nodeId}, not ${e.nodeId}`);
+    await s.rememberAgent(req.agentAddress);
+  }
+  return { nodeId: e.nodeId, clusterId: s.clusterId, certificate: e.certPem, caCertificate: e.caCertPem };
 }
 
 function modelHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedServiceImplementation {
@@ -219,9 +249,9 @@ function generateHandler(s: CoordinatorServices, fail: Fail) {
 export async function startCoordinatorGrpc(s: CoordinatorServices, access: AccessControl, host: string, port: number): Promise<{ server: grpc.Server; port: number }> {
   const server = createGrpcServer();
   const service = orchardV1().Coordinator!.service;
-  server.addService(service, guardService(service, coordinatorHandlers(s), access));
+  server.addService(service, guardService(service, coordinatorHandlers(s), access, s.tls.caCertPem));
   const bound = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, clusterServerCredentials(s.tls), (err, p) => (err ? reject(err) : resolve(p))),
   );
   return { server, port: bound };
 }

@@ -106,28 +106,24 @@ type ServerStream = (req: Wire, md?: grpc.Metadata, opts?: grpc.CallOptions) => 
 export class AgentClient {
   readonly #client: grpc.Client & Record<string, unknown>;
 
-  readonly #token: string | undefined;
   #peer: VerifiedPeer | undefined;
 
   /**
-   * @param auth the coordinator's cluster credentials (mutual TLS: the agent's certificate must
-   * name a node of this cluster, and `peer` then says which), or — for agents that have not
-   * joined with a certificate yet — the cluster token, sent as `authorization: Bearer …`.
+   * @param tls the coordinator's cluster credentials: mutual TLS, and the agent's certificate
+   * must name a node of this cluster (`peer` then says which). There is no other way to talk to
+   * an agent: one that has not joined serves nothing, and no secret is ever sent to an address
+   * that could not prove membership first.
    */
   constructor(
     readonly address: string,
-    auth?: string | TlsCredentials,
+    tls: TlsCredentials,
   ) {
-    this.#token = typeof auth === 'string' && auth ? auth : undefined;
     const Ctor = orchardV1().NodeAgent!;
-    const credentials =
-      typeof auth === 'object'
-        ? clusterChannelCredentials(auth, { role: 'node' }, (p) => {
-            this.#peer = p;
-          })
-        : grpc.credentials.createInsecure();
+    const credentials = clusterChannelCredentials(tls, { role: 'node' }, (p) => {
+      this.#peer = p;
+    });
     this.#client = new Ctor(address, credentials, {
-      ...(typeof auth === 'object' ? CLUSTER_CHANNEL_OPTIONS : {}),
+      ...CLUSTER_CHANNEL_OPTIONS,
       // Agents restart; reconnect quickly rather than with grpc's long default backoff.
       'grpc.initial_reconnect_backoff_ms': 200,
       'grpc.max_reconnect_backoff_ms': 2000,
@@ -142,9 +138,7 @@ export class AgentClient {
   }
 
   #metadata(): grpc.Metadata {
-    const md = new grpc.Metadata();
-    if (this.#token) md.set('authorization', `Bearer ${this.#token}`);
-    return md;
+    return new grpc.Metadata();
   }
 
   #unary(method: string, req: Wire, timeoutMs: number): Promise<Wire> {
@@ -260,6 +254,11 @@ export class AgentClient {
   async stopEngine(engineId: string, owner: string, timeoutMs = 10_000): Promise<boolean> {
     const r = await this.#unary('stopEngine', { engineId, owner }, timeoutMs);
     return r.stopped === true;
+  }
+
+  /** The cluster's revoked node ids (the agent's tunnel listeners refuse them). */
+  async setRevocations(nodeIds: readonly string[], timeoutMs = 5000): Promise<void> {
+    await this.#unary('setRevocations', { nodeIds: [...nodeIds] }, timeoutMs);
   }
 
   generate(req: AgentGenerateRequest): grpc.ClientReadableStream<Wire> {

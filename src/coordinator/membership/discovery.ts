@@ -1,5 +1,6 @@
 import { Bonjour, type Browser, type Service, type ServiceConfig } from 'bonjour-service';
 import type { Logger } from '../../shared/log.ts';
+import { COORDINATOR_SERVICE_TYPE } from '../../shared/service-types.ts';
 
 export const ORCHARD_SERVICE_TYPE = 'orchard';
 
@@ -57,5 +58,30 @@ export class Discovery {
   close(): Promise<void> {
     this.#browser.stop();
     return new Promise((resolve) => this.#bonjour.destroy(() => resolve()));
+  }
+}
+
+/**
+ * The coordinator on Bonjour (`_orchard-coord._tcp`): its gRPC port, cluster id and CA
+ * fingerprint (public). Nodes started with a join token browse for it; they trust nothing the
+ * record says until the TLS chain matches the token's fingerprint (src/shared/pki/pin.ts).
+ */
+export class CoordinatorAdvertiser {
+  readonly #bonjour: Bonjour;
+
+  constructor(o: { port: number; clusterId: string; caFingerprint: string; interface?: string | undefined }, log: Logger) {
+    const mdnsOptions = (o.interface ? { interface: o.interface, bind: '0.0.0.0' } : {}) as Partial<ServiceConfig>;
+    this.#bonjour = new Bonjour(mdnsOptions, (err: unknown) => log.warn({ err: String(err) }, 'mDNS error'));
+    this.#bonjour.publish({
+      name: `orchard coordinator ${o.clusterId.slice(0, 8)}`,
+      type: COORDINATOR_SERVICE_TYPE,
+      protocol: 'tcp',
+      port: o.port,
+      txt: { cluster: o.clusterId, ca: o.caFingerprint },
+    });
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => this.#bonjour.unpublishAll(() => this.#bonjour.destroy(() => resolve())));
   }
 }

@@ -2,68 +2,9 @@ import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
 import { UsageError } from '../../shared/errors.ts';
 
-/**
- * The cluster's join token: the shared secret a node presents to `Coordinator.Join`.
- * 32 random bytes, base64url (43 characters), prefixed so it is recognisable in configs.
- */
-const PREFIX = 'orchard-join-';
+import { type ClusterJoinToken, formatClusterJoinToken, parseClusterJoinToken } from '../../shared/pki/join-token-text.ts';
 
-export function generateJoinToken(): string {
-  return PREFIX + randomBytes(32).toString('base64url');
-}
-
-/** Tokens set by hand (`--join-token`, ORCHARD_JOIN_TOKEN) must still be hard to guess. */
-export function validateJoinToken(token: string, source: string): string {
-  const t = token.trim();
-  if (t.length < 16) throw new UsageError(`join token from ${source} is too short: use at least 16 characters`);
-  if (/\s/.test(t)) throw new UsageError(`join token from ${source} contains whitespace`);
-  return t;
-}
-
-/**
- * Constant-time comparison. Both sides are hashed first so the comparison takes the same time
- * whatever the lengths (timingSafeEqual itself throws on a length mismatch, which would leak it).
- */
-export function joinTokenMatches(expected: string, presented: string): boolean {
-  const a = createHash('sha256').update(expected, 'utf8').digest();
-  const b = createHash('sha256').update(presented, 'utf8').digest();
-  return timingSafeEqual(a, b) && expected.length > 0;
-}
-
-/*
- * Cluster join tokens, format 1: `orchard1.<id>.<secret>.<ca-sha256>`.
- *   id      12 hex chars, public: names the stored record (lookup never touches the secret)
- *   secret  32 random bytes, base64url: proves the holder was given the token
- *   ca      sha256 of the cluster CA certificate (DER, hex): the joining node checks the
- *           coordinator's CA against it before sending anything (kubeadm's
- *           --discovery-token-ca-cert-hash), so a rogue coordinator learns nothing
- * The coordinator stores only sha256(secret): high-entropy secrets need no slow hash, and a
- * leaked token file then lets nobody join.
- */
-export const TOKEN_VERSION = 'orchard1';
-
-const JoinTokenText = z
-  .string()
-  .trim()
-  .regex(/^orchard1\.[0-9a-f]{12}\.[A-Za-z0-9_-]{43}\.[0-9a-f]{64}$/, 'not an orchard1 join token (orchard1.<id>.<secret>.<ca-sha256>)');
-
-export interface ClusterJoinToken {
-  readonly id: string;
-  readonly secret: string;
-  readonly caFingerprint: string;
-}
-
-/** The one parse of a presented token; the message never echoes the token back. */
-export function parseClusterJoinToken(text: string): ClusterJoinToken {
-  const parsed = JoinTokenText.safeParse(text);
-  if (!parsed.success) throw new UsageError(parsed.error.issues[0]?.message ?? 'malformed join token');
-  const [, id, secret, caFingerprint] = parsed.data.split('.') as [string, string, string, string];
-  return { id, secret, caFingerprint };
-}
-
-export function formatClusterJoinToken(t: ClusterJoinToken): string {
-  return `${TOKEN_VERSION}.${t.id}.${t.secret}.${t.caFingerprint}`;
-}
+export { type ClusterJoinToken, formatClusterJoinToken, parseClusterJoinToken, TOKEN_VERSION } from '../../shared/pki/join-token-text.ts';
 
 export const JoinTokenRecord = z.object({
   id: z.string().regex(/^[0-9a-f]{12}$/),

@@ -38,12 +38,18 @@ export class Membership extends EventEmitter<MembershipEvents> {
   readonly #statsIntervalSeconds: number;
   readonly #heartbeatIntervalSeconds: number;
 
-  readonly #agentAuth: string | TlsCredentials | undefined;
+  readonly #tls: TlsCredentials | undefined;
 
-  /** @param agentAuth the coordinator's cluster credentials (mutual TLS), or a bearer token for agents without certificates. */
-  constructor(options: RegistryOptions, log: Logger, agentAuth?: string | TlsCredentials) {
+  readonly #revoked: () => readonly string[];
+
+  /**
+   * @param tls the coordinator's cluster credentials (mutual TLS); without them no agent can be added.
+   * @param revoked the cluster's revoked node ids: such an agent is refused, and every agent is told the list.
+   */
+  constructor(options: RegistryOptions, log: Logger, tls?: TlsCredentials, revoked: () => readonly string[] = () => []) {
     super();
-    this.#agentAuth = agentAuth;
+    this.#tls = tls;
+    this.#revoked = revoked;
     this.registry = new Registry(options);
     this.#log = log;
     // Heartbeats arrive at 4× the suspect rate so one lost message never makes a node suspect;
@@ -71,7 +77,8 @@ export class Membership extends EventEmitter<MembershipEvents> {
   async add(address: string, by: DiscoveredBy, keepTrying = by === 'mdns'): Promise<NodeEntry> {
     let link = this.#links.get(address);
     if (!link) {
-      link = { address, client: new AgentClient(address, this.#agentAuth), discoveredBy: by, session: undefined, nodeId: undefined, stream: undefined, retry: undefined, attempt: 0, closed: false };
+      if (!this.#tls) throw new Error('membership has no cluster credentials: agents are reached over mutual TLS only');
+      link = { address, client: new AgentClient(address, this.#tls), discoveredBy: by, session: undefined, nodeId: undefined, stream: undefined, retry: undefined, attempt: 0, closed: false };
       this.#links.set(address, link);
       try {
         return await this.#connect(link);
@@ -107,6 +114,8 @@ export class Membership extends EventEmitter<MembershipEvents> {
     // With mutual TLS the node is who its certificate says, whatever its profile claims.
     const proven = link.client.peer;
     if (proven && proven.id !== d.profile.nodeId) throw new Error(`agent at ${link.address} claims node ${d.profile.nodeId} but its certificate names ${proven.id}`);
+    if (this.#revoked().includes(d.profile.nodeId)) throw new Error(`node ${d.profile.nodeId} at ${link.address} was revoked from this cluster`);
+    this.#tellRevocations(link);
     const session = randomUUID();
     const previousStream = link.stream;
     link.session = session;
@@ -132,6 +141,22 @@ export class Membership extends EventEmitter<MembershipEvents> {
     stream.on('error', (err) => end(`watch stream failed: ${errorMessage(err)}`));
     stream.on('end', () => end('watch stream ended'));
     return this.registry.get(nodeId)!;
+  }
+
+  #tellRevocations(link: Link): void {
+    link.client.setRevocations(this.#revoked()).catch((err) => this.#log.warn({ address: link.address, err: errorMessage(err) }, 'could not send the revocation list'));
+  }
+
+  /**
+   * A node was revoked: close every channel to it, forget it, and send the new list to every
+   * other agent (their tunnel listeners refuse it from then on).
+   */
+  revoked(nodeId: string): void {
+    for (const link of [...this.#links.values()]) {
+      if (link.nodeId === nodeId) this.#drop(link);
+      else if (link.nodeId !== undefined) this.#tellRevocations(link);
+    }
+    this.#apply(this.registry.remove(nodeId, 'revoked'));
   }
 
   #scheduleReconnect(link: Link): void {

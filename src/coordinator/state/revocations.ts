@@ -42,6 +42,11 @@ export class RevocationList {
     return list;
   }
 
+  /** Every revoked node id (what agents are sent). */
+  ids(): string[] {
+    return [...this.#nodes.keys()];
+  }
+
   isRevoked(nodeId: string): boolean {
     return this.#nodes.has(nodeId);
   }

@@ -8,13 +8,12 @@ import { type ClusterCa, certificateFingerprint, createKeyAndCsr, issueCertifica
 import type { TlsCredentials } from '../../shared/pki/grpc-tls.ts';
 import { writeFileAtomic } from '../../shared/pki/files.ts';
 import { loadOrCreateClusterCa } from '../../shared/pki/store.ts';
-import { generateJoinToken, validateJoinToken } from '../membership/join-token.ts';
 import { ApiKeyStore, loadOrCreateLocalAdminKey } from './api-key-store.ts';
 import { JoinTokenStore } from './join-token-store.ts';
 import { RevocationList } from './revocations.ts';
 
 /**
- * The coordinator's state directory: its cluster id, its join token (0600), the agents that
+ * The coordinator's state directory: its cluster id, the agents that
  * joined statically (so a restarted coordinator finds them again without Bonjour), the cluster
  * CA (`pki/`, key 0600), the join tokens that pin it (`join-tokens.json`, hashed, 0600), the API
  * keys (`api-keys.json`, hashed, 0600) and the local admin key the CLI on this machine uses
@@ -34,10 +33,6 @@ export type ClusterState = z.infer<typeof ClusterFile>;
 
 export class StateDir {
   constructor(readonly dir: string) {}
-
-  get tokenPath(): string {
-    return join(this.dir, 'join-token');
-  }
 
   get clusterPath(): string {
     return join(this.dir, 'cluster.json');
@@ -100,34 +95,6 @@ export class StateDir {
 
   async ensure(): Promise<void> {
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
-  }
-
-  /**
-   * The join token: an explicit one (flag/env) is stored so `orchard coordinator token` prints
-   * what is in force; otherwise the stored one; otherwise a fresh one is generated and stored.
-   */
-  async joinToken(explicit?: string | undefined): Promise<{ token: string; created: boolean }> {
-    await this.ensure();
-    if (explicit !== undefined) {
-      const token = validateJoinToken(explicit, '--join-token/ORCHARD_JOIN_TOKEN');
-      await this.#writePrivate(this.tokenPath, `${token}\n`);
-      return { token, created: false };
-    }
-    const stored = await this.readJoinToken();
-    if (stored) return { token: stored, created: false };
-    const token = generateJoinToken();
-    await this.#writePrivate(this.tokenPath, `${token}\n`);
-    return { token, created: true };
-  }
-
-  async readJoinToken(): Promise<string | undefined> {
-    try {
-      const t = (await readFile(this.tokenPath, 'utf8')).trim();
-      return t || undefined;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw err;
-    }
   }
 
   async cluster(): Promise<ClusterState> {

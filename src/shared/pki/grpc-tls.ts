@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import type { PeerCertificate } from 'node:tls';
+import type { PeerCertificate, SecureContextOptions } from 'node:tls';
 import type { Role } from './identity.ts';
 import { CertificateRejected, type VerifiedPeer, verifyCertificate } from './verify.ts';
 
@@ -29,6 +29,16 @@ export function clusterServerCredentials(c: TlsCredentials): grpc.ServerCredenti
   const ctor = (creds as unknown as { serverConstructorOptions?: Record<string, unknown> }).serverConstructorOptions;
   if (ctor && typeof ctor === 'object') ctor.rejectUnauthorized = false;
   return creds;
+}
+
+/**
+ * Swap a renewed key and certificate into a running server (grpc-js re-keys its listeners via
+ * setSecureContext): connections already open keep their session, new ones see the new chain.
+ * The method is `protected` in grpc-js's typings (its certificate providers call it); the node
+ * renewal test (test/security/join.test.ts) notices if it goes away.
+ */
+export function renewServerCredentials(creds: grpc.ServerCredentials, c: TlsCredentials): void {
+  (creds as unknown as { updateSecureContextOptions(o: SecureContextOptions): void }).updateSecureContextOptions({ ca: Buffer.from(c.caCertPem), cert: Buffer.from(`${c.certPem.trim()}\n${c.caCertPem.trim()}\n`), key: Buffer.from(c.keyPem) });
 }
 
 export type PeerCheck = { readonly ok: true; readonly peer: VerifiedPeer } | { readonly ok: false; readonly code: grpc.status; readonly details: string };

@@ -37,6 +37,7 @@ const BY_CODE: Record<CoordinatorCode, { status: number; type: ApiErrorType; cod
   NOT_FOUND: { status: 404, type: 'invalid_request_error', code: 'model_not_found' },
   ALREADY_EXISTS: { status: 409, type: 'invalid_request_error', code: 'model_exists' },
   PERMISSION_DENIED: { status: 403, type: 'authentication_error', code: 'permission_denied' },
+  UNAUTHENTICATED: { status: 401, type: 'authentication_error', code: 'invalid_api_key' },
   RESOURCE_EXHAUSTED: { status: 429, type: 'rate_limit_error', code: 'busy' },
   // "not loaded yet", "does not fit", "no live nodes": capacity problems a retry may fix.
   FAILED_PRECONDITION: { status: 503, type: 'service_unavailable', code: 'no_capacity' },
