@@ -1,7 +1,7 @@
 import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
-import { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
@@ -47,8 +47,8 @@ describeWith([engines], 'coordinator restart re-adopts running engines (file sto
   let oracle: number[];
   const agents: { proc: Proc; address: string }[] = [];
 
-  const start = (name: string, args: string[]) => {
-    const p = spawnProc(name, args, env);
+  const start = (name: string, args: string[], procEnv: NodeJS.ProcessEnv = env) => {
+    const p = spawnProc(name, args, procEnv);
     procs.push(p);
     return p;
   };
@@ -63,7 +63,7 @@ describeWith([engines], 'coordinator restart re-adopts running engines (file sto
     return JSON.parse(r.stdout) as { models: { name: string; state: string; stages: { endpoint: string }[] }[] };
   };
   const generate = async (): Promise<number[]> => {
-    const client = new CoordinatorClient(coordAddr);
+    const client = await localCoordinatorClient(coordAddr, join(dir.path, 'coord'));
     const tokens: number[] = [];
     try {
       for await (const ev of client.stream('generate', { model: 'm8', prompt: ORACLE_PROMPT, maxTokens: N_PREDICT, temperature: 0 })) {
@@ -78,18 +78,20 @@ describeWith([engines], 'coordinator restart re-adopts running engines (file sto
 
   beforeAll(async () => {
     const bins = (engines as { value: LlamaBinaries }).value;
-    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1', ORCHARD_JOIN_TOKEN: '' };
+    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+    // The CLI on this machine trusts the coordinator by its state dir (CA, local admin key).
+    env.ORCHARD_COORDINATOR_STATE_DIR = join(dir.path, 'coord');
     model = join(dir.path, 'm8.gguf');
     const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '11'], env, CTX);
     ({ p: coordinator, addr: coordAddr } = await startCoordinator('coordinator'));
-    const token = (await orchard(['coordinator', 'token', '--state-dir', join(dir.path, 'coord')], env)).stdout.trim();
+    const t = await orchard(['coordinator', 'token', '--uses', '3', '--ttl', '10m'], env);
+    expect(t.code, t.stderr).toBe(0);
+    const token = t.stdout.trim();
     for (const name of ['alpha', 'bravo', 'charlie']) {
-      const proc = start(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--json']);
+      const proc = start(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--json', '--join', coordAddr], { ...env, ORCHARD_NODE_TOKEN: token });
       const r = await readyLine(proc);
       const address = `127.0.0.1:${String(r.grpcPort)}`;
       agents.push({ proc, address });
-      const j = await orchard(['cluster', 'join', coordAddr, '--token', token, '--agent', address], env);
-      expect(j.code, j.stderr).toBe(0);
     }
     oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
     const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
