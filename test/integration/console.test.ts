@@ -40,7 +40,9 @@ let page: Page;
 let base = '';
 
 // The CLI authenticates like an operator's shell would: the key in the environment.
-const cli = (args: string[]) => orchard([...args, '--coordinator', cluster!.grpcAddress], { ...env, ORCHARD_API_KEY: API_KEY });
+// It trusts the coordinator's TLS certificate through the coordinator's state dir (its CA), as on that Mac.
+const cli = (args: string[]) =>
+  orchard([...args, '--coordinator', cluster!.grpcAddress], { ...env, ORCHARD_API_KEY: API_KEY, ORCHARD_COORDINATOR_STATE_DIR: join(tmp, 'state', 'coordinator') });
 
 async function cliJson(args: string[]): Promise<Record<string, unknown>> {
   const r = await cli([...args, '--json']);
