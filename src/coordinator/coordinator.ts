@@ -126,18 +126,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
 
   let closed = false;
   let httpPort: number | undefined;
-  const router = new HttpRouter(accessGuard(access), log.child({ part: 'http' }), { metricsPublic: o.api?.metricsPublic });
-  installApi(router, { runtime, membership, clusterId, log, onRefused: (model, status) => metrics.refused(model, status) }, { maxBodyBytes: o.api?.maxBodyBytes });
-  installOperatorRoutes(router, {
-    membership,
-    runtime,
-    clusterId,
-    registry: metrics.registry,
-    serving: () => !closed,
-    ownAddress: () => `${o.httpHost ?? '127.0.0.1'}:${httpPort ?? 0}`,
-  });
-  const webConsole = createConsole({ runtime, membership, clusterId, metrics: metrics.metrics, log, maxBodyBytes: o.api?.maxBodyBytes });
-  for (const r of webConsole.routes) router.add(r.method, r.path, r.scope, r.handler);
+  const { router, webConsole } = buildRouter(o, { runtime, membership, clusterId, metrics, access }, () => !closed, () => `${o.httpHost ?? '127.0.0.1'}:${httpPort ?? 0}`);
   const http = o.httpPort === undefined ? undefined : await listenHttp(router, o.httpPort, o.httpHost ?? '127.0.0.1');
   httpPort = http?.port;
 
@@ -175,6 +164,23 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
       await state.saved();
     },
   };
+}
+
+/** One router for every HTTP route (OpenAI API, operator routes, console), behind one access guard. */
+function buildRouter(
+  o: CoordinatorOptions,
+  d: { runtime: MeteredRuntime; membership: Membership; clusterId: string; metrics: CoordinatorMetrics; access: AccessControl },
+  serving: () => boolean,
+  ownAddress: () => string,
+) {
+  const { runtime, membership, clusterId, metrics, access } = d;
+  const log = o.log;
+  const router = new HttpRouter(accessGuard(access), log.child({ part: 'http' }), { metricsPublic: o.api?.metricsPublic });
+  installApi(router, { runtime, membership, clusterId, log, onRefused: (model, status) => metrics.refused(model, status) }, { maxBodyBytes: o.api?.maxBodyBytes });
+  installOperatorRoutes(router, { membership, runtime, clusterId, registry: metrics.registry, serving, ownAddress });
+  const webConsole = createConsole({ runtime, membership, clusterId, metrics: metrics.metrics, log, maxBodyBytes: o.api?.maxBodyBytes });
+  for (const r of webConsole.routes) router.add(r.method, r.path, r.scope, r.handler);
+  return { router, webConsole };
 }
 
 /** The cluster CA, the coordinator's own certificate (what agents and joining nodes check it by), join tokens, revocations. */
