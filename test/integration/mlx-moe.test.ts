@@ -87,15 +87,20 @@ describe('MoE MLX models over 2 pipeline ranks through the coordinator (127.0.0.
       procs.push(p);
       return p;
     };
-    const coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(state, 'coord'), '--heal', 'off', '--json']);
+    const coordState = join(state, 'coord');
+    const coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', coordState, '--heal', 'off', '--json']);
     const cr = await readyLine(coordinator);
     const coordAddr = `127.0.0.1:${String(cr.grpcPort)}`;
-    const token = (await orchard(['coordinator', 'token', '--state-dir', join(state, 'coord')], env)).stdout.trim();
+    // The CLI trusts this coordinator (and finds its admin credential) through its state dir.
+    env.ORCHARD_COORDINATOR_STATE_DIR = coordState;
+    const t = await orchard(['coordinator', 'token', '--uses', '2', '--ttl', '10m'], env);
+    expect(t.code, t.stderr).toBe(0);
+    const token = t.stdout.trim();
     for (const name of ['alpha', 'bravo']) {
-      const proc = start(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budgets[name]), '--state-dir', join(state, name), '--models-dir', dir, '--json']);
-      const r = await readyLine(proc);
-      const j = await orchard(['cluster', 'join', coordAddr, '--token', token, '--agent', `127.0.0.1:${String(r.grpcPort)}`, '--json'], env);
-      expect(j.code, j.stderr).toBe(0);
+      // Agents join with the token flow: without a certificate they serve nothing.
+      const proc = spawnProc(`node ${name}`, [BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budgets[name]), '--state-dir', join(state, name), '--models-dir', dir, '--json', '--join', coordAddr], { ...env, ORCHARD_NODE_TOKEN: token });
+      procs.push(proc);
+      await readyLine(proc);
     }
     for (let i = 0; i < 50; i++) {
       const s = await orchard(['status', '--json', '--coordinator', coordAddr], env);
