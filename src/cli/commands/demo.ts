@@ -14,6 +14,7 @@ import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../demo-model.ts';
 import { type LocalCluster, ORCHARD_BIN, startLocalCluster } from '../local-cluster.ts';
 import { createProgress } from '../progress.ts';
 import { placementJsonSchema, planJsonSchema, renderPlacementTable, renderPlanTable } from '../tables.ts';
+import { processAlive } from '../../shared/process-alive.ts';
 
 interface DemoFlags {
   model?: string;
@@ -82,15 +83,6 @@ async function waitForNodes(baseUrl: string, n: number, timeoutMs: number): Prom
     if (c.nodes.filter((x) => x.state === 'up').length >= n) return;
     if (Date.now() - t0 > timeoutMs) throw new OrchardError(`only ${c.nodes.length} of ${n} nodes joined within ${timeoutMs / 1000} s`);
     await new Promise((r) => setTimeout(r, 200));
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }
 
@@ -297,7 +289,7 @@ async function shutdownDemo(cluster: LocalCluster | undefined, stateRoot: string
     await cluster.stop();
   }
   if (stateRoot) await rm(stateRoot, { recursive: true, force: true });
-  const left = pids.filter(alive);
+  const left = pids.filter(processAlive);
   if (left.length > 0) process.stderr.write(`warning: processes still running: ${left.join(', ')}\n`);
   else if (cluster) process.stderr.write(`stopped ${pids.length} processes; total ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
 }

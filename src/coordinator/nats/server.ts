@@ -7,6 +7,7 @@ import { z } from 'zod';
 import { OrchardError } from '../../shared/errors.ts';
 import { cacheRoot } from '../../shared/cache-dir.ts';
 import { writeFileAtomic } from '../../shared/pki/files.ts';
+import { processAlive } from '../../shared/process-alive.ts';
 
 /**
  * A local `nats-server -js` the coordinator starts when no `--nats URL` is given and one is
@@ -76,15 +77,6 @@ function isNatsServer(pid: number): Promise<boolean> {
   );
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 function stopper(pid: number): () => Promise<void> {
   return async () => {
     try {
@@ -92,8 +84,8 @@ function stopper(pid: number): () => Promise<void> {
     } catch {
       return;
     }
-    for (let i = 0; i < 100 && alive(pid); i++) await new Promise((r) => setTimeout(r, 50));
-    if (alive(pid)) process.kill(pid, 'SIGKILL');
+    for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 50));
+    if (processAlive(pid)) process.kill(pid, 'SIGKILL');
   };
 }
 
@@ -141,9 +133,9 @@ async function waitForListening(logPath: string, pid: number, timeoutMs: number)
     log = await readFile(logPath, 'utf8').catch(() => '');
     const m = /Listening for client connections on ([^\s]+)/.exec(log);
     if (m && log.includes('Server is ready')) return `nats://${m[1]}`;
-    if (!alive(pid)) break;
+    if (!processAlive(pid)) break;
     await new Promise((r) => setTimeout(r, 50));
   }
-  if (alive(pid)) process.kill(pid, 'SIGKILL');
+  if (processAlive(pid)) process.kill(pid, 'SIGKILL');
   throw new OrchardError(`nats-server did not become ready: ${log.trim().split('\n').slice(-3).join(' | ') || 'no output'} (log: ${logPath})`);
 }

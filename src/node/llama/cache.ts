@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { cacheRoot } from '../../shared/cache-dir.ts';
 import { isExecutable } from './toolchain.ts';
+import { processAlive } from '../../shared/process-alive.ts';
 
 /*
  * The per-user engine cache: one folder per build (`<root>/llama/<version>-<hash>`, see cacheKey)
@@ -63,7 +64,7 @@ export async function listCacheEntries(root = llamaCacheDir()): Promise<Array<{ 
 export async function removeStaleBuildDirs(root: string): Promise<void> {
   for (const name of await readdir(root)) {
     const m = /^\.(?:build|old)-(\d+)-/.exec(name);
-    if (m && !pidAlive(Number(m[1]))) await rm(join(root, name), { recursive: true, force: true });
+    if (m && !processAlive(Number(m[1]))) await rm(join(root, name), { recursive: true, force: true });
   }
 }
 
@@ -71,15 +72,6 @@ export interface LockHolder {
   readonly pid: number;
   readonly host: string;
   readonly since: string;
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 /**
@@ -111,7 +103,7 @@ export async function acquireLock(path: string, events: { waiting?(holder: LockH
     } catch {
       holder = undefined; // being written right now, or garbage; look again shortly
     }
-    if (holder && holder.host === me.host && !pidAlive(holder.pid)) {
+    if (holder && holder.host === me.host && !processAlive(holder.pid)) {
       await rm(path, { force: true });
       continue;
     }
