@@ -75,6 +75,9 @@ describe('orchard node CLI', () => {
     const bad = await runCli(['node', '--no-mdns', '--join', '127.0.0.1:1', '--state-dir', join(tmp, 'bad-token')], { ...AGENT_ENV, ORCHARD_NODE_TOKEN: 'orchard-test-token-0123456789' });
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/not an orchard1 join token/);
+    const badHost = await runCli(['node', '--no-mdns', '--advertise-host', 'mac-2.local', '--state-dir', join(tmp, 'bad-host')]);
+    expect(badHost.code).toBe(2);
+    expect(badHost.stderr).toMatch(/invalid --advertise-host "mac-2.local"/);
   });
 
   it('a restart with the same state dir keeps the node id (seen in orchard_node_info)', async () => {

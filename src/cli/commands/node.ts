@@ -31,6 +31,7 @@ interface NodeFlags {
   mdns: boolean;
   mdnsInterface?: string;
   bind: string;
+  advertiseHost?: string;
   token?: string;
   tokenFile?: string;
   join?: string;
@@ -56,6 +57,7 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--no-mdns', 'do not advertise over Bonjour (use `cluster join` instead)').env('ORCHARD_NODE_NO_MDNS'))
     .addOption(new Option('--mdns-interface <ip>', 'advertise on the interface with this IPv4 address only').env('ORCHARD_NODE_MDNS_INTERFACE'))
     .addOption(new Option('--bind <host>', 'address the gRPC and metrics servers listen on').default('0.0.0.0').env('ORCHARD_NODE_BIND'))
+    .addOption(new Option('--advertise-host <ip>', 'address the coordinator and the other nodes reach this node at when it is not the --bind address (port forwarding, a proxy); same gRPC and tunnel ports').env('ORCHARD_NODE_ADVERTISE_HOST'))
     .addOption(new Option('--token <token>', 'join token from `orchard coordinator token` (first start only; prefer ORCHARD_NODE_TOKEN or --token-file: a flag shows in `ps` until scrubbed)').env('ORCHARD_NODE_TOKEN'))
     .addOption(new Option('--token-file <file>', 'read the join token from this file').env('ORCHARD_NODE_TOKEN_FILE'))
     .addOption(new Option('--join <host:port>', 'the coordinator\'s gRPC address (static join, no Bonjour needed)').env('ORCHARD_JOIN'))
@@ -72,6 +74,7 @@ export function registerNode(program: Command): void {
 function parseFlags(flags: NodeFlags) {
   const bind = flags.bind.trim();
   if (isIP(bind) === 0) throw new UsageError(`invalid --bind "${flags.bind}": give an IP address such as 0.0.0.0 or 127.0.0.1`);
+  if (flags.advertiseHost !== undefined && isIP(flags.advertiseHost) === 0) throw new UsageError(`invalid --advertise-host "${flags.advertiseHost}": give an IP address`);
   if (flags.mdnsInterface !== undefined && isIP(flags.mdnsInterface) !== 4) {
     throw new UsageError(`invalid --mdns-interface "${flags.mdnsInterface}": give the interface's IPv4 address`);
   }
@@ -153,7 +156,7 @@ async function runNode(flags: NodeFlags): Promise<void> {
     void keepMembership({
       ...plan,
       agent,
-      agentAddress: flags.join !== undefined ? agentAdvertiseAddress(parsed.bindHost, ready.grpcPort) : undefined,
+      agentAddress: flags.join !== undefined ? agentAdvertiseAddress(flags.advertiseHost ?? parsed.bindHost, ready.grpcPort) : undefined,
       checkMs: parsed.renewCheckMs,
       onRefused: (message) => {
         log.error({ err: message }, 'the coordinator refused this node');
