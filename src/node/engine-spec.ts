@@ -3,9 +3,10 @@ import { z } from 'zod';
 import { UsageError } from '../shared/errors.ts';
 import type { CacheType } from '../shared/memory/kv.ts';
 import type { MemoryOptions } from '../shared/memory/stage.ts';
-import type { LlamaServerOptions, RpcTarget } from '../shared/placement/llama-args.ts';
+import type { LlamaServerOptions } from '../shared/placement/llama-args.ts';
 import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { type MlxRankSpec, mlxRankSpecFromRequest, sameMlxRank } from './mlx/rank-spec.ts';
+import { rpcTargetSchema } from './rpc-target.ts';
 
 /**
  * What an engine is, checked once at the gRPC edge, and the exact command line that runs it.
@@ -87,22 +88,6 @@ const MAX_READY_TIMEOUT_MS = 3_600_000;
 const ENGINE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const DEVICE = /^[A-Za-z0-9][A-Za-z0-9_:.-]{0,63}$/;
 const OWNER = /^[A-Za-z0-9._-]{0,128}$/;
-const NODE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
-// A tunnel host: an IP literal or a DNS name, nothing a parser could widen (no scheme, no port).
-const TUNNEL_HOST = /^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9a-fA-F:]{2,39}|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)$/;
-const PORT = z.number().int().min(1).max(65535);
-
-/** proto RpcTarget: a node, its tunnel (tunnel_port 0 = none) and the rpc-server's loopback port there. */
-const rpcTargetSchema = z
-  .object({
-    nodeId: z.string().regex(NODE_ID, 'llama.rpc[].node_id: invalid node id'),
-    tunnelHost: z.string().regex(TUNNEL_HOST, 'llama.rpc[].tunnel_host: an IP address or host name').or(z.literal('')).default(''),
-    tunnelPort: z.number().int().min(0).max(65535).default(0),
-    enginePort: PORT,
-  })
-  .strict()
-  .refine((t) => (t.tunnelPort === 0) === (t.tunnelHost === ''), 'llama.rpc[]: tunnel_host and tunnel_port go together')
-  .transform((t): RpcTarget => ({ nodeId: t.nodeId, enginePort: t.enginePort, ...(t.tunnelPort > 0 ? { tunnel: { host: t.tunnelHost, port: t.tunnelPort } } : {}) }));
 const CACHE_TYPES = ['f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_1', 'iq4_nl', 'q5_0', 'q5_1'] as const;
 
 const llamaOptionsSchema = z
@@ -114,7 +99,7 @@ const llamaOptionsSchema = z
     cacheType: z.enum(CACHE_TYPES).default('f16'),
     ubatch: z.number().int().min(0).max(65_536).default(512),
     flashAttention: z.boolean().default(false),
-    rpc: z.array(rpcTargetSchema).max(64).default([]),
+    rpc: z.array(rpcTargetSchema('llama.rpc[]')).max(64).default([]),
     devices: z.array(z.string().regex(DEVICE, 'invalid llama.devices name')).max(65).default([]),
     tensorSplit: z.array(z.number().int().min(0).max(100_000)).max(65).default([]),
     gpuLayers: z.number().int().min(0).max(100_000).default(0),
@@ -194,11 +179,8 @@ export function engineSpecFromRequest(raw: unknown): EngineSpec {
     throw err;
   }
   checkPath('mlx.model_dir', mlx.modelDir);
-  // This rank listens on its own ring endpoints: loopback only, like every engine (peers on other
-  // machines reach it through the agents' TLS tunnel, never directly).
-  const own = mlx.launch?.backend === 'ring' ? (mlx.launch.endpoints[mlx.rank] ?? []) : [];
-  const open = own.find((ep) => !ep.startsWith(`${ENGINE_HOST}:`));
-  if (open !== undefined) refuse(`MLX ring rank ${mlx.rank} would listen on ${open}: engines bind ${ENGINE_HOST} only`);
+  // A ring rank binds ENGINE_HOST:ring_ranks[rank].engine_port (withRingEndpoints): there is no
+  // address in the request it could listen on instead.
   return { ...base, devices: [], cacheDir: '', mlx };
 }
 

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
-import { OrchardError, errorMessage } from '../shared/errors.ts';
+import { OrchardError, UsageError, errorMessage } from '../shared/errors.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { Logger } from '../shared/log.ts';
 import { createGrpcServer } from '../shared/grpc-server.ts';
@@ -8,6 +8,7 @@ import { type TlsCredentials, clusterServerCredentials, requirePeers } from '../
 import { IdentityId, type Role } from '../shared/pki/identity.ts';
 import { orchardV1 } from '../shared/proto.ts';
 import { EngineRequestError, type EngineSpec, engineSpecFromRequest } from './engine-spec.ts';
+import { withRingEndpoints } from './mlx/rank-spec.ts';
 import { confineEngineSpec, confinePath, type EngineRoots } from './engine-roots.ts';
 import { REMOVED_FIELDS, removedStartEngineFields } from './removed-fields.ts';
 import { GenerateError, generateParamsFromRequest, relayCompletion } from './generate.ts';
@@ -168,24 +169,39 @@ function startEngine(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<
     cb(toServiceError(err, log));
     return;
   }
-  // A head's id is fixed before its rpc tunnels open: they belong to it and close with it.
-  if (spec.kind === 'llama-server' && spec.engineId === '') spec = { ...spec, engineId: `llama-server-${randomUUID().slice(0, 8)}` };
+  // An engine's id is fixed before its tunnels open: they belong to it and close with it.
+  if (spec.kind !== 'rpc-server' && spec.engineId === '') spec = { ...spec, engineId: `${spec.kind}-${randomUUID().slice(0, 8)}` };
   const engineId = spec.engineId;
+  const tunnelled = spec.kind === 'llama-server' || (spec.mlx?.ring.length ?? 0) > 0;
   confineEngineSpec(spec, state.roots, state.profile().budgetBytes)
-    .then(async (confined) => {
-      if (confined.kind !== 'llama-server') return supervisor.start(confined);
-      const rpcEndpoints = await state.tunnels.endpoints(engineId, confined.llama!.rpc);
-      return supervisor.start({ ...confined, rpcEndpoints });
-    })
+    .then(async (confined) => supervisor.start(await withTunnels(state.tunnels, confined)))
     .then(
       (info) => cb(null, { engine: engineToWire(info), startupLog: [...(info.startupLog ?? [])], rpcEndpoints: rpcEndpointsOf(info) }),
       (err: unknown) => {
         log.warn({ err: errorMessage(err), kind: spec.kind }, 'StartEngine failed');
-        // a head that did not start keeps no forwarders (a running one with this id keeps its own)
-        if (spec.kind === 'llama-server' && !supervisor.get(engineId)) void state.tunnels.release(engineId);
+        // an engine that did not start keeps no forwarders or ports (a running or still starting
+        // one with this id — the clash — keeps its own)
+        const clash = err instanceof EngineRequestError && err.code === 'ALREADY_EXISTS';
+        if (tunnelled && !clash && !supervisor.get(engineId)) void state.tunnels.release(engineId);
         cb(toServiceError(err, log));
       },
     );
+}
+
+/**
+ * The routes an engine dials on other nodes, resolved to 127.0.0.1 endpoints by this agent (a
+ * forwarder per remote target): llama-server's --rpc, an MLX ring rank's hostfile.
+ */
+async function withTunnels(tunnels: EngineTunnels, spec: EngineSpec): Promise<EngineSpec> {
+  if (spec.kind === 'llama-server') return { ...spec, rpcEndpoints: await tunnels.endpoints(spec.engineId, spec.llama!.rpc) };
+  const mlx = spec.mlx;
+  if (!mlx || mlx.ring.length === 0) return spec;
+  const endpoints = await tunnels.ringEndpoints(spec.engineId, mlx.rank, mlx.ring);
+  try {
+    return { ...spec, mlx: withRingEndpoints(mlx, endpoints) };
+  } catch (err) {
+    throw err instanceof UsageError ? new EngineRequestError('INVALID_ARGUMENT', err.message) : err;
+  }
 }
 
 /** The --rpc endpoints in a llama-server's argv (what its log lines name its RPC devices by). */

@@ -167,6 +167,8 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   private startMlx(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
     const mlx = spec.mlx;
     if (!mlx) return Promise.reject(new EngineRequestError('INVALID_ARGUMENT', 'an MLX rank needs the mlx field'));
+    // A ring rank without its hostfile would run as a group of one: never start it so.
+    if (mlx.ring.length > 0 && mlx.launch?.backend !== 'ring') return Promise.reject(new EngineRequestError('INVALID_ARGUMENT', 'an MLX ring rank needs its ring routes resolved by the agent'));
     const existing = this.mlx.get(engineId);
     if (existing) {
       if (!sameEngineRequest(existing.spec, spec)) {
@@ -476,7 +478,7 @@ function mlxRankInfo(engineId: string, spec: EngineSpec, python: string): Engine
   return {
     engineId,
     kind: 'mlx-rank',
-    host: mlx.launch?.backend === 'ring' ? (mlx.launch.endpoints[mlx.rank]?.[0] ?? '').replace(/:\d+$/, '') : '127.0.0.1',
+    host: ENGINE_HOST,
     port: mlxRankPort(mlx),
     pid: 0,
     model: spec.model,

@@ -190,8 +190,8 @@ describe('runtime helpers', () => {
   });
 
   it('load options: defaults, and usage errors for nonsense', () => {
-    expect(resolveLoadOptions(undefined)).toEqual({ ctx: 4096, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto' });
-    expect(resolveLoadOptions({ ctx: 0, cacheType: '', parallel: 0 })).toEqual({ ctx: 4096, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto' });
+    expect(resolveLoadOptions(undefined)).toEqual({ ctx: 4096, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto', allowUntunnelledRdma: false });
+    expect(resolveLoadOptions({ ctx: 0, cacheType: '', parallel: 0 })).toEqual({ ctx: 4096, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto', allowUntunnelledRdma: false });
     expect(() => resolveLoadOptions({ cacheType: 'q5_9' })).toThrow(UsageError);
     expect(() => resolveLoadOptions({ parallel: 1000 })).toThrow(UsageError);
     expect(() => resolveLoadOptions({ ctx: 8 })).toThrow(UsageError);

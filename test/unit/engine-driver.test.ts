@@ -79,6 +79,15 @@ describe('drivers before any engine starts', () => {
     expect(new LlamaDriver(cluster, {}).fitOptions(o).parallel).toBe(4);
   });
 
+  it('--allow-untunnelled-rdma is an MLX load flag (JACCL); a llama.cpp load refuses it, a new group is tunnelled', () => {
+    const o = { ...DEFAULT_LOAD_OPTIONS, allowUntunnelledRdma: true };
+    expect(new MlxDriver(cluster, {}).fitOptions(o, 'm').allowUntunnelledRdma).toBe(true);
+    expect(() => new LlamaDriver(cluster, {}).fitOptions(o)).toThrow(/--allow-untunnelled-rdma is for MLX models/);
+    for (const d of [new LlamaDriver(cluster, {}), new MlxDriver(cluster, {})]) {
+      expect(d.group({ name: 'm', path: '/m', options: o, engineIdPrefix: 'oc0ffee00-1234', owner: 'c0ffee00', gone: () => {} }).untunnelledRdma).toBe(false);
+    }
+  });
+
   it('a new group has no engines, no head and no endpoints, and refuses to generate', async () => {
     for (const d of [new LlamaDriver(cluster, {}), new MlxDriver(cluster, {})]) {
       const g = d.group({ name: 'm', path: '/m', options: DEFAULT_LOAD_OPTIONS, engineIdPrefix: 'oc0ffee00-1234', owner: 'c0ffee00', gone: () => {} });

@@ -8,12 +8,13 @@ import {
   type MlxStageNode,
   mlxInstanceLaunch,
   rdmaDeviceBetween,
-  ringAddresses,
+  ringRanks,
 } from '../../src/coordinator/instances/mlx/launch.ts';
 import { checkRankReport } from '../../src/coordinator/instances/mlx/instance.ts';
 import { mlxPlacementOptions } from '../../src/coordinator/instances/planner-adapter.ts';
 import { jacclDevicesFile, rankEnv } from '../../src/node/mlx/launch.ts';
-import { DEFAULT_MLX_MAX_TOKENS, mlxRankSpecFromRequest, mlxRequestOf, sameMlxRank, StopScanner } from '../../src/node/mlx/rank-spec.ts';
+import { DEFAULT_MLX_MAX_TOKENS, mlxRankSpecFromRequest, mlxRequestOf, sameMlxRank, StopScanner, withRingEndpoints } from '../../src/node/mlx/rank-spec.ts';
+import { launchFiles } from '../../src/node/mlx/launch.ts';
 import { requestLine } from '../../src/node/mlx/protocol.ts';
 import type { NetworkInterfaceInfo } from '../../src/shared/hardware.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
@@ -22,8 +23,8 @@ import { uniformSource } from '../../src/shared/testmodel/prng.ts';
 const lan = (ip: string): NetworkInterfaceInfo => ({ name: 'en0', addresses: [ip], thunderbolt: false, rdma: false });
 const tb = (name: string, ip: string, rdma = true): NetworkInterfaceInfo => ({ name, addresses: [ip], thunderbolt: true, rdma });
 
-function node(id: string, address: string, interfaces: NetworkInterfaceInfo[], layers = 2): MlxStageNode {
-  return { nodeId: id, nodeName: id, agentAddress: address, interfaces, layers };
+function node(id: string, address: string, interfaces: NetworkInterfaceInfo[], layers = 2, tunnelPort: number | undefined = 7421): MlxStageNode {
+  return { nodeId: id, nodeName: id, agentAddress: address, interfaces, layers, tunnelPort };
 }
 
 const opts = { modelDir: '/models/m', maxTokens: 4096, stallTimeoutSeconds: 30, random: uniformSource(1) };
@@ -44,13 +45,20 @@ describe('mlxInstanceLaunch: ranks, backend, ports', () => {
       expect(r.mlx.mode).toBe('pipeline');
       expect(r.mlx.returnWhenStarting).toBe(false);
     }
-    // hostfile: one entry per rank in rank order, each rank at its own node's IPv4
-    const hosts = l.ranks[0]!.mlx.hosts.map((h) => h.endpoints[0]!.split(':')[0]);
-    expect(hosts).toEqual(['10.0.0.3', '10.0.0.2', '10.0.0.1']);
-    // the same hostfile for every rank, and distinct ports
-    for (const r of l.ranks) expect(r.mlx.hosts).toEqual(l.ranks[0]!.mlx.hosts);
-    const ports = l.ranks[0]!.mlx.hosts.map((h) => Number(h.endpoints[0]!.split(':')[1]));
+    // ring_ranks: one typed target per rank in rank order — its node, that node's tunnel at the
+    // address its agent answers on, its ring port — and no address a rank would listen on
+    const ring = l.ranks[0]!.mlx.ringRanks;
+    expect(ring.map((t) => [t.nodeId, t.tunnelHost, t.tunnelPort])).toEqual([
+      ['c', '10.0.0.3', 7421],
+      ['b', '10.0.0.2', 7421],
+      ['a', '10.0.0.1', 7421],
+    ]);
+    // the same ring for every rank, and distinct ports
+    for (const r of l.ranks) expect(r.mlx.ringRanks).toEqual(ring);
+    const ports = ring.map((t) => t.enginePort);
     expect(new Set(ports).size).toBe(3);
+    expect(l.reason).toMatch(/through the TLS tunnels/);
+    expect(l.untunnelledRdma).toBe(false);
     for (const p of ports) expect(p).toBeGreaterThanOrEqual(20000);
   });
 
@@ -59,23 +67,38 @@ describe('mlxInstanceLaunch: ranks, backend, ports', () => {
     const random = uniformSource(7);
     const a = mlxInstanceLaunch(stages, { ...opts, random });
     const b = mlxInstanceLaunch(stages, { ...opts, random });
-    expect(a.ranks[0]!.mlx.hosts).not.toEqual(b.ranks[0]!.mlx.hosts);
+    expect(a.ranks[0]!.mlx.ringRanks).not.toEqual(b.ranks[0]!.mlx.ringRanks);
   });
 
   it('one stage is a single process with no distributed environment', () => {
     const l = mlxInstanceLaunch([node('a', '127.0.0.1:1', [], 6)], opts);
     expect(l.backend).toBe('none');
     expect(l.ranks).toHaveLength(1);
-    expect(l.ranks[0]!.mlx).toMatchObject({ rank: 0, worldSize: 1, mode: 'single', backend: '', hosts: [], split: [] });
+    expect(l.ranks[0]!.mlx).toMatchObject({ rank: 0, worldSize: 1, mode: 'single', backend: '', ringRanks: [], split: [] });
   });
 
-  it('uses JACCL when every pair of nodes has an RDMA Thunderbolt link, with an N×N matrix and rank 0 as coordinator', () => {
-    // a–b on 169.254.1/…, a–c and b–c on configured /24s: a full mesh of cables.
-    const a = node('a', '192.168.1.10:50151', [lan('192.168.1.10'), tb('en2', '169.254.1.1'), tb('en3', '10.10.1.1')]);
-    const b = node('b', '192.168.1.11:50151', [lan('192.168.1.11'), tb('en2', '169.254.1.2'), tb('en4', '10.10.2.1')]);
-    const c = node('c', '192.168.1.12:50151', [lan('192.168.1.12'), tb('en3', '10.10.1.2'), tb('en5', '10.10.2.2')]);
-    const l = mlxInstanceLaunch([a, b, c], opts);
+  // a–b on 169.254.1/…, a–c and b–c on configured /24s: a full mesh of cables.
+  const mesh = () => [
+    node('a', '192.168.1.10:50151', [lan('192.168.1.10'), tb('en2', '169.254.1.1'), tb('en3', '10.10.1.1')]),
+    node('b', '192.168.1.11:50151', [lan('192.168.1.11'), tb('en2', '169.254.1.2'), tb('en4', '10.10.2.1')]),
+    node('c', '192.168.1.12:50151', [lan('192.168.1.12'), tb('en3', '10.10.1.2'), tb('en5', '10.10.2.2')]),
+  ];
+
+  it('a full RDMA mesh still runs the tunnelled ring unless the load allows untunnelled RDMA, and says how', () => {
+    for (const allow of [undefined, false]) {
+      const l = mlxInstanceLaunch(mesh(), { ...opts, allowUntunnelledRdma: allow });
+      expect(l.backend).toBe('ring');
+      expect(l.untunnelledRdma).toBe(false);
+      expect(l.reason).toMatch(/--allow-untunnelled-rdma/);
+      expect(l.ranks[0]!.mlx.jacclDevices).toEqual([]);
+    }
+  });
+
+  it('uses JACCL, untunnelled, when the load allows it and every pair of nodes has an RDMA Thunderbolt link (N×N matrix, rank 0 coordinates)', () => {
+    const l = mlxInstanceLaunch(mesh(), { ...opts, allowUntunnelledRdma: true });
     expect(l.backend).toBe('jaccl');
+    expect(l.untunnelledRdma).toBe(true);
+    expect(l.ranks[0]!.mlx.ringRanks).toEqual([]);
     // rank order is c, b, a
     const m = l.ranks[0]!.mlx.jacclDevices.map((r) => r.devices);
     expect(m).toEqual([
@@ -95,19 +118,20 @@ describe('mlxInstanceLaunch: ranks, backend, ports', () => {
     expect(rankEnv(spec.launch, 1, '/tmp/d.json')).toEqual({ MLX_RANK: '1', MLX_IBV_DEVICES: '/tmp/d.json', MLX_JACCL_COORDINATOR: l.ranks[0]!.mlx.jacclCoordinator });
   });
 
-  it('falls back to the ring when one pair lacks RDMA (and says why); ring prefers a shared Thunderbolt subnet', () => {
+  it('falls back to the tunnelled ring when one pair lacks RDMA, even when untunnelled RDMA is allowed (and says why)', () => {
     const a = node('a', '192.168.1.10:1', [lan('192.168.1.10'), tb('en2', '10.9.0.1', false)]);
     const b = node('b', '192.168.1.11:1', [lan('192.168.1.11'), tb('en2', '10.9.0.2', true)]);
-    const l = mlxInstanceLaunch([a, b], opts);
+    const l = mlxInstanceLaunch([a, b], { ...opts, allowUntunnelledRdma: true });
     expect(l.backend).toBe('ring');
+    expect(l.untunnelledRdma).toBe(false);
     expect(l.reason).toMatch(/RDMA/);
-    // both ends share 10.9.0/24 over Thunderbolt: the ring runs there instead of the LAN
-    expect(l.ranks[0]!.mlx.hosts.map((h) => h.endpoints[0]!.split(':')[0])).toEqual(['10.9.0.2', '10.9.0.1']);
+    // the tunnels listen where the agents answer: the ring's links go there
+    expect(l.ranks[0]!.mlx.ringRanks.map((t) => t.tunnelHost)).toEqual(['192.168.1.11', '192.168.1.10']);
   });
 
   it('a node with two ranks forces the ring', () => {
     const a = node('a', '127.0.0.1:1', [tb('en2', '169.254.0.1')]);
-    const l = mlxInstanceLaunch([a, a], opts);
+    const l = mlxInstanceLaunch([a, a], { ...opts, allowUntunnelledRdma: true });
     expect(l.backend).toBe('ring');
     expect(l.reason).toMatch(/more than one rank/);
   });
@@ -129,8 +153,11 @@ describe('link detection', () => {
     ]);
   });
 
-  it('ringAddresses uses the agent address without a common Thunderbolt subnet', () => {
-    expect(ringAddresses([node('a', '10.0.0.1:9', [tb('en2', '10.5.0.1')]), node('b', '10.0.0.2:9', [lan('10.0.0.2')])])).toEqual(['10.0.0.1', '10.0.0.2']);
+  it('ringRanks: a node without a tunnel (no credentials) gets none, IPv6 agent addresses lose their brackets', () => {
+    expect(ringRanks([node('a', '10.0.0.1:9', [], 2, 0), node('b', '[fd00::2]:9', [], 2, 7500)], [21000, 21001])).toEqual([
+      { nodeId: 'a', tunnelHost: '', tunnelPort: 0, enginePort: 21000 },
+      { nodeId: 'b', tunnelHost: 'fd00::2', tunnelPort: 7500, enginePort: 21001 },
+    ]);
   });
 
   it('ipv4Of takes literal IPv4 only', () => {
@@ -160,27 +187,39 @@ describe('engineForModel', () => {
 });
 
 describe('mlxRankSpecFromRequest (agent edge)', () => {
-  const ring = { modelDir: '/m', rank: 1, worldSize: 2, backend: 'ring', hosts: [{ endpoints: ['127.0.0.1:41000'] }, { endpoints: ['127.0.0.1:41001'] }], split: [3, 3], mode: 'pipeline' };
+  const ringRanksWire = [
+    { nodeId: 'n0', tunnelHost: '10.0.0.1', tunnelPort: 7421, enginePort: 41000 },
+    { nodeId: 'n1', enginePort: 41001 },
+  ];
+  const ring = { modelDir: '/m', rank: 1, worldSize: 2, backend: 'ring', ringRanks: ringRanksWire, split: [3, 3], mode: 'pipeline' };
 
-  it('accepts a ring rank and fills defaults', () => {
+  it('accepts a ring rank as typed targets and fills defaults; its hostfile waits for the agent', () => {
     const s = mlxRankSpecFromRequest(ring);
     expect(s).toMatchObject({ rank: 1, worldSize: 2, mode: 'pipeline', split: [3, 3], maxTokens: DEFAULT_MLX_MAX_TOKENS, stallTimeoutMs: 30_000, returnWhenStarting: false });
-    expect(s.launch).toEqual({ backend: 'ring', endpoints: [['127.0.0.1:41000'], ['127.0.0.1:41001']] });
+    expect(s.ring).toEqual([
+      { nodeId: 'n0', enginePort: 41000, tunnel: { host: '10.0.0.1', port: 7421 } },
+      { nodeId: 'n1', enginePort: 41001 },
+    ]);
+    expect(s.launch).toBeUndefined();
   });
 
   it.each([
     [{ ...ring, modelDir: 'rel/m' }, /absolute path/],
     [{ ...ring, rank: 2 }, /outside 0\.\.1/],
     [{ ...ring, backend: 'tcp' }, /ring or jaccl/],
-    [{ ...ring, hosts: [{ endpoints: ['127.0.0.1:41000'] }] }, /2 hosts entries/],
-    [{ ...ring, hosts: [{ endpoints: ['localhost:41000'] }, { endpoints: ['127.0.0.1:41001'] }] }, /literal IPv4/],
-    [{ ...ring, hosts: [{ endpoints: ['127.0.0.1:41000'] }, { endpoints: ['127.0.0.1:41000'] }] }, /used twice/],
+    [{ ...ring, ringRanks: [ringRanksWire[0]] }, /2 ring_ranks/],
+    // an old coordinator's free-form hosts are gone (reserved): the ring is missing, nothing starts
+    [{ ...ring, ringRanks: undefined, hosts: [{ endpoints: ['10.0.0.1:41000'] }, { endpoints: ['10.0.0.2:41001'] }] }, /2 ring_ranks/],
+    [{ ...ring, ringRanks: [{ ...ringRanksWire[0], tunnelHost: '10.0.0.1:9' }, ringRanksWire[1]] }, /tunnel_host: an IP address or host name/],
+    [{ ...ring, ringRanks: [{ ...ringRanksWire[0], tunnelPort: 0 }, ringRanksWire[1]] }, /go together/],
+    [{ ...ring, ringRanks: [{ ...ringRanksWire[0], address: '0.0.0.0:41000' }, ringRanksWire[1]] }, /Unrecognized key/],
+    [{ ...ring, ringRanks: [ringRanksWire[1], ringRanksWire[1]] }, /used twice/],
     [{ ...ring, split: [6] }, /2 positive layer counts/],
     [{ ...ring, split: [6, 0] }, /2 positive layer counts/],
     [{ ...ring, mode: 'tensor' }, /pipeline mode only/],
     [{ ...ring, mode: 'expert' }, /pipeline, tensor or single/],
     [{ modelDir: '/m', worldSize: 1, backend: 'ring' }, /takes no backend/],
-    [{ modelDir: '/m', worldSize: 2, rank: 0, mode: 'single', backend: 'ring', hosts: ring.hosts }, /single needs world_size 1/],
+    [{ modelDir: '/m', worldSize: 2, rank: 0, mode: 'single', backend: 'ring', ringRanks: ringRanksWire }, /single needs world_size 1/],
     [{ ...ring, stallTimeoutSeconds: -1 }, /stall_timeout_seconds/],
     [{ ...ring, backend: 'jaccl', jacclDevices: [{ devices: ['', 'x'] }, { devices: ['y', 'z'] }], jacclCoordinator: '10.0.0.1:1' }, /diagonal/],
   ])('refuses %j', (req, msg) => {
@@ -195,8 +234,34 @@ describe('mlxRankSpecFromRequest (agent edge)', () => {
     const a = mlxRankSpecFromRequest({ ...ring, returnWhenStarting: true });
     const b = mlxRankSpecFromRequest(ring);
     expect(sameMlxRank(a, b)).toBe(true);
-    const c = mlxRankSpecFromRequest({ ...ring, hosts: [{ endpoints: ['127.0.0.1:42000'] }, { endpoints: ['127.0.0.1:42001'] }] });
+    const c = mlxRankSpecFromRequest({ ...ring, ringRanks: ringRanksWire.map((t) => ({ ...t, enginePort: t.enginePort + 1000 })) });
     expect(sameMlxRank(b, c)).toBe(false);
+  });
+});
+
+describe('withRingEndpoints: the rank hostfile the agent writes', () => {
+  // rank 1 on n1 (127.0.0.1:41001), rank 0 on another node, reached through a forwarder on 127.0.0.1:38111
+  const spec = mlxRankSpecFromRequest({ modelDir: '/m', rank: 1, worldSize: 2, backend: 'ring', ringRanks: [{ nodeId: 'n0', tunnelHost: '10.0.0.1', tunnelPort: 7421, enginePort: 41000 }, { nodeId: 'n1', enginePort: 41001 }] });
+
+  it('own entry = the rank\'s 127.0.0.1 bind address, remote entries = the forwarders', () => {
+    const s = withRingEndpoints(spec, ['127.0.0.1:38111', '127.0.0.1:41001']);
+    expect(s.launch).toEqual({ backend: 'ring', endpoints: [['127.0.0.1:38111'], ['127.0.0.1:41001']] });
+    expect(launchFiles(s.launch!)).toEqual({ name: 'MLX_HOSTFILE', content: '[["127.0.0.1:38111"],["127.0.0.1:41001"]]\n' });
+    expect(sameMlxRank(s, withRingEndpoints(spec, ['127.0.0.1:38111', '127.0.0.1:41001']))).toBe(true);
+  });
+
+  it.each([
+    [['127.0.0.1:38111', '10.0.0.2:41001'], /must bind 127\.0\.0\.1:41001/],
+    [['127.0.0.1:38111', '127.0.0.1:41002'], /must bind 127\.0\.0\.1:41001/],
+    [['10.0.0.1:41000', '127.0.0.1:41001'], /not on this machine's loopback/],
+    [['127.0.0.1:41001', '127.0.0.1:41001'], /used twice/],
+    [['127.0.0.1:41001'], /got 1 endpoints/],
+  ])('refuses %j', (endpoints, msg) => {
+    expect(() => withRingEndpoints(spec, endpoints)).toThrow(msg);
+  });
+
+  it('has nothing to resolve for JACCL or one process', () => {
+    expect(() => withRingEndpoints(mlxRankSpecFromRequest({ modelDir: '/m' }), [])).toThrow(/no ring/);
   });
 });
 

@@ -79,7 +79,9 @@ describe('StartEngine request → engine spec', () => {
     [{ kind: 'ENGINE_KIND_MLX_RANK', port: 5, mlx: { modelDir: '/m' } }, /mlx field only/],
     [{ kind: 'ENGINE_KIND_MLX_RANK', env: { MLX_RANK: '1' }, mlx: { modelDir: '/m' } }, /env/],
     [{ kind: 'ENGINE_KIND_MLX_RANK', mlx: { modelDir: 'rel' } }, /absolute path/],
-    [{ kind: 'ENGINE_KIND_MLX_RANK', mlx: { modelDir: '/m', worldSize: 2, rank: 0, backend: 'ring', hosts: [{ endpoints: ['10.0.0.2:5000'] }, { endpoints: ['127.0.0.1:5001'] }] } }, /listen on 10\.0\.0\.2:5000/],
+    // no address a rank could listen on: the old free-form hosts are gone, a ring is typed targets only
+    [{ kind: 'ENGINE_KIND_MLX_RANK', mlx: { modelDir: '/m', worldSize: 2, rank: 0, backend: 'ring', hosts: [{ endpoints: ['10.0.0.2:5000'] }, { endpoints: ['127.0.0.1:5001'] }] } }, /ring needs 2 ring_ranks/],
+    [{ kind: 'ENGINE_KIND_MLX_RANK', mlx: { modelDir: '/m', worldSize: 2, rank: 0, backend: 'ring', ringRanks: [{ nodeId: 'a', enginePort: 5000, host: '0.0.0.0' }, { nodeId: 'b', enginePort: 5001 }] } }, /Unrecognized key/],
     [{ kind: 'ENGINE_KIND_RPC_SERVER', port: 70000 }, /port/],
     [{ kind: 'ENGINE_KIND_RPC_SERVER', bindHost: '0.0.0.0' }, /bindHost/],
     [{ kind: 'ENGINE_KIND_RPC_SERVER', env: { LD_PRELOAD: '/evil.so' } }, /env/],

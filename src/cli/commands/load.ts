@@ -20,6 +20,7 @@ interface LoadFlags extends CredentialFlags {
   engine: string;
   heal?: string;
   parallelism: Parallelism;
+  allowUntunnelledRdma?: boolean;
 }
 
 /** `orchard load MODEL.gguf`: returns when the model is ready (exit 0) or failed (exit 1, reason). */
@@ -34,6 +35,7 @@ export function registerLoad(program: Command): void {
     .option('--pin <node...>', 'nodes that must hold a stage (names or ids)')
     .option('--heal <mode>', 'auto: re-place the model when a node or engine is lost; off: fail it (default: the coordinator\'s --heal)')
     .addOption(new Option('--parallelism <p>', 'MLX layout over the ranks: pipeline, tensor (low-latency links only) or auto').choices([...PARALLELISMS]).default('auto'))
+    .option('--allow-untunnelled-rdma', 'MLX: use JACCL (RDMA over Thunderbolt) when every pair of nodes has a link; its traffic bypasses the TLS tunnels')
     .option('--engine <e>', 'mlx, llama or auto (a directory with config.json → mlx, .gguf → llama)', 'auto')
     .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .option('--json', 'print progress events as JSON lines')
@@ -45,6 +47,7 @@ export function registerLoad(program: Command): void {
         parallel: parseInteger(flags.parallel, '--parallel', 1, 256),
         pin: flags.pin ?? [],
         parallelism: flags.parallelism,
+        allowUntunnelledRdma: flags.allowUntunnelledRdma ?? false,
       };
       const client = await coordinatorClient(flags);
       const ac = new AbortController();

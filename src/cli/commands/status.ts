@@ -45,6 +45,7 @@ export function statusJson(s: Wire): Wire {
     heal: m.heal || undefined,
     recoveries: num(m.recoveries),
     recovery: m.recovery ?? undefined,
+    untunnelledRdma: m.untunnelledRdma === true,
     stages: ((m.stages ?? []) as Wire[]).map((st) => ({
       nodeId: st.nodeId,
       nodeName: st.nodeName,
@@ -86,6 +87,7 @@ export function registerStatus(program: Command): void {
         process.stdout.write(`cluster ${String(s.clusterId)}\n${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
         for (const m of s.models as Wire[]) {
           process.stdout.write(`\nmodel ${String(m.name)} [${String(m.state)}] ${String(m.path)}${m.error ? ` — ${String(m.error)}` : ''}\n`);
+          if (m.untunnelledRdma) process.stdout.write('  links: untunnelled RDMA (JACCL over Thunderbolt, outside the TLS tunnels; loaded with --allow-untunnelled-rdma)\n');
           const r = m.recovery as Wire | undefined;
           if (r) process.stdout.write(`  ${m.state === 'failed' ? 'gave up healing' : 'recovering'}: attempt ${String(r.attempt)}/${String(r.maxAttempts)}, ${String(r.phase)}${r.message ? ` — ${String(r.message)}` : ''}\n`);
           const mt = new Table({ head: ['stage', 'node', 'layers', 'weights', 'kv', 'total', 'budget', 'endpoint'], style: tableStyle() });

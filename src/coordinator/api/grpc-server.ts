@@ -51,6 +51,7 @@ const planOptionsSchema = z
     parallel: z.number().int().nonnegative().default(0),
     pin: z.array(z.string()).default([]),
     parallelism: z.string().default(''),
+    allowUntunnelledRdma: z.boolean().default(false),
   })
   .nullish();
 const loadSchema = z.object({ modelPath: z.string().default(''), name: z.string().default(''), options: planOptionsSchema, engine: z.string().default(''), heal: z.string().default('') });
@@ -63,7 +64,7 @@ function parse<T>(schema: z.ZodType<T>, raw: unknown, what: string): T {
 }
 
 function options(o: z.infer<typeof planOptionsSchema>) {
-  return { ctx: o?.ctx ?? 0, cacheType: o?.cacheType ?? '', parallel: o?.parallel ?? 0, pin: o?.pin ?? [], parallelism: parseParallelism(o?.parallelism) };
+  return { ctx: o?.ctx ?? 0, cacheType: o?.cacheType ?? '', parallel: o?.parallel ?? 0, pin: o?.pin ?? [], parallelism: parseParallelism(o?.parallelism), allowUntunnelledRdma: o?.allowUntunnelledRdma ?? false };
 }
 
 export function nodeStatusToWire(n: NodeEntry, now = Date.now()): Record<string, unknown> {
@@ -88,6 +89,7 @@ export function modelStatusToWire(m: ModelStatus): Record<string, unknown> {
     loadedAtMs: String(m.loadedAtMs ?? 0),
     recoveries: m.recoveries ?? 0,
     heal: m.heal ?? '',
+    untunnelledRdma: m.untunnelledRdma ?? false,
     recovery: m.recovery
       ? { cause: m.recovery.cause, attempt: m.recovery.attempt, maxAttempts: m.recovery.maxAttempts, phase: m.recovery.phase, message: m.recovery.message, sinceSeconds: (Date.now() - m.recovery.sinceMs) / 1000 }
       : undefined,

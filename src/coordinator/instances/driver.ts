@@ -93,6 +93,8 @@ export interface EngineGroup {
   readonly verification: VerifyResult | undefined;
   /** How stage `i` of the plan is reached ('' when it has no endpoint of its own). */
   endpoint(stage: number): string;
+  /** Links between its nodes bypass the agents' TLS tunnels (MLX over JACCL, allowed at load). */
+  readonly untunnelledRdma: boolean;
   start(load: LoadContext): Promise<void>;
   verify(load: LoadContext): void;
   /** Opens the head's token stream for one request (after whatever the family needs first). */
@@ -258,6 +260,11 @@ export abstract class RosterGroup {
 
   endpoint(stage: number): string {
     return this.endpoints[stage] ?? '';
+  }
+
+  /** Every link through a tunnel or on one machine unless a family says otherwise. */
+  get untunnelledRdma(): boolean {
+    return false;
   }
 
   engineExited(nodeId: string, ev: EngineExit): void {

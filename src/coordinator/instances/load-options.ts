@@ -16,6 +16,7 @@ export function resolveLoadOptions(o: Partial<LoadOptions> | undefined): LoadOpt
     parallel: o?.parallel || DEFAULT_LOAD_OPTIONS.parallel,
     pin: o?.pin ?? [],
     parallelism: o?.parallelism ?? DEFAULT_LOAD_OPTIONS.parallelism,
+    allowUntunnelledRdma: o?.allowUntunnelledRdma ?? DEFAULT_LOAD_OPTIONS.allowUntunnelledRdma,
   };
   if (!Number.isInteger(r.ctx) || r.ctx < 16 || r.ctx > 16_777_216) throw new UsageError(`invalid ctx ${r.ctx}: 16–16777216`);
   if (!Number.isInteger(r.parallel) || r.parallel < 1 || r.parallel > 256) throw new UsageError(`invalid parallel ${r.parallel}: 1–256`);

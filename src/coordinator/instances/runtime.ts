@@ -487,6 +487,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       heal: i.heal,
       recoveries: i.recoveries,
       recovery: i.recovery,
+      untunnelledRdma: i.group.untunnelledRdma,
     };
   }
 

@@ -19,9 +19,14 @@ export interface LoadOptions {
   readonly pin: readonly string[];
   /** MLX layout over the ranks (parallelism.ts); llama.cpp RPC splits are pipelines only. */
   readonly parallelism: Parallelism;
+  /**
+   * `--allow-untunnelled-rdma`: MLX may use JACCL (RDMA over Thunderbolt), whose links bypass the
+   * agents' TLS tunnels. Off (absent): every link between nodes is a tunnelled TCP ring link.
+   */
+  readonly allowUntunnelledRdma?: boolean | undefined;
 }
 
-export const DEFAULT_LOAD_OPTIONS: LoadOptions = { ctx: 4096, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto' };
+export const DEFAULT_LOAD_OPTIONS: LoadOptions = { ctx: 4096, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto', allowUntunnelledRdma: false };
 
 /** One stage as the planner returns it (the last stage is the head). */
 export interface PlannedStage {
@@ -83,6 +88,8 @@ export interface ModelStatus {
   /** How often it was re-placed since its load. */
   readonly recoveries?: number | undefined;
   readonly recovery?: Recovery | undefined;
+  /** Its links between nodes bypass the TLS tunnels (MLX over JACCL, allowed at load). */
+  readonly untunnelledRdma?: boolean | undefined;
 }
 
 export interface LoadRequest {

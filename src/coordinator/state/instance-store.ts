@@ -54,6 +54,7 @@ export const InstanceRecord = z.object({
     pin: z.array(z.string()),
     // Records written before the option existed meant the default.
     parallelism: z.enum(PARALLELISMS).default('auto'),
+    allowUntunnelledRdma: z.boolean().optional(),
   }),
   stages: z.array(StoredStage),
   /** How each stage is reached, in stage order ('' when it has no endpoint of its own). */

@@ -1,6 +1,8 @@
 import { isAbsolute } from 'node:path';
 import { z } from 'zod';
 import { UsageError } from '../../shared/errors.ts';
+import type { RpcTarget } from '../../shared/placement/llama-args.ts';
+import { rpcTargetSchema } from '../rpc-target.ts';
 import { launchFiles, type MlxLaunch, type MlxMode } from './launch.ts';
 import type { MlxRequest } from './protocol.ts';
 
@@ -12,7 +14,15 @@ export interface MlxRankSpec {
   readonly rank: number;
   readonly worldSize: number;
   readonly mode: MlxMode;
-  /** undefined for a single process (world size 1). */
+  /**
+   * Ring: one target per rank, rank order (proto `ring_ranks`); `ring[rank]` is this rank on this
+   * node. Empty for JACCL and a single process.
+   */
+  readonly ring: readonly RpcTarget[];
+  /**
+   * undefined for a single process (world size 1) — and for a ring until the agent resolved the
+   * ring's routes into this rank's hostfile (`withRingEndpoints`): a ring rank never starts without.
+   */
   readonly launch: MlxLaunch | undefined;
   /** Pipeline: layers per plan stage, first layers first; empty = even split. */
   readonly split: readonly number[];
@@ -30,7 +40,7 @@ export const mlxRankRequestSchema = z.object({
   rank: z.number().int().default(0),
   worldSize: z.number().int().default(0),
   backend: z.string().default(''),
-  hosts: z.array(z.object({ endpoints: z.array(z.string()).default([]) })).default([]),
+  ringRanks: z.array(rpcTargetSchema('mlx.ring_ranks[]')).max(64).default([]),
   jacclDevices: z.array(z.object({ devices: z.array(z.string()).default([]) })).default([]),
   jacclCoordinator: z.string().default(''),
   split: z.array(z.number().int()).default([]),
@@ -55,10 +65,12 @@ export function mlxRankSpecFromRequest(raw: unknown): MlxRankSpec {
   if (!['single', 'pipeline', 'tensor'].includes(mode)) throw new UsageError(`mlx.mode "${r.mode}": pipeline, tensor or single`);
   if (mode === 'single' && worldSize !== 1) throw new UsageError(`mlx.mode single needs world_size 1, got ${worldSize}`);
   let launch: MlxLaunch | undefined;
+  let ring: RpcTarget[] = [];
   if (worldSize > 1) {
     if (r.backend === 'ring') {
-      if (r.hosts.length !== worldSize) throw new UsageError(`ring needs ${worldSize} hosts entries (one per rank), got ${r.hosts.length}`);
-      launch = { backend: 'ring', endpoints: r.hosts.map((h) => h.endpoints) };
+      if (r.ringRanks.length !== worldSize) throw new UsageError(`ring needs ${worldSize} ring_ranks (one per rank), got ${r.ringRanks.length}`);
+      ring = r.ringRanks;
+      ringPortsDistinct(ring);
     } else if (r.backend === 'jaccl') {
       // proto has no null inside a repeated string: "" marks the diagonal on the wire.
       const devices = r.jacclDevices.map((row, i) => row.devices.map((d, j) => (i === j && d === '' ? null : d)));
@@ -67,9 +79,9 @@ export function mlxRankSpecFromRequest(raw: unknown): MlxRankSpec {
     } else {
       throw new UsageError(`mlx.backend "${r.backend}": ring or jaccl (world_size ${worldSize})`);
     }
-    launchFiles(launch); // validates endpoints / matrix (literal IPv4, no duplicates, null diagonal)
-  } else if (r.backend !== '' || r.hosts.length > 0) {
-    throw new UsageError('a single MLX process (world_size 1) takes no backend or hosts');
+    if (launch) launchFiles(launch); // validates the matrix (null diagonal) and the coordinator address
+  } else if (r.backend !== '' || r.ringRanks.length > 0) {
+    throw new UsageError('a single MLX process (world_size 1) takes no backend or ring_ranks');
   }
   if (r.split.length > 0) {
     if (mode !== 'pipeline') throw new UsageError('mlx.split applies to pipeline mode only');
@@ -86,12 +98,42 @@ export function mlxRankSpecFromRequest(raw: unknown): MlxRankSpec {
     rank: r.rank,
     worldSize,
     mode,
+    ring,
     launch,
     split: r.split,
     maxTokens: r.maxTokens || DEFAULT_MLX_MAX_TOKENS,
     stallTimeoutMs: r.stallTimeoutSeconds > 0 ? Math.round(r.stallTimeoutSeconds * 1000) : DEFAULT_MLX_STALL_TIMEOUT_MS,
     returnWhenStarting: r.returnWhenStarting,
   };
+}
+
+/** Two ranks of one node cannot share a ring port on its 127.0.0.1. */
+function ringPortsDistinct(ring: readonly RpcTarget[]): void {
+  const seen = new Set<string>();
+  ring.forEach((t, rank) => {
+    const key = `${t.nodeId}\0${t.enginePort}`;
+    if (seen.has(key)) throw new UsageError(`mlx.ring_ranks[${rank}]: port ${t.enginePort} on node ${t.nodeId} is used twice`);
+    seen.add(key);
+  });
+}
+
+/**
+ * Pure: the ring rank with its hostfile filled in. `endpoints` are the agent's 127.0.0.1 routes
+ * for `spec.ring`, in rank order (engine-tunnels.ts): this rank's own entry must be its ring port
+ * — that is where it binds, loopback only — and every other entry is a port on this machine's
+ * loopback (a same-node rank, or the forwarder to another node's tunnel).
+ */
+export function withRingEndpoints(spec: MlxRankSpec, endpoints: readonly string[]): MlxRankSpec {
+  if (spec.ring.length === 0) throw new UsageError(`MLX rank ${spec.rank} has no ring to resolve`);
+  if (endpoints.length !== spec.ring.length) throw new UsageError(`ring of ${spec.ring.length} ranks got ${endpoints.length} endpoints`);
+  const own = `127.0.0.1:${spec.ring[spec.rank]!.enginePort}`;
+  if (endpoints[spec.rank] !== own) throw new UsageError(`ring rank ${spec.rank} must bind ${own}, not ${endpoints[spec.rank]}`);
+  endpoints.forEach((ep, rank) => {
+    if (!/^127\.0\.0\.1:\d+$/.test(ep)) throw new UsageError(`ring rank ${rank}: "${ep}" is not on this machine's loopback`);
+  });
+  const launch: MlxLaunch = { backend: 'ring', endpoints: endpoints.map((ep) => [ep]) };
+  launchFiles(launch); // literal IPv4, valid ports, no endpoint twice
+  return { ...spec, launch };
 }
 
 /** Same launch twice (a retry, or the second "wait for ready" call) → the same rank. */
@@ -102,9 +144,7 @@ export function sameMlxRank(a: MlxRankSpec, b: MlxRankSpec): boolean {
 
 /** The port this rank listens on (ring), for reports; 0 when it has none of its own. */
 export function mlxRankPort(spec: MlxRankSpec): number {
-  if (spec.launch?.backend !== 'ring') return 0;
-  const ep = spec.launch.endpoints[spec.rank]?.[0] ?? '';
-  return Number(ep.slice(ep.lastIndexOf(':') + 1)) || 0;
+  return spec.ring[spec.rank]?.enginePort ?? 0;
 }
 
 /**

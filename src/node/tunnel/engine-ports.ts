@@ -1,7 +1,8 @@
 /**
- * The 127.0.0.1 ports a worker's tunnel listener may forward to: only engines this agent
- * started register here (and unregister when they stop), so an authenticated peer still cannot
- * reach an arbitrary local service (sshd, a database, another user's server) through the tunnel.
+ * The 127.0.0.1 ports a worker's tunnel listener may forward to: only engines this agent started
+ * (rpc-servers, MLX ring ranks) register here (and unregister when they stop), so an authenticated
+ * peer still cannot reach an arbitrary local service (sshd, a database, another user's server)
+ * through the tunnel.
  */
 export class EnginePorts {
   readonly #ports = new Map<number, string>();
@@ -13,6 +14,11 @@ export class EnginePorts {
 
   unregister(port: number): void {
     this.#ports.delete(port);
+  }
+
+  /** Drop every port of `engine`. */
+  unregisterEngine(engine: string): void {
+    for (const [port, e] of this.#ports) if (e === engine) this.#ports.delete(port);
   }
 
   /** The engine name registered on `port`, or undefined. */

@@ -51,9 +51,10 @@ interface HeadTunnels {
 
 /**
  * The agent's tunnel side, both roles. Worker: one listener on the bind host that forwards only
- * to the engine ports registered here (rpc-servers this agent started, unregistered at exit).
- * Head: per head engine, one forwarder per remote target (checked to be that node), closed when
- * the engine exits or fails to start. Byte totals per peer survive closed forwarders so
+ * to the engine ports registered here (rpc-servers and MLX ring ranks this agent started,
+ * unregistered at exit). Dialling side (a llama-server head, every MLX ring rank): per engine, one
+ * forwarder per remote target (checked to be that node), closed when the engine exits or fails to
+ * start. Byte totals per peer survive closed forwarders so
  * `orchard_rpc_bytes_total` only ever grows.
  */
 export class EngineTunnels {
@@ -99,8 +100,9 @@ export class EngineTunnels {
   }
 
   /**
-   * The 127.0.0.1 endpoints llama-server engine `engineId` dials for `targets`, opening one
-   * forwarder per remote target. Idempotent per engine id (a StartEngine retry reuses them).
+   * The 127.0.0.1 endpoints engine `engineId` (a llama-server head, an MLX ring rank) dials for
+   * `targets`, opening one forwarder per remote target. Idempotent per engine id (a StartEngine
+   * retry reuses them).
    */
   endpoints(engineId: string, targets: readonly RpcTarget[]): Promise<readonly string[]> {
     let head = this.#heads.get(engineId);
@@ -129,12 +131,12 @@ export class EngineTunnels {
           enginePort: r.target.enginePort,
           expectPeer: { id: r.target.nodeId },
           credentials: o.credentials!,
-          onError: (message) => o.log.warn({ peer: r.target.nodeId, err: message }, 'tunnel to rpc-server failed'),
+          onError: (message) => o.log.warn({ peer: r.target.nodeId, err: message }, 'tunnel to a remote engine failed'),
         });
         forwarders.push(Object.assign(f, { peer: r.target.nodeId }));
         endpoints.push(`127.0.0.1:${f.port}`);
       }
-      if (forwarders.length > 0) o.log.info({ tunnels: forwarders.map((f) => ({ peer: f.peer, port: f.port })) }, 'rpc tunnels open');
+      if (forwarders.length > 0) o.log.info({ tunnels: forwarders.map((f) => ({ peer: f.peer, port: f.port })) }, 'engine tunnels open');
       return { forwarders, endpoints };
     } catch (err) {
       await Promise.all(forwarders.map((f) => f.close()));
@@ -142,8 +144,27 @@ export class EngineTunnels {
     }
   }
 
-  /** Close the forwarders of head engine `engineId` (it exited or never started). */
+  /**
+   * The hostfile entries of MLX ring rank `engineId` (rank order, all on 127.0.0.1): its own ring
+   * port (registered here, so peers' tunnels may reach it), same-node ranks directly, a forwarder
+   * per rank on another node. Idempotent per engine id like `endpoints`.
+   */
+  ringEndpoints(engineId: string, rank: number, ring: readonly RpcTarget[]): Promise<readonly string[]> {
+    const own = ring[rank];
+    if (own?.nodeId !== this.#o.nodeId) {
+      return Promise.reject(new EngineRequestError('INVALID_ARGUMENT', `mlx.ring_ranks[${rank}] names node ${own?.nodeId ?? '(none)'}, but this rank runs on node ${this.#o.nodeId}`));
+    }
+    const holder = this.enginePorts.engine(own.enginePort);
+    if (holder !== undefined && holder !== engineId) {
+      return Promise.reject(new EngineRequestError('ALREADY_EXISTS', `ring port ${own.enginePort} belongs to engine ${holder} of this node`));
+    }
+    this.enginePorts.register(own.enginePort, engineId);
+    return this.endpoints(engineId, ring);
+  }
+
+  /** Close the forwarders of engine `engineId` and drop its registered ports (it exited or never started). */
   async release(engineId: string): Promise<void> {
+    this.enginePorts.unregisterEngine(engineId);
     const head = this.#heads.get(engineId);
     if (!head) return;
     this.#heads.delete(engineId);

@@ -59,6 +59,7 @@ export class LlamaDriver implements EngineDriver {
   fitOptions(options: LoadOptions): LoadOptions {
     // llama.cpp RPC splits by layer ranges only (one device per range, activations passed on).
     if (options.parallelism === 'tensor') throw new UsageError('--parallelism tensor is for MLX models; llama.cpp RPC splits a GGUF as a pipeline of layer ranges');
+    if (options.allowUntunnelledRdma) throw new UsageError('--allow-untunnelled-rdma is for MLX models (JACCL); llama.cpp RPC always crosses the TLS tunnels');
     return options;
   }
 

@@ -28,6 +28,8 @@ import { type MlxInstanceLaunch, mlxInstanceLaunch } from './launch.ts';
 const LINK_SECONDS = { jaccl: 10e-6, ring: DEFAULT_PLACEMENT_OPTIONS.hopSeconds, none: 0 } as const;
 /** Link throughput for all-reduce payloads: TB5 ~ 80 Gb/s, a 10 GbE LAN ~ 10 Gb/s. */
 const LINK_BYTES_PER_SECOND = { jaccl: 10e9, ring: 1.25e9, none: Number.POSITIVE_INFINITY } as const;
+/** How a JACCL stage's endpoint reads (status, instance store): its links are outside the tunnels. */
+const UNTUNNELLED_RDMA = 'untunnelled RDMA, JACCL coordinator ';
 
 /** Pipeline or tensor for this load (parallelism.ts), from the model's shape and the plan's costs. */
 async function mlxParallelism(spec: InstanceSpec, load: LoadContext, backend: MlxInstanceLaunch['backend']): Promise<ParallelismChoice> {
@@ -103,16 +105,23 @@ class MlxGroup extends RosterGroup implements EngineGroup {
       nodeName: s.nodeName,
       agentAddress: load.nodes[i]!.address,
       interfaces: load.nodes[i]!.profile.interfaces,
+      tunnelPort: load.nodes[i]!.profile.tunnelPort,
       layers: s.lastLayer - s.firstLayer + 1,
     }));
-    const base = { modelDir: this.spec.path, maxTokens: this.spec.options.ctx, stallTimeoutSeconds: this.o.mlxStallTimeoutSeconds ?? 30, random: this.o.random ?? Math.random };
+    const base = {
+      modelDir: this.spec.path,
+      maxTokens: this.spec.options.ctx,
+      stallTimeoutSeconds: this.o.mlxStallTimeoutSeconds ?? 30,
+      random: this.o.random ?? Math.random,
+      allowUntunnelledRdma: this.spec.options.allowUntunnelledRdma,
+    };
     // The link the ranks would all-reduce over decides whether tensor parallel can pay off.
     const choice = await mlxParallelism(this.spec, load, mlxInstanceLaunch(ranks, base).backend);
     load.progress('starting-workers', `MLX ${choice.mode} parallel over ${ranks.length} rank(s): ${choice.reason}`);
     const launch = mlxInstanceLaunch(ranks, { ...base, mode: choice.mode });
     this.#launch = launch;
     this.cluster.log.info(
-      { model: this.spec.name, parallelism: choice.mode, parallelismReason: choice.reason, backend: launch.backend, reason: launch.reason, ranks: launch.ranks.map((r) => ({ rank: r.rank, node: r.nodeName, stage: r.stage, hosts: r.mlx.hosts })) },
+      { model: this.spec.name, parallelism: choice.mode, parallelismReason: choice.reason, backend: launch.backend, reason: launch.reason, ranks: launch.ranks.map((r) => ({ rank: r.rank, node: r.nodeName, stage: r.stage, ringPort: r.mlx.ringRanks[r.rank]?.enginePort })) },
       'MLX launch',
     );
     const started = await startMlxRanks(
@@ -127,7 +136,12 @@ class MlxGroup extends RosterGroup implements EngineGroup {
     );
     this.#ranks = started.ranks;
     this.#startupLogs = started.startupLogs;
-    for (const r of launch.ranks) this.endpoints[r.stage] = r.mlx.hosts[r.rank]?.endpoints[0] ?? r.mlx.jacclCoordinator;
+    for (const r of launch.ranks) this.endpoints[r.stage] = launch.untunnelledRdma ? `${UNTUNNELLED_RDMA}${r.mlx.jacclCoordinator}` : `127.0.0.1:${r.mlx.ringRanks[r.rank]?.enginePort ?? 0}`;
+  }
+
+  /** From the endpoints, so a re-adopted instance (no launch in memory) still says so. */
+  override get untunnelledRdma(): boolean {
+    return this.endpoints.some((e) => e.startsWith(UNTUNNELLED_RDMA));
   }
 
   verify(): void {

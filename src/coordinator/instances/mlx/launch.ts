@@ -13,9 +13,12 @@ import type { NetworkInterfaceInfo } from '../../../shared/hardware.ts';
  * rank 0's agent. Start order: ranks 0..N-2 first, rank N-1 once they all reported "starting"
  * (rank N-1 dials with ~31 s of retries; the others accept without a timeout).
  *
- * Backend: JACCL (RDMA over Thunderbolt 5) when every pair of nodes is linked by RDMA-capable
- * Thunderbolt interfaces, else the TCP ring. JACCL cannot run on Linux: only this generation is
- * tested here. Link detection is by IPv4 subnet: macOS gives each Thunderbolt cable its own
+ * Backend: the TCP ring, every link between two nodes through their agents' TLS 1.3 tunnels
+ * (each rank binds 127.0.0.1; `ring_ranks` name the rank's node, that node's tunnel and the ring
+ * port; the agents write the hostfiles). JACCL (RDMA over Thunderbolt 5) cannot be tunnelled: it
+ * is chosen only when the load allows untunnelled RDMA (`--allow-untunnelled-rdma`) and every pair
+ * of nodes is linked by RDMA-capable Thunderbolt interfaces. JACCL cannot run on Linux: only this
+ * generation is tested here. Link detection is by IPv4 subnet: macOS gives each Thunderbolt cable its own
  * bridge interface, and two ends of one cable share a subnet (self-assigned 169.254/16 or a
  * configured /24); we compare /24 prefixes, or 169.254/16 as a whole, which is a heuristic a user
  * with odd addressing can sidestep with the ring. RDMA device names follow macOS: `rdma_<if>`.
@@ -26,6 +29,8 @@ export interface MlxStageNode {
   /** The agent's address as the coordinator reaches it ("ip:port" or "[v6]:port"). */
   readonly agentAddress: string;
   readonly interfaces: readonly NetworkInterfaceInfo[];
+  /** The agent's tunnel listener port (HardwareProfile.tunnelPort); undefined = it runs none. */
+  readonly tunnelPort?: number | undefined;
   /** Layers of this plan stage. */
   readonly layers: number;
 }
@@ -35,7 +40,8 @@ export interface MlxRankWire {
   readonly rank: number;
   readonly worldSize: number;
   readonly backend: string;
-  readonly hosts: { endpoints: string[] }[];
+  /** Ring: one proto RpcTarget per rank, rank order. */
+  readonly ringRanks: RingRankWire[];
   readonly jacclDevices: { devices: string[] }[];
   readonly jacclCoordinator: string;
   readonly split: number[];
@@ -43,6 +49,14 @@ export interface MlxRankWire {
   readonly maxTokens: number;
   readonly stallTimeoutSeconds: number;
   readonly returnWhenStarting: boolean;
+}
+
+/** proto RpcTarget as the ring sends it: the rank's node, its tunnel (0/"" = none), the ring port on its 127.0.0.1. */
+export interface RingRankWire {
+  readonly nodeId: string;
+  readonly tunnelHost: string;
+  readonly tunnelPort: number;
+  readonly enginePort: number;
 }
 
 export interface MlxRankLaunch {
@@ -56,6 +70,8 @@ export interface MlxRankLaunch {
 
 export interface MlxInstanceLaunch {
   readonly backend: 'ring' | 'jaccl' | 'none';
+  /** JACCL: links between nodes bypass the TLS tunnels (allowed by the load, shown in status). */
+  readonly untunnelledRdma: boolean;
   /** Why this backend (for logs and the load progress). */
   readonly reason: string;
   /** Rank order: ranks[r] is rank r. */
@@ -71,6 +87,8 @@ export interface MlxLaunchOptions {
   readonly random: () => number;
   /** Port range for fresh ring/JACCL ports (default 20000–59999, below Linux's ephemeral range). */
   readonly portRange?: readonly [number, number];
+  /** `--allow-untunnelled-rdma`: JACCL may carry this instance's links outside the tunnels. */
+  readonly allowUntunnelledRdma?: boolean | undefined;
 }
 
 /** Literal IPv4 of an agent address ("127.0.0.1:50151" → "127.0.0.1"); the ring takes nothing else. */
@@ -135,25 +153,21 @@ export function jacclMatrix(nodesByRank: readonly { interfaces: readonly Network
   return m;
 }
 
-/**
- * The ring address of each rank: a Thunderbolt address shared (by subnet) with both ring
- * neighbours when there is one (faster than the LAN), else the agent's own IPv4 address.
- */
-export function ringAddresses(nodesByRank: readonly MlxStageNode[]): string[] {
-  const n = nodesByRank.length;
-  return nodesByRank.map((node, r) => {
-    const neighbours = [nodesByRank[(r + n - 1) % n]!, nodesByRank[(r + 1) % n]!].filter((x) => x !== node);
-    for (const i of node.interfaces) {
-      if (!i.thunderbolt) continue;
-      for (const a of i.addresses) {
-        const k = subnetKey(a);
-        if (!k) continue;
-        const sharedByAll = neighbours.every((nb) => nb.interfaces.some((j) => j.thunderbolt && j.addresses.some((b) => subnetKey(b) === k)));
-        if (sharedByAll && neighbours.length > 0) return a;
-      }
-    }
-    return ipv4Of(node.agentAddress);
-  });
+/** The ring as `ring_ranks`: each rank's node, that node's tunnel (at the address its agent answers on), its fresh port. */
+export function ringRanks(nodesByRank: readonly MlxStageNode[], ports: readonly number[]): RingRankWire[] {
+  return nodesByRank.map((node, r) => ({
+    nodeId: node.nodeId,
+    tunnelHost: node.tunnelPort ? hostOfAgent(node.agentAddress) : '',
+    tunnelPort: node.tunnelPort ?? 0,
+    enginePort: ports[r]!,
+  }));
+}
+
+/** "ip:port" / "[v6]:port" / "host:port" → the host. */
+function hostOfAgent(agentAddress: string): string {
+  if (agentAddress.startsWith('[')) return agentAddress.slice(1, agentAddress.indexOf(']'));
+  const i = agentAddress.lastIndexOf(':');
+  return i > 0 ? agentAddress.slice(0, i) : agentAddress;
 }
 
 /** Lay out one instance: ranks in plan order reversed, backend, fresh ports, per-rank wire spec. */
@@ -166,7 +180,7 @@ export function mlxInstanceLaunch(stages: readonly MlxStageNode[], o: MlxLaunchO
   const byRank = stages.map((_, r) => ({ ...stages[n - 1 - r]!, stage: n - 1 - r }));
   const split = stages.map((s) => s.layers);
   const mode = o.mode ?? 'pipeline';
-  const base = (rank: number): Omit<MlxRankWire, 'backend' | 'hosts' | 'jacclDevices' | 'jacclCoordinator'> => ({
+  const base = (rank: number): Omit<MlxRankWire, 'backend' | 'ringRanks' | 'jacclDevices' | 'jacclCoordinator'> => ({
     modelDir: o.modelDir,
     rank,
     worldSize: n,
@@ -180,29 +194,34 @@ export function mlxInstanceLaunch(stages: readonly MlxStageNode[], o: MlxLaunchO
   if (n === 1) {
     return {
       backend: 'none',
+      untunnelledRdma: false,
       reason: 'one stage: a single MLX process',
-      ranks: [rankOf(0, { ...base(0), backend: '', hosts: [], jacclDevices: [], jacclCoordinator: '' })],
+      ranks: [rankOf(0, { ...base(0), backend: '', ringRanks: [], jacclDevices: [], jacclCoordinator: '' })],
     };
   }
   const matrix = ids.size === n ? jacclMatrix(byRank) : undefined;
-  if (matrix) {
+  if (matrix && o.allowUntunnelledRdma) {
     const [port] = freshPorts(1, o.random, o.portRange);
     const coordinator = `${ipv4Of(byRank[0]!.agentAddress)}:${port}`;
     const devices = matrix.map((row) => ({ devices: row.map((d) => d ?? '') }));
     return {
       backend: 'jaccl',
-      reason: 'every pair of nodes has an RDMA-capable Thunderbolt link',
-      ranks: byRank.map((_, r) => rankOf(r, { ...base(r), backend: 'jaccl', hosts: [], jacclDevices: devices, jacclCoordinator: coordinator })),
+      untunnelledRdma: true,
+      reason: 'every pair of nodes has an RDMA-capable Thunderbolt link and the load allows untunnelled RDMA (JACCL bypasses the TLS tunnels)',
+      ranks: byRank.map((_, r) => rankOf(r, { ...base(r), backend: 'jaccl', ringRanks: [], jacclDevices: devices, jacclCoordinator: coordinator })),
     };
   }
-  const addrs = ringAddresses(byRank);
-  const ports = freshPorts(n, o.random, o.portRange);
-  const hosts = addrs.map((a, r) => ({ endpoints: [`${a}:${ports[r]}`] }));
-  const why = ids.size < n ? 'a node holds more than one rank' : 'not every pair of nodes has an RDMA Thunderbolt link';
+  const ring = ringRanks(byRank, freshPorts(n, o.random, o.portRange));
+  const why = matrix
+    ? 'RDMA links exist, but JACCL cannot be tunnelled: load with --allow-untunnelled-rdma to use it'
+    : ids.size < n
+      ? 'a node holds more than one rank'
+      : 'not every pair of nodes has an RDMA Thunderbolt link';
   return {
     backend: 'ring',
-    reason: `TCP ring (${why})`,
-    ranks: byRank.map((_, r) => rankOf(r, { ...base(r), backend: 'ring', hosts, jacclDevices: [], jacclCoordinator: '' })),
+    untunnelledRdma: false,
+    reason: `TCP ring through the TLS tunnels (${why})`,
+    ranks: byRank.map((_, r) => rankOf(r, { ...base(r), backend: 'ring', ringRanks: ring, jacclDevices: [], jacclCoordinator: '' })),
   };
 }
 
