@@ -64,7 +64,7 @@ describe('Runtime', () => {
       throw new CoordinatorError('FAILED_PRECONDITION', 'no');
     });
     await rt.load({ modelPath: '/a/b.gguf', options: { ctx: 8192, cacheType: 'q8_0', parallel: 2 } }).catch(() => {});
-    expect(seen).toEqual({ path: '/a/b.gguf', nodes: 0, options: { ctx: 8192, cacheType: 'q8_0', parallel: 2, pin: [], parallelism: 'auto' } });
+    expect(seen).toEqual({ path: '/a/b.gguf', nodes: 0, options: { ctx: 8192, cacheType: 'q8_0', parallel: 2, pin: [], parallelism: 'auto', allowUntunnelledRdma: false } });
   });
 
   it('bad input is a usage error before anything starts', async () => {
