@@ -70,6 +70,8 @@ function goalMet(s: Scenario, r: Record<string, number>, b: Baseline): { goal: s
         goal: `0 failed, resumed streams identical, serving within load time + 5 s${s.lossNeedsGrace ? ' + the down-after grace' : ''} (${bound.toFixed(1)} s), 0 orphans`,
         met: clean && r.requestsFailed === 0 && r.streamsResumedIdentical === r.streamsInFlightAtFault && r.recoverySeconds! <= bound,
       };
+    case 'drain':
+      return { goal: '0 failed, nothing left on the drained node, 0 orphans', met: clean && r.requestsFailed === 0 && r.stagesLeftOnDrainedNode === 0 };
     case 'coordinator':
       return { goal: '0 reloads, serving within 5 s of the new coordinator listening, 0 orphans', met: clean && r.enginesReplaced === 0 && r.reloads === 0 && r.servingAfterReadySeconds! <= 5 };
   }
@@ -100,6 +102,6 @@ export async function runScenario(c: Chaos, s: Scenario, b: Baseline): Promise<R
   };
   if (coordinatorReadyAtMs) r.servingAfterReadySeconds = ((load.arrivals.filter((t) => t >= coordinatorReadyAtMs).sort((x, y) => x - y)[0] ?? Number.POSITIVE_INFINITY) - coordinatorReadyAtMs) / 1000;
   const figures = streamFigures(load, faultMs, b);
-  const judged = goalMet(s, { ...r, requestsFailed: figures.requestsFailed, streamsResumedIdentical: figures.streamsResumedIdentical, streamsInFlightAtFault: figures.streamsInFlightAtFault }, b);
+  const judged = goalMet(s, { ...r, requestsFailed: figures.requestsFailed, streamsResumedIdentical: figures.streamsResumedIdentical, streamsInFlightAtFault: figures.streamsInFlightAtFault, requestsTotal: figures.requestsTotal }, b);
   return { scenario: s.name, kind: s.kind, ...r, ...figures, ...judged };
 }

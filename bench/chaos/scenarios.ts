@@ -1,3 +1,4 @@
+import { orchardV1 } from '../../src/shared/proto.ts';
 import { killGroup } from '../../test/helpers/processes.ts';
 import { sleep } from '../lib/cluster.ts';
 import { type ChaosCluster, NODE_PORTS, proxyName, restartAgent, restartCoordinator, waitNodesUp } from './cluster.ts';
@@ -10,7 +11,7 @@ import type { Toxiproxy } from './toxiproxy.ts';
  * left must cost a pause (no failed request, resumed greedy streams identical), a degraded link
  * must not fail anything, a coordinator crash must not reload.
  */
-export type ScenarioKind = 'blip' | 'node-loss' | 'degraded' | 'coordinator';
+export type ScenarioKind = 'blip' | 'node-loss' | 'degraded' | 'coordinator' | 'drain';
 
 export interface Chaos {
   readonly cluster: ChaosCluster;
@@ -22,6 +23,8 @@ export interface Chaos {
 export interface Scenario {
   readonly name: string;
   readonly kind: ScenarioKind;
+  /** Why this build cannot run it (undefined: it can). */
+  readonly unavailable?: () => string | undefined;
   /** The loss is only known once the node is silent past the grace (a cut link: no connection reset). */
   readonly lossNeedsGrace?: boolean;
   /** Injects the fault; returns once it is over (blip, degraded link) or done (a kill). Extra fields go into the report. */
@@ -133,6 +136,21 @@ export const SCENARIOS: readonly Scenario[] = [
       await killGroup(c.cluster.coordinator);
       const startupSeconds = await restartCoordinator(c.cluster, c.net.hostIp);
       return { coordinatorReadyAtMs: Date.now(), coordinatorStartupSeconds: startupSeconds };
+    },
+  },
+  {
+    name: 'drain the worker (orchard node drain), then undo',
+    kind: 'drain',
+    unavailable: () => ('Drain' in (orchardV1().Coordinator as unknown as { service: object }).service ? undefined : 'orchard node drain is not in this build'),
+    async fault(c) {
+      const node = c.cluster.nodes[await workerIndex(c)]!.name;
+      const t0 = Date.now();
+      const r = await c.cluster.client.unary('drain', { node }, 300_000);
+      const drainSeconds = (Date.now() - t0) / 1000;
+      const { stages } = await modelStatus(c);
+      const stillOnNode = stages.filter((s) => s.nodeName === node).length;
+      await c.cluster.client.unary('drain', { node, undo: true });
+      return { drainSeconds, modelsMoved: ((r.moved ?? []) as unknown[]).length, stagesLeftOnDrainedNode: stillOnNode };
     },
   },
 ];
