@@ -176,21 +176,11 @@ export async function relayCompletion(opts: RelayOptions): Promise<GenerateDone>
   let firstTokenMs = 0;
   let params = opts.params;
   if (params.messagesJson) params = { ...params, prompt: await applyChatTemplate(opts.baseUrl, params.messagesJson, opts.signal), messagesJson: undefined };
-  let res: EngineResponse;
-  try {
-    res = await postToEngine(`${opts.baseUrl}/completion`, JSON.stringify(completionBody(params)), opts.signal, { accept: 'text/event-stream' });
-  } catch (err) {
-    if (opts.signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
-    throw new GenerateError('UNAVAILABLE', `llama-server at ${opts.baseUrl} is not reachable: ${(err as Error).message}`);
-  }
-  if (res.status < 200 || res.status > 299) {
-    const text = await res.text().catch(() => '');
-    let error: unknown = { message: text || `HTTP ${res.status}`, code: res.status };
-    try {
-      error = (JSON.parse(text) as { error?: unknown }).error ?? error;
-    } catch {}
-    throw engineError(error);
-  }
+  // A resumed greedy stream: rebuild the lost engine's context first, then continue on the same
+  // slot. A sampled one cannot be identical anyway (the sampler's state is gone): one prefill.
+  const body = completionBody(params);
+  if (params.continueTokenIds?.length && params.temperature === 0) body.id_slot = await replayDelivered(opts.baseUrl, params, opts.signal);
+  const res = await postCompletion(opts.baseUrl, body, opts.signal, { accept: 'text/event-stream' });
   try {
     for await (const payload of ssePayloads(res.body as AsyncIterable<Uint8Array>)) {
       for (const ev of parseCompletionPayload(payload)) {
@@ -209,6 +199,55 @@ export async function relayCompletion(opts: RelayOptions): Promise<GenerateDone>
   }
   if (opts.signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
   throw new GenerateError('UNAVAILABLE', 'llama-server ended the stream without a final event (did the engine die?)');
+}
+
+/** POST /completion; refusals and an unreachable engine become GenerateErrors. */
+async function postCompletion(baseUrl: string, body: Record<string, unknown>, signal: AbortSignal, headers: Record<string, string> = {}): Promise<EngineResponse> {
+  let res: EngineResponse;
+  try {
+    res = await postToEngine(`${baseUrl}/completion`, JSON.stringify(body), signal, headers);
+  } catch (err) {
+    if (signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
+    throw new GenerateError('UNAVAILABLE', `llama-server at ${baseUrl} is not reachable: ${(err as Error).message}`);
+  }
+  if (res.status >= 200 && res.status <= 299) return res;
+  const text = await res.text().catch(() => '');
+  let error: unknown = { message: text || `HTTP ${res.status}`, code: res.status };
+  try {
+    error = (JSON.parse(text) as { error?: unknown }).error ?? error;
+  } catch {}
+  throw engineError(error);
+}
+
+const replayStepSchema = z.object({ id_slot: z.number().int() }).loose();
+
+/**
+ * A resumed stream's context, computed the way the lost engine computed it: llama.cpp's CPU
+ * kernels are not batch-invariant, so prefilling prompt + delivered tokens as one batch gives
+ * (slightly) different KV rows than the original prefill + one-token decodes, and a greedy
+ * near-tie can flip. So the prompt is prefilled alone and fresh (`cache_prompt` off: as on a new
+ * engine), then each delivered token is fed as its own one-token step (`n_predict` 1 on a prompt
+ * one token longer: the slot's cache holds the rest and llama-server evaluates only the new
+ * token, like a decode step). Every step is pinned to the same slot; returns its id for the
+ * continuation. Costs one request per delivered token (a decode step plus a loopback round trip).
+ */
+async function replayDelivered(baseUrl: string, p: GenerateParams, signal: AbortSignal): Promise<number> {
+  const ids = p.continueTokenIds ?? [];
+  let slot = -1;
+  for (let i = 0; i < ids.length; i++) {
+    const step = { ...completionBody({ ...p, maxTokens: 1, continueTokenIds: ids.slice(0, i) }), stream: false, cache_prompt: i > 0, id_slot: slot };
+    const res = await postCompletion(baseUrl, step, signal);
+    const text = await res.text().catch((err: unknown) => {
+      throw signal.aborted ? new GenerateError('CANCELLED', 'generation cancelled by the client') : new GenerateError('UNAVAILABLE', `replay step broke: ${(err as Error).message}`);
+    });
+    let parsed: ReturnType<typeof replayStepSchema.safeParse> | undefined;
+    try {
+      parsed = replayStepSchema.safeParse(JSON.parse(text));
+    } catch {}
+    if (!parsed?.success) throw new GenerateError('INTERNAL', `llama-server answered a replay step with: ${text.slice(0, 120)}`);
+    slot = parsed.data.id_slot;
+  }
+  return slot;
 }
 
 /**

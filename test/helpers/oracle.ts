@@ -25,25 +25,37 @@ export interface OracleRequest {
  * buffer type on CPUs that have it, which no ggml-rpc-server uses.
  */
 export async function plainLlamaTokens(bins: Pick<LlamaBinaries, 'llamaServer'>, req: OracleRequest): Promise<number[]> {
-  const port = await freePort();
-  const memory = llamaMemoryArgs({ ...DEFAULT_MEMORY_OPTIONS, ctx: req.ctx });
-  const args = ['-m', req.model, ...memory, '--port', String(port), '--host', '127.0.0.1', '-t', String(req.threads)];
-  const p = spawnProc('oracle llama-server', args, process.env, bins.llamaServer);
+  const server = await plainLlamaServer(bins, req);
   try {
-    const deadline = Date.now() + (req.readyTimeoutMs ?? 120_000);
-    for (;;) {
-      if (await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.status === 200, () => false)) break;
-      if (p.child.exitCode !== null) throw new Error(`oracle llama-server exited: ${p.err.slice(-2000)}`);
-      if (Date.now() > deadline) throw new Error(`oracle llama-server not healthy in time: ${p.err.slice(-2000)}`);
-      await sleep(200);
-    }
-    const res = await fetch(`http://127.0.0.1:${port}/completion`, {
+    const res = await fetch(`${server.url}/completion`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
       body: JSON.stringify({ prompt: req.prompt, n_predict: req.nPredict, temperature: 0, return_tokens: true, cache_prompt: false }),
     });
     return ((await res.json()) as { tokens: number[] }).tokens;
   } finally {
-    await killGroup(p);
+    await server.stop();
   }
+}
+
+/** The oracle's llama-server, healthy, for tests that send it requests of their own; `stop` kills its process group. */
+export async function plainLlamaServer(bins: Pick<LlamaBinaries, 'llamaServer'>, req: Pick<OracleRequest, 'model' | 'ctx' | 'threads' | 'readyTimeoutMs'>): Promise<{ url: string; stop(): Promise<void> }> {
+  const port = await freePort();
+  const memory = llamaMemoryArgs({ ...DEFAULT_MEMORY_OPTIONS, ctx: req.ctx });
+  const args = ['-m', req.model, ...memory, '--port', String(port), '--host', '127.0.0.1', '-t', String(req.threads)];
+  const p = spawnProc('oracle llama-server', args, process.env, bins.llamaServer);
+  const url = `http://127.0.0.1:${port}`;
+  try {
+    const deadline = Date.now() + (req.readyTimeoutMs ?? 120_000);
+    for (;;) {
+      if (await fetch(`${url}/health`).then((r) => r.status === 200, () => false)) break;
+      if (p.child.exitCode !== null) throw new Error(`oracle llama-server exited: ${p.err.slice(-2000)}`);
+      if (Date.now() > deadline) throw new Error(`oracle llama-server not healthy in time: ${p.err.slice(-2000)}`);
+      await sleep(200);
+    }
+  } catch (err) {
+    await killGroup(p);
+    throw err;
+  }
+  return { url, stop: () => killGroup(p) };
 }

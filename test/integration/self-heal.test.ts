@@ -94,6 +94,12 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
     await Promise.all(procs.splice(0).map(killGroup));
   });
 
+  /** A node's state from the coordinator's HTTP /status (cheap: `orchard status` starts a CLI process). */
+  const nodeStateOverHttp = async (nodeId: string): Promise<string | undefined> => {
+    const s = (await (await fetch(`http://${coordHttp}/status`)).json()) as { nodes: { profile: { nodeId: string }; state: string }[] };
+    return s.nodes.find((x) => x.profile.nodeId === nodeId)?.state.replace('NODE_STATE_', '').toLowerCase();
+  };
+
   /** A greedy stream of N_PREDICT tokens; `onToken(n)` runs after the n-th token. */
   async function stream(onToken: (n: number) => Promise<void> | void): Promise<{ tokens: number[]; maxGapMs: number; error?: Error }> {
     const client = await localCoordinatorClient(coordAddr, join(dir.path, 'coord'));
@@ -126,15 +132,18 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
     let sawSuspect = false;
     const r = await stream(async (n) => {
       if (n !== 3) return;
+      // The thaw runs on a timer, not after the polling: on a loaded machine one poll can take
+      // seconds, and a freeze that outlasts the grace period is a death, not a blip.
       signalTree(frozen, 'SIGSTOP');
+      const thawed = sleep(3000).then(() => signalTree(frozen, 'SIGCONT'));
       try {
         const until = Date.now() + 3000;
-        while (Date.now() < until) {
-          if ((await status()).nodes.find((x) => x.id === worker.nodeId)?.state === 'suspect') sawSuspect = true;
-          await sleep(250);
+        while (Date.now() < until && !sawSuspect) {
+          sawSuspect = (await nodeStateOverHttp(worker.nodeId)) === 'suspect';
+          await sleep(100);
         }
       } finally {
-        signalTree(frozen, 'SIGCONT');
+        await thawed;
       }
     });
     expect(r.error).toBeUndefined();
@@ -173,7 +182,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
       .reduce((t, l) => t + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
   };
 
-  itWith([engines], 'a worker agent SIGKILLed mid-stream with room left: recovering → ready on the others, the stream resumes to its full length without an error', async () => {
+  itWith([engines], 'a worker agent SIGKILLed mid-stream with room left: recovering → ready on the others, the stream resumes with the undisturbed run\'s tokens', async () => {
     const before = (await status()).models.find((m) => m.name === 'm8')!;
     const victimName = before.stages[0]!.nodeName; // a worker stage, not the head
     const victim = agents.get(victimName)!;
@@ -186,23 +195,17 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
     });
     const resumedAfterS = (Date.now() - killedAt) / 1000;
     expect(r.error, r.error?.message).toBeUndefined();
-    // What the resume guarantees: the tokens delivered before the kill are the oracle's, the stream
-    // ends with its full length and no error. Equality of the continuation with an undisturbed run
-    // is measured (logged, and counted by bench:chaos), not asserted: llama.cpp's CPU kernels are
-    // not batch-invariant, and the resumed request prefills prompt + delivered tokens as one batch
-    // where the undisturbed run decoded them one at a time, so a near-tie can flip (seen here:
-    // token 7 of 48 on this random model, in some runs). Replaying the delivered tokens one at a
-    // time through the prompt cache would make it exact; that is open work (issue #13).
-    expect(r.tokens.slice(0, 3)).toEqual(oracle.slice(0, 3));
-    expect(r.tokens.length).toBe(oracle.length);
-    const identical = r.tokens.every((t, i) => t === oracle[i]);
+    // Greedy output equals an undisturbed run: the new head replays the delivered tokens one
+    // decode step at a time (the agent's relay), so a near-tie cannot flip the way a one-batch
+    // prefill of prompt + delivered tokens did here (token 7 of 48, in some runs).
+    expect(r.tokens).toEqual(oracle);
     const after = (await status()).models.find((m) => m.name === 'm8')!;
     expect(after.state).toBe('ready');
     expect(after.recoveries).toBe(1);
     expect(after.stages.some((s) => s.nodeName === victimName)).toBe(false);
     expect(await metric('orchard_streams_resumed_total')).toBe(1);
     expect(await metric('orchard_instance_recoveries_total')).toBe(1);
-    console.info(`self-heal: ${victimName} SIGKILLed; stream finished ${resumedAfterS.toFixed(1)} s later, pause ${(r.maxGapMs / 1000).toFixed(1)} s, continuation identical to an undisturbed run: ${String(identical)}`);
+    console.info(`self-heal: ${victimName} SIGKILLed; stream finished ${resumedAfterS.toFixed(1)} s later, pause ${(r.maxGapMs / 1000).toFixed(1)} s, identical to an undisturbed run`);
     await startAgent(victimName); // back for the next test
   }, 120_000);
 
