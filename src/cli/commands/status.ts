@@ -59,6 +59,11 @@ export function statusJson(s: Wire): Wire {
   return { clusterId: s.clusterId, version: s.version, nodes, models };
 }
 
+/** The line that warns a model's links between nodes bypass the TLS tunnels; undefined when they do not. */
+export function linksNote(model: Wire): string | undefined {
+  return model.untunnelledRdma ? 'links: untunnelled RDMA (JACCL over Thunderbolt, outside the TLS tunnels; loaded with --allow-untunnelled-rdma)' : undefined;
+}
+
 /** The node's own measurement: decode bandwidth and prefill compute, or '-' before `--calibrate`. */
 function measured(h: Wire): string {
   const bw = num(h.effectiveBandwidthBytesPerSecond);
@@ -87,7 +92,8 @@ export function registerStatus(program: Command): void {
         process.stdout.write(`cluster ${String(s.clusterId)}\n${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
         for (const m of s.models as Wire[]) {
           process.stdout.write(`\nmodel ${String(m.name)} [${String(m.state)}] ${String(m.path)}${m.error ? ` — ${String(m.error)}` : ''}\n`);
-          if (m.untunnelledRdma) process.stdout.write('  links: untunnelled RDMA (JACCL over Thunderbolt, outside the TLS tunnels; loaded with --allow-untunnelled-rdma)\n');
+          const links = linksNote(m);
+          if (links) process.stdout.write(`  ${links}\n`);
           const r = m.recovery as Wire | undefined;
           if (r) process.stdout.write(`  ${m.state === 'failed' ? 'gave up healing' : 'recovering'}: attempt ${String(r.attempt)}/${String(r.maxAttempts)}, ${String(r.phase)}${r.message ? ` — ${String(r.message)}` : ''}\n`);
           const mt = new Table({ head: ['stage', 'node', 'layers', 'weights', 'kv', 'total', 'budget', 'endpoint'], style: tableStyle() });
