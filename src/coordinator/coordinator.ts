@@ -21,6 +21,8 @@ import { CoordinatorError } from './errors.ts';
 import { IdentityId } from '../shared/pki/identity.ts';
 import type { RevocationList } from './state/revocations.ts';
 import { Membership } from './membership/membership.ts';
+import { LinkProber, type LinkProberOptions } from './membership/link-prober.ts';
+import type { LinkMatrix } from '../shared/placement/links.ts';
 import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './membership/registry.ts';
 import { FileInstanceStore, type InstanceStore } from './state/instance-store.ts';
 import { type ClusterState, StateDir } from './state/state-dir.ts';
@@ -61,6 +63,8 @@ export interface CoordinatorOptions {
    */
   readonly api?: { readonly apiKey?: string | undefined; readonly maxBodyBytes?: number | undefined; readonly metricsPublic?: boolean | undefined } | undefined;
   readonly log: Logger;
+  /** How often links are measured (defaults: renewed every 10 min, a failure retried after 30 s). */
+  readonly links?: LinkProberOptions | undefined;
 }
 
 export interface CoordinatorHandle {
@@ -73,6 +77,8 @@ export interface CoordinatorHandle {
   createJoinToken(o?: { ttlMs?: number | undefined; uses?: number | undefined }): Promise<string>;
   readonly runtime: Runtime;
   readonly membership: Membership;
+  /** The link matrix and the probes that fill it (`orchard status --links`). */
+  readonly links: LinkProber;
   /** Prometheus registry and metrics (served at GET /metrics on the HTTP port). */
   readonly metrics: CoordinatorMetrics;
   /** The HTTP router: add routes with `router.add(method, path, scope, handler)`; the API-key guard covers them. */
@@ -97,8 +103,9 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   const stateDir = new StateDir(o.stateDir);
   const { caFingerprint, tls, tokens, revocations, enrollContext } = await openPki(stateDir);
   const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log, tls, () => revocations.ids());
+  const prober = new LinkProber(membership, log.child({ part: 'links' }), o.links);
   const clusterId = state.cluster().clusterId;
-  const { runtime, metrics } = buildRuntime(o, membership, clusterId);
+  const { runtime, metrics } = buildRuntime(o, membership, clusterId, prober.matrix);
   const store = o.store ?? new FileInstanceStore(o.stateDir, (key, problem) => log.warn({ key, problem }, 'stored state skipped: it does not parse'));
   // Before any agent is dialled: stored instances claim their engines before the orphan clean-up looks.
   const readoption = await Readoption.open({ runtime, membership, store, clusterId, log, graceMs: o.adoptGraceMs });
@@ -116,6 +123,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
       version,
       log,
       rememberAgent: state.rememberAgent,
+      links: () => prober.matrix.list(),
     },
     access,
     o.host ?? '0.0.0.0',
@@ -140,6 +148,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     createJoinToken: async (t = {}) => (await tokens.create({ ttlMs: t.ttlMs, uses: t.uses })).token,
     runtime,
     membership,
+    links: prober,
     metrics,
     router,
     store,
@@ -154,6 +163,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
       await readoption.close();
       await store.close();
       await discovery?.close();
+      prober.close();
       membership.close();
       await new Promise<void>((resolve) => grpcServer.tryShutdown(() => resolve()));
       grpcServer.forceShutdown();
@@ -226,7 +236,7 @@ async function openState(dir: string) {
 }
 
 /** Metrics first (the runtime reports into them), then the metered runtime they read back. */
-function buildRuntime(o: CoordinatorOptions, membership: Membership, clusterId: string) {
+function buildRuntime(o: CoordinatorOptions, membership: Membership, clusterId: string, links: LinkMatrix) {
   let runtimeRef: Runtime | undefined;
   // Budgets for a second model subtract what loaded models already hold on each node.
   const reserved = (nodeId: string) =>
@@ -235,7 +245,7 @@ function buildRuntime(o: CoordinatorOptions, membership: Membership, clusterId: 
   const metrics = new CoordinatorMetrics({ version: o.version ?? '0.1.0', membership, runtime: () => runtimeRef });
   const runtime = new MeteredRuntime({
     membership,
-    planner: o.planner ?? createPlanner(reserved),
+    planner: o.planner ?? createPlanner(reserved, links),
     clusterId,
     log: o.log,
     maxQueue: o.maxQueue,

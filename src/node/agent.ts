@@ -122,7 +122,7 @@ export class NodeAgent {
     const { identity, tls } = await this.loadIdentity();
     this.currentProfile = await this.probe(identity.nodeId);
     const { supervisor, tunnels } = this.engineSide(identity.nodeId, tls);
-    const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list(), rpcBytes: () => tunnels.bytes() });
+    const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list(), rpcBytes: () => tunnels.bytes(), links: () => tunnels.links() });
     metrics.follow(supervisor);
     // Sample once so the first scrape has available memory.
     await this.live().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'live stats failed'));

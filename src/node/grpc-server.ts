@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
+import { z } from 'zod';
 import { OrchardError, UsageError, errorMessage } from '../shared/errors.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { Logger } from '../shared/log.ts';
@@ -73,7 +74,38 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
       state.setRevocations?.(ids);
       cb(null, {});
     },
+    MeasureLinks: (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => measureLinks(state, log, call, cb),
   };
+}
+
+const MeasureLinksRequest = z.object({
+  peers: z
+    .array(z.object({ nodeId: IdentityId, host: z.string().min(1).max(255), tunnelPort: z.number().int().min(1).max(65535) }))
+    .max(256),
+});
+
+/** Probe each named peer's tunnel (the coordinator's list; the agent dials only node certificates of this cluster). */
+function measureLinks(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>): void {
+  const req = MeasureLinksRequest.safeParse(call.request);
+  if (!req.success) {
+    cb({ code: grpc.status.INVALID_ARGUMENT, details: `invalid MeasureLinks request: ${req.error.issues[0]?.message ?? ''}` });
+    return;
+  }
+  const self = state.profile().nodeId;
+  Promise.resolve()
+    .then(() => state.tunnels.measureLinks(req.data.peers.map((p) => ({ nodeId: p.nodeId, tunnel: { host: p.host, port: p.tunnelPort } }))))
+    .then(
+      (links) =>
+        cb(null, {
+          links: links.map((l) => ({
+            fromNodeId: self,
+            toNodeId: l.peer,
+            measuredAtSeconds: l.measuredAtSeconds,
+            ...('sample' in l ? { rttSeconds: l.sample.rttSeconds, bytesPerSecond: l.sample.bytesPerSecond } : { error: l.error }),
+          })),
+        }),
+      (err: unknown) => cb(toServiceError(err, log)),
+    );
 }
 
 /** The hardware profile, live stats, engines and model files of this node. */

@@ -19,7 +19,11 @@ export interface NodeMetricsSource {
   engines(): readonly EngineInfo[];
   /** Tunnel payload bytes per peer node (EngineTunnels.bytes); cumulative, so a counter. */
   rpcBytes(): Promise<readonly PeerBytes[]>;
+  /** The last good link probe per peer (EngineTunnels.links). */
+  links(): readonly LinkResultSample[];
 }
+
+type LinkResultSample = { readonly peer: string; readonly sample: { readonly rttSeconds: number; readonly bytesPerSecond: number } };
 
 export class NodeMetrics {
   readonly registry = new Registry();
@@ -46,6 +50,14 @@ export class NodeMetrics {
           // No port label (a restart on a new port would start a new series): kind and model.
           this.reset();
           for (const e of source.engines()) this.set({ engine: e.kind, model: e.model }, 1);
+        },
+        linkRttSeconds() {
+          this.reset();
+          for (const l of source.links()) this.set({ peer: l.peer }, l.sample.rttSeconds);
+        },
+        linkThroughputBytesPerSecond() {
+          this.reset();
+          for (const l of source.links()) this.set({ peer: l.peer }, l.sample.bytesPerSecond);
         },
         async rpcBytesTotal() {
           // The tunnels keep the cumulative totals (closed forwarders included): copy them.

@@ -55,6 +55,7 @@ export async function exerciseNodeMetrics(): Promise<MetricSample[]> {
     live: () => ({ availableBytes: 100 * 2 ** 30, memoryPressure: 'warn', thermalState: 'nominal', timestampSeconds: 1 }),
     engines: () => supervisor.list(),
     rpcBytes: () => tunnels.head.bytes(),
+    links: () => tunnels.head.links(),
   });
   metrics.follow(supervisor);
   try {
@@ -97,6 +98,9 @@ async function tunnelledBytes(): Promise<{ head: EngineTunnels; close(): Promise
     s.once('error', reject);
     s.write('ggml-rpc hello');
   });
+  // what the coordinator asks of an agent when nodes join: probe the peer's tunnel
+  const [probe] = await head.measureLinks([{ nodeId: 'worker', tunnel: { host: '127.0.0.1', port: worker.port! } }]);
+  if (!probe || !('sample' in probe)) throw new Error(`link probe failed: ${JSON.stringify(probe)}`);
   return {
     head,
     close: async () => {

@@ -428,6 +428,7 @@ describe('the node agent\'s own /metrics', () => {
       live: () => ({ availableBytes: p.memoryBytes / 2, memoryPressure: 'normal', thermalState: 'nominal', timestampSeconds: 0 }),
       engines: () => [{ engineId: 'e1', kind: 'rpc-server', host: '127.0.0.1', port: 50052, pid: 1, model: 'm', startedAtSeconds: 0, argv: [] }],
       rpcBytes: async () => [{ peer: 'id-head', sent: 4096, received: 1 << 20 }],
+      links: () => [{ peer: 'id-head', sample: { rttSeconds: 0.0004, bytesPerSecond: 117e6 } }],
     });
     return m.registry.metrics();
   }

@@ -214,3 +214,34 @@ describe('EngineTunnels: MLX ring ranks', () => {
     expect(await roundTrip(toRank1, Buffer.from('x'))).toBeUndefined();
   });
 });
+
+describe('link probes over the tunnel', () => {
+  it('measures round trip and throughput to a peer through its listener, reaching no engine; a wrong peer id is an error result', async () => {
+    const worker = new EngineTunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log });
+    const head = new EngineTunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, log });
+    await worker.start();
+    cleanup.push(() => worker.close(), () => head.close());
+    const tunnel = { host: '127.0.0.1', port: worker.port! };
+    const results = await head.measureLinks([
+      { nodeId: 'worker-1', tunnel },
+      { nodeId: 'head-1', tunnel }, // itself: skipped
+      { nodeId: 'someone-else', tunnel }, // the listener's certificate names worker-1
+    ]);
+    expect(results.map((r) => r.peer)).toEqual(['worker-1', 'someone-else']);
+    const [good, wrong] = results;
+    if (!good || !('sample' in good)) throw new Error(`probe failed: ${JSON.stringify(good)}`);
+    // loopback TLS on a busy 2-core machine: well under 50 ms, and at least 10 MB/s
+    expect(good.sample.rttSeconds).toBeGreaterThan(0);
+    expect(good.sample.rttSeconds).toBeLessThan(0.05);
+    expect(good.sample.bytesPerSecond).toBeGreaterThan(10e6);
+    expect(wrong).toMatchObject({ error: expect.stringContaining('expected someone-else') });
+    expect(head.links().map((l) => l.peer)).toEqual(['worker-1']);
+    // a probe is no engine session: nothing counted as engine bytes on either side
+    expect(await worker.bytes()).toEqual([]);
+  });
+
+  it('needs credentials: a node that has not joined has no tunnel to measure', () => {
+    const bare = new EngineTunnels({ nodeId: 'n', credentials: undefined, host: '127.0.0.1', port: 0, log });
+    expect(() => bare.measureLinks([])).toThrow(EngineRequestError);
+  });
+});

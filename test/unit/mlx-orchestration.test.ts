@@ -312,8 +312,8 @@ describe('StopScanner', () => {
 });
 
 describe('placement options for MLX', () => {
-  it('mlxPlacementOptions charges embedding + norm + output head to every rank and keeps ≥ 1 layer on the head', () => {
-    expect(mlxPlacementOptions({ tokenEmbdBytes: 10, outputNormBytes: 1, outputBytes: 20 })).toEqual({ stageExtraBytes: 31, headMinLayers: 1 });
+  it('mlxPlacementOptions charges embedding + norm + output head to every rank, keeps ≥ 1 layer on the head, and sends activations once per boundary', () => {
+    expect(mlxPlacementOptions({ tokenEmbdBytes: 10, outputNormBytes: 1, outputBytes: 20 })).toEqual({ stageExtraBytes: 31, headMinLayers: 1, activationCrossings: 1 });
   });
 });
 

@@ -74,7 +74,7 @@ describe('planner acceptance scenarios', () => {
     const cost = plan.stages.reduce((t, s) => t + s.readBytesPerToken / s.bandwidthBytesPerSecond, 0);
     expect(plan.predicted.secondsPerToken).toBeCloseTo(
       cost +
-        (plan.stages.length - 1) * (DEFAULT_PLACEMENT_OPTIONS.hopSeconds + (p.embd * 4) / DEFAULT_PLACEMENT_OPTIONS.linkBytesPerSecond) +
+        (plan.stages.length - 1) * (DEFAULT_PLACEMENT_OPTIONS.hopSeconds + (2 * p.embd * 4) / DEFAULT_PLACEMENT_OPTIONS.linkBytesPerSecond) +
         DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds,
       9,
     );
@@ -197,7 +197,14 @@ describe('planner invariants over random inputs', () => {
         prefillFlopsPerSecond: (1 + r() * 30) * 1e12,
         linkBytesPerSecond: (0.1 + r() * 2) * GB,
       }));
-      const plan = planPlacement(p, nodes, { objective, promptTokens });
+      // Every other trial: some pairs measured (links.ts), so a worker's hop depends on the head.
+      const measured = trial % 2 === 1;
+      const linked: PlacementNode[] = nodes.map((nd) => {
+        if (!measured) return nd;
+        const links = Object.fromEntries(nodes.filter((x) => x.name !== nd.name && r() < 0.7).map((x) => [x.name, { rttSeconds: r() * 5e-3, bytesPerSecond: (0.05 + r() * 2) * GB }]));
+        return { ...nd, links };
+      });
+      const plan = planPlacement(p, linked, { objective, promptTokens });
       // Brute force: every ordered subset and every contiguous split, costed from first principles.
       let best = Number.POSITIVE_INFINITY;
       const perms = (items: number[]): number[][] =>
@@ -211,7 +218,7 @@ describe('planner invariants over random inputs', () => {
         for (let s = 0; s < order.length; s++) {
           const end = bounds[s]!;
           const head = s === order.length - 1;
-          const node = nodes[order[s]!]!;
+          const node = linked[order[s]!]!;
           const bytes = stageBytes(mm, first, end - 1, head, order.length > 1);
           // The planner sizes every stage's compute buffer for its widest layer, an empty head too.
           const compute = end === first ? stageBytes(mm, L - 1, L - 1, head, order.length > 1).compute : bytes.compute;
@@ -226,8 +233,12 @@ describe('planner invariants over random inputs', () => {
           decode += (read + (head ? headRead : 0)) / node.bandwidthBytesPerSecond;
           ttft += f / node.prefillFlopsPerSecond!;
           if (!head) {
-            decode += o.hopSeconds + (p.embd * 4) / node.linkBytesPerSecond!;
-            if (promptTokens > 0) ttft += Math.ceil(promptTokens / o.ubatch) * o.hopSeconds + (promptTokens * p.embd * 4) / node.linkBytesPerSecond!;
+            // activations cross twice (the head relays each worker stage's input and output), on the link to the head
+            const link = node.links?.[linked[order[order.length - 1]!]!.name];
+            const rtt = link?.rttSeconds ?? o.hopSeconds;
+            const rate = link?.bytesPerSecond ?? node.linkBytesPerSecond!;
+            decode += rtt + (2 * p.embd * 4) / rate;
+            if (promptTokens > 0) ttft += Math.ceil(promptTokens / o.ubatch) * rtt + (2 * promptTokens * p.embd * 4) / rate;
           }
           first = end;
         }

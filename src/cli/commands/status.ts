@@ -56,7 +56,38 @@ export function statusJson(s: Wire): Wire {
       bytes: Object.fromEntries(Object.entries((st.bytes ?? {}) as Wire).map(([k, v]) => [k, num(v)])),
     })),
   }));
-  return { clusterId: s.clusterId, version: s.version, nodes, models };
+  // The link matrix (measured over the agents' tunnels), by node id and by name where known.
+  const names = new Map(nodes.map((n) => [String(n.id), String(n.name)]));
+  const links = ((s.links ?? []) as Wire[]).map((l) => ({
+    from: l.fromNodeId,
+    fromName: names.get(String(l.fromNodeId)),
+    to: l.toNodeId,
+    toName: names.get(String(l.toNodeId)),
+    rttSeconds: num(l.rttSeconds) || null,
+    bytesPerSecond: num(l.bytesPerSecond) || null,
+    measuredAtSeconds: num(l.measuredAtSeconds),
+    error: l.error || undefined,
+  }));
+  return { clusterId: s.clusterId, version: s.version, nodes, models, links };
+}
+
+/** `--links`: one row per measured direction. */
+function linksTable(links: readonly Wire[], nowSeconds: number): string {
+  if (links.length === 0) return '(no links measured yet: nodes with a tunnel are probed within seconds of coming up)';
+  const t = new Table({ head: ['from', 'to', 'rtt', 'throughput', 'age', 'problem'], style: tableStyle() });
+  for (const l of links) {
+    const rtt = num(l.rttSeconds);
+    const bps = num(l.bytesPerSecond);
+    t.push([
+      String(l.fromName ?? l.from),
+      String(l.toName ?? l.to),
+      rtt ? `${(rtt * 1000).toFixed(2)} ms` : '-',
+      bps ? `${formatBandwidth(bps)} (${((bps * 8) / 1e9).toFixed(2)} Gbit/s)` : '-',
+      `${Math.max(0, Math.round(nowSeconds - num(l.measuredAtSeconds)))} s`,
+      String(l.error ?? ''),
+    ]);
+  }
+  return t.toString();
 }
 
 /** The line that warns a model's links between nodes bypass the TLS tunnels; undefined when they do not. */
@@ -75,12 +106,17 @@ export function registerStatus(program: Command): void {
     .description('show the cluster: nodes (state, hardware) and loaded models with their stages')
     .addOption(new Option('--coordinator <host:port>', 'coordinator gRPC address (default 127.0.0.1:7420)').env('ORCHARD_COORDINATOR'))
     .option('--json', 'print JSON on stdout')
-    .action(async (flags: CredentialFlags & { coordinator?: string; json?: boolean }) => {
+    .option('--links', 'show the measured links between nodes (round trip, throughput over the tunnels)')
+    .action(async (flags: CredentialFlags & { coordinator?: string; json?: boolean; links?: boolean }) => {
       const client = await coordinatorClient(flags);
       try {
         const s = statusJson(await client.unary('status', {}, 5000));
         if (flags.json) {
           process.stdout.write(`${JSON.stringify(s)}\n`);
+          return;
+        }
+        if (flags.links) {
+          process.stdout.write(`cluster ${String(s.clusterId)}\n${linksTable(s.links as Wire[], Date.now() / 1000)}\n`);
           return;
         }
         const nodes = s.nodes as ReturnType<typeof statusJson>[];

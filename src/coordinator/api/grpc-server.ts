@@ -12,6 +12,7 @@ import type { EnrollRequest, Enrollment } from '../membership/enroll.ts';
 import type { Membership } from '../membership/membership.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from '../instances/runtime.ts';
+import type { LinkMeasurement } from '../../shared/placement/links.ts';
 import { parseParallelism } from '../../shared/placement/parallelism.ts';
 import { PlanDoesNotFitError } from '../instances/planner-adapter.ts';
 import type { AccessControl } from './access.ts';
@@ -39,6 +40,8 @@ export interface CoordinatorServices {
   readonly log: Logger;
   /** Persist a statically joined agent so a restarted coordinator dials it again. */
   readonly rememberAgent: (address: string) => Promise<void>;
+  /** The link matrix as measured so far. */
+  readonly links?: () => readonly LinkMeasurement[];
 }
 
 const ADDRESS = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/;
@@ -149,6 +152,14 @@ function membershipHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedSer
         models: s.runtime.models().map(modelStatusToWire),
         clusterId: s.clusterId,
         version: s.version,
+        links: (s.links?.() ?? []).map((l) => ({
+          fromNodeId: l.from,
+          toNodeId: l.to,
+          rttSeconds: l.rttSeconds,
+          bytesPerSecond: l.bytesPerSecond,
+          measuredAtSeconds: l.measuredAtSeconds,
+          error: l.error ?? '',
+        })),
       });
     },
   };

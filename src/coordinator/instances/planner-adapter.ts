@@ -5,6 +5,7 @@ import { deviceBytes, memoryModel, type MemoryOptions } from '../../shared/memor
 import { modelProfile } from '../../shared/model/profile.ts';
 import { isMlxModelDir, readMlxModelProfile } from '../../shared/model/mlx-profile.ts';
 import { effectiveBandwidth } from '../../shared/placement/cost.ts';
+import { type LinkMatrix, linksByName } from '../../shared/placement/links.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, mlxPlacementOptions } from '../../shared/placement/types.ts';
 import { UsageError } from '../../shared/errors.ts';
@@ -54,7 +55,11 @@ export class PlanDoesNotFitError extends CoordinatorError {
   }
 }
 
-export function createPlanner(reservedBytes: (nodeId: string) => number = () => 0): Planner {
+/**
+ * @param links measured links between nodes: a stage boundary is charged on the worker's link
+ *   to the head where it was measured (cost.ts boundarySeconds), else the assumed figures.
+ */
+export function createPlanner(reservedBytes: (nodeId: string) => number = () => 0, links?: LinkMatrix): Planner {
   return async (modelPath, nodes, options): Promise<PlacementResult> => {
     if (!isAbsolute(modelPath)) throw new UsageError(`model path must be absolute (it is opened on the head node): ${modelPath}`);
     // An MLX model directory (config.json + safetensors) gets the same profile shape as a GGUF.
@@ -62,6 +67,7 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
     const profile = mlx ? await readMlxModelProfile(modelPath) : modelProfile(await readGgufHeader(modelPath));
     if (nodes.length === 0) throw new CoordinatorError('FAILED_PRECONDITION', 'no live nodes: start `orchard node` on each machine (or check `orchard status`)');
     const byName = plannerNames(nodes);
+    const measured = links ? linksByName(links, new Map([...byName].map(([name, n]) => [name, n.nodeId]))) : undefined;
     const placementNodes: PlacementNode[] = [...byName].map(([name, n]) => ({
       name,
       budgetBytes: Math.max(0, n.profile.budgetBytes - reservedBytes(n.nodeId)),
@@ -69,6 +75,8 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
       // the engine's decode efficiency (cost.ts). The measurement is of llama.cpp, not MLX.
       bandwidthBytesPerSecond: effectiveBandwidth(n.profile.bandwidthBytesPerSecond || 100e9, mlx ? 'mlx' : 'llama.cpp', mlx ? undefined : n.profile.effectiveBandwidthBytesPerSecond),
       ...(!mlx && n.profile.prefillFlopsPerSecond ? { prefillFlopsPerSecond: n.profile.prefillFlopsPerSecond } : {}),
+      // MLX plans keep the driver's assumed ring/JACCL figures (a JACCL link is not the tunnel probed)
+      ...(!mlx && measured?.get(name) ? { links: measured.get(name)! } : {}),
     }));
     const mo = memoryOptionsOf(options);
     const plan = planPlacement(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...(mlx ? mlxPlacementOptions(profile) : {}) });

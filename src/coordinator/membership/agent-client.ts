@@ -4,6 +4,7 @@ import type { HardwareProfile, LiveStats } from '../../shared/hardware.ts';
 import { liveFromWire, profileFromWire } from '../../shared/hardware-wire.ts';
 import { CLUSTER_CHANNEL_OPTIONS, clusterChannelCredentials, type TlsCredentials } from '../../shared/pki/grpc-tls.ts';
 import type { VerifiedPeer } from '../../shared/pki/verify.ts';
+import type { LinkMeasurement } from '../../shared/placement/links.ts';
 import type { LlamaServerOptions } from '../../shared/placement/llama-args.ts';
 import { orchardV1 } from '../../shared/proto.ts';
 import { type EngineInfo, type EngineKindName, engineFromWire } from './wire.ts';
@@ -259,6 +260,23 @@ export class AgentClient {
   /** The cluster's revoked node ids (the agent's tunnel listeners refuse them). */
   async setRevocations(nodeIds: readonly string[], timeoutMs = 5000): Promise<void> {
     await this.#unary('setRevocations', { nodeIds: [...nodeIds] }, timeoutMs);
+  }
+
+  /**
+   * Ask the agent to probe each peer's tunnel (one after another, ~0.2 s each on 1 GbE, bounded
+   * by the probe's own caps); a failed peer comes back with its error.
+   */
+  async measureLinks(peers: readonly { nodeId: string; host: string; tunnelPort: number }[]): Promise<LinkMeasurement[]> {
+    const r = await this.#unary('measureLinks', { peers: peers.map((p) => ({ ...p })) }, 15_000 + 25_000 * peers.length);
+    const links = Array.isArray(r.links) ? (r.links as Wire[]) : [];
+    return links.map((l) => ({
+      from: String(l.fromNodeId ?? ''),
+      to: String(l.toNodeId ?? ''),
+      rttSeconds: Number(l.rttSeconds ?? 0),
+      bytesPerSecond: Number(l.bytesPerSecond ?? 0),
+      measuredAtSeconds: Number(l.measuredAtSeconds ?? 0),
+      ...(l.error ? { error: String(l.error) } : {}),
+    }));
   }
 
   generate(req: AgentGenerateRequest): grpc.ClientReadableStream<Wire> {

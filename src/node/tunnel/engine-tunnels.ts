@@ -7,6 +7,7 @@ import type { EngineExit, EngineInfo } from '../supervisor.ts';
 import { EnginePorts } from './engine-ports.ts';
 import { type TunnelForwarder, startTunnelForwarder } from './forwarder.ts';
 import { type TunnelListener, startTunnelListener } from './listener.ts';
+import { type LinkSample, measureLink } from './link-probe.ts';
 
 /** How the head reaches one rpc target: its own loopback, or a forwarder to another node's tunnel. */
 export type RpcRoute = { readonly kind: 'direct'; readonly port: number } | { readonly kind: 'tunnel'; readonly target: RpcTarget & { readonly tunnel: { host: string; port: number } } };
@@ -44,6 +45,15 @@ export interface EngineTunnelsOptions {
   readonly log: Logger;
 }
 
+/** A peer whose tunnel this node probes (the coordinator names them: the nodes it may pair us with). */
+export interface LinkPeer {
+  readonly nodeId: string;
+  readonly tunnel: { readonly host: string; readonly port: number };
+}
+
+/** One peer's probe: a sample, or why there is none. */
+export type LinkResult = { readonly peer: string; readonly measuredAtSeconds: number } & ({ readonly sample: LinkSample } | { readonly error: string });
+
 interface HeadTunnels {
   readonly forwarders: readonly (TunnelForwarder & { readonly peer: string })[];
   readonly endpoints: readonly string[];
@@ -63,6 +73,8 @@ export class EngineTunnels {
   #listener: TunnelListener | undefined;
   readonly #heads = new Map<string, Promise<HeadTunnels>>();
   readonly #closedBytes = new Map<string, { sent: number; received: number }>();
+  readonly #links = new Map<string, LinkResult & { sample: LinkSample }>();
+  #probing: Promise<unknown> = Promise.resolve();
 
   constructor(o: EngineTunnelsOptions) {
     this.#o = o;
@@ -160,6 +172,39 @@ export class EngineTunnels {
     }
     this.enginePorts.register(own.enginePort, engineId);
     return this.endpoints(engineId, ring);
+  }
+
+  /**
+   * Probe the tunnel of each peer, one after another (probes never overlap, so one does not
+   * steal another's bandwidth), over the path engine traffic takes. Needs credentials.
+   */
+  measureLinks(peers: readonly LinkPeer[]): Promise<LinkResult[]> {
+    const credentials = this.#o.credentials;
+    if (!credentials) throw new EngineRequestError('FAILED_PRECONDITION', 'this node holds no cluster credentials, so it has no tunnel to measure: join the cluster first');
+    const run = this.#probing.then(async () => {
+      const out: LinkResult[] = [];
+      for (const p of peers) {
+        if (p.nodeId === this.#o.nodeId) continue;
+        const measuredAtSeconds = Date.now() / 1000;
+        try {
+          const sample = await measureLink({ remote: p.tunnel, expectPeer: { id: p.nodeId }, credentials });
+          const r = { peer: p.nodeId, measuredAtSeconds, sample };
+          this.#links.set(p.nodeId, r);
+          out.push(r);
+        } catch (err) {
+          this.#o.log.warn({ peer: p.nodeId, err: (err as Error).message }, 'link probe failed');
+          out.push({ peer: p.nodeId, measuredAtSeconds, error: (err as Error).message });
+        }
+      }
+      return out;
+    });
+    this.#probing = run.catch(() => undefined);
+    return run;
+  }
+
+  /** The last successful probe per peer (metrics). */
+  links(): (LinkResult & { sample: LinkSample })[] {
+    return [...this.#links.values()];
   }
 
   /** Close the forwarders of engine `engineId` and drop its registered ports (it exited or never started). */

@@ -88,9 +88,26 @@ export async function startTunnelForwarder(o: TunnelForwarderOptions): Promise<T
   };
 }
 
+/** Where and to whom a tunnel session goes (a forwarder's target, a link probe's peer). */
+export interface TunnelDial {
+  readonly remote: { readonly host: string; readonly port: number };
+  readonly expectPeer: { readonly id?: string };
+  readonly credentials: NodeCredentials;
+  readonly timeoutMs?: number;
+}
+
 /** One authenticated session to the worker, past the preamble, ready to carry engine bytes. */
-async function open(o: TunnelForwarderOptions, track: (s: Socket) => void): Promise<TLSSocket> {
+function open(o: TunnelForwarderOptions, track: (s: Socket) => void): Promise<TLSSocket> {
+  return dialTunnel(o, encodeRequest(o.enginePort), track);
+}
+
+/**
+ * A TLS 1.3 session to a node's tunnel listener whose certificate names the expected node, the
+ * preamble `requestLine` sent and answered yes: what follows is the session's payload.
+ */
+export async function dialTunnel(o: TunnelDial, requestLine: string, track: (s: Socket) => void = () => {}): Promise<TLSSocket> {
   const timeoutMs = o.timeoutMs ?? 10_000;
+  const where = `tunnel to ${o.remote.host}:${o.remote.port}`;
   const tls = tlsConnect({
     ...clientTlsOptions(o.credentials),
     host: o.remote.host,
@@ -101,20 +118,20 @@ async function open(o: TunnelForwarderOptions, track: (s: Socket) => void): Prom
   tls.setNoDelay(true);
   try {
     await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`tunnel to ${o.remote.host}:${o.remote.port}: handshake timed out`)), timeoutMs);
+      const timer = setTimeout(() => reject(new Error(`${where}: handshake timed out`)), timeoutMs);
       tls.once('secureConnect', () => {
         clearTimeout(timer);
         resolve();
       });
       tls.once('error', (err) => {
         clearTimeout(timer);
-        reject(new Error(`tunnel to ${o.remote.host}:${o.remote.port}: ${err.message}`));
+        reject(new Error(`${where}: ${err.message}`));
       });
     });
-    tls.write(encodeRequest(o.enginePort));
+    tls.write(requestLine);
     const reply = parseReply(await readLine(tls, timeoutMs));
-    if (!reply) throw new Error(`tunnel to ${o.remote.host}:${o.remote.port}: malformed reply`);
-    if (!reply.ok) throw new Error(`tunnel to ${o.remote.host}:${o.remote.port} refused: ${reply.error}`);
+    if (!reply) throw new Error(`${where}: malformed reply`);
+    if (!reply.ok) throw new Error(`${where} refused: ${reply.error}`);
     return tls;
   } catch (err) {
     tls.destroy();

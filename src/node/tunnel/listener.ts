@@ -4,6 +4,7 @@ import type { Role } from '../../shared/pki/identity.ts';
 import type { NodeCredentials } from '../../shared/pki/store.ts';
 import { CertificateRejected, type VerifiedPeer, verifyCertificate } from '../../shared/pki/verify.ts';
 import type { EnginePorts } from './engine-ports.ts';
+import { serveProbe } from './link-probe.ts';
 import { encodeReply, parseRequest, readLine } from './preamble.ts';
 import { type TunnelBytes, relay } from './relay.ts';
 import { serverTlsOptions } from './tls-options.ts';
@@ -125,6 +126,11 @@ async function accept(tls: TLSSocket, o: TunnelListenerOptions, { stats, sockets
   }
   const request = parseRequest(line);
   if (!request) return refuse('malformed preamble', auth.peer);
+  if ('probe' in request) {
+    // a link measurement (link-probe.ts): answered here, never spliced to an engine
+    tls.write(encodeReply({ ok: true }));
+    return serveProbe(tls);
+  }
   if (o.enginePorts.engine(request.port) === undefined) return refuse(`port ${request.port} is not an engine of this node`, auth.peer);
   const engine = connect({ host: '127.0.0.1', port: request.port, allowHalfOpen: true, noDelay: true });
   track(sockets, engine);

@@ -10,14 +10,24 @@ import { z } from 'zod';
 export const PREAMBLE_VERSION = 1;
 export const MAX_LINE_BYTES = 256;
 
-const Request = z.strictObject({ v: z.literal(PREAMBLE_VERSION), port: z.number().int().min(1).max(65535) });
+const EngineRequest = z.strictObject({ v: z.literal(PREAMBLE_VERSION), port: z.number().int().min(1).max(65535) });
+/**
+ * A link probe (link-probe.ts): the session measures round trip and throughput over the very path
+ * engine bytes take (TLS, the listener's host, any shaping on it) and reaches no engine.
+ */
+const ProbeRequest = z.strictObject({ v: z.literal(PREAMBLE_VERSION), probe: z.literal(true) });
+const Request = z.union([EngineRequest, ProbeRequest]);
 export type TunnelRequest = z.infer<typeof Request>;
 
 const Reply = z.union([z.strictObject({ ok: z.literal(true) }), z.strictObject({ ok: z.literal(false), error: z.string().max(200) })]);
 export type TunnelReply = z.infer<typeof Reply>;
 
 export function encodeRequest(port: number): string {
-  return `${JSON.stringify(Request.parse({ v: PREAMBLE_VERSION, port }))}\n`;
+  return `${JSON.stringify(EngineRequest.parse({ v: PREAMBLE_VERSION, port }))}\n`;
+}
+
+export function encodeProbeRequest(): string {
+  return `${JSON.stringify({ v: PREAMBLE_VERSION, probe: true })}\n`;
 }
 
 export function encodeReply(reply: TunnelReply): string {

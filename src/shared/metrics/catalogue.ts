@@ -186,6 +186,20 @@ export const NODE_METRICS = {
     unit: 'bytes',
     exportedBy: 'node',
   }),
+  linkRttSeconds: gauge({
+    name: 'orchard_link_rtt_seconds',
+    help: 'Round trip to a peer node over the TLS tunnel path engines use (median of small frames), as this agent last measured it for the coordinator',
+    labelNames: ['peer'],
+    unit: 'seconds',
+    exportedBy: 'node',
+  }),
+  linkThroughputBytesPerSecond: gauge({
+    name: 'orchard_link_throughput_bytes_per_second',
+    help: 'Payload throughput toward a peer node over the TLS tunnel path engines use, as this agent last measured it for the coordinator',
+    labelNames: ['peer'],
+    unit: 'bytes/s',
+    exportedBy: 'node',
+  }),
 } as const;
 
 /** Metrics the coordinator exports on its HTTP port's `/metrics` (one target per cluster). */

@@ -102,16 +102,20 @@ export function prefillFlopsOf(n: PlacementNode): number {
 }
 
 /**
- * Seconds the boundary after a stage on `n` adds: per decoded token (latency + one activation
- * row) and for the whole prompt (one latency per ubatch round trip + P rows).
+ * Seconds the boundary after a worker stage on `n` adds: per decoded token (one round trip + its
+ * activation row crossing `activationCrossings` times) and for the whole prompt (one round trip
+ * per ubatch + P rows). The link is n's measured link to `head` when there is one, else the node's
+ * or the options' assumed figures.
  */
-export function boundarySeconds(profile: ModelProfile, n: PlacementNode, o: PlacementOptions): { decode: number; prefill: number } {
-  const hop = n.hopSeconds ?? o.hopSeconds;
-  const link = n.linkBytesPerSecond ?? o.linkBytesPerSecond;
+export function boundarySeconds(profile: ModelProfile, n: PlacementNode, o: PlacementOptions, head?: string): { decode: number; prefill: number } {
+  const measured = head === undefined ? undefined : n.links?.[head];
+  const hop = measured?.rttSeconds ?? n.hopSeconds ?? o.hopSeconds;
+  const link = measured?.bytesPerSecond ?? n.linkBytesPerSecond ?? o.linkBytesPerSecond;
   const P = o.promptTokens;
+  const x = o.activationCrossings;
   return {
-    decode: hop + activationBytes(profile, 1) / link,
-    prefill: P > 0 ? Math.ceil(P / o.ubatch) * hop + activationBytes(profile, P) / link : 0,
+    decode: hop + (x * activationBytes(profile, 1)) / link,
+    prefill: P > 0 ? Math.ceil(P / o.ubatch) * hop + (x * activationBytes(profile, P)) / link : 0,
   };
 }
 

@@ -68,6 +68,8 @@ interface Prepared {
   readonly invFlops: readonly number[];
   /** Weighted cost of the boundary after a stage on node i (decode and prefill parts). */
   readonly hopCost: readonly number[];
+  /** With measured links: hopByHead[h][i] is that cost when node h is the head (i's link to h). */
+  readonly hopByHead: readonly (readonly number[])[] | undefined;
   /** Weighted cost of the head's own work (output head read, last-position logits) on node i. */
   readonly headCost: readonly number[];
   readonly workerConst: number;
@@ -87,9 +89,7 @@ function validate(profile: ModelProfile, nodes: readonly PlacementNode[], o: Pla
     if (seen.has(n.name)) throw new UsageError(`node name "${n.name}" appears twice`);
     seen.add(n.name);
     if (!(n.budgetBytes >= 0) || !Number.isFinite(n.budgetBytes)) throw new UsageError(`node ${n.name}: budget must be a non-negative number of bytes`);
-    if (!(n.bandwidthBytesPerSecond > 0) || !Number.isFinite(n.bandwidthBytesPerSecond)) {
-      throw new UsageError(`node ${n.name}: bandwidth must be positive`);
-    }
+    if (!(n.bandwidthBytesPerSecond > 0) || !Number.isFinite(n.bandwidthBytesPerSecond)) throw new UsageError(`node ${n.name}: bandwidth must be positive`);
     if (n.hopSeconds !== undefined && !(n.hopSeconds >= 0)) throw new UsageError(`node ${n.name}: hop cost must be ≥ 0`);
   }
   for (const p of o.pinned) if (!seen.has(p)) throw new UsageError(`pinned node "${p}" is not among the nodes`);
@@ -99,11 +99,8 @@ function validate(profile: ModelProfile, nodes: readonly PlacementNode[], o: Pla
 }
 
 function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): Prepared {
-  const mm = memoryModel(
-    profile,
-    { ctx: o.ctx, cacheType: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch, flashAttention: o.flashAttention },
-    o.kvFill,
-  );
+  const mo = { ctx: o.ctx, cacheType: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch, flashAttention: o.flashAttention };
+  const mm = memoryModel(profile, mo, o.kvFill);
   const L = profile.layerCount;
   const memPrefix = new Float64Array(L + 1);
   const readPrefix = new Float64Array(L + 1);
@@ -119,10 +116,10 @@ function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: Plac
   const invBw = nodes.map((n) => 1 / n.bandwidthBytesPerSecond);
   const invFlops = nodes.map((n) => 1 / prefillFlopsOf(n));
   const headRead = profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes;
-  const hopCost = nodes.map((n) => {
-    const { decode, prefill } = boundarySeconds(profile, n, o);
-    return wd * decode + wt * prefill;
-  });
+  const hopOf = (n: PlacementNode, head?: string) => ((b) => wd * b.decode + wt * b.prefill)(boundarySeconds(profile, n, o, head));
+  const hopCost = nodes.map((n) => hopOf(n));
+  const linked = nodes.some((n) => n.links !== undefined && Object.keys(n.links).length > 0);
+  const hopByHead = linked ? nodes.map((h) => nodes.map((n) => hopOf(n, h.name))) : undefined;
   const headCost = nodes.map((_, i) => wd * headRead * invBw[i]! + wt * (P > 0 ? headPrefillFlops(profile) * invFlops[i]! : 0));
   // Per-stage constants use the widest layer's compute buffer: a bound for any range.
   const workerConst = computeBufferBytes(mm, profile.layers, false, true) + WORKER_OVERHEAD_BYTES + (o.stageExtraBytes ?? 0);
@@ -147,6 +144,7 @@ function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: Plac
     invBw,
     invFlops,
     hopCost,
+    hopByHead,
     headCost,
     workerConst,
     headConst,
@@ -176,11 +174,10 @@ function fixedCost(p: Prepared): number {
  * (`f` = least cost so far per k), or be skipped unless pinned. Writes the choice per k
  * (-1 skip, -2 unreachable, else j) into `ch` and returns the new cost array.
  */
-function step(p: Prepared, i: number, f: Float64Array, ch: Int32Array, g: Float64Array, deque: Int32Array): Float64Array {
+function step(p: Prepared, i: number, hop: number, f: Float64Array, ch: Int32Array, g: Float64Array, deque: Int32Array): Float64Array {
   const L = p.mm.profile.layerCount;
   const { memPrefix, readPrefix, flopPrefix } = p;
   const cap = p.budgets[i]! - p.workerConst;
-  const hop = p.hopCost[i]!;
   const a = p.wd * p.invBw[i]!; // lin(p, i, k) inlined below: the hot path
   const b = p.wt * p.invFlops[i]!;
   const mustUse = p.pinned.has(i);
@@ -220,6 +217,22 @@ function step(p: Prepared, i: number, f: Float64Array, ch: Int32Array, g: Float6
   return nf;
 }
 
+/** Walk positions backwards from the head's first layer `j`, skipping the head's own position `t`. */
+function reconstruct(order: readonly number[], t: number, j: number, L: number, choices: (s: number) => Int32Array): Assignment['stages'] {
+  const stages: { node: number; first: number; end: number }[] = [{ node: order[t]!, first: j, end: L }];
+  let k = j;
+  for (let s = order.length - 1; s >= 0 && k > 0; s--) {
+    if (s === t) continue;
+    const c = choices(s)[k]!;
+    if (c === -1) continue;
+    if (c === -2) throw new Error(`planner reconstruction hit an unreachable state at layer ${k}`);
+    stages.push({ node: order[s]!, first: c, end: k });
+    k = c;
+  }
+  if (k !== 0) throw new Error(`planner reconstruction ended at layer ${k}`);
+  return stages.reverse();
+}
+
 /** The DP. Returns the best assignment or undefined when nothing fits. */
 function solve(p: Prepared): Assignment | undefined {
   const L = p.mm.profile.layerCount;
@@ -237,7 +250,7 @@ function solve(p: Prepared): Assignment | undefined {
   prefixF.push(f0);
   for (let t = 0; t < N; t++) {
     const ch = new Int32Array(L + 1);
-    f0 = step(p, order[t]!, f0, ch, g, deque);
+    f0 = step(p, order[t]!, p.hopCost[order[t]!]!, f0, ch, g, deque);
     prefixCh.push(ch);
     prefixF.push(f0);
   }
@@ -253,7 +266,8 @@ function solve(p: Prepared): Assignment | undefined {
   const L0 = p.wd * p.readPrefix[L]! * minInvBw + p.wt * p.flopPrefix[L]! * minInvFlops + fixedCost(p);
   for (let t = 0; t < N; t++) {
     const h = order[t]!;
-    const cls = `${p.budgets[h]}|${p.invBw[h]}|${p.invFlops[h]}|${p.hopCost[h]}|${p.pinned.has(h)}`;
+    // measured links differ per pair, so no two heads are interchangeable then
+    const cls = p.hopByHead ? String(h) : `${p.budgets[h]}|${p.invBw[h]}|${p.invFlops[h]}|${p.hopCost[h]}|${p.pinned.has(h)}`;
     if (triedHeads.has(cls)) continue;
     triedHeads.add(cls);
     // Lower bound for this head: its own work, and every layer at the cheapest rates.
@@ -266,8 +280,11 @@ function solve(p: Prepared): Assignment | undefined {
     let jMin = 1;
     while (jMin <= L && p.memPrefix[L]! - p.memPrefix[jMin]! > headCap) jMin++;
     if (jMin > L && !singleFits) continue;
-    let f: Float64Array = prefixF[t]!;
-    for (let s = t + 1; s < N; s++) f = step(p, order[s]!, f, tailCh[s]!, g, deque);
+    // With measured links every worker's hop depends on the head: no shared prefix (O(N²·L) per head).
+    const hops = p.hopByHead?.[h];
+    let f: Float64Array = hops ? prefixF[0]! : prefixF[t]!;
+    if (hops) for (let s = 0; s < t; s++) f = step(p, order[s]!, hops[order[s]!]!, f, tailCh[s]!, g, deque);
+    for (let s = t + 1; s < N; s++) f = step(p, order[s]!, (hops ?? p.hopCost)[order[s]!]!, f, tailCh[s]!, g, deque);
     let bestJ = -1;
     let bestCost = Number.POSITIVE_INFINITY;
     // Scan j ascending with strict <: on ties the head keeps more layers (fewer stages).
@@ -284,20 +301,8 @@ function solve(p: Prepared): Assignment | undefined {
     if (bestJ < 0) continue;
     const total = bestCost + p.headCost[h]! + fixedCost(p);
     if (best && total >= best.seconds - EPS) continue;
-    // Reconstruct, walking positions backwards and skipping the head's own position.
-    const stages: { node: number; first: number; end: number }[] = [{ node: h, first: bestJ, end: L }];
-    let k = bestJ;
-    for (let s = N - 1; s >= 0 && k > 0; s--) {
-      if (s === t) continue;
-      const c = (s > t ? tailCh[s]! : prefixCh[s]!)[k]!;
-      if (c === -1) continue;
-      if (c === -2) throw new Error(`planner reconstruction hit an unreachable state at layer ${k}`);
-      stages.push({ node: order[s]!, first: c, end: k });
-      k = c;
-    }
-    if (k !== 0) throw new Error(`planner reconstruction ended at layer ${k}`);
-    stages.reverse();
-    best = { stages, seconds: total };
+    const choices = (s: number) => (s > t || hops ? tailCh[s]! : prefixCh[s]!);
+    best = { stages: reconstruct(order, t, bestJ, L, choices), seconds: total };
   }
   return best;
 }
@@ -380,7 +385,8 @@ function describe(p: Prepared, solved: Assignment): Plan {
     };
   });
   const used = new Set(a.stages.map((s) => s.node));
-  const boundaries = a.stages.slice(0, -1).map((s) => boundarySeconds(profile, p.nodes[s.node]!, p.o));
+  const headName = p.nodes[a.stages[a.stages.length - 1]!.node]!.name;
+  const boundaries = a.stages.slice(0, -1).map((s) => boundarySeconds(profile, p.nodes[s.node]!, p.o, headName));
   const hopSeconds = boundaries.reduce((t, b) => t + b.decode, 0);
   const unusedNodes = p.order.filter((i) => !used.has(i)).map((i) => p.nodes[i]!.name);
   const reasons: string[] = [];
@@ -441,13 +447,7 @@ function noFit(p: Prepared): Plan {
   const n = p.nodes.length;
   // Demand if every node held a stage: all layers, one head, n−1 workers.
   let need = stageBytes(p.mm, 0, L - 1, true, n > 1);
-  const worker: StageBytes = {
-    weights: 0,
-    kv: 0,
-    compute: p.workerConst - WORKER_OVERHEAD_BYTES,
-    overhead: WORKER_OVERHEAD_BYTES,
-    total: p.workerConst,
-  };
+  const worker: StageBytes = { weights: 0, kv: 0, compute: p.workerConst - WORKER_OVERHEAD_BYTES, overhead: WORKER_OVERHEAD_BYTES, total: p.workerConst };
   for (let i = 1; i < n; i++) need = sumStage(need, worker);
   const capacity = p.budgets.reduce((t, b) => t + Math.max(0, b), 0);
   const shortfallBytes = need.total - capacity;

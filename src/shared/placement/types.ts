@@ -1,6 +1,7 @@
 import { DEFAULT_MEMORY_OPTIONS, type MemoryOptions, type StageBytes } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
 import { isMlxProfile } from '../model/mlx-profile.ts';
+import type { LinkCost } from './links.ts';
 
 /** A node as the planner sees it: what it may hold and how fast it reads memory. */
 export interface PlacementNode {
@@ -14,6 +15,12 @@ export interface PlacementNode {
   readonly prefillFlopsPerSecond?: number;
   /** Payload bytes/s of this node's link to the next stage; default options.linkBytesPerSecond. */
   readonly linkBytesPerSecond?: number;
+  /**
+   * Measured links to other nodes by planner name (links.ts). A worker stage's boundary is
+   * charged on its link to the head, which relays every stage's input and output; when that link
+   * is measured it replaces hopSeconds and linkBytesPerSecond.
+   */
+  readonly links?: Readonly<Record<string, LinkCost>>;
 }
 
 /**
@@ -53,14 +60,21 @@ export interface PlacementOptions extends MemoryOptions {
   readonly outputTokens: number;
   /** Default link payload rate (10 GbE) for nodes that carry none. */
   readonly linkBytesPerSecond: number;
+  /**
+   * Times a boundary's activations cross a link. llama.cpp RPC: 2 — the head sends each worker
+   * stage its input (set_tensor) and reads its output back (get_tensor, the one round trip that
+   * waits), even between two workers (ggml-rpc copies across servers through the host).
+   * An MLX pipeline: 1 (rank k sends to rank k + 1).
+   */
+  readonly activationCrossings: number;
 }
 
 /**
  * MLX pipeline ranks each load the embedding, final norm and output head (mlx-lm builds the whole
  * model and the worker only drops the other ranks' layers), and every rank must run ≥ 1 layer.
  */
-export function mlxPlacementOptions(profile: Pick<ModelProfile, 'tokenEmbdBytes' | 'outputNormBytes' | 'outputBytes'>): { stageExtraBytes: number; headMinLayers: number } {
-  return { stageExtraBytes: profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes, headMinLayers: 1 };
+export function mlxPlacementOptions(profile: Pick<ModelProfile, 'tokenEmbdBytes' | 'outputNormBytes' | 'outputBytes'>): { stageExtraBytes: number; headMinLayers: number; activationCrossings: number } {
+  return { stageExtraBytes: profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes, headMinLayers: 1, activationCrossings: 1 };
 }
 
 /** The options the model's engine family needs on top of the caller's (none for llama.cpp). */
@@ -80,6 +94,7 @@ export const DEFAULT_PLACEMENT_OPTIONS: PlacementOptions = {
   outputTokens: 256,
   // 10 GbE payload rate until links are measured.
   linkBytesPerSecond: 1.25e9,
+  activationCrossings: 2,
 };
 
 export interface PlanStage {
