@@ -58,3 +58,62 @@ export function linkNamespaceToHost(host: { readonly veth: string; readonly ip: 
 export function inNamespace(ns: string, argv: readonly string[]): string {
   return execFileSync('ip', ['netns', 'exec', ns, ...argv], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 }
+
+/** A bridge in the test's namespace with one veth per node namespace: a simulated LAN switch. */
+export interface Lan {
+  readonly bridge: string;
+  /** The host's address on the bridge (a coordinator there reaches every node). */
+  readonly hostIp: string;
+  readonly nodes: readonly (NetnsEnd & { readonly hostVeth: string })[];
+}
+
+/**
+ * Create namespaces `nodes` (ns, veth, ip) on a new bridge `bridge` with `hostIp` on it (all on
+ * one /24). Each node's link is its veth pair: `hostVeth` in the bridge, `veth` in its namespace.
+ * `deleteLan` undoes it, also after a partial failure.
+ */
+export function createLan(bridge: string, hostIp: string, nodes: readonly NetnsEnd[]): Lan {
+  ip('link', 'add', bridge, 'type', 'bridge');
+  ip('addr', 'add', `${hostIp}/24`, 'dev', bridge);
+  ip('link', 'set', bridge, 'up');
+  const out: (NetnsEnd & { hostVeth: string })[] = [];
+  for (const [i, n] of nodes.entries()) {
+    const hostVeth = `${bridge.slice(0, 10)}h${i}`;
+    ip('netns', 'add', n.ns);
+    ip('link', 'add', hostVeth, 'type', 'veth', 'peer', 'name', n.veth);
+    ip('link', 'set', n.veth, 'netns', n.ns);
+    ip('link', 'set', hostVeth, 'master', bridge);
+    ip('link', 'set', hostVeth, 'up');
+    ip('-n', n.ns, 'addr', 'add', `${n.ip}/24`, 'dev', n.veth);
+    ip('-n', n.ns, 'link', 'set', 'lo', 'up');
+    ip('-n', n.ns, 'link', 'set', n.veth, 'up');
+    out.push({ ...n, hostVeth });
+  }
+  return { bridge, hostIp, nodes: out };
+}
+
+export function deleteLan(bridge: string, namespaces: readonly string[]): void {
+  deleteNamespaces(...namespaces);
+  try {
+    ip('link', 'del', bridge);
+  } catch {
+    // never created, or already gone
+  }
+}
+
+const tc = (...args: string[]) => execFileSync('tc', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+
+/**
+ * Shape a node's link to `rateBitsPerSecond` both ways with a token bucket (`tc tbf`; this kernel
+ * has no netem, so latency comes from a userspace proxy instead): egress of the node's veth
+ * (node → LAN) and of its bridge port (LAN → node). Burst: 1 ms at line rate, at least 64 KiB
+ * (tbf needs rate ÷ HZ); queue: 20 ms of data, so a full queue adds bounded delay, as a switch.
+ */
+export function shapeLink(n: { readonly ns: string; readonly veth: string; readonly hostVeth: string }, rateBitsPerSecond: number): void {
+  const bytesPerMs = rateBitsPerSecond / 8 / 1000;
+  const burst = String(Math.max(65_536, Math.ceil(bytesPerMs)));
+  const limit = String(Math.max(131_072, Math.ceil(20 * bytesPerMs)));
+  const rate = `${Math.round(rateBitsPerSecond)}bit`;
+  tc('qdisc', 'replace', 'dev', n.hostVeth, 'root', 'tbf', 'rate', rate, 'burst', burst, 'limit', limit);
+  execFileSync('ip', ['netns', 'exec', n.ns, 'tc', 'qdisc', 'replace', 'dev', n.veth, 'root', 'tbf', 'rate', rate, 'burst', burst, 'limit', limit], { stdio: ['ignore', 'ignore', 'pipe'] });
+}
