@@ -9,6 +9,7 @@ import type { HardwareProfile } from '../shared/hardware.ts';
 import { memoryModel } from '../shared/memory/stage.ts';
 import { modelProfile } from '../shared/model/profile.ts';
 import { type Calibration, calibrationRates } from '../shared/placement/cost.ts';
+import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../shared/placement/types.ts';
 import { type LlamaTestShape, llamaTestModelSpec } from '../shared/testmodel/llama.ts';
 import { uniformSource } from '../shared/testmodel/prng.ts';
@@ -27,9 +28,12 @@ import { pickFreePort } from './ports.ts';
  *
  * Cached per machine, engine build and thread count in the Orchard cache
  * (`<cache>/calibration/<build>-t<threads>.json`): every agent on this machine that runs engines
- * with that many threads shares it (the demo's three agents, a restarted agent). Measured on
+ * with that many threads shares it (a restarted agent, a local cluster). Measured on
  * `orchard node --calibrate`; the agent never measures on its own at start-up, because a
  * measurement competes with whatever else runs (another agent's engines, a test suite).
+ * `ORCHARD_CALIBRATION_FILE` points an agent at another measurement instead: `orchard demo`
+ * measures its own model under the machine's current load and hands that to its agents
+ * (demo.ts), without replacing the machine's cached figure.
  */
 export const CALIBRATION_SHAPE: LlamaTestShape = { layers: 12, dim: 1024, ffn: 2816, heads: 16, kvHeads: 4, ctx: 1024, type: 'f16', seed: 11 };
 const CTX = 1024;
@@ -52,16 +56,30 @@ function calibrationDir(env: NodeJS.ProcessEnv): string {
   return join(dirname(llamaCacheDir(env)), 'calibration');
 }
 
+/** Bumped when the measurement changes (v2: the agents' engine flags), so an older figure is measured again. */
+const METHOD = 'v2';
+
 function calibrationFile(env: NodeJS.ProcessEnv, engineBuild: string, threads: number): string {
-  return join(calibrationDir(env), `${engineBuild.replace(/[^\w.+-]/g, '_')}-t${threads}.json`);
+  return join(calibrationDir(env), `${engineBuild.replace(/[^\w.+-]/g, '_')}-t${threads}-${METHOD}.json`);
 }
 
-/** The cached measurement for this engine build and thread count, if any (a corrupt file counts as none). */
+/**
+ * The measurement for this engine build and thread count, if any (a corrupt file counts as none):
+ * `ORCHARD_CALIBRATION_FILE` when set (if it was measured with `threads`), else the cached one.
+ */
 export async function loadCalibration(threads: number, env: NodeJS.ProcessEnv = process.env): Promise<Calibration | undefined> {
+  if (env.ORCHARD_CALIBRATION_FILE) {
+    const c = await readCalibrationFile(env.ORCHARD_CALIBRATION_FILE);
+    return c?.threads === threads ? c : undefined;
+  }
   const bins = await findLlamaBinaries(env).catch(() => undefined);
   if (!bins) return undefined;
+  return readCalibrationFile(calibrationFile(env, bins.llamaCppVersion, threads));
+}
+
+async function readCalibrationFile(path: string): Promise<Calibration | undefined> {
   try {
-    const parsed = calibrationSchema.safeParse(JSON.parse(await readFile(calibrationFile(env, bins.llamaCppVersion, threads), 'utf8')));
+    const parsed = calibrationSchema.safeParse(JSON.parse(await readFile(path, 'utf8')));
     return parsed.success ? parsed.data : undefined;
   } catch {
     return undefined;
@@ -109,12 +127,23 @@ async function timedRequest(url: string, seed: number): Promise<{ prompt: number
   return { prompt: t.prompt_per_second, decode: t.predicted_per_second };
 }
 
-/** Measure this machine's llama.cpp engine with `threads` threads and cache the result. */
-export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv = process.env): Promise<Calibration> {
+/**
+ * Measure this machine's llama.cpp engine with `threads` threads and cache the result. `model`
+ * measures on another GGUF (the demo's own) and `file` writes the result there instead of the cache.
+ */
+export async function measureCalibration(
+  threads: number,
+  env: NodeJS.ProcessEnv = process.env,
+  on: { readonly model?: string; readonly file?: string } = {},
+): Promise<Calibration> {
   const bins = await findLlamaBinaries(env);
-  const model = await ensureCalibrationModel(env);
+  const model = on.model ?? (await ensureCalibrationModel(env));
   const port = await pickFreePort('127.0.0.1');
-  const argv = ['-m', model, '--host', '127.0.0.1', '--port', String(port), '-t', String(threads), '-c', String(CTX), '-np', '1', '-ngl', '0'];
+  // The engine exactly as the agents run it (llamaMemoryArgs: flash attention, f16 KV, no CPU
+  // repack …): without --no-repack this machine's f16 weights went to AMX kernels the stages never
+  // use, and the measurement described another engine.
+  const memory = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: CTX, parallel: 1 };
+  const argv = ['-m', model, ...llamaMemoryArgs(memory), '--host', '127.0.0.1', '--port', String(port), '-t', String(threads), '-ngl', '0'];
   const child = spawn(bins.llamaServer, argv, { detached: true, stdio: 'ignore', env: { PATH: env.PATH ?? '' } });
   let exited = false;
   child.once('exit', () => {
@@ -148,7 +177,7 @@ export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv
     promptTokensPerSecond: rates.prompt,
     modelBytes: profile.fileTensorBytes,
   };
-  const file = calibrationFile(env, bins.llamaCppVersion, threads);
+  const file = on.file ?? calibrationFile(env, bins.llamaCppVersion, threads);
   await mkdir(dirname(file), { recursive: true });
   await writeFile(`${file}.tmp`, `${JSON.stringify(c, null, 2)}\n`);
   await rename(`${file}.tmp`, file);

@@ -33,7 +33,7 @@ describeWith([engines], 'engine calibration', () => {
       // Prompt processing is batched: faster per token than decoding.
       expect(c.promptTokensPerSecond).toBeGreaterThan(c.decodeTokensPerSecond);
       const files = await readdir(join(cache.path, 'calibration'));
-      expect(files.some((f) => f.endsWith('-t1.json'))).toBe(true);
+      expect(files.some((f) => f.endsWith('-t1-v2.json'))).toBe(true);
       expect(await loadCalibration(1, env)).toEqual(c);
       expect(await loadCalibration(2, env)).toBeUndefined(); // measured for 1 thread only
 
@@ -44,7 +44,7 @@ describeWith([engines], 'engine calibration', () => {
       const metrics = await (await fetch(`http://127.0.0.1:${agent.ready.metricsPort}/metrics`)).text();
       const line = metrics.split('\n').find((l) => l.startsWith('orchard_node_effective_bandwidth_bytes_per_second '));
       expect(Number(line?.split(' ')[1])).toBeCloseTo(Math.round(c.effectiveBandwidthBytesPerSecond), -1);
-      expect(JSON.parse(await readFile(join(cache.path, 'calibration', files.find((f) => f.endsWith('-t1.json'))!), 'utf8')).engineBuild).toBe(c.engineBuild);
+      expect(JSON.parse(await readFile(join(cache.path, 'calibration', files.find((f) => f.endsWith('-t1-v2.json'))!), 'utf8')).engineBuild).toBe(c.engineBuild);
     },
     600_000,
   );

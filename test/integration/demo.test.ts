@@ -92,7 +92,16 @@ describeWith([engines], 'orchard demo', () => {
     expect(s.text.length).toBeGreaterThan(0);
     expect(r.stderr).toContain(s.text);
     expect(s.placement.verification.ok).toBe(true);
-    console.log(`orchard demo --nodes 2 (model cached): ${s.totalSeconds.toFixed(1)} s`);
+    // The two numbers the demo is about lead the object; the prediction rests on a measurement of
+    // this engine on this model taken just now (the 15 % goal is checked by repeated runs, see the
+    // report in the README; 6 tokens on a shared 2-core machine are too few to hold it to that here).
+    const summary = JSON.parse(r.stdout) as Record<string, number>;
+    expect(Object.keys(summary).slice(0, 2)).toEqual(['predictedTokensPerSecond', 'measuredTokensPerSecond']);
+    expect(summary.predictedTokensPerSecond).toBeGreaterThan(0);
+    expect(summary.measuredTokensPerSecond).toBeGreaterThan(0);
+    expect(Math.abs(Math.log(summary.measuredTokensPerSecond! / summary.predictedTokensPerSecond!))).toBeLessThan(Math.log(2));
+    expect(r.stderr).toMatch(/measuring this machine's engine on .*orchard-demo.*\.gguf with \d+ thread/);
+    console.log(`orchard demo --nodes 2 (model cached): ${s.totalSeconds.toFixed(1)} s; predicted ${summary.predictedTokensPerSecond!.toFixed(1)}, measured ${summary.measuredTokensPerSecond!.toFixed(1)} tok/s`);
     expect(await pidsWithMarker(marker)).toEqual([]);
   });
 

@@ -23,6 +23,7 @@ interface DemoFlags {
   maxTokens: string;
   nodes: string;
   json?: boolean;
+  /** false with --no-calibrate. */
   calibrate?: boolean;
 }
 
@@ -45,7 +46,7 @@ export function registerDemo(program: Command): void {
     .option('--max-tokens <n>', 'tokens to generate', '48')
     .option('--nodes <n>', 'node agents to start (2–6)', '3')
     .option('--json', 'human output to stderr; one JSON summary (predicted and measured tokens/s first, then plan, placement, timings) on stdout')
-    .option('--calibrate', 'measure this machine\'s engine again even when a measurement is cached')
+    .option('--no-calibrate', 'plan with the machine\'s cached engine measurement instead of measuring the demo model now')
     .addHelpText(
       'after',
       `
@@ -150,28 +151,41 @@ function engineThreads(nodeCount: number): number {
 }
 
 /**
- * The agents plan with this machine's measured engine (cached per engine build and thread count,
- * read by every agent at start): measure it once here so the demo's prediction is calibrated.
+ * The node numbers the demo's prediction rests on. By default the engine is measured now, on the
+ * model the demo is about to split, and handed to the demo's agents (ORCHARD_CALIBRATION_FILE):
+ * - now, because a shared machine's throughput follows its load: the same cached figure predicted
+ *   19.7 tok/s here while the demo measured 22.9–30.1 at one time and 16.1 at another;
+ * - on this model, because a CPU engine's read rate depends on the matrices' shape, not only on
+ *   the bytes (1 thread here: dim-512 layers ~15–20 % slower per byte than the dim-1024
+ *   calibration model, while a working set in or out of the 300 MiB L3 made no measurable
+ *   difference). The demo then checks what it is about: the split, the hops and the head.
+ * Returns the measurement file for the agents, or undefined with --no-calibrate (the agents then
+ * read the machine's cached measurement, taken once if missing).
  */
-async function ensureCalibration(nodeCount: number, force: boolean, story: Story, run: Interruption): Promise<void> {
+async function ensureCalibration(nodeCount: number, m: DemoModel, fresh: boolean, stateRoot: string, story: Story, run: Interruption): Promise<string | undefined> {
   step('engine calibration');
   const threads = engineThreads(nodeCount);
-  let c = force ? undefined : await loadCalibration(threads);
+  let c = fresh ? undefined : await loadCalibration(threads);
+  const file = fresh ? join(stateRoot, 'calibration.json') : undefined;
   if (!c) {
-    process.stderr.write(`measuring this machine's engine with ${threads} thread(s) (once; cached)…\n`);
-    c = await run.orAbort(measureCalibration(threads));
+    process.stderr.write(
+      fresh ? `measuring this machine's engine on ${m.modelPath} with ${threads} thread(s)…\n` : `measuring this machine's engine with ${threads} thread(s) (once; cached)…\n`,
+    );
+    c = await run.orAbort(fresh ? measureCalibration(threads, process.env, { model: m.modelPath, ...(file ? { file } : {}) }) : measureCalibration(threads));
   }
   process.stderr.write(
     `${threads} thread(s): decode ${formatBandwidth(c.effectiveBandwidthBytesPerSecond)} effective, prefill ${(c.prefillFlopsPerSecond / 1e9).toFixed(1)} GFLOP/s (measured ${new Date(c.measuredAtSeconds * 1000).toISOString()})\n`,
   );
   story.summary.calibration = c;
+  return file;
 }
 
-async function startDemoCluster(m: DemoModel, nodeCount: number, stateRoot: string, run: Interruption): Promise<LocalCluster> {
+async function startDemoCluster(m: DemoModel, nodeCount: number, stateRoot: string, calibrationFile: string | undefined, run: Interruption): Promise<LocalCluster> {
   step(`cluster: a coordinator and ${nodeCount} node agents on 127.0.0.1`);
   const threads = String(engineThreads(nodeCount));
   const env: NodeJS.ProcessEnv = {
     ORCHARD_RPC_THREADS: threads,
+    ORCHARD_CALIBRATION_FILE: calibrationFile ?? '',
     ORCHARD_LLAMA_SERVER_EXTRA_ARGS: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS ?? `-t ${threads}`,
     ORCHARD_API_KEY: '',
     ORCHARD_API_KEY_FILE: '',
@@ -309,9 +323,9 @@ async function runDemo(flags: DemoFlags): Promise<void> {
     const bins = await findLlamaBinaries();
     process.stderr.write(`llama.cpp ${bins.llamaCppVersion}: ${bins.binDir}\n`);
     const model = await demoModel(flags, nodeCount, run);
-    await ensureCalibration(nodeCount, !!flags.calibrate, story, run);
     stateRoot = await mkdtemp(join(tmpdir(), 'orchard-demo-'));
-    cluster = await startDemoCluster(model, nodeCount, stateRoot, run);
+    const calibrationFile = await ensureCalibration(nodeCount, model, flags.calibrate !== false, stateRoot, story, run);
+    cluster = await startDemoCluster(model, nodeCount, stateRoot, calibrationFile, run);
     await showPlan(cluster, model, nodeCount, story, run);
     await loadDemo(cluster, model, story, run);
     await streamCompletion(cluster, flags.prompt, maxTokens, story, run);
