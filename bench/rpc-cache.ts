@@ -6,13 +6,13 @@
  * Also checks the seeded entry names equal the ones the real rpc-server wrote (same FNV-1a).
  *
  * Shapes: `gqa` is the brief's `--dim 2048 --ffn 5632 --type f16` with 4 KV heads of 8 — its
- * attn_q/attn_output (8 MiB) and attn_k/attn_v (4 MiB) are under ggml-rpc's 10 MiB
- * HASH_THRESHOLD and always cross; `wide` (dim 2304, 8 KV heads) puts every matrix above it.
- * Usage: npm run bench:rpc-cache -- [--json] [--layers 4] [--patched-rpc-lib DIR --patched-threshold BYTES]
- * With --patched-rpc-lib, also a `patched` run: llama-server loads libggml-rpc.so.0 from DIR
- * (LD_LIBRARY_PATH; built from ggml-rpc.cpp with -DGGML_RPC_HASH_THRESHOLD=BYTES after turning
- * the `const` into an overridable define — the source has no such define) and Orchard seeds
- * with the same threshold. Only the head side checks the threshold; the rpc-server is stock.
+ * attn_q/attn_output (8 MiB) and attn_k/attn_v (4 MiB) are under ggml-rpc's stock 10 MiB
+ * HASH_THRESHOLD; `wide` (dim 2304, 8 KV heads) puts every matrix above it. The engines are the
+ * ones `orchard setup` builds, patched with GGML_RPC_CACHE_MIN_SIZE (src/node/llama/patches.ts),
+ * and the head runs with Orchard's threshold (RPC_CACHE_MIN_SIZE_BYTES) as the agent starts it,
+ * so only 1-D norms cross. `--threshold BYTES` measures another threshold (seeding and head
+ * alike); `--threshold 10485760` reproduces the stock engine.
+ * Usage: npm run bench:rpc-cache -- [--json] [--layers 4] [--threshold BYTES]
  * Needs ORCHARD_LLAMA_BIN_DIR (or `orchard setup`). Processes are killed by measureRpcLoad.
  */
 import { execFile } from 'node:child_process';
@@ -23,7 +23,7 @@ import { promisify } from 'node:util';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { seedTensorCache } from '../src/node/llama/tensor-cache.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
-import { stageCachePlan } from '../src/shared/rpc-cache/plan.ts';
+import { RPC_CACHE_MIN_SIZE_BYTES, rpcCacheMinSizeEnv, stageCachePlan } from '../src/shared/rpc-cache/plan.ts';
 import { measureRpcLoad } from './rpc-load.ts';
 
 const ROOT = new URL('../', import.meta.url).pathname;
@@ -34,8 +34,8 @@ const flag = (name: string, def: string) => {
 };
 const JSON_OUT = argv.includes('--json');
 const LAYERS = flag('--layers', '4');
-const PATCHED_LIB = flag('--patched-rpc-lib', '');
-const PATCHED_THRESHOLD = Number(flag('--patched-threshold', '0'));
+const THRESHOLD = Number(flag('--threshold', String(RPC_CACHE_MIN_SIZE_BYTES)));
+const HEAD_ENV = rpcCacheMinSizeEnv(THRESHOLD);
 
 const SHAPES = {
   gqa: ['--dim', '2048', '--ffn', '5632', '--heads', '8', '--kv-heads', '4'],
@@ -47,29 +47,7 @@ const hexNames = async (d: string) => (await readdir(d).catch(() => [] as string
 type Bins = Awaited<ReturnType<typeof findLlamaBinaries>>;
 type Stage = { firstLayer: number; lastLayer: number; holdsOutput: boolean };
 
-/** --patched-rpc-lib: the same loads with a head whose libggml-rpc hashes tensors above PATCHED_THRESHOLD. */
-async function measurePatched(bins: Bins, model: string, work: string, shape: string, stage: Stage, shardBytes: number): Promise<Record<string, unknown>> {
-  const header = await readGgufHeader(model);
-  const pDir = join(work, `${shape}-patched`);
-  const coldDir = join(work, `${shape}-patched-cold`);
-  const pPlan = stageCachePlan(header, stage, PATCHED_THRESHOLD);
-  const pSeed = await seedTensorCache({ modelPath: model, llamaCacheDir: pDir, stage, thresholdBytes: PATCHED_THRESHOLD });
-  const headEnv = { LD_LIBRARY_PATH: `${PATCHED_LIB}:${process.env.LD_LIBRARY_PATH ?? ''}` };
-  const pCold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir, headEnv });
-  const pLoad = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: pDir, headEnv });
-  await rm(pDir, { recursive: true, force: true });
-  await rm(coldDir, { recursive: true, force: true });
-  return {
-    thresholdBytes: PATCHED_THRESHOLD,
-    belowThresholdBytes: pPlan.sentBytes,
-    seedingSeconds: pSeed.seconds,
-    cold: { ...pCold, fractionOfShard: pCold.bytesToServer / shardBytes },
-    seeded: { ...pLoad, fractionOfShard: pLoad.bytesToServer / shardBytes },
-    acceptance1Percent: pLoad.bytesToServer <= 0.01 * shardBytes,
-  };
-}
-
-/** One model shape: cold load, warm load, seeding, seeded load (and the patched head when asked). */
+/** One model shape: cold load, warm load, seeding, seeded load. */
 async function measureShape(bins: Bins, work: string, shape: string, args: readonly string[]): Promise<Record<string, unknown>> {
   const model = join(work, `${shape}.gguf`);
   await promisify(execFile)(process.execPath, [join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', '--out', model, '--layers', LAYERS, '--type', 'f16', ...args]);
@@ -77,16 +55,15 @@ async function measureShape(bins: Bins, work: string, shape: string, args: reado
   const nLayer = Number(LAYERS);
   // CPU-only head: the one rpc-server holds every layer and the output layer.
   const stage: Stage = { firstLayer: 0, lastLayer: nLayer - 1, holdsOutput: true };
-  const plan = stageCachePlan(header, stage);
+  const plan = stageCachePlan(header, stage, THRESHOLD);
   const shardBytes = plan.cachedBytes + plan.sentBytes;
   const coldDir = join(work, `${shape}-cold`);
-  const cold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir });
-  const warm = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir });
+  const cold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir, headEnv: HEAD_ENV });
+  const warm = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: coldDir, headEnv: HEAD_ENV });
   const seedDir = join(work, `${shape}-seed`);
-  const seed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage });
-  const reseed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage });
-  const seeded = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: seedDir });
-  const patched = PATCHED_LIB && PATCHED_THRESHOLD > 0 ? await measurePatched(bins, model, work, shape, stage, shardBytes) : undefined;
+  const seed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage, thresholdBytes: THRESHOLD });
+  const reseed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage, thresholdBytes: THRESHOLD });
+  const seeded = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: seedDir, headEnv: HEAD_ENV });
   const serverNames = await hexNames(join(coldDir, 'rpc'));
   const seededNames = await hexNames(join(seedDir, 'rpc'));
   const sentByKind: Record<string, number> = {};
@@ -100,6 +77,7 @@ async function measureShape(bins: Bins, work: string, shape: string, args: reado
   return {
     shape,
     layers: nLayer,
+    thresholdBytes: THRESHOLD,
     modelBytes: header.fileSize,
     shardWeightBytes: shardBytes,
     hashableBytes: plan.cachedBytes,
@@ -111,7 +89,6 @@ async function measureShape(bins: Bins, work: string, shape: string, args: reado
     seeded: { ...seeded, fractionOfShard: seeded.bytesToServer / shardBytes },
     seededEntriesEqualServerWritten: serverNames.length > 0 && serverNames.join() === seededNames.join(),
     acceptance1Percent: seeded.bytesToServer <= 0.01 * shardBytes,
-    ...(patched ? { patched } : {}),
   };
 }
 
@@ -119,6 +96,7 @@ async function main(): Promise<void> {
   const bins = await findLlamaBinaries();
   const work = await mkdtemp(join(tmpdir(), 'orchard-bench-rpc-cache-'));
   const results: Record<string, unknown>[] = [];
+  process.stderr.write(`engines: llama.cpp ${bins.llamaCppVersion} in ${bins.binDir}; head GGML_RPC_CACHE_MIN_SIZE=${THRESHOLD}\n`);
   try {
     for (const [shape, args] of Object.entries(SHAPES)) results.push(await measureShape(bins, work, shape, args));
   } finally {

@@ -10,6 +10,7 @@
  */
 import { type Server, type Socket, connect, createServer } from 'node:net';
 import { pickFreePort } from '../src/node/ports.ts';
+import { rpcCacheMinSizeEnv } from '../src/shared/rpc-cache/plan.ts';
 import { killGroup, type Proc, sleep, spawnProc } from '../test/helpers/processes.ts';
 import { waitForPort } from './lib/cluster.ts';
 
@@ -21,7 +22,7 @@ export interface RpcLoadOptions {
   readonly llamaCacheDir: string;
   readonly threads?: number;
   readonly timeoutMs?: number;
-  /** Extra environment for llama-server only (e.g. LD_LIBRARY_PATH to a patched libggml-rpc). */
+  /** Extra environment for llama-server only (e.g. another GGML_RPC_CACHE_MIN_SIZE). */
   readonly headEnv?: Readonly<Record<string, string>>;
 }
 
@@ -93,7 +94,9 @@ export async function measureRpcLoad(o: RpcLoadOptions): Promise<RpcLoadResult> 
     const httpPort = await pickFreePort('127.0.0.1');
     const t0 = performance.now();
     const headArgs = ['-m', o.model, '--rpc', `127.0.0.1:${proxy.port}`, '-ngl', '99', '-c', '512', '-t', threads, '--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)];
-    const head = spawnProc('llama-server', headArgs, { ...process.env, GGML_RPC_NO_RDMA: '1', ...(o.headEnv ?? {}) }, o.llamaServer);
+    // The head's hash threshold as the agent sets it (engine-spec.ts); headEnv may override it.
+    const headEnv = { ...process.env, GGML_RPC_NO_RDMA: '1', ...rpcCacheMinSizeEnv(), ...(o.headEnv ?? {}) };
+    const head = spawnProc('llama-server', headArgs, headEnv, o.llamaServer);
     children.push(head);
     for (;;) {
       if (head.child.exitCode !== null) throw new Error(`llama-server exited (${head.child.exitCode}): ${head.err.slice(-2000)}`);

@@ -5,6 +5,7 @@ import type { CacheType } from '../shared/memory/kv.ts';
 import type { MemoryOptions } from '../shared/memory/stage.ts';
 import type { LlamaServerOptions } from '../shared/placement/llama-args.ts';
 import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
+import { rpcCacheMinSizeEnv } from '../shared/rpc-cache/plan.ts';
 import { type MlxRankSpec, mlxRankSpecFromRequest, sameMlxRank } from './mlx/rank-spec.ts';
 import { rpcTargetSchema } from './rpc-target.ts';
 
@@ -226,7 +227,9 @@ export function engineCommand(spec: EngineSpec, port: number, bins: EngineBinari
   const argv = llamaServerArgs(spec.llama!, spec.rpcEndpoints ?? []);
   if (spec.threads > 0) argv.push('--threads', String(spec.threads));
   argv.push('--host', ENGINE_HOST, '--port', String(port));
-  return { file: bins.llamaServer, argv, env: engineEnv(agentEnv) };
+  // The head is the RPC client that decides which weights to offer by hash: the same threshold the agents pre-seed with.
+  const rpcEnv = (spec.rpcEndpoints ?? []).length > 0 ? rpcCacheMinSizeEnv() : {};
+  return { file: bins.llamaServer, argv, env: engineEnv(agentEnv, rpcEnv) };
 }
 
 /**

@@ -8,27 +8,32 @@ import { measureRpcLoad } from '../../bench/rpc-load.ts';
 import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
-import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
+import { HASH_THRESHOLD_BYTES, stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
 
 /**
  * A real llama-server loading through a real ggml-rpc-server (-c), with a byte-counting proxy in
  * between: with the cache pre-seeded by Orchard from the local file, the bytes sent during the
- * load are ≤ 1 % of the shard's weight bytes; cold, they are ~100 %. The model (dim 2304, 8 KV
- * heads, f16, 1 layer) has every matrix above ggml-rpc's 10 MiB hash threshold; only norms cross.
+ * load are ≤ 1 % of the shard's weight bytes; cold, they are ~100 %. Two shapes: `wide` (dim 2304,
+ * 8 KV heads, f16, 1 layer) has every matrix above ggml-rpc's stock 10 MiB hash threshold; `gqa`
+ * (dim 2048, 4 KV heads of 8) has attn_q/attn_output (8 MiB) and attn_k/attn_v (4 MiB) under it,
+ * which cross with a stock engine (~11 % of this shard) and are cached only by the engines
+ * `orchard setup` builds with the GGML_RPC_CACHE_MIN_SIZE patch, run with Orchard's threshold.
  */
 const ROOT = new URL('../..', import.meta.url).pathname;
 let work = '';
 let model = '';
+let gqa = '';
 let bins: Awaited<ReturnType<typeof findLlamaBinaries>>;
 
 beforeAll(async () => {
   bins = await findLlamaBinaries();
   work = await mkdtemp(join(tmpdir(), 'orchard-rpc-cache-it-'));
   model = join(work, 'wide.gguf');
-  await promisify(execFile)(process.execPath, [
-    join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', '--out', model,
-    '--layers', '1', '--dim', '2304', '--ffn', '5632', '--heads', '8', '--kv-heads', '8', '--type', 'f16',
-  ]);
+  gqa = join(work, 'gqa.gguf');
+  const testmodel = (out: string, shape: string[]) =>
+    promisify(execFile)(process.execPath, [join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', '--out', out, '--layers', '1', '--type', 'f16', ...shape]);
+  await testmodel(model, ['--dim', '2304', '--ffn', '5632', '--heads', '8', '--kv-heads', '8']);
+  await testmodel(gqa, ['--dim', '2048', '--ffn', '5632', '--heads', '8', '--kv-heads', '4']);
 }, 120_000);
 
 afterAll(async () => {
@@ -57,5 +62,22 @@ describe('pre-seeded rpc-server tensor cache', () => {
     const names = async (d: string) => (await readdir(join(d, 'rpc'))).filter((n) => /^[0-9a-f]{16}$/.test(n)).sort();
     expect(await names(seedDir)).toEqual(await names(coldDir));
     expect((await names(seedDir)).length).toBe(plan.cached.length);
+  }, 240_000);
+
+  it('GQA shape: the K/V and Q/O projections under 10 MiB are cached too, so ≤ 1 % of the shard crosses', async () => {
+    const header = await readGgufHeader(gqa);
+    const stage = { firstLayer: 0, lastLayer: 0, holdsOutput: true };
+    const plan = stageCachePlan(header, stage);
+    const shard = plan.cachedBytes + plan.sentBytes;
+    const stock = stageCachePlan(header, stage, HASH_THRESHOLD_BYTES);
+    // Without the lowered threshold the projections would cross: the test would fail on a stock engine.
+    expect(stock.sentBytes).toBeGreaterThan(0.05 * shard);
+    expect(plan.sent.every((t) => t.name.includes('norm'))).toBe(true);
+
+    const seedDir = join(work, 'gqa-seeded');
+    const seed = await seedTensorCache({ modelPath: gqa, llamaCacheDir: seedDir, stage });
+    expect(seed.bytesWritten).toBe(plan.cachedBytes);
+    const seeded = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model: gqa, llamaCacheDir: seedDir });
+    expect(seeded.bytesToServer).toBeLessThanOrEqual(0.01 * shard);
   }, 240_000);
 });

@@ -78,6 +78,13 @@ describe('cache key', () => {
     expect(new Set([base, ...others]).size).toBe(5);
   });
 
+  it('changes with the patches applied to the source (an unpatched or older-patch build is not reused)', () => {
+    const plain = cacheKey('v1', linux, d);
+    expect(cacheKey('v1', linux, d, [])).toBe(plain);
+    const one = cacheKey('v1', linux, d, ['aa']);
+    expect(new Set([plain, one, cacheKey('v1', linux, d, ['ab']), cacheKey('v1', linux, d, ['aa', 'bb'])]).size).toBe(4);
+  });
+
   it('keeps the directory name free of path separators', () => {
     expect(cacheKey('a/b c', linux, d)).toMatch(/^a_b_c-/);
   });

@@ -60,6 +60,8 @@ describe('StartEngine request → engine spec', () => {
     ]);
     // --rpc carries only the loopback endpoints the agent resolved (the second a forwarder), never a target's address
     const spec = { ...parsed, rpcEndpoints: ['127.0.0.1:6000', '127.0.0.1:6001'] };
+    // The RPC client offers weights over 64 KiB by hash (the patched engine's threshold), as the agents pre-seed.
+    expect(engineCommand(spec, 8080, bins, {}).env).toEqual({ GGML_RPC_CACHE_MIN_SIZE: String(64 * 1024) });
     expect(engineCommand(spec, 8080, bins, {}).argv).toEqual([
       ...['-m', '/m.gguf', '-c', '2048', '-np', '1', '--kv-unified', '-ctk', 'f16', '-ctv', 'f16', '-ub', '512', '-fa', 'on', '-fit', 'off', '--no-repack'],
       ...['--rpc', '127.0.0.1:6000,127.0.0.1:6001', '--device', 'RPC0,RPC1', '--split-mode', 'layer', '-ngl', '9', '--tensor-split', '4,5'],

@@ -9,7 +9,7 @@ import { writeGguf } from '../../src/shared/gguf/writer.ts';
 import { llamaSourceFile } from '../../src/shared/llama-source.ts';
 import { seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
 import { Fnv1a64, Fnv1a64Js, fnv1a64Hex } from '../../src/shared/rpc-cache/fnv.ts';
-import { HASH_THRESHOLD_BYTES, cacheEntryName, rpcCacheDir, stageCachePlan, stageTensors } from '../../src/shared/rpc-cache/plan.ts';
+import { HASH_THRESHOLD_BYTES, RPC_CACHE_MIN_SIZE_BYTES, cacheEntryName, rpcCacheDir, rpcCacheMinSizeEnv, stageCachePlan, stageTensors } from '../../src/shared/rpc-cache/plan.ts';
 
 let dir = '';
 beforeAll(async () => {
@@ -102,12 +102,20 @@ describe('which tensors a stage is offered by hash', () => {
     expect(stageTensors(header, { firstLayer: 2, lastLayer: 10, holdsOutput: false }).map((x) => x.name)).toEqual(['blk.10.ffn_up.weight']);
   });
 
-  it('uses > threshold, not ≥ (10 MiB exactly is always sent)', () => {
-    const p = stageCachePlan(header, { firstLayer: 0, lastLayer: 1, holdsOutput: false });
+  it('uses > threshold, not ≥ (10 MiB exactly is always sent by a stock engine)', () => {
+    const p = stageCachePlan(header, { firstLayer: 0, lastLayer: 1, holdsOutput: false }, HASH_THRESHOLD_BYTES);
     expect(p.cached.map((x) => x.name)).toEqual(['blk.0.attn_q.weight', 'blk.1.ffn_up.weight']);
     expect(p.sent.map((x) => x.name)).toEqual(['blk.0.attn_k.weight', 'blk.0.attn_norm.weight']);
     expect(p.sentBytes).toBe(HASH_THRESHOLD_BYTES + 8192);
     expect(p.cachedBytes).toBe(12 * MiB + HASH_THRESHOLD_BYTES + 1);
+  });
+
+  it("by default uses Orchard's 64 KiB threshold (the patched engine): every matrix is offered, 1-D norms are sent", () => {
+    const p = stageCachePlan(header, { firstLayer: 0, lastLayer: 1, holdsOutput: false });
+    expect(RPC_CACHE_MIN_SIZE_BYTES).toBe(64 * 1024);
+    expect(p.cached.map((x) => x.name)).toEqual(['blk.0.attn_q.weight', 'blk.0.attn_k.weight', 'blk.1.ffn_up.weight']);
+    expect(p.sent.map((x) => x.name)).toEqual(['blk.0.attn_norm.weight']);
+    expect(rpcCacheMinSizeEnv()).toEqual({ GGML_RPC_CACHE_MIN_SIZE: '65536' });
   });
 
   it('gives the output stage output.weight and output_norm, never token_embd when output exists', () => {

@@ -60,13 +60,20 @@ export function cmakeBuildArgs(buildDir: string, jobs: number): string[] {
 
 /**
  * Directory name of a cache entry: `<version>-<hash>`, where the hash covers everything that
- * changes the binaries (platform, architecture, cmake definitions) but not the generator or the
- * job count, which do not.
+ * changes the binaries (platform, architecture, cmake definitions, the digests of the patches
+ * applied to the source, in order) but not the generator or the job count, which do not.
  */
-export function cacheKey(version: string, host: Pick<BuildHost, 'platform' | 'arch'>, defines: CmakeDefines): string {
+export function cacheKey(
+  version: string,
+  host: Pick<BuildHost, 'platform' | 'arch'>,
+  defines: CmakeDefines,
+  patchDigests: readonly string[] = [],
+): string {
   const sorted = Object.fromEntries(Object.entries(defines).sort(([a], [b]) => a.localeCompare(b)));
+  // Without patches the key is what it was before patches existed (an unpatched build keeps its name).
+  const patches = patchDigests.length > 0 ? { patches: patchDigests } : {};
   const digest = createHash('sha256')
-    .update(JSON.stringify({ platform: host.platform, arch: host.arch, defines: sorted }))
+    .update(JSON.stringify({ platform: host.platform, arch: host.arch, defines: sorted, ...patches }))
     .digest('hex')
     .slice(0, 12);
   return `${safeName(version)}-${digest}`;

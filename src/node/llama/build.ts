@@ -17,6 +17,7 @@ import {
   helpListsRpc,
   parseProgressLine,
 } from './build-config.ts';
+import { applyLlamaPatches, type LlamaPatch, llamaPatches } from './patches.ts';
 import { acquireLock, type LockHolder, llamaCacheDir, type Manifest, readCacheEntry, removeStaleBuildDirs } from './cache.ts';
 import { type BuildLog, detectToolchain, findNvcc, runCapture, runLogged, type Toolchain } from './toolchain.ts';
 
@@ -53,11 +54,15 @@ export interface BuildRequest {
 }
 
 /** The cache entry this host and source would produce (no I/O beyond reading the bundle header and PATH). */
-export async function expectedCacheEntry(env: NodeJS.ProcessEnv = process.env): Promise<{ dir: string; source: LlamaSource; defines: CmakeDefines }> {
+export async function expectedCacheEntry(
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<{ dir: string; source: LlamaSource; defines: CmakeDefines; patches: LlamaPatch[] }> {
   const source = await findLlamaSource();
   const cuda = (await findNvcc(env)) !== undefined;
   const defines = cmakeDefines({ platform: process.platform, arch: process.arch, cuda });
-  return { dir: join(llamaCacheDir(env), cacheKey(source.version, process, defines)), source, defines };
+  const patches = await llamaPatches();
+  const key = cacheKey(source.version, process, defines, patches.map((p) => p.sha256));
+  return { dir: join(llamaCacheDir(env), key), source, defines, patches };
 }
 
 /**
@@ -69,7 +74,7 @@ export async function expectedCacheEntry(env: NodeJS.ProcessEnv = process.env): 
 export async function setupLlama(req: BuildRequest = {}): Promise<SetupResult> {
   const env = req.env ?? process.env;
   const events = req.events ?? {};
-  const { dir, source, defines } = await expectedCacheEntry(env);
+  const { dir, source, defines, patches } = await expectedCacheEntry(env);
   const cachedHit = async (): Promise<SetupResult | undefined> => {
     const hit = await readCacheEntry(dir);
     if (!hit) return undefined;
@@ -92,7 +97,7 @@ export async function setupLlama(req: BuildRequest = {}): Promise<SetupResult> {
       if (hit) return hit;
     }
     await removeStaleBuildDirs(root);
-    const job: BuildJob = { finalDir: dir, source, defines, tools: toolchain, jobs: req.jobs ?? availableParallelism(), events, env };
+    const job: BuildJob = { finalDir: dir, source, defines, patches, tools: toolchain, jobs: req.jobs ?? availableParallelism(), events, env };
     const manifest = await buildInto(job, `${dir}.lock`);
     return resultFrom(dir, manifest, false);
   } finally {
@@ -116,6 +121,7 @@ interface BuildJob {
   readonly finalDir: string;
   readonly source: LlamaSource;
   readonly defines: CmakeDefines;
+  readonly patches: readonly LlamaPatch[];
   readonly tools: Toolchain;
   readonly jobs: number;
   readonly events: BuildEvents;
@@ -139,7 +145,6 @@ async function buildInto(job: BuildJob, lockPath: string): Promise<Manifest> {
     const build = join(work, 'build');
     await compile(job, src, build, log);
     job.events.phase?.('install', job.finalDir);
-    await keepLlamaSourceFiles(job.source, job.env, src);
     const dist = await collectEngines(build, join(work, 'dist'), log.path);
     const manifest: Manifest = {
       llamaCppVersion: job.source.version,
@@ -147,6 +152,7 @@ async function buildInto(job: BuildJob, lockPath: string): Promise<Manifest> {
       platform: process.platform,
       arch: process.arch,
       defines: { ...job.defines },
+      patches: job.patches.map((p) => p.name),
       builtAt: new Date().toISOString(),
       buildSeconds: Math.round((Date.now() - started) / 100) / 10,
       llamaServer: 'bin/llama-server',
@@ -162,11 +168,17 @@ async function buildInto(job: BuildJob, lockPath: string): Promise<Manifest> {
   }
 }
 
-/** git clone of the bundle, cmake configure, cmake build of the two targets (progress as events). */
+/** git clone of the bundle, Orchard's patches (patches.ts), cmake configure, cmake build of the two targets (progress as events). */
 async function compile(job: BuildJob, src: string, build: string, log: BuildLog): Promise<void> {
   const { tools, events, source } = job;
   events.phase?.('clone', `${source.version} from ${source.bundle}`);
   await runLogged(tools.git, ['-c', 'advice.detachedHead=false', 'clone', '--quiet', source.bundle, src], 'git clone of the llama.cpp bundle', log);
+  // Kept before patching: the kept files are the bundle's (the same as when extracted from it later).
+  await keepLlamaSourceFiles(source, job.env, src);
+  if (job.patches.length > 0) {
+    events.phase?.('patch', job.patches.map((p) => p.name).join(', '));
+    await applyLlamaPatches(tools.git, src, job.patches, log);
+  }
 
   const generator: Generator = tools.ninja ? 'Ninja' : 'Unix Makefiles';
   events.phase?.('configure', `cmake (${generator})`);

@@ -23,6 +23,8 @@ export const ManifestSchema = z.object({
   platform: z.string(),
   arch: z.string(),
   defines: z.record(z.string(), z.string()),
+  /** Orchard's patches applied to the source (patches.ts); absent in entries built before patches existed. */
+  patches: z.array(z.string()).optional(),
   builtAt: z.string(),
   buildSeconds: z.number(),
   llamaServer: z.string(),

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
 import { readJsonMap, writeJsonMap } from '../../shared/json-map-file.ts';
 import { Fnv1a64 } from '../../shared/rpc-cache/fnv.ts';
-import { type CacheStage, HASH_THRESHOLD_BYTES, cacheEntryName, rpcCacheDir, stageCachePlan } from '../../shared/rpc-cache/plan.ts';
+import { type CacheStage, RPC_CACHE_MIN_SIZE_BYTES, cacheEntryName, rpcCacheDir, stageCachePlan } from '../../shared/rpc-cache/plan.ts';
 
 /**
  * Pre-seeding a ggml-rpc-server tensor cache from a local copy of the model file, so the head
@@ -87,7 +87,7 @@ export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
   const header = await readGgufHeader(o.modelPath);
   if (!header.hasData) throw new Error(`${o.modelPath} holds no tensor data (header-only file)`);
   const st = await stat(o.modelPath);
-  const plan = stageCachePlan(header, o.stage, o.thresholdBytes ?? HASH_THRESHOLD_BYTES);
+  const plan = stageCachePlan(header, o.stage, o.thresholdBytes ?? RPC_CACHE_MIN_SIZE_BYTES);
   const dir = rpcCacheDir(o.llamaCacheDir);
   await mkdir(dir, { recursive: true });
   const seeded = await readJsonMap(join(dir, MANIFEST));

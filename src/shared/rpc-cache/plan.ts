@@ -3,7 +3,8 @@ import type { GgufHeader } from '../gguf/types.ts';
 /**
  * Which tensors of a GGUF file a ggml-rpc-server will be offered by hash, and where their bytes
  * are. Pure. Rules from ggml/src/ggml-rpc/ggml-rpc.cpp (this llama.cpp version):
- * * `rpc_use_hash_cache`: `size > HASH_THRESHOLD` (10 MiB, strictly greater) and the buffer is a
+ * * `rpc_use_hash_cache`: `size > HASH_THRESHOLD` (10 MiB upstream, RPC_CACHE_MIN_SIZE_BYTES in
+ *   Orchard's patched build; strictly greater) and the buffer is a
  *   weights buffer. With mmap (llama.cpp's default, and Orchard never passes --no-mmap) the model
  *   loader uploads each tensor in one `ggml_backend_tensor_set(cur, data, 0, ggml_nbytes)`, so
  *   "size" is the whole tensor and the hash covers exactly the tensor's bytes in the file.
@@ -15,6 +16,22 @@ import type { GgufHeader } from '../gguf/types.ts';
  *   Non-layer tensors other than those (norms, rope factors) are tiny and always sent.
  */
 export const HASH_THRESHOLD_BYTES = 10 * 1024 * 1024;
+
+/**
+ * The threshold Orchard's engines use instead: `orchard setup` builds llama.cpp with the
+ * `GGML_RPC_CACHE_MIN_SIZE` patch (src/node/llama/patches.ts) and every llama-server the agent
+ * starts with RPC targets gets this value (rpcCacheMinSizeEnv), so the GQA K/V projections of
+ * real models (0.5–4 MiB) are offered by hash too. 64 KiB: every weight matrix of the models
+ * Orchard places is above it, while 1-D norms (≤ 32 KiB at dim 8192) stay on the wire: each
+ * offered tensor costs a round trip (hash probe) on every load, which a few KiB do not repay.
+ * Pre-seeding uses the same value, so it writes exactly the entries the head will ask for.
+ */
+export const RPC_CACHE_MIN_SIZE_BYTES = 64 * 1024;
+
+/** The environment that sets the patched engine's threshold (llama-server, the RPC client, reads it). */
+export function rpcCacheMinSizeEnv(bytes: number = RPC_CACHE_MIN_SIZE_BYTES): { GGML_RPC_CACHE_MIN_SIZE: string } {
+  return { GGML_RPC_CACHE_MIN_SIZE: String(bytes) };
+}
 
 export interface CacheStage {
   readonly firstLayer: number;
@@ -63,7 +80,7 @@ export function stageTensors(header: Pick<GgufHeader, 'tensors' | 'dataOffset'>,
 export function stageCachePlan(
   header: Pick<GgufHeader, 'tensors' | 'dataOffset'>,
   stage: CacheStage,
-  thresholdBytes: number = HASH_THRESHOLD_BYTES,
+  thresholdBytes: number = RPC_CACHE_MIN_SIZE_BYTES,
 ): StageCachePlan {
   const cached: CachedTensor[] = [];
   const sent: CachedTensor[] = [];

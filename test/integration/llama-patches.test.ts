@@ -1,0 +1,54 @@
+import { createWriteStream } from 'node:fs';
+import { copyFile, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { expect, it } from 'vitest';
+import { applyLlamaPatches, llamaPatches } from '../../src/node/llama/patches.ts';
+import type { BuildLog } from '../../src/node/llama/toolchain.ts';
+import { llamaSourceFile } from '../../src/shared/llama-source.ts';
+import { describeWith, program } from '../helpers/needs.ts';
+import { tempDir } from '../helpers/temp-dir.ts';
+
+/*
+ * Orchard's llama.cpp patches against the very source node-llama-cpp bundles (the kept, unpatched
+ * ggml-rpc.cpp), with the real git: they apply, applying again changes nothing, and a source they
+ * no longer fit stops the build with a message naming the patch.
+ */
+const RPC = 'ggml/src/ggml-rpc/ggml-rpc.cpp';
+const dir = tempDir('orchard-llama-patches-');
+
+async function tree(): Promise<string> {
+  const root = join(dir.path, 'src');
+  await mkdir(dirname(join(root, RPC)), { recursive: true });
+  await copyFile(await llamaSourceFile(RPC), join(root, RPC));
+  return root;
+}
+
+function buildLog(): BuildLog {
+  const path = join(dir.path, 'build.log');
+  return { stream: createWriteStream(path), path, running: {} };
+}
+
+describeWith([program('git', ['--version'])], 'llama.cpp patches', () => {
+  it('the GGML_RPC_CACHE_MIN_SIZE patch applies to the bundled source once, and a second run is a no-op', async () => {
+    const patches = await llamaPatches();
+    expect(patches.map((p) => p.name)).toContain('ggml-rpc-cache-min-size.patch');
+    const root = await tree();
+    const before = await readFile(join(root, RPC), 'utf8');
+    expect(before).toContain('size > HASH_THRESHOLD &&');
+
+    expect(await applyLlamaPatches('git', root, patches, buildLog())).toEqual(patches.map((p) => p.name));
+    const after = await readFile(join(root, RPC), 'utf8');
+    expect(after).toContain('getenv("GGML_RPC_CACHE_MIN_SIZE")');
+    expect(after).toContain('size > rpc_cache_min_size() &&');
+
+    expect(await applyLlamaPatches('git', root, patches, buildLog())).toEqual([]);
+    expect(await readFile(join(root, RPC), 'utf8')).toBe(after);
+  });
+
+  it('a source the patch does not fit fails with the patch name', async () => {
+    const root = await tree();
+    const text = await readFile(join(root, RPC), 'utf8');
+    await writeFile(join(root, RPC), text.replace('size > HASH_THRESHOLD &&', 'size >= SOMETHING_ELSE &&'));
+    await expect(applyLlamaPatches('git', root, await llamaPatches(), buildLog())).rejects.toThrow(/ggml-rpc-cache-min-size\.patch does not apply/);
+  });
+});
