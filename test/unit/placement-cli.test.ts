@@ -3,14 +3,16 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { gv } from '../../src/shared/gguf/types.ts';
+import { type GgufValue, gv } from '../../src/shared/gguf/types.ts';
 import { writeGguf } from '../../src/shared/gguf/writer.ts';
 import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
 import { parseNodesFile } from '../../src/shared/placement/nodes-file.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
 import { writeMlxHeaderOnly } from '../../src/shared/testmodel/mlx.ts';
+import { DEFAULT_LLAMA_TEST_SHAPE, llamaTestModelSpec } from '../../src/shared/testmodel/llama.ts';
 import { findPreset, presetSpec } from '../../src/shared/testmodel/presets.ts';
+import { loadVocab } from '../../src/shared/testmodel/vocab.ts';
 import { orchard as runOrchard } from '../helpers/processes.ts';
 
 const GiB = 2 ** 30;
@@ -19,6 +21,16 @@ const orchard = (...args: string[]) => runOrchard(args, process.env);
 let dir: string;
 let model70b: string;
 let nodesFile: string;
+
+type Meta = [string, GgufValue][];
+
+/** A small real GGUF (weights, SPM vocabulary) with its metadata edited: `orchard plan` args. */
+async function tiny(name: string, edit: (m: Meta) => Meta): Promise<string[]> {
+  const p = join(dir, name);
+  const spec = llamaTestModelSpec({ ...DEFAULT_LLAMA_TEST_SHAPE, layers: 2, dim: 64, ffn: 128, heads: 4, kvHeads: 2 }, await loadVocab());
+  await writeGguf(p, { metadata: edit([...spec.metadata].map(([k, v]) => [k, v])), tensors: spec.tensors });
+  return ['plan', p, '--nodes', nodesFile];
+}
 
 async function headerOnly(path: string, name: string, quant: 'q4_k_m' | 'f16', meta: Record<string, ReturnType<typeof gv.str>> = {}): Promise<void> {
   const spec = presetSpec(findPreset(name), quant);
@@ -95,6 +107,19 @@ describe('orchard plan', () => {
     expect(plan.remedies.length).toBeGreaterThan(0);
   });
 
+  it('an architecture llama.cpp loads but Orchard has no exact rules for is planned, its estimates named', async () => {
+    // llama-3-8b's tensors under olmo2's name: llama.cpp's loader accepts it (same keys), Orchard estimates.
+    const p = join(dir, 'olmo2.gguf');
+    const spec = presetSpec(findPreset('llama-3-8b'), 'q4_k_m');
+    const metadata = [...spec.metadata].map(([k, v]) => (k === 'general.architecture' ? ([k, gv.str('olmo2')] as const) : ([k.replace(/^llama\./, 'olmo2.'), v] as const)));
+    await writeGguf(p, { metadata, tensors: spec.tensors }, { headerOnly: true });
+    const r = await orchard('plan', p, '--nodes', nodesFile, '--json');
+    expect(r.stderr).toBe('');
+    const plan = JSON.parse(r.stdout) as { fits: boolean; estimated: string[] };
+    expect(plan.fits).toBe(true);
+    expect(plan.estimated.join(' ')).toMatch(/KV cache/);
+  });
+
   it('plans an MLX model directory offline, with the MLX rule (every rank holds embedding and head)', async () => {
     const mlxDir = join(dir, 'llama-3-70b-4bit');
     await writeMlxHeaderOnly(mlxDir, findPreset('llama-3-70b'), { quantization: { bits: 4, groupSize: 64 } });
@@ -162,13 +187,16 @@ describe('orchard plan', () => {
       /not a regular file/,
     ],
     [
+      // llama.cpp's own loader says so (no list of names in Orchard): a real file, its arch renamed.
       'architecture llama.cpp does not know',
-      async () => {
-        const p = join(dir, 'unknown-arch.gguf');
-        await headerOnly(p, 'llama-3-8b', 'q4_k_m', { 'general.architecture': gv.str('nosuch') });
-        return ['plan', p, '--nodes', nodesFile];
-      },
-      /llama.cpp cannot load this file: unknown model architecture: 'nosuch'/,
+      async () => tiny('unknown-arch.gguf', (m) => m.map(([k, v]) => (k === 'general.architecture' ? [k, gv.str('nosuch')] : [k.replace(/^llama\./, 'nosuch.'), v]))),
+      /unknown-arch\.gguf: llama.cpp cannot load this file: unknown model architecture: 'nosuch'/,
+    ],
+    [
+      // Orchard's reader parses this; llama.cpp's loader refuses it, in its words.
+      'a BPE vocabulary without its merges',
+      async () => tiny('no-merges.gguf', (m) => m.map(([k, v]) => (k === 'tokenizer.ggml.model' ? [k, gv.str('gpt2')] : [k, v]))),
+      /no-merges\.gguf: llama.cpp cannot load this file: error loading model vocabulary: cannot find tokenizer merges in model file/,
     ],
     [
       'empty nodes file',

@@ -1,8 +1,7 @@
 import { isAbsolute } from 'node:path';
-import { readGgufHeader } from '../../shared/gguf/reader.ts';
 import type { CacheType } from '../../shared/memory/kv.ts';
 import { deviceBytes, memoryModel, type MemoryOptions } from '../../shared/memory/stage.ts';
-import { modelProfile } from '../../shared/model/profile.ts';
+import { readGgufProfile } from '../../shared/model/read-profile.ts';
 import { isMlxModelDir, readMlxModelProfile } from '../../shared/model/mlx-profile.ts';
 import { effectiveBandwidth } from '../../shared/placement/cost.ts';
 import { type LinkMatrix, linksByName } from '../../shared/placement/links.ts';
@@ -64,7 +63,7 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
     if (!isAbsolute(modelPath)) throw new UsageError(`model path must be absolute (it is opened on the head node): ${modelPath}`);
     // An MLX model directory (config.json + safetensors) gets the same profile shape as a GGUF.
     const mlx = await isMlxModelDir(modelPath);
-    const profile = mlx ? await readMlxModelProfile(modelPath) : modelProfile(await readGgufHeader(modelPath));
+    const profile = mlx ? await readMlxModelProfile(modelPath) : await readGgufProfile(modelPath);
     if (nodes.length === 0) throw new CoordinatorError('FAILED_PRECONDITION', 'no live nodes: start `orchard node` on each machine (or check `orchard status`)');
     const byName = plannerNames(nodes);
     const measured = links ? linksByName(links, new Map([...byName].map(([name, n]) => [name, n.nodeId]))) : undefined;

@@ -2,7 +2,6 @@ import { UsageError } from '../errors.ts';
 import type { GgufHeader, GgufTensorInfo } from '../gguf/types.ts';
 import { metaArray, metaNumber, metaString } from '../gguf/types.ts';
 import { MOE_ONLY, isExactArch, isMla, nextnLayers, swaLayers } from './arch-rules.ts';
-import { llamaCppArchRefusal } from './llama-archs.ts';
 
 /**
  * What the planner needs to know about a model, derived from its GGUF header alone (no weights
@@ -127,8 +126,6 @@ function perLayer(header: GgufHeader, key: string, layers: number, fallback: num
 function hyperparameters(header: GgufHeader) {
   const arch = metaString(header, 'general.architecture');
   if (arch === undefined) throw new UsageError('GGUF header lacks general.architecture');
-  const refusal = llamaCppArchRefusal(arch);
-  if (refusal) throw new UsageError(refusal);
   const exact = isExactArch(arch);
   const blockCount = required(header, `${arch}.block_count`);
   if (blockCount > 4096) throw new UsageError(`GGUF key ${arch}.block_count = ${blockCount} is implausible`);
