@@ -85,6 +85,18 @@ describe('a coordinator with an API key', () => {
     expect(seen.length).toBe(c.routes().length);
   });
 
+  it('POST /v1/cluster/models takes parallelism (pipeline, tensor, auto) and refuses anything else at the edge', async () => {
+    const load = (body: unknown) =>
+      fetch(`${base}/v1/cluster/models`, { method: 'POST', headers: { authorization: `Bearer ${KEY}`, 'content-type': 'application/json' }, body: JSON.stringify(body) }).then(async (r) => ({ status: r.status, body: JSON.parse(await r.text()) as { error: { param: string | null; message: string } } }));
+    const bad = await load({ model: '/no/such/model.gguf', parallelism: 'data' });
+    expect(bad.status).toBe(400);
+    expect(bad.body.error.param).toBe('parallelism');
+    // A valid value passes the edge and reaches the runtime, which refuses tensor for a GGUF.
+    const ok = await load({ model: '/no/such/model.gguf', parallelism: 'tensor' });
+    expect(ok.body.error.param).not.toBe('parallelism');
+    expect(ok.body.error.message).toMatch(/--parallelism tensor is for MLX model/);
+  });
+
   it('a route added after start is guarded too; unknown paths are 401 before 404', async () => {
     const late: RouteInfo = { method: 'GET', path: '/v1/late/:id', scope: 'admin' };
     c.router.add(late.method, late.path, late.scope, (_req, res, params) => {

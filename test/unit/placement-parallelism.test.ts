@@ -1,16 +1,28 @@
 import { describe, expect, it } from 'vitest';
 import { UsageError } from '../../src/shared/errors.ts';
-import { chooseParallelism, parallelismCosts, parseParallelism, tensorDivisibility } from '../../src/shared/placement/parallelism.ts';
+import { allReduceBytesPerToken, chooseParallelism, parallelismCosts, parseParallelism, tensorDivisibility } from '../../src/shared/placement/parallelism.ts';
 
 // A small MLX-like model: 16 layers, 8 heads / 4 KV heads, hidden 512.
 const profile = { heads: 8, kvHeads: new Array<number>(16).fill(4), moe: undefined, ffn: 1024, layerCount: 16, embd: 512 };
-const base = { ranks: 2, profile, readBytesPerToken: 8e9, bandwidthBytesPerSecond: 400e9, linkBytesPerSecond: 1.25e9 };
+const base = { ranks: 2, profile, readBytesPerToken: 8e9, bandwidthBytesPerSecond: 400e9, linkBytesPerSecond: 1.25e9, linkSource: 'assumed: test link' };
 
 describe('MLX parallelism: pipeline or tensor', () => {
   it('auto picks pipeline on a link with a millisecond round trip and says why with both predictions', () => {
     const c = chooseParallelism({ ...base, requested: 'auto', linkSeconds: 1e-3 });
     expect(c.mode).toBe('pipeline');
-    expect(c.reason).toMatch(/^auto: pipeline, predicted [\d.]+ ms\/token pipeline vs [\d.]+ ms\/token tensor \(32 all-reduces per token at 1\.00 ms/);
+    // 2 × 16 layers × 512 f32 × the ring's 2(n−1)/n = 1 share: 64 KiB per token.
+    expect(c.reason).toMatch(/^auto: pipeline, predicted [\d.]+ ms\/token pipeline vs [\d.]+ ms\/token tensor \(32 all-reduces, 64\.0 KiB per token, at 1\.00 ms per link round trip, assumed: test link\)$/);
+  });
+
+  it('per-token all-reduce bytes grow with layers and width, and towards twice the hidden state per all-reduce with more ranks', () => {
+    expect(allReduceBytesPerToken(profile, 2)).toBe(2 * 16 * 4 * 512);
+    expect(allReduceBytesPerToken(profile, 4)).toBe(2 * 16 * 4 * 512 * 1.5);
+    // Loopback-with-latency: at 1 ms per round trip the 32 round trips alone outweigh reading the
+    // whole 8 GB at 400 GB/s (20 ms) only when the model is small; the payload counts at 1.25 GB/s.
+    const small = { ...base, readBytesPerToken: 0.5e9, requested: 'auto' as const, linkSeconds: 1e-3 };
+    const c = parallelismCosts(small);
+    expect(c.tensor - c.pipeline).toBeCloseTo(32e-3 - 1e-3 + allReduceBytesPerToken(profile, 2) / 1.25e9 - 0.5e9 / 400e9 / 2, 9);
+    expect(chooseParallelism(small).mode).toBe('pipeline');
   });
 
   it('auto picks tensor on an RDMA-class link, where halving the bytes read wins', () => {

@@ -28,6 +28,11 @@ export interface ParallelismInput {
   readonly bandwidthBytesPerSecond: number;
   /** One link round trip between ranks (the planner's hop cost). */
   readonly linkSeconds: number;
+  /**
+   * Where linkSeconds comes from, said in the reason: "measured …" when the cluster measured its
+   * links, else "assumed …" (the backend's figure).
+   */
+  readonly linkSource: string;
   /** Link throughput for the all-reduce payloads. */
   readonly linkBytesPerSecond: number;
 }
@@ -48,14 +53,20 @@ export function tensorDivisibility(p: ParallelismInput['profile'], ranks: number
   return out;
 }
 
+/**
+ * Bytes one rank sends per decoded token under tensor parallel: two all-reduces of the hidden
+ * state (f32 here; bf16 models send half) per layer, each its ring share 2(n−1)/n.
+ */
+export function allReduceBytesPerToken(p: ParallelismInput['profile'], ranks: number): number {
+  return 2 * p.layerCount * 4 * p.embd * ((2 * (ranks - 1)) / ranks);
+}
+
 /** Predicted seconds per decoded token under each layout (bandwidth-bound decode). */
 export function parallelismCosts(i: ParallelismInput): { pipeline: number; tensor: number } {
   const n = i.ranks;
   const read = i.readBytesPerToken / i.bandwidthBytesPerSecond;
-  // Two all-reduces of the hidden state (f32 here; bf16 models send half) per layer, each a
-  // round trip plus its payload over the ring's (n−1)/n share.
-  const allReduceBytes = 4 * i.profile.embd * ((2 * (n - 1)) / n);
-  const tensor = read / n + 2 * i.profile.layerCount * (i.linkSeconds + allReduceBytes / i.linkBytesPerSecond);
+  // Each all-reduce is a link round trip plus its payload.
+  const tensor = read / n + 2 * i.profile.layerCount * i.linkSeconds + allReduceBytesPerToken(i.profile, n) / i.linkBytesPerSecond;
   const pipeline = read + (n - 1) * i.linkSeconds;
   return { pipeline, tensor };
 }
@@ -73,6 +84,7 @@ export function chooseParallelism(i: ParallelismInput): ParallelismChoice {
   }
   if (broken.length > 0) return { mode: 'pipeline', reason: `auto: pipeline, tensor parallel is impossible (${broken.join('; ')})` };
   const c = parallelismCosts(i);
-  const why = `predicted ${ms(c.pipeline)}/token pipeline vs ${ms(c.tensor)}/token tensor (${2 * i.profile.layerCount} all-reduces per token at ${ms(i.linkSeconds)} per link round trip)`;
+  const kib = (allReduceBytesPerToken(i.profile, i.ranks) / 1024).toFixed(1);
+  const why = `predicted ${ms(c.pipeline)}/token pipeline vs ${ms(c.tensor)}/token tensor (${2 * i.profile.layerCount} all-reduces, ${kib} KiB per token, at ${ms(i.linkSeconds)} per link round trip, ${i.linkSource})`;
   return c.tensor < c.pipeline ? { mode: 'tensor', reason: `auto: tensor, ${why}` } : { mode: 'pipeline', reason: `auto: pipeline, ${why}` };
 }

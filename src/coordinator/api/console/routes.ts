@@ -8,6 +8,7 @@ import { grantedScope } from '../guard.ts';
 import { invalid } from '../openai/errors.ts';
 import { ConsoleFeed, type FeedOptions } from './feed.ts';
 import { CONSOLE_ASSET_PATHS, ConsoleAssets } from './static.ts';
+import { PARALLELISMS } from '../../../shared/placement/parallelism.ts';
 
 /**
  * The console's HTTP surface, as routes for the coordinator's router (its guard checks the key
@@ -58,6 +59,8 @@ const planSchema = z
     cache_type: z.enum(['f16', 'q8_0', 'q4_0', 'f32', 'bf16']).optional(),
     parallel: z.number().int().min(1).max(256).optional(),
     pin: z.array(z.string().min(1)).optional(),
+    // MLX layout over the ranks, as `orchard load --parallelism`.
+    parallelism: z.enum(PARALLELISMS).optional(),
     // The load form sends the same body to the preview and to the load.
     name: z.string().optional(),
   })
@@ -126,7 +129,7 @@ async function plan(req: IncomingMessage, res: ServerResponse, deps: ConsoleDeps
   }
   const b = parsed.data;
   if (!isAbsolute(b.model)) throw invalid(`model must be an absolute path on the head node: ${b.model}`, 'model');
-  const options = { ctx: b.ctx, cacheType: b.cache_type, parallel: b.parallel, pin: b.pin ?? [] };
+  const options = { ctx: b.ctx, cacheType: b.cache_type, parallel: b.parallel, pin: b.pin ?? [], parallelism: b.parallelism };
   try {
     const p = await deps.runtime.plan(b.model, options);
     sendJson(res, 200, { plan: p.raw });

@@ -11,6 +11,7 @@ import { ApiError, apiErrorOf, invalid } from './errors.ts';
 import { DEFAULT_MAX_BODY_BYTES, disconnectSignal, readJsonBody, sendError, sendJson, startSse, write } from './edge.ts';
 import { type ModelLimits, type ParsedRequest, parseChatRequest, parseCompletionRequest } from './requests.ts';
 import { completionResponse, finishReasonOf, type Kind, modelObject, placementOf, type ResponseMeta, sseData, streamChunk, usageChunk } from './responses.ts';
+import { PARALLELISMS } from '../../../shared/placement/parallelism.ts';
 
 /**
  * The coordinator's HTTP API: OpenAI-compatible inference routes and the management routes,
@@ -178,6 +179,8 @@ const loadSchema = z
     cache_type: z.enum(['f16', 'q8_0', 'q4_0', 'f32', 'bf16']).optional(),
     parallel: z.number().int().min(1).max(256).optional(),
     pin: z.array(z.string().min(1)).optional(),
+    // MLX layout over the ranks, as `orchard load --parallelism`.
+    parallelism: z.enum(PARALLELISMS).optional(),
   })
   .strict();
 
@@ -200,7 +203,7 @@ async function loadModel(req: IncomingMessage, res: ServerResponse, deps: ApiDep
   }
   const b = parsed.data;
   if (!isAbsolute(b.model)) throw invalid(`model must be an absolute path on the head node: ${b.model}`, 'model');
-  const request = { modelPath: b.model, name: b.name, options: { ctx: b.ctx, cacheType: b.cache_type, parallel: b.parallel, pin: b.pin ?? [] } };
+  const request = { modelPath: b.model, name: b.name, options: { ctx: b.ctx, cacheType: b.cache_type, parallel: b.parallel, pin: b.pin ?? [], parallelism: b.parallelism } };
   const sse = String(req.headers.accept ?? '').includes('text/event-stream');
   if (!sse) {
     const m = await deps.runtime.load(request);

@@ -30,6 +30,15 @@ const LINK_SECONDS = { jaccl: 10e-6, ring: DEFAULT_PLACEMENT_OPTIONS.hopSeconds,
 const LINK_BYTES_PER_SECOND = { jaccl: 10e9, ring: 1.25e9, none: Number.POSITIVE_INFINITY } as const;
 /** How a JACCL stage's endpoint reads (status, instance store): its links are outside the tunnels. */
 const UNTUNNELLED_RDMA = 'untunnelled RDMA, JACCL coordinator ';
+/**
+ * Agents do not measure their links to each other yet, so every figure is an assumption and the
+ * reason says so; a measured round trip would replace LINK_SECONDS here with source "measured".
+ */
+const LINK_SOURCE = {
+  jaccl: "assumed: JACCL over Thunderbolt RDMA, Apple's published figure; no link measured",
+  ring: "assumed: the planner's hop cost for a TCP ring; no link measured",
+  none: 'one host',
+} as const;
 
 /** Pipeline or tensor for this load (parallelism.ts), from the model's shape and the plan's costs. */
 async function mlxParallelism(spec: InstanceSpec, load: LoadContext, backend: MlxInstanceLaunch['backend']): Promise<ParallelismChoice> {
@@ -43,6 +52,7 @@ async function mlxParallelism(spec: InstanceSpec, load: LoadContext, backend: Ml
     readBytesPerToken: stages.reduce((a, s) => a + s.readBytesPerToken, 0) || profile.fileTensorBytes,
     bandwidthBytesPerSecond: Math.min(...stages.map((s) => s.bandwidthBytesPerSecond).filter((b) => b > 0), 100e9),
     linkSeconds: LINK_SECONDS[backend],
+    linkSource: LINK_SOURCE[backend],
     linkBytesPerSecond: LINK_BYTES_PER_SECOND[backend],
   });
 }
