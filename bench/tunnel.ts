@@ -17,7 +17,8 @@
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
+import { availableParallelism, loadavg, tmpdir } from 'node:os';
+import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
@@ -112,36 +113,44 @@ async function issue(ca: Awaited<ReturnType<typeof createClusterCa>>, id: string
 
 /**
  * The worker agent's half, run as `bench/tunnel.ts --worker-listener`: reads its credentials and
- * the engine port from stdin (never argv: `ps` shows that), prints the listener port, and on
- * stdin's end prints its byte counters and exits.
+ * the engine port from stdin (never argv: `ps` shows that), prints the listener port, then
+ * answers each further stdin line with its own CPU time (what the worker's end of the tunnel
+ * costs), and exits when stdin ends.
  */
 async function workerListener(): Promise<void> {
-  let input = '';
-  for await (const d of process.stdin) {
-    input += d.toString();
-    if (input.includes('\n')) break;
-  }
-  const { credentials, rpcPort } = JSON.parse(input) as { credentials: NodeCredentials; rpcPort: number };
+  const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+  const first = await lines.next();
+  const { credentials, rpcPort } = JSON.parse(String(first.value)) as { credentials: NodeCredentials; rpcPort: number };
   const enginePorts = new EnginePorts();
   enginePorts.register(rpcPort, 'ggml-rpc-server');
   const listener: TunnelListener = await startTunnelListener({ host: '127.0.0.1', port: 0, credentials, enginePorts });
   process.stdout.write(`${JSON.stringify({ port: listener.port })}\n`);
-  process.stdin.resume();
-  await new Promise((r) => process.stdin.once('end', r));
-  process.stdout.write(`${JSON.stringify({ stats: listener.stats() })}\n`);
+  for (let line = await lines.next(); !line.done; line = await lines.next()) process.stdout.write(`${JSON.stringify({ cpuSeconds: cpuSeconds() })}\n`);
   await listener.close();
 }
 
+const cpuSeconds = (): number => {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1e6;
+};
+
+interface Tunnel {
+  readonly forwarder: TunnelForwarder;
+  readonly worker: ChildProcess;
+  /** The worker process's CPU seconds so far. */
+  workerCpu(): Promise<number>;
+}
+
 /** Worker-side listener (child process) + head-side forwarder (here) for one rpc-server. */
-async function startTunnel(rpcPort: number): Promise<{ forwarder: TunnelForwarder; worker: ChildProcess }> {
+async function startTunnel(rpcPort: number): Promise<Tunnel> {
   const ca = await createClusterCa('bench-tunnel');
   const worker = spawn(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--worker-listener'], { detached: true, stdio: ['pipe', 'pipe', 'inherit'] });
   procs.add(worker);
+  const replies = createInterface({ input: worker.stdout! })[Symbol.asyncIterator]();
+  const exited = new Promise<never>((_, reject) => worker.once('exit', (code) => reject(new Error(`tunnel listener exited (${code})`))));
+  const next = async <T>(): Promise<T> => JSON.parse(String((await Promise.race([replies.next(), exited])).value)) as T;
   worker.stdin?.write(`${JSON.stringify({ credentials: await issue(ca, 'worker'), rpcPort })}\n`);
-  const port = await new Promise<number>((resolve, reject) => {
-    worker.stdout?.once('data', (d: Buffer) => resolve((JSON.parse(d.toString()) as { port: number }).port));
-    worker.once('exit', (code) => reject(new Error(`tunnel listener exited (${code})`)));
-  });
+  const { port } = await next<{ port: number }>();
   const forwarder = await startTunnelForwarder({
     remote: { host: '127.0.0.1', port },
     enginePort: rpcPort,
@@ -149,7 +158,11 @@ async function startTunnel(rpcPort: number): Promise<{ forwarder: TunnelForwarde
     credentials: await issue(ca, 'head'),
     onError: (m) => process.stderr.write(`tunnel: ${m}\n`),
   });
-  return { forwarder, worker };
+  const workerCpu = async () => {
+    worker.stdin?.write('cpu\n');
+    return (await next<{ cpuSeconds: number }>()).cpuSeconds;
+  };
+  return { forwarder, worker, workerCpu };
 }
 
 interface Completion {
@@ -185,6 +198,8 @@ interface Trial {
   mode: Mode;
   loadSeconds: number;
   completions: Completion[];
+  /** CPU seconds during the trial: this process (HTTP client; plus the forwarder when tunnelled) and the worker's listener. */
+  cpu?: { benchProcess: number; workerListener: number };
 }
 
 /** A fresh head llama-server against `rpcPort` (the rpc-server itself or the forwarder). */
@@ -224,7 +239,31 @@ function median(xs: readonly number[]): number {
 }
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
-function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarder }) {
+/** One trial with the CPU both tunnel ends spent during it. */
+async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, model: string, llamaServer: string): Promise<Trial> {
+  const [bench0, worker0] = [cpuSeconds(), await tunnel.workerCpu()];
+  const t = await trial(mode, mode === 'direct' ? rpcPort : tunnel.forwarder.port, model, llamaServer);
+  const [bench1, worker1] = [cpuSeconds(), await tunnel.workerCpu()];
+  return { ...t, cpu: { benchProcess: bench1 - bench0, workerListener: worker1 - worker0 } };
+}
+
+/**
+ * Where the tunnel's time goes: the CPU seconds its two ends spent per trial. The forwarder runs
+ * in this process next to the HTTP client both modes use, so its share is the tunnel − direct
+ * difference; the listener process does nothing but tunnel. With the load average: on a
+ * saturated machine every extra process hop also waits for a core.
+ */
+function cpuSummary(trials: readonly Trial[], loadAverage: number[]) {
+  const med = (mode: Mode, k: 'benchProcess' | 'workerListener') => median(trials.filter((t) => t.mode === mode).map((t) => t.cpu?.[k] ?? 0));
+  return {
+    headForwarderSecondsPerTrial: round(med('tunnel', 'benchProcess') - med('direct', 'benchProcess')),
+    workerListenerSecondsPerTrial: round(med('tunnel', 'workerListener')),
+    loadAverage1m: { start: round(loadAverage[0] ?? 0, 2), end: round(loadavg()[0] ?? 0, 2) },
+    cores: availableParallelism(),
+  };
+}
+
+function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarder }, loadAverage: number[]) {
   const of = (mode: Mode) => trials.filter((t) => t.mode === mode);
   const stats = (mode: Mode) => {
     const ts = of(mode);
@@ -249,7 +288,8 @@ function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarde
     tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
     goals: { tokensPerSecondRatio: '>= 0.97', ttftAddedMs: '< 2 (p50)', loadSecondsRatio: '<= 1.10' },
     setup: { trials: TRIALS, requestsPerTrial: REQUESTS, tokens: TOKENS, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS },
-    tunnelBytes: { ...tunnel.forwarder.bytes, connections: tunnel.forwarder.connections() },
+    tunnelBytes: { ...tunnel.forwarder.bytes, connections: tunnel.forwarder.connections(), resumedSessions: tunnel.forwarder.resumed() },
+    tunnelCpu: cpuSummary(trials, loadAverage),
     direct,
     tunnel: tunnelled,
   };
@@ -259,7 +299,8 @@ async function main(): Promise<void> {
   const bins = await findLlamaBinaries();
   const work = await mkdtemp(join(tmpdir(), 'orchard-bench-tunnel-'));
   const model = join(work, 'split.gguf');
-  let tunnel: Awaited<ReturnType<typeof startTunnel>> | undefined;
+  let tunnel: Tunnel | undefined;
+  const loadAverage = loadavg();
   try {
     const gen = ['--out', model, '--layers', String(LAYERS), '--dim', String(DIM), '--ffn', String(FFN), '--type', 'f16'];
     await promisify(execFile)(process.execPath, [join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', ...gen]);
@@ -272,11 +313,11 @@ async function main(): Promise<void> {
       // ABBA order: drift (page cache, thermal, neighbours) lands on both modes alike
       const order: Mode[] = i % 2 === 0 ? ['direct', 'tunnel'] : ['tunnel', 'direct'];
       for (const mode of order) {
-        trials.push(await trial(mode, mode === 'direct' ? rpcPort : tunnel.forwarder.port, model, bins.llamaServer));
+        trials.push(await measuredTrial(mode, rpcPort, tunnel, model, bins.llamaServer));
         if (!JSON_OUT) process.stderr.write(`trial ${i + 1}/${TRIALS} ${mode}: load ${trials.at(-1)?.loadSeconds.toFixed(2)} s\n`);
       }
     }
-    const out = summarise(trials, tunnel);
+    const out = summarise(trials, tunnel, loadAverage);
     if (JSON_OUT) process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
     else {
       const { direct: d, tunnel: t } = out;

@@ -126,6 +126,19 @@ describe('TLS tunnel: bytes', () => {
     expect(t.listener.stats()[0]).toMatchObject({ connections: sizes.length, toEngine: total });
   });
 
+  it('later connections resume the TLS session, and a resumed session is still checked for revocation', async () => {
+    const revoked: string[] = [];
+    const t = await setup({ revoked });
+    const f = await t.forwarder();
+    for (const n of [10, 20, 30]) expect((await exchange(f.port, randomBytes(n))).data.length).toBe(n + 3);
+    expect(f.connections()).toBe(3);
+    expect(f.resumed()).toBeGreaterThanOrEqual(2);
+    revoked.push('head-1');
+    expect((await exchange(f.port, Buffer.from('x'))).data.length).toBe(0);
+    expect(t.refused).toEqual(['this identity has been revoked']);
+    expect(t.engine.accepted()).toBe(3);
+  });
+
   it('an engine that goes away ends the head side too, after what it already sent', async () => {
     const t = await setup();
     const f = await t.forwarder();

@@ -1,5 +1,5 @@
 import { type Socket, createServer } from 'node:net';
-import { type PeerCertificate, type TLSSocket, connect as tlsConnect } from 'node:tls';
+import { type PeerCertificate, type SecureContext, type TLSSocket, createSecureContext, connect as tlsConnect } from 'node:tls';
 import type { Identity } from '../../shared/pki/identity.ts';
 import type { NodeCredentials } from '../../shared/pki/store.ts';
 import { certificateIdentity } from '../../shared/pki/verify.ts';
@@ -27,6 +27,8 @@ export interface TunnelForwarder {
   /** Cumulative payload bytes through this tunnel (all its connections). */
   readonly bytes: Readonly<TunnelBytes>;
   connections(): number;
+  /** Of those, how many resumed a TLS session instead of a full handshake. */
+  resumed(): number;
   close(): Promise<void>;
 }
 
@@ -52,18 +54,21 @@ export function checkWorkerIdentity(expect: { id?: string }) {
  * engine byte is sent. A refusal closes the local connection, so the engine sees a failed dial.
  */
 export async function startTunnelForwarder(o: TunnelForwarderOptions): Promise<TunnelForwarder> {
+  const sessions = new TunnelSessions(o.credentials);
   const bytes: TunnelBytes = { toEngine: 0, fromEngine: 0 };
   const sockets = new Set<Socket>();
   let connections = 0;
+  let resumed = 0;
   const track = (s: Socket) => {
     sockets.add(s);
     s.once('close', () => sockets.delete(s));
   };
   const server = createServer({ allowHalfOpen: true, noDelay: true }, (local) => {
     track(local);
-    void open(o, track)
+    void open(o, sessions, track)
       .then((tls) => {
         connections += 1;
+        if (tls.isSessionReused()) resumed += 1;
         return relay(local, tls, bytes);
       })
       .catch((err: Error) => {
@@ -80,6 +85,7 @@ export async function startTunnelForwarder(o: TunnelForwarderOptions): Promise<T
     port: typeof address === 'object' && address ? address.port : 0,
     bytes,
     connections: () => connections,
+    resumed: () => resumed,
     close: () =>
       new Promise<void>((resolve) => {
         for (const s of sockets) s.destroy();
@@ -88,17 +94,36 @@ export async function startTunnelForwarder(o: TunnelForwarderOptions): Promise<T
   };
 }
 
+/**
+ * What the next connection to the same worker can reuse. llama.cpp opens a dozen short RPC
+ * connections while it loads a model (device queries, then the load itself): parsing the PEM
+ * credentials and a full handshake (two ECDSA signatures, a chain check each way) per connection
+ * cost more than the load's own transfer on a busy machine. So: one secure context per
+ * forwarder, and TLS 1.3 resumption from the worker's last ticket (PSK with a fresh ECDHE share:
+ * still forward secret). A resumed session carries the same verified certificates, so both
+ * ends' identity and revocation checks still run on every connection.
+ */
+export class TunnelSessions {
+  readonly context: SecureContext;
+  ticket: Buffer | undefined;
+  constructor(credentials: NodeCredentials) {
+    this.context = createSecureContext(clientTlsOptions(credentials));
+  }
+}
+
 /** Where and to whom a tunnel session goes (a forwarder's target, a link probe's peer). */
 export interface TunnelDial {
   readonly remote: { readonly host: string; readonly port: number };
   readonly expectPeer: { readonly id?: string };
   readonly credentials: NodeCredentials;
   readonly timeoutMs?: number;
+  /** Reuse a secure context and resume the last session (a forwarder's many connections); absent = a fresh full handshake. */
+  readonly sessions?: TunnelSessions;
 }
 
 /** One authenticated session to the worker, past the preamble, ready to carry engine bytes. */
-function open(o: TunnelForwarderOptions, track: (s: Socket) => void): Promise<TLSSocket> {
-  return dialTunnel(o, encodeRequest(o.enginePort), track);
+function open(o: TunnelForwarderOptions, sessions: TunnelSessions, track: (s: Socket) => void): Promise<TLSSocket> {
+  return dialTunnel({ ...o, sessions }, encodeRequest(o.enginePort), track);
 }
 
 /**
@@ -110,10 +135,17 @@ export async function dialTunnel(o: TunnelDial, requestLine: string, track: (s: 
   const where = `tunnel to ${o.remote.host}:${o.remote.port}`;
   const tls = tlsConnect({
     ...clientTlsOptions(o.credentials),
+    ...(o.sessions ? { secureContext: o.sessions.context, session: o.sessions.ticket } : {}),
     host: o.remote.host,
     port: o.remote.port,
     checkServerIdentity: checkWorkerIdentity(o.expectPeer),
   });
+  const sessions = o.sessions;
+  if (sessions) {
+    tls.on('session', (ticket: Buffer) => {
+      sessions.ticket = ticket;
+    });
+  }
   track(tls);
   tls.setNoDelay(true);
   try {
