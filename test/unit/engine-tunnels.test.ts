@@ -73,8 +73,8 @@ describe('rpcRoute (pure)', () => {
   it('another node: through its tunnel, expecting that node', () => {
     expect(rpcRoute({ nodeId: 'worker-1', tunnel, enginePort: 5000 }, self)).toEqual({ kind: 'tunnel', target: { nodeId: 'worker-1', tunnel, enginePort: 5000 } });
   });
-  it('another node without a tunnel (no credentials): loopback only, so only on the same machine', () => {
-    expect(rpcRoute({ nodeId: 'worker-1', enginePort: 5000 }, self)).toEqual({ kind: 'direct', port: 5000 });
+  it('another node without a tunnel (no credentials) is refused, never dialled on this loopback', () => {
+    expect(() => rpcRoute({ nodeId: 'worker-1', enginePort: 5000 }, self)).toThrow(/worker-1 runs no tunnel listener/);
   });
   it('a head without credentials cannot tunnel', () => {
     expect(() => rpcRoute({ nodeId: 'worker-1', tunnel, enginePort: 5000 }, { nodeId: 'head-1', hasCredentials: false })).toThrow(EngineRequestError);
@@ -162,10 +162,11 @@ describe('EngineTunnels: a head and a worker agent', () => {
     expect(await roundTrip(port, Buffer.from('y'))).toBeUndefined();
   });
 
-  it('a node without credentials runs no listener and reaches other nodes on loopback only', async () => {
+  it('a node without credentials runs no listener, reaches its own engines only, and reaches no other node', async () => {
     const plain = new EngineTunnels({ nodeId: 'n', credentials: undefined, host: '127.0.0.1', port: 0, log });
     expect(await plain.start()).toBeUndefined();
-    expect(await plain.endpoints('h', [{ nodeId: 'other', enginePort: 1234 }])).toEqual(['127.0.0.1:1234']);
+    expect(await plain.endpoints('h', [{ nodeId: 'n', enginePort: 1234 }])).toEqual(['127.0.0.1:1234']);
+    await expect(plain.endpoints('h1', [{ nodeId: 'other', enginePort: 1234 }])).rejects.toThrow(/no cluster credentials/);
     await expect(plain.endpoints('h2', [{ nodeId: 'other', tunnel: { host: '10.0.0.2', port: 1 }, enginePort: 1 }])).rejects.toThrow(/no cluster credentials/);
   });
 });

@@ -14,14 +14,17 @@ export type RpcRoute = { readonly kind: 'direct'; readonly port: number } | { re
 
 /**
  * Pure: the route for `target` from node `self`. Same node → 127.0.0.1 directly (no TLS for a
- * loopback hop). Another node → through its tunnel, which needs credentials on both ends. A node
- * without a tunnel (no credentials yet, so not a member that proved itself) is reachable over
- * loopback only, i.e. when it shares this machine — never by opening an engine to the network.
+ * loopback hop). Another node → through its tunnel, always: that needs credentials on both ends,
+ * and a target that names no tunnel (its node holds no cluster credentials) is refused rather
+ * than dialled on this machine's loopback, which would reach whatever listens there.
  */
 export function rpcRoute(target: RpcTarget, self: { nodeId: string; hasCredentials: boolean }): RpcRoute {
-  if (target.nodeId === self.nodeId || target.tunnel === undefined) return { kind: 'direct', port: target.enginePort };
+  if (target.nodeId === self.nodeId) return { kind: 'direct', port: target.enginePort };
   if (!self.hasCredentials) {
     throw new EngineRequestError('FAILED_PRECONDITION', `this node holds no cluster credentials, so it cannot tunnel to node ${target.nodeId}: join the cluster (\`orchard node --token …\`)`);
+  }
+  if (target.tunnel === undefined) {
+    throw new EngineRequestError('FAILED_PRECONDITION', `node ${target.nodeId} runs no tunnel listener (it holds no cluster credentials): its rpc-server cannot be reached`);
   }
   return { kind: 'tunnel', target: target as RpcTarget & { tunnel: { host: string; port: number } } };
 }

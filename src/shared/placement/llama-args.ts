@@ -81,7 +81,7 @@ export function llamaLayerDevices(tensorSplit: readonly number[], layerCount: nu
  */
 export interface RpcTarget {
   readonly nodeId: string;
-  /** That node's tunnel listener; undefined when it runs none (no cluster credentials: same machine only). */
+  /** That node's tunnel listener; undefined when it runs none (no cluster credentials): a head on another node refuses such a target. */
   readonly tunnel?: { readonly host: string; readonly port: number } | undefined;
   /** The rpc-server's port on that node's 127.0.0.1. */
   readonly enginePort: number;
