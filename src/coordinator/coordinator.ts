@@ -267,9 +267,8 @@ function dialAgents(o: CoordinatorOptions, membership: Membership, remembered: r
   }
   if (!o.mdns) return undefined;
   return new Discovery(
-    (address) => {
-      membership.add(address, 'mdns').catch((err) => log.debug({ address, err: errorMessage(err) }, 'mDNS sighting not reachable'));
-    },
+    // the TXT record (advertise.ts) is what the agent claims: shown for a discovered agent, never trusted
+    (address, txt, name) => membership.sighted(address, { nodeId: txt.id, name, chip: txt.chip, memoryBytes: /^\d+$/.test(txt.ram ?? '') ? Number(txt.ram) : undefined }),
     log,
     { interface: o.mdnsInterface },
   );

@@ -1,4 +1,5 @@
 import { cp, mkdtemp, rm } from 'node:fs/promises';
+import { type Server, type Socket, connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
@@ -11,7 +12,9 @@ import { CLUSTER_CHANNEL_OPTIONS, type TlsCredentials, clusterChannelCredentials
 import { createLogger } from '../../src/shared/log.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
 import { clientCredentials, enrollNode, testCa } from '../helpers/cluster-pki.ts';
-import { type Agent, agentCa, runCli, startAgent, stopAll } from '../helpers/node-agent.ts';
+import { nodesToWire } from '../../src/coordinator/api/grpc-server.ts';
+import { statusJson } from '../../src/cli/commands/status.ts';
+import { type Agent, agentCa, runCli, startAgent, stopAll, waitFor } from '../helpers/node-agent.ts';
 
 /*
  * Red team, cluster identity: an agent that holds cluster credentials answers nobody but this
@@ -164,5 +167,93 @@ describe('node identity comes from the certificate', () => {
     const human = r.stderr.split('\n').filter((l) => l.trim() !== '' && !l.startsWith('{'));
     expect(human).toHaveLength(1);
     expect(human[0]).toMatch(new RegExp(`names node ${nodeId} but this node's certificate names`));
+  });
+});
+
+/**
+ * A TCP relay in front of an agent that keeps every byte the coordinator side sends, per
+ * connection: what a listener at that address learns.
+ */
+async function recordingRelay(targetPort: number): Promise<{ port: number; sent: Buffer[]; close: () => Promise<void> }> {
+  const sent: Buffer[] = [];
+  const sockets = new Set<Socket>();
+  const server: Server = createServer((inbound) => {
+    const i = sent.push(Buffer.alloc(0)) - 1;
+    const outbound = connect(targetPort, '127.0.0.1');
+    for (const s of [inbound, outbound]) {
+      sockets.add(s);
+      s.on('error', () => {});
+      s.once('close', () => sockets.delete(s));
+    }
+    inbound.on('data', (d: Buffer) => {
+      sent[i] = Buffer.concat([sent[i]!, d]);
+    });
+    inbound.pipe(outbound).pipe(inbound);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return {
+    port: (server.address() as { port: number }).port,
+    sent,
+    close: () =>
+      new Promise<void>((r) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => r());
+      }),
+  };
+}
+
+describe('Bonjour sightings: who is a member, who is only discovered', () => {
+  it('an agent without credentials next to a joined one is listed as discovered and sent nothing but TLS handshakes', async () => {
+    const unjoined = await startAgent(join(tmp, 'unjoined'), ['--name', 'unjoined'], undefined, { joined: false });
+    const relay = await recordingRelay(unjoined.ready.grpcPort);
+    const membership = new Membership(DEFAULT_REGISTRY_OPTIONS, log, coordinator);
+    try {
+      membership.sighted(address, { nodeId, name: 'alpha' });
+      membership.sighted(`127.0.0.1:${relay.port}`, { nodeId: unjoined.ready.nodeId, name: 'unjoined', chip: 'Claimed M9', memoryBytes: 8 * 2 ** 30 });
+      const found = await waitFor('alpha up and unjoined discovered', () => (membership.registry.upNodes().length === 1 && membership.discovered().length === 1 ? membership.discovered() : undefined), 20_000);
+      expect(found[0]).toMatchObject({ address: `127.0.0.1:${relay.port}`, nodeId: unjoined.ready.nodeId, name: 'unjoined', chip: 'Claimed M9' });
+      expect(membership.registry.nodes().map((n) => n.nodeId)).toEqual([nodeId]);
+      // What `orchard status --json` prints from the gRPC Status answer.
+      const status = statusJson({ nodes: nodesToWire(membership) }) as { nodes: { name: string; state: string; hardware: { chip: string } }[] };
+      expect(status.nodes.map((n) => [n.name, n.state])).toEqual([
+        ['alpha', 'up'],
+        ['unjoined', 'discovered'],
+      ]);
+      // Dialled (and re-dialled), but every connection opened with a TLS ClientHello that the
+      // plaintext agent could not answer: no HTTP/2 frame, no metadata, no credential.
+      await waitFor('the unjoined agent dialled twice', () => relay.sent.filter((b) => b.length > 0).length >= 2 || undefined, 20_000);
+      for (const bytes of relay.sent.filter((b) => b.length > 0)) {
+        expect([...bytes.subarray(0, 3)]).toEqual([0x16, 0x03, 0x01]); // TLS handshake record
+        expect(bytes.includes('PRI * HTTP/2')).toBe(false);
+        expect(bytes.toString('latin1')).not.toMatch(/authorization|bearer|orchard1\.|PRIVATE KEY/i);
+      }
+    } finally {
+      membership.close();
+      await relay.close();
+      unjoined.child.kill('SIGTERM');
+      await unjoined.exited;
+    }
+  });
+
+  it('a revoked node is not re-dialled: its announced id is skipped, and an address that proves to be it is dropped', async () => {
+    const relay = await recordingRelay(agent.ready.grpcPort);
+    const membership = new Membership(DEFAULT_REGISTRY_OPTIONS, log, coordinator, () => [nodeId]);
+    try {
+      membership.sighted(address, { nodeId, name: 'alpha' });
+      expect(membership.addresses()).toEqual([]); // announced as alpha: not dialled at all
+      // An announcement without the id: dialled once, its certificate names alpha → dropped.
+      membership.sighted(`127.0.0.1:${relay.port}`, { name: 'anonymous' });
+      await waitFor('the anonymous sighting dialled', () => relay.sent.length >= 1 || undefined, 10_000);
+      await waitFor('the revoked link dropped', () => membership.addresses().length === 0 || undefined, 10_000);
+      const dials = relay.sent.length;
+      // Before, a refused link was re-dialled with a 200 ms → 2 s backoff, forever.
+      await new Promise((r) => setTimeout(r, 2500));
+      expect(relay.sent.length).toBe(dials);
+      expect(membership.registry.nodes()).toEqual([]);
+      expect(membership.discovered()).toEqual([]);
+    } finally {
+      membership.close();
+      await relay.close();
+    }
   });
 });

@@ -123,9 +123,14 @@ export function registerStatus(program: Command): void {
         const t = new Table({ head: ['node', 'state', 'address', 'chip', 'memory', 'usable', 'bandwidth', 'measured', 'via'], style: tableStyle() });
         for (const n of nodes as Wire[]) {
           const h = n.hardware as Wire;
-          t.push([String(n.name), String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.budgetBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), measured(h), String(n.discoveredBy)]);
+          // a discovered agent is not a member: only what its Bonjour record claims is known
+          if (n.state === 'discovered') t.push([String(n.name), 'discovered', String(n.address), String(h.chip || '-'), num(h.memoryBytes) ? formatBytes(num(h.memoryBytes)) : '-', '-', '-', '-', String(n.discoveredBy)]);
+          else t.push([String(n.name), String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.budgetBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), measured(h), String(n.discoveredBy)]);
         }
         process.stdout.write(`cluster ${String(s.clusterId)}\n${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
+        if ((nodes as Wire[]).some((n) => n.state === 'discovered')) {
+          process.stdout.write('discovered: announced on Bonjour but not joined (no certificate of this cluster); join it with `orchard node --token …` (`orchard coordinator token` prints one)\n');
+        }
         for (const m of s.models as Wire[]) {
           process.stdout.write(`\nmodel ${String(m.name)} [${String(m.state)}] ${String(m.path)}${m.error ? ` — ${String(m.error)}` : ''}\n`);
           const links = linksNote(m);

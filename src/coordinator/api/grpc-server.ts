@@ -9,7 +9,7 @@ import { orchardV1 } from '../../shared/proto.ts';
 import { CoordinatorError, toServiceError } from '../errors.ts';
 import { type TlsCredentials, authenticate, clusterServerCredentials } from '../../shared/pki/grpc-tls.ts';
 import type { EnrollRequest, Enrollment } from '../membership/enroll.ts';
-import type { Membership } from '../membership/membership.ts';
+import type { DiscoveredAgent, Membership } from '../membership/membership.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from '../instances/runtime.ts';
 import type { LinkMeasurement } from '../../shared/placement/links.ts';
@@ -81,6 +81,22 @@ export function nodeStatusToWire(n: NodeEntry, now = Date.now()): Record<string,
   };
 }
 
+/** A Bonjour sighting that is not a member: what it announced, state DISCOVERED. */
+export function discoveredStatusToWire(d: DiscoveredAgent, now = Date.now()): Record<string, unknown> {
+  return {
+    profile: { nodeId: d.nodeId, name: d.name, chip: d.chip, memoryBytes: String(d.memoryBytes) },
+    state: 'NODE_STATE_DISCOVERED',
+    address: d.address,
+    discoveredBy: 'mdns',
+    lastSeenSeconds: (now - d.firstSeenMs) / 1000,
+  };
+}
+
+/** Members, then agents only discovered: what Status lists. */
+export function nodesToWire(m: Membership, now = Date.now()): Record<string, unknown>[] {
+  return [...m.registry.nodes().map((n) => nodeStatusToWire(n, now)), ...m.discovered().map((d) => discoveredStatusToWire(d, now))];
+}
+
 export function modelStatusToWire(m: ModelStatus): Record<string, unknown> {
   return {
     name: m.name,
@@ -148,7 +164,7 @@ function membershipHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedSer
     Status(_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
       const now = Date.now();
       cb(null, {
-        nodes: s.membership.registry.nodes().map((n) => nodeStatusToWire(n, now)),
+        nodes: nodesToWire(s.membership, now),
         models: s.runtime.models().map(modelStatusToWire),
         clusterId: s.clusterId,
         version: s.version,

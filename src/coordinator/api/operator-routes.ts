@@ -2,7 +2,7 @@ import type { Registry } from 'prom-client';
 import { type Health, sendHealth, sendMetrics } from '../../shared/metrics/http.ts';
 import type { Runtime } from '../instances/runtime.ts';
 import type { Membership } from '../membership/membership.ts';
-import { modelStatusToWire, nodeStatusToWire } from './grpc-server.ts';
+import { modelStatusToWire, nodesToWire } from './grpc-server.ts';
 import { sendJson } from './openai/edge.ts';
 import { prometheusTargetsHandler, sdNodeFromEntry } from './prometheus-sd.ts';
 import type { HttpRouter } from './router.ts';
@@ -44,7 +44,7 @@ export function installOperatorRoutes(router: HttpRouter, d: OperatorDeps): void
     router.add(method, '/metrics', router.scopeFor(method, '/metrics', 'inference'), (req, res) => sendMetrics(req, res, d.registry));
   }
   router.add('GET', '/status', 'admin', (_req, res) =>
-    sendJson(res, 200, { clusterId: d.clusterId, nodes: d.membership.registry.nodes().map((n) => nodeStatusToWire(n)), models: d.runtime.models().map(modelStatusToWire) }),
+    sendJson(res, 200, { clusterId: d.clusterId, nodes: nodesToWire(d.membership), models: d.runtime.models().map(modelStatusToWire) }),
   );
   router.add('GET', '/v1/prometheus/targets', 'inference', (req, res) =>
     prometheusTargetsHandler(() => ({

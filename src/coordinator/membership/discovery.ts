@@ -32,7 +32,7 @@ export class Discovery {
   readonly #bonjour: Bonjour;
   readonly #browser: Browser;
 
-  constructor(onAgent: (address: string, txt: Record<string, string>) => void, log: Logger, options: DiscoveryOptions = {}) {
+  constructor(onAgent: (address: string, txt: Record<string, string>, name: string) => void, log: Logger, options: DiscoveryOptions = {}) {
     // bonjour-service passes these through to multicast-dns, whose options its types omit.
     const mdnsOptions = (options.interface ? { interface: options.interface, bind: '0.0.0.0' } : {}) as Partial<ServiceConfig>;
     this.#bonjour = new Bonjour(mdnsOptions, (err: unknown) =>
@@ -44,7 +44,7 @@ export class Discovery {
       const txt: Record<string, string> = {};
       for (const [k, v] of Object.entries((s.txt ?? {}) as Record<string, unknown>)) txt[k] = String(v);
       log.debug({ name: s.name, address, txt }, 'mDNS sighting');
-      onAgent(address, txt);
+      onAgent(address, txt, s.name);
     };
     this.#browser = this.#bonjour.find({ type: ORCHARD_SERVICE_TYPE, protocol: 'tcp' }, seen);
     this.#browser.on('srv-update', seen);

@@ -12,6 +12,24 @@ export interface MembershipEvents {
   'agent-event': [nodeId: string, event: AgentEvent];
 }
 
+/**
+ * An agent Bonjour announced that is not a member: it could not be dialled over mutual TLS (it
+ * holds no certificate of this cluster yet, or answers with another cluster's). What is shown is
+ * what its TXT record claims (unproven); nothing is sent to it but TLS handshakes, which carry no
+ * secret. It becomes a member, and leaves this list, once a dial succeeds.
+ */
+export interface DiscoveredAgent {
+  readonly address: string;
+  /** As announced (TXT `id`), not proven. */
+  readonly nodeId: string;
+  readonly name: string;
+  readonly chip: string;
+  readonly memoryBytes: number;
+  readonly firstSeenMs: number;
+  /** Why it is not a member: the last dial's error. */
+  readonly reason: string;
+}
+
 interface Link {
   readonly address: string;
   readonly client: AgentClient;
@@ -42,6 +60,8 @@ export class Membership extends EventEmitter<MembershipEvents> {
 
   readonly #revoked: () => readonly string[];
 
+  readonly #discovered = new Map<string, DiscoveredAgent>();
+
   /**
    * @param tls the coordinator's cluster credentials (mutual TLS); without them no agent can be added.
    * @param revoked the cluster's revoked node ids: such an agent is refused, and every agent is told the list.
@@ -64,6 +84,38 @@ export class Membership extends EventEmitter<MembershipEvents> {
   client(nodeId: string): AgentClient | undefined {
     const n = this.registry.get(nodeId);
     return n ? this.#links.get(n.address)?.client : undefined;
+  }
+
+  /** Agents announced on Bonjour that are not members (yet): `discovered` in status. */
+  discovered(): DiscoveredAgent[] {
+    return [...this.#discovered.values()].sort((a, b) => a.name.localeCompare(b.name) || a.address.localeCompare(b.address));
+  }
+
+  /**
+   * A Bonjour sighting: dial it (see add). An agent that announces a revoked node id is not
+   * dialled at all; one that cannot be dialled over mutual TLS is listed as discovered.
+   */
+  sighted(address: string, announced: { nodeId?: string | undefined; name?: string | undefined; chip?: string | undefined; memoryBytes?: number | undefined }): void {
+    if (announced.nodeId && this.#revoked().includes(announced.nodeId)) {
+      this.#log.debug({ address, nodeId: announced.nodeId }, 'mDNS sighting of a revoked node: not dialled');
+      return;
+    }
+    const member = this.registry.byAddress(address);
+    this.add(address, 'mdns').catch((err) => {
+      const reason = errorMessage(err);
+      this.#log.debug({ address, err: reason }, 'mDNS sighting not reachable');
+      if (member || this.registry.byAddress(address) || !this.#links.has(address)) return;
+      const previous = this.#discovered.get(address);
+      this.#discovered.set(address, {
+        address,
+        nodeId: announced.nodeId ?? '',
+        name: announced.name ?? address,
+        chip: announced.chip ?? '',
+        memoryBytes: announced.memoryBytes ?? 0,
+        firstSeenMs: previous?.firstSeenMs ?? Date.now(),
+        reason,
+      });
+    });
   }
 
   addresses(by?: DiscoveredBy): string[] {
@@ -97,11 +149,13 @@ export class Membership extends EventEmitter<MembershipEvents> {
   }
 
   #drop(link: Link): void {
+    if (link.closed) return;
     link.closed = true;
     if (link.retry) clearTimeout(link.retry);
     link.stream?.cancel();
     link.client.close();
-    this.#links.delete(link.address);
+    if (this.#links.get(link.address) === link) this.#links.delete(link.address);
+    this.#discovered.delete(link.address);
   }
 
   async #connect(link: Link): Promise<NodeEntry> {
@@ -114,7 +168,13 @@ export class Membership extends EventEmitter<MembershipEvents> {
     // With mutual TLS the node is who its certificate says, whatever its profile claims.
     const proven = link.client.peer;
     if (proven && proven.id !== d.profile.nodeId) throw new Error(`agent at ${link.address} claims node ${d.profile.nodeId} but its certificate names ${proven.id}`);
-    if (this.#revoked().includes(d.profile.nodeId)) throw new Error(`node ${d.profile.nodeId} at ${link.address} was revoked from this cluster`);
+    if (this.#revoked().includes(d.profile.nodeId)) {
+      // A revoked node is never re-dialled (its certificate stays valid until it expires, so
+      // only this check keeps it out): forget the address until Bonjour announces it again.
+      this.#drop(link);
+      throw new Error(`node ${d.profile.nodeId} at ${link.address} was revoked from this cluster`);
+    }
+    this.#discovered.delete(link.address);
     this.#tellRevocations(link);
     const session = randomUUID();
     const previousStream = link.stream;

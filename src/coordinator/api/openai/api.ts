@@ -3,7 +3,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { isAbsolute } from 'node:path';
 import { z } from 'zod';
 import type { Logger } from '../../../shared/log.ts';
-import type { Membership } from '../../membership/membership.ts';
+import type { DiscoveredAgent, Membership } from '../../membership/membership.ts';
 import type { NodeEntry } from '../../membership/registry.ts';
 import type { GenerateEvent, LoadProgress, Runtime } from '../../instances/runtime.ts';
 import type { HttpRouter, RouteParams } from '../router.ts';
@@ -244,11 +244,16 @@ function nodeJson(n: NodeEntry, now: number) {
   };
 }
 
+/** An agent Bonjour announced that is not a member (no certificate of this cluster): what it claims. */
+function discoveredJson(d: DiscoveredAgent, now: number) {
+  return { id: d.nodeId, name: d.name, state: 'discovered', address: d.address, discovered_by: 'mdns', last_seen_seconds: (now - d.firstSeenMs) / 1000, chip: d.chip, memory_bytes: d.memoryBytes, reason: d.reason };
+}
+
 function clusterJson(deps: ApiDeps): Record<string, unknown> {
   const now = Date.now();
   return {
     cluster_id: deps.clusterId,
-    nodes: deps.membership.registry.nodes().map((n) => nodeJson(n, now)),
+    nodes: [...deps.membership.registry.nodes().map((n) => nodeJson(n, now)), ...deps.membership.discovered().map((d) => discoveredJson(d, now))],
     models: deps.runtime.models().map((m) => ({ id: m.name, ...placementOf(m) })),
   };
 }
