@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import type { NodeAgent } from '../node/agent.ts';
 import { loadNodeTls } from '../node/identity-credentials.ts';
-import { JoinRefused, dueForRenewal, findCoordinator, joinWithToken, renewAndAnnounce } from '../node/join.ts';
+import { JoinRefused, findCoordinator, nodeRenewalStep, joinWithToken, renewAndAnnounce } from '../node/join.ts';
 import { UsageError, errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import { certificateFingerprint } from '../shared/pki/certificates.ts';
@@ -100,18 +100,23 @@ export async function ensureJoined(p: JoinPlan): Promise<TlsCredentials | undefi
 
 /**
  * While the agent runs: announce its address once (static join: the coordinator dials it and
- * remembers it), and check the certificate every `checkMs`; once it is due (last third of its
- * life) renew it with the current one and swap it into the running server.
+ * remembers it), and check the certificate every `checkMs` — or sooner, when it falls due before
+ * then (renewalStep); once it is due (last third of its life) renew it with the current one and
+ * swap it into the running server. `now` is the clock (injectable for tests).
  */
-export async function keepMembership(p: JoinPlan & { agent: NodeAgent; agentAddress: string | undefined; checkMs: number; onRefused: (message: string) => void }): Promise<void> {
+export async function keepMembership(
+  p: JoinPlan & { agent: NodeAgent; agentAddress: string | undefined; checkMs: number; onRefused: (message: string) => void; now?: () => Date },
+): Promise<void> {
+  const now = p.now ?? (() => new Date());
   let announced = p.agentAddress === undefined;
   let delay = 500;
   while (!p.signal.aborted) {
     const tls = p.agent.credentials();
     if (!tls) return;
-    const due = dueForRenewal(tls);
-    if (announced && !due) {
-      await sleep(p.checkMs, p.signal);
+    const step = nodeRenewalStep(tls, now(), p.checkMs);
+    const due = step.renew;
+    if (announced && !step.renew) {
+      await sleep(step.waitMs, p.signal);
       continue;
     }
     try {

@@ -7,7 +7,7 @@ import { CLUSTER_CHANNEL_OPTIONS, type TlsCredentials, clusterChannelCredentials
 import { parseClusterJoinToken } from '../shared/pki/join-token-text.ts';
 import { fetchPinnedCa } from '../shared/pki/pin.ts';
 import { loadOrCreateNodeKey, saveNodeCertificate } from '../shared/pki/store.ts';
-import { certificateValidity, needsRenewal } from '../shared/pki/verify.ts';
+import { certificateValidity, needsRenewal, renewalStep } from '../shared/pki/verify.ts';
 import { orchardV1 } from '../shared/proto.ts';
 import { COORDINATOR_SERVICE_TYPE } from '../shared/service-types.ts';
 import { loadNodeTls } from './identity-credentials.ts';
@@ -91,6 +91,11 @@ export async function renewAndAnnounce(o: { stateDir: string; nodeId: string; co
 /** Whether the node's certificate is into the last third of its life (needsRenewal). */
 export function dueForRenewal(tls: TlsCredentials, now: Date = new Date()): boolean {
   return needsRenewal(certificateValidity(tls.certPem), now);
+}
+
+/** renewalStep for the node's own certificate: renew now, or how long to sleep first. */
+export function nodeRenewalStep(tls: TlsCredentials, now: Date, checkMs: number): ReturnType<typeof renewalStep> {
+  return renewalStep(certificateValidity(tls.certPem), now, checkMs);
 }
 
 /**

@@ -5,7 +5,7 @@ import { OrchardError } from '../../src/shared/errors.ts';
 import { type ClusterCa, caClusterId, certificateFingerprint, createClusterCa, createCsr, createKeyAndCsr, issueCertificate } from '../../src/shared/pki/certificates.ts';
 import { identityUri, parseIdentityUri } from '../../src/shared/pki/identity.ts';
 import { loadNodeCredentials, loadOrCreateClusterCa, loadOrCreateNodeKey, pkiPaths, saveNodeCertificate } from '../../src/shared/pki/store.ts';
-import { CertificateRejected, certificateIdentity, certificateValidity, needsRenewal, verifyCertificate } from '../../src/shared/pki/verify.ts';
+import { CertificateRejected, certificateIdentity, certificateValidity, needsRenewal, renewalDueAt, renewalStep, verifyCertificate } from '../../src/shared/pki/verify.ts';
 import { x509 } from '../../src/shared/pki/x509.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
@@ -147,6 +147,32 @@ describe('renewal predicate', () => {
     expect(needsRenewal(v, new Date(20 * DAY + 1))).toBe(true);
     expect(needsRenewal(v, new Date(31 * DAY))).toBe(true);
     expect(needsRenewal(v, new Date(10 * DAY), 0.9)).toBe(true);
+  });
+
+  /** Drive the renewal loop's decisions with a simulated clock: the moment it first says renew. */
+  function firesAt(validity: { notBefore: Date; notAfter: Date }, startMs: number, checkMs: number): { atMs: number; wakeups: number } {
+    let t = startMs;
+    for (let wakeups = 0; wakeups < 10_000; wakeups++) {
+      const step = renewalStep(validity, new Date(t), checkMs);
+      if (step.renew) return { atMs: t, wakeups };
+      expect(step.waitMs).toBeGreaterThan(0);
+      expect(step.waitMs).toBeLessThanOrEqual(checkMs);
+      t += step.waitMs;
+    }
+    throw new Error('renewal never fired');
+  }
+
+  it('fires just past the two-thirds mark, whatever the check interval', () => {
+    expect(renewalDueAt(v).getTime()).toBe(20 * DAY);
+    // hourly checks from issue: the last wait is cut short to the due moment, not the next hour
+    expect(firesAt(v, 0, 3_600_000)).toEqual({ atMs: 20 * DAY + 1, wakeups: 481 });
+    // a check interval longer than the whole certificate still renews on time, after one sleep
+    expect(firesAt(v, 0, 365 * DAY)).toEqual({ atMs: 20 * DAY + 1, wakeups: 1 });
+    // started (or restarted) after the mark: renews at once
+    expect(firesAt(v, 25 * DAY, 3_600_000)).toEqual({ atMs: 25 * DAY, wakeups: 0 });
+    // a 30-second certificate with the default hourly check: renewed 20 s after issue
+    const short = { notBefore: new Date(1000), notAfter: new Date(31_000) };
+    expect(firesAt(short, 1000, 3_600_000).atMs).toBe(21_001);
   });
 });
 
