@@ -15,6 +15,7 @@ import { describeWith, llamaEngines, type Need } from '../helpers/needs.ts';
 import { AGENT_ENV, type Agent, alive, coordinatorCredentials, grpcError, startAgent, startEngine, stopAll, unary } from '../helpers/node-agent.ts';
 import { plainLlamaTokens } from '../helpers/oracle.ts';
 import { canConnect, killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
+import { SecretAudit } from '../helpers/secret-audit.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 
 /*
@@ -188,8 +189,11 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
   const agentPids: number[] = [];
   const agentAddrs: string[] = [];
   let coordTls: TlsCredentials;
+  /** No token, key or private key in any log or `ps` output while this cluster runs. */
+  const audit = new SecretAudit();
 
   beforeAll(async () => {
+    audit.start();
     bins = await findLlamaBinaries();
     dir = join(tmp, 'cluster');
     mkdirSync(dir);
@@ -202,12 +206,15 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     procs.push(coord);
     coordAddr = `127.0.0.1:${String((await readyLine(coord)).grpcPort)}`;
     const token = await joinToken(join(dir, 'coord'), 2);
+    audit.secret('join token', token);
+    audit.log('coordinator', coord);
     env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord');
     coordTls = await new StateDir(join(dir, 'coord')).coordinatorCredentials();
     for (const name of ['alpha', 'bravo']) {
       const args = [join(process.cwd(), 'bin/orchard.js'), 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name];
       const p = spawnProc(`node ${name}`, [...args, '--budget', String(budget), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr], { ...env, ORCHARD_NODE_TOKEN: token });
       procs.push(p);
+      audit.log(`node ${name}`, p);
       const ready = await readyLine(p);
       agentPids.push(Number(ready.pid ?? p.child.pid));
       agentAddrs.push(`127.0.0.1:${String(ready.grpcPort)}`);
@@ -273,6 +280,17 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     expect(m?.error).toMatch(/rpc-server .* exited/);
     // Each status query is one `orchard status` process (seconds on a loaded 2-core machine).
     console.info(`model seen failed ${Date.now() - t0} ms after the engine's exit, by status queries of ~1-4 s each`);
+  });
+
+  it('no token, key or private key in any log or `ps` output while the cluster ran', async () => {
+    await audit.stop();
+    await audit.sample();
+    // the coordinator's CA key and admin key, each node's key (written by the join)
+    expect(await audit.keysUnder(join(dir, 'coord'), join(dir, 'alpha'), join(dir, 'bravo'))).toBeGreaterThanOrEqual(4);
+    const f = audit.findings();
+    expect(f.leaks).toEqual([]);
+    expect(f.logBytes).toBeGreaterThan(1000);
+    expect(f.psSnapshots).toBeGreaterThanOrEqual(3);
   });
 });
 
