@@ -250,7 +250,8 @@ describeWith([netns], 'a rogue agent advertising _orchard._tcp in a namespace', 
       const l = (await readFile(recording, 'utf8')).split('\n').filter(Boolean).map((x) => JSON.parse(x) as { kind: string; event?: string; hex?: string });
       const conns = (kind: string) => l.filter((x) => x.kind === kind && x.event === 'connection').length;
       seen = `raw ${conns('raw')}, tls ${conns('tls-tcp')}; ${coordinator.err.split('\n').filter((x) => /mDNS sighting|not reachable/.test(x)).slice(-2).join(' | ').slice(0, 600)}`;
-      return conns('raw') >= 1 && conns('tls-tcp') >= 1 ? l : undefined;
+      // the accept is recorded before the first bytes: wait for the raw listener's ClientHello too
+      return conns('raw') >= 1 && conns('tls-tcp') >= 1 && l.some((x) => x.kind === 'raw' && x.hex) ? l : undefined;
     }).catch((err: Error) => {
       throw new Error(`${err.message}: ${seen}`);
     });
