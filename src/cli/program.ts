@@ -15,6 +15,7 @@ import { registerSetup } from './commands/setup.ts';
 import { registerStatus } from './commands/status.ts';
 import { registerTestmodel } from './commands/testmodel.ts';
 import { registerUnload } from './commands/unload.ts';
+import { registerRebalance } from './commands/rebalance.ts';
 import { registerUp } from './commands/up.ts';
 
 /**
@@ -41,6 +42,7 @@ export function buildProgram(): Command {
   registerStatus(program);
   registerLoad(program);
   registerUnload(program);
+  registerRebalance(program);
   registerGenerate(program);
   registerPlan(program);
   registerDemo(program);

@@ -11,6 +11,7 @@ import { installApi } from './api/openai/api.ts';
 import { installOperatorRoutes } from './api/operator-routes.ts';
 import { HttpRouter, type RouteInfo } from './api/router.ts';
 import type { HealOptions } from './instances/healing.ts';
+import type { RebalanceMode } from './instances/rebalance.ts';
 import { createPlanner } from './instances/planner-adapter.ts';
 import { Readoption } from './instances/readoption.ts';
 import type { Planner, Runtime } from './instances/runtime.ts';
@@ -42,6 +43,8 @@ export interface CoordinatorOptions {
   readonly maxQueue?: number | undefined;
   /** Self-healing of model instances (default auto; a load may override the mode). */
   readonly heal?: Partial<HealOptions> | undefined;
+  /** --rebalance auto|off (default off): re-place a model when a node joins or returns and the gain is ≥ 20 %. */
+  readonly rebalance?: RebalanceMode | undefined;
   readonly extraHeadArgs?: readonly string[] | undefined;
   readonly rpcThreads?: number | undefined;
   /** MLX engine watchdogs: start-up (every rank ready) and per-request stall. */
@@ -239,9 +242,9 @@ async function openState(dir: string) {
 function buildRuntime(o: CoordinatorOptions, membership: Membership, clusterId: string, links: LinkMatrix) {
   let runtimeRef: Runtime | undefined;
   // Budgets for a second model subtract what loaded models already hold on each node.
-  const reserved = (nodeId: string) =>
+  const reserved = (nodeId: string, ignoring?: string) =>
     // A recovering model's old stages hold nothing (its engines are stopped): it is being re-planned.
-    (runtimeRef?.models() ?? []).filter((m) => m.state !== 'failed' && m.state !== 'recovering').flatMap((m) => m.stages).filter((s) => s.nodeId === nodeId).reduce((t, s) => t + s.bytes.total, 0);
+    (runtimeRef?.models() ?? []).filter((m) => m.state !== 'failed' && m.state !== 'recovering' && m.name !== ignoring).flatMap((m) => m.stages).filter((s) => s.nodeId === nodeId).reduce((t, s) => t + s.bytes.total, 0);
   const metrics = new CoordinatorMetrics({ version: o.version ?? '0.1.0', membership, runtime: () => runtimeRef });
   const runtime = new MeteredRuntime({
     membership,
@@ -250,6 +253,7 @@ function buildRuntime(o: CoordinatorOptions, membership: Membership, clusterId: 
     log: o.log,
     maxQueue: o.maxQueue,
     heal: o.heal,
+    rebalance: o.rebalance,
     extraHeadArgs: o.extraHeadArgs,
     rpcThreads: o.rpcThreads,
     mlxReadyTimeoutMs: o.mlxReadyTimeoutMs,

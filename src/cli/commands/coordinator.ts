@@ -3,6 +3,7 @@ import { type Command, Option } from 'commander';
 import { DEFAULT_COORDINATOR_GRPC_PORT, DEFAULT_COORDINATOR_HTTP_PORT } from '../../coordinator/api/client.ts';
 import { startCoordinator } from '../../coordinator/coordinator.ts';
 import { parseHealMode } from '../../coordinator/instances/healing.ts';
+import { parseRebalanceMode } from '../../coordinator/instances/rebalance.ts';
 import { DEFAULT_REGISTRY_OPTIONS } from '../../coordinator/membership/registry.ts';
 import { defaultStateDir } from '../../coordinator/state/state-dir.ts';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
@@ -22,6 +23,7 @@ interface CoordinatorFlags {
   suspectAfter: string;
   downAfter: string;
   heal: string;
+  rebalance: string;
   maxQueue?: string;
   apiKey?: string;
   apiKeyFile?: string;
@@ -44,6 +46,7 @@ export function registerCoordinator(program: Command): void {
     .option('--suspect-after <ms>', 'heartbeat silence before a node is suspect (its models wait, nothing fails)', String(DEFAULT_REGISTRY_OPTIONS.suspectAfterMs))
     .option('--down-after <ms>', 'grace period: heartbeat silence before a node is down and its models are re-placed', String(DEFAULT_REGISTRY_OPTIONS.downAfterMs))
     .option('--heal <mode>', 'auto: re-place a model that lost a node or engine and resume its streams; off: fail it (a load may override)', 'auto')
+    .option('--rebalance <mode>', 'auto: re-place a model when a node joins or returns and it is predicted ≥ 20 % faster (load new, switch, stop old); off: only `orchard rebalance`', 'off')
     .option('--max-queue <n>', 'requests that may wait per model beyond its --parallel slots (default 4 × parallel)')
     .addOption(new Option('--api-key <key>', 'an admin API key: HTTP and gRPC then need a key (prefer ORCHARD_API_KEY or --api-key-file: a flag shows in `ps`)').env('ORCHARD_API_KEY'))
     .addOption(new Option('--api-key-file <file>', 'read the admin API key from this file (`-` = stdin)').env('ORCHARD_API_KEY_FILE'))
@@ -74,6 +77,7 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
     mdnsInterface: flags.mdnsInterface,
     registry: { suspectAfterMs, downAfterMs, forgetAfterMs: Math.max(10 * 60_000, downAfterMs + 1) },
     heal: { mode: parseHealMode(flags.heal) ?? 'auto' },
+    rebalance: parseRebalanceMode(flags.rebalance) ?? 'off',
     maxQueue: flags.maxQueue !== undefined ? parseInteger(flags.maxQueue, '--max-queue', 0, 100_000) : undefined,
     extraHeadArgs: process.env.ORCHARD_LLAMA_SERVER_EXTRA_ARGS?.split(/\s+/).filter(Boolean),
     api: { apiKey: flags.apiKeyFile ? await readKeyFile(flags.apiKeyFile) : flags.apiKey || undefined, metricsPublic: !!flags.metricsPublic, maxBodyBytes: parseSize(flags.maxBody, '--max-body') },

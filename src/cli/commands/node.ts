@@ -15,6 +15,7 @@ import { modelsDirOption, modelsDirs } from '../models-dir.ts';
 import { loadOrCreateIdentity } from '../../node/identity.ts';
 import { ensureJoined, keepMembership, readJoinToken, scrubArgv } from '../node-join.ts';
 import { agentAdvertiseAddress } from './cluster.ts';
+import { registerDrain } from './drain.ts';
 
 export const DEFAULT_GRPC_PORT = 50151;
 export const DEFAULT_METRICS_PORT = 9151;
@@ -43,7 +44,7 @@ interface NodeFlags {
 
 /** `orchard node`: run this machine's node agent until SIGTERM/SIGINT. */
 export function registerNode(program: Command): void {
-  program
+  const node = program
     .command('node')
     .description('run the node agent: probe this machine, advertise it over Bonjour, run engines for the coordinator')
     .addOption(new Option('--name <name>', 'node name (Bonjour instance name); default: the hostname').env('ORCHARD_NODE_NAME'))
@@ -68,6 +69,7 @@ export function registerNode(program: Command): void {
     .action(async (flags: NodeFlags) => {
       await runNode(flags);
     });
+  registerDrain(node);
 }
 
 /** Flags → agent options; every check here is a UsageError (exit 2) before anything starts. */

@@ -16,6 +16,8 @@ export function statusJson(s: Wire): Wire {
       id: p.nodeId,
       name: p.name,
       state: String(n.state ?? '').replace('NODE_STATE_', '').toLowerCase(),
+      // `orchard node drain`: no new placement on it.
+      drained: !!n.drained,
       address: n.address,
       discoveredBy: n.discoveredBy,
       lastSeenSeconds: n.lastSeenSeconds,
@@ -125,7 +127,7 @@ export function registerStatus(program: Command): void {
           const h = n.hardware as Wire;
           // a discovered agent is not a member: only what its Bonjour record claims is known
           if (n.state === 'discovered') t.push([String(n.name), 'discovered', String(n.address), String(h.chip || '-'), num(h.memoryBytes) ? formatBytes(num(h.memoryBytes)) : '-', '-', '-', '-', String(n.discoveredBy)]);
-          else t.push([String(n.name), String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.budgetBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), measured(h), String(n.discoveredBy)]);
+          else t.push([String(n.name), n.drained ? `${String(n.state)} (drained)` : String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.budgetBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), measured(h), String(n.discoveredBy)]);
         }
         process.stdout.write(`cluster ${String(s.clusterId)}\n${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
         if ((nodes as Wire[]).some((n) => n.state === 'discovered')) {

@@ -21,6 +21,8 @@ export const GRPC_METHOD_SCOPES: Readonly<Record<string, ApiKeyScope | 'join-tok
   Generate: 'inference',
   Load: 'admin',
   Unload: 'admin',
+  Drain: 'admin',
+  Rebalance: 'admin',
 };
 
 export function grpcScopeOf(method: string): ApiKeyScope | 'join-token' {

@@ -59,6 +59,8 @@ const planOptionsSchema = z
   .nullish();
 const loadSchema = z.object({ modelPath: z.string().default(''), name: z.string().default(''), options: planOptionsSchema, engine: z.string().default(''), heal: z.string().default('') });
 const planSchema = z.object({ modelPath: z.string().default(''), options: planOptionsSchema });
+const drainSchema = z.object({ node: z.string().trim().min(1, 'node is required'), undo: z.boolean().default(false) });
+const rebalanceSchema = z.object({ dryRun: z.boolean().default(false), minGain: z.number().min(0).max(10).default(0), model: z.string().default('') });
 
 function parse<T>(schema: z.ZodType<T>, raw: unknown, what: string): T {
   const r = schema.safeParse(raw ?? {});
@@ -70,7 +72,7 @@ function options(o: z.infer<typeof planOptionsSchema>) {
   return { ctx: o?.ctx ?? 0, cacheType: o?.cacheType ?? '', parallel: o?.parallel ?? 0, pin: o?.pin ?? [], parallelism: parseParallelism(o?.parallelism), allowUntunnelledRdma: o?.allowUntunnelledRdma ?? false };
 }
 
-export function nodeStatusToWire(n: NodeEntry, now = Date.now()): Record<string, unknown> {
+export function nodeStatusToWire(n: NodeEntry, now = Date.now(), drained = false): Record<string, unknown> {
   return {
     profile: profileToWire(n.profile),
     live: n.live ? liveToWire(n.live) : undefined,
@@ -78,6 +80,7 @@ export function nodeStatusToWire(n: NodeEntry, now = Date.now()): Record<string,
     address: n.address,
     discoveredBy: n.discoveredBy,
     lastSeenSeconds: (now - n.lastSeenMs) / 1000,
+    drained,
   };
 }
 
@@ -93,8 +96,8 @@ export function discoveredStatusToWire(d: DiscoveredAgent, now = Date.now()): Re
 }
 
 /** Members, then agents only discovered: what Status lists. */
-export function nodesToWire(m: Membership, now = Date.now()): Record<string, unknown>[] {
-  return [...m.registry.nodes().map((n) => nodeStatusToWire(n, now)), ...m.discovered().map((d) => discoveredStatusToWire(d, now))];
+export function nodesToWire(m: Membership, now = Date.now(), isDrained: (nodeId: string) => boolean = () => false): Record<string, unknown>[] {
+  return [...m.registry.nodes().map((n) => nodeStatusToWire(n, now, isDrained(n.nodeId))), ...m.discovered().map((d) => discoveredStatusToWire(d, now))];
 }
 
 export function modelStatusToWire(m: ModelStatus): Record<string, unknown> {
@@ -164,7 +167,7 @@ function membershipHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedSer
     Status(_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
       const now = Date.now();
       cb(null, {
-        nodes: nodesToWire(s.membership, now),
+        nodes: nodesToWire(s.membership, now, (id) => s.runtime.moves.isDrained(id)),
         models: s.runtime.models().map(modelStatusToWire),
         clusterId: s.clusterId,
         version: s.version,
@@ -245,6 +248,32 @@ function modelHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedServiceI
 
     Unload(call: grpc.ServerUnaryCall<{ name?: string }, unknown>, cb: grpc.sendUnaryData<unknown>) {
       s.runtime.unload(String(call.request?.name ?? '')).then((unloaded) => cb(null, { unloaded }), (err) => cb(fail(err)));
+    },
+
+    Drain(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      (async () => {
+        const req = parse(drainSchema, call.request, 'Drain');
+        if (req.undo) return { ...s.runtime.moves.undrain(req.node), moved: [] };
+        return s.runtime.moves.drain(req.node);
+      })().then((r) => cb(null, r), (err) => cb(fail(err)));
+    },
+
+    Rebalance(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      (async () => {
+        const req = parse(rebalanceSchema, call.request, 'Rebalance');
+        const reports = await s.runtime.moves.rebalance({ dryRun: req.dryRun, minGain: req.minGain, model: req.model || undefined });
+        return {
+          models: reports.map((r) => ({
+            outcome: { model: r.model, outcome: r.outcome, message: r.message },
+            apply: r.decision.apply,
+            gain: r.decision.gain,
+            gainNow: r.decision.gainNow ?? 0,
+            fitsNow: r.decision.gainNow !== undefined,
+            currentTokensPerSecond: r.currentTokensPerSecond,
+            plannedTokensPerSecond: r.plannedTokensPerSecond,
+          })),
+        };
+      })().then((r) => cb(null, r), (err) => cb(fail(err)));
     },
   };
 }

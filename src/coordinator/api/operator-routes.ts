@@ -23,7 +23,7 @@ import type { HttpRouter } from './router.ts';
 
 export interface OperatorDeps {
   readonly membership: Membership;
-  readonly runtime: Pick<Runtime, 'models'>;
+  readonly runtime: Pick<Runtime, 'models' | 'moves'>;
   readonly clusterId: string;
   readonly registry: Registry;
   /** False once the coordinator is shutting down (/healthz turns 503). */
@@ -44,7 +44,7 @@ export function installOperatorRoutes(router: HttpRouter, d: OperatorDeps): void
     router.add(method, '/metrics', router.scopeFor(method, '/metrics', 'inference'), (req, res) => sendMetrics(req, res, d.registry));
   }
   router.add('GET', '/status', 'admin', (_req, res) =>
-    sendJson(res, 200, { clusterId: d.clusterId, nodes: nodesToWire(d.membership), models: d.runtime.models().map(modelStatusToWire) }),
+    sendJson(res, 200, { clusterId: d.clusterId, nodes: nodesToWire(d.membership, Date.now(), (id) => d.runtime.moves.isDrained(id)), models: d.runtime.models().map(modelStatusToWire) }),
   );
   router.add('GET', '/v1/prometheus/targets', 'inference', (req, res) =>
     prometheusTargetsHandler(() => ({

@@ -1,7 +1,7 @@
 import type { EngineDriver, EngineGroup, EngineStream } from './driver.ts';
 import type { HealMode, RecoveryCause } from './healing.ts';
 import type { Slots } from './slots.ts';
-import type { LoadOptions, ModelState, PlannedStage, Recovery } from './types.ts';
+import type { LoadOptions, ModelState, ModelStatus, PlannedStage, Recovery } from './types.ts';
 
 /**
  * One model instance as the runtime keeps it: what the lifecycle (runtime.ts) and the request
@@ -12,8 +12,10 @@ export interface Instance {
   readonly name: string;
   readonly path: string;
   readonly driver: EngineDriver;
-  /** The current engines; a recovery replaces them with a new group (new engine ids). */
+  /** The current engines; a recovery or a move replaces them with a new group (new engine ids). */
   group: EngineGroup;
+  /** The engines a move (drain, rebalance) is loading next to the current ones, until the switch. */
+  staged: EngineGroup | undefined;
   /** Bumped whenever the instance loses its engines: a stream on an older epoch resumes. */
   epoch: number;
   state: ModelState;
@@ -66,3 +68,51 @@ export function failureSignal(): { failed: Promise<string>; markFailed: (reason:
   });
   return { failed, markFailed };
 }
+
+/** A new instance in state `loading`; the runtime gives it its first engine group. */
+export function newInstance(name: string, path: string, driver: EngineDriver, options: LoadOptions, heal: HealMode, slots: Slots): Instance {
+  return {
+    name,
+    path,
+    driver,
+    group: undefined as unknown as EngineGroup,
+    staged: undefined,
+    epoch: 0,
+    state: 'loading',
+    heal,
+    recovery: undefined,
+    recoveries: 0,
+    lost: [],
+    serving: undefined,
+    pending: undefined,
+    abortReason: '',
+    calls: new Set(),
+    stages: [],
+    error: '',
+    predictedTokensPerSecond: 0,
+    options,
+    slots,
+    active: new Set(),
+    loadedAtMs: undefined,
+    ...failureSignal(),
+  };
+}
+
+/** The instance as the APIs show it. */
+export function instanceStatus(i: Instance): ModelStatus {
+    return {
+      name: i.name,
+      path: i.path,
+      state: i.state,
+      engine: i.driver.family,
+      stages: i.stages.map((s, k) => ({ ...s, endpoint: i.group.endpoint(k) })),
+      error: i.error,
+      predictedTokensPerSecond: i.predictedTokensPerSecond,
+      options: i.options,
+      verification: i.group.verification,
+      loadedAtMs: i.loadedAtMs,
+      heal: i.heal,
+      recoveries: i.recoveries,
+      recovery: i.recovery,
+    };
+  }

@@ -58,8 +58,8 @@ export class PlanDoesNotFitError extends CoordinatorError {
  * @param links measured links between nodes: a stage boundary is charged on the worker's link
  *   to the head where it was measured (cost.ts boundarySeconds), else the assumed figures.
  */
-export function createPlanner(reservedBytes: (nodeId: string) => number = () => 0, links?: LinkMatrix): Planner {
-  return async (modelPath, nodes, options): Promise<PlacementResult> => {
+export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string) => number = () => 0, links?: LinkMatrix): Planner {
+  return async (modelPath, nodes, options, ignoring): Promise<PlacementResult> => {
     if (!isAbsolute(modelPath)) throw new UsageError(`model path must be absolute (it is opened on the head node): ${modelPath}`);
     // An MLX model directory (config.json + safetensors) gets the same profile shape as a GGUF.
     const mlx = await isMlxModelDir(modelPath);
@@ -69,7 +69,7 @@ export function createPlanner(reservedBytes: (nodeId: string) => number = () => 
     const measured = links ? linksByName(links, new Map([...byName].map(([name, n]) => [name, n.nodeId]))) : undefined;
     const placementNodes: PlacementNode[] = [...byName].map(([name, n]) => ({
       name,
-      budgetBytes: Math.max(0, n.profile.budgetBytes - reservedBytes(n.nodeId)),
+      budgetBytes: Math.max(0, n.profile.budgetBytes - reservedBytes(n.nodeId, ignoring)),
       // The node's measurement of its llama.cpp engine when it has one, else the spec figure ×
       // the engine's decode efficiency (cost.ts). The measurement is of llama.cpp, not MLX.
       bandwidthBytesPerSecond: effectiveBandwidth(n.profile.bandwidthBytesPerSecond || 100e9, mlx ? 'mlx' : 'llama.cpp', mlx ? undefined : n.profile.effectiveBandwidthBytesPerSecond),

@@ -106,3 +106,23 @@ async function streamError(failed: Promise<string>, headNodeId: string, err: unk
   if (reason) return new CoordinatorError('UNAVAILABLE', reason);
   return new CoordinatorError('UNAVAILABLE', `generation on ${ctx.nodeName(headNodeId)} failed: ${grpcMessage(err)}`);
 }
+
+/** The instance a request names (or the only one serving); throws what Runtime.generate documents. */
+export function pickInstance(instances: ReadonlyMap<string, Instance>, model: string | undefined): Instance {
+    if (model) {
+      const i = instances.get(model);
+      if (!i) throw new CoordinatorError('NOT_FOUND', `no model named "${model}" (loaded: ${[...instances.keys()].join(', ') || 'none'})`);
+      if (i.state === 'failed') throw new CoordinatorError('UNAVAILABLE', `model "${model}" failed: ${i.error}`);
+      // A recovering instance takes requests: they wait (bounded) for it to serve again.
+      if (i.state !== 'ready' && i.state !== 'recovering') throw new CoordinatorError('FAILED_PRECONDITION', `model "${model}" is ${i.state}`);
+      return i;
+    }
+    const ready = [...instances.values()].filter((i) => i.state === 'ready' || i.state === 'recovering');
+    if (ready.length === 1) return ready[0]!;
+    if (ready.length === 0) {
+      const failed = [...instances.values()].find((i) => i.state === 'failed');
+      if (failed) throw new CoordinatorError('UNAVAILABLE', `model "${failed.name}" failed: ${failed.error}`);
+      throw new CoordinatorError('FAILED_PRECONDITION', 'no model is loaded: run `orchard load MODEL.gguf` first');
+    }
+    throw new CoordinatorError('INVALID_ARGUMENT', `several models are loaded (${ready.map((i) => i.name).join(', ')}): choose one with --model`);
+  }

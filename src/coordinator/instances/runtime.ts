@@ -12,8 +12,10 @@ import { LlamaDriver, type LlamaDriverOptions } from './llama/driver.ts';
 import { MlxDriver, type MlxDriverOptions } from './mlx/driver.ts';
 import { engineForModel, looksLikeMlxModelDir } from './mlx/launch.ts';
 import { attemptFailure, DEFAULT_HEAL_OPTIONS, type HealOptions, parseHealMode, type RecoveryCause } from './healing.ts';
-import { deferred, failureSignal, type Instance } from './instance.ts';
-import { type RequestContext, serveRequest } from './request.ts';
+import { deferred, failureSignal, type Instance, instanceStatus, newInstance } from './instance.ts';
+import { PlacementMoves } from './moves.ts';
+import type { RebalanceMode } from './rebalance.ts';
+import { pickInstance, type RequestContext, serveRequest } from './request.ts';
 import { defaultModelName, enginePrefix, NAME, resolveLoadOptions } from './load-options.ts';
 import { Slots } from './slots.ts';
 import type { EngineFamily, GenerateEvent, GenerateRequest, LoadOptions, LoadProgress, LoadRequest, ModelStatus, PlacementResult, Planner } from './types.ts';
@@ -54,6 +56,8 @@ export interface RuntimeOptions extends LlamaDriverOptions, MlxDriverOptions {
   readonly maxQueue?: number | undefined;
   /** Self-healing (the coordinator's --heal; a load may override the mode). */
   readonly heal?: Partial<HealOptions> | undefined;
+  /** --rebalance auto: re-place a model when a node joins or returns and it is predicted ≥ 20 % faster. */
+  readonly rebalance?: RebalanceMode | undefined;
 }
 
 /** An instance as the store keeps it, before the agents' pids and command lines are added. */
@@ -77,6 +81,8 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
   readonly #drivers: Readonly<Record<EngineFamily, EngineDriver>>;
   readonly #heal: HealOptions;
   readonly #requestContext: RequestContext;
+  /** Drain and rebalance (moves.ts). */
+  readonly moves: PlacementMoves;
 
   constructor(o: RuntimeOptions) {
     super();
@@ -92,17 +98,32 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     };
     const cluster: Cluster = { log: o.log, node: (id) => o.membership.registry.get(id), agent: (id) => o.membership.client(id) };
     this.#drivers = { llama: new LlamaDriver(cluster, o), mlx: new MlxDriver(cluster, o) };
+    this.moves = new PlacementMoves(o.rebalance ?? 'off', {
+      log: o.log,
+      node: (id) => o.membership.registry.get(id),
+      nodes: () => o.membership.registry.nodes(),
+      instances: () => [...this.#instances.values()],
+      plan: (inst, ignoringItself) => this.#o.planner(inst.path, this.#plannableNodes(inst.options), inst.options, ignoringItself ? inst.name : undefined),
+      newGroup: (inst, gone) => this.#newGroup(inst, undefined, gone),
+      changed: (inst) => this.emit('model', instanceStatus(inst)),
+      reload: async (inst, reason) => {
+        void inst.group.stop();
+        this.#startRecovery(inst, reason, 'drain');
+        this.emit('model', instanceStatus(inst));
+        await inst.serving?.promise;
+      },
+    });
     o.membership.on('change', (c) => this.#onMembership(c));
     o.membership.on('agent-event', (nodeId, ev) => this.#onAgentEvent(nodeId, ev));
   }
 
   models(): ModelStatus[] {
-    return [...this.#instances.values()].map((i) => this.#status(i));
+    return [...this.#instances.values()].map((i) => instanceStatus(i));
   }
 
   model(name: string): ModelStatus | undefined {
     const i = this.#instances.get(name);
-    return i ? this.#status(i) : undefined;
+    return i ? instanceStatus(i) : undefined;
   }
 
   /** Requests generating and waiting for a slot, per model (the metrics read it at scrape time). */
@@ -116,7 +137,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
   }
 
   #plannableNodes(opts: LoadOptions): NodeEntry[] {
-    const up = this.#o.membership.registry.upNodes();
+    const up = this.#o.membership.registry.upNodes().filter((n) => !this.moves.isDrained(n.nodeId));
     if (opts.pin.length === 0) return up;
     const pinned = up.filter((n) => opts.pin.includes(n.nodeId) || opts.pin.includes(n.profile.name));
     const missing = opts.pin.filter((p) => !pinned.some((n) => n.nodeId === p || n.profile.name === p));
@@ -137,17 +158,17 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       await this.#place(inst, elapsed, (phase, message, bytesDone, total) => {
         bytesTotal = total;
         this.#log.info({ model: inst.name, phase, elapsed: elapsed() }, message);
-        const p: LoadProgress = { phase, message, bytesDone, bytesTotal, elapsedSeconds: elapsed(), model: this.#status(inst) };
+        const p: LoadProgress = { phase, message, bytesDone, bytesTotal, elapsedSeconds: elapsed(), model: instanceStatus(inst) };
         onProgress(p);
         this.emit('progress', inst.name, p);
       });
-      this.emit('model', this.#status(inst));
-      return this.#status(inst);
+      this.emit('model', instanceStatus(inst));
+      return instanceStatus(inst);
     } catch (err) {
       const reason = inst.error || errorMessage(err);
       await inst.group.stop();
       if (this.#instances.get(inst.name) === inst) this.#instances.delete(inst.name);
-      onProgress({ phase: 'failed', message: reason, bytesDone: 0, bytesTotal, elapsedSeconds: elapsed(), model: { ...this.#status(inst), state: 'failed', error: reason } });
+      onProgress({ phase: 'failed', message: reason, bytesDone: 0, bytesTotal, elapsedSeconds: elapsed(), model: { ...instanceStatus(inst), state: 'failed', error: reason } });
       this.#log.warn({ model: inst.name, err: reason }, 'load failed');
       if (inst.error && !(err instanceof CoordinatorError && err.message === inst.error)) throw new CoordinatorError('UNAVAILABLE', inst.error);
       throw err;
@@ -198,41 +219,29 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
 
   /** A new instance in state `loading` (not registered yet); `groupId` names its first engine group. */
   #instance(name: string, path: string, driver: EngineDriver, options: LoadOptions, heal: Instance['heal'], groupId?: string): Instance {
-    const inst: Instance = {
-      name,
-      path,
-      driver,
-      group: undefined as unknown as EngineGroup,
-      epoch: 0,
-      state: 'loading',
-      heal,
-      recovery: undefined,
-      recoveries: 0,
-      lost: [],
-      serving: undefined,
-      pending: undefined,
-      abortReason: '',
-      calls: new Set(),
-      stages: [],
-      error: '',
-      predictedTokensPerSecond: 0,
-      options,
-      slots: new Slots(options.parallel, this.#o.maxQueue ?? 4 * options.parallel),
-      active: new Set(),
-      loadedAtMs: undefined,
-      ...failureSignal(),
-    };
+    const inst = newInstance(name, path, driver, options, heal, new Slots(options.parallel, this.#o.maxQueue ?? 4 * options.parallel));
     inst.group = this.#newGroup(inst, groupId);
     return inst;
   }
 
-  /** A fresh, empty engine group for the instance (own engine ids, so old and new never mix). */
-  #newGroup(inst: Instance, id = randomUUID().replace(/-/g, '').slice(0, 8)): EngineGroup {
-    const epoch = inst.epoch;
-    const gone = (reason: string) => {
-      if (inst.epoch === epoch) this.#fail(inst, reason, 'engine-exit');
-    };
-    return inst.driver.group({ name: inst.name, path: inst.path, options: inst.options, engineIdPrefix: `${this.#prefix}${id}`, owner: this.#o.clusterId, gone });
+  /**
+   * A fresh, empty engine group for the instance (own engine ids, so old and new never mix). A
+   * lost engine fails the instance only while the group is its current one; while it is staged by
+   * a move, `staged` hears of it instead.
+   */
+  #newGroup(inst: Instance, id = randomUUID().replace(/-/g, '').slice(0, 8), staged?: (reason: string) => void): EngineGroup {
+    const group: EngineGroup = inst.driver.group({
+      name: inst.name,
+      path: inst.path,
+      options: inst.options,
+      engineIdPrefix: `${this.#prefix}${id}`,
+      owner: this.#o.clusterId,
+      gone: (reason) => {
+        if (inst.group === group) this.#fail(inst, reason, 'engine-exit');
+        else if (inst.staged === group) staged?.(reason);
+      },
+    });
+    return group;
   }
 
   /**
@@ -251,8 +260,8 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     inst.state = 'ready';
     this.#instances.set(rec.name, inst);
     this.#log.info({ model: rec.name, engines: rec.engines.map((e) => e.engineId) }, 're-adopted a running instance');
-    this.emit('model', this.#status(inst));
-    return this.#status(inst);
+    this.emit('model', instanceStatus(inst));
+    return instanceStatus(inst);
   }
 
   /** What the instance store keeps of an instance (the agents add each engine's pid and command line). */
@@ -299,7 +308,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     for (const a of inst.active) a.abort(err);
     await inst.group.stop();
     if (this.#instances.get(name) === inst) this.#instances.delete(name);
-    this.emit('model', { ...this.#status(inst), state: 'unloading' });
+    this.emit('model', { ...instanceStatus(inst), state: 'unloading' });
     return true;
   }
 
@@ -317,29 +326,11 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
    * are lost while it runs continues on the healed instance (request.ts).
    */
   async *generate(req: GenerateRequest, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
-    const inst = this.#pick(req.model);
+    const inst = pickInstance(this.#instances, req.model);
     if (!req.prompt && !req.messages?.length) throw new UsageError('prompt is empty');
     yield* serveRequest(inst, req, signal, this.#requestContext);
   }
 
-  #pick(model: string | undefined): Instance {
-    if (model) {
-      const i = this.#instances.get(model);
-      if (!i) throw new CoordinatorError('NOT_FOUND', `no model named "${model}" (loaded: ${[...this.#instances.keys()].join(', ') || 'none'})`);
-      if (i.state === 'failed') throw new CoordinatorError('UNAVAILABLE', `model "${model}" failed: ${i.error}`);
-      // A recovering instance takes requests: they wait (bounded) for it to serve again.
-      if (i.state !== 'ready' && i.state !== 'recovering') throw new CoordinatorError('FAILED_PRECONDITION', `model "${model}" is ${i.state}`);
-      return i;
-    }
-    const ready = [...this.#instances.values()].filter((i) => i.state === 'ready' || i.state === 'recovering');
-    if (ready.length === 1) return ready[0]!;
-    if (ready.length === 0) {
-      const failed = [...this.#instances.values()].find((i) => i.state === 'failed');
-      if (failed) throw new CoordinatorError('UNAVAILABLE', `model "${failed.name}" failed: ${failed.error}`);
-      throw new CoordinatorError('FAILED_PRECONDITION', 'no model is loaded: run `orchard load MODEL.gguf` first');
-    }
-    throw new CoordinatorError('INVALID_ARGUMENT', `several models are loaded (${ready.map((i) => i.name).join(', ')}): choose one with --model`);
-  }
 
   /**
    * An engine of the instance is gone. Loading: the load fails (load() cleans up). Recovering:
@@ -360,19 +351,24 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     Object.assign(inst, failureSignal());
     if (wasReady) void inst.group.stop();
     if (wasReady && inst.heal === 'auto') {
-      inst.state = 'recovering';
-      inst.pending = { cause: reason, kind: cause, sinceMs: Date.now() };
-      inst.lost = this.#lostNodes(inst);
-      inst.serving = deferred();
-      for (const c of inst.calls) c.cancel(); // their streams resume once it serves again
-      void this.#recover(inst);
+      this.#startRecovery(inst, reason, cause);
     } else {
       inst.state = 'failed';
       const err = new CoordinatorError('UNAVAILABLE', reason);
       inst.slots.failWaiting(err);
       for (const a of inst.active) a.abort(err);
     }
-    this.emit('model', this.#status(inst));
+    this.emit('model', instanceStatus(inst));
+  }
+
+  /** A ready instance (its engines stopped or being stopped) is re-placed; its streams resume once it serves again. */
+  #startRecovery(inst: Instance, reason: string, cause: RecoveryCause): void {
+    inst.state = 'recovering';
+    inst.pending = { cause: reason, kind: cause, sinceMs: Date.now() };
+    inst.lost = this.#lostNodes(inst);
+    inst.serving = deferred();
+    for (const c of inst.calls) c.cancel();
+    void this.#recover(inst);
   }
 
   /** Names of the plan's nodes that are not up now (what a shortfall asks to bring back). */
@@ -391,12 +387,12 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     for (let attempt = 1; attempt <= maxAttempts && inst.state === 'recovering'; attempt++) {
       inst.abortReason = '';
       inst.recovery = { cause: pending.cause, attempt, maxAttempts, phase: 'planning', message: why, sinceMs: pending.sinceMs };
-      this.emit('model', this.#status(inst));
+      this.emit('model', instanceStatus(inst));
       inst.group = this.#newGroup(inst);
       try {
         await this.#place(inst, elapsed, (phase, message, bytesDone, bytesTotal) => {
           inst.recovery = { ...inst.recovery!, phase, message };
-          this.emit('progress', inst.name, { phase, message, bytesDone, bytesTotal, elapsedSeconds: elapsed(), model: this.#status(inst) });
+          this.emit('progress', inst.name, { phase, message, bytesDone, bytesTotal, elapsedSeconds: elapsed(), model: instanceStatus(inst) });
         });
         inst.recoveries++;
         inst.recovery = undefined;
@@ -407,7 +403,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
         inst.serving = undefined;
         this.#log.info({ model: inst.name, cause: pending.cause, seconds: elapsed(), attempt }, 'model instance recovered');
         this.emit('recovered', inst.name, pending.kind, elapsed());
-        this.emit('model', this.#status(inst));
+        this.emit('model', instanceStatus(inst));
         return;
       } catch (err) {
         why = attemptFailure(err, this.#lostNodes(inst), inst.abortReason || errorMessage(err));
@@ -425,7 +421,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     inst.serving?.reject(err);
     inst.serving = undefined;
     inst.slots.failWaiting(err);
-    this.emit('model', this.#status(inst));
+    this.emit('model', instanceStatus(inst));
   }
 
   /** A node joined or came back: failed instances that may heal try again. */
@@ -434,7 +430,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       if (inst.state !== 'failed' || !inst.pending) continue;
       inst.state = 'recovering';
       inst.serving = deferred();
-      this.emit('model', this.#status(inst));
+      this.emit('model', instanceStatus(inst));
       void this.#recover(inst);
     }
   }
@@ -460,7 +456,10 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       // The agent restarted: the engines it ran for us died with its previous process.
       for (const i of this.#instancesOnNode(n.nodeId)) this.#fail(i, `${label} restarted`, 'node-restarted');
     }
-    if (c.kind === 'added' || c.kind === 'replaced' || (c.kind === 'state' && c.to === 'up')) this.#retryHealing();
+    if (c.kind === 'added' || c.kind === 'replaced' || (c.kind === 'state' && c.to === 'up')) {
+      this.#retryHealing();
+      this.moves.nodeArrived();
+    }
     // A node back from down may still run engines of an instance failed meanwhile: stop them.
   }
 
@@ -470,29 +469,14 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     // fails that instance at once instead of leaving it "ready" and broken.
     if (ev.kind !== 'engine-exited') return;
     for (const i of this.#instancesOnNode(nodeId)) i.group.engineExited(nodeId, ev);
+    // A move's new engines (moves.ts) are not the instance's yet: their loss aborts only the move.
+    for (const i of this.#instances.values()) i.staged?.engineExited(nodeId, ev);
   }
 
-  #status(i: Instance): ModelStatus {
-    return {
-      name: i.name,
-      path: i.path,
-      state: i.state,
-      engine: i.driver.family,
-      stages: i.stages.map((s, k) => ({ ...s, endpoint: i.group.endpoint(k) })),
-      error: i.error,
-      predictedTokensPerSecond: i.predictedTokensPerSecond,
-      options: i.options,
-      verification: i.group.verification,
-      loadedAtMs: i.loadedAtMs,
-      heal: i.heal,
-      recoveries: i.recoveries,
-      recovery: i.recovery,
-      untunnelledRdma: i.group.untunnelledRdma,
-    };
-  }
 
   /** Stop every engine of every instance (coordinator shutdown). */
   async close(): Promise<void> {
+    this.moves.close();
     await Promise.all([...this.#instances.keys()].map((n) => this.unload(n).catch(() => {})));
   }
 }

@@ -50,8 +50,12 @@ export interface PlacementResult {
   readonly raw: unknown;
 }
 
-/** Plans a model onto nodes; throws UsageError (bad file) or OrchardError ("does not fit …"). */
-export type Planner = (modelPath: string, nodes: readonly NodeEntry[], options: LoadOptions) => Promise<PlacementResult>;
+/**
+ * Plans a model onto nodes; throws UsageError (bad file) or OrchardError ("does not fit …").
+ * Node budgets leave out what loaded instances hold, except the instance named `ignoring` (what
+ * re-planning a running instance could use).
+ */
+export type Planner = (modelPath: string, nodes: readonly NodeEntry[], options: LoadOptions, ignoring?: string) => Promise<PlacementResult>;
 
 export type ModelState = 'loading' | 'ready' | 'recovering' | 'failed' | 'unloading';
 

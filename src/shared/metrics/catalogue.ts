@@ -76,7 +76,7 @@ export const NODE_STATES = ['up', 'suspect', 'down'] as const;
 /** Membership changes as the coordinator's registry reports them. */
 export const DISCOVERY_EVENT_KINDS = ['added', 'replaced', 'state', 'removed'] as const;
 /** Why a model instance had to heal (the coordinator's instances/healing.ts). */
-export const RECOVERY_CAUSES = ['node-down', 'node-restarted', 'node-left', 'engine-exit'] as const;
+export const RECOVERY_CAUSES = ['node-down', 'node-restarted', 'node-left', 'engine-exit', 'drain'] as const;
 /** Seconds from losing an engine to serving again: a reload of a few seconds to minutes. */
 export const RECOVERY_BUCKETS_SECONDS = [1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640] as const;
 export const MEMORY_PRESSURE_LEVELS = ['normal', 'warn', 'critical', 'unknown'] as const;
