@@ -144,6 +144,7 @@ describeWith([engines], 'membership changes on purpose: drain and rebalance', ()
     const out = JSON.parse(r.stdout) as { name: string; moved: { model: string; outcome: string; message: string }[] };
     expect(out.name).toBe(drained);
     expect(out.moved.map((m) => m.model)).toEqual(['m8']);
+    console.info(`drain answered: ${r.stdout.trim()}`);
     const failed = results.filter((x) => x.error !== undefined);
     expect(failed, JSON.stringify(failed.slice(0, 3))).toEqual([]);
     for (const x of results) expect(x.tokens).toEqual(oracle);

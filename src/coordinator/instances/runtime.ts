@@ -107,7 +107,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       newGroup: (inst, gone) => this.#newGroup(inst, undefined, gone),
       changed: (inst) => this.emit('model', instanceStatus(inst)),
       reload: async (inst, reason) => {
-        void inst.group.stop();
+        this.#loseEngines(inst, reason, true);
         this.#startRecovery(inst, reason, 'drain');
         this.emit('model', instanceStatus(inst));
         await inst.serving?.promise;
@@ -345,11 +345,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     }
     const wasReady = inst.state === 'ready';
     this.#log.error({ model: inst.name, reason, heal: inst.heal }, 'model instance lost an engine');
-    inst.error = reason;
-    inst.epoch++;
-    inst.markFailed(reason);
-    Object.assign(inst, failureSignal());
-    if (wasReady) void inst.group.stop();
+    this.#loseEngines(inst, reason, wasReady);
     if (wasReady && inst.heal === 'auto') {
       this.#startRecovery(inst, reason, cause);
     } else {
@@ -359,6 +355,15 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       for (const a of inst.active) a.abort(err);
     }
     this.emit('model', instanceStatus(inst));
+  }
+
+  /** The current engines are gone (or being stopped): streams on them resume once the instance serves again, or fail. */
+  #loseEngines(inst: Instance, reason: string, stop: boolean): void {
+    inst.error = reason;
+    inst.epoch++;
+    inst.markFailed(reason);
+    Object.assign(inst, failureSignal());
+    if (stop) void inst.group.stop();
   }
 
   /** A ready instance (its engines stopped or being stopped) is re-placed; its streams resume once it serves again. */
