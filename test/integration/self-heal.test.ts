@@ -123,17 +123,12 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
     }
   }
 
-  // The head too: a stream whose head is only suspect waits for it — it is not resumed elsewhere
-  // (that would serve the request twice, on the frozen head and on a new one).
-  for (const role of ['worker', 'head'] as const) {
-  itWith([engines], `a ${role} frozen for 3 s (SIGSTOP, agent and engines) is a blip: the stream pauses, nothing fails, nothing reloads, nothing resumes`, async () => {
+  itWith([engines], 'a worker frozen for 3 s (SIGSTOP, agent and engines) is a blip: the stream pauses, nothing fails, nothing reloads', async () => {
     const before = (await status()).models.find((m) => m.name === 'm8')!;
     expect(before.state).toBe('ready');
-    const stage = role === 'worker' ? before.stages[0]! : before.stages[before.stages.length - 1]!;
-    const worker = [...agents.values()].find((a) => a.nodeId === stage.nodeId)!;
+    const worker = [...agents.values()].find((a) => a.nodeId === before.stages[0]!.nodeId)!;
     const frozen = processTree(worker.proc.child.pid!);
-    expect(frozen.length, `the ${role} runs its engine`).toBeGreaterThan(1);
-    const resumedBefore = await metric('orchard_streams_resumed_total');
+    expect(frozen.length, 'the worker runs its rpc-server').toBeGreaterThan(1);
     let sawSuspect = false;
     const r = await stream(async (n) => {
       if (n !== 3) return;
@@ -161,10 +156,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
     expect(m.state).toBe('ready');
     expect(m.loadedAtMs, 'no reload').toBe(before.loadedAtMs);
     expect(after.nodes.find((x) => x.id === worker.nodeId)?.state).toBe('up');
-    expect(m.recoveries, 'no recovery').toBe(before.recoveries);
-    expect(await metric('orchard_streams_resumed_total'), 'no stream resumed').toBe(resumedBefore);
   }, 60_000);
-  }
   /** Start (or restart, same state dir = same node id) an agent that joins the coordinator. */
   async function startAgent(name: string): Promise<void> {
     const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--join', coordAddr, '--json'], { ...env, ORCHARD_NODE_TOKEN: token });
