@@ -25,7 +25,8 @@ import { Membership } from './membership/membership.ts';
 import { LinkProber, type LinkProberOptions } from './membership/link-prober.ts';
 import type { LinkMatrix } from '../shared/placement/links.ts';
 import { DEFAULT_REGISTRY_OPTIONS, type RegistryOptions } from './membership/registry.ts';
-import { FileInstanceStore, type InstanceStore } from './state/instance-store.ts';
+import { type NatsSetting, openClusterState, type StateStoreInfo } from './nats/cluster-state.ts';
+import type { InstanceStore } from './state/instance-store.ts';
 import { type ClusterState, StateDir } from './state/state-dir.ts';
 
 export interface CoordinatorOptions {
@@ -53,10 +54,11 @@ export interface CoordinatorOptions {
   readonly planner?: Planner | undefined;
   readonly version?: string | undefined;
   /**
-   * Where the instances and nodes the coordinator must resume from live (instance-store.ts):
-   * default `instances.json` in the state dir; the NATS KV store when the cluster has NATS.
+   * Where the instances and nodes the coordinator resumes from live (nats/cluster-state.ts):
+   * `{ url }` a NATS server (JetStream KV), `{ local: true }` a local nats-server when installed,
+   * default `instances.json` in the state dir.
    */
-  readonly store?: InstanceStore | undefined;
+  readonly nats?: NatsSetting | undefined;
   /** How long a stored instance waits for its nodes after a restart before it is given up (default 30 s). */
   readonly adoptGraceMs?: number | undefined;
   /**
@@ -86,8 +88,9 @@ export interface CoordinatorHandle {
   readonly metrics: CoordinatorMetrics;
   /** The HTTP router: add routes with `router.add(method, path, scope, handler)`; the API-key guard covers them. */
   readonly router: HttpRouter;
-  /** The instance store and the re-adoption of stored instances. */
+  /** The instance store (file or NATS KV, `storeInfo` says which) and the re-adoption of stored instances. */
   readonly store: InstanceStore;
+  readonly storeInfo: StateStoreInfo;
   readonly readoption: Readoption;
   /** Every HTTP route (method, path, scope), so tests can check each one's guard. */
   routes(): RouteInfo[];
@@ -109,7 +112,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   const prober = new LinkProber(membership, log.child({ part: 'links' }), o.links);
   const clusterId = state.cluster().clusterId;
   const { runtime, metrics } = buildRuntime(o, membership, clusterId, prober.matrix);
-  const store = o.store ?? new FileInstanceStore(o.stateDir, (key, problem) => log.warn({ key, problem }, 'stored state skipped: it does not parse'));
+  const clusterState = await openClusterState({ stateDir: o.stateDir, clusterId, nats: o.nats, log });
+  const store = clusterState.store;
   // Before any agent is dialled: stored instances claim their engines before the orphan clean-up looks.
   const readoption = await Readoption.open({ runtime, membership, store, clusterId, log, graceMs: o.adoptGraceMs });
   const access = new AccessControl({ adminKeys: [o.api?.apiKey, await stateDir.localAdminKey()], locked: !!o.api?.apiKey, store: stateDir.apiKeys() });
@@ -127,6 +131,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
       log,
       rememberAgent: state.rememberAgent,
       links: () => prober.matrix.list(),
+      stateStore: clusterState.info,
     },
     access,
     o.host ?? '0.0.0.0',
@@ -155,6 +160,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
     metrics,
     router,
     store,
+    storeInfo: clusterState.info,
     readoption,
     routes: () => router.routes(),
     async close() {
@@ -164,7 +170,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
       await advertiser?.close();
       await runtime.close();
       await readoption.close();
-      await store.close();
+      await clusterState.close();
       await discovery?.close();
       prober.close();
       membership.close();

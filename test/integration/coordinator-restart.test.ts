@@ -53,7 +53,7 @@ describeWith([engines], 'coordinator restart re-adopts running engines (file sto
     return p;
   };
   const startCoordinator = async (label: string) => {
-    const p = start(label, [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--json']);
+    const p = start(label, [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--no-nats', '--json']);
     const ready = await readyLine(p);
     return { p, addr: `127.0.0.1:${String(ready.grpcPort)}` };
   };

@@ -10,6 +10,7 @@ import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { parseInteger, parsePort, parseSize } from '../../shared/units.ts';
 import { readKeyFile } from '../credentials.ts';
+import { addNatsOptions, natsSetting } from '../nats-option.ts';
 import { registerClusterCredentials } from './cluster-credentials.ts';
 import { registerKeys } from './keys.ts';
 
@@ -29,13 +30,13 @@ interface CoordinatorFlags {
   apiKeyFile?: string;
   metricsPublic?: boolean;
   maxBody: string;
+  nats?: string | boolean;
   json?: boolean;
 }
 
 /** `orchard coordinator`: run the coordinator; `token`, `credentials`, `keys`: its secrets, made in its state dir. */
 export function registerCoordinator(program: Command): void {
-  const cmd = program
-    .command('coordinator')
+  const cmd = addNatsOptions(program.command('coordinator'))
     .description('run the coordinator: discover nodes, load models across them, stream tokens')
     .addOption(new Option('--grpc-port <port>', 'Coordinator gRPC port (0 = pick a free one)').default(String(DEFAULT_COORDINATOR_GRPC_PORT)).env('ORCHARD_COORDINATOR_GRPC_PORT'))
     .addOption(new Option('--http-port <port>', 'HTTP port: OpenAI API, /healthz, /status, /metrics (0 = pick)').default(String(DEFAULT_COORDINATOR_HTTP_PORT)).env('ORCHARD_COORDINATOR_HTTP_PORT'))
@@ -68,8 +69,10 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
   if (downAfterMs <= suspectAfterMs) throw new UsageError('--down-after must be greater than --suspect-after');
   const log = createLogger('orchard-coordinator', process.env.ORCHARD_DEBUG ? 'debug' : undefined);
   const stateDir = flags.stateDir ?? defaultStateDir();
+  const nats = natsSetting(flags.nats);
   const handle = await startCoordinator({
     stateDir,
+    nats,
     host: flags.host,
     grpcPort: parsePort(flags.grpcPort, '--grpc-port'),
     httpPort: parsePort(flags.httpPort, '--http-port'),
@@ -94,10 +97,11 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
   });
   if (flags.json) {
     process.stdout.write(
-      `${JSON.stringify({ event: 'ready', clusterId: handle.clusterId, grpcPort: handle.grpcPort, httpPort: handle.httpPort, caFingerprint: handle.caFingerprint, pid: process.pid, stateDir })}\n`,
+      `${JSON.stringify({ event: 'ready', clusterId: handle.clusterId, grpcPort: handle.grpcPort, httpPort: handle.httpPort, caFingerprint: handle.caFingerprint, pid: process.pid, stateDir, stateStore: handle.storeInfo })}\n`,
     );
   } else {
     process.stdout.write(`orchard coordinator ready: gRPC ${flags.host}:${handle.grpcPort}, HTTP 127.0.0.1:${handle.httpPort}, cluster ${handle.clusterId}\n`);
+    process.stdout.write(`  state: ${handle.storeInfo.backend === 'nats' ? `NATS JetStream at ${handle.storeInfo.location}` : handle.storeInfo.location}\n`);
     process.stdout.write(`  cluster CA sha256 ${handle.caFingerprint}\n  nodes join with a token from \`orchard coordinator token\`: ORCHARD_NODE_TOKEN=… orchard node\n`);
   }
   await new Promise<void>((resolve) => {

@@ -7,6 +7,7 @@ import { type BuildEvents, setupLlama } from '../../node/llama/build.ts';
 import { type BuildProgress, progressFraction } from '../../node/llama/build-config.ts';
 import { checkExternalBinaries } from '../../node/llama/external.ts';
 import { describeMlx, setupMlx } from './setup-mlx.ts';
+import { describeNats, setupNats } from './setup-nats.ts';
 
 interface SetupFlags {
   json?: boolean;
@@ -14,6 +15,7 @@ interface SetupFlags {
   binDir?: string;
   jobs?: string;
   mlx?: boolean;
+  nats?: boolean;
 }
 
 interface SetupOutput {
@@ -37,6 +39,7 @@ export function registerSetup(program: Command): void {
     .addOption(new Option('--bin-dir <dir>', 'use existing llama.cpp binaries from DIR after checking they support RPC').env('ORCHARD_LLAMA_BIN_DIR'))
     .option('--jobs <n>', 'parallel compile jobs (default: number of CPUs)')
     .option('--mlx', 'also create the pinned MLX Python venv (mlx, mlx-lm) for the MLX engine')
+    .option('--nats', 'also build nats-server with Go (the coordinator starts it for events and shared state) unless one is installed')
     .addHelpText(
       'after',
       '\nBuilds from the llama.cpp source shipped inside node-llama-cpp into a per-user cache\n' +
@@ -61,15 +64,16 @@ export function registerSetup(program: Command): void {
         }
       }
       const mlx = await setupMlx(!!flags.mlx, !!flags.force && !!flags.mlx, log);
+      const nats = await setupNats(!!flags.nats, !!flags.force && !!flags.nats, log);
       if (flags.json) {
-        process.stdout.write(`${JSON.stringify({ ...out, mlx })}\n`);
+        process.stdout.write(`${JSON.stringify({ ...out, mlx, nats })}\n`);
         return;
       }
       const how = out.source === 'external' ? 'existing binaries, RPC supported' : out.cached ? 'cached' : `built in ${formatSeconds(out.buildSeconds)}`;
       process.stdout.write(
         `llama.cpp ${out.llamaCppVersion} (${how})\n` + `  llama-server     ${out.llamaServer}\n` + `  ggml-rpc-server  ${out.rpcServer}\n`,
       );
-      process.stdout.write(describeMlx(mlx));
+      process.stdout.write(describeMlx(mlx) + describeNats(nats));
     });
 }
 

@@ -70,7 +70,9 @@ export function statusJson(s: Wire): Wire {
     measuredAtSeconds: num(l.measuredAtSeconds),
     error: l.error || undefined,
   }));
-  return { clusterId: s.clusterId, version: s.version, nodes, models, links };
+  const st = (s.stateStore ?? {}) as Wire;
+  const stateStore = st.backend ? { backend: st.backend, location: st.location, localServer: !!st.localServer } : undefined;
+  return { clusterId: s.clusterId, version: s.version, stateStore, nodes, models, links };
 }
 
 /** `--links`: one row per measured direction. */
@@ -95,6 +97,13 @@ function linksTable(links: readonly Wire[], nowSeconds: number): string {
 /** The line that warns a model's links between nodes bypass the TLS tunnels; undefined when they do not. */
 export function linksNote(model: Wire): string | undefined {
   return model.untunnelledRdma ? 'links: untunnelled RDMA (JACCL over Thunderbolt, outside the TLS tunnels; loaded with --allow-untunnelled-rdma)' : undefined;
+}
+
+/** Which mode holds the cluster's state: one coordinator with a file, or NATS (several may share it). */
+function stateLine(st: Wire | undefined): string {
+  if (!st) return '';
+  if (st.backend === 'nats') return `state: NATS JetStream at ${String(st.location)}${st.localServer ? ' (local nats-server started by the coordinator)' : ''}\n`;
+  return `state: file ${String(st.location)} (single coordinator, no NATS)\n`;
 }
 
 /** The node's own measurement: decode bandwidth and prefill compute, or '-' before `--calibrate`. */
@@ -129,7 +138,7 @@ export function registerStatus(program: Command): void {
           if (n.state === 'discovered') t.push([String(n.name), 'discovered', String(n.address), String(h.chip || '-'), num(h.memoryBytes) ? formatBytes(num(h.memoryBytes)) : '-', '-', '-', '-', String(n.discoveredBy)]);
           else t.push([String(n.name), n.drained ? `${String(n.state)} (drained)` : String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.budgetBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), measured(h), String(n.discoveredBy)]);
         }
-        process.stdout.write(`cluster ${String(s.clusterId)}\n${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
+        process.stdout.write(`cluster ${String(s.clusterId)}\n${stateLine(s.stateStore as Wire | undefined)}${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
         if ((nodes as Wire[]).some((n) => n.state === 'discovered')) {
           process.stdout.write('discovered: announced on Bonjour but not joined (no certificate of this cluster); join it with `orchard node --token …` (`orchard coordinator token` prints one)\n');
         }

@@ -14,6 +14,7 @@ import { formatBytes, parseBandwidth, parseInteger, parsePort, parseSize } from 
 import { readKeyFile } from '../credentials.ts';
 import { enrollLocalNode } from '../local-enroll.ts';
 import { modelsDirOption, modelsDirs } from '../models-dir.ts';
+import { addNatsOptions, natsSetting } from '../nats-option.ts';
 
 interface UpFlags {
   grpcPort: string;
@@ -33,6 +34,7 @@ interface UpFlags {
   apiKeyFile?: string;
   metricsPublic?: boolean;
   maxQueue?: string;
+  nats?: string | boolean;
   json?: boolean;
 }
 
@@ -51,8 +53,7 @@ export function defaultAgentAddress(ifaces = networkInterfaces()): string {
  * coordinator over Bonjour, or `--join HOST:PORT`).
  */
 export function registerUp(program: Command): void {
-  program
-    .command('up')
+  addNatsOptions(program.command('up'))
     .description('run a coordinator and this machine’s node agent in one process (others can still join)')
     .addOption(new Option('--grpc-port <port>', 'coordinator gRPC port').default(String(DEFAULT_COORDINATOR_GRPC_PORT)).env('ORCHARD_COORDINATOR_GRPC_PORT'))
     .addOption(new Option('--http-port <port>', 'OpenAI + management HTTP port').default(String(DEFAULT_COORDINATOR_HTTP_PORT)).env('ORCHARD_COORDINATOR_HTTP_PORT'))
@@ -139,6 +140,7 @@ async function runUp(flags: UpFlags): Promise<void> {
       httpPort: parsePort(flags.httpPort, '--http-port'),
       httpHost: flags.httpHost,
       mdns: flags.mdns,
+      nats: natsSetting(flags.nats),
       api: { apiKey: flags.apiKeyFile ? await readKeyFile(flags.apiKeyFile) : flags.apiKey || undefined, metricsPublic: !!flags.metricsPublic },
       maxQueue,
       log: log.child({ part: 'coordinator' }),

@@ -11,6 +11,7 @@ import { type TlsCredentials, authenticate, clusterServerCredentials } from '../
 import type { EnrollRequest, Enrollment } from '../membership/enroll.ts';
 import type { DiscoveredAgent, Membership } from '../membership/membership.ts';
 import type { NodeEntry } from '../membership/registry.ts';
+import type { StateStoreInfo } from '../nats/cluster-state.ts';
 import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from '../instances/runtime.ts';
 import type { LinkMeasurement } from '../../shared/placement/links.ts';
 import { parseParallelism } from '../../shared/placement/parallelism.ts';
@@ -42,6 +43,8 @@ export interface CoordinatorServices {
   readonly rememberAgent: (address: string) => Promise<void>;
   /** The link matrix as measured so far. */
   readonly links?: () => readonly LinkMeasurement[];
+  /** Where the coordinator's state lives (file or NATS), for Status. */
+  readonly stateStore?: StateStoreInfo | undefined;
 }
 
 const ADDRESS = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/;
@@ -179,6 +182,7 @@ function membershipHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedSer
           measuredAtSeconds: l.measuredAtSeconds,
           error: l.error ?? '',
         })),
+        stateStore: s.stateStore,
       });
     },
   };

@@ -1,9 +1,8 @@
-import { spawn } from 'node:child_process';
-import { accessSync, constants, openSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { accessSync, closeSync, constants, openSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { delimiter, join } from 'node:path';
-import { z } from 'zod';
 import { OrchardError } from '../../shared/errors.ts';
 import { cacheRoot } from '../../shared/cache-dir.ts';
 import { writeFileAtomic } from '../../shared/pki/files.ts';
@@ -11,10 +10,12 @@ import { processAlive } from '../../shared/process-alive.ts';
 
 /**
  * A local `nats-server -js` the coordinator starts when no `--nats URL` is given and one is
- * installed: config and JetStream store in `<state dir>/nats/`, clients on 127.0.0.1. It runs in
- * its own process group and is recorded in `nats/server.json`, so it outlives a coordinator crash
- * with the cluster's state in it, and the restarted coordinator connects to the same server
- * instead of starting a second one on the same store. A clean shutdown stops it.
+ * installed: config and JetStream store in `<state dir>/nats/`, clients on 127.0.0.1. It lives
+ * exactly as long as the coordinator: a `/bin/sh` keeper in its own process group (so Ctrl-C on
+ * the terminal reaches only the coordinator, which then unloads and writes its last state before
+ * it stops the server) holds a pipe from the coordinator and stops the server with SIGTERM — a
+ * clean JetStream shutdown — when the pipe closes, whatever ended the coordinator (SIGKILL
+ * included). The store survives on disk: the next coordinator starts a server on it again.
  *
  * Found as `$ORCHARD_NATS_SERVER`, `nats-server` on PATH, `~/go/bin/nats-server` (what
  * `orchard setup --nats` builds with `go install`), Orchard's cache `bin/` or `/usr/sbin` (Debian).
@@ -36,13 +37,9 @@ export interface LocalNatsOptions {
 export interface LocalNats {
   readonly url: string;
   readonly pid: number;
-  /** Whether this process started it (false: a running one from before was reused). */
-  readonly started: boolean;
-  /** SIGTERM and wait for the exit (a clean stop flushes JetStream). */
+  /** SIGTERM through the keeper and wait (a clean stop flushes JetStream). */
   stop(): Promise<void>;
 }
-
-const Recorded = z.object({ pid: z.number().int().positive(), url: z.string() });
 
 export function findNatsServer(env: NodeJS.ProcessEnv = process.env): string | undefined {
   const candidates = [
@@ -63,38 +60,13 @@ export function findNatsServer(env: NodeJS.ProcessEnv = process.env): string | u
   return undefined;
 }
 
-function isNatsServer(pid: number): Promise<boolean> {
-  return readFile(`/proc/${pid}/cmdline`, 'utf8').then(
-    (c) => c.includes('nats-server'),
-    () => {
-      try {
-        process.kill(pid, 0);
-        return process.platform === 'darwin'; // no /proc: trust a live pid from our own record
-      } catch {
-        return false;
-      }
-    },
-  );
-}
-
-function stopper(pid: number): () => Promise<void> {
-  return async () => {
-    try {
-      process.kill(pid, 'SIGTERM');
-    } catch {
-      return;
-    }
-    for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 50));
-    if (processAlive(pid)) process.kill(pid, 'SIGKILL');
-  };
-}
-
 /** The nats-server configuration this launcher writes (pure). */
 export function natsConfig(o: LocalNatsOptions, dir: string): string {
   const lines = [
     `server_name: ${JSON.stringify(o.serverName ?? 'orchard')}`,
     `listen: ${JSON.stringify(`${o.host ?? '127.0.0.1'}:${o.port && o.port > 0 ? o.port : -1}`)}`,
     `jetstream { store_dir: ${JSON.stringify(join(dir, 'jetstream'))} }`,
+    `pid_file: ${JSON.stringify(join(dir, 'server.pid'))}`,
   ];
   if (o.cluster) {
     lines.push(
@@ -104,38 +76,82 @@ export function natsConfig(o: LocalNatsOptions, dir: string): string {
   return `${lines.join('\n')}\n`;
 }
 
-/** Reuse the server a previous coordinator left running on this state dir, or start one. */
+// $1 binary, $2 config. EOF on stdin = the coordinator is gone (or closed the pipe to stop it).
+const KEEPER = `
+trap '' INT HUP
+"$1" -c "$2" &
+pid=$!
+read -r _
+kill -TERM "$pid" 2>/dev/null
+wait "$pid"
+`;
+
+/** Start the local server on the state dir's store; resolves once it accepts clients. */
 export async function startLocalNats(o: LocalNatsOptions): Promise<LocalNats> {
   const dir = join(o.stateDir, 'nats');
   await mkdir(dir, { recursive: true, mode: 0o700 });
-  const recordPath = join(dir, 'server.json');
-  const before = Recorded.safeParse(JSON.parse((await readFile(recordPath, 'utf8').catch(() => 'null')) || 'null'));
-  if (before.success && (await isNatsServer(before.data.pid))) {
-    return { url: before.data.url, pid: before.data.pid, started: false, stop: stopper(before.data.pid) };
-  }
+  await predecessorGone(join(dir, 'server.pid'), o.readyTimeoutMs ?? 15_000);
   const confPath = join(dir, 'server.conf');
   await writeFileAtomic(confPath, natsConfig(o, dir), 0o600);
   const logPath = join(dir, 'server.log');
   const logFd = openSync(logPath, 'w', 0o600);
-  const child = spawn(o.binary, ['-c', confPath], { detached: true, stdio: ['ignore', logFd, logFd] });
-  child.unref();
-  const pid = child.pid;
-  if (!pid) throw new OrchardError(`could not start ${o.binary}`);
-  const url = await waitForListening(logPath, pid, o.readyTimeoutMs ?? 15_000);
-  await writeFileAtomic(recordPath, `${JSON.stringify({ pid, url })}\n`, 0o600);
-  return { url, pid, started: true, stop: stopper(pid) };
+  const keeper = spawn('/bin/sh', ['-c', KEEPER, 'orchard-nats-keeper', o.binary, confPath], { detached: true, stdio: ['pipe', logFd, logFd] });
+  closeSync(logFd);
+  const exited = new Promise<void>((r) => keeper.once('exit', () => r()));
+  // The keeper must not hold the coordinator's event loop open, nor its pipe keep it from exiting.
+  keeper.unref();
+  (keeper.stdin as unknown as { unref?: () => void } | null)?.unref?.();
+  const stop = async () => {
+    keeper.stdin?.end();
+    await Promise.race([exited, new Promise((r) => setTimeout(r, 10_000))]);
+    if (keeper.exitCode === null && keeper.pid) process.kill(-keeper.pid, 'SIGKILL');
+  };
+  try {
+    const url = await waitForListening(logPath, exited, o.readyTimeoutMs ?? 15_000);
+    return { url, pid: keeper.pid ?? 0, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
 }
 
-async function waitForListening(logPath: string, pid: number, timeoutMs: number): Promise<string> {
+/**
+ * A coordinator killed a moment ago leaves its server shutting down (its keeper saw the pipe
+ * close and sent SIGTERM): two servers on one JetStream store would corrupt it, so wait for
+ * that one to finish. One still running after the wait belongs to a live coordinator.
+ */
+async function predecessorGone(pidFile: string, timeoutMs: number): Promise<void> {
+  const pid = Number.parseInt(await readFile(pidFile, 'utf8').catch(() => ''), 10);
+  if (!(pid > 0)) return;
   const deadline = Date.now() + timeoutMs;
+  while (isNatsServer(pid)) {
+    if (Date.now() > deadline) throw new OrchardError(`another nats-server (pid ${pid}) runs on this state dir's store: is another coordinator using ${pidFile.replace(/\/nats\/server\.pid$/, '')}?`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function isNatsServer(pid: number): boolean {
+  if (!processAlive(pid)) return false;
+  // The pid may have been reused by something else since: only a nats-server counts.
+  try {
+    return execFileSync('ps', ['-o', 'command=', '-p', String(pid)], { encoding: 'utf8' }).includes('nats-server');
+  } catch {
+    return false;
+  }
+}
+
+async function waitForListening(logPath: string, exited: Promise<void>, timeoutMs: number): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  let gone = false;
+  void exited.then(() => {
+    gone = true;
+  });
   let log = '';
-  while (Date.now() < deadline) {
+  while (Date.now() < deadline && !gone) {
     log = await readFile(logPath, 'utf8').catch(() => '');
     const m = /Listening for client connections on ([^\s]+)/.exec(log);
     if (m && log.includes('Server is ready')) return `nats://${m[1]}`;
-    if (!processAlive(pid)) break;
     await new Promise((r) => setTimeout(r, 50));
   }
-  if (processAlive(pid)) process.kill(pid, 'SIGKILL');
   throw new OrchardError(`nats-server did not become ready: ${log.trim().split('\n').slice(-3).join(' | ') || 'no output'} (log: ${logPath})`);
 }

@@ -1,0 +1,81 @@
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { errorMessage, OrchardError } from '../../shared/errors.ts';
+import type { Logger } from '../../shared/log.ts';
+import { FileInstanceStore, type InstanceStore } from '../state/instance-store.ts';
+import { KvInstanceStore } from '../state/kv-instance-store.ts';
+import { findNatsServer, type LocalNats, startLocalNats } from './server.ts';
+
+/**
+ * Where the coordinator keeps the state it resumes from, decided once at start:
+ *   `nats.url`    connect to that NATS (JetStream) server or cluster; unreachable = refuse to start
+ *   `nats.local`  start a local `nats-server -js` on the state dir when one is installed
+ *                 (`orchard up` / `orchard coordinator` without `--nats` or `--no-nats`)
+ *   otherwise     the file store in the state dir: one coordinator, today's behaviour
+ * The mode is reported by `orchard status` (StatusResponse.state_store).
+ */
+export interface NatsSetting {
+  readonly url?: string | undefined;
+  readonly local?: boolean | undefined;
+  /** JetStream replicas of the buckets (3 on a three-server NATS cluster). */
+  readonly replicas?: number | undefined;
+}
+
+export interface StateStoreInfo {
+  readonly backend: 'file' | 'nats';
+  /** The file's path or the NATS server URL. */
+  readonly location: string;
+  /** A nats-server this coordinator started (and stops). */
+  readonly localServer: boolean;
+}
+
+export interface ClusterState {
+  readonly store: InstanceStore;
+  readonly info: StateStoreInfo;
+  /** The NATS connection in `nats` mode (events ride on it too). */
+  readonly nats: NatsConnection | undefined;
+  close(): Promise<void>;
+}
+
+export async function openClusterState(o: { stateDir: string; clusterId: string; nats?: NatsSetting | undefined; log: Logger }): Promise<ClusterState> {
+  const onInvalid = (key: string, problem: string) => o.log.warn({ key, problem }, 'stored state skipped: it does not parse');
+  let local: LocalNats | undefined;
+  let url = o.nats?.url;
+  if (!url && o.nats?.local) {
+    const binary = findNatsServer();
+    if (!binary) {
+      o.log.info('nats-server is not installed: state is kept in the state dir (one coordinator); `orchard setup --nats` builds it');
+    } else {
+      local = await startLocalNats({ stateDir: o.stateDir, binary });
+      url = local.url;
+      o.log.info({ url, binary }, 'started a local nats-server (JetStream store in the state dir)');
+    }
+  }
+  if (!url) {
+    const store = new FileInstanceStore(o.stateDir, onInvalid);
+    return { store, info: { backend: 'file', location: store.path, localServer: false }, nats: undefined, close: () => store.close() };
+  }
+  let nc: NatsConnection;
+  try {
+    nc = await connect({ servers: url.split(','), name: `orchard-coordinator-${o.clusterId.slice(0, 8)}`, maxReconnectAttempts: -1, reconnectTimeWait: 500 });
+  } catch (err) {
+    await local?.stop();
+    throw new OrchardError(`cannot reach NATS at ${url}: ${errorMessage(err)}`);
+  }
+  try {
+    const store = await KvInstanceStore.open(nc, { clusterId: o.clusterId, replicas: o.nats?.replicas, onInvalid });
+    return {
+      store,
+      info: { backend: 'nats', location: url, localServer: !!local },
+      nats: nc,
+      async close() {
+        await store.close();
+        await nc.drain().catch(() => nc.close());
+        await local?.stop();
+      },
+    };
+  } catch (err) {
+    await nc.close();
+    await local?.stop();
+    throw new OrchardError(`NATS at ${url} has no usable JetStream (start nats-server with -js): ${errorMessage(err)}`);
+  }
+}
