@@ -13,6 +13,7 @@ import { registerPlan } from './commands/plan.ts';
 import { registerService } from './commands/service.ts';
 import { registerSetup } from './commands/setup.ts';
 import { registerStatus } from './commands/status.ts';
+import { registerEvents } from './commands/events.ts';
 import { registerTestmodel } from './commands/testmodel.ts';
 import { registerUnload } from './commands/unload.ts';
 import { registerRebalance } from './commands/rebalance.ts';
@@ -40,6 +41,7 @@ export function buildProgram(): Command {
   registerCoordinator(program);
   registerCluster(program);
   registerStatus(program);
+  registerEvents(program);
   registerLoad(program);
   registerUnload(program);
   registerRebalance(program);

@@ -1,4 +1,5 @@
 import { createServer, type Server } from 'node:http';
+import { hostname } from 'node:os';
 import type * as grpc from '@grpc/grpc-js';
 import { errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
@@ -112,8 +113,9 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   const prober = new LinkProber(membership, log.child({ part: 'links' }), o.links);
   const clusterId = state.cluster().clusterId;
   const { runtime, metrics } = buildRuntime(o, membership, clusterId, prober.matrix);
-  const clusterState = await openClusterState({ stateDir: o.stateDir, clusterId, nats: o.nats, log });
+  const clusterState = await openClusterState({ stateDir: o.stateDir, clusterId, nats: o.nats, log, sourceId: `${hostname()}:${process.pid}` });
   const store = clusterState.store;
+  clusterState.events?.follow(membership, runtime, store);
   // Before any agent is dialled: stored instances claim their engines before the orphan clean-up looks.
   const readoption = await Readoption.open({ runtime, membership, store, clusterId, log, graceMs: o.adoptGraceMs });
   const access = new AccessControl({ adminKeys: [o.api?.apiKey, await stateDir.localAdminKey()], locked: !!o.api?.apiKey, store: stateDir.apiKeys() });

@@ -178,10 +178,13 @@ export class RequestObservation {
   #done: Extract<GenerateEvent, { kind: 'done' }> | undefined;
   #finished = false;
 
-  constructor(m: CoordinatorMetricSet, model: string, now: () => number) {
+  readonly #onFinish: ((outcome: RequestOutcome, seconds: number) => void) | undefined;
+
+  constructor(m: CoordinatorMetricSet, model: string, now: () => number, onFinish?: (outcome: RequestOutcome, seconds: number) => void) {
     this.#m = m;
     this.#model = model;
     this.#now = now;
+    this.#onFinish = onFinish;
     this.#start = now();
   }
 
@@ -213,6 +216,7 @@ export class RequestObservation {
     this.#finished = true;
     const model = this.#model;
     this.#m.requestsTotal.inc({ model, outcome });
+    this.#onFinish?.(outcome, (this.#now() - this.#start) / 1000);
     if (outcome === 'rejected') return;
     this.#m.requestDurationSeconds.observe({ model }, (this.#now() - this.#start) / 1000);
     // The engine's own counts when it said them; else what reached the client before the end.
@@ -228,8 +232,9 @@ export async function* observeGeneration(
   model: string,
   stream: AsyncIterable<GenerateEvent>,
   now: () => number = () => performance.now(),
+  onFinish?: (outcome: RequestOutcome, seconds: number) => void,
 ): AsyncGenerator<GenerateEvent> {
-  const obs = new RequestObservation(m, model, now);
+  const obs = new RequestObservation(m, model, now, onFinish);
   let ended = false;
   try {
     for await (const ev of stream) {
@@ -385,6 +390,6 @@ export class MeteredRuntime extends Runtime {
 
   override async *generate(req: GenerateRequest, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
     const model = requestModelLabel(req.model, this.models());
-    yield* observeGeneration(this.#metrics, model, super.generate(req, signal));
+    yield* observeGeneration(this.#metrics, model, super.generate(req, signal), undefined, (outcome, seconds) => this.emit('request', model, outcome, seconds));
   }
 }

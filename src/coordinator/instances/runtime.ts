@@ -71,6 +71,8 @@ export interface RuntimeEvents {
   recovered: [model: string, cause: RecoveryCause, seconds: number];
   /** An in-flight stream continued on the healed instance (orchard_streams_resumed_total). */
   'stream-resumed': [model: string];
+  /** A request ended (MeteredRuntime): outcome as in orchard_requests_total, wall time. */
+  request: [model: string, outcome: string, seconds: number];
 }
 
 export class Runtime extends EventEmitter<RuntimeEvents> {

@@ -10,6 +10,8 @@ import { type DiscoveredBy, type NodeEntry, Registry, type RegistryChange, type 
 export interface MembershipEvents {
   change: [change: RegistryChange];
   'agent-event': [nodeId: string, event: AgentEvent];
+  /** A heartbeat on the node's Watch stream (the event bus relays them; liveness already counted it). */
+  heartbeat: [nodeId: string];
 }
 
 /**
@@ -196,7 +198,8 @@ export class Membership extends EventEmitter<MembershipEvents> {
     stream.on('data', (m: Record<string, unknown>) => {
       const ev = agentEventFromWire(m);
       this.#apply(this.registry.seen(nodeId, session, Date.now(), ev?.kind === 'stats' ? ev.live : undefined));
-      if (ev && ev.kind !== 'heartbeat') this.emit('agent-event', nodeId, ev);
+      if (ev?.kind === 'heartbeat') this.emit('heartbeat', nodeId);
+      else if (ev) this.emit('agent-event', nodeId, ev);
     });
     stream.on('error', (err) => end(`watch stream failed: ${errorMessage(err)}`));
     stream.on('end', () => end('watch stream ended'));

@@ -3,6 +3,7 @@ import { errorMessage, OrchardError } from '../../shared/errors.ts';
 import type { Logger } from '../../shared/log.ts';
 import { FileInstanceStore, type InstanceStore } from '../state/instance-store.ts';
 import { KvInstanceStore } from '../state/kv-instance-store.ts';
+import { ClusterEvents } from './events.ts';
 import { findNatsServer, type LocalNats, startLocalNats } from './server.ts';
 
 /**
@@ -33,10 +34,12 @@ export interface ClusterState {
   readonly info: StateStoreInfo;
   /** The NATS connection in `nats` mode (events ride on it too). */
   readonly nats: NatsConnection | undefined;
+  /** The event bus publisher in `nats` mode (nats/events.ts); none with the file store. */
+  readonly events: ClusterEvents | undefined;
   close(): Promise<void>;
 }
 
-export async function openClusterState(o: { stateDir: string; clusterId: string; nats?: NatsSetting | undefined; log: Logger }): Promise<ClusterState> {
+export async function openClusterState(o: { stateDir: string; clusterId: string; nats?: NatsSetting | undefined; log: Logger; sourceId: string }): Promise<ClusterState> {
   const onInvalid = (key: string, problem: string) => o.log.warn({ key, problem }, 'stored state skipped: it does not parse');
   let local: LocalNats | undefined;
   let url = o.nats?.url;
@@ -52,7 +55,7 @@ export async function openClusterState(o: { stateDir: string; clusterId: string;
   }
   if (!url) {
     const store = new FileInstanceStore(o.stateDir, onInvalid);
-    return { store, info: { backend: 'file', location: store.path, localServer: false }, nats: undefined, close: () => store.close() };
+    return { store, info: { backend: 'file', location: store.path, localServer: false }, nats: undefined, events: undefined, close: () => store.close() };
   }
   let nc: NatsConnection;
   try {
@@ -63,11 +66,14 @@ export async function openClusterState(o: { stateDir: string; clusterId: string;
   }
   try {
     const store = await KvInstanceStore.open(nc, { clusterId: o.clusterId, replicas: o.nats?.replicas, onInvalid });
+    const events = await ClusterEvents.open({ nc, clusterId: o.clusterId, sourceId: o.sourceId, log: o.log, replicas: o.nats?.replicas });
     return {
       store,
       info: { backend: 'nats', location: url, localServer: !!local },
       nats: nc,
+      events,
       async close() {
+        await events.close();
         await store.close();
         await nc.drain().catch(() => nc.close());
         await local?.stop();
