@@ -71,8 +71,7 @@ export interface RuntimeEvents {
   recovered: [model: string, cause: RecoveryCause, seconds: number];
   /** An in-flight stream continued on the healed instance (orchard_streams_resumed_total). */
   'stream-resumed': [model: string];
-  /** A request ended (MeteredRuntime): outcome as in orchard_requests_total, wall time. */
-  request: [model: string, outcome: string, seconds: number];
+  request: [model: string, outcome: string, seconds: number]; // emitted by MeteredRuntime (api/metrics.ts)
 }
 
 export class Runtime extends EventEmitter<RuntimeEvents> {
