@@ -151,19 +151,14 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   log.info({ grpcPort: port, httpPort, clusterId, mdns: o.mdns, stateDir: o.stateDir }, 'coordinator ready');
 
   return {
-    clusterId,
-    grpcPort: port,
-    httpPort,
-    caFingerprint,
+    ...{ clusterId, grpcPort: port, httpPort, caFingerprint },
     createJoinToken: async (t = {}) => (await tokens.create({ ttlMs: t.ttlMs, uses: t.uses })).token,
     runtime,
     membership,
     links: prober,
     metrics,
     router,
-    store,
-    storeInfo: clusterState.info,
-    readoption,
+    ...{ store, storeInfo: clusterState.info, readoption },
     routes: () => router.routes(),
     async close() {
       if (closed) return;
