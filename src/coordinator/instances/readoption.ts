@@ -60,6 +60,7 @@ export class Readoption {
     for (const rec of await o.store.instances()) {
       r.#pending.set(rec.value.name, rec);
       r.#revisions.set(rec.value.name, rec.revision);
+      o.runtime.adoptionWaits.expect(rec.value.name);
     }
     if (r.#pending.size > 0) r.#log.info({ models: [...r.#pending.keys()], store: o.store.backend }, 'stored instances waiting for their nodes');
     o.membership.on('change', (c) => r.#onMembership(c));
@@ -127,6 +128,7 @@ export class Readoption {
       if (problems.length === 0) {
         this.#pending.delete(name);
         this.#o.runtime.adopt(p.value);
+        this.#o.runtime.adoptionWaits.settle(name);
         return;
       }
       this.#log.warn({ model: name, problems }, 'stored instance does not match what the agents run: stopping what is left of it');
@@ -159,6 +161,7 @@ export class Readoption {
   /** Give a stored instance up: stop its engines that still run, forget the record. */
   async #discard(p: Versioned<InstanceRecord>): Promise<void> {
     if (this.#pending.get(p.value.name) === p) this.#pending.delete(p.value.name);
+    this.#o.runtime.adoptionWaits.settle(p.value.name);
     await Promise.all(
       p.value.engines.map(async (e) => {
         const client = this.#o.membership.client(e.nodeId);
@@ -215,6 +218,7 @@ export class Readoption {
 
   async close(): Promise<void> {
     if (this.#grace) clearTimeout(this.#grace);
+    for (const name of this.#pending.keys()) this.#o.runtime.adoptionWaits.settle(name);
     await this.settled();
     this.#closed = true;
   }

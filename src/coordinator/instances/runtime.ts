@@ -15,6 +15,7 @@ import { attemptFailure, DEFAULT_HEAL_OPTIONS, type HealOptions, parseHealMode, 
 import { deferred, failureSignal, type Instance, instanceStatus, newInstance } from './instance.ts';
 import { PlacementMoves } from './moves.ts';
 import type { RebalanceMode } from './rebalance.ts';
+import { AdoptionWaits } from './adoption-waits.ts';
 import { pickInstance, type RequestContext, serveRequest } from './request.ts';
 import { defaultModelName, enginePrefix, NAME, resolveLoadOptions } from './load-options.ts';
 import { Slots } from './slots.ts';
@@ -84,6 +85,8 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
   readonly #requestContext: RequestContext;
   /** Drain and rebalance (moves.ts). */
   readonly moves: PlacementMoves;
+  /** Stored models being re-adopted: requests for them wait (readoption.ts). */
+  readonly adoptionWaits = new AdoptionWaits();
 
   constructor(o: RuntimeOptions) {
     super();
@@ -327,6 +330,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
    * are lost while it runs continues on the healed instance (request.ts).
    */
   async *generate(req: GenerateRequest, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
+    if (req.model) await this.adoptionWaits.wait(req.model, signal, 60_000);
     const inst = pickInstance(this.#instances, req.model);
     if (!req.prompt && !req.messages?.length) throw new UsageError('prompt is empty');
     yield* serveRequest(inst, req, signal, this.#requestContext);
