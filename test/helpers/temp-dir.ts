@@ -13,7 +13,9 @@ export function tempDir(prefix: string, scope: 'each' | 'all' = 'each'): { reado
     box.path = await mkdtemp(join(tmpdir(), prefix));
   });
   (scope === 'each' ? afterEach : afterAll)(async () => {
-    await rm(box.path, { recursive: true, force: true });
+    // A coordinator's local nats-server is stopped by its keeper a moment after the coordinator
+    // dies and may still flush its store: retry ENOTEMPTY/EBUSY for a few seconds.
+    await rm(box.path, { recursive: true, force: true, maxRetries: 30, retryDelay: 100 });
   });
   return box;
 }

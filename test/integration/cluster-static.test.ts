@@ -61,7 +61,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
 
     // The CLI on this machine trusts the coordinator by its state dir (CA, local admin key).
     env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord');
-    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--max-queue', '1', '--heal', 'off', '--json'], env);
+    coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--max-queue', '1', '--heal', 'off', '--no-nats', '--json'], env);
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
     const t = await orchard(['coordinator', 'token', '--uses', '3', '--ttl', '10m'], env);
@@ -293,11 +293,12 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     const m = (await status()).models.find((x) => x.name === 'm8')!;
     const endpoints = m.stages.map((s) => s.endpoint).filter(Boolean);
     for (const e of endpoints) expect(await endpointOpen(e)).toBe(true);
-    // A crash, not a clean stop: nothing gets to unload. Without instances.json nothing claims
-    // the engines (with it they are re-adopted: coordinator-restart.test.ts).
+    // A crash, not a clean stop: nothing gets to unload. File store (--no-nats): without
+    // instances.json nothing claims the engines (with it they are re-adopted:
+    // coordinator-restart.test.ts).
     await killGroup(coordinator);
     await rm(join(dir, 'coord', 'instances.json'));
-    coordinator = start('coordinator 2', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);
+    coordinator = start('coordinator 2', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--no-nats', '--json'], env);
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
     // It finds the agents that joined before (state dir) and stops the orphaned engines.

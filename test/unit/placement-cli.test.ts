@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -120,6 +120,15 @@ describe('orchard plan', () => {
     expect(plan.estimated.join(' ')).toMatch(/KV cache/);
   });
 
+  it('a header with no tensor data at all (testmodel --header-only, any writer) is planned, not sent to the loader', async () => {
+    const p = join(dir, 'bare-header.gguf');
+    const spec = llamaTestModelSpec({ ...DEFAULT_LLAMA_TEST_SHAPE, layers: 2, dim: 64, ffn: 128, heads: 4, kvHeads: 2 }, await loadVocab());
+    await writeGguf(p, spec, { headerOnly: true });
+    const r = await orchard('plan', p, '--nodes', nodesFile, '--json');
+    expect(r.stderr).toBe('');
+    expect((JSON.parse(r.stdout) as { fits: boolean }).fits).toBe(true);
+  });
+
   it('plans an MLX model directory offline, with the MLX rule (every rank holds embedding and head)', async () => {
     const mlxDir = join(dir, 'llama-3-70b-4bit');
     await writeMlxHeaderOnly(mlxDir, findPreset('llama-3-70b'), { quantization: { bits: 4, groupSize: 64 } });
@@ -197,6 +206,17 @@ describe('orchard plan', () => {
       'a BPE vocabulary without its merges',
       async () => tiny('no-merges.gguf', (m) => m.map(([k, v]) => (k === 'tokenizer.ggml.model' ? [k, gv.str('gpt2')] : [k, v]))),
       /no-merges\.gguf: llama.cpp cannot load this file: error loading model vocabulary: cannot find tokenizer merges in model file/,
+    ],
+    [
+      // Cut inside its data section: not a header-only planning file, so llama.cpp is asked.
+      'a GGUF cut short inside its tensor data',
+      async () => {
+        const args = await tiny('cut.gguf', (m) => m);
+        const p = args[1]!;
+        await truncate(p, (await stat(p)).size - 4096);
+        return args;
+      },
+      /cut\.gguf: llama.cpp cannot load this file: .*not within the file bounds/,
     ],
     [
       'empty nodes file',

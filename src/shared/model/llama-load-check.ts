@@ -47,6 +47,11 @@ export async function llamaLoadVerdict(path: string, header: GgufHeader, env: No
   // so it could only say "incomplete". They are planning inputs, never loaded: not asked.
   const marked = header.metadata.get('orchard.header_only');
   if (marked?.type === 'bool' && marked.value) return { checked: false, why: 'an Orchard header-only file (no tensor data): planned, never loaded' };
+  // The same for any file that ends where its data section starts (`testmodel --header-only`,
+  // a header written for planning): not one tensor byte to load. A file cut anywhere inside its
+  // data is still asked, and refused with llama.cpp's words.
+  const size = (await stat(path)).size;
+  if (header.dataSize > 0 && size <= header.dataOffset) return { checked: false, why: 'a header without tensor data: planned, never loaded' };
   let mod: string;
   try {
     mod = createRequire(import.meta.url).resolve('node-llama-cpp');
