@@ -215,7 +215,8 @@ process.stdout.write(JSON.stringify({ event: 'ready' }) + '\\n');
 
 describeWith([netns], 'a rogue agent advertising _orchard._tcp in a namespace', () => {
   let created = false;
-  const recording = join(dir.path, 'rogue.jsonl');
+  // dir.path is set in beforeAll: resolve the path then, not while the suite is declared (it was '' → the repo's cwd)
+  const recording = () => join(dir.path, 'rogue.jsonl');
 
   afterAll(() => {
     if (created) deleteNamespaces(NS_COORD, NS_ROGUE);
@@ -231,8 +232,8 @@ describeWith([netns], 'a rogue agent advertising _orchard._tcp in a namespace', 
     const rogueCert = await issueCertificate(foreign, csrPem, { role: 'node', expectId: 'rogue' });
     await writeFile(join(dir.path, 'rogue.key'), keyPem);
     await writeFile(join(dir.path, 'rogue.crt'), rogueCert.certPem);
-    await writeFile(recording, '');
-    await writeFile(join(dir.path, 'rogue.mjs'), ROGUE_SCRIPT(root, recording));
+    await writeFile(recording(), '');
+    await writeFile(join(dir.path, 'rogue.mjs'), ROGUE_SCRIPT(root, recording()));
 
     const apiKey = `orchard_sk_rogue-test-${tag}-${Date.now()}`;
     const coordDir = join(dir.path, 'coord-ns');
@@ -247,7 +248,7 @@ describeWith([netns], 'a rogue agent advertising _orchard._tcp in a namespace', 
     // Both rogue listeners get dialled (mDNS sighting → dial), and re-dialled: wait for two of each.
     let seen = '';
     const lines = await until('the coordinator dials both rogue listeners', 45_000, async () => {
-      const l = (await readFile(recording, 'utf8')).split('\n').filter(Boolean).map((x) => JSON.parse(x) as { kind: string; event?: string; hex?: string });
+      const l = (await readFile(recording(), 'utf8')).split('\n').filter(Boolean).map((x) => JSON.parse(x) as { kind: string; event?: string; hex?: string });
       const conns = (kind: string) => l.filter((x) => x.kind === kind && x.event === 'connection').length;
       seen = `raw ${conns('raw')}, tls ${conns('tls-tcp')}; ${coordinator.err.split('\n').filter((x) => /mDNS sighting|not reachable/.test(x)).slice(-2).join(' | ').slice(0, 600)}`;
       // the accept is recorded before the first bytes: wait for the raw listener's ClientHello too
