@@ -57,8 +57,10 @@ export class PlanDoesNotFitError extends CoordinatorError {
 /**
  * @param links measured links between nodes: a stage boundary is charged on the worker's link
  *   to the head where it was measured (cost.ts boundarySeconds), else the assumed figures.
+ * @param place the placement rule over the nodes as the planner sees them (bench:lan hands in
+ *   the baselines' rules to run their layouts through the same coordinator).
  */
-export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string) => number = () => 0, links?: LinkMatrix): Planner {
+export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string) => number = () => 0, links?: LinkMatrix, place: typeof planPlacement = planPlacement): Planner {
   return async (modelPath, nodes, options, ignoring): Promise<PlacementResult> => {
     if (!isAbsolute(modelPath)) throw new UsageError(`model path must be absolute (it is opened on the head node): ${modelPath}`);
     // An MLX model directory (config.json + safetensors) gets the same profile shape as a GGUF.
@@ -78,7 +80,7 @@ export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string)
       ...(!mlx && measured?.get(name) ? { links: measured.get(name)! } : {}),
     }));
     const mo = memoryOptionsOf(options);
-    const plan = planPlacement(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...(mlx ? mlxPlacementOptions(profile) : {}) });
+    const plan = place(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...(mlx ? mlxPlacementOptions(profile) : {}) });
     if (!plan.fits) {
       const parts = [`${modelPath} does not fit on ${nodes.length} live node(s)`, ...plan.reasons];
       if (plan.remedies?.length) parts.push(`try: ${plan.remedies.join('; ')}`);

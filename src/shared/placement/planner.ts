@@ -46,13 +46,13 @@ export interface PlanInput {
   readonly options?: Partial<PlacementOptions>;
 }
 
-interface Assignment {
+export interface Assignment {
   /** In pipeline order; the last one is the head. */
   readonly stages: readonly { node: number; first: number; end: number }[];
   readonly seconds: number;
 }
 
-interface Prepared {
+export interface Prepared {
   readonly mm: MemoryModel;
   readonly nodes: readonly PlacementNode[];
   readonly order: readonly number[];
@@ -82,7 +82,7 @@ interface Prepared {
   readonly o: PlacementOptions;
 }
 
-function validate(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): void {
+export function validate(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): void {
   if (nodes.length === 0) throw new UsageError('no nodes to plan for');
   const seen = new Set<string>();
   for (const n of nodes) {
@@ -98,7 +98,7 @@ function validate(profile: ModelProfile, nodes: readonly PlacementNode[], o: Pla
   if (profile.layerCount < 1) throw new UsageError('model has no layers');
 }
 
-function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): Prepared {
+export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): Prepared {
   const mo = { ctx: o.ctx, cacheType: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch, flashAttention: o.flashAttention };
   const mm = memoryModel(profile, mo, o.kvFill);
   const L = profile.layerCount;
@@ -307,7 +307,7 @@ function solve(p: Prepared): Assignment | undefined {
   return best;
 }
 
-function resolveOptions(options: Partial<PlacementOptions> | undefined): PlacementOptions {
+export function resolveOptions(options: Partial<PlacementOptions> | undefined): PlacementOptions {
   return { ...DEFAULT_PLACEMENT_OPTIONS, ...options };
 }
 
@@ -360,9 +360,10 @@ function planStageBytes(p: Prepared, first: number, last: number, isHead: boolea
   return extra === 0 ? b : { ...b, weights: b.weights + extra, total: b.total + extra };
 }
 
-function describe(p: Prepared, solved: Assignment): Plan {
+/** The plan of an assignment; `rebalanced` false keeps its boundaries as given (fixed.ts). */
+export function describe(p: Prepared, solved: Assignment, rebalanced = true): Plan {
   const profile = p.mm.profile;
-  const a = rebalance(p, solved);
+  const a = rebalanced ? rebalance(p, solved) : solved;
   const stages: PlanStage[] = a.stages.map((s, idx) => {
     const isHead = idx === a.stages.length - 1;
     const node = p.nodes[s.node]!;

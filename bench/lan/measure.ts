@@ -1,0 +1,104 @@
+import type { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import { planFixedSplit } from '../../src/shared/placement/fixed.ts';
+import type { Plan } from '../../src/shared/placement/types.ts';
+import { median } from '../lib/stats.ts';
+import type { LanCluster, Seen } from './cluster.ts';
+
+/**
+ * One scenario's measurements on a loaded model, and the planner's prediction for exactly the
+ * layout that was loaded, from exactly what the coordinator's planner saw (calibrated node rates,
+ * the links Orchard measured) plus the prompt length the engine reported.
+ */
+
+export interface LoadedLayout {
+  readonly stages: readonly { node: string; firstLayer: number; lastLayer: number }[];
+  readonly seconds: number;
+}
+
+/** Coordinator.Load streamed to the end: the wall time and the stages (by node name) it placed. */
+export async function timedLoad(client: CoordinatorClient, modelPath: string, name: string, ctx: number): Promise<LoadedLayout> {
+  const t0 = performance.now();
+  let stages: LoadedLayout['stages'] = [];
+  for await (const p of client.stream('load', { modelPath, name, options: { ctx, cacheType: 'f16', parallel: 1, pin: [] }, engine: '' })) {
+    if (p.phase === 'failed') throw new Error(`load ${name}: ${String(p.message)}`);
+    if (p.phase === 'ready') {
+      const st = (p.model as { stages: { nodeName: string; firstLayer: number; lastLayer: number }[] }).stages;
+      stages = st.map((s) => ({ node: String(s.nodeName), firstLayer: Number(s.firstLayer), lastLayer: Number(s.lastLayer) }));
+    }
+  }
+  return { stages, seconds: (performance.now() - t0) / 1000 };
+}
+
+export async function unload(client: CoordinatorClient, name: string): Promise<void> {
+  await client.unary('unload', { name }, 120_000);
+}
+
+interface Run {
+  readonly ttftMs: number;
+  readonly engineTokensPerSecond: number;
+  readonly promptTokens: number;
+  readonly enginePromptMs: number;
+}
+
+/** One greedy request through the coordinator: client-side time to first token, the engine's own rates. */
+async function generate(client: CoordinatorClient, model: string, prompt: string, maxTokens: number): Promise<Run> {
+  const t0 = performance.now();
+  let first = 0;
+  let done: Record<string, unknown> = {};
+  for await (const ev of client.stream('generate', { model, prompt, maxTokens, temperature: 0, seed: '1' })) {
+    // a one-token answer may arrive with the done event alone: the first token is then there
+    if ((ev.event === 'token' || ev.event === 'done') && !first) first = performance.now();
+    if (ev.event === 'done') done = ev.done as Record<string, unknown>;
+  }
+  const t = (done.timings ?? {}) as Record<string, unknown>;
+  return { ttftMs: first - t0, engineTokensPerSecond: Number(t.predictedTokensPerSecond ?? 0), promptTokens: Number(done.promptTokens ?? 0), enginePromptMs: Number(t.promptMs ?? 0) };
+}
+
+/** A prompt of about `words` words that shares no prefix with any other run (llama-server caches prompts). */
+function freshPrompt(run: number, words: number): string {
+  const w = ['orchard', 'apple', 'river', 'stone', 'cloud', 'ember', 'maple', 'quartz'];
+  return `${run}: ${Array.from({ length: words }, (_, i) => w[(i * 7 + run) % w.length]).join(' ')}`;
+}
+
+export interface Measured {
+  readonly decodeTokensPerSecond: number;
+  readonly ttftMs: number;
+  readonly enginePromptMs: number;
+  readonly promptTokens: number;
+  readonly decodeRuns: readonly number[];
+  readonly ttftRuns: readonly number[];
+}
+
+let runCounter = 0;
+
+/**
+ * Decode: `runs` requests of `tokens` tokens after a short prompt, the engine's decode rate
+ * (median). TTFT: `runs` requests of one token after a fresh prompt of ~`promptWords` words
+ * (median client-side first-token time, through coordinator and agent as a user sees it).
+ */
+export async function measure(client: CoordinatorClient, model: string, o: { runs: number; tokens: number; promptWords: number }): Promise<Measured> {
+  await generate(client, model, freshPrompt(runCounter++, 8), 4); // warm-up: first touch of every page
+  const decode: Run[] = [];
+  for (let i = 0; i < o.runs; i++) decode.push(await generate(client, model, freshPrompt(runCounter++, 8), o.tokens));
+  const ttft: Run[] = [];
+  for (let i = 0; i < o.runs; i++) ttft.push(await generate(client, model, freshPrompt(runCounter++, o.promptWords), 1));
+  return {
+    decodeTokensPerSecond: median(decode.map((r) => r.engineTokensPerSecond)),
+    ttftMs: median(ttft.map((r) => r.ttftMs)),
+    enginePromptMs: median(ttft.map((r) => r.enginePromptMs)),
+    promptTokens: Math.round(median(ttft.map((r) => r.promptTokens))),
+    decodeRuns: decode.map((r) => r.engineTokensPerSecond),
+    ttftRuns: ttft.map((r) => r.ttftMs),
+  };
+}
+
+/** The planner's prediction for the layout that was loaded, for a prompt of `promptTokens`. */
+export function predict(seen: Seen, layout: LoadedLayout, promptTokens: number): Plan {
+  return planFixedSplit(seen.profile, seen.nodes, layout.stages, { ...seen.options, promptTokens });
+}
+
+/** The cluster's links as measured now (rtt, payload rate), by node names. */
+export function measuredLinks(c: LanCluster): { from: string; to: string; rttMs: number; megabytesPerSecond: number }[] {
+  const names = new Map(c.handle.membership.registry.nodes().map((n) => [n.nodeId, n.profile.name]));
+  return c.handle.links.matrix.list().map((l) => ({ from: names.get(l.from) ?? l.from, to: names.get(l.to) ?? l.to, rttMs: l.rttSeconds * 1000, megabytesPerSecond: l.bytesPerSecond / 1e6 }));
+}
