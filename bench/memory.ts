@@ -7,11 +7,16 @@
  * size` and `compute buffer size` lines from its `-lv 4` log, and compare with Orchard's
  * prediction for the same device. Goal: every device within 5 % or 32 MiB.
  *
+ * MLX ranks too (`mlx` in the JSON, bench/lib/mlx-memory.ts): Orchard's MLX memory model against
+ * MLX's own active/peak memory report from every rank, pipeline and tensor parallel, dense and MoE.
+ *
  * Usage: node --import tsx bench/memory.ts [--json] [--quick] [--families (only the MoE/newer families)]
- * Needs ORCHARD_LLAMA_BIN_DIR (or `orchard setup`). Every process started is killed on exit.
+ *        [--no-mlx | --mlx-only]
+ * Needs ORCHARD_LLAMA_BIN_DIR (or `orchard setup`) and, for the MLX section, `orchard setup --mlx`.
+ * Every process started is killed on exit; everything written lives in one temp dir, removed.
  */
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
@@ -24,6 +29,7 @@ import { FAMILY_ARCHS } from '../src/shared/testmodel/families.ts';
 import { familyTestModelSpec, familyTestShape } from '../src/shared/testmodel/family-model.ts';
 import { loadVocab, vocabPath } from '../src/shared/testmodel/vocab.ts';
 import { MiB, type Shape, killAll, runLlama, writeModel, zeros } from './llama-run.ts';
+import { type MlxMemoryCase, mlxMemoryCases, mlxSummary } from './lib/mlx-memory.ts';
 
 const SHAPES: Shape[] = [
   { name: 'llama-8L-512d-f16', layers: 8, embd: 512, ffn: 1408, heads: 8, kvHeads: 4, type: 'F16', heldOut: false },
@@ -151,6 +157,8 @@ async function main(): Promise<void> {
   for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => process.exit(130));
   const json = process.argv.includes('--json');
   const quick = process.argv.includes('--quick');
+  const mlxOnly = process.argv.includes('--mlx-only');
+  const loadBefore = loadavg()[0];
   const bins = await findLlamaBinaries();
   const vocab = await vocabPath();
   const dir = await mkdtemp(join(tmpdir(), 'orchard-bench-memory-'));
@@ -166,7 +174,7 @@ async function main(): Promise<void> {
         );
       }
     };
-    for (const shape of process.argv.includes('--families') ? [] : SHAPES) {
+    for (const shape of process.argv.includes('--families') || mlxOnly ? [] : SHAPES) {
       if (quick && shape.spot) continue;
       const path = await writeModel(dir, shape, vocab);
       for (const ctx of ctxs) {
@@ -181,7 +189,8 @@ async function main(): Promise<void> {
         report(await runCase(bins, path, shape, 4096, 'f16', 2, 3, false));
       }
     }
-    report(await familyCases(bins, dir, quick));
+    if (!mlxOnly) report(await familyCases(bins, dir, quick));
+    const mlx = process.argv.includes('--no-mlx') ? undefined : mlxSummary(await mlxMemoryCases(dir, quick, (c) => json || reportMlx(c)));
     const totals = cases.filter((c) => c.kind === 'total');
     const configs = new Set(totals.map((c) => `${c.model}/${c.ctx}/${c.cache}/${c.stages}/${c.parallel}/${c.unified}`)).size;
     const heldOut = totals.filter((c) => c.heldOut);
@@ -196,15 +205,26 @@ async function main(): Promise<void> {
       maxRelativeErrorByKind: Object.fromEntries(
         (['model', 'kv', 'compute'] as const).map((k) => [k, Math.max(...cases.filter((c) => c.kind === k).map((c) => c.relativeError))]),
       ),
-      goal: 'every device total within 5 % or 32 MiB',
-      goalMet: totals.every((c) => c.withinGoal),
+      goal: 'every device total within 5 % or 32 MiB (MLX: every rank)',
+      goalMet: totals.every((c) => c.withinGoal) && (mlx?.goalMet ?? true),
+      // Byte counts do not depend on the machine's load, but the run time does: say what it was.
+      loadAverage1m: { before: loadBefore, after: loadavg()[0] },
       worstCases: worst,
       cases,
+      mlx,
     };
     process.stdout.write(`${JSON.stringify(out, null, json ? 0 : 2)}\n`);
   } finally {
     killAll();
     await rm(dir, { recursive: true, force: true });
+  }
+}
+
+function reportMlx(cases: readonly MlxMemoryCase[]): void {
+  for (const c of cases) {
+    process.stderr.write(
+      `mlx ${c.model} ${c.mode}/${c.ranks} rank ${c.rank} layers ${c.layers} ${c.kind}${c.kind === 'peak' ? ` prompt=${c.promptTokens}` : ''}: predicted ${(c.predicted / MiB).toFixed(2)} reported ${(c.reported / MiB).toFixed(2)} MiB\n`,
+    );
   }
 }
 

@@ -5,9 +5,12 @@ describe('MLX worker protocol', () => {
   it('parses every worker message type', () => {
     expect(parseWorkerLine('{"type":"starting","rank":1,"pid":9}')).toEqual({ type: 'starting', rank: 1, pid: 9 });
     const ready = parseWorkerLine(
-      '{"type":"ready","rank":0,"size":2,"mode":"pipeline","layers":[0,2],"load_ms":10,"pid":5,"mlx":"0.32.4","device":"Device(cpu, 0)"}',
+      '{"type":"ready","rank":0,"size":2,"mode":"pipeline","layers":[0,2],"load_ms":10,"pid":5,"mlx":"0.32.4","device":"Device(cpu, 0)","memory":{"active_bytes":1024,"peak_bytes":2048}}',
     );
-    expect(ready?.type).toBe('ready');
+    expect(ready).toMatchObject({ type: 'ready', memory: { active_bytes: 1024, peak_bytes: 2048 } });
+    expect(parseWorkerLine('{"type":"memory","id":"a","rank":1,"active_bytes":5,"peak_bytes":7}')).toEqual({
+      type: 'memory', id: 'a', rank: 1, active_bytes: 5, peak_bytes: 7,
+    });
     const tok = parseWorkerLine('{"type":"token","id":"a","index":0,"token":65,"text":"A","logprob":-1.5,"top_logprobs":[[65,-1.5],[66,-2]]}');
     expect(tok).toMatchObject({ type: 'token', token: 65, top_logprobs: [[65, -1.5], [66, -2]] });
     const done = parseWorkerLine(
@@ -22,6 +25,8 @@ describe('MLX worker protocol', () => {
     expect(parseWorkerLine('{"type":"token","id":"a"}')).toBeUndefined();
     expect(parseWorkerLine('{"type":"done","id":"a","finish_reason":"eos"}')).toBeUndefined();
     expect(parseWorkerLine('{not json')).toBeUndefined();
+    // A ready line without MLX's memory report is not this worker's.
+    expect(parseWorkerLine('{"type":"ready","rank":0,"size":1,"mode":"single","layers":[0,2],"load_ms":1,"pid":5,"mlx":"0.32.4","device":"cpu"}')).toBeUndefined();
   });
   it('writes one request line with defaults, the same for every rank', () => {
     const line = requestLine({ id: 'r', tokens: [1, 2] });

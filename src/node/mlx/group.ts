@@ -12,6 +12,7 @@ import { launchFiles, launchSize, type MlxLaunch, type MlxMode, rankEnv, workerA
 import {
   cancelLine,
   type DoneMessage,
+  type MemoryMessage,
   type MlxRequest,
   parseWorkerLine,
   type ReadyMessage,
@@ -98,6 +99,8 @@ const STDERR_LINES = 30;
  */
 export class MlxGroup {
   readonly ready: ReadyMessage[] = [];
+  /** Each local rank's latest `memory` line (MLX's counters after its last request). */
+  readonly lastMemory = new Map<number, MemoryMessage>();
   private readonly ranks = new Map<number, Rank>();
   private failureError: MlxGroupError | undefined;
   private closing = false;
@@ -226,6 +229,7 @@ export class MlxGroup {
         return;
       }
       if (msg.type === 'starting') this.opts.onRankStarting?.(rank);
+      if (msg.type === 'memory') this.lastMemory.set(rank, msg);
       if (msg.type === 'error' && msg.fatal) {
         this.fail(new MlxGroupError(`MLX rank ${rank} failed: ${msg.message}`));
       }
@@ -398,6 +402,21 @@ export class MlxGroup {
       opts.signal?.removeEventListener('abort', onAbort);
       this.active.delete(req.id);
       release();
+    }
+  }
+
+  /**
+   * Every local rank's memory line for request `id`, in rank order. Ranks other than 0 may write
+   * theirs a moment after rank 0's done, so this waits (bounded) for the stragglers.
+   */
+  async memoryAfter(id: string, timeoutMs = 10_000): Promise<MemoryMessage[]> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const lines = [...this.ranks.keys()].sort((a, b) => a - b).map((r) => this.lastMemory.get(r));
+      if (lines.every((m) => m?.id === id)) return lines as MemoryMessage[];
+      if (this.failureError) throw this.failureError;
+      if (Date.now() > deadline) throw new OrchardError(`not every MLX rank reported its memory for request ${id} within ${timeoutMs} ms`);
+      await new Promise((r) => setTimeout(r, 20));
     }
   }
 

@@ -1,5 +1,6 @@
 import { isIPv4 } from 'node:net';
 import { UsageError } from '../../shared/errors.ts';
+import type { MlxMode } from '../../shared/memory/mlx.ts';
 
 /**
  * How the ranks of one MLX model instance find each other — the pure part of what `mlx.launch`
@@ -14,7 +15,8 @@ export type MlxLaunch =
   | { backend: 'ring'; endpoints: string[][] }
   | { backend: 'jaccl'; devices: (string | null)[][]; coordinator: string; ring?: boolean };
 
-export type MlxMode = 'single' | 'pipeline' | 'tensor';
+// The layout names are the memory model's (src/shared/memory/mlx.ts): one concept, one name.
+export type { MlxMode };
 
 function checkEndpoint(ep: string, what: string): void {
   const i = ep.lastIndexOf(':');

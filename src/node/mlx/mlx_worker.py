@@ -15,8 +15,8 @@ Arguments: --model DIR --mode single|pipeline|tensor [--split N0,N1,...] [--back
             own pipeline which only a few architectures have.
   tensor  : mlx-lm's Model.shard(group) (heads, KV heads and MLP split across ranks).
 
-Protocol: JSON lines. stdin: request / cancel / shutdown. stdout: ready / token / done / error.
-Only rank 0 writes token and done; every rank writes ready and its own errors. Logs go to stderr.
+Protocol: JSON lines. stdin: request / cancel / shutdown. stdout: ready / token / memory / done / error.
+Only rank 0 writes token and done; every rank writes ready, memory (after each request) and its own errors. Logs go to stderr.
 Every rank gets the same request from its agent; ranks check they agree on it (all_gather of a
 digest) and agree each step on stop/cancel (one all_sum per token), so they stop at the same
 step or not at all. The worker exits when stdin closes (its agent died) and, on Linux, also by
@@ -238,6 +238,13 @@ def load(args, group):
     return model, tokenizer, config, mode, layers
 
 
+def memory_report(mx):
+    """MLX's own allocator counters for this rank (bytes). On the CPU backend (Linux) MLX tracks
+    them as on Metal: active = live arrays (weights, caches), peak = the most ever live since the
+    last reset_peak_memory(); buffers MLX keeps cached for reuse count in neither."""
+    return {"active_bytes": int(mx.get_active_memory()), "peak_bytes": int(mx.get_peak_memory())}
+
+
 def request_digest(req):
     canon = {k: req.get(k) for k in ("id", "prompt", "tokens", "messages", "continue_tokens", "max_tokens", "temperature", "top_p", "seed", "ignore_eos")}
     h = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).digest()
@@ -284,6 +291,8 @@ def serve(model, tokenizer, config, group, inbox):
         rid = str(req.get("id"))
         debug(f"request {rid}")
         started = time.monotonic()
+        # Each request's memory line reports the peak of that request alone (weights included).
+        mx.reset_peak_memory()
         try:
             toks = prompt_tokens(req, tokenizer)
             if any(t < 0 or t >= vocab for t in toks):
@@ -348,6 +357,8 @@ def serve(model, tokenizer, config, group, inbox):
                 finish = "cancelled"
                 break
         inbox.forget(rid)
+        # Before done, so a driver that holds rank 0 has its memory line when done arrives.
+        emit({"type": "memory", "id": rid, "rank": rank, **memory_report(mx)})
         if rank == 0:
             detok.finalize()
             elapsed = (time.monotonic() - started) * 1000
@@ -378,7 +389,7 @@ def main():
     emit({
         "type": "ready", "rank": group.rank() if group else 0, "size": group.size() if group else 1,
         "mode": mode, "layers": layers, "load_ms": round((time.monotonic() - t0) * 1000), "pid": os.getpid(),
-        "mlx": mx.__version__, "device": str(mx.default_device()),
+        "mlx": mx.__version__, "device": str(mx.default_device()), "memory": memory_report(mx),
     })
     try:
         serve(model, tokenizer, config, group, inbox)

@@ -5,6 +5,14 @@ import { z } from 'zod';
  * (`mlx_worker.py`). Worker → driver lines are validated here, once, at the edge.
  */
 
+/**
+ * MLX's own allocator counters of one rank (mx.get_active_memory / mx.get_peak_memory), which
+ * MLX keeps on its CPU backend as on Metal. In `ready`: after the load (peak = the load's own
+ * peak). In `memory`: after a request, peak since that request began.
+ */
+const rankMemorySchema = z.object({ active_bytes: z.number().int().nonnegative(), peak_bytes: z.number().int().nonnegative() });
+export type RankMemory = z.infer<typeof rankMemorySchema>;
+
 export const workerMessageSchema = z.discriminatedUnion('type', [
   z.object({ type: z.literal('starting'), rank: z.number().int(), pid: z.number().int() }),
   z.object({
@@ -17,7 +25,9 @@ export const workerMessageSchema = z.discriminatedUnion('type', [
     pid: z.number().int(),
     mlx: z.string(),
     device: z.string(),
+    memory: rankMemorySchema,
   }),
+  z.object({ type: z.literal('memory'), id: z.string(), rank: z.number().int(), ...rankMemorySchema.shape }),
   z.object({
     type: z.literal('token'),
     id: z.string(),
@@ -46,6 +56,7 @@ export type WorkerMessage = z.infer<typeof workerMessageSchema>;
 export type ReadyMessage = Extract<WorkerMessage, { type: 'ready' }>;
 export type TokenMessage = Extract<WorkerMessage, { type: 'token' }>;
 export type DoneMessage = Extract<WorkerMessage, { type: 'done' }>;
+export type MemoryMessage = Extract<WorkerMessage, { type: 'memory' }>;
 
 /** Parse one stdout line of a worker; undefined for anything that is not a protocol line. */
 export function parseWorkerLine(line: string): WorkerMessage | undefined {

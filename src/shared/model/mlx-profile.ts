@@ -28,6 +28,13 @@ export interface MlxModelProfile extends ModelProfile {
     /** mlx-lm quantization (bits, group size, mode) when the checkpoint is quantized. */
     readonly quantization: { readonly bits: number; readonly groupSize: number; readonly mode: string } | undefined;
     readonly files: readonly string[];
+    /**
+     * Bytes per layer that tensor parallel keeps whole on every rank (mlx-lm's `shard()` splits
+     * the attention and MLP projections, not the norms, the MoE router or a row-parallel bias).
+     */
+    readonly replicatedLayerBytes: readonly number[];
+    /** Bytes per element of activations and KV cache: the float type the norms are stored in. */
+    readonly activationBytes: number;
   };
 }
 
@@ -126,6 +133,7 @@ const configSchema = z
     num_local_experts: z.number().int().nonnegative().optional(),
     num_experts: z.number().int().nonnegative().optional(),
     num_experts_per_tok: z.number().int().nonnegative().optional(),
+    moe_intermediate_size: z.number().int().nonnegative().optional(),
     n_routed_experts: z.number().int().nonnegative().nullish(),
     kv_lora_rank: numberish.optional(),
     qk_rope_head_dim: numberish.optional(),
@@ -153,6 +161,8 @@ const FAMILY: Readonly<Record<string, ExactArch>> = {
 };
 
 const LAYER_RE = /(?:^|\.)layers\.(\d+)\./;
+/** Tensors `shard()` leaves whole: norms, the MoE router (`mlp.gate`, not `gate_proj`), biases of row-parallel projections. */
+const REPLICATED_RE = /norm\.|\.mlp\.gate\.|\.(o_proj|down_proj)\.bias$/;
 const EXPERT_RE = /\.(switch_mlp|experts)\./;
 
 type MlxConfig = z.infer<typeof configSchema>;
@@ -189,7 +199,7 @@ function hyperparameters(c: MlxConfig) {
   if (experts > 0 && (expertsUsed === 0 || expertsUsed > experts)) {
     throw new UsageError(`config.json says ${expertsUsed} of ${experts} experts are used per token`);
   }
-  const moe = experts > 0 ? { experts, expertsUsed, expertFfn: 0, shared: 0 } : undefined;
+  const moe = experts > 0 ? { experts, expertsUsed, expertFfn: c.moe_intermediate_size ?? 0, shared: 0 } : undefined;
   let swaMask: boolean[] | undefined;
   if (c.layer_types) {
     if (c.layer_types.length !== layerCount) {
@@ -220,6 +230,8 @@ function tensorBytes(tensors: readonly SafetensorsTensor[], layerCount: number, 
   const weight = new Array<number>(layerCount).fill(0);
   const read = new Array<number>(layerCount).fill(0);
   const largest = new Array<number>(layerCount).fill(0);
+  const replicated = new Array<number>(layerCount).fill(0);
+  let activationBytes = 0;
   const dtypeBytes = new Map<string, number>();
   let embedBytes = 0;
   let embedRows = 0;
@@ -239,6 +251,10 @@ function tensorBytes(tensors: readonly SafetensorsTensor[], layerCount: number, 
       weight[il]! += t.bytes;
       read[il]! += moe && EXPERT_RE.test(t.name) ? (t.bytes * moe.expertsUsed) / moe.experts : t.bytes;
       largest[il] = Math.max(largest[il]!, t.bytes);
+      if (REPLICATED_RE.test(t.name)) {
+        replicated[il]! += t.bytes;
+        if (/norm\.weight$/.test(t.name)) activationBytes ||= DTYPE_BYTES[t.dtype] ?? 0;
+      }
       dtypeBytes.set(t.dtype, (dtypeBytes.get(t.dtype) ?? 0) + t.bytes);
     } else if (/(^|\.)embed_tokens\./.test(t.name)) {
       embedBytes += t.bytes;
@@ -255,7 +271,7 @@ function tensorBytes(tensors: readonly SafetensorsTensor[], layerCount: number, 
   for (let il = 0; il < layerCount; il++) {
     if (weight[il] === 0) throw new UsageError(`checkpoint has no tensors for layer ${il}`);
   }
-  return { weight, read, largest, dtypeBytes, embedBytes, headBytes, normBytes, otherBytes, total };
+  return { weight, read, largest, replicated, activationBytes: activationBytes || 2, dtypeBytes, embedBytes, headBytes, normBytes, otherBytes, total };
 }
 
 /** mlx-lm's quantization as a type name ("Q4g64"), else the dtype holding the most layer bytes. */
@@ -311,6 +327,8 @@ export function mlxModelProfile(configJson: unknown, tensors: readonly Safetenso
       modelType: c.model_type,
       quantization: q ? { bits: q.bits, groupSize: q.group_size, mode: q.mode ?? 'affine' } : undefined,
       files: [...files],
+      replicatedLayerBytes: t.replicated,
+      activationBytes: t.activationBytes,
     },
   };
 }
