@@ -174,7 +174,8 @@ describe('EngineTunnels: a head and a worker agent', () => {
 describe('EngineTunnels: MLX ring ranks', () => {
   it('a rank registers its own ring port, reaches same-node ranks directly and other nodes through a forwarder; release closes the door', async () => {
     const worker = new EngineTunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log });
-    const head = new EngineTunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, log });
+    // a short wait for a rank that is not listening yet, so the "gone" case below ends quickly
+    const head = new EngineTunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, ringWaitMs: 2000, log });
     await worker.start();
     await head.start();
     cleanup.push(() => worker.close(), () => head.close());
@@ -186,12 +187,14 @@ describe('EngineTunnels: MLX ring ranks', () => {
       { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: rank1.port },
       { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: 41002 },
     ];
-    // before rank 1 registered, nothing on worker-1 is reachable through its tunnel
     const r0 = await head.ringEndpoints('r0', 0, ring);
     expect(r0[0]).toBe('127.0.0.1:41000');
     const toRank1 = Number(r0[1]!.split(':')[1]);
     expect(toRank1).not.toBe(rank1.port);
-    expect(await roundTrip(toRank1, Buffer.from('x'))).toBeUndefined();
+    // rank 0 dials before rank 1's agent registered its port: the forwarder holds the connection
+    // and dials again until rank 1 is there (ranks of one ring start in parallel)
+    const early = roundTrip(toRank1, Buffer.from('early'));
+    await new Promise((r) => setTimeout(r, 300));
 
     const r1 = await worker.ringEndpoints('r1', 1, ring);
     expect(r1[1]).toBe(`127.0.0.1:${rank1.port}`); // its own bind address
@@ -199,20 +202,25 @@ describe('EngineTunnels: MLX ring ranks', () => {
     expect(r1[0]).toMatch(/^127\.0\.0\.1:\d+$/); // head-1: a forwarder
     expect(r1[0]).not.toBe('127.0.0.1:41000');
     expect(await worker.ringEndpoints('r1', 1, ring)).toEqual(r1); // idempotent (the "wait for ready" repeat)
+    expect(await early).toEqual(Buffer.from('early'));
     const payload = Buffer.from('ring all_gather'.repeat(500));
     expect(await roundTrip(toRank1, payload)).toEqual(payload);
     await vi.waitFor(async () => {
-      expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: payload.length, received: payload.length }]);
-      expect(await worker.bytes()).toEqual([{ peer: 'head-1', sent: payload.length, received: payload.length }]);
+      const n = payload.length + 'early'.length;
+      expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: n, received: n }]);
+      expect(await worker.bytes()).toEqual([{ peer: 'head-1', sent: n, received: n }]);
     });
 
     // another engine cannot claim rank 1's port; a rank must run on the node its entry names
     await expect(worker.ringEndpoints('other', 1, ring)).rejects.toMatchObject({ code: 'ALREADY_EXISTS' });
     await expect(worker.ringEndpoints('r0-here', 0, ring)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT', message: expect.stringMatching(/names node head-1/) });
 
-    // the rank is gone: its port is no engine of worker-1 any more
+    // the rank is gone: its port is no engine of worker-1 any more, and the wait for it is bounded
     await worker.release('r1');
+    const t0 = Date.now();
     expect(await roundTrip(toRank1, Buffer.from('x'))).toBeUndefined();
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(1000);
+    expect(Date.now() - t0).toBeLessThan(5000);
   });
 });
 

@@ -9,7 +9,7 @@ import { type ClusterCa, createClusterCa, createKeyAndCsr, issueCertificate } fr
 import type { Role } from '../../src/shared/pki/identity.ts';
 import type { NodeCredentials } from '../../src/shared/pki/store.ts';
 import { EnginePorts } from '../../src/node/tunnel/engine-ports.ts';
-import { type TunnelForwarder, startTunnelForwarder } from '../../src/node/tunnel/forwarder.ts';
+import { type TunnelForwarder, TunnelRefused, retryWhilePending, startTunnelForwarder } from '../../src/node/tunnel/forwarder.ts';
 import { type TunnelListener, startTunnelListener } from '../../src/node/tunnel/listener.ts';
 import { MAX_LINE_BYTES, PreambleError, encodeReply, encodeRequest, parseReply, parseRequest, readLine } from '../../src/node/tunnel/preamble.ts';
 
@@ -288,6 +288,66 @@ describe('TLS tunnel: who gets in', () => {
       s.on('error', () => {});
     });
     expect(parseReply(reply.trim())).toEqual({ ok: false, error: 'malformed preamble' });
+  });
+});
+
+describe('a remote engine that is not listening yet (MLX ring ranks start in parallel)', () => {
+  it('retries only pending refusals, 50 ms doubling to 1 s, never past the bound', async () => {
+    let t = 0;
+    const waits: number[] = [];
+    const clock = {
+      now: () => t,
+      sleep: async (ms: number) => {
+        waits.push(ms);
+        t += ms;
+      },
+    };
+    let calls = 0;
+    const pending = () => {
+      calls++;
+      return Promise.reject(new TunnelRefused('not an engine yet', true));
+    };
+    await expect(retryWhilePending(pending, 5000, clock)).rejects.toThrow('not an engine yet');
+    expect(waits).toEqual([50, 100, 200, 400, 800, 1000, 1000, 1000]);
+    expect(waits.reduce((a, b) => a + b)).toBeLessThanOrEqual(5000);
+    expect(calls).toBe(waits.length + 1);
+    // a final refusal, or any other error, is not retried
+    for (const err of [new TunnelRefused('revoked', false), new Error('handshake timed out')]) {
+      waits.length = 0;
+      await expect(retryWhilePending(() => Promise.reject(err), 5000, clock)).rejects.toBe(err);
+      expect(waits).toEqual([]);
+    }
+    // success on the third dial; nothing retried without a bound
+    let n = 0;
+    expect(await retryWhilePending(() => (++n < 3 ? pending() : Promise.resolve('up')), 5000, clock)).toBe('up');
+    await expect(retryWhilePending(pending, 0, clock)).rejects.toBeInstanceOf(TunnelRefused);
+    // a cancelled wait (the local side went away) stops at once
+    waits.length = 0;
+    await expect(retryWhilePending(pending, 5000, { ...clock, cancelled: () => true })).rejects.toBeInstanceOf(TunnelRefused);
+    expect(waits).toEqual([]);
+  });
+
+  it('a forwarder holds the connection until the worker registers the engine, and the bytes then flow', async () => {
+    const t = await setup();
+    const late = await echoEngine();
+    cleanup.push(() => new Promise((r) => late.server.close(() => r())));
+    const f = await startTunnelForwarder({ remote: { host: '127.0.0.1', port: t.listener.port }, enginePort: late.port, expectPeer: { id: 'worker-1' }, credentials: head, waitForEngineMs: 10_000 });
+    cleanup.push(() => f.close());
+    const payload = randomBytes(64 * 1024);
+    const answer = exchange(f.port, payload);
+    await new Promise((r) => setTimeout(r, 400));
+    expect(t.refused.length).toBeGreaterThan(0); // dialled and refused while not registered
+    expect(t.refused.every((r) => r === `port ${late.port} is not an engine of this node`)).toBe(true);
+    t.enginePorts.register(late.port, 'rank-1');
+    const got = await answer;
+    expect(got.error).toBeUndefined();
+    expect(Buffer.compare(got.data.subarray(0, payload.length), payload)).toBe(0);
+    expect(f.connections()).toBe(1);
+  });
+
+  it('the listener marks "not (yet) an engine" and "not accepting" as pending, every other refusal as final', () => {
+    expect(parseReply(encodeReply({ ok: false, error: 'x', pending: true }).trim())).toEqual({ ok: false, error: 'x', pending: true });
+    expect(parseReply('{"ok":false,"error":"x","pending":false}')).toBeUndefined();
   });
 });
 

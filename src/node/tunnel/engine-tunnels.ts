@@ -45,8 +45,18 @@ export interface EngineTunnelsOptions {
   readonly port: number;
   /** Revocation as the coordinator announces it; asked on every new tunnel connection. */
   readonly isRevoked?: ((peer: VerifiedPeer) => boolean) | undefined;
+  /** How long a ring rank's forwarder waits for a remote rank that is not listening yet (default RING_WAIT_MS). */
+  readonly ringWaitMs?: number | undefined;
   readonly log: Logger;
 }
+
+/**
+ * Ranks of one ring start in parallel on different nodes, so a rank may dial a neighbour whose
+ * agent has not registered (or whose process has not bound) its ring port yet. MLX itself
+ * retries a refused dial for about 31 s; through a forwarder the local dial always succeeds, so
+ * the forwarder does that waiting instead, for as long.
+ */
+export const RING_WAIT_MS = 30_000;
 
 /** A peer whose tunnel this node probes (the coordinator names them: the nodes it may pair us with). */
 export interface LinkPeer {
@@ -119,17 +129,17 @@ export class EngineTunnels {
    * `targets`, opening one forwarder per remote target. Idempotent per engine id (a StartEngine
    * retry reuses them).
    */
-  endpoints(engineId: string, targets: readonly RpcTarget[]): Promise<readonly string[]> {
+  endpoints(engineId: string, targets: readonly RpcTarget[], waitForEngineMs = 0): Promise<readonly string[]> {
     let head = this.#heads.get(engineId);
     if (!head) {
-      head = this.#open(targets);
+      head = this.#open(targets, waitForEngineMs);
       this.#heads.set(engineId, head);
       head.catch(() => this.#heads.delete(engineId));
     }
     return head.then((h) => h.endpoints);
   }
 
-  async #open(targets: readonly RpcTarget[]): Promise<HeadTunnels> {
+  async #open(targets: readonly RpcTarget[], waitForEngineMs: number): Promise<HeadTunnels> {
     const o = this.#o;
     const self = { nodeId: o.nodeId, hasCredentials: o.credentials !== undefined };
     const routes = targets.map((t) => rpcRoute(t, self));
@@ -146,6 +156,7 @@ export class EngineTunnels {
           enginePort: r.target.enginePort,
           expectPeer: { id: r.target.nodeId },
           credentials: o.credentials!,
+          waitForEngineMs,
           onError: (message) => o.log.warn({ peer: r.target.nodeId, err: message }, 'tunnel to a remote engine failed'),
         });
         forwarders.push(Object.assign(f, { peer: r.target.nodeId }));
@@ -174,7 +185,7 @@ export class EngineTunnels {
       return Promise.reject(new EngineRequestError('ALREADY_EXISTS', `ring port ${own.enginePort} belongs to engine ${holder} of this node`));
     }
     this.enginePorts.register(own.enginePort, engineId);
-    return this.endpoints(engineId, ring);
+    return this.endpoints(engineId, ring, this.#o.ringWaitMs ?? RING_WAIT_MS);
   }
 
   /**

@@ -18,6 +18,12 @@ export interface TunnelForwarderOptions {
   /** Local port for the engine to dial (`--rpc 127.0.0.1:<port>`); 0 = any free port. */
   readonly localPort?: number;
   readonly timeoutMs?: number;
+  /**
+   * How long to keep dialling while the worker answers that the engine port is not listening
+   * yet (an MLX ring rank starting on the other node); 0 = refuse at once (a llama.cpp head:
+   * its rpc-servers run before it starts, so a refusal there is final).
+   */
+  readonly waitForEngineMs?: number;
   readonly onError?: (message: string) => void;
 }
 
@@ -65,7 +71,11 @@ export async function startTunnelForwarder(o: TunnelForwarderOptions): Promise<T
   };
   const server = createServer({ allowHalfOpen: true, noDelay: true }, (local) => {
     track(local);
-    void open(o, sessions, track)
+    // until relay() takes over: a reset from the engine must not be an unhandled 'error'
+    local.on('error', () => local.destroy());
+    // While the worker's engine is not up yet the local connection is held (what the engine
+    // writes meanwhile waits in its buffer): closing it would look like a dead peer to the rank.
+    void retryWhilePending(() => open(o, sessions, track), o.waitForEngineMs ?? 0, { cancelled: () => local.destroyed })
       .then((tls) => {
         connections += 1;
         if (tls.isSessionReused()) resumed += 1;
@@ -121,6 +131,43 @@ export interface TunnelDial {
   readonly sessions?: TunnelSessions;
 }
 
+/** The worker answered no. `pending`: the engine port is not listening yet, so a later dial may succeed. */
+export class TunnelRefused extends Error {
+  override readonly name = 'TunnelRefused';
+  constructor(
+    message: string,
+    readonly pending: boolean,
+  ) {
+    super(message);
+  }
+}
+
+export interface RetryClock {
+  readonly now?: () => number;
+  readonly sleep?: (ms: number) => Promise<void>;
+  /** Stop early (the engine side went away). */
+  readonly cancelled?: () => boolean;
+}
+
+/**
+ * Dial again while the refusal is `pending`: 50 ms doubling to 1 s between attempts, no attempt
+ * after `forMs`. Any other failure, or one after the bound, is thrown as it came. MLX's own ring
+ * dial retries for about 31 s, so a ring forwarder waits as long as the rank would have.
+ */
+export async function retryWhilePending<T>(dial: () => Promise<T>, forMs: number, clock: RetryClock = {}): Promise<T> {
+  const now = clock.now ?? Date.now;
+  const sleep = clock.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
+  const deadline = now() + forMs;
+  for (let delay = 50; ; delay = Math.min(1000, delay * 2)) {
+    try {
+      return await dial();
+    } catch (err) {
+      if (!(err instanceof TunnelRefused && err.pending) || now() + delay > deadline || clock.cancelled?.()) throw err;
+    }
+    await sleep(delay);
+  }
+}
+
 /** One authenticated session to the worker, past the preamble, ready to carry engine bytes. */
 function open(o: TunnelForwarderOptions, sessions: TunnelSessions, track: (s: Socket) => void): Promise<TLSSocket> {
   return dialTunnel({ ...o, sessions }, encodeRequest(o.enginePort), track);
@@ -163,7 +210,7 @@ export async function dialTunnel(o: TunnelDial, requestLine: string, track: (s: 
     tls.write(requestLine);
     const reply = parseReply(await readLine(tls, timeoutMs));
     if (!reply) throw new Error(`${where}: malformed reply`);
-    if (!reply.ok) throw new Error(`${where} refused: ${reply.error}`);
+    if (!reply.ok) throw new TunnelRefused(`${where} refused: ${reply.error}`, reply.pending === true);
     return tls;
   } catch (err) {
     tls.destroy();

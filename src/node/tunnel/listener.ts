@@ -110,9 +110,9 @@ interface Sessions {
 }
 
 async function accept(tls: TLSSocket, o: TunnelListenerOptions, { stats, sockets, byPeer }: Sessions): Promise<void> {
-  const refuse = (error: string, peer?: VerifiedPeer) => {
+  const refuse = (error: string, peer?: VerifiedPeer, pending?: true) => {
     o.onRefused?.(error, peer);
-    tls.end(encodeReply({ ok: false, error }));
+    tls.end(encodeReply(pending ? { ok: false, error, pending } : { ok: false, error }));
   };
   const auth = authorize(tls, o);
   if ('error' in auth) return refuse(auth.error, auth.peer);
@@ -131,14 +131,14 @@ async function accept(tls: TLSSocket, o: TunnelListenerOptions, { stats, sockets
     tls.write(encodeReply({ ok: true }));
     return serveProbe(tls);
   }
-  if (o.enginePorts.engine(request.port) === undefined) return refuse(`port ${request.port} is not an engine of this node`, auth.peer);
+  if (o.enginePorts.engine(request.port) === undefined) return refuse(`port ${request.port} is not an engine of this node`, auth.peer, true);
   const engine = connect({ host: '127.0.0.1', port: request.port, allowHalfOpen: true, noDelay: true });
   track(sockets, engine);
   const ready = await new Promise<boolean>((resolve) => {
     engine.once('connect', () => resolve(true));
     engine.once('error', () => resolve(false));
   });
-  if (!ready) return refuse(`engine on port ${request.port} is not accepting connections`, auth.peer);
+  if (!ready) return refuse(`engine on port ${request.port} is not accepting connections`, auth.peer, true);
   const peerId = auth.peer.id;
   const mine = byPeer.get(peerId) ?? new Set<Socket>();
   byPeer.set(peerId, mine.add(tls));

@@ -19,7 +19,9 @@ const ProbeRequest = z.strictObject({ v: z.literal(PREAMBLE_VERSION), probe: z.l
 const Request = z.union([EngineRequest, ProbeRequest]);
 export type TunnelRequest = z.infer<typeof Request>;
 
-const Reply = z.union([z.strictObject({ ok: z.literal(true) }), z.strictObject({ ok: z.literal(false), error: z.string().max(200) })]);
+// `pending`: the port is not (yet) an engine that accepts, which a rank starting on the other node
+// becomes within seconds; every other refusal is final.
+const Reply = z.union([z.strictObject({ ok: z.literal(true) }), z.strictObject({ ok: z.literal(false), error: z.string().max(200), pending: z.literal(true).optional() })]);
 export type TunnelReply = z.infer<typeof Reply>;
 
 export function encodeRequest(port: number): string {
