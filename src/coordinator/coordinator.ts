@@ -277,7 +277,7 @@ function dialAgents(o: CoordinatorOptions, membership: Membership, remembered: r
     // the TXT record (advertise.ts) is what the agent claims: shown for a discovered agent, never trusted
     (address, txt, name) => membership.sighted(address, { nodeId: txt.id, name, chip: txt.chip, memoryBytes: /^\d+$/.test(txt.ram ?? '') ? Number(txt.ram) : undefined }),
     log,
-    { interface: o.mdnsInterface },
+    { interface: o.mdnsInterface, onGone: (address) => membership.unsighted(address) },
   );
 }
 

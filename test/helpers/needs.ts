@@ -1,4 +1,5 @@
 import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { describe, it } from 'vitest';
 import { findNatsServer } from '../../src/coordinator/nats/server.ts';
@@ -48,6 +49,12 @@ export function program(name: string, args: readonly string[] = ['-V']): Need<st
   } catch {
     return unmet(`\`${name}\` is not installed (.ci/run installs it)`);
   }
+}
+
+/** Debian's Chromium (or ORCHARD_CHROMIUM) for the console tests; playwright-core drives it, no browser download. */
+export function chromiumBrowser(): Need<string> {
+  const path = [process.env.ORCHARD_CHROMIUM, '/usr/bin/chromium', '/usr/bin/chromium-browser'].find((p): p is string => !!p && existsSync(p));
+  return path ? met(path) : unmet('no chromium (apt-get install chromium)');
 }
 
 /** Network namespaces: root, and an `ip` that can list them. */

@@ -1,15 +1,15 @@
-import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { type Browser, type BrowserContext, chromium, type Page } from 'playwright-core';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../../src/cli/demo-model.ts';
 import { type LocalCluster, startLocalCluster } from '../../src/cli/local-cluster.ts';
-import { describeWith, llamaEngines, type Need } from '../helpers/needs.ts';
+import { chromiumBrowser, describeWith, llamaEngines } from '../helpers/needs.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { orchard } from '../helpers/processes.ts';
+import { axeViolations } from '../helpers/axe.ts';
 
 /*
  * The cluster console in a real Chromium (Debian's package, driven by playwright-core; no
@@ -22,14 +22,12 @@ import { orchard } from '../helpers/processes.ts';
 
 const env: NodeJS.ProcessEnv = { ...process.env };
 const engines = await llamaEngines(env);
-const CHROMIUM_PATH = [process.env.ORCHARD_CHROMIUM, '/usr/bin/chromium', '/usr/bin/chromium-browser'].find((p): p is string => !!p && existsSync(p));
-const chromiumNeed: Need<string> = CHROMIUM_PATH ? { ok: true, value: CHROMIUM_PATH } : { ok: false, reason: 'no chromium (apt-get install chromium)' };
-const CHROMIUM = CHROMIUM_PATH ?? '';
+const chromiumNeed = chromiumBrowser();
+const CHROMIUM = chromiumNeed.ok ? chromiumNeed.value : '';
 
 const API_KEY = 'console-key-0123';
 const MODEL = 'tiny';
 const ARTIFACTS = new URL('../../test-artifacts/console/', import.meta.url).pathname;
-const AXE = new URL('../../node_modules/axe-core/axe.min.js', import.meta.url).pathname;
 
 let tmp = '';
 let modelPath = '';
@@ -48,17 +46,6 @@ async function cliJson(args: string[]): Promise<Record<string, unknown>> {
   const r = await cli([...args, '--json']);
   expect(r.stdout, r.stderr).not.toBe('');
   return JSON.parse(r.stdout) as Record<string, unknown>;
-}
-
-/** axe-core's serious and critical violations on the page as it is now. */
-async function axeViolations(p: Page): Promise<{ id: string; impact: string; targets: string[] }[]> {
-  if (!(await p.evaluate(() => 'axe' in window))) await p.addScriptTag({ content: await readFile(AXE, 'utf8') });
-  const found = await p.evaluate(async () => {
-    const axe = (window as unknown as { axe: { run(ctx: Document): Promise<{ violations: { id: string; impact: string; nodes: { target: string[] }[] }[] }> } }).axe;
-    const r = await axe.run(document);
-    return r.violations.map((v) => ({ id: v.id, impact: v.impact, targets: v.nodes.map((n) => n.target.join(' ')) }));
-  });
-  return found.filter((v) => v.impact === 'serious' || v.impact === 'critical');
 }
 
 async function show(view: string): Promise<void> {

@@ -94,7 +94,7 @@ export function discoveredStatusToWire(d: DiscoveredAgent, now = Date.now()): Re
     state: 'NODE_STATE_DISCOVERED',
     address: d.address,
     discoveredBy: 'mdns',
-    lastSeenSeconds: (now - d.firstSeenMs) / 1000,
+    lastSeenSeconds: (now - d.lastSeenMs) / 1000,
   };
 }
 

@@ -10,7 +10,18 @@ export interface DiscoveryOptions {
    * via this interface (binding the unicast address never sees multicast; see notes/bonjour.md).
    */
   readonly interface?: string | undefined;
+  /** An advertisement went away (a goodbye): its address. */
+  readonly onGone?: ((address: string) => void) | undefined;
+  /** How often to browse afresh, so every agent still announced is reported again (default DISCOVERY_REFRESH_MS). */
+  readonly refreshMs?: number | undefined;
 }
+
+/**
+ * bonjour-service reports a record once, and keeps it until a goodbye or its 8-hour PTR TTL. A
+ * fresh browser every minute reports again whoever answers now, which is what lets a discovered
+ * agent that vanished silently age out (DISCOVERED_TTL_MS is three of these).
+ */
+export const DISCOVERY_REFRESH_MS = 60_000;
 
 /**
  * Which address of a Bonjour sighting to dial: the address the answer came from when the
@@ -27,10 +38,12 @@ export function pickServiceAddress(s: { addresses?: readonly string[] | undefine
   return host.includes(':') ? `[${host}]:${s.port}` : `${host}:${s.port}`;
 }
 
-/** Browse `_orchard._tcp` and report every agent address seen (repeated sightings included). */
+/** Browse `_orchard._tcp` and report every agent address seen (repeated sightings included) and every goodbye. */
 export class Discovery {
   readonly #bonjour: Bonjour;
-  readonly #browser: Browser;
+  #browser: Browser;
+  readonly #browse: () => Browser;
+  readonly #timer: NodeJS.Timeout;
 
   constructor(onAgent: (address: string, txt: Record<string, string>, name: string) => void, log: Logger, options: DiscoveryOptions = {}) {
     // bonjour-service passes these through to multicast-dns, whose options its types omit.
@@ -46,16 +59,31 @@ export class Discovery {
       log.debug({ name: s.name, address, txt }, 'mDNS sighting');
       onAgent(address, txt, s.name);
     };
-    this.#browser = this.#bonjour.find({ type: ORCHARD_SERVICE_TYPE, protocol: 'tcp' }, seen);
-    this.#browser.on('srv-update', seen);
+    const gone = (s: Service) => {
+      const address = pickServiceAddress(s);
+      log.debug({ name: s.name, address }, 'mDNS goodbye');
+      if (address) options.onGone?.(address);
+    };
+    this.#browse = () => {
+      const b = this.#bonjour.find({ type: ORCHARD_SERVICE_TYPE, protocol: 'tcp' }, seen);
+      b.on('srv-update', seen);
+      b.on('down', gone);
+      return b;
+    };
+    this.#browser = this.#browse();
+    this.#timer = setInterval(() => this.refresh(), options.refreshMs ?? DISCOVERY_REFRESH_MS);
+    this.#timer.unref();
   }
 
-  /** Ask again (agents that came up since are answered). */
+  /** Browse afresh: every agent that answers is reported again (agents that came up since too). */
   refresh(): void {
-    this.#browser.update();
+    const old = this.#browser;
+    this.#browser = this.#browse();
+    old.stop();
   }
 
   close(): Promise<void> {
+    clearInterval(this.#timer);
     this.#browser.stop();
     return new Promise((resolve) => this.#bonjour.destroy(() => resolve()));
   }

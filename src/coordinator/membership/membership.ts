@@ -5,31 +5,16 @@ import type { Logger } from '../../shared/log.ts';
 import { errorMessage } from '../../shared/errors.ts';
 import type { TlsCredentials } from '../../shared/pki/grpc-tls.ts';
 import { AgentClient, type AgentEvent, agentEventFromWire } from './agent-client.ts';
+import { type Announced, type DiscoveredAgent, DiscoveredList } from './discovered.ts';
 import { type DiscoveredBy, type NodeEntry, Registry, type RegistryChange, type RegistryOptions } from './registry.ts';
+
+export type { DiscoveredAgent } from './discovered.ts';
 
 export interface MembershipEvents {
   change: [change: RegistryChange];
   'agent-event': [nodeId: string, event: AgentEvent];
   /** A heartbeat on the node's Watch stream (the event bus relays them; liveness already counted it). */
   heartbeat: [nodeId: string];
-}
-
-/**
- * An agent Bonjour announced that is not a member: it could not be dialled over mutual TLS (it
- * holds no certificate of this cluster yet, or answers with another cluster's). What is shown is
- * what its TXT record claims (unproven); nothing is sent to it but TLS handshakes, which carry no
- * secret. It becomes a member, and leaves this list, once a dial succeeds.
- */
-export interface DiscoveredAgent {
-  readonly address: string;
-  /** As announced (TXT `id`), not proven. */
-  readonly nodeId: string;
-  readonly name: string;
-  readonly chip: string;
-  readonly memoryBytes: number;
-  readonly firstSeenMs: number;
-  /** Why it is not a member: the last dial's error. */
-  readonly reason: string;
 }
 
 interface Link {
@@ -42,6 +27,13 @@ interface Link {
   retry: NodeJS.Timeout | undefined;
   attempt: number;
   closed: boolean;
+}
+
+export interface MembershipOptions {
+  /** How long a discovered agent stays listed after its last Bonjour sighting (default DISCOVERED_TTL_MS). */
+  readonly discoveredTtlMs?: number | undefined;
+  /** The clock discovered entries age by (tests move it); liveness keeps the real one. */
+  readonly now?: (() => number) | undefined;
 }
 
 /**
@@ -62,23 +54,29 @@ export class Membership extends EventEmitter<MembershipEvents> {
 
   readonly #revoked: () => readonly string[];
 
-  readonly #discovered = new Map<string, DiscoveredAgent>();
+  readonly #discovered: DiscoveredList;
+  readonly #now: () => number;
 
   /**
    * @param tls the coordinator's cluster credentials (mutual TLS); without them no agent can be added.
    * @param revoked the cluster's revoked node ids: such an agent is refused, and every agent is told the list.
    */
-  constructor(options: RegistryOptions, log: Logger, tls?: TlsCredentials, revoked: () => readonly string[] = () => []) {
+  constructor(options: RegistryOptions, log: Logger, tls?: TlsCredentials, revoked: () => readonly string[] = () => [], o: MembershipOptions = {}) {
     super();
     this.#tls = tls;
     this.#revoked = revoked;
+    this.#discovered = new DiscoveredList(o.discoveredTtlMs);
+    this.#now = o.now ?? Date.now;
     this.registry = new Registry(options);
     this.#log = log;
     // Heartbeats arrive at 4× the suspect rate so one lost message never makes a node suspect;
     // stats (a sample of the machine, slower under memory pressure) keep their own pace.
     this.#heartbeatIntervalSeconds = Math.max(0.1, options.suspectAfterMs / 4000);
     this.#statsIntervalSeconds = Math.max(this.#heartbeatIntervalSeconds, 1);
-    this.#timer = setInterval(() => this.#apply(this.registry.tick(Date.now())), Math.min(250, options.suspectAfterMs / 4));
+    this.#timer = setInterval(() => {
+      this.#apply(this.registry.tick(Date.now()));
+      this.#expireDiscovered();
+    }, Math.min(250, options.suspectAfterMs / 4));
     this.#timer.unref();
   }
 
@@ -90,34 +88,47 @@ export class Membership extends EventEmitter<MembershipEvents> {
 
   /** Agents announced on Bonjour that are not members (yet): `discovered` in status. */
   discovered(): DiscoveredAgent[] {
-    return [...this.#discovered.values()].sort((a, b) => a.name.localeCompare(b.name) || a.address.localeCompare(b.address));
+    return this.#discovered.list();
   }
 
   /**
    * A Bonjour sighting: dial it (see add). An agent that announces a revoked node id is not
    * dialled at all; one that cannot be dialled over mutual TLS is listed as discovered.
    */
-  sighted(address: string, announced: { nodeId?: string | undefined; name?: string | undefined; chip?: string | undefined; memoryBytes?: number | undefined }): void {
+  sighted(address: string, announced: Announced): void {
     if (announced.nodeId && this.#revoked().includes(announced.nodeId)) {
       this.#log.debug({ address, nodeId: announced.nodeId }, 'mDNS sighting of a revoked node: not dialled');
       return;
     }
+    const sightedMs = this.#now();
     const member = this.registry.byAddress(address);
     this.add(address, 'mdns').catch((err) => {
       const reason = errorMessage(err);
       this.#log.debug({ address, err: reason }, 'mDNS sighting not reachable');
       if (member || this.registry.byAddress(address) || !this.#links.has(address)) return;
-      const previous = this.#discovered.get(address);
-      this.#discovered.set(address, {
-        address,
-        nodeId: announced.nodeId ?? '',
-        name: announced.name ?? address,
-        chip: announced.chip ?? '',
-        memoryBytes: announced.memoryBytes ?? 0,
-        firstSeenMs: previous?.firstSeenMs ?? Date.now(),
-        reason,
-      });
+      this.#discovered.record(address, announced, reason, sightedMs);
     });
+  }
+
+  /**
+   * Its advertisement went away (a Bonjour goodbye): a discovered agent is forgotten and no
+   * longer dialled. A member is not touched: its Watch stream says whether it is still there.
+   */
+  unsighted(address: string): void {
+    if (this.#discovered.delete(address)) this.#forgetDiscovered(address);
+  }
+
+  #expireDiscovered(): void {
+    for (const address of this.#discovered.expire(this.#now())) {
+      this.#log.debug({ address }, 'discovered agent not sighted for a while: no longer dialled');
+      this.#forgetDiscovered(address);
+    }
+  }
+
+  /** Stop dialling a discovered address Bonjour found (never a static join, never a member). */
+  #forgetDiscovered(address: string): void {
+    const link = this.#links.get(address);
+    if (link && link.discoveredBy === 'mdns' && !this.registry.byAddress(address)) this.#drop(link);
   }
 
   addresses(by?: DiscoveredBy): string[] {

@@ -3,7 +3,7 @@ import type { Membership } from '../../membership/membership.ts';
 import type { RegistryChange } from '../../membership/registry.ts';
 import type { LoadProgress, Runtime } from '../../instances/runtime.ts';
 import { type ConsoleEvent, EventRing, type ModelSighting, membershipEvent, modelTransitions, progressEvent } from './events.ts';
-import { type Bucket, type ConsoleSnapshot, consoleModel, consoleNode, histogramQuantile, type ModelStats, tokensPerSecondFromItl, usedByEngines } from './snapshot.ts';
+import { type Bucket, type ConsoleSnapshot, consoleDiscovered, consoleModel, consoleNode, histogramQuantile, type ModelStats, tokensPerSecondFromItl, usedByEngines } from './snapshot.ts';
 
 /**
  * The console's live feed: one per coordinator, shared by every open page. It keeps the event
@@ -127,6 +127,7 @@ export class ConsoleFeed {
     const snapshot: ConsoleSnapshot = {
       clusterId: this.#o.clusterId,
       nodes: this.#o.membership.registry.nodes().map((n) => consoleNode(n, used.get(n.nodeId) ?? 0)),
+      discovered: this.#o.membership.discovered().map(consoleDiscovered),
       models: models.map((m) => consoleModel(m, stats(m.name), this.#progress.get(m.name))),
     };
     const json = JSON.stringify(snapshot);

@@ -1,3 +1,4 @@
+import type { DiscoveredAgent } from '../../membership/discovered.ts';
 import type { NodeEntry } from '../../membership/registry.ts';
 import type { LoadProgress, ModelStatus } from '../../instances/runtime.ts';
 
@@ -26,6 +27,20 @@ export interface ConsoleNode {
   readonly usedByEnginesBytes: number;
   readonly availableBytes: number | null;
   readonly memoryPressure: string | null;
+}
+
+/**
+ * An agent announced on Bonjour that is not a member (no certificate of this cluster): what its
+ * record claims, unproven, and why it could not be dialled. Never planned on.
+ */
+export interface ConsoleDiscovered {
+  readonly address: string;
+  readonly claimedId: string;
+  readonly name: string;
+  readonly chip: string;
+  readonly memoryBytes: number;
+  readonly firstSeenMs: number;
+  readonly reason: string;
 }
 
 export interface ConsoleStage {
@@ -63,7 +78,13 @@ export interface ConsoleModel extends ModelStats {
 export interface ConsoleSnapshot {
   readonly clusterId: string;
   readonly nodes: readonly ConsoleNode[];
+  readonly discovered: readonly ConsoleDiscovered[];
   readonly models: readonly ConsoleModel[];
+}
+
+// lastSeenMs is left out: it moves with every Bonjour refresh, and each change would push a snapshot to every page.
+export function consoleDiscovered(d: DiscoveredAgent): ConsoleDiscovered {
+  return { address: d.address, claimedId: d.nodeId, name: d.name, chip: d.chip, memoryBytes: d.memoryBytes, firstSeenMs: d.firstSeenMs, reason: d.reason };
 }
 
 /** Bytes Orchard's engines hold on each node: planned stage totals of models that are not failed. */

@@ -246,7 +246,7 @@ function nodeJson(n: NodeEntry, now: number) {
 
 /** An agent Bonjour announced that is not a member (no certificate of this cluster): what it claims. */
 function discoveredJson(d: DiscoveredAgent, now: number) {
-  return { id: d.nodeId, name: d.name, state: 'discovered', address: d.address, discovered_by: 'mdns', last_seen_seconds: (now - d.firstSeenMs) / 1000, chip: d.chip, memory_bytes: d.memoryBytes, reason: d.reason };
+  return { id: d.nodeId, name: d.name, state: 'discovered', address: d.address, discovered_by: 'mdns', last_seen_seconds: (now - d.lastSeenMs) / 1000, chip: d.chip, memory_bytes: d.memoryBytes, reason: d.reason };
 }
 
 function clusterJson(deps: ApiDeps): Record<string, unknown> {

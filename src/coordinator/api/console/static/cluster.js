@@ -44,14 +44,37 @@ function NodeCard({ node }) {
     </li>`;
 }
 
+/**
+ * An agent announced on Bonjour that holds no certificate of this cluster: listed with what it
+ * claims (unproven) and how to let it in. Never planned on, so no memory bar.
+ */
+function DiscoveredCard({ agent }) {
+  return html`
+    <li class="card node-card discovered" data-node=${agent.name} data-state="discovered" data-address=${agent.address}
+        data-claimed-id=${agent.claimedId} data-memory-bytes=${agent.memoryBytes}>
+      <div class="card-head">
+        <h3>${agent.name}</h3>
+        <span class="badge state-discovered" data-field="state">discovered</span>
+      </div>
+      <p class="muted">${agent.chip || 'chip not announced'} · ${agent.address}${agent.memoryBytes > 0 ? ` · RAM ${bytes(agent.memoryBytes)} (claimed)` : ''}</p>
+      <p>Announced on Bonjour, not joined: no certificate of this cluster, so nothing is sent to it and nothing is placed on it.
+        Join it with <code>orchard node --token …</code> (<code>orchard coordinator token</code> prints one).</p>
+      <p class="muted" data-field="reason">${agent.reason}</p>
+    </li>`;
+}
+
 export function ClusterView({ snapshot }) {
   const nodes = snapshot?.nodes ?? [];
+  const discovered = snapshot?.discovered ?? [];
   const up = nodes.filter((n) => n.state === 'up').length;
   return html`
     <section aria-labelledby="cluster-h">
       <h2 id="cluster-h">Cluster <span class="muted">${up} of ${nodes.length} node${nodes.length === 1 ? '' : 's'} up</span></h2>
       ${nodes.length === 0 ? html`<p>No nodes yet. Start <code>orchard node</code> on each Mac.</p>` : ''}
       <ul class="cards">${nodes.map((n) => html`<${NodeCard} key=${n.id} node=${n} />`)}</ul>
+      ${discovered.length > 0 ? html`
+        <h3 id="discovered-h">Discovered, not joined <span class="muted">${discovered.length}</span></h3>
+        <ul class="cards" aria-labelledby="discovered-h">${discovered.map((d) => html`<${DiscoveredCard} key=${d.address} agent=${d} />`)}</ul>` : ''}
       <p class="legend" aria-hidden="true">
         <span class="swatch used"></span> used by Orchard engines
         <span class="swatch budget"></span> budget (shaded up to it)
