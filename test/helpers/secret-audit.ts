@@ -35,6 +35,13 @@ export class SecretAudit {
     if (parts[0] === 'orchard1' && parts.length === 4) this.#secrets.set(parts[2]!, `${label} (secret part)`);
   }
 
+  /** A private key (PEM) held in memory, e.g. a test CA's: whole, and line by line. */
+  privateKey(label: string, pem: string): void {
+    this.secret(label, pem);
+    // the base64 body lines of a PEM: a log that printed part of a key still matches
+    for (const line of pem.split('\n')) if (line.length >= 40 && !line.startsWith('-----')) this.secret(`${label} (a line)`, line);
+  }
+
   /** Every private key under `dirs` (files named `*.key`, and the coordinator's `admin-key`). Returns how many. */
   async keysUnder(...dirs: string[]): Promise<number> {
     let n = 0;
@@ -42,10 +49,7 @@ export class SecretAudit {
       for (const f of await readdir(dir, { recursive: true, withFileTypes: true })) {
         if (!f.isFile() || !(f.name.endsWith('.key') || f.name === 'admin-key')) continue;
         const path = join(f.parentPath, f.name);
-        const text = await readFile(path, 'utf8');
-        this.secret(path, text);
-        // the base64 body lines of a PEM: a log that printed part of a key still matches
-        for (const line of text.split('\n')) if (line.length >= 40 && !line.startsWith('-----')) this.secret(`${path} (a line)`, line);
+        this.privateKey(path, await readFile(path, 'utf8'));
         n++;
       }
     }

@@ -16,6 +16,7 @@ import { deleteNamespaces, inNamespace, linkNamespaceToHost } from '../helpers/n
 import { describeWith, llamaEngines, networkNamespaces } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 import { ORCHARD_BIN, canConnect, killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
+import { SecretAudit } from '../helpers/secret-audit.ts';
 
 /*
  * Engine traffic never on the open network (issue #12, item 3), with real processes: three
@@ -27,7 +28,8 @@ import { ORCHARD_BIN, canConnect, killGroup, orchard, type Proc, readyLine, spaw
  *   * generation returns the same greedy token ids as one plain llama-server (the oracle);
  *   * from the attacker namespace no rpc-server, llama-server or forwarder port accepts a
  *     connection, and the tunnel port yields nothing without a cluster certificate;
- *   * orchard_rpc_bytes_total > 0 and equal on both ends of each tunnel.
+ *   * orchard_rpc_bytes_total > 0 and equal on both ends of each tunnel;
+ *   * no private key (CA, coordinator, nodes) in the agents' logs or in `ps`, sampled throughout.
  */
 
 const needs = [await llamaEngines(), networkNamespaces()];
@@ -95,8 +97,10 @@ describeWith(needs, 'engine network: tunnels between nodes, nothing reachable fr
   let coordinator: TlsCredentials;
   let model: string;
   const nodes: Node[] = [];
+  const audit = new SecretAudit();
 
   beforeAll(async () => {
+    audit.start();
     bins = needs[0]!.ok ? (needs[0] as { value: LlamaBinaries }).value : (undefined as never);
     deleteNamespaces(NS);
     linkNamespaceToHost(HOST, ATTACKER);
@@ -107,11 +111,14 @@ describeWith(needs, 'engine network: tunnels between nodes, nothing reachable fr
     expect(made.code, made.stderr).toBe(0);
     ca = await testCa('engine-network');
     coordinator = await clientCredentials(ca, 'coordinator', 'coordinator');
+    audit.privateKey('cluster CA key', ca.keyPem);
+    audit.privateKey('coordinator key', coordinator.keyPem);
     const NodeAgent = orchardV1().NodeAgent!;
     for (const name of ['alpha', 'bravo', 'charlie']) {
       const stateDir = join(dir, name);
       const nodeId = await enrollNode(stateDir, ca);
       const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', HOST.ip, '--name', name, '--state-dir', stateDir, '--models-dir', dir, '--json'], env);
+      audit.log(`node ${name}`, proc);
       const ready = await readyLine(proc);
       expect(ready.tunnelPort, `${name} runs a tunnel listener once it holds credentials`).toBeGreaterThan(0);
       const creds = clusterChannelCredentials(coordinator, { role: 'node', id: nodeId });
@@ -121,6 +128,7 @@ describeWith(needs, 'engine network: tunnels between nodes, nothing reachable fr
   }, 180_000);
 
   afterAll(async () => {
+    await audit.stop();
     for (const n of nodes) {
       n.client.close();
       await killGroup(n.proc);
@@ -196,4 +204,14 @@ describeWith(needs, 'engine network: tunnels between nodes, nothing reachable fr
     await unary(alpha.client, 'stopEngine', { engineId: 'head', owner: OWNER });
     for (const p of forwarders) await expect.poll(() => canConnect('127.0.0.1', p), { timeout: 5000 }).toBe(false);
   }, 600_000);
+
+  it('no private key in any agent log or in `ps` while the cluster ran', async () => {
+    await audit.stop();
+    await audit.sample();
+    expect(await audit.keysUnder(...nodes.map((n) => join(dir, n.name)))).toBeGreaterThanOrEqual(3);
+    const f = audit.findings();
+    expect(f.leaks).toEqual([]);
+    expect(f.logBytes).toBeGreaterThan(1000);
+    expect(f.psSnapshots).toBeGreaterThanOrEqual(3);
+  });
 });

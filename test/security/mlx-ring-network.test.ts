@@ -13,6 +13,7 @@ import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
 import { deleteNamespaces, inNamespace, linkNamespaceToHost } from '../helpers/netns.ts';
 import { describeWith, networkNamespaces } from '../helpers/needs.ts';
 import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { SecretAudit } from '../helpers/secret-audit.ts';
 
 /*
  * MLX ring links never on the open network (issue #12, item 3), with real processes: a
@@ -24,7 +25,9 @@ import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc
  *   * every TCP socket of both rank processes is on 127.0.0.1 at both ends (ranks bind loopback
  *     and dial their remote neighbour through a local forwarder), and from the attacker
  *     namespace no ring or forwarder port accepts a connection;
- *   * orchard_rpc_bytes_total > 0 on both agents and equal at the two ends of the tunnel.
+ *   * orchard_rpc_bytes_total > 0 on both agents and equal at the two ends of the tunnel;
+ *   * the join token, the coordinator's keys and the nodes' keys appear in no log and in no
+ *     `ps` output, sampled while the cluster ran.
  */
 
 const needs = [networkNamespaces()];
@@ -100,8 +103,10 @@ describeWith(needs, 'MLX ring links: through the agents\' TLS tunnels, nothing r
   let coordAddr: string;
   const procs: Proc[] = [];
   const agents: Agent[] = [];
+  const audit = new SecretAudit();
 
   beforeAll(async () => {
+    audit.start();
     deleteNamespaces(NS);
     linkNamespaceToHost(HOST, ATTACKER);
     const mlx = await ensureMlxEnv();
@@ -121,13 +126,16 @@ describeWith(needs, 'MLX ring links: through the agents\' TLS tunnels, nothing r
     env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: '60', ORCHARD_MLX_STALL_TIMEOUT: '20', ORCHARD_COORDINATOR_STATE_DIR: coordState };
     const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', coordState, '--heal', 'off', '--json'], env);
     procs.push(coordinator);
+    audit.log('coordinator', coordinator);
     coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
     const t = await orchard(['coordinator', 'token', '--uses', '2', '--ttl', '10m'], env);
     expect(t.code, t.stderr).toBe(0);
+    audit.secret('join token', t.stdout);
     for (const name of ['alpha', 'bravo'] as const) {
       const args = [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', HOST.ip, '--name', name, '--budget', String(budgets[name]), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr];
       const proc = spawnProc(`node ${name}`, args, { ...env, ORCHARD_NODE_TOKEN: t.stdout.trim() });
       procs.push(proc);
+      audit.log(`node ${name}`, proc);
       const ready = await readyLine(proc);
       expect(ready.tunnelPort, `${name} runs a tunnel listener once it joined`).toBeGreaterThan(0);
       agents.push({ name, nodeId: String(ready.nodeId), metricsPort: Number(ready.metricsPort) });
@@ -140,6 +148,7 @@ describeWith(needs, 'MLX ring links: through the agents\' TLS tunnels, nothing r
   }, 600_000);
 
   afterAll(async () => {
+    await audit.stop();
     await Promise.all(procs.splice(0).map(killGroup));
     deleteNamespaces(NS);
     if (dir) await rm(dir, { recursive: true, force: true });
@@ -196,4 +205,15 @@ describeWith(needs, 'MLX ring links: through the agents\' TLS tunnels, nothing r
     const u = await orchard(['unload', 'ring4', '--coordinator', coordAddr], env);
     expect(u.code, u.stderr).toBe(0);
   }, 300_000);
+
+  it('no join token, key or private key in any log or in `ps` while the cluster ran', async () => {
+    await audit.stop();
+    await audit.sample();
+    // the coordinator's CA key and admin key, each node's key (written by the join)
+    expect(await audit.keysUnder(join(dir, 'coord'), join(dir, 'alpha'), join(dir, 'bravo'))).toBeGreaterThanOrEqual(4);
+    const f = audit.findings();
+    expect(f.leaks).toEqual([]);
+    expect(f.logBytes).toBeGreaterThan(1000);
+    expect(f.psSnapshots).toBeGreaterThanOrEqual(3);
+  });
 });
