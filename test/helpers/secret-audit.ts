@@ -2,6 +2,7 @@ import { execFile } from 'node:child_process';
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { expect } from 'vitest';
 
 const execFileP = promisify(execFile);
 
@@ -96,5 +97,20 @@ export class SecretAudit {
       if (/orchard1\.[0-9a-f]{12}\./.test(ps)) leaks.push({ secret: 'a join token', where: `ps snapshot ${i}` });
     });
     return { leaks, secrets: this.#secrets.size, logBytes: logs.reduce((a, l) => a + l.text.length, 0), psSnapshots: this.#ps.length };
+  }
+
+  /**
+   * The end of a security file: stop sampling, take a last `ps`, add the private keys under
+   * `keyDirs` (at least `minKeys`), and expect no leak — with material enough that the check meant
+   * something (logs were written, `ps` was sampled while the processes ran).
+   */
+  async expectNoLeaks(keyDirs: readonly string[], minKeys: number): Promise<void> {
+    await this.stop();
+    await this.sample();
+    expect(await this.keysUnder(...keyDirs)).toBeGreaterThanOrEqual(minKeys);
+    const f = this.findings();
+    expect(f.leaks).toEqual([]);
+    expect(f.logBytes).toBeGreaterThan(1000);
+    expect(f.psSnapshots).toBeGreaterThanOrEqual(3);
   }
 }
