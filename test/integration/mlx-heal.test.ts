@@ -1,7 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
 import { ensureMlxEnv, type MlxEnv } from '../../src/node/mlx/env.ts';
 import { collect, MlxGroup } from '../../src/node/mlx/group.ts';
@@ -9,8 +8,8 @@ import { mlxRequestOf } from '../../src/node/mlx/rank-spec.ts';
 import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
 import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
-import { joinToken } from '../helpers/join.ts';
-import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { type JoinedCluster, startJoinedCluster } from '../helpers/joined-cluster.ts';
+import { orchard } from '../helpers/processes.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
 /*
@@ -28,7 +27,6 @@ const PROMPT = 'The orchard has apples and pears. Once upon a time';
 const N = 24;
 const MiB = 2 ** 20;
 const dir = tempDir('orchard-mlx-heal-', 'all');
-const procs: Proc[] = [];
 
 interface Status {
   nodes: { name: string; state: string }[];
@@ -53,13 +51,8 @@ describe('MLX self-healing: a lost rank is re-placed on a rebuilt ring and the s
   let coordAddr: string;
   let coordHttp: string;
   let oracle: number[];
-  const agents = new Map<string, Proc>();
-
-  const status = async (): Promise<Status> => {
-    const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
-    expect(r.code, r.stderr).toBe(0);
-    return JSON.parse(r.stdout) as Status;
-  };
+  let cluster: JoinedCluster;
+  const status = () => cluster.status<Status>();
 
   beforeAll(async () => {
     mlx = await ensureMlxEnv();
@@ -82,28 +75,20 @@ describe('MLX self-healing: a lost rank is re-placed on a rebuilt ring and the s
     }
     expect(budget, 'no budget makes the planner split 2 ways').toBeGreaterThan(0);
 
-    const coordDir = join(dir.path, 'coord');
-    env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: '60', ORCHARD_MLX_STALL_TIMEOUT: '20', ORCHARD_COORDINATOR_STATE_DIR: coordDir };
-    const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', coordDir, '--json'], env);
-    procs.push(coordinator);
-    const cr = await readyLine(coordinator);
-    coordAddr = `127.0.0.1:${String(cr.grpcPort)}`;
-    coordHttp = `127.0.0.1:${String(cr.httpPort)}`;
-    const token = await joinToken(coordDir, 3);
-    for (const name of ['alpha', 'bravo', 'charlie']) {
-      const args = [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--json', '--join', coordAddr];
-      const p = spawnProc(`node ${name}`, args, { ...env, ORCHARD_NODE_TOKEN: token });
-      procs.push(p);
-      agents.set(name, p);
-      await readyLine(p);
-    }
-    for (let i = 0; i < 100 && (await status()).nodes.filter((n) => n.state === 'up').length < 3; i++) await sleep(200);
+    cluster = await startJoinedCluster({
+      dir: dir.path,
+      env: { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: '60', ORCHARD_MLX_STALL_TIMEOUT: '20' },
+      agents: ['alpha', 'bravo', 'charlie'],
+      agentArgs: ['--budget', String(budget)],
+    });
+    ({ env, grpcAddress: coordAddr, httpAddress: coordHttp } = cluster);
+    await cluster.waitUp(3);
     const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm6', '--coordinator', coordAddr], env);
     expect(load.code, load.stderr).toBe(0);
   }, 600_000);
 
   afterAll(async () => {
-    await Promise.all(procs.splice(0).map(killGroup));
+    await cluster?.stop();
   });
 
   it('a rank node SIGKILLed mid-stream: recovering → ready on a 2-rank ring without it, the stream resumes with the oracle tokens', async () => {
@@ -114,7 +99,7 @@ describe('MLX self-healing: a lost rank is re-placed on a rebuilt ring and the s
     expect(before.stages).toHaveLength(2);
     // The rank that does not emit tokens (the first layers): a follower of the ring is lost.
     const victim = before.stages[0]!.nodeName;
-    const client = await localCoordinatorClient(coordAddr, join(dir.path, 'coord'));
+    const client = await cluster.client();
     const tokens: number[] = [];
     let killedAt = 0;
     let error: Error | undefined;
@@ -124,7 +109,7 @@ describe('MLX self-healing: a lost rank is re-placed on a rebuilt ring and the s
         tokens.push(...((ev.token as { tokenIds?: number[] }).tokenIds ?? []).map(Number));
         if (tokens.length >= 3 && killedAt === 0) {
           killedAt = Date.now();
-          for (const p of processTree(agents.get(victim)!.child.pid!)) process.kill(p, 'SIGKILL');
+          for (const p of processTree(cluster.agents.get(victim)!.proc.child.pid!)) process.kill(p, 'SIGKILL');
         }
       }
     } catch (err) {

@@ -1,12 +1,11 @@
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
-import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
-import { joinToken } from '../helpers/join.ts';
+import { JoinedCluster } from '../helpers/joined-cluster.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
-import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { orchard, sleep } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
@@ -24,7 +23,6 @@ const CTX = 2048;
 const N_PREDICT = 24;
 const engines = await llamaEngines();
 const dir = tempDir('orchard-moves-', 'all');
-const procs: Proc[] = [];
 
 interface Status {
   nodes: { id: string; name: string; state: string; drained: boolean }[];
@@ -50,9 +48,9 @@ describeWith([engines], 'membership changes on purpose: drain and rebalance', ()
   let model: string;
   let coordAddr: string;
   let budget: number;
-  let token: string;
+  let cluster: JoinedCluster;
   let oracle: number[];
-  const agents = new Map<string, { proc: Proc; nodeId: string }>();
+  const agents = () => cluster.agents;
 
   const status = async (): Promise<Status> => {
     const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
@@ -61,11 +59,7 @@ describeWith([engines], 'membership changes on purpose: drain and rebalance', ()
   };
   const m8 = async () => (await status()).models.find((m) => m.name === 'm8')!;
 
-  async function startAgent(name: string, extra: string[] = []): Promise<void> {
-    const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--join', coordAddr, '--json', ...extra], { ...env, ORCHARD_NODE_TOKEN: token });
-    procs.push(proc);
-    agents.set(name, { proc, nodeId: String((await readyLine(proc)).nodeId) });
-  }
+  const startAgent = (name: string, extra: string[]) => cluster.startAgent(name, extra);
 
   beforeAll(async () => {
     const bins = engines.ok ? (engines.value as LlamaBinaries) : undefined;
@@ -73,22 +67,20 @@ describeWith([engines], 'membership changes on purpose: drain and rebalance', ()
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     model = join(dir.path, 'm8.gguf');
     budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
-    const coord = join(dir.path, 'coord');
-    env.ORCHARD_COORDINATOR_STATE_DIR = coord;
-    const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', coord, '--json'], env);
-    procs.push(coordinator);
-    coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
-    token = await joinToken(coord, 4);
+    cluster = new JoinedCluster({ dir: dir.path, env });
+    await cluster.startCoordinator();
+    ({ env, grpcAddress: coordAddr } = cluster);
+    await cluster.mintToken(4);
     // The same modest bandwidth everywhere, so the fast node of the rebalance test stands out.
     for (const name of ['alpha', 'bravo', 'charlie']) await startAgent(name, ['--budget', String(budget), '--bandwidth', '50']);
     oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
-    for (let i = 0; i < 50 && (await status()).nodes.filter((n) => n.state === 'up').length < 3; i++) await sleep(200);
+    await cluster.waitUp(3);
     const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
     expect(load.code, load.stderr).toBe(0);
   }, 240_000);
 
   afterAll(async () => {
-    await Promise.all(procs.splice(0).map(killGroup));
+    await cluster?.stop();
   });
 
   /**
@@ -101,7 +93,7 @@ describeWith([engines], 'membership changes on purpose: drain and rebalance', ()
       done = true;
     });
     const results: { tokens: number[]; error?: string }[] = [];
-    const client = await localCoordinatorClient(coordAddr, join(dir.path, 'coord'));
+    const client = await cluster.client();
     try {
       await Promise.all(
         Array.from({ length: clients }, async () => {
@@ -127,7 +119,7 @@ describeWith([engines], 'membership changes on purpose: drain and rebalance', ()
   itWith([engines], 'orchard node drain under a streaming load: the model moves to the other nodes, no request fails, nothing is left on the drained node', async () => {
     const before = await m8();
     const drained = before.stages[0]!.nodeName; // a worker stage
-    const drainedAgent = agents.get(drained)!;
+    const drainedAgent = agents().get(drained)!;
     expect(enginesUnder(drainedAgent.proc.child.pid!).length, 'the drained node runs an rpc-server before').toBeGreaterThan(0);
     let release: () => void = () => {};
     const drainDone = new Promise<void>((r) => {
@@ -190,7 +182,7 @@ describeWith([engines], 'membership changes on purpose: drain and rebalance', ()
     const [r] = await streamingLoad(1, 1, new Promise(() => {}));
     expect(r).toEqual({ tokens: oracle });
     for (const s of before.stages) {
-      if (!after.stages.some((x) => x.nodeName === s.nodeName)) expect(enginesUnder(agents.get(s.nodeName)!.proc.child.pid!), `${s.nodeName} runs no engine`).toEqual([]);
+      if (!after.stages.some((x) => x.nodeName === s.nodeName)) expect(enginesUnder(agents().get(s.nodeName)!.proc.child.pid!), `${s.nodeName} runs no engine`).toEqual([]);
     }
     console.info(`rebalance: predicted ${plan!.currentTokensPerSecond.toFixed(1)} → ${plan!.plannedTokensPerSecond.toFixed(1)} tok/s (+${(100 * plan!.gain).toFixed(0)} %); applied: ${done!.message}`);
   }, 240_000);

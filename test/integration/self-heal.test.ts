@@ -1,12 +1,11 @@
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
-import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
-import { joinToken } from '../helpers/join.ts';
+import { JoinedCluster } from '../helpers/joined-cluster.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
-import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { orchard, sleep } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
@@ -24,7 +23,6 @@ const CTX = 2048;
 const N_PREDICT = 48;
 const engines = await llamaEngines();
 const dir = tempDir('orchard-heal-', 'all');
-const procs: Proc[] = [];
 
 interface Status {
   nodes: { id: string; name: string; state: string }[];
@@ -53,45 +51,35 @@ function signalTree(pids: readonly number[], sig: NodeJS.Signals): void {
 }
 
 describeWith([engines], 'self-healing: liveness, re-placement, resumed streams', () => {
-  let env: NodeJS.ProcessEnv;
+  let cluster: JoinedCluster;
   let model: string;
-  let coordAddr: string;
   let coordHttp: string;
   let budget: number;
-  let token: string;
   let oracle: number[];
-  const agents = new Map<string, { proc: Proc; nodeId: string }>();
-
-  const status = async (): Promise<Status> => {
-    const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
-    expect(r.code, r.stderr).toBe(0);
-    return JSON.parse(r.stdout) as Status;
-  };
+  const agents = () => cluster.agents;
+  const status = () => cluster.status<Status>();
 
   beforeAll(async () => {
     const bins = engines.ok ? (engines.value as LlamaBinaries) : undefined;
     if (!bins) return;
-    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+    const env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     model = join(dir.path, 'm8.gguf');
     budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
-    env.ORCHARD_COORDINATOR_STATE_DIR = join(dir.path, 'coord'); // the CLI trusts the coordinator by its state dir
+    cluster = new JoinedCluster({ dir: dir.path, env });
     // A short suspect threshold so the blip is surely seen as one; the grace (down-after) is the default.
-    const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--suspect-after', '1000', '--json'], env);
-    procs.push(coordinator);
-    const ready = await readyLine(coordinator);
-    coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;
-    coordHttp = `127.0.0.1:${String(ready.httpPort)}`;
+    await cluster.startCoordinator(['--suspect-after', '1000']);
+    coordHttp = cluster.httpAddress;
     // Three first joins; an agent restarted later keeps its certificate and needs no token.
-    token = await joinToken(join(dir.path, 'coord'), 3);
+    await cluster.mintToken(3);
     for (const name of ['alpha', 'bravo', 'charlie']) await startAgent(name);
     oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
-    for (let i = 0; i < 50 && (await status()).nodes.filter((n) => n.state === 'up').length < 3; i++) await sleep(200);
-    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
+    await cluster.waitUp(3);
+    const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', cluster.grpcAddress], cluster.env);
     expect(load.code, load.stderr).toBe(0);
   }, 240_000);
 
   afterAll(async () => {
-    await Promise.all(procs.splice(0).map(killGroup));
+    await cluster?.stop();
   });
 
   /** A node's state from the coordinator's HTTP /status (cheap: `orchard status` starts a CLI process). */
@@ -102,7 +90,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
 
   /** A greedy stream of N_PREDICT tokens; `onToken(n)` runs after the n-th token. */
   async function stream(onToken: (n: number) => Promise<void> | void): Promise<{ tokens: number[]; maxGapMs: number; error?: Error }> {
-    const client = await localCoordinatorClient(coordAddr, join(dir.path, 'coord'));
+    const client = await cluster.client();
     const tokens: number[] = [];
     let last = Date.now();
     let maxGapMs = 0;
@@ -126,7 +114,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
   itWith([engines], 'a worker frozen for 3 s (SIGSTOP, agent and engines) is a blip: the stream pauses, nothing fails, nothing reloads', async () => {
     const before = (await status()).models.find((m) => m.name === 'm8')!;
     expect(before.state).toBe('ready');
-    const worker = [...agents.values()].find((a) => a.nodeId === before.stages[0]!.nodeId)!;
+    const worker = [...agents().values()].find((a) => a.nodeId === before.stages[0]!.nodeId)!;
     const frozen = processTree(worker.proc.child.pid!);
     expect(frozen.length, 'the worker runs its rpc-server').toBeGreaterThan(1);
     let sawSuspect = false;
@@ -159,9 +147,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
   }, 60_000);
   /** Start (or restart, same state dir = same node id) an agent that joins the coordinator. */
   async function startAgent(name: string): Promise<void> {
-    const proc = spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--join', coordAddr, '--json'], { ...env, ORCHARD_NODE_TOKEN: token });
-    procs.push(proc);
-    agents.set(name, { proc, nodeId: String((await readyLine(proc)).nodeId) });
+    await cluster.startAgent(name, ['--budget', String(budget)]);
   }
 
   async function waitFor<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
@@ -185,7 +171,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
   itWith([engines], 'a worker agent SIGKILLed mid-stream with room left: recovering → ready on the others, the stream resumes with the undisturbed run\'s tokens', async () => {
     const before = (await status()).models.find((m) => m.name === 'm8')!;
     const victimName = before.stages[0]!.nodeName; // a worker stage, not the head
-    const victim = agents.get(victimName)!;
+    const victim = agents().get(victimName)!;
     let killedAt = 0;
     const r = await stream((n) => {
       if (n === 3) {
@@ -213,7 +199,7 @@ describeWith([engines], 'self-healing: liveness, re-placement, resumed streams',
     await waitFor('3 nodes up', async () => ((await status()).nodes.filter((n) => n.state === 'up').length === 3 ? true : undefined), 20_000);
     const before = (await status()).models.find((m) => m.name === 'm8')!;
     const lost = before.stages.map((s) => s.nodeName);
-    for (const name of lost) process.kill(agents.get(name)!.proc.child.pid!, 'SIGKILL');
+    for (const name of lost) process.kill(agents().get(name)!.proc.child.pid!, 'SIGKILL');
     const failed = await waitFor('m8 failed', async () => (await status()).models.find((m) => m.name === 'm8' && m.state === 'failed'), 60_000);
     expect(failed.error).toMatch(/needs [\d.]+ \w*B more: bring back/);
     for (const name of lost) expect(failed.error).toContain(name);

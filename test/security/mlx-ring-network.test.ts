@@ -12,7 +12,8 @@ import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
 import { deleteNamespaces, inNamespace, linkNamespaceToHost } from '../helpers/netns.ts';
 import { describeWith, networkNamespaces } from '../helpers/needs.ts';
-import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { JoinedCluster } from '../helpers/joined-cluster.ts';
+import { orchard } from '../helpers/processes.ts';
 import { SecretAudit } from '../helpers/secret-audit.ts';
 
 /*
@@ -101,7 +102,7 @@ describeWith(needs, 'MLX ring links: through the agents\' TLS tunnels, nothing r
   let oracle: number[];
   let env: NodeJS.ProcessEnv;
   let coordAddr: string;
-  const procs: Proc[] = [];
+  let cluster: JoinedCluster;
   const agents: Agent[] = [];
   const audit = new SecretAudit();
 
@@ -122,34 +123,22 @@ describeWith(needs, 'MLX ring links: through the agents\' TLS tunnels, nothing r
     }
     const budgets = await splittingBudgets(model);
 
-    const coordState = join(dir, 'coord');
-    env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: '60', ORCHARD_MLX_STALL_TIMEOUT: '20', ORCHARD_COORDINATOR_STATE_DIR: coordState };
-    const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', coordState, '--heal', 'off', '--json'], env);
-    procs.push(coordinator);
-    audit.log('coordinator', coordinator);
-    coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;
-    const t = await orchard(['coordinator', 'token', '--uses', '2', '--ttl', '10m'], env);
-    expect(t.code, t.stderr).toBe(0);
-    audit.secret('join token', t.stdout);
+    cluster = new JoinedCluster({ dir, env: { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: '60', ORCHARD_MLX_STALL_TIMEOUT: '20' }, bind: HOST.ip });
+    await cluster.startCoordinator(['--heal', 'off']);
+    ({ env, grpcAddress: coordAddr } = cluster);
+    audit.secret('join token', await cluster.mintToken(2));
     for (const name of ['alpha', 'bravo'] as const) {
-      const args = [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', HOST.ip, '--name', name, '--budget', String(budgets[name]), '--state-dir', join(dir, name), '--models-dir', dir, '--json', '--join', coordAddr];
-      const proc = spawnProc(`node ${name}`, args, { ...env, ORCHARD_NODE_TOKEN: t.stdout.trim() });
-      procs.push(proc);
-      audit.log(`node ${name}`, proc);
-      const ready = await readyLine(proc);
+      const { ready } = await cluster.startAgent(name, ['--budget', String(budgets[name])]);
       expect(ready.tunnelPort, `${name} runs a tunnel listener once it joined`).toBeGreaterThan(0);
       agents.push({ name, nodeId: String(ready.nodeId), metricsPort: Number(ready.metricsPort) });
     }
-    for (let i = 0; i < 50; i++) {
-      const s = await orchard(['status', '--json', '--coordinator', coordAddr], env);
-      if (s.code === 0 && (JSON.parse(s.stdout) as { nodes: { state: string }[] }).nodes.filter((n) => n.state === 'up').length === 2) break;
-      await sleep(200);
-    }
+    for (const p of cluster.procs) audit.log(p.name, p);
+    await cluster.waitUp(2, 10_000);
   }, 600_000);
 
   afterAll(async () => {
     await audit.stop();
-    await Promise.all(procs.splice(0).map(killGroup));
+    await cluster?.stop();
     deleteNamespaces(NS);
     if (dir) await rm(dir, { recursive: true, force: true });
   });
@@ -207,13 +196,7 @@ describeWith(needs, 'MLX ring links: through the agents\' TLS tunnels, nothing r
   }, 300_000);
 
   it('no join token, key or private key in any log or in `ps` while the cluster ran', async () => {
-    await audit.stop();
-    await audit.sample();
     // the coordinator's CA key and admin key, each node's key (written by the join)
-    expect(await audit.keysUnder(join(dir, 'coord'), join(dir, 'alpha'), join(dir, 'bravo'))).toBeGreaterThanOrEqual(4);
-    const f = audit.findings();
-    expect(f.leaks).toEqual([]);
-    expect(f.logBytes).toBeGreaterThan(1000);
-    expect(f.psSnapshots).toBeGreaterThanOrEqual(3);
+    await audit.expectNoLeaks([join(dir, 'coord'), join(dir, 'alpha'), join(dir, 'bravo')], 4);
   });
 });
