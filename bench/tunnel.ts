@@ -3,20 +3,22 @@
  * (llama-server holds the first layers on its CPU, one ggml-rpc-server holds the last `--ngl`
  * layers), with llama-server's `--rpc` pointing either straight at the rpc-server (direct) or at
  * the head-side forwarder whose TLS session ends at the worker-side listener (tunnel), which
- * forwards to the same rpc-server. Modes alternate trial by trial (ABBA…), each trial a fresh
+ * forwards to the same rpc-server. A third mode, `plain`, relays through the same two processes
+ * with the same relay code but no TLS: the hop's own cost, so what remains is TLS's. Modes
+ * alternate trial by trial (ABC CBA…), each trial a fresh
  * llama-server: load time (spawn → /health), then greedy completions with the prompt cache off:
  * time to first token and decode tokens/s measured at the client, token ids compared.
  * The two tunnel ends run in two processes, as on a cluster (the head's agent: this process;
  * the worker's agent: a child running only the listener, credentials on its stdin), over
  * 127.0.0.1 — the network round trip is the same in both modes, so the ratio is the tunnel's.
  * Prints tunnelled ÷ direct: tokensPerSecondRatio (goal ≥ 0.97), ttftAddedMs p50 (goal < 2),
- * loadSecondsRatio (goal ≤ 1.10), with every raw number.
+ * loadSecondsRatio (goal ≤ 1.10), the same three for the plain relay, with every raw number.
  * Usage: npm run bench:tunnel -- [--json] [--trials 4] [--requests 4] [--tokens 32] [--layers 8]
  *        [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1]
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { connect } from 'node:net';
+import { type Server, connect, createServer } from 'node:net';
 import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
@@ -25,6 +27,7 @@ import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { EnginePorts } from '../src/node/tunnel/engine-ports.ts';
 import { type TunnelForwarder, startTunnelForwarder } from '../src/node/tunnel/forwarder.ts';
 import { type TunnelListener, startTunnelListener } from '../src/node/tunnel/listener.ts';
+import { relay } from '../src/node/tunnel/relay.ts';
 import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/shared/pki/certificates.ts';
 import type { NodeCredentials } from '../src/shared/pki/store.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
@@ -48,7 +51,7 @@ const THREADS = num('threads', 1);
 const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away, there lived';
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-type Mode = 'direct' | 'tunnel';
+type Mode = 'direct' | 'plain' | 'tunnel';
 const procs = new Set<ChildProcess>();
 function killAll(): void {
   for (const c of procs) {
@@ -112,6 +115,21 @@ async function issue(ca: Awaited<ReturnType<typeof createClusterCa>>, id: string
 }
 
 /**
+ * The control mode's hop: a 127.0.0.1 listener whose connections are relayed to `targetPort`
+ * with the tunnel's own relay code, minus TLS.
+ */
+async function plainRelay(targetPort: number): Promise<{ server: Server; port: number }> {
+  const server = createServer({ allowHalfOpen: true, noDelay: true }, (from) => {
+    const to = connect({ host: '127.0.0.1', port: targetPort, allowHalfOpen: true, noDelay: true });
+    to.once('connect', () => void relay(from, to, { toEngine: 0, fromEngine: 0 }));
+    to.once('error', () => from.destroy());
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+  const address = server.address();
+  return { server, port: typeof address === 'object' && address ? address.port : 0 };
+}
+
+/**
  * The worker agent's half, run as `bench/tunnel.ts --worker-listener`: reads its credentials and
  * the engine port from stdin (never argv: `ps` shows that), prints the listener port, then
  * answers each further stdin line with its own CPU time (what the worker's end of the tunnel
@@ -124,9 +142,11 @@ async function workerListener(): Promise<void> {
   const enginePorts = new EnginePorts();
   enginePorts.register(rpcPort, 'ggml-rpc-server');
   const listener: TunnelListener = await startTunnelListener({ host: '127.0.0.1', port: 0, credentials, enginePorts });
-  process.stdout.write(`${JSON.stringify({ port: listener.port })}\n`);
+  const plain = await plainRelay(rpcPort);
+  process.stdout.write(`${JSON.stringify({ port: listener.port, plainPort: plain.port })}\n`);
   for (let line = await lines.next(); !line.done; line = await lines.next()) process.stdout.write(`${JSON.stringify({ cpuSeconds: cpuSeconds() })}\n`);
   await listener.close();
+  plain.server.close();
 }
 
 const cpuSeconds = (): number => {
@@ -137,6 +157,8 @@ const cpuSeconds = (): number => {
 interface Tunnel {
   readonly forwarder: TunnelForwarder;
   readonly worker: ChildProcess;
+  /** Head-side end of the plain (no TLS) relay through the worker process. */
+  readonly plain: { server: Server; port: number };
   /** The worker process's CPU seconds so far. */
   workerCpu(): Promise<number>;
 }
@@ -150,7 +172,7 @@ async function startTunnel(rpcPort: number): Promise<Tunnel> {
   const exited = new Promise<never>((_, reject) => worker.once('exit', (code) => reject(new Error(`tunnel listener exited (${code})`))));
   const next = async <T>(): Promise<T> => JSON.parse(String((await Promise.race([replies.next(), exited])).value)) as T;
   worker.stdin?.write(`${JSON.stringify({ credentials: await issue(ca, 'worker'), rpcPort })}\n`);
-  const { port } = await next<{ port: number }>();
+  const { port, plainPort } = await next<{ port: number; plainPort: number }>();
   const forwarder = await startTunnelForwarder({
     remote: { host: '127.0.0.1', port },
     enginePort: rpcPort,
@@ -162,7 +184,7 @@ async function startTunnel(rpcPort: number): Promise<Tunnel> {
     worker.stdin?.write('cpu\n');
     return (await next<{ cpuSeconds: number }>()).cpuSeconds;
   };
-  return { forwarder, worker, workerCpu };
+  return { forwarder, worker, plain: await plainRelay(plainPort), workerCpu };
 }
 
 interface Completion {
@@ -242,7 +264,8 @@ const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 /** One trial with the CPU both tunnel ends spent during it. */
 async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, model: string, llamaServer: string): Promise<Trial> {
   const [bench0, worker0] = [cpuSeconds(), await tunnel.workerCpu()];
-  const t = await trial(mode, mode === 'direct' ? rpcPort : tunnel.forwarder.port, model, llamaServer);
+  const port = { direct: rpcPort, plain: tunnel.plain.port, tunnel: tunnel.forwarder.port }[mode];
+  const t = await trial(mode, port, model, llamaServer);
   const [bench1, worker1] = [cpuSeconds(), await tunnel.workerCpu()];
   return { ...t, cpu: { benchProcess: bench1 - bench0, workerListener: worker1 - worker0 } };
 }
@@ -279,18 +302,25 @@ function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarde
   };
   const direct = stats('direct');
   const tunnelled = stats('tunnel');
+  const plain = stats('plain');
+  const versusDirect = (m: typeof direct) => ({
+    tokensPerSecondRatio: round(m.decodeTokensPerSecondMedian / direct.decodeTokensPerSecondMedian),
+    ttftAddedMs: round(m.ttftMsP50 - direct.ttftMsP50, 2),
+    loadSecondsRatio: round(m.loadSecondsMedian / direct.loadSecondsMedian),
+  });
   const ids = trials.flatMap((t) => t.completions.map((c) => c.tokenIds.join(',')));
   return {
     bench: 'tunnel',
-    tokensPerSecondRatio: round(tunnelled.decodeTokensPerSecondMedian / direct.decodeTokensPerSecondMedian),
-    ttftAddedMs: round(tunnelled.ttftMsP50 - direct.ttftMsP50, 2),
-    loadSecondsRatio: round(tunnelled.loadSecondsMedian / direct.loadSecondsMedian),
+    ...versusDirect(tunnelled),
+    /** The same ratios for the two relay hops without TLS: the part of the tunnel's cost that is not TLS. */
+    plainRelay: versusDirect(plain),
     tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
     goals: { tokensPerSecondRatio: '>= 0.97', ttftAddedMs: '< 2 (p50)', loadSecondsRatio: '<= 1.10' },
     setup: { trials: TRIALS, requestsPerTrial: REQUESTS, tokens: TOKENS, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS },
     tunnelBytes: { ...tunnel.forwarder.bytes, connections: tunnel.forwarder.connections(), resumedSessions: tunnel.forwarder.resumed() },
     tunnelCpu: cpuSummary(trials, loadAverage),
     direct,
+    plain,
     tunnel: tunnelled,
   };
 }
@@ -310,8 +340,8 @@ async function main(): Promise<void> {
     tunnel = await startTunnel(rpcPort);
     const trials: Trial[] = [];
     for (let i = 0; i < TRIALS; i++) {
-      // ABBA order: drift (page cache, thermal, neighbours) lands on both modes alike
-      const order: Mode[] = i % 2 === 0 ? ['direct', 'tunnel'] : ['tunnel', 'direct'];
+      // ABC CBA order: drift (page cache, thermal, neighbours) lands on every mode alike
+      const order: Mode[] = i % 2 === 0 ? ['direct', 'plain', 'tunnel'] : ['tunnel', 'plain', 'direct'];
       for (const mode of order) {
         trials.push(await measuredTrial(mode, rpcPort, tunnel, model, bins.llamaServer));
         if (!JSON_OUT) process.stderr.write(`trial ${i + 1}/${TRIALS} ${mode}: load ${trials.at(-1)?.loadSeconds.toFixed(2)} s\n`);
@@ -324,11 +354,12 @@ async function main(): Promise<void> {
       process.stdout.write(
         `tunnel ÷ direct: tokens/s ${out.tokensPerSecondRatio} (${t.decodeTokensPerSecondMedian} vs ${d.decodeTokensPerSecondMedian}), ` +
           `TTFT +${out.ttftAddedMs} ms p50 (${t.ttftMsP50} vs ${d.ttftMsP50}), load ${out.loadSecondsRatio} (${t.loadSecondsMedian} s vs ${d.loadSecondsMedian} s), ` +
-          `token ids identical: ${out.tokenIdsIdentical}\n`,
+          `token ids identical: ${out.tokenIdsIdentical}; plain relay (no TLS) ÷ direct: ${JSON.stringify(out.plainRelay)}\n`,
       );
     }
   } finally {
     await tunnel?.forwarder.close();
+    tunnel?.plain.server.close();
     tunnel?.worker.stdin?.end();
     killAll();
     await rm(work, { recursive: true, force: true });
