@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { type Server, type Socket, connect, createServer } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { RELAY_MAX_BUFFERED_BYTES, relay } from '../../src/node/tunnel/relay.ts';
+import { waitFor } from '../helpers/node-agent.ts';
 
 /** client → [a | relay | b] → engine, all real sockets on 127.0.0.1; the engine starts paused. */
 async function relayed() {
@@ -20,7 +21,7 @@ async function relayed() {
   await listen(front);
   servers.push(engine, front);
   const client = connect({ host: '127.0.0.1', port: port(front), allowHalfOpen: true });
-  await until(() => relaySides !== undefined && engineSockets.length === 1);
+  await waitFor('the relayed connection', () => (relaySides !== undefined && engineSockets.length === 1) || undefined);
   return { client, sides: relaySides as { a: Socket; b: Socket }, engine: engineSockets[0] as Socket, bytes };
 }
 
@@ -31,21 +32,13 @@ afterEach(() => {
 
 const listen = (s: Server) => new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
 const port = (s: Server) => (s.address() as { port: number }).port;
-async function until(cond: () => boolean, ms = 10_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
 describe('tunnel relay', () => {
   it('a reader that stops makes the relay stop reading: it buffers at most its bound, then delivers every byte in order', async () => {
     const { client, sides, engine, bytes } = await relayed();
     const payload = randomBytes(48 * 2 ** 20);
     client.end(payload);
     // the engine reads nothing: the relay must pause its source instead of buffering all 48 MiB
-    await until(() => sides.a.isPaused());
+    await waitFor('the relay to pause its source', () => sides.a.isPaused() || undefined);
     await new Promise((r) => setTimeout(r, 300));
     expect(sides.b.writableLength).toBeGreaterThan(0);
     expect(sides.b.writableLength).toBeLessThan(RELAY_MAX_BUFFERED_BYTES + 2 * 2 ** 20);
@@ -70,7 +63,7 @@ describe('tunnel relay', () => {
       const before = got.length;
       const t0 = performance.now();
       client.write(Buffer.from([i]));
-      await until(() => got.length > before, 2_000);
+      await waitFor('the echo', () => got.length > before || undefined, 2_000);
       expect(performance.now() - t0).toBeLessThan(1_000);
     }
     expect(Buffer.concat(got)).toEqual(Buffer.from([...Array(20).keys()]));
