@@ -1,11 +1,11 @@
 import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
-import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
-import { canConnect, killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { type JoinedAgent, JoinedCluster } from '../helpers/joined-cluster.ts';
+import { canConnect, killGroup, orchard, type Proc, sleep } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
@@ -39,23 +39,17 @@ async function engineChildren(parent: number): Promise<number[]> {
 
 describeWith([engines], 'coordinator restart re-adopts running engines (file store)', () => {
   const dir = tempDir('orchard-restart-', 'all');
-  const procs: Proc[] = [];
+  let cluster: JoinedCluster;
   let env: NodeJS.ProcessEnv;
   let model: string;
   let coordinator: Proc;
   let coordAddr: string;
   let oracle: number[];
-  const agents: { proc: Proc; address: string }[] = [];
+  const agents: JoinedAgent[] = [];
 
-  const start = (name: string, args: string[], procEnv: NodeJS.ProcessEnv = env) => {
-    const p = spawnProc(name, args, procEnv);
-    procs.push(p);
-    return p;
-  };
   const startCoordinator = async (label: string) => {
-    const p = start(label, [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--no-nats', '--json']);
-    const ready = await readyLine(p);
-    return { p, addr: `127.0.0.1:${String(ready.grpcPort)}` };
+    await cluster.startCoordinator(['--no-nats'], label);
+    return { p: cluster.coordinator!, addr: cluster.grpcAddress };
   };
   const status = async () => {
     const r = await orchard(['status', '--json', '--coordinator', coordAddr], env);
@@ -63,7 +57,7 @@ describeWith([engines], 'coordinator restart re-adopts running engines (file sto
     return JSON.parse(r.stdout) as { models: { name: string; state: string; stages: { endpoint: string }[] }[] };
   };
   const generate = async (): Promise<number[]> => {
-    const client = await localCoordinatorClient(coordAddr, join(dir.path, 'coord'));
+    const client = await cluster.client();
     const tokens: number[] = [];
     try {
       for await (const ev of client.stream('generate', { model: 'm8', prompt: ORACLE_PROMPT, maxTokens: N_PREDICT, temperature: 0 })) {
@@ -78,28 +72,22 @@ describeWith([engines], 'coordinator restart re-adopts running engines (file sto
 
   beforeAll(async () => {
     const bins = (engines as { value: LlamaBinaries }).value;
-    env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+    const engineEnv = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     // The CLI on this machine trusts the coordinator by its state dir (CA, local admin key).
-    env.ORCHARD_COORDINATOR_STATE_DIR = join(dir.path, 'coord');
+    cluster = new JoinedCluster({ dir: dir.path, env: engineEnv });
+    env = cluster.env;
     model = join(dir.path, 'm8.gguf');
     const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '11'], env, CTX);
     ({ p: coordinator, addr: coordAddr } = await startCoordinator('coordinator'));
-    const t = await orchard(['coordinator', 'token', '--uses', '3', '--ttl', '10m'], env);
-    expect(t.code, t.stderr).toBe(0);
-    const token = t.stdout.trim();
-    for (const name of ['alpha', 'bravo', 'charlie']) {
-      const proc = start(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budget), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--json', '--join', coordAddr], { ...env, ORCHARD_NODE_TOKEN: token });
-      const r = await readyLine(proc);
-      const address = `127.0.0.1:${String(r.grpcPort)}`;
-      agents.push({ proc, address });
-    }
+    await cluster.mintToken(3);
+    for (const name of ['alpha', 'bravo', 'charlie']) agents.push(await cluster.startAgent(name, ['--budget', String(budget)]));
     oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
     const load = await orchard(['load', model, '--ctx', String(CTX), '--name', 'm8', '--coordinator', coordAddr], env);
     expect(load.code, load.stderr).toBe(0);
   }, 240_000);
 
   afterAll(async () => {
-    await Promise.all(procs.splice(0).map(killGroup));
+    await cluster?.stop();
   });
 
   itWith([engines], 'SIGKILL → restart: a request sent at once waits for re-adoption (no error), served within 5 s of the agents answering, same engine processes, tokens equal the oracle', async () => {
