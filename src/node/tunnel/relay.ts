@@ -12,7 +12,8 @@ export interface TunnelBytes {
  * How much one direction may hold unsent before its source is paused. `pipe` pauses at the
  * destination's highWaterMark (16 KiB): every 64 KiB read then became a readStop/readStart pair
  * and a weights load stalled on it. A few MiB keeps a load streaming and still bounds what a
- * slow reader can make the agent buffer (per direction, per connection).
+ * slow reader can make the agent buffer (per direction, per connection; checked once per
+ * event-loop turn, so it can be overshot by one turn's reads, at most 32 × 64 KiB).
  */
 export const RELAY_MAX_BUFFERED_BYTES = 4 * 2 ** 20;
 
