@@ -4,8 +4,12 @@ import { type Command, Option } from 'commander';
 import { CoordinatorClient, coordinatorAddress } from '../coordinator/api/client.ts';
 import { readLocalAdminKey } from '../coordinator/state/api-key-store.ts';
 import { StateDir } from '../coordinator/state/state-dir.ts';
-import { localCoordinatorStateDir, resolveCoordinatorTrust, type TrustFlags } from './coordinator-trust.ts';
+import { localCoordinatorStateDir, readAdminBundle, resolveCoordinatorTrust, type TrustFlags } from './coordinator-trust.ts';
 import { UsageError } from '../shared/errors.ts';
+import { createKeyAndCsr, issueCertificate } from '../shared/pki/certificates.ts';
+import { readIfExists } from '../shared/pki/files.ts';
+import type { NatsClientIdentity } from '../shared/pki/nats-tls.ts';
+import { loadOrCreateClusterCa } from '../shared/pki/store.ts';
 
 /**
  * The API key a CLI command sends to the coordinator, from (first wins):
@@ -69,4 +73,22 @@ export async function coordinatorClient(flags: CredentialFlags & { coordinator?:
 export async function localCoordinatorClient(address: string, stateDir: string): Promise<CoordinatorClient> {
   const caCertPem = await readFile(join(stateDir, 'pki', 'ca.crt'), 'utf8');
   return new CoordinatorClient(address, { tls: { caCertPem }, apiKey: await readLocalAdminKey(new StateDir(stateDir).localAdminKeyPath) });
+}
+
+/**
+ * Who the CLI is on the cluster's NATS server (it requires client certificates from the cluster
+ * CA, coordinator/nats/auth.ts): the --credentials bundle's admin certificate (the server admits
+ * `orchard://admin/admin`, what `orchard coordinator credentials` names by default), else — on
+ * the coordinator's machine — an `admin` certificate made in memory from the state dir's CA, as
+ * the coordinator makes its own. Undefined without either: a plain NATS server needs none.
+ */
+export async function natsClientIdentity(flags: TrustFlags, env: NodeJS.ProcessEnv = process.env): Promise<NatsClientIdentity | undefined> {
+  if (flags.credentials) return readAdminBundle(flags.credentials);
+  const dir = localCoordinatorStateDir(env);
+  if ((await readIfExists(join(dir, 'pki', 'ca.key'))) === undefined) return undefined;
+  const { clusterId } = await new StateDir(dir).cluster();
+  const { ca } = await loadOrCreateClusterCa(dir, clusterId);
+  const { keyPem, csrPem } = await createKeyAndCsr('admin');
+  const { certPem } = await issueCertificate(ca, csrPem, { role: 'admin', expectId: 'admin', validityDays: 1 });
+  return { keyPem, certPem, caCertPem: ca.certPem };
 }

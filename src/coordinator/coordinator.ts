@@ -113,9 +113,10 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
   const prober = new LinkProber(membership, log.child({ part: 'links' }), o.links);
   const clusterId = state.cluster().clusterId;
   const { runtime, metrics } = buildRuntime(o, membership, clusterId, prober.matrix);
-  const clusterState = await openClusterState({ stateDir: o.stateDir, clusterId, nats: o.nats, log, sourceId: `${hostname()}:${process.pid}` });
+  const clusterState = await openClusterState({ stateDir: o.stateDir, clusterId, nats: o.nats, log, sourceId: `${hostname()}:${process.pid}`, pki: { ca: enrollContext.ca, tls } });
   const store = clusterState.store;
   clusterState.events?.follow(membership, runtime, store);
+  clusterState.agentBus?.follow(membership);
   // Before any agent is dialled: stored instances claim their engines before the orphan clean-up looks.
   const readoption = await Readoption.open({ runtime, membership, store, clusterId, log, graceMs: o.adoptGraceMs });
   const access = new AccessControl({ adminKeys: [o.api?.apiKey, await stateDir.localAdminKey()], locked: !!o.api?.apiKey, store: stateDir.apiKeys() });

@@ -10,9 +10,11 @@ import { type AgentState, serveNodeAgent } from './grpc-server.ts';
 import type { ProbeOptions } from './hardware/probe.ts';
 import { loadOrCreateIdentity } from './identity.ts';
 import { loadNodeTls } from './identity-credentials.ts';
+import { caClusterId } from '../shared/pki/certificates.ts';
 import { renewServerCredentials, type TlsCredentials } from '../shared/pki/grpc-tls.ts';
 import { type MetricsServer, serveMetrics } from '../shared/metrics/http.ts';
 import { NodeMetrics } from './metrics.ts';
+import { AgentEventBus } from './event-bus.ts';
 import { EngineSupervisor } from './supervisor.ts';
 import { findMlxEnv } from './mlx/env.ts';
 import { ModelLibrary } from './model-library.ts';
@@ -84,6 +86,7 @@ export class NodeAgent {
   private serverCredentials: grpc.ServerCredentials | undefined;
   private tls: TlsCredentials | undefined;
   private revoked: ReadonlySet<string> = new Set();
+  private eventBus: AgentEventBus | undefined;
   private metricsServer: MetricsServer | undefined;
   private advertiser: NodeAdvertiser | undefined;
   private refreshTimer: NodeJS.Timeout | undefined;
@@ -122,6 +125,8 @@ export class NodeAgent {
     const { identity, tls } = await this.loadIdentity();
     this.currentProfile = await this.probe(identity.nodeId);
     const { supervisor, tunnels } = this.engineSide(identity.nodeId, tls);
+    // Only a member can be admitted to the bus: its certificate is its NATS identity.
+    if (tls) this.eventBus = new AgentEventBus({ stateDir: o.stateDir, nodeId: identity.nodeId, clusterId: caClusterId(tls.caCertPem), supervisor, live: () => this.live(), log: log.child({ part: 'events' }) });
     const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list(), rpcBytes: () => tunnels.bytes(), links: () => tunnels.links() });
     metrics.follow(supervisor);
     // Sample once so the first scrape has available memory.
@@ -147,6 +152,7 @@ export class NodeAgent {
           return () => this.events.off('shutdown', fn);
         },
         setRevocations: (ids) => this.setRevocations(ids),
+        setEventBus: (urls) => this.eventBus?.setServers(urls),
       };
       await tunnels.start();
       const g = await serveNodeAgent(state, o.bindHost, o.grpcPort, log.child({ part: 'grpc' }), tls);
@@ -315,6 +321,8 @@ export class NodeAgent {
     if (this.refreshTimer) clearInterval(this.refreshTimer);
     await this.advertiser?.stop().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'mDNS goodbye failed'));
     await this.supervisor?.shutdown();
+    // After the engines: their exits are published first.
+    await this.eventBus?.close().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'event bus close failed'));
     await this.engineTunnels?.close();
     // Watch streams end only now, so a watcher sees every engine's (expected) exit first.
     this.events.emit('shutdown');

@@ -15,6 +15,7 @@ import { REMOVED_FIELDS, removedStartEngineFields } from './removed-fields.ts';
 import { GenerateError, generateParamsFromRequest, relayCompletion } from './generate.ts';
 import { relayMlx } from './mlx/relay.ts';
 import { type ModelLibrary, PrepareCacheError } from './model-library.ts';
+import { EventBusUrls } from '../shared/events.ts';
 import type { EngineExit, EngineInfo, EngineSupervisor } from './supervisor.ts';
 import type { EngineTunnels } from './tunnel/engine-tunnels.ts';
 import { liveToWire, profileToWire } from '../shared/hardware-wire.ts';
@@ -44,6 +45,8 @@ export interface AgentState {
   readonly tunnels: EngineTunnels;
   /** The cluster's revoked node ids, as the coordinator last sent them (SetRevocations). */
   setRevocations?(nodeIds: readonly string[]): void;
+  /** Where the event bus is (SetEventBus, validated): the agent publishes its own events there. */
+  setEventBus?(natsUrls: readonly string[]): void;
 }
 
 type Status = keyof typeof grpc.status;
@@ -75,6 +78,12 @@ export function nodeAgentHandlers(state: AgentState, log: Logger): grpc.UntypedS
       cb(null, {});
     },
     MeasureLinks: (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => measureLinks(state, log, call, cb),
+    SetEventBus: (call: grpc.ServerUnaryCall<{ natsUrls?: unknown }, unknown>, cb: grpc.sendUnaryData<unknown>) => {
+      const urls = EventBusUrls.safeParse(call.request?.natsUrls);
+      if (!urls.success) return cb({ code: grpc.status.INVALID_ARGUMENT, details: `nats_urls: ${urls.error.issues[0]?.message ?? 'invalid'}` });
+      state.setEventBus?.(urls.data);
+      cb(null, {});
+    },
   };
 }
 

@@ -10,6 +10,7 @@ import { z } from 'zod';
  *   orchard.<c>.engine.<node id>.started | exited
  *   orchard.<c>.instance.<model>.progress | state | recovered
  *   orchard.<c>.request.<model>.outcome             (sampled: see RequestOutcomeEvent)
+ *   orchard.<c>.agent.<node id>.<kind>              what an agent publishes itself (agentSubject)
  * `<model>` is the model name with every character a subject token cannot hold (anything outside
  * [A-Za-z0-9_-]) as '_'; the payload carries the real name. The stream `orchard_<c>_events`
  * keeps every subject but heartbeats for a bounded time (EVENT_STREAM_DEFAULTS); heartbeats come
@@ -20,6 +21,15 @@ import { z } from 'zod';
  */
 
 export const EVENT_SCHEMA_VERSION = 1;
+
+/**
+ * NATS server URLs as the coordinator sends them to agents (NodeAgent.SetEventBus): a few
+ * `nats://` or `tls://` host:port addresses, nothing else (no credentials in a URL).
+ */
+export const EventBusUrls = z
+  .array(z.string().regex(/^(nats|tls):\/\/[A-Za-z0-9.:[\]_-]{1,255}$/, 'a nats:// or tls:// host:port'))
+  .min(1)
+  .max(16);
 
 const Source = z.object({ role: z.enum(['coordinator', 'agent']), id: z.string().min(1) });
 
@@ -55,6 +65,22 @@ export const EngineExitedEvent = z.object({
   signal: z.string(),
   /** Stopped on request (unload, recovery) rather than lost. */
   expected: z.boolean(),
+});
+
+/**
+ * What an agent says about itself on the bus every few seconds (published by the agent with its
+ * own node certificate, never relayed): its engines and memory as it sees them.
+ */
+export const NodeHealthEvent = z.object({
+  ...base,
+  kind: z.literal('node.health'),
+  nodeId: z.string().min(1),
+  /** Engines the agent supervises now. */
+  engines: z.number().int().nonnegative(),
+  availableBytes: z.number().nonnegative(),
+  /** As the hardware probe reads them: normal | warn | critical | unknown, nominal | … */
+  memoryPressure: z.string(),
+  thermalState: z.string(),
 });
 
 export const LoadProgressEvent = z.object({
@@ -108,6 +134,7 @@ export const OrchardEvent = z.discriminatedUnion('kind', [
   HeartbeatEvent,
   EngineStartedEvent,
   EngineExitedEvent,
+  NodeHealthEvent,
   LoadProgressEvent,
   InstanceStateEvent,
   RecoveredEvent,
@@ -127,9 +154,39 @@ export function eventsPrefix(cluster: string): string {
   return `orchard.${subjectToken(cluster)}`;
 }
 
+/**
+ * Everything an agent publishes itself lives under one subject per node, so the NATS server can
+ * let each node's certificate publish there and nowhere else (coordinator/nats/auth.ts). The
+ * coordinator's own news about a node (`node.<id>.up|down`) stays outside it: a node cannot
+ * announce its own liveness.
+ */
+export function agentSubjects(cluster: string, nodeId: string): string {
+  return `${eventsPrefix(cluster)}.agent.${subjectToken(nodeId)}.>`;
+}
+
+/** Every agent's own events (what the coordinator subscribes to). */
+export function allAgentSubjects(cluster: string): string {
+  return `${eventsPrefix(cluster)}.agent.*.>`;
+}
+
+export type AgentEventBody = Extract<EventBody, { kind: 'engine.started' | 'engine.exited' | 'node.health' }>;
+
+/** The subject an agent publishes one of its own events on: `orchard.<c>.agent.<node id>.<kind>`. */
+export function agentEventSubject(cluster: string, e: AgentEventBody): string {
+  return `${eventsPrefix(cluster)}.agent.${subjectToken(e.nodeId)}.${e.kind}`;
+}
+
+/** The node an agent subject belongs to (the token after `agent`), or undefined. */
+export function agentOfSubject(cluster: string, subject: string): string | undefined {
+  const p = `${eventsPrefix(cluster)}.agent.`;
+  if (!subject.startsWith(p)) return undefined;
+  return subject.slice(p.length).split('.')[0] || undefined;
+}
+
 /** The subject an event is published on (see the layout above). */
-export function eventSubject(e: EventBody & { readonly cluster: string }): string {
+export function eventSubject(e: EventBody & { readonly cluster: string; readonly source?: { readonly role: string } }): string {
   const p = eventsPrefix(e.cluster);
+  if (e.source?.role === 'agent' && (e.kind === 'engine.started' || e.kind === 'engine.exited' || e.kind === 'node.health')) return agentEventSubject(e.cluster, e);
   const [area, what] = e.kind.split('.') as [string, string];
   switch (e.kind) {
     case 'node.heartbeat':
@@ -139,6 +196,8 @@ export function eventSubject(e: EventBody & { readonly cluster: string }): strin
     case 'node.down':
     case 'node.removed':
       return `${p}.node.${subjectToken(e.nodeId)}.${what}`;
+    case 'node.health':
+      return agentEventSubject(e.cluster, e);
     case 'engine.started':
     case 'engine.exited':
       return `${p}.engine.${subjectToken(e.nodeId)}.${what}`;
@@ -154,10 +213,10 @@ export function eventStreamName(cluster: string): string {
   return `orchard_${subjectToken(cluster)}_events`;
 }
 
-/** What the stream captures: everything of the cluster except heartbeats (live only). */
+/** What the stream captures: everything of the cluster except heartbeats and agents' health (live only). */
 export function eventStreamSubjects(cluster: string): string[] {
   const p = eventsPrefix(cluster);
-  return ['node', 'engine', 'instance', 'request'].map((area) => `${p}.${area}.>`);
+  return [...['node', 'engine', 'instance', 'request'].map((area) => `${p}.${area}.>`), `${p}.agent.*.engine.>`];
 }
 
 export const EVENT_STREAM_DEFAULTS = {
@@ -187,6 +246,8 @@ export function describeEvent(e: OrchardEvent): string {
       return `${e.name} ${e.kind.slice(5)} (${e.reason})`;
     case 'node.heartbeat':
       return `${e.name} heartbeat`;
+    case 'node.health':
+      return `${e.nodeId} health: ${e.engines} engines, ${(e.availableBytes / 2 ** 30).toFixed(1)} GiB available, memory ${e.memoryPressure}, thermal ${e.thermalState}`;
     case 'engine.started':
       return `${e.engineKind} ${e.engineId} started on ${e.nodeId} (pid ${e.pid}, port ${e.port})`;
     case 'engine.exited':

@@ -2,6 +2,8 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { connect } from '@nats-io/transport-node';
 import { afterAll, expect } from 'vitest';
+import { StateDir } from '../../src/coordinator/state/state-dir.ts';
+import { natsClientTls } from '../../src/shared/pki/nats-tls.ts';
 import { testNats } from '../helpers/nats.ts';
 import { describeWith, itWith, natsServer } from '../helpers/needs.ts';
 import { alive, killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
@@ -67,8 +69,9 @@ describeWith([nats], 'coordinator state modes: file, local nats-server, --nats U
     expect(s.text).toContain(`state: NATS JetStream at ${c.mode.location} (local nats-server started by the coordinator)`);
     const pid = Number((await readFile(join(stateDir, 'nats', 'server.pid'), 'utf8')).trim());
     expect(alive(pid)).toBe(true);
-    // The server holds the cluster's buckets, on the state dir's store.
-    const nc = await connect({ servers: c.mode.location });
+    // The server holds the cluster's buckets, on the state dir's store; it admits only cluster
+    // certificates (test/security/nats-auth.test.ts), so this reads them as a coordinator would.
+    const nc = await connect({ servers: c.mode.location, tls: natsClientTls(await new StateDir(stateDir).coordinatorCredentials()) });
     const buckets = await nc.request('$JS.API.STREAM.NAMES', '{}').then((m) => m.json<{ streams: string[] | null }>());
     await nc.close();
     expect(buckets.streams?.some((s) => /^KV_orchard_.*_instances$/.test(s))).toBe(true);

@@ -79,8 +79,8 @@ afterAll(async () => {
 });
 
 describe('agent gRPC: mutual TLS with the cluster CA', () => {
-  it('the proto lists the eight NodeAgent methods this suite attacks', () => {
-    expect(METHODS.sort()).toEqual(['Describe', 'Generate', 'MeasureLinks', 'PrepareCache', 'SetRevocations', 'StartEngine', 'StopEngine', 'Watch']);
+  it('the proto lists the nine NodeAgent methods this suite attacks', () => {
+    expect(METHODS.sort()).toEqual(['Describe', 'Generate', 'MeasureLinks', 'PrepareCache', 'SetEventBus', 'SetRevocations', 'StartEngine', 'StopEngine', 'Watch']);
   });
 
   it('TLS without a client certificate: every method UNAUTHENTICATED', async () => {

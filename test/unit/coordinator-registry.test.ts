@@ -17,6 +17,19 @@ function join(r: Registry, id: string, addr: string, session: string, now: numbe
 const kinds = (c: RegistryChange[]) => c.map((x) => (x.kind === 'state' ? `${x.node.nodeId}:${x.from}->${x.to}` : `${x.kind}:${x.node.nodeId}`));
 
 describe('Registry', () => {
+  it('a node’s own bus events keep an up node from turning suspect for silence, but never revive a suspect one', () => {
+    const r = new Registry(opts);
+    join(r, 'a', '10.0.0.1:1', 's1', 0);
+    r.busSeen('a', 1500);
+    expect(r.tick(3000)).toEqual([]);
+    expect(kinds(r.tick(3600))).toEqual(['a:up->suspect']);
+    r.busSeen('a', 3700);
+    expect(r.get('a')?.state).toBe('suspect');
+    expect(r.get('a')?.lastSeenMs).toBe(1500);
+    r.busSeen('unknown', 3700);
+    expect(r.get('unknown')).toBeUndefined();
+  });
+
   it('adds a node as up and reports it once', () => {
     const r = new Registry(opts);
     expect(kinds(join(r, 'a', '10.0.0.1:1', 's1', 0))).toEqual(['added:a']);

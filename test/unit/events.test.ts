@@ -14,8 +14,8 @@ describe('event subjects', () => {
     expect(subjectToken('a.b*c>d e')).toBe('a_b_c_d_e');
   });
 
-  it('the stream keeps every area but heartbeats', () => {
-    expect(eventStreamSubjects('c')).toEqual(['orchard.c.node.>', 'orchard.c.engine.>', 'orchard.c.instance.>', 'orchard.c.request.>']);
+  it('the stream keeps every area but heartbeats and agents’ health', () => {
+    expect(eventStreamSubjects('c')).toEqual(['orchard.c.node.>', 'orchard.c.engine.>', 'orchard.c.instance.>', 'orchard.c.request.>', 'orchard.c.agent.*.engine.>']);
   });
 
   it('parses only events of this schema version', () => {

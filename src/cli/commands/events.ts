@@ -3,7 +3,8 @@ import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { type Command, Option } from 'commander';
 import { OrchardError, UsageError } from '../../shared/errors.ts';
 import { describeEvent, eventStreamName, eventsPrefix, type OrchardEvent, parseEvent } from '../../shared/events.ts';
-import { addCredentialOptions, type CredentialFlags, coordinatorClient } from '../credentials.ts';
+import { natsClientTls } from '../../shared/pki/nats-tls.ts';
+import { addCredentialOptions, type CredentialFlags, coordinatorClient, natsClientIdentity } from '../credentials.ts';
 import { parseTtl } from './cluster-credentials.ts';
 
 interface EventsFlags extends CredentialFlags {
@@ -36,7 +37,8 @@ export function registerEvents(program: Command): void {
       if (sinceMs === undefined) throw new UsageError('--since needs a duration such as 10m');
       if (flags.heartbeats && !flags.follow) throw new UsageError('--heartbeats needs --follow (heartbeats are not kept)');
       const { url, cluster } = await source(flags);
-      const nc = await connect({ servers: url.split(','), name: 'orchard-events' }).catch((err: unknown) => {
+      const identity = await natsClientIdentity(flags);
+      const nc = await connect({ servers: url.split(','), name: 'orchard-events', ...(identity ? { tls: natsClientTls(identity) } : {}) }).catch((err: unknown) => {
         throw new OrchardError(`cannot reach NATS at ${url}: ${(err as Error).message}`);
       });
       try {

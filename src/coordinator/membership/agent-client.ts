@@ -262,6 +262,11 @@ export class AgentClient {
     await this.#unary('setRevocations', { nodeIds: [...nodeIds] }, timeoutMs);
   }
 
+  /** Where the event bus is (the agent connects there with its own certificate). */
+  async setEventBus(natsUrls: readonly string[], timeoutMs = 5000): Promise<void> {
+    await this.#unary('setEventBus', { natsUrls: [...natsUrls] }, timeoutMs);
+  }
+
   /**
    * Ask the agent to probe each peer's tunnel (one after another, ~0.2 s each on 1 GbE, bounded
    * by the probe's own caps); a failed peer comes back with its error.

@@ -173,6 +173,18 @@ export class Registry {
   }
 
   /**
+   * The node published on the event bus with its own certificate (its agent is alive): a second
+   * sign of life that keeps an `up` node from turning suspect for silence while its Watch events
+   * are late. It never revives a suspect or down node — the coordinator drives nodes over Watch,
+   * and only Watch can say that link works again.
+   */
+  busSeen(nodeId: string, nowMs: number): void {
+    const prev = this.#nodes.get(nodeId);
+    if (prev?.state !== 'up') return;
+    this.#nodes.set(nodeId, { ...prev, lastSeenMs: Math.max(prev.lastSeenMs, nowMs) });
+  }
+
+  /**
    * The Watch stream of a session ended or failed. A broken stream is a stronger signal than
    * silence, so the node is suspect at once; it turns down on the usual clock unless it comes
    * back. Stale sessions are ignored.

@@ -7,6 +7,7 @@ import { OrchardError } from '../../shared/errors.ts';
 import { cacheRoot } from '../../shared/cache-dir.ts';
 import { writeFileAtomic } from '../../shared/pki/files.ts';
 import { processAlive } from '../../shared/process-alive.ts';
+import { type NatsTlsFiles, natsTlsBlock } from './auth.ts';
 
 /**
  * A local `nats-server -js` the coordinator starts when no `--nats URL` is given and one is
@@ -32,6 +33,8 @@ export interface LocalNatsOptions {
   /** Clustering (JetStream replicas across servers): this server's route listener and its peers. */
   readonly cluster?: { readonly name: string; readonly port: number; readonly routes: readonly string[] } | undefined;
   readonly readyTimeoutMs?: number | undefined;
+  /** Client certificates from the cluster CA, mapped to users with permissions (auth.ts). */
+  readonly auth?: { readonly tls: NatsTlsFiles; readonly authorization: string } | undefined;
 }
 
 export interface LocalNats {
@@ -39,6 +42,8 @@ export interface LocalNats {
   readonly pid: number;
   /** SIGTERM through the keeper and wait (a clean stop flushes JetStream). */
   stop(): Promise<void>;
+  /** Rewrite the user list (auth.ts) and have the server reload it; resolves once it has. */
+  reload(authorization: string): Promise<void>;
 }
 
 export function findNatsServer(env: NodeJS.ProcessEnv = process.env): string | undefined {
@@ -68,6 +73,7 @@ export function natsConfig(o: LocalNatsOptions, dir: string): string {
     `jetstream { store_dir: ${JSON.stringify(join(dir, 'jetstream'))} }`,
     `pid_file: ${JSON.stringify(join(dir, 'server.pid'))}`,
   ];
+  if (o.auth) lines.push(natsTlsBlock(o.auth.tls), o.auth.authorization);
   if (o.cluster) {
     lines.push(
       `cluster { name: ${JSON.stringify(o.cluster.name)}, listen: ${JSON.stringify(`${o.host ?? '127.0.0.1'}:${o.cluster.port}`)}, routes: [${o.cluster.routes.map((r) => JSON.stringify(r)).join(', ')}] }`,
@@ -106,9 +112,16 @@ export async function startLocalNats(o: LocalNatsOptions): Promise<LocalNats> {
     await Promise.race([exited, new Promise((r) => setTimeout(r, 10_000))]);
     if (keeper.exitCode === null && keeper.pid) process.kill(-keeper.pid, 'SIGKILL');
   };
+  let current = o;
+  const reload = async (authorization: string) => {
+    if (!current.auth) throw new OrchardError('this nats-server runs without client certificates: nothing to reload');
+    current = { ...current, auth: { ...current.auth, authorization } };
+    await writeFileAtomic(confPath, natsConfig(current, dir), 0o600);
+    await signalReload(join(dir, 'server.pid'), logPath);
+  };
   try {
     const url = await waitForListening(logPath, exited, o.readyTimeoutMs ?? 15_000);
-    return { url, pid: keeper.pid ?? 0, stop };
+    return { url, pid: keeper.pid ?? 0, stop, reload };
   } catch (err) {
     await stop();
     throw err;
@@ -138,6 +151,22 @@ function isNatsServer(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+const RELOADED = /Reloaded server configuration/g;
+
+/** SIGHUP = reload the configuration file (nats-server's documented signal); wait for its log line. */
+async function signalReload(pidFile: string, logPath: string): Promise<void> {
+  const pid = Number.parseInt(await readFile(pidFile, 'utf8'), 10);
+  const before = (await readFile(logPath, 'utf8')).match(RELOADED)?.length ?? 0;
+  process.kill(pid, 'SIGHUP');
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    const log = await readFile(logPath, 'utf8');
+    if ((log.match(RELOADED)?.length ?? 0) > before) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new OrchardError(`nats-server (pid ${pid}) did not reload its configuration (log: ${logPath})`);
 }
 
 async function waitForListening(logPath: string, exited: Promise<void>, timeoutMs: number): Promise<string> {

@@ -2,11 +2,13 @@ import { z } from 'zod';
 
 /**
  * Who a cluster certificate speaks for. The role decides what its holder may do: `node` runs
- * engines and tunnels, `coordinator` drives nodes, `admin` is an operator's client (CLI).
+ * engines and tunnels, `coordinator` drives nodes, `admin` is an operator's client (CLI), `nats`
+ * is the cluster's NATS server (a certificate that may serve TLS to NATS clients and nothing else:
+ * no agent or coordinator method accepts it).
  * The identity lives in one URI SAN, `orchard://<role>/<id>`, so one parse answers both
  * questions and no peer-written field (a Join message, a TXT record) is ever trusted for it.
  */
-export const ROLES = ['node', 'coordinator', 'admin'] as const;
+export const ROLES = ['node', 'coordinator', 'admin', 'nats'] as const;
 export const Role = z.enum(ROLES);
 export type Role = z.infer<typeof Role>;
 
