@@ -15,7 +15,7 @@ import { natsClientTls } from '../../src/shared/pki/nats-tls.ts';
 import { clientCredentials, testCa } from '../helpers/cluster-pki.ts';
 import { joinToken } from '../helpers/join.ts';
 import { describeWith, itWith, natsServer } from '../helpers/needs.ts';
-import { killGroup, ORCHARD_BIN, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
 /*
@@ -190,6 +190,10 @@ describe('NATS credentials end to end', () => {
     while (health.length === 0 && Date.now() < deadline) await sleep(200);
     await watcher.close();
     expect(health[0]).toEqual({ subject: `${eventsPrefix(clusterId)}.agent.${nodeId}.node.health`, source: `agent/${nodeId}`, nodeId });
+    // orchard events on the coordinator's machine reads the stream as the admin identity.
+    const events = await orchard(['events', '--json', '--since', '10m', '--coordinator', `127.0.0.1:${String(ready.grpcPort)}`], env);
+    expect(events.code, events.stderr).toBe(0);
+    expect(events.stdout).toContain(`"subject":"${eventsPrefix(clusterId)}.node.${nodeId}.up"`);
     // What the server was told: the node is a user, with its own subject and nothing else.
     const users = await readFile(join(stateDir, 'nats', 'authorization.conf'), 'utf8');
     expect(users).toContain(`"orchard://node/${nodeId}", permissions: {"publish":{"allow":["${eventsPrefix(clusterId)}.agent.${nodeId}.>"]},"subscribe":{"deny":[">"]}}`);

@@ -1,7 +1,7 @@
 import { DeliverPolicy, jetstream, type JsMsg } from '@nats-io/jetstream';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { type Command, Option } from 'commander';
-import { OrchardError, UsageError } from '../../shared/errors.ts';
+import { errorMessage, OrchardError, UsageError } from '../../shared/errors.ts';
 import { describeEvent, eventStreamName, eventsPrefix, type OrchardEvent, parseEvent } from '../../shared/events.ts';
 import { natsClientTls } from '../../shared/pki/nats-tls.ts';
 import { addCredentialOptions, type CredentialFlags, coordinatorClient, natsClientIdentity } from '../credentials.ts';
@@ -37,16 +37,30 @@ export function registerEvents(program: Command): void {
       if (sinceMs === undefined) throw new UsageError('--since needs a duration such as 10m');
       if (flags.heartbeats && !flags.follow) throw new UsageError('--heartbeats needs --follow (heartbeats are not kept)');
       const { url, cluster } = await source(flags);
-      const identity = await natsClientIdentity(flags);
-      const nc = await connect({ servers: url.split(','), name: 'orchard-events', ...(identity ? { tls: natsClientTls(identity) } : {}) }).catch((err: unknown) => {
-        throw new OrchardError(`cannot reach NATS at ${url}: ${(err as Error).message}`);
-      });
+      const nc = await connectAsAdmin(url, flags);
       try {
         await printEvents(nc, cluster, Date.now() - sinceMs, flags);
       } finally {
         await nc.close();
       }
     });
+}
+
+/**
+ * With the cluster's credentials when we hold them (the coordinator's own server requires them);
+ * a plain `nats://` server without TLS refuses a TLS client, and is read without.
+ */
+async function connectAsAdmin(url: string, flags: EventsFlags): Promise<NatsConnection> {
+  const identity = await natsClientIdentity(flags);
+  const open = (tls: boolean) => connect({ servers: url.split(','), name: 'orchard-events', ...(tls && identity ? { tls: natsClientTls(identity) } : {}) });
+  try {
+    return await open(true).catch((err: unknown) => {
+      if (identity && /does not support 'tls'/.test(errorMessage(err))) return open(false);
+      throw err;
+    });
+  } catch (err) {
+    throw new OrchardError(`cannot reach NATS at ${url}: ${errorMessage(err)}`);
+  }
 }
 
 async function source(flags: EventsFlags): Promise<{ url: string; cluster: string }> {
