@@ -21,8 +21,10 @@ import { pickFreePort } from './ports.ts';
 /**
  * The node measures its own engine: llama-server on a generated f16 model (12 layers × 1024,
  * ~0.4 GB: each decoded token reads ~0.33 GB, more than the last-level caches of the machines
- * Orchard runs on, so the figure is DRAM bandwidth, not cache), one warm-up request, then one
- * measured request of a fixed prompt and a fixed number of decoded tokens. llama-server's own
+ * Orchard runs on, so the figure is DRAM bandwidth, not cache), one warm-up request, then
+ * SAMPLES measured requests of a fixed prompt and a fixed number of decoded tokens, of which the
+ * median rates count: one 32-token sample on a shared machine caught a passing load spike and
+ * the demo's prediction missed by 19 % where its other runs stayed within 15 %. llama-server's own
  * timings (prompt and decode rates) become the cost model's two node numbers with the planner's
  * own accounting (cost.ts `calibrationRates`).
  *
@@ -39,6 +41,7 @@ export const CALIBRATION_SHAPE: LlamaTestShape = { layers: 12, dim: 1024, ffn: 2
 const CTX = 1024;
 const PROMPT_TOKENS = 128;
 const DECODE_TOKENS = 32;
+const SAMPLES = 3;
 
 const calibrationSchema = z.object({
   engine: z.enum(['llama.cpp', 'mlx']),
@@ -127,6 +130,11 @@ async function timedRequest(url: string, seed: number): Promise<{ prompt: number
   return { prompt: t.prompt_per_second, decode: t.predicted_per_second };
 }
 
+/** The middle sample (SAMPLES is odd). */
+function median(xs: readonly number[]): number {
+  return [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
+}
+
 /**
  * Measure this machine's llama.cpp engine with `threads` threads and cache the result. `model`
  * measures on another GGUF (the demo's own) and `file` writes the result there instead of the cache.
@@ -150,11 +158,11 @@ export async function measureCalibration(
     exited = true;
   });
   const url = `http://127.0.0.1:${port}`;
-  let rates: { prompt: number; decode: number };
+  const samples: { prompt: number; decode: number }[] = [];
   try {
     await waitHealthy(url, () => exited, 120_000);
     await timedRequest(url, 1); // warm-up: first-touch page faults, thread pool start
-    rates = await timedRequest(url, 2);
+    for (let i = 0; i < SAMPLES; i++) samples.push(await timedRequest(url, 2 + i));
   } catch (err) {
     throw new OrchardError(`engine calibration failed: ${errorMessage(err)}`);
   } finally {
@@ -162,6 +170,7 @@ export async function measureCalibration(
       if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
     } catch {}
   }
+  const rates = { prompt: median(samples.map((x) => x.prompt)), decode: median(samples.map((x) => x.decode)) };
   const profile = modelProfile(await readGgufHeader(model));
   const o = DEFAULT_PLACEMENT_OPTIONS;
   const mm = memoryModel(profile, { ...o, ctx: CTX, parallel: 1 }, o.kvFill);
