@@ -1,7 +1,6 @@
-import { createServer, type Server } from 'node:http';
+import { createServer, type RequestListener, type Server } from 'node:http';
 import { hostname } from 'node:os';
 import type * as grpc from '@grpc/grpc-js';
-import { errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import { startCoordinatorGrpc } from './api/grpc-server.ts';
 import { AccessControl } from './api/access.ts';
@@ -14,10 +13,13 @@ import { HttpRouter, type RouteInfo } from './api/router.ts';
 import type { HealOptions } from './instances/healing.ts';
 import type { RebalanceMode } from './instances/rebalance.ts';
 import { createPlanner } from './instances/planner-adapter.ts';
-import { Readoption } from './instances/readoption.ts';
+import type { Readoption } from './instances/readoption.ts';
+import { GrpcRelay, HttpRelay } from './api/forwarding.ts';
+import { LeaderWork } from './leader/leading.ts';
+import { contendForLeadership, type Leadership, type RoleView, singleCoordinator } from './leader/roles.ts';
 import type { Planner, Runtime } from './instances/runtime.ts';
 import { certificateFingerprint } from '../shared/pki/certificates.ts';
-import { CoordinatorAdvertiser, Discovery } from './membership/discovery.ts';
+import { CoordinatorAdvertiser } from './membership/discovery.ts';
 import { enroll } from './membership/enroll.ts';
 import { CoordinatorError } from './errors.ts';
 import { IdentityId } from '../shared/pki/identity.ts';
@@ -60,6 +62,15 @@ export interface CoordinatorOptions {
    * default `instances.json` in the state dir.
    */
   readonly nats?: NatsSetting | undefined;
+  /**
+   * Several coordinators on NATS: the leader lease's TTL (default 5 s; a standby takes over within
+   * about TTL + TTL/3 of the leader's last renewal), the host other machines reach this one's APIs
+   * by (default --host / --http-host, or the host name when those are 0.0.0.0), and what to do when
+   * the lease is lost while leading (default: exit, fail-stop — see leader/roles.ts).
+   */
+  readonly leaseTtlMs?: number | undefined;
+  readonly advertiseHost?: string | undefined;
+  readonly onDemoted?: (() => void) | undefined;
   /** How long a stored instance waits for its nodes after a restart before it is given up (default 30 s). */
   readonly adoptGraceMs?: number | undefined;
   /**
@@ -92,7 +103,10 @@ export interface CoordinatorHandle {
   /** The instance store (file or NATS KV, `storeInfo` says which) and the re-adoption of stored instances. */
   readonly store: InstanceStore;
   readonly storeInfo: StateStoreInfo;
-  readonly readoption: Readoption;
+  /** Undefined until this coordinator leads (a standby re-adopts nothing). */
+  readonly readoption: Readoption | undefined;
+  /** Single (file store), leader or standby, and who leads (leader/roles.ts). */
+  roles(): RoleView;
   /** Every HTTP route (method, path, scope), so tests can check each one's guard. */
   routes(): RouteInfo[];
   close(): Promise<void>;
@@ -105,80 +119,127 @@ export interface CoordinatorHandle {
  */
 export async function startCoordinator(o: CoordinatorOptions): Promise<CoordinatorHandle> {
   const log = o.log;
-  const version = o.version ?? '0.1.0';
   const state = await openState(o.stateDir);
   const stateDir = new StateDir(o.stateDir);
-  const { caFingerprint, tls, tokens, revocations, enrollContext } = await openPki(stateDir);
-  const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log, tls, () => revocations.ids());
+  const pki = await openPki(stateDir);
+  const membership = new Membership({ ...DEFAULT_REGISTRY_OPTIONS, ...o.registry }, log, pki.tls, () => pki.revocations.ids());
   const prober = new LinkProber(membership, log.child({ part: 'links' }), o.links);
   const clusterId = state.cluster().clusterId;
   const { runtime, metrics } = buildRuntime(o, membership, clusterId, prober.matrix);
-  const clusterState = await openClusterState({ stateDir: o.stateDir, clusterId, nats: o.nats, log, sourceId: `${hostname()}:${process.pid}`, pki: { ca: enrollContext.ca, tls } });
+  const coordinatorId = `${hostname()}:${process.pid}`;
+  const clusterState = await openClusterState({ stateDir: o.stateDir, clusterId, nats: o.nats, log, sourceId: coordinatorId, pki: { ca: pki.enrollContext.ca, tls: pki.tls } });
+  // A NATS server of its own (the local one it started) makes a coordinator the only one.
+  const shared = clusterState.nats && !clusterState.info.localServer ? clusterState.nats : undefined;
   const store = clusterState.store;
   clusterState.events?.follow(membership, runtime, store);
   clusterState.agentBus?.follow(membership);
-  // Before any agent is dialled: stored instances claim their engines before the orphan clean-up looks.
-  const readoption = await Readoption.open({ runtime, membership, store, clusterId, log, graceMs: o.adoptGraceMs });
+  let leadership: Leadership | undefined;
+  const roles = (): RoleView => leadership?.view() ?? { role: shared ? 'standby' : 'single', leader: null };
+  const work = new LeaderWork({
+    ...{ runtime, membership, store, clusterId, log, graceMs: o.adoptGraceMs, remembered: () => state.cluster().agents },
+    ...{ mdns: o.mdns ? { interface: o.mdnsInterface } : undefined, dialStoredNodes: !!shared, mayWrite: () => leadership?.isLeading() ?? !shared },
+  });
   const access = new AccessControl({ adminKeys: [o.api?.apiKey, await stateDir.localAdminKey()], locked: !!o.api?.apiKey, store: stateDir.apiKeys() });
-
-  const { server: grpcServer, port } = await startCoordinatorGrpc(
-    {
-      membership,
-      runtime,
-      enroll: (req) => enroll(enrollContext, req),
-      tls,
-      isRevoked: (id) => revocations.isRevoked(id),
-      revoke: (node) => revokeNode(node, membership, revocations, log),
-      clusterId,
-      version,
-      log,
-      rememberAgent: state.rememberAgent,
-      links: () => prober.matrix.list(),
-      stateStore: clusterState.info,
-    },
-    access,
-    o.host ?? '0.0.0.0',
-    o.grpcPort,
-  );
-  const discovery = dialAgents(o, membership, state.cluster().agents);
-  const advertiser = o.mdns ? new CoordinatorAdvertiser({ port, clusterId, caFingerprint, interface: o.mdnsInterface }, log) : undefined;
+  const forwarding = { roles, adminTls: () => stateDir.relayCredentials(), log };
+  const relays = shared ? { grpc: new GrpcRelay(forwarding), http: new HttpRelay(forwarding) } : undefined;
+  const servers = await startServers(o, { ...pki, membership, runtime, metrics, access, clusterId, state, prober, stateStore: clusterState.info, roles, relays });
+  const self = { coordinatorId, addresses: advertised(o, servers.grpcPort, servers.httpPort) };
+  // Contend only once both servers listen: the lease names the addresses standbys forward to.
+  if (shared) {
+    const c = await contendForLeadership({ nc: shared, clusterId, self, ttlMs: o.leaseTtlMs ?? 5000, replicas: o.nats?.replicas, log, onLead: () => work.start(), onDemoted: o.onDemoted ?? (() => process.exit(75)) });
+    leadership = c.leadership;
+    await c.decided;
+  } else leadership = await singleCoordinator(() => work.start());
+  log.info({ grpcPort: servers.grpcPort, httpPort: servers.httpPort, clusterId, mdns: o.mdns, stateDir: o.stateDir, role: roles().role }, 'coordinator ready');
 
   let closed = false;
-  let httpPort: number | undefined;
-  const { router, webConsole } = buildRouter(o, { runtime, membership, clusterId, metrics, access }, () => !closed, () => `${o.httpHost ?? '127.0.0.1'}:${httpPort ?? 0}`);
-  const http = o.httpPort === undefined ? undefined : await listenHttp(router, o.httpPort, o.httpHost ?? '127.0.0.1');
-  httpPort = http?.port;
-
-  log.info({ grpcPort: port, httpPort, clusterId, mdns: o.mdns, stateDir: o.stateDir }, 'coordinator ready');
-
   return {
-    ...{ clusterId, grpcPort: port, httpPort, caFingerprint },
-    createJoinToken: async (t = {}) => (await tokens.create({ ttlMs: t.ttlMs, uses: t.uses })).token,
-    runtime,
-    membership,
-    links: prober,
-    metrics,
-    router,
-    ...{ store, storeInfo: clusterState.info, readoption },
-    routes: () => router.routes(),
+    ...{ clusterId, grpcPort: servers.grpcPort, httpPort: servers.httpPort, caFingerprint: pki.caFingerprint },
+    createJoinToken: async (t = {}) => (await pki.tokens.create({ ttlMs: t.ttlMs, uses: t.uses })).token,
+    ...{ runtime, membership, links: prober, metrics, router: servers.router, store, storeInfo: clusterState.info, roles },
+    get readoption() {
+      return work.readoption;
+    },
+    routes: () => servers.router.routes(),
     async close() {
       if (closed) return;
       closed = true;
-      webConsole.close();
-      await advertiser?.close();
-      await runtime.close();
-      await readoption.close();
+      servers.closing();
+      // With an external NATS other coordinators may take over: the engines keep running for them.
+      const handover = !!shared && leadership?.isLeading() === true;
+      await leadership?.stop();
+      await runtime.close({ keepEngines: handover });
+      await work.close();
       await clusterState.close();
-      await discovery?.close();
       prober.close();
       membership.close();
+      relays?.grpc.close();
+      relays?.http.close();
+      await servers.close();
+      await state.saved();
+    },
+  };
+}
+
+/** host:port of this coordinator's APIs as other machines dial them (what the lease tells standbys). */
+function advertised(o: CoordinatorOptions, grpcPort: number, httpPort: number | undefined): { grpc: string; http: string } {
+  const wildcard = (h: string | undefined) => h === undefined || h === '0.0.0.0' || h === '::';
+  const grpcHost = o.advertiseHost ?? (wildcard(o.host) ? hostname() : o.host!);
+  const httpHost = o.advertiseHost ?? (wildcard(o.httpHost ?? '127.0.0.1') ? hostname() : (o.httpHost ?? '127.0.0.1'));
+  return { grpc: `${grpcHost}:${grpcPort}`, http: `${httpHost}:${httpPort ?? 0}` };
+}
+
+/** The gRPC and HTTP servers (relaying to the leader while this coordinator is a standby). */
+async function startServers(
+  o: CoordinatorOptions,
+  d: Awaited<ReturnType<typeof openPki>> & {
+    membership: Membership;
+    runtime: MeteredRuntime;
+    metrics: CoordinatorMetrics;
+    access: AccessControl;
+    clusterId: string;
+    state: Awaited<ReturnType<typeof openState>>;
+    prober: LinkProber;
+    stateStore: StateStoreInfo;
+    roles: () => RoleView;
+    relays: { grpc: GrpcRelay; http: HttpRelay } | undefined;
+  },
+) {
+  const { membership, runtime, clusterId, log } = { ...d, log: o.log };
+  const { server: grpcServer, port: grpcPort } = await startCoordinatorGrpc(
+    {
+      ...{ membership, runtime, tls: d.tls, clusterId, version: o.version ?? '0.1.0', log, stateStore: d.stateStore, roles: d.roles, relay: d.relays?.grpc },
+      enroll: (req) => enroll(d.enrollContext, req),
+      isRevoked: (id) => d.revocations.isRevoked(id),
+      revoke: (node) => revokeNode(node, membership, d.revocations, log),
+      rememberAgent: d.state.rememberAgent,
+      links: () => d.prober.matrix.list(),
+    },
+    d.access,
+    o.host ?? '0.0.0.0',
+    o.grpcPort,
+  );
+  const advertiser = o.mdns ? new CoordinatorAdvertiser({ port: grpcPort, clusterId, caFingerprint: d.caFingerprint, interface: o.mdnsInterface }, log) : undefined;
+  let serving = true;
+  let httpPort: number | undefined;
+  const { router, webConsole } = buildRouter(o, { ...d, relay: d.relays?.http }, () => serving, () => `${o.httpHost ?? '127.0.0.1'}:${httpPort ?? 0}`);
+  const relay = d.relays?.http;
+  const http = o.httpPort === undefined ? undefined : await listenHttp((req, res) => relay?.handle(req, res) || router.handle(req, res), o.httpPort, o.httpHost ?? '127.0.0.1');
+  httpPort = http?.port;
+  return {
+    ...{ grpcPort, httpPort, router },
+    closing() {
+      serving = false;
+      webConsole.close();
+    },
+    async close() {
+      await advertiser?.close();
       await new Promise<void>((resolve) => grpcServer.tryShutdown(() => resolve()));
       grpcServer.forceShutdown();
       if (http) {
         http.server.closeAllConnections();
         await new Promise<void>((resolve) => http.server.close(() => resolve()));
       }
-      await state.saved();
     },
   };
 }
@@ -186,7 +247,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<Coordinat
 /** One router for every HTTP route (OpenAI API, operator routes, console), behind one access guard. */
 function buildRouter(
   o: CoordinatorOptions,
-  d: { runtime: MeteredRuntime; membership: Membership; clusterId: string; metrics: CoordinatorMetrics; access: AccessControl },
+  d: { runtime: MeteredRuntime; membership: Membership; clusterId: string; metrics: CoordinatorMetrics; access: AccessControl; roles: () => RoleView; relay: HttpRelay | undefined },
   serving: () => boolean,
   ownAddress: () => string,
 ) {
@@ -194,7 +255,7 @@ function buildRouter(
   const log = o.log;
   const router = new HttpRouter(accessGuard(access), log.child({ part: 'http' }), { metricsPublic: o.api?.metricsPublic });
   installApi(router, { runtime, membership, clusterId, log, onRefused: (model, status) => metrics.refused(model, status) }, { maxBodyBytes: o.api?.maxBodyBytes });
-  installOperatorRoutes(router, { membership, runtime, clusterId, registry: metrics.registry, serving, ownAddress });
+  installOperatorRoutes(router, { membership, runtime, clusterId, registry: metrics.registry, serving, ownAddress, roles: d.roles, leaderStatus: d.relay && ((req) => d.relay!.leaderStatus(req)) });
   const webConsole = createConsole({ runtime, membership, clusterId, metrics: metrics.metrics, log, maxBodyBytes: o.api?.maxBodyBytes });
   for (const r of webConsole.routes) router.add(r.method, r.path, r.scope, r.handler);
   return { router, webConsole };
@@ -267,23 +328,8 @@ function buildRuntime(o: CoordinatorOptions, membership: Membership, clusterId: 
   return { runtime, metrics };
 }
 
-/** Dial the agents that joined statically before a restart (they keep retrying), and browse Bonjour. */
-function dialAgents(o: CoordinatorOptions, membership: Membership, remembered: readonly string[]): Discovery | undefined {
-  const log = o.log;
-  for (const a of remembered) {
-    membership.add(a, 'join', true).catch((err) => log.warn({ address: a, err: errorMessage(err) }, 'remembered agent not reachable yet; retrying'));
-  }
-  if (!o.mdns) return undefined;
-  return new Discovery(
-    // the TXT record (advertise.ts) is what the agent claims: shown for a discovered agent, never trusted
-    (address, txt, name) => membership.sighted(address, { nodeId: txt.id, name, chip: txt.chip, memoryBytes: /^\d+$/.test(txt.ram ?? '') ? Number(txt.ram) : undefined }),
-    log,
-    { interface: o.mdnsInterface, onGone: (address) => membership.unsighted(address) },
-  );
-}
-
-async function listenHttp(router: HttpRouter, port: number, host: string): Promise<{ server: Server; port: number }> {
-  const server = createServer(router.handle);
+async function listenHttp(handle: RequestListener, port: number, host: string): Promise<{ server: Server; port: number }> {
+  const server = createServer(handle);
   const bound = await new Promise<number>((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {

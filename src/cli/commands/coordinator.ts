@@ -12,6 +12,7 @@ import { parseInteger, parsePort, parseSize } from '../../shared/units.ts';
 import { readKeyFile } from '../credentials.ts';
 import { addNatsOptions, natsSetting } from '../nats-option.ts';
 import { registerClusterCredentials } from './cluster-credentials.ts';
+import { registerCoordinatorCa } from './coordinator-ca.ts';
 import { registerKeys } from './keys.ts';
 
 interface CoordinatorFlags {
@@ -31,6 +32,8 @@ interface CoordinatorFlags {
   metricsPublic?: boolean;
   maxBody: string;
   nats?: string | boolean;
+  leaseTtl: string;
+  advertise?: string;
   json?: boolean;
 }
 
@@ -53,11 +56,14 @@ export function registerCoordinator(program: Command): void {
     .addOption(new Option('--api-key-file <file>', 'read the admin API key from this file (`-` = stdin)').env('ORCHARD_API_KEY_FILE'))
     .addOption(new Option('--metrics-public', 'serve /metrics without a key (otherwise Prometheus sends an inference key)').env('ORCHARD_METRICS_PUBLIC'))
     .addOption(new Option('--max-body <size>', 'largest HTTP request body (413 beyond it)').default('4MiB').env('ORCHARD_MAX_BODY'))
+    .addOption(new Option('--lease-ttl <ms>', 'several coordinators on --nats: the leader lease TTL (a standby takes over within about 1.3 × TTL)').default('5000').env('ORCHARD_LEASE_TTL'))
+    .addOption(new Option('--advertise <host>', 'several coordinators: the host others reach this one\'s gRPC and HTTP by (default --host/--http-host, or the host name)').env('ORCHARD_COORDINATOR_ADVERTISE'))
     .option('--json', 'print a machine-readable ready line ({"event":"ready",…})')
     .action(async (flags: CoordinatorFlags) => {
       await runCoordinator(flags);
     });
   registerClusterCredentials(cmd);
+  registerCoordinatorCa(cmd);
   registerKeys(cmd);
 }
 
@@ -73,6 +79,8 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
   const handle = await startCoordinator({
     stateDir,
     nats,
+    leaseTtlMs: parseInteger(flags.leaseTtl, '--lease-ttl', 1000, 120_000),
+    advertiseHost: flags.advertise,
     host: flags.host,
     grpcPort: parsePort(flags.grpcPort, '--grpc-port'),
     httpPort: parsePort(flags.httpPort, '--http-port'),
@@ -97,11 +105,12 @@ async function runCoordinator(flags: CoordinatorFlags): Promise<void> {
   });
   if (flags.json) {
     process.stdout.write(
-      `${JSON.stringify({ event: 'ready', clusterId: handle.clusterId, grpcPort: handle.grpcPort, httpPort: handle.httpPort, caFingerprint: handle.caFingerprint, pid: process.pid, stateDir, stateStore: handle.storeInfo })}\n`,
+      `${JSON.stringify({ event: 'ready', clusterId: handle.clusterId, grpcPort: handle.grpcPort, httpPort: handle.httpPort, caFingerprint: handle.caFingerprint, pid: process.pid, stateDir, stateStore: handle.storeInfo, role: handle.roles().role })}\n`,
     );
   } else {
     process.stdout.write(`orchard coordinator ready: gRPC ${flags.host}:${handle.grpcPort}, HTTP 127.0.0.1:${handle.httpPort}, cluster ${handle.clusterId}\n`);
     process.stdout.write(`  state: ${handle.storeInfo.backend === 'nats' ? `NATS JetStream at ${handle.storeInfo.location}` : handle.storeInfo.location}\n`);
+    if (handle.roles().role !== 'single') process.stdout.write(`  ${handle.roles().role === 'leader' ? 'leader' : 'standby (relays to the leader; leads when the lease is free)'}\n`);
     process.stdout.write(`  cluster CA sha256 ${handle.caFingerprint}\n  nodes join with a token from \`orchard coordinator token\`: ORCHARD_NODE_TOKEN=… orchard node\n`);
   }
   await new Promise<void>((resolve) => {

@@ -72,7 +72,9 @@ export function statusJson(s: Wire): Wire {
   }));
   const st = (s.stateStore ?? {}) as Wire;
   const stateStore = st.backend ? { backend: st.backend, location: st.location, localServer: !!st.localServer } : undefined;
-  return { clusterId: s.clusterId, version: s.version, stateStore, nodes, models, links };
+  const l = s.leader as Wire | undefined;
+  const leader = l?.grpc ? { coordinatorId: l.coordinatorId, grpc: l.grpc, http: l.http } : null;
+  return { clusterId: s.clusterId, version: s.version, role: s.role || 'single', leader, stateStore, nodes, models, links };
 }
 
 /** `--links`: one row per measured direction. */
@@ -97,6 +99,13 @@ function linksTable(links: readonly Wire[], nowSeconds: number): string {
 /** The line that warns a model's links between nodes bypass the TLS tunnels; undefined when they do not. */
 export function linksNote(model: Wire): string | undefined {
   return model.untunnelledRdma ? 'links: untunnelled RDMA (JACCL over Thunderbolt, outside the TLS tunnels; loaded with --allow-untunnelled-rdma)' : undefined;
+}
+
+/** Which coordinator answered: the only one, the leader, or a standby relaying to the leader. */
+function roleLine(role: unknown, leader: Wire | null): string {
+  if (role === 'leader') return 'coordinator: leader\n';
+  if (role === 'standby') return `coordinator: standby, ${leader ? `leader at ${String(leader.grpc)} (HTTP ${String(leader.http)})` : 'no leader known yet'}\n`;
+  return '';
 }
 
 /** Which mode holds the cluster's state: one coordinator with a file, or NATS (several may share it). */
@@ -138,7 +147,7 @@ export function registerStatus(program: Command): void {
           if (n.state === 'discovered') t.push([String(n.name), 'discovered', String(n.address), String(h.chip || '-'), num(h.memoryBytes) ? formatBytes(num(h.memoryBytes)) : '-', '-', '-', '-', String(n.discoveredBy)]);
           else t.push([String(n.name), n.drained ? `${String(n.state)} (drained)` : String(n.state), String(n.address), String(h.chip), formatBytes(num(h.memoryBytes)), formatBytes(num(h.budgetBytes)), formatBandwidth(num(h.bandwidthBytesPerSecond)), measured(h), String(n.discoveredBy)]);
         }
-        process.stdout.write(`cluster ${String(s.clusterId)}\n${stateLine(s.stateStore as Wire | undefined)}${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
+        process.stdout.write(`cluster ${String(s.clusterId)}\n${stateLine(s.stateStore as Wire | undefined)}${roleLine(s.role, s.leader as Wire | null)}${nodes.length ? t.toString() : '(no nodes yet)'}\n`);
         if ((nodes as Wire[]).some((n) => n.state === 'discovered')) {
           process.stdout.write('discovered: announced on Bonjour but not joined (no certificate of this cluster); join it with `orchard node --token …` (`orchard coordinator token` prints one)\n');
         }

@@ -18,6 +18,12 @@ import { parseParallelism } from '../../shared/placement/parallelism.ts';
 import { PlanDoesNotFitError } from '../instances/planner-adapter.ts';
 import type { AccessControl } from './access.ts';
 import { guardService } from './grpc-access.ts';
+import type { RoleView } from '../leader/roles.ts';
+import { type GrpcRelay, leaderToWire } from './forwarding.ts';
+
+export function roleToWire(v: RoleView): { role: string; leader: Record<string, string> | undefined } {
+  return { role: v.role, leader: leaderToWire(v.leader) };
+}
 
 /**
  * `orchard.v1.Coordinator` over gRPC: validates at the edge (zod), delegates to membership and
@@ -45,6 +51,10 @@ export interface CoordinatorServices {
   readonly links?: () => readonly LinkMeasurement[];
   /** Where the coordinator's state lives (file or NATS), for Status. */
   readonly stateStore?: StateStoreInfo | undefined;
+  /** This coordinator's role and who leads (leader/roles.ts); undefined = single. */
+  readonly roles?: (() => RoleView) | undefined;
+  /** Relays calls to the leader while this coordinator is a standby (forwarding.ts). */
+  readonly relay?: GrpcRelay | undefined;
 }
 
 const ADDRESS = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/;
@@ -183,6 +193,7 @@ function membershipHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedSer
           error: l.error ?? '',
         })),
         stateStore: s.stateStore,
+        ...roleToWire(s.roles?.() ?? { role: 'single', leader: null }),
       });
     },
   };
@@ -311,7 +322,8 @@ function generateHandler(s: CoordinatorServices, fail: Fail) {
 export async function startCoordinatorGrpc(s: CoordinatorServices, access: AccessControl, host: string, port: number): Promise<{ server: grpc.Server; port: number }> {
   const server = createGrpcServer();
   const service = orchardV1().Coordinator!.service;
-  server.addService(service, guardService(service, coordinatorHandlers(s), access, s.tls.caCertPem));
+  const handlers = s.relay ? s.relay.wrap(service, coordinatorHandlers(s)) : coordinatorHandlers(s);
+  server.addService(service, guardService(service, handlers, access, s.tls.caCertPem));
   const bound = await new Promise<number>((resolve, reject) =>
     server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, clusterServerCredentials(s.tls), (err, p) => (err ? reject(err) : resolve(p))),
   );

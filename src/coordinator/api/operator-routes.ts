@@ -2,7 +2,9 @@ import type { Registry } from 'prom-client';
 import { type Health, sendHealth, sendMetrics } from '../../shared/metrics/http.ts';
 import type { Runtime } from '../instances/runtime.ts';
 import type { Membership } from '../membership/membership.ts';
-import { modelStatusToWire, nodesToWire } from './grpc-server.ts';
+import type { IncomingMessage } from 'node:http';
+import type { RoleView } from '../leader/roles.ts';
+import { modelStatusToWire, nodesToWire, roleToWire } from './grpc-server.ts';
 import { sendJson } from './openai/edge.ts';
 import { prometheusTargetsHandler, sdNodeFromEntry } from './prometheus-sd.ts';
 import type { HttpRouter } from './router.ts';
@@ -14,7 +16,8 @@ import type { HttpRouter } from './router.ts';
  *   GET|HEAD /healthz                public  liveness, the body every Orchard process sends
  *   GET|HEAD /metrics                inference  Prometheus scrape of the coordinator's registry
  *                                            (public with --metrics-public)
- *   GET      /status                 admin   cluster id, nodes and models as the gRPC Status has them
+ *   GET      /status                 admin   cluster id, role and leader, nodes and models as the gRPC
+ *                                            Status has them (a standby: the leader's, with its own role)
  *   GET      /v1/prometheus/targets  inference  HTTP service discovery: the coordinator and every node
  *                                            agent's /metrics (Prometheus sends an inference key
  *                                            with `authorization: {credentials_file: …}`, so the
@@ -30,6 +33,10 @@ export interface OperatorDeps {
   readonly serving: () => boolean;
   /** host:port of this HTTP server, for SD when the request's Host header is unusable. */
   readonly ownAddress: () => string;
+  /** This coordinator's role and who leads; undefined = single. */
+  readonly roles?: (() => RoleView) | undefined;
+  /** A standby's /status is the leader's, told from its side (undefined: answer here). */
+  readonly leaderStatus?: ((req: IncomingMessage) => Promise<Record<string, unknown> | undefined>) | undefined;
 }
 
 export function installOperatorRoutes(router: HttpRouter, d: OperatorDeps): void {
@@ -43,9 +50,11 @@ export function installOperatorRoutes(router: HttpRouter, d: OperatorDeps): void
     router.add(method, '/healthz', 'public', (req, res) => sendHealth(req, res, health()));
     router.add(method, '/metrics', router.scopeFor(method, '/metrics', 'inference'), (req, res) => sendMetrics(req, res, d.registry));
   }
-  router.add('GET', '/status', 'admin', (_req, res) =>
-    sendJson(res, 200, { clusterId: d.clusterId, nodes: nodesToWire(d.membership, Date.now(), (id) => d.runtime.moves.isDrained(id)), models: d.runtime.models().map(modelStatusToWire) }),
-  );
+  router.add('GET', '/status', 'admin', async (req, res) => {
+    const fromLeader = await d.leaderStatus?.(req).catch(() => undefined);
+    const role = roleToWire(d.roles?.() ?? { role: 'single', leader: null });
+    sendJson(res, 200, fromLeader ?? { clusterId: d.clusterId, ...role, nodes: nodesToWire(d.membership, Date.now(), (id) => d.runtime.moves.isDrained(id)), models: d.runtime.models().map(modelStatusToWire) });
+  });
   router.add('GET', '/v1/prometheus/targets', 'inference', (req, res) =>
     prometheusTargetsHandler(() => ({
       // The coordinator's own target is the address Prometheus just used to reach it (Host

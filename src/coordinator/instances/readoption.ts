@@ -32,6 +32,11 @@ export interface ReadoptionOptions {
   readonly log: Logger;
   /** How long a stored instance waits for its nodes before its engines are given up (default 30 s). */
   readonly graceMs?: number | undefined;
+  /**
+   * Checked right before every store write: a coordinator that no longer leads writes nothing
+   * (several coordinators on NATS; the revision compare-and-set fences a write already sent).
+   */
+  readonly mayWrite?: (() => boolean) | undefined;
 }
 
 export class Readoption {
@@ -198,6 +203,12 @@ export class Readoption {
     this.#writes.set(name, next);
   }
 
+  #fenced(name: string): boolean {
+    if (this.#o.mayWrite?.() ?? true) return false;
+    this.#log.warn({ model: name }, 'not writing the instance store: this coordinator no longer leads');
+    return true;
+  }
+
   async #persist(snap: InstanceSnapshot): Promise<void> {
     const live: LiveEngines = await this.#describe([...new Set(snap.engines.map((e) => e.nodeId))]);
     const engines: StoredEngine[] = snap.engines.map((e) => {
@@ -205,13 +216,14 @@ export class Readoption {
       return { ...e, kind: now?.kind ?? '', pid: now?.pid ?? 0, port: now?.port ?? 0, argv: [...(now?.argv ?? [])] };
     });
     const rec: InstanceRecord = { ...snap, stages: [...snap.stages], endpoints: [...snap.endpoints], engines, options: { ...snap.options, pin: [...snap.options.pin] } };
+    if (this.#fenced(snap.name)) return;
     const revision = await this.#o.store.putInstance(rec, this.#revisions.get(snap.name) ?? 0);
     this.#revisions.set(snap.name, revision);
   }
 
   async #delete(name: string): Promise<void> {
     const revision = this.#revisions.get(name);
-    if (revision === undefined) return;
+    if (revision === undefined || this.#fenced(name)) return;
     await this.#o.store.deleteInstance(name, revision);
     this.#revisions.delete(name);
   }

@@ -483,10 +483,9 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     for (const i of this.#instances.values()) i.staged?.engineExited(nodeId, ev);
   }
 
-
-  /** Stop every engine of every instance (coordinator shutdown). */
-  async close(): Promise<void> {
+  /** Stop: unload every model, or with `keepEngines` leave them running for the next leader to re-adopt. */
+  async close(o: { keepEngines?: boolean } = {}): Promise<void> {
     this.moves.close();
-    await Promise.all([...this.#instances.keys()].map((n) => this.unload(n).catch(() => {})));
+    if (!o.keepEngines) await Promise.all([...this.#instances.keys()].map((n) => this.unload(n).catch(() => {})));
   }
 }

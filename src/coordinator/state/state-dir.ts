@@ -6,8 +6,8 @@ import { z } from 'zod';
 import { OrchardError } from '../../shared/errors.ts';
 import { type ClusterCa, certificateFingerprint, createKeyAndCsr, issueCertificate } from '../../shared/pki/certificates.ts';
 import type { TlsCredentials } from '../../shared/pki/grpc-tls.ts';
-import { writeFileAtomic } from '../../shared/pki/files.ts';
-import { loadOrCreateClusterCa } from '../../shared/pki/store.ts';
+import { readIfExists, writeFileAtomic } from '../../shared/pki/files.ts';
+import { type CaBundle, checkCaBundle, installClusterCa, loadOrCreateClusterCa } from '../../shared/pki/store.ts';
 import { ApiKeyStore, loadOrCreateLocalAdminKey } from './api-key-store.ts';
 import { JoinTokenStore } from './join-token-store.ts';
 import { RevocationList } from './revocations.ts';
@@ -81,10 +81,43 @@ export class StateDir {
    * memory only, so there is no second long-lived key on disk beside the CA's.
    */
   async coordinatorCredentials(): Promise<TlsCredentials> {
+    return this.#issueOwn('coordinator', 'coordinator');
+  }
+
+  /**
+   * An admin client certificate, in memory only, with which a standby relays a call to the leader
+   * once it has checked the caller's own credential (api/forwarding.ts).
+   */
+  async relayCredentials(): Promise<TlsCredentials> {
+    return this.#issueOwn('admin', 'coordinator-relay');
+  }
+
+  async #issueOwn(role: 'coordinator' | 'admin', id: string): Promise<TlsCredentials> {
     const { ca } = await this.clusterCa();
-    const { keyPem, csrPem } = await createKeyAndCsr('coordinator');
-    const { certPem } = await issueCertificate(ca, csrPem, { role: 'coordinator', expectId: 'coordinator' });
+    const { keyPem, csrPem } = await createKeyAndCsr(id);
+    const { certPem } = await issueCertificate(ca, csrPem, { role, expectId: id });
     return { keyPem, certPem, caCertPem: ca.certPem };
+  }
+
+  /** The cluster id and CA (key included) for another coordinator of the same cluster (`export-ca`). */
+  async exportCa(): Promise<CaBundle> {
+    if ((await readIfExists(this.clusterPath)) === undefined) throw new OrchardError(`${this.dir} holds no cluster yet: start the coordinator once (or give --state-dir)`);
+    const { ca } = await this.clusterCa();
+    return { version: 1, clusterId: ca.clusterId, caCertPem: ca.certPem, caKeyPem: ca.keyPem };
+  }
+
+  /**
+   * Make this state dir a second coordinator of the bundle's cluster (`import-ca`): the same
+   * cluster id and CA; join tokens, API keys and the local admin key stay its own.
+   */
+  async importCa(b: CaBundle): Promise<{ installed: boolean }> {
+    checkCaBundle(b);
+    const existing = (await readIfExists(this.clusterPath)) === undefined ? undefined : await this.cluster();
+    if (existing && existing.clusterId !== b.clusterId) throw new OrchardError(`${this.dir} belongs to cluster ${existing.clusterId}, not ${b.clusterId}; import into a fresh --state-dir`);
+    await this.ensure();
+    const r = await installClusterCa(this.dir, b);
+    if (!existing) await this.saveCluster({ clusterId: b.clusterId, agents: [] });
+    return r;
   }
 
   /** Join tokens bound to this cluster's CA (creating the CA if this is the first start). */

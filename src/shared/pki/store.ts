@@ -1,9 +1,10 @@
 import { X509Certificate as NodeCertificate, createPrivateKey } from 'node:crypto';
 import { join } from 'node:path';
+import { z } from 'zod';
 import { OrchardError } from '../errors.ts';
 import { type ClusterCa, caClusterId, createClusterCa, createCsr, createKeyAndCsr } from './certificates.ts';
 import { ensurePrivateDir, readIfExists, writeFileAtomic } from './files.ts';
-import { IdentityId } from './identity.ts';
+import { ClusterId, IdentityId } from './identity.ts';
 
 /**
  * Where cluster credentials live inside a state dir (`<state>/pki/`): private keys 0600,
@@ -86,4 +87,43 @@ export async function loadNodeCredentials(stateDir: string): Promise<NodeCredent
   if (keyPem === undefined || certPem === undefined || caCertPem === undefined) return undefined;
   assertPair(keyPem, certPem, p.dir);
   return { keyPem, certPem, caCertPem };
+}
+
+/**
+ * The cluster CA as one JSON document, so a second and third coordinator can share it
+ * (`orchard coordinator export-ca | ssh other orchard coordinator import-ca`): agents trust any
+ * coordinator-role certificate this CA signs. It holds the CA's private key: it travels over a
+ * pipe (stdout → stdin), never on a command line or in a log.
+ */
+export const CaBundle = z.object({
+  version: z.literal(1),
+  clusterId: ClusterId,
+  caCertPem: z.string().min(1),
+  caKeyPem: z.string().min(1),
+});
+export type CaBundle = z.infer<typeof CaBundle>;
+
+/** Check a bundle: key and certificate belong together, and the certificate names its cluster. */
+export function checkCaBundle(b: CaBundle): void {
+  assertPair(b.caKeyPem, b.caCertPem, 'the CA bundle');
+  const named = caClusterId(b.caCertPem);
+  if (named !== b.clusterId) throw new OrchardError(`the CA bundle says cluster ${b.clusterId} but its certificate names ${named}`);
+}
+
+/**
+ * Install a shared CA into a state dir (files 0600). The same CA again is a no-op; a different
+ * one is refused: replacing a CA orphans every node that joined under it.
+ */
+export async function installClusterCa(stateDir: string, b: CaBundle): Promise<{ installed: boolean }> {
+  checkCaBundle(b);
+  const p = pkiPaths(stateDir);
+  await ensurePrivateDir(p.dir);
+  const [keyPem, certPem] = await Promise.all([readIfExists(p.caKey), readIfExists(p.caCert)]);
+  if (keyPem !== undefined || certPem !== undefined) {
+    if (certPem === b.caCertPem && keyPem === b.caKeyPem) return { installed: false };
+    throw new OrchardError(`${p.dir} already holds a different cluster CA; import into a fresh --state-dir (replacing a CA orphans its nodes)`);
+  }
+  await writeFileAtomic(p.caKey, b.caKeyPem, KEY_MODE);
+  await writeFileAtomic(p.caCert, b.caCertPem, KEY_MODE);
+  return { installed: true };
 }
