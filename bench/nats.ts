@@ -10,10 +10,11 @@
  * monotonic one, read at the emit and in the coordinator's listener. Bounded: `--events` events
  * (default 500) `--interval-ms` apart (default 5) after 20 warm-up ones.
  *
- * JSON: {eventLatencyMs: {p50, p99, count}, …}; `failover` (coordinator failover time over 5
- * trials) joins it from bench/lib/nats-failover.ts once the leader lease is wired into the
- * coordinator (nats-ha). The load average is printed: numbers taken under load say so.
- * Usage: npm run bench:nats -- [--json] [--events 500] [--interval-ms 5]
+ * JSON: {eventLatencyMs: {p50, p99, count}, failover: {trials, secondsP50, secondsMax, reloads, …}, …}:
+ * `failover` is bench/lib/nats-failover.ts (two coordinators, three agents, a model loaded; the
+ * leader SIGKILLed `--trials` times, 0 = skip). The load average is printed: numbers taken under
+ * load say so.
+ * Usage: npm run bench:nats -- [--json] [--events 500] [--interval-ms 5] [--trials 5]
  */
 import { execFileSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -33,12 +34,14 @@ import { natsClientTls } from '../src/shared/pki/nats-tls.ts';
 import { loadOrCreateNodeKey, saveNodeCertificate } from '../src/shared/pki/store.ts';
 import { createLogger } from '../src/shared/log.ts';
 import { studioProfile } from '../test/helpers/profiles.ts';
+import { measureFailover } from './lib/nats-failover.ts';
 import { numberFlag, quantile } from './lib/stats.ts';
 
 const argv = process.argv.slice(2);
 const JSON_OUT = argv.includes('--json');
 const EVENTS = numberFlag(argv, '--events', 500);
 const INTERVAL_MS = numberFlag(argv, '--interval-ms', 5);
+const TRIALS = numberFlag(argv, '--trials', 5);
 const WARMUP = 20;
 const CLUSTER = 'bench-nats';
 const NODE = 'bench-node';
@@ -112,16 +115,18 @@ async function main(): Promise<void> {
   const loadBefore = loadavg()[0];
   try {
     const ms = await measure(binary, dir);
+    const failover = TRIALS > 0 ? await measureFailover({ trials: TRIALS }) : undefined;
     const round = (x: number) => Math.round(x * 1000) / 1000;
     const out = {
       bench: 'nats',
       natsServer: { binary, version: execFileSync(binary, ['--version'], { encoding: 'utf8' }).trim() },
       eventLatencyMs: { p50: round(quantile(ms, 0.5)), p99: round(quantile(ms, 0.99)), count: ms.length },
       intervalMs: INTERVAL_MS,
+      failover,
       loadAverage1m: { before: loadBefore, after: loadavg()[0] },
     };
     if (JSON_OUT) process.stdout.write(`${JSON.stringify(out)}\n`);
-    else process.stdout.write(`event path (agent publish → coordinator applied): p50 ${out.eventLatencyMs.p50} ms, p99 ${out.eventLatencyMs.p99} ms over ${ms.length} events (${out.natsServer.version}, load ${loadBefore?.toFixed(1)})\n`);
+    else process.stdout.write(`event path (agent publish → coordinator applied): p50 ${out.eventLatencyMs.p50} ms, p99 ${out.eventLatencyMs.p99} ms over ${ms.length} events (${out.natsServer.version}, load ${loadBefore?.toFixed(1)})\n${failover ? `failover: p50 ${failover.secondsP50} s, max ${failover.secondsMax} s over ${failover.trials} trials, ${failover.reloads} reloads\n` : ''}`);
   } finally {
     await rm(dir, { recursive: true, force: true, maxRetries: 30, retryDelay: 100 });
   }
