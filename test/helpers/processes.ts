@@ -130,3 +130,18 @@ export function canConnect(host: string, port: number): Promise<boolean> {
     s.connect(port, host);
   });
 }
+
+/** Engine processes (llama-server, rpc-server) that are children of `parent`, from /proc. */
+export async function engineChildren(parent: number): Promise<number[]> {
+  const out: number[] = [];
+  for (const d of await readdir('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = await readFile(`/proc/${d}/stat`, 'utf8');
+      const comm = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (ppid === parent && /llama-server|rpc-server/.test(comm)) out.push(Number(d));
+    } catch {}
+  }
+  return out.sort((a, b) => a - b);
+}

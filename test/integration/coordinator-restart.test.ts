@@ -1,11 +1,11 @@
-import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 import { type JoinedAgent, JoinedCluster } from '../helpers/joined-cluster.ts';
-import { canConnect, killGroup, orchard, type Proc, sleep } from '../helpers/processes.ts';
+import { canConnect, engineChildren, killGroup, orchard, type Proc, sleep } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
@@ -21,21 +21,6 @@ import { tempDir } from '../helpers/temp-dir.ts';
 const CTX = 2048;
 const N_PREDICT = 32;
 const engines = await llamaEngines();
-
-/** Engine processes (llama-server, rpc-server) that are children of `parent`, from /proc. */
-async function engineChildren(parent: number): Promise<number[]> {
-  const out: number[] = [];
-  for (const d of await readdir('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const stat = await readFile(`/proc/${d}/stat`, 'utf8');
-      const comm = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
-      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      if (ppid === parent && /llama-server|rpc-server/.test(comm)) out.push(Number(d));
-    } catch {}
-  }
-  return out.sort((a, b) => a - b);
-}
 
 describeWith([engines], 'coordinator restart re-adopts running engines (file store)', () => {
   const dir = tempDir('orchard-restart-', 'all');

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { readdir, readFile, stat } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
 import { localCoordinatorClient } from '../../src/cli/credentials.ts';
@@ -7,7 +7,7 @@ import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { testNats } from '../helpers/nats.ts';
 import { describeWith, itWith, llamaEngines, natsServer } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
-import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { engineChildren, killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
@@ -24,21 +24,6 @@ const CTX = 2048;
 const N_PREDICT = 32;
 const engines = await llamaEngines();
 const nats = natsServer();
-
-/** Engine processes (llama-server, rpc-server) that are children of `parent`, from /proc. */
-async function engineChildren(parent: number): Promise<number[]> {
-  const out: number[] = [];
-  for (const d of await readdir('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const s = await readFile(`/proc/${d}/stat`, 'utf8');
-      const comm = s.slice(s.indexOf('(') + 1, s.lastIndexOf(')'));
-      const ppid = Number(s.slice(s.lastIndexOf(')') + 2).split(' ')[1]);
-      if (ppid === parent && /llama-server|rpc-server/.test(comm)) out.push(Number(d));
-    } catch {}
-  }
-  return out.sort((a, b) => a - b);
-}
 
 interface Coordinator {
   p: Proc;

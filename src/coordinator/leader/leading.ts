@@ -1,10 +1,7 @@
 import { errorMessage } from '../../shared/errors.ts';
-import type { Logger } from '../../shared/log.ts';
-import { Readoption } from '../instances/readoption.ts';
-import type { Runtime } from '../instances/runtime.ts';
+import { Readoption, type ReadoptionOptions } from '../instances/readoption.ts';
 import { Discovery } from '../membership/discovery.ts';
-import type { Membership } from '../membership/membership.ts';
-import type { InstanceStore, NodeRecord } from '../state/instance-store.ts';
+import type { NodeRecord } from '../state/instance-store.ts';
 
 /**
  * What only the coordinator that drives the cluster does (roles.ts decides which one): re-adopt
@@ -13,13 +10,7 @@ import type { InstanceStore, NodeRecord } from '../state/instance-store.ts';
  * reaches agents that joined another coordinator) and Bonjour. A standby does none of it, so its
  * runtime and membership stay empty and it never starts, stops or adopts an engine.
  */
-export interface LeaderWorkOptions {
-  readonly runtime: Runtime;
-  readonly membership: Membership;
-  readonly store: InstanceStore;
-  readonly clusterId: string;
-  readonly log: Logger;
-  readonly graceMs?: number | undefined;
+export interface LeaderWorkOptions extends ReadoptionOptions {
   /** Agents remembered in the state dir (static joins). */
   readonly remembered: () => readonly string[];
   readonly mdns?: { readonly interface?: string | undefined } | undefined;
@@ -44,7 +35,7 @@ export class LeaderWork {
   async start(): Promise<void> {
     const { o } = this;
     // Before any agent is dialled: stored instances claim their engines before the orphan clean-up looks.
-    this.#readoption = await Readoption.open({ runtime: o.runtime, membership: o.membership, store: o.store, clusterId: o.clusterId, log: o.log, graceMs: o.graceMs, mayWrite: o.mayWrite });
+    this.#readoption = await Readoption.open(o);
     if (this.#closed) return;
     const addresses = new Set(o.remembered());
     if (o.dialStoredNodes) for (const n of await this.#storedNodes()) addresses.add(n.address);
