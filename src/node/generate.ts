@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { checkGenerateRequest, type GenerateParams, nodeGenerateRequestSchema, type Timings } from '../shared/generation.ts';
+import { checkGenerateRequest, type GenerateParams, nodeGenerateRequestSchema, type Timings, type TokenLogprob } from '../shared/generation.ts';
 import { ssePayloads } from '../shared/sse.ts';
 import { type EngineResponse, postToEngine } from './engine-http.ts';
 
@@ -17,6 +17,8 @@ import { type EngineResponse, postToEngine } from './engine-http.ts';
 export interface TokenChunk {
   readonly text: string;
   readonly tokenIds: readonly number[];
+  /** One per token id when the request asked for logprobs. */
+  readonly logprobs?: readonly TokenLogprob[] | undefined;
 }
 
 export interface GenerateDone {
@@ -64,6 +66,7 @@ export function generateParamsFromRequest(raw: unknown): GenerateParams & { engi
     stop: r.stop,
     ...(r.messagesJson !== '' ? { messagesJson: r.messagesJson } : {}),
     ...(r.continueTokenIds.length > 0 ? { continueTokenIds: r.continueTokenIds } : {}),
+    ...(r.logprobs ? { logprobs: true, topLogprobs: r.topLogprobs } : {}),
   };
 }
 
@@ -86,6 +89,9 @@ export function completionBody(p: GenerateParams): Record<string, unknown> {
   if (p.topP > 0) body.top_p = p.topP;
   if (p.seed !== 0) body.seed = p.seed;
   if (p.stop.length > 0) body.stop = p.stop;
+  // n_probs reports the full distribution's logprobs (not post-sampling): the chosen token's
+  // and the n_probs most likely; at least 1 so the chosen token's own logprob comes back.
+  if (p.logprobs) body.n_probs = Math.max(1, p.topLogprobs ?? 0);
   return body;
 }
 
@@ -100,9 +106,13 @@ const timingsSchema = z
   })
   .loose();
 
+const probSchema = z.object({ id: z.number().int(), token: z.string(), bytes: z.array(z.number().int()).nullish(), logprob: z.number() }).loose();
+const tokenProbSchema = probSchema.extend({ top_logprobs: z.array(probSchema).default([]) });
+
 const completionChunkSchema = z
   .object({
     content: z.string().optional(),
+    completion_probabilities: z.array(tokenProbSchema).optional(),
     tokens: z.array(z.number().int()).optional(),
     stop: z.boolean().optional(),
     stop_type: z.string().optional(),
@@ -113,10 +123,16 @@ const completionChunkSchema = z
   })
   .loose();
 
+const utf8 = new TextEncoder();
+const topOf = (p: z.infer<typeof probSchema>) => ({ tokenId: p.id, token: p.token, bytes: p.bytes ?? [...utf8.encode(p.token)], logprob: p.logprob });
+
 export type CompletionEvent = { kind: 'token'; chunk: TokenChunk } | { kind: 'done'; done: Omit<GenerateDone, 'timings'> & { timings: Omit<Timings, 'firstTokenMs'> } };
 
-/** Interpret one `/completion` SSE payload. A chunk may carry both the last tokens and `stop`. */
-export function parseCompletionPayload(payload: string): CompletionEvent[] {
+/**
+ * Interpret one `/completion` SSE payload. A chunk may carry both the last tokens and `stop`.
+ * `topLogprobs` trims llama-server's list (it sends at least one alternative: n_probs ≥ 1).
+ */
+export function parseCompletionPayload(payload: string, topLogprobs = 0): CompletionEvent[] {
   let json: unknown;
   try {
     json = JSON.parse(payload);
@@ -130,7 +146,8 @@ export function parseCompletionPayload(payload: string): CompletionEvent[] {
   const events: CompletionEvent[] = [];
   const text = c.content ?? '';
   const tokenIds = c.tokens ?? [];
-  if (text !== '' || tokenIds.length > 0) events.push({ kind: 'token', chunk: { text, tokenIds } });
+  const logprobs = c.completion_probabilities?.map((p) => ({ ...topOf(p), topLogprobs: p.top_logprobs.slice(0, topLogprobs).map(topOf) }));
+  if (text !== '' || tokenIds.length > 0) events.push({ kind: 'token', chunk: { text, tokenIds, ...(logprobs ? { logprobs } : {}) } });
   if (c.stop) {
     const t = c.timings ?? {};
     events.push({
@@ -183,7 +200,7 @@ export async function relayCompletion(opts: RelayOptions): Promise<GenerateDone>
   const res = await postCompletion(opts.baseUrl, body, opts.signal, { accept: 'text/event-stream' });
   try {
     for await (const payload of ssePayloads(res.body as AsyncIterable<Uint8Array>)) {
-      for (const ev of parseCompletionPayload(payload)) {
+      for (const ev of parseCompletionPayload(payload, params.topLogprobs)) {
         if (ev.kind === 'token') {
           if (firstTokenMs === 0 && ev.chunk.tokenIds.length > 0) firstTokenMs = now() - t0;
           opts.onToken(ev.chunk);

@@ -1,4 +1,5 @@
 import { ENGINE_KIND_TO_PROTO } from './engine-spec.ts';
+import { logprobsToWire } from '../shared/generation.ts';
 import type { GenerateDone, TokenChunk } from './generate.ts';
 import type { EngineExit, EngineInfo } from './supervisor.ts';
 
@@ -35,7 +36,7 @@ export function exitToWire(e: EngineExit): Wire {
 }
 
 export function tokenToWire(c: TokenChunk): Wire {
-  return { token: { text: c.text, tokenIds: [...c.tokenIds] } };
+  return { token: { text: c.text, tokenIds: [...c.tokenIds], logprobs: logprobsToWire(c.logprobs ?? []) } };
 }
 
 export function doneToWire(d: GenerateDone): Wire {

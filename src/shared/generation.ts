@@ -21,6 +21,31 @@ export interface GenerateParams {
   readonly messagesJson?: string | undefined;
   /** Tokens already delivered by an engine that was lost: the prompt continues with them (a resumed stream). */
   readonly continueTokenIds?: readonly number[] | undefined;
+  /** Report each generated token's log probability (OpenAI `logprobs`). */
+  readonly logprobs?: boolean | undefined;
+  /** With `logprobs`: also the this-many most likely tokens at each step, 0–20 (OpenAI `top_logprobs`). */
+  readonly topLogprobs?: number | undefined;
+}
+
+/** The most OpenAI's API lets a request ask for (`top_logprobs` ≤ 20). */
+export const MAX_TOP_LOGPROBS = 20;
+
+/**
+ * One token's log probability under the engine's full distribution (before sampling), as
+ * llama-server's `completion_probabilities` and the MLX rank report it (proto `TokenLogprob`).
+ */
+export interface TopLogprob {
+  readonly tokenId: number;
+  /** The token's text. */
+  readonly token: string;
+  /** Its UTF-8 bytes (a token may hold part of a character, which `token` cannot show). */
+  readonly bytes: readonly number[];
+  readonly logprob: number;
+}
+
+/** The generated token's logprob and the most likely alternatives at its step, most likely first. */
+export interface TokenLogprob extends TopLogprob {
+  readonly topLogprobs: readonly TopLogprob[];
 }
 
 export interface Timings {
@@ -40,6 +65,8 @@ const samplingShape = {
   topP: z.number().default(0),
   seed: z.union([z.string(), z.number()]).default('0'),
   stop: z.array(z.string()).default([]),
+  logprobs: z.boolean().default(false),
+  topLogprobs: z.number().int().nonnegative().default(0),
 };
 
 /** `orchard.v1.GenerateRequest` (NodeAgent): one head engine, a prompt or chat messages. */
@@ -69,7 +96,25 @@ export function checkGenerateRequest<T extends Sampling>(schema: z.ZodType<T>, r
   const r = parsed.data;
   if (!Number.isFinite(r.temperature) || r.temperature < 0 || r.temperature > 10) return { ok: false, problem: `invalid temperature ${r.temperature}: 0–10 (0 = greedy)` };
   if (!Number.isFinite(r.topP) || r.topP < 0 || r.topP > 1) return { ok: false, problem: `invalid top_p ${r.topP}: 0–1 (0 = engine default)` };
+  if (r.topLogprobs > MAX_TOP_LOGPROBS) return { ok: false, problem: `invalid top_logprobs ${r.topLogprobs}: 0–${MAX_TOP_LOGPROBS}` };
+  if (r.topLogprobs > 0 && !r.logprobs) return { ok: false, problem: 'top_logprobs needs logprobs' };
   const seed = Number(r.seed);
   if (!Number.isSafeInteger(seed) || seed < 0 || seed > 0xffffffff) return { ok: false, problem: `invalid seed ${r.seed}: 0–4294967295 (0 = random)` };
   return { ok: true, request: { ...r, seed } };
+}
+
+/** `TokenChunk.logprobs` as proto-loader takes it (bytes as a Buffer). */
+export function logprobsToWire(list: readonly (TopLogprob & { readonly topLogprobs?: readonly TopLogprob[] })[]): Record<string, unknown>[] {
+  return list.map((l) => ({ tokenId: l.tokenId, token: l.token, bytes: Buffer.from(l.bytes), logprob: l.logprob, topLogprobs: logprobsToWire(l.topLogprobs ?? []) }));
+}
+
+const wireTopSchema = z.object({ tokenId: z.number().int(), token: z.string(), bytes: z.instanceof(Uint8Array), logprob: z.number() });
+const wireLogprobsSchema = z.array(wireTopSchema.extend({ topLogprobs: z.array(wireTopSchema).default([]) })).default([]);
+
+/** `TokenChunk.logprobs` from proto-loader; a malformed list is a broken peer, named in the throw. */
+export function logprobsFromWire(raw: unknown): TokenLogprob[] {
+  const parsed = wireLogprobsSchema.safeParse(raw ?? []);
+  if (!parsed.success) throw new Error(`malformed TokenChunk.logprobs: ${parsed.error.issues[0]?.message ?? 'invalid'}`);
+  const top = (t: z.infer<typeof wireTopSchema>): TopLogprob => ({ tokenId: t.tokenId, token: t.token, bytes: [...t.bytes], logprob: t.logprob });
+  return parsed.data.map((l) => ({ ...top(l), topLogprobs: l.topLogprobs.map(top) }));
 }

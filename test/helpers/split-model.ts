@@ -1,7 +1,9 @@
 import { expect } from 'vitest';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
+import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
 import { orchard } from './processes.ts';
 
 /**
@@ -14,4 +16,33 @@ export async function modelThatMustSplit(path: string, args: readonly string[], 
   const profile = modelProfile(await readGgufHeader(path));
   const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx });
   return Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
+}
+
+/**
+ * Budgets for agents alpha and bravo under which the coordinator's own planner must split each of
+ * these MLX models over both (64 KiB steps): alpha one layer short of the smallest whole model,
+ * bravo the least that lets both together hold the largest.
+ */
+export async function mlxSplittingBudgets(models: readonly string[], ctx: number): Promise<Record<'alpha' | 'bravo', number>> {
+  const profiles = await Promise.all(models.map((m) => readMlxModelProfile(m)));
+  const plan = (profile: (typeof profiles)[number], b: Record<string, number>) =>
+    planPlacement(profile, Object.entries(b).map(([name, budgetBytes]) => ({ name, budgetBytes, bandwidthBytesPerSecond: 100e9 })), { ctx, ...mlxPlacementOptions(profile) });
+  const least = (fits: (b: number) => boolean): number => {
+    let lo = 1;
+    let hi = 2 ** 32;
+    expect(fits(hi)).toBe(true);
+    while (hi - lo > 65_536) {
+      const mid = Math.floor((lo + hi) / 2);
+      if (fits(mid)) hi = mid;
+      else lo = mid;
+    }
+    return hi;
+  };
+  const alpha = Math.min(...profiles.map((p) => least((b) => plan(p, { alpha: b }).fits) - Math.max(...p.layers.map((l) => l.weightBytes))));
+  const bravo = Math.max(...profiles.map((p) => least((b) => plan(p, { alpha, bravo: b }).fits)));
+  for (const p of profiles) {
+    const two = plan(p, { alpha, bravo });
+    expect(two.fits && two.stages.length, 'the planner cannot split the model over 2 nodes').toBe(2);
+  }
+  return { alpha, bravo };
 }

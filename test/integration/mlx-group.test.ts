@@ -137,7 +137,7 @@ describe('MLX tensor parallel', () => {
       const h = got.events[i];
       if (!w || !h) break;
       expect(h.logprob).toBeCloseTo(w.logprob ?? Number.NaN, 3);
-      const wTop = new Map(w.top_logprobs);
+      const wTop = new Map(w.top_logprobs?.map(([id, lp]) => [id, lp]));
       for (const [id, lp] of h.top_logprobs ?? []) {
         const ref = wTop.get(id);
         if (ref !== undefined) expect(Math.abs(lp - ref)).toBeLessThan(1e-3);

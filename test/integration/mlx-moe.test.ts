@@ -1,15 +1,15 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ensureMlxEnv, type MlxEnv } from '../../src/node/mlx/env.ts';
 import { collect, MlxGroup } from '../../src/node/mlx/group.ts';
+import type { TokenMessage } from '../../src/node/mlx/protocol.ts';
 import { mlxRequestOf } from '../../src/node/mlx/rank-spec.ts';
 import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
-import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
-import { planPlacement } from '../../src/shared/placement/planner.ts';
-import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
 import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { mlxSplittingBudgets } from '../helpers/split-model.ts';
 
 /*
  * Mixture-of-experts MLX models (mlx-lm's own qwen3_moe and deepseek_v3 classes: routed experts,
@@ -33,6 +33,8 @@ describe('MoE MLX models over 2 pipeline ranks through the coordinator (127.0.0.
   let env: NodeJS.ProcessEnv;
   const procs: Proc[] = [];
   const oracles = new Map<string, number[]>();
+  /** One process's token lines with logprobs (5 alternatives), the tensor-parallel oracle. */
+  const oracleLogprobs = new Map<string, TokenMessage[]>();
 
   beforeAll(async () => {
     mlx = await ensureMlxEnv();
@@ -44,8 +46,10 @@ describe('MoE MLX models over 2 pipeline ranks through the coordinator (127.0.0.
       expect(r.experts).toBe(4);
       const single = await MlxGroup.start({ python: mlx.python, model, mode: 'single', startupTimeoutMs: 120_000 });
       try {
-        const req = mlxRequestOf({ prompt: PROMPT, maxTokens: N, temperature: 0, topP: 0, seed: 0 }, 'oracle', CTX);
-        oracles.set(arch, (await collect(single.generate(req))).tokens);
+        const req = mlxRequestOf({ prompt: PROMPT, maxTokens: N, temperature: 0, topP: 0, seed: 0, logprobs: true, topLogprobs: 5 }, 'oracle', CTX);
+        const got = await collect(single.generate(req));
+        oracles.set(arch, got.tokens);
+        oracleLogprobs.set(arch, got.events);
       } finally {
         await single.close();
       }
@@ -54,34 +58,10 @@ describe('MoE MLX models over 2 pipeline ranks through the coordinator (127.0.0.
     env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_MLX_READY_TIMEOUT: '60', ORCHARD_MLX_STALL_TIMEOUT: '20' };
   }, 600_000);
 
-  /**
-   * Budgets from the coordinator's own planner (64 KiB steps): alpha one layer short of the whole
-   * model, bravo the least that lets both together hold it, so the plan must use both nodes.
-   */
-  const splittingBudgets = async (model: string): Promise<Record<string, number>> => {
-    const profile = await readMlxModelProfile(model);
-    const plan = (b: Record<string, number>) =>
-      planPlacement(profile, Object.entries(b).map(([name, budgetBytes]) => ({ name, budgetBytes, bandwidthBytesPerSecond: 100e9 })), { ctx: CTX, ...mlxPlacementOptions(profile) });
-    const least = (fits: (b: number) => boolean): number => {
-      let lo = 1;
-      let hi = 2 ** 32;
-      expect(fits(hi)).toBe(true);
-      while (hi - lo > 65_536) {
-        const mid = Math.floor((lo + hi) / 2);
-        if (fits(mid)) hi = mid;
-        else lo = mid;
-      }
-      return hi;
-    };
-    const alpha = least((b) => plan({ alpha: b }).fits) - Math.max(...profile.layers.map((l) => l.weightBytes));
-    const bravo = least((b) => plan({ alpha, bravo: b }).fits);
-    const two = plan({ alpha, bravo });
-    expect(two.fits && two.stages.length, 'the planner cannot split the model over 2 nodes').toBe(2);
-    return { alpha, bravo };
-  };
+  const splittingBudgets = (model: string) => mlxSplittingBudgets([model], CTX);
 
-  /** A coordinator and agents alpha + bravo with `budgets`, joined; returns the coordinator address. */
-  const cluster = async (budgets: Record<string, number>, state: string): Promise<string> => {
+  /** A coordinator and agents alpha + bravo with `budgets`, joined; returns the coordinator's gRPC address and HTTP base. */
+  const cluster = async (budgets: Record<string, number>, state: string): Promise<{ coordAddr: string; httpBase: string }> => {
     const start = (name: string, args: string[]) => {
       const p = spawnProc(name, args, env);
       procs.push(p);
@@ -107,7 +87,7 @@ describe('MoE MLX models over 2 pipeline ranks through the coordinator (127.0.0.
       if ((JSON.parse(s.stdout) as { nodes: { state: string }[] }).nodes.filter((n) => n.state === 'up').length === 2) break;
       await sleep(200);
     }
-    return coordAddr;
+    return { coordAddr, httpBase: `http://127.0.0.1:${String(cr.httpPort)}` };
   };
 
   afterAll(async () => {
@@ -121,7 +101,7 @@ describe('MoE MLX models over 2 pipeline ranks through the coordinator (127.0.0.
       // A non-trivial oracle: a broken split or a lost step must change it.
       expect(oracle.length).toBe(N);
       expect(new Set(oracle).size).toBeGreaterThan(3);
-      const coordAddr = await cluster(await splittingBudgets(join(dir, arch)), join(dir, `state-${arch}`));
+      const { coordAddr } = await cluster(await splittingBudgets(join(dir, arch)), join(dir, `state-${arch}`));
       const load = await orchard(['load', join(dir, arch), '--ctx', String(CTX), '--name', arch, '--pin', 'alpha', 'bravo', '--coordinator', coordAddr], env);
       expect(load.code, load.stderr).toBe(0);
       const s = await orchard(['status', '--json', '--coordinator', coordAddr], env);
@@ -137,4 +117,47 @@ describe('MoE MLX models over 2 pipeline ranks through the coordinator (127.0.0.
       await Promise.all(procs.splice(0).map(killGroup));
     }, 300_000);
   }
+
+  it('qwen3_moe tensor parallel on 2 ranks through the coordinator: every logprob within 1e-3 of one process (OpenAI API, official client)', async () => {
+    const arch = 'qwen3_moe';
+    const want = oracleLogprobs.get(arch)!;
+    expect(want).toHaveLength(N);
+    const { coordAddr, httpBase } = await cluster(await splittingBudgets(join(dir, arch)), join(dir, 'state-tp'));
+    const load = await orchard(['load', join(dir, arch), '--ctx', String(CTX), '--name', 'tp', '--parallelism', 'tensor', '--pin', 'alpha', 'bravo', '--json', '--coordinator', coordAddr], env);
+    expect(load.code, load.stderr).toBe(0);
+    expect(load.stdout).toMatch(/MLX tensor parallel over 2 rank\(s\)/);
+    const client = new OpenAI({ baseURL: `${httpBase}/v1`, apiKey: 'unused', maxRetries: 0 });
+    const r = await client.completions.create({ model: 'tp', prompt: PROMPT, max_tokens: N, temperature: 0, logprobs: 5 });
+    const lp = r.choices[0]!.logprobs!;
+    // Compare step by step while the sequences agree (an exact near-tie could flip a later id).
+    let compared = 0;
+    for (let i = 0; i < want.length && i < lp.tokens!.length; i++) {
+      const w = want[i]!;
+      expect(Math.abs(lp.token_logprobs![i]! - w.logprob!)).toBeLessThan(1e-3);
+      // The legacy shape keys alternatives by text: only texts no other alternative shares
+      // (byte-level pieces of one character all decode to U+FFFD) identify a token.
+      const top = lp.top_logprobs![i]!;
+      const texts = w.top_logprobs!.map(([, , token]) => token);
+      for (const [, logprob, token] of w.top_logprobs!) if (texts.indexOf(token) === texts.lastIndexOf(token)) expect(Math.abs(top[token]! - logprob)).toBeLessThan(1e-3);
+      compared++;
+      if (lp.tokens![i] !== (w.token_text ?? '')) break;
+    }
+    expect(compared).toBe(N);
+    // The gRPC path carries the same logprobs (orchard generate --logprobs).
+    // Alternatives as lists: sorted by logprob, so position by position within 1e-3 even where
+    // two near-equal ones swap places.
+    const g = await orchard(['generate', '--model', 'tp', '--prompt', PROMPT, '--max-tokens', String(N), '--temperature', '0', '--logprobs', '5', '--json', '--coordinator', coordAddr], env);
+    expect(g.code, g.stderr).toBe(0);
+    const out = JSON.parse(g.stdout) as { tokens: number[]; logprobs: { tokenId: number; logprob: number; topLogprobs: { logprob: number }[] }[] };
+    expect(out.tokens).toEqual(want.map((w) => w.token));
+    expect(out.logprobs.map((l) => l.tokenId)).toEqual(out.tokens);
+    out.logprobs.forEach((l, i) => {
+      expect(Math.abs(l.logprob - want[i]!.logprob!)).toBeLessThan(1e-3);
+      expect(l.topLogprobs).toHaveLength(5);
+      l.topLogprobs.forEach((t, k) => {
+        expect(Math.abs(t.logprob - want[i]!.top_logprobs![k]![1])).toBeLessThan(1e-3);
+      });
+    });
+    await Promise.all(procs.splice(0).map(killGroup));
+  }, 300_000);
 });

@@ -168,6 +168,68 @@ describeWith([engines], 'OpenAI API on a 2-stage cluster', () => {
     expect(finish).toBe('length');
   });
 
+  it('logprobs in OpenAI’s shapes equal a plain llama-server’s n_probs (completions and chat, streamed and not)', async () => {
+    const prompt = 'The quick brown fox';
+    type Prob = { id: number; token: string; bytes: number[]; logprob: number; top_logprobs: { token: string; logprob: number }[] };
+    const ref = (await (
+      await fetch(`${referenceUrl}/completion`, { method: 'POST', body: JSON.stringify({ prompt, n_predict: 8, temperature: 0, top_k: 1, n_probs: 3 }) })
+    ).json()) as { completion_probabilities: Prob[] };
+    const want = ref.completion_probabilities;
+    expect(want).toHaveLength(8);
+    // A 2-stage RPC split computes the same graph in a different order of kernels: the ids are
+    // identical, the logprobs differ by float noise (measured up to ~2e-3 on this flat
+    // distribution of logprobs around -6), never by a different distribution.
+    const close = (got: number | undefined, exp: number) => expect(Math.abs((got ?? Number.NaN) - exp)).toBeLessThan(1e-2);
+
+    const r = await client.completions.create({ model: MODEL, prompt, max_tokens: 8, temperature: 0, logprobs: 3 });
+    const lp = r.choices[0]!.logprobs!;
+    expect(lp.tokens).toEqual(want.map((w) => w.token));
+    want.forEach((w, i) => {
+      close(lp.token_logprobs![i], w.logprob);
+    });
+    want.forEach((w, i) => {
+      expect(Object.keys(lp.top_logprobs![i]!).sort()).toEqual([...new Set([...w.top_logprobs.map((t) => t.token), w.token])].sort());
+    });
+    expect(lp.text_offset![0]).toBe(0);
+    expect(lp.text_offset![1]).toBe(want[0]!.token.length);
+
+    const streamed: { token: string; logprob: number }[] = [];
+    for await (const c of await client.completions.create({ model: MODEL, prompt, max_tokens: 8, temperature: 0, logprobs: 0, stream: true })) {
+      const l = c.choices[0]?.logprobs;
+      if (l) l.tokens!.forEach((token, i) => {
+        streamed.push({ token, logprob: l.token_logprobs![i]! });
+      });
+    }
+    expect(streamed.map((s) => s.token)).toEqual(want.map((w) => w.token));
+    want.forEach((w, i) => {
+      close(streamed[i]!.logprob, w.logprob);
+    });
+
+    // Chat: the chosen token's logprob, its bytes and top_logprobs alternatives, most likely first.
+    const messages = [{ role: 'user' as const, content: 'Name a colour.' }];
+    const chat = await client.chat.completions.create({ model: MODEL, messages, max_tokens: 6, temperature: 0, logprobs: true, top_logprobs: 2 });
+    const content = chat.choices[0]!.logprobs!.content!;
+    expect(content).toHaveLength(6);
+    expect(content.map((c) => c.token).join('')).toBe(chat.choices[0]!.message.content);
+    for (const c of content) {
+      expect(c.top_logprobs).toHaveLength(2);
+      // Greedy: the chosen token is the most likely one.
+      expect(c.top_logprobs[0]!.token).toBe(c.token);
+      close(c.top_logprobs[0]!.logprob, c.logprob);
+      expect(c.top_logprobs[1]!.logprob).toBeLessThanOrEqual(c.logprob);
+      expect(Buffer.from(c.bytes!).toString('utf8')).toBe(c.token);
+    }
+    const chunks: OpenAI.ChatCompletionTokenLogprob[] = [];
+    for await (const c of await client.chat.completions.create({ model: MODEL, messages, max_tokens: 6, temperature: 0, logprobs: true, stream: true })) {
+      chunks.push(...(c.choices[0]?.logprobs?.content ?? []));
+    }
+    expect(chunks.map((c) => c.token)).toEqual(content.map((c) => c.token));
+    chunks.forEach((c, i) => {
+      close(c.logprob, content[i]!.logprob);
+    });
+    expect(chunks.every((c) => c.top_logprobs.length === 0)).toBe(true);
+  });
+
   it('SSE: every event is valid JSON, the final chunk has finish_reason, [DONE] is last', async () => {
     const res = await fetch(`${base}/v1/completions`, {
       method: 'POST',

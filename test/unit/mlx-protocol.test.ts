@@ -11,8 +11,8 @@ describe('MLX worker protocol', () => {
     expect(parseWorkerLine('{"type":"memory","id":"a","rank":1,"active_bytes":5,"peak_bytes":7}')).toEqual({
       type: 'memory', id: 'a', rank: 1, active_bytes: 5, peak_bytes: 7,
     });
-    const tok = parseWorkerLine('{"type":"token","id":"a","index":0,"token":65,"text":"A","logprob":-1.5,"top_logprobs":[[65,-1.5],[66,-2]]}');
-    expect(tok).toMatchObject({ type: 'token', token: 65, top_logprobs: [[65, -1.5], [66, -2]] });
+    const tok = parseWorkerLine('{"type":"token","id":"a","index":0,"token":65,"text":"A","logprob":-1.5,"token_text":"A","top_logprobs":[[65,-1.5,"A"],[66,-2,"B"]]}');
+    expect(tok).toMatchObject({ type: 'token', token: 65, token_text: 'A', top_logprobs: [[65, -1.5, 'A'], [66, -2, 'B']] });
     const done = parseWorkerLine(
       '{"type":"done","id":"a","finish_reason":"cancelled","prompt_tokens":3,"completion_tokens":5,"text_tail":"","ranks":2,"ranks_agree":true,"first_token_ms":null,"total_ms":4}',
     );

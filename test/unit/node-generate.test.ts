@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { GenerateError, completionBody, generateParamsFromRequest, parseCompletionPayload } from '../../src/node/generate.ts';
-import { checkGenerateRequest, coordinatorGenerateRequestSchema } from '../../src/shared/generation.ts';
+import { checkGenerateRequest, coordinatorGenerateRequestSchema, logprobsFromWire, logprobsToWire } from '../../src/shared/generation.ts';
 
 describe('Generate request → llama-server /completion body', () => {
   it('greedy at temperature 0, stream with token ids, seed/stop only when set', () => {
@@ -30,6 +30,8 @@ describe('Generate request → llama-server /completion body', () => {
     [{ seed: '4294967296' }, /^invalid seed 4294967296/],
     [{ seed: '-1' }, /^invalid seed -1/],
     [{ maxTokens: 1.5 }, /^malformed Generate request/],
+    [{ logprobs: true, topLogprobs: 21 }, /^invalid top_logprobs 21: 0–20/],
+    [{ topLogprobs: 2 }, /^top_logprobs needs logprobs/],
   ])('Coordinator.Generate refuses %j with the words the agent uses', (fields, message) => {
     const c = checkGenerateRequest(coordinatorGenerateRequestSchema, { model: 'm', prompt: 'x', ...fields });
     expect(c.ok ? 'accepted' : c.problem).toMatch(message);
@@ -39,8 +41,33 @@ describe('Generate request → llama-server /completion body', () => {
   it('Coordinator.Generate: int64 seed as a string becomes a number, defaults fill the rest', () => {
     expect(checkGenerateRequest(coordinatorGenerateRequestSchema, { prompt: 'x', seed: '4294967295' })).toEqual({
       ok: true,
-      request: { model: '', prompt: 'x', maxTokens: 0, temperature: 0, topP: 0, seed: 4294967295, stop: [] },
+      request: { model: '', prompt: 'x', maxTokens: 0, temperature: 0, topP: 0, seed: 4294967295, stop: [], logprobs: false, topLogprobs: 0 },
     });
+  });
+});
+
+describe('logprobs', () => {
+  it('ask llama-server for at least one alternative (the chosen token comes with its list)', () => {
+    expect(completionBody(generateParamsFromRequest({ prompt: 'x', logprobs: true })).n_probs).toBe(1);
+    expect(completionBody(generateParamsFromRequest({ prompt: 'x', logprobs: true, topLogprobs: 7 })).n_probs).toBe(7);
+    expect(completionBody(generateParamsFromRequest({ prompt: 'x' }))).not.toHaveProperty('n_probs');
+  });
+
+  it("llama-server's completion_probabilities become TokenLogprobs, trimmed to what was asked", () => {
+    // Recorded from llama-server (n_probs 2) on the demo model.
+    const payload =
+      '{"index":0,"content":"()`","tokens":[2555],"stop":false,"completion_probabilities":[{"id":2555,"token":"()`","bytes":[40,41,96],"logprob":-6.2368,"top_logprobs":[{"id":2555,"token":"()`","bytes":[40,41,96],"logprob":-6.2368},{"id":24310,"token":"ordinary","bytes":[111,114,100,105,110,97,114,121],"logprob":-6.8281}]}]}';
+    const chosen = { tokenId: 2555, token: '()`', bytes: [40, 41, 96], logprob: -6.2368 };
+    expect(parseCompletionPayload(payload, 2)).toEqual([
+      { kind: 'token', chunk: { text: '()`', tokenIds: [2555], logprobs: [{ ...chosen, topLogprobs: [chosen, { tokenId: 24310, token: 'ordinary', bytes: [...Buffer.from('ordinary')], logprob: -6.8281 }] }] } },
+    ]);
+    expect(parseCompletionPayload(payload, 0)).toEqual([{ kind: 'token', chunk: { text: '()`', tokenIds: [2555], logprobs: [{ ...chosen, topLogprobs: [] }] } }]);
+  });
+
+  it('survive the proto round trip (bytes as a Buffer)', () => {
+    const l = [{ tokenId: 5, token: 'é', bytes: [195, 169], logprob: -0.5, topLogprobs: [{ tokenId: 6, token: '\ufffd', bytes: [195], logprob: -1 }] }];
+    expect(logprobsFromWire(logprobsToWire(l))).toEqual(l);
+    expect(() => logprobsFromWire([{ tokenId: 'x' }])).toThrow(/malformed TokenChunk.logprobs/);
   });
 });
 

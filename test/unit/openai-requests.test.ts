@@ -67,7 +67,9 @@ describe('chat request parsing', () => {
     [{ model: 'm', messages: [{ role: 'user', content: 'u' }], stop: '' }, 'stop'],
     [{ model: 'm', messages: [{ role: 'user', content: 'u' }], seed: -1 }, 'seed'],
     [{ model: 'm', messages: [{ role: 'user', content: 'u' }], stream_options: { include_usage: true } }, 'stream_options'],
-    [{ model: 'm', messages: [{ role: 'user', content: 'u' }], logprobs: true }, 'logprobs'],
+    [{ model: 'm', messages: [{ role: 'user', content: 'u' }], logprobs: 3 }, 'logprobs'],
+    [{ model: 'm', messages: [{ role: 'user', content: 'u' }], top_logprobs: 2 }, 'top_logprobs'],
+    [{ model: 'm', messages: [{ role: 'user', content: 'u' }], logprobs: true, top_logprobs: 21 }, 'top_logprobs'],
     [{ model: 'm', messages: [{ role: 'user', content: [{ type: 'image_url' }] }] }, 'messages.0.content.0'],
   ])('refuses %j with a 400 naming %s', (body, param) => {
     const e = refusal(() => parseChatRequest(body, limits));
@@ -103,10 +105,22 @@ describe('completion request parsing', () => {
     [{ model: 'm', prompt: ['a', 'b'] }, 'prompt'],
     [{ model: 'm', prompt: 'p', echo: true }, 'echo'],
     [{ model: 'm', prompt: 'p', best_of: 3 }, 'best_of'],
+    [{ model: 'm', prompt: 'p', logprobs: 6 }, 'logprobs'],
+    [{ model: 'm', prompt: 'p', logprobs: true }, 'logprobs'],
   ])('refuses %j (%s)', (body, param) => {
     const e = refusal(() => parseCompletionRequest(body, limits));
     expect(e.status).toBe(400);
     expect(e.param).toBe(param);
+  });
+});
+
+describe('logprobs requests', () => {
+  it('chat: logprobs true with top_logprobs; completions: logprobs is the number of alternatives', () => {
+    const chat = parseChatRequest({ model: 'm', messages: [{ role: 'user', content: 'u' }], logprobs: true, top_logprobs: 3 }, limits).generate;
+    expect(chat).toMatchObject({ logprobs: true, topLogprobs: 3 });
+    expect(parseChatRequest({ model: 'm', messages: [{ role: 'user', content: 'u' }], logprobs: false }, limits).generate.logprobs).toBeUndefined();
+    expect(parseCompletionRequest({ model: 'm', prompt: 'p', logprobs: 0 }, limits).generate).toMatchObject({ logprobs: true, topLogprobs: 0 });
+    expect(parseCompletionRequest({ model: 'm', prompt: 'p' }, limits).generate.logprobs).toBeUndefined();
   });
 });
 
@@ -150,6 +164,25 @@ describe('responses', () => {
     expect(streamChunk('chat', meta, { finish: 'stop' }, false)).toMatchObject({ choices: [{ delta: {}, finish_reason: 'stop' }] });
     expect(streamChunk('chat', meta, { text: 'a' }, false)).not.toHaveProperty('usage');
     expect(usageChunk('completion', meta, done)).toMatchObject({ object: 'text_completion', choices: [], usage: { total_tokens: 7 } });
+  });
+
+  it("logprobs in OpenAI's shapes: chat content entries, completions' parallel arrays", () => {
+    const a = { tokenId: 1, token: 'Hi', bytes: [72, 105], logprob: -0.25 };
+    const b = { tokenId: 2, token: ' there', bytes: [...Buffer.from(' there')], logprob: -1.5 };
+    const lps = [
+      { ...a, topLogprobs: [a, b] },
+      { ...b, topLogprobs: [a] },
+    ];
+    expect(completionResponse('chat', meta, 'Hi there', done, lps)).toMatchObject({
+      choices: [{ logprobs: { refusal: null, content: [{ token: 'Hi', logprob: -0.25, bytes: [72, 105], top_logprobs: [{ token: 'Hi', logprob: -0.25, bytes: [72, 105] }, { token: ' there', logprob: -1.5 }] }, { token: ' there', top_logprobs: [{ token: 'Hi' }] }] } }],
+    });
+    expect(completionResponse('chat', meta, 'Hi', done)).toMatchObject({ choices: [{ logprobs: null }] });
+    // The chosen token is always in top_logprobs (OpenAI: up to logprobs + 1 entries).
+    expect(completionResponse('completion', meta, 'Hi there', done, lps)).toMatchObject({
+      choices: [{ logprobs: { tokens: ['Hi', ' there'], token_logprobs: [-0.25, -1.5], top_logprobs: [{ Hi: -0.25, ' there': -1.5 }, { Hi: -0.25, ' there': -1.5 }], text_offset: [0, 2] } }],
+    });
+    expect(streamChunk('completion', meta, { text: ' there', logprobs: [lps[1]!], offset: 2 }, false)).toMatchObject({ choices: [{ logprobs: { tokens: [' there'], text_offset: [2] } }] });
+    expect(streamChunk('chat', meta, { text: 'a' }, false)).toMatchObject({ choices: [{ logprobs: null }] });
   });
 
   it('SSE events are one data line each', () => {

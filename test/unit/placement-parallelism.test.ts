@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { UsageError } from '../../src/shared/errors.ts';
-import { allReduceBytesPerToken, chooseParallelism, parallelismCosts, parseParallelism, tensorDivisibility } from '../../src/shared/placement/parallelism.ts';
+import { allReduceBytesPerToken, allReduceLink, chooseParallelism, parallelismCosts, parseParallelism, ringLinks, tensorDivisibility } from '../../src/shared/placement/parallelism.ts';
 
 // A small MLX-like model: 16 layers, 8 heads / 4 KV heads, hidden 512.
 const profile = { heads: 8, kvHeads: new Array<number>(16).fill(4), moe: undefined, ffn: 1024, layerCount: 16, embd: 512 };
@@ -53,5 +53,36 @@ describe('MLX parallelism: pipeline or tensor', () => {
     expect(parseParallelism('')).toBe('auto');
     expect(parseParallelism('tensor')).toBe('tensor');
     expect(() => parseParallelism('data')).toThrow(/pipeline, tensor or auto/);
+  });
+});
+
+describe('auto decides from the measured links', () => {
+  const fast = { rttSeconds: 20e-6, bytesPerSecond: 5e9 };
+  const slow = { rttSeconds: 30e-3, bytesPerSecond: 50e6 };
+  const measured = (m: Record<string, { rttSeconds: number; bytesPerSecond: number }>) => (a: string, b: string) => m[`${a}-${b}`];
+
+  it('the ring links are each rank to the next and the last back to the first (2 ranks: one link)', () => {
+    expect(ringLinks(['a', 'b'], measured({ 'a-b': fast })).map((l) => [l.from, l.to, l.measured])).toEqual([['a', 'b', fast]]);
+    expect(ringLinks(['a', 'b', 'c'], () => undefined).map((l) => `${l.from}-${l.to}`)).toEqual(['a-b', 'b-c', 'c-a']);
+    expect(ringLinks(['a'], () => fast)).toEqual([]);
+  });
+
+  it('the slowest measured ring link decides: same model and nodes, tensor on a fast link, pipeline once one link has latency, with the reason naming it', () => {
+    const decide = (m: Record<string, { rttSeconds: number; bytesPerSecond: number }>) => chooseParallelism({ ...base, requested: 'auto', ...allReduceLink('ring', ringLinks(['a', 'b', 'c', 'd'], measured(m))) });
+    const allFast = { 'a-b': fast, 'b-c': fast, 'c-d': fast, 'd-a': fast };
+    const t = decide(allFast);
+    expect(t.mode).toBe('tensor');
+    expect(t.reason).toMatch(/at 0\.02 ms per link round trip, measured: slowest ring link a↔b, 5000 MB\/s lowest throughput\)$/);
+    const p = decide({ ...allFast, 'c-d': slow });
+    expect(p.mode).toBe('pipeline');
+    expect(p.reason).toMatch(/^auto: pipeline, .* at 30\.00 ms per link round trip, measured: slowest ring link c↔d, 50 MB\/s lowest throughput\)$/);
+  });
+
+  it('an unmeasured ring link is an assumption and says so; JACCL is always assumed (its links bypass the probed tunnels)', () => {
+    const l = allReduceLink('ring', ringLinks(['a', 'b', 'c'], measured({ 'a-b': fast, 'b-c': fast })));
+    expect(l.linkSeconds).toBe(1e-3);
+    expect(l.linkSource).toBe("assumed: the planner's hop cost for a TCP ring; not measured yet: c↔a");
+    expect(allReduceLink('jaccl', ringLinks(['a', 'b'], measured({ 'a-b': slow })))).toMatchObject({ linkSeconds: 10e-6, linkSource: expect.stringMatching(/^assumed: JACCL/) });
+    expect(allReduceLink('none', []).linkSource).toBe('one host');
   });
 });

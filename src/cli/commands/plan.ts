@@ -8,6 +8,7 @@ import { CACHE_TYPES, type CacheType } from '../../shared/memory/kv.ts';
 import { type ModelProfile, weightTraffic } from '../../shared/model/profile.ts';
 import { readModelProfile } from '../../shared/model/read-profile.ts';
 import { parseNodesFile } from '../../shared/placement/nodes-file.ts';
+import { parseParallelism } from '../../shared/placement/parallelism.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
 import { isMlxProfile } from '../../shared/model/mlx-profile.ts';
 import { OBJECTIVES, type Objective, type Plan, familyPlacementOptions } from '../../shared/placement/types.ts';
@@ -16,6 +17,7 @@ import { planJsonSchema, renderPlanTable } from '../tables.ts';
 
 interface PlanFlags extends CredentialFlags {
   nodes?: string;
+  parallelism?: string;
   coordinator?: string;
   ctx?: string;
   cacheType?: string;
@@ -40,6 +42,7 @@ export function registerPlan(program: Command): void {
     .option('--cache-type <t>', `KV cache type: ${CACHE_TYPES.join(', ')}`, 'f16')
     .option('--parallel <n>', 'parallel sequences (server slots, unified KV cache)', '1')
     .option('--pin <node...>', 'nodes that must hold a stage')
+    .option('--parallelism <p>', 'MLX over several ranks (live cluster): pipeline, tensor or auto (auto decides from the measured links and says why)', 'auto')
     .option('--hop-ms <ms>', 'cost of one stage boundary per token in ms (nodes may override with hopSeconds)', '1')
     .option('--prompt-tokens <n>', 'also predict time to first token for a prompt of this many tokens (--nodes plans)', '0')
     .option('--objective <o>', `what placement minimises: ${OBJECTIVES.join(', ')} (ttft and balanced need --prompt-tokens)`, 'decode')
@@ -66,7 +69,7 @@ export function registerPlan(program: Command): void {
         }
         const client = await coordinatorClient(flags);
         const address = client.address;
-        const plan = await livePlan(client, resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [] });
+        const plan = await livePlan(client, resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [], parallelism: parseParallelism(flags.parallelism) });
         // The coordinator opens the model; the header here only names it when this machine has it too.
         const profile = await readModelProfile(resolve(modelPath)).catch(() => undefined);
         const model = profile?.name ?? modelPath;
@@ -79,6 +82,7 @@ export function registerPlan(program: Command): void {
         if (!plan.fits) process.exitCode = 1;
         return;
       }
+      if (cmd.getOptionValueSource('parallelism') === 'cli') throw new UsageError('--parallelism applies to live-cluster plans (the coordinator decides it from the measured links); --nodes plans are pipelines');
       let text: string;
       try {
         text = await readFile(flags.nodes, 'utf8');
@@ -110,7 +114,7 @@ export function registerPlan(program: Command): void {
  * The coordinator's Plan RPC: the planner's result over the nodes that are up (budgets net of
  * models already loaded), or its "does not fit" result. Validated here, at the edge.
  */
-async function livePlan(client: CoordinatorClient, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pin: string[] }): Promise<Plan> {
+async function livePlan(client: CoordinatorClient, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pin: string[]; parallelism: string }): Promise<LivePlan> {
   const address = client.address;
   try {
     const res = await client.unary('plan', { modelPath, options }, 30_000);
@@ -123,7 +127,7 @@ async function livePlan(client: CoordinatorClient, modelPath: string, options: {
     const parsed = planJsonSchema.safeParse(raw);
     if (!parsed.success) throw new OrchardError(`the coordinator at ${address} answered Plan with an unexpected plan: ${parsed.error.issues[0]?.message ?? 'invalid'}`);
     // The wire carries the planner's Plan as JSON (Infinity became null where it does not fit).
-    return parsed.data as unknown as Plan;
+    return parsed.data as unknown as LivePlan;
   } finally {
     client.close();
   }
@@ -160,7 +164,10 @@ function modelLines(profile: ModelProfile | undefined): string[] {
   return lines;
 }
 
-function toJson(plan: Plan, model: string, profile?: ModelProfile): unknown {
+/** MLX over several ranks: the layout the coordinator's plan chose and why (live plans only). */
+type LivePlan = Plan & { readonly parallelism?: { readonly mode: string; readonly reason: string } };
+
+function toJson(plan: LivePlan, model: string, profile?: ModelProfile): unknown {
   return {
     model,
     ...modelJson(profile),
@@ -184,12 +191,13 @@ function toJson(plan: Plan, model: string, profile?: ModelProfile): unknown {
       objective: plan.predicted.objective,
     },
     reasons: plan.reasons,
+    ...(plan.parallelism ? { parallelism: plan.parallelism } : {}),
     unusedNodes: plan.unusedNodes,
     ...(plan.shortfall ? { shortfall: plan.shortfall, remedies: plan.remedies } : {}),
   };
 }
 
-function render(plan: Plan, title: string, profile?: ModelProfile): string {
+function render(plan: LivePlan, title: string, profile?: ModelProfile): string {
   const lines = [title];
   if (plan.fits) {
     // The same table the demo and the live-cluster plan print; ms/token is this command's extra.
@@ -200,6 +208,7 @@ function render(plan: Plan, title: string, profile?: ModelProfile): string {
     if (plan.shortfall && plan.shortfall.shortfallBytes > 0) lines.push(`shortfall: ${gib(plan.shortfall.shortfallBytes)} GiB`);
   }
   lines.push(...modelLines(profile));
+  if (plan.parallelism) lines.push(`parallelism: ${plan.parallelism.mode} — ${plan.parallelism.reason}`);
   for (const r of plan.reasons) lines.push(`  · ${r}`);
   if (plan.remedies?.length) {
     lines.push('remedies:');

@@ -48,6 +48,7 @@ export function statusJson(s: Wire): Wire {
     recoveries: num(m.recoveries),
     recovery: m.recovery ?? undefined,
     untunnelledRdma: m.untunnelledRdma === true,
+    parallelism: m.parallelism ? { mode: m.parallelism, reason: m.parallelismReason } : undefined,
     stages: ((m.stages ?? []) as Wire[]).map((st) => ({
       nodeId: st.nodeId,
       nodeName: st.nodeName,
@@ -155,6 +156,8 @@ export function registerStatus(program: Command): void {
           process.stdout.write(`\nmodel ${String(m.name)} [${String(m.state)}] ${String(m.path)}${m.error ? ` — ${String(m.error)}` : ''}\n`);
           const links = linksNote(m);
           if (links) process.stdout.write(`  ${links}\n`);
+          const par = m.parallelism as Wire | undefined;
+          if (par) process.stdout.write(`  parallelism: ${String(par.mode)} — ${String(par.reason)}\n`);
           const r = m.recovery as Wire | undefined;
           if (r) process.stdout.write(`  ${m.state === 'failed' ? 'gave up healing' : 'recovering'}: attempt ${String(r.attempt)}/${String(r.maxAttempts)}, ${String(r.phase)}${r.message ? ` — ${String(r.message)}` : ''}\n`);
           const mt = new Table({ head: ['stage', 'node', 'layers', 'weights', 'kv', 'total', 'budget', 'endpoint'], style: tableStyle() });

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
 import { errorMessage } from '../../shared/errors.ts';
-import { checkGenerateRequest, coordinatorGenerateRequestSchema } from '../../shared/generation.ts';
+import { checkGenerateRequest, coordinatorGenerateRequestSchema, logprobsToWire } from '../../shared/generation.ts';
 import { liveToWire, profileToWire } from '../../shared/hardware-wire.ts';
 import type { Logger } from '../../shared/log.ts';
 import { createGrpcServer } from '../../shared/grpc-server.ts';
@@ -125,6 +125,8 @@ export function modelStatusToWire(m: ModelStatus): Record<string, unknown> {
     recoveries: m.recoveries ?? 0,
     heal: m.heal ?? '',
     untunnelledRdma: m.untunnelledRdma ?? false,
+    parallelism: m.parallelism?.mode ?? '',
+    parallelismReason: m.parallelism?.reason ?? '',
     recovery: m.recovery
       ? { cause: m.recovery.cause, attempt: m.recovery.attempt, maxAttempts: m.recovery.maxAttempts, phase: m.recovery.phase, message: m.recovery.message, sinceSeconds: (Date.now() - m.recovery.sinceMs) / 1000 }
       : undefined,
@@ -152,7 +154,7 @@ function progressToWire(p: LoadProgress): Record<string, unknown> {
 }
 
 export function generateEventToWire(e: GenerateEvent): Record<string, unknown> {
-  if (e.kind === 'token') return { token: { text: e.text, tokenIds: [...e.tokenIds] } };
+  if (e.kind === 'token') return { token: { text: e.text, tokenIds: [...e.tokenIds], logprobs: logprobsToWire(e.logprobs ?? []) } };
   return { done: { finishReason: e.finishReason, promptTokens: e.promptTokens, completionTokens: e.completionTokens, timings: e.timings } };
 }
 
@@ -303,7 +305,7 @@ function generateHandler(s: CoordinatorServices, fail: Fail) {
       if (!checked.ok) throw new CoordinatorError('INVALID_ARGUMENT', checked.problem);
       const req = checked.request;
       for await (const ev of s.runtime.generate(
-        { model: req.model || undefined, prompt: req.prompt, maxTokens: req.maxTokens, temperature: req.temperature, topP: req.topP, seed: req.seed, stop: req.stop },
+        { model: req.model || undefined, prompt: req.prompt, maxTokens: req.maxTokens, temperature: req.temperature, topP: req.topP, seed: req.seed, stop: req.stop, logprobs: req.logprobs, topLogprobs: req.topLogprobs },
         ac.signal,
       )) {
         if (call.cancelled) break;

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { errorMessage } from '../../shared/errors.ts';
+import { logprobsFromWire } from '../../shared/generation.ts';
 import type { Logger } from '../../shared/log.ts';
 import { CoordinatorError } from '../errors.ts';
 import type { AgentClient, AgentEvent, AgentGenerateRequest } from '../membership/agent-client.ts';
@@ -78,6 +79,8 @@ export function engineRequest(req: GenerateRequest): EngineRequest {
     stop: req.stop ?? [],
     requestId: randomUUID(),
     messagesJson: req.messages?.length ? JSON.stringify(req.messages.map((m) => ({ role: m.role, content: m.content }))) : '',
+    logprobs: req.logprobs ?? false,
+    topLogprobs: req.logprobs ? (req.topLogprobs ?? 0) : 0,
   };
 }
 
@@ -164,7 +167,8 @@ export function headStream(client: AgentClient, engineId: string, req: EngineReq
 function generateEventFromWire(m: Record<string, unknown>): GenerateEvent | undefined {
   if (m.event === 'token') {
     const t = (m.token ?? {}) as Record<string, unknown>;
-    return { kind: 'token', text: String(t.text ?? ''), tokenIds: Array.isArray(t.tokenIds) ? t.tokenIds.map(Number) : [] };
+    const logprobs = logprobsFromWire(t.logprobs);
+    return { kind: 'token', text: String(t.text ?? ''), tokenIds: Array.isArray(t.tokenIds) ? t.tokenIds.map(Number) : [], ...(logprobs.length > 0 ? { logprobs } : {}) };
   }
   if (m.event === 'done') {
     const d = (m.done ?? {}) as Record<string, unknown>;

@@ -1,3 +1,4 @@
+import type { ParallelismChoice } from '../../shared/placement/parallelism.ts';
 import type { EngineDriver, EngineGroup, EngineStream } from './driver.ts';
 import type { HealMode, RecoveryCause } from './healing.ts';
 import type { Slots } from './slots.ts';
@@ -35,6 +36,8 @@ export interface Instance {
   stages: PlannedStage[];
   error: string;
   predictedTokensPerSecond: number;
+  /** MLX over several ranks: the layout of its current plan and why. */
+  parallelism: ParallelismChoice | undefined;
   readonly options: LoadOptions;
   readonly slots: Slots;
   readonly active: Set<AbortController>;
@@ -90,6 +93,7 @@ export function newInstance(name: string, path: string, driver: EngineDriver, op
     stages: [],
     error: '',
     predictedTokensPerSecond: 0,
+    parallelism: undefined,
     options,
     slots,
     active: new Set(),
@@ -108,6 +112,7 @@ export function instanceStatus(i: Instance): ModelStatus {
       stages: i.stages.map((s, k) => ({ ...s, endpoint: i.group.endpoint(k) })),
       error: i.error,
       predictedTokensPerSecond: i.predictedTokensPerSecond,
+      ...(i.parallelism ? { parallelism: i.parallelism } : {}),
       options: i.options,
       verification: i.group.verification,
       loadedAtMs: i.loadedAtMs,

@@ -10,6 +10,7 @@ import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, mlxPlacementOptions } fr
 import { UsageError } from '../../shared/errors.ts';
 import { CoordinatorError } from '../errors.ts';
 import type { NodeEntry } from '../membership/registry.ts';
+import { mlxParallelism } from './mlx/parallelism.ts';
 import type { LoadOptions, PlacementResult, Planner } from './types.ts';
 
 /**
@@ -88,11 +89,14 @@ export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string)
     }
     const mm = memoryModel(profile, mo);
     const last = plan.stages.length - 1;
+    // MLX: pipeline or tensor is part of the plan (shown by Plan, refused here when impossible).
+    const parallelism = mlx && plan.stages.length > 1 ? mlxParallelism(profile, plan, byName, options, links) : undefined;
     return {
       nLayer: profile.layerCount,
       predictedTokensPerSecond: plan.predicted.tokensPerSecond,
       layerKvBytes: mm.layerKv,
-      raw: plan,
+      raw: parallelism ? { ...plan, parallelism: { mode: parallelism.mode, reason: parallelism.reason } } : plan,
+      ...(parallelism ? { parallelism } : {}),
       stages: plan.stages.map((s, i) => {
         const n = byName.get(s.node)!;
         return {

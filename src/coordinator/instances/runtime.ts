@@ -187,6 +187,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     const plan = await this.#o.planner(inst.path, this.#plannableNodes(inst.options), inst.options);
     bytesTotal = plan.stages.reduce((s, st) => s + st.bytes.weights, 0);
     inst.predictedTokensPerSecond = plan.predictedTokensPerSecond;
+    inst.parallelism = plan.parallelism;
     const nodes = plan.stages.map((s) => {
       const n = this.#o.membership.registry.get(s.nodeId);
       if (n?.state !== 'up') throw new CoordinatorError('UNAVAILABLE', `node ${s.nodeName} (${s.nodeId}) is no longer up`);

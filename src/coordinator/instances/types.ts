@@ -1,5 +1,5 @@
-import type { Timings } from '../../shared/generation.ts';
-import type { Parallelism } from '../../shared/placement/parallelism.ts';
+import type { Timings, TokenLogprob } from '../../shared/generation.ts';
+import type { Parallelism, ParallelismChoice } from '../../shared/placement/parallelism.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { VerifyResult } from './llama/verify.ts';
 
@@ -48,6 +48,8 @@ export interface PlacementResult {
   readonly layerKvBytes?: readonly number[] | undefined;
   /** The planner's full result, for `Plan` / `orchard plan --json`. */
   readonly raw: unknown;
+  /** MLX over several ranks: pipeline or tensor, and why (decided with the plan). */
+  readonly parallelism?: ParallelismChoice | undefined;
 }
 
 /**
@@ -94,6 +96,8 @@ export interface ModelStatus {
   readonly recovery?: Recovery | undefined;
   /** Its links between nodes bypass the TLS tunnels (MLX over JACCL, allowed at load). */
   readonly untunnelledRdma?: boolean | undefined;
+  /** MLX over several ranks: the layout its plan chose and why. */
+  readonly parallelism?: ParallelismChoice | undefined;
 }
 
 export interface LoadRequest {
@@ -125,6 +129,9 @@ export interface GenerateRequest {
   readonly stop?: readonly string[] | undefined;
   /** Chat: the head applies the model's chat template to these instead of taking `prompt`. */
   readonly messages?: readonly ChatMessage[] | undefined;
+  /** Report each token's logprob, and with topLogprobs > 0 that many alternatives (0–20). */
+  readonly logprobs?: boolean | undefined;
+  readonly topLogprobs?: number | undefined;
 }
 
 export interface ChatMessage {
@@ -133,7 +140,7 @@ export interface ChatMessage {
 }
 
 export type GenerateEvent =
-  | { readonly kind: 'token'; readonly text: string; readonly tokenIds: readonly number[] }
+  | { readonly kind: 'token'; readonly text: string; readonly tokenIds: readonly number[]; readonly logprobs?: readonly TokenLogprob[] | undefined }
   | {
       readonly kind: 'done';
       readonly finishReason: string;

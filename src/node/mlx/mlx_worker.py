@@ -351,7 +351,10 @@ def serve(model, tokenizer, config, group, inbox):
                     lp = logprobs.astype(mx.float32)
                     top = mx.argsort(-lp)[:want_top]
                     msg["logprob"] = float(lp[tok].item())
-                    msg["top_logprobs"] = [[int(i), float(v)] for i, v in zip(top.tolist(), lp[top].tolist())]
+                    # Each token's own text (not the detokenizer's running segment, which holds
+                    # back a partial character): what OpenAI's logprobs name a token by.
+                    msg["token_text"] = tokenizer.decode([tok])
+                    msg["top_logprobs"] = [[int(i), float(v), tokenizer.decode([int(i)])] for i, v in zip(top.tolist(), lp[top].tolist())]
                 emit(msg)
             if cancelled:
                 finish = "cancelled"

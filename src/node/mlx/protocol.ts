@@ -35,7 +35,10 @@ export const workerMessageSchema = z.discriminatedUnion('type', [
     token: z.number().int(),
     text: z.string(),
     logprob: z.number().optional(),
-    top_logprobs: z.array(z.tuple([z.number().int(), z.number()])).optional(),
+    /** With logprobs: this token's own text (`text` is the detokenizer's running segment). */
+    token_text: z.string().optional(),
+    /** With logprobs: [token id, logprob, its text], most likely first. */
+    top_logprobs: z.array(z.tuple([z.number().int(), z.number(), z.string()])).optional(),
   }),
   z.object({
     type: z.literal('done'),

@@ -1,6 +1,7 @@
 import { isAbsolute } from 'node:path';
 import { z } from 'zod';
 import { UsageError } from '../../shared/errors.ts';
+import type { GenerateParams } from '../../shared/generation.ts';
 import type { RpcTarget } from '../../shared/placement/llama-args.ts';
 import { rpcTargetSchema } from '../rpc-target.ts';
 import { launchFiles, type MlxLaunch, type MlxMode } from './launch.ts';
@@ -154,7 +155,7 @@ export function mlxRankPort(spec: MlxRankSpec): number {
  * engine default (1), temperature 0 = greedy.
  */
 export function mlxRequestOf(
-  p: { prompt: string; messagesJson?: string | undefined; continueTokenIds?: readonly number[] | undefined; maxTokens: number; temperature: number; topP: number; seed: number },
+  p: Pick<GenerateParams, 'prompt' | 'messagesJson' | 'continueTokenIds' | 'maxTokens' | 'temperature' | 'topP' | 'seed' | 'logprobs' | 'topLogprobs'>,
   requestId: string,
   maxTokensCap: number,
 ): MlxRequest {
@@ -168,6 +169,8 @@ export function mlxRequestOf(
   if (p.messagesJson) req.messages = JSON.parse(p.messagesJson) as { role: string; content: string }[];
   else req.prompt = p.prompt;
   if (p.continueTokenIds?.length) req.continueTokens = [...p.continueTokenIds];
+  // At least one: the worker reports the chosen token's logprob with its top list (trimmed by the relay).
+  if (p.logprobs) req.logprobs = Math.max(1, p.topLogprobs ?? 0);
   return req;
 }
 

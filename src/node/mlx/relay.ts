@@ -1,8 +1,9 @@
 import { randomUUID } from 'node:crypto';
 import { errorMessage, OrchardError } from '../../shared/errors.ts';
-import type { GenerateParams } from '../../shared/generation.ts';
+import type { GenerateParams, TokenLogprob, TopLogprob } from '../../shared/generation.ts';
 import { GenerateError, type TokenChunk } from '../generate.ts';
 import { type MlxGroup, MlxGroupError } from './group.ts';
+import type { TokenMessage } from './protocol.ts';
 import { type MlxRankSpec, mlxRequestOf, StopScanner } from './rank-spec.ts';
 
 /**
@@ -64,6 +65,8 @@ export async function relayMlx(o: MlxRelayOptions): Promise<MlxDone> {
   const onAbort = () => o.group.cancel(req.id);
   let stoppedByString = false;
   let pendingIds: number[] = [];
+  let pendingLogprobs: TokenLogprob[] = [];
+  const chunk = (text: string) => ({ text, tokenIds: pendingIds, ...(params.logprobs ? { logprobs: pendingLogprobs } : {}) });
   const gen = o.group.generate(req);
   o.signal.addEventListener('abort', onAbort, { once: true });
   if (o.signal.aborted) onAbort();
@@ -73,7 +76,7 @@ export async function relayMlx(o: MlxRelayOptions): Promise<MlxDone> {
       if (next.done) {
         const d = next.value;
         const tail = stoppedByString ? '' : stops.push(d.text_tail).release + stops.flush();
-        if (tail !== '' || pendingIds.length > 0) o.onToken({ text: tail, tokenIds: pendingIds });
+        if (tail !== '' || pendingIds.length > 0) o.onToken(chunk(tail));
         if (o.signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
         const predictedMs = Math.max(0, d.total_ms - (d.first_token_ms ?? 0));
         const finishReason = stoppedByString ? 'stop' : d.finish_reason;
@@ -94,14 +97,16 @@ export async function relayMlx(o: MlxRelayOptions): Promise<MlxDone> {
       if (stoppedByString) continue; // draining the tokens emitted before the cancel took effect
       const t = next.value;
       pendingIds.push(t.token);
+      if (params.logprobs) pendingLogprobs.push(tokenLogprobOf(t, params.topLogprobs ?? 0));
       const { release, stopped } = stops.push(t.text);
       if (stopped) {
         stoppedByString = true;
         o.group.cancel(req.id); // collective cancel: every rank stops at the same step
       }
       if (release !== '' || stopped) {
-        o.onToken({ text: release, tokenIds: pendingIds });
+        o.onToken(chunk(release));
         pendingIds = [];
+        pendingLogprobs = [];
       }
     }
   } catch (err) {
@@ -115,4 +120,17 @@ export async function relayMlx(o: MlxRelayOptions): Promise<MlxDone> {
   } finally {
     o.signal.removeEventListener('abort', onAbort);
   }
+}
+
+const utf8 = new TextEncoder();
+
+/**
+ * A worker token line's logprobs in the shape llama-server reports them. MLX tokenizers decode a
+ * token to text, so the bytes are that text's UTF-8 (a token holding part of a character decodes
+ * to U+FFFD; llama-server gives its raw bytes).
+ */
+export function tokenLogprobOf(t: TokenMessage, topLogprobs: number): TokenLogprob {
+  const top = (t.top_logprobs ?? []).slice(0, topLogprobs).map(([tokenId, logprob, token]): TopLogprob => ({ tokenId, token, bytes: [...utf8.encode(token)], logprob }));
+  const token = t.token_text ?? t.text;
+  return { tokenId: t.token, token, bytes: [...utf8.encode(token)], logprob: t.logprob ?? Number.NaN, topLogprobs: top };
 }

@@ -1,5 +1,7 @@
 import { UsageError } from '../errors.ts';
 import type { ModelProfile } from '../model/profile.ts';
+import type { LinkCost } from './links.ts';
+import { DEFAULT_PLACEMENT_OPTIONS } from './types.ts';
 
 /**
  * How an MLX model is spread over its ranks. Pipeline: each rank holds a contiguous layer range
@@ -40,6 +42,56 @@ export interface ParallelismInput {
 export interface ParallelismChoice {
   readonly mode: 'pipeline' | 'tensor';
   readonly reason: string;
+}
+
+/** How MLX ranks reach each other: a TCP ring through the tunnels, JACCL over Thunderbolt RDMA, or one process. */
+export type MlxBackend = 'ring' | 'jaccl' | 'none';
+
+/** The link figures an all-reduce is charged with, and where they come from (said in the reason). */
+export type AllReduceLink = Pick<ParallelismInput, 'linkSeconds' | 'linkBytesPerSecond' | 'linkSource'>;
+
+/**
+ * Assumed figures where nothing is measured. JACCL over Thunderbolt 5 RDMA: a few µs and ~80 Gb/s
+ * (Apple's published figures; its links bypass the tunnels the agents probe, so never measured
+ * here); the TCP ring: the planner's hop cost and a 10 GbE LAN.
+ */
+const ASSUMED: Record<Exclude<MlxBackend, 'none'>, AllReduceLink> = {
+  jaccl: { linkSeconds: 10e-6, linkBytesPerSecond: 10e9, linkSource: "assumed: JACCL over Thunderbolt RDMA, Apple's published figure (its links bypass the probed tunnels)" },
+  ring: { linkSeconds: DEFAULT_PLACEMENT_OPTIONS.hopSeconds, linkBytesPerSecond: 1.25e9, linkSource: "assumed: the planner's hop cost for a TCP ring" },
+};
+
+/** One link of the ring between neighbouring ranks, with what the agents measured of it. */
+export interface RingLink {
+  readonly from: string;
+  readonly to: string;
+  readonly measured: LinkCost | undefined;
+}
+
+/**
+ * The link tensor parallel would all-reduce over. The TCP ring runs through the tunnels the
+ * agents probe, and every all-reduce step waits for its slowest link: the longest measured round
+ * trip and the lowest measured throughput of the ring's links. A ring link not measured yet
+ * falls back to the assumed figure and the reason names it, so a guess never passes as a
+ * measurement.
+ */
+export function allReduceLink(backend: MlxBackend, ring: readonly RingLink[]): AllReduceLink {
+  if (backend === 'none') return { linkSeconds: 0, linkBytesPerSecond: Number.POSITIVE_INFINITY, linkSource: 'one host' };
+  if (backend === 'jaccl') return ASSUMED.jaccl;
+  const missing = ring.filter((l) => !l.measured);
+  if (ring.length === 0 || missing.length > 0) {
+    return { ...ASSUMED.ring, linkSource: `${ASSUMED.ring.linkSource}; not measured yet: ${missing.map((l) => `${l.from}↔${l.to}`).join(', ') || 'no ring links'}` };
+  }
+  const slowest = ring.reduce((a, b) => (b.measured!.rttSeconds > a.measured!.rttSeconds ? b : a));
+  const linkBytesPerSecond = Math.min(...ring.map((l) => l.measured!.bytesPerSecond));
+  const rate = `${(linkBytesPerSecond / 1e6).toFixed(0)} MB/s`;
+  return { linkSeconds: slowest.measured!.rttSeconds, linkBytesPerSecond, linkSource: `measured: slowest ring link ${slowest.from}↔${slowest.to}, ${rate} lowest throughput` };
+}
+
+/** The ring links of ranks on `nodes` (rank order): each to the next, the last back to the first. */
+export function ringLinks(nodes: readonly string[], measured: (a: string, b: string) => LinkCost | undefined): RingLink[] {
+  if (nodes.length < 2) return [];
+  const pairs = nodes.length === 2 ? [[nodes[0]!, nodes[1]!]] : nodes.map((a, i) => [a, nodes[(i + 1) % nodes.length]!]);
+  return pairs.map(([from, to]) => ({ from: from!, to: to!, measured: measured(from!, to!) }));
 }
 
 /** What tensor parallel over `ranks` needs that this model breaks (mlx-lm shards these evenly). */

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { isAbsolute } from 'node:path';
 import { z } from 'zod';
+import type { TokenLogprob } from '../../../shared/generation.ts';
 import type { Logger } from '../../../shared/log.ts';
 import type { DiscoveredAgent, Membership } from '../../membership/membership.ts';
 import type { NodeEntry } from '../../membership/registry.ts';
@@ -127,18 +128,23 @@ async function generate(kind: Kind, req: IncomingMessage, res: ServerResponse, d
     // The first event decides the status: queue refusals, unknown models and engine refusals
     // (prompt over the context) become proper HTTP errors, not a 200 with an error inside.
     let next = await events.next();
+    // Present (and filled) only when the request asked for logprobs: null in the answer otherwise.
+    const logprobs: TokenLogprob[] | undefined = parsed.generate.logprobs ? [] : undefined;
     if (!parsed.stream) {
       let text = '';
       while (!next.done) {
         const ev: GenerateEvent = next.value;
-        if (ev.kind === 'token') text += ev.text;
-        else return sendJson(res, 200, completionResponse(kind, meta, text, ev));
+        if (ev.kind === 'token') {
+          text += ev.text;
+          logprobs?.push(...(ev.logprobs ?? []));
+        } else return sendJson(res, 200, completionResponse(kind, meta, text, ev, logprobs));
         next = await events.next();
       }
       throw new ApiError(502, 'server_error', 'incomplete', 'the engine ended the stream without a final event');
     }
     startSse(res);
     let first = true;
+    let offset = 0;
     if (kind === 'chat') {
       // OpenAI's first chat chunk carries the role and empty content.
       if (!(await write(res, sseData(streamChunk(kind, meta, { text: '', first: true }, parsed.includeUsage))))) return;
@@ -147,7 +153,11 @@ async function generate(kind: Kind, req: IncomingMessage, res: ServerResponse, d
     while (!next.done) {
       const ev: GenerateEvent = next.value;
       if (ev.kind === 'token') {
-        if (ev.text !== '' && !(await write(res, sseData(streamChunk(kind, meta, { text: ev.text, first }, parsed.includeUsage))))) return;
+        // A token whose text is held back (part of a character) still brings its logprob.
+        const lp = logprobs && (ev.logprobs ?? []);
+        const part = { text: ev.text, first, logprobs: lp, offset };
+        if ((ev.text !== '' || (lp?.length ?? 0) > 0) && !(await write(res, sseData(streamChunk(kind, meta, part, parsed.includeUsage))))) return;
+        for (const l of lp ?? []) offset += l.token.length;
         first = false;
       } else {
         await write(res, sseData(streamChunk(kind, meta, { finish: finishReasonOf(ev), first }, parsed.includeUsage)));

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { MAX_TOP_LOGPROBS } from '../../../shared/generation.ts';
 import type { ChatMessage, GenerateRequest } from '../../instances/runtime.ts';
 import { type ApiError, invalid } from './errors.ts';
 
@@ -23,6 +24,9 @@ export interface ParsedRequest {
   readonly generate: GenerateRequest;
 }
 
+/** OpenAI's limits: chat `top_logprobs` 0–20, the legacy completions' `logprobs` 0–5. */
+const MAX_COMPLETION_LOGPROBS = 5;
+
 const stopSchema = z.union([z.string(), z.array(z.string()).max(4, 'at most 4 stop sequences')]).nullish();
 
 const common = {
@@ -38,7 +42,6 @@ const common = {
   user: z.string().nullish(),
   presence_penalty: z.number().nullish(),
   frequency_penalty: z.number().nullish(),
-  logprobs: z.union([z.boolean(), z.number()]).nullish(),
 };
 
 const contentPart = z.object({ type: z.string(), text: z.string().optional() }).loose();
@@ -55,6 +58,8 @@ export const chatRequestSchema = z
     ...common,
     messages: z.array(messageSchema, { error: 'messages is required (a non-empty array)' }).min(1, 'messages must not be empty'),
     max_completion_tokens: z.number().int().nonnegative().nullish(),
+    logprobs: z.boolean().nullish(),
+    top_logprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).nullish(),
   })
   .loose();
 
@@ -65,6 +70,8 @@ export const completionRequestSchema = z
     echo: z.boolean().nullish(),
     suffix: z.string().nullish(),
     best_of: z.number().int().nullish(),
+    // The legacy API's logprobs is the number of alternatives (0 = the chosen token's alone).
+    logprobs: z.number().int().min(0).max(MAX_COMPLETION_LOGPROBS).nullish(),
   })
   .loose();
 
@@ -81,7 +88,6 @@ function commonChecks(r: z.infer<z.ZodObject<typeof common>>): void {
   if (r.n != null && r.n !== 1) throw invalid('only n = 1 is supported', 'n');
   if (r.presence_penalty) throw invalid('presence_penalty is not supported (use 0)', 'presence_penalty');
   if (r.frequency_penalty) throw invalid('frequency_penalty is not supported (use 0)', 'frequency_penalty');
-  if (r.logprobs) throw invalid('logprobs are not supported', 'logprobs');
   if (r.seed != null && (r.seed < 0 || r.seed > 0xffffffff)) throw invalid('seed must be 0–4294967295', 'seed');
   if (r.stream_options != null && !r.stream) throw invalid('stream_options is only allowed with stream: true', 'stream_options');
 }
@@ -132,12 +138,20 @@ export function parseChatRequest(body: unknown, limitsOf: (model: string) => Mod
     throw invalid('max_tokens and max_completion_tokens disagree; give one', 'max_tokens');
   }
   const maxParam = r.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens';
+  if (r.top_logprobs != null && r.logprobs !== true) throw invalid('top_logprobs needs logprobs: true', 'top_logprobs');
   const messages: ChatMessage[] = r.messages.map((m, i) => ({ role: m.role === 'developer' ? 'system' : m.role, content: messageText(m.content, i) }));
   return {
     model: r.model,
     stream: r.stream === true,
     includeUsage: r.stream_options?.include_usage === true,
-    generate: { model: r.model, prompt: '', messages, maxTokens: maxTokensOf(r.max_completion_tokens ?? r.max_tokens, maxParam, limits), ...sampling(r) },
+    generate: {
+      model: r.model,
+      prompt: '',
+      messages,
+      maxTokens: maxTokensOf(r.max_completion_tokens ?? r.max_tokens, maxParam, limits),
+      ...sampling(r),
+      ...(r.logprobs ? { logprobs: true, topLogprobs: r.top_logprobs ?? 0 } : {}),
+    },
   };
 }
 
@@ -158,6 +172,6 @@ export function parseCompletionRequest(body: unknown, limitsOf: (model: string) 
     model: r.model,
     stream: r.stream === true,
     includeUsage: r.stream_options?.include_usage === true,
-    generate: { model: r.model, prompt, maxTokens: maxTokensOf(r.max_tokens, 'max_tokens', limits), ...sampling(r) },
+    generate: { model: r.model, prompt, maxTokens: maxTokensOf(r.max_tokens, 'max_tokens', limits), ...sampling(r), ...(r.logprobs != null ? { logprobs: true, topLogprobs: r.logprobs } : {}) },
   };
 }

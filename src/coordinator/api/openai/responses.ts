@@ -1,3 +1,4 @@
+import type { TokenLogprob, TopLogprob } from '../../../shared/generation.ts';
 import type { GenerateEvent, ModelStatus } from '../../instances/runtime.ts';
 
 /**
@@ -49,13 +50,44 @@ function envelope(meta: ResponseMeta, object: string) {
 
 const chunkObject = (kind: Kind) => (kind === 'chat' ? 'chat.completion.chunk' : 'text_completion');
 
-/** The whole answer of a non-streaming request. */
-export function completionResponse(kind: Kind, meta: ResponseMeta, text: string, done: Done): Record<string, unknown> {
+/** Chat `choices[].logprobs`: one entry per token with its alternatives. */
+export function chatLogprobs(list: readonly TokenLogprob[]) {
+  const entry = (l: TopLogprob) => ({ token: l.token, logprob: l.logprob, bytes: [...l.bytes] });
+  return { content: list.map((l) => ({ ...entry(l), top_logprobs: l.topLogprobs.map(entry) })), refusal: null };
+}
+
+/**
+ * Legacy completions `choices[].logprobs`: parallel arrays. `top_logprobs` maps token text to
+ * logprob and always holds the chosen token (OpenAI: "up to logprobs+1 elements");
+ * `text_offset` counts from the completion's start, `offset` being the text before this part.
+ */
+export function completionLogprobs(list: readonly TokenLogprob[], offset: number) {
+  const out = { tokens: [] as string[], token_logprobs: [] as number[], top_logprobs: [] as Record<string, number>[], text_offset: [] as number[] };
+  let at = offset;
+  for (const l of list) {
+    out.tokens.push(l.token);
+    out.token_logprobs.push(l.logprob);
+    out.top_logprobs.push(Object.fromEntries([...l.topLogprobs.map((t) => [t.token, t.logprob] as const), [l.token, l.logprob] as const]));
+    out.text_offset.push(at);
+    at += l.token.length;
+  }
+  return out;
+}
+
+/** The logprobs of a choice: null unless the request asked for them. */
+function logprobsOf(kind: Kind, list: readonly TokenLogprob[] | undefined, offset: number) {
+  if (!list) return null;
+  return kind === 'chat' ? chatLogprobs(list) : completionLogprobs(list, offset);
+}
+
+/** The whole answer of a non-streaming request; `logprobs` when the request asked for them. */
+export function completionResponse(kind: Kind, meta: ResponseMeta, text: string, done: Done, logprobs?: readonly TokenLogprob[]): Record<string, unknown> {
   const finish_reason = finishReasonOf(done);
+  const lp = logprobsOf(kind, logprobs, 0);
   const choice =
     kind === 'chat'
-      ? { index: 0, message: { role: 'assistant', content: text, refusal: null }, logprobs: null, finish_reason }
-      : { index: 0, text, logprobs: null, finish_reason };
+      ? { index: 0, message: { role: 'assistant', content: text, refusal: null }, logprobs: lp, finish_reason }
+      : { index: 0, text, logprobs: lp, finish_reason };
   return {
     ...envelope(meta, kind === 'chat' ? 'chat.completion' : 'text_completion'),
     choices: [choice],
@@ -72,7 +104,14 @@ export function completionResponse(kind: Kind, meta: ResponseMeta, text: string,
 export function streamChunk(
   kind: Kind,
   meta: ResponseMeta,
-  part: { text?: string | undefined; first?: boolean; finish?: 'stop' | 'length' | undefined },
+  part: {
+    text?: string | undefined;
+    first?: boolean;
+    finish?: 'stop' | 'length' | undefined;
+    /** This chunk's tokens' logprobs, and (completions) the completion text before them. */
+    logprobs?: readonly TokenLogprob[] | undefined;
+    offset?: number;
+  },
   includeUsage: boolean,
 ): Record<string, unknown> {
   const finish_reason = part.finish ?? null;
@@ -81,9 +120,9 @@ export function streamChunk(
     const delta: Record<string, unknown> = {};
     if (part.first) delta.role = 'assistant';
     if (part.text !== undefined) delta.content = part.text;
-    choice = { index: 0, delta, logprobs: null, finish_reason };
+    choice = { index: 0, delta, logprobs: logprobsOf(kind, part.logprobs, 0), finish_reason };
   } else {
-    choice = { index: 0, text: part.text ?? '', logprobs: null, finish_reason };
+    choice = { index: 0, text: part.text ?? '', logprobs: logprobsOf(kind, part.logprobs, part.offset ?? 0), finish_reason };
   }
   return {
     ...envelope(meta, chunkObject(kind)),
@@ -119,6 +158,8 @@ export function placementOf(m: ModelStatus) {
     predicted_tokens_per_second: m.predictedTokensPerSecond,
     error: m.error || null,
     heal: m.heal ?? 'auto',
+    // MLX over several ranks: pipeline or tensor, and why (null otherwise).
+    parallelism: m.parallelism ? { mode: m.parallelism.mode, reason: m.parallelism.reason } : null,
     recoveries: m.recoveries ?? 0,
     recovery: m.recovery
       ? { cause: m.recovery.cause, attempt: m.recovery.attempt, max_attempts: m.recovery.maxAttempts, phase: m.recovery.phase, message: m.recovery.message, since_seconds: (Date.now() - m.recovery.sinceMs) / 1000 }

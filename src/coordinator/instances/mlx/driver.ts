@@ -1,7 +1,4 @@
 import { errorMessage } from '../../../shared/errors.ts';
-import { readMlxModelProfile } from '../../../shared/model/mlx-profile.ts';
-import { type ParallelismChoice, chooseParallelism } from '../../../shared/placement/parallelism.ts';
-import { DEFAULT_PLACEMENT_OPTIONS, type Plan } from '../../../shared/placement/types.ts';
 import { CoordinatorError } from '../../errors.ts';
 import {
   type AdoptedEngines,
@@ -20,42 +17,8 @@ import type { LoadOptions } from '../types.ts';
 import { type MlxRankEngine, rankProblems, startMlxRanks, submitToFollowers } from './instance.ts';
 import { type MlxInstanceLaunch, mlxInstanceLaunch } from './launch.ts';
 
-/**
- * Round trip of one all-reduce step per backend. JACCL over Thunderbolt 5 RDMA: a few µs
- * (Apple's published figure is single-digit µs; not measurable here, so an assumption); the TCP
- * ring: the planner's hop cost (1 ms default — a LAN or loopback-with-latency link).
- */
-const LINK_SECONDS = { jaccl: 10e-6, ring: DEFAULT_PLACEMENT_OPTIONS.hopSeconds, none: 0 } as const;
-/** Link throughput for all-reduce payloads: TB5 ~ 80 Gb/s, a 10 GbE LAN ~ 10 Gb/s. */
-const LINK_BYTES_PER_SECOND = { jaccl: 10e9, ring: 1.25e9, none: Number.POSITIVE_INFINITY } as const;
 /** How a JACCL stage's endpoint reads (status, instance store): its links are outside the tunnels. */
 const UNTUNNELLED_RDMA = 'untunnelled RDMA, JACCL coordinator ';
-/**
- * Agents do not measure their links to each other yet, so every figure is an assumption and the
- * reason says so; a measured round trip would replace LINK_SECONDS here with source "measured".
- */
-const LINK_SOURCE = {
-  jaccl: "assumed: JACCL over Thunderbolt RDMA, Apple's published figure; no link measured",
-  ring: "assumed: the planner's hop cost for a TCP ring; no link measured",
-  none: 'one host',
-} as const;
-
-/** Pipeline or tensor for this load (parallelism.ts), from the model's shape and the plan's costs. */
-async function mlxParallelism(spec: InstanceSpec, load: LoadContext, backend: MlxInstanceLaunch['backend']): Promise<ParallelismChoice> {
-  const profile = await readMlxModelProfile(spec.path);
-  const raw = load.plan.raw as Plan | undefined;
-  const stages = raw?.stages ?? [];
-  return chooseParallelism({
-    requested: spec.options.parallelism,
-    ranks: load.plan.stages.length,
-    profile,
-    readBytesPerToken: stages.reduce((a, s) => a + s.readBytesPerToken, 0) || profile.fileTensorBytes,
-    bandwidthBytesPerSecond: Math.min(...stages.map((s) => s.bandwidthBytesPerSecond).filter((b) => b > 0), 100e9),
-    linkSeconds: LINK_SECONDS[backend],
-    linkSource: LINK_SOURCE[backend],
-    linkBytesPerSecond: LINK_BYTES_PER_SECOND[backend],
-  });
-}
 
 /**
  * MLX distributed: one rank per plan stage (rank 0 = the head stage, it emits), laid out by
@@ -125,8 +88,8 @@ class MlxGroup extends RosterGroup implements EngineGroup {
       random: this.o.random ?? Math.random,
       allowUntunnelledRdma: this.spec.options.allowUntunnelledRdma,
     };
-    // The link the ranks would all-reduce over decides whether tensor parallel can pay off.
-    const choice = await mlxParallelism(this.spec, load, mlxInstanceLaunch(ranks, base).backend);
+    // Decided with the plan (mlx/parallelism.ts): the measured link the ranks would all-reduce over.
+    const choice = load.plan.parallelism ?? { mode: 'pipeline', reason: 'one rank: nothing to split' };
     load.progress('starting-workers', `MLX ${choice.mode} parallel over ${ranks.length} rank(s): ${choice.reason}`);
     const launch = mlxInstanceLaunch(ranks, { ...base, mode: choice.mode });
     this.#launch = launch;

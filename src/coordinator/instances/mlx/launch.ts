@@ -170,6 +170,16 @@ function hostOfAgent(agentAddress: string): string {
   return i > 0 ? agentAddress.slice(0, i) : agentAddress;
 }
 
+/**
+ * The backend ranks on these nodes use: JACCL only when every pair has an RDMA Thunderbolt link
+ * and the load allows untunnelled RDMA, else the TCP ring through the tunnels (one node: none).
+ */
+export function mlxBackendOf(nodes: readonly Pick<MlxStageNode, 'nodeId' | 'interfaces'>[], allowUntunnelledRdma: boolean): MlxInstanceLaunch['backend'] {
+  if (nodes.length <= 1) return 'none';
+  const distinct = new Set(nodes.map((s) => s.nodeId)).size === nodes.length;
+  return distinct && allowUntunnelledRdma && jacclMatrix(nodes) ? 'jaccl' : 'ring';
+}
+
 /** Lay out one instance: ranks in plan order reversed, backend, fresh ports, per-rank wire spec. */
 export function mlxInstanceLaunch(stages: readonly MlxStageNode[], o: MlxLaunchOptions): MlxInstanceLaunch {
   const n = stages.length;
