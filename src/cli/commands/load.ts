@@ -61,7 +61,8 @@ export function registerLoad(program: Command): void {
           last = p;
           if (flags.json) process.stdout.write(`${JSON.stringify(p)}\n`);
           else if (bar) bar.update(Math.max(0, LOAD_PHASES.indexOf(String(p.phase))), String(p.message));
-          else {
+          else if (p.phase !== 'failed') {
+            // A failure is said once, by the error that ends the stream (or the line below).
             const total = Number(p.bytesTotal ?? 0);
             const size = total ? ` [${formatBytes(Number(p.bytesDone ?? 0))}/${formatBytes(total)}]` : '';
             process.stderr.write(`${Number(p.elapsedSeconds ?? 0).toFixed(1).padStart(6)} s  ${String(p.phase).padEnd(16)} ${String(p.message)}${size}\n`);
