@@ -3,7 +3,7 @@ import { errorMessage, OrchardError } from '../../shared/errors.ts';
 import type { GenerateParams, TokenLogprob, TopLogprob } from '../../shared/generation.ts';
 import { GenerateError, type TokenChunk } from '../generate.ts';
 import { type MlxGroup, MlxGroupError } from './group.ts';
-import type { TokenMessage } from './protocol.ts';
+import type { DoneMessage, TokenMessage } from './protocol.ts';
 import { type MlxRankSpec, mlxRequestOf, StopScanner } from './rank-spec.ts';
 
 /**
@@ -78,21 +78,7 @@ export async function relayMlx(o: MlxRelayOptions): Promise<MlxDone> {
         const tail = stoppedByString ? '' : stops.push(d.text_tail).release + stops.flush();
         if (tail !== '' || pendingIds.length > 0) o.onToken(chunk(tail));
         if (o.signal.aborted) throw new GenerateError('CANCELLED', 'generation cancelled by the client');
-        const predictedMs = Math.max(0, d.total_ms - (d.first_token_ms ?? 0));
-        const finishReason = stoppedByString ? 'stop' : d.finish_reason;
-        return {
-          finishReason,
-          promptTokens: d.prompt_tokens,
-          completionTokens: d.completion_tokens,
-          timings: {
-            promptMs: d.first_token_ms ?? 0,
-            predictedMs,
-            promptTokensPerSecond: d.first_token_ms ? (d.prompt_tokens * 1000) / d.first_token_ms : 0,
-            // The first token comes out of prefill; the rest are decode steps.
-            predictedTokensPerSecond: predictedMs > 0 && d.completion_tokens > 1 ? ((d.completion_tokens - 1) * 1000) / predictedMs : 0,
-            firstTokenMs: d.first_token_ms ?? 0,
-          },
-        };
+        return doneOf(d, stoppedByString);
       }
       if (stoppedByString) continue; // draining the tokens emitted before the cancel took effect
       const t = next.value;
@@ -133,4 +119,22 @@ export function tokenLogprobOf(t: TokenMessage, topLogprobs: number): TokenLogpr
   const top = (t.top_logprobs ?? []).slice(0, topLogprobs).map(([tokenId, logprob, token]): TopLogprob => ({ tokenId, token, bytes: [...utf8.encode(token)], logprob }));
   const token = t.token_text ?? t.text;
   return { tokenId: t.token, token, bytes: [...utf8.encode(token)], logprob: t.logprob ?? Number.NaN, topLogprobs: top };
+}
+
+/** Rank 0's done line as the agent reports it; a stop string found by the relay is a "stop". */
+function doneOf(d: DoneMessage, stoppedByString: boolean): MlxDone {
+  const predictedMs = Math.max(0, d.total_ms - (d.first_token_ms ?? 0));
+  return {
+    finishReason: stoppedByString ? 'stop' : d.finish_reason,
+    promptTokens: d.prompt_tokens,
+    completionTokens: d.completion_tokens,
+    timings: {
+      promptMs: d.first_token_ms ?? 0,
+      predictedMs,
+      promptTokensPerSecond: d.first_token_ms ? (d.prompt_tokens * 1000) / d.first_token_ms : 0,
+      // The first token comes out of prefill; the rest are decode steps.
+      predictedTokensPerSecond: predictedMs > 0 && d.completion_tokens > 1 ? ((d.completion_tokens - 1) * 1000) / predictedMs : 0,
+      firstTokenMs: d.first_token_ms ?? 0,
+    },
+  };
 }
