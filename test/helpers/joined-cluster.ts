@@ -120,3 +120,19 @@ export async function startJoinedCluster(
   for (const name of o.agents) await c.startAgent(name, o.agentArgs);
   return c;
 }
+
+/**
+ * Greedy token ids of one streamed gRPC Generate through a coordinator; closes the client. The
+ * oracle side of the tests that compare a split (or resumed, or failed-over) model with one engine.
+ */
+export async function greedyTokenIds(client: CoordinatorClient, request: { model: string; prompt: string; maxTokens: number }): Promise<number[]> {
+  const tokens: number[] = [];
+  try {
+    for await (const ev of client.stream('generate', { ...request, temperature: 0 })) {
+      if (ev.event === 'token') tokens.push(...((ev.token as { tokenIds?: number[] }).tokenIds ?? []).map(Number));
+    }
+  } finally {
+    client.close();
+  }
+  return tokens;
+}

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, expect } from 'vitest';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
-import { type JoinedAgent, JoinedCluster } from '../helpers/joined-cluster.ts';
+import { greedyTokenIds, type JoinedAgent, JoinedCluster } from '../helpers/joined-cluster.ts';
 import { canConnect, engineChildren, killGroup, orchard, type Proc, sleep } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
@@ -41,18 +41,7 @@ describeWith([engines], 'coordinator restart re-adopts running engines (file sto
     expect(r.code, r.stderr).toBe(0);
     return JSON.parse(r.stdout) as { models: { name: string; state: string; stages: { endpoint: string }[] }[] };
   };
-  const generate = async (): Promise<number[]> => {
-    const client = await cluster.client();
-    const tokens: number[] = [];
-    try {
-      for await (const ev of client.stream('generate', { model: 'm8', prompt: ORACLE_PROMPT, maxTokens: N_PREDICT, temperature: 0 })) {
-        if (ev.event === 'token') tokens.push(...((ev.token as { tokenIds?: number[] }).tokenIds ?? []).map(Number));
-      }
-    } finally {
-      client.close();
-    }
-    return tokens;
-  };
+  const generate = async (): Promise<number[]> => greedyTokenIds(await cluster.client(), { model: 'm8', prompt: ORACLE_PROMPT, maxTokens: N_PREDICT });
   const allEnginePids = async () => (await Promise.all(agents.map((a) => engineChildren(a.proc.child.pid!)))).flat().sort((a, b) => a - b);
 
   beforeAll(async () => {

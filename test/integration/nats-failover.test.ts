@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
 import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { greedyTokenIds } from '../helpers/joined-cluster.ts';
 import { testNats } from '../helpers/nats.ts';
 import { describeWith, itWith, llamaEngines, natsServer } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
@@ -58,18 +59,8 @@ describeWith([engines, nats], 'two coordinators on NATS: the standby takes over 
       client.close();
     }
   };
-  const generate = async (c: Coordinator): Promise<number[]> => {
-    const client = await localCoordinatorClient(c.grpc, c.stateDir);
-    const tokens: number[] = [];
-    try {
-      for await (const ev of client.stream('generate', { model: 'm8', prompt: ORACLE_PROMPT, maxTokens: N_PREDICT, temperature: 0 })) {
-        if (ev.event === 'token') tokens.push(...((ev.token as { tokenIds?: number[] }).tokenIds ?? []).map(Number));
-      }
-    } finally {
-      client.close();
-    }
-    return tokens;
-  };
+  const generate = async (c: Coordinator): Promise<number[]> =>
+    greedyTokenIds(await localCoordinatorClient(c.grpc, c.stateDir), { model: 'm8', prompt: ORACLE_PROMPT, maxTokens: N_PREDICT });
   /** An SSE completion over HTTP: the concatenated text, which a relay must pass through unchanged. */
   const httpCompletion = async (c: Coordinator): Promise<string> => {
     const r = await fetch(`http://${c.http}/v1/completions`, {
