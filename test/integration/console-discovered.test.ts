@@ -68,6 +68,8 @@ describeWith([networkNamespaces(), chromiumNeed], 'console: an agent discovered 
     // axe is injected as a script; the console's CSP (rightly) forbids that, so bypass it here.
     page = await (await browser.newContext({ bypassCSP: true })).newPage();
     await page.goto(base);
+    // the first page's keyless session check has answered (401 → the login form) before a key is stored
+    await page.waitForSelector('#api-key');
     await page.evaluate((k) => sessionStorage.setItem('orchard.apiKey', k), API_KEY);
     await page.goto(`${base}/?signed-in#cluster`);
     await page.waitForSelector('main[data-view="cluster"][data-ready="true"]');

@@ -89,12 +89,14 @@ function Console({ scope, onSignOut }) {
 function App() {
   const [session, setSession] = useState({ state: 'checking' });
   const check = async (afterLogin = false) => {
+    const sent = apiKey.get();
     try {
       const s = await getJson('/v1/console/session');
       setSession({ state: 'in', scope: s.scope });
     } catch (err) {
       const denied = err instanceof HttpError && err.status === 401;
-      if (denied && apiKey.get()) apiKey.clear();
+      // Forget only the key that was refused: one stored while this answer was on its way is untested.
+      if (denied && sent && apiKey.get() === sent) apiKey.clear();
       setSession({ state: 'out', message: denied ? (afterLogin ? 'That key was refused.' : '') : err.message });
     }
   };
