@@ -44,7 +44,7 @@ export function registerPlan(program: Command): void {
     .option('--pin <node...>', 'nodes that must hold a stage')
     .option('--parallelism <p>', 'MLX over several ranks (live cluster): pipeline, tensor or auto (auto decides from the measured links and says why)', 'auto')
     .option('--hop-ms <ms>', 'cost of one stage boundary per token in ms (nodes may override with hopSeconds)', '1')
-    .option('--prompt-tokens <n>', 'also predict time to first token for a prompt of this many tokens (--nodes plans)', '0')
+    .option('--prompt-tokens <n>', 'also predict time to first token for a prompt of this many tokens', '0')
     .option('--objective <o>', `what placement minimises: ${OBJECTIVES.join(', ')} (ttft and balanced need --prompt-tokens)`, 'decode')
     .option('--json', 'print the plan as JSON on stdout')
     .action(async (modelPath: string, flags: PlanFlags, cmd: Command) => {
@@ -63,13 +63,13 @@ export function registerPlan(program: Command): void {
       if (!OBJECTIVES.includes(objective)) throw new UsageError(`invalid --objective "${flags.objective}": use one of ${OBJECTIVES.join(', ')}`);
       if (objective !== 'decode' && promptTokens === 0) throw new UsageError(`--objective ${objective} needs --prompt-tokens N (the prompt length to optimise for)`);
       if (!flags.nodes) {
-        // The coordinator plans with its own costs; silently ignoring these flags would mislead.
-        for (const f of ['hopMs', 'promptTokens', 'objective']) {
+        // The coordinator plans with its own costs (measured links); silently ignoring --hop-ms would mislead.
+        for (const f of ['hopMs']) {
           if (cmd.getOptionValueSource(f) === 'cli') throw new UsageError(`--${f.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} applies to --nodes plans only; the live cluster is planned by the coordinator`);
         }
         const client = await coordinatorClient(flags);
         const address = client.address;
-        const plan = await livePlan(client, resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [], parallelism: parseParallelism(flags.parallelism) });
+        const plan = await livePlan(client, resolve(modelPath), { ctx, cacheType, parallel, pin: flags.pin ?? [], parallelism: parseParallelism(flags.parallelism) }, { promptTokens, objective });
         // The coordinator opens the model; the header here only names it when this machine has it too.
         const profile = await readModelProfile(resolve(modelPath)).catch(() => undefined);
         const model = profile?.name ?? modelPath;
@@ -114,10 +114,15 @@ export function registerPlan(program: Command): void {
  * The coordinator's Plan RPC: the planner's result over the nodes that are up (budgets net of
  * models already loaded), or its "does not fit" result. Validated here, at the edge.
  */
-async function livePlan(client: CoordinatorClient, modelPath: string, options: { ctx: number; cacheType: string; parallel: number; pin: string[]; parallelism: string }): Promise<LivePlan> {
+async function livePlan(
+  client: CoordinatorClient,
+  modelPath: string,
+  options: { ctx: number; cacheType: string; parallel: number; pin: string[]; parallelism: string },
+  predict: { promptTokens: number; objective: Objective },
+): Promise<LivePlan> {
   const address = client.address;
   try {
-    const res = await client.unary('plan', { modelPath, options }, 30_000);
+    const res = await client.unary('plan', { modelPath, options, ...predict }, 30_000);
     let raw: unknown;
     try {
       raw = JSON.parse(String(res.planJson ?? ''));

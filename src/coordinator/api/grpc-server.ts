@@ -14,6 +14,7 @@ import type { NodeEntry } from '../membership/registry.ts';
 import type { StateStoreInfo } from '../nats/cluster-state.ts';
 import type { GenerateEvent, LoadProgress, ModelStatus, Runtime } from '../instances/runtime.ts';
 import type { LinkMeasurement } from '../../shared/placement/links.ts';
+import type { Objective } from '../../shared/placement/types.ts';
 import { parseParallelism } from '../../shared/placement/parallelism.ts';
 import { PlanDoesNotFitError } from '../instances/planner-adapter.ts';
 import type { AccessControl } from './access.ts';
@@ -71,7 +72,7 @@ const planOptionsSchema = z
   })
   .nullish();
 const loadSchema = z.object({ modelPath: z.string().default(''), name: z.string().default(''), options: planOptionsSchema, engine: z.string().default(''), heal: z.string().default('') });
-const planSchema = z.object({ modelPath: z.string().default(''), options: planOptionsSchema });
+const planSchema = z.object({ modelPath: z.string().default(''), options: planOptionsSchema, promptTokens: z.number().int().nonnegative().default(0), objective: z.string().default('') });
 const drainSchema = z.object({ node: z.string().trim().min(1, 'node is required'), undo: z.boolean().default(false) });
 const rebalanceSchema = z.object({ dryRun: z.boolean().default(false), minGain: z.number().min(0).max(10).default(0), model: z.string().default('') });
 
@@ -241,7 +242,7 @@ function modelHandlers(s: CoordinatorServices, fail: Fail): grpc.UntypedServiceI
       (async () => {
         const req = parse(planSchema, call.request, 'Plan');
         try {
-          const plan = await s.runtime.plan(req.modelPath, options(req.options));
+          const plan = await s.runtime.plan(req.modelPath, { ...options(req.options), promptTokens: req.promptTokens, ...(req.objective ? { objective: req.objective as Objective } : {}) });
           return { planJson: JSON.stringify(plan.raw) };
         } catch (err) {
           // "Does not fit" is an answer to Plan (fits: false, shortfall, remedies), not a failure.

@@ -81,7 +81,8 @@ export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string)
       ...(!mlx && measured?.get(name) ? { links: measured.get(name)! } : {}),
     }));
     const mo = memoryOptionsOf(options);
-    const plan = place(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...(mlx ? mlxPlacementOptions(profile) : {}) });
+    const predict = { ...(options.promptTokens ? { promptTokens: options.promptTokens } : {}), ...(options.objective ? { objective: options.objective } : {}) };
+    const plan = place(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...predict, ...(mlx ? mlxPlacementOptions(profile) : {}) });
     if (!plan.fits) {
       const parts = [`${modelPath} does not fit on ${nodes.length} live node(s)`, ...plan.reasons];
       if (plan.remedies?.length) parts.push(`try: ${plan.remedies.join('; ')}`);

@@ -1,5 +1,6 @@
 import type { Timings, TokenLogprob } from '../../shared/generation.ts';
 import type { Parallelism, ParallelismChoice } from '../../shared/placement/parallelism.ts';
+import type { Objective } from '../../shared/placement/types.ts';
 import type { NodeEntry } from '../membership/registry.ts';
 import type { VerifyResult } from './llama/verify.ts';
 
@@ -24,6 +25,10 @@ export interface LoadOptions {
    * agents' TLS tunnels. Off (absent): every link between nodes is a tunnelled TCP ring link.
    */
   readonly allowUntunnelledRdma?: boolean | undefined;
+  /** Plan only (the Plan RPC, `orchard plan --prompt-tokens`): also predict time to first token for a prompt this long. */
+  readonly promptTokens?: number | undefined;
+  /** Plan only: what the placement minimises (a load plans for decode). */
+  readonly objective?: Objective | undefined;
 }
 
 export const DEFAULT_LOAD_OPTIONS: LoadOptions = { ctx: 4096, cacheType: 'f16', parallel: 1, pin: [], parallelism: 'auto', allowUntunnelledRdma: false };
