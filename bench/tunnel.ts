@@ -13,8 +13,12 @@
  * 127.0.0.1 — the network round trip is the same in both modes, so the ratio is the tunnel's.
  * Prints tunnelled ÷ direct: tokensPerSecondRatio (goal ≥ 0.97), ttftAddedMs p50 (goal < 2),
  * loadSecondsRatio (goal ≤ 1.10), the same three for the plain relay, with every raw number.
+ * When socat and stunnel are installed (and not `--no-native`), two native controls run too
+ * (bench/lib/native-relay.ts): the same two hops relayed by socat (plain) and by stunnel (TLS 1.3,
+ * mutual cluster certificates) and by the Go prototype of the agents' tunnel (bench/native/tunnel-relay,
+ * needs Go) — whether the gap is Node's relay or the hops themselves.
  * Usage: npm run bench:tunnel -- [--json] [--trials 4] [--requests 4] [--tokens 32] [--layers 8]
- *        [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1]
+ *        [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1] [--no-native]
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -24,13 +28,17 @@ import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
+import { seedTensorCache } from '../src/node/llama/tensor-cache.ts';
 import { EnginePorts } from '../src/node/tunnel/engine-ports.ts';
 import { type TunnelForwarder, startTunnelForwarder } from '../src/node/tunnel/forwarder.ts';
 import { type TunnelListener, startTunnelListener } from '../src/node/tunnel/listener.ts';
 import { relay } from '../src/node/tunnel/relay.ts';
 import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/shared/pki/certificates.ts';
 import type { NodeCredentials } from '../src/shared/pki/store.ts';
+import { rpcCacheMinSizeEnv } from '../src/shared/rpc-cache/plan.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
+import { buildGoRelay, type NativeRelay, nativeRelaysInstalled, processCpuSeconds, startGoRelay, startSocatRelay, startStunnelRelay } from './lib/native-relay.ts';
+import { median } from './lib/stats.ts';
 import { freePort } from './llama-run.ts';
 
 const ROOT = new URL('../', import.meta.url).pathname;
@@ -48,10 +56,13 @@ const DIM = num('dim', 1024);
 const FFN = num('ffn', 2816);
 const NGL = num('ngl', 4);
 const THREADS = num('threads', 1);
+const NATIVE = !argv.includes('--no-native') && nativeRelaysInstalled();
 const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away, there lived';
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-type Mode = 'direct' | 'plain' | 'tunnel';
+type Mode = 'direct' | 'plain' | 'tunnel' | 'socat' | 'stunnel' | 'go';
+type NativeMode = 'socat' | 'stunnel' | 'go';
+const MODES: Mode[] = NATIVE ? ['direct', 'plain', 'tunnel', 'socat', 'stunnel', 'go'] : ['direct', 'plain', 'tunnel'];
 const procs = new Set<ChildProcess>();
 function killAll(): void {
   for (const c of procs) {
@@ -69,8 +80,8 @@ process.on('SIGINT', () => {
   process.exit(130);
 });
 
-function start(cmd: string, args: string[]): { proc: ChildProcess; log: () => string } {
-  const proc = spawn(cmd, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, GGML_RPC_NO_RDMA: '1' } });
+function start(cmd: string, args: string[], env: Record<string, string> = {}): { proc: ChildProcess; log: () => string } {
+  const proc = spawn(cmd, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, GGML_RPC_NO_RDMA: '1', ...env } });
   procs.add(proc);
   proc.once('exit', () => procs.delete(proc));
   let log = '';
@@ -93,7 +104,7 @@ async function stop(proc: ChildProcess): Promise<void> {
 async function waitPort(port: number, proc: ChildProcess, log: () => string): Promise<void> {
   const deadline = Date.now() + 60_000;
   for (;;) {
-    if (proc.exitCode !== null) throw new Error(`ggml-rpc-server exited: ${log().slice(-2000)}`);
+    if (proc.exitCode !== null) throw new Error(`${proc.spawnfile} exited: ${log().slice(-2000)}`);
     const ok = await new Promise<boolean>((r) => {
       const s = connect(port, '127.0.0.1');
       s.once('connect', () => {
@@ -103,7 +114,7 @@ async function waitPort(port: number, proc: ChildProcess, log: () => string): Pr
       s.once('error', () => r(false));
     });
     if (ok) return;
-    if (Date.now() > deadline) throw new Error(`ggml-rpc-server not listening on ${port}`);
+    if (Date.now() > deadline) throw new Error(`${proc.spawnfile} not listening on ${port}`);
     await sleep(50);
   }
 }
@@ -138,9 +149,10 @@ async function plainRelay(targetPort: number): Promise<{ server: Server; port: n
 async function workerListener(): Promise<void> {
   const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
   const first = await lines.next();
-  const { credentials, rpcPort } = JSON.parse(String(first.value)) as { credentials: NodeCredentials; rpcPort: number };
+  const { credentials, rpcPort, seededRpcPort } = JSON.parse(String(first.value)) as { credentials: NodeCredentials; rpcPort: number; seededRpcPort: number };
   const enginePorts = new EnginePorts();
   enginePorts.register(rpcPort, 'ggml-rpc-server');
+  enginePorts.register(seededRpcPort, 'ggml-rpc-server');
   const listener: TunnelListener = await startTunnelListener({ host: '127.0.0.1', port: 0, credentials, enginePorts });
   const plain = await plainRelay(rpcPort);
   process.stdout.write(`${JSON.stringify({ port: listener.port, plainPort: plain.port })}\n`);
@@ -156,35 +168,54 @@ const cpuSeconds = (): number => {
 
 interface Tunnel {
   readonly forwarder: TunnelForwarder;
+  /** The same tunnel to the pre-seeded rpc-server. */
+  readonly seededForwarder: TunnelForwarder;
   readonly worker: ChildProcess;
   /** Head-side end of the plain (no TLS) relay through the worker process. */
   readonly plain: { server: Server; port: number };
   /** The worker process's CPU seconds so far. */
   workerCpu(): Promise<number>;
+  /** The native controls, when installed. */
+  readonly native?: Readonly<Record<NativeMode, NativeRelay>>;
 }
 
 /** Worker-side listener (child process) + head-side forwarder (here) for one rpc-server. */
-async function startTunnel(rpcPort: number): Promise<Tunnel> {
+async function startTunnel(rpcPort: number, seededRpcPort: number, work: string): Promise<Tunnel> {
   const ca = await createClusterCa('bench-tunnel');
   const worker = spawn(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--worker-listener'], { detached: true, stdio: ['pipe', 'pipe', 'inherit'] });
   procs.add(worker);
   const replies = createInterface({ input: worker.stdout! })[Symbol.asyncIterator]();
   const exited = new Promise<never>((_, reject) => worker.once('exit', (code) => reject(new Error(`tunnel listener exited (${code})`))));
   const next = async <T>(): Promise<T> => JSON.parse(String((await Promise.race([replies.next(), exited])).value)) as T;
-  worker.stdin?.write(`${JSON.stringify({ credentials: await issue(ca, 'worker'), rpcPort })}\n`);
+  const creds = { worker: await issue(ca, 'worker'), head: await issue(ca, 'head') };
+  worker.stdin?.write(`${JSON.stringify({ credentials: creds.worker, rpcPort, seededRpcPort })}\n`);
   const { port, plainPort } = await next<{ port: number; plainPort: number }>();
-  const forwarder = await startTunnelForwarder({
-    remote: { host: '127.0.0.1', port },
-    enginePort: rpcPort,
-    expectPeer: { id: 'worker' },
-    credentials: await issue(ca, 'head'),
-    onError: (m) => process.stderr.write(`tunnel: ${m}\n`),
-  });
+  const forward = (enginePort: number) =>
+    startTunnelForwarder({
+      remote: { host: '127.0.0.1', port },
+      enginePort,
+      expectPeer: { id: 'worker' },
+      credentials: creds.head,
+      onError: (m) => process.stderr.write(`tunnel: ${m}\n`),
+    });
+  const [forwarder, seededForwarder] = [await forward(rpcPort), await forward(seededRpcPort)];
   const workerCpu = async () => {
     worker.stdin?.write('cpu\n');
     return (await next<{ cpuSeconds: number }>()).cpuSeconds;
   };
-  return { forwarder, worker, plain: await plainRelay(plainPort), workerCpu };
+  const native = NATIVE ? await startNative(rpcPort, creds, work) : undefined;
+  return { forwarder, seededForwarder, worker, plain: await plainRelay(plainPort), workerCpu, ...(native ? { native } : {}) };
+}
+
+async function startNative(rpcPort: number, creds: { head: NodeCredentials; worker: NodeCredentials }, work: string) {
+  const ports = async (): Promise<[number, number]> => [await freePort(), await freePort()];
+  const socat = startSocatRelay(rpcPort, await ports(), procs);
+  const stunnel = await startStunnelRelay(rpcPort, await ports(), creds, work, procs);
+  const binary = buildGoRelay(work);
+  if (!binary) throw new Error('--native needs Go for the Go relay prototype (bench/native/tunnel-relay); --no-native skips the native controls');
+  const go = await startGoRelay(rpcPort, creds, binary, procs);
+  for (const { port, proc } of [...socat.ends, ...stunnel.ends]) await waitPort(port, proc, () => 'see stderr');
+  return { socat, stunnel, go };
 }
 
 interface Completion {
@@ -220,18 +251,27 @@ interface Trial {
   mode: Mode;
   loadSeconds: number;
   completions: Completion[];
-  /** CPU seconds during the trial: this process (HTTP client; plus the forwarder when tunnelled) and the worker's listener. */
-  cpu?: { benchProcess: number; workerListener: number };
+  /** CPU seconds during the trial: this process (HTTP client; plus the forwarder when tunnelled), the worker's listener, both native relay ends. */
+  cpu?: { benchProcess: number; workerListener: number; nativeRelay: number };
 }
 
-/** A fresh head llama-server against `rpcPort` (the rpc-server itself or the forwarder). */
-async function trial(mode: Mode, rpcPort: number, model: string, llamaServer: string): Promise<Trial> {
+/**
+ * A fresh head llama-server against `rpcPort` (the rpc-server itself or the forwarder). `loadOnly`:
+ * the pre-seeded loads, stopped once up; their head gets the agent's cache threshold, as the agent
+ * starts it, so tensors above it are offered by hash (cold trials keep the stock threshold, as in
+ * every earlier run of this bench).
+ */
+async function trial(mode: Mode, rpcPort: number, model: string, llamaServer: string, loadOnly = false): Promise<Trial> {
   const httpPort = await freePort();
   const t0 = performance.now();
-  const head = start(llamaServer, [
-    ...['-m', model, '--rpc', `127.0.0.1:${rpcPort}`, '-ngl', String(NGL), '-c', '1024', '-t', String(THREADS)],
-    ...['--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)],
-  ]);
+  const head = start(
+    llamaServer,
+    [
+      ...['-m', model, '--rpc', `127.0.0.1:${rpcPort}`, '-ngl', String(NGL), '-c', '1024', '-t', String(THREADS)],
+      ...['--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)],
+    ],
+    loadOnly ? rpcCacheMinSizeEnv() : {},
+  );
   try {
     const deadline = Date.now() + 300_000;
     for (;;) {
@@ -245,6 +285,7 @@ async function trial(mode: Mode, rpcPort: number, model: string, llamaServer: st
       await sleep(20);
     }
     const loadSeconds = (performance.now() - t0) / 1000;
+    if (loadOnly) return { mode, loadSeconds, completions: [] };
     await complete(httpPort); // first request pays one-time graph/buffer set-up: not counted
     const completions: Completion[] = [];
     for (let i = 0; i < REQUESTS; i++) completions.push(await complete(httpPort));
@@ -254,20 +295,18 @@ async function trial(mode: Mode, rpcPort: number, model: string, llamaServer: st
   }
 }
 
-function median(xs: readonly number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
-}
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
 /** One trial with the CPU both tunnel ends spent during it. */
 async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, model: string, llamaServer: string): Promise<Trial> {
-  const [bench0, worker0] = [cpuSeconds(), await tunnel.workerCpu()];
-  const port = { direct: rpcPort, plain: tunnel.plain.port, tunnel: tunnel.forwarder.port }[mode];
+  const native = mode === 'socat' || mode === 'stunnel' || mode === 'go' ? tunnel.native?.[mode] : undefined;
+  const nativeCpu = () => (native?.ends ?? []).reduce((sum, end) => sum + processCpuSeconds(end.proc.pid ?? 0), 0);
+  const [bench0, worker0, native0] = [cpuSeconds(), await tunnel.workerCpu(), nativeCpu()];
+  const port = native ? native.port : { direct: rpcPort, plain: tunnel.plain.port, tunnel: tunnel.forwarder.port }[mode as 'direct' | 'plain' | 'tunnel'];
   const t = await trial(mode, port, model, llamaServer);
-  const [bench1, worker1] = [cpuSeconds(), await tunnel.workerCpu()];
-  return { ...t, cpu: { benchProcess: bench1 - bench0, workerListener: worker1 - worker0 } };
+  if (native) await sleep(100); // socat's per-connection children exit and are reaped after llama-server stops
+  const [bench1, worker1, native1] = [cpuSeconds(), await tunnel.workerCpu(), nativeCpu()];
+  return { ...t, cpu: { benchProcess: bench1 - bench0, workerListener: worker1 - worker0, nativeRelay: native1 - native0 } };
 }
 
 /**
@@ -277,10 +316,11 @@ async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, model:
  * saturated machine every extra process hop also waits for a core.
  */
 function cpuSummary(trials: readonly Trial[], loadAverage: number[]) {
-  const med = (mode: Mode, k: 'benchProcess' | 'workerListener') => median(trials.filter((t) => t.mode === mode).map((t) => t.cpu?.[k] ?? 0));
+  const med = (mode: Mode, k: 'benchProcess' | 'workerListener' | 'nativeRelay') => median(trials.filter((t) => t.mode === mode).map((t) => t.cpu?.[k] ?? 0));
   return {
     headForwarderSecondsPerTrial: round(med('tunnel', 'benchProcess') - med('direct', 'benchProcess')),
     workerListenerSecondsPerTrial: round(med('tunnel', 'workerListener')),
+    ...(NATIVE ? { nativeBothEndsSecondsPerTrial: { socat: round(med('socat', 'nativeRelay')), stunnel: round(med('stunnel', 'nativeRelay')), go: round(med('go', 'nativeRelay')) } } : {}),
     loadAverage1m: { start: round(loadAverage[0] ?? 0, 2), end: round(loadavg()[0] ?? 0, 2) },
     cores: availableParallelism(),
   };
@@ -314,6 +354,8 @@ function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarde
     ...versusDirect(tunnelled),
     /** The same ratios for the two relay hops without TLS: the part of the tunnel's cost that is not TLS. */
     plainRelay: versusDirect(plain),
+    /** The same two hops relayed natively: socat (plain), stunnel (TLS 1.3 mTLS), the Go prototype (TLS 1.3 mTLS, the agents' checks). */
+    nativeRelays: NATIVE ? { socat: versusDirect(stats('socat')), stunnel: versusDirect(stats('stunnel')), go: versusDirect(stats('go')) } : 'skipped (--no-native, or socat, stunnel or go not installed)',
     tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
     goals: { tokensPerSecondRatio: '>= 0.97', ttftAddedMs: '< 2 (p50)', loadSecondsRatio: '<= 1.10' },
     setup: { trials: TRIALS, requestsPerTrial: REQUESTS, tokens: TOKENS, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS },
@@ -322,6 +364,41 @@ function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarde
     direct,
     plain,
     tunnel: tunnelled,
+    ...(NATIVE ? { socat: stats('socat'), stunnel: stats('stunnel'), go: stats('go') } : {}),
+  };
+}
+
+/**
+ * The worker's rpc-server as the product starts it when the worker holds the model file too:
+ * `-c` on a tensor cache the agent pre-seeded from its own copy (PrepareCache), so a load sends
+ * hashes for the tensors over the threshold instead of their bytes.
+ */
+async function seededRpcServer(model: string, work: string, rpcServer: string): Promise<number> {
+  const llamaCacheDir = join(work, 'seeded-cache');
+  await seedTensorCache({ modelPath: model, llamaCacheDir, stage: { firstLayer: LAYERS - NGL, lastLayer: LAYERS - 1, holdsOutput: true } });
+  const port = await freePort();
+  const rpc = start(rpcServer, ['-H', '127.0.0.1', '-p', String(port), '-t', String(THREADS), '-c'], { LLAMA_CACHE: llamaCacheDir });
+  await waitPort(port, rpc.proc, rpc.log);
+  return port;
+}
+
+/**
+ * Pre-seeded loads, direct and tunnelled alternating: the product's load path when every worker
+ * holds the model. Reported beside the cold ratio (weights over the wire), never instead of it:
+ * a worker without the file still loads cold.
+ */
+async function seededLoads(seededRpcPort: number, tunnel: Tunnel, model: string, llamaServer: string) {
+  const loads: Record<'direct' | 'tunnel', number[]> = { direct: [], tunnel: [] };
+  for (let i = 0; i < TRIALS; i++) {
+    for (const mode of i % 2 === 0 ? (['direct', 'tunnel'] as const) : (['tunnel', 'direct'] as const)) {
+      const t = await trial(mode, mode === 'direct' ? seededRpcPort : tunnel.seededForwarder.port, model, llamaServer, true);
+      loads[mode].push(round(t.loadSeconds));
+    }
+  }
+  return {
+    loadSecondsRatio: round(median(loads.tunnel) / median(loads.direct)),
+    loadSeconds: loads,
+    tunnelBytesToEngine: tunnel.seededForwarder.bytes.toEngine,
   };
 }
 
@@ -337,17 +414,19 @@ async function main(): Promise<void> {
     const rpcPort = await freePort();
     const rpc = start(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(THREADS)]);
     await waitPort(rpcPort, rpc.proc, rpc.log);
-    tunnel = await startTunnel(rpcPort);
+    const seededRpcPort = await seededRpcServer(model, work, bins.rpcServer);
+    tunnel = await startTunnel(rpcPort, seededRpcPort, work);
     const trials: Trial[] = [];
     for (let i = 0; i < TRIALS; i++) {
       // ABC CBA order: drift (page cache, thermal, neighbours) lands on every mode alike
-      const order: Mode[] = i % 2 === 0 ? ['direct', 'plain', 'tunnel'] : ['tunnel', 'plain', 'direct'];
+      const order = i % 2 === 0 ? MODES : [...MODES].reverse();
       for (const mode of order) {
         trials.push(await measuredTrial(mode, rpcPort, tunnel, model, bins.llamaServer));
         if (!JSON_OUT) process.stderr.write(`trial ${i + 1}/${TRIALS} ${mode}: load ${trials.at(-1)?.loadSeconds.toFixed(2)} s\n`);
       }
     }
-    const out = summarise(trials, tunnel, loadAverage);
+    const seeded = await seededLoads(seededRpcPort, tunnel, model, bins.llamaServer);
+    const out = { ...summarise(trials, tunnel, loadAverage), preseeded: seeded };
     if (JSON_OUT) process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
     else {
       const { direct: d, tunnel: t } = out;
@@ -359,8 +438,10 @@ async function main(): Promise<void> {
     }
   } finally {
     await tunnel?.forwarder.close();
+    await tunnel?.seededForwarder.close();
     tunnel?.plain.server.close();
     tunnel?.worker.stdin?.end();
+    for (const r of Object.values(tunnel?.native ?? {})) r.close();
     killAll();
     await rm(work, { recursive: true, force: true });
   }

@@ -1,0 +1,3 @@
+module orchard/bench/tunnel-relay
+
+go 1.19
