@@ -88,7 +88,7 @@ async function main(): Promise<void> {
   try {
     await writeMlxTestModel(env.python, { out: model, arch: 'llama', layers: LAYERS, hidden: HIDDEN, heads: 8, seed: 3 });
     const profile = await readMlxModelProfile(model);
-    const one = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX, ...mlxPlacementOptions(profile) });
+    const one = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: CTX, ...mlxPlacementOptions() });
     // Budgets a little under the whole model: the planner must split it over both agents.
     const budget = String(Math.floor(one.stages[0]!.bytes.total) - 2 * 2 ** 20);
     const penv = { ...process.env, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_LOG_FORMAT: 'json' };

@@ -3,6 +3,7 @@ import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { mlxTensorFit } from '../../src/shared/placement/stage-memory.ts';
 import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
 import { orchard } from './processes.ts';
 
@@ -26,7 +27,7 @@ export async function modelThatMustSplit(path: string, args: readonly string[], 
 export async function mlxSplittingBudgets(models: readonly string[], ctx: number): Promise<Record<'alpha' | 'bravo', number>> {
   const profiles = await Promise.all(models.map((m) => readMlxModelProfile(m)));
   const plan = (profile: (typeof profiles)[number], b: Record<string, number>) =>
-    planPlacement(profile, Object.entries(b).map(([name, budgetBytes]) => ({ name, budgetBytes, bandwidthBytesPerSecond: 100e9 })), { ctx, ...mlxPlacementOptions(profile) });
+    planPlacement(profile, Object.entries(b).map(([name, budgetBytes]) => ({ name, budgetBytes, bandwidthBytesPerSecond: 100e9 })), { ctx, ...mlxPlacementOptions() });
   const least = (fits: (b: number) => boolean): number => {
     let lo = 1;
     let hi = 2 ** 32;
@@ -45,4 +46,20 @@ export async function mlxSplittingBudgets(models: readonly string[], ctx: number
     expect(two.fits && two.stages.length, 'the planner cannot split the model over 2 nodes').toBe(2);
   }
   return { alpha, bravo };
+}
+
+/**
+ * Equal budgets for alpha and bravo under which the planner must split this MLX model over both
+ * and each node also holds a tensor-parallel rank (the coordinator refuses tensor parallel on a
+ * node whose budget cannot hold its share): the larger of the two needs, below one node's whole model.
+ */
+export async function mlxTensorBudgets(model: string, ctx: number): Promise<Record<'alpha' | 'bravo', number>> {
+  const profile = await readMlxModelProfile(model);
+  const nodes = (b: number, names: string[]) => names.map((name) => ({ name, budgetBytes: b, bandwidthBytesPerSecond: 100e9 }));
+  const alone = planPlacement(profile, nodes(2 ** 40, ['x']), { ctx, ...mlxPlacementOptions() }).stages[0]!.bytes.total;
+  const share = mlxTensorFit(profile, nodes(0, ['alpha', 'bravo']).map((n) => ({ node: n.name, budgetBytes: n.budgetBytes })), ctx).bytes.total;
+  let b = share;
+  while (b < alone && planPlacement(profile, nodes(b, ['alpha', 'bravo']), { ctx, ...mlxPlacementOptions() }).stages.length !== 2) b += 65_536;
+  expect(b, 'a budget that holds a tensor rank also holds the whole model').toBeLessThan(alone);
+  return { alpha: b, bravo: b };
 }

@@ -94,7 +94,7 @@ describe('MLX through node agents and the coordinator (127.0.0.1, real MLX CPU w
     // Budgets (alpha: head-sized, the others worker-sized) for which the real planner splits the
     // model over alpha+bravo at CTX and over alpha+bravo+charlie at CTX_3, found with the same
     // pure planner the coordinator runs (so the test follows memory-model changes).
-    const mo = mlxPlacementOptions(profile);
+    const mo = mlxPlacementOptions();
     const MiB = 2 ** 20;
     const plan = (names: string[], b: Record<string, number>, ctx: number) =>
       planPlacement(profile, names.map((name) => ({ name, budgetBytes: b[name]!, bandwidthBytesPerSecond: 100e9 })), { ctx, ...mo });

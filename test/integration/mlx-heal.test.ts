@@ -67,7 +67,7 @@ describe('MLX self-healing: a lost rank is re-placed on a rebuilt ring and the s
     // One budget for all three nodes, from the coordinator's own planner: one node cannot hold the
     // model, two can, so the plan uses 2 ranks and losing either leaves room on the other two.
     const profile = await readMlxModelProfile(model);
-    const plan = (names: string[], b: number) => planPlacement(profile, names.map((name) => ({ name, budgetBytes: b, bandwidthBytesPerSecond: 100e9 })), { ctx: CTX, ...mlxPlacementOptions(profile) });
+    const plan = (names: string[], b: number) => planPlacement(profile, names.map((name) => ({ name, budgetBytes: b, bandwidthBytesPerSecond: 100e9 })), { ctx: CTX, ...mlxPlacementOptions() });
     let budget = 0;
     for (let b = 100 * MiB; b <= 2000 * MiB && budget === 0; b += 5 * MiB) {
       const three = plan(['a', 'b', 'c'], b);

@@ -9,7 +9,7 @@ import type { TokenMessage } from '../../src/node/mlx/protocol.ts';
 import { mlxRequestOf } from '../../src/node/mlx/rank-spec.ts';
 import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
 import { killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
-import { mlxSplittingBudgets } from '../helpers/split-model.ts';
+import { mlxSplittingBudgets, mlxTensorBudgets } from '../helpers/split-model.ts';
 
 /*
  * Mixture-of-experts MLX models (mlx-lm's own qwen3_moe and deepseek_v3 classes: routed experts,
@@ -122,7 +122,7 @@ describe('MoE MLX models over 2 pipeline ranks through the coordinator (127.0.0.
     const arch = 'qwen3_moe';
     const want = oracleLogprobs.get(arch)!;
     expect(want).toHaveLength(N);
-    const { coordAddr, httpBase } = await cluster(await splittingBudgets(join(dir, arch)), join(dir, 'state-tp'));
+    const { coordAddr, httpBase } = await cluster(await mlxTensorBudgets(join(dir, arch), CTX), join(dir, 'state-tp'));
     const load = await orchard(['load', join(dir, arch), '--ctx', String(CTX), '--name', 'tp', '--parallelism', 'tensor', '--pin', 'alpha', 'bravo', '--json', '--coordinator', coordAddr], env);
     expect(load.code, load.stderr).toBe(0);
     expect(load.stdout).toMatch(/MLX tensor parallel over 2 rank\(s\)/);

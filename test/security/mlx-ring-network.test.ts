@@ -78,7 +78,7 @@ function rankSockets(modelDir: string): { local: string; peer: string }[] {
 async function splittingBudgets(model: string): Promise<{ alpha: number; bravo: number }> {
   const profile = await readMlxModelProfile(model);
   const plan = (b: Record<string, number>) =>
-    planPlacement(profile, Object.entries(b).map(([name, budgetBytes]) => ({ name, budgetBytes, bandwidthBytesPerSecond: 100e9 })), { ctx: CTX, ...mlxPlacementOptions(profile) });
+    planPlacement(profile, Object.entries(b).map(([name, budgetBytes]) => ({ name, budgetBytes, bandwidthBytesPerSecond: 100e9 })), { ctx: CTX, ...mlxPlacementOptions() });
   const least = (fits: (b: number) => boolean): number => {
     let lo = 1;
     let hi = 2 ** 32;

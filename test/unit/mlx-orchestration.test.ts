@@ -11,13 +11,11 @@ import {
   ringRanks,
 } from '../../src/coordinator/instances/mlx/launch.ts';
 import { checkRankReport } from '../../src/coordinator/instances/mlx/instance.ts';
-import { mlxPlacementOptions } from '../../src/coordinator/instances/planner-adapter.ts';
 import { jacclDevicesFile, rankEnv } from '../../src/node/mlx/launch.ts';
 import { DEFAULT_MLX_MAX_TOKENS, mlxRankSpecFromRequest, mlxRequestOf, sameMlxRank, StopScanner, withRingEndpoints } from '../../src/node/mlx/rank-spec.ts';
 import { launchFiles } from '../../src/node/mlx/launch.ts';
 import { requestLine } from '../../src/node/mlx/protocol.ts';
 import type { NetworkInterfaceInfo } from '../../src/shared/hardware.ts';
-import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { uniformSource } from '../../src/shared/testmodel/prng.ts';
 
 const lan = (ip: string): NetworkInterfaceInfo => ({ name: 'en0', addresses: [ip], thunderbolt: false, rdma: false });
@@ -308,73 +306,6 @@ describe('StopScanner', () => {
   it('the earliest of several stop strings wins; a false start is released at the end', () => {
     expect(run(['yz', 'b'], ['a', 'bxyz'])).toEqual({ out: 'a', stopped: true });
     expect(run(['END'], ['x', 'EN'])).toEqual({ out: 'xEN', stopped: false });
-  });
-});
-
-describe('placement options for MLX', () => {
-  it('mlxPlacementOptions charges embedding + norm + output head to every rank, keeps ≥ 1 layer on the head, and sends activations once per boundary', () => {
-    expect(mlxPlacementOptions({ tokenEmbdBytes: 10, outputNormBytes: 1, outputBytes: 20 })).toEqual({ stageExtraBytes: 31, headMinLayers: 1, activationCrossings: 1 });
-  });
-});
-
-// Direct planner checks with a hand-made profile that the planner accepts.
-describe('planPlacement with MLX options', () => {
-  it('adds stageExtraBytes to workers only and honours headMinLayers', async () => {
-    const { readMlxModelProfile } = await import('../../src/shared/model/mlx-profile.ts');
-    const { mkdtemp, writeFile, rm } = await import('node:fs/promises');
-    const { tmpdir } = await import('node:os');
-    const { join } = await import('node:path');
-    const dir = await mkdtemp(join(tmpdir(), 'orchard-mlx-plan-'));
-    try {
-      // A safetensors header-only "model": 6 layers of 64 MiB f32 each, embedding 32 MiB, untied head 32 MiB.
-      const hidden = 4096;
-      const tensors: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }> = {};
-      let off = 0;
-      const add = (name: string, shape: number[]) => {
-        const bytes = shape.reduce((a, b) => a * b, 1) * 4;
-        tensors[name] = { dtype: 'F32', shape, data_offsets: [off, off + bytes] };
-        off += bytes;
-      };
-      add('model.embed_tokens.weight', [2048, hidden]);
-      for (let l = 0; l < 6; l++) {
-        add(`model.layers.${l}.self_attn.q_proj.weight`, [hidden, hidden]);
-        add(`model.layers.${l}.input_layernorm.weight`, [hidden]);
-      }
-      add('model.norm.weight', [hidden]);
-      add('lm_head.weight', [2048, hidden]);
-      const json = Buffer.from(JSON.stringify(tensors));
-      const lenBuf = Buffer.alloc(8);
-      lenBuf.writeBigUInt64LE(BigInt(json.length));
-      // Only the header is read; the data region is sparse (truncate) so the file stays tiny on disk.
-      const { open } = await import('node:fs/promises');
-      const f = await open(join(dir, 'model.safetensors'), 'w');
-      await f.write(Buffer.concat([lenBuf, json]));
-      await f.truncate(8 + json.length + off);
-      await f.close();
-      await writeFile(
-        join(dir, 'config.json'),
-        JSON.stringify({ model_type: 'llama', hidden_size: hidden, num_hidden_layers: 6, num_attention_heads: 32, num_key_value_heads: 8, intermediate_size: 4 * hidden, vocab_size: 2048, max_position_embeddings: 4096, rms_norm_eps: 1e-5, tie_word_embeddings: false }),
-      );
-      const profile = await readMlxModelProfile(dir);
-      const mo = mlxPlacementOptions(profile);
-      expect(mo.stageExtraBytes).toBe(profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes);
-      expect(mo.stageExtraBytes).toBeGreaterThan(60 * 2 ** 20);
-      const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 1e11 }], { ctx: 256, ...mo });
-      const budget = single.stages[0]!.bytes.total - 2 ** 20;
-      const nodes = ['a', 'b', 'c'].map((name) => ({ name, budgetBytes: budget, bandwidthBytesPerSecond: 1e11 }));
-      const plain = planPlacement(profile, nodes, { ctx: 256 });
-      const withMlx = planPlacement(profile, nodes, { ctx: 256, ...mo });
-      expect(withMlx.fits).toBe(true);
-      const head = withMlx.stages.at(-1)!;
-      expect(head.lastLayer - head.firstLayer + 1).toBeGreaterThanOrEqual(1);
-      for (const s of withMlx.stages.slice(0, -1)) {
-        const same = plain.stages.find((p) => p.firstLayer === s.firstLayer && p.lastLayer === s.lastLayer && p.role === 'worker');
-        if (same) expect(s.bytes.total - same.bytes.total).toBe(mo.stageExtraBytes);
-        expect(s.bytes.total).toBeLessThanOrEqual(s.budgetBytes);
-      }
-    } finally {
-      await rm(dir, { recursive: true, force: true });
-    }
   });
 });
 

@@ -148,7 +148,7 @@ describe('orchard plan', () => {
     expect(plan.model).toBe('llama-3-70b-4bit');
     expect(plan.stages).toHaveLength(2);
     const profile = await readMlxModelProfile(mlxDir);
-    const expected = planPlacement(profile, parseNodesFile(await readFile(pair, 'utf8'), pair), { ctx: 8192, ...mlxPlacementOptions(profile) });
+    const expected = planPlacement(profile, parseNodesFile(await readFile(pair, 'utf8'), pair), { ctx: 8192, ...mlxPlacementOptions() });
     expect(plan.stages.map((s: { node: string; firstLayer: number; lastLayer: number }) => [s.node, s.firstLayer, s.lastLayer])).toEqual(
       expected.stages.map((s) => [s.node, s.firstLayer, s.lastLayer]),
     );

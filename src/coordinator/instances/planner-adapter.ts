@@ -2,10 +2,11 @@ import { isAbsolute } from 'node:path';
 import type { CacheType } from '../../shared/memory/kv.ts';
 import { deviceBytes, memoryModel, type MemoryOptions } from '../../shared/memory/stage.ts';
 import { readGgufProfile } from '../../shared/model/read-profile.ts';
-import { isMlxModelDir, readMlxModelProfile } from '../../shared/model/mlx-profile.ts';
+import { isMlxModelDir, isMlxProfile, readMlxModelProfile } from '../../shared/model/mlx-profile.ts';
 import { effectiveBandwidth } from '../../shared/placement/cost.ts';
 import { type LinkMatrix, linksByName } from '../../shared/placement/links.ts';
 import { planPlacement } from '../../shared/placement/planner.ts';
+import { asTensorPlan, mlxTensorFit } from '../../shared/placement/stage-memory.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, mlxPlacementOptions } from '../../shared/placement/types.ts';
 import { UsageError } from '../../shared/errors.ts';
 import { CoordinatorError } from '../errors.ts';
@@ -82,16 +83,19 @@ export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string)
     }));
     const mo = memoryOptionsOf(options);
     const predict = { ...(options.promptTokens ? { promptTokens: options.promptTokens } : {}), ...(options.objective ? { objective: options.objective } : {}) };
-    const plan = place(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...predict, ...(mlx ? mlxPlacementOptions(profile) : {}) });
-    if (!plan.fits) {
-      const parts = [`${modelPath} does not fit on ${nodes.length} live node(s)`, ...plan.reasons];
-      if (plan.remedies?.length) parts.push(`try: ${plan.remedies.join('; ')}`);
-      throw new PlanDoesNotFitError(parts.join('; '), plan);
+    const planned = place(profile, placementNodes, { ctx: mo.ctx, cacheType: mo.cacheType, parallel: mo.parallel, ...predict, ...(mlx ? mlxPlacementOptions() : {}) });
+    if (!planned.fits) {
+      const parts = [`${modelPath} does not fit on ${nodes.length} live node(s)`, ...planned.reasons];
+      if (planned.remedies?.length) parts.push(`try: ${planned.remedies.join('; ')}`);
+      throw new PlanDoesNotFitError(parts.join('; '), planned);
     }
     const mm = memoryModel(profile, mo);
-    const last = plan.stages.length - 1;
-    // MLX: pipeline or tensor is part of the plan (shown by Plan, refused here when impossible).
-    const parallelism = mlx && plan.stages.length > 1 ? mlxParallelism(profile, plan, byName, options, links) : undefined;
+    const last = planned.stages.length - 1;
+    // MLX: pipeline or tensor is part of the plan (shown by Plan, refused here when impossible),
+    // and a tensor plan's stages hold what a tensor rank holds, checked against the same budgets.
+    const tensor = isMlxProfile(profile) && planned.stages.length > 1 ? mlxTensorFit(profile, planned.stages, mo.ctx) : undefined;
+    const parallelism = tensor ? mlxParallelism(profile, planned, byName, options, links, tensor.overBudget) : undefined;
+    const plan = tensor && parallelism?.mode === 'tensor' ? asTensorPlan(planned, tensor.bytes) : planned;
     return {
       nLayer: profile.layerCount,
       predictedTokensPerSecond: plan.predicted.tokensPerSecond,

@@ -116,11 +116,44 @@ export function mlxRankBytes(p: MlxModelProfile, l: MlxRankLayout, req: MlxReque
   // everything before) or, at the last growth, one layer's old buffer beside its new one.
   let transient = replaced * perSlot;
   let seen = 0;
-  for (const c of sizes) {
+  for (const [i, c] of sizes.entries()) {
     seen += c;
+    // A run of one-token steps peaks at its last (more cached positions): the others are skipped,
+    // so budgeting a long context stays cheap.
+    if (c === 1 && sizes[i + 1] === 1) continue;
     transient = Math.max(transient, layerTransient(p, l, shard, c, seen));
   }
   // The last step also holds the logits and their log-softmax (vocab floats each).
   transient = Math.max(transient, 2 * p.vocab * p.mlx.activationBytes);
   return { weights, kv, transient, peak: weights + kv + transient };
+}
+
+/**
+ * What an MLX rank process costs beyond MLX's own counters (the figures above): the interpreter
+ * with mlx and mlx-lm imported measured 72 MiB RSS here (Linux, mlx 0.32.4, CPU backend); the
+ * tokenizer and, on a Mac, the Metal context add to it and cannot be measured here, so this is a
+ * deliberately generous round figure, as llama.cpp's WORKER_OVERHEAD_BYTES is.
+ */
+export const MLX_RANK_OVERHEAD_BYTES = 256 * 2 ** 20;
+
+/**
+ * The requests a plan budgets a rank for, `ctx` tokens fed in all. The KV cache depends only on
+ * the tokens fed (prefill chunks are multiples of the 256-slot step, and one token at a time fills
+ * a buffer before it grows), so every split of ctx ends with the same slots; the transient peak
+ * grows with the prompt (a longer prefill chunk against more cached positions), so the all-prompt
+ * request bounds it, and the all-generated one has the largest replaced buffer at its last growth.
+ * The unit tests check the bound against every split.
+ */
+export function budgetRequests(ctx: number): MlxRequestShape[] {
+  return [
+    { promptTokens: ctx, generatedTokens: 0 },
+    { promptTokens: 1, generatedTokens: Math.max(0, ctx - 1) },
+  ];
+}
+
+/** A rank's bytes at the largest peak of the budgeted requests (budgetRequests). */
+export function mlxRankBudget(p: MlxModelProfile, l: MlxRankLayout, ctx: number): MlxRankBytes {
+  return budgetRequests(ctx)
+    .map((req) => mlxRankBytes(p, l, req))
+    .reduce((a, b) => (b.peak > a.peak ? b : a));
 }

@@ -1,6 +1,8 @@
 import { ggmlTypeByName } from '../gguf/ggml-types.ts';
 import type { ModelProfile } from '../model/profile.ts';
-import type { PlacementNode, PlacementOptions } from './types.ts';
+import type { EngineFamily, PlacementNode, PlacementOptions } from './types.ts';
+
+export type { EngineFamily } from './types.ts';
 
 /**
  * The cost model's calibration constants and per-token work, in one place so the planner, the
@@ -13,8 +15,6 @@ import type { PlacementNode, PlacementOptions } from './types.ts';
  * activations that cross it ÷ link throughput (decode: one row of `embd` f32 values per token;
  * prefill: P rows, in ⌈P ÷ ubatch⌉ round trips).
  */
-
-export type EngineFamily = 'llama.cpp' | 'mlx';
 
 /**
  * Fraction of the chip table's (spec) bandwidth that decode achieves, per engine, when the node

@@ -37,6 +37,8 @@ export interface ParallelismInput {
   readonly linkSource: string;
   /** Link throughput for the all-reduce payloads. */
   readonly linkBytesPerSecond: number;
+  /** Nodes whose budget cannot hold a tensor rank (stage-memory.ts mlxTensorFit), said as why. */
+  readonly overBudget?: readonly string[];
 }
 
 export interface ParallelismChoice {
@@ -128,7 +130,7 @@ const ms = (s: number) => `${(s * 1000).toFixed(2)} ms`;
 /** Pipeline or tensor for these ranks: the request if it is possible, else a refusal naming why. */
 export function chooseParallelism(i: ParallelismInput): ParallelismChoice {
   if (i.ranks <= 1) return { mode: 'pipeline', reason: 'one rank: nothing to split' };
-  const broken = tensorDivisibility(i.profile, i.ranks);
+  const broken = [...tensorDivisibility(i.profile, i.ranks), ...(i.overBudget ?? [])];
   if (i.requested === 'pipeline') return { mode: 'pipeline', reason: 'pipeline requested' };
   if (i.requested === 'tensor') {
     if (broken.length > 0) throw new UsageError(`tensor parallel over ${i.ranks} ranks is impossible: ${broken.join('; ')} (use --parallelism pipeline)`);

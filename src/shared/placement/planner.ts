@@ -1,17 +1,10 @@
 import { UsageError } from '../errors.ts';
 import type { CacheType } from '../memory/kv.ts';
-import { computeBufferBytes, hostComputeBufferBytes } from '../memory/compute.ts';
-import {
-  HEAD_OVERHEAD_BYTES,
-  type MemoryModel,
-  type StageBytes,
-  WORKER_OVERHEAD_BYTES,
-  memoryModel,
-  stageBytes,
-} from '../memory/stage.ts';
+import { type MemoryModel, type StageBytes, memoryModel } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
 import { formatBytes } from '../units.ts';
 import { boundarySeconds, headPrefillFlops, layerPrefillFlops, objectiveWeights, prefillFlopsOf } from './cost.ts';
+import { type StageMemory, stageMemoryOf } from './stage-memory.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type Plan, type PlacementNode, type PlacementOptions, type PlanStage } from './types.ts';
 
 /**
@@ -27,6 +20,7 @@ import { DEFAULT_PLACEMENT_OPTIONS, type Plan, type PlacementNode, type Placemen
  * function of the layer prefix sums, so stage order does not change the sum. Memory of a stage is Σ its layers' (weights + KV)
  * plus a per-stage constant (compute buffer, engine overhead; on the head also the output head,
  * token embeddings and host buffers), so a node's capacity is a bound on a contiguous range.
+ * The engine decides those terms (stage-memory.ts): llama.cpp's buffers, or an MLX rank's peak.
  *
  * Algorithm (exact for the cost model, given the node order): for every choice of head node h
  * (the last stage — see memory/stage.ts for why the head is last), a dynamic program over the
@@ -54,6 +48,8 @@ export interface Assignment {
 
 export interface Prepared {
   readonly mm: MemoryModel;
+  /** The engine's memory rule: per-layer bytes, per-stage constants, exact stage bytes. */
+  readonly memory: StageMemory;
   readonly nodes: readonly PlacementNode[];
   readonly order: readonly number[];
   readonly budgets: readonly number[];
@@ -98,9 +94,11 @@ export function validate(profile: ModelProfile, nodes: readonly PlacementNode[],
   if (profile.layerCount < 1) throw new UsageError('model has no layers');
 }
 
-export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): Prepared {
+/** @param maxStages the most stages a plan may have, for memory rules whose per-stage cost grows with them (MLX). */
+export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions, maxStages = nodes.length): Prepared {
   const mo = { ctx: o.ctx, cacheType: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch, flashAttention: o.flashAttention };
   const mm = memoryModel(profile, mo, o.kvFill);
+  const memory = stageMemoryOf(mm, o, maxStages);
   const L = profile.layerCount;
   const memPrefix = new Float64Array(L + 1);
   const readPrefix = new Float64Array(L + 1);
@@ -108,8 +106,8 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
   const P = o.promptTokens;
   const flops = P > 0 ? layerPrefillFlops(profile, P) : [];
   for (let l = 0; l < L; l++) {
-    memPrefix[l + 1] = memPrefix[l]! + mm.layerWeights[l]! + mm.layerKv[l]!;
-    readPrefix[l + 1] = readPrefix[l]! + mm.layerRead[l]!;
+    memPrefix[l + 1] = memPrefix[l]! + memory.layerBytes[l]!;
+    readPrefix[l + 1] = readPrefix[l]! + memory.layerRead[l]!;
     flopPrefix[l + 1] = flopPrefix[l]! + P * (flops[l] ?? 0);
   }
   const { wd, wt } = objectiveWeights(o);
@@ -121,11 +119,6 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
   const linked = nodes.some((n) => n.links !== undefined && Object.keys(n.links).length > 0);
   const hopByHead = linked ? nodes.map((h) => nodes.map((n) => hopOf(n, h.name))) : undefined;
   const headCost = nodes.map((_, i) => wd * headRead * invBw[i]! + wt * (P > 0 ? headPrefillFlops(profile) * invFlops[i]! : 0));
-  // Per-stage constants use the widest layer's compute buffer: a bound for any range.
-  const workerConst = computeBufferBytes(mm, profile.layers, false, true) + WORKER_OVERHEAD_BYTES + (o.stageExtraBytes ?? 0);
-  const headFixed = mm.outputWeights + mm.hostWeights + HEAD_OVERHEAD_BYTES;
-  const headConst = computeBufferBytes(mm, profile.layers, true, true) + hostComputeBufferBytes(mm, true) + headFixed;
-  const headConstSingle = computeBufferBytes(mm, profile.layers, true, false) + hostComputeBufferBytes(mm, false) + headFixed;
   const order = nodes
     .map((_, i) => i)
     .sort((a, b) => nodes[b]!.bandwidthBytesPerSecond - nodes[a]!.bandwidthBytesPerSecond || cmp(nodes[a]!.name, nodes[b]!.name));
@@ -133,6 +126,7 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
   const pinned = new Set(nodes.flatMap((n, i) => (pinnedNames.has(n.name) ? [i] : [])));
   return {
     mm,
+    memory,
     nodes,
     order,
     budgets: nodes.map((n) => n.budgetBytes - o.safetyMarginBytes),
@@ -146,9 +140,9 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
     hopCost,
     hopByHead,
     headCost,
-    workerConst,
-    headConst,
-    headConstSingle,
+    workerConst: memory.workerFixed.total,
+    headConst: memory.headConst,
+    headConstSingle: memory.headConstSingle,
     // The head reads the output head in full and one token_embd row per token.
     headRead,
     pinned,
@@ -317,8 +311,16 @@ export function planPlacement(profile: ModelProfile, nodes: readonly PlacementNo
   validate(profile, nodes, o);
   const p = prepare(profile, nodes, o);
   const a = solve(p);
-  if (!a) return noFit(p);
-  return describe(p, a);
+  if (a) return describe(p, a);
+  // An MLX rank's peak grows with the rank count (pipeline all_gather): the constants above assume
+  // every node holds a stage. Fewer stages need less; a plan of at most r stages planned with the
+  // constants of r ranks is within budget.
+  for (let r = nodes.length - 1; o.engine === 'mlx' && r >= 1; r--) {
+    const q = prepare(profile, nodes, o, r);
+    const b = solve(q);
+    if (b && b.stages.length <= r) return describe(q, b);
+  }
+  return noFit(p);
 }
 
 /**
@@ -330,9 +332,8 @@ export function planPlacement(profile: ModelProfile, nodes: readonly PlacementNo
  */
 function rebalance(p: Prepared, a: Assignment): Assignment {
   const stages = a.stages.map((s) => ({ ...s }));
-  const pipeline = stages.length > 1;
   const headroom = (i: number, first: number, end: number) =>
-    p.budgets[stages[i]!.node]! - planStageBytes(p, first, end - 1, i === stages.length - 1, pipeline).total;
+    p.budgets[stages[i]!.node]! - p.memory.stage(first, end - 1, i === stages.length - 1, stages.length).total;
   for (let i = 0; i + 1 < stages.length; i++) {
     const x = stages[i]!;
     const y = stages[i + 1]!;
@@ -353,13 +354,6 @@ function rebalance(p: Prepared, a: Assignment): Assignment {
   return { stages, seconds: a.seconds };
 }
 
-/** stageBytes plus what the engine keeps on every non-head stage (options.stageExtraBytes). */
-function planStageBytes(p: Prepared, first: number, last: number, isHead: boolean, pipeline: boolean): StageBytes {
-  const b = stageBytes(p.mm, first, last, isHead, pipeline);
-  const extra = isHead ? 0 : (p.o.stageExtraBytes ?? 0);
-  return extra === 0 ? b : { ...b, weights: b.weights + extra, total: b.total + extra };
-}
-
 /** The plan of an assignment; `rebalanced` false keeps its boundaries as given (fixed.ts). */
 export function describe(p: Prepared, solved: Assignment, rebalanced = true): Plan {
   const profile = p.mm.profile;
@@ -367,7 +361,7 @@ export function describe(p: Prepared, solved: Assignment, rebalanced = true): Pl
   const stages: PlanStage[] = a.stages.map((s, idx) => {
     const isHead = idx === a.stages.length - 1;
     const node = p.nodes[s.node]!;
-    const bytes = planStageBytes(p, s.first, s.end - 1, isHead, a.stages.length > 1);
+    const bytes = p.memory.stage(s.first, s.end - 1, isHead, a.stages.length);
     const read = p.readPrefix[s.end]! - p.readPrefix[s.first]! + (isHead ? p.headRead : 0);
     const flops = p.flopPrefix[s.end]! - p.flopPrefix[s.first]! + (isHead && p.o.promptTokens > 0 ? headPrefillFlops(profile) : 0);
     const budget = p.budgets[s.node]!;
@@ -399,7 +393,7 @@ export function describe(p: Prepared, solved: Assignment, rebalanced = true): Pl
     );
   } else {
     const fastest = p.nodes[p.order[0]!]!;
-    const alone = stageBytes(p.mm, 0, profile.layerCount - 1, true, false).total;
+    const alone = p.memory.stage(0, profile.layerCount - 1, true, 1).total;
     const roomiest = p.order.reduce((a, i) => (p.budgets[i]! > p.budgets[a]! ? i : a), p.order[0]!);
     reasons.push(
       alone > p.budgets[roomiest]!
@@ -447,9 +441,8 @@ function noFit(p: Prepared): Plan {
   const L = p.mm.profile.layerCount;
   const n = p.nodes.length;
   // Demand if every node held a stage: all layers, one head, n−1 workers.
-  let need = stageBytes(p.mm, 0, L - 1, true, n > 1);
-  const worker: StageBytes = { weights: 0, kv: 0, compute: p.workerConst - WORKER_OVERHEAD_BYTES, overhead: WORKER_OVERHEAD_BYTES, total: p.workerConst };
-  for (let i = 1; i < n; i++) need = sumStage(need, worker);
+  let need = p.memory.stage(0, L - 1, true, n);
+  for (let i = 1; i < n; i++) need = sumStage(need, p.memory.workerFixed);
   const capacity = p.budgets.reduce((t, b) => t + Math.max(0, b), 0);
   const shortfallBytes = need.total - capacity;
   const reasons = [
@@ -484,7 +477,7 @@ function noFit(p: Prepared): Plan {
     }
     remedies.push(`another node with ≥ ${formatBytes(shortfallBytes + p.workerConst)} usable memory`);
   } else {
-    remedies.push(`a node with ≥ ${formatBytes(p.headConst + p.mm.layerWeights[0]! + p.mm.layerKv[0]!)} usable memory to act as head`);
+    remedies.push(`a node with ≥ ${formatBytes(p.headConst + p.memory.layerBytes[0]!)} usable memory to act as head`);
   }
   return {
     fits: false,

@@ -3,6 +3,9 @@ import type { ModelProfile } from '../model/profile.ts';
 import { isMlxProfile } from '../model/mlx-profile.ts';
 import type { LinkCost } from './links.ts';
 
+/** The engine a plan is for: its memory rule and its decode efficiency differ (cost.ts, stage-memory.ts). */
+export type EngineFamily = 'llama.cpp' | 'mlx';
+
 /** A node as the planner sees it: what it may hold and how fast it reads memory. */
 export interface PlacementNode {
   readonly name: string;
@@ -46,11 +49,10 @@ export interface PlacementOptions extends MemoryOptions {
   /** Average fraction of the KV cache a token attends to, for read costs (0.5). */
   readonly kvFill: number;
   /**
-   * Bytes every non-head stage holds on top of its layers. llama.cpp: 0 (the output head and
-   * token embeddings live on the head only). MLX pipeline: every rank loads the embedding, the
-   * final norm and the output head, so pass their size here.
+   * The engine the stages run: llama.cpp's buffers (default) or MLX ranks' allocator peaks, where
+   * `ctx` is the tokens one request feeds in all (memory/mlx.ts, placement/stage-memory.ts).
    */
-  readonly stageExtraBytes?: number;
+  readonly engine?: EngineFamily;
   /** Fewest layers the head stage may hold (llama.cpp: 0; an MLX rank needs at least 1). */
   readonly headMinLayers?: number;
   /** Prompt length TTFT is predicted for (0: no prompt, TTFT not predicted). */
@@ -70,16 +72,16 @@ export interface PlacementOptions extends MemoryOptions {
 }
 
 /**
- * MLX pipeline ranks each load the embedding, final norm and output head (mlx-lm builds the whole
- * model and the worker only drops the other ranks' layers), and every rank must run ≥ 1 layer.
+ * MLX plans: the MLX rank memory rule (every rank holds the embedding, final norm and output head
+ * on top of its layers), every rank runs ≥ 1 layer, and rank k sends its activations to rank k + 1.
  */
-export function mlxPlacementOptions(profile: Pick<ModelProfile, 'tokenEmbdBytes' | 'outputNormBytes' | 'outputBytes'>): { stageExtraBytes: number; headMinLayers: number; activationCrossings: number } {
-  return { stageExtraBytes: profile.tokenEmbdBytes + profile.outputNormBytes + profile.outputBytes, headMinLayers: 1, activationCrossings: 1 };
+export function mlxPlacementOptions(): { engine: EngineFamily; headMinLayers: number; activationCrossings: number } {
+  return { engine: 'mlx', headMinLayers: 1, activationCrossings: 1 };
 }
 
 /** The options the model's engine family needs on top of the caller's (none for llama.cpp). */
 export function familyPlacementOptions(profile: ModelProfile): Partial<PlacementOptions> {
-  return isMlxProfile(profile) ? mlxPlacementOptions(profile) : {};
+  return isMlxProfile(profile) ? mlxPlacementOptions() : {};
 }
 
 export const DEFAULT_PLACEMENT_OPTIONS: PlacementOptions = {
