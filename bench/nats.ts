@@ -61,12 +61,12 @@ async function credentials(dir: string) {
 async function measure(binary: string, dir: string): Promise<number[]> {
   const log = createLogger('bench-nats', 'warn');
   const { ca, coordinator, nodeDir } = await credentials(dir);
-  const tls = await writeNatsServerTls(join(dir, 'nats'), ca);
+  const tls = await writeNatsServerTls(join(dir, 'nats', 'tls'), ca);
   const server = await startLocalNats({ stateDir: dir, binary, auth: { tls, authorization: natsAuthorization(CLUSTER, [NODE]) } });
   const nc = await connect({ servers: server.url, tls: natsClientTls(coordinator) });
   const membership = new Membership(DEFAULT_REGISTRY_OPTIONS, log);
   membership.registry.connected({ profile: studioProfile({ nodeId: NODE, name: NODE }), address: '127.0.0.1:1', discoveredBy: 'join', session: 's' }, Date.now());
-  const bus = new AgentBus({ nc, clusterId: CLUSTER, urls: [server.url], dir: join(dir, 'nats'), server, log });
+  const bus = new AgentBus({ nc, clusterId: CLUSTER, urls: [server.url], server, log });
   const sentAt = new Map<string, number>();
   const latencies: number[] = [];
   bus.onEvent((e) => {

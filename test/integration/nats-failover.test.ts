@@ -1,11 +1,12 @@
 import { spawn } from 'node:child_process';
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { connect } from '@nats-io/transport-node';
 import { afterAll, beforeAll, expect } from 'vitest';
 import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { greedyTokenIds } from '../helpers/joined-cluster.ts';
-import { testNats } from '../helpers/nats.ts';
+import { natsConfigFiles, testNats } from '../helpers/nats.ts';
 import { describeWith, itWith, llamaEngines, natsServer } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 import { engineChildren, killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
@@ -14,7 +15,10 @@ import { tempDir } from '../helpers/temp-dir.ts';
 
 /*
  * Failover between two coordinators on one real nats-server -js (started by the test; Debian's
- * 2.9 with ORCHARD_NATS_SERVER=/usr/sbin/nats-server). Coordinator B shares A's cluster CA
+ * 2.9 with ORCHARD_NATS_SERVER=/usr/sbin/nats-server), configured as a user configures theirs:
+ * TLS and users from `orchard coordinator nats-config` (no client without a cluster certificate,
+ * nodes admitted by role, so the agents that join later publish with no change to the server), the
+ * coordinators on its `tls://` URL. Coordinator B shares A's cluster CA
  * (export-ca | import-ca over a pipe); three agents join A; a model split over ≥ 2 stages is loaded
  * and serves through both addresses (B relays gRPC and HTTP to A). SIGKILL A while requests run:
  * B must lead within 10 s on the very same engine processes (0 reloads), serve through its own
@@ -81,10 +85,13 @@ describeWith([engines, nats], 'two coordinators on NATS: the standby takes over 
 
   beforeAll(async () => {
     const bins = (engines as { value: LlamaBinaries }).value;
-    const server = await testNats((nats as { value: string }).value);
-    natsUrl = server.url;
-    stopNats = server.stop;
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
+    const { include } = await natsConfigFiles(join(dir.path, 'a'), join(dir.path, 'nats-files'), env);
+    const server = await testNats((nats as { value: string }).value, { include });
+    stopNats = server.stop;
+    natsUrl = server.url.replace(/^nats:/, 'tls:');
+    const plain = await connect({ servers: server.url, reconnect: false, timeout: 5000 }).then((nc) => nc.close().then(() => 'connected'), String);
+    expect(plain, 'a client without a cluster certificate got in').not.toBe('connected');
     const model = join(dir.path, 'm8.gguf');
     const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '11'], env, CTX);
     a = await startCoordinator('coordinator A', join(dir.path, 'a'));
@@ -186,5 +193,11 @@ describeWith([engines, nats], 'two coordinators on NATS: the standby takes over 
     expect(await generate(a)).toEqual(oracle);
     expect(await httpCompletion(a)).toBe(viaA);
     expect(await allEnginePids()).toEqual(pids);
+
+    // The agents, joined after the server was configured, published their engine events on it.
+    const events = await orchard(['events', '--json', '--since', '10m', '--coordinator', b.grpc], { ...env, ORCHARD_COORDINATOR_STATE_DIR: b.stateDir });
+    expect(events.code, events.stderr).toBe(0);
+    const fromAgents = new Set(events.stdout.split('\n').flatMap((l) => /"subject":"orchard\.[^.]+\.agent\.([^.]+)\.engine\.started"/.exec(l)?.[1] ?? []));
+    expect(fromAgents.size).toBeGreaterThanOrEqual(2);
   }, 120_000);
 });

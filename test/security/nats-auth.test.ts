@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Kvm } from '@nats-io/kv';
@@ -14,6 +14,7 @@ import type { TlsCredentials } from '../../src/shared/pki/grpc-tls.ts';
 import { natsClientTls } from '../../src/shared/pki/nats-tls.ts';
 import { clientCredentials, testCa } from '../helpers/cluster-pki.ts';
 import { joinToken } from '../helpers/join.ts';
+import { natsConfigFiles, testNats } from '../helpers/nats.ts';
 import { describeWith, itWith, natsServer } from '../helpers/needs.ts';
 import { killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
@@ -55,6 +56,20 @@ function violations(nc: NatsConnection): string[] {
   return seen;
 }
 
+/** A suite's connections as cluster identities (each must get in), closed after the suite. */
+function connectionsAs(server: () => LocalNats): (creds: TlsCredentials) => Promise<NatsConnection> {
+  const open: NatsConnection[] = [];
+  afterAll(async () => {
+    await Promise.all(open.map((nc) => nc.close().catch(() => {})));
+  });
+  return async (creds) => {
+    const nc = await attempt(server(), natsClientTls(creds));
+    if (typeof nc === 'string') throw new Error(nc);
+    open.push(nc);
+    return nc;
+  };
+}
+
 describeWith([nats], 'NATS: client certificates from the cluster CA, per-identity permissions', () => {
   let dir = '';
   let server: LocalNats;
@@ -62,23 +77,16 @@ describeWith([nats], 'NATS: client certificates from the cluster CA, per-identit
   let coordinator: TlsCredentials;
   let nodeA: TlsCredentials;
   let nodeB: TlsCredentials;
-  const open: NatsConnection[] = [];
-  const as = async (creds: TlsCredentials) => {
-    const nc = await attempt(server, natsClientTls(creds));
-    if (typeof nc === 'string') throw new Error(nc);
-    open.push(nc);
-    return nc;
-  };
+  const as = connectionsAs(() => server);
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), 'orchard-nats-auth-'));
     ca = await testCa(CLUSTER);
     [coordinator, nodeA, nodeB] = await Promise.all([clientCredentials(ca, 'coordinator', 'coordinator'), clientCredentials(ca, 'node', 'node-a'), clientCredentials(ca, 'node', 'node-b')]);
-    const tls = await writeNatsServerTls(join(dir, 'nats'), ca);
+    const tls = await writeNatsServerTls(join(dir, 'nats', 'tls'), ca);
     server = await startLocalNats({ stateDir: dir, binary: (nats as { value: string }).value, auth: { tls, authorization: natsAuthorization(CLUSTER, ['node-a', 'node-b']) } });
   });
   afterAll(async () => {
-    await Promise.all(open.map((nc) => nc.close().catch(() => {})));
     await server?.stop();
     if (dir) await rm(dir, { recursive: true, force: true });
   });
@@ -195,7 +203,65 @@ describe('NATS credentials end to end', () => {
     expect(events.code, events.stderr).toBe(0);
     expect(events.stdout).toContain(`"subject":"${eventsPrefix(clusterId)}.node.${nodeId}.up"`);
     // What the server was told: the node is a user, with its own subject and nothing else.
-    const users = await readFile(join(stateDir, 'nats', 'authorization.conf'), 'utf8');
+    const users = await readFile(join(stateDir, 'nats', 'server.conf'), 'utf8');
     expect(users).toContain(`"orchard://node/${nodeId}", permissions: {"publish":{"allow":["${eventsPrefix(clusterId)}.agent.${nodeId}.>"]},"subscribe":{"deny":[">"]}}`);
   }, 120_000);
+});
+
+describeWith([nats], 'an external NATS server configured by `orchard coordinator nats-config`: roles, not a per-node list', () => {
+  const dir = tempDir('orchard-nats-external-', 'all');
+  let server: LocalNats;
+  let ca: ClusterCa;
+  let state: StateDir;
+  const as = connectionsAs(() => server);
+
+  beforeAll(async () => {
+    state = new StateDir(join(dir.path, 'coord'));
+    ca = (await state.clusterCa()).ca;
+    await (await state.revocations()).revoke('node-revoked');
+    const out = join(dir.path, 'nats-files');
+    const { include, stdout } = await natsConfigFiles(state.dir, out);
+    expect(stdout).toBe('');
+    for (const f of ['server.key', 'server.crt', 'ca.crt', 'orchard.conf']) expect((await stat(join(out, f))).mode & 0o777, f).toBe(0o600);
+    expect(await readFile(include, 'utf8')).not.toContain('PRIVATE KEY');
+    server = await testNats((nats as { value: string }).value, { include });
+  });
+  afterAll(async () => {
+    await server?.stop();
+  });
+
+  itWith([nats], 'a node certified after the config was written publishes its events; it cannot read the KV; outsiders and revoked nodes get nothing', async () => {
+    const trustOnly = { ca: ca.certPem, checkServerIdentity: () => undefined };
+    expect(await attempt(server, trustOnly)).toMatch(/certificate|handshake|ECONNRESET|closed/i);
+    const c = await as(await state.coordinatorCredentials());
+    const kv = await new Kvm(c).create(bucketName(ca.clusterId, 'instances'));
+    await kv.put('k', 'secret plan');
+    const seen: string[] = [];
+    c.subscribe(`${eventsPrefix(ca.clusterId)}.>`, { callback: (_e, m) => void seen.push(m.subject) });
+    await c.flush();
+
+    const late = await as(await clientCredentials(ca, 'node', 'node-late'));
+    const lateRefused = violations(late);
+    const own = `${eventsPrefix(ca.clusterId)}.agent.node-late.node.health`;
+    const coordinatorSubject = `${eventsPrefix(ca.clusterId)}.node.node-late.up`;
+    late.publish(own, '{}');
+    late.publish(coordinatorSubject, '{}');
+    await late.flush();
+    await expect(new Kvm(late).open(bucketName(ca.clusterId, 'instances')).then((b) => b.get('k'))).rejects.toThrow(/permission|denied|violation|timeout/i);
+    expect(await reported(lateRefused, [`Permissions Violation for Publish to "${coordinatorSubject}"`])).toContain(coordinatorSubject);
+
+    const revoked = await as(await clientCredentials(ca, 'node', 'node-revoked'));
+    const revokedRefused = violations(revoked);
+    const asRevoked = `${eventsPrefix(ca.clusterId)}.agent.node-revoked.node.health`;
+    revoked.publish(asRevoked, '{}');
+    await revoked.flush();
+    expect(await reported(revokedRefused, [`Permissions Violation for Publish to "${asRevoked}"`])).toContain(asRevoked);
+
+    // An operator's bundle under any name is a full user (the role, not the id, is looked up).
+    const ops = await as(await clientCredentials(ca, 'admin', 'ops-laptop'));
+    expect((await (await new Kvm(ops).open(bucketName(ca.clusterId, 'instances'))).get('k'))?.string()).toBe('secret plan');
+    await c.flush();
+    await sleep(300);
+    expect(seen).toEqual([own]);
+  });
 });

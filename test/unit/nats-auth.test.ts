@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { fromItsAgent } from '../../src/coordinator/nats/agent-bus.ts';
-import { natsAuthorization, natsTlsBlock, nodePermissions } from '../../src/coordinator/nats/auth.ts';
+import { natsAuthorization, natsRoleAuthorization, natsTlsBlock, nodePermissions } from '../../src/coordinator/nats/auth.ts';
 import { natsConfig } from '../../src/coordinator/nats/server.ts';
 import { agentEventSubject, agentOfSubject, agentSubjects, EventBusUrls, eventStreamSubjects, eventSubject, OrchardEvent } from '../../src/shared/events.ts';
 
@@ -16,6 +16,8 @@ describe('NATS users from cluster identities', () => {
         '  users: [',
         '    { user: "orchard://coordinator/coordinator" }',
         '    { user: "orchard://admin/admin" }',
+        '    { user: "OU=coordinator,O=Orchard cluster c1" }',
+        '    { user: "OU=admin,O=Orchard cluster c1" }',
         '    { user: "orchard://node/n1", permissions: {"publish":{"allow":["orchard.c1.agent.n1.>"]},"subscribe":{"deny":[">"]}} }',
         '    { user: "orchard://node/n2", permissions: {"publish":{"allow":["orchard.c1.agent.n2.>"]},"subscribe":{"deny":[">"]}} }',
         '  ]',
@@ -23,6 +25,17 @@ describe('NATS users from cluster identities', () => {
       ].join('\n'),
     );
     expect(nodePermissions('c1', 'n1').publish.allow).toEqual([agentSubjects('c1', 'n1')]);
+  });
+
+  it('an external server names the node role (nodes joined later need no entry) and each revoked node, with nothing allowed, by its URI', () => {
+    const text = natsRoleAuthorization('c1', ['r2', 'r1']);
+    expect(text.split('\n').slice(6, -2)).toEqual([
+      '    { user: "orchard://node/r1", permissions: {"publish":{"deny":[">"]},"subscribe":{"deny":[">"]}} }',
+      '    { user: "orchard://node/r2", permissions: {"publish":{"deny":[">"]},"subscribe":{"deny":[">"]}} }',
+      '    { user: "OU=node,O=Orchard cluster c1", permissions: {"publish":{"allow":["orchard.c1.agent.*.>"]},"subscribe":{"deny":[">"]}} }',
+    ]);
+    // The same full users as the local server's list.
+    expect(text.split('\n').slice(0, 6)).toEqual(natsAuthorization('c1', []).split('\n').slice(0, 6));
   });
 
   it('the server config requires and maps client certificates, with a handshake timeout a loaded machine meets', () => {

@@ -64,6 +64,8 @@ describe('issuing from a CSR', () => {
     const c = new X509Certificate(issued.certPem);
     expect(c.checkPrivateKey(createPrivateKey(keyPem))).toBe(true);
     expect(c.subjectAltName).toBe('URI:orchard://node/node-1');
+    // The subject names the role, not the id: one NATS user for every node (coordinator/nats/auth.ts).
+    expect(c.subject.split('\n')).toEqual(['OU=node', `O=Orchard cluster ${ca.clusterId}`]);
     expect(c.ca).toBe(false);
     expect(BigInt(`0x${c.serialNumber}`)).toBe(BigInt(`0x${issued.serial}`));
     const eku = new x509.X509Certificate(issued.certPem).getExtension(x509.ExtendedKeyUsageExtension);

@@ -13,6 +13,7 @@ import { readKeyFile } from '../credentials.ts';
 import { addNatsOptions, natsSetting } from '../nats-option.ts';
 import { registerClusterCredentials } from './cluster-credentials.ts';
 import { registerCoordinatorCa } from './coordinator-ca.ts';
+import { registerNatsConfig } from './coordinator-nats.ts';
 import { registerKeys } from './keys.ts';
 
 interface CoordinatorFlags {
@@ -64,6 +65,7 @@ export function registerCoordinator(program: Command): void {
     });
   registerClusterCredentials(cmd);
   registerCoordinatorCa(cmd);
+  registerNatsConfig(cmd);
   registerKeys(cmd);
 }
 

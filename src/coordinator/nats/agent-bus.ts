@@ -1,8 +1,5 @@
-import { writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { errorMessage } from '../../shared/errors.ts';
-import { ensurePrivateDir } from '../../shared/pki/files.ts';
 import { agentOfSubject, allAgentSubjects, type OrchardEvent, parseEvent, subjectToken } from '../../shared/events.ts';
 import type { Logger } from '../../shared/log.ts';
 import type { Membership } from '../membership/membership.ts';
@@ -14,10 +11,10 @@ import type { LocalNats } from './server.ts';
  * (auth.ts), telling each admitted agent where the bus is, and hearing what agents publish.
  *
  * A node is admitted when it becomes a member (joined and dialled over mutual TLS) and expelled
- * when revoked: the user list is rewritten and the local server reloads it (a revoked node's
- * connection is closed by the server), and the list is also written to
- * `<state dir>/nats/authorization.conf` for an external server to include. Only then is the agent
- * told the server URLs (NodeAgent.SetEventBus), so its first connection is already allowed.
+ * when revoked: the local server's user list is rewritten and reloaded (a revoked node's
+ * connection is closed by the server). An external server admits the node role as a whole and
+ * needs no change (`orchard coordinator nats-config`, auth.ts). Only then is the agent told the
+ * server URLs (NodeAgent.SetEventBus), so its first connection is already allowed.
  *
  * An agent's event counts only when the subject, the payload's node id and its source agree — the
  * server already guarantees the subject is the publisher's own — and then it is proof of life for
@@ -28,9 +25,7 @@ export interface AgentBusOptions {
   readonly clusterId: string;
   /** The server URLs agents are told (the coordinator's own). */
   readonly urls: readonly string[];
-  /** `<state dir>/nats`: where authorization.conf is written. */
-  readonly dir: string;
-  /** The local server to reload; none for an external server (its operator includes the file). */
+  /** The local server to reload; none for an external server (its user list names roles). */
   readonly server: LocalNats | undefined;
   readonly log: Logger;
 }
@@ -60,10 +55,7 @@ export class AgentBus {
   /** Serialised: each rewrite carries the whole list, the last one wins. */
   #apply(): Promise<void> {
     this.#writing = this.#writing.then(async () => {
-      const authorization = natsAuthorization(this.#o.clusterId, this.#admitted);
-      await ensurePrivateDir(this.#o.dir);
-      await writeFile(join(this.#o.dir, 'authorization.conf'), `${authorization}\n`, { mode: 0o600 });
-      await this.#o.server?.reload(authorization);
+      await this.#o.server?.reload(natsAuthorization(this.#o.clusterId, this.#admitted));
     });
     this.#writing = this.#writing.catch((err: unknown) => this.#o.log.error({ err: errorMessage(err) }, 'could not update the NATS user list'));
     return this.#writing;

@@ -69,7 +69,7 @@ export async function openClusterState(o: ClusterStateOptions): Promise<ClusterS
     if (!binary) {
       o.log.info('nats-server is not installed: state is kept in the state dir (one coordinator); `orchard setup --nats` builds it');
     } else {
-      const tls = await writeNatsServerTls(join(o.stateDir, 'nats'), o.pki.ca);
+      const tls = await writeNatsServerTls(join(o.stateDir, 'nats', 'tls'), o.pki.ca);
       local = await startLocalNats({ stateDir: o.stateDir, binary, auth: { tls, authorization: natsAuthorization(o.clusterId, []) } });
       url = local.url;
       o.log.info({ url, binary }, 'started a local nats-server (JetStream store in the state dir)');
@@ -91,7 +91,7 @@ export async function openClusterState(o: ClusterStateOptions): Promise<ClusterS
   try {
     const store = await KvInstanceStore.open(nc, { clusterId: o.clusterId, replicas: o.nats?.replicas, onInvalid });
     const events = await ClusterEvents.open({ nc, clusterId: o.clusterId, sourceId: o.sourceId, log: o.log, replicas: o.nats?.replicas });
-    const agentBus = secured ? new AgentBus({ nc, clusterId: o.clusterId, urls: url.split(','), dir: join(o.stateDir, 'nats'), server: local, log: o.log }) : undefined;
+    const agentBus = secured ? new AgentBus({ nc, clusterId: o.clusterId, urls: url.split(','), server: local, log: o.log }) : undefined;
     return {
       store,
       info: { backend: 'nats', location: url, localServer: !!local },

@@ -2,7 +2,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { accessSync, closeSync, constants, openSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
-import { delimiter, join } from 'node:path';
+import { delimiter, join, relative } from 'node:path';
 import { OrchardError } from '../../shared/errors.ts';
 import { cacheRoot } from '../../shared/cache-dir.ts';
 import { writeFileAtomic } from '../../shared/pki/files.ts';
@@ -35,6 +35,8 @@ export interface LocalNatsOptions {
   readonly readyTimeoutMs?: number | undefined;
   /** Client certificates from the cluster CA, mapped to users with permissions (auth.ts). */
   readonly auth?: { readonly tls: NatsTlsFiles; readonly authorization: string } | undefined;
+  /** A configuration file to include, as an operator includes `orchard coordinator nats-config`'s for an external server. */
+  readonly include?: string | undefined;
 }
 
 export interface LocalNats {
@@ -74,6 +76,8 @@ export function natsConfig(o: LocalNatsOptions, dir: string): string {
     `pid_file: ${JSON.stringify(join(dir, 'server.pid'))}`,
   ];
   if (o.auth) lines.push(natsTlsBlock(o.auth.tls), o.auth.authorization);
+  // nats-server resolves an include against the including file's directory, absolute or not.
+  if (o.include) lines.push(`include ${JSON.stringify(relative(dir, o.include))}`);
   if (o.cluster) {
     lines.push(
       `cluster { name: ${JSON.stringify(o.cluster.name)}, listen: ${JSON.stringify(`${o.host ?? '127.0.0.1'}:${o.cluster.port}`)}, routes: [${o.cluster.routes.map((r) => JSON.stringify(r)).join(', ')}] }`,

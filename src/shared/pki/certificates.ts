@@ -21,6 +21,17 @@ export const NODE_VALIDITY_DAYS = 30;
 const BACKDATE_MS = 5 * 60_000;
 const CA_ORG = 'Orchard cluster';
 
+/**
+ * A leaf certificate's subject: its role and cluster, the same for every holder of the role —
+ * the id lives only in the SAN (`orchard://<role>/<id>`, what every Orchard peer reads). A NATS
+ * server can therefore map a whole role to one user by this name (`verify_and_map` falls back to
+ * the subject when no URI SAN names a user): how an external server admits nodes that join later
+ * without a per-node entry (coordinator/nats/auth.ts). The RFC 4514 string, as nats-server reads it.
+ */
+export function roleSubject(clusterId: string, role: Role): string {
+  return `OU=${Role.parse(role)},O=${CA_ORG} ${ClusterId.parse(clusterId)}`;
+}
+
 /** A positive random 128-bit serial (high bit clear: DER INTEGERs are signed). */
 function serialNumber(): string {
   const b = randomBytes(16);
@@ -94,7 +105,7 @@ export interface IssueOptions {
 
 /**
  * Certify a CSR: its signature must verify (the requester holds the key), its CN must be a valid
- * id. The certificate carries `orchard://<role>/<id>` as its only SAN, serverAuth + clientAuth
+ * id. The certificate carries `orchard://<role>/<id>` as its only SAN, `roleSubject` as its subject, serverAuth + clientAuth
  * (every agent both listens and dials), and nothing the requester asked for beyond its key and id.
  */
 export async function issueCertificate(ca: ClusterCa, csrPem: string, o: IssueOptions): Promise<{ certPem: string; identity: Identity; serial: string }> {
@@ -116,7 +127,7 @@ export async function issueCertificate(ca: ClusterCa, csrPem: string, o: IssueOp
   const serial = serialNumber();
   const cert = await x509.X509CertificateGenerator.create({
     serialNumber: serial,
-    subject: [{ CN: [identity.id] }, { OU: [identity.role] }, { O: [`${CA_ORG} ${ca.clusterId}`] }],
+    subject: roleSubject(ca.clusterId, identity.role),
     issuer: caCert.subjectName,
     notBefore: new Date(now.getTime() - BACKDATE_MS),
     notAfter: new Date(now.getTime() + (o.validityDays ?? NODE_VALIDITY_DAYS) * DAY_MS),
