@@ -18,6 +18,7 @@ import { AgentEventBus } from './event-bus.ts';
 import { EngineSupervisor } from './supervisor.ts';
 import { findMlxEnv } from './mlx/env.ts';
 import { ModelLibrary } from './model-library.ts';
+import { prepareRunDir } from './run-dir.ts';
 import { EngineTunnels } from './tunnel/engine-tunnels.ts';
 import type { VerifiedPeer } from '../shared/pki/verify.ts';
 
@@ -124,7 +125,7 @@ export class NodeAgent {
     const { options: o, log } = { options: this.options, log: this.options.log };
     const { identity, tls } = await this.loadIdentity();
     this.currentProfile = await this.probe(identity.nodeId);
-    const { supervisor, tunnels } = this.engineSide(identity.nodeId, tls);
+    const { supervisor, tunnels } = this.engineSide(identity.nodeId, tls, await prepareRunDir(o.stateDir, log));
     // Only a member can be admitted to the bus: its certificate is its NATS identity.
     if (tls) this.eventBus = new AgentEventBus({ stateDir: o.stateDir, nodeId: identity.nodeId, clusterId: caClusterId(tls.caCertPem), supervisor, live: () => this.live(), log: log.child({ part: 'events' }) });
     const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list(), rpcBytes: () => tunnels.bytes(), links: () => tunnels.links() });
@@ -198,12 +199,13 @@ export class NodeAgent {
   }
 
   /** The supervisor and the tunnels that carry its engines' traffic to other nodes. */
-  private engineSide(nodeId: string, tls: TlsCredentials | undefined): { supervisor: EngineSupervisor; tunnels: EngineTunnels } {
+  private engineSide(nodeId: string, tls: TlsCredentials | undefined, runDir: string): { supervisor: EngineSupervisor; tunnels: EngineTunnels } {
     const { options: o, log } = { options: this.options, log: this.options.log };
     const supervisor = new EngineSupervisor({
       binaries: o.binaries,
       log: log.child({ part: 'supervisor' }),
       stopGraceMs: o.engineStopGraceMs,
+      runDir,
       mlxPython: async () => {
         const env = await findMlxEnv();
         if (!env) throw new Error('MLX is not set up on this node: run `orchard setup --mlx` (or set ORCHARD_MLX_PYTHON)');

@@ -63,6 +63,8 @@ export interface SupervisorOptions {
   readonly watchdog?: EngineWatchdog;
   /** The MLX venv's Python; rejects with a one-line reason when MLX is not set up. */
   readonly mlxPython?: () => Promise<string>;
+  /** Where MLX groups keep their launch files (the agent's `<state dir>/run`, run-dir.ts). */
+  readonly runDir?: string;
 }
 
 /** An MLX rank (`src/node/mlx/`): driven by MlxRankEngine, reported like any other engine. */
@@ -199,8 +201,8 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       engineId,
       spec: mlx,
       python,
-      env: {},
       readyTimeoutMs: spec.readyTimeoutMs,
+      workRoot: this.options.runDir,
       log,
       onPid: (pid) => this.watchdog.add(pid),
       onPidGone: (pid) => this.watchdog.remove(pid),

@@ -22,6 +22,8 @@ import {
 } from './protocol.ts';
 
 export const MLX_WORKER_SCRIPT = join(dirname(fileURLToPath(import.meta.url)), 'mlx_worker.py');
+/** A group's own work folder (launch files) starts with this; the agent sweeps stale ones (run-dir.ts). */
+export const MLX_WORK_PREFIX = 'orchard-mlx-';
 
 export interface MlxGroupOptions {
   /** The venv's Python (`MlxEnv.python`). */
@@ -41,8 +43,10 @@ export interface MlxGroupOptions {
    * passes only its own ranks; every agent must then submit() the same requests to its ranks.
    */
   localRanks?: number[];
-  /** Folder for the launch file; default a fresh temp folder removed on close. */
+  /** Folder for the launch file; default a fresh folder in `workRoot`, removed on close. */
   workDir?: string;
+  /** Where the fresh folder goes (default the system temp dir; an agent gives its `<state dir>/run`). */
+  workRoot?: string;
   /** Every local rank must report "ready" within this (default 120 s). */
   startupTimeoutMs?: number;
   /** During a request, rank 0 must emit something at least this often (default 30 s). */
@@ -140,7 +144,7 @@ export class MlxGroup {
     if (local.length === 0) throw new OrchardError('an MLX group needs at least one local rank');
     for (const r of local) rankEnv(opts.launch, r, opts.launch ? '-' : undefined); // validates ranks early
     const ownsWorkDir = !opts.workDir;
-    const workDir = opts.workDir ?? (await mkdtemp(join(tmpdir(), 'orchard-mlx-')));
+    const workDir = opts.workDir ?? (await mkdtemp(join(opts.workRoot ?? tmpdir(), MLX_WORK_PREFIX)));
     const group = new MlxGroup(opts, workDir, ownsWorkDir);
     try {
       await group.boot(local);

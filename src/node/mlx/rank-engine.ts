@@ -14,8 +14,11 @@ export interface MlxRankEngineOptions {
   readonly engineId: string;
   readonly spec: MlxRankSpec;
   readonly python: string;
-  readonly env: Readonly<Record<string, string>>;
+  /** Extra environment for the rank (the agent adds none). */
+  readonly env?: Readonly<Record<string, string>>;
   readonly readyTimeoutMs: number;
+  /** The agent's `<state dir>/run`: the group's launch files go there, not to the shared /tmp. */
+  readonly workRoot?: string | undefined;
   readonly log: Logger;
   /** Watchdog hooks: the agent's sentinel kills the rank if the agent dies, even by SIGKILL. */
   readonly onPid: (pid: number) => void;
@@ -55,6 +58,7 @@ export class MlxRankEngine {
       ...(spec.split.length > 0 ? { split: [...spec.split] } : {}),
       ...(spec.launch ? { launch: spec.launch, localRanks: [spec.rank] } : {}),
       startupTimeoutMs: o.readyTimeoutMs,
+      ...(o.workRoot ? { workRoot: o.workRoot } : {}),
       stallTimeoutMs: spec.stallTimeoutMs,
       env: { ...o.env },
       onRankStarting: () => markStarting(),
