@@ -40,7 +40,9 @@ export async function checkStoreContract(store: InstanceStore, other: () => Prom
   const r2 = await store.putInstance({ ...rec, predictedTokensPerSecond: 13 }, r1);
   expect(r2).toBeGreaterThan(r1);
   await expect(store.putInstance(rec, r1), 'a writer on a stale revision must be refused').rejects.toBeInstanceOf(StoreConflict);
-  await store.putInstance(sampleRecord('second'), 0);
+  // An MLX instance keeps the layout its plan chose (auto resolved) and why.
+  const mlx = sampleRecord('second', { family: 'mlx', options: { ...rec.options, parallelism: 'auto' }, parallelism: { mode: 'tensor', reason: 'auto: tensor, predicted 1.00 ms/token pipeline vs 0.60 ms/token tensor' } });
+  await store.putInstance(mlx, 0);
 
   const again = await other();
   const seen = await again.instances();
@@ -48,6 +50,7 @@ export async function checkStoreContract(store: InstanceStore, other: () => Prom
   const mine = seen.find((v) => v.value.name === 'm8:q4')!;
   expect(mine.revision).toBe(r2);
   expect(mine.value).toEqual({ ...rec, predictedTokensPerSecond: 13 });
+  expect(seen.find((v) => v.value.name === 'second')!.value).toEqual(mlx);
 
   await expect(store.deleteInstance('m8:q4', r1), 'a delete on a stale revision must be refused').rejects.toBeInstanceOf(StoreConflict);
   await store.deleteInstance('m8:q4', r2);

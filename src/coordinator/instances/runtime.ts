@@ -261,6 +261,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
     inst.group.adopt({ engines: rec.engines, endpoints: rec.endpoints, verification: rec.verification });
     inst.stages = rec.stages;
     inst.predictedTokensPerSecond = rec.predictedTokensPerSecond;
+    inst.parallelism = rec.parallelism;
     inst.loadedAtMs = rec.loadedAtMs;
     inst.state = 'ready';
     this.#instances.set(rec.name, inst);
@@ -285,6 +286,7 @@ export class Runtime extends EventEmitter<RuntimeEvents> {
       endpoints: i.stages.map((_, k) => i.group.endpoint(k)),
       engines: i.group.engines.map((e) => ({ nodeId: e.nodeId, engineId: e.engineId, label: e.label, head: e === head })),
       predictedTokensPerSecond: i.predictedTokensPerSecond,
+      ...(i.parallelism ? { parallelism: { ...i.parallelism } } : {}),
       verification: i.group.verification,
       loadedAtMs: i.loadedAtMs,
     };

@@ -61,6 +61,8 @@ export const InstanceRecord = z.object({
   endpoints: z.array(z.string()),
   engines: z.array(StoredEngine).min(1),
   predictedTokensPerSecond: z.number(),
+  /** MLX over several ranks: the layout the plan chose and why (`auto` resolved), kept across restarts. */
+  parallelism: z.object({ mode: z.enum(['pipeline', 'tensor']), reason: z.string() }).optional(),
   /** The engine's own report against the plan at load (llama.cpp), shown again after re-adoption. */
   verification: z.unknown().optional(),
   loadedAtMs: z.number().optional(),
