@@ -1,4 +1,4 @@
-import { JetStreamApiCodes, JetStreamApiError } from '@nats-io/jetstream';
+import { JetStreamApiCodes, JetStreamApiError, jetstream } from '@nats-io/jetstream';
 import { type KV, Kvm } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { bucketName } from '../state/kv-instance-store.ts';
@@ -46,9 +46,18 @@ export class KvLeaderLease {
     this.state = initialLease(this.now());
   }
 
-  /** Opens (or creates) the lease bucket and starts contending at once. */
+  /**
+   * Creates the lease bucket if need be (with JetStream's default timeout: a replicated stream can
+   * take seconds to create) and starts contending at once. Every lease operation after that gives
+   * up after a third of the TTL: a renewal lost with the NATS server it was sent to would
+   * otherwise wait out JetStream's 5 s default — longer than the term — while the retry that a
+   * reconnected client could make in time waits behind it. Reads go to the stream leader (no
+   * direct get), so a replica that lags never shows a vacant lease.
+   */
   static async start(nc: NatsConnection, o: KvLeaseOptions): Promise<KvLeaderLease> {
-    const kv = await new Kvm(nc).create(bucketName(o.clusterId, 'leader'), { history: 1, replicas: o.replicas ?? 1, ttl: o.ttlMs });
+    const name = bucketName(o.clusterId, 'leader');
+    await new Kvm(nc).create(name, { history: 1, replicas: o.replicas ?? 1, ttl: o.ttlMs });
+    const kv = await new Kvm(jetstream(nc, { timeout: Math.round(o.ttlMs / 3) })).open(name);
     const lease = new KvLeaderLease(kv, { ...o, self: LeaseHolder.parse(o.self) });
     lease.schedule(0);
     return lease;
