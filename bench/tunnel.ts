@@ -15,7 +15,7 @@
  * loadSecondsRatio (goal ≤ 1.10), the same three for the plain relay, with every raw number.
  * When socat and stunnel are installed (and not `--no-native`), two native controls run too
  * (bench/lib/native-relay.ts): the same two hops relayed by socat (plain) and by stunnel (TLS 1.3,
- * mutual cluster certificates) and by the Go prototype of the agents' tunnel (bench/native/tunnel-relay,
+ * mutual cluster certificates) and by the Go prototype of the agents' tunnel (native/tunnel-relay,
  * needs Go) — whether the gap is Node's relay or the hops themselves.
  * Usage: npm run bench:tunnel -- [--json] [--trials 4] [--requests 4] [--tokens 32] [--layers 8]
  *        [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1] [--no-native]
@@ -212,7 +212,7 @@ async function startNative(rpcPort: number, creds: { head: NodeCredentials; work
   const socat = startSocatRelay(rpcPort, await ports(), procs);
   const stunnel = await startStunnelRelay(rpcPort, await ports(), creds, work, procs);
   const binary = buildGoRelay(work);
-  if (!binary) throw new Error('--native needs Go for the Go relay prototype (bench/native/tunnel-relay); --no-native skips the native controls');
+  if (!binary) throw new Error('--native needs Go for the Go relay prototype (native/tunnel-relay); --no-native skips the native controls');
   const go = await startGoRelay(rpcPort, creds, binary, procs);
   for (const { port, proc } of [...socat.ends, ...stunnel.ends]) await waitPort(port, proc, () => 'see stderr');
   return { socat, stunnel, go };

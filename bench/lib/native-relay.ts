@@ -10,6 +10,7 @@ import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import type { NodeCredentials } from '../../src/shared/pki/store.ts';
 
 export interface NativeRelay {
@@ -119,10 +120,10 @@ export async function startStunnelRelay(
   return pair(ports, await end('worker', worker, targetPort), await end('head', head, worker));
 }
 
-const GO_RELAY_DIR = new URL('../native/tunnel-relay/', import.meta.url).pathname;
+const GO_RELAY_DIR = new URL('../../native/tunnel-relay/', import.meta.url).pathname;
 
 /**
- * Build the Go prototype (bench/native/tunnel-relay) into `dir`; undefined when there is no Go
+ * Build the Go prototype (native/tunnel-relay) into `dir`; undefined when there is no Go
  * toolchain. Unlike stunnel it keeps the agents' checks: role and id from the URI SAN, revocation,
  * registered engine ports only — and speaks their preamble, so it can face a Node end.
  */
@@ -142,8 +143,9 @@ async function goEnd(binary: string, config: object, procs: Set<ChildProcess>): 
   proc.once('exit', () => procs.delete(proc));
   proc.stderr?.on('data', (d: Buffer) => process.stderr.write(`tunnel-relay: ${d}`));
   proc.stdin?.write(`${JSON.stringify(config)}\n`); // keys on stdin, never argv
+  // the first line is the port; later ones (counters) are read and dropped, so the pipe never fills
   const line = await new Promise<string>((resolve, reject) => {
-    proc.stdout?.once('data', (d: Buffer) => resolve(d.toString()));
+    createInterface({ input: proc.stdout! }).once('line', resolve);
     proc.once('exit', (code) => reject(new Error(`tunnel-relay exited (${code})`)));
   });
   return { port: (JSON.parse(line) as { port: number }).port, proc };

@@ -20,6 +20,7 @@ import { findMlxEnv } from './mlx/env.ts';
 import { ModelLibrary } from './model-library.ts';
 import { prepareRunDir } from './run-dir.ts';
 import { EngineTunnels } from './tunnel/engine-tunnels.ts';
+import { findTunnelRelay } from './tunnel/native-forwarder.ts';
 import type { VerifiedPeer } from '../shared/pki/verify.ts';
 
 /**
@@ -212,7 +213,15 @@ export class NodeAgent {
         return env.python;
       },
     });
-    const tunnels = new EngineTunnels({ nodeId, credentials: tls, host: o.bindHost, port: o.tunnelPort ?? 0, isRevoked: (peer) => this.revoked.has(peer.id) || (o.isRevoked?.(peer) ?? false), log: log.child({ part: 'tunnel' }) });
+    const tunnels = new EngineTunnels({
+      nodeId,
+      credentials: tls,
+      host: o.bindHost,
+      port: o.tunnelPort ?? 0,
+      isRevoked: (peer) => this.revoked.has(peer.id) || (o.isRevoked?.(peer) ?? false),
+      relayBinary: findTunnelRelay(),
+      log: log.child({ part: 'tunnel' }),
+    });
     tunnels.follow(supervisor);
     this.supervisor = supervisor;
     this.engineTunnels = tunnels;

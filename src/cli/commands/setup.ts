@@ -7,6 +7,7 @@ import { type BuildEvents, setupLlama } from '../../node/llama/build.ts';
 import { type BuildProgress, progressFraction } from '../../node/llama/build-config.ts';
 import { checkExternalBinaries } from '../../node/llama/external.ts';
 import { describeMlx, setupMlx } from './setup-mlx.ts';
+import { describeTunnelRelay, setupTunnelRelay } from './setup-tunnel.ts';
 import { describeNats, setupNats } from './setup-nats.ts';
 
 interface SetupFlags {
@@ -65,15 +66,16 @@ export function registerSetup(program: Command): void {
       }
       const mlx = await setupMlx(!!flags.mlx, !!flags.force && !!flags.mlx, log);
       const nats = await setupNats(!!flags.nats, !!flags.force && !!flags.nats, log);
+      const tunnelRelay = await setupTunnelRelay(!!flags.force, log);
       if (flags.json) {
-        process.stdout.write(`${JSON.stringify({ ...out, mlx, nats })}\n`);
+        process.stdout.write(`${JSON.stringify({ ...out, mlx, nats, tunnelRelay })}\n`);
         return;
       }
       const how = out.source === 'external' ? 'existing binaries, RPC supported' : out.cached ? 'cached' : `built in ${formatSeconds(out.buildSeconds)}`;
       process.stdout.write(
         `llama.cpp ${out.llamaCppVersion} (${how})\n` + `  llama-server     ${out.llamaServer}\n` + `  ggml-rpc-server  ${out.rpcServer}\n`,
       );
-      process.stdout.write(describeMlx(mlx) + describeNats(nats));
+      process.stdout.write(describeMlx(mlx) + describeNats(nats) + describeTunnelRelay(tunnelRelay));
     });
 }
 

@@ -8,6 +8,7 @@ import { EnginePorts } from './engine-ports.ts';
 import { type TunnelForwarder, startTunnelForwarder } from './forwarder.ts';
 import { type TunnelListener, startTunnelListener } from './listener.ts';
 import { type LinkSample, measureLink } from './link-probe.ts';
+import { startNativeForwarder } from './native-forwarder.ts';
 
 /** How the head reaches one rpc target: its own loopback, or a forwarder to another node's tunnel. */
 export type RpcRoute = { readonly kind: 'direct'; readonly port: number } | { readonly kind: 'tunnel'; readonly target: RpcTarget & { readonly tunnel: { host: string; port: number } } };
@@ -47,6 +48,8 @@ export interface EngineTunnelsOptions {
   readonly isRevoked?: ((peer: VerifiedPeer) => boolean) | undefined;
   /** How long a ring rank's forwarder waits for a remote rank that is not listening yet (default RING_WAIT_MS). */
   readonly ringWaitMs?: number | undefined;
+  /** The native relay for the head side (findTunnelRelay); undefined = the Node forwarder. */
+  readonly relayBinary?: string | undefined;
   readonly log: Logger;
 }
 
@@ -151,18 +154,19 @@ export class EngineTunnels {
           endpoints.push(`127.0.0.1:${r.port}`);
           continue;
         }
-        const f = await startTunnelForwarder({
+        const options = {
           remote: r.target.tunnel,
           enginePort: r.target.enginePort,
           expectPeer: { id: r.target.nodeId },
           credentials: o.credentials!,
           waitForEngineMs,
-          onError: (message) => o.log.warn({ peer: r.target.nodeId, err: message }, 'tunnel to a remote engine failed'),
-        });
+          onError: (message: string) => o.log.warn({ peer: r.target.nodeId, err: message }, 'tunnel to a remote engine failed'),
+        };
+        const f = o.relayBinary ? await startNativeForwarder(o.relayBinary, options) : await startTunnelForwarder(options);
         forwarders.push(Object.assign(f, { peer: r.target.nodeId }));
         endpoints.push(`127.0.0.1:${f.port}`);
       }
-      if (forwarders.length > 0) o.log.info({ tunnels: forwarders.map((f) => ({ peer: f.peer, port: f.port })) }, 'engine tunnels open');
+      if (forwarders.length > 0) o.log.info({ tunnels: forwarders.map((f) => ({ peer: f.peer, port: f.port })), relay: o.relayBinary ? 'native' : 'node' }, 'engine tunnels open');
       return { forwarders, endpoints };
     } catch (err) {
       await Promise.all(forwarders.map((f) => f.close()));

@@ -1,12 +1,14 @@
-// tunnel-relay: a native prototype of one end of the agents' engine tunnel, for bench:tunnel and
-// bench:tunnel-relays. Wire-compatible with src/node/tunnel (TLS 1.3 only, both ends present
-// cluster certificates, identity from the `orchard://<role>/<id>` URI SAN, one JSON preamble line
-// each way, then engine bytes), so either end can face a Node end. What it proves: a native relay
-// can keep the agents' checks (role, expected id, revocation, registered engine ports only) that
-// stunnel cannot express, at native cost. Not wired into the agent (see bench/README.md).
+// orchard-tunnel-relay: one end of the agents' engine tunnel in native code. Wire-compatible with
+// src/node/tunnel (TLS 1.3 only, both ends present cluster certificates, identity from the
+// `orchard://<role>/<id>` URI SAN, one JSON preamble line each way, then engine bytes), so either
+// end can face a Node end. It keeps the agents' checks (role, expected id, revocation, registered
+// engine ports only), which stunnel cannot express, at native cost (bench/README.md, bench:tunnel).
+// `forward` (the head side) is what the agent runs (src/node/tunnel/native-forwarder.ts);
+// `listen` (the worker side) is measured by the benches but not yet wired into the agent.
 //
-// Configured by one JSON line on stdin (keys never on argv), answers {"port":N} on stdout;
-// further stdin lines {"revoke":"id"} cut that peer's sessions and refuse it from then on.
+// Configured by one JSON line on stdin (keys never on argv), answers {"port":N} on stdout, then
+// (forward) counters and errors as JSON lines; further stdin lines {"revoke":"id"} cut that peer's
+// sessions and refuse it from then on (listen). Exits when stdin ends: never outlives its agent.
 package main
 
 import (
@@ -21,19 +23,22 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 type config struct {
-	Mode        string `json:"mode"` // "listen" (worker end) or "forward" (head end)
-	Listen      string `json:"listen"`
-	Remote      string `json:"remote"`      // forward: the worker's listener
-	EnginePort  int    `json:"enginePort"`  // forward: the engine port to ask for
-	ExpectID    string `json:"expectId"`    // forward: the worker's node id
-	EnginePorts []int  `json:"enginePorts"` // listen: the engines this agent registered
-	CertPem     string `json:"certPem"`
-	KeyPem      string `json:"keyPem"`
-	CaPem       string `json:"caPem"`
+	Mode       string `json:"mode"` // "listen" (worker end) or "forward" (head end)
+	Listen     string `json:"listen"`
+	Remote     string `json:"remote"`     // forward: the worker's listener
+	EnginePort int    `json:"enginePort"` // forward: the engine port to ask for
+	ExpectID   string `json:"expectId"`   // forward: the worker's node id
+	// forward: how long to keep dialling while the worker answers that the engine is not up yet
+	WaitForEngineMs int    `json:"waitForEngineMs"`
+	EnginePorts     []int  `json:"enginePorts"` // listen: the engines this agent registered
+	CertPem         string `json:"certPem"`
+	KeyPem          string `json:"keyPem"`
+	CaPem           string `json:"caPem"`
 }
 
 const maxLine = 256
@@ -53,11 +58,15 @@ func peerIdentity(cert *x509.Certificate) (identity, error) {
 }
 
 type relay struct {
-	cfg     config
-	tlsCfg  *tls.Config
-	mu      sync.Mutex
-	revoked map[string]bool
-	byPeer  map[string]map[net.Conn]bool
+	cfg   config
+	out   *json.Encoder // stdout: the port, then counters and errors, one JSON line each
+	outMu sync.Mutex
+	// payload bytes (plaintext side) and sessions, all connections; forward mode reports them
+	toEngine, fromEngine, connections, resumed atomic.Int64
+	tlsCfg                                     *tls.Config
+	mu                                         sync.Mutex
+	revoked                                    map[string]bool
+	byPeer                                     map[string]map[net.Conn]bool
 }
 
 func (r *relay) track(id string, c net.Conn) func() {
@@ -86,6 +95,23 @@ func readLine(br *bufio.Reader) ([]byte, error) {
 		return nil, errors.New("bad preamble line")
 	}
 	return line, nil
+}
+
+func (r *relay) emit(v any) {
+	r.outMu.Lock()
+	defer r.outMu.Unlock()
+	r.out.Encode(v)
+}
+
+type counted struct {
+	io.Reader
+	n *atomic.Int64
+}
+
+func (c counted) Read(p []byte) (int, error) {
+	n, err := c.Reader.Read(p)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 // pipe copies both ways (aR is what a reads, bR what b reads: buffered past the preamble); one
@@ -161,27 +187,94 @@ func (r *relay) serveWorker(raw net.Conn) {
 	pipe(conn, br, engine, engine)
 }
 
-func (r *relay) serveHead(local net.Conn) {
-	defer local.Close()
+type refused struct {
+	msg     string
+	pending bool
+}
+
+func (e refused) Error() string { return e.msg }
+
+// dial opens one authenticated session to the worker, past the preamble.
+func (r *relay) dial() (*tls.Conn, *bufio.Reader, error) {
+	where := "tunnel to " + r.cfg.Remote
 	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", r.cfg.Remote, r.tlsCfg)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "tunnel-relay:", err)
-		return
+		return nil, nil, fmt.Errorf("%s: %w", where, err)
 	}
-	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	fmt.Fprintf(conn, "{\"v\":1,\"port\":%d}\n", r.cfg.EnginePort)
 	br := bufio.NewReaderSize(conn, 64<<10)
 	line, err := readLine(br)
 	var reply struct {
-		Ok    bool   `json:"ok"`
-		Error string `json:"error"`
+		Ok      bool   `json:"ok"`
+		Error   string `json:"error"`
+		Pending bool   `json:"pending"`
 	}
-	if err != nil || json.Unmarshal(line, &reply) != nil || !reply.Ok {
-		fmt.Fprintln(os.Stderr, "tunnel-relay: refused:", reply.Error)
-		return
+	if err != nil || json.Unmarshal(line, &reply) != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("%s: malformed reply", where)
 	}
-	pipe(local, local, conn, br)
+	if !reply.Ok {
+		conn.Close()
+		return nil, nil, refused{msg: where + " refused: " + reply.Error, pending: reply.Pending}
+	}
+	conn.SetDeadline(time.Time{})
+	return conn, br, nil
 }
+
+// serveHead: like the Node forwarder, dial again while the refusal is pending (50 ms doubling to
+// 1 s, none after waitForEngineMs); any other failure closes the local connection.
+func (r *relay) serveHead(local net.Conn) {
+	defer local.Close()
+	deadline := time.Now().Add(time.Duration(r.cfg.WaitForEngineMs) * time.Millisecond)
+	var conn *tls.Conn
+	var br *bufio.Reader
+	for delay := 50 * time.Millisecond; ; delay *= 2 {
+		if delay > time.Second {
+			delay = time.Second
+		}
+		var err error
+		conn, br, err = r.dial()
+		if err == nil {
+			break
+		}
+		var ref refused
+		if !errors.As(err, &ref) || !ref.pending || time.Now().Add(delay).After(deadline) {
+			r.emit(map[string]string{"error": err.Error()})
+			return
+		}
+		time.Sleep(delay)
+	}
+	defer conn.Close()
+	r.connections.Add(1)
+	if conn.ConnectionState().DidResume {
+		r.resumed.Add(1)
+	}
+	pipe(local, counted{local, &r.toEngine}, conn, counted{br, &r.fromEngine})
+}
+
+// report writes the counters whenever they moved, at most every 250 ms: the agent's
+// orchard_rpc_bytes_total reads them from here.
+func (r *relay) report() {
+	last := [4]int64{-1}
+	for range time.Tick(250 * time.Millisecond) {
+		last = r.emitCountersIfMoved(last)
+	}
+}
+
+func (r *relay) counters() [4]int64 {
+	return [4]int64{r.toEngine.Load(), r.fromEngine.Load(), r.connections.Load(), r.resumed.Load()}
+}
+
+func (r *relay) emitCountersIfMoved(last [4]int64) [4]int64 {
+	now := r.counters()
+	if now != last {
+		r.emit(map[string]int64{"toEngine": now[0], "fromEngine": now[1], "connections": now[2], "resumed": now[3]})
+	}
+	return now
+}
+
+func (r *relay) emitCounters() { r.emitCountersIfMoved([4]int64{-1}) }
 
 func tlsConfig(c config) (*tls.Config, error) {
 	pair, err := tls.X509KeyPair([]byte(c.CertPem), []byte(c.KeyPem))
@@ -245,13 +338,19 @@ func main() {
 		fmt.Fprintln(os.Stderr, "tunnel-relay:", err)
 		os.Exit(2)
 	}
-	r := &relay{cfg: c, tlsCfg: tlsCfg, revoked: map[string]bool{}, byPeer: map[string]map[net.Conn]bool{}}
-	fmt.Printf("{\"port\":%d}\n", ln.Addr().(*net.TCPAddr).Port)
+	r := &relay{cfg: c, tlsCfg: tlsCfg, out: json.NewEncoder(os.Stdout), revoked: map[string]bool{}, byPeer: map[string]map[net.Conn]bool{}}
+	r.emit(map[string]int{"port": ln.Addr().(*net.TCPAddr).Port})
+	if c.Mode == "forward" {
+		go r.report()
+	}
 	go func() {
 		// stdin's end is the supervisor's end: exit with it
 		for {
 			line, err := in.ReadBytes('\n')
 			if err != nil {
+				if c.Mode == "forward" {
+					r.emitCounters() // the final totals, so the agent's byte counters end exact
+				}
 				os.Exit(0)
 			}
 			var cmd struct {

@@ -1,0 +1,172 @@
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { type Server, connect, createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, expect, it, vi } from 'vitest';
+import { EnginePorts } from '../../src/node/tunnel/engine-ports.ts';
+import type { TunnelForwarder } from '../../src/node/tunnel/forwarder.ts';
+import { startTunnelListener } from '../../src/node/tunnel/listener.ts';
+import { TUNNEL_RELAY_SOURCE, findTunnelRelay, startNativeForwarder, tunnelRelayPath } from '../../src/node/tunnel/native-forwarder.ts';
+import { type ClusterCa, createClusterCa, createKeyAndCsr, issueCertificate } from '../../src/shared/pki/certificates.ts';
+import type { Role } from '../../src/shared/pki/identity.ts';
+import type { NodeCredentials } from '../../src/shared/pki/store.ts';
+import { describeWith, program } from '../helpers/needs.ts';
+
+/**
+ * The native head side of a tunnel (native/tunnel-relay, Go) against the agents' Node listener:
+ * the same bytes, counters, identity checks, revocation and pending-engine wait as the Node
+ * forwarder (test/unit/tunnel.test.ts), and its key never on a command line.
+ */
+vi.setConfig({ testTimeout: 30_000, hookTimeout: 120_000 });
+
+async function credentials(ca: ClusterCa, id: string, role: Role): Promise<NodeCredentials> {
+  const { keyPem, csrPem } = await createKeyAndCsr(id);
+  return { keyPem, certPem: (await issueCertificate(ca, csrPem, { role })).certPem, caCertPem: ca.certPem };
+}
+
+/** Echoes every byte; on the peer's FIN sends BYE and ends. */
+async function echoEngine(): Promise<{ server: Server; port: number; accepted: () => number }> {
+  let accepted = 0;
+  const server = createServer({ allowHalfOpen: true }, (s) => {
+    accepted += 1;
+    s.pipe(s, { end: false });
+    s.on('end', () => s.end('BYE'));
+    s.on('error', () => {});
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return { server, port: (server.address() as { port: number }).port, accepted: () => accepted };
+}
+
+function exchange(port: number, payload: Buffer): Promise<Buffer> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    const s = connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+    s.on('data', (d: Buffer) => chunks.push(d));
+    s.on('error', () => resolve(Buffer.concat(chunks)));
+    s.on('close', () => resolve(Buffer.concat(chunks)));
+    s.end(payload);
+  });
+}
+
+let ca: ClusterCa;
+let head: NodeCredentials;
+let worker: NodeCredentials;
+let dir: string;
+let binary: string;
+const cleanup: (() => Promise<unknown>)[] = [];
+
+beforeAll(async () => {
+  ca = await createClusterCa('cluster-n');
+  [head, worker] = [await credentials(ca, 'head-1', 'node'), await credentials(ca, 'worker-1', 'node')];
+  dir = await mkdtemp(join(tmpdir(), 'orchard-relay-'));
+  binary = join(dir, 'orchard-tunnel-relay');
+  execFileSync('go', ['build', '-o', binary, '.'], { cwd: TUNNEL_RELAY_SOURCE, env: { ...process.env, CGO_ENABLED: '0' } });
+});
+afterEach(async () => {
+  for (const c of cleanup.splice(0).reverse()) await c();
+});
+afterAll(() => rm(dir, { recursive: true, force: true }));
+
+async function setup(o: { revoked?: string[]; workerCreds?: NodeCredentials; expectId?: string; register?: boolean } = {}) {
+  const engine = await echoEngine();
+  cleanup.push(() => new Promise((r) => engine.server.close(r)));
+  const enginePorts = new EnginePorts();
+  if (o.register !== false) enginePorts.register(engine.port, 'rpc-server');
+  const refused: string[] = [];
+  const listener = await startTunnelListener({
+    host: '127.0.0.1',
+    port: 0,
+    credentials: o.workerCreds ?? worker,
+    enginePorts,
+    isRevoked: (p) => (o.revoked ?? []).includes(p.id),
+    onRefused: (reason) => refused.push(reason),
+  });
+  cleanup.push(() => listener.close());
+  const errors: string[] = [];
+  const forwarder = async (waitForEngineMs = 0): Promise<TunnelForwarder> => {
+    const remote = { host: '127.0.0.1', port: listener.port };
+    const f = await startNativeForwarder(binary, { remote, enginePort: engine.port, expectPeer: { id: o.expectId ?? 'worker-1' }, credentials: head, waitForEngineMs, onError: (m) => errors.push(m) });
+    cleanup.push(() => f.close());
+    return f;
+  };
+  return { engine, enginePorts, listener, forwarder, refused, errors };
+}
+
+describeWith([program('go', ['version'])], 'native tunnel forwarder (Go) → the agents’ Node listener', () => {
+  it('carries a large random payload exactly both ways, with half-close and exact counters on both ends', async () => {
+    const t = await setup();
+    const f = await t.forwarder();
+    const payload = randomBytes(24 * 2 ** 20 + 13);
+    const data = await exchange(f.port, payload);
+    expect(data.length).toBe(payload.length + 3);
+    expect(data.subarray(0, payload.length).equals(payload)).toBe(true);
+    expect(data.subarray(payload.length).toString()).toBe('BYE');
+    await vi.waitFor(() => expect(f.bytes).toEqual({ toEngine: payload.length, fromEngine: payload.length + 3 }), { timeout: 2000 });
+    expect(t.listener.stats()).toEqual([{ peer: 'head-1', enginePort: t.engine.port, toEngine: payload.length, fromEngine: payload.length + 3, connections: 1 }]);
+  });
+
+  it('resumes TLS sessions across connections, counts them together, and a revoked head is refused on a resumed session', async () => {
+    const revoked: string[] = [];
+    const t = await setup({ revoked });
+    const f = await t.forwarder();
+    for (const n of [10, 20, 30]) expect((await exchange(f.port, randomBytes(n))).length).toBe(n + 3);
+    await vi.waitFor(() => expect(f.connections()).toBe(3), { timeout: 2000 });
+    expect(f.resumed()).toBeGreaterThanOrEqual(2);
+    revoked.push('head-1');
+    expect((await exchange(f.port, Buffer.from('x'))).length).toBe(0);
+    expect(t.refused).toEqual(['this identity has been revoked']);
+    await vi.waitFor(() => expect(t.errors.join()).toMatch(/revoked/));
+    expect(t.engine.accepted()).toBe(3);
+  });
+
+  it('refuses a worker that is not the expected node, and one presenting a coordinator certificate', async () => {
+    const wrongId = await setup({ expectId: 'worker-2' });
+    expect((await exchange((await wrongId.forwarder()).port, Buffer.from('x'))).length).toBe(0);
+    await vi.waitFor(() => expect(wrongId.errors.join()).toMatch(/expected node worker-2/));
+    expect(wrongId.engine.accepted()).toBe(0);
+    const coordinator = await setup({ workerCreds: await credentials(ca, 'worker-1', 'coordinator') });
+    expect((await exchange((await coordinator.forwarder()).port, Buffer.from('x'))).length).toBe(0);
+    await vi.waitFor(() => expect(coordinator.errors.join()).toMatch(/coordinator worker-1, expected node/));
+    expect(coordinator.engine.accepted()).toBe(0);
+  });
+
+  it('holds the connection while the engine is not registered yet, then the bytes flow; without a wait it refuses at once', async () => {
+    const t = await setup({ register: false });
+    expect((await exchange((await t.forwarder()).port, Buffer.from('x'))).length).toBe(0);
+    await vi.waitFor(() => expect(t.errors.join()).toMatch(/is not an engine of this node/));
+    const f = await t.forwarder(10_000);
+    const answer = exchange(f.port, Buffer.from('late'));
+    await new Promise((r) => setTimeout(r, 400));
+    t.enginePorts.register(t.engine.port, 'rank-1');
+    expect((await answer).toString()).toBe('lateBYE');
+  });
+
+  it('takes its key on stdin: no key or certificate on its command line; exits when closed', async () => {
+    const t = await setup();
+    const f = await t.forwarder();
+    const pids = execFileSync('pgrep', ['-f', binary], { encoding: 'utf8' }).trim().split('\n').map(Number);
+    expect(pids.length).toBe(1);
+    const cmdline = readFileSync(`/proc/${pids[0]}/cmdline`, 'utf8');
+    expect(cmdline.replaceAll('\0', ' ').trim()).toBe(binary);
+    await f.close();
+    const alive = (pid: number) => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    expect(pids.filter(alive)).toEqual([]);
+  });
+});
+
+it('ORCHARD_TUNNEL_RELAY chooses the relay: `node` is the Node relay, a path is that binary, else the one setup built', () => {
+  expect(findTunnelRelay({ ORCHARD_TUNNEL_RELAY: 'node' })).toBeUndefined();
+  expect(findTunnelRelay({ ORCHARD_TUNNEL_RELAY: '/opt/relay' })).toBe('/opt/relay');
+  expect(findTunnelRelay({ ORCHARD_CACHE_DIR: '/nonexistent-cache' })).toBeUndefined();
+  expect(tunnelRelayPath({ ORCHARD_CACHE_DIR: '/c' })).toMatch(/^\/c\/tunnel-relay\/[0-9a-f]{16}\/orchard-tunnel-relay$/);
+});
