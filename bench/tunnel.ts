@@ -3,7 +3,8 @@
  * (llama-server holds the first layers on its CPU, one ggml-rpc-server holds the last `--ngl`
  * layers), with llama-server's `--rpc` pointing either straight at the rpc-server (direct) or at
  * the head-side forwarder whose TLS session ends at the worker-side listener (tunnel), which
- * forwards to the same rpc-server. A third mode, `plain`, relays through the same two processes
+ * forwards to the same rpc-server. The forwarder is the one the agent runs: native/tunnel-relay
+ * when `orchard setup` built it (`tunnelHeadRelay: native`), else Node's. A third mode, `plain`, relays through the same two processes
  * with the same relay code but no TLS: the hop's own cost, so what remains is TLS's. Modes
  * alternate trial by trial (ABC CBA…), each trial a fresh
  * llama-server: load time (spawn → /health), then greedy completions with the prompt cache off:
@@ -30,7 +31,8 @@ import { promisify } from 'node:util';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { seedTensorCache } from '../src/node/llama/tensor-cache.ts';
 import { EnginePorts } from '../src/node/tunnel/engine-ports.ts';
-import { type TunnelForwarder, startTunnelForwarder } from '../src/node/tunnel/forwarder.ts';
+import { type TunnelForwarder, type TunnelForwarderOptions, startTunnelForwarder } from '../src/node/tunnel/forwarder.ts';
+import { findTunnelRelay, startNativeForwarder } from '../src/node/tunnel/native-forwarder.ts';
 import { type TunnelListener, startTunnelListener } from '../src/node/tunnel/listener.ts';
 import { relay } from '../src/node/tunnel/relay.ts';
 import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/shared/pki/certificates.ts';
@@ -190,14 +192,18 @@ async function startTunnel(rpcPort: number, seededRpcPort: number, work: string)
   const creds = { worker: await issue(ca, 'worker'), head: await issue(ca, 'head') };
   worker.stdin?.write(`${JSON.stringify({ credentials: creds.worker, rpcPort, seededRpcPort })}\n`);
   const { port, plainPort } = await next<{ port: number; plainPort: number }>();
-  const forward = (enginePort: number) =>
-    startTunnelForwarder({
+  // the head side the agent runs: the native relay when `orchard setup` built it, else Node's
+  const relayBinary = findTunnelRelay();
+  const forward = (enginePort: number) => {
+    const o: TunnelForwarderOptions = {
       remote: { host: '127.0.0.1', port },
       enginePort,
       expectPeer: { id: 'worker' },
       credentials: creds.head,
       onError: (m) => process.stderr.write(`tunnel: ${m}\n`),
-    });
+    };
+    return relayBinary ? startNativeForwarder(relayBinary, o) : startTunnelForwarder(o);
+  };
   const [forwarder, seededForwarder] = [await forward(rpcPort), await forward(seededRpcPort)];
   const workerCpu = async () => {
     worker.stdin?.write('cpu\n');
@@ -300,7 +306,9 @@ const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 /** One trial with the CPU both tunnel ends spent during it. */
 async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, model: string, llamaServer: string): Promise<Trial> {
   const native = mode === 'socat' || mode === 'stunnel' || mode === 'go' ? tunnel.native?.[mode] : undefined;
-  const nativeCpu = () => (native?.ends ?? []).reduce((sum, end) => sum + processCpuSeconds(end.proc.pid ?? 0), 0);
+  // native processes of this mode: a control's two ends, or the tunnel's native head side
+  const pids = native ? native.ends.map((e) => e.proc.pid ?? 0) : mode === 'tunnel' && tunnel.forwarder.pid ? [tunnel.forwarder.pid] : [];
+  const nativeCpu = () => pids.reduce((sum, pid) => sum + processCpuSeconds(pid), 0);
   const [bench0, worker0, native0] = [cpuSeconds(), await tunnel.workerCpu(), nativeCpu()];
   const port = native ? native.port : { direct: rpcPort, plain: tunnel.plain.port, tunnel: tunnel.forwarder.port }[mode as 'direct' | 'plain' | 'tunnel'];
   const t = await trial(mode, port, model, llamaServer);
@@ -318,7 +326,7 @@ async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, model:
 function cpuSummary(trials: readonly Trial[], loadAverage: number[]) {
   const med = (mode: Mode, k: 'benchProcess' | 'workerListener' | 'nativeRelay') => median(trials.filter((t) => t.mode === mode).map((t) => t.cpu?.[k] ?? 0));
   return {
-    headForwarderSecondsPerTrial: round(med('tunnel', 'benchProcess') - med('direct', 'benchProcess')),
+    headForwarderSecondsPerTrial: round(med('tunnel', 'benchProcess') - med('direct', 'benchProcess') + med('tunnel', 'nativeRelay')),
     workerListenerSecondsPerTrial: round(med('tunnel', 'workerListener')),
     ...(NATIVE ? { nativeBothEndsSecondsPerTrial: { socat: round(med('socat', 'nativeRelay')), stunnel: round(med('stunnel', 'nativeRelay')), go: round(med('go', 'nativeRelay')) } } : {}),
     loadAverage1m: { start: round(loadAverage[0] ?? 0, 2), end: round(loadavg()[0] ?? 0, 2) },
@@ -359,6 +367,8 @@ function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarde
     tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
     goals: { tokensPerSecondRatio: '>= 0.97', ttftAddedMs: '< 2 (p50)', loadSecondsRatio: '<= 1.10' },
     setup: { trials: TRIALS, requestsPerTrial: REQUESTS, tokens: TOKENS, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS },
+    /** Which head side the agent (and so `tunnel`) runs: native/tunnel-relay when `orchard setup` built it. */
+    tunnelHeadRelay: tunnel.forwarder.pid ? 'native' : 'node',
     tunnelBytes: { ...tunnel.forwarder.bytes, connections: tunnel.forwarder.connections(), resumedSessions: tunnel.forwarder.resumed() },
     tunnelCpu: cpuSummary(trials, loadAverage),
     direct,

@@ -35,6 +35,8 @@ export interface TunnelForwarder {
   connections(): number;
   /** Of those, how many resumed a TLS session instead of a full handshake. */
   resumed(): number;
+  /** The native relay's process (native-forwarder.ts); absent when this process relays. */
+  readonly pid?: number;
   close(): Promise<void>;
 }
 

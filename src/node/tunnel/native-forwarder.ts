@@ -95,6 +95,7 @@ export async function startNativeForwarder(binary: string, o: TunnelForwarderOpt
     return {
       port: await port,
       bytes,
+      ...(proc.pid ? { pid: proc.pid } : {}),
       connections: () => connections,
       resumed: () => resumed,
       // stdin's end makes the relay report its final counters and exit
