@@ -193,16 +193,35 @@ export interface LlamaRun {
   readonly log: string;
 }
 
-/** Start the engines for `ranges` (inclusive, in pipeline order), wait until loaded, report, stop. */
-export async function runLlama(
+/** Running engines for a split: the head's URL, its log so far, and a stop that kills every group. */
+export interface LlamaEngines {
+  readonly endpoints: readonly string[];
+  readonly url: string;
+  readonly log: () => string;
+  readonly stop: () => Promise<void>;
+}
+
+/** Start the engines for `ranges` (inclusive, in pipeline order) and wait until llama-server is loaded. */
+export async function startLlama(
   bins: Pick<LlamaBinaries, 'llamaServer' | 'rpcServer'>,
   modelPath: string,
   layerCount: number,
   ranges: readonly (readonly [number, number])[],
   options: MemoryOptions,
   extraArgs: readonly string[] = [],
-): Promise<LlamaRun> {
+): Promise<LlamaEngines> {
   const procs: ReturnType<typeof start>[] = [];
+  const stop = async () => {
+    for (const r of procs.splice(0)) {
+      try {
+        if (r.proc.pid) process.kill(-r.proc.pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+      children.delete(r.proc);
+      await r.exited;
+    }
+  };
   try {
     const endpoints: string[] = [];
     for (let i = 0; i < ranges.length; i++) {
@@ -217,22 +236,8 @@ export async function runLlama(
       layerCount,
     );
     const port = await freePort();
-    const server = start(bins.llamaServer, [
-      '-m',
-      modelPath,
-      ...dev.args,
-      ...llamaMemoryArgs(options),
-      '--host',
-      '127.0.0.1',
-      '--port',
-      String(port),
-      '-t',
-      '1',
-      '-lv',
-      '4',
-      '--no-warmup',
-      ...extraArgs,
-    ]);
+    const args = ['-m', modelPath, ...dev.args, ...llamaMemoryArgs(options), '--host', '127.0.0.1', '--port', String(port), '-t', '1', '-lv', '4', '--no-warmup', ...extraArgs];
+    const server = start(bins.llamaServer, args);
     procs.push(server);
     await Promise.race([
       waitFor(() => /server is listening|main: model loaded|all slots are idle/.test(server.log()), 120_000, 'llama-server'),
@@ -240,16 +245,26 @@ export async function runLlama(
         throw new Error(`llama-server exited (${c}):\n${server.log().slice(-2000)}`);
       }),
     ]);
-    return { endpoints, reported: parseReport(server.log()), log: server.log() };
+    return { endpoints, url: `http://127.0.0.1:${port}`, log: server.log, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+/** Start the engines for `ranges`, wait until loaded, report what they allocated, stop. */
+export async function runLlama(
+  bins: Pick<LlamaBinaries, 'llamaServer' | 'rpcServer'>,
+  modelPath: string,
+  layerCount: number,
+  ranges: readonly (readonly [number, number])[],
+  options: MemoryOptions,
+  extraArgs: readonly string[] = [],
+): Promise<LlamaRun> {
+  const e = await startLlama(bins, modelPath, layerCount, ranges, options, extraArgs);
+  try {
+    return { endpoints: e.endpoints, reported: parseReport(e.log()), log: e.log() };
   } finally {
-    for (const r of procs) {
-      try {
-        if (r.proc.pid) process.kill(-r.proc.pid, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-      children.delete(r.proc);
-      await r.exited;
-    }
+    await e.stop();
   }
 }

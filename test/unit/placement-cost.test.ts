@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { memoryModel } from '../../src/shared/memory/stage.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { presetHeader } from '../../src/shared/model/shapes.ts';
-import { DECODE_EFFICIENCY, bytesPerWeight, calibrationRates, effectiveBandwidth, layerPrefillFlops } from '../../src/shared/placement/cost.ts';
+import { DECODE_EFFICIENCY, bytesPerWeight, calibrationRates, effectiveBandwidth, layerPrefillFlops, prefillSeconds } from '../../src/shared/placement/cost.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../../src/shared/placement/types.ts';
 
@@ -43,5 +43,40 @@ describe('cost model', () => {
     expect(plan.predicted.tokensPerSecond).toBeCloseTo(9.5, 9);
     // TTFT = the measured prompt time + the head's fixed overhead.
     expect(plan.predicted.ttftSeconds).toBeCloseTo(128 / 61 + o.headOverheadSeconds, 9);
+  });
+});
+
+describe('prefill through a pipeline (cost.ts prefillSeconds)', () => {
+  it('one ubatch, one stage, or no pipelining: the plain sum of stages and boundaries', () => {
+    expect(prefillSeconds([3, 2, 1], [0.5, 0.25], 1, 0.1, true)).toBeCloseTo(6.75, 12);
+    expect(prefillSeconds([3, 2, 1], [0.5, 0.25], 8, 0.1, false)).toBeCloseTo(6.75, 12);
+    expect(prefillSeconds([4], [], 8, 0.1, true)).toBeCloseTo(4, 12);
+  });
+
+  it('ubatches overlap only on the last stage: T = A + c + (U − 1)·max(A, c)', () => {
+    // Two equal stages of 8 s in 8 ubatches: 1 s each per ubatch, 9 ubatch-steps.
+    expect(prefillSeconds([8, 8], [0], 8, 0, true)).toBeCloseTo(9, 12);
+    // Three equal stages: the first two and their boundaries form the chain (2 s per ubatch).
+    expect(prefillSeconds([8, 8, 8], [0, 0], 8, 0, true)).toBeCloseTo(2 + 1 + 7 * 2, 12);
+    // Boundaries belong to the chain; a last stage slower than the chain sets the pace instead.
+    expect(prefillSeconds([4, 4], [4], 4, 0, true)).toBeCloseTo(2 + 1 + 3 * 2, 12);
+    expect(prefillSeconds([2, 12], [0], 4, 0, true)).toBeCloseTo(0.5 + 3 + 3 * 3, 12);
+    // The head's logits are computed once, after the last ubatch.
+    expect(prefillSeconds([8, 8.5], [0], 8, 0.5, true)).toBeCloseTo(9.5, 12);
+  });
+
+  it('the planner predicts a split prompt with the overlap, and a single-ubatch one as the sum', () => {
+    const p = modelProfile(presetHeader('llama-3-8b', 'q8_0'));
+    const nodes = ['a', 'b'].map((name) => ({ name, budgetBytes: 6 * 2 ** 30, bandwidthBytesPerSecond: 100e9, prefillFlopsPerSecond: 1e12, linkBytesPerSecond: 1e9 }));
+    const at = (promptTokens: number, pipelinedPrefill = true) => planPlacement(p, nodes, { ctx: 8192, promptTokens, pipelinedPrefill });
+    const long = at(4096);
+    expect(long.stages.length).toBe(2);
+    const sum = (plan: ReturnType<typeof at>) => plan.stages.reduce((t, s) => t + s.prefillSeconds, 0);
+    const plain = at(4096, false);
+    expect(plain.stages).toEqual(long.stages);
+    expect(long.predicted.ttftSeconds).toBeLessThan(0.7 * plain.predicted.ttftSeconds);
+    expect(plain.predicted.ttftSeconds).toBeGreaterThan(sum(plain));
+    const short = at(512);
+    expect(short.predicted.ttftSeconds).toBeCloseTo(at(512, false).predicted.ttftSeconds, 12);
   });
 });

@@ -80,25 +80,31 @@ describe('planner acceptance scenarios', () => {
     );
   });
 
-  it('sees the network and the prompt: a long prompt over 1 GbE keeps a model on one node that decode alone would split', () => {
+  it('sees the network and the prompt: a long prompt over a slow link changes the plan that decode alone would pick', () => {
     const p = profile('llama-3-70b');
     // Two fast-memory nodes that can only hold the model together, one slow-memory node that holds
-    // it alone; all compute alike (prefill is compute-bound, and pipeline stages run one after another).
-    const nodes: PlacementNode[] = [
-      { name: 'fast-1', budgetBytes: 30 * GiB, bandwidthBytesPerSecond: 400 * GB, prefillFlopsPerSecond: 10e12, linkBytesPerSecond: 0.125 * GB },
-      { name: 'fast-2', budgetBytes: 30 * GiB, bandwidthBytesPerSecond: 400 * GB, prefillFlopsPerSecond: 10e12, linkBytesPerSecond: 0.125 * GB },
-      { name: 'slow-big', budgetBytes: 100 * GiB, bandwidthBytesPerSecond: 150 * GB, prefillFlopsPerSecond: 10e12, linkBytesPerSecond: 0.125 * GB },
+    // it alone; all compute alike (prefill is compute-bound).
+    const nodes = (linkGBps: number): PlacementNode[] => [
+      { name: 'fast-1', budgetBytes: 30 * GiB, bandwidthBytesPerSecond: 400 * GB, prefillFlopsPerSecond: 10e12, linkBytesPerSecond: linkGBps * GB },
+      { name: 'fast-2', budgetBytes: 30 * GiB, bandwidthBytesPerSecond: 400 * GB, prefillFlopsPerSecond: 10e12, linkBytesPerSecond: linkGBps * GB },
+      { name: 'slow-big', budgetBytes: 100 * GiB, bandwidthBytesPerSecond: 150 * GB, prefillFlopsPerSecond: 10e12, linkBytesPerSecond: linkGBps * GB },
     ];
-    const decode = planPlacement(p, nodes, { ctx: 8192, promptTokens: 8192, objective: 'decode' });
-    const ttft = planPlacement(p, nodes, { ctx: 8192, promptTokens: 8192, objective: 'ttft' });
+    const plan = (linkGBps: number, objective: 'decode' | 'ttft', pipelinedPrefill = true) =>
+      planPlacement(p, nodes(linkGBps), { ctx: 8192, promptTokens: 8192, objective, pipelinedPrefill });
+    // 1 GbE: the 16 ubatches of an 8192-token prompt overlap on the last stage, so the fast split
+    // is also first to the first token; costed without the overlap it would not be.
+    expect(plan(0.125, 'decode').stages.map((s) => s.node).sort()).toEqual(['fast-1', 'fast-2']);
+    expect(plan(0.125, 'ttft').stages.map((s) => s.node).sort()).toEqual(['fast-1', 'fast-2']);
+    expect(plan(0.125, 'ttft', false).stages.map((s) => s.node)).toEqual(['slow-big']);
+    // 50 Mbit/s (Wi-Fi): the 8192 × 8192 × 4 B of activations (268 MB, twice per boundary) take
+    // ~86 s, so the TTFT objective moves layers onto slow-big; decode still prefers the fast split.
+    const decode = plan(0.00625, 'decode');
+    const ttft = plan(0.00625, 'ttft');
     expect(decode.stages.map((s) => s.node).sort()).toEqual(['fast-1', 'fast-2']);
-    expect(ttft.stages.map((s) => s.node)).toEqual(['slow-big']);
-    // Each choice is best at what it optimises: the 8192 × 8192 × 4 B of activations (268 MB,
-    // ~2.1 s at 1 GbE) make the split's first token later, its memory reads make decode faster.
+    expect(ttft.stages.map((s) => s.node)).toContain('slow-big');
+    // Each choice is best at what it optimises.
     expect(decode.predicted.secondsPerToken).toBeLessThan(ttft.predicted.secondsPerToken);
-    expect(ttft.predicted.ttftSeconds).toBeLessThan(decode.predicted.ttftSeconds);
     expect(decode.predicted.ttftSeconds - ttft.predicted.ttftSeconds).toBeGreaterThan(1);
-    expect([...ttft.unusedNodes].sort()).toEqual(['fast-1', 'fast-2']);
   });
 
   it('a model that fits nowhere says so with numbers and remedies', () => {
@@ -179,6 +185,7 @@ describe('planner invariants over random inputs', () => {
     ['decode', 0],
     ['ttft', 2048],
     ['balanced', 512],
+    ['balanced', 2048],
   ] as const)('matches exhaustive search on small cases (optimal under the cost model, objective %s)', (objective, promptTokens) => {
     const r = uniformSource(7);
     const p = profile('llama-3-8b', 'q8_0');
@@ -211,9 +218,13 @@ describe('planner invariants over random inputs', () => {
         items.length <= 1 ? [items] : items.flatMap((x, i) => perms([...items.slice(0, i), ...items.slice(i + 1)]).map((rest) => [x, ...rest]));
       const subsets: number[][] = [];
       for (let mask = 1; mask < 1 << n; mask++) subsets.push([...Array(n).keys()].filter((i) => mask & (1 << i)));
+      const U = Math.ceil(promptTokens / o.ubatch);
       const costOf = (order: number[], bounds: number[]): number | undefined => {
         let decode = o.headOverheadSeconds;
-        let ttft = promptTokens > 0 ? o.headOverheadSeconds : 0;
+        // Prefill: the workers' compute and boundaries (chain), the head's layers (last), its logits (once).
+        let chain = 0;
+        let last = 0;
+        let once = 0;
         let first = 0;
         for (let s = 0; s < order.length; s++) {
           const end = bounds[s]!;
@@ -229,19 +240,23 @@ describe('planner invariants over random inputs', () => {
             read += mm.layerRead[l]!;
             f += promptTokens * flops[l]!;
           }
-          if (head && promptTokens > 0) f += 2 * p.embd * p.vocab;
+          if (head && promptTokens > 0) once = (2 * p.embd * p.vocab) / node.prefillFlopsPerSecond!;
           decode += (read + (head ? headRead : 0)) / node.bandwidthBytesPerSecond;
-          ttft += f / node.prefillFlopsPerSecond!;
+          if (head) last = f / node.prefillFlopsPerSecond!;
+          else chain += f / node.prefillFlopsPerSecond!;
           if (!head) {
             // activations cross twice (the head relays each worker stage's input and output), on the link to the head
             const link = node.links?.[linked[order[order.length - 1]!]!.name];
             const rtt = link?.rttSeconds ?? o.hopSeconds;
             const rate = link?.bytesPerSecond ?? node.linkBytesPerSecond!;
             decode += rtt + (2 * p.embd * 4) / rate;
-            if (promptTokens > 0) ttft += Math.ceil(promptTokens / o.ubatch) * rtt + (2 * promptTokens * p.embd * 4) / rate;
+            if (promptTokens > 0) chain += U * rtt + (2 * promptTokens * p.embd * 4) / rate;
           }
           first = end;
         }
+        // llama.cpp overlaps ubatch i + 1's chain with the last stage's ubatch i: (A + c + (U − 1)·max(A, c)) per ubatch.
+        const prefill = order.length > 1 && U > 1 ? (chain + last + (U - 1) * Math.max(chain, last)) / U : chain + last;
+        const ttft = promptTokens > 0 ? o.headOverheadSeconds + prefill + once : 0;
         return wd * decode + wt * ttft;
       };
       for (const sub of subsets) {

@@ -120,6 +120,38 @@ export function boundarySeconds(profile: ModelProfile, n: PlacementNode, o: Plac
 }
 
 /**
+ * Seconds to prefill a prompt of `ubatches` ubatches through the pipeline, from each stage's
+ * compute for the whole prompt (pipeline order, the head's stage last; `headOnceSeconds` of the
+ * last one is the head's work done once, after the last ubatch: the last position's logits) and
+ * each boundary's prefill cost (boundarySeconds().prefill, all ubatches).
+ *
+ * llama.cpp processes a prompt in ubatches (llama-context.cpp `decode`: one `process_ubatch` per
+ * ubatch, no synchronisation between them) and, with every device async and event-capable (RPC
+ * and Metal are: ggml-rpc.cpp device props, ggml-metal.cpp), enables pipeline parallelism
+ * (llama-context.cpp "pipeline parallelism enabled", 4 input copies). Its scheduler
+ * (ggml-backend.cpp `ggml_backend_sched_compute_splits`) walks one ubatch's splits in order on
+ * the head's thread and, because RPC servers cannot copy tensors between each other
+ * asynchronously, synchronises with each stage before copying its output to the next (get, then
+ * set). So ubatch i + 1 runs through stages 1…S−1 and their boundaries (the chain A) while the
+ * last stage computes ubatch i (c): T = A + c + (U − 1) · max(A, c). Stages before the last never
+ * overlap one another — measured (bench/split-prefill.ts, 960 tokens in 8 ubatches on loopback):
+ * 2 stages 0.63× and 3 stages 0.76× of one stage, where a full pipeline would give 0.56× and
+ * 0.42×. One ubatch (U = 1) is the plain sum. `pipelined` false (MLX ranks) is the plain sum too.
+ */
+export function prefillSeconds(stageSeconds: readonly number[], boundaryPrefillSeconds: readonly number[], ubatches: number, headOnceSeconds: number, pipelined: boolean): number {
+  const sum = (xs: readonly number[]) => xs.reduce((t, x) => t + x, 0);
+  const last = stageSeconds.at(-1) ?? 0;
+  const chain = sum(stageSeconds) - last + sum(boundaryPrefillSeconds);
+  return (pipelined ? pipelineSeconds(chain, last - headOnceSeconds, ubatches) : chain + last - headOnceSeconds) + headOnceSeconds;
+}
+
+/** The overlap of prefillSeconds: a chain and a last stage of whole-prompt seconds, in U ubatches. */
+export function pipelineSeconds(chainSeconds: number, lastSeconds: number, ubatches: number): number {
+  const U = Math.max(1, ubatches);
+  return (chainSeconds + lastSeconds + (U - 1) * Math.max(chainSeconds, lastSeconds)) / U;
+}
+
+/**
  * decode: seconds per token; ttft: time to first token (decode speed breaks near-ties); balanced:
  * a whole request, TTFT + outputTokens × seconds per token. Without a prompt only decode is known.
  */

@@ -1,6 +1,7 @@
 import { UsageError } from '../errors.ts';
 import type { ModelProfile } from '../model/profile.ts';
-import { type Assignment, describe, prepare, resolveOptions, validate } from './planner.ts';
+import { describe } from './planner.ts';
+import { type Assignment, prepare, resolveOptions, validate } from './prepared.ts';
 import type { Plan, PlacementNode, PlacementOptions } from './types.ts';
 
 /**

@@ -1,11 +1,11 @@
 import { UsageError } from '../errors.ts';
 import type { CacheType } from '../memory/kv.ts';
-import { type MemoryModel, type StageBytes, memoryModel } from '../memory/stage.ts';
+import type { StageBytes } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
 import { formatBytes } from '../units.ts';
-import { boundarySeconds, headPrefillFlops, layerPrefillFlops, objectiveWeights, prefillFlopsOf } from './cost.ts';
-import { type StageMemory, stageMemoryOf } from './stage-memory.ts';
-import { DEFAULT_PLACEMENT_OPTIONS, type Plan, type PlacementNode, type PlacementOptions, type PlanStage } from './types.ts';
+import { boundarySeconds, headPrefillFlops, pipelineSeconds, prefillSeconds } from './cost.ts';
+import { type Assignment, type Prepared, overlapsUbatches, prepare, resolveOptions, validate } from './prepared.ts';
+import type { Plan, PlacementNode, PlacementOptions, PlanStage } from './types.ts';
 
 /**
  * The placement planner: which node holds which contiguous layer range so that the model fits
@@ -14,9 +14,11 @@ import { DEFAULT_PLACEMENT_OPTIONS, type Plan, type PlacementNode, type Placemen
  * Cost model (DESIGN "Placement", constants in cost.ts): at batch 1 decode is memory-bandwidth
  * bound, so a token costs
  *   Σ_stages bytes_read(stage) / bandwidth(node) + Σ_boundaries (hop + activations / link) + head overhead,
- * and prefilling a prompt of P tokens costs
- *   Σ_stages P × FLOPs(stage) / compute(node) + Σ_boundaries (⌈P / ubatch⌉ × hop + P activations / link).
- * The objective is a weighted sum of both (options.objective); every term is a per-node linear
+ * and prefilling a prompt of P tokens in U = ⌈P / ubatch⌉ ubatches costs the workers' chain
+ *   A = Σ_workers P × FLOPs(stage) / compute(node) + Σ_boundaries (U × hop + P activations / link)
+ * and the head's layers c, overlapped as llama.cpp's pipeline parallelism overlaps them:
+ * (A + c + (U − 1) · max(A, c)) / U (cost.ts prefillSeconds; A + c for one ubatch).
+ * The objective is a weighted sum of both (options.objective); every term but that max is a per-node linear
  * function of the layer prefix sums, so stage order does not change the sum. Memory of a stage is Σ its layers' (weights + KV)
  * plus a per-stage constant (compute buffer, engine overhead; on the head also the output head,
  * token embeddings and host buffers), so a node's capacity is a bound on a contiguous range.
@@ -25,7 +27,10 @@ import { DEFAULT_PLACEMENT_OPTIONS, type Plan, type PlacementNode, type Placemen
  * Algorithm (exact for the cost model, given the node order): for every choice of head node h
  * (the last stage — see memory/stage.ts for why the head is last), a dynamic program over the
  * other nodes in bandwidth order: f[i][k] = least cost to place layers [0, k) on a subset of the
- * first i nodes, each taking one contiguous block or being skipped. The transition over the
+ * first i nodes, each taking one contiguous block or being skipped (the row also carries that
+ * path's chain A, so each head split is costed with the overlap: exact for decode, and for TTFT
+ * (its cost grows with A) up to its decode tie-break; for `balanced` the workers minimise the sum,
+ * which matched exhaustive search in the unit tests but is not proven optimal). The transition over the
  * block start j is a sliding-window minimum (the feasible j for a given k form a window whose
  * left end only moves right), so each node costs O(L) and the whole plan O(N²·L): 64 nodes ×
  * 126 layers is ~0.5 M steps. Fastest-first filling, single-node preference and "add a node only
@@ -40,117 +45,6 @@ export interface PlanInput {
   readonly options?: Partial<PlacementOptions>;
 }
 
-export interface Assignment {
-  /** In pipeline order; the last one is the head. */
-  readonly stages: readonly { node: number; first: number; end: number }[];
-  readonly seconds: number;
-}
-
-export interface Prepared {
-  readonly mm: MemoryModel;
-  /** The engine's memory rule: per-layer bytes, per-stage constants, exact stage bytes. */
-  readonly memory: StageMemory;
-  readonly nodes: readonly PlacementNode[];
-  readonly order: readonly number[];
-  readonly budgets: readonly number[];
-  readonly memPrefix: Float64Array;
-  readonly readPrefix: Float64Array;
-  /** Σ prompt FLOPs of layers [0, k) (P × per-token FLOPs; all zero without a prompt). */
-  readonly flopPrefix: Float64Array;
-  /** Objective weights of decode seconds and prefill seconds. */
-  readonly wd: number;
-  readonly wt: number;
-  readonly invBw: readonly number[];
-  readonly invFlops: readonly number[];
-  /** Weighted cost of the boundary after a stage on node i (decode and prefill parts). */
-  readonly hopCost: readonly number[];
-  /** With measured links: hopByHead[h][i] is that cost when node h is the head (i's link to h). */
-  readonly hopByHead: readonly (readonly number[])[] | undefined;
-  /** Weighted cost of the head's own work (output head read, last-position logits) on node i. */
-  readonly headCost: readonly number[];
-  readonly workerConst: number;
-  /** Head of a multi-stage plan (pipeline-parallel compute buffers). */
-  readonly headConst: number;
-  /** A single node holding everything (no pipeline copies). */
-  readonly headConstSingle: number;
-  readonly headRead: number;
-  readonly pinned: ReadonlySet<number>;
-  readonly o: PlacementOptions;
-}
-
-export function validate(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): void {
-  if (nodes.length === 0) throw new UsageError('no nodes to plan for');
-  const seen = new Set<string>();
-  for (const n of nodes) {
-    if (seen.has(n.name)) throw new UsageError(`node name "${n.name}" appears twice`);
-    seen.add(n.name);
-    if (!(n.budgetBytes >= 0) || !Number.isFinite(n.budgetBytes)) throw new UsageError(`node ${n.name}: budget must be a non-negative number of bytes`);
-    if (!(n.bandwidthBytesPerSecond > 0) || !Number.isFinite(n.bandwidthBytesPerSecond)) throw new UsageError(`node ${n.name}: bandwidth must be positive`);
-    if (n.hopSeconds !== undefined && !(n.hopSeconds >= 0)) throw new UsageError(`node ${n.name}: hop cost must be ≥ 0`);
-  }
-  for (const p of o.pinned) if (!seen.has(p)) throw new UsageError(`pinned node "${p}" is not among the nodes`);
-  if (!Number.isSafeInteger(o.ctx) || o.ctx < 1) throw new UsageError(`invalid context ${o.ctx}`);
-  if (!Number.isSafeInteger(o.parallel) || o.parallel < 1) throw new UsageError(`invalid parallel ${o.parallel}`);
-  if (profile.layerCount < 1) throw new UsageError('model has no layers');
-}
-
-/** @param maxStages the most stages a plan may have, for memory rules whose per-stage cost grows with them (MLX). */
-export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions, maxStages = nodes.length): Prepared {
-  const mo = { ctx: o.ctx, cacheType: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch, flashAttention: o.flashAttention };
-  const mm = memoryModel(profile, mo, o.kvFill);
-  const memory = stageMemoryOf(mm, o, maxStages);
-  const L = profile.layerCount;
-  const memPrefix = new Float64Array(L + 1);
-  const readPrefix = new Float64Array(L + 1);
-  const flopPrefix = new Float64Array(L + 1);
-  const P = o.promptTokens;
-  const flops = P > 0 ? layerPrefillFlops(profile, P) : [];
-  for (let l = 0; l < L; l++) {
-    memPrefix[l + 1] = memPrefix[l]! + memory.layerBytes[l]!;
-    readPrefix[l + 1] = readPrefix[l]! + memory.layerRead[l]!;
-    flopPrefix[l + 1] = flopPrefix[l]! + P * (flops[l] ?? 0);
-  }
-  const { wd, wt } = objectiveWeights(o);
-  const invBw = nodes.map((n) => 1 / n.bandwidthBytesPerSecond);
-  const invFlops = nodes.map((n) => 1 / prefillFlopsOf(n));
-  const headRead = profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes;
-  const hopOf = (n: PlacementNode, head?: string) => ((b) => wd * b.decode + wt * b.prefill)(boundarySeconds(profile, n, o, head));
-  const hopCost = nodes.map((n) => hopOf(n));
-  const linked = nodes.some((n) => n.links !== undefined && Object.keys(n.links).length > 0);
-  const hopByHead = linked ? nodes.map((h) => nodes.map((n) => hopOf(n, h.name))) : undefined;
-  const headCost = nodes.map((_, i) => wd * headRead * invBw[i]! + wt * (P > 0 ? headPrefillFlops(profile) * invFlops[i]! : 0));
-  const order = nodes
-    .map((_, i) => i)
-    .sort((a, b) => nodes[b]!.bandwidthBytesPerSecond - nodes[a]!.bandwidthBytesPerSecond || cmp(nodes[a]!.name, nodes[b]!.name));
-  const pinnedNames = new Set(o.pinned);
-  const pinned = new Set(nodes.flatMap((n, i) => (pinnedNames.has(n.name) ? [i] : [])));
-  return {
-    mm,
-    memory,
-    nodes,
-    order,
-    budgets: nodes.map((n) => n.budgetBytes - o.safetyMarginBytes),
-    memPrefix,
-    readPrefix,
-    flopPrefix,
-    wd,
-    wt,
-    invBw,
-    invFlops,
-    hopCost,
-    hopByHead,
-    headCost,
-    workerConst: memory.workerFixed.total,
-    headConst: memory.headConst,
-    headConstSingle: memory.headConstSingle,
-    // The head reads the output head in full and one token_embd row per token.
-    headRead,
-    pinned,
-    o,
-  };
-}
-
-const cmp = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
 const EPS = 1e-12;
 
 /** Weighted cost of layers [0, k) on node i, linear in the prefix sums. */
@@ -164,11 +58,22 @@ function fixedCost(p: Prepared): number {
 }
 
 /**
- * One DP step: node i may take one contiguous block [j, k) after layers [0, j) are placed
- * (`f` = least cost so far per k), or be skipped unless pinned. Writes the choice per k
- * (-1 skip, -2 unreachable, else j) into `ch` and returns the new cost array.
+ * A DP row per k (layers [0, k) placed on workers): `f` the least weighted cost, `chain` that
+ * path's prefill seconds (worker compute and boundaries, unweighted: the chain of
+ * cost.ts pipelineSeconds).
  */
-function step(p: Prepared, i: number, hop: number, f: Float64Array, ch: Int32Array, g: Float64Array, deque: Int32Array): Float64Array {
+interface Row {
+  readonly f: Float64Array;
+  readonly chain: Float64Array;
+}
+
+/**
+ * One DP step: node i may take one contiguous block [j, k) after layers [0, j) are placed, or be
+ * skipped unless pinned. `hop` is its boundary's weighted cost, `hopPrefill` the prefill part in
+ * seconds. Writes the choice per k (-1 skip, -2 unreachable, else j) into `ch`; returns the new row.
+ */
+function step(p: Prepared, i: number, hop: number, hopPrefill: number, row: Row, ch: Int32Array, g: Float64Array, deque: Int32Array): Row {
+  const { f, chain } = row;
   const L = p.mm.profile.layerCount;
   const { memPrefix, readPrefix, flopPrefix } = p;
   const cap = p.budgets[i]! - p.workerConst;
@@ -176,14 +81,16 @@ function step(p: Prepared, i: number, hop: number, f: Float64Array, ch: Int32Arr
   const b = p.wt * p.invFlops[i]!;
   const mustUse = p.pinned.has(i);
   const nf = new Float64Array(L + 1);
+  const nc = new Float64Array(L + 1);
   if (mustUse) {
     nf.fill(Number.POSITIVE_INFINITY);
     ch.fill(-2);
   } else {
     nf.set(f);
+    nc.set(chain);
     ch.fill(-1);
   }
-  if (cap < 0) return nf;
+  if (cap < 0) return { f: nf, chain: nc };
   for (let k = 0; k <= L; k++) g[k] = f[k]! - (a * readPrefix[k]! + b * flopPrefix[k]!);
   let head = 0;
   let tail = 0;
@@ -204,11 +111,25 @@ function step(p: Prepared, i: number, hop: number, f: Float64Array, ch: Int32Arr
       const cost = g[jb]! + a * readPrefix[k]! + b * flopPrefix[k]! + hop;
       if (cost < nf[k]! - EPS) {
         nf[k] = cost;
+        nc[k] = chain[jb]! + (flopPrefix[k]! - flopPrefix[jb]!) * p.invFlops[i]! + hopPrefill;
         ch[k] = jb;
       }
     }
   }
-  return nf;
+  return { f: nf, chain: nc };
+}
+
+/**
+ * Weighted cost of a plan whose workers hold layers [0, j) (row value at j) and head h the rest:
+ * the DP's sums, with the prefill replaced by the pipelined time when ubatches overlap.
+ */
+function headedCost(p: Prepared, row: Row, h: number, j: number): number {
+  const L = p.mm.profile.layerCount;
+  const sum = row.f[j]! + lin(p, h, L) - lin(p, h, j);
+  if (!p.pipelined || j === 0) return sum;
+  const chain = row.chain[j]!;
+  const last = (p.flopPrefix[L]! - p.flopPrefix[j]!) * p.invFlops[h]!;
+  return sum + p.wt * (pipelineSeconds(chain, last, p.ubatches) - chain - last);
 }
 
 /** Walk positions backwards from the head's first layer `j`, skipping the head's own position `t`. */
@@ -237,14 +158,14 @@ function solve(p: Prepared): Assignment | undefined {
   // Shared prefix: prefixF[t] = costs after the first t nodes of `order` (none excluded);
   // prefixCh[t] = the choices of node order[t] in that prefix. A head at position t starts
   // from prefixF[t] and continues over positions t+1.. — half the work of recomputing.
-  const prefixF: Float64Array[] = [];
+  const prefixF: Row[] = [];
   const prefixCh: Int32Array[] = [];
-  let f0: Float64Array = new Float64Array(L + 1).fill(Number.POSITIVE_INFINITY);
-  f0[0] = 0;
+  let f0: Row = { f: new Float64Array(L + 1).fill(Number.POSITIVE_INFINITY), chain: new Float64Array(L + 1) };
+  f0.f[0] = 0;
   prefixF.push(f0);
   for (let t = 0; t < N; t++) {
     const ch = new Int32Array(L + 1);
-    f0 = step(p, order[t]!, p.hopCost[order[t]!]!, f0, ch, g, deque);
+    f0 = step(p, order[t]!, p.hopCost[order[t]!]!, p.hopPrefill[order[t]!]!, f0, ch, g, deque);
     prefixCh.push(ch);
     prefixF.push(f0);
   }
@@ -257,7 +178,9 @@ function solve(p: Prepared): Assignment | undefined {
   // Every layer at the cheapest node's rates: part of a lower bound for any head.
   const minInvBw = Math.min(...p.invBw);
   const minInvFlops = Math.min(...p.invFlops);
-  const L0 = p.wd * p.readPrefix[L]! * minInvBw + p.wt * p.flopPrefix[L]! * minInvFlops + fixedCost(p);
+  // Pipelined prefill is ≥ (chain + last)(1 + 1/U)/2 (max ≥ mean), so the bound scales by that.
+  const overlap = p.pipelined ? (1 + 1 / p.ubatches) / 2 : 1;
+  const L0 = p.wd * p.readPrefix[L]! * minInvBw + overlap * p.wt * p.flopPrefix[L]! * minInvFlops + fixedCost(p);
   for (let t = 0; t < N; t++) {
     const h = order[t]!;
     // measured links differ per pair, so no two heads are interchangeable then
@@ -276,17 +199,18 @@ function solve(p: Prepared): Assignment | undefined {
     if (jMin > L && !singleFits) continue;
     // With measured links every worker's hop depends on the head: no shared prefix (O(N²·L) per head).
     const hops = p.hopByHead?.[h];
-    let f: Float64Array = hops ? prefixF[0]! : prefixF[t]!;
-    if (hops) for (let s = 0; s < t; s++) f = step(p, order[s]!, hops[order[s]!]!, f, tailCh[s]!, g, deque);
-    for (let s = t + 1; s < N; s++) f = step(p, order[s]!, (hops ?? p.hopCost)[order[s]!]!, f, tailCh[s]!, g, deque);
+    const hopsPrefill = p.hopPrefillByHead?.[h] ?? p.hopPrefill;
+    let f: Row = hops ? prefixF[0]! : prefixF[t]!;
+    if (hops) for (let s = 0; s < t; s++) f = step(p, order[s]!, hops[order[s]!]!, hopsPrefill[order[s]!]!, f, tailCh[s]!, g, deque);
+    for (let s = t + 1; s < N; s++) f = step(p, order[s]!, (hops ?? p.hopCost)[order[s]!]!, hopsPrefill[order[s]!]!, f, tailCh[s]!, g, deque);
     let bestJ = -1;
     let bestCost = Number.POSITIVE_INFINITY;
     // Scan j ascending with strict <: on ties the head keeps more layers (fewer stages).
     const jMax = L - (p.o.headMinLayers ?? 0);
     for (let j = singleFits ? 0 : jMin; j <= jMax; j++) {
       if (j > 0 && j < jMin) continue;
-      if (f[j] === Number.POSITIVE_INFINITY) continue;
-      const cost = f[j]! + lin(p, h, L) - lin(p, h, j);
+      if (f.f[j] === Number.POSITIVE_INFINITY) continue;
+      const cost = headedCost(p, f, h, j);
       if (cost < bestCost - EPS) {
         bestCost = cost;
         bestJ = j;
@@ -299,10 +223,6 @@ function solve(p: Prepared): Assignment | undefined {
     best = { stages: reconstruct(order, t, bestJ, L, choices), seconds: total };
   }
   return best;
-}
-
-export function resolveOptions(options: Partial<PlacementOptions> | undefined): PlacementOptions {
-  return { ...DEFAULT_PLACEMENT_OPTIONS, ...options };
 }
 
 /** Plan a placement. Pure and deterministic. Throws UsageError on invalid input. */
@@ -413,7 +333,8 @@ export function describe(p: Prepared, solved: Assignment, rebalanced = true): Pl
   // a.seconds is the objective; the predictions are recomputed in seconds.
   const secondsPerToken = stages.reduce((t, s) => t + s.secondsPerToken, 0) + hopSeconds + p.o.headOverheadSeconds;
   const P = p.o.promptTokens;
-  const ttftSeconds = P > 0 ? stages.reduce((t, s) => t + s.prefillSeconds, 0) + boundaries.reduce((t, b) => t + b.prefill, 0) + p.o.headOverheadSeconds : 0;
+  const logits = P > 0 ? headPrefillFlops(profile) * p.invFlops[a.stages.at(-1)!.node]! : 0;
+  const ttftSeconds = P > 0 ? prefillSeconds(stages.map((s) => s.prefillSeconds), boundaries.map((b) => b.prefill), Math.ceil(P / p.o.ubatch), logits, overlapsUbatches(p.o)) + p.o.headOverheadSeconds : 0;
   return {
     fits: true,
     stages,

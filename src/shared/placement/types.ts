@@ -69,6 +69,12 @@ export interface PlacementOptions extends MemoryOptions {
    * An MLX pipeline: 1 (rank k sends to rank k + 1).
    */
   readonly activationCrossings: number;
+  /**
+   * A prompt's ubatches overlap on the last stage (cost.ts prefillSeconds): llama.cpp's pipeline
+   * parallelism (default true; false costs the plain sum). Never for engine 'mlx' (not measured:
+   * MLX ranks' prefill is costed as the plain sum).
+   */
+  readonly pipelinedPrefill: boolean;
 }
 
 /**
@@ -97,6 +103,7 @@ export const DEFAULT_PLACEMENT_OPTIONS: PlacementOptions = {
   // 10 GbE payload rate until links are measured.
   linkBytesPerSecond: 1.25e9,
   activationCrossings: 2,
+  pipelinedPrefill: true,
 };
 
 export interface PlanStage {

@@ -1,0 +1,145 @@
+import { UsageError } from '../errors.ts';
+import { type MemoryModel, memoryModel } from '../memory/stage.ts';
+import type { ModelProfile } from '../model/profile.ts';
+import { boundarySeconds, headPrefillFlops, layerPrefillFlops, objectiveWeights, prefillFlopsOf } from './cost.ts';
+import { type StageMemory, stageMemoryOf } from './stage-memory.ts';
+import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
+
+/**
+ * What the planner's DP (planner.ts) and a fixed split's costing (fixed.ts) start from: the
+ * options resolved and checked, every per-layer prefix sum and per-node rate of the cost model.
+ */
+
+const cmp = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
+
+/** Whether a prompt's ubatches overlap on the last stage: llama.cpp's pipeline parallelism, never for MLX ranks. */
+export function overlapsUbatches(o: PlacementOptions): boolean {
+  return o.pipelinedPrefill && o.engine !== 'mlx';
+}
+
+export interface Assignment {
+  /** In pipeline order; the last one is the head. */
+  readonly stages: readonly { node: number; first: number; end: number }[];
+  readonly seconds: number;
+}
+
+export interface Prepared {
+  readonly mm: MemoryModel;
+  /** The engine's memory rule: per-layer bytes, per-stage constants, exact stage bytes. */
+  readonly memory: StageMemory;
+  readonly nodes: readonly PlacementNode[];
+  readonly order: readonly number[];
+  readonly budgets: readonly number[];
+  readonly memPrefix: Float64Array;
+  readonly readPrefix: Float64Array;
+  /** Σ prompt FLOPs of layers [0, k) (P × per-token FLOPs; all zero without a prompt). */
+  readonly flopPrefix: Float64Array;
+  /** Objective weights of decode seconds and prefill seconds. */
+  readonly wd: number;
+  readonly wt: number;
+  readonly invBw: readonly number[];
+  readonly invFlops: readonly number[];
+  /** Weighted cost of the boundary after a stage on node i (decode and prefill parts). */
+  readonly hopCost: readonly number[];
+  /** With measured links: hopByHead[h][i] is that cost when node h is the head (i's link to h). */
+  readonly hopByHead: readonly (readonly number[])[] | undefined;
+  /** The prefill part of those boundaries, unweighted seconds (the chain of cost.ts pipelineSeconds). */
+  readonly hopPrefill: readonly number[];
+  readonly hopPrefillByHead: readonly (readonly number[])[] | undefined;
+  /** ⌈P ÷ ubatch⌉ ubatches, and whether they overlap on the last stage (options.pipelinedPrefill). */
+  readonly ubatches: number;
+  readonly pipelined: boolean;
+  /** Weighted cost of the head's own work (output head read, last-position logits) on node i. */
+  readonly headCost: readonly number[];
+  readonly workerConst: number;
+  /** Head of a multi-stage plan (pipeline-parallel compute buffers). */
+  readonly headConst: number;
+  /** A single node holding everything (no pipeline copies). */
+  readonly headConstSingle: number;
+  readonly headRead: number;
+  readonly pinned: ReadonlySet<number>;
+  readonly o: PlacementOptions;
+}
+
+export function validate(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions): void {
+  if (nodes.length === 0) throw new UsageError('no nodes to plan for');
+  const seen = new Set<string>();
+  for (const n of nodes) {
+    if (seen.has(n.name)) throw new UsageError(`node name "${n.name}" appears twice`);
+    seen.add(n.name);
+    if (!(n.budgetBytes >= 0) || !Number.isFinite(n.budgetBytes)) throw new UsageError(`node ${n.name}: budget must be a non-negative number of bytes`);
+    if (!(n.bandwidthBytesPerSecond > 0) || !Number.isFinite(n.bandwidthBytesPerSecond)) throw new UsageError(`node ${n.name}: bandwidth must be positive`);
+    if (n.hopSeconds !== undefined && !(n.hopSeconds >= 0)) throw new UsageError(`node ${n.name}: hop cost must be ≥ 0`);
+  }
+  for (const p of o.pinned) if (!seen.has(p)) throw new UsageError(`pinned node "${p}" is not among the nodes`);
+  if (!Number.isSafeInteger(o.ctx) || o.ctx < 1) throw new UsageError(`invalid context ${o.ctx}`);
+  if (!Number.isSafeInteger(o.parallel) || o.parallel < 1) throw new UsageError(`invalid parallel ${o.parallel}`);
+  if (profile.layerCount < 1) throw new UsageError('model has no layers');
+}
+
+/** @param maxStages the most stages a plan may have, for memory rules whose per-stage cost grows with them (MLX). */
+export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions, maxStages = nodes.length): Prepared {
+  const mo = { ctx: o.ctx, cacheType: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch, flashAttention: o.flashAttention };
+  const mm = memoryModel(profile, mo, o.kvFill);
+  const memory = stageMemoryOf(mm, o, maxStages);
+  const L = profile.layerCount;
+  const memPrefix = new Float64Array(L + 1);
+  const readPrefix = new Float64Array(L + 1);
+  const flopPrefix = new Float64Array(L + 1);
+  const P = o.promptTokens;
+  const flops = P > 0 ? layerPrefillFlops(profile, P) : [];
+  for (let l = 0; l < L; l++) {
+    memPrefix[l + 1] = memPrefix[l]! + memory.layerBytes[l]!;
+    readPrefix[l + 1] = readPrefix[l]! + memory.layerRead[l]!;
+    flopPrefix[l + 1] = flopPrefix[l]! + P * (flops[l] ?? 0);
+  }
+  const { wd, wt } = objectiveWeights(o);
+  const invBw = nodes.map((n) => 1 / n.bandwidthBytesPerSecond);
+  const invFlops = nodes.map((n) => 1 / prefillFlopsOf(n));
+  const headRead = profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes;
+  const hopOf = (n: PlacementNode, head?: string) => ((b) => wd * b.decode + wt * b.prefill)(boundarySeconds(profile, n, o, head));
+  const hopCost = nodes.map((n) => hopOf(n));
+  const linked = nodes.some((n) => n.links !== undefined && Object.keys(n.links).length > 0);
+  const hopByHead = linked ? nodes.map((h) => nodes.map((n) => hopOf(n, h.name))) : undefined;
+  const hopPrefill = nodes.map((n) => boundarySeconds(profile, n, o).prefill);
+  const hopPrefillByHead = linked ? nodes.map((h) => nodes.map((n) => boundarySeconds(profile, n, o, h.name).prefill)) : undefined;
+  const ubatches = P > 0 ? Math.ceil(P / o.ubatch) : 1;
+  const headCost = nodes.map((_, i) => wd * headRead * invBw[i]! + wt * (P > 0 ? headPrefillFlops(profile) * invFlops[i]! : 0));
+  const order = nodes
+    .map((_, i) => i)
+    .sort((a, b) => nodes[b]!.bandwidthBytesPerSecond - nodes[a]!.bandwidthBytesPerSecond || cmp(nodes[a]!.name, nodes[b]!.name));
+  const pinnedNames = new Set(o.pinned);
+  const pinned = new Set(nodes.flatMap((n, i) => (pinnedNames.has(n.name) ? [i] : [])));
+  return {
+    mm,
+    memory,
+    nodes,
+    order,
+    budgets: nodes.map((n) => n.budgetBytes - o.safetyMarginBytes),
+    memPrefix,
+    readPrefix,
+    flopPrefix,
+    wd,
+    wt,
+    invBw,
+    invFlops,
+    hopCost,
+    hopByHead,
+    hopPrefill,
+    hopPrefillByHead,
+    ubatches,
+    pipelined: overlapsUbatches(o) && ubatches > 1 && wt > 0,
+    headCost,
+    workerConst: memory.workerFixed.total,
+    headConst: memory.headConst,
+    headConstSingle: memory.headConstSingle,
+    // The head reads the output head in full and one token_embd row per token.
+    headRead,
+    pinned,
+    o,
+  };
+}
+
+export function resolveOptions(options: Partial<PlacementOptions> | undefined): PlacementOptions {
+  return { ...DEFAULT_PLACEMENT_OPTIONS, ...options };
+}
