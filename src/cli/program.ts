@@ -1,30 +1,42 @@
+import { existsSync } from 'node:fs';
 import { type Command, CommanderError, Option } from 'commander';
 import { OrchardError, UsageError } from '../shared/errors.ts';
-import { loadConfig } from './config.ts';
+import { configPathFrom, loadConfig } from './config.ts';
 import { honourFalseEnv, OrchardCommand } from './env.ts';
-import { registerCluster } from './commands/cluster.ts';
-import { registerCoordinator } from './commands/coordinator.ts';
-import { registerChat } from './commands/chat.ts';
-import { registerDemo } from './commands/demo.ts';
-import { registerGenerate } from './commands/generate.ts';
-import { registerLoad } from './commands/load.ts';
-import { registerNode } from './commands/node.ts';
-import { registerPlan } from './commands/plan.ts';
-import { registerService } from './commands/service.ts';
-import { registerSetup } from './commands/setup.ts';
-import { registerStatus } from './commands/status.ts';
-import { registerEvents } from './commands/events.ts';
-import { registerTestmodel } from './commands/testmodel.ts';
-import { registerUnload } from './commands/unload.ts';
-import { registerRebalance } from './commands/rebalance.ts';
-import { registerUp } from './commands/up.ts';
+type Register = (program: Command) => void;
 
 /**
- * The `orchard` command tree. Each command lives in `commands/<name>.ts` and exports
- * `register<Name>(program)`; this file only assembles them and owns the shared conventions:
+ * Every command, in help order, by name: `commands/<name>.ts` exports `register<Name>(program)`.
+ * The modules are imported on demand because each pulls in its whole stack (coordinator, agent,
+ * NATS, build tooling…) and Node loads every static import before the first line runs: every
+ * `orchard status` paid ~1.5 s of CPU for all of them, the largest single cost of the tests
+ * that drive the CLI as a process.
+ */
+const COMMANDS: Readonly<Record<string, () => Promise<Register>>> = {
+  setup: async () => (await import('./commands/setup.ts')).registerSetup,
+  testmodel: async () => (await import('./commands/testmodel.ts')).registerTestmodel,
+  service: async () => (await import('./commands/service.ts')).registerService,
+  node: async () => (await import('./commands/node.ts')).registerNode,
+  coordinator: async () => (await import('./commands/coordinator.ts')).registerCoordinator,
+  cluster: async () => (await import('./commands/cluster.ts')).registerCluster,
+  status: async () => (await import('./commands/status.ts')).registerStatus,
+  events: async () => (await import('./commands/events.ts')).registerEvents,
+  load: async () => (await import('./commands/load.ts')).registerLoad,
+  unload: async () => (await import('./commands/unload.ts')).registerUnload,
+  rebalance: async () => (await import('./commands/rebalance.ts')).registerRebalance,
+  generate: async () => (await import('./commands/generate.ts')).registerGenerate,
+  plan: async () => (await import('./commands/plan.ts')).registerPlan,
+  demo: async () => (await import('./commands/demo.ts')).registerDemo,
+  up: async () => (await import('./commands/up.ts')).registerUp,
+  chat: async () => (await import('./commands/chat.ts')).registerChat,
+};
+
+/**
+ * The `orchard` command tree (`only`: just those commands). Each command lives in
+ * `commands/<name>.ts`; this file only assembles them and owns the shared conventions:
  * exit 0 ok, 1 failure, 2 usage; one-line errors; stack traces only with --debug.
  */
-export function buildProgram(): Command {
+export async function buildProgram(only: readonly string[] = Object.keys(COMMANDS)): Promise<Command> {
   const program = new OrchardCommand('orchard')
     .description('Run one large language model across several Apple Silicon Macs.')
     .version(process.env.npm_package_version ?? '0.1.0', '-V, --version')
@@ -34,24 +46,23 @@ export function buildProgram(): Command {
     .configureHelp({ sortSubcommands: false })
     .hook('preAction', (_root, actionCommand) => honourFalseEnv(actionCommand));
   program.exitOverride();
-  registerSetup(program);
-  registerTestmodel(program);
-  registerService(program);
-  registerNode(program);
-  registerCoordinator(program);
-  registerCluster(program);
-  registerStatus(program);
-  registerEvents(program);
-  registerLoad(program);
-  registerUnload(program);
-  registerRebalance(program);
-  registerGenerate(program);
-  registerPlan(program);
-  registerDemo(program);
-  registerUp(program);
-  registerChat(program);
+  const registers = await Promise.all(Object.keys(COMMANDS).filter((name) => only.includes(name)).map((name) => COMMANDS[name]!()));
+  for (const register of registers) register(program);
   for (const cmd of program.commands) inheritConventions(cmd);
   return program;
+}
+
+/**
+ * The one command a run needs, when that is all it needs: the first word of argv names a command
+ * and no config file exists (a config file is checked against every command: an unknown key is
+ * refused). Help, typos (suggestions) and config files get the whole tree.
+ */
+function commandToLoad(argv: readonly string[]): string | undefined {
+  let i = 0;
+  while (i < argv.length && argv[i]!.startsWith('-')) i += argv[i] === '--config' ? 2 : 1;
+  const name = argv[i];
+  if (name === undefined || !Object.hasOwn(COMMANDS, name)) return undefined;
+  return existsSync(configPathFrom(argv).path) ? undefined : name;
 }
 
 function inheritConventions(cmd: Command): void {
@@ -68,9 +79,10 @@ export function action<A extends unknown[]>(fn: (...args: A) => Promise<void> | 
 }
 
 export async function runCli(argv: string[]): Promise<number> {
-  const program = buildProgram();
   const debug = argv.includes('--debug') || !!process.env.ORCHARD_DEBUG;
   try {
+    const name = commandToLoad(argv);
+    const program = await buildProgram(name === undefined ? undefined : [name]);
     await loadConfig(program, argv);
     await program.parseAsync(argv, { from: 'user' });
     return typeof process.exitCode === 'number' ? process.exitCode : 0;

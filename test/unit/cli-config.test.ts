@@ -63,8 +63,8 @@ describe('config file errors', () => {
   it('bad JSON names the file', () => {
     expect(() => parseConfigFile('{', '/x/config.json')).toThrow(/config file \/x\/config.json is not valid JSON/);
   });
-  it('knows the real commands and their options', () => {
-    const p = buildProgram();
+  it('knows the real commands and their options', async () => {
+    const p = await buildProgram();
     expect(() => applyConfig(p, { coordinator: { httpPort: 9000, apiKey: 'k' }, node: { budget: '1GiB', mdns: false }, 'coordinator token': { stateDir: '/s' } }, 'c')).not.toThrow();
   });
 });
@@ -103,7 +103,7 @@ function sampleValue(o: Option): string {
  * nothing starts); required arguments get placeholders. Returns the options the action saw.
  */
 async function optionsFromEnv(path: string[], env: Record<string, string>): Promise<Record<string, unknown>> {
-  const program = buildProgram();
+  const program = await buildProgram();
   const target = commandsOf(program).find((c) => c.path.join(' ') === path.join(' '))!.cmd;
   let seen: Record<string, unknown> | undefined;
   target.action((...args: unknown[]) => {
@@ -121,8 +121,11 @@ async function optionsFromEnv(path: string[], env: Record<string, string>): Prom
   return seen!;
 }
 
+// Collected once here: the tests below are generated from the command tree.
+const fullProgram = await buildProgram();
+
 describe('every option can come from the environment', () => {
-  const program = buildProgram();
+  const program = fullProgram;
   const leaves = commandsOf(program).filter(({ cmd }) => cmd.commands.length === 0);
 
   it('each option of each command names a variable, and --help shows it', () => {
@@ -155,17 +158,18 @@ describe('every option can come from the environment', () => {
     }
   });
 
-  it('secrets (API keys, tokens) are read from the environment or the config file, not only argv', () => {
+  it('secrets (API keys, tokens) are read from the environment or the config file, not only argv', async () => {
     const secrets = commandsOf(program).flatMap(({ cmd, path }) => cmd.options.filter((o) => /key|token|secret|password/.test(o.long ?? '')).map((o) => ({ o, path })));
     expect(secrets.length).toBeGreaterThanOrEqual(5);
     for (const { o, path } of secrets) {
       expect(o.envVar, `${path.join(' ')} ${o.long}`).toBeDefined();
-      expect(() => applyConfig(buildProgram(), { [path.join(' ')]: { [o.attributeName()]: 's3cret' } }, 'c')).not.toThrow();
+      const fresh = await buildProgram();
+      expect(() => applyConfig(fresh, { [path.join(' ')]: { [o.attributeName()]: 's3cret' } }, 'c')).not.toThrow();
     }
   });
 
   it.each(leaves.map(({ path }) => [path.join(' '), path] as const))('orchard %s: setting each variable sets its option', async (_name, path) => {
-    const cmd = commandsOf(buildProgram()).find((c) => c.path.join(' ') === path.join(' '))!.cmd;
+    const cmd = commandsOf(await buildProgram()).find((c) => c.path.join(' ') === path.join(' '))!.cmd;
     const valued = cmd.options.filter((o) => o.required || o.optional);
     // `--no-nats` beside `--nats <url>` sets the same attribute: set together, one must win, so it is checked alone.
     const pairedOff = cmd.options.filter((o) => o.negate && valued.some((v) => v.attributeName() === o.attributeName()));

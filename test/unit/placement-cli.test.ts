@@ -13,10 +13,10 @@ import { writeMlxHeaderOnly } from '../../src/shared/testmodel/mlx.ts';
 import { DEFAULT_LLAMA_TEST_SHAPE, llamaTestModelSpec } from '../../src/shared/testmodel/llama.ts';
 import { findPreset, presetSpec } from '../../src/shared/testmodel/presets.ts';
 import { loadVocab } from '../../src/shared/testmodel/vocab.ts';
+import { orchardInProcess as orchard } from '../helpers/cli-in-process.ts';
 import { orchard as runOrchard } from '../helpers/processes.ts';
 
 const GiB = 2 ** 30;
-const orchard = (...args: string[]) => runOrchard(args, process.env);
 
 let dir: string;
 let model70b: string;
@@ -59,8 +59,10 @@ afterAll(async () => {
 });
 
 describe('orchard plan', () => {
+  // The CLI runs in this process below (see cli-in-process.ts); this test and the first bad input
+  // run `orchard` as a process: exit code, stdout and stderr as a shell sees them.
   it('--json prints the issue shape: 70B Q4_K_M at 8k on the Ultra alone', async () => {
-    const r = await orchard('plan', model70b, '--nodes', nodesFile, '--ctx', '8192', '--json');
+    const r = await runOrchard(['plan', model70b, '--nodes', nodesFile, '--ctx', '8192', '--json'], process.env);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const plan = JSON.parse(r.stdout);
@@ -258,9 +260,10 @@ describe('orchard plan', () => {
     ['bad --ctx', async () => ['plan', model70b, '--nodes', nodesFile, '--ctx', '-1'], /invalid --ctx/],
     ['bad --hop-ms', async () => ['plan', model70b, '--nodes', nodesFile, '--hop-ms', '-3'], /invalid --hop-ms/],
   ];
-  for (const [what, args, msg] of bad) {
+  for (const [i, [what, args, msg]] of bad.entries()) {
     it(`bad input (${what}) → one line, exit 2`, async () => {
-      const r = await orchard(...(await args()));
+      const argv = await args();
+      const r = i === 0 ? await runOrchard(argv, process.env) : await orchard(...argv);
       expect(r.code).toBe(2);
       expect(r.stdout).toBe('');
       expect(r.stderr.trim().split('\n')).toHaveLength(1);

@@ -4,14 +4,14 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { readGgufFileInfo } from 'node-llama-cpp';
-import { describe, expect, it, vi } from 'vitest';
-import { runCli } from '../../src/cli/program.ts';
+import { describe, expect, it } from 'vitest';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { metaArray, metaNumber, metaString } from '../../src/shared/gguf/types.ts';
 import { writeGguf } from '../../src/shared/gguf/writer.ts';
 import { type LlamaTestShape, llamaTestModelSpec } from '../../src/shared/testmodel/llama.ts';
 import { fp32ToFp16Bits, quantizeQ8_0 } from '../../src/shared/testmodel/quantize.ts';
 import { loadVocab } from '../../src/shared/testmodel/vocab.ts';
+import { orchardInProcess } from '../helpers/cli-in-process.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
 const run = promisify(execFile);
@@ -25,30 +25,6 @@ async function orchard(...args: string[]): Promise<{ code: number; stdout: strin
   } catch (e) {
     const err = e as { code: number; stdout: string; stderr: string };
     return { code: err.code, stdout: err.stdout, stderr: err.stderr };
-  }
-}
-
-/**
- * The CLI in this process (same code path as bin/orchard.js minus process startup, which costs
- * seconds per run on a loaded 2-core machine); stdout and stderr are captured.
- */
-async function orchardInProcess(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  let stdout = '';
-  let stderr = '';
-  const out = vi.spyOn(process.stdout, 'write').mockImplementation((chunk) => {
-    stdout += String(chunk);
-    return true;
-  });
-  const err = vi.spyOn(process.stderr, 'write').mockImplementation((chunk) => {
-    stderr += String(chunk);
-    return true;
-  });
-  try {
-    const code = await runCli(args);
-    return { code, stdout, stderr };
-  } finally {
-    out.mockRestore();
-    err.mockRestore();
   }
 }
 

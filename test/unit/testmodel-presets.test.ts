@@ -1,14 +1,14 @@
 
 import { join } from 'node:path';
 import { readGgufFileInfo } from 'node-llama-cpp';
-import { describe, expect, it, vi } from 'vitest';
-import { runCli } from '../../src/cli/program.ts';
+import { describe, expect, it } from 'vitest';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { metaNumber, metaString } from '../../src/shared/gguf/types.ts';
 import { encodeGgufHeader } from '../../src/shared/gguf/writer.ts';
 import { parameterCount } from '../../src/shared/testmodel/llama.ts';
 import { findPreset, PRESETS, presetSpec } from '../../src/shared/testmodel/presets.ts';
 import { type PresetQuant, useMoreBits } from '../../src/shared/testmodel/quant-mix.ts';
+import { orchardInProcess } from '../helpers/cli-in-process.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
 /**
@@ -155,24 +155,7 @@ describe('Q4_K_M per-tensor types follow llama.cpp’s mixing rule', () => {
 describe('orchard testmodel gguf --shape', () => {
   const tmp = tempDir('orchard-presets-', 'all');
 
-  async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-    let stdout = '';
-    let stderr = '';
-    const o = vi.spyOn(process.stdout, 'write').mockImplementation((c) => {
-      stdout += String(c);
-      return true;
-    });
-    const e = vi.spyOn(process.stderr, 'write').mockImplementation((c) => {
-      stderr += String(c);
-      return true;
-    });
-    try {
-      return { code: await runCli(args), stdout, stderr };
-    } finally {
-      o.mockRestore();
-      e.mockRestore();
-    }
-  }
+  const cli = orchardInProcess;
 
   it('writes every preset as a small, deterministic header-only file both readers accept', async () => {
     for (const preset of PRESETS) {
