@@ -1,6 +1,10 @@
 import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { cacheRoot } from '../src/shared/cache-dir.ts';
 
 /**
  * After the whole suite: no engine, server or agent a test started may still be alive. A leak
@@ -37,12 +41,21 @@ function carriesRun(pid: number, id: string): boolean {
   }
 }
 
+/**
+ * The run's shared test models (test/helpers/test-models.ts): a folder of this run under
+ * Orchard's cache dir, which every agent accepts as a root, removed when the run ends.
+ */
+const MODELS = 'ORCHARD_TEST_MODELS';
+
 export function setup(): () => Promise<void> {
   const id = randomUUID();
   process.env[MARKER] = id;
+  const models = join(cacheRoot(process.env, process.platform, homedir()), 'test-models', id);
+  process.env[MODELS] = models;
   const procfs = existsSync('/proc/self/environ');
   const before = new Set(matching().keys());
   return async () => {
+    await rm(models, { recursive: true, force: true });
     const ours = () =>
       [...matching()]
         .filter(([pid]) => (procfs ? carriesRun(pid, id) : !before.has(pid)))

@@ -49,8 +49,7 @@ export async function measureFailover(o: { trials: number }): Promise<FailoverRe
       const p = procs.start(name, [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', stateDir, '--nats', nats.url, '--lease-ttl', String(LEASE_TTL_MS), '--json'], env);
       return { p, grpc: `127.0.0.1:${String((await readyLine(p)).grpcPort)}`, stateDir };
     };
-    const model = join(dir, 'm8.gguf');
-    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '11'], env, 2048);
+    const { model, budget } = await modelThatMustSplit(['--layers', '8', '--seed', '11'], 2048, dir);
     let leader = await start('coordinator A', join(dir, 'a'));
     await new StateDir(join(dir, 'b')).importCa(await new StateDir(leader.stateDir).exportCa());
     let standby = await start('coordinator B', join(dir, 'b'));

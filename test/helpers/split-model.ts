@@ -5,18 +5,18 @@ import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { mlxTensorFit } from '../../src/shared/placement/stage-memory.ts';
 import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
-import { orchard } from './processes.ts';
+import { testGguf } from './test-models.ts';
 
 /**
- * Generate a test GGUF (`orchard testmodel gguf --out path …args`) and the per-node budget that
- * forces a split: a hair (2 MiB) below what one node needs for the whole model at `ctx`.
+ * The run's test GGUF for `orchard testmodel gguf …args` (testGguf: shared, do not modify) and the
+ * per-node budget that forces a split: a hair (2 MiB) below what one node needs for the whole
+ * model at `ctx`. `dir`: where testGguf keeps it outside a test run.
  */
-export async function modelThatMustSplit(path: string, args: readonly string[], env: NodeJS.ProcessEnv, ctx: number): Promise<number> {
-  const made = await orchard(['testmodel', 'gguf', '--out', path, ...args], env);
-  expect(made.code, made.stderr).toBe(0);
-  const profile = modelProfile(await readGgufHeader(path));
+export async function modelThatMustSplit(args: readonly string[], ctx: number, dir?: string): Promise<{ model: string; budget: number }> {
+  const model = await testGguf(args, dir);
+  const profile = modelProfile(await readGgufHeader(model));
   const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx });
-  return Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
+  return { model, budget: Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20 };
 }
 
 /**

@@ -40,9 +40,9 @@ describeWith([engines], 'MoE models (deepseek2 MLA + experts, qwen3moe) split ov
     // ORCHARD_COORDINATOR_STATE_DIR: the CLI trusts the coordinator by its state dir (CA, admin key).
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1', ORCHARD_COORDINATOR_STATE_DIR: join(dir, 'coord') };
     for (const arch of FAMILIES) {
-      const path = join(dir, `${arch}.gguf`);
-      budgets.push(await modelThatMustSplit(path, ['--arch', arch, '--layers', '24', '--seed', '11'], env, CTX));
-      models.set(arch, path);
+      const { model, budget } = await modelThatMustSplit(['--arch', arch, '--layers', '24', '--seed', '11'], CTX);
+      budgets.push(budget);
+      models.set(arch, model);
     }
     // One budget that neither model fits in alone.
     const budget = Math.min(...budgets);

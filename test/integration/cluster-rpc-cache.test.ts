@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -57,7 +57,10 @@ describe('cluster: rpc-server caches pre-seeded from the nodes’ own model file
     await mkdir(models);
     model = join(models, 'wide.gguf');
     // every matrix above ggml-rpc's 10 MiB hash threshold (dim 2304, 8 KV heads, f16)
-    const budget = await modelThatMustSplit(model, ['--layers', '2', '--dim', '2304', '--ffn', '5632', '--heads', '8', '--kv-heads', '8', '--seed', '3'], env, CTX);
+    const split = await modelThatMustSplit(['--layers', '2', '--dim', '2304', '--ffn', '5632', '--heads', '8', '--kv-heads', '8', '--seed', '3'], CTX);
+    // A copy under --models-dir: the agents seed their tensor cache from the files there.
+    await copyFile(split.model, model);
+    const budget = split.budget;
 
     env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord'); // the CLI trusts the coordinator by its state dir
     const coordinator = start('coordinator', [BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--json'], env);

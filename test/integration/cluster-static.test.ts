@@ -55,9 +55,10 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     bins = await findLlamaBinaries();
     dir = await mkdtemp(join(tmpdir(), 'orchard-cluster-'));
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
-    model = join(dir, 'm8.gguf');
+    const split = await modelThatMustSplit(['--layers', '8', '--seed', '7'], CTX);
+    model = split.model;
     // Budgets: a hair below what one node needs for the whole model, so the planner must split.
-    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
+    const budget = split.budget;
 
     // The CLI on this machine trusts the coordinator by its state dir (CA, local admin key).
     env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord');

@@ -50,8 +50,9 @@ describeWith([engines], 'coordinator restart re-adopts running engines (file sto
     // The CLI on this machine trusts the coordinator by its state dir (CA, local admin key).
     cluster = new JoinedCluster({ dir: dir.path, env: engineEnv });
     env = cluster.env;
-    model = join(dir.path, 'm8.gguf');
-    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '11'], env, CTX);
+    const split = await modelThatMustSplit(['--layers', '8', '--seed', '11'], CTX);
+    model = split.model;
+    const budget = split.budget;
     ({ p: coordinator, addr: coordAddr } = await startCoordinator('coordinator'));
     await cluster.mintToken(3);
     for (const name of ['alpha', 'bravo', 'charlie']) agents.push(await cluster.startAgent(name, ['--budget', String(budget)]));

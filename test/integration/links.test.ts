@@ -37,8 +37,9 @@ describe('measured links between joined agents', () => {
 
   beforeAll(async () => {
     env = { ...process.env, ORCHARD_LOG_FORMAT: 'json', ORCHARD_COORDINATOR_STATE_DIR: join(dir.path, 'coord') };
-    model = join(dir.path, 'm8.gguf');
-    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '3', '--header-only'], env, 2048);
+    const split = await modelThatMustSplit(['--layers', '8', '--seed', '3', '--header-only'], 2048);
+    model = split.model;
+    const budget = split.budget;
     const coordinator = spawnProc('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir.path, 'coord'), '--json'], env);
     procs.push(coordinator);
     coordAddr = `127.0.0.1:${String((await readyLine(coordinator)).grpcPort)}`;

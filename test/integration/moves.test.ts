@@ -1,5 +1,4 @@
 import { execFileSync } from 'node:child_process';
-import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
@@ -65,8 +64,7 @@ describeWith([engines], 'membership changes on purpose: drain and rebalance', ()
     const bins = engines.ok ? (engines.value as LlamaBinaries) : undefined;
     if (!bins) return;
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
-    model = join(dir.path, 'm8.gguf');
-    budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
+    ({ model, budget } = await modelThatMustSplit(['--layers', '8', '--seed', '7'], CTX));
     cluster = new JoinedCluster({ dir: dir.path, env });
     await cluster.startCoordinator();
     ({ env, grpcAddress: coordAddr } = cluster);

@@ -56,8 +56,7 @@ describeWith([engines, nats], 'cluster events on NATS: load, generate, node loss
     server = await testNats((nats as { value: string }).value);
     const stateDir = join(dir.path, 'coord');
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1', ORCHARD_COORDINATOR_STATE_DIR: stateDir };
-    const model = join(dir.path, 'm8.gguf');
-    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '11'], env, CTX);
+    const { model, budget } = await modelThatMustSplit(['--layers', '8', '--seed', '11'], CTX);
     const coordinator = start('coordinator', [ORCHARD_BIN, 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', stateDir, '--nats', server.url, '--heal', 'off', '--json']);
     const ready = await readyLine(coordinator);
     coordAddr = `127.0.0.1:${String(ready.grpcPort)}`;

@@ -92,8 +92,7 @@ describeWith([engines, nats], 'two coordinators on NATS: the standby takes over 
     natsUrl = server.url.replace(/^nats:/, 'tls:');
     const plain = await connect({ servers: server.url, reconnect: false, timeout: 5000 }).then((nc) => nc.close().then(() => 'connected'), String);
     expect(plain, 'a client without a cluster certificate got in').not.toBe('connected');
-    const model = join(dir.path, 'm8.gguf');
-    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '11'], env, CTX);
+    const { model, budget } = await modelThatMustSplit(['--layers', '8', '--seed', '11'], CTX);
     a = await startCoordinator('coordinator A', join(dir.path, 'a'));
     expect(a.role).toBe('leader');
 

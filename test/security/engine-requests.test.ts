@@ -198,8 +198,9 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     dir = join(tmp, 'cluster');
     mkdirSync(dir);
     env = { ...process.env, ORCHARD_LLAMA_BIN_DIR: bins.binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
-    model = join(dir, 'm8.gguf');
-    const budget = await modelThatMustSplit(model, ['--layers', '8', '--seed', '7'], env, CTX);
+    const split = await modelThatMustSplit(['--layers', '8', '--seed', '7'], CTX);
+    model = split.model;
+    const budget = split.budget;
     // --heal off: this checks that the loss is noticed (failed at once); with healing on the same
     // loss turns the model `recovering` (test/integration/self-heal.test.ts).
     const coord = spawnProc('coordinator', [join(process.cwd(), 'bin/orchard.js'), 'coordinator', '--no-mdns', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--state-dir', join(dir, 'coord'), '--heal', 'off', '--json'], env);
