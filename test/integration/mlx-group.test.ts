@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, readlink, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -209,13 +209,13 @@ describe('MLX group failures', () => {
       mode: 'pipeline',
       launch,
       localRanks: [0],
-      startupTimeoutMs: 12_000,
+      startupTimeoutMs: 6000,
     }).catch((e: unknown) => e);
     const elapsed = Date.now() - t0;
     expect(err).toBeInstanceOf(MlxGroupError);
-    expect(String(err)).toMatch(/did not start within 12 s: rank 0 never reported ready/);
-    expect(elapsed).toBeGreaterThanOrEqual(11_500);
-    expect(elapsed).toBeLessThan(20_000);
+    expect(String(err)).toMatch(/did not start within 6 s: rank 0 never reported ready/);
+    expect(elapsed).toBeGreaterThanOrEqual(5500);
+    expect(elapsed).toBeLessThan(14_000);
     pids = await workerPids(llama);
     expect(pids).toEqual([]);
   });
@@ -250,8 +250,10 @@ describe('MLX group failures', () => {
         worker = await childPids(parent.pid ?? -1);
       }
       expect(worker.length).toBe(1);
-      // Let it reach the ring handshake (imports done, blocking in accept).
-      await new Promise((r) => setTimeout(r, 8000));
+      // Let it reach the ring handshake (imports done, blocking in accept): it listens.
+      const handshake = Date.now() + 60_000;
+      while (Date.now() < handshake && !(await listening(worker[0]!))) await new Promise((r) => setTimeout(r, 200));
+      expect(await listening(worker[0]!)).toBe(true);
       process.kill(-(parent.pid ?? 0), 'SIGKILL');
       const gone = Date.now() + 5000;
       while (Date.now() < gone && worker.some(alive)) await new Promise((r) => setTimeout(r, 100));
@@ -265,6 +267,20 @@ describe('MLX group failures', () => {
     }
   });
 });
+
+/** Whether `pid` holds a listening TCP socket, from /proc: its socket inodes in state 0A (LISTEN). */
+async function listening(pid: number): Promise<boolean> {
+  const inodes = new Set<string>();
+  for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [])) {
+    const m = /^socket:\[(\d+)\]$/.exec(await readlink(`/proc/${pid}/fd/${fd}`).catch(() => ''));
+    if (m) inodes.add(m[1]!);
+  }
+  for (const table of ['tcp', 'tcp6']) {
+    const rows = (await readFile(`/proc/${pid}/net/${table}`, 'utf8').catch(() => '')).split('\n').slice(1);
+    if (rows.some((r) => r.trim().split(/\s+/)[3] === '0A' && inodes.has(r.trim().split(/\s+/)[9] ?? ''))) return true;
+  }
+  return false;
+}
 
 async function childPids(ppid: number): Promise<number[]> {
   const { execFile } = await import('node:child_process');
