@@ -13,6 +13,7 @@ import { describeWith, networkNamespaces } from '../helpers/needs.ts';
 import { joinToken } from '../helpers/join.ts';
 import { deleteNamespaces, linkNamespaces } from '../helpers/netns.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
+import { testGguf } from '../helpers/test-models.ts';
 
 /*
  * The Bonjour variant of the cluster test: nodes are found by mDNS, never joined by hand. Two
@@ -101,8 +102,7 @@ describeWith([netns], 'cluster over Bonjour inside network namespaces', () => {
     // This variant runs llama-server at DEBUG verbosity, so verification reads the engine's own
     // per-layer assignment lines (the static-join test covers the default: ranges from KV sizes).
     env.ORCHARD_ENGINE_DEBUG_LOG = '1';
-    model = join(dir, 'm8.gguf');
-    await execFileP(process.execPath, [BIN, 'testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '11'], { env });
+    model = await testGguf(['--layers', '8', '--seed', '11']);
 
     nsCreated = true;
     linkNamespaces({ ns: NS_COORD, veth: VETH_COORD, ip: COORD_IP }, { ns: NS_NODES, veth: VETH_NODES, ip: NODES_IP });

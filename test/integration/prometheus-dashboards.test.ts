@@ -16,6 +16,7 @@ import { modelProfile } from '../../src/shared/model/profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { joinToken } from '../helpers/join.ts';
 import { freePort, killGroup, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { testGguf } from '../helpers/test-models.ts';
 
 /**
  * A REAL Prometheus (Debian's `prometheus` binary) on 127.0.0.1, configured only with an
@@ -105,9 +106,7 @@ async function startLiveCluster(): Promise<ScrapedCluster> {
     rmSync(dir, { recursive: true, force: true });
   };
   try {
-    const model = join(dir, 'm8.gguf');
-    const made = runCli(['testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '7'], env);
-    if (made.status !== 0) throw new Error(`testmodel: ${made.stderr}`);
+    const model = await testGguf(['--layers', '8', '--seed', '7']);
     const single = planPlacement(modelProfile(await readGgufHeader(model)), [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx: 2048 });
     const budget = Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20;
     env.ORCHARD_COORDINATOR_STATE_DIR = join(dir, 'coord'); // the CLI trusts the coordinator by its state dir

@@ -1,11 +1,9 @@
-import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
 import { completionBody, relayCompletion } from '../../src/node/generate.ts';
 import type { GenerateParams } from '../../src/shared/generation.ts';
 import { describeWith, itWith, llamaEngines } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaServer } from '../helpers/oracle.ts';
-import { orchard } from '../helpers/processes.ts';
-import { tempDir } from '../helpers/temp-dir.ts';
+import { testGguf } from '../helpers/test-models.ts';
 
 /*
  * A resumed greedy stream equals the undisturbed one at every point it can be cut. The agent's
@@ -18,7 +16,6 @@ import { tempDir } from '../helpers/temp-dir.ts';
 
 const N = 32;
 const engines = await llamaEngines();
-const dir = tempDir('orchard-replay-', 'all');
 
 describeWith([engines], 'resumed greedy streams replay the delivered tokens', () => {
   let server: { url: string; stop(): Promise<void> } | undefined;
@@ -26,9 +23,7 @@ describeWith([engines], 'resumed greedy streams replay the delivered tokens', ()
 
   beforeAll(async () => {
     if (!engines.ok) return;
-    const model = join(dir.path, 'm8.gguf');
-    const made = await orchard(['testmodel', 'gguf', '--out', model, '--layers', '8', '--seed', '7'], process.env);
-    expect(made.code, made.stderr).toBe(0);
+    const model = await testGguf(['--layers', '8', '--seed', '7']);
     server = await plainLlamaServer(engines.value, { model, ctx: 2048, threads: 1 });
   }, 120_000);
 
