@@ -13,7 +13,7 @@ import { testGguf } from './test-models.ts';
  * model at `ctx`. `dir`: where testGguf keeps it outside a test run.
  */
 export async function modelThatMustSplit(args: readonly string[], ctx: number, dir?: string): Promise<{ model: string; budget: number }> {
-  const model = await testGguf(args, dir);
+  const model = await testGguf(args, undefined, dir);
   const profile = modelProfile(await readGgufHeader(model));
   const single = planPlacement(profile, [{ name: 'x', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 100e9 }], { ctx });
   return { model, budget: Math.floor(single.stages[0]!.bytes.total) - 2 * 2 ** 20 };

@@ -102,7 +102,7 @@ describeWith([netns], 'cluster over Bonjour inside network namespaces', () => {
     // This variant runs llama-server at DEBUG verbosity, so verification reads the engine's own
     // per-layer assignment lines (the static-join test covers the default: ranges from KV sizes).
     env.ORCHARD_ENGINE_DEBUG_LOG = '1';
-    model = await testGguf(['--layers', '8', '--seed', '11']);
+    model = await testGguf(['--layers', '8', '--seed', '11'], 'm8.gguf'); // loaded without --name: named m8
 
     nsCreated = true;
     linkNamespaces({ ns: NS_COORD, veth: VETH_COORD, ip: COORD_IP }, { ns: NS_NODES, veth: VETH_NODES, ip: NODES_IP });
