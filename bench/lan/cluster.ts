@@ -45,8 +45,8 @@ export interface LanCluster {
   readonly client: CoordinatorClient;
   rule: Rule;
   seen: Seen | undefined;
-  /** Shape every node's link to `bitsPerSecond` and measure every link again before returning. */
-  shape(bitsPerSecond: number): Promise<void>;
+  /** Shape every node's link to its rate (bits/s, by node name) and measure every link again before returning. */
+  shape(rates: Readonly<Record<string, number>>): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -79,7 +79,7 @@ export async function startLanCluster(procs: BenchProcesses, o: { dir: string; e
     host: hostIp,
     grpcPort: 0,
     mdns: false,
-    log: createLogger('bench-lan-coordinator', 'warn'),
+    log: createLogger('bench-lan-coordinator', process.env.ORCHARD_BENCH_LOG_LEVEL ?? 'warn'),
     extraHeadArgs: ['-t', '1'],
     rpcThreads: 1,
     // links are measured when nodes come up and when the bench re-shapes them, never in between
@@ -114,8 +114,8 @@ export async function startLanCluster(procs: BenchProcesses, o: { dir: string; e
     set seen(s: Seen | undefined) {
       state.seen = s;
     },
-    async shape(bitsPerSecond: number) {
-      for (const n of lan.nodes) shapeLink(n, bitsPerSecond);
+    async shape(rates: Readonly<Record<string, number>>) {
+      for (const [i, n] of lan.nodes.entries()) shapeLink(n, rates[spec[i]!.name]!);
       await measureAllLinks(handle, spec.length);
     },
     async close() {

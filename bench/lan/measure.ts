@@ -13,20 +13,24 @@ import type { LanCluster, Seen } from './cluster.ts';
 export interface LoadedLayout {
   readonly stages: readonly { node: string; firstLayer: number; lastLayer: number }[];
   readonly seconds: number;
+  /** Seconds from the request to the first progress event of each phase (where a load spends its time). */
+  readonly phases: Readonly<Record<string, number>>;
 }
 
 /** Coordinator.Load streamed to the end: the wall time and the stages (by node name) it placed. */
 export async function timedLoad(client: CoordinatorClient, modelPath: string, name: string, ctx: number): Promise<LoadedLayout> {
   const t0 = performance.now();
   let stages: LoadedLayout['stages'] = [];
+  const phases: Record<string, number> = {};
   for await (const p of client.stream('load', { modelPath, name, options: { ctx, cacheType: 'f16', parallel: 1, pin: [] }, engine: '' })) {
+    phases[String(p.phase)] ??= Number(((performance.now() - t0) / 1000).toFixed(3));
     if (p.phase === 'failed') throw new Error(`load ${name}: ${String(p.message)}`);
     if (p.phase === 'ready') {
       const st = (p.model as { stages: { nodeName: string; firstLayer: number; lastLayer: number }[] }).stages;
       stages = st.map((s) => ({ node: String(s.nodeName), firstLayer: Number(s.firstLayer), lastLayer: Number(s.lastLayer) }));
     }
   }
-  return { stages, seconds: (performance.now() - t0) / 1000 };
+  return { stages, seconds: (performance.now() - t0) / 1000, phases };
 }
 
 export async function unload(client: CoordinatorClient, name: string): Promise<void> {

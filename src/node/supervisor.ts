@@ -395,7 +395,8 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
         );
       }
       await sleep(Math.min(delay, Math.max(0, deadline - Date.now())));
-      delay = Math.min(500, delay * 2);
+      // A local /health or connect is cheap; a 500 ms back-off cost each engine start ~250 ms on average.
+      delay = Math.min(100, delay * 2);
     }
   }
 
