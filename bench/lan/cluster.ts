@@ -67,10 +67,22 @@ function agentArgs(dir: string, n: LanNode & { ip: string }, coordinatorAddress:
 /** Build the LAN, start the coordinator here and one joined agent per node; all nodes up and every link measured. */
 export async function startLanCluster(procs: BenchProcesses, o: { dir: string; env: NodeJS.ProcessEnv; nodes: readonly LanNode[]; tag: string }): Promise<LanCluster> {
   const bridge = `olan${o.tag}`;
-  const hostIp = '10.93.0.1';
-  const spec = o.nodes.map((n, i) => ({ ...n, ns: `olan-${o.tag}-${i}`, veth: `olan${o.tag}n${i}`, ip: `10.93.0.${11 + i}` }));
+  // A /24 of its own per run: two runs on one /24 (two helpers benching at once) route each other's joins astray.
+  const net = `10.93.${(Number(o.tag) % 250) + 1}`;
+  const hostIp = `${net}.1`;
+  const spec = o.nodes.map((n, i) => ({ ...n, ns: `olan-${o.tag}-${i}`, veth: `olan${o.tag}n${i}`, ip: `${net}.${11 + i}` }));
   deleteLan(bridge, spec.map((n) => n.ns));
   const lan = createLan(bridge, hostIp, spec);
+  try {
+    return await startOnLan(procs, o, lan, spec, hostIp);
+  } catch (err) {
+    await procs.killAll();
+    deleteLan(bridge, spec.map((n) => n.ns));
+    throw err;
+  }
+}
+
+async function startOnLan(procs: BenchProcesses, o: { dir: string; env: NodeJS.ProcessEnv; tag: string }, lan: Lan, spec: readonly (LanNode & { ns: string; ip: string })[], hostIp: string): Promise<LanCluster> {
   const coordinatorDir = join(o.dir, 'coord');
   let inner: Planner | undefined;
   const state: { rule: Rule; seen: Seen | undefined } = { rule: 'orchard', seen: undefined };
@@ -93,9 +105,15 @@ export async function startLanCluster(procs: BenchProcesses, o: { dir: string; e
   inner = createPlanner(() => 0, handle.links.matrix, place);
   const coordinatorAddress = `${hostIp}:${handle.grpcPort}`;
   const token = await handle.createJoinToken({ uses: spec.length, ttlMs: 10 * 60_000 });
-  for (const n of spec) {
-    const p = procs.start(n.name, ['netns', 'exec', n.ns, process.execPath, ...agentArgs(o.dir, n, coordinatorAddress)], { ...o.env, ORCHARD_NODE_TOKEN: token }, 'ip');
-    await readyLine(p);
+  try {
+    for (const n of spec) {
+      const p = procs.start(n.name, ['netns', 'exec', n.ns, process.execPath, ...agentArgs(o.dir, n, coordinatorAddress)], { ...o.env, ORCHARD_NODE_TOKEN: token }, 'ip');
+      await readyLine(p);
+    }
+    await waitUp(handle, spec.length);
+  } catch (err) {
+    await handle.close();
+    throw err;
   }
   const client = await localCoordinatorClient(coordinatorAddress, coordinatorDir);
   const cluster: LanCluster = {
@@ -122,10 +140,9 @@ export async function startLanCluster(procs: BenchProcesses, o: { dir: string; e
       client.close();
       await handle.close();
       await procs.killAll();
-      deleteLan(bridge, spec.map((n) => n.ns));
+      deleteLan(lan.bridge, spec.map((n) => n.ns));
     },
   };
-  await waitUp(handle, spec.length);
   return cluster;
 }
 
