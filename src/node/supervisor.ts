@@ -395,8 +395,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
         );
       }
       await sleep(Math.min(delay, Math.max(0, deadline - Date.now())));
-      // A local /health or connect is cheap; a 500 ms back-off cost each engine start ~250 ms on average.
-      delay = Math.min(100, delay * 2);
+      delay = Math.min(100, delay * 2); // a local probe is cheap; a 500 ms cap cost ~250 ms per engine start
     }
   }
 
