@@ -79,6 +79,16 @@ describe('MLX pipeline split equals a single process', () => {
     expect(reference.get('c')).toHaveLength(16);
   });
 
+  it('the text comes from each token’s own bytes (the test vocabulary: token id = byte), a split character held until complete', async () => {
+    const g = await start({ model: llama, mode: 'single' });
+    const r = await collect(g.generate({ ...promptA, id: 'bytes' }));
+    expect(r.tokens).toEqual(reference.get('a'));
+    for (const e of r.events) if (e.token < 256) expect(e.bytes).toBe(Buffer.from([e.token]).toString('hex'));
+    // The whole text is the UTF-8 of the bytes in order, however the tokens cut the characters.
+    const raw = Buffer.concat(r.events.map((e) => Buffer.from(e.bytes ?? '', 'hex')));
+    expect(r.text).toBe(new TextDecoder('utf-8', { ignoreBOM: true }).decode(raw));
+  });
+
   it('queued requests run one after another, each stall clock starting on its own turn', async () => {
     const g = await start({ model: llama, mode: 'pipeline', split: [2, 2], launch: await ring(2) });
     const [a, b] = await Promise.all([collect(g.generate(promptA)), collect(g.generate(promptB))]);

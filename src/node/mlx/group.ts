@@ -9,6 +9,7 @@ import type { Logger } from '../../shared/log.ts';
 import { engineEnv } from '../engine-spec.ts';
 import { mlxProcessEnv } from './env.ts';
 import { launchFiles, launchSize, type MlxLaunch, type MlxMode, rankEnv, workerArgs } from './launch.ts';
+import { TokenTextDecoder } from './token-text.ts';
 import {
   cancelLine,
   type DoneMessage,
@@ -331,7 +332,8 @@ export class MlxGroup {
   }
 
   /**
-   * Stream the tokens of one request from rank 0; returns the "done" message. Rejects with
+   * Stream the tokens of one request from rank 0 (their text decoded from their bytes where the
+   * tokenizer gives them, token-text.ts); returns the "done" message. Rejects with
    * MlxGroupError (group dead) on a rank failure or stall, with OrchardError (group healthy) when
    * the request itself is bad. An abort signal cancels collectively and ends with "cancelled".
    */
@@ -341,6 +343,8 @@ export class MlxGroup {
     if (this.failureError) throw this.failureError;
     if (this.active.has(req.id)) throw new OrchardError(`request id ${req.id} is already running`);
     const stallMs = this.opts.stallTimeoutMs ?? 30_000;
+    // The text from the tokens' bytes: a character split over tokens waits for its last byte.
+    const text = new TokenTextDecoder();
     const queue: (TokenMessage | DoneMessage | Error)[] = [];
     let wake: (() => void) | undefined;
     const push = (item: TokenMessage | DoneMessage | Error) => {
@@ -396,8 +400,8 @@ export class MlxGroup {
           continue;
         }
         if (item instanceof Error) throw item;
-        if (item.type === 'done') return item;
-        yield item;
+        if (item.type === 'done') return text.done(item);
+        yield text.token(item);
       }
     } finally {
       clearTimeout(stallTimer);

@@ -267,6 +267,26 @@ def prompt_tokens(req, tokenizer):
     return toks + [int(t) for t in (req.get("continue_tokens") or [])]
 
 
+def token_bytes_of(tokenizer):
+    """Each token's raw bytes, for tokenizers whose tokens are bytes (byte-level BPE, SentencePiece
+    with byte fallback): the agent decodes the stream itself and holds a character split over tokens
+    until it is complete (src/node/mlx/token-text.ts). None for any other tokenizer: then the
+    detokenizer's text is all there is."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, _byte_decoder
+
+    detok = tokenizer.detokenizer
+    if isinstance(detok, BPEStreamingDetokenizer):
+        byte_of, names = _byte_decoder(), detok.tokenmap
+        def bpe(t):
+            name = names[t] if t < len(names) else "!"
+            return bytes(byte_of[c] for c in name) if all(c in byte_of for c in name) else name.encode("utf-8")
+        return bpe
+    if isinstance(detok, SPMStreamingDetokenizer):
+        pieces = detok.tokenmap
+        return lambda t: pieces[t].replace(SPMStreamingDetokenizer._sep, b" ")
+    return None
+
+
 def serve(model, tokenizer, config, group, inbox):
     import mlx.core as mx
     from mlx_lm.generate import generate_step, generation_stream
@@ -276,6 +296,7 @@ def serve(model, tokenizer, config, group, inbox):
     size = group.size() if group is not None else 1
     vocab = int(config.get("vocab_size", 0))
     eos = set(tokenizer.eos_token_ids or [])
+    token_bytes = token_bytes_of(tokenizer)
 
     def collective_sum(values):
         # On the generation stream, so it is ordered after the model's own collectives that
@@ -347,6 +368,8 @@ def serve(model, tokenizer, config, group, inbox):
             if rank == 0:
                 detok.add_token(tok)
                 msg = {"type": "token", "id": rid, "index": count - 1, "token": tok, "text": detok.last_segment}
+                if token_bytes:
+                    msg["bytes"] = token_bytes(tok).hex()
                 if want_top:
                     lp = logprobs.astype(mx.float32)
                     top = mx.argsort(-lp)[:want_top]

@@ -35,6 +35,8 @@ export const workerMessageSchema = z.discriminatedUnion('type', [
     token: z.number().int(),
     text: z.string(),
     logprob: z.number().optional(),
+    /** The token's raw bytes (hex) when the tokenizer's tokens are bytes: the agent decodes the text from them (token-text.ts). */
+    bytes: z.string().regex(/^(?:[0-9a-f]{2})*$/).optional(),
     /** With logprobs: this token's own text (`text` is the detokenizer's running segment). */
     token_text: z.string().optional(),
     /** With logprobs: [token id, logprob, its text], most likely first. */

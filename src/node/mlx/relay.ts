@@ -111,14 +111,16 @@ export async function relayMlx(o: MlxRelayOptions): Promise<MlxDone> {
 const utf8 = new TextEncoder();
 
 /**
- * A worker token line's logprobs in the shape llama-server reports them. MLX tokenizers decode a
- * token to text, so the bytes are that text's UTF-8 (a token holding part of a character decodes
- * to U+FFFD; llama-server gives its raw bytes).
+ * A worker token line's logprobs in the shape llama-server reports them: the token's raw bytes
+ * where the tokenizer gives them (part of a character stays those bytes, as llama-server gives
+ * them), else its text's UTF-8. The alternatives carry their text's UTF-8 (a partial character
+ * decodes to U+FFFD there).
  */
 export function tokenLogprobOf(t: TokenMessage, topLogprobs: number): TokenLogprob {
   const top = (t.top_logprobs ?? []).slice(0, topLogprobs).map(([tokenId, logprob, token]): TopLogprob => ({ tokenId, token, bytes: [...utf8.encode(token)], logprob }));
   const token = t.token_text ?? t.text;
-  return { tokenId: t.token, token, bytes: [...utf8.encode(token)], logprob: t.logprob ?? Number.NaN, topLogprobs: top };
+  const bytes = t.bytes === undefined ? [...utf8.encode(token)] : [...Buffer.from(t.bytes, 'hex')];
+  return { tokenId: t.token, token, bytes, logprob: t.logprob ?? Number.NaN, topLogprobs: top };
 }
 
 /** Rank 0's done line as the agent reports it; a stop string found by the relay is a "stop". */
