@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import type { DoneMessage, TokenMessage } from '../../src/node/mlx/protocol.ts';
 import { tokenLogprobOf } from '../../src/node/mlx/relay.ts';
 import { TokenTextDecoder } from '../../src/node/mlx/token-text.ts';
+import { seededRandom } from '../helpers/random.ts';
 
 const b = (...xs: number[]) => Uint8Array.from(xs);
 
@@ -10,17 +11,6 @@ function stream(tokens: readonly Uint8Array[]): { out: string[]; tail: string } 
   const d = new TokenTextDecoder();
   const out = tokens.map((t) => d.push(t));
   return { out, tail: d.flush() };
-}
-
-/** Deterministic pseudo-random numbers in [0, 1) (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let x = Math.imul(a ^ (a >>> 15), 1 | a);
-    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x;
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 describe('MLX token text: a character split over tokens waits for its last byte', () => {
@@ -48,7 +38,7 @@ describe('MLX token text: a character split over tokens waits for its last byte'
   });
 
   it('any valid text cut into tokens at any byte comes out whole and without a replacement character', () => {
-    const random = rng(16);
+    const random = seededRandom(16);
     const samples = ['héllo wörld', '日本語のテキスト', 'emoji 😀🍐🍎 mixed with ASCII', 'ελληνικά и русский', '\u{10ffff}\u0080\u07ff\u0800\uffff'];
     for (const text of samples) {
       const bytes = new TextEncoder().encode(text);

@@ -6,6 +6,7 @@ import { chooseParallelism } from '../../src/shared/placement/parallelism.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { type StageMemory, asTensorPlan, mlxStageMemory, mlxTensorFit } from '../../src/shared/placement/stage-memory.ts';
 import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
+import { seededRandom } from '../helpers/random.ts';
 
 // Two small bf16 checkpoints as mlx-lm lays them out: a dense llama and a qwen3_moe (8 experts,
 // 2 per token, router `mlp.gate`), 6 layers each, hidden 512.
@@ -41,17 +42,6 @@ const LAYOUTS: MlxRankLayout[] = [
   { mode: 'pipeline', ranks: 3, firstLayer: 0, lastLayer: 0 },
   { mode: 'tensor', ranks: 2, firstLayer: 0, lastLayer: L - 1 },
 ];
-
-/** Deterministic pseudo-random numbers in [0, 1) (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let x = Math.imul(a ^ (a >>> 15), 1 | a);
-    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x;
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 describe('MLX budget: the requests a rank is budgeted for bound every request of ctx tokens', () => {
   // Splits of ctx into prompt + generated tokens around the 256-slot steps and the 2048-token
@@ -128,7 +118,7 @@ function bruteFits(m: StageMemory, budgets: readonly number[]): boolean {
 describe('MLX placement budgets with the MLX memory model', () => {
   for (const [name, p] of Object.entries(MODELS)) {
     it(`${name}: on one or two nodes a plan exists exactly when some split fits, and every stage is within its budget`, () => {
-      const random = rng(name.length);
+      const random = seededRandom(name.length);
       let fits = 0;
       let refused = 0;
       for (const ctx of [256, 2049, 8192]) {
@@ -177,7 +167,7 @@ describe('MLX placement budgets with the MLX memory model', () => {
     expect(plan.stages.map((s) => [s.firstLayer, s.lastLayer])).toEqual([[0, 2], [3, 5]]);
     expect(plan.stages.map((s) => s.node).sort()).toEqual(['a', 'b']);
     expect(plan.stages.every((s) => s.headroomBytes === 0)).toBe(true);
-    const random = rng(7);
+    const random = seededRandom(7);
     for (let trial = 0; trial < 60; trial++) {
       const n = 3 + (trial % 2);
       const many = Array.from({ length: n }, (_, i) => ({ name: `n${i}`, budgetBytes: Math.round(two.stage(0, L - 1, true, 1).total * (0.15 + random() * 0.6)), bandwidthBytesPerSecond: 100e9 * (1 + random()) }));
