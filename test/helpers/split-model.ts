@@ -49,17 +49,18 @@ export async function mlxSplittingBudgets(models: readonly string[], ctx: number
 }
 
 /**
- * Equal budgets for alpha and bravo under which the planner must split this MLX model over both
- * and each node also holds a tensor-parallel rank (the coordinator refuses tensor parallel on a
- * node whose budget cannot hold its share): the larger of the two needs, below one node's whole model.
+ * Equal budgets for alpha and bravo under which the planner must split each of these MLX models
+ * over both and each node also holds a tensor-parallel rank of each (the coordinator refuses
+ * tensor parallel on a node whose budget cannot hold its share): the least such, below every
+ * model's whole size on one node.
  */
-export async function mlxTensorBudgets(model: string, ctx: number): Promise<Record<'alpha' | 'bravo', number>> {
-  const profile = await readMlxModelProfile(model);
+export async function mlxTensorBudgets(models: readonly string[], ctx: number): Promise<Record<'alpha' | 'bravo', number>> {
+  const profiles = await Promise.all(models.map((m) => readMlxModelProfile(m)));
   const nodes = (b: number, names: string[]) => names.map((name) => ({ name, budgetBytes: b, bandwidthBytesPerSecond: 100e9 }));
-  const alone = planPlacement(profile, nodes(2 ** 40, ['x']), { ctx, ...mlxPlacementOptions() }).stages[0]!.bytes.total;
-  const share = mlxTensorFit(profile, nodes(0, ['alpha', 'bravo']).map((n) => ({ node: n.name, budgetBytes: n.budgetBytes })), ctx).bytes.total;
-  let b = share;
-  while (b < alone && planPlacement(profile, nodes(b, ['alpha', 'bravo']), { ctx, ...mlxPlacementOptions() }).stages.length !== 2) b += 65_536;
-  expect(b, 'a budget that holds a tensor rank also holds the whole model').toBeLessThan(alone);
+  const alone = Math.min(...profiles.map((p) => planPlacement(p, nodes(2 ** 40, ['x']), { ctx, ...mlxPlacementOptions() }).stages[0]!.bytes.total));
+  let b = Math.max(...profiles.map((p) => mlxTensorFit(p, [{ node: 'alpha', budgetBytes: 0 }, { node: 'bravo', budgetBytes: 0 }], ctx).bytes.total));
+  const splits = () => profiles.every((p) => planPlacement(p, nodes(b, ['alpha', 'bravo']), { ctx, ...mlxPlacementOptions() }).stages.length === 2);
+  while (b < alone && !splits()) b += 65_536;
+  expect(b, 'a budget that holds a tensor rank also holds a whole model').toBeLessThan(alone);
   return { alpha: b, bravo: b };
 }

@@ -122,7 +122,7 @@ describe('MoE MLX models over 2 pipeline ranks through the coordinator (127.0.0.
     const arch = 'qwen3_moe';
     const want = oracleLogprobs.get(arch)!;
     expect(want).toHaveLength(N);
-    const { coordAddr, httpBase } = await cluster(await mlxTensorBudgets(join(dir, arch), CTX), join(dir, 'state-tp'));
+    const { coordAddr, httpBase } = await cluster(await mlxTensorBudgets([join(dir, arch)], CTX), join(dir, 'state-tp'));
     const load = await orchard(['load', join(dir, arch), '--ctx', String(CTX), '--name', 'tp', '--parallelism', 'tensor', '--pin', 'alpha', 'bravo', '--json', '--coordinator', coordAddr], env);
     expect(load.code, load.stderr).toBe(0);
     expect(load.stdout).toMatch(/MLX tensor parallel over 2 rank\(s\)/);

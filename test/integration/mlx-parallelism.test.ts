@@ -6,7 +6,7 @@ import { ensureMlxEnv } from '../../src/node/mlx/env.ts';
 import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
 import { type DelayProxy, startDelayProxy } from '../helpers/delay-proxy.ts';
 import { freePort, killGroup, ORCHARD_BIN, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
-import { mlxSplittingBudgets } from '../helpers/split-model.ts';
+import { mlxTensorBudgets } from '../helpers/split-model.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
 /*
@@ -51,8 +51,9 @@ describe('MLX parallelism through the coordinator: auto from measured links, imp
     const t = await orchard(['coordinator', 'token', '--uses', '2', '--ttl', '10m'], env);
     expect(t.code, t.stderr).toBe(0);
     const nodeEnv = { ...env, ORCHARD_NODE_TOKEN: t.stdout.trim() };
-    // Budgets under which the planner must split either model over both nodes.
-    const budgets = await mlxSplittingBudgets([even, odd], CTX);
+    // Budgets under which the planner must split either model over both nodes, each node with room
+    // for a tensor rank (so auto decides on the link, not on memory).
+    const budgets = await mlxTensorBudgets([even, odd], CTX);
     const agent = (name: 'alpha' | 'bravo', extra: string[]) =>
       spawnProc(`node ${name}`, [ORCHARD_BIN, 'node', '--no-mdns', '--metrics-port', '0', '--bind', '127.0.0.1', '--name', name, '--budget', String(budgets[name]), '--state-dir', join(dir.path, name), '--models-dir', dir.path, '--json', '--join', coordAddr, ...extra], nodeEnv);
     procs.push(agent('alpha', ['--grpc-port', '0']));
