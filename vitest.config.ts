@@ -7,6 +7,7 @@ export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
     globalSetup: ['test/global-setup.ts'],
+    setupFiles: ['test/helpers/leftovers.ts'],
     reporters: ['default', './test/helpers/skip-report.ts'],
     testTimeout: 120_000,
     hookTimeout: 120_000,

@@ -1,3 +1,3 @@
-module orchard/bench/tunnel-relay
+module orchard/native/tunnel-relay
 
 go 1.19

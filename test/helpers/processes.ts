@@ -22,10 +22,45 @@ const execFileP = promisify(execFile);
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * Every group spawnProc started that has not exited. The caller still registers each for its own
+ * cleanup; this is the net for a hook that timed out before it could (vitest then goes on to
+ * afterAll, which never heard of that process — an oracle llama-server outlived its file by an
+ * hour): test/helpers/leftovers.ts kills what is left after each file's own afterAll.
+ */
+const live = new Set<ChildProcess>();
+
+/** SIGKILL the process group of every spawnProc child still running; returns their names. */
+export function killLeftovers(): string[] {
+  const names: string[] = [];
+  for (const c of live) {
+    try {
+      if (c.pid) process.kill(-c.pid, 'SIGKILL');
+      names.push(c.spawnfile);
+    } catch {
+      // already gone
+    }
+  }
+  live.clear();
+  return names;
+}
+
 /** Spawn and capture output (stderr keeps its last ~1 MB). The caller registers it for cleanup. */
 export function spawnProc(name: string, args: string[], env: NodeJS.ProcessEnv, file = process.execPath): Proc {
   const child = spawn(file, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
-  const p: Proc = { child, name, out: '', err: '', exited: new Promise((r) => child.once('exit', () => r())) };
+  live.add(child);
+  const p: Proc = {
+    child,
+    name,
+    out: '',
+    err: '',
+    exited: new Promise((r) =>
+      child.once('exit', () => {
+        live.delete(child);
+        r();
+      }),
+    ),
+  };
   child.stdout?.on('data', (c: Buffer) => {
     p.out += c.toString('utf8');
   });
