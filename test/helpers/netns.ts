@@ -117,3 +117,41 @@ export function shapeLink(n: { readonly ns: string; readonly veth: string; reado
   tc('qdisc', 'replace', 'dev', n.hostVeth, 'root', 'tbf', 'rate', rate, 'burst', burst, 'limit', limit);
   execFileSync('ip', ['netns', 'exec', n.ns, 'tc', 'qdisc', 'replace', 'dev', n.veth, 'root', 'tbf', 'rate', rate, 'burst', burst, 'limit', limit], { stdio: ['ignore', 'ignore', 'pipe'] });
 }
+
+/** From inside namespace `ns`: which of host:ports accept a TCP connection. */
+export function reachableFrom(ns: string, host: string, ports: readonly number[]): number[] {
+  if (ports.length === 0) return [];
+  const script = `const net=require('node:net');const ports=${JSON.stringify(ports)};let open=[];let left=ports.length;
+for(const p of ports){const s=net.connect({host:${JSON.stringify(host)},port:p,timeout:2000});
+const done=(ok)=>{if(ok)open.push(p);s.destroy();if(--left===0)console.log(JSON.stringify(open));};
+s.once('connect',()=>done(true));s.once('error',()=>done(false));s.once('timeout',()=>done(false));}`;
+  return JSON.parse(inNamespace(ns, [process.execPath, '-e', script]).trim()) as number[];
+}
+
+/** The host's listening TCP sockets on `port` (ss): local address and the owning pids. */
+export function listenersOn(port: number): { address: string; pids: string[] }[] {
+  return execFileSync('ss', ['-Hltnp', `sport = :${port}`], { encoding: 'utf8' })
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => {
+      const local = line.trim().split(/\s+/)[3] ?? '';
+      return { address: local.slice(0, local.lastIndexOf(':')), pids: [...line.matchAll(/pid=(\d+)/g)].map((m) => m[1]!) };
+    });
+}
+
+/**
+ * Which of `ports` — engine and forwarder ports, listening on 127.0.0.1 — a client in namespace
+ * `ns` reaches on `hostIp` through the engine itself. A port-0 bind on `hostIp` (an agent's or the
+ * coordinator's own door) may get a number an engine holds on 127.0.0.1 — another address, so no
+ * clash — and then answers there (it failed CI once that way): a port is only excused when every
+ * non-loopback listener on it is bound to `hostIp` by another process than the loopback one.
+ */
+export function facingTheNetwork(ns: string, hostIp: string, ports: readonly number[]): number[] {
+  return reachableFrom(ns, hostIp, ports).filter((port) => {
+    const all = listenersOn(port);
+    const engine = all.filter((l) => l.address === '127.0.0.1').flatMap((l) => l.pids);
+    const others = all.filter((l) => l.address !== '127.0.0.1');
+    const door = others.length > 0 && others.every((l) => l.address === hostIp && l.pids.length > 0 && !l.pids.some((p) => engine.includes(p)));
+    return !door;
+  });
+}

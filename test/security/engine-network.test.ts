@@ -12,7 +12,7 @@ import { CLUSTER_CHANNEL_OPTIONS, type TlsCredentials, clusterChannelCredentials
 import type { RpcTarget } from '../../src/shared/placement/llama-args.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
 import { clientCredentials, enrollNode, testCa } from '../helpers/cluster-pki.ts';
-import { deleteNamespaces, inNamespace, linkNamespaceToHost } from '../helpers/netns.ts';
+import { deleteNamespaces, facingTheNetwork, inNamespace, linkNamespaceToHost, reachableFrom } from '../helpers/netns.ts';
 import { describeWith, llamaEngines, networkNamespaces } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 import { ORCHARD_BIN, canConnect, killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
@@ -71,15 +71,6 @@ async function rpcBytes(n: Node, peer: string, direction: 'sent' | 'received'): 
   const text = await (await fetch(`http://${HOST.ip}:${n.metricsPort}/metrics`)).text();
   const line = text.split('\n').find((l) => l.startsWith(`orchard_rpc_bytes_total{peer="${peer}",direction="${direction}"}`));
   return line ? Number(line.split(' ').pop()) : 0;
-}
-
-/** From inside the attacker namespace: which of host:ports accept a TCP connection. */
-function reachableFromAttacker(host: string, ports: readonly number[]): number[] {
-  const script = `const net=require('node:net');const ports=${JSON.stringify(ports)};let open=[];let left=ports.length;
-for(const p of ports){const s=net.connect({host:${JSON.stringify(host)},port:p,timeout:2000});
-const done=(ok)=>{if(ok)open.push(p);s.destroy();if(--left===0)console.log(JSON.stringify(open));};
-s.once('connect',()=>done(true));s.once('error',()=>done(false));s.once('timeout',()=>done(false));}`;
-  return JSON.parse(inNamespace(NS, [process.execPath, '-e', script]).trim()) as number[];
 }
 
 /** From the attacker namespace: a TLS client without a certificate asks the tunnel for `enginePort`; what comes back. */
@@ -182,20 +173,27 @@ describeWith(needs, 'engine network: tunnels between nodes, nothing reachable fr
     const forwarders = [viaBravo!, viaCharlie!].map((ep) => Number(ep.split(':')[1]));
     const enginePorts = [...targets.map((t) => t.enginePort), head.engine.port, ...forwarders];
     for (const p of enginePorts) expect(await canConnect('127.0.0.1', p), `port ${p} listens on loopback`).toBe(true);
-    expect(reachableFromAttacker(HOST.ip, enginePorts)).toEqual([]);
+    expect(facingTheNetwork(NS, HOST.ip, enginePorts)).toEqual([]);
     // the tunnel port is reachable (it is the one door) but opens nothing without a cluster certificate
-    expect(reachableFromAttacker(HOST.ip, [bravo.tunnelPort])).toEqual([bravo.tunnelPort]);
+    expect(reachableFrom(NS, HOST.ip, [bravo.tunnelPort])).toEqual([bravo.tunnelPort]);
     const attempt = JSON.parse(tunnelWithoutCertificate(bravo.tunnelPort, targets[0]!.enginePort)) as { got: string; why: string };
     expect(attempt.got).not.toContain('"ok":true');
 
     // bytes through each tunnel: > 0 and the same on both ends (head sent = worker received, and back)
+    // (the native head side reports its counts every 250 ms: both ends agree once the last report is in)
     for (const w of [bravo, charlie]) {
-      const sent = await rpcBytes(alpha, w.nodeId, 'sent');
-      const received = await rpcBytes(alpha, w.nodeId, 'received');
-      expect(sent, `alpha → ${w.name}`).toBeGreaterThan(0);
-      expect(received, `${w.name} → alpha`).toBeGreaterThan(0);
-      expect(await rpcBytes(w, alpha.nodeId, 'received')).toBe(sent);
-      expect(await rpcBytes(w, alpha.nodeId, 'sent')).toBe(received);
+      const ends = async () => ({
+        sent: await rpcBytes(alpha, w.nodeId, 'sent'),
+        workerReceived: await rpcBytes(w, alpha.nodeId, 'received'),
+        received: await rpcBytes(alpha, w.nodeId, 'received'),
+        workerSent: await rpcBytes(w, alpha.nodeId, 'sent'),
+      });
+      await expect.poll(async () => { const e = await ends(); return e.sent === e.workerReceived && e.received === e.workerSent; }, { timeout: 3000, interval: 100 }).toBe(true);
+      const e = await ends();
+      expect(e.sent, `alpha → ${w.name}`).toBeGreaterThan(0);
+      expect(e.received, `${w.name} → alpha`).toBeGreaterThan(0);
+      expect(e.workerReceived).toBe(e.sent);
+      expect(e.workerSent).toBe(e.received);
     }
     // alpha's own stage is not tunnelled: nothing counted toward alpha itself
     expect(await rpcBytes(alpha, alpha.nodeId, 'sent')).toBe(0);

@@ -10,7 +10,7 @@ import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
 import { readMlxModelProfile } from '../../src/shared/model/mlx-profile.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { mlxPlacementOptions } from '../../src/shared/placement/types.ts';
-import { deleteNamespaces, inNamespace, linkNamespaceToHost } from '../helpers/netns.ts';
+import { deleteNamespaces, facingTheNetwork, linkNamespaceToHost } from '../helpers/netns.ts';
 import { describeWith, networkNamespaces } from '../helpers/needs.ts';
 import { JoinedCluster } from '../helpers/joined-cluster.ts';
 import { orchard } from '../helpers/processes.ts';
@@ -50,15 +50,6 @@ async function tunnelBytes(a: Agent, peer: string, direction: 'sent' | 'received
   const text = await (await fetch(`http://${HOST.ip}:${a.metricsPort}/metrics`)).text();
   const line = text.split('\n').find((l) => l.startsWith(`orchard_rpc_bytes_total{peer="${peer}",direction="${direction}"}`));
   return line ? Number(line.split(' ').pop()) : 0;
-}
-
-/** From inside the attacker namespace: which of host:ports accept a TCP connection. */
-function reachableFromAttacker(host: string, ports: readonly number[]): number[] {
-  const script = `const net=require('node:net');const ports=${JSON.stringify(ports)};let open=[];let left=ports.length;
-for(const p of ports){const s=net.connect({host:${JSON.stringify(host)},port:p,timeout:2000});
-const done=(ok)=>{if(ok)open.push(p);s.destroy();if(--left===0)console.log(JSON.stringify(open));};
-s.once('connect',()=>done(true));s.once('error',()=>done(false));s.once('timeout',()=>done(false));}`;
-  return JSON.parse(inNamespace(NS, [process.execPath, '-e', script]).trim()) as number[];
 }
 
 /** TCP sockets (listening or connected) of the MLX workers serving `modelDir`, from `ss`. */
@@ -181,15 +172,22 @@ describeWith(needs, 'MLX ring links: through the agents\' TLS tunnels, nothing r
       .map((x) => Number(x.peer.split(':')[1]));
     expect(dialled).toHaveLength(2);
     for (const p of dialled) expect(ringPorts).not.toContain(p);
-    expect(reachableFromAttacker(HOST.ip, [...ringPorts, ...dialled])).toEqual([]);
+    expect(facingTheNetwork(NS, HOST.ip, [...ringPorts, ...dialled])).toEqual([]);
 
     // bytes through the tunnel between alpha and bravo: > 0 both ways, and the same at both ends
-    const aSent = await tunnelBytes(alpha, bravo.nodeId, 'sent');
-    const aReceived = await tunnelBytes(alpha, bravo.nodeId, 'received');
-    expect(aSent, 'alpha → bravo').toBeGreaterThan(0);
-    expect(aReceived, 'bravo → alpha').toBeGreaterThan(0);
-    expect(await tunnelBytes(bravo, alpha.nodeId, 'received')).toBe(aSent);
-    expect(await tunnelBytes(bravo, alpha.nodeId, 'sent')).toBe(aReceived);
+    // (the native head side reports its counts every 250 ms: both ends agree once the last report is in)
+    const ends = async () => ({
+      alphaSent: await tunnelBytes(alpha, bravo.nodeId, 'sent'),
+      bravoReceived: await tunnelBytes(bravo, alpha.nodeId, 'received'),
+      alphaReceived: await tunnelBytes(alpha, bravo.nodeId, 'received'),
+      bravoSent: await tunnelBytes(bravo, alpha.nodeId, 'sent'),
+    });
+    await expect.poll(async () => { const e = await ends(); return e.alphaSent === e.bravoReceived && e.alphaReceived === e.bravoSent; }, { timeout: 3000, interval: 100 }).toBe(true);
+    const e = await ends();
+    expect(e.alphaSent, 'alpha → bravo').toBeGreaterThan(0);
+    expect(e.alphaReceived, 'bravo → alpha').toBeGreaterThan(0);
+    expect(e.bravoReceived).toBe(e.alphaSent);
+    expect(e.bravoSent).toBe(e.alphaReceived);
 
     const u = await orchard(['unload', 'ring4', '--coordinator', coordAddr], env);
     expect(u.code, u.stderr).toBe(0);
