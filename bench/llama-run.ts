@@ -253,15 +253,8 @@ export async function startLlama(
 }
 
 /** Start the engines for `ranges`, wait until loaded, report what they allocated, stop. */
-export async function runLlama(
-  bins: Pick<LlamaBinaries, 'llamaServer' | 'rpcServer'>,
-  modelPath: string,
-  layerCount: number,
-  ranges: readonly (readonly [number, number])[],
-  options: MemoryOptions,
-  extraArgs: readonly string[] = [],
-): Promise<LlamaRun> {
-  const e = await startLlama(bins, modelPath, layerCount, ranges, options, extraArgs);
+export async function runLlama(...args: Parameters<typeof startLlama>): Promise<LlamaRun> {
+  const e = await startLlama(...args);
   try {
     return { endpoints: e.endpoints, reported: parseReport(e.log()), log: e.log() };
   } finally {
