@@ -21,7 +21,6 @@ import { ModelLibrary } from './model-library.ts';
 import { prepareRunDir } from './run-dir.ts';
 import { EngineTunnels } from './tunnel/engine-tunnels.ts';
 import { findTunnelRelay } from './tunnel/native-forwarder.ts';
-import type { VerifiedPeer } from '../shared/pki/verify.ts';
 
 /**
  * The node agent's lifecycle: identity → hardware profile → gRPC + metrics servers → Bonjour.
@@ -56,8 +55,6 @@ export interface NodeAgentOptions {
   readonly modelsDirs?: readonly string[] | undefined;
   /** Port of the tunnel listener on bindHost (`--tunnel-port`; 0 = any free port). Only with credentials. */
   readonly tunnelPort?: number | undefined;
-  /** Revocation as the coordinator announces it: asked for every new tunnel connection. */
-  readonly isRevoked?: ((peer: VerifiedPeer) => boolean) | undefined;
 }
 
 export interface AgentReady {
@@ -218,7 +215,6 @@ export class NodeAgent {
       credentials: tls,
       host: o.bindHost,
       port: o.tunnelPort ?? 0,
-      isRevoked: (peer) => this.revoked.has(peer.id) || (o.isRevoked?.(peer) ?? false),
       relayBinary: findTunnelRelay(),
       log: log.child({ part: 'tunnel' }),
     });
@@ -260,8 +256,8 @@ export class NodeAgent {
     const added = [...next].filter((id) => !this.revoked.has(id));
     this.revoked = next;
     this.options.log.info({ revoked: [...next] }, 'revocation list updated');
-    // isRevoked guards new tunnel sessions only; ggml-rpc keeps its connection for hours
-    for (const id of added) void this.engineTunnels?.disconnect(id);
+    // refused from now on, and open sessions cut: ggml-rpc keeps its connection for hours
+    for (const id of added) void this.engineTunnels?.revoke(id);
     this.events.emit('revocations', next);
   }
 

@@ -1,12 +1,18 @@
+import { execFileSync } from 'node:child_process';
 import { EventEmitter } from 'node:events';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { type Server, connect, createServer } from 'node:net';
-import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { EngineRequestError } from '../../src/node/engine-spec.ts';
 import type { EngineExit, EngineInfo, SupervisorEvents } from '../../src/node/supervisor.ts';
-import { EngineTunnels, rpcRoute } from '../../src/node/tunnel/engine-tunnels.ts';
+import { EngineTunnels, type EngineTunnelsOptions, rpcRoute } from '../../src/node/tunnel/engine-tunnels.ts';
+import { TUNNEL_RELAY_SOURCE } from '../../src/node/tunnel/native-forwarder.ts';
 import { createLogger } from '../../src/shared/log.ts';
 import { type ClusterCa, createClusterCa, createKeyAndCsr, issueCertificate } from '../../src/shared/pki/certificates.ts';
 import type { NodeCredentials } from '../../src/shared/pki/store.ts';
+import { describeWith, program } from '../helpers/needs.ts';
 
 vi.setConfig({ testTimeout: 20_000, hookTimeout: 20_000 });
 
@@ -81,174 +87,201 @@ describe('rpcRoute (pure)', () => {
   });
 });
 
-describe('EngineTunnels: a head and a worker agent', () => {
-  async function pair() {
-    const workerEngines = new EventEmitter<SupervisorEvents>();
-    const worker = new EngineTunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log });
-    worker.follow(workerEngines);
-    const head = new EngineTunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, log });
-    await worker.start();
-    await head.start();
-    cleanup.push(() => worker.close(), () => head.close());
-    const engine = await echo();
-    cleanup.push(() => new Promise<void>((r) => engine.server.close(() => r())));
-    return { worker, head, workerEngines, engine };
-  }
+/**
+ * Every EngineTunnels behaviour, once per relay an agent may run: Node at both ends (the fallback,
+ * ORCHARD_TUNNEL_RELAY=node), native/tunnel-relay at both ends (what `orchard setup` gives), and
+ * the native listener facing a Node forwarder (the wire between the two implementations).
+ */
+function suites(relays: { worker: () => string | undefined; head: () => string | undefined }) {
+  const tunnels = (o: Omit<EngineTunnelsOptions, 'relayBinary'>) => new EngineTunnels({ ...o, relayBinary: o.nodeId.startsWith('worker') ? relays.worker() : relays.head() });
+  describe('a head and a worker agent', () => {
+    async function pair() {
+      const workerEngines = new EventEmitter<SupervisorEvents>();
+      const worker = tunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log });
+      worker.follow(workerEngines);
+      const head = tunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, log });
+      await worker.start();
+      await head.start();
+      cleanup.push(() => worker.close(), () => head.close());
+      const engine = await echo();
+      cleanup.push(() => new Promise<void>((r) => engine.server.close(() => r())));
+      return { worker, head, workerEngines, engine };
+    }
 
-  it('forwards a head to a registered rpc-server of the named node; bytes agree on both ends', async () => {
-    const { worker, head, workerEngines, engine } = await pair();
-    workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
-    const target = { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port };
-    const [endpoint] = await head.endpoints('head-engine', [target]);
-    expect(endpoint).toMatch(/^127\.0\.0\.1:\d+$/);
-    expect(endpoint).not.toBe(`127.0.0.1:${engine.port}`);
-    // idempotent per engine id: a StartEngine retry reuses the forwarder
-    expect(await head.endpoints('head-engine', [target])).toEqual([endpoint]);
-    const payload = Buffer.from('ggml-rpc hello'.repeat(1000));
-    expect(await roundTrip(Number(endpoint!.split(':')[1]), payload)).toEqual(payload);
-    await vi.waitFor(async () => {
+    it('forwards a head to a registered rpc-server of the named node; bytes agree on both ends', async () => {
+      const { worker, head, workerEngines, engine } = await pair();
+      workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
+      await worker.settled(); // as StartEngine does before it answers
+      const target = { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port };
+      const [endpoint] = await head.endpoints('head-engine', [target]);
+      expect(endpoint).toMatch(/^127\.0\.0\.1:\d+$/);
+      expect(endpoint).not.toBe(`127.0.0.1:${engine.port}`);
+      // idempotent per engine id: a StartEngine retry reuses the forwarder
+      expect(await head.endpoints('head-engine', [target])).toEqual([endpoint]);
+      const payload = Buffer.from('ggml-rpc hello'.repeat(1000));
+      expect(await roundTrip(Number(endpoint!.split(':')[1]), payload)).toEqual(payload);
+      await vi.waitFor(async () => {
+        expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: payload.length, received: payload.length }]);
+        expect(await worker.bytes()).toEqual([{ peer: 'head-1', sent: payload.length, received: payload.length }]);
+      });
+      // the head engine exits: its forwarder closes, the counted bytes remain
+      await head.release('head-engine');
+      expect(await roundTrip(Number(endpoint!.split(':')[1]), payload)).toBeUndefined();
       expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: payload.length, received: payload.length }]);
-      expect(await worker.bytes()).toEqual([{ peer: 'head-1', sent: payload.length, received: payload.length }]);
-    });
-    // the head engine exits: its forwarder closes, the counted bytes remain
-    await head.release('head-engine');
-    expect(await roundTrip(Number(endpoint!.split(':')[1]), payload)).toBeUndefined();
-    expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: payload.length, received: payload.length }]);
-  });
-
-  it('refuses an engine port the worker did not register, or one that exited', async () => {
-    const { worker, head, workerEngines, engine } = await pair();
-    const target = { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port };
-    const [never] = await head.endpoints('h1', [target]);
-    expect(await roundTrip(Number(never!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
-    workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
-    workerEngines.emit('exited', exit('rpc-1', 'rpc-server', engine.port));
-    const [gone] = await head.endpoints('h2', [target]);
-    expect(await roundTrip(Number(gone!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
-    // a llama-server is never reachable through the tunnel
-    workerEngines.emit('started', info('head-x', 'llama-server', engine.port));
-    const [llama] = await head.endpoints('h3', [target]);
-    expect(await roundTrip(Number(llama!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
-  });
-
-  it('the worker must be the node the target names', async () => {
-    const { worker, head, workerEngines, engine } = await pair();
-    workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
-    const [ep] = await head.endpoints('h', [{ nodeId: 'worker-2', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port }]);
-    expect(await roundTrip(Number(ep!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
-  });
-
-  it('disconnect(peer) cuts live sessions (revocation); isRevoked refuses new ones', async () => {
-    const revoked = new Set<string>();
-    const workerEngines = new EventEmitter<SupervisorEvents>();
-    const worker = new EngineTunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log, isRevoked: (p) => revoked.has(p.id) });
-    worker.follow(workerEngines);
-    await worker.start();
-    const head = new EngineTunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, log });
-    cleanup.push(() => worker.close(), () => head.close());
-    const engine = await echo();
-    cleanup.push(() => new Promise<void>((r) => engine.server.close(() => r())));
-    workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
-    const [ep] = await head.endpoints('h', [{ nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port }]);
-    const port = Number(ep!.split(':')[1]);
-    const live = connect({ port, host: '127.0.0.1' });
-    const closed = new Promise<void>((r) => live.on('close', () => r()));
-    live.on('error', () => {});
-    live.write('x');
-    await new Promise<void>((r) => live.once('data', () => r()));
-    revoked.add('head-1');
-    expect(await worker.disconnect('head-1')).toBe(1);
-    await closed;
-    expect(await roundTrip(port, Buffer.from('y'))).toBeUndefined();
-  });
-
-  it('a node without credentials runs no listener, reaches its own engines only, and reaches no other node', async () => {
-    const plain = new EngineTunnels({ nodeId: 'n', credentials: undefined, host: '127.0.0.1', port: 0, log });
-    expect(await plain.start()).toBeUndefined();
-    expect(await plain.endpoints('h', [{ nodeId: 'n', enginePort: 1234 }])).toEqual(['127.0.0.1:1234']);
-    await expect(plain.endpoints('h1', [{ nodeId: 'other', enginePort: 1234 }])).rejects.toThrow(/no cluster credentials/);
-    await expect(plain.endpoints('h2', [{ nodeId: 'other', tunnel: { host: '10.0.0.2', port: 1 }, enginePort: 1 }])).rejects.toThrow(/no cluster credentials/);
-  });
-});
-
-describe('EngineTunnels: MLX ring ranks', () => {
-  it('a rank registers its own ring port, reaches same-node ranks directly and other nodes through a forwarder; release closes the door', async () => {
-    const worker = new EngineTunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log });
-    // a short wait for a rank that is not listening yet, so the "gone" case below ends quickly
-    const head = new EngineTunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, ringWaitMs: 2000, log });
-    await worker.start();
-    await head.start();
-    cleanup.push(() => worker.close(), () => head.close());
-    const rank1 = await echo(); // rank 1's ring socket on worker-1
-    cleanup.push(() => new Promise<void>((r) => rank1.server.close(() => r())));
-    // rank 0 on head-1, ranks 1 and 2 on worker-1
-    const ring = [
-      { nodeId: 'head-1', tunnel: { host: '127.0.0.1', port: head.port! }, enginePort: 41000 },
-      { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: rank1.port },
-      { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: 41002 },
-    ];
-    const r0 = await head.ringEndpoints('r0', 0, ring);
-    expect(r0[0]).toBe('127.0.0.1:41000');
-    const toRank1 = Number(r0[1]!.split(':')[1]);
-    expect(toRank1).not.toBe(rank1.port);
-    // rank 0 dials before rank 1's agent registered its port: the forwarder holds the connection
-    // and dials again until rank 1 is there (ranks of one ring start in parallel)
-    const early = roundTrip(toRank1, Buffer.from('early'));
-    await new Promise((r) => setTimeout(r, 300));
-
-    const r1 = await worker.ringEndpoints('r1', 1, ring);
-    expect(r1[1]).toBe(`127.0.0.1:${rank1.port}`); // its own bind address
-    expect(r1[2]).toBe('127.0.0.1:41002'); // same node: direct
-    expect(r1[0]).toMatch(/^127\.0\.0\.1:\d+$/); // head-1: a forwarder
-    expect(r1[0]).not.toBe('127.0.0.1:41000');
-    expect(await worker.ringEndpoints('r1', 1, ring)).toEqual(r1); // idempotent (the "wait for ready" repeat)
-    expect(await early).toEqual(Buffer.from('early'));
-    const payload = Buffer.from('ring all_gather'.repeat(500));
-    expect(await roundTrip(toRank1, payload)).toEqual(payload);
-    await vi.waitFor(async () => {
-      const n = payload.length + 'early'.length;
-      expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: n, received: n }]);
-      expect(await worker.bytes()).toEqual([{ peer: 'head-1', sent: n, received: n }]);
     });
 
-    // another engine cannot claim rank 1's port; a rank must run on the node its entry names
-    await expect(worker.ringEndpoints('other', 1, ring)).rejects.toMatchObject({ code: 'ALREADY_EXISTS' });
-    await expect(worker.ringEndpoints('r0-here', 0, ring)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT', message: expect.stringMatching(/names node head-1/) });
+    it('refuses an engine port the worker did not register, or one that exited', async () => {
+      const { worker, head, workerEngines, engine } = await pair();
+      const target = { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port };
+      const [never] = await head.endpoints('h1', [target]);
+      expect(await roundTrip(Number(never!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
+      workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
+      workerEngines.emit('exited', exit('rpc-1', 'rpc-server', engine.port));
+      const [gone] = await head.endpoints('h2', [target]);
+      expect(await roundTrip(Number(gone!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
+      // a llama-server is never reachable through the tunnel
+      workerEngines.emit('started', info('head-x', 'llama-server', engine.port));
+      const [llama] = await head.endpoints('h3', [target]);
+      expect(await roundTrip(Number(llama!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
+    });
 
-    // the rank is gone: its port is no engine of worker-1 any more, and the wait for it is bounded
-    await worker.release('r1');
-    const t0 = Date.now();
-    expect(await roundTrip(toRank1, Buffer.from('x'))).toBeUndefined();
-    expect(Date.now() - t0).toBeGreaterThanOrEqual(1000);
-    expect(Date.now() - t0).toBeLessThan(5000);
+    it('the worker must be the node the target names', async () => {
+      const { worker, head, workerEngines, engine } = await pair();
+      workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
+      await worker.settled();
+      const [ep] = await head.endpoints('h', [{ nodeId: 'worker-2', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port }]);
+      expect(await roundTrip(Number(ep!.split(':')[1]), Buffer.from('x'))).toBeUndefined();
+    });
+
+    it('disconnect(peer) cuts live sessions only; revoke(peer) cuts them and refuses new ones', async () => {
+      const { worker, head, workerEngines, engine } = await pair();
+      workerEngines.emit('started', info('rpc-1', 'rpc-server', engine.port));
+      await worker.settled();
+      const [ep] = await head.endpoints('h', [{ nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: engine.port }]);
+      const port = Number(ep!.split(':')[1]);
+      const session = async () => {
+        const live = connect({ port, host: '127.0.0.1' });
+        const closed = new Promise<void>((r) => live.on('close', () => r()));
+        live.on('error', () => {});
+        live.write('x');
+        await new Promise<void>((r) => live.once('data', () => r()));
+        return { closed };
+      };
+      const first = await session();
+      expect(await worker.disconnect('head-1')).toBe(1);
+      await first.closed;
+      const second = await session(); // a disconnect refuses nothing
+      expect(await worker.revoke('head-1')).toBe(1);
+      await second.closed;
+      expect(await roundTrip(port, Buffer.from('y'))).toBeUndefined();
+      expect(await worker.disconnect('head-1')).toBe(0);
+    });
+
+    it('a node without credentials runs no listener, reaches its own engines only, and reaches no other node', async () => {
+      const plain = new EngineTunnels({ nodeId: 'n', credentials: undefined, host: '127.0.0.1', port: 0, log });
+      expect(await plain.start()).toBeUndefined();
+      expect(await plain.endpoints('h', [{ nodeId: 'n', enginePort: 1234 }])).toEqual(['127.0.0.1:1234']);
+      await expect(plain.endpoints('h1', [{ nodeId: 'other', enginePort: 1234 }])).rejects.toThrow(/no cluster credentials/);
+      await expect(plain.endpoints('h2', [{ nodeId: 'other', tunnel: { host: '10.0.0.2', port: 1 }, enginePort: 1 }])).rejects.toThrow(/no cluster credentials/);
+    });
   });
+
+  describe('MLX ring ranks', () => {
+    it('a rank registers its own ring port, reaches same-node ranks directly and other nodes through a forwarder; release closes the door', async () => {
+      const worker = tunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log });
+      // a short wait for a rank that is not listening yet, so the "gone" case below ends quickly
+      const head = tunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, ringWaitMs: 2000, log });
+      await worker.start();
+      await head.start();
+      cleanup.push(() => worker.close(), () => head.close());
+      const rank1 = await echo(); // rank 1's ring socket on worker-1
+      cleanup.push(() => new Promise<void>((r) => rank1.server.close(() => r())));
+      // rank 0 on head-1, ranks 1 and 2 on worker-1
+      const ring = [
+        { nodeId: 'head-1', tunnel: { host: '127.0.0.1', port: head.port! }, enginePort: 41000 },
+        { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: rank1.port },
+        { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: 41002 },
+      ];
+      const r0 = await head.ringEndpoints('r0', 0, ring);
+      expect(r0[0]).toBe('127.0.0.1:41000');
+      const toRank1 = Number(r0[1]!.split(':')[1]);
+      expect(toRank1).not.toBe(rank1.port);
+      // rank 0 dials before rank 1's agent registered its port: the forwarder holds the connection
+      // and dials again until rank 1 is there (ranks of one ring start in parallel)
+      const early = roundTrip(toRank1, Buffer.from('early'));
+      await new Promise((r) => setTimeout(r, 300));
+
+      const r1 = await worker.ringEndpoints('r1', 1, ring);
+      expect(r1[1]).toBe(`127.0.0.1:${rank1.port}`); // its own bind address
+      expect(r1[2]).toBe('127.0.0.1:41002'); // same node: direct
+      expect(r1[0]).toMatch(/^127\.0\.0\.1:\d+$/); // head-1: a forwarder
+      expect(r1[0]).not.toBe('127.0.0.1:41000');
+      expect(await worker.ringEndpoints('r1', 1, ring)).toEqual(r1); // idempotent (the "wait for ready" repeat)
+      expect(await early).toEqual(Buffer.from('early'));
+      const payload = Buffer.from('ring all_gather'.repeat(500));
+      expect(await roundTrip(toRank1, payload)).toEqual(payload);
+      await vi.waitFor(async () => {
+        const n = payload.length + 'early'.length;
+        expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: n, received: n }]);
+        expect(await worker.bytes()).toEqual([{ peer: 'head-1', sent: n, received: n }]);
+      });
+
+      // another engine cannot claim rank 1's port; a rank must run on the node its entry names
+      await expect(worker.ringEndpoints('other', 1, ring)).rejects.toMatchObject({ code: 'ALREADY_EXISTS' });
+      await expect(worker.ringEndpoints('r0-here', 0, ring)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT', message: expect.stringMatching(/names node head-1/) });
+
+      // the rank is gone: its port is no engine of worker-1 any more, and the wait for it is bounded
+      await worker.release('r1');
+      const t0 = Date.now();
+      expect(await roundTrip(toRank1, Buffer.from('x'))).toBeUndefined();
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(1000);
+      expect(Date.now() - t0).toBeLessThan(5000);
+    });
+  });
+
+  describe('link probes over the tunnel', () => {
+    it('measures round trip and throughput to a peer through its listener, reaching no engine; a wrong peer id is an error result', async () => {
+      const worker = tunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log });
+      const head = tunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, log });
+      await worker.start();
+      cleanup.push(() => worker.close(), () => head.close());
+      const tunnel = { host: '127.0.0.1', port: worker.port! };
+      const results = await head.measureLinks([
+        { nodeId: 'worker-1', tunnel },
+        { nodeId: 'head-1', tunnel }, // itself: skipped
+        { nodeId: 'someone-else', tunnel }, // the listener's certificate names worker-1
+      ]);
+      expect(results.map((r) => r.peer)).toEqual(['worker-1', 'someone-else']);
+      const [good, wrong] = results;
+      if (!good || !('sample' in good)) throw new Error(`probe failed: ${JSON.stringify(good)}`);
+      // loopback TLS on a busy 2-core machine: well under 50 ms, and at least 10 MB/s
+      expect(good.sample.rttSeconds).toBeGreaterThan(0);
+      expect(good.sample.rttSeconds).toBeLessThan(0.05);
+      expect(good.sample.bytesPerSecond).toBeGreaterThan(10e6);
+      expect(wrong).toMatchObject({ error: expect.stringContaining('expected someone-else') });
+      expect(head.links().map((l) => l.peer)).toEqual(['worker-1']);
+      // a probe is no engine session: nothing counted as engine bytes on either side
+      expect(await worker.bytes()).toEqual([]);
+    });
+  });
+}
+
+describe('EngineTunnels with the Node relays', () => suites({ worker: () => undefined, head: () => undefined }));
+
+describeWith([program('go', ['version'])], 'EngineTunnels with the native relay (Go)', () => {
+  let dir: string;
+  let binary: string;
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'orchard-relay-'));
+    binary = join(dir, 'orchard-tunnel-relay');
+    execFileSync('go', ['build', '-o', binary, '.'], { cwd: TUNNEL_RELAY_SOURCE, env: { ...process.env, CGO_ENABLED: '0' } });
+  }, 120_000);
+  afterAll(() => rm(dir, { recursive: true, force: true }));
+  describe('at both ends', () => suites({ worker: () => binary, head: () => binary }));
+  describe('listener, facing a Node forwarder', () => suites({ worker: () => binary, head: () => undefined }));
 });
 
-describe('link probes over the tunnel', () => {
-  it('measures round trip and throughput to a peer through its listener, reaching no engine; a wrong peer id is an error result', async () => {
-    const worker = new EngineTunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, log });
-    const head = new EngineTunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, log });
-    await worker.start();
-    cleanup.push(() => worker.close(), () => head.close());
-    const tunnel = { host: '127.0.0.1', port: worker.port! };
-    const results = await head.measureLinks([
-      { nodeId: 'worker-1', tunnel },
-      { nodeId: 'head-1', tunnel }, // itself: skipped
-      { nodeId: 'someone-else', tunnel }, // the listener's certificate names worker-1
-    ]);
-    expect(results.map((r) => r.peer)).toEqual(['worker-1', 'someone-else']);
-    const [good, wrong] = results;
-    if (!good || !('sample' in good)) throw new Error(`probe failed: ${JSON.stringify(good)}`);
-    // loopback TLS on a busy 2-core machine: well under 50 ms, and at least 10 MB/s
-    expect(good.sample.rttSeconds).toBeGreaterThan(0);
-    expect(good.sample.rttSeconds).toBeLessThan(0.05);
-    expect(good.sample.bytesPerSecond).toBeGreaterThan(10e6);
-    expect(wrong).toMatchObject({ error: expect.stringContaining('expected someone-else') });
-    expect(head.links().map((l) => l.peer)).toEqual(['worker-1']);
-    // a probe is no engine session: nothing counted as engine bytes on either side
-    expect(await worker.bytes()).toEqual([]);
-  });
-
+describe('link probes without credentials', () => {
   it('needs credentials: a node that has not joined has no tunnel to measure', () => {
     const bare = new EngineTunnels({ nodeId: 'n', credentials: undefined, host: '127.0.0.1', port: 0, log });
     expect(() => bare.measureLinks([])).toThrow(EngineRequestError);

@@ -1,7 +1,6 @@
 import type { Logger } from '../../shared/log.ts';
 import type { RpcTarget } from '../../shared/placement/llama-args.ts';
 import type { NodeCredentials } from '../../shared/pki/store.ts';
-import type { VerifiedPeer } from '../../shared/pki/verify.ts';
 import { EngineRequestError } from '../engine-spec.ts';
 import type { EngineExit, EngineInfo } from '../supervisor.ts';
 import { EnginePorts } from './engine-ports.ts';
@@ -9,6 +8,7 @@ import { type TunnelForwarder, startTunnelForwarder } from './forwarder.ts';
 import { type TunnelListener, startTunnelListener } from './listener.ts';
 import { type LinkSample, measureLink } from './link-probe.ts';
 import { startNativeForwarder } from './native-forwarder.ts';
+import { type NativeTunnelListener, startNativeListener } from './native-listener.ts';
 
 /** How the head reaches one rpc target: its own loopback, or a forwarder to another node's tunnel. */
 export type RpcRoute = { readonly kind: 'direct'; readonly port: number } | { readonly kind: 'tunnel'; readonly target: RpcTarget & { readonly tunnel: { host: string; port: number } } };
@@ -44,11 +44,12 @@ export interface EngineTunnelsOptions {
   /** The agent's bind host: the listener faces the network the gRPC API faces. */
   readonly host: string;
   readonly port: number;
-  /** Revocation as the coordinator announces it; asked on every new tunnel connection. */
-  readonly isRevoked?: ((peer: VerifiedPeer) => boolean) | undefined;
   /** How long a ring rank's forwarder waits for a remote rank that is not listening yet (default RING_WAIT_MS). */
   readonly ringWaitMs?: number | undefined;
-  /** The native relay for the head side (findTunnelRelay); undefined = the Node forwarder. */
+  /**
+   * The native relay (findTunnelRelay) for both sides: every forwarder, and the listener;
+   * undefined = the Node forwarder and listener.
+   */
   readonly relayBinary?: string | undefined;
   readonly log: Logger;
 }
@@ -86,7 +87,9 @@ interface HeadTunnels {
 export class EngineTunnels {
   readonly enginePorts = new EnginePorts();
   readonly #o: EngineTunnelsOptions;
-  #listener: TunnelListener | undefined;
+  #listener: TunnelListener | NativeTunnelListener | undefined;
+  /** Peers revoked (`revoke`): refused by the listener from then on. */
+  readonly #revoked = new Set<string>();
   readonly #heads = new Map<string, Promise<HeadTunnels>>();
   readonly #closedBytes = new Map<string, { sent: number; received: number }>();
   readonly #links = new Map<string, LinkResult & { sample: LinkSample }>();
@@ -100,20 +103,32 @@ export class EngineTunnels {
   async start(): Promise<number | undefined> {
     const o = this.#o;
     if (!o.credentials) return undefined;
-    this.#listener = await startTunnelListener({
+    const common = {
       host: o.host,
       port: o.port,
       credentials: o.credentials,
       enginePorts: this.enginePorts,
-      isRevoked: o.isRevoked,
-      onRefused: (reason, peer) => o.log.warn({ reason, peer: peer?.id }, 'tunnel connection refused'),
-    });
-    o.log.info({ host: o.host, port: this.#listener.port }, 'tunnel listener ready');
+      onRefused: (reason: string, peer: { id: string } | undefined) => o.log.warn({ reason, peer: peer?.id }, 'tunnel connection refused'),
+    };
+    this.#listener = o.relayBinary
+      ? await startNativeListener(o.relayBinary, { ...common, revoked: this.#revoked, onCrash: (message) => o.log.error(message) })
+      : await startTunnelListener({ ...common, isRevoked: (peer) => this.#revoked.has(peer.id) });
+    o.log.info({ host: o.host, port: this.#listener.port, relay: o.relayBinary ? 'native' : 'node' }, 'tunnel listener ready');
     return this.#listener.port;
   }
 
   get port(): number | undefined {
     return this.#listener?.port;
+  }
+
+  /**
+   * Resolves once the listener enforces every registration and revocation made so far: the
+   * native listener learns them over a pipe, so a StartEngine answer waits for this before the
+   * head may dial the engine it announces.
+   */
+  async settled(): Promise<void> {
+    const l = this.#listener;
+    if (l && 'settled' in l) await l.settled();
   }
 
   /** Register rpc-servers as they start, drop them (and a head's forwarders) as they exit. */
@@ -243,11 +258,22 @@ export class EngineTunnels {
   }
 
   /**
-   * Cut every tunnel session of `peerId` both ways (a revocation: isRevoked only guards new
-   * connections, and ggml-rpc keeps its connection for the engine's lifetime). Returns the count.
+   * The cluster revoked `peerId`: the listener refuses it from now on, and every session it has
+   * open either way is cut (ggml-rpc keeps its connection for the engine's lifetime). The count.
    */
-  async disconnect(peerId: string): Promise<number> {
-    let n = this.#listener?.disconnect(peerId) ?? 0;
+  revoke(peerId: string): Promise<number> {
+    this.#revoked.add(peerId);
+    return this.#cut(peerId, true);
+  }
+
+  /** Cut every tunnel session of `peerId` both ways, refusing nothing new. Returns the count. */
+  disconnect(peerId: string): Promise<number> {
+    return this.#cut(peerId, false);
+  }
+
+  async #cut(peerId: string, revoked: boolean): Promise<number> {
+    const l = this.#listener;
+    let n = l === undefined ? 0 : revoked && 'revoke' in l ? await l.revoke(peerId) : await l.disconnect(peerId);
     for (const [engineId, head] of [...this.#heads]) {
       const h = await head.catch(() => undefined);
       if (h?.forwarders.some((f) => f.peer === peerId)) {

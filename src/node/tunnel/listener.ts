@@ -19,7 +19,8 @@ export interface TunnelListenerOptions {
   readonly isRevoked?: (peer: VerifiedPeer) => boolean;
   /** A handshake or preamble that takes longer is dropped (slow peers hold no sockets). */
   readonly preambleTimeoutMs?: number;
-  readonly onRefused?: (reason: string, peer: VerifiedPeer | undefined) => void;
+  /** A refused connection and, once its certificate was read, who it was. */
+  readonly onRefused?: (reason: string, peer: Pick<VerifiedPeer, 'id'> | undefined) => void;
 }
 
 /** Roles that may carry engine traffic: heads (nodes) and the coordinator. Never an admin client. */

@@ -1,6 +1,6 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -43,66 +43,59 @@ export const TUNNEL_RELAY_SOURCE = fileURLToPath(new URL('../../../native/tunnel
 /** Where `orchard setup` puts the relay built from this source: keyed by its hash, so an update rebuilds. */
 export function tunnelRelayPath(env: NodeJS.ProcessEnv = process.env): string {
   const hash = createHash('sha256');
-  for (const f of ['go.mod', 'main.go']) hash.update(readFileSync(join(TUNNEL_RELAY_SOURCE, f)));
+  const files = readdirSync(TUNNEL_RELAY_SOURCE).filter((f) => f === 'go.mod' || f.endsWith('.go'));
+  for (const f of files.sort()) hash.update(f).update('\0').update(readFileSync(join(TUNNEL_RELAY_SOURCE, f)));
   return join(cacheRoot(env, process.platform, homedir()), 'tunnel-relay', hash.digest('hex').slice(0, 16), 'orchard-tunnel-relay');
 }
 
-const Line = z.union([
-  z.strictObject({ port: z.number().int() }),
-  z.strictObject({ error: z.string() }),
-  z.strictObject({ toEngine: z.number(), fromEngine: z.number(), connections: z.number(), resumed: z.number() }),
-]);
+/** One running relay process: its port, and its end (stdout read to the last line). */
+export interface RelayProcess {
+  readonly proc: ChildProcess;
+  readonly port: number;
+  readonly closed: Promise<void>;
+  /** One command line on its stdin (dropped once it is gone: its state is rebuilt at a restart). */
+  send(command: object): void;
+  /** End stdin (the relay reports its final counters and exits); SIGKILL after 2 s. */
+  close(): Promise<void>;
+}
 
-export async function startNativeForwarder(binary: string, o: TunnelForwarderOptions): Promise<TunnelForwarder> {
+/**
+ * Start the relay with `config` (credentials included) as its first stdin line, never argv;
+ * every stdout line after the port goes to `onLine` as parsed JSON.
+ */
+export async function spawnRelay(binary: string, config: object, onLine: (line: unknown) => void): Promise<RelayProcess> {
   const proc: ChildProcess = spawn(binary, [], { stdio: ['pipe', 'pipe', 'inherit'] });
-  const bytes: TunnelBytes = { toEngine: 0, fromEngine: 0 };
-  let connections = 0;
-  let resumed = 0;
-  const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
+  proc.stdin?.on('error', () => {}); // EPIPE once it died: reported by 'close'
+  // 'close', not 'exit': the final counters may still be in the pipe when the process is gone
+  const closed = new Promise<void>((resolve) => proc.once('close', () => resolve()));
   const port = new Promise<number>((resolve, reject) => {
     proc.once('error', reject);
-    void exited.then(() => reject(new Error(`tunnel relay ${binary} exited before it listened`)));
+    void closed.then(() => reject(new Error(`tunnel relay ${binary} exited before it listened`)));
     createInterface({ input: proc.stdout! }).on('line', (text) => {
-      let line: z.infer<typeof Line>;
+      let line: unknown;
       try {
-        line = Line.parse(JSON.parse(text));
+        line = JSON.parse(text);
       } catch {
         return;
       }
-      if ('port' in line) resolve(line.port);
-      else if ('error' in line) o.onError?.(line.error);
-      else {
-        Object.assign(bytes, { toEngine: line.toEngine, fromEngine: line.fromEngine });
-        [connections, resumed] = [line.connections, line.resumed];
-      }
+      const first = z.strictObject({ port: z.number().int() }).safeParse(line);
+      if (first.success) resolve(first.data.port);
+      else onLine(line);
     });
   });
-  const c = o.credentials;
-  proc.stdin?.write(
-    `${JSON.stringify({
-      mode: 'forward',
-      listen: `127.0.0.1:${o.localPort ?? 0}`,
-      remote: `${o.remote.host}:${o.remote.port}`,
-      enginePort: o.enginePort,
-      expectId: o.expectPeer.id ?? '',
-      waitForEngineMs: o.waitForEngineMs ?? 0,
-      certPem: c.certPem,
-      keyPem: c.keyPem,
-      caPem: c.caCertPem,
-    })}\n`,
-  );
+  proc.stdin?.write(`${JSON.stringify(config)}\n`);
   try {
     return {
+      proc,
       port: await port,
-      bytes,
-      ...(proc.pid ? { pid: proc.pid } : {}),
-      connections: () => connections,
-      resumed: () => resumed,
-      // stdin's end makes the relay report its final counters and exit
+      closed,
+      send: (command) => {
+        if (proc.exitCode === null && proc.signalCode === null && proc.stdin?.writable) proc.stdin.write(`${JSON.stringify(command)}\n`);
+      },
       close: async () => {
         proc.stdin?.end();
         const timer = setTimeout(() => proc.kill('SIGKILL'), 2000);
-        await exited;
+        await closed;
         clearTimeout(timer);
       },
     };
@@ -110,4 +103,45 @@ export async function startNativeForwarder(binary: string, o: TunnelForwarderOpt
     proc.kill('SIGKILL');
     throw err;
   }
+}
+
+/** The relay's TCP address for a host (an IPv6 literal in brackets). */
+export const relayAddress = (host: string, port: number): string => (host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`);
+
+const Line = z.union([z.strictObject({ error: z.string() }), z.strictObject({ toEngine: z.number(), fromEngine: z.number(), connections: z.number(), resumed: z.number() })]);
+
+export async function startNativeForwarder(binary: string, o: TunnelForwarderOptions): Promise<TunnelForwarder> {
+  const bytes: TunnelBytes = { toEngine: 0, fromEngine: 0 };
+  let connections = 0;
+  let resumed = 0;
+  const c = o.credentials;
+  const config = {
+    mode: 'forward',
+    listen: relayAddress('127.0.0.1', o.localPort ?? 0),
+    remote: relayAddress(o.remote.host, o.remote.port),
+    enginePort: o.enginePort,
+    expectId: o.expectPeer.id ?? '',
+    waitForEngineMs: o.waitForEngineMs ?? 0,
+    certPem: c.certPem,
+    keyPem: c.keyPem,
+    caPem: c.caCertPem,
+  };
+  const relay = await spawnRelay(binary, config, (raw) => {
+    const line = Line.safeParse(raw);
+    if (!line.success) return;
+    if ('error' in line.data) o.onError?.(line.data.error);
+    else {
+      Object.assign(bytes, { toEngine: line.data.toEngine, fromEngine: line.data.fromEngine });
+      [connections, resumed] = [line.data.connections, line.data.resumed];
+    }
+  });
+  return {
+    port: relay.port,
+    bytes,
+    ...(relay.proc.pid ? { pid: relay.proc.pid } : {}),
+    connections: () => connections,
+    resumed: () => resumed,
+    // stdin's end makes the relay report its final counters and exit
+    close: () => relay.close(),
+  };
 }

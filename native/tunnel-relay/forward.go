@@ -1,0 +1,147 @@
+package main
+
+// The head side: a 127.0.0.1 listener whose every connection becomes one TLS session to the
+// worker's listener, checked to be the expected node, past the preamble.
+
+import (
+	"bufio"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+)
+
+// forwardTLS: the worker's certificate must chain to the cluster CA and name the expected node;
+// its address is not what identifies it, so Go's host-name check is replaced by that one.
+func forwardTLS(cfg *tls.Config, pool *x509.CertPool, expectID string) *tls.Config {
+	cfg.RootCAs = pool
+	cfg.InsecureSkipVerify = true
+	cfg.ClientSessionCache = tls.NewLRUClientSessionCache(16)
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("no worker certificate")
+		}
+		inter := x509.NewCertPool()
+		for _, ic := range cs.PeerCertificates[1:] {
+			inter.AddCert(ic)
+		}
+		opts := x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+		if _, err := cs.PeerCertificates[0].Verify(opts); err != nil {
+			return err
+		}
+		peer, err := peerIdentity(cs.PeerCertificates[0])
+		if err != nil {
+			return err
+		}
+		if peer.role != "node" || (expectID != "" && peer.id != expectID) {
+			return fmt.Errorf("tunnel peer is %s %s, expected node %s", peer.role, peer.id, expectID)
+		}
+		return nil
+	}
+	return cfg
+}
+
+type refused struct {
+	msg     string
+	pending bool
+}
+
+func (e refused) Error() string { return e.msg }
+
+// dial opens one authenticated session to the worker, past the preamble.
+func (r *relay) dial() (*tls.Conn, *bufio.Reader, error) {
+	where := "tunnel to " + r.cfg.Remote
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", r.cfg.Remote, r.tlsCfg)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", where, err)
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "{\"v\":1,\"port\":%d}\n", r.cfg.EnginePort)
+	br := bufio.NewReaderSize(conn, 64<<10)
+	line, err := readLine(br)
+	var reply struct {
+		Ok      bool   `json:"ok"`
+		Error   string `json:"error"`
+		Pending bool   `json:"pending"`
+	}
+	if err != nil || json.Unmarshal(line, &reply) != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("%s: malformed reply", where)
+	}
+	if !reply.Ok {
+		conn.Close()
+		return nil, nil, refused{msg: where + " refused: " + reply.Error, pending: reply.Pending}
+	}
+	conn.SetDeadline(time.Time{})
+	return conn, br, nil
+}
+
+// serveHead: like the Node forwarder, dial again while the refusal is pending (50 ms doubling to
+// 1 s, none after waitForEngineMs); any other failure closes the local connection.
+func (r *relay) serveHead(local net.Conn) {
+	defer local.Close()
+	deadline := time.Now().Add(time.Duration(r.cfg.WaitForEngineMs) * time.Millisecond)
+	var conn *tls.Conn
+	var br *bufio.Reader
+	for delay := 50 * time.Millisecond; ; delay *= 2 {
+		if delay > time.Second {
+			delay = time.Second
+		}
+		var err error
+		conn, br, err = r.dial()
+		if err == nil {
+			break
+		}
+		var ref refused
+		if !errors.As(err, &ref) || !ref.pending || time.Now().Add(delay).After(deadline) {
+			r.emit(map[string]string{"error": err.Error()})
+			return
+		}
+		time.Sleep(delay)
+	}
+	defer conn.Close()
+	r.connections.Add(1)
+	if conn.ConnectionState().DidResume {
+		r.resumed.Add(1)
+	}
+	pipe(local, counted{local, &r.toEngine}, conn, counted{br, &r.fromEngine})
+}
+
+// report writes the counters whenever they moved, at most every 250 ms: the agent's
+// orchard_rpc_bytes_total reads them from here.
+func (r *relay) report() {
+	if r.cfg.Mode == "listen" {
+		last := map[sessionKey][3]int64{}
+		for range time.Tick(250 * time.Millisecond) {
+			r.emitSessionStats(last)
+		}
+	}
+	last := [4]int64{-1}
+	for range time.Tick(250 * time.Millisecond) {
+		last = r.emitCountersIfMoved(last)
+	}
+}
+
+func (r *relay) counters() [4]int64 {
+	return [4]int64{r.toEngine.Load(), r.fromEngine.Load(), r.connections.Load(), r.resumed.Load()}
+}
+
+func (r *relay) emitCountersIfMoved(last [4]int64) [4]int64 {
+	now := r.counters()
+	if now != last {
+		r.emit(map[string]int64{"toEngine": now[0], "fromEngine": now[1], "connections": now[2], "resumed": now[3]})
+	}
+	return now
+}
+
+// emitCounters: every counter once more, moved or not (the final report).
+func (r *relay) emitCounters() {
+	if r.cfg.Mode == "listen" {
+		r.emitSessionStats(map[sessionKey][3]int64{})
+		return
+	}
+	r.emitCountersIfMoved([4]int64{-1})
+}
