@@ -7,9 +7,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, expect, it, vi } from 'vitest';
 import { EnginePorts } from '../../src/node/tunnel/engine-ports.ts';
-import type { TunnelForwarder } from '../../src/node/tunnel/forwarder.ts';
+import { type TunnelForwarder, TunnelRefused, dialTunnel } from '../../src/node/tunnel/forwarder.ts';
 import { startTunnelListener } from '../../src/node/tunnel/listener.ts';
 import { TUNNEL_RELAY_SOURCE, findTunnelRelay, startNativeForwarder, tunnelRelayPath } from '../../src/node/tunnel/native-forwarder.ts';
+import { startNativeListener } from '../../src/node/tunnel/native-listener.ts';
+import { encodeRequest } from '../../src/node/tunnel/preamble.ts';
 import { type ClusterCa, createClusterCa, createKeyAndCsr, issueCertificate } from '../../src/shared/pki/certificates.ts';
 import type { Role } from '../../src/shared/pki/identity.ts';
 import type { NodeCredentials } from '../../src/shared/pki/store.ts';
@@ -161,6 +163,87 @@ describeWith([program('go', ['version'])], 'native tunnel forwarder (Go) → the
       }
     };
     expect(pids.filter(alive)).toEqual([]);
+  });
+});
+
+describeWith([program('go', ['version'])], 'native tunnel listener (Go): the checks the Node listener makes', () => {
+  async function listen(o: { revoked?: string[] } = {}) {
+    const engine = await echoEngine();
+    cleanup.push(() => new Promise((r) => engine.server.close(r)));
+    const enginePorts = new EnginePorts();
+    const refused: string[] = [];
+    const crashes: string[] = [];
+    const l = await startNativeListener(binary, {
+      host: '127.0.0.1',
+      port: 0,
+      credentials: worker,
+      enginePorts,
+      revoked: new Set(o.revoked ?? []),
+      onRefused: (reason, peer) => refused.push(`${peer?.id ?? '?'}: ${reason}`),
+      onCrash: (m) => crashes.push(m),
+    });
+    cleanup.push(() => l.close());
+    const dial = (credentials: NodeCredentials, port = engine.port) => dialTunnel({ remote: { host: '127.0.0.1', port: l.port }, expectPeer: { id: 'worker-1' }, credentials }, encodeRequest(port));
+    const refusal = (credentials: NodeCredentials, port?: number) =>
+      dial(credentials, port).then(
+        (s) => {
+          s.destroy();
+          return undefined;
+        },
+        (err: Error) => err,
+      );
+    return { engine, enginePorts, l, refused, crashes, dial, refusal };
+  }
+
+  it('admits node and coordinator certificates of this cluster to registered engines only; refuses an admin, a foreign cluster, the revoked', async () => {
+    const t = await listen({ revoked: ['gone-1'] });
+    // not registered yet: a pending refusal (a ring rank about to start), then admitted once registered
+    expect(await t.refusal(head)).toMatchObject({ pending: true, message: expect.stringMatching(/is not an engine of this node/) });
+    t.enginePorts.register(t.engine.port, 'rpc-1');
+    await t.l.settled();
+    expect(await t.refusal(head)).toBeUndefined();
+    expect(await t.refusal(await credentials(ca, 'coord', 'coordinator'))).toBeUndefined();
+    expect(await t.refusal(await credentials(ca, 'op', 'admin'))).toMatchObject({ pending: false, message: expect.stringMatching(/role admin may not open tunnels/) });
+    expect(await t.refusal(await credentials(ca, 'gone-1', 'node'))).toMatchObject({ message: expect.stringMatching(/revoked/) });
+    const foreign = await createClusterCa('elsewhere');
+    expect(await t.refusal(await credentials(foreign, 'head-1', 'node'))).toBeInstanceOf(Error);
+    expect(t.engine.accepted()).toBe(2);
+    t.enginePorts.unregister(t.engine.port);
+    await t.l.settled();
+    expect(await t.refusal(head)).toBeInstanceOf(TunnelRefused);
+    await vi.waitFor(() => expect(t.refused).toEqual(expect.arrayContaining(['op: role admin may not open tunnels', 'gone-1: this identity has been revoked', '?: TLS handshake failed (no certificate of this cluster)'])));
+  });
+
+  it('revoke cuts open sessions and refuses new ones; bytes per peer; a relay that dies is started again on its port with its state', async () => {
+    const t = await listen();
+    t.enginePorts.register(t.engine.port, 'rpc-1');
+    await t.l.settled();
+    const s = await t.dial(head);
+    // the cut reaches the head as the session's end (it is half-open: 'close' waits for its own end)
+    const closed = new Promise<void>((r) => s.once('end', () => r()).once('close', () => r()));
+    s.on('error', () => {});
+    s.write('hello');
+    await new Promise((r) => s.once('data', r).resume());
+    await vi.waitFor(() => expect(t.l.stats()).toEqual([{ peer: 'head-1', enginePort: t.engine.port, toEngine: 5, fromEngine: 5, connections: 1 }]), { timeout: 2000 });
+    expect(await t.l.revoke('head-1')).toBe(1);
+    await closed;
+    expect(await t.refusal(head)).toMatchObject({ message: expect.stringMatching(/revoked/) });
+    const pid = t.l.pid()!;
+    process.kill(pid, 'SIGKILL');
+    await vi.waitFor(() => expect(t.l.pid()).not.toBe(pid), { timeout: 5000 });
+    expect(t.crashes.join()).toMatch(/exited/);
+    await vi.waitFor(async () => expect(await t.refusal(head)).toMatchObject({ message: expect.stringMatching(/revoked/) }), { timeout: 5000 });
+    const other = await credentials(ca, 'head-2', 'node');
+    expect(await t.refusal(other)).toBeUndefined(); // its registered port survived the restart
+    expect(t.l.stats()).toContainEqual({ peer: 'head-1', enginePort: t.engine.port, toEngine: 5, fromEngine: 5, connections: 1 });
+  });
+
+  it('takes its key on stdin, not argv, and exits when closed', async () => {
+    const t = await listen();
+    const pid = t.l.pid()!;
+    expect(readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ').trim()).toBe(binary);
+    await t.l.close();
+    expect(() => process.kill(pid, 0)).toThrow();
   });
 });
 
