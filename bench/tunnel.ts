@@ -3,14 +3,16 @@
  * (llama-server holds the first layers on its CPU, one ggml-rpc-server holds the last `--ngl`
  * layers), with llama-server's `--rpc` pointing either straight at the rpc-server (direct) or at
  * the head-side forwarder whose TLS session ends at the worker-side listener (tunnel), which
- * forwards to the same rpc-server. The forwarder is the one the agent runs: native/tunnel-relay
- * when `orchard setup` built it (`tunnelHeadRelay: native`), else Node's. A third mode, `plain`, relays through the same two processes
+ * forwards to the same rpc-server. Both ends are the ones the agent runs: native/tunnel-relay
+ * when `orchard setup` built it (`tunnelRelay: native`), else Node's (ORCHARD_TUNNEL_RELAY=node).
+ * A third mode, `plain`, relays through the same two processes
  * with the same relay code but no TLS: the hop's own cost, so what remains is TLS's. Modes
  * alternate trial by trial (ABC CBA…), each trial a fresh
  * llama-server: load time (spawn → /health), then greedy completions with the prompt cache off:
  * time to first token and decode tokens/s measured at the client, token ids compared.
  * The two tunnel ends run in two processes, as on a cluster (the head's agent: this process;
- * the worker's agent: a child running only the listener, credentials on its stdin), over
+ * the worker's agent: a child running only the listener — itself in the native relay when built —
+ * credentials on its stdin), over
  * 127.0.0.1 — the network round trip is the same in both modes, so the ratio is the tunnel's.
  * Prints tunnelled ÷ direct: tokensPerSecondRatio (goal ≥ 0.97), ttftAddedMs p50 (goal < 2),
  * loadSecondsRatio (goal ≤ 1.10), the same three for the plain relay, with every raw number.
@@ -33,7 +35,8 @@ import { seedTensorCache } from '../src/node/llama/tensor-cache.ts';
 import { EnginePorts } from '../src/node/tunnel/engine-ports.ts';
 import { type TunnelForwarder, type TunnelForwarderOptions, startTunnelForwarder } from '../src/node/tunnel/forwarder.ts';
 import { findTunnelRelay, startNativeForwarder } from '../src/node/tunnel/native-forwarder.ts';
-import { type TunnelListener, startTunnelListener } from '../src/node/tunnel/listener.ts';
+import { startTunnelListener } from '../src/node/tunnel/listener.ts';
+import { startNativeListener } from '../src/node/tunnel/native-listener.ts';
 import { relay } from '../src/node/tunnel/relay.ts';
 import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/shared/pki/certificates.ts';
 import type { NodeCredentials } from '../src/shared/pki/store.ts';
@@ -144,9 +147,10 @@ async function plainRelay(targetPort: number): Promise<{ server: Server; port: n
 
 /**
  * The worker agent's half, run as `bench/tunnel.ts --worker-listener`: reads its credentials and
- * the engine port from stdin (never argv: `ps` shows that), prints the listener port, then
- * answers each further stdin line with its own CPU time (what the worker's end of the tunnel
- * costs), and exits when stdin ends.
+ * the engine port from stdin (never argv: `ps` shows that), starts the listener the agent would
+ * (the native relay when built), prints its port, then answers each further stdin line with the
+ * CPU time of the worker's end of the tunnel (this process and the native relay), and exits when
+ * stdin ends.
  */
 async function workerListener(): Promise<void> {
   const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
@@ -155,10 +159,13 @@ async function workerListener(): Promise<void> {
   const enginePorts = new EnginePorts();
   enginePorts.register(rpcPort, 'ggml-rpc-server');
   enginePorts.register(seededRpcPort, 'ggml-rpc-server');
-  const listener: TunnelListener = await startTunnelListener({ host: '127.0.0.1', port: 0, credentials, enginePorts });
+  const relayBinary = findTunnelRelay();
+  const options = { host: '127.0.0.1', port: 0, credentials, enginePorts };
+  const listener = relayBinary ? await startNativeListener(relayBinary, { ...options, revoked: new Set() }) : await startTunnelListener(options);
+  const relayCpu = () => ('pid' in listener ? processCpuSeconds(listener.pid() ?? 0) : 0);
   const plain = await plainRelay(rpcPort);
-  process.stdout.write(`${JSON.stringify({ port: listener.port, plainPort: plain.port })}\n`);
-  for (let line = await lines.next(); !line.done; line = await lines.next()) process.stdout.write(`${JSON.stringify({ cpuSeconds: cpuSeconds() })}\n`);
+  process.stdout.write(`${JSON.stringify({ port: listener.port, plainPort: plain.port, relay: relayBinary ? 'native' : 'node' })}\n`);
+  for (let line = await lines.next(); !line.done; line = await lines.next()) process.stdout.write(`${JSON.stringify({ cpuSeconds: cpuSeconds() + relayCpu() })}\n`);
   await listener.close();
   plain.server.close();
 }
@@ -173,6 +180,8 @@ interface Tunnel {
   /** The same tunnel to the pre-seeded rpc-server. */
   readonly seededForwarder: TunnelForwarder;
   readonly worker: ChildProcess;
+  /** Which listener the worker process runs. */
+  readonly workerRelay: 'native' | 'node';
   /** Head-side end of the plain (no TLS) relay through the worker process. */
   readonly plain: { server: Server; port: number };
   /** The worker process's CPU seconds so far. */
@@ -191,7 +200,7 @@ async function startTunnel(rpcPort: number, seededRpcPort: number, work: string)
   const next = async <T>(): Promise<T> => JSON.parse(String((await Promise.race([replies.next(), exited])).value)) as T;
   const creds = { worker: await issue(ca, 'worker'), head: await issue(ca, 'head') };
   worker.stdin?.write(`${JSON.stringify({ credentials: creds.worker, rpcPort, seededRpcPort })}\n`);
-  const { port, plainPort } = await next<{ port: number; plainPort: number }>();
+  const { port, plainPort, relay: workerRelay } = await next<{ port: number; plainPort: number; relay: 'native' | 'node' }>();
   // the head side the agent runs: the native relay when `orchard setup` built it, else Node's
   const relayBinary = findTunnelRelay();
   const forward = (enginePort: number) => {
@@ -210,7 +219,7 @@ async function startTunnel(rpcPort: number, seededRpcPort: number, work: string)
     return (await next<{ cpuSeconds: number }>()).cpuSeconds;
   };
   const native = NATIVE ? await startNative(rpcPort, creds, work) : undefined;
-  return { forwarder, seededForwarder, worker, plain: await plainRelay(plainPort), workerCpu, ...(native ? { native } : {}) };
+  return { forwarder, seededForwarder, worker, workerRelay, plain: await plainRelay(plainPort), workerCpu, ...(native ? { native } : {}) };
 }
 
 async function startNative(rpcPort: number, creds: { head: NodeCredentials; worker: NodeCredentials }, work: string) {
@@ -334,7 +343,7 @@ function cpuSummary(trials: readonly Trial[], loadAverage: number[]) {
   };
 }
 
-function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarder }, loadAverage: number[]) {
+function summarise(trials: readonly Trial[], tunnel: Pick<Tunnel, 'forwarder' | 'workerRelay'>, loadAverage: number[]) {
   const of = (mode: Mode) => trials.filter((t) => t.mode === mode);
   const stats = (mode: Mode) => {
     const ts = of(mode);
@@ -367,8 +376,8 @@ function summarise(trials: readonly Trial[], tunnel: { forwarder: TunnelForwarde
     tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
     goals: { tokensPerSecondRatio: '>= 0.97', ttftAddedMs: '< 2 (p50)', loadSecondsRatio: '<= 1.10' },
     setup: { trials: TRIALS, requestsPerTrial: REQUESTS, tokens: TOKENS, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS },
-    /** Which head side the agent (and so `tunnel`) runs: native/tunnel-relay when `orchard setup` built it. */
-    tunnelHeadRelay: tunnel.forwarder.pid ? 'native' : 'node',
+    /** Which relays the agent (and so `tunnel`) runs at each end: native/tunnel-relay when `orchard setup` built it. */
+    tunnelRelay: { head: tunnel.forwarder.pid ? 'native' : 'node', worker: tunnel.workerRelay },
     tunnelBytes: { ...tunnel.forwarder.bytes, connections: tunnel.forwarder.connections(), resumedSessions: tunnel.forwarder.resumed() },
     tunnelCpu: cpuSummary(trials, loadAverage),
     direct,

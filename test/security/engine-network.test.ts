@@ -1,3 +1,4 @@
+import { readlinkSync, realpathSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -6,13 +7,14 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { headLayout } from '../../src/coordinator/instances/llama/layout.ts';
 import { llamaServerToWire } from '../../src/coordinator/membership/agent-client.ts';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { findTunnelRelay } from '../../src/node/tunnel/native-forwarder.ts';
 import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
 import type { ClusterCa } from '../../src/shared/pki/certificates.ts';
 import { CLUSTER_CHANNEL_OPTIONS, type TlsCredentials, clusterChannelCredentials } from '../../src/shared/pki/grpc-tls.ts';
 import type { RpcTarget } from '../../src/shared/placement/llama-args.ts';
 import { orchardV1 } from '../../src/shared/proto.ts';
 import { clientCredentials, enrollNode, testCa } from '../helpers/cluster-pki.ts';
-import { deleteNamespaces, facingTheNetwork, inNamespace, linkNamespaceToHost, reachableFrom } from '../helpers/netns.ts';
+import { deleteNamespaces, facingTheNetwork, inNamespace, linkNamespaceToHost, listenersOn, reachableFrom } from '../helpers/netns.ts';
 import { describeWith, llamaEngines, networkNamespaces } from '../helpers/needs.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 import { ORCHARD_BIN, canConnect, killGroup, orchard, type Proc, readyLine, spawnProc } from '../helpers/processes.ts';
@@ -178,6 +180,11 @@ describeWith(needs, 'engine network: tunnels between nodes, nothing reachable fr
     expect(reachableFrom(NS, HOST.ip, [bravo.tunnelPort])).toEqual([bravo.tunnelPort]);
     const attempt = JSON.parse(tunnelWithoutCertificate(bravo.tunnelPort, targets[0]!.enginePort)) as { got: string; why: string };
     expect(attempt.got).not.toContain('"ok":true');
+    // the door is the relay the agent chose: native/tunnel-relay when built, else the agent's own
+    // Node process (ORCHARD_TUNNEL_RELAY=node runs this whole test on that fallback)
+    const relay = findTunnelRelay();
+    const doorExes = listenersOn(bravo.tunnelPort).flatMap((l) => l.pids.map((pid) => readlinkSync(`/proc/${pid}/exe`)));
+    expect(doorExes).toEqual([relay ? realpathSync(relay) : realpathSync(process.execPath)]);
 
     // bytes through each tunnel: > 0 and the same on both ends (head sent = worker received, and back)
     // (the native head side reports its counts every 250 ms: both ends agree once the last report is in)
