@@ -9,6 +9,7 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -72,16 +73,20 @@ func (r *relay) session(k sessionKey) *sessionStats {
 	return s
 }
 
-// authorize: the chain was checked in the handshake (cluster CA, validity, clientAuth); here what
-// verifyCertificate adds — issued by the CA itself, not a CA, one Orchard identity — and the role.
-func authorize(cs tls.ConnectionState) (identity, string) {
-	leaf := cs.PeerCertificates[0]
-	direct := false
-	for _, chain := range cs.VerifiedChains {
-		direct = direct || len(chain) == 2
+// authorize: the handshake checked the chain to the cluster CA on a full handshake; a resumed
+// session carries the certificates from its ticket (Go before 1.21 keeps no verified chain, nor
+// re-checks the dates), so what verifyCertificate checks is checked here on every session: issued
+// by the CA itself, within its dates now, not a CA, one Orchard identity; then the role.
+func authorize(cs tls.ConnectionState, ca *x509.Certificate) (identity, string) {
+	if len(cs.PeerCertificates) == 0 {
+		return identity{}, "no client certificate"
 	}
-	if !direct || leaf.IsCA {
+	leaf := cs.PeerCertificates[0]
+	if leaf.CheckSignatureFrom(ca) != nil || leaf.IsCA {
 		return identity{}, "not issued by this cluster"
+	}
+	if now := time.Now(); now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
+		return identity{}, "certificate expired or not yet valid"
 	}
 	peer, err := peerIdentity(leaf)
 	if err != nil {
@@ -121,7 +126,7 @@ func (r *relay) serveWorker(raw net.Conn) {
 		r.emit(map[string]string{"refused": "TLS handshake failed (no certificate of this cluster)"})
 		return
 	}
-	peer, problem := authorize(conn.ConnectionState())
+	peer, problem := authorize(conn.ConnectionState(), r.ca)
 	refuse := func(msg string, pending bool) {
 		reply := map[string]any{"ok": false, "error": msg}
 		if pending {

@@ -16,6 +16,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -74,6 +75,7 @@ type relay struct {
 	out    *json.Encoder // stdout: the port, then counters and errors, one JSON line each
 	outMu  sync.Mutex
 	tlsCfg *tls.Config
+	ca     *x509.Certificate // the cluster CA (listen: what a peer's certificate must be issued by)
 	// forward: payload bytes (plaintext side) and sessions, all connections
 	toEngine, fromEngine, connections, resumed atomic.Int64
 	// listen: its state, changed by commands (commands.go)
@@ -132,22 +134,28 @@ func pipe(a net.Conn, aR io.Reader, b net.Conn, bR io.Reader) {
 	b.Close()
 }
 
-func tlsConfig(c config) (*tls.Config, error) {
+func tlsConfig(c config) (*tls.Config, *x509.Certificate, error) {
 	pair, err := tls.X509KeyPair([]byte(c.CertPem), []byte(c.KeyPem))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
+	}
+	block, _ := pem.Decode([]byte(c.CaPem))
+	if block == nil {
+		return nil, nil, errors.New("no CA certificate")
+	}
+	ca, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return nil, nil, err
 	}
 	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM([]byte(c.CaPem)) {
-		return nil, errors.New("no CA certificate")
-	}
+	pool.AddCert(ca)
 	cfg := &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS13, MaxVersion: tls.VersionTLS13}
 	if c.Mode == "listen" {
 		cfg.ClientAuth = tls.RequireAndVerifyClientCert
 		cfg.ClientCAs = pool
-		return cfg, nil
+		return cfg, ca, nil
 	}
-	return forwardTLS(cfg, pool, c.ExpectID), nil
+	return forwardTLS(cfg, pool, c.ExpectID), ca, nil
 }
 
 func main() {
@@ -158,7 +166,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "tunnel-relay: expected one JSON config line on stdin")
 		os.Exit(2)
 	}
-	tlsCfg, err := tlsConfig(c)
+	tlsCfg, ca, err := tlsConfig(c)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tunnel-relay:", err)
 		os.Exit(2)
@@ -168,7 +176,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "tunnel-relay:", err)
 		os.Exit(2)
 	}
-	r := &relay{cfg: c, tlsCfg: tlsCfg, out: json.NewEncoder(os.Stdout), ports: map[int]bool{}, revoked: map[string]bool{}, byPeer: map[string]map[net.Conn]bool{}, stats: map[sessionKey]*sessionStats{}}
+	r := &relay{cfg: c, tlsCfg: tlsCfg, ca: ca, out: json.NewEncoder(os.Stdout), ports: map[int]bool{}, revoked: map[string]bool{}, byPeer: map[string]map[net.Conn]bool{}, stats: map[sessionKey]*sessionStats{}}
 	for _, p := range c.EnginePorts {
 		r.ports[p] = true
 	}

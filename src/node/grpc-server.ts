@@ -216,11 +216,7 @@ function startEngine(state: AgentState, log: Logger, call: grpc.ServerUnaryCall<
   const tunnelled = spec.kind === 'llama-server' || (spec.mlx?.ring.length ?? 0) > 0;
   confineEngineSpec(spec, state.roots, state.profile().budgetBytes)
     .then(async (confined) => supervisor.start(await withTunnels(state.tunnels, confined)))
-    // the answer sends a head to this engine: its port must be open in the tunnel listener first
-    .then(async (info) => {
-      await state.tunnels.settled();
-      return info;
-    })
+    .then((info) => state.tunnels.settled().then(() => info)) // the answer sends heads to it: its tunnel port must be open
     .then(
       (info) => cb(null, { engine: engineToWire(info), startupLog: [...(info.startupLog ?? [])], rpcEndpoints: rpcEndpointsOf(info) }),
       (err: unknown) => {

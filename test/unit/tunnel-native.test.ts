@@ -238,6 +238,22 @@ describeWith([program('go', ['version'])], 'native tunnel listener (Go): the che
     expect(t.l.stats()).toContainEqual({ peer: 'head-1', enginePort: t.engine.port, toEngine: 5, fromEngine: 5, connections: 1 });
   });
 
+  it('faces the native forwarder: sessions resume, bytes agree at both ends, a revoked head is refused on a resumed session', async () => {
+    const t = await listen();
+    t.enginePorts.register(t.engine.port, 'rpc-1');
+    await t.l.settled();
+    const f = await startNativeForwarder(binary, { remote: { host: '127.0.0.1', port: t.l.port }, enginePort: t.engine.port, expectPeer: { id: 'worker-1' }, credentials: head, onError: () => {} });
+    cleanup.push(() => f.close());
+    for (const n of [10, 20, 30]) expect((await exchange(f.port, randomBytes(n))).length).toBe(n + 3);
+    await vi.waitFor(() => expect(f.connections()).toBe(3), { timeout: 2000 });
+    expect(f.resumed()).toBeGreaterThanOrEqual(2);
+    await vi.waitFor(() => expect(t.l.stats()).toEqual([{ peer: 'head-1', enginePort: t.engine.port, toEngine: 60, fromEngine: 69, connections: 3 }]), { timeout: 2000 });
+    await vi.waitFor(() => expect(f.bytes).toEqual({ toEngine: 60, fromEngine: 69 }), { timeout: 2000 });
+    expect(await t.l.revoke('head-1')).toBe(0);
+    expect((await exchange(f.port, Buffer.from('x'))).length).toBe(0);
+    expect(t.engine.accepted()).toBe(3);
+  });
+
   it('takes its key on stdin, not argv, and exits when closed', async () => {
     const t = await listen();
     const pid = t.l.pid()!;
