@@ -1,6 +1,8 @@
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { mkdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { availableParallelism, cpus, loadavg } from 'node:os';
 import { dirname, join } from 'node:path';
+import { performance } from 'node:perf_hooks';
 import { z } from 'zod';
 import { OrchardError, errorMessage } from '../shared/errors.ts';
 import { readGgufHeader } from '../shared/gguf/reader.ts';
@@ -8,23 +10,29 @@ import { writeGguf } from '../shared/gguf/writer.ts';
 import type { HardwareProfile } from '../shared/hardware.ts';
 import { memoryModel } from '../shared/memory/stage.ts';
 import { modelProfile } from '../shared/model/profile.ts';
+import { anotherWindow, CALIBRATION_WINDOWS, type CpuSnapshot, competingCores, median, relativeSpread, windowTokens } from '../shared/placement/calibration.ts';
 import { type Calibration, calibrationRates } from '../shared/placement/cost.ts';
 import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../shared/placement/types.ts';
 import { type LlamaTestShape, llamaTestModelSpec } from '../shared/testmodel/llama.ts';
 import { uniformSource } from '../shared/testmodel/prng.ts';
 import { loadVocab } from '../shared/testmodel/vocab.ts';
+import { ssePayloads } from '../shared/sse.ts';
 import { findLlamaBinaries } from './llama/binaries.ts';
 import { llamaCacheDir } from './llama/cache.ts';
-import { pickFreePort } from './ports.ts';
+import { llamaServerArgs } from './engine-spec.ts';
+import { canConnect, pickFreePort } from './ports.ts';
 
 /**
  * The node measures its own engine: llama-server on a generated f16 model (12 layers × 1024,
  * ~0.4 GB: each decoded token reads ~0.33 GB, more than the last-level caches of the machines
- * Orchard runs on, so the figure is DRAM bandwidth, not cache), one warm-up request, then
- * SAMPLES measured requests of a fixed prompt and a fixed number of decoded tokens, of which the
- * median rates count: one 32-token sample on a shared machine caught a passing load spike and
- * the demo's prediction missed by 19 % where its other runs stayed within 15 %. llama-server's own
+ * Orchard runs on, so the figure is DRAM bandwidth, not cache), one warm-up request that also
+ * sizes the windows, then windows of a fixed prompt and about a second of decoding, of which the
+ * median rates count (shared/placement/calibration.ts: at least 3, more while 12 s last, at
+ * most 7). One 32-token sample on a shared machine caught a passing load spike and the demo's
+ * prediction missed by 19 %; back-to-back 32-token samples moved ±30–40 % under load. The CPU
+ * time other processes used meanwhile is recorded with the figure (`competingCores`), so a
+ * figure taken on a busy machine can be told from one taken on a quiet one. llama-server's own
  * timings (prompt and decode rates) become the cost model's two node numbers with the planner's
  * own accounting (cost.ts `calibrationRates`).
  *
@@ -40,8 +48,8 @@ import { pickFreePort } from './ports.ts';
 export const CALIBRATION_SHAPE: LlamaTestShape = { layers: 12, dim: 1024, ffn: 2816, heads: 16, kvHeads: 4, ctx: 1024, type: 'f16', seed: 11 };
 const CTX = 1024;
 const PROMPT_TOKENS = 128;
-const DECODE_TOKENS = 32;
-const SAMPLES = 3;
+/** Decode tokens of the warm-up request, whose rate sizes the windows. */
+const WARMUP_DECODE_TOKENS = 32;
 
 const calibrationSchema = z.object({
   engine: z.enum(['llama.cpp', 'mlx']),
@@ -53,14 +61,23 @@ const calibrationSchema = z.object({
   decodeTokensPerSecond: z.number().positive(),
   promptTokensPerSecond: z.number().positive(),
   modelBytes: z.number().positive(),
+  windows: z.number().int().positive(),
+  decodeTokensPerWindow: z.number().int().positive(),
+  decodeSpread: z.number().nonnegative(),
+  competingCores: z.number().nonnegative(),
+  cores: z.number().int().positive(),
+  loadAverage1m: z.number().nonnegative(),
 });
 
 function calibrationDir(env: NodeJS.ProcessEnv): string {
   return join(dirname(llamaCacheDir(env)), 'calibration');
 }
 
-/** Bumped when the measurement changes (v2: the agents' engine flags), so an older figure is measured again. */
-const METHOD = 'v2';
+/**
+ * Bumped when the measurement changes, so an older figure is measured again (v2: the agents'
+ * engine flags; v3: windows of about a second, their median, and the competing load recorded).
+ */
+const METHOD = 'v3';
 
 function calibrationFile(env: NodeJS.ProcessEnv, engineBuild: string, threads: number): string {
   return join(calibrationDir(env), `${engineBuild.replace(/[^\w.+-]/g, '_')}-t${threads}-${METHOD}.json`);
@@ -102,7 +119,31 @@ async function ensureCalibrationModel(env: NodeJS.ProcessEnv): Promise<string> {
   return path;
 }
 
-const timingsSchema = z.object({ timings: z.object({ prompt_per_second: z.number().positive(), predicted_per_second: z.number().positive() }).loose() }).loose();
+const ratesSchema = z.object({ timings: z.object({ prompt_per_second: z.number().optional(), predicted_per_second: z.number().positive(), predicted_n: z.number().optional() }).loose() }).loose();
+
+/** llama-server's own rates for one request. */
+export interface EngineRates {
+  readonly prompt: number;
+  readonly decode: number;
+  readonly decodeTokens: number;
+}
+
+/**
+ * A llama-server started as the agents start theirs, kept for several requests: the calibration's
+ * windows, and `orchard demo`'s, which alternates its windows with the cluster's.
+ */
+export interface CalibrationEngine {
+  /** Its processes (llama-server and, on a CPU-only build, its rpc-server), each its own group. */
+  readonly pids: readonly number[];
+  readonly model: string;
+  readonly threads: number;
+  readonly engineBuild: string;
+  /** One request (the body as given; streamed or not); the rates llama-server reports for it. */
+  request(body: Record<string, unknown>, signal?: AbortSignal): Promise<EngineRates>;
+  /** CPU counters now: the machine's busy time and this engine's. */
+  cpu(): Promise<CpuSnapshot>;
+  stop(): void;
+}
 
 async function waitHealthy(url: string, exited: () => boolean, timeoutMs: number): Promise<void> {
   const t0 = Date.now();
@@ -115,82 +156,224 @@ async function waitHealthy(url: string, exited: () => boolean, timeoutMs: number
   }
 }
 
-/** One request of PROMPT_TOKENS token ids and DECODE_TOKENS decoded tokens; llama-server's rates. */
-async function timedRequest(url: string, seed: number): Promise<{ prompt: number; decode: number }> {
-  const r = uniformSource(seed);
-  // Ordinary token ids (past the control tokens); no prompt cache, so every run prefills in full.
-  const prompt = Array.from({ length: PROMPT_TOKENS }, () => 300 + Math.floor(r() * 30000));
-  const res = await fetch(`${url}/completion`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ prompt, n_predict: DECODE_TOKENS, temperature: 0, ignore_eos: true, cache_prompt: false }),
-  });
-  if (!res.ok) throw new OrchardError(`calibration request failed: HTTP ${res.status}`);
-  const t = timingsSchema.parse(await res.json()).timings;
-  return { prompt: t.prompt_per_second, decode: t.predicted_per_second };
+/** The rates of a streamed response are in its last event carrying `timings`. */
+async function ratesOf(res: Response, streamed: boolean): Promise<EngineRates> {
+  let raw: unknown;
+  if (streamed && res.body) {
+    for await (const data of ssePayloads(res.body)) {
+      const event = JSON.parse(data) as { timings?: unknown };
+      if (event.timings) raw = event;
+    }
+  } else raw = await res.json();
+  const t = ratesSchema.parse(raw).timings;
+  return { prompt: t.prompt_per_second ?? 0, decode: t.predicted_per_second, decodeTokens: t.predicted_n ?? 0 };
 }
 
-/** The middle sample (SAMPLES is odd). */
-function median(xs: readonly number[]): number {
-  return [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
-}
-
-/**
- * Measure this machine's llama.cpp engine with `threads` threads and cache the result. `model`
- * measures on another GGUF (the demo's own) and `file` writes the result there instead of the cache.
- */
-export async function measureCalibration(
-  threads: number,
-  env: NodeJS.ProcessEnv = process.env,
-  on: { readonly model?: string; readonly file?: string } = {},
-): Promise<Calibration> {
-  const bins = await findLlamaBinaries(env);
-  const model = on.model ?? (await ensureCalibrationModel(env));
-  const port = await pickFreePort('127.0.0.1');
-  // The engine exactly as the agents run it (llamaMemoryArgs: flash attention, f16 KV, no CPU
-  // repack …): without --no-repack this machine's f16 weights went to AMX kernels the stages never
-  // use, and the measurement described another engine.
-  const memory = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: CTX, parallel: 1 };
-  const argv = ['-m', model, ...llamaMemoryArgs(memory), '--host', '127.0.0.1', '--port', String(port), '-t', String(threads), '-ngl', '0'];
-  const child = spawn(bins.llamaServer, argv, { detached: true, stdio: 'ignore', env: { PATH: env.PATH ?? '' } });
+/** Start `file` in its own process group; `stop` kills the group. */
+function startDetached(file: string, argv: readonly string[], env: NodeJS.ProcessEnv) {
+  const child = spawn(file, argv, { detached: true, stdio: 'ignore', env: { PATH: env.PATH ?? '' } });
   let exited = false;
   child.once('exit', () => {
     exited = true;
   });
+  return {
+    pid: child.pid ?? 0,
+    exited: () => exited,
+    stop() {
+      try {
+        if (child.pid !== undefined && !exited) process.kill(-child.pid, 'SIGKILL');
+      } catch {}
+    },
+  };
+}
+
+async function waitAccepting(port: number, exited: () => boolean, timeoutMs: number): Promise<void> {
+  const t0 = Date.now();
+  while (!(await canConnect('127.0.0.1', port, 500))) {
+    if (exited()) throw new OrchardError('ggml-rpc-server exited before it accepted connections');
+    if (Date.now() - t0 > timeoutMs) throw new OrchardError(`ggml-rpc-server did not accept connections within ${timeoutMs / 1000} s`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/**
+ * Start the engine on `model` (default: the generated calibration model) with `threads` threads,
+ * exactly as a stage of a plan runs it: llama-server with the agents' flags (llamaServerArgs,
+ * llamaMemoryArgs: flash attention, f16 KV, no CPU repack … — without --no-repack this machine's
+ * f16 weights went to AMX kernels the stages never use) and, on a CPU-only build, every layer and
+ * the output on a ggml-rpc-server on 127.0.0.1, as the coordinator places a CPU head's own layers
+ * (instances/llama/layout.ts). Measured alternately on the demo model (1 thread, load average ~4):
+ * llama-server's own CPU backend 10.5 ms per token, the same layers behind one local rpc-server
+ * 13.8 ms, three rpc-servers (the demo's split, direct) 16.1 ms, the demo's cluster 17.0 ms; the
+ * CPU-backend calibration left the ~3 ms every RPC-run stage pays out of every prediction.
+ * On macOS the head's stage runs on Metal inside llama-server; this measures the CPU there (-ngl 0).
+ */
+export async function startCalibrationEngine(threads: number, env: NodeJS.ProcessEnv = process.env, model?: string): Promise<CalibrationEngine> {
+  const bins = await findLlamaBinaries(env);
+  const path = model ?? (await ensureCalibrationModel(env));
+  const memory = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: CTX, parallel: 1 };
+  const procs: ReturnType<typeof startDetached>[] = [];
+  const stop = () => {
+    for (const p of procs) p.stop();
+  };
+  const port = await pickFreePort('127.0.0.1');
   const url = `http://127.0.0.1:${port}`;
-  const samples: { prompt: number; decode: number }[] = [];
   try {
-    await waitHealthy(url, () => exited, 120_000);
-    await timedRequest(url, 1); // warm-up: first-touch page faults, thread pool start
-    for (let i = 0; i < SAMPLES; i++) samples.push(await timedRequest(url, 2 + i));
+    let argv = ['-m', path, ...llamaMemoryArgs(memory), '-ngl', '0'];
+    if (process.platform !== 'darwin') {
+      const rpcPort = await pickFreePort('127.0.0.1');
+      const rpc = startDetached(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(threads)], env);
+      procs.push(rpc);
+      await waitAccepting(rpcPort, rpc.exited, 30_000);
+      const layers = modelProfile(await readGgufHeader(path)).layerCount;
+      const stage = { modelPath: path, memory, rpc: [{ nodeId: 'calibration', enginePort: rpcPort }], devices: ['RPC0'], tensorSplit: [layers + 1], gpuLayers: layers + 1, debugLog: false };
+      argv = llamaServerArgs(stage, [`127.0.0.1:${rpcPort}`]);
+    }
+    const server = startDetached(bins.llamaServer, [...argv, '--threads', String(threads), '--host', '127.0.0.1', '--port', String(port)], env);
+    procs.push(server);
+    await waitHealthy(url, () => procs.some((p) => p.exited()), 120_000);
+  } catch (err) {
+    stop();
+    throw err;
+  }
+  return {
+    pids: procs.map((p) => p.pid),
+    model: path,
+    threads,
+    engineBuild: bins.llamaCppVersion,
+    async request(body, signal) {
+      const res = await fetch(`${url}/completion`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body), ...(signal ? { signal } : {}) });
+      if (!res.ok) throw new OrchardError(`calibration request failed: HTTP ${res.status}`);
+      return ratesOf(res, body.stream === true);
+    },
+    cpu: () => cpuSnapshot(procs.map((p) => p.pid)),
+    stop,
+  };
+}
+
+/** CPU seconds a process has used: /proc on Linux, ps elsewhere (macOS). */
+async function processCpuSeconds(pid: number): Promise<number> {
+  try {
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th, in USER_HZ (100 on Linux).
+    const fields = (await readFile(`/proc/${pid}/stat`, 'utf8')).split(') ')[1]!.split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {}
+  const out = await new Promise<string>((res) => execFile('ps', ['-o', 'time=', '-p', String(pid)], (_, stdout) => res(String(stdout ?? ''))));
+  // [[dd-]hh:]mm:ss[.xx]
+  const [days, rest] = out.trim().includes('-') ? out.trim().split('-') : ['0', out.trim()];
+  return (rest ?? '').split(':').reduce((t, part) => t * 60 + Number(part), 0) + Number(days) * 86400 || 0;
+}
+
+async function cpuSnapshot(enginePids: readonly number[]): Promise<CpuSnapshot> {
+  const busyMs = cpus().reduce((t, c) => t + c.times.user + c.times.nice + c.times.sys + c.times.irq, 0);
+  const engine = await Promise.all(enginePids.map(processCpuSeconds));
+  return { wallSeconds: performance.now() / 1000, machineBusySeconds: busyMs / 1000, engineSeconds: engine.reduce((a, b) => a + b, 0) };
+}
+
+/** A calibration window: PROMPT_TOKENS fresh token ids, then `decodeTokens` decoded tokens. */
+function calibrationRequest(seed: number, decodeTokens: number): Record<string, unknown> {
+  const r = uniformSource(seed);
+  // Ordinary token ids (past the control tokens); no prompt cache, so every run prefills in full.
+  const prompt = Array.from({ length: PROMPT_TOKENS }, () => 300 + Math.floor(r() * 30000));
+  return { prompt, n_predict: decodeTokens, temperature: 0, ignore_eos: true, cache_prompt: false };
+}
+
+/** Decode and prompt rates (medians over the windows) and how the windows went. */
+interface WindowedRates {
+  readonly decode: number;
+  readonly prompt: number;
+  readonly windows: number;
+  readonly decodeTokensPerWindow: number;
+  readonly decodeSpread: number;
+  readonly competingCores: number;
+}
+
+async function calibrationWindows(engine: CalibrationEngine): Promise<WindowedRates> {
+  // Warm-up (first-touch page faults, thread pool start), which also sizes the windows.
+  const warm = await engine.request(calibrationRequest(1, WARMUP_DECODE_TOKENS));
+  const tokens = windowTokens(warm.decode, CTX - PROMPT_TOKENS);
+  const samples: EngineRates[] = [];
+  const before = await engine.cpu();
+  while (anotherWindow(CALIBRATION_WINDOWS, samples.length, (await engine.cpu()).wallSeconds - before.wallSeconds)) {
+    samples.push(await engine.request(calibrationRequest(2 + samples.length, tokens)));
+  }
+  const after = await engine.cpu();
+  const decode = samples.map((x) => x.decode);
+  return {
+    decode: median(decode),
+    prompt: median(samples.map((x) => x.prompt)),
+    windows: samples.length,
+    decodeTokensPerWindow: tokens,
+    decodeSpread: relativeSpread(decode),
+    competingCores: competingCores(before, after),
+  };
+}
+
+/**
+ * Measure this machine's llama.cpp engine with `threads` threads and cache the result. `model`
+ * measures on another GGUF (the demo's own), `file` writes the result there instead of the cache,
+ * and `engine` measures on an engine the caller started (and stops).
+ */
+export async function measureCalibration(
+  threads: number,
+  env: NodeJS.ProcessEnv = process.env,
+  on: { readonly model?: string; readonly file?: string; readonly engine?: CalibrationEngine } = {},
+): Promise<Calibration> {
+  const engine = on.engine ?? (await startCalibrationEngine(threads, env, on.model));
+  const loadAverage1m = loadavg()[0] ?? 0;
+  let rates: WindowedRates;
+  try {
+    rates = await calibrationWindows(engine);
   } catch (err) {
     throw new OrchardError(`engine calibration failed: ${errorMessage(err)}`);
   } finally {
-    try {
-      if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
-    } catch {}
+    if (!on.engine) engine.stop();
   }
-  const rates = { prompt: median(samples.map((x) => x.prompt)), decode: median(samples.map((x) => x.decode)) };
-  const profile = modelProfile(await readGgufHeader(model));
-  const o = DEFAULT_PLACEMENT_OPTIONS;
-  const mm = memoryModel(profile, { ...o, ctx: CTX, parallel: 1 }, o.kvFill);
-  const readBytesPerToken =
-    mm.layerRead.reduce((a, b) => a + b, 0) + profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes;
-  const c: Calibration = {
-    engine: 'llama.cpp',
-    ...calibrationRates(profile, { decodeTokensPerSecond: rates.decode, promptTokensPerSecond: rates.prompt, promptTokens: PROMPT_TOKENS, readBytesPerToken }, o.headOverheadSeconds),
-    threads,
-    engineBuild: bins.llamaCppVersion,
-    measuredAtSeconds: Math.floor(Date.now() / 1000),
-    decodeTokensPerSecond: rates.decode,
-    promptTokensPerSecond: rates.prompt,
-    modelBytes: profile.fileTensorBytes,
-  };
-  const file = on.file ?? calibrationFile(env, bins.llamaCppVersion, threads);
+  const c = calibrationOf(await readGgufHeader(engine.model), rates, { threads: engine.threads, engineBuild: engine.engineBuild, loadAverage1m });
+  const file = on.file ?? calibrationFile(env, engine.engineBuild, engine.threads);
   await mkdir(dirname(file), { recursive: true });
   await writeFile(`${file}.tmp`, `${JSON.stringify(c, null, 2)}\n`);
   await rename(`${file}.tmp`, file);
   return c;
+}
+
+/** Bytes the planner counts for one decoded token of the whole model at the calibration's context. */
+function readBytesPerToken(profile: ReturnType<typeof modelProfile>): number {
+  const o = DEFAULT_PLACEMENT_OPTIONS;
+  const mm = memoryModel(profile, { ...o, ctx: CTX, parallel: 1 }, o.kvFill);
+  return mm.layerRead.reduce((a, b) => a + b, 0) + profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes;
+}
+
+/**
+ * The cost model's node numbers from rates measured on `header`'s model with the planner's own
+ * accounting; `promptTokens` is the prompt length the prompt rate was measured on.
+ */
+export function engineRates(header: Parameters<typeof modelProfile>[0], decodeTokensPerSecond: number, promptTokensPerSecond: number, promptTokens = PROMPT_TOKENS) {
+  const profile = modelProfile(header);
+  return {
+    profile,
+    ...calibrationRates(profile, { decodeTokensPerSecond, promptTokensPerSecond, promptTokens, readBytesPerToken: readBytesPerToken(profile) }, DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds),
+  };
+}
+
+function calibrationOf(header: Parameters<typeof modelProfile>[0], rates: WindowedRates, at: { threads: number; engineBuild: string; loadAverage1m: number }): Calibration {
+  const { profile, ...node } = engineRates(header, rates.decode, rates.prompt);
+  return {
+    engine: 'llama.cpp',
+    ...node,
+    threads: at.threads,
+    engineBuild: at.engineBuild,
+    measuredAtSeconds: Math.floor(Date.now() / 1000),
+    decodeTokensPerSecond: rates.decode,
+    promptTokensPerSecond: rates.prompt,
+    modelBytes: profile.fileTensorBytes,
+    windows: rates.windows,
+    decodeTokensPerWindow: rates.decodeTokensPerWindow,
+    decodeSpread: rates.decodeSpread,
+    competingCores: rates.competingCores,
+    cores: availableParallelism(),
+    loadAverage1m: at.loadAverage1m,
+  };
 }
 
 /** The profile with the measurement's node numbers (the spec bandwidth stays as probed). */

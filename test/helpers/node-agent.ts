@@ -97,7 +97,7 @@ export async function agentClient(address: string, creds?: TlsCredentials): Prom
  * as the coordinator over mutual TLS; `{ joined: false }` starts an agent that never joined (it
  * serves nothing; its client is plaintext).
  */
-export async function startAgent(stateDir: string, extra: string[] = [], env: NodeJS.ProcessEnv = AGENT_ENV, o: { joined?: boolean } = {}): Promise<Agent> {
+export async function startAgent(stateDir: string, extra: string[] = [], env: NodeJS.ProcessEnv = AGENT_ENV, o: { joined?: boolean; readyTimeoutMs?: number } = {}): Promise<Agent> {
   const ca = o.joined === false ? undefined : await agentCa();
   if (ca) await enrollNode(stateDir, ca);
   const args = [BIN, 'node', '--grpc-port', '0', '--metrics-port', '0', '--json', '--no-mdns', '--bind', '127.0.0.1', '--state-dir', stateDir, ...extra];
@@ -111,7 +111,8 @@ export async function startAgent(stateDir: string, extra: string[] = [], env: No
     stderr += b.toString();
   });
   const ready = await new Promise<Agent['ready']>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`agent not ready in 30 s:\n${stderr}`)), 30_000);
+    const readyMs = o.readyTimeoutMs ?? 30_000;
+    const timer = setTimeout(() => reject(new Error(`agent not ready in ${readyMs / 1000} s:\n${stderr}`)), readyMs);
     child.stdout?.on('data', (b: Buffer) => {
       stdout += b.toString();
       const line = stdout.split('\n').find((l) => l.startsWith('{"event":"ready"'));

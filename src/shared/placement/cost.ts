@@ -175,6 +175,14 @@ export interface Calibration {
   readonly decodeTokensPerSecond: number;
   readonly promptTokensPerSecond: number;
   readonly modelBytes: number;
+  /** Decode windows measured, their length in decoded tokens, and ±their spread around the median (calibration.ts). */
+  readonly windows: number;
+  readonly decodeTokensPerWindow: number;
+  readonly decodeSpread: number;
+  /** Cores' worth of CPU other processes used during the windows, on a machine of `cores` cores. */
+  readonly competingCores: number;
+  readonly cores: number;
+  readonly loadAverage1m: number;
 }
 
 /**

@@ -1,0 +1,96 @@
+/**
+ * The statistics of an engine measurement (src/node/calibrate.ts, `orchard demo`): how long a
+ * window is, how many are taken, what counts as the figure and when a figure describes a machine
+ * that was busy with something else. Pure, so the rules are tested apart from the engines.
+ *
+ * Why windows and medians (2 vCPUs shared with other work, llama.cpp on 1 thread, the demo
+ * model): one request's decode rate moved ±41 % between back-to-back 16-token requests, ±30 % at
+ * 48 tokens and ±18 % at 128 tokens (8 requests each, load average ~6), while a passing load spike
+ * can halve a single sample. So a window lasts about a second, and the figure is the median of
+ * several windows, taken within a bounded time.
+ */
+
+/** Target length of one decode window. */
+export const WINDOW_SECONDS = 1;
+/** Fewest and most decode tokens in one window (the short end keeps a window meaningful on a very slow engine). */
+export const WINDOW_TOKENS = { min: 16, max: 512 } as const;
+
+/** How many windows: at least `min`, then more while the time budget lasts, at most `max`. */
+export interface WindowPolicy {
+  readonly min: number;
+  readonly max: number;
+  readonly budgetSeconds: number;
+}
+
+export const CALIBRATION_WINDOWS: WindowPolicy = { min: 3, max: 7, budgetSeconds: 12 };
+
+/** Decode tokens for a window of about WINDOW_SECONDS at `tokensPerSecond` (from a warm-up request). */
+export function windowTokens(tokensPerSecond: number, room: number = WINDOW_TOKENS.max): number {
+  const want = Math.round(tokensPerSecond * WINDOW_SECONDS);
+  return Math.max(WINDOW_TOKENS.min, Math.min(WINDOW_TOKENS.max, room, Number.isFinite(want) ? want : WINDOW_TOKENS.min));
+}
+
+/** Whether to take another window after `taken` windows in `elapsedSeconds`. */
+export function anotherWindow(p: WindowPolicy, taken: number, elapsedSeconds: number): boolean {
+  if (taken < p.min) return true;
+  if (taken >= p.max) return false;
+  // Only start a window that is expected to end within the budget.
+  const perWindow = taken > 0 ? elapsedSeconds / taken : 0;
+  return elapsedSeconds + perWindow <= p.budgetSeconds;
+}
+
+export function median(xs: readonly number[]): number {
+  if (xs.length === 0) return Number.NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+/** Half the range relative to the median: ±x of the windows around their median. */
+export function relativeSpread(xs: readonly number[]): number {
+  if (xs.length === 0) return Number.NaN;
+  return (Math.max(...xs) - Math.min(...xs)) / 2 / median(xs);
+}
+
+/** CPU time counters at one instant: the machine's busy time (all cores) and the engine's own. */
+export interface CpuSnapshot {
+  readonly wallSeconds: number;
+  readonly machineBusySeconds: number;
+  readonly engineSeconds: number;
+}
+
+/**
+ * Cores' worth of CPU other processes used between two snapshots: the machine's busy time minus
+ * the engine's, per second of wall time. 0 on a quiet machine; 1.5 means another process kept
+ * one and a half cores busy on average while the engine was measured.
+ */
+export function competingCores(before: CpuSnapshot, after: CpuSnapshot): number {
+  const wall = after.wallSeconds - before.wallSeconds;
+  if (!(wall > 0)) return 0;
+  const others = after.machineBusySeconds - before.machineBusySeconds - (after.engineSeconds - before.engineSeconds);
+  return Math.max(0, others / wall);
+}
+
+/**
+ * A measurement taken while other processes wanted the engine's cores describes the sharing, not
+ * the engine: the cores the engine's threads did not use are free for others, and beyond them
+ * more than half a core of others' work on average means the engine waited for its own cores.
+ */
+export function measuredUnderContention(m: { readonly competingCores: number; readonly threads: number }, cores: number): boolean {
+  return m.competingCores > Math.max(0, cores - m.threads) + 0.5;
+}
+
+/**
+ * A plan's decode prediction priced again with another effective bandwidth for every stage (the
+ * demo's nodes share one machine and one measurement): stage seconds scale with the bandwidth,
+ * hops and the head's fixed cost stay as the planner computed them.
+ */
+export function repricedTokensPerSecond(
+  plan: { readonly stages: readonly { readonly readBytesPerToken: number; readonly secondsPerToken: number }[]; readonly predicted: { readonly secondsPerToken: number } },
+  bandwidthBytesPerSecond: number,
+): number {
+  const stageSeconds = plan.stages.reduce((t, s) => t + s.secondsPerToken, 0);
+  const fixed = plan.predicted.secondsPerToken - stageSeconds;
+  const read = plan.stages.reduce((t, s) => t + s.readBytesPerToken, 0);
+  return 1 / (read / bandwidthBytesPerSecond + fixed);
+}

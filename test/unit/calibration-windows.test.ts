@@ -1,0 +1,86 @@
+import { describe, expect, it } from 'vitest';
+import {
+  anotherWindow,
+  CALIBRATION_WINDOWS,
+  competingCores,
+  measuredUnderContention,
+  median,
+  relativeSpread,
+  repricedTokensPerSecond,
+  WINDOW_TOKENS,
+  windowTokens,
+} from '../../src/shared/placement/calibration.ts';
+import { modelProfile } from '../../src/shared/model/profile.ts';
+import { presetHeader } from '../../src/shared/model/shapes.ts';
+import { planPlacement } from '../../src/shared/placement/planner.ts';
+
+describe('engine measurement windows', () => {
+  it('a window lasts about a second of decoding, within the token bounds and the context left', () => {
+    expect(windowTokens(95)).toBe(95);
+    expect(windowTokens(3)).toBe(WINDOW_TOKENS.min);
+    expect(windowTokens(5000)).toBe(WINDOW_TOKENS.max);
+    expect(windowTokens(5000, 300)).toBe(300);
+    expect(windowTokens(Number.NaN)).toBe(WINDOW_TOKENS.min);
+  });
+
+  it('takes the minimum, then more while the budget lasts, never past the maximum', () => {
+    const p = { min: 3, max: 7, budgetSeconds: 12 };
+    expect(anotherWindow(p, 0, 0)).toBe(true);
+    // Slow windows: the minimum is taken even past the budget.
+    expect(anotherWindow(p, 2, 30)).toBe(true);
+    expect(anotherWindow(p, 3, 30)).toBe(false);
+    // 1 s windows: the fourth starts (expected to end at 4 s), up to the maximum.
+    expect(anotherWindow(p, 3, 3)).toBe(true);
+    expect(anotherWindow(p, 7, 7)).toBe(false);
+    // 2.5 s windows: the fifth would end at 12.5 s, past the budget.
+    expect(anotherWindow(p, 4, 10)).toBe(false);
+    expect(anotherWindow(p, 4, 9)).toBe(true);
+    // The calibration's bound: at most max windows of ~1 s, or min windows whatever they cost.
+    let taken = 0;
+    while (anotherWindow(CALIBRATION_WINDOWS, taken, taken * 1.1)) taken++;
+    expect(taken).toBe(CALIBRATION_WINDOWS.max);
+  });
+
+  it('median and spread of the windows', () => {
+    expect(median([3, 1, 2])).toBe(2);
+    expect(median([4, 1, 3, 2])).toBe(2.5);
+    expect(median([])).toBeNaN();
+    // One window caught by a load spike moves the median by one rank, not by its size.
+    expect(median([60, 61, 20, 59, 62])).toBe(60);
+    expect(relativeSpread([90, 100, 110])).toBeCloseTo(0.1);
+    expect(relativeSpread([50])).toBe(0);
+  });
+
+  it('competing cores: the machine busy time the engine did not use, per second', () => {
+    const before = { wallSeconds: 100, machineBusySeconds: 1000, engineSeconds: 50 };
+    // 10 s: the machine was busy 18 CPU-seconds, 9.5 of them the engine's.
+    expect(competingCores(before, { wallSeconds: 110, machineBusySeconds: 1018, engineSeconds: 59.5 })).toBeCloseTo(0.85);
+    // Quiet: only the engine ran (counter granularity can leave it a hair above the machine).
+    expect(competingCores(before, { wallSeconds: 110, machineBusySeconds: 1010, engineSeconds: 60.01 })).toBe(0);
+    expect(competingCores(before, before)).toBe(0);
+  });
+
+  it('a figure measured while others wanted the engine cores counts as contended', () => {
+    // 2 cores, 1 engine thread: one core is free for others; beyond it plus half a core, contended.
+    expect(measuredUnderContention({ competingCores: 1.0, threads: 1 }, 2)).toBe(false);
+    expect(measuredUnderContention({ competingCores: 1.6, threads: 1 }, 2)).toBe(true);
+    // Every core for the engine: half a core of others' work is the limit.
+    expect(measuredUnderContention({ competingCores: 0.3, threads: 8 }, 8)).toBe(false);
+    expect(measuredUnderContention({ competingCores: 0.7, threads: 8 }, 8)).toBe(true);
+  });
+
+  it('repricing a plan with another bandwidth scales its stages and keeps hops and the head cost', () => {
+    const profile = modelProfile(presetHeader('llama-3-8b', 'f16'));
+    const nodes = (bw: number) => [
+      { name: 'a', budgetBytes: 10e9, bandwidthBytesPerSecond: bw },
+      { name: 'b', budgetBytes: 10e9, bandwidthBytesPerSecond: bw },
+    ];
+    const plan = planPlacement(profile, nodes(100e9), { ctx: 1024, cacheType: 'f16', parallel: 1 });
+    expect(plan.stages).toHaveLength(2);
+    // The same plan made at the other bandwidth predicts what the repricing does.
+    const other = planPlacement(profile, nodes(40e9), { ctx: 1024, cacheType: 'f16', parallel: 1 });
+    expect(other.stages.map((s) => [s.firstLayer, s.lastLayer])).toEqual(plan.stages.map((s) => [s.firstLayer, s.lastLayer]));
+    expect(repricedTokensPerSecond(plan, 40e9)).toBeCloseTo(other.predicted.tokensPerSecond, 6);
+    expect(repricedTokensPerSecond(plan, 100e9)).toBeCloseTo(plan.predicted.tokensPerSecond, 6);
+  });
+});
