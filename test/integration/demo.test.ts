@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { ORCHARD_BIN } from '../../src/cli/local-cluster.ts';
 import { describeWith, llamaEngines, SHARED_CACHE } from '../helpers/needs.ts';
-import { pidsWithMarker } from '../helpers/processes.ts';
+import { alive, pidsWithMarker } from '../helpers/processes.ts';
 
 /*
  * `orchard demo` end to end through a plain pipe: exit code, the plan table and the streamed
@@ -25,6 +25,12 @@ interface Run {
   stdout: string;
   stderr: string;
   ms: number;
+}
+
+/** The calibration engine runs detached with an environment of its own (no marker): its pids, from the demo's story. */
+function calibrationPids(stderr: string): number[] {
+  const m = /calibration engine: pids ([\d, ]+)/.exec(stderr);
+  return m ? m[1]!.split(', ').map(Number) : [];
 }
 
 function runDemo(args: string[], marker: string, onStderr?: (all: string, kill: () => void) => void): Promise<Run> {
@@ -79,7 +85,9 @@ describeWith([engines], 'orchard demo', () => {
     expect(r.stdout.includes('\u001b[')).toBe(false);
     expect(r.stderr).toMatch(/stopped 4 processes/);
     expect(await pidsWithMarker(marker)).toEqual([]);
-  });
+    expect(calibrationPids(r.stderr).filter(alive)).toEqual([]);
+    // Calibration windows and measurement windows are bounded (12 s + 15 s plus the last window).
+  }, 240_000);
 
   it('--json: one summary object on stdout, the story on stderr', async () => {
     const marker = `demo-${randomUUID()}`;
@@ -93,17 +101,27 @@ describeWith([engines], 'orchard demo', () => {
     expect(r.stderr).toContain(s.text);
     expect(s.placement.verification.ok).toBe(true);
     // The two numbers the demo is about lead the object; the prediction rests on a measurement of
-    // this engine on this model taken just now (the 15 % goal is checked by repeated runs, see the
-    // report in the README; 6 tokens on a shared 2-core machine are too few to hold it to that here).
+    // this engine on this model taken in the same seconds (the 15 % goal is checked by repeated
+    // runs, see the README; on a shared 2-core machine under a test suite's load one run is not
+    // held to it here, only to a factor of 2).
     const summary = JSON.parse(r.stdout) as Record<string, number>;
     expect(Object.keys(summary).slice(0, 2)).toEqual(['predictedTokensPerSecond', 'measuredTokensPerSecond']);
+    // Both are medians of alternating windows: the cluster's and the calibration engine's, taken
+    // in the same seconds; the plan's own prediction (priced at planning time) is kept beside them.
+    const agreement = (JSON.parse(r.stdout) as { agreement: { windows: { cluster: number; engine: number }[]; windowTokens: number; measuredTokensPerSecond: number } }).agreement;
+    expect(agreement.windows.length).toBeGreaterThanOrEqual(3);
+    expect(agreement.windowTokens).toBeGreaterThanOrEqual(16);
+    for (const w of agreement.windows) expect(Math.min(w.cluster, w.engine)).toBeGreaterThan(0);
+    expect(agreement.measuredTokensPerSecond).toBe(summary.measuredTokensPerSecond);
+    expect(summary.planPredictedTokensPerSecond).toBeGreaterThan(0);
     expect(summary.predictedTokensPerSecond).toBeGreaterThan(0);
     expect(summary.measuredTokensPerSecond).toBeGreaterThan(0);
     expect(Math.abs(Math.log(summary.measuredTokensPerSecond! / summary.predictedTokensPerSecond!))).toBeLessThan(Math.log(2));
     expect(r.stderr).toMatch(/measuring this machine's engine on .*orchard-demo.*\.gguf with \d+ thread/);
     console.log(`orchard demo --nodes 2 (model cached): ${s.totalSeconds.toFixed(1)} s; predicted ${summary.predictedTokensPerSecond!.toFixed(1)}, measured ${summary.measuredTokensPerSecond!.toFixed(1)} tok/s`);
     expect(await pidsWithMarker(marker)).toEqual([]);
-  });
+    expect(calibrationPids(r.stderr).filter(alive)).toEqual([]);
+  }, 240_000);
 
   it('Ctrl-C during the load stops everything and exits 130', async () => {
     const marker = `demo-${randomUUID()}`;
@@ -118,5 +136,6 @@ describeWith([engines], 'orchard demo', () => {
     expect(r.code, r.stderr.slice(-2000)).toBe(130);
     expect(r.stderr).toMatch(/SIGINT: stopping the demo cluster/);
     expect(await pidsWithMarker(marker)).toEqual([]);
+    expect(calibrationPids(r.stderr).filter(alive)).toEqual([]);
   });
 });

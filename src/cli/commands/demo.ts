@@ -8,8 +8,11 @@ import { OrchardError } from '../../shared/errors.ts';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
 import { modelProfile } from '../../shared/model/profile.ts';
 import { formatBandwidth, formatBytes, parseInteger } from '../../shared/units.ts';
-import { loadCalibration, measureCalibration } from '../../node/calibrate.ts';
+import { type CalibrationEngine, loadCalibration, measureCalibration, startCalibrationEngine } from '../../node/calibrate.ts';
+import { measuredUnderContention } from '../../shared/placement/calibration.ts';
+import type { Calibration } from '../../shared/placement/cost.ts';
 import { apiJson, apiSse } from '../api-client.ts';
+import { measureAgreement } from '../demo-measure.ts';
 import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../demo-model.ts';
 import { type LocalCluster, ORCHARD_BIN, startLocalCluster } from '../local-cluster.ts';
 import { createProgress } from '../progress.ts';
@@ -133,10 +136,11 @@ interface Story {
 async function demoModel(flags: DemoFlags, nodeCount: number, run: Interruption) {
   step('model');
   const modelPath = flags.model ? resolve(flags.model) : (await run.orAbort(ensureDemoModel())).path;
-  const profile = modelProfile(await readGgufHeader(modelPath));
+  const header = await readGgufHeader(modelPath);
+  const profile = modelProfile(header);
   const ctx = Math.min(DEMO_CTX, profile.contextLength || DEMO_CTX);
   process.stderr.write(`${modelPath}: ${profile.arch}, ${profile.layerCount} layers, ${profile.weightType}\n`);
-  return { modelPath, profile, ctx, budgets: demoBudgets(profile, nodeCount, { ctx, cacheType: 'f16' }) };
+  return { modelPath, header, profile, ctx, budgets: demoBudgets(profile, nodeCount, { ctx, cacheType: 'f16' }) };
 }
 type DemoModel = Awaited<ReturnType<typeof demoModel>>;
 
@@ -159,25 +163,44 @@ function engineThreads(nodeCount: number): number {
  *   the bytes (1 thread here: dim-512 layers ~15–20 % slower per byte than the dim-1024
  *   calibration model, while a working set in or out of the 300 MiB L3 made no measurable
  *   difference). The demo then checks what it is about: the split, the hops and the head.
- * Returns the measurement file for the agents, or undefined with --no-calibrate (the agents then
- * read the machine's cached measurement, taken once if missing).
+ * - and the engine stays up: after the streamed completion the demo alternates decode windows
+ *   between it and the cluster (demo-measure.ts), so the prediction and the measurement it is
+ *   checked against are taken in the same seconds.
+ * Returns the measurement, its file for the agents and the engine, or, with --no-calibrate, the
+ * machine's cached measurement (taken once if missing) and neither file nor engine.
  */
-async function ensureCalibration(nodeCount: number, m: DemoModel, fresh: boolean, stateRoot: string, story: Story, run: Interruption): Promise<string | undefined> {
+interface DemoCalibration {
+  readonly calibration: Calibration;
+  readonly file?: string;
+  readonly engine?: CalibrationEngine;
+}
+
+async function ensureCalibration(nodeCount: number, m: DemoModel, fresh: boolean, stateRoot: string, story: Story, run: Interruption, keep: (e: CalibrationEngine) => void): Promise<DemoCalibration> {
   step('engine calibration');
   const threads = engineThreads(nodeCount);
-  let c = fresh ? undefined : await loadCalibration(threads);
-  const file = fresh ? join(stateRoot, 'calibration.json') : undefined;
-  if (!c) {
-    process.stderr.write(
-      fresh ? `measuring this machine's engine on ${m.modelPath} with ${threads} thread(s)…\n` : `measuring this machine's engine with ${threads} thread(s) (once; cached)…\n`,
-    );
-    c = await run.orAbort(fresh ? measureCalibration(threads, process.env, { model: m.modelPath, ...(file ? { file } : {}) }) : measureCalibration(threads));
+  let out: DemoCalibration;
+  if (fresh) {
+    process.stderr.write(`measuring this machine's engine on ${m.modelPath} with ${threads} thread(s)…\n`);
+    const engine = await run.orAbort(startCalibrationEngine(threads, process.env, m.modelPath));
+    keep(engine);
+    process.stderr.write(`calibration engine: pids ${engine.pids.join(', ')} (up until the demo ends)\n`);
+    const file = join(stateRoot, 'calibration.json');
+    out = { calibration: await run.orAbort(measureCalibration(threads, process.env, { engine, file })), file, engine };
+  } else {
+    let c = await loadCalibration(threads);
+    if (!c) {
+      process.stderr.write(`measuring this machine's engine with ${threads} thread(s) (once; cached)…\n`);
+      c = await run.orAbort(measureCalibration(threads));
+    }
+    out = { calibration: c };
   }
+  const c = out.calibration;
   process.stderr.write(
-    `${threads} thread(s): decode ${formatBandwidth(c.effectiveBandwidthBytesPerSecond)} effective, prefill ${(c.prefillFlopsPerSecond / 1e9).toFixed(1)} GFLOP/s (measured ${new Date(c.measuredAtSeconds * 1000).toISOString()})\n`,
+    `${threads} thread(s): decode ${formatBandwidth(c.effectiveBandwidthBytesPerSecond)} effective (median of ${c.windows} windows of ${c.decodeTokensPerWindow} tokens, ±${(c.decodeSpread * 100).toFixed(0)} %), ` +
+      `prefill ${(c.prefillFlopsPerSecond / 1e9).toFixed(1)} GFLOP/s; other processes used ${c.competingCores.toFixed(2)} of ${c.cores} cores (measured ${new Date(c.measuredAtSeconds * 1000).toISOString()})\n`,
   );
   story.summary.calibration = c;
-  return file;
+  return out;
 }
 
 async function startDemoCluster(m: DemoModel, nodeCount: number, stateRoot: string, calibrationFile: string | undefined, run: Interruption): Promise<LocalCluster> {
@@ -266,12 +289,56 @@ async function streamCompletion(cluster: LocalCluster, prompt: string, maxTokens
       `decode ${Number(timings?.predicted_tokens_per_second ?? 0).toFixed(1)} tok/s (engine), ${wallRate.toFixed(1)} tok/s (client, after the first token); ` +
       `first token after ${firstAt ? firstAt - tGen : 0} ms\n`,
   );
-  const measured = Number(timings?.predicted_tokens_per_second ?? 0);
+  const streamed = Number(timings?.predicted_tokens_per_second ?? 0);
+  Object.assign(story.summary, { measuredTokensPerSecond: streamed, streamedTokensPerSecond: streamed, text, finishReason: finish, usage, timings, clientTokensPerSecond: wallRate, firstTokenMs: firstAt ? firstAt - tGen : null });
+}
+
+/**
+ * The demo's two numbers: with the calibration engine up, both from alternating windows
+ * (demo-measure.ts); without (--no-calibrate), the plan's prediction and the streamed completion.
+ */
+async function compareDecode(cluster: LocalCluster, m: DemoModel, prompt: string, cal: DemoCalibration, story: Story, run: Interruption): Promise<void> {
+  if (cal.engine) {
+    step('measure: decode windows, alternating between the cluster and the calibration engine');
+    const a = await run.orAbort(
+      measureAgreement({
+        baseUrl: cluster.httpUrl,
+        model: 'orchard-demo',
+        prompt,
+        plan: story.summary.plan,
+        header: m.header,
+        engine: cal.engine,
+        engineTokensPerSecond: cal.calibration.decodeTokensPerSecond,
+        promptTokensPerSecond: cal.calibration.promptTokensPerSecond,
+        signal: run.signal,
+      }),
+    );
+    process.stderr.write(
+      `${a.windows.length} window pairs of ${a.windowTokens} tokens (cluster / one engine, tok/s): ${a.windows.map((w) => `${w.cluster.toFixed(1)}/${w.engine.toFixed(1)}`).join(', ')}; ` +
+        `load average ${a.loadAverage1m.start.toFixed(2)}→${a.loadAverage1m.end.toFixed(2)}\n`,
+    );
+    Object.assign(story.summary, {
+      predictedTokensPerSecond: a.predictedTokensPerSecond,
+      measuredTokensPerSecond: a.measuredTokensPerSecond,
+      planPredictedTokensPerSecond: story.summary.predictedTokensPerSecond,
+      agreement: a,
+    });
+  }
+  const c = cal.calibration;
+  story.summary.contended = measuredUnderContention(c, c.cores);
+  if (story.summary.contended) {
+    // Measured here at load average 12–15: the cluster's windows ran 1.3–2× the single engine's,
+    // where at load average ~4 they were even; a pipeline of mostly sleeping processes gets a
+    // larger share of busy cores than one process doing all the work.
+    story.out(
+      `note: other processes used ${c.competingCores.toFixed(2)} of ${c.cores} cores while the engine was measured; on a machine this busy the split and the single engine get different shares of the cores, so the comparison below says more about the scheduler than about the cost model\n`,
+    );
+  }
   const predicted = Number(story.summary.predictedTokensPerSecond ?? 0);
+  const measured = Number(story.summary.measuredTokensPerSecond ?? 0);
   if (predicted > 0 && measured > 0) {
     story.out(`predicted ${predicted.toFixed(1)} tok/s, measured ${measured.toFixed(1)} tok/s (${(((measured - predicted) / predicted) * 100).toFixed(0)}%)\n`);
   }
-  Object.assign(story.summary, { measuredTokensPerSecond: measured, text, finishReason: finish, usage, timings, clientTokensPerSecond: wallRate, firstTokenMs: firstAt ? firstAt - tGen : null });
 }
 
 async function showPlacement(cluster: LocalCluster, story: Story): Promise<void> {
@@ -316,7 +383,8 @@ async function runDemo(flags: DemoFlags): Promise<void> {
   const story: Story = { out: (s) => (flags.json ? process.stderr : process.stdout).write(s), summary: {} };
   let cluster: LocalCluster | undefined;
   let stateRoot: string | undefined;
-  const run = interruption(() => cluster?.pids() ?? []);
+  let engine: CalibrationEngine | undefined;
+  const run = interruption(() => [...(cluster?.pids() ?? []), ...(engine?.pids ?? [])]);
   try {
     step('engines');
     await run.orAbort(ensureEngines());
@@ -324,16 +392,20 @@ async function runDemo(flags: DemoFlags): Promise<void> {
     process.stderr.write(`llama.cpp ${bins.llamaCppVersion}: ${bins.binDir}\n`);
     const model = await demoModel(flags, nodeCount, run);
     stateRoot = await mkdtemp(join(tmpdir(), 'orchard-demo-'));
-    const calibrationFile = await ensureCalibration(nodeCount, model, flags.calibrate !== false, stateRoot, story, run);
-    cluster = await startDemoCluster(model, nodeCount, stateRoot, calibrationFile, run);
+    const cal = await ensureCalibration(nodeCount, model, flags.calibrate !== false, stateRoot, story, run, (e) => {
+      engine = e;
+    });
+    cluster = await startDemoCluster(model, nodeCount, stateRoot, cal.file, run);
     await showPlan(cluster, model, nodeCount, story, run);
     await loadDemo(cluster, model, story, run);
     await streamCompletion(cluster, flags.prompt, maxTokens, story, run);
+    await compareDecode(cluster, model, flags.prompt, cal, story, run);
     await showPlacement(cluster, story);
     if (flags.keep) await keepRunning(cluster, story, run);
   } catch (err) {
     if (!run.signal.aborted) throw err;
   } finally {
+    engine?.stop();
     await shutdownDemo(cluster, stateRoot, t0);
     run.dispose();
   }

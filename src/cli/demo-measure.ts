@@ -1,0 +1,103 @@
+import { loadavg } from 'node:os';
+import { z } from 'zod';
+import { type CalibrationEngine, engineRates } from '../node/calibrate.ts';
+import { completionBody } from '../node/generate.ts';
+import { OrchardError } from '../shared/errors.ts';
+import { anotherWindow, median, relativeSpread, repricedTokensPerSecond, type WindowPolicy, windowTokens } from '../shared/placement/calibration.ts';
+import { apiSse } from './api-client.ts';
+
+/**
+ * The demo's two numbers, measured together. The prediction rests on the engine's speed on this
+ * machine and the measurement is the cluster's speed on it; on a machine shared with other work
+ * both follow its load from second to second. Taken one after the other, 10 s apart, the
+ * calibration and the demo's one completion were barely correlated (README, `orchard demo`); taken
+ * as alternating windows they moved together (correlation 0.85 over 12 pairs of 48 tokens at load
+ * average ~4). So after the streamed completion the demo alternates windows of the same request
+ * — the demo's prompt, greedy, the same number of tokens, the body the agents send — between the
+ * cluster (through the OpenAI API, llama-server's own decode rate on the head) and the
+ * calibration engine (llama-server with the same flags on the whole model, one node), in ABBA
+ * order so a steady drift weighs on both alike. Each side's figure is its windows' median; the
+ * plan's decode prediction is priced again with the bandwidth the engine's median gives
+ * (repricedTokensPerSecond: the same stages, hops and head cost).
+ */
+export const DEMO_WINDOWS: WindowPolicy = { min: 3, max: 7, budgetSeconds: 15 };
+
+const planCostSchema = z.object({
+  stages: z.array(z.object({ readBytesPerToken: z.number().positive(), secondsPerToken: z.number().positive() }).loose()).min(1),
+  predicted: z.object({ secondsPerToken: z.number().positive() }).loose(),
+});
+
+export interface DecodeAgreement {
+  readonly predictedTokensPerSecond: number;
+  readonly measuredTokensPerSecond: number;
+  readonly windowTokens: number;
+  /** Each pair: the cluster's and the calibration engine's decode tokens/s, in the order taken. */
+  readonly windows: readonly { readonly cluster: number; readonly engine: number }[];
+  readonly engineTokensPerSecond: number;
+  readonly effectiveBandwidthBytesPerSecond: number;
+  /** ±spread of each side's windows around its median. */
+  readonly spread: { readonly cluster: number; readonly engine: number };
+  readonly loadAverage1m: { readonly start: number; readonly end: number };
+}
+
+/** One streamed completion through the cluster's OpenAI API: the head engine's decode rate. */
+async function clusterWindow(baseUrl: string, model: string, prompt: string, tokens: number, signal: AbortSignal): Promise<number> {
+  const body = { model, prompt, max_tokens: tokens, temperature: 0, stream: true, stream_options: { include_usage: true } };
+  let rate = 0;
+  for await (const c of apiSse({ baseUrl }, '/v1/completions', body, signal)) {
+    const t = (c.orchard as { timings?: { predicted_tokens_per_second?: number } } | undefined)?.timings;
+    if (t?.predicted_tokens_per_second) rate = t.predicted_tokens_per_second;
+  }
+  if (!(rate > 0)) throw new OrchardError('the cluster reported no decode rate');
+  return rate;
+}
+
+/**
+ * Alternate decode windows between the cluster and `engine` (see above) and return both medians
+ * and the plan priced with the engine's. `promptTokensPerSecond` is the calibration's (a decode
+ * window's prompt is cached, so it says nothing about prefill).
+ */
+export async function measureAgreement(o: {
+  readonly baseUrl: string;
+  readonly model: string;
+  readonly prompt: string;
+  readonly plan: unknown;
+  readonly header: Parameters<typeof engineRates>[0];
+  readonly engine: CalibrationEngine;
+  readonly engineTokensPerSecond: number;
+  readonly promptTokensPerSecond: number;
+  readonly signal: AbortSignal;
+  readonly policy?: WindowPolicy;
+}): Promise<DecodeAgreement> {
+  const plan = planCostSchema.parse(o.plan);
+  const tokens = windowTokens(o.engineTokensPerSecond);
+  const engineBody = completionBody({ prompt: o.prompt, maxTokens: tokens, temperature: 0, topP: 0, seed: 0, stop: [] });
+  const cluster = () => clusterWindow(o.baseUrl, o.model, o.prompt, tokens, o.signal);
+  const engine = async () => (await o.engine.request(engineBody, o.signal)).decode;
+  const start = loadavg()[0] ?? 0;
+  const t0 = performance.now();
+  const windows: { cluster: number; engine: number }[] = [];
+  while (anotherWindow(o.policy ?? DEMO_WINDOWS, windows.length, (performance.now() - t0) / 1000)) {
+    if (windows.length % 2 === 0) {
+      const c = await cluster();
+      windows.push({ cluster: c, engine: await engine() });
+    } else {
+      const e = await engine();
+      windows.push({ cluster: await cluster(), engine: e });
+    }
+  }
+  const clusterRates = windows.map((w) => w.cluster);
+  const engineRatesMeasured = windows.map((w) => w.engine);
+  const engineTokensPerSecond = median(engineRatesMeasured);
+  const bandwidth = engineRates(o.header, engineTokensPerSecond, o.promptTokensPerSecond).effectiveBandwidthBytesPerSecond;
+  return {
+    predictedTokensPerSecond: repricedTokensPerSecond(plan, bandwidth),
+    measuredTokensPerSecond: median(clusterRates),
+    windowTokens: tokens,
+    windows,
+    engineTokensPerSecond,
+    effectiveBandwidthBytesPerSecond: bandwidth,
+    spread: { cluster: relativeSpread(clusterRates), engine: relativeSpread(engineRatesMeasured) },
+    loadAverage1m: { start, end: loadavg()[0] ?? 0 },
+  };
+}
