@@ -33,8 +33,9 @@ describe('a fixed split costed by the planner', () => {
     const llama = planFixedSplit(profile, nodes, counts.stages, options);
     const orchard = planPlacement(profile, nodes, options);
     expect(llama.stages.map((s) => s.node)).toEqual(['fast', 'mid', 'slow']);
-    // fast → slow and mid → slow: two boundaries on 2 ms / 100 MB/s links (2 rows each per token)
-    const row = 2 * profile.embd * 4;
+    // fast → slow and mid → slow: two boundaries on 2 ms / 100 MB/s links (2 rows each per token,
+    // and llama.cpp's f16 mask over half the 4096 cells + 20 B of positions and cell indices)
+    const row = 2 * profile.embd * 4 + 2 * 2048 + 20;
     expect(llama.predicted.hopSeconds).toBeCloseTo(2 * (0.002 + row / 100e6), 12);
     expect(llama.predicted.tokensPerSecond).toBeLessThan(orchard.predicted.tokensPerSecond);
     // the prompt's rows cross the same links: P rows twice per boundary, one round trip per ubatch

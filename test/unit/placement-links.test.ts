@@ -63,16 +63,25 @@ describe('measured links in the cost model', () => {
   const p = modelProfile(presetHeader('llama-3-70b', 'q4_k_m'));
   const o = { ...DEFAULT_PLACEMENT_OPTIONS, promptTokens: 4096 };
 
-  it('a worker boundary costs its measured link to the head: rtt + 2 activation crossings, per token and per prompt', () => {
+  it('a worker boundary costs its measured link to the head: rtt + 2 activation crossings + llama.cpp inputs, per token and per prompt', () => {
     const worker: PlacementNode = { name: 'w', budgetBytes: GiB, bandwidthBytesPerSecond: GB, links: { h: { rttSeconds: 0.0005, bytesPerSecond: 117e6 } } };
     const row = p.embd * 4;
+    // a decoded token also sends the f16 mask over half the 4096 cells (kvFill) + 20 B of positions and cell indices
+    const tokenInputs = 2 * 2048 + 20;
+    // a 4096-token prompt: 8 ubatches of 512 over 512, 1024 … 4096 cells, each a new graph (12 + 5 × 296 B per stage)
+    let promptInputs = 20 * 4096 + 8 * (12 + 5 * 296);
+    for (let u = 1; u <= 8; u++) promptInputs += 2 * 512 * (512 * u);
     const b = boundarySeconds(p, worker, o, 'h');
-    expect(b.decode).toBeCloseTo(0.0005 + (2 * row) / 117e6, 12);
-    expect(b.prefill).toBeCloseTo(Math.ceil(4096 / o.ubatch) * 0.0005 + (2 * 4096 * row) / 117e6, 12);
+    expect(b.decode).toBeCloseTo(0.0005 + (2 * row + tokenInputs) / 117e6, 12);
+    expect(b.prefill).toBeCloseTo(Math.ceil(4096 / o.ubatch) * 0.0005 + (2 * 4096 * row + promptInputs) / 117e6, 12);
     // 4k tokens on dim 8192 over 1 GbE: over 2 s per hop (~1.1 s per direction, as the issue reckons)
     expect(b.prefill).toBeGreaterThan(2);
     // without a measurement toward that head: the node's or the options' assumed figures
-    expect(boundarySeconds(p, worker, o, 'other').decode).toBeCloseTo(o.hopSeconds + (2 * row) / o.linkBytesPerSecond, 12);
+    expect(boundarySeconds(p, worker, o, 'other').decode).toBeCloseTo(o.hopSeconds + (2 * row + tokenInputs) / o.linkBytesPerSecond, 12);
+    // an MLX rank gets the activations alone
+    const mlx = { ...o, engine: 'mlx' as const, activationCrossings: 1 };
+    expect(boundarySeconds(p, worker, mlx, 'h').decode).toBeCloseTo(0.0005 + row / 117e6, 12);
+    expect(boundarySeconds(p, worker, mlx, 'h').prefill).toBeCloseTo(8 * 0.0005 + (4096 * row) / 117e6, 12);
   });
 
   it('the planner picks the head with the fast link and charges what was measured', () => {
@@ -92,12 +101,13 @@ describe('measured links in the cost model', () => {
     const plan = planPlacement(p, nodes, opts);
     expect(plan.fits).toBe(true);
     expect(plan.stages.map((s) => s.node).sort()).toEqual(['alpha', 'bravo']);
-    const row = p.embd * 4;
-    expect(plan.predicted.hopSeconds).toBeCloseTo(fast.rttSeconds + (2 * row) / fast.bytesPerSecond, 12);
+    // 2 activation rows + the f16 mask over half the 4096 cells + 20 B of positions and cell indices
+    const row = 2 * p.embd * 4 + 2 * 2048 + 20;
+    expect(plan.predicted.hopSeconds).toBeCloseTo(fast.rttSeconds + row / fast.bytesPerSecond, 12);
     // every link equally slow: charlie's faster memory wins again, and the hop is the slow link's
     const allSlow = nodes.map((n) => ({ ...n, links: Object.fromEntries(Object.keys(n.links!).map((k) => [k, slow])) }));
     const slowPlan = planPlacement(p, allSlow, opts);
     expect(slowPlan.stages.map((s) => s.node)).toContain('charlie');
-    expect(slowPlan.predicted.hopSeconds).toBeCloseTo(slow.rttSeconds + (2 * row) / slow.bytesPerSecond, 12);
+    expect(slowPlan.predicted.hopSeconds).toBeCloseTo(slow.rttSeconds + row / slow.bytesPerSecond, 12);
   });
 });

@@ -74,7 +74,8 @@ describe('planner acceptance scenarios', () => {
     const cost = plan.stages.reduce((t, s) => t + s.readBytesPerToken / s.bandwidthBytesPerSecond, 0);
     expect(plan.predicted.secondsPerToken).toBeCloseTo(
       cost +
-        (plan.stages.length - 1) * (DEFAULT_PLACEMENT_OPTIONS.hopSeconds + (2 * p.embd * 4) / DEFAULT_PLACEMENT_OPTIONS.linkBytesPerSecond) +
+        // per boundary: 2 activation rows, llama.cpp's f16 mask over half the 4096 cells, 20 B of positions and cell indices
+        (plan.stages.length - 1) * (DEFAULT_PLACEMENT_OPTIONS.hopSeconds + (2 * p.embd * 4 + 2 * 2048 + 20) / DEFAULT_PLACEMENT_OPTIONS.linkBytesPerSecond) +
         DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds,
       9,
     );
@@ -219,8 +220,20 @@ describe('planner invariants over random inputs', () => {
       const subsets: number[][] = [];
       for (let mask = 1; mask < 1 << n; mask++) subsets.push([...Array(n).keys()].filter((i) => mask & (1 << i)));
       const U = Math.ceil(promptTokens / o.ubatch);
+      // What else llama.cpp RPC sends a worker (rpc-wire.ts), from the engine's facts: an f16 mask of
+      // tokens × n_kv (used cells padded to 256) and 20 B per token, per decoded token and per ubatch;
+      // a new graph per ubatch here (n_kv grows by 512 each): 12 + 5 × 296 B per stage and
+      // 31 × 8 + 42 × 296 B per layer; before the prompt, the previous like request's K and V
+      // (P + 255 output − 1 cells × 2 × 1024 f16 per layer) in two round trips per layer.
+      const nKv = (used: number) => Math.min(o.ctx, Math.max(256, Math.ceil(used / 256) * 256));
+      const tokenInputs = 2 * nKv(o.kvFill * o.ctx) + 20;
+      let promptInputs = 20 * promptTokens + U * (12 + 5 * 296);
+      for (let s = 0; s < promptTokens; s += o.ubatch) promptInputs += 2 * Math.min(o.ubatch, promptTokens - s) * nKv(Math.min(promptTokens, s + o.ubatch));
+      const graphPerLayer = U * (31 * 8 + 42 * 296);
+      const savePerLayer = (promptTokens + o.outputTokens - 1) * 2 * 1024 * 2;
       const costOf = (order: number[], bounds: number[]): number | undefined => {
         let decode = o.headOverheadSeconds;
+        let save = 0;
         // Prefill: the workers' compute and boundaries (chain), the head's layers (last), its logits (once).
         let chain = 0;
         let last = 0;
@@ -249,14 +262,17 @@ describe('planner invariants over random inputs', () => {
             const link = node.links?.[linked[order[order.length - 1]!]!.name];
             const rtt = link?.rttSeconds ?? o.hopSeconds;
             const rate = link?.bytesPerSecond ?? node.linkBytesPerSecond!;
-            decode += rtt + (2 * p.embd * 4) / rate;
-            if (promptTokens > 0) chain += U * rtt + (2 * promptTokens * p.embd * 4) / rate;
+            decode += rtt + (2 * p.embd * 4 + tokenInputs) / rate;
+            if (promptTokens > 0) {
+              chain += U * rtt + (2 * promptTokens * p.embd * 4 + promptInputs + (end - first) * graphPerLayer) / rate;
+              save += (end - first) * (savePerLayer / rate + 2 * rtt);
+            }
           }
           first = end;
         }
         // llama.cpp overlaps ubatch i + 1's chain with the last stage's ubatch i: (A + c + (U − 1)·max(A, c)) per ubatch.
         const prefill = order.length > 1 && U > 1 ? (chain + last + (U - 1) * Math.max(chain, last)) / U : chain + last;
-        const ttft = promptTokens > 0 ? o.headOverheadSeconds + prefill + once : 0;
+        const ttft = promptTokens > 0 ? o.headOverheadSeconds + save + prefill + once : 0;
         return wd * decode + wt * ttft;
       };
       for (const sub of subsets) {

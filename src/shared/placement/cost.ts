@@ -1,5 +1,7 @@
 import { ggmlTypeByName } from '../gguf/ggml-types.ts';
+import { kvGeometry } from '../memory/kv.ts';
 import type { ModelProfile } from '../model/profile.ts';
+import { decodeInputBytes, graphBytes, layerSave, newGraphs, promptInputBytes, ubatchShapes } from './rpc-wire.ts';
 import type { EngineFamily, PlacementNode, PlacementOptions } from './types.ts';
 
 export type { EngineFamily } from './types.ts';
@@ -13,7 +15,9 @@ export type { EngineFamily } from './types.ts';
  * bytes ÷ *effective* bandwidth. Prefill is compute-bound: a prompt of P tokens costs
  * P × FLOPs per token ÷ compute throughput. A stage boundary costs its latency plus the
  * activations that cross it ÷ link throughput (decode: one row of `embd` f32 values per token;
- * prefill: P rows, in ⌈P ÷ ubatch⌉ round trips).
+ * prefill: P rows, in ⌈P ÷ ubatch⌉ round trips) plus what else llama.cpp RPC sends (rpc-wire.ts:
+ * masks, graphs, and before a fresh prompt the previous request's KV for llama-server's prompt
+ * cache).
  */
 
 /**
@@ -101,22 +105,73 @@ export function prefillFlopsOf(n: PlacementNode): number {
   return n.prefillFlopsPerSecond ?? defaultPrefillFlops(n.bandwidthBytesPerSecond);
 }
 
+/** The link a worker stage's boundary crosses: its measured link to `head` when there is one, else the node's or the options' assumed figures. */
+export function linkOf(n: PlacementNode, o: PlacementOptions, head?: string): { rttSeconds: number; bytesPerSecond: number } {
+  const measured = head === undefined ? undefined : n.links?.[head];
+  return { rttSeconds: measured?.rttSeconds ?? n.hopSeconds ?? o.hopSeconds, bytesPerSecond: measured?.bytesPerSecond ?? n.linkBytesPerSecond ?? o.linkBytesPerSecond };
+}
+
+/** KV cells per stream of the full and the sliding-window caches. */
+function cacheCells(profile: ModelProfile, o: PlacementOptions): { full: number; swa: number } {
+  const g = kvGeometry(profile, { ctx: o.ctx, cacheTypeK: o.cacheType, cacheTypeV: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch });
+  return { full: g.cellsFull, swa: g.cellsSwa };
+}
+
+/** llama.cpp RPC sends a worker more than its activations (rpc-wire.ts); an MLX rank gets the activations alone. */
+const sendsRpcInputs = (o: PlacementOptions): boolean => o.engine !== 'mlx';
+
 /**
  * Seconds the boundary after a worker stage on `n` adds: per decoded token (one round trip + its
- * activation row crossing `activationCrossings` times) and for the whole prompt (one round trip
- * per ubatch + P rows). The link is n's measured link to `head` when there is one, else the node's
- * or the options' assumed figures.
+ * activation row crossing `activationCrossings` times + llama.cpp's mask and per-token inputs,
+ * rpc-wire.ts) and for the whole prompt (one round trip per ubatch + P rows + every ubatch's
+ * inputs and the per-stage part of each new graph). The link is n's measured link to `head` when
+ * there is one, else the node's or the options' assumed figures. What grows with the stage's
+ * layers (graph, prompt-cache save) is in layerWire.
  */
 export function boundarySeconds(profile: ModelProfile, n: PlacementNode, o: PlacementOptions, head?: string): { decode: number; prefill: number } {
-  const measured = head === undefined ? undefined : n.links?.[head];
-  const hop = measured?.rttSeconds ?? n.hopSeconds ?? o.hopSeconds;
-  const link = measured?.bytesPerSecond ?? n.linkBytesPerSecond ?? o.linkBytesPerSecond;
+  const { rttSeconds: hop, bytesPerSecond: link } = linkOf(n, o, head);
   const P = o.promptTokens;
   const x = o.activationCrossings;
+  const rpc = sendsRpcInputs(o);
+  const cells = rpc ? cacheCells(profile, o) : { full: 0, swa: 0 };
+  const decodeInputs = rpc ? decodeInputBytes(profile, o.kvFill * cells.full, cells, o.flashAttention) : 0;
+  const promptInputs = rpc && P > 0 ? promptInputBytes(profile, P, cells, o) : 0;
   return {
-    decode: hop + (x * activationBytes(profile, 1)) / link,
-    prefill: P > 0 ? Math.ceil(P / o.ubatch) * hop + (x * activationBytes(profile, P)) / link : 0,
+    decode: hop + (x * activationBytes(profile, 1) + decodeInputs) / link,
+    prefill: P > 0 ? Math.ceil(P / o.ubatch) * hop + (x * activationBytes(profile, P) + promptInputs) / link : 0,
   };
+}
+
+/**
+ * Per layer, what a worker stage holding it adds to a fresh prompt over its link to the head
+ * (rpc-wire.ts; all zero for MLX ranks and without a prompt): `chainBytes`, the layer's part of
+ * every new graph (sent before the stage computes: in the pipeline chain), and the prompt-cache
+ * save — `saveBytes` and `saveRoundTrips` — of the slot's previous request, done before the prompt
+ * starts. That request is taken to be like this one: `promptTokens + outputTokens − 1` cells
+ * (the last sampled token is never decoded), as in a stream of fresh prompts of one size.
+ */
+export interface LayerWire {
+  readonly chainBytes: readonly number[];
+  readonly saveBytes: readonly number[];
+  readonly saveRoundTrips: readonly number[];
+}
+
+export function layerWire(profile: ModelProfile, o: PlacementOptions): LayerWire {
+  const P = o.promptTokens;
+  if (P <= 0 || !sendsRpcInputs(o)) {
+    const zero = profile.layers.map(() => 0);
+    return { chainBytes: zero, saveBytes: zero, saveRoundTrips: zero };
+  }
+  const cells = cacheCells(profile, o);
+  const graphs = newGraphs(ubatchShapes(P, o.ubatch, cells.full));
+  const perLayer = graphBytes(o.flashAttention).perLayer;
+  const saved = profile.layers.map((l) => layerSave(l, P + o.outputTokens - 1, cells, o));
+  return { chainBytes: profile.layers.map(() => graphs * perLayer), saveBytes: saved.map((s) => s.bytes), saveRoundTrips: saved.map((s) => s.roundTrips) };
+}
+
+/** Seconds of a worker stage's layer wire (sums of LayerWire over its layers) on its link: in the chain, and the save before the prompt. */
+export function stageWireSeconds(w: { chainBytes: number; saveBytes: number; saveRoundTrips: number }, link: { rttSeconds: number; bytesPerSecond: number }): { chain: number; save: number } {
+  return { chain: w.chainBytes / link.bytesPerSecond, save: w.saveBytes / link.bytesPerSecond + w.saveRoundTrips * link.rttSeconds };
 }
 
 /**

@@ -3,7 +3,7 @@ import type { CacheType } from '../memory/kv.ts';
 import type { StageBytes } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
 import { formatBytes } from '../units.ts';
-import { boundarySeconds, headPrefillFlops, pipelineSeconds, prefillSeconds } from './cost.ts';
+import { boundarySeconds, headPrefillFlops, linkOf, pipelineSeconds, prefillSeconds, stageWireSeconds } from './cost.ts';
 import { type Assignment, type Prepared, overlapsUbatches, prepare, resolveOptions, validate } from './prepared.ts';
 import type { Plan, PlacementNode, PlacementOptions, PlanStage } from './types.ts';
 
@@ -13,13 +13,15 @@ import type { Plan, PlacementNode, PlacementOptions, PlanStage } from './types.t
  *
  * Cost model (DESIGN "Placement", constants in cost.ts): at batch 1 decode is memory-bandwidth
  * bound, so a token costs
- *   Σ_stages bytes_read(stage) / bandwidth(node) + Σ_boundaries (hop + activations / link) + head overhead,
+ *   Σ_stages bytes_read(stage) / bandwidth(node) + Σ_boundaries (hop + (activations + inputs) / link) + head overhead,
  * and prefilling a prompt of P tokens in U = ⌈P / ubatch⌉ ubatches costs the workers' chain
- *   A = Σ_workers P × FLOPs(stage) / compute(node) + Σ_boundaries (U × hop + P activations / link)
+ *   A = Σ_workers (P × FLOPs(stage) / compute(node) + graph bytes(stage) / link) + Σ_boundaries (U × hop + (P activations + inputs) / link)
  * and the head's layers c, overlapped as llama.cpp's pipeline parallelism overlaps them:
- * (A + c + (U − 1) · max(A, c)) / U (cost.ts prefillSeconds; A + c for one ubatch).
- * The objective is a weighted sum of both (options.objective); every term but that max is a per-node linear
- * function of the layer prefix sums, so stage order does not change the sum. Memory of a stage is Σ its layers' (weights + KV)
+ * (A + c + (U − 1) · max(A, c)) / U (cost.ts prefillSeconds; A + c for one ubatch), after the
+ * prompt-cache save of the previous request's KV on every worker (its layers' bytes / link + round
+ * trips; rpc-wire.ts says what llama.cpp sends).
+ * The objective is a weighted sum of both (options.objective); every term but that max is a per-node
+ * (per node and head, with measured links) linear function of the layer prefix sums, so stage order does not change the sum. Memory of a stage is Σ its layers' (weights + KV)
  * plus a per-stage constant (compute buffer, engine overhead; on the head also the output head,
  * token embeddings and host buffers), so a node's capacity is a bound on a contiguous range.
  * The engine decides those terms (stage-memory.ts): llama.cpp's buffers, or an MLX rank's peak.
@@ -47,7 +49,7 @@ export interface PlanInput {
 
 const EPS = 1e-12;
 
-/** Weighted cost of layers [0, k) on node i, linear in the prefix sums. */
+/** Weighted cost of layers [0, k) on node i as the head (no link to cross), linear in the prefix sums. */
 function lin(p: Prepared, i: number, k: number): number {
   return p.wd * p.readPrefix[k]! * p.invBw[i]! + p.wt * p.flopPrefix[k]! * p.invFlops[i]!;
 }
@@ -67,18 +69,32 @@ interface Row {
   readonly chain: Float64Array;
 }
 
+/** A worker's boundary with the head of the plan being costed: weighted cost, its prefill part (seconds), the link. */
+interface Edge {
+  readonly hop: number;
+  readonly hopPrefill: number;
+  readonly link: { readonly rttSeconds: number; readonly bytesPerSecond: number };
+}
+
 /**
  * One DP step: node i may take one contiguous block [j, k) after layers [0, j) are placed, or be
- * skipped unless pinned. `hop` is its boundary's weighted cost, `hopPrefill` the prefill part in
- * seconds. Writes the choice per k (-1 skip, -2 unreachable, else j) into `ch`; returns the new row.
+ * skipped unless pinned. `e` is its boundary with the head; its layers' wire (graph bytes in the
+ * chain, prompt-cache save before the prompt: cost.ts layerWire) crosses e.link. Writes the
+ * choice per k (-1 skip, -2 unreachable, else j) into `ch`; returns the new row.
  */
-function step(p: Prepared, i: number, hop: number, hopPrefill: number, row: Row, ch: Int32Array, g: Float64Array, deque: Int32Array): Row {
+function step(p: Prepared, i: number, e: Edge, row: Row, ch: Int32Array, g: Float64Array, deque: Int32Array): Row {
   const { f, chain } = row;
   const L = p.mm.profile.layerCount;
-  const { memPrefix, readPrefix, flopPrefix } = p;
+  const { memPrefix, readPrefix, flopPrefix, chainWirePrefix, saveWirePrefix, saveTripsPrefix } = p;
+  const { hop, hopPrefill } = e;
   const cap = p.budgets[i]! - p.workerConst;
-  const a = p.wd * p.invBw[i]!; // lin(p, i, k) inlined below: the hot path
+  const inv = 1 / e.link.bytesPerSecond;
+  // the block's weighted cost is linear in the prefix sums: inlined below, the hot path
+  const a = p.wd * p.invBw[i]!;
   const b = p.wt * p.invFlops[i]!;
+  const c = p.wt * inv;
+  const d = p.wt * e.link.rttSeconds;
+  const lin = (k: number) => a * readPrefix[k]! + b * flopPrefix[k]! + c * (chainWirePrefix[k]! + saveWirePrefix[k]!) + d * saveTripsPrefix[k]!;
   const mustUse = p.pinned.has(i);
   const nf = new Float64Array(L + 1);
   const nc = new Float64Array(L + 1);
@@ -91,7 +107,7 @@ function step(p: Prepared, i: number, hop: number, hopPrefill: number, row: Row,
     ch.fill(-1);
   }
   if (cap < 0) return { f: nf, chain: nc };
-  for (let k = 0; k <= L; k++) g[k] = f[k]! - (a * readPrefix[k]! + b * flopPrefix[k]!);
+  for (let k = 0; k <= L; k++) g[k] = f[k]! - lin(k);
   let head = 0;
   let tail = 0;
   let lo = 0;
@@ -108,10 +124,10 @@ function step(p: Prepared, i: number, hop: number, hopPrefill: number, row: Row,
     while (tail > head && deque[head]! < lo) head++;
     if (tail > head) {
       const jb = deque[head]!;
-      const cost = g[jb]! + a * readPrefix[k]! + b * flopPrefix[k]! + hop;
+      const cost = g[jb]! + lin(k) + hop;
       if (cost < nf[k]! - EPS) {
         nf[k] = cost;
-        nc[k] = chain[jb]! + (flopPrefix[k]! - flopPrefix[jb]!) * p.invFlops[i]! + hopPrefill;
+        nc[k] = chain[jb]! + (flopPrefix[k]! - flopPrefix[jb]!) * p.invFlops[i]! + (chainWirePrefix[k]! - chainWirePrefix[jb]!) * inv + hopPrefill;
         ch[k] = jb;
       }
     }
@@ -148,6 +164,14 @@ function reconstruct(order: readonly number[], t: number, j: number, L: number, 
   return stages.reverse();
 }
 
+/** Worker i's boundary when node h heads the plan (its measured link to h, when there is one). */
+function edge(p: Prepared, i: number, h?: number): Edge {
+  const shared = h === undefined || !p.hopByHead;
+  return shared
+    ? { hop: p.hopCost[i]!, hopPrefill: p.hopPrefill[i]!, link: p.links[i]! }
+    : { hop: p.hopByHead![h]![i]!, hopPrefill: p.hopPrefillByHead![h]![i]!, link: p.linksByHead![h]![i]! };
+}
+
 /** The DP. Returns the best assignment or undefined when nothing fits. */
 function solve(p: Prepared): Assignment | undefined {
   const L = p.mm.profile.layerCount;
@@ -165,7 +189,7 @@ function solve(p: Prepared): Assignment | undefined {
   prefixF.push(f0);
   for (let t = 0; t < N; t++) {
     const ch = new Int32Array(L + 1);
-    f0 = step(p, order[t]!, p.hopCost[order[t]!]!, p.hopPrefill[order[t]!]!, f0, ch, g, deque);
+    f0 = step(p, order[t]!, edge(p, order[t]!), f0, ch, g, deque);
     prefixCh.push(ch);
     prefixF.push(f0);
   }
@@ -199,10 +223,9 @@ function solve(p: Prepared): Assignment | undefined {
     if (jMin > L && !singleFits) continue;
     // With measured links every worker's hop depends on the head: no shared prefix (O(N²·L) per head).
     const hops = p.hopByHead?.[h];
-    const hopsPrefill = p.hopPrefillByHead?.[h] ?? p.hopPrefill;
     let f: Row = hops ? prefixF[0]! : prefixF[t]!;
-    if (hops) for (let s = 0; s < t; s++) f = step(p, order[s]!, hops[order[s]!]!, hopsPrefill[order[s]!]!, f, tailCh[s]!, g, deque);
-    for (let s = t + 1; s < N; s++) f = step(p, order[s]!, (hops ?? p.hopCost)[order[s]!]!, hopsPrefill[order[s]!]!, f, tailCh[s]!, g, deque);
+    if (hops) for (let s = 0; s < t; s++) f = step(p, order[s]!, edge(p, order[s]!, h), f, tailCh[s]!, g, deque);
+    for (let s = t + 1; s < N; s++) f = step(p, order[s]!, edge(p, order[s]!, h), f, tailCh[s]!, g, deque);
     let bestJ = -1;
     let bestCost = Number.POSITIVE_INFINITY;
     // Scan j ascending with strict <: on ties the head keeps more layers (fewer stages).
@@ -301,7 +324,17 @@ export function describe(p: Prepared, solved: Assignment, rebalanced = true): Pl
   });
   const used = new Set(a.stages.map((s) => s.node));
   const headName = p.nodes[a.stages[a.stages.length - 1]!.node]!.name;
-  const boundaries = a.stages.slice(0, -1).map((s) => boundarySeconds(profile, p.nodes[s.node]!, p.o, headName));
+  // A worker's boundary: the per-stage part, plus its layers' graph bytes in the chain; the prompt-cache save comes before the prompt.
+  const wires = a.stages.slice(0, -1).map((s) => {
+    const range = (x: Float64Array) => x[s.end]! - x[s.first]!;
+    const w = { chainBytes: range(p.chainWirePrefix), saveBytes: range(p.saveWirePrefix), saveRoundTrips: range(p.saveTripsPrefix) };
+    return stageWireSeconds(w, linkOf(p.nodes[s.node]!, p.o, headName));
+  });
+  const boundaries = a.stages.slice(0, -1).map((s, i) => {
+    const b = boundarySeconds(profile, p.nodes[s.node]!, p.o, headName);
+    return { decode: b.decode, prefill: b.prefill + wires[i]!.chain };
+  });
+  const promptCacheSaveSeconds = wires.reduce((t, w) => t + w.save, 0);
   const hopSeconds = boundaries.reduce((t, b) => t + b.decode, 0);
   const unusedNodes = p.order.filter((i) => !used.has(i)).map((i) => p.nodes[i]!.name);
   const reasons: string[] = [];
@@ -334,11 +367,12 @@ export function describe(p: Prepared, solved: Assignment, rebalanced = true): Pl
   const secondsPerToken = stages.reduce((t, s) => t + s.secondsPerToken, 0) + hopSeconds + p.o.headOverheadSeconds;
   const P = p.o.promptTokens;
   const logits = P > 0 ? headPrefillFlops(profile) * p.invFlops[a.stages.at(-1)!.node]! : 0;
-  const ttftSeconds = P > 0 ? prefillSeconds(stages.map((s) => s.prefillSeconds), boundaries.map((b) => b.prefill), Math.ceil(P / p.o.ubatch), logits, overlapsUbatches(p.o)) + p.o.headOverheadSeconds : 0;
+  const prefill = P > 0 ? prefillSeconds(stages.map((s) => s.prefillSeconds), boundaries.map((b) => b.prefill), Math.ceil(P / p.o.ubatch), logits, overlapsUbatches(p.o)) : 0;
+  const ttftSeconds = P > 0 ? promptCacheSaveSeconds + prefill + p.o.headOverheadSeconds : 0;
   return {
     fits: true,
     stages,
-    predicted: { secondsPerToken, tokensPerSecond: 1 / secondsPerToken, hopSeconds, ttftSeconds, promptTokens: P, objective: p.o.objective },
+    predicted: { secondsPerToken, tokensPerSecond: 1 / secondsPerToken, hopSeconds, ttftSeconds, promptCacheSaveSeconds, promptTokens: P, objective: p.o.objective },
     reasons,
     unusedNodes,
   };
@@ -403,7 +437,7 @@ function noFit(p: Prepared): Plan {
   return {
     fits: false,
     stages: [],
-    predicted: { secondsPerToken: Number.POSITIVE_INFINITY, tokensPerSecond: 0, hopSeconds: 0, ttftSeconds: 0, promptTokens: p.o.promptTokens, objective: p.o.objective },
+    predicted: { secondsPerToken: Number.POSITIVE_INFINITY, tokensPerSecond: 0, hopSeconds: 0, ttftSeconds: 0, promptCacheSaveSeconds: 0, promptTokens: p.o.promptTokens, objective: p.o.objective },
     reasons,
     shortfall: { need, capacityBytes: capacity, shortfallBytes },
     remedies,

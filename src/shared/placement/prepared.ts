@@ -1,7 +1,7 @@
 import { UsageError } from '../errors.ts';
 import { type MemoryModel, memoryModel } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
-import { boundarySeconds, headPrefillFlops, layerPrefillFlops, objectiveWeights, prefillFlopsOf } from './cost.ts';
+import { boundarySeconds, headPrefillFlops, layerPrefillFlops, layerWire, linkOf, objectiveWeights, prefillFlopsOf } from './cost.ts';
 import { type StageMemory, stageMemoryOf } from './stage-memory.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
 
@@ -46,6 +46,13 @@ export interface Prepared {
   /** The prefill part of those boundaries, unweighted seconds (the chain of cost.ts pipelineSeconds). */
   readonly hopPrefill: readonly number[];
   readonly hopPrefillByHead: readonly (readonly number[])[] | undefined;
+  /** Σ over layers [0, k) of cost.ts layerWire: graph bytes (chain), prompt-cache save bytes and round trips. */
+  readonly chainWirePrefix: Float64Array;
+  readonly saveWirePrefix: Float64Array;
+  readonly saveTripsPrefix: Float64Array;
+  /** Node i's link as a worker (cost.ts linkOf), and with head h (linksByHead[h][i]) when links are measured. */
+  readonly links: readonly { rttSeconds: number; bytesPerSecond: number }[];
+  readonly linksByHead: readonly (readonly { rttSeconds: number; bytesPerSecond: number }[])[] | undefined;
   /** ⌈P ÷ ubatch⌉ ubatches, and whether they overlap on the last stage (options.pipelinedPrefill). */
   readonly ubatches: number;
   readonly pipelined: boolean;
@@ -86,12 +93,19 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
   const memPrefix = new Float64Array(L + 1);
   const readPrefix = new Float64Array(L + 1);
   const flopPrefix = new Float64Array(L + 1);
+  const chainWirePrefix = new Float64Array(L + 1);
+  const saveWirePrefix = new Float64Array(L + 1);
+  const saveTripsPrefix = new Float64Array(L + 1);
   const P = o.promptTokens;
   const flops = P > 0 ? layerPrefillFlops(profile, P) : [];
+  const wire = layerWire(profile, o);
   for (let l = 0; l < L; l++) {
     memPrefix[l + 1] = memPrefix[l]! + memory.layerBytes[l]!;
     readPrefix[l + 1] = readPrefix[l]! + memory.layerRead[l]!;
     flopPrefix[l + 1] = flopPrefix[l]! + P * (flops[l] ?? 0);
+    chainWirePrefix[l + 1] = chainWirePrefix[l]! + wire.chainBytes[l]!;
+    saveWirePrefix[l + 1] = saveWirePrefix[l]! + wire.saveBytes[l]!;
+    saveTripsPrefix[l + 1] = saveTripsPrefix[l]! + wire.saveRoundTrips[l]!;
   }
   const { wd, wt } = objectiveWeights(o);
   const invBw = nodes.map((n) => 1 / n.bandwidthBytesPerSecond);
@@ -103,6 +117,8 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
   const hopByHead = linked ? nodes.map((h) => nodes.map((n) => hopOf(n, h.name))) : undefined;
   const hopPrefill = nodes.map((n) => boundarySeconds(profile, n, o).prefill);
   const hopPrefillByHead = linked ? nodes.map((h) => nodes.map((n) => boundarySeconds(profile, n, o, h.name).prefill)) : undefined;
+  const links = nodes.map((n) => linkOf(n, o));
+  const linksByHead = linked ? nodes.map((h) => nodes.map((n) => linkOf(n, o, h.name))) : undefined;
   const ubatches = P > 0 ? Math.ceil(P / o.ubatch) : 1;
   const headCost = nodes.map((_, i) => wd * headRead * invBw[i]! + wt * (P > 0 ? headPrefillFlops(profile) * invFlops[i]! : 0));
   const order = nodes
@@ -127,6 +143,11 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
     hopByHead,
     hopPrefill,
     hopPrefillByHead,
+    chainWirePrefix,
+    saveWirePrefix,
+    saveTripsPrefix,
+    links,
+    linksByHead,
     ubatches,
     pipelined: overlapsUbatches(o) && ubatches > 1 && wt > 0,
     headCost,

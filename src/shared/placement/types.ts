@@ -58,7 +58,7 @@ export interface PlacementOptions extends MemoryOptions {
   /** Prompt length TTFT is predicted for (0: no prompt, TTFT not predicted). */
   readonly promptTokens: number;
   readonly objective: Objective;
-  /** Tokens a request generates, for the balanced objective. */
+  /** Tokens a request generates: for the balanced objective, and the previous request's KV a fresh prompt's prompt-cache save moves (cost.ts layerWire). */
   readonly outputTokens: number;
   /** Default link payload rate (10 GbE) for nodes that carry none. */
   readonly linkBytesPerSecond: number;
@@ -138,8 +138,13 @@ export interface Plan {
     readonly secondsPerToken: number;
     readonly tokensPerSecond: number;
     readonly hopSeconds: number;
-    /** Time to first token for options.promptTokens (prefill + boundaries + head overhead); 0 without a prompt. */
+    /** Time to first token for options.promptTokens (prompt-cache save + prefill + boundaries + head overhead); 0 without a prompt. */
     readonly ttftSeconds: number;
+    /**
+     * The part of ttftSeconds before the prompt starts: llama-server copying the slot's previous
+     * request's KV from the workers to its host prompt cache (cost.ts layerWire); 0 without a prompt.
+     */
+    readonly promptCacheSaveSeconds: number;
     readonly promptTokens: number;
     readonly objective: Objective;
   };
