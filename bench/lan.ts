@@ -15,6 +15,11 @@
  * node, no network, taken at the start of the run under the machine's load as the demo does) and
  * the links Orchard measured itself after shaping — never with this bench's results.
  *
+ * TTFT requests are fresh prompts of alternating length, each after one like it (so llama-server
+ * first saves that one's KV to its prompt cache, and the workers get a new graph: rpc-wire.ts);
+ * `ttftLinkKilobytes` puts what each node's link carried in the median one (tbf counters) next to
+ * the bytes the cost model charges for it (bench/lan/wire.ts), a check no CPU load blurs.
+ *
  * Loads: cold = a file of the same shape and size the nodes do not hold (every worker's weights
  * cross the shaped link); pre-seeded = the file every node holds in its --models-dir, its tensor
  * cache seeded once at the start (seedingSeconds: that one-time cost, paid when a node first
@@ -44,6 +49,7 @@ import { modelProfile } from '../src/shared/model/profile.ts';
 import { planPlacement } from '../src/shared/placement/planner.ts';
 import { type LanCluster, RULES, type Rule, startLanCluster } from './lan/cluster.ts';
 import { measure, measuredLinks, predict, timedLoad, unload } from './lan/measure.ts';
+import { type LinkBytes, linkCounters, predictedLinkBytes } from './lan/wire.ts';
 import { firstSight, perturbedCopy } from './lan/models.ts';
 import { rankingAgreement } from './lan/ranking.ts';
 import { BenchProcesses, benchEnv, runBench, writeTestModel } from './lib/cluster.ts';
@@ -95,7 +101,8 @@ async function scenario(c: LanCluster, profile: string, rule: Rule, models: { co
   const cold = models.cold ? await timedLoad(c.client, models.cold, 'cold', CTX) : undefined;
   if (cold) await unload(c.client, 'cold');
   const seeded = await timedLoad(c.client, models.seeded, 'bench', CTX);
-  const m = await measure(c.client, 'bench', { runs: RUNS, tokens: TOKENS, promptWords: PROMPT_WORDS });
+  const names = NODES.map((n) => n.name);
+  const m = await measure(c.client, 'bench', { runs: RUNS, tokens: TOKENS, promptWords: PROMPT_WORDS }, () => linkCounters(c.lan, names));
   await unload(c.client, 'bench');
   const plan = predict(c.seen!, seeded, m.promptTokens);
   const over = plan.stages.filter((s) => s.headroomBytes < 0).map((s) => s.node);
@@ -116,12 +123,20 @@ async function scenario(c: LanCluster, profile: string, rule: Rule, models: { co
     preseededOverCold: cold ? seeded.seconds / cold.seconds : null,
     stages: seeded.stages.map((s) => `${s.node}:${s.firstLayer}-${s.lastLayer}`),
     predictedHopMs: plan.predicted.hopSeconds * 1000,
+    predictedPromptCacheSaveMs: plan.predicted.promptCacheSaveSeconds * 1000,
     budgetViolations: over,
     promptTokens: m.promptTokens,
     enginePromptMs: m.enginePromptMs,
     decodeRuns: m.decodeRuns,
     ttftRuns: m.ttftRuns,
+    ttftLinkKilobytes: linkKilobytes(m.ttftLinkBytes, predictedLinkBytes(c.seen!, seeded, m.promptTokens, names)),
   };
+}
+
+/** Per node, kB its link carried in the median TTFT run, counted and as the cost model accounts them (bench/lan/wire.ts). */
+function linkKilobytes(measured: LinkBytes | undefined, predicted: LinkBytes) {
+  const kb = (x: { in: number; out: number }) => ({ in: Math.round(x.in / 1e3), out: Math.round(x.out / 1e3) });
+  return Object.fromEntries(Object.entries(predicted).map(([n, p]) => [n, { measured: measured?.[n] ? kb(measured[n]) : null, predicted: kb(p) }]));
 }
 
 async function lan(procs: BenchProcesses, dir: string): Promise<object> {

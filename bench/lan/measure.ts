@@ -3,6 +3,7 @@ import { planFixedSplit } from '../../src/shared/placement/fixed.ts';
 import type { Plan } from '../../src/shared/placement/types.ts';
 import { median } from '../lib/stats.ts';
 import type { LanCluster, Seen } from './cluster.ts';
+import { type LinkBytes, linkDelta } from './wire.ts';
 
 /**
  * One scenario's measurements on a loaded model, and the planner's prediction for exactly the
@@ -58,10 +59,14 @@ async function generate(client: CoordinatorClient, model: string, prompt: string
   return { ttftMs: first - t0, engineTokensPerSecond: Number(t.predictedTokensPerSecond ?? 0), promptTokens: Number(done.promptTokens ?? 0), enginePromptMs: Number(t.promptMs ?? 0) };
 }
 
-/** A prompt of about `words` words that shares no prefix with any other run (llama-server caches prompts). */
+/**
+ * A prompt of about `words` words that shares no prefix with any other run (llama-server caches
+ * prompts) and, as real prompts do, differs in length from the one before: two of one length in
+ * a row let llama.cpp re-run the workers' graph instead of sending it (rpc-wire.ts).
+ */
 function freshPrompt(run: number, words: number): string {
   const w = ['orchard', 'apple', 'river', 'stone', 'cloud', 'ember', 'maple', 'quartz'];
-  return `${run}: ${Array.from({ length: words }, (_, i) => w[(i * 7 + run) % w.length]).join(' ')}`;
+  return `${run}: ${Array.from({ length: words + (run % 2) }, (_, i) => w[(i * 7 + run) % w.length]).join(' ')}`;
 }
 
 export interface Measured {
@@ -71,6 +76,8 @@ export interface Measured {
   readonly promptTokens: number;
   readonly decodeRuns: readonly number[];
   readonly ttftRuns: readonly number[];
+  /** What each node's link carried during the median TTFT run (`counters`' difference). */
+  readonly ttftLinkBytes: LinkBytes | undefined;
 }
 
 let runCounter = 0;
@@ -78,27 +85,40 @@ let runCounter = 0;
 /**
  * Decode: `runs` requests of `tokens` tokens after a short prompt, the engine's decode rate
  * (median). TTFT: `runs` requests of one token after a fresh prompt of ~`promptWords` words
- * (median client-side first-token time, through coordinator and agent as a user sees it).
+ * (median client-side first-token time, through coordinator and agent as a user sees it), after
+ * one unmeasured such request: each measured one then follows a request like itself, whose KV
+ * llama-server first saves to its prompt cache (rpc-wire.ts), as the prediction assumes.
  */
-export async function measure(client: CoordinatorClient, model: string, o: { runs: number; tokens: number; promptWords: number }): Promise<Measured> {
+export async function measure(client: CoordinatorClient, model: string, o: { runs: number; tokens: number; promptWords: number }, counters?: () => LinkBytes): Promise<Measured> {
   await generate(client, model, freshPrompt(runCounter++, 8), 4); // warm-up: first touch of every page
   const decode: Run[] = [];
   for (let i = 0; i < o.runs; i++) decode.push(await generate(client, model, freshPrompt(runCounter++, 8), o.tokens));
+  await generate(client, model, freshPrompt(runCounter++, o.promptWords), 1);
   const ttft: Run[] = [];
-  for (let i = 0; i < o.runs; i++) ttft.push(await generate(client, model, freshPrompt(runCounter++, o.promptWords), 1));
+  const moved: (LinkBytes | undefined)[] = [];
+  for (let i = 0; i < o.runs; i++) {
+    const before = counters?.();
+    ttft.push(await generate(client, model, freshPrompt(runCounter++, o.promptWords), 1));
+    moved.push(before && counters ? linkDelta(before, counters()) : undefined);
+  }
+  const ttftMs = median(ttft.map((r) => r.ttftMs));
   return {
     decodeTokensPerSecond: median(decode.map((r) => r.engineTokensPerSecond)),
-    ttftMs: median(ttft.map((r) => r.ttftMs)),
+    ttftMs,
     enginePromptMs: median(ttft.map((r) => r.enginePromptMs)),
     promptTokens: Math.round(median(ttft.map((r) => r.promptTokens))),
     decodeRuns: decode.map((r) => r.engineTokensPerSecond),
     ttftRuns: ttft.map((r) => r.ttftMs),
+    ttftLinkBytes: moved[ttft.findIndex((r) => r.ttftMs === ttftMs)] ?? moved[0],
   };
 }
 
-/** The planner's prediction for the layout that was loaded, for a prompt of `promptTokens`. */
+/**
+ * The planner's prediction for the layout that was loaded, for a prompt of `promptTokens` in a
+ * one-token request that follows one like it (what `measure` times).
+ */
 export function predict(seen: Seen, layout: LoadedLayout, promptTokens: number): Plan {
-  return planFixedSplit(seen.profile, seen.nodes, layout.stages, { ...seen.options, promptTokens });
+  return planFixedSplit(seen.profile, seen.nodes, layout.stages, { ...seen.options, promptTokens, outputTokens: 1 });
 }
 
 /** The cluster's links as measured now (rtt, payload rate), by node names. */

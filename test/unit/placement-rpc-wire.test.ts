@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { presetHeader } from '../../src/shared/model/shapes.ts';
-import { layerWire, prefillSeconds } from '../../src/shared/placement/cost.ts';
+import { boundarySeconds, layerWire, prefillSeconds, promptBoundaryBytes } from '../../src/shared/placement/cost.ts';
 import { planFixedSplit } from '../../src/shared/placement/fixed.ts';
 import {
   decodeInputBytes,
@@ -150,5 +150,22 @@ describe('the cost model charges them (cost.ts layerWire, planner)', () => {
     const prefill = prefillSeconds(plan.stages.map((st) => st.prefillSeconds), [boundary], 2, logits, true);
     expect(plan.predicted.ttftSeconds).toBeCloseTo(plan.predicted.promptCacheSaveSeconds + prefill + o.headOverheadSeconds, 12);
     expect(plan.predicted.ttftSeconds - alone.predicted.ttftSeconds).toBeGreaterThan(plan.predicted.promptCacheSaveSeconds + boundary / 2);
+  });
+});
+
+describe('the bytes behind those seconds (cost.ts promptBoundaryBytes), for a link counter to check', () => {
+  it('are what boundarySeconds and layerWire charge, each way', () => {
+    const p = modelProfile(presetHeader('llama-3-8b', 'q8_0'));
+    const o = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: 4096, promptTokens: 700, outputTokens: 1 };
+    const link = { rttSeconds: 0.001, bytesPerSecond: 1e6 };
+    const w: PlacementNode = { name: 'w', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 1e9, links: { h: link } };
+    const b = promptBoundaryBytes(p, o, 3, 9);
+    const wire = layerWire(p, o);
+    // every byte of the boundary, the layers' graphs and their save, at 1 MB/s; round trips apart
+    const seconds = boundarySeconds(p, w, o, 'h').prefill - 2 * 0.001 + (7 * (wire.chainBytes[0]! + wire.saveBytes[0]!)) / 1e6;
+    expect((b.toWorker + b.toHead) / 1e6).toBeCloseTo(seconds, 9);
+    // to the head: the prompt's activations and the 7 layers' saved K and V of 700 cells
+    expect(b.toHead).toBe(700 * p.embd * 4 + 7 * 700 * 4096);
+    expect(promptBoundaryBytes(p, { ...o, promptTokens: 0 }, 3, 9)).toEqual({ toWorker: 0, toHead: 0 });
   });
 });

@@ -169,6 +169,19 @@ export function layerWire(profile: ModelProfile, o: PlacementOptions): LayerWire
   return { chainBytes: profile.layers.map(() => graphs * perLayer), saveBytes: saved.map((s) => s.bytes), saveRoundTrips: saved.map((s) => s.roundTrips) };
 }
 
+/**
+ * Bytes a fresh prompt moves across the boundary of a worker stage holding layers first…last,
+ * each way, as boundarySeconds and layerWire charge them (llama.cpp: the activations cross once
+ * each way): for checking the model against a link's own counters (bench:lan).
+ */
+export function promptBoundaryBytes(profile: ModelProfile, o: PlacementOptions, first: number, last: number): { toWorker: number; toHead: number } {
+  const w = layerWire(profile, o);
+  const sum = (xs: readonly number[]) => xs.slice(first, last + 1).reduce((t, x) => t + x, 0);
+  const inputs = sendsRpcInputs(o) && o.promptTokens > 0 ? promptInputBytes(profile, o.promptTokens, cacheCells(profile, o), o) : 0;
+  const rows = activationBytes(profile, o.promptTokens);
+  return { toWorker: rows + inputs + sum(w.chainBytes), toHead: rows + sum(w.saveBytes) };
+}
+
 /** Seconds of a worker stage's layer wire (sums of LayerWire over its layers) on its link: in the chain, and the save before the prompt. */
 export function stageWireSeconds(w: { chainBytes: number; saveBytes: number; saveRoundTrips: number }, link: { rttSeconds: number; bytesPerSecond: number }): { chain: number; save: number } {
   return { chain: w.chainBytes / link.bytesPerSecond, save: w.saveBytes / link.bytesPerSecond + w.saveRoundTrips * link.rttSeconds };
