@@ -6,7 +6,7 @@
  * Relays (each end its own process, as on a cluster): `node-tls` (the agents' forwarder and
  * listener, TLS 1.3 mTLS), `node-plain` (the same relay code, no TLS), `socat` (native, plain),
  * `stunnel` (native, TLS 1.3 mTLS) and, when Go is installed, `go-tls` (native/tunnel-relay:
- * a Go prototype of the agents' tunnel, same checks and preamble), against `direct`. A fake engine answers a request of `up`
+ * the agents' own native relay, run bare), against `direct`. A fake engine answers a request of `up`
  * bytes with `down` bytes: decode-shaped round trips (11 KiB up, 128 KiB down, as llama.cpp RPC
  * sends per token) and one load-shaped upload (140 MB in 64 KiB writes).
  * Usage: npm run bench:tunnel-relays -- [--json] [--rounds 3] [--round-trips 300] [--load-mb 140]

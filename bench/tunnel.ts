@@ -18,7 +18,7 @@
  * loadSecondsRatio (goal ≤ 1.10), the same three for the plain relay, with every raw number.
  * When socat and stunnel are installed (and not `--no-native`), two native controls run too
  * (bench/lib/native-relay.ts): the same two hops relayed by socat (plain) and by stunnel (TLS 1.3,
- * mutual cluster certificates) and by the Go prototype of the agents' tunnel (native/tunnel-relay,
+ * mutual cluster certificates) and by the agents' native relay run bare, outside any agent (native/tunnel-relay,
  * needs Go) — whether the gap is Node's relay or the hops themselves.
  * Usage: npm run bench:tunnel -- [--json] [--trials 4] [--requests 4] [--tokens 32] [--layers 8]
  *        [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1] [--no-native]
@@ -227,7 +227,7 @@ async function startNative(rpcPort: number, creds: { head: NodeCredentials; work
   const socat = startSocatRelay(rpcPort, await ports(), procs);
   const stunnel = await startStunnelRelay(rpcPort, await ports(), creds, work, procs);
   const binary = buildGoRelay(work);
-  if (!binary) throw new Error('--native needs Go for the Go relay prototype (native/tunnel-relay); --no-native skips the native controls');
+  if (!binary) throw new Error('--native needs Go for the Go relay (native/tunnel-relay); --no-native skips the native controls');
   const go = await startGoRelay(rpcPort, creds, binary, procs);
   for (const { port, proc } of [...socat.ends, ...stunnel.ends]) await waitPort(port, proc, () => 'see stderr');
   return { socat, stunnel, go };
@@ -371,7 +371,7 @@ function summarise(trials: readonly Trial[], tunnel: Pick<Tunnel, 'forwarder' | 
     ...versusDirect(tunnelled),
     /** The same ratios for the two relay hops without TLS: the part of the tunnel's cost that is not TLS. */
     plainRelay: versusDirect(plain),
-    /** The same two hops relayed natively: socat (plain), stunnel (TLS 1.3 mTLS), the Go prototype (TLS 1.3 mTLS, the agents' checks). */
+    /** The same two hops relayed natively: socat (plain), stunnel (TLS 1.3 mTLS), the agents' Go relay run bare (TLS 1.3 mTLS, the agents' checks). */
     nativeRelays: NATIVE ? { socat: versusDirect(stats('socat')), stunnel: versusDirect(stats('stunnel')), go: versusDirect(stats('go')) } : 'skipped (--no-native, or socat, stunnel or go not installed)',
     tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
     goals: { tokensPerSecondRatio: '>= 0.97', ttftAddedMs: '< 2 (p50)', loadSecondsRatio: '<= 1.10' },

@@ -123,7 +123,7 @@ export async function startStunnelRelay(
 const GO_RELAY_DIR = new URL('../../native/tunnel-relay/', import.meta.url).pathname;
 
 /**
- * Build the Go prototype (native/tunnel-relay) into `dir`; undefined when there is no Go
+ * Build the agents' Go relay (native/tunnel-relay) into `dir`; undefined when there is no Go
  * toolchain. Unlike stunnel it keeps the agents' checks: role and id from the URI SAN, revocation,
  * registered engine ports only — and speaks their preamble, so it can face a Node end.
  */
