@@ -20,6 +20,10 @@
  * (bench/lib/native-relay.ts): the same two hops relayed by socat (plain) and by stunnel (TLS 1.3,
  * mutual cluster certificates) and by the agents' native relay run bare, outside any agent (native/tunnel-relay,
  * needs Go) — whether the gap is Node's relay or the hops themselves.
+ * Then the accounting (`accounting`, bench/lib/rpc-traffic.ts): a tap counts what crosses per
+ * prompt and per decoded token (round trips, commands, writes, bytes each way), the recorded decode
+ * step is replayed to a fake engine through every mode (`addedPerRoundTripMs`, at the engines' pace
+ * and back to back), and `predictedVsMeasured` sets round trips × added ms against the trials.
  * Usage: npm run bench:tunnel -- [--json] [--trials 4] [--requests 4] [--tokens 32] [--layers 8]
  *        [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1] [--no-native]
  */
@@ -42,7 +46,9 @@ import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/share
 import type { NodeCredentials } from '../src/shared/pki/store.ts';
 import { rpcCacheMinSizeEnv } from '../src/shared/rpc-cache/plan.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
+import { killAll, procs, start, stop, waitPort } from './lib/detached.ts';
 import { buildGoRelay, type NativeRelay, nativeRelaysInstalled, processCpuSeconds, startGoRelay, startSocatRelay, startStunnelRelay } from './lib/native-relay.ts';
+import { type MeasuredMode, type RpcStep, predictedLoss, rpcAccounting, startFakeEngine, startRpcTap, transportAdded, typicalDecodeStep } from './lib/rpc-traffic.ts';
 import { median } from './lib/stats.ts';
 import { freePort } from './llama-run.ts';
 
@@ -68,62 +74,6 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 type Mode = 'direct' | 'plain' | 'tunnel' | 'socat' | 'stunnel' | 'go';
 type NativeMode = 'socat' | 'stunnel' | 'go';
 const MODES: Mode[] = NATIVE ? ['direct', 'plain', 'tunnel', 'socat', 'stunnel', 'go'] : ['direct', 'plain', 'tunnel'];
-const procs = new Set<ChildProcess>();
-function killAll(): void {
-  for (const c of procs) {
-    try {
-      if (c.pid) process.kill(-c.pid, 'SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-  procs.clear();
-}
-process.on('exit', killAll);
-process.on('SIGINT', () => {
-  killAll();
-  process.exit(130);
-});
-
-function start(cmd: string, args: string[], env: Record<string, string> = {}): { proc: ChildProcess; log: () => string } {
-  const proc = spawn(cmd, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, GGML_RPC_NO_RDMA: '1', ...env } });
-  procs.add(proc);
-  proc.once('exit', () => procs.delete(proc));
-  let log = '';
-  const keep = (d: Buffer) => {
-    log = (log + d.toString()).slice(-20_000);
-  };
-  proc.stdout?.on('data', keep);
-  proc.stderr?.on('data', keep);
-  return { proc, log: () => log };
-}
-
-async function stop(proc: ChildProcess): Promise<void> {
-  if (proc.exitCode !== null || proc.signalCode !== null || !proc.pid) return;
-  const gone = new Promise<void>((r) => proc.once('exit', () => r()));
-  process.kill(-proc.pid, 'SIGKILL');
-  await gone;
-}
-
-/** ggml-rpc-server's stdout is block-buffered when piped, so readiness = the port accepts. */
-async function waitPort(port: number, proc: ChildProcess, log: () => string): Promise<void> {
-  const deadline = Date.now() + 60_000;
-  for (;;) {
-    if (proc.exitCode !== null) throw new Error(`${proc.spawnfile} exited: ${log().slice(-2000)}`);
-    const ok = await new Promise<boolean>((r) => {
-      const s = connect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        r(true);
-      });
-      s.once('error', () => r(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`${proc.spawnfile} not listening on ${port}`);
-    await sleep(50);
-  }
-}
-
 async function issue(ca: Awaited<ReturnType<typeof createClusterCa>>, id: string): Promise<NodeCredentials> {
   const { keyPem, csrPem } = await createKeyAndCsr(id);
   const { certPem } = await issueCertificate(ca, csrPem, { role: 'node' });
@@ -155,19 +105,19 @@ async function plainRelay(targetPort: number): Promise<{ server: Server; port: n
 async function workerListener(): Promise<void> {
   const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
   const first = await lines.next();
-  const { credentials, rpcPort, seededRpcPort } = JSON.parse(String(first.value)) as { credentials: NodeCredentials; rpcPort: number; seededRpcPort: number };
+  const { credentials, rpcPort, seededRpcPort, replayPort } = JSON.parse(String(first.value)) as { credentials: NodeCredentials; rpcPort: number; seededRpcPort: number; replayPort: number };
   const enginePorts = new EnginePorts();
-  enginePorts.register(rpcPort, 'ggml-rpc-server');
-  enginePorts.register(seededRpcPort, 'ggml-rpc-server');
+  for (const port of [rpcPort, seededRpcPort, replayPort]) enginePorts.register(port, 'ggml-rpc-server');
   const relayBinary = findTunnelRelay();
   const options = { host: '127.0.0.1', port: 0, credentials, enginePorts };
   const listener = relayBinary ? await startNativeListener(relayBinary, { ...options, revoked: new Set() }) : await startTunnelListener(options);
   const relayCpu = () => ('pid' in listener ? processCpuSeconds(listener.pid() ?? 0) : 0);
-  const plain = await plainRelay(rpcPort);
-  process.stdout.write(`${JSON.stringify({ port: listener.port, plainPort: plain.port, relay: relayBinary ? 'native' : 'node' })}\n`);
+  const [plain, plainReplay] = [await plainRelay(rpcPort), await plainRelay(replayPort)];
+  process.stdout.write(`${JSON.stringify({ port: listener.port, plainPort: plain.port, plainReplayPort: plainReplay.port, relay: relayBinary ? 'native' : 'node' })}\n`);
   for (let line = await lines.next(); !line.done; line = await lines.next()) process.stdout.write(`${JSON.stringify({ cpuSeconds: cpuSeconds() + relayCpu() })}\n`);
   await listener.close();
   plain.server.close();
+  plainReplay.server.close();
 }
 
 const cpuSeconds = (): number => {
@@ -188,10 +138,14 @@ interface Tunnel {
   workerCpu(): Promise<number>;
   /** The native controls, when installed. */
   readonly native?: Readonly<Record<NativeMode, NativeRelay>>;
+  /** Every mode's route to the fake engine the transport replay talks to (rpc-traffic.ts). */
+  readonly replay: Readonly<Partial<Record<Mode, number>>>;
+  /** What to close at the end. */
+  readonly closers: (() => unknown)[];
 }
 
 /** Worker-side listener (child process) + head-side forwarder (here) for one rpc-server. */
-async function startTunnel(rpcPort: number, seededRpcPort: number, work: string): Promise<Tunnel> {
+async function startTunnel(rpcPort: number, seededRpcPort: number, replayPort: number, work: string): Promise<Tunnel> {
   const ca = await createClusterCa('bench-tunnel');
   const worker = spawn(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--worker-listener'], { detached: true, stdio: ['pipe', 'pipe', 'inherit'] });
   procs.add(worker);
@@ -199,8 +153,8 @@ async function startTunnel(rpcPort: number, seededRpcPort: number, work: string)
   const exited = new Promise<never>((_, reject) => worker.once('exit', (code) => reject(new Error(`tunnel listener exited (${code})`))));
   const next = async <T>(): Promise<T> => JSON.parse(String((await Promise.race([replies.next(), exited])).value)) as T;
   const creds = { worker: await issue(ca, 'worker'), head: await issue(ca, 'head') };
-  worker.stdin?.write(`${JSON.stringify({ credentials: creds.worker, rpcPort, seededRpcPort })}\n`);
-  const { port, plainPort, relay: workerRelay } = await next<{ port: number; plainPort: number; relay: 'native' | 'node' }>();
+  worker.stdin?.write(`${JSON.stringify({ credentials: creds.worker, rpcPort, seededRpcPort, replayPort })}\n`);
+  const { port, plainPort, plainReplayPort, relay: workerRelay } = await next<{ port: number; plainPort: number; plainReplayPort: number; relay: 'native' | 'node' }>();
   // the head side the agent runs: the native relay when `orchard setup` built it, else Node's
   const relayBinary = findTunnelRelay();
   const forward = (enginePort: number) => {
@@ -213,13 +167,17 @@ async function startTunnel(rpcPort: number, seededRpcPort: number, work: string)
     };
     return relayBinary ? startNativeForwarder(relayBinary, o) : startTunnelForwarder(o);
   };
-  const [forwarder, seededForwarder] = [await forward(rpcPort), await forward(seededRpcPort)];
+  const [forwarder, seededForwarder, replayForwarder] = [await forward(rpcPort), await forward(seededRpcPort), await forward(replayPort)];
   const workerCpu = async () => {
     worker.stdin?.write('cpu\n');
     return (await next<{ cpuSeconds: number }>()).cpuSeconds;
   };
   const native = NATIVE ? await startNative(rpcPort, creds, work) : undefined;
-  return { forwarder, seededForwarder, worker, workerRelay, plain: await plainRelay(plainPort), workerCpu, ...(native ? { native } : {}) };
+  const nativeReplay = NATIVE ? await startNative(replayPort, creds, work) : undefined;
+  const [plain, plainReplay] = [await plainRelay(plainPort), await plainRelay(plainReplayPort)];
+  const replay = { direct: replayPort, tunnel: replayForwarder.port, plain: plainReplay.port, ...(nativeReplay ? { socat: nativeReplay.socat.port, stunnel: nativeReplay.stunnel.port, go: nativeReplay.go.port } : {}) };
+  const closers = [() => replayForwarder.close(), () => plainReplay.server.close(), ...Object.values(nativeReplay ?? {}).map((r) => () => r.close())];
+  return { forwarder, seededForwarder, worker, workerRelay, plain, workerCpu, ...(native ? { native } : {}), replay, closers };
 }
 
 async function startNative(rpcPort: number, creds: { head: NodeCredentials; worker: NodeCredentials }, work: string) {
@@ -276,7 +234,8 @@ interface Trial {
  * starts it, so tensors above it are offered by hash (cold trials keep the stock threshold, as in
  * every earlier run of this bench).
  */
-async function trial(mode: Mode, rpcPort: number, model: string, llamaServer: string, loadOnly = false): Promise<Trial> {
+async function trial(mode: Mode, rpcPort: number, model: string, llamaServer: string, o: { loadOnly?: boolean; requests?: number; onWarm?: () => void } = {}): Promise<Trial> {
+  const loadOnly = o.loadOnly ?? false;
   const httpPort = await freePort();
   const t0 = performance.now();
   const head = start(
@@ -302,8 +261,9 @@ async function trial(mode: Mode, rpcPort: number, model: string, llamaServer: st
     const loadSeconds = (performance.now() - t0) / 1000;
     if (loadOnly) return { mode, loadSeconds, completions: [] };
     await complete(httpPort); // first request pays one-time graph/buffer set-up: not counted
+    o.onWarm?.();
     const completions: Completion[] = [];
-    for (let i = 0; i < REQUESTS; i++) completions.push(await complete(httpPort));
+    for (let i = 0; i < (o.requests ?? REQUESTS); i++) completions.push(await complete(httpPort));
     return { mode, loadSeconds, completions };
   } finally {
     await stop(head.proc);
@@ -410,7 +370,7 @@ async function seededLoads(seededRpcPort: number, tunnel: Tunnel, model: string,
   const loads: Record<'direct' | 'tunnel', number[]> = { direct: [], tunnel: [] };
   for (let i = 0; i < TRIALS; i++) {
     for (const mode of i % 2 === 0 ? (['direct', 'tunnel'] as const) : (['tunnel', 'direct'] as const)) {
-      const t = await trial(mode, mode === 'direct' ? seededRpcPort : tunnel.seededForwarder.port, model, llamaServer, true);
+      const t = await trial(mode, mode === 'direct' ? seededRpcPort : tunnel.seededForwarder.port, model, llamaServer, { loadOnly: true });
       loads[mode].push(round(t.loadSeconds));
     }
   }
@@ -418,6 +378,44 @@ async function seededLoads(seededRpcPort: number, tunnel: Tunnel, model: string,
     loadSecondsRatio: round(median(loads.tunnel) / median(loads.direct)),
     loadSeconds: loads,
     tunnelBytesToEngine: tunnel.seededForwarder.bytes.toEngine,
+  };
+}
+
+/**
+ * Why a relay costs what it costs: what crosses per prompt and per token (a tap between
+ * llama-server and the rpc-server, one request), what each mode adds per round trip (the recorded
+ * decode step replayed to a fake engine through every mode, at the engines' pace — each side
+ * spinning half the direct per-token time, so relays sleep between tokens as they do under
+ * llama.cpp — and back to back), and the loss that predicts beside the one the trials measured.
+ */
+async function accountTraffic(rpcPort: number, tunnel: Tunnel, model: string, llamaServer: string, measured: Readonly<Partial<Record<Mode, MeasuredMode>>>) {
+  const tap = await startRpcTap(rpcPort);
+  try {
+    await trial('direct', tap.port, model, llamaServer, { requests: 1, onWarm: tap.mark });
+  } finally {
+    tap.close();
+  }
+  const steps = tap.steps();
+  const step: RpcStep | undefined = typicalDecodeStep(steps);
+  const direct = measured.direct;
+  if (!step || !direct) throw new Error('the tap saw no decode step');
+  const { perPrompt, perToken, decodeSteps } = rpcAccounting(steps);
+  const directMs = 1000 / direct.decodeTokensPerSecondMedian;
+  const pace = { headMs: round(directMs / 2, 2), engineMs: round(directMs / 2, 2) };
+  const atPace = await transportAdded(tunnel.replay, step, { rounds: 3, steps: 30, pace });
+  const backToBack = await transportAdded(tunnel.replay, step, { rounds: 3, steps: 100, pace: { headMs: 0, engineMs: 0 } });
+  const predicted = Object.entries(atPace).flatMap(([mode, a]) => {
+    const m = measured[mode as Mode];
+    return mode === 'direct' || !m ? [] : [[mode, predictedLoss(perToken, perPrompt, a.addedPerRoundTripMs, direct, m)]];
+  });
+  return {
+    perPrompt,
+    perToken,
+    decodeSteps,
+    roundTripsPerToken: perToken.roundTrips,
+    addedPerRoundTripMs: Object.fromEntries(Object.entries(atPace).map(([mode, a]) => [mode, a.addedPerRoundTripMs])),
+    replay: { pace, atPace, backToBack },
+    predictedVsMeasured: Object.fromEntries(predicted),
   };
 }
 
@@ -434,7 +432,7 @@ async function main(): Promise<void> {
     const rpc = start(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(THREADS)]);
     await waitPort(rpcPort, rpc.proc, rpc.log);
     const seededRpcPort = await seededRpcServer(model, work, bins.rpcServer);
-    tunnel = await startTunnel(rpcPort, seededRpcPort, work);
+    tunnel = await startTunnel(rpcPort, seededRpcPort, (await startFakeEngine(procs)).port, work);
     const trials: Trial[] = [];
     for (let i = 0; i < TRIALS; i++) {
       // ABC CBA order: drift (page cache, thermal, neighbours) lands on every mode alike
@@ -445,14 +443,18 @@ async function main(): Promise<void> {
       }
     }
     const seeded = await seededLoads(seededRpcPort, tunnel, model, bins.llamaServer);
-    const out = { ...summarise(trials, tunnel, loadAverage), preseeded: seeded };
+    const summary = summarise(trials, tunnel, loadAverage);
+    const measured = Object.fromEntries(MODES.map((m) => [m, (summary as Partial<Record<Mode, MeasuredMode>>)[m]]));
+    const out = { ...summary, preseeded: seeded, accounting: await accountTraffic(rpcPort, tunnel, model, bins.llamaServer, measured) };
     if (JSON_OUT) process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
     else {
       const { direct: d, tunnel: t } = out;
       process.stdout.write(
         `tunnel ÷ direct: tokens/s ${out.tokensPerSecondRatio} (${t.decodeTokensPerSecondMedian} vs ${d.decodeTokensPerSecondMedian}), ` +
           `TTFT +${out.ttftAddedMs} ms p50 (${t.ttftMsP50} vs ${d.ttftMsP50}), load ${out.loadSecondsRatio} (${t.loadSecondsMedian} s vs ${d.loadSecondsMedian} s), ` +
-          `token ids identical: ${out.tokenIdsIdentical}; plain relay (no TLS) ÷ direct: ${JSON.stringify(out.plainRelay)}\n`,
+          `token ids identical: ${out.tokenIdsIdentical}; plain relay (no TLS) ÷ direct: ${JSON.stringify(out.plainRelay)}\n` +
+          `round trips per token ${out.accounting.roundTripsPerToken}, per prompt ${out.accounting.perPrompt.roundTrips}; ms added per round trip ${JSON.stringify(out.accounting.addedPerRoundTripMs)}; ` +
+          `predicted vs measured: ${JSON.stringify(out.accounting.predictedVsMeasured)}\n`,
       );
     }
   } finally {
@@ -461,6 +463,7 @@ async function main(): Promise<void> {
     tunnel?.plain.server.close();
     tunnel?.worker.stdin?.end();
     for (const r of Object.values(tunnel?.native ?? {})) r.close();
+    for (const close of tunnel?.closers ?? []) await close();
     killAll();
     await rm(work, { recursive: true, force: true });
   }
