@@ -2,7 +2,9 @@
  * Bytes over the wire during a model load, with and without a pre-seeded rpc-server tensor
  * cache. For each model shape: (1) cold load — empty cache, llama-server sends every weight;
  * the rpc-server writes its own cache entries; (2) Orchard pre-seeds a second, empty cache from
- * the local model file (`seedTensorCache`), timed; (3) load against the pre-seeded cache.
+ * the local model file (`seedTensorCache`), timed; (3) load against the pre-seeded cache, and
+ * (4) the same with the seeding's hashes handed to llama-server (GGML_RPC_TENSOR_HASHES, as the
+ * agent does), which then does not re-hash the weights (`seededKnownHashes`).
  * Also checks the seeded entry names equal the ones the real rpc-server wrote (same FNV-1a).
  *
  * Shapes: `gqa` is the brief's `--dim 2048 --ffn 5632 --type f16` with 4 KV heads of 8 — its
@@ -16,13 +18,14 @@
  * Needs ORCHARD_LLAMA_BIN_DIR (or `orchard setup`). Processes are killed by measureRpcLoad.
  */
 import { execFile } from 'node:child_process';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { seedTensorCache } from '../src/node/llama/tensor-cache.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
+import { knownHashesFileText, TENSOR_HASHES_ENV } from '../src/shared/rpc-cache/known-hashes.ts';
 import { RPC_CACHE_MIN_SIZE_BYTES, rpcCacheMinSizeEnv, stageCachePlan } from '../src/shared/rpc-cache/plan.ts';
 import { measureRpcLoad } from './rpc-load.ts';
 
@@ -64,6 +67,10 @@ async function measureShape(bins: Bins, work: string, shape: string, args: reado
   const seed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage, thresholdBytes: THRESHOLD });
   const reseed = await seedTensorCache({ modelPath: model, llamaCacheDir: seedDir, stage, thresholdBytes: THRESHOLD });
   const seeded = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: seedDir, headEnv: HEAD_ENV });
+  // The product's head: the seeding's hashes handed over, so llama-server does not re-hash the weights.
+  const knownFile = join(work, `${shape}.tensor-hashes`);
+  await writeFile(knownFile, knownHashesFileText(seed.hashes));
+  const seededKnown = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model, llamaCacheDir: seedDir, headEnv: { ...HEAD_ENV, [TENSOR_HASHES_ENV]: knownFile } });
   const serverNames = await hexNames(join(coldDir, 'rpc'));
   const seededNames = await hexNames(join(seedDir, 'rpc'));
   const sentByKind: Record<string, number> = {};
@@ -87,8 +94,9 @@ async function measureShape(bins: Bins, work: string, shape: string, args: reado
     warmServerWritten: { ...warm, fractionOfShard: warm.bytesToServer / shardBytes },
     seeding: { seconds: seed.seconds, bytesWritten: seed.bytesWritten, reseedSeconds: reseed.seconds, reseedBytesWritten: reseed.bytesWritten },
     seeded: { ...seeded, fractionOfShard: seeded.bytesToServer / shardBytes },
+    seededKnownHashes: { ...seededKnown, fractionOfShard: seededKnown.bytesToServer / shardBytes },
     seededEntriesEqualServerWritten: serverNames.length > 0 && serverNames.join() === seededNames.join(),
-    acceptance1Percent: seeded.bytesToServer <= 0.01 * shardBytes,
+    acceptance1Percent: seeded.bytesToServer <= 0.01 * shardBytes && seededKnown.bytesToServer <= 0.01 * shardBytes,
   };
 }
 

@@ -6,6 +6,7 @@ import type { MemoryOptions } from '../shared/memory/stage.ts';
 import type { LlamaServerOptions } from '../shared/placement/llama-args.ts';
 import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { rpcCacheMinSizeEnv } from '../shared/rpc-cache/plan.ts';
+import { knownHashesFileText, TENSOR_HASH_RE, TENSOR_NAME_RE } from '../shared/rpc-cache/known-hashes.ts';
 import { type MlxRankSpec, mlxRankSpecFromRequest, sameMlxRank } from './mlx/rank-spec.ts';
 import { rpcTargetSchema } from './rpc-target.ts';
 
@@ -105,6 +106,18 @@ const llamaOptionsSchema = z
     tensorSplit: z.array(z.number().int().min(0).max(100_000)).max(65).default([]),
     gpuLayers: z.number().int().min(0).max(100_000).default(0),
     debugLog: z.boolean().default(false),
+    tensorHashes: z
+      .array(
+        z
+          .object({
+            name: z.string().regex(TENSOR_NAME_RE, 'invalid llama.tensor_hashes name'),
+            bytes: z.coerce.number().int().positive(),
+            hash: z.string().regex(TENSOR_HASH_RE, 'llama.tensor_hashes hash must be 16 lowercase hex digits'),
+          })
+          .strict(),
+      )
+      .max(1_000_000)
+      .default([]),
   })
   .strict();
 
@@ -168,7 +181,7 @@ export function engineSpecFromRequest(raw: unknown): EngineSpec {
     checkPath('llama.model_path', l.modelPath);
     if (l.tensorSplit.length !== 0 && l.tensorSplit.length !== l.devices.length) refuse('llama.tensor_split needs one entry per llama.devices entry');
     const memory: MemoryOptions = { ctx: l.context, parallel: l.parallel, unified: l.kvUnified, cacheType: l.cacheType as CacheType, ubatch: l.ubatch, flashAttention: l.flashAttention };
-    const llama = { modelPath: l.modelPath, memory, rpc: l.rpc, devices: l.devices, tensorSplit: l.tensorSplit, gpuLayers: l.gpuLayers, debugLog: l.debugLog };
+    const llama = { modelPath: l.modelPath, memory, rpc: l.rpc, devices: l.devices, tensorSplit: l.tensorSplit, gpuLayers: l.gpuLayers, debugLog: l.debugLog, tensorHashes: l.tensorHashes };
     return { ...base, devices: [], cacheDir: '', llama };
   }
   if (req.port !== 0) refuse('an MLX rank is configured by the mlx field only (no port)');
@@ -201,6 +214,8 @@ export interface EngineCommand {
   readonly argv: readonly string[];
   /** The engine's whole environment: the allow-list below from the agent's own, plus the agent's settings. */
   readonly env: Readonly<Record<string, string>>;
+  /** A head's known tensor hashes (file text): spawnEngine writes them to a private file and names it in TENSOR_HASHES_ENV. */
+  readonly knownHashes?: string;
 }
 
 // What an engine may inherit from the agent's environment. Nothing that loads code (LD_PRELOAD,
@@ -228,8 +243,10 @@ export function engineCommand(spec: EngineSpec, port: number, bins: EngineBinari
   if (spec.threads > 0) argv.push('--threads', String(spec.threads));
   argv.push('--host', ENGINE_HOST, '--port', String(port));
   // The head is the RPC client that decides which weights to offer by hash: the same threshold the agents pre-seed with.
-  const rpcEnv = (spec.rpcEndpoints ?? []).length > 0 ? rpcCacheMinSizeEnv() : {};
-  return { file: bins.llamaServer, argv, env: engineEnv(agentEnv, rpcEnv) };
+  const rpc = (spec.rpcEndpoints ?? []).length > 0;
+  const rpcEnv = rpc ? rpcCacheMinSizeEnv() : {};
+  const hashes = rpc ? (spec.llama!.tensorHashes ?? []) : [];
+  return { file: bins.llamaServer, argv, env: engineEnv(agentEnv, rpcEnv), ...(hashes.length > 0 ? { knownHashes: knownHashesFileText(hashes) } : {}) };
 }
 
 /**

@@ -29,7 +29,7 @@ function buildLog(): BuildLog {
 }
 
 describeWith([program('git', ['--version'])], 'llama.cpp patches', () => {
-  it('the GGML_RPC_CACHE_MIN_SIZE patch applies to the bundled source once, and a second run is a no-op', async () => {
+  it('the patches (cache threshold, known hashes, direct read) apply to the bundled source once, and a second run is a no-op', async () => {
     const patches = await llamaPatches();
     expect(patches.map((p) => p.name)).toContain('ggml-rpc-cache-min-size.patch');
     const root = await tree();
@@ -40,6 +40,10 @@ describeWith([program('git', ['--version'])], 'llama.cpp patches', () => {
     const after = await readFile(join(root, RPC), 'utf8');
     expect(after).toContain('getenv("GGML_RPC_CACHE_MIN_SIZE")');
     expect(after).toContain('size > rpc_cache_min_size() &&');
+    // known tensor hashes replace the client's hashing; a cache hit is read straight into a host tensor
+    expect(after).toContain('getenv("GGML_RPC_TENSOR_HASHES")');
+    expect(after.match(/request->hash = rpc_weight_hash\(tensor, data, offset, size\);/g)).toHaveLength(2);
+    expect(after).toContain('ifs.read((char *) tensor->data + request.offset, size);');
 
     expect(await applyLlamaPatches('git', root, patches, buildLog())).toEqual([]);
     expect(await readFile(join(root, RPC), 'utf8')).toBe(after);

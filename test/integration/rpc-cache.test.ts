@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -8,6 +8,7 @@ import { measureRpcLoad } from '../../bench/rpc-load.ts';
 import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { knownHashesFileText, TENSOR_HASHES_ENV } from '../../src/shared/rpc-cache/known-hashes.ts';
 import { HASH_THRESHOLD_BYTES, stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
 
 /**
@@ -79,5 +80,24 @@ describe('pre-seeded rpc-server tensor cache', () => {
     expect(seed.bytesWritten).toBe(plan.cachedBytes);
     const seeded = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model: gqa, llamaCacheDir: seedDir });
     expect(seeded.bytesToServer).toBeLessThanOrEqual(0.01 * shard);
+  }, 240_000);
+
+  it('known hashes (GGML_RPC_TENSOR_HASHES) replace the head’s own hashing: right ones load from the cache, wrong ones send the bytes', async () => {
+    const header = await readGgufHeader(gqa);
+    const stage = { firstLayer: 0, lastLayer: 0, holdsOutput: true };
+    const plan = stageCachePlan(header, stage);
+    const shard = plan.cachedBytes + plan.sentBytes;
+    const seedDir = join(work, 'gqa-known');
+    const seed = await seedTensorCache({ modelPath: gqa, llamaCacheDir: seedDir, stage });
+    const right = join(work, 'known-right');
+    await writeFile(right, knownHashesFileText(seed.hashes));
+    const withKnown = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model: gqa, llamaCacheDir: seedDir, headEnv: { [TENSOR_HASHES_ENV]: right } });
+    expect(withKnown.bytesToServer).toBeLessThanOrEqual(0.01 * shard);
+    // Hashes that name no entry: an engine that hashed the bytes itself would still hit the
+    // seeded cache and send nothing; the patched one trusts the file, misses, and sends them.
+    const wrong = join(work, 'known-wrong');
+    await writeFile(wrong, knownHashesFileText(seed.hashes.map((h) => ({ ...h, hash: h.hash.replace(/^./, (c) => (c === '0' ? '1' : '0')) }))));
+    const misled = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model: gqa, llamaCacheDir: seedDir, headEnv: { [TENSOR_HASHES_ENV]: wrong } });
+    expect(misled.bytesToServer).toBeGreaterThanOrEqual(0.99 * plan.cachedBytes);
   }, 240_000);
 });

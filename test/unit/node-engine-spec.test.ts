@@ -69,6 +69,30 @@ describe('StartEngine request → engine spec', () => {
     ]);
   });
 
+  it('llama-server: known tensor hashes become the engine file text, only for a head with rpc-servers', () => {
+    const tensorHashes = [
+      { name: 'blk.0.attn_q.weight', bytes: '2097152', hash: '0123456789abcdef' },
+      { name: 'output.weight', bytes: '65536000', hash: 'fedcba9876543210' },
+    ];
+    const parsed = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, tensorHashes } });
+    const withRpc = engineCommand({ ...parsed, rpcEndpoints: ['127.0.0.1:6000', '127.0.0.1:6001'] }, 8080, bins, {});
+    expect(withRpc.knownHashes).toBe('blk.0.attn_q.weight 2097152 0123456789abcdef\noutput.weight 65536000 fedcba9876543210\n');
+    // the variable itself is set by spawnEngine with the private file's path, never from the request
+    expect(withRpc.env).toEqual({ GGML_RPC_CACHE_MIN_SIZE: String(64 * 1024) });
+    const noRpc = engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, rpc: [], devices: [], tensorSplit: [], tensorHashes } });
+    expect(engineCommand({ ...noRpc, rpcEndpoints: [] }, 8080, bins, {}).knownHashes).toBeUndefined();
+  });
+
+  it.each([
+    [{ name: 'blk.0 x', bytes: '1', hash: '0123456789abcdef' }, /tensor_hashes name/],
+    [{ name: 'a'.repeat(64), bytes: '1', hash: '0123456789abcdef' }, /tensor_hashes name/],
+    [{ name: 'blk.0.w', bytes: '1', hash: '0123456789ABCDEF' }, /16 lowercase hex/],
+    [{ name: 'blk.0.w', bytes: '0', hash: '0123456789abcdef' }, /bytes/],
+    [{ name: 'blk.0.w', bytes: '1', hash: '0123456789abcdef', path: '/x' }, /path/],
+  ])('refuses a malformed known tensor hash %j', (h, re) => {
+    expect(() => engineSpecFromRequest({ kind: 'ENGINE_KIND_LLAMA_SERVER', llama: { ...LLAMA, tensorHashes: [h] } })).toThrow(re);
+  });
+
   it('keeps LLAMA_ARG_*, LD_PRELOAD, DYLD_* and PYTHON* of the agent away from engines', () => {
     expect(engineEnv({ PATH: '/bin', LD_PRELOAD: 'x', DYLD_INSERT_LIBRARIES: 'x', PYTHONSTARTUP: 'x', LLAMA_ARG_LOG_FILE: 'x', TMPDIR: '/t' })).toEqual({ PATH: '/bin', TMPDIR: '/t' });
   });

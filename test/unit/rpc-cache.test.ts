@@ -9,6 +9,7 @@ import { writeGguf } from '../../src/shared/gguf/writer.ts';
 import { llamaSourceFile } from '../../src/shared/llama-source.ts';
 import { seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
 import { Fnv1a64, Fnv1a64Js, fnv1a64Hex } from '../../src/shared/rpc-cache/fnv.ts';
+import { hashesOfStage, knownHashesFileText, tensorHashesFromWire, tensorHashesToWire } from '../../src/shared/rpc-cache/known-hashes.ts';
 import { HASH_THRESHOLD_BYTES, RPC_CACHE_MIN_SIZE_BYTES, cacheEntryName, rpcCacheDir, rpcCacheMinSizeEnv, stageCachePlan, stageTensors } from '../../src/shared/rpc-cache/plan.ts';
 
 let dir = '';
@@ -162,6 +163,7 @@ describe('seeding from a GGUF file', () => {
       onProgress: (p) => progress.push(p.bytesDone),
     });
     expect(r.entries).toEqual({ 'blk.1.ffn_up.weight': fnv1a64Hex(blobs[2]!) });
+    expect(r.hashes).toEqual([{ name: 'blk.1.ffn_up.weight', bytes: 6000, hash: fnv1a64Hex(blobs[2]!) }]);
     expect(r.sentTensors).toEqual(['blk.1.attn_norm.weight']);
     expect(progress).toEqual([0, 6000]);
     const names = (await readdir(join(cache, 'rpc'))).filter((n) => /^[0-9a-f]{16}$/.test(n));
@@ -177,5 +179,33 @@ describe('seeding from a GGUF file', () => {
     expect(third.bytesWritten).toBe(6000);
     expect(await readdir(join(cache, 'rpc'))).toContain(names[0]!);
     expect((await readdir(join(cache, 'rpc'))).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+  });
+});
+
+describe('known tensor hashes handed to the head', () => {
+  const h = (name: string, hash = '0123456789abcdef', bytes = 4096) => ({ name, bytes, hash });
+
+  it("keeps of a node's hashes only those of the stage it serves (blk.1 is not blk.10)", () => {
+    const all = [h('blk.0.attn_q.weight'), h('blk.1.attn_q.weight'), h('blk.10.attn_q.weight'), h('output.weight'), h('token_embd.weight'), h('rope_freqs.weight')];
+    expect(hashesOfStage(all, { firstLayer: 1, lastLayer: 1, holdsOutput: false }).map((x) => x.name)).toEqual(['blk.1.attn_q.weight']);
+    expect(hashesOfStage(all, { firstLayer: 10, lastLayer: 10, holdsOutput: true }).map((x) => x.name)).toEqual(['blk.10.attn_q.weight', 'output.weight', 'token_embd.weight']);
+  });
+
+  it('drops what the engine could misread: white space in a name, a bad hash, no size', () => {
+    const bad = [h('blk.1.a b'), h('blk.1.w', 'XYZ'), h('blk.1.w', '0123456789abcdef', 0), h(`blk.1.${'x'.repeat(60)}`)];
+    expect(hashesOfStage(bad, { firstLayer: 0, lastLayer: 5, holdsOutput: true })).toEqual([]);
+  });
+
+  it('writes one "<name> <bytes> <hash>" line per tensor, the first of a repeated name only', () => {
+    expect(knownHashesFileText([h('blk.0.w', '00000000000000aa', 10), h('blk.0.w', '00000000000000bb', 10), h('output.weight', '00000000000000cc', 20)])).toBe(
+      'blk.0.w 10 00000000000000aa\noutput.weight 20 00000000000000cc\n',
+    );
+  });
+
+  it('round-trips the proto shape (uint64 as a decimal string) and drops malformed entries', () => {
+    const hs = [h('blk.0.w', '00000000000000aa', 2 ** 40)];
+    expect(tensorHashesFromWire(tensorHashesToWire(hs))).toEqual(hs);
+    expect(tensorHashesFromWire([{ name: 'blk.0.w', bytes: 'x', hash: '00000000000000aa' }, null, 7])).toEqual([]);
+    expect(tensorHashesFromWire(undefined)).toEqual([]);
   });
 });

@@ -7,6 +7,7 @@ import type { VerifiedPeer } from '../../shared/pki/verify.ts';
 import type { LinkMeasurement } from '../../shared/placement/links.ts';
 import type { LlamaServerOptions } from '../../shared/placement/llama-args.ts';
 import { orchardV1 } from '../../shared/proto.ts';
+import { type TensorHash, tensorHashesFromWire, tensorHashesToWire } from '../../shared/rpc-cache/known-hashes.ts';
 import { type EngineInfo, type EngineKindName, engineFromWire } from './wire.ts';
 
 /** What a node agent's Watch stream says, already converted. */
@@ -41,6 +42,7 @@ export function llamaServerToWire(o: LlamaServerOptions): Record<string, unknown
     tensorSplit: [...o.tensorSplit],
     gpuLayers: o.gpuLayers,
     debugLog: o.debugLog,
+    tensorHashes: tensorHashesToWire(o.tensorHashes ?? []),
   };
 }
 
@@ -89,6 +91,8 @@ export interface PrepareCacheDone {
   readonly bytesWritten: number;
   readonly sentBytes: number;
   readonly seconds: number;
+  /** Each cached tensor's hash as the node computed it (unfiltered: the driver keeps the stage's own). */
+  readonly tensorHashes: readonly TensorHash[];
 }
 
 export interface AgentGenerateRequest extends GenerateParams {
@@ -197,6 +201,7 @@ export class AgentClient {
             bytesWritten: Number(d.bytesWritten ?? 0),
             sentBytes: Number(d.sentBytes ?? 0),
             seconds: Number(d.seconds ?? 0),
+            tensorHashes: tensorHashesFromWire(d.tensorHashes),
           };
         }
       });

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
 import { readJsonMap, writeJsonMap } from '../../shared/json-map-file.ts';
 import { Fnv1a64 } from '../../shared/rpc-cache/fnv.ts';
+import type { TensorHash } from '../../shared/rpc-cache/known-hashes.ts';
 import { type CacheStage, RPC_CACHE_MIN_SIZE_BYTES, cacheEntryName, rpcCacheDir, stageCachePlan } from '../../shared/rpc-cache/plan.ts';
 
 /**
@@ -45,6 +46,8 @@ export interface SeedResult extends SeedProgress {
   readonly cacheDir: string;
   /** Tensor name → 16-hex hash of every cache entry this stage needs. */
   readonly entries: Readonly<Record<string, string>>;
+  /** The same with each tensor's size: the known hashes the head's engine offers without re-hashing. */
+  readonly hashes: readonly TensorHash[];
   /** Bytes of the stage's tensors at or under the threshold: these still cross the network. */
   readonly sentBytes: number;
   readonly sentTensors: readonly string[];
@@ -135,6 +138,7 @@ export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
     bytesWritten,
     sentBytes: plan.sentBytes,
     sentTensors: plan.sent.map((t) => t.name),
+    hashes: plan.cached.map((t) => ({ name: t.name, bytes: t.bytes, hash: entries[t.name]! })),
     seconds: (performance.now() - t0) / 1000,
   };
 }

@@ -1,5 +1,6 @@
 import { UsageError } from '../errors.ts';
 import type { MemoryOptions } from '../memory/stage.ts';
+import type { TensorHash } from '../rpc-cache/known-hashes.ts';
 
 /**
  * Plan → llama-server arguments that pin each stage's layer range to its device.
@@ -97,6 +98,8 @@ export interface LlamaServerOptions {
   readonly tensorSplit: readonly number[];
   readonly gpuLayers: number;
   readonly debugLog: boolean;
+  /** Hashes the stages' nodes computed when pre-seeding: the engine offers these instead of re-hashing (rpc-cache/known-hashes.ts). */
+  readonly tensorHashes?: readonly TensorHash[];
 }
 
 /**

@@ -59,22 +59,25 @@ export interface StageCachePlan {
 
 const LAYER_RE = /^blk\.(\d+)\./;
 
-export function stageTensors(header: Pick<GgufHeader, 'tensors' | 'dataOffset'>, stage: CacheStage): CachedTensor[] {
-  const names = new Set(header.tensors.map((t) => t.name));
-  const out: CachedTensor[] = [];
-  for (const t of header.tensors) {
-    const m = LAYER_RE.exec(t.name);
-    let mine = false;
-    if (m) {
-      const layer = Number(m[1]);
-      mine = layer >= stage.firstLayer && layer <= stage.lastLayer;
-    } else if (stage.holdsOutput) {
-      mine = t.name === 'output.weight' || t.name === 'output_norm.weight' || t.name === 'output_norm.bias' ||
-        (t.name === 'token_embd.weight' && !names.has('output.weight'));
-    }
-    if (mine) out.push({ name: t.name, fileOffset: header.dataOffset + t.offset, bytes: t.bytes });
+/**
+ * Whether the stage holds the tensor named `name`; `tiedOutput`: the model has no `output.weight`,
+ * so the output stage holds llama.cpp's duplicate of `token_embd.weight`.
+ */
+export function stageHoldsTensor(name: string, stage: CacheStage, tiedOutput: boolean): boolean {
+  const m = LAYER_RE.exec(name);
+  if (m) {
+    const layer = Number(m[1]);
+    return layer >= stage.firstLayer && layer <= stage.lastLayer;
   }
-  return out;
+  if (!stage.holdsOutput) return false;
+  return name === 'output.weight' || name === 'output_norm.weight' || name === 'output_norm.bias' || (name === 'token_embd.weight' && tiedOutput);
+}
+
+export function stageTensors(header: Pick<GgufHeader, 'tensors' | 'dataOffset'>, stage: CacheStage): CachedTensor[] {
+  const tied = !header.tensors.some((t) => t.name === 'output.weight');
+  return header.tensors
+    .filter((t) => stageHoldsTensor(t.name, stage, tied))
+    .map((t) => ({ name: t.name, fileOffset: header.dataOffset + t.offset, bytes: t.bytes }));
 }
 
 export function stageCachePlan(

@@ -18,6 +18,7 @@ import {
   RosterGroup,
 } from '../driver.ts';
 import type { RpcTarget } from '../../../shared/placement/llama-args.ts';
+import { hashesOfStage, type TensorHash } from '../../../shared/rpc-cache/known-hashes.ts';
 import { memoryOptionsOf } from '../planner-adapter.ts';
 import type { LoadOptions } from '../types.ts';
 import { headLayout, headThreads, type LayoutStage } from './layout.ts';
@@ -71,6 +72,8 @@ export class LlamaDriver implements EngineDriver {
 class LlamaGroup extends RosterGroup implements EngineGroup {
   #devices: PlannedDevice[] = [];
   #headLog: string[] = [];
+  /** Of each pre-seeded stage, the hashes its node computed for that stage's tensors: the head's engine offers them without re-hashing. */
+  #knownHashes: TensorHash[] = [];
   verification: VerifyResult | undefined;
 
   constructor(
@@ -85,6 +88,7 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
     const last = load.plan.stages.length - 1;
     const headNode = load.nodes[last]!;
     const headHasGpu = headNode.profile.os === 'macos';
+    this.#knownHashes = [];
     // 1. rpc-servers: every worker stage, plus the head's own stage on a CPU-only head.
     load.progress('starting-workers', `starting ${headHasGpu ? last : last + 1} rpc-server(s)`);
     const targets = await this.#startRpcServers(load, headHasGpu);
@@ -122,7 +126,7 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
         {
           kind: 'ENGINE_KIND_LLAMA_SERVER',
           engineId: `${this.spec.engineIdPrefix}-head`,
-          llama: layout.llama,
+          llama: { ...layout.llama, tensorHashes: this.#knownHashes },
           threads,
           model: this.spec.name,
           owner: this.spec.owner,
@@ -166,6 +170,7 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
                 onProgress: (m) => load.progress('starting-workers', m),
               });
         load.assertLoading();
+        if (seeded) this.#knownHashes.push(...hashesOfStage(seeded.tensorHashes, { firstLayer: s.firstLayer, lastLayer: s.lastLayer, holdsOutput: i === last }));
         const { engine } = await this.#startEngine(
           node,
           {
