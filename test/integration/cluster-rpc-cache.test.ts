@@ -1,11 +1,12 @@
 import { execFile } from 'node:child_process';
-import { copyFile, mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { TENSOR_HASHES_ENV } from '../../src/shared/rpc-cache/known-hashes.ts';
 import { stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
 import { ORACLE_PROMPT, plainLlamaTokens } from '../helpers/oracle.ts';
 import { ORCHARD_BIN as BIN, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
@@ -39,6 +40,18 @@ async function bytesReceivedOnPort(port: number): Promise<number> {
   let sum = 0;
   for (const m of stdout.matchAll(/bytes_received:(\d+)/g)) sum += Number(m[1]);
   return sum;
+}
+
+/** The environment of the running llama-server loading `model` (the head), from /proc. */
+async function headEnvironment(model: string): Promise<Record<string, string>> {
+  for (const pid of (await readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
+    const cmd = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    const argv = cmd.split('\0');
+    if (!argv[0]?.endsWith('llama-server') || argv[argv.indexOf('-m') + 1] !== model) continue;
+    const env = (await readFile(`/proc/${pid}/environ`, 'utf8')).split('\0').filter(Boolean);
+    return Object.fromEntries(env.map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
+  }
+  throw new Error(`no llama-server running ${model}`);
 }
 
 describe('cluster: rpc-server caches pre-seeded from the nodes’ own model files', () => {
@@ -93,6 +106,7 @@ describe('cluster: rpc-server caches pre-seeded from the nodes’ own model file
     const stages = s.models.find((m) => m.name === 'wide')!.stages;
     expect(stages.length).toBe(2);
     const header = await readGgufHeader(model);
+    const allEntries = new Set<string>();
     for (const [i, st] of stages.entries()) {
       const plan = stageCachePlan(header, { firstLayer: st.firstLayer, lastLayer: st.lastLayer, holdsOutput: i === stages.length - 1 });
       const shard = plan.cachedBytes + plan.sentBytes;
@@ -103,7 +117,14 @@ describe('cluster: rpc-server caches pre-seeded from the nodes’ own model file
       // the entries sit in the agent's default cache dir, one per hashed tensor of the stage
       const entries = (await readdir(join(stateDirs.get(st.nodeName)!, 'llama-cache', 'rpc'))).filter((n) => /^[0-9a-f]{16}$/.test(n));
       expect(entries.length).toBe(plan.cached.length);
+      for (const e of entries) allEntries.add(e);
     }
+    // The head offers the hashes the agents computed while seeding (each stage's own), not its own.
+    const headEnv = await headEnvironment(model);
+    const known = (await readFile(headEnv[TENSOR_HASHES_ENV]!, 'utf8')).trim().split('\n');
+    const seeded = stages.flatMap((st, i) => stageCachePlan(header, { firstLayer: st.firstLayer, lastLayer: st.lastLayer, holdsOutput: i === stages.length - 1 }).cached);
+    expect(known.map((l) => l.split(' ').slice(0, 2).join(' ')).sort()).toEqual(seeded.map((t) => `${t.name} ${t.bytes}`).sort());
+    expect(known.every((l) => allEntries.has(l.split(' ')[2]!))).toBe(true);
     const g = await orchard(['generate', '--prompt', PROMPT, '--max-tokens', String(N_PREDICT), '--temperature', '0', '--json', '--coordinator', coordAddr], env);
     expect(g.code, g.stderr).toBe(0);
     const out = JSON.parse(g.stdout) as { tokens: number[] };
