@@ -2,7 +2,6 @@ import { randomUUID } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
 import { OrchardError, UsageError, errorMessage } from '../shared/errors.ts';
-import { tensorHashesToWire } from '../shared/rpc-cache/known-hashes.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { Logger } from '../shared/log.ts';
 import { createGrpcServer } from '../shared/grpc-server.ts';
@@ -294,7 +293,7 @@ function prepareCache(state: AgentState, log: Logger, call: grpc.ServerWritableS
             cachedBytes: String(d.bytesTotal),
             bytesWritten: String(d.bytesWritten),
             sentBytes: String(d.sentBytes),
-            seconds: d.seconds, tensorHashes: tensorHashesToWire(d.hashes),
+            seconds: d.seconds, tensorHashes: d.hashes.map((h) => ({ ...h, bytes: String(h.bytes) })),
           },
         });
         call.end();
