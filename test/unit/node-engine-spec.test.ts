@@ -63,7 +63,7 @@ describe('StartEngine request → engine spec', () => {
     // The RPC client offers weights over 64 KiB by hash (the patched engine's threshold), as the agents pre-seed.
     expect(engineCommand(spec, 8080, bins, {}).env).toEqual({ GGML_RPC_CACHE_MIN_SIZE: String(64 * 1024) });
     expect(engineCommand(spec, 8080, bins, {}).argv).toEqual([
-      ...['-m', '/m.gguf', '-c', '2048', '-np', '1', '--kv-unified', '-ctk', 'f16', '-ctv', 'f16', '-ub', '512', '-fa', 'on', '-fit', 'off', '--no-repack'],
+      ...['-m', '/m.gguf', '-c', '2048', '-np', '1', '--kv-unified', '-ctk', 'f16', '-ctv', 'f16', '-ub', '512', '-fa', 'on', '-fit', 'off', '--no-repack', '--cache-ram', '0'],
       ...['--rpc', '127.0.0.1:6000,127.0.0.1:6001', '--device', 'RPC0,RPC1', '--split-mode', 'layer', '-ngl', '9', '--tensor-split', '4,5'],
       ...['--metrics', '--no-webui', '-lv', '4', '--threads', '2', '--host', '127.0.0.1', '--port', '8080'],
     ]);

@@ -69,6 +69,6 @@ describe('plan → llama-server device arguments', () => {
 
   it('memory arguments pin what the math assumes', () => {
     const a = llamaMemoryArgs({ ...DEFAULT_MEMORY_OPTIONS, ctx: 8192, cacheType: 'q8_0', parallel: 2 });
-    expect(a.join(' ')).toBe('-c 8192 -np 2 --kv-unified -ctk q8_0 -ctv q8_0 -ub 512 -fa on -fit off --no-repack');
+    expect(a.join(' ')).toBe('-c 8192 -np 2 --kv-unified -ctk q8_0 -ctv q8_0 -ub 512 -fa on -fit off --no-repack --cache-ram 0');
   });
 });

@@ -212,7 +212,9 @@ describe('planner invariants over random inputs', () => {
         const links = Object.fromEntries(nodes.filter((x) => x.name !== nd.name && r() < 0.7).map((x) => [x.name, { rttSeconds: r() * 5e-3, bytesPerSecond: (0.05 + r() * 2) * GB }]));
         return { ...nd, links };
       });
-      const plan = planPlacement(p, linked, { objective, promptTokens });
+      // Half the trials price llama.cpp's default host prompt cache, half Orchard's engines (--cache-ram 0).
+      const hostPromptCache = Math.floor(trial / 2) % 2 === 0;
+      const plan = planPlacement(p, linked, { objective, promptTokens, hostPromptCache });
       // Brute force: every ordered subset and every contiguous split, costed from first principles.
       let best = Number.POSITIVE_INFINITY;
       const perms = (items: number[]): number[][] =>
@@ -230,7 +232,7 @@ describe('planner invariants over random inputs', () => {
       let promptInputs = 20 * promptTokens + U * (12 + 5 * 296);
       for (let s = 0; s < promptTokens; s += o.ubatch) promptInputs += 2 * Math.min(o.ubatch, promptTokens - s) * nKv(Math.min(promptTokens, s + o.ubatch));
       const graphPerLayer = U * (31 * 8 + 42 * 296);
-      const savePerLayer = (promptTokens + o.outputTokens - 1) * 2 * 1024 * 2;
+      const savePerLayer = hostPromptCache ? (promptTokens + o.outputTokens - 1) * 2 * 1024 * 2 : 0;
       const costOf = (order: number[], bounds: number[]): number | undefined => {
         let decode = o.headOverheadSeconds;
         let save = 0;
@@ -265,7 +267,7 @@ describe('planner invariants over random inputs', () => {
             decode += rtt + (2 * p.embd * 4 + tokenInputs) / rate;
             if (promptTokens > 0) {
               chain += U * rtt + (2 * promptTokens * p.embd * 4 + promptInputs + (end - first) * graphPerLayer) / rate;
-              save += (end - first) * (savePerLayer / rate + 2 * rtt);
+              if (hostPromptCache) save += (end - first) * (savePerLayer / rate + 2 * rtt);
             }
           }
           first = end;

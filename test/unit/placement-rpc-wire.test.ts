@@ -2,7 +2,9 @@ import { describe, expect, it } from 'vitest';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { presetHeader } from '../../src/shared/model/shapes.ts';
 import { boundarySeconds, layerWire, prefillSeconds, promptBoundaryBytes } from '../../src/shared/placement/cost.ts';
+import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
 import { planFixedSplit } from '../../src/shared/placement/fixed.ts';
+import { llamaMemoryArgs } from '../../src/shared/placement/llama-args.ts';
 import {
   decodeInputBytes,
   graphBytes,
@@ -112,7 +114,15 @@ describe('what llama.cpp RPC sends a worker besides activations (rpc-wire.ts)', 
 
 describe('the cost model charges them (cost.ts layerWire, planner)', () => {
   const p = modelProfile(presetHeader('llama-3-8b', 'q8_0'));
-  const o = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: 4096, promptTokens: 1000, outputTokens: 1 };
+  // llama.cpp's default (--cache-ram 8192): the save is priced; Orchard's engines run without it.
+  const o = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: 4096, promptTokens: 1000, outputTokens: 1, hostPromptCache: true };
+
+  it("Orchard's engines (--cache-ram 0, the default here) save nothing before a prompt", () => {
+    const w = layerWire(p, { ...o, hostPromptCache: undefined });
+    expect([...w.saveBytes, ...w.saveRoundTrips].every((x) => x === 0)).toBe(true);
+    expect(w.chainBytes).toEqual(layerWire(p, o).chainBytes);
+    expect(llamaMemoryArgs(DEFAULT_MEMORY_OPTIONS).join(' ')).toContain('--cache-ram 0');
+  });
 
   it('per layer: each new graph, and the previous like request of P + output − 1 cells', () => {
     const w = layerWire(p, o);
@@ -156,7 +166,7 @@ describe('the cost model charges them (cost.ts layerWire, planner)', () => {
 describe('the bytes behind those seconds (cost.ts promptBoundaryBytes), for a link counter to check', () => {
   it('are what boundarySeconds and layerWire charge, each way', () => {
     const p = modelProfile(presetHeader('llama-3-8b', 'q8_0'));
-    const o = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: 4096, promptTokens: 700, outputTokens: 1 };
+    const o = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: 4096, promptTokens: 700, outputTokens: 1, hostPromptCache: true };
     const link = { rttSeconds: 0.001, bytesPerSecond: 1e6 };
     const w: PlacementNode = { name: 'w', budgetBytes: 2 ** 40, bandwidthBytesPerSecond: 1e9, links: { h: link } };
     const b = promptBoundaryBytes(p, o, 3, 9);
@@ -167,5 +177,7 @@ describe('the bytes behind those seconds (cost.ts promptBoundaryBytes), for a li
     // to the head: the prompt's activations and the 7 layers' saved K and V of 700 cells
     expect(b.toHead).toBe(700 * p.embd * 4 + 7 * 700 * 4096);
     expect(promptBoundaryBytes(p, { ...o, promptTokens: 0 }, 3, 9)).toEqual({ toWorker: 0, toHead: 0 });
+    // Orchard's engines (--cache-ram 0): the activations alone come back
+    expect(promptBoundaryBytes(p, { ...o, hostPromptCache: false }, 3, 9)).toEqual({ toWorker: b.toWorker, toHead: 700 * p.embd * 4 });
   });
 });

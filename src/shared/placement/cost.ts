@@ -147,7 +147,7 @@ export function boundarySeconds(profile: ModelProfile, n: PlacementNode, o: Plac
  * (rpc-wire.ts; all zero for MLX ranks and without a prompt): `chainBytes`, the layer's part of
  * every new graph (sent before the stage computes: in the pipeline chain), and the prompt-cache
  * save — `saveBytes` and `saveRoundTrips` — of the slot's previous request, done before the prompt
- * starts. That request is taken to be like this one: `promptTokens + outputTokens − 1` cells
+ * starts, only with `hostPromptCache` (Orchard's engines run without it). That request is taken to be like this one: `promptTokens + outputTokens − 1` cells
  * (the last sampled token is never decoded), as in a stream of fresh prompts of one size.
  */
 export interface LayerWire {
@@ -165,7 +165,7 @@ export function layerWire(profile: ModelProfile, o: PlacementOptions): LayerWire
   const cells = cacheCells(profile, o);
   const graphs = newGraphs(ubatchShapes(P, o.ubatch, cells.full));
   const perLayer = graphBytes(o.flashAttention).perLayer;
-  const saved = profile.layers.map((l) => layerSave(l, P + o.outputTokens - 1, cells, o));
+  const saved = profile.layers.map((l) => (o.hostPromptCache ? layerSave(l, P + o.outputTokens - 1, cells, o) : { bytes: 0, roundTrips: 0 }));
   return { chainBytes: profile.layers.map(() => graphs * perLayer), saveBytes: saved.map((s) => s.bytes), saveRoundTrips: saved.map((s) => s.roundTrips) };
 }
 

@@ -129,5 +129,13 @@ export function llamaMemoryArgs(o: MemoryOptions): string[] {
     // holds would otherwise get other kernels (AMX's f16 matmul accumulates in f32; the plain one,
     // built with AVX512-FP16, in f16 — greedy tokens differ) and a second, repacked copy.
     '--no-repack',
+    // No host-RAM prompt cache (llama-server's default keeps up to 8 GiB): before every fresh
+    // prompt it saves the slot's previous KV to host memory, and on a split that means reading
+    // every worker layer's K and V back over the network (rpc-wire.ts; 2.2 s of a 20 Mbit/s
+    // link's TTFT in bench:lan, ~0.7 GB per prompt for a 70B at 4k context on workers), and
+    // on one node it is memory the plan never budgeted. A returning conversation is recomputed
+    // instead; each slot still keeps its own prompt's prefix.
+    '--cache-ram',
+    '0',
   ];
 }

@@ -70,6 +70,13 @@ export interface PlacementOptions extends MemoryOptions {
    */
   readonly activationCrossings: number;
   /**
+   * llama-server's host-RAM prompt cache (`--cache-ram`) is on: before a fresh prompt it saves the
+   * previous request's KV, reading the workers' layers over their links (cost.ts layerWire).
+   * Orchard starts every llama-server with `--cache-ram 0` (llama-args.ts llamaMemoryArgs), so
+   * false unless a plan prices an engine run with llama.cpp's default (8 GiB).
+   */
+  readonly hostPromptCache?: boolean;
+  /**
    * A prompt's ubatches overlap on the last stage (cost.ts prefillSeconds): llama.cpp's pipeline
    * parallelism (default true; false costs the plain sum). Never for engine 'mlx' (not measured:
    * MLX ranks' prefill is costed as the plain sum).
