@@ -4,6 +4,7 @@ import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import { statusJson } from '../../src/cli/commands/status.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
+import { decodeInputBytes } from '../../src/shared/placement/rpc-wire.ts';
 import { ORCHARD_BIN, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
@@ -102,12 +103,16 @@ describe('measured links between joined agents', () => {
     expect(plan.code, plan.stderr).toBe(0);
     const p = JSON.parse(plan.stdout) as { stages: unknown[]; predicted: { hopSeconds: number } };
     expect(p.stages.length).toBe(2);
-    const embd = modelProfile(await readGgufHeader(model)).embd;
+    const profile = modelProfile(await readGgufHeader(model));
+    const embd = profile.embd;
+    // besides the activations, each decoded token sends the worker its mask and inputs (rpc-wire.ts):
+    // half of the 2048-cell cache attended (kvFill 0.5), flash attention on by default
+    const inputs = decodeInputBytes(profile, 0.5 * 2048, { full: 2048, swa: 0 }, true);
     // the links may have been re-probed since: compare with the matrix as it is now
     const now = (await links()).filter((l) => l.rttSeconds && l.bytesPerSecond);
     const rtt = Math.max(...now.map((l) => l.rttSeconds!));
     const rate = Math.min(...now.map((l) => l.bytesPerSecond!));
-    expect(p.predicted.hopSeconds).toBeCloseTo(rtt + (2 * embd * 4) / rate, 9);
-    expect(p.predicted.hopSeconds).not.toBeCloseTo(0.001 + (2 * embd * 4) / 1.25e9, 6);
+    expect(p.predicted.hopSeconds).toBeCloseTo(rtt + (2 * embd * 4 + inputs) / rate, 9);
+    expect(p.predicted.hopSeconds).not.toBeCloseTo(0.001 + (2 * embd * 4 + inputs) / 1.25e9, 6);
   }, 240_000);
 });
