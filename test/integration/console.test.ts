@@ -133,11 +133,19 @@ describeWith([engines, chromiumNeed], 'cluster console in Chromium on a 3-node c
     const held = new Promise<void>((r) => {
       release = r;
     });
+    let intercepted = () => {};
+    const sent = new Promise<void>((r) => {
+      intercepted = r;
+    });
     await rp.route('**/v1/console/session', async (route) => {
+      intercepted();
       await held;
       await route.continue();
     });
     await rp.goto(base);
+    // Store the key only once the keyless check is on its way (held here): stored before the page
+    // sent it, the check would carry the key and the race would not happen (CI once saw that order).
+    await sent;
     await rp.evaluate((k) => sessionStorage.setItem('orchard.apiKey', k), API_KEY);
     release();
     await rp.waitForSelector('#api-key');
