@@ -44,6 +44,10 @@ describeWith([program('tmux')], 'CLI in a pseudo-terminal', () => {
   beforeAll(async () => {
     tmp = await mkdtemp(join(tmpdir(), 'orchard-pty-'));
     await writeFile(join(tmp, 'none.json'), '{}');
+    // A session that lives as long as this file: tmux exits once its last session is killed, and a
+    // new-session sent while it exits fails with "server exited unexpectedly" (CI hit that between
+    // two tests). With this one open the server stays up until afterAll's kill-server.
+    execFileSync('tmux', ['-L', socket, 'new-session', '-d', '-s', 'keep', 'sleep 3600']);
   });
   afterAll(async () => {
     try {
