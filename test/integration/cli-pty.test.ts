@@ -1,5 +1,4 @@
 import { execFileSync, spawn } from 'node:child_process';
-import { randomUUID } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,7 +15,8 @@ import { loadVocab } from '../../src/shared/testmodel/vocab.ts';
  * socket this file owns and kills), the screen captured and checked for layout and exit codes.
  */
 
-const socket = `orchard-test-${randomUUID().slice(0, 8)}`;
+/** The tmux socket lives in this file's temp dir, so nothing of it outlives the run. */
+const socket = () => join(tmp, 'tmux.sock');
 let tmp = '';
 let n = 0;
 const children: number[] = [];
@@ -26,13 +26,13 @@ async function inPty(args: string[], env: Record<string, string> = {}): Promise<
   const name = `s${n++}`;
   const envs = Object.entries({ ORCHARD_CONFIG: join(tmp, 'none.json'), ...env }).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(' ');
   const cmd = `env ${envs} ${JSON.stringify(process.execPath)} ${JSON.stringify(ORCHARD_BIN)} ${args.map((a) => JSON.stringify(a)).join(' ')}; echo "EXIT:$?"; sleep 60`;
-  execFileSync('tmux', ['-L', socket, 'new-session', '-d', '-s', name, '-x', '160', '-y', '50', cmd]);
+  execFileSync('tmux', ['-S', socket(), 'new-session', '-d', '-s', name, '-x', '160', '-y', '50', cmd]);
   const t0 = Date.now();
   for (;;) {
-    const screen = execFileSync('tmux', ['-L', socket, 'capture-pane', '-p', '-J', '-S', '-', '-t', name], { encoding: 'utf8' });
+    const screen = execFileSync('tmux', ['-S', socket(), 'capture-pane', '-p', '-J', '-S', '-', '-t', name], { encoding: 'utf8' });
     const m = /EXIT:(\d+)/.exec(screen);
     if (m) {
-      execFileSync('tmux', ['-L', socket, 'kill-session', '-t', name]);
+      execFileSync('tmux', ['-S', socket(), 'kill-session', '-t', name]);
       return { screen: screen.slice(0, m.index).trimEnd(), code: Number(m[1]) };
     }
     if (Date.now() - t0 > 30_000) throw new Error(`timed out: ${screen}`);
@@ -47,11 +47,11 @@ describeWith([program('tmux')], 'CLI in a pseudo-terminal', () => {
     // A session that lives as long as this file: tmux exits once its last session is killed, and a
     // new-session sent while it exits fails with "server exited unexpectedly" (CI hit that between
     // two tests). With this one open the server stays up until afterAll's kill-server.
-    execFileSync('tmux', ['-L', socket, 'new-session', '-d', '-s', 'keep', 'sleep 3600']);
+    execFileSync('tmux', ['-S', socket(), 'new-session', '-d', '-s', 'keep', 'sleep 3600']);
   });
   afterAll(async () => {
     try {
-      execFileSync('tmux', ['-L', socket, 'kill-server'], { stdio: 'ignore' });
+      execFileSync('tmux', ['-S', socket(), 'kill-server'], { stdio: 'ignore' });
     } catch {}
     for (const pid of children) {
       try {

@@ -101,8 +101,8 @@ describeWith([engines], 'orchard up + orchard chat', () => {
   });
 
   itWith([tmuxInstalled], 'chat in a terminal: prompt, streamed answer, /exit', async () => {
-    const socket = `orchard-chat-${randomUUID().slice(0, 8)}`;
-    const tmux = (...a: string[]) => execFileSync('tmux', ['-L', socket, ...a], { encoding: 'utf8' });
+    const socket = join(tmp, 'tmux.sock'); // in the test's temp dir: nothing outlives the run
+    const tmux = (...a: string[]) => execFileSync('tmux', ['-S', socket, ...a], { encoding: 'utf8' });
     const screen = () => tmux('capture-pane', '-p', '-J', '-S', '-', '-t', 'c');
     const until = async (re: RegExp) => {
       const t0 = Date.now();
