@@ -3,6 +3,7 @@ import { fileURLToPath } from 'node:url';
 import { readFile } from 'node:fs/promises';
 import { CoordinatorClient } from '../coordinator/api/client.ts';
 import { StateDir } from '../coordinator/state/state-dir.ts';
+import { EngineWatchdog } from '../node/watchdog.ts';
 import { OrchardError } from '../shared/errors.ts';
 
 /**
@@ -11,7 +12,8 @@ import { OrchardError } from '../shared/errors.ts';
  * (`--join` + ORCHARD_NODE_TOKEN: pin the CA, CSR, certificate, announce). Used by `orchard demo`
  * (and by tests that need a real multi-stage cluster). Every child runs in its own process
  * group; `stop()` sends SIGTERM (the coordinator unloads its models, agents stop their engines),
- * waits, and SIGKILLs the groups of whatever is still alive — nothing outlives the caller.
+ * waits, and SIGKILLs the groups of whatever is still alive — nothing outlives the caller, which
+ * a sentinel (node/watchdog.ts) ensures even when the caller is SIGKILLed.
  */
 
 export const ORCHARD_BIN = fileURLToPath(new URL('../../bin/orchard.js', import.meta.url));
@@ -67,8 +69,13 @@ interface Child {
   readonly stderrTail: string[];
 }
 
-function startChild(name: string, args: readonly string[], env: NodeJS.ProcessEnv, onLog: LocalClusterOptions['onLog']): Child {
+function startChild(name: string, args: readonly string[], env: NodeJS.ProcessEnv, onLog: LocalClusterOptions['onLog'], watchdog: EngineWatchdog): Child {
   const proc = spawn(process.execPath, [ORCHARD_BIN, ...args], { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
+  const pid = proc.pid;
+  if (pid !== undefined) {
+    watchdog.add(pid);
+    proc.once('exit', () => watchdog.remove(pid));
+  }
   const stderrTail: string[] = [];
   let buf = '';
   proc.stderr!.setEncoding('utf8');
@@ -154,9 +161,13 @@ export async function startLocalCluster(o: LocalClusterOptions): Promise<LocalCl
   const env = { ...process.env, ...o.env, ...(o.apiKey !== undefined ? { ORCHARD_API_KEY: o.apiKey } : {}) };
   const timeout = o.readyTimeoutMs ?? 30_000;
   const children: Child[] = [];
+  // If the caller dies without stop() (SIGKILL), the sentinel sends the children SIGTERM — agents
+  // stop their engines, the coordinator its nats-server — and SIGKILL 3 s later (an agent killed
+  // so still takes its engines with it: its own sentinel).
+  const watchdog = new EngineWatchdog({ graceTicks: 15 });
   let stopped: Promise<void> | undefined;
   const stop = () => {
-    stopped ??= stopChildren(children, 15_000);
+    stopped ??= stopChildren(children, 15_000).finally(() => watchdog.close());
     return stopped;
   };
   try {
@@ -166,6 +177,7 @@ export async function startLocalCluster(o: LocalClusterOptions): Promise<LocalCl
       ['coordinator', '--json', '--grpc-port', '0', '--http-port', '0', '--host', '127.0.0.1', '--no-mdns', '--state-dir', coordDir, ...(o.coordinatorArgs ?? [])],
       env,
       o.onLog,
+      watchdog,
     );
     children.push(coord);
     const coordReady = await readyLine(coord, timeout);
@@ -176,7 +188,7 @@ export async function startLocalCluster(o: LocalClusterOptions): Promise<LocalCl
     const nodeChildren = o.nodes.map((n, i) => {
       const args = ['node', '--json', '--grpc-port', '0', '--metrics-port', '0', '--bind', '127.0.0.1', '--no-mdns', '--join', grpcAddress, '--name', n.name, '--budget', String(n.budgetBytes), '--state-dir', `${o.stateRoot}/node-${i}`];
       if (n.bandwidthGBps !== undefined) args.push('--bandwidth', String(n.bandwidthGBps));
-      const c = startChild(n.name, args, nodeEnv, o.onLog);
+      const c = startChild(n.name, args, nodeEnv, o.onLog, watchdog);
       children.push(c);
       return c;
     });

@@ -22,6 +22,7 @@ import { findLlamaBinaries } from './llama/binaries.ts';
 import { llamaCacheDir } from './llama/cache.ts';
 import { llamaServerArgs } from './engine-spec.ts';
 import { canConnect, pickFreePort } from './ports.ts';
+import { EngineWatchdog } from './watchdog.ts';
 
 /**
  * The node measures its own engine: llama-server on a generated f16 model (12 layers × 1024,
@@ -133,7 +134,10 @@ export interface EngineRates {
  * windows, and `orchard demo`'s, which alternates its windows with the cluster's.
  */
 export interface CalibrationEngine {
-  /** Its processes (llama-server and, on a CPU-only build, its rpc-server), each its own group. */
+  /**
+   * Its processes (llama-server and, on a CPU-only build, its rpc-server), each its own group; a
+   * sentinel ends them if the process that started them dies, SIGKILL included.
+   */
   readonly pids: readonly number[];
   readonly model: string;
   readonly threads: number;
@@ -169,20 +173,29 @@ async function ratesOf(res: Response, streamed: boolean): Promise<EngineRates> {
   return { prompt: t.prompt_per_second ?? 0, decode: t.predicted_per_second, decodeTokens: t.predicted_n ?? 0 };
 }
 
-/** Start `file` in its own process group; `stop` kills the group. */
-function startDetached(file: string, argv: readonly string[], env: NodeJS.ProcessEnv) {
+/**
+ * Start `file` in its own process group (a Ctrl-C on the terminal reaches only the caller, which
+ * stops it in order), registered with `watchdog` so it dies with the caller even when that is
+ * SIGKILLed; `stop` kills the group.
+ */
+function startDetached(file: string, argv: readonly string[], env: NodeJS.ProcessEnv, watchdog: EngineWatchdog) {
   const child = spawn(file, argv, { detached: true, stdio: 'ignore', env: { PATH: env.PATH ?? '' } });
+  const pid = child.pid;
+  if (pid !== undefined) watchdog.add(pid);
   let exited = false;
   child.once('exit', () => {
     exited = true;
+    if (pid !== undefined) watchdog.remove(pid);
   });
   return {
-    pid: child.pid ?? 0,
+    pid: pid ?? 0,
     exited: () => exited,
     stop() {
       try {
-        if (child.pid !== undefined && !exited) process.kill(-child.pid, 'SIGKILL');
+        if (pid !== undefined && !exited) process.kill(-pid, 'SIGKILL');
       } catch {}
+      // Killed: the sentinel must not signal the pid again (it could be recycled by then).
+      if (pid !== undefined) watchdog.remove(pid);
     },
   };
 }
@@ -212,24 +225,28 @@ export async function startCalibrationEngine(threads: number, env: NodeJS.Proces
   const bins = await findLlamaBinaries(env);
   const path = model ?? (await ensureCalibrationModel(env));
   const memory = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: CTX, parallel: 1 };
-  const procs: ReturnType<typeof startDetached>[] = [];
-  const stop = () => {
-    for (const p of procs) p.stop();
-  };
   const port = await pickFreePort('127.0.0.1');
   const url = `http://127.0.0.1:${port}`;
+  const procs: ReturnType<typeof startDetached>[] = [];
+  // The engines' own sentinel (watchdog.ts), as the agent's engines have: 20 calibration engines
+  // of killed demos and agents were found still running after one session before it.
+  const watchdog = new EngineWatchdog({ graceTicks: 5 });
+  const stop = () => {
+    for (const p of procs) p.stop();
+    watchdog.close();
+  };
   try {
     let argv = ['-m', path, ...llamaMemoryArgs(memory), '-ngl', '0'];
     if (process.platform !== 'darwin') {
       const rpcPort = await pickFreePort('127.0.0.1');
-      const rpc = startDetached(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(threads)], env);
+      const rpc = startDetached(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(threads)], env, watchdog);
       procs.push(rpc);
       await waitAccepting(rpcPort, rpc.exited, 30_000);
       const layers = modelProfile(await readGgufHeader(path)).layerCount;
       const stage = { modelPath: path, memory, rpc: [{ nodeId: 'calibration', enginePort: rpcPort }], devices: ['RPC0'], tensorSplit: [layers + 1], gpuLayers: layers + 1, debugLog: false };
       argv = llamaServerArgs(stage, [`127.0.0.1:${rpcPort}`]);
     }
-    const server = startDetached(bins.llamaServer, [...argv, '--threads', String(threads), '--host', '127.0.0.1', '--port', String(port)], env);
+    const server = startDetached(bins.llamaServer, [...argv, '--threads', String(threads), '--host', '127.0.0.1', '--port', String(port)], env, watchdog);
     procs.push(server);
     await waitHealthy(url, () => procs.some((p) => p.exited()), 120_000);
   } catch (err) {

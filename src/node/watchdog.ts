@@ -80,7 +80,7 @@ export class EngineWatchdog {
 
   private send(line: string): void {
     const stdin = this.child?.stdin;
-    if (stdin && !stdin.destroyed) stdin.write(line);
+    if (stdin && !stdin.destroyed && !stdin.writableEnded) stdin.write(line);
   }
 
   private spawn(): void {

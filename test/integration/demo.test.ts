@@ -1,5 +1,6 @@
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -27,13 +28,30 @@ interface Run {
   ms: number;
 }
 
+/** A process's command line while it lives ('' once gone): a recorded pid is ours only while it matches. */
+function cmdline(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+/** The recorded processes still running as recorded, after waiting up to `ms` for them to go. */
+async function stillRunning(recorded: readonly { pid: number; cmd: string }[], ms: number): Promise<number[]> {
+  const left = () => recorded.filter((p) => cmdline(p.pid) === p.cmd).map((p) => p.pid);
+  const deadline = Date.now() + ms;
+  while (left().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  return left();
+}
+
 /** The calibration engine runs detached with an environment of its own (no marker): its pids, from the demo's story. */
 function calibrationPids(stderr: string): number[] {
   const m = /calibration engine: pids ([\d, ]+)/.exec(stderr);
   return m ? m[1]!.split(', ').map(Number) : [];
 }
 
-function runDemo(args: string[], marker: string, onStderr?: (all: string, kill: () => void) => void): Promise<Run> {
+function runDemo(args: string[], marker: string, onStderr?: (all: string, kill: (signal: NodeJS.Signals) => void) => void): Promise<Run> {
   const t0 = Date.now();
   const child = spawn(process.execPath, [ORCHARD_BIN, 'demo', ...args], {
     // The engines (and the demo model) come from the cache `orchard setup` filled; the rest is private.
@@ -48,7 +66,7 @@ function runDemo(args: string[], marker: string, onStderr?: (all: string, kill: 
   });
   child.stderr.setEncoding('utf8').on('data', (d: string) => {
     stderr += d;
-    onStderr?.(stderr, () => child.kill('SIGINT'));
+    onStderr?.(stderr, (signal) => child.kill(signal));
   });
   return new Promise((resolve) => child.once('close', (code) => resolve({ code, stdout, stderr, ms: Date.now() - t0 })));
 }
@@ -129,7 +147,7 @@ describeWith([engines], 'orchard demo', () => {
     const r = await runDemo(['--max-tokens', '400'], marker, (all, kill) => {
       if (!sent && /▸ (load|generate)/.test(all)) {
         sent = true;
-        kill();
+        kill('SIGINT');
       }
     });
     expect(sent).toBe(true);
@@ -138,4 +156,42 @@ describeWith([engines], 'orchard demo', () => {
     expect(await pidsWithMarker(marker)).toEqual([]);
     expect(calibrationPids(r.stderr).filter(alive)).toEqual([]);
   });
+
+  // Nothing may outlive a demo killed outright (no handler runs): the calibration engine and the
+  // local cluster are tied to it by sentinels (node/watchdog.ts), found here by the pids and
+  // command lines recorded while they ran.
+  it('SIGKILL mid-calibration: the calibration engine goes with the demo within seconds', async () => {
+    const marker = `demo-${randomUUID()}`;
+    let recorded: { pid: number; cmd: string }[] = [];
+    const r = await runDemo(['--max-tokens', '12'], marker, (all, kill) => {
+      if (recorded.length === 0 && /calibration engine: pids/.test(all)) {
+        recorded = calibrationPids(all).map((pid) => ({ pid, cmd: cmdline(pid) }));
+        kill('SIGKILL');
+      }
+    });
+    expect(r.code).toBe(null);
+    expect(recorded.length).toBeGreaterThan(0);
+    // They were running engines when the demo died.
+    for (const p of recorded) expect(p.cmd).toMatch(/llama-server|rpc-server/);
+    expect(await stillRunning(recorded, 5000)).toEqual([]);
+    expect(await pidsWithMarker(marker)).toEqual([]);
+  }, 120_000);
+
+  it('SIGKILL during the load: the cluster, its engines and the calibration engine all go within seconds', async () => {
+    const marker = `demo-${randomUUID()}`;
+    let recorded: { pid: number; cmd: string }[] = [];
+    const r = await runDemo(['--max-tokens', '12'], marker, (all, kill) => {
+      if (recorded.length === 0 && /▸ load/.test(all)) {
+        recorded = calibrationPids(all).map((pid) => ({ pid, cmd: cmdline(pid) }));
+        kill('SIGKILL');
+      }
+    });
+    expect(r.code).toBe(null);
+    expect(recorded.length).toBeGreaterThan(0);
+    expect(await stillRunning(recorded, 5000)).toEqual([]);
+    // The coordinator, the agents, their engines and sentinels: everything that carries the marker.
+    const deadline = Date.now() + 10_000;
+    while ((await pidsWithMarker(marker)).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
+    expect(await pidsWithMarker(marker)).toEqual([]);
+  }, 180_000);
 });
