@@ -2,14 +2,12 @@
  * Run the real llama.cpp engines for a planned split and read what they allocate: one
  * ggml-rpc-server per stage on 127.0.0.1 (free ports), llama-server with the plan's device and
  * memory arguments, its `-lv 4` buffer-size lines parsed per device. Shared by bench/memory.ts and
- * the integration test that proves the plan → device mapping. Every process is started in its own
- * process group and SIGKILLed (group) when the run ends, on error, and on exit.
+ * the integration test that proves the plan → device mapping. The processes are the benches'
+ * children (lib/children.ts): own process groups, SIGKILLed when the run ends, on error, on exit,
+ * and by a sentinel when the bench itself is SIGKILLed.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
-import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import type { LlamaBinaries } from '../src/node/llama/binaries.ts';
-import { EngineWatchdog } from '../src/node/watchdog.ts';
 import { type GgmlTypeName, tensorBytes } from '../src/shared/gguf/ggml-types.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import type { GgufValue } from '../src/shared/gguf/types.ts';
@@ -17,6 +15,7 @@ import { gv } from '../src/shared/gguf/types.ts';
 import { writeGguf } from '../src/shared/gguf/writer.ts';
 import type { MemoryOptions } from '../src/shared/memory/stage.ts';
 import { llamaDeviceArgs, llamaMemoryArgs } from '../src/shared/placement/llama-args.ts';
+import { freePort, type Started, start, stop as stopChild, waitPort } from './lib/children.ts';
 
 export const MiB = 2 ** 20;
 
@@ -83,77 +82,10 @@ export async function writeModel(dir: string, s: Shape, vocabPath: string): Prom
   return path;
 }
 
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const port = (srv.address() as { port: number }).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-const children = new Set<ChildProcess>();
-// Engines must not outlive this process even if it is SIGKILLed (the sentinel sees its stdin
-// pipe close and kills them). Created on first use.
-let watchdog: EngineWatchdog | undefined;
-export function killAll(): void {
-  for (const c of children) {
-    try {
-      if (c.pid) process.kill(-c.pid, 'SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-  children.clear();
-  watchdog?.close();
-  watchdog = undefined;
-}
-process.on('exit', killAll);
-
-function start(cmd: string, args: string[]): { proc: ChildProcess; log: () => string; exited: Promise<number | null> } {
-  const proc = spawn(cmd, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
-  children.add(proc);
-  watchdog ??= new EngineWatchdog({ graceTicks: 5 });
-  const pid = proc.pid;
-  if (pid !== undefined) {
-    watchdog.add(pid);
-    proc.on('exit', () => watchdog?.remove(pid));
-  }
-  let log = '';
-  proc.stdout?.on('data', (d: Buffer) => {
-    log += d.toString();
-  });
-  proc.stderr?.on('data', (d: Buffer) => {
-    log += d.toString();
-  });
-  const exited = new Promise<number | null>((r) => proc.on('exit', (code) => r(code)));
-  return { proc, log: () => log, exited };
-}
-
 async function waitFor(pred: () => boolean, ms: number, what: string): Promise<void> {
   const end = Date.now() + ms;
   while (!pred()) {
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-/** ggml-rpc-server's stdout is block-buffered when piped, so readiness = the port accepts. */
-async function waitForPort(port: number, ms: number): Promise<void> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = connect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > end) throw new Error(`ggml-rpc-server on port ${port} did not start`);
     await new Promise((r) => setTimeout(r, 100));
   }
 }
@@ -210,17 +142,9 @@ export async function startLlama(
   options: MemoryOptions,
   extraArgs: readonly string[] = [],
 ): Promise<LlamaEngines> {
-  const procs: ReturnType<typeof start>[] = [];
+  const procs: Started[] = [];
   const stop = async () => {
-    for (const r of procs.splice(0)) {
-      try {
-        if (r.proc.pid) process.kill(-r.proc.pid, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-      children.delete(r.proc);
-      await r.exited;
-    }
+    for (const r of procs.splice(0)) await stopChild(r.proc);
   };
   try {
     const endpoints: string[] = [];
@@ -229,7 +153,7 @@ export async function startLlama(
       const r = start(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(port), '-t', '1']);
       procs.push(r);
       endpoints.push(`127.0.0.1:${port}`);
-      await waitForPort(port, 15_000);
+      await waitPort(port, r.proc, r.log, 15_000);
     }
     const dev = llamaDeviceArgs(
       ranges.map(([a, b], i) => ({ firstLayer: a, lastLayer: b, rpc: endpoints[i]! })),

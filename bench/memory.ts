@@ -28,7 +28,8 @@ import { writeGguf } from '../src/shared/gguf/writer.ts';
 import { FAMILY_ARCHS } from '../src/shared/testmodel/families.ts';
 import { familyTestModelSpec, familyTestShape } from '../src/shared/testmodel/family-model.ts';
 import { loadVocab, vocabPath } from '../src/shared/testmodel/vocab.ts';
-import { MiB, type Shape, killAll, runLlama, writeModel, zeros } from './llama-run.ts';
+import { killAll } from './lib/children.ts';
+import { MiB, type Shape, runLlama, writeModel, zeros } from './llama-run.ts';
 import { type MlxMemoryCase, mlxMemoryCases, mlxSummary } from './lib/mlx-memory.ts';
 
 const SHAPES: Shape[] = [

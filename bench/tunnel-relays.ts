@@ -25,7 +25,7 @@ import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/share
 import type { NodeCredentials } from '../src/shared/pki/store.ts';
 import { buildGoRelay, type NativeRelay, nativeRelaysInstalled, processCpuSeconds, startGoRelay, startSocatRelay, startStunnelRelay } from './lib/native-relay.ts';
 import { median, numberFlag, quantile } from './lib/stats.ts';
-import { freePort } from './llama-run.ts';
+import { freePort, killAll, track } from './lib/children.ts';
 
 const argv = process.argv.slice(2);
 const num = (name: string, def: number) => numberFlag(argv, `--${name}`, def);
@@ -37,11 +37,6 @@ const DOWN = 128 * 1024;
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
 type Relay = 'direct' | 'node-plain' | 'node-tls' | 'socat' | 'stunnel' | 'go-tls';
-const procs = new Set<ChildProcess>();
-const killAll = () => {
-  for (const c of procs) c.kill('SIGKILL');
-};
-process.on('exit', killAll);
 
 /** The fake engine: per request an 8-byte header (up, down as uint32 BE), `up` bytes in, `down` bytes out. */
 function fakeEngine(): Promise<{ server: Server; port: number }> {
@@ -144,8 +139,7 @@ async function nodeEnd(): Promise<void> {
 }
 
 async function spawnEnd(cfg: object): Promise<{ proc: ChildProcess; tlsPort: number; plainPort: number }> {
-  const proc = spawn(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--end'], { stdio: ['pipe', 'pipe', 'inherit'] });
-  procs.add(proc);
+  const proc = track(spawn(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--end'], { detached: true, stdio: ['pipe', 'pipe', 'inherit'] }));
   proc.stdin?.write(`${JSON.stringify(cfg)}\n`);
   const first = await createInterface({ input: proc.stdout! })[Symbol.asyncIterator]().next();
   return { proc, ...(JSON.parse(String(first.value)) as { tlsPort: number; plainPort: number }) };
@@ -174,15 +168,15 @@ async function routes(enginePort: number, work: string): Promise<Record<Relay, R
   if (nativeRelaysInstalled()) {
     const ports = async (): Promise<[number, number]> => [await freePort(), await freePort()];
     const natives: Record<'socat' | 'stunnel', NativeRelay> = {
-      socat: startSocatRelay(enginePort, await ports(), procs),
-      stunnel: await startStunnelRelay(enginePort, await ports(), creds, work, procs),
+      socat: startSocatRelay(enginePort, await ports()),
+      stunnel: await startStunnelRelay(enginePort, await ports(), creds, work),
     };
     await new Promise((r) => setTimeout(r, 500)); // both listen within milliseconds; the first measurement connects after
     for (const [name, r] of Object.entries(natives)) out[name as Relay] = { port: r.port, pids: r.ends.map((e) => e.proc.pid ?? 0) };
   }
   const goBinary = buildGoRelay(work);
   if (goBinary) {
-    const r = await startGoRelay(enginePort, creds, goBinary, procs);
+    const r = await startGoRelay(enginePort, creds, goBinary);
     out['go-tls'] = { port: r.port, pids: r.ends.map((e) => e.proc.pid ?? 0) };
   }
   return out as Record<Relay, Route>;

@@ -46,11 +46,13 @@ import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/share
 import type { NodeCredentials } from '../src/shared/pki/store.ts';
 import { rpcCacheMinSizeEnv } from '../src/shared/rpc-cache/plan.ts';
 import { ssePayloads } from '../src/shared/sse.ts';
-import { killAll, procs, start, stop, waitPort } from './lib/detached.ts';
+import { freePort, killAll, start as startChild, stop, track, waitPort } from './lib/children.ts';
 import { buildGoRelay, type NativeRelay, nativeRelaysInstalled, processCpuSeconds, startGoRelay, startSocatRelay, startStunnelRelay } from './lib/native-relay.ts';
 import { type MeasuredMode, type RpcStep, predictedLoss, rpcAccounting, startFakeEngine, startRpcTap, transportAdded, typicalDecodeStep } from './lib/rpc-traffic.ts';
 import { median } from './lib/stats.ts';
-import { freePort } from './llama-run.ts';
+
+/** An engine (TCP transport only: RDMA would bypass the relays under test), its last 20 kB of output kept. */
+const start = (cmd: string, args: string[], env: Record<string, string> = {}) => startChild(cmd, args, { env: { GGML_RPC_NO_RDMA: '1', ...env }, logBytes: 20_000 });
 
 const ROOT = new URL('../', import.meta.url).pathname;
 const argv = process.argv.slice(2);
@@ -147,8 +149,7 @@ interface Tunnel {
 /** Worker-side listener (child process) + head-side forwarder (here) for one rpc-server. */
 async function startTunnel(rpcPort: number, seededRpcPort: number, replayPort: number, work: string): Promise<Tunnel> {
   const ca = await createClusterCa('bench-tunnel');
-  const worker = spawn(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--worker-listener'], { detached: true, stdio: ['pipe', 'pipe', 'inherit'] });
-  procs.add(worker);
+  const worker = track(spawn(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--worker-listener'], { detached: true, stdio: ['pipe', 'pipe', 'inherit'] }));
   const replies = createInterface({ input: worker.stdout! })[Symbol.asyncIterator]();
   const exited = new Promise<never>((_, reject) => worker.once('exit', (code) => reject(new Error(`tunnel listener exited (${code})`))));
   const next = async <T>(): Promise<T> => JSON.parse(String((await Promise.race([replies.next(), exited])).value)) as T;
@@ -182,11 +183,11 @@ async function startTunnel(rpcPort: number, seededRpcPort: number, replayPort: n
 
 async function startNative(rpcPort: number, creds: { head: NodeCredentials; worker: NodeCredentials }, work: string) {
   const ports = async (): Promise<[number, number]> => [await freePort(), await freePort()];
-  const socat = startSocatRelay(rpcPort, await ports(), procs);
-  const stunnel = await startStunnelRelay(rpcPort, await ports(), creds, work, procs);
+  const socat = startSocatRelay(rpcPort, await ports());
+  const stunnel = await startStunnelRelay(rpcPort, await ports(), creds, work);
   const binary = buildGoRelay(work);
   if (!binary) throw new Error('--native needs Go for the Go relay (native/tunnel-relay); --no-native skips the native controls');
-  const go = await startGoRelay(rpcPort, creds, binary, procs);
+  const go = await startGoRelay(rpcPort, creds, binary);
   for (const { port, proc } of [...socat.ends, ...stunnel.ends]) await waitPort(port, proc, () => 'see stderr');
   return { socat, stunnel, go };
 }
@@ -432,7 +433,7 @@ async function main(): Promise<void> {
     const rpc = start(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(THREADS)]);
     await waitPort(rpcPort, rpc.proc, rpc.log);
     const seededRpcPort = await seededRpcServer(model, work, bins.rpcServer);
-    tunnel = await startTunnel(rpcPort, seededRpcPort, (await startFakeEngine(procs)).port, work);
+    tunnel = await startTunnel(rpcPort, seededRpcPort, (await startFakeEngine()).port, work);
     const trials: Trial[] = [];
     for (let i = 0; i < TRIALS; i++) {
       // ABC CBA order: drift (page cache, thermal, neighbours) lands on every mode alike

@@ -12,6 +12,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import type { NodeCredentials } from '../../src/shared/pki/store.ts';
+import { track } from './children.ts';
 
 export interface NativeRelay {
   /** The head-side end: where llama-server's `--rpc` points. */
@@ -47,10 +48,8 @@ export function processCpuSeconds(pid: number): number {
   }
 }
 
-function run(cmd: string, args: string[], procs: Set<ChildProcess>): ChildProcess {
-  const proc = spawn(cmd, args, { detached: true, stdio: ['ignore', 'ignore', 'pipe'] });
-  procs.add(proc);
-  proc.once('exit', () => procs.delete(proc));
+function run(cmd: string, args: string[]): ChildProcess {
+  const proc = track(spawn(cmd, args, { detached: true, stdio: ['ignore', 'ignore', 'pipe'] }));
   proc.stderr?.on('data', (d: Buffer) => process.stderr.write(`${cmd}: ${d}`));
   return proc;
 }
@@ -69,9 +68,9 @@ function pair([head, worker]: [number, number], w: ChildProcess, h: ChildProcess
 }
 
 /** socat head end → socat worker end → target, one forked relay per connection, TCP_NODELAY both ways. */
-export function startSocatRelay(targetPort: number, ports: [number, number], procs: Set<ChildProcess>): NativeRelay {
+export function startSocatRelay(targetPort: number, ports: [number, number]): NativeRelay {
   const [head, worker] = ports;
-  const hop = (listen: number, to: number) => run('socat', [`TCP-LISTEN:${listen},bind=127.0.0.1,reuseaddr,fork,nodelay`, `TCP:127.0.0.1:${to},nodelay`], procs);
+  const hop = (listen: number, to: number) => run('socat', [`TCP-LISTEN:${listen},bind=127.0.0.1,reuseaddr,fork,nodelay`, `TCP:127.0.0.1:${to},nodelay`]);
   return pair(ports, hop(worker, targetPort), hop(head, worker));
 }
 
@@ -87,7 +86,6 @@ export async function startStunnelRelay(
   ports: [number, number],
   creds: { head: NodeCredentials; worker: NodeCredentials },
   dir: string,
-  procs: Set<ChildProcess>,
 ): Promise<NativeRelay> {
   const [head, worker] = ports;
   const end = async (name: 'head' | 'worker', accept: number, connect: number) => {
@@ -115,7 +113,7 @@ export async function startStunnelRelay(
       'sslVersionMax = TLSv1.3',
     ];
     await writeFile(file('conf'), `${conf.join('\n')}\n`, { mode: 0o600 });
-    return run('stunnel', [file('conf')], procs);
+    return run('stunnel', [file('conf')]);
   };
   return pair(ports, await end('worker', worker, targetPort), await end('head', head, worker));
 }
@@ -137,10 +135,8 @@ export function buildGoRelay(dir: string): string | undefined {
   }
 }
 
-async function goEnd(binary: string, config: object, procs: Set<ChildProcess>): Promise<{ port: number; proc: ChildProcess }> {
-  const proc = spawn(binary, [], { detached: true, stdio: ['pipe', 'pipe', 'pipe'] });
-  procs.add(proc);
-  proc.once('exit', () => procs.delete(proc));
+async function goEnd(binary: string, config: object): Promise<{ port: number; proc: ChildProcess }> {
+  const proc = track(spawn(binary, [], { detached: true, stdio: ['pipe', 'pipe', 'pipe'] }));
   proc.stderr?.on('data', (d: Buffer) => process.stderr.write(`tunnel-relay: ${d}`));
   proc.stdin?.write(`${JSON.stringify(config)}\n`); // keys on stdin, never argv
   // the first line is the port; later ones (counters) are read and dropped, so the pipe never fills
@@ -152,10 +148,10 @@ async function goEnd(binary: string, config: object, procs: Set<ChildProcess>): 
 }
 
 /** Go worker end (listen, forwards to `targetPort` only) ← Go head end (forward, expects node `worker`). */
-export async function startGoRelay(targetPort: number, creds: { head: NodeCredentials; worker: NodeCredentials }, binary: string, procs: Set<ChildProcess>): Promise<NativeRelay> {
+export async function startGoRelay(targetPort: number, creds: { head: NodeCredentials; worker: NodeCredentials }, binary: string): Promise<NativeRelay> {
   const pem = (c: NodeCredentials) => ({ certPem: c.certPem, keyPem: c.keyPem, caPem: c.caCertPem });
-  const w = await goEnd(binary, { mode: 'listen', listen: '127.0.0.1:0', enginePorts: [targetPort], ...pem(creds.worker) }, procs);
+  const w = await goEnd(binary, { mode: 'listen', listen: '127.0.0.1:0', enginePorts: [targetPort], ...pem(creds.worker) });
   const remote = `127.0.0.1:${w.port}`;
-  const h = await goEnd(binary, { mode: 'forward', listen: '127.0.0.1:0', remote, enginePort: targetPort, expectId: 'worker', ...pem(creds.head) }, procs);
+  const h = await goEnd(binary, { mode: 'forward', listen: '127.0.0.1:0', remote, enginePort: targetPort, expectId: 'worker', ...pem(creds.head) });
   return pair([h.port, w.port], w.proc, h.proc);
 }

@@ -12,6 +12,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { type Server, type Socket, connect, createServer } from 'node:net';
 import { createInterface } from 'node:readline';
 import { median } from './stats.ts';
+import { track } from './children.ts';
 
 /** ggml-rpc's commands by wire byte (enum rpc_cmd in the pinned llama.cpp). */
 export const RPC_COMMANDS = [
@@ -202,11 +203,9 @@ export function replyBytes(step: RpcStep): number {
 }
 
 /** The fake engine (fake-rpc-engine.ts) in its own process, as a worker's rpc-server is. */
-export async function startFakeEngine(procs: Set<ChildProcess>): Promise<{ port: number; proc: ChildProcess }> {
+export async function startFakeEngine(): Promise<{ port: number; proc: ChildProcess }> {
   const path = new URL('./fake-rpc-engine.ts', import.meta.url).pathname;
-  const proc = spawn(process.execPath, ['--import', 'tsx', path], { detached: true, stdio: ['ignore', 'pipe', 'inherit'] });
-  procs.add(proc);
-  proc.once('exit', () => procs.delete(proc));
+  const proc = track(spawn(process.execPath, ['--import', 'tsx', path], { detached: true, stdio: ['ignore', 'pipe', 'inherit'] }));
   const line = await new Promise<string>((resolve, reject) => {
     createInterface({ input: proc.stdout! }).once('line', resolve);
     proc.once('exit', (code) => reject(new Error(`fake rpc engine exited (${code})`)));

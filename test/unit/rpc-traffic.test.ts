@@ -1,5 +1,5 @@
-import type { ChildProcess } from 'node:child_process';
 import { afterAll, expect, it, vi } from 'vitest';
+import { killAll } from '../../bench/lib/children.ts';
 import { type RpcStep, replaySteps, replyBytes, rpcAccounting, startFakeEngine, startRpcTap, typicalDecodeStep } from '../../bench/lib/rpc-traffic.ts';
 
 /**
@@ -10,10 +10,7 @@ import { type RpcStep, replaySteps, replyBytes, rpcAccounting, startFakeEngine, 
  */
 vi.setConfig({ testTimeout: 30_000 });
 
-const procs = new Set<ChildProcess>();
-afterAll(() => {
-  for (const p of procs) if (p.pid) process.kill(-p.pid, 'SIGKILL');
-});
+afterAll(killAll);
 
 const command = (cmd: number, payload: Buffer) => ({ cmd, payload });
 /** GET_TENSOR's payload ends with the size it asks for (u64 LE). */
@@ -24,7 +21,7 @@ function getTensor(size: number): Buffer {
 }
 
 it('counts a replayed decode step as one round trip with its commands, writes and bytes', async () => {
-  const engine = await startFakeEngine(procs);
+  const engine = await startFakeEngine();
   const tap = await startRpcTap(engine.port);
   // SET_TENSOR ×2, GRAPH_RECOMPUTE, GET_TENSOR (the logits): a decode step's shape
   const step: RpcStep = {
