@@ -1,7 +1,8 @@
 import { isAbsolute, join } from 'node:path';
 import type { Logger } from '../shared/log.ts';
 import { errorMessage } from '../shared/errors.ts';
-import { type SeedProgress, type SeedResult, seedTensorCache } from './llama/tensor-cache.ts';
+import { FileMemo } from '../shared/file-memo.ts';
+import { readTensorLayout, type SeedProgress, type SeedResult, seedTensorCache } from './llama/tensor-cache.ts';
 import type { ModelFile } from '../shared/model/file-identity.ts';
 import { findModelFile, scanModelFiles } from './model-files.ts';
 
@@ -41,6 +42,8 @@ export class ModelLibrary {
   private scanning: Promise<ModelFile[]> | undefined;
   /** One seeding per cache dir at a time: two loads seeding the same dir would race on entries. */
   private readonly seeding = new Map<string, Promise<unknown>>();
+  /** Each model file's tensor layout, so a repeated PrepareCache does not parse the GGUF header again. */
+  private readonly layouts = new FileMemo(readTensorLayout);
 
   constructor(
     private readonly o: { readonly dirs: readonly string[]; readonly stateDir: string; readonly log: Logger },
@@ -99,6 +102,7 @@ export class ModelLibrary {
         llamaCacheDir,
         stage: { firstLayer: req.firstLayer, lastLayer: req.lastLayer, holdsOutput: req.holdsOutput },
         onProgress,
+        layouts: this.layouts,
         ...(signal ? { signal } : {}),
       });
     })();

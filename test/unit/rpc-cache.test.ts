@@ -1,13 +1,14 @@
 import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { GgufTensorInfo } from '../../src/shared/gguf/types.ts';
 import { writeGguf } from '../../src/shared/gguf/writer.ts';
 import { llamaSourceFile } from '../../src/shared/llama-source.ts';
-import { seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
+import { readTensorLayout, seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
+import { FileMemo } from '../../src/shared/file-memo.ts';
 import { Fnv1a64, Fnv1a64Js, fnv1a64Hex } from '../../src/shared/rpc-cache/fnv.ts';
 import { hashesOfStage, knownHashesFileText, tensorHashesFromWire, tensorHashesToWire } from '../../src/shared/rpc-cache/known-hashes.ts';
 import { HASH_THRESHOLD_BYTES, RPC_CACHE_MIN_SIZE_BYTES, cacheEntryName, rpcCacheDir, rpcCacheMinSizeEnv, stageCachePlan, stageTensors } from '../../src/shared/rpc-cache/plan.ts';
@@ -179,6 +180,36 @@ describe('seeding from a GGUF file', () => {
     expect(third.bytesWritten).toBe(6000);
     expect(await readdir(join(cache, 'rpc'))).toContain(names[0]!);
     expect((await readdir(join(cache, 'rpc'))).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+  });
+});
+
+describe('tensor layouts kept between seeds', () => {
+  const tensor = (name: string, bytes: number) => ({ name, dims: [bytes / 2], type: 'F16' as const, data: randomBytes(bytes) });
+
+  it('reads a file’s header once while its size and mtime stay, again once it changes', async () => {
+    const model = join(dir, 'layouts.gguf');
+    const write = (names: string[]) => writeGguf(model, { metadata: [['general.architecture', { type: 'string', value: 'llama' }]], tensors: names.map((n) => tensor(n, 4096)) });
+    await write(['blk.0.attn_q.weight', 'blk.1.attn_q.weight']);
+    let reads = 0;
+    const layouts = new FileMemo((p) => {
+      reads++;
+      return readTensorLayout(p);
+    });
+    const stage = { firstLayer: 1, lastLayer: 1, holdsOutput: false };
+    const seed = () => seedTensorCache({ modelPath: model, llamaCacheDir: join(dir, 'layouts-cache'), stage, thresholdBytes: 1024, layouts });
+    const first = await seed();
+    const again = await seed();
+    expect(reads).toBe(1);
+    expect(again.entries).toEqual(first.entries);
+    expect(again.bytesWritten).toBe(0);
+    // same size, other tensor names, a later mtime: the layout is read again, not trusted
+    await write(['blk.0.attn_k.weight', 'blk.1.attn_k.weight']);
+    const st = await stat(model);
+    await utimes(model, st.atime, new Date(st.mtimeMs + 5000));
+    const changed = await seed();
+    expect(reads).toBe(2);
+    expect(Object.keys(changed.entries)).toEqual(['blk.1.attn_k.weight']);
+    expect(changed.bytesWritten).toBe(4096);
   });
 });
 

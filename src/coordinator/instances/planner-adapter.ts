@@ -1,6 +1,7 @@
 import { isAbsolute } from 'node:path';
 import type { CacheType } from '../../shared/memory/kv.ts';
 import { deviceBytes, memoryModel, type MemoryOptions } from '../../shared/memory/stage.ts';
+import { FileMemo } from '../../shared/file-memo.ts';
 import { readGgufProfile } from '../../shared/model/read-profile.ts';
 import { isMlxModelDir, isMlxProfile, readMlxModelProfile } from '../../shared/model/mlx-profile.ts';
 import { effectiveBandwidth } from '../../shared/placement/cost.ts';
@@ -63,11 +64,13 @@ export class PlanDoesNotFitError extends CoordinatorError {
  *   the baselines' rules to run their layouts through the same coordinator).
  */
 export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string) => number = () => 0, links?: LinkMatrix, place: typeof planPlacement = planPlacement): Planner {
+  // Every load and plan of a file would parse its header again (the vocabulary alone is megabytes).
+  const ggufProfiles = new FileMemo(readGgufProfile);
   return async (modelPath, nodes, options, ignoring): Promise<PlacementResult> => {
     if (!isAbsolute(modelPath)) throw new UsageError(`model path must be absolute (it is opened on the head node): ${modelPath}`);
     // An MLX model directory (config.json + safetensors) gets the same profile shape as a GGUF.
     const mlx = await isMlxModelDir(modelPath);
-    const profile = mlx ? await readMlxModelProfile(modelPath) : await readGgufProfile(modelPath);
+    const profile = mlx ? await readMlxModelProfile(modelPath) : await ggufProfiles.get(modelPath);
     if (nodes.length === 0) throw new CoordinatorError('FAILED_PRECONDITION', 'no live nodes: start `orchard node` on each machine (or check `orchard status`)');
     const byName = plannerNames(nodes);
     const measured = links ? linksByName(links, new Map([...byName].map(([name, n]) => [name, n.nodeId]))) : undefined;

@@ -2,10 +2,11 @@ import { createReadStream } from 'node:fs';
 import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
+import type { FileMemo } from '../../shared/file-memo.ts';
 import { readJsonMap, writeJsonMap } from '../../shared/json-map-file.ts';
 import { Fnv1a64 } from '../../shared/rpc-cache/fnv.ts';
 import type { TensorHash } from '../../shared/rpc-cache/known-hashes.ts';
-import { type CacheStage, RPC_CACHE_MIN_SIZE_BYTES, cacheEntryName, rpcCacheDir, stageCachePlan } from '../../shared/rpc-cache/plan.ts';
+import { type CacheStage, type CachedTensor, RPC_CACHE_MIN_SIZE_BYTES, type TensorLayout, cacheEntryName, rpcCacheDir, stageCachePlan } from '../../shared/rpc-cache/plan.ts';
 
 /**
  * Pre-seeding a ggml-rpc-server tensor cache from a local copy of the model file, so the head
@@ -19,7 +20,10 @@ import { type CacheStage, RPC_CACHE_MIN_SIZE_BYTES, cacheEntryName, rpcCacheDir,
  * (atomic, so a half-written entry is never visible to the server). A manifest
  * (`orchard-seeded.json`, not a hash name so the server ignores it) remembers, per model file
  * (path, size, mtime) and tensor offset, the hash already written; a repeated seed then skips
- * those tensors without reading them.
+ * those tensors without reading them, checks their entries all at once and rewrites no manifest.
+ * What the seed takes from the GGUF header (tensor names, offsets, sizes) comes from a
+ * `FileMemo` when the caller keeps one: the header of a real model is megabytes of
+ * vocabulary, re-parsed on every load for the same few hundred tensor entries.
  */
 
 export interface SeedProgress {
@@ -40,6 +44,15 @@ export interface SeedOptions {
   readonly chunkBytes?: number;
   readonly onProgress?: (p: SeedProgress) => void;
   readonly signal?: AbortSignal;
+  /** Where the file's tensor layout is remembered between seeds (the agent keeps one, of `readTensorLayout`); without it the header is read every time. */
+  readonly layouts?: FileMemo<TensorLayout>;
+}
+
+/** The part of a GGUF header seeding uses (the vocabulary and other metadata dropped). */
+export async function readTensorLayout(path: string): Promise<TensorLayout> {
+  const header = await readGgufHeader(path);
+  if (!header.hasData) throw new Error(`${path} holds no tensor data (header-only file)`);
+  return { dataOffset: header.dataOffset, tensors: header.tensors.map((t) => ({ name: t.name, offset: t.offset, bytes: t.bytes })) };
 }
 
 export interface SeedResult extends SeedProgress {
@@ -87,13 +100,18 @@ async function copyHashing(path: string, start: number, bytes: number, tmp: stri
 
 export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
   const t0 = performance.now();
-  const header = await readGgufHeader(o.modelPath);
-  if (!header.hasData) throw new Error(`${o.modelPath} holds no tensor data (header-only file)`);
   const st = await stat(o.modelPath);
-  const plan = stageCachePlan(header, o.stage, o.thresholdBytes ?? RPC_CACHE_MIN_SIZE_BYTES);
+  const layout = await (o.layouts ? o.layouts.get(o.modelPath, st) : readTensorLayout(o.modelPath));
+  const plan = stageCachePlan(layout, o.stage, o.thresholdBytes ?? RPC_CACHE_MIN_SIZE_BYTES);
   const dir = rpcCacheDir(o.llamaCacheDir);
   await mkdir(dir, { recursive: true });
   const seeded = await readJsonMap(join(dir, MANIFEST));
+  const keyOf = (t: CachedTensor) => `${o.modelPath}\0${st.size}\0${st.mtimeMs}\0${t.fileOffset}\0${t.bytes}`;
+  // Entries the manifest names, checked all at once: a repeated load finds every one of them.
+  const present = await Promise.all(plan.cached.map(async (t) => {
+    const known = seeded[keyOf(t)];
+    return known !== undefined && (await fileHasSize(join(dir, known), t.bytes)) ? known : undefined;
+  }));
   const chunk = o.chunkBytes ?? 4 * 1024 * 1024;
   const entries: Record<string, string> = {};
   let bytesDone = 0;
@@ -103,11 +121,10 @@ export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
   const report = () =>
     o.onProgress?.({ tensorsDone, tensorsTotal: plan.cached.length, bytesDone, bytesTotal: total, bytesWritten });
   report();
-  for (const t of plan.cached) {
+  for (const [i, t] of plan.cached.entries()) {
     o.signal?.throwIfAborted();
-    const key = `${o.modelPath}\0${st.size}\0${st.mtimeMs}\0${t.fileOffset}\0${t.bytes}`;
-    const known = seeded[key];
-    if (known && (await fileHasSize(join(dir, known), t.bytes))) {
+    const known = present[i];
+    if (known) {
       entries[t.name] = known;
     } else {
       const tmp = join(dir, `.orchard-seed-${process.pid}-${tensorsDone}.tmp`);
@@ -117,7 +134,7 @@ export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
         if (await fileHasSize(target, t.bytes)) await rm(tmp, { force: true });
         else await rename(tmp, target);
         entries[t.name] = hex;
-        seeded[key] = hex;
+        seeded[keyOf(t)] = hex;
         bytesWritten += t.bytes;
       } finally {
         await rm(tmp, { force: true });
@@ -125,9 +142,10 @@ export async function seedTensorCache(o: SeedOptions): Promise<SeedResult> {
     }
     tensorsDone++;
     bytesDone += t.bytes;
-    report();
+    // a repeated seed finds everything at once: one progress message for it, not one per tensor
+    if (!known || tensorsDone === plan.cached.length) report();
   }
-  await writeJsonMap(join(dir, MANIFEST), seeded);
+  if (present.some((p) => p === undefined)) await writeJsonMap(join(dir, MANIFEST), seeded);
   return {
     cacheDir: dir,
     entries,

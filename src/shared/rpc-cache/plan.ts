@@ -1,4 +1,4 @@
-import type { GgufHeader } from '../gguf/types.ts';
+import type { GgufTensorInfo } from '../gguf/types.ts';
 
 /**
  * Which tensors of a GGUF file a ggml-rpc-server will be offered by hash, and where their bytes
@@ -41,6 +41,12 @@ export interface CacheStage {
   readonly holdsOutput: boolean;
 }
 
+/** What a cache plan needs of a GGUF header: where the data starts and each tensor's name, offset and size. */
+export interface TensorLayout {
+  readonly dataOffset: number;
+  readonly tensors: readonly Pick<GgufTensorInfo, 'name' | 'offset' | 'bytes'>[];
+}
+
 export interface CachedTensor {
   readonly name: string;
   /** Absolute offset in the GGUF file. */
@@ -73,7 +79,7 @@ export function stageHoldsTensor(name: string, stage: CacheStage, tiedOutput: bo
   return name === 'output.weight' || name === 'output_norm.weight' || name === 'output_norm.bias' || (name === 'token_embd.weight' && tiedOutput);
 }
 
-export function stageTensors(header: Pick<GgufHeader, 'tensors' | 'dataOffset'>, stage: CacheStage): CachedTensor[] {
+export function stageTensors(header: TensorLayout, stage: CacheStage): CachedTensor[] {
   const tied = !header.tensors.some((t) => t.name === 'output.weight');
   return header.tensors
     .filter((t) => stageHoldsTensor(t.name, stage, tied))
@@ -81,7 +87,7 @@ export function stageTensors(header: Pick<GgufHeader, 'tensors' | 'dataOffset'>,
 }
 
 export function stageCachePlan(
-  header: Pick<GgufHeader, 'tensors' | 'dataOffset'>,
+  header: TensorLayout,
   stage: CacheStage,
   thresholdBytes: number = RPC_CACHE_MIN_SIZE_BYTES,
 ): StageCachePlan {
