@@ -7,7 +7,8 @@ import { ENGINE_HOST, type EngineBinaries, type EngineKind, EngineRequestError, 
 import { MAX_ENGINES } from './engine-roots.ts';
 import { spawnEngine } from './engine-process.ts';
 import { LineTail } from './line-tail.ts';
-import { canConnect, pickFreePort, portBindError } from './ports.ts';
+import { waitEngineReady } from './engine-readiness.ts';
+import { pickFreePort, portBindError } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
 import type { MlxGroup } from './mlx/group.ts';
 import { MlxRankEngine } from './mlx/rank-engine.ts';
@@ -372,43 +373,27 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
 
   private async waitReady(entry: Running, host: string): Promise<void> {
     const { spec, info } = entry;
-    const deadline = Date.now() + spec.readyTimeoutMs;
     let exit: EngineExit | undefined;
     void entry.exited.then((e) => {
       exit = e;
     });
-    let delay = 50;
-    while (true) {
-      if (exit) {
-        const how = exit.signal ? `signal ${exit.signal}` : `code ${exit.exitCode}`;
-        throw new EngineRequestError(
-          'FAILED_PRECONDITION',
-          `${spec.kind} ${info.engineId} exited with ${how} before it was ready: ${lastLines(exit.lastStderrLines)}`,
-        );
-      }
-      if (entry.stopping) throw new EngineRequestError('FAILED_PRECONDITION', `${spec.kind} ${info.engineId} was stopped before it was ready`);
-      if (await this.isAccepting(spec.kind, host, info.port)) return;
-      if (Date.now() >= deadline) {
-        throw new EngineRequestError(
-          'DEADLINE_EXCEEDED',
-          `${spec.kind} ${info.engineId} did not accept connections within ${spec.readyTimeoutMs / 1000} s: ${lastLines(entry.tail.snapshot())}`,
-        );
-      }
-      await sleep(Math.min(delay, Math.max(0, deadline - Date.now())));
-      delay = Math.min(100, delay * 2); // a local probe is cheap; a 500 ms cap cost ~250 ms per engine start
-    }
-  }
-
-  private async isAccepting(kind: EngineKind, host: string, port: number): Promise<boolean> {
-    if (kind === 'rpc-server') return canConnect(host, port);
-    // llama-server answers /health with 503 while loading the model, 200 once it can serve.
-    try {
-      const res = await fetch(`http://${host}:${port}/health`, { signal: AbortSignal.timeout(2000) });
-      await res.body?.cancel();
-      return res.status === 200;
-    } catch {
-      return false;
-    }
+    await waitEngineReady({
+      kind: spec.kind === 'llama-server' ? 'llama-server' : 'rpc-server',
+      host,
+      port: info.port,
+      deadlineMs: Date.now() + spec.readyTimeoutMs,
+      output: entry.child.stderr,
+      gone: () => {
+        if (exit) {
+          const how = exit.signal ? `signal ${exit.signal}` : `code ${exit.exitCode}`;
+          return new EngineRequestError('FAILED_PRECONDITION', `${spec.kind} ${info.engineId} exited with ${how} before it was ready: ${lastLines(exit.lastStderrLines)}`);
+        }
+        if (entry.stopping) return new EngineRequestError('FAILED_PRECONDITION', `${spec.kind} ${info.engineId} was stopped before it was ready`);
+        return undefined;
+      },
+      timedOut: () =>
+        new EngineRequestError('DEADLINE_EXCEEDED', `${spec.kind} ${info.engineId} did not accept connections within ${spec.readyTimeoutMs / 1000} s: ${lastLines(entry.tail.snapshot())}`),
+    });
   }
 
   /**
@@ -492,8 +477,4 @@ function mlxRankInfo(engineId: string, spec: EngineSpec, python: string): Engine
 function lastLines(lines: readonly string[]): string {
   const picked = lines.slice(-3).join(' | ');
   return picked === '' ? '(no output on stderr)' : picked;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }
