@@ -1,20 +1,14 @@
-import { mkdtemp, rm, stat, utimes, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { stat, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { FileMemo } from '../../src/shared/file-memo.ts';
+import { tempDir } from '../helpers/temp-dir.ts';
 
-let dir = '';
-beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'orchard-file-memo-'));
-});
-afterAll(async () => {
-  await rm(dir, { recursive: true, force: true });
-});
+const dir = tempDir('orchard-file-memo-');
 
 describe('FileMemo', () => {
   it('reads a file again when its size or mtime changed, not otherwise', async () => {
-    const f = join(dir, 'a');
+    const f = join(dir.path, 'a');
     await writeFile(f, 'one');
     const reads: string[] = [];
     const memo = new FileMemo(async (p) => {
