@@ -16,8 +16,9 @@ import (
 
 // forwardTLS: the worker's certificate must chain to the cluster CA and name the expected node;
 // its address is not what identifies it, so Go's host-name check is replaced by that one.
-func forwardTLS(cfg *tls.Config, pool *x509.CertPool, expectID string) *tls.Config {
+func forwardTLS(cfg *tls.Config, pool *x509.CertPool, expectID, remote string) *tls.Config {
 	cfg.RootCAs = pool
+	cfg.ServerName, _, _ = net.SplitHostPort(remote) // as tls.Dial sets it: the session cache's key
 	cfg.InsecureSkipVerify = true
 	cfg.ClientSessionCache = tls.NewLRUClientSessionCache(16)
 	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
@@ -52,15 +53,25 @@ type refused struct {
 func (e refused) Error() string { return e.msg }
 
 // dial opens one authenticated session to the worker, past the preamble.
-func (r *relay) dial() (*tls.Conn, *bufio.Reader, error) {
+func (r *relay) dial() (*tls.Conn, *recordConn, *bufio.Reader, error) {
 	where := "tunnel to " + r.cfg.Remote
-	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", r.cfg.Remote, r.tlsCfg)
+	raw, err := net.DialTimeout("tcp", r.cfg.Remote, 10*time.Second)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", where, err)
+		return nil, nil, nil, fmt.Errorf("%s: %w", where, err)
+	}
+	rc := newRecordConn(raw)
+	conn := tls.Client(rc, r.tlsCfg)
+	fail := func(err error) (*tls.Conn, *recordConn, *bufio.Reader, error) {
+		conn.Close()
+		rc.release()
+		return nil, nil, nil, err
 	}
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := conn.Handshake(); err != nil {
+		return fail(fmt.Errorf("%s: %w", where, err))
+	}
 	fmt.Fprintf(conn, "{\"v\":1,\"port\":%d}\n", r.cfg.EnginePort)
-	br := bufio.NewReaderSize(conn, 64<<10)
+	br := bufio.NewReader(conn) // the reply line; bulk reads of the session bypass it (records.go)
 	line, err := readLine(br)
 	var reply struct {
 		Ok      bool   `json:"ok"`
@@ -68,15 +79,13 @@ func (r *relay) dial() (*tls.Conn, *bufio.Reader, error) {
 		Pending bool   `json:"pending"`
 	}
 	if err != nil || json.Unmarshal(line, &reply) != nil {
-		conn.Close()
-		return nil, nil, fmt.Errorf("%s: malformed reply", where)
+		return fail(fmt.Errorf("%s: malformed reply", where))
 	}
 	if !reply.Ok {
-		conn.Close()
-		return nil, nil, refused{msg: where + " refused: " + reply.Error, pending: reply.Pending}
+		return fail(refused{msg: where + " refused: " + reply.Error, pending: reply.Pending})
 	}
 	conn.SetDeadline(time.Time{})
-	return conn, br, nil
+	return conn, rc, br, nil
 }
 
 // serveHead: like the Node forwarder, dial again while the refusal is pending (50 ms doubling to
@@ -85,13 +94,14 @@ func (r *relay) serveHead(local net.Conn) {
 	defer local.Close()
 	deadline := time.Now().Add(time.Duration(r.cfg.WaitForEngineMs) * time.Millisecond)
 	var conn *tls.Conn
+	var rc *recordConn
 	var br *bufio.Reader
 	for delay := 50 * time.Millisecond; ; delay *= 2 {
 		if delay > time.Second {
 			delay = time.Second
 		}
 		var err error
-		conn, br, err = r.dial()
+		conn, rc, br, err = r.dial()
 		if err == nil {
 			break
 		}
@@ -102,12 +112,13 @@ func (r *relay) serveHead(local net.Conn) {
 		}
 		time.Sleep(delay)
 	}
+	defer rc.release() // after the close below
 	defer conn.Close()
 	r.connections.Add(1)
 	if conn.ConnectionState().DidResume {
 		r.resumed.Add(1)
 	}
-	pipe(local, counted{local, &r.toEngine}, conn, counted{br, &r.fromEngine})
+	pipe(local, conn, rc, br, &r.toEngine, &r.fromEngine)
 }
 
 // report writes the counters whenever they moved, at most every 250 ms: the agent's

@@ -119,7 +119,9 @@ func parseRequest(line []byte) (request, bool) {
 }
 
 func (r *relay) serveWorker(raw net.Conn) {
-	conn := tls.Server(raw, r.tlsCfg)
+	rc := newRecordConn(raw)
+	defer rc.release() // after the close below
+	conn := tls.Server(rc, r.tlsCfg)
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(preambleTimeout))
 	if err := conn.Handshake(); err != nil {
@@ -146,7 +148,7 @@ func (r *relay) serveWorker(raw net.Conn) {
 		return
 	}
 	defer release()
-	br := bufio.NewReaderSize(conn, 64<<10)
+	br := bufio.NewReader(conn) // the preamble and probes; bulk reads of the session bypass it (records.go)
 	line, err := readLine(br)
 	if err != nil {
 		r.emit(map[string]string{"refused": "malformed preamble", "peer": peer.id})
@@ -178,7 +180,7 @@ func (r *relay) serveWorker(raw net.Conn) {
 	s.connections.Add(1)
 	conn.SetDeadline(time.Time{})
 	io.WriteString(conn, "{\"ok\":true}\n")
-	pipe(conn, counted{br, &s.toEngine}, engine, counted{engine, &s.fromEngine})
+	pipe(engine, conn, rc, br, &s.fromEngine, &s.toEngine)
 }
 
 // serveProbe acknowledges each complete frame [u32 length][bytes] with its length until the peer

@@ -19,7 +19,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"regexp"
@@ -100,40 +99,6 @@ func (r *relay) emit(v any) {
 	r.out.Encode(v)
 }
 
-type counted struct {
-	io.Reader
-	n *atomic.Int64
-}
-
-func (c counted) Read(p []byte) (int, error) {
-	n, err := c.Reader.Read(p)
-	c.n.Add(int64(n))
-	return n, err
-}
-
-// pipe copies both ways (aR is what a reads, bR what b reads: buffered past the preamble); one
-// side's EOF half-closes the other, an error closes both.
-func pipe(a net.Conn, aR io.Reader, b net.Conn, bR io.Reader) {
-	var wg sync.WaitGroup
-	one := func(dst net.Conn, src io.Reader) {
-		defer wg.Done()
-		if _, err := io.CopyBuffer(dst, src, make([]byte, 256<<10)); err != nil {
-			a.Close()
-			b.Close()
-			return
-		}
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-			cw.CloseWrite()
-		}
-	}
-	wg.Add(2)
-	go one(b, aR)
-	go one(a, bR)
-	wg.Wait()
-	a.Close()
-	b.Close()
-}
-
 func tlsConfig(c config) (*tls.Config, *x509.Certificate, error) {
 	pair, err := tls.X509KeyPair([]byte(c.CertPem), []byte(c.KeyPem))
 	if err != nil {
@@ -149,16 +114,18 @@ func tlsConfig(c config) (*tls.Config, *x509.Certificate, error) {
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(ca)
-	cfg := &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS13, MaxVersion: tls.VersionTLS13}
+	// full-size records from the first byte: the records are batched per write anyway (records.go)
+	cfg := &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS13, MaxVersion: tls.VersionTLS13, DynamicRecordSizingDisabled: true}
 	if c.Mode == "listen" {
 		cfg.ClientAuth = tls.RequireAndVerifyClientCert
 		cfg.ClientCAs = pool
 		return cfg, ca, nil
 	}
-	return forwardTLS(cfg, pool, c.ExpectID), ca, nil
+	return forwardTLS(cfg, pool, c.ExpectID, c.Remote), ca, nil
 }
 
 func main() {
+	stopProfile := startProfile()
 	in := bufio.NewReader(os.Stdin)
 	first, err := in.ReadBytes('\n')
 	var c config
@@ -190,6 +157,7 @@ func main() {
 	go func() {
 		r.commands(in)
 		r.emitCounters()
+		stopProfile()
 		os.Exit(0)
 	}()
 	for {

@@ -254,6 +254,31 @@ describeWith([program('go', ['version'])], 'native tunnel listener (Go): the che
     expect(t.engine.accepted()).toBe(3);
   });
 
+  it('Go at both ends: each message, one byte or many TLS records, crosses whole at once, without waiting for more (records batched per write)', async () => {
+    const t = await listen();
+    t.enginePorts.register(t.engine.port, 'rpc-1');
+    await t.l.settled();
+    const f = await startNativeForwarder(binary, { remote: { host: '127.0.0.1', port: t.l.port }, enginePort: t.engine.port, expectPeer: { id: 'worker-1' }, credentials: head, onError: () => {} });
+    cleanup.push(() => f.close());
+    const s = connect({ port: f.port, host: '127.0.0.1', noDelay: true });
+    s.on('error', () => {});
+    let got = Buffer.alloc(0);
+    s.on('data', (d: Buffer) => {
+      got = Buffer.concat([got, d]);
+    });
+    let sent = 0;
+    // a record holds 16 KiB: one byte, a record and a byte, many records, a batch and a tail
+    for (const size of [1, 16 * 1024 + 1, 300_000, 5, 256 * 1024 + 7, 1]) {
+      const message = randomBytes(size);
+      s.write(message);
+      sent += size;
+      await vi.waitFor(() => expect(got.length).toBe(sent), { timeout: 2000, interval: 5 });
+      expect(got.subarray(sent - size).equals(message)).toBe(true);
+    }
+    await vi.waitFor(() => expect(f.bytes).toEqual({ toEngine: sent, fromEngine: sent }), { timeout: 2000 });
+    s.destroy();
+  });
+
   it('takes its key on stdin, not argv, and exits when closed', async () => {
     const t = await listen();
     const pid = t.l.pid()!;
