@@ -8,8 +8,13 @@
  * `stunnel` (native, TLS 1.3 mTLS) and, when Go is installed, `go-tls` (native/tunnel-relay:
  * the agents' own native relay, run bare), against `direct`. A fake engine answers a request of `up`
  * bytes with `down` bytes: decode-shaped round trips (11 KiB up, 128 KiB down, as llama.cpp RPC
- * sends per token) and one load-shaped upload (140 MB in 64 KiB writes).
+ * sends per token), one load-shaped upload (140 MB in 64 KiB writes) and `--sessions` new
+ * connections (a model load opens about a dozen): per relay end, the CPU per loaded MB and per new
+ * session — the relay's own cost, which holds still under load where wall times do not.
+ * `--go-baseline PATH` adds another build of the Go relay (`go-tls-baseline`, e.g. main's) to
+ * compare a change against in the same run.
  * Usage: npm run bench:tunnel-relays -- [--json] [--rounds 3] [--round-trips 300] [--load-mb 140]
+ *        [--sessions 20] [--go-baseline PATH]
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -32,11 +37,13 @@ const num = (name: string, def: number) => numberFlag(argv, `--${name}`, def);
 const ROUNDS = num('rounds', 3);
 const ROUND_TRIPS = num('round-trips', 300);
 const LOAD_BYTES = num('load-mb', 140) * 1e6;
+const SESSIONS = num('sessions', 20);
+const GO_BASELINE = argv.includes('--go-baseline') ? argv[argv.indexOf('--go-baseline') + 1] : undefined;
 const UP = 11 * 1024;
 const DOWN = 128 * 1024;
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
-type Relay = 'direct' | 'node-plain' | 'node-tls' | 'socat' | 'stunnel' | 'go-tls';
+type Relay = 'direct' | 'node-plain' | 'node-tls' | 'socat' | 'stunnel' | 'go-tls' | 'go-tls-baseline';
 
 /** The fake engine: per request an 8-byte header (up, down as uint32 BE), `up` bytes in, `down` bytes out. */
 function fakeEngine(): Promise<{ server: Server; port: number }> {
@@ -93,9 +100,36 @@ function request(s: Socket, up: number, down: number): Promise<void> {
   });
 }
 
-async function measure(port: number) {
+const open = async (port: number): Promise<Socket> => {
   const s = connect({ host: '127.0.0.1', port, noDelay: true });
   await new Promise<void>((resolve, reject) => s.once('connect', resolve).once('error', reject));
+  return s;
+};
+
+/** CPU seconds so far of a relay's head end and worker end. */
+type Cpu = () => [number, number];
+const perEnd = (cpu: Cpu, [h0, w0]: [number, number], per: number) => {
+  const [h, w] = cpu();
+  return { head: round(((h - h0) * 1000) / per), worker: round(((w - w0) * 1000) / per) };
+};
+
+/** New connections, each to its first reply (handshake, preamble, engine dial): ms each, CPU ms per session per end. */
+async function sessions(port: number, cpu: Cpu) {
+  const cpu0 = cpu();
+  const ms: number[] = [];
+  for (let i = 0; i < SESSIONS; i++) {
+    const t0 = performance.now();
+    const s = await open(port);
+    await request(s, 1, 1);
+    ms.push(performance.now() - t0);
+    s.destroy();
+  }
+  return { sessionMsP50: median(ms), sessionCpuMs: perEnd(cpu, cpu0, SESSIONS) };
+}
+
+async function measure(port: number, cpu: Cpu) {
+  const setup = await sessions(port, cpu);
+  const s = await open(port);
   await request(s, UP, DOWN); // warm-up: the tunnel's handshake and preamble are not a round trip
   const rtts: number[] = [];
   for (let i = 0; i < ROUND_TRIPS; i++) {
@@ -103,11 +137,13 @@ async function measure(port: number) {
     await request(s, UP, DOWN);
     rtts.push(performance.now() - t0);
   }
+  const cpu0 = cpu();
   const t0 = performance.now();
   await request(s, LOAD_BYTES, 1);
   const loadSeconds = (performance.now() - t0) / 1000;
+  const loadCpuMsPerMB = perEnd(cpu, cpu0, LOAD_BYTES / 1e6);
   s.destroy();
-  return { roundTripMsP50: median(rtts), roundTripMsP90: quantile(rtts, 0.9), loadSeconds };
+  return { roundTripMsP50: median(rtts), roundTripMsP90: quantile(rtts, 0.9), loadSeconds, loadCpuMsPerMB, ...setup };
 }
 
 /** One tunnel end in its own process (`--end head|worker`), configured over stdin; prints its ports. */
@@ -147,8 +183,12 @@ async function spawnEnd(cfg: object): Promise<{ proc: ChildProcess; tlsPort: num
 
 interface Route {
   readonly port: number;
-  readonly pids: readonly number[];
+  /** The relay's head-end and worker-end processes (none for direct). */
+  readonly pids: { readonly head?: number; readonly worker?: number };
 }
+
+/** A native relay's route: its ends are [worker, head] (bench/lib/native-relay.ts). */
+const nativeRoute = (r: NativeRelay): Route => ({ port: r.port, pids: { worker: r.ends[0]?.proc.pid, head: r.ends[1]?.proc.pid } });
 
 async function routes(enginePort: number, work: string): Promise<Record<Relay, Route>> {
   const ca = await createClusterCa('bench-relays');
@@ -159,9 +199,9 @@ async function routes(enginePort: number, work: string): Promise<Record<Relay, R
   const creds = { head: await issue('head'), worker: await issue('worker') };
   const worker = await spawnEnd({ end: 'worker', credentials: creds.worker, tlsTarget: enginePort, enginePort, plainTarget: enginePort });
   const head = await spawnEnd({ end: 'head', credentials: creds.head, tlsTarget: worker.tlsPort, enginePort, plainTarget: worker.plainPort });
-  const pids = [head.proc.pid ?? 0, worker.proc.pid ?? 0];
+  const pids = { head: head.proc.pid, worker: worker.proc.pid };
   const out: Partial<Record<Relay, Route>> = {
-    direct: { port: enginePort, pids: [] },
+    direct: { port: enginePort, pids: {} },
     'node-tls': { port: head.tlsPort, pids },
     'node-plain': { port: head.plainPort, pids },
   };
@@ -172,14 +212,41 @@ async function routes(enginePort: number, work: string): Promise<Record<Relay, R
       stunnel: await startStunnelRelay(enginePort, await ports(), creds, work),
     };
     await new Promise((r) => setTimeout(r, 500)); // both listen within milliseconds; the first measurement connects after
-    for (const [name, r] of Object.entries(natives)) out[name as Relay] = { port: r.port, pids: r.ends.map((e) => e.proc.pid ?? 0) };
+    for (const [name, r] of Object.entries(natives)) out[name as Relay] = nativeRoute(r);
   }
   const goBinary = buildGoRelay(work);
-  if (goBinary) {
-    const r = await startGoRelay(enginePort, creds, goBinary);
-    out['go-tls'] = { port: r.port, pids: r.ends.map((e) => e.proc.pid ?? 0) };
-  }
+  if (goBinary) out['go-tls'] = nativeRoute(await startGoRelay(enginePort, creds, goBinary));
+  if (GO_BASELINE) out['go-tls-baseline'] = nativeRoute(await startGoRelay(enginePort, creds, GO_BASELINE));
   return out as Record<Relay, Route>;
+}
+
+type Measured = Awaited<ReturnType<typeof measure>>;
+type Series = { [K in 'roundTripMsP50' | 'roundTripMsP90' | 'loadSeconds' | 'sessionMsP50' | 'relayCpuSeconds']: number[] } & {
+  loadCpuMsPerMB: Measured['loadCpuMsPerMB'][];
+  sessionCpuMs: Measured['sessionCpuMs'][];
+};
+
+/** Every relay, ROUNDS times, in ABC…CBA order. */
+async function runRounds(all: Record<Relay, Route>): Promise<Record<string, Series>> {
+  const names = Object.keys(all) as Relay[];
+  const results: Record<string, Series> = {};
+  for (let i = 0; i < ROUNDS; i++) {
+    for (const name of i % 2 === 0 ? names : [...names].reverse()) {
+      const { port, pids } = all[name];
+      const cpu: Cpu = () => [pids.head ? processCpuSeconds(pids.head) : 0, pids.worker ? processCpuSeconds(pids.worker) : 0];
+      const [h0, w0] = cpu();
+      const m = await measure(port, cpu);
+      await new Promise((r) => setTimeout(r, 100)); // socat's per-connection child exits and is reaped
+      const [h1, w1] = cpu();
+      const r = results[name] ?? { roundTripMsP50: [], roundTripMsP90: [], loadSeconds: [], sessionMsP50: [], relayCpuSeconds: [], loadCpuMsPerMB: [], sessionCpuMs: [] };
+      results[name] = r;
+      for (const k of ['roundTripMsP50', 'roundTripMsP90', 'loadSeconds', 'sessionMsP50'] as const) r[k].push(round(m[k]));
+      r.relayCpuSeconds.push(round(h1 - h0 + w1 - w0));
+      r.loadCpuMsPerMB.push(m.loadCpuMsPerMB);
+      r.sessionCpuMs.push(m.sessionCpuMs);
+    }
+  }
+  return results;
 }
 
 async function main(): Promise<void> {
@@ -187,40 +254,29 @@ async function main(): Promise<void> {
   const work = await mkdtemp(join(tmpdir(), 'orchard-bench-relays-'));
   const engine = await fakeEngine();
   try {
-    const all = await routes(engine.port, work);
-    const names = Object.keys(all) as Relay[];
-    const results: Record<string, { roundTripMsP50: number[]; roundTripMsP90: number[]; loadSeconds: number[]; relayCpuSeconds: number[] }> = {};
-    for (let i = 0; i < ROUNDS; i++) {
-      for (const name of i % 2 === 0 ? names : [...names].reverse()) {
-        const route = all[name];
-        const cpu = () => route.pids.reduce((sum, pid) => sum + processCpuSeconds(pid), 0);
-        const cpu0 = cpu();
-        const m = await measure(route.port);
-        await new Promise((r) => setTimeout(r, 100)); // socat's per-connection child exits and is reaped
-        const r = results[name] ?? { roundTripMsP50: [], roundTripMsP90: [], loadSeconds: [], relayCpuSeconds: [] };
-        results[name] = r;
-        r.roundTripMsP50.push(round(m.roundTripMsP50));
-        r.roundTripMsP90.push(round(m.roundTripMsP90));
-        r.loadSeconds.push(round(m.loadSeconds));
-        r.relayCpuSeconds.push(round(cpu() - cpu0));
-      }
-    }
+    const results = await runRounds(await routes(engine.port, work));
     const med = (xs: number[]) => round(median(xs));
+    const medEnds = (xs: { head: number; worker: number }[]) => ({ head: med(xs.map((x) => x.head)), worker: med(xs.map((x) => x.worker)) });
     const direct = results.direct;
     const relays = Object.fromEntries(
-      Object.entries(results).map(([name, r]) => [
+      Object.entries(results).map(([name, { loadCpuMsPerMB, sessionCpuMs, ...r }]) => [
         name,
         {
           roundTripAddedMsP50: direct ? round(med(r.roundTripMsP50) - med(direct.roundTripMsP50)) : undefined,
           loadMBps: round(LOAD_BYTES / 1e6 / med(r.loadSeconds), 1),
           relayCpuSecondsPerRound: med(r.relayCpuSeconds),
+          /** CPU ms per MB of the upload, per end (native ends: whole process; socat's forked children once reaped). */
+          loadCpuMsPerMB: medEnds(loadCpuMsPerMB),
+          sessionAddedMsP50: direct ? round(med(r.sessionMsP50) - med(direct.sessionMsP50)) : undefined,
+          sessionCpuMs: medEnds(sessionCpuMs),
           ...r,
+          perRound: { loadCpuMsPerMB, sessionCpuMs },
         },
       ]),
     );
     const out = {
       bench: 'tunnel-relays',
-      setup: { rounds: ROUNDS, roundTrips: ROUND_TRIPS, upBytes: UP, downBytes: DOWN, loadBytes: LOAD_BYTES },
+      setup: { rounds: ROUNDS, roundTrips: ROUND_TRIPS, upBytes: UP, downBytes: DOWN, loadBytes: LOAD_BYTES, sessions: SESSIONS, ...(GO_BASELINE ? { goBaseline: GO_BASELINE } : {}) },
       relays,
       loadAverage1m: { start: round(loadAverage[0] ?? 0, 2), end: round(loadavg()[0] ?? 0, 2) },
       cores: availableParallelism(),
