@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type * as grpc from '@grpc/grpc-js';
 import { OrchardError, errorMessage } from '../shared/errors.ts';
+import type { PortRange } from '../shared/engine-port-range.ts';
 import type { HardwareProfile, LiveStats } from '../shared/hardware.ts';
 import type { Logger } from '../shared/log.ts';
 import { NodeAdvertiser } from './advertise.ts';
@@ -16,6 +17,7 @@ import { type MetricsServer, serveMetrics } from '../shared/metrics/http.ts';
 import { NodeMetrics } from './metrics.ts';
 import { AgentEventBus } from './event-bus.ts';
 import { EngineSupervisor } from './supervisor.ts';
+import { EnginePortAllocator, engineRangeOf } from './ports.ts';
 import { findMlxEnv } from './mlx/env.ts';
 import { ModelLibrary } from './model-library.ts';
 import { prepareRunDir } from './run-dir.ts';
@@ -55,6 +57,8 @@ export interface NodeAgentOptions {
   readonly modelsDirs?: readonly string[] | undefined;
   /** Port of the tunnel listener on bindHost (`--tunnel-port`; 0 = any free port). Only with credentials. */
   readonly tunnelPort?: number | undefined;
+  /** `--engine-ports`: the ports engines get (else ORCHARD_NODE_ENGINE_PORTS, else 20000-32767), less the ephemeral range. */
+  readonly enginePorts?: PortRange | undefined;
 }
 
 export interface AgentReady {
@@ -90,6 +94,7 @@ export class NodeAgent {
   private advertiser: NodeAdvertiser | undefined;
   private refreshTimer: NodeJS.Timeout | undefined;
   private grpcPort = 0;
+  private enginePorts: PortRange | undefined;
   private stopping: Promise<void> | undefined;
 
   constructor(private readonly options: NodeAgentOptions) {
@@ -116,6 +121,7 @@ export class NodeAgent {
       ...this.currentProfile,
       ...(this.metricsServer ? { metricsPort: this.metricsServer.port } : {}),
       ...(tunnelPort !== undefined ? { tunnelPort } : {}),
+      ...(this.enginePorts ? { enginePorts: this.enginePorts } : {}),
     };
   }
 
@@ -123,6 +129,8 @@ export class NodeAgent {
     const { options: o, log } = { options: this.options, log: this.options.log };
     const { identity, tls } = await this.loadIdentity();
     this.currentProfile = await this.probe(identity.nodeId);
+    this.enginePorts = await engineRangeOf(o.enginePorts);
+    log.info({ enginePorts: this.enginePorts }, 'engine port range (127.0.0.1 only)');
     const { supervisor, tunnels } = this.engineSide(identity.nodeId, tls, await prepareRunDir(o.stateDir, log));
     // Only a member can be admitted to the bus: its certificate is its NATS identity.
     if (tls) this.eventBus = new AgentEventBus({ stateDir: o.stateDir, nodeId: identity.nodeId, clusterId: caClusterId(tls.caCertPem), supervisor, live: () => this.live(), log: log.child({ part: 'events' }) });
@@ -203,6 +211,7 @@ export class NodeAgent {
       binaries: o.binaries,
       log: log.child({ part: 'supervisor' }),
       stopGraceMs: o.engineStopGraceMs,
+      ports: new EnginePortAllocator(this.enginePorts!),
       runDir,
       mlxPython: async () => {
         const env = await findMlxEnv();

@@ -21,7 +21,7 @@ import { ssePayloads } from '../shared/sse.ts';
 import { findLlamaBinaries } from './llama/binaries.ts';
 import { llamaCacheDir } from './llama/cache.ts';
 import { llamaServerArgs } from './engine-spec.ts';
-import { canConnect, pickFreePort } from './ports.ts';
+import { canConnect, EnginePortAllocator, engineRangeOf } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
 
 /**
@@ -225,7 +225,10 @@ export async function startCalibrationEngine(threads: number, env: NodeJS.Proces
   const bins = await findLlamaBinaries(env);
   const path = model ?? (await ensureCalibrationModel(env));
   const memory = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: CTX, parallel: 1 };
-  const port = await pickFreePort('127.0.0.1');
+  // From the engine port range, as the agents' engines: a port 0 answer could be taken by any
+  // outgoing connection before the engine binds it.
+  const ports = new EnginePortAllocator(engineRangeOf(undefined, env));
+  const port = await ports.take('127.0.0.1');
   const url = `http://127.0.0.1:${port}`;
   const procs: ReturnType<typeof startDetached>[] = [];
   // The engines' own sentinel (watchdog.ts), as the agent's engines have: 20 calibration engines
@@ -238,7 +241,7 @@ export async function startCalibrationEngine(threads: number, env: NodeJS.Proces
   try {
     let argv = ['-m', path, ...llamaMemoryArgs(memory), '-ngl', '0'];
     if (process.platform !== 'darwin') {
-      const rpcPort = await pickFreePort('127.0.0.1');
+      const rpcPort = await ports.take('127.0.0.1');
       const rpc = startDetached(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(threads)], env, watchdog);
       procs.push(rpc);
       await waitAccepting(rpcPort, rpc.exited, 30_000);

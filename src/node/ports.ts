@@ -1,12 +1,112 @@
+import { execFile } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
 import { connect, createServer } from 'node:net';
+import { promisify } from 'node:util';
+import { errorMessage } from '../shared/errors.ts';
+import { EngineRequestError } from './engine-spec.ts';
+import { DEFAULT_ENGINE_PORT_RANGE, drawPorts, type PortRange, parseEphemeralRange, parsePortRange, usableEngineRange } from '../shared/engine-port-range.ts';
 
 /**
- * Port helpers for engines. Engines take a port number on their command line, so "pick a free
- * port" means: bind port 0, read the number, release it, hand it to the engine. Another process
- * could grab it in between; the supervisor then sees the engine fail to bind and reports it.
+ * Port helpers for engines. Engines take a port number on their command line, so a port is
+ * chosen, checked free by a bind, released and handed to the engine, which binds it a moment
+ * later. Engines get theirs from the engine port range (shared/engine-port-range.ts: outside the
+ * kernel's ephemeral range, so no outgoing connection takes one in that moment); port 0
+ * (`pickFreePort`) is for the benches' own servers.
  */
 
-/** Resolve with a currently free TCP port on `host`. */
+/** The kernel's ephemeral port range, or undefined where it cannot be read. */
+export async function ephemeralPortRange(): Promise<PortRange | undefined> {
+  if (process.platform === 'darwin') {
+    const sysctl = await promisify(execFile)('sysctl', ['-n', 'net.inet.ip.portrange.first', 'net.inet.ip.portrange.last']).catch(() => undefined);
+    return sysctl ? parseEphemeralRange(sysctl.stdout) : undefined;
+  }
+  const text = await readFile('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').catch(() => undefined);
+  return text === undefined ? undefined : parseEphemeralRange(text);
+}
+
+/**
+ * This machine's engine port range: `configured` (else ORCHARD_NODE_ENGINE_PORTS, else the
+ * default) without its part in the ephemeral range. UsageError when too little is left.
+ */
+export async function engineRangeOf(configured: PortRange | undefined, env: NodeJS.ProcessEnv = process.env): Promise<PortRange> {
+  const fromEnv = env.ORCHARD_NODE_ENGINE_PORTS ? parsePortRange(env.ORCHARD_NODE_ENGINE_PORTS, 'ORCHARD_NODE_ENGINE_PORTS') : undefined;
+  return usableEngineRange(configured ?? fromEnv ?? DEFAULT_ENGINE_PORT_RANGE, await ephemeralPortRange());
+}
+
+/**
+ * The engine ports this process hands out: from its engine port range, checked free by a bind on
+ * `host`, and never handed out again while held (until `release`: the engine exited) — two
+ * engines started at once cannot get the same one.
+ */
+export class EnginePortAllocator {
+  readonly #held = new Set<number>();
+  readonly #range: Promise<PortRange>;
+
+  constructor(
+    range: PortRange | Promise<PortRange>,
+    private readonly random: () => number = Math.random,
+  ) {
+    this.#range = Promise.resolve(range);
+    this.#range.catch(() => {}); // reported by take()
+  }
+
+  range(): Promise<PortRange> {
+    return this.#range;
+  }
+
+  /** A free port of the range on `host`, held until released. */
+  async take(host: string): Promise<number> {
+    const range = await this.#range;
+    const refused = new Set<number>();
+    for (let attempt = 0; attempt < 32; attempt++) {
+      const [port] = drawPorts(1, range, this.random, (p) => this.#held.has(p) || refused.has(p));
+      this.#held.add(port!);
+      const code = await portBindError(host, port!);
+      if (code === undefined) return port!;
+      this.#held.delete(port!);
+      if (code !== 'EADDRINUSE' && code !== 'EACCES') throw new Error(`cannot bind ${host}:${port}: ${code}`);
+      refused.add(port!);
+    }
+    throw new Error(`no free port in the engine port range ${range[0]}-${range[1]} on ${host} after 32 tries`);
+  }
+
+  /**
+   * An engine's port, held until released: a free one of the range for 0, else the one asked for
+   * (an MLX ring rank's, chosen by the coordinator) once no engine of ours holds it and a bind
+   * shows it free. FAILED_PRECONDITION otherwise.
+   */
+  async claim(host: string, port: number): Promise<number> {
+    if (port === 0) {
+      return this.take(host).catch((err: unknown) => {
+        throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${host}: ${errorMessage(err)}`);
+      });
+    }
+    if (this.#held.has(port)) throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} on ${host} is already in use by an engine of this node`);
+    this.#held.add(port);
+    const code = await portBindError(host, port);
+    if (code === undefined) return port;
+    this.#held.delete(port);
+    if (code === 'EADDRINUSE') throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} on ${host} is already in use`);
+    throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${host}:${port} (${code})`);
+  }
+
+  release(port: number): void {
+    this.#held.delete(port);
+  }
+}
+
+/** An engine died before it was ready and the port it was handed is bound by someone else now. */
+export class PortTakenError extends EngineRequestError {
+  constructor(
+    readonly port: number,
+    host: string,
+    message: string,
+  ) {
+    super('FAILED_PRECONDITION', `${message} (port ${port} on ${host} is already in use)`);
+  }
+}
+
+/** Resolve with a currently free TCP port on `host` (port 0: from the ephemeral range). */
 export function pickFreePort(host: string): Promise<number> {
   return new Promise((resolve, reject) => {
     const srv = createServer();

@@ -3,12 +3,13 @@ import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
-import { ENGINE_HOST, type EngineBinaries, type EngineKind, EngineRequestError, type EngineSpec, engineCommand, sameEngineRequest } from './engine-spec.ts';
+import { type EngineExit, type EngineInfo, mlxRankInfo } from './engine-info.ts';
+import { ENGINE_HOST, type EngineBinaries, EngineRequestError, type EngineSpec, engineCommand, sameEngineRequest } from './engine-spec.ts';
 import { MAX_ENGINES } from './engine-roots.ts';
 import { spawnEngine } from './engine-process.ts';
 import { LineTail } from './line-tail.ts';
 import { waitEngineReady } from './engine-readiness.ts';
-import { pickFreePort, portBindError } from './ports.ts';
+import { EnginePortAllocator, engineRangeOf, PortTakenError, portBindError } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
 import type { MlxGroup } from './mlx/group.ts';
 import { MlxRankEngine } from './mlx/rank-engine.ts';
@@ -25,30 +26,7 @@ const STARTUP_LOG = /assigned to device|buffer size|memory_breakdown|projected m
  * decision; it learns about the exit from the `exited` event (gRPC Watch).
  */
 
-export interface EngineInfo {
-  readonly engineId: string;
-  readonly kind: EngineKind;
-  readonly host: string;
-  readonly port: number;
-  readonly pid: number;
-  readonly model: string;
-  readonly startedAtSeconds: number;
-  readonly argv: readonly string[];
-  /** Start-up log lines about placement and memory (see STARTUP_LOG); only on start()'s result. */
-  readonly startupLog?: readonly string[];
-}
-
-export interface EngineExit {
-  readonly engineId: string;
-  readonly kind: EngineKind;
-  readonly port: number;
-  /** -1 when the engine was ended by a signal. */
-  readonly exitCode: number;
-  readonly signal: string;
-  /** true when StopEngine or the agent's shutdown asked for it. */
-  readonly expected: boolean;
-  readonly lastStderrLines: readonly string[];
-}
+export type { EngineExit, EngineInfo } from './engine-info.ts';
 
 export interface SupervisorEvents {
   started: [EngineInfo];
@@ -62,6 +40,8 @@ export interface SupervisorOptions {
   /** Time between SIGTERM and SIGKILL when stopping (default 5 s). */
   readonly stopGraceMs?: number;
   readonly watchdog?: EngineWatchdog;
+  /** Where engines' ports come from (default: this machine's engine port range, engine-port-range.ts). */
+  readonly ports?: EnginePortAllocator;
   /** The MLX venv's Python; rejects with a one-line reason when MLX is not set up. */
   readonly mlxPython?: () => Promise<string>;
   /** Where MLX groups keep their launch files (the agent's `<state dir>/run`, run-dir.ts). */
@@ -94,6 +74,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   private readonly mlx = new Map<string, MlxRunning>();
   private readonly starting = new Map<string, Promise<EngineInfo>>();
   private readonly watchdog: EngineWatchdog;
+  private readonly ports: EnginePortAllocator;
   private readonly stopGraceMs: number;
   private shuttingDown = false;
   /** Starts per engine id, so a second start of the same id counts as a restart. */
@@ -102,6 +83,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   constructor(private readonly options: SupervisorOptions) {
     super();
     this.watchdog = options.watchdog ?? new EngineWatchdog({ log: options.log });
+    this.ports = options.ports ?? new EnginePortAllocator(engineRangeOf(undefined));
     this.stopGraceMs = options.stopGraceMs ?? 5000;
   }
 
@@ -157,7 +139,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       }
       return pending ?? Promise.resolve(existing.info);
     }
-    const promise = this.launch(engineId, spec).finally(() => this.starting.delete(engineId));
+    const promise = this.launchOnFreePort(engineId, spec).finally(() => this.starting.delete(engineId));
     this.starting.set(engineId, promise);
     return promise;
   }
@@ -196,6 +178,10 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     }
     // Another call may have started it while we looked for Python.
     if (this.mlx.has(engineId)) return this.startMlx(engineId, spec);
+    // The coordinator chose the ring port from this node's engine port range: checked free and
+    // held here (no engine of ours gets it while the rank runs); the rank binds it once loaded.
+    const ringPort = mlxRankPort(mlx);
+    if (ringPort > 0) await this.ports.claim(ENGINE_HOST, ringPort);
     const log = this.options.log.child({ engineId, kind: spec.kind, rank: mlx.rank, size: mlx.worldSize });
     log.info({ model: mlx.modelDir, mode: mlx.mode, backend: mlx.launch?.backend ?? 'none', split: mlx.split }, 'starting MLX rank');
     const engine = new MlxRankEngine({
@@ -256,6 +242,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     return engine.exited.then((x) => {
       const entry = self();
       const { engineId, port } = entry.info;
+      if (port > 0) this.ports.release(port);
       const expected = entry.stopping || this.shuttingDown;
       if (this.mlx.get(engineId) === entry) this.mlx.delete(engineId);
       const exit: EngineExit = {
@@ -273,6 +260,22 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     });
   }
 
+  /**
+   * With port 0 the agent picks the port, checked free, and the engine binds it a moment later: if
+   * another process took it in that moment, once more on a fresh port (a requested port is the
+   * caller's to choose again).
+   */
+  private async launchOnFreePort(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
+    try {
+      return await this.launch(engineId, spec);
+    } catch (err) {
+      if (spec.port !== 0 || !(err instanceof PortTakenError)) throw err;
+      this.options.log.warn({ engineId, port: err.port, err: err.message }, 'another process took the engine\'s port before it bound it: starting it again on a fresh port');
+      this.startCounts.set(engineId, (this.startCounts.get(engineId) ?? 1) - 1); // not a restart
+      return this.launch(engineId, spec);
+    }
+  }
+
   private async launch(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
     let bins: EngineBinaries;
     try {
@@ -280,11 +283,14 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     } catch (err) {
       throw new EngineRequestError('FAILED_PRECONDITION', errorMessage(err));
     }
-    const port = await this.enginePort(spec);
+    const port = await this.ports.claim(ENGINE_HOST, spec.port);
     const cmd = engineCommand(spec, port, bins);
     const log = this.options.log.child({ engineId, kind: spec.kind, port });
     log.info({ file: cmd.file, argv: cmd.argv }, 'starting engine');
-    const child = await spawnEngine(cmd);
+    const child = await spawnEngine(cmd).catch((err: unknown) => {
+      this.ports.release(port);
+      throw err;
+    });
     const pid = child.pid!;
     this.watchdog.add(pid);
     this.startCounts.set(engineId, (this.startCounts.get(engineId) ?? 0) + 1);
@@ -320,29 +326,15 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       await this.waitReady(entry, ENGINE_HOST);
     } catch (err) {
       entry.stopping = true;
-      await this.terminate(entry);
+      const exit = await this.terminate(entry);
+      // Gone on its own before it was ready, and the port it was handed is bound now: taken.
+      if (!exit.expected && (await portBindError(ENGINE_HOST, port)) === 'EADDRINUSE') throw new PortTakenError(port, ENGINE_HOST, errorMessage(err));
       throw err;
     }
     entry.ready = true;
     log.info({ pid }, 'engine ready');
     this.emit('started', info);
     return { ...info, startupLog: startup.snapshot() };
-  }
-
-  /** The requested port checked free, or a free one when the request says 0. */
-  private async enginePort(spec: EngineSpec): Promise<number> {
-    const port = spec.port;
-    if (port === 0) {
-      return pickFreePort(ENGINE_HOST).catch((err: unknown) => {
-        throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${ENGINE_HOST}: ${errorMessage(err)}`);
-      });
-    }
-    const taken = [...this.running.values()].find((r) => r.info.port === port);
-    if (taken) throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} is in use by engine ${taken.info.engineId}`);
-    const code = await portBindError(ENGINE_HOST, port);
-    if (code === 'EADDRINUSE') throw new EngineRequestError('FAILED_PRECONDITION', `port ${port} on ${ENGINE_HOST} is already in use`);
-    if (code) throw new EngineRequestError('FAILED_PRECONDITION', `cannot bind ${ENGINE_HOST}:${port} (${code})`);
-    return port;
   }
 
   /** Resolves when the engine process is gone; reports the exit if the engine had been ready. */
@@ -352,6 +344,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       // 'close' (not 'exit') so the stderr tail is complete.
       child.once('close', (code, signal) => {
         this.watchdog.remove(pid);
+        this.ports.release(port);
         const r = this.running.get(engineId);
         const expected = (r?.stopping ?? false) || this.shuttingDown;
         if (r?.child === child) this.running.delete(engineId);
@@ -457,21 +450,6 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     for (const e of this.running.values()) e.child.kill('SIGKILL');
     for (const m of this.mlx.values()) void m.engine.close();
   }
-}
-
-/** What an MLX rank is known as before it is ready (its pid comes with "ready"). */
-function mlxRankInfo(engineId: string, spec: EngineSpec, python: string): EngineInfo {
-  const mlx = spec.mlx!;
-  return {
-    engineId,
-    kind: 'mlx-rank',
-    host: ENGINE_HOST,
-    port: mlxRankPort(mlx),
-    pid: 0,
-    model: spec.model,
-    startedAtSeconds: Date.now() / 1000,
-    argv: [python, 'mlx_worker.py', '--model', mlx.modelDir, '--mode', mlx.mode, `rank ${mlx.rank}/${mlx.worldSize}`],
-  };
 }
 
 function lastLines(lines: readonly string[]): string {

@@ -1,3 +1,4 @@
+import type { PortRange } from './engine-port-range.ts';
 import type { HardwareProfile, LiveStats } from './hardware.ts';
 
 /**
@@ -45,6 +46,7 @@ export function profileToWire(p: HardwareProfile): { [K in keyof Required<Hardwa
     effectiveBandwidthBytesPerSecond: String(Math.round(p.effectiveBandwidthBytesPerSecond ?? 0)),
     prefillFlopsPerSecond: String(Math.round(p.prefillFlopsPerSecond ?? 0)),
     tunnelPort: p.tunnelPort ?? 0,
+    enginePorts: p.enginePorts ? { first: p.enginePorts[0], last: p.enginePorts[1] } : null,
   };
 }
 
@@ -79,7 +81,15 @@ export function profileFromWire(p: Wire | undefined | null): HardwareProfile {
     effectiveBandwidthBytesPerSecond: num(w.effectiveBandwidthBytesPerSecond) || undefined,
     prefillFlopsPerSecond: num(w.prefillFlopsPerSecond) || undefined,
     tunnelPort: num(w.tunnelPort) || undefined,
+    enginePorts: enginePortsFromWire(w.enginePorts as Wire | null | undefined),
   };
+}
+
+/** A range an agent sent, if it is one (an older agent sends none). */
+function enginePortsFromWire(w: Wire | null | undefined): PortRange | undefined {
+  const first = num(w?.first);
+  const last = num(w?.last);
+  return first >= 1 && first <= last && last <= 65535 ? [first, last] : undefined;
 }
 
 const PRESSURES = new Set(['normal', 'warn', 'critical', 'unknown']);

@@ -1,3 +1,5 @@
+import type { PortRange } from './engine-port-range.ts';
+
 /**
  * What a node is and can hold — the TypeScript twin of `orchard.v1.HardwareProfile`.
  * Produced by the node agent's probe (src/node/hardware), consumed by the planner and the
@@ -49,6 +51,12 @@ export interface HardwareProfile {
    * while the node holds no cluster credentials (it then runs no tunnel).
    */
   readonly tunnelPort?: number | undefined;
+  /**
+   * The ports this agent hands its engines (all bound on 127.0.0.1), outside the machine's
+   * ephemeral range (engine-port-range.ts); the coordinator picks MLX ring ports from it. Absent
+   * from an older agent.
+   */
+  readonly enginePorts?: PortRange | undefined;
 }
 
 export interface LiveStats {

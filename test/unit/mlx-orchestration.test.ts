@@ -57,7 +57,8 @@ describe('mlxInstanceLaunch: ranks, backend, ports', () => {
     expect(new Set(ports).size).toBe(3);
     expect(l.reason).toMatch(/through the TLS tunnels/);
     expect(l.untunnelledRdma).toBe(false);
-    for (const p of ports) expect(p).toBeGreaterThanOrEqual(20000);
+    // the default engine port range: below Linux's (32768-) and macOS's (49152-) ephemeral ranges
+    for (const p of ports) expect(p >= 20000 && p <= 32767).toBe(true);
   });
 
   it('every launch gets fresh ports', () => {
@@ -164,11 +165,17 @@ describe('link detection', () => {
     expect(() => ipv4Of('studio.local:50151')).toThrow(/literal IPv4/);
   });
 
-  it('freshPorts: distinct, in range, refuses an impossible range', () => {
-    const p = freshPorts(50, uniformSource(3), [30000, 30060]);
+  it('freshPorts: one per rank from its node\'s engine port range, distinct, refuses an impossible range', () => {
+    const ranks = Array.from({ length: 50 }, () => ({ enginePorts: [30000, 30060] as const }));
+    const p = freshPorts(ranks, uniformSource(3));
     expect(new Set(p).size).toBe(50);
     for (const x of p) expect(x >= 30000 && x <= 30060).toBe(true);
-    expect(() => freshPorts(3, uniformSource(1), [1000, 1001])).toThrow(/too small/);
+    // each rank from its own node's range; an agent that advertises none: the default 20000-32767
+    const mixed = freshPorts([{ enginePorts: [21000, 21001] }, { enginePorts: [40000, 40000] }, {}], uniformSource(5));
+    expect(mixed[0]! >= 21000 && mixed[0]! <= 21001).toBe(true);
+    expect(mixed[1]).toBe(40000);
+    expect(mixed[2]! >= 20000 && mixed[2]! <= 32767).toBe(true);
+    expect(() => freshPorts([{ enginePorts: [21000, 21001] }, { enginePorts: [21000, 21001] }, { enginePorts: [21000, 21001] }], uniformSource(1))).toThrow(/no 1 free port/);
   });
 });
 

@@ -31,6 +31,7 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     protocolVersion: '1',
     metricsPort: 9151,
     tunnelPort: 9152,
+    enginePorts: [20000, 32767],
   });
   // The real contract: what the agent's Describe serializes is what the coordinator reads back.
   const describe_ = orchardV1().NodeAgent!.service.Describe!;
@@ -68,6 +69,14 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     const { tunnelPort: _, ...without } = profile;
     expect(profileToWire(without).tunnelPort).toBe(0);
     expect(profileFromWire(roundTrip(profileToWire(without)).profile)).toEqual({ ...without, tunnelPort: undefined });
+  });
+
+  it('the engine port range round-trips; an older agent (none sent) and a nonsense range read back as absent', () => {
+    expect(profileFromWire(roundTrip(profileToWire(profile)).profile).enginePorts).toEqual([20000, 32767]);
+    const { enginePorts: _, ...without } = profile;
+    expect(profileToWire(without).enginePorts).toBeNull();
+    expect(profileFromWire(roundTrip(profileToWire(without)).profile)).toEqual({ ...without, enginePorts: undefined });
+    expect(profileFromWire({ ...profileToWire(profile), enginePorts: { first: 40000, last: 30000 } }).enginePorts).toBeUndefined();
   });
 
   it('live stats round-trip through NodeAgent.Describe', () => {

@@ -17,6 +17,7 @@ import { loadOrCreateIdentity } from '../../node/identity.ts';
 import { ensureJoined, keepMembership, readJoinToken, scrubArgv } from '../node-join.ts';
 import { agentAdvertiseAddress } from './cluster.ts';
 import { registerDrain } from './drain.ts';
+import { parsePortRange } from '../../shared/engine-port-range.ts';
 
 export const DEFAULT_GRPC_PORT = 50151;
 export const DEFAULT_METRICS_PORT = 9151;
@@ -26,6 +27,7 @@ interface NodeFlags {
   grpcPort: string;
   metricsPort: string;
   tunnelPort: string;
+  enginePorts?: string;
   stateDir?: string;
   memoryLimit?: string;
   budget?: string;
@@ -52,6 +54,7 @@ export function registerNode(program: Command): void {
     .addOption(new Option('--grpc-port <port>', 'NodeAgent gRPC port (0 = pick a free one)').default(String(DEFAULT_GRPC_PORT)).env('ORCHARD_NODE_GRPC_PORT'))
     .addOption(new Option('--metrics-port <port>', 'Prometheus /metrics and /healthz port (0 = pick)').default(String(DEFAULT_METRICS_PORT)).env('ORCHARD_NODE_METRICS_PORT'))
     .addOption(new Option('--tunnel-port <port>', 'TLS tunnel port for engine traffic between nodes, on the --bind host (0 = pick; only once the node holds cluster credentials)').default('0').env('ORCHARD_NODE_TUNNEL_PORT'))
+    .addOption(new Option('--engine-ports <first-last>', 'ports this node hands its engines, all bound on 127.0.0.1 only; the part inside the OS ephemeral port range is left out (default 20000-32767)').env('ORCHARD_NODE_ENGINE_PORTS'))
     .addOption(new Option('--state-dir <dir>', 'where the stable node id is kept (default ~/.orchard/node or $XDG_STATE_HOME/orchard/node)').env('ORCHARD_NODE_STATE_DIR'))
     .addOption(new Option('--memory-limit <size>', 'pretend total RAM, e.g. 16GiB').env('ORCHARD_NODE_MEMORY_LIMIT'))
     .addOption(new Option('--budget <size>', 'usable model-memory budget, e.g. 12GiB (skips the computation)').env('ORCHARD_NODE_BUDGET'))
@@ -91,6 +94,7 @@ function parseFlags(flags: NodeFlags) {
     grpcPort: parsePort(flags.grpcPort, '--grpc-port'),
     metricsPort: parsePort(flags.metricsPort, '--metrics-port'),
     tunnelPort: parsePort(flags.tunnelPort, '--tunnel-port'),
+    enginePorts: flags.enginePorts !== undefined ? parsePortRange(flags.enginePorts) : undefined,
     stateDir: flags.stateDir ?? defaultStateDir(),
     memoryLimitBytes: flags.memoryLimit !== undefined ? positive(parseSize(flags.memoryLimit, '--memory-limit'), '--memory-limit') : undefined,
     budgetBytes: flags.budget !== undefined ? positive(parseSize(flags.budget, '--budget'), '--budget') : undefined,
@@ -230,6 +234,7 @@ function printReady(ready: AgentReady, bind: string, json: boolean): void {
     ['engines', p.engines.length > 0 ? p.engines.join(', ') : 'none (run `orchard setup`)'],
     ['gRPC', `${bind}:${ready.grpcPort}`],
     ['metrics', `http://${bind}:${ready.metricsPort}/metrics`],
+    ['engine ports', p.enginePorts ? `127.0.0.1:${p.enginePorts[0]}-${p.enginePorts[1]}` : '?'],
     ['tunnel', ready.tunnelPort !== undefined ? `${bind}:${ready.tunnelPort} (TLS 1.3, cluster certificates)` : 'none (no cluster credentials yet)'],
   );
   process.stdout.write(`${t.toString()}\n`);

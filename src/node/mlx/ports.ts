@@ -1,28 +1,16 @@
-import { createServer } from 'node:net';
+import { EnginePortAllocator, engineRangeOf } from '../ports.ts';
 
 /**
- * `count` distinct TCP ports that were free on `host` a moment ago (bound to port 0 together,
- * then released). MLX ring sockets use SO_REUSEPORT, so a stale worker on a reused port could
+ * `count` distinct TCP ports of the engine port range that were free on `host` a moment ago (a
+ * bind each), for a ring launched directly (tests, benches; the agents' ranks get theirs from
+ * the coordinator). MLX ring sockets use SO_REUSEPORT, so a stale worker on a reused port could
  * silently steal connections: every launch takes fresh ports from here.
  */
 export async function freeTcpPorts(count: number, host = '127.0.0.1'): Promise<number[]> {
-  const servers = await Promise.all(
-    Array.from(
-      { length: count },
-      () =>
-        new Promise<import('node:net').Server>((resolve, reject) => {
-          const s = createServer();
-          s.once('error', reject);
-          s.listen(0, host, () => resolve(s));
-        }),
-    ),
-  );
-  const ports = servers.map((s) => {
-    const addr = s.address();
-    return typeof addr === 'object' && addr ? addr.port : 0;
-  });
-  await Promise.all(servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
-  return ports;
+  const ports = new EnginePortAllocator(engineRangeOf(undefined));
+  const out: number[] = [];
+  for (let i = 0; i < count; i++) out.push(await ports.take(host));
+  return out;
 }
 
 /** A ring launch for `count` ranks on one host with fresh ports, one endpoint per rank. */

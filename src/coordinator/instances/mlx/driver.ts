@@ -1,3 +1,4 @@
+import { portWasTaken } from '../../../shared/engine-port-range.ts';
 import { errorMessage } from '../../../shared/errors.ts';
 import { CoordinatorError } from '../../errors.ts';
 import {
@@ -71,33 +72,62 @@ class MlxGroup extends RosterGroup implements EngineGroup {
     super(cluster, spec);
   }
 
-  /** Lay the ranks out over the plan's nodes and start them in the order the ring needs. */
+  /**
+   * Lay the ranks out over the plan's nodes and start them in the order the ring needs. A ring
+   * port is checked free by its agent, but a rank binds it only once loaded: if another process
+   * bound it in between (on purpose — engine ports lie outside the ephemeral range, so no outgoing
+   * connection takes one), the ranks that started are stopped and the launch runs once more on
+   * fresh ports; a second failure is the load's one error (and the runtime stops what is left).
+   */
   async start(load: LoadContext): Promise<void> {
+    // Decided with the plan (mlx/parallelism.ts): the measured link the ranks would all-reduce over.
+    const choice = load.plan.parallelism ?? { mode: 'pipeline', reason: 'one rank: nothing to split' };
+    load.progress('starting-workers', `MLX ${choice.mode} parallel over ${load.plan.stages.length} rank(s): ${choice.reason}`);
+    let launch = this.#layout(load, choice);
+    let started: Awaited<ReturnType<typeof startMlxRanks>>;
+    try {
+      started = await this.#startRanks(load, launch);
+    } catch (err) {
+      if (!portWasTaken(errorMessage(err))) throw err;
+      this.cluster.log.warn({ model: this.spec.name, err: errorMessage(err) }, 'an MLX rank\'s port was taken before it bound it: starting the ranks again on fresh ports');
+      await this.roster.stop();
+      launch = this.#layout(load, choice);
+      started = await this.#startRanks(load, launch, 2);
+    }
+    this.#ranks = started.ranks;
+    this.#startupLogs = started.startupLogs;
+    for (const r of launch.ranks) this.endpoints[r.stage] = launch.untunnelledRdma ? `${UNTUNNELLED_RDMA}${r.mlx.jacclCoordinator}` : `127.0.0.1:${r.mlx.ringRanks[r.rank]?.enginePort ?? 0}`;
+  }
+
+  /** The ranks over the plan's nodes, with fresh ports from each node's engine port range. */
+  #layout(load: LoadContext, choice: { mode: 'pipeline' | 'tensor'; reason: string }): MlxInstanceLaunch {
     const ranks = load.plan.stages.map((s, i) => ({
       nodeId: s.nodeId,
       nodeName: s.nodeName,
       agentAddress: load.nodes[i]!.address,
       interfaces: load.nodes[i]!.profile.interfaces,
       tunnelPort: load.nodes[i]!.profile.tunnelPort,
+      enginePorts: load.nodes[i]!.profile.enginePorts,
       layers: s.lastLayer - s.firstLayer + 1,
     }));
-    const base = {
+    const launch = mlxInstanceLaunch(ranks, {
       modelDir: this.spec.path,
       maxTokens: this.spec.options.ctx,
       stallTimeoutSeconds: this.o.mlxStallTimeoutSeconds ?? 30,
       random: this.o.random ?? Math.random,
       allowUntunnelledRdma: this.spec.options.allowUntunnelledRdma,
-    };
-    // Decided with the plan (mlx/parallelism.ts): the measured link the ranks would all-reduce over.
-    const choice = load.plan.parallelism ?? { mode: 'pipeline', reason: 'one rank: nothing to split' };
-    load.progress('starting-workers', `MLX ${choice.mode} parallel over ${ranks.length} rank(s): ${choice.reason}`);
-    const launch = mlxInstanceLaunch(ranks, { ...base, mode: choice.mode });
+      mode: choice.mode,
+    });
     this.#launch = launch;
     this.cluster.log.info(
       { model: this.spec.name, parallelism: choice.mode, parallelismReason: choice.reason, backend: launch.backend, reason: launch.reason, ranks: launch.ranks.map((r) => ({ rank: r.rank, node: r.nodeName, stage: r.stage, ringPort: r.mlx.ringRanks[r.rank]?.enginePort })) },
       'MLX launch',
     );
-    const started = await startMlxRanks(
+    return launch;
+  }
+
+  #startRanks(load: LoadContext, launch: MlxInstanceLaunch, attempt = 1) {
+    return startMlxRanks(
       {
         client: (id) => clientOf(this.cluster, id),
         record: (e) => this.roster.record({ nodeId: e.nodeId, engineId: e.engineId, label: `MLX rank ${e.rank}` }, e.rank === 0),
@@ -105,11 +135,8 @@ class MlxGroup extends RosterGroup implements EngineGroup {
         progress: (m) => load.progress('starting-workers', m),
       },
       launch,
-      { engineIdPrefix: this.spec.engineIdPrefix, owner: this.spec.owner, model: this.spec.name, readyTimeoutMs: this.o.mlxReadyTimeoutMs ?? 300_000 },
+      { engineIdPrefix: this.spec.engineIdPrefix, attempt, owner: this.spec.owner, model: this.spec.name, readyTimeoutMs: this.o.mlxReadyTimeoutMs ?? 300_000 },
     );
-    this.#ranks = started.ranks;
-    this.#startupLogs = started.startupLogs;
-    for (const r of launch.ranks) this.endpoints[r.stage] = launch.untunnelledRdma ? `${UNTUNNELLED_RDMA}${r.mlx.jacclCoordinator}` : `127.0.0.1:${r.mlx.ringRanks[r.rank]?.enginePort ?? 0}`;
   }
 
   /** From the endpoints, so a re-adopted instance (no launch in memory) still says so. */

@@ -27,6 +27,11 @@ export interface MlxStartDeps {
 
 export interface MlxStartOptions {
   readonly engineIdPrefix: string;
+  /**
+   * A launch after the first gets engine ids of its own (`…-r<rank>-<attempt>`): an agent keeps a
+   * rank's tunnels per engine id, and the stopped ranks' may not all be released yet.
+   */
+  readonly attempt?: number;
   /** The cluster id: the agents let only it stop the ranks. */
   readonly owner: string;
   readonly model: string;
@@ -48,7 +53,7 @@ export async function startMlxRanks(
   o: MlxStartOptions,
 ): Promise<{ ranks: MlxRankEngine[]; startupLogs: string[][] }> {
   const n = launch.ranks.length;
-  const engines = launch.ranks.map((r) => ({ nodeId: r.nodeId, nodeName: r.nodeName, engineId: `${o.engineIdPrefix}-r${r.rank}`, rank: r.rank }));
+  const engines = launch.ranks.map((r) => ({ nodeId: r.nodeId, nodeName: r.nodeName, engineId: `${o.engineIdPrefix}-r${r.rank}${(o.attempt ?? 1) > 1 ? `-${o.attempt}` : ''}`, rank: r.rank }));
   for (const e of engines) deps.record(e);
   const callTimeout = o.readyTimeoutMs + 15_000;
   const start = (r: MlxRankLaunch, returnWhenStarting: boolean) =>

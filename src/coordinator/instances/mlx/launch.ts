@@ -1,5 +1,6 @@
 import { existsSync, readdirSync } from 'node:fs';
 import { isIPv4 } from 'node:net';
+import { DEFAULT_ENGINE_PORT_RANGE, drawPorts, type PortRange } from '../../../shared/engine-port-range.ts';
 import { UsageError } from '../../../shared/errors.ts';
 import type { NetworkInterfaceInfo } from '../../../shared/hardware.ts';
 
@@ -33,6 +34,8 @@ export interface MlxStageNode {
   readonly tunnelPort?: number | undefined;
   /** Layers of this plan stage. */
   readonly layers: number;
+  /** The agent's engine port range (HardwareProfile.enginePorts); undefined (an older agent) = the default. */
+  readonly enginePorts?: PortRange | undefined;
 }
 
 export interface MlxRankWire {
@@ -85,8 +88,6 @@ export interface MlxLaunchOptions {
   readonly stallTimeoutSeconds: number;
   /** In [0, 1); Math.random in production, seeded in tests. */
   readonly random: () => number;
-  /** Port range for fresh ring/JACCL ports (default 20000–59999, below Linux's ephemeral range). */
-  readonly portRange?: readonly [number, number];
   /** `--allow-untunnelled-rdma`: JACCL may carry this instance's links outside the tunnels. */
   readonly allowUntunnelledRdma?: boolean | undefined;
 }
@@ -102,13 +103,15 @@ export function ipv4Of(agentAddress: string): string {
   return h;
 }
 
-/** `count` distinct random ports in the range. Fresh per launch: ring sockets use SO_REUSEPORT. */
-export function freshPorts(count: number, random: () => number, range: readonly [number, number] = [20000, 59999]): number[] {
-  const [lo, hi] = range;
-  if (hi - lo + 1 < count) throw new UsageError(`port range ${lo}–${hi} is too small for ${count} ports`);
-  const out = new Set<number>();
-  while (out.size < count) out.add(lo + Math.floor(random() * (hi - lo + 1)));
-  return [...out];
+/**
+ * One port per rank from its node's engine port range (outside that machine's ephemeral range:
+ * shared/engine-port-range.ts), all distinct, drawn at random. Fresh per launch: ring sockets use
+ * SO_REUSEPORT, so a stale worker on a reused port could steal connections.
+ */
+export function freshPorts(nodes: readonly Pick<MlxStageNode, 'enginePorts'>[], random: () => number): number[] {
+  const out: number[] = [];
+  for (const n of nodes) out.push(...drawPorts(1, n.enginePorts ?? DEFAULT_ENGINE_PORT_RANGE, random, (p) => out.includes(p)));
+  return out;
 }
 
 function subnetKey(ip: string): string | undefined {
@@ -211,7 +214,7 @@ export function mlxInstanceLaunch(stages: readonly MlxStageNode[], o: MlxLaunchO
   }
   const matrix = ids.size === n ? jacclMatrix(byRank) : undefined;
   if (matrix && o.allowUntunnelledRdma) {
-    const [port] = freshPorts(1, o.random, o.portRange);
+    const [port] = freshPorts([byRank[0]!], o.random);
     const coordinator = `${ipv4Of(byRank[0]!.agentAddress)}:${port}`;
     const devices = matrix.map((row) => ({ devices: row.map((d) => d ?? '') }));
     return {
@@ -221,7 +224,7 @@ export function mlxInstanceLaunch(stages: readonly MlxStageNode[], o: MlxLaunchO
       ranks: byRank.map((_, r) => rankOf(r, { ...base(r), backend: 'jaccl', ringRanks: [], jacclDevices: devices, jacclCoordinator: coordinator })),
     };
   }
-  const ring = ringRanks(byRank, freshPorts(n, o.random, o.portRange));
+  const ring = ringRanks(byRank, freshPorts(byRank, o.random));
   const why = matrix
     ? 'RDMA links exist, but JACCL cannot be tunnelled: load with --allow-untunnelled-rdma to use it'
     : ids.size < n
