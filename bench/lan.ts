@@ -178,7 +178,7 @@ async function lan(procs: BenchProcesses, dir: string): Promise<object> {
       rankingAgreement: rankingAgreement(scenarios),
       goals: goals(scenarios),
       setup: { nodes, model: `${profile.layerCount} layers, dim ${profile.embd}, f16, ${(profile.fileTensorBytes / 1e6).toFixed(0)} MB`, ctx: CTX, runs: RUNS, tokens: TOKENS, threadsPerEngine: 1 },
-      calibration: { effectiveBandwidthBytesPerSecond: calibration.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: calibration.prefillFlopsPerSecond },
+      calibration: { effectiveBandwidthBytesPerSecond: calibration.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: calibration.prefillFlopsPerSecond, waitedFraction: calibration.waitedFraction, competingCores: calibration.competingCores, loadAverage1m: calibration.loadAverage1m },
       links,
       linkLimit: linkLimit(links),
       firstSightSeconds,

@@ -1,5 +1,5 @@
 import { execFile, spawn } from 'node:child_process';
-import { mkdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
 import { availableParallelism, cpus, loadavg } from 'node:os';
 import { dirname, join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -10,7 +10,7 @@ import { writeGguf } from '../shared/gguf/writer.ts';
 import type { HardwareProfile } from '../shared/hardware.ts';
 import { memoryModel } from '../shared/memory/stage.ts';
 import { modelProfile } from '../shared/model/profile.ts';
-import { anotherWindow, CALIBRATION_WINDOWS, type CpuSnapshot, competingCores, median, relativeSpread, windowTokens } from '../shared/placement/calibration.ts';
+import { anotherWindow, CALIBRATION_WINDOWS, type CpuSnapshot, competingCores, median, relativeSpread, uncontendedRate, waitedFraction, windowTokens } from '../shared/placement/calibration.ts';
 import { type Calibration, calibrationRates } from '../shared/placement/cost.ts';
 import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../shared/placement/types.ts';
@@ -31,9 +31,14 @@ import { EngineWatchdog } from './watchdog.ts';
  * sizes the windows, then windows of a fixed prompt and about a second of decoding, of which the
  * median rates count (shared/placement/calibration.ts: at least 3, more while 12 s last, at
  * most 7). One 32-token sample on a shared machine caught a passing load spike and the demo's
- * prediction missed by 19 %; back-to-back 32-token samples moved ±30–40 % under load. The CPU
- * time other processes used meanwhile is recorded with the figure (`competingCores`), so a
- * figure taken on a busy machine can be told from one taken on a quiet one. llama-server's own
+ * prediction missed by 19 %; back-to-back 32-token samples moved ±30–40 % under load. Each
+ * window's rates are taken without the time the engine's threads waited for a core another
+ * process held (Linux schedstat run_delay; calibration.ts `uncontendedRate`): the node's figure
+ * is its engine's, not its neighbours' load in the seconds it was measured (bench:lan: the figure
+ * taken once at the start of a run under load 1.4–4 had priced 36-layer plans 26–70 % slower
+ * than they then decoded). On macOS there is no schedstat and the figure is the wall-clock one.
+ * The CPU time other processes used meanwhile is recorded with the figure (`competingCores`,
+ * `waitedFraction`), so a figure taken on a busy machine can be told from one taken on a quiet one. llama-server's own
  * timings (prompt and decode rates) become the cost model's two node numbers with the planner's
  * own accounting (cost.ts `calibrationRates`).
  *
@@ -66,6 +71,7 @@ const calibrationSchema = z.object({
   decodeTokensPerWindow: z.number().int().positive(),
   decodeSpread: z.number().nonnegative(),
   competingCores: z.number().nonnegative(),
+  waitedFraction: z.number().min(0).max(1),
   cores: z.number().int().positive(),
   loadAverage1m: z.number().nonnegative(),
 });
@@ -76,9 +82,10 @@ function calibrationDir(env: NodeJS.ProcessEnv): string {
 
 /**
  * Bumped when the measurement changes, so an older figure is measured again (v2: the agents'
- * engine flags; v3: windows of about a second, their median, and the competing load recorded).
+ * engine flags; v3: windows of about a second, their median, and the competing load recorded;
+ * v4: each window's rates without the time the engine waited for its cores).
  */
-const METHOD = 'v3';
+const METHOD = 'v4';
 
 function calibrationFile(env: NodeJS.ProcessEnv, engineBuild: string, threads: number): string {
   return join(calibrationDir(env), `${engineBuild.replace(/[^\w.+-]/g, '_')}-t${threads}-${METHOD}.json`);
@@ -284,10 +291,25 @@ async function processCpuSeconds(pid: number): Promise<number> {
   return (rest ?? '').split(':').reduce((t, part) => t * 60 + Number(part), 0) + Number(days) * 86400 || 0;
 }
 
+/**
+ * Seconds a process's threads have waited, runnable, for a CPU (Linux /proc/<pid>/task/<tid>/schedstat,
+ * second field, ns). 0 where there is no schedstat (macOS): the figure is then the plain wall-clock one.
+ */
+async function processWaitSeconds(pid: number): Promise<number> {
+  try {
+    const tids = await readdir(`/proc/${pid}/task`);
+    const waits = await Promise.all(tids.map((t) => readFile(`/proc/${pid}/task/${t}/schedstat`, 'utf8').then((x) => Number(x.split(' ')[1]) / 1e9, () => 0)));
+    return waits.reduce((a, b) => a + (Number.isFinite(b) ? b : 0), 0);
+  } catch {
+    return 0;
+  }
+}
+
 async function cpuSnapshot(enginePids: readonly number[]): Promise<CpuSnapshot> {
   const busyMs = cpus().reduce((t, c) => t + c.times.user + c.times.nice + c.times.sys + c.times.irq, 0);
-  const engine = await Promise.all(enginePids.map(processCpuSeconds));
-  return { wallSeconds: performance.now() / 1000, machineBusySeconds: busyMs / 1000, engineSeconds: engine.reduce((a, b) => a + b, 0) };
+  const [engine, waits] = await Promise.all([Promise.all(enginePids.map(processCpuSeconds)), Promise.all(enginePids.map(processWaitSeconds))]);
+  const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
+  return { wallSeconds: performance.now() / 1000, machineBusySeconds: busyMs / 1000, engineSeconds: sum(engine), engineWaitSeconds: sum(waits) };
 }
 
 /** A calibration window: PROMPT_TOKENS fresh token ids, then `decodeTokens` decoded tokens. */
@@ -298,7 +320,7 @@ function calibrationRequest(seed: number, decodeTokens: number): Record<string, 
   return { prompt, n_predict: decodeTokens, temperature: 0, ignore_eos: true, cache_prompt: false };
 }
 
-/** Decode and prompt rates (medians over the windows) and how the windows went. */
+/** Decode and prompt rates (medians over the windows, each without its waits for a core) and how the windows went. */
 interface WindowedRates {
   readonly decode: number;
   readonly prompt: number;
@@ -306,26 +328,32 @@ interface WindowedRates {
   readonly decodeTokensPerWindow: number;
   readonly decodeSpread: number;
   readonly competingCores: number;
+  /** Median fraction of a window the engine waited for its cores. */
+  readonly waitedFraction: number;
 }
 
 async function calibrationWindows(engine: CalibrationEngine): Promise<WindowedRates> {
   // Warm-up (first-touch page faults, thread pool start), which also sizes the windows.
   const warm = await engine.request(calibrationRequest(1, WARMUP_DECODE_TOKENS));
   const tokens = windowTokens(warm.decode, CTX - PROMPT_TOKENS);
-  const samples: EngineRates[] = [];
+  const samples: (EngineRates & { waited: number })[] = [];
   const before = await engine.cpu();
-  while (anotherWindow(CALIBRATION_WINDOWS, samples.length, (await engine.cpu()).wallSeconds - before.wallSeconds)) {
-    samples.push(await engine.request(calibrationRequest(2 + samples.length, tokens)));
+  for (let at = before; anotherWindow(CALIBRATION_WINDOWS, samples.length, at.wallSeconds - before.wallSeconds); ) {
+    const rates = await engine.request(calibrationRequest(2 + samples.length, tokens));
+    const end = await engine.cpu();
+    samples.push({ ...rates, waited: waitedFraction(at, end) });
+    at = end;
   }
   const after = await engine.cpu();
-  const decode = samples.map((x) => x.decode);
+  const decode = samples.map((x) => uncontendedRate(x.decode, x.waited));
   return {
     decode: median(decode),
-    prompt: median(samples.map((x) => x.prompt)),
+    prompt: median(samples.map((x) => uncontendedRate(x.prompt, x.waited))),
     windows: samples.length,
     decodeTokensPerWindow: tokens,
     decodeSpread: relativeSpread(decode),
     competingCores: competingCores(before, after),
+    waitedFraction: median(samples.map((x) => x.waited)),
   };
 }
 
@@ -391,6 +419,7 @@ function calibrationOf(header: Parameters<typeof modelProfile>[0], rates: Window
     decodeTokensPerWindow: rates.decodeTokensPerWindow,
     decodeSpread: rates.decodeSpread,
     competingCores: rates.competingCores,
+    waitedFraction: rates.waitedFraction,
     cores: availableParallelism(),
     loadAverage1m: at.loadAverage1m,
   };

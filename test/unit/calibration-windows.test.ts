@@ -3,11 +3,14 @@ import {
   anotherWindow,
   CALIBRATION_WINDOWS,
   competingCores,
+  MAX_WAITED_FRACTION,
   measuredUnderContention,
   median,
   relativeSpread,
   repricedTokensPerSecond,
+  uncontendedRate,
   WINDOW_TOKENS,
+  waitedFraction,
   windowTokens,
 } from '../../src/shared/placement/calibration.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
@@ -58,6 +61,30 @@ describe('engine measurement windows', () => {
     // Quiet: only the engine ran (counter granularity can leave it a hair above the machine).
     expect(competingCores(before, { wallSeconds: 110, machineBusySeconds: 1010, engineSeconds: 60.01 })).toBe(0);
     expect(competingCores(before, before)).toBe(0);
+  });
+
+  it('waited fraction: the part of a window the engine spent runnable but without a core', () => {
+    const at = (wall: number, wait?: number) => ({ wallSeconds: wall, machineBusySeconds: 0, engineSeconds: 0, ...(wait === undefined ? {} : { engineWaitSeconds: wait }) });
+    // 2 s window, 0.5 s of it waiting for a core.
+    expect(waitedFraction(at(10, 1), at(12, 1.5))).toBeCloseTo(0.25, 12);
+    // No schedstat (macOS): nothing known, nothing taken off.
+    expect(waitedFraction(at(10), at(12))).toBe(0);
+    // Counter going backwards or no time passed: 0, never negative or NaN.
+    expect(waitedFraction(at(10, 2), at(12, 1))).toBe(0);
+    expect(waitedFraction(at(10, 1), at(10, 2))).toBe(0);
+    // An engine that hardly ran is capped, not divided by ~0.
+    expect(waitedFraction(at(10, 0), at(11, 5))).toBe(MAX_WAITED_FRACTION);
+  });
+
+  it('an uncontended rate: the same work in the part of the window the engine ran', () => {
+    // 10 tok/s over a window it waited a quarter of: its work took 0.75 of the time.
+    expect(uncontendedRate(10, 0.25)).toBeCloseTo(10 / 0.75, 12);
+    expect(uncontendedRate(10, 0)).toBe(10);
+    expect(uncontendedRate(10, -0.1)).toBe(10);
+    expect(uncontendedRate(10, 0.99)).toBeCloseTo(10 / (1 - MAX_WAITED_FRACTION), 12);
+    // Round trip with waitedFraction: 2 s of wall, 0.5 s waiting, 30 tokens → 20 tok/s of engine time.
+    const w = waitedFraction({ wallSeconds: 0, machineBusySeconds: 0, engineSeconds: 0, engineWaitSeconds: 0 }, { wallSeconds: 2, machineBusySeconds: 0, engineSeconds: 0, engineWaitSeconds: 0.5 });
+    expect(uncontendedRate(30 / 2, w)).toBeCloseTo(30 / 1.5, 12);
   });
 
   it('a figure measured while others wanted the engine cores counts as contended', () => {

@@ -57,6 +57,37 @@ export interface CpuSnapshot {
   readonly wallSeconds: number;
   readonly machineBusySeconds: number;
   readonly engineSeconds: number;
+  /** How long the engine's threads have waited, runnable, for a core others held (Linux schedstat run_delay); absent where the OS does not say. */
+  readonly engineWaitSeconds?: number;
+}
+
+/** Beyond this the engine barely ran: a window is not scaled up by more than 10×. */
+export const MAX_WAITED_FRACTION = 0.9;
+
+/**
+ * Fraction of a window's wall time the engine's threads spent runnable but waiting for a core
+ * that another process held. The engine's stages alternate (llama-server asks, an rpc-server
+ * computes, the other blocks on its socket), so their waits add up along the one critical path.
+ * Measured (bench:lan's machine, 2 cores, load average 6.5–6.9): ten back-to-back windows of the
+ * calibration request decoded at 12.9–28.4 tok/s while the engine had 0.44–0.94 of a core; its
+ * CPU time per token stayed 32–40 ms.
+ */
+export function waitedFraction(before: CpuSnapshot, after: CpuSnapshot): number {
+  const wall = after.wallSeconds - before.wallSeconds;
+  const waited = (after.engineWaitSeconds ?? 0) - (before.engineWaitSeconds ?? 0);
+  if (!(wall > 0) || !(waited > 0)) return 0;
+  return Math.min(MAX_WAITED_FRACTION, waited / wall);
+}
+
+/**
+ * A rate measured over a window the engine spent `waited` of waiting for its cores, as the engine
+ * runs with its cores free: the work took (1 − waited) of the window. The node's figure is its
+ * engine's, not its neighbours' load at the moment it was measured; a stage's cores are its own on
+ * a Mac that runs a cluster, and on a shared machine a stage that sleeps between tokens is not
+ * held back as a continuously busy calibration engine is (bench/README.md, bench:lan).
+ */
+export function uncontendedRate(rate: number, waited: number): number {
+  return rate / (1 - Math.min(MAX_WAITED_FRACTION, Math.max(0, waited)));
 }
 
 /**

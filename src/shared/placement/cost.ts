@@ -249,6 +249,8 @@ export interface Calibration {
   readonly decodeSpread: number;
   /** Cores' worth of CPU other processes used during the windows, on a machine of `cores` cores. */
   readonly competingCores: number;
+  /** Median fraction of a window the engine waited for a core others held; the rates above are without those waits (calibration.ts uncontendedRate). */
+  readonly waitedFraction: number;
   readonly cores: number;
   readonly loadAverage1m: number;
 }
