@@ -39,13 +39,15 @@ function prompt(run: number): string {
 describeWith([engines], 'orchard plan --prompt-tokens on a live cluster', () => {
   let cluster: JoinedCluster;
   let model: string;
+  /** How much of its windows the calibration engine waited for a core: its rates, and so the plan, are without those waits. */
+  let waited = 0;
 
   beforeAll(async () => {
     const binDir = engines.ok ? engines.value.binDir : '';
     const base = { ...process.env, ORCHARD_LLAMA_BIN_DIR: binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     model = (await ensureDemoModel(base)).path;
     const calibration = join(dir.path, 'calibration.json');
-    await measureCalibration(1, base, { model, file: calibration });
+    waited = (await measureCalibration(1, base, { model, file: calibration })).waitedFraction;
     const budgets = demoBudgets(modelProfile(await readGgufHeader(model)), 2, { ctx: DEMO_CTX, cacheType: 'f16' });
     cluster = new JoinedCluster({ dir: dir.path, env: { ...base, ORCHARD_CALIBRATION_FILE: calibration } });
     await cluster.startCoordinator();
@@ -112,8 +114,11 @@ describeWith([engines], 'orchard plan --prompt-tokens on a live cluster', () => 
       for (const r of runs) expect(r.promptTokens).toBe(PROMPT_TOKENS);
 
       const measured = runs.map((r) => r.ms).sort((a, b) => a - b)[1]!;
-      const predicted = p.predicted.ttftSeconds * 1000;
-      console.log(`plan --prompt-tokens ${PROMPT_TOKENS}: predicted ${predicted.toFixed(0)} ms, measured ${runs.map((r) => r.ms.toFixed(0)).join(' / ')} ms (median ${measured.toFixed(0)}; the engine's own prompt time ${runs.map((r) => r.enginePromptMs.toFixed(0)).join(' / ')} ms)`);
+      // The plan prices the engine with its cores free (calibration.ts uncontendedRate); the cluster
+      // runs minutes later on the same shared machine, so it is held to the calibration's own share of
+      // the cores — what the prediction was compared with before the calibration took the waits out.
+      const predicted = (p.predicted.ttftSeconds * 1000) / (1 - waited);
+      console.log(`plan --prompt-tokens ${PROMPT_TOKENS}: predicted ${(p.predicted.ttftSeconds * 1000).toFixed(0)} ms (${predicted.toFixed(0)} at the calibration's ${(100 * waited).toFixed(0)} % wait), measured ${runs.map((r) => r.ms.toFixed(0)).join(' / ')} ms (median ${measured.toFixed(0)}; the engine's own prompt time ${runs.map((r) => r.enginePromptMs.toFixed(0)).join(' / ')} ms)`);
       // The issue's 25 % is judged by bench:lan (shaped links, idle machine). Here, on 2 cores where
       // the tunnels' relay processes, the agents and the coordinator share the CPU with the stages,
       // the two-stage prompt measured 18-37 % slower than the calibration-priced prediction on an idle
