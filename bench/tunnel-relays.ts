@@ -14,7 +14,7 @@
  * `--go-baseline PATH` adds another build of the Go relay (`go-tls-baseline`, e.g. main's) to
  * compare a change against in the same run.
  * Usage: npm run bench:tunnel-relays -- [--json] [--rounds 3] [--round-trips 300] [--load-mb 140]
- *        [--sessions 20] [--go-baseline PATH]
+ *        [--sessions 100] [--go-baseline PATH]
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -37,7 +37,7 @@ const num = (name: string, def: number) => numberFlag(argv, `--${name}`, def);
 const ROUNDS = num('rounds', 3);
 const ROUND_TRIPS = num('round-trips', 300);
 const LOAD_BYTES = num('load-mb', 140) * 1e6;
-const SESSIONS = num('sessions', 20);
+const SESSIONS = num('sessions', 100);
 const GO_BASELINE = argv.includes('--go-baseline') ? argv[argv.indexOf('--go-baseline') + 1] : undefined;
 const UP = 11 * 1024;
 const DOWN = 128 * 1024;
