@@ -167,6 +167,16 @@ describeWith([program('go', ['version'])], 'native tunnel forwarder (Go) → the
 });
 
 describeWith([program('go', ['version'])], 'native tunnel listener (Go): the checks the Node listener makes', () => {
+  /** A Go listener with rpc-1's engine port registered, and a Go forwarder in front of it. */
+  async function listenWithForwarder() {
+    const t = await listen();
+    t.enginePorts.register(t.engine.port, 'rpc-1');
+    await t.l.settled();
+    const f = await startNativeForwarder(binary, { remote: { host: '127.0.0.1', port: t.l.port }, enginePort: t.engine.port, expectPeer: { id: 'worker-1' }, credentials: head, onError: () => {} });
+    cleanup.push(() => f.close());
+    return { t, f };
+  }
+
   async function listen(o: { revoked?: string[] } = {}) {
     const engine = await echoEngine();
     cleanup.push(() => new Promise((r) => engine.server.close(r)));
@@ -239,11 +249,7 @@ describeWith([program('go', ['version'])], 'native tunnel listener (Go): the che
   });
 
   it('faces the native forwarder: sessions resume, bytes agree at both ends, a revoked head is refused on a resumed session', async () => {
-    const t = await listen();
-    t.enginePorts.register(t.engine.port, 'rpc-1');
-    await t.l.settled();
-    const f = await startNativeForwarder(binary, { remote: { host: '127.0.0.1', port: t.l.port }, enginePort: t.engine.port, expectPeer: { id: 'worker-1' }, credentials: head, onError: () => {} });
-    cleanup.push(() => f.close());
+    const { t, f } = await listenWithForwarder();
     for (const n of [10, 20, 30]) expect((await exchange(f.port, randomBytes(n))).length).toBe(n + 3);
     await vi.waitFor(() => expect(f.connections()).toBe(3), { timeout: 2000 });
     expect(f.resumed()).toBeGreaterThanOrEqual(2);
@@ -255,11 +261,7 @@ describeWith([program('go', ['version'])], 'native tunnel listener (Go): the che
   });
 
   it('Go at both ends: each message, one byte or many TLS records, crosses whole at once, without waiting for more (records batched per write)', async () => {
-    const t = await listen();
-    t.enginePorts.register(t.engine.port, 'rpc-1');
-    await t.l.settled();
-    const f = await startNativeForwarder(binary, { remote: { host: '127.0.0.1', port: t.l.port }, enginePort: t.engine.port, expectPeer: { id: 'worker-1' }, credentials: head, onError: () => {} });
-    cleanup.push(() => f.close());
+    const { f } = await listenWithForwarder();
     const s = connect({ port: f.port, host: '127.0.0.1', noDelay: true });
     s.on('error', () => {});
     let got = Buffer.alloc(0);
