@@ -5,27 +5,37 @@
  * the head-side forwarder whose TLS session ends at the worker-side listener (tunnel), which
  * forwards to the same rpc-server. Both ends are the ones the agent runs: native/tunnel-relay
  * when `orchard setup` built it (`tunnelRelay: native`), else Node's (ORCHARD_TUNNEL_RELAY=node).
- * A third mode, `plain`, relays through the same two processes
- * with the same relay code but no TLS: the hop's own cost, so what remains is TLS's. Modes
- * alternate trial by trial (ABC CBA…), each trial a fresh
- * llama-server: load time (spawn → /health), then greedy completions with the prompt cache off:
- * time to first token and decode tokens/s measured at the client, token ids compared.
- * The two tunnel ends run in two processes, as on a cluster (the head's agent: this process;
- * the worker's agent: a child running only the listener — itself in the native relay when built —
- * credentials on its stdin), over
- * 127.0.0.1 — the network round trip is the same in both modes, so the ratio is the tunnel's.
- * Prints tunnelled ÷ direct: tokensPerSecondRatio (goal ≥ 0.97), ttftAddedMs p50 (goal < 2),
- * loadSecondsRatio (goal ≤ 1.10), the same three for the plain relay, with every raw number.
- * When socat and stunnel are installed (and not `--no-native`), two native controls run too
- * (bench/lib/native-relay.ts): the same two hops relayed by socat (plain) and by stunnel (TLS 1.3,
- * mutual cluster certificates) and by the agents' native relay run bare, outside any agent (native/tunnel-relay,
- * needs Go) — whether the gap is Node's relay or the hops themselves.
+ * The two ends run in two processes, as on a cluster (the head's agent: this process; the
+ * worker's agent: a child running only the listener, credentials on its stdin), over 127.0.0.1 —
+ * the network round trip is the same in both modes, so the ratio is the tunnel's.
+ * A trial is a fresh llama-server: load time (spawn → /health, cold: every weight crosses the
+ * route), then greedy completions with the prompt cache off: time to first token and decode
+ * tokens/s at the client, token ids compared (bench/lib/llama-trial.ts).
+ *
+ * Paired, because on a 2-vCPU guest run-to-run noise was as large as the effect (session 8: two
+ * idle runs minutes apart gave 0.936/+10.7 ms and 0.899/+6.0 ms, socat as far off): direct and
+ * tunnel trials alternate ABBA (D T T D D T …), each pair two adjacent trials, so drift lands on
+ * both members; each goal is the median over pairs of the per-pair ratio (tokens/s, load) or
+ * difference (TTFT p50 of the pair's requests), with a 90 % percentile-bootstrap interval over
+ * pairs (bench/lib/paired.ts) and a verdict: met (the whole interval meets the goal), missed, or
+ * undecided. Pairs run until `--pairs` or the `--budget-seconds` for trials is spent (whole ABBA
+ * blocks), so a run stays bounded under load and simply gets fewer pairs. What changed against
+ * the 4 trials × 4 requests × 6 modes design, and why it measures the same thing:
+ * * two modes instead of six: the controls (`plain`: the same two processes and relay code without
+ *   TLS; `socat`, `stunnel` and the bare Go relay, bench/lib/native-relay.ts, when installed) and
+ *   the pre-seeded loads run only with `--controls` (then in every block, bounded the same way);
+ * * 2 requests × 16 tokens per trial instead of 4 × 32: a decode step costs the same at token 3 as
+ *   at token 30 (one round trip per token, `accounting`), so the time goes into more pairs instead;
+ *   the warm-up request (one-time graph set-up, never counted) decodes 2 tokens instead of 32;
+ * * the rpc-server, the relays, their TLS session cache and the model file are reused across
+ *   trials, as before; each trial still starts its own llama-server, so every load is cold;
+ * * /health is polled every 5 ms instead of 20 (a 20 ms step is 3 % of a 0.6 s load).
  * Then the accounting (`accounting`, bench/lib/rpc-traffic.ts): a tap counts what crosses per
- * prompt and per decoded token (round trips, commands, writes, bytes each way), the recorded decode
- * step is replayed to a fake engine through every mode (`addedPerRoundTripMs`, at the engines' pace
- * and back to back), and `predictedVsMeasured` sets round trips × added ms against the trials.
- * Usage: npm run bench:tunnel -- [--json] [--trials 4] [--requests 4] [--tokens 32] [--layers 8]
- *        [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1] [--no-native]
+ * prompt and per decoded token, the recorded decode step is replayed to a fake engine through
+ * every mode that ran (`addedPerRoundTripMs`, at the engines' pace and back to back), and
+ * `predictedVsMeasured` sets round trips × added ms against the trials.
+ * Usage: npm run bench:tunnel -- [--json] [--pairs 60] [--budget-seconds 200] [--requests 2]
+ *        [--tokens 16] [--layers 8] [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1] [--controls]
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -44,14 +54,14 @@ import { startNativeListener } from '../src/node/tunnel/native-listener.ts';
 import { relay } from '../src/node/tunnel/relay.ts';
 import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/shared/pki/certificates.ts';
 import type { NodeCredentials } from '../src/shared/pki/store.ts';
-import { rpcCacheMinSizeEnv } from '../src/shared/rpc-cache/plan.ts';
-import { ssePayloads } from '../src/shared/sse.ts';
-import { freePort, killAll, start as startChild, stop, track, waitPort } from './lib/children.ts';
+import { freePort, killAll, start as startChild, track, waitPort } from './lib/children.ts';
+import { type HeadRun, type HeadSetup, headTrial } from './lib/llama-trial.ts';
 import { buildGoRelay, type NativeRelay, nativeRelaysInstalled, processCpuSeconds, startGoRelay, startSocatRelay, startStunnelRelay } from './lib/native-relay.ts';
+import { abbaOrder, pairedEstimate } from './lib/paired.ts';
 import { type MeasuredMode, type RpcStep, predictedLoss, rpcAccounting, startFakeEngine, startRpcTap, transportAdded, typicalDecodeStep } from './lib/rpc-traffic.ts';
 import { median } from './lib/stats.ts';
 
-/** An engine (TCP transport only: RDMA would bypass the relays under test), its last 20 kB of output kept. */
+/** An rpc-server (TCP transport only: RDMA would bypass the relays under test), its last 20 kB of output kept. */
 const start = (cmd: string, args: string[], env: Record<string, string> = {}) => startChild(cmd, args, { env: { GGML_RPC_NO_RDMA: '1', ...env }, logBytes: 20_000 });
 
 const ROOT = new URL('../', import.meta.url).pathname;
@@ -61,21 +71,23 @@ const num = (name: string, def: number) => {
   return i >= 0 && argv[i + 1] ? Number(argv[i + 1]) : def;
 };
 const JSON_OUT = argv.includes('--json');
-const TRIALS = num('trials', 4);
-const REQUESTS = num('requests', 4);
-const TOKENS = num('tokens', 32);
+const MAX_PAIRS = num('pairs', 60);
+const BUDGET_SECONDS = num('budget-seconds', 200);
 const LAYERS = num('layers', 8);
 const DIM = num('dim', 1024);
 const FFN = num('ffn', 2816);
 const NGL = num('ngl', 4);
 const THREADS = num('threads', 1);
-const NATIVE = !argv.includes('--no-native') && nativeRelaysInstalled();
-const PROMPT = 'The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away, there lived';
+const CONTROLS = argv.includes('--controls');
+const NATIVE = CONTROLS && nativeRelaysInstalled();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** Pre-seeded load pairs (--controls): a side result, not a goal. */
+const SEEDED_PAIRS = 4;
 
 type Mode = 'direct' | 'plain' | 'tunnel' | 'socat' | 'stunnel' | 'go';
 type NativeMode = 'socat' | 'stunnel' | 'go';
-const MODES: Mode[] = NATIVE ? ['direct', 'plain', 'tunnel', 'socat', 'stunnel', 'go'] : ['direct', 'plain', 'tunnel'];
+/** The modes besides the paired two, with `--controls`. */
+const CONTROL_MODES: Mode[] = !CONTROLS ? [] : NATIVE ? ['plain', 'socat', 'stunnel', 'go'] : ['plain'];
 async function issue(ca: Awaited<ReturnType<typeof createClusterCa>>, id: string): Promise<NodeCredentials> {
   const { keyPem, csrPem } = await createKeyAndCsr(id);
   const { certPem } = await issueCertificate(ca, csrPem, { role: 'node' });
@@ -192,159 +204,105 @@ async function startNative(rpcPort: number, creds: { head: NodeCredentials; work
   return { socat, stunnel, go };
 }
 
-interface Completion {
-  ttftMs: number;
-  decodeTokensPerSecond: number;
-  tokenIds: number[];
-}
-
-/** One greedy streamed completion, timed at the client; the prompt cache is off so every request prefills. */
-async function complete(httpPort: number): Promise<Completion> {
-  const t0 = performance.now();
-  const res = await fetch(`http://127.0.0.1:${httpPort}/completion`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ prompt: PROMPT, stream: true, return_tokens: true, n_predict: TOKENS, temperature: 0, top_k: 1, cache_prompt: false, ignore_eos: true }),
-  });
-  if (!res.ok || !res.body) throw new Error(`/completion answered ${res.status}`);
-  const tokenIds: number[] = [];
-  let first = 0;
-  let last = 0;
-  for await (const payload of ssePayloads(res.body)) {
-    const chunk = JSON.parse(payload) as { tokens?: number[] };
-    if (!chunk.tokens?.length) continue;
-    last = performance.now();
-    if (tokenIds.length === 0) first = last;
-    tokenIds.push(...chunk.tokens);
-  }
-  if (tokenIds.length < 2) throw new Error(`only ${tokenIds.length} tokens generated`);
-  return { ttftMs: first - t0, decodeTokensPerSecond: ((tokenIds.length - 1) * 1000) / (last - first), tokenIds };
-}
-
-interface Trial {
-  mode: Mode;
-  loadSeconds: number;
-  completions: Completion[];
-  /** CPU seconds during the trial: this process (HTTP client; plus the forwarder when tunnelled), the worker's listener, both native relay ends. */
-  cpu?: { benchProcess: number; workerListener: number; nativeRelay: number };
-}
-
-/**
- * A fresh head llama-server against `rpcPort` (the rpc-server itself or the forwarder). `loadOnly`:
- * the pre-seeded loads, stopped once up; their head gets the agent's cache threshold, as the agent
- * starts it, so tensors above it are offered by hash (cold trials keep the stock threshold, as in
- * every earlier run of this bench).
- */
-async function trial(mode: Mode, rpcPort: number, model: string, llamaServer: string, o: { loadOnly?: boolean; requests?: number; onWarm?: () => void } = {}): Promise<Trial> {
-  const loadOnly = o.loadOnly ?? false;
-  const httpPort = await freePort();
-  const t0 = performance.now();
-  const head = start(
-    llamaServer,
-    [
-      ...['-m', model, '--rpc', `127.0.0.1:${rpcPort}`, '-ngl', String(NGL), '-c', '1024', '-t', String(THREADS)],
-      ...['--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)],
-    ],
-    loadOnly ? rpcCacheMinSizeEnv() : {},
-  );
-  try {
-    const deadline = Date.now() + 300_000;
-    for (;;) {
-      if (head.proc.exitCode !== null) throw new Error(`llama-server exited: ${head.log().slice(-2000)}`);
-      const ok = await fetch(`http://127.0.0.1:${httpPort}/health`).then(
-        (r) => r.status === 200,
-        () => false,
-      );
-      if (ok) break;
-      if (Date.now() > deadline) throw new Error(`llama-server not ready: ${head.log().slice(-2000)}`);
-      await sleep(20);
-    }
-    const loadSeconds = (performance.now() - t0) / 1000;
-    if (loadOnly) return { mode, loadSeconds, completions: [] };
-    await complete(httpPort); // first request pays one-time graph/buffer set-up: not counted
-    o.onWarm?.();
-    const completions: Completion[] = [];
-    for (let i = 0; i < (o.requests ?? REQUESTS); i++) completions.push(await complete(httpPort));
-    return { mode, loadSeconds, completions };
-  } finally {
-    await stop(head.proc);
-  }
-}
-
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
+interface Trial extends HeadRun {
+  mode: Mode;
+  /** CPU seconds during the trial: this process (HTTP client; plus the forwarder when tunnelled), the worker's listener, both native relay ends. */
+  cpu: { benchProcess: number; workerListener: number; nativeRelay: number };
+}
+
 /** One trial with the CPU both tunnel ends spent during it. */
-async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, model: string, llamaServer: string): Promise<Trial> {
+async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, head: HeadSetup): Promise<Trial> {
   const native = mode === 'socat' || mode === 'stunnel' || mode === 'go' ? tunnel.native?.[mode] : undefined;
   // native processes of this mode: a control's two ends, or the tunnel's native head side
   const pids = native ? native.ends.map((e) => e.proc.pid ?? 0) : mode === 'tunnel' && tunnel.forwarder.pid ? [tunnel.forwarder.pid] : [];
   const nativeCpu = () => pids.reduce((sum, pid) => sum + processCpuSeconds(pid), 0);
   const [bench0, worker0, native0] = [cpuSeconds(), await tunnel.workerCpu(), nativeCpu()];
   const port = native ? native.port : { direct: rpcPort, plain: tunnel.plain.port, tunnel: tunnel.forwarder.port }[mode as 'direct' | 'plain' | 'tunnel'];
-  const t = await trial(mode, port, model, llamaServer);
+  const t = await headTrial(port, head);
   if (native) await sleep(100); // socat's per-connection children exit and are reaped after llama-server stops
   const [bench1, worker1, native1] = [cpuSeconds(), await tunnel.workerCpu(), nativeCpu()];
-  return { ...t, cpu: { benchProcess: bench1 - bench0, workerListener: worker1 - worker0, nativeRelay: native1 - native0 } };
+  return { ...t, mode, cpu: { benchProcess: bench1 - bench0, workerListener: worker1 - worker0, nativeRelay: native1 - native0 } };
 }
 
 /**
  * Where the tunnel's time goes: the CPU seconds its two ends spent per trial. The forwarder runs
  * in this process next to the HTTP client both modes use, so its share is the tunnel − direct
- * difference; the listener process does nothing but tunnel. With the load average: on a
- * saturated machine every extra process hop also waits for a core.
+ * difference; the listener process does nothing but tunnel. With the load average, sampled at
+ * every pair: on a saturated machine every extra process hop also waits for a core.
  */
-function cpuSummary(trials: readonly Trial[], loadAverage: number[]) {
-  const med = (mode: Mode, k: 'benchProcess' | 'workerListener' | 'nativeRelay') => median(trials.filter((t) => t.mode === mode).map((t) => t.cpu?.[k] ?? 0));
+function cpuSummary(trials: readonly Trial[], loadAverages: readonly number[]) {
+  const med = (mode: Mode, k: 'benchProcess' | 'workerListener' | 'nativeRelay') => median(trials.filter((t) => t.mode === mode).map((t) => t.cpu[k]));
   return {
     headForwarderSecondsPerTrial: round(med('tunnel', 'benchProcess') - med('direct', 'benchProcess') + med('tunnel', 'nativeRelay')),
     workerListenerSecondsPerTrial: round(med('tunnel', 'workerListener')),
     ...(NATIVE ? { nativeBothEndsSecondsPerTrial: { socat: round(med('socat', 'nativeRelay')), stunnel: round(med('stunnel', 'nativeRelay')), go: round(med('go', 'nativeRelay')) } } : {}),
-    loadAverage1m: { start: round(loadAverage[0] ?? 0, 2), end: round(loadavg()[0] ?? 0, 2) },
+    loadAverage1m: { start: round(loadAverages[0] ?? 0, 2), end: round(loadavg()[0] ?? 0, 2), max: round(Math.max(...loadAverages, loadavg()[0] ?? 0), 2) },
     cores: availableParallelism(),
   };
 }
 
-function summarise(trials: readonly Trial[], tunnel: Pick<Tunnel, 'forwarder' | 'workerRelay'>, loadAverage: number[]) {
-  const of = (mode: Mode) => trials.filter((t) => t.mode === mode);
-  const stats = (mode: Mode) => {
-    const ts = of(mode);
-    const cs = ts.flatMap((t) => t.completions);
-    return {
-      loadSeconds: ts.map((t) => round(t.loadSeconds)),
-      ttftMs: cs.map((c) => round(c.ttftMs, 2)),
-      decodeTokensPerSecond: cs.map((c) => round(c.decodeTokensPerSecond, 2)),
-      loadSecondsMedian: round(median(ts.map((t) => t.loadSeconds))),
-      ttftMsP50: round(median(cs.map((c) => c.ttftMs)), 2),
-      decodeTokensPerSecondMedian: round(median(cs.map((c) => c.decodeTokensPerSecond)), 2),
-    };
+/** A mode's raw numbers and medians over all its trials (unpaired: what the controls are compared by). */
+function modeStats(trials: readonly Trial[], mode: Mode) {
+  const ts = trials.filter((t) => t.mode === mode);
+  const cs = ts.flatMap((t) => t.completions);
+  return {
+    loadSeconds: ts.map((t) => round(t.loadSeconds)),
+    ttftMs: cs.map((c) => round(c.ttftMs, 2)),
+    decodeTokensPerSecond: cs.map((c) => round(c.decodeTokensPerSecond, 2)),
+    loadSecondsMedian: round(median(ts.map((t) => t.loadSeconds))),
+    ttftMsP50: round(median(cs.map((c) => c.ttftMs)), 2),
+    decodeTokensPerSecondMedian: round(median(cs.map((c) => c.decodeTokensPerSecond)), 2),
   };
-  const direct = stats('direct');
-  const tunnelled = stats('tunnel');
-  const plain = stats('plain');
+}
+
+/** Per pair: tunnel ÷ direct decode rate and load time, tunnel − direct TTFT p50 (of each trial's requests). */
+function perPair(pairs: readonly { direct: Trial; tunnel: Trial }[]) {
+  const tps = (t: Trial) => median(t.completions.map((c) => c.decodeTokensPerSecond));
+  const ttft = (t: Trial) => median(t.completions.map((c) => c.ttftMs));
+  return {
+    tokensPerSecondRatio: pairs.map((p) => tps(p.tunnel) / tps(p.direct)),
+    ttftAddedMs: pairs.map((p) => ttft(p.tunnel) - ttft(p.direct)),
+    loadSecondsRatio: pairs.map((p) => p.tunnel.loadSeconds / p.direct.loadSeconds),
+  };
+}
+
+function summarise(trials: readonly Trial[], pairs: readonly { direct: Trial; tunnel: Trial }[], tunnel: Pick<Tunnel, 'forwarder' | 'workerRelay'>, head: HeadSetup, loadAverages: readonly number[]) {
+  const per = perPair(pairs);
+  const goals = {
+    tokensPerSecondRatio: pairedEstimate(per.tokensPerSecondRatio, { op: '>=', value: 0.97 }),
+    ttftAddedMs: pairedEstimate(per.ttftAddedMs, { op: '<', value: 2 }, 2),
+    loadSecondsRatio: pairedEstimate(per.loadSecondsRatio, { op: '<=', value: 1.1 }),
+  };
+  const direct = modeStats(trials, 'direct');
   const versusDirect = (m: typeof direct) => ({
     tokensPerSecondRatio: round(m.decodeTokensPerSecondMedian / direct.decodeTokensPerSecondMedian),
     ttftAddedMs: round(m.ttftMsP50 - direct.ttftMsP50, 2),
     loadSecondsRatio: round(m.loadSecondsMedian / direct.loadSecondsMedian),
   });
+  const controls = Object.fromEntries(CONTROL_MODES.map((m) => [m, { ...versusDirect(modeStats(trials, m)), raw: modeStats(trials, m) }]));
   const ids = trials.flatMap((t) => t.completions.map((c) => c.tokenIds.join(',')));
   return {
     bench: 'tunnel',
-    ...versusDirect(tunnelled),
-    /** The same ratios for the two relay hops without TLS: the part of the tunnel's cost that is not TLS. */
-    plainRelay: versusDirect(plain),
-    /** The same two hops relayed natively: socat (plain), stunnel (TLS 1.3 mTLS), the agents' Go relay run bare (TLS 1.3 mTLS, the agents' checks). */
-    nativeRelays: NATIVE ? { socat: versusDirect(stats('socat')), stunnel: versusDirect(stats('stunnel')), go: versusDirect(stats('go')) } : 'skipped (--no-native, or socat, stunnel or go not installed)',
+    /** Tunnelled ÷ direct, paired: the median over pairs (goals: ≥ 0.97, < 2 ms, ≤ 1.10). */
+    tokensPerSecondRatio: goals.tokensPerSecondRatio.estimate,
+    ttftAddedMs: goals.ttftAddedMs.estimate,
+    loadSecondsRatio: goals.loadSecondsRatio.estimate,
+    /** Each goal's estimate, 90 % bootstrap interval over pairs, and verdict (met / missed / undecided). */
+    goals,
     tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
-    goals: { tokensPerSecondRatio: '>= 0.97', ttftAddedMs: '< 2 (p50)', loadSecondsRatio: '<= 1.10' },
-    setup: { trials: TRIALS, requestsPerTrial: REQUESTS, tokens: TOKENS, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS },
+    setup: { pairs: pairs.length, order: 'ABBA', requestsPerTrial: head.requests, tokens: head.tokens, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS, controls: CONTROL_MODES },
     /** Which relays the agent (and so `tunnel`) runs at each end: native/tunnel-relay when `orchard setup` built it. */
     tunnelRelay: { head: tunnel.forwarder.pid ? 'native' : 'node', worker: tunnel.workerRelay },
     tunnelBytes: { ...tunnel.forwarder.bytes, connections: tunnel.forwarder.connections(), resumedSessions: tunnel.forwarder.resumed() },
-    tunnelCpu: cpuSummary(trials, loadAverage),
+    tunnelCpu: cpuSummary(trials, loadAverages),
+    /** The raw per-pair values the goals are medians of, in run order. */
+    perPair: Object.fromEntries(Object.entries(per).map(([k, v]) => [k, v.map((x) => round(x, 3))])),
     direct,
-    plain,
-    tunnel: tunnelled,
-    ...(NATIVE ? { socat: stats('socat'), stunnel: stats('stunnel'), go: stats('go') } : {}),
+    tunnel: modeStats(trials, 'tunnel'),
+    /** With --controls, unpaired against direct: plain (the same relay without TLS), socat, stunnel, the bare Go relay. */
+    ...(CONTROLS ? { controls } : {}),
   };
 }
 
@@ -367,16 +325,16 @@ async function seededRpcServer(model: string, work: string, rpcServer: string): 
  * holds the model. Reported beside the cold ratio (weights over the wire), never instead of it:
  * a worker without the file still loads cold.
  */
-async function seededLoads(seededRpcPort: number, tunnel: Tunnel, model: string, llamaServer: string) {
+async function seededLoads(seededRpcPort: number, tunnel: Tunnel, head: HeadSetup) {
   const loads: Record<'direct' | 'tunnel', number[]> = { direct: [], tunnel: [] };
-  for (let i = 0; i < TRIALS; i++) {
-    for (const mode of i % 2 === 0 ? (['direct', 'tunnel'] as const) : (['tunnel', 'direct'] as const)) {
-      const t = await trial(mode, mode === 'direct' ? seededRpcPort : tunnel.seededForwarder.port, model, llamaServer, { loadOnly: true });
+  for (const pair of abbaOrder('direct' as const, 'tunnel' as const, SEEDED_PAIRS)) {
+    for (const mode of pair) {
+      const t = await headTrial(mode === 'direct' ? seededRpcPort : tunnel.seededForwarder.port, head, { loadOnly: true });
       loads[mode].push(round(t.loadSeconds));
     }
   }
   return {
-    loadSecondsRatio: round(median(loads.tunnel) / median(loads.direct)),
+    loadSecondsRatio: round(median(loads.tunnel.map((t, i) => t / loads.direct[i]!))),
     loadSeconds: loads,
     tunnelBytesToEngine: tunnel.seededForwarder.bytes.toEngine,
   };
@@ -389,10 +347,10 @@ async function seededLoads(seededRpcPort: number, tunnel: Tunnel, model: string,
  * spinning half the direct per-token time, so relays sleep between tokens as they do under
  * llama.cpp — and back to back), and the loss that predicts beside the one the trials measured.
  */
-async function accountTraffic(rpcPort: number, tunnel: Tunnel, model: string, llamaServer: string, measured: Readonly<Partial<Record<Mode, MeasuredMode>>>) {
+async function accountTraffic(rpcPort: number, tunnel: Tunnel, head: HeadSetup, measured: Readonly<Partial<Record<Mode, MeasuredMode>>>) {
   const tap = await startRpcTap(rpcPort);
   try {
-    await trial('direct', tap.port, model, llamaServer, { requests: 1, onWarm: tap.mark });
+    await headTrial(tap.port, head, { requests: 1, onWarm: tap.mark });
   } finally {
     tap.close();
   }
@@ -403,8 +361,9 @@ async function accountTraffic(rpcPort: number, tunnel: Tunnel, model: string, ll
   const { perPrompt, perToken, decodeSteps } = rpcAccounting(steps);
   const directMs = 1000 / direct.decodeTokensPerSecondMedian;
   const pace = { headMs: round(directMs / 2, 2), engineMs: round(directMs / 2, 2) };
-  const atPace = await transportAdded(tunnel.replay, step, { rounds: 3, steps: 30, pace });
-  const backToBack = await transportAdded(tunnel.replay, step, { rounds: 3, steps: 100, pace: { headMs: 0, engineMs: 0 } });
+  const routes = Object.fromEntries(Object.entries(tunnel.replay).filter(([mode]) => mode in measured));
+  const atPace = await transportAdded(routes, step, { rounds: 3, steps: 30, pace });
+  const backToBack = await transportAdded(routes, step, { rounds: 3, steps: 100, pace: { headMs: 0, engineMs: 0 } });
   const predicted = Object.entries(atPace).flatMap(([mode, a]) => {
     const m = measured[mode as Mode];
     return mode === 'direct' || !m ? [] : [[mode, predictedLoss(perToken, perPrompt, a.addedPerRoundTripMs, direct, m)]];
@@ -420,44 +379,67 @@ async function accountTraffic(rpcPort: number, tunnel: Tunnel, model: string, ll
   };
 }
 
+/**
+ * Direct and tunnel trials in ABBA pairs (with --controls, the control modes follow each block's
+ * pair, in reverse every other block), until MAX_PAIRS or the trial budget is spent: whole
+ * two-pair blocks, at least one.
+ */
+async function pairedTrials(rpcPort: number, tunnel: Tunnel, head: HeadSetup) {
+  const trials: Trial[] = [];
+  const pairs: { direct: Trial; tunnel: Trial }[] = [];
+  const loadAverages = [loadavg()[0] ?? 0];
+  const t0 = performance.now();
+  for (const [first, second] of abbaOrder<Mode>('direct', 'tunnel', MAX_PAIRS)) {
+    if (pairs.length % 2 === 0 && pairs.length > 0 && performance.now() - t0 > BUDGET_SECONDS * 1000) break;
+    const controls = pairs.length % 4 < 2 ? CONTROL_MODES : [...CONTROL_MODES].reverse();
+    const ran: Partial<Record<Mode, Trial>> = {};
+    for (const mode of [first, second, ...(pairs.length % 2 === 0 ? controls : [])]) {
+      const t = await measuredTrial(mode, rpcPort, tunnel, head);
+      trials.push(t);
+      ran[mode] = t;
+      if (!JSON_OUT) process.stderr.write(`pair ${pairs.length + 1} ${mode}: load ${t.loadSeconds.toFixed(3)} s, ${t.completions.map((c) => `${c.ttftMs.toFixed(1)} ms ${c.decodeTokensPerSecond.toFixed(2)} tok/s`).join(', ')}\n`);
+    }
+    pairs.push({ direct: ran.direct!, tunnel: ran.tunnel! });
+    loadAverages.push(loadavg()[0] ?? 0);
+  }
+  return { trials, pairs, loadAverages, seconds: round((performance.now() - t0) / 1000, 1) };
+}
+
+function report(out: ReturnType<typeof summarise> & { accounting: Awaited<ReturnType<typeof accountTraffic>> }): string {
+  const g = (k: keyof typeof out.goals) => {
+    const e = out.goals[k];
+    return `${e.estimate} [${e.interval90.join(', ')}] ${e.goal}: ${e.verdict}`;
+  };
+  return (
+    `tunnel ÷ direct over ${out.setup.pairs} ABBA pairs (median, 90 % bootstrap interval, goal, verdict): tokens/s ${g('tokensPerSecondRatio')}; ` +
+    `TTFT added ms ${g('ttftAddedMs')}; load ${g('loadSecondsRatio')}; token ids identical: ${out.tokenIdsIdentical}; ` +
+    `load average ${JSON.stringify(out.tunnelCpu.loadAverage1m)}\n` +
+    `round trips per token ${out.accounting.roundTripsPerToken}, per prompt ${out.accounting.perPrompt.roundTrips}; ms added per round trip ${JSON.stringify(out.accounting.addedPerRoundTripMs)}; ` +
+    `predicted vs measured: ${JSON.stringify(out.accounting.predictedVsMeasured)}\n`
+  );
+}
+
 async function main(): Promise<void> {
   const bins = await findLlamaBinaries();
   const work = await mkdtemp(join(tmpdir(), 'orchard-bench-tunnel-'));
   const model = join(work, 'split.gguf');
+  const head: HeadSetup = { model, llamaServer: bins.llamaServer, ngl: NGL, threads: THREADS, tokens: num('tokens', 16), requests: num('requests', 2) };
   let tunnel: Tunnel | undefined;
-  const loadAverage = loadavg();
   try {
     const gen = ['--out', model, '--layers', String(LAYERS), '--dim', String(DIM), '--ffn', String(FFN), '--type', 'f16'];
     await promisify(execFile)(process.execPath, [join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', ...gen]);
     const rpcPort = await freePort();
     const rpc = start(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(THREADS)]);
     await waitPort(rpcPort, rpc.proc, rpc.log);
-    const seededRpcPort = await seededRpcServer(model, work, bins.rpcServer);
+    // the pre-seeded rpc-server only with --controls; without, its forwarder points at the cold one, unused
+    const seededRpcPort = CONTROLS ? await seededRpcServer(model, work, bins.rpcServer) : rpcPort;
     tunnel = await startTunnel(rpcPort, seededRpcPort, (await startFakeEngine()).port, work);
-    const trials: Trial[] = [];
-    for (let i = 0; i < TRIALS; i++) {
-      // ABC CBA order: drift (page cache, thermal, neighbours) lands on every mode alike
-      const order = i % 2 === 0 ? MODES : [...MODES].reverse();
-      for (const mode of order) {
-        trials.push(await measuredTrial(mode, rpcPort, tunnel, model, bins.llamaServer));
-        if (!JSON_OUT) process.stderr.write(`trial ${i + 1}/${TRIALS} ${mode}: load ${trials.at(-1)?.loadSeconds.toFixed(2)} s\n`);
-      }
-    }
-    const seeded = await seededLoads(seededRpcPort, tunnel, model, bins.llamaServer);
-    const summary = summarise(trials, tunnel, loadAverage);
-    const measured = Object.fromEntries(MODES.map((m) => [m, (summary as Partial<Record<Mode, MeasuredMode>>)[m]]));
-    const out = { ...summary, preseeded: seeded, accounting: await accountTraffic(rpcPort, tunnel, model, bins.llamaServer, measured) };
-    if (JSON_OUT) process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
-    else {
-      const { direct: d, tunnel: t } = out;
-      process.stdout.write(
-        `tunnel ÷ direct: tokens/s ${out.tokensPerSecondRatio} (${t.decodeTokensPerSecondMedian} vs ${d.decodeTokensPerSecondMedian}), ` +
-          `TTFT +${out.ttftAddedMs} ms p50 (${t.ttftMsP50} vs ${d.ttftMsP50}), load ${out.loadSecondsRatio} (${t.loadSecondsMedian} s vs ${d.loadSecondsMedian} s), ` +
-          `token ids identical: ${out.tokenIdsIdentical}; plain relay (no TLS) ÷ direct: ${JSON.stringify(out.plainRelay)}\n` +
-          `round trips per token ${out.accounting.roundTripsPerToken}, per prompt ${out.accounting.perPrompt.roundTrips}; ms added per round trip ${JSON.stringify(out.accounting.addedPerRoundTripMs)}; ` +
-          `predicted vs measured: ${JSON.stringify(out.accounting.predictedVsMeasured)}\n`,
-      );
-    }
+    const run = await pairedTrials(rpcPort, tunnel, head);
+    const summary = { ...summarise(run.trials, run.pairs, tunnel, head, run.loadAverages), trialSeconds: run.seconds };
+    const seeded = CONTROLS ? { preseeded: await seededLoads(seededRpcPort, tunnel, head) } : {};
+    const measured = Object.fromEntries((['direct', 'tunnel', ...CONTROL_MODES] as Mode[]).map((m) => [m, modeStats(run.trials, m)]));
+    const out = { ...summary, ...seeded, accounting: await accountTraffic(rpcPort, tunnel, head, measured) };
+    process.stdout.write(JSON_OUT ? `${JSON.stringify(out, null, 2)}\n` : report(out));
   } finally {
     await tunnel?.forwarder.close();
     await tunnel?.seededForwarder.close();

@@ -4,7 +4,7 @@
  * plain TCP (the hops' floor without TLS); `stunnel` relays TLS 1.3 with mutual certificates of
  * the same cluster CA (what a native TLS relay costs). If a native pair meets the goals where the
  * Node pair does not, Node is the gap; if even socat misses them, the two extra processes on a
- * saturated machine are. Used when socat, stunnel and Go are all installed (bench:tunnel's `--no-native` skips them).
+ * saturated machine are. Used when socat, stunnel and Go are all installed (bench:tunnel runs them with `--controls`).
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
