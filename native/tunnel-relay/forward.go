@@ -17,6 +17,7 @@ import (
 // forwardTLS: the worker's certificate must chain to the cluster CA and name the expected node;
 // its address is not what identifies it, so Go's host-name check is replaced by that one.
 func forwardTLS(cfg *tls.Config, pool *x509.CertPool, expectID, remote string) *tls.Config {
+	verified := &verifiedCerts{}
 	cfg.RootCAs = pool
 	cfg.ServerName, _, _ = net.SplitHostPort(remote) // as tls.Dial sets it: the session cache's key
 	cfg.InsecureSkipVerify = true
@@ -25,12 +26,24 @@ func forwardTLS(cfg *tls.Config, pool *x509.CertPool, expectID, remote string) *
 		if len(cs.PeerCertificates) == 0 {
 			return errors.New("no worker certificate")
 		}
-		inter := x509.NewCertPool()
-		for _, ic := range cs.PeerCertificates[1:] {
-			inter.AddCert(ic)
+		// the whole presented chain is the memo's key: the same bytes verify the same way
+		var presented []byte
+		for _, c := range cs.PeerCertificates {
+			presented = append(presented, c.Raw...)
 		}
-		opts := x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
-		if _, err := cs.PeerCertificates[0].Verify(opts); err != nil {
+		err := verified.check(presented, time.Now(), func() (window, error) {
+			inter := x509.NewCertPool()
+			for _, ic := range cs.PeerCertificates[1:] {
+				inter.AddCert(ic)
+			}
+			opts := x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+			chains, err := cs.PeerCertificates[0].Verify(opts)
+			if err != nil {
+				return window{}, err
+			}
+			return chainWindow(chains[0]), nil
+		})
+		if err != nil {
 			return err
 		}
 		peer, err := peerIdentity(cs.PeerCertificates[0])
@@ -43,6 +56,21 @@ func forwardTLS(cfg *tls.Config, pool *x509.CertPool, expectID, remote string) *
 		return nil
 	}
 	return cfg
+}
+
+// chainWindow: when every certificate of a verified chain is within its dates, so when
+// x509.Verify's answer for it holds (the rest of what it checks does not change with time).
+func chainWindow(chain []*x509.Certificate) window {
+	w := window{from: chain[0].NotBefore, to: chain[0].NotAfter}
+	for _, c := range chain[1:] {
+		if c.NotBefore.After(w.from) {
+			w.from = c.NotBefore
+		}
+		if c.NotAfter.Before(w.to) {
+			w.to = c.NotAfter
+		}
+	}
+	return w
 }
 
 type refused struct {

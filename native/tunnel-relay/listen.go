@@ -77,15 +77,20 @@ func (r *relay) session(k sessionKey) *sessionStats {
 // session carries the certificates from its ticket (Go before 1.21 keeps no verified chain, nor
 // re-checks the dates), so what verifyCertificate checks is checked here on every session: issued
 // by the CA itself, within its dates now, not a CA, one Orchard identity; then the role.
-func authorize(cs tls.ConnectionState, ca *x509.Certificate) (identity, string) {
+func authorize(cs tls.ConnectionState, ca *x509.Certificate, verified *verifiedCerts) (identity, string) {
 	if len(cs.PeerCertificates) == 0 {
 		return identity{}, "no client certificate"
 	}
 	leaf := cs.PeerCertificates[0]
-	if leaf.CheckSignatureFrom(ca) != nil || leaf.IsCA {
+	now := time.Now()
+	signed := verified.check(leaf.Raw, now, func() (window, error) {
+		// the CA's signature does not change with time: the dates are checked below, every session
+		return window{from: time.Time{}, to: now.AddDate(1000, 0, 0)}, leaf.CheckSignatureFrom(ca)
+	})
+	if signed != nil || leaf.IsCA {
 		return identity{}, "not issued by this cluster"
 	}
-	if now := time.Now(); now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
+	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
 		return identity{}, "certificate expired or not yet valid"
 	}
 	peer, err := peerIdentity(leaf)
@@ -128,7 +133,7 @@ func (r *relay) serveWorker(raw net.Conn) {
 		r.emit(map[string]string{"refused": "TLS handshake failed (no certificate of this cluster)"})
 		return
 	}
-	peer, problem := authorize(conn.ConnectionState(), r.ca)
+	peer, problem := authorize(conn.ConnectionState(), r.ca, &r.verified)
 	refuse := func(msg string, pending bool) {
 		reply := map[string]any{"ok": false, "error": msg}
 		if pending {

@@ -75,6 +75,8 @@ type relay struct {
 	outMu  sync.Mutex
 	tlsCfg *tls.Config
 	ca     *x509.Certificate // the cluster CA (listen: what a peer's certificate must be issued by)
+	// listen: certificates whose CA signature was checked already (verified.go)
+	verified verifiedCerts
 	// forward: payload bytes (plaintext side) and sessions, all connections
 	toEngine, fromEngine, connections, resumed atomic.Int64
 	// listen: its state, changed by commands (commands.go)
