@@ -2,6 +2,7 @@ import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { errorMessage } from '../shared/errors.ts';
+import { TENSOR_HASHES_ENV } from '../shared/rpc-cache/known-hashes.ts';
 import type { Logger } from '../shared/log.ts';
 import { type EngineExit, type EngineInfo, mlxRankInfo } from './engine-info.ts';
 import { ENGINE_HOST, type EngineBinaries, EngineRequestError, type EngineSpec, engineCommand, sameEngineRequest } from './engine-spec.ts';
@@ -15,8 +16,11 @@ import type { MlxGroup } from './mlx/group.ts';
 import { MlxRankEngine } from './mlx/rank-engine.ts';
 import { mlxRankPort } from './mlx/rank-spec.ts';
 
-/** Start-up lines worth returning: llama.cpp's layer → device assignment and buffer sizes. */
-const STARTUP_LOG = /assigned to device|buffer size|memory_breakdown|projected memory|using device/;
+/**
+ * Start-up lines worth returning: llama.cpp's layer → device assignment and buffer sizes, and how
+ * many known tensor hashes a head read (its hints file is gone once it is ready: this is the record).
+ */
+const STARTUP_LOG = /assigned to device|buffer size|memory_breakdown|projected memory|using device|GGML_RPC_TENSOR_HASHES/;
 
 /**
  * Engine supervisor: starts llama.cpp engines as children of the agent, decides when they are
@@ -44,7 +48,7 @@ export interface SupervisorOptions {
   readonly ports?: EnginePortAllocator;
   /** The MLX venv's Python; rejects with a one-line reason when MLX is not set up. */
   readonly mlxPython?: () => Promise<string>;
-  /** Where MLX groups keep their launch files (the agent's `<state dir>/run`, run-dir.ts). */
+  /** Where engines keep their start-up files (the agent's `<state dir>/run`, run-dir.ts; default the system temp dir). */
   readonly runDir?: string;
 }
 
@@ -287,7 +291,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
     const cmd = engineCommand(spec, port, bins);
     const log = this.options.log.child({ engineId, kind: spec.kind, port });
     log.info({ file: cmd.file, argv: cmd.argv }, 'starting engine');
-    const child = await spawnEngine(cmd).catch((err: unknown) => {
+    const { child, removeStartupFiles } = await spawnEngine(cmd, this.options.runDir).catch((err: unknown) => {
       this.ports.release(port);
       throw err;
     });
@@ -331,8 +335,11 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       if (!exit.expected && (await portBindError(ENGINE_HOST, port)) === 'EADDRINUSE') throw new PortTakenError(port, ENGINE_HOST, errorMessage(err));
       throw err;
     }
+    // Read while it loaded: a SIGKILLed agent must not leave it behind for the whole engine's life.
+    await removeStartupFiles().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'cannot remove the engine\'s start-up files'));
     entry.ready = true;
-    log.info({ pid }, 'engine ready');
+    const knownHashes = startup.snapshot().find((l) => l.includes(TENSOR_HASHES_ENV));
+    log.info({ pid, ...(knownHashes ? { knownHashes: knownHashes.trim() } : {}) }, 'engine ready');
     this.emit('started', info);
     return { ...info, startupLog: startup.snapshot() };
   }

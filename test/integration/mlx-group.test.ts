@@ -24,7 +24,7 @@ const groups: MlxGroup[] = [];
 
 
 async function start(opts: Omit<MlxGroupOptions, 'python'>): Promise<MlxGroup> {
-  const g = await MlxGroup.start({ python: env.python, startupTimeoutMs: 90_000, stallTimeoutMs: 20_000, ...opts });
+  const g = await MlxGroup.start({ python: env.python, startupTimeoutMs: 90_000, stallTimeoutMs: 20_000, workRoot: dir, ...opts });
   groups.push(g);
   return g;
 }
@@ -91,6 +91,8 @@ describe('MLX pipeline split equals a single process', () => {
 
   it('queued requests run one after another, each stall clock starting on its own turn', async () => {
     const g = await start({ model: llama, mode: 'pipeline', split: [2, 2], launch: await ring(2) });
+    // The ranks read the hostfile at start-up: a ready group keeps no launch folder.
+    expect((await readdir(dir)).filter((n) => n.startsWith('orchard-mlx-'))).toEqual([]);
     const [a, b] = await Promise.all([collect(g.generate(promptA)), collect(g.generate(promptB))]);
     expect(a.tokens).toEqual(reference.get('a'));
     expect(b.tokens).toEqual(reference.get('b'));
@@ -239,12 +241,13 @@ describe('MLX group failures', () => {
 
   it('ranks die with their parent (stdin EOF / PDEATHSIG), even while blocked in the ring handshake', async () => {
     // A throwaway parent starts rank 0 of a 2-rank ring (blocks in accept), prints its pid, and
-    // is SIGKILLed; the worker must go away on its own.
+    // is SIGKILLed; the worker must go away on its own. Its launch folder, which nobody removes
+    // then, goes to this file's folder (as an agent's goes to its run folder), not to /tmp.
     const launch = await ring(2);
     const script = `
       import { MlxGroup } from ${JSON.stringify(join(process.cwd(), 'src/node/mlx/group.ts'))};
       const p = MlxGroup.start({ python: ${JSON.stringify(env.python)}, model: ${JSON.stringify(llama)}, mode: 'pipeline',
-        launch: ${JSON.stringify(launch)}, localRanks: [0], startupTimeoutMs: 600000 });
+        launch: ${JSON.stringify(launch)}, localRanks: [0], startupTimeoutMs: 600000, workRoot: ${JSON.stringify(dir)} });
       setInterval(() => {}, 1000);
       void p;
     `;

@@ -15,9 +15,10 @@ import { tempDir } from '../helpers/temp-dir.ts';
  *  - the coordinator is SIGKILLed and started again on its state dir: it re-adopts the ranks (the
  *    same processes, nothing reloads) and the instance keeps the parallelism its plan chose from
  *    `auto`, with the reason, as it was before the restart;
- *  - an agent holding a rank is SIGKILLed: its watchdog takes the rank, but the group's work
- *    folder (launch files) in `<state dir>/run` (0700) outlives it; the agent's next start
- *    removes it.
+ *  - an agent holding a rank is SIGKILLed: its watchdog takes the rank, and nothing of the group
+ *    is left in `<state dir>/run` (0700): the rank read its launch files at start-up and they
+ *    were removed once it was ready. (A folder of a rank killed before it was ready is swept at
+ *    the agent's next start, run-dir.ts: engine-startup-files.test.ts shows that with a head.)
  */
 
 const execFileP = promisify(execFile);
@@ -34,7 +35,7 @@ async function rankPids(modelDir: string): Promise<number[]> {
 
 const workFolders = async (runDir: string) => (await readdir(runDir)).filter((n) => n.startsWith('orchard-mlx-'));
 
-describe('MLX across restarts: parallelism kept by the instance store; a SIGKILLed agent’s work folder swept at its next start', () => {
+describe('MLX across restarts: parallelism kept by the instance store; a SIGKILLed agent leaves no launch files', () => {
   const dir = tempDir('orchard-mlx-restart-', 'all');
   let cluster: JoinedCluster;
   let model: string;
@@ -78,19 +79,19 @@ describe('MLX across restarts: parallelism kept by the instance store; a SIGKILL
     expect((JSON.parse(g.stdout) as { tokens: number[] }).tokens.length).toBeGreaterThan(0);
   }, 300_000);
 
-  it('agent SIGKILL leaves its MLX work folder in <state dir>/run; the restarted agent removes it', async () => {
+  it('agent SIGKILL with a ready rank leaves no MLX launch files in <state dir>/run', async () => {
     const runDir = join(dir.path, 'bravo', 'run');
     expect((await stat(runDir)).mode & 0o777).toBe(0o700);
-    const stale = await workFolders(runDir);
-    expect(stale, 'the rank keeps its launch files under the agent state dir').toHaveLength(1);
-    const bravo = cluster.agents.get('bravo')!;
     const ranks = await rankPids(model);
-    // The agent alone, as a crash would take it: its watchdog kills the rank, nobody removes the folder.
+    expect(ranks).toHaveLength(2);
+    expect(await workFolders(runDir), 'a ready rank keeps no launch files').toEqual([]);
+    const bravo = cluster.agents.get('bravo')!;
+    // The agent alone, as a crash would take it: its watchdog kills the rank, nobody removes anything.
     process.kill(bravo.proc.child.pid!, 'SIGKILL');
     await bravo.proc.exited;
     for (const until = Date.now() + 30_000; Date.now() < until && (await rankPids(model)).length === ranks.length; ) await sleep(200);
     expect((await rankPids(model)).length).toBeLessThan(ranks.length);
-    expect(await workFolders(runDir)).toEqual(stale);
+    expect(await workFolders(runDir)).toEqual([]);
 
     await cluster.startAgent('bravo', ['--budget', String(budgets.bravo)]);
     expect(await workFolders(runDir)).toEqual([]);

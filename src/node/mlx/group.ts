@@ -1,12 +1,12 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { rm, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { OrchardError } from '../../shared/errors.ts';
 import type { Logger } from '../../shared/log.ts';
 import { engineEnv } from '../engine-spec.ts';
+import { startupFolder } from '../run-dir.ts';
 import { mlxProcessEnv } from './env.ts';
 import { launchFiles, launchSize, type MlxLaunch, type MlxMode, rankEnv, workerArgs } from './launch.ts';
 import { TokenTextDecoder } from './token-text.ts';
@@ -23,8 +23,6 @@ import {
 } from './protocol.ts';
 
 export const MLX_WORKER_SCRIPT = join(dirname(fileURLToPath(import.meta.url)), 'mlx_worker.py');
-/** A group's own work folder (launch files) starts with this; the agent sweeps stale ones (run-dir.ts). */
-export const MLX_WORK_PREFIX = 'orchard-mlx-';
 
 export interface MlxGroupOptions {
   /** The venv's Python (`MlxEnv.python`). */
@@ -44,7 +42,7 @@ export interface MlxGroupOptions {
    * passes only its own ranks; every agent must then submit() the same requests to its ranks.
    */
   localRanks?: number[];
-  /** Folder for the launch file; default a fresh folder in `workRoot`, removed on close. */
+  /** Folder for the launch file; default a fresh start-up folder in `workRoot` (run-dir.ts), removed once every local rank is ready. */
   workDir?: string;
   /** Where the fresh folder goes (default the system temp dir; an agent gives its `<state dir>/run`). */
   workRoot?: string;
@@ -145,7 +143,7 @@ export class MlxGroup {
     if (local.length === 0) throw new OrchardError('an MLX group needs at least one local rank');
     for (const r of local) rankEnv(opts.launch, r, opts.launch ? '-' : undefined); // validates ranks early
     const ownsWorkDir = !opts.workDir;
-    const workDir = opts.workDir ?? (await mkdtemp(join(opts.workRoot ?? tmpdir(), MLX_WORK_PREFIX)));
+    const workDir = opts.workDir ?? (await startupFolder('mlx', opts.workRoot));
     const group = new MlxGroup(opts, workDir, ownsWorkDir);
     try {
       await group.boot(local);
@@ -178,6 +176,13 @@ export class MlxGroup {
       local.map((r) => this.waitFor(this.ranks.get(r) as Rank, 'ready', deadline, timeoutMs) as Promise<ReadyMessage>),
     );
     this.ready.push(...readies);
+    // Every local rank read its launch file in mx.distributed.init, before "ready", and nothing
+    // reads it again: gone now, a SIGKILLed agent leaves nothing of a running group behind.
+    await this.removeWorkDir();
+  }
+
+  private async removeWorkDir(): Promise<void> {
+    if (this.ownsWorkDir) await rm(this.workDir, { recursive: true, force: true });
   }
 
   private spawnRank(rank: number, filePath: string | undefined): Rank {
@@ -433,7 +438,7 @@ export class MlxGroup {
     this.closing = true;
     this.killAll();
     await Promise.all([...this.ranks.values()].map((r) => r.exited));
-    if (this.ownsWorkDir) await rm(this.workDir, { recursive: true, force: true });
+    await this.removeWorkDir();
   }
 }
 
