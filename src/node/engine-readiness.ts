@@ -1,6 +1,6 @@
 import type { Readable } from 'node:stream';
 import type { EngineKind } from './engine-spec.ts';
-import { canConnect } from './ports.ts';
+import { canConnect, listensOn } from './ports.ts';
 
 /**
  * When a llama.cpp engine the agent started can serve: an rpc-server once it accepts
@@ -8,7 +8,10 @@ import { canConnect } from './ports.ts';
  * waits for this on each engine, so the poll's tick is paid on every load: an rpc-server is
  * probed every 10 ms (a loopback connect; its banner goes to stdout, block-buffered in a pipe,
  * so there is no line to wait for), llama-server every 100 ms (an HTTP request to a server busy
- * loading) and at once when it logs the line it prints as /health turns 200 (`hint`).
+ * loading) and at once when it logs the line it prints as /health turns 200 (`hint`). What
+ * answers must be the engine itself (`listensOn`): another process that took the engine's port
+ * before the engine bound it accepts connections there too — the engine then dies of the taken
+ * port (`gone`) and the caller starts it again on a fresh one (ports.ts `onceMoreIfPortTaken`).
  */
 type LlamaEngineKind = Exclude<EngineKind, 'mlx-rank'>;
 
@@ -21,6 +24,8 @@ export interface ReadinessWait {
   readonly kind: LlamaEngineKind;
   readonly host: string;
   readonly port: number;
+  /** The engine's process: the one that must be listening on `port`. */
+  readonly pid: number;
   readonly deadlineMs: number;
   /** The engine's stderr (utf8 strings): the hint lines are looked for here. */
   readonly output: Readable | null;
@@ -48,7 +53,7 @@ export async function waitEngineReady(w: ReadinessWait): Promise<void> {
     while (true) {
       const gone = w.gone();
       if (gone) throw gone;
-      if (await isAccepting(w.kind, w.host, w.port)) return;
+      if ((await isAccepting(w.kind, w.host, w.port)) && (await listensOn(w.pid, w.port)) !== false) return;
       if (Date.now() >= w.deadlineMs) throw w.timedOut();
       // after the hint the engine is about to serve: probe again soon rather than on the slow tick
       if (hinted) delay = 10;

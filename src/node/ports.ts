@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile, readlink } from 'node:fs/promises';
 import { connect, createServer } from 'node:net';
 import { promisify } from 'node:util';
 import { errorMessage } from '../shared/errors.ts';
@@ -106,6 +106,29 @@ export class PortTakenError extends EngineRequestError {
   }
 }
 
+/**
+ * What to throw for an engine that died before it was ready on `port`: PortTakenError when another
+ * process holds that port now (it took it between our check and the engine's bind), else `err`.
+ */
+export async function portTakenOr(err: unknown, host: string, port: number): Promise<unknown> {
+  return (await portBindError(host, port)) === 'EADDRINUSE' ? new PortTakenError(port, host, errorMessage(err)) : err;
+}
+
+/**
+ * Start an engine on ports the allocator picks; when another process took one of them before the
+ * engine bound it (PortTakenError), start it once more on fresh ones. Once: a second loss in a row
+ * is not a race but a full range or a misbehaving neighbour, for the caller to report.
+ */
+export async function onceMoreIfPortTaken<T>(start: () => Promise<T>, onRetry?: (err: PortTakenError) => void): Promise<T> {
+  try {
+    return await start();
+  } catch (err) {
+    if (!(err instanceof PortTakenError)) throw err;
+    onRetry?.(err);
+    return start();
+  }
+}
+
 /** Resolve with a currently free TCP port on `host` (port 0: from the ephemeral range). */
 export function pickFreePort(host: string): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -131,6 +154,43 @@ export function portBindError(host: string, port: number): Promise<string | unde
     srv.once('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? 'EUNKNOWN'));
     srv.listen({ host, port, exclusive: true }, () => srv.close(() => resolve(undefined)));
   });
+}
+
+/**
+ * Whether process `pid` holds a listening TCP socket on `port` (any port when undefined): its
+ * socket inodes against the kernel's table on Linux (/proc), lsof on macOS; undefined where it
+ * cannot be told. A connect only shows that SOMETHING accepts there — another process that took
+ * an engine's port before the engine bound it accepts too.
+ */
+export async function listensOn(pid: number, port?: number): Promise<boolean | undefined> {
+  if (process.platform === 'darwin') {
+    const args = ['-nP', '-a', '-p', String(pid), `-iTCP${port === undefined ? '' : `:${port}`}`, '-sTCP:LISTEN', '-t'];
+    const out = await promisify(execFile)('lsof', args).catch((err: { code?: unknown; stdout?: string }) => (err.code === 1 ? { stdout: '' } : undefined));
+    return out === undefined ? undefined : out.stdout.trim() !== '';
+  }
+  if (process.platform !== 'linux') return undefined;
+  let fds: string[];
+  try {
+    fds = await readdir(`/proc/${pid}/fd`);
+  } catch (err) {
+    // Gone: it listens nowhere. Not ours to read (hidepid, another user): cannot tell.
+    return (err as NodeJS.ErrnoException).code === 'ENOENT' ? false : undefined;
+  }
+  const inodes = new Set<string>();
+  for (const fd of fds) {
+    const m = /^socket:\[(\d+)\]$/.exec(await readlink(`/proc/${pid}/fd/${fd}`).catch(() => ''));
+    if (m) inodes.add(m[1]!);
+  }
+  for (const table of ['tcp', 'tcp6']) {
+    const rows = (await readFile(`/proc/${pid}/net/${table}`, 'utf8').catch(() => '')).split('\n').slice(1);
+    for (const row of rows) {
+      // sl local_address rem_address st … inode: local "ADDR:PORT" (hex), st 0A = LISTEN
+      const f = row.trim().split(/\s+/);
+      if (f[3] !== '0A' || !inodes.has(f[9] ?? '')) continue;
+      if (port === undefined || Number.parseInt(f[1]?.split(':')[1] ?? '', 16) === port) return true;
+    }
+  }
+  return false;
 }
 
 /** One TCP connect attempt; true when something accepts on host:port. */

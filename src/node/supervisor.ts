@@ -10,7 +10,7 @@ import { MAX_ENGINES } from './engine-roots.ts';
 import { spawnEngine } from './engine-process.ts';
 import { LineTail } from './line-tail.ts';
 import { waitEngineReady } from './engine-readiness.ts';
-import { EnginePortAllocator, engineRangeOf, PortTakenError, portBindError } from './ports.ts';
+import { EnginePortAllocator, engineRangeOf, onceMoreIfPortTaken, portTakenOr } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
 import type { MlxGroup } from './mlx/group.ts';
 import { MlxRankEngine } from './mlx/rank-engine.ts';
@@ -269,15 +269,15 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
    * another process took it in that moment, once more on a fresh port (a requested port is the
    * caller's to choose again).
    */
-  private async launchOnFreePort(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
-    try {
-      return await this.launch(engineId, spec);
-    } catch (err) {
-      if (spec.port !== 0 || !(err instanceof PortTakenError)) throw err;
-      this.options.log.warn({ engineId, port: err.port, err: err.message }, 'another process took the engine\'s port before it bound it: starting it again on a fresh port');
-      this.startCounts.set(engineId, (this.startCounts.get(engineId) ?? 1) - 1); // not a restart
-      return this.launch(engineId, spec);
-    }
+  private launchOnFreePort(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
+    if (spec.port !== 0) return this.launch(engineId, spec);
+    return onceMoreIfPortTaken(
+      () => this.launch(engineId, spec),
+      (err) => {
+        this.options.log.warn({ engineId, port: err.port, err: err.message }, 'another process took the engine\'s port before it bound it: starting it again on a fresh port');
+        this.startCounts.set(engineId, (this.startCounts.get(engineId) ?? 1) - 1); // not a restart
+      },
+    );
   }
 
   private async launch(engineId: string, spec: EngineSpec): Promise<EngineInfo> {
@@ -332,8 +332,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       entry.stopping = true;
       const exit = await this.terminate(entry);
       // Gone on its own before it was ready, and the port it was handed is bound now: taken.
-      if (!exit.expected && (await portBindError(ENGINE_HOST, port)) === 'EADDRINUSE') throw new PortTakenError(port, ENGINE_HOST, errorMessage(err));
-      throw err;
+      throw exit.expected ? err : await portTakenOr(err, ENGINE_HOST, port);
     }
     // Read while it loaded: a SIGKILLed agent must not leave it behind for the whole engine's life.
     await removeStartupFiles().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'cannot remove the engine\'s start-up files'));
@@ -381,6 +380,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       kind: spec.kind === 'llama-server' ? 'llama-server' : 'rpc-server',
       host,
       port: info.port,
+      pid: info.pid,
       deadlineMs: Date.now() + spec.readyTimeoutMs,
       output: entry.child.stderr,
       gone: () => {

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { mkdtemp, readdir, readFile, readlink, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -7,6 +7,7 @@ import { ensureMlxEnv, type MlxEnv } from '../../src/node/mlx/env.ts';
 import { collect, MlxGroup, MlxGroupError, type MlxGroupOptions } from '../../src/node/mlx/group.ts';
 import { rankOfStage } from '../../src/node/mlx/launch.ts';
 import { localRingEndpoints } from '../../src/node/mlx/ports.ts';
+import { listensOn } from '../../src/node/ports.ts';
 import type { MlxRequest } from '../../src/node/mlx/protocol.ts';
 import { writeMlxTestModel } from '../../src/node/mlx/testmodel.ts';
 import { alive } from '../helpers/processes.ts';
@@ -265,8 +266,8 @@ describe('MLX group failures', () => {
       expect(worker.length).toBe(1);
       // Let it reach the ring handshake (imports done, blocking in accept): it listens.
       const handshake = Date.now() + 60_000;
-      while (Date.now() < handshake && !(await listening(worker[0]!))) await new Promise((r) => setTimeout(r, 200));
-      expect(await listening(worker[0]!)).toBe(true);
+      while (Date.now() < handshake && !(await listensOn(worker[0]!))) await new Promise((r) => setTimeout(r, 200));
+      expect(await listensOn(worker[0]!)).toBe(true);
       process.kill(-(parent.pid ?? 0), 'SIGKILL');
       const gone = Date.now() + 5000;
       while (Date.now() < gone && worker.some(alive)) await new Promise((r) => setTimeout(r, 100));
@@ -280,20 +281,6 @@ describe('MLX group failures', () => {
     }
   });
 });
-
-/** Whether `pid` holds a listening TCP socket, from /proc: its socket inodes in state 0A (LISTEN). */
-async function listening(pid: number): Promise<boolean> {
-  const inodes = new Set<string>();
-  for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [])) {
-    const m = /^socket:\[(\d+)\]$/.exec(await readlink(`/proc/${pid}/fd/${fd}`).catch(() => ''));
-    if (m) inodes.add(m[1]!);
-  }
-  for (const table of ['tcp', 'tcp6']) {
-    const rows = (await readFile(`/proc/${pid}/net/${table}`, 'utf8').catch(() => '')).split('\n').slice(1);
-    if (rows.some((r) => r.trim().split(/\s+/)[3] === '0A' && inodes.has(r.trim().split(/\s+/)[9] ?? ''))) return true;
-  }
-  return false;
-}
 
 async function childPids(ppid: number): Promise<number[]> {
   const { execFile } = await import('node:child_process');

@@ -1,8 +1,9 @@
+import { spawn } from 'node:child_process';
 import { createServer, type Server } from 'node:http';
 import { PassThrough } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
 import { PROBING, waitEngineReady } from '../../src/node/engine-readiness.ts';
-import { pickFreePort } from '../../src/node/ports.ts';
+import { listensOn, pickFreePort } from '../../src/node/ports.ts';
 
 /**
  * The agent probes a starting llama-server on a timer and again when it logs the line it prints
@@ -26,7 +27,8 @@ const settle = (ms: number) => new Promise((r) => setTimeout(r, ms));
 function wait(port: number, gone: () => Error | undefined = () => undefined) {
   const stderr = new PassThrough();
   stderr.setEncoding('utf8');
-  const ready = waitEngineReady({ kind: 'llama-server', host: '127.0.0.1', port, deadlineMs: Date.now() + 10 * minute, output: stderr, gone, timedOut: () => new Error('timed out'), pollMs: minute });
+  // This process stands for the engine: it serves the health endpoint.
+  const ready = waitEngineReady({ kind: 'llama-server', host: '127.0.0.1', port, pid: process.pid, deadlineMs: Date.now() + 10 * minute, output: stderr, gone, timedOut: () => new Error('timed out'), pollMs: minute });
   return { stderr, ready };
 }
 
@@ -58,6 +60,30 @@ describe('engine readiness', () => {
     reason = new Error('exited with code 1');
     stderr.write('srv  update_slots: all slots are idle\n');
     await expect(ready).rejects.toThrow('exited with code 1');
+  });
+
+  it('a port another process took is not the engine answering: no ready until the engine itself listens there', async () => {
+    const port = await pickFreePort('127.0.0.1');
+    await serveHealth(port); // the squatter: this process
+    const engine = spawn('sleep', ['30'], { stdio: 'ignore' }); // an engine that has not bound its port
+    try {
+      expect(await listensOn(process.pid, port)).toBe(true);
+      expect(await listensOn(engine.pid!, port)).toBe(false);
+      expect(await listensOn(engine.pid!)).toBe(false);
+      let reason: Error | undefined;
+      const ready = waitEngineReady({ kind: 'rpc-server', host: '127.0.0.1', port, pid: engine.pid!, deadlineMs: Date.now() + minute, output: null, gone: () => reason, timedOut: () => new Error('timed out') });
+      let settled = false;
+      void ready.then(
+        () => (settled = true),
+        () => (settled = true),
+      );
+      await settle(300); // ~30 probes found something accepting: not the engine
+      expect(settled).toBe(false);
+      reason = new Error('the engine exited: its port was taken');
+      await expect(ready).rejects.toThrow('its port was taken');
+    } finally {
+      engine.kill('SIGKILL');
+    }
   });
 
   it('knows the lines this llama.cpp prints as it starts to serve; rpc-servers are polled fast instead', () => {
