@@ -18,10 +18,11 @@ import { type LlamaTestShape, llamaTestModelSpec } from '../shared/testmodel/lla
 import { uniformSource } from '../shared/testmodel/prng.ts';
 import { loadVocab } from '../shared/testmodel/vocab.ts';
 import { ssePayloads } from '../shared/sse.ts';
-import { findLlamaBinaries } from './llama/binaries.ts';
+import { findLlamaBinaries, type LlamaBinaries } from './llama/binaries.ts';
 import { llamaCacheDir } from './llama/cache.ts';
 import { llamaServerArgs } from './engine-spec.ts';
-import { canConnect, EnginePortAllocator, engineRangeOf } from './ports.ts';
+import { waitEngineReady } from './engine-readiness.ts';
+import { EnginePortAllocator, engineRangeOf, onceMoreIfPortTaken, portTakenOr } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
 
 /**
@@ -146,6 +147,8 @@ export interface CalibrationEngine {
    * sentinel ends them if the process that started them dies, SIGKILL included.
    */
   readonly pids: readonly number[];
+  /** Their ports, from the engine port range (127.0.0.1), in the order of `pids`. */
+  readonly ports: readonly number[];
   readonly model: string;
   readonly threads: number;
   readonly engineBuild: string;
@@ -154,17 +157,6 @@ export interface CalibrationEngine {
   /** CPU counters now: the machine's busy time and this engine's. */
   cpu(): Promise<CpuSnapshot>;
   stop(): void;
-}
-
-async function waitHealthy(url: string, exited: () => boolean, timeoutMs: number): Promise<void> {
-  const t0 = Date.now();
-  for (;;) {
-    if (exited()) throw new OrchardError('llama-server exited while loading the calibration model');
-    const ok = await fetch(`${url}/health`).then((r) => r.ok, () => false);
-    if (ok) return;
-    if (Date.now() - t0 > timeoutMs) throw new OrchardError(`llama-server did not become healthy within ${timeoutMs / 1000} s`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
 }
 
 /** The rates of a streamed response are in its last event carrying `timings`. */
@@ -180,12 +172,14 @@ async function ratesOf(res: Response, streamed: boolean): Promise<EngineRates> {
   return { prompt: t.prompt_per_second ?? 0, decode: t.predicted_per_second, decodeTokens: t.predicted_n ?? 0 };
 }
 
+const HOST = '127.0.0.1';
+
 /**
- * Start `file` in its own process group (a Ctrl-C on the terminal reaches only the caller, which
- * stops it in order), registered with `watchdog` so it dies with the caller even when that is
- * SIGKILLed; `stop` kills the group.
+ * Start `file` on `port` in its own process group (a Ctrl-C on the terminal reaches only the
+ * caller, which stops it in order), registered with `watchdog` so it dies with the caller even
+ * when that is SIGKILLed; `stop` kills the group.
  */
-function startDetached(file: string, argv: readonly string[], env: NodeJS.ProcessEnv, watchdog: EngineWatchdog) {
+function startDetached(file: string, argv: readonly string[], port: number, env: NodeJS.ProcessEnv, watchdog: EngineWatchdog) {
   const child = spawn(file, argv, { detached: true, stdio: 'ignore', env: { PATH: env.PATH ?? '' } });
   const pid = child.pid;
   if (pid !== undefined) watchdog.add(pid);
@@ -196,6 +190,7 @@ function startDetached(file: string, argv: readonly string[], env: NodeJS.Proces
   });
   return {
     pid: pid ?? 0,
+    port,
     exited: () => exited,
     stop() {
       try {
@@ -207,18 +202,20 @@ function startDetached(file: string, argv: readonly string[], env: NodeJS.Proces
   };
 }
 
-async function waitAccepting(port: number, exited: () => boolean, timeoutMs: number): Promise<void> {
-  const t0 = Date.now();
-  while (!(await canConnect('127.0.0.1', port, 500))) {
-    if (exited()) throw new OrchardError('ggml-rpc-server exited before it accepted connections');
-    if (Date.now() - t0 > timeoutMs) throw new OrchardError(`ggml-rpc-server did not accept connections within ${timeoutMs / 1000} s`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+export interface CalibrationEngineOptions {
+  /** The GGUF it runs (default: the generated calibration model). */
+  readonly model?: string;
+  /**
+   * Where its ports come from: the node's engine port range, as for the agent's engines (default:
+   * this machine's, engine-port-range.ts) — a port 0 answer could be taken by any outgoing
+   * connection before the engine binds it.
+   */
+  readonly ports?: EnginePortAllocator;
 }
 
 /**
- * Start the engine on `model` (default: the generated calibration model) with `threads` threads,
- * exactly as a stage of a plan runs it: llama-server with the agents' flags (llamaServerArgs,
+ * Start the engine (default: on the generated calibration model) with `threads` threads, exactly
+ * as a stage of a plan runs it: llama-server with the agents' flags (llamaServerArgs,
  * llamaMemoryArgs: flash attention, f16 KV, no CPU repack … — without --no-repack this machine's
  * f16 weights went to AMX kernels the stages never use) and, on a CPU-only build, every layer and
  * the output on a ggml-rpc-server on 127.0.0.1, as the coordinator places a CPU head's own layers
@@ -227,44 +224,72 @@ async function waitAccepting(port: number, exited: () => boolean, timeoutMs: num
  * 13.8 ms, three rpc-servers (the demo's split, direct) 16.1 ms, the demo's cluster 17.0 ms; the
  * CPU-backend calibration left the ~3 ms every RPC-run stage pays out of every prediction.
  * On macOS the head's stage runs on Metal inside llama-server; this measures the CPU there (-ngl 0).
+ * Like the agent's launches, it starts once more on fresh ports when another process took one.
  */
-export async function startCalibrationEngine(threads: number, env: NodeJS.ProcessEnv = process.env, model?: string): Promise<CalibrationEngine> {
+export async function startCalibrationEngine(threads: number, env: NodeJS.ProcessEnv = process.env, o: CalibrationEngineOptions = {}): Promise<CalibrationEngine> {
   const bins = await findLlamaBinaries(env);
-  const path = model ?? (await ensureCalibrationModel(env));
+  const path = o.model ?? (await ensureCalibrationModel(env));
+  const ports = o.ports ?? new EnginePortAllocator(engineRangeOf(undefined, env));
+  return onceMoreIfPortTaken(() => startCalibrationProcesses(bins, path, threads, env, ports));
+}
+
+async function startCalibrationProcesses(bins: LlamaBinaries, path: string, threads: number, env: NodeJS.ProcessEnv, ports: EnginePortAllocator): Promise<CalibrationEngine> {
   const memory = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: CTX, parallel: 1 };
-  // From the engine port range, as the agents' engines: a port 0 answer could be taken by any
-  // outgoing connection before the engine binds it.
-  const ports = new EnginePortAllocator(engineRangeOf(undefined, env));
-  const port = await ports.take('127.0.0.1');
-  const url = `http://127.0.0.1:${port}`;
   const procs: ReturnType<typeof startDetached>[] = [];
+  const held: number[] = [];
+  const take = async () => {
+    held.push(await ports.take(HOST));
+    return held.at(-1)!;
+  };
   // The engines' own sentinel (watchdog.ts), as the agent's engines have: 20 calibration engines
   // of killed demos and agents were found still running after one session before it.
   const watchdog = new EngineWatchdog({ graceTicks: 5 });
   const stop = () => {
     for (const p of procs) p.stop();
     watchdog.close();
+    for (const p of held.splice(0)) ports.release(p);
   };
+  const port = await take();
+  const url = `http://${HOST}:${port}`;
+  // As the agent waits for its engines (engine-readiness.ts): accepting, and the engine itself.
+  const ready = (kind: 'rpc-server' | 'llama-server', p: ReturnType<typeof startDetached>, timeoutMs: number, gone = p.exited) =>
+    waitEngineReady({
+      kind,
+      host: HOST,
+      port: p.port,
+      pid: p.pid,
+      deadlineMs: Date.now() + timeoutMs,
+      output: null,
+      gone: () => (gone() ? new OrchardError(`${kind} exited before it was ready`) : undefined),
+      timedOut: () => new OrchardError(`${kind} did not accept connections within ${timeoutMs / 1000} s`),
+    });
   try {
     let argv = ['-m', path, ...llamaMemoryArgs(memory), '-ngl', '0'];
     if (process.platform !== 'darwin') {
-      const rpcPort = await ports.take('127.0.0.1');
-      const rpc = startDetached(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(threads)], env, watchdog);
+      const rpcPort = await take();
+      const rpc = startDetached(bins.rpcServer, ['-H', HOST, '-p', String(rpcPort), '-t', String(threads)], rpcPort, env, watchdog);
       procs.push(rpc);
-      await waitAccepting(rpcPort, rpc.exited, 30_000);
+      await ready('rpc-server', rpc, 30_000);
       const layers = modelProfile(await readGgufHeader(path)).layerCount;
       const stage = { modelPath: path, memory, rpc: [{ nodeId: 'calibration', enginePort: rpcPort }], devices: ['RPC0'], tensorSplit: [layers + 1], gpuLayers: layers + 1, debugLog: false };
-      argv = llamaServerArgs(stage, [`127.0.0.1:${rpcPort}`]);
+      argv = llamaServerArgs(stage, [`${HOST}:${rpcPort}`]);
     }
-    const server = startDetached(bins.llamaServer, [...argv, '--threads', String(threads), '--host', '127.0.0.1', '--port', String(port)], env, watchdog);
+    const server = startDetached(bins.llamaServer, [...argv, '--threads', String(threads), '--host', HOST, '--port', String(port)], port, env, watchdog);
     procs.push(server);
-    await waitHealthy(url, () => procs.some((p) => p.exited()), 120_000);
+    await ready('llama-server', server, 120_000, () => procs.some((p) => p.exited()));
   } catch (err) {
+    const died = procs.filter((p) => p.exited());
     stop();
+    // One that died before it was ready, its port bound by another process now: taken.
+    for (const p of died) {
+      const why = await portTakenOr(err, HOST, p.port);
+      if (why !== err) throw why;
+    }
     throw err;
   }
   return {
     pids: procs.map((p) => p.pid),
+    ports: procs.map((p) => p.port),
     model: path,
     threads,
     engineBuild: bins.llamaCppVersion,
@@ -359,15 +384,16 @@ async function calibrationWindows(engine: CalibrationEngine): Promise<WindowedRa
 
 /**
  * Measure this machine's llama.cpp engine with `threads` threads and cache the result. `model`
- * measures on another GGUF (the demo's own), `file` writes the result there instead of the cache,
- * and `engine` measures on an engine the caller started (and stops).
+ * measures on another GGUF (the demo's own), `ports` is the node's engine port allocator, `file`
+ * writes the result there instead of the cache, and `engine` measures on an engine the caller
+ * started (and stops).
  */
 export async function measureCalibration(
   threads: number,
   env: NodeJS.ProcessEnv = process.env,
-  on: { readonly model?: string; readonly file?: string; readonly engine?: CalibrationEngine } = {},
+  on: CalibrationEngineOptions & { readonly file?: string; readonly engine?: CalibrationEngine } = {},
 ): Promise<Calibration> {
-  const engine = on.engine ?? (await startCalibrationEngine(threads, env, on.model));
+  const engine = on.engine ?? (await startCalibrationEngine(threads, env, on));
   const loadAverage1m = loadavg()[0] ?? 0;
   let rates: WindowedRates;
   try {

@@ -1,9 +1,11 @@
+import { existsSync } from 'node:fs';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, expect } from 'vitest';
-import { loadCalibration, measureCalibration } from '../../src/node/calibrate.ts';
+import { loadCalibration, measureCalibration, startCalibrationEngine } from '../../src/node/calibrate.ts';
 import { llamaEngines, describeWith, itWith } from '../helpers/needs.ts';
-import { AGENT_ENV, killGroup, startAgent, stopAll, unary } from '../helpers/node-agent.ts';
+import { AGENT_ENV, killGroup, runCli, startAgent, stopAll, unary } from '../helpers/node-agent.ts';
+import { RacedPortAllocator } from '../helpers/raced-ports.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
 
 /**
@@ -59,9 +61,14 @@ describeWith([engines], 'engine calibration', () => {
       killGroup(agent.child);
       await agent.exited;
 
-      // One taken while other processes held the engine's cores is measured again at start-up.
+      // One taken while other processes held the engine's cores is measured again at start-up, its
+      // engines on ports of the node's --engine-ports range, as the agent's own engines.
       await writeFile(file, JSON.stringify({ ...quiet, competingCores: c.cores + 1 }));
-      const again = await startAgent(state.path, [], env, { readyTimeoutMs: 120_000 });
+      const seen = new Set<number>();
+      const watching = watchCalibrationPorts(cache.path, seen);
+      const again = await startAgent(state.path, ['--engine-ports', '21000-21999'], env, { readyTimeoutMs: 120_000 }).finally(() => watching.stop());
+      expect(seen.size, 'the calibration engines were seen').toBeGreaterThanOrEqual(process.platform === 'darwin' ? 1 : 2);
+      for (const port of seen) expect(port >= 21000 && port <= 21999, `port ${port}`).toBe(true);
       const fresh = JSON.parse(await readFile(file, 'utf8')) as typeof c;
       expect(fresh.competingCores).toBeLessThanOrEqual(c.cores);
       expect(fresh.effectiveBandwidthBytesPerSecond).not.toBe(1.234e9);
@@ -71,4 +78,53 @@ describeWith([engines], 'engine calibration', () => {
     },
     600_000,
   );
+
+  for (const [nth, which] of [
+    [1, 'llama-server'],
+    [2, 'rpc-server'],
+  ] as const) {
+    itWith([engines], `a calibration engine whose ${which} port another process took starts once more on fresh ports of the range`, async () => {
+      const env = { ...AGENT_ENV, ORCHARD_CACHE_DIR: cache.path, ORCHARD_LLAMA_BIN_DIR: engines.ok ? engines.value.binDir : '' };
+      const model = join(cache.path, 'tiny.gguf');
+      if (!existsSync(model)) expect((await runCli(['testmodel', 'gguf', '--out', model, '--layers', '2', '--dim', '128', '--ffn', '384', '--heads', '4', '--kv-heads', '2', '--ctx', '1024'])).code).toBe(0);
+      const ports = new RacedPortAllocator(nth);
+      const range = await ports.range();
+      try {
+        const engine = await startCalibrationEngine(1, env, { model, ports });
+        try {
+          // The first pair (llama-server's port, then rpc-server's) lost one; the second pair runs.
+          expect(ports.raced).toBe(ports.handedOut[nth - 1]);
+          expect(ports.handedOut).toHaveLength(4);
+          expect(engine.ports).toEqual(ports.handedOut.slice(2).reverse());
+          for (const p of ports.handedOut) expect(p >= range[0] && p <= range[1]).toBe(true);
+          const rates = await engine.request({ prompt: 'Once upon a time', n_predict: 4, temperature: 0 });
+          expect(rates.decodeTokens).toBe(4);
+        } finally {
+          engine.stop();
+        }
+      } finally {
+        await ports.close();
+      }
+    });
+  }
 });
+
+/**
+ * Ports of the calibration engines in `cacheDir` (from /proc every 100 ms until stopped): the
+ * llama-server running the calibration model there, its --port and its rpc-server's (--rpc).
+ */
+function watchCalibrationPorts(cacheDir: string, into: Set<number>): { stop(): void } {
+  let on = true;
+  void (async () => {
+    while (on) {
+      for (const pid of (await readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
+        const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+        if (!argv[0]?.endsWith('llama-server') || !argv[argv.indexOf('-m') + 1]?.startsWith(join(cacheDir, 'calibration'))) continue;
+        into.add(Number(argv[argv.indexOf('--port') + 1]));
+        if (argv.includes('--rpc')) into.add(Number(argv[argv.indexOf('--rpc') + 1]!.split(':')[1]));
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  return { stop: () => (on = false) };
+}

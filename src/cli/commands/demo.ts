@@ -181,7 +181,7 @@ async function ensureCalibration(nodeCount: number, m: DemoModel, fresh: boolean
   let out: DemoCalibration;
   if (fresh) {
     process.stderr.write(`measuring this machine's engine on ${m.modelPath} with ${threads} thread(s)…\n`);
-    const engine = await run.orAbort(startCalibrationEngine(threads, process.env, m.modelPath));
+    const engine = await run.orAbort(startCalibrationEngine(threads, process.env, { model: m.modelPath }));
     keep(engine);
     process.stderr.write(`calibration engine: pids ${engine.pids.join(', ')} (up until the demo ends)\n`);
     const file = join(stateRoot, 'calibration.json');

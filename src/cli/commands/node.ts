@@ -17,7 +17,8 @@ import { loadOrCreateIdentity } from '../../node/identity.ts';
 import { ensureJoined, keepMembership, readJoinToken, scrubArgv } from '../node-join.ts';
 import { agentAdvertiseAddress } from './cluster.ts';
 import { registerDrain } from './drain.ts';
-import { parsePortRange } from '../../shared/engine-port-range.ts';
+import { type PortRange, parsePortRange } from '../../shared/engine-port-range.ts';
+import { EnginePortAllocator, engineRangeOf } from '../../node/ports.ts';
 
 export const DEFAULT_GRPC_PORT = 50151;
 export const DEFAULT_METRICS_PORT = 9151;
@@ -117,7 +118,7 @@ async function runNode(flags: NodeFlags): Promise<void> {
   const parsed = parseFlags(flags);
   const token = await readJoinToken(flags);
   const log = createLogger('orchard-node', process.env.ORCHARD_DEBUG ? 'debug' : undefined);
-  const calibration = await nodeCalibration(!!flags.calibrate, log);
+  const calibration = await nodeCalibration(!!flags.calibrate, parsed.enginePorts, log);
   const agent = new NodeAgent({
     ...parsed,
     probe: async (o) => withCalibration(await probeHardware(o), calibration),
@@ -193,7 +194,7 @@ async function runNode(flags: NodeFlags): Promise<void> {
  * seconds-apart samples on this 2-core VM as other work came and went). Otherwise the agent never
  * measures on its own: a measurement competes with whatever else runs.
  */
-async function nodeCalibration(measure: boolean, log: ReturnType<typeof createLogger>): Promise<Calibration | undefined> {
+async function nodeCalibration(measure: boolean, enginePorts: PortRange | undefined, log: ReturnType<typeof createLogger>): Promise<Calibration | undefined> {
   const threads = process.env.ORCHARD_RPC_THREADS ? parseInteger(process.env.ORCHARD_RPC_THREADS, 'ORCHARD_RPC_THREADS', 1, 1024) : availableParallelism();
   const cached = measure ? undefined : await loadCalibration(threads);
   // A file handed over (ORCHARD_CALIBRATION_FILE: `orchard demo`, the benches) was measured for
@@ -202,7 +203,8 @@ async function nodeCalibration(measure: boolean, log: ReturnType<typeof createLo
   if (!measure && (!cached || handed || !measuredUnderContention(cached, cached.cores))) return cached;
   if (cached) log.warn({ competingCores: cached.competingCores, cores: cached.cores }, 'the cached calibration was measured while other processes used the engine\'s cores: measuring again');
   log.info({ threads }, 'calibrating: measuring this machine\'s engine (up to half a minute)');
-  const c = await measureCalibration(threads);
+  // Its engines take their ports where the agent's will: from this node's engine port range.
+  const c = await measureCalibration(threads, process.env, { ports: new EnginePortAllocator(engineRangeOf(enginePorts)) });
   log.info({ calibration: c }, 'calibrated');
   if (measuredUnderContention(c, c.cores)) log.warn({ competingCores: c.competingCores, cores: c.cores }, 'other processes used the engine\'s cores during the calibration: its figure is low; the next start measures again');
   return c;
