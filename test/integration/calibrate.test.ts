@@ -1,12 +1,12 @@
-import { existsSync } from 'node:fs';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, expect } from 'vitest';
 import { loadCalibration, measureCalibration, startCalibrationEngine } from '../../src/node/calibrate.ts';
 import { llamaEngines, describeWith, itWith } from '../helpers/needs.ts';
-import { AGENT_ENV, killGroup, runCli, startAgent, stopAll, unary } from '../helpers/node-agent.ts';
+import { AGENT_ENV, killGroup, startAgent, stopAll, unary } from '../helpers/node-agent.ts';
 import { RacedPortAllocator } from '../helpers/raced-ports.ts';
 import { tempDir } from '../helpers/temp-dir.ts';
+import { testGguf } from '../helpers/test-models.ts';
 
 /**
  * The node measures its own engine: a real llama-server on the generated calibration model, in
@@ -85,8 +85,7 @@ describeWith([engines], 'engine calibration', () => {
   ] as const) {
     itWith([engines], `a calibration engine whose ${which} port another process took starts once more on fresh ports of the range`, async () => {
       const env = { ...AGENT_ENV, ORCHARD_CACHE_DIR: cache.path, ORCHARD_LLAMA_BIN_DIR: engines.ok ? engines.value.binDir : '' };
-      const model = join(cache.path, 'tiny.gguf');
-      if (!existsSync(model)) expect((await runCli(['testmodel', 'gguf', '--out', model, '--layers', '2', '--dim', '128', '--ffn', '384', '--heads', '4', '--kv-heads', '2', '--ctx', '1024'])).code).toBe(0);
+      const model = await testGguf(['--layers', '2', '--dim', '128', '--ffn', '384', '--heads', '4', '--kv-heads', '2', '--ctx', '1024']);
       const ports = new RacedPortAllocator(nth);
       const range = await ports.range();
       try {

@@ -1,11 +1,12 @@
 import { existsSync } from 'node:fs';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { TENSOR_HASHES_ENV } from '../../src/shared/rpc-cache/known-hashes.ts';
-import { AGENT_ENV, alive, type EngineInfo, generate, killGroup, runCli, startAgent, startEngine, stopAll, unary, waitFor } from '../helpers/node-agent.ts';
+import { AGENT_ENV, alive, type EngineInfo, generate, killGroup, startAgent, startEngine, stopAll, unary, waitFor } from '../helpers/node-agent.ts';
 import { describeWith, llamaEngines } from '../helpers/needs.ts';
+import { tempDir } from '../helpers/temp-dir.ts';
+import { testGguf } from '../helpers/test-models.ts';
 
 /*
  * A head's known tensor hashes (GGML_RPC_TENSOR_HASHES) are a start-up file: written for the
@@ -16,21 +17,13 @@ import { describeWith, llamaEngines } from '../helpers/needs.ts';
  */
 
 const engines = await llamaEngines(AGENT_ENV);
-let tmp = '';
+const tmp = tempDir('orchard-startup-files-', 'all');
 let model = '';
 
 beforeAll(async () => {
-  tmp = await mkdtemp(join(tmpdir(), 'orchard-startup-files-'));
-  if (!engines.ok) return;
-  model = join(tmp, 'model.gguf');
-  const r = await runCli(['testmodel', 'gguf', '--out', model, '--layers', '2', '--dim', '128', '--ffn', '384', '--heads', '4', '--kv-heads', '2', '--ctx', '1024']);
-  if (r.code !== 0) throw new Error(`testmodel failed: ${r.stderr}`);
+  if (engines.ok) model = await testGguf(['--layers', '2', '--dim', '128', '--ffn', '384', '--heads', '4', '--kv-heads', '2', '--ctx', '1024']);
 });
-
-afterAll(async () => {
-  stopAll();
-  if (tmp) await rm(tmp, { recursive: true, force: true });
-});
+afterAll(() => stopAll());
 
 /** Two hints (right format; whether they match a cache entry does not matter here). */
 const HINTS = [
@@ -57,8 +50,8 @@ async function headUsing(folder: string): Promise<number | undefined> {
 
 describeWith([engines], 'engine start-up files: a head’s known tensor hashes', () => {
   it('a ready head keeps no hints file, having read it (its own count in the start-up log), and serves', async () => {
-    const stateDir = join(tmp, 'ready');
-    const agent = await startAgent(stateDir, ['--models-dir', tmp]);
+    const stateDir = join(tmp.path, 'ready');
+    const agent = await startAgent(stateDir);
     try {
       const rpc = await startEngine(agent, { kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'worker', threads: 1, model: 'tiny' });
       const head = await unary<{ engine: EngineInfo; startupLog: string[] }>(agent, 'startEngine', headRequest(agent.ready.nodeId, rpc.port, 'head'));
@@ -78,8 +71,8 @@ describeWith([engines], 'engine start-up files: a head’s known tensor hashes',
   });
 
   it('an agent SIGKILLed while its head loads leaves the hints in its run folder only until its next start', async () => {
-    const stateDir = join(tmp, 'victim');
-    const victim = await startAgent(stateDir, ['--models-dir', tmp]);
+    const stateDir = join(tmp.path, 'victim');
+    const victim = await startAgent(stateDir);
     let headPid: number | undefined;
     try {
       const rpc = await startEngine(victim, { kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'worker', threads: 1, model: 'tiny' });
@@ -95,7 +88,7 @@ describeWith([engines], 'engine start-up files: a head’s known tensor hashes',
       await waitFor('the engines gone', () => (!alive(rpc.pid) && !alive(headPid!)) || undefined, 15_000);
       expect(await startupFolders(stateDir)).toEqual([folder]);
 
-      const again = await startAgent(stateDir, ['--models-dir', tmp]);
+      const again = await startAgent(stateDir);
       try {
         expect(await startupFolders(stateDir)).toEqual([]);
         expect(again.stderr).toMatch(/removed engine start-up folders a previous run left behind/);
