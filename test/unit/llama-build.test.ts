@@ -4,6 +4,7 @@ import { dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
   cacheKey,
+  ccacheEnv,
   cmakeBuildArgs,
   cmakeConfigureArgs,
   cmakeDefines,
@@ -51,6 +52,12 @@ describe('cmake definitions', () => {
 
   it('build args ask for exactly the two engines with the job count', () => {
     expect(cmakeBuildArgs('/b', 3)).toEqual(['--build', '/b', '--target', 'ggml-rpc-server', 'llama-server', '--parallel', '3']);
+  });
+});
+
+describe('ccache across scratch folders', () => {
+  it('makes paths relative to the scratch folder and leaves the build dir out of the hash', () => {
+    expect(ccacheEnv('/c/llama/.build-1-a')).toEqual({ CCACHE_BASEDIR: '/c/llama/.build-1-a', CCACHE_NOHASHDIR: '1' });
   });
 });
 

@@ -59,6 +59,20 @@ export function cmakeBuildArgs(buildDir: string, jobs: number): string[] {
 }
 
 /**
+ * Environment for cmake configure and build so that ccache (which ggml's CMake uses as the compiler
+ * launcher whenever it is on PATH: GGML_CCACHE defaults ON) hits across builds. Each build clones
+ * into a fresh scratch folder, and ccache hashes absolute paths and the working directory: with the
+ * scratch folder as CCACHE_BASEDIR its paths become relative (the same from build to build) and
+ * CCACHE_NOHASHDIR leaves the build directory's name out of the hash. A rebuild after a patch then
+ * recompiles only the files the patch touches (minutes instead of ~45 on a 2-core machine). Not part
+ * of the cache key: the compiler still sees the same code and flags (only __FILE__ strings become
+ * relative paths). Without ccache installed the variables are simply unused.
+ */
+export function ccacheEnv(scratchDir: string): Record<string, string> {
+  return { CCACHE_BASEDIR: scratchDir, CCACHE_NOHASHDIR: '1' };
+}
+
+/**
  * Directory name of a cache entry: `<version>-<hash>`, where the hash covers everything that
  * changes the binaries (platform, architecture, cmake definitions, the digests of the patches
  * applied to the source, in order) but not the generator or the job count, which do not.

@@ -9,6 +9,7 @@ import {
   type BuildProgress,
   type CmakeDefines,
   cacheKey,
+  ccacheEnv,
   cmakeBuildArgs,
   cmakeConfigureArgs,
   cmakeDefines,
@@ -182,7 +183,7 @@ async function compile(job: BuildJob, src: string, build: string, log: BuildLog)
 
   const generator: Generator = tools.ninja ? 'Ninja' : 'Unix Makefiles';
   events.phase?.('configure', `cmake (${generator})`);
-  const env = { ...process.env, CXX: tools.cxx };
+  const env = { ...process.env, CXX: tools.cxx, ...ccacheEnv(dirname(src)) };
   await runLogged(tools.cmake, cmakeConfigureArgs(src, build, job.defines, generator), 'cmake configure', log, { env });
 
   events.phase?.('build', `${ENGINE_TARGETS.join(' ')} with ${job.jobs} jobs`);
