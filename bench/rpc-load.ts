@@ -24,6 +24,8 @@ export interface RpcLoadOptions {
   readonly timeoutMs?: number;
   /** Extra environment for llama-server only (e.g. another GGML_RPC_CACHE_MIN_SIZE). */
   readonly headEnv?: Readonly<Record<string, string>>;
+  /** After the load, greedy tokens for this prompt (checks the weights the load left on the server). */
+  readonly generate?: { readonly prompt: string; readonly nPredict: number };
 }
 
 export interface RpcLoadResult {
@@ -32,6 +34,8 @@ export interface RpcLoadResult {
   readonly bytesFromServer: number;
   /** From spawning llama-server until /health answers 200. */
   readonly loadSeconds: number;
+  /** Greedy token ids for `generate`, when asked. */
+  readonly tokens?: number[];
 }
 
 /** A TCP proxy that counts bytes each way. */
@@ -105,7 +109,14 @@ export async function measureRpcLoad(o: RpcLoadOptions): Promise<RpcLoadResult> 
       await sleep(50);
     }
     const loadSeconds = (performance.now() - t0) / 1000;
-    return { bytesToServer: proxy.up(), bytesFromServer: proxy.down(), loadSeconds };
+    const bytes = { bytesToServer: proxy.up(), bytesFromServer: proxy.down(), loadSeconds };
+    if (!o.generate) return bytes;
+    const res = await fetch(`http://127.0.0.1:${httpPort}/completion`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: o.generate.prompt, n_predict: o.generate.nPredict, temperature: 0, return_tokens: true, cache_prompt: false }),
+    });
+    return { ...bytes, tokens: ((await res.json()) as { tokens: number[] }).tokens };
   } finally {
     for (const c of children.reverse()) await killGroup(c);
     await proxy?.close();

@@ -14,12 +14,15 @@ import { tempDir } from '../helpers/temp-dir.ts';
  * no longer fit stops the build with a message naming the patch.
  */
 const RPC = 'ggml/src/ggml-rpc/ggml-rpc.cpp';
+const LOADER = 'src/llama-model-loader.cpp';
 const dir = tempDir('orchard-llama-patches-');
 
 async function tree(): Promise<string> {
   const root = join(dir.path, 'src');
-  await mkdir(dirname(join(root, RPC)), { recursive: true });
-  await copyFile(await llamaSourceFile(RPC), join(root, RPC));
+  for (const f of [RPC, LOADER]) {
+    await mkdir(dirname(join(root, f)), { recursive: true });
+    await copyFile(await llamaSourceFile(f), join(root, f));
+  }
   return root;
 }
 
@@ -29,7 +32,7 @@ function buildLog(): BuildLog {
 }
 
 describeWith([program('git', ['--version'])], 'llama.cpp patches', () => {
-  it('the patches (cache threshold, known hashes, direct read) apply to the bundled source once, and a second run is a no-op', async () => {
+  it('the patches (cache threshold, known hashes, direct read, deferred hash replies) apply to the bundled source once, and a second run is a no-op', async () => {
     const patches = await llamaPatches();
     expect(patches.map((p) => p.name)).toContain('ggml-rpc-cache-min-size.patch');
     const root = await tree();
@@ -42,11 +45,17 @@ describeWith([program('git', ['--version'])], 'llama.cpp patches', () => {
     expect(after).toContain('size > rpc_cache_min_size() &&');
     // known tensor hashes replace the client's hashing; a cache hit is read straight into a host tensor
     expect(after).toContain('getenv("GGML_RPC_TENSOR_HASHES")');
-    expect(after.match(/request->hash = rpc_weight_hash\(tensor, data, offset, size\);/g)).toHaveLength(2);
+    expect(after.match(/request->hash = rpc_weight_hash\(tensor, data, offset, size\);/g)).toHaveLength(3);
     expect(after).toContain('ifs.read((char *) tensor->data + request.offset, size);');
+    // known-hash offers do not wait for their replies while the loader keeps the mapped weights
+    expect(after).toContain('ctx->dispatcher->send_hash_deferred(request, data, size);');
+    const loader = await readFile(join(root, LOADER), 'utf8');
+    expect(loader).toContain('"ggml_backend_rpc_defer_hash_replies"');
+    expect(loader).toContain('llama_rpc_hash_replies rpc_hash_replies(use_mmap);');
 
     expect(await applyLlamaPatches('git', root, patches, buildLog())).toEqual([]);
     expect(await readFile(join(root, RPC), 'utf8')).toBe(after);
+    expect(await readFile(join(root, LOADER), 'utf8')).toBe(loader);
   });
 
   it('a source the patch does not fit fails with the patch name', async () => {

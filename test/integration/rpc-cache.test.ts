@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -10,6 +10,7 @@ import { seedTensorCache } from '../../src/node/llama/tensor-cache.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { knownHashesFileText, TENSOR_HASHES_ENV } from '../../src/shared/rpc-cache/known-hashes.ts';
 import { HASH_THRESHOLD_BYTES, stageCachePlan } from '../../src/shared/rpc-cache/plan.ts';
+import { ORACLE_PROMPT } from '../helpers/oracle.ts';
 
 /**
  * A real llama-server loading through a real ggml-rpc-server (-c), with a byte-counting proxy in
@@ -99,5 +100,28 @@ describe('pre-seeded rpc-server tensor cache', () => {
     await writeFile(wrong, knownHashesFileText(seed.hashes.map((h) => ({ ...h, hash: h.hash.replace(/^./, (c) => (c === '0' ? '1' : '0')) }))));
     const misled = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model: gqa, llamaCacheDir: seedDir, headEnv: { [TENSOR_HASHES_ENV]: wrong } });
     expect(misled.bytesToServer).toBeGreaterThanOrEqual(0.99 * plan.cachedBytes);
+  }, 240_000);
+
+  it('a miss among deferred known-hash replies sends that weight: one entry deleted crosses alone, tokens equal a cold load', async () => {
+    const header = await readGgufHeader(gqa);
+    const stage = { firstLayer: 0, lastLayer: 0, holdsOutput: true };
+    const plan = stageCachePlan(header, stage);
+    const generate = { prompt: ORACLE_PROMPT, nPredict: 12 };
+    const cold = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model: gqa, llamaCacheDir: join(work, 'gqa-cold-tokens'), generate });
+    expect(new Set(cold.tokens).size).toBeGreaterThan(3);
+
+    const seedDir = join(work, 'gqa-one-missing');
+    const seed = await seedTensorCache({ modelPath: gqa, llamaCacheDir: seedDir, stage });
+    // A weight in the middle of the load order: hits before and after it are deferred too.
+    const missing = seed.hashes[Math.floor(seed.hashes.length / 2)]!;
+    await unlink(join(seedDir, 'rpc', missing.hash));
+    const known = join(work, 'known-one-missing');
+    await writeFile(known, knownHashesFileText(seed.hashes));
+    const load = await measureRpcLoad({ rpcServer: bins.rpcServer, llamaServer: bins.llamaServer, model: gqa, llamaCacheDir: seedDir, headEnv: { [TENSOR_HASHES_ENV]: known }, generate });
+    expect(load.bytesToServer).toBeGreaterThanOrEqual(missing.bytes);
+    expect(load.bytesToServer).toBeLessThanOrEqual(missing.bytes + 0.01 * (plan.cachedBytes + plan.sentBytes));
+    expect(load.tokens).toEqual(cold.tokens);
+    // the server cached the weight again under the same name
+    expect(await readdir(join(seedDir, 'rpc'))).toContain(missing.hash);
   }, 240_000);
 });

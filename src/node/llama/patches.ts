@@ -20,6 +20,17 @@ import { type BuildLog, runCapture, runLogged } from './toolchain.ts';
  * `rpc_cache_min_size()` in ggml/src/ggml-rpc/ggml-rpc.cpp where it has landed). The patch
  * makes the same change to this version's client; Orchard's agent sets the variable for the
  * llama-server it starts (supervisor) and pre-seeds with the same threshold (rpc-cache/plan.ts).
+ *
+ * The other three are Orchard's own (not upstream): ggml-rpc-hash-hints.patch (the head offers the
+ * hashes the seeding agents computed, GGML_RPC_TENSOR_HASHES), ggml-rpc-server-direct-read.patch
+ * (a cache hit is read straight into the tensor), and ggml-rpc-set-tensor-hash-deferred.patch: the
+ * client waited for the reply to each weight's SET_TENSOR_HASH, so a pre-seeded load was one cache
+ * read per round trip and the rpc-servers of a split model read their caches one after the other.
+ * With it, while llama.cpp's model loader keeps the weights mapped (mmap, Orchard's only mode), a
+ * weight with a known hash is offered without waiting; the replies are read later on each
+ * connection (before any other command, beyond 64 outstanding, and before the loader unmaps), and
+ * a miss sends the weight then. It touches src/llama-model-loader.cpp too (kept with the source
+ * files, llama-source.ts, so the patches' test applies them to the bundled originals).
  */
 
 export interface LlamaPatch {
