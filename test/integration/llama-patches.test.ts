@@ -13,8 +13,8 @@ import { tempDir } from '../helpers/temp-dir.ts';
  * ggml-rpc.cpp), with the real git: they apply, applying again changes nothing, and a source they
  * no longer fit stops the build with a message naming the patch.
  */
-const RPC = 'ggml/src/ggml-rpc/ggml-rpc.cpp';
-const LOADER = 'src/llama-model-loader.cpp';
+const RPC = 'ggml/src/ggml-rpc/ggml-rpc.cpp' as const;
+const LOADER = 'src/llama-model-loader.cpp' as const;
 const dir = tempDir('orchard-llama-patches-');
 
 async function tree(): Promise<string> {

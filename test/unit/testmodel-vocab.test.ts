@@ -23,7 +23,7 @@ describe('vocabulary for test models', () => {
     expect(sha).toBe('16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69');
     // Only the kept source files stay (at their tree paths); scratch repositories are gone.
     const [version] = await readdir(join(tmp.path, 'llama-source'));
-    expect((await readdir(join(tmp.path, 'llama-source', version!))).sort()).toEqual(['ggml', 'models']);
+    expect((await readdir(join(tmp.path, 'llama-source', version!))).sort()).toEqual(['ggml', 'models', 'src']);
     expect(await readdir(join(tmp.path, 'llama-source', version!, 'models'))).toEqual(['ggml-vocab-llama-spm.gguf']);
     expect(await vocabPath(env)).toBe(a);
   });
