@@ -27,6 +27,8 @@
  * * 2 requests × 16 tokens per trial instead of 4 × 32: a decode step costs the same at token 3 as
  *   at token 30 (one round trip per token, `accounting`), so the time goes into more pairs instead;
  *   the warm-up request (one-time graph set-up, never counted) decodes 2 tokens instead of 32;
+ * * plus 4 one-token requests per trial for TTFT alone (`--ttft-probes`): a TTFT's own noise is
+ *   several ms, the goal 2 ms, and a probe costs a prefill (~0.1 s), not a decode;
  * * the rpc-server, the relays, their TLS session cache and the model file are reused across
  *   trials, as before; each trial still starts its own llama-server, so every load is cold;
  * * /health is polled every 5 ms instead of 20 (a 20 ms step is 3 % of a 0.6 s load).
@@ -35,7 +37,7 @@
  * every mode that ran (`addedPerRoundTripMs`, at the engines' pace and back to back), and
  * `predictedVsMeasured` sets round trips × added ms against the trials.
  * Usage: npm run bench:tunnel -- [--json] [--pairs 60] [--budget-seconds 200] [--requests 2]
- *        [--tokens 16] [--layers 8] [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1] [--controls]
+ *        [--tokens 16] [--ttft-probes 4] [--layers 8] [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1] [--controls]
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -249,10 +251,10 @@ function modeStats(trials: readonly Trial[], mode: Mode) {
   const cs = ts.flatMap((t) => t.completions);
   return {
     loadSeconds: ts.map((t) => round(t.loadSeconds)),
-    ttftMs: cs.map((c) => round(c.ttftMs, 2)),
+    ttftMs: ts.flatMap((t) => t.ttftMs.map((x) => round(x, 2))),
     decodeTokensPerSecond: cs.map((c) => round(c.decodeTokensPerSecond, 2)),
     loadSecondsMedian: round(median(ts.map((t) => t.loadSeconds))),
-    ttftMsP50: round(median(cs.map((c) => c.ttftMs)), 2),
+    ttftMsP50: round(median(ts.flatMap((t) => t.ttftMs)), 2),
     decodeTokensPerSecondMedian: round(median(cs.map((c) => c.decodeTokensPerSecond)), 2),
   };
 }
@@ -260,7 +262,7 @@ function modeStats(trials: readonly Trial[], mode: Mode) {
 /** Per pair: tunnel ÷ direct decode rate and load time, tunnel − direct TTFT p50 (of each trial's requests). */
 function perPair(pairs: readonly { direct: Trial; tunnel: Trial }[]) {
   const tps = (t: Trial) => median(t.completions.map((c) => c.decodeTokensPerSecond));
-  const ttft = (t: Trial) => median(t.completions.map((c) => c.ttftMs));
+  const ttft = (t: Trial) => median(t.ttftMs);
   return {
     tokensPerSecondRatio: pairs.map((p) => tps(p.tunnel) / tps(p.direct)),
     ttftAddedMs: pairs.map((p) => ttft(p.tunnel) - ttft(p.direct)),
@@ -292,7 +294,7 @@ function summarise(trials: readonly Trial[], pairs: readonly { direct: Trial; tu
     /** Each goal's estimate, 90 % bootstrap interval over pairs, and verdict (met / missed / undecided). */
     goals,
     tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
-    setup: { pairs: pairs.length, order: 'ABBA', requestsPerTrial: head.requests, tokens: head.tokens, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS, controls: CONTROL_MODES },
+    setup: { pairs: pairs.length, order: 'ABBA', requestsPerTrial: head.requests, tokens: head.tokens, ttftProbesPerTrial: head.ttftProbes, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS, controls: CONTROL_MODES },
     /** Which relays the agent (and so `tunnel`) runs at each end: native/tunnel-relay when `orchard setup` built it. */
     tunnelRelay: { head: tunnel.forwarder.pid ? 'native' : 'node', worker: tunnel.workerRelay },
     tunnelBytes: { ...tunnel.forwarder.bytes, connections: tunnel.forwarder.connections(), resumedSessions: tunnel.forwarder.resumed() },
@@ -423,7 +425,7 @@ async function main(): Promise<void> {
   const bins = await findLlamaBinaries();
   const work = await mkdtemp(join(tmpdir(), 'orchard-bench-tunnel-'));
   const model = join(work, 'split.gguf');
-  const head: HeadSetup = { model, llamaServer: bins.llamaServer, ngl: NGL, threads: THREADS, tokens: num('tokens', 16), requests: num('requests', 2) };
+  const head: HeadSetup = { model, llamaServer: bins.llamaServer, ngl: NGL, threads: THREADS, tokens: num('tokens', 16), requests: num('requests', 2), ttftProbes: num('ttft-probes', 4) };
   let tunnel: Tunnel | undefined;
   try {
     const gen = ['--out', model, '--layers', String(LAYERS), '--dim', String(DIM), '--ffn', String(FFN), '--type', 'f16'];
