@@ -12,8 +12,19 @@
  * Predictions come from the product's cost model only: the planner (or the fixed split of a
  * baseline, costed by the same model: src/shared/placement/fixed.ts) fed with what the
  * coordinator's planner saw — the engine calibration the agents report (`measureCalibration`, one
- * node, no network, taken at the start of the run under the machine's load as the demo does) and
- * the links Orchard measured itself after shaping — never with this bench's results.
+ * node, no network, taken at the start of the run) and the links Orchard measured itself after
+ * shaping — never with this bench's results. That plan's figures are `planPredictedTokensPerSecond`
+ * and `planPredictedTtftMs`. This shared 2-vCPU machine's speed drifts by more than the goals'
+ * margins between the minutes of a run, so, as `orchard demo` does (src/cli/demo-measure.ts), the
+ * calibration engine stays up for the whole run and every scenario's measured requests alternate
+ * (ABBA, never at the same time) with its windows: a decode window (the calibration's fresh
+ * 128-token prompt, about a second of decoding) beside each decode run, a one-token window beside
+ * each TTFT run (the same fresh prompt: prefill as the calibration measures it). Their medians
+ * become node rates as the calibration's do (`engineRates`) and price the same layout again
+ * (bench/lan/measure.ts `repriced`: decode with `repricedTokensPerSecond`, TTFT by the cost model
+ * with every node's rates replaced): `predictedTokensPerSecond` / `predictedTtftMs`, the errors
+ * and `goals` are these; `planDecodeError`, `planTtftError` and `planGoals` the plan's own;
+ * `engineWindows` the engine's rates.
  *
  * TTFT requests are fresh prompts of alternating length, each after one like it (so llama-server
  * first saves that one's KV to its prompt cache, and the workers get a new graph: rpc-wire.ts);
@@ -41,14 +52,15 @@ import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadavg } from 'node:os';
 import { defaultModelHashDir } from '../src/coordinator/instances/llama/tensor-cache.ts';
-import { measureCalibration } from '../src/node/calibrate.ts';
+import { type CalibrationEngine, measureCalibration, startCalibrationEngine } from '../src/node/calibrate.ts';
 import { identifyModelFile } from '../src/shared/model/file-identity.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
 import { modelProfile } from '../src/shared/model/profile.ts';
+import { windowTokens } from '../src/shared/placement/calibration.ts';
 import { planPlacement } from '../src/shared/placement/planner.ts';
 import { type LanCluster, RULES, type Rule, startLanCluster } from './lan/cluster.ts';
-import { measure, measuredLinks, predict, timedLoad, unload } from './lan/measure.ts';
+import { type EngineSide, measure, measuredLinks, predict, repriced, timedLoad, unload } from './lan/measure.ts';
 import { type LinkBytes, linkCounters, predictedLinkBytes } from './lan/wire.ts';
 import { firstSight, perturbedCopy } from './lan/models.ts';
 import { rankingAgreement } from './lan/ranking.ts';
@@ -96,30 +108,36 @@ async function seedAll(c: LanCluster, model: string, layers: number): Promise<Re
   return Object.fromEntries(await Promise.all(seeded));
 }
 
-async function scenario(c: LanCluster, profile: string, rule: Rule, models: { cold: string | undefined; seeded: string }) {
+async function scenario(c: LanCluster, profile: string, rule: Rule, models: { cold: string | undefined; seeded: string }, engine: EngineSide & { header: Parameters<typeof repriced>[4] }) {
   c.rule = rule;
   const cold = models.cold ? await timedLoad(c.client, models.cold, 'cold', CTX) : undefined;
   if (cold) await unload(c.client, 'cold');
   const seeded = await timedLoad(c.client, models.seeded, 'bench', CTX);
   const names = NODES.map((n) => n.name);
-  const m = await measure(c.client, 'bench', { runs: RUNS, tokens: TOKENS, promptWords: PROMPT_WORDS }, () => linkCounters(c.lan, names));
+  const m = await measure(c.client, 'bench', { runs: RUNS, tokens: TOKENS, promptWords: PROMPT_WORDS, engine }, () => linkCounters(c.lan, names));
   await unload(c.client, 'bench');
   const plan = predict(c.seen!, seeded, m.promptTokens);
+  const now = repriced(c.seen!, seeded, plan, m, engine.header);
   const over = plan.stages.filter((s) => s.headroomBytes < 0).map((s) => s.node);
   const err = (p: number, x: number) => Number(((x - p) / p).toFixed(4));
   return {
     profile,
     name: rule,
-    predictedTokensPerSecond: plan.predicted.tokensPerSecond,
+    predictedTokensPerSecond: now.tokensPerSecond,
     measuredTokensPerSecond: m.decodeTokensPerSecond,
-    predictedTtftMs: plan.predicted.ttftSeconds * 1000,
+    predictedTtftMs: now.ttftSeconds * 1000,
     measuredTtftMs: m.ttftMs,
+    planPredictedTokensPerSecond: plan.predicted.tokensPerSecond,
+    planPredictedTtftMs: plan.predicted.ttftSeconds * 1000,
     loadSecondsCold: cold?.seconds ?? null,
     loadSecondsPreseeded: seeded.seconds,
     loadPhasesCold: cold?.phases ?? null,
     loadPhasesPreseeded: seeded.phases,
-    decodeError: err(plan.predicted.tokensPerSecond, m.decodeTokensPerSecond),
-    ttftError: err(plan.predicted.ttftSeconds * 1000, m.ttftMs),
+    decodeError: err(now.tokensPerSecond, m.decodeTokensPerSecond),
+    ttftError: err(now.ttftSeconds * 1000, m.ttftMs),
+    planDecodeError: err(plan.predicted.tokensPerSecond, m.decodeTokensPerSecond),
+    planTtftError: err(plan.predicted.ttftSeconds * 1000, m.ttftMs),
+    engineWindows: { ...m.engine, decodeTokens: engine.decodeTokens, effectiveBandwidthBytesPerSecond: now.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: now.prefillFlopsPerSecond },
     preseededOverCold: cold ? seeded.seconds / cold.seconds : null,
     stages: seeded.stages.map((s) => `${s.node}:${s.firstLayer}-${s.lastLayer}`),
     predictedHopMs: plan.predicted.hopSeconds * 1000,
@@ -139,11 +157,22 @@ function linkKilobytes(measured: LinkBytes | undefined, predicted: LinkBytes) {
   return Object.fromEntries(Object.entries(predicted).map(([n, p]) => [n, { measured: measured?.[n] ? kb(measured[n]) : null, predicted: kb(p) }]));
 }
 
+/** One calibration engine for the whole run: the calibration at the start, then the engine windows of every scenario. */
 async function lan(procs: BenchProcesses, dir: string): Promise<object> {
+  progress('calibrating the engine (one node, no network); it stays up for the engine windows');
+  const engine = await startCalibrationEngine(1);
+  try {
+    return await lanWith(procs, dir, engine);
+  } finally {
+    engine.stop();
+  }
+}
+
+async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEngine): Promise<object> {
   const bins = await findLlamaBinaries();
   const calibrationFile = join(dir, 'calibration.json');
-  progress('calibrating the engine (one node, no network)');
-  const calibration = await measureCalibration(1, process.env, { file: calibrationFile });
+  const calibration = await measureCalibration(1, process.env, { file: calibrationFile, engine });
+  const engineSide = { engine, decodeTokens: windowTokens(calibration.decodeTokensPerSecond), header: await readGgufHeader(engine.model) };
   // The agents' cache root is in the run's folder: a node's files outside --models-dir it may still
   // load (the cold model), and its hashes of model files start empty.
   const env = { ...benchEnv(bins.binDir), ORCHARD_CALIBRATION_FILE: calibrationFile, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_CACHE_DIR: join(dir, 'cache') };
@@ -169,7 +198,7 @@ async function lan(procs: BenchProcesses, dir: string): Promise<object> {
       links[p] = measuredLinks(c);
       for (const rule of RULES) {
         progress(`${p} ${rule}`);
-        scenarios.push(await scenario(c, p, rule, { cold: PROFILES[p]!.cold ? coldModel : undefined, seeded: seededModel }));
+        scenarios.push(await scenario(c, p, rule, { cold: PROFILES[p]!.cold ? coldModel : undefined, seeded: seededModel }, engineSide));
         load.push(loadavg()[0]!);
       }
     }
@@ -177,6 +206,7 @@ async function lan(procs: BenchProcesses, dir: string): Promise<object> {
       scenarios,
       rankingAgreement: rankingAgreement(scenarios),
       goals: goals(scenarios),
+      planGoals: goals(scenarios.map((x) => ({ ...x, decodeError: x.planDecodeError, ttftError: x.planTtftError }))),
       setup: { nodes, model: `${profile.layerCount} layers, dim ${profile.embd}, f16, ${(profile.fileTensorBytes / 1e6).toFixed(0)} MB`, ctx: CTX, runs: RUNS, tokens: TOKENS, threadsPerEngine: 1 },
       calibration: { effectiveBandwidthBytesPerSecond: calibration.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: calibration.prefillFlopsPerSecond, waitedFraction: calibration.waitedFraction, competingCores: calibration.competingCores, loadAverage1m: calibration.loadAverage1m },
       links,

@@ -1,4 +1,6 @@
 import type { CoordinatorClient } from '../../src/coordinator/api/client.ts';
+import { type CalibrationEngine, calibrationRequest, type EngineRates, engineRates } from '../../src/node/calibrate.ts';
+import { repricedTokensPerSecond } from '../../src/shared/placement/calibration.ts';
 import { planFixedSplit } from '../../src/shared/placement/fixed.ts';
 import type { Plan } from '../../src/shared/placement/types.ts';
 import { median } from '../lib/stats.ts';
@@ -78,28 +80,70 @@ export interface Measured {
   readonly ttftRuns: readonly number[];
   /** What each node's link carried during the median TTFT run (`counters`' difference). */
   readonly ttftLinkBytes: LinkBytes | undefined;
+  /** The calibration engine's windows next to them: decode rates beside the decode runs, prompt rates beside the TTFT runs. */
+  readonly engine: { readonly decodeTokensPerSecond: readonly number[]; readonly promptTokensPerSecond: readonly number[] };
+}
+
+/** The calibration engine kept up through the run, and the decode tokens of its decode windows (about a second's worth). */
+export interface EngineSide {
+  readonly engine: CalibrationEngine;
+  readonly decodeTokens: number;
 }
 
 let runCounter = 0;
+let engineWindowCounter = 0;
+
+/** One calibration window (a fresh prompt of the calibration's length, uncached, then `tokens` tokens): llama-server's rates. */
+function engineWindow(e: EngineSide, tokens: number): Promise<EngineRates> {
+  return e.engine.request(calibrationRequest(1000 + engineWindowCounter++, tokens));
+}
+
+/**
+ * The i-th pair of a cluster run and an engine window, one after the other, never together
+ * (both want the same cores), in ABBA order so a steady drift weighs on both sides alike.
+ */
+async function pair<T>(i: number, cluster: () => Promise<T>, engine: () => Promise<EngineRates>): Promise<{ run: T; engine: EngineRates }> {
+  if (i % 2 === 0) {
+    const run = await cluster();
+    return { run, engine: await engine() };
+  }
+  const e = await engine();
+  return { run: await cluster(), engine: e };
+}
 
 /**
  * Decode: `runs` requests of `tokens` tokens after a short prompt, the engine's decode rate
  * (median). TTFT: `runs` requests of one token after a fresh prompt of ~`promptWords` words
  * (median client-side first-token time, through coordinator and agent as a user sees it), after
  * one unmeasured such request: each measured one then follows a request like itself, whose KV
- * llama-server first saves to its prompt cache (rpc-wire.ts), as the prediction assumes.
+ * llama-server first saves to its prompt cache (rpc-wire.ts), as the prediction assumes. Each
+ * decode run is paired with a decode window of the calibration engine and each TTFT run with a
+ * one-token window of it (a fresh prompt, as the calibration measures prefill): `engine`'s
+ * medians price the scenario's prediction again (`repriced`).
  */
-export async function measure(client: CoordinatorClient, model: string, o: { runs: number; tokens: number; promptWords: number }, counters?: () => LinkBytes): Promise<Measured> {
+export async function measure(client: CoordinatorClient, model: string, o: { runs: number; tokens: number; promptWords: number; engine: EngineSide }, counters?: () => LinkBytes): Promise<Measured> {
   await generate(client, model, freshPrompt(runCounter++, 8), 4); // warm-up: first touch of every page
   const decode: Run[] = [];
-  for (let i = 0; i < o.runs; i++) decode.push(await generate(client, model, freshPrompt(runCounter++, 8), o.tokens));
+  const engineDecode: number[] = [];
+  for (let i = 0; i < o.runs; i++) {
+    const p = await pair(i, () => generate(client, model, freshPrompt(runCounter++, 8), o.tokens), () => engineWindow(o.engine, o.engine.decodeTokens));
+    decode.push(p.run);
+    engineDecode.push(p.engine.decode);
+  }
   await generate(client, model, freshPrompt(runCounter++, o.promptWords), 1);
   const ttft: Run[] = [];
+  const enginePrompt: number[] = [];
   const moved: (LinkBytes | undefined)[] = [];
-  for (let i = 0; i < o.runs; i++) {
+  const timedTtft = async () => {
     const before = counters?.();
-    ttft.push(await generate(client, model, freshPrompt(runCounter++, o.promptWords), 1));
+    const run = await generate(client, model, freshPrompt(runCounter++, o.promptWords), 1);
     moved.push(before && counters ? linkDelta(before, counters()) : undefined);
+    return run;
+  };
+  for (let i = 0; i < o.runs; i++) {
+    const p = await pair(i, timedTtft, () => engineWindow(o.engine, 1));
+    ttft.push(p.run);
+    enginePrompt.push(p.engine.prompt);
   }
   const ttftMs = median(ttft.map((r) => r.ttftMs));
   return {
@@ -110,6 +154,7 @@ export async function measure(client: CoordinatorClient, model: string, o: { run
     decodeRuns: decode.map((r) => r.engineTokensPerSecond),
     ttftRuns: ttft.map((r) => r.ttftMs),
     ttftLinkBytes: moved[ttft.findIndex((r) => r.ttftMs === ttftMs)] ?? moved[0],
+    engine: { decodeTokensPerSecond: engineDecode, promptTokensPerSecond: enginePrompt },
   };
 }
 
@@ -119,6 +164,25 @@ export async function measure(client: CoordinatorClient, model: string, o: { run
  */
 export function predict(seen: Seen, layout: LoadedLayout, promptTokens: number): Plan {
   return planFixedSplit(seen.profile, seen.nodes, layout.stages, { ...seen.options, promptTokens, outputTokens: 1 });
+}
+
+/**
+ * The scenario's prediction priced again with the calibration engine's rates of its own minutes
+ * (`measure`'s engine medians, turned into the cost model's node numbers on the engine's model
+ * as the calibration does: engineRates): decode as `orchard demo` does (repricedTokensPerSecond:
+ * the same stages, hops and head cost), TTFT by the same cost model on the same layout with every
+ * node's rates replaced — the nodes share this machine and its one calibration.
+ */
+export function repriced(seen: Seen, layout: LoadedLayout, plan: Plan, m: Measured, header: Parameters<typeof engineRates>[0]) {
+  const rates = engineRates(header, median(m.engine.decodeTokensPerSecond), median(m.engine.promptTokensPerSecond));
+  const nodes = seen.nodes.map((n) => ({ ...n, bandwidthBytesPerSecond: rates.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: rates.prefillFlopsPerSecond }));
+  const ttft = planFixedSplit(seen.profile, nodes, layout.stages, { ...seen.options, promptTokens: m.promptTokens, outputTokens: 1 }).predicted.ttftSeconds;
+  return {
+    tokensPerSecond: repricedTokensPerSecond(plan, rates.effectiveBandwidthBytesPerSecond),
+    ttftSeconds: ttft,
+    effectiveBandwidthBytesPerSecond: rates.effectiveBandwidthBytesPerSecond,
+    prefillFlopsPerSecond: rates.prefillFlopsPerSecond,
+  };
 }
 
 /** The cluster's links as measured now (rtt, payload rate), by node names. */

@@ -337,8 +337,12 @@ async function cpuSnapshot(enginePids: readonly number[]): Promise<CpuSnapshot> 
   return { wallSeconds: performance.now() / 1000, machineBusySeconds: busyMs / 1000, engineSeconds: sum(engine), engineWaitSeconds: sum(waits) };
 }
 
-/** A calibration window: PROMPT_TOKENS fresh token ids, then `decodeTokens` decoded tokens. */
-function calibrationRequest(seed: number, decodeTokens: number): Record<string, unknown> {
+/**
+ * A calibration window: PROMPT_TOKENS fresh token ids, then `decodeTokens` decoded tokens. Also
+ * bench:lan's engine windows, taken between the cluster's through its run (engineRates prices
+ * their rates with PROMPT_TOKENS, this prompt's length).
+ */
+export function calibrationRequest(seed: number, decodeTokens: number): Record<string, unknown> {
   const r = uniformSource(seed);
   // Ordinary token ids (past the control tokens); no prompt cache, so every run prefills in full.
   const prompt = Array.from({ length: PROMPT_TOKENS }, () => 300 + Math.floor(r() * 30000));
