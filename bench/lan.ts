@@ -18,7 +18,7 @@
  * margins between the minutes of a run, so, as `orchard demo` does (src/cli/demo-measure.ts), the
  * calibration engine stays up for the whole run and every scenario's measured requests alternate
  * (ABBA, never at the same time) with its windows: a decode window (the calibration's fresh
- * 128-token prompt, about a second of decoding) beside each decode run, a one-token window beside
+ * 128-token prompt, about a second of decoding) beside each decode run, a two-token window beside
  * each TTFT run (the same fresh prompt: prefill as the calibration measures it). Their medians
  * become node rates as the calibration's do (`engineRates`) and price the same layout again
  * (bench/lan/measure.ts `repriced`: decode with `repricedTokensPerSecond`, TTFT by the cost model

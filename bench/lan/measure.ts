@@ -91,6 +91,11 @@ export interface EngineSide {
 }
 
 let runCounter = 0;
+/**
+ * Decode tokens of a prefill window: the prompt's rate is what counts; two, not one, so the
+ * engine's decode time is never zero (llama-server divides by it for its decode rate).
+ */
+const PREFILL_WINDOW_TOKENS = 2;
 let engineWindowCounter = 0;
 
 /** One calibration window (a fresh prompt of the calibration's length, uncached, then `tokens` tokens): llama-server's rates. */
@@ -118,7 +123,7 @@ async function pair<T>(i: number, cluster: () => Promise<T>, engine: () => Promi
  * one unmeasured such request: each measured one then follows a request like itself, whose KV
  * llama-server first saves to its prompt cache (rpc-wire.ts), as the prediction assumes. Each
  * decode run is paired with a decode window of the calibration engine and each TTFT run with a
- * one-token window of it (a fresh prompt, as the calibration measures prefill): `engine`'s
+ * prefill window of it (a fresh prompt, as the calibration measures prefill): `engine`'s
  * medians price the scenario's prediction again (`repriced`).
  */
 export async function measure(client: CoordinatorClient, model: string, o: { runs: number; tokens: number; promptWords: number; engine: EngineSide }, counters?: () => LinkBytes): Promise<Measured> {
@@ -141,7 +146,7 @@ export async function measure(client: CoordinatorClient, model: string, o: { run
     return run;
   };
   for (let i = 0; i < o.runs; i++) {
-    const p = await pair(i, timedTtft, () => engineWindow(o.engine, 1));
+    const p = await pair(i, timedTtft, () => engineWindow(o.engine, PREFILL_WINDOW_TOKENS));
     ttft.push(p.run);
     enginePrompt.push(p.engine.prompt);
   }
