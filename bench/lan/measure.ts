@@ -1,6 +1,6 @@
 import type { CoordinatorClient } from '../../src/coordinator/api/client.ts';
 import { type CalibrationEngine, calibrationRequest, type EngineRates, engineRates } from '../../src/node/calibrate.ts';
-import { repricedTokensPerSecond } from '../../src/shared/placement/calibration.ts';
+import { repricedTokensPerSecond, uncontendedRate, waitedFraction } from '../../src/shared/placement/calibration.ts';
 import { planFixedSplit } from '../../src/shared/placement/fixed.ts';
 import type { Plan } from '../../src/shared/placement/types.ts';
 import { median } from '../lib/stats.ts';
@@ -81,7 +81,7 @@ export interface Measured {
   /** What each node's link carried during the median TTFT run (`counters`' difference). */
   readonly ttftLinkBytes: LinkBytes | undefined;
   /** The calibration engine's windows next to them: decode rates beside the decode runs, prompt rates beside the TTFT runs. */
-  readonly engine: { readonly decodeTokensPerSecond: readonly number[]; readonly promptTokensPerSecond: readonly number[] };
+  readonly engine: { readonly decodeTokensPerSecond: readonly number[]; readonly promptTokensPerSecond: readonly number[]; readonly waitedFraction: readonly number[] };
 }
 
 /** The calibration engine kept up through the run, and the decode tokens of its decode windows (about a second's worth). */
@@ -98,16 +98,24 @@ let runCounter = 0;
 const PREFILL_WINDOW_TOKENS = 2;
 let engineWindowCounter = 0;
 
-/** One calibration window (a fresh prompt of the calibration's length, uncached, then `tokens` tokens): llama-server's rates. */
-function engineWindow(e: EngineSide, tokens: number): Promise<EngineRates> {
-  return e.engine.request(calibrationRequest(1000 + engineWindowCounter++, tokens));
+/**
+ * One calibration window (a fresh prompt of the calibration's length, uncached, then `tokens`
+ * tokens): llama-server's rates without the time its threads waited for a core another process
+ * held, as the calibration's own windows count them (calibration.ts `uncontendedRate`) — the plan
+ * was priced with such figures, and raw ones moved ±17 % between minutes on an idle machine.
+ */
+async function engineWindow(e: EngineSide, tokens: number): Promise<EngineRates & { waited: number }> {
+  const before = await e.engine.cpu();
+  const rates = await e.engine.request(calibrationRequest(1000 + engineWindowCounter++, tokens));
+  const waited = waitedFraction(before, await e.engine.cpu());
+  return { ...rates, decode: uncontendedRate(rates.decode, waited), prompt: uncontendedRate(rates.prompt, waited), waited };
 }
 
 /**
  * The i-th pair of a cluster run and an engine window, one after the other, never together
  * (both want the same cores), in ABBA order so a steady drift weighs on both sides alike.
  */
-async function pair<T>(i: number, cluster: () => Promise<T>, engine: () => Promise<EngineRates>): Promise<{ run: T; engine: EngineRates }> {
+async function pair<T, E>(i: number, cluster: () => Promise<T>, engine: () => Promise<E>): Promise<{ run: T; engine: E }> {
   if (i % 2 === 0) {
     const run = await cluster();
     return { run, engine: await engine() };
@@ -130,10 +138,12 @@ export async function measure(client: CoordinatorClient, model: string, o: { run
   await generate(client, model, freshPrompt(runCounter++, 8), 4); // warm-up: first touch of every page
   const decode: Run[] = [];
   const engineDecode: number[] = [];
+  const waited: number[] = [];
   for (let i = 0; i < o.runs; i++) {
     const p = await pair(i, () => generate(client, model, freshPrompt(runCounter++, 8), o.tokens), () => engineWindow(o.engine, o.engine.decodeTokens));
     decode.push(p.run);
     engineDecode.push(p.engine.decode);
+    waited.push(p.engine.waited);
   }
   await generate(client, model, freshPrompt(runCounter++, o.promptWords), 1);
   const ttft: Run[] = [];
@@ -149,6 +159,7 @@ export async function measure(client: CoordinatorClient, model: string, o: { run
     const p = await pair(i, timedTtft, () => engineWindow(o.engine, PREFILL_WINDOW_TOKENS));
     ttft.push(p.run);
     enginePrompt.push(p.engine.prompt);
+    waited.push(p.engine.waited);
   }
   const ttftMs = median(ttft.map((r) => r.ttftMs));
   return {
@@ -159,7 +170,7 @@ export async function measure(client: CoordinatorClient, model: string, o: { run
     decodeRuns: decode.map((r) => r.engineTokensPerSecond),
     ttftRuns: ttft.map((r) => r.ttftMs),
     ttftLinkBytes: moved[ttft.findIndex((r) => r.ttftMs === ttftMs)] ?? moved[0],
-    engine: { decodeTokensPerSecond: engineDecode, promptTokensPerSecond: enginePrompt },
+    engine: { decodeTokensPerSecond: engineDecode, promptTokensPerSecond: enginePrompt, waitedFraction: waited },
   };
 }
 
