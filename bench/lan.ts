@@ -19,8 +19,9 @@
  * calibration engine stays up for the whole run and every scenario's measured requests alternate
  * (ABBA, never at the same time) with its windows: a decode window (the calibration's fresh
  * 128-token prompt, about a second of decoding) beside each decode run, a two-token window beside
- * each TTFT run (the same fresh prompt: prefill as the calibration measures it). Their medians
- * become node rates as the calibration's do (`engineRates`) and price the same layout again
+ * each TTFT run (the same fresh prompt: prefill as the calibration measures it), each window's
+ * rates without its waits for a core, as the calibration's. Their medians become node rates as
+ * the calibration's do (`engineRates`) and price the same layout again
  * (bench/lan/measure.ts `repriced`: decode with `repricedTokensPerSecond`, TTFT by the cost model
  * with every node's rates replaced): `predictedTokensPerSecond` / `predictedTtftMs`, the errors
  * and `goals` are these; `planDecodeError`, `planTtftError` and `planGoals` the plan's own;
