@@ -66,6 +66,7 @@ import { type LinkBytes, linkCounters, predictedLinkBytes } from './lan/wire.ts'
 import { firstSight, perturbedCopy } from './lan/models.ts';
 import { rankingAgreement } from './lan/ranking.ts';
 import { BenchProcesses, benchEnv, runBench, writeTestModel } from './lib/cluster.ts';
+import { LINK_BITS_PER_SECOND } from './lib/links.ts';
 import { flag } from './lib/stats.ts';
 
 const argv = process.argv.slice(2);
@@ -75,10 +76,11 @@ const TOKENS = Number(flag(argv, '--tokens', '24'));
 const PROMPT_WORDS = Number(flag(argv, '--prompt-words', '120'));
 const CTX = 1024;
 /** Each node's link rate (bits/s) per profile; `cold: false` skips the cold loads. */
+const every = (bitsPerSecond: number) => ({ alpha: bitsPerSecond, bravo: bitsPerSecond, charlie: bitsPerSecond });
 const PROFILES: Record<string, { rates: Record<string, number>; cold: boolean }> = {
-  '1gbe': { rates: { alpha: 1e9, bravo: 1e9, charlie: 1e9 }, cold: true },
-  '10gbe': { rates: { alpha: 10e9, bravo: 10e9, charlie: 10e9 }, cold: true },
-  'slow-link': { rates: { alpha: 1e9, bravo: 1e9, charlie: 20e6 }, cold: false },
+  '1gbe': { rates: every(LINK_BITS_PER_SECOND['1gbe']), cold: true },
+  '10gbe': { rates: every(LINK_BITS_PER_SECOND['10gbe']), cold: true },
+  'slow-link': { rates: { ...every(LINK_BITS_PER_SECOND['1gbe']), charlie: 20e6 }, cold: false },
 };
 const chosenProfiles = flag(argv, '--profiles', '1gbe,10gbe,slow-link').split(',');
 /** The calibration model's layer shape (src/node/calibrate.ts CALIBRATION_SHAPE), more layers, other weights: the node's figure is of this very shape. */

@@ -6,8 +6,13 @@
  * forwards to the same rpc-server. Both ends are the ones the agent runs: native/tunnel-relay
  * when `orchard setup` built it (`tunnelRelay: native`), else Node's (ORCHARD_TUNNEL_RELAY=node).
  * The two ends run in two processes, as on a cluster (the head's agent: this process; the
- * worker's agent: a child running only the listener, credentials on its stdin), over 127.0.0.1 —
- * the network round trip is the same in both modes, so the ratio is the tunnel's.
+ * worker's agent: a child running only the listener, credentials on its stdin,
+ * bench/lib/tunnel-worker.ts), by default over 127.0.0.1 — the network round trip is the same in
+ * both modes, so the ratio is the tunnel's, at its worst: CPU is the only bottleneck and the relays
+ * take it from the engines. `--link 1gbe|10gbe` puts the worker side (rpc-server, listener) in a
+ * network namespace behind a link shaped as bench:lan shapes one (bench/lib/worker-side.ts):
+ * direct dials the rpc-server across it, the tunnel's TLS crosses it; the rest is unchanged, and
+ * `link` says which and what it carried.
  * A trial is a fresh llama-server: load time (spawn → /health, cold: every weight crosses the
  * route), then greedy completions with the prompt cache off: time to first token and decode
  * tokens/s at the client, token ids compared (bench/lib/llama-trial.ts).
@@ -37,31 +42,31 @@
  * every mode that ran (`addedPerRoundTripMs`, at the engines' pace and back to back), and
  * `predictedVsMeasured` sets round trips × added ms against the trials.
  * Usage: npm run bench:tunnel -- [--json] [--pairs 60] [--budget-seconds 200] [--requests 2]
- *        [--tokens 16] [--ttft-probes 4] [--layers 8] [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1] [--controls]
+ *        [--tokens 16] [--ttft-probes 4] [--layers 8] [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1]
+ *        [--controls | --link 1gbe|10gbe]   (--link needs root: namespaces, tc)
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { type Server, connect, createServer } from 'node:net';
+import type { Server } from 'node:net';
 import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { seedTensorCache } from '../src/node/llama/tensor-cache.ts';
-import { EnginePorts } from '../src/node/tunnel/engine-ports.ts';
 import { type TunnelForwarder, type TunnelForwarderOptions, startTunnelForwarder } from '../src/node/tunnel/forwarder.ts';
 import { findTunnelRelay, startNativeForwarder } from '../src/node/tunnel/native-forwarder.ts';
-import { startTunnelListener } from '../src/node/tunnel/listener.ts';
-import { startNativeListener } from '../src/node/tunnel/native-listener.ts';
-import { relay } from '../src/node/tunnel/relay.ts';
 import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/shared/pki/certificates.ts';
 import type { NodeCredentials } from '../src/shared/pki/store.ts';
 import { freePort, killAll, start as startChild, track, waitPort } from './lib/children.ts';
 import { type HeadRun, type HeadSetup, headTrial } from './lib/llama-trial.ts';
+import { cpuSeconds, plainRelay, workerListener } from './lib/tunnel-worker.ts';
 import { buildGoRelay, type NativeRelay, nativeRelaysInstalled, processCpuSeconds, startGoRelay, startSocatRelay, startStunnelRelay } from './lib/native-relay.ts';
 import { abbaOrder, pairedEstimate } from './lib/paired.ts';
-import { type MeasuredMode, type RpcStep, predictedLoss, rpcAccounting, startFakeEngine, startRpcTap, transportAdded, typicalDecodeStep } from './lib/rpc-traffic.ts';
-import { median } from './lib/stats.ts';
+import { type MeasuredMode, type Route, type RpcStep, predictedLoss, rpcAccounting, startFakeEngine, startRpcTap, transportAdded, typicalDecodeStep } from './lib/rpc-traffic.ts';
+import { flag, median } from './lib/stats.ts';
+import { isLinkName, LINK_BITS_PER_SECOND, type LinkName } from './lib/links.ts';
+import { type WorkerSide, workerSide } from './lib/worker-side.ts';
 
 /** An rpc-server (TCP transport only: RDMA would bypass the relays under test), its last 20 kB of output kept. */
 const start = (cmd: string, args: string[], env: Record<string, string> = {}) => startChild(cmd, args, { env: { GGML_RPC_NO_RDMA: '1', ...env }, logBytes: 20_000 });
@@ -81,6 +86,8 @@ const FFN = num('ffn', 2816);
 const NGL = num('ngl', 4);
 const THREADS = num('threads', 1);
 const CONTROLS = argv.includes('--controls');
+/** `--link 1gbe|10gbe`: the worker side behind a shaped link (bench/lib/worker-side.ts); loopback without. */
+const LINK = flag(argv, '--link', '');
 const NATIVE = CONTROLS && nativeRelaysInstalled();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** Pre-seeded load pairs (--controls): a side result, not a goal. */
@@ -96,52 +103,9 @@ async function issue(ca: Awaited<ReturnType<typeof createClusterCa>>, id: string
   return { keyPem, certPem, caCertPem: ca.certPem };
 }
 
-/**
- * The control mode's hop: a 127.0.0.1 listener whose connections are relayed to `targetPort`
- * with the tunnel's own relay code, minus TLS.
- */
-async function plainRelay(targetPort: number): Promise<{ server: Server; port: number }> {
-  const server = createServer({ allowHalfOpen: true, noDelay: true }, (from) => {
-    const to = connect({ host: '127.0.0.1', port: targetPort, allowHalfOpen: true, noDelay: true });
-    to.once('connect', () => void relay(from, to, { toEngine: 0, fromEngine: 0 }));
-    to.once('error', () => from.destroy());
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
-  const address = server.address();
-  return { server, port: typeof address === 'object' && address ? address.port : 0 };
-}
-
-/**
- * The worker agent's half, run as `bench/tunnel.ts --worker-listener`: reads its credentials and
- * the engine port from stdin (never argv: `ps` shows that), starts the listener the agent would
- * (the native relay when built), prints its port, then answers each further stdin line with the
- * CPU time of the worker's end of the tunnel (this process and the native relay), and exits when
- * stdin ends.
- */
-async function workerListener(): Promise<void> {
-  const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-  const first = await lines.next();
-  const { credentials, rpcPort, seededRpcPort, replayPort } = JSON.parse(String(first.value)) as { credentials: NodeCredentials; rpcPort: number; seededRpcPort: number; replayPort: number };
-  const enginePorts = new EnginePorts();
-  for (const port of [rpcPort, seededRpcPort, replayPort]) enginePorts.register(port, 'ggml-rpc-server');
-  const relayBinary = findTunnelRelay();
-  const options = { host: '127.0.0.1', port: 0, credentials, enginePorts };
-  const listener = relayBinary ? await startNativeListener(relayBinary, { ...options, revoked: new Set() }) : await startTunnelListener(options);
-  const relayCpu = () => ('pid' in listener ? processCpuSeconds(listener.pid() ?? 0) : 0);
-  const [plain, plainReplay] = [await plainRelay(rpcPort), await plainRelay(replayPort)];
-  process.stdout.write(`${JSON.stringify({ port: listener.port, plainPort: plain.port, plainReplayPort: plainReplay.port, relay: relayBinary ? 'native' : 'node' })}\n`);
-  for (let line = await lines.next(); !line.done; line = await lines.next()) process.stdout.write(`${JSON.stringify({ cpuSeconds: cpuSeconds() + relayCpu() })}\n`);
-  await listener.close();
-  plain.server.close();
-  plainReplay.server.close();
-}
-
-const cpuSeconds = (): number => {
-  const u = process.cpuUsage();
-  return (u.user + u.system) / 1e6;
-};
-
 interface Tunnel {
+  /** Where the worker's end runs and how the head reaches it: loopback or across a link. */
+  readonly side: WorkerSide;
   readonly forwarder: TunnelForwarder;
   /** The same tunnel to the pre-seeded rpc-server. */
   readonly seededForwarder: TunnelForwarder;
@@ -155,26 +119,27 @@ interface Tunnel {
   /** The native controls, when installed. */
   readonly native?: Readonly<Record<NativeMode, NativeRelay>>;
   /** Every mode's route to the fake engine the transport replay talks to (rpc-traffic.ts). */
-  readonly replay: Readonly<Partial<Record<Mode, number>>>;
+  readonly replay: Readonly<Partial<Record<Mode, Route>>>;
   /** What to close at the end. */
   readonly closers: (() => unknown)[];
 }
 
-/** Worker-side listener (child process) + head-side forwarder (here) for one rpc-server. */
-async function startTunnel(rpcPort: number, seededRpcPort: number, replayPort: number, work: string): Promise<Tunnel> {
+/** Worker-side listener (child process on the worker side) + head-side forwarder (here) for one rpc-server. */
+async function startTunnel(side: WorkerSide, rpcPort: number, seededRpcPort: number, replayPort: number, work: string): Promise<Tunnel> {
   const ca = await createClusterCa('bench-tunnel');
-  const worker = track(spawn(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--worker-listener'], { detached: true, stdio: ['pipe', 'pipe', 'inherit'] }));
+  const [cmd, args] = side.command(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--worker-listener']);
+  const worker = track(spawn(cmd, args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'] }));
   const replies = createInterface({ input: worker.stdout! })[Symbol.asyncIterator]();
   const exited = new Promise<never>((_, reject) => worker.once('exit', (code) => reject(new Error(`tunnel listener exited (${code})`))));
   const next = async <T>(): Promise<T> => JSON.parse(String((await Promise.race([replies.next(), exited])).value)) as T;
   const creds = { worker: await issue(ca, 'worker'), head: await issue(ca, 'head') };
-  worker.stdin?.write(`${JSON.stringify({ credentials: creds.worker, rpcPort, seededRpcPort, replayPort })}\n`);
+  worker.stdin?.write(`${JSON.stringify({ credentials: creds.worker, host: side.host, rpcPort, seededRpcPort, replayPort })}\n`);
   const { port, plainPort, plainReplayPort, relay: workerRelay } = await next<{ port: number; plainPort: number; plainReplayPort: number; relay: 'native' | 'node' }>();
   // the head side the agent runs: the native relay when `orchard setup` built it, else Node's
   const relayBinary = findTunnelRelay();
   const forward = (enginePort: number) => {
     const o: TunnelForwarderOptions = {
-      remote: { host: '127.0.0.1', port },
+      remote: { host: side.host, port },
       enginePort,
       expectPeer: { id: 'worker' },
       credentials: creds.head,
@@ -189,10 +154,12 @@ async function startTunnel(rpcPort: number, seededRpcPort: number, replayPort: n
   };
   const native = NATIVE ? await startNative(rpcPort, creds, work) : undefined;
   const nativeReplay = NATIVE ? await startNative(replayPort, creds, work) : undefined;
-  const [plain, plainReplay] = [await plainRelay(plainPort), await plainRelay(plainReplayPort)];
-  const replay = { direct: replayPort, tunnel: replayForwarder.port, plain: plainReplay.port, ...(nativeReplay ? { socat: nativeReplay.socat.port, stunnel: nativeReplay.stunnel.port, go: nativeReplay.go.port } : {}) };
+  const [atWorker, local] = [(port: number) => ({ host: side.host, port }), (port: number) => ({ host: '127.0.0.1', port })];
+  const [plain, plainReplay] = [await plainRelay(atWorker(plainPort)), await plainRelay(atWorker(plainReplayPort))];
+  const nativeRoutes = nativeReplay ? { socat: local(nativeReplay.socat.port), stunnel: local(nativeReplay.stunnel.port), go: local(nativeReplay.go.port) } : {};
+  const replay = { direct: atWorker(replayPort), tunnel: local(replayForwarder.port), plain: local(plainReplay.port), ...nativeRoutes };
   const closers = [() => replayForwarder.close(), () => plainReplay.server.close(), ...Object.values(nativeReplay ?? {}).map((r) => () => r.close())];
-  return { forwarder, seededForwarder, worker, workerRelay, plain, workerCpu, ...(native ? { native } : {}), replay, closers };
+  return { side, forwarder, seededForwarder, worker, workerRelay, plain, workerCpu, ...(native ? { native } : {}), replay, closers };
 }
 
 async function startNative(rpcPort: number, creds: { head: NodeCredentials; worker: NodeCredentials }, work: string) {
@@ -222,7 +189,8 @@ async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, head: 
   const nativeCpu = () => pids.reduce((sum, pid) => sum + processCpuSeconds(pid), 0);
   const [bench0, worker0, native0] = [cpuSeconds(), await tunnel.workerCpu(), nativeCpu()];
   const port = native ? native.port : { direct: rpcPort, plain: tunnel.plain.port, tunnel: tunnel.forwarder.port }[mode as 'direct' | 'plain' | 'tunnel'];
-  const t = await headTrial(port, head);
+  // direct dials the worker's rpc-server itself (across the link, if any); every relay listens here
+  const t = await headTrial({ host: mode === 'direct' ? tunnel.side.host : '127.0.0.1', port }, head);
   if (native) await sleep(100); // socat's per-connection children exit and are reaped after llama-server stops
   const [bench1, worker1, native1] = [cpuSeconds(), await tunnel.workerCpu(), nativeCpu()];
   return { ...t, mode, cpu: { benchProcess: bench1 - bench0, workerListener: worker1 - worker0, nativeRelay: native1 - native0 } };
@@ -259,6 +227,21 @@ function modeStats(trials: readonly Trial[], mode: Mode) {
   };
 }
 
+/**
+ * Between head and worker: `loopback`, or the shaped link's profile and rate, and the MB it carried
+ * each way so far (setup and trials, both modes; its tbf counters: TLS records, TCP/IP headers and
+ * ACKs included) — that the engines' traffic did cross it.
+ */
+function linkSummary(side: WorkerSide) {
+  const carried = side.carried();
+  const mb = (bytes: number) => round(bytes / 1e6, 1);
+  return {
+    profile: side.link,
+    bitsPerSecond: side.link === 'loopback' ? null : LINK_BITS_PER_SECOND[side.link],
+    carriedMegabytes: carried ? { toWorker: mb(carried.toWorker), toHead: mb(carried.toHead) } : null,
+  };
+}
+
 /** Per pair: tunnel ÷ direct decode rate and load time, tunnel − direct TTFT p50 (of each trial's requests). */
 function perPair(pairs: readonly { direct: Trial; tunnel: Trial }[]) {
   const tps = (t: Trial) => median(t.completions.map((c) => c.decodeTokensPerSecond));
@@ -270,7 +253,7 @@ function perPair(pairs: readonly { direct: Trial; tunnel: Trial }[]) {
   };
 }
 
-function summarise(trials: readonly Trial[], pairs: readonly { direct: Trial; tunnel: Trial }[], tunnel: Pick<Tunnel, 'forwarder' | 'workerRelay'>, head: HeadSetup, loadAverages: readonly number[]) {
+function summarise(trials: readonly Trial[], pairs: readonly { direct: Trial; tunnel: Trial }[], tunnel: Pick<Tunnel, 'forwarder' | 'workerRelay' | 'side'>, head: HeadSetup, loadAverages: readonly number[]) {
   const per = perPair(pairs);
   const goals = {
     tokensPerSecondRatio: pairedEstimate(per.tokensPerSecondRatio, { op: '>=', value: 0.97 }),
@@ -293,6 +276,7 @@ function summarise(trials: readonly Trial[], pairs: readonly { direct: Trial; tu
     loadSecondsRatio: goals.loadSecondsRatio.estimate,
     /** Each goal's estimate, 90 % bootstrap interval over pairs, and verdict (met / missed / undecided). */
     goals,
+    link: linkSummary(tunnel.side),
     tokenIdsIdentical: ids.length > 0 && ids.every((x) => x === ids[0]),
     setup: { pairs: pairs.length, order: 'ABBA', requestsPerTrial: head.requests, tokens: head.tokens, ttftProbesPerTrial: head.ttftProbes, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS, controls: CONTROL_MODES },
     /** Which relays the agent (and so `tunnel`) runs at each end: native/tunnel-relay when `orchard setup` built it. */
@@ -331,7 +315,7 @@ async function seededLoads(seededRpcPort: number, tunnel: Tunnel, head: HeadSetu
   const loads: Record<'direct' | 'tunnel', number[]> = { direct: [], tunnel: [] };
   for (const pair of abbaOrder('direct' as const, 'tunnel' as const, SEEDED_PAIRS)) {
     for (const mode of pair) {
-      const t = await headTrial(mode === 'direct' ? seededRpcPort : tunnel.seededForwarder.port, head, { loadOnly: true });
+      const t = await headTrial({ host: '127.0.0.1', port: mode === 'direct' ? seededRpcPort : tunnel.seededForwarder.port }, head, { loadOnly: true });
       loads[mode].push(round(t.loadSeconds));
     }
   }
@@ -350,9 +334,9 @@ async function seededLoads(seededRpcPort: number, tunnel: Tunnel, head: HeadSetu
  * llama.cpp — and back to back), and the loss that predicts beside the one the trials measured.
  */
 async function accountTraffic(rpcPort: number, tunnel: Tunnel, head: HeadSetup, measured: Readonly<Partial<Record<Mode, MeasuredMode>>>) {
-  const tap = await startRpcTap(rpcPort);
+  const tap = await startRpcTap(rpcPort, tunnel.side.host);
   try {
-    await headTrial(tap.port, head, { requests: 1, onWarm: tap.mark });
+    await headTrial({ host: '127.0.0.1', port: tap.port }, head, { requests: 1, onWarm: tap.mark });
   } finally {
     tap.close();
   }
@@ -413,7 +397,7 @@ function report(out: ReturnType<typeof summarise> & { accounting: Awaited<Return
     return `${e.estimate} [${e.interval90.join(', ')}] ${e.goal}: ${e.verdict}`;
   };
   return (
-    `tunnel ÷ direct over ${out.setup.pairs} ABBA pairs (median, 90 % bootstrap interval, goal, verdict): tokens/s ${g('tokensPerSecondRatio')}; ` +
+    `tunnel ÷ direct (${out.link.profile}) over ${out.setup.pairs} ABBA pairs (median, 90 % bootstrap interval, goal, verdict): tokens/s ${g('tokensPerSecondRatio')}; ` +
     `TTFT added ms ${g('ttftAddedMs')}; load ${g('loadSecondsRatio')}; token ids identical: ${out.tokenIdsIdentical}; ` +
     `load average ${JSON.stringify(out.tunnelCpu.loadAverage1m)}\n` +
     `round trips per token ${out.accounting.roundTripsPerToken}, per prompt ${out.accounting.perPrompt.roundTrips}; ms added per round trip ${JSON.stringify(out.accounting.addedPerRoundTripMs)}; ` +
@@ -421,21 +405,33 @@ function report(out: ReturnType<typeof summarise> & { accounting: Awaited<Return
   );
 }
 
+/** `--link`, checked: a profile bench:lan shapes to, and no controls (their relays and the pre-seeded rpc-server run next to the head). */
+function chosenLink(): LinkName | undefined {
+  if (!LINK) return undefined;
+  if (!isLinkName(LINK)) throw new Error(`--link ${LINK}: one of ${Object.keys(LINK_BITS_PER_SECOND).join(', ')}`);
+  if (CONTROLS) throw new Error('--controls runs on loopback only (without --link)');
+  return LINK;
+}
+
 async function main(): Promise<void> {
+  const link = chosenLink();
   const bins = await findLlamaBinaries();
   const work = await mkdtemp(join(tmpdir(), 'orchard-bench-tunnel-'));
   const model = join(work, 'split.gguf');
   const head: HeadSetup = { model, llamaServer: bins.llamaServer, ngl: NGL, threads: THREADS, tokens: num('tokens', 16), requests: num('requests', 2), ttftProbes: num('ttft-probes', 4) };
   let tunnel: Tunnel | undefined;
+  let side: WorkerSide | undefined;
   try {
+    side = workerSide(link);
     const gen = ['--out', model, '--layers', String(LAYERS), '--dim', String(DIM), '--ffn', String(FFN), '--type', 'f16'];
     await promisify(execFile)(process.execPath, [join(ROOT, 'bin/orchard.js'), 'testmodel', 'gguf', ...gen]);
     const rpcPort = await freePort();
-    const rpc = start(bins.rpcServer, ['-H', '127.0.0.1', '-p', String(rpcPort), '-t', String(THREADS)]);
-    await waitPort(rpcPort, rpc.proc, rpc.log);
+    const rpc = start(...side.command(bins.rpcServer, ['-H', side.engineBind, '-p', String(rpcPort), '-t', String(THREADS)]));
+    await waitPort(rpcPort, rpc.proc, rpc.log, 60_000, side.host);
     // the pre-seeded rpc-server only with --controls; without, its forwarder points at the cold one, unused
     const seededRpcPort = CONTROLS ? await seededRpcServer(model, work, bins.rpcServer) : rpcPort;
-    tunnel = await startTunnel(rpcPort, seededRpcPort, (await startFakeEngine()).port, work);
+    const replayPort = (await startFakeEngine({ host: side.engineBind, command: side.command })).port;
+    tunnel = await startTunnel(side, rpcPort, seededRpcPort, replayPort, work);
     const run = await pairedTrials(rpcPort, tunnel, head);
     const summary = { ...summarise(run.trials, run.pairs, tunnel, head, run.loadAverages), trialSeconds: run.seconds };
     const seeded = CONTROLS ? { preseeded: await seededLoads(seededRpcPort, tunnel, head) } : {};
@@ -450,6 +446,7 @@ async function main(): Promise<void> {
     for (const r of Object.values(tunnel?.native ?? {})) r.close();
     for (const close of tunnel?.closers ?? []) await close();
     killAll();
+    side?.close();
     await rm(work, { recursive: true, force: true });
   }
 }

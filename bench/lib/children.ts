@@ -89,13 +89,13 @@ export async function freePort(): Promise<number> {
   });
 }
 
-/** ggml-rpc-server's stdout is block-buffered when piped, so readiness = the port accepts. */
-export async function waitPort(port: number, proc: ChildProcess, log: () => string, ms = 60_000): Promise<void> {
+/** ggml-rpc-server's stdout is block-buffered when piped, so readiness = the port accepts (on `host`). */
+export async function waitPort(port: number, proc: ChildProcess, log: () => string, ms = 60_000, host = '127.0.0.1'): Promise<void> {
   const deadline = Date.now() + ms;
   for (;;) {
     if (proc.exitCode !== null) throw new Error(`${proc.spawnfile} exited: ${log().slice(-2000)}`);
     const ok = await new Promise<boolean>((r) => {
-      const s = connect(port, '127.0.0.1');
+      const s = connect(port, host);
       s.once('connect', () => {
         s.destroy();
         r(true);
@@ -103,7 +103,7 @@ export async function waitPort(port: number, proc: ChildProcess, log: () => stri
       s.once('error', () => r(false));
     });
     if (ok) return;
-    if (Date.now() > deadline) throw new Error(`${proc.spawnfile} not listening on ${port}`);
+    if (Date.now() > deadline) throw new Error(`${proc.spawnfile} not listening on ${host}:${port}`);
     await new Promise((r) => setTimeout(r, 50));
   }
 }

@@ -1,10 +1,10 @@
 /**
  * A stand-in ggml-rpc-server for bench:tunnel's transport replay (rpc-traffic.ts), run as its own
- * process: `node --import tsx fake-rpc-engine.ts`, prints `{"port":N}`. It reads the request
- * framing, spins on a graph compute for as long as the connection asked (the worker's share of a
- * token; SET_COMPUTE_MS, a command byte no ggml-rpc build uses, payload u32 LE ms) and answers
- * GET_TENSOR with `| size (u64 LE) | size bytes |` as the real server does; other commands get no
- * reply, as in a decode step.
+ * process: `node --import tsx fake-rpc-engine.ts [--host H]` (default 127.0.0.1), prints
+ * `{"port":N}`. It reads the request framing, spins on a graph compute for as long as the
+ * connection asked (the worker's share of a token; SET_COMPUTE_MS, a command byte no ggml-rpc
+ * build uses, payload u32 LE ms) and answers GET_TENSOR with `| size (u64 LE) | size bytes |` as
+ * the real server does; other commands get no reply, as in a decode step.
  */
 import { createServer } from 'node:net';
 
@@ -42,5 +42,6 @@ const server = createServer({ noDelay: true }, (s) => {
   });
   s.on('error', () => s.destroy());
 });
-server.listen(0, '127.0.0.1', () => process.stdout.write(`${JSON.stringify({ port: (server.address() as { port: number }).port })}\n`));
+const hostAt = process.argv.indexOf('--host');
+server.listen(0, hostAt >= 0 ? process.argv[hostAt + 1]! : '127.0.0.1', () => process.stdout.write(`${JSON.stringify({ port: (server.address() as { port: number }).port })}\n`));
 // the bench's process group is killed at its end; stdin is not watched

@@ -95,13 +95,13 @@ export interface RpcTap {
   close(): void;
 }
 
-/** A plain TCP relay that records the ggml-rpc traffic through it (not timed: for counting only). */
-export async function startRpcTap(targetPort: number): Promise<RpcTap> {
+/** A plain TCP relay (on 127.0.0.1) to `targetHost` that records the ggml-rpc traffic through it (not timed: for counting only). */
+export async function startRpcTap(targetPort: number, targetHost = '127.0.0.1'): Promise<RpcTap> {
   let events: TapEvent[] = [];
   let recording = false;
   const sockets = new Set<Socket>();
   const server: Server = createServer({ noDelay: true }, (head) => {
-    const engine = connect({ host: '127.0.0.1', port: targetPort, noDelay: true });
+    const engine = connect({ host: targetHost, port: targetPort, noDelay: true });
     for (const s of [head, engine]) {
       sockets.add(s);
       s.on('error', () => {
@@ -202,10 +202,15 @@ export function replyBytes(step: RpcStep): number {
   return step.commands.filter((c) => c.cmd === GET_TENSOR).reduce((a, c) => a + 8 + Number(c.payload.readBigUInt64LE(c.payload.length - 8)), 0);
 }
 
-/** The fake engine (fake-rpc-engine.ts) in its own process, as a worker's rpc-server is. */
-export async function startFakeEngine(): Promise<{ port: number; proc: ChildProcess }> {
+/**
+ * The fake engine (fake-rpc-engine.ts) in its own process, as a worker's rpc-server is: bound to
+ * `host`, run through `command` (bench:tunnel's worker side: a namespace behind a link).
+ */
+export async function startFakeEngine(o: { host?: string; command?: (cmd: string, args: readonly string[]) => [string, string[]] } = {}): Promise<{ port: number; proc: ChildProcess }> {
   const path = new URL('./fake-rpc-engine.ts', import.meta.url).pathname;
-  const proc = track(spawn(process.execPath, ['--import', 'tsx', path], { detached: true, stdio: ['ignore', 'pipe', 'inherit'] }));
+  const command = o.command ?? ((cmd: string, args: readonly string[]): [string, string[]] => [cmd, [...args]]);
+  const [cmd, args] = command(process.execPath, ['--import', 'tsx', path, '--host', o.host ?? '127.0.0.1']);
+  const proc = track(spawn(cmd, args, { detached: true, stdio: ['ignore', 'pipe', 'inherit'] }));
   const line = await new Promise<string>((resolve, reject) => {
     createInterface({ input: proc.stdout! }).once('line', resolve);
     proc.once('exit', (code) => reject(new Error(`fake rpc engine exited (${code})`)));
@@ -218,6 +223,12 @@ const spin = (ms: number) => {
   while (performance.now() < until);
 };
 
+/** Where a replay connects: the fake engine itself (`direct`) or a relay in front of it. */
+export interface Route {
+  readonly host: string;
+  readonly port: number;
+}
+
 /** How long each side computes per token in a replay: spinning, so its core is busy as an engine's is. */
 export interface ReplayPace {
   readonly headMs: number;
@@ -225,13 +236,13 @@ export interface ReplayPace {
 }
 
 /**
- * Replay `step` `count` times on one connection to `port`, the head spinning `headMs` before each
+ * Replay `step` `count` times on one connection to `to`, the head spinning `headMs` before each
  * (llama-server's layers and sampling) and the engine `engineMs` on its compute; returns ms per
  * step from its first write to its last reply byte (the engine's compute included: compare routes,
  * not absolute values).
  */
-export async function replaySteps(port: number, step: RpcStep, count: number, pace: ReplayPace): Promise<number[]> {
-  const s = connect({ host: '127.0.0.1', port, noDelay: true });
+export async function replaySteps(to: Route, step: RpcStep, count: number, pace: ReplayPace): Promise<number[]> {
+  const s = connect({ host: to.host, port: to.port, noDelay: true });
   await new Promise<void>((resolve, reject) => s.once('connect', resolve).once('error', reject));
   const control = Buffer.alloc(13);
   control.writeUInt8(SET_COMPUTE_MS, 0);
@@ -276,7 +287,7 @@ export async function replaySteps(port: number, step: RpcStep, count: number, pa
  * The replay over every route, interleaved round by round (ABC CBA…); per route the median ms per
  * step and what it adds to `direct` per token and per round trip.
  */
-export async function transportAdded(routes: Readonly<Record<string, number>>, step: RpcStep, o: { rounds: number; steps: number; pace: ReplayPace }) {
+export async function transportAdded(routes: Readonly<Record<string, Route>>, step: RpcStep, o: { rounds: number; steps: number; pace: ReplayPace }) {
   const names = Object.keys(routes);
   const times: Record<string, number[]> = {};
   for (let r = 0; r < o.rounds; r++) {

@@ -32,7 +32,7 @@ it('counts a replayed decode step as one round trip with its commands, writes an
   };
   expect(replyBytes(step)).toBe(8 + 128_000);
   tap.mark();
-  const times = await replaySteps(tap.port, step, 4, { headMs: 1, engineMs: 2 });
+  const times = await replaySteps({ host: '127.0.0.1', port: tap.port }, step, 4, { headMs: 1, engineMs: 2 });
   tap.close();
   expect(times).toHaveLength(4);
   // the engine spun 2 ms per compute: every step took at least that
