@@ -18,7 +18,7 @@
  * margins between the minutes of a run, so, as `orchard demo` does (src/cli/demo-measure.ts), the
  * calibration engine stays up for the whole run and every scenario's measured requests alternate
  * (ABBA, never at the same time) with its windows: a decode window (the calibration's fresh
- * 128-token prompt, about a second of decoding) beside each decode run, a two-token window beside
+ * 128-token prompt, about two seconds of decoding, as long as a decode run) beside each decode run, a two-token window beside
  * each TTFT run (the same fresh prompt: prefill as the calibration measures it), each window's
  * rates without its waits for a core, as the calibration's. Their medians become node rates as
  * the calibration's do (`engineRates`) and price the same layout again
@@ -175,7 +175,8 @@ async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEn
   const bins = await findLlamaBinaries();
   const calibrationFile = join(dir, 'calibration.json');
   const calibration = await measureCalibration(1, process.env, { file: calibrationFile, engine });
-  const engineSide = { engine, decodeTokens: windowTokens(calibration.decodeTokensPerSecond), header: await readGgufHeader(engine.model) };
+  // As long as a cluster decode run (--tokens at ~12 tok/s: ~2 s): ~1 s windows scattered 24–34 tok/s.
+  const engineSide = { engine, decodeTokens: windowTokens(calibration.decodeTokensPerSecond * 2), header: await readGgufHeader(engine.model) };
   // The agents' cache root is in the run's folder: a node's files outside --models-dir it may still
   // load (the cold model), and its hashes of model files start empty.
   const env = { ...benchEnv(bins.binDir), ORCHARD_CALIBRATION_FILE: calibrationFile, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_CACHE_DIR: join(dir, 'cache') };
