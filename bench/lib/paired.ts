@@ -6,6 +6,7 @@
  * that median over pairs (resampling whole pairs keeps what pairing cancelled cancelled). Seeded,
  * so the same numbers give the same interval.
  */
+import { seededRandom } from '../../test/helpers/random.ts';
 import { median } from './stats.ts';
 
 /** Which mode runs first in each pair: A B, B A, A B, B A … (a trial sequence ABBA ABBA …). */
@@ -13,23 +14,11 @@ export function abbaOrder<T>(a: T, b: T, pairs: number): [T, T][] {
   return Array.from({ length: pairs }, (_, i) => (i % 2 === 0 ? [a, b] : [b, a]));
 }
 
-/** mulberry32: a small seeded PRNG; the bootstrap needs reproducibility, not cryptography. */
-function prng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** The central `level` interval of the median of `xs` under resampling with replacement. */
 export function bootstrapMedianInterval(xs: readonly number[], o: { level?: number; resamples?: number; seed?: number } = {}): [number, number] {
   const { level = 0.9, resamples = 4000, seed = 1 } = o;
   if (xs.length === 0) return [Number.NaN, Number.NaN];
-  const random = prng(seed);
+  const random = seededRandom(seed);
   const medians = Array.from({ length: resamples }, () => median(Array.from(xs, () => xs[Math.floor(random() * xs.length)]!)));
   medians.sort((x, y) => x - y);
   const cut = Math.floor(((1 - level) / 2) * resamples); // as many resamples cut off each side
