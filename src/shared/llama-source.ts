@@ -83,12 +83,19 @@ async function exists(p: string): Promise<boolean> {
 /**
  * Files of the llama.cpp source tree that Orchard needs after the build: the SentencePiece
  * vocabulary test models carry, the RPC server's source (its tensor-hash function is checked
- * against Orchard's), and the model loader's (which Orchard's patches change too: their test applies
- * them to these files). `orchard setup` keeps them in the cache next to the engines; the lookup
+ * against Orchard's), and the other files Orchard's patches change (the model loader, the RPC
+ * transport and the rpc-server tool: their test applies them to these files). `orchard setup` keeps them in the cache next to the engines; the lookup
  * below extracts a missing one from the bundle (cheap: no build), so a cache written before a
  * file joined this list still serves it.
  */
-export const LLAMA_SOURCE_FILES = ['models/ggml-vocab-llama-spm.gguf', 'ggml/src/ggml-rpc/ggml-rpc.cpp', 'src/llama-model-loader.cpp'] as const;
+export const LLAMA_SOURCE_FILES = [
+  'models/ggml-vocab-llama-spm.gguf',
+  'ggml/src/ggml-rpc/ggml-rpc.cpp',
+  'src/llama-model-loader.cpp',
+  'ggml/src/ggml-rpc/transport.cpp',
+  'ggml/src/ggml-rpc/transport.h',
+  'tools/rpc/rpc-server.cpp',
+] as const;
 export type LlamaSourceFile = (typeof LLAMA_SOURCE_FILES)[number];
 
 /** `<cache>/llama-source/<commit>`: the kept files of one llama.cpp commit, at their tree paths. */

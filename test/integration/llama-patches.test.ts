@@ -15,11 +15,13 @@ import { tempDir } from '../helpers/temp-dir.ts';
  */
 const RPC = 'ggml/src/ggml-rpc/ggml-rpc.cpp' as const;
 const LOADER = 'src/llama-model-loader.cpp' as const;
+const TRANSPORT = 'ggml/src/ggml-rpc/transport.cpp' as const;
+const RPC_SERVER = 'tools/rpc/rpc-server.cpp' as const;
 const dir = tempDir('orchard-llama-patches-');
 
 async function tree(): Promise<string> {
   const root = join(dir.path, 'src');
-  for (const f of [RPC, LOADER]) {
+  for (const f of [RPC, LOADER, TRANSPORT, 'ggml/src/ggml-rpc/transport.h', RPC_SERVER] as const) {
     await mkdir(dirname(join(root, f)), { recursive: true });
     await copyFile(await llamaSourceFile(f), join(root, f));
   }
@@ -32,7 +34,7 @@ function buildLog(): BuildLog {
 }
 
 describeWith([program('git', ['--version'])], 'llama.cpp patches', () => {
-  it('the patches (cache threshold, known hashes, direct read, deferred hash replies) apply to the bundled source once, and a second run is a no-op', async () => {
+  it('the patches (cache threshold, known hashes, direct read, deferred hash replies, Unix sockets) apply to the bundled source once, and a second run is a no-op', async () => {
     const patches = await llamaPatches();
     expect(patches.map((p) => p.name)).toContain('ggml-rpc-cache-min-size.patch');
     const root = await tree();
@@ -52,10 +54,18 @@ describeWith([program('git', ['--version'])], 'llama.cpp patches', () => {
     const loader = await readFile(join(root, LOADER), 'utf8');
     expect(loader).toContain('"ggml_backend_rpc_defer_hash_replies"');
     expect(loader).toContain('llama_rpc_hash_replies rpc_hash_replies(use_mmap);');
+    // unix:<path> endpoints: the client dials and the server listens on a Unix-domain socket
+    expect(after).toContain('socket_t::connect_unix(unix_path)');
+    expect(after).toContain('socket_t::create_server_unix(unix_path)');
+    const transport = await readFile(join(root, TRANSPORT), 'utf8');
+    expect(transport).toContain('socket(AF_UNIX, SOCK_STREAM, 0)');
+    expect(transport).toContain('!is_unix_socket(client_socket_fd) && !set_no_delay(client_socket_fd)');
+    expect(await readFile(join(root, RPC_SERVER), 'utf8')).toContain('unix_socket ? params.host :');
 
     expect(await applyLlamaPatches('git', root, patches, buildLog())).toEqual([]);
     expect(await readFile(join(root, RPC), 'utf8')).toBe(after);
     expect(await readFile(join(root, LOADER), 'utf8')).toBe(loader);
+    expect(await readFile(join(root, TRANSPORT), 'utf8')).toBe(transport);
   });
 
   it('a source the patch does not fit fails with the patch name', async () => {

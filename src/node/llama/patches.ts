@@ -31,6 +31,15 @@ import { type BuildLog, runCapture, runLogged } from './toolchain.ts';
  * connection (before any other command, beyond 64 outstanding, and before the loader unmaps), and
  * a miss sends the weight then. It touches src/llama-model-loader.cpp too (kept with the source
  * files, llama-source.ts, so the patches' test applies them to the bundled originals).
+ *
+ * ggml-rpc-unix-socket.patch (Orchard's; upstream has an open PR, ggml-org/llama.cpp#18574, that
+ * takes `-H <path>.sock` as llama-server's --host does — both spellings are accepted): an RPC
+ * endpoint `unix:<path>` is a Unix-domain socket, for the client (llama-server `--rpc`) and the
+ * server (`ggml-rpc-server -H unix:<path>`; a stale socket file is replaced, any other file is left
+ * alone and refused; TCP_NODELAY only on TCP). The agent's rpc-servers listen only there, in its
+ * 0700 socket directory (engine-sockets.ts): no local user but the agent's can reach them, and the
+ * loopback legs of a tunnel skip the TCP stack (bench:tunnel). Touches ggml-rpc's transport.cpp/.h
+ * and tools/rpc/rpc-server.cpp (kept with the source files too).
  */
 
 export interface LlamaPatch {
