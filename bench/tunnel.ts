@@ -43,24 +43,25 @@
  * `predictedVsMeasured` sets round trips × added ms against the trials.
  * Usage: npm run bench:tunnel -- [--json] [--pairs 60] [--budget-seconds 200] [--requests 2]
  *        [--tokens 16] [--ttft-probes 4] [--layers 8] [--dim 1024] [--ffn 2816] [--ngl 4] [--threads 1]
- *        [--controls | --link 1gbe|10gbe]   (--link needs root: namespaces, tc)
+ *        [--legs unix|tcp] [--controls | --link 1gbe|10gbe]   (--link needs root: namespaces, tc)
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import type { Server } from 'node:net';
 import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { createInterface } from 'node:readline';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { seedTensorCache } from '../src/node/llama/tensor-cache.ts';
+import { unixEndpoint } from '../src/node/engine-sockets.ts';
 import { type TunnelForwarder, type TunnelForwarderOptions, startTunnelForwarder } from '../src/node/tunnel/forwarder.ts';
 import { findTunnelRelay, startNativeForwarder } from '../src/node/tunnel/native-forwarder.ts';
 import { createClusterCa, createKeyAndCsr, issueCertificate } from '../src/shared/pki/certificates.ts';
 import type { NodeCredentials } from '../src/shared/pki/store.ts';
 import { freePort, killAll, start as startChild, track, waitPort } from './lib/children.ts';
 import { type HeadRun, type HeadSetup, headTrial } from './lib/llama-trial.ts';
-import { cpuSeconds, plainRelay, workerListener } from './lib/tunnel-worker.ts';
+import { cpuSeconds, plainRelay, type TunnelRpc, unixRpcServer, workerListener } from './lib/tunnel-worker.ts';
 import { buildGoRelay, type NativeRelay, nativeRelaysInstalled, processCpuSeconds, startGoRelay, startSocatRelay, startStunnelRelay } from './lib/native-relay.ts';
 import { abbaOrder, pairedEstimate } from './lib/paired.ts';
 import { type MeasuredMode, type Route, type RpcStep, predictedLoss, rpcAccounting, startFakeEngine, startRpcTap, transportAdded, typicalDecodeStep } from './lib/rpc-traffic.ts';
@@ -86,6 +87,14 @@ const FFN = num('ffn', 2816);
 const NGL = num('ngl', 4);
 const THREADS = num('threads', 1);
 const CONTROLS = argv.includes('--controls');
+/**
+ * `--legs unix|tcp`: the tunnel's plaintext legs (llama-server → head forwarder, worker listener →
+ * rpc-server). `unix` (default) is what the agent runs: Unix-domain sockets (engine patch
+ * ggml-rpc-unix-socket), the tunnel then has its own rpc-server listening on one; `tcp` is the
+ * agent before them (127.0.0.1 ports, the rpc-server direct uses). `direct` is always raw
+ * llama.cpp RPC over TCP: upstream's only transport.
+ */
+const LEGS = flag(argv, '--legs', 'unix');
 /** `--link 1gbe|10gbe`: the worker side behind a shaped link (bench/lib/worker-side.ts); loopback without. */
 const LINK = flag(argv, '--link', '');
 const NATIVE = CONTROLS && nativeRelaysInstalled();
@@ -107,6 +116,8 @@ interface Tunnel {
   /** Where the worker's end runs and how the head reaches it: loopback or across a link. */
   readonly side: WorkerSide;
   readonly forwarder: TunnelForwarder;
+  /** The endpoint llama-server's `--rpc` names for the tunnel: the forwarder's socket or port. */
+  readonly endpoint: string;
   /** The same tunnel to the pre-seeded rpc-server. */
   readonly seededForwarder: TunnelForwarder;
   readonly worker: ChildProcess;
@@ -125,7 +136,7 @@ interface Tunnel {
 }
 
 /** Worker-side listener (child process on the worker side) + head-side forwarder (here) for one rpc-server. */
-async function startTunnel(side: WorkerSide, rpcPort: number, seededRpcPort: number, replayPort: number, work: string): Promise<Tunnel> {
+async function startTunnel(side: WorkerSide, rpcPort: number, tunnelRpc: TunnelRpc, seededRpcPort: number, replayPort: number, work: string): Promise<Tunnel> {
   const ca = await createClusterCa('bench-tunnel');
   const [cmd, args] = side.command(process.execPath, ['--import', 'tsx', new URL(import.meta.url).pathname, '--worker-listener']);
   const worker = track(spawn(cmd, args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'] }));
@@ -133,21 +144,24 @@ async function startTunnel(side: WorkerSide, rpcPort: number, seededRpcPort: num
   const exited = new Promise<never>((_, reject) => worker.once('exit', (code) => reject(new Error(`tunnel listener exited (${code})`))));
   const next = async <T>(): Promise<T> => JSON.parse(String((await Promise.race([replies.next(), exited])).value)) as T;
   const creds = { worker: await issue(ca, 'worker'), head: await issue(ca, 'head') };
-  worker.stdin?.write(`${JSON.stringify({ credentials: creds.worker, host: side.host, rpcPort, seededRpcPort, replayPort })}\n`);
+  worker.stdin?.write(`${JSON.stringify({ credentials: creds.worker, host: side.host, rpcPort, tunnelRpc, seededRpcPort, replayPort })}\n`);
   const { port, plainPort, plainReplayPort, relay: workerRelay } = await next<{ port: number; plainPort: number; plainReplayPort: number; relay: 'native' | 'node' }>();
   // the head side the agent runs: the native relay when `orchard setup` built it, else Node's
   const relayBinary = findTunnelRelay();
-  const forward = (enginePort: number) => {
+  const forward = (enginePort: number, localSocket?: string) => {
     const o: TunnelForwarderOptions = {
       remote: { host: side.host, port },
       enginePort,
       expectPeer: { id: 'worker' },
       credentials: creds.head,
       onError: (m) => process.stderr.write(`tunnel: ${m}\n`),
+      ...(localSocket !== undefined ? { localSocket } : {}),
     };
     return relayBinary ? startNativeForwarder(relayBinary, o) : startTunnelForwarder(o);
   };
-  const [forwarder, seededForwarder, replayForwarder] = [await forward(rpcPort), await forward(seededRpcPort), await forward(replayPort)];
+  const headSocket = tunnelRpc.socket !== undefined ? join(dirname(tunnelRpc.socket), 'fwd-bench.sock') : undefined;
+  const [forwarder, seededForwarder, replayForwarder] = [await forward(tunnelRpc.port, headSocket), await forward(seededRpcPort), await forward(replayPort)];
+  const endpoint = forwarder.socket !== undefined ? unixEndpoint(forwarder.socket) : `127.0.0.1:${forwarder.port}`;
   const workerCpu = async () => {
     worker.stdin?.write('cpu\n');
     return (await next<{ cpuSeconds: number }>()).cpuSeconds;
@@ -159,7 +173,7 @@ async function startTunnel(side: WorkerSide, rpcPort: number, seededRpcPort: num
   const nativeRoutes = nativeReplay ? { socat: local(nativeReplay.socat.port), stunnel: local(nativeReplay.stunnel.port), go: local(nativeReplay.go.port) } : {};
   const replay = { direct: atWorker(replayPort), tunnel: local(replayForwarder.port), plain: local(plainReplay.port), ...nativeRoutes };
   const closers = [() => replayForwarder.close(), () => plainReplay.server.close(), ...Object.values(nativeReplay ?? {}).map((r) => () => r.close())];
-  return { side, forwarder, seededForwarder, worker, workerRelay, plain, workerCpu, ...(native ? { native } : {}), replay, closers };
+  return { side, forwarder, endpoint, seededForwarder, worker, workerRelay, plain, workerCpu, ...(native ? { native } : {}), replay, closers };
 }
 
 async function startNative(rpcPort: number, creds: { head: NodeCredentials; worker: NodeCredentials }, work: string) {
@@ -188,9 +202,10 @@ async function measuredTrial(mode: Mode, rpcPort: number, tunnel: Tunnel, head: 
   const pids = native ? native.ends.map((e) => e.proc.pid ?? 0) : mode === 'tunnel' && tunnel.forwarder.pid ? [tunnel.forwarder.pid] : [];
   const nativeCpu = () => pids.reduce((sum, pid) => sum + processCpuSeconds(pid), 0);
   const [bench0, worker0, native0] = [cpuSeconds(), await tunnel.workerCpu(), nativeCpu()];
-  const port = native ? native.port : { direct: rpcPort, plain: tunnel.plain.port, tunnel: tunnel.forwarder.port }[mode as 'direct' | 'plain' | 'tunnel'];
   // direct dials the worker's rpc-server itself (across the link, if any); every relay listens here
-  const t = await headTrial({ host: mode === 'direct' ? tunnel.side.host : '127.0.0.1', port }, head);
+  const local = (port: number) => `127.0.0.1:${port}`;
+  const endpoint = native ? local(native.port) : { direct: `${tunnel.side.host}:${rpcPort}`, plain: local(tunnel.plain.port), tunnel: tunnel.endpoint }[mode as 'direct' | 'plain' | 'tunnel'];
+  const t = await headTrial(endpoint, head);
   if (native) await sleep(100); // socat's per-connection children exit and are reaped after llama-server stops
   const [bench1, worker1, native1] = [cpuSeconds(), await tunnel.workerCpu(), nativeCpu()];
   return { ...t, mode, cpu: { benchProcess: bench1 - bench0, workerListener: worker1 - worker0, nativeRelay: native1 - native0 } };
@@ -281,6 +296,12 @@ function summarise(trials: readonly Trial[], pairs: readonly { direct: Trial; tu
     setup: { pairs: pairs.length, order: 'ABBA', requestsPerTrial: head.requests, tokens: head.tokens, ttftProbesPerTrial: head.ttftProbes, layers: LAYERS, dim: DIM, ffn: FFN, rpcLayers: NGL, threads: THREADS, controls: CONTROL_MODES },
     /** Which relays the agent (and so `tunnel`) runs at each end: native/tunnel-relay when `orchard setup` built it. */
     tunnelRelay: { head: tunnel.forwarder.pid ? 'native' : 'node', worker: tunnel.workerRelay },
+    /**
+     * The transport of each leg: direct is raw llama.cpp RPC (TCP, upstream's only transport); the
+     * tunnel's plaintext legs per `--legs`, its middle TLS over TCP. The pre-seeded loads, the tap
+     * and the replay (accounting) keep TCP plaintext legs.
+     */
+    transports: { direct: 'tcp', tunnel: { headLeg: tunnel.forwarder.socket !== undefined ? 'unix' : 'tcp', tls: 'tcp', workerLeg: LEGS === 'unix' ? 'unix' : 'tcp' } },
     tunnelBytes: { ...tunnel.forwarder.bytes, connections: tunnel.forwarder.connections(), resumedSessions: tunnel.forwarder.resumed() },
     tunnelCpu: cpuSummary(trials, loadAverages),
     /** The raw per-pair values the goals are medians of, in run order. */
@@ -315,7 +336,7 @@ async function seededLoads(seededRpcPort: number, tunnel: Tunnel, head: HeadSetu
   const loads: Record<'direct' | 'tunnel', number[]> = { direct: [], tunnel: [] };
   for (const pair of abbaOrder('direct' as const, 'tunnel' as const, SEEDED_PAIRS)) {
     for (const mode of pair) {
-      const t = await headTrial({ host: '127.0.0.1', port: mode === 'direct' ? seededRpcPort : tunnel.seededForwarder.port }, head, { loadOnly: true });
+      const t = await headTrial(`127.0.0.1:${mode === 'direct' ? seededRpcPort : tunnel.seededForwarder.port}`, head, { loadOnly: true });
       loads[mode].push(round(t.loadSeconds));
     }
   }
@@ -336,7 +357,7 @@ async function seededLoads(seededRpcPort: number, tunnel: Tunnel, head: HeadSetu
 async function accountTraffic(rpcPort: number, tunnel: Tunnel, head: HeadSetup, measured: Readonly<Partial<Record<Mode, MeasuredMode>>>) {
   const tap = await startRpcTap(rpcPort, tunnel.side.host);
   try {
-    await headTrial({ host: '127.0.0.1', port: tap.port }, head, { requests: 1, onWarm: tap.mark });
+    await headTrial(`127.0.0.1:${tap.port}`, head, { requests: 1, onWarm: tap.mark });
   } finally {
     tap.close();
   }
@@ -405,6 +426,13 @@ function report(out: ReturnType<typeof summarise> & { accounting: Awaited<Return
   );
 }
 
+/** The tunnel's rpc-server: `--legs tcp` direct's own, `--legs unix` a second one on a socket (bench/lib/tunnel-worker.ts). */
+async function tunnelRpcServer(side: WorkerSide, rpcServer: string, rpcPort: number, work: string): Promise<TunnelRpc> {
+  if (LEGS === 'tcp') return { port: rpcPort };
+  if (LEGS !== 'unix') throw new Error(`--legs ${LEGS}: unix or tcp`);
+  return unixRpcServer(join(work, 'sockets'), await freePort(), (file, args) => start(...side.command(file, args)), rpcServer, ['-t', String(THREADS)]);
+}
+
 /** `--link`, checked: a profile bench:lan shapes to, and no controls (their relays and the pre-seeded rpc-server run next to the head). */
 function chosenLink(): LinkName | undefined {
   if (!LINK) return undefined;
@@ -431,7 +459,7 @@ async function main(): Promise<void> {
     // the pre-seeded rpc-server only with --controls; without, its forwarder points at the cold one, unused
     const seededRpcPort = CONTROLS ? await seededRpcServer(model, work, bins.rpcServer) : rpcPort;
     const replayPort = (await startFakeEngine({ host: side.engineBind, command: side.command })).port;
-    tunnel = await startTunnel(side, rpcPort, seededRpcPort, replayPort, work);
+    tunnel = await startTunnel(side, rpcPort, await tunnelRpcServer(side, bins.rpcServer, rpcPort, work), seededRpcPort, replayPort, work);
     const run = await pairedTrials(rpcPort, tunnel, head);
     const summary = { ...summarise(run.trials, run.pairs, tunnel, head, run.loadAverages), trialSeconds: run.seconds };
     const seeded = CONTROLS ? { preseeded: await seededLoads(seededRpcPort, tunnel, head) } : {};

@@ -74,17 +74,17 @@ export interface HeadRun {
 }
 
 /**
- * One trial against the rpc-server (or relay) at `rpc`. `loadOnly`: the pre-seeded loads, stopped once up; their head gets
+ * One trial against the rpc-server (or relay) at endpoint `rpc` (`host:port`, or `unix:<path>`). `loadOnly`: the pre-seeded loads, stopped once up; their head gets
  * the agent's cache threshold, as the agent starts it, so tensors above it are offered by hash
  * (cold trials keep the stock threshold, as in every earlier run of this bench).
  */
-export async function headTrial(rpc: { readonly host: string; readonly port: number }, h: HeadSetup, o: { loadOnly?: boolean; requests?: number; onWarm?: () => void } = {}): Promise<HeadRun> {
+export async function headTrial(rpc: string, h: HeadSetup, o: { loadOnly?: boolean; requests?: number; onWarm?: () => void } = {}): Promise<HeadRun> {
   const httpPort = await freePort();
   const t0 = performance.now();
   const head = startChild(
     h.llamaServer,
     [
-      ...['-m', h.model, '--rpc', `${rpc.host}:${rpc.port}`, '-ngl', String(h.ngl), '-c', '1024', '-t', String(h.threads)],
+      ...['-m', h.model, '--rpc', rpc, '-ngl', String(h.ngl), '-c', '1024', '-t', String(h.threads)],
       ...['--no-warmup', '--host', '127.0.0.1', '--port', String(httpPort)],
     ],
     // TCP transport only: RDMA would bypass the relays under test

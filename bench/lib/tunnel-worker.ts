@@ -3,8 +3,12 @@
  * `bench/tunnel.ts --worker-listener` on the worker side (loopback or behind a link:
  * bench/lib/worker-side.ts), and the plain relay hop its `plain` control uses at both ends.
  */
+import type { ChildProcess } from 'node:child_process';
+import { mkdir } from 'node:fs/promises';
 import { connect, type Server, createServer } from 'node:net';
 import { createInterface } from 'node:readline';
+import { rpcServerSocket, unixEndpoint } from '../../src/node/engine-sockets.ts';
+import { canConnectSocket } from '../../src/node/ports.ts';
 import { EnginePorts } from '../../src/node/tunnel/engine-ports.ts';
 import { startTunnelListener } from '../../src/node/tunnel/listener.ts';
 import { findTunnelRelay } from '../../src/node/tunnel/native-forwarder.ts';
@@ -31,7 +35,7 @@ export async function plainRelay(target: Route, listenHost = '127.0.0.1'): Promi
 
 /**
  * The worker agent's half, run as `bench/tunnel.ts --worker-listener` on the worker side: reads
- * its credentials, the address to listen on and the engine ports from stdin (never argv: `ps`
+ * its credentials, the address to listen on and the engines (ports, the tunnel's socket) from stdin (never argv: `ps`
  * shows that), starts the listener the agent would (the native relay when built) and the plain
  * control's worker hop, prints their ports, then answers each further stdin line with the CPU time
  * of the worker's end of the tunnel (this process and the native relay), and exits when stdin ends.
@@ -39,9 +43,12 @@ export async function plainRelay(target: Route, listenHost = '127.0.0.1'): Promi
 export async function workerListener(): Promise<void> {
   const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
   const first = await lines.next();
-  const { credentials, host, rpcPort, seededRpcPort, replayPort } = JSON.parse(String(first.value)) as { credentials: NodeCredentials; host: string; rpcPort: number; seededRpcPort: number; replayPort: number };
+  const c = JSON.parse(String(first.value)) as { credentials: NodeCredentials; host: string; rpcPort: number; tunnelRpc: { port: number; socket?: string }; seededRpcPort: number; replayPort: number };
+  const { credentials, host, rpcPort, seededRpcPort, replayPort } = c;
   const enginePorts = new EnginePorts();
   for (const port of [rpcPort, seededRpcPort, replayPort]) enginePorts.register(port, 'ggml-rpc-server');
+  // the tunnel's rpc-server as the agent registers it: its port, and its Unix socket when it has one
+  enginePorts.register(c.tunnelRpc.port, 'ggml-rpc-server', c.tunnelRpc.socket);
   const relayBinary = findTunnelRelay();
   const options = { host, port: 0, credentials, enginePorts };
   const listener = relayBinary ? await startNativeListener(relayBinary, { ...options, revoked: new Set() }) : await startTunnelListener(options);
@@ -60,3 +67,26 @@ export const cpuSeconds = (): number => {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1e6;
 };
+
+/** The rpc-server the tunnel reaches: its engine port (its identity in the preamble) and, when it has one, its socket. */
+export interface TunnelRpc {
+  readonly port: number;
+  readonly socket?: string;
+}
+
+/**
+ * An rpc-server as the agent starts it: on a Unix-domain socket (engine patch
+ * ggml-rpc-unix-socket) in the 0700 directory `dir`, `port` only its identity; ready once the
+ * socket accepts.
+ */
+export async function unixRpcServer(dir: string, port: number, start: (file: string, args: string[]) => { proc: ChildProcess; log: () => string }, rpcServer: string, args: string[]): Promise<TunnelRpc> {
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const socket = rpcServerSocket(dir, port);
+  const rpc = start(rpcServer, ['-H', unixEndpoint(socket), ...args]);
+  const deadline = Date.now() + 60_000;
+  while (!(await canConnectSocket(socket))) {
+    if (rpc.proc.exitCode !== null || Date.now() > deadline) throw new Error(`rpc-server on ${socket} not ready: ${rpc.log().slice(-2000)}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return { port, socket };
+}

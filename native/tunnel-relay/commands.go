@@ -2,7 +2,8 @@ package main
 
 // Commands on stdin after the config line, one JSON object per line, applied in order (listen
 // mode; the agent's EngineTunnels sends them as its state changes):
-//   {"register":PORT} / {"unregister":PORT}  an engine of this agent starts / stops
+//   {"register":PORT} / {"unregister":PORT}  an engine of this agent starts / stops; a register
+//                       with "socket":PATH names the Unix-domain socket the engine listens on
 //   {"revoke":ID}       refuse ID from now on and cut its open sessions
 //   {"disconnect":ID}   cut ID's open sessions only
 // A command with "ack":N is answered {"ack":N,"sessions":K} once applied (K: sessions cut), so
@@ -15,6 +16,7 @@ import (
 
 type command struct {
 	Register   int    `json:"register"`
+	Socket     string `json:"socket"`
 	Unregister int    `json:"unregister"`
 	Revoke     string `json:"revoke"`
 	Disconnect string `json:"disconnect"`
@@ -43,7 +45,7 @@ func (r *relay) apply(c command) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if c.Register > 0 {
-		r.ports[c.Register] = true
+		r.ports[c.Register] = c.Socket
 	}
 	if c.Unregister > 0 {
 		delete(r.ports, c.Unregister)

@@ -56,10 +56,25 @@ func (r *relay) admit(id string, raw net.Conn) (release func(), ok bool) {
 	}, true
 }
 
-func (r *relay) isEngine(port int) bool {
+// engine: whether `port` is a registered engine, and the socket path it listens on ("" = TCP).
+func (r *relay) engine(port int) (socket string, ok bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.ports[port]
+	socket, ok = r.ports[port]
+	return socket, ok
+}
+
+// dialEngine: the engine's Unix-domain socket when it has one (no TCP stack per byte), else its
+// 127.0.0.1 port (MLX ring ranks).
+func dialEngine(port int, socket string) (net.Conn, error) {
+	if socket != "" {
+		return net.Dial("unix", socket)
+	}
+	engine, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err == nil {
+		engine.(*net.TCPConn).SetNoDelay(true)
+	}
+	return engine, err
 }
 
 func (r *relay) session(k sessionKey) *sessionStats {
@@ -171,16 +186,16 @@ func (r *relay) serveWorker(raw net.Conn) {
 		return
 	}
 	port := *req.Port
-	if !r.isEngine(port) {
+	socket, registered := r.engine(port)
+	if !registered {
 		refuse(fmt.Sprintf("port %d is not an engine of this node", port), true)
 		return
 	}
-	engine, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	engine, err := dialEngine(port, socket)
 	if err != nil {
 		refuse(fmt.Sprintf("engine on port %d is not accepting connections", port), true)
 		return
 	}
-	engine.(*net.TCPConn).SetNoDelay(true)
 	s := r.session(sessionKey{peer.id, port})
 	s.connections.Add(1)
 	conn.SetDeadline(time.Time{})

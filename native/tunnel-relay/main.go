@@ -22,6 +22,7 @@ import (
 	"net"
 	"os"
 	"regexp"
+	"strings"
 	"sync"
 	"sync/atomic"
 )
@@ -36,16 +37,40 @@ type config struct {
 	WaitForEngineMs int `json:"waitForEngineMs"`
 	// listen: the engines this agent registered, and the peers revoked, when it starts (later
 	// changes arrive as commands)
-	EnginePorts []int    `json:"enginePorts"`
-	Revoked     []string `json:"revoked"`
-	CertPem     string   `json:"certPem"`
-	KeyPem      string   `json:"keyPem"`
-	CaPem       string   `json:"caPem"`
+	EnginePorts []int `json:"enginePorts"`
+	// listen: the engines among them that listen on a Unix-domain socket (rpc-servers), by port:
+	// the socket path the session dials instead of 127.0.0.1:<port>
+	EngineSockets map[int]string `json:"engineSockets"`
+	Revoked       []string       `json:"revoked"`
+	CertPem       string         `json:"certPem"`
+	KeyPem        string         `json:"keyPem"`
+	CaPem         string         `json:"caPem"`
 }
 
 const maxLine = 256
 
 type identity struct{ role, id string }
+
+// listen: `unix:<path>` (forward mode: the head engine's side, a socket in the agent's private
+// directory; a stale socket file there is replaced) or a TCP address. The port it reports is 0
+// for a socket.
+func listen(addr string) (net.Listener, int, error) {
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		if st, err := os.Lstat(path); err == nil {
+			if st.Mode()&os.ModeSocket == 0 {
+				return nil, 0, fmt.Errorf("%s exists and is not a socket", path)
+			}
+			os.Remove(path)
+		}
+		ln, err := net.Listen("unix", path)
+		return ln, 0, err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, 0, err
+	}
+	return ln, ln.Addr().(*net.TCPAddr).Port, nil
+}
 
 // src/shared/pki/identity.ts: the roles and the id alphabet a cluster certificate may name
 var (
@@ -81,7 +106,7 @@ type relay struct {
 	toEngine, fromEngine, connections, resumed atomic.Int64
 	// listen: its state, changed by commands (commands.go)
 	mu      sync.Mutex
-	ports   map[int]bool
+	ports   map[int]string // registered engine port → its socket path, "" = 127.0.0.1:<port>
 	revoked map[string]bool
 	byPeer  map[string]map[net.Conn]bool
 	stats   map[sessionKey]*sessionStats
@@ -140,19 +165,19 @@ func main() {
 		fmt.Fprintln(os.Stderr, "tunnel-relay:", err)
 		os.Exit(2)
 	}
-	ln, err := net.Listen("tcp", c.Listen)
+	ln, port, err := listen(c.Listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tunnel-relay:", err)
 		os.Exit(2)
 	}
-	r := &relay{cfg: c, tlsCfg: tlsCfg, ca: ca, out: json.NewEncoder(os.Stdout), ports: map[int]bool{}, revoked: map[string]bool{}, byPeer: map[string]map[net.Conn]bool{}, stats: map[sessionKey]*sessionStats{}}
+	r := &relay{cfg: c, tlsCfg: tlsCfg, ca: ca, out: json.NewEncoder(os.Stdout), ports: map[int]string{}, revoked: map[string]bool{}, byPeer: map[string]map[net.Conn]bool{}, stats: map[sessionKey]*sessionStats{}}
 	for _, p := range c.EnginePorts {
-		r.ports[p] = true
+		r.ports[p] = c.EngineSockets[p]
 	}
 	for _, id := range c.Revoked {
 		r.revoked[id] = true
 	}
-	r.emit(map[string]int{"port": ln.Addr().(*net.TCPAddr).Port})
+	r.emit(map[string]int{"port": port})
 	go r.report()
 	// stdin's end is the supervisor's end: the final totals (so the agent's byte counters end
 	// exact), then exit

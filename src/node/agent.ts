@@ -20,6 +20,7 @@ import { EngineSupervisor } from './supervisor.ts';
 import { EnginePortAllocator, engineRangeOf } from './ports.ts';
 import { findMlxEnv } from './mlx/env.ts';
 import { ModelLibrary } from './model-library.ts';
+import { prepareEngineSocketDir } from './engine-sockets.ts';
 import { prepareRunDir } from './run-dir.ts';
 import { EngineTunnels } from './tunnel/engine-tunnels.ts';
 import { findTunnelRelay } from './tunnel/native-forwarder.ts';
@@ -131,7 +132,8 @@ export class NodeAgent {
     this.currentProfile = await this.probe(identity.nodeId);
     this.enginePorts = await engineRangeOf(o.enginePorts);
     log.info({ enginePorts: this.enginePorts }, 'engine port range (127.0.0.1 only)');
-    const { supervisor, tunnels } = this.engineSide(identity.nodeId, tls, await prepareRunDir(o.stateDir, log));
+    const runDir = await prepareRunDir(o.stateDir, log);
+    const { supervisor, tunnels } = this.engineSide(identity.nodeId, tls, runDir, await prepareEngineSocketDir(runDir, log));
     // Only a member can be admitted to the bus: its certificate is its NATS identity.
     if (tls) this.eventBus = new AgentEventBus({ stateDir: o.stateDir, nodeId: identity.nodeId, clusterId: caClusterId(tls.caCertPem), supervisor, live: () => this.live(), log: log.child({ part: 'events' }) });
     const metrics = new NodeMetrics({ profile: () => this.profile(), live: () => this.lastLive, engines: () => supervisor.list(), rpcBytes: () => tunnels.bytes(), links: () => tunnels.links() });
@@ -205,7 +207,7 @@ export class NodeAgent {
   }
 
   /** The supervisor and the tunnels that carry its engines' traffic to other nodes. */
-  private engineSide(nodeId: string, tls: TlsCredentials | undefined, runDir: string): { supervisor: EngineSupervisor; tunnels: EngineTunnels } {
+  private engineSide(nodeId: string, tls: TlsCredentials | undefined, runDir: string, socketDir: string): { supervisor: EngineSupervisor; tunnels: EngineTunnels } {
     const { options: o, log } = { options: this.options, log: this.options.log };
     const supervisor = new EngineSupervisor({
       binaries: o.binaries,
@@ -213,6 +215,7 @@ export class NodeAgent {
       stopGraceMs: o.engineStopGraceMs,
       ports: new EnginePortAllocator(this.enginePorts!),
       runDir,
+      socketDir,
       mlxPython: async () => {
         const env = await findMlxEnv();
         if (!env) throw new Error('MLX is not set up on this node: run `orchard setup --mlx` (or set ORCHARD_MLX_PYTHON)');
@@ -225,6 +228,7 @@ export class NodeAgent {
       host: o.bindHost,
       port: o.tunnelPort ?? 0,
       relayBinary: findTunnelRelay(),
+      socketDir,
       log: log.child({ part: 'tunnel' }),
     });
     tunnels.follow(supervisor);

@@ -1,6 +1,7 @@
 import { execFile, spawn } from 'node:child_process';
-import { mkdir, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
-import { availableParallelism, cpus, loadavg } from 'node:os';
+import { rmSync } from 'node:fs';
+import { mkdir, mkdtemp, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { availableParallelism, cpus, loadavg, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { z } from 'zod';
@@ -22,6 +23,7 @@ import { findLlamaBinaries, type LlamaBinaries } from './llama/binaries.ts';
 import { llamaCacheDir } from './llama/cache.ts';
 import { llamaServerArgs } from './engine-spec.ts';
 import { waitEngineReady } from './engine-readiness.ts';
+import { rpcServerSocket, unixEndpoint } from './engine-sockets.ts';
 import { EnginePortAllocator, engineRangeOf, onceMoreIfPortTaken, portTakenOr } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
 
@@ -218,7 +220,7 @@ export interface CalibrationEngineOptions {
  * as a stage of a plan runs it: llama-server with the agents' flags (llamaServerArgs,
  * llamaMemoryArgs: flash attention, f16 KV, no CPU repack … — without --no-repack this machine's
  * f16 weights went to AMX kernels the stages never use) and, on a CPU-only build, every layer and
- * the output on a ggml-rpc-server on 127.0.0.1, as the coordinator places a CPU head's own layers
+ * the output on a ggml-rpc-server (on a Unix-domain socket, as the agent's), as the coordinator places a CPU head's own layers
  * (instances/llama/layout.ts). Measured alternately on the demo model (1 thread, load average ~4):
  * llama-server's own CPU backend 10.5 ms per token, the same layers behind one local rpc-server
  * 13.8 ms, three rpc-servers (the demo's split, direct) 16.1 ms, the demo's cluster 17.0 ms; the
@@ -244,20 +246,24 @@ async function startCalibrationProcesses(bins: LlamaBinaries, path: string, thre
   // The engines' own sentinel (watchdog.ts), as the agent's engines have: 20 calibration engines
   // of killed demos and agents were found still running after one session before it.
   const watchdog = new EngineWatchdog({ graceTicks: 5 });
+  // The rpc-server listens on a Unix-domain socket in a private directory, as the agent's do.
+  let socketDir: string | undefined;
   const stop = () => {
     for (const p of procs) p.stop();
     watchdog.close();
     for (const p of held.splice(0)) ports.release(p);
+    if (socketDir !== undefined) rmSync(socketDir, { recursive: true, force: true });
   };
   const port = await take();
   const url = `http://${HOST}:${port}`;
   // As the agent waits for its engines (engine-readiness.ts): accepting, and the engine itself.
-  const ready = (kind: 'rpc-server' | 'llama-server', p: ReturnType<typeof startDetached>, timeoutMs: number, gone = p.exited) =>
+  const ready = (kind: 'rpc-server' | 'llama-server', p: ReturnType<typeof startDetached>, timeoutMs: number, gone = p.exited, socket?: string) =>
     waitEngineReady({
       kind,
       host: HOST,
       port: p.port,
       pid: p.pid,
+      socket,
       deadlineMs: Date.now() + timeoutMs,
       output: null,
       gone: () => (gone() ? new OrchardError(`${kind} exited before it was ready`) : undefined),
@@ -267,12 +273,14 @@ async function startCalibrationProcesses(bins: LlamaBinaries, path: string, thre
     let argv = ['-m', path, ...llamaMemoryArgs(memory), '-ngl', '0'];
     if (process.platform !== 'darwin') {
       const rpcPort = await take();
-      const rpc = startDetached(bins.rpcServer, ['-H', HOST, '-p', String(rpcPort), '-t', String(threads)], rpcPort, env, watchdog);
+      socketDir = await mkdtemp(join(tmpdir(), 'orchard-sock-'));
+      const socket = rpcServerSocket(socketDir, rpcPort);
+      const rpc = startDetached(bins.rpcServer, ['-H', unixEndpoint(socket), '-t', String(threads)], rpcPort, env, watchdog);
       procs.push(rpc);
-      await ready('rpc-server', rpc, 30_000);
+      await ready('rpc-server', rpc, 30_000, rpc.exited, socket);
       const layers = modelProfile(await readGgufHeader(path)).layerCount;
       const stage = { modelPath: path, memory, rpc: [{ nodeId: 'calibration', enginePort: rpcPort }], devices: ['RPC0'], tensorSplit: [layers + 1], gpuLayers: layers + 1, debugLog: false };
-      argv = llamaServerArgs(stage, [`${HOST}:${rpcPort}`]);
+      argv = llamaServerArgs(stage, [unixEndpoint(socket)]);
     }
     const server = startDetached(bins.llamaServer, [...argv, '--threads', String(threads), '--host', HOST, '--port', String(port)], port, env, watchdog);
     procs.push(server);

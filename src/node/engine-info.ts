@@ -11,6 +11,8 @@ export interface EngineInfo {
   readonly model: string;
   readonly startedAtSeconds: number;
   readonly argv: readonly string[];
+  /** An rpc-server's Unix-domain socket: where it listens (the port is its identity, not bound). */
+  readonly socket?: string;
   /** Start-up log lines about placement and memory (supervisor.ts STARTUP_LOG); only on start()'s result. */
   readonly startupLog?: readonly string[];
 }

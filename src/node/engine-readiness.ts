@@ -1,6 +1,6 @@
 import type { Readable } from 'node:stream';
 import type { EngineKind } from './engine-spec.ts';
-import { canConnect, listensOn } from './ports.ts';
+import { canConnect, canConnectSocket, listensOn } from './ports.ts';
 
 /**
  * When a llama.cpp engine the agent started can serve: an rpc-server once it accepts
@@ -26,6 +26,11 @@ export interface ReadinessWait {
   readonly port: number;
   /** The engine's process: the one that must be listening on `port`. */
   readonly pid: number;
+  /**
+   * An rpc-server's Unix-domain socket: probed instead of the port. It lies in the agent's 0700
+   * directory, so only the agent's own engines can be listening there (no `listensOn`).
+   */
+  readonly socket?: string | undefined;
   readonly deadlineMs: number;
   /** The engine's stderr (utf8 strings): the hint lines are looked for here. */
   readonly output: Readable | null;
@@ -53,7 +58,7 @@ export async function waitEngineReady(w: ReadinessWait): Promise<void> {
     while (true) {
       const gone = w.gone();
       if (gone) throw gone;
-      if ((await isAccepting(w.kind, w.host, w.port)) && (await listensOn(w.pid, w.port)) !== false) return;
+      if (w.socket !== undefined ? await canConnectSocket(w.socket) : (await isAccepting(w.kind, w.host, w.port)) && (await listensOn(w.pid, w.port)) !== false) return;
       if (Date.now() >= w.deadlineMs) throw w.timedOut();
       // after the hint the engine is about to serve: probe again soon rather than on the slow tick
       if (hinted) delay = 10;

@@ -7,6 +7,7 @@ import type { LlamaServerOptions } from '../shared/placement/llama-args.ts';
 import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { rpcCacheMinSizeEnv } from '../shared/rpc-cache/plan.ts';
 import { knownHashesFileText, TENSOR_HASH_RE, TENSOR_NAME_RE } from '../shared/rpc-cache/known-hashes.ts';
+import { unixEndpoint } from './engine-sockets.ts';
 import { type MlxRankSpec, mlxRankSpecFromRequest, sameMlxRank } from './mlx/rank-spec.ts';
 import { rpcTargetSchema } from './rpc-target.ts';
 
@@ -229,10 +230,15 @@ export function engineEnv(from: NodeJS.ProcessEnv, set: Readonly<Record<string, 
   return { ...env, ...set };
 }
 
-/** The exact command line for `spec` listening on `port` (already resolved, never 0). */
-export function engineCommand(spec: EngineSpec, port: number, bins: EngineBinaries, agentEnv: NodeJS.ProcessEnv = process.env): EngineCommand {
+/**
+ * The exact command line for `spec` on `port` (already resolved, never 0). An rpc-server listens
+ * only on `rpcSocket`, its Unix-domain socket in the agent's private socket directory
+ * (engine-sockets.ts; engine patch ggml-rpc-unix-socket): the port is its identity, not bound.
+ */
+export function engineCommand(spec: EngineSpec, port: number, bins: EngineBinaries, agentEnv: NodeJS.ProcessEnv = process.env, rpcSocket?: string): EngineCommand {
   if (spec.kind === 'rpc-server') {
-    const argv = ['-H', ENGINE_HOST, '-p', String(port)];
+    if (rpcSocket === undefined) throw new Error('an rpc-server needs its socket path');
+    const argv = ['-H', unixEndpoint(rpcSocket)];
     if (spec.threads > 0) argv.push('-t', String(spec.threads));
     if (spec.devices.length > 0) argv.push('-d', spec.devices.join(','));
     // rpc-server keeps its tensor cache in $LLAMA_CACHE/rpc/; -c turns it on.

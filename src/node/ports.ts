@@ -207,3 +207,18 @@ export function canConnect(host: string, port: number, timeoutMs = 1000): Promis
     sock.once('error', () => done(false));
   });
 }
+
+/** Whether a Unix-domain socket at `path` accepts a connection (closed at once). */
+export function canConnectSocket(path: string, timeoutMs = 1000): Promise<boolean> {
+  return new Promise((resolve) => {
+    const sock = connect({ path });
+    const done = (ok: boolean) => {
+      sock.removeAllListeners();
+      sock.destroy();
+      resolve(ok);
+    };
+    sock.setTimeout(timeoutMs, () => done(false));
+    sock.once('connect', () => done(true));
+    sock.once('error', () => done(false));
+  });
+}

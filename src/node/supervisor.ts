@@ -1,6 +1,9 @@
 import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { errorMessage } from '../shared/errors.ts';
 import { TENSOR_HASHES_ENV } from '../shared/rpc-cache/known-hashes.ts';
 import type { Logger } from '../shared/log.ts';
@@ -8,6 +11,7 @@ import { type EngineExit, type EngineInfo, mlxRankInfo } from './engine-info.ts'
 import { ENGINE_HOST, type EngineBinaries, EngineRequestError, type EngineSpec, engineCommand, sameEngineRequest } from './engine-spec.ts';
 import { MAX_ENGINES } from './engine-roots.ts';
 import { spawnEngine } from './engine-process.ts';
+import { rpcServerSocket } from './engine-sockets.ts';
 import { LineTail } from './line-tail.ts';
 import { waitEngineReady } from './engine-readiness.ts';
 import { EnginePortAllocator, engineRangeOf, onceMoreIfPortTaken, portTakenOr } from './ports.ts';
@@ -50,6 +54,11 @@ export interface SupervisorOptions {
   readonly mlxPython?: () => Promise<string>;
   /** Where engines keep their start-up files (the agent's `<state dir>/run`, run-dir.ts; default the system temp dir). */
   readonly runDir?: string;
+  /**
+   * The agent's private socket directory (engine-sockets.ts prepareEngineSocketDir), where its
+   * rpc-servers listen; absent = a fresh private one in the temp dir, removed at shutdown.
+   */
+  readonly socketDir?: string;
 }
 
 /** An MLX rank (`src/node/mlx/`): driven by MlxRankEngine, reported like any other engine. */
@@ -288,7 +297,8 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       throw new EngineRequestError('FAILED_PRECONDITION', errorMessage(err));
     }
     const port = await this.ports.claim(ENGINE_HOST, spec.port);
-    const cmd = engineCommand(spec, port, bins);
+    const socket = spec.kind === 'rpc-server' ? rpcServerSocket(await this.socketDir(), port) : undefined;
+    const cmd = engineCommand(spec, port, bins, process.env, socket);
     const log = this.options.log.child({ engineId, kind: spec.kind, port });
     log.info({ file: cmd.file, argv: cmd.argv }, 'starting engine');
     const { child, removeStartupFiles } = await spawnEngine(cmd, this.options.runDir).catch((err: unknown) => {
@@ -321,6 +331,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       model: spec.model,
       startedAtSeconds: Date.now() / 1000,
       argv: [cmd.file, ...cmd.argv],
+      ...(socket !== undefined ? { socket } : {}),
     };
     const exited = this.engineExited(info, child, tail, log);
     const entry: Running = { spec: { ...spec, engineId, port }, info, child, tail, exited, ready: false, stopping: false };
@@ -351,6 +362,8 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       child.once('close', (code, signal) => {
         this.watchdog.remove(pid);
         this.ports.release(port);
+        // an rpc-server ended by a signal leaves its socket file (the next one on the port replaces it)
+        if (info.socket !== undefined) void rm(info.socket, { force: true }).catch(() => undefined);
         const r = this.running.get(engineId);
         const expected = (r?.stopping ?? false) || this.shuttingDown;
         if (r?.child === child) this.running.delete(engineId);
@@ -381,6 +394,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       host,
       port: info.port,
       pid: info.pid,
+      socket: info.socket,
       deadlineMs: Date.now() + spec.readyTimeoutMs,
       output: entry.child.stderr,
       gone: () => {
@@ -449,6 +463,16 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
       }),
     ]);
     this.watchdog.close();
+    if (this.options.socketDir === undefined && this.#ownSocketDir) await rm(await this.#ownSocketDir, { recursive: true, force: true }).catch(() => undefined);
+  }
+
+  #ownSocketDir: Promise<string> | undefined;
+
+  /** Where this supervisor's rpc-servers listen (SupervisorOptions.socketDir). */
+  private socketDir(): Promise<string> {
+    if (this.options.socketDir !== undefined) return Promise.resolve(this.options.socketDir);
+    this.#ownSocketDir ??= mkdtemp(join(tmpdir(), 'orchard-sock-'));
+    return this.#ownSocketDir;
   }
 
   /** Last resort on a second Ctrl-C: SIGKILL everything now. */

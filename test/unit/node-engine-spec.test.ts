@@ -33,19 +33,20 @@ const LLAMA = {
 };
 
 describe('StartEngine request → engine spec', () => {
-  it('rpc-server: loopback always, defaults for timeout, exact command line, allow-listed environment', () => {
+  it('rpc-server: its Unix socket only (no host, no port), defaults for timeout, exact command line, allow-listed environment', () => {
     const spec = engineSpecFromRequest({ kind: 'ENGINE_KIND_RPC_SERVER' });
     expect(spec).toMatchObject({ kind: 'rpc-server', port: 0, readyTimeoutMs: 30_000 });
     const env = { PATH: '/bin', HOME: '/h', LD_PRELOAD: '/evil.so', DYLD_INSERT_LIBRARIES: '/e', PYTHONPATH: '/p', LLAMA_ARG_LOG_FILE: '/x', LC_ALL: 'C' };
-    expect(engineCommand(spec, 50052, bins, env)).toEqual({ file: '/b/ggml-rpc-server', argv: ['-H', '127.0.0.1', '-p', '50052'], env: { PATH: '/bin', HOME: '/h', LC_ALL: 'C' } });
+    expect(engineCommand(spec, 50052, bins, env, '/s/rpc-50052.sock')).toEqual({ file: '/b/ggml-rpc-server', argv: ['-H', 'unix:/s/rpc-50052.sock'], env: { PATH: '/bin', HOME: '/h', LC_ALL: 'C' } });
+    expect(() => engineCommand(spec, 50052, bins, env)).toThrow(/socket/);
   });
 
   it('rpc-server with threads, devices and a tensor cache dir', () => {
     const spec = engineSpecFromRequest({ kind: 'ENGINE_KIND_RPC_SERVER', port: 6000, threads: 4, devices: ['MTL0', 'CPU'], cacheDir: '/var/cache/orchard', readyTimeoutSeconds: 2.5 });
     expect(spec.readyTimeoutMs).toBe(2500);
-    expect(engineCommand(spec, 6000, bins, {})).toEqual({
+    expect(engineCommand(spec, 6000, bins, {}, '/s/rpc-6000.sock')).toEqual({
       file: '/b/ggml-rpc-server',
-      argv: ['-H', '127.0.0.1', '-p', '6000', '-t', '4', '-d', 'MTL0,CPU', '-c'],
+      argv: ['-H', 'unix:/s/rpc-6000.sock', '-t', '4', '-d', 'MTL0,CPU', '-c'],
       // rpc-server keeps its cache in $LLAMA_CACHE/rpc/
       env: { LLAMA_CACHE: '/var/cache/orchard' },
     });

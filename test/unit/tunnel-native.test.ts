@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { type Server, connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -30,7 +30,7 @@ async function credentials(ca: ClusterCa, id: string, role: Role): Promise<NodeC
 }
 
 /** Echoes every byte; on the peer's FIN sends BYE and ends. */
-async function echoEngine(): Promise<{ server: Server; port: number; accepted: () => number }> {
+async function echoEngine(socket?: string): Promise<{ server: Server; port: number; accepted: () => number }> {
   let accepted = 0;
   const server = createServer({ allowHalfOpen: true }, (s) => {
     accepted += 1;
@@ -38,14 +38,19 @@ async function echoEngine(): Promise<{ server: Server; port: number; accepted: (
     s.on('end', () => s.end('BYE'));
     s.on('error', () => {});
   });
+  if (socket !== undefined) {
+    // an rpc-server on its Unix socket: the port is only its identity (unbound)
+    await new Promise<void>((r) => server.listen(socket, () => r()));
+    return { server, port: 20_000 + Math.floor(Math.random() * 10_000), accepted: () => accepted };
+  }
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
   return { server, port: (server.address() as { port: number }).port, accepted: () => accepted };
 }
 
-function exchange(port: number, payload: Buffer): Promise<Buffer> {
+function exchange(to: number | string, payload: Buffer): Promise<Buffer> {
   return new Promise((resolve) => {
     const chunks: Buffer[] = [];
-    const s = connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+    const s = typeof to === 'string' ? connect({ path: to, allowHalfOpen: true }) : connect({ port: to, host: '127.0.0.1', allowHalfOpen: true });
     s.on('data', (d: Buffer) => chunks.push(d));
     s.on('error', () => resolve(Buffer.concat(chunks)));
     s.on('close', () => resolve(Buffer.concat(chunks)));
@@ -98,6 +103,27 @@ async function setup(o: { revoked?: string[]; workerCreds?: NodeCredentials; exp
 }
 
 describeWith([program('go', ['version'])], 'native tunnel forwarder (Go) → the agents’ Node listener', () => {
+  it('Unix legs: the forwarder listens on a socket (removed at close), the Node listener dials the engine at its registered socket', async () => {
+    const socket = join(dir, 'rpc-echo.sock');
+    const engine = await echoEngine(socket);
+    cleanup.push(() => new Promise((r) => engine.server.close(r)));
+    const enginePorts = new EnginePorts();
+    enginePorts.register(engine.port, 'rpc-server', socket);
+    const listener = await startTunnelListener({ host: '127.0.0.1', port: 0, credentials: worker, enginePorts, isRevoked: () => false });
+    cleanup.push(() => listener.close());
+    const localSocket = join(dir, 'fwd-test.sock');
+    const f = await startNativeForwarder(binary, { remote: { host: '127.0.0.1', port: listener.port }, enginePort: engine.port, expectPeer: { id: 'worker-1' }, credentials: head, localSocket });
+    expect(f).toMatchObject({ port: 0, socket: localSocket });
+    const payload = randomBytes(3 * 2 ** 20 + 7);
+    const data = await exchange(localSocket, payload);
+    expect(data.subarray(0, payload.length).equals(payload)).toBe(true);
+    expect(data.subarray(payload.length).toString()).toBe('BYE');
+    expect(engine.accepted()).toBe(1);
+    expect(listener.stats()).toEqual([{ peer: 'head-1', enginePort: engine.port, toEngine: payload.length, fromEngine: payload.length + 3, connections: 1 }]);
+    await f.close();
+    expect(existsSync(localSocket)).toBe(false);
+  });
+
   it('carries a large random payload exactly both ways, with half-close and exact counters on both ends', async () => {
     const t = await setup();
     const f = await t.forwarder();
@@ -246,6 +272,29 @@ describeWith([program('go', ['version'])], 'native tunnel listener (Go): the che
     const other = await credentials(ca, 'head-2', 'node');
     expect(await t.refusal(other)).toBeUndefined(); // its registered port survived the restart
     expect(t.l.stats()).toContainEqual({ peer: 'head-1', enginePort: t.engine.port, toEngine: 5, fromEngine: 5, connections: 1 });
+  });
+
+  it('dials a registered engine at its Unix socket: registered by command, and again after a restart from its config', async () => {
+    const t = await listen();
+    const socket = join(dir, 'rpc-unix.sock');
+    const engine = await echoEngine(socket);
+    cleanup.push(() => new Promise((r) => engine.server.close(r)));
+    t.enginePorts.register(engine.port, 'rpc-1', socket);
+    await t.l.settled();
+    const through = async () => {
+      const s = await t.dial(head, engine.port);
+      s.end('ping');
+      const got: Buffer[] = [];
+      for await (const d of s) got.push(d as Buffer);
+      return Buffer.concat(got).toString();
+    };
+    expect(await through()).toBe('pingBYE');
+    const pid = t.l.pid()!;
+    process.kill(pid, 'SIGKILL');
+    await vi.waitFor(() => expect(t.l.pid()).not.toBe(pid), { timeout: 5000 });
+    await vi.waitFor(async () => expect(await through()).toBe('pingBYE'), { timeout: 5000 });
+    expect(engine.accepted()).toBe(2);
+    expect(t.engine.accepted()).toBe(0); // the TCP echo engine on another port was never reached
   });
 
   it('faces the native forwarder: sessions resume, bytes agree at both ends, a revoked head is refused on a resumed session', async () => {

@@ -30,6 +30,8 @@ export async function checkExternalBinaries(dir: string): Promise<ExternalBinari
   if (!helpListsRpc(help)) throw new OrchardError(`${llamaServer} has no --rpc option: it was built without RPC (-DGGML_RPC=ON)`);
   const rpcHelp = await runCapture(rpcServer, ['--help']);
   if (!/--port/.test(rpcHelp)) throw new OrchardError(`${rpcServer} --help does not look like ggml-rpc-server`);
+  // The agent's rpc-servers listen only on a Unix-domain socket (engine patch ggml-rpc-unix-socket).
+  if (!/unix:/.test(rpcHelp)) throw new OrchardError(`${rpcServer} cannot listen on a Unix-domain socket (-H unix:<path>), where Orchard keeps rpc-servers off the network: build the engines with \`orchard setup\``);
   let version = 'external';
   try {
     version = parseServerVersion(await runCapture(llamaServer, ['--version'])) ?? version;

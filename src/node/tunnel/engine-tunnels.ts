@@ -1,6 +1,9 @@
+import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
 import type { Logger } from '../../shared/log.ts';
 import type { RpcTarget } from '../../shared/placement/llama-args.ts';
 import type { NodeCredentials } from '../../shared/pki/store.ts';
+import { rpcServerSocket, unixEndpoint } from '../engine-sockets.ts';
 import { EngineRequestError } from '../engine-spec.ts';
 import type { EngineExit, EngineInfo } from '../supervisor.ts';
 import { EnginePorts } from './engine-ports.ts';
@@ -51,6 +54,12 @@ export interface EngineTunnelsOptions {
    * undefined = the Node forwarder and listener.
    */
   readonly relayBinary?: string | undefined;
+  /**
+   * The agent's private socket directory (engine-sockets.ts): a head dials this node's rpc-servers
+   * at their sockets there and its forwarders listen there (`unix:` endpoints); absent = 127.0.0.1
+   * ports (MLX ring ranks always: MLX needs host:port).
+   */
+  readonly socketDir?: string | undefined;
   readonly log: Logger;
 }
 
@@ -134,7 +143,7 @@ export class EngineTunnels {
   /** Register rpc-servers as they start, drop them (and a head's forwarders) as they exit. */
   follow(supervisor: { on(e: 'started', f: (i: EngineInfo) => void): unknown; on(e: 'exited', f: (x: EngineExit) => void): unknown }): void {
     supervisor.on('started', (info) => {
-      if (info.kind === 'rpc-server') this.enginePorts.register(info.port, info.engineId);
+      if (info.kind === 'rpc-server') this.enginePorts.register(info.port, info.engineId, info.socket);
     });
     supervisor.on('exited', (exit) => {
       if (this.enginePorts.engine(exit.port) === exit.engineId) this.enginePorts.unregister(exit.port);
@@ -143,21 +152,22 @@ export class EngineTunnels {
   }
 
   /**
-   * The 127.0.0.1 endpoints engine `engineId` (a llama-server head, an MLX ring rank) dials for
-   * `targets`, opening one forwarder per remote target. Idempotent per engine id (a StartEngine
+   * The endpoints engine `engineId` (a llama-server head, an MLX ring rank) dials for `targets`,
+   * opening one forwarder per remote target: `unix:` sockets in `socketDir` (a head), else
+   * 127.0.0.1 ports (a ring rank). Idempotent per engine id (a StartEngine
    * retry reuses them).
    */
-  endpoints(engineId: string, targets: readonly RpcTarget[], waitForEngineMs = 0): Promise<readonly string[]> {
+  endpoints(engineId: string, targets: readonly RpcTarget[], waitForEngineMs = 0, socketDir = this.#o.socketDir): Promise<readonly string[]> {
     let head = this.#heads.get(engineId);
     if (!head) {
-      head = this.#open(targets, waitForEngineMs);
+      head = this.#open(targets, waitForEngineMs, socketDir);
       this.#heads.set(engineId, head);
       head.catch(() => this.#heads.delete(engineId));
     }
     return head.then((h) => h.endpoints);
   }
 
-  async #open(targets: readonly RpcTarget[], waitForEngineMs: number): Promise<HeadTunnels> {
+  async #open(targets: readonly RpcTarget[], waitForEngineMs: number, socketDir: string | undefined): Promise<HeadTunnels> {
     const o = this.#o;
     const self = { nodeId: o.nodeId, hasCredentials: o.credentials !== undefined };
     const routes = targets.map((t) => rpcRoute(t, self));
@@ -166,9 +176,10 @@ export class EngineTunnels {
       const endpoints: string[] = [];
       for (const r of routes) {
         if (r.kind === 'direct') {
-          endpoints.push(`127.0.0.1:${r.port}`);
+          endpoints.push(socketDir !== undefined ? unixEndpoint(rpcServerSocket(socketDir, r.port)) : `127.0.0.1:${r.port}`);
           continue;
         }
+        const localSocket = socketDir !== undefined ? join(socketDir, `fwd-${randomBytes(4).toString('hex')}.sock`) : undefined;
         const options = {
           remote: r.target.tunnel,
           enginePort: r.target.enginePort,
@@ -176,12 +187,13 @@ export class EngineTunnels {
           credentials: o.credentials!,
           waitForEngineMs,
           onError: (message: string) => o.log.warn({ peer: r.target.nodeId, err: message }, 'tunnel to a remote engine failed'),
+          ...(localSocket !== undefined ? { localSocket } : {}),
         };
         const f = o.relayBinary ? await startNativeForwarder(o.relayBinary, options) : await startTunnelForwarder(options);
         forwarders.push(Object.assign(f, { peer: r.target.nodeId }));
-        endpoints.push(`127.0.0.1:${f.port}`);
+        endpoints.push(f.socket !== undefined ? unixEndpoint(f.socket) : `127.0.0.1:${f.port}`);
       }
-      if (forwarders.length > 0) o.log.info({ tunnels: forwarders.map((f) => ({ peer: f.peer, port: f.port })), relay: o.relayBinary ? 'native' : 'node' }, 'engine tunnels open');
+      if (forwarders.length > 0) o.log.info({ tunnels: forwarders.map((f) => ({ peer: f.peer, ...(f.socket !== undefined ? { socket: f.socket } : { port: f.port }) })), relay: o.relayBinary ? 'native' : 'node' }, 'engine tunnels open');
       return { forwarders, endpoints };
     } catch (err) {
       await Promise.all(forwarders.map((f) => f.close()));
@@ -204,7 +216,7 @@ export class EngineTunnels {
       return Promise.reject(new EngineRequestError('ALREADY_EXISTS', `ring port ${own.enginePort} belongs to engine ${holder} of this node`));
     }
     this.enginePorts.register(own.enginePort, engineId);
-    return this.endpoints(engineId, ring, this.#o.ringWaitMs ?? RING_WAIT_MS);
+    return this.endpoints(engineId, ring, this.#o.ringWaitMs ?? RING_WAIT_MS, undefined);
   }
 
   /**

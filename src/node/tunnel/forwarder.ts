@@ -1,3 +1,4 @@
+import { lstat, rm } from 'node:fs/promises';
 import { type Socket, createServer } from 'node:net';
 import { type PeerCertificate, type SecureContext, type TLSSocket, createSecureContext, connect as tlsConnect } from 'node:tls';
 import type { Identity } from '../../shared/pki/identity.ts';
@@ -17,6 +18,12 @@ export interface TunnelForwarderOptions {
   readonly credentials: NodeCredentials;
   /** Local port for the engine to dial (`--rpc 127.0.0.1:<port>`); 0 = any free port. */
   readonly localPort?: number;
+  /**
+   * A Unix-domain socket to listen on instead (`--rpc unix:<path>`, a llama-server head: the path
+   * is in the agent's 0700 socket directory, engine-sockets.ts); a stale socket file is replaced.
+   * MLX ring ranks need host:port and use localPort.
+   */
+  readonly localSocket?: string;
   readonly timeoutMs?: number;
   /**
    * How long to keep dialling while the worker answers that the engine port is not listening
@@ -28,8 +35,10 @@ export interface TunnelForwarderOptions {
 }
 
 export interface TunnelForwarder {
-  /** 127.0.0.1 port the head engine connects to. */
+  /** 127.0.0.1 port the head engine connects to (0 when it listens on `socket`). */
   readonly port: number;
+  /** The Unix-domain socket it listens on (localSocket), removed by close(). */
+  readonly socket?: string;
   /** Cumulative payload bytes through this tunnel (all its connections). */
   readonly bytes: Readonly<TunnelBytes>;
   connections(): number;
@@ -88,13 +97,16 @@ export async function startTunnelForwarder(o: TunnelForwarderOptions): Promise<T
         local.destroy();
       });
   });
+  if (o.localSocket !== undefined) await removeStaleSocket(o.localSocket);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(o.localPort ?? 0, '127.0.0.1', () => resolve());
+    if (o.localSocket !== undefined) server.listen(o.localSocket, () => resolve());
+    else server.listen(o.localPort ?? 0, '127.0.0.1', () => resolve());
   });
   const address = server.address();
   return {
     port: typeof address === 'object' && address ? address.port : 0,
+    ...(o.localSocket !== undefined ? { socket: o.localSocket } : {}),
     bytes,
     connections: () => connections,
     resumed: () => resumed,
@@ -218,4 +230,12 @@ export async function dialTunnel(o: TunnelDial, requestLine: string, track: (s: 
     tls.destroy();
     throw err;
   }
+}
+
+/** A socket file left by a forwarder that died is replaced; any other file is not ours to delete. */
+export async function removeStaleSocket(path: string): Promise<void> {
+  const st = await lstat(path).catch(() => undefined);
+  if (st === undefined) return;
+  if (!st.isSocket()) throw new Error(`${path} exists and is not a socket`);
+  await rm(path, { force: true });
 }

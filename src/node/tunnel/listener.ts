@@ -133,7 +133,9 @@ async function accept(tls: TLSSocket, o: TunnelListenerOptions, { stats, sockets
     return serveProbe(tls);
   }
   if (o.enginePorts.engine(request.port) === undefined) return refuse(`port ${request.port} is not an engine of this node`, auth.peer, true);
-  const engine = connect({ host: '127.0.0.1', port: request.port, allowHalfOpen: true, noDelay: true });
+  // an rpc-server's Unix-domain socket when it has one, else its 127.0.0.1 port (MLX ring ranks)
+  const socket = o.enginePorts.socket(request.port);
+  const engine = socket ? connect({ path: socket, allowHalfOpen: true }) : connect({ host: '127.0.0.1', port: request.port, allowHalfOpen: true, noDelay: true });
   track(sockets, engine);
   const ready = await new Promise<boolean>((resolve) => {
     engine.once('connect', () => resolve(true));

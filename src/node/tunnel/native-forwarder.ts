@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -117,7 +118,7 @@ export async function startNativeForwarder(binary: string, o: TunnelForwarderOpt
   const c = o.credentials;
   const config = {
     mode: 'forward',
-    listen: relayAddress('127.0.0.1', o.localPort ?? 0),
+    listen: o.localSocket !== undefined ? `unix:${o.localSocket}` : relayAddress('127.0.0.1', o.localPort ?? 0),
     remote: relayAddress(o.remote.host, o.remote.port),
     enginePort: o.enginePort,
     expectId: o.expectPeer.id ?? '',
@@ -137,11 +138,12 @@ export async function startNativeForwarder(binary: string, o: TunnelForwarderOpt
   });
   return {
     port: relay.port,
+    ...(o.localSocket !== undefined ? { socket: o.localSocket } : {}),
     bytes,
     ...(relay.proc.pid ? { pid: relay.proc.pid } : {}),
     connections: () => connections,
     resumed: () => resumed,
-    // stdin's end makes the relay report its final counters and exit
-    close: () => relay.close(),
+    // stdin's end makes the relay report its final counters and exit (leaving its socket file)
+    close: () => relay.close().then(() => (o.localSocket !== undefined ? rm(o.localSocket, { force: true }) : undefined)),
   };
 }

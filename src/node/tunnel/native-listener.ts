@@ -65,7 +65,11 @@ export async function startNativeListener(binary: string, o: NativeListenerOptio
   };
   const c = o.credentials;
   const launch = (port: number) =>
-    spawnRelay(binary, { mode: 'listen', listen: relayAddress(o.host, port), enginePorts: o.enginePorts.ports(), revoked: [...revoked], certPem: c.certPem, keyPem: c.keyPem, caPem: c.caCertPem }, onLine);
+    spawnRelay(
+      binary,
+      { mode: 'listen', listen: relayAddress(o.host, port), enginePorts: o.enginePorts.ports(), engineSockets: o.enginePorts.sockets(), revoked: [...revoked], certPem: c.certPem, keyPem: c.keyPem, caPem: c.caCertPem },
+      onLine,
+    );
   let relay: RelayProcess = await launch(o.port);
   const port = relay.port;
   const watch = (r: RelayProcess) =>
@@ -98,7 +102,7 @@ export async function startNativeListener(binary: string, o: NativeListenerOptio
         resolve(0);
       }
     });
-  const offPorts = o.enginePorts.onChange((p, engine) => relay.send(engine === undefined ? { unregister: p } : { register: p }));
+  const offPorts = o.enginePorts.onChange((p, entry) => relay.send(entry === undefined ? { unregister: p } : { register: p, ...(entry.socket ? { socket: entry.socket } : {}) }));
   return {
     port,
     pid: () => relay.proc.pid,
