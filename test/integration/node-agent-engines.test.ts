@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { lstat, mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
@@ -22,7 +22,9 @@ import {
   unary,
   waitFor,
 } from '../helpers/node-agent.ts';
+import { listensOn } from '../../src/node/ports.ts';
 import { describeWith, llamaEngines } from '../helpers/needs.ts';
+import { canConnect } from '../helpers/processes.ts';
 
 /*
  * The node agent as a real process (`orchard node --json`), driven over real gRPC, running real
@@ -85,8 +87,15 @@ describeWith([engines], 'node agent with real llama.cpp engines', () => {
     expect(rpc.kind).toBe('ENGINE_KIND_RPC_SERVER');
     expect(rpc.host).toBe('127.0.0.1');
     expect(rpc.port).toBeGreaterThan(0);
-    expect(rpc.argv.slice(1)).toEqual(['-H', '127.0.0.1', '-p', String(rpc.port), '-t', '1']);
+    // only on its Unix socket in the agent's private socket directory: no TCP listener at all
+    const socketDir = join(tmp, 'engines', 'run', 'sockets');
+    const socket = join(socketDir, `rpc-${rpc.port}.sock`);
+    expect(rpc.argv.slice(1)).toEqual(['-H', `unix:${socket}`, '-t', '1']);
     expect(alive(rpc.pid)).toBe(true);
+    expect((await stat(socketDir)).mode & 0o777).toBe(0o700);
+    expect((await lstat(socket)).isSocket()).toBe(true);
+    expect(await listensOn(rpc.pid)).toBe(false);
+    expect(await canConnect('127.0.0.1', rpc.port)).toBe(false);
     // idempotent retry: same id, same request → the same engine
     const again = await startEngine(agent, { kind: 'ENGINE_KIND_RPC_SERVER', engineId: 'worker-0', port: 0, threads: 1, model: 'tiny' });
     expect(again.pid).toBe(rpc.pid);
@@ -100,6 +109,7 @@ describeWith([engines], 'node agent with real llama.cpp engines', () => {
       model: 'tiny',
     });
     expect(head.argv.slice(1, 3)).toEqual(['-m', model]);
+    expect(head.argv[head.argv.indexOf('--rpc') + 1]).toBe(`unix:${socket}`);
     expect(head.host).toBe('127.0.0.1');
     expect(head.argv.slice(-4)).toEqual(['--host', '127.0.0.1', '--port', String(head.port)]);
     const health = await fetch(`http://127.0.0.1:${head.port}/health`);

@@ -1,5 +1,5 @@
-import { readlinkSync, realpathSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { existsSync, readlinkSync, realpathSync } from 'node:fs';
+import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type * as grpc from '@grpc/grpc-js';
@@ -7,6 +7,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { headLayout } from '../../src/coordinator/instances/llama/layout.ts';
 import { llamaServerToWire } from '../../src/coordinator/membership/agent-client.ts';
 import type { LlamaBinaries } from '../../src/node/llama/binaries.ts';
+import { canConnectSocket, listensOn } from '../../src/node/ports.ts';
 import { findTunnelRelay } from '../../src/node/tunnel/native-forwarder.ts';
 import { DEFAULT_MEMORY_OPTIONS } from '../../src/shared/memory/stage.ts';
 import type { ClusterCa } from '../../src/shared/pki/certificates.ts';
@@ -139,10 +140,19 @@ describeWith(needs, 'engine network: tunnels between nodes, nothing reachable fr
     // stage order: bravo (layers 0-2), charlie (3-5), alpha (6-7, the head; CPU-only here, so its own rpc-server)
     const order = [bravo, charlie, alpha];
     const targets: RpcTarget[] = [];
+    const rpcPids: number[] = [];
     for (const [i, n] of order.entries()) {
-      const r = await unary<{ engine: { port: number; host: string } }>(n.client, 'startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', engineId: `s${i}-rpc`, threads: 1, owner: OWNER });
+      const r = await unary<{ engine: { port: number; host: string; pid: number } }>(n.client, 'startEngine', { kind: 'ENGINE_KIND_RPC_SERVER', engineId: `s${i}-rpc`, threads: 1, owner: OWNER });
       expect(r.engine.host).toBe('127.0.0.1');
       targets.push({ nodeId: n.nodeId, tunnel: { host: HOST.ip, port: n.tunnelPort }, enginePort: r.engine.port });
+      rpcPids.push(r.engine.pid);
+    }
+    // every rpc-server listens only on its Unix socket in its agent's 0700 directory: no TCP at all
+    const socketDir = (n: Node) => join(dir, n.name, 'run', 'sockets');
+    for (const [i, n] of order.entries()) {
+      expect((await stat(socketDir(n))).mode & 0o777).toBe(0o700);
+      expect(await canConnectSocket(join(socketDir(n), `rpc-${targets[i]!.enginePort}.sock`))).toBe(true);
+      expect(await listensOn(rpcPids[i]!), `rpc-server of ${n.name} listens on no TCP port`).toBe(false);
     }
     const stages = [
       { nodeId: bravo.nodeId, nodeName: 'bravo', firstLayer: 0, lastLayer: 2 },
@@ -157,24 +167,22 @@ describeWith(needs, 'engine network: tunnels between nodes, nothing reachable fr
       owner: OWNER,
       llama: llamaServerToWire(layout.llama),
     });
-    // bravo and charlie through local forwarders (never their engine ports), alpha's own stage direct
+    // bravo and charlie through local forwarders on sockets in alpha's directory, alpha's own stage at its rpc-server's socket
     const [viaBravo, viaCharlie, own] = head.rpcEndpoints;
-    expect(own).toBe(`127.0.0.1:${targets[2]!.enginePort}`);
-    for (const [ep, t] of [[viaBravo, targets[0]!], [viaCharlie, targets[1]!]] as const) {
-      expect(ep).toMatch(/^127\.0\.0\.1:\d+$/);
-      expect(ep).not.toBe(`127.0.0.1:${t.enginePort}`);
-    }
+    expect(own).toBe(`unix:${join(socketDir(alpha), `rpc-${targets[2]!.enginePort}.sock`)}`);
+    for (const ep of [viaBravo, viaCharlie]) expect(ep).toMatch(new RegExp(`^unix:${socketDir(alpha)}/fwd-[0-9a-f]{8}\\.sock$`));
 
     const oracle = await plainLlamaTokens(bins, { model, ctx: CTX, prompt: ORACLE_PROMPT, nPredict: N_PREDICT, threads: 2 });
     const tokens = await generateTokens(alpha.client, 'head');
     expect(tokens.length).toBeGreaterThan(0);
     expect(tokens).toEqual(oracle);
 
-    // Every engine port and every forwarder port: open on the host's loopback (they are real and
-    // listening), closed to the attacker on the LAN address.
-    const forwarders = [viaBravo!, viaCharlie!].map((ep) => Number(ep.split(':')[1]));
-    const enginePorts = [...targets.map((t) => t.enginePort), head.engine.port, ...forwarders];
-    for (const p of enginePorts) expect(await canConnect('127.0.0.1', p), `port ${p} listens on loopback`).toBe(true);
+    // The head's port and every forwarder socket are real and listening on this host; the head's
+    // port and the rpc-servers' engine ports (their identities) are closed to the attacker on the LAN address.
+    const forwarders = [viaBravo!, viaCharlie!].map((ep) => ep.slice('unix:'.length));
+    for (const f of forwarders) expect(await canConnectSocket(f), `${f} accepts`).toBe(true);
+    expect(await canConnect('127.0.0.1', head.engine.port)).toBe(true);
+    const enginePorts = [...targets.map((t) => t.enginePort), head.engine.port];
     expect(facingTheNetwork(NS, HOST.ip, enginePorts)).toEqual([]);
     // the tunnel port is reachable (it is the one door) but opens nothing without a cluster certificate
     expect(reachableFrom(NS, HOST.ip, [bravo.tunnelPort])).toEqual([bravo.tunnelPort]);
@@ -207,7 +215,7 @@ describeWith(needs, 'engine network: tunnels between nodes, nothing reachable fr
 
     // stopping the head closes its forwarders with it
     await unary(alpha.client, 'stopEngine', { engineId: 'head', owner: OWNER });
-    for (const p of forwarders) await expect.poll(() => canConnect('127.0.0.1', p), { timeout: 5000 }).toBe(false);
+    for (const f of forwarders) await expect.poll(() => existsSync(f), { timeout: 5000 }).toBe(false);
   }, 600_000);
 
   it('no private key in any agent log or in `ps` while the cluster ran', async () => {

@@ -243,9 +243,13 @@ describeWith([engines, lanNeed], 'cluster engines listen on loopback only; token
     expect(g.code, g.stderr).toBe(0);
     expect((JSON.parse(g.stdout) as { tokens: number[] }).tokens).toEqual(oracle);
 
-    // Every TCP port an engine of this cluster listens on, from /proc (children of the agents).
+    // Every TCP port an engine of this cluster listens on, from /proc (children of the agents): the
+    // llama-server head only — the rpc-servers listen on Unix sockets in their agents' 0700 directories.
     const ports = engineListenPorts(agentPids);
-    expect(ports.length).toBeGreaterThanOrEqual(3); // ≥ 2 rpc-servers + llama-server
+    expect(ports.length).toBeGreaterThanOrEqual(1);
+    const rpcServers = engineChildren(agentPids, /rpc-server/);
+    expect(rpcServers.length).toBeGreaterThanOrEqual(2);
+    expect(engineListenPorts(agentPids, /rpc-server/), 'rpc-servers listen on no TCP port').toEqual([]);
     for (const port of ports) {
       expect(await canConnect('127.0.0.1', port), `127.0.0.1:${port}`).toBe(true);
       expect(await canConnect(lan!, port), `${lan}:${port} must not accept`).toBe(false);
@@ -322,17 +326,22 @@ function stopAt(address: string, tls: TlsCredentials, engineId: string, owner: s
   );
 }
 
-/** TCP ports in LISTEN of the agents' child processes (the engines), with their bound address. */
-function engineListenPorts(agentPids: readonly number[]): number[] {
-  const children = readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+/** The agents' child processes whose command line matches `kind` (engines). */
+function engineChildren(agentPids: readonly number[], kind: RegExp): string[] {
+  return readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
     try {
       const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
       const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      return agentPids.includes(ppid) && /rpc-server|llama-server/.test(readFileSync(`/proc/${p}/cmdline`, 'utf8'));
+      return agentPids.includes(ppid) && kind.test(readFileSync(`/proc/${p}/cmdline`, 'utf8'));
     } catch {
       return false;
     }
   });
+}
+
+/** TCP ports in LISTEN of the agents' engine children (of `kind`). */
+function engineListenPorts(agentPids: readonly number[], kind = /rpc-server|llama-server/): number[] {
+  const children = engineChildren(agentPids, kind);
   const inodes = new Set<string>();
   for (const pid of children) {
     for (const fd of readdirSync(`/proc/${pid}/fd`)) {

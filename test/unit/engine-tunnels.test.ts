@@ -1,6 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import { EventEmitter } from 'node:events';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { type Server, connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -35,10 +36,10 @@ async function echo(): Promise<{ server: Server; port: number }> {
 }
 
 /** One round trip through `port`; the bytes back, or undefined when the connection was cut. */
-function roundTrip(port: number, payload: Buffer): Promise<Buffer | undefined> {
+function roundTrip(to: number | string, payload: Buffer): Promise<Buffer | undefined> {
   return new Promise((resolve) => {
     const chunks: Buffer[] = [];
-    const s = connect({ port, host: '127.0.0.1' });
+    const s = typeof to === 'string' ? connect({ path: to }) : connect({ port: to, host: '127.0.0.1' });
     s.on('data', (d: Buffer) => {
       chunks.push(d);
       if (Buffer.concat(chunks).length >= payload.length) {
@@ -128,6 +129,38 @@ function suites(relays: { worker: () => string | undefined; head: () => string |
       await head.release('head-engine');
       expect(await roundTrip(Number(endpoint!.split(':')[1]), payload)).toBeUndefined();
       expect(await head.bytes()).toEqual([{ peer: 'worker-1', sent: payload.length, received: payload.length }]);
+    });
+
+    it('Unix legs: a head with a socket dir gets unix: endpoints — its own rpc-server socket, a forwarder socket there — and the worker dials the registered socket', async () => {
+      const dirs = await mkdtemp(join(tmpdir(), 'orchard-tunnel-sock-'));
+      cleanup.push(() => rm(dirs, { recursive: true, force: true }));
+      const workerEngines = new EventEmitter<SupervisorEvents>();
+      const worker = tunnels({ nodeId: 'worker-1', credentials: workerCreds, host: '127.0.0.1', port: 0, socketDir: join(dirs, 'w'), log });
+      worker.follow(workerEngines);
+      const head = tunnels({ nodeId: 'head-1', credentials: headCreds, host: '127.0.0.1', port: 0, socketDir: join(dirs, 'h'), log });
+      await worker.start();
+      await head.start();
+      cleanup.push(() => worker.close(), () => head.close());
+      // the worker's rpc-server stand-in on its socket; its port (unbound) is its identity
+      const socket = join(dirs, 'rpc-20001.sock');
+      const engine = createServer((c) => c.pipe(c).on('error', () => {}));
+      await new Promise<void>((r) => engine.listen(socket, () => r()));
+      cleanup.push(() => new Promise<void>((r) => engine.close(() => r())));
+      workerEngines.emit('started', { ...info('rpc-1', 'rpc-server', 20001), socket });
+      await worker.settled();
+      await mkdir(join(dirs, 'h'), { mode: 0o700 });
+      const remote = { nodeId: 'worker-1', tunnel: { host: '127.0.0.1', port: worker.port! }, enginePort: 20001 };
+      const [viaTunnel, own] = await head.endpoints('head-engine', [remote, { nodeId: 'head-1', enginePort: 20002 }]);
+      expect(own).toBe(`unix:${join(dirs, 'h', 'rpc-20002.sock')}`);
+      expect(viaTunnel).toMatch(new RegExp(`^unix:${join(dirs, 'h')}/fwd-[0-9a-f]{8}\\.sock$`));
+      const payload = Buffer.from('ggml-rpc over sockets'.repeat(500));
+      expect(await roundTrip(viaTunnel!.slice('unix:'.length), payload)).toEqual(payload);
+      await head.release('head-engine');
+      expect(existsSync(viaTunnel!.slice('unix:'.length))).toBe(false);
+      // an MLX ring rank stays on TCP even with a socket dir (MLX needs host:port)
+      const ring = await head.ringEndpoints('rank-0', 0, [{ nodeId: 'head-1', enginePort: 20003 }, remote]);
+      expect(ring[0]).toBe('127.0.0.1:20003');
+      expect(ring[1]).toMatch(/^127\.0\.0\.1:\d+$/);
     });
 
     it('refuses an engine port the worker did not register, or one that exited', async () => {

@@ -157,7 +157,11 @@ export class EngineTunnels {
    * 127.0.0.1 ports (a ring rank). Idempotent per engine id (a StartEngine
    * retry reuses them).
    */
-  endpoints(engineId: string, targets: readonly RpcTarget[], waitForEngineMs = 0, socketDir = this.#o.socketDir): Promise<readonly string[]> {
+  endpoints(engineId: string, targets: readonly RpcTarget[], waitForEngineMs = 0): Promise<readonly string[]> {
+    return this.#endpoints(engineId, targets, waitForEngineMs, this.#o.socketDir);
+  }
+
+  #endpoints(engineId: string, targets: readonly RpcTarget[], waitForEngineMs: number, socketDir: string | undefined): Promise<readonly string[]> {
     let head = this.#heads.get(engineId);
     if (!head) {
       head = this.#open(targets, waitForEngineMs, socketDir);
@@ -216,7 +220,7 @@ export class EngineTunnels {
       return Promise.reject(new EngineRequestError('ALREADY_EXISTS', `ring port ${own.enginePort} belongs to engine ${holder} of this node`));
     }
     this.enginePorts.register(own.enginePort, engineId);
-    return this.endpoints(engineId, ring, this.#o.ringWaitMs ?? RING_WAIT_MS, undefined);
+    return this.#endpoints(engineId, ring, this.#o.ringWaitMs ?? RING_WAIT_MS, undefined); // MLX needs host:port
   }
 
   /**
