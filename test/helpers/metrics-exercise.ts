@@ -19,8 +19,8 @@ import { studioProfile } from './profiles.ts';
  * Drive the code that sets Orchard's metrics the way a running cluster does, then read every
  * sample back. Node side: the agent's NodeMetrics wired to a real EngineSupervisor (`follow`, as
  * the agent does) that starts, stops and loses (SIGKILL) real child processes — a tiny TCP
- * listener stands in for ggml-rpc-server, because the supervisor only needs "accepts
- * connections". Coordinator side: CoordinatorMetrics on a real Membership whose registry sees
+ * listener (on the Unix socket the supervisor names) stands in for ggml-rpc-server, because the
+ * supervisor only needs "accepts connections". Coordinator side: CoordinatorMetrics on a real Membership whose registry sees
  * nodes join and go suspect, a verified two-stage placement, requests through observeGeneration
  * (what MeteredRuntime.generate wraps every request in) and a refusal at the HTTP edge.
  * Used by the catalogue test (every metric set) and the dashboards test (no panel on an idle
@@ -33,10 +33,10 @@ const log = createLogger('metrics-exercise', 'silent');
 // A calibrated node (orchard node --calibrate): its measured rates are exported too.
 export const PROFILE: HardwareProfile = studioProfile({ engines: ['llama.cpp'], protocolVersion: '1', effectiveBandwidthBytesPerSecond: 512e9, prefillFlopsPerSecond: 16e12 });
 
-/** Stands in for ggml-rpc-server: listens where `-H host -p port` say until it is signalled. */
+/** Stands in for ggml-rpc-server: listens on the socket `-H unix:<path>` names until it is signalled. */
 const FAKE_RPC_SERVER = `#!${process.execPath}
 const a = process.argv;
-require('node:net').createServer((s) => s.destroy()).listen(Number(a[a.indexOf('-p') + 1]), a[a.indexOf('-H') + 1]);
+require('node:net').createServer((s) => s.destroy()).listen(a[a.indexOf('-H') + 1].slice('unix:'.length));
 `;
 
 function rpcSpec(model: string): EngineSpec {

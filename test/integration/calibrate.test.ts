@@ -83,7 +83,7 @@ describeWith([engines], 'engine calibration', () => {
     [1, 'llama-server'],
     [2, 'rpc-server'],
   ] as const) {
-    itWith([engines], `a calibration engine whose ${which} port another process took starts once more on fresh ports of the range`, async () => {
+    itWith([engines], `a calibration engine whose ${which} port another process took starts (once more on fresh ports of the range if it binds one)`, async () => {
       const env = { ...AGENT_ENV, ORCHARD_CACHE_DIR: cache.path, ORCHARD_LLAMA_BIN_DIR: engines.ok ? engines.value.binDir : '' };
       const model = await testGguf(['--layers', '2', '--dim', '128', '--ffn', '384', '--heads', '4', '--kv-heads', '2', '--ctx', '1024']);
       const ports = new RacedPortAllocator(nth);
@@ -91,10 +91,16 @@ describeWith([engines], 'engine calibration', () => {
       try {
         const engine = await startCalibrationEngine(1, env, { model, ports });
         try {
-          // The first pair (llama-server's port, then rpc-server's) lost one; the second pair runs.
           expect(ports.raced).toBe(ports.handedOut[nth - 1]);
-          expect(ports.handedOut).toHaveLength(4);
-          expect(engine.ports).toEqual(ports.handedOut.slice(2).reverse());
+          if (which === 'llama-server') {
+            // The first pair (llama-server's port, then rpc-server's) lost one; the second pair runs.
+            expect(ports.handedOut).toHaveLength(4);
+            expect(engine.ports).toEqual(ports.handedOut.slice(2).reverse());
+          } else {
+            // The rpc-server binds no port (its Unix socket only): the taken one is only its identity.
+            expect(ports.handedOut).toHaveLength(2);
+            expect(engine.ports).toEqual([...ports.handedOut].reverse());
+          }
           for (const p of ports.handedOut) expect(p >= range[0] && p <= range[1]).toBe(true);
           const rates = await engine.request({ prompt: 'Once upon a time', n_predict: 4, temperature: 0 });
           expect(rates.decodeTokens).toBe(4);
@@ -110,7 +116,7 @@ describeWith([engines], 'engine calibration', () => {
 
 /**
  * Ports of the calibration engines in `cacheDir` (from /proc every 100 ms until stopped): the
- * llama-server running the calibration model there, its --port and its rpc-server's (--rpc).
+ * llama-server running the calibration model there, its --port and its rpc-server's (named in --rpc).
  */
 function watchCalibrationPorts(cacheDir: string, into: Set<number>): { stop(): void } {
   let on = true;
@@ -120,7 +126,8 @@ function watchCalibrationPorts(cacheDir: string, into: Set<number>): { stop(): v
         const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
         if (!argv[0]?.endsWith('llama-server') || !argv[argv.indexOf('-m') + 1]?.startsWith(join(cacheDir, 'calibration'))) continue;
         into.add(Number(argv[argv.indexOf('--port') + 1]));
-        if (argv.includes('--rpc')) into.add(Number(argv[argv.indexOf('--rpc') + 1]!.split(':')[1]));
+        // its rpc-server's socket is named after its engine port: unix:<dir>/rpc-<port>.sock
+        if (argv.includes('--rpc')) into.add(Number(/rpc-(\d+)\.sock$/.exec(argv[argv.indexOf('--rpc') + 1]!)?.[1]));
       }
       await new Promise((r) => setTimeout(r, 100));
     }

@@ -259,6 +259,17 @@ describe('orchard setup', () => {
     expect(missing.stderr).toMatch(/no executable llama-server/);
   });
 
+  it('rejects a bin dir whose rpc-server cannot listen on a Unix socket (unpatched llama.cpp), with one line and exit 1', async () => {
+    const fake = join(work, 'fake-bin-tcp-only');
+    await mkdir(fake, { recursive: true });
+    await writeFile(join(fake, 'llama-server'), '#!/bin/sh\necho "--rpc SERVERS  comma separated list of RPC servers"\n', { mode: 0o755 });
+    await writeFile(join(fake, 'ggml-rpc-server'), '#!/bin/sh\necho "-H, --host HOST  host to bind to"; echo "-p, --port PORT"\n', { mode: 0o755 });
+    const r = await orchard(['setup', '--bin-dir', fake], baseEnv({}));
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/cannot listen on a Unix-domain socket \(-H unix:<path>\)/);
+  });
+
   it('invalid --jobs is a usage error (exit 2)', async () => {
     const r = await orchard(['setup', '--jobs', '0'], baseEnv({}));
     expect(r.code).toBe(2);

@@ -131,7 +131,8 @@ describeWith([engines], 'agent edge: typed engine requests, paths inside the roo
     expect(names).not.toContain('PYTHONSTARTUP');
     expect(names).not.toContain('LD_PRELOAD');
     expect(environ).toContain(`LLAMA_CACHE=${join(tmp, 'state', 'rpc-cache')}`);
-    expect(rpc.argv).toContain('127.0.0.1');
+    // only on its Unix socket in the agent's private directory: nothing on any network interface
+    expect(rpc.argv.slice(1, 3)).toEqual(['-H', `unix:${join(tmp, 'state', 'run', 'sockets', `rpc-${rpc.port}.sock`)}`]);
 
     const foreign = await grpcError(unary(agent, 'stopEngine', { engineId: 'mine', owner: 'cluster-b' }));
     expect(foreign.code).toBe(grpc.status.PERMISSION_DENIED);

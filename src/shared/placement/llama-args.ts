@@ -76,15 +76,15 @@ export function llamaLayerDevices(tensorSplit: readonly number[], layerCount: nu
  * proto LlamaServerOptions); the agent alone turns it into argv.
  */
 /**
- * One rpc-server a head uses, typed (proto RpcTarget): the head's agent dials 127.0.0.1 itself
- * when `nodeId` is its own, and otherwise opens a TLS forwarder to `tunnel` that must prove to be
+ * One rpc-server a head uses, typed (proto RpcTarget): the head's agent dials it itself (at its
+ * Unix socket, derived from the engine port) when `nodeId` is its own, and otherwise opens a TLS forwarder to `tunnel` that must prove to be
  * `nodeId` (src/node/tunnel/). No free-form address ever reaches llama-server's --rpc.
  */
 export interface RpcTarget {
   readonly nodeId: string;
   /** That node's tunnel listener; undefined when it runs none (no cluster credentials): a head on another node refuses such a target. */
   readonly tunnel?: { readonly host: string; readonly port: number } | undefined;
-  /** The rpc-server's port on that node's 127.0.0.1. */
+  /** The rpc-server's engine port on that node: its identity (its agent derives its socket from it). */
   readonly enginePort: number;
 }
 
