@@ -55,7 +55,8 @@ import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadavg } from 'node:os';
 import { defaultModelHashDir } from '../src/coordinator/instances/llama/tensor-cache.ts';
-import { type CalibrationEngine, measureCalibration, startCalibrationEngine } from '../src/node/calibrate.ts';
+import { measureCalibration, startCalibrationEngine } from '../src/node/calibrate.ts';
+import type { CalibrationEngine } from '../src/node/calibration-engine.ts';
 import { identifyModelFile } from '../src/shared/model/file-identity.ts';
 import { findLlamaBinaries } from '../src/node/llama/binaries.ts';
 import { readGgufHeader } from '../src/shared/gguf/reader.ts';
@@ -113,7 +114,7 @@ async function seedAll(c: LanCluster, model: string, layers: number): Promise<Re
   return Object.fromEntries(await Promise.all(seeded));
 }
 
-async function scenario(c: LanCluster, profile: string, rule: Rule, models: { cold: string | undefined; seeded: string }, engine: EngineSide & { header: Parameters<typeof repriced>[4] }) {
+async function scenario(c: LanCluster, profile: string, rule: Rule, models: { cold: string | undefined; seeded: string }, engine: EngineSide & { header: Parameters<typeof repriced>[4]; decodeFixedSecondsPerToken: number }) {
   c.rule = rule;
   const cold = models.cold ? await timedLoad(c.client, models.cold, 'cold', CTX) : undefined;
   if (cold) await unload(c.client, 'cold');
@@ -122,7 +123,7 @@ async function scenario(c: LanCluster, profile: string, rule: Rule, models: { co
   const m = await measure(c.client, 'bench', { runs: RUNS, tokens: TOKENS, promptWords: PROMPT_WORDS, engine }, () => linkCounters(c.lan, names));
   await unload(c.client, 'bench');
   const plan = predict(c.seen!, seeded, m.promptTokens);
-  const now = repriced(c.seen!, seeded, plan, m, engine.header);
+  const now = repriced(c.seen!, seeded, plan, m, engine.header, engine.decodeFixedSecondsPerToken);
   const over = plan.stages.filter((s) => s.headroomBytes < 0).map((s) => s.node);
   const err = (p: number, x: number) => Number(((x - p) / p).toFixed(4));
   return {
@@ -178,7 +179,7 @@ async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEn
   const calibrationFile = join(dir, 'calibration.json');
   const calibration = await measureCalibration(1, process.env, { file: calibrationFile, engine });
   // As long as a cluster decode run (--tokens at ~12 tok/s: ~2 s): ~1 s windows scattered 24–34 tok/s.
-  const engineSide = { engine, decodeTokens: windowTokens(calibration.decodeTokensPerSecond * 2), header: await readGgufHeader(engine.model) };
+  const engineSide = { engine, decodeTokens: windowTokens(calibration.decodeTokensPerSecond * 2), header: await readGgufHeader(engine.model), decodeFixedSecondsPerToken: calibration.decodeFixedSecondsPerToken };
   // The agents' cache root is in the run's folder: a node's files outside --models-dir it may still
   // load (the cold model), and its hashes of model files start empty.
   const env = { ...benchEnv(bins.binDir), ORCHARD_CALIBRATION_FILE: calibrationFile, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_CACHE_DIR: join(dir, 'cache') };
@@ -214,7 +215,7 @@ async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEn
       goals: goals(scenarios),
       repricedGoals: goals(scenarios.map((x) => ({ ...x, decodeError: x.repricedDecodeError, ttftError: x.repricedTtftError }))),
       setup: { nodes, model: `${profile.layerCount} layers, dim ${profile.embd}, f16, ${(profile.fileTensorBytes / 1e6).toFixed(0)} MB`, ctx: CTX, runs: RUNS, tokens: TOKENS, threadsPerEngine: 1 },
-      calibration: { effectiveBandwidthBytesPerSecond: calibration.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: calibration.prefillFlopsPerSecond, waitedFraction: calibration.waitedFraction, competingCores: calibration.competingCores, loadAverage1m: calibration.loadAverage1m },
+      calibration: { effectiveBandwidthBytesPerSecond: calibration.effectiveBandwidthBytesPerSecond, decodeFixedSecondsPerToken: calibration.decodeFixedSecondsPerToken, depths: calibration.depths, prefillFlopsPerSecond: calibration.prefillFlopsPerSecond, waitedFraction: calibration.waitedFraction, competingCores: calibration.competingCores, loadAverage1m: calibration.loadAverage1m },
       links,
       linkLimit: linkLimit(links),
       firstSightSeconds,

@@ -1,5 +1,6 @@
 import type { CoordinatorClient } from '../../src/coordinator/api/client.ts';
-import { type CalibrationEngine, calibrationRequest, type EngineRates, engineRates } from '../../src/node/calibrate.ts';
+import { calibrationRequest, engineRates } from '../../src/node/calibrate.ts';
+import type { CalibrationEngine, EngineRates } from '../../src/node/calibration-engine.ts';
 import { repricedTokensPerSecond, uncontendedRate, waitedFraction } from '../../src/shared/placement/calibration.ts';
 import { planFixedSplit } from '../../src/shared/placement/fixed.ts';
 import type { Plan } from '../../src/shared/placement/types.ts';
@@ -185,12 +186,13 @@ export function predict(seen: Seen, layout: LoadedLayout, promptTokens: number):
 /**
  * The scenario's prediction priced again with the calibration engine's rates of its own minutes
  * (`measure`'s engine medians, turned into the cost model's node numbers on the engine's model
- * as the calibration does: engineRates): decode as `orchard demo` does (repricedTokensPerSecond:
+ * as the calibration does: engineRates, with the calibration's fixed seconds per token, which the
+ * plan charges at the head): decode as `orchard demo` does (repricedTokensPerSecond:
  * the same stages, hops and head cost), TTFT by the same cost model on the same layout with every
  * node's rates replaced — the nodes share this machine and its one calibration.
  */
-export function repriced(seen: Seen, layout: LoadedLayout, plan: Plan, m: Measured, header: Parameters<typeof engineRates>[0]) {
-  const rates = engineRates(header, median(m.engine.decodeTokensPerSecond), median(m.engine.promptTokensPerSecond));
+export function repriced(seen: Seen, layout: LoadedLayout, plan: Plan, m: Measured, header: Parameters<typeof engineRates>[0], decodeFixedSecondsPerToken: number) {
+  const rates = engineRates(header, median(m.engine.decodeTokensPerSecond), median(m.engine.promptTokensPerSecond), decodeFixedSecondsPerToken);
   const nodes = seen.nodes.map((n) => ({ ...n, bandwidthBytesPerSecond: rates.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: rates.prefillFlopsPerSecond }));
   const ttft = planFixedSplit(seen.profile, nodes, layout.stages, { ...seen.options, promptTokens: m.promptTokens, outputTokens: 1 }).predicted.ttftSeconds;
   return {

@@ -1,6 +1,7 @@
 import { loadavg } from 'node:os';
 import { z } from 'zod';
-import { type CalibrationEngine, engineRates } from '../node/calibrate.ts';
+import { engineRates } from '../node/calibrate.ts';
+import type { CalibrationEngine } from '../node/calibration-engine.ts';
 import { completionBody } from '../node/generate.ts';
 import { OrchardError } from '../shared/errors.ts';
 import { anotherWindow, median, relativeSpread, repricedTokensPerSecond, type WindowPolicy, windowTokens } from '../shared/placement/calibration.ts';
@@ -66,6 +67,8 @@ export async function measureAgreement(o: {
   readonly engine: CalibrationEngine;
   readonly engineTokensPerSecond: number;
   readonly promptTokensPerSecond: number;
+  /** The calibration's fixed seconds per token: the engine's windows are priced with it, as the plan's head is. */
+  readonly decodeFixedSecondsPerToken: number;
   readonly signal: AbortSignal;
   readonly policy?: WindowPolicy;
 }): Promise<DecodeAgreement> {
@@ -89,7 +92,7 @@ export async function measureAgreement(o: {
   const clusterRates = windows.map((w) => w.cluster);
   const engineRatesMeasured = windows.map((w) => w.engine);
   const engineTokensPerSecond = median(engineRatesMeasured);
-  const bandwidth = engineRates(o.header, engineTokensPerSecond, o.promptTokensPerSecond).effectiveBandwidthBytesPerSecond;
+  const bandwidth = engineRates(o.header, engineTokensPerSecond, o.promptTokensPerSecond, o.decodeFixedSecondsPerToken).effectiveBandwidthBytesPerSecond;
   return {
     predictedTokensPerSecond: repricedTokensPerSecond(plan, bandwidth),
     measuredTokensPerSecond: median(clusterRates),

@@ -1,7 +1,5 @@
-import { execFile, spawn } from 'node:child_process';
-import { rmSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
-import { availableParallelism, cpus, loadavg, tmpdir } from 'node:os';
+import { mkdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { availableParallelism, loadavg } from 'node:os';
 import { dirname, join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { z } from 'zod';
@@ -11,21 +9,16 @@ import { writeGguf } from '../shared/gguf/writer.ts';
 import type { HardwareProfile } from '../shared/hardware.ts';
 import { memoryModel } from '../shared/memory/stage.ts';
 import { modelProfile } from '../shared/model/profile.ts';
-import { anotherWindow, CALIBRATION_WINDOWS, type CpuSnapshot, competingCores, median, relativeSpread, uncontendedRate, waitedFraction, windowTokens } from '../shared/placement/calibration.ts';
+import { anotherWindow, CALIBRATION_WINDOWS, competingCores, median, relativeSpread, uncontendedRate, waitedFraction, windowTokens } from '../shared/placement/calibration.ts';
 import { type Calibration, calibrationRates } from '../shared/placement/cost.ts';
-import { llamaMemoryArgs } from '../shared/placement/llama-args.ts';
+import { fitDecodeCost } from '../shared/placement/decode-fit.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../shared/placement/types.ts';
 import { type LlamaTestShape, llamaTestModelSpec } from '../shared/testmodel/llama.ts';
 import { uniformSource } from '../shared/testmodel/prng.ts';
 import { loadVocab } from '../shared/testmodel/vocab.ts';
-import { ssePayloads } from '../shared/sse.ts';
-import { findLlamaBinaries, type LlamaBinaries } from './llama/binaries.ts';
+import { CALIBRATION_CTX, type CalibrationEngine, type CalibrationEngineOptions, type EngineRates, startEngineOn } from './calibration-engine.ts';
+import { findLlamaBinaries } from './llama/binaries.ts';
 import { llamaCacheDir } from './llama/cache.ts';
-import { llamaServerArgs } from './engine-spec.ts';
-import { waitEngineReady } from './engine-readiness.ts';
-import { rpcServerSocket, unixEndpoint } from './engine-sockets.ts';
-import { EnginePortAllocator, engineRangeOf, onceMoreIfPortTaken, portTakenOr } from './ports.ts';
-import { EngineWatchdog } from './watchdog.ts';
 
 /**
  * The node measures its own engine: llama-server on a generated f16 model (12 layers × 1024,
@@ -42,8 +35,20 @@ import { EngineWatchdog } from './watchdog.ts';
  * than they then decoded). On macOS there is no schedstat and the figure is the wall-clock one.
  * The CPU time other processes used meanwhile is recorded with the figure (`competingCores`,
  * `waitedFraction`), so a figure taken on a busy machine can be told from one taken on a quiet one. llama-server's own
- * timings (prompt and decode rates) become the cost model's two node numbers with the planner's
+ * timings (prompt and decode rates) become the cost model's node numbers with the planner's
  * own accounting (cost.ts `calibrationRates`).
+ *
+ * Two depths: a token costs a part that grows with the bytes read and a part that does not
+ * (llama-server's sampling and HTTP, the graph's launch, the round trips to its rpc-server). One
+ * depth folds the second into the bandwidth, and a deeper plan is priced too slow. So the windows
+ * alternate between the 12-layer model and a SHALLOW_LAYERS one of the same layer shape, and the
+ * line through their seconds per token (placement/decode-fit.ts) gives the bandwidth (its slope)
+ * and `decodeFixedSecondsPerToken` (its intercept), which the planner charges at the head.
+ * Measured (bench/README.md, bench:decode-depth; 1 thread, load average 1.2–2.7): 4, 12 and 36
+ * layers lie on a line with an intercept of 2.2–2.6 ms, where the planner assumed 0.5 ms; 24
+ * layers over 1, 2 or 3 local rpc-servers cost the same within ±3 ms, so it is paid once per
+ * token, not per stage. 4 and 12 layers: 4 is the shallowest whose layers still outweigh the
+ * output head, and the shallow engine's windows are short.
  *
  * Cached per machine, engine build and thread count in the Orchard cache
  * (`<cache>/calibration/<build>-t<threads>.json`): every agent on this machine that runs engines
@@ -55,7 +60,9 @@ import { EngineWatchdog } from './watchdog.ts';
  * (demo.ts), without replacing the machine's cached figure.
  */
 export const CALIBRATION_SHAPE: LlamaTestShape = { layers: 12, dim: 1024, ffn: 2816, heads: 16, kvHeads: 4, ctx: 1024, type: 'f16', seed: 11 };
-const CTX = 1024;
+const CTX = CALIBRATION_CTX;
+/** Layers of the shallow model of the two-depth fit (CALIBRATION_SHAPE otherwise): see bench/README.md, bench:decode-depth. */
+export const SHALLOW_LAYERS = 4;
 const PROMPT_TOKENS = 128;
 /** Decode tokens of the warm-up request, whose rate sizes the windows. */
 const WARMUP_DECODE_TOKENS = 32;
@@ -63,6 +70,8 @@ const WARMUP_DECODE_TOKENS = 32;
 const calibrationSchema = z.object({
   engine: z.enum(['llama.cpp', 'mlx']),
   effectiveBandwidthBytesPerSecond: z.number().positive().finite(),
+  decodeFixedSecondsPerToken: z.number().nonnegative().finite(),
+  depths: z.array(z.object({ layers: z.number().int().positive(), readBytesPerToken: z.number().positive(), decodeTokensPerSecond: z.number().positive(), decodeSpread: z.number().nonnegative() })).min(1),
   prefillFlopsPerSecond: z.number().positive().finite(),
   threads: z.number().int().positive(),
   engineBuild: z.string().min(1),
@@ -86,9 +95,10 @@ function calibrationDir(env: NodeJS.ProcessEnv): string {
 /**
  * Bumped when the measurement changes, so an older figure is measured again (v2: the agents'
  * engine flags; v3: windows of about a second, their median, and the competing load recorded;
- * v4: each window's rates without the time the engine waited for its cores).
+ * v4: each window's rates without the time the engine waited for its cores; v5: two depths, the
+ * bandwidth the slope of their fit and its intercept the fixed seconds per token).
  */
-const METHOD = 'v4';
+const METHOD = 'v5';
 
 function calibrationFile(env: NodeJS.ProcessEnv, engineBuild: string, threads: number): string {
   return join(calibrationDir(env), `${engineBuild.replace(/[^\w.+-]/g, '_')}-t${threads}-${METHOD}.json`);
@@ -117,8 +127,9 @@ async function readCalibrationFile(path: string): Promise<Calibration | undefine
   }
 }
 
-async function ensureCalibrationModel(env: NodeJS.ProcessEnv): Promise<string> {
-  const s = CALIBRATION_SHAPE;
+/** The generated calibration model at `layers` layers (CALIBRATION_SHAPE otherwise), made once per machine. */
+async function ensureCalibrationModel(env: NodeJS.ProcessEnv, layers = CALIBRATION_SHAPE.layers): Promise<string> {
+  const s = { ...CALIBRATION_SHAPE, layers };
   const path = join(calibrationDir(env), `calibration-l${s.layers}-d${s.dim}-f${s.ffn}-${s.type}-s${s.seed}.gguf`);
   try {
     if ((await stat(path)).size > 0) return path;
@@ -130,219 +141,9 @@ async function ensureCalibrationModel(env: NodeJS.ProcessEnv): Promise<string> {
   return path;
 }
 
-const ratesSchema = z.object({ timings: z.object({ prompt_per_second: z.number().optional(), predicted_per_second: z.number().positive(), predicted_n: z.number().optional() }).loose() }).loose();
-
-/** llama-server's own rates for one request. */
-export interface EngineRates {
-  readonly prompt: number;
-  readonly decode: number;
-  readonly decodeTokens: number;
-}
-
-/**
- * A llama-server started as the agents start theirs, kept for several requests: the calibration's
- * windows, and `orchard demo`'s, which alternates its windows with the cluster's.
- */
-export interface CalibrationEngine {
-  /**
-   * Its processes (llama-server and, on a CPU-only build, its rpc-server), each its own group; a
-   * sentinel ends them if the process that started them dies, SIGKILL included.
-   */
-  readonly pids: readonly number[];
-  /** Their ports, from the engine port range (127.0.0.1), in the order of `pids`. */
-  readonly ports: readonly number[];
-  readonly model: string;
-  readonly threads: number;
-  readonly engineBuild: string;
-  /** One request (the body as given; streamed or not); the rates llama-server reports for it. */
-  request(body: Record<string, unknown>, signal?: AbortSignal): Promise<EngineRates>;
-  /** CPU counters now: the machine's busy time and this engine's. */
-  cpu(): Promise<CpuSnapshot>;
-  stop(): void;
-}
-
-/** The rates of a streamed response are in its last event carrying `timings`. */
-async function ratesOf(res: Response, streamed: boolean): Promise<EngineRates> {
-  let raw: unknown;
-  if (streamed && res.body) {
-    for await (const data of ssePayloads(res.body)) {
-      const event = JSON.parse(data) as { timings?: unknown };
-      if (event.timings) raw = event;
-    }
-  } else raw = await res.json();
-  const t = ratesSchema.parse(raw).timings;
-  return { prompt: t.prompt_per_second ?? 0, decode: t.predicted_per_second, decodeTokens: t.predicted_n ?? 0 };
-}
-
-const HOST = '127.0.0.1';
-
-/**
- * Start `file` on `port` in its own process group (a Ctrl-C on the terminal reaches only the
- * caller, which stops it in order), registered with `watchdog` so it dies with the caller even
- * when that is SIGKILLed; `stop` kills the group.
- */
-function startDetached(file: string, argv: readonly string[], port: number, env: NodeJS.ProcessEnv, watchdog: EngineWatchdog) {
-  const child = spawn(file, argv, { detached: true, stdio: 'ignore', env: { PATH: env.PATH ?? '' } });
-  const pid = child.pid;
-  if (pid !== undefined) watchdog.add(pid);
-  let exited = false;
-  child.once('exit', () => {
-    exited = true;
-    if (pid !== undefined) watchdog.remove(pid);
-  });
-  return {
-    pid: pid ?? 0,
-    port,
-    exited: () => exited,
-    stop() {
-      try {
-        if (pid !== undefined && !exited) process.kill(-pid, 'SIGKILL');
-      } catch {}
-      // Killed: the sentinel must not signal the pid again (it could be recycled by then).
-      if (pid !== undefined) watchdog.remove(pid);
-    },
-  };
-}
-
-export interface CalibrationEngineOptions {
-  /** The GGUF it runs (default: the generated calibration model). */
-  readonly model?: string;
-  /**
-   * Where its ports come from: the node's engine port range, as for the agent's engines (default:
-   * this machine's, engine-port-range.ts) — a port 0 answer could be taken by any outgoing
-   * connection before the engine binds it.
-   */
-  readonly ports?: EnginePortAllocator;
-}
-
-/**
- * Start the engine (default: on the generated calibration model) with `threads` threads, exactly
- * as a stage of a plan runs it: llama-server with the agents' flags (llamaServerArgs,
- * llamaMemoryArgs: flash attention, f16 KV, no CPU repack … — without --no-repack this machine's
- * f16 weights went to AMX kernels the stages never use) and, on a CPU-only build, every layer and
- * the output on a ggml-rpc-server (on a Unix-domain socket, as the agent's), as the coordinator places a CPU head's own layers
- * (instances/llama/layout.ts). Measured alternately on the demo model (1 thread, load average ~4):
- * llama-server's own CPU backend 10.5 ms per token, the same layers behind one local rpc-server
- * 13.8 ms, three rpc-servers (the demo's split, direct) 16.1 ms, the demo's cluster 17.0 ms; the
- * CPU-backend calibration left the ~3 ms every RPC-run stage pays out of every prediction.
- * On macOS the head's stage runs on Metal inside llama-server; this measures the CPU there (-ngl 0).
- * Like the agent's launches, it starts once more on fresh ports when another process took one.
- */
-export async function startCalibrationEngine(threads: number, env: NodeJS.ProcessEnv = process.env, o: CalibrationEngineOptions = {}): Promise<CalibrationEngine> {
-  const bins = await findLlamaBinaries(env);
-  const path = o.model ?? (await ensureCalibrationModel(env));
-  const ports = o.ports ?? new EnginePortAllocator(engineRangeOf(undefined, env));
-  return onceMoreIfPortTaken(() => startCalibrationProcesses(bins, path, threads, env, ports));
-}
-
-async function startCalibrationProcesses(bins: LlamaBinaries, path: string, threads: number, env: NodeJS.ProcessEnv, ports: EnginePortAllocator): Promise<CalibrationEngine> {
-  const memory = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: CTX, parallel: 1 };
-  const procs: ReturnType<typeof startDetached>[] = [];
-  const held: number[] = [];
-  const take = async () => {
-    held.push(await ports.take(HOST));
-    return held.at(-1)!;
-  };
-  // The engines' own sentinel (watchdog.ts), as the agent's engines have: 20 calibration engines
-  // of killed demos and agents were found still running after one session before it.
-  const watchdog = new EngineWatchdog({ graceTicks: 5 });
-  // The rpc-server listens on a Unix-domain socket in a private directory, as the agent's do.
-  let socketDir: string | undefined;
-  const stop = () => {
-    for (const p of procs) p.stop();
-    watchdog.close();
-    for (const p of held.splice(0)) ports.release(p);
-    if (socketDir !== undefined) rmSync(socketDir, { recursive: true, force: true });
-  };
-  const port = await take();
-  const url = `http://${HOST}:${port}`;
-  // As the agent waits for its engines (engine-readiness.ts): accepting, and the engine itself.
-  const ready = (kind: 'rpc-server' | 'llama-server', p: ReturnType<typeof startDetached>, timeoutMs: number, gone = p.exited, socket?: string) =>
-    waitEngineReady({
-      kind,
-      host: HOST,
-      port: p.port,
-      pid: p.pid,
-      socket,
-      deadlineMs: Date.now() + timeoutMs,
-      output: null,
-      gone: () => (gone() ? new OrchardError(`${kind} exited before it was ready`) : undefined),
-      timedOut: () => new OrchardError(`${kind} did not accept connections within ${timeoutMs / 1000} s`),
-    });
-  try {
-    let argv = ['-m', path, ...llamaMemoryArgs(memory), '-ngl', '0'];
-    if (process.platform !== 'darwin') {
-      const rpcPort = await take();
-      socketDir = await mkdtemp(join(tmpdir(), 'orchard-sock-'));
-      const socket = rpcServerSocket(socketDir, rpcPort);
-      const rpc = startDetached(bins.rpcServer, ['-H', unixEndpoint(socket), '-t', String(threads)], rpcPort, env, watchdog);
-      procs.push(rpc);
-      await ready('rpc-server', rpc, 30_000, rpc.exited, socket);
-      const layers = modelProfile(await readGgufHeader(path)).layerCount;
-      const stage = { modelPath: path, memory, rpc: [{ nodeId: 'calibration', enginePort: rpcPort }], devices: ['RPC0'], tensorSplit: [layers + 1], gpuLayers: layers + 1, debugLog: false };
-      argv = llamaServerArgs(stage, [unixEndpoint(socket)]);
-    }
-    const server = startDetached(bins.llamaServer, [...argv, '--threads', String(threads), '--host', HOST, '--port', String(port)], port, env, watchdog);
-    procs.push(server);
-    await ready('llama-server', server, 120_000, () => procs.some((p) => p.exited()));
-  } catch (err) {
-    const died = procs.filter((p) => p.exited());
-    stop();
-    // One that died before it was ready, its port bound by another process now: taken.
-    for (const p of died) {
-      const why = await portTakenOr(err, HOST, p.port);
-      if (why !== err) throw why;
-    }
-    throw err;
-  }
-  return {
-    pids: procs.map((p) => p.pid),
-    ports: procs.map((p) => p.port),
-    model: path,
-    threads,
-    engineBuild: bins.llamaCppVersion,
-    async request(body, signal) {
-      const res = await fetch(`${url}/completion`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body), ...(signal ? { signal } : {}) });
-      if (!res.ok) throw new OrchardError(`calibration request failed: HTTP ${res.status}`);
-      return ratesOf(res, body.stream === true);
-    },
-    cpu: () => cpuSnapshot(procs.map((p) => p.pid)),
-    stop,
-  };
-}
-
-/** CPU seconds a process has used: /proc on Linux, ps elsewhere (macOS). */
-async function processCpuSeconds(pid: number): Promise<number> {
-  try {
-    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th, in USER_HZ (100 on Linux).
-    const fields = (await readFile(`/proc/${pid}/stat`, 'utf8')).split(') ')[1]!.split(' ');
-    return (Number(fields[11]) + Number(fields[12])) / 100;
-  } catch {}
-  const out = await new Promise<string>((res) => execFile('ps', ['-o', 'time=', '-p', String(pid)], (_, stdout) => res(String(stdout ?? ''))));
-  // [[dd-]hh:]mm:ss[.xx]
-  const [days, rest] = out.trim().includes('-') ? out.trim().split('-') : ['0', out.trim()];
-  return (rest ?? '').split(':').reduce((t, part) => t * 60 + Number(part), 0) + Number(days) * 86400 || 0;
-}
-
-/**
- * Seconds a process's threads have waited, runnable, for a CPU (Linux /proc/<pid>/task/<tid>/schedstat,
- * second field, ns). 0 where there is no schedstat (macOS): the figure is then the plain wall-clock one.
- */
-async function processWaitSeconds(pid: number): Promise<number> {
-  try {
-    const tids = await readdir(`/proc/${pid}/task`);
-    const waits = await Promise.all(tids.map((t) => readFile(`/proc/${pid}/task/${t}/schedstat`, 'utf8').then((x) => Number(x.split(' ')[1]) / 1e9, () => 0)));
-    return waits.reduce((a, b) => a + (Number.isFinite(b) ? b : 0), 0);
-  } catch {
-    return 0;
-  }
-}
-
-async function cpuSnapshot(enginePids: readonly number[]): Promise<CpuSnapshot> {
-  const busyMs = cpus().reduce((t, c) => t + c.times.user + c.times.nice + c.times.sys + c.times.irq, 0);
-  const [engine, waits] = await Promise.all([Promise.all(enginePids.map(processCpuSeconds)), Promise.all(enginePids.map(processWaitSeconds))]);
-  const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
-  return { wallSeconds: performance.now() / 1000, machineBusySeconds: busyMs / 1000, engineSeconds: sum(engine), engineWaitSeconds: sum(waits) };
+/** The calibration engine (calibration-engine.ts) on `model`, by default the generated calibration model. */
+export async function startCalibrationEngine(threads: number, env: NodeJS.ProcessEnv = process.env, o: CalibrationEngineOptions & { readonly model?: string } = {}): Promise<CalibrationEngine> {
+  return startEngineOn(o.model ?? (await ensureCalibrationModel(env)), threads, env, o);
 }
 
 /**
@@ -357,7 +158,7 @@ export function calibrationRequest(seed: number, decodeTokens: number): Record<s
   return { prompt, n_predict: decodeTokens, temperature: 0, ignore_eos: true, cache_prompt: false };
 }
 
-/** Decode and prompt rates (medians over the windows, each without its waits for a core) and how the windows went. */
+/** One engine's decode and prompt rates (medians over its windows, each without its waits for a core) and how its windows went. */
 interface WindowedRates {
   readonly decode: number;
   readonly prompt: number;
@@ -369,53 +170,101 @@ interface WindowedRates {
   readonly waitedFraction: number;
 }
 
-async function calibrationWindows(engine: CalibrationEngine): Promise<WindowedRates> {
-  // Warm-up (first-touch page faults, thread pool start), which also sizes the windows.
-  const warm = await engine.request(calibrationRequest(1, WARMUP_DECODE_TOKENS));
-  const tokens = windowTokens(warm.decode, CTX - PROMPT_TOKENS);
-  const samples: (EngineRates & { waited: number })[] = [];
+interface Window extends EngineRates {
+  readonly waited: number;
+  readonly wallSeconds: number;
+  readonly competing: number;
+}
+
+async function oneWindow(engine: CalibrationEngine, seed: number, tokens: number): Promise<Window> {
   const before = await engine.cpu();
-  for (let at = before; anotherWindow(CALIBRATION_WINDOWS, samples.length, at.wallSeconds - before.wallSeconds); ) {
-    const rates = await engine.request(calibrationRequest(2 + samples.length, tokens));
-    const end = await engine.cpu();
-    samples.push({ ...rates, waited: waitedFraction(at, end) });
-    at = end;
-  }
+  const rates = await engine.request(calibrationRequest(seed, tokens));
   const after = await engine.cpu();
-  const decode = samples.map((x) => uncontendedRate(x.decode, x.waited));
-  return {
-    decode: median(decode),
-    prompt: median(samples.map((x) => uncontendedRate(x.prompt, x.waited))),
-    windows: samples.length,
-    decodeTokensPerWindow: tokens,
-    decodeSpread: relativeSpread(decode),
-    competingCores: competingCores(before, after),
-    waitedFraction: median(samples.map((x) => x.waited)),
-  };
+  return { ...rates, waited: waitedFraction(before, after), wallSeconds: after.wallSeconds - before.wallSeconds, competing: competingCores(before, after) };
 }
 
 /**
- * Measure this machine's llama.cpp engine with `threads` threads and cache the result. `model`
- * measures on another GGUF (the demo's own), `ports` is the node's engine port allocator, `file`
- * writes the result there instead of the cache, and `engine` measures on an engine the caller
- * started (and stops).
+ * Windows on every engine in rounds, each round in the other order than the one before (ABBA),
+ * so a drift of the machine weighs on every engine alike; the window policy counts rounds, its
+ * time budget per engine.
  */
-export async function measureCalibration(
-  threads: number,
-  env: NodeJS.ProcessEnv = process.env,
-  on: CalibrationEngineOptions & { readonly file?: string; readonly engine?: CalibrationEngine } = {},
-): Promise<Calibration> {
-  const engine = on.engine ?? (await startCalibrationEngine(threads, env, on));
+async function calibrationWindows(engines: readonly CalibrationEngine[]): Promise<WindowedRates[]> {
+  // Warm-up (first-touch page faults, thread pool start), which also sizes each engine's windows.
+  const tokens: number[] = [];
+  for (const e of engines) tokens.push(windowTokens((await e.request(calibrationRequest(1, WARMUP_DECODE_TOKENS))).decode, CTX - PROMPT_TOKENS));
+  const samples: Window[][] = engines.map(() => []);
+  const policy = { ...CALIBRATION_WINDOWS, budgetSeconds: CALIBRATION_WINDOWS.budgetSeconds * engines.length };
+  const t0 = performance.now();
+  for (let round = 0; anotherWindow(policy, round, (performance.now() - t0) / 1000); round++) {
+    const order = engines.map((_, i) => i);
+    if (round % 2 === 1) order.reverse();
+    for (const i of order) samples[i]!.push(await oneWindow(engines[i]!, 2 + round, tokens[i]!));
+  }
+  return samples.map((w, i) => {
+    const decode = w.map((x) => uncontendedRate(x.decode, x.waited));
+    const wall = w.reduce((t, x) => t + x.wallSeconds, 0);
+    return {
+      decode: median(decode),
+      prompt: median(w.map((x) => uncontendedRate(x.prompt, x.waited))),
+      windows: w.length,
+      decodeTokensPerWindow: tokens[i]!,
+      decodeSpread: relativeSpread(decode),
+      competingCores: wall > 0 ? w.reduce((t, x) => t + x.competing * x.wallSeconds, 0) / wall : 0,
+      waitedFraction: median(w.map((x) => x.waited)),
+    };
+  });
+}
+
+/** What measureCalibration is told beyond the engine options. */
+export interface MeasureOptions extends CalibrationEngineOptions {
+  /** Measure on another GGUF (the demo's own): one depth, so `decodeFixedSecondsPerToken` must be given. */
+  readonly model?: string;
+  /** Write the result here instead of the machine's cache. */
+  readonly file?: string;
+  /** Measure on this engine (the caller started it and stops it) instead of starting one. */
+  readonly engine?: CalibrationEngine;
+  /**
+   * The engine's fixed seconds per token, known already (the machine's own two-depth calibration):
+   * measure one depth only and take the bandwidth as bytes ÷ (seconds − this).
+   */
+  readonly decodeFixedSecondsPerToken?: number;
+}
+
+/**
+ * Measure this machine's llama.cpp engine with `threads` threads and cache the result. On the
+ * calibration model, at two depths: the 12-layer model (its rates and prompt rate are the
+ * record's) and a SHALLOW_LAYERS one, windows alternating between them, and the line through
+ * their seconds per token against the bytes the planner counts (decode-fit.ts) splits what a
+ * token costs into the node's bandwidth and its fixed seconds per token. With
+ * `decodeFixedSecondsPerToken` given, one depth on the engine's own model.
+ */
+export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv = process.env, on: MeasureOptions = {}): Promise<Calibration> {
+  const given = on.decodeFixedSecondsPerToken;
+  const deepModel = on.engine?.model ?? on.model ?? (await ensureCalibrationModel(env));
+  if (given === undefined && deepModel !== (await ensureCalibrationModel(env))) {
+    throw new OrchardError(`a calibration on ${deepModel} measures one depth: it needs the fixed seconds per token of the machine's own calibration`);
+  }
+  const started: CalibrationEngine[] = [];
   const loadAverage1m = loadavg()[0] ?? 0;
-  let rates: WindowedRates;
+  let rates: WindowedRates[];
+  let engine: CalibrationEngine;
   try {
-    rates = await calibrationWindows(engine);
+    engine = on.engine ?? started[started.push(await startEngineOn(deepModel, threads, env, on)) - 1]!;
+    if (given === undefined) started.push(await startEngineOn(await ensureCalibrationModel(env, SHALLOW_LAYERS), engine.threads, env, on));
+    rates = await calibrationWindows([engine, ...started.filter((e) => e !== engine)]);
   } catch (err) {
     throw new OrchardError(`engine calibration failed: ${errorMessage(err)}`);
   } finally {
-    if (!on.engine) engine.stop();
+    for (const e of started) e.stop();
   }
-  const c = calibrationOf(await readGgufHeader(engine.model), rates, { threads: engine.threads, engineBuild: engine.engineBuild, loadAverage1m });
+  const depths = await Promise.all(
+    [deepModel, ...(given === undefined ? [await ensureCalibrationModel(env, SHALLOW_LAYERS)] : [])].map(async (path, i) => {
+      const profile = modelProfile(await readGgufHeader(path));
+      return { layers: profile.layerCount, readBytesPerToken: readBytesPerToken(profile), decodeTokensPerSecond: rates[i]!.decode, decodeSpread: rates[i]!.decodeSpread };
+    }),
+  );
+  const fixed = given ?? fitDecodeCost(depths.map((d) => ({ bytesPerToken: d.readBytesPerToken, secondsPerToken: 1 / d.decodeTokensPerSecond }))).fixedSecondsPerToken;
+  const c = calibrationOf(await readGgufHeader(deepModel), rates[0]!, fixed, depths, { threads: engine.threads, engineBuild: engine.engineBuild, loadAverage1m });
   const file = on.file ?? calibrationFile(env, engine.engineBuild, engine.threads);
   await mkdir(dirname(file), { recursive: true });
   await writeFile(`${file}.tmp`, `${JSON.stringify(c, null, 2)}\n`);
@@ -424,7 +273,7 @@ export async function measureCalibration(
 }
 
 /** Bytes the planner counts for one decoded token of the whole model at the calibration's context. */
-function readBytesPerToken(profile: ReturnType<typeof modelProfile>): number {
+export function readBytesPerToken(profile: ReturnType<typeof modelProfile>): number {
   const o = DEFAULT_PLACEMENT_OPTIONS;
   const mm = memoryModel(profile, { ...o, ctx: CTX, parallel: 1 }, o.kvFill);
   return mm.layerRead.reduce((a, b) => a + b, 0) + profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes;
@@ -432,21 +281,37 @@ function readBytesPerToken(profile: ReturnType<typeof modelProfile>): number {
 
 /**
  * The cost model's node numbers from rates measured on `header`'s model with the planner's own
- * accounting; `promptTokens` is the prompt length the prompt rate was measured on.
+ * accounting: the bandwidth is bytes ÷ (seconds per token − `decodeFixedSecondsPerToken`, the
+ * machine's measured fixed part, else the planner's assumed head overhead); `promptTokens` is
+ * the prompt length the prompt rate was measured on.
  */
-export function engineRates(header: Parameters<typeof modelProfile>[0], decodeTokensPerSecond: number, promptTokensPerSecond: number, promptTokens = PROMPT_TOKENS) {
+export function engineRates(
+  header: Parameters<typeof modelProfile>[0],
+  decodeTokensPerSecond: number,
+  promptTokensPerSecond: number,
+  decodeFixedSecondsPerToken: number = DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds,
+  promptTokens = PROMPT_TOKENS,
+) {
   const profile = modelProfile(header);
   return {
     profile,
-    ...calibrationRates(profile, { decodeTokensPerSecond, promptTokensPerSecond, promptTokens, readBytesPerToken: readBytesPerToken(profile) }, DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds),
+    ...calibrationRates(profile, { decodeTokensPerSecond, promptTokensPerSecond, promptTokens, readBytesPerToken: readBytesPerToken(profile) }, decodeFixedSecondsPerToken),
   };
 }
 
-function calibrationOf(header: Parameters<typeof modelProfile>[0], rates: WindowedRates, at: { threads: number; engineBuild: string; loadAverage1m: number }): Calibration {
-  const { profile, ...node } = engineRates(header, rates.decode, rates.prompt);
+function calibrationOf(
+  header: Parameters<typeof modelProfile>[0],
+  rates: WindowedRates,
+  decodeFixedSecondsPerToken: number,
+  depths: Calibration['depths'],
+  at: { threads: number; engineBuild: string; loadAverage1m: number },
+): Calibration {
+  const { profile, ...node } = engineRates(header, rates.decode, rates.prompt, decodeFixedSecondsPerToken);
   return {
     engine: 'llama.cpp',
     ...node,
+    decodeFixedSecondsPerToken,
+    depths,
     threads: at.threads,
     engineBuild: at.engineBuild,
     measuredAtSeconds: Math.floor(Date.now() / 1000),
@@ -465,5 +330,7 @@ function calibrationOf(header: Parameters<typeof modelProfile>[0], rates: Window
 
 /** The profile with the measurement's node numbers (the spec bandwidth stays as probed). */
 export function withCalibration(p: HardwareProfile, c: Calibration | undefined): HardwareProfile {
-  return c ? { ...p, effectiveBandwidthBytesPerSecond: c.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: c.prefillFlopsPerSecond } : p;
+  return c
+    ? { ...p, effectiveBandwidthBytesPerSecond: c.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: c.prefillFlopsPerSecond, decodeFixedSecondsPerToken: c.decodeFixedSecondsPerToken }
+    : p;
 }

@@ -45,6 +45,7 @@ export function profileToWire(p: HardwareProfile): { [K in keyof Required<Hardwa
     metricsPort: p.metricsPort ?? 0,
     effectiveBandwidthBytesPerSecond: String(Math.round(p.effectiveBandwidthBytesPerSecond ?? 0)),
     prefillFlopsPerSecond: String(Math.round(p.prefillFlopsPerSecond ?? 0)),
+    decodeFixedSecondsPerToken: p.decodeFixedSecondsPerToken ?? 0,
     tunnelPort: p.tunnelPort ?? 0,
     enginePorts: p.enginePorts ? { first: p.enginePorts[0], last: p.enginePorts[1] } : null,
   };
@@ -80,6 +81,7 @@ export function profileFromWire(p: Wire | undefined | null): HardwareProfile {
     metricsPort: num(w.metricsPort) || undefined,
     effectiveBandwidthBytesPerSecond: num(w.effectiveBandwidthBytesPerSecond) || undefined,
     prefillFlopsPerSecond: num(w.prefillFlopsPerSecond) || undefined,
+    decodeFixedSecondsPerToken: num(w.decodeFixedSecondsPerToken) || undefined,
     tunnelPort: num(w.tunnelPort) || undefined,
     enginePorts: enginePortsFromWire(w.enginePorts as Wire | null | undefined),
   };

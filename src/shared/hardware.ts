@@ -46,6 +46,12 @@ export interface HardwareProfile {
   readonly effectiveBandwidthBytesPerSecond?: number | undefined;
   readonly prefillFlopsPerSecond?: number | undefined;
   /**
+   * Seconds per decoded token the engine pays as the head whatever the bytes it reads (the
+   * calibration's two-depth fit: placement/decode-fit.ts). Absent (0 on the wire) until measured,
+   * or when the fit found none; the planner then charges PlacementOptions.headOverheadSeconds.
+   */
+  readonly decodeFixedSecondsPerToken?: number | undefined;
+  /**
    * Port of the agent's TLS 1.3 tunnel listener, on the same host as its gRPC API: how engine
    * traffic (a head's ggml-rpc connections) reaches this node's loopback-only engines. Absent
    * while the node holds no cluster credentials (it then runs no tunnel).

@@ -1,7 +1,7 @@
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, expect } from 'vitest';
-import { loadCalibration, measureCalibration, startCalibrationEngine } from '../../src/node/calibrate.ts';
+import { loadCalibration, measureCalibration, SHALLOW_LAYERS, startCalibrationEngine } from '../../src/node/calibrate.ts';
 import { llamaEngines, describeWith, itWith } from '../helpers/needs.ts';
 import { AGENT_ENV, killGroup, startAgent, stopAll, unary } from '../helpers/node-agent.ts';
 import { RacedPortAllocator } from '../helpers/raced-ports.ts';
@@ -41,23 +41,36 @@ describeWith([engines], 'engine calibration', () => {
       // The rates are without the engine's waits for a core (Linux schedstat), capped as calibration.ts caps them.
       expect(c.waitedFraction).toBeGreaterThanOrEqual(0);
       expect(c.waitedFraction).toBeLessThanOrEqual(0.9);
+      // Two depths of the calibration shape, the 12-layer model's first; the line through them
+      // reproduces both (decode-fit.ts: two points, so the fit is exact unless the intercept
+      // came out negative and was taken as 0).
+      expect(c.depths.map((d) => d.layers)).toEqual([12, SHALLOW_LAYERS]);
+      expect(c.depths[0]!.decodeTokensPerSecond).toBe(c.decodeTokensPerSecond);
+      expect(c.depths[1]!.readBytesPerToken).toBeLessThan(c.depths[0]!.readBytesPerToken);
+      expect(c.decodeFixedSecondsPerToken).toBeGreaterThanOrEqual(0);
+      if (c.decodeFixedSecondsPerToken > 0) {
+        for (const d of c.depths) expect(c.decodeFixedSecondsPerToken + d.readBytesPerToken / c.effectiveBandwidthBytesPerSecond).toBeCloseTo(1 / d.decodeTokensPerSecond, 9);
+      }
       const files = await readdir(join(cache.path, 'calibration'));
-      const name = files.find((f) => f.endsWith('-t1-v4.json'));
+      const name = files.find((f) => f.endsWith('-t1-v5.json'));
       expect(name).toBeDefined();
       const file = join(cache.path, 'calibration', name!);
       expect(await loadCalibration(1, env)).toEqual(c);
       expect(await loadCalibration(2, env)).toBeUndefined(); // measured for 1 thread only
 
       // A figure taken on a quiet machine is used as cached (a marked bandwidth shows it is this one).
-      const quiet = { ...c, competingCores: 0, effectiveBandwidthBytesPerSecond: 1.234e9 };
+      const quiet = { ...c, competingCores: 0, effectiveBandwidthBytesPerSecond: 1.234e9, decodeFixedSecondsPerToken: 0.00375 };
       await writeFile(file, JSON.stringify(quiet));
       const agent = await startAgent(state.path, [], env);
-      const d = await unary<{ profile: { effectiveBandwidthBytesPerSecond: string; prefillFlopsPerSecond: string } }>(agent, 'describe', {});
+      const d = await unary<{ profile: { effectiveBandwidthBytesPerSecond: string; prefillFlopsPerSecond: string; decodeFixedSecondsPerToken: number } }>(agent, 'describe', {});
       expect(Number(d.profile.effectiveBandwidthBytesPerSecond)).toBe(1.234e9);
       expect(Number(d.profile.prefillFlopsPerSecond)).toBe(Math.round(c.prefillFlopsPerSecond));
+      expect(d.profile.decodeFixedSecondsPerToken).toBe(quiet.decodeFixedSecondsPerToken);
       const metrics = await (await fetch(`http://127.0.0.1:${agent.ready.metricsPort}/metrics`)).text();
       const line = metrics.split('\n').find((l) => l.startsWith('orchard_node_effective_bandwidth_bytes_per_second '));
       expect(Number(line?.split(' ')[1])).toBe(1.234e9);
+      const fixed = metrics.split('\n').find((l) => l.startsWith('orchard_node_decode_fixed_seconds '));
+      expect(Number(fixed?.split(' ')[1])).toBe(0.00375);
       killGroup(agent.child);
       await agent.exited;
 

@@ -4,6 +4,7 @@ import { afterAll, beforeAll, expect } from 'vitest';
 import { statusJson } from '../../src/cli/commands/status.ts';
 import { DEMO_CTX, demoBudgets, ensureDemoModel } from '../../src/cli/demo-model.ts';
 import { measureCalibration } from '../../src/node/calibrate.ts';
+import { DEFAULT_PLACEMENT_OPTIONS } from '../../src/shared/placement/types.ts';
 import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { JoinedCluster } from '../helpers/joined-cluster.ts';
@@ -47,7 +48,10 @@ describeWith([engines], 'orchard plan --prompt-tokens on a live cluster', () => 
     const base = { ...process.env, ORCHARD_LLAMA_BIN_DIR: binDir, ORCHARD_LOG_FORMAT: 'json', ORCHARD_LLAMA_SERVER_EXTRA_ARGS: '-t 1', ORCHARD_RPC_THREADS: '1' };
     model = (await ensureDemoModel(base)).path;
     const calibration = join(dir.path, 'calibration.json');
-    waited = (await measureCalibration(1, base, { model, file: calibration })).waitedFraction;
+    // One depth on the demo model: the fixed seconds per token are the planner's assumed head
+    // overhead (this test is about the prompt; a two-depth calibration would add half a minute).
+    const decodeFixedSecondsPerToken = DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds;
+    waited = (await measureCalibration(1, base, { model, file: calibration, decodeFixedSecondsPerToken })).waitedFraction;
     const budgets = demoBudgets(modelProfile(await readGgufHeader(model)), 2, { ctx: DEMO_CTX, cacheType: 'f16' });
     cluster = new JoinedCluster({ dir: dir.path, env: { ...base, ORCHARD_CALIBRATION_FILE: calibration } });
     await cluster.startCoordinator();

@@ -1,8 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import { memoryModel } from '../../src/shared/memory/stage.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
-import { presetHeader } from '../../src/shared/model/shapes.ts';
+import { presetHeader, shapeHeader } from '../../src/shared/model/shapes.ts';
 import { DECODE_EFFICIENCY, bytesPerWeight, calibrationRates, effectiveBandwidth, layerPrefillFlops, prefillSeconds } from '../../src/shared/placement/cost.ts';
+import { fitDecodeCost } from '../../src/shared/placement/decode-fit.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../../src/shared/placement/types.ts';
 
@@ -43,6 +44,28 @@ describe('cost model', () => {
     expect(plan.predicted.tokensPerSecond).toBeCloseTo(9.5, 9);
     // TTFT = the measured prompt time + the head's fixed overhead.
     expect(plan.predicted.ttftSeconds).toBeCloseTo(128 / 61 + o.headOverheadSeconds, 9);
+  });
+
+  it('a two-depth calibration reproduces both depths through the planner, and its fixed part is charged at the head', () => {
+    const o = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: 1024 };
+    const at = (layers: number) => {
+      const p = modelProfile(shapeHeader({ name: `d${layers}`, arch: 'llama', layers, embd: 1024, ffn: 2816, heads: 16, kvHeads: 4, vocab: 32000, ctx: 1024 }, 'f16'));
+      const mm = memoryModel(p, o, o.kvFill);
+      return { p, bytes: mm.layerRead.reduce((a, b) => a + b, 0) + p.outputBytes + p.outputNormBytes + p.otherBytes + p.tokenEmbdRowBytes };
+    };
+    const [shallow, deep] = [at(4), at(12)];
+    // An engine that pays 6 ms per token whatever it reads, and reads at 20 GB/s.
+    const seconds = (b: number) => 0.006 + b / 20e9;
+    const fit = fitDecodeCost([shallow, deep].map((d) => ({ bytesPerToken: d.bytes, secondsPerToken: seconds(d.bytes) })));
+    const c = calibrationRates(deep.p, { decodeTokensPerSecond: 1 / seconds(deep.bytes), promptTokensPerSecond: 50, promptTokens: 128, readBytesPerToken: deep.bytes }, fit.fixedSecondsPerToken);
+    expect(c.effectiveBandwidthBytesPerSecond / 20e9).toBeCloseTo(1, 9);
+    const node = { name: 'me', budgetBytes: 64 * 2 ** 30, bandwidthBytesPerSecond: c.effectiveBandwidthBytesPerSecond, decodeFixedSecondsPerToken: fit.fixedSecondsPerToken };
+    // The model 3× as deep is priced as the engine decodes it; a one-depth bandwidth prices it slower.
+    const deeper = at(36);
+    expect(planPlacement(deeper.p, [node], o).predicted.secondsPerToken).toBeCloseTo(seconds(deeper.bytes), 9);
+    const oneDepth = calibrationRates(deep.p, { decodeTokensPerSecond: 1 / seconds(deep.bytes), promptTokensPerSecond: 50, promptTokens: 128, readBytesPerToken: deep.bytes }, o.headOverheadSeconds);
+    const unfitted = { ...node, bandwidthBytesPerSecond: oneDepth.effectiveBandwidthBytesPerSecond, decodeFixedSecondsPerToken: undefined };
+    expect(planPlacement(deeper.p, [unfitted], o).predicted.secondsPerToken).toBeGreaterThan(seconds(deeper.bytes) * 1.05);
   });
 });
 

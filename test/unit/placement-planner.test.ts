@@ -6,6 +6,8 @@ import { PRESETS } from '../../src/shared/testmodel/presets.ts';
 import { resolveNode } from '../../src/shared/placement/nodes-file.ts';
 import { DECODE_EFFICIENCY, layerPrefillFlops, objectiveWeights } from '../../src/shared/placement/cost.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
+import { planFixedSplit } from '../../src/shared/placement/fixed.ts';
+import { evaluateCounts } from '../../src/shared/placement/baselines.ts';
 import type { PlacementNode, Plan } from '../../src/shared/placement/types.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../../src/shared/placement/types.ts';
 import { uniformSource } from '../../src/shared/testmodel/prng.ts';
@@ -31,6 +33,40 @@ function expectCoverage(plan: Plan, layers: number): void {
   expect(plan.stages.at(-1)!.role).toBe('head');
   expect(new Set(plan.stages.map((s) => s.node)).size).toBe(plan.stages.length);
 }
+
+describe('the head\'s fixed seconds per token', () => {
+  const p = profile('llama-3-8b', 'q8_0');
+  const twin = (name: string, fixed?: number): PlacementNode => ({ name, budgetBytes: 64 * GiB, bandwidthBytesPerSecond: 400 * GB, ...(fixed === undefined ? {} : { decodeFixedSecondsPerToken: fixed }) });
+
+  it('a node that measured it is charged its own; one that did not, the assumed head overhead', () => {
+    const measured = planPlacement(p, [twin('a', 0.004)], {});
+    const assumed = planPlacement(p, [twin('a')], {});
+    expect(measured.predicted.secondsPerToken - assumed.predicted.secondsPerToken).toBeCloseTo(0.004 - DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds, 12);
+    // On TTFT too: the first token is a token.
+    const ttft = (n: PlacementNode) => planPlacement(p, [n], { promptTokens: 512, objective: 'ttft' }).predicted.ttftSeconds;
+    expect(ttft(twin('a', 0.004)) - ttft(twin('a'))).toBeCloseTo(0.004 - DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds, 12);
+  });
+
+  it('of two otherwise equal nodes, the one with the smaller fixed cost heads the plan', () => {
+    for (const names of [['a', 'b'], ['b', 'a']]) {
+      const nodes = names.map((n) => twin(n, n === 'a' ? 0.009 : 0.002));
+      const plan = planPlacement(p, nodes, {});
+      expect(plan.stages.map((s) => s.node)).toEqual(['b']);
+      expect(plan.predicted.secondsPerToken).toBeCloseTo(plan.stages[0]!.secondsPerToken + 0.002, 12);
+    }
+  });
+
+  it('a fixed split and the baselines charge their head\'s', () => {
+    const nodes = [twin('a', 0.009), twin('b', 0.002)];
+    const onA = planFixedSplit(p, nodes, [{ node: 'a', firstLayer: 0, lastLayer: p.layerCount - 1 }]);
+    expect(onA.predicted.secondsPerToken).toBeCloseTo(onA.stages[0]!.secondsPerToken + 0.009, 12);
+    // The same two twins in either order: only the head's fixed cost differs.
+    const half = p.layerCount / 2;
+    const headB = evaluateCounts(p, nodes, [half, half]).secondsPerToken;
+    const headA = evaluateCounts(p, [...nodes].reverse(), [half, half]).secondsPerToken;
+    expect(headA - headB).toBeCloseTo(0.009 - 0.002, 12);
+  });
+});
 
 describe('planner acceptance scenarios', () => {
   it('chip table fills the nodes: bandwidth and a wired-limit budget', () => {
@@ -204,6 +240,8 @@ describe('planner invariants over random inputs', () => {
         bandwidthBytesPerSecond: (50 + Math.floor(r() * 800)) * GB,
         prefillFlopsPerSecond: (1 + r() * 30) * 1e12,
         linkBytesPerSecond: (0.1 + r() * 2) * GB,
+        // Odd nodes measured their fixed seconds per token as the head (0–8 ms), even ones charge the default.
+        ...(i % 2 === 1 ? { decodeFixedSecondsPerToken: (trial % 5) * 2e-3 } : {}),
       }));
       // Every other trial: some pairs measured (links.ts), so a worker's hop depends on the head.
       const measured = trial % 2 === 1;
@@ -234,7 +272,8 @@ describe('planner invariants over random inputs', () => {
       const graphPerLayer = U * (31 * 8 + 42 * 296);
       const savePerLayer = hostPromptCache ? (promptTokens + o.outputTokens - 1) * 2 * 1024 * 2 : 0;
       const costOf = (order: number[], bounds: number[]): number | undefined => {
-        let decode = o.headOverheadSeconds;
+        const headFixed = linked[order.at(-1)!]!.decodeFixedSecondsPerToken ?? o.headOverheadSeconds;
+        let decode = headFixed;
         let save = 0;
         // Prefill: the workers' compute and boundaries (chain), the head's layers (last), its logits (once).
         let chain = 0;
@@ -274,7 +313,7 @@ describe('planner invariants over random inputs', () => {
         }
         // llama.cpp overlaps ubatch i + 1's chain with the last stage's ubatch i: (A + c + (U − 1)·max(A, c)) per ubatch.
         const prefill = order.length > 1 && U > 1 ? (chain + last + (U - 1) * Math.max(chain, last)) / U : chain + last;
-        const ttft = promptTokens > 0 ? o.headOverheadSeconds + save + prefill + once : 0;
+        const ttft = promptTokens > 0 ? headFixed + save + prefill + once : 0;
         return wd * decode + wt * ttft;
       };
       for (const sub of subsets) {

@@ -23,6 +23,7 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     // A calibrated node (orchard node --calibrate): the measurement travels too.
     effectiveBandwidthBytesPerSecond: 512_000_000_000,
     prefillFlopsPerSecond: 16_000_000_000_000,
+    decodeFixedSecondsPerToken: 0.0042,
     memoryBytes: 206_158_430_208,
     wiredLimitBytes: 154_618_822_656,
     budgetBytes: 9_007_199_254_740_991,
@@ -59,10 +60,11 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
   });
 
   it('an uncalibrated node travels as 0 and reads back as not measured', () => {
-    const { effectiveBandwidthBytesPerSecond: _, prefillFlopsPerSecond: __, ...without } = profile;
+    const { effectiveBandwidthBytesPerSecond: _, prefillFlopsPerSecond: __, decodeFixedSecondsPerToken: ___, ...without } = profile;
     const back = profileFromWire(roundTrip(profileToWire(without)).profile);
     expect(back.effectiveBandwidthBytesPerSecond).toBeUndefined();
     expect(back.prefillFlopsPerSecond).toBeUndefined();
+    expect(back.decodeFixedSecondsPerToken).toBeUndefined();
   });
 
   it('no tunnel (a node without cluster credentials) travels as 0 and reads back as absent', () => {

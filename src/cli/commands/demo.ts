@@ -8,7 +8,8 @@ import { OrchardError } from '../../shared/errors.ts';
 import { readGgufHeader } from '../../shared/gguf/reader.ts';
 import { modelProfile } from '../../shared/model/profile.ts';
 import { formatBandwidth, formatBytes, parseInteger } from '../../shared/units.ts';
-import { type CalibrationEngine, loadCalibration, measureCalibration, startCalibrationEngine } from '../../node/calibrate.ts';
+import { loadCalibration, measureCalibration, startCalibrationEngine } from '../../node/calibrate.ts';
+import type { CalibrationEngine } from '../../node/calibration-engine.ts';
 import { measuredUnderContention } from '../../shared/placement/calibration.ts';
 import type { Calibration } from '../../shared/placement/cost.ts';
 import { apiJson, apiSse } from '../api-client.ts';
@@ -166,6 +167,10 @@ function engineThreads(nodeCount: number): number {
  * - and the engine stays up: after the streamed completion the demo alternates decode windows
  *   between it and the cluster (demo-measure.ts), so the prediction and the measurement it is
  *   checked against are taken in the same seconds.
+ * That measurement is of one depth, so the part of a token's time that does not grow with the
+ * bytes read comes from the machine's own two-depth calibration (cached; taken once if missing:
+ * calibrate.ts): the demo model's bandwidth is bytes ÷ (seconds − that part), and the plan
+ * charges the same part at the head.
  * Returns the measurement, its file for the agents and the engine, or, with --no-calibrate, the
  * machine's cached measurement (taken once if missing) and neither file nor engine.
  */
@@ -179,24 +184,26 @@ async function ensureCalibration(nodeCount: number, m: DemoModel, fresh: boolean
   step('engine calibration');
   const threads = engineThreads(nodeCount);
   let out: DemoCalibration;
+  let machine = await loadCalibration(threads);
+  if (!machine) {
+    process.stderr.write(`measuring this machine's engine with ${threads} thread(s) at two depths (once; cached)…\n`);
+    machine = await run.orAbort(measureCalibration(threads));
+  }
   if (fresh) {
     process.stderr.write(`measuring this machine's engine on ${m.modelPath} with ${threads} thread(s)…\n`);
     const engine = await run.orAbort(startCalibrationEngine(threads, process.env, { model: m.modelPath }));
     keep(engine);
     process.stderr.write(`calibration engine: pids ${engine.pids.join(', ')} (up until the demo ends)\n`);
     const file = join(stateRoot, 'calibration.json');
-    out = { calibration: await run.orAbort(measureCalibration(threads, process.env, { engine, file })), file, engine };
+    // One depth, the demo's own model: what a token costs whatever it reads is the machine's (its two-depth fit).
+    const decodeFixedSecondsPerToken = machine.decodeFixedSecondsPerToken;
+    out = { calibration: await run.orAbort(measureCalibration(threads, process.env, { engine, file, decodeFixedSecondsPerToken })), file, engine };
   } else {
-    let c = await loadCalibration(threads);
-    if (!c) {
-      process.stderr.write(`measuring this machine's engine with ${threads} thread(s) (once; cached)…\n`);
-      c = await run.orAbort(measureCalibration(threads));
-    }
-    out = { calibration: c };
+    out = { calibration: machine };
   }
   const c = out.calibration;
   process.stderr.write(
-    `${threads} thread(s): decode ${formatBandwidth(c.effectiveBandwidthBytesPerSecond)} effective (median of ${c.windows} windows of ${c.decodeTokensPerWindow} tokens, ±${(c.decodeSpread * 100).toFixed(0)} %), ` +
+    `${threads} thread(s): decode ${formatBandwidth(c.effectiveBandwidthBytesPerSecond)} effective + ${(c.decodeFixedSecondsPerToken * 1000).toFixed(1)} ms per token (median of ${c.windows} windows of ${c.decodeTokensPerWindow} tokens, ±${(c.decodeSpread * 100).toFixed(0)} %), ` +
       `prefill ${(c.prefillFlopsPerSecond / 1e9).toFixed(1)} GFLOP/s; other processes used ${c.competingCores.toFixed(2)} of ${c.cores} cores (measured ${new Date(c.measuredAtSeconds * 1000).toISOString()})\n`,
   );
   story.summary.calibration = c;
@@ -310,6 +317,7 @@ async function compareDecode(cluster: LocalCluster, m: DemoModel, prompt: string
         engine: cal.engine,
         engineTokensPerSecond: cal.calibration.decodeTokensPerSecond,
         promptTokensPerSecond: cal.calibration.promptTokensPerSecond,
+        decodeFixedSecondsPerToken: cal.calibration.decodeFixedSecondsPerToken,
         signal: run.signal,
       }),
     );

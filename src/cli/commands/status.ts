@@ -30,6 +30,7 @@ export function statusJson(s: Wire): Wire {
         // Measured by the node (orchard node --calibrate); null until then.
         effectiveBandwidthBytesPerSecond: num(p.effectiveBandwidthBytesPerSecond) || null,
         prefillFlopsPerSecond: num(p.prefillFlopsPerSecond) || null,
+        decodeFixedSecondsPerToken: num(p.decodeFixedSecondsPerToken) || null,
         wiredLimitBytes: num(p.wiredLimitBytes),
         engines: p.engines,
       },
@@ -116,10 +117,11 @@ function stateLine(st: Wire | undefined): string {
   return `state: file ${String(st.location)} (single coordinator, no NATS)\n`;
 }
 
-/** The node's own measurement: decode bandwidth and prefill compute, or '-' before `--calibrate`. */
+/** The node's own measurement: decode bandwidth, its fixed cost per token, prefill compute, or '-' before `--calibrate`. */
 function measured(h: Wire): string {
   const bw = num(h.effectiveBandwidthBytesPerSecond);
-  return bw ? `${formatBandwidth(bw)}, ${(num(h.prefillFlopsPerSecond) / 1e9).toFixed(0)} GFLOP/s` : '-';
+  const fixed = num(h.decodeFixedSecondsPerToken);
+  return bw ? `${formatBandwidth(bw)}${fixed ? ` + ${(fixed * 1000).toFixed(1)} ms/token` : ''}, ${(num(h.prefillFlopsPerSecond) / 1e9).toFixed(0)} GFLOP/s` : '-';
 }
 
 export function registerStatus(program: Command): void {

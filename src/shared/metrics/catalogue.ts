@@ -134,6 +134,12 @@ export const NODE_METRICS = {
     unit: 'bytes/s',
     exportedBy: 'node',
   }),
+  decodeFixedSecondsPerToken: gauge({
+    name: 'orchard_node_decode_fixed_seconds',
+    help: 'Seconds per decoded token this node measured its engine to pay as the head whatever the bytes it reads (orchard node --calibrate, two depths); absent until measured',
+    unit: 'seconds',
+    exportedBy: 'node',
+  }),
   prefillFlopsPerSecond: gauge({
     name: 'orchard_node_prefill_flops_per_second',
     help: 'Prompt-processing FLOP/s this node measured of its engine (orchard node --calibrate); absent until measured',

@@ -1,6 +1,6 @@
 import { memoryModel, stageBytes } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
-import { boundarySeconds } from './cost.ts';
+import { boundarySeconds, headFixedSeconds } from './cost.ts';
 import { llamaLayerDevices } from './llama-args.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
 
@@ -80,7 +80,7 @@ export function evaluateCounts(
     stages.push({ node: node.name, firstLayer: first, lastLayer: first + c - 1, totalBytes: bytes.total, budgetBytes: node.budgetBytes });
     first += c;
   });
-  seconds += o.headOverheadSeconds;
+  seconds += headFixedSeconds(nodes[used.at(-1)!.i]!, o);
   return { stages, secondsPerToken: seconds, tokensPerSecond: 1 / seconds, budgetViolations: violations };
 }
 

@@ -101,6 +101,11 @@ export function activationBytes(profile: ModelProfile, tokens: number): number {
   return tokens * profile.embd * ACTIVATION_BYTES_PER_VALUE;
 }
 
+/** Seconds per token node `n` pays as the head whatever it reads: its measurement, else the options' assumption. */
+export function headFixedSeconds(n: PlacementNode, o: PlacementOptions): number {
+  return n.decodeFixedSecondsPerToken ?? o.headOverheadSeconds;
+}
+
 export function prefillFlopsOf(n: PlacementNode): number {
   return n.prefillFlopsPerSecond ?? defaultPrefillFlops(n.bandwidthBytesPerSecond);
 }
@@ -232,8 +237,20 @@ export function objectiveWeights(o: PlacementOptions): { wd: number; wt: number 
 /** What a node measured of its own engine (`orchard node --calibrate`). */
 export interface Calibration {
   readonly engine: EngineFamily;
-  /** Bytes the planner counts per decoded token ÷ (measured seconds per token − head overhead). */
+  /**
+   * Bytes the planner counts per decoded token ÷ (measured seconds per token −
+   * decodeFixedSecondsPerToken): the slope of the two-depth fit (decode-fit.ts).
+   */
   readonly effectiveBandwidthBytesPerSecond: number;
+  /**
+   * Seconds per decoded token the engine pays whatever the bytes it reads (llama-server's
+   * sampling and HTTP, the graph's launch and its RPC round trips to the local rpc-server): the
+   * intercept of the two-depth fit, or, for a one-depth measurement on another model (the demo's),
+   * the machine's own calibration's. The planner charges it at the head (PlacementNode).
+   */
+  readonly decodeFixedSecondsPerToken: number;
+  /** The depths measured: layers, bytes the planner counts per token, decode rate and spread of each (the first is the record's own model). */
+  readonly depths: readonly { readonly layers: number; readonly readBytesPerToken: number; readonly decodeTokensPerSecond: number; readonly decodeSpread: number }[];
   /** layerPrefillFlops × prompt tokens ÷ measured prompt seconds. */
   readonly prefillFlopsPerSecond: number;
   readonly threads: number;
@@ -260,14 +277,16 @@ export interface Calibration {
  * the planner's own byte and FLOP accounting, so that the planner's prediction for that model on
  * that node reproduces the measurement (the rest is how well bytes and FLOPs extrapolate).
  * `readBytesPerToken` is what the planner counts for one decoded token of the measured model
- * (every layer's reads including the KV share, plus the head's).
+ * (every layer's reads including the KV share, plus the head's); `decodeFixedSecondsPerToken` the
+ * part of a token's seconds that is not reading (the two-depth fit's intercept, else the
+ * planner's assumed head overhead), which the planner charges back at the head.
  */
 export function calibrationRates(
   profile: ModelProfile,
   measured: { readonly decodeTokensPerSecond: number; readonly promptTokensPerSecond: number; readonly promptTokens: number; readonly readBytesPerToken: number },
-  headOverheadSeconds: number,
+  decodeFixedSecondsPerToken: number,
 ): { effectiveBandwidthBytesPerSecond: number; prefillFlopsPerSecond: number } {
-  const perToken = 1 / measured.decodeTokensPerSecond - headOverheadSeconds;
+  const perToken = 1 / measured.decodeTokensPerSecond - decodeFixedSecondsPerToken;
   if (!(perToken > 0)) throw new Error(`decode rate ${measured.decodeTokensPerSecond} tok/s leaves no time for reading weights`);
   const flopsPerToken = layerPrefillFlops(profile, measured.promptTokens).reduce((a, b) => a + b, 0);
   const promptFlops = flopsPerToken * measured.promptTokens + headPrefillFlops(profile);

@@ -29,6 +29,8 @@ export const NodeFileEntry = z
     /** Decode bandwidth the node measured with the engine (`orchard node --calibrate`); wins over the estimate. */
     effectiveBandwidthBytesPerSecond: z.number().positive().finite().optional(),
     prefillFlopsPerSecond: z.number().positive().finite().optional(),
+    /** Seconds per token the node's engine pays as the head whatever it reads (the calibration's fit); else headOverheadSeconds. */
+    decodeFixedSecondsPerToken: z.number().nonnegative().finite().optional(),
     linkBytesPerSecond: z.number().positive().finite().optional(),
   })
   .strict();
@@ -53,6 +55,7 @@ export function resolveNode(e: NodeFileEntry, engine: EngineFamily = 'llama.cpp'
     bandwidthBytesPerSecond: effective,
     prefillFlopsPerSecond: e.prefillFlopsPerSecond ?? defaultPrefillFlops(effective, e.gpuCores),
     ...(e.hopSeconds === undefined ? {} : { hopSeconds: e.hopSeconds }),
+    ...(e.decodeFixedSecondsPerToken === undefined ? {} : { decodeFixedSecondsPerToken: e.decodeFixedSecondsPerToken }),
     ...(e.linkBytesPerSecond === undefined ? {} : { linkBytesPerSecond: e.linkBytesPerSecond }),
   };
 }

@@ -54,11 +54,6 @@ function lin(p: Prepared, i: number, k: number): number {
   return p.wd * p.readPrefix[k]! * p.invBw[i]! + p.wt * p.flopPrefix[k]! * p.invFlops[i]!;
 }
 
-/** Weighted fixed cost of a request (head overhead lands once on decode and once on TTFT). */
-function fixedCost(p: Prepared): number {
-  return (p.wd + (p.o.promptTokens > 0 ? p.wt : 0)) * p.o.headOverheadSeconds;
-}
-
 /**
  * A DP row per k (layers [0, k) placed on workers): `f` the least weighted cost, `chain` that
  * path's prefill seconds (worker compute and boundaries, unweighted: the chain of
@@ -196,7 +191,7 @@ function solve(p: Prepared): Assignment | undefined {
   const tailCh: Int32Array[] = Array.from({ length: N }, () => new Int32Array(L + 1));
 
   let best: Assignment | undefined;
-  // Interchangeable nodes (same budget, bandwidth, hop, pin) give the same cost as head, so only
+  // Interchangeable nodes (same budget, bandwidth, hop, head fixed cost, pin) give the same cost as head, so only
   // the first of each class is tried: exact, and real clusters repeat SKUs a lot.
   const triedHeads = new Set<string>();
   // Every layer at the cheapest node's rates: part of a lower bound for any head.
@@ -204,11 +199,11 @@ function solve(p: Prepared): Assignment | undefined {
   const minInvFlops = Math.min(...p.invFlops);
   // Pipelined prefill is ≥ (chain + last)(1 + 1/U)/2 (max ≥ mean), so the bound scales by that.
   const overlap = p.pipelined ? (1 + 1 / p.ubatches) / 2 : 1;
-  const L0 = p.wd * p.readPrefix[L]! * minInvBw + overlap * p.wt * p.flopPrefix[L]! * minInvFlops + fixedCost(p);
+  const L0 = p.wd * p.readPrefix[L]! * minInvBw + overlap * p.wt * p.flopPrefix[L]! * minInvFlops;
   for (let t = 0; t < N; t++) {
     const h = order[t]!;
     // measured links differ per pair, so no two heads are interchangeable then
-    const cls = p.hopByHead ? String(h) : `${p.budgets[h]}|${p.invBw[h]}|${p.invFlops[h]}|${p.hopCost[h]}|${p.pinned.has(h)}`;
+    const cls = p.hopByHead ? String(h) : `${p.budgets[h]}|${p.invBw[h]}|${p.invFlops[h]}|${p.hopCost[h]}|${p.headFixed[h]}|${p.pinned.has(h)}`;
     if (triedHeads.has(cls)) continue;
     triedHeads.add(cls);
     // Lower bound for this head: its own work, and every layer at the cheapest rates.
@@ -240,7 +235,7 @@ function solve(p: Prepared): Assignment | undefined {
       }
     }
     if (bestJ < 0) continue;
-    const total = bestCost + p.headCost[h]! + fixedCost(p);
+    const total = bestCost + p.headCost[h]!;
     if (best && total >= best.seconds - EPS) continue;
     const choices = (s: number) => (s > t || hops ? tailCh[s]! : prefixCh[s]!);
     best = { stages: reconstruct(order, t, bestJ, L, choices), seconds: total };
@@ -364,11 +359,12 @@ export function describe(p: Prepared, solved: Assignment, rebalanced = true): Pl
   const goal = p.wt > 0 ? (p.o.objective === 'ttft' ? 'time to first token' : 'request time') : 'time per token';
   for (const name of unusedNodes) reasons.push(`${name} unused: adding it would not lower the predicted ${goal}`);
   // a.seconds is the objective; the predictions are recomputed in seconds.
-  const secondsPerToken = stages.reduce((t, s) => t + s.secondsPerToken, 0) + hopSeconds + p.o.headOverheadSeconds;
+  const headFixed = p.headFixed[a.stages.at(-1)!.node]!;
+  const secondsPerToken = stages.reduce((t, s) => t + s.secondsPerToken, 0) + hopSeconds + headFixed;
   const P = p.o.promptTokens;
   const logits = P > 0 ? headPrefillFlops(profile) * p.invFlops[a.stages.at(-1)!.node]! : 0;
   const prefill = P > 0 ? prefillSeconds(stages.map((s) => s.prefillSeconds), boundaries.map((b) => b.prefill), Math.ceil(P / p.o.ubatch), logits, overlapsUbatches(p.o)) : 0;
-  const ttftSeconds = P > 0 ? promptCacheSaveSeconds + prefill + p.o.headOverheadSeconds : 0;
+  const ttftSeconds = P > 0 ? promptCacheSaveSeconds + prefill + headFixed : 0;
   return {
     fits: true,
     stages,

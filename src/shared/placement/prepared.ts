@@ -1,7 +1,7 @@
 import { UsageError } from '../errors.ts';
 import { type MemoryModel, memoryModel } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
-import { boundarySeconds, headPrefillFlops, layerPrefillFlops, layerWire, linkOf, objectiveWeights, prefillFlopsOf } from './cost.ts';
+import { boundarySeconds, headFixedSeconds, headPrefillFlops, layerPrefillFlops, layerWire, linkOf, objectiveWeights, prefillFlopsOf } from './cost.ts';
 import { type StageMemory, stageMemoryOf } from './stage-memory.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
 
@@ -56,8 +56,10 @@ export interface Prepared {
   /** ⌈P ÷ ubatch⌉ ubatches, and whether they overlap on the last stage (options.pipelinedPrefill). */
   readonly ubatches: number;
   readonly pipelined: boolean;
-  /** Weighted cost of the head's own work (output head read, last-position logits) on node i. */
+  /** Weighted cost of the head's own work on node i (output head read, last-position logits, its fixed cost per token). */
   readonly headCost: readonly number[];
+  /** Seconds per token node i pays as the head whatever it reads (headFixedSeconds). */
+  readonly headFixed: readonly number[];
   readonly workerConst: number;
   /** Head of a multi-stage plan (pipeline-parallel compute buffers). */
   readonly headConst: number;
@@ -120,7 +122,9 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
   const links = nodes.map((n) => linkOf(n, o));
   const linksByHead = linked ? nodes.map((h) => nodes.map((n) => linkOf(n, o, h.name))) : undefined;
   const ubatches = P > 0 ? Math.ceil(P / o.ubatch) : 1;
-  const headCost = nodes.map((_, i) => wd * headRead * invBw[i]! + wt * (P > 0 ? headPrefillFlops(profile) * invFlops[i]! : 0));
+  const headFixed = nodes.map((n) => headFixedSeconds(n, o));
+  // The head's fixed cost lands once on decode and once on TTFT (the first token is a token too).
+  const headCost = nodes.map((_, i) => wd * headRead * invBw[i]! + wt * (P > 0 ? headPrefillFlops(profile) * invFlops[i]! : 0) + (wd + (P > 0 ? wt : 0)) * headFixed[i]!);
   const order = nodes
     .map((_, i) => i)
     .sort((a, b) => nodes[b]!.bandwidthBytesPerSecond - nodes[a]!.bandwidthBytesPerSecond || cmp(nodes[a]!.name, nodes[b]!.name));
@@ -151,6 +155,7 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
     ubatches,
     pipelined: overlapsUbatches(o) && ubatches > 1 && wt > 0,
     headCost,
+    headFixed,
     workerConst: memory.workerFixed.total,
     headConst: memory.headConst,
     headConstSingle: memory.headConstSingle,

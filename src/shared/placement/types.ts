@@ -24,6 +24,12 @@ export interface PlacementNode {
    * is measured it replaces hopSeconds and linkBytesPerSecond.
    */
   readonly links?: Readonly<Record<string, LinkCost>>;
+  /**
+   * Seconds per decoded token this node's engine pays as the head whatever the bytes it reads
+   * (sampling, HTTP, the graph's launch and its RPC round trips: cost.ts Calibration), measured
+   * by the node's two-depth calibration; options.headOverheadSeconds when not measured.
+   */
+  readonly decodeFixedSecondsPerToken?: number;
 }
 
 /**
@@ -44,7 +50,12 @@ export interface PlacementOptions extends MemoryOptions {
    * graph compute, get output), so ~1 ms on 10 GbE/Thunderbolt TCP; measured RTTs can override.
    */
   readonly hopSeconds: number;
-  /** Per-token fixed cost of the head (sampling, detokenising, HTTP): 0.5 ms. */
+  /**
+   * Per-token fixed cost of a head that has not measured its own (PlacementNode
+   * decodeFixedSecondsPerToken): sampling, detokenising, HTTP. 0.5 ms is an assumption from
+   * before the calibration measured it, not a measurement; on this project's 2-vCPU Linux VM the
+   * two-depth calibration measures several times more (bench/README.md, bench:decode-depth).
+   */
   readonly headOverheadSeconds: number;
   /** Average fraction of the KV cache a token attends to, for read costs (0.5). */
   readonly kvFill: number;
