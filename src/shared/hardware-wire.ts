@@ -81,7 +81,8 @@ export function profileFromWire(p: Wire | undefined | null): HardwareProfile {
     metricsPort: num(w.metricsPort) || undefined,
     effectiveBandwidthBytesPerSecond: num(w.effectiveBandwidthBytesPerSecond) || undefined,
     prefillFlopsPerSecond: num(w.prefillFlopsPerSecond) || undefined,
-    decodeFixedSecondsPerToken: num(w.decodeFixedSecondsPerToken) || undefined,
+    // A calibrated node's fixed part is a measurement even when its fit found none (0).
+    decodeFixedSecondsPerToken: num(w.effectiveBandwidthBytesPerSecond) ? num(w.decodeFixedSecondsPerToken) : undefined,
     tunnelPort: num(w.tunnelPort) || undefined,
     enginePorts: enginePortsFromWire(w.enginePorts as Wire | null | undefined),
   };

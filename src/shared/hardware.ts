@@ -47,8 +47,9 @@ export interface HardwareProfile {
   readonly prefillFlopsPerSecond?: number | undefined;
   /**
    * Seconds per decoded token the engine pays as the head whatever the bytes it reads (the
-   * calibration's two-depth fit: placement/decode-fit.ts). Absent (0 on the wire) until measured,
-   * or when the fit found none; the planner then charges PlacementOptions.headOverheadSeconds.
+   * calibration's two-depth fit: placement/decode-fit.ts; 0 when it found none). Absent until
+   * measured (on the wire: no measured bandwidth); the planner then charges
+   * PlacementOptions.headOverheadSeconds.
    */
   readonly decodeFixedSecondsPerToken?: number | undefined;
   /**

@@ -67,6 +67,11 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     expect(back.decodeFixedSecondsPerToken).toBeUndefined();
   });
 
+  it('a calibrated node whose fit found no fixed part travels as a measured 0', () => {
+    const back = profileFromWire(roundTrip(profileToWire({ ...profile, decodeFixedSecondsPerToken: 0 })).profile);
+    expect(back.decodeFixedSecondsPerToken).toBe(0);
+  });
+
   it('no tunnel (a node without cluster credentials) travels as 0 and reads back as absent', () => {
     const { tunnelPort: _, ...without } = profile;
     expect(profileToWire(without).tunnelPort).toBe(0);

@@ -30,7 +30,7 @@ export function statusJson(s: Wire): Wire {
         // Measured by the node (orchard node --calibrate); null until then.
         effectiveBandwidthBytesPerSecond: num(p.effectiveBandwidthBytesPerSecond) || null,
         prefillFlopsPerSecond: num(p.prefillFlopsPerSecond) || null,
-        decodeFixedSecondsPerToken: num(p.decodeFixedSecondsPerToken) || null,
+        decodeFixedSecondsPerToken: num(p.effectiveBandwidthBytesPerSecond) ? num(p.decodeFixedSecondsPerToken) : null,
         wiredLimitBytes: num(p.wiredLimitBytes),
         engines: p.engines,
       },
@@ -121,7 +121,7 @@ function stateLine(st: Wire | undefined): string {
 function measured(h: Wire): string {
   const bw = num(h.effectiveBandwidthBytesPerSecond);
   const fixed = num(h.decodeFixedSecondsPerToken);
-  return bw ? `${formatBandwidth(bw)}${fixed ? ` + ${(fixed * 1000).toFixed(1)} ms/token` : ''}, ${(num(h.prefillFlopsPerSecond) / 1e9).toFixed(0)} GFLOP/s` : '-';
+  return bw ? `${formatBandwidth(bw)} + ${(fixed * 1000).toFixed(1)} ms/token, ${(num(h.prefillFlopsPerSecond) / 1e9).toFixed(0)} GFLOP/s` : '-';
 }
 
 export function registerStatus(program: Command): void {

@@ -81,7 +81,7 @@ export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string)
       // the engine's decode efficiency (cost.ts). The measurement is of llama.cpp, not MLX.
       bandwidthBytesPerSecond: effectiveBandwidth(n.profile.bandwidthBytesPerSecond || 100e9, mlx ? 'mlx' : 'llama.cpp', mlx ? undefined : n.profile.effectiveBandwidthBytesPerSecond),
       ...(!mlx && n.profile.prefillFlopsPerSecond ? { prefillFlopsPerSecond: n.profile.prefillFlopsPerSecond } : {}),
-      ...(!mlx && n.profile.decodeFixedSecondsPerToken ? { decodeFixedSecondsPerToken: n.profile.decodeFixedSecondsPerToken } : {}),
+      ...(!mlx && n.profile.decodeFixedSecondsPerToken !== undefined ? { decodeFixedSecondsPerToken: n.profile.decodeFixedSecondsPerToken } : {}),
       // MLX plans keep the driver's assumed ring/JACCL figures (a JACCL link is not the tunnel probed)
       ...(!mlx && measured?.get(name) ? { links: measured.get(name)! } : {}),
     }));

@@ -154,7 +154,7 @@ export function recordNodeProfile(m: NodeMetricSet, profile: HardwareProfile, li
   // No series until measured: a 0 would read as "measured zero".
   if (profile.effectiveBandwidthBytesPerSecond) m.effectiveBandwidthBytesPerSecond.set(profile.effectiveBandwidthBytesPerSecond);
   if (profile.prefillFlopsPerSecond) m.prefillFlopsPerSecond.set(profile.prefillFlopsPerSecond);
-  if (profile.decodeFixedSecondsPerToken) m.decodeFixedSecondsPerToken.set(profile.decodeFixedSecondsPerToken);
+  if (profile.decodeFixedSecondsPerToken !== undefined) m.decodeFixedSecondsPerToken.set(profile.decodeFixedSecondsPerToken);
   m.wiredLimitBytes.set(profile.wiredLimitBytes);
   if (live) {
     m.availableMemoryBytes.set(live.availableBytes);
