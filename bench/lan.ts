@@ -27,7 +27,9 @@
  * with every node's rates replaced): `repricedTokensPerSecond` / `repricedTtftMs`,
  * `repricedDecodeError`, `repricedTtftError`, `repricedGoals`; `engineWindows` the engine's rates.
  * They separate drift from model error (session 9: repriced decode came out 11–33 % slow in every
- * scenario, a bias of pricing 36 layers from the 12-layer engine; repriced TTFT was closer).
+ * scenario; session 10's bench:decode-depth put ~6 % of that on a fixed part per token that the
+ * one-depth calibration folded into the bandwidth — now fitted at two depths — and the rest on
+ * the calibration figure's drift between runs).
  *
  * TTFT requests are fresh prompts of alternating length, each after one like it (so llama-server
  * first saves that one's KV to its prompt cache, and the workers get a new graph: rpc-wire.ts);
