@@ -105,7 +105,8 @@ describeWith([engines], 'orchard demo', () => {
     // Streamed text follows the prompt, then the numbers.
     expect(r.stdout).toMatch(/Once upon a time\S*.+\n\n12 tokens \(finish: length\)/s);
     expect(r.stdout).toMatch(/\d+\.\d tok\/s \(engine\)/);
-    expect(r.stdout).toMatch(/RPC0\[127\.0\.0\.1:\d+\]/);
+    // Local rpc-servers and tunnel forwarders are Unix sockets in the agent's private dir (engine-sockets.ts).
+    expect(r.stdout).toMatch(/RPC0\[unix:\/\S+\.sock\]/);
     // No ANSI colours in a pipe.
     expect(r.stdout.includes('\u001b[')).toBe(false);
     expect(r.stderr).toMatch(/stopped 4 processes/);

@@ -7,8 +7,9 @@ import type { PlannedDevice } from './verify.ts';
  * device, and the devices verification expects. Pure. The split arithmetic is the planner's
  * (`llamaDeviceArgs`, src/shared/placement/llama-args.ts); this adds what the coordinator owns:
  * * Device names. RPC devices are `RPC<dev>[host:port]` (one device per server here, so
- *   `RPC0[…]`, host:port being the 127.0.0.1 endpoint the head dials — the rpc-server itself on
- *   the head's node, a tunnel forwarder for another node); the head's Metal GPU is `MTL0`. `--device` names them in stage order so the
+ *   `RPC0[…]`, the endpoint the head dials: `unix:<path>` of the rpc-server itself on the head's
+ *   node or of a tunnel forwarder for another node (src/node/engine-sockets.ts), or a
+ *   127.0.0.1 host:port where an agent runs without Unix legs); the head's Metal GPU is `MTL0`. `--device` names them in stage order so the
  *   order never depends on registration order (llama.cpp: RPC first, then local GPUs).
  * * On a CPU-only build (Linux here) the CPU is not a device for -ngl/--tensor-split, so the
  *   head's own layers (and the output layer) need a ggml-rpc-server on the head node's
@@ -50,8 +51,8 @@ const targetKey = (t: RpcTarget) => `${t.nodeId}/${t.enginePort}`;
 export interface HeadLayout {
   readonly llama: LlamaServerOptions;
   /**
-   * The devices verification expects, named as llama-server's log names them: by the 127.0.0.1
-   * endpoint it dials for each rpc target (direct, or a tunnel forwarder the head agent picked),
+   * The devices verification expects, named as llama-server's log names them: by the local
+   * endpoint it dials (a Unix socket, or 127.0.0.1 host:port) for each rpc target (direct, or a tunnel forwarder the head agent picked),
    * which the agent reports in StartEngineResponse.rpc_endpoints, one per `llama.rpc` entry.
    */
   devices(rpcEndpoints: readonly string[]): PlannedDevice[];
