@@ -68,7 +68,11 @@ func (r *relay) engine(port int) (socket string, ok bool) {
 // 127.0.0.1 port (MLX ring ranks).
 func dialEngine(port int, socket string) (net.Conn, error) {
 	if socket != "" {
-		return net.Dial("unix", socket)
+		engine, err := net.Dial("unix", socket)
+		if err == nil {
+			unixBuffers(engine)
+		}
+		return engine, err
 	}
 	engine, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 	if err == nil {

@@ -51,6 +51,18 @@ const maxLine = 256
 
 type identity struct{ role, id string }
 
+// unixSocketBuffer: a Unix stream socket's buffers start small (~208 KiB on Linux, 8 KiB on
+// macOS) and, unlike loopback TCP's, never grow, so a weight upload would wake the relay and the
+// engine every few hundred KiB; as large as loopback TCP autotunes to (the kernel caps it).
+const unixSocketBuffer = 4 << 20
+
+func unixBuffers(c net.Conn) {
+	if uc, ok := c.(*net.UnixConn); ok {
+		uc.SetWriteBuffer(unixSocketBuffer)
+		uc.SetReadBuffer(unixSocketBuffer)
+	}
+}
+
 // listen: `unix:<path>` (forward mode: the head engine's side, a socket in the agent's private
 // directory; a stale socket file there is replaced) or a TCP address. The port it reports is 0
 // for a socket.
@@ -195,6 +207,7 @@ func main() {
 		if tc, ok := conn.(*net.TCPConn); ok {
 			tc.SetNoDelay(true)
 		}
+		unixBuffers(conn)
 		if c.Mode == "listen" {
 			go r.serveWorker(conn)
 		} else {

@@ -59,7 +59,8 @@ describeWith([program('git', ['--version'])], 'llama.cpp patches', () => {
     expect(after).toContain('socket_t::create_server_unix(unix_path)');
     const transport = await readFile(join(root, TRANSPORT), 'utf8');
     expect(transport).toContain('socket(AF_UNIX, SOCK_STREAM, 0)');
-    expect(transport).toContain('!is_unix_socket(client_socket_fd) && !set_no_delay(client_socket_fd)');
+    expect(transport).toContain('!unix_socket && !set_no_delay(client_socket_fd)');
+    expect(transport.match(/set_unix_buffers\((client_socket_fd|sockfd)\);/g)).toHaveLength(2);
     expect(await readFile(join(root, RPC_SERVER), 'utf8')).toContain('unix_socket ? params.host :');
 
     expect(await applyLlamaPatches('git', root, patches, buildLog())).toEqual([]);

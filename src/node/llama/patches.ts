@@ -36,7 +36,8 @@ import { type BuildLog, runCapture, runLogged } from './toolchain.ts';
  * takes `-H <path>.sock` as llama-server's --host does — both spellings are accepted): an RPC
  * endpoint `unix:<path>` is a Unix-domain socket, for the client (llama-server `--rpc`) and the
  * server (`ggml-rpc-server -H unix:<path>`; a stale socket file is replaced, any other file is left
- * alone and refused; TCP_NODELAY only on TCP). The agent's rpc-servers listen only there, in its
+ * alone and refused; TCP_NODELAY only on TCP; 4 MiB socket buffers, since a Unix stream socket's
+ * stay at their small default — 8 KiB on macOS — where loopback TCP's autotune). The agent's rpc-servers listen only there, in its
  * 0700 socket directory (engine-sockets.ts): no local user but the agent's can reach them, and the
  * loopback legs of a tunnel skip the TCP stack (bench:tunnel). Touches ggml-rpc's transport.cpp/.h
  * and tools/rpc/rpc-server.cpp (kept with the source files too).
