@@ -20,6 +20,7 @@ export function engineToWire(e: EngineInfo): Wire {
     model: e.model,
     startedAtSeconds: e.startedAtSeconds,
     argv: [...e.argv],
+    socket: e.socket ?? '',
   };
 }
 

@@ -3,6 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { readdir, readFile } from 'node:fs/promises';
 import { createServer, Socket } from 'node:net';
 import { promisify } from 'node:util';
+import { canConnectSocket } from '../../src/node/ports.ts';
 
 /**
  * Real child processes for the cluster tests (coordinators, agents): spawned in their own
@@ -146,6 +147,16 @@ export function alive(pid: number): boolean {
       return false;
     }
   }
+}
+
+/**
+ * Whether the engine behind a stage endpoint as `orchard status` shows it accepts: `unix:<path>`
+ * (an agent's rpc-server, engine-sockets.ts) or host:port.
+ */
+export function canConnectEndpoint(endpoint: string): Promise<boolean> {
+  if (endpoint.startsWith('unix:')) return canConnectSocket(endpoint.slice('unix:'.length));
+  const i = endpoint.lastIndexOf(':');
+  return canConnect(endpoint.slice(0, i), Number(endpoint.slice(i + 1)));
 }
 
 /** Whether a TCP connect to host:port succeeds within 1 s (a refused or silent port: false). */

@@ -4,9 +4,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { localCoordinatorClient } from '../../src/cli/credentials.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
-import { canConnectSocket } from '../../src/node/ports.ts';
 import { plainLlamaTokens } from '../helpers/oracle.ts';
-import { canConnect, freePort, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
+import { canConnectEndpoint, freePort, killGroup, orchard, type Proc, readyLine, sleep, spawnProc } from '../helpers/processes.ts';
 import { modelThatMustSplit } from '../helpers/split-model.ts';
 
 /*
@@ -35,18 +34,6 @@ function start(name: string, args: string[], env: NodeJS.ProcessEnv, file = proc
   return p;
 }
 
-/**
- * Whether the engine behind a stage endpoint (host:port) accepts: a llama-server on its port, an
- * rpc-server at its Unix socket in its agent's socket directory (`socketDirs`: the port is only
- * its identity, it listens on no TCP port).
- */
-async function endpointOpen(hostPort: string, socketDirs: readonly string[]): Promise<boolean> {
-  const i = hostPort.lastIndexOf(':');
-  const port = Number(hostPort.slice(i + 1));
-  if (await canConnect(hostPort.slice(0, i), port)) return true;
-  for (const d of socketDirs) if (await canConnectSocket(join(d, `rpc-${port}.sock`))) return true;
-  return false;
-}
 
 describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () => {
   let dir: string;
@@ -57,7 +44,6 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
   let coordAddr: string;
   let token: string;
   const agents = new Map<string, { proc: Proc; address: string; nodeId: string }>();
-  const socketDirs = () => [...agents.keys()].map((name) => join(dir, name, 'run', 'sockets'));
   let oracle: number[];
 
   beforeAll(async () => {
@@ -241,7 +227,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     // No engine left after 5 s: every endpoint of the instance refuses connections, and the
     // surviving agents report no engines.
     await sleep(5000);
-    for (const e of endpoints) expect(await endpointOpen(e, socketDirs()), `${e} still accepting`).toBe(false);
+    for (const e of endpoints) expect(await canConnectEndpoint(e), `${e} still accepting`).toBe(false);
     const s = await status();
     expect(s.nodes.find((n) => n.id === worker.nodeId)!.state).toBe('down');
     const failed = s.models.find((x) => x.name === 'm8')!;
@@ -302,7 +288,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
   it('a restarted coordinator that lost its stored instances cleans up the engines its predecessor left on the agents', async () => {
     const m = (await status()).models.find((x) => x.name === 'm8')!;
     const endpoints = m.stages.map((s) => s.endpoint).filter(Boolean);
-    for (const e of endpoints) expect(await endpointOpen(e, socketDirs())).toBe(true);
+    for (const e of endpoints) expect(await canConnectEndpoint(e)).toBe(true);
     // A crash, not a clean stop: nothing gets to unload. File store (--no-nats): without
     // instances.json nothing claims the engines (with it they are re-adopted:
     // coordinator-restart.test.ts).
@@ -317,7 +303,7 @@ describe('cluster: coordinator + 3 node agents, static join on 127.0.0.1', () =>
     while (Date.now() < deadline && open > 0) {
       await sleep(250);
       open = 0;
-      for (const e of endpoints) if (await endpointOpen(e, socketDirs())) open++;
+      for (const e of endpoints) if (await canConnectEndpoint(e)) open++;
     }
     expect(open).toBe(0);
     const s = await status();

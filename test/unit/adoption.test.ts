@@ -8,7 +8,7 @@ import { sampleRecord } from '../helpers/instance-store-contract.ts';
 function liveOf(rec: InstanceRecord): Map<string, EngineInfo[]> {
   const live = new Map<string, EngineInfo[]>();
   for (const e of rec.engines) {
-    const info: EngineInfo = { engineId: e.engineId, kind: e.kind as EngineInfo['kind'], host: '127.0.0.1', port: e.port, pid: e.pid, model: rec.name, startedAtSeconds: 1, argv: e.argv };
+    const info: EngineInfo = { engineId: e.engineId, kind: e.kind as EngineInfo['kind'], host: '127.0.0.1', port: e.port, pid: e.pid, model: rec.name, startedAtSeconds: 1, argv: e.argv, socket: '' };
     live.set(e.nodeId, [...(live.get(e.nodeId) ?? []), info]);
   }
   return live;
@@ -59,7 +59,7 @@ describe('adoptionProblems: may a restarted coordinator serve a stored instance 
 
 describe('orphanEngines', () => {
   it('names this cluster’s engines nobody claims, and only those', () => {
-    const e = (engineId: string): EngineInfo => ({ engineId, kind: 'ENGINE_KIND_RPC_SERVER', host: '', port: 1, pid: 1, model: '', startedAtSeconds: 0, argv: [] });
+    const e = (engineId: string): EngineInfo => ({ engineId, kind: 'ENGINE_KIND_RPC_SERVER', host: '', port: 1, pid: 1, model: '', startedAtSeconds: 0, argv: [], socket: '' });
     const running = [e('oc0ffee00-aa-head'), e('oc0ffee00-bb-head'), e('oother000-cc-head')];
     expect(orphanEngines(running, 'oc0ffee00-', (id) => id === 'oc0ffee00-aa-head').map((x) => x.engineId)).toEqual(['oc0ffee00-bb-head']);
   });

@@ -1,4 +1,4 @@
-import type { EngineInfo } from '../membership/wire.ts';
+import { type EngineInfo, engineEndpoint } from '../membership/wire.ts';
 import type { InstanceRecord, StoredEngine } from '../state/instance-store.ts';
 
 /**
@@ -56,10 +56,7 @@ function engineDifference(stored: StoredEngine, now: EngineInfo): string | undef
 function rpcWiringProblems(rec: InstanceRecord, found: ReadonlyMap<string, EngineInfo>): string[] {
   // Started in parallel, recorded in any order: the stage is in the id (`…-s<stage>-rpc`).
   const workers = rec.engines.filter((e) => !e.head && e.kind === 'ENGINE_KIND_RPC_SERVER').sort((a, b) => stageOf(a.engineId) - stageOf(b.engineId));
-  const endpoints = workers.map((w) => {
-    const x = found.get(w.engineId)!;
-    return `${x.host || '127.0.0.1'}:${x.port}`;
-  });
+  const endpoints = workers.map((w) => engineEndpoint(found.get(w.engineId)!));
   const expected = rec.endpoints.filter(Boolean);
   return sameList(endpoints, expected) ? [] : [`the rpc-servers listen on ${endpoints.join(',') || 'nothing'}, the record says ${expected.join(',') || 'nothing'}`];
 }

@@ -17,6 +17,13 @@ export interface EngineInfo {
   readonly startedAtSeconds: number;
   /** The exact command line the agent ran (binary first). */
   readonly argv: readonly string[];
+  /** An rpc-server's Unix-domain socket on its node (where it listens; `port` is then its identity only); '' = none. */
+  readonly socket: string;
+}
+
+/** Where an engine listens on its node: its Unix socket (`unix:<path>`, llama.cpp's endpoint syntax) or host:port. */
+export function engineEndpoint(e: EngineInfo): string {
+  return e.socket ? `unix:${e.socket}` : `${e.host || '127.0.0.1'}:${e.port}`;
 }
 
 export function engineFromWire(e: Wire | undefined | null): EngineInfo {
@@ -30,5 +37,6 @@ export function engineFromWire(e: Wire | undefined | null): EngineInfo {
     model: str(w.model),
     startedAtSeconds: num(w.startedAtSeconds),
     argv: Array.isArray(w.argv) ? w.argv.map(String) : [],
+    socket: str(w.socket),
   };
 }

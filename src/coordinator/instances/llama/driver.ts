@@ -3,6 +3,7 @@ import { UsageError } from '../../../shared/errors.ts';
 import { CoordinatorError } from '../../errors.ts';
 import type { StartEngineOptions } from '../../membership/agent-client.ts';
 import type { NodeEntry } from '../../membership/registry.ts';
+import { engineEndpoint } from '../../membership/wire.ts';
 import {
   type AdoptedEngines,
   type Cluster,
@@ -184,8 +185,8 @@ class LlamaGroup extends RosterGroup implements EngineGroup {
           },
           90_000,
         );
-        // Engines bind 127.0.0.1 on their node; other nodes reach this one through its tunnel.
-        this.endpoints[i] = `${engine.host || '127.0.0.1'}:${engine.port}`;
+        // Where the stage listens on its node; other nodes reach it through that node's tunnel.
+        this.endpoints[i] = engineEndpoint(engine);
         const tunnelPort = node.profile.tunnelPort;
         const target: RpcTarget = { nodeId: node.nodeId, enginePort: engine.port, ...(tunnelPort ? { tunnel: { host: hostOf(node.address), port: tunnelPort } } : {}) };
         return target;
