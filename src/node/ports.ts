@@ -195,23 +195,17 @@ export async function listensOn(pid: number, port?: number): Promise<boolean | u
 
 /** One TCP connect attempt; true when something accepts on host:port. */
 export function canConnect(host: string, port: number, timeoutMs = 1000): Promise<boolean> {
-  return new Promise((resolve) => {
-    const sock = connect({ host, port });
-    const done = (ok: boolean) => {
-      sock.removeAllListeners();
-      sock.destroy();
-      resolve(ok);
-    };
-    sock.setTimeout(timeoutMs, () => done(false));
-    sock.once('connect', () => done(true));
-    sock.once('error', () => done(false));
-  });
+  return acceptsConnection({ host, port }, timeoutMs);
 }
 
 /** Whether a Unix-domain socket at `path` accepts a connection (closed at once). */
 export function canConnectSocket(path: string, timeoutMs = 1000): Promise<boolean> {
+  return acceptsConnection({ path }, timeoutMs);
+}
+
+function acceptsConnection(to: { host: string; port: number } | { path: string }, timeoutMs: number): Promise<boolean> {
   return new Promise((resolve) => {
-    const sock = connect({ path });
+    const sock = connect(to);
     const done = (ok: boolean) => {
       sock.removeAllListeners();
       sock.destroy();
