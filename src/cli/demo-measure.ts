@@ -5,6 +5,7 @@ import type { CalibrationEngine } from '../node/calibration-engine.ts';
 import { completionBody } from '../node/generate.ts';
 import { OrchardError } from '../shared/errors.ts';
 import { anotherWindow, median, relativeSpread, repricedTokensPerSecond, type WindowPolicy, windowTokens } from '../shared/placement/calibration.ts';
+import { boundaryOverhead } from '../shared/placement/decode-fit.ts';
 import { apiSse } from './api-client.ts';
 
 /**
@@ -19,12 +20,17 @@ import { apiSse } from './api-client.ts';
  * calibration engine (llama-server with the same flags on the whole model, one node), in ABBA
  * order so a steady drift weighs on both alike. Each side's figure is its windows' median; the
  * plan's decode prediction is priced again with the bandwidth the engine's median gives
- * (repricedTokensPerSecond: the same stages, hops and head cost).
+ * (repricedTokensPerSecond: the same stages, hops and head cost). With a tunnelled engine (the
+ * demo model split in two, its first stage behind a loopback engine tunnel, as the calibration
+ * measures the boundary overhead), its windows join the rotation and every worker boundary is
+ * priced again with the overhead its median gives beside the engine's (decode-fit.ts
+ * boundaryOverhead): on this shared 2-vCPU machine a boundary's wake-ups drift with the load as
+ * much as the bandwidth does (0.3–2.5 ms within one session).
  */
 export const DEMO_WINDOWS: WindowPolicy = { min: 3, max: 7, budgetSeconds: 15 };
 
 const planCostSchema = z.object({
-  stages: z.array(z.object({ readBytesPerToken: z.number().positive(), secondsPerToken: z.number().positive() }).loose()).min(1),
+  stages: z.array(z.object({ role: z.string(), readBytesPerToken: z.number().positive(), secondsPerToken: z.number().positive() }).loose()).min(1),
   predicted: z.object({ secondsPerToken: z.number().positive() }).loose(),
 });
 
@@ -32,10 +38,15 @@ export interface DecodeAgreement {
   readonly predictedTokensPerSecond: number;
   readonly measuredTokensPerSecond: number;
   readonly windowTokens: number;
-  /** Each pair: the cluster's and the calibration engine's decode tokens/s, in the order taken. */
-  readonly windows: readonly { readonly cluster: number; readonly engine: number }[];
+  /** Each round: the cluster's, the calibration engine's and (when measured) the tunnelled engine's decode tokens/s. */
+  readonly windows: readonly { readonly cluster: number; readonly engine: number; readonly tunnelled?: number }[];
   readonly engineTokensPerSecond: number;
   readonly effectiveBandwidthBytesPerSecond: number;
+  /** With a tunnelled engine: its median and the boundary overhead it gives beside the engine's. */
+  readonly tunnelledTokensPerSecond?: number;
+  readonly boundaryOverheadSeconds?: number;
+  /** The link probe's median round trip over the tunnelled engine's tunnel, one probe a round. */
+  readonly probeRttSeconds?: number;
   /** ±spread of each side's windows around its median. */
   readonly spread: { readonly cluster: number; readonly engine: number };
   readonly loadAverage1m: { readonly start: number; readonly end: number };
@@ -69,37 +80,54 @@ export async function measureAgreement(o: {
   readonly promptTokensPerSecond: number;
   /** The calibration's fixed seconds per token: the engine's windows are priced with it, as the plan's head is. */
   readonly decodeFixedSecondsPerToken: number;
+  /**
+   * The demo model split in two, its first stage tunnelled (calibrate.ts), with the boundary
+   * overhead the plan was priced with and the probe's round trip over its tunnel.
+   */
+  readonly tunnelled?: { readonly engine: CalibrationEngine; readonly plannedOverheadSeconds: number };
   readonly signal: AbortSignal;
   readonly policy?: WindowPolicy;
 }): Promise<DecodeAgreement> {
   const plan = planCostSchema.parse(o.plan);
   const tokens = windowTokens(o.engineTokensPerSecond);
   const engineBody = completionBody({ prompt: o.prompt, maxTokens: tokens, temperature: 0, topP: 0, seed: 0, stop: [] });
-  const cluster = () => clusterWindow(o.baseUrl, o.model, o.prompt, tokens, o.signal);
-  const engine = async () => (await o.engine.request(engineBody, o.signal)).decode;
+  const sides: (() => Promise<number>)[] = [
+    () => clusterWindow(o.baseUrl, o.model, o.prompt, tokens, o.signal),
+    async () => (await o.engine.request(engineBody, o.signal)).decode,
+    ...(o.tunnelled ? [async () => (await o.tunnelled!.engine.request(engineBody, o.signal)).decode] : []),
+  ];
   const start = loadavg()[0] ?? 0;
   const t0 = performance.now();
-  const windows: { cluster: number; engine: number }[] = [];
-  while (anotherWindow(o.policy ?? DEMO_WINDOWS, windows.length, (performance.now() - t0) / 1000)) {
-    if (windows.length % 2 === 0) {
-      const c = await cluster();
-      windows.push({ cluster: c, engine: await engine() });
-    } else {
-      const e = await engine();
-      windows.push({ cluster: await cluster(), engine: e });
-    }
+  const rounds: number[][] = [];
+  const probes: number[] = [];
+  const policy = o.policy ?? { ...DEMO_WINDOWS, budgetSeconds: (DEMO_WINDOWS.budgetSeconds * sides.length) / 2 };
+  while (anotherWindow(policy, rounds.length, (performance.now() - t0) / 1000)) {
+    // ABC then CBA: a steady drift weighs on every side alike.
+    const order = sides.map((_, i) => i);
+    if (rounds.length % 2 === 1) order.reverse();
+    const round: number[] = [];
+    for (const i of order) round[i] = await sides[i]!();
+    rounds.push(round);
+    // The probe's round trip over the tunnel, once a round, beside the windows it is taken from.
+    if (o.tunnelled?.engine.probeRttSeconds) probes.push(await o.tunnelled.engine.probeRttSeconds());
   }
+  const windows = rounds.map(([cluster, engine, tunnelled]) => ({ cluster: cluster!, engine: engine!, ...(tunnelled !== undefined ? { tunnelled } : {}) }));
   const clusterRates = windows.map((w) => w.cluster);
   const engineRatesMeasured = windows.map((w) => w.engine);
   const engineTokensPerSecond = median(engineRatesMeasured);
   const bandwidth = engineRates(o.header, engineTokensPerSecond, o.promptTokensPerSecond, o.decodeFixedSecondsPerToken).effectiveBandwidthBytesPerSecond;
+  const tunnelledTokensPerSecond = o.tunnelled ? median(windows.map((w) => w.tunnelled!)) : undefined;
+  const boundaryOverheadSeconds =
+    o.tunnelled && tunnelledTokensPerSecond ? boundaryOverhead({ decodeTokensPerSecond: engineTokensPerSecond }, { decodeTokensPerSecond: tunnelledTokensPerSecond }, probes.length ? median(probes) : 0) : undefined;
+  const boundary = o.tunnelled && boundaryOverheadSeconds !== undefined ? { plannedSeconds: o.tunnelled.plannedOverheadSeconds, measuredSeconds: boundaryOverheadSeconds } : undefined;
   return {
-    predictedTokensPerSecond: repricedTokensPerSecond(plan, bandwidth),
+    predictedTokensPerSecond: repricedTokensPerSecond(plan, bandwidth, boundary),
     measuredTokensPerSecond: median(clusterRates),
     windowTokens: tokens,
     windows,
     engineTokensPerSecond,
     effectiveBandwidthBytesPerSecond: bandwidth,
+    ...(tunnelledTokensPerSecond !== undefined ? { tunnelledTokensPerSecond, boundaryOverheadSeconds, probeRttSeconds: probes.length ? median(probes) : 0 } : {}),
     spread: { cluster: relativeSpread(clusterRates), engine: relativeSpread(engineRatesMeasured) },
     loadAverage1m: { start, end: loadavg()[0] ?? 0 },
   };

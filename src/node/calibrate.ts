@@ -11,7 +11,7 @@ import { memoryModel } from '../shared/memory/stage.ts';
 import { modelProfile } from '../shared/model/profile.ts';
 import { anotherWindow, CALIBRATION_WINDOWS, competingCores, median, relativeSpread, uncontendedRate, waitedFraction, windowTokens } from '../shared/placement/calibration.ts';
 import { type Calibration, calibrationRates } from '../shared/placement/cost.ts';
-import { fitDecodeCost } from '../shared/placement/decode-fit.ts';
+import { boundaryOverhead, fitDecodeCost } from '../shared/placement/decode-fit.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../shared/placement/types.ts';
 import { type LlamaTestShape, llamaTestModelSpec } from '../shared/testmodel/llama.ts';
 import { uniformSource } from '../shared/testmodel/prng.ts';
@@ -71,6 +71,16 @@ const calibrationSchema = z.object({
   engine: z.enum(['llama.cpp', 'mlx']),
   effectiveBandwidthBytesPerSecond: z.number().positive().finite(),
   decodeFixedSecondsPerToken: z.number().nonnegative().finite(),
+  boundaryOverheadSeconds: z.number().nonnegative().finite().optional(),
+  boundary: z
+    .object({
+      layers: z.number().int().positive(),
+      decodeTokensPerSecond: z.number().positive(),
+      tunnelledDecodeTokensPerSecond: z.number().positive(),
+      tunnelledDecodeSpread: z.number().nonnegative(),
+      probeRttSeconds: z.number().nonnegative(),
+    })
+    .optional(),
   depths: z.array(z.object({ layers: z.number().int().positive(), readBytesPerToken: z.number().positive(), decodeTokensPerSecond: z.number().positive(), decodeSpread: z.number().nonnegative() })).min(1),
   prefillFlopsPerSecond: z.number().positive().finite(),
   threads: z.number().int().positive(),
@@ -96,9 +106,10 @@ function calibrationDir(env: NodeJS.ProcessEnv): string {
  * Bumped when the measurement changes, so an older figure is measured again (v2: the agents'
  * engine flags; v3: windows of about a second, their median, and the competing load recorded;
  * v4: each window's rates without the time the engine waited for its cores; v5: two depths, the
- * bandwidth the slope of their fit and its intercept the fixed seconds per token).
+ * bandwidth the slope of their fit and its intercept the fixed seconds per token; v6: the
+ * boundary overhead, beside them).
  */
-const METHOD = 'v5';
+const METHOD = 'v6';
 
 function calibrationFile(env: NodeJS.ProcessEnv, engineBuild: string, threads: number): string {
   return join(calibrationDir(env), `${engineBuild.replace(/[^\w.+-]/g, '_')}-t${threads}-${METHOD}.json`);
@@ -228,6 +239,44 @@ export interface MeasureOptions extends CalibrationEngineOptions {
    * measure one depth only and take the bandwidth as bytes ÷ (seconds − this).
    */
   readonly decodeFixedSecondsPerToken?: number;
+  /**
+   * The same model split in two with its first stage behind a loopback engine tunnel (the caller
+   * started it with `rpcServers: 2, tunnelledStages: 1` and stops it), for the boundary overhead
+   * instead of starting one.
+   */
+  readonly tunnelledEngine?: CalibrationEngine;
+}
+
+/**
+ * Whether this machine's calibration engine can measure a tunnelled boundary: it splits layers
+ * over local rpc-servers only where llama-server runs on the CPU (not macOS, calibration-engine.ts).
+ */
+const measuresBoundary = (): boolean => process.platform !== 'darwin';
+
+/** The engines one measurement alternates between: the record's, the shallow depth's, the tunnelled split's (the last two when measured). */
+interface CalibrationEngines {
+  readonly deep: CalibrationEngine;
+  readonly shallow?: CalibrationEngine;
+  readonly tunnelled?: CalibrationEngine;
+}
+
+async function startCalibrationEngines(threads: number, env: NodeJS.ProcessEnv, on: MeasureOptions, deepModel: string, started: CalibrationEngine[]): Promise<CalibrationEngines> {
+  const start = async (model: string, o: CalibrationEngineOptions) => started[started.push(await startEngineOn(model, threads, env, { ...on, ...o })) - 1]!;
+  const deep = on.engine ?? (await start(deepModel, {}));
+  const shallow = on.decodeFixedSecondsPerToken === undefined ? await start(await ensureCalibrationModel(env, SHALLOW_LAYERS), {}) : undefined;
+  // The boundary is measured beside the shallower engine: a 2 ms step is less of its seconds per token.
+  const boundaryModel = (shallow ?? deep).model;
+  const tunnelled = on.tunnelledEngine ?? (measuresBoundary() ? await start(boundaryModel, { rpcServers: 2, tunnelledStages: 1 }) : undefined);
+  return { deep, ...(shallow ? { shallow } : {}), ...(tunnelled ? { tunnelled } : {}) };
+}
+
+/** Probe sessions whose median round trip the boundary overhead subtracts: one session on this VM once read 2.8 ms where the others read 0.2–0.4. */
+const PROBE_SESSIONS = 5;
+
+async function medianProbeRtt(probe: () => Promise<number>): Promise<number> {
+  const rtts: number[] = [];
+  for (let i = 0; i < PROBE_SESSIONS; i++) rtts.push(await probe());
+  return median(rtts);
 }
 
 /**
@@ -236,7 +285,9 @@ export interface MeasureOptions extends CalibrationEngineOptions {
  * record's) and a SHALLOW_LAYERS one, windows alternating between them, and the line through
  * their seconds per token against the bytes the planner counts (decode-fit.ts) splits what a
  * token costs into the node's bandwidth and its fixed seconds per token. With
- * `decodeFixedSecondsPerToken` given, one depth on the engine's own model.
+ * `decodeFixedSecondsPerToken` given, one depth on the engine's own model. Beside them (not on
+ * macOS) the shallower model split in two, its first stage behind a loopback engine tunnel:
+ * the boundary overhead (boundaryOverhead).
  */
 export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv = process.env, on: MeasureOptions = {}): Promise<Calibration> {
   const given = on.decodeFixedSecondsPerToken;
@@ -247,25 +298,32 @@ export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv
   const started: CalibrationEngine[] = [];
   const loadAverage1m = loadavg()[0] ?? 0;
   let rates: WindowedRates[];
-  let engine: CalibrationEngine;
+  let engines: CalibrationEngines;
+  let probeRttSeconds = 0;
   try {
-    engine = on.engine ?? started[started.push(await startEngineOn(deepModel, threads, env, on)) - 1]!;
-    if (given === undefined) started.push(await startEngineOn(await ensureCalibrationModel(env, SHALLOW_LAYERS), engine.threads, env, on));
-    rates = await calibrationWindows([engine, ...started.filter((e) => e !== engine)]);
+    engines = await startCalibrationEngines(threads, env, on, deepModel, started);
+    rates = await calibrationWindows([engines.deep, engines.shallow, engines.tunnelled].filter((e) => e !== undefined));
+    if (engines.tunnelled?.probeRttSeconds) probeRttSeconds = await medianProbeRtt(engines.tunnelled.probeRttSeconds);
   } catch (err) {
     throw new OrchardError(`engine calibration failed: ${errorMessage(err)}`);
   } finally {
     for (const e of started) e.stop();
   }
+  const models = [deepModel, ...(engines.shallow ? [engines.shallow.model] : [])];
   const depths = await Promise.all(
-    [deepModel, ...(given === undefined ? [await ensureCalibrationModel(env, SHALLOW_LAYERS)] : [])].map(async (path, i) => {
+    models.map(async (path, i) => {
       const profile = modelProfile(await readGgufHeader(path));
       return { layers: profile.layerCount, readBytesPerToken: readBytesPerToken(profile), decodeTokensPerSecond: rates[i]!.decode, decodeSpread: rates[i]!.decodeSpread };
     }),
   );
   const fixed = given ?? fitDecodeCost(depths.map((d) => ({ bytesPerToken: d.readBytesPerToken, secondsPerToken: 1 / d.decodeTokensPerSecond }))).fixedSecondsPerToken;
-  const c = calibrationOf(await readGgufHeader(deepModel), rates[0]!, fixed, depths, { threads: engine.threads, engineBuild: engine.engineBuild, loadAverage1m });
-  const file = on.file ?? calibrationFile(env, engine.engineBuild, engine.threads);
+  const reference = depths.at(-1)!;
+  const t = engines.tunnelled ? rates[models.length]! : undefined;
+  const boundary = t
+    ? { layers: reference.layers, decodeTokensPerSecond: reference.decodeTokensPerSecond, tunnelledDecodeTokensPerSecond: t.decode, tunnelledDecodeSpread: t.decodeSpread, probeRttSeconds }
+    : undefined;
+  const c = calibrationOf(await readGgufHeader(deepModel), rates[0]!, fixed, depths, { threads: engines.deep.threads, engineBuild: engines.deep.engineBuild, loadAverage1m }, boundary);
+  const file = on.file ?? calibrationFile(env, engines.deep.engineBuild, engines.deep.threads);
   await mkdir(dirname(file), { recursive: true });
   await writeFile(`${file}.tmp`, `${JSON.stringify(c, null, 2)}\n`);
   await rename(`${file}.tmp`, file);
@@ -305,12 +363,14 @@ function calibrationOf(
   decodeFixedSecondsPerToken: number,
   depths: Calibration['depths'],
   at: { threads: number; engineBuild: string; loadAverage1m: number },
+  boundary: Calibration['boundary'],
 ): Calibration {
   const { profile, ...node } = engineRates(header, rates.decode, rates.prompt, decodeFixedSecondsPerToken);
   return {
     engine: 'llama.cpp',
     ...node,
     decodeFixedSecondsPerToken,
+    ...(boundary ? { boundaryOverheadSeconds: boundaryOverhead(boundary, { decodeTokensPerSecond: boundary.tunnelledDecodeTokensPerSecond }, boundary.probeRttSeconds), boundary } : {}),
     depths,
     threads: at.threads,
     engineBuild: at.engineBuild,
@@ -331,6 +391,12 @@ function calibrationOf(
 /** The profile with the measurement's node numbers (the spec bandwidth stays as probed). */
 export function withCalibration(p: HardwareProfile, c: Calibration | undefined): HardwareProfile {
   return c
-    ? { ...p, effectiveBandwidthBytesPerSecond: c.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: c.prefillFlopsPerSecond, decodeFixedSecondsPerToken: c.decodeFixedSecondsPerToken }
+    ? {
+        ...p,
+        effectiveBandwidthBytesPerSecond: c.effectiveBandwidthBytesPerSecond,
+        prefillFlopsPerSecond: c.prefillFlopsPerSecond,
+        decodeFixedSecondsPerToken: c.decodeFixedSecondsPerToken,
+        ...(c.boundaryOverheadSeconds !== undefined ? { boundaryOverheadSeconds: c.boundaryOverheadSeconds } : {}),
+      }
     : p;
 }

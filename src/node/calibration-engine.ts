@@ -15,6 +15,7 @@ import { ssePayloads } from '../shared/sse.ts';
 import { findLlamaBinaries, type LlamaBinaries } from './llama/binaries.ts';
 import { llamaServerArgs } from './engine-spec.ts';
 import { waitEngineReady } from './engine-readiness.ts';
+import { type LoopbackTunnel, startLoopbackTunnel } from './calibration-tunnel.ts';
 import { rpcServerSocket, unixEndpoint } from './engine-sockets.ts';
 import { EnginePortAllocator, engineRangeOf, onceMoreIfPortTaken, portTakenOr } from './ports.ts';
 import { EngineWatchdog } from './watchdog.ts';
@@ -56,6 +57,8 @@ export interface CalibrationEngine {
   request(body: Record<string, unknown>, signal?: AbortSignal): Promise<EngineRates>;
   /** CPU counters now: the machine's busy time and this engine's. */
   cpu(): Promise<CpuSnapshot>;
+  /** With `tunnelledStages`: the agents' link probe over this engine's first tunnel (calibration-tunnel.ts). */
+  probeRttSeconds?(): Promise<number>;
   stop(): void;
 }
 
@@ -114,6 +117,12 @@ export interface CalibrationEngineOptions {
    * (default 1; Linux only): where a split pays its per-token fixed cost (bench/decode-depth.ts).
    */
   readonly rpcServers?: number;
+  /**
+   * How many of the first stages the head reaches through a loopback engine tunnel (listener and
+   * forwarder as two agents run them, calibration-tunnel.ts) instead of the rpc-server's socket
+   * (default 0; fewer than `rpcServers`): where a tunnelled boundary pays its per-token cost.
+   */
+  readonly tunnelledStages?: number;
 }
 
 /** Layers per stage of `layers` split evenly over `stages`, earlier stages taking the remainder. */
@@ -138,7 +147,11 @@ export function evenLayerSplit(layers: number, stages: number): number[] {
 export async function startEngineOn(path: string, threads: number, env: NodeJS.ProcessEnv = process.env, o: CalibrationEngineOptions = {}): Promise<CalibrationEngine> {
   const bins = await findLlamaBinaries(env);
   const ports = o.ports ?? new EnginePortAllocator(engineRangeOf(undefined, env));
-  return onceMoreIfPortTaken(() => startCalibrationProcesses(bins, path, threads, env, ports, o.rpcServers ?? 1));
+  const stages = { rpcServers: o.rpcServers ?? 1, tunnelled: o.tunnelledStages ?? 0 };
+  if (!(Number.isInteger(stages.tunnelled) && stages.tunnelled >= 0 && stages.tunnelled < stages.rpcServers)) {
+    throw new OrchardError(`a calibration engine tunnels fewer stages than it has rpc-servers (${stages.tunnelled} of ${stages.rpcServers})`);
+  }
+  return onceMoreIfPortTaken(() => startCalibrationProcesses(bins, path, threads, env, ports, stages));
 }
 
 /** llama-server's arguments for `split` layers over local rpc-servers on `rpcPorts`; the last holds the output layer too, as a CPU head's own stage does (layout.ts). */
@@ -155,7 +168,14 @@ function localStageArgs(path: string, memory: LlamaServerOptions['memory'], spli
   return llamaServerArgs(stage, sockets.map(unixEndpoint));
 }
 
-async function startCalibrationProcesses(bins: LlamaBinaries, path: string, threads: number, env: NodeJS.ProcessEnv, ports: EnginePortAllocator, rpcServers: number): Promise<CalibrationEngine> {
+async function startCalibrationProcesses(
+  bins: LlamaBinaries,
+  path: string,
+  threads: number,
+  env: NodeJS.ProcessEnv,
+  ports: EnginePortAllocator,
+  stages: { readonly rpcServers: number; readonly tunnelled: number },
+): Promise<CalibrationEngine> {
   const memory = { ...DEFAULT_PLACEMENT_OPTIONS, ctx: CALIBRATION_CTX, parallel: 1 };
   const procs: ReturnType<typeof startDetached>[] = [];
   const held: number[] = [];
@@ -168,8 +188,10 @@ async function startCalibrationProcesses(bins: LlamaBinaries, path: string, thre
   const watchdog = new EngineWatchdog({ graceTicks: 5 });
   // The rpc-servers listen on Unix-domain sockets in a private directory, as the agent's do.
   let socketDir: string | undefined;
+  const tunnels: LoopbackTunnel[] = [];
   const stop = () => {
     for (const p of procs) p.stop();
+    for (const t of tunnels.splice(0)) t.stop();
     watchdog.close();
     for (const p of held.splice(0)) ports.release(p);
     if (socketDir !== undefined) rmSync(socketDir, { recursive: true, force: true });
@@ -193,7 +215,7 @@ async function startCalibrationProcesses(bins: LlamaBinaries, path: string, thre
     let argv = ['-m', path, ...llamaMemoryArgs(memory), '-ngl', '0'];
     if (process.platform !== 'darwin') {
       const layers = modelProfile(await readGgufHeader(path)).layerCount;
-      const split = evenLayerSplit(layers, rpcServers);
+      const split = evenLayerSplit(layers, stages.rpcServers);
       const rpcPorts: number[] = [];
       const sockets: string[] = [];
       socketDir = await mkdtemp(join(tmpdir(), 'orchard-sock-'));
@@ -204,7 +226,12 @@ async function startCalibrationProcesses(bins: LlamaBinaries, path: string, thre
         procs.push(rpc);
         await ready('rpc-server', rpc, 30_000, rpc.exited, sockets[i]);
       }
-      argv = localStageArgs(path, memory, split, rpcPorts, sockets);
+      const endpoints = [...sockets];
+      for (let i = 0; i < stages.tunnelled; i++) {
+        tunnels.push(await startLoopbackTunnel(rpcPorts[i]!, sockets[i]!, socketDir, env));
+        endpoints[i] = tunnels[i]!.socket;
+      }
+      argv = localStageArgs(path, memory, split, rpcPorts, endpoints);
     }
     const server = startDetached(bins.llamaServer, [...argv, '--threads', String(threads), '--host', HOST, '--port', String(port)], port, env, watchdog);
     procs.push(server);
@@ -231,6 +258,7 @@ async function startCalibrationProcesses(bins: LlamaBinaries, path: string, thre
       return ratesOf(res, body.stream === true);
     },
     cpu: () => cpuSnapshot(procs.map((p) => p.pid)),
+    ...(tunnels[0] ? { probeRttSeconds: tunnels[0].probeRttSeconds } : {}),
     stop,
   };
 }

@@ -46,6 +46,7 @@ export function profileToWire(p: HardwareProfile): { [K in keyof Required<Hardwa
     effectiveBandwidthBytesPerSecond: String(Math.round(p.effectiveBandwidthBytesPerSecond ?? 0)),
     prefillFlopsPerSecond: String(Math.round(p.prefillFlopsPerSecond ?? 0)),
     decodeFixedSecondsPerToken: p.decodeFixedSecondsPerToken ?? 0,
+    boundaryOverheadSeconds: p.boundaryOverheadSeconds ?? 0,
     tunnelPort: p.tunnelPort ?? 0,
     enginePorts: p.enginePorts ? { first: p.enginePorts[0], last: p.enginePorts[1] } : null,
   };
@@ -83,6 +84,8 @@ export function profileFromWire(p: Wire | undefined | null): HardwareProfile {
     prefillFlopsPerSecond: num(w.prefillFlopsPerSecond) || undefined,
     // A calibrated node's fixed part is a measurement even when its fit found none (0).
     decodeFixedSecondsPerToken: num(w.effectiveBandwidthBytesPerSecond) ? num(w.decodeFixedSecondsPerToken) : undefined,
+    // 0 is "none measured", which the planner assumes anyway: a measured 0 reads back the same.
+    boundaryOverheadSeconds: (num(w.effectiveBandwidthBytesPerSecond) && num(w.boundaryOverheadSeconds)) || undefined,
     tunnelPort: num(w.tunnelPort) || undefined,
     enginePorts: enginePortsFromWire(w.enginePorts as Wire | null | undefined),
   };

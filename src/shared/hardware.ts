@@ -53,6 +53,12 @@ export interface HardwareProfile {
    */
   readonly decodeFixedSecondsPerToken?: number | undefined;
   /**
+   * Seconds a llama.cpp stage boundary whose worker is this node costs per round trip beyond the
+   * link probe's round trip (the calibration's loopback tunnel, calibrate.ts). Absent until
+   * measured (on the wire 0, the planner's default, which reads back as absent).
+   */
+  readonly boundaryOverheadSeconds?: number | undefined;
+  /**
    * Port of the agent's TLS 1.3 tunnel listener, on the same host as its gRPC API: how engine
    * traffic (a head's ggml-rpc connections) reaches this node's loopback-only engines. Absent
    * while the node holds no cluster credentials (it then runs no tunnel).

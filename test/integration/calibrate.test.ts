@@ -51,26 +51,35 @@ describeWith([engines], 'engine calibration', () => {
       if (c.decodeFixedSecondsPerToken > 0) {
         for (const d of c.depths) expect(c.decodeFixedSecondsPerToken + d.readBytesPerToken / c.effectiveBandwidthBytesPerSecond).toBeCloseTo(1 / d.decodeTokensPerSecond, 9);
       }
+      // Beside them, the shallow model split in two with its first stage behind a loopback engine
+      // tunnel: the boundary overhead is its step over the whole model less the probe's round trip.
+      expect(c.boundary?.layers).toBe(SHALLOW_LAYERS);
+      expect(c.boundary?.decodeTokensPerSecond).toBe(c.depths[1]!.decodeTokensPerSecond);
+      expect(c.boundary!.probeRttSeconds).toBeGreaterThan(0);
+      expect(c.boundaryOverheadSeconds).toBeCloseTo(Math.max(0, 1 / c.boundary!.tunnelledDecodeTokensPerSecond - 1 / c.boundary!.decodeTokensPerSecond - c.boundary!.probeRttSeconds), 12);
       const files = await readdir(join(cache.path, 'calibration'));
-      const name = files.find((f) => f.endsWith('-t1-v5.json'));
+      const name = files.find((f) => f.endsWith('-t1-v6.json'));
       expect(name).toBeDefined();
       const file = join(cache.path, 'calibration', name!);
       expect(await loadCalibration(1, env)).toEqual(c);
       expect(await loadCalibration(2, env)).toBeUndefined(); // measured for 1 thread only
 
       // A figure taken on a quiet machine is used as cached (a marked bandwidth shows it is this one).
-      const quiet = { ...c, competingCores: 0, effectiveBandwidthBytesPerSecond: 1.234e9, decodeFixedSecondsPerToken: 0.00375 };
+      const quiet = { ...c, competingCores: 0, effectiveBandwidthBytesPerSecond: 1.234e9, decodeFixedSecondsPerToken: 0.00375, boundaryOverheadSeconds: 0.00125 };
       await writeFile(file, JSON.stringify(quiet));
       const agent = await startAgent(state.path, [], env);
-      const d = await unary<{ profile: { effectiveBandwidthBytesPerSecond: string; prefillFlopsPerSecond: string; decodeFixedSecondsPerToken: number } }>(agent, 'describe', {});
+      const d = await unary<{ profile: { effectiveBandwidthBytesPerSecond: string; prefillFlopsPerSecond: string; decodeFixedSecondsPerToken: number; boundaryOverheadSeconds: number } }>(agent, 'describe', {});
       expect(Number(d.profile.effectiveBandwidthBytesPerSecond)).toBe(1.234e9);
       expect(Number(d.profile.prefillFlopsPerSecond)).toBe(Math.round(c.prefillFlopsPerSecond));
       expect(d.profile.decodeFixedSecondsPerToken).toBe(quiet.decodeFixedSecondsPerToken);
+      expect(d.profile.boundaryOverheadSeconds).toBe(quiet.boundaryOverheadSeconds);
       const metrics = await (await fetch(`http://127.0.0.1:${agent.ready.metricsPort}/metrics`)).text();
       const line = metrics.split('\n').find((l) => l.startsWith('orchard_node_effective_bandwidth_bytes_per_second '));
       expect(Number(line?.split(' ')[1])).toBe(1.234e9);
       const fixed = metrics.split('\n').find((l) => l.startsWith('orchard_node_decode_fixed_seconds '));
       expect(Number(fixed?.split(' ')[1])).toBe(0.00375);
+      const boundary = metrics.split('\n').find((l) => l.startsWith('orchard_node_boundary_overhead_seconds '));
+      expect(Number(boundary?.split(' ')[1])).toBe(0.00125);
       killGroup(agent.child);
       await agent.exited;
 

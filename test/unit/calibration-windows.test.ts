@@ -110,4 +110,18 @@ describe('engine measurement windows', () => {
     expect(repricedTokensPerSecond(plan, 40e9)).toBeCloseTo(other.predicted.tokensPerSecond, 6);
     expect(repricedTokensPerSecond(plan, 100e9)).toBeCloseTo(plan.predicted.tokensPerSecond, 6);
   });
+
+  it('repricing with another boundary overhead moves each worker boundary as the planner would have priced it', () => {
+    const profile = modelProfile(presetHeader('llama-3-8b', 'q8_0'));
+    // No node holds it alone, two cannot either: three stages, two worker boundaries.
+    const nodes = (bw: number, overhead: number) =>
+      ['a', 'b', 'c'].map((name) => ({ name, budgetBytes: 3.6e9, bandwidthBytesPerSecond: bw, boundaryOverheadSeconds: overhead }));
+    const o = { ctx: 1024, cacheType: 'f16' as const, parallel: 1 };
+    const plan = planPlacement(profile, nodes(100e9, 0.5e-3), o);
+    expect(plan.stages.filter((s) => s.role === 'worker').length).toBe(2);
+    const other = planPlacement(profile, nodes(40e9, 2.5e-3), o);
+    expect(other.stages.map((s) => [s.node, s.firstLayer, s.lastLayer])).toEqual(plan.stages.map((s) => [s.node, s.firstLayer, s.lastLayer]));
+    expect(repricedTokensPerSecond(plan, 40e9, { plannedSeconds: 0.5e-3, measuredSeconds: 2.5e-3 })).toBeCloseTo(other.predicted.tokensPerSecond, 6);
+    expect(repricedTokensPerSecond(plan, 100e9, { plannedSeconds: 0.5e-3, measuredSeconds: 0.5e-3 })).toBeCloseTo(plan.predicted.tokensPerSecond, 6);
+  });
 });

@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { memoryModel } from '../../src/shared/memory/stage.ts';
 import { modelProfile } from '../../src/shared/model/profile.ts';
 import { presetHeader, shapeHeader } from '../../src/shared/model/shapes.ts';
-import { DECODE_EFFICIENCY, bytesPerWeight, calibrationRates, effectiveBandwidth, layerPrefillFlops, prefillSeconds } from '../../src/shared/placement/cost.ts';
+import { DECODE_EFFICIENCY, boundarySeconds, bytesPerWeight, calibrationRates, effectiveBandwidth, layerPrefillFlops, linkOf, prefillSeconds } from '../../src/shared/placement/cost.ts';
 import { fitDecodeCost } from '../../src/shared/placement/decode-fit.ts';
 import { planPlacement } from '../../src/shared/placement/planner.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../../src/shared/placement/types.ts';
@@ -101,5 +101,43 @@ describe('prefill through a pipeline (cost.ts prefillSeconds)', () => {
     expect(plain.predicted.ttftSeconds).toBeGreaterThan(sum(plain));
     const short = at(512);
     expect(short.predicted.ttftSeconds).toBeCloseTo(at(512, false).predicted.ttftSeconds, 12);
+  });
+});
+
+describe('a boundary round trip: the link plus the worker\'s measured overhead (cost.ts linkOf, boundarySeconds)', () => {
+  const profile = modelProfile(presetHeader('llama-3-8b', 'q8_0'));
+  const o = { ...DEFAULT_PLACEMENT_OPTIONS, promptTokens: 2048 };
+  const worker = { name: 'w', budgetBytes: 64 * 2 ** 30, bandwidthBytesPerSecond: 400e9, links: { h: { rttSeconds: 0.4e-3, bytesPerSecond: 1e9 } } };
+
+  it('adds the worker\'s overhead once per decoded token and once per prompt ubatch', () => {
+    const plain = boundarySeconds(profile, worker, o, 'h');
+    const measured = boundarySeconds(profile, { ...worker, boundaryOverheadSeconds: 2e-3 }, o, 'h');
+    expect(measured.decode - plain.decode).toBeCloseTo(2e-3, 12);
+    expect(measured.prefill - plain.prefill).toBeCloseTo(Math.ceil(2048 / o.ubatch) * 2e-3, 12);
+    expect(linkOf({ ...worker, boundaryOverheadSeconds: 2e-3 }, o, 'h').rttSeconds).toBeCloseTo(2.4e-3, 12);
+  });
+
+  it('charges the options\' assumption (0 by default) where the worker has not measured it, on assumed links too', () => {
+    expect(linkOf(worker, o, 'h').rttSeconds).toBe(0.4e-3);
+    expect(linkOf(worker, { ...o, boundaryOverheadSeconds: 1e-3 }, 'h').rttSeconds).toBeCloseTo(1.4e-3, 12);
+    expect(linkOf({ ...worker, boundaryOverheadSeconds: 3e-3 }, o).rttSeconds).toBeCloseTo(o.hopSeconds + 3e-3, 12);
+  });
+
+  it('is not charged to MLX ranks: their activations go over the ring, through no engine tunnel', () => {
+    const mlx = { ...o, engine: 'mlx' as const };
+    expect(linkOf({ ...worker, boundaryOverheadSeconds: 2e-3 }, mlx, 'h').rttSeconds).toBe(0.4e-3);
+  });
+
+  it('moves the planner: a worker whose boundaries cost more is passed over for one whose boundaries cost less', () => {
+    // Two equal workers, a head too small for the model: the plan takes the worker with the cheaper boundary.
+    const big = { budgetBytes: 64 * 2 ** 30, bandwidthBytesPerSecond: 400e9 };
+    const nodes = [
+      { name: 'head', budgetBytes: 3 * 2 ** 30, bandwidthBytesPerSecond: 400e9 },
+      { name: 'slow-tunnel', ...big, boundaryOverheadSeconds: 5e-3 },
+      { name: 'fast-tunnel', ...big, boundaryOverheadSeconds: 0.1e-3 },
+    ];
+    const plan = planPlacement(profile, nodes, { pinned: ['head'] });
+    expect(plan.stages.map((s) => s.node)).toContain('fast-tunnel');
+    expect(plan.stages.map((s) => s.node)).not.toContain('slow-tunnel');
   });
 });

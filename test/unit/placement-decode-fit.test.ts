@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { fitDecodeCost } from '../../src/shared/placement/decode-fit.ts';
+import { boundaryOverhead, fitDecodeCost } from '../../src/shared/placement/decode-fit.ts';
 
 const line = (fixed: number, bandwidth: number, bytes: readonly number[]) => bytes.map((b) => ({ bytesPerToken: b, secondsPerToken: fixed + b / bandwidth }));
 
@@ -76,5 +76,25 @@ describe('fitDecodeCost', () => {
     [1e8, Number.NaN],
   ])('refuses a point of %s B and %s s', (bytes, seconds) => {
     expect(() => fitDecodeCost([{ bytesPerToken: bytes, secondsPerToken: seconds }, ...line(0.01, 1e10, [2e8, 3e8])])).toThrow(/positive, finite/);
+  });
+});
+
+describe('boundaryOverhead', () => {
+  const rate = (msPerToken: number) => ({ decodeTokensPerSecond: 1000 / msPerToken });
+
+  it('is the tunnelled split minus the whole minus the probe round trip', () => {
+    // 13.57 ms on one rpc-server, 14.12 ms split with its first stage tunnelled, probe 0.257 ms (session 11)
+    expect(boundaryOverhead(rate(13.57), rate(14.12), 0.257e-3)).toBeCloseTo(0.293e-3, 9);
+  });
+
+  it('never goes below 0: a split measured faster than the whole, or a probe slower than the step, is noise around none', () => {
+    expect(boundaryOverhead(rate(13.57), rate(13.33), 0.25e-3)).toBe(0);
+    expect(boundaryOverhead(rate(13.0), rate(13.2), 0.5e-3)).toBe(0);
+  });
+
+  it('grows with the step one for one', () => {
+    const a = boundaryOverhead(rate(10), rate(12), 0.3e-3);
+    const b = boundaryOverhead(rate(10), rate(13), 0.3e-3);
+    expect(b - a).toBeCloseTo(1e-3, 12);
   });
 });

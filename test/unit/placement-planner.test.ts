@@ -242,6 +242,8 @@ describe('planner invariants over random inputs', () => {
         linkBytesPerSecond: (0.1 + r() * 2) * GB,
         // Odd nodes measured their fixed seconds per token as the head (0–8 ms), even ones charge the default.
         ...(i % 2 === 1 ? { decodeFixedSecondsPerToken: (trial % 5) * 2e-3 } : {}),
+        // Every third node measured what a boundary with it as the worker costs beyond the link (0–3 ms).
+        ...(i % 3 === 2 || trial % 3 === 0 ? { boundaryOverheadSeconds: (trial % 4) * 1e-3 } : {}),
       }));
       // Every other trial: some pairs measured (links.ts), so a worker's hop depends on the head.
       const measured = trial % 2 === 1;
@@ -301,7 +303,8 @@ describe('planner invariants over random inputs', () => {
           if (!head) {
             // activations cross twice (the head relays each worker stage's input and output), on the link to the head
             const link = node.links?.[linked[order[order.length - 1]!]!.name];
-            const rtt = link?.rttSeconds ?? o.hopSeconds;
+            // a round trip also pays the worker's tunnel and split overhead (0 where not measured)
+            const rtt = (link?.rttSeconds ?? o.hopSeconds) + (node.boundaryOverheadSeconds ?? 0);
             const rate = link?.bytesPerSecond ?? node.linkBytesPerSecond!;
             decode += rtt + (2 * p.embd * 4 + tokenInputs) / rate;
             if (promptTokens > 0) {

@@ -24,6 +24,7 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     effectiveBandwidthBytesPerSecond: 512_000_000_000,
     prefillFlopsPerSecond: 16_000_000_000_000,
     decodeFixedSecondsPerToken: 0.0042,
+    boundaryOverheadSeconds: 0.0013,
     memoryBytes: 206_158_430_208,
     wiredLimitBytes: 154_618_822_656,
     budgetBytes: 9_007_199_254_740_991,
@@ -65,6 +66,14 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     expect(back.effectiveBandwidthBytesPerSecond).toBeUndefined();
     expect(back.prefillFlopsPerSecond).toBeUndefined();
     expect(back.decodeFixedSecondsPerToken).toBeUndefined();
+    // an overhead without a calibration beside it is not a measurement
+    expect(back.boundaryOverheadSeconds).toBeUndefined();
+  });
+
+  it('a calibration without a boundary measurement (macOS) reads back as not measured, which the planner prices as 0', () => {
+    const { boundaryOverheadSeconds: _, ...without } = profile;
+    expect(profileToWire(without).boundaryOverheadSeconds).toBe(0);
+    expect(profileFromWire(roundTrip(profileToWire(without)).profile)).toEqual({ ...without, boundaryOverheadSeconds: undefined });
   });
 
   it('a calibrated node whose fit found no fixed part travels as a measured 0', () => {

@@ -178,6 +178,8 @@ interface DemoCalibration {
   readonly calibration: Calibration;
   readonly file?: string;
   readonly engine?: CalibrationEngine;
+  /** The demo model split in two, its first stage behind a loopback engine tunnel (not on macOS). */
+  readonly tunnelled?: CalibrationEngine;
 }
 
 async function ensureCalibration(nodeCount: number, m: DemoModel, fresh: boolean, stateRoot: string, story: Story, run: Interruption, keep: (e: CalibrationEngine) => void): Promise<DemoCalibration> {
@@ -193,17 +195,22 @@ async function ensureCalibration(nodeCount: number, m: DemoModel, fresh: boolean
     process.stderr.write(`measuring this machine's engine on ${m.modelPath} with ${threads} thread(s)…\n`);
     const engine = await run.orAbort(startCalibrationEngine(threads, process.env, { model: m.modelPath }));
     keep(engine);
-    process.stderr.write(`calibration engine: pids ${engine.pids.join(', ')} (up until the demo ends)\n`);
+    // Where the calibration measures a boundary (not macOS), the demo model's own, beside the engine.
+    const tunnelled = machine.boundary ? await run.orAbort(startCalibrationEngine(threads, process.env, { model: m.modelPath, rpcServers: 2, tunnelledStages: 1 })) : undefined;
+    if (tunnelled) keep(tunnelled);
+    process.stderr.write(`calibration engine: pids ${engine.pids.join(', ')}${tunnelled ? `; split behind a loopback tunnel: ${tunnelled.pids.join(', ')}` : ''} (up until the demo ends)\n`);
     const file = join(stateRoot, 'calibration.json');
     // One depth, the demo's own model: what a token costs whatever it reads is the machine's (its two-depth fit).
     const decodeFixedSecondsPerToken = machine.decodeFixedSecondsPerToken;
-    out = { calibration: await run.orAbort(measureCalibration(threads, process.env, { engine, file, decodeFixedSecondsPerToken })), file, engine };
+    const calibration = await run.orAbort(measureCalibration(threads, process.env, { engine, file, decodeFixedSecondsPerToken, ...(tunnelled ? { tunnelledEngine: tunnelled } : {}) }));
+    out = { calibration, file, engine, ...(tunnelled ? { tunnelled } : {}) };
   } else {
     out = { calibration: machine };
   }
   const c = out.calibration;
   process.stderr.write(
     `${threads} thread(s): decode ${formatBandwidth(c.effectiveBandwidthBytesPerSecond)} effective + ${(c.decodeFixedSecondsPerToken * 1000).toFixed(1)} ms per token (median of ${c.windows} windows of ${c.decodeTokensPerWindow} tokens, ±${(c.decodeSpread * 100).toFixed(0)} %), ` +
+      (c.boundaryOverheadSeconds !== undefined ? `+ ${(c.boundaryOverheadSeconds * 1000).toFixed(2)} ms per tunnelled boundary beyond the link probe, ` : '') +
       `prefill ${(c.prefillFlopsPerSecond / 1e9).toFixed(1)} GFLOP/s; other processes used ${c.competingCores.toFixed(2)} of ${c.cores} cores (measured ${new Date(c.measuredAtSeconds * 1000).toISOString()})\n`,
   );
   story.summary.calibration = c;
@@ -318,11 +325,15 @@ async function compareDecode(cluster: LocalCluster, m: DemoModel, prompt: string
         engineTokensPerSecond: cal.calibration.decodeTokensPerSecond,
         promptTokensPerSecond: cal.calibration.promptTokensPerSecond,
         decodeFixedSecondsPerToken: cal.calibration.decodeFixedSecondsPerToken,
+        ...(cal.tunnelled && cal.calibration.boundary
+          ? { tunnelled: { engine: cal.tunnelled, plannedOverheadSeconds: cal.calibration.boundaryOverheadSeconds ?? 0 } }
+          : {}),
         signal: run.signal,
       }),
     );
     process.stderr.write(
-      `${a.windows.length} window pairs of ${a.windowTokens} tokens (cluster / one engine, tok/s): ${a.windows.map((w) => `${w.cluster.toFixed(1)}/${w.engine.toFixed(1)}`).join(', ')}; ` +
+      `${a.windows.length} window rounds of ${a.windowTokens} tokens (cluster / one engine${a.tunnelledTokensPerSecond !== undefined ? ' / split behind a tunnel' : ''}, tok/s): ${a.windows.map((w) => [w.cluster, w.engine, ...(w.tunnelled !== undefined ? [w.tunnelled] : [])].map((x) => x.toFixed(1)).join('/')).join(', ')}; ` +
+        (a.boundaryOverheadSeconds !== undefined ? `boundary overhead ${(a.boundaryOverheadSeconds * 1000).toFixed(2)} ms; ` : '') +
         `load average ${a.loadAverage1m.start.toFixed(2)}→${a.loadAverage1m.end.toFixed(2)}\n`,
     );
     Object.assign(story.summary, {
@@ -391,8 +402,9 @@ async function runDemo(flags: DemoFlags): Promise<void> {
   const story: Story = { out: (s) => (flags.json ? process.stderr : process.stdout).write(s), summary: {} };
   let cluster: LocalCluster | undefined;
   let stateRoot: string | undefined;
-  let engine: CalibrationEngine | undefined;
-  const run = interruption(() => [...(cluster?.pids() ?? []), ...(engine?.pids ?? [])]);
+  // The calibration engines it keeps up beside the cluster (the whole model; its split behind a tunnel).
+  const engines: CalibrationEngine[] = [];
+  const run = interruption(() => [...(cluster?.pids() ?? []), ...engines.flatMap((e) => e.pids)]);
   try {
     step('engines');
     await run.orAbort(ensureEngines());
@@ -400,9 +412,7 @@ async function runDemo(flags: DemoFlags): Promise<void> {
     process.stderr.write(`llama.cpp ${bins.llamaCppVersion}: ${bins.binDir}\n`);
     const model = await demoModel(flags, nodeCount, run);
     stateRoot = await mkdtemp(join(tmpdir(), 'orchard-demo-'));
-    const cal = await ensureCalibration(nodeCount, model, flags.calibrate !== false, stateRoot, story, run, (e) => {
-      engine = e;
-    });
+    const cal = await ensureCalibration(nodeCount, model, flags.calibrate !== false, stateRoot, story, run, (e) => engines.push(e));
     cluster = await startDemoCluster(model, nodeCount, stateRoot, cal.file, run);
     await showPlan(cluster, model, nodeCount, story, run);
     await loadDemo(cluster, model, story, run);
@@ -413,7 +423,7 @@ async function runDemo(flags: DemoFlags): Promise<void> {
   } catch (err) {
     if (!run.signal.aborted) throw err;
   } finally {
-    engine?.stop();
+    for (const e of engines) e.stop();
     await shutdownDemo(cluster, stateRoot, t0);
     run.dispose();
   }

@@ -31,6 +31,7 @@ export function statusJson(s: Wire): Wire {
         effectiveBandwidthBytesPerSecond: num(p.effectiveBandwidthBytesPerSecond) || null,
         prefillFlopsPerSecond: num(p.prefillFlopsPerSecond) || null,
         decodeFixedSecondsPerToken: num(p.effectiveBandwidthBytesPerSecond) ? num(p.decodeFixedSecondsPerToken) : null,
+        boundaryOverheadSeconds: num(p.boundaryOverheadSeconds) || null,
         wiredLimitBytes: num(p.wiredLimitBytes),
         engines: p.engines,
       },
@@ -117,11 +118,12 @@ function stateLine(st: Wire | undefined): string {
   return `state: file ${String(st.location)} (single coordinator, no NATS)\n`;
 }
 
-/** The node's own measurement: decode bandwidth, its fixed cost per token, prefill compute, or '-' before `--calibrate`. */
+/** The node's own measurement: decode bandwidth, its fixed cost per token, its boundary overhead, prefill compute, or '-' before `--calibrate`. */
 function measured(h: Wire): string {
   const bw = num(h.effectiveBandwidthBytesPerSecond);
   const fixed = num(h.decodeFixedSecondsPerToken);
-  return bw ? `${formatBandwidth(bw)} + ${(fixed * 1000).toFixed(1)} ms/token, ${(num(h.prefillFlopsPerSecond) / 1e9).toFixed(0)} GFLOP/s` : '-';
+  const boundary = num(h.boundaryOverheadSeconds);
+  return bw ? `${formatBandwidth(bw)} + ${(fixed * 1000).toFixed(1)} ms/token (+${(boundary * 1000).toFixed(1)} ms/boundary), ${(num(h.prefillFlopsPerSecond) / 1e9).toFixed(0)} GFLOP/s` : '-';
 }
 
 export function registerStatus(program: Command): void {

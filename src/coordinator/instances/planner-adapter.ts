@@ -82,6 +82,7 @@ export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string)
       bandwidthBytesPerSecond: effectiveBandwidth(n.profile.bandwidthBytesPerSecond || 100e9, mlx ? 'mlx' : 'llama.cpp', mlx ? undefined : n.profile.effectiveBandwidthBytesPerSecond),
       ...(!mlx && n.profile.prefillFlopsPerSecond ? { prefillFlopsPerSecond: n.profile.prefillFlopsPerSecond } : {}),
       ...(!mlx && n.profile.decodeFixedSecondsPerToken !== undefined ? { decodeFixedSecondsPerToken: n.profile.decodeFixedSecondsPerToken } : {}),
+      ...(!mlx && n.profile.boundaryOverheadSeconds !== undefined ? { boundaryOverheadSeconds: n.profile.boundaryOverheadSeconds } : {}),
       // MLX plans keep the driver's assumed ring/JACCL figures (a JACCL link is not the tunnel probed)
       ...(!mlx && measured?.get(name) ? { links: measured.get(name)! } : {}),
     }));

@@ -140,6 +140,12 @@ export const NODE_METRICS = {
     unit: 'seconds',
     exportedBy: 'node',
   }),
+  boundaryOverheadSeconds: gauge({
+    name: 'orchard_node_boundary_overhead_seconds',
+    help: 'Seconds a stage boundary with this node as the worker costs per round trip beyond the link probe (orchard node --calibrate, through a loopback engine tunnel); absent until measured',
+    unit: 'seconds',
+    exportedBy: 'node',
+  }),
   prefillFlopsPerSecond: gauge({
     name: 'orchard_node_prefill_flops_per_second',
     help: 'Prompt-processing FLOP/s this node measured of its engine (orchard node --calibrate); absent until measured',

@@ -155,6 +155,7 @@ export function recordNodeProfile(m: NodeMetricSet, profile: HardwareProfile, li
   if (profile.effectiveBandwidthBytesPerSecond) m.effectiveBandwidthBytesPerSecond.set(profile.effectiveBandwidthBytesPerSecond);
   if (profile.prefillFlopsPerSecond) m.prefillFlopsPerSecond.set(profile.prefillFlopsPerSecond);
   if (profile.decodeFixedSecondsPerToken !== undefined) m.decodeFixedSecondsPerToken.set(profile.decodeFixedSecondsPerToken);
+  if (profile.boundaryOverheadSeconds !== undefined) m.boundaryOverheadSeconds.set(profile.boundaryOverheadSeconds);
   m.wiredLimitBytes.set(profile.wiredLimitBytes);
   if (live) {
     m.availableMemoryBytes.set(live.availableBytes);

@@ -114,14 +114,21 @@ export function measuredUnderContention(m: { readonly competingCores: number; re
 /**
  * A plan's decode prediction priced again with another effective bandwidth for every stage (the
  * demo's nodes share one machine and one measurement): stage seconds scale with the bandwidth,
- * hops and the head's fixed cost stay as the planner computed them.
+ * hops and the head's fixed cost stay as the planner computed them — except, with `boundary`,
+ * each worker stage's boundary overhead (PlacementNode boundaryOverheadSeconds), which moves from
+ * the one the plan was priced with to the one measured now.
  */
 export function repricedTokensPerSecond(
-  plan: { readonly stages: readonly { readonly readBytesPerToken: number; readonly secondsPerToken: number }[]; readonly predicted: { readonly secondsPerToken: number } },
+  plan: {
+    readonly stages: readonly { readonly role?: string; readonly readBytesPerToken: number; readonly secondsPerToken: number }[];
+    readonly predicted: { readonly secondsPerToken: number };
+  },
   bandwidthBytesPerSecond: number,
+  boundary?: { readonly plannedSeconds: number; readonly measuredSeconds: number },
 ): number {
   const stageSeconds = plan.stages.reduce((t, s) => t + s.secondsPerToken, 0);
-  const fixed = plan.predicted.secondsPerToken - stageSeconds;
+  const workers = plan.stages.filter((s) => s.role === 'worker').length;
+  const fixed = plan.predicted.secondsPerToken - stageSeconds + (boundary ? workers * (boundary.measuredSeconds - boundary.plannedSeconds) : 0);
   const read = plan.stages.reduce((t, s) => t + s.readBytesPerToken, 0);
   return 1 / (read / bandwidthBytesPerSecond + fixed);
 }

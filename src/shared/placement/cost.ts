@@ -110,10 +110,16 @@ export function prefillFlopsOf(n: PlacementNode): number {
   return n.prefillFlopsPerSecond ?? defaultPrefillFlops(n.bandwidthBytesPerSecond);
 }
 
-/** The link a worker stage's boundary crosses: its measured link to `head` when there is one, else the node's or the options' assumed figures. */
+/**
+ * The link a worker stage's boundary crosses: its measured link to `head` when there is one, else
+ * the node's or the options' assumed figures. A llama.cpp round trip is the link's plus what the
+ * engine tunnel and the split cost beyond it (boundaryOverheadOf); an MLX rank's activations go
+ * straight over the ring, through no tunnel.
+ */
 export function linkOf(n: PlacementNode, o: PlacementOptions, head?: string): { rttSeconds: number; bytesPerSecond: number } {
   const measured = head === undefined ? undefined : n.links?.[head];
-  return { rttSeconds: measured?.rttSeconds ?? n.hopSeconds ?? o.hopSeconds, bytesPerSecond: measured?.bytesPerSecond ?? n.linkBytesPerSecond ?? o.linkBytesPerSecond };
+  const overhead = sendsRpcInputs(o) ? boundaryOverheadOf(n, o) : 0;
+  return { rttSeconds: (measured?.rttSeconds ?? n.hopSeconds ?? o.hopSeconds) + overhead, bytesPerSecond: measured?.bytesPerSecond ?? n.linkBytesPerSecond ?? o.linkBytesPerSecond };
 }
 
 /** KV cells per stream of the full and the sliding-window caches. */
@@ -124,6 +130,11 @@ function cacheCells(profile: ModelProfile, o: PlacementOptions): { full: number;
 
 /** llama.cpp RPC sends a worker more than its activations (rpc-wire.ts); an MLX rank gets the activations alone. */
 const sendsRpcInputs = (o: PlacementOptions): boolean => o.engine !== 'mlx';
+
+/** Seconds a llama.cpp boundary whose worker is `n` costs per round trip beyond the link's round trip: its measurement, else the options' assumption. */
+export function boundaryOverheadOf(n: PlacementNode, o: PlacementOptions): number {
+  return n.boundaryOverheadSeconds ?? o.boundaryOverheadSeconds;
+}
 
 /**
  * Seconds the boundary after a worker stage on `n` adds: per decoded token (one round trip + its
@@ -249,6 +260,23 @@ export interface Calibration {
    * the machine's own calibration's. The planner charges it at the head (PlacementNode).
    */
   readonly decodeFixedSecondsPerToken: number;
+  /**
+   * Seconds a tunnelled stage boundary costs per decoded token beyond the link probe's round trip
+   * (PlacementNode boundaryOverheadSeconds): the same model split in two with the first stage
+   * behind a loopback engine tunnel, minus it on one rpc-server, minus the probe's round trip over
+   * that tunnel (never below 0); or, for a one-depth measurement on another model, the machine's
+   * own calibration's. Absent where it was not measured (macOS: the calibration engine runs no
+   * rpc-servers there).
+   */
+  readonly boundaryOverheadSeconds?: number;
+  /** What boundaryOverheadSeconds was measured from: layers, both decode rates and spreads, and the probe's round trip. */
+  readonly boundary?: {
+    readonly layers: number;
+    readonly decodeTokensPerSecond: number;
+    readonly tunnelledDecodeTokensPerSecond: number;
+    readonly tunnelledDecodeSpread: number;
+    readonly probeRttSeconds: number;
+  };
   /** The depths measured: layers, bytes the planner counts per token, decode rate and spread of each (the first is the record's own model). */
   readonly depths: readonly { readonly layers: number; readonly readBytesPerToken: number; readonly decodeTokensPerSecond: number; readonly decodeSpread: number }[];
   /** layerPrefillFlops × prompt tokens ÷ measured prompt seconds. */

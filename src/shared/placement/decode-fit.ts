@@ -48,3 +48,14 @@ export function fitDecodeCost(points: readonly DecodePoint[]): DecodeFit {
   const throughOrigin = points.reduce((t, p) => t + p.bytesPerToken * p.secondsPerToken, 0) / points.reduce((t, p) => t + p.bytesPerToken ** 2, 0);
   return { fixedSecondsPerToken: 0, bandwidthBytesPerSecond: 1 / throughOrigin };
 }
+
+/**
+ * What a tunnelled stage boundary costs per decoded token beyond the link probe's round trip: the
+ * tunnelled split's seconds per token (the model in two stages, the first behind a loopback
+ * engine tunnel) minus the same model's on one rpc-server minus the agents' link probe over that
+ * tunnel (the round trip the planner already charges as the link's). Never below 0: a split
+ * measured faster than the whole is noise around no overhead.
+ */
+export function boundaryOverhead(reference: { readonly decodeTokensPerSecond: number }, tunnelled: { readonly decodeTokensPerSecond: number }, probeRttSeconds: number): number {
+  return Math.max(0, 1 / tunnelled.decodeTokensPerSecond - 1 / reference.decodeTokensPerSecond - probeRttSeconds);
+}

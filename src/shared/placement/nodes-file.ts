@@ -31,6 +31,8 @@ export const NodeFileEntry = z
     prefillFlopsPerSecond: z.number().positive().finite().optional(),
     /** Seconds per token the node's engine pays as the head whatever it reads (the calibration's fit); else headOverheadSeconds. */
     decodeFixedSecondsPerToken: z.number().nonnegative().finite().optional(),
+    /** Seconds per round trip a boundary with this node as the worker costs beyond the link's (the calibration's tunnel); else boundaryOverheadSeconds (0). */
+    boundaryOverheadSeconds: z.number().nonnegative().finite().optional(),
     linkBytesPerSecond: z.number().positive().finite().optional(),
   })
   .strict();
@@ -56,6 +58,7 @@ export function resolveNode(e: NodeFileEntry, engine: EngineFamily = 'llama.cpp'
     prefillFlopsPerSecond: e.prefillFlopsPerSecond ?? defaultPrefillFlops(effective, e.gpuCores),
     ...(e.hopSeconds === undefined ? {} : { hopSeconds: e.hopSeconds }),
     ...(e.decodeFixedSecondsPerToken === undefined ? {} : { decodeFixedSecondsPerToken: e.decodeFixedSecondsPerToken }),
+    ...(e.boundaryOverheadSeconds === undefined ? {} : { boundaryOverheadSeconds: e.boundaryOverheadSeconds }),
     ...(e.linkBytesPerSecond === undefined ? {} : { linkBytesPerSecond: e.linkBytesPerSecond }),
   };
 }

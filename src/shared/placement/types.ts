@@ -30,6 +30,13 @@ export interface PlacementNode {
    * by the node's two-depth calibration; options.headOverheadSeconds when not measured.
    */
   readonly decodeFixedSecondsPerToken?: number;
+  /**
+   * Seconds a llama.cpp stage boundary whose worker is this node costs per round trip (one per
+   * decoded token, one per prompt ubatch) beyond the link's probed round trip and the bytes: the
+   * engine tunnel's relays and the split's wake-ups, measured by the node's calibration through a
+   * loopback tunnel (calibrate.ts); options.boundaryOverheadSeconds when not measured.
+   */
+  readonly boundaryOverheadSeconds?: number;
 }
 
 /**
@@ -57,6 +64,14 @@ export interface PlacementOptions extends MemoryOptions {
    * two-depth calibration measures several times more (bench/README.md, bench:decode-depth).
    */
   readonly headOverheadSeconds: number;
+  /**
+   * Per-round-trip cost of a llama.cpp boundary whose worker has not measured its own
+   * (PlacementNode boundaryOverheadSeconds) beyond the probed round trip. 0: without a
+   * measurement the link probe's round trip is taken as the whole of it, as before the
+   * calibration measured it (on this project's 2-vCPU VM it measures 0.3–2.5 ms more per boundary,
+   * bench/README.md).
+   */
+  readonly boundaryOverheadSeconds: number;
   /** Average fraction of the KV cache a token attends to, for read costs (0.5). */
   readonly kvFill: number;
   /**
@@ -114,6 +129,7 @@ export const DEFAULT_PLACEMENT_OPTIONS: PlacementOptions = {
   pinned: [],
   hopSeconds: 0.001,
   headOverheadSeconds: 0.0005,
+  boundaryOverheadSeconds: 0,
   kvFill: 0.5,
   promptTokens: 0,
   objective: 'decode',
