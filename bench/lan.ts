@@ -217,7 +217,7 @@ async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEn
       goals: goals(scenarios),
       repricedGoals: goals(scenarios.map((x) => ({ ...x, decodeError: x.repricedDecodeError, ttftError: x.repricedTtftError }))),
       setup: { nodes, model: `${profile.layerCount} layers, dim ${profile.embd}, f16, ${(profile.fileTensorBytes / 1e6).toFixed(0)} MB`, ctx: CTX, runs: RUNS, tokens: TOKENS, threadsPerEngine: 1 },
-      calibration: { effectiveBandwidthBytesPerSecond: calibration.effectiveBandwidthBytesPerSecond, decodeFixedSecondsPerToken: calibration.decodeFixedSecondsPerToken, depths: calibration.depths, prefillFlopsPerSecond: calibration.prefillFlopsPerSecond, waitedFraction: calibration.waitedFraction, competingCores: calibration.competingCores, loadAverage1m: calibration.loadAverage1m },
+      calibration: { effectiveBandwidthBytesPerSecond: calibration.effectiveBandwidthBytesPerSecond, decodeFixedSecondsPerToken: calibration.decodeFixedSecondsPerToken, boundaryOverheadSeconds: calibration.boundaryOverheadSeconds ?? null, boundary: calibration.boundary ?? null, depths: calibration.depths, prefillFlopsPerSecond: calibration.prefillFlopsPerSecond, waitedFraction: calibration.waitedFraction, competingCores: calibration.competingCores, loadAverage1m: calibration.loadAverage1m },
       links,
       linkLimit: linkLimit(links),
       firstSightSeconds,
