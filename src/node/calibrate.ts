@@ -50,6 +50,14 @@ import { llamaCacheDir } from './llama/cache.ts';
  * token, not per stage. 4 and 12 layers: 4 is the shallowest whose layers still outweigh the
  * output head, and the shallow engine's windows are short.
  *
+ * A boundary: beside those two (not on macOS, where the calibration engine runs no rpc-servers),
+ * the shallow model split in two with its first stage behind a loopback engine tunnel, built as
+ * two agents build one (calibration-tunnel.ts). Its seconds per token over the whole model's, less
+ * the agents' link probe over that tunnel (the round trip the planner charges as the link's), is
+ * `boundaryOverheadSeconds`, which the planner adds to every round trip of a boundary whose worker
+ * is this node. Measured alone here it is 0.1–0.7 ms; beside a running 3-node demo cluster on this
+ * 2-vCPU VM 2–5 ms (bench/README.md, `orchard demo`), so the demo measures it again beside its cluster.
+ *
  * Cached per machine, engine build and thread count in the Orchard cache
  * (`<cache>/calibration/<build>-t<threads>.json`): every agent on this machine that runs engines
  * with that many threads shares it (a restarted agent, a local cluster). Measured on
