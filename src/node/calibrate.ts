@@ -248,11 +248,10 @@ export interface MeasureOptions extends CalibrationEngineOptions {
    */
   readonly decodeFixedSecondsPerToken?: number;
   /**
-   * The same model split in two with its first stage behind a loopback engine tunnel (the caller
-   * started it with `rpcServers: 2, tunnelledStages: 1` and stops it), for the boundary overhead
-   * instead of starting one.
+   * The boundary overhead, known already (the machine's own calibration, as the fixed part):
+   * no tunnelled split is measured, the record carries this one.
    */
-  readonly tunnelledEngine?: CalibrationEngine;
+  readonly boundaryOverheadSeconds?: number;
 }
 
 /**
@@ -274,7 +273,7 @@ async function startCalibrationEngines(threads: number, env: NodeJS.ProcessEnv, 
   const shallow = on.decodeFixedSecondsPerToken === undefined ? await start(await ensureCalibrationModel(env, SHALLOW_LAYERS), {}) : undefined;
   // The boundary is measured beside the shallower engine: a 2 ms step is less of its seconds per token.
   const boundaryModel = (shallow ?? deep).model;
-  const tunnelled = on.tunnelledEngine ?? (measuresBoundary() ? await start(boundaryModel, { rpcServers: 2, tunnelledStages: 1 }) : undefined);
+  const tunnelled = measuresBoundary() && on.boundaryOverheadSeconds === undefined ? await start(boundaryModel, { rpcServers: 2, tunnelledStages: 1 }) : undefined;
   return { deep, ...(shallow ? { shallow } : {}), ...(tunnelled ? { tunnelled } : {}) };
 }
 
@@ -294,8 +293,8 @@ async function medianProbeRtt(probe: () => Promise<number>): Promise<number> {
  * their seconds per token against the bytes the planner counts (decode-fit.ts) splits what a
  * token costs into the node's bandwidth and its fixed seconds per token. With
  * `decodeFixedSecondsPerToken` given, one depth on the engine's own model. Beside them (not on
- * macOS) the shallower model split in two, its first stage behind a loopback engine tunnel:
- * the boundary overhead (boundaryOverhead).
+ * macOS, and unless `boundaryOverheadSeconds` is given) the shallower model split in two, its
+ * first stage behind a loopback engine tunnel: the boundary overhead (boundaryOverhead).
  */
 export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv = process.env, on: MeasureOptions = {}): Promise<Calibration> {
   const given = on.decodeFixedSecondsPerToken;
@@ -330,7 +329,12 @@ export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv
   const boundary = t
     ? { layers: reference.layers, decodeTokensPerSecond: reference.decodeTokensPerSecond, tunnelledDecodeTokensPerSecond: t.decode, tunnelledDecodeSpread: t.decodeSpread, probeRttSeconds }
     : undefined;
-  const c = calibrationOf(await readGgufHeader(deepModel), rates[0]!, fixed, depths, { threads: engines.deep.threads, engineBuild: engines.deep.engineBuild, loadAverage1m }, boundary);
+  const overhead = boundary
+    ? { boundaryOverheadSeconds: boundaryOverhead(boundary, { decodeTokensPerSecond: boundary.tunnelledDecodeTokensPerSecond }, boundary.probeRttSeconds), boundary }
+    : on.boundaryOverheadSeconds !== undefined
+      ? { boundaryOverheadSeconds: on.boundaryOverheadSeconds }
+      : {};
+  const c = { ...calibrationOf(await readGgufHeader(deepModel), rates[0]!, fixed, depths, { threads: engines.deep.threads, engineBuild: engines.deep.engineBuild, loadAverage1m }), ...overhead };
   const file = on.file ?? calibrationFile(env, engines.deep.engineBuild, engines.deep.threads);
   await mkdir(dirname(file), { recursive: true });
   await writeFile(`${file}.tmp`, `${JSON.stringify(c, null, 2)}\n`);
@@ -371,14 +375,12 @@ function calibrationOf(
   decodeFixedSecondsPerToken: number,
   depths: Calibration['depths'],
   at: { threads: number; engineBuild: string; loadAverage1m: number },
-  boundary: Calibration['boundary'],
 ): Calibration {
   const { profile, ...node } = engineRates(header, rates.decode, rates.prompt, decodeFixedSecondsPerToken);
   return {
     engine: 'llama.cpp',
     ...node,
     decodeFixedSecondsPerToken,
-    ...(boundary ? { boundaryOverheadSeconds: boundaryOverhead(boundary, { decodeTokensPerSecond: boundary.tunnelledDecodeTokensPerSecond }, boundary.probeRttSeconds), boundary } : {}),
     depths,
     threads: at.threads,
     engineBuild: at.engineBuild,

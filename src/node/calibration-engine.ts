@@ -168,6 +168,21 @@ function localStageArgs(path: string, memory: LlamaServerOptions['memory'], spli
   return llamaServerArgs(stage, sockets.map(unixEndpoint));
 }
 
+/** As the agent waits for its engines (engine-readiness.ts): accepting, and the engine itself. */
+function ready(kind: 'rpc-server' | 'llama-server', p: ReturnType<typeof startDetached>, timeoutMs: number, gone: () => boolean, socket?: string) {
+  return waitEngineReady({
+    kind,
+    host: HOST,
+    port: p.port,
+    pid: p.pid,
+    socket,
+    deadlineMs: Date.now() + timeoutMs,
+    output: null,
+    gone: () => (gone() ? new OrchardError(`${kind} exited before it was ready`) : undefined),
+    timedOut: () => new OrchardError(`${kind} did not accept connections within ${timeoutMs / 1000} s`),
+  });
+}
+
 async function startCalibrationProcesses(
   bins: LlamaBinaries,
   path: string,
@@ -198,19 +213,6 @@ async function startCalibrationProcesses(
   };
   const port = await take();
   const url = `http://${HOST}:${port}`;
-  // As the agent waits for its engines (engine-readiness.ts): accepting, and the engine itself.
-  const ready = (kind: 'rpc-server' | 'llama-server', p: ReturnType<typeof startDetached>, timeoutMs: number, gone = p.exited, socket?: string) =>
-    waitEngineReady({
-      kind,
-      host: HOST,
-      port: p.port,
-      pid: p.pid,
-      socket,
-      deadlineMs: Date.now() + timeoutMs,
-      output: null,
-      gone: () => (gone() ? new OrchardError(`${kind} exited before it was ready`) : undefined),
-      timedOut: () => new OrchardError(`${kind} did not accept connections within ${timeoutMs / 1000} s`),
-    });
   try {
     let argv = ['-m', path, ...llamaMemoryArgs(memory), '-ngl', '0'];
     if (process.platform !== 'darwin') {

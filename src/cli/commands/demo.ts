@@ -202,7 +202,10 @@ async function ensureCalibration(nodeCount: number, m: DemoModel, fresh: boolean
     const file = join(stateRoot, 'calibration.json');
     // One depth, the demo's own model: what a token costs whatever it reads is the machine's (its two-depth fit).
     const decodeFixedSecondsPerToken = machine.decodeFixedSecondsPerToken;
-    const calibration = await run.orAbort(measureCalibration(threads, process.env, { engine, file, decodeFixedSecondsPerToken, ...(tunnelled ? { tunnelledEngine: tunnelled } : {}) }));
+    // And what a boundary costs beyond the probe is the machine's too; the split engine measures it
+    // again beside the cluster (compareDecode), where it matters on a shared machine.
+    const boundaryOverheadSeconds = machine.boundaryOverheadSeconds;
+    const calibration = await run.orAbort(measureCalibration(threads, process.env, { engine, file, decodeFixedSecondsPerToken, ...(boundaryOverheadSeconds !== undefined ? { boundaryOverheadSeconds } : {}) }));
     out = { calibration, file, engine, ...(tunnelled ? { tunnelled } : {}) };
   } else {
     out = { calibration: machine };
@@ -325,9 +328,7 @@ async function compareDecode(cluster: LocalCluster, m: DemoModel, prompt: string
         engineTokensPerSecond: cal.calibration.decodeTokensPerSecond,
         promptTokensPerSecond: cal.calibration.promptTokensPerSecond,
         decodeFixedSecondsPerToken: cal.calibration.decodeFixedSecondsPerToken,
-        ...(cal.tunnelled && cal.calibration.boundary
-          ? { tunnelled: { engine: cal.tunnelled, plannedOverheadSeconds: cal.calibration.boundaryOverheadSeconds ?? 0 } }
-          : {}),
+        ...(cal.tunnelled ? { tunnelled: { engine: cal.tunnelled, plannedOverheadSeconds: cal.calibration.boundaryOverheadSeconds ?? 0 } } : {}),
         signal: run.signal,
       }),
     );
