@@ -116,10 +116,15 @@ export async function measureAgreement(o: {
   const engineRatesMeasured = windows.map((w) => w.engine);
   const engineTokensPerSecond = median(engineRatesMeasured);
   const bandwidth = engineRates(o.header, engineTokensPerSecond, o.promptTokensPerSecond, o.decodeFixedSecondsPerToken).effectiveBandwidthBytesPerSecond;
-  const tunnelledTokensPerSecond = o.tunnelled ? median(windows.map((w) => w.tunnelled!)) : undefined;
-  const boundaryOverheadSeconds =
-    o.tunnelled && tunnelledTokensPerSecond ? boundaryOverhead({ decodeTokensPerSecond: engineTokensPerSecond }, { decodeTokensPerSecond: tunnelledTokensPerSecond }, probes.length ? median(probes) : 0) : undefined;
-  const boundary = o.tunnelled && boundaryOverheadSeconds !== undefined ? { plannedSeconds: o.tunnelled.plannedOverheadSeconds, measuredSeconds: boundaryOverheadSeconds } : undefined;
+  // With a tunnelled engine: its median, the probe's, and the boundary overhead they give beside the engine's.
+  let tunnelled: { tunnelledTokensPerSecond: number; boundaryOverheadSeconds: number; probeRttSeconds: number } | undefined;
+  if (o.tunnelled) {
+    const tunnelledTokensPerSecond = median(windows.map((w) => w.tunnelled!));
+    const probeRttSeconds = probes.length ? median(probes) : 0;
+    const boundaryOverheadSeconds = boundaryOverhead({ decodeTokensPerSecond: engineTokensPerSecond }, { decodeTokensPerSecond: tunnelledTokensPerSecond }, probeRttSeconds);
+    tunnelled = { tunnelledTokensPerSecond, boundaryOverheadSeconds, probeRttSeconds };
+  }
+  const boundary = o.tunnelled && tunnelled ? { plannedSeconds: o.tunnelled.plannedOverheadSeconds, measuredSeconds: tunnelled.boundaryOverheadSeconds } : undefined;
   return {
     predictedTokensPerSecond: repricedTokensPerSecond(plan, bandwidth, boundary),
     measuredTokensPerSecond: median(clusterRates),
@@ -127,7 +132,7 @@ export async function measureAgreement(o: {
     windows,
     engineTokensPerSecond,
     effectiveBandwidthBytesPerSecond: bandwidth,
-    ...(tunnelledTokensPerSecond !== undefined ? { tunnelledTokensPerSecond, boundaryOverheadSeconds, probeRttSeconds: probes.length ? median(probes) : 0 } : {}),
+    ...tunnelled,
     spread: { cluster: relativeSpread(clusterRates), engine: relativeSpread(engineRatesMeasured) },
     loadAverage1m: { start, end: loadavg()[0] ?? 0 },
   };

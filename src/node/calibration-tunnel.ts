@@ -61,7 +61,7 @@ export async function startLoopbackTunnel(enginePort: number, rpcSocket: string,
   }
   return {
     socket: forwarder.socket!,
-    probeRttSeconds: async () => (await measureLink({ remote: { host: HOST, port: listener.port }, expectPeer: { id: 'calibration-worker' }, credentials: head }, { bulkRounds: 0, bulkBytes: 1 })).rttSeconds,
+    probeRttSeconds: async () => (await measureLink({ remote: { host: HOST, port: listener.port }, expectPeer: { id: 'calibration-worker' }, credentials: head }, { bulkRounds: 0 })).rttSeconds,
     stop() {
       for (const pid of [forwarder.pid, 'pid' in listener ? listener.pid() : undefined]) {
         try {

@@ -71,7 +71,8 @@ export interface ProbeOptions {
 /**
  * The head side: the median of `pings` one-byte round trips, then a 1 MiB warm-up (TCP window)
  * and `bulkRounds` frames of `bulkBytes`, the best rate of them after taking out one round trip
- * (the ack's). About 25 MiB per peer by default: 0.2 s on 1 GbE, and repeated rarely.
+ * (the ack's). About 25 MiB per peer by default: 0.2 s on 1 GbE, and repeated rarely. With
+ * `bulkRounds: 0` only the round trip is measured (no warm-up either; bytesPerSecond is then 0).
  */
 export async function measureLink(d: TunnelDial, o: ProbeOptions = {}): Promise<LinkSample> {
   const tls = await dialTunnel(d, encodeProbeRequest());
@@ -107,7 +108,7 @@ export async function measureLink(d: TunnelDial, o: ProbeOptions = {}): Promise<
     rtts.sort((a, b) => a - b);
     const rttSeconds = rtts[Math.floor(rtts.length / 2)]!;
     const bulk = o.bulkBytes ?? 8 * 2 ** 20;
-    await frame(2 ** 20);
+    if ((o.bulkRounds ?? 2) > 0) await frame(2 ** 20);
     let bytesPerSecond = 0;
     for (let i = 0; i < (o.bulkRounds ?? 2); i++) {
       const seconds = await frame(bulk);
