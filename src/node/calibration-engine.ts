@@ -1,8 +1,7 @@
 import { execFile, spawn } from 'node:child_process';
 import { rmSync } from 'node:fs';
-import { mkdtemp, readdir, readFile } from 'node:fs/promises';
-import { cpus, tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { readdir, readFile } from 'node:fs/promises';
+import { cpus } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { z } from 'zod';
 import { OrchardError } from '../shared/errors.ts';
@@ -11,6 +10,7 @@ import { modelProfile } from '../shared/model/profile.ts';
 import type { CpuSnapshot } from '../shared/placement/calibration.ts';
 import { type LlamaServerOptions, llamaMemoryArgs } from '../shared/placement/llama-args.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../shared/placement/types.ts';
+import { makeScratchDir } from '../shared/scratch-dir.ts';
 import { ssePayloads } from '../shared/sse.ts';
 import { findLlamaBinaries, type LlamaBinaries } from './llama/binaries.ts';
 import { llamaServerArgs } from './engine-spec.ts';
@@ -220,7 +220,7 @@ async function startCalibrationProcesses(
       const split = evenLayerSplit(layers, stages.rpcServers);
       const rpcPorts: number[] = [];
       const sockets: string[] = [];
-      socketDir = await mkdtemp(join(tmpdir(), 'orchard-sock-'));
+      socketDir = await makeScratchDir('orchard-sock-');
       for (let i = 0; i < split.length; i++) {
         rpcPorts.push(await take());
         sockets.push(rpcServerSocket(socketDir, rpcPorts[i]!));

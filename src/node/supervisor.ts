@@ -1,10 +1,9 @@
 import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { rm } from 'node:fs/promises';
 import { errorMessage } from '../shared/errors.ts';
+import { makeScratchDir } from '../shared/scratch-dir.ts';
 import { TENSOR_HASHES_ENV } from '../shared/rpc-cache/known-hashes.ts';
 import type { Logger } from '../shared/log.ts';
 import { type EngineExit, type EngineInfo, mlxRankInfo } from './engine-info.ts';
@@ -471,7 +470,7 @@ export class EngineSupervisor extends EventEmitter<SupervisorEvents> {
   /** Where this supervisor's rpc-servers listen (SupervisorOptions.socketDir). */
   private socketDir(): Promise<string> {
     if (this.options.socketDir !== undefined) return Promise.resolve(this.options.socketDir);
-    this.#ownSocketDir ??= mkdtemp(join(tmpdir(), 'orchard-sock-'));
+    this.#ownSocketDir ??= makeScratchDir('orchard-sock-');
     return this.#ownSocketDir;
   }
 

@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { availableParallelism, tmpdir } from 'node:os';
+import { rm } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { findLlamaBinaries } from '../../node/llama/binaries.ts';
@@ -19,6 +19,7 @@ import { type LocalCluster, ORCHARD_BIN, startLocalCluster } from '../local-clus
 import { createProgress } from '../progress.ts';
 import { placementJsonSchema, planJsonSchema, renderPlacementTable, renderPlanTable } from '../tables.ts';
 import { processAlive } from '../../shared/process-alive.ts';
+import { makeScratchDir } from '../../shared/scratch-dir.ts';
 
 interface DemoFlags {
   model?: string;
@@ -412,7 +413,7 @@ async function runDemo(flags: DemoFlags): Promise<void> {
     const bins = await findLlamaBinaries();
     process.stderr.write(`llama.cpp ${bins.llamaCppVersion}: ${bins.binDir}\n`);
     const model = await demoModel(flags, nodeCount, run);
-    stateRoot = await mkdtemp(join(tmpdir(), 'orchard-demo-'));
+    stateRoot = await makeScratchDir('orchard-demo-');
     const cal = await ensureCalibration(nodeCount, model, flags.calibrate !== false, stateRoot, story, run, (e) => engines.push(e));
     cluster = await startDemoCluster(model, nodeCount, stateRoot, cal.file, run);
     await showPlan(cluster, model, nodeCount, story, run);
