@@ -134,7 +134,7 @@ export async function loadCalibration(threads: number, env: NodeJS.ProcessEnv = 
   }
   const bins = await findLlamaBinaries(env).catch(() => undefined);
   if (!bins) return undefined;
-  return readCalibrationFile(calibrationFile(env, bins.llamaCppVersion, threads));
+  return readCalibrationFile(calibrationFile(env, bins.build, threads));
 }
 
 async function readCalibrationFile(path: string): Promise<Calibration | undefined> {

@@ -253,7 +253,7 @@ async function startCalibrationProcesses(
     ports: procs.map((p) => p.port),
     model: path,
     threads,
-    engineBuild: bins.llamaCppVersion,
+    engineBuild: bins.build,
     async request(body, signal) {
       const res = await fetch(`${url}/completion`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body), ...(signal ? { signal } : {}) });
       if (!res.ok) throw new OrchardError(`calibration request failed: HTTP ${res.status}`);

@@ -1,6 +1,7 @@
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, expect } from 'vitest';
+import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
 import { loadCalibration, measureCalibration, SHALLOW_LAYERS, startCalibrationEngine } from '../../src/node/calibrate.ts';
 import { llamaEngines, describeWith, itWith } from '../helpers/needs.ts';
 import { AGENT_ENV, killGroup, startAgent, stopAll, unary } from '../helpers/node-agent.ts';
@@ -58,8 +59,11 @@ describeWith([engines], 'engine calibration', () => {
       expect(c.boundary!.probeRttSeconds).toBeGreaterThan(0);
       expect(c.boundaryOverheadSeconds).toBeCloseTo(Math.max(0, 1 / c.boundary!.tunnelledDecodeTokensPerSecond - 1 / c.boundary!.decodeTokensPerSecond - c.boundary!.probeRttSeconds), 12);
       const files = await readdir(join(cache.path, 'calibration'));
+      // Keyed by the engines' build (binaries.ts `build`), so a rebuilt or re-patched engine is measured again.
+      expect(c.engineBuild).toBe((await findLlamaBinaries(env)).build);
+      expect(c.engineBuild).toMatch(/^external-[0-9a-f]{12}$/);
       const name = files.find((f) => f.endsWith('-t1-v6.json'));
-      expect(name).toBeDefined();
+      expect(name).toBe(`${c.engineBuild}-t1-v6.json`);
       const file = join(cache.path, 'calibration', name!);
       expect(await loadCalibration(1, env)).toEqual(c);
       expect(await loadCalibration(2, env)).toBeUndefined(); // measured for 1 thread only

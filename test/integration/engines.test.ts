@@ -2,7 +2,7 @@ import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { copyFile, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { hostname, tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { findLlamaBinaries, type LlamaBinaries } from '../../src/node/llama/binaries.ts';
@@ -331,6 +331,8 @@ describe('orchard setup', () => {
       // findLlamaBinaries reads the same entry.
       const found = await findLlamaBinaries(env);
       expect(found.llamaServer).toBe(join(dir, 'bin', 'llama-server'));
+      // Its build is the entry's name (version + hash of platform, defines, patches): what the calibration is keyed by.
+      expect(found.build).toBe(basename(dir));
     } finally {
       await stopAll();
     }

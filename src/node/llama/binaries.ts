@@ -1,3 +1,6 @@
+import { createHash } from 'node:crypto';
+import { stat } from 'node:fs/promises';
+import { basename } from 'node:path';
 import { OrchardError } from '../../shared/errors.ts';
 import { expectedCacheEntry } from './build.ts';
 import { listCacheEntries, llamaCacheDir, readCacheEntry } from './cache.ts';
@@ -8,6 +11,13 @@ export interface LlamaBinaries {
   readonly llamaServer: string;
   readonly rpcServer: string;
   readonly llamaCppVersion: string;
+  /**
+   * Which build these are: the cache entry's name (`<version>-<hash of platform, defines and
+   * engine patches>`), or for ORCHARD_LLAMA_BIN_DIR `external-<hash of both binaries' paths,
+   * sizes and modification times>` (a rebuilt or swapped binary is another build). Figures measured on one build (the
+   * calibration) are keyed by it: a changed engine patch changes what the engines cost.
+   */
+  readonly build: string;
   readonly binDir: string;
 }
 
@@ -23,7 +33,7 @@ export async function findLlamaBinaries(env: NodeJS.ProcessEnv = process.env): P
   if (dir) {
     try {
       const found = await locateInDir(dir);
-      return { ...found, llamaCppVersion: 'external', binDir: dir };
+      return { ...found, llamaCppVersion: 'external', build: await externalBuild(found), binDir: dir };
     } catch (err) {
       throw new OrchardError(`ORCHARD_LLAMA_BIN_DIR=${dir}: ${(err as Error).message}`);
     }
@@ -48,6 +58,16 @@ function fromEntry(dir: string, m: { llamaServer: string; rpcServer: string; lla
     llamaServer: `${dir}/${m.llamaServer}`,
     rpcServer: `${dir}/${m.rpcServer}`,
     llamaCppVersion: m.llamaCppVersion,
+    build: basename(dir),
     binDir: `${dir}/bin`,
   };
+}
+
+async function externalBuild(found: { llamaServer: string; rpcServer: string }): Promise<string> {
+  const h = createHash('sha256');
+  for (const path of [found.llamaServer, found.rpcServer]) {
+    const st = await stat(path);
+    h.update(JSON.stringify([path, st.size, st.mtimeMs]));
+  }
+  return `external-${h.digest('hex').slice(0, 12)}`;
 }
