@@ -247,14 +247,14 @@ async function startServers(
 /** One router for every HTTP route (OpenAI API, operator routes, console), behind one access guard. */
 function buildRouter(
   o: CoordinatorOptions,
-  d: { runtime: MeteredRuntime; membership: Membership; clusterId: string; metrics: CoordinatorMetrics; access: AccessControl; roles: () => RoleView; relay: HttpRelay | undefined },
+  d: { runtime: MeteredRuntime; membership: Membership; clusterId: string; metrics: CoordinatorMetrics; access: AccessControl; roles: () => RoleView; relay: HttpRelay | undefined; prober: LinkProber },
   serving: () => boolean,
   ownAddress: () => string,
 ) {
   const { runtime, membership, clusterId, metrics, access } = d;
   const log = o.log;
   const router = new HttpRouter(accessGuard(access), log.child({ part: 'http' }), { metricsPublic: o.api?.metricsPublic });
-  installApi(router, { runtime, membership, clusterId, log, onRefused: (model, status) => metrics.refused(model, status) }, { maxBodyBytes: o.api?.maxBodyBytes });
+  installApi(router, { runtime, membership, clusterId, log, links: () => d.prober.matrix.list(), onRefused: (model, status) => metrics.refused(model, status) }, { maxBodyBytes: o.api?.maxBodyBytes });
   installOperatorRoutes(router, { membership, runtime, clusterId, registry: metrics.registry, serving, ownAddress, roles: d.roles, leaderStatus: d.relay && ((req) => d.relay!.leaderStatus(req)) });
   const webConsole = createConsole({ runtime, membership, clusterId, metrics: metrics.metrics, log, maxBodyBytes: o.api?.maxBodyBytes });
   for (const r of webConsole.routes) router.add(r.method, r.path, r.scope, r.handler);

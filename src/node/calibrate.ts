@@ -54,7 +54,10 @@ import { llamaCacheDir } from './llama/cache.ts';
  * the shallow model split in two with its first stage behind a loopback engine tunnel, built as
  * two agents build one (calibration-tunnel.ts). Its seconds per token over the whole model's, less
  * the agents' link probe over that tunnel (the round trip the planner charges as the link's), is
- * `boundaryOverheadSeconds`, which the planner adds to every round trip of a boundary whose worker
+ * `boundaryOverheadSeconds` — both engines' rates as their windows ran, not without their waits for a
+ * core: a boundary's cost is mostly its extra processes (two rpc-servers, two relays) waking on cores
+ * the others hold, which is what the uncontended rates take out (session 12: tunnelled split 10 %
+ * faster than the whole model uncontended, 1.4 ms per token slower as run) — which the planner adds to every round trip of a boundary whose worker
  * is this node. Measured alone here it is 0.1–0.7 ms; beside a running 3-node demo cluster on this
  * 2-vCPU VM 2–5 ms (bench/README.md, `orchard demo`), so the demo measures it again beside its cluster.
  *
@@ -84,7 +87,9 @@ const calibrationSchema = z.object({
     .object({
       layers: z.number().int().positive(),
       decodeTokensPerSecond: z.number().positive(),
+      waitedFraction: z.number().min(0).max(1),
       tunnelledDecodeTokensPerSecond: z.number().positive(),
+      tunnelledWaitedFraction: z.number().min(0).max(1),
       tunnelledDecodeSpread: z.number().nonnegative(),
       probeRttSeconds: z.number().nonnegative(),
     })
@@ -115,9 +120,10 @@ function calibrationDir(env: NodeJS.ProcessEnv): string {
  * engine flags; v3: windows of about a second, their median, and the competing load recorded;
  * v4: each window's rates without the time the engine waited for its cores; v5: two depths, the
  * bandwidth the slope of their fit and its intercept the fixed seconds per token; v6: the
- * boundary overhead, beside them).
+ * boundary overhead, beside them; v7: the boundary from the rates as the windows ran, waits for a
+ * core included).
  */
-const METHOD = 'v6';
+const METHOD = 'v7';
 
 function calibrationFile(env: NodeJS.ProcessEnv, engineBuild: string, threads: number): string {
   return join(calibrationDir(env), `${engineBuild.replace(/[^\w.+-]/g, '_')}-t${threads}-${METHOD}.json`);
@@ -187,6 +193,8 @@ interface WindowedRates {
   readonly competingCores: number;
   /** Median fraction of a window the engine waited for its cores. */
   readonly waitedFraction: number;
+  /** Median decode rate as the windows ran (the waits for a core left in). */
+  readonly wallDecode: number;
 }
 
 interface Window extends EngineRates {
@@ -230,6 +238,7 @@ async function calibrationWindows(engines: readonly CalibrationEngine[]): Promis
       decodeSpread: relativeSpread(decode),
       competingCores: wall > 0 ? w.reduce((t, x) => t + x.competing * x.wallSeconds, 0) / wall : 0,
       waitedFraction: median(w.map((x) => x.waited)),
+      wallDecode: median(w.map((x) => x.decode)),
     };
   });
 }
@@ -326,8 +335,11 @@ export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv
   const fixed = given ?? fitDecodeCost(depths.map((d) => ({ bytesPerToken: d.readBytesPerToken, secondsPerToken: 1 / d.decodeTokensPerSecond }))).fixedSecondsPerToken;
   const reference = depths.at(-1)!;
   const t = engines.tunnelled ? rates[models.length]! : undefined;
+  // As the windows ran: what a boundary adds is mostly its stages' and relays' wake-ups waiting for
+  // a core, which the uncontended rates take out (v6 read 0 here: the split ~10 % faster than whole).
+  const r = engines.shallow ? rates[1]! : rates[0]!;
   const boundary = t
-    ? { layers: reference.layers, decodeTokensPerSecond: reference.decodeTokensPerSecond, tunnelledDecodeTokensPerSecond: t.decode, tunnelledDecodeSpread: t.decodeSpread, probeRttSeconds }
+    ? { layers: reference.layers, decodeTokensPerSecond: r.wallDecode, waitedFraction: r.waitedFraction, tunnelledDecodeTokensPerSecond: t.wallDecode, tunnelledWaitedFraction: t.waitedFraction, tunnelledDecodeSpread: t.decodeSpread, probeRttSeconds }
     : undefined;
   const overhead = boundary
     ? { boundaryOverheadSeconds: boundaryOverhead(boundary, { decodeTokensPerSecond: boundary.tunnelledDecodeTokensPerSecond }, boundary.probeRttSeconds), boundary }

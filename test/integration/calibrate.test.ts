@@ -55,15 +55,19 @@ describeWith([engines], 'engine calibration', () => {
       // Beside them, the shallow model split in two with its first stage behind a loopback engine
       // tunnel: the boundary overhead is its step over the whole model less the probe's round trip.
       expect(c.boundary?.layers).toBe(SHALLOW_LAYERS);
-      expect(c.boundary?.decodeTokensPerSecond).toBe(c.depths[1]!.decodeTokensPerSecond);
+      // Both rates as the windows ran (waits for a core left in): never above the shallow depth's uncontended rate.
+      expect(c.boundary!.decodeTokensPerSecond).toBeGreaterThan(0);
+      expect(c.boundary!.decodeTokensPerSecond).toBeLessThanOrEqual(c.depths[1]!.decodeTokensPerSecond);
+      expect(c.boundary!.waitedFraction).toBeGreaterThanOrEqual(0);
+      expect(c.boundary!.tunnelledWaitedFraction).toBeGreaterThanOrEqual(0);
       expect(c.boundary!.probeRttSeconds).toBeGreaterThan(0);
       expect(c.boundaryOverheadSeconds).toBeCloseTo(Math.max(0, 1 / c.boundary!.tunnelledDecodeTokensPerSecond - 1 / c.boundary!.decodeTokensPerSecond - c.boundary!.probeRttSeconds), 12);
       const files = await readdir(join(cache.path, 'calibration'));
       // Keyed by the engines' build (binaries.ts `build`), so a rebuilt or re-patched engine is measured again.
       expect(c.engineBuild).toBe((await findLlamaBinaries(env)).build);
       expect(c.engineBuild).toMatch(/^external-[0-9a-f]{12}$/);
-      const name = files.find((f) => f.endsWith('-t1-v6.json'));
-      expect(name).toBe(`${c.engineBuild}-t1-v6.json`);
+      const name = files.find((f) => f.endsWith('-t1-v7.json'));
+      expect(name).toBe(`${c.engineBuild}-t1-v7.json`);
       const file = join(cache.path, 'calibration', name!);
       expect(await loadCalibration(1, env)).toEqual(c);
       expect(await loadCalibration(2, env)).toBeUndefined(); // measured for 1 thread only

@@ -269,11 +269,17 @@ export interface Calibration {
    * rpc-servers there).
    */
   readonly boundaryOverheadSeconds?: number;
-  /** What boundaryOverheadSeconds was measured from: layers, both decode rates and spreads, and the probe's round trip. */
+  /**
+   * What boundaryOverheadSeconds was measured from: layers, both decode rates as the windows ran
+   * (their waits for a core left in: a boundary's cost is mostly those waits) and the fraction of
+   * each window spent waiting, the tunnelled rate's spread, and the probe's round trip.
+   */
   readonly boundary?: {
     readonly layers: number;
     readonly decodeTokensPerSecond: number;
+    readonly waitedFraction: number;
     readonly tunnelledDecodeTokensPerSecond: number;
+    readonly tunnelledWaitedFraction: number;
     readonly tunnelledDecodeSpread: number;
     readonly probeRttSeconds: number;
   };

@@ -13,6 +13,7 @@ import { DEFAULT_MAX_BODY_BYTES, disconnectSignal, readJsonBody, sendError, send
 import { type ModelLimits, type ParsedRequest, parseChatRequest, parseCompletionRequest } from './requests.ts';
 import { completionResponse, finishReasonOf, type Kind, modelObject, placementOf, type ResponseMeta, sseData, streamChunk, usageChunk } from './responses.ts';
 import { PARALLELISMS } from '../../../shared/placement/parallelism.ts';
+import type { LinkMeasurement } from '../../../shared/placement/links.ts';
 
 /**
  * The coordinator's HTTP API: OpenAI-compatible inference routes and the management routes,
@@ -33,6 +34,8 @@ export interface ApiDeps {
   readonly membership: Membership;
   readonly clusterId: string;
   readonly log: Logger;
+  /** The link matrix (membership/link-prober.ts), shown in `/v1/cluster` as `orchard status --links` shows it. */
+  readonly links?: () => readonly LinkMeasurement[];
   /**
    * A generation request (chat/completions) refused before it reached the runtime, with the HTTP
    * status: the coordinator counts it in orchard_requests_total (`CoordinatorMetrics.refused`);
@@ -265,6 +268,14 @@ function clusterJson(deps: ApiDeps): Record<string, unknown> {
     cluster_id: deps.clusterId,
     nodes: [...deps.membership.registry.nodes().map((n) => nodeJson(n, now)), ...deps.membership.discovered().map((d) => discoveredJson(d, now))],
     models: deps.runtime.models().map((m) => ({ id: m.name, ...placementOf(m) })),
+    links: (deps.links?.() ?? []).map((l) => ({
+      from: l.from,
+      to: l.to,
+      rtt_seconds: l.rttSeconds,
+      bytes_per_second: l.bytesPerSecond,
+      age_seconds: Math.max(0, now / 1000 - l.measuredAtSeconds),
+      error: l.error ?? null,
+    })),
   };
 }
 
