@@ -101,17 +101,24 @@ export function deleteLan(bridge: string, namespaces: readonly string[]): void {
   }
 }
 
+/** An Ethernet frame at the veths' 1500-byte MTU: payload + header. */
+const FRAME_BYTES = 1514;
+
 const tc = (...args: string[]) => execFileSync('tc', args, { stdio: ['ignore', 'ignore', 'pipe'] });
 
 /**
  * Shape a node's link to `rateBitsPerSecond` both ways with a token bucket (`tc tbf`; this kernel
  * has no netem, so latency comes from a userspace proxy instead): egress of the node's veth
- * (node → LAN) and of its bridge port (LAN → node). Burst: 1 ms at line rate, at least 64 KiB
- * (tbf needs rate ÷ HZ); queue: 20 ms of data, so a full queue adds bounded delay, as a switch.
+ * (node → LAN) and of its bridge port (LAN → node). Burst: 1 ms at line rate (tbf needs rate ÷
+ * HZ), at least four full frames; tbf cuts a GSO packet larger than that into segments
+ * (sch_tbf.c `tbf_segment`). It was at least 64 KiB until session 12, which let a token's few KB of
+ * boundary traffic cross a 20 Mbit/s link at veth speed where a real wire of that rate serializes
+ * every byte (the cost model does: bench:lan's slow-link llama-default measured 15 % faster than
+ * priced). Queue: 20 ms of data, so a full queue adds bounded delay, as a switch.
  */
 export function shapeLink(n: { readonly ns: string; readonly veth: string; readonly hostVeth: string }, rateBitsPerSecond: number): void {
   const bytesPerMs = rateBitsPerSecond / 8 / 1000;
-  const burst = String(Math.max(65_536, Math.ceil(bytesPerMs)));
+  const burst = String(Math.max(4 * FRAME_BYTES, Math.ceil(bytesPerMs)));
   const limit = String(Math.max(131_072, Math.ceil(20 * bytesPerMs)));
   const rate = `${Math.round(rateBitsPerSecond)}bit`;
   tc('qdisc', 'replace', 'dev', n.hostVeth, 'root', 'tbf', 'rate', rate, 'burst', burst, 'limit', limit);
