@@ -54,11 +54,11 @@ import { llamaCacheDir } from './llama/cache.ts';
  * the shallow model split in two with its first stage behind a loopback engine tunnel, built as
  * two agents build one (calibration-tunnel.ts). Its seconds per token over the whole model's, less
  * the agents' link probe over that tunnel (the round trip the planner charges as the link's), is
- * `boundaryOverheadSeconds` — both engines' rates as their windows ran, not without their waits for a
- * core: a boundary's cost is mostly its extra processes (two rpc-servers, two relays) waking on cores
- * the others hold, which is what the uncontended rates take out (session 12: tunnelled split 10 %
- * faster than the whole model uncontended, 1.4 ms per token slower as run) — which the planner adds to every round trip of a boundary whose worker
- * is this node. Measured alone here it is 0.1–0.7 ms; beside a running 3-node demo cluster on this
+ * `boundaryOverheadSeconds`, which the planner adds to every round trip of a boundary whose worker
+ * is this node. Both rates are taken as the windows ran, waits for a core left in: a boundary's cost
+ * is mostly its extra processes (two rpc-servers, two relays) waking on cores the others hold, which
+ * the uncontended rates take out (session 12: the tunnelled split 10 % faster than the whole model
+ * uncontended, 1.4 ms per token slower as run). Measured alone here it is 0.1–0.7 ms; beside a running 3-node demo cluster on this
  * 2-vCPU VM 2–5 ms (bench/README.md, `orchard demo`), so the demo measures it again beside its cluster.
  *
  * Cached per machine, engine build and thread count in the Orchard cache
@@ -333,13 +333,13 @@ export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv
     }),
   );
   const fixed = given ?? fitDecodeCost(depths.map((d) => ({ bytesPerToken: d.readBytesPerToken, secondsPerToken: 1 / d.decodeTokensPerSecond }))).fixedSecondsPerToken;
-  const reference = depths.at(-1)!;
+  // The boundary beside the shallowest depth, both as the windows ran: what a boundary adds is mostly
+  // its stages' and relays' wake-ups waiting for a core, which the uncontended rates take out (v6
+  // read 0 here: the split ~10 % faster than the whole model).
+  const r = rates[models.length - 1]!;
   const t = engines.tunnelled ? rates[models.length]! : undefined;
-  // As the windows ran: what a boundary adds is mostly its stages' and relays' wake-ups waiting for
-  // a core, which the uncontended rates take out (v6 read 0 here: the split ~10 % faster than whole).
-  const r = engines.shallow ? rates[1]! : rates[0]!;
   const boundary = t
-    ? { layers: reference.layers, decodeTokensPerSecond: r.wallDecode, waitedFraction: r.waitedFraction, tunnelledDecodeTokensPerSecond: t.wallDecode, tunnelledWaitedFraction: t.waitedFraction, tunnelledDecodeSpread: t.decodeSpread, probeRttSeconds }
+    ? { layers: depths.at(-1)!.layers, decodeTokensPerSecond: r.wallDecode, waitedFraction: r.waitedFraction, tunnelledDecodeTokensPerSecond: t.wallDecode, tunnelledWaitedFraction: t.waitedFraction, tunnelledDecodeSpread: t.decodeSpread, probeRttSeconds }
     : undefined;
   const overhead = boundary
     ? { boundaryOverheadSeconds: boundaryOverhead(boundary, { decodeTokensPerSecond: boundary.tunnelledDecodeTokensPerSecond }, boundary.probeRttSeconds), boundary }

@@ -82,14 +82,22 @@ async function ensureEngines(): Promise<void> {
   await findLlamaBinaries();
 }
 
-async function waitForNodes(baseUrl: string, n: number, timeoutMs: number): Promise<void> {
+type ClusterJson = { nodes: { state: string }[]; links?: { rtt_seconds: number; error: string | null }[] };
+
+/** Poll `/v1/cluster` until `ready` says so or `timeoutMs` has passed; the last answer and whether it was ready. */
+async function pollCluster(baseUrl: string, ready: (c: ClusterJson) => boolean, timeoutMs: number): Promise<{ c: ClusterJson; ready: boolean }> {
   const t0 = Date.now();
   for (;;) {
-    const c = await apiJson<{ nodes: { state: string }[] }>({ baseUrl }, 'GET', '/v1/cluster');
-    if (c.nodes.filter((x) => x.state === 'up').length >= n) return;
-    if (Date.now() - t0 > timeoutMs) throw new OrchardError(`only ${c.nodes.length} of ${n} nodes joined within ${timeoutMs / 1000} s`);
+    const c = await apiJson<ClusterJson>({ baseUrl }, 'GET', '/v1/cluster');
+    if (ready(c)) return { c, ready: true };
+    if (Date.now() - t0 > timeoutMs) return { c, ready: false };
     await new Promise((r) => setTimeout(r, 200));
   }
+}
+
+async function waitForNodes(baseUrl: string, n: number, timeoutMs: number): Promise<void> {
+  const { c, ready } = await pollCluster(baseUrl, (x) => x.nodes.filter((node) => node.state === 'up').length >= n, timeoutMs);
+  if (!ready) throw new OrchardError(`only ${c.nodes.length} of ${n} nodes joined within ${timeoutMs / 1000} s`);
 }
 
 /**
@@ -98,14 +106,11 @@ async function waitForNodes(baseUrl: string, n: number, timeoutMs: number): Prom
  * tunnel costs, so the demo plans once each direction is measured (or the wait runs out).
  */
 async function waitForLinks(baseUrl: string, n: number, timeoutMs: number): Promise<{ wanted: number; measured: number; medianRttSeconds: number }> {
-  const t0 = Date.now();
   const wanted = n * (n - 1);
-  for (;;) {
-    const c = await apiJson<{ links?: { rtt_seconds: number; error: string | null }[] }>({ baseUrl }, 'GET', '/v1/cluster');
-    const good = (c.links ?? []).filter((l) => l.error === null && l.rtt_seconds > 0).map((l) => l.rtt_seconds);
-    if (good.length >= wanted || Date.now() - t0 > timeoutMs) return { wanted, measured: Math.min(good.length, wanted), medianRttSeconds: median(good) };
-    await new Promise((r) => setTimeout(r, 250));
-  }
+  const rtts = (c: ClusterJson) => (c.links ?? []).filter((l) => l.error === null && l.rtt_seconds > 0).map((l) => l.rtt_seconds);
+  const { c } = await pollCluster(baseUrl, (x) => rtts(x).length >= wanted, timeoutMs);
+  const good = rtts(c);
+  return { wanted, measured: Math.min(good.length, wanted), medianRttSeconds: median(good) };
 }
 
 /**
