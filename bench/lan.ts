@@ -73,6 +73,7 @@ import { rankingAgreement } from './lan/ranking.ts';
 import { BenchProcesses, benchEnv, runBench, writeTestModel } from './lib/cluster.ts';
 import { LINK_BITS_PER_SECOND } from './lib/links.ts';
 import { flag } from './lib/stats.ts';
+import { flushWrites, unwrittenBytes } from './lib/writeback.ts';
 
 const argv = process.argv.slice(2);
 const JSON_OUT = argv.includes('--json');
@@ -118,6 +119,7 @@ async function seedAll(c: LanCluster, model: string, layers: number): Promise<Re
 
 async function scenario(c: LanCluster, profile: string, rule: Rule, models: { cold: string | undefined; seeded: string }, engine: EngineSide & { header: Parameters<typeof repriced>[4]; decodeFixedSecondsPerToken: number }) {
   c.rule = rule;
+  const unwrittenMegabytesAtStart = Math.round((await unwrittenBytes()) / 1e6);
   const cold = models.cold ? await timedLoad(c.client, models.cold, 'cold', CTX) : undefined;
   if (cold) await unload(c.client, 'cold');
   const seeded = await timedLoad(c.client, models.seeded, 'bench', CTX);
@@ -151,6 +153,7 @@ async function scenario(c: LanCluster, profile: string, rule: Rule, models: { co
     predictedHopMs: plan.predicted.hopSeconds * 1000,
     predictedPromptCacheSaveMs: plan.predicted.promptCacheSaveSeconds * 1000,
     budgetViolations: over,
+    unwrittenMegabytesAtStart,
     promptTokens: m.promptTokens,
     enginePromptMs: m.enginePromptMs,
     decodeRuns: m.decodeRuns,
@@ -200,6 +203,10 @@ async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEn
     progress('first sight of both files, seeding every node\'s tensor cache');
     const firstSightSeconds = { cold: await firstSight(c.client, coldModel, CTX), preseeded: await firstSight(c.client, seededModel, CTX) };
     const seedingSeconds = await seedAll(c, seededModel, profile.layerCount);
+    // The model files and three seeded caches are gigabytes the kernel would otherwise write back
+    // during the first scenarios (session 12: the first one measured up to 18 % slow in two of five runs).
+    progress('writing the seeded caches out before measuring');
+    const flushed = await flushWrites();
     const scenarios = [];
     const links: Record<string, ReturnType<typeof measuredLinks>> = {};
     for (const p of chosenProfiles) {
@@ -222,6 +229,7 @@ async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEn
       linkLimit: linkLimit(links),
       firstSightSeconds,
       seedingSeconds,
+      flushed,
       loadAverage: { min: Math.min(...load), max: Math.max(...load), samples: load },
     };
   } finally {
