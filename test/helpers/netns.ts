@@ -106,6 +106,9 @@ const FRAME_BYTES = 1514;
 
 const tc = (...args: string[]) => execFileSync('tc', args, { stdio: ['ignore', 'ignore', 'pipe'] });
 
+/** Below this rate a link is paced frame by frame (tbf peakrate); see shapeLink. */
+const PACED_BELOW_BITS_PER_SECOND = 200e6;
+
 /**
  * Shape a node's link to `rateBitsPerSecond` both ways with a token bucket (`tc tbf`; this kernel
  * has no netem, so latency comes from a userspace proxy instead): egress of the node's veth
@@ -114,15 +117,22 @@ const tc = (...args: string[]) => execFileSync('tc', args, { stdio: ['ignore', '
  * (sch_tbf.c `tbf_segment`). It was at least 64 KiB until session 12, which let a token's few KB of
  * boundary traffic cross a 20 Mbit/s link at veth speed where a real wire of that rate serializes
  * every byte (the cost model does: bench:lan's slow-link llama-default measured 15 % faster than
- * priced). Queue: 20 ms of data, so a full queue adds bounded delay, as a switch.
+ * priced). Even four frames are 2.4 ms at 20 Mbit/s, most of a decode token's boundary message, so
+ * slow links also get a peak rate 1 % above the rate with a one-frame bucket: after the first frame
+ * every byte leaves at line rate, as on a wire (session 14, 4 KiB ping-pong at 20 Mbit/s: 0.21 ms
+ * round trip without it, 2.27 with it, 3.44 on an ideal wire). Fast links skip it: there a frame
+ * is microseconds and per-frame pacing only costs timer wakeups. Queue: 20 ms of data, so a full
+ * queue adds bounded delay, as a switch.
  */
 export function shapeLink(n: { readonly ns: string; readonly veth: string; readonly hostVeth: string }, rateBitsPerSecond: number): void {
   const bytesPerMs = rateBitsPerSecond / 8 / 1000;
   const burst = String(Math.max(4 * FRAME_BYTES, Math.ceil(bytesPerMs)));
   const limit = String(Math.max(131_072, Math.ceil(20 * bytesPerMs)));
-  const rate = `${Math.round(rateBitsPerSecond)}bit`;
-  tc('qdisc', 'replace', 'dev', n.hostVeth, 'root', 'tbf', 'rate', rate, 'burst', burst, 'limit', limit);
-  execFileSync('ip', ['netns', 'exec', n.ns, 'tc', 'qdisc', 'replace', 'dev', n.veth, 'root', 'tbf', 'rate', rate, 'burst', burst, 'limit', limit], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const args = ['root', 'tbf', 'rate', `${Math.round(rateBitsPerSecond)}bit`, 'burst', burst, 'limit', limit];
+  // mtu: tbf drops (not segments) non-GSO packets above it, so one frame plus room for a VLAN tag.
+  if (rateBitsPerSecond < PACED_BELOW_BITS_PER_SECOND) args.push('peakrate', `${Math.round(rateBitsPerSecond * 1.01)}bit`, 'mtu', String(FRAME_BYTES + 86));
+  tc('qdisc', 'replace', 'dev', n.hostVeth, ...args);
+  execFileSync('ip', ['netns', 'exec', n.ns, 'tc', 'qdisc', 'replace', 'dev', n.veth, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
 }
 
 /** From inside namespace `ns`: which of host:ports accept a TCP connection. */
