@@ -35,6 +35,10 @@
  * first saves that one's KV to its prompt cache, and the workers get a new graph: rpc-wire.ts);
  * `ttftLinkKilobytes` puts what each node's link carried in the median one (tbf counters) next to
  * the bytes the cost model charges for it (bench/lan/wire.ts), a check no CPU load blurs.
+ * `linkCost` (bench/lan/diagnostics.ts) puts what each profile's links add per decode token to
+ * a layout, against the same layout on 1 GbE, predicted beside measured; `engineSpread` how far the
+ * engine's own decode windows moved over the run, the machine's drift a start-of-run prediction
+ * cannot follow.
  *
  * Loads: cold = a file of the same shape and size the nodes do not hold (every worker's weights
  * cross the shaped link); pre-seeded = the file every node holds in its --models-dir, its tensor
@@ -69,6 +73,7 @@ import { type LanCluster, RULES, type Rule, startLanCluster } from './lan/cluste
 import { type EngineSide, measure, measuredLinks, predict, repriced, timedLoad, unload } from './lan/measure.ts';
 import { type LinkBytes, linkCounters, predictedLinkBytes } from './lan/wire.ts';
 import { firstSight, perturbedCopy } from './lan/models.ts';
+import { engineSpread, linkCost } from './lan/diagnostics.ts';
 import { rankingAgreement } from './lan/ranking.ts';
 import { BenchProcesses, benchEnv, runBench, writeTestModel } from './lib/cluster.ts';
 import { LINK_BITS_PER_SECOND } from './lib/links.ts';
@@ -221,6 +226,8 @@ async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEn
     return {
       scenarios,
       rankingAgreement: rankingAgreement(scenarios),
+      linkCost: linkCost(scenarios),
+      engineSpread: engineSpread(scenarios.map((x) => x.engineWindows.decodeTokensPerSecond)),
       goals: goals(scenarios),
       repricedGoals: goals(scenarios.map((x) => ({ ...x, decodeError: x.repricedDecodeError, ttftError: x.repricedTtftError }))),
       setup: { nodes, model: `${profile.layerCount} layers, dim ${profile.embd}, f16, ${(profile.fileTensorBytes / 1e6).toFixed(0)} MB`, ctx: CTX, runs: RUNS, tokens: TOKENS, threadsPerEngine: 1 },
