@@ -8,10 +8,12 @@
  * alternatives a user has, not how two other tools' plans compare (session 12: one run's only
  * disagreement was exo against llama.cpp's default, predicted 4.4 % apart).
  */
+import type { Rule } from './cluster.ts';
+
 export const TIE = 0.03;
 
-/** The rule whose plan is compared with every other: bench/lan/cluster.ts RULES. */
-export const ORCHARD = 'orchard';
+/** The rule whose plan is compared with every other (one of bench/lan/cluster.ts RULES). */
+export const ORCHARD = 'orchard' satisfies Rule;
 
 interface Row {
   readonly profile: string;

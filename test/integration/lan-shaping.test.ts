@@ -77,6 +77,7 @@ describeWith(needs, 'simulated LAN: namespaces on a bridge, links shaped by tc t
       expect(l.rttSeconds!).toBeLessThan(0.05);
     }
   }, 120_000);
+
   itWith(needs, 'a small message crosses the shaped link at line rate, frame by frame, as on a wire', async () => {
     // A decode token's boundary traffic is a few KB each way; a token bucket that lets such a
     // message through at veth speed makes a slow link look free (session 12: 20 Mbit/s priced
