@@ -1,6 +1,6 @@
 import { memoryModel, stageBytes } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
-import { boundarySeconds, headFixedSeconds } from './cost.ts';
+import { boundarySeconds, cacheCells, decodeAttentionSecondsPerFlop, decodeContextTokens, headFixedSeconds, layerAttentionFlops } from './cost.ts';
 import { llamaLayerDevices } from './llama-args.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
 
@@ -61,6 +61,7 @@ export function evaluateCounts(
 ): BaselinePlan {
   const o = { ...DEFAULT_PLACEMENT_OPTIONS, ...options };
   const mm = memoryModel(p, o, o.kvFill);
+  const attention = layerAttentionFlops(p, decodeContextTokens(o, cacheCells(p, o).full));
   const used = counts.map((c, i) => ({ c, i })).filter(({ c, i }) => c > 0 || i === counts.length - 1);
   const pipeline = used.length > 1;
   const stages: BaselineStage[] = [];
@@ -72,9 +73,13 @@ export function evaluateCounts(
     const isHead = idx === used.length - 1;
     const bytes = stageBytes(mm, first, first + c - 1, isHead, pipeline);
     let read = 0;
-    for (let l = first; l < first + c; l++) read += mm.layerRead[l]!;
+    let attentionFlops = 0;
+    for (let l = first; l < first + c; l++) {
+      read += mm.layerRead[l]!;
+      attentionFlops += attention[l]!;
+    }
     if (isHead) read += p.outputBytes + p.outputNormBytes + p.otherBytes + p.tokenEmbdRowBytes;
-    seconds += read / node.bandwidthBytesPerSecond;
+    seconds += read / node.bandwidthBytesPerSecond + attentionFlops * decodeAttentionSecondsPerFlop(node);
     if (!isHead) seconds += boundarySeconds(p, node, o).decode;
     if (bytes.total > node.budgetBytes) violations++;
     stages.push({ node: node.name, firstLayer: first, lastLayer: first + c - 1, totalBytes: bytes.total, budgetBytes: node.budgetBytes });

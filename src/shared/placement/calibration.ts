@@ -116,7 +116,10 @@ export function measuredUnderContention(m: { readonly competingCores: number; re
  * demo's nodes share one machine and one measurement): stage seconds scale with the bandwidth,
  * hops and the head's fixed cost stay as the planner computed them — except, with `boundary`,
  * each worker stage's boundary overhead (PlacementNode boundaryOverheadSeconds), which moves from
- * the one the plan was priced with to the one measured now.
+ * the one the plan was priced with to the one measured now. A stage's decode attention (cost.ts,
+ * in its seconds) is replaced by `attentionSecondsPerToken`: 0 when the new bandwidth was measured
+ * on the very request being predicted and so carries its attention (the demo), else the plan's
+ * attention priced at that request's context (bench:lan).
  */
 export function repricedTokensPerSecond(
   plan: {
@@ -125,10 +128,11 @@ export function repricedTokensPerSecond(
   },
   bandwidthBytesPerSecond: number,
   boundary?: { readonly plannedSeconds: number; readonly measuredSeconds: number },
+  attentionSecondsPerToken = 0,
 ): number {
   const stageSeconds = plan.stages.reduce((t, s) => t + s.secondsPerToken, 0);
   const workers = plan.stages.filter((s) => s.role === 'worker').length;
   const fixed = plan.predicted.secondsPerToken - stageSeconds + (boundary ? workers * (boundary.measuredSeconds - boundary.plannedSeconds) : 0);
   const read = plan.stages.reduce((t, s) => t + s.readBytesPerToken, 0);
-  return 1 / (read / bandwidthBytesPerSecond + fixed);
+  return 1 / (read / bandwidthBytesPerSecond + attentionSecondsPerToken + fixed);
 }

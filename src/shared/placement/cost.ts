@@ -84,11 +84,43 @@ export function bytesPerWeight(weightType: string): number {
  */
 export function layerPrefillFlops(profile: ModelProfile, promptTokens: number): number[] {
   const bpw = bytesPerWeight(profile.weightType);
-  const avgCtx = (promptTokens + 1) / 2;
-  return profile.layers.map((l) => {
-    const ctx = l.swa && profile.swa ? Math.min(avgCtx, profile.swa.window) : avgCtx;
-    return (2 * l.readBytesPerToken) / bpw + 2 * profile.heads * (profile.headDimK + profile.headDimV) * ctx;
-  });
+  const attention = layerAttentionFlops(profile, (promptTokens + 1) / 2);
+  return profile.layers.map((l, i) => (2 * l.readBytesPerToken) / bpw + attention[i]!);
+}
+
+/**
+ * Attention FLOPs of one token in each layer when it attends to `contextTokens` positions: Q·K and
+ * A·V, 2 × heads × (headDimK + headDimV) per position; a sliding-window layer attends to at most
+ * its window.
+ */
+export function layerAttentionFlops(profile: ModelProfile, contextTokens: number): number[] {
+  const perPosition = 2 * profile.heads * (profile.headDimK + profile.headDimV);
+  return profile.layers.map((l) => perPosition * (l.swa && profile.swa ? Math.min(contextTokens, profile.swa.window) : contextTokens));
+}
+
+/**
+ * Positions a decoded token attends to on average. With a prompt (options.promptTokens: what
+ * `orchard plan --prompt-tokens` and bench:lan price) the request's own: a token at position p
+ * attends to p + 1 positions, and a request of P prompt tokens decodes positions P … P + n − 1,
+ * so P + (n + 1) ÷ 2 with n = outputTokens. Without one, `kvFill` of a stream's cells (the
+ * planner's long-standing assumption for the KV a token reads).
+ */
+export function decodeContextTokens(o: Pick<PlacementOptions, 'promptTokens' | 'outputTokens' | 'kvFill'>, streamCells: number): number {
+  if (o.promptTokens > 0) return Math.min(streamCells, o.promptTokens + (Math.max(1, o.outputTokens) + 1) / 2);
+  return o.kvFill * streamCells;
+}
+
+/**
+ * Seconds per FLOP of decode attention on node `n`: its measured rate's inverse (the calibration's
+ * short- and long-context windows), else 0 — a node that has not measured it pays for attention
+ * only as the KV bytes its reads count, as before the measurement existed. On a CPU engine
+ * attention in decode is far slower than its bytes (bench/README.md, bench:decode-depth: a
+ * 36-layer token at 141 positions 13 % slower than at 29); on Metal it is closer to its KV bytes,
+ * which the bandwidth already prices.
+ */
+export function decodeAttentionSecondsPerFlop(n: PlacementNode): number {
+  const r = n.decodeAttentionFlopsPerSecond;
+  return r !== undefined && r > 0 ? 1 / r : 0;
 }
 
 /** FLOPs of the head's output projection for the one position whose logits prefill needs. */
@@ -123,7 +155,7 @@ export function linkOf(n: PlacementNode, o: PlacementOptions, head?: string): { 
 }
 
 /** KV cells per stream of the full and the sliding-window caches. */
-function cacheCells(profile: ModelProfile, o: PlacementOptions): { full: number; swa: number } {
+export function cacheCells(profile: ModelProfile, o: PlacementOptions): { full: number; swa: number } {
   const g = kvGeometry(profile, { ctx: o.ctx, cacheTypeK: o.cacheType, cacheTypeV: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch });
   return { full: g.cellsFull, swa: g.cellsSwa };
 }
@@ -249,6 +281,16 @@ export function objectiveWeights(o: PlacementOptions): { wd: number; wt: number 
 export interface Calibration {
   readonly engine: EngineFamily;
   /**
+   * FLOP/s of attention in decode (PlacementNode decodeAttentionFlopsPerSecond): the deep model's
+   * windows at PROMPT_TOKENS against its short-context windows (calibrate.ts decodeAttentionRate);
+   * absent when the longer context measured no slower, or when given by the caller as unknown.
+   */
+  readonly decodeAttentionFlopsPerSecond?: number;
+  /** Positions the deep model's windows attended to on average (the context the bandwidth was taken at, without its attention). */
+  readonly decodeContextTokens?: number;
+  /** The deep model's short-context windows (calibrate.ts SHORT_PROMPT_TOKENS). */
+  readonly shortContext?: { readonly promptTokens: number; readonly decodeTokensPerSecond: number; readonly decodeSpread: number };
+  /**
    * Bytes the planner counts per decoded token ÷ (measured seconds per token −
    * decodeFixedSecondsPerToken): the slope of the two-depth fit (decode-fit.ts).
    */
@@ -284,7 +326,7 @@ export interface Calibration {
     readonly probeRttSeconds: number;
   };
   /** The depths measured: layers, bytes the planner counts per token, decode rate and spread of each (the first is the record's own model). */
-  readonly depths: readonly { readonly layers: number; readonly readBytesPerToken: number; readonly decodeTokensPerSecond: number; readonly decodeSpread: number }[];
+  readonly depths: readonly { readonly layers: number; readonly readBytesPerToken: number; readonly decodeTokensPerSecond: number; readonly decodeSpread: number; readonly decodeContextTokens?: number }[];
   /** layerPrefillFlops × prompt tokens ÷ measured prompt seconds. */
   readonly prefillFlopsPerSecond: number;
   readonly threads: number;

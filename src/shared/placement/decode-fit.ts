@@ -59,3 +59,22 @@ export function fitDecodeCost(points: readonly DecodePoint[]): DecodeFit {
 export function boundaryOverhead(reference: { readonly decodeTokensPerSecond: number }, tunnelled: { readonly decodeTokensPerSecond: number }, probeRttSeconds: number): number {
   return Math.max(0, 1 / tunnelled.decodeTokensPerSecond - 1 / reference.decodeTokensPerSecond - probeRttSeconds);
 }
+
+/** Positions a window's decoded tokens attend to on average: `decodeTokens` after a `promptTokens` prompt (cost.ts decodeContextTokens for that request). */
+export function windowContextTokens(promptTokens: number, decodeTokens: number): number {
+  return promptTokens + (decodeTokens + 1) / 2;
+}
+
+/**
+ * Decode attention's FLOP/s from one engine at two contexts: the extra seconds per token of the
+ * longer context ÷ the extra attention FLOPs per token (cost.ts layerAttentionFlops). Undefined
+ * when the longer context did not cost more: noise around no cost, and the plan then prices none.
+ */
+export function decodeAttentionRate(
+  long: { readonly decodeTokensPerSecond: number; readonly attentionFlopsPerToken: number },
+  short: { readonly decodeTokensPerSecond: number; readonly attentionFlopsPerToken: number },
+): number | undefined {
+  const flops = long.attentionFlopsPerToken - short.attentionFlopsPerToken;
+  const seconds = 1 / long.decodeTokensPerSecond - 1 / short.decodeTokensPerSecond;
+  return flops > 0 && seconds > 0 ? flops / seconds : undefined;
+}

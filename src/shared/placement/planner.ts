@@ -51,7 +51,7 @@ const EPS = 1e-12;
 
 /** Weighted cost of layers [0, k) on node i as the head (no link to cross), linear in the prefix sums. */
 function lin(p: Prepared, i: number, k: number): number {
-  return p.wd * p.readPrefix[k]! * p.invBw[i]! + p.wt * p.flopPrefix[k]! * p.invFlops[i]!;
+  return p.wd * (p.readPrefix[k]! * p.invBw[i]! + p.attnPrefix[k]! * p.invAttn[i]!) + p.wt * p.flopPrefix[k]! * p.invFlops[i]!;
 }
 
 /**
@@ -80,16 +80,17 @@ interface Edge {
 function step(p: Prepared, i: number, e: Edge, row: Row, ch: Int32Array, g: Float64Array, deque: Int32Array): Row {
   const { f, chain } = row;
   const L = p.mm.profile.layerCount;
-  const { memPrefix, readPrefix, flopPrefix, chainWirePrefix, saveWirePrefix, saveTripsPrefix } = p;
+  const { memPrefix, readPrefix, attnPrefix, flopPrefix, chainWirePrefix, saveWirePrefix, saveTripsPrefix } = p;
   const { hop, hopPrefill } = e;
   const cap = p.budgets[i]! - p.workerConst;
   const inv = 1 / e.link.bytesPerSecond;
   // the block's weighted cost is linear in the prefix sums: inlined below, the hot path
   const a = p.wd * p.invBw[i]!;
+  const a2 = p.wd * p.invAttn[i]!;
   const b = p.wt * p.invFlops[i]!;
   const c = p.wt * inv;
   const d = p.wt * e.link.rttSeconds;
-  const lin = (k: number) => a * readPrefix[k]! + b * flopPrefix[k]! + c * (chainWirePrefix[k]! + saveWirePrefix[k]!) + d * saveTripsPrefix[k]!;
+  const lin = (k: number) => a * readPrefix[k]! + a2 * attnPrefix[k]! + b * flopPrefix[k]! + c * (chainWirePrefix[k]! + saveWirePrefix[k]!) + d * saveTripsPrefix[k]!;
   const mustUse = p.pinned.has(i);
   const nf = new Float64Array(L + 1);
   const nc = new Float64Array(L + 1);
@@ -197,13 +198,14 @@ function solve(p: Prepared): Assignment | undefined {
   // Every layer at the cheapest node's rates: part of a lower bound for any head.
   const minInvBw = Math.min(...p.invBw);
   const minInvFlops = Math.min(...p.invFlops);
+  const minInvAttn = Math.min(...p.invAttn);
   // Pipelined prefill is ≥ (chain + last)(1 + 1/U)/2 (max ≥ mean), so the bound scales by that.
   const overlap = p.pipelined ? (1 + 1 / p.ubatches) / 2 : 1;
-  const L0 = p.wd * p.readPrefix[L]! * minInvBw + overlap * p.wt * p.flopPrefix[L]! * minInvFlops;
+  const L0 = p.wd * (p.readPrefix[L]! * minInvBw + p.attnPrefix[L]! * minInvAttn) + overlap * p.wt * p.flopPrefix[L]! * minInvFlops;
   for (let t = 0; t < N; t++) {
     const h = order[t]!;
     // measured links differ per pair, so no two heads are interchangeable then
-    const cls = p.hopByHead ? String(h) : `${p.budgets[h]}|${p.invBw[h]}|${p.invFlops[h]}|${p.hopCost[h]}|${p.headFixed[h]}|${p.pinned.has(h)}`;
+    const cls = p.hopByHead ? String(h) : `${p.budgets[h]}|${p.invBw[h]}|${p.invAttn[h]}|${p.invFlops[h]}|${p.hopCost[h]}|${p.headFixed[h]}|${p.pinned.has(h)}`;
     if (triedHeads.has(cls)) continue;
     triedHeads.add(cls);
     // Lower bound for this head: its own work, and every layer at the cheapest rates.
@@ -275,7 +277,7 @@ function rebalance(p: Prepared, a: Assignment): Assignment {
   for (let i = 0; i + 1 < stages.length; i++) {
     const x = stages[i]!;
     const y = stages[i + 1]!;
-    if (p.invBw[x.node] !== p.invBw[y.node] || p.invFlops[x.node] !== p.invFlops[y.node]) continue;
+    if (p.invBw[x.node] !== p.invBw[y.node] || p.invAttn[x.node] !== p.invAttn[y.node] || p.invFlops[x.node] !== p.invFlops[y.node]) continue;
     const yIsHead = i + 1 === stages.length - 1;
     let bestK = x.end;
     let bestMin = Math.min(headroom(i, x.first, x.end), headroom(i + 1, y.first, y.end));
@@ -313,7 +315,7 @@ export function describe(p: Prepared, solved: Assignment, rebalanced = true): Pl
       headroomBytes: budget - bytes.total,
       bandwidthBytesPerSecond: node.bandwidthBytesPerSecond,
       readBytesPerToken: read,
-      secondsPerToken: read / node.bandwidthBytesPerSecond,
+      secondsPerToken: read / node.bandwidthBytesPerSecond + (p.attnPrefix[s.end]! - p.attnPrefix[s.first]!) * p.invAttn[s.node]!,
       prefillSeconds: flops * p.invFlops[s.node]!,
     };
   });

@@ -1,7 +1,7 @@
 import { UsageError } from '../errors.ts';
 import { type MemoryModel, memoryModel } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
-import { boundarySeconds, headFixedSeconds, headPrefillFlops, layerPrefillFlops, layerWire, linkOf, objectiveWeights, prefillFlopsOf } from './cost.ts';
+import { boundarySeconds, cacheCells, decodeAttentionSecondsPerFlop, decodeContextTokens, headFixedSeconds, headPrefillFlops, layerAttentionFlops, layerPrefillFlops, layerWire, linkOf, objectiveWeights, prefillFlopsOf } from './cost.ts';
 import { type StageMemory, stageMemoryOf } from './stage-memory.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
 
@@ -32,12 +32,16 @@ export interface Prepared {
   readonly budgets: readonly number[];
   readonly memPrefix: Float64Array;
   readonly readPrefix: Float64Array;
+  /** Σ attention FLOPs of one decoded token in layers [0, k) at the decode context (cost.ts decodeContextTokens). */
+  readonly attnPrefix: Float64Array;
   /** Σ prompt FLOPs of layers [0, k) (P × per-token FLOPs; all zero without a prompt). */
   readonly flopPrefix: Float64Array;
   /** Objective weights of decode seconds and prefill seconds. */
   readonly wd: number;
   readonly wt: number;
   readonly invBw: readonly number[];
+  /** Seconds per decode-attention FLOP on node i (0 when it has not measured it: cost.ts decodeAttentionSecondsPerFlop). */
+  readonly invAttn: readonly number[];
   readonly invFlops: readonly number[];
   /** Weighted cost of the boundary after a stage on node i (decode and prefill parts). */
   readonly hopCost: readonly number[];
@@ -86,32 +90,35 @@ export function validate(profile: ModelProfile, nodes: readonly PlacementNode[],
   if (profile.layerCount < 1) throw new UsageError('model has no layers');
 }
 
+/** Σ of the first k values at [k], k = 0 … n. */
+function prefixSums(xs: readonly number[]): Float64Array {
+  const out = new Float64Array(xs.length + 1);
+  for (let i = 0; i < xs.length; i++) out[i + 1] = out[i]! + xs[i]!;
+  return out;
+}
+
 /** @param maxStages the most stages a plan may have, for memory rules whose per-stage cost grows with them (MLX). */
 export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], o: PlacementOptions, maxStages = nodes.length): Prepared {
   const mo = { ctx: o.ctx, cacheType: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch, flashAttention: o.flashAttention };
+  // The KV bytes a token reads stay kvFill of the cache's (what the calibration's bytes count too);
+  // attention's compute is priced at the plan's own context.
   const mm = memoryModel(profile, mo, o.kvFill);
   const memory = stageMemoryOf(mm, o, maxStages);
-  const L = profile.layerCount;
-  const memPrefix = new Float64Array(L + 1);
-  const readPrefix = new Float64Array(L + 1);
-  const flopPrefix = new Float64Array(L + 1);
-  const chainWirePrefix = new Float64Array(L + 1);
-  const saveWirePrefix = new Float64Array(L + 1);
-  const saveTripsPrefix = new Float64Array(L + 1);
   const P = o.promptTokens;
   const flops = P > 0 ? layerPrefillFlops(profile, P) : [];
   const wire = layerWire(profile, o);
-  for (let l = 0; l < L; l++) {
-    memPrefix[l + 1] = memPrefix[l]! + memory.layerBytes[l]!;
-    readPrefix[l + 1] = readPrefix[l]! + memory.layerRead[l]!;
-    flopPrefix[l + 1] = flopPrefix[l]! + P * (flops[l] ?? 0);
-    chainWirePrefix[l + 1] = chainWirePrefix[l]! + wire.chainBytes[l]!;
-    saveWirePrefix[l + 1] = saveWirePrefix[l]! + wire.saveBytes[l]!;
-    saveTripsPrefix[l + 1] = saveTripsPrefix[l]! + wire.saveRoundTrips[l]!;
-  }
+  const attention = layerAttentionFlops(profile, decodeContextTokens(o, cacheCells(profile, o).full));
+  const memPrefix = prefixSums(memory.layerBytes);
+  const readPrefix = prefixSums(memory.layerRead);
+  const attnPrefix = prefixSums(attention);
+  const flopPrefix = prefixSums(profile.layers.map((_, l) => P * (flops[l] ?? 0)));
+  const chainWirePrefix = prefixSums(wire.chainBytes);
+  const saveWirePrefix = prefixSums(wire.saveBytes);
+  const saveTripsPrefix = prefixSums(wire.saveRoundTrips);
   const { wd, wt } = objectiveWeights(o);
   const invBw = nodes.map((n) => 1 / n.bandwidthBytesPerSecond);
   const invFlops = nodes.map((n) => 1 / prefillFlopsOf(n));
+  const invAttn = nodes.map(decodeAttentionSecondsPerFlop);
   const headRead = profile.outputBytes + profile.outputNormBytes + profile.otherBytes + profile.tokenEmbdRowBytes;
   const hopOf = (n: PlacementNode, head?: string) => ((b) => wd * b.decode + wt * b.prefill)(boundarySeconds(profile, n, o, head));
   const hopCost = nodes.map((n) => hopOf(n));
@@ -138,10 +145,12 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
     budgets: nodes.map((n) => n.budgetBytes - o.safetyMarginBytes),
     memPrefix,
     readPrefix,
+    attnPrefix,
     flopPrefix,
     wd,
     wt,
     invBw,
+    invAttn,
     invFlops,
     hopCost,
     hopByHead,

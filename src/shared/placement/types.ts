@@ -37,6 +37,12 @@ export interface PlacementNode {
    * loopback tunnel (calibrate.ts); options.boundaryOverheadSeconds when not measured.
    */
   readonly boundaryOverheadSeconds?: number;
+  /**
+   * FLOP/s of attention in decode (cost.ts layerAttentionFlops at the decode context,
+   * decodeContextTokens), measured by the node's calibration at two prompt lengths; without it a
+   * token's attention costs only the KV bytes it reads.
+   */
+  readonly decodeAttentionFlopsPerSecond?: number;
 }
 
 /**
