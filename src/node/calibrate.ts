@@ -10,8 +10,8 @@ import type { HardwareProfile } from '../shared/hardware.ts';
 import { memoryModel } from '../shared/memory/stage.ts';
 import { modelProfile } from '../shared/model/profile.ts';
 import { anotherWindow, CALIBRATION_WINDOWS, competingCores, median, relativeSpread, uncontendedRate, waitedFraction, windowTokens } from '../shared/placement/calibration.ts';
-import { type Calibration, calibrationRates } from '../shared/placement/cost.ts';
-import { boundaryOverhead, fitDecodeCost } from '../shared/placement/decode-fit.ts';
+import { type Calibration, calibrationRates, layerAttentionFlops } from '../shared/placement/cost.ts';
+import { boundaryOverhead, decodeAttentionRate, fitDecodeCost, windowContextTokens } from '../shared/placement/decode-fit.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../shared/placement/types.ts';
 import { type LlamaTestShape, llamaTestModelSpec } from '../shared/testmodel/llama.ts';
 import { uniformSource } from '../shared/testmodel/prng.ts';
@@ -22,36 +22,37 @@ import { llamaCacheDir } from './llama/cache.ts';
 
 /**
  * The node measures its own engine: llama-server on a generated f16 model (12 layers × 1024,
- * ~0.4 GB: each decoded token reads ~0.33 GB, more than the last-level caches of the machines
- * Orchard runs on, so the figure is DRAM bandwidth, not cache), one warm-up request that also
- * sizes the windows, then windows of a fixed prompt and about a second of decoding, of which the
- * median rates count (shared/placement/calibration.ts: at least 3, more while 12 s last, at
- * most 7). One 32-token sample on a shared machine caught a passing load spike and the demo's
- * prediction missed by 19 %; back-to-back 32-token samples moved ±30–40 % under load. Each
+ * ~0.4 GB: each decoded token reads ~0.33 GB, more than a Mac's last-level cache), one warm-up
+ * request that also sizes the windows, then windows of a fixed prompt and about a second of
+ * decoding, of which the median rates count (shared/placement/calibration.ts: at least 3, more
+ * while 12 s last, at most 7; back-to-back 32-token samples moved ±30–40 % under load). Each
  * window's rates are taken without the time the engine's threads waited for a core another
  * process held (Linux schedstat run_delay; calibration.ts `uncontendedRate`): the node's figure
- * is its engine's, not its neighbours' load in the seconds it was measured (bench:lan: the figure
- * taken once at the start of a run under load 1.4–4 had priced 36-layer plans 26–70 % slower
- * than they then decoded). On macOS there is no schedstat and the figure is the wall-clock one.
- * The CPU time other processes used meanwhile is recorded with the figure (`competingCores`,
- * `waitedFraction`), so a figure taken on a busy machine can be told from one taken on a quiet one. llama-server's own
- * timings (prompt and decode rates) become the cost model's node numbers with the planner's
- * own accounting (cost.ts `calibrationRates`).
+ * is its engine's, not its neighbours' load (on macOS, without schedstat, the wall-clock one).
+ * The CPU other processes used meanwhile is recorded with it (`competingCores`, `waitedFraction`).
+ * llama-server's own timings become the cost model's node numbers with the planner's own
+ * accounting (cost.ts `calibrationRates`).
  *
  * Two depths: a token costs a part that grows with the bytes read and a part that does not
  * (llama-server's sampling and HTTP, the graph's launch, the round trips to its rpc-server). One
  * depth folds the second into the bandwidth, and a deeper plan is priced too slow. So the windows
- * alternate between the 12-layer model and a SHALLOW_LAYERS one of the same layer shape, and the
- * line through their seconds per token (placement/decode-fit.ts) gives the bandwidth (its slope)
- * and `decodeFixedSecondsPerToken` (its intercept), which the planner charges at the head.
- * Measured (bench/README.md, bench:decode-depth; 1 thread, load average 1.2–2.7): 4, 12 and 36
- * layers lie on a line with an intercept of 2.2–2.6 ms, where the planner assumed 0.5 ms; 24
- * layers over 1, 2 or 3 local rpc-servers cost the same within ±3 ms, so it is paid once per
- * token, not per stage. 4 and 12 layers: 4 is the shallowest whose layers still outweigh the
- * output head, and the shallow engine's windows are short.
+ * alternate between the 12-layer model and a SECOND_DEPTH_LAYERS one of the same layer shape, and
+ * the line through their seconds per token (placement/decode-fit.ts) gives the bandwidth (its
+ * slope) and `decodeFixedSecondsPerToken` (its intercept), which the planner charges at the head.
+ * Measured (bench/README.md, bench:decode-depth; 1 thread): 24 layers over 1, 2 or 3 local
+ * rpc-servers cost the same within ±3 ms, so the fixed part is paid once per token, not per stage.
+ * Until v8 the second depth was 4 layers (158 MB): on this project's VM (480 MiB of L3) it read
+ * 10–20 % faster per byte than 12, 24 and 36 layers, which lie on one line that larger models
+ * continue, so the fit's intercept came out negative and 36-layer plans were priced ~10 % slow.
  *
- * A boundary: beside those two (not on macOS, where the calibration engine runs no rpc-servers),
- * the shallow model split in two with its first stage behind a loopback engine tunnel, built as
+ * Attention: a decoded token attends to every earlier position, on a CPU engine at ~13× its KV
+ * bytes' cost (a 36-layer token at position 140 costs 13 % more than at 30 here). The 12-layer
+ * windows at PROMPT_TOKENS and SHORT_PROMPT_TOKENS give its rate (`decodeAttentionFlopsPerSecond`);
+ * the depths are fitted without the attention their windows paid, and plans price it at their own
+ * context (cost.ts decodeContextTokens).
+ *
+ * A boundary: beside those (not on macOS, where the calibration engine runs no rpc-servers), a
+ * BOUNDARY_LAYERS model whole and split in two with its first stage behind a loopback engine tunnel, built as
  * two agents build one (calibration-tunnel.ts). Its seconds per token over the whole model's, less
  * the agents' link probe over that tunnel (the round trip the planner charges as the link's), is
  * `boundaryOverheadSeconds`, which the planner adds to every round trip of a boundary whose worker
@@ -72,9 +73,15 @@ import { llamaCacheDir } from './llama/cache.ts';
  */
 export const CALIBRATION_SHAPE: LlamaTestShape = { layers: 12, dim: 1024, ffn: 2816, heads: 16, kvHeads: 4, ctx: 1024, type: 'f16', seed: 11 };
 const CTX = CALIBRATION_CTX;
-/** Layers of the shallow model of the two-depth fit (CALIBRATION_SHAPE otherwise): see bench/README.md, bench:decode-depth. */
-export const SHALLOW_LAYERS = 4;
-const PROMPT_TOKENS = 128;
+/** Layers of the fit's second model (CALIBRATION_SHAPE otherwise): see above and bench/README.md, bench:decode-depth. */
+export const SECOND_DEPTH_LAYERS = 24;
+/** Layers of the model the boundary overhead is measured on, whole and split (CALIBRATION_SHAPE otherwise). */
+export const BOUNDARY_LAYERS = 4;
+/** The prompt length of a calibration window (calibrationRequest's default; bench:lan prices its engine windows with it). */
+export const CALIBRATION_PROMPT_TOKENS = 128;
+const PROMPT_TOKENS = CALIBRATION_PROMPT_TOKENS;
+/** The prompt of the 12-layer engine's short-context windows, whose rate beside its PROMPT_TOKENS ones prices attention (above). */
+export const SHORT_PROMPT_TOKENS = 16;
 /** Decode tokens of the warm-up request, whose rate sizes the windows. */
 const WARMUP_DECODE_TOKENS = 32;
 
@@ -83,6 +90,9 @@ const calibrationSchema = z.object({
   effectiveBandwidthBytesPerSecond: z.number().positive().finite(),
   decodeFixedSecondsPerToken: z.number().nonnegative().finite(),
   boundaryOverheadSeconds: z.number().nonnegative().finite().optional(),
+  decodeAttentionFlopsPerSecond: z.number().positive().finite().optional(),
+  shortContext: z.object({ promptTokens: z.number().int().positive(), decodeTokensPerSecond: z.number().positive(), decodeSpread: z.number().nonnegative() }).optional(),
+  decodeContextTokens: z.number().positive().optional(),
   boundary: z
     .object({
       layers: z.number().int().positive(),
@@ -94,7 +104,9 @@ const calibrationSchema = z.object({
       probeRttSeconds: z.number().nonnegative(),
     })
     .optional(),
-  depths: z.array(z.object({ layers: z.number().int().positive(), readBytesPerToken: z.number().positive(), decodeTokensPerSecond: z.number().positive(), decodeSpread: z.number().nonnegative() })).min(1),
+  depths: z
+    .array(z.object({ layers: z.number().int().positive(), readBytesPerToken: z.number().positive(), decodeTokensPerSecond: z.number().positive(), decodeSpread: z.number().nonnegative(), decodeContextTokens: z.number().positive().optional() }))
+    .min(1),
   prefillFlopsPerSecond: z.number().positive().finite(),
   threads: z.number().int().positive(),
   engineBuild: z.string().min(1),
@@ -121,9 +133,10 @@ function calibrationDir(env: NodeJS.ProcessEnv): string {
  * v4: each window's rates without the time the engine waited for its cores; v5: two depths, the
  * bandwidth the slope of their fit and its intercept the fixed seconds per token; v6: the
  * boundary overhead, beside them; v7: the boundary from the rates as the windows ran, waits for a
- * core included).
+ * core included; v8: short-context windows beside the deep ones, decode attention's rate, and the
+ * bandwidth fit without the attention the windows paid).
  */
-const METHOD = 'v7';
+const METHOD = 'v8';
 
 function calibrationFile(env: NodeJS.ProcessEnv, engineBuild: string, threads: number): string {
   return join(calibrationDir(env), `${engineBuild.replace(/[^\w.+-]/g, '_')}-t${threads}-${METHOD}.json`);
@@ -172,14 +185,14 @@ export async function startCalibrationEngine(threads: number, env: NodeJS.Proces
 }
 
 /**
- * A calibration window: PROMPT_TOKENS fresh token ids, then `decodeTokens` decoded tokens. Also
- * bench:lan's engine windows, taken between the cluster's through its run (engineRates prices
- * their rates with PROMPT_TOKENS, this prompt's length).
+ * A calibration window: `promptTokens` (PROMPT_TOKENS) fresh token ids, then `decodeTokens`
+ * decoded tokens. Also bench:lan's engine windows, taken between the cluster's through its run
+ * (engineRates prices their rates with PROMPT_TOKENS, this prompt's length).
  */
-export function calibrationRequest(seed: number, decodeTokens: number): Record<string, unknown> {
+export function calibrationRequest(seed: number, decodeTokens: number, promptTokens = PROMPT_TOKENS): Record<string, unknown> {
   const r = uniformSource(seed);
   // Ordinary token ids (past the control tokens); no prompt cache, so every run prefills in full.
-  const prompt = Array.from({ length: PROMPT_TOKENS }, () => 300 + Math.floor(r() * 30000));
+  const prompt = Array.from({ length: promptTokens }, () => 300 + Math.floor(r() * 30000));
   return { prompt, n_predict: decodeTokens, temperature: 0, ignore_eos: true, cache_prompt: false };
 }
 
@@ -203,9 +216,16 @@ interface Window extends EngineRates {
   readonly competing: number;
 }
 
-async function oneWindow(engine: CalibrationEngine, seed: number, tokens: number): Promise<Window> {
+/** An engine and the prompt length of its windows (one engine may appear with two). */
+interface WindowSlot {
+  readonly engine: CalibrationEngine;
+  readonly promptTokens: number;
+}
+
+async function oneWindow(slot: WindowSlot, seed: number, tokens: number): Promise<Window> {
+  const engine = slot.engine;
   const before = await engine.cpu();
-  const rates = await engine.request(calibrationRequest(seed, tokens));
+  const rates = await engine.request(calibrationRequest(seed, tokens, slot.promptTokens));
   const after = await engine.cpu();
   return { ...rates, waited: waitedFraction(before, after), wallSeconds: after.wallSeconds - before.wallSeconds, competing: competingCores(before, after) };
 }
@@ -215,10 +235,10 @@ async function oneWindow(engine: CalibrationEngine, seed: number, tokens: number
  * so a drift of the machine weighs on every engine alike; the window policy counts rounds, its
  * time budget per engine.
  */
-async function calibrationWindows(engines: readonly CalibrationEngine[]): Promise<WindowedRates[]> {
+async function calibrationWindows(engines: readonly WindowSlot[]): Promise<WindowedRates[]> {
   // Warm-up (first-touch page faults, thread pool start), which also sizes each engine's windows.
   const tokens: number[] = [];
-  for (const e of engines) tokens.push(windowTokens((await e.request(calibrationRequest(1, WARMUP_DECODE_TOKENS))).decode, CTX - PROMPT_TOKENS));
+  for (const e of engines) tokens.push(windowTokens((await e.engine.request(calibrationRequest(1, WARMUP_DECODE_TOKENS, e.promptTokens))).decode, CTX - PROMPT_TOKENS));
   const samples: Window[][] = engines.map(() => []);
   const policy = { ...CALIBRATION_WINDOWS, budgetSeconds: CALIBRATION_WINDOWS.budgetSeconds * engines.length };
   const t0 = performance.now();
@@ -261,6 +281,8 @@ export interface MeasureOptions extends CalibrationEngineOptions {
    * no tunnelled split is measured, the record carries this one.
    */
   readonly boundaryOverheadSeconds?: number;
+  /** Decode attention's rate, known already (the machine's own calibration): no short-context windows are measured. */
+  readonly decodeAttentionFlopsPerSecond?: number;
 }
 
 /**
@@ -269,21 +291,27 @@ export interface MeasureOptions extends CalibrationEngineOptions {
  */
 const measuresBoundary = (): boolean => process.platform !== 'darwin';
 
-/** The engines one measurement alternates between: the record's, the shallow depth's, the tunnelled split's (the last two when measured). */
+/**
+ * The engines one measurement alternates between: the record's, the second depth's, and the
+ * boundary's pair — the BOUNDARY_LAYERS model whole and split with its first stage tunnelled
+ * (the last three when measured).
+ */
 interface CalibrationEngines {
   readonly deep: CalibrationEngine;
-  readonly shallow?: CalibrationEngine;
-  readonly tunnelled?: CalibrationEngine;
+  readonly second?: CalibrationEngine;
+  readonly boundary?: { readonly whole: CalibrationEngine; readonly tunnelled: CalibrationEngine };
 }
 
 async function startCalibrationEngines(threads: number, env: NodeJS.ProcessEnv, on: MeasureOptions, deepModel: string, started: CalibrationEngine[]): Promise<CalibrationEngines> {
   const start = async (model: string, o: CalibrationEngineOptions) => started[started.push(await startEngineOn(model, threads, env, { ...on, ...o })) - 1]!;
   const deep = on.engine ?? (await start(deepModel, {}));
-  const shallow = on.decodeFixedSecondsPerToken === undefined ? await start(await ensureCalibrationModel(env, SHALLOW_LAYERS), {}) : undefined;
-  // The boundary is measured beside the shallower engine: a 2 ms step is less of its seconds per token.
-  const boundaryModel = (shallow ?? deep).model;
-  const tunnelled = measuresBoundary() && on.boundaryOverheadSeconds === undefined ? await start(boundaryModel, { rpcServers: 2, tunnelledStages: 1 }) : undefined;
-  return { deep, ...(shallow ? { shallow } : {}), ...(tunnelled ? { tunnelled } : {}) };
+  const second = on.decodeFixedSecondsPerToken === undefined ? await start(await ensureCalibrationModel(env, SECOND_DEPTH_LAYERS), {}) : undefined;
+  if (!measuresBoundary() || on.boundaryOverheadSeconds !== undefined) return { deep, ...(second ? { second } : {}) };
+  // On a shallow model: a 1–2 ms step is a larger part of its seconds per token (on the 12-layer one
+  // the split's windows scattered ±25 % and once decoded faster than the whole model).
+  const boundaryModel = await ensureCalibrationModel(env, BOUNDARY_LAYERS);
+  const boundary = { whole: await start(boundaryModel, {}), tunnelled: await start(boundaryModel, { rpcServers: 2, tunnelledStages: 1 }) };
+  return { deep, ...(second ? { second } : {}), boundary };
 }
 
 /** Probe sessions whose median round trip the boundary overhead subtracts: one session on this VM once read 2.8 ms where the others read 0.2–0.4. */
@@ -296,14 +324,50 @@ async function medianProbeRtt(probe: () => Promise<number>): Promise<number> {
 }
 
 /**
+ * The decode cost the windows measured: each depth (the deep model first) with the context its
+ * windows attended to, decode attention's rate from the deep model's two prompt lengths (or the
+ * caller's), and the fixed seconds per token of the depths' fit without the attention they paid
+ * (or the caller's).
+ */
+async function decodeCostOf(models: readonly string[], rates: readonly WindowedRates[], on: MeasureOptions) {
+  const profiles = await Promise.all(models.map(async (path) => modelProfile(await readGgufHeader(path))));
+  const depths = profiles.map((profile, i) => ({
+    layers: profile.layerCount,
+    readBytesPerToken: readBytesPerToken(profile),
+    decodeTokensPerSecond: rates[i]!.decode,
+    decodeSpread: rates[i]!.decodeSpread,
+    decodeContextTokens: windowContextTokens(PROMPT_TOKENS, rates[i]!.decodeTokensPerWindow),
+  }));
+  const shortRates = on.decodeAttentionFlopsPerSecond === undefined ? rates.at(-1)! : undefined;
+  const shortContext = shortRates ? { promptTokens: SHORT_PROMPT_TOKENS, decodeTokensPerSecond: shortRates.decode, decodeSpread: shortRates.decodeSpread } : undefined;
+  const flopsAt = (i: number, context: number) => sum(layerAttentionFlops(profiles[i]!, context));
+  const attentionRate =
+    on.decodeAttentionFlopsPerSecond ??
+    (shortRates
+      ? decodeAttentionRate(
+          { decodeTokensPerSecond: depths[0]!.decodeTokensPerSecond, attentionFlopsPerToken: flopsAt(0, depths[0]!.decodeContextTokens) },
+          { decodeTokensPerSecond: shortRates.decode, attentionFlopsPerToken: flopsAt(0, windowContextTokens(SHORT_PROMPT_TOKENS, shortRates.decodeTokensPerWindow)) },
+        )
+      : undefined);
+  // What each depth's tokens paid for attention is not reading: out of the fit, priced apart by the plan.
+  const attentionSeconds = (i: number) => (attentionRate ? flopsAt(i, depths[i]!.decodeContextTokens) / attentionRate : 0);
+  const fixed =
+    on.decodeFixedSecondsPerToken ??
+    fitDecodeCost(depths.map((d, i) => ({ bytesPerToken: d.readBytesPerToken, secondsPerToken: 1 / d.decodeTokensPerSecond - attentionSeconds(i) }))).fixedSecondsPerToken;
+  return { depths, attentionRate, shortContext, fixed };
+}
+
+/**
  * Measure this machine's llama.cpp engine with `threads` threads and cache the result. On the
  * calibration model, at two depths: the 12-layer model (its rates and prompt rate are the
- * record's) and a SHALLOW_LAYERS one, windows alternating between them, and the line through
- * their seconds per token against the bytes the planner counts (decode-fit.ts) splits what a
- * token costs into the node's bandwidth and its fixed seconds per token. With
- * `decodeFixedSecondsPerToken` given, one depth on the engine's own model. Beside them (not on
- * macOS, and unless `boundaryOverheadSeconds` is given) the shallower model split in two, its
- * first stage behind a loopback engine tunnel: the boundary overhead (boundaryOverhead).
+ * record's) and a SECOND_DEPTH_LAYERS one, windows alternating between them, and the line through
+ * their seconds per token (without the attention their windows paid: short-context windows of the
+ * 12-layer model beside them, unless `decodeAttentionFlopsPerSecond` is given) against the bytes
+ * the planner counts (decode-fit.ts) splits what a token costs into the node's bandwidth and its
+ * fixed seconds per token. With `decodeFixedSecondsPerToken` given, one depth on the engine's own
+ * model. Beside them (not on macOS, and unless `boundaryOverheadSeconds` is given) a
+ * BOUNDARY_LAYERS model whole and split in two, its first stage behind a loopback engine tunnel:
+ * the boundary overhead (boundaryOverhead).
  */
 export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv = process.env, on: MeasureOptions = {}): Promise<Calibration> {
   const given = on.decodeFixedSecondsPerToken;
@@ -318,41 +382,46 @@ export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv
   let probeRttSeconds = 0;
   try {
     engines = await startCalibrationEngines(threads, env, on, deepModel, started);
-    rates = await calibrationWindows([engines.deep, engines.shallow, engines.tunnelled].filter((e) => e !== undefined));
-    if (engines.tunnelled?.probeRttSeconds) probeRttSeconds = await medianProbeRtt(engines.tunnelled.probeRttSeconds);
+    const long = [engines.deep, engines.second, engines.boundary?.whole, engines.boundary?.tunnelled].filter((e) => e !== undefined).map((engine) => ({ engine, promptTokens: PROMPT_TOKENS }));
+    const short = on.decodeAttentionFlopsPerSecond === undefined ? [{ engine: engines.deep, promptTokens: SHORT_PROMPT_TOKENS }] : [];
+    rates = await calibrationWindows([...long, ...short]);
+    const probe = engines.boundary?.tunnelled.probeRttSeconds;
+    if (probe) probeRttSeconds = await medianProbeRtt(probe);
   } catch (err) {
     throw new OrchardError(`engine calibration failed: ${errorMessage(err)}`);
   } finally {
     for (const e of started) e.stop();
   }
-  const models = [deepModel, ...(engines.shallow ? [engines.shallow.model] : [])];
-  const depths = await Promise.all(
-    models.map(async (path, i) => {
-      const profile = modelProfile(await readGgufHeader(path));
-      return { layers: profile.layerCount, readBytesPerToken: readBytesPerToken(profile), decodeTokensPerSecond: rates[i]!.decode, decodeSpread: rates[i]!.decodeSpread };
-    }),
-  );
-  const fixed = given ?? fitDecodeCost(depths.map((d) => ({ bytesPerToken: d.readBytesPerToken, secondsPerToken: 1 / d.decodeTokensPerSecond }))).fixedSecondsPerToken;
-  // The boundary beside the shallowest depth, both as the windows ran: what a boundary adds is mostly
-  // its stages' and relays' wake-ups waiting for a core, which the uncontended rates take out (v6
-  // read 0 here: the split ~10 % faster than the whole model).
-  const r = rates[models.length - 1]!;
-  const t = engines.tunnelled ? rates[models.length]! : undefined;
-  const boundary = t
-    ? { layers: depths.at(-1)!.layers, decodeTokensPerSecond: r.wallDecode, waitedFraction: r.waitedFraction, tunnelledDecodeTokensPerSecond: t.wallDecode, tunnelledWaitedFraction: t.waitedFraction, tunnelledDecodeSpread: t.decodeSpread, probeRttSeconds }
+  const models = [deepModel, ...(engines.second ? [engines.second.model] : [])];
+  const { depths, attentionRate, shortContext, fixed } = await decodeCostOf(models, rates, on);
+  // The boundary's pair, both as the windows ran: what a boundary adds is mostly its stages' and
+  // relays' wake-ups waiting for a core, which the uncontended rates take out (v6 read 0 here: the
+  // split ~10 % faster than the whole model).
+  const r = engines.boundary ? rates[models.length]! : undefined;
+  const t = engines.boundary ? rates[models.length + 1]! : undefined;
+  const boundary = r && t
+    ? { layers: BOUNDARY_LAYERS, decodeTokensPerSecond: r.wallDecode, waitedFraction: r.waitedFraction, tunnelledDecodeTokensPerSecond: t.wallDecode, tunnelledWaitedFraction: t.waitedFraction, tunnelledDecodeSpread: t.decodeSpread, probeRttSeconds }
     : undefined;
   const overhead = boundary
     ? { boundaryOverheadSeconds: boundaryOverhead(boundary, { decodeTokensPerSecond: boundary.tunnelledDecodeTokensPerSecond }, boundary.probeRttSeconds), boundary }
     : on.boundaryOverheadSeconds !== undefined
       ? { boundaryOverheadSeconds: on.boundaryOverheadSeconds }
       : {};
-  const c = { ...calibrationOf(await readGgufHeader(deepModel), rates[0]!, fixed, depths, { threads: engines.deep.threads, engineBuild: engines.deep.engineBuild, loadAverage1m }), ...overhead };
+  const attention = attentionRate ? { flopsPerSecond: attentionRate, contextTokens: depths[0]!.decodeContextTokens } : undefined;
+  const c = {
+    ...calibrationOf(await readGgufHeader(deepModel), rates[0]!, fixed, depths, { threads: engines.deep.threads, engineBuild: engines.deep.engineBuild, loadAverage1m }, attention),
+    ...overhead,
+    ...(attentionRate ? { decodeAttentionFlopsPerSecond: attentionRate, decodeContextTokens: depths[0]!.decodeContextTokens } : {}),
+    ...(shortContext ? { shortContext } : {}),
+  };
   const file = on.file ?? calibrationFile(env, engines.deep.engineBuild, engines.deep.threads);
   await mkdir(dirname(file), { recursive: true });
   await writeFile(`${file}.tmp`, `${JSON.stringify(c, null, 2)}\n`);
   await rename(`${file}.tmp`, file);
   return c;
 }
+
+const sum = (xs: readonly number[]): number => xs.reduce((a, b) => a + b, 0);
 
 /** Bytes the planner counts for one decoded token of the whole model at the calibration's context. */
 export function readBytesPerToken(profile: ReturnType<typeof modelProfile>): number {
@@ -373,11 +442,13 @@ export function engineRates(
   promptTokensPerSecond: number,
   decodeFixedSecondsPerToken: number = DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds,
   promptTokens = PROMPT_TOKENS,
+  attention?: { readonly flopsPerSecond: number; readonly contextTokens: number },
 ) {
   const profile = modelProfile(header);
+  const attentionSeconds = attention ? sum(layerAttentionFlops(profile, attention.contextTokens)) / attention.flopsPerSecond : 0;
   return {
     profile,
-    ...calibrationRates(profile, { decodeTokensPerSecond, promptTokensPerSecond, promptTokens, readBytesPerToken: readBytesPerToken(profile) }, decodeFixedSecondsPerToken),
+    ...calibrationRates(profile, { decodeTokensPerSecond, promptTokensPerSecond, promptTokens, readBytesPerToken: readBytesPerToken(profile) }, decodeFixedSecondsPerToken + attentionSeconds),
   };
 }
 
@@ -387,8 +458,9 @@ function calibrationOf(
   decodeFixedSecondsPerToken: number,
   depths: Calibration['depths'],
   at: { threads: number; engineBuild: string; loadAverage1m: number },
+  attention?: { readonly flopsPerSecond: number; readonly contextTokens: number },
 ): Calibration {
-  const { profile, ...node } = engineRates(header, rates.decode, rates.prompt, decodeFixedSecondsPerToken);
+  const { profile, ...node } = engineRates(header, rates.decode, rates.prompt, decodeFixedSecondsPerToken, PROMPT_TOKENS, attention);
   return {
     engine: 'llama.cpp',
     ...node,
@@ -419,6 +491,7 @@ export function withCalibration(p: HardwareProfile, c: Calibration | undefined):
         prefillFlopsPerSecond: c.prefillFlopsPerSecond,
         decodeFixedSecondsPerToken: c.decodeFixedSecondsPerToken,
         ...(c.boundaryOverheadSeconds !== undefined ? { boundaryOverheadSeconds: c.boundaryOverheadSeconds } : {}),
+        ...(c.decodeAttentionFlopsPerSecond !== undefined ? { decodeAttentionFlopsPerSecond: c.decodeAttentionFlopsPerSecond } : {}),
       }
     : p;
 }

@@ -47,6 +47,7 @@ export function profileToWire(p: HardwareProfile): { [K in keyof Required<Hardwa
     prefillFlopsPerSecond: String(Math.round(p.prefillFlopsPerSecond ?? 0)),
     decodeFixedSecondsPerToken: p.decodeFixedSecondsPerToken ?? 0,
     boundaryOverheadSeconds: p.boundaryOverheadSeconds ?? 0,
+    decodeAttentionFlopsPerSecond: p.decodeAttentionFlopsPerSecond ?? 0,
     tunnelPort: p.tunnelPort ?? 0,
     enginePorts: p.enginePorts ? { first: p.enginePorts[0], last: p.enginePorts[1] } : null,
   };
@@ -86,6 +87,7 @@ export function profileFromWire(p: Wire | undefined | null): HardwareProfile {
     decodeFixedSecondsPerToken: num(w.effectiveBandwidthBytesPerSecond) ? num(w.decodeFixedSecondsPerToken) : undefined,
     // 0 is "none measured", which the planner assumes anyway: a measured 0 reads back the same.
     boundaryOverheadSeconds: (num(w.effectiveBandwidthBytesPerSecond) && num(w.boundaryOverheadSeconds)) || undefined,
+    decodeAttentionFlopsPerSecond: (num(w.effectiveBandwidthBytesPerSecond) && num(w.decodeAttentionFlopsPerSecond)) || undefined,
     tunnelPort: num(w.tunnelPort) || undefined,
     enginePorts: enginePortsFromWire(w.enginePorts as Wire | null | undefined),
   };

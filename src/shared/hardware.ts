@@ -59,6 +59,12 @@ export interface HardwareProfile {
    */
   readonly boundaryOverheadSeconds?: number | undefined;
   /**
+   * FLOP/s of attention in decode (the calibration's windows at two prompt lengths, calibrate.ts;
+   * cost.ts layerAttentionFlops). Absent until measured (on the wire 0); the planner then prices a
+   * token's attention as the KV bytes it reads alone.
+   */
+  readonly decodeAttentionFlopsPerSecond?: number | undefined;
+  /**
    * Port of the agent's TLS 1.3 tunnel listener, on the same host as its gRPC API: how engine
    * traffic (a head's ggml-rpc connections) reaches this node's loopback-only engines. Absent
    * while the node holds no cluster credentials (it then runs no tunnel).

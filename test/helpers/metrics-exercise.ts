@@ -31,7 +31,7 @@ const log = createLogger('metrics-exercise', 'silent');
 
 /** The node the exercise reports (also the fixture of the catalogue's factory tests). */
 // A calibrated node (orchard node --calibrate): its measured rates are exported too.
-export const PROFILE: HardwareProfile = studioProfile({ engines: ['llama.cpp'], protocolVersion: '1', effectiveBandwidthBytesPerSecond: 512e9, prefillFlopsPerSecond: 16e12, decodeFixedSecondsPerToken: 0.004, boundaryOverheadSeconds: 0.0012 });
+export const PROFILE: HardwareProfile = studioProfile({ engines: ['llama.cpp'], protocolVersion: '1', effectiveBandwidthBytesPerSecond: 512e9, prefillFlopsPerSecond: 16e12, decodeFixedSecondsPerToken: 0.004, boundaryOverheadSeconds: 0.0012, decodeAttentionFlopsPerSecond: 2e12 });
 
 /** Stands in for ggml-rpc-server: listens on the socket `-H unix:<path>` names until it is signalled. */
 const FAKE_RPC_SERVER = `#!${process.execPath}

@@ -2,7 +2,10 @@ import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, expect } from 'vitest';
 import { findLlamaBinaries } from '../../src/node/llama/binaries.ts';
-import { loadCalibration, measureCalibration, SHALLOW_LAYERS, startCalibrationEngine } from '../../src/node/calibrate.ts';
+import { readGgufHeader } from '../../src/shared/gguf/reader.ts';
+import { modelProfile } from '../../src/shared/model/profile.ts';
+import { layerAttentionFlops } from '../../src/shared/placement/cost.ts';
+import { BOUNDARY_LAYERS, loadCalibration, measureCalibration, SECOND_DEPTH_LAYERS, SHORT_PROMPT_TOKENS, startCalibrationEngine } from '../../src/node/calibrate.ts';
 import { llamaEngines, describeWith, itWith } from '../helpers/needs.ts';
 import { AGENT_ENV, killGroup, startAgent, stopAll, unary } from '../helpers/node-agent.ts';
 import { RacedPortAllocator } from '../helpers/raced-ports.ts';
@@ -45,19 +48,31 @@ describeWith([engines], 'engine calibration', () => {
       // Two depths of the calibration shape, the 12-layer model's first; the line through them
       // reproduces both (decode-fit.ts: two points, so the fit is exact unless the intercept
       // came out negative and was taken as 0).
-      expect(c.depths.map((d) => d.layers)).toEqual([12, SHALLOW_LAYERS]);
+      expect(c.depths.map((d) => d.layers)).toEqual([12, SECOND_DEPTH_LAYERS]);
       expect(c.depths[0]!.decodeTokensPerSecond).toBe(c.decodeTokensPerSecond);
-      expect(c.depths[1]!.readBytesPerToken).toBeLessThan(c.depths[0]!.readBytesPerToken);
+      expect(c.depths[1]!.readBytesPerToken).toBeGreaterThan(c.depths[0]!.readBytesPerToken);
       expect(c.decodeFixedSecondsPerToken).toBeGreaterThanOrEqual(0);
-      if (c.decodeFixedSecondsPerToken > 0) {
-        for (const d of c.depths) expect(c.decodeFixedSecondsPerToken + d.readBytesPerToken / c.effectiveBandwidthBytesPerSecond).toBeCloseTo(1 / d.decodeTokensPerSecond, 9);
+      // Decode attention from the 12-layer model's two prompt lengths: its short-context windows decode
+      // faster (fewer positions to attend to), and the rate is their difference's FLOPs per second.
+      expect(c.shortContext?.promptTokens).toBe(SHORT_PROMPT_TOKENS);
+      if (c.decodeAttentionFlopsPerSecond !== undefined) {
+        expect(c.shortContext!.decodeTokensPerSecond).toBeGreaterThan(c.decodeTokensPerSecond);
+        expect(c.decodeContextTokens).toBe(c.depths[0]!.decodeContextTokens);
       }
-      // Beside them, the shallow model split in two with its first stage behind a loopback engine
-      // tunnel: the boundary overhead is its step over the whole model less the probe's round trip.
-      expect(c.boundary?.layers).toBe(SHALLOW_LAYERS);
-      // Both rates as the windows ran (waits for a core left in): never above the shallow depth's uncontended rate.
-      expect(c.boundary!.decodeTokensPerSecond).toBeGreaterThan(0);
-      expect(c.boundary!.decodeTokensPerSecond).toBeLessThanOrEqual(c.depths[1]!.decodeTokensPerSecond);
+      // The line through the depths, each without the attention its windows paid, reproduces both
+      // (two points: exact unless the intercept came out negative and was taken as 0).
+      const profileAt = async (layers: number) => modelProfile(await readGgufHeader(join(cache.path, 'calibration', (await readdir(join(cache.path, 'calibration'))).find((f) => f.startsWith(`calibration-l${layers}-`))!)));
+      if (c.decodeFixedSecondsPerToken > 0) {
+        for (const d of c.depths) {
+          const attention = c.decodeAttentionFlopsPerSecond ? layerAttentionFlops(await profileAt(d.layers), d.decodeContextTokens!).reduce((a, b) => a + b, 0) / c.decodeAttentionFlopsPerSecond : 0;
+          expect(c.decodeFixedSecondsPerToken + d.readBytesPerToken / c.effectiveBandwidthBytesPerSecond + attention).toBeCloseTo(1 / d.decodeTokensPerSecond, 9);
+        }
+      }
+      // Beside them, a shallow model whole and split in two with its first stage behind a loopback
+      // engine tunnel: the boundary overhead is the split's step over the whole less the probe's round trip.
+      expect(c.boundary?.layers).toBe(BOUNDARY_LAYERS);
+      // A shallower model decodes faster than the record's.
+      expect(c.boundary!.decodeTokensPerSecond).toBeGreaterThan(c.depths[0]!.decodeTokensPerSecond);
       expect(c.boundary!.waitedFraction).toBeGreaterThanOrEqual(0);
       expect(c.boundary!.tunnelledWaitedFraction).toBeGreaterThanOrEqual(0);
       expect(c.boundary!.probeRttSeconds).toBeGreaterThan(0);
@@ -66,8 +81,8 @@ describeWith([engines], 'engine calibration', () => {
       // Keyed by the engines' build (binaries.ts `build`), so a rebuilt or re-patched engine is measured again.
       expect(c.engineBuild).toBe((await findLlamaBinaries(env)).build);
       expect(c.engineBuild).toMatch(/^external-[0-9a-f]{12}$/);
-      const name = files.find((f) => f.endsWith('-t1-v7.json'));
-      expect(name).toBe(`${c.engineBuild}-t1-v7.json`);
+      const name = files.find((f) => f.endsWith('-t1-v8.json'));
+      expect(name).toBe(`${c.engineBuild}-t1-v8.json`);
       const file = join(cache.path, 'calibration', name!);
       expect(await loadCalibration(1, env)).toEqual(c);
       expect(await loadCalibration(2, env)).toBeUndefined(); // measured for 1 thread only

@@ -25,6 +25,7 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     prefillFlopsPerSecond: 16_000_000_000_000,
     decodeFixedSecondsPerToken: 0.0042,
     boundaryOverheadSeconds: 0.0013,
+    decodeAttentionFlopsPerSecond: 2.1e9,
     memoryBytes: 206_158_430_208,
     wiredLimitBytes: 154_618_822_656,
     budgetBytes: 9_007_199_254_740_991,
@@ -66,8 +67,15 @@ describe('hardware profile on the wire (one converter, both sides)', () => {
     expect(back.effectiveBandwidthBytesPerSecond).toBeUndefined();
     expect(back.prefillFlopsPerSecond).toBeUndefined();
     expect(back.decodeFixedSecondsPerToken).toBeUndefined();
-    // an overhead without a calibration beside it is not a measurement
+    // an overhead or an attention rate without a calibration beside it is not a measurement
     expect(back.boundaryOverheadSeconds).toBeUndefined();
+    expect(back.decodeAttentionFlopsPerSecond).toBeUndefined();
+  });
+
+  it('a calibration without an attention rate (the longer context measured no slower) reads back as not measured', () => {
+    const { decodeAttentionFlopsPerSecond: _, ...without } = profile;
+    expect(profileToWire(without).decodeAttentionFlopsPerSecond).toBe(0);
+    expect(profileFromWire(roundTrip(profileToWire(without)).profile)).toEqual({ ...without, decodeAttentionFlopsPerSecond: undefined });
   });
 
   it('a calibration without a boundary measurement (macOS) reads back as not measured, which the planner prices as 0', () => {

@@ -227,7 +227,17 @@ async function ensureCalibration(nodeCount: number, m: DemoModel, fresh: boolean
     // And what a boundary costs beyond the probe is the machine's too; the split engine measures it
     // again beside the cluster (compareDecode), where it matters on a shared machine.
     const boundaryOverheadSeconds = machine.boundaryOverheadSeconds;
-    const calibration = await run.orAbort(measureCalibration(threads, process.env, { engine, file, decodeFixedSecondsPerToken, ...(boundaryOverheadSeconds !== undefined ? { boundaryOverheadSeconds } : {}) }));
+    // And decode attention's rate (the machine's two prompt lengths), so the demo model's bandwidth is taken without it, as the machine's is.
+    const attention = machine.decodeAttentionFlopsPerSecond;
+    const calibration = await run.orAbort(
+      measureCalibration(threads, process.env, {
+        engine,
+        file,
+        decodeFixedSecondsPerToken,
+        ...(boundaryOverheadSeconds !== undefined ? { boundaryOverheadSeconds } : {}),
+        ...(attention !== undefined ? { decodeAttentionFlopsPerSecond: attention } : {}),
+      }),
+    );
     out = { calibration, file, engine, ...(tunnelled ? { tunnelled } : {}) };
   } else {
     out = { calibration: machine };

@@ -32,6 +32,7 @@ export function statusJson(s: Wire): Wire {
         prefillFlopsPerSecond: num(p.prefillFlopsPerSecond) || null,
         decodeFixedSecondsPerToken: num(p.effectiveBandwidthBytesPerSecond) ? num(p.decodeFixedSecondsPerToken) : null,
         boundaryOverheadSeconds: num(p.boundaryOverheadSeconds) || null,
+        decodeAttentionFlopsPerSecond: (num(p.effectiveBandwidthBytesPerSecond) && num(p.decodeAttentionFlopsPerSecond)) || null,
         wiredLimitBytes: num(p.wiredLimitBytes),
         engines: p.engines,
       },
@@ -118,12 +119,14 @@ function stateLine(st: Wire | undefined): string {
   return `state: file ${String(st.location)} (single coordinator, no NATS)\n`;
 }
 
-/** The node's own measurement: decode bandwidth, its fixed cost per token, its boundary overhead, prefill compute, or '-' before `--calibrate`. */
+/** The node's own measurement: decode bandwidth, its fixed cost per token, its boundary overhead, decode attention, prefill compute, or '-' before `--calibrate`. */
 function measured(h: Wire): string {
   const bw = num(h.effectiveBandwidthBytesPerSecond);
   const fixed = num(h.decodeFixedSecondsPerToken);
   const boundary = num(h.boundaryOverheadSeconds);
-  return bw ? `${formatBandwidth(bw)} + ${(fixed * 1000).toFixed(1)} ms/token (+${(boundary * 1000).toFixed(1)} ms/boundary), ${(num(h.prefillFlopsPerSecond) / 1e9).toFixed(0)} GFLOP/s` : '-';
+  const attention = num(h.decodeAttentionFlopsPerSecond);
+  const attn = attention ? `, attention ${(attention / 1e9).toFixed(1)} GFLOP/s` : '';
+  return bw ? `${formatBandwidth(bw)} + ${(fixed * 1000).toFixed(1)} ms/token (+${(boundary * 1000).toFixed(1)} ms/boundary)${attn}, ${(num(h.prefillFlopsPerSecond) / 1e9).toFixed(0)} GFLOP/s` : '-';
 }
 
 export function registerStatus(program: Command): void {

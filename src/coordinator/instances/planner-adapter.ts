@@ -83,6 +83,7 @@ export function createPlanner(reservedBytes: (nodeId: string, ignoring?: string)
       ...(!mlx && n.profile.prefillFlopsPerSecond ? { prefillFlopsPerSecond: n.profile.prefillFlopsPerSecond } : {}),
       ...(!mlx && n.profile.decodeFixedSecondsPerToken !== undefined ? { decodeFixedSecondsPerToken: n.profile.decodeFixedSecondsPerToken } : {}),
       ...(!mlx && n.profile.boundaryOverheadSeconds !== undefined ? { boundaryOverheadSeconds: n.profile.boundaryOverheadSeconds } : {}),
+      ...(!mlx && n.profile.decodeAttentionFlopsPerSecond !== undefined ? { decodeAttentionFlopsPerSecond: n.profile.decodeAttentionFlopsPerSecond } : {}),
       // MLX plans keep the driver's assumed ring/JACCL figures (a JACCL link is not the tunnel probed)
       ...(!mlx && measured?.get(name) ? { links: measured.get(name)! } : {}),
     }));

@@ -146,6 +146,12 @@ export const NODE_METRICS = {
     unit: 'seconds',
     exportedBy: 'node',
   }),
+  decodeAttentionFlopsPerSecond: gauge({
+    name: 'orchard_node_decode_attention_flops_per_second',
+    help: 'FLOP/s of attention in decode this node measured of its engine (orchard node --calibrate, two prompt lengths); absent until measured',
+    unit: 'FLOP/s',
+    exportedBy: 'node',
+  }),
   prefillFlopsPerSecond: gauge({
     name: 'orchard_node_prefill_flops_per_second',
     help: 'Prompt-processing FLOP/s this node measured of its engine (orchard node --calibrate); absent until measured',

@@ -156,6 +156,7 @@ export function recordNodeProfile(m: NodeMetricSet, profile: HardwareProfile, li
   if (profile.prefillFlopsPerSecond) m.prefillFlopsPerSecond.set(profile.prefillFlopsPerSecond);
   if (profile.decodeFixedSecondsPerToken !== undefined) m.decodeFixedSecondsPerToken.set(profile.decodeFixedSecondsPerToken);
   if (profile.boundaryOverheadSeconds !== undefined) m.boundaryOverheadSeconds.set(profile.boundaryOverheadSeconds);
+  if (profile.decodeAttentionFlopsPerSecond !== undefined) m.decodeAttentionFlopsPerSecond.set(profile.decodeAttentionFlopsPerSecond);
   m.wiredLimitBytes.set(profile.wiredLimitBytes);
   if (live) {
     m.availableMemoryBytes.set(live.availableBytes);

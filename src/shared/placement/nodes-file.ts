@@ -33,6 +33,8 @@ export const NodeFileEntry = z
     decodeFixedSecondsPerToken: z.number().nonnegative().finite().optional(),
     /** Seconds per round trip a boundary with this node as the worker costs beyond the link's (the calibration's tunnel); else boundaryOverheadSeconds (0). */
     boundaryOverheadSeconds: z.number().nonnegative().finite().optional(),
+    /** FLOP/s of attention in decode (the calibration's); else a token's attention costs its KV bytes alone. */
+    decodeAttentionFlopsPerSecond: z.number().positive().finite().optional(),
     linkBytesPerSecond: z.number().positive().finite().optional(),
   })
   .strict();
@@ -59,6 +61,7 @@ export function resolveNode(e: NodeFileEntry, engine: EngineFamily = 'llama.cpp'
     ...(e.hopSeconds === undefined ? {} : { hopSeconds: e.hopSeconds }),
     ...(e.decodeFixedSecondsPerToken === undefined ? {} : { decodeFixedSecondsPerToken: e.decodeFixedSecondsPerToken }),
     ...(e.boundaryOverheadSeconds === undefined ? {} : { boundaryOverheadSeconds: e.boundaryOverheadSeconds }),
+    ...(e.decodeAttentionFlopsPerSecond === undefined ? {} : { decodeAttentionFlopsPerSecond: e.decodeAttentionFlopsPerSecond }),
     ...(e.linkBytesPerSecond === undefined ? {} : { linkBytesPerSecond: e.linkBytesPerSecond }),
   };
 }
