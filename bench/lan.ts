@@ -122,7 +122,7 @@ async function seedAll(c: LanCluster, model: string, layers: number): Promise<Re
   return Object.fromEntries(await Promise.all(seeded));
 }
 
-async function scenario(c: LanCluster, profile: string, rule: Rule, models: { cold: string | undefined; seeded: string }, engine: EngineSide & { header: Parameters<typeof repriced>[4]; decodeFixedSecondsPerToken: number }) {
+async function scenario(c: LanCluster, profile: string, rule: Rule, models: { cold: string | undefined; seeded: string }, engine: EngineSide & Parameters<typeof repriced>[4]) {
   c.rule = rule;
   const unwrittenMegabytesAtStart = Math.round((await unwrittenBytes()) / 1e6);
   const cold = models.cold ? await timedLoad(c.client, models.cold, 'cold', CTX) : undefined;
@@ -131,14 +131,17 @@ async function scenario(c: LanCluster, profile: string, rule: Rule, models: { co
   const names = NODES.map((n) => n.name);
   const m = await measure(c.client, 'bench', { runs: RUNS, tokens: TOKENS, promptWords: PROMPT_WORDS, engine }, () => linkCounters(c.lan, names));
   await unload(c.client, 'bench');
+  // TTFT: the one-token requests after a like prompt; decode: the decode runs, whose short prompts and
+  // --tokens set the context their tokens attend to (cost.ts decodeContextTokens).
   const plan = predict(c.seen!, seeded, m.promptTokens);
-  const now = repriced(c.seen!, seeded, plan, m, engine.header, engine.decodeFixedSecondsPerToken);
+  const decodePlan = predict(c.seen!, seeded, m.decodePromptTokens, TOKENS);
+  const now = repriced(c.seen!, seeded, decodePlan, m, engine);
   const over = plan.stages.filter((s) => s.headroomBytes < 0).map((s) => s.node);
   const err = (p: number, x: number) => Number(((x - p) / p).toFixed(4));
   return {
     profile,
     name: rule,
-    predictedTokensPerSecond: plan.predicted.tokensPerSecond,
+    predictedTokensPerSecond: decodePlan.predicted.tokensPerSecond,
     measuredTokensPerSecond: m.decodeTokensPerSecond,
     predictedTtftMs: plan.predicted.ttftSeconds * 1000,
     measuredTtftMs: m.ttftMs,
@@ -148,7 +151,7 @@ async function scenario(c: LanCluster, profile: string, rule: Rule, models: { co
     loadSecondsPreseeded: seeded.seconds,
     loadPhasesCold: cold?.phases ?? null,
     loadPhasesPreseeded: seeded.phases,
-    decodeError: err(plan.predicted.tokensPerSecond, m.decodeTokensPerSecond),
+    decodeError: err(decodePlan.predicted.tokensPerSecond, m.decodeTokensPerSecond),
     ttftError: err(plan.predicted.ttftSeconds * 1000, m.ttftMs),
     repricedDecodeError: err(now.tokensPerSecond, m.decodeTokensPerSecond),
     repricedTtftError: err(now.ttftSeconds * 1000, m.ttftMs),
@@ -160,6 +163,7 @@ async function scenario(c: LanCluster, profile: string, rule: Rule, models: { co
     budgetViolations: over,
     unwrittenMegabytesAtStart,
     promptTokens: m.promptTokens,
+    decodePromptTokens: m.decodePromptTokens,
     enginePromptMs: m.enginePromptMs,
     decodeRuns: m.decodeRuns,
     ttftRuns: m.ttftRuns,
@@ -189,7 +193,13 @@ async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEn
   const calibrationFile = join(dir, 'calibration.json');
   const calibration = await measureCalibration(1, process.env, { file: calibrationFile, engine });
   // As long as a cluster decode run (--tokens at ~12 tok/s: ~2 s): ~1 s windows scattered 24–34 tok/s.
-  const engineSide = { engine, decodeTokens: windowTokens(calibration.decodeTokensPerSecond * 2), header: await readGgufHeader(engine.model), decodeFixedSecondsPerToken: calibration.decodeFixedSecondsPerToken };
+  const engineSide = {
+    engine,
+    decodeTokens: windowTokens(calibration.decodeTokensPerSecond * 2),
+    header: await readGgufHeader(engine.model),
+    decodeFixedSecondsPerToken: calibration.decodeFixedSecondsPerToken,
+    decodeAttentionFlopsPerSecond: calibration.decodeAttentionFlopsPerSecond,
+  };
   // The agents' cache root is in the run's folder: a node's files outside --models-dir it may still
   // load (the cold model), and its hashes of model files start empty.
   const env = { ...benchEnv(bins.binDir), ORCHARD_CALIBRATION_FILE: calibrationFile, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_CACHE_DIR: join(dir, 'cache') };
@@ -231,7 +241,7 @@ async function lanWith(procs: BenchProcesses, dir: string, engine: CalibrationEn
       goals: goals(scenarios),
       repricedGoals: goals(scenarios.map((x) => ({ ...x, decodeError: x.repricedDecodeError, ttftError: x.repricedTtftError }))),
       setup: { nodes, model: `${profile.layerCount} layers, dim ${profile.embd}, f16, ${(profile.fileTensorBytes / 1e6).toFixed(0)} MB`, ctx: CTX, runs: RUNS, tokens: TOKENS, threadsPerEngine: 1 },
-      calibration: { effectiveBandwidthBytesPerSecond: calibration.effectiveBandwidthBytesPerSecond, decodeFixedSecondsPerToken: calibration.decodeFixedSecondsPerToken, boundaryOverheadSeconds: calibration.boundaryOverheadSeconds ?? null, boundary: calibration.boundary ?? null, depths: calibration.depths, prefillFlopsPerSecond: calibration.prefillFlopsPerSecond, waitedFraction: calibration.waitedFraction, competingCores: calibration.competingCores, loadAverage1m: calibration.loadAverage1m },
+      calibration: { effectiveBandwidthBytesPerSecond: calibration.effectiveBandwidthBytesPerSecond, decodeFixedSecondsPerToken: calibration.decodeFixedSecondsPerToken, boundaryOverheadSeconds: calibration.boundaryOverheadSeconds ?? null, boundary: calibration.boundary ?? null, decodeAttentionFlopsPerSecond: calibration.decodeAttentionFlopsPerSecond ?? null, decodeContextTokens: calibration.decodeContextTokens ?? null, shortContext: calibration.shortContext ?? null, depths: calibration.depths, prefillFlopsPerSecond: calibration.prefillFlopsPerSecond, waitedFraction: calibration.waitedFraction, competingCores: calibration.competingCores, loadAverage1m: calibration.loadAverage1m },
       links,
       linkLimit: linkLimit(links),
       firstSightSeconds,

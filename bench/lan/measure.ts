@@ -1,5 +1,6 @@
 import type { CoordinatorClient } from '../../src/coordinator/api/client.ts';
-import { calibrationRequest, engineRates } from '../../src/node/calibrate.ts';
+import { CALIBRATION_PROMPT_TOKENS, calibrationRequest, engineRates } from '../../src/node/calibrate.ts';
+import { windowContextTokens } from '../../src/shared/placement/decode-fit.ts';
 import type { CalibrationEngine, EngineRates } from '../../src/node/calibration-engine.ts';
 import { repricedTokensPerSecond, uncontendedRate, waitedFraction } from '../../src/shared/placement/calibration.ts';
 import { planFixedSplit } from '../../src/shared/placement/fixed.ts';
@@ -77,6 +78,8 @@ export interface Measured {
   readonly ttftMs: number;
   readonly enginePromptMs: number;
   readonly promptTokens: number;
+  /** Prompt tokens of the decode runs (median): with their --tokens, the context their tokens attended to. */
+  readonly decodePromptTokens: number;
   readonly decodeRuns: readonly number[];
   readonly ttftRuns: readonly number[];
   /** What each node's link carried during the median TTFT run (`counters`' difference). */
@@ -168,6 +171,7 @@ export async function measure(client: CoordinatorClient, model: string, o: { run
     ttftMs,
     enginePromptMs: median(ttft.map((r) => r.enginePromptMs)),
     promptTokens: Math.round(median(ttft.map((r) => r.promptTokens))),
+    decodePromptTokens: Math.round(median(decode.map((r) => r.promptTokens))),
     decodeRuns: decode.map((r) => r.engineTokensPerSecond),
     ttftRuns: ttft.map((r) => r.ttftMs),
     ttftLinkBytes: moved[ttft.findIndex((r) => r.ttftMs === ttftMs)] ?? moved[0],
@@ -176,11 +180,18 @@ export async function measure(client: CoordinatorClient, model: string, o: { run
 }
 
 /**
- * The planner's prediction for the layout that was loaded, for a prompt of `promptTokens` in a
- * one-token request that follows one like it (what `measure` times).
+ * The planner's prediction for the layout that was loaded, for a prompt of `promptTokens` and
+ * `outputTokens` (1: a one-token request that follows one like it, what `measure` times for TTFT;
+ * a decode run's prompt and --tokens for decode: the context its tokens attend to, cost.ts
+ * decodeContextTokens).
  */
-export function predict(seen: Seen, layout: LoadedLayout, promptTokens: number): Plan {
-  return planFixedSplit(seen.profile, seen.nodes, layout.stages, { ...seen.options, promptTokens, outputTokens: 1 });
+export function predict(seen: Seen, layout: LoadedLayout, promptTokens: number, outputTokens = 1): Plan {
+  return planFixedSplit(seen.profile, seen.nodes, layout.stages, { ...seen.options, promptTokens, outputTokens });
+}
+
+/** Seconds per token a plan's stages spend in decode attention (beyond their reads: cost.ts). */
+function attentionSecondsOf(plan: Plan): number {
+  return plan.stages.reduce((t, s) => t + Math.max(0, s.secondsPerToken - s.readBytesPerToken / s.bandwidthBytesPerSecond), 0);
 }
 
 /**
@@ -191,12 +202,20 @@ export function predict(seen: Seen, layout: LoadedLayout, promptTokens: number):
  * the same stages, hops and head cost), TTFT by the same cost model on the same layout with every
  * node's rates replaced — the nodes share this machine and its one calibration.
  */
-export function repriced(seen: Seen, layout: LoadedLayout, plan: Plan, m: Measured, header: Parameters<typeof engineRates>[0], decodeFixedSecondsPerToken: number) {
-  const rates = engineRates(header, median(m.engine.decodeTokensPerSecond), median(m.engine.promptTokensPerSecond), decodeFixedSecondsPerToken);
+export function repriced(
+  seen: Seen,
+  layout: LoadedLayout,
+  decodePlan: Plan,
+  m: Measured,
+  engine: { readonly header: Parameters<typeof engineRates>[0]; readonly decodeFixedSecondsPerToken: number; readonly decodeTokens: number; readonly decodeAttentionFlopsPerSecond?: number | undefined },
+) {
+  // The engine's windows paid attention at their own context (the calibration's prompt and their tokens): out of the bandwidth, as the calibration takes it.
+  const attention = engine.decodeAttentionFlopsPerSecond ? { flopsPerSecond: engine.decodeAttentionFlopsPerSecond, contextTokens: windowContextTokens(CALIBRATION_PROMPT_TOKENS, engine.decodeTokens) } : undefined;
+  const rates = engineRates(engine.header, median(m.engine.decodeTokensPerSecond), median(m.engine.promptTokensPerSecond), engine.decodeFixedSecondsPerToken, CALIBRATION_PROMPT_TOKENS, attention);
   const nodes = seen.nodes.map((n) => ({ ...n, bandwidthBytesPerSecond: rates.effectiveBandwidthBytesPerSecond, prefillFlopsPerSecond: rates.prefillFlopsPerSecond }));
   const ttft = planFixedSplit(seen.profile, nodes, layout.stages, { ...seen.options, promptTokens: m.promptTokens, outputTokens: 1 }).predicted.ttftSeconds;
   return {
-    tokensPerSecond: repricedTokensPerSecond(plan, rates.effectiveBandwidthBytesPerSecond),
+    tokensPerSecond: repricedTokensPerSecond(decodePlan, rates.effectiveBandwidthBytesPerSecond, undefined, attentionSecondsOf(decodePlan)),
     ttftSeconds: ttft,
     effectiveBandwidthBytesPerSecond: rates.effectiveBandwidthBytesPerSecond,
     prefillFlopsPerSecond: rates.prefillFlopsPerSecond,
