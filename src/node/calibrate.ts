@@ -345,8 +345,8 @@ async function decodeCostOf(models: readonly string[], rates: readonly WindowedR
     on.decodeAttentionFlopsPerSecond ??
     (shortRates
       ? decodeAttentionRate(
-          { decodeTokensPerSecond: depths[0]!.decodeTokensPerSecond, attentionFlopsPerToken: flopsAt(0, depths[0]!.decodeContextTokens) },
-          { decodeTokensPerSecond: shortRates.decode, attentionFlopsPerToken: flopsAt(0, windowContextTokens(SHORT_PROMPT_TOKENS, shortRates.decodeTokensPerWindow)) },
+          { decodeTokensPerSecond: depths[0]!.decodeTokensPerSecond, attentionFlopsPerToken: flopsAt(0, depths[0]!.decodeContextTokens), decodeSpread: depths[0]!.decodeSpread },
+          { decodeTokensPerSecond: shortRates.decode, attentionFlopsPerToken: flopsAt(0, windowContextTokens(SHORT_PROMPT_TOKENS, shortRates.decodeTokensPerWindow)), decodeSpread: shortRates.decodeSpread },
         )
       : undefined);
   // What each depth's tokens paid for attention is not reading: out of the fit, priced apart by the plan.

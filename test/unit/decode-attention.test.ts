@@ -45,6 +45,10 @@ describe('decode attention', () => {
     expect(decodeAttentionRate({ decodeTokensPerSecond: 35, attentionFlopsPerToken: 7e6 }, { decodeTokensPerSecond: 35, attentionFlopsPerToken: 3e6 })).toBeUndefined();
     expect(decodeAttentionRate({ decodeTokensPerSecond: 36, attentionFlopsPerToken: 7e6 }, { decodeTokensPerSecond: 35, attentionFlopsPerToken: 3e6 })).toBeUndefined();
     expect(decodeAttentionRate({ decodeTokensPerSecond: 30, attentionFlopsPerToken: 3e6 }, { decodeTokensPerSecond: 35, attentionFlopsPerToken: 3e6 })).toBeUndefined();
+    // A step smaller than the windows' scatter is not a measurement: 2 ms slower, windows ±5 % of ~30 ms.
+    const step = { long: { decodeTokensPerSecond: 1 / 0.03, attentionFlopsPerToken: 7e6 }, short: { decodeTokensPerSecond: 1 / 0.028, attentionFlopsPerToken: 3e6 } };
+    expect(decodeAttentionRate({ ...step.long, decodeSpread: 0.05 }, { ...step.short, decodeSpread: 0.05 })).toBeCloseTo(4e6 / 0.002, 3);
+    expect(decodeAttentionRate({ ...step.long, decodeSpread: 0.08 }, { ...step.short, decodeSpread: 0.08 })).toBeUndefined();
   });
 
   it('a calibration of an engine that pays for attention prices another depth at another context exactly', () => {

@@ -68,13 +68,17 @@ export function windowContextTokens(promptTokens: number, decodeTokens: number):
 /**
  * Decode attention's FLOP/s from one engine at two contexts: the extra seconds per token of the
  * longer context ÷ the extra attention FLOPs per token (cost.ts layerAttentionFlops). Undefined
- * when the longer context did not cost more: noise around no cost, and the plan then prices none.
+ * when the longer context did not cost more than the windows' own scatter (half the sum of each
+ * side's ±spread around its median, in seconds per token): noise around a cost too small to
+ * measure, which the plan then does not price. A GPU engine, whose attention is close to its KV
+ * bytes, lands there; pricing its noise as a rate would make every long context look slow.
  */
 export function decodeAttentionRate(
-  long: { readonly decodeTokensPerSecond: number; readonly attentionFlopsPerToken: number },
-  short: { readonly decodeTokensPerSecond: number; readonly attentionFlopsPerToken: number },
+  long: { readonly decodeTokensPerSecond: number; readonly attentionFlopsPerToken: number; readonly decodeSpread?: number },
+  short: { readonly decodeTokensPerSecond: number; readonly attentionFlopsPerToken: number; readonly decodeSpread?: number },
 ): number | undefined {
   const flops = long.attentionFlopsPerToken - short.attentionFlopsPerToken;
   const seconds = 1 / long.decodeTokensPerSecond - 1 / short.decodeTokensPerSecond;
-  return flops > 0 && seconds > 0 ? flops / seconds : undefined;
+  const scatter = ((long.decodeSpread ?? 0) / long.decodeTokensPerSecond + (short.decodeSpread ?? 0) / short.decodeTokensPerSecond) / 2;
+  return flops > 0 && seconds > 0 && seconds > scatter ? flops / seconds : undefined;
 }
