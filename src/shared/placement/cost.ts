@@ -283,7 +283,7 @@ export interface Calibration {
   /**
    * FLOP/s of attention in decode (PlacementNode decodeAttentionFlopsPerSecond): the deep model's
    * windows at PROMPT_TOKENS against its short-context windows (calibrate.ts decodeAttentionRate);
-   * absent when the longer context measured no slower, or when given by the caller as unknown.
+   * absent when the longer context's step was within its windows' scatter (decode-fit.ts).
    */
   readonly decodeAttentionFlopsPerSecond?: number;
   /** Positions the deep model's windows attended to on average (the context the bandwidth was taken at, without its attention). */
