@@ -10,7 +10,7 @@ import type { HardwareProfile } from '../shared/hardware.ts';
 import { memoryModel } from '../shared/memory/stage.ts';
 import { modelProfile } from '../shared/model/profile.ts';
 import { anotherWindow, CALIBRATION_WINDOWS, competingCores, median, relativeSpread, uncontendedRate, waitedFraction, windowTokens } from '../shared/placement/calibration.ts';
-import { type Calibration, calibrationRates, layerAttentionFlops } from '../shared/placement/cost.ts';
+import { attentionFlopsPerToken, type Calibration, calibrationRates } from '../shared/placement/cost.ts';
 import { boundaryOverhead, decodeAttentionRate, fitDecodeCost, windowContextTokens } from '../shared/placement/decode-fit.ts';
 import { DEFAULT_PLACEMENT_OPTIONS } from '../shared/placement/types.ts';
 import { type LlamaTestShape, llamaTestModelSpec } from '../shared/testmodel/llama.ts';
@@ -47,7 +47,7 @@ import { llamaCacheDir } from './llama/cache.ts';
  *
  * Attention: a decoded token attends to every earlier position, on a CPU engine at ~13× its KV
  * bytes' cost (a 36-layer token at position 140 costs 13 % more than at 30 here). The 12-layer
- * windows at PROMPT_TOKENS and SHORT_PROMPT_TOKENS give its rate (`decodeAttentionFlopsPerSecond`);
+ * windows at CALIBRATION_PROMPT_TOKENS and SHORT_PROMPT_TOKENS give its rate (`decodeAttentionFlopsPerSecond`);
  * the depths are fitted without the attention their windows paid, and plans price it at their own
  * context (cost.ts decodeContextTokens).
  *
@@ -79,8 +79,7 @@ export const SECOND_DEPTH_LAYERS = 24;
 export const BOUNDARY_LAYERS = 4;
 /** The prompt length of a calibration window (calibrationRequest's default; bench:lan prices its engine windows with it). */
 export const CALIBRATION_PROMPT_TOKENS = 128;
-const PROMPT_TOKENS = CALIBRATION_PROMPT_TOKENS;
-/** The prompt of the 12-layer engine's short-context windows, whose rate beside its PROMPT_TOKENS ones prices attention (above). */
+/** The prompt of the 12-layer engine's short-context windows, whose rate beside its CALIBRATION_PROMPT_TOKENS ones prices attention (above). */
 export const SHORT_PROMPT_TOKENS = 16;
 /** Decode tokens of the warm-up request, whose rate sizes the windows. */
 const WARMUP_DECODE_TOKENS = 32;
@@ -185,11 +184,11 @@ export async function startCalibrationEngine(threads: number, env: NodeJS.Proces
 }
 
 /**
- * A calibration window: `promptTokens` (PROMPT_TOKENS) fresh token ids, then `decodeTokens`
+ * A calibration window: `promptTokens` (CALIBRATION_PROMPT_TOKENS) fresh token ids, then `decodeTokens`
  * decoded tokens. Also bench:lan's engine windows, taken between the cluster's through its run
- * (engineRates prices their rates with PROMPT_TOKENS, this prompt's length).
+ * (engineRates prices their rates with CALIBRATION_PROMPT_TOKENS, this prompt's length).
  */
-export function calibrationRequest(seed: number, decodeTokens: number, promptTokens = PROMPT_TOKENS): Record<string, unknown> {
+export function calibrationRequest(seed: number, decodeTokens: number, promptTokens = CALIBRATION_PROMPT_TOKENS): Record<string, unknown> {
   const r = uniformSource(seed);
   // Ordinary token ids (past the control tokens); no prompt cache, so every run prefills in full.
   const prompt = Array.from({ length: promptTokens }, () => 300 + Math.floor(r() * 30000));
@@ -238,7 +237,7 @@ async function oneWindow(slot: WindowSlot, seed: number, tokens: number): Promis
 async function calibrationWindows(engines: readonly WindowSlot[]): Promise<WindowedRates[]> {
   // Warm-up (first-touch page faults, thread pool start), which also sizes each engine's windows.
   const tokens: number[] = [];
-  for (const e of engines) tokens.push(windowTokens((await e.engine.request(calibrationRequest(1, WARMUP_DECODE_TOKENS, e.promptTokens))).decode, CTX - PROMPT_TOKENS));
+  for (const e of engines) tokens.push(windowTokens((await e.engine.request(calibrationRequest(1, WARMUP_DECODE_TOKENS, e.promptTokens))).decode, CTX - CALIBRATION_PROMPT_TOKENS));
   const samples: Window[][] = engines.map(() => []);
   const policy = { ...CALIBRATION_WINDOWS, budgetSeconds: CALIBRATION_WINDOWS.budgetSeconds * engines.length };
   const t0 = performance.now();
@@ -336,11 +335,11 @@ async function decodeCostOf(models: readonly string[], rates: readonly WindowedR
     readBytesPerToken: readBytesPerToken(profile),
     decodeTokensPerSecond: rates[i]!.decode,
     decodeSpread: rates[i]!.decodeSpread,
-    decodeContextTokens: windowContextTokens(PROMPT_TOKENS, rates[i]!.decodeTokensPerWindow),
+    decodeContextTokens: windowContextTokens(CALIBRATION_PROMPT_TOKENS, rates[i]!.decodeTokensPerWindow),
   }));
   const shortRates = on.decodeAttentionFlopsPerSecond === undefined ? rates.at(-1)! : undefined;
   const shortContext = shortRates ? { promptTokens: SHORT_PROMPT_TOKENS, decodeTokensPerSecond: shortRates.decode, decodeSpread: shortRates.decodeSpread } : undefined;
-  const flopsAt = (i: number, context: number) => sum(layerAttentionFlops(profiles[i]!, context));
+  const flopsAt = (i: number, context: number) => attentionFlopsPerToken(profiles[i]!, context);
   const attentionRate =
     on.decodeAttentionFlopsPerSecond ??
     (shortRates
@@ -382,7 +381,7 @@ export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv
   let probeRttSeconds = 0;
   try {
     engines = await startCalibrationEngines(threads, env, on, deepModel, started);
-    const long = [engines.deep, engines.second, engines.boundary?.whole, engines.boundary?.tunnelled].filter((e) => e !== undefined).map((engine) => ({ engine, promptTokens: PROMPT_TOKENS }));
+    const long = [engines.deep, engines.second, engines.boundary?.whole, engines.boundary?.tunnelled].filter((e) => e !== undefined).map((engine) => ({ engine, promptTokens: CALIBRATION_PROMPT_TOKENS }));
     const short = on.decodeAttentionFlopsPerSecond === undefined ? [{ engine: engines.deep, promptTokens: SHORT_PROMPT_TOKENS }] : [];
     rates = await calibrationWindows([...long, ...short]);
     const probe = engines.boundary?.tunnelled.probeRttSeconds;
@@ -421,8 +420,6 @@ export async function measureCalibration(threads: number, env: NodeJS.ProcessEnv
   return c;
 }
 
-const sum = (xs: readonly number[]): number => xs.reduce((a, b) => a + b, 0);
-
 /** Bytes the planner counts for one decoded token of the whole model at the calibration's context. */
 export function readBytesPerToken(profile: ReturnType<typeof modelProfile>): number {
   const o = DEFAULT_PLACEMENT_OPTIONS;
@@ -441,11 +438,11 @@ export function engineRates(
   decodeTokensPerSecond: number,
   promptTokensPerSecond: number,
   decodeFixedSecondsPerToken: number = DEFAULT_PLACEMENT_OPTIONS.headOverheadSeconds,
-  promptTokens = PROMPT_TOKENS,
+  promptTokens = CALIBRATION_PROMPT_TOKENS,
   attention?: { readonly flopsPerSecond: number; readonly contextTokens: number },
 ) {
   const profile = modelProfile(header);
-  const attentionSeconds = attention ? sum(layerAttentionFlops(profile, attention.contextTokens)) / attention.flopsPerSecond : 0;
+  const attentionSeconds = attention ? attentionFlopsPerToken(profile, attention.contextTokens) / attention.flopsPerSecond : 0;
   return {
     profile,
     ...calibrationRates(profile, { decodeTokensPerSecond, promptTokensPerSecond, promptTokens, readBytesPerToken: readBytesPerToken(profile) }, decodeFixedSecondsPerToken + attentionSeconds),
@@ -460,7 +457,7 @@ function calibrationOf(
   at: { threads: number; engineBuild: string; loadAverage1m: number },
   attention?: { readonly flopsPerSecond: number; readonly contextTokens: number },
 ): Calibration {
-  const { profile, ...node } = engineRates(header, rates.decode, rates.prompt, decodeFixedSecondsPerToken, PROMPT_TOKENS, attention);
+  const { profile, ...node } = engineRates(header, rates.decode, rates.prompt, decodeFixedSecondsPerToken, CALIBRATION_PROMPT_TOKENS, attention);
   return {
     engine: 'llama.cpp',
     ...node,

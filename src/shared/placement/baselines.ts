@@ -1,6 +1,6 @@
 import { memoryModel, stageBytes } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
-import { boundarySeconds, cacheCells, decodeAttentionSecondsPerFlop, decodeContextTokens, headFixedSeconds, layerAttentionFlops } from './cost.ts';
+import { boundarySeconds, decodeAttentionSecondsPerFlop, headFixedSeconds, layerDecodeAttentionFlops } from './cost.ts';
 import { llamaLayerDevices } from './llama-args.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
 
@@ -61,7 +61,7 @@ export function evaluateCounts(
 ): BaselinePlan {
   const o = { ...DEFAULT_PLACEMENT_OPTIONS, ...options };
   const mm = memoryModel(p, o, o.kvFill);
-  const attention = layerAttentionFlops(p, decodeContextTokens(o, cacheCells(p, o).full));
+  const attention = layerDecodeAttentionFlops(p, o);
   const used = counts.map((c, i) => ({ c, i })).filter(({ c, i }) => c > 0 || i === counts.length - 1);
   const pipeline = used.length > 1;
   const stages: BaselineStage[] = [];

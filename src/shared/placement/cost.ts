@@ -98,6 +98,16 @@ export function layerAttentionFlops(profile: ModelProfile, contextTokens: number
   return profile.layers.map((l) => perPosition * (l.swa && profile.swa ? Math.min(contextTokens, profile.swa.window) : contextTokens));
 }
 
+/** Attention FLOPs of one token over `contextTokens` positions, every layer together. */
+export function attentionFlopsPerToken(profile: ModelProfile, contextTokens: number): number {
+  return layerAttentionFlops(profile, contextTokens).reduce((a, b) => a + b, 0);
+}
+
+/** Attention FLOPs of one decoded token in each layer at the options' decode context (decodeContextTokens). */
+export function layerDecodeAttentionFlops(profile: ModelProfile, o: PlacementOptions): number[] {
+  return layerAttentionFlops(profile, decodeContextTokens(o, cacheCells(profile, o).full));
+}
+
 /**
  * Positions a decoded token attends to on average. With a prompt (options.promptTokens: what
  * `orchard plan --prompt-tokens` and bench:lan price) the request's own: a token at position p
@@ -155,7 +165,7 @@ export function linkOf(n: PlacementNode, o: PlacementOptions, head?: string): { 
 }
 
 /** KV cells per stream of the full and the sliding-window caches. */
-export function cacheCells(profile: ModelProfile, o: PlacementOptions): { full: number; swa: number } {
+function cacheCells(profile: ModelProfile, o: PlacementOptions): { full: number; swa: number } {
   const g = kvGeometry(profile, { ctx: o.ctx, cacheTypeK: o.cacheType, cacheTypeV: o.cacheType, parallel: o.parallel, unified: o.unified, ubatch: o.ubatch });
   return { full: g.cellsFull, swa: g.cellsSwa };
 }
@@ -282,7 +292,7 @@ export interface Calibration {
   readonly engine: EngineFamily;
   /**
    * FLOP/s of attention in decode (PlacementNode decodeAttentionFlopsPerSecond): the deep model's
-   * windows at PROMPT_TOKENS against its short-context windows (calibrate.ts decodeAttentionRate);
+   * windows at CALIBRATION_PROMPT_TOKENS against its short-context windows (calibrate.ts decodeAttentionRate);
    * absent when the longer context's step was within its windows' scatter (decode-fit.ts).
    */
   readonly decodeAttentionFlopsPerSecond?: number;

@@ -1,7 +1,7 @@
 import { UsageError } from '../errors.ts';
 import { type MemoryModel, memoryModel } from '../memory/stage.ts';
 import type { ModelProfile } from '../model/profile.ts';
-import { boundarySeconds, cacheCells, decodeAttentionSecondsPerFlop, decodeContextTokens, headFixedSeconds, headPrefillFlops, layerAttentionFlops, layerPrefillFlops, layerWire, linkOf, objectiveWeights, prefillFlopsOf } from './cost.ts';
+import { boundarySeconds, decodeAttentionSecondsPerFlop, headFixedSeconds, headPrefillFlops, layerDecodeAttentionFlops, layerPrefillFlops, layerWire, linkOf, objectiveWeights, prefillFlopsOf } from './cost.ts';
 import { type StageMemory, stageMemoryOf } from './stage-memory.ts';
 import { DEFAULT_PLACEMENT_OPTIONS, type PlacementNode, type PlacementOptions } from './types.ts';
 
@@ -107,7 +107,7 @@ export function prepare(profile: ModelProfile, nodes: readonly PlacementNode[], 
   const P = o.promptTokens;
   const flops = P > 0 ? layerPrefillFlops(profile, P) : [];
   const wire = layerWire(profile, o);
-  const attention = layerAttentionFlops(profile, decodeContextTokens(o, cacheCells(profile, o).full));
+  const attention = layerDecodeAttentionFlops(profile, o);
   const memPrefix = prefixSums(memory.layerBytes);
   const readPrefix = prefixSums(memory.layerRead);
   const attnPrefix = prefixSums(attention);
